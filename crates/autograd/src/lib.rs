@@ -1,0 +1,1 @@
+//! nibble autograd (work in progress).

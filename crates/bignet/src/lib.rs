@@ -1,0 +1,1 @@
+//! nibble bignet (work in progress).

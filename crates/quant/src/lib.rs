@@ -1,0 +1,1 @@
+//! nibble quant (work in progress).

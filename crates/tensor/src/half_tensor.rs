@@ -1,0 +1,81 @@
+//! f16 storage for weights: half the bytes of f32, widened to f32 on the fly by the kernels.
+
+use crate::error::{checked_numel, Result, TensorError};
+use crate::tensor::Tensor;
+use half::f16;
+
+/// A dense, row-major tensor stored as IEEE f16. Arithmetic happens in f32: the matmul converts
+/// panels as it packs them, so no f32 copy of the whole weight is ever made.
+///
+/// ```
+/// use nibble_tensor::{HalfTensor, Tensor};
+/// let t = Tensor::from_vec(&[2], vec![1.0, 0.1]).unwrap();
+/// let h = HalfTensor::from_f32(&t);
+/// assert_eq!(h.to_f32().data()[0], 1.0);
+/// assert!((h.to_f32().data()[1] - 0.1).abs() < 1e-4);
+/// ```
+#[derive(Clone, PartialEq, Debug)]
+pub struct HalfTensor {
+    shape: Vec<usize>,
+    data: Vec<f16>,
+}
+
+impl HalfTensor {
+    /// Rounds every element of `t` to the nearest f16 (ties to even), as PyTorch's `.half()`.
+    pub fn from_f32(t: &Tensor) -> Self {
+        HalfTensor {
+            shape: t.shape().to_vec(),
+            data: t.data().iter().map(|&v| f16::from_f32(v)).collect(),
+        }
+    }
+
+    /// A tensor from f16 values whose count must equal the product of `shape`.
+    pub fn from_vec(shape: &[usize], data: Vec<f16>) -> Result<Self> {
+        let n = checked_numel("HalfTensor::from_vec", shape)?;
+        if n != data.len() {
+            return Err(TensorError::Length {
+                op: "HalfTensor::from_vec",
+                shape: shape.to_vec(),
+                expected: n,
+                found: data.len(),
+            });
+        }
+        Ok(HalfTensor {
+            shape: shape.to_vec(),
+            data,
+        })
+    }
+
+    /// The shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// The f16 elements, row-major.
+    pub fn data(&self) -> &[f16] {
+        &self.data
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Widens to an f32 tensor (exact: every f16 is an f32).
+    pub fn to_f32(&self) -> Tensor {
+        Tensor::from_vec(&self.shape, self.data.iter().map(|v| v.to_f32()).collect())
+            .expect("same element count")
+    }
+
+    /// `(rows, cols)` of a rank-2 tensor.
+    pub fn dims2(&self, op: &'static str) -> Result<(usize, usize)> {
+        match self.shape[..] {
+            [r, c] => Ok((r, c)),
+            _ => Err(TensorError::Rank {
+                op,
+                expected: 2,
+                found: self.shape.clone(),
+            }),
+        }
+    }
+}

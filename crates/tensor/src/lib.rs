@@ -1,0 +1,22 @@
+//! # nibble-tensor
+//!
+//! The f32 [`Tensor`], f16 weight storage ([`HalfTensor`]), elementwise ops, row-wise
+//! [`layer_norm`], and a hand-written, BLIS-shaped [`gemm`](gemm::gemm) behind the linear layer's
+//! three products ([`linear`], [`linear_backward_input`], [`linear_backward_weight`]).
+
+pub mod error;
+pub mod gemm;
+pub mod half_tensor;
+pub mod layernorm;
+pub mod ops;
+pub mod rng;
+pub mod tensor;
+pub mod weight;
+
+pub use error::{Result, TensorError};
+pub use half::f16;
+pub use half_tensor::HalfTensor;
+pub use layernorm::{layer_norm, layer_norm_backward, LayerNormStats};
+pub use rng::Rng;
+pub use tensor::{Tensor, TensorView};
+pub use weight::{linear, linear_backward_input, linear_backward_weight, WeightMatrix};

@@ -1,0 +1,185 @@
+//! Elementwise operations and reductions on f32 tensors.
+
+use crate::error::{Result, TensorError};
+use crate::tensor::Tensor;
+
+fn same_shape(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
+    if a.shape() != b.shape() {
+        return Err(TensorError::ShapeMismatch {
+            op,
+            lhs: a.shape().to_vec(),
+            rhs: b.shape().to_vec(),
+        });
+    }
+    Ok(())
+}
+
+impl Tensor {
+    /// `self + other`, elementwise (shapes must be equal).
+    pub fn add(&self, other: &Tensor) -> Result<Tensor> {
+        let mut out = self.clone();
+        out.add_assign(other)?;
+        Ok(out)
+    }
+
+    /// `self += other`, elementwise (shapes must be equal).
+    pub fn add_assign(&mut self, other: &Tensor) -> Result<()> {
+        same_shape("add", self, other)?;
+        self.data_mut()
+            .iter_mut()
+            .zip(other.data())
+            .for_each(|(a, b)| *a += b);
+        Ok(())
+    }
+
+    /// `self += alpha * other`, elementwise (shapes must be equal).
+    pub fn axpy(&mut self, alpha: f32, other: &Tensor) -> Result<()> {
+        same_shape("axpy", self, other)?;
+        self.data_mut()
+            .iter_mut()
+            .zip(other.data())
+            .for_each(|(a, b)| *a += alpha * b);
+        Ok(())
+    }
+
+    /// `self * other`, elementwise (shapes must be equal).
+    pub fn mul(&self, other: &Tensor) -> Result<Tensor> {
+        same_shape("mul", self, other)?;
+        let data = self
+            .data()
+            .iter()
+            .zip(other.data())
+            .map(|(a, b)| a * b)
+            .collect();
+        Tensor::from_vec(self.shape(), data)
+    }
+
+    /// `s * self`.
+    pub fn scale(&self, s: f32) -> Tensor {
+        let mut out = self.clone();
+        out.scale_assign(s);
+        out
+    }
+
+    /// `self *= s`.
+    pub fn scale_assign(&mut self, s: f32) {
+        self.data_mut().iter_mut().for_each(|v| *v *= s);
+    }
+
+    /// `max(self, 0)`, elementwise. NaN stays NaN.
+    pub fn relu(&self) -> Tensor {
+        let mut out = self.clone();
+        out.relu_assign();
+        out
+    }
+
+    /// `self = max(self, 0)` in place. NaN stays NaN.
+    pub fn relu_assign(&mut self) {
+        self.data_mut().iter_mut().for_each(|v| {
+            if *v < 0.0 {
+                *v = 0.0
+            }
+        });
+    }
+
+    /// Adds `row` to every row of a rank-2 tensor (a bias), or errors on a length mismatch.
+    pub fn add_row(&mut self, row: &[f32]) -> Result<()> {
+        let (_, n) = self.dims2("add_row")?;
+        if row.len() != n {
+            return Err(TensorError::ShapeMismatch {
+                op: "add_row",
+                lhs: self.shape().to_vec(),
+                rhs: vec![row.len()],
+            });
+        }
+        if n > 0 {
+            self.data_mut().chunks_exact_mut(n).for_each(|r| {
+                r.iter_mut().zip(row).for_each(|(a, b)| *a += b);
+            });
+        }
+        Ok(())
+    }
+
+    /// Sum of all elements, accumulated in f64 (deterministic, order-independent of threads).
+    pub fn sum(&self) -> f32 {
+        self.data().iter().map(|&v| v as f64).sum::<f64>() as f32
+    }
+
+    /// Mean of all elements (NaN for an empty tensor).
+    pub fn mean(&self) -> f32 {
+        (self.data().iter().map(|&v| v as f64).sum::<f64>() / self.numel() as f64) as f32
+    }
+
+    /// Largest absolute value (0 for an empty tensor; NaN if any element is NaN).
+    pub fn max_abs(&self) -> f32 {
+        self.data().iter().fold(0.0f32, |m, &v| {
+            if v.is_nan() || m.is_nan() {
+                f32::NAN
+            } else {
+                m.max(v.abs())
+            }
+        })
+    }
+
+    /// Column sums of a rank-2 tensor `[m, n]` -> `[n]` (e.g. a bias gradient), accumulated
+    /// row by row in order, so the result does not depend on the thread count.
+    pub fn sum_rows(&self) -> Result<Tensor> {
+        let (_, n) = self.dims2("sum_rows")?;
+        let mut out = vec![0.0f32; n];
+        if n > 0 {
+            for r in self.data().chunks_exact(n) {
+                out.iter_mut().zip(r).for_each(|(a, b)| *a += b);
+            }
+        }
+        Tensor::from_vec(&[n], out)
+    }
+
+    /// Max and mean of `|self - other|` (shapes must be equal).
+    pub fn abs_diff_stats(&self, other: &Tensor) -> Result<(f32, f32)> {
+        same_shape("abs_diff_stats", self, other)?;
+        let mut max = 0.0f32;
+        let mut sum = 0.0f64;
+        for (a, b) in self.data().iter().zip(other.data()) {
+            let d = (a - b).abs();
+            if d.is_nan() || d > max {
+                max = if d.is_nan() { f32::NAN } else { d };
+            }
+            sum += d as f64;
+        }
+        Ok((max, (sum / self.numel().max(1) as f64) as f32))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn elementwise_ops_check_shapes_and_compute() {
+        let a = Tensor::from_vec(&[2, 2], vec![1., -2., 3., -4.]).unwrap();
+        let b = Tensor::from_vec(&[2, 2], vec![0.5, 0.5, 2., 2.]).unwrap();
+        assert_eq!(a.add(&b).unwrap().data(), &[1.5, -1.5, 5., -2.]);
+        assert_eq!(a.mul(&b).unwrap().data(), &[0.5, -1., 6., -8.]);
+        assert_eq!(a.relu().data(), &[1., 0., 3., 0.]);
+        assert_eq!(a.scale(2.0).data(), &[2., -4., 6., -8.]);
+        assert_eq!(a.sum(), -2.0);
+        assert_eq!(a.mean(), -0.5);
+        assert_eq!(a.max_abs(), 4.0);
+        assert_eq!(a.sum_rows().unwrap().data(), &[4., -6.]);
+        let c = Tensor::zeros(&[4]);
+        let err = a.add(&c).unwrap_err();
+        assert_eq!(
+            err,
+            TensorError::ShapeMismatch {
+                op: "add",
+                lhs: vec![2, 2],
+                rhs: vec![4]
+            }
+        );
+        let mut d = a.clone();
+        d.add_row(&[10., 20.]).unwrap();
+        assert_eq!(d.data(), &[11., 18., 13., 16.]);
+        assert!(d.add_row(&[1.0]).is_err());
+        assert!(Tensor::from_vec(&[1], vec![f32::NAN]).unwrap().max_abs().is_nan());
+    }
+}

@@ -1,0 +1,185 @@
+//! Weight matrices that a linear layer multiplies by, whatever their storage: the
+//! [`WeightMatrix`] trait and its dense f32 and f16 implementations. The quant crate implements
+//! it for each quantized format, so a model's layers differ only in which weight they hold.
+
+use crate::error::{Result, TensorError};
+use crate::gemm::{gemm, MatRef};
+use crate::half_tensor::HalfTensor;
+use crate::tensor::Tensor;
+
+/// A frozen `out x in` weight matrix `W` (PyTorch's `nn.Linear.weight` layout).
+pub trait WeightMatrix: Send + Sync + std::fmt::Debug {
+    /// Rows of W (output features).
+    fn out_features(&self) -> usize;
+    /// Columns of W (input features).
+    fn in_features(&self) -> usize;
+    /// Forward: `y[m, out] = x[m, in] · Wᵀ` (`y += ...` with `accumulate`).
+    fn matmul_t(&self, x: &[f32], m: usize, y: &mut [f32], accumulate: bool) -> Result<()>;
+    /// Input gradient: `dx[m, in] = dy[m, out] · W` (`dx += ...` with `accumulate`).
+    fn matmul(&self, dy: &[f32], m: usize, dx: &mut [f32], accumulate: bool) -> Result<()>;
+    /// W as f32 (dequantized where the storage is quantized).
+    fn to_f32(&self) -> Tensor;
+    /// Bytes the weight occupies in memory (codes, scales and all).
+    fn storage_bytes(&self) -> usize;
+    /// A short name of the storage format (`"f32"`, `"f16"`, `"q4"`, ...).
+    fn format_name(&self) -> &'static str;
+}
+
+/// Checks `x` is `[m, cols]` and `y` is `[m, rows]` for a W-product named `op`.
+pub fn check_matmul_operands(
+    op: &'static str,
+    m: usize,
+    x_len: usize,
+    x_cols: usize,
+    y_len: usize,
+    y_cols: usize,
+) -> Result<()> {
+    if m.checked_mul(x_cols) != Some(x_len) {
+        return Err(TensorError::ShapeMismatch {
+            op,
+            lhs: vec![m, x_len / m.max(1)],
+            rhs: vec![y_cols, x_cols],
+        });
+    }
+    if m.checked_mul(y_cols) != Some(y_len) {
+        return Err(TensorError::Length {
+            op,
+            shape: vec![m, y_cols],
+            expected: m * y_cols,
+            found: y_len,
+        });
+    }
+    Ok(())
+}
+
+impl WeightMatrix for Tensor {
+    fn out_features(&self) -> usize {
+        self.shape()[0]
+    }
+    fn in_features(&self) -> usize {
+        self.shape()[1]
+    }
+    fn matmul_t(&self, x: &[f32], m: usize, y: &mut [f32], accumulate: bool) -> Result<()> {
+        let (o, i) = self.dims2("linear")?;
+        check_matmul_operands("linear", m, x.len(), i, y.len(), o)?;
+        let w = MatRef::row_major(self.data(), o, i)?;
+        gemm(MatRef::row_major(x, m, i)?, &w.t(), y, accumulate)
+    }
+    fn matmul(&self, dy: &[f32], m: usize, dx: &mut [f32], accumulate: bool) -> Result<()> {
+        let (o, i) = self.dims2("linear_backward_input")?;
+        check_matmul_operands("linear_backward_input", m, dy.len(), o, dx.len(), i)?;
+        let w = MatRef::row_major(self.data(), o, i)?;
+        gemm(MatRef::row_major(dy, m, o)?, &w, dx, accumulate)
+    }
+    fn to_f32(&self) -> Tensor {
+        self.clone()
+    }
+    fn storage_bytes(&self) -> usize {
+        self.numel() * 4
+    }
+    fn format_name(&self) -> &'static str {
+        "f32"
+    }
+}
+
+impl WeightMatrix for HalfTensor {
+    fn out_features(&self) -> usize {
+        self.shape()[0]
+    }
+    fn in_features(&self) -> usize {
+        self.shape()[1]
+    }
+    fn matmul_t(&self, x: &[f32], m: usize, y: &mut [f32], accumulate: bool) -> Result<()> {
+        let (o, i) = self.dims2("linear")?;
+        check_matmul_operands("linear", m, x.len(), i, y.len(), o)?;
+        let w = MatRef::row_major(self.data(), o, i)?;
+        gemm(MatRef::row_major(x, m, i)?, &w.t(), y, accumulate)
+    }
+    fn matmul(&self, dy: &[f32], m: usize, dx: &mut [f32], accumulate: bool) -> Result<()> {
+        let (o, i) = self.dims2("linear_backward_input")?;
+        check_matmul_operands("linear_backward_input", m, dy.len(), o, dx.len(), i)?;
+        let w = MatRef::row_major(self.data(), o, i)?;
+        gemm(MatRef::row_major(dy, m, o)?, &w, dx, accumulate)
+    }
+    fn to_f32(&self) -> Tensor {
+        HalfTensor::to_f32(self)
+    }
+    fn storage_bytes(&self) -> usize {
+        self.numel() * 2
+    }
+    fn format_name(&self) -> &'static str {
+        "f16"
+    }
+}
+
+/// The linear layer's forward: `y[m, out] = x[m, in] · Wᵀ + bias`.
+///
+/// ```
+/// use nibble_tensor::{linear, Tensor};
+/// let x = Tensor::from_vec(&[1, 2], vec![1.0, 2.0]).unwrap();
+/// let w = Tensor::from_vec(&[3, 2], vec![1., 0., 0., 1., 1., 1.]).unwrap();
+/// let y = linear(&x, &w, Some(&[0.5, 0.5, 0.5])).unwrap();
+/// assert_eq!(y.data(), &[1.5, 2.5, 3.5]);
+/// ```
+pub fn linear(x: &Tensor, w: &dyn WeightMatrix, bias: Option<&[f32]>) -> Result<Tensor> {
+    let (m, i) = x.dims2("linear")?;
+    let o = w.out_features();
+    if i != w.in_features() {
+        return Err(TensorError::ShapeMismatch {
+            op: "linear",
+            lhs: x.shape().to_vec(),
+            rhs: vec![o, w.in_features()],
+        });
+    }
+    let mut y = Tensor::try_zeros(&[m, o])?;
+    if let Some(b) = bias {
+        if b.len() != o {
+            return Err(TensorError::ShapeMismatch {
+                op: "linear (bias)",
+                lhs: vec![o, i],
+                rhs: vec![b.len()],
+            });
+        }
+        y.add_row(b)?;
+        w.matmul_t(x.data(), m, y.data_mut(), true)?;
+    } else {
+        w.matmul_t(x.data(), m, y.data_mut(), false)?;
+    }
+    Ok(y)
+}
+
+/// The linear layer's input gradient: `dx[m, in] = dy[m, out] · W`.
+pub fn linear_backward_input(dy: &Tensor, w: &dyn WeightMatrix) -> Result<Tensor> {
+    let (m, o) = dy.dims2("linear_backward_input")?;
+    if o != w.out_features() {
+        return Err(TensorError::ShapeMismatch {
+            op: "linear_backward_input",
+            lhs: dy.shape().to_vec(),
+            rhs: vec![w.out_features(), w.in_features()],
+        });
+    }
+    let mut dx = Tensor::try_zeros(&[m, w.in_features()])?;
+    w.matmul(dy.data(), m, dx.data_mut(), false)?;
+    Ok(dx)
+}
+
+/// The linear layer's weight gradient: `dW[out, in] = dyᵀ[out, m] · x[m, in]`
+/// (`dW += ...` into `dw` with `accumulate`).
+pub fn linear_backward_weight(
+    dy: &Tensor,
+    x: &Tensor,
+    dw: &mut Tensor,
+    accumulate: bool,
+) -> Result<()> {
+    let (m, o) = dy.dims2("linear_backward_weight")?;
+    let (mx, i) = x.dims2("linear_backward_weight")?;
+    if m != mx || dw.shape() != [o, i] {
+        return Err(TensorError::ShapeMismatch {
+            op: "linear_backward_weight",
+            lhs: dy.shape().to_vec(),
+            rhs: x.shape().to_vec(),
+        });
+    }
+    let dyt = MatRef::row_major(dy.data(), m, o)?.t();
+    gemm(dyt, &MatRef::row_major(x.data(), m, i)?, dw.data_mut(), accumulate)
+}
