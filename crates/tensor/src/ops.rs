@@ -100,6 +100,24 @@ impl Tensor {
         Ok(())
     }
 
+    /// Adds an f16 `row` (widened to f32) to every row of a rank-2 tensor: an f16 bias.
+    pub fn add_row_f16(&mut self, row: &[half::f16]) -> Result<()> {
+        let (_, n) = self.dims2("add_row_f16")?;
+        if row.len() != n {
+            return Err(TensorError::ShapeMismatch {
+                op: "add_row_f16",
+                lhs: self.shape().to_vec(),
+                rhs: vec![row.len()],
+            });
+        }
+        if n > 0 {
+            self.data_mut().chunks_exact_mut(n).for_each(|r| {
+                r.iter_mut().zip(row).for_each(|(a, b)| *a += b.to_f32());
+            });
+        }
+        Ok(())
+    }
+
     /// Sum of all elements, accumulated in f64 (deterministic, order-independent of threads).
     pub fn sum(&self) -> f32 {
         self.data().iter().map(|&v| v as f64).sum::<f64>() as f32
@@ -180,6 +198,9 @@ mod tests {
         d.add_row(&[10., 20.]).unwrap();
         assert_eq!(d.data(), &[11., 18., 13., 16.]);
         assert!(d.add_row(&[1.0]).is_err());
-        assert!(Tensor::from_vec(&[1], vec![f32::NAN]).unwrap().max_abs().is_nan());
+        assert!(Tensor::from_vec(&[1], vec![f32::NAN])
+            .unwrap()
+            .max_abs()
+            .is_nan());
     }
 }

@@ -1,0 +1,150 @@
+//! Linear layers: trainable (`X·Wᵀ + b` with f32 parameters) and frozen (any
+//! [`WeightMatrix`] — f32, f16 or quantized — whose backward computes only `dX`, straight from
+//! the stored weight, never a dense f32 copy of it).
+
+use crate::error::Result;
+use crate::param::Param;
+use crate::tape::{Op, Tape, Var};
+use nibble_tensor::{
+    f16, linear, linear_backward_input, linear_backward_weight, Tensor, TensorError, WeightMatrix,
+};
+use std::sync::Arc;
+
+/// A frozen bias, in whatever precision it is stored.
+#[derive(Debug, Clone, Copy)]
+pub enum Bias<'a> {
+    /// f32 values.
+    F32(&'a [f32]),
+    /// f16 values, widened as they are added.
+    F16(&'a [f16]),
+}
+
+impl Bias<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Bias::F32(b) => b.len(),
+            Bias::F16(b) => b.len(),
+        }
+    }
+}
+
+/// Backward of [`Tape::linear`]: `dX = dY·W`, `dW += dYᵀ·X`, `db += Σ_rows dY`.
+struct LinearOp {
+    /// X `[m, in]`, kept only if W needs a gradient.
+    x: Option<Arc<Tensor>>,
+    /// W `[out, in]`, kept for dX only if X needs a gradient.
+    w_for_dx: Option<Param>,
+    /// W, if it needs a gradient.
+    w_grad: Option<Param>,
+    /// b `[out]`, if it needs a gradient.
+    b_grad: Option<Param>,
+}
+
+impl Op for LinearOp {
+    fn name(&self) -> &'static str {
+        "linear"
+    }
+    fn backward(self: Box<Self>, d_y: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        // d_y: [m, out]
+        let d_x = match &self.w_for_dx {
+            Some(w) => Some(linear_backward_input(d_y, &*w.value())?),
+            None => None,
+        };
+        if let (Some(w), Some(x)) = (&self.w_grad, &self.x) {
+            let mut slot = w.grad_mut();
+            match slot.as_mut() {
+                Some(d_w) => linear_backward_weight(d_y, x, d_w, true)?,
+                None => {
+                    let shape = w.value().shape().to_vec();
+                    let mut d_w = Tensor::zeros(&shape);
+                    linear_backward_weight(d_y, x, &mut d_w, false)?;
+                    *slot = Some(d_w);
+                }
+            }
+        }
+        if let Some(b) = &self.b_grad {
+            b.accumulate_grad(d_y.sum_rows()?)?;
+        }
+        Ok(vec![d_x])
+    }
+}
+
+/// Backward of [`Tape::frozen_linear`]: `dX = dY·W` from the stored weight; no dW.
+struct FrozenLinearOp {
+    w: Arc<dyn WeightMatrix>,
+}
+
+impl Op for FrozenLinearOp {
+    fn name(&self) -> &'static str {
+        "frozen_linear"
+    }
+    fn backward(self: Box<Self>, d_y: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        // d_y: [m, out] -> d_x: [m, in]
+        let (m, _) = d_y.dims2("frozen_linear backward")?;
+        let mut d_x = Tensor::try_zeros(&[m, self.w.in_features()])?;
+        self.w.matmul(d_y.data(), m, d_x.data_mut(), false)?;
+        Ok(vec![Some(d_x)])
+    }
+}
+
+impl Tape {
+    /// `y[m, out] = x[m, in] · wᵀ + b` with f32 parameters `w` `[out, in]` and `b` `[out]`.
+    /// Recorded if `x` is tracked or `w`/`b` require gradients; saves `x` only if `w` needs a
+    /// gradient and `w` only if `x` does.
+    pub fn linear(&self, x: &Var, w: &Param, b: Option<&Param>) -> Result<Var> {
+        let y = {
+            let w_value = w.value();
+            let b_value = b.map(|b| b.value());
+            linear(x.value(), &*w_value, b_value.as_ref().map(|b| b.data()))?
+        };
+        let w_trains = w.requires_grad();
+        let b_trains = b.is_some_and(|b| b.requires_grad());
+        self.record("linear", &[x], y, w_trains || b_trains, || {
+            Box::new(LinearOp {
+                x: w_trains.then(|| x.shared()),
+                w_for_dx: x.is_tracked().then(|| w.clone()),
+                w_grad: w_trains.then(|| w.clone()),
+                b_grad: b.filter(|_| b_trains).cloned(),
+            })
+        })
+    }
+
+    /// `y[m, out] = x[m, in] · Wᵀ + bias` with a frozen weight of any storage. Recorded only if
+    /// `x` is tracked, and then saves only a handle to `w` (no activation).
+    pub fn frozen_linear(
+        &self,
+        x: &Var,
+        w: &Arc<dyn WeightMatrix>,
+        bias: Option<Bias<'_>>,
+    ) -> Result<Var> {
+        let (m, i) = x.value().dims2("frozen_linear")?;
+        let o = w.out_features();
+        if i != w.in_features() {
+            return Err(TensorError::ShapeMismatch {
+                op: "frozen_linear",
+                lhs: x.shape().to_vec(),
+                rhs: vec![o, w.in_features()],
+            }
+            .into());
+        }
+        let mut y = Tensor::try_zeros(&[m, o])?;
+        if let Some(b) = bias {
+            if b.len() != o {
+                return Err(TensorError::ShapeMismatch {
+                    op: "frozen_linear (bias)",
+                    lhs: vec![o, i],
+                    rhs: vec![b.len()],
+                }
+                .into());
+            }
+            match b {
+                Bias::F32(b) => y.add_row(b)?,
+                Bias::F16(b) => y.add_row_f16(b)?,
+            }
+        }
+        w.matmul_t(x.value().data(), m, y.data_mut(), bias.is_some())?;
+        self.record("frozen_linear", &[x], y, false, || {
+            Box::new(FrozenLinearOp { w: Arc::clone(w) })
+        })
+    }
+}

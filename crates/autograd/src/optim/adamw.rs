@@ -1,0 +1,162 @@
+//! AdamW exactly as PyTorch's single-tensor implementation computes it.
+
+use super::{check_hyper, load_buffers, zeros_like, Optimizer, OptimizerState};
+use crate::error::Result;
+use crate::param::Param;
+use nibble_tensor::Tensor;
+
+/// AdamW's hyper-parameters; the defaults are PyTorch's.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWConfig {
+    /// Learning rate (1e-3).
+    pub lr: f32,
+    /// Decay of the first moment (0.9).
+    pub beta1: f32,
+    /// Decay of the second moment (0.999).
+    pub beta2: f32,
+    /// Added to the denominator (1e-8).
+    pub eps: f32,
+    /// Decoupled weight decay (0.01).
+    pub weight_decay: f32,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        AdamWConfig {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        }
+    }
+}
+
+/// AdamW: `p -= lr·wd·p`, then the bias-corrected Adam update.
+///
+/// ```
+/// use nibble_autograd::{AdamW, AdamWConfig, Optimizer, Param};
+/// use nibble_tensor::Tensor;
+/// let p = Param::new("p", Tensor::from_vec(&[1], vec![1.0]).unwrap(), true);
+/// p.accumulate_grad(Tensor::from_vec(&[1], vec![0.5]).unwrap()).unwrap();
+/// let mut opt = AdamW::new(vec![p.clone()], AdamWConfig::default()).unwrap();
+/// opt.step().unwrap();
+/// // first step: p·(1 - lr·wd) - lr·sign(g)
+/// assert!((p.value().data()[0] - (1.0 - 1e-5 - 1e-3)).abs() < 1e-6);
+/// ```
+#[derive(Debug)]
+pub struct AdamW {
+    params: Vec<Param>,
+    config: AdamWConfig,
+    step: u64,
+    exp_avg: Vec<Tensor>,
+    exp_avg_sq: Vec<Tensor>,
+}
+
+impl AdamW {
+    /// An optimizer over `params` (those that do not require a gradient are skipped).
+    pub fn new(params: Vec<Param>, config: AdamWConfig) -> Result<Self> {
+        let c = config;
+        check_hyper("AdamW", "lr", c.lr as f64, c.lr >= 0.0)?;
+        check_hyper(
+            "AdamW",
+            "beta1",
+            c.beta1 as f64,
+            (0.0..1.0).contains(&c.beta1),
+        )?;
+        check_hyper(
+            "AdamW",
+            "beta2",
+            c.beta2 as f64,
+            (0.0..1.0).contains(&c.beta2),
+        )?;
+        check_hyper("AdamW", "eps", c.eps as f64, c.eps >= 0.0)?;
+        check_hyper(
+            "AdamW",
+            "weight_decay",
+            c.weight_decay as f64,
+            c.weight_decay >= 0.0,
+        )?;
+        let params: Vec<Param> = params.into_iter().filter(|p| p.requires_grad()).collect();
+        Ok(AdamW {
+            exp_avg: zeros_like(&params),
+            exp_avg_sq: zeros_like(&params),
+            params,
+            config,
+            step: 0,
+        })
+    }
+
+    /// The parameters being optimized.
+    pub fn params(&self) -> &[Param] {
+        &self.params
+    }
+
+    /// Steps taken so far.
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+}
+
+impl Optimizer for AdamW {
+    fn step(&mut self) -> Result<()> {
+        self.step += 1;
+        let c = self.config;
+        let bias_correction1 = 1.0 - (c.beta1 as f64).powi(self.step as i32);
+        let bias_correction2 = 1.0 - (c.beta2 as f64).powi(self.step as i32);
+        let step_size = (c.lr as f64 / bias_correction1) as f32;
+        let bias_correction2_sqrt = bias_correction2.sqrt() as f32;
+        let decay = 1.0 - c.lr * c.weight_decay;
+        for ((p, m), v) in self
+            .params
+            .iter()
+            .zip(&mut self.exp_avg)
+            .zip(&mut self.exp_avg_sq)
+        {
+            let grad = p.grad();
+            let Some(g) = grad.as_ref() else { continue };
+            let mut value = p.value_mut();
+            for (((w, &g), m), v) in value
+                .data_mut()
+                .iter_mut()
+                .zip(g.data())
+                .zip(m.data_mut())
+                .zip(v.data_mut())
+            {
+                *w *= decay;
+                *m += (1.0 - c.beta1) * (g - *m); // lerp
+                *v = *v * c.beta2 + (1.0 - c.beta2) * g * g;
+                let denom = v.sqrt() / bias_correction2_sqrt + c.eps;
+                *w += -step_size * (*m / denom);
+            }
+        }
+        Ok(())
+    }
+
+    fn zero_grad(&mut self) {
+        self.params.iter().for_each(Param::zero_grad);
+    }
+
+    fn state(&self) -> OptimizerState {
+        let mut tensors = Vec::with_capacity(2 * self.params.len());
+        for ((p, m), v) in self.params.iter().zip(&self.exp_avg).zip(&self.exp_avg_sq) {
+            tensors.push((format!("exp_avg.{}", p.name()), m.clone()));
+            tensors.push((format!("exp_avg_sq.{}", p.name()), v.clone()));
+        }
+        OptimizerState {
+            step: self.step,
+            tensors,
+        }
+    }
+
+    fn load_state(&mut self, state: &OptimizerState) -> Result<()> {
+        let mut m = self.exp_avg.clone();
+        let mut v = self.exp_avg_sq.clone();
+        load_buffers(state, "exp_avg", &self.params, &mut m)?;
+        load_buffers(state, "exp_avg_sq", &self.params, &mut v)?;
+        self.exp_avg = m;
+        self.exp_avg_sq = v;
+        self.step = state.step;
+        Ok(())
+    }
+}

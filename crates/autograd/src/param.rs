@@ -1,0 +1,103 @@
+//! Parameters: named tensors shared between a model (which reads them in its forward) and an
+//! optimizer (which updates them), with a gradient slot filled by `backward`.
+
+use nibble_tensor::Tensor;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+#[derive(Debug)]
+struct ParamInner {
+    name: String,
+    value: RwLock<Tensor>,
+    grad: RwLock<Option<Tensor>>,
+    requires_grad: RwLock<bool>,
+}
+
+/// A named, shareable parameter tensor. Cloning a `Param` clones the handle, not the tensor.
+///
+/// ```
+/// use nibble_autograd::Param;
+/// use nibble_tensor::Tensor;
+/// let p = Param::new("w", Tensor::zeros(&[2, 3]), true);
+/// let q = p.clone();
+/// q.value_mut().data_mut()[0] = 1.0;
+/// assert_eq!(p.value().data()[0], 1.0);
+/// assert!(p.grad().is_none());
+/// ```
+#[derive(Debug, Clone)]
+pub struct Param(Arc<ParamInner>);
+
+fn unpoison<G>(r: Result<G, std::sync::PoisonError<G>>) -> G {
+    r.unwrap_or_else(|e| e.into_inner())
+}
+
+impl Param {
+    /// A parameter called `name` holding `value`.
+    pub fn new(name: impl Into<String>, value: Tensor, requires_grad: bool) -> Self {
+        Param(Arc::new(ParamInner {
+            name: name.into(),
+            value: RwLock::new(value),
+            grad: RwLock::new(None),
+            requires_grad: RwLock::new(requires_grad),
+        }))
+    }
+
+    /// The parameter's name (PyTorch's state-dict key, by convention).
+    pub fn name(&self) -> &str {
+        &self.0.name
+    }
+
+    /// Reads the value.
+    pub fn value(&self) -> RwLockReadGuard<'_, Tensor> {
+        unpoison(self.0.value.read())
+    }
+
+    /// Writes the value.
+    pub fn value_mut(&self) -> RwLockWriteGuard<'_, Tensor> {
+        unpoison(self.0.value.write())
+    }
+
+    /// Reads the accumulated gradient (None before the first backward or after `zero_grad`).
+    pub fn grad(&self) -> RwLockReadGuard<'_, Option<Tensor>> {
+        unpoison(self.0.grad.read())
+    }
+
+    /// Adds `g` to the gradient (or sets it, if there was none).
+    pub fn accumulate_grad(&self, g: Tensor) -> crate::Result<()> {
+        let mut slot = unpoison(self.0.grad.write());
+        match slot.as_mut() {
+            Some(acc) => acc.add_assign(&g)?,
+            None => *slot = Some(g),
+        }
+        Ok(())
+    }
+
+    /// Mutable access to the gradient slot (for kernels that accumulate in place).
+    pub fn grad_mut(&self) -> RwLockWriteGuard<'_, Option<Tensor>> {
+        unpoison(self.0.grad.write())
+    }
+
+    /// Drops the gradient.
+    pub fn zero_grad(&self) {
+        *unpoison(self.0.grad.write()) = None;
+    }
+
+    /// Whether backward computes a gradient for this parameter.
+    pub fn requires_grad(&self) -> bool {
+        *unpoison(self.0.requires_grad.read())
+    }
+
+    /// Freezes (`false`) or unfreezes (`true`) the parameter.
+    pub fn set_requires_grad(&self, requires_grad: bool) {
+        *unpoison(self.0.requires_grad.write()) = requires_grad;
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.value().numel()
+    }
+
+    /// True if both handles point at the same parameter.
+    pub fn same_as(&self, other: &Param) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}

@@ -1,0 +1,307 @@
+//! The tape: ops record themselves (only when an input needs a gradient), `backward` walks the
+//! records in reverse, and each record — with the activations it saved — is dropped as soon as
+//! its backward has run.
+
+use crate::error::{AutogradError, Result};
+use nibble_tensor::Tensor;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// The backward half of an op. One small struct per op holds what its backward needs; the
+/// forward is the function that builds it. Other crates add ops by implementing this trait and
+/// calling [`Tape::record`].
+pub trait Op {
+    /// The op's name, for error messages.
+    fn name(&self) -> &'static str;
+    /// Given the gradient of the loss w.r.t. the op's output, returns the gradient w.r.t. each
+    /// `Var` input, in the order they were passed to [`Tape::record`] (`None` where an input
+    /// needs none). Gradients of parameters the op holds are accumulated into them directly.
+    /// Consumes the op, so that saved activations are freed right after.
+    fn backward(self: Box<Self>, d_out: &Tensor) -> Result<Vec<Option<Tensor>>>;
+}
+
+/// Identifies a record on a tape, in one use of the tape (`generation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct NodeId {
+    generation: u64,
+    index: usize,
+}
+
+/// A value in a computation: a shared tensor and, if it needs a gradient, the record that made it.
+#[derive(Debug, Clone)]
+pub struct Var {
+    value: Arc<Tensor>,
+    node: Option<NodeId>,
+}
+
+impl Var {
+    /// A value that needs no gradient (an input, a frozen constant). Nothing is recorded.
+    pub fn constant(value: Tensor) -> Self {
+        Var {
+            value: Arc::new(value),
+            node: None,
+        }
+    }
+
+    /// The tensor.
+    pub fn value(&self) -> &Tensor {
+        &self.value
+    }
+
+    /// A shared handle to the tensor (cheap: ops save inputs this way, without copying).
+    pub fn shared(&self) -> Arc<Tensor> {
+        Arc::clone(&self.value)
+    }
+
+    /// Whether a gradient flows back through this value.
+    pub fn is_tracked(&self) -> bool {
+        self.node.is_some()
+    }
+
+    /// The shape of the value.
+    pub fn shape(&self) -> &[usize] {
+        self.value.shape()
+    }
+}
+
+enum Record {
+    /// A leaf that wants its gradient reported (see [`Tape::leaf`]).
+    Leaf,
+    /// An op and the nodes of its `Var` inputs (None: untracked input).
+    Op {
+        op: Box<dyn Op>,
+        inputs: Vec<Option<NodeId>>,
+    },
+}
+
+/// Records ops for one forward pass; `backward` consumes the records. Reusable: after
+/// `backward` (or [`Tape::clear`]) it is empty again and the next step records afresh.
+///
+/// ```
+/// use nibble_autograd::{Param, Tape, Var};
+/// use nibble_tensor::Tensor;
+/// let tape = Tape::new();
+/// let w = Param::new("w", Tensor::from_vec(&[1, 2], vec![2.0, -1.0]).unwrap(), true);
+/// let x = Var::constant(Tensor::from_vec(&[1, 2], vec![3.0, 4.0]).unwrap());
+/// let y = tape.linear(&x, &w, None).unwrap(); // 2*3 - 4 = 2
+/// let loss = tape.sum(&y).unwrap();
+/// tape.backward(&loss).unwrap();
+/// assert_eq!(w.grad().as_ref().unwrap().data(), &[3.0, 4.0]);
+/// assert_eq!(tape.len(), 0);
+/// ```
+pub struct Tape {
+    records: RefCell<Vec<Record>>,
+    generation: Cell<u64>,
+    enabled: Cell<bool>,
+}
+
+impl Default for Tape {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for Tape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tape({} records)", self.len())
+    }
+}
+
+/// Gradients of the leaves made with [`Tape::leaf`], returned by [`Tape::backward`].
+#[derive(Debug, Default)]
+pub struct Gradients {
+    by_node: HashMap<NodeId, Tensor>,
+}
+
+impl Gradients {
+    /// The gradient of the loss w.r.t. `leaf` (None if no gradient reached it).
+    pub fn get(&self, leaf: &Var) -> Option<&Tensor> {
+        leaf.node.and_then(|n| self.by_node.get(&n))
+    }
+}
+
+impl Tape {
+    /// An empty tape.
+    pub fn new() -> Self {
+        Tape {
+            records: RefCell::new(Vec::new()),
+            generation: Cell::new(0),
+            enabled: Cell::new(true),
+        }
+    }
+
+    /// Number of records held (0 after backward, and 0 for a forward with no tracked input).
+    pub fn len(&self) -> usize {
+        self.records.borrow().len()
+    }
+
+    /// True when nothing is recorded.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Runs `f` with recording switched off (inference): ops compute but record nothing, even
+    /// when parameters require gradients.
+    pub fn no_grad<T>(&self, f: impl FnOnce() -> T) -> T {
+        let was = self.enabled.replace(false);
+        let out = f();
+        self.enabled.set(was);
+        out
+    }
+
+    /// Whether recording is on (see [`Tape::no_grad`]).
+    pub fn is_recording(&self) -> bool {
+        self.enabled.get()
+    }
+
+    /// Drops every record (and the activations they saved) without running backward.
+    pub fn clear(&self) {
+        self.records.borrow_mut().clear();
+        self.generation.set(self.generation.get() + 1);
+    }
+
+    /// A leaf value whose gradient [`Tape::backward`] reports in its [`Gradients`].
+    pub fn leaf(&self, value: Tensor) -> Var {
+        if !self.is_recording() {
+            return Var::constant(value);
+        }
+        let node = self.push(Record::Leaf);
+        Var {
+            value: Arc::new(value),
+            node: Some(node),
+        }
+    }
+
+    fn push(&self, record: Record) -> NodeId {
+        let mut records = self.records.borrow_mut();
+        records.push(record);
+        NodeId {
+            generation: self.generation.get(),
+            index: records.len() - 1,
+        }
+    }
+
+    fn check(&self, op: &'static str, v: &Var) -> Result<Option<NodeId>> {
+        match v.node {
+            Some(n) if n.generation != self.generation.get() => Err(AutogradError::StaleVar { op }),
+            other => Ok(other),
+        }
+    }
+
+    /// Whether an op with these inputs (and, with `holds_trainable`, a parameter that needs a
+    /// gradient) would be recorded.
+    pub fn would_record(&self, inputs: &[&Var], holds_trainable: bool) -> bool {
+        self.is_recording() && (holds_trainable || inputs.iter().any(|v| v.is_tracked()))
+    }
+
+    /// Wraps `output` in a [`Var`], recording the op made by `make_op` only if an input is
+    /// tracked or the op holds a trainable parameter (`holds_trainable`). When nothing is
+    /// recorded `make_op` is never called, so nothing is saved.
+    pub fn record(
+        &self,
+        name: &'static str,
+        inputs: &[&Var],
+        output: Tensor,
+        holds_trainable: bool,
+        make_op: impl FnOnce() -> Box<dyn Op>,
+    ) -> Result<Var> {
+        self.record_shared(name, inputs, Arc::new(output), holds_trainable, make_op)
+    }
+
+    /// [`Tape::record`] for an output already behind an `Arc` (so the op can save the very
+    /// buffer the returned `Var` holds).
+    pub fn record_shared(
+        &self,
+        name: &'static str,
+        inputs: &[&Var],
+        output: Arc<Tensor>,
+        holds_trainable: bool,
+        make_op: impl FnOnce() -> Box<dyn Op>,
+    ) -> Result<Var> {
+        let nodes = inputs
+            .iter()
+            .map(|v| self.check(name, v))
+            .collect::<Result<Vec<_>>>()?;
+        if !self.would_record(inputs, holds_trainable) {
+            return Ok(Var {
+                value: output,
+                node: None,
+            });
+        }
+        let node = self.push(Record::Op {
+            op: make_op(),
+            inputs: nodes,
+        });
+        Ok(Var {
+            value: output,
+            node: Some(node),
+        })
+    }
+
+    /// Back-propagates from the one-element `loss`: accumulates parameter gradients, returns
+    /// the gradients of [`Tape::leaf`] values, and empties the tape (freeing each record's saved
+    /// activations as soon as its backward has run).
+    pub fn backward(&self, loss: &Var) -> Result<Gradients> {
+        if loss.value.numel() != 1 {
+            return Err(AutogradError::NonScalarLoss {
+                shape: loss.shape().to_vec(),
+            });
+        }
+        let start = self.check("backward", loss)?;
+        let mut records = std::mem::take(&mut *self.records.borrow_mut());
+        let generation = self.generation.get();
+        self.generation.set(generation + 1);
+        let mut out = Gradients::default();
+        let Some(start) = start else {
+            return Ok(out); // nothing tracked: nothing to do
+        };
+        let mut grads: Vec<Option<Tensor>> = (0..records.len()).map(|_| None).collect();
+        grads[start.index] = Some(Tensor::full(loss.shape(), 1.0));
+        records.truncate(start.index + 1);
+        while let Some(record) = records.pop() {
+            let index = records.len();
+            let Some(d_out) = grads[index].take() else {
+                continue; // no gradient reached this record; dropping it frees what it saved
+            };
+            match record {
+                Record::Leaf => {
+                    out.by_node.insert(NodeId { generation, index }, d_out);
+                }
+                Record::Op { op, inputs } => {
+                    let name = op.name();
+                    let d_inputs = op.backward(&d_out)?;
+                    if d_inputs.len() != inputs.len() {
+                        return Err(AutogradError::BadGradient {
+                            op: name,
+                            what: format!(
+                                "{} gradients for {} inputs",
+                                d_inputs.len(),
+                                inputs.len()
+                            ),
+                        });
+                    }
+                    for (node, g) in inputs.into_iter().zip(d_inputs) {
+                        let (Some(node), Some(g)) = (node, g) else {
+                            continue;
+                        };
+                        match &mut grads[node.index] {
+                            Some(acc) => {
+                                acc.add_assign(&g).map_err(|_| AutogradError::BadGradient {
+                                    op: name,
+                                    what: format!(
+                                        "a gradient of shape {:?} for an input of shape {:?}",
+                                        g.shape(),
+                                        acc.shape()
+                                    ),
+                                })?
+                            }
+                            slot @ None => *slot = Some(g),
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
