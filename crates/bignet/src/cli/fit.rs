@@ -1,0 +1,49 @@
+//! `bignet fit VARIANT`: the homework grader's fit.
+
+use super::Common;
+use crate::error::Result;
+use crate::train::{fit, FitTask};
+use crate::variant::Variant;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use std::io::IsTerminal;
+
+/// Fits `variant` for `steps` steps and prints loss and accuracy per step and the best.
+pub fn run(variant: Variant, steps: usize, lr: f32, as_json: bool, common: &Common) -> Result<()> {
+    let model = common.spec(variant).build()?;
+    let task = FitTask::new(model.dim(), 1000, common.seed);
+    let bar = (!as_json && std::io::stdout().is_terminal()).then(|| {
+        let bar = ProgressBar::new(steps as u64);
+        bar.set_style(
+            ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}")
+                .expect("static template"),
+        );
+        bar
+    });
+    let report = fit(&model, &task, steps, lr, |step, loss, acc| match &bar {
+        Some(bar) => {
+            bar.set_message(format!("loss {loss:.4}  accuracy {acc:.3}"));
+            bar.inc(1);
+        }
+        None if !as_json => println!("step {step:>3}  loss {loss:.4}  accuracy {acc:.3}"),
+        None => {}
+    })?;
+    if let Some(bar) = bar {
+        bar.finish();
+    }
+    if as_json {
+        println!(
+            "{}",
+            json!({
+                "variant": variant.name(),
+                "steps": steps,
+                "loss": report.loss,
+                "accuracy": report.accuracy,
+                "best_accuracy": report.best_accuracy,
+            })
+        );
+    } else {
+        println!("best accuracy {:.3}", report.best_accuracy);
+    }
+    Ok(())
+}

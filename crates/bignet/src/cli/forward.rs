@@ -1,0 +1,38 @@
+//! `bignet forward`: `x` from a safetensors file in, `y` to a safetensors file out.
+
+use super::Common;
+use crate::checkpoint::{write_safetensors, Checkpoint, DType};
+use crate::error::{Error, Result};
+use crate::variant::Variant;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Runs `variant` on tensor `x` of `input` and writes `y` to `output`.
+pub fn run(variant: Variant, input: &Path, output: &Path, common: &Common) -> Result<()> {
+    let model = common.spec(variant).build()?;
+    let file = Checkpoint::open(input)?;
+    let Some((_, shape)) = file.info("x") else {
+        return Err(Error::Input {
+            what: format!("{}: no tensor `x` in the input file", input.display()),
+        });
+    };
+    if shape.len() != 2 || shape[1] != model.dim() {
+        return Err(Error::Input {
+            what: format!(
+                "{}: `x` must be [batch, {}] for this model, found {shape:?}",
+                input.display(),
+                model.dim()
+            ),
+        });
+    }
+    let shape = shape.to_vec();
+    let x = file.tensor_f32("x", Some(&shape))?;
+    let y = model.infer(&x)?;
+    let bytes: &[u8] = bytemuck::cast_slice(y.data());
+    write_safetensors(
+        output,
+        &[("y".to_string(), DType::F32, y.shape().to_vec(), bytes)],
+        &BTreeMap::new(),
+    )?;
+    Ok(())
+}

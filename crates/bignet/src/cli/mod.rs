@@ -1,0 +1,211 @@
+//! The `bignet` command-line program: `stats`, `compare`, `fit`, `forward`, `bench`.
+//! Each verb lives in its own file; this one holds the argument types and the dispatch.
+
+mod bench;
+pub mod compare;
+mod fit;
+mod forward;
+mod stats;
+
+use crate::error::{Error, Result};
+use crate::loader::ModelSpec;
+use crate::source::DEFAULT_DIM;
+use crate::variant::Variant;
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+/// The program's arguments.
+#[derive(Debug, Parser)]
+#[command(
+    name = "bignet",
+    version,
+    about = "BigNet in every memory-saving form: stats, compare, fit, forward, bench"
+)]
+pub struct Cli {
+    /// The verb.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every verb takes.
+#[derive(Debug, Clone, Args)]
+pub struct Common {
+    /// A checkpoint (.pth or .safetensors state dict); default: PyTorch's init from --seed.
+    #[arg(long, value_name = "FILE")]
+    pub weights: Option<PathBuf>,
+    /// Worker threads for the kernels (default: all cores).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+    /// Seed of the init, the LoRA adapters and the data.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Model width for seeded init (a checkpoint's own width wins).
+    #[arg(long, default_value_t = DEFAULT_DIM)]
+    pub dim: usize,
+}
+
+impl Common {
+    /// The spec of `variant` under these options.
+    pub fn spec(&self, variant: Variant) -> ModelSpec {
+        ModelSpec {
+            variant,
+            weights: self.weights.clone(),
+            seed: self.seed,
+            dim: self.dim,
+        }
+    }
+}
+
+/// The verbs.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Parameter counts and memory (theoretical and measured) of each variant.
+    Stats {
+        /// Variants to report (one column each).
+        #[arg(required = true, value_parser = parse_variant)]
+        variants: Vec<Variant>,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Max and mean |A(x) - B(x)| on a 1024 x D standard-normal batch.
+    Compare {
+        /// First variant.
+        #[arg(value_parser = parse_variant)]
+        a: Variant,
+        /// Second variant.
+        #[arg(value_parser = parse_variant)]
+        b: Variant,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// The homework grader's fit: frozen random head, 1000 samples, AdamW, BCE.
+    Fit {
+        /// The variant to train.
+        #[arg(value_parser = parse_variant)]
+        variant: Variant,
+        /// Training steps.
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
+        /// AdamW learning rate.
+        #[arg(long, default_value_t = 1e-3)]
+        lr: f32,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Runs the model on tensor `x` [B, D] of a safetensors file; writes `y` [B, D].
+    Forward {
+        /// The variant.
+        #[arg(long, value_parser = parse_variant)]
+        variant: Variant,
+        /// Input safetensors file holding `x`.
+        #[arg(long, value_name = "IN")]
+        input: PathBuf,
+        /// Output safetensors file to write `y` to.
+        #[arg(long, value_name = "OUT")]
+        output: PathBuf,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Median milliseconds per forward (and per training step with --train).
+    Bench {
+        /// Variants to time.
+        #[arg(required = true, value_parser = parse_variant)]
+        variants: Vec<Variant>,
+        /// Batch sizes, comma-separated.
+        #[arg(long, value_delimiter = ',', default_values_t = vec![1usize, 1024])]
+        batch: Vec<usize>,
+        /// Also time a training step (forward + backward + AdamW) at batch 1000.
+        #[arg(long)]
+        train: bool,
+        /// Timed runs per figure (after warm-up).
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+fn parse_variant(s: &str) -> std::result::Result<Variant, String> {
+    s.parse()
+}
+
+impl Command {
+    fn common(&self) -> &Common {
+        match self {
+            Command::Stats { common, .. }
+            | Command::Compare { common, .. }
+            | Command::Fit { common, .. }
+            | Command::Forward { common, .. }
+            | Command::Bench { common, .. } => common,
+        }
+    }
+}
+
+/// Runs the parsed command, writing its report to stdout.
+pub fn run(cli: Cli) -> Result<()> {
+    let common = cli.command.common();
+    if let Some(n) = common.threads {
+        if n == 0 {
+            return Err(Error::Input {
+                what: "--threads must be at least 1".into(),
+            });
+        }
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .map_err(|e| Error::Input {
+                what: format!("--threads {n}: {e}"),
+            })?;
+    }
+    match &cli.command {
+        Command::Stats {
+            variants,
+            json,
+            common,
+        } => stats::run(variants, *json, common),
+        Command::Compare { a, b, json, common } => compare::run(*a, *b, *json, common),
+        Command::Fit {
+            variant,
+            steps,
+            lr,
+            json,
+            common,
+        } => fit::run(*variant, *steps, *lr, *json, common),
+        Command::Forward {
+            variant,
+            input,
+            output,
+            common,
+        } => forward::run(*variant, input, output, common),
+        Command::Bench {
+            variants,
+            batch,
+            train,
+            runs,
+            json,
+            common,
+        } => bench::run(variants, batch, *train, *runs, *json, common),
+    }
+}
+
+/// A standard-normal batch `[rows, dim]` from `seed` (the inputs of compare and bench).
+pub fn normal_batch(rows: usize, dim: usize, seed: u64) -> nibble_tensor::Tensor {
+    nibble_tensor::Tensor::randn(&[rows, dim], &mut nibble_tensor::Rng::fork(seed, 0xDA7A))
+}
+
+/// Bytes to MB (2²⁰ bytes).
+pub fn mb(bytes: usize) -> f64 {
+    bytes as f64 / (1u64 << 20) as f64
+}

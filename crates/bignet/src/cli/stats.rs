@@ -1,0 +1,110 @@
+//! `bignet stats`: the homework's table, with measured memory.
+
+use super::{mb, normal_batch, Common};
+use crate::error::Result;
+use crate::memory;
+use crate::variant::Variant;
+use nibble_autograd::Tape;
+use serde_json::json;
+
+/// One column of the table.
+struct Column {
+    variant: Variant,
+    trainable: usize,
+    non_trainable: usize,
+    theoretical: usize,
+    actual: usize,
+    forward: usize,
+    backward: usize,
+}
+
+fn measure(variant: Variant, common: &Common) -> Result<Column> {
+    let (model, actual) = {
+        let before = memory::current();
+        let model = common.spec(variant).build()?;
+        let after = memory::current();
+        (model, after.saturating_sub(before))
+    };
+    let counts = model.counts();
+    let x = normal_batch(1024, model.dim(), common.seed);
+    let (y, forward) = memory::measure_peak(|| model.infer(&x));
+    drop(y?);
+    let (r, backward) = memory::measure_peak(|| -> Result<()> {
+        let tape = Tape::new();
+        let input = tape.leaf(x.clone());
+        let out = model.forward(&tape, &input)?;
+        let loss = tape.mean(&out)?;
+        drop(out);
+        tape.backward(&loss)?;
+        Ok(())
+    });
+    r?;
+    for p in model.params() {
+        p.zero_grad();
+    }
+    Ok(Column {
+        variant,
+        trainable: counts.trainable,
+        non_trainable: counts.non_trainable,
+        theoretical: counts.bytes,
+        actual,
+        forward,
+        backward,
+    })
+}
+
+/// Prints the table (or JSON) for `variants`.
+pub fn run(variants: &[Variant], as_json: bool, common: &Common) -> Result<()> {
+    if !memory::is_installed() {
+        eprintln!("warning: the counting allocator is not installed: measured figures read 0");
+    }
+    let columns = variants
+        .iter()
+        .map(|&v| measure(v, common))
+        .collect::<Result<Vec<_>>>()?;
+    if as_json {
+        let mut obj = serde_json::Map::new();
+        for c in &columns {
+            obj.insert(
+                c.variant.name().to_string(),
+                json!({
+                    "trainable_params": c.trainable,
+                    "non_trainable_params": c.non_trainable,
+                    "total_params": (c.trainable + c.non_trainable) as f64 / 1e6,
+                    "theoretical_mb": mb(c.theoretical),
+                    "actual_mb": mb(c.actual),
+                    "forward_mb": mb(c.forward),
+                    "backward_mb": mb(c.backward),
+                }),
+            );
+        }
+        println!("{}", serde_json::Value::Object(obj));
+        return Ok(());
+    }
+    let width = 16;
+    print!("{:<26}", "");
+    for c in &columns {
+        print!("{:>width$}", c.variant.name());
+    }
+    println!();
+    let rows: [(&str, Box<dyn Fn(&Column) -> String>); 7] = [
+        ("Trainable params", Box::new(|c| c.trainable.to_string())),
+        ("Non-trainable params", Box::new(|c| c.non_trainable.to_string())),
+        (
+            "Total params (M)",
+            Box::new(|c| format!("{:.2}", (c.trainable + c.non_trainable) as f64 / 1e6)),
+        ),
+        ("Theoretical memory (MB)", Box::new(|c| format!("{:.2}", mb(c.theoretical)))),
+        ("Actual memory (MB)", Box::new(|c| format!("{:.2}", mb(c.actual)))),
+        ("Forward memory (MB)", Box::new(|c| format!("{:.2}", mb(c.forward)))),
+        ("Backward memory (MB)", Box::new(|c| format!("{:.2}", mb(c.backward)))),
+    ];
+    for (name, cell) in rows.iter() {
+        print!("{name:<26}");
+        for c in &columns {
+            print!("{:>width$}", cell(c));
+        }
+        println!();
+    }
+    Ok(())
+}

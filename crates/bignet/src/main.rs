@@ -1,0 +1,16 @@
+//! The `bignet` program. See `bignet --help`.
+
+use clap::Parser;
+use nibble_bignet::cli::{run, Cli};
+use nibble_bignet::memory::CountingAlloc;
+
+#[global_allocator]
+static ALLOC: CountingAlloc = CountingAlloc;
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,277 @@
+//! BigNet: 6 residual blocks of `Linear → ReLU → Linear → ReLU → Linear` (+ the block's input),
+//! with a LayerNorm between consecutive blocks. One generic model: the variant only decides how
+//! each [`Linear`] is built.
+
+use crate::error::{Error, Result};
+use crate::layer::{FrozenBias, LoraAdapter, Linear, LinearBase};
+use crate::quantize::quantize_weight;
+use crate::source::{linear_key, norm_key, SeededInit, WeightSource, BLOCKS, LAYERS_PER_BLOCK};
+use crate::variant::{Variant, WeightFormat};
+use nibble_autograd::{Param, Tape, Var};
+use nibble_tensor::{f16, HalfTensor, Rng, Tensor};
+use std::sync::Arc;
+
+/// Rank of the LoRA adapters.
+pub const LORA_RANK: usize = 32;
+/// LayerNorm epsilon (PyTorch's default).
+pub const NORM_EPS: f32 = 1e-5;
+
+/// A LayerNorm's affine parameters.
+#[derive(Debug, Clone)]
+pub struct Norm {
+    /// `[dim]`, initialised to 1.
+    pub weight: Param,
+    /// `[dim]`, initialised to 0.
+    pub bias: Param,
+}
+
+/// Parameter counts and memory of a model, computed from what it stores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParamCounts {
+    /// Elements of parameters that train.
+    pub trainable: usize,
+    /// Elements of everything else the model stores (frozen weights count their stored
+    /// elements: codes and scales for quantized ones).
+    pub non_trainable: usize,
+    /// Bytes of all parameters and buffers.
+    pub bytes: usize,
+}
+
+/// The model.
+#[derive(Debug, Clone)]
+pub struct BigNet {
+    variant: Variant,
+    dim: usize,
+    /// `blocks[b][l]`: linear layer `l` of block `b`.
+    blocks: Vec<[Linear; LAYERS_PER_BLOCK]>,
+    /// `norms[b]`: the LayerNorm after block `b` (5 of them).
+    norms: Vec<Norm>,
+}
+
+impl BigNet {
+    /// Builds `variant` from `source`, converting each weight to the variant's storage as it is
+    /// read (the f32 copy of a layer is dropped before the next is read). LoRA adapters, if any,
+    /// are initialised from `lora_seed` (A uniform ±1/√in, B zero).
+    pub fn build(variant: Variant, source: &dyn WeightSource, lora_seed: u64) -> Result<Self> {
+        let dim = source.dim();
+        if dim == 0 {
+            return Err(Error::Model {
+                what: format!("{}: model width is 0", source.describe()),
+            });
+        }
+        let mut blocks = Vec::with_capacity(BLOCKS);
+        for b in 0..BLOCKS {
+            let mut layers = Vec::with_capacity(LAYERS_PER_BLOCK);
+            for l in 0..LAYERS_PER_BLOCK {
+                let name = linear_key(b, l);
+                let weight = source.tensor(&format!("{name}.weight"), &[dim, dim])?;
+                let bias = source.tensor(&format!("{name}.bias"), &[dim])?;
+                let base = Self::make_base(variant, &name, weight, bias)?;
+                let lora = variant.has_lora().then(|| {
+                    let mut rng = Rng::fork(lora_seed, 0x10_0000 + (b * LAYERS_PER_BLOCK + l) as u64);
+                    LoraAdapter::init(&name, dim, dim, LORA_RANK, &mut rng)
+                });
+                layers.push(Linear { name, base, lora });
+            }
+            blocks.push(layers.try_into().expect("three layers"));
+        }
+        let mut norms = Vec::with_capacity(BLOCKS - 1);
+        for b in 0..BLOCKS - 1 {
+            let name = norm_key(b);
+            let w = source.tensor(&format!("{name}.weight"), &[dim])?;
+            let bias = source.tensor(&format!("{name}.bias"), &[dim])?;
+            let train = variant.norms_train();
+            norms.push(Norm {
+                weight: Param::new(format!("{name}.weight"), w, train),
+                bias: Param::new(format!("{name}.bias"), bias, train),
+            });
+        }
+        Ok(BigNet {
+            variant,
+            dim,
+            blocks,
+            norms,
+        })
+    }
+
+    fn make_base(variant: Variant, name: &str, weight: Tensor, bias: Tensor) -> Result<LinearBase> {
+        Ok(match variant.weight_format() {
+            WeightFormat::F32 => LinearBase::Trainable {
+                weight: Param::new(format!("{name}.weight"), weight, true),
+                bias: Param::new(format!("{name}.bias"), bias, true),
+            },
+            WeightFormat::F16 => LinearBase::Frozen {
+                weight: Arc::new(HalfTensor::from_f32(&weight)),
+                bias: FrozenBias::F16(bias.data().iter().map(|&v| f16::from_f32(v)).collect()),
+            },
+            format => LinearBase::Frozen {
+                weight: quantize_weight(format, &format!("{name}.weight"), &weight)?,
+                bias: FrozenBias::F32(bias.into_vec()),
+            },
+        })
+    }
+
+    /// `variant` at width `dim` with PyTorch's default init drawn from `seed`.
+    pub fn seeded(variant: Variant, dim: usize, seed: u64) -> Result<Self> {
+        Self::build(variant, &SeededInit { dim, seed }, seed)
+    }
+
+    /// Assembles a model from ready-made parts (used by loaders of quantized checkpoints).
+    pub fn from_parts(
+        variant: Variant,
+        dim: usize,
+        blocks: Vec<[Linear; LAYERS_PER_BLOCK]>,
+        norms: Vec<Norm>,
+    ) -> Result<Self> {
+        if blocks.len() != BLOCKS || norms.len() != BLOCKS - 1 {
+            return Err(Error::Model {
+                what: format!(
+                    "BigNet needs {BLOCKS} blocks and {} norms, got {} and {}",
+                    BLOCKS - 1,
+                    blocks.len(),
+                    norms.len()
+                ),
+            });
+        }
+        Ok(BigNet {
+            variant,
+            dim,
+            blocks,
+            norms,
+        })
+    }
+
+    /// The variant.
+    pub fn variant(&self) -> Variant {
+        self.variant
+    }
+
+    /// The width.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// Forward on a tape: records what training needs, nothing when no input is tracked and no
+    /// parameter trains.
+    pub fn forward(&self, tape: &Tape, x: &Var) -> Result<Var> {
+        self.check_input(x.value())?;
+        let mut h = x.clone();
+        for (b, block) in self.blocks.iter().enumerate() {
+            let mut y = h.clone();
+            for (l, layer) in block.iter().enumerate() {
+                y = layer.forward(tape, &y)?;
+                if l + 1 < LAYERS_PER_BLOCK {
+                    y = tape.relu(&y)?;
+                }
+            }
+            h = tape.add(&y, &h)?;
+            if let Some(norm) = self.norms.get(b) {
+                h = tape.layer_norm(&h, &norm.weight, &norm.bias, NORM_EPS)?;
+            }
+        }
+        Ok(h)
+    }
+
+    /// Inference: `y = model(x)` for `x` `[batch, dim]`, recording nothing.
+    pub fn infer(&self, x: &Tensor) -> Result<Tensor> {
+        let tape = Tape::new();
+        let y = tape.no_grad(|| self.forward(&tape, &Var::constant(x.clone())))?;
+        Ok(y.value().clone())
+    }
+
+    fn check_input(&self, x: &Tensor) -> Result<()> {
+        match x.shape() {
+            [_, d] if *d == self.dim => Ok(()),
+            s => Err(Error::Input {
+                what: format!(
+                    "BigNet ({}) of width {} takes input [batch, {}], got shape {:?}",
+                    self.variant, self.dim, self.dim, s
+                ),
+            }),
+        }
+    }
+
+    /// Every linear layer, in model order.
+    pub fn linears(&self) -> impl Iterator<Item = &Linear> {
+        self.blocks.iter().flat_map(|b| b.iter())
+    }
+
+    /// Every linear layer, mutable (for attaching or merging adapters).
+    pub fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
+        self.blocks.iter_mut().flat_map(|b| b.iter_mut())
+    }
+
+    /// The LayerNorms, in model order.
+    pub fn norms(&self) -> &[Norm] {
+        &self.norms
+    }
+
+    /// Every parameter (trainable or frozen) held as a [`Param`].
+    pub fn params(&self) -> Vec<Param> {
+        let mut out: Vec<Param> = self.linears().flat_map(|l| l.params()).collect();
+        for n in &self.norms {
+            out.push(n.weight.clone());
+            out.push(n.bias.clone());
+        }
+        out
+    }
+
+    /// The parameters that train.
+    pub fn trainable_params(&self) -> Vec<Param> {
+        self.params()
+            .into_iter()
+            .filter(|p| p.requires_grad())
+            .collect()
+    }
+
+    /// Counts and bytes of everything the model stores.
+    pub fn counts(&self) -> ParamCounts {
+        let mut c = ParamCounts {
+            trainable: 0,
+            non_trainable: 0,
+            bytes: 0,
+        };
+        for p in self.params() {
+            let n = p.numel();
+            if p.requires_grad() {
+                c.trainable += n;
+            } else {
+                c.non_trainable += n;
+            }
+            c.bytes += 4 * n;
+        }
+        for l in self.linears() {
+            let (elements, bytes) = l.frozen_storage();
+            c.non_trainable += elements;
+            c.bytes += bytes;
+        }
+        c
+    }
+
+    /// Attaches fresh LoRA adapters (seeded) to every layer that has none, turning an f16 or
+    /// Q4 model into `lora` or `qlora`.
+    pub fn attach_lora(&mut self, seed: u64) -> Result<()> {
+        let variant = match self.variant {
+            Variant::HalfPrecision | Variant::Lora => Variant::Lora,
+            Variant::LowPrecision | Variant::Qlora => Variant::Qlora,
+            v => {
+                return Err(Error::Model {
+                    what: format!("LoRA adapters attach to half_precision or low_precision, not {v}"),
+                })
+            }
+        };
+        let dim = self.dim;
+        for (i, layer) in self.linears_mut().enumerate() {
+            if layer.lora.is_none() {
+                let mut rng = Rng::fork(seed, 0x10_0000 + i as u64);
+                layer.lora = Some(LoraAdapter::init(&layer.name, dim, dim, LORA_RANK, &mut rng));
+            }
+        }
+        for n in &self.norms {
+            n.weight.set_requires_grad(false);
+            n.bias.set_requires_grad(false);
+        }
+        self.variant = variant;
+        Ok(())
+    }
+}

@@ -1,0 +1,147 @@
+//! The `bignet` program end to end: each verb's JSON keys, a forward through files against the
+//! PyTorch golden output, and clear errors for bad input.
+
+use serde_json::Value;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn bignet(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_bignet"))
+        .args(args)
+        .output()
+        .expect("run bignet")
+}
+
+fn json(args: &[&str]) -> Value {
+    let out = bignet(args);
+    assert!(
+        out.status.success(),
+        "bignet {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON object on stdout")
+}
+
+fn golden(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/data")
+        .join(name)
+}
+
+#[test]
+fn stats_json_has_every_key_and_counts_parameters() {
+    let v = json(&["stats", "bignet", "qlora", "--dim", "64", "--json"]);
+    for variant in ["bignet", "qlora"] {
+        for key in [
+            "trainable_params",
+            "non_trainable_params",
+            "total_params",
+            "theoretical_mb",
+            "actual_mb",
+            "forward_mb",
+            "backward_mb",
+        ] {
+            assert!(v[variant][key].is_number(), "{variant}.{key} in {v}");
+        }
+    }
+    // 18 layers of 64x64 + 64, 5 LayerNorms of 2x64.
+    assert_eq!(v["bignet"]["trainable_params"], 18 * (64 * 64 + 64) + 5 * 128);
+    assert_eq!(v["qlora"]["trainable_params"], 18 * 2 * 32 * 64);
+    assert!(v["bignet"]["actual_mb"].as_f64().unwrap() > 0.0);
+    assert!(v["bignet"]["backward_mb"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn compare_fit_and_bench_json() {
+    let v = json(&["compare", "bignet", "half_precision", "--dim", "64", "--json"]);
+    assert_eq!(v["a"], "bignet");
+    assert_eq!(v["b"], "half_precision");
+    let max = v["max_diff"].as_f64().unwrap();
+    let mean = v["mean_diff"].as_f64().unwrap();
+    assert!(max > 0.0 && max < 0.05 && mean <= max, "{v}");
+
+    let v = json(&["fit", "lora", "--dim", "64", "--steps", "3", "--json"]);
+    assert_eq!(v["variant"], "lora");
+    assert_eq!(v["steps"], 3);
+    assert_eq!(v["loss"].as_array().unwrap().len(), 3);
+    assert_eq!(v["accuracy"].as_array().unwrap().len(), 3);
+    assert!(v["best_accuracy"].as_f64().unwrap() > 0.0);
+
+    let v = json(&[
+        "bench", "bignet", "--dim", "64", "--batch", "1,8", "--runs", "2", "--train", "--json",
+    ]);
+    let results = v["results"].as_array().unwrap();
+    assert_eq!(results.len(), 3, "{v}");
+    assert!(v["threads"].as_u64().unwrap() >= 1);
+    assert!(results[0]["forward_ms"].is_number());
+    assert!(results[2]["train_step_ms"].is_number());
+}
+
+#[test]
+fn forward_through_files_matches_pytorch() {
+    let dir = std::env::temp_dir().join(format!("nibble-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out_path = dir.join("y.safetensors");
+    let out = bignet(&[
+        "forward",
+        "--variant",
+        "bignet",
+        "--weights",
+        golden("bignet_d128.pth").to_str().unwrap(),
+        "--input",
+        golden("io_d128.safetensors").to_str().unwrap(),
+        "--output",
+        out_path.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let y = nibble_bignet::checkpoint::Checkpoint::open(&out_path)
+        .unwrap()
+        .tensor_f32("y", Some(&[16, 128]))
+        .unwrap();
+    let want = nibble_bignet::checkpoint::Checkpoint::open(golden("io_d128.safetensors"))
+        .unwrap()
+        .tensor_f32("y.bignet", None)
+        .unwrap();
+    let (max, _) = y.abs_diff_stats(&want).unwrap();
+    assert!(max < 1e-5, "{max}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+fn fails_with(args: &[&str], needle: &str) {
+    let out = bignet(args);
+    assert!(!out.status.success(), "bignet {args:?} should fail");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(needle), "stderr of {args:?} lacks {needle:?}: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn bad_input_gives_clear_errors() {
+    fails_with(
+        &["compare", "bignet", "lora", "--weights", "/no/such/file.pth"],
+        "/no/such/file.pth",
+    );
+    fails_with(&["stats", "biggest_net"], "biggest_net");
+    // A width-128 input into a width-64 model.
+    fails_with(
+        &[
+            "forward",
+            "--variant",
+            "bignet",
+            "--dim",
+            "64",
+            "--input",
+            golden("io_d128.safetensors").to_str().unwrap(),
+            "--output",
+            "/tmp/never-written.safetensors",
+        ],
+        "[batch, 64]",
+    );
+    // A file that is not a checkpoint.
+    fails_with(
+        &["compare", "bignet", "lora", "--weights", env!("CARGO_MANIFEST_DIR")],
+        env!("CARGO_MANIFEST_DIR"),
+    );
+    fails_with(&["fit", "low_precision", "--dim", "32", "--steps", "1"], "no trainable");
+    fails_with(&["bench", "bignet", "--threads", "0"], "--threads");
+}

@@ -1,0 +1,156 @@
+//! BigNet at width 128 against PyTorch: every variant's output, checkpoint formats, and the LoRA
+//! training case (loss, gradients, three AdamW steps). Data made by `bignet_ref.py`; see
+//! `tests/data/README.md`.
+
+use nibble::autograd::{AdamW, AdamWConfig, Optimizer, Param, Tape};
+use nibble::bignet::checkpoint::Checkpoint;
+use nibble::bignet::loader::ModelSpec;
+use nibble::bignet::{BigNet, Variant};
+use nibble::tensor::{Tensor, WeightMatrix};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+fn data(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(name)
+}
+
+fn load(variant: Variant, file: &str) -> BigNet {
+    ModelSpec {
+        weights: Some(data(file)),
+        ..ModelSpec::seeded(variant, 0)
+    }
+    .build()
+    .unwrap()
+}
+
+fn golden(file: &Checkpoint, key: &str) -> Tensor {
+    file.tensor_f32(key, None).unwrap()
+}
+
+/// max |a - b| / max |b|
+fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    let (max, _) = a.abs_diff_stats(b).unwrap();
+    max / b.max_abs().max(1e-12)
+}
+
+#[test]
+fn every_variant_matches_pytorch_within_1e_5() {
+    let io = Checkpoint::open(data("io_d128.safetensors")).unwrap();
+    let x = golden(&io, "x");
+    for variant in [
+        Variant::Bignet,
+        Variant::HalfPrecision,
+        Variant::Lora,
+        Variant::LowPrecision,
+        Variant::Qlora,
+    ] {
+        let model = load(variant, "bignet_d128.safetensors");
+        assert_eq!(model.dim(), 128);
+        let y = model.infer(&x).unwrap();
+        let want = golden(&io, &format!("y.{}", variant.name()));
+        let (max, _) = y.abs_diff_stats(&want).unwrap();
+        assert!(max < 1e-5, "{variant}: max |diff| {max}");
+    }
+}
+
+#[test]
+fn pth_and_safetensors_load_to_identical_tensors_and_outputs() {
+    let a = Checkpoint::open(data("bignet_d128.pth")).unwrap();
+    let b = Checkpoint::open(data("bignet_d128.safetensors")).unwrap();
+    let ka: Vec<&str> = a.keys().collect();
+    let kb: Vec<&str> = b.keys().collect();
+    assert_eq!(ka, kb);
+    assert_eq!(ka.len(), 46); // 18 weights, 18 biases, 5 x 2 LayerNorm
+    for k in ka {
+        assert_eq!(a.info(k), b.info(k), "{k}");
+        assert_eq!(a.bytes(k).unwrap(), b.bytes(k).unwrap(), "{k}");
+    }
+    let x = golden(&Checkpoint::open(data("io_d128.safetensors")).unwrap(), "x");
+    let ya = load(Variant::Bignet, "bignet_d128.pth").infer(&x).unwrap();
+    let yb = load(Variant::Bignet, "bignet_d128.safetensors").infer(&x).unwrap();
+    assert_eq!(ya, yb);
+}
+
+/// The LoRA model of `grad_d128`, with its adapters set to `init.*`.
+fn lora_case() -> (BigNet, Checkpoint, Vec<Param>) {
+    let g = Checkpoint::open(data("grad_d128.safetensors")).unwrap();
+    let model = load(Variant::Lora, "bignet_d128.safetensors");
+    let params = model.trainable_params();
+    assert_eq!(params.len(), 36, "A and B of 18 layers");
+    for p in &params {
+        *p.value_mut() = golden(&g, &format!("init.{}", p.name()));
+    }
+    (model, g, params)
+}
+
+#[test]
+fn lora_loss_and_gradients_match_pytorch() {
+    let (model, g, params) = lora_case();
+    let head: Arc<dyn WeightMatrix> = Arc::new(golden(&g, "head"));
+    let (x, y) = (golden(&g, "x"), golden(&g, "y"));
+    let tape = Tape::new();
+    let input = tape.leaf(x);
+    let out = model.forward(&tape, &input).unwrap();
+    let logits = tape.frozen_linear(&out, &head, None).unwrap();
+    let want_logits = golden(&g, "logits");
+    let got_logits = logits.value().clone().reshape(&[32]).unwrap();
+    assert!(rel_err(&got_logits, &want_logits) < 1e-4);
+    let loss = tape.bce_with_logits(&logits, &y).unwrap();
+    let want_loss = golden(&g, "loss").data()[0];
+    let got_loss = loss.value().item().unwrap();
+    assert!(
+        ((got_loss - want_loss) / want_loss).abs() < 1e-4,
+        "{got_loss} vs {want_loss}"
+    );
+    let grads = tape.backward(&loss).unwrap();
+    let gx = grads.get(&input).unwrap();
+    let e = rel_err(gx, &golden(&g, "grad.x"));
+    assert!(e < 1e-4, "grad.x rel err {e}");
+    for p in &params {
+        let got = p.grad().as_ref().unwrap().clone();
+        let e = rel_err(&got, &golden(&g, &format!("grad.{}", p.name())));
+        assert!(e < 1e-4, "grad.{}: rel err {e}", p.name());
+    }
+}
+
+#[test]
+fn three_adamw_steps_match_pytorch() {
+    let (model, g, params) = lora_case();
+    let head: Arc<dyn WeightMatrix> = Arc::new(golden(&g, "head"));
+    let (x, y) = (golden(&g, "x"), golden(&g, "y"));
+    let mut opt = AdamW::new(params.clone(), AdamWConfig::default()).unwrap();
+    let tape = Tape::new();
+    let want_losses = golden(&g, "adamw3.losses");
+    for step in 0..3 {
+        opt.zero_grad();
+        let out = model
+            .forward(&tape, &nibble::autograd::Var::constant(x.clone()))
+            .unwrap();
+        let logits = tape.frozen_linear(&out, &head, None).unwrap();
+        let loss = tape.bce_with_logits(&logits, &y).unwrap();
+        let l = loss.value().item().unwrap();
+        let want = want_losses.data()[step];
+        assert!(((l - want) / want).abs() < 1e-4, "step {step}: {l} vs {want}");
+        tape.backward(&loss).unwrap();
+        opt.step().unwrap();
+    }
+    for p in &params {
+        let want = golden(&g, &format!("adamw3.{}", p.name()));
+        let (max, _) = p.value().abs_diff_stats(&want).unwrap();
+        assert!(max < 1e-5, "adamw3.{}: max |diff| {max}", p.name());
+    }
+}
+
+#[test]
+fn q4_codes_are_bit_exact_for_every_layer() {
+    let io = Checkpoint::open(data("io_d128.safetensors")).unwrap();
+    let model = load(Variant::LowPrecision, "bignet_d128.safetensors");
+    for layer in model.linears() {
+        let key = format!("q4.{}.weight", layer.name);
+        let (w, _) = layer.dense_weight_and_bias();
+        let want = golden(&io, &format!("{key}.dequant"));
+        assert_eq!(w, want, "{key}: dequantized weights differ");
+    }
+}
