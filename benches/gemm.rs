@@ -1,1 +1,63 @@
-fn main(){}
+//! GEMM / GEMV benchmarks for the tensor crate: the linear layer's three products at 1024³
+//! (f32 and f16 weights) and batch-1 GEMV. Throughput is in FLOP (2·m·n·k), so criterion's
+//! "elem/s" reads as FLOP/s.
+//!
+//! `cargo bench --bench gemm`; compare against `/work/shared/tools/peak_flops.c`.
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
+use nibble_tensor::{linear_backward_weight, HalfTensor, Rng, Tensor, WeightMatrix};
+
+const N: usize = 1024;
+
+fn benches(c: &mut Criterion) {
+    let mut rng = Rng::new(1);
+    let x = Tensor::randn(&[N, N], &mut rng);
+    let w = Tensor::randn(&[N, N], &mut rng);
+    let wh = HalfTensor::from_f32(&w);
+    let dy = Tensor::randn(&[N, N], &mut rng);
+    let flops = 2 * (N * N * N) as u64;
+
+    let mut g = c.benchmark_group("gemm_1024");
+    g.sample_size(20);
+    g.throughput(Throughput::Elements(flops));
+    let mut y = vec![0.0f32; N * N];
+    g.bench_function("linear_f32 (x·Wᵀ)", |b| {
+        b.iter(|| w.matmul_t(black_box(x.data()), N, &mut y, false).unwrap())
+    });
+    g.bench_function("linear_f16 (x·Wᵀ)", |b| {
+        b.iter(|| wh.matmul_t(black_box(x.data()), N, &mut y, false).unwrap())
+    });
+    g.bench_function("backward_dx_f32 (dY·W)", |b| {
+        b.iter(|| w.matmul(black_box(dy.data()), N, &mut y, false).unwrap())
+    });
+    g.bench_function("backward_dx_f16 (dY·W)", |b| {
+        b.iter(|| wh.matmul(black_box(dy.data()), N, &mut y, false).unwrap())
+    });
+    let mut dw = Tensor::zeros(&[N, N]);
+    g.bench_function("backward_dw (dYᵀ·X)", |b| {
+        b.iter(|| linear_backward_weight(black_box(&dy), &x, &mut dw, false).unwrap())
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("gemv_1024");
+    g.sample_size(50);
+    g.throughput(Throughput::Elements(2 * (N * N) as u64));
+    let xv = &x.data()[..N];
+    let mut yv = vec![0.0f32; N];
+    g.bench_function("gemv_f32 (batch 1)", |b| {
+        b.iter(|| w.matmul_t(black_box(xv), 1, &mut yv, false).unwrap())
+    });
+    g.bench_function("gemv_f16 (batch 1)", |b| {
+        b.iter(|| wh.matmul_t(black_box(xv), 1, &mut yv, false).unwrap())
+    });
+    let x4 = &x.data()[..4 * N];
+    let mut y4 = vec![0.0f32; 4 * N];
+    g.throughput(Throughput::Elements(8 * (N * N) as u64));
+    g.bench_function("gemv_f32 (batch 4)", |b| {
+        b.iter(|| w.matmul_t(black_box(x4), 4, &mut y4, false).unwrap())
+    });
+    g.finish();
+}
+
+criterion_group!(gemm, benches);
+criterion_main!(gemm);

@@ -4,6 +4,7 @@
 //! [`layer_norm`], and a hand-written, BLIS-shaped [`gemm`](gemm::gemm) behind the linear layer's
 //! three products ([`linear`], [`linear_backward_input`], [`linear_backward_weight`]).
 
+pub mod cpu;
 pub mod error;
 pub mod gemm;
 pub mod half_tensor;

@@ -2,7 +2,9 @@
 //! [`WeightMatrix`] trait and its dense f32 and f16 implementations. The quant crate implements
 //! it for each quantized format, so a model's layers differ only in which weight they hold.
 
+use crate::cpu::kernel_path;
 use crate::error::{Result, TensorError};
+use crate::gemm::gemv::{gemv_t_f16, gemv_t_f32, GEMV_MAX_M};
 use crate::gemm::{gemm, MatRef};
 use crate::half_tensor::HalfTensor;
 use crate::tensor::Tensor;
@@ -62,6 +64,9 @@ impl WeightMatrix for Tensor {
     fn matmul_t(&self, x: &[f32], m: usize, y: &mut [f32], accumulate: bool) -> Result<()> {
         let (o, i) = self.dims2("linear")?;
         check_matmul_operands("linear", m, x.len(), i, y.len(), o)?;
+        if m <= GEMV_MAX_M {
+            return gemv_t_f32(kernel_path(), self.data(), o, i, x, m, y, accumulate);
+        }
         let w = MatRef::row_major(self.data(), o, i)?;
         gemm(MatRef::row_major(x, m, i)?, &w.t(), y, accumulate)
     }
@@ -92,6 +97,9 @@ impl WeightMatrix for HalfTensor {
     fn matmul_t(&self, x: &[f32], m: usize, y: &mut [f32], accumulate: bool) -> Result<()> {
         let (o, i) = self.dims2("linear")?;
         check_matmul_operands("linear", m, x.len(), i, y.len(), o)?;
+        if m <= GEMV_MAX_M {
+            return gemv_t_f16(kernel_path(), self.data(), o, i, x, m, y, accumulate);
+        }
         let w = MatRef::row_major(self.data(), o, i)?;
         gemm(MatRef::row_major(x, m, i)?, &w.t(), y, accumulate)
     }
@@ -181,5 +189,10 @@ pub fn linear_backward_weight(
         });
     }
     let dyt = MatRef::row_major(dy.data(), m, o)?.t();
-    gemm(dyt, &MatRef::row_major(x.data(), m, i)?, dw.data_mut(), accumulate)
+    gemm(
+        dyt,
+        &MatRef::row_major(x.data(), m, i)?,
+        dw.data_mut(),
+        accumulate,
+    )
 }

@@ -1,0 +1,591 @@
+//! Q4: the reference's 4-bit format (`q4_quantize` / `q4_dequantize` in `bignet_ref.py`),
+//! bit-exact.
+//!
+//! Blocks of [`Q4_BLOCK`] = 16 consecutive weights of a row. With `n = max |v|` (f32):
+//! `code = round_half_even((v + n) / (2n) * 15)`, computed in f32 in exactly that order; `n` is
+//! rounded to f16 only for storage. Dequantizing uses the stored f16 `n` as f32:
+//! `v' = ((code / 15) · 2) · n − n`.
+//!
+//! Storage (two packed arrays, as in the safetensors checkpoints):
+//! - `packed`: u8 `[out, in/2]`, element `2i` of a row in the low nibble of byte `i`, `2i+1` in
+//!   the high nibble ([`BlockQ4`] is one block's 8 bytes);
+//! - `norm`: f16 `[out, in/16]`, little-endian.
+//!
+//! Special cases: an all-zero block stores `n = 0` and codes 0 (so `v' = 0`; the reference
+//! would compute 0/0); a NaN/Inf weight is an error naming its (row, col); a block whose
+//! `n` exceeds f16's largest finite value 65504 is an error
+//! ([`QuantError::ScaleOverflow`]) rather than a clamp, because a clamped `n` would silently
+//! move every weight of the block. A tiny `n` that rounds to 0 (or a subnormal) in f16 simply
+//! dequantizes to that stored value.
+
+use half::f16;
+use nibble_tensor::Tensor;
+use rayon::prelude::*;
+
+use crate::bytes::{check_part, Bytes};
+use crate::cpu::{kernel_path, usable, KernelPath};
+use crate::error::{QuantError, Result};
+use crate::kernels::{self, QuantRows};
+
+/// Weights per Q4 block.
+pub const Q4_BLOCK: usize = 16;
+
+/// One block's codes: 16 nibbles, element `2i` in the low nibble of `qs[i]`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct BlockQ4 {
+    /// The packed codes.
+    pub qs: [u8; Q4_BLOCK / 2],
+}
+const _: () = assert!(std::mem::size_of::<BlockQ4>() == 8);
+
+const F16_MAX: f32 = 65504.0;
+
+/// `(c / 15) · 2` for each code, exactly as the reference computes it.
+fn lut() -> [f32; 16] {
+    std::array::from_fn(|c| (c as f32 / 15.0) * 2.0)
+}
+
+fn fault(op: &'static str, row: usize, x: &[f32]) -> QuantError {
+    for (c, &v) in x.iter().enumerate() {
+        if !v.is_finite() {
+            return QuantError::NonFinite {
+                op,
+                row,
+                col: c,
+                value: v,
+            };
+        }
+    }
+    for (b, blk) in x.chunks(Q4_BLOCK).enumerate() {
+        let n = blk.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+        if n > F16_MAX {
+            return QuantError::ScaleOverflow {
+                op,
+                row,
+                col: b * Q4_BLOCK,
+                value: n,
+                storage: "f16",
+            };
+        }
+    }
+    QuantError::Shape {
+        op,
+        shape: vec![x.len()],
+        what: "unexpected fault".into(),
+    }
+}
+
+/// Scalar ground truth: quantizes one row `x` (length a multiple of 16) into `packed`
+/// (`x.len()/2` bytes) and `norm` (`x.len()/16`). `row` only labels errors.
+pub fn quantize_row_ref(row: usize, x: &[f32], packed: &mut [u8], norm: &mut [f16]) -> Result<()> {
+    check_row(x, packed, norm)?;
+    for (b, blk) in x.chunks_exact(Q4_BLOCK).enumerate() {
+        let mut n = 0.0f32;
+        for &v in blk {
+            if !v.is_finite() {
+                return Err(fault("q4_quantize", row, x));
+            }
+            n = n.max(v.abs());
+        }
+        if n > F16_MAX {
+            return Err(fault("q4_quantize", row, x));
+        }
+        norm[b] = f16::from_f32(n);
+        let out = &mut packed[b * 8..b * 8 + 8];
+        if n == 0.0 {
+            out.fill(0);
+            continue;
+        }
+        let two = n + n;
+        let code = |v: f32| ((v + n) / two * 15.0).round_ties_even() as u8;
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = code(blk[2 * i]) | (code(blk[2 * i + 1]) << 4);
+        }
+    }
+    Ok(())
+}
+
+fn check_row(x: &[f32], packed: &[u8], norm: &[f16]) -> Result<()> {
+    if x.len() % Q4_BLOCK != 0 || packed.len() != x.len() / 2 || norm.len() != x.len() / Q4_BLOCK {
+        return Err(QuantError::Shape {
+            op: "q4_quantize_row",
+            shape: vec![x.len(), packed.len(), norm.len()],
+            what: "row length must be a multiple of 16 with packed = len/2, norm = len/16".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Quantizes one row with the given kernel path (bit-identical to [`quantize_row_ref`]).
+pub fn quantize_row(
+    path: KernelPath,
+    row: usize,
+    x: &[f32],
+    packed: &mut [u8],
+    norm: &mut [f16],
+) -> Result<()> {
+    check_row(x, packed, norm)?;
+    match usable(path) {
+        KernelPath::Scalar => quantize_row_ref(row, x, packed, norm),
+        KernelPath::Portable => {
+            if portable::quantize_row(x, packed, norm) {
+                Ok(())
+            } else {
+                Err(fault("q4_quantize", row, x))
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        KernelPath::Avx2 => {
+            // SAFETY: `usable` returned Avx2, so the CPU has AVX2, FMA and F16C.
+            if unsafe { avx2::quantize_row(x, packed, norm) } {
+                Ok(())
+            } else {
+                Err(fault("q4_quantize", row, x))
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        KernelPath::Avx2 => quantize_row(KernelPath::Portable, row, x, packed, norm),
+    }
+}
+
+/// Scalar ground truth: dequantizes `packed.len()*2` weights with their norms into `out`.
+pub fn dequantize_ref(packed: &[u8], norm: &[f16], out: &mut [f32]) {
+    for (b, (q, o)) in packed
+        .chunks_exact(8)
+        .zip(out.chunks_exact_mut(Q4_BLOCK))
+        .enumerate()
+    {
+        let n = norm[b].to_f32();
+        for i in 0..8 {
+            let c0 = (q[i] & 15) as f32;
+            let c1 = (q[i] >> 4) as f32;
+            o[2 * i] = ((c0 / 15.0) * 2.0) * n - n;
+            o[2 * i + 1] = ((c1 / 15.0) * 2.0) * n - n;
+        }
+    }
+}
+
+/// Dequantizes with the given path (bit-identical to [`dequantize_ref`]); `out.len()` must be
+/// `packed.len() * 2` and `norm.len()` `out.len() / 16` (extra elements are left untouched).
+pub fn dequantize(path: KernelPath, packed: &[u8], norm: &[f16], out: &mut [f32]) {
+    let nb = norm.len().min(packed.len() / 8).min(out.len() / Q4_BLOCK);
+    let (packed, norm, out) = (&packed[..nb * 8], &norm[..nb], &mut out[..nb * Q4_BLOCK]);
+    match usable(path) {
+        KernelPath::Scalar => dequantize_ref(packed, norm, out),
+        KernelPath::Portable => portable::dequantize(packed, norm, out),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `usable` returned Avx2, so the CPU has AVX2, FMA and F16C.
+        KernelPath::Avx2 => unsafe { avx2::dequantize(packed, norm, out) },
+        #[cfg(not(target_arch = "x86_64"))]
+        KernelPath::Avx2 => portable::dequantize(packed, norm, out),
+    }
+}
+
+mod portable {
+    use super::*;
+    use wide::f32x8;
+
+    fn arr(s: &[f32]) -> f32x8 {
+        f32x8::from(<[f32; 8]>::try_from(s).unwrap_or([0.0; 8]))
+    }
+
+    /// Returns false on a non-finite weight or an overflowing norm.
+    pub(super) fn quantize_row(x: &[f32], packed: &mut [u8], norm: &mut [f16]) -> bool {
+        for (b, blk) in x.chunks_exact(Q4_BLOCK).enumerate() {
+            let (v0, v1) = (arr(&blk[..8]), arr(&blk[8..]));
+            if !(v0.is_finite() & v1.is_finite()).all() {
+                return false;
+            }
+            let n = v0
+                .abs()
+                .max(v1.abs())
+                .to_array()
+                .iter()
+                .fold(0.0f32, |a, &v| a.max(v));
+            if n > F16_MAX {
+                return false;
+            }
+            norm[b] = f16::from_f32(n);
+            let out = &mut packed[b * 8..b * 8 + 8];
+            if n == 0.0 {
+                out.fill(0);
+                continue;
+            }
+            let (nv, two, fifteen) = (f32x8::splat(n), f32x8::splat(n + n), f32x8::splat(15.0));
+            let q0 = ((v0 + nv) / two * fifteen).round().to_array();
+            let q1 = ((v1 + nv) / two * fifteen).round().to_array();
+            for i in 0..4 {
+                out[i] = q0[2 * i] as u8 | ((q0[2 * i + 1] as u8) << 4);
+                out[4 + i] = q1[2 * i] as u8 | ((q1[2 * i + 1] as u8) << 4);
+            }
+        }
+        true
+    }
+
+    pub(super) fn dequantize(packed: &[u8], norm: &[f16], out: &mut [f32]) {
+        let l = lut();
+        for (b, (q, o)) in packed
+            .chunks_exact(8)
+            .zip(out.chunks_exact_mut(Q4_BLOCK))
+            .enumerate()
+        {
+            let n = f32x8::splat(norm[b].to_f32());
+            let mut c = [0.0f32; 16];
+            for i in 0..8 {
+                c[2 * i] = l[(q[i] & 15) as usize];
+                c[2 * i + 1] = l[(q[i] >> 4) as usize];
+            }
+            let r0 = (arr(&c[..8]) * n - n).to_array();
+            let r1 = (arr(&c[8..]) * n - n).to_array();
+            o[..8].copy_from_slice(&r0);
+            o[8..].copy_from_slice(&r1);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::*;
+    use crate::kernels::avx2::{f16_to_f32, hsum, lut16};
+    use std::arch::x86_64::*;
+
+    /// 16 codes of one block (8 bytes at `p`), in element order, as bytes.
+    #[inline(always)]
+    unsafe fn unpack16(p: *const u8) -> __m128i {
+        // SAFETY (caller): 8 readable bytes at `p`.
+        let b = _mm_loadl_epi64(p as *const __m128i);
+        let m = _mm_set1_epi8(0x0f);
+        let lo = _mm_and_si128(b, m);
+        let hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
+        _mm_unpacklo_epi8(lo, hi)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn quantize_row(x: &[f32], packed: &mut [u8], norm: &mut [f16]) -> bool {
+        quantize_row_body(x, packed, norm)
+    }
+
+    #[inline(always)]
+    unsafe fn quantize_row_body(x: &[f32], packed: &mut [u8], norm: &mut [f16]) -> bool {
+        let absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        let fmax = _mm256_set1_ps(f32::MAX);
+        let fifteen = _mm256_set1_ps(15.0);
+        let mask = _mm_set1_epi16(0x00ff);
+        for b in 0..x.len() / Q4_BLOCK {
+            // SAFETY: block b covers x[16b..16b+16], inside x (checked by the caller).
+            let v0 = _mm256_loadu_ps(x.as_ptr().add(b * 16));
+            let v1 = _mm256_loadu_ps(x.as_ptr().add(b * 16 + 8));
+            let a0 = _mm256_and_ps(v0, absm);
+            let a1 = _mm256_and_ps(v1, absm);
+            // NaN compares unordered -> true; Inf > MAX.
+            let bad = _mm256_or_ps(
+                _mm256_cmp_ps(a0, fmax, _CMP_NLE_UQ),
+                _mm256_cmp_ps(a1, fmax, _CMP_NLE_UQ),
+            );
+            if _mm256_movemask_ps(bad) != 0 {
+                return false;
+            }
+            let m = _mm256_max_ps(a0, a1);
+            let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            let m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+            let n = _mm_cvtss_f32(m);
+            if n > F16_MAX {
+                return false;
+            }
+            norm[b] = f16::from_bits(_mm_extract_epi16(_mm_cvtps_ph(_mm_set_ss(n), 0), 0) as u16);
+            let dst = packed.as_mut_ptr().add(b * 8);
+            if n == 0.0 {
+                // SAFETY: 8 bytes of block b inside `packed`.
+                _mm_storel_epi64(dst as *mut __m128i, _mm_setzero_si128());
+                continue;
+            }
+            let nv = _mm256_set1_ps(n);
+            let two = _mm256_set1_ps(n + n);
+            const RND: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+            let q0 = _mm256_round_ps::<RND>(_mm256_mul_ps(
+                _mm256_div_ps(_mm256_add_ps(v0, nv), two),
+                fifteen,
+            ));
+            let q1 = _mm256_round_ps::<RND>(_mm256_mul_ps(
+                _mm256_div_ps(_mm256_add_ps(v1, nv), two),
+                fifteen,
+            ));
+            let i0 = _mm256_cvtps_epi32(q0);
+            let i1 = _mm256_cvtps_epi32(q1);
+            // 16 x i16 in element order
+            let w = _mm256_packs_epi32(i0, i1); // lanes: [i0lo, i1lo, i0hi, i1hi]
+            let w = _mm256_permute4x64_epi64(w, 0b11_01_10_00);
+            let w = _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1)); // 16 u8
+                                                                                                 // pair bytes into nibbles: u16 lane = c_{2i} | c_{2i+1} << 8
+            let p = _mm_and_si128(_mm_or_si128(w, _mm_srli_epi16(w, 4)), mask);
+            let p = _mm_packus_epi16(p, p);
+            // SAFETY: 8 bytes of block b inside `packed`.
+            _mm_storel_epi64(dst as *mut __m128i, p);
+        }
+        true
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dequantize(packed: &[u8], norm: &[f16], out: &mut [f32]) {
+        dequantize_body(packed, norm, out)
+    }
+
+    #[inline(always)]
+    unsafe fn dequantize_body(packed: &[u8], norm: &[f16], out: &mut [f32]) {
+        let l = lut();
+        let lo = _mm256_loadu_ps(l.as_ptr());
+        let hi = _mm256_loadu_ps(l.as_ptr().add(8));
+        let mut nf = [0.0f32; 64];
+        for (cb, nchunk) in norm.chunks(64).enumerate() {
+            f16_to_f32(nchunk, &mut nf[..nchunk.len()]);
+            for (j, &n) in nf[..nchunk.len()].iter().enumerate() {
+                let b = cb * 64 + j;
+                // SAFETY: block b: 8 bytes of packed, 16 floats of out (lengths set by caller).
+                let codes = unpack16(packed.as_ptr().add(b * 8));
+                let c0 = _mm256_cvtepu8_epi32(codes);
+                let c1 = _mm256_cvtepu8_epi32(_mm_srli_si128(codes, 8));
+                let nv = _mm256_set1_ps(n);
+                let r0 = _mm256_sub_ps(_mm256_mul_ps(lut16(lo, hi, c0), nv), nv);
+                let r1 = _mm256_sub_ps(_mm256_mul_ps(lut16(lo, hi, c1), nv), nv);
+                _mm256_storeu_ps(out.as_mut_ptr().add(b * 16), r0);
+                _mm256_storeu_ps(out.as_mut_ptr().add(b * 16 + 8), r1);
+            }
+        }
+    }
+
+    /// `y[j] = Σ_b n_b·(2/15)·Σ code·x − Σ_b n_b·S_b` for each row of `rows`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn gemv(
+        m: &Q4Matrix,
+        x: &[f32],
+        sums: &[f32],
+        rows: std::ops::Range<usize>,
+        y: &mut [f32],
+    ) {
+        gemv_body(m, x, sums, rows, y)
+    }
+
+    #[inline(always)]
+    unsafe fn gemv_body(
+        m: &Q4Matrix,
+        x: &[f32],
+        sums: &[f32],
+        rows: std::ops::Range<usize>,
+        y: &mut [f32],
+    ) {
+        let i = m.inn;
+        let nb = i / Q4_BLOCK;
+        let packed = m.packed.as_slice();
+        let norms = m.norm.f16s();
+        let mut nf = vec![0.0f32; nb];
+        let xp = x.as_ptr();
+        for (r, yv) in rows.zip(y.iter_mut()) {
+            f16_to_f32(&norms[r * nb..(r + 1) * nb], &mut nf);
+            let qp = packed.as_ptr().add(r * i / 2);
+            let mut acc0 = _mm256_setzero_ps();
+            let mut acc1 = _mm256_setzero_ps();
+            let mut b = 0;
+            while b + 2 <= nb {
+                // SAFETY: blocks b, b+1 of row r are inside packed / x.
+                let k0 = unpack16(qp.add(b * 8));
+                let k1 = unpack16(qp.add(b * 8 + 8));
+                let t0 = _mm256_mul_ps(
+                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(k0)),
+                    _mm256_loadu_ps(xp.add(b * 16)),
+                );
+                let t0 = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(k0, 8))),
+                    _mm256_loadu_ps(xp.add(b * 16 + 8)),
+                    t0,
+                );
+                let t1 = _mm256_mul_ps(
+                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(k1)),
+                    _mm256_loadu_ps(xp.add(b * 16 + 16)),
+                );
+                let t1 = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(k1, 8))),
+                    _mm256_loadu_ps(xp.add(b * 16 + 24)),
+                    t1,
+                );
+                acc0 = _mm256_fmadd_ps(t0, _mm256_set1_ps(nf[b]), acc0);
+                acc1 = _mm256_fmadd_ps(t1, _mm256_set1_ps(nf[b + 1]), acc1);
+                b += 2;
+            }
+            if b < nb {
+                let k0 = unpack16(qp.add(b * 8));
+                let t0 = _mm256_mul_ps(
+                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(k0)),
+                    _mm256_loadu_ps(xp.add(b * 16)),
+                );
+                let t0 = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(k0, 8))),
+                    _mm256_loadu_ps(xp.add(b * 16 + 8)),
+                    t0,
+                );
+                acc0 = _mm256_fmadd_ps(t0, _mm256_set1_ps(nf[b]), acc0);
+            }
+            let corr = crate::kernels::avx2::dot(&nf, sums);
+            *yv = hsum(_mm256_add_ps(acc0, acc1)) * (2.0 / 15.0) - corr;
+        }
+    }
+}
+
+/// A Q4-quantized `out x in` weight matrix (see the [module docs](self) for the format).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Q4Matrix {
+    out: usize,
+    inn: usize,
+    packed: Bytes,
+    norm: Bytes,
+}
+
+impl Q4Matrix {
+    /// Quantizes an `out x in` f32 matrix (`in` a multiple of 16) with the detected kernel path.
+    pub fn quantize(w: &Tensor) -> Result<Self> {
+        Self::quantize_with(w, kernel_path())
+    }
+
+    /// Quantizes with an explicit kernel path (rows in parallel; identical results on every
+    /// path and thread count).
+    pub fn quantize_with(w: &Tensor, path: KernelPath) -> Result<Self> {
+        let (o, i) = kernels::check_shape("q4_quantize", w, Q4_BLOCK)?;
+        let mut packed = vec![0u8; o * i / 2];
+        let mut norm = vec![f16::ZERO; o * i / Q4_BLOCK];
+        if i > 0 {
+            let res: Vec<Result<()>> = w
+                .data()
+                .par_chunks(i)
+                .zip(packed.par_chunks_mut(i / 2))
+                .zip(norm.par_chunks_mut(i / Q4_BLOCK))
+                .enumerate()
+                .with_min_len(8)
+                .map(|(r, ((x, p), n))| quantize_row(path, r, x, p, n))
+                .collect();
+            kernels::first_error(res)?;
+        }
+        Ok(Q4Matrix {
+            out: o,
+            inn: i,
+            packed: Bytes::from_vec(packed),
+            norm: Bytes::from_f16(norm),
+        })
+    }
+
+    /// Builds from raw parts: `packed` u8 `[out, in/2]`, `norm` f16 `[out, in/16]`
+    /// (little-endian). Borrowed parts stay borrowed; a misaligned `norm` is copied.
+    pub fn from_parts(out: usize, inn: usize, packed: Bytes, norm: Bytes) -> Result<Self> {
+        const OP: &str = "Q4Matrix::from_parts";
+        if inn % Q4_BLOCK != 0 {
+            return Err(QuantError::Shape {
+                op: OP,
+                shape: vec![out, inn],
+                what: format!("in = {inn} is not a multiple of {Q4_BLOCK}"),
+            });
+        }
+        let n = out.checked_mul(inn).ok_or_else(|| QuantError::Shape {
+            op: OP,
+            shape: vec![out, inn],
+            what: "size overflows".into(),
+        })?;
+        check_part(OP, "packed", out, inn, &packed, n / 2)?;
+        check_part(OP, "norm", out, inn, &norm, n / Q4_BLOCK * 2)?;
+        Ok(Q4Matrix {
+            out,
+            inn,
+            packed,
+            norm: norm.aligned(2),
+        })
+    }
+
+    /// Rows (`out`) and columns (`in`).
+    pub fn shape(&self) -> (usize, usize) {
+        (self.out, self.inn)
+    }
+
+    /// The raw `packed` part (u8 `[out, in/2]`).
+    pub fn packed_bytes(&self) -> &[u8] {
+        self.packed.as_slice()
+    }
+
+    /// The raw `norm` part (f16 `[out, in/16]`, little-endian bytes).
+    pub fn norm_bytes(&self) -> &[u8] {
+        self.norm.as_slice()
+    }
+
+    /// The block norms.
+    pub fn norms(&self) -> &[f16] {
+        self.norm.f16s()
+    }
+
+    /// The `(packed, norm)` buffers (to share or write them).
+    pub fn parts(&self) -> (&Bytes, &Bytes) {
+        (&self.packed, &self.norm)
+    }
+
+    /// Bits per weight, scales included (5.0).
+    pub fn bits_per_weight(&self) -> f64 {
+        self.parts_len() as f64 * 8.0 / (self.out * self.inn).max(1) as f64
+    }
+
+    /// The whole matrix dequantized with an explicit kernel path.
+    pub fn dequantize_with(&self, path: KernelPath) -> Tensor {
+        kernels::to_f32(self, path)
+    }
+
+    fn parts_len(&self) -> usize {
+        self.packed.len() + self.norm.len()
+    }
+}
+
+impl QuantRows for Q4Matrix {
+    fn dims(&self) -> (usize, usize) {
+        (self.out, self.inn)
+    }
+    fn seg_align(&self) -> usize {
+        Q4_BLOCK
+    }
+    fn dequant_segment(&self, path: KernelPath, r: usize, c0: usize, len: usize, dst: &mut [f32]) {
+        let s = r * self.inn + c0;
+        dequantize(
+            path,
+            &self.packed.as_slice()[s / 2..(s + len) / 2],
+            &self.norms()[s / Q4_BLOCK..(s + len) / Q4_BLOCK],
+            &mut dst[..len],
+        );
+    }
+    fn gemv_prepare(&self, path: KernelPath, x: &[f32]) -> Vec<f32> {
+        if usable(path) == KernelPath::Avx2 {
+            x.chunks_exact(Q4_BLOCK).map(|c| c.iter().sum()).collect()
+        } else {
+            Vec::new()
+        }
+    }
+    fn gemv(
+        &self,
+        path: KernelPath,
+        x: &[f32],
+        prep: &[f32],
+        rows: std::ops::Range<usize>,
+        y: &mut [f32],
+    ) {
+        match usable(path) {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: Avx2 is only returned by `usable` when the CPU supports it; `prep` holds
+            // the in/16 block sums made by `gemv_prepare` on this path.
+            KernelPath::Avx2 if prep.len() == self.inn / Q4_BLOCK => unsafe {
+                avx2::gemv(self, x, prep, rows, y)
+            },
+            _ => {
+                let mut row = vec![0.0f32; self.inn];
+                for (r, yv) in rows.zip(y.iter_mut()) {
+                    self.dequant_segment(path, r, 0, self.inn, &mut row);
+                    *yv = kernels::dot(path, &row, x);
+                }
+            }
+        }
+    }
+}
+
+kernels::impl_weight_matrix!(Q4Matrix, "q4");

@@ -1,0 +1,331 @@
+//! Small-batch products `y[m, out] (+)= x[m, in] · Wᵀ` computed straight from a row-major
+//! `W[out, in]` as row-wise dot products (no packing): the linear layer's forward pass for a
+//! batch of 1..=[`GEMV_MAX_M`] rows, which is bound by the bandwidth of reading W once.
+//!
+//! Parallel over blocks of output rows with rayon; each output is one dot product with a fixed
+//! summation order, so results are bit-identical for any thread count.
+
+use super::pack::BElem;
+use crate::cpu::KernelPath;
+use crate::error::{Result, TensorError};
+use half::f16;
+use rayon::prelude::*;
+
+/// Largest batch `m` for which [`crate::WeightMatrix::matmul_t`] on dense weights uses these
+/// row-wise kernels instead of the packed GEMM.
+pub const GEMV_MAX_M: usize = 4;
+
+/// `y[m, out] = x[m, inp] · Wᵀ` (`+=` with `accumulate`) for an f32 `W[out, inp]`, row-major.
+/// Any `m` is computed correctly, but this is the fast choice only for `m <= GEMV_MAX_M`.
+/// Shape errors are returned as [`TensorError`].
+///
+/// ```
+/// use nibble_tensor::cpu::kernel_path;
+/// use nibble_tensor::gemm::gemv::gemv_t_f32;
+/// let w = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]; // 2 x 3
+/// let mut y = [f32::NAN; 2];
+/// gemv_t_f32(kernel_path(), &w, 2, 3, &[1.0, 1.0, 1.0], 1, &mut y, false).unwrap();
+/// assert_eq!(y, [6.0, 15.0]);
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn gemv_t_f32(
+    path: KernelPath,
+    w: &[f32],
+    out: usize,
+    inp: usize,
+    x: &[f32],
+    m: usize,
+    y: &mut [f32],
+    accumulate: bool,
+) -> Result<()> {
+    gemv_t(path, w, out, inp, x, m, y, accumulate)
+}
+
+/// [`gemv_t_f32`] for an f16 `W[out, inp]` (converted with F16C on the AVX2 path).
+#[allow(clippy::too_many_arguments)]
+pub fn gemv_t_f16(
+    path: KernelPath,
+    w: &[f16],
+    out: usize,
+    inp: usize,
+    x: &[f32],
+    m: usize,
+    y: &mut [f32],
+    accumulate: bool,
+) -> Result<()> {
+    gemv_t(path, w, out, inp, x, m, y, accumulate)
+}
+
+fn len_err(op: &'static str, shape: Vec<usize>, expected: usize, found: usize) -> TensorError {
+    TensorError::Length {
+        op,
+        shape,
+        expected,
+        found,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemv_t<E: BElem>(
+    path: KernelPath,
+    w: &[E],
+    out: usize,
+    inp: usize,
+    x: &[f32],
+    m: usize,
+    y: &mut [f32],
+    accumulate: bool,
+) -> Result<()> {
+    let op = "gemv";
+    let overflow = || TensorError::Overflow {
+        op,
+        shape: vec![m, out, inp],
+    };
+    let wl = out.checked_mul(inp).ok_or_else(overflow)?;
+    let xl = m.checked_mul(inp).ok_or_else(overflow)?;
+    let yl = m.checked_mul(out).ok_or_else(overflow)?;
+    if w.len() != wl {
+        return Err(len_err(op, vec![out, inp], wl, w.len()));
+    }
+    if x.len() != xl {
+        return Err(TensorError::ShapeMismatch {
+            op,
+            lhs: vec![m, x.len() / m.max(1)],
+            rhs: vec![out, inp],
+        });
+    }
+    if y.len() != yl {
+        return Err(len_err(op, vec![m, out], yl, y.len()));
+    }
+    if m == 0 || out == 0 {
+        return Ok(());
+    }
+    let path = path.supported();
+    let threads = rayon::current_num_threads().max(1);
+    // Rows per task: about 8 tasks per thread, at least 16 rows (and >= 16 KiB of W) each.
+    let min_rows = 16.max((16 * 1024) / (inp.max(1) * std::mem::size_of::<E>()));
+    let rows_per_task = out.div_ceil(threads * 8).max(min_rows).max(1);
+    let parallel = threads > 1 && out > rows_per_task;
+
+    // Each task computes rows r of `res` laid out [r][m] (for m == 1 that is y itself).
+    let task = |(t, res): (usize, &mut [f32])| {
+        let r0 = t * rows_per_task;
+        let rows = res.len() / m;
+        let wc = &w[r0 * inp..(r0 + rows) * inp];
+        rows_kernel(path, wc, inp, x, m, res, accumulate && m == 1);
+    };
+    let run = |res: &mut [f32]| {
+        if parallel {
+            res.par_chunks_mut(rows_per_task * m)
+                .enumerate()
+                .for_each(task);
+        } else {
+            res.chunks_mut(rows_per_task * m).enumerate().for_each(task);
+        }
+    };
+    if m == 1 {
+        run(y);
+    } else {
+        let mut res = vec![0.0f32; yl];
+        run(&mut res);
+        for r in 0..out {
+            for b in 0..m {
+                let v = res[r * m + b];
+                let d = &mut y[b * out + r];
+                *d = if accumulate { *d + v } else { v };
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Shapes: `w` is `rows x inp` (row-major), `x` is `m x inp`, `res` is `rows x m`;
+/// `res[r * m + b] (+)= dot(x[b], w[r])`.
+fn rows_kernel<E: BElem>(
+    path: KernelPath,
+    w: &[E],
+    inp: usize,
+    x: &[f32],
+    m: usize,
+    res: &mut [f32],
+    accumulate: bool,
+) {
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        KernelPath::Avx2Fma => {
+            // SAFETY: `path` went through `supported()`, so the CPU has AVX2, FMA and F16C;
+            // the slice lengths are as documented (checked by the caller's shape checks).
+            unsafe { avx2::rows(w, inp, x, m, res, accumulate) }
+        }
+        KernelPath::Portable => portable_rows(w, inp, x, m, res, accumulate),
+        _ => {
+            for (r, out) in res.chunks_exact_mut(m).enumerate() {
+                let wr = &w[r * inp..(r + 1) * inp];
+                for (b, o) in out.iter_mut().enumerate() {
+                    let xb = &x[b * inp..(b + 1) * inp];
+                    let s: f32 = wr.iter().zip(xb).map(|(&wv, &xv)| wv.to_f32() * xv).sum();
+                    *o = if accumulate { *o + s } else { s };
+                }
+            }
+        }
+    }
+}
+
+/// Portable (`wide::f32x8`) version of [`rows_kernel`]: one W row at a time, 8 lanes.
+fn portable_rows<E: BElem>(
+    w: &[E],
+    inp: usize,
+    x: &[f32],
+    m: usize,
+    res: &mut [f32],
+    accumulate: bool,
+) {
+    use wide::f32x8;
+    let full = inp / 8 * 8;
+    for (r, out) in res.chunks_exact_mut(m).enumerate() {
+        let wr = &w[r * inp..(r + 1) * inp];
+        for (b, o) in out.iter_mut().enumerate() {
+            let xb = &x[b * inp..(b + 1) * inp];
+            let mut acc = f32x8::ZERO;
+            for (wc, xc) in wr[..full].chunks_exact(8).zip(xb[..full].chunks_exact(8)) {
+                let wv: [f32; 8] = std::array::from_fn(|l| wc[l].to_f32());
+                let xv: [f32; 8] = std::array::from_fn(|l| xc[l]);
+                acc += f32x8::from(wv) * f32x8::from(xv);
+            }
+            let mut s = acc.reduce_add();
+            for (wv, xv) in wr[full..].iter().zip(&xb[full..]) {
+                s += wv.to_f32() * xv;
+            }
+            *o = if accumulate { *o + s } else { s };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::BElem;
+    use std::arch::x86_64::*;
+
+    /// AVX2+FMA(+F16C) [`super::rows_kernel`]: `res[rows x m] (+)= W[rows x inp] · x[m x inp]ᵀ`.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C; `w.len() == rows * inp`,
+    /// `x.len() >= m * inp`, `res.len() == rows * m`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn rows<E: BElem>(
+        w: &[E],
+        inp: usize,
+        x: &[f32],
+        m: usize,
+        res: &mut [f32],
+        accumulate: bool,
+    ) {
+        // SAFETY: forwarded contract; features enabled on this function.
+        unsafe {
+            match m {
+                1 => body::<E, 1, 4>(w, inp, x, res, accumulate),
+                2 => body::<E, 2, 2>(w, inp, x, res, accumulate),
+                3 => body::<E, 3, 2>(w, inp, x, res, accumulate),
+                4 => body::<E, 4, 2>(w, inp, x, res, accumulate),
+                _ => {
+                    // Larger batches: groups of 4 x rows (the caller uses the GEMM for those
+                    // normally; this keeps any m correct).
+                    let rows = res.len() / m;
+                    let mut part = vec![0.0f32; rows * 4];
+                    let mut b0 = 0;
+                    while b0 < m {
+                        let g = 4.min(m - b0);
+                        let xs = &x[b0 * inp..(b0 + g) * inp];
+                        let p = &mut part[..rows * g];
+                        match g {
+                            1 => body::<E, 1, 4>(w, inp, xs, p, false),
+                            2 => body::<E, 2, 2>(w, inp, xs, p, false),
+                            3 => body::<E, 3, 2>(w, inp, xs, p, false),
+                            _ => body::<E, 4, 2>(w, inp, xs, p, false),
+                        }
+                        for r in 0..rows {
+                            for b in 0..g {
+                                let d = &mut res[r * m + b0 + b];
+                                let v = p[r * g + b];
+                                *d = if accumulate { *d + v } else { v };
+                            }
+                        }
+                        b0 += g;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Horizontal sum of the 8 lanes in a fixed order.
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        // SAFETY: register-only operations; AVX enabled by the caller.
+        unsafe {
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+            _mm_cvtss_f32(s)
+        }
+    }
+
+    /// Shapes: `w` `rows x inp`, `x` `M x inp`, `res` `rows x M`; `U` 8-wide accumulators per
+    /// x row (so `M * U` independent FMA chains hide the FMA latency).
+    ///
+    /// # Safety
+    /// As [`rows`] with `m == M`.
+    #[inline(always)]
+    unsafe fn body<E: BElem, const M: usize, const U: usize>(
+        w: &[E],
+        inp: usize,
+        x: &[f32],
+        res: &mut [f32],
+        accumulate: bool,
+    ) {
+        let rows = res.len() / M;
+        let step = 8 * U;
+        let full = inp / step * step;
+        let full8 = inp / 8 * 8;
+        let xp = x.as_ptr();
+        // SAFETY (whole block): w row r spans w[r * inp..(r + 1) * inp] and x row b spans
+        // x[b * inp..(b + 1) * inp]; every 8-wide load starts at an index i with
+        // i + 8 <= full8 <= inp, every scalar load at i < inp.
+        unsafe {
+            for r in 0..rows {
+                let wp = w.as_ptr().add(r * inp);
+                let mut acc = [[_mm256_setzero_ps(); U]; M];
+                let mut i = 0;
+                while i < full {
+                    for u in 0..U {
+                        let wv = E::load8(wp.add(i + 8 * u));
+                        for (b, a) in acc.iter_mut().enumerate() {
+                            let xv = _mm256_loadu_ps(xp.add(b * inp + i + 8 * u));
+                            a[u] = _mm256_fmadd_ps(wv, xv, a[u]);
+                        }
+                    }
+                    i += step;
+                }
+                while i < full8 {
+                    let wv = E::load8(wp.add(i));
+                    for (b, a) in acc.iter_mut().enumerate() {
+                        let xv = _mm256_loadu_ps(xp.add(b * inp + i));
+                        a[0] = _mm256_fmadd_ps(wv, xv, a[0]);
+                    }
+                    i += 8;
+                }
+                for (b, a) in acc.iter().enumerate() {
+                    let mut v = a[0];
+                    for au in a.iter().skip(1) {
+                        v = _mm256_add_ps(v, *au);
+                    }
+                    let mut s = hsum(v);
+                    for j in full8..inp {
+                        s += (*wp.add(j)).to_f32() * *xp.add(b * inp + j);
+                    }
+                    let d = &mut res[r * M + b];
+                    *d = if accumulate { *d + s } else { s };
+                }
+            }
+        }
+    }
+}

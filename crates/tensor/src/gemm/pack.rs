@@ -1,0 +1,295 @@
+//! Packing: A blocks into `MR`-row micro-panels, and the [`PackB`] implementations for strided
+//! f32 and f16 matrices (row-contiguous, column-contiguous and general strides).
+
+use super::{MatRef, PackB, MR, NR};
+use crate::cpu::{kernel_path, KernelPath};
+use half::f16;
+
+/// Packs `A[i0..i0+mc, k0..k0+kc]` into `ceil(mc / MR)` micro-panels of `kc * MR` floats:
+/// panel `q`, element `(i, p)` at `dst[q * kc * MR + p * MR + i]`, rows past `mc` zero.
+///
+/// Shapes: `a` is `m x k`; `dst.len() >= ceil(mc / MR) * kc * MR`.
+pub(crate) fn pack_a(
+    a: &MatRef<'_, f32>,
+    i0: usize,
+    mc: usize,
+    k0: usize,
+    kc: usize,
+    dst: &mut [f32],
+) {
+    let panels = mc.div_ceil(MR);
+    for q in 0..panels {
+        let rows = MR.min(mc - q * MR);
+        let d = &mut dst[q * kc * MR..(q + 1) * kc * MR];
+        let r0 = i0 + q * MR;
+        if a.col_stride == 1 && rows == MR {
+            // Row-major A (x in the forward pass): six contiguous rows, interleaved.
+            let base = |i: usize| (r0 + i) * a.row_stride + k0;
+            let s: [&[f32]; MR] = std::array::from_fn(|i| &a.data[base(i)..base(i) + kc]);
+            for (p, out) in d.chunks_exact_mut(MR).enumerate() {
+                for (o, src) in out.iter_mut().zip(s.iter()) {
+                    *o = src[p];
+                }
+            }
+        } else if a.row_stride == 1 {
+            // Column-contiguous A (dyᵀ in the weight gradient): copy MR-long runs.
+            for (p, out) in d.chunks_exact_mut(MR).enumerate() {
+                let start = (k0 + p) * a.col_stride + r0;
+                out[..rows].copy_from_slice(&a.data[start..start + rows]);
+                out[rows..].fill(0.0);
+            }
+        } else {
+            for (p, out) in d.chunks_exact_mut(MR).enumerate() {
+                for (i, o) in out.iter_mut().enumerate() {
+                    *o = if i < rows { a.at(r0 + i, k0 + p) } else { 0.0 };
+                }
+            }
+        }
+    }
+}
+
+/// An element type B (or a GEMV weight) can be stored in: converts to f32, eight at a time
+/// with SIMD where available.
+pub(crate) trait BElem: Copy + Sync {
+    /// The value as f32 (exact for f32 and f16).
+    fn to_f32(self) -> f32;
+    /// `dst[..8] = src[..8]` as f32 on the AVX2 path.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and F16C; `src` must be readable for 8 elements.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(src: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl BElem for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(src: *const Self) -> std::arch::x86_64::__m256 {
+        // SAFETY: the caller guarantees 8 readable floats and AVX support.
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(src) }
+    }
+}
+
+impl BElem for f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(src: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees 8 readable f16 (16 bytes) and F16C support.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(src as *const __m128i)) }
+    }
+}
+
+/// Shared [`PackB::pack_panel`] for f32 and f16 strided matrices: picks the SIMD or scalar
+/// route by the process's [`kernel_path`] and B's strides. All routes write the same values.
+fn pack_b_panel<T: BElem>(
+    b: &MatRef<'_, T>,
+    k0: usize,
+    kc: usize,
+    n0: usize,
+    nc: usize,
+    dst: &mut [f32],
+) {
+    // The contract (nc <= NR, ranges inside B, dst long enough) is the caller's; checking it
+    // here keeps an out-of-contract call from reaching the unchecked SIMD loads below.
+    let in_contract = nc <= NR
+        && k0.checked_add(kc).is_some_and(|e| e <= b.rows)
+        && n0.checked_add(nc).is_some_and(|e| e <= b.cols)
+        && kc.checked_mul(NR).is_some_and(|l| l <= dst.len());
+    #[cfg(target_arch = "x86_64")]
+    if in_contract && kc > 0 && nc > 0 && kernel_path() == KernelPath::Avx2Fma {
+        // SAFETY: kernel_path() returns Avx2Fma only if the CPU has AVX2, FMA and F16C, and
+        // the ranges were checked to lie inside B and dst just above.
+        unsafe { avx2::pack_b(b, k0, kc, n0, nc, dst) };
+        return;
+    }
+    let _ = in_contract;
+    let dst = &mut dst[..kc * NR];
+    if b.col_stride == 1 {
+        for (p, row) in dst.chunks_exact_mut(NR).enumerate() {
+            let s = (k0 + p) * b.row_stride + n0;
+            for (d, &v) in row.iter_mut().zip(&b.data[s..s + nc]) {
+                *d = v.to_f32();
+            }
+            row[nc..].fill(0.0);
+        }
+    } else {
+        for (p, row) in dst.chunks_exact_mut(NR).enumerate() {
+            for (j, d) in row.iter_mut().enumerate() {
+                *d = if j < nc {
+                    b.at(k0 + p, n0 + j).to_f32()
+                } else {
+                    0.0
+                };
+            }
+        }
+    }
+}
+
+impl PackB for MatRef<'_, f32> {
+    fn k(&self) -> usize {
+        self.rows
+    }
+    fn n(&self) -> usize {
+        self.cols
+    }
+    fn pack_panel(&self, k0: usize, kc: usize, n0: usize, nc: usize, dst: &mut [f32]) {
+        pack_b_panel(self, k0, kc, n0, nc, dst)
+    }
+}
+
+impl PackB for MatRef<'_, f16> {
+    fn k(&self) -> usize {
+        self.rows
+    }
+    fn n(&self) -> usize {
+        self.cols
+    }
+    fn pack_panel(&self, k0: usize, kc: usize, n0: usize, nc: usize, dst: &mut [f32]) {
+        pack_b_panel(self, k0, kc, n0, nc, dst)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{BElem, MatRef, NR};
+    use std::arch::x86_64::*;
+
+    /// AVX2/F16C B-panel packer: `dst[p * NR + j] = B[k0 + p, n0 + j]` (`kc x NR`, zero for
+    /// `j >= nc`), where B is `k x n` with any strides.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C; `k0 + kc <= B.rows`, `n0 + nc <= B.cols`,
+    /// `nc <= NR`, `dst.len() >= kc * NR`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn pack_b<T: BElem>(
+        b: &MatRef<'_, T>,
+        k0: usize,
+        kc: usize,
+        n0: usize,
+        nc: usize,
+        dst: &mut [f32],
+    ) {
+        // SAFETY: forwarded contract; features enabled on this function.
+        unsafe { body(b, k0, kc, n0, nc, dst) }
+    }
+
+    /// Transposes the 8x8 block `r[0..8]` (row i = r[i]) in registers.
+    #[inline(always)]
+    unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+        // SAFETY: register-only shuffles; AVX is enabled by the caller's target_feature.
+        unsafe {
+            let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+            let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+            let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+            let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+            let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+            let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+            let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+            let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+            let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+            let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+            let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+            let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+            let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+            let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+            let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+            let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+            [
+                _mm256_permute2f128_ps::<0x20>(s0, s4),
+                _mm256_permute2f128_ps::<0x20>(s1, s5),
+                _mm256_permute2f128_ps::<0x20>(s2, s6),
+                _mm256_permute2f128_ps::<0x20>(s3, s7),
+                _mm256_permute2f128_ps::<0x31>(s0, s4),
+                _mm256_permute2f128_ps::<0x31>(s1, s5),
+                _mm256_permute2f128_ps::<0x31>(s2, s6),
+                _mm256_permute2f128_ps::<0x31>(s3, s7),
+            ]
+        }
+    }
+
+    /// Shapes: B `k x n` strided, panel `kc x NR` into `dst`.
+    ///
+    /// # Safety
+    /// As [`pack_b`].
+    #[inline(always)]
+    unsafe fn body<T: BElem>(
+        b: &MatRef<'_, T>,
+        k0: usize,
+        kc: usize,
+        n0: usize,
+        nc: usize,
+        dst: &mut [f32],
+    ) {
+        let src = b.data.as_ptr();
+        let (rs, cs) = (b.row_stride, b.col_stride);
+        let d = dst.as_mut_ptr();
+        // SAFETY (whole block): every source index is (k0 + p) * rs + (n0 + j) * cs with
+        // p < kc, j < nc, inside `b.data` because MatRef::new checked its last element and the
+        // caller checked the ranges; every destination index is p * NR + j < kc * NR.
+        unsafe {
+            if cs == 1 && nc == NR {
+                // Row-contiguous B (W in the input gradient, X in the weight gradient).
+                for p in 0..kc {
+                    let s = src.add((k0 + p) * rs + n0);
+                    _mm256_storeu_ps(d.add(p * NR), T::load8(s));
+                    _mm256_storeu_ps(d.add(p * NR + 8), T::load8(s.add(8)));
+                }
+            } else if rs == 1 {
+                // Column-contiguous B (Wᵀ in the forward pass): 8x8 register transposes.
+                for h in 0..2 {
+                    let j0 = h * 8;
+                    if nc >= j0 + 8 {
+                        let col = |j: usize| src.add((n0 + j0 + j) * cs + k0);
+                        let mut p = 0;
+                        while p + 8 <= kc {
+                            let mut r = [_mm256_setzero_ps(); 8];
+                            for (j, v) in r.iter_mut().enumerate() {
+                                *v = T::load8(col(j).add(p));
+                            }
+                            let t = transpose8(r);
+                            for (q, v) in t.iter().enumerate() {
+                                _mm256_storeu_ps(d.add((p + q) * NR + j0), *v);
+                            }
+                            p += 8;
+                        }
+                        for p in p..kc {
+                            for j in 0..8 {
+                                *d.add(p * NR + j0 + j) = (*col(j).add(p)).to_f32();
+                            }
+                        }
+                    } else {
+                        for p in 0..kc {
+                            for j in 0..8 {
+                                let jj = j0 + j;
+                                *d.add(p * NR + jj) = if jj < nc {
+                                    (*src.add((n0 + jj) * cs + k0 + p)).to_f32()
+                                } else {
+                                    0.0
+                                };
+                            }
+                        }
+                    }
+                }
+            } else {
+                for p in 0..kc {
+                    for j in 0..NR {
+                        *d.add(p * NR + j) = if j < nc {
+                            (*src.add((k0 + p) * rs + (n0 + j) * cs)).to_f32()
+                        } else {
+                            0.0
+                        };
+                    }
+                }
+            }
+        }
+    }
+}

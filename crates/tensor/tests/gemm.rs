@@ -1,0 +1,343 @@
+//! GEMM / GEMV correctness on every kernel path, bit-identity across thread counts, and error
+//! handling.
+
+use half::f16;
+use nibble_tensor::cpu::{has_avx2_fma_f16c, KernelPath};
+use nibble_tensor::gemm::gemv::{gemv_t_f16, gemv_t_f32};
+use nibble_tensor::gemm::{gemm, gemm_on, MatRef, PackB};
+use nibble_tensor::{HalfTensor, Rng, Tensor, WeightMatrix};
+
+const DIMS: [usize; 14] = [0, 1, 2, 7, 15, 16, 17, 31, 33, 63, 64, 65, 129, 1023];
+
+fn paths() -> Vec<KernelPath> {
+    let mut p = vec![KernelPath::Portable, KernelPath::Scalar];
+    if has_avx2_fma_f16c() {
+        p.insert(0, KernelPath::Avx2Fma);
+    }
+    p
+}
+
+/// A logical `rows x cols` matrix stored in one of four layouts:
+/// 0 row-major, 1 column-major, 2 row-major with padded rows, 3 column-major padded.
+struct Stored<T> {
+    data: Vec<T>,
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl<T: Copy> Stored<T> {
+    fn new(rows: usize, cols: usize, layout: usize, rng: &mut Rng, conv: fn(f32) -> T) -> Self {
+        let (rs, cs, len) = match layout {
+            0 => (cols, 1, rows * cols),
+            1 => (1, rows, rows * cols),
+            2 => (cols + 3, 1, rows * (cols + 3)),
+            _ => (1, rows + 5, cols * (rows + 5)),
+        };
+        let data = (0..len).map(|_| conv(rng.uniform(-1.0, 1.0))).collect();
+        Stored {
+            data,
+            rows,
+            cols,
+            rs,
+            cs,
+        }
+    }
+    fn view(&self) -> MatRef<'_, T> {
+        MatRef::new(&self.data, self.rows, self.cols, self.rs, self.cs).unwrap()
+    }
+}
+
+/// f64 reference `C0 + A·B` and the error scale `|C0| + Σ|a||b|` per element.
+fn reference(
+    a: &MatRef<f32>,
+    b: &dyn Fn(usize, usize) -> f32,
+    n: usize,
+    c0: Option<&[f32]>,
+) -> (Vec<f64>, Vec<f64>) {
+    let (m, k) = (a.rows(), a.cols());
+    let mut r = vec![0.0f64; m * n];
+    let mut s = vec![0.0f64; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let (mut acc, mut sc) = (0.0f64, 0.0f64);
+            if let Some(c0) = c0 {
+                acc = c0[i * n + j] as f64;
+                sc = acc.abs();
+            }
+            for p in 0..k {
+                let t = a.at(i, p) as f64 * b(p, j) as f64;
+                acc += t;
+                sc += t.abs();
+            }
+            r[i * n + j] = acc;
+            s[i * n + j] = sc;
+        }
+    }
+    (r, s)
+}
+
+fn check(got: &[f32], want: &[f64], scale: &[f64], k: usize, what: &str) {
+    let tol = (k as f64 + 4.0) * 1.2e-7;
+    for (idx, ((&g, &w), &s)) in got.iter().zip(want).zip(scale).enumerate() {
+        let err = (g as f64 - w).abs();
+        assert!(
+            err <= tol * s + 1e-30,
+            "{what}: element {idx}: got {g}, want {w} (err {err:e}, scale {s:e})"
+        );
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_case(
+    rng: &mut Rng,
+    m: usize,
+    n: usize,
+    k: usize,
+    la: usize,
+    lb: usize,
+    half: bool,
+    acc: bool,
+) {
+    let a = Stored::new(m, k, la, rng, |v| v);
+    let c0: Vec<f32> = (0..m * n).map(|_| rng.uniform(-1.0, 1.0)).collect();
+    let what = format!("m={m} n={n} k={k} la={la} lb={lb} f16={half} acc={acc}");
+    let av = a.view();
+    if half {
+        let b = Stored::new(k, n, lb, rng, f16::from_f32);
+        let bv = b.view();
+        let (want, scale) = reference(&av, &|p, j| bv.at(p, j).to_f32(), n, acc.then_some(&c0[..]));
+        for path in paths() {
+            let mut c = if acc {
+                c0.clone()
+            } else {
+                vec![f32::NAN; m * n]
+            };
+            gemm_on(path, av, &bv, &mut c, acc).unwrap();
+            check(&c, &want, &scale, k, &format!("{what} {path:?}"));
+        }
+    } else {
+        let b = Stored::new(k, n, lb, rng, |v| v);
+        let bv = b.view();
+        let (want, scale) = reference(&av, &|p, j| bv.at(p, j), n, acc.then_some(&c0[..]));
+        for path in paths() {
+            let mut c = if acc {
+                c0.clone()
+            } else {
+                vec![f32::NAN; m * n]
+            };
+            gemm_on(path, av, &bv, &mut c, acc).unwrap();
+            check(&c, &want, &scale, k, &format!("{what} {path:?}"));
+        }
+    }
+}
+
+#[test]
+fn gemm_matches_reference_on_awkward_shapes() {
+    let mut rng = Rng::new(7);
+    let mut cases = 0;
+    let mut volume = 0usize;
+    // Every small shape (dims up to 65) on a rotating layout, then a sample with 129 and 1023.
+    for (ti, &m) in DIMS[..12].iter().enumerate() {
+        for (tj, &n) in DIMS[..12].iter().enumerate() {
+            let k = DIMS[(ti * 5 + tj * 3) % 12];
+            let sel = ti * 12 + tj;
+            run_case(
+                &mut rng,
+                m,
+                n,
+                k,
+                sel % 4,
+                (sel / 4) % 4,
+                sel % 3 == 0,
+                sel % 2 == 1,
+            );
+            cases += 1;
+            volume += m * n * k;
+        }
+    }
+    let big = [
+        (129, 65, 1023),
+        (1023, 17, 129),
+        (33, 1023, 64),
+        (7, 129, 1023),
+        (65, 63, 1023),
+        (129, 129, 129),
+        (1, 1023, 1023),
+        (1023, 1, 33),
+        (16, 1023, 17),
+        (0, 1023, 1023),
+        (1023, 0, 7),
+        (31, 33, 0),
+        (3, 2100, 5), // more than one NC block
+    ];
+    for (t, &(m, n, k)) in big.iter().enumerate() {
+        run_case(
+            &mut rng,
+            m,
+            n,
+            k,
+            t % 4,
+            (t + 1) % 4,
+            t % 3 == 1,
+            t % 2 == 0,
+        );
+        cases += 1;
+        volume += m * n * k;
+    }
+    assert!(cases > 150 && volume > 0);
+}
+
+#[test]
+fn k_zero_overwrites_or_keeps() {
+    for path in paths() {
+        let a = MatRef::new(&[] as &[f32], 2, 0, 0, 1).unwrap();
+        let b = MatRef::new(&[] as &[f32], 0, 3, 3, 1).unwrap();
+        let mut c = [f32::NAN; 6];
+        gemm_on(path, a, &b, &mut c, false).unwrap();
+        assert_eq!(c, [0.0; 6]);
+        let mut c = [1.5f32; 6];
+        gemm_on(path, a, &b, &mut c, true).unwrap();
+        assert_eq!(c, [1.5; 6]);
+    }
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+fn in_pool<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap()
+        .install(f)
+}
+
+#[test]
+fn gemm_and_gemv_bit_identical_across_thread_counts() {
+    let (m, n, k) = (257, 300, 1100);
+    let mut rng = Rng::new(11);
+    let a: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
+    let w: Vec<f32> = (0..n * k).map(|_| rng.normal()).collect();
+    let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+    let av = MatRef::row_major(&a, m, k).unwrap();
+    let bt = MatRef::row_major(&w, n, k).unwrap().t();
+    let bh = MatRef::row_major(&wh, n, k).unwrap().t();
+    for path in paths() {
+        let run = |threads: usize, b: &dyn PackB| {
+            in_pool(threads, || {
+                let mut c = vec![f32::NAN; m * n];
+                gemm_on(path, av, b, &mut c, false).unwrap();
+                bits(&c)
+            })
+        };
+        assert_eq!(run(1, &bt), run(2, &bt), "gemm f32 {path:?}");
+        assert_eq!(run(1, &bh), run(2, &bh), "gemm f16 {path:?}");
+        assert_eq!(run(1, &bt), run(3, &bt), "gemm f32 {path:?} 3 threads");
+        for mm in 1..=4 {
+            let x = &a[..mm * k];
+            let gv = |threads: usize, half: bool| {
+                in_pool(threads, || {
+                    let mut y = vec![f32::NAN; mm * n];
+                    if half {
+                        gemv_t_f16(path, &wh, n, k, x, mm, &mut y, false).unwrap();
+                    } else {
+                        gemv_t_f32(path, &w, n, k, x, mm, &mut y, false).unwrap();
+                    }
+                    bits(&y)
+                })
+            };
+            assert_eq!(gv(1, false), gv(2, false), "gemv f32 m={mm} {path:?}");
+            assert_eq!(gv(1, true), gv(2, true), "gemv f16 m={mm} {path:?}");
+        }
+    }
+}
+
+#[test]
+fn gemv_matches_gemm() {
+    let mut rng = Rng::new(5);
+    for &(out, inp) in &[
+        (1023usize, 1023usize),
+        (17, 5),
+        (64, 33),
+        (300, 1100),
+        (1, 7),
+    ] {
+        let w = Tensor::uniform(&[out, inp], -1.0, 1.0, &mut rng);
+        let wh = HalfTensor::from_f32(&w);
+        for m in 1..=5 {
+            let x: Vec<f32> = (0..m * inp).map(|_| rng.uniform(-1.0, 1.0)).collect();
+            let c0: Vec<f32> = (0..m * out).map(|_| rng.uniform(-1.0, 1.0)).collect();
+            let xv = MatRef::row_major(&x, m, inp).unwrap();
+            for half in [false, true] {
+                let wf = if half { wh.to_f32() } else { w.clone() };
+                let wt = MatRef::row_major(wf.data(), out, inp).unwrap().t();
+                let (want, scale) = reference(&xv, &|p, j| wt.at(p, j), out, Some(&c0));
+                let mut want0 = vec![f32::NAN; m * out];
+                gemm(xv, &wt, &mut want0, false).unwrap();
+                for path in paths() {
+                    for acc in [false, true] {
+                        let mut y = if acc {
+                            c0.clone()
+                        } else {
+                            vec![f32::NAN; m * out]
+                        };
+                        if half {
+                            gemv_t_f16(path, wh.data(), out, inp, &x, m, &mut y, acc).unwrap();
+                        } else {
+                            gemv_t_f32(path, w.data(), out, inp, &x, m, &mut y, acc).unwrap();
+                        }
+                        let what = format!("gemv {out}x{inp} m={m} f16={half} acc={acc} {path:?}");
+                        if acc {
+                            check(&y, &want, &scale, inp, &what);
+                        } else {
+                            let w0: Vec<f64> = want0.iter().map(|&v| v as f64).collect();
+                            check(&y, &w0, &scale, inp, &what);
+                        }
+                    }
+                }
+                // Through the WeightMatrix interface (GEMV for small m, GEMM above).
+                let mut y = vec![f32::NAN; m * out];
+                if half {
+                    wh.matmul_t(&x, m, &mut y, false).unwrap();
+                } else {
+                    w.matmul_t(&x, m, &mut y, false).unwrap();
+                }
+                let w0: Vec<f64> = want0.iter().map(|&v| v as f64).collect();
+                check(&y, &w0, &scale, inp, "WeightMatrix::matmul_t");
+            }
+        }
+    }
+}
+
+#[test]
+fn shape_errors_are_returned() {
+    let a = vec![0.0f32; 6];
+    let b = vec![0.0f32; 12];
+    let av = MatRef::row_major(&a, 2, 3).unwrap();
+    let bad_b = MatRef::row_major(&b, 4, 3).unwrap();
+    let good_b = MatRef::row_major(&b, 3, 4).unwrap();
+    let mut c = vec![0.0f32; 8];
+    for path in paths() {
+        assert!(gemm_on(path, av, &bad_b, &mut c[..6], false).is_err());
+        assert!(gemm_on(path, av, &good_b, &mut c[..7], false).is_err());
+        assert!(gemm_on(path, av, &good_b, &mut c, false).is_ok());
+        let mut y = vec![0.0f32; 4];
+        assert!(gemv_t_f32(path, &b, 4, 3, &a[..3], 1, &mut y, false).is_ok());
+        assert!(gemv_t_f32(path, &b, 4, 3, &a[..4], 1, &mut y, false).is_err());
+        assert!(gemv_t_f32(path, &b, 4, 3, &a[..3], 1, &mut y[..3], false).is_err());
+        assert!(gemv_t_f32(path, &b[..11], 4, 3, &a[..3], 1, &mut y, false).is_err());
+        let bh = vec![f16::ZERO; 12];
+        assert!(gemv_t_f16(path, &bh, 3, 3, &a[..3], 1, &mut y, false).is_err());
+    }
+    assert!(MatRef::row_major(&a, 4, 2).is_err());
+    assert!(MatRef::new(&a, 2, 3, 4, 1).is_err());
+    assert!(MatRef::row_major(&a, usize::MAX, 2).is_err());
+    let w = Tensor::zeros(&[4, 3]);
+    let mut y = vec![0.0f32; 4];
+    assert!(w.matmul_t(&a[..2], 1, &mut y, false).is_err());
+    assert!(w.matmul_t(&a[..3], 1, &mut y[..2], false).is_err());
+    assert!(w.matmul(&a[..3], 1, &mut y, false).is_err());
+}
