@@ -3,13 +3,22 @@
 use crate::error::{Error, Result};
 use crate::variant::WeightFormat;
 use nibble_tensor::{HalfTensor, Tensor, WeightMatrix};
+use nibble_quant::{Q4Matrix, QuantError};
 use std::sync::Arc;
+
+fn quant_err(key: &str) -> impl FnOnce(QuantError) -> Error + '_ {
+    move |source| Error::Quant {
+        key: key.to_string(),
+        source,
+    }
+}
 
 /// Converts the f32 weight `key` into `format`'s storage.
 pub fn quantize_weight(format: WeightFormat, key: &str, w: &Tensor) -> Result<Arc<dyn WeightMatrix>> {
     match format {
         WeightFormat::F32 => Ok(Arc::new(w.clone())),
         WeightFormat::F16 => Ok(Arc::new(HalfTensor::from_f32(w))),
+        WeightFormat::Q4 => Ok(Arc::new(Q4Matrix::quantize(w).map_err(quant_err(key))?)),
         f => Err(Error::Model {
             what: format!("{key}: format {} not wired yet", f.name()),
         }),
@@ -18,5 +27,10 @@ pub fn quantize_weight(format: WeightFormat, key: &str, w: &Tensor) -> Result<Ar
 
 /// Elements a weight stores (codes and scales for quantized formats).
 pub fn stored_elements(w: &dyn WeightMatrix) -> usize {
-    w.out_features() * w.in_features()
+    let n = w.out_features() * w.in_features();
+    match w.format_name() {
+        // The reference's buffers: int8 codes [n/16, 8] and f16 norms [n/16, 1].
+        "q4" => n / 2 + n / 16,
+        _ => n,
+    }
 }
