@@ -8,10 +8,10 @@ use nibble_tensor::{Rng, Tensor, WeightMatrix};
 const D: usize = 1024;
 
 fn benches(c: &mut Criterion) {
-    let pool = rayon::ThreadPoolBuilder::new()
+    // Ignore the error if the global pool already exists.
+    let _ = rayon::ThreadPoolBuilder::new()
         .num_threads(2)
-        .build()
-        .unwrap();
+        .build_global();
     let mut rng = Rng::new(0);
     let k = 1.0 / (D as f32).sqrt();
     let w = Tensor::uniform(&[D, D], -k, k, &mut rng);
@@ -21,7 +21,7 @@ fn benches(c: &mut Criterion) {
     let xb = Tensor::randn(&[D, D], &mut rng);
     let mut y1 = vec![0.0f32; D];
     let mut yb = vec![0.0f32; D * D];
-    pool.install(|| {
+    {
         c.bench_function("q4_quantize_1024x1024", |b| {
             b.iter(|| Q4Matrix::quantize(&w).unwrap())
         });
@@ -46,7 +46,7 @@ fn benches(c: &mut Criterion) {
             b.iter(|| nf4.matmul_t(xb.data(), D, &mut yb, false).unwrap())
         });
         g.finish();
-    });
+    }
 }
 
 criterion_group!(quant, benches);

@@ -473,7 +473,9 @@ mod avx2 {
         let nb = i / NF4_BLOCK;
         let packed = m.packed.as_slice();
         let xp = x.as_ptr();
+        let mut am = vec![0.0f32; nb];
         for (r, yv) in rows.zip(y.iter_mut()) {
+            m.fill_absmax(r * nb, &mut am);
             let mut acc = _mm256_setzero_ps();
             for b in 0..nb {
                 let fb = r * nb + b;
@@ -685,6 +687,25 @@ impl Nf4Matrix {
         }
     }
 
+    /// Writes the absmaxes of flat blocks `b0..b0 + dst.len()` into `dst`.
+    pub fn fill_absmax(&self, b0: usize, dst: &mut [f32]) {
+        match &self.stats {
+            Stats::Plain { absmax } => dst.copy_from_slice(&absmax.f32s()[b0..b0 + dst.len()]),
+            Stats::Double {
+                codes,
+                offset,
+                scale,
+                map,
+            } => {
+                let (c, s) = (codes.as_slice(), scale.f32s());
+                for (k, d) in dst.iter_mut().enumerate() {
+                    let b = b0 + k;
+                    *d = map[c[b] as usize] * s[b / DQ_BLOCK] + offset;
+                }
+            }
+        }
+    }
+
     /// Bits per weight, statistics included (4.5 plain, ≈ 4.127 double-quantized).
     pub fn bits_per_weight(&self) -> f64 {
         self.parts_len() as f64 * 8.0 / (self.out * self.inn).max(1) as f64
@@ -739,7 +760,10 @@ impl QuantRows for Nf4Matrix {
     fn dequant_segment(&self, path: KernelPath, r: usize, c0: usize, len: usize, dst: &mut [f32]) {
         let s = r * self.inn + c0;
         let packed = &self.packed.as_slice()[s / 2..(s + len) / 2];
-        let scale = |g: usize| self.block_absmax((s + g * 16) / NF4_BLOCK);
+        let b0 = s / NF4_BLOCK;
+        let mut am = vec![0.0f32; (s + len).div_ceil(NF4_BLOCK) - b0];
+        self.fill_absmax(b0, &mut am);
+        let scale = |g: usize| am[(s + g * 16) / NF4_BLOCK - b0];
         let out = &mut dst[..len];
         match usable(path) {
             KernelPath::Scalar => dequantize_ref(packed, scale, out),
