@@ -1,1 +1,53 @@
-fn main() {}
+//! Quantized-weight kernels on a 1024x1024 weight with 2 threads:
+//! `cargo bench --bench quant_kernels`.
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use nibble_quant::{Nf4Matrix, Q4Matrix};
+use nibble_tensor::{Rng, Tensor, WeightMatrix};
+
+const D: usize = 1024;
+
+fn benches(c: &mut Criterion) {
+    // Ignore the error if the global pool already exists.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build_global();
+    let mut rng = Rng::new(0);
+    let k = 1.0 / (D as f32).sqrt();
+    let w = Tensor::uniform(&[D, D], -k, k, &mut rng);
+    let q4 = Q4Matrix::quantize(&w).unwrap();
+    let nf4 = Nf4Matrix::quantize(&w).unwrap();
+    let x1 = Tensor::randn(&[1, D], &mut rng);
+    let xb = Tensor::randn(&[D, D], &mut rng);
+    let mut y1 = vec![0.0f32; D];
+    let mut yb = vec![0.0f32; D * D];
+    {
+        c.bench_function("q4_quantize_1024x1024", |b| {
+            b.iter(|| Q4Matrix::quantize(&w).unwrap())
+        });
+        let mut g = c.benchmark_group("q4");
+        g.sample_size(20);
+        g.bench_function("fwd_batch1", |b| {
+            b.iter(|| q4.matmul_t(x1.data(), 1, &mut y1, false).unwrap())
+        });
+        g.bench_function("fwd_batch1024", |b| {
+            b.iter(|| q4.matmul_t(xb.data(), D, &mut yb, false).unwrap())
+        });
+        g.bench_function("bwd_dx_batch1024", |b| {
+            b.iter(|| q4.matmul(xb.data(), D, &mut yb, false).unwrap())
+        });
+        g.finish();
+        let mut g = c.benchmark_group("nf4");
+        g.sample_size(20);
+        g.bench_function("fwd_batch1", |b| {
+            b.iter(|| nf4.matmul_t(x1.data(), 1, &mut y1, false).unwrap())
+        });
+        g.bench_function("fwd_batch1024", |b| {
+            b.iter(|| nf4.matmul_t(xb.data(), D, &mut yb, false).unwrap())
+        });
+        g.finish();
+    }
+}
+
+criterion_group!(quant, benches);
+criterion_main!(quant);

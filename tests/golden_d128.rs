@@ -69,7 +69,9 @@ fn pth_and_safetensors_load_to_identical_tensors_and_outputs() {
     }
     let x = golden(&Checkpoint::open(data("io_d128.safetensors")).unwrap(), "x");
     let ya = load(Variant::Bignet, "bignet_d128.pth").infer(&x).unwrap();
-    let yb = load(Variant::Bignet, "bignet_d128.safetensors").infer(&x).unwrap();
+    let yb = load(Variant::Bignet, "bignet_d128.safetensors")
+        .infer(&x)
+        .unwrap();
     assert_eq!(ya, yb);
 }
 
@@ -132,7 +134,10 @@ fn three_adamw_steps_match_pytorch() {
         let loss = tape.bce_with_logits(&logits, &y).unwrap();
         let l = loss.value().item().unwrap();
         let want = want_losses.data()[step];
-        assert!(((l - want) / want).abs() < 1e-4, "step {step}: {l} vs {want}");
+        assert!(
+            ((l - want) / want).abs() < 1e-4,
+            "step {step}: {l} vs {want}"
+        );
         tape.backward(&loss).unwrap();
         opt.step().unwrap();
     }

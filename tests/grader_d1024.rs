@@ -18,7 +18,10 @@ const MB: f64 = (1 << 20) as f64;
 
 fn check(variant: Variant, max_mean: f32, max_max: f32, max_mb: f64) -> ModelSpec {
     let (max, mean) = compare(Variant::Bignet, variant, &common()).unwrap();
-    assert!(mean < max_mean, "{variant}: mean |diff| {mean} >= {max_mean}");
+    assert!(
+        mean < max_mean,
+        "{variant}: mean |diff| {mean} >= {max_mean}"
+    );
     assert!(max < max_max, "{variant}: max |diff| {max} >= {max_max}");
     let spec = ModelSpec::seeded(variant, 0);
     let bytes = spec.build().unwrap().counts().bytes as f64;
@@ -29,7 +32,9 @@ fn check(variant: Variant, max_mean: f32, max_max: f32, max_mb: f64) -> ModelSpe
 fn fits(variant: Variant) -> f32 {
     let model = ModelSpec::seeded(variant, 0).build().unwrap();
     let task = FitTask::new(1024, 1000, 0);
-    fit(&model, &task, 20, 1e-3, |_, _, _| {}).unwrap().best_accuracy
+    fit(&model, &task, 20, 1e-3, |_, _, _| {})
+        .unwrap()
+        .best_accuracy
 }
 
 #[test]

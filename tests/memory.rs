@@ -42,7 +42,10 @@ fn measured_memory_within_the_graders_bounds() {
         let x = nibble::bignet::cli::normal_batch(1024, 1024, 0);
         let (y, peak) = memory::measure_peak(|| model.infer(&x).unwrap());
         drop(y);
-        assert!(peak as f64 / MB < 6.0 * 4.0 + 2.0, "{variant}: forward peak {peak}");
+        assert!(
+            peak as f64 / MB < 6.0 * 4.0 + 2.0,
+            "{variant}: forward peak {peak}"
+        );
     }
 
     // Loading low_precision from a 72 MB f32 file: the file is mapped, each layer's f32 copy is

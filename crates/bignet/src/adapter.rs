@@ -106,7 +106,10 @@ fn read_scaling(dir: &Path) -> Result<(usize, f32)> {
         source,
     })?;
     if text.len() > 1 << 20 {
-        return Err(adapter_error(&path, "adapter_config.json is larger than 1 MiB"));
+        return Err(adapter_error(
+            &path,
+            "adapter_config.json is larger than 1 MiB",
+        ));
     }
     let config: Value = serde_json::from_slice(&text)
         .map_err(|e| adapter_error(&path, format!("invalid JSON: {e}")))?;
@@ -123,14 +126,17 @@ fn read_scaling(dir: &Path) -> Result<(usize, f32)> {
     let r = field("r")
         .and_then(Value::as_u64)
         .filter(|&r| r > 0 && r <= 1 << 16)
-        .ok_or_else(|| adapter_error(&path, format!("`r` must be a positive integer, found {:?}", field("r"))))?
-        as usize;
+        .ok_or_else(|| {
+            adapter_error(
+                &path,
+                format!("`r` must be a positive integer, found {:?}", field("r")),
+            )
+        })? as usize;
     let alpha = match field("lora_alpha") {
         None | Some(Value::Null) => r as f64,
-        Some(v) => v
-            .as_f64()
-            .filter(|a| a.is_finite())
-            .ok_or_else(|| adapter_error(&path, format!("`lora_alpha` must be a number, found {v}")))?,
+        Some(v) => v.as_f64().filter(|a| a.is_finite()).ok_or_else(|| {
+            adapter_error(&path, format!("`lora_alpha` must be a number, found {v}"))
+        })?,
     };
     match field("bias").and_then(Value::as_str) {
         None | Some("none") => {}
@@ -141,7 +147,9 @@ fn read_scaling(dir: &Path) -> Result<(usize, f32)> {
             ))
         }
     }
-    let rslora = field("use_rslora").and_then(Value::as_bool).unwrap_or(false);
+    let rslora = field("use_rslora")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     let scaling = if rslora {
         alpha / (r as f64).sqrt()
     } else {
@@ -188,7 +196,9 @@ pub fn load_adapter(model: &mut BigNet, dir: &Path) -> Result<()> {
     if let Some(extra) = file.keys().find(|k| !seen.contains(*k)) {
         return Err(adapter_error(
             dir,
-            format!("`{extra}` does not match any LoRA layer of this BigNet (width {dim}, rank {rank})"),
+            format!(
+                "`{extra}` does not match any LoRA layer of this BigNet (width {dim}, rank {rank})"
+            ),
         ));
     }
     if seen.is_empty() {

@@ -3,7 +3,7 @@
 //! each [`Linear`] is built.
 
 use crate::error::{Error, Result};
-use crate::layer::{FrozenBias, LoraAdapter, Linear, LinearBase};
+use crate::layer::{FrozenBias, Linear, LinearBase, LoraAdapter};
 use crate::quantize::quantize_weight;
 use crate::source::{linear_key, norm_key, SeededInit, WeightSource, BLOCKS, LAYERS_PER_BLOCK};
 use crate::variant::{Variant, WeightFormat};
@@ -68,7 +68,8 @@ impl BigNet {
                 let bias = source.tensor(&format!("{name}.bias"), &[dim])?;
                 let base = Self::make_base(variant, &name, weight, bias)?;
                 let lora = variant.has_lora().then(|| {
-                    let mut rng = Rng::fork(lora_seed, 0x10_0000 + (b * LAYERS_PER_BLOCK + l) as u64);
+                    let mut rng =
+                        Rng::fork(lora_seed, 0x10_0000 + (b * LAYERS_PER_BLOCK + l) as u64);
                     LoraAdapter::init(&name, dim, dim, LORA_RANK, &mut rng)
                 });
                 layers.push(Linear { name, base, lora });
@@ -256,7 +257,9 @@ impl BigNet {
             Variant::LowPrecision | Variant::Qlora => Variant::Qlora,
             v => {
                 return Err(Error::Model {
-                    what: format!("LoRA adapters attach to half_precision or low_precision, not {v}"),
+                    what: format!(
+                        "LoRA adapters attach to half_precision or low_precision, not {v}"
+                    ),
                 })
             }
         };
@@ -264,7 +267,13 @@ impl BigNet {
         for (i, layer) in self.linears_mut().enumerate() {
             if layer.lora.is_none() {
                 let mut rng = Rng::fork(seed, 0x10_0000 + i as u64);
-                layer.lora = Some(LoraAdapter::init(&layer.name, dim, dim, LORA_RANK, &mut rng));
+                layer.lora = Some(LoraAdapter::init(
+                    &layer.name,
+                    dim,
+                    dim,
+                    LORA_RANK,
+                    &mut rng,
+                ));
             }
         }
         for n in &self.norms {

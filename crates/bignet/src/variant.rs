@@ -156,7 +156,10 @@ impl FromStr for Variant {
             .find(|v| v.name() == s)
             .ok_or_else(|| {
                 let names: Vec<&str> = Variant::ALL.iter().map(|v| v.name()).collect();
-                format!("unknown variant `{s}` (expected one of: {})", names.join(", "))
+                format!(
+                    "unknown variant `{s}` (expected one of: {})",
+                    names.join(", ")
+                )
             })
     }
 }
@@ -172,6 +175,9 @@ mod tests {
             let f = v.weight_format();
             assert_eq!(WeightFormat::from_name(f.name()), Some(f));
         }
-        assert!("bigger_net".parse::<Variant>().unwrap_err().contains("qlora"));
+        assert!("bigger_net"
+            .parse::<Variant>()
+            .unwrap_err()
+            .contains("qlora"));
     }
 }

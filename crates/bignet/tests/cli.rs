@@ -45,7 +45,10 @@ fn stats_json_has_every_key_and_counts_parameters() {
         }
     }
     // 18 layers of 64x64 + 64, 5 LayerNorms of 2x64.
-    assert_eq!(v["bignet"]["trainable_params"], 18 * (64 * 64 + 64) + 5 * 128);
+    assert_eq!(
+        v["bignet"]["trainable_params"],
+        18 * (64 * 64 + 64) + 5 * 128
+    );
     assert_eq!(v["qlora"]["trainable_params"], 18 * 2 * 32 * 64);
     assert!(v["bignet"]["actual_mb"].as_f64().unwrap() > 0.0);
     assert!(v["bignet"]["backward_mb"].as_f64().unwrap() > 0.0);
@@ -53,7 +56,14 @@ fn stats_json_has_every_key_and_counts_parameters() {
 
 #[test]
 fn compare_fit_and_bench_json() {
-    let v = json(&["compare", "bignet", "half_precision", "--dim", "64", "--json"]);
+    let v = json(&[
+        "compare",
+        "bignet",
+        "half_precision",
+        "--dim",
+        "64",
+        "--json",
+    ]);
     assert_eq!(v["a"], "bignet");
     assert_eq!(v["b"], "half_precision");
     let max = v["max_diff"].as_f64().unwrap();
@@ -93,7 +103,11 @@ fn forward_through_files_matches_pytorch() {
         "--output",
         out_path.to_str().unwrap(),
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let y = nibble_bignet::checkpoint::Checkpoint::open(&out_path)
         .unwrap()
         .tensor_f32("y", Some(&[16, 128]))
@@ -111,14 +125,23 @@ fn fails_with(args: &[&str], needle: &str) {
     let out = bignet(args);
     assert!(!out.status.success(), "bignet {args:?} should fail");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(needle), "stderr of {args:?} lacks {needle:?}: {err}");
+    assert!(
+        err.contains(needle),
+        "stderr of {args:?} lacks {needle:?}: {err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
 }
 
 #[test]
 fn bad_input_gives_clear_errors() {
     fails_with(
-        &["compare", "bignet", "lora", "--weights", "/no/such/file.pth"],
+        &[
+            "compare",
+            "bignet",
+            "lora",
+            "--weights",
+            "/no/such/file.pth",
+        ],
         "/no/such/file.pth",
     );
     fails_with(&["stats", "biggest_net"], "biggest_net");
@@ -139,9 +162,18 @@ fn bad_input_gives_clear_errors() {
     );
     // A file that is not a checkpoint.
     fails_with(
-        &["compare", "bignet", "lora", "--weights", env!("CARGO_MANIFEST_DIR")],
+        &[
+            "compare",
+            "bignet",
+            "lora",
+            "--weights",
+            env!("CARGO_MANIFEST_DIR"),
+        ],
         env!("CARGO_MANIFEST_DIR"),
     );
-    fails_with(&["fit", "low_precision", "--dim", "32", "--steps", "1"], "no trainable");
+    fails_with(
+        &["fit", "low_precision", "--dim", "32", "--steps", "1"],
+        "no trainable",
+    );
     fails_with(&["bench", "bignet", "--threads", "0"], "--threads");
 }

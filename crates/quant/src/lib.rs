@@ -34,6 +34,10 @@ pub mod q4;
 
 pub use bytes::Bytes;
 pub use cpu::KernelPath;
+pub use int8::Int8Matrix;
+pub use lower::LowerMatrix;
+pub use nf4::Nf4Matrix;
+
 pub use error::{QuantError, Result};
 
 pub use q4::Q4Matrix;

@@ -1,1 +1,348 @@
-//! wip
+//! Under 4 bits: mixed 3/4-bit rows with a least-squares-fitted scale and minimum per group, for
+//! BigNet's `lower_precision` variant (the whole width-1024 BigNet in < 9 MiB).
+//!
+//! Format ([`LowerMatrix`]):
+//! - each row has a bit width of 3 or 4 (`bits` u8 `[out]`); the rows whose quantization error
+//!   drops most from 3 to 4 bits get 4 bits, as many as the bit budget allows;
+//! - groups of [`LOWER_GROUP`] = 128 consecutive weights of a row share an f16 `scale` and an
+//!   f16 `min` (`scales`, `mins`: f16 `[out, in/128]`): `v' = min + scale · code`;
+//! - `codes` u8: the rows one after another; a 4-bit row takes `in/2` bytes (element `2i` in
+//!   the low nibble), a 3-bit row `3·in/8` bytes, each 8 codes packed little-endian into 3
+//!   bytes (code `j` at bits `3j..3j+3`);
+//! - quantizing: per group, a small grid search over clipping of `[min, max]` followed by a
+//!   least-squares refit of `(min, scale)` to the chosen codes (HQQ / k-quant style), keeping
+//!   whichever has the least squared error; codes are then recomputed with the f16-rounded
+//!   parameters.
+//!
+//! At the default budget of 3.9 bits per weight (codes, scales, mins and widths included) a
+//! 1024x1024 matrix takes ≈ 511 KiB.
+
+use half::f16;
+use nibble_tensor::Tensor;
+use rayon::prelude::*;
+
+use crate::bytes::{check_part, Bytes};
+use crate::cpu::KernelPath;
+use crate::error::{QuantError, Result};
+use crate::kernels::{self, QuantRows};
+
+/// Weights per scale/min group.
+pub const LOWER_GROUP: usize = 128;
+/// Default bit budget per weight.
+pub const DEFAULT_BITS: f64 = 3.9;
+
+/// 8 three-bit codes: 3 bytes, code `j` at bits `3j..3j+3` of the little-endian u24.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct Pack3x8 {
+    /// The packed codes.
+    pub b: [u8; 3],
+}
+const _: () = assert!(std::mem::size_of::<Pack3x8>() == 3);
+
+/// A mixed 3/4-bit quantized matrix (see the [module docs](self)).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LowerMatrix {
+    out: usize,
+    inn: usize,
+    bits: Bytes,
+    codes: Bytes,
+    scales: Bytes,
+    mins: Bytes,
+    offsets: Vec<usize>,
+}
+
+/// Fits one group at `bits`: returns `(min, scale, squared error)` with f16-rounded parameters.
+fn fit_group(v: &[f32], bits: u32) -> (f16, f16, f64) {
+    let qmax = ((1u32 << bits) - 1) as f32;
+    let lo = v.iter().fold(f32::INFINITY, |a, &b| a.min(b));
+    let hi = v.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let range = hi - lo;
+    let sse = |m: f32, s: f32| -> f64 {
+        v.iter()
+            .map(|&x| {
+                let c = if s > 0.0 {
+                    ((x - m) / s).round().clamp(0.0, qmax)
+                } else {
+                    0.0
+                };
+                let d = (m + s * c - x) as f64;
+                d * d
+            })
+            .sum()
+    };
+    let round = |m: f32, s: f32| (f16::from_f32(m), f16::from_f32(s));
+    let mut best = round(lo, range / qmax);
+    let mut best_e = sse(best.0.to_f32(), best.1.to_f32());
+    if range <= 0.0 {
+        return (best.0, best.1, best_e);
+    }
+    for a in 0..6 {
+        for b in 0..6 {
+            let l = lo + range * 0.02 * a as f32;
+            let h = hi - range * 0.02 * b as f32;
+            let mut m = l;
+            let mut s = (h - l) / qmax;
+            for _ in 0..2 {
+                // least-squares refit to the codes
+                let n = v.len() as f64;
+                let (mut sc, mut scc, mut sx, mut scx) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
+                for &x in v {
+                    let c = ((x - m) / s).round().clamp(0.0, qmax) as f64;
+                    sc += c;
+                    scc += c * c;
+                    sx += x as f64;
+                    scx += c * x as f64;
+                }
+                let den = n * scc - sc * sc;
+                if den <= 0.0 {
+                    break;
+                }
+                let s2 = (n * scx - sc * sx) / den;
+                if s2 <= 0.0 {
+                    break;
+                }
+                s = s2 as f32;
+                m = ((sx - s2 * sc) / n) as f32;
+            }
+            let c = round(m, s);
+            let e = sse(c.0.to_f32(), c.1.to_f32());
+            if e < best_e {
+                best = c;
+                best_e = e;
+            }
+        }
+    }
+    (best.0, best.1, best_e)
+}
+
+struct RowQ {
+    mins: Vec<f16>,
+    scales: Vec<f16>,
+    err: f64,
+}
+
+fn fit_row(x: &[f32], bits: u32) -> RowQ {
+    let mut r = RowQ {
+        mins: Vec::new(),
+        scales: Vec::new(),
+        err: 0.0,
+    };
+    for g in x.chunks(LOWER_GROUP) {
+        let (m, s, e) = fit_group(g, bits);
+        r.mins.push(m);
+        r.scales.push(s);
+        r.err += e;
+    }
+    r
+}
+
+fn encode_row(x: &[f32], bits: u32, q: &RowQ, out: &mut Vec<u8>) {
+    let qmax = ((1u32 << bits) - 1) as f32;
+    let codes: Vec<u8> = x
+        .iter()
+        .enumerate()
+        .map(|(k, &v)| {
+            let (m, s) = (
+                q.mins[k / LOWER_GROUP].to_f32(),
+                q.scales[k / LOWER_GROUP].to_f32(),
+            );
+            if s > 0.0 {
+                ((v - m) / s).round().clamp(0.0, qmax) as u8
+            } else {
+                0
+            }
+        })
+        .collect();
+    if bits == 4 {
+        out.extend(codes.chunks(2).map(|c| c[0] | (c[1] << 4)));
+    } else {
+        for c in codes.chunks(8) {
+            let w = c
+                .iter()
+                .enumerate()
+                .fold(0u32, |a, (j, &v)| a | ((v as u32) << (3 * j)));
+            out.extend_from_slice(&w.to_le_bytes()[..3]);
+        }
+    }
+}
+
+fn row_bytes(inn: usize, bits: u8) -> usize {
+    inn * bits as usize / 8
+}
+
+impl LowerMatrix {
+    /// Quantizes at the default budget ([`DEFAULT_BITS`] bits per weight).
+    pub fn quantize(w: &Tensor) -> Result<Self> {
+        Self::quantize_bits(w, DEFAULT_BITS)
+    }
+
+    /// Quantizes with at most `bits_per_weight` bits per weight (all parts included; at least
+    /// the all-3-bit size).
+    pub fn quantize_bits(w: &Tensor, bits_per_weight: f64) -> Result<Self> {
+        const OP: &str = "lower_quantize";
+        let (o, i) = kernels::check_shape(OP, w, LOWER_GROUP)?;
+        if let Some(k) = w.data().iter().position(|v| !v.is_finite()) {
+            return Err(QuantError::NonFinite {
+                op: OP,
+                row: k / i,
+                col: k % i,
+                value: w.data()[k],
+            });
+        }
+        let rows: Vec<&[f32]> = if i > 0 {
+            w.data().chunks(i).collect()
+        } else {
+            vec![]
+        };
+        let fits: Vec<(RowQ, RowQ)> = rows
+            .par_iter()
+            .map(|x| (fit_row(x, 3), fit_row(x, 4)))
+            .collect();
+        let fixed = o * (i / LOWER_GROUP) * 4 + o;
+        let budget = (bits_per_weight * (o * i) as f64 / 8.0) as usize;
+        let base = o * row_bytes(i, 3) + fixed;
+        let extra = if i > 0 {
+            row_bytes(i, 4) - row_bytes(i, 3)
+        } else {
+            1
+        };
+        let n4 = (budget.saturating_sub(base) / extra.max(1)).min(o);
+        let mut order: Vec<usize> = (0..o).collect();
+        order.sort_by(|&a, &b| {
+            let ga = fits[a].0.err - fits[a].1.err;
+            let gb = fits[b].0.err - fits[b].1.err;
+            gb.total_cmp(&ga).then(a.cmp(&b))
+        });
+        let mut bits = vec![3u8; o];
+        for &r in &order[..n4] {
+            bits[r] = 4;
+        }
+        let mut codes = Vec::new();
+        let (mut mins, mut scales) = (Vec::new(), Vec::new());
+        for r in 0..o {
+            let q = if bits[r] == 4 { &fits[r].1 } else { &fits[r].0 };
+            encode_row(rows[r], bits[r] as u32, q, &mut codes);
+            mins.extend_from_slice(&q.mins);
+            scales.extend_from_slice(&q.scales);
+        }
+        Self::from_parts(
+            o,
+            i,
+            Bytes::from_vec(bits),
+            Bytes::from_vec(codes),
+            Bytes::from_f16(scales),
+            Bytes::from_f16(mins),
+        )
+    }
+
+    /// Builds from raw parts: `bits` u8 `[out]` (3 or 4), `codes` u8 (Σ row bytes), `scales`
+    /// and `mins` f16 `[out, in/128]`.
+    pub fn from_parts(
+        out: usize,
+        inn: usize,
+        bits: Bytes,
+        codes: Bytes,
+        scales: Bytes,
+        mins: Bytes,
+    ) -> Result<Self> {
+        const OP: &str = "LowerMatrix::from_parts";
+        if inn % LOWER_GROUP != 0 {
+            return Err(QuantError::Shape {
+                op: OP,
+                shape: vec![out, inn],
+                what: format!("in = {inn} is not a multiple of {LOWER_GROUP}"),
+            });
+        }
+        check_part(OP, "bits", out, inn, &bits, out)?;
+        let mut offsets = Vec::with_capacity(out + 1);
+        offsets.push(0usize);
+        for (k, &b) in bits.as_slice().iter().enumerate() {
+            if b != 3 && b != 4 {
+                return Err(QuantError::PartValue {
+                    op: OP,
+                    part: "bits",
+                    index: k,
+                    what: format!("bit width {b} (must be 3 or 4)"),
+                });
+            }
+            offsets.push(offsets[k] + row_bytes(inn, b));
+        }
+        check_part(OP, "codes", out, inn, &codes, offsets[out])?;
+        let ng = out * (inn / LOWER_GROUP) * 2;
+        check_part(OP, "scales", out, inn, &scales, ng)?;
+        check_part(OP, "mins", out, inn, &mins, ng)?;
+        Ok(LowerMatrix {
+            out,
+            inn,
+            bits,
+            codes,
+            scales: scales.aligned(2),
+            mins: mins.aligned(2),
+            offsets,
+        })
+    }
+
+    /// Rows (`out`) and columns (`in`).
+    pub fn shape(&self) -> (usize, usize) {
+        (self.out, self.inn)
+    }
+
+    /// The raw parts `(bits, codes, scales, mins)`.
+    pub fn parts(&self) -> (&Bytes, &Bytes, &Bytes, &Bytes) {
+        (&self.bits, &self.codes, &self.scales, &self.mins)
+    }
+
+    /// Number of 4-bit rows.
+    pub fn rows_4bit(&self) -> usize {
+        self.bits.as_slice().iter().filter(|&&b| b == 4).count()
+    }
+
+    /// Bits per weight, all parts included.
+    pub fn bits_per_weight(&self) -> f64 {
+        self.parts_len() as f64 * 8.0 / (self.out * self.inn).max(1) as f64
+    }
+
+    fn parts_len(&self) -> usize {
+        self.bits.len() + self.codes.len() + self.scales.len() + self.mins.len()
+    }
+}
+
+impl QuantRows for LowerMatrix {
+    fn dims(&self) -> (usize, usize) {
+        (self.out, self.inn)
+    }
+    fn seg_align(&self) -> usize {
+        8
+    }
+    fn dequant_segment(&self, _path: KernelPath, r: usize, c0: usize, len: usize, dst: &mut [f32]) {
+        let row = &self.codes.as_slice()[self.offsets[r]..self.offsets[r + 1]];
+        let ng = self.inn / LOWER_GROUP;
+        let (sc, mn) = (&self.scales.f16s()[r * ng..], &self.mins.f16s()[r * ng..]);
+        let four = self.bits.as_slice()[r] == 4;
+        let mut k = c0;
+        let end = c0 + len;
+        while k < end {
+            let g = k / LOWER_GROUP;
+            let (s, m) = (sc[g].to_f32(), mn[g].to_f32());
+            let gend = ((g + 1) * LOWER_GROUP).min(end);
+            if four {
+                for j in k..gend {
+                    let c = (row[j / 2] >> ((j % 2) * 4)) & 15;
+                    dst[j - c0] = m + s * c as f32;
+                }
+            } else {
+                for j8 in (k..gend).step_by(8) {
+                    let p = j8 / 8 * 3;
+                    let w = u32::from_le_bytes([row[p], row[p + 1], row[p + 2], 0]);
+                    for t in 0..8 {
+                        dst[j8 + t - c0] = m + s * ((w >> (3 * t)) & 7) as f32;
+                    }
+                }
+            }
+            k = gend;
+        }
+    }
+}
+
+kernels::impl_weight_matrix!(LowerMatrix, "lower");

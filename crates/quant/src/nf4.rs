@@ -1,1 +1,801 @@
-//! wip
+//! NF4: QLoRA's 4-bit NormalFloat exactly as bitsandbytes makes it on CPU, optionally with
+//! double quantization of the block scales.
+//!
+//! - Blocks of [`NF4_BLOCK`] = 64 over the flattened (row-major) matrix; this crate requires
+//!   `in` to be a multiple of 64, so that every row holds whole blocks.
+//! - Per block `absmax = max |v|` (f32); each weight gets the code of the nearest of the 16
+//!   [`NF4_LEVELS`] to `v / absmax`, decided with bitsandbytes' own thresholds
+//!   ([`NF4_THRESHOLDS`]: code = number of thresholds strictly below `v / absmax`). An all-zero
+//!   block (0/0 = NaN) gets code 0 for every weight, and dequantizes to `-1 · 0 = -0`.
+//! - `packed`: u8 `[out·in/2]`, two codes a byte, the FIRST element in the HIGH nibble.
+//! - Plain statistics: `absmax` f32 `[out·in/64]`. Dequantized `v' = level[code] · absmax`.
+//! - Double quantization (`compress_statistics=True`): `absmax_offset` f32 `[1]` = the mean of
+//!   the absmaxes; the absmaxes minus it are quantized in blocks of 256 to u8 `absmax_codes`
+//!   `[out·in/64]` into the signed 8-bit dynamic map ([`dynamic_map`]) the way bitsandbytes'
+//!   CPU kernel picks codes ([`dynamic_code_bnb`]; a group whose scale is 0 gets code 0), scaled by
+//!   `absmax_scale` f32 `[ceil(blocks/256)]` (the absmax of each group of 256). The block scale
+//!   is then `map[code] · absmax_scale + absmax_offset`. 4 + 8/64 + 32/16384 ≈ 4.127 bits per
+//!   weight.
+
+use nibble_tensor::Tensor;
+use rayon::prelude::*;
+
+use crate::bytes::{check_part, Bytes};
+use crate::cpu::{kernel_path, usable, KernelPath};
+use crate::error::{QuantError, Result};
+use crate::kernels::{self, QuantRows};
+
+/// Weights per NF4 block.
+pub const NF4_BLOCK: usize = 64;
+/// Block scales per double-quantization group.
+pub const DQ_BLOCK: usize = 256;
+
+/// One NF4 block's codes: 64 nibbles, element `2i` in the HIGH nibble of `qs[i]`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct BlockNf4 {
+    /// The packed codes.
+    pub qs: [u8; NF4_BLOCK / 2],
+}
+const _: () = assert!(std::mem::size_of::<BlockNf4>() == 32);
+
+/// The 16 NF4 levels (bitsandbytes' `get_4bit_type("nf4")`).
+pub const NF4_LEVELS: [f32; 16] = [
+    -1.0,
+    -0.696_192_8,
+    -0.525_073_05,
+    -0.394_917_5,
+    -0.284_441_38,
+    -0.184_773_43,
+    -0.091_050_036,
+    0.0,
+    0.079_580_3,
+    0.160_930_2,
+    0.246_112_3,
+    0.337_915_24,
+    0.440_709_83,
+    0.562_617,
+    0.722_956_84,
+    1.0,
+];
+
+/// bitsandbytes' decision thresholds (`dQuantizeNF4`): the code of `x` is the number of
+/// thresholds `t` with `x > t`.
+pub const NF4_THRESHOLDS: [f32; 15] = [
+    -0.848_096_4,
+    -0.610_632_9,
+    -0.459_995_27,
+    -0.339_679_43,
+    -0.234_607_4,
+    -0.137_911_73,
+    -0.045_525_018,
+    0.039_790_15,
+    0.120_255_25,
+    0.203_521_25,
+    0.292_013_77,
+    0.389_312_54,
+    0.501_663_4,
+    0.642_786_9,
+    0.861_478_4,
+];
+
+/// The NF4 code of a normalized weight `x` (NaN gives 0, as in bitsandbytes' tree).
+#[inline]
+pub fn nf4_code(x: f32) -> u8 {
+    NF4_THRESHOLDS.iter().filter(|&&t| x > t).count() as u8
+}
+
+/// The bits of bitsandbytes' signed 8-bit dynamic map as its Python code builds it in f32.
+const DYNAMIC_MAP_BITS: [u32; 256] = [
+    0xbf7e3333, 0xbf7a999a, 0xbf770000, 0xbf736666, 0xbf6fcccd, 0xbf6c3333, 0xbf68999a, 0xbf650000,
+    0xbf616666, 0xbf5dcccd, 0xbf5a3333, 0xbf56999a, 0xbf530000, 0xbf4f6666, 0xbf4bcccd, 0xbf483333,
+    0xbf44999a, 0xbf410000, 0xbf3d6666, 0xbf39cccd, 0xbf363334, 0xbf32999a, 0xbf2f0000, 0xbf2b6666,
+    0xbf27cccd, 0xbf243334, 0xbf20999a, 0xbf1d0000, 0xbf196666, 0xbf15cccd, 0xbf123334, 0xbf0e999a,
+    0xbf0b0000, 0xbf076666, 0xbf03cccc, 0xbf003333, 0xbef93332, 0xbef20000, 0xbeeacccc, 0xbee3999a,
+    0xbedc6666, 0xbed53333, 0xbece0000, 0xbec6cccc, 0xbebf999a, 0xbeb86666, 0xbeb13333, 0xbeaa0000,
+    0xbea2cccc, 0xbe9b999a, 0xbe946666, 0xbe8d3334, 0xbe860000, 0xbe7d9999, 0xbe6f3333, 0xbe60cccd,
+    0xbe526666, 0xbe440000, 0xbe35999a, 0xbe273333, 0xbe18cccd, 0xbe0a6666, 0xbdf80000, 0xbddb3334,
+    0xbdc9eb85, 0xbdc428f7, 0xbdbe6667, 0xbdb8a3d7, 0xbdb2e148, 0xbdad1eb8, 0xbda75c2a, 0xbda1999a,
+    0xbd9bd70a, 0xbd96147b, 0xbd9051eb, 0xbd8a8f5d, 0xbd84cccd, 0xbd7e147b, 0xbd728f5d, 0xbd670a3d,
+    0xbd5b851f, 0xbd500000, 0xbd447ae1, 0xbd38f5c3, 0xbd2d70a3, 0xbd21eb85, 0xbd166667, 0xbd0ae148,
+    0xbcfeb852, 0xbce7ae15, 0xbcd0a3d7, 0xbcb9999a, 0xbca28f5d, 0xbc8b851f, 0xbc68f5c3, 0xbc3ae148,
+    0xbc1f3b64, 0xbc160418, 0xbc0ccccd, 0xbc039581, 0xbbf4bc6a, 0xbbe24dd3, 0xbbcfdf3b, 0xbbbd70a4,
+    0xbbab020d, 0xbb989374, 0xbb8624dd, 0xbb676c8a, 0xbb428f5c, 0xbb1db22d, 0xbaf1a9fc, 0xbaa7ef9d,
+    0xba7765ff, 0xba59e83e, 0xba3c6a80, 0xba1eecc1, 0xba016f01, 0xb9c7e283, 0xb98ce705, 0xb923d70b,
+    0xb8ba1f4b, 0xb88aefb3, 0xb8378034, 0xb7b24206, 0xb70205ff, 0xb65a1a94, 0xb513a3b7, 0x00000000,
+    0x3513a3b7, 0x365a1a94, 0x370205ff, 0x37b24206, 0x38378034, 0x388aefb3, 0x38ba1f4b, 0x3923d70b,
+    0x398ce705, 0x39c7e283, 0x3a016f01, 0x3a1eecc1, 0x3a3c6a80, 0x3a59e83e, 0x3a7765ff, 0x3aa7ef9d,
+    0x3af1a9fc, 0x3b1db22d, 0x3b428f5c, 0x3b676c8a, 0x3b8624dd, 0x3b989374, 0x3bab020d, 0x3bbd70a4,
+    0x3bcfdf3b, 0x3be24dd3, 0x3bf4bc6a, 0x3c039581, 0x3c0ccccd, 0x3c160418, 0x3c1f3b64, 0x3c3ae148,
+    0x3c68f5c3, 0x3c8b851f, 0x3ca28f5d, 0x3cb9999a, 0x3cd0a3d7, 0x3ce7ae15, 0x3cfeb852, 0x3d0ae148,
+    0x3d166667, 0x3d21eb85, 0x3d2d70a3, 0x3d38f5c3, 0x3d447ae1, 0x3d500000, 0x3d5b851f, 0x3d670a3d,
+    0x3d728f5d, 0x3d7e147b, 0x3d84cccd, 0x3d8a8f5d, 0x3d9051eb, 0x3d96147b, 0x3d9bd70a, 0x3da1999a,
+    0x3da75c2a, 0x3dad1eb8, 0x3db2e148, 0x3db8a3d7, 0x3dbe6667, 0x3dc428f7, 0x3dc9eb85, 0x3ddb3334,
+    0x3df80000, 0x3e0a6666, 0x3e18cccd, 0x3e273333, 0x3e35999a, 0x3e440000, 0x3e526666, 0x3e60cccd,
+    0x3e6f3333, 0x3e7d9999, 0x3e860000, 0x3e8d3334, 0x3e946666, 0x3e9b999a, 0x3ea2cccc, 0x3eaa0000,
+    0x3eb13333, 0x3eb86666, 0x3ebf999a, 0x3ec6cccc, 0x3ece0000, 0x3ed53333, 0x3edc6666, 0x3ee3999a,
+    0x3eeacccc, 0x3ef20000, 0x3ef93332, 0x3f003333, 0x3f03cccc, 0x3f076666, 0x3f0b0000, 0x3f0e999a,
+    0x3f123334, 0x3f15cccd, 0x3f196666, 0x3f1d0000, 0x3f20999a, 0x3f243334, 0x3f27cccd, 0x3f2b6666,
+    0x3f2f0000, 0x3f32999a, 0x3f363334, 0x3f39cccd, 0x3f3d6666, 0x3f410000, 0x3f44999a, 0x3f483333,
+    0x3f4bcccd, 0x3f4f6666, 0x3f530000, 0x3f56999a, 0x3f5a3333, 0x3f5dcccd, 0x3f616666, 0x3f650000,
+    0x3f68999a, 0x3f6c3333, 0x3f6fcccd, 0x3f736666, 0x3f770000, 0x3f7a999a, 0x3f7e3333, 0x3f800000,
+];
+
+/// bitsandbytes' 8-bit signed dynamic map (`create_dynamic_map(signed=True)`), bit-exact: the
+/// table of the values bitsandbytes produces (its `torch.linspace` rounding depends on ATen's
+/// vectorization, so the constants are kept; [`dynamic_map_generated`] rebuilds them to within two ulps)
+///
+pub fn dynamic_map() -> [f32; 256] {
+    DYNAMIC_MAP_BITS.map(f32::from_bits)
+}
+
+/// `create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8)` recomputed here: 256
+/// sorted values in [-1, 1], equal to [`dynamic_map`] within 2e-7 relative (1-2 ulps).
+pub fn dynamic_map_generated() -> [f32; 256] {
+    let max_exp = 7i32;
+    let mut data: Vec<f32> = Vec::with_capacity(256);
+    for i in 0..max_exp {
+        let items = (1usize << i) + 1;
+        let bounds = linspace_f32(0.1, 1.0, items);
+        let scale = 10f64.powi(-(max_exp - 1) + i) as f32;
+        for k in 0..items - 1 {
+            let mean = (bounds[k] + bounds[k + 1]) / 2.0;
+            data.push(scale * mean);
+            data.push(-(scale * mean));
+        }
+    }
+    data.push(0.0);
+    data.push(1.0);
+    data.sort_by(|a, b| a.total_cmp(b));
+    let mut out = [0.0f32; 256];
+    out.copy_from_slice(&data[..256]);
+    out
+}
+
+/// `torch.linspace(start, end, steps, dtype=float32)` as ATen's CPU kernel computes it: whole
+/// vectors of `LANES` from `base + k·step` (base from the half the vector starts in), then the
+/// scalar formula for the remainder.
+fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
+    const LANES: usize = 8;
+    if steps == 1 {
+        return vec![start];
+    }
+    let step = (end - start) / (steps - 1) as f32;
+    let half = steps / 2;
+    let at = |i: usize| {
+        if i < half {
+            start + step * i as f32
+        } else {
+            end - step * (steps - i - 1) as f32
+        }
+    };
+    let mut v = Vec::with_capacity(steps);
+    let mut idx = 0;
+    let vec_end = steps / (2 * LANES) * (2 * LANES);
+    while idx < vec_end {
+        let base = at(idx);
+        for k in 0..LANES {
+            v.push(base + k as f32 * step);
+        }
+        idx += LANES;
+    }
+    while idx < steps {
+        v.push(at(idx));
+        idx += 1;
+    }
+    v
+}
+
+/// Index of the map value nearest to `x` (exact argmin of `|x - map[i]|` in f32, lowest index
+/// on ties).
+pub fn nearest_dynamic_code(map: &[f32; 256], x: f32) -> u8 {
+    let hi = map.partition_point(|&m| m < x);
+    let lo = hi.saturating_sub(2);
+    let end = (hi + 2).min(256);
+    let mut best = lo;
+    for i in lo..end {
+        if (x - map[i]).abs() < (x - map[best]).abs() {
+            best = i;
+        }
+    }
+    best as u8
+}
+
+const DQ_LUT_SIZE: usize = 65536;
+
+/// The code bitsandbytes' CPU blockwise quantizer gives a normalized value `x`: it clamps to
+/// [-1, 1], maps onto a grid of 65536 points (`idx = trunc((x+1)·0.5·65535 + 0.5)`) and takes
+/// the precomputed nearest code of that grid point, so values within half a grid step of a
+/// midpoint may get the farther code.
+pub fn dynamic_code_bnb(x: f32) -> u8 {
+    static LUT: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    let lut = LUT.get_or_init(|| {
+        let map = dynamic_map();
+        (0..DQ_LUT_SIZE)
+            .map(|i| {
+                let g = (i as f32 / (DQ_LUT_SIZE - 1) as f32) * 2.0 - 1.0;
+                nearest_dynamic_code(&map, g)
+            })
+            .collect()
+    });
+    let v = x.clamp(-1.0, 1.0);
+    let t = (v + 1.0) * 0.5 * (DQ_LUT_SIZE - 1) as f32 + 0.5;
+    lut[(t as usize).min(DQ_LUT_SIZE - 1)]
+}
+
+/// The block statistics of an [`Nf4Matrix`].
+#[derive(Debug, Clone, PartialEq)]
+enum Stats {
+    /// f32 absmax per block.
+    Plain { absmax: Bytes },
+    /// Double-quantized absmaxes.
+    Double {
+        codes: Bytes,
+        offset: f32,
+        scale: Bytes,
+        map: Box<[f32; 256]>,
+    },
+}
+
+/// An NF4-quantized `out x in` matrix (see the [module docs](self) for the format).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Nf4Matrix {
+    out: usize,
+    inn: usize,
+    packed: Bytes,
+    stats: Stats,
+}
+
+fn nonfinite(op: &'static str, inn: usize, x: &[f32], base: usize) -> QuantError {
+    let k = x.iter().position(|v| !v.is_finite()).unwrap_or(0);
+    QuantError::NonFinite {
+        op,
+        row: (base + k) / inn.max(1),
+        col: (base + k) % inn.max(1),
+        value: x.get(k).copied().unwrap_or(f32::NAN),
+    }
+}
+
+/// Scalar ground truth: quantizes blocks of 64 (`x.len()` a multiple of 64) into `packed`
+/// (`x.len()/2` bytes, first element in the high nibble) and `absmax`. Returns the index of the
+/// first non-finite weight as the error.
+pub fn quantize_ref(
+    x: &[f32],
+    packed: &mut [u8],
+    absmax: &mut [f32],
+) -> std::result::Result<(), usize> {
+    for (b, blk) in x.chunks_exact(NF4_BLOCK).enumerate() {
+        if let Some(k) = blk.iter().position(|v| !v.is_finite()) {
+            return Err(b * NF4_BLOCK + k);
+        }
+        let am = blk.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+        absmax[b] = am;
+        for (i, o) in packed[b * 32..b * 32 + 32].iter_mut().enumerate() {
+            let c = |v: f32| if am == 0.0 { 7 } else { nf4_code(v / am) };
+            *o = (c(blk[2 * i]) << 4) | c(blk[2 * i + 1]);
+        }
+    }
+    Ok(())
+}
+
+/// Quantizes with a kernel path (bit-identical to [`quantize_ref`]).
+pub fn quantize(
+    path: KernelPath,
+    x: &[f32],
+    packed: &mut [u8],
+    absmax: &mut [f32],
+) -> std::result::Result<(), usize> {
+    match usable(path) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: Avx2 only when the CPU has AVX2/FMA/F16C.
+        KernelPath::Avx2 => unsafe { avx2::quantize(x, packed, absmax) },
+        KernelPath::Portable => portable::quantize(x, packed, absmax),
+        _ => quantize_ref(x, packed, absmax),
+    }
+}
+
+/// Scalar ground truth: dequantizes `out.len()` weights (a multiple of 16) starting at a
+/// multiple of 16, from their packed codes, with `scale(i)` the absmax of the 16-run `i`.
+pub fn dequantize_ref(packed: &[u8], scale: impl Fn(usize) -> f32, out: &mut [f32]) {
+    for (g, o) in out.chunks_exact_mut(16).enumerate() {
+        let s = scale(g);
+        for i in 0..8 {
+            let b = packed[g * 8 + i];
+            o[2 * i] = NF4_LEVELS[(b >> 4) as usize] * s;
+            o[2 * i + 1] = NF4_LEVELS[(b & 15) as usize] * s;
+        }
+    }
+}
+
+mod portable {
+    use super::*;
+    use wide::{f32x8, CmpGt};
+
+    pub(super) fn quantize(
+        x: &[f32],
+        packed: &mut [u8],
+        absmax: &mut [f32],
+    ) -> std::result::Result<(), usize> {
+        for (b, blk) in x.chunks_exact(NF4_BLOCK).enumerate() {
+            let vs: Vec<f32x8> = blk
+                .chunks_exact(8)
+                .map(|c| f32x8::from(<[f32; 8]>::try_from(c).unwrap_or([0.0; 8])))
+                .collect();
+            if vs.iter().any(|v| !v.is_finite().all()) {
+                return quantize_ref(x, packed, absmax);
+            }
+            let am = vs
+                .iter()
+                .fold(f32x8::ZERO, |a, v| a.max(v.abs()))
+                .to_array()
+                .iter()
+                .fold(0.0f32, |a, &v| a.max(v));
+            absmax[b] = am;
+            let mut codes = [7u8; NF4_BLOCK];
+            if am != 0.0 {
+                let amv = f32x8::splat(am);
+                for (j, v) in vs.iter().enumerate() {
+                    let xn = *v / amv;
+                    let mut cnt = f32x8::ZERO;
+                    for t in NF4_THRESHOLDS {
+                        cnt += xn.cmp_gt(f32x8::splat(t)) & f32x8::ONE;
+                    }
+                    for (k, c) in cnt.to_array().iter().enumerate() {
+                        codes[j * 8 + k] = *c as u8;
+                    }
+                }
+            }
+            for (i, o) in packed[b * 32..b * 32 + 32].iter_mut().enumerate() {
+                *o = (codes[2 * i] << 4) | codes[2 * i + 1];
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn dequantize(packed: &[u8], scale: impl Fn(usize) -> f32, out: &mut [f32]) {
+        for (g, o) in out.chunks_exact_mut(16).enumerate() {
+            let s = f32x8::splat(scale(g));
+            let mut c = [0.0f32; 16];
+            for i in 0..8 {
+                let b = packed[g * 8 + i];
+                c[2 * i] = NF4_LEVELS[(b >> 4) as usize];
+                c[2 * i + 1] = NF4_LEVELS[(b & 15) as usize];
+            }
+            let a = f32x8::from(<[f32; 8]>::try_from(&c[..8]).unwrap_or([0.0; 8])) * s;
+            let b = f32x8::from(<[f32; 8]>::try_from(&c[8..]).unwrap_or([0.0; 8])) * s;
+            o[..8].copy_from_slice(&a.to_array());
+            o[8..].copy_from_slice(&b.to_array());
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::*;
+    use crate::kernels::avx2::{hsum, lut16};
+    use std::arch::x86_64::*;
+
+    /// 16 codes (8 bytes at `p`, first element in the high nibble) as element-order bytes.
+    #[inline(always)]
+    unsafe fn unpack16(p: *const u8) -> __m128i {
+        // SAFETY (caller): 8 readable bytes at `p`.
+        let b = _mm_loadl_epi64(p as *const __m128i);
+        let m = _mm_set1_epi8(0x0f);
+        let lo = _mm_and_si128(b, m);
+        let hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
+        _mm_unpacklo_epi8(hi, lo)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn quantize(
+        x: &[f32],
+        packed: &mut [u8],
+        absmax: &mut [f32],
+    ) -> std::result::Result<(), usize> {
+        let absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        let fmax = _mm256_set1_ps(f32::MAX);
+        for b in 0..x.len() / NF4_BLOCK {
+            let p = x.as_ptr().add(b * NF4_BLOCK);
+            let mut v = [_mm256_setzero_ps(); 8];
+            let mut m = _mm256_setzero_ps();
+            let mut bad = _mm256_setzero_ps();
+            for (j, vj) in v.iter_mut().enumerate() {
+                // SAFETY: block b lies inside x.
+                *vj = _mm256_loadu_ps(p.add(8 * j));
+                let a = _mm256_and_ps(*vj, absm);
+                bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, fmax, _CMP_NLE_UQ));
+                m = _mm256_max_ps(m, a);
+            }
+            if _mm256_movemask_ps(bad) != 0 {
+                return quantize_ref(x, packed, absmax);
+            }
+            let mut t = [0.0f32; 8];
+            _mm256_storeu_ps(t.as_mut_ptr(), m);
+            let am = t.iter().fold(0.0f32, |a, &v| a.max(v));
+            absmax[b] = am;
+            let mut codes = [7u8; NF4_BLOCK];
+            if am != 0.0 {
+                let amv = _mm256_set1_ps(am);
+                for (j, vj) in v.iter().enumerate() {
+                    let xn = _mm256_div_ps(*vj, amv);
+                    let mut cnt = _mm256_setzero_si256();
+                    for th in NF4_THRESHOLDS {
+                        let gt =
+                            _mm256_castps_si256(_mm256_cmp_ps(xn, _mm256_set1_ps(th), _CMP_GT_OQ));
+                        cnt = _mm256_sub_epi32(cnt, gt);
+                    }
+                    let mut c = [0i32; 8];
+                    _mm256_storeu_si256(c.as_mut_ptr() as *mut __m256i, cnt);
+                    for k in 0..8 {
+                        codes[j * 8 + k] = c[k] as u8;
+                    }
+                }
+            }
+            for (i, o) in packed[b * 32..b * 32 + 32].iter_mut().enumerate() {
+                *o = (codes[2 * i] << 4) | codes[2 * i + 1];
+            }
+        }
+        Ok(())
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dequantize(packed: &[u8], scale: impl Fn(usize) -> f32, out: &mut [f32]) {
+        let lo = _mm256_loadu_ps(NF4_LEVELS.as_ptr());
+        let hi = _mm256_loadu_ps(NF4_LEVELS.as_ptr().add(8));
+        for g in 0..out.len() / 16 {
+            // SAFETY: run g: 8 bytes of packed, 16 floats of out (lengths set by the caller).
+            let codes = unpack16(packed.as_ptr().add(g * 8));
+            let s = _mm256_set1_ps(scale(g));
+            let c0 = _mm256_cvtepu8_epi32(codes);
+            let c1 = _mm256_cvtepu8_epi32(_mm_srli_si128(codes, 8));
+            _mm256_storeu_ps(
+                out.as_mut_ptr().add(g * 16),
+                _mm256_mul_ps(lut16(lo, hi, c0), s),
+            );
+            _mm256_storeu_ps(
+                out.as_mut_ptr().add(g * 16 + 8),
+                _mm256_mul_ps(lut16(lo, hi, c1), s),
+            );
+        }
+    }
+
+    /// `y[j] = Σ_b absmax_b · Σ level[code]·x` for each row of `rows`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn gemv(
+        m: &Nf4Matrix,
+        x: &[f32],
+        rows: std::ops::Range<usize>,
+        y: &mut [f32],
+    ) {
+        let lo = _mm256_loadu_ps(NF4_LEVELS.as_ptr());
+        let hi = _mm256_loadu_ps(NF4_LEVELS.as_ptr().add(8));
+        let i = m.inn;
+        let nb = i / NF4_BLOCK;
+        let packed = m.packed.as_slice();
+        let xp = x.as_ptr();
+        let mut am = vec![0.0f32; nb];
+        for (r, yv) in rows.zip(y.iter_mut()) {
+            m.fill_absmax(r * nb, &mut am);
+            let mut acc = _mm256_setzero_ps();
+            for b in 0..nb {
+                let fb = r * nb + b;
+                let qp = packed.as_ptr().add(fb * 32);
+                let mut t0 = _mm256_setzero_ps();
+                let mut t1 = _mm256_setzero_ps();
+                for g in 0..4 {
+                    // SAFETY: block fb of W (32 bytes) and x[64b..64b+64] are in bounds.
+                    let codes = unpack16(qp.add(g * 8));
+                    let c0 = lut16(lo, hi, _mm256_cvtepu8_epi32(codes));
+                    let c1 = lut16(lo, hi, _mm256_cvtepu8_epi32(_mm_srli_si128(codes, 8)));
+                    let xo = xp.add(b * NF4_BLOCK + g * 16);
+                    t0 = _mm256_fmadd_ps(c0, _mm256_loadu_ps(xo), t0);
+                    t1 = _mm256_fmadd_ps(c1, _mm256_loadu_ps(xo.add(8)), t1);
+                }
+                acc = _mm256_fmadd_ps(
+                    _mm256_add_ps(t0, t1),
+                    _mm256_set1_ps(m.block_absmax(fb)),
+                    acc,
+                );
+            }
+            *yv = hsum(acc);
+        }
+    }
+}
+
+impl Nf4Matrix {
+    /// Quantizes an `out x in` matrix (`in` a multiple of 64) with plain f32 absmaxes.
+    pub fn quantize(w: &Tensor) -> Result<Self> {
+        Self::quantize_with(w, false, kernel_path())
+    }
+
+    /// Quantizes with double-quantized absmaxes (bitsandbytes' `compress_statistics=True`).
+    pub fn quantize_double(w: &Tensor) -> Result<Self> {
+        Self::quantize_with(w, true, kernel_path())
+    }
+
+    /// Quantizes with an explicit kernel path (identical results on every path).
+    pub fn quantize_with(w: &Tensor, double: bool, path: KernelPath) -> Result<Self> {
+        const OP: &str = "nf4_quantize";
+        let (o, i) = kernels::check_shape(OP, w, NF4_BLOCK)?;
+        let n = o * i;
+        let mut packed = vec![0u8; n / 2];
+        let mut absmax = vec![0.0f32; n / NF4_BLOCK];
+        if i > 0 {
+            let res: Vec<Result<()>> = w
+                .data()
+                .par_chunks(i)
+                .zip(packed.par_chunks_mut(i / 2))
+                .zip(absmax.par_chunks_mut(i / NF4_BLOCK))
+                .enumerate()
+                .with_min_len(8)
+                .map(|(r, ((x, p), a))| {
+                    quantize(path, x, p, a).map_err(|_| nonfinite(OP, i, x, r * i))
+                })
+                .collect();
+            kernels::first_error(res)?;
+        }
+        let stats = if double {
+            let (codes, offset, scale) = double_quantize(&absmax);
+            Stats::Double {
+                codes: Bytes::from_vec(codes),
+                offset,
+                scale: Bytes::from_f32(scale),
+                map: Box::new(dynamic_map()),
+            }
+        } else {
+            Stats::Plain {
+                absmax: Bytes::from_f32(absmax),
+            }
+        };
+        Ok(Nf4Matrix {
+            out: o,
+            inn: i,
+            packed: Bytes::from_vec(packed),
+            stats,
+        })
+    }
+
+    fn check_dims(op: &'static str, out: usize, inn: usize) -> Result<usize> {
+        if inn % NF4_BLOCK != 0 {
+            return Err(QuantError::Shape {
+                op,
+                shape: vec![out, inn],
+                what: format!("in = {inn} is not a multiple of {NF4_BLOCK}"),
+            });
+        }
+        out.checked_mul(inn).ok_or_else(|| QuantError::Shape {
+            op,
+            shape: vec![out, inn],
+            what: "size overflows".into(),
+        })
+    }
+
+    /// Builds from raw parts: `packed` u8 `[out·in/2]`, `absmax` f32 `[out·in/64]`
+    /// (little-endian; copied only if misaligned).
+    pub fn from_parts(out: usize, inn: usize, packed: Bytes, absmax: Bytes) -> Result<Self> {
+        const OP: &str = "Nf4Matrix::from_parts";
+        let n = Self::check_dims(OP, out, inn)?;
+        check_part(OP, "packed", out, inn, &packed, n / 2)?;
+        check_part(OP, "absmax", out, inn, &absmax, n / NF4_BLOCK * 4)?;
+        Ok(Nf4Matrix {
+            out,
+            inn,
+            packed,
+            stats: Stats::Plain {
+                absmax: absmax.aligned(4),
+            },
+        })
+    }
+
+    /// Builds a double-quantized matrix from raw parts: `packed` u8 `[out·in/2]`,
+    /// `absmax_codes` u8 `[out·in/64]`, `absmax_offset` f32 `[1]`, `absmax_scale` f32
+    /// `[ceil(out·in/64/256)]`.
+    pub fn from_parts_double(
+        out: usize,
+        inn: usize,
+        packed: Bytes,
+        absmax_codes: Bytes,
+        absmax_offset: Bytes,
+        absmax_scale: Bytes,
+    ) -> Result<Self> {
+        const OP: &str = "Nf4Matrix::from_parts_double";
+        let n = Self::check_dims(OP, out, inn)?;
+        let nb = n / NF4_BLOCK;
+        check_part(OP, "packed", out, inn, &packed, n / 2)?;
+        check_part(OP, "absmax_codes", out, inn, &absmax_codes, nb)?;
+        check_part(OP, "absmax_offset", out, inn, &absmax_offset, 4)?;
+        check_part(
+            OP,
+            "absmax_scale",
+            out,
+            inn,
+            &absmax_scale,
+            nb.div_ceil(DQ_BLOCK) * 4,
+        )?;
+        let o = absmax_offset.as_slice();
+        Ok(Nf4Matrix {
+            out,
+            inn,
+            packed,
+            stats: Stats::Double {
+                codes: absmax_codes,
+                offset: f32::from_le_bytes([o[0], o[1], o[2], o[3]]),
+                scale: absmax_scale.aligned(4),
+                map: Box::new(dynamic_map()),
+            },
+        })
+    }
+
+    /// Rows (`out`) and columns (`in`).
+    pub fn shape(&self) -> (usize, usize) {
+        (self.out, self.inn)
+    }
+
+    /// Whether the absmaxes are double-quantized.
+    pub fn is_double_quantized(&self) -> bool {
+        matches!(self.stats, Stats::Double { .. })
+    }
+
+    /// The raw `packed` part.
+    pub fn packed_bytes(&self) -> &[u8] {
+        self.packed.as_slice()
+    }
+
+    /// The raw `absmax` part (f32, plain statistics only).
+    pub fn absmax_bytes(&self) -> Option<&[u8]> {
+        match &self.stats {
+            Stats::Plain { absmax } => Some(absmax.as_slice()),
+            Stats::Double { .. } => None,
+        }
+    }
+
+    /// The raw `absmax_codes` part (double quantization only).
+    pub fn absmax_codes_bytes(&self) -> Option<&[u8]> {
+        match &self.stats {
+            Stats::Double { codes, .. } => Some(codes.as_slice()),
+            Stats::Plain { .. } => None,
+        }
+    }
+
+    /// `absmax_offset` (double quantization only).
+    pub fn absmax_offset(&self) -> Option<f32> {
+        match &self.stats {
+            Stats::Double { offset, .. } => Some(*offset),
+            Stats::Plain { .. } => None,
+        }
+    }
+
+    /// The raw `absmax_scale` part (f32, double quantization only).
+    pub fn absmax_scale_bytes(&self) -> Option<&[u8]> {
+        match &self.stats {
+            Stats::Double { scale, .. } => Some(scale.as_slice()),
+            Stats::Plain { .. } => None,
+        }
+    }
+
+    /// The (dequantized) absmax of flat block `b`.
+    #[inline]
+    pub fn block_absmax(&self, b: usize) -> f32 {
+        match &self.stats {
+            Stats::Plain { absmax } => absmax.f32s()[b],
+            Stats::Double {
+                codes,
+                offset,
+                scale,
+                map,
+            } => map[codes.as_slice()[b] as usize] * scale.f32s()[b / DQ_BLOCK] + offset,
+        }
+    }
+
+    /// Writes the absmaxes of flat blocks `b0..b0 + dst.len()` into `dst`.
+    pub fn fill_absmax(&self, b0: usize, dst: &mut [f32]) {
+        match &self.stats {
+            Stats::Plain { absmax } => dst.copy_from_slice(&absmax.f32s()[b0..b0 + dst.len()]),
+            Stats::Double {
+                codes,
+                offset,
+                scale,
+                map,
+            } => {
+                let (c, s) = (codes.as_slice(), scale.f32s());
+                for (k, d) in dst.iter_mut().enumerate() {
+                    let b = b0 + k;
+                    *d = map[c[b] as usize] * s[b / DQ_BLOCK] + offset;
+                }
+            }
+        }
+    }
+
+    /// Bits per weight, statistics included (4.5 plain, ≈ 4.127 double-quantized).
+    pub fn bits_per_weight(&self) -> f64 {
+        self.parts_len() as f64 * 8.0 / (self.out * self.inn).max(1) as f64
+    }
+
+    /// The whole matrix dequantized with an explicit kernel path.
+    pub fn dequantize_with(&self, path: KernelPath) -> Tensor {
+        kernels::to_f32(self, path)
+    }
+
+    fn parts_len(&self) -> usize {
+        self.packed.len()
+            + match &self.stats {
+                Stats::Plain { absmax } => absmax.len(),
+                Stats::Double { codes, scale, .. } => codes.len() + 4 + scale.len(),
+            }
+    }
+}
+
+/// bitsandbytes' nested quantization of the absmaxes: `(codes, offset, scales)`.
+pub fn double_quantize(absmax: &[f32]) -> (Vec<u8>, f32, Vec<f32>) {
+    let offset = if absmax.is_empty() {
+        0.0
+    } else {
+        (absmax.iter().map(|&v| v as f64).sum::<f64>() / absmax.len() as f64) as f32
+    };
+    let mut codes = Vec::with_capacity(absmax.len());
+    let mut scales = Vec::new();
+    for grp in absmax.chunks(DQ_BLOCK) {
+        let a: Vec<f32> = grp.iter().map(|v| v - offset).collect();
+        let s = a.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        scales.push(s);
+        let inv = 1.0 / s;
+        for v in a {
+            codes.push(if s == 0.0 {
+                0
+            } else {
+                dynamic_code_bnb(v * inv)
+            });
+        }
+    }
+    (codes, offset, scales)
+}
+
+impl QuantRows for Nf4Matrix {
+    fn dims(&self) -> (usize, usize) {
+        (self.out, self.inn)
+    }
+    fn seg_align(&self) -> usize {
+        16
+    }
+    fn dequant_segment(&self, path: KernelPath, r: usize, c0: usize, len: usize, dst: &mut [f32]) {
+        let s = r * self.inn + c0;
+        let packed = &self.packed.as_slice()[s / 2..(s + len) / 2];
+        let b0 = s / NF4_BLOCK;
+        let mut am = vec![0.0f32; (s + len).div_ceil(NF4_BLOCK) - b0];
+        self.fill_absmax(b0, &mut am);
+        let scale = |g: usize| am[(s + g * 16) / NF4_BLOCK - b0];
+        let out = &mut dst[..len];
+        match usable(path) {
+            KernelPath::Scalar => dequantize_ref(packed, scale, out),
+            KernelPath::Portable => portable::dequantize(packed, scale, out),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: Avx2 only when the CPU supports it; lengths match (len/2 bytes).
+            KernelPath::Avx2 => unsafe { avx2::dequantize(packed, scale, out) },
+            #[cfg(not(target_arch = "x86_64"))]
+            KernelPath::Avx2 => portable::dequantize(packed, scale, out),
+        }
+    }
+    fn gemv(
+        &self,
+        path: KernelPath,
+        x: &[f32],
+        _prep: &[f32],
+        rows: std::ops::Range<usize>,
+        y: &mut [f32],
+    ) {
+        match usable(path) {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: Avx2 only when the CPU supports it; x has `in` elements (checked by the caller).
+            KernelPath::Avx2 => unsafe { avx2::gemv(self, x, rows, y) },
+            _ => {
+                let mut row = vec![0.0f32; self.inn];
+                for (r, yv) in rows.zip(y.iter_mut()) {
+                    self.dequant_segment(path, r, 0, self.inn, &mut row);
+                    *yv = kernels::dot(path, &row, x);
+                }
+            }
+        }
+    }
+}
+
+kernels::impl_weight_matrix!(Nf4Matrix, "nf4");

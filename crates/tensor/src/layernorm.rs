@@ -210,7 +210,11 @@ mod tests {
             xp.data_mut()[i] += h;
             xm.data_mut()[i] -= h;
             let fd = (loss(&xp, &w, &b) - loss(&xm, &w, &b)) / (2.0 * h as f64);
-            assert!((fd - dx.data()[i] as f64).abs() < 2e-3, "dx[{i}] {fd} vs {}", dx.data()[i]);
+            assert!(
+                (fd - dx.data()[i] as f64).abs() < 2e-3,
+                "dx[{i}] {fd} vs {}",
+                dx.data()[i]
+            );
         }
         for j in 0..c {
             let (mut wp, mut wm) = (w.clone(), w.clone());
@@ -231,7 +235,10 @@ mod tests {
         let x = Tensor::zeros(&[2, 4]);
         assert!(matches!(
             layer_norm(&x, &[1.0; 3], &[0.0; 4], 1e-5),
-            Err(TensorError::ShapeMismatch { op: "layer_norm", .. })
+            Err(TensorError::ShapeMismatch {
+                op: "layer_norm",
+                ..
+            })
         ));
         assert!(layer_norm(&Tensor::zeros(&[4]), &[1.0; 4], &[0.0; 4], 1e-5).is_err());
     }

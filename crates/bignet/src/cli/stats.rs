@@ -89,15 +89,30 @@ pub fn run(variants: &[Variant], as_json: bool, common: &Common) -> Result<()> {
     println!();
     let rows: [(&str, Box<dyn Fn(&Column) -> String>); 7] = [
         ("Trainable params", Box::new(|c| c.trainable.to_string())),
-        ("Non-trainable params", Box::new(|c| c.non_trainable.to_string())),
+        (
+            "Non-trainable params",
+            Box::new(|c| c.non_trainable.to_string()),
+        ),
         (
             "Total params (M)",
             Box::new(|c| format!("{:.2}", (c.trainable + c.non_trainable) as f64 / 1e6)),
         ),
-        ("Theoretical memory (MB)", Box::new(|c| format!("{:.2}", mb(c.theoretical)))),
-        ("Actual memory (MB)", Box::new(|c| format!("{:.2}", mb(c.actual)))),
-        ("Forward memory (MB)", Box::new(|c| format!("{:.2}", mb(c.forward)))),
-        ("Backward memory (MB)", Box::new(|c| format!("{:.2}", mb(c.backward)))),
+        (
+            "Theoretical memory (MB)",
+            Box::new(|c| format!("{:.2}", mb(c.theoretical))),
+        ),
+        (
+            "Actual memory (MB)",
+            Box::new(|c| format!("{:.2}", mb(c.actual))),
+        ),
+        (
+            "Forward memory (MB)",
+            Box::new(|c| format!("{:.2}", mb(c.forward))),
+        ),
+        (
+            "Backward memory (MB)",
+            Box::new(|c| format!("{:.2}", mb(c.backward))),
+        ),
     ];
     for (name, cell) in rows.iter() {
         print!("{name:<26}");

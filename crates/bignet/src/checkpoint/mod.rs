@@ -1,0 +1,533 @@
+//! Checkpoint files: safetensors and PyTorch `.pth` (the zip archives `torch.save` writes).
+//!
+//! [`Checkpoint::open`] memory-maps a file, detects its format from its content and validates
+//! every offset, length and name before handing out a byte, so a hostile file yields an
+//! [`Error`] — never a panic, an abort or an allocation larger than the file. Tensor bytes are
+//! borrowed from the map (zero copy); only `.pth` tensors with non-row-major strides are copied,
+//! lazily, on first access.
+//!
+//! ```no_run
+//! use nibble_bignet::checkpoint::{Checkpoint, DType};
+//! let ck = Checkpoint::open("tests/data/bignet_d128.pth")?;
+//! for key in ck.keys() {
+//!     let (dtype, shape) = ck.info(key).unwrap();
+//!     println!("{key}: {dtype} {shape:?}");
+//! }
+//! let w = ck.tensor_f32("model.0.model.0.weight", Some(&[128, 128]))?;
+//! # Ok::<(), nibble_bignet::Error>(())
+//! ```
+
+mod pickle;
+mod pth;
+mod safetensors;
+mod zip;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use half::{bf16, f16};
+use nibble_tensor::{HalfTensor, Tensor};
+
+use crate::error::{Error, Result};
+
+pub use self::safetensors::write_safetensors;
+
+/// The shared, immutable bytes a [`Checkpoint`] reads from: a memory map, or any buffer.
+pub type Backing = Arc<dyn AsRef<[u8]> + Send + Sync>;
+
+/// An element type of a stored tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DType {
+    /// IEEE binary32.
+    F32,
+    /// IEEE binary16.
+    F16,
+    /// bfloat16 (the top half of an f32).
+    BF16,
+    /// IEEE binary64.
+    F64,
+    /// Signed 64-bit integer.
+    I64,
+    /// Signed 32-bit integer.
+    I32,
+    /// Signed 16-bit integer.
+    I16,
+    /// Signed 8-bit integer.
+    I8,
+    /// Unsigned 8-bit integer.
+    U8,
+    /// Boolean, one byte per element.
+    Bool,
+}
+
+impl DType {
+    /// Every dtype, in declaration order.
+    pub const ALL: [DType; 10] = [
+        DType::F32,
+        DType::F16,
+        DType::BF16,
+        DType::F64,
+        DType::I64,
+        DType::I32,
+        DType::I16,
+        DType::I8,
+        DType::U8,
+        DType::Bool,
+    ];
+
+    /// Bytes per element.
+    pub fn size_of(self) -> usize {
+        match self {
+            DType::F64 | DType::I64 => 8,
+            DType::F32 | DType::I32 => 4,
+            DType::F16 | DType::BF16 | DType::I16 => 2,
+            DType::I8 | DType::U8 | DType::Bool => 1,
+        }
+    }
+
+    /// Lower-case name, as in PyTorch (`"f32"`, `"bf16"`, `"bool"`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            DType::F64 => "f64",
+            DType::I64 => "i64",
+            DType::I32 => "i32",
+            DType::I16 => "i16",
+            DType::I8 => "i8",
+            DType::U8 => "u8",
+            DType::Bool => "bool",
+        }
+    }
+
+    /// The name safetensors headers use (`"F32"`, `"BF16"`, `"BOOL"`, ...).
+    pub fn safetensors_name(self) -> &'static str {
+        match self {
+            DType::F32 => "F32",
+            DType::F16 => "F16",
+            DType::BF16 => "BF16",
+            DType::F64 => "F64",
+            DType::I64 => "I64",
+            DType::I32 => "I32",
+            DType::I16 => "I16",
+            DType::I8 => "I8",
+            DType::U8 => "U8",
+            DType::Bool => "BOOL",
+        }
+    }
+
+    /// The dtype a safetensors header name stands for, if it is one this crate knows.
+    pub fn from_safetensors_name(name: &str) -> Option<DType> {
+        DType::ALL
+            .into_iter()
+            .find(|d| d.safetensors_name() == name)
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A checkpoint file format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Format {
+    /// Hugging Face safetensors: a JSON header and raw little-endian data.
+    Safetensors,
+    /// PyTorch's `torch.save` zip archive: a pickled state dict plus one raw storage per tensor.
+    Pth,
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Format::Safetensors => "safetensors",
+            Format::Pth => "PyTorch .pth",
+        })
+    }
+}
+
+/// A zero-copy handle on one tensor's bytes: the shared backing (usually the memory map) and a
+/// range of it. Cheap to clone, `Send + Sync`, and it keeps the map alive on its own, so it can
+/// outlive the [`Checkpoint`] (e.g. as packed quantized weights).
+#[derive(Clone)]
+pub struct MappedBytes {
+    backing: Backing,
+    range: Range<usize>,
+}
+
+impl MappedBytes {
+    /// Number of bytes.
+    pub fn len(&self) -> usize {
+        self.range.len()
+    }
+
+    /// True when the tensor has no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.range.is_empty()
+    }
+}
+
+impl AsRef<[u8]> for MappedBytes {
+    fn as_ref(&self) -> &[u8] {
+        // The range was checked against the backing when the handle was made, and the backing
+        // is immutable; `get` keeps this panic-free regardless.
+        (*self.backing)
+            .as_ref()
+            .get(self.range.clone())
+            .unwrap_or(&[])
+    }
+}
+
+impl std::ops::Deref for MappedBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.as_ref()
+    }
+}
+
+impl fmt::Debug for MappedBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MappedBytes({:?})", self.range)
+    }
+}
+
+/// Where a tensor's bytes are.
+pub(crate) enum Data {
+    /// A contiguous range of the backing.
+    Mapped(Range<usize>),
+    /// A strided view of a storage (a `.pth` tensor that is not row-major contiguous), copied
+    /// into an owned buffer on first access. Offsets and extents were validated at open.
+    Strided {
+        /// Byte range of the whole storage in the backing.
+        storage: Range<usize>,
+        /// Element offset of the first element in the storage.
+        offset: usize,
+        /// Strides in elements, one per dimension of the tensor's shape.
+        stride: Vec<usize>,
+        /// The contiguous copy, once made.
+        copy: OnceLock<Backing>,
+    },
+}
+
+/// One tensor's description.
+pub(crate) struct Entry {
+    pub(crate) dtype: DType,
+    pub(crate) shape: Vec<usize>,
+    pub(crate) data: Data,
+}
+
+/// A checkpoint opened for reading: its tensors' names, dtypes and shapes, and zero-copy access
+/// to their bytes. Safe to share between threads.
+pub struct Checkpoint {
+    path: PathBuf,
+    format: Format,
+    backing: Backing,
+    entries: BTreeMap<String, Entry>,
+    metadata: BTreeMap<String, String>,
+}
+
+impl fmt::Debug for Checkpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Checkpoint")
+            .field("path", &self.path)
+            .field("format", &self.format)
+            .field("tensors", &self.entries.len())
+            .finish()
+    }
+}
+
+const ZIP_MAGIC: &[u8] = b"PK\x03\x04";
+
+impl Checkpoint {
+    /// Opens and validates a checkpoint, memory-mapping the file. The format is detected from
+    /// the content (zip magic `PK\x03\x04` for `.pth`, a JSON header for safetensors), never
+    /// from the extension.
+    pub fn open(path: impl AsRef<Path>) -> Result<Checkpoint> {
+        let path = path.as_ref();
+        let io = |op| {
+            move |source| Error::Io {
+                path: path.to_path_buf(),
+                op,
+                source,
+            }
+        };
+        let file = std::fs::File::open(path).map_err(io("open"))?;
+        let len = file.metadata().map_err(io("stat"))?.len();
+        let backing: Backing = if len == 0 {
+            // Mapping an empty file fails on some platforms; an empty buffer reports the
+            // problem the same way on all of them.
+            Arc::new(Vec::<u8>::new())
+        } else {
+            // SAFETY: the map is read-only and only ever read through bounds-checked slices.
+            // As with every file map, another process truncating or rewriting the file while
+            // it is mapped is outside what we can guard against (checkpoints are not modified
+            // in place: `write_safetensors` replaces files by rename).
+            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io("map"))?;
+            Arc::new(map)
+        };
+        Checkpoint::from_bytes(&path.to_string_lossy(), backing).map(|ck| Checkpoint {
+            path: path.to_path_buf(),
+            ..ck
+        })
+    }
+
+    /// Reads a checkpoint held in memory (or any shared buffer). `name` is used as the path in
+    /// messages. This is what [`Checkpoint::open`] does after mapping the file.
+    pub fn from_bytes(name: &str, bytes: Backing) -> Result<Checkpoint> {
+        let path = PathBuf::from(name);
+        let buf: &[u8] = (*bytes).as_ref();
+        let (format, entries, metadata) = if buf.starts_with(ZIP_MAGIC) {
+            let entries = pth::read(&path, buf)?;
+            (Format::Pth, entries, BTreeMap::new())
+        } else if looks_like_safetensors(buf) {
+            let (entries, metadata) = safetensors::read(&path, buf)?;
+            (Format::Safetensors, entries, metadata)
+        } else if buf.first() == Some(&0x80) {
+            return Err(Error::UnknownFormat {
+                path,
+                reason: "starts with a pickle; the legacy (pre-1.6, non-zip) torch.save format \
+                         is not supported, re-save with a current PyTorch"
+                    .into(),
+            });
+        } else {
+            return Err(Error::UnknownFormat {
+                path,
+                reason: format!(
+                    "neither a zip archive (PK\\x03\\x04) nor a safetensors header (8-byte \
+                     length then `{{`); first bytes {:02x?}",
+                    &buf[..buf.len().min(9)]
+                ),
+            });
+        };
+        Ok(Checkpoint {
+            path,
+            format,
+            backing: bytes,
+            entries,
+            metadata,
+        })
+    }
+
+    /// The file's path (or the name given to [`Checkpoint::from_bytes`]).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The detected format.
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
+    /// Tensor names, sorted.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(String::as_str)
+    }
+
+    /// Number of tensors.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True when the checkpoint holds no tensor.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// True when a tensor named `key` exists.
+    pub fn contains(&self, key: &str) -> bool {
+        self.entries.contains_key(key)
+    }
+
+    /// A tensor's dtype and shape, or `None` if there is no such tensor.
+    pub fn info(&self, key: &str) -> Option<(DType, &[usize])> {
+        self.entries.get(key).map(|e| (e.dtype, e.shape.as_slice()))
+    }
+
+    /// The safetensors `__metadata__` map (empty for `.pth`).
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
+    }
+
+    fn entry(&self, key: &str) -> Result<&Entry> {
+        self.entries.get(key).ok_or_else(|| Error::MissingKey {
+            path: self.path.clone(),
+            key: key.to_owned(),
+        })
+    }
+
+    /// The backing and range holding `key`'s bytes (making the contiguous copy of a strided
+    /// `.pth` tensor if needed).
+    fn locate(&self, key: &str) -> Result<(&Backing, Range<usize>)> {
+        let entry = self.entry(key)?;
+        match &entry.data {
+            Data::Mapped(range) => Ok((&self.backing, range.clone())),
+            Data::Strided {
+                storage,
+                offset,
+                stride,
+                copy,
+            } => {
+                let buf = copy.get_or_init(|| {
+                    let src = (*self.backing).as_ref().get(storage.clone()).unwrap_or(&[]);
+                    Arc::new(pth::gather(
+                        src,
+                        entry.dtype.size_of(),
+                        *offset,
+                        &entry.shape,
+                        stride,
+                    ))
+                });
+                let len = (**buf).as_ref().len();
+                Ok((buf, 0..len))
+            }
+        }
+    }
+
+    /// A tensor's raw little-endian bytes, row-major and contiguous. Borrowed from the map
+    /// except for strided `.pth` tensors, which are copied once, on first access.
+    pub fn bytes(&self, key: &str) -> Result<&[u8]> {
+        let (backing, range) = self.locate(key)?;
+        (**backing)
+            .as_ref()
+            .get(range)
+            .ok_or_else(|| Error::BadTensor {
+                path: self.path.clone(),
+                key: key.to_owned(),
+                reason: "data range outside the file".into(),
+            })
+    }
+
+    /// A zero-copy, reference-counted handle on a tensor's bytes (see [`MappedBytes`]).
+    pub fn shared_bytes(&self, key: &str) -> Result<MappedBytes> {
+        let (backing, range) = self.locate(key)?;
+        Ok(MappedBytes {
+            backing: Arc::clone(backing),
+            range,
+        })
+    }
+
+    fn check_shape(&self, key: &str, entry: &Entry, expected: Option<&[usize]>) -> Result<()> {
+        match expected {
+            Some(shape) if shape != entry.shape.as_slice() => Err(Error::Shape {
+                path: self.path.clone(),
+                key: key.to_owned(),
+                expected: shape.to_vec(),
+                found: entry.shape.clone(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// A tensor as f32: F32 as stored, F16 and BF16 widened (exactly). Any other dtype is an
+    /// [`Error::DType`]; if `expected_shape` is given and differs, an [`Error::Shape`].
+    pub fn tensor_f32(&self, key: &str, expected_shape: Option<&[usize]>) -> Result<Tensor> {
+        let entry = self.entry(key)?;
+        self.check_shape(key, entry, expected_shape)?;
+        let data: Vec<f32> = match entry.dtype {
+            DType::F32 => self
+                .bytes(key)?
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            DType::F16 => self
+                .bytes(key)?
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            DType::BF16 => self
+                .bytes(key)?
+                .chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            found => {
+                return Err(Error::DType {
+                    path: self.path.clone(),
+                    key: key.to_owned(),
+                    expected: "f32, f16 or bf16".into(),
+                    found,
+                })
+            }
+        };
+        Tensor::from_vec(&entry.shape, data).map_err(|source| Error::Tensor {
+            path: self.path.clone(),
+            key: key.to_owned(),
+            source,
+        })
+    }
+
+    /// A tensor as f16: F16 as stored, F32 rounded to nearest (ties to even, as PyTorch's
+    /// `.half()`). Any other dtype is an [`Error::DType`]; a shape other than `expected_shape`
+    /// (if given) an [`Error::Shape`].
+    pub fn half(&self, key: &str, expected_shape: Option<&[usize]>) -> Result<HalfTensor> {
+        let entry = self.entry(key)?;
+        self.check_shape(key, entry, expected_shape)?;
+        let data: Vec<f16> = match entry.dtype {
+            DType::F16 => self
+                .bytes(key)?
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]))
+                .collect(),
+            DType::F32 => self
+                .bytes(key)?
+                .chunks_exact(4)
+                .map(|c| f16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+                .collect(),
+            found => {
+                return Err(Error::DType {
+                    path: self.path.clone(),
+                    key: key.to_owned(),
+                    expected: "f16 or f32".into(),
+                    found,
+                })
+            }
+        };
+        HalfTensor::from_vec(&entry.shape, data).map_err(|source| Error::Tensor {
+            path: self.path.clone(),
+            key: key.to_owned(),
+            source,
+        })
+    }
+}
+
+/// True when `buf` could be a safetensors file: too short to tell, a `{` (or JSON whitespace)
+/// after the 8-byte length, or a length that fits the file.
+fn looks_like_safetensors(buf: &[u8]) -> bool {
+    match (buf.first_chunk::<8>(), buf.get(8)) {
+        (None, _) | (Some(_), None) => true,
+        (Some(_), Some(b'{' | b' ' | b'\t' | b'\n' | b'\r')) => true,
+        (Some(n), Some(_)) => u64::from_le_bytes(*n) <= (buf.len() - 8) as u64,
+    }
+}
+
+/// Product of `shape` times `elem` bytes, or `None` on overflow.
+pub(crate) fn checked_nbytes(shape: &[usize], elem: usize) -> Option<usize> {
+    shape.iter().try_fold(elem, |acc, &d| acc.checked_mul(d))
+}
+
+/// True when `[a, b)` ranges (sorted by start) are pairwise disjoint; returns the first
+/// overlapping pair's indices otherwise. Empty ranges never overlap anything.
+pub(crate) fn first_overlap(ranges: &mut [(Range<usize>, usize)]) -> Option<(usize, usize)> {
+    ranges.sort_by_key(|(r, _)| (r.start, r.end));
+    let mut prev: Option<&(Range<usize>, usize)> = None;
+    for cur in ranges.iter().filter(|(r, _)| !r.is_empty()) {
+        if let Some(p) = prev {
+            if cur.0.start < p.0.end {
+                return Some((p.1, cur.1));
+            }
+        }
+        let extends = match prev {
+            Some(p) => cur.0.end > p.0.end,
+            None => true,
+        };
+        if extends {
+            prev = Some(cur);
+        }
+    }
+    None
+}

@@ -1,0 +1,738 @@
+//! A small pickle virtual machine for the subset of pickle that `torch.save(state_dict)` emits
+//! (protocol 2, plus the cheap parts of protocol 4). It never executes arbitrary globals: only
+//! an allow-list of constructors is recognised, and they are interpreted, not called.
+//!
+//! Defences: every length is checked against the remaining input before allocating; the value
+//! stack, the mark stack, the memo and the nesting depth of values are bounded; containers are
+//! reference-counted and copied on write (no cycles, no exponential blow-up through the memo),
+//! with a budget on the total number of elements copied.
+
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use super::DType;
+
+/// Most values on the stack at once.
+const MAX_STACK: usize = 1 << 20;
+/// Most nested MARKs.
+const MAX_MARKS: usize = 64;
+/// Most memo entries.
+const MAX_MEMO: usize = 1 << 20;
+/// Deepest nesting of containers (a state dict needs 4).
+pub(crate) const MAX_DEPTH: usize = 64;
+/// Longest GLOBAL module or name line.
+const MAX_GLOBAL_LINE: usize = 256;
+/// Most dimensions a tensor may have.
+pub(crate) const MAX_DIMS: usize = 64;
+
+/// A pickle error: byte offset of the opcode and what went wrong.
+#[derive(Debug)]
+pub(crate) struct PickleError {
+    pub(crate) offset: usize,
+    pub(crate) reason: String,
+}
+
+/// The allow-listed globals.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Global {
+    OrderedDict,
+    RebuildTensorV2,
+    RebuildParameter,
+    Storage(DType),
+}
+
+/// A persistent storage reference: `('storage', StorageType, key, location, numel)`.
+#[derive(Debug, PartialEq)]
+pub(crate) struct StorageRef {
+    pub(crate) dtype: DType,
+    pub(crate) key: String,
+    pub(crate) numel: u64,
+}
+
+/// A tensor as `_rebuild_tensor_v2` describes it.
+#[derive(Debug, PartialEq)]
+pub(crate) struct TensorRef {
+    pub(crate) storage: Rc<StorageRef>,
+    pub(crate) offset: u64,
+    pub(crate) size: Vec<u64>,
+    pub(crate) stride: Vec<u64>,
+}
+
+/// A container value with its nesting depth (1 + the deepest child).
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Seq<T> {
+    pub(crate) depth: usize,
+    pub(crate) items: Vec<T>,
+}
+
+/// A pickled value.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Value {
+    None,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(Rc<str>),
+    Tuple(Rc<Seq<Value>>),
+    List(Rc<Seq<Value>>),
+    Dict(Rc<Seq<(Value, Value)>>),
+    Global(Global),
+    Storage(Rc<StorageRef>),
+    Tensor(Rc<TensorRef>),
+}
+
+impl Value {
+    fn depth(&self) -> usize {
+        match self {
+            Value::Tuple(s) | Value::List(s) => s.depth,
+            Value::Dict(s) => s.depth,
+            _ => 0,
+        }
+    }
+
+    /// A short description for messages.
+    pub(crate) fn kind(&self) -> String {
+        match self {
+            Value::None => "None".into(),
+            Value::Bool(b) => format!("bool {b}"),
+            Value::Int(i) => format!("int {i}"),
+            Value::Float(f) => format!("float {f}"),
+            Value::Str(s) => {
+                let short: String = s.chars().take(40).collect();
+                format!("str {short:?}")
+            }
+            Value::Tuple(s) => format!("tuple of {}", s.items.len()),
+            Value::List(s) => format!("list of {}", s.items.len()),
+            Value::Dict(s) => format!("dict of {}", s.items.len()),
+            Value::Global(g) => format!("global {g:?}"),
+            Value::Storage(s) => format!("{} storage `{}`", s.dtype, s.key),
+            Value::Tensor(_) => "tensor".into(),
+        }
+    }
+}
+
+fn op_name(op: u8) -> &'static str {
+    match op {
+        b'(' => "MARK",
+        b'.' => "STOP",
+        b'0' => "POP",
+        b'1' => "POP_MARK",
+        b'2' => "DUP",
+        b'F' => "FLOAT",
+        b'I' => "INT",
+        b'J' => "BININT",
+        b'K' => "BININT1",
+        b'L' => "LONG",
+        b'M' => "BININT2",
+        b'N' => "NONE",
+        b'P' => "PERSID",
+        b'Q' => "BINPERSID",
+        b'R' => "REDUCE",
+        b'S' => "STRING",
+        b'T' => "BINSTRING",
+        b'U' => "SHORT_BINSTRING",
+        b'V' => "UNICODE",
+        b'X' => "BINUNICODE",
+        b'a' => "APPEND",
+        b'b' => "BUILD",
+        b'c' => "GLOBAL",
+        b'd' => "DICT",
+        b'}' => "EMPTY_DICT",
+        b'e' => "APPENDS",
+        b'g' => "GET",
+        b'h' => "BINGET",
+        b'i' => "INST",
+        b'j' => "LONG_BINGET",
+        b'l' => "LIST",
+        b']' => "EMPTY_LIST",
+        b'o' => "OBJ",
+        b'p' => "PUT",
+        b'q' => "BINPUT",
+        b'r' => "LONG_BINPUT",
+        b's' => "SETITEM",
+        b't' => "TUPLE",
+        b')' => "EMPTY_TUPLE",
+        b'u' => "SETITEMS",
+        b'G' => "BINFLOAT",
+        0x80 => "PROTO",
+        0x81 => "NEWOBJ",
+        0x82 => "EXT1",
+        0x83 => "EXT2",
+        0x84 => "EXT4",
+        0x85 => "TUPLE1",
+        0x86 => "TUPLE2",
+        0x87 => "TUPLE3",
+        0x88 => "NEWTRUE",
+        0x89 => "NEWFALSE",
+        0x8a => "LONG1",
+        0x8b => "LONG4",
+        0x8c => "SHORT_BINUNICODE",
+        0x8d => "BINUNICODE8",
+        0x8e => "BINBYTES8",
+        0x8f => "EMPTY_SET",
+        0x90 => "ADDITEMS",
+        0x91 => "FROZENSET",
+        0x92 => "NEWOBJ_EX",
+        0x93 => "STACK_GLOBAL",
+        0x94 => "MEMOIZE",
+        0x95 => "FRAME",
+        0x96 => "BYTEARRAY8",
+        0x97 => "NEXT_BUFFER",
+        0x98 => "READONLY_BUFFER",
+        b'B' => "BINBYTES",
+        b'C' => "SHORT_BINBYTES",
+        _ => "unknown opcode",
+    }
+}
+
+struct Vm<'a> {
+    code: &'a [u8],
+    pos: usize,
+    /// Offset of the opcode being executed.
+    op_at: usize,
+    stack: Vec<Value>,
+    marks: Vec<usize>,
+    memo: HashMap<u32, Value>,
+    /// Elements that copy-on-write may still copy.
+    copy_budget: usize,
+}
+
+type R<T> = std::result::Result<T, PickleError>;
+
+impl<'a> Vm<'a> {
+    fn err<T>(&self, reason: impl Into<String>) -> R<T> {
+        Err(PickleError {
+            offset: self.op_at,
+            reason: reason.into(),
+        })
+    }
+
+    fn take(&mut self, n: usize) -> R<&'a [u8]> {
+        let code: &'a [u8] = self.code;
+        match self
+            .pos
+            .checked_add(n)
+            .and_then(|end| code.get(self.pos..end))
+        {
+            Some(s) => {
+                self.pos += n;
+                Ok(s)
+            }
+            None => self.err(format!(
+                "needs {n} bytes of argument, {} left (truncated?)",
+                code.len().saturating_sub(self.pos)
+            )),
+        }
+    }
+
+    fn take_arr<const N: usize>(&mut self) -> R<[u8; N]> {
+        let s = self.take(N)?;
+        let mut a = [0u8; N];
+        a.copy_from_slice(s);
+        Ok(a)
+    }
+
+    fn push(&mut self, v: Value) -> R<()> {
+        if self.stack.len() >= MAX_STACK {
+            return self.err(format!("stack exceeds {MAX_STACK} values"));
+        }
+        self.stack.push(v);
+        Ok(())
+    }
+
+    fn pop(&mut self) -> R<Value> {
+        let floor = self.marks.last().copied().unwrap_or(0);
+        if self.stack.len() <= floor {
+            return self.err("stack underflow");
+        }
+        match self.stack.pop() {
+            Some(v) => Ok(v),
+            None => self.err("stack underflow"),
+        }
+    }
+
+    fn top_mut(&mut self) -> R<&mut Value> {
+        let floor = self.marks.last().copied().unwrap_or(0);
+        if self.stack.len() <= floor {
+            return self.err("stack underflow");
+        }
+        let at = self.op_at;
+        self.stack.last_mut().ok_or(PickleError {
+            offset: at,
+            reason: "stack underflow".into(),
+        })
+    }
+
+    fn pop_mark(&mut self) -> R<Vec<Value>> {
+        let Some(mark) = self.marks.pop() else {
+            return self.err("no MARK to pop to");
+        };
+        Ok(self.stack.split_off(mark.min(self.stack.len())))
+    }
+
+    fn depth_ok(&self, depth: usize) -> R<usize> {
+        if depth > MAX_DEPTH {
+            return self.err(format!("values nested deeper than {MAX_DEPTH}"));
+        }
+        Ok(depth)
+    }
+
+    fn tuple(&self, items: Vec<Value>) -> R<Value> {
+        let depth = self.depth_ok(1 + items.iter().map(Value::depth).max().unwrap_or(0))?;
+        Ok(Value::Tuple(Rc::new(Seq { depth, items })))
+    }
+
+    fn string(&self, bytes: &[u8]) -> R<Value> {
+        match std::str::from_utf8(bytes) {
+            Ok(s) => Ok(Value::Str(Rc::from(s))),
+            Err(_) => self.err("string is not valid UTF-8"),
+        }
+    }
+
+    /// Charges `n` copied elements to the copy-on-write budget.
+    fn charge(&mut self, n: usize) -> R<()> {
+        match self.copy_budget.checked_sub(n) {
+            Some(left) => {
+                self.copy_budget = left;
+                Ok(())
+            }
+            None => self.err("too much copying of shared containers (memo abuse?)"),
+        }
+    }
+
+    fn memo_put(&mut self, idx: u32) -> R<()> {
+        let v = match self.stack.last() {
+            Some(v) if self.stack.len() > self.marks.last().copied().unwrap_or(0) => v.clone(),
+            _ => return self.err("memo put with an empty stack"),
+        };
+        if self.memo.len() >= MAX_MEMO && !self.memo.contains_key(&idx) {
+            return self.err(format!("memo exceeds {MAX_MEMO} entries"));
+        }
+        self.memo.insert(idx, v);
+        Ok(())
+    }
+
+    fn memo_get(&mut self, idx: u32) -> R<()> {
+        match self.memo.get(&idx).cloned() {
+            Some(v) => self.push(v),
+            None => self.err(format!("memo index {idx} was never stored")),
+        }
+    }
+
+    /// Appends `items` to the list on top of the stack.
+    fn extend_list(&mut self, items: Vec<Value>) -> R<()> {
+        let depth = items.iter().map(Value::depth).max().unwrap_or(0) + 1;
+        self.depth_ok(depth)?;
+        let Value::List(list) = self.top_mut()? else {
+            let kind = self.stack.last().map(Value::kind).unwrap_or_default();
+            return self.err(format!("APPEND(S) to a {kind}, not a list"));
+        };
+        let copy = if Rc::strong_count(list) > 1 {
+            list.items.len()
+        } else {
+            0
+        };
+        self.charge(copy)?;
+        let Some(Value::List(list)) = self.stack.last_mut() else {
+            return self.err("stack underflow");
+        };
+        let l = Rc::make_mut(list);
+        l.depth = l.depth.max(depth);
+        l.items.extend(items);
+        Ok(())
+    }
+
+    /// Adds `pairs` to the dict on top of the stack.
+    fn extend_dict(&mut self, pairs: Vec<(Value, Value)>) -> R<()> {
+        let depth = pairs
+            .iter()
+            .map(|(k, v)| k.depth().max(v.depth()))
+            .max()
+            .unwrap_or(0)
+            + 1;
+        self.depth_ok(depth)?;
+        let Value::Dict(dict) = self.top_mut()? else {
+            let kind = self.stack.last().map(Value::kind).unwrap_or_default();
+            return self.err(format!("SETITEM(S) on a {kind}, not a dict"));
+        };
+        let copy = if Rc::strong_count(dict) > 1 {
+            dict.items.len()
+        } else {
+            0
+        };
+        self.charge(copy)?;
+        let Some(Value::Dict(dict)) = self.stack.last_mut() else {
+            return self.err("stack underflow");
+        };
+        let d = Rc::make_mut(dict);
+        d.depth = d.depth.max(depth);
+        d.items.extend(pairs);
+        Ok(())
+    }
+
+    fn global(&self, module: &str, name: &str) -> R<Value> {
+        let g = match (module, name) {
+            ("collections", "OrderedDict") => Global::OrderedDict,
+            ("torch._utils", "_rebuild_tensor_v2") => Global::RebuildTensorV2,
+            ("torch._utils", "_rebuild_parameter") => Global::RebuildParameter,
+            ("torch", storage) => match storage {
+                "FloatStorage" => Global::Storage(DType::F32),
+                "HalfStorage" => Global::Storage(DType::F16),
+                "BFloat16Storage" => Global::Storage(DType::BF16),
+                "DoubleStorage" => Global::Storage(DType::F64),
+                "LongStorage" => Global::Storage(DType::I64),
+                "IntStorage" => Global::Storage(DType::I32),
+                "ShortStorage" => Global::Storage(DType::I16),
+                "CharStorage" => Global::Storage(DType::I8),
+                "ByteStorage" => Global::Storage(DType::U8),
+                "BoolStorage" => Global::Storage(DType::Bool),
+                _ => return self.err(format!("global `torch.{storage}` is not allowed")),
+            },
+            _ => {
+                let m: String = module.chars().take(64).collect();
+                let n: String = name.chars().take(64).collect();
+                return self.err(format!("global `{m}.{n}` is not allowed"));
+            }
+        };
+        Ok(Value::Global(g))
+    }
+
+    fn line(&mut self) -> R<&'a str> {
+        let code: &'a [u8] = self.code;
+        let rest = code.get(self.pos..).unwrap_or(&[]);
+        let window = &rest[..rest.len().min(MAX_GLOBAL_LINE + 1)];
+        let Some(nl) = window.iter().position(|&b| b == b'\n') else {
+            return self.err(format!(
+                "GLOBAL line without a newline within {MAX_GLOBAL_LINE} bytes"
+            ));
+        };
+        self.pos += nl + 1;
+        match std::str::from_utf8(&window[..nl]) {
+            Ok(s) => Ok(s),
+            Err(_) => self.err("GLOBAL line is not UTF-8"),
+        }
+    }
+
+    fn int_arg(&self, v: &Value, what: &str) -> R<u64> {
+        match v {
+            Value::Int(i) if *i >= 0 => Ok(*i as u64),
+            other => self.err(format!(
+                "{what} must be a non-negative int, found {}",
+                other.kind()
+            )),
+        }
+    }
+
+    fn int_tuple(&self, v: &Value, what: &str) -> R<Vec<u64>> {
+        let Value::Tuple(t) = v else {
+            return self.err(format!("{what} must be a tuple, found {}", v.kind()));
+        };
+        if t.items.len() > MAX_DIMS {
+            return self.err(format!("{what} has more than {MAX_DIMS} dimensions"));
+        }
+        t.items.iter().map(|x| self.int_arg(x, what)).collect()
+    }
+
+    fn reduce(&self, callable: Value, args: Value) -> R<Value> {
+        let Value::Tuple(args) = args else {
+            return self.err(format!(
+                "REDUCE arguments must be a tuple, found {}",
+                args.kind()
+            ));
+        };
+        let args = &args.items;
+        match callable {
+            Value::Global(Global::OrderedDict) => {
+                if !args.is_empty() {
+                    return self.err("OrderedDict called with arguments");
+                }
+                Ok(Value::Dict(Rc::new(Seq {
+                    depth: 1,
+                    items: Vec::new(),
+                })))
+            }
+            Value::Global(Global::RebuildTensorV2) => {
+                if args.len() != 6 && args.len() != 7 {
+                    return self.err(format!(
+                        "_rebuild_tensor_v2 takes 6 or 7 arguments, found {}",
+                        args.len()
+                    ));
+                }
+                let Value::Storage(storage) = &args[0] else {
+                    return self.err(format!(
+                        "_rebuild_tensor_v2 needs a storage, found {}",
+                        args[0].kind()
+                    ));
+                };
+                let offset = self.int_arg(&args[1], "storage_offset")?;
+                let size = self.int_tuple(&args[2], "size")?;
+                let stride = self.int_tuple(&args[3], "stride")?;
+                if size.len() != stride.len() {
+                    return self.err(format!(
+                        "size has {} dimensions, stride {}",
+                        size.len(),
+                        stride.len()
+                    ));
+                }
+                if !matches!(args[4], Value::Bool(_)) {
+                    return self.err(format!(
+                        "requires_grad must be a bool, found {}",
+                        args[4].kind()
+                    ));
+                }
+                Ok(Value::Tensor(Rc::new(TensorRef {
+                    storage: Rc::clone(storage),
+                    offset,
+                    size,
+                    stride,
+                })))
+            }
+            Value::Global(Global::RebuildParameter) => match args.first() {
+                Some(t @ Value::Tensor(_)) if args.len() == 3 => Ok(t.clone()),
+                _ => self.err("_rebuild_parameter needs (tensor, requires_grad, hooks)"),
+            },
+            other => self.err(format!("cannot call {}", other.kind())),
+        }
+    }
+
+    fn persistent(&self, pid: Value) -> R<Value> {
+        let Value::Tuple(t) = &pid else {
+            return self.err(format!(
+                "persistent id must be a tuple, found {}",
+                pid.kind()
+            ));
+        };
+        match t.items.as_slice() {
+            [Value::Str(tag), Value::Global(Global::Storage(dtype)), Value::Str(key), Value::Str(_location), numel]
+                if &**tag == "storage" =>
+            {
+                let numel = self.int_arg(numel, "storage numel")?;
+                Ok(Value::Storage(Rc::new(StorageRef {
+                    dtype: *dtype,
+                    key: key.to_string(),
+                    numel,
+                })))
+            }
+            _ => self.err("persistent id is not ('storage', <Storage type>, key, location, numel)"),
+        }
+    }
+
+    fn run(&mut self) -> R<Value> {
+        loop {
+            self.op_at = self.pos;
+            let [op] = match self.take_arr::<1>() {
+                Ok(op) => op,
+                Err(_) => return self.err("pickle ends without STOP (truncated?)"),
+            };
+            match op {
+                0x80 => {
+                    let [v] = self.take_arr::<1>()?;
+                    if v > 5 {
+                        return self.err(format!("unsupported pickle protocol {v}"));
+                    }
+                }
+                0x95 => {
+                    // FRAME: a length prefix only; frames are transparent here.
+                    let n = u64::from_le_bytes(self.take_arr::<8>()?);
+                    if n > (self.code.len() - self.pos) as u64 {
+                        return self.err(format!("FRAME of {n} bytes runs past the end"));
+                    }
+                }
+                b'}' => self.push(Value::Dict(Rc::new(Seq {
+                    depth: 1,
+                    items: Vec::new(),
+                })))?,
+                b']' => self.push(Value::List(Rc::new(Seq {
+                    depth: 1,
+                    items: Vec::new(),
+                })))?,
+                b')' => self.push(Value::Tuple(Rc::new(Seq {
+                    depth: 1,
+                    items: Vec::new(),
+                })))?,
+                b'(' => {
+                    if self.marks.len() >= MAX_MARKS {
+                        return self.err(format!("MARKs nested deeper than {MAX_MARKS}"));
+                    }
+                    self.marks.push(self.stack.len());
+                }
+                b'X' => {
+                    let n = u32::from_le_bytes(self.take_arr::<4>()?) as usize;
+                    let s = self.take(n)?;
+                    let v = self.string(s)?;
+                    self.push(v)?;
+                }
+                0x8c => {
+                    let [n] = self.take_arr::<1>()?;
+                    let s = self.take(n as usize)?;
+                    let v = self.string(s)?;
+                    self.push(v)?;
+                }
+                0x8d => {
+                    let n = u64::from_le_bytes(self.take_arr::<8>()?);
+                    let Ok(n) = usize::try_from(n) else {
+                        return self.err(format!("string length {n} runs past the end"));
+                    };
+                    let s = self.take(n)?;
+                    let v = self.string(s)?;
+                    self.push(v)?;
+                }
+                b'J' => {
+                    let v = i32::from_le_bytes(self.take_arr::<4>()?);
+                    self.push(Value::Int(v as i64))?;
+                }
+                b'K' => {
+                    let [v] = self.take_arr::<1>()?;
+                    self.push(Value::Int(v as i64))?;
+                }
+                b'M' => {
+                    let v = u16::from_le_bytes(self.take_arr::<2>()?);
+                    self.push(Value::Int(v as i64))?;
+                }
+                0x8a => {
+                    let [n] = self.take_arr::<1>()?;
+                    let n = n as usize;
+                    if n > 8 {
+                        return self.err(format!("LONG1 of {n} bytes does not fit 64 bits"));
+                    }
+                    let bytes = self.take(n)?;
+                    let mut buf = [0u8; 8];
+                    buf[..n].copy_from_slice(bytes);
+                    if n > 0 && n < 8 && bytes[n - 1] & 0x80 != 0 {
+                        buf[n..].fill(0xFF);
+                    }
+                    self.push(Value::Int(i64::from_le_bytes(buf)))?;
+                }
+                b'G' => {
+                    let v = f64::from_be_bytes(self.take_arr::<8>()?);
+                    self.push(Value::Float(v))?;
+                }
+                0x88 => self.push(Value::Bool(true))?,
+                0x89 => self.push(Value::Bool(false))?,
+                b'N' => self.push(Value::None)?,
+                b't' => {
+                    let items = self.pop_mark()?;
+                    let v = self.tuple(items)?;
+                    self.push(v)?;
+                }
+                0x85..=0x87 => {
+                    let n = (op - 0x84) as usize;
+                    let mut items = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        items.push(self.pop()?);
+                    }
+                    items.reverse();
+                    let v = self.tuple(items)?;
+                    self.push(v)?;
+                }
+                b'c' => {
+                    let module = self.line()?;
+                    let name = self.line()?;
+                    let v = self.global(module, name)?;
+                    self.push(v)?;
+                }
+                0x93 => {
+                    let name = self.pop()?;
+                    let module = self.pop()?;
+                    let (Value::Str(module), Value::Str(name)) = (&module, &name) else {
+                        return self.err("STACK_GLOBAL needs two strings");
+                    };
+                    let v = self.global(module, name)?;
+                    self.push(v)?;
+                }
+                b'Q' => {
+                    let pid = self.pop()?;
+                    let v = self.persistent(pid)?;
+                    self.push(v)?;
+                }
+                b'R' => {
+                    let args = self.pop()?;
+                    let callable = self.pop()?;
+                    let v = self.reduce(callable, args)?;
+                    self.push(v)?;
+                }
+                b'b' => {
+                    let _state = self.pop()?;
+                    let top = self.top_mut()?;
+                    if !matches!(top, Value::Dict(_)) {
+                        let kind = top.kind();
+                        return self.err(format!("BUILD on a {kind}; only dicts are supported"));
+                    }
+                }
+                b's' => {
+                    let v = self.pop()?;
+                    let k = self.pop()?;
+                    self.extend_dict(vec![(k, v)])?;
+                }
+                b'u' => {
+                    let items = self.pop_mark()?;
+                    if items.len() % 2 != 0 {
+                        return self.err("SETITEMS with an odd number of values");
+                    }
+                    let mut pairs = Vec::with_capacity(items.len() / 2);
+                    let mut it = items.into_iter();
+                    while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                        pairs.push((k, v));
+                    }
+                    self.extend_dict(pairs)?;
+                }
+                b'a' => {
+                    let v = self.pop()?;
+                    self.extend_list(vec![v])?;
+                }
+                b'e' => {
+                    let items = self.pop_mark()?;
+                    self.extend_list(items)?;
+                }
+                b'q' => {
+                    let [i] = self.take_arr::<1>()?;
+                    self.memo_put(i.into())?;
+                }
+                b'r' => {
+                    let i = u32::from_le_bytes(self.take_arr::<4>()?);
+                    self.memo_put(i)?;
+                }
+                0x94 => {
+                    let Ok(i) = u32::try_from(self.memo.len()) else {
+                        return self.err("memo full");
+                    };
+                    self.memo_put(i)?;
+                }
+                b'h' => {
+                    let [i] = self.take_arr::<1>()?;
+                    self.memo_get(i.into())?;
+                }
+                b'j' => {
+                    let i = u32::from_le_bytes(self.take_arr::<4>()?);
+                    self.memo_get(i)?;
+                }
+                b'.' => {
+                    if !self.marks.is_empty() {
+                        return self.err("STOP with an unclosed MARK");
+                    }
+                    return self.pop();
+                }
+                other => {
+                    return self.err(format!(
+                        "opcode {} (0x{other:02x}) is outside the supported subset",
+                        op_name(other)
+                    ))
+                }
+            }
+        }
+    }
+}
+
+/// Runs the pickle program `code` and returns the object it builds.
+pub(crate) fn load(code: &[u8]) -> std::result::Result<Value, PickleError> {
+    let mut vm = Vm {
+        code,
+        pos: 0,
+        op_at: 0,
+        stack: Vec::new(),
+        marks: Vec::new(),
+        memo: HashMap::new(),
+        copy_budget: code.len().saturating_mul(16).saturating_add(1 << 20),
+    };
+    vm.run()
+}

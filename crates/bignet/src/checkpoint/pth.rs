@@ -1,0 +1,212 @@
+//! PyTorch `.pth` archives (`torch.save`, zip format): `<archive>/data.pkl` (the pickled state
+//! dict), `<archive>/data/<key>` (one raw little-endian storage per key), `<archive>/byteorder`
+//! and `<archive>/version`.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::Path;
+use std::sync::OnceLock;
+
+use super::pickle::{self, Value};
+use super::{checked_nbytes, zip, Data, Entry, Format};
+use crate::error::{Error, Result};
+
+/// Parses and validates a `.pth` archive held in `buf`.
+pub(crate) fn read(path: &Path, buf: &[u8]) -> Result<BTreeMap<String, Entry>> {
+    let bad = |reason: String| Error::Malformed {
+        path: path.to_path_buf(),
+        format: Format::Pth,
+        reason,
+    };
+    let files = zip::read(path, buf)?;
+
+    // <archive>/data.pkl, with <archive> a single top-level directory
+    let mut pickles = files
+        .keys()
+        .filter(|n| n.split('/').count() == 2 && n.ends_with("/data.pkl"));
+    let pkl_name = pickles
+        .next()
+        .ok_or_else(|| bad("no `<archive>/data.pkl` entry".into()))?
+        .clone();
+    if let Some(other) = pickles.next() {
+        return Err(bad(format!(
+            "two pickles, `{pkl_name}` and `{other}`: which archive is it?"
+        )));
+    }
+    let prefix = &pkl_name[..pkl_name.len() - "data.pkl".len()];
+    let slice = |r: &Range<usize>| buf.get(r.clone()).unwrap_or(&[]);
+
+    if let Some(r) = files.get(&format!("{prefix}byteorder")) {
+        let order = slice(r);
+        if order != b"little" {
+            return Err(Error::ZipEntry {
+                path: path.to_path_buf(),
+                entry: format!("{prefix}byteorder"),
+                reason: format!(
+                    "byte order `{}`; only little-endian checkpoints are supported",
+                    String::from_utf8_lossy(&order[..order.len().min(16)])
+                ),
+            });
+        }
+    }
+
+    let code = slice(&files[&pkl_name]);
+    let root = pickle::load(code).map_err(|e| Error::Pickle {
+        path: path.to_path_buf(),
+        entry: pkl_name.clone(),
+        offset: e.offset,
+        reason: e.reason,
+    })?;
+    let Value::Dict(dict) = root else {
+        return Err(bad(format!(
+            "the pickle holds a {}, not a state dict (a dict of str → tensor)",
+            root.kind()
+        )));
+    };
+
+    let mut entries = BTreeMap::new();
+    for (k, v) in &dict.items {
+        let Value::Str(key) = k else {
+            return Err(bad(format!(
+                "state dict key is a {}, not a string",
+                k.kind()
+            )));
+        };
+        let key: &str = key;
+        let bad_tensor = |reason: String| Error::BadTensor {
+            path: path.to_path_buf(),
+            key: key.to_owned(),
+            reason,
+        };
+        let Value::Tensor(t) = v else {
+            return Err(bad_tensor(format!("value is a {}, not a tensor", v.kind())));
+        };
+        let storage_name = format!("{prefix}data/{}", t.storage.key);
+        let storage_range = files.get(&storage_name).ok_or_else(|| {
+            bad_tensor(format!(
+                "its storage `{storage_name}` is missing from the archive"
+            ))
+        })?;
+        let dtype = t.storage.dtype;
+        let esize = dtype.size_of();
+        let to_usize = |x: u64, what: &str| {
+            usize::try_from(x).map_err(|_| bad_tensor(format!("{what} {x} is too large")))
+        };
+        let numel = to_usize(t.storage.numel, "storage numel")?;
+        let storage_bytes = numel
+            .checked_mul(esize)
+            .ok_or_else(|| bad_tensor(format!("storage of {numel} × {dtype} overflows")))?;
+        if storage_bytes != storage_range.len() {
+            return Err(bad_tensor(format!(
+                "storage `{storage_name}` holds {} bytes, {numel} × {dtype} needs {storage_bytes}",
+                storage_range.len()
+            )));
+        }
+        let shape = t
+            .size
+            .iter()
+            .map(|&d| to_usize(d, "dimension"))
+            .collect::<Result<Vec<_>>>()?;
+        let stride = t
+            .stride
+            .iter()
+            .map(|&d| to_usize(d, "stride"))
+            .collect::<Result<Vec<_>>>()?;
+        let offset = to_usize(t.offset, "storage offset")?;
+        let nbytes = checked_nbytes(&shape, esize)
+            .ok_or_else(|| bad_tensor(format!("the byte size of shape {shape:?} overflows")))?;
+        let count = nbytes / esize;
+
+        let data = if count == 0 {
+            Data::Mapped(storage_range.start..storage_range.start)
+        } else {
+            // last element reached: offset + Σ (size_i − 1) · stride_i, must be < numel
+            shape
+                .iter()
+                .zip(&stride)
+                .try_fold(offset, |acc, (&d, &s)| {
+                    (d - 1).checked_mul(s).and_then(|x| acc.checked_add(x))
+                })
+                .filter(|&l| l < numel)
+                .ok_or_else(|| {
+                    bad_tensor(format!(
+                        "shape {shape:?} with strides {stride:?} at offset {offset} reaches \
+                         past its storage of {numel} elements"
+                    ))
+                })?;
+            if is_contiguous(&shape, &stride) {
+                let start = storage_range.start + offset * esize;
+                Data::Mapped(start..start + nbytes)
+            } else if count > numel {
+                // a broadcast view (stride 0): copying it could take far more memory than
+                // the file holds
+                return Err(bad_tensor(format!(
+                    "strided view of {count} elements over a storage of {numel} (broadcast \
+                     strides {stride:?}) is not supported"
+                )));
+            } else {
+                Data::Strided {
+                    storage: storage_range.clone(),
+                    offset,
+                    stride,
+                    copy: OnceLock::new(),
+                }
+            }
+        };
+        if entries
+            .insert(key.to_owned(), Entry { dtype, shape, data })
+            .is_some()
+        {
+            return Err(Error::DuplicateKey {
+                path: path.to_path_buf(),
+                key: key.to_owned(),
+            });
+        }
+    }
+    Ok(entries)
+}
+
+/// True for row-major contiguous strides (dimensions of size 1 may have any stride, as in
+/// PyTorch).
+fn is_contiguous(shape: &[usize], stride: &[usize]) -> bool {
+    let mut expected = 1usize;
+    for (&d, &s) in shape.iter().zip(stride).rev() {
+        if d != 1 && s != expected {
+            return false;
+        }
+        expected = expected.saturating_mul(d);
+    }
+    true
+}
+
+/// Copies the strided view (`offset`, `shape`, `stride`, in elements of `esize` bytes) of
+/// `storage` into a new contiguous buffer. The view was validated at open (every element inside
+/// the storage); out-of-range elements, should there be any, are left zero rather than panic.
+pub(crate) fn gather(
+    storage: &[u8],
+    esize: usize,
+    offset: usize,
+    shape: &[usize],
+    stride: &[usize],
+) -> Vec<u8> {
+    let count: usize = shape.iter().product();
+    let mut out = vec![0u8; count * esize];
+    let mut index = vec![0usize; shape.len()];
+    let mut src = offset;
+    for chunk in out.chunks_exact_mut(esize) {
+        if let Some(s) = storage.get(src * esize..src * esize + esize) {
+            chunk.copy_from_slice(s);
+        }
+        // odometer increment, last dimension fastest
+        for dim in (0..shape.len()).rev() {
+            index[dim] += 1;
+            src += stride[dim];
+            if index[dim] < shape[dim] {
+                break;
+            }
+            src -= stride[dim] * shape[dim];
+            index[dim] = 0;
+        }
+    }
+    out
+}
