@@ -102,8 +102,9 @@ fn gemv_t<E: BElem>(
     }
     let path = path.supported();
     let threads = rayon::current_num_threads().max(1);
-    // Rows per task: about 8 tasks per thread, at least 16 rows (and >= 16 KiB of W) each.
-    let min_rows = 16.max((16 * 1024) / (inp.max(1) * std::mem::size_of::<E>()));
+    // Rows per task: about 8 tasks per thread, at least 16 rows and 64 KiB of W each (so the
+    // rayon overhead stays small next to the work).
+    let min_rows = 16.max((64 * 1024) / (inp.max(1) * std::mem::size_of::<E>()));
     let rows_per_task = out.div_ceil(threads * 8).max(min_rows).max(1);
     let parallel = threads > 1 && out > rows_per_task;
 

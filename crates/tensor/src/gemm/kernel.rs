@@ -199,6 +199,11 @@ mod avx2 {
         // SAFETY (whole block): every load reads a[p * MR + i] / b[p * NR + j] with p < kc,
         // inside the caller's extents; every store/load of C is inside the MR x NR tile.
         unsafe {
+            // Start pulling the C tile towards L1 now; it is needed only after the K loop.
+            for i in 0..MR {
+                _mm_prefetch::<_MM_HINT_T0>(c.add(i * rs_c) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(c.add(i * rs_c + NR - 1) as *const i8);
+            }
             let mut c00 = _mm256_setzero_ps();
             let mut c01 = _mm256_setzero_ps();
             let mut c10 = _mm256_setzero_ps();

@@ -326,7 +326,7 @@ pub fn gemm_on(
                 let mc = (p1 * MR).min(m) - i0;
                 let mut abuf = Scratch::take(&A_BUF, (p1 - p0) * kc * MR);
                 let ap = abuf.as_mut();
-                pack::pack_a(&a, i0, mc, k0, kc, ap);
+                pack::pack_a(path, &a, i0, mc, k0, kc, ap);
                 for q in q0..q1 {
                     let j = q * NR;
                     let nr = NR.min(ncb - j);

@@ -9,7 +9,9 @@ use half::f16;
 /// panel `q`, element `(i, p)` at `dst[q * kc * MR + p * MR + i]`, rows past `mc` zero.
 ///
 /// Shapes: `a` is `m x k`; `dst.len() >= ceil(mc / MR) * kc * MR`.
+/// `path` must have gone through [`KernelPath::supported`].
 pub(crate) fn pack_a(
+    path: KernelPath,
     a: &MatRef<'_, f32>,
     i0: usize,
     mc: usize,
@@ -26,6 +28,14 @@ pub(crate) fn pack_a(
             // Row-major A (x in the forward pass): six contiguous rows, interleaved.
             let base = |i: usize| (r0 + i) * a.row_stride + k0;
             let s: [&[f32]; MR] = std::array::from_fn(|i| &a.data[base(i)..base(i) + kc]);
+            #[cfg(target_arch = "x86_64")]
+            if path == KernelPath::Avx2Fma {
+                // SAFETY: the path was checked to be supported by the CPU; each row slice has
+                // kc elements and `d` has kc * MR (both sliced, so bounds-checked, above).
+                unsafe { avx2::pack_a_rows(&s, kc, d) };
+                continue;
+            }
+            let _ = path;
             for (p, out) in d.chunks_exact_mut(MR).enumerate() {
                 for (o, src) in out.iter_mut().zip(s.iter()) {
                     *o = src[p];
@@ -160,7 +170,7 @@ impl PackB for MatRef<'_, f16> {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{BElem, MatRef, NR};
+    use super::{BElem, MatRef, MR, NR};
     use std::arch::x86_64::*;
 
     /// AVX2/F16C B-panel packer: `dst[p * NR + j] = B[k0 + p, n0 + j]` (`kc x NR`, zero for
@@ -180,6 +190,38 @@ mod avx2 {
     ) {
         // SAFETY: forwarded contract; features enabled on this function.
         unsafe { body(b, k0, kc, n0, nc, dst) }
+    }
+
+    /// Interleaves six rows: `d[p * MR + i] = s[i][p]` for `p < kc` (an A micro-panel).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2; every `s[i].len() >= kc` and `d.len() >= kc * MR`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn pack_a_rows(s: &[&[f32]; MR], kc: usize, d: &mut [f32]) {
+        // Lanes 0..6 of each 8-wide store: the six rows of one column of A.
+        let mask = _mm256_setr_epi32(-1, -1, -1, -1, -1, -1, 0, 0);
+        let dp = d.as_mut_ptr();
+        let mut p = 0;
+        // SAFETY: loads read s[i][p..p + 8] with p + 8 <= kc <= s[i].len(); masked stores
+        // write d[(p + q) * MR..(p + q) * MR + 6] with p + q < kc, inside d.
+        unsafe {
+            while p + 8 <= kc {
+                let mut r = [_mm256_setzero_ps(); 8];
+                for (i, row) in s.iter().enumerate() {
+                    r[i] = _mm256_loadu_ps(row.as_ptr().add(p));
+                }
+                let t = transpose8(r);
+                for (q, v) in t.iter().enumerate() {
+                    _mm256_maskstore_ps(dp.add((p + q) * MR), mask, *v);
+                }
+                p += 8;
+            }
+        }
+        for p in p..kc {
+            for (i, row) in s.iter().enumerate() {
+                d[p * MR + i] = row[p];
+            }
+        }
     }
 
     /// Transposes the 8x8 block `r[0..8]` (row i = r[i]) in registers.
