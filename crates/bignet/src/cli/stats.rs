@@ -87,37 +87,38 @@ pub fn run(variants: &[Variant], as_json: bool, common: &Common) -> Result<()> {
         print!("{:>width$}", c.variant.name());
     }
     println!();
-    let rows: [(&str, Box<dyn Fn(&Column) -> String>); 7] = [
-        ("Trainable params", Box::new(|c| c.trainable.to_string())),
+    let cells = |f: &dyn Fn(&Column) -> String| columns.iter().map(f).collect::<Vec<_>>();
+    let rows = [
+        ("Trainable params", cells(&|c| c.trainable.to_string())),
         (
             "Non-trainable params",
-            Box::new(|c| c.non_trainable.to_string()),
+            cells(&|c| c.non_trainable.to_string()),
         ),
         (
             "Total params (M)",
-            Box::new(|c| format!("{:.2}", (c.trainable + c.non_trainable) as f64 / 1e6)),
+            cells(&|c| format!("{:.2}", (c.trainable + c.non_trainable) as f64 / 1e6)),
         ),
         (
             "Theoretical memory (MB)",
-            Box::new(|c| format!("{:.2}", mb(c.theoretical))),
+            cells(&|c| format!("{:.2}", mb(c.theoretical))),
         ),
         (
             "Actual memory (MB)",
-            Box::new(|c| format!("{:.2}", mb(c.actual))),
+            cells(&|c| format!("{:.2}", mb(c.actual))),
         ),
         (
             "Forward memory (MB)",
-            Box::new(|c| format!("{:.2}", mb(c.forward))),
+            cells(&|c| format!("{:.2}", mb(c.forward))),
         ),
         (
             "Backward memory (MB)",
-            Box::new(|c| format!("{:.2}", mb(c.backward))),
+            cells(&|c| format!("{:.2}", mb(c.backward))),
         ),
     ];
-    for (name, cell) in rows.iter() {
+    for (name, row) in &rows {
         print!("{name:<26}");
-        for c in &columns {
-            print!("{:>width$}", cell(c));
+        for cell in row {
+            print!("{cell:>width$}");
         }
         println!();
     }
