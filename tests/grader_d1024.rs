@@ -11,6 +11,7 @@ fn common() -> Common {
         threads: None,
         seed: 0,
         dim: 1024,
+        adapter: None,
     }
 }
 

@@ -164,12 +164,13 @@ fn read_scaling(dir: &Path) -> Result<(usize, f32)> {
 pub fn load_adapter(model: &mut BigNet, dir: &Path) -> Result<()> {
     let (rank, scaling) = read_scaling(dir)?;
     let file = Checkpoint::open(dir.join(WEIGHTS_FILE))?;
-    if !model.variant().has_lora() {
+    if model.linears().any(|l| l.lora.is_none()) {
         model.attach_lora(0)?;
     }
     let dim = model.dim();
     let mut seen = HashSet::new();
     for layer in model.linears_mut() {
+        let found_before = seen.len();
         let lora = layer.lora.as_mut().expect("attached above");
         for (suffix, shape, param, scale) in [
             ("lora_A", [rank, dim], &lora.a, 1.0f32),
@@ -191,6 +192,12 @@ pub fn load_adapter(model: &mut BigNet, dir: &Path) -> Result<()> {
             }
             *param.value_mut() = t;
             seen.insert(key);
+        }
+        if seen.len() - found_before == 1 {
+            return Err(adapter_error(
+                dir,
+                format!("layer {} has only one of lora_A and lora_B", layer.name),
+            ));
         }
     }
     if let Some(extra) = file.keys().find(|k| !seen.contains(*k)) {

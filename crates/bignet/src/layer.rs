@@ -2,10 +2,10 @@
 //! (f16, 4-bit, ...) with an optional LoRA adapter. This is the only place variants differ.
 
 use crate::error::Result;
+use crate::frozen::FrozenWeight;
 use nibble_autograd::{Bias, Param, Tape, Var};
 use nibble_tensor::gemm::{gemm, MatRef};
-use nibble_tensor::{f16, HalfTensor, Rng, Tensor, WeightMatrix};
-use std::sync::Arc;
+use nibble_tensor::{f16, Rng, Tensor};
 
 /// A frozen bias, in the precision the variant stores it.
 #[derive(Debug, Clone)]
@@ -117,7 +117,7 @@ pub enum LinearBase {
     /// A frozen weight of any storage and a frozen bias.
     Frozen {
         /// `[out, in]`, f16 or quantized.
-        weight: Arc<dyn WeightMatrix>,
+        weight: FrozenWeight,
         /// `[out]`.
         bias: FrozenBias,
     },
@@ -140,7 +140,7 @@ impl Linear {
         let y = match &self.base {
             LinearBase::Trainable { weight, bias } => tape.linear(x, weight, Some(bias))?,
             LinearBase::Frozen { weight, bias } => {
-                tape.frozen_linear(x, weight, Some(bias.as_bias()))?
+                tape.frozen_linear(x, &weight.matrix(), Some(bias.as_bias()))?
             }
         };
         match &self.lora {
@@ -160,7 +160,10 @@ impl Linear {
                 let w = weight.value();
                 (w.shape()[0], w.shape()[1])
             }
-            LinearBase::Frozen { weight, .. } => (weight.out_features(), weight.in_features()),
+            LinearBase::Frozen { weight, .. } => {
+                let m = weight.matrix();
+                (m.out_features(), m.in_features())
+            }
         }
     }
 
@@ -185,8 +188,8 @@ impl Linear {
         match &self.base {
             LinearBase::Trainable { .. } => (0, 0),
             LinearBase::Frozen { weight, bias } => (
-                crate::quantize::stored_elements(weight.as_ref()) + bias.len(),
-                weight.storage_bytes() + bias.bytes(),
+                weight.stored_elements() + bias.len(),
+                weight.matrix().storage_bytes() + bias.bytes(),
             ),
         }
     }
@@ -197,12 +200,7 @@ impl Linear {
             LinearBase::Trainable { weight, bias } => {
                 (weight.value().clone(), bias.value().data().to_vec())
             }
-            LinearBase::Frozen { weight, bias } => (weight.to_f32(), bias.to_f32()),
+            LinearBase::Frozen { weight, bias } => (weight.matrix().to_f32(), bias.to_f32()),
         }
     }
-}
-
-/// Builds the frozen f16 weight of `half_precision` and `lora`.
-pub fn half_weight(w: &Tensor) -> Arc<dyn WeightMatrix> {
-    Arc::new(HalfTensor::from_f32(w))
 }

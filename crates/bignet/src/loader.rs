@@ -1,13 +1,15 @@
 //! Opens what the user points at: a checkpoint (`.pth` or `.safetensors`, f32 or f16 state
 //! dicts) or nothing (seeded init), and builds the requested variant from it.
 
+use crate::adapter::load_adapter;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::model::BigNet;
+use crate::persist::{load_quantized, quantized_format};
 use crate::source::{SeededInit, WeightSource, DEFAULT_DIM};
 use crate::variant::Variant;
 use nibble_tensor::Tensor;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// A state dict in a checkpoint file, read tensor by tensor (f32 or f16, widened).
 pub struct CheckpointSource {
@@ -16,9 +18,9 @@ pub struct CheckpointSource {
 }
 
 impl CheckpointSource {
-    /// Opens `path` and reads the model width from its first linear weight.
-    pub fn open(path: &Path) -> Result<Self> {
-        let checkpoint = Checkpoint::open(path)?;
+    /// Wraps an open state-dict checkpoint, reading the model width from its first weight.
+    pub fn new(checkpoint: Checkpoint) -> Result<Self> {
+        let path = checkpoint.path().to_path_buf();
         let key = "model.0.model.0.weight";
         let (_, shape) = checkpoint.info(key).ok_or_else(|| Error::Model {
             what: format!(
@@ -70,6 +72,8 @@ pub struct ModelSpec {
     pub seed: u64,
     /// Width for seeded init (a checkpoint's own width wins).
     pub dim: usize,
+    /// A LoRA adapter directory (PEFT layout) to load on top.
+    pub adapter: Option<PathBuf>,
 }
 
 impl ModelSpec {
@@ -80,12 +84,13 @@ impl ModelSpec {
             weights: None,
             seed,
             dim: DEFAULT_DIM,
+            adapter: None,
         }
     }
 
     /// Builds the model.
     pub fn build(&self) -> Result<BigNet> {
-        match &self.weights {
+        let mut model = match &self.weights {
             None => BigNet::build(
                 self.variant,
                 &SeededInit {
@@ -95,11 +100,21 @@ impl ModelSpec {
                 self.seed,
             ),
             Some(path) => {
-                let source = CheckpointSource::open(path)?;
-                check_no_extra_keys(&source)?;
-                BigNet::build(self.variant, &source, self.seed)
+                let file = Checkpoint::open(path)?;
+                match quantized_format(&file)? {
+                    Some(format) => load_quantized(&file, format, self.variant, self.seed),
+                    None => {
+                        let source = CheckpointSource::new(file)?;
+                        check_no_extra_keys(&source)?;
+                        BigNet::build(self.variant, &source, self.seed)
+                    }
+                }
             }
+        }?;
+        if let Some(dir) = &self.adapter {
+            load_adapter(&mut model, dir)?;
         }
+        Ok(model)
     }
 }
 

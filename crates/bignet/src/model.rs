@@ -3,13 +3,12 @@
 //! each [`Linear`] is built.
 
 use crate::error::{Error, Result};
+use crate::frozen::FrozenWeight;
 use crate::layer::{FrozenBias, Linear, LinearBase, LoraAdapter};
-use crate::quantize::quantize_weight;
 use crate::source::{linear_key, norm_key, SeededInit, WeightSource, BLOCKS, LAYERS_PER_BLOCK};
 use crate::variant::{Variant, WeightFormat};
 use nibble_autograd::{Param, Tape, Var};
-use nibble_tensor::{f16, HalfTensor, Rng, Tensor};
-use std::sync::Arc;
+use nibble_tensor::{f16, Rng, Tensor};
 
 /// Rank of the LoRA adapters.
 pub const LORA_RANK: usize = 32;
@@ -102,11 +101,11 @@ impl BigNet {
                 bias: Param::new(format!("{name}.bias"), bias, true),
             },
             WeightFormat::F16 => LinearBase::Frozen {
-                weight: Arc::new(HalfTensor::from_f32(&weight)),
+                weight: FrozenWeight::quantize(WeightFormat::F16, name, &weight)?,
                 bias: FrozenBias::F16(bias.data().iter().map(|&v| f16::from_f32(v)).collect()),
             },
             format => LinearBase::Frozen {
-                weight: quantize_weight(format, &format!("{name}.weight"), &weight)?,
+                weight: FrozenWeight::quantize(format, &format!("{name}.weight"), &weight)?,
                 bias: FrozenBias::F32(bias.into_vec()),
             },
         })
@@ -249,22 +248,36 @@ impl BigNet {
         c
     }
 
-    /// Attaches fresh LoRA adapters (seeded) to every layer that has none, turning an f16 or
-    /// Q4 model into `lora` or `qlora`.
+    /// Changes the variant label (after merging adapters into the base).
+    pub(crate) fn set_variant(&mut self, variant: Variant) {
+        self.variant = variant;
+    }
+
+    /// Gives the model its own copies of the LayerNorm parameters (a clone shares them).
+    pub(crate) fn detach_norms(&mut self, train: bool) {
+        for n in &mut self.norms {
+            let copy = |p: &Param| Param::new(p.name(), p.value().clone(), train);
+            *n = Norm {
+                weight: copy(&n.weight),
+                bias: copy(&n.bias),
+            };
+        }
+    }
+
+    /// Attaches fresh LoRA adapters (seeded) to every layer that has none and freezes
+    /// everything else: an f16 model becomes `lora`, a Q4 one `qlora`; other bases keep their
+    /// name and gain adapters (e.g. an f32 base, to merge an adapter into it).
     pub fn attach_lora(&mut self, seed: u64) -> Result<()> {
-        let variant = match self.variant {
+        self.variant = match self.variant {
             Variant::HalfPrecision | Variant::Lora => Variant::Lora,
             Variant::LowPrecision | Variant::Qlora => Variant::Qlora,
-            v => {
-                return Err(Error::Model {
-                    what: format!(
-                        "LoRA adapters attach to half_precision or low_precision, not {v}"
-                    ),
-                })
-            }
+            v => v,
         };
         let dim = self.dim;
         for (i, layer) in self.linears_mut().enumerate() {
+            for p in layer.params() {
+                p.set_requires_grad(false);
+            }
             if layer.lora.is_none() {
                 let mut rng = Rng::fork(seed, 0x10_0000 + i as u64);
                 layer.lora = Some(LoraAdapter::init(
@@ -280,7 +293,6 @@ impl BigNet {
             n.weight.set_requires_grad(false);
             n.bias.set_requires_grad(false);
         }
-        self.variant = variant;
         Ok(())
     }
 }

@@ -7,9 +7,17 @@ use crate::variant::Variant;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use std::io::IsTerminal;
+use std::path::Path;
 
 /// Fits `variant` for `steps` steps and prints loss and accuracy per step and the best.
-pub fn run(variant: Variant, steps: usize, lr: f32, as_json: bool, common: &Common) -> Result<()> {
+pub fn run(
+    variant: Variant,
+    steps: usize,
+    lr: f32,
+    as_json: bool,
+    save_adapter: Option<&Path>,
+    common: &Common,
+) -> Result<()> {
     let model = common.spec(variant).build()?;
     let task = FitTask::new(model.dim(), 1000, common.seed);
     let bar = (!as_json && std::io::stdout().is_terminal()).then(|| {
@@ -30,6 +38,12 @@ pub fn run(variant: Variant, steps: usize, lr: f32, as_json: bool, common: &Comm
     })?;
     if let Some(bar) = bar {
         bar.finish();
+    }
+    if let Some(dir) = save_adapter {
+        crate::adapter::save_adapter(&model, dir)?;
+        if !as_json {
+            println!("adapters saved to {} (PEFT layout)", dir.display());
+        }
     }
     if as_json {
         println!(

@@ -1,16 +1,19 @@
-//! The `bignet` command-line program: `stats`, `compare`, `fit`, `forward`, `bench`.
+//! The `bignet` command-line program: `stats`, `compare`, `fit`, `forward`, `bench`,
+//! `quantize`, `merge`.
 //! Each verb lives in its own file; this one holds the argument types and the dispatch.
 
 mod bench;
 pub mod compare;
 mod fit;
 mod forward;
+mod merge;
+mod quantize;
 mod stats;
 
 use crate::error::{Error, Result};
 use crate::loader::ModelSpec;
 use crate::source::DEFAULT_DIM;
-use crate::variant::Variant;
+use crate::variant::{Variant, WeightFormat};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -42,6 +45,9 @@ pub struct Common {
     /// Model width for seeded init (a checkpoint's own width wins).
     #[arg(long, default_value_t = DEFAULT_DIM)]
     pub dim: usize,
+    /// A LoRA adapter directory (PEFT layout) to load on top of the model.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
 }
 
 impl Common {
@@ -52,6 +58,7 @@ impl Common {
             weights: self.weights.clone(),
             seed: self.seed,
             dim: self.dim,
+            adapter: self.adapter.clone(),
         }
     }
 }
@@ -98,6 +105,37 @@ pub enum Command {
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
+        /// Save the trained LoRA adapters here (PEFT layout).
+        #[arg(long, value_name = "DIR")]
+        save_adapter: Option<PathBuf>,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Quantizes a state dict into a checkpoint that loads without re-quantizing.
+    Quantize {
+        /// Storage format: q4, nf4, nf4_dq, int8, lower (or f16).
+        #[arg(long, value_parser = parse_format)]
+        format: WeightFormat,
+        /// The safetensors file to write.
+        #[arg(long, value_name = "OUT")]
+        output: PathBuf,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Folds LoRA adapters (--adapter) into the base weights and saves the merged model.
+    Merge {
+        /// The base the adapters sit on (bignet for an f32 base, half_precision, low_precision...).
+        #[arg(value_parser = parse_variant)]
+        variant: Variant,
+        /// Storage of the merged weights: f32, f16, q4, nf4, nf4_dq, int8, lower.
+        #[arg(long, value_parser = parse_format)]
+        into: WeightFormat,
+        /// The safetensors file to write.
+        #[arg(long, value_name = "OUT")]
+        output: PathBuf,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         common: Common,
     },
@@ -141,6 +179,12 @@ fn parse_variant(s: &str) -> std::result::Result<Variant, String> {
     s.parse()
 }
 
+fn parse_format(s: &str) -> std::result::Result<WeightFormat, String> {
+    WeightFormat::from_name(s).ok_or_else(|| {
+        format!("unknown format `{s}` (expected one of: f32, f16, q4, nf4, nf4_dq, int8, lower)")
+    })
+}
+
 impl Command {
     fn common(&self) -> &Common {
         match self {
@@ -148,6 +192,8 @@ impl Command {
             | Command::Compare { common, .. }
             | Command::Fit { common, .. }
             | Command::Forward { common, .. }
+            | Command::Quantize { common, .. }
+            | Command::Merge { common, .. }
             | Command::Bench { common, .. } => common,
         }
     }
@@ -181,8 +227,28 @@ pub fn run(cli: Cli) -> Result<()> {
             steps,
             lr,
             json,
+            save_adapter,
             common,
-        } => fit::run(*variant, *steps, *lr, *json, common),
+        } => fit::run(
+            *variant,
+            *steps,
+            *lr,
+            *json,
+            save_adapter.as_deref(),
+            common,
+        ),
+        Command::Quantize {
+            format,
+            output,
+            common,
+        } => quantize::run(*format, output, common),
+        Command::Merge {
+            variant,
+            into,
+            output,
+            json,
+            common,
+        } => merge::run(*variant, *into, output, *json, common),
         Command::Forward {
             variant,
             input,

@@ -1,0 +1,30 @@
+//! `bignet quantize`: a state dict in, a quantized checkpoint out.
+
+use super::{mb, Common};
+use crate::error::{Error, Result};
+use crate::persist::save_model;
+use crate::variant::{Variant, WeightFormat};
+use std::path::Path;
+use std::time::Instant;
+
+/// Quantizes the model in `common.weights` (or the seeded init) to `format` and writes `output`.
+pub fn run(format: WeightFormat, output: &Path, common: &Common) -> Result<()> {
+    if format == WeightFormat::F32 {
+        return Err(Error::Input {
+            what: "--format f32 is not a quantization (use q4, nf4, nf4_dq, int8, lower or f16)"
+                .into(),
+        });
+    }
+    let start = Instant::now();
+    let model = common.spec(Variant::for_format(format)).build()?;
+    save_model(&model, output)?;
+    let bytes = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
+    println!(
+        "wrote {} ({} weights, {:.2} MB) in {:.2} s",
+        output.display(),
+        format.name(),
+        mb(bytes as usize),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

@@ -1,0 +1,357 @@
+//! Frozen weights in every storage the variants use, kept as their concrete types so that a
+//! model can write them to a file part by part, and read them back from a memory-mapped file
+//! without copying the packed bytes.
+//!
+//! File layout of a weight `K` (e.g. `model.0.model.0.weight`), one safetensors tensor per part:
+//!
+//! | format | tensors |
+//! |---|---|
+//! | `f16` | `K` f16 `[out, in]` |
+//! | `q4` | `K.q4.packed` u8 `[out, in/2]` (element 2i in the low nibble), `K.q4.norm` f16 `[out, in/16]` |
+//! | `nf4` | `K.nf4.packed` u8 `[out·in/2]` (first element in the high nibble), `K.nf4.absmax` f32 `[out·in/64]` |
+//! | `nf4_dq` | `K.nf4.packed`, `K.nf4.absmax_codes` u8 `[out·in/64]`, `K.nf4.absmax_offset` f32 `[1]`, `K.nf4.absmax_scale` f32 `[⌈out·in/64/256⌉]` |
+//! | `int8` | `K.int8.codes` u8 `[out, in]`, `K.int8.scale` f32 `[out]`, `K.int8.zero` f32 `[out]`: w ≈ scale·(code − zero) |
+//! | `lower` | `K.lower.bits` u8 `[out]` (3 or 4 per row), `K.lower.codes` u8 `[Σ row bytes]`, `K.lower.scale` f16 `[out, in/128]`, `K.lower.min` f16 `[out, in/128]`: w ≈ min + scale·code |
+
+use crate::checkpoint::{Checkpoint, DType};
+use crate::error::{Error, Result};
+use crate::variant::WeightFormat;
+use nibble_quant::{Bytes, Int8Matrix, LowerMatrix, Nf4Matrix, Q4Matrix, QuantError};
+use nibble_tensor::{f16, HalfTensor, Tensor, WeightMatrix};
+use std::borrow::Cow;
+use std::sync::Arc;
+
+/// A frozen `out x in` weight in one of the variants' storages.
+#[derive(Debug, Clone)]
+pub enum FrozenWeight {
+    /// f16 (`half_precision`, `lora`).
+    F16(Arc<HalfTensor>),
+    /// The reference's 4-bit format (`low_precision`, `qlora`).
+    Q4(Arc<Q4Matrix>),
+    /// NF4, plain or double-quantized.
+    Nf4(Arc<Nf4Matrix>),
+    /// Int8 affine per row.
+    Int8(Arc<Int8Matrix>),
+    /// Mixed 3/4-bit rows (`lower_precision`).
+    Lower(Arc<LowerMatrix>),
+}
+
+/// One part of a weight as written to a file: name, dtype, shape, bytes.
+pub type Part<'a> = (String, DType, Vec<usize>, Cow<'a, [u8]>);
+
+fn quant_err(key: &str) -> impl FnOnce(QuantError) -> Error + '_ {
+    move |source| Error::Quant {
+        key: key.to_string(),
+        source,
+    }
+}
+
+impl FrozenWeight {
+    /// Converts the f32 weight `key` into `format` (not `F32`, which is not frozen storage).
+    pub fn quantize(format: WeightFormat, key: &str, w: &Tensor) -> Result<Self> {
+        let e = quant_err(key);
+        Ok(match format {
+            WeightFormat::F16 => FrozenWeight::F16(Arc::new(HalfTensor::from_f32(w))),
+            WeightFormat::Q4 => FrozenWeight::Q4(Arc::new(Q4Matrix::quantize(w).map_err(e)?)),
+            WeightFormat::Nf4 => FrozenWeight::Nf4(Arc::new(Nf4Matrix::quantize(w).map_err(e)?)),
+            WeightFormat::Nf4Dq => {
+                FrozenWeight::Nf4(Arc::new(Nf4Matrix::quantize_double(w).map_err(e)?))
+            }
+            WeightFormat::Int8 => FrozenWeight::Int8(Arc::new(Int8Matrix::quantize(w).map_err(e)?)),
+            WeightFormat::Lower => {
+                FrozenWeight::Lower(Arc::new(LowerMatrix::quantize(w).map_err(e)?))
+            }
+            WeightFormat::F32 => {
+                return Err(Error::Model {
+                    what: format!("{key}: f32 weights train; they are not frozen storage"),
+                })
+            }
+        })
+    }
+
+    /// The weight as a matrix the kernels multiply by (a cheap handle).
+    pub fn matrix(&self) -> Arc<dyn WeightMatrix> {
+        match self {
+            FrozenWeight::F16(w) => w.clone(),
+            FrozenWeight::Q4(w) => w.clone(),
+            FrozenWeight::Nf4(w) => w.clone(),
+            FrozenWeight::Int8(w) => w.clone(),
+            FrozenWeight::Lower(w) => w.clone(),
+        }
+    }
+
+    /// The storage format.
+    pub fn format(&self) -> WeightFormat {
+        match self {
+            FrozenWeight::F16(_) => WeightFormat::F16,
+            FrozenWeight::Q4(_) => WeightFormat::Q4,
+            FrozenWeight::Nf4(w) if w.is_double_quantized() => WeightFormat::Nf4Dq,
+            FrozenWeight::Nf4(_) => WeightFormat::Nf4,
+            FrozenWeight::Int8(_) => WeightFormat::Int8,
+            FrozenWeight::Lower(_) => WeightFormat::Lower,
+        }
+    }
+
+    /// Elements the weight counts as in the parameter table. Q4 counts what the PyTorch
+    /// reference stores (an int8 code buffer `[n/16, 8]` and f16 norms `[n/16, 1]`), so `stats`
+    /// reproduces the homework's table; other storages count their `out x in` weights.
+    pub fn stored_elements(&self) -> usize {
+        let m = self.matrix();
+        let n = m.out_features() * m.in_features();
+        match self {
+            FrozenWeight::Q4(_) => n / 2 + n / 16,
+            _ => n,
+        }
+    }
+
+    /// The parts to write for weight `key`, in the layout of the module docs.
+    pub fn parts(&self, key: &str) -> Vec<Part<'_>> {
+        let m = self.matrix();
+        let (o, i) = (m.out_features(), m.in_features());
+        let n = o * i;
+        match self {
+            FrozenWeight::F16(w) => vec![(
+                key.to_string(),
+                DType::F16,
+                vec![o, i],
+                Cow::Borrowed(bytemuck::cast_slice::<f16, u8>(w.data())),
+            )],
+            FrozenWeight::Q4(w) => vec![
+                part(
+                    key,
+                    "q4.packed",
+                    DType::U8,
+                    vec![o, i / 2],
+                    w.packed_bytes(),
+                ),
+                part(key, "q4.norm", DType::F16, vec![o, i / 16], w.norm_bytes()),
+            ],
+            FrozenWeight::Nf4(w) => {
+                let mut parts = vec![part(
+                    key,
+                    "nf4.packed",
+                    DType::U8,
+                    vec![n / 2],
+                    w.packed_bytes(),
+                )];
+                match (
+                    w.absmax_bytes(),
+                    w.absmax_codes_bytes(),
+                    w.absmax_scale_bytes(),
+                ) {
+                    (Some(absmax), _, _) => {
+                        parts.push(part(key, "nf4.absmax", DType::F32, vec![n / 64], absmax))
+                    }
+                    (None, Some(codes), Some(scale)) => {
+                        parts.push(part(
+                            key,
+                            "nf4.absmax_codes",
+                            DType::U8,
+                            vec![n / 64],
+                            codes,
+                        ));
+                        let offset = w.absmax_offset().unwrap_or(0.0).to_le_bytes();
+                        parts.push((
+                            format!("{key}.nf4.absmax_offset"),
+                            DType::F32,
+                            vec![1],
+                            Cow::Owned(offset.to_vec()),
+                        ));
+                        parts.push(part(
+                            key,
+                            "nf4.absmax_scale",
+                            DType::F32,
+                            vec![scale.len() / 4],
+                            scale,
+                        ));
+                    }
+                    _ => unreachable!("an NF4 matrix has plain or double-quantized statistics"),
+                }
+                parts
+            }
+            FrozenWeight::Int8(w) => {
+                let (codes, scales, zeros) = w.parts();
+                vec![
+                    part(key, "int8.codes", DType::U8, vec![o, i], codes.as_slice()),
+                    part(key, "int8.scale", DType::F32, vec![o], scales.as_slice()),
+                    part(key, "int8.zero", DType::F32, vec![o], zeros.as_slice()),
+                ]
+            }
+            FrozenWeight::Lower(w) => {
+                let (bits, codes, scales, mins) = w.parts();
+                vec![
+                    part(key, "lower.bits", DType::U8, vec![o], bits.as_slice()),
+                    part(
+                        key,
+                        "lower.codes",
+                        DType::U8,
+                        vec![codes.len()],
+                        codes.as_slice(),
+                    ),
+                    part(
+                        key,
+                        "lower.scale",
+                        DType::F16,
+                        vec![o, i / 128],
+                        scales.as_slice(),
+                    ),
+                    part(
+                        key,
+                        "lower.min",
+                        DType::F16,
+                        vec![o, i / 128],
+                        mins.as_slice(),
+                    ),
+                ]
+            }
+        }
+    }
+
+    /// Reads weight `key` of `format`, `[out, in]`, from a quantized checkpoint without copying
+    /// its packed bytes (they stay in the memory-mapped file). Every part's dtype and shape is
+    /// checked, and scales must be finite.
+    pub fn from_checkpoint(
+        file: &Checkpoint,
+        format: WeightFormat,
+        key: &str,
+        out: usize,
+        inn: usize,
+    ) -> Result<Self> {
+        let n = out.checked_mul(inn).ok_or_else(|| Error::Model {
+            what: format!("{key}: [{out}, {inn}] overflows"),
+        })?;
+        let get = |suffix: &str, dtype: DType, shape: &[usize]| -> Result<Bytes> {
+            let name = if suffix.is_empty() {
+                key.to_string()
+            } else {
+                format!("{key}.{suffix}")
+            };
+            expect_part(file, &name, dtype, shape)?;
+            let mapped = file.shared_bytes(&name)?;
+            let len = mapped.len();
+            if matches!(dtype, DType::F16 | DType::F32) {
+                check_finite(file, &name, dtype, &mapped)?;
+            }
+            Bytes::from_shared(Arc::new(mapped), 0..len).map_err(quant_err(key))
+        };
+        let e = quant_err(key);
+        Ok(match format {
+            WeightFormat::F16 => {
+                let t = file.half(key, Some(&[out, inn]))?;
+                FrozenWeight::F16(Arc::new(t))
+            }
+            WeightFormat::Q4 => FrozenWeight::Q4(Arc::new(
+                Q4Matrix::from_parts(
+                    out,
+                    inn,
+                    get("q4.packed", DType::U8, &[out, inn / 2])?,
+                    get("q4.norm", DType::F16, &[out, inn / 16])?,
+                )
+                .map_err(e)?,
+            )),
+            WeightFormat::Nf4 => FrozenWeight::Nf4(Arc::new(
+                Nf4Matrix::from_parts(
+                    out,
+                    inn,
+                    get("nf4.packed", DType::U8, &[n / 2])?,
+                    get("nf4.absmax", DType::F32, &[n / 64])?,
+                )
+                .map_err(e)?,
+            )),
+            WeightFormat::Nf4Dq => FrozenWeight::Nf4(Arc::new(
+                Nf4Matrix::from_parts_double(
+                    out,
+                    inn,
+                    get("nf4.packed", DType::U8, &[n / 2])?,
+                    get("nf4.absmax_codes", DType::U8, &[n / 64])?,
+                    get("nf4.absmax_offset", DType::F32, &[1])?,
+                    get("nf4.absmax_scale", DType::F32, &[(n / 64).div_ceil(256)])?,
+                )
+                .map_err(e)?,
+            )),
+            WeightFormat::Int8 => FrozenWeight::Int8(Arc::new(
+                Int8Matrix::from_parts(
+                    out,
+                    inn,
+                    get("int8.codes", DType::U8, &[out, inn])?,
+                    get("int8.scale", DType::F32, &[out])?,
+                    get("int8.zero", DType::F32, &[out])?,
+                )
+                .map_err(e)?,
+            )),
+            WeightFormat::Lower => {
+                let codes_len = match file.info(&format!("{key}.lower.codes")) {
+                    Some((_, [len])) => *len,
+                    _ => 0, // expect_part below names what is wrong
+                };
+                FrozenWeight::Lower(Arc::new(
+                    LowerMatrix::from_parts(
+                        out,
+                        inn,
+                        get("lower.bits", DType::U8, &[out])?,
+                        get("lower.codes", DType::U8, &[codes_len])?,
+                        get("lower.scale", DType::F16, &[out, inn / 128])?,
+                        get("lower.min", DType::F16, &[out, inn / 128])?,
+                    )
+                    .map_err(e)?,
+                ))
+            }
+            WeightFormat::F32 => {
+                return Err(Error::Model {
+                    what: format!("{key}: f32 is not a quantized format"),
+                })
+            }
+        })
+    }
+}
+
+/// Part `key.suffix` borrowing `bytes`.
+fn part<'a>(key: &str, suffix: &str, dtype: DType, shape: Vec<usize>, bytes: &'a [u8]) -> Part<'a> {
+    (
+        format!("{key}.{suffix}"),
+        dtype,
+        shape,
+        Cow::Borrowed(bytes),
+    )
+}
+
+fn expect_part(file: &Checkpoint, name: &str, dtype: DType, shape: &[usize]) -> Result<()> {
+    match file.info(name) {
+        None => Err(Error::MissingKey {
+            path: file.path().to_path_buf(),
+            key: name.to_string(),
+        }),
+        Some((found, _)) if found != dtype => Err(Error::DType {
+            path: file.path().to_path_buf(),
+            key: name.to_string(),
+            expected: dtype.name().to_string(),
+            found,
+        }),
+        Some((_, found)) if found != shape => Err(Error::Shape {
+            path: file.path().to_path_buf(),
+            key: name.to_string(),
+            expected: shape.to_vec(),
+            found: found.to_vec(),
+        }),
+        Some(_) => Ok(()),
+    }
+}
+
+fn check_finite(file: &Checkpoint, name: &str, dtype: DType, bytes: &[u8]) -> Result<()> {
+    let bad = match dtype {
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .position(|c| !f16::from_le_bytes([c[0], c[1]]).is_finite()),
+        _ => bytes
+            .chunks_exact(4)
+            .position(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite()),
+    };
+    match bad {
+        None => Ok(()),
+        Some(index) => Err(Error::BadTensor {
+            path: file.path().to_path_buf(),
+            key: name.to_string(),
+            reason: format!("element {index} is NaN or infinite"),
+        }),
+    }
+}

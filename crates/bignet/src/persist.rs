@@ -1,0 +1,185 @@
+//! Saving a model to safetensors and loading quantized checkpoints straight from the mapped
+//! file. A file written here carries `__metadata__["nibble.format"]` naming the weights'
+//! storage (`f32`, `f16`, `q4`, `nf4`, `nf4_dq`, `int8`, `lower`); f32 and f16 files are plain
+//! PyTorch state dicts, the others follow the layout in [`crate::frozen`]. Biases and LayerNorms
+//! keep their own names.
+
+use crate::checkpoint::{write_safetensors, Checkpoint, DType};
+use crate::error::{Error, Result};
+use crate::frozen::{FrozenWeight, Part};
+use crate::layer::{FrozenBias, Linear, LinearBase};
+use crate::model::{BigNet, Norm};
+use crate::source::{linear_key, norm_key, BLOCKS, LAYERS_PER_BLOCK};
+use crate::variant::{Variant, WeightFormat};
+use nibble_autograd::Param;
+use nibble_tensor::f16;
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Metadata key naming the weight format.
+pub const FORMAT_KEY: &str = "nibble.format";
+
+/// Writes the model's weights (not its LoRA adapters: see [`crate::adapter`]) to `path`.
+pub fn save_model(model: &BigNet, path: &Path) -> Result<()> {
+    let mut format = None;
+    let mut owned: Vec<(String, Vec<f32>, Vec<usize>)> = Vec::new();
+    let mut parts: Vec<Part<'_>> = Vec::new();
+    let mut held = Vec::new(); // f32 copies of trainable parameters, alive until written
+    for layer in model.linears() {
+        let key = &layer.name;
+        match &layer.base {
+            LinearBase::Trainable { weight, bias } => {
+                format = Some(WeightFormat::F32);
+                held.push((format!("{key}.weight"), weight.value().clone()));
+                held.push((format!("{key}.bias"), bias.value().clone()));
+            }
+            LinearBase::Frozen { weight, bias } => {
+                format = Some(weight.format());
+                parts.extend(weight.parts(&format!("{key}.weight")));
+                let (dtype, bytes) = match bias {
+                    FrozenBias::F32(b) => (DType::F32, bytemuck::cast_slice::<f32, u8>(b)),
+                    FrozenBias::F16(b) => (DType::F16, bytemuck::cast_slice::<f16, u8>(b)),
+                };
+                parts.push((
+                    format!("{key}.bias"),
+                    dtype,
+                    vec![bias.len()],
+                    Cow::Borrowed(bytes),
+                ));
+            }
+        }
+    }
+    for norm in model.norms() {
+        for p in [&norm.weight, &norm.bias] {
+            owned.push((
+                p.name().to_string(),
+                p.value().data().to_vec(),
+                p.value().shape().to_vec(),
+            ));
+        }
+    }
+    let mut entries: Vec<(String, DType, Vec<usize>, &[u8])> = parts
+        .iter()
+        .map(|(k, d, s, b)| (k.clone(), *d, s.clone(), b.as_ref()))
+        .collect();
+    for (k, t) in &held {
+        entries.push((
+            k.clone(),
+            DType::F32,
+            t.shape().to_vec(),
+            bytemuck::cast_slice(t.data()),
+        ));
+    }
+    for (k, v, s) in &owned {
+        entries.push((k.clone(), DType::F32, s.clone(), bytemuck::cast_slice(v)));
+    }
+    let mut metadata = BTreeMap::new();
+    let format = format.unwrap_or(WeightFormat::F32);
+    metadata.insert(FORMAT_KEY.to_string(), format.name().to_string());
+    metadata.insert("nibble.dim".to_string(), model.dim().to_string());
+    write_safetensors(path, &entries, &metadata)
+}
+
+/// The quantized format a checkpoint declares, if any (`None` for plain state dicts, including
+/// nibble's own f32 and f16 files).
+pub fn quantized_format(file: &Checkpoint) -> Result<Option<WeightFormat>> {
+    let Some(name) = file.metadata().get(FORMAT_KEY) else {
+        return Ok(None);
+    };
+    match WeightFormat::from_name(name) {
+        Some(WeightFormat::F32 | WeightFormat::F16) => Ok(None),
+        Some(f) => Ok(Some(f)),
+        None => Err(Error::Model {
+            what: format!(
+                "{}: unknown {FORMAT_KEY} `{name}` (expected q4, nf4, nf4_dq, int8, lower, f16 or f32)",
+                file.path().display()
+            ),
+        }),
+    }
+}
+
+fn f32_param(file: &Checkpoint, key: &str, dim: usize, train: bool) -> Result<Param> {
+    Ok(Param::new(key, file.tensor_f32(key, Some(&[dim]))?, train))
+}
+
+/// Builds the model a quantized checkpoint holds, mapping its packed weights with no copy.
+/// `variant` must be the format's own variant, or `qlora` over a Q4 file (adapters are then
+/// attached, seeded from `lora_seed`).
+pub fn load_quantized(
+    file: &Checkpoint,
+    format: WeightFormat,
+    variant: Variant,
+    lora_seed: u64,
+) -> Result<BigNet> {
+    let implied = Variant::for_format(format);
+    let wants_lora = variant == Variant::Qlora && implied == Variant::LowPrecision;
+    if variant != implied && !wants_lora {
+        return Err(Error::Model {
+            what: format!(
+                "{}: the file holds {} weights (variant {implied}); it cannot be loaded as {variant}",
+                file.path().display(),
+                format.name()
+            ),
+        });
+    }
+    let dim = match file.info(&format!("{}.bias", linear_key(0, 0))) {
+        Some((_, [d])) if *d > 0 => *d,
+        _ => {
+            return Err(Error::Model {
+                what: format!(
+                    "{}: no `{}.bias` [dim]: cannot tell the model width",
+                    file.path().display(),
+                    linear_key(0, 0)
+                ),
+            })
+        }
+    };
+    let mut expected: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let mut blocks = Vec::with_capacity(BLOCKS);
+    for b in 0..BLOCKS {
+        let mut layers = Vec::with_capacity(LAYERS_PER_BLOCK);
+        for l in 0..LAYERS_PER_BLOCK {
+            let name = linear_key(b, l);
+            let wkey = format!("{name}.weight");
+            let weight = FrozenWeight::from_checkpoint(file, format, &wkey, dim, dim)?;
+            for (k, ..) in weight.parts(&wkey) {
+                expected.insert(k);
+            }
+            let bkey = format!("{name}.bias");
+            let bias = FrozenBias::F32(file.tensor_f32(&bkey, Some(&[dim]))?.into_vec());
+            expected.insert(bkey);
+            layers.push(Linear {
+                name,
+                base: LinearBase::Frozen { weight, bias },
+                lora: None,
+            });
+        }
+        blocks.push(layers.try_into().expect("three layers"));
+    }
+    let mut norms = Vec::with_capacity(BLOCKS - 1);
+    for b in 0..BLOCKS - 1 {
+        let name = norm_key(b);
+        let (wk, bk) = (format!("{name}.weight"), format!("{name}.bias"));
+        norms.push(Norm {
+            weight: f32_param(file, &wk, dim, false)?,
+            bias: f32_param(file, &bk, dim, false)?,
+        });
+        expected.insert(wk);
+        expected.insert(bk);
+    }
+    if let Some(extra) = file.keys().find(|k| !expected.contains(*k)) {
+        return Err(Error::Model {
+            what: format!(
+                "{}: unexpected tensor `{extra}` in a {} checkpoint of width {dim}",
+                file.path().display(),
+                format.name()
+            ),
+        });
+    }
+    let mut model = BigNet::from_parts(implied, dim, blocks, norms)?;
+    if wants_lora {
+        model.attach_lora(lora_seed)?;
+    }
+    Ok(model)
+}
