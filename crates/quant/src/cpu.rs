@@ -1,60 +1,19 @@
-//! Which kernel path runs: detected once at run time (AVX2 + FMA + F16C), overridable with the
-//! `NIBBLE_KERNEL=scalar|portable|avx2` environment variable.
-//!
-//! (Private to this crate until `nibble_tensor::cpu` lands; the semantics are the same.)
+//! Which kernel path runs: the tensor crate's run-time dispatch ([`nibble_tensor::cpu`]),
+//! re-exported so that every quant kernel follows the same `NIBBLE_KERNEL=scalar|portable|avx2`
+//! choice as the GEMM, GEMV and f16 kernels it feeds.
 
-use std::sync::OnceLock;
+pub use nibble_tensor::cpu::{detected_path, has_avx2_fma_f16c, kernel_path, KernelPath};
 
-/// A family of kernels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum KernelPath {
-    /// Plain scalar Rust: the ground truth.
-    Scalar,
-    /// Portable SIMD on the `wide` crate.
-    Portable,
-    /// x86-64 AVX2 + FMA + F16C intrinsics.
-    Avx2,
-}
-
-/// Whether this CPU can run the AVX2 path.
+/// Whether this CPU can run the AVX2 path (AVX2 + FMA + F16C).
 pub fn avx2_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// The path in use: the best the CPU has, unless `NIBBLE_KERNEL` forces one (a forced `avx2`
-/// on a CPU without it falls back to `portable`). Detected once.
-pub fn kernel_path() -> KernelPath {
-    static PATH: OnceLock<KernelPath> = OnceLock::new();
-    *PATH.get_or_init(|| {
-        let best = if avx2_available() {
-            KernelPath::Avx2
-        } else {
-            KernelPath::Portable
-        };
-        match std::env::var("NIBBLE_KERNEL").as_deref() {
-            Ok("scalar") => KernelPath::Scalar,
-            Ok("portable") => KernelPath::Portable,
-            Ok("avx2") if avx2_available() => KernelPath::Avx2,
-            Ok("avx2") => KernelPath::Portable,
-            _ => best,
-        }
-    })
+    has_avx2_fma_f16c()
 }
 
 /// Every path this CPU can run (for tests comparing them).
 pub fn available_paths() -> Vec<KernelPath> {
     let mut v = vec![KernelPath::Scalar, KernelPath::Portable];
-    if avx2_available() {
-        v.push(KernelPath::Avx2);
+    if has_avx2_fma_f16c() {
+        v.push(KernelPath::Avx2Fma);
     }
     v
 }
@@ -62,9 +21,5 @@ pub fn available_paths() -> Vec<KernelPath> {
 /// `path`, downgraded to one this CPU can run.
 #[inline]
 pub(crate) fn usable(path: KernelPath) -> KernelPath {
-    if path == KernelPath::Avx2 && !avx2_available() {
-        KernelPath::Portable
-    } else {
-        path
-    }
+    path.supported()
 }

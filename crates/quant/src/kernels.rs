@@ -1,6 +1,7 @@
 //! Format-independent kernel machinery: the small-batch GEMV driver, the two [`PackB`] adapters
 //! (forward over `Wᵀ`, backward over `W`), dot products, and the `WeightMatrix` glue.
 
+use std::cell::Cell;
 use std::ops::Range;
 
 use nibble_tensor::gemm::{gemm, MatRef, PackB, NR};
@@ -13,6 +14,13 @@ use crate::cpu::{kernel_path, usable, KernelPath};
 /// Batches below this use the fused GEMV; from it on, the packed-panel GEMM.
 pub(crate) const GEMM_MIN_M: usize = 16;
 
+/// Rows of W a GEMV task handles at a time for batches of 2..16 (its codes stay in L1/L2
+/// while every vector of the batch passes over them).
+const GEMV_ROW_TILE: usize = 64;
+
+/// Columns of a forward panel dequantized per pass (matches the GEMM's `KC`).
+const FWD_CHUNK: usize = 256;
+
 /// A quantized `out x in` matrix seen row by row.
 pub(crate) trait QuantRows: Sync + Send {
     /// `(out, in)`.
@@ -22,18 +30,91 @@ pub(crate) trait QuantRows: Sync + Send {
     /// Writes `W[r, c0..c0+len]` into `dst[..len]`; `c0` is a multiple of `seg_align()` and so
     /// is `len` unless `c0 + len == in`.
     fn dequant_segment(&self, path: KernelPath, r: usize, c0: usize, len: usize, dst: &mut [f32]);
-    /// Per-input precomputation for [`QuantRows::gemv`] (e.g. block sums of `x`).
-    fn gemv_prepare(&self, _path: KernelPath, _x: &[f32]) -> Vec<f32> {
-        Vec::new()
-    }
-    /// `y[j] = W[rows.start + j, :] · x` for the rows in `rows`.
-    fn gemv(&self, path: KernelPath, x: &[f32], _prep: &[f32], rows: Range<usize>, y: &mut [f32]) {
-        let (_, i) = self.dims();
-        let mut row = vec![0.0f32; i];
-        for (r, yv) in rows.zip(y.iter_mut()) {
-            self.dequant_segment(path, r, 0, i, &mut row);
-            *yv = dot(path, &row, x);
+    /// Writes `W[r0 + p, c0..c0+len]` into `dst[p * stride..p * stride + len]` for
+    /// `p < rows` (same alignment rules as [`QuantRows::dequant_segment`]; `len <= stride`).
+    fn dequant_cols(
+        &self,
+        path: KernelPath,
+        r0: usize,
+        rows: usize,
+        c0: usize,
+        len: usize,
+        dst: &mut [f32],
+        stride: usize,
+    ) {
+        for p in 0..rows {
+            self.dequant_segment(
+                path,
+                r0 + p,
+                c0,
+                len,
+                &mut dst[p * stride..p * stride + len],
+            );
         }
+    }
+    /// Appends the per-input precomputation for [`QuantRows::gemv`] (e.g. block sums of `x`)
+    /// to `prep`; every call for a given matrix and path appends the same number of floats.
+    fn gemv_prepare(&self, _path: KernelPath, _x: &[f32], _prep: &mut Vec<f32>) {}
+    /// `y[j] = W[rows.start + j, :] · x` (`y[j] += ...` with `acc`) for the rows in `rows`;
+    /// `prep` is what [`QuantRows::gemv_prepare`] appended for this `x` on this path.
+    fn gemv(
+        &self,
+        path: KernelPath,
+        x: &[f32],
+        _prep: &[f32],
+        rows: Range<usize>,
+        y: &mut [f32],
+        acc: bool,
+    ) {
+        gemv_generic(self, path, x, rows, y, acc);
+    }
+}
+
+/// GEMV by dequantizing 256 columns of a row at a time into a stack buffer (any format, any
+/// path; no heap allocation).
+pub(crate) fn gemv_generic<F: QuantRows + ?Sized>(
+    f: &F,
+    path: KernelPath,
+    x: &[f32],
+    rows: Range<usize>,
+    y: &mut [f32],
+    acc: bool,
+) {
+    let (_, i) = f.dims();
+    let mut buf = [0.0f32; FWD_CHUNK];
+    for (r, yv) in rows.zip(y.iter_mut()) {
+        let mut s = 0.0f32;
+        let mut c = 0;
+        while c < i {
+            let len = (i - c).min(FWD_CHUNK);
+            segment(f, path, r, c, len, &mut buf[..len]);
+            s += dot(path, &buf[..len], &x[c..c + len]);
+            c += len;
+        }
+        *yv = if acc { *yv + s } else { s };
+    }
+}
+
+/// `W[r, c0..c0+len]` into `dst` for any `c0`, `len` (aligned requests go straight to
+/// [`QuantRows::dequant_segment`], others through a widened temporary).
+fn segment<F: QuantRows + ?Sized>(
+    f: &F,
+    path: KernelPath,
+    r: usize,
+    c0: usize,
+    len: usize,
+    dst: &mut [f32],
+) {
+    let i = f.dims().1;
+    let a = f.seg_align().max(1);
+    if c0 % a == 0 && (len % a == 0 || c0 + len == i) {
+        f.dequant_segment(path, r, c0, len, dst);
+    } else {
+        let s0 = c0 / a * a;
+        let e = (c0 + len).div_ceil(a).saturating_mul(a).min(i);
+        let mut t = vec![0.0f32; e - s0];
+        f.dequant_segment(path, r, s0, e - s0, &mut t);
+        dst[..len].copy_from_slice(&t[c0 - s0..c0 - s0 + len]);
     }
 }
 
@@ -61,9 +142,9 @@ pub(crate) fn dot(path: KernelPath, a: &[f32], b: &[f32]) -> f32 {
         }
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `usable` returned Avx2 only if the CPU has AVX2 and FMA.
-        KernelPath::Avx2 => unsafe { avx2::dot(&a[..n], &b[..n]) },
+        KernelPath::Avx2Fma => unsafe { avx2::dot(&a[..n], &b[..n]) },
         #[cfg(not(target_arch = "x86_64"))]
-        KernelPath::Avx2 => dot(KernelPath::Portable, a, b),
+        KernelPath::Avx2Fma => dot(KernelPath::Portable, a, b),
     }
 }
 
@@ -138,14 +219,110 @@ pub(crate) mod avx2 {
         let b = _mm256_permutevar8x32_ps(hi, idx);
         _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)))
     }
+
+    /// Looks up 8 codes in a 16-entry table held as two halves: `perm` supplies the low 3 bits
+    /// of each lane's code (higher bits are ignored) and the sign bit of `sel` picks the half.
+    #[inline(always)]
+    pub(crate) unsafe fn lut16_sel(lo: __m256, hi: __m256, perm: __m256i, sel: __m256i) -> __m256 {
+        let a = _mm256_permutevar8x32_ps(lo, perm);
+        let b = _mm256_permutevar8x32_ps(hi, perm);
+        _mm256_blendv_ps(a, b, _mm256_castsi256_ps(sel))
+    }
+
+    /// Transposes an 8x8 block: row `q` of the result is column `q` of `r`.
+    #[inline(always)]
+    pub(crate) unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        [
+            _mm256_permute2f128_ps::<0x20>(s0, s4),
+            _mm256_permute2f128_ps::<0x20>(s1, s5),
+            _mm256_permute2f128_ps::<0x20>(s2, s6),
+            _mm256_permute2f128_ps::<0x20>(s3, s7),
+            _mm256_permute2f128_ps::<0x31>(s0, s4),
+            _mm256_permute2f128_ps::<0x31>(s1, s5),
+            _mm256_permute2f128_ps::<0x31>(s2, s6),
+            _mm256_permute2f128_ps::<0x31>(s3, s7),
+        ]
+    }
+
+    /// Shapes: `src` is `NR` rows of `stride` floats (row `j` = panel column `j`), `dst` is
+    /// `len x NR`: `dst[p * NR + j] = src[j * stride + p]` for `p < len`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn transpose_panel(src: &[f32], stride: usize, len: usize, dst: &mut [f32]) {
+        transpose_panel_body(src, stride, len, dst)
+    }
+
+    #[inline(always)]
+    unsafe fn transpose_panel_body(src: &[f32], stride: usize, len: usize, dst: &mut [f32]) {
+        use nibble_tensor::gemm::NR;
+        if src.len() < (NR - 1) * stride + len || dst.len() < len * NR || len > stride {
+            return;
+        }
+        let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+        let mut p = 0;
+        while p + 8 <= len {
+            for h in 0..NR / 8 {
+                // SAFETY: rows 8h..8h+8 of src, columns p..p+8 < len <= stride: inside src
+                // (checked above); dst rows p..p+8, columns 8h..8h+8 inside len * NR.
+                let r: [__m256; 8] =
+                    std::array::from_fn(|q| _mm256_loadu_ps(s.add((8 * h + q) * stride + p)));
+                let t = transpose8(r);
+                for (q, v) in t.iter().enumerate() {
+                    _mm256_storeu_ps(d.add((p + q) * NR + 8 * h), *v);
+                }
+            }
+            p += 8;
+        }
+        for p in p..len {
+            for j in 0..NR {
+                dst[p * NR + j] = src[j * stride + p];
+            }
+        }
+    }
 }
 
-fn rows_chunk(out: usize) -> usize {
-    let t = rayon::current_num_threads().max(1);
-    (out.div_ceil(t * 4)).div_ceil(8).max(1) * 8
+/// Returns the thread's reusable scratch vector (taken out of its cell while in use, so a
+/// re-entrant call simply starts a fresh one).
+fn take_prep() -> Vec<f32> {
+    PREP.with(|c| c.take())
 }
+
+fn put_prep(v: Vec<f32>) {
+    PREP.with(|c| c.set(v));
+}
+
+thread_local! {
+    static PREP: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+}
+
+/// `y`'s base pointer, shared by GEMV tasks that write disjoint rows of `Wᵀ`'s output.
+#[derive(Clone, Copy)]
+struct YPtr(*mut f32);
+// SAFETY: each task holding a YPtr writes only the elements of its own row range (disjoint
+// from every other task's), and the `&mut y` borrow outlives every task (joined before return).
+unsafe impl Send for YPtr {}
+// SAFETY: as above.
+unsafe impl Sync for YPtr {}
 
 /// Forward `y = x · Wᵀ` for any format.
+///
+/// Shapes: `x` `[m, in]`, `y` `[m, out]` row-major. `m < 16`: fused GEMV (rows of W split
+/// evenly over the pool's threads, in multiples of 4); `m >= 16`: the GEMM over [`FwdPack`].
 pub(crate) fn matmul_t<F: QuantRows>(
     f: &F,
     x: &[f32],
@@ -163,48 +340,67 @@ pub(crate) fn matmul_t<F: QuantRows>(
         let pack = FwdPack { f, path };
         return gemm(MatRef::row_major(x, m, i)?, &pack, y, accumulate);
     }
-    let preps: Vec<Vec<f32>> = (0..m)
-        .map(|b| f.gemv_prepare(path, &x[b * i..(b + 1) * i]))
-        .collect();
-    let chunk = rows_chunk(o);
+    let mut prep = take_prep();
+    prep.clear();
+    for b in 0..m {
+        f.gemv_prepare(path, &x[b * i..(b + 1) * i], &mut prep);
+    }
+    let plen = prep.len() / m;
+    let threads = rayon::current_num_threads().max(1);
+    let parallel = threads > 1 && o.saturating_mul(i).saturating_mul(m) >= 1 << 16;
     if m == 1 {
-        y.par_chunks_mut(chunk).enumerate().for_each(|(ci, yc)| {
+        // One task per thread, equal row counts (multiples of 4 for the 4-row kernels).
+        let chunk = if parallel {
+            o.div_ceil(threads).div_ceil(4) * 4
+        } else {
+            o
+        };
+        let run = |(ci, yc): (usize, &mut [f32])| {
             let rows = ci * chunk..ci * chunk + yc.len();
-            if accumulate {
-                let mut t = vec![0.0f32; yc.len()];
-                f.gemv(path, x, &preps[0], rows, &mut t);
-                yc.iter_mut().zip(&t).for_each(|(a, b)| *a += b);
-            } else {
-                f.gemv(path, x, &preps[0], rows, yc);
-            }
-        });
+            f.gemv(path, x, &prep, rows, yc, accumulate);
+        };
+        if parallel {
+            y.par_chunks_mut(chunk).enumerate().for_each(run);
+        } else {
+            y.chunks_mut(chunk).enumerate().for_each(run);
+        }
+        put_prep(prep);
         return Ok(());
     }
-    let mut yt = vec![0.0f32; o * m];
-    yt.par_chunks_mut(chunk * m)
-        .enumerate()
-        .for_each(|(ci, c)| {
-            let nr = c.len() / m;
-            let r0 = ci * chunk;
-            let mut t = vec![0.0f32; nr];
-            for b in 0..m {
-                f.gemv(path, &x[b * i..(b + 1) * i], &preps[b], r0..r0 + nr, &mut t);
-                for j in 0..nr {
-                    c[j * m + b] = t[j];
+    let yp = YPtr(y.as_mut_ptr());
+    let tiles = o.div_ceil(GEMV_ROW_TILE);
+    let prep_ref = &prep;
+    let run = move |t: usize| {
+        let yp = yp;
+        let r0 = t * GEMV_ROW_TILE;
+        let nr = GEMV_ROW_TILE.min(o - r0);
+        let mut tmp = [0.0f32; GEMV_ROW_TILE];
+        for b in 0..m {
+            let xb = &x[b * i..(b + 1) * i];
+            let pb = &prep_ref[b * plen..(b + 1) * plen];
+            f.gemv(path, xb, pb, r0..r0 + nr, &mut tmp[..nr], false);
+            for (j, v) in tmp[..nr].iter().enumerate() {
+                // SAFETY: b < m and r0 + j < o, so the element is inside y (m x o); rows
+                // r0..r0+nr belong to this task alone.
+                unsafe {
+                    let d = yp.0.add(b * o + r0 + j);
+                    *d = if accumulate { *d + v } else { *v };
                 }
             }
-        });
-    for b in 0..m {
-        let yr = &mut y[b * o..(b + 1) * o];
-        for (r, v) in yr.iter_mut().enumerate() {
-            let t = yt[r * m + b];
-            *v = if accumulate { *v + t } else { t };
         }
+    };
+    if parallel {
+        (0..tiles).into_par_iter().for_each(run);
+    } else {
+        (0..tiles).for_each(run);
     }
+    put_prep(prep);
     Ok(())
 }
 
 /// Backward `dx = dy · W` for any format (GEMM over panels of `W`).
+///
+/// Shapes: `dy` `[m, out]`, `dx` `[m, in]` row-major.
 pub(crate) fn matmul<F: QuantRows>(
     f: &F,
     dy: &[f32],
@@ -247,25 +443,38 @@ impl<F: QuantRows> PackB for FwdPack<'_, F> {
     fn n(&self) -> usize {
         self.f.dims().0
     }
+    /// Shapes: panel `kc x NR` of `Wᵀ` = rows `n0..n0+nc` of W, columns `k0..k0+kc`. Each
+    /// row segment is dequantized contiguously into a 16 x 256 stack tile, which is then
+    /// transposed into `dst` (8x8 AVX2 transposes on that path).
     fn pack_panel(&self, k0: usize, kc: usize, n0: usize, nc: usize, dst: &mut [f32]) {
-        let i = self.f.dims().1;
-        let a = self.f.seg_align().max(1);
-        let s0 = k0 / a * a;
-        let e = (k0 + kc).div_ceil(a).saturating_mul(a).min(i);
-        let mut scratch = vec![0.0f32; e - s0];
-        for j in 0..NR {
-            if j < nc {
-                self.f
-                    .dequant_segment(self.path, n0 + j, s0, e - s0, &mut scratch);
-                let src = &scratch[k0 - s0..k0 - s0 + kc];
-                for (p, v) in src.iter().enumerate() {
-                    dst[p * NR + j] = *v;
-                }
-            } else {
-                for p in 0..kc {
-                    dst[p * NR + j] = 0.0;
+        let mut buf = [0.0f32; NR * FWD_CHUNK];
+        let nc = nc.min(NR);
+        let mut c = 0;
+        while c < kc {
+            let len = (kc - c).min(FWD_CHUNK);
+            for j in 0..NR {
+                let row = &mut buf[j * FWD_CHUNK..j * FWD_CHUNK + len];
+                if j < nc {
+                    segment(self.f, self.path, n0 + j, k0 + c, len, row);
+                } else {
+                    row.fill(0.0);
                 }
             }
+            let d = &mut dst[c * NR..(c + len) * NR];
+            match self.path {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the path went through `usable`, so the CPU has AVX2 and FMA; the
+                // function checks its slice lengths itself.
+                KernelPath::Avx2Fma => unsafe { avx2::transpose_panel(&buf, FWD_CHUNK, len, d) },
+                _ => {
+                    for p in 0..len {
+                        for j in 0..NR {
+                            d[p * NR + j] = buf[j * FWD_CHUNK + p];
+                        }
+                    }
+                }
+            }
+            c += len;
         }
     }
 }
@@ -283,25 +492,24 @@ impl<F: QuantRows> PackB for BwdPack<'_, F> {
     fn n(&self) -> usize {
         self.f.dims().1
     }
+    /// Shapes: panel `kc x NR` = rows `k0..k0+kc` of W, columns `n0..n0+nc`: each row's
+    /// segment is dequantized straight into its line of `dst` ([`QuantRows::dequant_cols`]).
     fn pack_panel(&self, k0: usize, kc: usize, n0: usize, nc: usize, dst: &mut [f32]) {
         let i = self.f.dims().1;
         let a = self.f.seg_align().max(1);
-        let s0 = n0 / a * a;
-        let e = (n0 + nc).div_ceil(a).saturating_mul(a).min(i);
-        if s0 == n0 && e - s0 == nc {
-            for p in 0..kc {
-                let d = &mut dst[p * NR..(p + 1) * NR];
-                self.f
-                    .dequant_segment(self.path, k0 + p, n0, nc, &mut d[..nc]);
-                d[nc..].fill(0.0);
+        let nc = nc.min(NR);
+        if n0 % a == 0 && (nc % a == 0 || n0 + nc == i) {
+            self.f
+                .dequant_cols(self.path, k0, kc, n0, nc, &mut dst[..kc * NR], NR);
+            if nc < NR {
+                for p in 0..kc {
+                    dst[p * NR + nc..(p + 1) * NR].fill(0.0);
+                }
             }
         } else {
-            let mut scratch = vec![0.0f32; e - s0];
             for p in 0..kc {
-                self.f
-                    .dequant_segment(self.path, k0 + p, s0, e - s0, &mut scratch);
                 let d = &mut dst[p * NR..(p + 1) * NR];
-                d[..nc].copy_from_slice(&scratch[n0 - s0..n0 - s0 + nc]);
+                segment(self.f, self.path, k0 + p, n0, nc, &mut d[..nc]);
                 d[nc..].fill(0.0);
             }
         }

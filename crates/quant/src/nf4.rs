@@ -288,7 +288,7 @@ pub fn quantize(
     match usable(path) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: Avx2 only when the CPU has AVX2/FMA/F16C.
-        KernelPath::Avx2 => unsafe { avx2::quantize(x, packed, absmax) },
+        KernelPath::Avx2Fma => unsafe { avx2::quantize(x, packed, absmax) },
         KernelPath::Portable => portable::quantize(x, packed, absmax),
         _ => quantize_ref(x, packed, absmax),
     }
@@ -372,7 +372,7 @@ mod portable {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::*;
-    use crate::kernels::avx2::{hsum, lut16};
+    use crate::kernels::avx2::{hsum, lut16, lut16_sel};
     use std::arch::x86_64::*;
 
     /// 16 codes (8 bytes at `p`, first element in the high nibble) as element-order bytes.
@@ -459,45 +459,146 @@ mod avx2 {
         }
     }
 
-    /// `y[j] = Σ_b absmax_b · Σ level[code]·x` for each row of `rows`.
+    /// Fused GEMV: `y[j] (+)= W[rows.start + j, :] · x`, 4 rows at a time sharing the loads of
+    /// `x`. Shapes: W `out x in` (`packed` `[out·in/2]`, one absmax per 64); `xp` is
+    /// [`Nf4Matrix::gemv_prepare`]'s `[in]` x with each run of 16 reordered as its 8 even then
+    /// 8 odd elements (the high / low nibbles); `y.len() >= rows.len()`. Per row:
+    /// `Σ_b absmax_b · Σ_k level[code_k] x_k`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn gemv(
         m: &Nf4Matrix,
-        x: &[f32],
+        xp: &[f32],
         rows: std::ops::Range<usize>,
         y: &mut [f32],
+        acc: bool,
+    ) {
+        gemv_body(m, xp, rows, y, acc)
+    }
+
+    #[inline(always)]
+    unsafe fn gemv_body(
+        m: &Nf4Matrix,
+        xp: &[f32],
+        rows: std::ops::Range<usize>,
+        y: &mut [f32],
+        acc: bool,
+    ) {
+        if xp.len() != m.inn || rows.end > m.out || y.len() < rows.len() {
+            return;
+        }
+        let mut r = rows.start;
+        let mut j = 0;
+        let mut put = |j: usize, v: f32| {
+            y[j] = if acc { y[j] + v } else { v };
+        };
+        while r + 4 <= rows.end {
+            let v = dot_rows::<4>(m, r, xp);
+            for (t, &vt) in v.iter().enumerate() {
+                put(j + t, vt);
+            }
+            r += 4;
+            j += 4;
+        }
+        while r < rows.end {
+            put(j, dot_rows::<1>(m, r, xp)[0]);
+            r += 1;
+            j += 1;
+        }
+    }
+
+    /// Dot products of rows `r0..r0+R` (all `< out`, checked by the caller) with x.
+    #[inline(always)]
+    unsafe fn dot_rows<const R: usize>(m: &Nf4Matrix, r0: usize, xp: &[f32]) -> [f32; R] {
+        const CH: usize = 32;
+        let lo = _mm256_loadu_ps(NF4_LEVELS.as_ptr());
+        let hi = _mm256_loadu_ps(NF4_LEVELS.as_ptr().add(8));
+        let nb = m.inn / NF4_BLOCK;
+        let packed = m.packed.as_slice().as_ptr();
+        let x = xp.as_ptr();
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut am = [[0.0f32; CH]; R];
+        let mut b = 0;
+        while b < nb {
+            let cnt = (nb - b).min(CH);
+            for r in 0..R {
+                m.fill_absmax((r0 + r) * nb + b, &mut am[r][..cnt]);
+            }
+            for t in 0..cnt {
+                let mut te = [_mm256_setzero_ps(); R];
+                let mut to = [_mm256_setzero_ps(); R];
+                for g in 0..4 {
+                    // SAFETY: run g of block b + t < nb: 16 floats inside xp (len in).
+                    let xo_ = x.add((b + t) * NF4_BLOCK + g * 16);
+                    let xe = _mm256_loadu_ps(xo_);
+                    let xo = _mm256_loadu_ps(xo_.add(8));
+                    for r in 0..R {
+                        // SAFETY: flat block (r0 + r)·nb + b + t lies inside `packed`.
+                        let q = packed.add((((r0 + r) * nb + b + t) * 32) + g * 8);
+                        let d = _mm256_cvtepu8_epi32(_mm_loadl_epi64(q as *const __m128i));
+                        let ev = lut16_sel(
+                            lo,
+                            hi,
+                            _mm256_srli_epi32::<4>(d),
+                            _mm256_slli_epi32::<24>(d),
+                        );
+                        let od = lut16_sel(lo, hi, d, _mm256_slli_epi32::<28>(d));
+                        te[r] = _mm256_fmadd_ps(ev, xe, te[r]);
+                        to[r] = _mm256_fmadd_ps(od, xo, to[r]);
+                    }
+                }
+                for r in 0..R {
+                    acc[r] = _mm256_fmadd_ps(
+                        _mm256_add_ps(te[r], to[r]),
+                        _mm256_broadcast_ss(&am[r][t]),
+                        acc[r],
+                    );
+                }
+            }
+            b += cnt;
+        }
+        std::array::from_fn(|r| hsum(acc[r]))
+    }
+
+    /// Shapes: W rows `r0..r0+rows`, columns `c0..c0+len` (`c0`, `len` multiples of 16, all
+    /// inside W, checked by the caller) into `dst[p * stride..p * stride + len]`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dequant_cols(
+        m: &Nf4Matrix,
+        r0: usize,
+        rows: usize,
+        c0: usize,
+        len: usize,
+        dst: &mut [f32],
+        stride: usize,
     ) {
         let lo = _mm256_loadu_ps(NF4_LEVELS.as_ptr());
         let hi = _mm256_loadu_ps(NF4_LEVELS.as_ptr().add(8));
-        let i = m.inn;
-        let nb = i / NF4_BLOCK;
-        let packed = m.packed.as_slice();
-        let xp = x.as_ptr();
-        let mut am = vec![0.0f32; nb];
-        for (r, yv) in rows.zip(y.iter_mut()) {
-            m.fill_absmax(r * nb, &mut am);
-            let mut acc = _mm256_setzero_ps();
-            for b in 0..nb {
-                let fb = r * nb + b;
-                let qp = packed.as_ptr().add(fb * 32);
-                let mut t0 = _mm256_setzero_ps();
-                let mut t1 = _mm256_setzero_ps();
-                for g in 0..4 {
-                    // SAFETY: block fb of W (32 bytes) and x[64b..64b+64] are in bounds.
-                    let codes = unpack16(qp.add(g * 8));
-                    let c0 = lut16(lo, hi, _mm256_cvtepu8_epi32(codes));
-                    let c1 = lut16(lo, hi, _mm256_cvtepu8_epi32(_mm_srli_si128(codes, 8)));
-                    let xo = xp.add(b * NF4_BLOCK + g * 16);
-                    t0 = _mm256_fmadd_ps(c0, _mm256_loadu_ps(xo), t0);
-                    t1 = _mm256_fmadd_ps(c1, _mm256_loadu_ps(xo.add(8)), t1);
+        let packed = m.packed.as_slice().as_ptr();
+        let d = dst.as_mut_ptr();
+        for p in 0..rows {
+            let s = (r0 + p) * m.inn + c0;
+            let mut cur = usize::MAX;
+            let mut sv = _mm256_setzero_ps();
+            for k in 0..len / 16 {
+                let e = s + k * 16;
+                if e / NF4_BLOCK != cur {
+                    cur = e / NF4_BLOCK;
+                    sv = _mm256_set1_ps(m.block_absmax(cur));
                 }
-                acc = _mm256_fmadd_ps(
-                    _mm256_add_ps(t0, t1),
-                    _mm256_set1_ps(m.block_absmax(fb)),
-                    acc,
+                // SAFETY: run e..e+16 lies in row r0 + p of W (checked by the caller), and
+                // dst[p * stride + 16k..+16] inside dst.
+                let codes = unpack16(packed.add(e / 2));
+                let c0v = _mm256_cvtepu8_epi32(codes);
+                let c1v = _mm256_cvtepu8_epi32(_mm_srli_si128(codes, 8));
+                _mm256_storeu_ps(
+                    d.add(p * stride + k * 16),
+                    _mm256_mul_ps(lut16(lo, hi, c0v), sv),
+                );
+                _mm256_storeu_ps(
+                    d.add(p * stride + k * 16 + 8),
+                    _mm256_mul_ps(lut16(lo, hi, c1v), sv),
                 );
             }
-            *yv = hsum(acc);
         }
     }
 }
@@ -758,42 +859,88 @@ impl QuantRows for Nf4Matrix {
         16
     }
     fn dequant_segment(&self, path: KernelPath, r: usize, c0: usize, len: usize, dst: &mut [f32]) {
+        const CH: usize = 32;
         let s = r * self.inn + c0;
-        let packed = &self.packed.as_slice()[s / 2..(s + len) / 2];
-        let b0 = s / NF4_BLOCK;
-        let mut am = vec![0.0f32; (s + len).div_ceil(NF4_BLOCK) - b0];
-        self.fill_absmax(b0, &mut am);
-        let scale = |g: usize| am[(s + g * 16) / NF4_BLOCK - b0];
-        let out = &mut dst[..len];
+        let path = usable(path);
+        let mut done = 0;
+        while done < len {
+            let start = s + done;
+            let b0 = start / NF4_BLOCK;
+            let end = ((b0 + CH) * NF4_BLOCK).min(s + len);
+            let mut am = [0.0f32; CH];
+            self.fill_absmax(b0, &mut am[..end.div_ceil(NF4_BLOCK) - b0]);
+            let scale = |g: usize| am[(start + g * 16) / NF4_BLOCK - b0];
+            let packed = &self.packed.as_slice()[start / 2..end / 2];
+            let out = &mut dst[done..done + (end - start)];
+            match path {
+                KernelPath::Scalar => dequantize_ref(packed, scale, out),
+                KernelPath::Portable => portable::dequantize(packed, scale, out),
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: Avx2Fma only when the CPU supports it; lengths match (len/2 bytes).
+                KernelPath::Avx2Fma => unsafe { avx2::dequantize(packed, scale, out) },
+                #[cfg(not(target_arch = "x86_64"))]
+                KernelPath::Avx2Fma => portable::dequantize(packed, scale, out),
+            }
+            done += end - start;
+        }
+    }
+    fn dequant_cols(
+        &self,
+        path: KernelPath,
+        r0: usize,
+        rows: usize,
+        c0: usize,
+        len: usize,
+        dst: &mut [f32],
+        stride: usize,
+    ) {
+        let fits = r0 + rows <= self.out
+            && c0 % 16 == 0
+            && len % 16 == 0
+            && c0 + len <= self.inn
+            && len <= stride
+            && (rows == 0 || dst.len() >= (rows - 1) * stride + len);
         match usable(path) {
-            KernelPath::Scalar => dequantize_ref(packed, scale, out),
-            KernelPath::Portable => portable::dequantize(packed, scale, out),
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: Avx2 only when the CPU supports it; lengths match (len/2 bytes).
-            KernelPath::Avx2 => unsafe { avx2::dequantize(packed, scale, out) },
-            #[cfg(not(target_arch = "x86_64"))]
-            KernelPath::Avx2 => portable::dequantize(packed, scale, out),
+            // SAFETY: the path went through `usable` (CPU has AVX2/FMA/F16C); `fits` checked
+            // the rows, columns and destination lengths.
+            KernelPath::Avx2Fma if fits => unsafe {
+                avx2::dequant_cols(self, r0, rows, c0, len, dst, stride)
+            },
+            _ => {
+                for p in 0..rows {
+                    let d = &mut dst[p * stride..p * stride + len];
+                    self.dequant_segment(path, r0 + p, c0, len, d);
+                }
+            }
+        }
+    }
+    /// AVX2 path: appends x with each run of 16 reordered as its 8 even then 8 odd elements.
+    fn gemv_prepare(&self, path: KernelPath, x: &[f32], prep: &mut Vec<f32>) {
+        if usable(path) == KernelPath::Avx2Fma {
+            for blk in x.chunks_exact(16) {
+                prep.extend((0..8).map(|t| blk[2 * t]));
+                prep.extend((0..8).map(|t| blk[2 * t + 1]));
+            }
         }
     }
     fn gemv(
         &self,
         path: KernelPath,
         x: &[f32],
-        _prep: &[f32],
+        prep: &[f32],
         rows: std::ops::Range<usize>,
         y: &mut [f32],
+        acc: bool,
     ) {
         match usable(path) {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: Avx2 only when the CPU supports it; x has `in` elements (checked by the caller).
-            KernelPath::Avx2 => unsafe { avx2::gemv(self, x, rows, y) },
-            _ => {
-                let mut row = vec![0.0f32; self.inn];
-                for (r, yv) in rows.zip(y.iter_mut()) {
-                    self.dequant_segment(path, r, 0, self.inn, &mut row);
-                    *yv = kernels::dot(path, &row, x);
-                }
-            }
+            // SAFETY: Avx2Fma only when the CPU supports it; the kernel checks `prep`, `rows`
+            // and `y` lengths itself.
+            KernelPath::Avx2Fma if prep.len() == self.inn => unsafe {
+                avx2::gemv(self, prep, rows, y, acc)
+            },
+            _ => kernels::gemv_generic(self, path, x, rows, y, acc),
         }
     }
 }

@@ -136,7 +136,7 @@ pub fn quantize_row(
             }
         }
         #[cfg(target_arch = "x86_64")]
-        KernelPath::Avx2 => {
+        KernelPath::Avx2Fma => {
             // SAFETY: `usable` returned Avx2, so the CPU has AVX2, FMA and F16C.
             if unsafe { avx2::quantize_row(x, packed, norm) } {
                 Ok(())
@@ -145,7 +145,7 @@ pub fn quantize_row(
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        KernelPath::Avx2 => quantize_row(KernelPath::Portable, row, x, packed, norm),
+        KernelPath::Avx2Fma => quantize_row(KernelPath::Portable, row, x, packed, norm),
     }
 }
 
@@ -176,9 +176,9 @@ pub fn dequantize(path: KernelPath, packed: &[u8], norm: &[f16], out: &mut [f32]
         KernelPath::Portable => portable::dequantize(packed, norm, out),
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `usable` returned Avx2, so the CPU has AVX2, FMA and F16C.
-        KernelPath::Avx2 => unsafe { avx2::dequantize(packed, norm, out) },
+        KernelPath::Avx2Fma => unsafe { avx2::dequantize(packed, norm, out) },
         #[cfg(not(target_arch = "x86_64"))]
-        KernelPath::Avx2 => portable::dequantize(packed, norm, out),
+        KernelPath::Avx2Fma => portable::dequantize(packed, norm, out),
     }
 }
 
@@ -355,79 +355,139 @@ mod avx2 {
         }
     }
 
-    /// `y[j] = Σ_b n_b·(2/15)·Σ code·x − Σ_b n_b·S_b` for each row of `rows`.
+    /// Fused GEMV: `y[j] (+)= W[rows.start + j, :] · x`, 4 rows at a time sharing the loads of
+    /// `x`. Shapes: W `out x in` (`packed` `[out, in/2]`, `norm` `[out, in/16]`); `prep` is
+    /// [`Q4Matrix::gemv_prepare`]'s `[in]` even/odd-permuted x followed by the `[in/16]` block
+    /// sums of x; `y.len() >= rows.len()`. Per row:
+    /// `Σ_b n_b · ((2/15) · Σ_k code_k x_k − S_b)`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn gemv(
         m: &Q4Matrix,
-        x: &[f32],
-        sums: &[f32],
+        prep: &[f32],
         rows: std::ops::Range<usize>,
         y: &mut [f32],
+        acc: bool,
     ) {
-        gemv_body(m, x, sums, rows, y)
+        gemv_body(m, prep, rows, y, acc)
     }
 
     #[inline(always)]
     unsafe fn gemv_body(
         m: &Q4Matrix,
-        x: &[f32],
-        sums: &[f32],
+        prep: &[f32],
         rows: std::ops::Range<usize>,
         y: &mut [f32],
+        acc: bool,
     ) {
-        let i = m.inn;
-        let nb = i / Q4_BLOCK;
-        let packed = m.packed.as_slice();
+        let nb = m.inn / Q4_BLOCK;
+        if prep.len() != m.inn + nb || rows.end > m.out || y.len() < rows.len() {
+            return;
+        }
+        let mut r = rows.start;
+        let mut j = 0;
+        let mut put = |j: usize, v: f32| {
+            y[j] = if acc { y[j] + v } else { v };
+        };
+        while r + 4 <= rows.end {
+            let v = dot_rows::<4>(m, r, prep);
+            for (t, &vt) in v.iter().enumerate() {
+                put(j + t, vt);
+            }
+            r += 4;
+            j += 4;
+        }
+        while r < rows.end {
+            put(j, dot_rows::<1>(m, r, prep)[0]);
+            r += 1;
+            j += 1;
+        }
+    }
+
+    /// Dot products of rows `r0..r0+R` (all `< out`, checked by the caller) with x.
+    #[inline(always)]
+    unsafe fn dot_rows<const R: usize>(m: &Q4Matrix, r0: usize, prep: &[f32]) -> [f32; R] {
+        let nb = m.inn / Q4_BLOCK;
+        let (xp, sums) = (prep.as_ptr(), prep.as_ptr().add(m.inn));
+        let packed = m.packed.as_slice().as_ptr();
         let norms = m.norm.f16s();
-        let mut nf = vec![0.0f32; nb];
-        let xp = x.as_ptr();
-        for (r, yv) in rows.zip(y.iter_mut()) {
-            f16_to_f32(&norms[r * nb..(r + 1) * nb], &mut nf);
-            let qp = packed.as_ptr().add(r * i / 2);
-            let mut acc0 = _mm256_setzero_ps();
-            let mut acc1 = _mm256_setzero_ps();
-            let mut b = 0;
-            while b + 2 <= nb {
-                // SAFETY: blocks b, b+1 of row r are inside packed / x.
-                let k0 = unpack16(qp.add(b * 8));
-                let k1 = unpack16(qp.add(b * 8 + 8));
-                let t0 = _mm256_mul_ps(
-                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(k0)),
-                    _mm256_loadu_ps(xp.add(b * 16)),
-                );
-                let t0 = _mm256_fmadd_ps(
-                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(k0, 8))),
-                    _mm256_loadu_ps(xp.add(b * 16 + 8)),
-                    t0,
-                );
-                let t1 = _mm256_mul_ps(
-                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(k1)),
-                    _mm256_loadu_ps(xp.add(b * 16 + 16)),
-                );
-                let t1 = _mm256_fmadd_ps(
-                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(k1, 8))),
-                    _mm256_loadu_ps(xp.add(b * 16 + 24)),
-                    t1,
-                );
-                acc0 = _mm256_fmadd_ps(t0, _mm256_set1_ps(nf[b]), acc0);
-                acc1 = _mm256_fmadd_ps(t1, _mm256_set1_ps(nf[b + 1]), acc1);
-                b += 2;
+        let mask = _mm256_set1_epi32(15);
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut corr = [_mm256_setzero_ps(); R];
+        let mut nf = [[0.0f32; 8]; R];
+        let mut b = 0;
+        while b < nb {
+            let nblk = (nb - b).min(8);
+            for r in 0..R {
+                let nr = &norms[(r0 + r) * nb + b..(r0 + r) * nb + b + nblk];
+                let (nv, sv) = if nblk == 8 {
+                    // SAFETY: 8 norms (16 bytes) in `nr`; 8 sums at b..b+8 < nb in prep.
+                    (
+                        _mm256_cvtph_ps(_mm_loadu_si128(nr.as_ptr() as *const __m128i)),
+                        _mm256_loadu_ps(sums.add(b)),
+                    )
+                } else {
+                    let mut n8 = [0.0f32; 8];
+                    let mut s8 = [0.0f32; 8];
+                    for t in 0..nblk {
+                        n8[t] = nr[t].to_f32();
+                        s8[t] = prep[m.inn + b + t];
+                    }
+                    (_mm256_loadu_ps(n8.as_ptr()), _mm256_loadu_ps(s8.as_ptr()))
+                };
+                _mm256_storeu_ps(nf[r].as_mut_ptr(), nv);
+                corr[r] = _mm256_fmadd_ps(nv, sv, corr[r]);
             }
-            if b < nb {
-                let k0 = unpack16(qp.add(b * 8));
-                let t0 = _mm256_mul_ps(
-                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(k0)),
-                    _mm256_loadu_ps(xp.add(b * 16)),
-                );
-                let t0 = _mm256_fmadd_ps(
-                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(k0, 8))),
-                    _mm256_loadu_ps(xp.add(b * 16 + 8)),
-                    t0,
-                );
-                acc0 = _mm256_fmadd_ps(t0, _mm256_set1_ps(nf[b]), acc0);
+            for t in 0..nblk {
+                // SAFETY: block b + t < nb: x floats (b+t)*16..+16 inside prep's first `in`.
+                let xe = _mm256_loadu_ps(xp.add((b + t) * 16));
+                let xo = _mm256_loadu_ps(xp.add((b + t) * 16 + 8));
+                for r in 0..R {
+                    // SAFETY: block (r0 + r, b + t) is inside `packed` (r0 + r < out).
+                    let q = packed.add(((r0 + r) * nb + b + t) * 8);
+                    let d = _mm256_cvtepu8_epi32(_mm_loadl_epi64(q as *const __m128i));
+                    let ce = _mm256_cvtepi32_ps(_mm256_and_si256(d, mask));
+                    let co = _mm256_cvtepi32_ps(_mm256_srli_epi32::<4>(d));
+                    let tt = _mm256_fmadd_ps(co, xo, _mm256_mul_ps(ce, xe));
+                    acc[r] = _mm256_fmadd_ps(tt, _mm256_broadcast_ss(&nf[r][t]), acc[r]);
+                }
             }
-            let corr = crate::kernels::avx2::dot(&nf, sums);
-            *yv = hsum(_mm256_add_ps(acc0, acc1)) * (2.0 / 15.0) - corr;
+            b += nblk;
+        }
+        std::array::from_fn(|r| hsum(acc[r]) * (2.0 / 15.0) - hsum(corr[r]))
+    }
+
+    /// Shapes: W rows `r0..r0+rows`, columns `c0..c0+len` (`c0`, `len` multiples of 16, all
+    /// inside W, checked by the caller) into `dst[p * stride..p * stride + len]`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dequant_cols(
+        m: &Q4Matrix,
+        r0: usize,
+        rows: usize,
+        c0: usize,
+        len: usize,
+        dst: &mut [f32],
+        stride: usize,
+    ) {
+        let l = lut();
+        let lo = _mm256_loadu_ps(l.as_ptr());
+        let hi = _mm256_loadu_ps(l.as_ptr().add(8));
+        let packed = m.packed.as_slice().as_ptr();
+        let norms = m.norm.f16s().as_ptr() as *const i16;
+        let d = dst.as_mut_ptr();
+        for p in 0..rows {
+            let s = ((r0 + p) * m.inn + c0) / Q4_BLOCK;
+            for k in 0..len / Q4_BLOCK {
+                // SAFETY: block s + k lies in row r0 + p of W (checked by the caller), and
+                // dst[p * stride + 16k..+16] inside dst.
+                let codes = unpack16(packed.add((s + k) * 8));
+                let nv = _mm256_cvtph_ps(_mm_set1_epi16(*norms.add(s + k)));
+                let c0v = _mm256_cvtepu8_epi32(codes);
+                let c1v = _mm256_cvtepu8_epi32(_mm_srli_si128(codes, 8));
+                let r0v = _mm256_sub_ps(_mm256_mul_ps(lut16(lo, hi, c0v), nv), nv);
+                let r1v = _mm256_sub_ps(_mm256_mul_ps(lut16(lo, hi, c1v), nv), nv);
+                _mm256_storeu_ps(d.add(p * stride + k * 16), r0v);
+                _mm256_storeu_ps(d.add(p * stride + k * 16 + 8), r1v);
+            }
         }
     }
 }
@@ -555,11 +615,46 @@ impl QuantRows for Q4Matrix {
             &mut dst[..len],
         );
     }
-    fn gemv_prepare(&self, path: KernelPath, x: &[f32]) -> Vec<f32> {
-        if usable(path) == KernelPath::Avx2 {
-            x.chunks_exact(Q4_BLOCK).map(|c| c.iter().sum()).collect()
-        } else {
-            Vec::new()
+    fn dequant_cols(
+        &self,
+        path: KernelPath,
+        r0: usize,
+        rows: usize,
+        c0: usize,
+        len: usize,
+        dst: &mut [f32],
+        stride: usize,
+    ) {
+        let fits = r0 + rows <= self.out
+            && c0 % Q4_BLOCK == 0
+            && len % Q4_BLOCK == 0
+            && c0 + len <= self.inn
+            && len <= stride
+            && (rows == 0 || dst.len() >= (rows - 1) * stride + len);
+        match usable(path) {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the path went through `usable` (CPU has AVX2/FMA/F16C); `fits` checked
+            // the rows, columns and destination lengths.
+            KernelPath::Avx2Fma if fits => unsafe {
+                avx2::dequant_cols(self, r0, rows, c0, len, dst, stride)
+            },
+            _ => {
+                for p in 0..rows {
+                    let d = &mut dst[p * stride..p * stride + len];
+                    self.dequant_segment(path, r0 + p, c0, len, d);
+                }
+            }
+        }
+    }
+    /// AVX2 path: appends x with each block of 16 reordered as its 8 even then 8 odd
+    /// elements (the low / high nibbles of the block's bytes), then the `in/16` block sums.
+    fn gemv_prepare(&self, path: KernelPath, x: &[f32], prep: &mut Vec<f32>) {
+        if usable(path) == KernelPath::Avx2Fma {
+            for blk in x.chunks_exact(Q4_BLOCK) {
+                prep.extend((0..8).map(|t| blk[2 * t]));
+                prep.extend((0..8).map(|t| blk[2 * t + 1]));
+            }
+            prep.extend(x.chunks_exact(Q4_BLOCK).map(|c| c.iter().sum::<f32>()));
         }
     }
     fn gemv(
@@ -569,21 +664,16 @@ impl QuantRows for Q4Matrix {
         prep: &[f32],
         rows: std::ops::Range<usize>,
         y: &mut [f32],
+        acc: bool,
     ) {
         match usable(path) {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: Avx2 is only returned by `usable` when the CPU supports it; `prep` holds
-            // the in/16 block sums made by `gemv_prepare` on this path.
-            KernelPath::Avx2 if prep.len() == self.inn / Q4_BLOCK => unsafe {
-                avx2::gemv(self, x, prep, rows, y)
+            // SAFETY: Avx2Fma is only returned by `usable` when the CPU supports it; the kernel
+            // checks `prep`, `rows` and `y` lengths itself.
+            KernelPath::Avx2Fma if prep.len() == self.inn + self.inn / Q4_BLOCK => unsafe {
+                avx2::gemv(self, prep, rows, y, acc)
             },
-            _ => {
-                let mut row = vec![0.0f32; self.inn];
-                for (r, yv) in rows.zip(y.iter_mut()) {
-                    self.dequant_segment(path, r, 0, self.inn, &mut row);
-                    *yv = kernels::dot(path, &row, x);
-                }
-            }
+            _ => kernels::gemv_generic(self, path, x, rows, y, acc),
         }
     }
 }

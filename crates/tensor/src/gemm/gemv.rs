@@ -224,7 +224,21 @@ mod avx2 {
         // SAFETY: forwarded contract; features enabled on this function.
         unsafe {
             match m {
-                1 => body::<E, 1, 4>(w, inp, x, res, accumulate),
+                1 => {
+                    // Two W rows per sweep share the x loads and halve the per-row overhead.
+                    let pairs = res.len() / 2;
+                    body_m1_2rows(
+                        &w[..pairs * 2 * inp],
+                        inp,
+                        x,
+                        &mut res[..pairs * 2],
+                        accumulate,
+                    );
+                    if res.len() % 2 == 1 {
+                        let r = res.len() - 1;
+                        body::<E, 1, 4>(&w[r * inp..], inp, x, &mut res[r..], accumulate);
+                    }
+                }
                 2 => body::<E, 2, 2>(w, inp, x, res, accumulate),
                 3 => body::<E, 3, 2>(w, inp, x, res, accumulate),
                 4 => body::<E, 4, 2>(w, inp, x, res, accumulate),
@@ -267,6 +281,61 @@ mod avx2 {
             let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
             let s = _mm_add_ss(s, _mm_movehdup_ps(s));
             _mm_cvtss_f32(s)
+        }
+    }
+
+    /// Batch-1 kernel over pairs of rows. Shapes: `w` `rows x inp` (`rows` even), `x` `1 x inp`,
+    /// `res` `rows`; 4 accumulators per row, summed as in [`body`] with `U = 4` (the per-row
+    /// operation order is the same, so results do not depend on the row pairing).
+    ///
+    /// # Safety
+    /// As [`rows`] with `m == 1` and `res.len()` even.
+    #[inline(always)]
+    unsafe fn body_m1_2rows<E: BElem>(
+        w: &[E],
+        inp: usize,
+        x: &[f32],
+        res: &mut [f32],
+        accumulate: bool,
+    ) {
+        let full = inp / 32 * 32;
+        let full8 = inp / 8 * 8;
+        let xp = x.as_ptr();
+        // SAFETY (whole block): rows r and r + 1 span w[r * inp..(r + 2) * inp]; every
+        // 8-wide load starts at i with i + 8 <= full8 <= inp, every scalar load at i < inp.
+        unsafe {
+            for r in (0..res.len()).step_by(2) {
+                let w0 = w.as_ptr().add(r * inp);
+                let w1 = w0.add(inp);
+                let mut a = [_mm256_setzero_ps(); 4];
+                let mut b = [_mm256_setzero_ps(); 4];
+                let mut i = 0;
+                while i < full {
+                    for u in 0..4 {
+                        let xv = _mm256_loadu_ps(xp.add(i + 8 * u));
+                        a[u] = _mm256_fmadd_ps(E::load8(w0.add(i + 8 * u)), xv, a[u]);
+                        b[u] = _mm256_fmadd_ps(E::load8(w1.add(i + 8 * u)), xv, b[u]);
+                    }
+                    i += 32;
+                }
+                while i < full8 {
+                    let xv = _mm256_loadu_ps(xp.add(i));
+                    a[0] = _mm256_fmadd_ps(E::load8(w0.add(i)), xv, a[0]);
+                    b[0] = _mm256_fmadd_ps(E::load8(w1.add(i)), xv, b[0]);
+                    i += 8;
+                }
+                for (h, acc) in [a, b].iter().enumerate() {
+                    let v =
+                        _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), acc[2]), acc[3]);
+                    let mut s = hsum(v);
+                    let wr = w0.add(h * inp);
+                    for j in full8..inp {
+                        s += (*wr.add(j)).to_f32() * *xp.add(j);
+                    }
+                    let d = &mut res[r + h];
+                    *d = if accumulate { *d + s } else { s };
+                }
+            }
         }
     }
 
