@@ -22,9 +22,203 @@ use nibble_tensor::Tensor;
 use rayon::prelude::*;
 
 use crate::bytes::{check_part, Bytes};
-use crate::cpu::KernelPath;
+use crate::cpu::{usable, KernelPath};
 use crate::error::{QuantError, Result};
 use crate::kernels::{self, QuantRows};
+
+/// The code of element `j` of a row packed at `bits` (3 or 4) bits: bits `bits·j..bits·j+bits`
+/// of the row's little-endian bit stream (a 3-bit row's groups of 8 codes in 3 bytes are exactly
+/// that stream). Bytes past the end of `codes` read as 0.
+#[inline]
+fn code_at(codes: &[u8], bits: u8, j: usize) -> u8 {
+    let bit = j * bits as usize;
+    let lo = codes.get(bit / 8).copied().unwrap_or(0) as u16;
+    let hi = codes.get(bit / 8 + 1).copied().unwrap_or(0) as u16;
+    (((lo | (hi << 8)) >> (bit % 8)) as u8) & ((1u8 << bits) - 1)
+}
+
+/// How many of `want` elements from column `c0` a row with these parts can produce.
+fn row_len(bits: u8, codes: &[u8], scales: &[f16], mins: &[f16], c0: usize, want: usize) -> usize {
+    let by_codes = (codes.len() * 8 / bits.max(1) as usize).saturating_sub(c0);
+    let by_groups = (scales.len().min(mins.len()) * LOWER_GROUP).saturating_sub(c0);
+    want.min(by_codes).min(by_groups)
+}
+
+/// Scalar ground truth: `out[t] = min + scale · code` for columns `c0 + t` of one row with
+/// `bits` (3 or 4) bits per code, `codes` the row's packed bytes and `scales`/`mins` its groups.
+/// Any `c0` and length; elements the parts do not cover are left untouched.
+pub fn dequantize_row_ref(
+    bits: u8,
+    codes: &[u8],
+    scales: &[f16],
+    mins: &[f16],
+    c0: usize,
+    out: &mut [f32],
+) {
+    if bits != 3 && bits != 4 {
+        return;
+    }
+    let n = row_len(bits, codes, scales, mins, c0, out.len());
+    for (t, d) in out[..n].iter_mut().enumerate() {
+        let j = c0 + t;
+        let (s, m) = (
+            scales[j / LOWER_GROUP].to_f32(),
+            mins[j / LOWER_GROUP].to_f32(),
+        );
+        *d = m + s * code_at(codes, bits, j) as f32;
+    }
+}
+
+/// [`dequantize_row_ref`] with the given kernel path (bit-identical: a multiply then an add,
+/// no FMA); the SIMD loop covers the whole runs of 8 columns and the scalar code the rest.
+pub fn dequantize_row(
+    path: KernelPath,
+    bits: u8,
+    codes: &[u8],
+    scales: &[f16],
+    mins: &[f16],
+    c0: usize,
+    out: &mut [f32],
+) {
+    if bits != 3 && bits != 4 {
+        return;
+    }
+    let n = row_len(bits, codes, scales, mins, c0, out.len());
+    match usable(path) {
+        #[cfg(target_arch = "x86_64")]
+        KernelPath::Avx2Fma => {
+            let head = ((8 - c0 % 8) % 8).min(n);
+            let body = (n - head) / 8 * 8;
+            dequantize_row_ref(bits, codes, scales, mins, c0, &mut out[..head]);
+            // SAFETY: Avx2Fma from `usable`: the CPU has AVX2. Columns c0+head..c0+head+body
+            // are 8-aligned and covered by the parts (`row_len`).
+            unsafe {
+                avx2::dequantize_row(
+                    bits,
+                    codes,
+                    scales,
+                    mins,
+                    c0 + head,
+                    &mut out[head..head + body],
+                )
+            };
+            let t0 = head + body;
+            dequantize_row_ref(bits, codes, scales, mins, c0 + t0, &mut out[t0..n]);
+        }
+        _ => dequantize_row_ref(bits, codes, scales, mins, c0, &mut out[..n]),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::*;
+    use crate::kernels::avx2::hsum;
+    use std::arch::x86_64::*;
+
+    /// The 8 codes of columns `j8..j8+8` (`j8` a multiple of 8, inside the row) as i32 lanes.
+    #[inline(always)]
+    unsafe fn codes8(codes: &[u8], bits: u8, j8: usize, sh3: __m256i, sh4: __m256i) -> __m256i {
+        let p = j8 * bits as usize / 8;
+        let w = if p + 4 <= codes.len() {
+            // SAFETY: 4 bytes at p inside `codes`.
+            std::ptr::read_unaligned(codes.as_ptr().add(p) as *const u32)
+        } else {
+            let mut b = [0u8; 4];
+            let e = codes.len().min(p + 4);
+            b[..e - p].copy_from_slice(&codes[p..e]);
+            u32::from_le_bytes(b)
+        };
+        let v = _mm256_set1_epi32(w as i32);
+        if bits == 4 {
+            _mm256_and_si256(_mm256_srlv_epi32(v, sh4), _mm256_set1_epi32(15))
+        } else {
+            _mm256_and_si256(_mm256_srlv_epi32(v, sh3), _mm256_set1_epi32(7))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn shifts() -> (__m256i, __m256i) {
+        (
+            _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21),
+            _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28),
+        )
+    }
+
+    /// Shapes: columns `c0..c0+out.len()` of one row; `c0` and `out.len()` multiples of 8 and
+    /// covered by `codes`, `scales`, `mins` (checked by the caller).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dequantize_row(
+        bits: u8,
+        codes: &[u8],
+        scales: &[f16],
+        mins: &[f16],
+        c0: usize,
+        out: &mut [f32],
+    ) {
+        let (sh3, sh4) = shifts();
+        let mut t = 0;
+        while t + 8 <= out.len() {
+            let j = c0 + t;
+            let g = j / LOWER_GROUP;
+            let s = _mm256_set1_ps(scales[g].to_f32());
+            let m = _mm256_set1_ps(mins[g].to_f32());
+            let gend = ((g + 1) * LOWER_GROUP - c0).min(out.len());
+            while t + 8 <= gend {
+                let c = _mm256_cvtepi32_ps(codes8(codes, bits, c0 + t, sh3, sh4));
+                // SAFETY: t + 8 <= out.len().
+                _mm256_storeu_ps(
+                    out.as_mut_ptr().add(t),
+                    _mm256_add_ps(m, _mm256_mul_ps(s, c)),
+                );
+                t += 8;
+            }
+        }
+    }
+
+    /// Fused GEMV, one row at a time. Shapes: W `out x in`, `x` `[in]`, `gsum` the `[in/128]`
+    /// group sums of x, `y.len() >= rows.len()`. Per row:
+    /// `Σ_g (min_g · Σ_{k∈g} x_k + scale_g · Σ_{k∈g} code_k x_k)`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn gemv(
+        m: &LowerMatrix,
+        x: &[f32],
+        gsum: &[f32],
+        rows: std::ops::Range<usize>,
+        y: &mut [f32],
+        acc: bool,
+    ) {
+        let ng = m.inn / LOWER_GROUP;
+        if x.len() != m.inn || gsum.len() != ng || rows.end > m.out || y.len() < rows.len() {
+            return;
+        }
+        let (sh3, sh4) = shifts();
+        let (all, bits) = (m.codes.as_slice(), m.bits.as_slice());
+        for (j, r) in rows.clone().enumerate() {
+            let b = bits[r];
+            let row = &all[m.offsets[r]..m.offsets[r + 1]];
+            let (sc, mn) = (&m.scales.f16s()[r * ng..], &m.mins.f16s()[r * ng..]);
+            let mut a = _mm256_setzero_ps();
+            let mut corr = 0.0f32;
+            for g in 0..ng {
+                let mut t0 = _mm256_setzero_ps();
+                let mut t1 = _mm256_setzero_ps();
+                let mut k = g * LOWER_GROUP;
+                while k < (g + 1) * LOWER_GROUP {
+                    // SAFETY: k + 16 <= in: inside x; codes8 bounds-checks its bytes.
+                    let c0 = _mm256_cvtepi32_ps(codes8(row, b, k, sh3, sh4));
+                    let c1 = _mm256_cvtepi32_ps(codes8(row, b, k + 8, sh3, sh4));
+                    t0 = _mm256_fmadd_ps(c0, _mm256_loadu_ps(x.as_ptr().add(k)), t0);
+                    t1 = _mm256_fmadd_ps(c1, _mm256_loadu_ps(x.as_ptr().add(k + 8)), t1);
+                    k += 16;
+                }
+                a = _mm256_fmadd_ps(_mm256_add_ps(t0, t1), _mm256_set1_ps(sc[g].to_f32()), a);
+                corr += mn[g].to_f32() * gsum[g];
+            }
+            let v = hsum(a) + corr;
+            y[j] = if acc { y[j] + v } else { v };
+        }
+    }
+}
 
 /// Weights per scale/min group.
 pub const LOWER_GROUP: usize = 128;
@@ -303,6 +497,11 @@ impl LowerMatrix {
         self.parts_len() as f64 * 8.0 / (self.out * self.inn).max(1) as f64
     }
 
+    /// The whole matrix dequantized with an explicit kernel path (bit-identical on every path).
+    pub fn dequantize_with(&self, path: KernelPath) -> Tensor {
+        kernels::to_f32(self, path)
+    }
+
     fn parts_len(&self) -> usize {
         self.bits.len() + self.codes.len() + self.scales.len() + self.mins.len()
     }
@@ -315,32 +514,36 @@ impl QuantRows for LowerMatrix {
     fn seg_align(&self) -> usize {
         8
     }
-    fn dequant_segment(&self, _path: KernelPath, r: usize, c0: usize, len: usize, dst: &mut [f32]) {
+    fn dequant_segment(&self, path: KernelPath, r: usize, c0: usize, len: usize, dst: &mut [f32]) {
         let row = &self.codes.as_slice()[self.offsets[r]..self.offsets[r + 1]];
         let ng = self.inn / LOWER_GROUP;
-        let (sc, mn) = (&self.scales.f16s()[r * ng..], &self.mins.f16s()[r * ng..]);
-        let four = self.bits.as_slice()[r] == 4;
-        let mut k = c0;
-        let end = c0 + len;
-        while k < end {
-            let g = k / LOWER_GROUP;
-            let (s, m) = (sc[g].to_f32(), mn[g].to_f32());
-            let gend = ((g + 1) * LOWER_GROUP).min(end);
-            if four {
-                for j in k..gend {
-                    let c = (row[j / 2] >> ((j % 2) * 4)) & 15;
-                    dst[j - c0] = m + s * c as f32;
-                }
-            } else {
-                for j8 in (k..gend).step_by(8) {
-                    let p = j8 / 8 * 3;
-                    let w = u32::from_le_bytes([row[p], row[p + 1], row[p + 2], 0]);
-                    for t in 0..8 {
-                        dst[j8 + t - c0] = m + s * ((w >> (3 * t)) & 7) as f32;
-                    }
-                }
-            }
-            k = gend;
+        let sc = &self.scales.f16s()[r * ng..(r + 1) * ng];
+        let mn = &self.mins.f16s()[r * ng..(r + 1) * ng];
+        let bits = self.bits.as_slice()[r];
+        dequantize_row(path, bits, row, sc, mn, c0, &mut dst[..len]);
+    }
+    /// AVX2 path: appends the `in/128` group sums of x.
+    fn gemv_prepare(&self, path: KernelPath, x: &[f32], prep: &mut Vec<f32>) {
+        if usable(path) == KernelPath::Avx2Fma {
+            prep.extend(x.chunks_exact(LOWER_GROUP).map(|c| c.iter().sum::<f32>()));
+        }
+    }
+    fn gemv(
+        &self,
+        path: KernelPath,
+        x: &[f32],
+        prep: &[f32],
+        rows: std::ops::Range<usize>,
+        y: &mut [f32],
+        acc: bool,
+    ) {
+        match usable(path) {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: Avx2Fma only when the CPU supports it; the kernel checks its lengths.
+            KernelPath::Avx2Fma if prep.len() == self.inn / LOWER_GROUP => unsafe {
+                avx2::gemv(self, x, prep, rows, y, acc)
+            },
+            _ => kernels::gemv_generic(self, path, x, rows, y, acc),
         }
     }
 }
