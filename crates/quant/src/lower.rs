@@ -136,6 +136,91 @@ mod avx2 {
         }
     }
 
+    /// [`code_of`] on 8 lanes.
+    #[inline(always)]
+    unsafe fn code8(x: __m256, m: __m256, s: __m256, qmax: __m256) -> __m256 {
+        let v = _mm256_div_ps(_mm256_sub_ps(x, m), s);
+        let v = _mm256_min_ps(
+            _mm256_max_ps(v, _mm256_set1_ps(-1.0)),
+            _mm256_add_ps(qmax, _mm256_set1_ps(1.0)),
+        );
+        let t = _mm256_cvtepi32_ps(_mm256_cvttps_epi32(v));
+        let up = _mm256_cmp_ps(_mm256_sub_ps(v, t), _mm256_set1_ps(0.5), _CMP_GE_OQ);
+        let r = _mm256_add_ps(t, _mm256_and_ps(up, _mm256_set1_ps(1.0)));
+        _mm256_min_ps(_mm256_max_ps(r, _mm256_setzero_ps()), qmax)
+    }
+
+    /// [`code_sums_ref`] with the same 8 lanes (element `k` in lane `k % 8`) and final order.
+    /// Shapes: `v` any length (the last `len % 8` by the scalar code).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn code_sums(v: &[f32], m: f32, s: f32, qmax: f32) -> (f64, f64, f64) {
+        let (mv, sv, qv) = (_mm256_set1_ps(m), _mm256_set1_ps(s), _mm256_set1_ps(qmax));
+        let (mut sc, mut scc) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let (mut lo, mut hi) = (_mm256_setzero_pd(), _mm256_setzero_pd());
+        let n8 = v.len() / 8 * 8;
+        let mut k = 0;
+        while k < n8 {
+            // SAFETY: k + 8 <= v.len().
+            let x = _mm256_loadu_ps(v.as_ptr().add(k));
+            let c = code8(x, mv, sv, qv);
+            sc = _mm256_add_ps(sc, c);
+            scc = _mm256_add_ps(scc, _mm256_mul_ps(c, c));
+            let (cl, ch) = (
+                _mm256_cvtps_pd(_mm256_castps256_ps128(c)),
+                _mm256_cvtps_pd(_mm256_extractf128_ps(c, 1)),
+            );
+            let (xl, xh) = (
+                _mm256_cvtps_pd(_mm256_castps256_ps128(x)),
+                _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)),
+            );
+            lo = _mm256_add_pd(lo, _mm256_mul_pd(cl, xl));
+            hi = _mm256_add_pd(hi, _mm256_mul_pd(ch, xh));
+            k += 8;
+        }
+        let (mut a, mut b, mut c) = ([0.0f32; 8], [0.0f32; 8], [0.0f64; 8]);
+        _mm256_storeu_ps(a.as_mut_ptr(), sc);
+        _mm256_storeu_ps(b.as_mut_ptr(), scc);
+        _mm256_storeu_pd(c.as_mut_ptr(), lo);
+        _mm256_storeu_pd(c.as_mut_ptr().add(4), hi);
+        for (l, &x) in v[n8..].iter().enumerate() {
+            let q = code_of(x, m, s, qmax);
+            a[l] += q;
+            b[l] += q * q;
+            c[l] += q as f64 * x as f64;
+        }
+        let a: f32 = a.iter().sum();
+        let b: f32 = b.iter().sum();
+        (a as f64, b as f64, c.iter().sum())
+    }
+
+    /// [`group_sse_ref`] for `s > 0` with the same lanes and order.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn group_sse(v: &[f32], m: f32, s: f32, qmax: f32) -> f64 {
+        let (mv, sv, qv) = (_mm256_set1_ps(m), _mm256_set1_ps(s), _mm256_set1_ps(qmax));
+        let (mut lo, mut hi) = (_mm256_setzero_pd(), _mm256_setzero_pd());
+        let n8 = v.len() / 8 * 8;
+        let mut k = 0;
+        while k < n8 {
+            // SAFETY: k + 8 <= v.len().
+            let x = _mm256_loadu_ps(v.as_ptr().add(k));
+            let c = code8(x, mv, sv, qv);
+            let d = _mm256_sub_ps(_mm256_add_ps(mv, _mm256_mul_ps(sv, c)), x);
+            let dl = _mm256_cvtps_pd(_mm256_castps256_ps128(d));
+            let dh = _mm256_cvtps_pd(_mm256_extractf128_ps(d, 1));
+            lo = _mm256_add_pd(lo, _mm256_mul_pd(dl, dl));
+            hi = _mm256_add_pd(hi, _mm256_mul_pd(dh, dh));
+            k += 8;
+        }
+        let mut acc = [0.0f64; 8];
+        _mm256_storeu_pd(acc.as_mut_ptr(), lo);
+        _mm256_storeu_pd(acc.as_mut_ptr().add(4), hi);
+        for (l, &x) in v[n8..].iter().enumerate() {
+            let d = (m + s * code_of(x, m, s, qmax) - x) as f64;
+            acc[l] += d * d;
+        }
+        acc.iter().sum()
+    }
+
     #[inline(always)]
     unsafe fn shifts() -> (__m256i, __m256i) {
         (
@@ -246,28 +331,105 @@ pub struct LowerMatrix {
     offsets: Vec<usize>,
 }
 
+/// `clamp(round((x − m) / s), 0, qmax)` (round half away from zero): a weight's code for minimum `m` and scale `s > 0`.
+#[inline(always)]
+fn code_of(x: f32, m: f32, s: f32, qmax: f32) -> f32 {
+    // Round half away from zero without a libm call (so the loops vectorize): clamping first
+    // keeps the integer conversion in range, and `v − trunc(v)` is exact.
+    let v = ((x - m) / s).clamp(-1.0, qmax + 1.0);
+    let t = (v as i32) as f32;
+    let r = if v - t >= 0.5 { t + 1.0 } else { t };
+    r.clamp(0.0, qmax)
+}
+
+/// `(Σc, Σc², Σc·x)` over the group's codes for `(m, s)`, `s > 0`. Eight lane accumulators
+/// (element `k` in lane `k % 8`) so the loop vectorizes; the lane order is fixed, so the
+/// result does not depend on whether it was vectorized.
+fn code_sums_ref(v: &[f32], m: f32, s: f32, qmax: f32) -> (f64, f64, f64) {
+    let mut sc = [0.0f32; 8];
+    let mut scc = [0.0f32; 8];
+    let mut scx = [0.0f64; 8];
+    let mut it = v.chunks_exact(8);
+    for ch in &mut it {
+        for l in 0..8 {
+            let c = code_of(ch[l], m, s, qmax);
+            sc[l] += c;
+            scc[l] += c * c;
+            scx[l] += c as f64 * ch[l] as f64;
+        }
+    }
+    for (l, &x) in it.remainder().iter().enumerate() {
+        let c = code_of(x, m, s, qmax);
+        sc[l] += c;
+        scc[l] += c * c;
+        scx[l] += c as f64 * x as f64;
+    }
+    // Integer-valued below 2^24: exact in f32 in any order.
+    let a: f32 = sc.iter().sum();
+    let b: f32 = scc.iter().sum();
+    (a as f64, b as f64, scx.iter().sum())
+}
+
+/// Squared error `Σ (m + s·c − x)²` of the group with `(m, s)` (lanes as in [`code_sums`]).
+fn group_sse_ref(v: &[f32], m: f32, s: f32, qmax: f32) -> f64 {
+    let mut acc = [0.0f64; 8];
+    if s > 0.0 {
+        let mut it = v.chunks_exact(8);
+        for ch in &mut it {
+            for l in 0..8 {
+                let d = (m + s * code_of(ch[l], m, s, qmax) - ch[l]) as f64;
+                acc[l] += d * d;
+            }
+        }
+        for (l, &x) in it.remainder().iter().enumerate() {
+            let d = (m + s * code_of(x, m, s, qmax) - x) as f64;
+            acc[l] += d * d;
+        }
+    } else {
+        for (k, &x) in v.iter().enumerate() {
+            let d = (m - x) as f64;
+            acc[k % 8] += d * d;
+        }
+    }
+    acc.iter().sum()
+}
+
+/// [`code_sums_ref`], with AVX2 when `simd` (bit-identical: same lanes, same order).
+#[inline]
+fn code_sums(simd: bool, v: &[f32], m: f32, s: f32, qmax: f32) -> (f64, f64, f64) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: `simd` is only true when the CPU has AVX2, FMA and F16C.
+        return unsafe { avx2::code_sums(v, m, s, qmax) };
+    }
+    let _ = simd;
+    code_sums_ref(v, m, s, qmax)
+}
+
+/// [`group_sse_ref`], with AVX2 when `simd` (bit-identical: same lanes, same order).
+#[inline]
+fn group_sse(simd: bool, v: &[f32], m: f32, s: f32, qmax: f32) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if simd && s > 0.0 {
+        // SAFETY: `simd` is only true when the CPU has AVX2, FMA and F16C.
+        return unsafe { avx2::group_sse(v, m, s, qmax) };
+    }
+    let _ = simd;
+    group_sse_ref(v, m, s, qmax)
+}
+
 /// Fits one group at `bits`: returns `(min, scale, squared error)` with f16-rounded parameters.
+/// The same arithmetic on every CPU (the AVX2 kernels keep the scalar code's lanes and order).
 fn fit_group(v: &[f32], bits: u32) -> (f16, f16, f64) {
+    let simd = crate::cpu::has_avx2_fma_f16c();
     let qmax = ((1u32 << bits) - 1) as f32;
     let lo = v.iter().fold(f32::INFINITY, |a, &b| a.min(b));
     let hi = v.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
     let range = hi - lo;
-    let sse = |m: f32, s: f32| -> f64 {
-        v.iter()
-            .map(|&x| {
-                let c = if s > 0.0 {
-                    ((x - m) / s).round().clamp(0.0, qmax)
-                } else {
-                    0.0
-                };
-                let d = (m + s * c - x) as f64;
-                d * d
-            })
-            .sum()
-    };
-    let round = |m: f32, s: f32| (f16::from_f32(m), f16::from_f32(s));
-    let mut best = round(lo, range / qmax);
-    let mut best_e = sse(best.0.to_f32(), best.1.to_f32());
+    let n = v.len() as f64;
+    let sx: f64 = v.iter().map(|&x| x as f64).sum();
+    let mut best = (f16::from_f32(lo), f16::from_f32(range / qmax));
+    let mut best_e = group_sse(simd, v, best.0.to_f32(), best.1.to_f32(), qmax);
     if range <= 0.0 {
         return (best.0, best.1, best_e);
     }
@@ -279,15 +441,7 @@ fn fit_group(v: &[f32], bits: u32) -> (f16, f16, f64) {
             let mut s = (h - l) / qmax;
             for _ in 0..2 {
                 // least-squares refit to the codes
-                let n = v.len() as f64;
-                let (mut sc, mut scc, mut sx, mut scx) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
-                for &x in v {
-                    let c = ((x - m) / s).round().clamp(0.0, qmax) as f64;
-                    sc += c;
-                    scc += c * c;
-                    sx += x as f64;
-                    scx += c * x as f64;
-                }
+                let (sc, scc, scx) = code_sums(simd, v, m, s, qmax);
                 let den = n * scc - sc * sc;
                 if den <= 0.0 {
                     break;
@@ -299,8 +453,8 @@ fn fit_group(v: &[f32], bits: u32) -> (f16, f16, f64) {
                 s = s2 as f32;
                 m = ((sx - s2 * sc) / n) as f32;
             }
-            let c = round(m, s);
-            let e = sse(c.0.to_f32(), c.1.to_f32());
+            let c = (f16::from_f32(m), f16::from_f32(s));
+            let e = group_sse(simd, v, c.0.to_f32(), c.1.to_f32(), qmax);
             if e < best_e {
                 best = c;
                 best_e = e;
