@@ -1,8 +1,8 @@
 //! Quantized-weight kernels on a 1024x1024 weight with 2 threads:
-//! `cargo bench --bench quant_kernels`.
+//! `cargo bench --bench quant_kernels` (filter with e.g. `-- q4/`).
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use nibble_quant::{Nf4Matrix, Q4Matrix};
+use nibble_quant::{Int8Matrix, LowerMatrix, Nf4Matrix, Q4Matrix};
 use nibble_tensor::{Rng, Tensor, WeightMatrix};
 
 const D: usize = 1024;
@@ -17,36 +17,51 @@ fn benches(c: &mut Criterion) {
     let w = Tensor::uniform(&[D, D], -k, k, &mut rng);
     let q4 = Q4Matrix::quantize(&w).unwrap();
     let nf4 = Nf4Matrix::quantize(&w).unwrap();
+    let nf4dq = Nf4Matrix::quantize_double(&w).unwrap();
+    let int8 = Int8Matrix::quantize(&w).unwrap();
+    let lower = LowerMatrix::quantize(&w).unwrap();
     let x1 = Tensor::randn(&[1, D], &mut rng);
     let xb = Tensor::randn(&[D, D], &mut rng);
     let mut y1 = vec![0.0f32; D];
     let mut yb = vec![0.0f32; D * D];
-    {
-        c.bench_function("q4_quantize_1024x1024", |b| {
-            b.iter(|| Q4Matrix::quantize(&w).unwrap())
-        });
-        let mut g = c.benchmark_group("q4");
+    c.bench_function("q4_quantize_1024x1024", |b| {
+        b.iter(|| Q4Matrix::quantize(&w).unwrap())
+    });
+    c.bench_function("nf4_quantize_1024x1024", |b| {
+        b.iter(|| Nf4Matrix::quantize(&w).unwrap())
+    });
+    let formats: [(&str, &dyn WeightMatrix); 5] = [
+        ("q4", &q4),
+        ("nf4", &nf4),
+        ("nf4dq", &nf4dq),
+        ("int8", &int8),
+        ("lower", &lower),
+    ];
+    for (name, wm) in formats {
+        let mut g = c.benchmark_group(name);
         g.sample_size(20);
         g.bench_function("fwd_batch1", |b| {
-            b.iter(|| q4.matmul_t(x1.data(), 1, &mut y1, false).unwrap())
+            b.iter(|| wm.matmul_t(x1.data(), 1, &mut y1, false).unwrap())
         });
-        g.bench_function("fwd_batch1024", |b| {
-            b.iter(|| q4.matmul_t(xb.data(), D, &mut yb, false).unwrap())
-        });
-        g.bench_function("bwd_dx_batch1024", |b| {
-            b.iter(|| q4.matmul(xb.data(), D, &mut yb, false).unwrap())
-        });
-        g.finish();
-        let mut g = c.benchmark_group("nf4");
-        g.sample_size(20);
-        g.bench_function("fwd_batch1", |b| {
-            b.iter(|| nf4.matmul_t(x1.data(), 1, &mut y1, false).unwrap())
-        });
-        g.bench_function("fwd_batch1024", |b| {
-            b.iter(|| nf4.matmul_t(xb.data(), D, &mut yb, false).unwrap())
-        });
+        if name != "nf4dq" {
+            g.bench_function("fwd_batch1024", |b| {
+                b.iter(|| wm.matmul_t(xb.data(), D, &mut yb, false).unwrap())
+            });
+            g.bench_function("bwd_dx_batch1024", |b| {
+                b.iter(|| wm.matmul(xb.data(), D, &mut yb, false).unwrap())
+            });
+        }
         g.finish();
     }
+    let mut g = c.benchmark_group("f32");
+    g.sample_size(20);
+    g.bench_function("fwd_batch1024", |b| {
+        b.iter(|| w.matmul_t(xb.data(), D, &mut yb, false).unwrap())
+    });
+    g.bench_function("bwd_dx_batch1024", |b| {
+        b.iter(|| w.matmul(xb.data(), D, &mut yb, false).unwrap())
+    });
+    g.finish();
 }
 
 criterion_group!(quant, benches);

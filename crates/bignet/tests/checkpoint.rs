@@ -1223,8 +1223,13 @@ fn fuzz_regressions_replay() {
         let f = f.unwrap().path();
         if f.is_file() {
             let bytes = std::fs::read(&f).unwrap();
-            // must return (Ok or Err), never panic
-            let _ = exercise(&f.to_string_lossy(), Arc::new(bytes));
+            // must return (Ok or Err), never panic; the fuzz seeds (`small*`, valid files made
+            // by fuzz/seeds/make_seeds.py) must load
+            let r = exercise(&f.to_string_lossy(), Arc::new(bytes));
+            let seed = f
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("small"));
+            assert!(!seed || r.is_ok(), "{}: {r:?}", f.display());
             n += 1;
         }
     }

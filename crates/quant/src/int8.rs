@@ -10,9 +10,116 @@ use nibble_tensor::Tensor;
 use rayon::prelude::*;
 
 use crate::bytes::{check_part, Bytes};
-use crate::cpu::KernelPath;
+use crate::cpu::{usable, KernelPath};
 use crate::error::{QuantError, Result};
 use crate::kernels::{self, QuantRows};
+
+/// Scalar ground truth: `out[k] = zero + scale · codes[k]` for `k < min(len)`.
+pub fn dequantize_ref(codes: &[u8], scale: f32, zero: f32, out: &mut [f32]) {
+    for (d, &q) in out.iter_mut().zip(codes) {
+        *d = zero + scale * q as f32;
+    }
+}
+
+/// [`dequantize_ref`] with the given kernel path (bit-identical: a multiply then an add, no
+/// FMA); the SIMD loop covers whole runs of 8 and the scalar code finishes the tail.
+pub fn dequantize(path: KernelPath, codes: &[u8], scale: f32, zero: f32, out: &mut [f32]) {
+    let n = codes.len().min(out.len());
+    let (codes, out) = (&codes[..n], &mut out[..n]);
+    match usable(path) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `usable` returned Avx2Fma, so the CPU has AVX2; equal lengths (sliced above).
+        KernelPath::Avx2Fma => unsafe { avx2::dequantize(codes, scale, zero, out) },
+        _ => dequantize_ref(codes, scale, zero, out),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::*;
+    use crate::kernels::avx2::hsum;
+    use std::arch::x86_64::*;
+
+    /// Shapes: `codes.len() == out.len()` (any length; the last `len % 8` by the scalar code).
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dequantize(codes: &[u8], scale: f32, zero: f32, out: &mut [f32]) {
+        dequantize_body(codes, scale, zero, out)
+    }
+
+    #[inline(always)]
+    unsafe fn dequantize_body(codes: &[u8], scale: f32, zero: f32, out: &mut [f32]) {
+        let n = codes.len().min(out.len());
+        let (s, z) = (_mm256_set1_ps(scale), _mm256_set1_ps(zero));
+        let mut k = 0;
+        while k + 8 <= n {
+            // SAFETY: k + 8 <= n: 8 bytes of codes, 8 floats of out.
+            let c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(codes.as_ptr().add(k) as *const __m128i));
+            let v = _mm256_add_ps(z, _mm256_mul_ps(s, _mm256_cvtepi32_ps(c)));
+            _mm256_storeu_ps(out.as_mut_ptr().add(k), v);
+            k += 8;
+        }
+        dequantize_ref(&codes[k..n], scale, zero, &mut out[k..n]);
+    }
+
+    /// Fused GEMV, 4 rows at a time sharing the loads of x. Shapes: W `out x in` (`codes`
+    /// `[out, in]`, `scales`/`zeros` `[out]`), `x` `[in]`, `sx = Σ x`, `y.len() >= rows.len()`.
+    /// Per row: `zero · Σx + scale · Σ_k code_k x_k`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn gemv(
+        m: &Int8Matrix,
+        x: &[f32],
+        sx: f32,
+        rows: std::ops::Range<usize>,
+        y: &mut [f32],
+        acc: bool,
+    ) {
+        if x.len() != m.inn || rows.end > m.out || y.len() < rows.len() {
+            return;
+        }
+        let (sc, zr) = (m.scales.f32s(), m.zeros.f32s());
+        let mut put = |j: usize, r: usize, d: f32| {
+            let v = zr[r] * sx + sc[r] * d;
+            y[j] = if acc { y[j] + v } else { v };
+        };
+        let mut r = rows.start;
+        while r + 4 <= rows.end {
+            let d = dot_rows::<4>(m, r, x);
+            for t in 0..4 {
+                put(r - rows.start + t, r + t, d[t]);
+            }
+            r += 4;
+        }
+        while r < rows.end {
+            put(r - rows.start, r, dot_rows::<1>(m, r, x)[0]);
+            r += 1;
+        }
+    }
+
+    /// `Σ_k code_k x_k` for rows `r0..r0+R` (`< out`, checked by the caller).
+    #[inline(always)]
+    unsafe fn dot_rows<const R: usize>(m: &Int8Matrix, r0: usize, x: &[f32]) -> [f32; R] {
+        let i = m.inn;
+        let codes = m.codes.as_slice();
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut k = 0;
+        while k + 8 <= i {
+            // SAFETY: k + 8 <= in: inside x and inside each row r0 + r < out of codes.
+            let xv = _mm256_loadu_ps(x.as_ptr().add(k));
+            for r in 0..R {
+                let p = codes.as_ptr().add((r0 + r) * i + k);
+                let c =
+                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i)));
+                acc[r] = _mm256_fmadd_ps(c, xv, acc[r]);
+            }
+            k += 8;
+        }
+        std::array::from_fn(|r| {
+            let row = &codes[(r0 + r) * i..(r0 + r + 1) * i];
+            let tail: f32 = (k..i).map(|j| row[j] as f32 * x[j]).sum();
+            hsum(acc[r]) + tail
+        })
+    }
+}
 
 /// A per-row affine int8 matrix (see the [module docs](self)).
 #[derive(Debug, Clone, PartialEq)]
@@ -109,6 +216,11 @@ impl Int8Matrix {
         self.parts_len() as f64 * 8.0 / (self.out * self.inn).max(1) as f64
     }
 
+    /// The whole matrix dequantized with an explicit kernel path (bit-identical on every path).
+    pub fn dequantize_with(&self, path: KernelPath) -> Tensor {
+        kernels::to_f32(self, path)
+    }
+
     fn parts_len(&self) -> usize {
         self.codes.len() + self.scales.len() + self.zeros.len()
     }
@@ -121,11 +233,33 @@ impl QuantRows for Int8Matrix {
     fn seg_align(&self) -> usize {
         1
     }
-    fn dequant_segment(&self, _path: KernelPath, r: usize, c0: usize, len: usize, dst: &mut [f32]) {
+    fn dequant_segment(&self, path: KernelPath, r: usize, c0: usize, len: usize, dst: &mut [f32]) {
         let (s, z) = (self.scales.f32s()[r], self.zeros.f32s()[r]);
         let c = &self.codes.as_slice()[r * self.inn + c0..r * self.inn + c0 + len];
-        for (d, &q) in dst.iter_mut().zip(c) {
-            *d = z + s * q as f32;
+        dequantize(path, c, s, z, dst);
+    }
+    /// AVX2 path: appends `Σ x`.
+    fn gemv_prepare(&self, path: KernelPath, x: &[f32], prep: &mut Vec<f32>) {
+        if usable(path) == KernelPath::Avx2Fma {
+            prep.push(x.iter().sum());
+        }
+    }
+    fn gemv(
+        &self,
+        path: KernelPath,
+        x: &[f32],
+        prep: &[f32],
+        rows: std::ops::Range<usize>,
+        y: &mut [f32],
+        acc: bool,
+    ) {
+        match usable(path) {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: Avx2Fma only when the CPU supports it; the kernel checks its lengths.
+            KernelPath::Avx2Fma if prep.len() == 1 => unsafe {
+                avx2::gemv(self, x, prep[0], rows, y, acc)
+            },
+            _ => kernels::gemv_generic(self, path, x, rows, y, acc),
         }
     }
 }

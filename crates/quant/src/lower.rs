@@ -22,9 +22,288 @@ use nibble_tensor::Tensor;
 use rayon::prelude::*;
 
 use crate::bytes::{check_part, Bytes};
-use crate::cpu::KernelPath;
+use crate::cpu::{usable, KernelPath};
 use crate::error::{QuantError, Result};
 use crate::kernels::{self, QuantRows};
+
+/// The code of element `j` of a row packed at `bits` (3 or 4) bits: bits `bits·j..bits·j+bits`
+/// of the row's little-endian bit stream (a 3-bit row's groups of 8 codes in 3 bytes are exactly
+/// that stream). Bytes past the end of `codes` read as 0.
+#[inline]
+fn code_at(codes: &[u8], bits: u8, j: usize) -> u8 {
+    let bit = j * bits as usize;
+    let lo = codes.get(bit / 8).copied().unwrap_or(0) as u16;
+    let hi = codes.get(bit / 8 + 1).copied().unwrap_or(0) as u16;
+    (((lo | (hi << 8)) >> (bit % 8)) as u8) & ((1u8 << bits) - 1)
+}
+
+/// How many of `want` elements from column `c0` a row with these parts can produce.
+fn row_len(bits: u8, codes: &[u8], scales: &[f16], mins: &[f16], c0: usize, want: usize) -> usize {
+    let by_codes = (codes.len() * 8 / bits.max(1) as usize).saturating_sub(c0);
+    let by_groups = (scales.len().min(mins.len()) * LOWER_GROUP).saturating_sub(c0);
+    want.min(by_codes).min(by_groups)
+}
+
+/// Scalar ground truth: `out[t] = min + scale · code` for columns `c0 + t` of one row with
+/// `bits` (3 or 4) bits per code, `codes` the row's packed bytes and `scales`/`mins` its groups.
+/// Any `c0` and length; elements the parts do not cover are left untouched.
+pub fn dequantize_row_ref(
+    bits: u8,
+    codes: &[u8],
+    scales: &[f16],
+    mins: &[f16],
+    c0: usize,
+    out: &mut [f32],
+) {
+    if bits != 3 && bits != 4 {
+        return;
+    }
+    let n = row_len(bits, codes, scales, mins, c0, out.len());
+    for (t, d) in out[..n].iter_mut().enumerate() {
+        let j = c0 + t;
+        let (s, m) = (
+            scales[j / LOWER_GROUP].to_f32(),
+            mins[j / LOWER_GROUP].to_f32(),
+        );
+        *d = m + s * code_at(codes, bits, j) as f32;
+    }
+}
+
+/// [`dequantize_row_ref`] with the given kernel path (bit-identical: a multiply then an add,
+/// no FMA); the SIMD loop covers the whole runs of 8 columns and the scalar code the rest.
+pub fn dequantize_row(
+    path: KernelPath,
+    bits: u8,
+    codes: &[u8],
+    scales: &[f16],
+    mins: &[f16],
+    c0: usize,
+    out: &mut [f32],
+) {
+    if bits != 3 && bits != 4 {
+        return;
+    }
+    let n = row_len(bits, codes, scales, mins, c0, out.len());
+    match usable(path) {
+        #[cfg(target_arch = "x86_64")]
+        KernelPath::Avx2Fma => {
+            let head = ((8 - c0 % 8) % 8).min(n);
+            let body = (n - head) / 8 * 8;
+            dequantize_row_ref(bits, codes, scales, mins, c0, &mut out[..head]);
+            // SAFETY: Avx2Fma from `usable`: the CPU has AVX2. Columns c0+head..c0+head+body
+            // are 8-aligned and covered by the parts (`row_len`).
+            unsafe {
+                avx2::dequantize_row(
+                    bits,
+                    codes,
+                    scales,
+                    mins,
+                    c0 + head,
+                    &mut out[head..head + body],
+                )
+            };
+            let t0 = head + body;
+            dequantize_row_ref(bits, codes, scales, mins, c0 + t0, &mut out[t0..n]);
+        }
+        _ => dequantize_row_ref(bits, codes, scales, mins, c0, &mut out[..n]),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::*;
+    use crate::kernels::avx2::hsum;
+    use std::arch::x86_64::*;
+
+    /// The 8 codes of columns `j8..j8+8` (`j8` a multiple of 8, inside the row) as i32 lanes.
+    #[inline(always)]
+    unsafe fn codes8(codes: &[u8], bits: u8, j8: usize, sh3: __m256i, sh4: __m256i) -> __m256i {
+        let p = j8 * bits as usize / 8;
+        let w = if p + 4 <= codes.len() {
+            // SAFETY: 4 bytes at p inside `codes`.
+            std::ptr::read_unaligned(codes.as_ptr().add(p) as *const u32)
+        } else {
+            let mut b = [0u8; 4];
+            let e = codes.len().min(p + 4);
+            b[..e - p].copy_from_slice(&codes[p..e]);
+            u32::from_le_bytes(b)
+        };
+        let v = _mm256_set1_epi32(w as i32);
+        if bits == 4 {
+            _mm256_and_si256(_mm256_srlv_epi32(v, sh4), _mm256_set1_epi32(15))
+        } else {
+            _mm256_and_si256(_mm256_srlv_epi32(v, sh3), _mm256_set1_epi32(7))
+        }
+    }
+
+    /// [`code_of`] on 8 lanes.
+    #[inline(always)]
+    unsafe fn code8(x: __m256, m: __m256, s: __m256, qmax: __m256) -> __m256 {
+        let v = _mm256_div_ps(_mm256_sub_ps(x, m), s);
+        let v = _mm256_min_ps(
+            _mm256_max_ps(v, _mm256_set1_ps(-1.0)),
+            _mm256_add_ps(qmax, _mm256_set1_ps(1.0)),
+        );
+        let t = _mm256_cvtepi32_ps(_mm256_cvttps_epi32(v));
+        let up = _mm256_cmp_ps(_mm256_sub_ps(v, t), _mm256_set1_ps(0.5), _CMP_GE_OQ);
+        let r = _mm256_add_ps(t, _mm256_and_ps(up, _mm256_set1_ps(1.0)));
+        _mm256_min_ps(_mm256_max_ps(r, _mm256_setzero_ps()), qmax)
+    }
+
+    /// [`code_sums_ref`] with the same 8 lanes (element `k` in lane `k % 8`) and final order.
+    /// Shapes: `v` any length (the last `len % 8` by the scalar code).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn code_sums(v: &[f32], m: f32, s: f32, qmax: f32) -> (f64, f64, f64) {
+        let (mv, sv, qv) = (_mm256_set1_ps(m), _mm256_set1_ps(s), _mm256_set1_ps(qmax));
+        let (mut sc, mut scc) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let (mut lo, mut hi) = (_mm256_setzero_pd(), _mm256_setzero_pd());
+        let n8 = v.len() / 8 * 8;
+        let mut k = 0;
+        while k < n8 {
+            // SAFETY: k + 8 <= v.len().
+            let x = _mm256_loadu_ps(v.as_ptr().add(k));
+            let c = code8(x, mv, sv, qv);
+            sc = _mm256_add_ps(sc, c);
+            scc = _mm256_add_ps(scc, _mm256_mul_ps(c, c));
+            let (cl, ch) = (
+                _mm256_cvtps_pd(_mm256_castps256_ps128(c)),
+                _mm256_cvtps_pd(_mm256_extractf128_ps(c, 1)),
+            );
+            let (xl, xh) = (
+                _mm256_cvtps_pd(_mm256_castps256_ps128(x)),
+                _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)),
+            );
+            lo = _mm256_add_pd(lo, _mm256_mul_pd(cl, xl));
+            hi = _mm256_add_pd(hi, _mm256_mul_pd(ch, xh));
+            k += 8;
+        }
+        let (mut a, mut b, mut c) = ([0.0f32; 8], [0.0f32; 8], [0.0f64; 8]);
+        _mm256_storeu_ps(a.as_mut_ptr(), sc);
+        _mm256_storeu_ps(b.as_mut_ptr(), scc);
+        _mm256_storeu_pd(c.as_mut_ptr(), lo);
+        _mm256_storeu_pd(c.as_mut_ptr().add(4), hi);
+        for (l, &x) in v[n8..].iter().enumerate() {
+            let q = code_of(x, m, s, qmax);
+            a[l] += q;
+            b[l] += q * q;
+            c[l] += q as f64 * x as f64;
+        }
+        let a: f32 = a.iter().sum();
+        let b: f32 = b.iter().sum();
+        (a as f64, b as f64, c.iter().sum())
+    }
+
+    /// [`group_sse_ref`] for `s > 0` with the same lanes and order.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn group_sse(v: &[f32], m: f32, s: f32, qmax: f32) -> f64 {
+        let (mv, sv, qv) = (_mm256_set1_ps(m), _mm256_set1_ps(s), _mm256_set1_ps(qmax));
+        let (mut lo, mut hi) = (_mm256_setzero_pd(), _mm256_setzero_pd());
+        let n8 = v.len() / 8 * 8;
+        let mut k = 0;
+        while k < n8 {
+            // SAFETY: k + 8 <= v.len().
+            let x = _mm256_loadu_ps(v.as_ptr().add(k));
+            let c = code8(x, mv, sv, qv);
+            let d = _mm256_sub_ps(_mm256_add_ps(mv, _mm256_mul_ps(sv, c)), x);
+            let dl = _mm256_cvtps_pd(_mm256_castps256_ps128(d));
+            let dh = _mm256_cvtps_pd(_mm256_extractf128_ps(d, 1));
+            lo = _mm256_add_pd(lo, _mm256_mul_pd(dl, dl));
+            hi = _mm256_add_pd(hi, _mm256_mul_pd(dh, dh));
+            k += 8;
+        }
+        let mut acc = [0.0f64; 8];
+        _mm256_storeu_pd(acc.as_mut_ptr(), lo);
+        _mm256_storeu_pd(acc.as_mut_ptr().add(4), hi);
+        for (l, &x) in v[n8..].iter().enumerate() {
+            let d = (m + s * code_of(x, m, s, qmax) - x) as f64;
+            acc[l] += d * d;
+        }
+        acc.iter().sum()
+    }
+
+    #[inline(always)]
+    unsafe fn shifts() -> (__m256i, __m256i) {
+        (
+            _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21),
+            _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28),
+        )
+    }
+
+    /// Shapes: columns `c0..c0+out.len()` of one row; `c0` and `out.len()` multiples of 8 and
+    /// covered by `codes`, `scales`, `mins` (checked by the caller).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dequantize_row(
+        bits: u8,
+        codes: &[u8],
+        scales: &[f16],
+        mins: &[f16],
+        c0: usize,
+        out: &mut [f32],
+    ) {
+        let (sh3, sh4) = shifts();
+        let mut t = 0;
+        while t + 8 <= out.len() {
+            let j = c0 + t;
+            let g = j / LOWER_GROUP;
+            let s = _mm256_set1_ps(scales[g].to_f32());
+            let m = _mm256_set1_ps(mins[g].to_f32());
+            let gend = ((g + 1) * LOWER_GROUP - c0).min(out.len());
+            while t + 8 <= gend {
+                let c = _mm256_cvtepi32_ps(codes8(codes, bits, c0 + t, sh3, sh4));
+                // SAFETY: t + 8 <= out.len().
+                _mm256_storeu_ps(
+                    out.as_mut_ptr().add(t),
+                    _mm256_add_ps(m, _mm256_mul_ps(s, c)),
+                );
+                t += 8;
+            }
+        }
+    }
+
+    /// Fused GEMV, one row at a time. Shapes: W `out x in`, `x` `[in]`, `gsum` the `[in/128]`
+    /// group sums of x, `y.len() >= rows.len()`. Per row:
+    /// `Σ_g (min_g · Σ_{k∈g} x_k + scale_g · Σ_{k∈g} code_k x_k)`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn gemv(
+        m: &LowerMatrix,
+        x: &[f32],
+        gsum: &[f32],
+        rows: std::ops::Range<usize>,
+        y: &mut [f32],
+        acc: bool,
+    ) {
+        let ng = m.inn / LOWER_GROUP;
+        if x.len() != m.inn || gsum.len() != ng || rows.end > m.out || y.len() < rows.len() {
+            return;
+        }
+        let (sh3, sh4) = shifts();
+        let (all, bits) = (m.codes.as_slice(), m.bits.as_slice());
+        for (j, r) in rows.clone().enumerate() {
+            let b = bits[r];
+            let row = &all[m.offsets[r]..m.offsets[r + 1]];
+            let (sc, mn) = (&m.scales.f16s()[r * ng..], &m.mins.f16s()[r * ng..]);
+            let mut a = _mm256_setzero_ps();
+            let mut corr = 0.0f32;
+            for g in 0..ng {
+                let mut t0 = _mm256_setzero_ps();
+                let mut t1 = _mm256_setzero_ps();
+                let mut k = g * LOWER_GROUP;
+                while k < (g + 1) * LOWER_GROUP {
+                    // SAFETY: k + 16 <= in: inside x; codes8 bounds-checks its bytes.
+                    let c0 = _mm256_cvtepi32_ps(codes8(row, b, k, sh3, sh4));
+                    let c1 = _mm256_cvtepi32_ps(codes8(row, b, k + 8, sh3, sh4));
+                    t0 = _mm256_fmadd_ps(c0, _mm256_loadu_ps(x.as_ptr().add(k)), t0);
+                    t1 = _mm256_fmadd_ps(c1, _mm256_loadu_ps(x.as_ptr().add(k + 8)), t1);
+                    k += 16;
+                }
+                a = _mm256_fmadd_ps(_mm256_add_ps(t0, t1), _mm256_set1_ps(sc[g].to_f32()), a);
+                corr += mn[g].to_f32() * gsum[g];
+            }
+            let v = hsum(a) + corr;
+            y[j] = if acc { y[j] + v } else { v };
+        }
+    }
+}
 
 /// Weights per scale/min group.
 pub const LOWER_GROUP: usize = 128;
@@ -52,28 +331,105 @@ pub struct LowerMatrix {
     offsets: Vec<usize>,
 }
 
+/// `clamp(round((x − m) / s), 0, qmax)` (round half away from zero): a weight's code for minimum `m` and scale `s > 0`.
+#[inline(always)]
+fn code_of(x: f32, m: f32, s: f32, qmax: f32) -> f32 {
+    // Round half away from zero without a libm call (so the loops vectorize): clamping first
+    // keeps the integer conversion in range, and `v − trunc(v)` is exact.
+    let v = ((x - m) / s).clamp(-1.0, qmax + 1.0);
+    let t = (v as i32) as f32;
+    let r = if v - t >= 0.5 { t + 1.0 } else { t };
+    r.clamp(0.0, qmax)
+}
+
+/// `(Σc, Σc², Σc·x)` over the group's codes for `(m, s)`, `s > 0`. Eight lane accumulators
+/// (element `k` in lane `k % 8`) so the loop vectorizes; the lane order is fixed, so the
+/// result does not depend on whether it was vectorized.
+fn code_sums_ref(v: &[f32], m: f32, s: f32, qmax: f32) -> (f64, f64, f64) {
+    let mut sc = [0.0f32; 8];
+    let mut scc = [0.0f32; 8];
+    let mut scx = [0.0f64; 8];
+    let mut it = v.chunks_exact(8);
+    for ch in &mut it {
+        for l in 0..8 {
+            let c = code_of(ch[l], m, s, qmax);
+            sc[l] += c;
+            scc[l] += c * c;
+            scx[l] += c as f64 * ch[l] as f64;
+        }
+    }
+    for (l, &x) in it.remainder().iter().enumerate() {
+        let c = code_of(x, m, s, qmax);
+        sc[l] += c;
+        scc[l] += c * c;
+        scx[l] += c as f64 * x as f64;
+    }
+    // Integer-valued below 2^24: exact in f32 in any order.
+    let a: f32 = sc.iter().sum();
+    let b: f32 = scc.iter().sum();
+    (a as f64, b as f64, scx.iter().sum())
+}
+
+/// Squared error `Σ (m + s·c − x)²` of the group with `(m, s)` (lanes as in [`code_sums`]).
+fn group_sse_ref(v: &[f32], m: f32, s: f32, qmax: f32) -> f64 {
+    let mut acc = [0.0f64; 8];
+    if s > 0.0 {
+        let mut it = v.chunks_exact(8);
+        for ch in &mut it {
+            for l in 0..8 {
+                let d = (m + s * code_of(ch[l], m, s, qmax) - ch[l]) as f64;
+                acc[l] += d * d;
+            }
+        }
+        for (l, &x) in it.remainder().iter().enumerate() {
+            let d = (m + s * code_of(x, m, s, qmax) - x) as f64;
+            acc[l] += d * d;
+        }
+    } else {
+        for (k, &x) in v.iter().enumerate() {
+            let d = (m - x) as f64;
+            acc[k % 8] += d * d;
+        }
+    }
+    acc.iter().sum()
+}
+
+/// [`code_sums_ref`], with AVX2 when `simd` (bit-identical: same lanes, same order).
+#[inline]
+fn code_sums(simd: bool, v: &[f32], m: f32, s: f32, qmax: f32) -> (f64, f64, f64) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: `simd` is only true when the CPU has AVX2, FMA and F16C.
+        return unsafe { avx2::code_sums(v, m, s, qmax) };
+    }
+    let _ = simd;
+    code_sums_ref(v, m, s, qmax)
+}
+
+/// [`group_sse_ref`], with AVX2 when `simd` (bit-identical: same lanes, same order).
+#[inline]
+fn group_sse(simd: bool, v: &[f32], m: f32, s: f32, qmax: f32) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if simd && s > 0.0 {
+        // SAFETY: `simd` is only true when the CPU has AVX2, FMA and F16C.
+        return unsafe { avx2::group_sse(v, m, s, qmax) };
+    }
+    let _ = simd;
+    group_sse_ref(v, m, s, qmax)
+}
+
 /// Fits one group at `bits`: returns `(min, scale, squared error)` with f16-rounded parameters.
+/// The same arithmetic on every CPU (the AVX2 kernels keep the scalar code's lanes and order).
 fn fit_group(v: &[f32], bits: u32) -> (f16, f16, f64) {
+    let simd = crate::cpu::has_avx2_fma_f16c();
     let qmax = ((1u32 << bits) - 1) as f32;
     let lo = v.iter().fold(f32::INFINITY, |a, &b| a.min(b));
     let hi = v.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
     let range = hi - lo;
-    let sse = |m: f32, s: f32| -> f64 {
-        v.iter()
-            .map(|&x| {
-                let c = if s > 0.0 {
-                    ((x - m) / s).round().clamp(0.0, qmax)
-                } else {
-                    0.0
-                };
-                let d = (m + s * c - x) as f64;
-                d * d
-            })
-            .sum()
-    };
-    let round = |m: f32, s: f32| (f16::from_f32(m), f16::from_f32(s));
-    let mut best = round(lo, range / qmax);
-    let mut best_e = sse(best.0.to_f32(), best.1.to_f32());
+    let n = v.len() as f64;
+    let sx: f64 = v.iter().map(|&x| x as f64).sum();
+    let mut best = (f16::from_f32(lo), f16::from_f32(range / qmax));
+    let mut best_e = group_sse(simd, v, best.0.to_f32(), best.1.to_f32(), qmax);
     if range <= 0.0 {
         return (best.0, best.1, best_e);
     }
@@ -85,15 +441,7 @@ fn fit_group(v: &[f32], bits: u32) -> (f16, f16, f64) {
             let mut s = (h - l) / qmax;
             for _ in 0..2 {
                 // least-squares refit to the codes
-                let n = v.len() as f64;
-                let (mut sc, mut scc, mut sx, mut scx) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
-                for &x in v {
-                    let c = ((x - m) / s).round().clamp(0.0, qmax) as f64;
-                    sc += c;
-                    scc += c * c;
-                    sx += x as f64;
-                    scx += c * x as f64;
-                }
+                let (sc, scc, scx) = code_sums(simd, v, m, s, qmax);
                 let den = n * scc - sc * sc;
                 if den <= 0.0 {
                     break;
@@ -105,8 +453,8 @@ fn fit_group(v: &[f32], bits: u32) -> (f16, f16, f64) {
                 s = s2 as f32;
                 m = ((sx - s2 * sc) / n) as f32;
             }
-            let c = round(m, s);
-            let e = sse(c.0.to_f32(), c.1.to_f32());
+            let c = (f16::from_f32(m), f16::from_f32(s));
+            let e = group_sse(simd, v, c.0.to_f32(), c.1.to_f32(), qmax);
             if e < best_e {
                 best = c;
                 best_e = e;
@@ -303,6 +651,11 @@ impl LowerMatrix {
         self.parts_len() as f64 * 8.0 / (self.out * self.inn).max(1) as f64
     }
 
+    /// The whole matrix dequantized with an explicit kernel path (bit-identical on every path).
+    pub fn dequantize_with(&self, path: KernelPath) -> Tensor {
+        kernels::to_f32(self, path)
+    }
+
     fn parts_len(&self) -> usize {
         self.bits.len() + self.codes.len() + self.scales.len() + self.mins.len()
     }
@@ -315,32 +668,36 @@ impl QuantRows for LowerMatrix {
     fn seg_align(&self) -> usize {
         8
     }
-    fn dequant_segment(&self, _path: KernelPath, r: usize, c0: usize, len: usize, dst: &mut [f32]) {
+    fn dequant_segment(&self, path: KernelPath, r: usize, c0: usize, len: usize, dst: &mut [f32]) {
         let row = &self.codes.as_slice()[self.offsets[r]..self.offsets[r + 1]];
         let ng = self.inn / LOWER_GROUP;
-        let (sc, mn) = (&self.scales.f16s()[r * ng..], &self.mins.f16s()[r * ng..]);
-        let four = self.bits.as_slice()[r] == 4;
-        let mut k = c0;
-        let end = c0 + len;
-        while k < end {
-            let g = k / LOWER_GROUP;
-            let (s, m) = (sc[g].to_f32(), mn[g].to_f32());
-            let gend = ((g + 1) * LOWER_GROUP).min(end);
-            if four {
-                for j in k..gend {
-                    let c = (row[j / 2] >> ((j % 2) * 4)) & 15;
-                    dst[j - c0] = m + s * c as f32;
-                }
-            } else {
-                for j8 in (k..gend).step_by(8) {
-                    let p = j8 / 8 * 3;
-                    let w = u32::from_le_bytes([row[p], row[p + 1], row[p + 2], 0]);
-                    for t in 0..8 {
-                        dst[j8 + t - c0] = m + s * ((w >> (3 * t)) & 7) as f32;
-                    }
-                }
-            }
-            k = gend;
+        let sc = &self.scales.f16s()[r * ng..(r + 1) * ng];
+        let mn = &self.mins.f16s()[r * ng..(r + 1) * ng];
+        let bits = self.bits.as_slice()[r];
+        dequantize_row(path, bits, row, sc, mn, c0, &mut dst[..len]);
+    }
+    /// AVX2 path: appends the `in/128` group sums of x.
+    fn gemv_prepare(&self, path: KernelPath, x: &[f32], prep: &mut Vec<f32>) {
+        if usable(path) == KernelPath::Avx2Fma {
+            prep.extend(x.chunks_exact(LOWER_GROUP).map(|c| c.iter().sum::<f32>()));
+        }
+    }
+    fn gemv(
+        &self,
+        path: KernelPath,
+        x: &[f32],
+        prep: &[f32],
+        rows: std::ops::Range<usize>,
+        y: &mut [f32],
+        acc: bool,
+    ) {
+        match usable(path) {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: Avx2Fma only when the CPU supports it; the kernel checks its lengths.
+            KernelPath::Avx2Fma if prep.len() == self.inn / LOWER_GROUP => unsafe {
+                avx2::gemv(self, x, prep, rows, y, acc)
+            },
+            _ => kernels::gemv_generic(self, path, x, rows, y, acc),
         }
     }
 }

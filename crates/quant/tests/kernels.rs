@@ -1,7 +1,7 @@
 //! Fused products vs dequantize-then-naive-matmul, SIMD vs scalar, errors, thread-count identity.
 
 use nibble_quant::cpu::available_paths;
-use nibble_quant::{Nf4Matrix, Q4Matrix, QuantError};
+use nibble_quant::{Int8Matrix, KernelPath, LowerMatrix, Nf4Matrix, Q4Matrix, QuantError};
 use nibble_tensor::{Rng, Tensor, WeightMatrix};
 
 fn naive_t(x: &[f32], m: usize, w: &Tensor) -> Vec<f32> {
@@ -42,7 +42,7 @@ fn check(wm: &dyn WeightMatrix, name: &str) {
     let wd = wm.to_f32();
     let (o, i) = (wm.out_features(), wm.in_features());
     let mut rng = Rng::new(7);
-    for m in [1usize, 3, 16, 33] {
+    for m in [1usize, 3, 15, 16, 33, 256] {
         let x = Tensor::randn(&[m, i], &mut rng);
         let mut y = vec![f32::NAN; m * o];
         wm.matmul_t(x.data(), m, &mut y, false).unwrap();
@@ -96,6 +96,170 @@ fn nf4_fused_matches_dequantized() {
         let w = weights(o, i, o as u64);
         check(&Nf4Matrix::quantize(&w).unwrap(), "nf4");
         check(&Nf4Matrix::quantize_double(&w).unwrap(), "nf4dq");
+    }
+}
+
+#[test]
+fn int8_fused_matches_dequantized() {
+    for (o, i) in [(16, 8), (37, 13), (1040, 64), (33, 130), (64, 1024)] {
+        let w = weights(o, i, o as u64 + 1);
+        check(&Int8Matrix::quantize(&w).unwrap(), "int8");
+    }
+}
+
+#[test]
+fn lower_fused_matches_dequantized() {
+    for (o, i) in [(16, 128), (37, 256), (1040, 128), (64, 1024)] {
+        let w = weights(o, i, o as u64 + 2);
+        check(&LowerMatrix::quantize(&w).unwrap(), "lower");
+    }
+}
+
+/// A large batch (the GEMM path with several K blocks and thread tiles) for every format.
+#[test]
+fn batch_1024_fused_matches_dequantized() {
+    let (o, i) = (96, 512);
+    let w = weights(o, i, 11);
+    let mut rng = Rng::new(12);
+    let m = 1024;
+    let x = Tensor::randn(&[m, i], &mut rng);
+    let dy = Tensor::randn(&[m, o], &mut rng);
+    let mats: Vec<(&str, Box<dyn WeightMatrix>)> = vec![
+        ("q4", Box::new(Q4Matrix::quantize(&w).unwrap())),
+        ("nf4", Box::new(Nf4Matrix::quantize(&w).unwrap())),
+        ("nf4dq", Box::new(Nf4Matrix::quantize_double(&w).unwrap())),
+        ("int8", Box::new(Int8Matrix::quantize(&w).unwrap())),
+        ("lower", Box::new(LowerMatrix::quantize(&w).unwrap())),
+    ];
+    for (name, wm) in &mats {
+        let wd = wm.to_f32();
+        let mut y = vec![f32::NAN; m * o];
+        wm.matmul_t(x.data(), m, &mut y, false).unwrap();
+        close(&y, &naive_t(x.data(), m, &wd), &format!("{name} fwd m={m}"));
+        let mut dx = vec![f32::NAN; m * i];
+        wm.matmul(dy.data(), m, &mut dx, false).unwrap();
+        close(&dx, &naive(dy.data(), m, &wd), &format!("{name} bwd m={m}"));
+    }
+}
+
+fn bits_eq(a: &[f32], b: &[f32], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}");
+    for (k, (x, y)) in a.iter().zip(b).enumerate() {
+        assert_eq!(x.to_bits(), y.to_bits(), "{what}: [{k}] {x} vs {y}");
+    }
+}
+
+#[test]
+fn int8_simd_matches_scalar_on_ragged_lengths() {
+    let codes: Vec<u8> = (0..300u32).map(|k| (k * 37 % 256) as u8).collect();
+    for n in (0..40).chain([255, 256, 257, 300]) {
+        let mut want = vec![f32::NAN; n + 3];
+        nibble_quant::int8::dequantize_ref(&codes[..n], 0.0123, -1.5, &mut want[..n]);
+        assert!(want[..n].iter().all(|v| v.is_finite()));
+        for p in available_paths() {
+            let mut got = vec![f32::NAN; n + 3];
+            nibble_quant::int8::dequantize(p, &codes[..n], 0.0123, -1.5, &mut got[..n]);
+            bits_eq(&got[..n], &want[..n], &format!("int8 {p:?} n={n}"));
+            assert!(got[n..].iter().all(|v| v.is_nan()), "wrote past the end");
+        }
+    }
+    let w = weights(37, 77, 4);
+    let q = Int8Matrix::quantize(&w).unwrap();
+    let d0 = q.dequantize_with(KernelPath::Scalar);
+    for p in available_paths() {
+        bits_eq(q.dequantize_with(p).data(), d0.data(), "int8 matrix");
+    }
+}
+
+#[test]
+fn lower_simd_matches_scalar_on_ragged_lengths() {
+    use half::f16;
+    use nibble_quant::lower::{dequantize_row, dequantize_row_ref};
+    let inn = 384;
+    let scales: Vec<f16> = (0..3)
+        .map(|g| f16::from_f32(0.01 + 0.003 * g as f32))
+        .collect();
+    let mins: Vec<f16> = (0..3)
+        .map(|g| f16::from_f32(-0.1 - 0.02 * g as f32))
+        .collect();
+    for bits in [3u8, 4] {
+        let nbytes = inn * bits as usize / 8;
+        let codes: Vec<u8> = (0..nbytes as u32).map(|k| (k * 97 + 13) as u8).collect();
+        for c0 in [0usize, 1, 5, 8, 120, 128, 250] {
+            for n in [0usize, 1, 7, 8, 9, 15, 16, 17, 100, 127, 128, 129, inn - c0] {
+                let n = n.min(inn - c0);
+                let mut want = vec![f32::NAN; n + 2];
+                dequantize_row_ref(bits, &codes, &scales, &mins, c0, &mut want[..n]);
+                assert!(want[..n].iter().all(|v| v.is_finite()));
+                for p in available_paths() {
+                    let mut got = vec![f32::NAN; n + 2];
+                    dequantize_row(p, bits, &codes, &scales, &mins, c0, &mut got[..n]);
+                    bits_eq(
+                        &got[..n],
+                        &want[..n],
+                        &format!("lower{bits} {p:?} c0={c0} n={n}"),
+                    );
+                    assert!(got[n..].iter().all(|v| v.is_nan()), "wrote past the end");
+                }
+            }
+        }
+        // A short codes buffer: nothing past what the parts cover is written.
+        let mut got = vec![f32::NAN; inn];
+        dequantize_row(
+            KernelPath::Avx2Fma,
+            bits,
+            &codes[..10],
+            &scales,
+            &mins,
+            0,
+            &mut got,
+        );
+        let covered = 10 * 8 / bits as usize;
+        assert!(got[..covered].iter().all(|v| v.is_finite()));
+        assert!(got[covered..].iter().all(|v| v.is_nan()));
+    }
+    let w = weights(37, 256, 4);
+    let q = LowerMatrix::quantize(&w).unwrap();
+    let d0 = q.dequantize_with(KernelPath::Scalar);
+    for p in available_paths() {
+        bits_eq(q.dequantize_with(p).data(), d0.data(), "lower matrix");
+    }
+}
+
+#[test]
+fn q4_nf4_row_functions_on_ragged_block_counts() {
+    use half::f16;
+    let mut rng = Rng::new(9);
+    for nb in [1usize, 2, 3, 5, 7, 9, 17] {
+        let n = nb * 16;
+        let x = Tensor::randn(&[n], &mut rng);
+        let mut p0 = vec![0u8; n / 2];
+        let mut n0 = vec![f16::ZERO; nb];
+        nibble_quant::q4::quantize_row_ref(0, x.data(), &mut p0, &mut n0).unwrap();
+        let mut want = vec![f32::NAN; n + 5];
+        nibble_quant::q4::dequantize_ref(&p0, &n0, &mut want[..n]);
+        for p in available_paths() {
+            let mut p1 = vec![0xAAu8; n / 2];
+            let mut n1 = vec![f16::NAN; nb];
+            nibble_quant::q4::quantize_row(p, 0, x.data(), &mut p1, &mut n1).unwrap();
+            assert_eq!(p1, p0, "{p:?} nb={nb}");
+            assert_eq!(n1, n0, "{p:?} nb={nb}");
+            let mut got = vec![f32::NAN; n + 5];
+            nibble_quant::q4::dequantize(p, &p0, &n0, &mut got[..n]);
+            bits_eq(&got[..n], &want[..n], &format!("q4 {p:?} nb={nb}"));
+            assert!(got[n..].iter().all(|v| v.is_nan()));
+        }
+        if n % 64 == 0 {
+            let mut pk = vec![0u8; n / 2];
+            let mut am = vec![0.0f32; n / 64];
+            nibble_quant::nf4::quantize_ref(x.data(), &mut pk, &mut am).unwrap();
+            for p in available_paths() {
+                let mut pk1 = vec![0u8; n / 2];
+                let mut am1 = vec![f32::NAN; n / 64];
+                nibble_quant::nf4::quantize(p, x.data(), &mut pk1, &mut am1).unwrap();
+                assert_eq!((pk1, am1), (pk.clone(), am.clone()), "{p:?}");
+            }
+        }
     }
 }
 
