@@ -53,8 +53,9 @@ impl AsRef<[u8]> for AlignedBuf {
 }
 
 impl Bytes {
-    /// An owned buffer.
-    pub fn from_vec(v: Vec<u8>) -> Self {
+    /// An owned buffer (its spare capacity is released: a model holds exactly its bytes).
+    pub fn from_vec(mut v: Vec<u8>) -> Self {
+        v.shrink_to_fit();
         let n = v.len();
         Bytes {
             owner: Arc::new(v),
@@ -64,7 +65,8 @@ impl Bytes {
     }
 
     /// An owned buffer of f32 values (little-endian bytes, 4-byte aligned).
-    pub fn from_f32(v: Vec<f32>) -> Self {
+    pub fn from_f32(mut v: Vec<f32>) -> Self {
+        v.shrink_to_fit();
         let n = v.len() * 4;
         Bytes {
             owner: Arc::new(F32Buf(v)),
@@ -74,7 +76,8 @@ impl Bytes {
     }
 
     /// An owned buffer of f16 values (little-endian bytes, 2-byte aligned).
-    pub fn from_f16(v: Vec<half::f16>) -> Self {
+    pub fn from_f16(mut v: Vec<half::f16>) -> Self {
+        v.shrink_to_fit();
         let n = v.len() * 2;
         Bytes {
             owner: Arc::new(F16Buf(v)),

@@ -280,7 +280,7 @@ mod avx2 {
         let (all, bits) = (m.codes.as_slice(), m.bits.as_slice());
         for (j, r) in rows.clone().enumerate() {
             let b = bits[r];
-            let row = &all[m.offsets[r]..m.offsets[r + 1]];
+            let row = &all[m.offsets[r] as usize..m.offsets[r + 1] as usize];
             let (sc, mn) = (&m.scales.f16s()[r * ng..], &m.mins.f16s()[r * ng..]);
             let mut a = _mm256_setzero_ps();
             let mut corr = 0.0f32;
@@ -328,7 +328,9 @@ pub struct LowerMatrix {
     codes: Bytes,
     scales: Bytes,
     mins: Bytes,
-    offsets: Vec<usize>,
+    /// Byte offset of each row's codes (u32: a matrix's codes stay far below 4 GiB, and the
+    /// table is part of the model's memory budget).
+    offsets: Vec<u32>,
 }
 
 /// `clamp(round((x − m) / s), 0, qmax)` (round half away from zero): a weight's code for minimum `m` and scale `s > 0`.
@@ -603,8 +605,8 @@ impl LowerMatrix {
             });
         }
         check_part(OP, "bits", out, inn, &bits, out)?;
-        let mut offsets = Vec::with_capacity(out + 1);
-        offsets.push(0usize);
+        let mut offsets: Vec<u32> = Vec::with_capacity(out + 1);
+        offsets.push(0);
         for (k, &b) in bits.as_slice().iter().enumerate() {
             if b != 3 && b != 4 {
                 return Err(QuantError::PartValue {
@@ -614,9 +616,16 @@ impl LowerMatrix {
                     what: format!("bit width {b} (must be 3 or 4)"),
                 });
             }
-            offsets.push(offsets[k] + row_bytes(inn, b));
+            let next = u32::try_from(offsets[k] as usize + row_bytes(inn, b)).map_err(|_| {
+                QuantError::Shape {
+                    op: OP,
+                    shape: vec![out, inn],
+                    what: "codes exceed 4 GiB".into(),
+                }
+            })?;
+            offsets.push(next);
         }
-        check_part(OP, "codes", out, inn, &codes, offsets[out])?;
+        check_part(OP, "codes", out, inn, &codes, offsets[out] as usize)?;
         let ng = out * (inn / LOWER_GROUP) * 2;
         check_part(OP, "scales", out, inn, &scales, ng)?;
         check_part(OP, "mins", out, inn, &mins, ng)?;
@@ -669,7 +678,7 @@ impl QuantRows for LowerMatrix {
         8
     }
     fn dequant_segment(&self, path: KernelPath, r: usize, c0: usize, len: usize, dst: &mut [f32]) {
-        let row = &self.codes.as_slice()[self.offsets[r]..self.offsets[r + 1]];
+        let row = &self.codes.as_slice()[self.offsets[r] as usize..self.offsets[r + 1] as usize];
         let ng = self.inn / LOWER_GROUP;
         let sc = &self.scales.f16s()[r * ng..(r + 1) * ng];
         let mn = &self.mins.f16s()[r * ng..(r + 1) * ng];
