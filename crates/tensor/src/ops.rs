@@ -2,6 +2,32 @@
 
 use crate::error::{Result, TensorError};
 use crate::tensor::Tensor;
+use rayon::prelude::*;
+
+/// Elements per parallel task of an elementwise op. Elementwise results do not depend on how
+/// the work is split, so any split is deterministic.
+const PAR_CHUNK: usize = 1 << 15;
+
+/// `f(a, b)` for each pair of `dst` and `src`, in parallel for large tensors.
+fn zip_apply(dst: &mut [f32], src: &[f32], f: impl Fn(&mut f32, f32) + Sync + Send) {
+    if dst.len() < 2 * PAR_CHUNK {
+        dst.iter_mut().zip(src).for_each(|(a, &b)| f(a, b));
+    } else {
+        dst.par_chunks_mut(PAR_CHUNK)
+            .zip(src.par_chunks(PAR_CHUNK))
+            .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(a, &b)| f(a, b)));
+    }
+}
+
+/// `f(a)` for each element of `dst`, in parallel for large tensors.
+fn apply(dst: &mut [f32], f: impl Fn(&mut f32) + Sync + Send) {
+    if dst.len() < 2 * PAR_CHUNK {
+        dst.iter_mut().for_each(f);
+    } else {
+        dst.par_chunks_mut(PAR_CHUNK)
+            .for_each(|d| d.iter_mut().for_each(&f));
+    }
+}
 
 fn same_shape(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
     if a.shape() != b.shape() {
@@ -25,20 +51,14 @@ impl Tensor {
     /// `self += other`, elementwise (shapes must be equal).
     pub fn add_assign(&mut self, other: &Tensor) -> Result<()> {
         same_shape("add", self, other)?;
-        self.data_mut()
-            .iter_mut()
-            .zip(other.data())
-            .for_each(|(a, b)| *a += b);
+        zip_apply(self.data_mut(), other.data(), |a, b| *a += b);
         Ok(())
     }
 
     /// `self += alpha * other`, elementwise (shapes must be equal).
     pub fn axpy(&mut self, alpha: f32, other: &Tensor) -> Result<()> {
         same_shape("axpy", self, other)?;
-        self.data_mut()
-            .iter_mut()
-            .zip(other.data())
-            .for_each(|(a, b)| *a += alpha * b);
+        zip_apply(self.data_mut(), other.data(), |a, b| *a += alpha * b);
         Ok(())
     }
 
@@ -63,7 +83,7 @@ impl Tensor {
 
     /// `self *= s`.
     pub fn scale_assign(&mut self, s: f32) {
-        self.data_mut().iter_mut().for_each(|v| *v *= s);
+        apply(self.data_mut(), |v| *v *= s);
     }
 
     /// `max(self, 0)`, elementwise. NaN stays NaN.
@@ -75,11 +95,8 @@ impl Tensor {
 
     /// `self = max(self, 0)` in place. NaN stays NaN.
     pub fn relu_assign(&mut self) {
-        self.data_mut().iter_mut().for_each(|v| {
-            if *v < 0.0 {
-                *v = 0.0
-            }
-        });
+        // A select, not a conditional store, so that it vectorizes.
+        apply(self.data_mut(), |v| *v = if *v < 0.0 { 0.0 } else { *v });
     }
 
     /// Adds `row` to every row of a rank-2 tensor (a bias), or errors on a length mismatch.
@@ -93,9 +110,14 @@ impl Tensor {
             });
         }
         if n > 0 {
-            self.data_mut().chunks_exact_mut(n).for_each(|r| {
-                r.iter_mut().zip(row).for_each(|(a, b)| *a += b);
-            });
+            let rows_per_task = (PAR_CHUNK / n).max(1);
+            self.data_mut()
+                .par_chunks_mut(n * rows_per_task)
+                .for_each(|block| {
+                    block.chunks_exact_mut(n).for_each(|r| {
+                        r.iter_mut().zip(row).for_each(|(a, b)| *a += b);
+                    })
+                });
         }
         Ok(())
     }
@@ -110,12 +132,9 @@ impl Tensor {
                 rhs: vec![row.len()],
             });
         }
-        if n > 0 {
-            self.data_mut().chunks_exact_mut(n).for_each(|r| {
-                r.iter_mut().zip(row).for_each(|(a, b)| *a += b.to_f32());
-            });
-        }
-        Ok(())
+        // Widen the row once, not once per row of the tensor.
+        let wide: Vec<f32> = row.iter().map(|v| v.to_f32()).collect();
+        self.add_row(&wide)
     }
 
     /// Sum of all elements, accumulated in f64 (deterministic, order-independent of threads).

@@ -29,14 +29,11 @@ impl Op for ReluOp {
     }
     fn backward(self: Box<Self>, d_y: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let mut d_x = d_y.clone();
+        // A select, not a conditional store, so that it vectorizes.
         d_x.data_mut()
             .iter_mut()
             .zip(self.y.data())
-            .for_each(|(g, &y)| {
-                if y <= 0.0 {
-                    *g = 0.0
-                }
-            });
+            .for_each(|(g, &y)| *g = if y > 0.0 { *g } else { 0.0 });
         Ok(vec![Some(d_x)])
     }
 }
