@@ -10,7 +10,7 @@
 //! | `q4` | `K.q4.packed` u8 `[out, in/2]` (element 2i in the low nibble), `K.q4.norm` f16 `[out, in/16]` |
 //! | `nf4` | `K.nf4.packed` u8 `[out·in/2]` (first element in the high nibble), `K.nf4.absmax` f32 `[out·in/64]` |
 //! | `nf4_dq` | `K.nf4.packed`, `K.nf4.absmax_codes` u8 `[out·in/64]`, `K.nf4.absmax_offset` f32 `[1]`, `K.nf4.absmax_scale` f32 `[⌈out·in/64/256⌉]` |
-//! | `int8` | `K.int8.codes` u8 `[out, in]`, `K.int8.scale` f32 `[out]`, `K.int8.zero` f32 `[out]`: w ≈ scale·(code − zero) |
+//! | `int8` | `K.int8.codes` u8 `[out, in]`, `K.int8.scale` f32 `[out]`, `K.int8.min` f32 `[out]`: w ≈ min + scale·code |
 //! | `lower` | `K.lower.bits` u8 `[out]` (3 or 4 per row), `K.lower.codes` u8 `[Σ row bytes]`, `K.lower.scale` f16 `[out, in/128]`, `K.lower.min` f16 `[out, in/128]`: w ≈ min + scale·code |
 
 use crate::checkpoint::{Checkpoint, DType};
@@ -174,7 +174,7 @@ impl FrozenWeight {
                 vec![
                     part(key, "int8.codes", DType::U8, vec![o, i], codes.as_slice()),
                     part(key, "int8.scale", DType::F32, vec![o], scales.as_slice()),
-                    part(key, "int8.zero", DType::F32, vec![o], zeros.as_slice()),
+                    part(key, "int8.min", DType::F32, vec![o], zeros.as_slice()),
                 ]
             }
             FrozenWeight::Lower(w) => {
@@ -275,7 +275,7 @@ impl FrozenWeight {
                     inn,
                     get("int8.codes", DType::U8, &[out, inn])?,
                     get("int8.scale", DType::F32, &[out])?,
-                    get("int8.zero", DType::F32, &[out])?,
+                    get("int8.min", DType::F32, &[out])?,
                 )
                 .map_err(e)?,
             )),
