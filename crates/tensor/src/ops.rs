@@ -109,8 +109,8 @@ impl Tensor {
                 rhs: vec![row.len()],
             });
         }
-        if n > 0 {
-            let rows_per_task = (PAR_CHUNK / n).max(1);
+        if let Some(rows_per_task) = PAR_CHUNK.checked_div(n) {
+            let rows_per_task = rows_per_task.max(1);
             self.data_mut()
                 .par_chunks_mut(n * rows_per_task)
                 .for_each(|block| {
