@@ -102,10 +102,18 @@ fn gemv_t<E: BElem>(
     }
     let path = path.supported();
     let threads = rayon::current_num_threads().max(1);
-    // Rows per task: about 8 tasks per thread, at least 16 rows and 64 KiB of W each (so the
-    // rayon overhead stays small next to the work).
+    // Rows per task: at least 16 rows and 64 KiB of W each (so the rayon overhead stays small
+    // next to the work).
     let min_rows = 16.max((64 * 1024) / (inp.max(1) * std::mem::size_of::<E>()));
-    let rows_per_task = out.div_ceil(threads * 8).max(min_rows).max(1);
+    // Batch 1 is bound by streaming W from memory: one contiguous chunk of rows per thread
+    // (a single sequential stream each, multiples of 4 rows for the 4-row kernel). Larger
+    // batches: about 8 tasks per thread.
+    let per_thread = if m == 1 {
+        out.div_ceil(threads).div_ceil(4) * 4
+    } else {
+        out.div_ceil(threads * 8)
+    };
+    let rows_per_task = per_thread.max(min_rows).max(1);
     let parallel = threads > 1 && out > rows_per_task;
 
     // Each task computes rows r of `res` laid out [r][m] (for m == 1 that is y itself).
@@ -224,21 +232,7 @@ mod avx2 {
         // SAFETY: forwarded contract; features enabled on this function.
         unsafe {
             match m {
-                1 => {
-                    // Two W rows per sweep share the x loads and halve the per-row overhead.
-                    let pairs = res.len() / 2;
-                    body_m1_2rows(
-                        &w[..pairs * 2 * inp],
-                        inp,
-                        x,
-                        &mut res[..pairs * 2],
-                        accumulate,
-                    );
-                    if res.len() % 2 == 1 {
-                        let r = res.len() - 1;
-                        body::<E, 1, 4>(&w[r * inp..], inp, x, &mut res[r..], accumulate);
-                    }
-                }
+                1 => body_m1(w, inp, x, res, accumulate),
                 2 => body::<E, 2, 2>(w, inp, x, res, accumulate),
                 3 => body::<E, 3, 2>(w, inp, x, res, accumulate),
                 4 => body::<E, 4, 2>(w, inp, x, res, accumulate),
@@ -284,56 +278,125 @@ mod avx2 {
         }
     }
 
-    /// Batch-1 kernel over pairs of rows. Shapes: `w` `rows x inp` (`rows` even), `x` `1 x inp`,
-    /// `res` `rows`; 4 accumulators per row, summed as in [`body`] with `U = 4` (the per-row
-    /// operation order is the same, so results do not depend on the row pairing).
+    /// Bytes ahead of the current position at which each W row stream is prefetched.
+    const PF_BYTES: usize = 1024;
+
+    /// Shapes: `w` `R x inp` (`R` contiguous rows at `wp`), `x` `1 x inp`; returns the `R`
+    /// dot products. 64 bytes of each row per step in `64 / size_of::<E>() / 8` accumulators
+    /// per row, each row stream prefetched [`PF_BYTES`] ahead. The per-row operation order
+    /// does not depend on `R` (rows are reduced by [`reduce4`]; absent rows are zeros), so a
+    /// row's result is the same whichever group it lands in.
     ///
     /// # Safety
-    /// As [`rows`] with `m == 1` and `res.len()` even.
+    /// AVX2/FMA/F16C; `wp` readable for `R * inp` elements, `xp` for `inp` floats.
     #[inline(always)]
-    unsafe fn body_m1_2rows<E: BElem>(
-        w: &[E],
+    unsafe fn dot_rows_m1<E: BElem, const R: usize, const U: usize>(
+        wp: *const E,
         inp: usize,
-        x: &[f32],
-        res: &mut [f32],
-        accumulate: bool,
-    ) {
-        let full = inp / 32 * 32;
+        xp: *const f32,
+    ) -> [f32; R] {
+        let step = 8 * U;
+        let full = inp / step * step;
         let full8 = inp / 8 * 8;
-        let xp = x.as_ptr();
-        // SAFETY (whole block): rows r and r + 1 span w[r * inp..(r + 2) * inp]; every
-        // 8-wide load starts at i with i + 8 <= full8 <= inp, every scalar load at i < inp.
+        // SAFETY (whole block): row r spans wp[r * inp..(r + 1) * inp]; every 8-wide load
+        // starts at i with i + 8 <= full8 <= inp, every scalar load at i < inp; prefetches
+        // never fault.
         unsafe {
-            for r in (0..res.len()).step_by(2) {
-                let w0 = w.as_ptr().add(r * inp);
-                let w1 = w0.add(inp);
-                let mut a = [_mm256_setzero_ps(); 4];
-                let mut b = [_mm256_setzero_ps(); 4];
-                let mut i = 0;
-                while i < full {
-                    for u in 0..4 {
-                        let xv = _mm256_loadu_ps(xp.add(i + 8 * u));
-                        a[u] = _mm256_fmadd_ps(E::load8(w0.add(i + 8 * u)), xv, a[u]);
-                        b[u] = _mm256_fmadd_ps(E::load8(w1.add(i + 8 * u)), xv, b[u]);
-                    }
-                    i += 32;
+            let mut acc = [[_mm256_setzero_ps(); U]; R];
+            let mut i = 0;
+            while i < full {
+                for r in 0..R {
+                    let p = wp.add(r * inp + i) as *const i8;
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PF_BYTES));
                 }
-                while i < full8 {
-                    let xv = _mm256_loadu_ps(xp.add(i));
-                    a[0] = _mm256_fmadd_ps(E::load8(w0.add(i)), xv, a[0]);
-                    b[0] = _mm256_fmadd_ps(E::load8(w1.add(i)), xv, b[0]);
-                    i += 8;
-                }
-                for (h, acc) in [a, b].iter().enumerate() {
-                    let v =
-                        _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), acc[2]), acc[3]);
-                    let mut s = hsum(v);
-                    let wr = w0.add(h * inp);
-                    for j in full8..inp {
-                        s += (*wr.add(j)).to_f32() * *xp.add(j);
+                for u in 0..U {
+                    let xv = _mm256_loadu_ps(xp.add(i + 8 * u));
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        a[u] = _mm256_fmadd_ps(E::load8(wp.add(r * inp + i + 8 * u)), xv, a[u]);
                     }
-                    let d = &mut res[r + h];
-                    *d = if accumulate { *d + s } else { s };
+                }
+                i += step;
+            }
+            while i < full8 {
+                let xv = _mm256_loadu_ps(xp.add(i));
+                for (r, a) in acc.iter_mut().enumerate() {
+                    a[0] = _mm256_fmadd_ps(E::load8(wp.add(r * inp + i)), xv, a[0]);
+                }
+                i += 8;
+            }
+            let mut v = [_mm256_setzero_ps(); 4];
+            for (r, a) in acc.iter().enumerate() {
+                let mut s = a[0];
+                for au in a.iter().skip(1) {
+                    s = _mm256_add_ps(s, *au);
+                }
+                v[r] = s;
+            }
+            let red = reduce4(v);
+            let mut lanes = [0.0f32; 4];
+            _mm_storeu_ps(lanes.as_mut_ptr(), red);
+            std::array::from_fn(|r| {
+                let mut s = lanes[r];
+                for j in full8..inp {
+                    s += (*wp.add(r * inp + j)).to_f32() * *xp.add(j);
+                }
+                s
+            })
+        }
+    }
+
+    /// Lane `r` of the result is `((v_0 + v_1) + (v_2 + v_3)) + ((v_4 + v_5) + (v_6 + v_7))`
+    /// of `v[r]` (a transpose-style `hadd` tree: 3 adds for 4 rows).
+    #[inline(always)]
+    unsafe fn reduce4(v: [__m256; 4]) -> __m128 {
+        // SAFETY: register-only operations; AVX enabled by the caller.
+        unsafe {
+            let h01 = _mm256_hadd_ps(v[0], v[1]);
+            let h23 = _mm256_hadd_ps(v[2], v[3]);
+            let h = _mm256_hadd_ps(h01, h23);
+            _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h))
+        }
+    }
+
+    /// Batch-1 kernel. Shapes: `w` `rows x inp`, `x` `1 x inp`, `res` `rows`; 4 rows per sweep
+    /// (see [`dot_rows_m1`]), the last `rows % 4` one at a time.
+    ///
+    /// # Safety
+    /// As [`rows`] with `m == 1`.
+    #[inline(always)]
+    unsafe fn body_m1<E: BElem>(w: &[E], inp: usize, x: &[f32], res: &mut [f32], accumulate: bool) {
+        let n = res.len();
+        let (wp, xp) = (w.as_ptr(), x.as_ptr());
+        let mut put = |r: usize, s: f32| {
+            let d = &mut res[r];
+            *d = if accumulate { *d + s } else { s };
+        };
+        let mut r = 0;
+        // SAFETY: rows r..r+4 (resp. r) are < n, inside `w` (n x inp); x has inp floats.
+        unsafe {
+            if std::mem::size_of::<E>() == 4 {
+                while r + 4 <= n {
+                    let v = dot_rows_m1::<E, 4, 2>(wp.add(r * inp), inp, xp);
+                    for (t, s) in v.into_iter().enumerate() {
+                        put(r + t, s);
+                    }
+                    r += 4;
+                }
+                while r < n {
+                    put(r, dot_rows_m1::<E, 1, 2>(wp.add(r * inp), inp, xp)[0]);
+                    r += 1;
+                }
+            } else {
+                while r + 4 <= n {
+                    let v = dot_rows_m1::<E, 4, 4>(wp.add(r * inp), inp, xp);
+                    for (t, s) in v.into_iter().enumerate() {
+                        put(r + t, s);
+                    }
+                    r += 4;
+                }
+                while r < n {
+                    put(r, dot_rows_m1::<E, 1, 4>(wp.add(r * inp), inp, xp)[0]);
+                    r += 1;
                 }
             }
         }
