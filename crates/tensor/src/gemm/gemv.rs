@@ -105,11 +105,11 @@ fn gemv_t<E: BElem>(
     // Rows per task: at least 16 rows and 64 KiB of W each (so the rayon overhead stays small
     // next to the work).
     let min_rows = 16.max((64 * 1024) / (inp.max(1) * std::mem::size_of::<E>()));
-    // Batch 1 is bound by streaming W from memory: one contiguous chunk of rows per thread
-    // (a single sequential stream each, multiples of 4 rows for the 4-row kernel). Larger
-    // batches: about 8 tasks per thread.
+    // Batch 1 is bound by streaming W from memory: 4 contiguous chunks of rows per thread
+    // (long sequential streams, multiples of 4 rows for the 4-row kernel, while rayon can
+    // still rebalance when a thread is descheduled). Larger batches: about 8 tasks per thread.
     let per_thread = if m == 1 {
-        out.div_ceil(threads).div_ceil(4) * 4
+        out.div_ceil(threads * 4).div_ceil(4) * 4
     } else {
         out.div_ceil(threads * 8)
     };
