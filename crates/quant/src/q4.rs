@@ -785,9 +785,9 @@ impl Q4Matrix {
     /// batch-1 `matmul_t` uses the same kernel, in parallel, when `NIBBLE_Q4_ACT=int8` is set).
     ///
     /// x is quantized per 32 elements to `round(x · 127 / max|x|)`, so each row's result
-    /// carries an extra error of about `Σ |w'_k| · sx / 2` (a relative error around 1e-3 on
-    /// random data, against 1e-6 for the f32 path); in exchange the inner product runs in
-    /// exact integer arithmetic. Shapes: `x` `[in]`, `y` `[out]`; any other length is an error.
+    /// carries an extra error of at most `Σ_k |w'_k| · max|x|_pair(k) / 254` (checked by the
+    /// `q4_gemv_int8_error_bound` test), far above the f32 path's rounding error; in exchange
+    /// the inner product runs in exact integer arithmetic. Shapes: `x` `[in]`, `y` `[out]`; any other length is an error.
     pub fn gemv_int8(&self, x: &[f32], y: &mut [f32], accumulate: bool) -> Result<()> {
         if x.len() != self.inn || y.len() != self.out {
             return Err(QuantError::Shape {
