@@ -30,6 +30,10 @@ fn benches(c: &mut Criterion) {
     c.bench_function("nf4_quantize_1024x1024", |b| {
         b.iter(|| Nf4Matrix::quantize(&w).unwrap())
     });
+    // The opt-in int8-activation Q4 path (one thread; the plain fwd_batch1 uses the pool).
+    c.bench_function("q4/fwd_batch1_int8_1thread", |b| {
+        b.iter(|| q4.gemv_int8(x1.data(), &mut y1, false).unwrap())
+    });
     let formats: [(&str, &dyn WeightMatrix); 5] = [
         ("q4", &q4),
         ("nf4", &nf4),
