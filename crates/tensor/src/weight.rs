@@ -54,71 +54,48 @@ pub fn check_matmul_operands(
     Ok(())
 }
 
-impl WeightMatrix for Tensor {
-    fn out_features(&self) -> usize {
-        self.shape()[0]
-    }
-    fn in_features(&self) -> usize {
-        self.shape()[1]
-    }
-    fn matmul_t(&self, x: &[f32], m: usize, y: &mut [f32], accumulate: bool) -> Result<()> {
-        let (o, i) = self.dims2("linear")?;
-        check_matmul_operands("linear", m, x.len(), i, y.len(), o)?;
-        if m <= GEMV_MAX_M {
-            return gemv_t_f32(kernel_path(), self.data(), o, i, x, m, y, accumulate);
+/// The dense implementations, f32 and f16: one body, differing only in the element type, the
+/// GEMV kernel and the element size. Batches up to [`GEMV_MAX_M`] rows run as a GEMV straight
+/// from W; larger ones through the GEMM, which widens f16 panels as it packs them.
+macro_rules! dense_weight_matrix {
+    ($ty:ty, $gemv:ident, $bytes:expr, $name:expr, $to_f32:expr) => {
+        impl WeightMatrix for $ty {
+            fn out_features(&self) -> usize {
+                self.shape()[0]
+            }
+            fn in_features(&self) -> usize {
+                self.shape()[1]
+            }
+            fn matmul_t(&self, x: &[f32], m: usize, y: &mut [f32], accumulate: bool) -> Result<()> {
+                let (o, i) = self.dims2("linear")?;
+                check_matmul_operands("linear", m, x.len(), i, y.len(), o)?;
+                if m <= GEMV_MAX_M {
+                    return $gemv(kernel_path(), self.data(), o, i, x, m, y, accumulate);
+                }
+                let w = MatRef::row_major(self.data(), o, i)?;
+                gemm(MatRef::row_major(x, m, i)?, &w.t(), y, accumulate)
+            }
+            fn matmul(&self, dy: &[f32], m: usize, dx: &mut [f32], accumulate: bool) -> Result<()> {
+                let (o, i) = self.dims2("linear_backward_input")?;
+                check_matmul_operands("linear_backward_input", m, dy.len(), o, dx.len(), i)?;
+                let w = MatRef::row_major(self.data(), o, i)?;
+                gemm(MatRef::row_major(dy, m, o)?, &w, dx, accumulate)
+            }
+            fn to_f32(&self) -> Tensor {
+                $to_f32(self)
+            }
+            fn storage_bytes(&self) -> usize {
+                self.numel() * $bytes
+            }
+            fn format_name(&self) -> &'static str {
+                $name
+            }
         }
-        let w = MatRef::row_major(self.data(), o, i)?;
-        gemm(MatRef::row_major(x, m, i)?, &w.t(), y, accumulate)
-    }
-    fn matmul(&self, dy: &[f32], m: usize, dx: &mut [f32], accumulate: bool) -> Result<()> {
-        let (o, i) = self.dims2("linear_backward_input")?;
-        check_matmul_operands("linear_backward_input", m, dy.len(), o, dx.len(), i)?;
-        let w = MatRef::row_major(self.data(), o, i)?;
-        gemm(MatRef::row_major(dy, m, o)?, &w, dx, accumulate)
-    }
-    fn to_f32(&self) -> Tensor {
-        self.clone()
-    }
-    fn storage_bytes(&self) -> usize {
-        self.numel() * 4
-    }
-    fn format_name(&self) -> &'static str {
-        "f32"
-    }
+    };
 }
 
-impl WeightMatrix for HalfTensor {
-    fn out_features(&self) -> usize {
-        self.shape()[0]
-    }
-    fn in_features(&self) -> usize {
-        self.shape()[1]
-    }
-    fn matmul_t(&self, x: &[f32], m: usize, y: &mut [f32], accumulate: bool) -> Result<()> {
-        let (o, i) = self.dims2("linear")?;
-        check_matmul_operands("linear", m, x.len(), i, y.len(), o)?;
-        if m <= GEMV_MAX_M {
-            return gemv_t_f16(kernel_path(), self.data(), o, i, x, m, y, accumulate);
-        }
-        let w = MatRef::row_major(self.data(), o, i)?;
-        gemm(MatRef::row_major(x, m, i)?, &w.t(), y, accumulate)
-    }
-    fn matmul(&self, dy: &[f32], m: usize, dx: &mut [f32], accumulate: bool) -> Result<()> {
-        let (o, i) = self.dims2("linear_backward_input")?;
-        check_matmul_operands("linear_backward_input", m, dy.len(), o, dx.len(), i)?;
-        let w = MatRef::row_major(self.data(), o, i)?;
-        gemm(MatRef::row_major(dy, m, o)?, &w, dx, accumulate)
-    }
-    fn to_f32(&self) -> Tensor {
-        HalfTensor::to_f32(self)
-    }
-    fn storage_bytes(&self) -> usize {
-        self.numel() * 2
-    }
-    fn format_name(&self) -> &'static str {
-        "f16"
-    }
-}
+dense_weight_matrix!(Tensor, gemv_t_f32, 4, "f32", Tensor::clone);
+dense_weight_matrix!(HalfTensor, gemv_t_f16, 2, "f16", HalfTensor::to_f32);
 
 /// The linear layer's forward: `y[m, out] = x[m, in] · Wᵀ + bias`.
 ///
