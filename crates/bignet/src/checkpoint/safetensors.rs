@@ -349,19 +349,20 @@ pub fn write_safetensors(
     };
     let tmp = temp_path(path);
     let result = (|| {
-        let file = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
+        let file =
+            std::fs::File::create(&tmp).map_err(io("create (temporary file beside it)", path))?;
         let mut w = std::io::BufWriter::new(file);
         w.write_all(&(header.len() as u64).to_le_bytes())
             .and_then(|()| w.write_all(header.as_bytes()))
-            .map_err(io("write", &tmp))?;
+            .map_err(io("write", path))?;
         for &i in &order {
-            w.write_all(tensors[i].3).map_err(io("write", &tmp))?;
+            w.write_all(tensors[i].3).map_err(io("write", path))?;
         }
         let file = w
             .into_inner()
             .map_err(|e| e.into_error())
-            .map_err(io("write", &tmp))?;
-        file.sync_all().map_err(io("sync", &tmp))?;
+            .map_err(io("write", path))?;
+        file.sync_all().map_err(io("sync", path))?;
         std::fs::rename(&tmp, path).map_err(io("rename", path))
     })();
     if result.is_err() {
