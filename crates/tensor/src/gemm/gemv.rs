@@ -282,8 +282,7 @@ mod avx2 {
     /// sweep ahead). Measured on the 18-layer streaming bench (2 threads, load ~3):
     /// f16 with a fixed 1 KiB lead ~6 GB/s, with the 4-row lead ~13 GB/s; f32 streams at
     /// ~20 GB/s (quiet machine) with the hardware prefetcher alone and the software prefetch
-    /// slowed it (3.6 ->
-    /// 4.1 ms), so f32 does not prefetch.
+    /// slowed it (3.6 -> 4.1 ms), so f32 does not prefetch.
     const PF_ROWS: usize = 4;
     /// Whether the f16 kernel issues the software prefetches above.
     const PREFETCH_F16: bool = true;
