@@ -278,15 +278,19 @@ mod avx2 {
         }
     }
 
-    /// Each W row is prefetched at the same column `PF_ROWS` rows further on (one 4-row sweep
-    /// ahead: 16 KiB for a 1024-wide f32 W). Measured on the 18-layer streaming bench:
-    /// a fixed 1 KiB lead streamed f16 at ~6 GB/s, a 4-row lead at ~13 GB/s.
+    /// f16 W rows are prefetched at the same column `PF_ROWS` rows further on (one 4-row
+    /// sweep ahead). Measured on the 18-layer streaming bench (2 threads, load ~3):
+    /// f16 with a fixed 1 KiB lead ~6 GB/s, with the 4-row lead ~13 GB/s; f32 streams at
+    /// ~20 GB/s (quiet machine) with the hardware prefetcher alone and the software prefetch
+    /// slowed it (3.6 -> 4.1 ms), so f32 does not prefetch.
     const PF_ROWS: usize = 4;
+    /// Whether the f16 kernel issues the software prefetches above.
+    const PREFETCH_F16: bool = true;
 
     /// Shapes: `w` `R x inp` (`R` contiguous rows at `wp`), `x` `1 x inp`; returns the `R`
     /// dot products. `8 * U` columns per step in `U` accumulators per row (`R * U` FMA chains;
     /// `U = 2` for f32 and f16 alike: `U = 4` measured 9 % slower on an in-cache f16
-    /// 1024x1024), each row prefetched [`PF_ROWS`] rows ahead. The per-row operation order
+    /// 1024x1024), f16 rows prefetched [`PF_ROWS`] rows ahead. The per-row operation order
     /// does not depend on `R` (rows are reduced by [`reduce4`]; absent rows are zeros), so a
     /// row's result is the same whichever group it lands in.
     ///
@@ -308,10 +312,12 @@ mod avx2 {
             let mut acc = [[_mm256_setzero_ps(); U]; R];
             let mut i = 0;
             while i < full {
-                for r in 0..R {
-                    // The same columns 4 rows on: the next sweep's data, one sweep ahead.
-                    let p = wp.add(r * inp + i).wrapping_add(PF_ROWS * inp) as *const i8;
-                    _mm_prefetch::<_MM_HINT_T0>(p);
+                if PREFETCH_F16 && std::mem::size_of::<E>() < 4 {
+                    for r in 0..R {
+                        // The same columns 4 rows on: the next sweep's data, one sweep ahead.
+                        let p = wp.add(r * inp + i).wrapping_add(PF_ROWS * inp) as *const i8;
+                        _mm_prefetch::<_MM_HINT_T0>(p);
+                    }
                 }
                 for u in 0..U {
                     let xv = _mm256_loadu_ps(xp.add(i + 8 * u));
