@@ -54,6 +54,20 @@ impl Var {
         Arc::clone(&self.value)
     }
 
+    /// The tensor, without copying when this `Var` holds the only reference to it (else a copy).
+    pub fn into_tensor(self) -> Tensor {
+        Arc::try_unwrap(self.value).unwrap_or_else(|shared| (*shared).clone())
+    }
+
+    /// A handle with the same record but no reference to the value: lets an op consume a
+    /// `Var`'s buffer while still naming it as an input.
+    pub(crate) fn clone_handle(&self) -> Var {
+        Var {
+            value: Arc::new(Tensor::zeros(&[0])),
+            node: self.node,
+        }
+    }
+
     /// Whether a gradient flows back through this value.
     pub fn is_tracked(&self) -> bool {
         self.node.is_some()

@@ -112,6 +112,30 @@ fn linear_gradients_match_finite_differences() {
 }
 
 #[test]
+fn linear_add_gradients_match_finite_differences() {
+    let x = rand(&[3, 5], 21);
+    let base = rand(&[3, 4], 22);
+    let w = Param::new("w", rand(&[4, 5], 23), true);
+    // d/dx and d/dw with a constant base.
+    let f = |t: &Tape, x: &Var| t.linear_add(Var::constant(base.clone()), x, &w).unwrap();
+    check_input_grad("linear_add dx", &x, &f);
+    check_param_grad("linear_add dw", &w, &x, &f);
+    // d/dbase with a constant x.
+    let xc = Var::constant(x.clone());
+    let g = |t: &Tape, b: &Var| t.linear_add(b.clone(), &xc, &w).unwrap();
+    check_input_grad("linear_add dbase", &base, &g);
+    // The output reuses base's buffer when nothing else holds it.
+    let tape = Tape::new();
+    let b = Var::constant(base.clone());
+    let ptr = b.value().data().as_ptr();
+    let y = tape.no_grad(|| tape.linear_add(b, &xc, &w).unwrap());
+    assert_eq!(y.value().data().as_ptr(), ptr);
+    assert!(tape
+        .linear_add(Var::constant(rand(&[3, 3], 1)), &xc, &w)
+        .is_err());
+}
+
+#[test]
 fn frozen_linear_gradient_matches_for_f32_and_f16_weights() {
     let x = rand(&[3, 6], 4);
     let w32: Arc<dyn WeightMatrix> = Arc::new(rand(&[5, 6], 5));

@@ -146,9 +146,9 @@ impl Linear {
         match &self.lora {
             None => Ok(y),
             Some(lora) => {
+                // y + B (A x), accumulated into the base output's buffer.
                 let h = tape.linear(x, &lora.a, None)?;
-                let d = tape.linear(&h, &lora.b, None)?;
-                Ok(tape.add(&y, &d)?)
+                Ok(tape.linear_add(y, &h, &lora.b)?)
             }
         }
     }

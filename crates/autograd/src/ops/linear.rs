@@ -38,6 +38,9 @@ struct LinearOp {
     w_grad: Option<Param>,
     /// b `[out]`, if it needs a gradient.
     b_grad: Option<Param>,
+    /// Whether the op also added a tracked-or-not `base` input (see [`Tape::linear_add`]),
+    /// whose gradient is `dY` itself.
+    adds_base: bool,
 }
 
 impl Op for LinearOp {
@@ -65,7 +68,11 @@ impl Op for LinearOp {
         if let Some(b) = &self.b_grad {
             b.accumulate_grad(d_y.sum_rows()?)?;
         }
-        Ok(vec![d_x])
+        if self.adds_base {
+            Ok(vec![Some(d_y.clone()), d_x])
+        } else {
+            Ok(vec![d_x])
+        }
     }
 }
 
@@ -105,6 +112,40 @@ impl Tape {
                 w_for_dx: x.is_tracked().then(|| w.clone()),
                 w_grad: w_trains.then(|| w.clone()),
                 b_grad: b.filter(|_| b_trains).cloned(),
+                adds_base: false,
+            })
+        })
+    }
+
+    /// `y = base + x · wᵀ` (`base` `[m, out]`, `x` `[m, in]`, `w` `[out, in]`): a linear layer
+    /// accumulated into an existing output, e.g. a LoRA update added to the base layer's output.
+    /// Takes `base` by value and reuses its buffer when nothing else holds it, so no new output
+    /// is allocated and no separate add pass runs.
+    pub fn linear_add(&self, base: Var, x: &Var, w: &Param) -> Result<Var> {
+        let (m, _) = x.value().dims2("linear_add")?;
+        {
+            let wv = w.value();
+            if base.shape() != [m, wv.out_features()] || x.shape()[1] != wv.in_features() {
+                return Err(TensorError::ShapeMismatch {
+                    op: "linear_add",
+                    lhs: base.shape().to_vec(),
+                    rhs: vec![m, wv.out_features()],
+                }
+                .into());
+            }
+        }
+        let base_tracked = base.clone_handle();
+        let mut y = base.into_tensor();
+        w.value()
+            .matmul_t(x.value().data(), m, y.data_mut(), true)?;
+        let w_trains = w.requires_grad();
+        self.record("linear_add", &[&base_tracked, x], y, w_trains, || {
+            Box::new(LinearOp {
+                x: w_trains.then(|| x.shared()),
+                w_for_dx: x.is_tracked().then(|| w.clone()),
+                w_grad: w_trains.then(|| w.clone()),
+                b_grad: None,
+                adds_base: true,
             })
         })
     }
