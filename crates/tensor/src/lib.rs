@@ -11,6 +11,7 @@ pub mod half_tensor;
 pub mod layernorm;
 pub mod ops;
 pub mod rng;
+pub mod simd;
 pub mod tensor;
 pub mod weight;
 
