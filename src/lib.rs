@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! # nibble
 //!
 //! A pure-Rust CPU tensor engine for low-memory inference and fine-tuning. This crate re-exports

@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! # nibble-autograd
 //!
 //! A tape that records ops only when an input needs a gradient ([`Tape`], [`Var`]), parameters

@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! # nibble-bignet
 //!
 //! BigNet (6 residual blocks of three linear layers, LayerNorms between blocks) in every

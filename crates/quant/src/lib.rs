@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! # nibble-quant
 //!
 //! Quantized weight matrices for nibble, each a [`nibble_tensor::WeightMatrix`]:

@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! # nibble-tensor
 //!
 //! The f32 [`Tensor`], f16 weight storage ([`HalfTensor`]), elementwise ops, row-wise

@@ -74,6 +74,7 @@ pub enum Command {
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
+        /// Options every verb takes.
         #[command(flatten)]
         common: Common,
     },
@@ -88,6 +89,7 @@ pub enum Command {
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
+        /// Options every verb takes.
         #[command(flatten)]
         common: Common,
     },
@@ -108,6 +110,7 @@ pub enum Command {
         /// Save the trained LoRA adapters here (PEFT layout).
         #[arg(long, value_name = "DIR")]
         save_adapter: Option<PathBuf>,
+        /// Options every verb takes.
         #[command(flatten)]
         common: Common,
     },
@@ -119,6 +122,7 @@ pub enum Command {
         /// The safetensors file to write.
         #[arg(long, value_name = "OUT")]
         output: PathBuf,
+        /// Options every verb takes.
         #[command(flatten)]
         common: Common,
     },
@@ -136,6 +140,7 @@ pub enum Command {
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
+        /// Options every verb takes.
         #[command(flatten)]
         common: Common,
     },
@@ -150,6 +155,7 @@ pub enum Command {
         /// Output safetensors file to write `y` to.
         #[arg(long, value_name = "OUT")]
         output: PathBuf,
+        /// Options every verb takes.
         #[command(flatten)]
         common: Common,
     },
@@ -170,6 +176,7 @@ pub enum Command {
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
+        /// Options every verb takes.
         #[command(flatten)]
         common: Common,
     },
