@@ -38,6 +38,7 @@ pub fn dequantize(path: KernelPath, codes: &[u8], scale: f32, zero: f32, out: &m
 mod avx2 {
     use super::*;
     use crate::kernels::avx2::hsum;
+    use crate::kernels::for_row_quads;
     use std::arch::x86_64::*;
 
     /// Shapes: `codes.len() == out.len()` (any length; the last `len % 8` by the scalar code).
@@ -77,22 +78,15 @@ mod avx2 {
             return;
         }
         let (sc, zr) = (m.scales.f32s(), m.zeros.f32s());
-        let mut put = |j: usize, r: usize, d: f32| {
-            let v = zr[r] * sx + sc[r] * d;
-            y[j] = if acc { y[j] + v } else { v };
-        };
-        let mut r = rows.start;
-        while r + 4 <= rows.end {
-            let d = dot_rows::<4>(m, r, x);
-            for t in 0..4 {
-                put(r - rows.start + t, r + t, d[t]);
+        for_row_quads!(
+            rows,
+            |r| dot_rows::<4>(m, r, x),
+            dot_rows::<1>(m, r, x)[0],
+            |j: usize, row: usize, d: f32| {
+                let v = zr[row] * sx + sc[row] * d;
+                y[j] = if acc { y[j] + v } else { v };
             }
-            r += 4;
-        }
-        while r < rows.end {
-            put(r - rows.start, r, dot_rows::<1>(m, r, x)[0]);
-            r += 1;
-        }
+        );
     }
 
     /// `Σ_k code_k x_k` for rows `r0..r0+R` (`< out`, checked by the caller).

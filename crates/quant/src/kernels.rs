@@ -9,6 +9,32 @@ use nibble_tensor::weight::check_matmul_operands;
 use nibble_tensor::Tensor;
 use rayon::prelude::*;
 
+/// Runs a 4-row dot-product kernel over `rows`, then a 1-row kernel over the rest, and hands
+/// each result to `put(j, row, value)` (`j = row - rows.start`). Usage:
+/// `for_row_quads!(rows, |r| four_rows_at(r), one_row_at(r), |j, row, v| ...)`.
+/// A macro rather than a function taking closures, so that the kernels inline into the
+/// caller's `#[target_feature]` body.
+macro_rules! for_row_quads {
+    ($rows:expr, |$r:ident| $four:expr, $one:expr, $put:expr) => {{
+        let rows: std::ops::Range<usize> = $rows;
+        let mut put = $put;
+        let mut $r = rows.start;
+        while $r + 4 <= rows.end {
+            let v: [f32; 4] = $four;
+            for (t, &vt) in v.iter().enumerate() {
+                put($r - rows.start + t, $r + t, vt);
+            }
+            $r += 4;
+        }
+        while $r < rows.end {
+            let v: f32 = $one;
+            put($r - rows.start, $r, v);
+            $r += 1;
+        }
+    }};
+}
+pub(crate) use for_row_quads;
+
 use crate::cpu::{kernel_path, usable, KernelPath};
 
 /// Batches below this use the fused GEMV; from it on, the packed-panel GEMM.

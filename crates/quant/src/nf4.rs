@@ -373,6 +373,7 @@ mod portable {
 mod avx2 {
     use super::*;
     use crate::kernels::avx2::{hsum, lut16, lut16_sel};
+    use crate::kernels::for_row_quads;
     use std::arch::x86_64::*;
 
     /// 16 codes (8 bytes at `p`, first element in the high nibble) as element-order bytes.
@@ -486,24 +487,12 @@ mod avx2 {
         if xp.len() != m.inn || rows.end > m.out || y.len() < rows.len() {
             return;
         }
-        let mut r = rows.start;
-        let mut j = 0;
-        let mut put = |j: usize, v: f32| {
-            y[j] = if acc { y[j] + v } else { v };
-        };
-        while r + 4 <= rows.end {
-            let v = dot_rows::<4>(m, r, xp);
-            for (t, &vt) in v.iter().enumerate() {
-                put(j + t, vt);
-            }
-            r += 4;
-            j += 4;
-        }
-        while r < rows.end {
-            put(j, dot_rows::<1>(m, r, xp)[0]);
-            r += 1;
-            j += 1;
-        }
+        for_row_quads!(
+            rows,
+            |r| dot_rows::<4>(m, r, xp),
+            dot_rows::<1>(m, r, xp)[0],
+            |j: usize, _row: usize, v: f32| y[j] = if acc { y[j] + v } else { v }
+        );
     }
 
     /// Dot products of rows `r0..r0+R` (all `< out`, checked by the caller) with x.
