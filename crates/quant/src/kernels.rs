@@ -35,6 +35,60 @@ macro_rules! for_row_quads {
 }
 pub(crate) use for_row_quads;
 
+/// [`QuantRows::dequant_cols`] one row segment at a time: the default, and the fallback of the
+/// formats' SIMD column kernels.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn dequant_cols_by_segments<F: QuantRows + ?Sized>(
+    f: &F,
+    path: KernelPath,
+    r0: usize,
+    rows: usize,
+    c0: usize,
+    len: usize,
+    dst: &mut [f32],
+    stride: usize,
+) {
+    for p in 0..rows {
+        f.dequant_segment(
+            path,
+            r0 + p,
+            c0,
+            len,
+            &mut dst[p * stride..p * stride + len],
+        );
+    }
+}
+
+/// Whether a SIMD column kernel working in whole runs of `align` columns may write
+/// `W[r0..r0+rows, c0..c0+len]` (of an `out x inn` matrix) into `dst` at `stride`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn cols_fit(
+    (out, inn): (usize, usize),
+    align: usize,
+    r0: usize,
+    rows: usize,
+    c0: usize,
+    len: usize,
+    dst_len: usize,
+    stride: usize,
+) -> bool {
+    r0 + rows <= out
+        && c0 % align == 0
+        && len % align == 0
+        && c0 + len <= inn
+        && len <= stride
+        && (rows == 0 || dst_len >= (rows - 1) * stride + len)
+}
+
+/// Appends `x` with each run of 16 reordered as its 8 even then 8 odd elements (the low and
+/// high nibbles of 8 packed bytes), the layout the 4-bit AVX2 GEMVs read.
+pub(crate) fn push_even_odd16(x: &[f32], prep: &mut Vec<f32>) {
+    for blk in x.chunks_exact(16) {
+        prep.extend((0..8).map(|t| blk[2 * t]));
+        prep.extend((0..8).map(|t| blk[2 * t + 1]));
+    }
+}
+
 use crate::cpu::{kernel_path, usable, KernelPath};
 
 /// Batches below this use the fused GEMV; from it on, the packed-panel GEMM.
@@ -68,15 +122,7 @@ pub(crate) trait QuantRows: Sync + Send {
         dst: &mut [f32],
         stride: usize,
     ) {
-        for p in 0..rows {
-            self.dequant_segment(
-                path,
-                r0 + p,
-                c0,
-                len,
-                &mut dst[p * stride..p * stride + len],
-            );
-        }
+        dequant_cols_by_segments(self, path, r0, rows, c0, len, dst, stride);
     }
     /// Appends the per-input precomputation for [`QuantRows::gemv`] (e.g. block sums of `x`)
     /// to `prep`; every call for a given matrix and path appends the same number of floats.

@@ -883,12 +883,16 @@ impl QuantRows for Nf4Matrix {
         dst: &mut [f32],
         stride: usize,
     ) {
-        let fits = r0 + rows <= self.out
-            && c0 % 16 == 0
-            && len % 16 == 0
-            && c0 + len <= self.inn
-            && len <= stride
-            && (rows == 0 || dst.len() >= (rows - 1) * stride + len);
+        let fits = kernels::cols_fit(
+            (self.out, self.inn),
+            16,
+            r0,
+            rows,
+            c0,
+            len,
+            dst.len(),
+            stride,
+        );
         match usable(path) {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the path went through `usable` (CPU has AVX2/FMA/F16C); `fits` checked
@@ -896,21 +900,13 @@ impl QuantRows for Nf4Matrix {
             KernelPath::Avx2Fma if fits => unsafe {
                 avx2::dequant_cols(self, r0, rows, c0, len, dst, stride)
             },
-            _ => {
-                for p in 0..rows {
-                    let d = &mut dst[p * stride..p * stride + len];
-                    self.dequant_segment(path, r0 + p, c0, len, d);
-                }
-            }
+            _ => kernels::dequant_cols_by_segments(self, path, r0, rows, c0, len, dst, stride),
         }
     }
     /// AVX2 path: appends x with each run of 16 reordered as its 8 even then 8 odd elements.
     fn gemv_prepare(&self, path: KernelPath, x: &[f32], prep: &mut Vec<f32>) {
         if usable(path) == KernelPath::Avx2Fma {
-            for blk in x.chunks_exact(16) {
-                prep.extend((0..8).map(|t| blk[2 * t]));
-                prep.extend((0..8).map(|t| blk[2 * t + 1]));
-            }
+            kernels::push_even_odd16(x, prep);
         }
     }
     fn gemv(
