@@ -9,7 +9,7 @@
 
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
-use nibble::autograd::{AdamW, AdamWConfig, Tape, Var};
+use nibble::autograd::{AdamW, AdamWConfig, Tape};
 use nibble::bignet::adapter::save_adapter;
 use nibble::bignet::loader::ModelSpec;
 use nibble::bignet::memory::{self, CountingAlloc};
@@ -48,7 +48,7 @@ struct Args {
 fn evaluate(model: &nibble::bignet::BigNet, task: &FitTask) -> nibble::bignet::Result<f32> {
     let tape = Tape::new();
     let logits = tape.no_grad(|| -> nibble::bignet::Result<_> {
-        let out = model.forward(&tape, &Var::constant(task.x.clone()))?;
+        let out = model.forward(&tape, &task.x)?;
         Ok(tape.frozen_linear(&out, &task.head, None)?)
     })?;
     Ok(accuracy(logits.value(), &task.y))

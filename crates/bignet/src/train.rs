@@ -11,8 +11,9 @@ use std::sync::Arc;
 /// The data and head of a fit run.
 #[derive(Debug, Clone)]
 pub struct FitTask {
-    /// Inputs `[samples, dim]`, standard normal.
-    pub x: Tensor,
+    /// Inputs `[samples, dim]`, standard normal, as an untracked value every step shares
+    /// (no copy per step).
+    pub x: Var,
     /// Labels `[samples]`: the first half 0, the second half 1.
     pub y: Tensor,
     /// The frozen head `[1, dim]`, uniform ±1/√dim (PyTorch's default Linear init), no bias.
@@ -34,7 +35,7 @@ impl FitTask {
         )
         .expect("samples labels");
         FitTask {
-            x,
+            x: Var::constant(x),
             y,
             head: Arc::new(head),
         }
@@ -61,7 +62,7 @@ pub fn train_step(
     opt: &mut dyn Optimizer,
 ) -> Result<(f32, f32)> {
     opt.zero_grad();
-    let out = model.forward(tape, &Var::constant(task.x.clone()))?;
+    let out = model.forward(tape, &task.x)?;
     let logits = tape.frozen_linear(&out, &task.head, None)?;
     let accuracy = accuracy(logits.value(), &task.y);
     let loss = tape.bce_with_logits(&logits, &task.y)?;
