@@ -173,7 +173,15 @@ impl BigNet {
     }
 
     /// Inference: `y = model(x)` for `x` `[batch, dim]`, recording nothing.
+    ///
+    /// Runs on a worker of the rayon pool (the global one unless the caller is already
+    /// inside a pool): each kernel's parallel loop then starts from inside the pool instead
+    /// of injecting a job from outside and sleeping until it completes, which costs ~8 µs a
+    /// layer — 10 % of a batch-1 forward of the quantized variants.
     pub fn infer(&self, x: &Tensor) -> Result<Tensor> {
+        if rayon::current_thread_index().is_none() {
+            return rayon::scope(|_| self.infer(x));
+        }
         let tape = Tape::new();
         let y = tape.no_grad(|| self.forward(&tape, &Var::constant(x.clone())))?;
         Ok(y.value().clone())

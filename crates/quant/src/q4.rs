@@ -27,6 +27,8 @@ use crate::cpu::{kernel_path, usable, KernelPath};
 use crate::error::{QuantError, Result};
 use crate::kernels::{self, QuantRows};
 
+mod act8;
+
 /// Weights per Q4 block.
 pub const Q4_BLOCK: usize = 16;
 
@@ -180,76 +182,6 @@ pub fn dequantize(path: KernelPath, packed: &[u8], norm: &[f16], out: &mut [f32]
         #[cfg(not(target_arch = "x86_64"))]
         KernelPath::Avx2Fma => portable::dequantize(packed, norm, out),
     }
-}
-
-/// Int8-activation GEMV (opt-in, see [`Q4Matrix::gemv_int8`]): the number of f32 slots the
-/// prepared input of an `inn`-column matrix takes. Layout: `xq` (i8, `32 * ceil(nb / 2)`
-/// bytes: per pair of blocks `[even of 2p, even of 2p+1, odd of 2p, odd of 2p+1]`, 8 each),
-/// then `xs[nb]` (`sx · 2/15` with `sx` the pair's activation scale), then `cs[nb]`
-/// (`sx · Σ xq` over the block).
-fn int8_prep_len(inn: usize) -> usize {
-    let nb = inn / Q4_BLOCK;
-    nb.div_ceil(2) * 8 + 2 * nb
-}
-
-/// Index in `xq` of element `e` (0..16) of block `b`.
-#[inline(always)]
-fn int8_xq_index(b: usize, e: usize) -> usize {
-    (b / 2) * 32 + (e % 2) * 16 + (b % 2) * 8 + e / 2
-}
-
-/// Appends the int8 preparation of `x` (length `inn`, a multiple of 16) to `prep`: x is
-/// quantized per 32 elements (2 Q4 blocks) to `round(x / sx)` with `sx = max|x| / 127`.
-fn int8_prepare(x: &[f32], prep: &mut Vec<f32>) {
-    let nb = x.len() / Q4_BLOCK;
-    let start = prep.len();
-    prep.resize(start + int8_prep_len(x.len()), 0.0);
-    let (xqf, rest) = prep[start..].split_at_mut(nb.div_ceil(2) * 8);
-    let (xs, cs) = rest.split_at_mut(nb);
-    let xq: &mut [u8] = bytemuck::cast_slice_mut(xqf);
-    for (p, pair) in x.chunks(2 * Q4_BLOCK).enumerate() {
-        let amax = pair.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-        let sx = amax / 127.0;
-        let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
-        for (h, blk) in pair.chunks_exact(Q4_BLOCK).enumerate() {
-            let b = 2 * p + h;
-            let mut q = 0i32;
-            for (e, &v) in blk.iter().enumerate() {
-                // Round half to even without a libm call: |v · inv| <= 127 < 2^22, so adding
-                // and subtracting 1.5 · 2^23 rounds to an integer in the default rounding mode.
-                const MAGIC: f32 = 12_582_912.0;
-                let t = (((v * inv) + MAGIC) - MAGIC).clamp(-127.0, 127.0) as i8;
-                xq[int8_xq_index(b, e)] = t as u8;
-                q += i32::from(t);
-            }
-            xs[b] = sx * (2.0 / 15.0);
-            cs[b] = sx * q as f32;
-        }
-    }
-}
-
-/// Scalar int8-activation dot of row `r` over blocks `b0..nb`: returns
-/// `(Σ n_b xs_b I_b, Σ n_b cs_b)` with `I_b = Σ code · xq` (the AVX2 kernel's tail).
-fn int8_dot_tail(m: &Q4Matrix, r: usize, b0: usize, prep: &[f32]) -> (f32, f32) {
-    let nb = m.inn / Q4_BLOCK;
-    let nq = nb.div_ceil(2) * 8;
-    let xq: &[u8] = bytemuck::cast_slice(&prep[..nq]);
-    let (xs, cs) = (&prep[nq..nq + nb], &prep[nq + nb..nq + 2 * nb]);
-    let packed = m.packed.as_slice();
-    let norms = m.norm.f16s();
-    let (mut a, mut c) = (0.0f32, 0.0f32);
-    for b in b0..nb {
-        let q = &packed[(r * nb + b) * 8..(r * nb + b) * 8 + 8];
-        let mut isum = 0i32;
-        for e in 0..Q4_BLOCK {
-            let code = i32::from((q[e / 2] >> (4 * (e % 2))) & 15);
-            isum += code * i32::from(xq[int8_xq_index(b, e)] as i8);
-        }
-        let n = norms[r * nb + b].to_f32();
-        a += n * xs[b] * isum as f32;
-        c += n * cs[b];
-    }
-    (a, c)
 }
 
 /// Whether `matmul_t` uses the int8-activation GEMV for batches below 16: set
@@ -538,113 +470,6 @@ mod avx2 {
         res
     }
 
-    /// Int8-activation GEMV: `y[j] (+)= W[rows.start + j, :] · x` with x quantized as in
-    /// [`super::int8_prepare`]. Shapes: W `out x in`; `prep` `[int8_prep_len(in)]`;
-    /// `y.len() >= rows.len()`. Per row: `Σ_b n_b · (xs_b · Σ_k code_k xq_k − cs_b)`, with
-    /// `Σ code · xq` in exact integer arithmetic (`vpmaddubsw`, `vpmaddwd`) over 8 blocks at a
-    /// time; blocks past the last multiple of 8 go through [`super::int8_dot_tail`].
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn gemv_int8(
-        m: &Q4Matrix,
-        prep: &[f32],
-        rows: std::ops::Range<usize>,
-        y: &mut [f32],
-        acc: bool,
-    ) {
-        gemv_int8_body(m, prep, rows, y, acc)
-    }
-
-    #[inline(always)]
-    unsafe fn gemv_int8_body(
-        m: &Q4Matrix,
-        prep: &[f32],
-        rows: std::ops::Range<usize>,
-        y: &mut [f32],
-        acc: bool,
-    ) {
-        if prep.len() != int8_prep_len(m.inn) || rows.end > m.out || y.len() < rows.len() {
-            return;
-        }
-        let mut r = rows.start;
-        let mut j = 0;
-        let mut put = |j: usize, v: f32| {
-            y[j] = if acc { y[j] + v } else { v };
-        };
-        while r + 2 <= rows.end {
-            let v = dot_rows_int8::<2>(m, r, prep);
-            put(j, v[0]);
-            put(j + 1, v[1]);
-            r += 2;
-            j += 2;
-        }
-        if r < rows.end {
-            put(j, dot_rows_int8::<1>(m, r, prep)[0]);
-        }
-    }
-
-    /// Rows `r0..r0+R` (all `< out`, checked by the caller) against the int8 x in `prep`.
-    #[inline(always)]
-    unsafe fn dot_rows_int8<const R: usize>(m: &Q4Matrix, r0: usize, prep: &[f32]) -> [f32; R] {
-        let nb = m.inn / Q4_BLOCK;
-        let nq = nb.div_ceil(2) * 8;
-        let xq = prep.as_ptr() as *const u8;
-        let (xs, cs) = (prep.as_ptr().add(nq), prep.as_ptr().add(nq + nb));
-        let packed = m.packed.as_slice().as_ptr();
-        let norms = m.norm.f16s().as_ptr();
-        let mask = _mm256_set1_epi8(0x0f);
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = [_mm256_setzero_ps(); R];
-        let mut corr = [_mm256_setzero_ps(); R];
-        let n8 = nb / 8 * 8;
-        let mut b = 0;
-        while b < n8 {
-            // SAFETY: blocks b..b+8 <= nb: 128 bytes of xq (pairs b/2..b/2+4), 8 floats of
-            // xs and cs, 64 bytes of packed and 8 norms of each row r0 + r < out.
-            let xsv = _mm256_loadu_ps(xs.add(b));
-            let csv = _mm256_loadu_ps(cs.add(b));
-            // (Plain loops, not `array::from_fn`: closures do not inherit the target features,
-            // so the intrinsics inside them would not be inlined.)
-            let mut xv = [_mm256_setzero_si256(); 4];
-            for (p, v) in xv.iter_mut().enumerate() {
-                *v = _mm256_loadu_si256(xq.add((b / 2 + p) * 32) as *const __m256i);
-            }
-            for r in 0..R {
-                let row = (r0 + r) * nb + b;
-                let ahead = row + Q4_PF_ROWS * nb;
-                _mm_prefetch::<_MM_HINT_T0>(packed.wrapping_add(ahead * 8) as *const i8);
-                _mm_prefetch::<_MM_HINT_T0>(norms.wrapping_add(ahead) as *const i8);
-                let q = packed.add(row * 8);
-                let mut d = [_mm256_setzero_si256(); 4];
-                for (p, dp) in d.iter_mut().enumerate() {
-                    let v = _mm256_broadcastsi128_si256(_mm_loadu_si128(
-                        q.add(16 * p) as *const __m128i
-                    ));
-                    // Low lane: low nibbles (even elements), high lane: high nibbles.
-                    let v = _mm256_blend_epi32::<0xf0>(v, _mm256_srli_epi16::<4>(v));
-                    let c = _mm256_and_si256(v, mask);
-                    // i32 lanes [2p, 2p, 2p+1, 2p+1 | 2p, 2p, 2p+1, 2p+1] (block offsets).
-                    *dp = _mm256_madd_epi16(_mm256_maddubs_epi16(c, xv[p]), ones);
-                }
-                let h01 = _mm256_hadd_epi32(d[0], d[1]);
-                let h23 = _mm256_hadd_epi32(d[2], d[3]);
-                let s = _mm256_add_epi32(
-                    _mm256_permute2x128_si256::<0x20>(h01, h23),
-                    _mm256_permute2x128_si256::<0x31>(h01, h23),
-                );
-                let nv = _mm256_cvtph_ps(_mm_loadu_si128(norms.add(row) as *const __m128i));
-                acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(nv, xsv), _mm256_cvtepi32_ps(s), acc[r]);
-                corr[r] = _mm256_fmadd_ps(nv, csv, corr[r]);
-            }
-            b += 8;
-        }
-        let mut res = [0.0f32; R];
-        for (r, o) in res.iter_mut().enumerate() {
-            let (ta, tc) = int8_dot_tail(m, r0 + r, n8, prep);
-            *o = (hsum(acc[r]) + ta) - (hsum(corr[r]) + tc);
-        }
-        res
-    }
-
     /// Shapes: W rows `r0..r0+rows`, columns `c0..c0+len` (`c0`, `len` multiples of 16, all
     /// inside W, checked by the caller) into `dst[p * stride..p * stride + len]`.
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -783,14 +608,29 @@ impl Q4Matrix {
         kernels::to_f32(self, path)
     }
 
-    /// Batch-1 `y (+)= W · x` on the opt-in int8-activation path (single-threaded; the
+    /// Batch-1 `y (+)= W · x` on the opt-in int8-activation path, single-threaded (the
     /// batch-1 `matmul_t` uses the same kernel, in parallel, when `NIBBLE_Q4_ACT=int8` is set).
     ///
-    /// x is quantized per 32 elements to `round(x · 127 / max|x|)`, so each row's result
-    /// carries an extra error of at most `Σ_k |w'_k| · max|x|_pair(k) / 254` (checked by the
+    /// x is quantized per 128 elements to `round(x · 127 / max|x|)`, so each row's result
+    /// carries an extra error of at most `Σ_k |w'_k| · max|x|_group(k) / 254` (checked by the
     /// `q4_gemv_int8_error_bound` test), far above the f32 path's rounding error; in exchange
-    /// the inner product runs in exact integer arithmetic. Shapes: `x` `[in]`, `y` `[out]`; any other length is an error.
+    /// the inner product runs in exact integer arithmetic. An x with a NaN or infinity goes
+    /// through the f32 path, so that it propagates exactly as there.
+    ///
+    /// Shapes: `x` `[in]`, `y` `[out]`; any other length is an error.
     pub fn gemv_int8(&self, x: &[f32], y: &mut [f32], accumulate: bool) -> Result<()> {
+        self.gemv_int8_with(kernel_path(), x, y, accumulate)
+    }
+
+    /// [`Q4Matrix::gemv_int8`] on an explicit kernel path (`Scalar` and `Portable` run the
+    /// scalar ground truth; results agree with AVX2 up to f32 summation order).
+    pub fn gemv_int8_with(
+        &self,
+        path: KernelPath,
+        x: &[f32],
+        y: &mut [f32],
+        accumulate: bool,
+    ) -> Result<()> {
         if x.len() != self.inn || y.len() != self.out {
             return Err(QuantError::Shape {
                 op: "Q4Matrix::gemv_int8",
@@ -798,28 +638,12 @@ impl Q4Matrix {
                 what: "x must have `in` elements and y `out`".into(),
             });
         }
-        if self.inn == 0 {
-            if !accumulate {
-                y.fill(0.0);
-            }
-            return Ok(());
+        if !x.iter().all(|v| v.is_finite()) {
+            return kernels::matmul_t(self, x, 1, y, accumulate).map_err(QuantError::from);
         }
         let mut prep = Vec::new();
-        int8_prepare(x, &mut prep);
-        match usable(kernel_path()) {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `usable` returned Avx2, so the CPU has AVX2, FMA and F16C; lengths
-            // checked above (and again by the kernel).
-            KernelPath::Avx2Fma => unsafe {
-                avx2::gemv_int8(self, &prep, 0..self.out, y, accumulate)
-            },
-            _ => {
-                for (r, d) in y.iter_mut().enumerate() {
-                    let (a, c) = int8_dot_tail(self, r, 0, &prep);
-                    *d = if accumulate { *d + (a - c) } else { a - c };
-                }
-            }
-        }
+        act8::prepare(usable(path), x, &mut prep);
+        act8::gemv(self, usable(path), &prep, 0..self.out, y, accumulate);
         Ok(())
     }
 
@@ -880,8 +704,12 @@ impl QuantRows for Q4Matrix {
     /// With `NIBBLE_Q4_ACT=int8` (AVX2 only) it appends the int8 quantization of x instead
     /// (see [`Q4Matrix::gemv_int8`]).
     fn gemv_prepare(&self, path: KernelPath, x: &[f32], prep: &mut Vec<f32>) {
-        if usable(path) == KernelPath::Avx2Fma && int8_default() && self.inn > 0 {
-            int8_prepare(x, prep);
+        if usable(path) == KernelPath::Avx2Fma
+            && int8_default()
+            && self.inn > 0
+            && x.iter().all(|v| v.is_finite())
+        {
+            act8::prepare(KernelPath::Avx2Fma, x, prep);
         } else if usable(path) == KernelPath::Avx2Fma {
             kernels::push_even_odd16(x, prep);
             prep.extend(x.chunks_exact(Q4_BLOCK).map(|c| c.iter().sum::<f32>()));
@@ -904,10 +732,15 @@ impl QuantRows for Q4Matrix {
                 avx2::gemv(self, prep, rows, y, acc)
             },
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: as above; the int8 kernel checks its lengths itself as well.
-            KernelPath::Avx2Fma if prep.len() == int8_prep_len(self.inn) => unsafe {
-                avx2::gemv_int8(self, prep, rows, y, acc)
-            },
+            // (The two preparations never have the same length for `in > 0`: 17·in/16 floats
+            // against 41 per started group of 128.)
+            KernelPath::Avx2Fma
+                if prep.len() == act8::prep_len(self.inn)
+                    && rows.end <= self.out
+                    && y.len() >= rows.len() =>
+            {
+                act8::gemv(self, KernelPath::Avx2Fma, prep, rows, y, acc)
+            }
             _ => kernels::gemv_generic(self, path, x, rows, y, acc),
         }
     }

@@ -362,12 +362,22 @@ fn results_do_not_depend_on_thread_count() {
 }
 
 /// The opt-in int8-activation Q4 GEMV stays within its documented error of the f32 path
-/// (each x element moves by at most `max|x| / 254` of its 32-pair), on ragged block counts
-/// (tails of 1..7 blocks go through the scalar tail), NaN-prefilled outputs and `accumulate`.
+/// (each x element moves by at most `max|x| / 254` of its group of 128), on ragged block
+/// counts (tails of 1..7 blocks go through the scalar tail), NaN-prefilled outputs and
+/// `accumulate`; the AVX2 kernel agrees with the scalar ground truth.
 #[test]
 fn q4_gemv_int8_error_bound() {
     let mut rng = Rng::new(77);
-    for &(out, inn) in &[(1, 16), (3, 48), (5, 128), (9, 144), (8, 1040), (64, 1024)] {
+    for &(out, inn) in &[
+        (1, 16),
+        (3, 48),
+        (5, 128),
+        (7, 256),
+        (9, 144),
+        (8, 1040),
+        (17, 1136),
+        (64, 1024),
+    ] {
         let w = Tensor::randn(&[out, inn], &mut rng);
         let x = Tensor::randn(&[1, inn], &mut rng);
         let q = Q4Matrix::quantize(&w).unwrap();
@@ -380,8 +390,8 @@ fn q4_gemv_int8_error_bound() {
             let row = &wd.data()[r * inn..(r + 1) * inn];
             let mut bound = 0.0f32;
             for (k, &wk) in row.iter().enumerate() {
-                let p = k / 32 * 32;
-                let amax = x.data()[p..(p + 32).min(inn)]
+                let p = k / 128 * 128;
+                let amax = x.data()[p..(p + 128).min(inn)]
                     .iter()
                     .fold(0.0f32, |a, v| a.max(v.abs()));
                 bound += wk.abs() * amax / 254.0;
@@ -394,11 +404,28 @@ fn q4_gemv_int8_error_bound() {
                 want[r]
             );
         }
+        let mut scalar = vec![f32::NAN; out];
+        q.gemv_int8_with(KernelPath::Scalar, x.data(), &mut scalar, false)
+            .unwrap();
+        for r in 0..out {
+            let tol = 1e-5 * (1.0 + scalar[r].abs());
+            assert!(
+                (got[r] - scalar[r]).abs() <= tol,
+                "{out}x{inn} row {r}: kernel {} scalar {}",
+                got[r],
+                scalar[r]
+            );
+        }
         let mut acc = vec![1.0f32; out];
         q.gemv_int8(x.data(), &mut acc, true).unwrap();
         for r in 0..out {
             assert_eq!(acc[r], 1.0 + got[r], "accumulate {out}x{inn} row {r}");
         }
         assert!(q.gemv_int8(&x.data()[1..], &mut got, false).is_err());
+        // A NaN in x is not lost in the int8 rounding: it reaches every output.
+        let mut xn = x.data().to_vec();
+        xn[inn / 2] = f32::NAN;
+        q.gemv_int8(&xn, &mut got, false).unwrap();
+        assert!(got.iter().all(|v| v.is_nan()), "{out}x{inn}: NaN x lost");
     }
 }

@@ -1,0 +1,351 @@
+//! The opt-in int8-activation Q4 GEMV (`y = W·x` with x quantized to int8).
+//!
+//! x is quantized per group of 128 elements (8 Q4 blocks) to `xq = round(x / sx)`,
+//! `sx = max|x| / 127`, so that `Σ_k code_k · xq_k` over a block runs in exact integer
+//! arithmetic (`vpmaddubsw`: unsigned codes times signed xq). With the dequantized weight
+//! `v' ≈ n · (2c/15 − 1)` a row's dot product is
+//! `Σ_b n_b · (xs_g · I_b − cs_b)` with `I_b = Σ_{k∈b} code_k xq_k`, `xs_g = sx_g · 2/15` and
+//! `cs_b = sx_g · Σ_{k∈b} xq_k` (g the group of block b).
+//!
+//! The prepared x (an `f32` vector used as storage, see [`prep_len`]):
+//! - `xq`: `ceil(in/128) · 128` bytes; within a group of 128, each quad of 4 blocks (64
+//!   elements, the 32 packed bytes of a row that cover them) holds 32 bytes of its even
+//!   elements then 32 of its odd elements (the low / high nibbles of those bytes);
+//! - `xs`: one f32 per group;
+//! - `cs`: 8 f32 per group, block `t` of the group at `CS_SLOT[t]` — the order in which the
+//!   AVX2 kernel's `vphaddd` leaves its block sums.
+
+use super::{Q4Matrix, Q4_BLOCK};
+use crate::cpu::KernelPath;
+
+/// Elements of x per activation scale (8 Q4 blocks).
+pub(super) const GROUP: usize = 128;
+const BLOCKS_PER_GROUP: usize = GROUP / Q4_BLOCK;
+
+/// Slot of block `t` (0..8) of a group in `cs`: `[b0, b1, b4, b5, b2, b3, b6, b7]`.
+const CS_SLOT: [usize; 8] = [0, 1, 4, 5, 2, 3, 6, 7];
+
+/// Number of f32 slots of the prepared x of an `inn`-element input (a multiple of 16).
+pub(super) fn prep_len(inn: usize) -> usize {
+    let groups = inn.div_ceil(GROUP);
+    groups * GROUP / 4 + groups + groups * BLOCKS_PER_GROUP
+}
+
+/// Byte index in `xq` of element `k` of x.
+#[inline(always)]
+fn xq_index(k: usize) -> usize {
+    let (g, w) = (k / GROUP, k % GROUP);
+    let (quad, e) = (w / 64, w % 64);
+    g * GROUP + quad * 64 + (e % 2) * 32 + e / 2
+}
+
+/// Appends the int8 preparation of `x` (length a multiple of 16, every element finite) to
+/// `prep`, on `path` (AVX2 for whole groups, the scalar [`prepare_group_ref`] otherwise;
+/// both give the same bytes).
+pub(super) fn prepare(path: KernelPath, x: &[f32], prep: &mut Vec<f32>) {
+    let groups = x.len().div_ceil(GROUP);
+    let start = prep.len();
+    prep.resize(start + prep_len(x.len()), 0.0);
+    let (xqf, rest) = prep[start..].split_at_mut(groups * GROUP / 4);
+    let (xs, cs) = rest.split_at_mut(groups);
+    let xq: &mut [u8] = bytemuck::cast_slice_mut(xqf);
+    for (g, grp) in x.chunks(GROUP).enumerate() {
+        let xq = &mut xq[g * GROUP..(g + 1) * GROUP];
+        let cs = &mut cs[g * BLOCKS_PER_GROUP..(g + 1) * BLOCKS_PER_GROUP];
+        xs[g] = match path {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: Avx2Fma comes from `usable` (the CPU has AVX2 and FMA); the group is
+            // whole (128 elements) and `xq`, `cs` have 128 and 8 elements.
+            KernelPath::Avx2Fma if grp.len() == GROUP => unsafe {
+                avx2::prepare_group(grp, xq, cs)
+            },
+            _ => prepare_group_ref(grp, xq, cs),
+        };
+    }
+}
+
+/// Scalar ground truth: quantizes one group of up to 128 elements into its 128 bytes of `xq`
+/// and 8 slots of `cs` (module docs); returns its `xs`.
+fn prepare_group_ref(grp: &[f32], xq: &mut [u8], cs: &mut [f32]) -> f32 {
+    let amax = grp.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+    let sx = amax / 127.0;
+    let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+    {
+        for (t, blk) in grp.chunks_exact(Q4_BLOCK).enumerate() {
+            let mut q = 0i32;
+            for (e, &v) in blk.iter().enumerate() {
+                // Round half to even without a libm call: |v · inv| <= 127 < 2^22, so adding
+                // and subtracting 1.5 · 2^23 rounds to an integer in the default rounding mode.
+                const MAGIC: f32 = 12_582_912.0;
+                let r = (((v * inv) + MAGIC) - MAGIC).clamp(-127.0, 127.0) as i8;
+                xq[xq_index(t * Q4_BLOCK + e)] = r as u8;
+                q += i32::from(r);
+            }
+            cs[CS_SLOT[t]] = sx * q as f32;
+        }
+    }
+    sx * (2.0 / 15.0)
+}
+
+/// The prepared x's three parts: `(xq, xs, cs)`.
+fn parts(inn: usize, prep: &[f32]) -> (&[u8], &[f32], &[f32]) {
+    let groups = inn.div_ceil(GROUP);
+    let (xqf, rest) = prep.split_at(groups * GROUP / 4);
+    let (xs, cs) = rest.split_at(groups);
+    (bytemuck::cast_slice(xqf), xs, cs)
+}
+
+/// Scalar ground truth for row `r` over blocks `b0..in/16`:
+/// `Σ_b n_b · (xs_g · I_b − cs_b)` (also the AVX2 kernel's tail).
+pub(super) fn dot_ref(m: &Q4Matrix, r: usize, b0: usize, prep: &[f32]) -> f32 {
+    let nb = m.inn / Q4_BLOCK;
+    let (xq, xs, cs) = parts(m.inn, prep);
+    let packed = m.packed.as_slice();
+    let norms = m.norm.f16s();
+    let mut acc = 0.0f32;
+    for b in b0..nb {
+        let q = &packed[(r * nb + b) * 8..(r * nb + b) * 8 + 8];
+        let mut isum = 0i32;
+        for e in 0..Q4_BLOCK {
+            let code = i32::from((q[e / 2] >> (4 * (e % 2))) & 15);
+            isum += code * i32::from(xq[xq_index(b * Q4_BLOCK + e)] as i8);
+        }
+        let (g, t) = (b / BLOCKS_PER_GROUP, b % BLOCKS_PER_GROUP);
+        let c = cs[g * BLOCKS_PER_GROUP + CS_SLOT[t]];
+        acc += norms[r * nb + b].to_f32() * (xs[g] * isum as f32 - c);
+    }
+    acc
+}
+
+/// `y[j] (+)= (W · x)[rows.start + j]` from a prepared x, on `path` (AVX2 or the scalar
+/// [`dot_ref`]; the caller checked every length).
+pub(super) fn gemv(
+    m: &Q4Matrix,
+    path: KernelPath,
+    prep: &[f32],
+    rows: std::ops::Range<usize>,
+    y: &mut [f32],
+    acc: bool,
+) {
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: Avx2Fma comes from `usable`, so the CPU has AVX2, FMA and F16C; the caller
+        // checked `prep.len() == prep_len(in)`, `rows.end <= out` and `y.len() >= rows.len()`.
+        KernelPath::Avx2Fma => unsafe { avx2::gemv(m, prep, rows, y, acc) },
+        _ => {
+            for (j, r) in rows.enumerate() {
+                let v = dot_ref(m, r, 0, prep);
+                y[j] = if acc { y[j] + v } else { v };
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::*;
+    use crate::kernels::avx2::hsum;
+    use crate::kernels::for_row_quads;
+    use std::arch::x86_64::*;
+
+    /// [`prepare_group_ref`] for a whole group of 128 (`xq` 128 bytes, `cs` 8 slots), with
+    /// the same rounding (`vcvtps2dq` rounds half to even, as the scalar magic-number trick
+    /// does) and the same f32 operations, so the same bytes and sums.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn prepare_group(grp: &[f32], xq: &mut [u8], cs: &mut [f32]) -> f32 {
+        let p = grp.as_ptr();
+        let sign = _mm256_set1_ps(-0.0);
+        let mut m = _mm256_setzero_ps();
+        for i in 0..16 {
+            // SAFETY (all loads): grp has 128 elements (caller).
+            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(p.add(8 * i))));
+        }
+        let amax = hmax(m);
+        let sx = amax / 127.0;
+        let inv = _mm256_set1_ps(if amax > 0.0 { 127.0 / amax } else { 0.0 });
+        // (A helper fn rather than a closure: closures do not inherit the target features.)
+        #[inline(always)]
+        unsafe fn q_at(p: *const f32, i: usize, inv: __m256) -> __m256i {
+            // Clamping before rounding to the integers ±127 equals clamping after.
+            let v = _mm256_mul_ps(_mm256_loadu_ps(p.add(8 * i)), inv);
+            let v = _mm256_max_ps(
+                _mm256_min_ps(v, _mm256_set1_ps(127.0)),
+                _mm256_set1_ps(-127.0),
+            );
+            _mm256_cvtps_epi32(v)
+        }
+        // Within each 128-bit lane: its 16 bytes as [8 even elements, 8 odd elements].
+        let split = _mm256_setr_epi8(
+            0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, 0, 2, 4, 6, 8, 10, 12, 14, 1, 3,
+            5, 7, 9, 11, 13, 15,
+        );
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        for quad in 0..2 {
+            let mut halves = [_mm256_setzero_si256(); 2];
+            for (h, half) in halves.iter_mut().enumerate() {
+                let i = quad * 8 + h * 4;
+                let (a, b, c, d) = (
+                    q_at(p, i, inv),
+                    q_at(p, i + 1, inv),
+                    q_at(p, i + 2, inv),
+                    q_at(p, i + 3, inv),
+                );
+                // Block sums (Σ xq over 16 elements) of blocks 4·quad + 2h and + 1.
+                for (k, pair) in [(a, b), (c, d)].into_iter().enumerate() {
+                    let t = quad * 4 + h * 2 + k;
+                    let s = _mm256_add_epi32(pair.0, pair.1);
+                    let s =
+                        _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s));
+                    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0x4e>(s));
+                    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0xb1>(s));
+                    cs[CS_SLOT[t]] = sx * _mm_cvtsi128_si32(s) as f32;
+                }
+                // 32 elements in natural order as bytes, then each lane split into evens/odds.
+                let bytes = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
+                let bytes = _mm256_permutevar8x32_epi32(bytes, order);
+                // 64-bit words: [evens 0-15, odds 0-15, evens 16-31, odds 16-31] ->
+                // [evens 0-15, evens 16-31, odds 0-15, odds 16-31].
+                *half = _mm256_permute4x64_epi64::<0xd8>(_mm256_shuffle_epi8(bytes, split));
+            }
+            let dst = xq.as_mut_ptr().add(quad * 64) as *mut __m256i;
+            // SAFETY: xq has 128 bytes (caller): 64 per quad, evens then odds.
+            _mm256_storeu_si256(dst, _mm256_permute2x128_si256::<0x20>(halves[0], halves[1]));
+            _mm256_storeu_si256(
+                dst.add(1),
+                _mm256_permute2x128_si256::<0x31>(halves[0], halves[1]),
+            );
+        }
+        sx * (2.0 / 15.0)
+    }
+
+    /// Largest lane of `v`.
+    #[inline(always)]
+    unsafe fn hmax(v: __m256) -> f32 {
+        let m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps::<1>(m, m)))
+    }
+
+    /// Rows between a code load and its prefetch: one 4-row sweep.
+    const PREFETCH_ROWS: usize = 4;
+
+    /// Shapes: W `out x in` (`packed` `[out, in/2]`, `norm` `[out, in/16]`), `prep`
+    /// `[prep_len(in)]`, `rows ⊆ 0..out`, `y` `[rows.len()]`. Four rows at a time share the
+    /// loads of x; per row and group of 128 weights: two 32-byte loads of codes, four
+    /// `vpmaddubsw`, two `vpmaddwd`, one `vphaddd` and two FMAs.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn gemv(
+        m: &Q4Matrix,
+        prep: &[f32],
+        rows: std::ops::Range<usize>,
+        y: &mut [f32],
+        acc: bool,
+    ) {
+        for_row_quads!(
+            rows,
+            |r| dot_rows::<4>(m, r, prep),
+            dot_rows::<1>(m, r, prep)[0],
+            |j: usize, _row: usize, v: f32| y[j] = if acc { y[j] + v } else { v }
+        );
+    }
+
+    /// Dot products of rows `r0..r0+R` (all `< out`) with the prepared x.
+    #[inline(always)]
+    unsafe fn dot_rows<const R: usize>(m: &Q4Matrix, r0: usize, prep: &[f32]) -> [f32; R] {
+        let nb = m.inn / Q4_BLOCK;
+        let full = nb / BLOCKS_PER_GROUP;
+        let (xq, xs, cs) = parts(m.inn, prep);
+        let (xq, xs, cs) = (xq.as_ptr(), xs.as_ptr(), cs.as_ptr());
+        let packed = m.packed.as_slice().as_ptr();
+        let norms = m.norm.f16s().as_ptr();
+        let mask = _mm256_set1_epi8(0x0f);
+        let ones = _mm256_set1_epi16(1);
+        let mut accv = [_mm256_setzero_ps(); R];
+        for g in 0..full {
+            // SAFETY: g < full groups: 128 bytes of xq at g·128, xs[g], cs[8g..8g+8]; each row
+            // r0 + r < out holds 64 packed bytes and 8 norms at block 8g.
+            let x = xq.add(g * GROUP) as *const __m256i;
+            let (xe0, xo0) = (_mm256_loadu_si256(x), _mm256_loadu_si256(x.add(1)));
+            let (xe1, xo1) = (_mm256_loadu_si256(x.add(2)), _mm256_loadu_si256(x.add(3)));
+            let xsv = _mm256_broadcast_ss(&*xs.add(g));
+            let csv = _mm256_loadu_ps(cs.add(g * BLOCKS_PER_GROUP));
+            for (r, a) in accv.iter_mut().enumerate() {
+                let blk = (r0 + r) * nb + g * BLOCKS_PER_GROUP;
+                let q = packed.add(blk * 8) as *const __m256i;
+                // The same group of the row one 4-row sweep ahead (a hint: never faults).
+                let ahead = blk + PREFETCH_ROWS * nb;
+                _mm_prefetch::<_MM_HINT_T0>(packed.wrapping_add(ahead * 8) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(norms.wrapping_add(ahead) as *const i8);
+                let (v0, v1) = (_mm256_loadu_si256(q), _mm256_loadu_si256(q.add(1)));
+                // i16 lanes: sums over 4 consecutive elements, [b0 x4, b1 x4 | b2 x4, b3 x4]
+                // of each quad.
+                let p0 = _mm256_add_epi16(
+                    _mm256_maddubs_epi16(_mm256_and_si256(v0, mask), xe0),
+                    _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16::<4>(v0), mask), xo0),
+                );
+                let p1 = _mm256_add_epi16(
+                    _mm256_maddubs_epi16(_mm256_and_si256(v1, mask), xe1),
+                    _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16::<4>(v1), mask), xo1),
+                );
+                // i16 sums over 8 elements (|·| <= 8 · 15 · 127 < 2^15), then i32 block sums
+                // in CS_SLOT order: [b0, b1, b4, b5 | b2, b3, b6, b7].
+                let s = _mm256_madd_epi16(_mm256_hadd_epi16(p0, p1), ones);
+                let n16 = _mm_loadu_si128(norms.add(blk) as *const __m128i);
+                let nv = _mm256_cvtph_ps(_mm_shuffle_epi32::<0xd8>(n16));
+                let t = _mm256_fmsub_ps(xsv, _mm256_cvtepi32_ps(s), csv);
+                *a = _mm256_fmadd_ps(nv, t, *a);
+            }
+        }
+        let mut res = [0.0f32; R];
+        for (r, o) in res.iter_mut().enumerate() {
+            *o = hsum(accv[r]) + dot_ref(m, r0 + r, full * BLOCKS_PER_GROUP, prep);
+        }
+        res
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::usable;
+
+    /// The AVX2 preparation writes exactly the scalar ground truth's bytes and sums: random
+    /// groups, an all-zero group, exact ties (`x · 127 / max` = k + 1/2), tiny and huge values,
+    /// and ragged tails (whole groups only go to AVX2).
+    #[test]
+    fn simd_prepare_matches_scalar() {
+        let mut rng = nibble_tensor::Rng::new(5);
+        for inn in [16, 128, 144, 256, 1040, 1024] {
+            let mut x = nibble_tensor::Tensor::randn(&[inn], &mut rng)
+                .data()
+                .to_vec();
+            if inn >= 256 {
+                x[128..256].fill(0.0);
+            }
+            if inn == 1024 {
+                // Group 2: max 127, so x · 127 / 127 = x exactly; ties at k + 0.5.
+                for (i, v) in x[256..384].iter_mut().enumerate() {
+                    *v = (i as f32 - 64.0) + 0.5;
+                }
+                x[256] = 127.0;
+                for v in &mut x[384..512] {
+                    *v *= 1e-30;
+                }
+                for v in &mut x[512..640] {
+                    *v *= 1e30;
+                }
+            }
+            let mut want = Vec::new();
+            prepare(KernelPath::Scalar, &x, &mut want);
+            let mut got = vec![1.0f32];
+            prepare(usable(KernelPath::Avx2Fma), &x, &mut got);
+            assert_eq!(got.len(), 1 + prep_len(inn));
+            assert_eq!(got[0], 1.0, "prepare appends");
+            let same = got[1..]
+                .iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "in = {inn}: AVX2 and scalar preparations differ");
+        }
+    }
+}
