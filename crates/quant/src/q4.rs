@@ -279,7 +279,112 @@ mod avx2 {
 
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn quantize_row(x: &[f32], packed: &mut [u8], norm: &mut [f16]) -> bool {
-        quantize_row_body(x, packed, norm)
+        let nb = x.len() / Q4_BLOCK;
+        let full = nb / 8 * 8;
+        for g in (0..full).step_by(8) {
+            // SAFETY: blocks g..g+8 lie inside x, packed and norm (checked by the caller).
+            if !quantize_8_blocks(
+                x.as_ptr().add(g * 16),
+                packed.as_mut_ptr().add(g * 8),
+                norm.as_mut_ptr().add(g),
+            ) {
+                return false;
+            }
+        }
+        quantize_row_body(&x[full * 16..], &mut packed[full * 8..], &mut norm[full..])
+    }
+
+    /// `[max(a0, a1), max(a2, a3), max(b0, b1), max(b2, b3) | same for the high lanes]`.
+    #[inline(always)]
+    unsafe fn pair_max(a: __m256, b: __m256) -> __m256 {
+        _mm256_max_ps(
+            _mm256_shuffle_ps::<0b10_00_10_00>(a, b),
+            _mm256_shuffle_ps::<0b11_01_11_01>(a, b),
+        )
+    }
+
+    /// Maxima of the 8 lanes of each of `m[0..8]`, as one vector `[max m0, .., max m7]`
+    /// (pairwise shuffles and `vmaxps`, 21 operations for 8 reductions).
+    #[inline(always)]
+    unsafe fn hmax8(m: [__m256; 8]) -> __m256 {
+        let (p01, p23, p45, p67) = (
+            pair_max(m[0], m[1]),
+            pair_max(m[2], m[3]),
+            pair_max(m[4], m[5]),
+            pair_max(m[6], m[7]),
+        );
+        // Lanes [m0, m0, m1, m1 | ..] -> [m0, m1, m2, m3 | m0, m1, m2, m3] (half maxima).
+        let (q0, q1) = (pair_max(p01, p23), pair_max(p45, p67));
+        _mm256_max_ps(
+            _mm256_permute2f128_ps::<0x20>(q0, q1),
+            _mm256_permute2f128_ps::<0x31>(q0, q1),
+        )
+    }
+
+    /// Quantizes 8 consecutive blocks (128 floats at `x`) into 64 bytes at `packed` and 8
+    /// norms at `norm`, bit-identical to [`quantize_row_ref`]; returns `false` (writing
+    /// nothing meaningful) if a value is NaN or infinite or a norm exceeds f16, for the
+    /// caller's scalar error path.
+    ///
+    /// Differences from the per-block body, each exact: codes round by `vcvtps2dq` in the
+    /// default round-half-to-even mode; an all-zero block's `0 / 0 = NaN` quotients convert
+    /// to `i32::MIN`, which the saturating packs turn into code 0, as the reference's special
+    /// case does; NaN is detected by a running sum (NaN or Inf makes it non-finite, and so
+    /// may an overflow, which merely sends the row to the exact scalar path).
+    #[inline(always)]
+    unsafe fn quantize_8_blocks(x: *const f32, packed: *mut u8, norm: *mut f16) -> bool {
+        let absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        let mut v = [_mm256_setzero_ps(); 16];
+        let mut sum = _mm256_setzero_ps();
+        let mut m = [_mm256_setzero_ps(); 8];
+        for b in 0..8 {
+            v[2 * b] = _mm256_loadu_ps(x.add(16 * b));
+            v[2 * b + 1] = _mm256_loadu_ps(x.add(16 * b + 8));
+            sum = _mm256_add_ps(sum, _mm256_add_ps(v[2 * b], v[2 * b + 1]));
+            m[b] = _mm256_max_ps(
+                _mm256_and_ps(v[2 * b], absm),
+                _mm256_and_ps(v[2 * b + 1], absm),
+            );
+        }
+        let n = hmax8(m);
+        let finite =
+            _mm256_cmp_ps::<_CMP_LE_OQ>(_mm256_and_ps(sum, absm), _mm256_set1_ps(f32::MAX));
+        let fits = _mm256_cmp_ps::<_CMP_LE_OQ>(n, _mm256_set1_ps(F16_MAX));
+        if _mm256_movemask_ps(_mm256_and_ps(finite, fits)) != 0xff {
+            return false;
+        }
+        _mm_storeu_si128(norm as *mut __m128i, _mm256_cvtps_ph::<0>(n));
+        let fifteen = _mm256_set1_ps(15.0);
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        // (c_2i, c_2i+1) -> c_2i + 16 c_2i+1 with one vpmaddubsw.
+        let nibble_pair = _mm256_set1_epi16(0x1001);
+        for pairs in 0..4 {
+            let mut codes = [_mm256_setzero_si256(); 4];
+            for h in 0..2 {
+                let b = 2 * pairs + h;
+                let nb = _mm256_permutevar8x32_ps(n, _mm256_set1_epi32(b as i32));
+                let two = _mm256_add_ps(nb, nb);
+                for k in 0..2 {
+                    let q =
+                        _mm256_mul_ps(_mm256_div_ps(_mm256_add_ps(v[2 * b + k], nb), two), fifteen);
+                    codes[2 * h + k] = _mm256_cvtps_epi32(q);
+                }
+            }
+            // Bytes, dwords [A0-3, A8-11, B0-3, B8-11 | A4-7, A12-15, B4-7, B12-15] -> natural.
+            let bytes = _mm256_packus_epi16(
+                _mm256_packs_epi32(codes[0], codes[1]),
+                _mm256_packs_epi32(codes[2], codes[3]),
+            );
+            let bytes = _mm256_permutevar8x32_epi32(bytes, order);
+            let nib = _mm256_maddubs_epi16(bytes, nibble_pair);
+            // [A 8 bytes, A dup | B 8 bytes, B dup] -> low 128 bits [A | B].
+            let out = _mm256_permute4x64_epi64::<0b00_00_10_00>(_mm256_packus_epi16(nib, nib));
+            _mm_storeu_si128(
+                packed.add(16 * pairs) as *mut __m128i,
+                _mm256_castsi256_si128(out),
+            );
+        }
+        true
     }
 
     #[inline(always)]

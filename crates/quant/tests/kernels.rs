@@ -429,3 +429,67 @@ fn q4_gemv_int8_error_bound() {
         assert!(got.iter().all(|v| v.is_nan()), "{out}x{inn}: NaN x lost");
     }
 }
+
+/// Q4 quantization on every path matches the scalar reference byte for byte on blocks that
+/// stress the 8-block AVX2 kernel: all-zero blocks (n = 0), zeros inside a block (quotient
+/// exactly 7.5, a tie), ±n exactly, subnormals, values at f16's limit, tiny norms that round
+/// to 0 in f16, and a NaN, an Inf or an overflowing norm inside an 8-block group (the same
+/// error as the reference, naming the same element).
+#[test]
+fn q4_quantize_adversarial_blocks_match_reference() {
+    use half::f16;
+    let mut rng = Rng::new(21);
+    let nb = 27; // three 8-block groups and a 3-block tail
+    let n = nb * 16;
+    let mut x = Tensor::randn(&[n], &mut rng).data().to_vec();
+    x[16..32].fill(0.0);
+    for v in x[32..48].iter_mut().step_by(3) {
+        *v = 0.0;
+    }
+    x[48..64].copy_from_slice(&[
+        0.75, -0.75, 0.25, -0.25, 0.5, -0.5, 0.0, 0.75, 0.1, 0.2, 0.3, 0.4, -0.6, 0.7, -0.05, 0.6,
+    ]);
+    for (i, v) in x[64..80].iter_mut().enumerate() {
+        *v = (i as f32 - 7.0) * 1e-40;
+    }
+    for v in &mut x[80..96] {
+        *v *= 20000.0;
+    }
+    x[80] = 65504.0;
+    x[96..112].iter_mut().for_each(|v| *v *= 1e-9);
+    x[400] = -0.0;
+    let check = |x: &[f32]| {
+        let mut p0 = vec![0u8; n / 2];
+        let mut n0 = vec![f16::ZERO; nb];
+        let want = nibble_quant::q4::quantize_row_ref(3, x, &mut p0, &mut n0);
+        for p in available_paths() {
+            let mut p1 = vec![0xAAu8; n / 2];
+            let mut n1 = vec![f16::NAN; nb];
+            let got = nibble_quant::q4::quantize_row(p, 3, x, &mut p1, &mut n1);
+            match (&want, &got) {
+                (Ok(()), Ok(())) => {
+                    assert_eq!(p1, p0, "{p:?}: codes");
+                    assert_eq!(
+                        n1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        n0.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        "{p:?}: norms"
+                    );
+                }
+                (Err(a), Err(b)) => assert_eq!(format!("{a}"), format!("{b}"), "{p:?}"),
+                _ => panic!("{p:?}: reference {want:?}, path {got:?}"),
+            }
+        }
+        want
+    };
+    assert!(check(&x).is_ok());
+    for (at, bad) in [
+        (37, f32::NAN),
+        (130, f32::INFINITY),
+        (131, f32::NEG_INFINITY),
+        (200, 70000.0),
+    ] {
+        let mut y = x.clone();
+        y[at] = bad;
+        assert!(check(&y).is_err(), "{bad} at {at} must be an error");
+    }
+}
