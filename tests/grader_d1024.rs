@@ -7,11 +7,8 @@ use nibble::bignet::Variant;
 
 fn common() -> Common {
     Common {
-        weights: None,
-        threads: None,
-        seed: 0,
         dim: 1024,
-        adapter: None,
+        ..Default::default()
     }
 }
 

@@ -177,3 +177,72 @@ fn bad_input_gives_clear_errors() {
     );
     fails_with(&["bench", "bignet", "--threads", "0"], "--threads");
 }
+
+/// `--q4-activations int8` reaches the batch-1 Q4 kernels: a one-row forward of the golden
+/// low_precision model changes (integer dot products round x), but stays within the int8
+/// path's error of the f32 one and of PyTorch's output.
+#[test]
+fn q4_activations_option_switches_the_batch1_kernel() {
+    use nibble_bignet::checkpoint::{write_safetensors, Checkpoint, DType};
+    let dir = std::env::temp_dir().join(format!("nibble-cli-act-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let io = Checkpoint::open(golden("io_d128.safetensors")).unwrap();
+    let x = io.tensor_f32("x", Some(&[16, 128])).unwrap();
+    let want = io.tensor_f32("y.low_precision", Some(&[16, 128])).unwrap();
+    let x0: Vec<f32> = x.data()[..128].to_vec();
+    let in_path = dir.join("x1.safetensors");
+    write_safetensors(
+        &in_path,
+        &[(
+            "x".into(),
+            DType::F32,
+            vec![1, 128],
+            bytemuck::cast_slice(&x0),
+        )],
+        &Default::default(),
+    )
+    .unwrap();
+    let run = |act: &str| {
+        let out_path = dir.join(format!("y-{act}.safetensors"));
+        let out = bignet(&[
+            "forward",
+            "--variant",
+            "low_precision",
+            "--weights",
+            golden("bignet_d128.pth").to_str().unwrap(),
+            "--input",
+            in_path.to_str().unwrap(),
+            "--output",
+            out_path.to_str().unwrap(),
+            "--q4-activations",
+            act,
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Checkpoint::open(&out_path)
+            .unwrap()
+            .tensor_f32("y", Some(&[1, 128]))
+            .unwrap()
+    };
+    let (f32_y, int8_y) = (run("f32"), run("int8"));
+    let want0 = nibble_tensor::Tensor::from_vec(&[1, 128], want.data()[..128].to_vec()).unwrap();
+    let (max_f32, _) = f32_y.abs_diff_stats(&want0).unwrap();
+    assert!(max_f32 < 1e-5, "f32 path vs PyTorch: {max_f32}");
+    let (max_int8, mean_int8) = int8_y.abs_diff_stats(&f32_y).unwrap();
+    assert!(
+        max_int8 > 0.0,
+        "--q4-activations int8 did not change the kernel"
+    );
+    assert!(
+        max_int8 < 0.05 && mean_int8 < 0.01,
+        "int8 vs f32: max {max_int8} mean {mean_int8}"
+    );
+    fails_with(
+        &["bench", "low_precision", "--q4-activations", "int4"],
+        "expected f32 or int8",
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -184,13 +184,56 @@ pub fn dequantize(path: KernelPath, packed: &[u8], norm: &[f16], out: &mut [f32]
     }
 }
 
-/// Whether `matmul_t` uses the int8-activation GEMV for batches below 16: set
-/// `NIBBLE_Q4_ACT=int8` in the environment (read once).
-fn int8_default() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| {
-        std::env::var("NIBBLE_Q4_ACT").is_ok_and(|v| v.trim().eq_ignore_ascii_case("int8"))
-    })
+/// What the batch-below-16 Q4 forward does with the activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Q4Activations {
+    /// f32 activations (the default): exact with respect to the dequantized weights.
+    F32,
+    /// Activations quantized to int8 per 128 elements and integer dot products (AVX2 only;
+    /// elsewhere the f32 path runs). See [`Q4Matrix::gemv_int8`] for its error bound.
+    Int8,
+}
+
+/// 0: not chosen yet (read `NIBBLE_Q4_ACT` on first use), 1: f32, 2: int8.
+static ACTIVATIONS: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Chooses, process-wide, what every Q4 forward at batch < 16 does with its activations
+/// (overriding the environment variable `NIBBLE_Q4_ACT=int8|f32`).
+///
+/// ```
+/// use nibble_quant::q4::{q4_activations, set_q4_activations, Q4Activations};
+/// set_q4_activations(Q4Activations::Int8);
+/// assert_eq!(q4_activations(), Q4Activations::Int8);
+/// set_q4_activations(Q4Activations::F32);
+/// ```
+pub fn set_q4_activations(mode: Q4Activations) {
+    let v = match mode {
+        Q4Activations::F32 => 1,
+        Q4Activations::Int8 => 2,
+    };
+    ACTIVATIONS.store(v, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The current [`Q4Activations`]: as last set by [`set_q4_activations`], else `Int8` if the
+/// environment has `NIBBLE_Q4_ACT=int8`, else `F32`.
+pub fn q4_activations() -> Q4Activations {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut v = ACTIVATIONS.load(Relaxed);
+    if v == 0 {
+        let int8 =
+            std::env::var("NIBBLE_Q4_ACT").is_ok_and(|v| v.trim().eq_ignore_ascii_case("int8"));
+        let init = if int8 { 2 } else { 1 };
+        // Keep a value someone set meanwhile.
+        v = match ACTIVATIONS.compare_exchange(0, init, Relaxed, Relaxed) {
+            Ok(_) => init,
+            Err(cur) => cur,
+        };
+    }
+    if v == 2 {
+        Q4Activations::Int8
+    } else {
+        Q4Activations::F32
+    }
 }
 
 mod portable {
@@ -713,8 +756,8 @@ impl Q4Matrix {
         kernels::to_f32(self, path)
     }
 
-    /// Batch-1 `y (+)= W · x` on the opt-in int8-activation path, single-threaded (the
-    /// batch-1 `matmul_t` uses the same kernel, in parallel, when `NIBBLE_Q4_ACT=int8` is set).
+    /// Batch-1 `y (+)= W · x` on the opt-in int8-activation path, single-threaded (`matmul_t`
+    /// at batch < 16 uses the same kernel, in parallel, under [`Q4Activations::Int8`]).
     ///
     /// x is quantized per 128 elements to `round(x · 127 / max|x|)`, so each row's result
     /// carries an extra error of at most `Σ_k |w'_k| · max|x|_group(k) / 254` (checked by the
@@ -810,7 +853,7 @@ impl QuantRows for Q4Matrix {
     /// (see [`Q4Matrix::gemv_int8`]).
     fn gemv_prepare(&self, path: KernelPath, x: &[f32], prep: &mut Vec<f32>) {
         if usable(path) == KernelPath::Avx2Fma
-            && int8_default()
+            && q4_activations() == Q4Activations::Int8
             && self.inn > 0
             && x.iter().all(|v| v.is_finite())
         {

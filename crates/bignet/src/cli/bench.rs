@@ -59,7 +59,11 @@ pub fn run(
     if as_json {
         println!(
             "{}",
-            json!({"threads": rayon::current_num_threads(), "results": results})
+            json!({
+                "threads": rayon::current_num_threads(),
+                "q4_activations": format!("{:?}", nibble_quant::q4::q4_activations()).to_lowercase(),
+                "results": results
+            })
         );
     }
     Ok(())

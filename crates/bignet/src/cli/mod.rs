@@ -15,6 +15,7 @@ use crate::loader::ModelSpec;
 use crate::source::DEFAULT_DIM;
 use crate::variant::{Variant, WeightFormat};
 use clap::{Args, Parser, Subcommand};
+use nibble_quant::q4::{set_q4_activations, Q4Activations};
 use std::path::PathBuf;
 
 /// The program's arguments.
@@ -48,6 +49,34 @@ pub struct Common {
     /// A LoRA adapter directory (PEFT layout) to load on top of the model.
     #[arg(long, value_name = "DIR")]
     pub adapter: Option<PathBuf>,
+    /// Activations of the Q4 layers (low_precision, qlora) at batch < 16: `f32` (exact with
+    /// respect to the dequantized weights) or `int8` (integer dot products, about twice as
+    /// fast, adds a bounded rounding error). Default: f32, or `NIBBLE_Q4_ACT`.
+    #[arg(long, value_name = "f32|int8", value_parser = parse_q4_activations)]
+    pub q4_activations: Option<Q4Activations>,
+}
+
+fn parse_q4_activations(s: &str) -> std::result::Result<Q4Activations, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "f32" => Ok(Q4Activations::F32),
+        "int8" => Ok(Q4Activations::Int8),
+        other => Err(format!("`{other}`: expected f32 or int8")),
+    }
+}
+
+impl Default for Common {
+    /// The command line's defaults (no file, seed 0, width 1024, activations from the
+    /// environment), so that library users can write `Common { dim: 64, ..Default::default() }`.
+    fn default() -> Self {
+        Common {
+            weights: None,
+            threads: None,
+            seed: 0,
+            dim: DEFAULT_DIM,
+            adapter: None,
+            q4_activations: None,
+        }
+    }
 }
 
 impl Common {
@@ -221,6 +250,9 @@ pub fn run(cli: Cli) -> Result<()> {
             .map_err(|e| Error::Input {
                 what: format!("--threads {n}: {e}"),
             })?;
+    }
+    if let Some(mode) = common.q4_activations {
+        set_q4_activations(mode);
     }
     match &cli.command {
         Command::Stats {
