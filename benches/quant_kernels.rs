@@ -34,6 +34,12 @@ fn benches(c: &mut Criterion) {
     c.bench_function("q4/fwd_batch1_int8_1thread", |b| {
         b.iter(|| q4.gemv_int8(x1.data(), &mut y1, false).unwrap())
     });
+    // The same through `matmul_t` on both threads, as `--q4-activations int8` runs it.
+    nibble_quant::q4::set_q4_activations(nibble_quant::q4::Q4Activations::Int8);
+    c.bench_function("q4/fwd_batch1_int8", |b| {
+        b.iter(|| q4.matmul_t(x1.data(), 1, &mut y1, false).unwrap())
+    });
+    nibble_quant::q4::set_q4_activations(nibble_quant::q4::Q4Activations::F32);
     let formats: [(&str, &dyn WeightMatrix); 5] = [
         ("q4", &q4),
         ("nf4", &nf4),
