@@ -234,6 +234,14 @@ pub(crate) mod avx2 {
         _mm_cvtss_f32(s)
     }
 
+    /// Largest lane of `v` (the same reduction tree as [`hsum`], with `max`).
+    #[inline(always)]
+    pub(crate) unsafe fn hmax(v: __m256) -> f32 {
+        let m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)))
+    }
+
     /// `a · b` (equal lengths).
     #[target_feature(enable = "avx2,fma")]
     pub(crate) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {

@@ -301,7 +301,7 @@ mod portable {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::*;
-    use crate::kernels::avx2::{f16_to_f32, hsum, lut16};
+    use crate::kernels::avx2::{f16_to_f32, hmax, hsum, lut16};
     use crate::kernels::for_row_quads;
     use std::arch::x86_64::*;
 
@@ -450,11 +450,7 @@ mod avx2 {
             if _mm256_movemask_ps(bad) != 0 {
                 return false;
             }
-            let m = _mm256_max_ps(a0, a1);
-            let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-            let m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
-            let n = _mm_cvtss_f32(m);
+            let n = hmax(_mm256_max_ps(a0, a1));
             if n > F16_MAX {
                 return false;
             }

@@ -144,7 +144,7 @@ pub(super) fn gemv(
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::*;
-    use crate::kernels::avx2::hsum;
+    use crate::kernels::avx2::{hmax, hsum};
     use crate::kernels::for_row_quads;
     use std::arch::x86_64::*;
 
@@ -216,14 +216,6 @@ mod avx2 {
             );
         }
         sx * (2.0 / 15.0)
-    }
-
-    /// Largest lane of `v`.
-    #[inline(always)]
-    unsafe fn hmax(v: __m256) -> f32 {
-        let m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-        _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps::<1>(m, m)))
     }
 
     /// Rows between a code load and its prefetch: one 4-row sweep.
