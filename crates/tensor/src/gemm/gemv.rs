@@ -278,26 +278,26 @@ mod avx2 {
         }
     }
 
-    /// f16 W rows are prefetched at the same column `PF_ROWS` rows further on (one 4-row
-    /// sweep ahead). Measured on the 18-layer streaming bench (2 threads, load ~3):
-    /// f16 with a fixed 1 KiB lead ~6 GB/s, with the 4-row lead ~13 GB/s; f32 streams at
-    /// ~20 GB/s (quiet machine) with the hardware prefetcher alone and the software prefetch
-    /// slowed it (3.6 -> 4.1 ms), so f32 does not prefetch.
-    const PF_ROWS: usize = 4;
-    /// Whether the f16 kernel issues the software prefetches above.
-    const PREFETCH_F16: bool = true;
+    /// How far ahead (bytes) the batch-1 f16 kernel prefetches its W row stream. The f16
+    /// kernel spends twice the instructions per byte of the f32 one (conversion plus FMA), so
+    /// out-of-order execution alone keeps too few cache-line misses in flight; measured on
+    /// 18 distinct 1024x1024 f16 layers (36 MB, 2 threads): one row at a time with a 4 KiB
+    /// lead streams at 20.4 GB/s, the 4-row kernel with a 4-row lead at 18.3, without
+    /// prefetch at 13.1 (pure read of the same bytes: 23.5). The f32 4-row kernel reaches
+    /// 24 GB/s with the hardware prefetcher alone, and a software prefetch slows it.
+    const F16_PREFETCH_BYTES: usize = 4096;
 
     /// Shapes: `w` `R x inp` (`R` contiguous rows at `wp`), `x` `1 x inp`; returns the `R`
-    /// dot products. `8 * U` columns per step in `U` accumulators per row (`R * U` FMA chains;
-    /// `U = 2` for f32 and f16 alike: `U = 4` measured 9 % slower on an in-cache f16
-    /// 1024x1024), f16 rows prefetched [`PF_ROWS`] rows ahead. The per-row operation order
-    /// does not depend on `R` (rows are reduced by [`reduce4`]; absent rows are zeros), so a
+    /// dot products. `8 * U` columns per step in `U` accumulators per row (`R * U` FMA chains).
+    /// With `PREFETCH`, each row is prefetched [`F16_PREFETCH_BYTES`] ahead once per step
+    /// (one step is one 64-byte line for f16 with `U = 4`). The per-row operation order does
+    /// not depend on `R` (rows are reduced by [`reduce4`]; absent rows are zeros), so a
     /// row's result is the same whichever group it lands in.
     ///
     /// # Safety
     /// AVX2/FMA/F16C; `wp` readable for `R * inp` elements, `xp` for `inp` floats.
     #[inline(always)]
-    unsafe fn dot_rows_m1<E: BElem, const R: usize, const U: usize>(
+    unsafe fn dot_rows_m1<E: BElem, const R: usize, const U: usize, const PREFETCH: bool>(
         wp: *const E,
         inp: usize,
         xp: *const f32,
@@ -312,10 +312,9 @@ mod avx2 {
             let mut acc = [[_mm256_setzero_ps(); U]; R];
             let mut i = 0;
             while i < full {
-                if PREFETCH_F16 && std::mem::size_of::<E>() < 4 {
+                if PREFETCH {
                     for r in 0..R {
-                        // The same columns 4 rows on: the next sweep's data, one sweep ahead.
-                        let p = wp.add(r * inp + i).wrapping_add(PF_ROWS * inp) as *const i8;
+                        let p = (wp.add(r * inp + i) as *const i8).wrapping_add(F16_PREFETCH_BYTES);
                         _mm_prefetch::<_MM_HINT_T0>(p);
                     }
                 }
@@ -368,8 +367,9 @@ mod avx2 {
         }
     }
 
-    /// Batch-1 kernel. Shapes: `w` `rows x inp`, `x` `1 x inp`, `res` `rows`; 4 rows per sweep
-    /// (see [`dot_rows_m1`]), the last `rows % 4` one at a time.
+    /// Batch-1 kernel. Shapes: `w` `rows x inp`, `x` `1 x inp`, `res` `rows`. f32 W: 4 rows
+    /// per sweep (x loads shared), the last `rows % 4` one at a time; f16 W: one row at a time
+    /// with a software prefetch (see [`F16_PREFETCH_BYTES`]).
     ///
     /// # Safety
     /// As [`rows`] with `m == 1`.
@@ -384,15 +384,25 @@ mod avx2 {
         let mut r = 0;
         // SAFETY: rows r..r+4 (resp. r) are < n, inside `w` (n x inp); x has inp floats.
         unsafe {
+            if std::mem::size_of::<E>() < 4 {
+                while r < n {
+                    put(r, dot_rows_m1::<E, 1, 4, true>(wp.add(r * inp), inp, xp)[0]);
+                    r += 1;
+                }
+                return;
+            }
             while r + 4 <= n {
-                let v = dot_rows_m1::<E, 4, 2>(wp.add(r * inp), inp, xp);
+                let v = dot_rows_m1::<E, 4, 2, false>(wp.add(r * inp), inp, xp);
                 for (t, s) in v.into_iter().enumerate() {
                     put(r + t, s);
                 }
                 r += 4;
             }
             while r < n {
-                put(r, dot_rows_m1::<E, 1, 2>(wp.add(r * inp), inp, xp)[0]);
+                put(
+                    r,
+                    dot_rows_m1::<E, 1, 2, false>(wp.add(r * inp), inp, xp)[0],
+                );
                 r += 1;
             }
         }
