@@ -1,11 +1,13 @@
 //! f16 storage for weights: half the bytes of f32, widened to f32 on the fly by the kernels.
 
+use crate::buffer::WeightBuf;
 use crate::error::{checked_numel, Result, TensorError};
 use crate::tensor::Tensor;
 use half::f16;
 
 /// A dense, row-major tensor stored as IEEE f16. Arithmetic happens in f32: the matmul converts
-/// panels as it packs them, so no f32 copy of the whole weight is ever made.
+/// panels as it packs them, so no f32 copy of the whole weight is ever made. The elements live
+/// in a [`WeightBuf`] (huge pages for large weights: batch-1 inference streams them).
 ///
 /// ```
 /// use nibble_tensor::{HalfTensor, Tensor};
@@ -17,15 +19,18 @@ use half::f16;
 #[derive(Clone, PartialEq, Debug)]
 pub struct HalfTensor {
     shape: Vec<usize>,
-    data: Vec<f16>,
+    data: WeightBuf<f16>,
 }
 
 impl HalfTensor {
     /// Rounds every element of `t` to the nearest f16 (ties to even), as PyTorch's `.half()`.
     pub fn from_f32(t: &Tensor) -> Self {
+        use half::slice::HalfFloatSliceExt;
+        let mut data = WeightBuf::zeroed(t.numel());
+        data.convert_from_f32_slice(t.data());
         HalfTensor {
             shape: t.shape().to_vec(),
-            data: t.data().iter().map(|&v| f16::from_f32(v)).collect(),
+            data,
         }
     }
 
@@ -42,7 +47,7 @@ impl HalfTensor {
         }
         Ok(HalfTensor {
             shape: shape.to_vec(),
-            data,
+            data: WeightBuf::from_slice(&data),
         })
     }
 

@@ -5,6 +5,7 @@
 //! [`layer_norm`], and a hand-written, BLIS-shaped [`gemm`](gemm::gemm) behind the linear layer's
 //! three products ([`linear`], [`linear_backward_input`], [`linear_backward_weight`]).
 
+pub mod buffer;
 pub mod cpu;
 pub mod error;
 pub mod gemm;
