@@ -203,8 +203,9 @@ mod avx2 {
         let mask = _mm256_setr_epi32(-1, -1, -1, -1, -1, -1, 0, 0);
         let dp = d.as_mut_ptr();
         let mut p = 0;
-        // SAFETY: loads read s[i][p..p + 8] with p + 8 <= kc <= s[i].len(); masked stores
-        // write d[(p + q) * MR..(p + q) * MR + 6] with p + q < kc, inside d.
+        // SAFETY: loads read s[i][p..p + 8] with p + 8 <= kc <= s[i].len(); a plain store
+        // writes d[(p + q) * MR..(p + q) * MR + 8] with p + q + 1 < kc, so it ends at or
+        // before (p + q + 2) * MR <= kc * MR; the masked store writes 6 lanes inside d.
         unsafe {
             while p + 8 <= kc {
                 let mut r = [_mm256_setzero_ps(); 8];
@@ -213,7 +214,14 @@ mod avx2 {
                 }
                 let t = transpose8(r);
                 for (q, v) in t.iter().enumerate() {
-                    _mm256_maskstore_ps(dp.add((p + q) * MR), mask, *v);
+                    let at = dp.add((p + q) * MR);
+                    if p + q + 1 < kc {
+                        // Lanes 6 and 7 spill into the next column, which is stored next
+                        // (plain stores are several times cheaper than masked ones on Zen).
+                        _mm256_storeu_ps(at, *v);
+                    } else {
+                        _mm256_maskstore_ps(at, mask, *v);
+                    }
                 }
                 p += 8;
             }
