@@ -566,10 +566,11 @@ mod avx2 {
         while b < nb {
             let nblk = (nb - b).min(8);
             for r in 0..R {
-                // Prefetch the same blocks 4 rows on (the next 4-row sweep; never faults).
+                // Prefetch the same blocks 4 rows on (the next 4-row sweep; never faults),
+                // non-temporal: the weights are read once per forward (see act8.rs).
                 let ahead = (r0 + r + Q4_PF_ROWS) * nb + b;
-                _mm_prefetch::<_MM_HINT_T0>(packed.wrapping_add(ahead * 8) as *const i8);
-                _mm_prefetch::<_MM_HINT_T0>(norms.as_ptr().wrapping_add(ahead) as *const i8);
+                _mm_prefetch::<_MM_HINT_NTA>(packed.wrapping_add(ahead * 8) as *const i8);
+                _mm_prefetch::<_MM_HINT_NTA>(norms.as_ptr().wrapping_add(ahead) as *const i8);
             }
             for r in 0..R {
                 let nr = &norms[(r0 + r) * nb + b..(r0 + r) * nb + b + nblk];

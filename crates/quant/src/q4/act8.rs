@@ -265,9 +265,12 @@ mod avx2 {
                 let blk = (r0 + r) * nb + g * BLOCKS_PER_GROUP;
                 let q = packed.add(blk * 8) as *const __m256i;
                 // The same group of the row one 4-row sweep ahead (a hint: never faults).
+                // Non-temporal: each weight is read once per forward, so keeping it out of
+                // the outer caches leaves them to activations and LoRA adapters (BigNet
+                // qlora batch 1, int8: 1.34 -> 1.10 ms; this kernel in cache: 60 -> 51 µs).
                 let ahead = blk + PREFETCH_ROWS * nb;
-                _mm_prefetch::<_MM_HINT_T0>(packed.wrapping_add(ahead * 8) as *const i8);
-                _mm_prefetch::<_MM_HINT_T0>(norms.wrapping_add(ahead) as *const i8);
+                _mm_prefetch::<_MM_HINT_NTA>(packed.wrapping_add(ahead * 8) as *const i8);
+                _mm_prefetch::<_MM_HINT_NTA>(norms.wrapping_add(ahead) as *const i8);
                 let (v0, v1) = (_mm256_loadu_si256(q), _mm256_loadu_si256(q.add(1)));
                 // i16 lanes: sums over 4 consecutive elements, [b0 x4, b1 x4 | b2 x4, b3 x4]
                 // of each quad.
