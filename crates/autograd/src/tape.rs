@@ -17,8 +17,10 @@ pub trait Op {
     /// Given the gradient of the loss w.r.t. the op's output, returns the gradient w.r.t. each
     /// `Var` input, in the order they were passed to [`Tape::record`] (`None` where an input
     /// needs none). Gradients of parameters the op holds are accumulated into them directly.
-    /// Consumes the op, so that saved activations are freed right after.
-    fn backward(self: Box<Self>, d_out: &Tensor) -> Result<Vec<Option<Tensor>>>;
+    /// Consumes the op, so that saved activations are freed right after, and takes the output
+    /// gradient by value, so that an op passing it on (add, ReLU, a residual base) reuses its
+    /// buffer instead of copying it.
+    fn backward(self: Box<Self>, d_out: Tensor) -> Result<Vec<Option<Tensor>>>;
 }
 
 /// Identifies a record on a tape, in one use of the tape (`generation`).
@@ -284,7 +286,7 @@ impl Tape {
                 }
                 Record::Op { op, inputs } => {
                     let name = op.name();
-                    let d_inputs = op.backward(&d_out)?;
+                    let d_inputs = op.backward(d_out)?;
                     if d_inputs.len() != inputs.len() {
                         return Err(AutogradError::BadGradient {
                             op: name,

@@ -46,8 +46,8 @@ impl Op for ReshapeOp {
     fn name(&self) -> &'static str {
         "reshape"
     }
-    fn backward(self: Box<Self>, d: &Tensor) -> Result<Vec<Option<Tensor>>> {
-        Ok(vec![Some(d.clone().reshape(&self.shape)?)])
+    fn backward(self: Box<Self>, d: Tensor) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(d.reshape(&self.shape)?)])
     }
 }
 fn reshape_var(tape: &Tape, x: &Var, shape: &[usize]) -> Var {

@@ -20,6 +20,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod error;
 pub mod frozen;
+pub mod heap;
 pub mod layer;
 pub mod loader;
 pub mod memory;

@@ -12,8 +12,8 @@ impl Op for AddOp {
     fn name(&self) -> &'static str {
         "add"
     }
-    fn backward(self: Box<Self>, d_y: &Tensor) -> Result<Vec<Option<Tensor>>> {
-        Ok(vec![Some(d_y.clone()), Some(d_y.clone())])
+    fn backward(self: Box<Self>, d_y: Tensor) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(d_y.clone()), Some(d_y)])
     }
 }
 
@@ -27,9 +27,9 @@ impl Op for ReluOp {
     fn name(&self) -> &'static str {
         "relu"
     }
-    fn backward(self: Box<Self>, d_y: &Tensor) -> Result<Vec<Option<Tensor>>> {
-        let mut d_x = d_y.clone();
-        // A select, not a conditional store, so that it vectorizes.
+    fn backward(self: Box<Self>, d_y: Tensor) -> Result<Vec<Option<Tensor>>> {
+        let mut d_x = d_y;
+        // In place, in the buffer of dY. A select, not a conditional store, so that it vectorizes.
         d_x.data_mut()
             .iter_mut()
             .zip(self.y.data())

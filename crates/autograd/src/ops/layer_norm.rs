@@ -20,11 +20,11 @@ impl Op for LayerNormOp {
     fn name(&self) -> &'static str {
         "layer_norm"
     }
-    fn backward(self: Box<Self>, d_y: &Tensor) -> Result<Vec<Option<Tensor>>> {
+    fn backward(self: Box<Self>, d_y: Tensor) -> Result<Vec<Option<Tensor>>> {
         // d_y, x: [m, c]; weight, bias: [c]
         let (d_x, d_weight, d_bias) = {
             let w = self.weight.value();
-            layer_norm_backward(d_y, &self.x, w.data(), &self.stats)?
+            layer_norm_backward(&d_y, &self.x, w.data(), &self.stats)?
         };
         if self.weight.requires_grad() {
             self.weight

@@ -47,20 +47,20 @@ impl Op for LinearOp {
     fn name(&self) -> &'static str {
         "linear"
     }
-    fn backward(self: Box<Self>, d_y: &Tensor) -> Result<Vec<Option<Tensor>>> {
+    fn backward(self: Box<Self>, d_y: Tensor) -> Result<Vec<Option<Tensor>>> {
         // d_y: [m, out]
         let d_x = match &self.w_for_dx {
-            Some(w) => Some(linear_backward_input(d_y, &*w.value())?),
+            Some(w) => Some(linear_backward_input(&d_y, &*w.value())?),
             None => None,
         };
         if let (Some(w), Some(x)) = (&self.w_grad, &self.x) {
             let mut slot = w.grad_mut();
             match slot.as_mut() {
-                Some(d_w) => linear_backward_weight(d_y, x, d_w, true)?,
+                Some(d_w) => linear_backward_weight(&d_y, x, d_w, true)?,
                 None => {
                     let shape = w.value().shape().to_vec();
                     let mut d_w = Tensor::zeros(&shape);
-                    linear_backward_weight(d_y, x, &mut d_w, false)?;
+                    linear_backward_weight(&d_y, x, &mut d_w, false)?;
                     *slot = Some(d_w);
                 }
             }
@@ -69,7 +69,7 @@ impl Op for LinearOp {
             b.accumulate_grad(d_y.sum_rows()?)?;
         }
         if self.adds_base {
-            Ok(vec![Some(d_y.clone()), d_x])
+            Ok(vec![Some(d_y), d_x])
         } else {
             Ok(vec![d_x])
         }
@@ -85,7 +85,7 @@ impl Op for FrozenLinearOp {
     fn name(&self) -> &'static str {
         "frozen_linear"
     }
-    fn backward(self: Box<Self>, d_y: &Tensor) -> Result<Vec<Option<Tensor>>> {
+    fn backward(self: Box<Self>, d_y: Tensor) -> Result<Vec<Option<Tensor>>> {
         // d_y: [m, out] -> d_x: [m, in]
         let (m, _) = d_y.dims2("frozen_linear backward")?;
         let mut d_x = Tensor::try_zeros(&[m, self.w.in_features()])?;

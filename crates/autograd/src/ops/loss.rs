@@ -15,7 +15,7 @@ impl Op for BroadcastOp {
     fn name(&self) -> &'static str {
         "sum/mean"
     }
-    fn backward(self: Box<Self>, d_y: &Tensor) -> Result<Vec<Option<Tensor>>> {
+    fn backward(self: Box<Self>, d_y: Tensor) -> Result<Vec<Option<Tensor>>> {
         let g = d_y.item()? * self.scale;
         Ok(vec![Some(Tensor::full(&self.shape, g))])
     }
@@ -31,7 +31,7 @@ impl Op for BceOp {
     fn name(&self) -> &'static str {
         "bce_with_logits"
     }
-    fn backward(self: Box<Self>, d_loss: &Tensor) -> Result<Vec<Option<Tensor>>> {
+    fn backward(self: Box<Self>, d_loss: Tensor) -> Result<Vec<Option<Tensor>>> {
         let scale = d_loss.item()? / self.targets.numel() as f32;
         let mut d_z = Tensor::zeros(self.logits.shape());
         for ((g, &z), &y) in d_z
@@ -56,7 +56,7 @@ impl Op for MseOp {
     fn name(&self) -> &'static str {
         "mse"
     }
-    fn backward(self: Box<Self>, d_loss: &Tensor) -> Result<Vec<Option<Tensor>>> {
+    fn backward(self: Box<Self>, d_loss: Tensor) -> Result<Vec<Option<Tensor>>> {
         let scale = 2.0 * d_loss.item()? / self.target.numel() as f32;
         let mut d_p = Tensor::zeros(self.pred.shape());
         for ((g, &p), &t) in d_p
