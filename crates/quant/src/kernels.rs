@@ -348,11 +348,11 @@ pub(crate) mod avx2 {
 
 /// Returns the thread's reusable scratch vector (taken out of its cell while in use, so a
 /// re-entrant call simply starts a fresh one).
-fn take_prep() -> Vec<f32> {
+pub(crate) fn take_prep() -> Vec<f32> {
     PREP.with(|c| c.take())
 }
 
-fn put_prep(v: Vec<f32>) {
+pub(crate) fn put_prep(v: Vec<f32>) {
     PREP.with(|c| c.set(v));
 }
 

@@ -786,9 +786,12 @@ impl Q4Matrix {
         if !x.iter().all(|v| v.is_finite()) {
             return kernels::matmul_t(self, x, 1, y, accumulate).map_err(QuantError::from);
         }
-        let mut prep = Vec::new();
+        // The thread's reusable scratch (as in `matmul_t`): no allocation per call.
+        let mut prep = kernels::take_prep();
+        prep.clear();
         act8::prepare(usable(path), x, &mut prep);
         act8::gemv(self, usable(path), &prep, 0..self.out, y, accumulate);
+        kernels::put_prep(prep);
         Ok(())
     }
 
