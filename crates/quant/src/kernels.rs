@@ -346,10 +346,12 @@ pub(crate) mod avx2 {
     }
 }
 
-/// Returns the thread's reusable scratch vector (taken out of its cell while in use, so a
-/// re-entrant call simply starts a fresh one).
+/// Returns the thread's reusable scratch vector, emptied (its capacity kept), taken out of its
+/// cell while in use, so a re-entrant call simply starts a fresh one.
 pub(crate) fn take_prep() -> Vec<f32> {
-    PREP.with(|c| c.take())
+    let mut v = PREP.with(|c| c.take());
+    v.clear();
+    v
 }
 
 pub(crate) fn put_prep(v: Vec<f32>) {
@@ -391,7 +393,6 @@ pub(crate) fn matmul_t<F: QuantRows>(
         return gemm(MatRef::row_major(x, m, i)?, &pack, y, accumulate);
     }
     let mut prep = take_prep();
-    prep.clear();
     for b in 0..m {
         f.gemv_prepare(path, &x[b * i..(b + 1) * i], &mut prep);
     }

@@ -788,7 +788,6 @@ impl Q4Matrix {
         }
         // The thread's reusable scratch (as in `matmul_t`): no allocation per call.
         let mut prep = kernels::take_prep();
-        prep.clear();
         act8::prepare(usable(path), x, &mut prep);
         act8::gemv(self, usable(path), &prep, 0..self.out, y, accumulate);
         kernels::put_prep(prep);

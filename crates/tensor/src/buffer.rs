@@ -63,15 +63,13 @@ impl<T: bytemuck::Pod> WeightBuf<T> {
         Layout::from_size_align(bytes, align).ok()
     }
 
-    /// `len` zeros. Panics (like `vec![0; len]`) if the size overflows `isize`, and calls
-    /// the global allocation-error handler if memory runs out.
-    pub fn zeroed(len: usize) -> Self {
-        let bytes = len.checked_mul(std::mem::size_of::<T>());
-        if bytes == Some(0) {
-            return WeightBuf {
-                ptr: NonNull::dangling(),
-                len,
-            };
+    /// Room for `len` elements, not yet initialised (dangling for zero bytes), placed and
+    /// advised as the module docs say before anything touches it. Panics (like
+    /// `vec![0; len]`) if the size overflows `isize`, and calls the global allocation-error
+    /// handler if memory runs out.
+    fn allocate(len: usize) -> NonNull<T> {
+        if len.checked_mul(std::mem::size_of::<T>()) == Some(0) {
+            return NonNull::dangling();
         }
         let layout = Self::layout(len).expect("WeightBuf: capacity overflow");
         // SAFETY: layout has a non-zero size.
@@ -82,17 +80,28 @@ impl<T: bytemuck::Pod> WeightBuf<T> {
         if layout.align() == HUGE_PAGE_BYTES {
             advise_huge_pages(raw, layout.size());
         }
-        // SAFETY: the allocation is `layout.size()` writable bytes; all-zero bytes are a valid
-        // T (Pod: Zeroable), so the buffer is initialised after this.
-        unsafe { std::ptr::write_bytes(raw, 0, layout.size()) };
+        ptr
+    }
+
+    /// `len` zeros.
+    pub fn zeroed(len: usize) -> Self {
+        let ptr = Self::allocate(len);
+        // SAFETY: `allocate` gave room for `len` Ts (nothing to write for zero bytes); all-zero
+        // bytes are a valid T (Pod: Zeroable), so the buffer is initialised after this.
+        unsafe { std::ptr::write_bytes(ptr.as_ptr(), 0, len) };
         WeightBuf { ptr, len }
     }
 
-    /// A copy of `src`.
+    /// A copy of `src` (written once: no zero-fill first).
     pub fn from_slice(src: &[T]) -> Self {
-        let mut b = Self::zeroed(src.len());
-        b.copy_from_slice(src);
-        b
+        let ptr = Self::allocate(src.len());
+        // SAFETY: `allocate` gave room for `src.len()` Ts in a fresh allocation, which cannot
+        // overlap `src`; after the copy every element is initialised.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), ptr.as_ptr(), src.len()) };
+        WeightBuf {
+            ptr,
+            len: src.len(),
+        }
     }
 
     /// The elements as a `Vec`.
