@@ -104,6 +104,25 @@ impl<T: bytemuck::Pod> WeightBuf<T> {
         }
     }
 
+    /// `len` elements, element `i` being `f(i)`, called once per index in increasing order
+    /// (written once: no zero-fill first). If `f` panics, the partly written buffer is leaked,
+    /// never read or freed.
+    ///
+    /// ```
+    /// use nibble_tensor::buffer::WeightBuf;
+    /// assert_eq!(&WeightBuf::from_fn(3, |i| i as u32 * 10)[..], &[0, 10, 20]);
+    /// ```
+    pub fn from_fn(len: usize, mut f: impl FnMut(usize) -> T) -> Self {
+        let ptr = Self::allocate(len);
+        for i in 0..len {
+            // SAFETY: `allocate` gave room for `len` Ts and i < len; `write` does not read or
+            // drop the uninitialised slot.
+            unsafe { ptr.as_ptr().add(i).write(f(i)) };
+        }
+        // Every one of the `len` elements is initialised now.
+        WeightBuf { ptr, len }
+    }
+
     /// The elements as a `Vec`.
     pub fn to_vec(&self) -> Vec<T> {
         self.as_ref().to_vec()
@@ -201,6 +220,24 @@ mod tests {
             if large {
                 assert_eq!(b.as_ptr() as usize % HUGE_PAGE_BYTES, 0);
             }
+        }
+    }
+
+    #[test]
+    fn from_fn_writes_every_index_in_order() {
+        for len in [0usize, 1, 7, HUGE_PAGE_BYTES / 4 + 3] {
+            let mut next = 0;
+            let b = WeightBuf::from_fn(len, |i| {
+                assert_eq!(i, next, "indices in increasing order");
+                next += 1;
+                i as f32 * 0.25
+            });
+            assert_eq!(next, len);
+            assert!(b.iter().enumerate().all(|(i, &v)| v == i as f32 * 0.25));
+            assert_eq!(
+                b.is_huge_page_aligned(),
+                len * 4 >= HUGE_PAGE_BYTES && huge_pages_enabled()
+            );
         }
     }
 

@@ -51,6 +51,23 @@ impl HalfTensor {
         })
     }
 
+    /// A tensor whose row-major element `i` is `f(i)`, called once per index in increasing
+    /// order, written straight into its [`WeightBuf`]; an error if the element count
+    /// overflows.
+    ///
+    /// ```
+    /// use nibble_tensor::{f16, HalfTensor};
+    /// let h = HalfTensor::from_fn(&[3], |i| f16::from_f32(i as f32)).unwrap();
+    /// assert_eq!(h.to_f32().data(), &[0.0, 1.0, 2.0]);
+    /// ```
+    pub fn from_fn(shape: &[usize], f: impl FnMut(usize) -> f16) -> Result<Self> {
+        let n = checked_numel("HalfTensor::from_fn", shape)?;
+        Ok(HalfTensor {
+            shape: shape.to_vec(),
+            data: WeightBuf::from_fn(n, f),
+        })
+    }
+
     /// The shape.
     pub fn shape(&self) -> &[usize] {
         &self.shape

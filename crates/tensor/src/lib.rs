@@ -12,6 +12,7 @@ pub mod gemm;
 pub mod half_tensor;
 pub mod layernorm;
 pub mod ops;
+pub mod parallel;
 pub mod rng;
 pub mod simd;
 pub mod tensor;

@@ -424,27 +424,31 @@ impl Checkpoint {
         }
     }
 
+    /// Checks that a tensor's data holds exactly its shape's elements of `elem` bytes (the
+    /// readers guarantee it; this keeps the element-wise decoders below from ever indexing
+    /// past the data).
+    fn check_data_len(&self, key: &str, entry: &Entry, elem: usize, found: usize) -> Result<()> {
+        if checked_nbytes(&entry.shape, elem) == Some(found) {
+            return Ok(());
+        }
+        Err(Error::BadTensor {
+            path: self.path.clone(),
+            key: key.to_owned(),
+            reason: format!(
+                "{found} bytes of data for shape {:?} of {:?}",
+                entry.shape, entry.dtype
+            ),
+        })
+    }
+
     /// A tensor as f32: F32 as stored, F16 and BF16 widened (exactly). Any other dtype is an
     /// [`Error::DType`]; if `expected_shape` is given and differs, an [`Error::Shape`].
     pub fn tensor_f32(&self, key: &str, expected_shape: Option<&[usize]>) -> Result<Tensor> {
         let entry = self.entry(key)?;
         self.check_shape(key, entry, expected_shape)?;
-        let data: Vec<f32> = match entry.dtype {
-            DType::F32 => self
-                .bytes(key)?
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            DType::F16 => self
-                .bytes(key)?
-                .chunks_exact(2)
-                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            DType::BF16 => self
-                .bytes(key)?
-                .chunks_exact(2)
-                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
+        let elem = match entry.dtype {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
             found => {
                 return Err(Error::DType {
                     path: self.path.clone(),
@@ -454,7 +458,21 @@ impl Checkpoint {
                 })
             }
         };
-        Tensor::from_vec(&entry.shape, data).map_err(|source| Error::Tensor {
+        let b = self.bytes(key)?;
+        self.check_data_len(key, entry, elem, b.len())?;
+        // Widened straight into the tensor's own (huge-page) buffer: no intermediate Vec.
+        let t = match entry.dtype {
+            DType::F32 => Tensor::from_fn(&entry.shape, |i| {
+                f32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]])
+            }),
+            DType::F16 => Tensor::from_fn(&entry.shape, |i| {
+                f16::from_le_bytes([b[2 * i], b[2 * i + 1]]).to_f32()
+            }),
+            _ => Tensor::from_fn(&entry.shape, |i| {
+                bf16::from_le_bytes([b[2 * i], b[2 * i + 1]]).to_f32()
+            }),
+        };
+        t.map_err(|source| Error::Tensor {
             path: self.path.clone(),
             key: key.to_owned(),
             source,
@@ -467,17 +485,9 @@ impl Checkpoint {
     pub fn half(&self, key: &str, expected_shape: Option<&[usize]>) -> Result<HalfTensor> {
         let entry = self.entry(key)?;
         self.check_shape(key, entry, expected_shape)?;
-        let data: Vec<f16> = match entry.dtype {
-            DType::F16 => self
-                .bytes(key)?
-                .chunks_exact(2)
-                .map(|c| f16::from_le_bytes([c[0], c[1]]))
-                .collect(),
-            DType::F32 => self
-                .bytes(key)?
-                .chunks_exact(4)
-                .map(|c| f16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
-                .collect(),
+        let elem = match entry.dtype {
+            DType::F16 => 2,
+            DType::F32 => 4,
             found => {
                 return Err(Error::DType {
                     path: self.path.clone(),
@@ -487,7 +497,23 @@ impl Checkpoint {
                 })
             }
         };
-        HalfTensor::from_vec(&entry.shape, data).map_err(|source| Error::Tensor {
+        let b = self.bytes(key)?;
+        self.check_data_len(key, entry, elem, b.len())?;
+        let t = if elem == 2 {
+            HalfTensor::from_fn(&entry.shape, |i| {
+                f16::from_le_bytes([b[2 * i], b[2 * i + 1]])
+            })
+        } else {
+            HalfTensor::from_fn(&entry.shape, |i| {
+                f16::from_f32(f32::from_le_bytes([
+                    b[4 * i],
+                    b[4 * i + 1],
+                    b[4 * i + 2],
+                    b[4 * i + 3],
+                ]))
+            })
+        };
+        t.map_err(|source| Error::Tensor {
             path: self.path.clone(),
             key: key.to_owned(),
             source,

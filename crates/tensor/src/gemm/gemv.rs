@@ -65,6 +65,9 @@ fn len_err(op: &'static str, shape: Vec<usize>, expected: usize, found: usize) -
     }
 }
 
+/// Largest share of W one thread streams at a time at batch 1.
+const GEMV_BLOCK_BYTES: usize = 1 << 20;
+
 #[allow(clippy::too_many_arguments)]
 fn gemv_t<E: BElem>(
     path: KernelPath,
@@ -102,47 +105,53 @@ fn gemv_t<E: BElem>(
     }
     let path = path.supported();
     let threads = rayon::current_num_threads().max(1);
-    // Rows per task: at least 16 rows and 64 KiB of W each (so the rayon overhead stays small
-    // next to the work).
-    let min_rows = 16.max((64 * 1024) / (inp.max(1) * std::mem::size_of::<E>()));
-    // Batch 1 is bound by streaming W from memory: 4 contiguous chunks of rows per thread
-    // (long sequential streams, multiples of 4 rows for the 4-row kernel, while rayon can
-    // still rebalance when a thread is descheduled). Larger batches: about 8 tasks per thread.
-    let per_thread = if m == 1 {
-        out.div_ceil(threads * 4).div_ceil(4) * 4
-    } else {
-        out.div_ceil(threads * 8)
-    };
-    let rows_per_task = per_thread.max(min_rows).max(1);
-    let parallel = threads > 1 && out > rows_per_task;
-
-    // Each task computes rows r of `res` laid out [r][m] (for m == 1 that is y itself).
+    // Tasks hold at least 16 rows and 64 KiB of W each (so the rayon overhead stays small next
+    // to the work).
+    let row_bytes = inp.max(1) * std::mem::size_of::<E>();
+    let min_rows = 16.max((64 * 1024) / row_bytes);
+    let parallel = threads > 1 && out > min_rows;
+    if m == 1 {
+        if parallel {
+            // Batch 1 streams W from memory: neighbouring blocks of rows, handed out in order
+            // (see `for_each_block`), each at most 1 MiB (the two threads' streams are then
+            // never 2 MiB apart), at least one per thread, in multiples of 4 rows for the
+            // 4-row kernel.
+            let block = (GEMV_BLOCK_BYTES / row_bytes)
+                .min(out.div_ceil(threads))
+                .div_ceil(4)
+                .max(1)
+                * 4;
+            crate::parallel::for_each_block(y, block, |r0, yc| {
+                let wc = &w[r0 * inp..(r0 + yc.len()) * inp];
+                rows_kernel(path, wc, inp, x, 1, yc, accumulate);
+            });
+        } else {
+            rows_kernel(path, w, inp, x, 1, y, accumulate);
+        }
+        return Ok(());
+    }
+    // Batches of 2 and more: about 8 tasks per thread, each computing its rows r of `res`
+    // laid out [r][m], then one transposing pass into y.
+    let rows_per_task = out.div_ceil(threads * 8).max(min_rows);
     let task = |(t, res): (usize, &mut [f32])| {
         let r0 = t * rows_per_task;
         let rows = res.len() / m;
         let wc = &w[r0 * inp..(r0 + rows) * inp];
-        rows_kernel(path, wc, inp, x, m, res, accumulate && m == 1);
+        rows_kernel(path, wc, inp, x, m, res, false);
     };
-    let run = |res: &mut [f32]| {
-        if parallel {
-            res.par_chunks_mut(rows_per_task * m)
-                .enumerate()
-                .for_each(task);
-        } else {
-            res.chunks_mut(rows_per_task * m).enumerate().for_each(task);
-        }
-    };
-    if m == 1 {
-        run(y);
+    let mut res = vec![0.0f32; yl];
+    if parallel {
+        res.par_chunks_mut(rows_per_task * m)
+            .enumerate()
+            .for_each(task);
     } else {
-        let mut res = vec![0.0f32; yl];
-        run(&mut res);
-        for r in 0..out {
-            for b in 0..m {
-                let v = res[r * m + b];
-                let d = &mut y[b * out + r];
-                *d = if accumulate { *d + v } else { v };
-            }
+        res.chunks_mut(rows_per_task * m).enumerate().for_each(task);
+    }
+    for r in 0..out {
+        for b in 0..m {
+            let v = res[r * m + b];
+            let d = &mut y[b * out + r];
+            *d = if accumulate { *d + v } else { v };
         }
     }
     Ok(())
