@@ -255,6 +255,43 @@ fn gemm_and_gemv_bit_identical_across_thread_counts() {
     }
 }
 
+/// Batch 1 splits W into blocks of at most 1 MiB handed out in order; blocks that do not divide
+/// the rows evenly (and a ragged last block) give the same bits on any number of threads, and
+/// every output is written.
+#[test]
+fn gemv_batch1_blocks_bit_identical_across_thread_counts() {
+    let mut rng = Rng::new(12);
+    for (n, k) in [(1030, 520), (1023, 1024), (2050, 256)] {
+        let w: Vec<f32> = (0..n * k).map(|_| rng.normal()).collect();
+        let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+        let x: Vec<f32> = (0..k).map(|_| rng.normal()).collect();
+        for path in paths() {
+            let gv = |threads: usize, half: bool| {
+                in_pool(threads, || {
+                    let mut y = vec![f32::NAN; n];
+                    if half {
+                        gemv_t_f16(path, &wh, n, k, &x, 1, &mut y, false).unwrap();
+                    } else {
+                        gemv_t_f32(path, &w, n, k, &x, 1, &mut y, false).unwrap();
+                    }
+                    assert!(y.iter().all(|v| v.is_finite()), "{n}x{k} {path:?}");
+                    bits(&y)
+                })
+            };
+            for half in [false, true] {
+                let one = gv(1, half);
+                for threads in [2, 3] {
+                    assert_eq!(
+                        one,
+                        gv(threads, half),
+                        "{n}x{k} f16={half} {path:?} {threads}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn gemv_matches_gemm() {
     let mut rng = Rng::new(5);
