@@ -238,23 +238,21 @@ impl QuantRows for Int8Matrix {
             prep.push(x.iter().sum());
         }
     }
-    fn gemv(
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn gemv_avx2(
         &self,
-        path: KernelPath,
         x: &[f32],
         prep: &[f32],
         rows: std::ops::Range<usize>,
         y: &mut [f32],
         acc: bool,
-    ) {
-        match usable(path) {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: Avx2Fma only when the CPU supports it; the kernel checks its lengths.
-            KernelPath::Avx2Fma if prep.len() == 1 => unsafe {
-                avx2::gemv(self, x, prep[0], rows, y, acc)
-            },
-            _ => kernels::gemv_generic(self, path, x, rows, y, acc),
-        }
+    ) -> bool {
+        let [sum_x] = prep else {
+            return false;
+        };
+        // SAFETY: the trait's contract (AVX2/FMA/F16C; x, rows and y checked).
+        unsafe { avx2::gemv(self, x, *sum_x, rows, y, acc) };
+        true
     }
 }
 

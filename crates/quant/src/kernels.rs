@@ -111,7 +111,10 @@ pub(crate) trait QuantRows: Sync + Send {
     /// is `len` unless `c0 + len == in`.
     fn dequant_segment(&self, path: KernelPath, r: usize, c0: usize, len: usize, dst: &mut [f32]);
     /// Writes `W[r0 + p, c0..c0+len]` into `dst[p * stride..p * stride + len]` for
-    /// `p < rows` (same alignment rules as [`QuantRows::dequant_segment`]; `len <= stride`).
+    /// `p < rows` (same alignment rules as [`QuantRows::dequant_segment`]; `len <= stride`):
+    /// the format's AVX2 column kernel where it has one and the request fits it, else one
+    /// row segment at a time. (Formats provide [`QuantRows::dequant_cols_avx2`], not this.)
+    #[allow(clippy::too_many_arguments)]
     fn dequant_cols(
         &self,
         path: KernelPath,
@@ -122,23 +125,81 @@ pub(crate) trait QuantRows: Sync + Send {
         dst: &mut [f32],
         stride: usize,
     ) {
+        #[cfg(target_arch = "x86_64")]
+        if usable(path) == KernelPath::Avx2Fma
+            && cols_fit(self.dims(), self.seg_align(), r0, rows, c0, len, dst.len(), stride)
+            // SAFETY: the path went through `usable` (the CPU has AVX2, FMA and F16C) and
+            // `cols_fit` checked the rows, columns and destination lengths.
+            && unsafe { self.dequant_cols_avx2(r0, rows, c0, len, dst, stride) }
+        {
+            return;
+        }
         dequant_cols_by_segments(self, path, r0, rows, c0, len, dst, stride);
+    }
+    /// The format's AVX2 column kernel for [`QuantRows::dequant_cols`]: `false` (nothing
+    /// written) if it has none.
+    ///
+    /// # Safety
+    /// The CPU supports AVX2, FMA and F16C, and `cols_fit(self.dims(), self.seg_align(), r0,
+    /// rows, c0, len, dst.len(), stride)` holds.
+    #[cfg(target_arch = "x86_64")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn dequant_cols_avx2(
+        &self,
+        _r0: usize,
+        _rows: usize,
+        _c0: usize,
+        _len: usize,
+        _dst: &mut [f32],
+        _stride: usize,
+    ) -> bool {
+        false
     }
     /// Appends the per-input precomputation for [`QuantRows::gemv`] (e.g. block sums of `x`)
     /// to `prep`; every call for a given matrix and path appends the same number of floats.
     fn gemv_prepare(&self, _path: KernelPath, _x: &[f32], _prep: &mut Vec<f32>) {}
     /// `y[j] = W[rows.start + j, :] · x` (`y[j] += ...` with `acc`) for the rows in `rows`;
-    /// `prep` is what [`QuantRows::gemv_prepare`] appended for this `x` on this path.
+    /// `prep` is what [`QuantRows::gemv_prepare`] appended for this `x` on this path. The
+    /// format's AVX2 GEMV where it has one and takes this `prep`, else [`gemv_generic`].
+    /// (Formats provide [`QuantRows::gemv_avx2`], not this.)
     fn gemv(
         &self,
         path: KernelPath,
         x: &[f32],
-        _prep: &[f32],
+        prep: &[f32],
         rows: Range<usize>,
         y: &mut [f32],
         acc: bool,
     ) {
+        #[cfg(target_arch = "x86_64")]
+        if usable(path) == KernelPath::Avx2Fma
+            && x.len() == self.dims().1
+            && rows.end <= self.dims().0
+            && y.len() >= rows.len()
+            // SAFETY: the path went through `usable` (the CPU has AVX2, FMA and F16C); x,
+            // rows and y were just checked.
+            && unsafe { self.gemv_avx2(x, prep, rows.clone(), y, acc) }
+        {
+            return;
+        }
         gemv_generic(self, path, x, rows, y, acc);
+    }
+    /// The format's AVX2 GEMV for [`QuantRows::gemv`]: `false` (nothing written) if it has
+    /// none or `prep` is not what its [`QuantRows::gemv_prepare`] makes on the AVX2 path.
+    ///
+    /// # Safety
+    /// The CPU supports AVX2, FMA and F16C; `x.len() == in`, `rows.end <= out` and
+    /// `y.len() >= rows.len()`.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn gemv_avx2(
+        &self,
+        _x: &[f32],
+        _prep: &[f32],
+        _rows: Range<usize>,
+        _y: &mut [f32],
+        _acc: bool,
+    ) -> bool {
+        false
     }
 }
 

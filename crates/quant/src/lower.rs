@@ -691,23 +691,21 @@ impl QuantRows for LowerMatrix {
             prep.extend(x.chunks_exact(LOWER_GROUP).map(|c| c.iter().sum::<f32>()));
         }
     }
-    fn gemv(
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn gemv_avx2(
         &self,
-        path: KernelPath,
         x: &[f32],
         prep: &[f32],
         rows: std::ops::Range<usize>,
         y: &mut [f32],
         acc: bool,
-    ) {
-        match usable(path) {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: Avx2Fma only when the CPU supports it; the kernel checks its lengths.
-            KernelPath::Avx2Fma if prep.len() == self.inn / LOWER_GROUP => unsafe {
-                avx2::gemv(self, x, prep, rows, y, acc)
-            },
-            _ => kernels::gemv_generic(self, path, x, rows, y, acc),
+    ) -> bool {
+        if prep.len() != self.inn / LOWER_GROUP {
+            return false;
         }
+        // SAFETY: the trait's contract (AVX2/FMA/F16C; x, rows and y checked) and this prep.
+        unsafe { avx2::gemv(self, x, prep, rows, y, acc) };
+        true
     }
 }
 

@@ -873,35 +873,19 @@ impl QuantRows for Nf4Matrix {
             done += end - start;
         }
     }
-    fn dequant_cols(
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn dequant_cols_avx2(
         &self,
-        path: KernelPath,
         r0: usize,
         rows: usize,
         c0: usize,
         len: usize,
         dst: &mut [f32],
         stride: usize,
-    ) {
-        let fits = kernels::cols_fit(
-            (self.out, self.inn),
-            16,
-            r0,
-            rows,
-            c0,
-            len,
-            dst.len(),
-            stride,
-        );
-        match usable(path) {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: the path went through `usable` (CPU has AVX2/FMA/F16C); `fits` checked
-            // the rows, columns and destination lengths.
-            KernelPath::Avx2Fma if fits => unsafe {
-                avx2::dequant_cols(self, r0, rows, c0, len, dst, stride)
-            },
-            _ => kernels::dequant_cols_by_segments(self, path, r0, rows, c0, len, dst, stride),
-        }
+    ) -> bool {
+        // SAFETY: the trait's contract (AVX2/FMA/F16C; the request fits in runs of 16).
+        unsafe { avx2::dequant_cols(self, r0, rows, c0, len, dst, stride) };
+        true
     }
     /// AVX2 path: appends x with each run of 16 reordered as its 8 even then 8 odd elements.
     fn gemv_prepare(&self, path: KernelPath, x: &[f32], prep: &mut Vec<f32>) {
@@ -909,24 +893,21 @@ impl QuantRows for Nf4Matrix {
             kernels::push_even_odd16(x, prep);
         }
     }
-    fn gemv(
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn gemv_avx2(
         &self,
-        path: KernelPath,
-        x: &[f32],
+        _x: &[f32],
         prep: &[f32],
         rows: std::ops::Range<usize>,
         y: &mut [f32],
         acc: bool,
-    ) {
-        match usable(path) {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: Avx2Fma only when the CPU supports it; the kernel checks `prep`, `rows`
-            // and `y` lengths itself.
-            KernelPath::Avx2Fma if prep.len() == self.inn => unsafe {
-                avx2::gemv(self, prep, rows, y, acc)
-            },
-            _ => kernels::gemv_generic(self, path, x, rows, y, acc),
+    ) -> bool {
+        if prep.len() != self.inn {
+            return false;
         }
+        // SAFETY: the trait's contract (AVX2/FMA/F16C; rows and y checked) and this prep.
+        unsafe { avx2::gemv(self, prep, rows, y, acc) };
+        true
     }
 }
 

@@ -815,35 +815,19 @@ impl QuantRows for Q4Matrix {
             &mut dst[..len],
         );
     }
-    fn dequant_cols(
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn dequant_cols_avx2(
         &self,
-        path: KernelPath,
         r0: usize,
         rows: usize,
         c0: usize,
         len: usize,
         dst: &mut [f32],
         stride: usize,
-    ) {
-        let fits = kernels::cols_fit(
-            (self.out, self.inn),
-            Q4_BLOCK,
-            r0,
-            rows,
-            c0,
-            len,
-            dst.len(),
-            stride,
-        );
-        match usable(path) {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: the path went through `usable` (CPU has AVX2/FMA/F16C); `fits` checked
-            // the rows, columns and destination lengths.
-            KernelPath::Avx2Fma if fits => unsafe {
-                avx2::dequant_cols(self, r0, rows, c0, len, dst, stride)
-            },
-            _ => kernels::dequant_cols_by_segments(self, path, r0, rows, c0, len, dst, stride),
-        }
+    ) -> bool {
+        // SAFETY: the trait's contract (AVX2/FMA/F16C; the request fits in whole blocks).
+        unsafe { avx2::dequant_cols(self, r0, rows, c0, len, dst, stride) };
+        true
     }
     /// AVX2 path: appends x with each block of 16 reordered as its 8 even then 8 odd
     /// elements (the low / high nibbles of the block's bytes), then the `in/16` block sums.
@@ -862,34 +846,26 @@ impl QuantRows for Q4Matrix {
             prep.extend(x.chunks_exact(Q4_BLOCK).map(|c| c.iter().sum::<f32>()));
         }
     }
-    fn gemv(
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn gemv_avx2(
         &self,
-        path: KernelPath,
-        x: &[f32],
+        _x: &[f32],
         prep: &[f32],
         rows: std::ops::Range<usize>,
         y: &mut [f32],
         acc: bool,
-    ) {
-        match usable(path) {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: Avx2Fma is only returned by `usable` when the CPU supports it; the kernel
-            // checks `prep`, `rows` and `y` lengths itself.
-            KernelPath::Avx2Fma if prep.len() == self.inn + self.inn / Q4_BLOCK => unsafe {
-                avx2::gemv(self, prep, rows, y, acc)
-            },
-            #[cfg(target_arch = "x86_64")]
-            // (The two preparations never have the same length for `in > 0`: 17·in/16 floats
-            // against 41 per started group of 128.)
-            KernelPath::Avx2Fma
-                if prep.len() == act8::prep_len(self.inn)
-                    && rows.end <= self.out
-                    && y.len() >= rows.len() =>
-            {
-                act8::gemv(self, KernelPath::Avx2Fma, prep, rows, y, acc)
-            }
-            _ => kernels::gemv_generic(self, path, x, rows, y, acc),
+    ) -> bool {
+        // (The two preparations never have the same length for `in > 0`: 17·in/16 floats
+        // against 41 per started group of 128.)
+        if prep.len() == self.inn + self.inn / Q4_BLOCK {
+            // SAFETY: the trait's contract (AVX2/FMA/F16C; rows and y checked) and this prep.
+            unsafe { avx2::gemv(self, prep, rows, y, acc) };
+        } else if prep.len() == act8::prep_len(self.inn) {
+            act8::gemv(self, KernelPath::Avx2Fma, prep, rows, y, acc);
+        } else {
+            return false;
         }
+        true
     }
 }
 

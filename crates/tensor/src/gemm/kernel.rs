@@ -54,19 +54,46 @@ pub(crate) unsafe fn edge_tile(
     mr: usize,
     nr: usize,
 ) {
-    let mut local = [0.0f32; MR * NR];
+    let mut local = [[0.0f32; NR]; MR];
     // SAFETY: `local` is a full MR x NR tile with row stride NR; a and b per the caller.
-    unsafe { tile(path, kc, a, b, local.as_mut_ptr(), NR, true) };
-    for i in 0..mr {
-        for j in 0..nr {
+    unsafe { tile(path, kc, a, b, local.as_mut_ptr().cast(), NR, true) };
+    // SAFETY: the caller vouches for the mr x nr corner of C.
+    unsafe { store_corner(&local, c, rs_c, overwrite, mr, nr) };
+}
+
+/// The packed micro-panels as slices: `a` `[kc][MR]`, `b` `[kc][NR]`.
+///
+/// # Safety
+/// `a` must be valid for reading `kc * MR` floats and `b` for `kc * NR` floats, for `'p`.
+unsafe fn panels<'p>(kc: usize, a: *const f32, b: *const f32) -> (&'p [f32], &'p [f32]) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        (
+            std::slice::from_raw_parts(a, kc * MR),
+            std::slice::from_raw_parts(b, kc * NR),
+        )
+    }
+}
+
+/// Writes (`overwrite`) or adds the `mr x nr` corner of `acc` into C.
+///
+/// # Safety
+/// `c` must be valid for reading and writing `c[i * rs_c + j]` for `i < mr <= MR`,
+/// `j < nr <= NR`.
+unsafe fn store_corner(
+    acc: &[[f32; NR]; MR],
+    c: *mut f32,
+    rs_c: usize,
+    overwrite: bool,
+    mr: usize,
+    nr: usize,
+) {
+    for (i, row) in acc.iter().enumerate().take(mr) {
+        for (j, &v) in row.iter().enumerate().take(nr) {
             // SAFETY: (i, j) lies in the mr x nr corner the caller vouches for.
             unsafe {
                 let d = c.add(i * rs_c + j);
-                *d = if overwrite {
-                    local[i * NR + j]
-                } else {
-                    *d + local[i * NR + j]
-                };
+                *d = if overwrite { v } else { *d + v };
             }
         }
     }
@@ -85,12 +112,7 @@ unsafe fn scalar_6x16(
     overwrite: bool,
 ) {
     // SAFETY: the caller guarantees kc * MR readable floats at a and kc * NR at b.
-    let (a, b) = unsafe {
-        (
-            std::slice::from_raw_parts(a, kc * MR),
-            std::slice::from_raw_parts(b, kc * NR),
-        )
-    };
+    let (a, b) = unsafe { panels(kc, a, b) };
     let mut acc = [[0.0f32; NR]; MR];
     for p in 0..kc {
         let bp = &b[p * NR..(p + 1) * NR];
@@ -101,15 +123,8 @@ unsafe fn scalar_6x16(
             }
         }
     }
-    for (i, row) in acc.iter().enumerate() {
-        for (j, &v) in row.iter().enumerate() {
-            // SAFETY: (i, j) is inside the MR x NR tile the caller vouches for.
-            unsafe {
-                let d = c.add(i * rs_c + j);
-                *d = if overwrite { v } else { *d + v };
-            }
-        }
-    }
+    // SAFETY: the caller vouches for the whole MR x NR tile.
+    unsafe { store_corner(&acc, c, rs_c, overwrite, MR, NR) };
 }
 
 /// Portable SIMD kernel (`wide::f32x8`, 12 accumulators) for `C[6x16] (+)= A[6xkc] · B[kcx16]`.
@@ -126,12 +141,7 @@ unsafe fn portable_6x16(
 ) {
     use wide::f32x8;
     // SAFETY: the caller guarantees kc * MR readable floats at a and kc * NR at b.
-    let (a, b) = unsafe {
-        (
-            std::slice::from_raw_parts(a, kc * MR),
-            std::slice::from_raw_parts(b, kc * NR),
-        )
-    };
+    let (a, b) = unsafe { panels(kc, a, b) };
     let load8 = |s: &[f32]| -> f32x8 {
         let mut t = [0.0f32; 8];
         t.copy_from_slice(&s[..8]);
@@ -147,18 +157,12 @@ unsafe fn portable_6x16(
             row[1] += av * b1;
         }
     }
-    for (i, row) in acc.iter().enumerate() {
-        for (h, v) in row.iter().enumerate() {
-            let v = v.to_array();
-            for (j, &x) in v.iter().enumerate() {
-                // SAFETY: (i, h * 8 + j) is inside the MR x NR tile the caller vouches for.
-                unsafe {
-                    let d = c.add(i * rs_c + h * 8 + j);
-                    *d = if overwrite { x } else { *d + x };
-                }
-            }
-        }
-    }
+    let acc: [[f32; NR]; MR] = std::array::from_fn(|i| {
+        let (lo, hi) = (acc[i][0].to_array(), acc[i][1].to_array());
+        std::array::from_fn(|j| if j < 8 { lo[j] } else { hi[j - 8] })
+    });
+    // SAFETY: the caller vouches for the whole MR x NR tile.
+    unsafe { store_corner(&acc, c, rs_c, overwrite, MR, NR) };
 }
 
 #[cfg(target_arch = "x86_64")]
