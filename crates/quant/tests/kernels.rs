@@ -115,6 +115,61 @@ fn lower_fused_matches_dequantized() {
     }
 }
 
+/// The AVX2 lower GEMV gathers 16 codes per step from a 16-byte window and multiplies
+/// `code · 2^s` by `x · 2^−s`: random rows of both widths (the last row 3-bit, so its final
+/// windows run past the end of the codes), every code value, scales of either sign and x with
+/// a wide range must match the dequantized matrix, on 1 and 2 threads alike.
+#[test]
+fn lower_gemv_gathers_every_code_of_both_widths() {
+    use half::f16;
+    use nibble_quant::lower::LOWER_GROUP;
+    use nibble_quant::Bytes;
+    let mut rng = Rng::new(21);
+    for (o, i) in [(9, 128), (37, 512), (64, 1024)] {
+        let bits: Vec<u8> = (0..o)
+            .map(|r| {
+                if r == o - 1 || rng.uniform(0.0, 1.0) < 0.5 {
+                    3
+                } else {
+                    4
+                }
+            })
+            .collect();
+        let codes: Vec<u8> = (0..bits.iter().map(|&b| i * b as usize / 8).sum::<usize>())
+            .map(|_| rng.uniform(0.0, 256.0) as u8)
+            .collect();
+        let ng = o * i / LOWER_GROUP;
+        let f16s = |rng: &mut Rng| -> Vec<f16> {
+            (0..ng).map(|_| f16::from_f32(rng.normal() * 0.1)).collect()
+        };
+        let (scales, mins) = (f16s(&mut rng), f16s(&mut rng));
+        let m = LowerMatrix::from_parts(
+            o,
+            i,
+            Bytes::from_vec(bits),
+            Bytes::from_vec(codes),
+            Bytes::from_f16(scales),
+            Bytes::from_f16(mins),
+        )
+        .unwrap();
+        let wd = m.to_f32();
+        let mut x = Tensor::randn(&[1, i], &mut rng);
+        for (k, v) in x.data_mut().iter_mut().enumerate() {
+            *v *= [1.0, 1e3, 1e-3, 7.0][k % 4];
+        }
+        let want = naive_t(x.data(), 1, &wd);
+        for threads in [1, 2] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let mut y = vec![f32::NAN; o];
+            pool.install(|| m.matmul_t(x.data(), 1, &mut y, false).unwrap());
+            close(&y, &want, &format!("lower gemv {o}x{i} {threads} threads"));
+        }
+    }
+}
+
 /// A large batch (the GEMM path with several K blocks and thread tiles) for every format.
 #[test]
 fn batch_1024_fused_matches_dequantized() {
