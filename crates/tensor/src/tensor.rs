@@ -23,8 +23,8 @@ pub struct Tensor {
 
 /// A tensor's elements: a `Vec` (activations, gradients, anything handed over as a `Vec`),
 /// or a [`WeightBuf`] on huge pages for large parameters drawn at random or loaded from a
-/// file (a batch-1 forward streams every weight from DRAM: 18 f32 1024x1024 layers,
-/// 3.33 -> 3.00 ms).
+/// file (a batch-1 forward streams every weight from DRAM: BigNet f32 at batch 1 went from
+/// 3.7–3.8 to 2.9 ms with this and the GEMV's neighbouring blocks).
 #[derive(Clone)]
 enum Elements {
     Vec(Vec<f32>),
