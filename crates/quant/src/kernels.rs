@@ -91,8 +91,10 @@ pub(crate) fn push_even_odd16(x: &[f32], prep: &mut Vec<f32>) {
 
 use crate::cpu::{kernel_path, usable, KernelPath};
 
-/// Batches below this use the fused GEMV; from it on, the packed-panel GEMM.
-pub(crate) const GEMM_MIN_M: usize = 16;
+/// Batches below this use the fused GEMV; from it on, the packed-panel GEMM (the default of
+/// [`QuantRows::gemm_min_m`]). 1024², 2 threads: Q4 8 GEMVs 0.79 ms against the GEMM 1.00 ms,
+/// 10 GEMVs 0.99 against 0.91 ms; int8 0.65 / 0.70 and 0.79 / 0.70 ms.
+pub(crate) const GEMM_MIN_M: usize = 10;
 
 /// Rows of W a GEMV task handles at a time for batches of 2..16 (its codes stay in L1/L2
 /// while every vector of the batch passes over them).
@@ -105,6 +107,12 @@ const FWD_CHUNK: usize = 256;
 pub(crate) trait QuantRows: Sync + Send {
     /// `(out, in)`.
     fn dims(&self) -> (usize, usize);
+    /// The smallest batch that goes through the GEMM rather than one fused GEMV per row of x:
+    /// about where `m` GEMVs cost as much as the GEMM, whose cost at small batches is mostly
+    /// dequantizing all of W into its panels.
+    fn gemm_min_m(&self) -> usize {
+        GEMM_MIN_M
+    }
     /// Column granularity of [`QuantRows::dequant_segment`].
     fn seg_align(&self) -> usize;
     /// Writes `W[r, c0..c0+len]` into `dst[..len]`; `c0` is a multiple of `seg_align()` and so
@@ -434,8 +442,8 @@ unsafe impl Sync for YPtr {}
 
 /// Forward `y = x · Wᵀ` for any format.
 ///
-/// Shapes: `x` `[m, in]`, `y` `[m, out]` row-major. `m < 16`: fused GEMV (rows of W split
-/// evenly over the pool's threads, in multiples of 4); `m >= 16`: the GEMM over [`FwdPack`].
+/// Shapes: `x` `[m, in]`, `y` `[m, out]` row-major. `m < f.gemm_min_m()` (10 unless the format says otherwise): fused GEMV (rows of W split
+/// evenly over the pool's threads, in multiples of 4); from there on: the GEMM over [`FwdPack`].
 pub(crate) fn matmul_t<F: QuantRows>(
     f: &F,
     x: &[f32],
@@ -449,7 +457,7 @@ pub(crate) fn matmul_t<F: QuantRows>(
     if m == 0 || o == 0 {
         return Ok(());
     }
-    if m >= GEMM_MIN_M {
+    if m >= f.gemm_min_m() {
         let pack = FwdPack { f, path };
         return gemm(MatRef::row_major(x, m, i)?, &pack, y, accumulate);
     }

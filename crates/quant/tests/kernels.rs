@@ -42,7 +42,7 @@ fn check(wm: &dyn WeightMatrix, name: &str) {
     let wd = wm.to_f32();
     let (o, i) = (wm.out_features(), wm.in_features());
     let mut rng = Rng::new(7);
-    for m in [1usize, 3, 15, 16, 33, 256] {
+    for m in [1usize, 3, 5, 9, 15, 16, 33, 256] {
         let x = Tensor::randn(&[m, i], &mut rng);
         let mut y = vec![f32::NAN; m * o];
         wm.matmul_t(x.data(), m, &mut y, false).unwrap();
