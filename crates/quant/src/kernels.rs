@@ -96,7 +96,7 @@ use crate::cpu::{kernel_path, usable, KernelPath};
 /// 10 GEMVs 0.99 against 0.91 ms; int8 0.65 / 0.70 and 0.79 / 0.70 ms.
 pub(crate) const GEMM_MIN_M: usize = 10;
 
-/// Rows of W a GEMV task handles at a time for batches of 2..16 (its codes stay in L1/L2
+/// Rows of W a GEMV task handles at a time for batches of 2 and more (its codes stay in L1/L2
 /// while every vector of the batch passes over them).
 const GEMV_ROW_TILE: usize = 64;
 
@@ -442,8 +442,9 @@ unsafe impl Sync for YPtr {}
 
 /// Forward `y = x · Wᵀ` for any format.
 ///
-/// Shapes: `x` `[m, in]`, `y` `[m, out]` row-major. `m < f.gemm_min_m()` (10 unless the format says otherwise): fused GEMV (rows of W split
-/// evenly over the pool's threads, in multiples of 4); from there on: the GEMM over [`FwdPack`].
+/// Shapes: `x` `[m, in]`, `y` `[m, out]` row-major. Below [`QuantRows::gemm_min_m`] (10 unless
+/// the format says otherwise): fused GEMVs (batch 1: rows of W split evenly over the pool's
+/// threads, in multiples of 4; larger: 64-row tiles); from there on, the GEMM over [`FwdPack`].
 pub(crate) fn matmul_t<F: QuantRows>(
     f: &F,
     x: &[f32],
