@@ -241,13 +241,35 @@ mod avx2 {
         out: &mut [f32],
     ) {
         let (sh3, sh4) = shifts();
+        let gather = Gather16::new(bits);
         let mut t = 0;
         while t + 8 <= out.len() {
             let j = c0 + t;
             let g = j / LOWER_GROUP;
             let s = _mm256_set1_ps(scales[g].to_f32());
             let m = _mm256_set1_ps(mins[g].to_f32());
+            // `scale · 2^−s` times `code · 2^s` is `scale · code` to the last bit (powers of
+            // two scale exactly; an f16 scale times 2^−7 stays a normal f32).
+            let su = [
+                _mm256_mul_ps(s, gather.unshift[0]),
+                _mm256_mul_ps(s, gather.unshift[1]),
+            ];
             let gend = ((g + 1) * LOWER_GROUP - c0).min(out.len());
+            // 16 codes at a time ([`Gather16`]; c0 + t is a multiple of 8, so the window's
+            // bit pattern is the one it was built for), then 8 with a variable shift.
+            while t + 16 <= gend {
+                let [ca, cb] = gather.codes(codes, (c0 + t) * usize::from(bits) / 8);
+                // SAFETY: t + 16 <= out.len().
+                _mm256_storeu_ps(
+                    out.as_mut_ptr().add(t),
+                    _mm256_add_ps(m, _mm256_mul_ps(su[0], ca)),
+                );
+                _mm256_storeu_ps(
+                    out.as_mut_ptr().add(t + 8),
+                    _mm256_add_ps(m, _mm256_mul_ps(su[1], cb)),
+                );
+                t += 16;
+            }
             while t + 8 <= gend {
                 let c = _mm256_cvtepi32_ps(codes8(codes, bits, c0 + t, sh3, sh4));
                 // SAFETY: t + 8 <= out.len().
@@ -270,6 +292,8 @@ mod avx2 {
     struct Gather16 {
         ctrl: [__m256i; 2],
         mask: [__m256i; 2],
+        /// `2^−s` per lane: what turns `code · 2^s` back into the code in a product.
+        unshift: [__m256; 2],
     }
 
     impl Gather16 {
@@ -277,6 +301,7 @@ mod avx2 {
         unsafe fn new(bits: u8) -> Self {
             let mut ctrl = [[0x80u8; 32]; 2];
             let mut mask = [[0i32; 8]; 2];
+            let mut unshift = [[0f32; 8]; 2];
             for h in 0..2 {
                 for i in 0..8 {
                     let bit = usize::from(bits) * (8 * h + i);
@@ -286,6 +311,7 @@ mod avx2 {
                     ctrl[h][4 * i] = (bit / 8) as u8;
                     ctrl[h][4 * i + 1] = (bit / 8 + 1) as u8;
                     mask[h][i] = ((1 << bits) - 1) << (bit % 8);
+                    unshift[h][i] = 1.0 / (1u32 << (bit % 8)) as f32;
                 }
             }
             // SAFETY (loads): each source is a 32-byte array.
@@ -297,6 +323,10 @@ mod avx2 {
                 mask: [
                     _mm256_loadu_si256(mask[0].as_ptr() as *const __m256i),
                     _mm256_loadu_si256(mask[1].as_ptr() as *const __m256i),
+                ],
+                unshift: [
+                    _mm256_loadu_ps(unshift[0].as_ptr()),
+                    _mm256_loadu_ps(unshift[1].as_ptr()),
                 ],
             }
         }
