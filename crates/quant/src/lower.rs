@@ -311,7 +311,7 @@ mod avx2 {
                     ctrl[h][4 * i] = (bit / 8) as u8;
                     ctrl[h][4 * i + 1] = (bit / 8 + 1) as u8;
                     mask[h][i] = ((1 << bits) - 1) << (bit % 8);
-                    unshift[h][i] = 1.0 / (1u32 << (bit % 8)) as f32;
+                    unshift[h][i] = unshift_of(bits, 8 * h + i);
                 }
             }
             // SAFETY (loads): each source is a 32-byte array.
@@ -409,6 +409,14 @@ mod avx2 {
     }
 }
 
+/// `2^−s` for code `k` of a run of `bits`-bit codes, `s = (bits·k) mod 8` its bit offset in
+/// its first byte: the factor that cancels the AVX2 gather's in-place `code · 2^s`.
+fn unshift_of(bits: u8, k: usize) -> f32 {
+    let s = (usize::from(bits) * k % 8) as u32;
+    // The exponent field of 2^−s (s <= 7): no division.
+    f32::from_bits((127 - s) << 23)
+}
+
 /// Length of the AVX2 GEMV's prepared x for `in` columns (see [`prepare_x`]).
 fn prep_len(inn: usize) -> usize {
     2 * inn + inn / LOWER_GROUP
@@ -419,13 +427,8 @@ fn prep_len(inn: usize) -> usize {
 /// products are those of the codes themselves: scaling by a power of two is exact), then the
 /// `in/128` group sums of x.
 fn prepare_x(x: &[f32], prep: &mut Vec<f32>) {
-    const INV_POW2: [f32; 8] = [1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625, 0.0078125];
-    for bits in [3usize, 4] {
-        prep.extend(
-            x.iter()
-                .enumerate()
-                .map(|(k, &v)| v * INV_POW2[bits * k % 8]),
-        );
+    for bits in [3, 4] {
+        prep.extend(x.iter().enumerate().map(|(k, &v)| v * unshift_of(bits, k)));
     }
     prep.extend(x.chunks_exact(LOWER_GROUP).map(|c| c.iter().sum::<f32>()));
 }

@@ -71,6 +71,21 @@ pub enum TensorError {
 /// Result alias for tensor operations.
 pub type Result<T, E = TensorError> = std::result::Result<T, E>;
 
+/// Checks that a buffer of `found` elements fills `shape` exactly: [`TensorError::Overflow`]
+/// or [`TensorError::Length`] naming `op` otherwise.
+pub fn check_len(op: &'static str, shape: &[usize], found: usize) -> Result<()> {
+    let expected = checked_numel(op, shape)?;
+    if expected != found {
+        return Err(TensorError::Length {
+            op,
+            shape: shape.to_vec(),
+            expected,
+            found,
+        });
+    }
+    Ok(())
+}
+
 /// Product of `shape`, or [`TensorError::Overflow`] naming `op`.
 pub fn checked_numel(op: &'static str, shape: &[usize]) -> Result<usize> {
     shape

@@ -1,7 +1,7 @@
 //! f16 storage for weights: half the bytes of f32, widened to f32 on the fly by the kernels.
 
 use crate::buffer::WeightBuf;
-use crate::error::{checked_numel, Result, TensorError};
+use crate::error::{check_len, checked_numel, Result, TensorError};
 use crate::tensor::Tensor;
 use half::f16;
 
@@ -36,15 +36,7 @@ impl HalfTensor {
 
     /// A tensor from f16 values whose count must equal the product of `shape`.
     pub fn from_vec(shape: &[usize], data: Vec<f16>) -> Result<Self> {
-        let n = checked_numel("HalfTensor::from_vec", shape)?;
-        if n != data.len() {
-            return Err(TensorError::Length {
-                op: "HalfTensor::from_vec",
-                shape: shape.to_vec(),
-                expected: n,
-                found: data.len(),
-            });
-        }
+        check_len("HalfTensor::from_vec", shape, data.len())?;
         Ok(HalfTensor {
             shape: shape.to_vec(),
             data: WeightBuf::from_slice(&data),

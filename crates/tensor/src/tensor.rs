@@ -2,7 +2,7 @@
 //! views of leading-axis slices.
 
 use crate::buffer::{WeightBuf, HUGE_PAGE_BYTES};
-use crate::error::{checked_numel, Result, TensorError};
+use crate::error::{check_len, checked_numel, Result, TensorError};
 use crate::rng::Rng;
 use std::ops::{Deref, DerefMut};
 
@@ -104,15 +104,7 @@ impl Tensor {
 
     /// A tensor from a buffer whose length must equal the product of `shape`.
     pub fn from_vec(shape: &[usize], data: Vec<f32>) -> Result<Self> {
-        let n = checked_numel("from_vec", shape)?;
-        if n != data.len() {
-            return Err(TensorError::Length {
-                op: "from_vec",
-                shape: shape.to_vec(),
-                expected: n,
-                found: data.len(),
-            });
-        }
+        check_len("from_vec", shape, data.len())?;
         Ok(Tensor {
             shape: shape.to_vec(),
             data: Elements::Vec(data),
@@ -129,15 +121,7 @@ impl Tensor {
     /// assert!(Tensor::from_weight_buf(&[3], WeightBuf::zeroed(2)).is_err());
     /// ```
     pub fn from_weight_buf(shape: &[usize], data: WeightBuf<f32>) -> Result<Self> {
-        let n = checked_numel("from_weight_buf", shape)?;
-        if n != data.len() {
-            return Err(TensorError::Length {
-                op: "from_weight_buf",
-                shape: shape.to_vec(),
-                expected: n,
-                found: data.len(),
-            });
-        }
+        check_len("from_weight_buf", shape, data.len())?;
         Ok(Tensor {
             shape: shape.to_vec(),
             data: Elements::Weights(data),

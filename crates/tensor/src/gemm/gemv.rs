@@ -247,57 +247,48 @@ mod avx2 {
             if m == 1 {
                 return body_m1(w, inp, x, res, accumulate);
             }
-            if m <= 4 {
-                return group(w, inp, x, m, res, accumulate);
-            }
-            // Larger batches: groups of 4 x rows, one pass over W each.
+            // Groups of up to 4 x rows, one pass over W each, writing their columns of res
+            // (row stride m) in place.
             let rows = res.len() / m;
-            let mut part = vec![0.0f32; rows * 4];
-            let mut b0 = 0;
-            while b0 < m {
+            for b0 in (0..m).step_by(4) {
                 let g = 4.min(m - b0);
-                let p = &mut part[..rows * g];
-                group(w, inp, &x[b0 * inp..(b0 + g) * inp], g, p, false);
-                for r in 0..rows {
-                    for b in 0..g {
-                        let d = &mut res[r * m + b0 + b];
-                        let v = p[r * g + b];
-                        *d = if accumulate { *d + v } else { v };
-                    }
-                }
-                b0 += g;
+                let xs = &x[b0 * inp..(b0 + g) * inp];
+                group(w, inp, xs, g, rows, &mut res[b0..], m, accumulate);
             }
         }
     }
 
-    /// [`rows`] for `m = g` in 1..=4 (larger `g` as 4). Rows of W per step: f32 weights 3
-    /// (each x load then feeds 3 FMAs: batch 2 105 -> 77 µs, 4 166 -> 133 µs, 16 690 -> 560
-    /// µs on 1024², 2 threads); f16 weights 1 (their F16C conversion, not the loads, bounds
+    /// `res[r * ld + b] (+)= W[r] · x[b]` for `r < rows`, `b < g` (`g` in 1..=4). Rows of W
+    /// per step: f32 weights 3 (each x load then feeds 3 FMAs: batch 2 105 -> 77 µs, 4 166 ->
+    /// 133 µs, 16 690 -> 560 µs on 1024², 2 threads); f16 weights 1 (their F16C conversion, not the loads, bounds
     /// them, and 3 rows were slower at batch 2). A function rather than a closure, so that it
     /// inlines with the caller's target features.
     ///
     /// # Safety
-    /// As [`rows`] with `m == g`.
+    /// As [`rows`], with `x.len() >= g * inp` and `res.len() >= (rows - 1) * ld + g`.
     #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn group<E: BElem>(
         w: &[E],
         inp: usize,
         x: &[f32],
         g: usize,
+        rows: usize,
         res: &mut [f32],
+        ld: usize,
         accumulate: bool,
     ) {
         let f32_weights = std::mem::size_of::<E>() == 4;
         // SAFETY: forwarded contract.
         unsafe {
             match (g, f32_weights) {
-                (1, _) => body::<E, 1, 4, 1>(w, inp, x, res, accumulate),
-                (2, true) => body::<E, 2, 2, 3>(w, inp, x, res, accumulate),
-                (2, false) => body::<E, 2, 2, 1>(w, inp, x, res, accumulate),
-                (3, true) => body::<E, 3, 1, 3>(w, inp, x, res, accumulate),
-                (3, false) => body::<E, 3, 2, 1>(w, inp, x, res, accumulate),
-                (_, true) => body::<E, 4, 1, 3>(w, inp, x, res, accumulate),
-                (_, false) => body::<E, 4, 2, 1>(w, inp, x, res, accumulate),
+                (1, _) => body::<E, 1, 4, 1>(w, inp, x, rows, res, ld, accumulate),
+                (2, true) => body::<E, 2, 2, 3>(w, inp, x, rows, res, ld, accumulate),
+                (2, false) => body::<E, 2, 2, 1>(w, inp, x, rows, res, ld, accumulate),
+                (3, true) => body::<E, 3, 1, 3>(w, inp, x, rows, res, ld, accumulate),
+                (3, false) => body::<E, 3, 2, 1>(w, inp, x, rows, res, ld, accumulate),
+                (_, true) => body::<E, 4, 1, 3>(w, inp, x, rows, res, ld, accumulate),
+                (_, false) => body::<E, 4, 2, 1>(w, inp, x, rows, res, ld, accumulate),
             }
         }
     }
@@ -448,40 +439,42 @@ mod avx2 {
         }
     }
 
-    /// Shapes: `w` `rows x inp`, `x` `M x inp`, `res` `rows x M`; `U` 8-wide accumulators per
-    /// (row, x row) pair, rows of W `R` at a time (each W load feeds `M` FMAs and each x load
-    /// `R`), then the leftover rows one at a time. Every (row, x row) pair is summed in the
+    /// Shapes: `w` `rows x inp`, `x` `M x inp`, `res[r * ld + b]` for `r < rows`, `b < M`;
+    /// `U` 8-wide accumulators per (row, x row) pair, rows of W `R` at a time (each W load
+    /// feeds `M` FMAs and each x load `R`), then the leftover rows one at a time. Every (row, x row) pair is summed in the
     /// same order whatever `R` and wherever the row falls, so results never depend on how
     /// the rows were split.
     ///
     /// # Safety
-    /// As [`rows`] with `m == M`.
+    /// As [`group`] with `g == M`.
     #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn body<E: BElem, const M: usize, const U: usize, const R: usize>(
         w: &[E],
         inp: usize,
         x: &[f32],
+        rows: usize,
         res: &mut [f32],
+        ld: usize,
         accumulate: bool,
     ) {
-        let rows = res.len() / M;
         let paired = rows / R * R;
         // SAFETY: forwarded contract, on rows 0..paired and then paired..rows.
         unsafe {
             for r0 in (0..paired).step_by(R) {
-                dot_block::<E, M, U, R>(w, inp, x, r0, res, accumulate);
+                dot_block::<E, M, U, R>(w, inp, x, r0, res, ld, accumulate);
             }
             for r0 in paired..rows {
-                dot_block::<E, M, U, 1>(w, inp, x, r0, res, accumulate);
+                dot_block::<E, M, U, 1>(w, inp, x, r0, res, ld, accumulate);
             }
         }
     }
 
-    /// `res[(r0 + r) * M + b] (+)= W[r0 + r] · x[b]` for `r < R`, `b < M`, with `M·U·R`
+    /// `res[(r0 + r) * ld + b] (+)= W[r0 + r] · x[b]` for `r < R`, `b < M`, with `M·U·R`
     /// accumulators.
     ///
     /// # Safety
-    /// As [`rows`], and rows `r0..r0 + R` inside W.
+    /// As [`group`] with `g == M`, and rows `r0..r0 + R` among its rows.
     #[inline(always)]
     // Index loops over the three register-block dimensions read more plainly than zipped
     // iterators, and compile to the same unrolled code.
@@ -492,6 +485,7 @@ mod avx2 {
         x: &[f32],
         r0: usize,
         res: &mut [f32],
+        ld: usize,
         accumulate: bool,
     ) {
         let step = 8 * U;
@@ -547,7 +541,7 @@ mod avx2 {
                     for j in full8..inp {
                         s += (*wp[r].add(j)).to_f32() * *xp.add(b * inp + j);
                     }
-                    let d = &mut res[(r0 + r) * M + b];
+                    let d = &mut res[(r0 + r) * ld + b];
                     *d = if accumulate { *d + s } else { s };
                 }
             }
