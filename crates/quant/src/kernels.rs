@@ -35,49 +35,33 @@ macro_rules! for_row_quads {
 }
 pub(crate) use for_row_quads;
 
-/// [`QuantRows::dequant_cols`] one row segment at a time: the default, and the fallback of the
-/// formats' SIMD column kernels.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn dequant_cols_by_segments<F: QuantRows + ?Sized>(
-    f: &F,
-    path: KernelPath,
-    r0: usize,
-    rows: usize,
-    c0: usize,
-    len: usize,
-    dst: &mut [f32],
-    stride: usize,
-) {
-    for p in 0..rows {
-        f.dequant_segment(
-            path,
-            r0 + p,
-            c0,
-            len,
-            &mut dst[p * stride..p * stride + len],
-        );
-    }
+/// A block of W to dequantize into a strided destination: `W[r0 + p, c0..c0+len]` goes to
+/// `dst[p * stride..p * stride + len]` for `p < rows`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ColBlock {
+    /// First row of W.
+    pub(crate) r0: usize,
+    /// Number of rows.
+    pub(crate) rows: usize,
+    /// First column of W.
+    pub(crate) c0: usize,
+    /// Number of columns.
+    pub(crate) len: usize,
+    /// Distance in `dst` between consecutive rows (`>= len`).
+    pub(crate) stride: usize,
 }
 
-/// Whether a SIMD column kernel working in whole runs of `align` columns may write
-/// `W[r0..r0+rows, c0..c0+len]` (of an `out x inn` matrix) into `dst` at `stride`.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn cols_fit(
-    (out, inn): (usize, usize),
-    align: usize,
-    r0: usize,
-    rows: usize,
-    c0: usize,
-    len: usize,
-    dst_len: usize,
-    stride: usize,
-) -> bool {
-    r0 + rows <= out
-        && c0 % align == 0
-        && len % align == 0
-        && c0 + len <= inn
-        && len <= stride
-        && (rows == 0 || dst_len >= (rows - 1) * stride + len)
+impl ColBlock {
+    /// Whether a SIMD column kernel working in whole runs of `align` columns may write this
+    /// block of an `out x inn` matrix into a `dst_len`-element destination.
+    pub(crate) fn fits(&self, (out, inn): (usize, usize), align: usize, dst_len: usize) -> bool {
+        self.r0 + self.rows <= out
+            && self.c0 % align == 0
+            && self.len % align == 0
+            && self.c0 + self.len <= inn
+            && self.len <= self.stride
+            && (self.rows == 0 || dst_len >= (self.rows - 1) * self.stride + self.len)
+    }
 }
 
 /// Appends `x` with each run of 16 reordered as its 8 even then 8 odd elements (the low and
@@ -118,49 +102,33 @@ pub(crate) trait QuantRows: Sync + Send {
     /// Writes `W[r, c0..c0+len]` into `dst[..len]`; `c0` is a multiple of `seg_align()` and so
     /// is `len` unless `c0 + len == in`.
     fn dequant_segment(&self, path: KernelPath, r: usize, c0: usize, len: usize, dst: &mut [f32]);
-    /// Writes `W[r0 + p, c0..c0+len]` into `dst[p * stride..p * stride + len]` for
-    /// `p < rows` (same alignment rules as [`QuantRows::dequant_segment`]; `len <= stride`):
-    /// the format's AVX2 column kernel where it has one and the request fits it, else one
-    /// row segment at a time. (Formats provide [`QuantRows::dequant_cols_avx2`], not this.)
-    #[allow(clippy::too_many_arguments)]
-    fn dequant_cols(
-        &self,
-        path: KernelPath,
-        r0: usize,
-        rows: usize,
-        c0: usize,
-        len: usize,
-        dst: &mut [f32],
-        stride: usize,
-    ) {
+    /// Writes the block `b` of W into `dst` (see [`ColBlock`]; same alignment rules as
+    /// [`QuantRows::dequant_segment`]): the format's AVX2 column kernel where it has one and
+    /// the block fits it, else one row segment at a time. (Formats provide
+    /// [`QuantRows::dequant_cols_avx2`], not this.)
+    fn dequant_cols(&self, path: KernelPath, b: ColBlock, dst: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         if usable(path) == KernelPath::Avx2Fma
-            && cols_fit(self.dims(), self.seg_align(), r0, rows, c0, len, dst.len(), stride)
+            && b.fits(self.dims(), self.seg_align(), dst.len())
             // SAFETY: the path went through `usable` (the CPU has AVX2, FMA and F16C) and
-            // `cols_fit` checked the rows, columns and destination lengths.
-            && unsafe { self.dequant_cols_avx2(r0, rows, c0, len, dst, stride) }
+            // `fits` checked the rows, columns and destination lengths.
+            && unsafe { self.dequant_cols_avx2(b, dst) }
         {
             return;
         }
-        dequant_cols_by_segments(self, path, r0, rows, c0, len, dst, stride);
+        for p in 0..b.rows {
+            let d = &mut dst[p * b.stride..p * b.stride + b.len];
+            self.dequant_segment(path, b.r0 + p, b.c0, b.len, d);
+        }
     }
     /// The format's AVX2 column kernel for [`QuantRows::dequant_cols`]: `false` (nothing
     /// written) if it has none.
     ///
     /// # Safety
-    /// The CPU supports AVX2, FMA and F16C, and `cols_fit(self.dims(), self.seg_align(), r0,
-    /// rows, c0, len, dst.len(), stride)` holds.
+    /// The CPU supports AVX2, FMA and F16C, and `b.fits(self.dims(), self.seg_align(),
+    /// dst.len())` holds.
     #[cfg(target_arch = "x86_64")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn dequant_cols_avx2(
-        &self,
-        _r0: usize,
-        _rows: usize,
-        _c0: usize,
-        _len: usize,
-        _dst: &mut [f32],
-        _stride: usize,
-    ) -> bool {
+    unsafe fn dequant_cols_avx2(&self, _b: ColBlock, _dst: &mut [f32]) -> bool {
         false
     }
     /// Appends the per-input precomputation for [`QuantRows::gemv`] (e.g. block sums of `x`)
@@ -620,8 +588,17 @@ impl<F: QuantRows> PackB for BwdPack<'_, F> {
         let a = self.f.seg_align().max(1);
         let nc = nc.min(NR);
         if n0 % a == 0 && (nc % a == 0 || n0 + nc == i) {
-            self.f
-                .dequant_cols(self.path, k0, kc, n0, nc, &mut dst[..kc * NR], NR);
+            self.f.dequant_cols(
+                self.path,
+                ColBlock {
+                    r0: k0,
+                    rows: kc,
+                    c0: n0,
+                    len: nc,
+                    stride: NR,
+                },
+                &mut dst[..kc * NR],
+            );
             if nc < NR {
                 for p in 0..kc {
                     dst[p * NR + nc..(p + 1) * NR].fill(0.0);

@@ -23,7 +23,7 @@ use rayon::prelude::*;
 use crate::bytes::{check_part, Bytes};
 use crate::cpu::{kernel_path, usable, KernelPath};
 use crate::error::{QuantError, Result};
-use crate::kernels::{self, QuantRows};
+use crate::kernels::{self, ColBlock, QuantRows};
 
 /// Weights per NF4 block.
 pub const NF4_BLOCK: usize = 64;
@@ -551,40 +551,32 @@ mod avx2 {
     /// Shapes: W rows `r0..r0+rows`, columns `c0..c0+len` (`c0`, `len` multiples of 16, all
     /// inside W, checked by the caller) into `dst[p * stride..p * stride + len]`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dequant_cols(
-        m: &Nf4Matrix,
-        r0: usize,
-        rows: usize,
-        c0: usize,
-        len: usize,
-        dst: &mut [f32],
-        stride: usize,
-    ) {
+    pub(super) unsafe fn dequant_cols(m: &Nf4Matrix, b: ColBlock, dst: &mut [f32]) {
         let lo = _mm256_loadu_ps(NF4_LEVELS.as_ptr());
         let hi = _mm256_loadu_ps(NF4_LEVELS.as_ptr().add(8));
         let packed = m.packed.as_slice().as_ptr();
         let d = dst.as_mut_ptr();
-        for p in 0..rows {
-            let s = (r0 + p) * m.inn + c0;
+        for p in 0..b.rows {
+            let s = (b.r0 + p) * m.inn + b.c0;
             let mut cur = usize::MAX;
             let mut sv = _mm256_setzero_ps();
-            for k in 0..len / 16 {
+            for k in 0..b.len / 16 {
                 let e = s + k * 16;
                 if e / NF4_BLOCK != cur {
                     cur = e / NF4_BLOCK;
                     sv = _mm256_set1_ps(m.block_absmax(cur));
                 }
-                // SAFETY: run e..e+16 lies in row r0 + p of W (checked by the caller), and
-                // dst[p * stride + 16k..+16] inside dst.
+                // SAFETY: run e..e+16 lies in row b.r0 + p of W (checked by the caller), and
+                // dst[p * b.stride + 16k..+16] inside dst.
                 let codes = unpack16(packed.add(e / 2));
                 let c0v = _mm256_cvtepu8_epi32(codes);
                 let c1v = _mm256_cvtepu8_epi32(_mm_srli_si128(codes, 8));
                 _mm256_storeu_ps(
-                    d.add(p * stride + k * 16),
+                    d.add(p * b.stride + k * 16),
                     _mm256_mul_ps(lut16(lo, hi, c0v), sv),
                 );
                 _mm256_storeu_ps(
-                    d.add(p * stride + k * 16 + 8),
+                    d.add(p * b.stride + k * 16 + 8),
                     _mm256_mul_ps(lut16(lo, hi, c1v), sv),
                 );
             }
@@ -879,17 +871,9 @@ impl QuantRows for Nf4Matrix {
         }
     }
     #[cfg(target_arch = "x86_64")]
-    unsafe fn dequant_cols_avx2(
-        &self,
-        r0: usize,
-        rows: usize,
-        c0: usize,
-        len: usize,
-        dst: &mut [f32],
-        stride: usize,
-    ) -> bool {
+    unsafe fn dequant_cols_avx2(&self, b: ColBlock, dst: &mut [f32]) -> bool {
         // SAFETY: the trait's contract (AVX2/FMA/F16C; the request fits in runs of 16).
-        unsafe { avx2::dequant_cols(self, r0, rows, c0, len, dst, stride) };
+        unsafe { avx2::dequant_cols(self, b, dst) };
         true
     }
     /// AVX2 path: appends x with each run of 16 reordered as its 8 even then 8 odd elements.

@@ -25,7 +25,7 @@ use rayon::prelude::*;
 use crate::bytes::{check_part, Bytes};
 use crate::cpu::{kernel_path, usable, KernelPath};
 use crate::error::{QuantError, Result};
-use crate::kernels::{self, QuantRows};
+use crate::kernels::{self, ColBlock, QuantRows};
 
 mod act8;
 
@@ -618,34 +618,26 @@ mod avx2 {
     /// Shapes: W rows `r0..r0+rows`, columns `c0..c0+len` (`c0`, `len` multiples of 16, all
     /// inside W, checked by the caller) into `dst[p * stride..p * stride + len]`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dequant_cols(
-        m: &Q4Matrix,
-        r0: usize,
-        rows: usize,
-        c0: usize,
-        len: usize,
-        dst: &mut [f32],
-        stride: usize,
-    ) {
+    pub(super) unsafe fn dequant_cols(m: &Q4Matrix, b: ColBlock, dst: &mut [f32]) {
         let l = lut();
         let lo = _mm256_loadu_ps(l.as_ptr());
         let hi = _mm256_loadu_ps(l.as_ptr().add(8));
         let packed = m.packed.as_slice().as_ptr();
         let norms = m.norm.f16s().as_ptr() as *const i16;
         let d = dst.as_mut_ptr();
-        for p in 0..rows {
-            let s = ((r0 + p) * m.inn + c0) / Q4_BLOCK;
-            for k in 0..len / Q4_BLOCK {
-                // SAFETY: block s + k lies in row r0 + p of W (checked by the caller), and
-                // dst[p * stride + 16k..+16] inside dst.
+        for p in 0..b.rows {
+            let s = ((b.r0 + p) * m.inn + b.c0) / Q4_BLOCK;
+            for k in 0..b.len / Q4_BLOCK {
+                // SAFETY: block s + k lies in row b.r0 + p of W (checked by the caller), and
+                // dst[p * b.stride + 16k..+16] inside dst.
                 let codes = unpack16(packed.add((s + k) * 8));
                 let nv = _mm256_cvtph_ps(_mm_set1_epi16(*norms.add(s + k)));
                 let c0v = _mm256_cvtepu8_epi32(codes);
                 let c1v = _mm256_cvtepu8_epi32(_mm_srli_si128(codes, 8));
                 let r0v = _mm256_sub_ps(_mm256_mul_ps(lut16(lo, hi, c0v), nv), nv);
                 let r1v = _mm256_sub_ps(_mm256_mul_ps(lut16(lo, hi, c1v), nv), nv);
-                _mm256_storeu_ps(d.add(p * stride + k * 16), r0v);
-                _mm256_storeu_ps(d.add(p * stride + k * 16 + 8), r1v);
+                _mm256_storeu_ps(d.add(p * b.stride + k * 16), r0v);
+                _mm256_storeu_ps(d.add(p * b.stride + k * 16 + 8), r1v);
             }
         }
     }
@@ -826,17 +818,9 @@ impl QuantRows for Q4Matrix {
         );
     }
     #[cfg(target_arch = "x86_64")]
-    unsafe fn dequant_cols_avx2(
-        &self,
-        r0: usize,
-        rows: usize,
-        c0: usize,
-        len: usize,
-        dst: &mut [f32],
-        stride: usize,
-    ) -> bool {
+    unsafe fn dequant_cols_avx2(&self, b: ColBlock, dst: &mut [f32]) -> bool {
         // SAFETY: the trait's contract (AVX2/FMA/F16C; the request fits in whole blocks).
-        unsafe { avx2::dequant_cols(self, r0, rows, c0, len, dst, stride) };
+        unsafe { avx2::dequant_cols(self, b, dst) };
         true
     }
     /// AVX2 path: appends x with each block of 16 reordered as its 8 even then 8 odd
