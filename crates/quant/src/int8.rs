@@ -227,6 +227,10 @@ impl QuantRows for Int8Matrix {
     fn seg_align(&self) -> usize {
         1
     }
+    /// 1024², 2 threads, GEMVs against tiles: m = 2 0.19 / 0.24 ms, m = 3 0.27 / 0.27 ms.
+    fn tiles_min_m(&self) -> usize {
+        3
+    }
     fn dequant_segment(&self, path: KernelPath, r: usize, c0: usize, len: usize, dst: &mut [f32]) {
         let (s, z) = (self.scales.f32s()[r], self.zeros.f32s()[r]);
         let c = &self.codes.as_slice()[r * self.inn + c0..r * self.inn + c0 + len];

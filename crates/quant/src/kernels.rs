@@ -75,10 +75,17 @@ pub(crate) fn push_even_odd16(x: &[f32], prep: &mut Vec<f32>) {
 
 use crate::cpu::{kernel_path, usable, KernelPath};
 
-/// Batches below this use the fused GEMV; from it on, the packed-panel GEMM (the default of
-/// [`QuantRows::gemm_min_m`]). 1024², 2 threads: Q4 8 GEMVs 0.79 ms against the GEMM 1.00 ms,
-/// 10 GEMVs 0.99 against 0.91 ms; int8 0.65 / 0.70 and 0.79 / 0.70 ms.
-pub(crate) const GEMM_MIN_M: usize = 10;
+/// Batches from this on use the packed-panel GEMM (the default of [`QuantRows::gemm_min_m`]);
+/// below it, [`batch_tiles`] (or fused GEMVs). 1024², 2 threads, tiles against the GEMM
+/// (ms): m = 16 Q4 0.78 / 1.07, NF4 0.75 / 1.05, lower 0.67 / 1.06, int8 0.59 / 0.85;
+/// m = 32 1.25 / 1.49, 1.24 / 1.49, 1.18 / 1.50, 1.07 / 1.30; m = 48 1.78 / 1.79, 1.75 / 1.85,
+/// 1.67 / 1.78, 1.59 / 1.62.
+pub(crate) const GEMM_MIN_M: usize = 48;
+
+/// Batches from this on (below [`QuantRows::gemm_min_m`]) use [`batch_tiles`]; smaller ones
+/// one fused GEMV per vector (the default of [`QuantRows::tiles_min_m`]: NF4's GEMV, a table
+/// lookup per weight, loses to the tiles from m = 2 on, 1024², 2 threads: 0.48 / 0.40 ms).
+pub(crate) const TILES_MIN_M: usize = 2;
 
 /// Rows of W a GEMV task handles at a time for batches of 2 and more (its codes stay in L1/L2
 /// while every vector of the batch passes over them).
@@ -91,11 +98,18 @@ const FWD_CHUNK: usize = 256;
 pub(crate) trait QuantRows: Sync + Send {
     /// `(out, in)`.
     fn dims(&self) -> (usize, usize);
-    /// The smallest batch that goes through the GEMM rather than one fused GEMV per row of x:
-    /// about where `m` GEMVs cost as much as the GEMM, whose cost at small batches is mostly
-    /// dequantizing all of W into its panels.
+    /// The smallest batch that goes through the GEMM rather than [`batch_tiles`]: about where
+    /// the GEMM, whose cost at small batches is mostly dequantizing all of W into its panels,
+    /// catches up.
     fn gemm_min_m(&self) -> usize {
         GEMM_MIN_M
+    }
+    /// The smallest batch that dequantizes W a tile of rows at a time into cache and runs the
+    /// dense small-batch kernel over it ([`batch_tiles`]) rather than the format's fused GEMV
+    /// once per vector: about where `m` GEMVs cost as much as decoding W once plus `m` dense
+    /// passes over cached f32 rows.
+    fn tiles_min_m(&self) -> usize {
+        TILES_MIN_M
     }
     /// Column granularity of [`QuantRows::dequant_segment`].
     fn seg_align(&self) -> usize;
@@ -395,8 +409,18 @@ pub(crate) fn put_prep(v: Vec<f32>) {
     PREP.with(|c| c.set(v));
 }
 
+/// The thread's reusable tile buffer for [`batch_tiles`] (as [`take_prep`]).
+fn take_tile() -> Vec<f32> {
+    TILE.with(|c| c.take())
+}
+
+fn put_tile(v: Vec<f32>) {
+    TILE.with(|c| c.set(v));
+}
+
 thread_local! {
     static PREP: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+    static TILE: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
 
 /// `y`'s base pointer, shared by GEMV tasks that write disjoint rows of `Wᵀ`'s output.
@@ -410,9 +434,11 @@ unsafe impl Sync for YPtr {}
 
 /// Forward `y = x · Wᵀ` for any format.
 ///
-/// Shapes: `x` `[m, in]`, `y` `[m, out]` row-major. Below [`QuantRows::gemm_min_m`] (10 unless
-/// the format says otherwise): fused GEMVs (batch 1: rows of W split evenly over the pool's
-/// threads, in multiples of 4; larger: 64-row tiles); from there on, the GEMM over [`FwdPack`].
+/// Shapes: `x` `[m, in]`, `y` `[m, out]` row-major. Batch 1: the format's fused GEMV (rows of W
+/// split evenly over the pool's threads, in multiples of 4). Batches of 2 up to
+/// [`QuantRows::gemm_min_m`]: one fused GEMV per vector over 64-row tiles below
+/// [`QuantRows::tiles_min_m`], else [`batch_tiles`] (W decoded once per batch, a tile of rows
+/// at a time). From there on, the GEMM over [`FwdPack`].
 pub(crate) fn matmul_t<F: QuantRows>(
     f: &F,
     x: &[f32],
@@ -430,13 +456,17 @@ pub(crate) fn matmul_t<F: QuantRows>(
         let pack = FwdPack { f, path };
         return gemm(MatRef::row_major(x, m, i)?, &pack, y, accumulate);
     }
+    let threads = rayon::current_num_threads().max(1);
+    let parallel = threads > 1 && o.saturating_mul(i).saturating_mul(m) >= 1 << 16;
+    if m >= 2 && m >= f.tiles_min_m() {
+        batch_tiles(f, path, x, m, y, accumulate, parallel);
+        return Ok(());
+    }
     let mut prep = take_prep();
     for b in 0..m {
         f.gemv_prepare(path, &x[b * i..(b + 1) * i], &mut prep);
     }
     let plen = prep.len() / m;
-    let threads = rayon::current_num_threads().max(1);
-    let parallel = threads > 1 && o.saturating_mul(i).saturating_mul(m) >= 1 << 16;
     if m == 1 {
         // One task per thread, equal row counts (multiples of 4 for the 4-row kernels).
         let chunk = if parallel {
@@ -485,6 +515,72 @@ pub(crate) fn matmul_t<F: QuantRows>(
     }
     put_prep(prep);
     Ok(())
+}
+
+/// Bytes of W dequantized per tile for [`batch_tiles`] (the tile and the batch's x stay in L2
+/// while every vector of the batch passes over the tile).
+const BATCH_TILE_BYTES: usize = 48 << 10;
+
+/// Small-batch forward `y = x · Wᵀ` (checked shapes; `m >= 2`): each task dequantizes a tile
+/// of rows of W into its thread's scratch and runs the dense small-batch kernel
+/// (`gemv_tile_f32`) for all `m` vectors over it, so W is decoded once per batch rather than
+/// once per vector. Tiles are fixed by the shape alone, so results do not depend on the
+/// thread count.
+///
+/// Shapes: `x` `[m, in]`, `y` `[m, out]`; tile `[rows, in]`, its results `[rows, m]`.
+fn batch_tiles<F: QuantRows>(
+    f: &F,
+    path: KernelPath,
+    x: &[f32],
+    m: usize,
+    y: &mut [f32],
+    accumulate: bool,
+    parallel: bool,
+) {
+    let (o, i) = f.dims();
+    // Rows per tile: a multiple of 3 (the dense kernel's row step), at least 3.
+    let rows = (BATCH_TILE_BYTES / (4 * i).max(1)).clamp(3, 96) / 3 * 3;
+    let yp = YPtr(y.as_mut_ptr());
+    let run = move |t: usize| {
+        let yp = yp;
+        let r0 = t * rows;
+        let nr = rows.min(o - r0);
+        let mut tile = take_tile();
+        tile.clear();
+        tile.resize(nr * i + nr * m, 0.0);
+        let (w, res) = tile.split_at_mut(nr * i);
+        f.dequant_cols(
+            path,
+            ColBlock {
+                r0,
+                rows: nr,
+                c0: 0,
+                len: i,
+                stride: i,
+            },
+            w,
+        );
+        // The lengths are exact by construction (w nr x i, x m x i, res nr x m).
+        if nibble_tensor::gemm::gemv::gemv_tile_f32(path, w, i, x, m, res, false).is_ok() {
+            for (j, rv) in res.chunks_exact(m).enumerate() {
+                for (b, v) in rv.iter().enumerate() {
+                    // SAFETY: b < m and r0 + j < o, so the element is inside y (m x o); rows
+                    // r0..r0+nr belong to this task alone.
+                    unsafe {
+                        let d = yp.0.add(b * o + r0 + j);
+                        *d = if accumulate { *d + v } else { *v };
+                    }
+                }
+            }
+        }
+        put_tile(tile);
+    };
+    let tiles = o.div_ceil(rows);
+    if parallel {
+        (0..tiles).into_par_iter().for_each(run);
+    } else {
+        (0..tiles).for_each(run);
+    }
 }
 
 /// Backward `dx = dy · W` for any format (GEMM over panels of `W`).

@@ -836,11 +836,6 @@ impl QuantRows for Nf4Matrix {
     fn dims(&self) -> (usize, usize) {
         (self.out, self.inn)
     }
-    /// The NF4 GEMV (a table lookup per weight) is the slowest: 1024², 2 threads, 3 GEMVs
-    /// 0.71 ms against the GEMM 0.77 ms, 4 GEMVs 0.95 against 0.76 ms.
-    fn gemm_min_m(&self) -> usize {
-        4
-    }
     fn seg_align(&self) -> usize {
         16
     }

@@ -388,6 +388,8 @@ fn results_do_not_depend_on_thread_count() {
     let w = weights(1040, 256, 5);
     let q = Q4Matrix::quantize(&w).unwrap();
     let n = Nf4Matrix::quantize_double(&w).unwrap();
+    let l = LowerMatrix::quantize(&w).unwrap();
+    let e = Int8Matrix::quantize(&w).unwrap();
     let mut rng = Rng::new(1);
     let run = |threads: usize| {
         let pool = rayon::ThreadPoolBuilder::new()
@@ -396,9 +398,10 @@ fn results_do_not_depend_on_thread_count() {
             .unwrap();
         pool.install(|| {
             let mut out = Vec::new();
-            for m in [1usize, 5, 40] {
+            // Batch 1 (GEMV), 2..=9 (GEMVs or dequantized tiles), 64 (GEMM).
+            for m in [1usize, 2, 5, 9, 64] {
                 let x = Tensor::randn(&[m, 256], &mut Rng::new(m as u64));
-                for wm in [&q as &dyn WeightMatrix, &n] {
+                for wm in [&q as &dyn WeightMatrix, &n, &l, &e] {
                     let mut y = vec![0.0; m * 1040];
                     wm.matmul_t(x.data(), m, &mut y, false).unwrap();
                     out.push(y);

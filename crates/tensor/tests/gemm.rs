@@ -3,7 +3,7 @@
 
 use half::f16;
 use nibble_tensor::cpu::{has_avx2_fma_f16c, KernelPath};
-use nibble_tensor::gemm::gemv::{gemv_t_f16, gemv_t_f32};
+use nibble_tensor::gemm::gemv::{gemv_t_f16, gemv_t_f32, gemv_tile_f32};
 use nibble_tensor::gemm::{gemm, gemm_on, MatRef, PackB};
 use nibble_tensor::{HalfTensor, Rng, Tensor, WeightMatrix};
 
@@ -347,6 +347,44 @@ fn gemv_matches_gemm() {
             }
         }
     }
+}
+
+/// The one-tile kernel gives, bit for bit, what the full small-batch GEMV gives for the same
+/// rows (laid out `[row][batch]`), on every path, with `accumulate`, and rejects mismatched
+/// lengths.
+#[test]
+fn gemv_tile_matches_gemv() {
+    let mut rng = Rng::new(11);
+    for (rows, inp) in [(1, 1), (7, 15), (17, 33), (33, 129), (4, 1023)] {
+        let w = Tensor::uniform(&[rows, inp], -1.0, 1.0, &mut rng);
+        for m in [1, 2, 3, 5, 9, 16] {
+            let x: Vec<f32> = (0..m * inp).map(|_| rng.uniform(-1.0, 1.0)).collect();
+            for path in paths() {
+                let mut want = vec![f32::NAN; m * rows];
+                gemv_t_f32(path, w.data(), rows, inp, &x, m, &mut want, false).unwrap();
+                let mut res = vec![f32::NAN; rows * m];
+                gemv_tile_f32(path, w.data(), inp, &x, m, &mut res, false).unwrap();
+                for r in 0..rows {
+                    for b in 0..m {
+                        let (g, e) = (res[r * m + b], want[b * rows + r]);
+                        assert_eq!(g.to_bits(), e.to_bits(), "{rows}x{inp} m={m} {path:?}");
+                    }
+                }
+                let mut acc = vec![1.0f32; rows * m];
+                gemv_tile_f32(path, w.data(), inp, &x, m, &mut acc, true).unwrap();
+                for (a, g) in acc.iter().zip(&res) {
+                    assert_eq!(*a, g + 1.0);
+                }
+            }
+        }
+    }
+    let w = vec![0.0f32; 12];
+    let x = vec![0.0f32; 6];
+    let mut res = vec![0.0f32; 8];
+    assert!(gemv_tile_f32(KernelPath::Scalar, &w, 3, &x, 2, &mut res, false).is_ok());
+    assert!(gemv_tile_f32(KernelPath::Scalar, &w[..11], 3, &x, 2, &mut res, false).is_err());
+    assert!(gemv_tile_f32(KernelPath::Scalar, &w, 3, &x[..5], 2, &mut res, false).is_err());
+    assert!(gemv_tile_f32(KernelPath::Scalar, &w, 3, &x, 2, &mut res[..7], false).is_err());
 }
 
 #[test]

@@ -60,6 +60,45 @@ pub fn gemv_t_f16(
     gemv_t(path, w, out, inp, x, m, y, accumulate)
 }
 
+/// One thread's share of a small-batch product over a tile of f32 rows:
+/// `res[r * m + b] (+)= W[r] · x[b]` for `W[rows, inp]` (row-major, `rows = res.len() / m`) and
+/// `x[m, inp]`, with the same kernels as [`gemv_t_f32`] (bit-identical results per pair). For
+/// callers that produce W a tile at a time (the quant crate dequantizes a few rows into
+/// cache, then runs the whole batch over them); not parallel.
+///
+/// ```
+/// use nibble_tensor::cpu::kernel_path;
+/// use nibble_tensor::gemm::gemv::gemv_tile_f32;
+/// let w = [1.0f32, 2.0, 3.0, 4.0]; // 2 x 2
+/// let x = [1.0f32, 0.0, 0.0, 1.0]; // 2 x 2
+/// let mut res = [f32::NAN; 4];
+/// gemv_tile_f32(kernel_path(), &w, 2, &x, 2, &mut res, false).unwrap();
+/// assert_eq!(res, [1.0, 2.0, 3.0, 4.0]); // [row][batch]
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn gemv_tile_f32(
+    path: KernelPath,
+    w: &[f32],
+    inp: usize,
+    x: &[f32],
+    m: usize,
+    res: &mut [f32],
+    accumulate: bool,
+) -> Result<()> {
+    let op = "gemv_tile";
+    if m == 0 || res.is_empty() {
+        return Ok(());
+    }
+    let rows = res.len() / m;
+    if res.len() != rows * m {
+        return Err(len_err(op, vec![rows, m], rows * m, res.len()));
+    }
+    crate::error::check_len(op, &[rows, inp], w.len())?;
+    crate::error::check_len(op, &[m, inp], x.len())?;
+    rows_kernel(path.supported(), w, inp, x, m, res, accumulate);
+    Ok(())
+}
+
 fn len_err(op: &'static str, shape: Vec<usize>, expected: usize, found: usize) -> TensorError {
     TensorError::Length {
         op,

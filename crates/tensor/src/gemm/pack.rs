@@ -144,19 +144,8 @@ fn pack_b_panel<T: BElem>(
     }
 }
 
-impl PackB for MatRef<'_, f32> {
-    fn k(&self) -> usize {
-        self.rows
-    }
-    fn n(&self) -> usize {
-        self.cols
-    }
-    fn pack_panel(&self, k0: usize, kc: usize, n0: usize, nc: usize, dst: &mut [f32]) {
-        pack_b_panel(self, k0, kc, n0, nc, dst)
-    }
-}
-
-impl PackB for MatRef<'_, f16> {
+/// f32 and f16 matrices (any strides) pack straight from memory, f16 converted on the way.
+impl<T: BElem> PackB for MatRef<'_, T> {
     fn k(&self) -> usize {
         self.rows
     }
