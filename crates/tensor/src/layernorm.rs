@@ -64,15 +64,11 @@ pub fn layer_norm(
                 .zip(mb.iter_mut())
                 .zip(rb.iter_mut())
             {
-                let mu = xr.iter().map(|&v| v as f64).sum::<f64>() / c as f64;
-                let var = xr
-                    .iter()
-                    .map(|&v| {
-                        let d = v as f64 - mu;
-                        d * d
-                    })
-                    .sum::<f64>()
-                    / c as f64;
+                let mu = sum4(xr, |v| v as f64) / c as f64;
+                let var = sum4(xr, |v| {
+                    let d = v as f64 - mu;
+                    d * d
+                }) / c as f64;
                 let rs = 1.0 / (var + eps as f64).sqrt();
                 let (mu, rs) = (mu as f32, rs as f32);
                 for ((yv, &xv), (&w, &b)) in yr.iter_mut().zip(xr).zip(weight.iter().zip(bias)) {
@@ -83,6 +79,26 @@ pub fn layer_norm(
             }
         });
     Ok((y, LayerNormStats { mean, rstd }))
+}
+
+/// `Σ f(v)` over `xs` in f64, as four interleaved partial sums combined as
+/// `(s0 + s1) + (s2 + s3)`: four independent add chains, so the loop is not bound by the
+/// latency of one (LayerNorm's statistics were 1.4 % of a BigNet batch-1024 forward as a
+/// single chain). The order depends only on `xs.len()`.
+#[inline]
+fn sum4(xs: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+    let mut s = [0.0f64; 4];
+    let quads = xs.chunks_exact(4);
+    let tail = quads.remainder();
+    for q in quads {
+        for (acc, &v) in s.iter_mut().zip(q) {
+            *acc += f(v);
+        }
+    }
+    for (acc, &v) in s.iter_mut().zip(tail) {
+        *acc += f(v);
+    }
+    (s[0] + s[1]) + (s[2] + s[3])
 }
 
 /// Gradients of [`layer_norm`]: given `dy` `[m, c]`, the forward input `x`, `weight` and the

@@ -3,6 +3,7 @@
 use crate::error::{Result, TensorError};
 use crate::tensor::Tensor;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Elements per parallel task of an elementwise op. Elementwise results do not depend on how
 /// the work is split, so any split is deterministic.
@@ -29,6 +30,44 @@ fn apply(dst: &mut [f32], f: impl Fn(&mut f32) + Sync + Send) {
     }
 }
 
+/// A new `n`-element vector, written in parallel chunks of [`PAR_CHUNK`] (one chunk below
+/// `2 * PAR_CHUNK`) by `fill(offset, chunk)`, straight into fresh memory: no zero-fill or copy
+/// pass before the op's own. Private: each caller's `fill` is a loop over its whole chunk.
+fn new_filled(n: usize, fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync + Send) -> Vec<f32> {
+    let mut v = Vec::with_capacity(n);
+    let spare = &mut v.spare_capacity_mut()[..n];
+    if n < 2 * PAR_CHUNK {
+        fill(0, spare);
+    } else {
+        spare
+            .par_chunks_mut(PAR_CHUNK)
+            .enumerate()
+            .for_each(|(c, d)| fill(c * PAR_CHUNK, d));
+    }
+    // SAFETY: the capacity is at least n, and all n elements were written: the chunks cover
+    // 0..n and every caller's `fill` writes each element of the chunk it is given.
+    unsafe { v.set_len(n) };
+    v
+}
+
+/// `f(src[k])` for every element, as a new vector (see [`new_filled`]).
+fn map_new(src: &[f32], f: impl Fn(f32) -> f32 + Sync + Send) -> Vec<f32> {
+    new_filled(src.len(), |off, d| {
+        for (o, &a) in d.iter_mut().zip(&src[off..]) {
+            o.write(f(a));
+        }
+    })
+}
+
+/// `f(a[k], b[k])` for every element (equal lengths), as a new vector.
+fn zip_map_new(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync + Send) -> Vec<f32> {
+    new_filled(a.len().min(b.len()), |off, d| {
+        for ((o, &x), &y) in d.iter_mut().zip(&a[off..]).zip(&b[off..]) {
+            o.write(f(x, y));
+        }
+    })
+}
+
 fn same_shape(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
     if a.shape() != b.shape() {
         return Err(TensorError::ShapeMismatch {
@@ -43,9 +82,11 @@ fn same_shape(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
 impl Tensor {
     /// `self + other`, elementwise (shapes must be equal).
     pub fn add(&self, other: &Tensor) -> Result<Tensor> {
-        let mut out = self.clone();
-        out.add_assign(other)?;
-        Ok(out)
+        same_shape("add", self, other)?;
+        Tensor::from_vec(
+            self.shape(),
+            zip_map_new(self.data(), other.data(), |a, b| a + b),
+        )
     }
 
     /// `self += other`, elementwise (shapes must be equal).
@@ -65,13 +106,10 @@ impl Tensor {
     /// `self * other`, elementwise (shapes must be equal).
     pub fn mul(&self, other: &Tensor) -> Result<Tensor> {
         same_shape("mul", self, other)?;
-        let data = self
-            .data()
-            .iter()
-            .zip(other.data())
-            .map(|(a, b)| a * b)
-            .collect();
-        Tensor::from_vec(self.shape(), data)
+        Tensor::from_vec(
+            self.shape(),
+            zip_map_new(self.data(), other.data(), |a, b| a * b),
+        )
     }
 
     /// `s * self`.
@@ -88,9 +126,39 @@ impl Tensor {
 
     /// `max(self, 0)`, elementwise. NaN stays NaN.
     pub fn relu(&self) -> Tensor {
-        let mut out = self.clone();
-        out.relu_assign();
-        out
+        // A select, not a branch, so that it vectorizes.
+        let data = map_new(self.data(), |v| if v < 0.0 { 0.0 } else { v });
+        self.with_same_shape(data)
+    }
+
+    /// A `[m, row.len()]` tensor whose every row is `row` (a bias broadcast over a batch),
+    /// written once, in parallel for large sizes.
+    ///
+    /// ```
+    /// use nibble_tensor::Tensor;
+    /// let t = Tensor::repeat_row(&[1.0, 2.0], 3).unwrap();
+    /// assert_eq!(t.shape(), &[3, 2]);
+    /// assert_eq!(t.data(), &[1.0, 2.0, 1.0, 2.0, 1.0, 2.0]);
+    /// ```
+    pub fn repeat_row(row: &[f32], m: usize) -> Result<Tensor> {
+        let n = crate::error::checked_numel("repeat_row", &[m, row.len()])?;
+        let data = new_filled(n, |off, d| {
+            if row.is_empty() {
+                return;
+            }
+            // Whole runs of the row (a copy loop that vectorizes), starting mid-row.
+            let mut col = off % row.len();
+            let mut k = 0;
+            while k < d.len() {
+                let len = (row.len() - col).min(d.len() - k);
+                for (o, &v) in d[k..k + len].iter_mut().zip(&row[col..col + len]) {
+                    o.write(v);
+                }
+                k += len;
+                col = 0;
+            }
+        });
+        Tensor::from_vec(&[m, row.len()], data)
     }
 
     /// `self = max(self, 0)` in place. NaN stays NaN.
@@ -221,5 +289,40 @@ mod tests {
             .unwrap()
             .max_abs()
             .is_nan());
+    }
+
+    /// The ops that write fresh memory chunk by chunk give the plain loop's values on sizes
+    /// below, at and across the parallel threshold, with rows that do not divide a chunk.
+    #[test]
+    fn fresh_outputs_match_plain_loops() {
+        let mut rng = crate::Rng::new(3);
+        for (m, n) in [
+            (0, 5),
+            (3, 0),
+            (1, 1),
+            (7, 33),
+            (129, 1023),
+            (64, 1024),
+            (2, 40000),
+        ] {
+            let a = Tensor::uniform(&[m, n], -1.0, 1.0, &mut rng);
+            let b = Tensor::uniform(&[m, n], -1.0, 1.0, &mut rng);
+            let row: Vec<f32> = (0..n).map(|k| k as f32 - 0.5).collect();
+            let (ad, bd) = (a.data(), b.data());
+            let sum: Vec<f32> = ad.iter().zip(bd).map(|(x, y)| x + y).collect();
+            let prod: Vec<f32> = ad.iter().zip(bd).map(|(x, y)| x * y).collect();
+            let relu: Vec<f32> = ad.iter().map(|&x| x.max(0.0)).collect();
+            assert_eq!(a.add(&b).unwrap().data(), &sum[..], "add {m}x{n}");
+            assert_eq!(a.mul(&b).unwrap().data(), &prod[..], "mul {m}x{n}");
+            assert_eq!(a.relu().data(), &relu[..], "relu {m}x{n}");
+            assert_eq!(a.relu().shape(), &[m, n]);
+            let r = Tensor::repeat_row(&row, m).unwrap();
+            assert_eq!(r.shape(), &[m, n]);
+            let want: Vec<f32> = (0..m).flat_map(|_| row.iter().copied()).collect();
+            assert_eq!(r.data(), &want[..], "repeat_row {m}x{n}");
+        }
+        assert!(Tensor::repeat_row(&[1.0; 4], usize::MAX).is_err());
+        let nan = Tensor::from_vec(&[2], vec![f32::NAN, -1.0]).unwrap().relu();
+        assert!(nan.data()[0].is_nan() && nan.data()[1] == 0.0);
     }
 }

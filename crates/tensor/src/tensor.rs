@@ -167,6 +167,16 @@ impl Tensor {
         })
     }
 
+    /// A tensor of `self`'s shape holding `data` (crate-internal: elementwise ops that give
+    /// one output per element of `self`, so the lengths agree by construction).
+    pub(crate) fn with_same_shape(&self, data: Vec<f32>) -> Tensor {
+        debug_assert_eq!(data.len(), self.data().len());
+        Tensor {
+            shape: self.shape.clone(),
+            data: Elements::Vec(data),
+        }
+    }
+
     /// The shape.
     pub fn shape(&self) -> &[usize] {
         &self.shape

@@ -116,7 +116,6 @@ pub fn linear(x: &Tensor, w: &dyn WeightMatrix, bias: Option<&[f32]>) -> Result<
             rhs: vec![o, w.in_features()],
         });
     }
-    let mut y = Tensor::try_zeros(&[m, o])?;
     if let Some(b) = bias {
         if b.len() != o {
             return Err(TensorError::ShapeMismatch {
@@ -125,12 +124,15 @@ pub fn linear(x: &Tensor, w: &dyn WeightMatrix, bias: Option<&[f32]>) -> Result<
                 rhs: vec![b.len()],
             });
         }
-        y.add_row(b)?;
+        // y starts as the bias rows and the product accumulates onto them.
+        let mut y = Tensor::repeat_row(b, m)?;
         w.matmul_t(x.data(), m, y.data_mut(), true)?;
+        Ok(y)
     } else {
+        let mut y = Tensor::try_zeros(&[m, o])?;
         w.matmul_t(x.data(), m, y.data_mut(), false)?;
+        Ok(y)
     }
-    Ok(y)
 }
 
 /// The linear layer's input gradient: `dx[m, in] = dy[m, out] · W`.

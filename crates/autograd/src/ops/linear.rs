@@ -168,9 +168,9 @@ impl Tape {
             }
             .into());
         }
-        let mut y = Tensor::try_zeros(&[m, o])?;
-        if let Some(b) = bias {
-            if b.len() != o {
+        // y starts as the bias rows (f16 widened once) and the product accumulates onto them.
+        let mut y = match bias {
+            Some(b) if b.len() != o => {
                 return Err(TensorError::ShapeMismatch {
                     op: "frozen_linear (bias)",
                     lhs: vec![o, i],
@@ -178,11 +178,13 @@ impl Tape {
                 }
                 .into());
             }
-            match b {
-                Bias::F32(b) => y.add_row(b)?,
-                Bias::F16(b) => y.add_row_f16(b)?,
+            Some(Bias::F32(b)) => Tensor::repeat_row(b, m)?,
+            Some(Bias::F16(b)) => {
+                let wide: Vec<f32> = b.iter().map(|v| v.to_f32()).collect();
+                Tensor::repeat_row(&wide, m)?
             }
-        }
+            None => Tensor::try_zeros(&[m, o])?,
+        };
         w.matmul_t(x.value().data(), m, y.data_mut(), bias.is_some())?;
         self.record("frozen_linear", &[x], y, false, || {
             Box::new(FrozenLinearOp { w: Arc::clone(w) })
