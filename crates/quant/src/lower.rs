@@ -668,10 +668,11 @@ impl LowerMatrix {
                 value: w.data()[k],
             });
         }
+        // One slice per row, empty ones too (an `out x 0` matrix still has `out` rows).
         let rows: Vec<&[f32]> = if i > 0 {
             w.data().chunks(i).collect()
         } else {
-            vec![]
+            vec![&[]; o]
         };
         let fits: Vec<(RowQ, RowQ)> = rows
             .par_iter()

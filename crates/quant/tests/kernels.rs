@@ -551,3 +551,40 @@ fn q4_quantize_adversarial_blocks_match_reference() {
         assert!(check(&y).is_err(), "{bad} at {at} must be an error");
     }
 }
+
+/// Matrices with no rows or no columns quantize (or refuse with an error) and multiply without
+/// panicking, on every batch path: GEMV, per-vector GEMVs, tiles and the GEMM.
+#[test]
+fn empty_matrices_multiply() {
+    for (o, i) in [(5usize, 0usize), (0, 128)] {
+        let w = Tensor::zeros(&[o, i]);
+        let mats: Vec<Box<dyn WeightMatrix>> = vec![
+            Box::new(Q4Matrix::quantize(&w).unwrap()),
+            Box::new(Nf4Matrix::quantize(&w).unwrap()),
+            Box::new(Nf4Matrix::quantize_double(&w).unwrap()),
+            Box::new(LowerMatrix::quantize(&w).unwrap()),
+            Box::new(Int8Matrix::quantize(&w).unwrap()),
+        ];
+        for wm in &mats {
+            assert_eq!((wm.out_features(), wm.in_features()), (o, i));
+            for m in [1usize, 3, 5, 60] {
+                let x = vec![1.0f32; m * i];
+                let mut y = vec![f32::NAN; m * o];
+                wm.matmul_t(&x, m, &mut y, false).unwrap();
+                assert!(
+                    y.iter().all(|&v| v == 0.0),
+                    "{} {o}x{i} m={m}",
+                    wm.format_name()
+                );
+                let dy = vec![1.0f32; m * o];
+                let mut dx = vec![f32::NAN; m * i];
+                wm.matmul(&dy, m, &mut dx, false).unwrap();
+                assert!(
+                    dx.iter().all(|&v| v == 0.0),
+                    "{} bwd {o}x{i}",
+                    wm.format_name()
+                );
+            }
+        }
+    }
+}
