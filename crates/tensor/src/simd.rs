@@ -5,7 +5,7 @@
 pub mod x86 {
     use std::arch::x86_64::*;
 
-    /// Transposes the 8x8 block `r[0..8]` (row i = r[i]) in registers: row `q` of the result
+    /// Transposes the 8x8 block `r[0..8]` (row `i` = `r[i]`) in registers: row `q` of the result
     /// is column `q` of `r`.
     ///
     /// # Safety
