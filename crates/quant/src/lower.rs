@@ -314,7 +314,7 @@ mod avx2 {
                     unshift[h][i] = unshift_of(bits, 8 * h + i);
                 }
             }
-            // SAFETY (loads): each source is a 32-byte array.
+            // SAFETY: (loads) each source is a 32-byte array.
             Gather16 {
                 ctrl: [
                     _mm256_loadu_si256(ctrl[0].as_ptr() as *const __m256i),

@@ -379,7 +379,7 @@ mod avx2 {
     /// 16 codes (8 bytes at `p`, first element in the high nibble) as element-order bytes.
     #[inline(always)]
     unsafe fn unpack16(p: *const u8) -> __m128i {
-        // SAFETY (caller): 8 readable bytes at `p`.
+        // SAFETY: (caller) 8 readable bytes at `p`.
         let b = _mm_loadl_epi64(p as *const __m128i);
         let m = _mm_set1_epi8(0x0f);
         let lo = _mm_and_si128(b, m);

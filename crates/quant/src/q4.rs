@@ -312,7 +312,7 @@ mod avx2 {
     /// 16 codes of one block (8 bytes at `p`), in element order, as bytes.
     #[inline(always)]
     unsafe fn unpack16(p: *const u8) -> __m128i {
-        // SAFETY (caller): 8 readable bytes at `p`.
+        // SAFETY: (caller) 8 readable bytes at `p`.
         let b = _mm_loadl_epi64(p as *const __m128i);
         let m = _mm_set1_epi8(0x0f);
         let lo = _mm_and_si128(b, m);

@@ -157,7 +157,7 @@ mod avx2 {
         let sign = _mm256_set1_ps(-0.0);
         let mut m = _mm256_setzero_ps();
         for i in 0..16 {
-            // SAFETY (all loads): grp has 128 elements (caller).
+            // SAFETY: (all loads) grp has 128 elements (caller).
             m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(p.add(8 * i))));
         }
         let amax = hmax(m);

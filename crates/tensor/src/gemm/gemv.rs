@@ -375,7 +375,7 @@ mod avx2 {
         let step = 8 * U;
         let full = inp / step * step;
         let full8 = inp / 8 * 8;
-        // SAFETY (whole block): row r spans wp[r * inp..(r + 1) * inp]; every 8-wide load
+        // SAFETY: (whole block) row r spans wp[r * inp..(r + 1) * inp]; every 8-wide load
         // starts at i with i + 8 <= full8 <= inp, every scalar load at i < inp; prefetches
         // never fault.
         unsafe {
@@ -531,7 +531,7 @@ mod avx2 {
         let full = inp / step * step;
         let full8 = inp / 8 * 8;
         let xp = x.as_ptr();
-        // SAFETY (whole block): w row r spans w[r * inp..(r + 1) * inp] and x row b spans
+        // SAFETY: (whole block) w row r spans w[r * inp..(r + 1) * inp] and x row b spans
         // x[b * inp..(b + 1) * inp]; every 8-wide load starts at an index i with
         // i + 8 <= full8 <= inp, every scalar load at i < inp.
         unsafe {

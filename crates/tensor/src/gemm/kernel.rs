@@ -200,7 +200,7 @@ mod avx2 {
         rs_c: usize,
         overwrite: bool,
     ) {
-        // SAFETY (whole block): every load reads a[p * MR + i] / b[p * NR + j] with p < kc,
+        // SAFETY: (whole block) every load reads a[p * MR + i] / b[p * NR + j] with p < kc,
         // inside the caller's extents; every store/load of C is inside the MR x NR tile.
         unsafe {
             // Start pulling the C tile towards L1 now; it is needed only after the K loop.

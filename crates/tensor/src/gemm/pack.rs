@@ -238,7 +238,7 @@ mod avx2 {
         let src = b.data.as_ptr();
         let (rs, cs) = (b.row_stride, b.col_stride);
         let d = dst.as_mut_ptr();
-        // SAFETY (whole block): every source index is (k0 + p) * rs + (n0 + j) * cs with
+        // SAFETY: (whole block) every source index is (k0 + p) * rs + (n0 + j) * cs with
         // p < kc, j < nc, inside `b.data` because MatRef::new checked its last element and the
         // caller checked the ranges; every destination index is p * NR + j < kc * NR.
         unsafe {
