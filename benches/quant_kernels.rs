@@ -30,9 +30,13 @@ fn benches(c: &mut Criterion) {
     c.bench_function("nf4_quantize_1024x1024", |b| {
         b.iter(|| Nf4Matrix::quantize(&w).unwrap())
     });
-    // The opt-in int8-activation Q4 path (one thread; the plain fwd_batch1 uses the pool).
+    // The opt-in int8-activation Q4 path on one thread.
+    let one = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
     c.bench_function("q4/fwd_batch1_int8_1thread", |b| {
-        b.iter(|| q4.gemv_int8(x1.data(), &mut y1, false).unwrap())
+        one.install(|| b.iter(|| q4.gemv_int8(x1.data(), &mut y1, false).unwrap()))
     });
     // The same through `matmul_t` on both threads, as `--q4-activations int8` runs it.
     nibble_quant::q4::set_q4_activations(nibble_quant::q4::Q4Activations::Int8);

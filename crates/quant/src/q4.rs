@@ -754,7 +754,8 @@ impl Q4Matrix {
     /// the inner product runs in exact integer arithmetic. An x with a NaN or infinity goes
     /// through the f32 path, so that it propagates exactly as there.
     ///
-    /// Shapes: `x` `[in]`, `y` `[out]`; any other length is an error.
+    /// Rows are split over the current rayon pool, with results independent of the thread
+    /// count. Shapes: `x` `[in]`, `y` `[out]`; any other length is an error.
     pub fn gemv_int8(&self, x: &[f32], y: &mut [f32], accumulate: bool) -> Result<()> {
         self.gemv_int8_with(kernel_path(), x, y, accumulate)
     }
@@ -780,8 +781,21 @@ impl Q4Matrix {
         }
         // The thread's reusable scratch (as in `matmul_t`): no allocation per call.
         let mut prep = kernels::take_prep();
-        act8::prepare(usable(path), x, &mut prep);
-        act8::gemv(self, usable(path), &prep, 0..self.out, y, accumulate);
+        let path = usable(path);
+        act8::prepare(path, x, &mut prep);
+        // Rows split over the pool as `matmul_t` splits batch 1 (one task per thread, in
+        // multiples of 4); a row's result does not depend on the split.
+        let threads = rayon::current_num_threads().max(1);
+        let chunk = if threads > 1 && self.out.saturating_mul(self.inn) >= 1 << 16 {
+            self.out.div_ceil(threads).div_ceil(4) * 4
+        } else {
+            self.out.max(1)
+        };
+        let prep_ref = &prep;
+        y.par_chunks_mut(chunk).enumerate().for_each(|(c, yc)| {
+            let rows = c * chunk..c * chunk + yc.len();
+            act8::gemv(self, path, prep_ref, rows, yc, accumulate);
+        });
         kernels::put_prep(prep);
         Ok(())
     }

@@ -408,14 +408,22 @@ fn results_do_not_depend_on_thread_count() {
                 }
             }
             out.push(Q4Matrix::quantize(&w).unwrap().to_f32().into_vec());
+            // The int8-activation GEMV splits its rows over the pool too.
+            let x = Tensor::randn(&[256], &mut Rng::new(9));
+            let mut y = vec![f32::NAN; 1040];
+            q.gemv_int8(x.data(), &mut y, false).unwrap();
+            out.push(y);
             out
         })
     };
     let _ = &mut rng;
     let a = run(1);
-    let b = run(2);
-    for (x, y) in a.iter().zip(&b) {
-        assert!(x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()));
+    for threads in [2, 3] {
+        let b = run(threads);
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(&b) {
+            assert!(x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()));
+        }
     }
 }
 
