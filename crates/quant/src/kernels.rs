@@ -459,8 +459,7 @@ pub(crate) fn matmul_t<F: QuantRows>(
     let threads = rayon::current_num_threads().max(1);
     let parallel = threads > 1 && o.saturating_mul(i).saturating_mul(m) >= 1 << 16;
     if m >= 2 && m >= f.tiles_min_m() {
-        batch_tiles(f, path, x, m, y, accumulate, parallel);
-        return Ok(());
+        return batch_tiles(f, path, x, m, y, accumulate, parallel);
     }
     let mut prep = take_prep();
     for b in 0..m {
@@ -536,7 +535,7 @@ fn batch_tiles<F: QuantRows>(
     y: &mut [f32],
     accumulate: bool,
     parallel: bool,
-) {
+) -> nibble_tensor::Result<()> {
     let (o, i) = f.dims();
     // Rows per tile: a multiple of 3 (the dense kernel's row step), at least 3.
     let rows = (BATCH_TILE_BYTES / (4 * i).max(1)).clamp(3, 96) / 3 * 3;
@@ -545,10 +544,14 @@ fn batch_tiles<F: QuantRows>(
         let yp = yp;
         let r0 = t * rows;
         let nr = rows.min(o - r0);
+        // Both parts are overwritten below (the dequantized rows, then the results), so a
+        // reused buffer is not cleared first.
         let mut tile = take_tile();
-        tile.clear();
-        tile.resize(nr * i + nr * m, 0.0);
-        let (w, res) = tile.split_at_mut(nr * i);
+        let need = nr * i + nr * m;
+        if tile.len() < need {
+            tile.resize(need, 0.0);
+        }
+        let (w, res) = tile[..need].split_at_mut(nr * i);
         f.dequant_cols(
             path,
             ColBlock {
@@ -560,8 +563,10 @@ fn batch_tiles<F: QuantRows>(
             },
             w,
         );
-        // The lengths are exact by construction (w nr x i, x m x i, res nr x m).
-        if nibble_tensor::gemm::gemv::gemv_tile_f32(path, w, i, x, m, res, false).is_ok() {
+        // The lengths are exact by construction (w nr x i, x m x i, res nr x m); an error
+        // would still reach the caller rather than leave y unwritten.
+        let done = nibble_tensor::gemm::gemv::gemv_tile_f32(path, w, i, x, m, res, false);
+        if done.is_ok() {
             for (j, rv) in res.chunks_exact(m).enumerate() {
                 for (b, v) in rv.iter().enumerate() {
                     // SAFETY: b < m and r0 + j < o, so the element is inside y (m x o); rows
@@ -574,12 +579,13 @@ fn batch_tiles<F: QuantRows>(
             }
         }
         put_tile(tile);
+        done
     };
     let tiles = o.div_ceil(rows);
     if parallel {
-        (0..tiles).into_par_iter().for_each(run);
+        (0..tiles).into_par_iter().try_for_each(run)
     } else {
-        (0..tiles).for_each(run);
+        (0..tiles).try_for_each(run)
     }
 }
 
