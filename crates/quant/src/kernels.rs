@@ -397,29 +397,33 @@ pub(crate) mod avx2 {
     }
 }
 
-/// Returns the thread's reusable scratch vector, emptied (its capacity kept), taken out of its
-/// cell while in use, so a re-entrant call simply starts a fresh one.
+/// A thread's reusable scratch vector.
+type Scratch = std::thread::LocalKey<Cell<Vec<f32>>>;
+
+/// Takes the thread's scratch vector out of its cell (capacity and contents kept) while in
+/// use, so a re-entrant call simply starts a fresh one; [`put_scratch`] returns it.
+fn take_scratch(key: &'static Scratch) -> Vec<f32> {
+    key.with(|c| c.take())
+}
+
+fn put_scratch(key: &'static Scratch, v: Vec<f32>) {
+    key.with(|c| c.set(v));
+}
+
+/// The thread's GEMV preparation scratch, emptied (see [`take_scratch`]).
 pub(crate) fn take_prep() -> Vec<f32> {
-    let mut v = PREP.with(|c| c.take());
+    let mut v = take_scratch(&PREP);
     v.clear();
     v
 }
 
 pub(crate) fn put_prep(v: Vec<f32>) {
-    PREP.with(|c| c.set(v));
-}
-
-/// The thread's reusable tile buffer for [`batch_tiles`] (as [`take_prep`]).
-fn take_tile() -> Vec<f32> {
-    TILE.with(|c| c.take())
-}
-
-fn put_tile(v: Vec<f32>) {
-    TILE.with(|c| c.set(v));
+    put_scratch(&PREP, v);
 }
 
 thread_local! {
     static PREP: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+    /// [`batch_tiles`]' dequantized rows and results (not cleared: always overwritten).
     static TILE: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
 
@@ -431,6 +435,60 @@ struct YPtr(*mut f32);
 unsafe impl Send for YPtr {}
 // SAFETY: as above.
 unsafe impl Sync for YPtr {}
+
+impl YPtr {
+    /// Writes (or with `accumulate` adds) `v` at element `idx` of `y`.
+    ///
+    /// # Safety
+    /// `idx` lies inside `y`, in the rows that belong to the calling task alone.
+    #[inline(always)]
+    unsafe fn store(self, idx: usize, v: f32, accumulate: bool) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            let d = self.0.add(idx);
+            *d = if accumulate { *d + v } else { v };
+        }
+    }
+}
+
+/// Runs `task(t)` for `t < tasks`, on the pool when `parallel`; the first error stops it.
+fn run_tasks<E: Send>(
+    tasks: usize,
+    parallel: bool,
+    task: impl Fn(usize) -> Result<(), E> + Sync + Send,
+) -> Result<(), E> {
+    if parallel {
+        (0..tasks).into_par_iter().try_for_each(task)
+    } else {
+        (0..tasks).try_for_each(task)
+    }
+}
+
+/// Batch 1: `y`'s rows split over the pool in one task per thread (multiples of 4 rows, for
+/// the 4-row kernels), `run(rows, y_part)` per task, for an `out x in` W. A row's result does
+/// not depend on the split.
+pub(crate) fn split_rows(
+    (o, i): (usize, usize),
+    y: &mut [f32],
+    run: impl Fn(Range<usize>, &mut [f32]) + Sync + Send,
+) {
+    let threads = rayon::current_num_threads().max(1);
+    let chunk = if threads > 1 && o.saturating_mul(i) >= PARALLEL_MIN_WORK {
+        o.div_ceil(threads).div_ceil(4) * 4
+    } else {
+        o
+    }
+    .max(1);
+    let task = |(c, yc): (usize, &mut [f32])| run(c * chunk..c * chunk + yc.len(), yc);
+    if chunk < o {
+        y.par_chunks_mut(chunk).enumerate().for_each(task);
+    } else {
+        y.chunks_mut(chunk).enumerate().for_each(task);
+    }
+}
+
+/// Multiply-adds (`out · in · m`) below which a forward stays on one thread.
+const PARALLEL_MIN_WORK: usize = 1 << 16;
 
 /// Forward `y = x · Wᵀ` for any format.
 ///
@@ -457,8 +515,8 @@ pub(crate) fn matmul_t<F: QuantRows>(
         return gemm(MatRef::row_major(x, m, i)?, &pack, y, accumulate);
     }
     let threads = rayon::current_num_threads().max(1);
-    let parallel = threads > 1 && o.saturating_mul(i).saturating_mul(m) >= 1 << 16;
-    if m >= 2 && m >= f.tiles_min_m() {
+    let parallel = threads > 1 && o.saturating_mul(i).saturating_mul(m) >= PARALLEL_MIN_WORK;
+    if m >= f.tiles_min_m().max(2) {
         return batch_tiles(f, path, x, m, y, accumulate, parallel);
     }
     let mut prep = take_prep();
@@ -467,29 +525,15 @@ pub(crate) fn matmul_t<F: QuantRows>(
     }
     let plen = prep.len() / m;
     if m == 1 {
-        // One task per thread, equal row counts (multiples of 4 for the 4-row kernels).
-        let chunk = if parallel {
-            o.div_ceil(threads).div_ceil(4) * 4
-        } else {
-            o
-        };
-        let run = |(ci, yc): (usize, &mut [f32])| {
-            let rows = ci * chunk..ci * chunk + yc.len();
-            f.gemv(path, x, &prep, rows, yc, accumulate);
-        };
-        if parallel {
-            y.par_chunks_mut(chunk).enumerate().for_each(run);
-        } else {
-            y.chunks_mut(chunk).enumerate().for_each(run);
-        }
+        split_rows((o, i), y, |rows, yc| {
+            f.gemv(path, x, &prep, rows, yc, accumulate)
+        });
         put_prep(prep);
         return Ok(());
     }
     let yp = YPtr(y.as_mut_ptr());
-    let tiles = o.div_ceil(GEMV_ROW_TILE);
     let prep_ref = &prep;
     let run = move |t: usize| {
-        let yp = yp;
         let r0 = t * GEMV_ROW_TILE;
         let nr = GEMV_ROW_TILE.min(o - r0);
         let mut tmp = [0.0f32; GEMV_ROW_TILE];
@@ -497,23 +541,17 @@ pub(crate) fn matmul_t<F: QuantRows>(
             let xb = &x[b * i..(b + 1) * i];
             let pb = &prep_ref[b * plen..(b + 1) * plen];
             f.gemv(path, xb, pb, r0..r0 + nr, &mut tmp[..nr], false);
-            for (j, v) in tmp[..nr].iter().enumerate() {
+            for (j, &v) in tmp[..nr].iter().enumerate() {
                 // SAFETY: b < m and r0 + j < o, so the element is inside y (m x o); rows
                 // r0..r0+nr belong to this task alone.
-                unsafe {
-                    let d = yp.0.add(b * o + r0 + j);
-                    *d = if accumulate { *d + v } else { *v };
-                }
+                unsafe { yp.store(b * o + r0 + j, v, accumulate) };
             }
         }
+        Ok(())
     };
-    if parallel {
-        (0..tiles).into_par_iter().for_each(run);
-    } else {
-        (0..tiles).for_each(run);
-    }
+    let done = run_tasks(o.div_ceil(GEMV_ROW_TILE), parallel, run);
     put_prep(prep);
-    Ok(())
+    done
 }
 
 /// Bytes of W dequantized per tile for [`batch_tiles`] (the tile and the batch's x stay in L2
@@ -541,12 +579,9 @@ fn batch_tiles<F: QuantRows>(
     let rows = (BATCH_TILE_BYTES / (4 * i).max(1)).clamp(3, 96) / 3 * 3;
     let yp = YPtr(y.as_mut_ptr());
     let run = move |t: usize| {
-        let yp = yp;
         let r0 = t * rows;
         let nr = rows.min(o - r0);
-        // Both parts are overwritten below (the dequantized rows, then the results), so a
-        // reused buffer is not cleared first.
-        let mut tile = take_tile();
+        let mut tile = take_scratch(&TILE);
         let need = nr * i + nr * m;
         if tile.len() < need {
             tile.resize(need, 0.0);
@@ -568,25 +603,17 @@ fn batch_tiles<F: QuantRows>(
         let done = nibble_tensor::gemm::gemv::gemv_tile_f32(path, w, i, x, m, res, false);
         if done.is_ok() {
             for (j, rv) in res.chunks_exact(m).enumerate() {
-                for (b, v) in rv.iter().enumerate() {
+                for (b, &v) in rv.iter().enumerate() {
                     // SAFETY: b < m and r0 + j < o, so the element is inside y (m x o); rows
                     // r0..r0+nr belong to this task alone.
-                    unsafe {
-                        let d = yp.0.add(b * o + r0 + j);
-                        *d = if accumulate { *d + v } else { *v };
-                    }
+                    unsafe { yp.store(b * o + r0 + j, v, accumulate) };
                 }
             }
         }
-        put_tile(tile);
+        put_scratch(&TILE, tile);
         done
     };
-    let tiles = o.div_ceil(rows);
-    if parallel {
-        (0..tiles).into_par_iter().try_for_each(run)
-    } else {
-        (0..tiles).try_for_each(run)
-    }
+    run_tasks(o.div_ceil(rows), parallel, run)
 }
 
 /// Backward `dx = dy · W` for any format (GEMM over panels of `W`).

@@ -297,36 +297,26 @@ mod avx2 {
     }
 
     impl Gather16 {
+        /// Loads the constant tables of `bits`-bit codes ([`GatherTables`], built at compile
+        /// time).
         #[inline(always)]
         unsafe fn new(bits: u8) -> Self {
-            let mut ctrl = [[0x80u8; 32]; 2];
-            let mut mask = [[0i32; 8]; 2];
-            let mut unshift = [[0f32; 8]; 2];
-            for h in 0..2 {
-                for i in 0..8 {
-                    let bit = usize::from(bits) * (8 * h + i);
-                    // Lanes 0-3 index the low 16 bytes, lanes 4-7 the high ones: both hold
-                    // the same window, so the byte index is the same. A code spans at most
-                    // bytes bit/8 and bit/8 + 1 (bit % 8 + bits <= 11).
-                    ctrl[h][4 * i] = (bit / 8) as u8;
-                    ctrl[h][4 * i + 1] = (bit / 8 + 1) as u8;
-                    mask[h][i] = ((1 << bits) - 1) << (bit % 8);
-                    unshift[h][i] = unshift_of(bits, 8 * h + i);
-                }
-            }
+            let t = if bits == 4 { &GATHER4 } else { &GATHER3 };
+            // (Plain loads, no closures: closures do not inherit the caller's target features.)
             // SAFETY: (loads) each source is a 32-byte array.
+            let ld = |p: *const u8| p as *const __m256i;
             Gather16 {
                 ctrl: [
-                    _mm256_loadu_si256(ctrl[0].as_ptr() as *const __m256i),
-                    _mm256_loadu_si256(ctrl[1].as_ptr() as *const __m256i),
+                    _mm256_loadu_si256(ld(t.ctrl[0].as_ptr())),
+                    _mm256_loadu_si256(ld(t.ctrl[1].as_ptr())),
                 ],
                 mask: [
-                    _mm256_loadu_si256(mask[0].as_ptr() as *const __m256i),
-                    _mm256_loadu_si256(mask[1].as_ptr() as *const __m256i),
+                    _mm256_loadu_si256(ld(t.mask[0].as_ptr().cast())),
+                    _mm256_loadu_si256(ld(t.mask[1].as_ptr().cast())),
                 ],
                 unshift: [
-                    _mm256_loadu_ps(unshift[0].as_ptr()),
-                    _mm256_loadu_ps(unshift[1].as_ptr()),
+                    _mm256_castsi256_ps(_mm256_loadu_si256(ld(t.unshift[0].as_ptr().cast()))),
+                    _mm256_castsi256_ps(_mm256_loadu_si256(ld(t.unshift[1].as_ptr().cast()))),
                 ],
             }
         }
@@ -412,10 +402,56 @@ mod avx2 {
 /// `2^−s` for code `k` of a run of `bits`-bit codes, `s = (bits·k) mod 8` its bit offset in
 /// its first byte: the factor that cancels the AVX2 gather's in-place `code · 2^s`.
 fn unshift_of(bits: u8, k: usize) -> f32 {
-    let s = (usize::from(bits) * k % 8) as u32;
-    // The exponent field of 2^−s (s <= 7): no division.
-    f32::from_bits((127 - s) << 23)
+    f32::from_bits(unshift_bits(bits, k))
 }
+
+/// The f32 bit pattern of [`unshift_of`]: the exponent field of `2^−s` (`s <= 7`).
+const fn unshift_bits(bits: u8, k: usize) -> u32 {
+    let s = ((bits as usize) * k % 8) as u32;
+    (127 - s) << 23
+}
+
+/// The AVX2 gather's per-lane tables for 16 codes of `bits` bits, as plain arrays (two
+/// registers each): the `vpshufb` control taking the two bytes that hold lane `i`'s code, the
+/// mask leaving the code where it lies, and [`unshift_of`] as f32 bits.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+struct GatherTables {
+    ctrl: [[u8; 32]; 2],
+    mask: [[i32; 8]; 2],
+    unshift: [[u32; 8]; 2],
+}
+
+impl GatherTables {
+    const fn new(bits: u8) -> Self {
+        let mut t = GatherTables {
+            ctrl: [[0x80; 32]; 2],
+            mask: [[0; 8]; 2],
+            unshift: [[0; 8]; 2],
+        };
+        let mut h = 0;
+        while h < 2 {
+            let mut i = 0;
+            while i < 8 {
+                let bit = (bits as usize) * (8 * h + i);
+                // Lanes 0-3 index the low 16 bytes, lanes 4-7 the high ones: both hold the
+                // same window, so the byte index is the same. A code spans at most bytes
+                // bit/8 and bit/8 + 1 (bit % 8 + bits <= 11).
+                t.ctrl[h][4 * i] = (bit / 8) as u8;
+                t.ctrl[h][4 * i + 1] = (bit / 8 + 1) as u8;
+                t.mask[h][i] = ((1 << bits) - 1) << (bit % 8);
+                t.unshift[h][i] = unshift_bits(bits, 8 * h + i);
+                i += 1;
+            }
+            h += 1;
+        }
+        t
+    }
+}
+
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+const GATHER3: GatherTables = GatherTables::new(3);
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+const GATHER4: GatherTables = GatherTables::new(4);
 
 /// Length of the AVX2 GEMV's prepared x for `in` columns (see [`prepare_x`]).
 fn prep_len(inn: usize) -> usize {

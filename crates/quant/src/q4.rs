@@ -783,18 +783,9 @@ impl Q4Matrix {
         let mut prep = kernels::take_prep();
         let path = usable(path);
         act8::prepare(path, x, &mut prep);
-        // Rows split over the pool as `matmul_t` splits batch 1 (one task per thread, in
-        // multiples of 4); a row's result does not depend on the split.
-        let threads = rayon::current_num_threads().max(1);
-        let chunk = if threads > 1 && self.out.saturating_mul(self.inn) >= 1 << 16 {
-            self.out.div_ceil(threads).div_ceil(4) * 4
-        } else {
-            self.out.max(1)
-        };
-        let prep_ref = &prep;
-        y.par_chunks_mut(chunk).enumerate().for_each(|(c, yc)| {
-            let rows = c * chunk..c * chunk + yc.len();
-            act8::gemv(self, path, prep_ref, rows, yc, accumulate);
+        // Rows split over the pool as `matmul_t` splits batch 1.
+        kernels::split_rows((self.out, self.inn), y, |rows, yc| {
+            act8::gemv(self, path, &prep, rows, yc, accumulate)
         });
         kernels::put_prep(prep);
         Ok(())

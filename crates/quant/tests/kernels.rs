@@ -390,7 +390,6 @@ fn results_do_not_depend_on_thread_count() {
     let n = Nf4Matrix::quantize_double(&w).unwrap();
     let l = LowerMatrix::quantize(&w).unwrap();
     let e = Int8Matrix::quantize(&w).unwrap();
-    let mut rng = Rng::new(1);
     let run = |threads: usize| {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -416,7 +415,6 @@ fn results_do_not_depend_on_thread_count() {
             out
         })
     };
-    let _ = &mut rng;
     let a = run(1);
     for threads in [2, 3] {
         let b = run(threads);

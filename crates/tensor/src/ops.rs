@@ -68,6 +68,16 @@ fn zip_map_new(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync + Send) 
     })
 }
 
+/// `max(v, 0)` with NaN kept: a select, not a branch, so that the loops using it vectorize.
+#[inline(always)]
+fn relu1(v: f32) -> f32 {
+    if v < 0.0 {
+        0.0
+    } else {
+        v
+    }
+}
+
 fn same_shape(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
     if a.shape() != b.shape() {
         return Err(TensorError::ShapeMismatch {
@@ -83,10 +93,7 @@ impl Tensor {
     /// `self + other`, elementwise (shapes must be equal).
     pub fn add(&self, other: &Tensor) -> Result<Tensor> {
         same_shape("add", self, other)?;
-        Tensor::from_vec(
-            self.shape(),
-            zip_map_new(self.data(), other.data(), |a, b| a + b),
-        )
+        Ok(self.with_same_shape(zip_map_new(self.data(), other.data(), |a, b| a + b)))
     }
 
     /// `self += other`, elementwise (shapes must be equal).
@@ -106,10 +113,7 @@ impl Tensor {
     /// `self * other`, elementwise (shapes must be equal).
     pub fn mul(&self, other: &Tensor) -> Result<Tensor> {
         same_shape("mul", self, other)?;
-        Tensor::from_vec(
-            self.shape(),
-            zip_map_new(self.data(), other.data(), |a, b| a * b),
-        )
+        Ok(self.with_same_shape(zip_map_new(self.data(), other.data(), |a, b| a * b)))
     }
 
     /// `s * self`.
@@ -126,9 +130,7 @@ impl Tensor {
 
     /// `max(self, 0)`, elementwise. NaN stays NaN.
     pub fn relu(&self) -> Tensor {
-        // A select, not a branch, so that it vectorizes.
-        let data = map_new(self.data(), |v| if v < 0.0 { 0.0 } else { v });
-        self.with_same_shape(data)
+        self.with_same_shape(map_new(self.data(), relu1))
     }
 
     /// A `[m, row.len()]` tensor whose every row is `row` (a bias broadcast over a batch),
@@ -163,8 +165,7 @@ impl Tensor {
 
     /// `self = max(self, 0)` in place. NaN stays NaN.
     pub fn relu_assign(&mut self) {
-        // A select, not a conditional store, so that it vectorizes.
-        apply(self.data_mut(), |v| *v = if *v < 0.0 { 0.0 } else { *v });
+        apply(self.data_mut(), |v| *v = relu1(*v));
     }
 
     /// Adds `row` to every row of a rank-2 tensor (a bias), or errors on a length mismatch.

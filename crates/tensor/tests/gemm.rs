@@ -385,6 +385,10 @@ fn gemv_tile_matches_gemv() {
     assert!(gemv_tile_f32(KernelPath::Scalar, &w[..11], 3, &x, 2, &mut res, false).is_err());
     assert!(gemv_tile_f32(KernelPath::Scalar, &w, 3, &x[..5], 2, &mut res, false).is_err());
     assert!(gemv_tile_f32(KernelPath::Scalar, &w, 3, &x, 2, &mut res[..7], false).is_err());
+    // No batch: only empty operands are consistent; no rows: W must be empty too.
+    assert!(gemv_tile_f32(KernelPath::Scalar, &[], 3, &[], 0, &mut [], false).is_ok());
+    assert!(gemv_tile_f32(KernelPath::Scalar, &[], 3, &[], 0, &mut res, false).is_err());
+    assert!(gemv_tile_f32(KernelPath::Scalar, &w, 3, &x, 2, &mut [], false).is_err());
 }
 
 #[test]

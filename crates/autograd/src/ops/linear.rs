@@ -15,17 +15,8 @@ use std::sync::Arc;
 pub enum Bias<'a> {
     /// f32 values.
     F32(&'a [f32]),
-    /// f16 values, widened as they are added.
+    /// f16 values, widened once per forward.
     F16(&'a [f16]),
-}
-
-impl Bias<'_> {
-    fn len(&self) -> usize {
-        match self {
-            Bias::F32(b) => b.len(),
-            Bias::F16(b) => b.len(),
-        }
-    }
 }
 
 /// Backward of [`Tape::linear`]: `dX = dY·W`, `dW += dYᵀ·X`, `db += Σ_rows dY`.
@@ -158,34 +149,18 @@ impl Tape {
         w: &Arc<dyn WeightMatrix>,
         bias: Option<Bias<'_>>,
     ) -> Result<Var> {
-        let (m, i) = x.value().dims2("frozen_linear")?;
-        let o = w.out_features();
-        if i != w.in_features() {
-            return Err(TensorError::ShapeMismatch {
-                op: "frozen_linear",
-                lhs: x.shape().to_vec(),
-                rhs: vec![o, w.in_features()],
-            }
-            .into());
-        }
-        // y starts as the bias rows (f16 widened once) and the product accumulates onto them.
-        let mut y = match bias {
-            Some(b) if b.len() != o => {
-                return Err(TensorError::ShapeMismatch {
-                    op: "frozen_linear (bias)",
-                    lhs: vec![o, i],
-                    rhs: vec![b.len()],
-                }
-                .into());
-            }
-            Some(Bias::F32(b)) => Tensor::repeat_row(b, m)?,
+        // The forward is the tensor crate's `linear` (shape checks, y started as the bias
+        // rows); an f16 bias is widened once.
+        let wide: Vec<f32>;
+        let bias = match bias {
+            Some(Bias::F32(b)) => Some(b),
             Some(Bias::F16(b)) => {
-                let wide: Vec<f32> = b.iter().map(|v| v.to_f32()).collect();
-                Tensor::repeat_row(&wide, m)?
+                wide = b.iter().map(|v| v.to_f32()).collect();
+                Some(&wide[..])
             }
-            None => Tensor::try_zeros(&[m, o])?,
+            None => None,
         };
-        w.matmul_t(x.value().data(), m, y.data_mut(), bias.is_some())?;
+        let y = linear(x.value(), &**w, bias)?;
         self.record("frozen_linear", &[x], y, false, || {
             Box::new(FrozenLinearOp { w: Arc::clone(w) })
         })

@@ -86,16 +86,15 @@ pub fn gemv_tile_f32(
     accumulate: bool,
 ) -> Result<()> {
     let op = "gemv_tile";
-    if m == 0 || res.is_empty() {
-        return Ok(());
-    }
-    let rows = res.len() / m;
+    let rows = res.len().checked_div(m).unwrap_or(0);
     if res.len() != rows * m {
         return Err(len_err(op, vec![rows, m], rows * m, res.len()));
     }
     crate::error::check_len(op, &[rows, inp], w.len())?;
     crate::error::check_len(op, &[m, inp], x.len())?;
-    rows_kernel(path.supported(), w, inp, x, m, res, accumulate);
+    if rows > 0 {
+        rows_kernel(path.supported(), w, inp, x, m, res, accumulate);
+    }
     Ok(())
 }
 
