@@ -4,13 +4,12 @@
 use crate::activation::Activation;
 use crate::error::{Error, Result};
 use crate::layer_norm::LayerNorm;
-use crate::linear::{FrozenBias, Linear, LinearBase};
+use crate::linear::Linear;
+use crate::save::save_weights;
 use crate::var_builder::VarBuilder;
 use nibble_autograd::{Param, Tape, Var};
-use nibble_io::frozen::{shape_metadata_key, Part};
-use nibble_io::{write_safetensors, Checkpoint, DType, WeightFormat};
+use nibble_io::{Checkpoint, WeightFormat};
 use nibble_tensor::{Rng, Tensor};
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -359,62 +358,13 @@ impl Sequential {
     }
 
     /// Writes the model's weights (not its LoRA adapters: see [`crate::peft`]) to a safetensors
-    /// file at `path`, under the layers' own names: f32 Linears and LayerNorms as plain f32
-    /// tensors, frozen ones as their format's parts (the layout of [`nibble_io::frozen`]) with
-    /// their `[out, in]` in the metadata, and `__metadata__["nibble.format"]` when every Linear
-    /// shares one format. [`Sequential::from_state_dict`] reads it back (same prefix).
+    /// file at `path` with [`save_weights`]; [`Sequential::from_state_dict`] reads it back
+    /// (same prefix).
     pub fn save(&self, path: &Path) -> Result<()> {
-        let mut parts: Vec<Part<'_>> = Vec::new();
-        let mut held: Vec<(String, Tensor)> = Vec::new();
-        let mut metadata = BTreeMap::new();
-        for layer in &self.layers {
-            match layer {
-                Layer::Linear(l) => match &l.base {
-                    LinearBase::Trainable { weight, bias } => {
-                        held.push((format!("{}.weight", l.name), weight.value().clone()));
-                        held.push((format!("{}.bias", l.name), bias.value().clone()));
-                    }
-                    LinearBase::Frozen { weight, bias } => {
-                        let wkey = format!("{}.weight", l.name);
-                        let (o, i) = l.dims();
-                        metadata.insert(shape_metadata_key(&wkey), format!("{o},{i}"));
-                        parts.extend(weight.parts(&wkey));
-                        let (dtype, bytes): (DType, Cow<'_, [u8]>) = match bias {
-                            FrozenBias::F32(b) => {
-                                (DType::F32, Cow::Borrowed(bytemuck::cast_slice(b)))
-                            }
-                            FrozenBias::F16(b) => {
-                                (DType::F16, Cow::Borrowed(bytemuck::cast_slice(b)))
-                            }
-                        };
-                        parts.push((format!("{}.bias", l.name), dtype, vec![bias.len()], bytes));
-                    }
-                },
-                Layer::LayerNorm(n) => {
-                    held.push((n.weight.name().to_string(), n.weight.value().clone()));
-                    held.push((n.bias.name().to_string(), n.bias.value().clone()));
-                }
-                Layer::Activation(_) => {}
-            }
-        }
-        let mut formats = self.linears().map(Linear::format);
-        if let Some(first) = formats.next() {
-            if formats.all(|f| f == first) {
-                metadata.insert(nibble_io::FORMAT_KEY.to_string(), first.name().to_string());
-            }
-        }
-        let mut entries: Vec<(String, DType, Vec<usize>, &[u8])> = parts
-            .iter()
-            .map(|(k, d, s, b)| (k.clone(), *d, s.clone(), b.as_ref()))
-            .collect();
-        for (k, t) in &held {
-            entries.push((
-                k.clone(),
-                DType::F32,
-                t.shape().to_vec(),
-                bytemuck::cast_slice(t.data()),
-            ));
-        }
-        Ok(write_safetensors(path, &entries, &metadata)?)
+        let norms = self.layers.iter().filter_map(|l| match l {
+            Layer::LayerNorm(n) => Some(n),
+            _ => None,
+        });
+        save_weights(path, self.linears(), norms)
     }
 }
