@@ -525,6 +525,27 @@ fn bad_state_dicts_are_errors_naming_key_and_shapes() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("no `n.<index>.weight`"), "{e}");
+    // Options that name layers the file does not have.
+    let file = state_dict(
+        &dir,
+        "two.safetensors",
+        &[
+            ("0.weight", vec![4, 3]),
+            ("0.bias", vec![4]),
+            ("2.weight", vec![4]),
+            ("2.bias", vec![4]),
+        ],
+    );
+    let e = Sequential::from_state_dict(&file, &relu.clone().format_at(2, WeightFormat::Int8))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("index 2, which holds no Linear"), "{e}");
+    let e = Sequential::from_state_dict(&file, &relu.clone().activation_at(3, Activation::Gelu))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("index 3") && e.contains("gaps at [1]"), "{e}");
+    let leading_zero = state_dict(&dir, "zero.safetensors", &[("01.weight", vec![4, 3])]);
+    assert!(Sequential::from_state_dict(&leading_zero, &relu).is_err());
     // Inputs of the wrong width.
     let e = model
         .infer(&Tensor::zeros(&[2, 5]))
