@@ -338,6 +338,29 @@ impl Sequential {
         Ok(())
     }
 
+    /// Saves the Linears' LoRA adapters to `dir` in PEFT's layout (target modules: the
+    /// Linears' names, `0`, `3`, ... for an unprefixed state dict); see [`crate::peft`].
+    pub fn save_adapter(&self, dir: &Path) -> Result<()> {
+        crate::peft::save_adapter(self.linears(), dir)
+    }
+
+    /// Loads a PEFT adapter directory onto the Linears and freezes everything but the
+    /// adapters (as [`Sequential::add_lora`] does); see [`crate::peft::load_adapter`]. A bad
+    /// adapter leaves the model as it was.
+    pub fn load_adapter(&mut self, dir: &Path) -> Result<()> {
+        crate::peft::load_adapter(self.linears_mut(), dir)?;
+        for p in self.params() {
+            p.set_requires_grad(false);
+        }
+        for l in self.linears() {
+            if let Some(lora) = &l.lora {
+                lora.a.set_requires_grad(true);
+                lora.b.set_requires_grad(true);
+            }
+        }
+        Ok(())
+    }
+
     /// Every parameter, named by its state-dict key (LoRA ones `<module>.lora_a.weight` /
     /// `lora_b.weight`), trainable or not.
     pub fn params(&self) -> Vec<Param> {
