@@ -3,7 +3,7 @@
 //! from_checkpoint}` give the same weight, with and without the shape metadata.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use nibble_io::frozen::shape_metadata_key;
 use nibble_io::{write_safetensors, Checkpoint, DType, FrozenWeight, WeightFormat, FORMAT_KEY};
@@ -16,7 +16,7 @@ fn tempdir(tag: &str) -> PathBuf {
     d
 }
 
-fn write(path: &PathBuf, weight: &FrozenWeight, key: &str, metadata: &BTreeMap<String, String>) {
+fn write(path: &Path, weight: &FrozenWeight, key: &str, metadata: &BTreeMap<String, String>) {
     let parts = weight.parts(key);
     let entries: Vec<(String, DType, Vec<usize>, &[u8])> = parts
         .iter()
