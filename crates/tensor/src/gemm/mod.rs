@@ -14,9 +14,11 @@
 //!   packs its own `MC x KC` block of A into `MR`-row micro-panels and sweeps the
 //!   `MR x NR` microkernel over it, B panel by B panel (B micro-panel in L1, A block in L2,
 //!   the packed B block in L3).
-//! * Microkernel: `MR x NR = 6 x 16`, 12 ymm accumulators with AVX2+FMA, chosen at run time by
-//!   [`crate::cpu::kernel_path`]; a `wide` (portable SIMD) and a scalar kernel use the same
-//!   packed layout. Edge tiles are computed into a local tile and the valid corner copied.
+//! * Microkernel, chosen at run time by [`crate::cpu::kernel_path`]: on the AVX-512 tier an
+//!   `R x (P * NR)` zmm kernel ([`Avx512Tile`], default 12 x 32) that reads `P` neighbouring
+//!   packed panels at once and masks its edge tiles (module `avx512`); otherwise
+//!   `MR x NR = 6 x 16`, 12 ymm accumulators with AVX2+FMA, and a `wide` (portable SIMD) and a
+//!   scalar kernel on the same layout, whose edge tiles go through a local tile.
 //! * Threads: rayon tasks own disjoint `(rows, columns)` rectangles of C; K is never split, so
 //!   every element of C is computed by the same sequence of operations whatever the thread
 //!   count: results are bit-identical for 1, 2 or 64 threads.
@@ -26,13 +28,21 @@ use crate::error::{Result, TensorError};
 use rayon::prelude::*;
 use std::cell::Cell;
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 pub mod gemv;
+#[cfg(target_arch = "x86_64")]
+mod lanes;
 mod kernel;
 mod pack;
 
+#[cfg(target_arch = "x86_64")]
+pub use avx512::Avx512Tile;
+
 /// Width of a packed B panel (columns of C computed by one microkernel call).
 pub const NR: usize = 16;
-/// Height of a packed A micro-panel (rows of C computed by one microkernel call).
+/// Height of a packed A micro-panel (rows of C computed by one microkernel call) on the AVX2,
+/// portable and scalar paths; the AVX-512 tier's is [`Avx512Tile::rows`].
 pub const MR: usize = 6;
 /// Depth of a K block. [`PackB::pack_panel`] is always called with `k0` a multiple of `KC`
 /// and `kc <= KC`; since `KC` is a multiple of 256, quantized packers see whole blocks of 16,
@@ -208,19 +218,102 @@ fn split_range(total: usize, parts: usize, idx: usize) -> (usize, usize) {
     (total * idx / parts, total * (idx + 1) / parts)
 }
 
-/// Below this many `MR`-row panels of A, tasks split only N (see [`task_grid`]).
-const SMALL_M_PANELS: usize = 32;
+/// Below this many rows of A (counted in whole micro-panels), tasks split only N (see
+/// [`task_grid`]).
+const SMALL_M_ROWS: usize = 192;
 
-/// Chooses the task grid `(m_blocks, n_blocks)` for an `m x (npan * NR)` block of C.
-fn task_grid(m: usize, npan: usize, threads: usize, parallel: bool) -> (usize, usize) {
-    let pm = m.div_ceil(MR);
+/// The microkernel a GEMM runs: its tile height and how many packed B panels one call covers.
+#[derive(Debug, Clone, Copy)]
+enum Micro {
+    /// The `MR x NR` kernel of a 256-bit, portable or scalar path.
+    Narrow(KernelPath),
+    /// An AVX-512 tile shape (the CPU has the tier).
+    #[cfg(target_arch = "x86_64")]
+    Wide(Avx512Tile),
+}
+
+impl Micro {
+    /// The kernel for `path` (which went through `supported()`).
+    fn for_path(path: KernelPath) -> Micro {
+        match path {
+            #[cfg(target_arch = "x86_64")]
+            KernelPath::Avx512 => Micro::Wide(Avx512Tile::DEFAULT),
+            p => Micro::Narrow(p),
+        }
+    }
+
+    /// Rows of C per call (height of a packed A micro-panel).
+    fn mr(self) -> usize {
+        match self {
+            Micro::Narrow(_) => MR,
+            #[cfg(target_arch = "x86_64")]
+            Micro::Wide(t) => t.rows(),
+        }
+    }
+
+    /// Packed B panels per call.
+    fn panels(self) -> usize {
+        match self {
+            Micro::Narrow(_) => 1,
+            #[cfg(target_arch = "x86_64")]
+            Micro::Wide(t) => t.panels(),
+        }
+    }
+
+    /// The path A is packed with.
+    fn path(self) -> KernelPath {
+        match self {
+            Micro::Narrow(p) => p,
+            #[cfg(target_arch = "x86_64")]
+            Micro::Wide(_) => KernelPath::Avx512,
+        }
+    }
+
+    /// Computes the `rows x cols` corner of the tile at `c`.
+    ///
+    /// # Safety
+    /// `a` readable for `kc * self.mr()` floats, `b` for `panels * kc * NR` with
+    /// `1 <= panels <= self.panels()`; `rows <= self.mr()`, `cols <= panels * NR`; `c` valid
+    /// for reading and writing that corner with row stride `rs_c`; the CPU runs the kernel.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    unsafe fn run(
+        self,
+        panels: usize,
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        rs_c: usize,
+        overwrite: bool,
+        rows: usize,
+        cols: usize,
+    ) {
+        // SAFETY: the caller's contract, which covers each kernel's.
+        unsafe {
+            match self {
+                Micro::Narrow(p) if rows == MR && cols == NR => {
+                    kernel::tile(p, kc, a, b, c, rs_c, overwrite)
+                }
+                Micro::Narrow(p) => kernel::edge_tile(p, kc, a, b, c, rs_c, overwrite, rows, cols),
+                #[cfg(target_arch = "x86_64")]
+                Micro::Wide(t) => avx512::tile(t, panels, kc, a, b, c, rs_c, overwrite, rows, cols),
+            }
+        }
+    }
+}
+
+/// Chooses the task grid `(m_blocks, n_blocks)` for an `m x (npan * NR)` block of C, `mr`
+/// rows per micro-panel and `npan` units of columns.
+fn task_grid(m: usize, mr: usize, npan: usize, threads: usize, parallel: bool) -> (usize, usize) {
+    let pm = m.div_ceil(mr);
     let mut mb = m.div_ceil(MC).max(1);
     let mut nb = 1;
     if parallel {
         // Enough tasks for rayon to balance (about 4 per thread), a multiple of the thread
         // count when M alone can provide them; otherwise split N as well.
         let target = threads * 4;
-        if pm < SMALL_M_PANELS {
+        if pm * mr < SMALL_M_ROWS {
             // Few row panels (batches below 192): every task takes all of them and a share of
             // the columns, so each packed B panel is read by one task, which reuses it from
             // L1 across the row panels. Splitting M here made two tasks stream the same B
@@ -256,12 +349,40 @@ pub fn gemm(a: MatRef<'_, f32>, b: &dyn PackB, c: &mut [f32], accumulate: bool) 
     gemm_on(kernel_path(), a, b, c, accumulate)
 }
 
+/// [`gemm`] with an explicit AVX-512 tile shape (benchmarks compare the shapes); on a CPU
+/// without the AVX-512 tier it runs [`gemm`]'s fallback path instead.
+#[cfg(target_arch = "x86_64")]
+pub fn gemm_avx512_tile(
+    tile: Avx512Tile,
+    a: MatRef<'_, f32>,
+    b: &dyn PackB,
+    c: &mut [f32],
+    accumulate: bool,
+) -> Result<()> {
+    let micro = match KernelPath::Avx512.supported() {
+        KernelPath::Avx512 => Micro::Wide(tile),
+        p => Micro::Narrow(p),
+    };
+    gemm_with(micro, a, b, c, accumulate)
+}
+
 /// [`gemm`] on an explicit [`KernelPath`] (tests and benchmarks compare the paths in one
 /// process). A path the CPU lacks is replaced by [`KernelPath::supported`]'s fallback.
 ///
 /// Mismatched shapes return [`TensorError`], never panic.
 pub fn gemm_on(
     path: KernelPath,
+    a: MatRef<'_, f32>,
+    b: &dyn PackB,
+    c: &mut [f32],
+    accumulate: bool,
+) -> Result<()> {
+    gemm_with(Micro::for_path(path.supported()), a, b, c, accumulate)
+}
+
+/// The GEMM driver for one microkernel (whose path the CPU supports).
+fn gemm_with(
+    micro: Micro,
     a: MatRef<'_, f32>,
     b: &dyn PackB,
     c: &mut [f32],
@@ -296,7 +417,7 @@ pub fn gemm_on(
         }
         return Ok(());
     }
-    let path = path.supported();
+    let (mr, np, path) = (micro.mr(), micro.panels(), micro.path());
     let threads = rayon::current_num_threads().max(1);
     let work = m.saturating_mul(n).saturating_mul(k);
     let parallel = threads > 1 && work >= 1 << 18;
@@ -324,39 +445,40 @@ pub fn gemm_on(
             }
             let bp = &*bp;
 
-            // 2. Tasks over disjoint (rows, panels) rectangles of this block of C.
-            let (mb, nb) = task_grid(m, npan, threads, parallel);
-            let pm = m.div_ceil(MR);
+            // 2. Tasks over disjoint (rows, column groups) rectangles of this block of C; a
+            //    column group is the `np` neighbouring panels one microkernel call covers.
+            let groups = npan.div_ceil(np);
+            let (mb, nb) = task_grid(m, mr, groups, threads, parallel);
+            let pm = m.div_ceil(mr);
             let run = |t: usize| {
                 let (p0, p1) = split_range(pm, mb, t / nb);
-                let (q0, q1) = split_range(npan, nb, t % nb);
-                if p0 >= p1 || q0 >= q1 {
+                let (g0, g1) = split_range(groups, nb, t % nb);
+                if p0 >= p1 || g0 >= g1 {
                     return;
                 }
-                let i0 = p0 * MR;
-                let mc = (p1 * MR).min(m) - i0;
-                let mut abuf = Scratch::take(&A_BUF, (p1 - p0) * kc * MR);
+                let i0 = p0 * mr;
+                let mc = (p1 * mr).min(m) - i0;
+                let mut abuf = Scratch::take(&A_BUF, (p1 - p0) * kc * mr);
                 let ap = abuf.as_mut();
-                pack::pack_a(path, &a, i0, mc, k0, kc, ap);
-                for q in q0..q1 {
+                pack::pack_a(path, &a, i0, mc, k0, kc, mr, ap);
+                for g in g0..g1 {
+                    let q = g * np;
+                    let panels = np.min(npan - q);
                     let j = q * NR;
-                    let nr = NR.min(ncb - j);
-                    let bpan = bp[q * kc * NR..(q + 1) * kc * NR].as_ptr();
+                    let cols = (panels * NR).min(ncb - j);
+                    let bpan = bp[q * kc * NR..(q + panels) * kc * NR].as_ptr();
                     for ip in 0..(p1 - p0) {
-                        let i = ip * MR;
-                        let mr = MR.min(mc - i);
-                        let apan = ap[ip * kc * MR..(ip + 1) * kc * MR].as_ptr();
-                        // SAFETY: apan/bpan point at full kc*MR / kc*NR packed panels (sliced
-                        // just above); the C tile at (i0 + i, n0 + j) of size mr x nr lies
-                        // inside the m x n matrix and inside this task's rectangle, which no
-                        // other task touches; `path` went through `supported()`.
+                        let i = ip * mr;
+                        let rows = mr.min(mc - i);
+                        let apan = ap[ip * kc * mr..(ip + 1) * kc * mr].as_ptr();
+                        // SAFETY: apan/bpan point at a full kc*mr packed A panel and `panels`
+                        // full kc*NR packed B panels (sliced just above); the C tile at
+                        // (i0 + i, n0 + j) of size rows x cols lies inside the m x n matrix
+                        // and inside this task's rectangle, which no other task touches;
+                        // `micro` runs only on a CPU that supports it.
                         unsafe {
                             let ct = cptr.get().add((i0 + i) * n + n0 + j);
-                            if mr == MR && nr == NR {
-                                kernel::tile(path, kc, apan, bpan, ct, n, overwrite);
-                            } else {
-                                kernel::edge_tile(path, kc, apan, bpan, ct, n, overwrite, mr, nr);
-                            }
+                            micro.run(panels, kc, apan, bpan, ct, n, overwrite, rows, cols);
                         }
                     }
                 }
