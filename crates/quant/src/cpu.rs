@@ -2,7 +2,9 @@
 //! re-exported so that every quant kernel follows the same `NIBBLE_KERNEL=scalar|portable|avx2`
 //! choice as the GEMM, GEMV and f16 kernels it feeds.
 
-pub use nibble_tensor::cpu::{detected_path, has_avx2_fma_f16c, has_avx512, kernel_path, KernelPath};
+pub use nibble_tensor::cpu::{
+    detected_path, has_avx2_fma_f16c, has_avx512, kernel_path, KernelPath,
+};
 
 /// Whether this CPU can run the AVX2 path (AVX2 + FMA + F16C).
 pub fn avx2_available() -> bool {

@@ -863,7 +863,9 @@ impl QuantRows for Nf4Matrix {
                     avx2::dequantize(packed, scale, out)
                 },
                 #[cfg(not(target_arch = "x86_64"))]
-                KernelPath::Avx2Fma | KernelPath::Avx512 => portable::dequantize(packed, scale, out),
+                KernelPath::Avx2Fma | KernelPath::Avx512 => {
+                    portable::dequantize(packed, scale, out)
+                }
             }
             done += end - start;
         }

@@ -459,7 +459,13 @@ pub(super) mod simd {
     /// # Safety
     /// As [`rows`] with `m == 1`.
     #[inline(always)]
-    unsafe fn body_m1<V: Lanes, E: BElem>(w: &[E], inp: usize, x: &[f32], res: &mut [f32], accumulate: bool) {
+    unsafe fn body_m1<V: Lanes, E: BElem>(
+        w: &[E],
+        inp: usize,
+        x: &[f32],
+        res: &mut [f32],
+        accumulate: bool,
+    ) {
         let n = res.len();
         let (wp, xp) = (w.as_ptr(), x.as_ptr());
         let mut put = |r: usize, s: f32| {
@@ -471,7 +477,10 @@ pub(super) mod simd {
         unsafe {
             if std::mem::size_of::<E>() < 4 {
                 while r < n {
-                    put(r, dot_rows_m1::<V, E, 1, 4, true>(wp.add(r * inp), inp, xp)[0]);
+                    put(
+                        r,
+                        dot_rows_m1::<V, E, 1, 4, true>(wp.add(r * inp), inp, xp)[0],
+                    );
                     r += 1;
                 }
                 return;

@@ -15,7 +15,7 @@
 //!   `MR x NR` microkernel over it, B panel by B panel (B micro-panel in L1, A block in L2,
 //!   the packed B block in L3).
 //! * Microkernel, chosen at run time by [`crate::cpu::kernel_path`]: on the AVX-512 tier an
-//!   `R x (P * NR)` zmm kernel ([`Avx512Tile`], default 12 x 32) that reads `P` neighbouring
+//!   `R x (P * NR)` zmm kernel ([`Avx512Tile`], default 8 x 48) that reads `P` neighbouring
 //!   packed panels at once and masks its edge tiles (module `avx512`); otherwise
 //!   `MR x NR = 6 x 16`, 12 ymm accumulators with AVX2+FMA, and a `wide` (portable SIMD) and a
 //!   scalar kernel on the same layout, whose edge tiles go through a local tile.
@@ -31,9 +31,9 @@ use std::cell::Cell;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 pub mod gemv;
+mod kernel;
 #[cfg(target_arch = "x86_64")]
 mod lanes;
-mod kernel;
 mod pack;
 
 #[cfg(target_arch = "x86_64")]
