@@ -102,9 +102,11 @@ fn avx512_tiles(c: &mut Criterion, x: &Tensor, w: &Tensor) {
     let bt = MatRef::row_major(w.data(), N, N).unwrap().t();
     let mut y = vec![0.0f32; N * N];
     for tile in Avx512Tile::ALL {
-        g.bench_function(tile.name(), |b| {
-            b.iter(|| gemm_avx512_tile(tile, black_box(a), &bt, &mut y, false).unwrap())
-        });
+        for ks in [256, 128, 64] {
+            g.bench_function(format!("{} k_slice {ks}", tile.name()), |b| {
+                b.iter(|| gemm_avx512_tile(tile, ks, black_box(a), &bt, &mut y, false).unwrap())
+            });
+        }
     }
     g.finish();
 }

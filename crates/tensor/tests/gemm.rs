@@ -4,7 +4,9 @@
 use half::f16;
 use nibble_tensor::cpu::{available_paths, has_avx512, missing_paths, KernelPath};
 use nibble_tensor::gemm::gemv::{gemv_t_f16, gemv_t_f32, gemv_tile_f32};
-use nibble_tensor::gemm::{gemm, gemm_avx512_tile, gemm_on, Avx512Tile, MatRef, PackB};
+use nibble_tensor::gemm::{
+    gemm, gemm_avx512_tile, gemm_on, Avx512Tile, MatRef, PackB, AVX512_K_SLICE,
+};
 use nibble_tensor::{HalfTensor, Rng, Tensor, WeightMatrix};
 use std::io::Write;
 
@@ -130,14 +132,20 @@ fn run_case(
             gemm_on(path, av, &bv, &mut c, acc).unwrap();
             check(&c, &want, &scale, k, &format!("{what} {path:?}"));
         }
-        for tile in tiles() {
+        for (tile, ks) in tiles() {
             let mut c = if acc {
                 c0.clone()
             } else {
                 vec![f32::NAN; m * n]
             };
-            gemm_avx512_tile(tile, av, &bv, &mut c, acc).unwrap();
-            check(&c, &want, &scale, k, &format!("{what} {tile:?}"));
+            gemm_avx512_tile(tile, ks, av, &bv, &mut c, acc).unwrap();
+            check(
+                &c,
+                &want,
+                &scale,
+                k,
+                &format!("{what} {tile:?} k_slice={ks}"),
+            );
         }
     } else {
         let b = Stored::new(k, n, lb, rng, |v| v);
@@ -152,23 +160,36 @@ fn run_case(
             gemm_on(path, av, &bv, &mut c, acc).unwrap();
             check(&c, &want, &scale, k, &format!("{what} {path:?}"));
         }
-        for tile in tiles() {
+        for (tile, ks) in tiles() {
             let mut c = if acc {
                 c0.clone()
             } else {
                 vec![f32::NAN; m * n]
             };
-            gemm_avx512_tile(tile, av, &bv, &mut c, acc).unwrap();
-            check(&c, &want, &scale, k, &format!("{what} {tile:?}"));
+            gemm_avx512_tile(tile, ks, av, &bv, &mut c, acc).unwrap();
+            check(
+                &c,
+                &want,
+                &scale,
+                k,
+                &format!("{what} {tile:?} k_slice={ks}"),
+            );
         }
     }
 }
 
-/// The AVX-512 tile shapes to test (none, with a note, on a CPU without the tier).
-fn tiles() -> Vec<Avx512Tile> {
+/// The AVX-512 tile shapes and K slice depths to test (none, with a note, on a CPU without
+/// the tier).
+fn tiles() -> Vec<(Avx512Tile, usize)> {
     static NOTE: std::sync::Once = std::sync::Once::new();
     if has_avx512() {
-        Avx512Tile::ALL.to_vec()
+        let mut v = Vec::new();
+        for tile in Avx512Tile::ALL {
+            for ks in [AVX512_K_SLICE, 128, 64, 33] {
+                v.push((tile, ks));
+            }
+        }
+        v
     } else {
         NOTE.call_once(|| {
             let _ = writeln!(
@@ -272,18 +293,26 @@ fn gemm_and_gemv_bit_identical_across_thread_counts() {
     let av = MatRef::row_major(&a, m, k).unwrap();
     let bt = MatRef::row_major(&w, n, k).unwrap().t();
     let bh = MatRef::row_major(&wh, n, k).unwrap().t();
-    for tile in tiles() {
+    for (tile, ks) in tiles() {
         let run = |threads: usize, b: &dyn PackB| {
             in_pool(threads, || {
                 let mut c = vec![f32::NAN; m * n];
-                gemm_avx512_tile(tile, av, b, &mut c, false).unwrap();
+                gemm_avx512_tile(tile, ks, av, b, &mut c, false).unwrap();
                 bits(&c)
             })
         };
         let (one, one_h) = (run(1, &bt), run(1, &bh));
         for t in THREADS {
-            assert_eq!(one, run(t, &bt), "gemm f32 {tile:?} {t} threads");
-            assert_eq!(one_h, run(t, &bh), "gemm f16 {tile:?} {t} threads");
+            assert_eq!(
+                one,
+                run(t, &bt),
+                "gemm f32 {tile:?} k_slice={ks} {t} threads"
+            );
+            assert_eq!(
+                one_h,
+                run(t, &bh),
+                "gemm f16 {tile:?} k_slice={ks} {t} threads"
+            );
         }
     }
     for path in paths() {

@@ -84,12 +84,14 @@ impl Avx512Tile {
 }
 
 /// One tile of C: `C[rows x cols] (+)= A · B` for the packed A micro-panel `a` (`kc` steps of
-/// `shape.rows()` floats) and the `panels` packed B panels starting at `b` (`kc * NR` floats
-/// each, consecutive). Only the `rows x cols` corner of C is read or written.
+/// `shape.rows()` floats) and the `panels` packed B panels starting at `b`, `panel_stride`
+/// floats apart (`kc` rows of [`NR`] each read from each). Only the `rows x cols` corner of C
+/// is read or written.
 ///
 /// # Safety
 /// The CPU must have AVX-512 F (see [`crate::cpu::has_avx512`]); `a` readable for
-/// `kc * shape.rows()` floats, `b` for `panels * kc * NR`; `1 <= panels <= shape.panels()`,
+/// `kc * shape.rows()` floats, `b + u * panel_stride` for `kc * NR`, `u < panels`;
+/// `1 <= panels <= shape.panels()`,
 /// `rows <= shape.rows()`, `cols <= panels * NR`; `c` valid for reading and writing
 /// `c[i * rs_c + j]`, `i < rows`, `j < cols`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
@@ -97,6 +99,7 @@ impl Avx512Tile {
 pub(super) unsafe fn tile(
     shape: Avx512Tile,
     panels: usize,
+    panel_stride: usize,
     kc: usize,
     a: *const f32,
     b: *const f32,
@@ -110,6 +113,7 @@ pub(super) unsafe fn tile(
         kc,
         a,
         b,
+        panel_stride,
         c,
         rs_c,
         overwrite,
@@ -140,6 +144,7 @@ struct Tile {
     kc: usize,
     a: *const f32,
     b: *const f32,
+    panel_stride: usize,
     c: *mut f32,
     rs_c: usize,
     overwrite: bool,
@@ -163,9 +168,9 @@ fn column_mask(cols: usize, u: usize) -> __mmask16 {
 // the same unrolled code (constant indices keep the accumulators in registers).
 #[allow(clippy::needless_range_loop)]
 unsafe fn body<const R: usize, const NP: usize>(t: Tile) {
-    let bstride = t.kc * NR;
+    let bstride = t.panel_stride;
     // SAFETY: (whole block) A loads read a[p * R + i], p < kc, i < R; B loads read
-    // b[u * kc * NR + p * NR .. + NR], u < NP; C accesses are masked to the rows x cols corner.
+    // b[u * panel_stride + p * NR .. + NR], u < NP; C accesses are masked to the rows x cols corner.
     unsafe {
         for i in 0..R {
             if i < t.rows {

@@ -227,9 +227,11 @@ const SMALL_M_ROWS: usize = 192;
 enum Micro {
     /// The `MR x NR` kernel of a 256-bit, portable or scalar path.
     Narrow(KernelPath),
-    /// An AVX-512 tile shape (the CPU has the tier).
+    /// An AVX-512 tile shape (the CPU has the tier) and the depth of K per call (the
+    /// driver sweeps all A micro-panels over one depth slice of a column group before the
+    /// next, so the group's slice of B stays in L1).
     #[cfg(target_arch = "x86_64")]
-    Wide(Avx512Tile),
+    Wide(Avx512Tile, usize),
 }
 
 impl Micro {
@@ -237,7 +239,7 @@ impl Micro {
     fn for_path(path: KernelPath) -> Micro {
         match path {
             #[cfg(target_arch = "x86_64")]
-            KernelPath::Avx512 => Micro::Wide(Avx512Tile::DEFAULT),
+            KernelPath::Avx512 => Micro::Wide(Avx512Tile::DEFAULT, AVX512_K_SLICE),
             p => Micro::Narrow(p),
         }
     }
@@ -247,7 +249,7 @@ impl Micro {
         match self {
             Micro::Narrow(_) => MR,
             #[cfg(target_arch = "x86_64")]
-            Micro::Wide(t) => t.rows(),
+            Micro::Wide(t, _) => t.rows(),
         }
     }
 
@@ -256,7 +258,7 @@ impl Micro {
         match self {
             Micro::Narrow(_) => 1,
             #[cfg(target_arch = "x86_64")]
-            Micro::Wide(t) => t.panels(),
+            Micro::Wide(t, _) => t.panels(),
         }
     }
 
@@ -265,21 +267,32 @@ impl Micro {
         match self {
             Micro::Narrow(p) => p,
             #[cfg(target_arch = "x86_64")]
-            Micro::Wide(_) => KernelPath::Avx512,
+            Micro::Wide(..) => KernelPath::Avx512,
         }
     }
 
-    /// Computes the `rows x cols` corner of the tile at `c`.
+    /// Depth of K per call (a packed K block of `kc` is swept in slices of this depth).
+    fn k_slice(self, kc: usize) -> usize {
+        match self {
+            Micro::Narrow(_) => kc,
+            #[cfg(target_arch = "x86_64")]
+            Micro::Wide(_, s) => s.clamp(1, kc),
+        }
+    }
+
+    /// Computes the `rows x cols` corner of the tile at `c` over `kc` steps of K.
     ///
     /// # Safety
-    /// `a` readable for `kc * self.mr()` floats, `b` for `panels * kc * NR` with
-    /// `1 <= panels <= self.panels()`; `rows <= self.mr()`, `cols <= panels * NR`; `c` valid
-    /// for reading and writing that corner with row stride `rs_c`; the CPU runs the kernel.
+    /// `a` readable for `kc * self.mr()` floats, `b + u * panel_stride` for `kc * NR`,
+    /// `u < panels`, with `1 <= panels <= self.panels()` (`panels == 1` for `Narrow`);
+    /// `rows <= self.mr()`, `cols <= panels * NR`; `c` valid for reading and writing that
+    /// corner with row stride `rs_c`; the CPU runs the kernel.
     #[allow(clippy::too_many_arguments)]
     #[inline]
     unsafe fn run(
         self,
         panels: usize,
+        panel_stride: usize,
         kc: usize,
         a: *const f32,
         b: *const f32,
@@ -297,7 +310,19 @@ impl Micro {
                 }
                 Micro::Narrow(p) => kernel::edge_tile(p, kc, a, b, c, rs_c, overwrite, rows, cols),
                 #[cfg(target_arch = "x86_64")]
-                Micro::Wide(t) => avx512::tile(t, panels, kc, a, b, c, rs_c, overwrite, rows, cols),
+                Micro::Wide(t, _) => avx512::tile(
+                    t,
+                    panels,
+                    panel_stride,
+                    kc,
+                    a,
+                    b,
+                    c,
+                    rs_c,
+                    overwrite,
+                    rows,
+                    cols,
+                ),
             }
         }
     }
@@ -349,18 +374,25 @@ pub fn gemm(a: MatRef<'_, f32>, b: &dyn PackB, c: &mut [f32], accumulate: bool) 
     gemm_on(kernel_path(), a, b, c, accumulate)
 }
 
-/// [`gemm`] with an explicit AVX-512 tile shape (benchmarks compare the shapes); on a CPU
-/// without the AVX-512 tier it runs [`gemm`]'s fallback path instead.
+/// Depth of K per AVX-512 microkernel call (see [`gemm_avx512_tile`]).
+#[cfg(target_arch = "x86_64")]
+pub const AVX512_K_SLICE: usize = KC;
+
+/// [`gemm`] with an explicit AVX-512 tile shape and depth of K per microkernel call
+/// (`k_slice`, clamped to `1..=KC`; benchmarks compare them); on a CPU without the AVX-512
+/// tier it runs [`gemm`]'s fallback path instead. Results do not depend on the thread count
+/// for any choice.
 #[cfg(target_arch = "x86_64")]
 pub fn gemm_avx512_tile(
     tile: Avx512Tile,
+    k_slice: usize,
     a: MatRef<'_, f32>,
     b: &dyn PackB,
     c: &mut [f32],
     accumulate: bool,
 ) -> Result<()> {
     let micro = match KernelPath::Avx512.supported() {
-        KernelPath::Avx512 => Micro::Wide(tile),
+        KernelPath::Avx512 => Micro::Wide(tile, k_slice),
         p => Micro::Narrow(p),
     };
     gemm_with(micro, a, b, c, accumulate)
@@ -461,24 +493,43 @@ fn gemm_with(
                 let mut abuf = Scratch::take(&A_BUF, (p1 - p0) * kc * mr);
                 let ap = abuf.as_mut();
                 pack::pack_a(path, &a, i0, mc, k0, kc, mr, ap);
+                let ks = micro.k_slice(kc);
                 for g in g0..g1 {
                     let q = g * np;
                     let panels = np.min(npan - q);
                     let j = q * NR;
                     let cols = (panels * NR).min(ncb - j);
-                    let bpan = bp[q * kc * NR..(q + panels) * kc * NR].as_ptr();
-                    for ip in 0..(p1 - p0) {
-                        let i = ip * mr;
-                        let rows = mr.min(mc - i);
-                        let apan = ap[ip * kc * mr..(ip + 1) * kc * mr].as_ptr();
-                        // SAFETY: apan/bpan point at a full kc*mr packed A panel and `panels`
-                        // full kc*NR packed B panels (sliced just above); the C tile at
-                        // (i0 + i, n0 + j) of size rows x cols lies inside the m x n matrix
-                        // and inside this task's rectangle, which no other task touches;
-                        // `micro` runs only on a CPU that supports it.
-                        unsafe {
-                            let ct = cptr.get().add((i0 + i) * n + n0 + j);
-                            micro.run(panels, kc, apan, bpan, ct, n, overwrite, rows, cols);
+                    let bgrp = &bp[q * kc * NR..(q + panels) * kc * NR];
+                    // Depth slices in order: every element of C sees the same sequence of
+                    // slices whatever the thread count.
+                    for s0 in (0..kc).step_by(ks) {
+                        let sk = ks.min(kc - s0);
+                        for ip in 0..(p1 - p0) {
+                            let i = ip * mr;
+                            let rows = mr.min(mc - i);
+                            let apan = ap[ip * kc * mr..(ip + 1) * kc * mr][s0 * mr..].as_ptr();
+                            // SAFETY: apan points at rows s0.. of a full kc*mr packed A panel
+                            // (sk <= kc - s0 steps remain) and bgrp + s0 * NR + u * kc * NR,
+                            // u < panels, at rows s0.. of full kc*NR packed B panels (sliced
+                            // just above); the C tile at (i0 + i, n0 + j) of size rows x cols
+                            // lies inside the m x n matrix and inside this task's rectangle,
+                            // which no other task touches; `micro` runs only on a CPU that
+                            // supports it.
+                            unsafe {
+                                let ct = cptr.get().add((i0 + i) * n + n0 + j);
+                                micro.run(
+                                    panels,
+                                    kc * NR,
+                                    sk,
+                                    apan,
+                                    bgrp.as_ptr().add(s0 * NR),
+                                    ct,
+                                    n,
+                                    overwrite && s0 == 0,
+                                    rows,
+                                    cols,
+                                );
+                            }
                         }
                     }
                 }
