@@ -6,7 +6,7 @@
 //! step `p` of K it loads `NP` zmm of B (one per panel; the panels lie `kc * NR` floats apart in
 //! the packed block), broadcasts each of the `R` A values and issues `R * NP` FMAs into
 //! `R * NP` zmm accumulators (zmm has 32 registers: e.g. 12 x 32 keeps 24 accumulators,
-//! 2 B vectors and a broadcast; 8 x 48 measured fastest, see [`Avx512Tile::DEFAULT`]). Every element is `acc = 0; acc = fma(a[i,p], b[p,j], acc)` for
+//! 2 B vectors and a broadcast; see [`Avx512Tile::DEFAULT`] for the measurements). Every element is `acc = 0; acc = fma(a[i,p], b[p,j], acc)` for
 //! `p` in order, then stored (`overwrite`) or added to C, whatever the tile shape, the panel
 //! count of an edge tile or the thread: results are bit-identical across thread counts (and
 //! equal to the AVX2 tier's, which runs the same fused sequence).
@@ -46,12 +46,13 @@ impl Avx512Tile {
     ];
 
     /// The shape [`super::gemm`] uses on the AVX-512 tier. Measured on a 16-core Intel Xeon
-    /// (AVX-512, AMX), `x · Wᵀ` at 1024³ f32 (`cargo bench --bench gemm --
-    /// gemm_1024_avx512_tiles`, criterion estimate [low high]): 16 threads 12x32 2.60
-    /// [2.57 2.64] ms, 14x32 2.68 [2.64 2.71], 8x48 2.49 [2.43 2.54], 6x64 3.01 [2.88 3.16];
-    /// 1 thread 12x32 25.5 [24.7 26.5] ms, 14x32 24.7 [22.6 26.5], 8x48 22.3 [21.8 22.9],
-    /// 6x64 22.5 [21.6 23.8] (the AVX2 6x16 kernel: 3.39 ms on 16 threads).
-    pub const DEFAULT: Avx512Tile = Avx512Tile::M8N48;
+    /// (AVX-512, AMX; two leases of the same kind), `x · Wᵀ` at 1024³ f32 (`cargo bench
+    /// --bench gemm -- gemm_1024_avx512_tiles`), whole-KC slices, criterion estimates:
+    /// lease 1, 1 thread 12x32 25.5 ms, 14x32 24.7, 8x48 22.3, 6x64 22.5; 16 threads 2.60,
+    /// 2.68, 2.49, 3.01 (AVX2 6x16: 3.39); lease 2, 1 thread 25.1, 29.8, 27.8, 27.6.
+    /// 12x32 was the only shape that timed the same on both leases, and the fastest with
+    /// 128-deep K slices ([`super::AVX512_K_SLICE`]) on lease 2; 8x48 led on lease 1.
+    pub const DEFAULT: Avx512Tile = Avx512Tile::M12N32;
 
     /// Rows of C per tile (the height of a packed A micro-panel).
     pub fn rows(self) -> usize {

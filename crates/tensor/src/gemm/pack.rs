@@ -5,61 +5,53 @@ use super::{MatRef, PackB, NR};
 use crate::cpu::{kernel_path, KernelPath};
 use half::f16;
 
-/// Most rows an A micro-panel may have (the tallest microkernel tile).
-const MAX_MR: usize = 16;
-
-/// Packs `A[i0..i0+mc, k0..k0+kc]` into `ceil(mc / mr)` micro-panels of `kc * mr` floats:
-/// panel `q`, element `(i, p)` at `dst[q * kc * mr + p * mr + i]`, rows past `mc` zero.
+/// Packs `A[i0..i0+mc, k0..k0+kc]` into `ceil(mc / MR)` micro-panels of `kc * MR` floats:
+/// panel `q`, element `(i, p)` at `dst[q * kc * MR + p * MR + i]`, rows past `mc` zero. The
+/// panel height `MR` (1..=16) is a constant, so that the short copies compile to moves.
 ///
-/// Shapes: `a` is `m x k`; `dst.len() >= ceil(mc / mr) * kc * mr`; `1 <= mr <= 16`.
+/// Shapes: `a` is `m x k`; `dst.len() >= ceil(mc / MR) * kc * MR`.
 /// `path` must have gone through [`KernelPath::supported`].
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn pack_a(
+pub(crate) fn pack_a<const MR: usize>(
     path: KernelPath,
     a: &MatRef<'_, f32>,
     i0: usize,
     mc: usize,
     k0: usize,
     kc: usize,
-    mr: usize,
     dst: &mut [f32],
 ) {
-    let panels = mc.div_ceil(mr);
+    let panels = mc.div_ceil(MR);
     for q in 0..panels {
-        let rows = mr.min(mc - q * mr);
-        let d = &mut dst[q * kc * mr..(q + 1) * kc * mr];
-        let r0 = i0 + q * mr;
-        if a.col_stride == 1 && rows == mr && mr <= MAX_MR {
-            // Row-major A (x in the forward pass): `mr` contiguous rows, interleaved.
+        let rows = MR.min(mc - q * MR);
+        let d = &mut dst[q * kc * MR..(q + 1) * kc * MR];
+        let r0 = i0 + q * MR;
+        if a.col_stride == 1 && rows == MR {
+            // Row-major A (x in the forward pass): MR contiguous rows, interleaved.
             let base = |i: usize| (r0 + i) * a.row_stride + k0;
-            let mut s: [&[f32]; MAX_MR] = [&[]; MAX_MR];
-            for (i, row) in s.iter_mut().enumerate().take(mr) {
-                *row = &a.data[base(i)..base(i) + kc];
-            }
-            let s = &s[..mr];
+            let s: [&[f32]; MR] = std::array::from_fn(|i| &a.data[base(i)..base(i) + kc]);
             #[cfg(target_arch = "x86_64")]
             if path.at_most_avx2() == KernelPath::Avx2Fma {
                 // SAFETY: the path was checked to be supported by the CPU (and the AVX-512
-                // tier includes AVX2); each of the mr <= 16 row slices has kc elements and
-                // `d` has kc * mr (all sliced, so bounds-checked, above).
-                unsafe { avx2::pack_a_rows(s, kc, d) };
+                // tier includes AVX2); each row slice has kc elements and `d` has kc * MR
+                // (all sliced, so bounds-checked, above).
+                unsafe { avx2::pack_a_rows(&s, kc, d) };
                 continue;
             }
             let _ = path;
-            for (p, out) in d.chunks_exact_mut(mr).enumerate() {
+            for (p, out) in d.chunks_exact_mut(MR).enumerate() {
                 for (o, src) in out.iter_mut().zip(s.iter()) {
                     *o = src[p];
                 }
             }
         } else if a.row_stride == 1 {
-            // Column-contiguous A (dyᵀ in the weight gradient): copy mr-long runs.
-            for (p, out) in d.chunks_exact_mut(mr).enumerate() {
+            // Column-contiguous A (dyᵀ in the weight gradient): copy MR-long runs.
+            for (p, out) in d.chunks_exact_mut(MR).enumerate() {
                 let start = (k0 + p) * a.col_stride + r0;
                 out[..rows].copy_from_slice(&a.data[start..start + rows]);
                 out[rows..].fill(0.0);
             }
         } else {
-            for (p, out) in d.chunks_exact_mut(mr).enumerate() {
+            for (p, out) in d.chunks_exact_mut(MR).enumerate() {
                 for (i, o) in out.iter_mut().enumerate() {
                     *o = if i < rows { a.at(r0 + i, k0 + p) } else { 0.0 };
                 }
@@ -211,16 +203,16 @@ mod avx2 {
         unsafe { body(b, k0, kc, n0, nc, dst) }
     }
 
-    /// Interleaves `mr = s.len()` rows (1..=16): `d[p * mr + i] = s[i][p]` for `p < kc` (an A
+    /// Interleaves `MR` rows (1..=16): `d[p * MR + i] = s[i][p]` for `p < kc` (an A
     /// micro-panel), eight columns at a time through 8x8 register transposes, eight rows per
     /// transpose.
     ///
     /// # Safety
-    /// The CPU must have AVX2; `1 <= s.len() <= 16`, every `s[i].len() >= kc` and
-    /// `d.len() >= kc * s.len()`.
+    /// The CPU must have AVX2; `1 <= MR <= 16`, every `s[i].len() >= kc` and
+    /// `d.len() >= kc * MR`.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn pack_a_rows(s: &[&[f32]], kc: usize, d: &mut [f32]) {
-        let mr = s.len();
+    pub(super) unsafe fn pack_a_rows<const MR: usize>(s: &[&[f32]; MR], kc: usize, d: &mut [f32]) {
+        let mr = MR;
         let chunks = mr.div_ceil(8);
         // The lanes of the last chunk's 8-wide store that hold rows of the panel.
         let last_rows = mr - (chunks - 1) * 8;
@@ -340,5 +332,56 @@ mod avx2 {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::available_paths;
+
+    /// Every path packs A micro-panels of every tile height exactly as the definition says
+    /// (row-major, column-major and general strides; rows past `mc` zero), on awkward sizes.
+    fn check_height<const R: usize>() {
+        let (m, k) = (37usize, 140usize);
+        let data: Vec<f32> = (0..m * k * 2).map(|v| v as f32 + 0.5).collect();
+        let views = [
+            MatRef::new(&data, m, k, k, 1).unwrap(),
+            MatRef::new(&data, m, k, 1, m).unwrap(),
+            MatRef::new(&data, m, k, 2 * k, 2).unwrap(),
+        ];
+        for a in &views {
+            for (i0, mc) in [(0, m), (1, 1), (3, R), (2, R + 1), (5, 2 * R - 1)] {
+                for (k0, kc) in [(0, 0), (0, 1), (3, 7), (1, 17), (0, 33), (7, 129)] {
+                    let panels = mc.div_ceil(R);
+                    for path in available_paths() {
+                        let mut dst = vec![f32::NAN; panels * kc * R];
+                        pack_a::<R>(path, a, i0, mc, k0, kc, &mut dst);
+                        for q in 0..panels {
+                            for p in 0..kc {
+                                for i in 0..R {
+                                    let r = q * R + i;
+                                    let want = if r < mc { a.at(i0 + r, k0 + p) } else { 0.0 };
+                                    let got = dst[q * kc * R + p * R + i];
+                                    assert_eq!(
+                                        got.to_bits(),
+                                        want.to_bits(),
+                                        "R={R} {path:?} i0={i0} mc={mc} k0={k0} kc={kc}"
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn pack_a_matches_definition_for_every_tile_height() {
+        check_height::<6>();
+        check_height::<8>();
+        check_height::<12>();
+        check_height::<14>();
     }
 }
