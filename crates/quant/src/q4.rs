@@ -148,6 +148,8 @@ pub fn quantize_row(
         }
         #[cfg(not(target_arch = "x86_64"))]
         KernelPath::Avx2Fma => quantize_row(KernelPath::Portable, row, x, packed, norm),
+        // `usable` maps Avx512 to Avx2Fma (no 512-bit code here yet).
+        KernelPath::Avx512 => quantize_row(KernelPath::Avx2Fma, row, x, packed, norm),
     }
 }
 
@@ -181,6 +183,8 @@ pub fn dequantize(path: KernelPath, packed: &[u8], norm: &[f16], out: &mut [f32]
         KernelPath::Avx2Fma => unsafe { avx2::dequantize(packed, norm, out) },
         #[cfg(not(target_arch = "x86_64"))]
         KernelPath::Avx2Fma => portable::dequantize(packed, norm, out),
+        // `usable` maps Avx512 to Avx2Fma (no 512-bit code here yet).
+        KernelPath::Avx512 => dequantize(KernelPath::Avx2Fma, packed, norm, out),
     }
 }
 
