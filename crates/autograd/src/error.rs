@@ -31,6 +31,12 @@ pub enum AutogradError {
         /// What was wrong.
         what: String,
     },
+    /// A checkpointed segment failed when run again in the backward.
+    #[error("checkpoint: recomputing the segment failed: {what}")]
+    Checkpoint {
+        /// The segment's error, as text.
+        what: String,
+    },
     /// Optimizer state that does not fit the optimizer's parameters.
     #[error("optimizer state: {what}")]
     State {

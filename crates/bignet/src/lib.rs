@@ -21,6 +21,7 @@ pub mod cli;
 pub mod error;
 pub mod frozen;
 pub mod heap;
+pub mod infer;
 pub mod layer;
 pub mod loader;
 pub mod memory;
