@@ -145,3 +145,16 @@ fn linear_into(
     }
     Ok(())
 }
+
+/// Peak bytes above what was held before of [`BigNet::infer`](crate::BigNet::infer) on `x`,
+/// measured by the counting allocator after a warm-up forward on every worker thread of the
+/// pool: the GEMM keeps its packing buffers (about 1.2 MiB per thread at D = 1024) from call to
+/// call, like a GPU library's workspace, so they are not counted against one forward.
+pub fn measure_forward_bytes(model: &crate::BigNet, x: &Tensor) -> Result<usize> {
+    rayon::broadcast(|_| model.infer(x).map(drop))
+        .into_iter()
+        .collect::<Result<()>>()?;
+    let (y, bytes) = crate::memory::measure_peak(|| model.infer(x));
+    drop(y?);
+    Ok(bytes)
+}

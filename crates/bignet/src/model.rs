@@ -161,14 +161,16 @@ impl BigNet {
 
     /// [`BigNet::forward`], with each block (and the LayerNorm after it) checkpointed when
     /// `checkpoint` is set (see [`Tape::checkpoint`]): the tape keeps each block's input and
-    /// nothing else of it, and the backward recomputes the block. Outputs and gradients are
+    /// nothing else of it, and the backward recomputes the block. The last block is recorded
+    /// as usual: the backward starts with it, so its activations would be recomputed at once,
+    /// and holding them costs no more than recomputing them. Outputs and gradients are
     /// bit-identical either way.
     pub fn forward_with(&self, tape: &Tape, x: &Var, checkpoint: bool) -> Result<Var> {
         self.check_input(x.value())?;
         let mut h = x.clone();
         for (b, block) in self.blocks.iter().enumerate() {
             let norm = self.norms.get(b);
-            h = if checkpoint {
+            h = if checkpoint && b + 1 < self.blocks.len() {
                 let (layers, norm) = (Arc::clone(block), norm.cloned());
                 tape.checkpoint(&h, move |tape, h| {
                     block_forward(tape, &layers, norm.as_ref(), h)

@@ -186,3 +186,25 @@ pub fn fit_with(
     }
     Ok(report)
 }
+
+/// Peak bytes held while training `spec`'s model on the grader's task (`samples` rows) under
+/// `options`, everything counted: the model, its adapters, gradients and AdamW state, the batch
+/// and the activations. The figure is the counting allocator's peak over two steps (the second
+/// runs with every buffer of the first already made) above what was held before the model was
+/// built; 0 unless [`crate::memory::CountingAlloc`] is the global allocator.
+pub fn measure_train_step_bytes(
+    spec: &crate::loader::ModelSpec,
+    samples: usize,
+    options: TrainOptions,
+) -> Result<usize> {
+    let before = crate::memory::current();
+    let model = spec.build()?;
+    let task = FitTask::new(model.dim(), samples, spec.seed);
+    let mut opt = AdamW::new(model.trainable_params(), AdamWConfig::default())?;
+    let tape = Tape::new();
+    crate::memory::reset_peak();
+    for _ in 0..2 {
+        train_step_with(&model, &task, &tape, &mut opt, options)?;
+    }
+    Ok(crate::memory::peak().saturating_sub(before))
+}

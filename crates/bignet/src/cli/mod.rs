@@ -13,6 +13,7 @@ mod stats;
 use crate::error::{Error, Result};
 use crate::loader::ModelSpec;
 use crate::source::DEFAULT_DIM;
+use crate::train::TrainOptions;
 use crate::variant::{Variant, WeightFormat};
 use clap::{Args, Parser, Subcommand};
 use nibble_quant::q4::{set_q4_activations, Q4Activations};
@@ -92,6 +93,29 @@ impl Common {
     }
 }
 
+/// How `fit` and `bench --train` spend memory on a training step.
+#[derive(Debug, Clone, Copy, Default, Args)]
+pub struct TrainArgs {
+    /// Checkpoint each block: keep only its input, recompute it in the backward (same
+    /// gradients, bit for bit; about one more forward per step).
+    #[arg(long)]
+    pub checkpoint: bool,
+    /// Accumulate the gradients over micro-batches of N rows (the same update up to the order
+    /// of the sums over rows).
+    #[arg(long, value_name = "N")]
+    pub micro_batch: Option<usize>,
+}
+
+impl TrainArgs {
+    /// The options of a training step.
+    pub fn options(&self) -> TrainOptions {
+        TrainOptions {
+            checkpoint: self.checkpoint,
+            micro_batch: self.micro_batch,
+        }
+    }
+}
+
 /// The verbs.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -139,6 +163,9 @@ pub enum Command {
         /// Save the trained LoRA adapters here (PEFT layout).
         #[arg(long, value_name = "DIR")]
         save_adapter: Option<PathBuf>,
+        /// Checkpointing and micro-batches.
+        #[command(flatten)]
+        train: TrainArgs,
         /// Options every verb takes.
         #[command(flatten)]
         common: Common,
@@ -199,6 +226,9 @@ pub enum Command {
         /// Also time a training step (forward + backward + AdamW) at batch 1000.
         #[arg(long)]
         train: bool,
+        /// Checkpointing and micro-batches of the timed training step.
+        #[command(flatten)]
+        train_args: TrainArgs,
         /// Timed runs per figure (after warm-up).
         #[arg(long, default_value_t = 10)]
         runs: usize,
@@ -267,6 +297,7 @@ pub fn run(cli: Cli) -> Result<()> {
             lr,
             json,
             save_adapter,
+            train,
             common,
         } => fit::run(
             *variant,
@@ -274,6 +305,7 @@ pub fn run(cli: Cli) -> Result<()> {
             *lr,
             *json,
             save_adapter.as_deref(),
+            train.options(),
             common,
         ),
         Command::Quantize {
@@ -298,10 +330,18 @@ pub fn run(cli: Cli) -> Result<()> {
             variants,
             batch,
             train,
+            train_args,
             runs,
             json,
             common,
-        } => bench::run(variants, batch, *train, *runs, *json, common),
+        } => bench::run(
+            variants,
+            batch,
+            train.then(|| train_args.options()),
+            *runs,
+            *json,
+            common,
+        ),
     }
 }
 
