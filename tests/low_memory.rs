@@ -40,14 +40,33 @@ fn whole_batch_forward(model: &BigNet, x: &nibble::tensor::Tensor) -> Vec<u32> {
 }
 
 #[test]
+fn chunks_cover_the_batch_with_at_least_48_rows_each() {
+    for batch in [0usize, 1, 47, 96, 97, 191, 192, 1000, 1024, 4099] {
+        for ask in [1usize, 96, 112, 500] {
+            let ranges = nibble::bignet::infer::chunk_ranges(batch, ask);
+            assert_eq!(ranges.first().unwrap().0, 0);
+            assert_eq!(ranges.last().unwrap().1, batch);
+            for w in ranges.windows(2) {
+                assert_eq!(w[0].1, w[1].0);
+            }
+            let rows = ask.max(nibble::bignet::infer::MIN_CHUNK_ROWS);
+            for &(a, b) in &ranges {
+                assert!(b - a <= rows, "batch {batch}, ask {ask}: {a}..{b}");
+                assert!(ranges.len() == 1 || b - a >= 48, "batch {batch}, ask {ask}: {a}..{b}");
+            }
+        }
+    }
+}
+
+#[test]
 fn chunked_inference_is_bit_identical_to_the_whole_batch_forward() {
     for variant in Variant::ALL {
         let model = model(variant, 128);
-        for batch in [1usize, 7, 47, 130, 300] {
+        for batch in [1usize, 7, 47, 130, 300, 401] {
             let x = normal_batch(batch, 128, batch as u64);
             let want = whole_batch_forward(&model, &x);
             for threads in [1, 2] {
-                for chunk in [1usize, 48, 64, 100, 1024] {
+                for chunk in [1usize, 96, 112, 150, 1024] {
                     let got = in_pool(threads, || model.infer_chunked(&x, chunk).unwrap());
                     assert!(
                         bits(got.data()) == want,

@@ -42,7 +42,7 @@ fn measured_memory_within_the_graders_bounds() {
         );
     }
 
-    // A no-grad forward of 1024 rows holds its 4 MB output and two 64-row buffers.
+    // A no-grad forward of 1024 rows holds its 4 MB output and two 103-row buffers.
     let x = nibble::bignet::cli::normal_batch(1024, 1024, 0);
     for variant in Variant::ALL {
         let model = ModelSpec::seeded(variant, 0).build().unwrap();
