@@ -104,7 +104,7 @@ pub fn layer_norm_assign(
     if cols == 0 {
         return Ok(());
     }
-    if x.len() % cols != 0 {
+    if x.len().checked_rem(cols) != Some(0) {
         return Err(TensorError::ShapeMismatch {
             op: "layer_norm_assign",
             lhs: vec![x.len()],

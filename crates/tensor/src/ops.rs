@@ -95,7 +95,7 @@ pub fn add_in_place(dst: &mut [f32], src: &[f32]) -> Result<()> {
             rhs: vec![src.len()],
         });
     }
-    zip_apply(dst, src, |a, b| *a = b + *a);
+    zip_apply(dst, src, |a, b| *a += b);
     Ok(())
 }
 
@@ -103,10 +103,10 @@ pub fn add_in_place(dst: &mut [f32], src: &[f32]) -> Result<()> {
 /// error): a bias broadcast into a reused output buffer, the start of [`crate::linear`]'s
 /// output.
 pub fn fill_rows(dst: &mut [f32], row: &[f32]) -> Result<()> {
-    if row.is_empty() || dst.len() % row.len() != 0 {
-        if dst.is_empty() && row.is_empty() {
-            return Ok(());
-        }
+    if dst.is_empty() && row.is_empty() {
+        return Ok(());
+    }
+    if dst.len().checked_rem(row.len()) != Some(0) {
         return Err(TensorError::ShapeMismatch {
             op: "fill_rows",
             lhs: vec![dst.len()],
