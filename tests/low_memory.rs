@@ -52,7 +52,10 @@ fn chunks_cover_the_batch_with_at_least_48_rows_each() {
             let rows = ask.max(nibble::bignet::infer::MIN_CHUNK_ROWS);
             for &(a, b) in &ranges {
                 assert!(b - a <= rows, "batch {batch}, ask {ask}: {a}..{b}");
-                assert!(ranges.len() == 1 || b - a >= 48, "batch {batch}, ask {ask}: {a}..{b}");
+                assert!(
+                    ranges.len() == 1 || b - a >= 48,
+                    "batch {batch}, ask {ask}: {a}..{b}"
+                );
             }
         }
     }
