@@ -5,6 +5,7 @@
 //! cargo run --release --example train_lora                      # f16 base + LoRA, seeded init
 //! cargo run --release --example train_lora -- --qlora           # 4-bit base + LoRA
 //! cargo run --release --example train_lora -- --weights bignet.pth --out my_adapter
+//! cargo run --release --example train_lora -- --qlora --checkpoint --micro-batch 250  # least memory
 //! ```
 
 use clap::Parser;
@@ -13,7 +14,7 @@ use nibble::autograd::{AdamW, AdamWConfig, Tape};
 use nibble::bignet::adapter::save_adapter;
 use nibble::bignet::loader::ModelSpec;
 use nibble::bignet::memory::{self, CountingAlloc};
-use nibble::bignet::train::{accuracy, train_step, FitTask};
+use nibble::bignet::train::{accuracy, train_step_with, FitTask, TrainOptions};
 use nibble::bignet::Variant;
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -43,6 +44,14 @@ struct Args {
     /// Where to save the adapters (PEFT layout).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Checkpoint each block: keep only its input and recompute it in the backward (same
+    /// gradients, bit for bit; less memory, about one more forward per step).
+    #[arg(long)]
+    checkpoint: bool,
+    /// Accumulate the gradients over micro-batches of N rows (the same update up to the order
+    /// of the sums over rows; less memory).
+    #[arg(long, value_name = "N")]
+    micro_batch: Option<usize>,
 }
 
 fn evaluate(model: &nibble::bignet::BigNet, task: &FitTask) -> nibble::bignet::Result<f32> {
@@ -87,6 +96,10 @@ fn run(args: Args) -> nibble::bignet::Result<()> {
         },
     )?;
     let tape = Tape::new();
+    let options = TrainOptions {
+        checkpoint: args.checkpoint,
+        micro_batch: args.micro_batch,
+    };
     let bar = std::io::stdout().is_terminal().then(|| {
         let bar = ProgressBar::new(args.steps as u64);
         bar.set_style(
@@ -98,7 +111,7 @@ fn run(args: Args) -> nibble::bignet::Result<()> {
     memory::reset_peak();
     let start = Instant::now();
     for step in 0..args.steps {
-        let (loss, acc) = train_step(&model, &task, &tape, &mut opt)?;
+        let (loss, acc) = train_step_with(&model, &task, &tape, &mut opt, options)?;
         match &bar {
             Some(bar) => {
                 bar.set_message(format!("loss {loss:.4}  accuracy {acc:.3}"));

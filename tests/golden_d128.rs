@@ -89,12 +89,21 @@ fn lora_case() -> (BigNet, Checkpoint, Vec<Param>) {
 
 #[test]
 fn lora_loss_and_gradients_match_pytorch() {
+    lora_loss_and_gradients_match_pytorch_with(false);
+}
+
+#[test]
+fn checkpointed_lora_loss_and_gradients_match_pytorch() {
+    lora_loss_and_gradients_match_pytorch_with(true);
+}
+
+fn lora_loss_and_gradients_match_pytorch_with(checkpoint: bool) {
     let (model, g, params) = lora_case();
     let head: Arc<dyn WeightMatrix> = Arc::new(golden(&g, "head"));
     let (x, y) = (golden(&g, "x"), golden(&g, "y"));
     let tape = Tape::new();
     let input = tape.leaf(x);
-    let out = model.forward(&tape, &input).unwrap();
+    let out = model.forward_with(&tape, &input, checkpoint).unwrap();
     let logits = tape.frozen_linear(&out, &head, None).unwrap();
     let want_logits = golden(&g, "logits");
     let got_logits = logits.value().clone().reshape(&[32]).unwrap();

@@ -1,11 +1,13 @@
-//! Measured memory (a counting allocator): each variant's model, its no-grad forward, and that
-//! loading a quantized variant from a big f32 file does not hold two copies. One test only, so
-//! that no other test allocates at the same time.
+//! Measured memory (a counting allocator): each variant's model, its no-grad forward, the
+//! grader's training step with and without checkpointing and micro-batches, and that loading a
+//! quantized variant from a big f32 file does not hold two copies. One test only, so that no
+//! other test allocates at the same time.
 
 use nibble::bignet::checkpoint::{write_safetensors, DType};
 use nibble::bignet::loader::ModelSpec;
 use nibble::bignet::memory::{self, CountingAlloc};
 use nibble::bignet::source::{state_dict_keys, SeededInit, WeightSource};
+use nibble::bignet::train::{measure_train_step_bytes, TrainOptions};
 use nibble::bignet::Variant;
 use std::collections::BTreeMap;
 
@@ -38,14 +40,50 @@ fn measured_memory_within_the_graders_bounds() {
             (held - theoretical).abs() < 0.5,
             "{variant}: held {held:.2} MB vs theoretical {theoretical:.2} MB"
         );
-        // A no-grad forward of 1024 rows keeps only a few activations alive at a time.
-        let x = nibble::bignet::cli::normal_batch(1024, 1024, 0);
-        let (y, peak) = memory::measure_peak(|| model.infer(&x).unwrap());
-        drop(y);
+    }
+
+    // A no-grad forward of 1024 rows holds its 4 MB output and two 103-row buffers.
+    let x = nibble::bignet::cli::normal_batch(1024, 1024, 0);
+    for variant in Variant::ALL {
+        let model = ModelSpec::seeded(variant, 0).build().unwrap();
+        let peak = nibble::bignet::infer::measure_forward_bytes(&model, &x).unwrap();
         assert!(
-            peak as f64 / MB < 6.0 * 4.0 + 2.0,
-            "{variant}: forward peak {peak}"
+            peak as f64 / MB <= 5.0,
+            "{variant}: forward peak {:.2} MB",
+            peak as f64 / MB
         );
+    }
+
+    // The grader's training step at batch 1000, everything counted (model, adapters, gradients,
+    // AdamW state, batch, activations). Before checkpointing and micro-batches a LoRA step
+    // peaked at 159 MB.
+    let train = |variant, checkpoint, micro_batch| {
+        let options = TrainOptions {
+            checkpoint,
+            micro_batch,
+        };
+        let bytes =
+            measure_train_step_bytes(&ModelSpec::seeded(variant, 0), 1000, options).unwrap();
+        bytes as f64 / MB
+    };
+    for (variant, plain_bound, checkpoint_bound, both_bound) in [
+        (Variant::Qlora, 159.0, 80.0, 48.0),
+        (Variant::Lora, 159.0, 100.0, 72.0),
+    ] {
+        let plain = train(variant, false, None);
+        let checkpointed = train(variant, true, None);
+        let both = train(variant, true, Some(250));
+        println!("{variant}: training step {plain:.2} / {checkpointed:.2} / {both:.2} MB");
+        assert!(plain < plain_bound, "{variant}: plain step {plain:.2} MB");
+        assert!(
+            checkpointed <= checkpoint_bound,
+            "{variant}: checkpointed step {checkpointed:.2} MB"
+        );
+        assert!(
+            both <= both_bound,
+            "{variant}: checkpointed step in micro-batches of 250: {both:.2} MB"
+        );
+        assert!(checkpointed < plain && both < checkpointed, "{variant}");
     }
 
     // Loading low_precision from a 72 MB f32 file: the file is mapped, each layer's f32 copy is

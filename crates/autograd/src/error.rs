@@ -39,6 +39,12 @@ pub enum AutogradError {
         /// What is wrong, naming the index and the values.
         what: String,
     },
+    /// A checkpointed segment failed when run again in the backward.
+    #[error("checkpoint: recomputing the segment failed: {what}")]
+    Checkpoint {
+        /// The segment's error, as text.
+        what: String,
+    },
     /// Optimizer state that does not fit the optimizer's parameters.
     #[error("optimizer state: {what}")]
     State {

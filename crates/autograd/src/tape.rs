@@ -6,6 +6,7 @@ use crate::error::{AutogradError, Result};
 use nibble_tensor::Tensor;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// The backward half of an op. One small struct per op holds what its backward needs; the
@@ -21,6 +22,14 @@ pub trait Op {
     /// gradient by value, so that an op passing it on (add, ReLU, a residual base) reuses its
     /// buffer instead of copying it.
     fn backward(self: Box<Self>, d_out: Tensor) -> Result<Vec<Option<Tensor>>>;
+}
+
+/// A number no tape has used: each tape and each use of it (after `backward` or `clear`) gets
+/// its own, so that a [`Var`] of one tape (or of an earlier use) is never mistaken for a record
+/// of another (e.g. of the inner tape a checkpointed segment recomputes on).
+fn next_generation() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 /// Identifies a record on a tape, in one use of the tape (`generation`).
@@ -44,6 +53,11 @@ impl Var {
             value: Arc::new(value),
             node: None,
         }
+    }
+
+    /// [`Var::constant`] for a value already behind an `Arc` (no copy).
+    pub fn constant_shared(value: Arc<Tensor>) -> Self {
+        Var { value, node: None }
     }
 
     /// The tensor.
@@ -142,7 +156,7 @@ impl Tape {
     pub fn new() -> Self {
         Tape {
             records: RefCell::new(Vec::new()),
-            generation: Cell::new(0),
+            generation: Cell::new(next_generation()),
             enabled: Cell::new(true),
         }
     }
@@ -174,17 +188,23 @@ impl Tape {
     /// Drops every record (and the activations they saved) without running backward.
     pub fn clear(&self) {
         self.records.borrow_mut().clear();
-        self.generation.set(self.generation.get() + 1);
+        self.generation.set(next_generation());
     }
 
     /// A leaf value whose gradient [`Tape::backward`] reports in its [`Gradients`].
     pub fn leaf(&self, value: Tensor) -> Var {
+        self.leaf_shared(Arc::new(value))
+    }
+
+    /// [`Tape::leaf`] for a value already behind an `Arc` (no copy: e.g. a checkpointed
+    /// segment's saved input becoming the leaf of its recomputation).
+    pub fn leaf_shared(&self, value: Arc<Tensor>) -> Var {
         if !self.is_recording() {
-            return Var::constant(value);
+            return Var { value, node: None };
         }
         let node = self.push(Record::Leaf);
         Var {
-            value: Arc::new(value),
+            value,
             node: Some(node),
         }
     }
@@ -265,15 +285,39 @@ impl Tape {
             });
         }
         let start = self.check("backward", loss)?;
+        self.run_backward(start, Tensor::full(loss.shape(), 1.0))
+    }
+
+    /// Back-propagates the gradient `d_output` (same shape as `output`) of some scalar w.r.t.
+    /// `output`, as [`Tape::backward`] does from a loss; takes `output` by value so that its
+    /// buffer is freed before the backward runs (a checkpointed segment's recomputation uses
+    /// this).
+    pub fn backward_from(&self, output: Var, d_output: Tensor) -> Result<Gradients> {
+        if d_output.shape() != output.shape() {
+            return Err(AutogradError::BadGradient {
+                op: "backward_from",
+                what: format!(
+                    "a gradient of shape {:?} for an output of shape {:?}",
+                    d_output.shape(),
+                    output.shape()
+                ),
+            });
+        }
+        let start = self.check("backward_from", &output)?;
+        drop(output);
+        self.run_backward(start, d_output)
+    }
+
+    fn run_backward(&self, start: Option<NodeId>, seed: Tensor) -> Result<Gradients> {
         let mut records = std::mem::take(&mut *self.records.borrow_mut());
         let generation = self.generation.get();
-        self.generation.set(generation + 1);
+        self.generation.set(next_generation());
         let mut out = Gradients::default();
         let Some(start) = start else {
             return Ok(out); // nothing tracked: nothing to do
         };
         let mut grads: Vec<Option<Tensor>> = (0..records.len()).map(|_| None).collect();
-        grads[start.index] = Some(Tensor::full(loss.shape(), 1.0));
+        grads[start.index] = Some(seed);
         records.truncate(start.index + 1);
         while let Some(record) = records.pop() {
             let index = records.len();

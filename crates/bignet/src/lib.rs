@@ -20,6 +20,7 @@ pub mod adapter;
 pub mod cli;
 pub mod error;
 pub mod heap;
+pub mod infer;
 pub mod loader;
 pub mod memory;
 pub mod merge;

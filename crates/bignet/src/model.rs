@@ -9,6 +9,7 @@ use crate::source::{linear_key, norm_key, SeededInit, WeightSource, BLOCKS, LAYE
 use crate::variant::{Variant, WeightFormat};
 use nibble_autograd::{Param, Tape, Var};
 use nibble_tensor::{f16, Rng, Tensor};
+use std::sync::Arc;
 
 /// Rank of the LoRA adapters.
 pub const LORA_RANK: usize = 32;
@@ -41,8 +42,9 @@ pub struct ParamCounts {
 pub struct BigNet {
     variant: Variant,
     dim: usize,
-    /// `blocks[b][l]`: linear layer `l` of block `b`.
-    blocks: Vec<[Linear; LAYERS_PER_BLOCK]>,
+    /// `blocks[b][l]`: linear layer `l` of block `b` (shared, so that a checkpointed block's
+    /// recomputation can hold it).
+    blocks: Vec<Arc<[Linear; LAYERS_PER_BLOCK]>>,
     /// `norms[b]`: the LayerNorm after block `b` (5 of them).
     norms: Vec<Norm>,
 }
@@ -73,7 +75,7 @@ impl BigNet {
                 });
                 layers.push(Linear { name, base, lora });
             }
-            blocks.push(layers.try_into().expect("three layers"));
+            blocks.push(Arc::new(layers.try_into().expect("three layers")));
         }
         let mut norms = Vec::with_capacity(BLOCKS - 1);
         for b in 0..BLOCKS - 1 {
@@ -136,7 +138,7 @@ impl BigNet {
         Ok(BigNet {
             variant,
             dim,
-            blocks,
+            blocks: blocks.into_iter().map(Arc::new).collect(),
             norms,
         })
     }
@@ -154,37 +156,53 @@ impl BigNet {
     /// Forward on a tape: records what training needs, nothing when no input is tracked and no
     /// parameter trains.
     pub fn forward(&self, tape: &Tape, x: &Var) -> Result<Var> {
+        self.forward_with(tape, x, false)
+    }
+
+    /// [`BigNet::forward`], with each block (and the LayerNorm after it) checkpointed when
+    /// `checkpoint` is set (see [`Tape::checkpoint`]): the tape keeps each block's input and
+    /// nothing else of it, and the backward recomputes the block. The last block is recorded
+    /// as usual: the backward starts with it, so its activations would be recomputed at once,
+    /// and holding them costs no more than recomputing them. Outputs and gradients are
+    /// bit-identical either way.
+    pub fn forward_with(&self, tape: &Tape, x: &Var, checkpoint: bool) -> Result<Var> {
         self.check_input(x.value())?;
         let mut h = x.clone();
         for (b, block) in self.blocks.iter().enumerate() {
-            let mut y = h.clone();
-            for (l, layer) in block.iter().enumerate() {
-                y = layer.forward(tape, &y)?;
-                if l + 1 < LAYERS_PER_BLOCK {
-                    y = tape.relu(&y)?;
-                }
-            }
-            h = tape.add(&y, &h)?;
-            if let Some(norm) = self.norms.get(b) {
-                h = tape.layer_norm(&h, &norm.weight, &norm.bias, NORM_EPS)?;
-            }
+            let norm = self.norms.get(b);
+            h = if checkpoint && b + 1 < self.blocks.len() {
+                let (layers, norm) = (Arc::clone(block), norm.cloned());
+                tape.checkpoint(&h, move |tape, h| {
+                    block_forward(tape, &layers, norm.as_ref(), h)
+                })?
+            } else {
+                block_forward(tape, block, norm, &h)?
+            };
         }
         Ok(h)
     }
 
-    /// Inference: `y = model(x)` for `x` `[batch, dim]`, recording nothing.
+    /// Inference: `y = model(x)` for `x` `[batch, dim]`, recording nothing, in row chunks of
+    /// [`DEFAULT_CHUNK_ROWS`](crate::infer::DEFAULT_CHUNK_ROWS) with every op in place (see
+    /// [`BigNet::infer_chunked`]).
+    pub fn infer(&self, x: &Tensor) -> Result<Tensor> {
+        self.infer_chunked(x, crate::infer::DEFAULT_CHUNK_ROWS)
+    }
+
+    /// Inference through row chunks of `chunk_rows` rows (see [`crate::infer`]): holds the
+    /// output and two chunk-sized buffers, and gives the same output as
+    /// [`BigNet::forward`] on the whole batch, bit for bit.
     ///
     /// Runs on a worker of the rayon pool (the global one unless the caller is already
     /// inside a pool): each kernel's parallel loop then starts from inside the pool instead
     /// of injecting a job from outside and sleeping until it completes, which costs ~8 µs a
     /// layer — 10 % of a batch-1 forward of the quantized variants.
-    pub fn infer(&self, x: &Tensor) -> Result<Tensor> {
+    pub fn infer_chunked(&self, x: &Tensor, chunk_rows: usize) -> Result<Tensor> {
         if rayon::current_thread_index().is_none() {
-            return rayon::scope(|_| self.infer(x));
+            return rayon::scope(|_| self.infer_chunked(x, chunk_rows));
         }
-        let tape = Tape::new();
-        let y = tape.no_grad(|| self.forward(&tape, &Var::constant(x.clone())))?;
-        Ok(y.value().clone())
+        self.check_input(x)?;
+        crate::infer::forward_in_place(&self.blocks, &self.norms, x, chunk_rows)
     }
 
     fn check_input(&self, x: &Tensor) -> Result<()> {
@@ -206,7 +224,9 @@ impl BigNet {
 
     /// Every linear layer, mutable (for attaching or merging adapters).
     pub fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
-        self.blocks.iter_mut().flat_map(|b| b.iter_mut())
+        self.blocks
+            .iter_mut()
+            .flat_map(|b| Arc::make_mut(b).iter_mut())
     }
 
     /// The LayerNorms, in model order.
@@ -302,5 +322,27 @@ impl BigNet {
             n.bias.set_requires_grad(false);
         }
         Ok(())
+    }
+}
+
+/// One block on a tape: `Linear → ReLU → Linear → ReLU → Linear`, plus the block's input, then
+/// the LayerNorm after it (if any).
+fn block_forward(
+    tape: &Tape,
+    layers: &[Linear; LAYERS_PER_BLOCK],
+    norm: Option<&Norm>,
+    h: &Var,
+) -> Result<Var> {
+    let mut y = h.clone();
+    for (l, layer) in layers.iter().enumerate() {
+        y = layer.forward(tape, &y)?;
+        if l + 1 < LAYERS_PER_BLOCK {
+            y = tape.relu(&y)?;
+        }
+    }
+    let out = tape.add(&y, h)?;
+    match norm {
+        Some(norm) => Ok(tape.layer_norm(&out, &norm.weight, &norm.bias, NORM_EPS)?),
+        None => Ok(out),
     }
 }

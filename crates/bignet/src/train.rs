@@ -53,6 +53,18 @@ pub struct FitReport {
     pub best_accuracy: f32,
 }
 
+/// How a training step spends memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TrainOptions {
+    /// Checkpoint each block ([`BigNet::forward_with`]): keep each block's input, recompute
+    /// the block in the backward. Same gradients, bit for bit.
+    pub checkpoint: bool,
+    /// Run the batch in micro-batches of this many rows, accumulating the gradients (the last
+    /// takes the remainder); `None` or a size of at least the batch: one pass. The same update
+    /// as the whole batch up to the order of the sums over rows in the weight gradients.
+    pub micro_batch: Option<usize>,
+}
+
 /// One training step: forward, loss, backward, AdamW; returns (loss, accuracy) before the
 /// update.
 pub fn train_step(
@@ -61,28 +73,65 @@ pub fn train_step(
     tape: &Tape,
     opt: &mut dyn Optimizer,
 ) -> Result<(f32, f32)> {
+    train_step_with(model, task, tape, opt, TrainOptions::default())
+}
+
+/// [`train_step`] under `options` (checkpointing, micro-batches).
+pub fn train_step_with(
+    model: &BigNet,
+    task: &FitTask,
+    tape: &Tape,
+    opt: &mut dyn Optimizer,
+    options: TrainOptions,
+) -> Result<(f32, f32)> {
     opt.zero_grad();
-    let out = model.forward(tape, &task.x)?;
-    let logits = tape.frozen_linear(&out, &task.head, None)?;
-    let accuracy = accuracy(logits.value(), &task.y);
-    let loss = tape.bce_with_logits(&logits, &task.y)?;
-    let loss_value = loss.value().item()?;
-    drop(out);
-    drop(logits);
-    tape.backward(&loss)?;
+    let samples = task.y.numel();
+    let micro = match options.micro_batch {
+        Some(0) => {
+            return Err(Error::Input {
+                what: "micro-batch size must be at least 1".into(),
+            })
+        }
+        Some(rows) if rows < samples => rows,
+        _ => samples,
+    };
+    let (mut loss_sum, mut correct) = (0.0f64, 0usize);
+    for start in (0..samples).step_by(micro.max(1)) {
+        let end = (start + micro).min(samples);
+        let (x, y) = if end - start == samples {
+            (task.x.clone(), task.y.clone())
+        } else {
+            let x = task.x.value().rows(start, end)?.to_tensor();
+            let y = Tensor::from_vec(&[end - start], task.y.data()[start..end].to_vec())?;
+            (Var::constant(x), y)
+        };
+        let out = model.forward_with(tape, &x, options.checkpoint)?;
+        drop(x);
+        let logits = tape.frozen_linear(&out, &task.head, None)?;
+        drop(out);
+        correct += correct_count(logits.value(), &y);
+        let loss = tape.bce_with_logits_part(&logits, &y, samples)?;
+        loss_sum += loss.value().item()? as f64;
+        drop(logits);
+        tape.backward(&loss)?;
+    }
     opt.step()?;
-    Ok((loss_value, accuracy))
+    Ok((loss_sum as f32, correct as f32 / samples.max(1) as f32))
 }
 
 /// Fraction of samples whose logit's sign matches the label.
 pub fn accuracy(logits: &Tensor, labels: &Tensor) -> f32 {
-    let correct = logits
+    correct_count(logits, labels) as f32 / labels.numel().max(1) as f32
+}
+
+/// Number of samples whose logit's sign matches the label.
+fn correct_count(logits: &Tensor, labels: &Tensor) -> usize {
+    logits
         .data()
         .iter()
         .zip(labels.data())
         .filter(|(&z, &y)| (z > 0.0) == (y > 0.5))
-        .count();
-    correct as f32 / labels.numel().max(1) as f32
+        .count()
 }
 
 /// The grader's fit: `steps` AdamW steps (lr `lr`) over the model's trainable parameters.
@@ -92,6 +141,18 @@ pub fn fit(
     task: &FitTask,
     steps: usize,
     lr: f32,
+    on_step: impl FnMut(usize, f32, f32),
+) -> Result<FitReport> {
+    fit_with(model, task, steps, lr, TrainOptions::default(), on_step)
+}
+
+/// [`fit`] under `options` (checkpointing, micro-batches).
+pub fn fit_with(
+    model: &BigNet,
+    task: &FitTask,
+    steps: usize,
+    lr: f32,
+    options: TrainOptions,
     mut on_step: impl FnMut(usize, f32, f32),
 ) -> Result<FitReport> {
     let params = model.trainable_params();
@@ -117,11 +178,33 @@ pub fn fit(
         best_accuracy: 0.0,
     };
     for step in 0..steps {
-        let (loss, acc) = train_step(model, task, &tape, &mut opt)?;
+        let (loss, acc) = train_step_with(model, task, &tape, &mut opt, options)?;
         report.loss.push(loss);
         report.accuracy.push(acc);
         report.best_accuracy = report.best_accuracy.max(acc);
         on_step(step, loss, acc);
     }
     Ok(report)
+}
+
+/// Peak bytes held while training `spec`'s model on the grader's task (`samples` rows) under
+/// `options`, everything counted: the model, its adapters, gradients and AdamW state, the batch
+/// and the activations. The figure is the counting allocator's peak over two steps (the second
+/// runs with every buffer of the first already made) above what was held before the model was
+/// built; 0 unless [`crate::memory::CountingAlloc`] is the global allocator.
+pub fn measure_train_step_bytes(
+    spec: &crate::loader::ModelSpec,
+    samples: usize,
+    options: TrainOptions,
+) -> Result<usize> {
+    let before = crate::memory::current();
+    let model = spec.build()?;
+    let task = FitTask::new(model.dim(), samples, spec.seed);
+    let mut opt = AdamW::new(model.trainable_params(), AdamWConfig::default())?;
+    let tape = Tape::new();
+    crate::memory::reset_peak();
+    for _ in 0..2 {
+        train_step_with(&model, &task, &tape, &mut opt, options)?;
+    }
+    Ok(crate::memory::peak().saturating_sub(before))
 }

@@ -64,21 +64,81 @@ pub fn layer_norm(
                 .zip(mb.iter_mut())
                 .zip(rb.iter_mut())
             {
-                let mu = sum4(xr, |v| v as f64) / c as f64;
-                let var = sum4(xr, |v| {
-                    let d = v as f64 - mu;
-                    d * d
-                }) / c as f64;
-                let rs = 1.0 / (var + eps as f64).sqrt();
-                let (mu, rs) = (mu as f32, rs as f32);
+                let (mu, rs) = row_stats(xr, eps);
                 for ((yv, &xv), (&w, &b)) in yr.iter_mut().zip(xr).zip(weight.iter().zip(bias)) {
-                    *yv = (xv - mu) * rs * w + b;
+                    *yv = normalize(xv, mu, rs, w, b);
                 }
                 *mu_out = mu;
                 *rs_out = rs;
             }
         });
     Ok((y, LayerNormStats { mean, rstd }))
+}
+
+/// [`layer_norm`] in place, for inference: the rows of `x` (`cols` wide) become the
+/// normalised rows, bit-identical to [`layer_norm`]'s output; no statistics are kept.
+///
+/// ```
+/// use nibble_tensor::layernorm::{layer_norm, layer_norm_assign};
+/// use nibble_tensor::Tensor;
+/// let x = Tensor::from_vec(&[2, 2], vec![1.0, 3.0, -2.0, 5.0]).unwrap();
+/// let (y, _) = layer_norm(&x, &[1.0, 0.5], &[0.0, 1.0], 1e-5).unwrap();
+/// let mut z = x.into_vec();
+/// layer_norm_assign(&mut z, 2, &[1.0, 0.5], &[0.0, 1.0], 1e-5).unwrap();
+/// assert_eq!(y.data(), &z[..]);
+/// ```
+pub fn layer_norm_assign(
+    x: &mut [f32],
+    cols: usize,
+    weight: &[f32],
+    bias: &[f32],
+    eps: f32,
+) -> Result<()> {
+    if weight.len() != cols || bias.len() != cols || (cols == 0 && !x.is_empty()) {
+        return Err(TensorError::ShapeMismatch {
+            op: "layer_norm_assign",
+            lhs: vec![x.len(), cols],
+            rhs: vec![weight.len(), bias.len()],
+        });
+    }
+    if cols == 0 {
+        return Ok(());
+    }
+    if x.len().checked_rem(cols) != Some(0) {
+        return Err(TensorError::ShapeMismatch {
+            op: "layer_norm_assign",
+            lhs: vec![x.len()],
+            rhs: vec![cols],
+        });
+    }
+    x.par_chunks_mut(cols * ROWS_PER_TASK).for_each(|block| {
+        for row in block.chunks_exact_mut(cols) {
+            let (mu, rs) = row_stats(row, eps);
+            for (v, (&w, &b)) in row.iter_mut().zip(weight.iter().zip(bias)) {
+                *v = normalize(*v, mu, rs, w, b);
+            }
+        }
+    });
+    Ok(())
+}
+
+/// A row's mean and `1 / sqrt(var + eps)` (biased variance), computed in f64.
+#[inline]
+fn row_stats(xr: &[f32], eps: f32) -> (f32, f32) {
+    let c = xr.len() as f64;
+    let mu = sum4(xr, |v| v as f64) / c;
+    let var = sum4(xr, |v| {
+        let d = v as f64 - mu;
+        d * d
+    }) / c;
+    let rs = 1.0 / (var + eps as f64).sqrt();
+    (mu as f32, rs as f32)
+}
+
+/// One normalised, scaled and shifted element.
+#[inline(always)]
+fn normalize(x: f32, mu: f32, rs: f32, w: f32, b: f32) -> f32 {
+    (x - mu) * rs * w + b
 }
 
 /// `Σ f(v)` over `xs` in f64, as four interleaved partial sums combined as

@@ -78,6 +78,46 @@ fn relu1(v: f32) -> f32 {
     }
 }
 
+/// `max(v, 0)` for every element of `xs`, in place (NaN stays NaN): [`Tensor::relu`] for a
+/// buffer an inference pass reuses, bit-identical to it.
+pub fn relu_in_place(xs: &mut [f32]) {
+    apply(xs, |v| *v = relu1(*v));
+}
+
+/// `dst[k] = src[k] + dst[k]` in place (equal lengths, else an error): the residual add of an
+/// inference pass into the buffer holding the residual, bit-identical to `src.add(dst)` (f32
+/// addition is commutative).
+pub fn add_in_place(dst: &mut [f32], src: &[f32]) -> Result<()> {
+    if dst.len() != src.len() {
+        return Err(TensorError::ShapeMismatch {
+            op: "add_in_place",
+            lhs: vec![dst.len()],
+            rhs: vec![src.len()],
+        });
+    }
+    zip_apply(dst, src, |a, b| *a += b);
+    Ok(())
+}
+
+/// Writes `row` into every row of `dst` (`dst.len()` a multiple of `row.len()`, else an
+/// error): a bias broadcast into a reused output buffer, the start of [`crate::linear`]'s
+/// output.
+pub fn fill_rows(dst: &mut [f32], row: &[f32]) -> Result<()> {
+    if dst.is_empty() && row.is_empty() {
+        return Ok(());
+    }
+    if dst.len().checked_rem(row.len()) != Some(0) {
+        return Err(TensorError::ShapeMismatch {
+            op: "fill_rows",
+            lhs: vec![dst.len()],
+            rhs: vec![row.len()],
+        });
+    }
+    dst.chunks_exact_mut(row.len())
+        .for_each(|r| r.copy_from_slice(row));
+    Ok(())
+}
+
 fn same_shape(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
     if a.shape() != b.shape() {
         return Err(TensorError::ShapeMismatch {
@@ -165,7 +205,7 @@ impl Tensor {
 
     /// `self = max(self, 0)` in place. NaN stays NaN.
     pub fn relu_assign(&mut self) {
-        apply(self.data_mut(), |v| *v = relu1(*v));
+        relu_in_place(self.data_mut());
     }
 
     /// Adds `row` to every row of a rank-2 tensor (a bias), or errors on a length mismatch.

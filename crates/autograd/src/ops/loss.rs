@@ -21,10 +21,12 @@ impl Op for BroadcastOp {
     }
 }
 
-/// Backward of [`Tape::bce_with_logits`]: `dz = (sigmoid(z) - y) / N`.
+/// Backward of [`Tape::bce_with_logits`]: `dz = (sigmoid(z) - y) / N` (`N`: the
+/// `denominator`, the size of the whole batch when this is one micro-batch of it).
 struct BceOp {
     logits: Arc<Tensor>,
     targets: Tensor,
+    denominator: usize,
 }
 
 impl Op for BceOp {
@@ -32,7 +34,7 @@ impl Op for BceOp {
         "bce_with_logits"
     }
     fn backward(self: Box<Self>, d_loss: Tensor) -> Result<Vec<Option<Tensor>>> {
-        let scale = d_loss.item()? / self.targets.numel() as f32;
+        let scale = d_loss.item()? / self.denominator.max(1) as f32;
         let mut d_z = Tensor::zeros(self.logits.shape());
         for ((g, &z), &y) in d_z
             .data_mut()
@@ -123,8 +125,22 @@ impl Tape {
     /// form `max(z, 0) - z·y + ln(1 + e^{-|z|})`. `logits` and `targets` must hold the same
     /// number of elements (e.g. `[n, 1]` and `[n]`).
     pub fn bce_with_logits(&self, logits: &Var, targets: &Tensor) -> Result<Var> {
+        self.bce_with_logits_part(logits, targets, targets.numel())
+    }
+
+    /// One micro-batch's share of a batch's [`Tape::bce_with_logits`]: the sum of these
+    /// samples' losses divided by `batch`, the size of the whole batch. The shares' gradients
+    /// are those of the whole batch's mean element for element (each is `(sigmoid(z) - y) /
+    /// batch`), so accumulating them over the micro-batches gives the whole batch's gradient
+    /// up to the order of the sums over rows.
+    pub fn bce_with_logits_part(
+        &self,
+        logits: &Var,
+        targets: &Tensor,
+        batch: usize,
+    ) -> Result<Var> {
         same_count("bce_with_logits", logits.value(), targets)?;
-        let n = targets.numel().max(1) as f64;
+        let n = batch.max(1) as f64;
         let total: f64 = logits
             .value()
             .data()
@@ -140,6 +156,7 @@ impl Tape {
             Box::new(BceOp {
                 logits: logits.shared(),
                 targets: targets.clone(),
+                denominator: batch,
             })
         })
     }

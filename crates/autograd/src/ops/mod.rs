@@ -1,6 +1,7 @@
 //! Ops with gradients. Each file holds forwards (methods on [`Tape`](crate::Tape)) next to the
 //! small structs that hold their backwards.
 
+pub mod checkpoint;
 pub mod cross_entropy;
 pub mod elementwise;
 pub mod gelu;

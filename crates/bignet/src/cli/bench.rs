@@ -2,32 +2,64 @@
 
 use super::{normal_batch, Common};
 use crate::error::Result;
-use crate::train::{train_step, FitTask};
+use crate::train::{train_step_with, FitTask, TrainOptions};
 use crate::variant::Variant;
 use nibble_autograd::{AdamW, AdamWConfig, Tape};
 use serde_json::json;
 use std::time::Instant;
 
-/// Median of `runs` timings of `f` in milliseconds, after two warm-up runs.
-fn median_ms(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    for _ in 0..2 {
-        f()?;
-    }
-    let mut times = Vec::with_capacity(runs.max(1));
-    for _ in 0..runs.max(1) {
-        let t = Instant::now();
-        f()?;
-        times.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    times.sort_by(|a, b| a.total_cmp(b));
-    Ok(times[times.len() / 2])
+/// Median, minimum and maximum of timings in milliseconds.
+#[derive(Debug, Clone, Copy)]
+struct Timing {
+    median: f64,
+    min: f64,
+    max: f64,
 }
 
-/// Times every variant at every batch (and a training step with `train`).
+/// `runs` timings of each of `configs` configurations of `f` (`f(c)` runs configuration `c`),
+/// taken in turns after two warm-up runs of each.
+fn time_interleaved(
+    runs: usize,
+    configs: usize,
+    mut f: impl FnMut(usize) -> Result<()>,
+) -> Result<Vec<Timing>> {
+    for _ in 0..2 {
+        for c in 0..configs {
+            f(c)?;
+        }
+    }
+    let mut times = vec![Vec::with_capacity(runs.max(1)); configs];
+    for _ in 0..runs.max(1) {
+        for (c, t) in times.iter_mut().enumerate() {
+            let start = Instant::now();
+            f(c)?;
+            t.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    Ok(times.into_iter().map(summarize).collect())
+}
+
+fn summarize(mut times: Vec<f64>) -> Timing {
+    times.sort_by(|a, b| a.total_cmp(b));
+    Timing {
+        median: times[times.len() / 2],
+        min: times[0],
+        max: times[times.len() - 1],
+    }
+}
+
+/// `runs` timings of `f`, after two warm-up runs.
+fn time_ms(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<Timing> {
+    let timings = time_interleaved(runs, 1, |_| f())?;
+    Ok(timings[0])
+}
+
+/// Times every variant at every batch (and a training step under `train`'s options, if
+/// given).
 pub fn run(
     variants: &[Variant],
     batches: &[usize],
-    train: bool,
+    train: Option<TrainOptions>,
     runs: usize,
     as_json: bool,
     common: &Common,
@@ -37,23 +69,63 @@ pub fn run(
         let model = common.spec(variant).build()?;
         for &batch in batches {
             let x = normal_batch(batch, model.dim(), common.seed);
-            let ms = median_ms(runs, || model.infer(&x).map(drop))?;
+            let t = time_ms(runs, || model.infer(&x).map(drop))?;
             if !as_json {
-                println!("{variant:<16} batch {batch:>5}  forward {ms:>9.3} ms");
+                println!(
+                    "{variant:<16} batch {batch:>5}  forward {:>9.3} ms  (min {:.3}, max {:.3})",
+                    t.median, t.min, t.max
+                );
             }
-            results.push(json!({"variant": variant.name(), "batch": batch, "forward_ms": ms}));
+            results.push(json!({
+                "variant": variant.name(), "batch": batch,
+                "forward_ms": t.median, "min_ms": t.min, "max_ms": t.max,
+            }));
         }
-        if train && !model.trainable_params().is_empty() {
-            let task = FitTask::new(model.dim(), 1000, common.seed);
-            let mut opt = AdamW::new(model.trainable_params(), AdamWConfig::default())?;
-            let tape = Tape::new();
-            let ms = median_ms(runs, || {
-                train_step(&model, &task, &tape, &mut opt).map(drop)
-            })?;
-            if !as_json {
-                println!("{variant:<16} batch  1000  train step {ms:>9.3} ms");
+        let Some(options) = train else { continue };
+        if model.trainable_params().is_empty() {
+            continue;
+        }
+        // The plain step, the checkpointed one (with --checkpoint) and the step under all the
+        // options given, timed in turns in the same run (a shared host drifts between runs).
+        let mut configs = vec![TrainOptions::default()];
+        for c in [
+            TrainOptions {
+                checkpoint: options.checkpoint,
+                micro_batch: None,
+            },
+            options,
+        ] {
+            if !configs.contains(&c) {
+                configs.push(c);
             }
-            results.push(json!({"variant": variant.name(), "batch": 1000, "train_step_ms": ms}));
+        }
+        let task = FitTask::new(model.dim(), 1000, common.seed);
+        let tape = Tape::new();
+        let mut opts = configs
+            .iter()
+            .map(|_| AdamW::new(model.trainable_params(), AdamWConfig::default()))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let timings = time_interleaved(runs, configs.len(), |c| {
+            train_step_with(&model, &task, &tape, &mut opts[c], configs[c]).map(drop)
+        })?;
+        let plain = timings[0].median;
+        for (options, t) in configs.iter().zip(&timings) {
+            if !as_json {
+                println!(
+                    "{variant:<16} batch  1000  train step {:>9.3} ms  (min {:.3}, max {:.3}; {:.2}x plain){}",
+                    t.median,
+                    t.min,
+                    t.max,
+                    t.median / plain,
+                    describe(*options)
+                );
+            }
+            results.push(json!({
+                "variant": variant.name(), "batch": 1000,
+                "train_step_ms": t.median, "min_ms": t.min, "max_ms": t.max,
+                "checkpoint": options.checkpoint, "micro_batch": options.micro_batch,
+                "vs_plain": t.median / plain,
+            }));
         }
     }
     if as_json {
@@ -68,4 +140,16 @@ pub fn run(
         );
     }
     Ok(())
+}
+
+/// `, checkpointed, micro-batches of N` as they apply.
+fn describe(options: TrainOptions) -> String {
+    let mut s = String::new();
+    if options.checkpoint {
+        s.push_str("  checkpointed");
+    }
+    if let Some(n) = options.micro_batch {
+        s.push_str(&format!("  micro-batches of {n}"));
+    }
+    s
 }

@@ -1,8 +1,9 @@
 //! `bignet fit VARIANT`: the homework grader's fit.
 
-use super::Common;
+use super::{mb, Common};
 use crate::error::Result;
-use crate::train::{fit, FitTask};
+use crate::memory;
+use crate::train::{fit_with, FitTask, TrainOptions};
 use crate::variant::Variant;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
@@ -16,8 +17,10 @@ pub fn run(
     lr: f32,
     as_json: bool,
     save_adapter: Option<&Path>,
+    options: TrainOptions,
     common: &Common,
 ) -> Result<()> {
+    let held_before = memory::current();
     let model = common.spec(variant).build()?;
     let task = FitTask::new(model.dim(), 1000, common.seed);
     let bar = (!as_json && std::io::stdout().is_terminal()).then(|| {
@@ -28,17 +31,27 @@ pub fn run(
         );
         bar
     });
-    let report = fit(&model, &task, steps, lr, |step, loss, acc| match &bar {
-        Some(bar) => {
-            bar.set_message(format!("loss {loss:.4}  accuracy {acc:.3}"));
-            bar.inc(1);
-        }
-        None if !as_json => println!("step {step:>3}  loss {loss:.4}  accuracy {acc:.3}"),
-        None => {}
-    })?;
+    memory::reset_peak();
+    let report = fit_with(
+        &model,
+        &task,
+        steps,
+        lr,
+        options,
+        |step, loss, acc| match &bar {
+            Some(bar) => {
+                bar.set_message(format!("loss {loss:.4}  accuracy {acc:.3}"));
+                bar.inc(1);
+            }
+            None if !as_json => println!("step {step:>3}  loss {loss:.4}  accuracy {acc:.3}"),
+            None => {}
+        },
+    )?;
     if let Some(bar) = bar {
         bar.finish();
     }
+    // Model, adapters, gradients, AdamW state, the batch and the activations.
+    let peak_mb = mb(memory::peak().saturating_sub(held_before));
     if let Some(dir) = save_adapter {
         crate::adapter::save_adapter(&model, dir)?;
         if !as_json {
@@ -54,10 +67,14 @@ pub fn run(
                 "loss": report.loss,
                 "accuracy": report.accuracy,
                 "best_accuracy": report.best_accuracy,
+                "peak_mb": peak_mb,
             })
         );
     } else {
         println!("best accuracy {:.3}", report.best_accuracy);
+        if memory::is_installed() {
+            println!("peak memory {peak_mb:.1} MB (model, adapters, gradients, optimizer state, batch, activations)");
+        }
     }
     Ok(())
 }

@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::loader::ModelSpec;
 use crate::persist::quantized_format;
 use crate::source::DEFAULT_DIM;
+use crate::train::TrainOptions;
 use crate::variant::{Variant, WeightFormat};
 use clap::{Args, Parser, Subcommand};
 use nibble_io::Checkpoint;
@@ -148,6 +149,29 @@ impl Common {
     }
 }
 
+/// How `fit` and `bench --train` spend memory on a training step.
+#[derive(Debug, Clone, Copy, Default, Args)]
+pub struct TrainArgs {
+    /// Checkpoint each block: keep only its input, recompute it in the backward (same
+    /// gradients, bit for bit; about one more forward per step).
+    #[arg(long)]
+    pub checkpoint: bool,
+    /// Accumulate the gradients over micro-batches of N rows (the same update up to the order
+    /// of the sums over rows).
+    #[arg(long, value_name = "N")]
+    pub micro_batch: Option<usize>,
+}
+
+impl TrainArgs {
+    /// The options of a training step.
+    pub fn options(&self) -> TrainOptions {
+        TrainOptions {
+            checkpoint: self.checkpoint,
+            micro_batch: self.micro_batch,
+        }
+    }
+}
+
 /// The verbs.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -195,6 +219,9 @@ pub enum Command {
         /// Save the trained LoRA adapters here (PEFT layout).
         #[arg(long, value_name = "DIR")]
         save_adapter: Option<PathBuf>,
+        /// Checkpointing and micro-batches.
+        #[command(flatten)]
+        train: TrainArgs,
         /// Options every verb takes.
         #[command(flatten)]
         common: Common,
@@ -256,6 +283,9 @@ pub enum Command {
         /// Also time a training step (forward + backward + AdamW) at batch 1000.
         #[arg(long)]
         train: bool,
+        /// Checkpointing and micro-batches of the timed training step.
+        #[command(flatten)]
+        train_args: TrainArgs,
         /// Timed runs per figure (after warm-up).
         #[arg(long, default_value_t = 10)]
         runs: usize,
@@ -353,6 +383,7 @@ pub fn run(cli: Cli) -> Result<()> {
             lr,
             json,
             save_adapter,
+            train,
             common,
         } => fit::run(
             common.variant(*variant)?,
@@ -360,6 +391,7 @@ pub fn run(cli: Cli) -> Result<()> {
             *lr,
             *json,
             save_adapter.as_deref(),
+            train.options(),
             common,
         ),
         Command::Quantize {
@@ -384,13 +416,14 @@ pub fn run(cli: Cli) -> Result<()> {
             variants,
             batch,
             train,
+            train_args,
             runs,
             json,
             common,
         } => bench::run(
             &common.variants(variants)?,
             batch,
-            *train,
+            train.then(|| train_args.options()),
             *runs,
             *json,
             common,

@@ -3,8 +3,12 @@
 use super::{mb, normal_batch, Common};
 use crate::error::Result;
 use crate::memory;
+use crate::train::{measure_train_step_bytes, TrainOptions};
 use crate::variant::Variant;
 use nibble_autograd::Tape;
+
+/// Rows of the grader's training batch.
+const TRAIN_BATCH: usize = 1000;
 use serde_json::json;
 
 /// One column of the table.
@@ -16,6 +20,8 @@ struct Column {
     actual: usize,
     forward: usize,
     backward: usize,
+    /// Peak bytes of the grader's training step, plain and checkpointed (variants that train).
+    train_step: Option<(usize, usize)>,
 }
 
 fn measure(variant: Variant, common: &Common) -> Result<Column> {
@@ -27,8 +33,7 @@ fn measure(variant: Variant, common: &Common) -> Result<Column> {
     };
     let counts = model.counts();
     let x = normal_batch(1024, model.dim(), common.seed);
-    let (y, forward) = memory::measure_peak(|| model.infer(&x));
-    drop(y?);
+    let forward = crate::infer::measure_forward_bytes(&model, &x)?;
     let (r, backward) = memory::measure_peak(|| -> Result<()> {
         let tape = Tape::new();
         let input = tape.leaf(x.clone());
@@ -42,6 +47,21 @@ fn measure(variant: Variant, common: &Common) -> Result<Column> {
     for p in model.params() {
         p.zero_grad();
     }
+    let trains = !model.trainable_params().is_empty();
+    drop(model);
+    let train_step = if trains {
+        let spec = common.spec(variant);
+        let step = |checkpoint| {
+            let options = TrainOptions {
+                checkpoint,
+                micro_batch: None,
+            };
+            measure_train_step_bytes(&spec, TRAIN_BATCH, options)
+        };
+        Some((step(false)?, step(true)?))
+    } else {
+        None
+    };
     Ok(Column {
         variant,
         trainable: counts.trainable,
@@ -50,6 +70,7 @@ fn measure(variant: Variant, common: &Common) -> Result<Column> {
         actual,
         forward,
         backward,
+        train_step,
     })
 }
 
@@ -65,18 +86,20 @@ pub fn run(variants: &[Variant], as_json: bool, common: &Common) -> Result<()> {
     if as_json {
         let mut obj = serde_json::Map::new();
         for c in &columns {
-            obj.insert(
-                c.variant.name().to_string(),
-                json!({
-                    "trainable_params": c.trainable,
-                    "non_trainable_params": c.non_trainable,
-                    "total_params": (c.trainable + c.non_trainable) as f64 / 1e6,
-                    "theoretical_mb": mb(c.theoretical),
-                    "actual_mb": mb(c.actual),
-                    "forward_mb": mb(c.forward),
-                    "backward_mb": mb(c.backward),
-                }),
-            );
+            let mut entry = json!({
+                "trainable_params": c.trainable,
+                "non_trainable_params": c.non_trainable,
+                "total_params": (c.trainable + c.non_trainable) as f64 / 1e6,
+                "theoretical_mb": mb(c.theoretical),
+                "actual_mb": mb(c.actual),
+                "forward_mb": mb(c.forward),
+                "backward_mb": mb(c.backward),
+            });
+            if let Some((plain, checkpointed)) = c.train_step {
+                entry["train_step_mb"] = json!(mb(plain));
+                entry["train_step_checkpoint_mb"] = json!(mb(checkpointed));
+            }
+            obj.insert(c.variant.name().to_string(), entry);
         }
         println!("{}", serde_json::Value::Object(obj));
         return Ok(());
@@ -113,6 +136,20 @@ pub fn run(variants: &[Variant], as_json: bool, common: &Common) -> Result<()> {
         (
             "Backward memory (MB)",
             cells(&|c| format!("{:.2}", mb(c.backward))),
+        ),
+        (
+            "Training step memory (MB)",
+            cells(&|c| {
+                c.train_step
+                    .map_or("-".into(), |t| format!("{:.2}", mb(t.0)))
+            }),
+        ),
+        (
+            "  with --checkpoint (MB)",
+            cells(&|c| {
+                c.train_step
+                    .map_or("-".into(), |t| format!("{:.2}", mb(t.1)))
+            }),
         ),
     ];
     for (name, row) in &rows {

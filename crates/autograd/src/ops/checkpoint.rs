@@ -1,0 +1,112 @@
+//! Activation checkpointing: a segment of a model (any function of one [`Var`] built from
+//! tape ops) whose forward keeps only its input; the backward runs the segment again on that
+//! input, on a tape of its own, and back-propagates through the recomputation. The ops and
+//! kernels are deterministic, so the recomputed activations, and with them every gradient, are
+//! bit-identical to those of the same segment recorded normally.
+
+use crate::error::{AutogradError, Result};
+use crate::tape::{Op, Tape, Var};
+use nibble_tensor::Tensor;
+use std::fmt::Display;
+use std::sync::Arc;
+
+/// A checkpointed segment's function, boxed so that its op can run it again.
+type Segment = Box<dyn Fn(&Tape, &Var) -> Result<Var, String>>;
+
+/// Backward of [`Tape::checkpoint`]: the segment and its input, nothing else.
+struct CheckpointOp {
+    segment: Segment,
+    x: Arc<Tensor>,
+    x_tracked: bool,
+}
+
+impl Op for CheckpointOp {
+    fn name(&self) -> &'static str {
+        "checkpoint"
+    }
+    fn backward(self: Box<Self>, d_y: Tensor) -> Result<Vec<Option<Tensor>>> {
+        let CheckpointOp {
+            segment,
+            x,
+            x_tracked,
+        } = *self;
+        let tape = Tape::new();
+        let x = if x_tracked {
+            tape.leaf_shared(x)
+        } else {
+            Var::constant_shared(x)
+        };
+        let y = segment(&tape, &x).map_err(|what| AutogradError::Checkpoint { what })?;
+        let grads = tape.backward_from(y, d_y)?;
+        Ok(vec![grads.get(&x).cloned()])
+    }
+}
+
+impl Tape {
+    /// `segment(x)`, checkpointed: `segment` runs here without saving anything for the backward
+    /// (its activations are freed as it goes), and the op records only `x` (shared, not
+    /// copied); the backward runs `segment` again on `x` and back-propagates through it.
+    /// Parameter gradients and the gradient of `x` are bit-identical to those of calling
+    /// `segment(self, x)` directly, as long as `segment` computes the same thing each time it
+    /// is called (every op of this crate does).
+    ///
+    /// `segment` holds what it needs (shared [`Param`](crate::Param)s, frozen weights behind
+    /// `Arc`s), since it outlives this call. Recorded when `x` is tracked or `segment` uses a
+    /// parameter that trains.
+    ///
+    /// ```
+    /// use nibble_autograd::{Param, Tape, Var};
+    /// use nibble_tensor::Tensor;
+    /// let w = Param::new("w", Tensor::from_vec(&[2, 2], vec![1.0, -1.0, 0.5, 2.0]).unwrap(), true);
+    /// let x = Var::constant(Tensor::from_vec(&[1, 2], vec![3.0, 4.0]).unwrap());
+    /// let tape = Tape::new();
+    /// let block = {
+    ///     let w = w.clone();
+    ///     move |t: &Tape, x: &Var| -> nibble_autograd::Result<Var> {
+    ///         let h = t.linear(x, &w, None)?;
+    ///         t.relu(&h)
+    ///     }
+    /// };
+    /// let y = tape.checkpoint(&x, block).unwrap();
+    /// let loss = tape.sum(&y).unwrap();
+    /// tape.backward(&loss).unwrap();
+    /// // y = relu([3 - 4, 1.5 + 8]) = [0, 9.5]: only the second row of w gets a gradient.
+    /// assert_eq!(w.grad().as_ref().unwrap().data(), &[0.0, 0.0, 3.0, 4.0]);
+    /// ```
+    pub fn checkpoint<E>(
+        &self,
+        x: &Var,
+        segment: impl Fn(&Tape, &Var) -> std::result::Result<Var, E> + 'static,
+    ) -> std::result::Result<Var, E>
+    where
+        E: From<AutogradError> + Display,
+    {
+        if !self.is_recording() {
+            return segment(self, x);
+        }
+        // Run the segment on a tape of its own with recording on, only to learn whether its
+        // output needs a gradient; its records (the segment's saved activations) are dropped
+        // right after, so the forward holds at most one segment's activations.
+        let inner = Tape::new();
+        let x_inner = if x.is_tracked() {
+            inner.leaf_shared(x.shared())
+        } else {
+            Var::constant_shared(x.shared())
+        };
+        let y = segment(&inner, &x_inner)?;
+        let trains = y.is_tracked();
+        let y = y.shared();
+        inner.clear();
+        drop(x_inner);
+        let x_saved = x.shared();
+        let x_tracked = x.is_tracked();
+        let var = self.record_shared("checkpoint", &[x], y, trains, move || {
+            Box::new(CheckpointOp {
+                segment: Box::new(move |t, x| segment(t, x).map_err(|e| e.to_string())),
+                x: x_saved,
+                x_tracked,
+            })
+        })?;
+        Ok(var)
+    }
+}

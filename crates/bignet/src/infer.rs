@@ -1,0 +1,157 @@
+//! Low-memory inference: the batch runs through the network in row chunks, and every op that
+//! needs no gradient works in place. The output tensor doubles as the residual stream (each
+//! chunk's rows start as a copy of its input rows; the residual add and the LayerNorm write into
+//! them), and two chunk-sized buffers take turns as the linear layers' inputs and outputs (the
+//! bias is written into the buffer, the product accumulated onto it, ReLU applied in place). So
+//! a batch holds its output plus `2 · chunk_rows · dim` floats, whatever its size.
+//!
+//! Each op is the one [`BigNet::forward`](crate::BigNet::forward) records, on the same values, so
+//! the output is the same bit for bit. Chunks have at least [`MIN_CHUNK_ROWS`] rows, where every
+//! kind of weight multiplies through its GEMM, whose per-element sums do not depend on the
+//! number of rows: a row's output is the same in any chunk (tests/low_memory.rs checks it).
+
+use crate::error::Result;
+use crate::layer::{FrozenBias, Linear, LinearBase};
+use crate::model::{Norm, NORM_EPS};
+use crate::source::LAYERS_PER_BLOCK;
+use nibble_tensor::layernorm::layer_norm_assign;
+use nibble_tensor::ops::{add_in_place, fill_rows, relu_in_place};
+use nibble_tensor::{Tensor, WeightMatrix};
+use std::sync::Arc;
+
+/// Most rows per chunk of [`BigNet::infer`](crate::BigNet::infer): a 1024-row batch runs in
+/// 10 chunks of 102 or 103 rows, and at D = 1024 holds its 4 MiB output and two 412 KiB buffers.
+/// (Smaller chunks hold less but run slower: each chunk packs or dequantizes every weight
+/// again for its GEMM.)
+pub const DEFAULT_CHUNK_ROWS: usize = 112;
+
+/// The smallest chunk size one may ask for. Chunks are split evenly, so each has more than
+/// half the size asked for: 48 rows or more, where f32, f16 and quantized weights all multiply
+/// through the GEMM (below, batches take GEMV or tile kernels whose sums run in another order),
+/// so a chunked batch gives the whole batch's output bit for bit. Smaller requests are raised
+/// to it.
+pub const MIN_CHUNK_ROWS: usize = 96;
+
+/// The row ranges a batch of `batch` rows runs in: `⌈batch / chunk_rows⌉` chunks of nearly
+/// equal size (`chunk_rows` at least [`MIN_CHUNK_ROWS`]), each of at most `chunk_rows` rows
+/// and, when there are several, more than `chunk_rows / 2`.
+pub fn chunk_ranges(batch: usize, chunk_rows: usize) -> Vec<(usize, usize)> {
+    let rows = chunk_rows.max(MIN_CHUNK_ROWS);
+    let chunks = batch.div_ceil(rows).max(1);
+    (0..chunks)
+        .map(|c| (batch * c / chunks, batch * (c + 1) / chunks))
+        .collect()
+}
+
+/// The chunked, in-place forward of BigNet's `blocks` and `norms` on `x` `[batch, dim]`.
+pub(crate) fn forward_in_place(
+    blocks: &[Arc<[Linear; LAYERS_PER_BLOCK]>],
+    norms: &[Norm],
+    x: &Tensor,
+    chunk_rows: usize,
+) -> Result<Tensor> {
+    let (batch, dim) = x.dims2("BigNet inference")?;
+    let mut out = x.clone();
+    let ranges = chunk_ranges(batch, chunk_rows);
+    let widest = ranges.iter().map(|(a, b)| b - a).max().unwrap_or(0);
+    let rank = blocks
+        .iter()
+        .flat_map(|b| b.iter())
+        .filter_map(|l| l.lora.as_ref().map(|a| a.rank()))
+        .max()
+        .unwrap_or(0);
+    let mut buffers = InferBuffers {
+        a: vec![0.0; widest * dim],
+        b: vec![0.0; widest * dim],
+        lora: vec![0.0; widest * rank],
+        bias: Vec::new(),
+    };
+    for (start, end) in ranges {
+        let rows = &mut out.data_mut()[start * dim..end * dim];
+        for (b, block) in blocks.iter().enumerate() {
+            run_block(block, norms.get(b), rows, end - start, &mut buffers)?;
+        }
+    }
+    Ok(out)
+}
+
+/// Reused across chunks and layers.
+struct InferBuffers {
+    a: Vec<f32>,
+    b: Vec<f32>,
+    lora: Vec<f32>,
+    /// An f16 bias widened to f32.
+    bias: Vec<f32>,
+}
+
+/// One block on `m` rows of the residual stream `h`, in place.
+fn run_block(
+    layers: &[Linear; LAYERS_PER_BLOCK],
+    norm: Option<&Norm>,
+    h: &mut [f32],
+    m: usize,
+    buf: &mut InferBuffers,
+) -> Result<()> {
+    let n = h.len();
+    let (a, b) = (&mut buf.a[..n], &mut buf.b[..n]);
+    linear_into(&layers[0], h, m, a, &mut buf.lora, &mut buf.bias)?;
+    relu_in_place(a);
+    linear_into(&layers[1], a, m, b, &mut buf.lora, &mut buf.bias)?;
+    relu_in_place(b);
+    linear_into(&layers[2], b, m, a, &mut buf.lora, &mut buf.bias)?;
+    add_in_place(h, a)?;
+    if let Some(norm) = norm {
+        let (w, bias) = (norm.weight.value(), norm.bias.value());
+        layer_norm_assign(h, w.numel(), w.data(), bias.data(), NORM_EPS)?;
+    }
+    Ok(())
+}
+
+/// `y = x · Wᵀ + b (+ B(A x))` for `m` rows into `y`, as [`Linear::forward`] computes it: `y`
+/// starts as the bias rows, the product accumulates onto them, then the adapter's.
+fn linear_into(
+    layer: &Linear,
+    x: &[f32],
+    m: usize,
+    y: &mut [f32],
+    lora: &mut [f32],
+    wide_bias: &mut Vec<f32>,
+) -> Result<()> {
+    match &layer.base {
+        LinearBase::Trainable { weight, bias } => {
+            fill_rows(y, bias.value().data())?;
+            weight.value().matmul_t(x, m, y, true)?;
+        }
+        LinearBase::Frozen { weight, bias } => {
+            let bias: &[f32] = match bias {
+                FrozenBias::F32(b) => b,
+                FrozenBias::F16(b) => {
+                    wide_bias.clear();
+                    wide_bias.extend(b.iter().map(|v| v.to_f32()));
+                    wide_bias
+                }
+            };
+            fill_rows(y, bias)?;
+            weight.matrix().matmul_t(x, m, y, true)?;
+        }
+    }
+    if let Some(adapter) = &layer.lora {
+        let h = &mut lora[..m * adapter.rank()];
+        adapter.a.value().matmul_t(x, m, h, false)?;
+        adapter.b.value().matmul_t(h, m, y, true)?;
+    }
+    Ok(())
+}
+
+/// Peak bytes above what was held before of [`BigNet::infer`](crate::BigNet::infer) on `x`,
+/// measured by the counting allocator after a warm-up forward on every worker thread of the
+/// pool: the GEMM keeps its packing buffers (about 1.2 MiB per thread at D = 1024) from call to
+/// call, like a GPU library's workspace, so they are not counted against one forward.
+pub fn measure_forward_bytes(model: &crate::BigNet, x: &Tensor) -> Result<usize> {
+    rayon::broadcast(|_| model.infer(x).map(drop))
+        .into_iter()
+        .collect::<Result<()>>()?;
+    let (y, bytes) = crate::memory::measure_peak(|| model.infer(x));
+    drop(y?);
+    Ok(bytes)
+}
