@@ -43,9 +43,11 @@ impl Op for CheckpointOp {
 }
 
 impl Tape {
-    /// `segment(x)`, checkpointed: `segment` runs here without saving anything for the backward
-    /// (its activations are freed as it goes), and the op records only `x` (shared, not
-    /// copied); the backward runs `segment` again on `x` and back-propagates through it.
+    /// `segment(x)`, checkpointed: `segment` runs here on a tape of its own, whose records (the
+    /// segment's saved activations) are dropped as soon as it returns, and the op records only
+    /// `x` (shared, not copied); the backward runs `segment` again on `x` and back-propagates
+    /// through it. The forward thus holds at most one segment's activations at a time, and the
+    /// backward one segment's plus the inputs of the segments before it.
     /// Parameter gradients and the gradient of `x` are bit-identical to those of calling
     /// `segment(self, x)` directly, as long as `segment` computes the same thing each time it
     /// is called (every op of this crate does).
