@@ -3,7 +3,9 @@
     python tools/digits/train_digits.py [DATA] [OUTPUT] [--hidden H1,H2] [--epochs E] [--seed S]
 
 DATA is what make_digits.py wrote (default `tests/data/digits.safetensors`); OUTPUT the
-state dict (`torch.save(model.state_dict())`, default `tests/data/digits_mlp.pth`).
+state dict (`torch.save(model.state_dict())`, default `tests/data/digits_mlp.pth`). Beside it,
+`<OUTPUT stem>_logits.safetensors` holds PyTorch's `logits` on `x_test` and the mean test
+cross-entropy `loss` [1], the golden data nibble's f32 evaluation is tested against.
 
 The model is a PyTorch `nn.Sequential`, so nibble reads its structure from the state dict
 (`{i}.weight` / `{i}.bias`; a 2-D weight is a Linear, a 1-D one a LayerNorm, a gap an
@@ -18,7 +20,7 @@ The default widths (30, 20) are deliberately not multiples of the 4-bit formats'
 import argparse
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 
@@ -70,10 +72,12 @@ def main() -> None:
         test_loss = loss_fn(logits, y_test).item()
         train_acc = (model(x_train).argmax(1) == y_train).float().mean().item()
     torch.save(model.state_dict(), args.output)
+    golden = args.output.rsplit(".", 1)[0] + "_logits.safetensors"
+    save_file({"logits": logits.contiguous(), "loss": torch.tensor([test_loss])}, golden)
     params = sum(p.numel() for p in model.parameters())
     print(f"hidden {hidden}: {params} parameters ({4 * params} bytes f32)")
     print(f"train accuracy {train_acc:.4f}, test accuracy {acc:.4f}, test loss {test_loss:.4f}")
-    print(f"wrote {args.output}")
+    print(f"wrote {args.output} and {golden}")
 
 
 if __name__ == "__main__":
