@@ -183,9 +183,14 @@ impl Int8Matrix {
             shape: vec![out, inn],
             what: "size overflows".into(),
         })?;
+        let row_stats = out.checked_mul(4).ok_or_else(|| QuantError::Shape {
+            op: OP,
+            shape: vec![out, inn],
+            what: "size overflows".into(),
+        })?;
         check_part(OP, "codes", out, inn, &codes, n)?;
-        check_part(OP, "scales", out, inn, &scales, out * 4)?;
-        check_part(OP, "zeros", out, inn, &zeros, out * 4)?;
+        check_part(OP, "scales", out, inn, &scales, row_stats)?;
+        check_part(OP, "zeros", out, inn, &zeros, row_stats)?;
         Ok(Int8Matrix {
             out,
             inn,

@@ -790,20 +790,3 @@ pub(crate) use impl_weight_matrix;
 pub(crate) fn first_error<E: Send>(results: Vec<Result<(), E>>) -> Result<(), E> {
     results.into_iter().collect()
 }
-
-/// Checks `w` is a matrix whose columns are a multiple of `block`.
-pub(crate) fn check_shape(
-    op: &'static str,
-    w: &Tensor,
-    block: usize,
-) -> crate::Result<(usize, usize)> {
-    let (o, i) = w.dims2(op)?;
-    if i % block != 0 {
-        return Err(crate::QuantError::Shape {
-            op,
-            shape: vec![o, i],
-            what: format!("in = {i} is not a multiple of the block size {block}"),
-        });
-    }
-    Ok((o, i))
-}

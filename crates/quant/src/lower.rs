@@ -5,10 +5,13 @@
 //! - each row has a bit width of 3 or 4 (`bits` u8 `[out]`); the rows whose quantization error
 //!   drops most from 3 to 4 bits get 4 bits, as many as the bit budget allows;
 //! - groups of [`LOWER_GROUP`] = 128 consecutive weights of a row share an f16 `scale` and an
-//!   f16 `min` (`scales`, `mins`: f16 `[out, in/128]`): `v' = min + scale · code`;
-//! - `codes` u8: the rows one after another; a 4-bit row takes `in/2` bytes (element `2i` in
-//!   the low nibble), a 3-bit row `3·in/8` bytes, each 8 codes packed little-endian into 3
-//!   bytes (code `j` at bits `3j..3j+3`);
+//!   f16 `min` (`scales`, `mins`: f16 `[out, ceil(in/128)]`; when `in % 128 != 0` the last
+//!   group of each row is partial and fitted to the weights it has): `v' = min + scale · code`;
+//! - `codes` u8: the rows one after another, each starting on a byte; a 4-bit row takes
+//!   `ceil(in/2)` bytes (element `2i` in the low nibble, an odd `in` leaves the last high
+//!   nibble 0), a 3-bit row `ceil(3·in/8)` bytes: each 8 codes packed little-endian into 3
+//!   bytes (code `j` at bits `3j..3j+3`), a last partial run of codes padded with zero bits to
+//!   a whole byte;
 //! - quantizing: per group, a small grid search over clipping of `[min, max]` followed by a
 //!   least-squares refit of `(min, scale)` to the chosen codes (HQQ / k-quant style), keeping
 //!   whichever has the least squared error; codes are then recomputed with the f16-rounded
@@ -343,20 +346,26 @@ mod avx2 {
         }
     }
 
-    /// Fused GEMV, one row at a time, 16 codes per step ([`Gather16`]). Shapes: W `out x in`,
-    /// `prep` = `[x · 2^−(3k mod 8)]` `[in]`, `[x · 2^−(4k mod 8)]` `[in]` and the `[in/128]`
-    /// group sums of x ([`prepare_x`]); `y.len() >= rows.len()`. Per row:
+    /// Fused GEMV, one row at a time, 16 codes per step ([`Gather16`]) over the whole groups,
+    /// the scalar code over a partial last group. Shapes: W `out x in`, `x_orig` `[in]`,
+    /// `prep` = `[x · 2^−(3k mod 8)]` `[in]`, `[x · 2^−(4k mod 8)]` `[in]` and the
+    /// `[ceil(in/128)]` group sums of x ([`prepare_x`]); `y.len() >= rows.len()`. Per row:
     /// `Σ_g (min_g · Σ_{k∈g} x_k + scale_g · Σ_{k∈g} code_k x_k)`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn gemv(
         m: &LowerMatrix,
+        x_orig: &[f32],
         prep: &[f32],
         rows: std::ops::Range<usize>,
         y: &mut [f32],
         acc: bool,
     ) {
-        let ng = m.inn / LOWER_GROUP;
-        if prep.len() != prep_len(m.inn) || rows.end > m.out || y.len() < rows.len() {
+        let (ng, full) = (m.inn.div_ceil(LOWER_GROUP), m.inn / LOWER_GROUP);
+        if prep.len() != prep_len(m.inn)
+            || x_orig.len() != m.inn
+            || rows.end > m.out
+            || y.len() < rows.len()
+        {
             return;
         }
         let (x3, rest) = prep.split_at(m.inn);
@@ -375,7 +384,7 @@ mod avx2 {
             let (sc, mn) = (&m.scales.f16s()[r * ng..], &m.mins.f16s()[r * ng..]);
             let mut a = _mm256_setzero_ps();
             let mut corr = 0.0f32;
-            for g in 0..ng {
+            for g in 0..full {
                 let mut t0 = _mm256_setzero_ps();
                 let mut t1 = _mm256_setzero_ps();
                 let mut k = g * LOWER_GROUP;
@@ -393,7 +402,14 @@ mod avx2 {
                 a = _mm256_fmadd_ps(_mm256_add_ps(t0, t1), _mm256_set1_ps(sc[g].to_f32()), a);
                 corr += mn[g].to_f32() * gsum[g];
             }
-            let v = hsum(a) + corr;
+            let mut v = hsum(a) + corr;
+            if full < ng {
+                let g = full;
+                let tail: f32 = (g * LOWER_GROUP..m.inn)
+                    .map(|k| code_at(codes, b, k) as f32 * x_orig[k])
+                    .sum();
+                v += sc[g].to_f32() * tail + mn[g].to_f32() * gsum[g];
+            }
             y[j] = if acc { y[j] + v } else { v };
         }
     }
@@ -455,18 +471,18 @@ const GATHER4: GatherTables = GatherTables::new(4);
 
 /// Length of the AVX2 GEMV's prepared x for `in` columns (see [`prepare_x`]).
 fn prep_len(inn: usize) -> usize {
-    2 * inn + inn / LOWER_GROUP
+    2 * inn + inn.div_ceil(LOWER_GROUP)
 }
 
 /// Appends the AVX2 GEMV's prepared x: `x_k · 2^−(3k mod 8)` and `x_k · 2^−(4k mod 8)` (the
 /// inverse of where a 3-bit or 4-bit code sits in the bytes the GEMV gathers, so that the
 /// products are those of the codes themselves: scaling by a power of two is exact), then the
-/// `in/128` group sums of x.
+/// `ceil(in/128)` group sums of x (the last group possibly partial).
 fn prepare_x(x: &[f32], prep: &mut Vec<f32>) {
     for bits in [3, 4] {
         prep.extend(x.iter().enumerate().map(|(k, &v)| v * unshift_of(bits, k)));
     }
-    prep.extend(x.chunks_exact(LOWER_GROUP).map(|c| c.iter().sum::<f32>()));
+    prep.extend(x.chunks(LOWER_GROUP).map(|c| c.iter().sum::<f32>()));
 }
 
 /// Weights per scale/min group.
@@ -669,20 +685,25 @@ fn encode_row(x: &[f32], bits: u32, q: &RowQ, out: &mut Vec<u8>) {
         })
         .collect();
     if bits == 4 {
-        out.extend(codes.chunks(2).map(|c| c[0] | (c[1] << 4)));
+        out.extend(
+            codes
+                .chunks(2)
+                .map(|c| c[0] | (c.get(1).copied().unwrap_or(0) << 4)),
+        );
     } else {
         for c in codes.chunks(8) {
             let w = c
                 .iter()
                 .enumerate()
                 .fold(0u32, |a, (j, &v)| a | ((v as u32) << (3 * j)));
-            out.extend_from_slice(&w.to_le_bytes()[..3]);
+            out.extend_from_slice(&w.to_le_bytes()[..(3 * c.len()).div_ceil(8)]);
         }
     }
 }
 
-fn row_bytes(inn: usize, bits: u8) -> usize {
-    inn * bits as usize / 8
+/// Bytes of a row of `inn` codes of `bits` bits: `ceil(bits·in/8)` (`None` on overflow).
+fn row_bytes(inn: usize, bits: u8) -> Option<usize> {
+    Some(inn.checked_mul(bits as usize)?.div_ceil(8))
 }
 
 impl LowerMatrix {
@@ -692,10 +713,13 @@ impl LowerMatrix {
     }
 
     /// Quantizes with at most `bits_per_weight` bits per weight (all parts included; at least
-    /// the all-3-bit size).
+    /// the all-3-bit size). Any shape: the budget charges every byte stored (each row's width
+    /// byte, its scales and mins, a partial last group's too, and a ragged row's padding), so
+    /// narrow rows, whose fixed costs weigh more per weight, get fewer 4-bit rows; rows go to
+    /// 4 bits in order of the squared error they save, as long as the total fits.
     pub fn quantize_bits(w: &Tensor, bits_per_weight: f64) -> Result<Self> {
         const OP: &str = "lower_quantize";
-        let (o, i) = kernels::check_shape(OP, w, LOWER_GROUP)?;
+        let (o, i) = w.dims2(OP)?;
         if let Some(k) = w.data().iter().position(|v| !v.is_finite()) {
             return Err(QuantError::NonFinite {
                 op: OP,
@@ -714,14 +738,13 @@ impl LowerMatrix {
             .par_iter()
             .map(|x| (fit_row(x, 3), fit_row(x, 4)))
             .collect();
-        let fixed = o * (i / LOWER_GROUP) * 4 + o;
+        // (The tensor holds o·i floats, so none of these sizes overflow.)
+        let bytes3 = row_bytes(i, 3).unwrap_or(usize::MAX);
+        let bytes4 = row_bytes(i, 4).unwrap_or(usize::MAX);
+        let fixed = o * i.div_ceil(LOWER_GROUP) * 4 + o;
         let budget = (bits_per_weight * (o * i) as f64 / 8.0) as usize;
-        let base = o * row_bytes(i, 3) + fixed;
-        let extra = if i > 0 {
-            row_bytes(i, 4) - row_bytes(i, 3)
-        } else {
-            1
-        };
+        let base = o.saturating_mul(bytes3).saturating_add(fixed);
+        let extra = if i > 0 { bytes4 - bytes3 } else { 1 };
         let n4 = (budget.saturating_sub(base) / extra.max(1)).min(o);
         let mut order: Vec<usize> = (0..o).collect();
         order.sort_by(|&a, &b| {
@@ -751,8 +774,9 @@ impl LowerMatrix {
         )
     }
 
-    /// Builds from raw parts: `bits` u8 `[out]` (3 or 4), `codes` u8 (Σ row bytes), `scales`
-    /// and `mins` f16 `[out, in/128]`.
+    /// Builds from raw parts: `bits` u8 `[out]` (3 or 4), `codes` u8 (Σ row bytes:
+    /// `ceil(in/2)` for a 4-bit row, `ceil(3·in/8)` for a 3-bit one), `scales` and `mins` f16
+    /// `[out, ceil(in/128)]`.
     pub fn from_parts(
         out: usize,
         inn: usize,
@@ -762,13 +786,11 @@ impl LowerMatrix {
         mins: Bytes,
     ) -> Result<Self> {
         const OP: &str = "LowerMatrix::from_parts";
-        if inn % LOWER_GROUP != 0 {
-            return Err(QuantError::Shape {
-                op: OP,
-                shape: vec![out, inn],
-                what: format!("in = {inn} is not a multiple of {LOWER_GROUP}"),
-            });
-        }
+        let too_big = |what: &str| QuantError::Shape {
+            op: OP,
+            shape: vec![out, inn],
+            what: what.into(),
+        };
         check_part(OP, "bits", out, inn, &bits, out)?;
         let mut offsets: Vec<u32> = Vec::with_capacity(out + 1);
         offsets.push(0);
@@ -781,17 +803,17 @@ impl LowerMatrix {
                     what: format!("bit width {b} (must be 3 or 4)"),
                 });
             }
-            let next = u32::try_from(offsets[k] as usize + row_bytes(inn, b)).map_err(|_| {
-                QuantError::Shape {
-                    op: OP,
-                    shape: vec![out, inn],
-                    what: "codes exceed 4 GiB".into(),
-                }
-            })?;
+            let next = row_bytes(inn, b)
+                .and_then(|n| n.checked_add(offsets[k] as usize))
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| too_big("codes exceed 4 GiB"))?;
             offsets.push(next);
         }
         check_part(OP, "codes", out, inn, &codes, offsets[out] as usize)?;
-        let ng = out * (inn / LOWER_GROUP) * 2;
+        let ng = out
+            .checked_mul(inn.div_ceil(LOWER_GROUP))
+            .and_then(|n| n.checked_mul(2))
+            .ok_or_else(|| too_big("size overflows"))?;
         check_part(OP, "scales", out, inn, &scales, ng)?;
         check_part(OP, "mins", out, inn, &mins, ng)?;
         Ok(LowerMatrix {
@@ -848,13 +870,13 @@ impl QuantRows for LowerMatrix {
     }
     fn dequant_segment(&self, path: KernelPath, r: usize, c0: usize, len: usize, dst: &mut [f32]) {
         let row = &self.codes.as_slice()[self.offsets[r] as usize..self.offsets[r + 1] as usize];
-        let ng = self.inn / LOWER_GROUP;
+        let ng = self.inn.div_ceil(LOWER_GROUP);
         let sc = &self.scales.f16s()[r * ng..(r + 1) * ng];
         let mn = &self.mins.f16s()[r * ng..(r + 1) * ng];
         let bits = self.bits.as_slice()[r];
         dequantize_row(path, bits, row, sc, mn, c0, &mut dst[..len]);
     }
-    /// AVX2 path: appends x scaled for each code width, and the `in/128` group sums of x
+    /// AVX2 path: appends x scaled for each code width, and the `ceil(in/128)` group sums of x
     /// ([`prepare_x`]).
     fn gemv_prepare(&self, path: KernelPath, x: &[f32], prep: &mut Vec<f32>) {
         if usable(path) == KernelPath::Avx2Fma {
@@ -864,7 +886,7 @@ impl QuantRows for LowerMatrix {
     #[cfg(target_arch = "x86_64")]
     unsafe fn gemv_avx2(
         &self,
-        _x: &[f32],
+        x: &[f32],
         prep: &[f32],
         rows: std::ops::Range<usize>,
         y: &mut [f32],
@@ -873,8 +895,8 @@ impl QuantRows for LowerMatrix {
         if prep.len() != prep_len(self.inn) {
             return false;
         }
-        // SAFETY: the trait's contract (AVX2/FMA/F16C; rows and y checked) and this prep.
-        unsafe { avx2::gemv(self, prep, rows, y, acc) };
+        // SAFETY: the trait's contract (AVX2/FMA/F16C; x, rows and y checked) and this prep.
+        unsafe { avx2::gemv(self, x, prep, rows, y, acc) };
         true
     }
 }

@@ -1,19 +1,24 @@
 //! NF4: QLoRA's 4-bit NormalFloat exactly as bitsandbytes makes it on CPU, optionally with
 //! double quantization of the block scales.
 //!
-//! - Blocks of [`NF4_BLOCK`] = 64 over the flattened (row-major) matrix; this crate requires
-//!   `in` to be a multiple of 64, so that every row holds whole blocks.
-//! - Per block `absmax = max |v|` (f32); each weight gets the code of the nearest of the 16
-//!   [`NF4_LEVELS`] to `v / absmax`, decided with bitsandbytes' own thresholds
-//!   ([`NF4_THRESHOLDS`]: code = number of thresholds strictly below `v / absmax`). An all-zero
-//!   block (0/0 = NaN) gets code 0 for every weight, and dequantizes to `-1 · 0 = -0`.
-//! - `packed`: u8 `[out·in/2]`, two codes a byte, the FIRST element in the HIGH nibble.
-//! - Plain statistics: `absmax` f32 `[out·in/64]`. Dequantized `v' = level[code] · absmax`.
+//! - Blocks of [`NF4_BLOCK`] = 64 over the flattened (row-major) matrix of `n = out·in`
+//!   weights, any shape: when `n % 64 != 0` the last block is partial, and when `in % 64 != 0`
+//!   blocks straddle rows.
+//! - As bitsandbytes' CPU `quantize_4bit` (0.50): a whole block has `absmax = max |v|` (f32)
+//!   and normalizes `v · (1 / max(absmax, 1e-38))`; the partial last block stores
+//!   `absmax = max(max |v|, 1e-38)` and normalizes `v / absmax`. Each weight gets the code of
+//!   the nearest of the 16 [`NF4_LEVELS`], decided with bitsandbytes' midpoints
+//!   ([`NF4_THRESHOLDS`]: code = number of thresholds strictly below the normalized value). An
+//!   all-zero block normalizes to 0 and so gets code 7 (level 0) everywhere.
+//! - `packed`: u8 `[ceil(n/2)]`, two codes a byte, the FIRST element in the HIGH nibble; an odd
+//!   `n` pads the last low nibble with the code of 0 (7).
+//! - Plain statistics: `absmax` f32 `[ceil(n/64)]`. Dequantized `v' = level[code] · absmax`.
 //! - Double quantization (`compress_statistics=True`): `absmax_offset` f32 `[1]` = the mean of
 //!   the absmaxes; the absmaxes minus it are quantized in blocks of 256 to u8 `absmax_codes`
-//!   `[out·in/64]` into the signed 8-bit dynamic map ([`dynamic_map`]) the way bitsandbytes'
+//!   `[ceil(n/64)]` into the signed 8-bit dynamic map ([`dynamic_map`]) the way bitsandbytes'
 //!   CPU kernel picks codes ([`dynamic_code_bnb`]; a group whose scale is 0 gets code 0), scaled by
-//!   `absmax_scale` f32 `[ceil(blocks/256)]` (the absmax of each group of 256). The block scale
+//!   `absmax_scale` f32 `[ceil(blocks/256)]` (the absmax of each group of 256, the last group
+//!   possibly partial). The block scale
 //!   is then `map[code] · absmax_scale + absmax_offset`. 4 + 8/64 + 32/16384 ≈ 4.127 bits per
 //!   weight.
 
@@ -256,42 +261,71 @@ fn nonfinite(op: &'static str, inn: usize, x: &[f32], base: usize) -> QuantError
     }
 }
 
-/// Scalar ground truth: quantizes blocks of 64 (`x.len()` a multiple of 64) into `packed`
-/// (`x.len()/2` bytes, first element in the high nibble) and `absmax`. Returns the index of the
-/// first non-finite weight as the error.
+/// bitsandbytes' floor under a block's absmax before normalizing by it.
+const ABSMAX_FLOOR: f32 = 1e-38;
+
+/// Scalar ground truth: quantizes the flattened weights `x` (the start of a block; any length,
+/// the last block partial when `x.len() % 64 != 0`, see the [module docs](self)) into
+/// `packed` (`ceil(len/2)` bytes, first element in the high nibble) and `absmax`
+/// (`ceil(len/64)`). Returns the index of the first non-finite weight as the error.
 pub fn quantize_ref(
     x: &[f32],
     packed: &mut [u8],
     absmax: &mut [f32],
 ) -> std::result::Result<(), usize> {
-    for (b, blk) in x.chunks_exact(NF4_BLOCK).enumerate() {
+    for (b, blk) in x.chunks(NF4_BLOCK).enumerate() {
         if let Some(k) = blk.iter().position(|v| !v.is_finite()) {
             return Err(b * NF4_BLOCK + k);
         }
         let am = blk.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-        absmax[b] = am;
-        for (i, o) in packed[b * 32..b * 32 + 32].iter_mut().enumerate() {
-            let c = |v: f32| if am == 0.0 { 7 } else { nf4_code(v / am) };
-            *o = (c(blk[2 * i]) << 4) | c(blk[2 * i + 1]);
+        let mut codes = [7u8; NF4_BLOCK];
+        if blk.len() == NF4_BLOCK {
+            absmax[b] = am;
+            let inv = 1.0 / am.max(ABSMAX_FLOOR);
+            for (c, &v) in codes.iter_mut().zip(blk) {
+                *c = nf4_code(v * inv);
+            }
+        } else {
+            let am = am.max(ABSMAX_FLOOR);
+            absmax[b] = am;
+            for (c, &v) in codes.iter_mut().zip(blk) {
+                *c = nf4_code(v / am);
+            }
+        }
+        let bytes = blk.len().div_ceil(2);
+        for (i, o) in packed[b * 32..b * 32 + bytes].iter_mut().enumerate() {
+            *o = (codes[2 * i] << 4) | codes[2 * i + 1];
         }
     }
     Ok(())
 }
 
-/// Quantizes with a kernel path (bit-identical to [`quantize_ref`]).
+/// Quantizes with a kernel path (bit-identical to [`quantize_ref`], same lengths): whole
+/// blocks on the path's kernel, a partial last block by the scalar code.
 pub fn quantize(
     path: KernelPath,
     x: &[f32],
     packed: &mut [u8],
     absmax: &mut [f32],
 ) -> std::result::Result<(), usize> {
+    let nb = x.len() / NF4_BLOCK;
+    let full = nb * NF4_BLOCK;
+    let (xf, pf, af) = (&x[..full], &mut packed[..full / 2], &mut absmax[..nb]);
     match usable(path) {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: Avx2 only when the CPU has AVX2/FMA/F16C.
-        KernelPath::Avx2Fma => unsafe { avx2::quantize(x, packed, absmax) },
-        KernelPath::Portable => portable::quantize(x, packed, absmax),
-        _ => quantize_ref(x, packed, absmax),
-    }
+        // SAFETY: Avx2 only when the CPU has AVX2/FMA/F16C; whole blocks only.
+        KernelPath::Avx2Fma => unsafe { avx2::quantize(xf, pf, af) },
+        KernelPath::Portable => portable::quantize(xf, pf, af),
+        _ => quantize_ref(xf, pf, af),
+    }?;
+    quantize_ref(&x[full..], &mut packed[full / 2..], &mut absmax[nb..]).map_err(|k| full + k)
+}
+
+/// The NF4 level of flat weight `e` (code in the high nibble of byte `e/2` for an even `e`).
+#[inline]
+fn level_at(packed: &[u8], e: usize) -> f32 {
+    let b = packed[e / 2];
+    NF4_LEVELS[(if e % 2 == 0 { b >> 4 } else { b & 15 }) as usize]
 }
 
 /// Scalar ground truth: dequantizes `out.len()` weights (a multiple of 16) starting at a
@@ -333,9 +367,9 @@ mod portable {
             absmax[b] = am;
             let mut codes = [7u8; NF4_BLOCK];
             if am != 0.0 {
-                let amv = f32x8::splat(am);
+                let inv = f32x8::splat(1.0 / am.max(ABSMAX_FLOOR));
                 for (j, v) in vs.iter().enumerate() {
-                    let xn = *v / amv;
+                    let xn = *v * inv;
                     let mut cnt = f32x8::ZERO;
                     for t in NF4_THRESHOLDS {
                         cnt += xn.cmp_gt(f32x8::splat(t)) & f32x8::ONE;
@@ -416,9 +450,9 @@ mod avx2 {
             absmax[b] = am;
             let mut codes = [7u8; NF4_BLOCK];
             if am != 0.0 {
-                let amv = _mm256_set1_ps(am);
+                let inv = _mm256_set1_ps(1.0 / am.max(ABSMAX_FLOOR));
                 for (j, vj) in v.iter().enumerate() {
-                    let xn = _mm256_div_ps(*vj, amv);
+                    let xn = _mm256_mul_ps(*vj, inv);
                     let mut cnt = _mm256_setzero_si256();
                     for th in NF4_THRESHOLDS {
                         let gt =
@@ -585,7 +619,7 @@ mod avx2 {
 }
 
 impl Nf4Matrix {
-    /// Quantizes an `out x in` matrix (`in` a multiple of 64) with plain f32 absmaxes.
+    /// Quantizes an `out x in` matrix (any shape) with plain f32 absmaxes.
     pub fn quantize(w: &Tensor) -> Result<Self> {
         Self::quantize_with(w, false, kernel_path())
     }
@@ -598,20 +632,21 @@ impl Nf4Matrix {
     /// Quantizes with an explicit kernel path (identical results on every path).
     pub fn quantize_with(w: &Tensor, double: bool, path: KernelPath) -> Result<Self> {
         const OP: &str = "nf4_quantize";
-        let (o, i) = kernels::check_shape(OP, w, NF4_BLOCK)?;
+        let (o, i) = w.dims2(OP)?;
         let n = o * i;
-        let mut packed = vec![0u8; n / 2];
-        let mut absmax = vec![0.0f32; n / NF4_BLOCK];
-        if i > 0 {
+        let mut packed = vec![0u8; n.div_ceil(2)];
+        let mut absmax = vec![0.0f32; n.div_ceil(NF4_BLOCK)];
+        if n > 0 {
+            // Flat chunks of whole blocks (blocks may straddle rows).
+            const CHUNK: usize = 64 * NF4_BLOCK;
             let res: Vec<Result<()>> = w
                 .data()
-                .par_chunks(i)
-                .zip(packed.par_chunks_mut(i / 2))
-                .zip(absmax.par_chunks_mut(i / NF4_BLOCK))
+                .par_chunks(CHUNK)
+                .zip(packed.par_chunks_mut(CHUNK / 2))
+                .zip(absmax.par_chunks_mut(CHUNK / NF4_BLOCK))
                 .enumerate()
-                .with_min_len(8)
-                .map(|(r, ((x, p), a))| {
-                    quantize(path, x, p, a).map_err(|_| nonfinite(OP, i, x, r * i))
+                .map(|(c, ((x, p), a))| {
+                    quantize(path, x, p, a).map_err(|_| nonfinite(OP, i, x, c * CHUNK))
                 })
                 .collect();
             kernels::first_error(res)?;
@@ -638,27 +673,22 @@ impl Nf4Matrix {
     }
 
     fn check_dims(op: &'static str, out: usize, inn: usize) -> Result<usize> {
-        if inn % NF4_BLOCK != 0 {
-            return Err(QuantError::Shape {
+        out.checked_mul(inn)
+            .filter(|n| n.checked_mul(4).is_some())
+            .ok_or_else(|| QuantError::Shape {
                 op,
                 shape: vec![out, inn],
-                what: format!("in = {inn} is not a multiple of {NF4_BLOCK}"),
-            });
-        }
-        out.checked_mul(inn).ok_or_else(|| QuantError::Shape {
-            op,
-            shape: vec![out, inn],
-            what: "size overflows".into(),
-        })
+                what: "size overflows".into(),
+            })
     }
 
-    /// Builds from raw parts: `packed` u8 `[out·in/2]`, `absmax` f32 `[out·in/64]`
+    /// Builds from raw parts: `packed` u8 `[ceil(out·in/2)]`, `absmax` f32 `[ceil(out·in/64)]`
     /// (little-endian; copied only if misaligned).
     pub fn from_parts(out: usize, inn: usize, packed: Bytes, absmax: Bytes) -> Result<Self> {
         const OP: &str = "Nf4Matrix::from_parts";
         let n = Self::check_dims(OP, out, inn)?;
-        check_part(OP, "packed", out, inn, &packed, n / 2)?;
-        check_part(OP, "absmax", out, inn, &absmax, n / NF4_BLOCK * 4)?;
+        check_part(OP, "packed", out, inn, &packed, n.div_ceil(2))?;
+        check_part(OP, "absmax", out, inn, &absmax, n.div_ceil(NF4_BLOCK) * 4)?;
         Ok(Nf4Matrix {
             out,
             inn,
@@ -669,9 +699,9 @@ impl Nf4Matrix {
         })
     }
 
-    /// Builds a double-quantized matrix from raw parts: `packed` u8 `[out·in/2]`,
-    /// `absmax_codes` u8 `[out·in/64]`, `absmax_offset` f32 `[1]`, `absmax_scale` f32
-    /// `[ceil(out·in/64/256)]`.
+    /// Builds a double-quantized matrix from raw parts: `packed` u8 `[ceil(out·in/2)]`,
+    /// `absmax_codes` u8 `[ceil(out·in/64)]`, `absmax_offset` f32 `[1]`, `absmax_scale` f32
+    /// `[ceil(ceil(out·in/64)/256)]`.
     pub fn from_parts_double(
         out: usize,
         inn: usize,
@@ -682,8 +712,8 @@ impl Nf4Matrix {
     ) -> Result<Self> {
         const OP: &str = "Nf4Matrix::from_parts_double";
         let n = Self::check_dims(OP, out, inn)?;
-        let nb = n / NF4_BLOCK;
-        check_part(OP, "packed", out, inn, &packed, n / 2)?;
+        let nb = n.div_ceil(NF4_BLOCK);
+        check_part(OP, "packed", out, inn, &packed, n.div_ceil(2))?;
         check_part(OP, "absmax_codes", out, inn, &absmax_codes, nb)?;
         check_part(OP, "absmax_offset", out, inn, &absmax_offset, 4)?;
         check_part(
@@ -839,9 +869,19 @@ impl QuantRows for Nf4Matrix {
     fn seg_align(&self) -> usize {
         16
     }
+    /// Any `in`: the flat weights `s..s + len` (`s = r·in + c0`) up to the first multiple of
+    /// 16 and after the last one by the scalar code (`level · absmax`, as [`dequantize_ref`]),
+    /// the aligned runs of 16 between them on the path's kernel.
     fn dequant_segment(&self, path: KernelPath, r: usize, c0: usize, len: usize, dst: &mut [f32]) {
         const CH: usize = 32;
-        let s = r * self.inn + c0;
+        let s0 = r * self.inn + c0;
+        let head = (s0.next_multiple_of(16) - s0).min(len);
+        let body = (len - head) / 16 * 16;
+        let packed = self.packed.as_slice();
+        for k in (0..head).chain(head + body..len) {
+            dst[k] = level_at(packed, s0 + k) * self.block_absmax((s0 + k) / NF4_BLOCK);
+        }
+        let (s, dst, len) = (s0 + head, &mut dst[head..head + body], body);
         let path = usable(path);
         let mut done = 0;
         while done < len {
@@ -865,15 +905,21 @@ impl QuantRows for Nf4Matrix {
             done += end - start;
         }
     }
+    /// Only when `in % 16 == 0` (every requested run of 16 then lies in one block); otherwise
+    /// `false`, and rows go through [`QuantRows::dequant_segment`].
     #[cfg(target_arch = "x86_64")]
     unsafe fn dequant_cols_avx2(&self, b: ColBlock, dst: &mut [f32]) -> bool {
+        if self.inn % 16 != 0 {
+            return false;
+        }
         // SAFETY: the trait's contract (AVX2/FMA/F16C; the request fits in runs of 16).
         unsafe { avx2::dequant_cols(self, b, dst) };
         true
     }
-    /// AVX2 path: appends x with each run of 16 reordered as its 8 even then 8 odd elements.
+    /// AVX2 path when rows hold whole blocks (`in % 64 == 0`): appends x with each run of 16
+    /// reordered as its 8 even then 8 odd elements. (Other shapes take the generic GEMV.)
     fn gemv_prepare(&self, path: KernelPath, x: &[f32], prep: &mut Vec<f32>) {
-        if usable(path) == KernelPath::Avx2Fma {
+        if usable(path) == KernelPath::Avx2Fma && self.inn % NF4_BLOCK == 0 {
             kernels::push_even_odd16(x, prep);
         }
     }
@@ -886,7 +932,7 @@ impl QuantRows for Nf4Matrix {
         y: &mut [f32],
         acc: bool,
     ) -> bool {
-        if prep.len() != self.inn {
+        if self.inn % NF4_BLOCK != 0 || prep.len() != self.inn {
             return false;
         }
         // SAFETY: the trait's contract (AVX2/FMA/F16C; rows and y checked) and this prep.

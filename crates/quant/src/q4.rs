@@ -1,15 +1,18 @@
 //! Q4: the reference's 4-bit format (`q4_quantize` / `q4_dequantize` in `bignet_ref.py`),
 //! bit-exact.
 //!
-//! Blocks of [`Q4_BLOCK`] = 16 consecutive weights of a row. With `n = max |v|` (f32):
+//! Blocks of [`Q4_BLOCK`] = 16 consecutive weights of a row; when `in` is not a multiple of 16
+//! the last block of each row is partial (its norm is the max over the elements it has). With
+//! `n = max |v|` (f32):
 //! `code = round_half_even((v + n) / (2n) * 15)`, computed in f32 in exactly that order; `n` is
 //! rounded to f16 only for storage. Dequantizing uses the stored f16 `n` as f32:
 //! `v' = ((code / 15) · 2) · n − n`.
 //!
 //! Storage (two packed arrays, as in the safetensors checkpoints):
-//! - `packed`: u8 `[out, in/2]`, element `2i` of a row in the low nibble of byte `i`, `2i+1` in
-//!   the high nibble ([`BlockQ4`] is one block's 8 bytes);
-//! - `norm`: f16 `[out, in/16]`, little-endian.
+//! - `packed`: u8 `[out, ceil(in/2)]`, element `2i` of a row in the low nibble of byte `i`,
+//!   `2i+1` in the high nibble ([`BlockQ4`] is one block's 8 bytes); each row starts on a byte,
+//!   and an odd `in` leaves the high nibble of the row's last byte 0;
+//! - `norm`: f16 `[out, ceil(in/16)]`, little-endian.
 //!
 //! Special cases: an all-zero block stores `n = 0` and codes 0 (so `v' = 0`; the reference
 //! would compute 0/0); a NaN/Inf weight is an error naming its (row, col); a block whose
@@ -78,23 +81,35 @@ fn fault(op: &'static str, row: usize, x: &[f32]) -> QuantError {
     }
 }
 
-/// Scalar ground truth: quantizes one row `x` (length a multiple of 16) into `packed`
-/// (`x.len()/2` bytes) and `norm` (`x.len()/16`). `row` only labels errors.
+/// Scalar ground truth: quantizes one row `x` (any length; a partial last block of
+/// `len % 16` weights) into `packed` (`ceil(len/2)` bytes) and `norm` (`ceil(len/16)`). `row`
+/// only labels errors.
 pub fn quantize_row_ref(row: usize, x: &[f32], packed: &mut [u8], norm: &mut [f16]) -> Result<()> {
     check_row(x, packed, norm)?;
-    for (b, blk) in x.chunks_exact(Q4_BLOCK).enumerate() {
+    if quantize_blocks_ref(x, packed, norm) {
+        Ok(())
+    } else {
+        Err(fault("q4_quantize", row, x))
+    }
+}
+
+/// The reference rule over the blocks of `x` (the last may be partial); `false` (for the
+/// caller's error path) on a non-finite weight or an overflowing norm. Lengths as
+/// [`quantize_row_ref`] checks them.
+fn quantize_blocks_ref(x: &[f32], packed: &mut [u8], norm: &mut [f16]) -> bool {
+    for (b, blk) in x.chunks(Q4_BLOCK).enumerate() {
         let mut n = 0.0f32;
         for &v in blk {
             if !v.is_finite() {
-                return Err(fault("q4_quantize", row, x));
+                return false;
             }
             n = n.max(v.abs());
         }
         if n > F16_MAX {
-            return Err(fault("q4_quantize", row, x));
+            return false;
         }
         norm[b] = f16::from_f32(n);
-        let out = &mut packed[b * 8..b * 8 + 8];
+        let out = &mut packed[b * 8..b * 8 + blk.len().div_ceil(2)];
         if n == 0.0 {
             out.fill(0);
             continue;
@@ -102,18 +117,19 @@ pub fn quantize_row_ref(row: usize, x: &[f32], packed: &mut [u8], norm: &mut [f1
         let two = n + n;
         let code = |v: f32| ((v + n) / two * 15.0).round_ties_even() as u8;
         for (i, o) in out.iter_mut().enumerate() {
-            *o = code(blk[2 * i]) | (code(blk[2 * i + 1]) << 4);
+            let hi = blk.get(2 * i + 1).map_or(0, |&v| code(v));
+            *o = code(blk[2 * i]) | (hi << 4);
         }
     }
-    Ok(())
+    true
 }
 
 fn check_row(x: &[f32], packed: &[u8], norm: &[f16]) -> Result<()> {
-    if x.len() % Q4_BLOCK != 0 || packed.len() != x.len() / 2 || norm.len() != x.len() / Q4_BLOCK {
+    if packed.len() != x.len().div_ceil(2) || norm.len() != x.len().div_ceil(Q4_BLOCK) {
         return Err(QuantError::Shape {
             op: "q4_quantize_row",
             shape: vec![x.len(), packed.len(), norm.len()],
-            what: "row length must be a multiple of 16 with packed = len/2, norm = len/16".into(),
+            what: "a row of len weights needs packed = ceil(len/2), norm = ceil(len/16)".into(),
         });
     }
     Ok(())
@@ -128,51 +144,50 @@ pub fn quantize_row(
     norm: &mut [f16],
 ) -> Result<()> {
     check_row(x, packed, norm)?;
-    match usable(path) {
-        KernelPath::Scalar => quantize_row_ref(row, x, packed, norm),
-        KernelPath::Portable => {
-            if portable::quantize_row(x, packed, norm) {
-                Ok(())
-            } else {
-                Err(fault("q4_quantize", row, x))
-            }
-        }
+    // Whole blocks on the path's kernel, a partial last block by the reference rule.
+    let full = x.len() / Q4_BLOCK * Q4_BLOCK;
+    let (xf, xt) = x.split_at(full);
+    let (pf, pt) = packed.split_at_mut(full / 2);
+    let (nf, nt) = norm.split_at_mut(full / Q4_BLOCK);
+    let whole = match usable(path) {
+        KernelPath::Scalar => quantize_blocks_ref(xf, pf, nf),
+        KernelPath::Portable => portable::quantize_row(xf, pf, nf),
         #[cfg(target_arch = "x86_64")]
-        KernelPath::Avx2Fma => {
-            // SAFETY: `usable` returned Avx2, so the CPU has AVX2, FMA and F16C.
-            if unsafe { avx2::quantize_row(x, packed, norm) } {
-                Ok(())
-            } else {
-                Err(fault("q4_quantize", row, x))
-            }
-        }
+        // SAFETY: `usable` returned Avx2, so the CPU has AVX2, FMA and F16C; the slices hold
+        // whole blocks (full/2 bytes, full/16 norms).
+        KernelPath::Avx2Fma => unsafe { avx2::quantize_row(xf, pf, nf) },
         #[cfg(not(target_arch = "x86_64"))]
-        KernelPath::Avx2Fma => quantize_row(KernelPath::Portable, row, x, packed, norm),
+        KernelPath::Avx2Fma => portable::quantize_row(xf, pf, nf),
+    };
+    if whole && quantize_blocks_ref(xt, pt, nt) {
+        Ok(())
+    } else {
+        Err(fault("q4_quantize", row, x))
     }
 }
 
-/// Scalar ground truth: dequantizes `packed.len()*2` weights with their norms into `out`.
+/// Scalar ground truth: dequantizes the weights of `out` (blocks of 16 from its start, the last
+/// possibly partial) from their codes and norms. Weights whose code or norm is missing
+/// (`packed` shorter than `ceil(len/2)`, `norm` than `ceil(len/16)`) are left untouched.
 pub fn dequantize_ref(packed: &[u8], norm: &[f16], out: &mut [f32]) {
-    for (b, (q, o)) in packed
-        .chunks_exact(8)
-        .zip(out.chunks_exact_mut(Q4_BLOCK))
-        .enumerate()
-    {
+    let len = out.len().min(packed.len() * 2).min(norm.len() * Q4_BLOCK);
+    for (b, o) in out[..len].chunks_mut(Q4_BLOCK).enumerate() {
         let n = norm[b].to_f32();
-        for i in 0..8 {
-            let c0 = (q[i] & 15) as f32;
-            let c1 = (q[i] >> 4) as f32;
-            o[2 * i] = ((c0 / 15.0) * 2.0) * n - n;
-            o[2 * i + 1] = ((c1 / 15.0) * 2.0) * n - n;
+        for (e, w) in o.iter_mut().enumerate() {
+            let c = ((packed[b * 8 + e / 2] >> (4 * (e % 2))) & 15) as f32;
+            *w = ((c / 15.0) * 2.0) * n - n;
         }
     }
 }
 
-/// Dequantizes with the given path (bit-identical to [`dequantize_ref`]); `out.len()` must be
-/// `packed.len() * 2` and `norm.len()` `out.len() / 16` (extra elements are left untouched).
+/// Dequantizes with the given path (bit-identical to [`dequantize_ref`], with the same
+/// lengths): whole blocks on the path's kernel, a partial last block by the scalar code.
 pub fn dequantize(path: KernelPath, packed: &[u8], norm: &[f16], out: &mut [f32]) {
-    let nb = norm.len().min(packed.len() / 8).min(out.len() / Q4_BLOCK);
-    let (packed, norm, out) = (&packed[..nb * 8], &norm[..nb], &mut out[..nb * Q4_BLOCK]);
+    let len = out.len().min(packed.len() * 2).min(norm.len() * Q4_BLOCK);
+    let nb = len / Q4_BLOCK;
+    let (out, tail) = out[..len].split_at_mut(nb * Q4_BLOCK);
+    dequantize_ref(&packed[nb * 8..], &norm[nb..], tail);
+    let (packed, norm) = (&packed[..nb * 8], &norm[..nb]);
     match usable(path) {
         KernelPath::Scalar => dequantize_ref(packed, norm, out),
         KernelPath::Portable => portable::dequantize(packed, norm, out),
@@ -625,12 +640,14 @@ mod avx2 {
         let packed = m.packed.as_slice().as_ptr();
         let norms = m.norm.f16s().as_ptr() as *const i16;
         let d = dst.as_mut_ptr();
+        let (row_bytes, row_blocks) = (m.row_bytes(), m.row_blocks());
         for p in 0..b.rows {
-            let s = ((b.r0 + p) * m.inn + b.c0) / Q4_BLOCK;
+            let s = (b.r0 + p) * row_blocks + b.c0 / Q4_BLOCK;
+            let sb = (b.r0 + p) * row_bytes + b.c0 / 2;
             for k in 0..b.len / Q4_BLOCK {
-                // SAFETY: block s + k lies in row b.r0 + p of W (checked by the caller), and
-                // dst[p * b.stride + 16k..+16] inside dst.
-                let codes = unpack16(packed.add((s + k) * 8));
+                // SAFETY: whole block c0/16 + k lies in row b.r0 + p of W (checked by the
+                // caller), and dst[p * b.stride + 16k..+16] inside dst.
+                let codes = unpack16(packed.add(sb + k * 8));
                 let nv = _mm256_cvtph_ps(_mm_set1_epi16(*norms.add(s + k)));
                 let c0v = _mm256_cvtepu8_epi32(codes);
                 let c1v = _mm256_cvtepu8_epi32(_mm_srli_si128(codes, 8));
@@ -653,7 +670,8 @@ pub struct Q4Matrix {
 }
 
 impl Q4Matrix {
-    /// Quantizes an `out x in` f32 matrix (`in` a multiple of 16) with the detected kernel path.
+    /// Quantizes an `out x in` f32 matrix (any shape; see the [module docs](self) for a
+    /// partial last block) with the detected kernel path.
     pub fn quantize(w: &Tensor) -> Result<Self> {
         Self::quantize_with(w, kernel_path())
     }
@@ -661,15 +679,16 @@ impl Q4Matrix {
     /// Quantizes with an explicit kernel path (rows in parallel; identical results on every
     /// path and thread count).
     pub fn quantize_with(w: &Tensor, path: KernelPath) -> Result<Self> {
-        let (o, i) = kernels::check_shape("q4_quantize", w, Q4_BLOCK)?;
-        let mut packed = vec![0u8; o * i / 2];
-        let mut norm = vec![f16::ZERO; o * i / Q4_BLOCK];
+        let (o, i) = w.dims2("q4_quantize")?;
+        let (row_bytes, row_blocks) = (i.div_ceil(2), i.div_ceil(Q4_BLOCK));
+        let mut packed = vec![0u8; o * row_bytes];
+        let mut norm = vec![f16::ZERO; o * row_blocks];
         if i > 0 {
             let res: Vec<Result<()>> = w
                 .data()
                 .par_chunks(i)
-                .zip(packed.par_chunks_mut(i / 2))
-                .zip(norm.par_chunks_mut(i / Q4_BLOCK))
+                .zip(packed.par_chunks_mut(row_bytes))
+                .zip(norm.par_chunks_mut(row_blocks))
                 .enumerate()
                 .with_min_len(8)
                 .map(|(r, ((x, p), n))| quantize_row(path, r, x, p, n))
@@ -684,24 +703,28 @@ impl Q4Matrix {
         })
     }
 
-    /// Builds from raw parts: `packed` u8 `[out, in/2]`, `norm` f16 `[out, in/16]`
+    /// Builds from raw parts: `packed` u8 `[out, ceil(in/2)]`, `norm` f16 `[out, ceil(in/16)]`
     /// (little-endian). Borrowed parts stay borrowed; a misaligned `norm` is copied.
     pub fn from_parts(out: usize, inn: usize, packed: Bytes, norm: Bytes) -> Result<Self> {
         const OP: &str = "Q4Matrix::from_parts";
-        if inn % Q4_BLOCK != 0 {
-            return Err(QuantError::Shape {
-                op: OP,
-                shape: vec![out, inn],
-                what: format!("in = {inn} is not a multiple of {Q4_BLOCK}"),
-            });
-        }
-        let n = out.checked_mul(inn).ok_or_else(|| QuantError::Shape {
-            op: OP,
-            shape: vec![out, inn],
-            what: "size overflows".into(),
-        })?;
-        check_part(OP, "packed", out, inn, &packed, n / 2)?;
-        check_part(OP, "norm", out, inn, &norm, n / Q4_BLOCK * 2)?;
+        let size = |per_row: usize, elem: usize| {
+            out.checked_mul(per_row)
+                .and_then(|v| v.checked_mul(elem))
+                .ok_or_else(|| QuantError::Shape {
+                    op: OP,
+                    shape: vec![out, inn],
+                    what: "size overflows".into(),
+                })
+        };
+        check_part(OP, "packed", out, inn, &packed, size(inn.div_ceil(2), 1)?)?;
+        check_part(
+            OP,
+            "norm",
+            out,
+            inn,
+            &norm,
+            size(inn.div_ceil(Q4_BLOCK), 2)?,
+        )?;
         Ok(Q4Matrix {
             out,
             inn,
@@ -715,12 +738,12 @@ impl Q4Matrix {
         (self.out, self.inn)
     }
 
-    /// The raw `packed` part (u8 `[out, in/2]`).
+    /// The raw `packed` part (u8 `[out, ceil(in/2)]`).
     pub fn packed_bytes(&self) -> &[u8] {
         self.packed.as_slice()
     }
 
-    /// The raw `norm` part (f16 `[out, in/16]`, little-endian bytes).
+    /// The raw `norm` part (f16 `[out, ceil(in/16)]`, little-endian bytes).
     pub fn norm_bytes(&self) -> &[u8] {
         self.norm.as_slice()
     }
@@ -794,6 +817,16 @@ impl Q4Matrix {
     fn parts_len(&self) -> usize {
         self.packed.len() + self.norm.len()
     }
+
+    /// Bytes of one row of `packed` (`ceil(in/2)`).
+    fn row_bytes(&self) -> usize {
+        self.inn.div_ceil(2)
+    }
+
+    /// Blocks (norms) of one row (`ceil(in/16)`).
+    fn row_blocks(&self) -> usize {
+        self.inn.div_ceil(Q4_BLOCK)
+    }
 }
 
 impl QuantRows for Q4Matrix {
@@ -825,11 +858,12 @@ impl QuantRows for Q4Matrix {
         Q4_BLOCK
     }
     fn dequant_segment(&self, path: KernelPath, r: usize, c0: usize, len: usize, dst: &mut [f32]) {
-        let s = r * self.inn + c0;
+        // c0 is a multiple of 16, so the segment starts on a byte and a block of row r.
+        let (pb, nb) = (r * self.row_bytes(), r * self.row_blocks());
         dequantize(
             path,
-            &self.packed.as_slice()[s / 2..(s + len) / 2],
-            &self.norms()[s / Q4_BLOCK..(s + len) / Q4_BLOCK],
+            &self.packed.as_slice()[pb + c0 / 2..pb + (c0 + len).div_ceil(2)],
+            &self.norms()[nb + c0 / Q4_BLOCK..nb + (c0 + len).div_ceil(Q4_BLOCK)],
             &mut dst[..len],
         );
     }
@@ -851,7 +885,8 @@ impl QuantRows for Q4Matrix {
             && x.iter().all(|v| v.is_finite())
         {
             act8::prepare(KernelPath::Avx2Fma, x, prep);
-        } else if usable(path) == KernelPath::Avx2Fma {
+        } else if usable(path) == KernelPath::Avx2Fma && self.inn % Q4_BLOCK == 0 {
+            // (A ragged `in` takes the generic GEMV, which needs no preparation.)
             kernels::push_even_odd16(x, prep);
             prep.extend(x.chunks_exact(Q4_BLOCK).map(|c| c.iter().sum::<f32>()));
         }
@@ -867,7 +902,7 @@ impl QuantRows for Q4Matrix {
     ) -> bool {
         // (The two preparations never have the same length for `in > 0`: 17·in/16 floats
         // against 41 per started group of 128.)
-        if prep.len() == self.inn + self.inn / Q4_BLOCK {
+        if self.inn % Q4_BLOCK == 0 && prep.len() == self.inn + self.inn / Q4_BLOCK {
             // SAFETY: the trait's contract (AVX2/FMA/F16C; rows and y checked) and this prep.
             unsafe { avx2::gemv(self, prep, rows, y, acc) };
         } else if prep.len() == act8::prep_len(self.inn) {

@@ -363,14 +363,28 @@ fn bad_inputs_are_errors() {
         Q4Matrix::quantize(&w),
         Err(QuantError::ScaleOverflow { row: 1, col: 0, .. })
     ));
-    assert!(matches!(
-        Q4Matrix::quantize(&Tensor::zeros(&[2, 24])),
-        Err(QuantError::Shape { .. })
-    ));
-    assert!(matches!(
-        Nf4Matrix::quantize(&Tensor::zeros(&[2, 32])),
-        Err(QuantError::Shape { .. })
-    ));
+    // A ragged Q4 row: the error names the column of the partial last block.
+    let mut w = Tensor::zeros(&[2, 19]);
+    w.data_mut()[19 + 17] = f32::NAN;
+    for p in available_paths() {
+        match Q4Matrix::quantize_with(&w, p) {
+            Err(QuantError::NonFinite {
+                row: 1, col: 17, ..
+            }) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    // NF4 blocks straddle rows when in % 64 != 0: the error still names (row, col).
+    let mut w = Tensor::zeros(&[3, 30]);
+    w.data_mut()[2 * 30 + 29] = f32::NAN;
+    for p in available_paths() {
+        match Nf4Matrix::quantize_with(&w, true, p) {
+            Err(QuantError::NonFinite {
+                row: 2, col: 29, ..
+            }) => {}
+            other => panic!("{other:?}"),
+        }
+    }
     let q = Q4Matrix::quantize(&Tensor::zeros(&[2, 32])).unwrap();
     assert!(q.to_f32().data().iter().all(|&v| v == 0.0));
     let (p, n) = q.parts();

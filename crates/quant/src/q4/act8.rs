@@ -25,7 +25,7 @@ const BLOCKS_PER_GROUP: usize = GROUP / Q4_BLOCK;
 /// Slot of block `t` (0..8) of a group in `cs`: `[b0, b1, b4, b5, b2, b3, b6, b7]`.
 const CS_SLOT: [usize; 8] = [0, 1, 4, 5, 2, 3, 6, 7];
 
-/// Number of f32 slots of the prepared x of an `inn`-element input (a multiple of 16).
+/// Number of f32 slots of the prepared x of an `inn`-element input.
 pub(super) fn prep_len(inn: usize) -> usize {
     let groups = inn.div_ceil(GROUP);
     groups * GROUP / 4 + groups + groups * BLOCKS_PER_GROUP
@@ -39,7 +39,8 @@ fn xq_index(k: usize) -> usize {
     g * GROUP + quad * 64 + (e % 2) * 32 + e / 2
 }
 
-/// Appends the int8 preparation of `x` (length a multiple of 16, every element finite) to
+/// Appends the int8 preparation of `x` (any length, every element finite; a partial last
+/// block's missing elements are 0 in `xq`) to
 /// `prep`, on `path` (AVX2 for whole groups, the scalar [`prepare_group_ref`] otherwise;
 /// both give the same bytes).
 pub(super) fn prepare(path: KernelPath, x: &[f32], prep: &mut Vec<f32>) {
@@ -71,7 +72,7 @@ fn prepare_group_ref(grp: &[f32], xq: &mut [u8], cs: &mut [f32]) -> f32 {
     let sx = amax / 127.0;
     let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
     {
-        for (t, blk) in grp.chunks_exact(Q4_BLOCK).enumerate() {
+        for (t, blk) in grp.chunks(Q4_BLOCK).enumerate() {
             let mut q = 0i32;
             for (e, &v) in blk.iter().enumerate() {
                 // Round half to even without a libm call: |v · inv| <= 127 < 2^22, so adding
@@ -95,24 +96,24 @@ fn parts(inn: usize, prep: &[f32]) -> (&[u8], &[f32], &[f32]) {
     (bytemuck::cast_slice(xqf), xs, cs)
 }
 
-/// Scalar ground truth for row `r` over blocks `b0..in/16`:
-/// `Σ_b n_b · (xs_g · I_b − cs_b)` (also the AVX2 kernel's tail).
+/// Scalar ground truth for row `r` over blocks `b0..ceil(in/16)` (the last one partial when
+/// `in % 16 != 0`): `Σ_b n_b · (xs_g · I_b − cs_b)` (also the AVX2 kernel's tail).
 pub(super) fn dot_ref(m: &Q4Matrix, r: usize, b0: usize, prep: &[f32]) -> f32 {
-    let nb = m.inn / Q4_BLOCK;
+    let nb = m.row_blocks();
     let (xq, xs, cs) = parts(m.inn, prep);
-    let packed = m.packed.as_slice();
-    let norms = m.norm.f16s();
+    let row = &m.packed.as_slice()[r * m.row_bytes()..(r + 1) * m.row_bytes()];
+    let norms = &m.norm.f16s()[r * nb..(r + 1) * nb];
     let mut acc = 0.0f32;
     for b in b0..nb {
-        let q = &packed[(r * nb + b) * 8..(r * nb + b) * 8 + 8];
+        let q = &row[b * 8..];
         let mut isum = 0i32;
-        for e in 0..Q4_BLOCK {
+        for e in 0..Q4_BLOCK.min(m.inn - b * Q4_BLOCK) {
             let code = i32::from((q[e / 2] >> (4 * (e % 2))) & 15);
             isum += code * i32::from(xq[xq_index(b * Q4_BLOCK + e)] as i8);
         }
         let (g, t) = (b / BLOCKS_PER_GROUP, b % BLOCKS_PER_GROUP);
         let c = cs[g * BLOCKS_PER_GROUP + CS_SLOT[t]];
-        acc += norms[r * nb + b].to_f32() * (xs[g] * isum as f32 - c);
+        acc += norms[b].to_f32() * (xs[g] * isum as f32 - c);
     }
     acc
 }
@@ -130,8 +131,11 @@ pub(super) fn gemv(
     match path {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: Avx2Fma comes from `usable`, so the CPU has AVX2, FMA and F16C; the caller
-        // checked `prep.len() == prep_len(in)`, `rows.end <= out` and `y.len() >= rows.len()`.
-        KernelPath::Avx2Fma => unsafe { avx2::gemv(m, prep, rows, y, acc) },
+        // checked `prep.len() == prep_len(in)`, `rows.end <= out` and `y.len() >= rows.len()`;
+        // rows hold whole blocks.
+        KernelPath::Avx2Fma if m.inn % Q4_BLOCK == 0 => unsafe {
+            avx2::gemv(m, prep, rows, y, acc)
+        },
         _ => {
             for (j, r) in rows.enumerate() {
                 let v = dot_ref(m, r, 0, prep);
