@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
-use crate::checkpoint::{DType, Format};
+use nibble_io::DType;
 
 /// Everything that can go wrong in `nibble-bignet`.
 #[derive(Debug, Error)]
@@ -24,55 +24,6 @@ pub enum Error {
         /// The underlying error.
         #[source]
         source: std::io::Error,
-    },
-    /// The content is neither a safetensors file nor a PyTorch zip checkpoint.
-    #[error("{}: unrecognised checkpoint format: {reason}", path.display())]
-    UnknownFormat {
-        /// The file involved.
-        path: PathBuf,
-        /// What was found instead.
-        reason: String,
-    },
-    /// The file's structure is broken (truncated, out-of-range offsets, invalid header, ...).
-    #[error("{}: malformed {format} file: {reason}", path.display())]
-    Malformed {
-        /// The file involved.
-        path: PathBuf,
-        /// The format it was read as.
-        format: Format,
-        /// What is wrong.
-        reason: String,
-    },
-    /// A zip entry of a `.pth` archive is unusable (compressed, out of range, unsafe name, ...).
-    #[error("{}: zip entry `{entry}`: {reason}", path.display())]
-    ZipEntry {
-        /// The file involved.
-        path: PathBuf,
-        /// The entry's name as stored in the archive (lossily decoded).
-        entry: String,
-        /// What is wrong.
-        reason: String,
-    },
-    /// The pickle program (`data.pkl`) of a `.pth` archive is invalid or outside the supported
-    /// subset.
-    #[error("{}: pickle `{entry}` at byte {offset}: {reason}", path.display())]
-    Pickle {
-        /// The file involved.
-        path: PathBuf,
-        /// The pickle's entry name in the archive.
-        entry: String,
-        /// Byte offset of the offending opcode within the pickle.
-        offset: usize,
-        /// What is wrong.
-        reason: String,
-    },
-    /// Two tensors (or two metadata entries) share one name.
-    #[error("{}: duplicate key `{key}`", path.display())]
-    DuplicateKey {
-        /// The file involved.
-        path: PathBuf,
-        /// The repeated key.
-        key: String,
     },
     /// A tensor that the caller asked for is not in the file.
     #[error("{}: no tensor named `{key}`", path.display())]
@@ -91,16 +42,6 @@ pub enum Error {
         key: String,
         /// What is wrong.
         reason: String,
-    },
-    /// A dtype name this crate does not know.
-    #[error("{}: tensor `{key}`: unknown dtype `{found}`", path.display())]
-    UnknownDType {
-        /// The file involved.
-        path: PathBuf,
-        /// The tensor's key.
-        key: String,
-        /// The dtype name found.
-        found: String,
     },
     /// A tensor whose dtype is not one the caller can use.
     #[error("{}: tensor `{key}`: expected dtype {expected}, found {found}", path.display())]
@@ -125,28 +66,6 @@ pub enum Error {
         expected: Vec<usize>,
         /// The shape stored.
         found: Vec<usize>,
-    },
-    /// Building a tensor from checkpoint data failed in `nibble-tensor`.
-    #[error("{}: tensor `{key}`: {source}", path.display())]
-    Tensor {
-        /// The file involved.
-        path: PathBuf,
-        /// The tensor's key.
-        key: String,
-        /// The tensor crate's error.
-        #[source]
-        source: nibble_tensor::TensorError,
-    },
-    /// The caller passed tensors that cannot be written (length mismatch, reserved or repeated
-    /// name, ...).
-    #[error("{}: cannot write tensor `{key}`: {reason}", path.display())]
-    InvalidWrite {
-        /// The file that was to be written.
-        path: PathBuf,
-        /// The tensor's key.
-        key: String,
-        /// What is wrong.
-        reason: String,
     },
     /// A model cannot be built or used as asked (missing weights, wrong variant for an action).
     #[error("model: {what}")]
@@ -177,6 +96,12 @@ pub enum Error {
         #[source]
         source: nibble_quant::QuantError,
     },
+    /// Reading or writing a state dict failed (the inner error names file, key, shape, dtype).
+    #[error(transparent)]
+    State(#[from] nibble_io::Error),
+    /// A generic layer failed (building, running or loading its adapter).
+    #[error(transparent)]
+    Layers(#[from] nibble_nn::Error),
     /// A tensor operation failed while computing (the inner error names the op and shapes).
     #[error(transparent)]
     Compute(#[from] nibble_tensor::TensorError),

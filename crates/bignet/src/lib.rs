@@ -15,13 +15,11 @@
 //! # Ok::<(), nibble_bignet::Error>(())
 //! ```
 
+#[path = "bignet_adapter.rs"]
 pub mod adapter;
-pub mod checkpoint;
 pub mod cli;
 pub mod error;
-pub mod frozen;
 pub mod heap;
-pub mod layer;
 pub mod loader;
 pub mod memory;
 pub mod merge;
@@ -30,6 +28,26 @@ pub mod persist;
 pub mod source;
 pub mod train;
 pub mod variant;
+
+/// Checkpoint files: safetensors and PyTorch `.pth`. The readers and the writer live in
+/// [`nibble_io::checkpoint`]; this module keeps their old paths.
+pub mod checkpoint {
+    pub use nibble_io::checkpoint::*;
+}
+
+/// Frozen weights in every storage format and their quantized-checkpoint layout. They live in
+/// [`nibble_io::frozen`]; this module keeps their old paths.
+pub mod frozen {
+    pub use nibble_io::frozen::*;
+}
+
+/// BigNet's linear layer in every variant: the generic [`nibble_nn::Linear`] (trainable f32, or
+/// a frozen weight of any storage, with an optional LoRA adapter). This is the only place
+/// variants differ; the layer lives in [`nibble_nn::linear`], and this module keeps its old
+/// paths.
+pub mod layer {
+    pub use nibble_nn::linear::*;
+}
 
 pub use error::{Error, Result};
 pub use model::BigNet;

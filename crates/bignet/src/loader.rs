@@ -54,7 +54,7 @@ impl WeightSource for CheckpointSource {
         self.dim
     }
     fn tensor(&self, key: &str, shape: &[usize]) -> Result<Tensor> {
-        self.checkpoint.tensor_f32(key, Some(shape))
+        Ok(self.checkpoint.tensor_f32(key, Some(shape))?)
     }
     fn describe(&self) -> String {
         self.checkpoint.path().display().to_string()

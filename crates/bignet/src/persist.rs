@@ -17,8 +17,7 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-/// Metadata key naming the weight format.
-pub const FORMAT_KEY: &str = "nibble.format";
+pub use nibble_io::FORMAT_KEY;
 
 /// Writes the model's weights (not its LoRA adapters: see [`crate::adapter`]) to `path`.
 pub fn save_model(model: &BigNet, path: &Path) -> Result<()> {
@@ -78,7 +77,7 @@ pub fn save_model(model: &BigNet, path: &Path) -> Result<()> {
     let format = format.unwrap_or(WeightFormat::F32);
     metadata.insert(FORMAT_KEY.to_string(), format.name().to_string());
     metadata.insert("nibble.dim".to_string(), model.dim().to_string());
-    write_safetensors(path, &entries, &metadata)
+    Ok(write_safetensors(path, &entries, &metadata)?)
 }
 
 /// The quantized format a checkpoint declares, if any (`None` for plain state dicts, including

@@ -1,57 +1,9 @@
 //! The BigNet variants: one model, differing only in how its linear layers store and train
 //! their weights.
 
+pub use nibble_io::WeightFormat;
 use std::fmt;
 use std::str::FromStr;
-
-/// How a linear layer's weight is stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum WeightFormat {
-    /// f32, trainable.
-    F32,
-    /// f16, frozen, computed in f32.
-    F16,
-    /// The reference's 4-bit blocks of 16 with one f16 absmax each.
-    Q4,
-    /// QLoRA's 4-bit NormalFloat, blocks of 64 with an f32 absmax.
-    Nf4,
-    /// NF4 with double-quantized block absmaxes.
-    Nf4Dq,
-    /// 8-bit affine, one scale and zero point per output row.
-    Int8,
-    /// The under-4-bit format of `lower_precision`.
-    Lower,
-}
-
-impl WeightFormat {
-    /// The name used in files and on the command line (`q4`, `nf4`, ...).
-    pub fn name(self) -> &'static str {
-        match self {
-            WeightFormat::F32 => "f32",
-            WeightFormat::F16 => "f16",
-            WeightFormat::Q4 => "q4",
-            WeightFormat::Nf4 => "nf4",
-            WeightFormat::Nf4Dq => "nf4_dq",
-            WeightFormat::Int8 => "int8",
-            WeightFormat::Lower => "lower",
-        }
-    }
-
-    /// Parses a name given by [`WeightFormat::name`].
-    pub fn from_name(name: &str) -> Option<Self> {
-        [
-            WeightFormat::F32,
-            WeightFormat::F16,
-            WeightFormat::Q4,
-            WeightFormat::Nf4,
-            WeightFormat::Nf4Dq,
-            WeightFormat::Int8,
-            WeightFormat::Lower,
-        ]
-        .into_iter()
-        .find(|f| f.name() == name)
-    }
-}
 
 /// A BigNet variant (the homework's names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -1,4 +1,4 @@
-//! Frozen weights in every storage the variants use, kept as their concrete types so that a
+//! Frozen weights in every storage format, kept as their concrete types so that a
 //! model can write them to a file part by part, and read them back from a memory-mapped file
 //! without copying the packed bytes.
 //!
@@ -15,13 +15,13 @@
 
 use crate::checkpoint::{Checkpoint, DType};
 use crate::error::{Error, Result};
-use crate::variant::WeightFormat;
+use crate::format::WeightFormat;
 use nibble_quant::{Bytes, Int8Matrix, LowerMatrix, Nf4Matrix, Q4Matrix, QuantError};
 use nibble_tensor::{f16, HalfTensor, Tensor, WeightMatrix};
 use std::borrow::Cow;
 use std::sync::Arc;
 
-/// A frozen `out x in` weight in one of the variants' storages.
+/// A frozen `out x in` weight in one of the storage formats.
 #[derive(Debug, Clone)]
 pub enum FrozenWeight {
     /// f16 (`half_precision`, `lora`).
@@ -62,8 +62,9 @@ impl FrozenWeight {
                 FrozenWeight::Lower(Arc::new(LowerMatrix::quantize(w).map_err(e)?))
             }
             WeightFormat::F32 => {
-                return Err(Error::Model {
-                    what: format!("{key}: f32 weights train; they are not frozen storage"),
+                return Err(Error::Unsupported {
+                    key: key.to_string(),
+                    what: "f32 weights train; they are not frozen storage".to_string(),
                 })
             }
         })
@@ -217,8 +218,9 @@ impl FrozenWeight {
         out: usize,
         inn: usize,
     ) -> Result<Self> {
-        let n = out.checked_mul(inn).ok_or_else(|| Error::Model {
-            what: format!("{key}: [{out}, {inn}] overflows"),
+        let n = out.checked_mul(inn).ok_or_else(|| Error::Unsupported {
+            key: key.to_string(),
+            what: format!("[{out}, {inn}] overflows"),
         })?;
         let get = |suffix: &str, dtype: DType, shape: &[usize]| -> Result<Bytes> {
             let name = if suffix.is_empty() {
@@ -297,8 +299,9 @@ impl FrozenWeight {
                 ))
             }
             WeightFormat::F32 => {
-                return Err(Error::Model {
-                    what: format!("{key}: f32 is not a quantized format"),
+                return Err(Error::Unsupported {
+                    key: key.to_string(),
+                    what: "f32 is not a quantized format".to_string(),
                 })
             }
         })

@@ -1,9 +1,9 @@
-//! BigNet's linear layer in every variant: trainable f32, or a frozen weight of any storage
-//! (f16, 4-bit, ...) with an optional LoRA adapter. This is the only place variants differ.
+//! The linear layer in every weight format: trainable f32, or a frozen weight of any storage
+//! (f16, 4-bit, ...), with an optional LoRA adapter.
 
 use crate::error::Result;
-use crate::frozen::FrozenWeight;
 use nibble_autograd::{Bias, Param, Tape, Var};
+use nibble_io::FrozenWeight;
 use nibble_tensor::gemm::{gemm, MatRef};
 use nibble_tensor::{f16, Rng, Tensor};
 

@@ -7,14 +7,14 @@
 //! lazily, on first access.
 //!
 //! ```no_run
-//! use nibble_bignet::checkpoint::{Checkpoint, DType};
+//! use nibble_io::checkpoint::{Checkpoint, DType};
 //! let ck = Checkpoint::open("tests/data/bignet_d128.pth")?;
 //! for key in ck.keys() {
 //!     let (dtype, shape) = ck.info(key).unwrap();
 //!     println!("{key}: {dtype} {shape:?}");
 //! }
 //! let w = ck.tensor_f32("model.0.model.0.weight", Some(&[128, 128]))?;
-//! # Ok::<(), nibble_bignet::Error>(())
+//! # Ok::<(), nibble_io::Error>(())
 //! ```
 
 mod pickle;

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use nibble_bignet::checkpoint::{write_safetensors, Checkpoint, DType, Format};
-use nibble_bignet::Error;
+use nibble_io::checkpoint::{write_safetensors, Checkpoint, DType, Format};
+use nibble_io::Error;
 
 fn golden(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -14,7 +14,7 @@ fn golden(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn load(name: &str, bytes: Vec<u8>) -> nibble_bignet::Result<Checkpoint> {
+fn load(name: &str, bytes: Vec<u8>) -> nibble_io::Result<Checkpoint> {
     Checkpoint::from_bytes(name, Arc::new(bytes))
 }
 
@@ -43,7 +43,7 @@ fn exercise(name: &str, bytes: Arc<dyn AsRef<[u8]> + Send + Sync>) -> Result<(),
     Ok(())
 }
 
-fn expect_err(r: nibble_bignet::Result<Checkpoint>, needle: &str) -> Error {
+fn expect_err(r: nibble_io::Result<Checkpoint>, needle: &str) -> Error {
     match r {
         Ok(ck) => panic!("expected an error containing {needle:?}, loaded {ck:?}"),
         Err(e) => {

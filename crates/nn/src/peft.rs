@@ -2,14 +2,18 @@
 //! a directory holding `adapter_model.safetensors` (keys
 //! `base_model.model.<module>.lora_A.weight` `[r, in]` and `...lora_B.weight` `[out, r]`) and
 //! `adapter_config.json` (`peft_type` "LORA", `r`, `lora_alpha`, `target_modules`, ...).
+//! The target modules are the [`Linear`] layers given, named by [`Linear::name`] (the module's
+//! path in the PyTorch model: `model.0.model.0`, or `0`, `3` for an `nn.Sequential`).
 //!
 //! nibble's adapters are unscaled (`y += B A x`), so we save `lora_alpha = r`. Loading a PEFT
 //! adapter with another `lora_alpha` folds PEFT's scaling `lora_alpha / r` (or
 //! `lora_alpha / √r` with `use_rslora`) into B.
 
-use crate::checkpoint::{write_safetensors, Checkpoint, DType};
 use crate::error::{Error, Result};
-use crate::model::BigNet;
+use crate::linear::{Linear, LoraAdapter};
+use nibble_autograd::Param;
+use nibble_io::{write_safetensors, Checkpoint, DType};
+use nibble_tensor::Tensor;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
@@ -26,25 +30,32 @@ fn adapter_error(dir: &Path, what: impl Into<String>) -> Error {
     }
 }
 
-/// Writes the model's adapters to `dir` (created if missing).
-pub fn save_adapter(model: &BigNet, dir: &Path) -> Result<()> {
-    let layers: Vec<_> = model
-        .linears()
+/// Writes the adapters of `layers` (those that have one) to `dir` (created if missing). All
+/// adapters must share one rank; at least one layer must have an adapter.
+pub fn save_adapter<'a>(layers: impl IntoIterator<Item = &'a Linear>, dir: &Path) -> Result<()> {
+    let layers: Vec<_> = layers
+        .into_iter()
         .filter_map(|l| l.lora.as_ref().map(|a| (l.name.clone(), a)))
         .collect();
     let Some((_, first)) = layers.first() else {
-        return Err(adapter_error(
-            dir,
-            format!("variant {} has no LoRA adapters to save", model.variant()),
-        ));
+        return Err(adapter_error(dir, "no layer has a LoRA adapter to save"));
     };
     let rank = first.rank();
+    if let Some((name, a)) = layers.iter().find(|(_, a)| a.rank() != rank) {
+        return Err(adapter_error(
+            dir,
+            format!(
+                "layer {name} has rank {}, others rank {rank}: one adapter file holds one rank",
+                a.rank()
+            ),
+        ));
+    }
     std::fs::create_dir_all(dir).map_err(|source| Error::Io {
         path: dir.to_path_buf(),
         op: "create directory",
         source,
     })?;
-    let tensors: Vec<(String, nibble_tensor::Tensor)> = layers
+    let tensors: Vec<(String, Tensor)> = layers
         .iter()
         .flat_map(|(name, a)| {
             [
@@ -158,23 +169,26 @@ fn read_scaling(dir: &Path) -> Result<(usize, f32)> {
     Ok((r, scaling as f32))
 }
 
-/// Loads the adapters saved in `dir` into `model` (a `lora` or `qlora` model; a
-/// `half_precision` or `low_precision` one gets adapters attached first). Every tensor in the
-/// file must belong to one of the model's layers with the right shape.
-pub fn load_adapter(model: &mut BigNet, dir: &Path) -> Result<()> {
+/// Loads the adapters saved in `dir` onto `layers`: each layer whose
+/// `base_model.model.<name>.lora_A.weight` / `lora_B.weight` pair is in the file gets it (an
+/// adapter is attached where the layer has none; PEFT's `lora_alpha / r` scaling is folded
+/// into B). Shapes are checked against the layer (`A` `[r, in]`, `B` `[out, r]`); a tensor that
+/// belongs to none of `layers`, a lone A or B, or NaN/Inf values are errors.
+pub fn load_adapter<'a>(
+    layers: impl IntoIterator<Item = &'a mut Linear>,
+    dir: &Path,
+) -> Result<()> {
     let (rank, scaling) = read_scaling(dir)?;
     let file = Checkpoint::open(dir.join(WEIGHTS_FILE))?;
-    if model.linears().any(|l| l.lora.is_none()) {
-        model.attach_lora(0)?;
-    }
-    let dim = model.dim();
     let mut seen = HashSet::new();
-    for layer in model.linears_mut() {
-        let found_before = seen.len();
-        let lora = layer.lora.as_mut().expect("attached above");
-        for (suffix, shape, param, scale) in [
-            ("lora_A", [rank, dim], &lora.a, 1.0f32),
-            ("lora_B", [dim, rank], &lora.b, scaling),
+    let mut names = Vec::new();
+    for layer in layers {
+        names.push(layer.name.clone());
+        let (out, inp) = layer.dims();
+        let mut found = Vec::with_capacity(2);
+        for (suffix, shape, scale) in [
+            ("lora_A", [rank, inp], 1.0f32),
+            ("lora_B", [out, rank], scaling),
         ] {
             let key = [
                 format!("base_model.model.{}.{suffix}.weight", layer.name),
@@ -190,21 +204,38 @@ pub fn load_adapter(model: &mut BigNet, dir: &Path) -> Result<()> {
             if t.data().iter().any(|v| !v.is_finite()) {
                 return Err(adapter_error(dir, format!("`{key}` holds NaN or Inf")));
             }
-            *param.value_mut() = t;
             seen.insert(key);
+            found.push(t);
         }
-        if seen.len() - found_before == 1 {
-            return Err(adapter_error(
-                dir,
-                format!("layer {} has only one of lora_A and lora_B", layer.name),
-            ));
+        match <[Tensor; 2]>::try_from(found) {
+            Ok([a, b]) => match &layer.lora {
+                Some(lora) => {
+                    *lora.a.value_mut() = a;
+                    *lora.b.value_mut() = b;
+                }
+                None => {
+                    let module = &layer.name;
+                    layer.lora = Some(LoraAdapter {
+                        a: Param::new(format!("{module}.lora_a.weight"), a, true),
+                        b: Param::new(format!("{module}.lora_b.weight"), b, true),
+                    });
+                }
+            },
+            Err(found) if found.is_empty() => {}
+            Err(_) => {
+                return Err(adapter_error(
+                    dir,
+                    format!("layer {} has only one of lora_A and lora_B", layer.name),
+                ))
+            }
         }
     }
     if let Some(extra) = file.keys().find(|k| !seen.contains(*k)) {
         return Err(adapter_error(
             dir,
             format!(
-                "`{extra}` does not match any LoRA layer of this BigNet (width {dim}, rank {rank})"
+                "`{extra}` does not match any LoRA layer of the model (rank {rank}; modules: {})",
+                names.join(", ")
             ),
         ));
     }
