@@ -47,13 +47,22 @@ fn main() -> Result<(), nibble_cli::Error> {
     print_table(&report.rows);
 
     let reference = report.rows[0].accuracy;
-    let lost: Vec<_> = report.rows.iter().filter(|r| r.accuracy < reference).collect();
+    let lost: Vec<_> = report
+        .rows
+        .iter()
+        .filter(|r| r.accuracy < reference)
+        .collect();
     if lost.is_empty() {
         println!("\nno format lost accuracy: nothing for QLoRA to bring back");
         return Ok(());
     }
-    println!("\nQLoRA (frozen base, rank {rank} LoRA on every Linear, {steps} AdamW steps, batch 64):\n");
-    println!("{:<8} {:>9} {:>9} {:>9}", "format", "f32", "before", "after");
+    println!(
+        "\nQLoRA (frozen base, rank {rank} LoRA on every Linear, {steps} AdamW steps, batch 64):\n"
+    );
+    println!(
+        "{:<8} {:>9} {:>9} {:>9}",
+        "format", "f32", "before", "after"
+    );
     for row in lost {
         let format = WeightFormat::from_name(&row.format).expect("a format eval printed");
         let r = finetune(&FinetuneArgs {

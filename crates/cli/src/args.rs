@@ -66,8 +66,8 @@ pub enum Command {
     Inspect {
         /// A .safetensors or .pth file.
         file: PathBuf,
-        /// Print one JSON object: {"file", "bytes", "tensors": [{"name", "dtype", "shape",
-        /// "format", "bytes"}]}.
+        /// Print one JSON object (keys: file, bytes, tensors: each name, dtype, shape, format,
+        /// bytes).
         #[arg(long)]
         json: bool,
     },
@@ -87,8 +87,8 @@ pub enum Command {
         /// Print per tensor max and mean |Δ|, cosine similarity and bytes before and after.
         #[arg(long)]
         report: bool,
-        /// Print one JSON object: {"format", "bytes_before", "bytes_after", "tensors": [{"name",
-        /// "shape", "max_diff", "mean_diff", "cosine", "bytes_before", "bytes_after"}]}.
+        /// Print one JSON object (keys: format, bytes_before, bytes_after, tensors: each name,
+        /// shape, max_diff, mean_diff, cosine, bytes_before, bytes_after).
         #[arg(long)]
         json: bool,
     },
@@ -98,7 +98,7 @@ pub enum Command {
         /// parameter-free activation layers.
         #[arg(long, value_name = "M")]
         model: PathBuf,
-        /// A safetensors file with x_test f32 [N, F] and y_test [N] (i64, i32 or u8).
+        /// A safetensors file with x_test (f32, N x F) and y_test (N labels: i64, i32 or u8).
         #[arg(long, value_name = "D")]
         data: PathBuf,
         /// The weight format of every Linear, or `all` for one row per format.
@@ -116,8 +116,8 @@ pub enum Command {
         /// file.
         #[arg(long, value_name = "FILE")]
         logits: Option<PathBuf>,
-        /// Print one JSON object: {"model", "data", "rows": [{"format", "accuracy", "loss",
-        /// "cosine", "bytes"}]}.
+        /// Print one JSON object (keys: model, data, rows: each format, accuracy, loss, cosine,
+        /// bytes).
         #[arg(long)]
         json: bool,
     },
@@ -154,8 +154,8 @@ pub enum Command {
         /// Seed of the adapters' init and of the mini-batches.
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Print one JSON object: {"format", "rank", "steps", "accuracy_before",
-        /// "accuracy_after", "loss": [...]}.
+        /// Print one JSON object (keys: format, rank, steps, accuracy_before, accuracy_after,
+        /// loss: one per step).
         #[arg(long)]
         json: bool,
     },

@@ -85,7 +85,9 @@ pub fn mean_cross_entropy(logits: &[f32], classes: usize, labels: &[usize]) -> f
         .chunks_exact(classes)
         .zip(labels)
         .map(|(row, &label)| {
-            let max = row.iter().fold(f64::NEG_INFINITY, |m, v| m.max(f64::from(*v)));
+            let max = row
+                .iter()
+                .fold(f64::NEG_INFINITY, |m, v| m.max(f64::from(*v)));
             let sum: f64 = row.iter().map(|v| (f64::from(*v) - max).exp()).sum();
             max + sum.ln() - f64::from(row[label])
         })

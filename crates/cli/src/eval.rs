@@ -6,7 +6,7 @@ use crate::compare::{accuracy, mean_cross_entropy, mean_row_cosine};
 use crate::error::Result;
 use crate::model::{parse_activations, Classifier};
 use crate::paths::refuse_overwrite;
-use nibble_io::{write_safetensors, Dataset, DType, WeightFormat};
+use nibble_io::{write_safetensors, DType, Dataset, WeightFormat};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::Path;

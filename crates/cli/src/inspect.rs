@@ -36,10 +36,9 @@ pub struct Inspection {
 /// The quantized format a tensor named `key` is a part of, from the part suffixes of
 /// [`nibble_io::frozen`] (`K.q4.packed`, `K.nf4.absmax`, ...), or `None` for a plain tensor.
 pub fn part_format(file: &Checkpoint, key: &str) -> Option<&'static str> {
-    let (base, kind) = ["q4", "nf4", "int8", "lower"].into_iter().find_map(|kind| {
-        key.rfind(&format!(".{kind}."))
-            .map(|at| (&key[..at], kind))
-    })?;
+    let (base, kind) = ["q4", "nf4", "int8", "lower"]
+        .into_iter()
+        .find_map(|kind| key.rfind(&format!(".{kind}.")).map(|at| (&key[..at], kind)))?;
     if kind == "nf4" && file.contains(&format!("{base}.nf4.absmax_codes")) {
         return Some("nf4_dq");
     }
@@ -70,7 +69,9 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
         .collect();
     Ok(Inspection {
         file: path.display().to_string(),
-        bytes: tensors.iter().fold(0usize, |acc, t| acc.saturating_add(t.bytes)),
+        bytes: tensors
+            .iter()
+            .fold(0usize, |acc, t| acc.saturating_add(t.bytes)),
         tensors,
     })
 }

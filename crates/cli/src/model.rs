@@ -15,7 +15,7 @@ use nibble_tensor::{Rng, Tensor};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-pub use nibble_nn::Activation;
+pub use crate::ops::Activation;
 
 /// LayerNorm's epsilon (PyTorch's default).
 pub const LAYER_NORM_EPS: f32 = 1e-5;
@@ -86,7 +86,10 @@ impl Classifier {
             }
         }
         let Some(&last) = by_index.keys().next_back() else {
-            return Err(structure(path, "no tensors: not a Sequential state dict".into()));
+            return Err(structure(
+                path,
+                "no tensors: not a Sequential state dict".into(),
+            ));
         };
         let gaps: Vec<usize> = (0..last)
             .filter(|i| !by_index.contains_key(i) && (*i == 0 || by_index.contains_key(&(i - 1))))
@@ -118,10 +121,7 @@ impl Classifier {
                 continue;
             };
             let Some(wkey) = weight else {
-                return Err(structure(
-                    path,
-                    format!("`{i}.bias` has no `{i}.weight`"),
-                ));
+                return Err(structure(path, format!("`{i}.bias` has no `{i}.weight`")));
             };
             let (_, shape) = file.info(wkey).expect("listed key");
             let shape = shape.to_vec();
@@ -136,7 +136,11 @@ impl Classifier {
                     let base = if format == WeightFormat::F32 {
                         LinearBase::Trainable {
                             weight: Param::new(wkey, w, false),
-                            bias: Param::new(format!("{i}.bias"), Tensor::from_vec(&[*out], b)?, false),
+                            bias: Param::new(
+                                format!("{i}.bias"),
+                                Tensor::from_vec(&[*out], b)?,
+                                false,
+                            ),
                         }
                     } else {
                         LinearBase::Frozen {
@@ -193,7 +197,10 @@ impl Classifier {
             width = Some(input.1);
         }
         if !layers.iter().any(|l| matches!(l, Layer::Linear(_))) {
-            return Err(structure(path, "no Linear layer (2-D `<index>.weight`)".into()));
+            return Err(structure(
+                path,
+                "no Linear layer (2-D `<index>.weight`)".into(),
+            ));
         }
         Ok(Classifier {
             path: path.to_path_buf(),
@@ -255,7 +262,9 @@ impl Classifier {
         for layer in &self.layers {
             h = match layer {
                 Layer::Linear(l) => l.forward(tape, &h)?,
-                Layer::Norm { weight, bias } => tape.layer_norm(&h, weight, bias, LAYER_NORM_EPS)?,
+                Layer::Norm { weight, bias } => {
+                    tape.layer_norm(&h, weight, bias, LAYER_NORM_EPS)?
+                }
                 Layer::Act(a) => a.forward(tape, &h)?,
             };
         }
@@ -293,7 +302,7 @@ impl Classifier {
     /// backward (gradients accumulate into the adapters); returns the loss.
     pub fn train_loss(&self, tape: &Tape, x: Tensor, labels: &[usize]) -> Result<f32> {
         let logits = self.forward(tape, &Var::constant(x))?;
-        let loss = tape.cross_entropy(&logits, labels)?;
+        let loss = crate::ops::cross_entropy(tape, &logits, labels)?;
         let value = loss.value().item()?;
         drop(logits);
         tape.backward(&loss)?;

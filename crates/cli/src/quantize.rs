@@ -10,6 +10,7 @@
 use crate::compare::{abs_diff, cosine};
 use crate::error::{Error, Result};
 use crate::paths::refuse_overwrite;
+use nibble_io::frozen::Part;
 use nibble_io::{write_safetensors, Checkpoint, DType, FrozenWeight, WeightFormat, FORMAT_KEY};
 use regex::Regex;
 use serde::Serialize;
@@ -80,7 +81,7 @@ pub fn quantize(
         bytes_after: 0,
         tensors: Vec::new(),
     };
-    let mut owned: Vec<(String, DType, Vec<usize>, Cow<'_, [u8]>)> = Vec::new();
+    let mut owned: Vec<Part<'_>> = Vec::new();
     let mut weights: Vec<(String, FrozenWeight)> = Vec::new();
     let mut metadata: BTreeMap<String, String> = file
         .metadata()
@@ -97,7 +98,7 @@ pub fn quantize(
         report.bytes_before += bytes.len();
         let selected = shape.len() == 2
             && is_float(dtype)
-            && include.as_ref().map_or(true, |re| re.is_match(key));
+            && !matches!(&include, Some(re) if !re.is_match(key));
         if !selected {
             report.bytes_after += bytes.len();
             owned.push((key.to_string(), dtype, shape, Cow::Borrowed(bytes)));
@@ -171,7 +172,13 @@ pub fn run(
         return Ok(());
     }
     if report {
-        let width = r.tensors.iter().map(|t| t.name.len()).max().unwrap_or(4).max(4);
+        let width = r
+            .tensors
+            .iter()
+            .map(|t| t.name.len())
+            .max()
+            .unwrap_or(4)
+            .max(4);
         println!(
             "{:<width$}  {:<12}  {:>10}  {:>10}  {:>9}  {:>10}  {:>10}",
             "name", "shape", "max |d|", "mean |d|", "cosine", "bytes", "after"

@@ -23,7 +23,10 @@ fn eval_on(name: &str, entries: &[Entry]) -> (PathBuf, String) {
     write(&path, entries);
     let model = data("digits_mlp.pth");
     let msg = nibble_fails(&["eval", "--model", s(&model), "--data", s(&path)]);
-    assert!(msg.contains(&format!("{name}.safetensors")), "no file name: {msg}");
+    assert!(
+        msg.contains(&format!("{name}.safetensors")),
+        "no file name: {msg}"
+    );
     (path, msg)
 }
 
@@ -37,11 +40,17 @@ fn assert_names(msg: &str, parts: &[&str]) {
 fn label_out_of_range_names_key_index_and_values() {
     let (x, mut y) = rows(12, 64);
     y[7] = 10;
-    let (_, msg) = eval_on("label10", &[f32s("x_test", &[12, 64], &x), i64s("y_test", &y)]);
+    let (_, msg) = eval_on(
+        "label10",
+        &[f32s("x_test", &[12, 64], &x), i64s("y_test", &y)],
+    );
     assert_names(&msg, &["y_test", "index 7", "0..10", "found 10"]);
     let (x, mut y) = rows(12, 64);
     y[3] = -1;
-    let (_, msg) = eval_on("negative", &[f32s("x_test", &[12, 64], &x), i64s("y_test", &y)]);
+    let (_, msg) = eval_on(
+        "negative",
+        &[f32s("x_test", &[12, 64], &x), i64s("y_test", &y)],
+    );
     assert_names(&msg, &["y_test", "index 3", "found -1"]);
 }
 
@@ -52,12 +61,24 @@ fn labels_of_every_accepted_integer_dtype_are_read() {
     let model = data("digits_mlp.pth");
     let mut accuracies = Vec::new();
     for (dtype, bytes) in [
-        (DType::I64, y.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()),
-        (DType::I32, y.iter().flat_map(|v| (*v as i32).to_le_bytes()).collect()),
+        (
+            DType::I64,
+            y.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>(),
+        ),
+        (
+            DType::I32,
+            y.iter().flat_map(|v| (*v as i32).to_le_bytes()).collect(),
+        ),
         (DType::U8, y.iter().map(|v| *v as u8).collect()),
     ] {
         let path = dir.join(format!("{dtype}.safetensors"));
-        write(&path, &[f32s("x_test", &[20, 64], &x), ("y_test".into(), dtype, vec![20], bytes)]);
+        write(
+            &path,
+            &[
+                f32s("x_test", &[20, 64], &x),
+                ("y_test".into(), dtype, vec![20], bytes),
+            ],
+        );
         let v = nibble_json(&["eval", "--model", s(&model), "--data", s(&path), "--json"]);
         accuracies.push(v["rows"][0]["accuracy"].clone());
     }
@@ -68,7 +89,10 @@ fn labels_of_every_accepted_integer_dtype_are_read() {
 #[test]
 fn n_mismatched_between_x_and_y() {
     let (x, y) = rows(12, 64);
-    let (_, msg) = eval_on("mismatch", &[f32s("x_test", &[12, 64], &x), i64s("y_test", &y[..11])]);
+    let (_, msg) = eval_on(
+        "mismatch",
+        &[f32s("x_test", &[12, 64], &x), i64s("y_test", &y[..11])],
+    );
     assert_names(&msg, &["y_test", "[12]", "[11]"]);
 }
 
@@ -86,12 +110,18 @@ fn nan_and_infinite_features() {
 fn wrong_dtypes() {
     let (x, y) = rows(4, 64);
     let as_f32: Vec<f32> = y.iter().map(|v| *v as f32).collect();
-    let (_, msg) = eval_on("yfloat", &[f32s("x_test", &[4, 64], &x), f32s("y_test", &[4], &as_f32)]);
+    let (_, msg) = eval_on(
+        "yfloat",
+        &[f32s("x_test", &[4, 64], &x), f32s("y_test", &[4], &as_f32)],
+    );
     assert_names(&msg, &["y_test", "i64, i32 or u8", "f32"]);
     let x64: Vec<u8> = x.iter().flat_map(|v| f64::from(*v).to_le_bytes()).collect();
     let (_, msg) = eval_on(
         "xdouble",
-        &[("x_test".into(), DType::F64, vec![4, 64], x64), i64s("y_test", &y)],
+        &[
+            ("x_test".into(), DType::F64, vec![4, 64], x64),
+            i64s("y_test", &y),
+        ],
     );
     assert_names(&msg, &["x_test", "expected dtype f32", "f64"]);
 }
@@ -101,7 +131,10 @@ fn wrong_rank_and_missing_keys() {
     let (x, y) = rows(4, 64);
     let (_, msg) = eval_on("rank1", &[f32s("x_test", &[256], &x), i64s("y_test", &y)]);
     assert_names(&msg, &["x_test", "rank 2", "[256]"]);
-    let (_, msg) = eval_on("rank3", &[f32s("x_test", &[4, 8, 8], &x), i64s("y_test", &y)]);
+    let (_, msg) = eval_on(
+        "rank3",
+        &[f32s("x_test", &[4, 8, 8], &x), i64s("y_test", &y)],
+    );
     assert_names(&msg, &["x_test", "[4, 8, 8]"]);
     let (_, msg) = eval_on("noy", &[f32s("x_test", &[4, 64], &x)]);
     assert_names(&msg, &["y_test"]);
@@ -110,7 +143,10 @@ fn wrong_rank_and_missing_keys() {
 #[test]
 fn feature_count_must_be_the_models_input_width() {
     let (x, y) = rows(4, 63);
-    let (_, msg) = eval_on("width63", &[f32s("x_test", &[4, 63], &x), i64s("y_test", &y)]);
+    let (_, msg) = eval_on(
+        "width63",
+        &[f32s("x_test", &[4, 63], &x), i64s("y_test", &y)],
+    );
     assert_names(&msg, &["x_test", "64 features", "[4, 63]"]);
 }
 
@@ -122,8 +158,17 @@ fn finetune_needs_a_training_split() {
     write(&path, &[f32s("x_test", &[4, 64], &x), i64s("y_test", &y)]);
     let model = data("digits_mlp.pth");
     let msg = nibble_fails(&[
-        "finetune", "--model", s(&model), "--data", s(&path), "--format", "q4", "--rank", "2",
-        "--steps", "1",
+        "finetune",
+        "--model",
+        s(&model),
+        "--data",
+        s(&path),
+        "--format",
+        "q4",
+        "--rank",
+        "2",
+        "--steps",
+        "1",
     ]);
     assert_names(&msg, &["test_only.safetensors", "x_train"]);
 }
@@ -135,10 +180,17 @@ fn models_that_are_not_a_sequential_of_linear_and_layernorm() {
     let d = dir.join("d.safetensors");
     write(&d, &[f32s("x_test", &[4, 8], &x), i64s("y_test", &y)]);
     let cases: Vec<(&str, Vec<Entry>, &[&str])> = vec![
-        ("named", vec![f32s("encoder.weight", &[10, 8], &[0.1; 80])], &["encoder.weight"]),
+        (
+            "named",
+            vec![f32s("encoder.weight", &[10, 8], &[0.1; 80])],
+            &["encoder.weight"],
+        ),
         (
             "conv",
-            vec![f32s("0.weight", &[10, 8, 1, 1], &[0.1; 80]), f32s("0.bias", &[10], &[0.0; 10])],
+            vec![
+                f32s("0.weight", &[10, 8, 1, 1], &[0.1; 80]),
+                f32s("0.bias", &[10], &[0.0; 10]),
+            ],
             &["0.weight", "[10, 8, 1, 1]"],
         ),
         (
@@ -210,24 +262,48 @@ fn adapters_whose_names_or_shapes_do_not_match_the_model() {
     for (name, entries, parts) in cases {
         let dir = adapter(&dir.join(name), config, &entries);
         let msg = nibble_fails(&[
-            "eval", "--model", s(&model), "--data", s(&digits), "--adapter", s(&dir),
+            "eval",
+            "--model",
+            s(&model),
+            "--data",
+            s(&digits),
+            "--adapter",
+            s(&dir),
         ]);
         assert_names(&msg, &[name]);
         assert_names(&msg, parts);
     }
     let dir = adapter(&dir.join("not_json"), "{\"peft_type\": ", &[]);
-    let msg = nibble_fails(&["eval", "--model", s(&model), "--data", s(&digits), "--adapter", s(&dir)]);
+    let msg = nibble_fails(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--data",
+        s(&digits),
+        "--adapter",
+        s(&dir),
+    ]);
     assert_names(&msg, &["adapter_config.json"]);
 }
 
 #[test]
 fn finetune_arguments_are_checked() {
     let (model, digits) = (data("digits_mlp.pth"), data("digits.safetensors"));
-    for (flag, value) in [("--rank", "0"), ("--batch", "0")] {
+    for (flag, value) in [("--rank", "0"), ("--batch", "0"), ("--lr", "0")] {
         let mut args = vec![
-            "finetune", "--model", s(&model), "--data", s(&digits), "--format", "q4", "--rank", "2",
-            "--steps", "1",
+            "finetune",
+            "--model",
+            s(&model),
+            "--data",
+            s(&digits),
+            "--format",
+            "q4",
+            "--steps",
+            "1",
         ];
+        if flag != "--rank" {
+            args.extend(["--rank", "2"]);
+        }
         args.extend([flag, value]);
         let msg = nibble_fails(&args);
         assert_names(&msg, &[flag]);
@@ -237,8 +313,19 @@ fn finetune_arguments_are_checked() {
     let copy = dir.join("adapter_model.safetensors");
     std::fs::copy(&digits, &copy).unwrap();
     let msg = nibble_fails(&[
-        "finetune", "--model", s(&model), "--data", s(&copy), "--format", "q4", "--rank", "2",
-        "--steps", "1", "--save-adapter", s(&dir),
+        "finetune",
+        "--model",
+        s(&model),
+        "--data",
+        s(&copy),
+        "--format",
+        "q4",
+        "--rank",
+        "2",
+        "--steps",
+        "1",
+        "--save-adapter",
+        s(&dir),
     ]);
     assert_names(&msg, &["refusing to write over an input"]);
 }

@@ -9,7 +9,10 @@ use nibble_io::Checkpoint;
 /// Max |a - b| over two equally long slices.
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn tensor(path: &std::path::Path, key: &str) -> Vec<f32> {
@@ -30,12 +33,22 @@ fn eval_f32_gives_pytorchs_logits_loss_and_accuracy() {
     let logits = dir.join("logits.safetensors");
     let (model, digits) = (data("digits_mlp.pth"), data("digits.safetensors"));
     let v = nibble_json(&[
-        "eval", "--model", s(&model), "--data", s(&digits), "--logits", s(&logits), "--json",
+        "eval",
+        "--model",
+        s(&model),
+        "--data",
+        s(&digits),
+        "--logits",
+        s(&logits),
+        "--json",
     ]);
     assert_eq!(keys(&v), sorted(&["model", "data", "rows"]));
     let rows = v["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 1);
-    assert_eq!(keys(&rows[0]), sorted(&["format", "accuracy", "loss", "cosine", "bytes"]));
+    assert_eq!(
+        keys(&rows[0]),
+        sorted(&["format", "accuracy", "loss", "cosine", "bytes"])
+    );
     assert_eq!(rows[0]["format"], "f32");
     assert_eq!(rows[0]["bytes"].as_u64().unwrap(), 4 * 2840);
     assert!((rows[0]["cosine"].as_f64().unwrap() - 1.0).abs() < 1e-12);
@@ -45,7 +58,10 @@ fn eval_f32_gives_pytorchs_logits_loss_and_accuracy() {
     let d = max_diff(&ours, &theirs);
     assert!(d < 1e-4, "logits differ from PyTorch's by {d}");
     let loss = tensor(&golden, "loss")[0] as f64;
-    assert!((rows[0]["loss"].as_f64().unwrap() - loss).abs() < 1e-5, "{v}");
+    assert!(
+        (rows[0]["loss"].as_f64().unwrap() - loss).abs() < 1e-5,
+        "{v}"
+    );
     let labels = Checkpoint::open(&digits).unwrap();
     let y = labels.bytes("y_test").unwrap();
     let hits = theirs
@@ -63,11 +79,21 @@ fn eval_f32_gives_pytorchs_logits_loss_and_accuracy() {
 fn eval_all_gives_one_row_per_format_in_the_issues_order() {
     let (model, digits) = (data("digits_mlp.pth"), data("digits.safetensors"));
     let v = nibble_json(&[
-        "eval", "--model", s(&model), "--data", s(&digits), "--format", "all", "--json",
+        "eval",
+        "--model",
+        s(&model),
+        "--data",
+        s(&digits),
+        "--format",
+        "all",
+        "--json",
     ]);
     let rows = v["rows"].as_array().unwrap();
     let formats: Vec<&str> = rows.iter().map(|r| r["format"].as_str().unwrap()).collect();
-    assert_eq!(formats, ["f32", "f16", "int8", "q4", "nf4", "nf4_dq", "lower"]);
+    assert_eq!(
+        formats,
+        ["f32", "f16", "int8", "q4", "nf4", "nf4_dq", "lower"]
+    );
     let f32_bytes = rows[0]["bytes"].as_u64().unwrap();
     for r in &rows[1..] {
         let cosine = r["cosine"].as_f64().unwrap();
@@ -76,9 +102,25 @@ fn eval_all_gives_one_row_per_format_in_the_issues_order() {
         let acc = r["accuracy"].as_f64().unwrap();
         assert!(acc > 0.8 && acc <= 1.0, "{r}");
     }
-    assert!(rows[1]["cosine"].as_f64().unwrap() > 0.99999, "f16: {}", rows[1]);
-    let table = nibble(&["eval", "--model", s(&model), "--data", s(&digits), "--format", "all"]);
-    assert!(table.ok && table.stdout.contains("nf4_dq"), "{}", table.stdout);
+    assert!(
+        rows[1]["cosine"].as_f64().unwrap() > 0.99999,
+        "f16: {}",
+        rows[1]
+    );
+    let table = nibble(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--data",
+        s(&digits),
+        "--format",
+        "all",
+    ]);
+    assert!(
+        table.ok && table.stdout.contains("nf4_dq"),
+        "{}",
+        table.stdout
+    );
 }
 
 #[test]
@@ -89,15 +131,36 @@ fn a_safetensors_copy_of_the_model_evaluates_the_same() {
         .keys()
         .map(|k| {
             let (dtype, shape) = pth.info(k).unwrap();
-            (k.to_string(), dtype, shape.to_vec(), pth.bytes(k).unwrap().to_vec())
+            (
+                k.to_string(),
+                dtype,
+                shape.to_vec(),
+                pth.bytes(k).unwrap().to_vec(),
+            )
         })
         .collect();
     let st = dir.join("digits_mlp.safetensors");
     write(&st, &entries);
     let digits = data("digits.safetensors");
-    let a = nibble_json(&["eval", "--model", s(&st), "--data", s(&digits), "--format", "q4", "--json"]);
+    let a = nibble_json(&[
+        "eval",
+        "--model",
+        s(&st),
+        "--data",
+        s(&digits),
+        "--format",
+        "q4",
+        "--json",
+    ]);
     let b = nibble_json(&[
-        "eval", "--model", s(&data("digits_mlp.pth")), "--data", s(&digits), "--format", "q4", "--json",
+        "eval",
+        "--model",
+        s(&data("digits_mlp.pth")),
+        "--data",
+        s(&digits),
+        "--format",
+        "q4",
+        "--json",
     ]);
     assert_eq!(a["rows"], b["rows"]);
 }
@@ -105,12 +168,12 @@ fn a_safetensors_copy_of_the_model_evaluates_the_same() {
 /// The golden Sequential of `shared/golden` (GELU at index 1, ReLU at 4), as the nn crate
 /// keeps a copy of it.
 fn seq_d30() -> std::path::PathBuf {
-    repo().join("crates/nn/tests/data/seq_d30.pth")
+    data("seq_d30.pth")
 }
 
 #[test]
 fn seq_d30_golden_logits_and_loss_with_one_activation_per_gap() {
-    let golden = repo().join("crates/nn/tests/data/seq_d30.safetensors");
+    let golden = data("seq_d30.safetensors");
     let dir = tmpdir("seq_d30");
     let file = Checkpoint::open(&golden).unwrap();
     let x = file.tensor_f32("x", None).unwrap();
@@ -123,27 +186,66 @@ fn seq_d30_golden_logits_and_loss_with_one_activation_per_gap() {
         .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
         .collect();
     let d = dir.join("data.safetensors");
-    write(&d, &[f32s("x_test", &[8, 30], x.data()), i64s("y_test", &labels)]);
+    write(
+        &d,
+        &[f32s("x_test", &[8, 30], x.data()), i64s("y_test", &labels)],
+    );
     let logits = dir.join("logits.safetensors");
     let v = nibble_json(&[
-        "eval", "--model", s(&seq_d30()), "--data", s(&d), "--activation", "gelu,relu",
-        "--logits", s(&logits), "--json",
+        "eval",
+        "--model",
+        s(&seq_d30()),
+        "--data",
+        s(&d),
+        "--activation",
+        "gelu,relu",
+        "--logits",
+        s(&logits),
+        "--json",
     ]);
     let diff = max_diff(&tensor(&logits, "logits"), &tensor(&golden, "logits"));
     assert!(diff < 1e-4, "seq_d30 logits differ by {diff}");
     let loss = file.tensor_f32("loss", None).unwrap().data()[0] as f64;
-    assert!((v["rows"][0]["loss"].as_f64().unwrap() - loss).abs() < 1e-5, "{v}");
+    assert!(
+        (v["rows"][0]["loss"].as_f64().unwrap() - loss).abs() < 1e-5,
+        "{v}"
+    );
     // One activation for every gap is not this model: GELU where it had ReLU changes the logits.
     nibble_json(&[
-        "eval", "--model", s(&seq_d30()), "--data", s(&d), "--activation", "gelu",
-        "--logits", s(&logits), "--json",
+        "eval",
+        "--model",
+        s(&seq_d30()),
+        "--data",
+        s(&d),
+        "--activation",
+        "gelu",
+        "--logits",
+        s(&logits),
+        "--json",
     ]);
     assert!(max_diff(&tensor(&logits, "logits"), &tensor(&golden, "logits")) > 1e-3);
     let msg = nibble_fails(&[
-        "eval", "--model", s(&seq_d30()), "--data", s(&d), "--activation", "gelu,relu,relu",
+        "eval",
+        "--model",
+        s(&seq_d30()),
+        "--data",
+        s(&d),
+        "--activation",
+        "gelu,relu,relu",
     ]);
-    assert!(msg.contains("--activation") && msg.contains('2') && msg.contains('3'), "{msg}");
-    let msg = nibble_fails(&["eval", "--model", s(&seq_d30()), "--data", s(&d), "--activation", "tanh"]);
+    assert!(
+        msg.contains("--activation") && msg.contains('2') && msg.contains('3'),
+        "{msg}"
+    );
+    let msg = nibble_fails(&[
+        "eval",
+        "--model",
+        s(&seq_d30()),
+        "--data",
+        s(&d),
+        "--activation",
+        "tanh",
+    ]);
     assert!(msg.contains("tanh"), "{msg}");
 }
 
@@ -153,45 +255,121 @@ fn finetune_trains_lora_on_a_frozen_quantized_base_and_its_adapter_round_trips()
     let adapter = dir.join("adapter");
     let (model, digits) = (data("digits_mlp.pth"), data("digits.safetensors"));
     let v = nibble_json(&[
-        "finetune", "--model", s(&model), "--data", s(&digits), "--format", "lower", "--rank", "4",
-        "--steps", "40", "--save-adapter", s(&adapter), "--json",
+        "finetune",
+        "--model",
+        s(&model),
+        "--data",
+        s(&digits),
+        "--format",
+        "lower",
+        "--rank",
+        "4",
+        "--steps",
+        "40",
+        "--save-adapter",
+        s(&adapter),
+        "--json",
     ]);
     assert_eq!(
         keys(&v),
-        sorted(&["format", "rank", "steps", "accuracy_before", "accuracy_after", "loss"])
+        sorted(&[
+            "format",
+            "rank",
+            "steps",
+            "accuracy_before",
+            "accuracy_after",
+            "loss"
+        ])
     );
-    assert_eq!((v["format"].as_str(), v["rank"].as_u64(), v["steps"].as_u64()), (Some("lower"), Some(4), Some(40)));
-    let loss: Vec<f64> = v["loss"].as_array().unwrap().iter().map(|l| l.as_f64().unwrap()).collect();
+    assert_eq!(
+        (
+            v["format"].as_str(),
+            v["rank"].as_u64(),
+            v["steps"].as_u64()
+        ),
+        (Some("lower"), Some(4), Some(40))
+    );
+    let loss: Vec<f64> = v["loss"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_f64().unwrap())
+        .collect();
     assert_eq!(loss.len(), 40);
     assert!(loss.iter().all(|l| l.is_finite() && *l >= 0.0));
     let first: f64 = loss[..10].iter().sum();
     let last: f64 = loss[30..].iter().sum();
     assert!(last < first, "training loss did not fall: {loss:?}");
     // Before training, B = 0: the model is the quantized base, as eval scores it.
-    let base = nibble_json(&["eval", "--model", s(&model), "--data", s(&digits), "--format", "lower", "--json"]);
+    let base = nibble_json(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--data",
+        s(&digits),
+        "--format",
+        "lower",
+        "--json",
+    ]);
     assert_eq!(v["accuracy_before"], base["rows"][0]["accuracy"]);
     // The saved adapter, loaded back on the same base, scores what training ended with.
     let config: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(adapter.join("adapter_config.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(adapter.join("adapter_config.json")).unwrap())
+            .unwrap();
     assert_eq!(config["target_modules"], serde_json::json!(["0", "3", "5"]));
     assert_eq!(config["r"], 4);
     let back = nibble_json(&[
-        "eval", "--model", s(&model), "--data", s(&digits), "--format", "lower", "--adapter",
-        s(&adapter), "--json",
+        "eval",
+        "--model",
+        s(&model),
+        "--data",
+        s(&digits),
+        "--format",
+        "lower",
+        "--adapter",
+        s(&adapter),
+        "--json",
     ]);
     assert_eq!(back["rows"][0]["accuracy"], v["accuracy_after"]);
-    let keys_seen = nibble_json(&["inspect", s(&adapter.join("adapter_model.safetensors")), "--json"]);
-    let names: Vec<&str> = keys_seen["tensors"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
-    assert!(names.contains(&"base_model.model.3.lora_A.weight"), "{names:?}");
-    assert!(names.contains(&"base_model.model.5.lora_B.weight"), "{names:?}");
+    let keys_seen = nibble_json(&[
+        "inspect",
+        s(&adapter.join("adapter_model.safetensors")),
+        "--json",
+    ]);
+    let names: Vec<&str> = keys_seen["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"base_model.model.3.lora_A.weight"),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"base_model.model.5.lora_B.weight"),
+        "{names:?}"
+    );
 }
 
 #[test]
 fn finetune_is_deterministic_under_a_seed() {
     let (model, digits) = (data("digits_mlp.pth"), data("digits.safetensors"));
     let args = [
-        "finetune", "--model", s(&model), "--data", s(&digits), "--format", "q4", "--rank", "2",
-        "--steps", "5", "--seed", "7", "--json",
+        "finetune",
+        "--model",
+        s(&model),
+        "--data",
+        s(&digits),
+        "--format",
+        "q4",
+        "--rank",
+        "2",
+        "--steps",
+        "5",
+        "--seed",
+        "7",
+        "--json",
     ];
     assert_eq!(nibble_json(&args), nibble_json(&args));
 }

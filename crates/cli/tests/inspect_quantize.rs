@@ -10,14 +10,20 @@ fn inspect_lists_every_tensor_of_a_pth_with_the_issue_keys() {
     let v = nibble_json(&["inspect", model.to_str().unwrap(), "--json"]);
     assert_eq!(keys(&v), sorted(&["file", "bytes", "tensors"]));
     let tensors = v["tensors"].as_array().unwrap();
-    let names: Vec<&str> = tensors.iter().map(|t| t["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = tensors
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
     assert_eq!(
         names,
         ["0.bias", "0.weight", "2.bias", "2.weight", "3.bias", "3.weight", "5.bias", "5.weight"]
     );
     let mut total = 0;
     for t in tensors {
-        assert_eq!(keys(t), sorted(&["name", "dtype", "shape", "format", "bytes"]));
+        assert_eq!(
+            keys(t),
+            sorted(&["name", "dtype", "shape", "format", "bytes"])
+        );
         assert_eq!(t["dtype"], "f32");
         assert_eq!(t["format"], "f32");
         let numel: u64 = t["shape"]
@@ -59,7 +65,10 @@ fn quantize_reports_every_weight_and_inspect_sees_its_parts() {
         );
         assert_eq!(v["format"], format);
         let tensors = v["tensors"].as_array().unwrap();
-        let names: Vec<&str> = tensors.iter().map(|t| t["name"].as_str().unwrap()).collect();
+        let names: Vec<&str> = tensors
+            .iter()
+            .map(|t| t["name"].as_str().unwrap())
+            .collect();
         assert_eq!(names, ["0.weight", "3.weight", "5.weight"], "{format}");
         for t in tensors {
             assert_eq!(
@@ -76,11 +85,20 @@ fn quantize_reports_every_weight_and_inspect_sees_its_parts() {
             );
             let cosine = t["cosine"].as_f64().unwrap();
             assert!(cosine > 0.95 && cosine <= 1.0 + 1e-9, "{format} {t}");
-            let (max, mean) = (t["max_diff"].as_f64().unwrap(), t["mean_diff"].as_f64().unwrap());
+            let (max, mean) = (
+                t["max_diff"].as_f64().unwrap(),
+                t["mean_diff"].as_f64().unwrap(),
+            );
             assert!(max > 0.0 && mean > 0.0 && mean <= max, "{format} {t}");
-            assert!(t["bytes_after"].as_u64() < t["bytes_before"].as_u64(), "{format} {t}");
+            assert!(
+                t["bytes_after"].as_u64() < t["bytes_before"].as_u64(),
+                "{format} {t}"
+            );
         }
-        let (b, a) = (v["bytes_before"].as_u64().unwrap(), v["bytes_after"].as_u64().unwrap());
+        let (b, a) = (
+            v["bytes_before"].as_u64().unwrap(),
+            v["bytes_after"].as_u64().unwrap(),
+        );
         assert_eq!(b, 4 * 2840);
         assert!(a < b, "{format}: {a} >= {b}");
         // The file holds what the report says it does.
@@ -93,7 +111,10 @@ fn quantize_reports_every_weight_and_inspect_sees_its_parts() {
             .filter(|t| t["name"].as_str().unwrap().starts_with("3.weight"))
             .map(|t| t["format"].as_str().unwrap())
             .collect();
-        assert!(!formats.is_empty() && formats.iter().all(|f| *f == format), "{formats:?}");
+        assert!(
+            !formats.is_empty() && formats.iter().all(|f| *f == format),
+            "{formats:?}"
+        );
     }
     assert_eq!(std::fs::read(&model).unwrap(), before, "the input changed");
 }
@@ -146,12 +167,22 @@ fn quantize_include_selects_weights_by_regex() {
 fn quantize_never_overwrites_its_input() {
     let dir = tmpdir("overwrite");
     let input = dir.join("model.safetensors");
-    write(&input, &[f32s("0.weight", &[2, 16], &[0.5; 32]), f32s("0.bias", &[2], &[0.0; 2])]);
+    write(
+        &input,
+        &[
+            f32s("0.weight", &[2, 16], &[0.5; 32]),
+            f32s("0.bias", &[2], &[0.0; 2]),
+        ],
+    );
     let before = std::fs::read(&input).unwrap();
     let link = dir.join("link.safetensors");
     std::fs::hard_link(&input, &link).unwrap();
     let same_dir = format!("{}/./model.safetensors", dir.display());
-    for output in [input.to_str().unwrap(), link.to_str().unwrap(), same_dir.as_str()] {
+    for output in [
+        input.to_str().unwrap(),
+        link.to_str().unwrap(),
+        same_dir.as_str(),
+    ] {
         let msg = nibble_fails(&[
             "quantize",
             input.to_str().unwrap(),

@@ -4,14 +4,17 @@
 //!
 //! File layout of a weight `K` (e.g. `model.0.model.0.weight`), one safetensors tensor per part:
 //!
+//! Shapes round up: a partial last block (in `[out, in]` for q4 and lower, of the flattened
+//! weight for nf4) has its own scale, and an odd element count leaves half a byte of padding.
+//!
 //! | format | tensors |
 //! |---|---|
 //! | `f16` | `K` f16 `[out, in]` |
-//! | `q4` | `K.q4.packed` u8 `[out, in/2]` (element 2i in the low nibble), `K.q4.norm` f16 `[out, in/16]` |
-//! | `nf4` | `K.nf4.packed` u8 `[out·in/2]` (first element in the high nibble), `K.nf4.absmax` f32 `[out·in/64]` |
-//! | `nf4_dq` | `K.nf4.packed`, `K.nf4.absmax_codes` u8 `[out·in/64]`, `K.nf4.absmax_offset` f32 `[1]`, `K.nf4.absmax_scale` f32 `[⌈out·in/64/256⌉]` |
+//! | `q4` | `K.q4.packed` u8 `[out, ⌈in/2⌉]` (element 2i in the low nibble), `K.q4.norm` f16 `[out, ⌈in/16⌉]` |
+//! | `nf4` | `K.nf4.packed` u8 `[⌈out·in/2⌉]` (first element in the high nibble), `K.nf4.absmax` f32 `[⌈out·in/64⌉]` |
+//! | `nf4_dq` | `K.nf4.packed`, `K.nf4.absmax_codes` u8 `[⌈out·in/64⌉]`, `K.nf4.absmax_offset` f32 `[1]`, `K.nf4.absmax_scale` f32 `[⌈⌈out·in/64⌉/256⌉]` |
 //! | `int8` | `K.int8.codes` u8 `[out, in]`, `K.int8.scale` f32 `[out]`, `K.int8.min` f32 `[out]`: w ≈ min + scale·code |
-//! | `lower` | `K.lower.bits` u8 `[out]` (3 or 4 per row), `K.lower.codes` u8 `[Σ row bytes]`, `K.lower.scale` f16 `[out, in/128]`, `K.lower.min` f16 `[out, in/128]`: w ≈ min + scale·code |
+//! | `lower` | `K.lower.bits` u8 `[out]` (3 or 4 per row), `K.lower.codes` u8 `[Σ row bytes]`, `K.lower.scale` f16 `[out, ⌈in/128⌉]`, `K.lower.min` f16 `[out, ⌈in/128⌉]`: w ≈ min + scale·code |
 
 use crate::checkpoint::{Checkpoint, DType};
 use crate::error::{Error, Result};
@@ -122,17 +125,23 @@ impl FrozenWeight {
                     key,
                     "q4.packed",
                     DType::U8,
-                    vec![o, i / 2],
+                    vec![o, i.div_ceil(2)],
                     w.packed_bytes(),
                 ),
-                part(key, "q4.norm", DType::F16, vec![o, i / 16], w.norm_bytes()),
+                part(
+                    key,
+                    "q4.norm",
+                    DType::F16,
+                    vec![o, i.div_ceil(16)],
+                    w.norm_bytes(),
+                ),
             ],
             FrozenWeight::Nf4(w) => {
                 let mut parts = vec![part(
                     key,
                     "nf4.packed",
                     DType::U8,
-                    vec![n / 2],
+                    vec![n.div_ceil(2)],
                     w.packed_bytes(),
                 )];
                 match (
@@ -140,15 +149,19 @@ impl FrozenWeight {
                     w.absmax_codes_bytes(),
                     w.absmax_scale_bytes(),
                 ) {
-                    (Some(absmax), _, _) => {
-                        parts.push(part(key, "nf4.absmax", DType::F32, vec![n / 64], absmax))
-                    }
+                    (Some(absmax), _, _) => parts.push(part(
+                        key,
+                        "nf4.absmax",
+                        DType::F32,
+                        vec![n.div_ceil(64)],
+                        absmax,
+                    )),
                     (None, Some(codes), Some(scale)) => {
                         parts.push(part(
                             key,
                             "nf4.absmax_codes",
                             DType::U8,
-                            vec![n / 64],
+                            vec![n.div_ceil(64)],
                             codes,
                         ));
                         let offset = w.absmax_offset().unwrap_or(0.0).to_le_bytes();
@@ -193,14 +206,14 @@ impl FrozenWeight {
                         key,
                         "lower.scale",
                         DType::F16,
-                        vec![o, i / 128],
+                        vec![o, i.div_ceil(128)],
                         scales.as_slice(),
                     ),
                     part(
                         key,
                         "lower.min",
                         DType::F16,
-                        vec![o, i / 128],
+                        vec![o, i.div_ceil(128)],
                         mins.as_slice(),
                     ),
                 ]
@@ -246,8 +259,8 @@ impl FrozenWeight {
                 Q4Matrix::from_parts(
                     out,
                     inn,
-                    get("q4.packed", DType::U8, &[out, inn / 2])?,
-                    get("q4.norm", DType::F16, &[out, inn / 16])?,
+                    get("q4.packed", DType::U8, &[out, inn.div_ceil(2)])?,
+                    get("q4.norm", DType::F16, &[out, inn.div_ceil(16)])?,
                 )
                 .map_err(e)?,
             )),
@@ -255,8 +268,8 @@ impl FrozenWeight {
                 Nf4Matrix::from_parts(
                     out,
                     inn,
-                    get("nf4.packed", DType::U8, &[n / 2])?,
-                    get("nf4.absmax", DType::F32, &[n / 64])?,
+                    get("nf4.packed", DType::U8, &[n.div_ceil(2)])?,
+                    get("nf4.absmax", DType::F32, &[n.div_ceil(64)])?,
                 )
                 .map_err(e)?,
             )),
@@ -264,10 +277,14 @@ impl FrozenWeight {
                 Nf4Matrix::from_parts_double(
                     out,
                     inn,
-                    get("nf4.packed", DType::U8, &[n / 2])?,
-                    get("nf4.absmax_codes", DType::U8, &[n / 64])?,
+                    get("nf4.packed", DType::U8, &[n.div_ceil(2)])?,
+                    get("nf4.absmax_codes", DType::U8, &[n.div_ceil(64)])?,
                     get("nf4.absmax_offset", DType::F32, &[1])?,
-                    get("nf4.absmax_scale", DType::F32, &[(n / 64).div_ceil(256)])?,
+                    get(
+                        "nf4.absmax_scale",
+                        DType::F32,
+                        &[n.div_ceil(64).div_ceil(256)],
+                    )?,
                 )
                 .map_err(e)?,
             )),
@@ -292,8 +309,8 @@ impl FrozenWeight {
                         inn,
                         get("lower.bits", DType::U8, &[out])?,
                         get("lower.codes", DType::U8, &[codes_len])?,
-                        get("lower.scale", DType::F16, &[out, inn / 128])?,
-                        get("lower.min", DType::F16, &[out, inn / 128])?,
+                        get("lower.scale", DType::F16, &[out, inn.div_ceil(128)])?,
+                        get("lower.min", DType::F16, &[out, inn.div_ceil(128)])?,
                     )
                     .map_err(e)?,
                 ))
