@@ -373,3 +373,33 @@ fn finetune_is_deterministic_under_a_seed() {
     ];
     assert_eq!(nibble_json(&args), nibble_json(&args));
 }
+
+/// `tests/data/digits_adapter` is what `nibble finetune --format nf4 --rank 4 --steps 100
+/// --save-adapter` wrote; `tools/peft_check.py --save` loaded it with
+/// `PeftModel.from_pretrained` onto the PyTorch Sequential and saved PEFT's logits on x_test.
+#[test]
+fn a_nibble_adapter_gives_the_logits_peft_gives_with_it() {
+    let dir = tmpdir("peft");
+    let logits = dir.join("logits.safetensors");
+    let (model, digits) = (data("digits_mlp.pth"), data("digits.safetensors"));
+    let adapter = data("digits_adapter");
+    nibble_json(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--data",
+        s(&digits),
+        "--adapter",
+        s(&adapter),
+        "--logits",
+        s(&logits),
+        "--json",
+    ]);
+    let ours = tensor(&logits, "logits");
+    let peft = tensor(&data("digits_adapter_peft_logits.safetensors"), "logits");
+    let d = max_diff(&ours, &peft);
+    assert!(d < 1e-4, "nibble vs PEFT logits: max |d| {d}");
+    // The adapter matters: without it the logits are PyTorch's plain model's, far from these.
+    let plain = tensor(&data("digits_mlp_logits.safetensors"), "logits");
+    assert!(max_diff(&plain, &peft) > 0.1);
+}
