@@ -31,6 +31,14 @@ pub enum AutogradError {
         /// What was wrong.
         what: String,
     },
+    /// Input an op cannot use (a label out of range, a label count that does not match, ...).
+    #[error("{op}: {what}")]
+    InvalidInput {
+        /// The op.
+        op: &'static str,
+        /// What is wrong, naming the index and the values.
+        what: String,
+    },
     /// Optimizer state that does not fit the optimizer's parameters.
     #[error("optimizer state: {what}")]
     State {

@@ -3,8 +3,8 @@
 //!
 //! A tape that records ops only when an input needs a gradient ([`Tape`], [`Var`]), parameters
 //! shared between models and optimizers ([`Param`]), ops with gradients (linear — trainable or
-//! frozen over any [`WeightMatrix`](nibble_tensor::WeightMatrix) —, add, ReLU, LayerNorm, sum,
-//! mean, BCE-with-logits, MSE), a public [`Op`] trait for other crates' ops, and the
+//! frozen over any [`WeightMatrix`](nibble_tensor::WeightMatrix) —, add, ReLU, GELU, LayerNorm,
+//! sum, mean, BCE-with-logits, softmax cross-entropy, MSE), a public [`Op`] trait for other crates' ops, and the
 //! [`Sgd`] and [`AdamW`] optimizers with PyTorch's semantics.
 
 pub mod error;

@@ -246,3 +246,209 @@ fn q4_activations_option_switches_the_batch1_kernel() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A fresh temporary directory for one test.
+fn tempdir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("nibble-cli-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn run_ok(args: &[&str]) {
+    let out = bignet(args);
+    assert!(
+        out.status.success(),
+        "bignet {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A quantized checkpoint names its format, so the verbs run it without `--variant`; an
+/// explicit variant the file cannot be is an error naming both.
+#[test]
+fn verbs_take_the_variant_the_weights_file_implies() {
+    use nibble_bignet::checkpoint::Checkpoint;
+    let dir = tempdir("implied");
+    let q4 = dir.join("q4.safetensors");
+    let q4s = q4.to_str().unwrap();
+    let pth = golden("bignet_d128.pth");
+    let io = golden("io_d128.safetensors");
+    run_ok(&[
+        "quantize",
+        "--weights",
+        pth.to_str().unwrap(),
+        "--format",
+        "q4",
+        "--output",
+        q4s,
+    ]);
+    let implied = dir.join("y-implied.safetensors");
+    let explicit = dir.join("y-explicit.safetensors");
+    run_ok(&[
+        "forward",
+        "--weights",
+        q4s,
+        "--input",
+        io.to_str().unwrap(),
+        "--output",
+        implied.to_str().unwrap(),
+    ]);
+    run_ok(&[
+        "forward",
+        "--variant",
+        "low_precision",
+        "--weights",
+        pth.to_str().unwrap(),
+        "--input",
+        io.to_str().unwrap(),
+        "--output",
+        explicit.to_str().unwrap(),
+    ]);
+    let read = |p: &PathBuf| {
+        Checkpoint::open(p)
+            .unwrap()
+            .tensor_f32("y", Some(&[16, 128]))
+            .unwrap()
+    };
+    let y = read(&implied);
+    assert_eq!(y.data(), read(&explicit).data(), "q4 file = low_precision");
+    let want = Checkpoint::open(&io)
+        .unwrap()
+        .tensor_f32("y.low_precision", None)
+        .unwrap();
+    let (max, _) = y.abs_diff_stats(&want).unwrap();
+    assert!(max < 1e-5, "{max}");
+    // Without variants, stats reports the file's own.
+    let v = json(&["stats", "--weights", q4s, "--json"]);
+    assert!(v["low_precision"]["total_params"].is_number(), "{v}");
+    // qlora over a Q4 file is allowed; bignet or lora is not.
+    let v = json(&["fit", "qlora", "--weights", q4s, "--steps", "1", "--json"]);
+    assert_eq!(v["variant"], "qlora");
+    fails_with(
+        &[
+            "forward",
+            "--variant",
+            "bignet",
+            "--weights",
+            q4s,
+            "--input",
+            io.to_str().unwrap(),
+            "--output",
+            dir.join("never.safetensors").to_str().unwrap(),
+        ],
+        "variant bignet conflicts with --weights",
+    );
+    fails_with(&["stats", "lora", "--weights", q4s], "holds q4 weights");
+    assert!(!dir.join("never.safetensors").exists());
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// No verb writes over one of its inputs, whatever the spelling of the path.
+#[test]
+fn no_verb_overwrites_its_inputs() {
+    let dir = tempdir("overwrite");
+    let weights = dir.join("w.safetensors");
+    std::fs::copy(golden("bignet_d128.safetensors"), &weights).unwrap();
+    let original = std::fs::read(&weights).unwrap();
+    let ws = weights.to_str().unwrap();
+    let dotted = dir.join(".").join("w.safetensors");
+    for output in [ws, dotted.to_str().unwrap()] {
+        fails_with(
+            &[
+                "quantize",
+                "--weights",
+                ws,
+                "--format",
+                "q4",
+                "--output",
+                output,
+            ],
+            "refusing to write over an input",
+        );
+    }
+    let x = dir.join("x.safetensors");
+    std::fs::copy(golden("io_d128.safetensors"), &x).unwrap();
+    fails_with(
+        &[
+            "forward",
+            "--weights",
+            ws,
+            "--input",
+            x.to_str().unwrap(),
+            "--output",
+            x.to_str().unwrap(),
+        ],
+        "--input",
+    );
+    fails_with(
+        &[
+            "forward",
+            "--weights",
+            ws,
+            "--input",
+            x.to_str().unwrap(),
+            "--output",
+            ws,
+        ],
+        "--weights",
+    );
+    // Adapter directories: saving into the one read, or merging onto one of its files.
+    let adapter = dir.join("adapter");
+    let a = adapter.to_str().unwrap();
+    run_ok(&[
+        "fit",
+        "lora",
+        "--weights",
+        ws,
+        "--steps",
+        "1",
+        "--save-adapter",
+        a,
+    ]);
+    let adapter_bytes = std::fs::read(adapter.join("adapter_model.safetensors")).unwrap();
+    fails_with(
+        &[
+            "fit",
+            "lora",
+            "--weights",
+            ws,
+            "--adapter",
+            a,
+            "--steps",
+            "1",
+            "--save-adapter",
+            a,
+        ],
+        "--save-adapter",
+    );
+    let inside = adapter.join("adapter_model.safetensors");
+    fails_with(
+        &[
+            "merge",
+            "lora",
+            "--weights",
+            ws,
+            "--adapter",
+            a,
+            "--into",
+            "f16",
+            "--output",
+            inside.to_str().unwrap(),
+        ],
+        "refusing to write over an input",
+    );
+    assert_eq!(std::fs::read(&weights).unwrap(), original);
+    assert_eq!(std::fs::read(&inside).unwrap(), adapter_bytes);
+    // A different output is fine.
+    run_ok(&[
+        "quantize",
+        "--weights",
+        ws,
+        "--format",
+        "int8",
+        "--output",
+        dir.join("int8.safetensors").to_str().unwrap(),
+    ]);
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -325,6 +325,88 @@ impl FrozenWeight {
     }
 }
 
+/// Metadata key recording the `[out, in]` shape of quantized weight `key` (value `"out,in"`):
+/// the packed parts of some formats do not tell it on their own.
+pub fn shape_metadata_key(key: &str) -> String {
+    format!("nibble.shape.{key}")
+}
+
+/// The part that tells which format weight `key` is stored in, one per format (`f16` is a
+/// plain tensor and so not listed).
+const FORMAT_MARKERS: [(WeightFormat, &str); 5] = [
+    (WeightFormat::Q4, "q4.packed"),
+    (WeightFormat::Nf4Dq, "nf4.absmax_codes"),
+    (WeightFormat::Nf4, "nf4.absmax"),
+    (WeightFormat::Int8, "int8.codes"),
+    (WeightFormat::Lower, "lower.codes"),
+];
+
+impl FrozenWeight {
+    /// The quantized format weight `key` is stored in, told by its parts (`None` when `file`
+    /// holds no quantized parts of `key`, e.g. a plain tensor `key`).
+    pub fn stored_format(file: &Checkpoint, key: &str) -> Option<WeightFormat> {
+        FORMAT_MARKERS
+            .iter()
+            .find(|(_, suffix)| file.info(&format!("{key}.{suffix}")).is_some())
+            .map(|(format, _)| *format)
+    }
+
+    /// `[out, in]` of quantized weight `key` of `format`: from the metadata entry
+    /// [`shape_metadata_key`] when the writer left one, else from the parts (`out`, when the
+    /// caller knows it, e.g. from the bias, settles the flattened NF4 layout).
+    pub fn stored_shape(
+        file: &Checkpoint,
+        format: WeightFormat,
+        key: &str,
+        out: Option<usize>,
+    ) -> Result<(usize, usize)> {
+        let bad = |what: String| Error::BadTensor {
+            path: file.path().to_path_buf(),
+            key: key.to_string(),
+            reason: what,
+        };
+        if let Some(text) = file.metadata().get(&shape_metadata_key(key)) {
+            let dims: Vec<usize> = text
+                .split(',')
+                .map(|d| d.trim().parse::<usize>())
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|_| bad(format!("metadata shape `{text}` is not \"out,in\"")))?;
+            return match dims[..] {
+                [o, i] => Ok((o, i)),
+                _ => Err(bad(format!("metadata shape `{text}` is not \"out,in\""))),
+            };
+        }
+        let part = |suffix: &str| file.info(&format!("{key}.{suffix}")).map(|(_, s)| s);
+        let shape = match (format, out) {
+            (WeightFormat::Q4, _) => match part("q4.packed") {
+                Some(&[o, half]) => Some((o, 2 * half)),
+                _ => None,
+            },
+            (WeightFormat::Int8, _) => match part("int8.codes") {
+                Some(&[o, i]) => Some((o, i)),
+                _ => None,
+            },
+            (WeightFormat::Lower, _) => match part("lower.scale") {
+                Some(&[o, groups]) => Some((o, 128 * groups)),
+                _ => None,
+            },
+            (WeightFormat::Nf4 | WeightFormat::Nf4Dq, Some(o)) if o > 0 => match part("nf4.packed")
+            {
+                Some(&[half]) if (2 * half) % o == 0 => Some((o, 2 * half / o)),
+                _ => None,
+            },
+            _ => None,
+        };
+        shape.ok_or_else(|| {
+            bad(format!(
+                "cannot tell the [out, in] shape of this {} weight (no `{}` metadata)",
+                format.name(),
+                shape_metadata_key(key)
+            ))
+        })
+    }
+}
+
 /// Part `key.suffix` borrowing `bytes`.
 fn part<'a>(key: &str, suffix: &str, dtype: DType, shape: Vec<usize>, bytes: &'a [u8]) -> Part<'a> {
     (

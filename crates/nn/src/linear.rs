@@ -1,9 +1,9 @@
 //! The linear layer in every weight format: trainable f32, or a frozen weight of any storage
 //! (f16, 4-bit, ...), with an optional LoRA adapter.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use nibble_autograd::{Bias, Param, Tape, Var};
-use nibble_io::FrozenWeight;
+use nibble_io::{FrozenWeight, WeightFormat};
 use nibble_tensor::gemm::{gemm, MatRef};
 use nibble_tensor::{f16, Rng, Tensor};
 
@@ -202,5 +202,94 @@ impl Linear {
             }
             LinearBase::Frozen { weight, bias } => (weight.matrix().to_f32(), bias.to_f32()),
         }
+    }
+}
+
+impl Linear {
+    /// A layer named `name` (the module's path, e.g. `0` or `model.fc1`) from an f32 weight
+    /// `[out, in]` and bias `[out]`, stored in `format`: `F32` trains, every other format is a
+    /// frozen weight (quantized here) with an f32 bias.
+    pub fn from_f32(
+        name: impl Into<String>,
+        weight: Tensor,
+        bias: Tensor,
+        format: WeightFormat,
+    ) -> Result<Self> {
+        let name = name.into();
+        let (out, _) = match weight.shape() {
+            &[o, i] => (o, i),
+            s => {
+                return Err(Error::Layer {
+                    layer: name,
+                    what: format!("a linear weight is [out, in], found shape {s:?}"),
+                })
+            }
+        };
+        if bias.shape() != [out] {
+            return Err(Error::Layer {
+                layer: name,
+                what: format!(
+                    "bias shape {:?} does not match weight shape {:?} (expected [{out}])",
+                    bias.shape(),
+                    weight.shape()
+                ),
+            });
+        }
+        let base = match format {
+            WeightFormat::F32 => LinearBase::Trainable {
+                weight: Param::new(format!("{name}.weight"), weight, true),
+                bias: Param::new(format!("{name}.bias"), bias, true),
+            },
+            format => LinearBase::Frozen {
+                weight: FrozenWeight::quantize(format, &format!("{name}.weight"), &weight)?,
+                bias: FrozenBias::F32(bias.into_vec()),
+            },
+        };
+        Ok(Linear {
+            name,
+            base,
+            lora: None,
+        })
+    }
+
+    /// The storage format of the (base) weight.
+    pub fn format(&self) -> WeightFormat {
+        match &self.base {
+            LinearBase::Trainable { .. } => WeightFormat::F32,
+            LinearBase::Frozen { weight, .. } => weight.format(),
+        }
+    }
+
+    /// Attaches a fresh rank-`rank` LoRA adapter initialised as PEFT does (A uniform ±1/√in,
+    /// i.e. kaiming-uniform with a = √5; B zero), replacing any adapter the layer had, and
+    /// freezes the base weight and bias.
+    pub fn add_lora(&mut self, rank: usize, rng: &mut Rng) -> Result<()> {
+        if rank == 0 {
+            return Err(Error::Layer {
+                layer: self.name.clone(),
+                what: "LoRA rank must be at least 1".to_string(),
+            });
+        }
+        let (out, inp) = self.dims();
+        for p in self.params() {
+            p.set_requires_grad(false);
+        }
+        self.lora = Some(LoraAdapter::init(&self.name, out, inp, rank, rng));
+        Ok(())
+    }
+
+    /// Bytes of the weight and bias as stored (f32, f16 or packed), LoRA adapters included.
+    pub fn stored_bytes(&self) -> usize {
+        let base = match &self.base {
+            LinearBase::Trainable { weight, bias } => {
+                4 * (weight.value().numel() + bias.value().numel())
+            }
+            LinearBase::Frozen { .. } => self.frozen_storage().1,
+        };
+        let lora = self
+            .lora
+            .as_ref()
+            .map_or(0, |l| 4 * (l.a.value().numel() + l.b.value().numel()));
+        base + lora
     }
 }

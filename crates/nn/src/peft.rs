@@ -180,10 +180,12 @@ pub fn load_adapter<'a>(
 ) -> Result<()> {
     let (rank, scaling) = read_scaling(dir)?;
     let file = Checkpoint::open(dir.join(WEIGHTS_FILE))?;
+    let mut layers: Vec<&mut Linear> = layers.into_iter().collect();
+    // Every tensor is read and checked before any layer changes, so a bad file leaves the
+    // model as it was.
     let mut seen = HashSet::new();
-    let mut names = Vec::new();
-    for layer in layers {
-        names.push(layer.name.clone());
+    let mut loaded = Vec::new();
+    for (index, layer) in layers.iter().enumerate() {
         let (out, inp) = layer.dims();
         let mut found = Vec::with_capacity(2);
         for (suffix, shape, scale) in [
@@ -208,19 +210,7 @@ pub fn load_adapter<'a>(
             found.push(t);
         }
         match <[Tensor; 2]>::try_from(found) {
-            Ok([a, b]) => match &layer.lora {
-                Some(lora) => {
-                    *lora.a.value_mut() = a;
-                    *lora.b.value_mut() = b;
-                }
-                None => {
-                    let module = &layer.name;
-                    layer.lora = Some(LoraAdapter {
-                        a: Param::new(format!("{module}.lora_a.weight"), a, true),
-                        b: Param::new(format!("{module}.lora_b.weight"), b, true),
-                    });
-                }
-            },
+            Ok([a, b]) => loaded.push((index, a, b)),
             Err(found) if found.is_empty() => {}
             Err(_) => {
                 return Err(adapter_error(
@@ -230,6 +220,7 @@ pub fn load_adapter<'a>(
             }
         }
     }
+    let names: Vec<&str> = layers.iter().map(|l| l.name.as_str()).collect();
     if let Some(extra) = file.keys().find(|k| !seen.contains(*k)) {
         return Err(adapter_error(
             dir,
@@ -241,6 +232,22 @@ pub fn load_adapter<'a>(
     }
     if seen.is_empty() {
         return Err(adapter_error(dir, "no LoRA tensors in the adapter file"));
+    }
+    for (index, a, b) in loaded {
+        let layer = &mut layers[index];
+        match &layer.lora {
+            Some(lora) => {
+                *lora.a.value_mut() = a;
+                *lora.b.value_mut() = b;
+            }
+            None => {
+                let module = &layer.name;
+                layer.lora = Some(LoraAdapter {
+                    a: Param::new(format!("{module}.lora_a.weight"), a, true),
+                    b: Param::new(format!("{module}.lora_b.weight"), b, true),
+                });
+            }
+        }
     }
     Ok(())
 }

@@ -7,15 +7,19 @@ pub mod compare;
 mod fit;
 mod forward;
 mod merge;
+pub mod paths;
 mod quantize;
 mod stats;
 
 use crate::error::{Error, Result};
 use crate::loader::ModelSpec;
+use crate::persist::quantized_format;
 use crate::source::DEFAULT_DIM;
 use crate::variant::{Variant, WeightFormat};
 use clap::{Args, Parser, Subcommand};
+use nibble_io::Checkpoint;
 use nibble_quant::q4::{set_q4_activations, Q4Activations};
+use paths::{check_no_overwrite, NamedPath};
 use std::path::PathBuf;
 
 /// The program's arguments.
@@ -80,6 +84,58 @@ impl Default for Common {
 }
 
 impl Common {
+    /// The variant to run: `asked`, or else the one the `--weights` file implies (a quantized
+    /// checkpoint names its format in `__metadata__["nibble.format"]`; nibble's f16 files
+    /// imply `half_precision`; any other state dict, or none, `bignet`). An asked variant
+    /// that cannot run on a quantized file (only that format's variant, or `qlora` over Q4)
+    /// is an error naming both.
+    pub fn variant(&self, asked: Option<Variant>) -> Result<Variant> {
+        let Some(path) = &self.weights else {
+            return Ok(asked.unwrap_or(Variant::Bignet));
+        };
+        let file = Checkpoint::open(path)?;
+        let declared = WeightFormat::declared_by(&file)?;
+        let implied = declared.map_or(Variant::Bignet, Variant::for_format);
+        let Some(asked) = asked else {
+            return Ok(implied);
+        };
+        if let Some(format) = quantized_format(&file)? {
+            let fits = asked == implied || (asked == Variant::Qlora && format == WeightFormat::Q4);
+            if !fits {
+                return Err(Error::Input {
+                    what: format!(
+                        "variant {asked} conflicts with --weights {}, which holds {} weights (variant {implied}{}); leave the variant out to use the file's",
+                        path.display(),
+                        format.name(),
+                        if format == WeightFormat::Q4 { " or qlora" } else { "" }
+                    ),
+                });
+            }
+        }
+        Ok(asked)
+    }
+
+    /// [`Common::variant`] for each of `asked`, or the implied one when `asked` is empty.
+    pub fn variants(&self, asked: &[Variant]) -> Result<Vec<Variant>> {
+        if asked.is_empty() {
+            return Ok(vec![self.variant(None)?]);
+        }
+        asked.iter().map(|&v| self.variant(Some(v))).collect()
+    }
+
+    /// The files a verb reads: `--weights` and the adapter directory's files.
+    pub fn inputs(&self) -> Vec<NamedPath> {
+        let mut inputs: Vec<NamedPath> = self
+            .weights
+            .iter()
+            .map(|w| NamedPath::new("--weights", w))
+            .collect();
+        if let Some(dir) = &self.adapter {
+            inputs.extend(NamedPath::adapter_files("--adapter", dir));
+        }
+        inputs
+    }
+
     /// The spec of `variant` under these options.
     pub fn spec(&self, variant: Variant) -> ModelSpec {
         ModelSpec {
@@ -97,8 +153,8 @@ impl Common {
 pub enum Command {
     /// Parameter counts and memory (theoretical and measured) of each variant.
     Stats {
-        /// Variants to report (one column each).
-        #[arg(required = true, value_parser = parse_variant)]
+        /// Variants to report (one column each; default: the one the --weights file implies).
+        #[arg(value_parser = parse_variant)]
         variants: Vec<Variant>,
         /// Print one JSON object instead of a table.
         #[arg(long)]
@@ -124,9 +180,9 @@ pub enum Command {
     },
     /// The homework grader's fit: frozen random head, 1000 samples, AdamW, BCE.
     Fit {
-        /// The variant to train.
+        /// The variant to train (default: the one the --weights file implies).
         #[arg(value_parser = parse_variant)]
-        variant: Variant,
+        variant: Option<Variant>,
         /// Training steps.
         #[arg(long, default_value_t = 20)]
         steps: usize,
@@ -157,9 +213,10 @@ pub enum Command {
     },
     /// Folds LoRA adapters (--adapter) into the base weights and saves the merged model.
     Merge {
-        /// The base the adapters sit on (bignet for an f32 base, half_precision, low_precision...).
+        /// The base the adapters sit on (bignet for an f32 base, half_precision, low_precision...;
+        /// default: the one the --weights file implies).
         #[arg(value_parser = parse_variant)]
-        variant: Variant,
+        variant: Option<Variant>,
         /// Storage of the merged weights: f32, f16, q4, nf4, nf4_dq, int8, lower.
         #[arg(long, value_parser = parse_format)]
         into: WeightFormat,
@@ -175,9 +232,9 @@ pub enum Command {
     },
     /// Runs the model on tensor `x` [B, D] of a safetensors file; writes `y` [B, D].
     Forward {
-        /// The variant.
+        /// The variant (default: the one the --weights file implies).
         #[arg(long, value_parser = parse_variant)]
-        variant: Variant,
+        variant: Option<Variant>,
         /// Input safetensors file holding `x`.
         #[arg(long, value_name = "IN")]
         input: PathBuf,
@@ -190,8 +247,8 @@ pub enum Command {
     },
     /// Median milliseconds per forward (and per training step with --train).
     Bench {
-        /// Variants to time.
-        #[arg(required = true, value_parser = parse_variant)]
+        /// Variants to time (default: the one the --weights file implies).
+        #[arg(value_parser = parse_variant)]
         variants: Vec<Variant>,
         /// Batch sizes, comma-separated.
         #[arg(long, value_delimiter = ',', default_values_t = vec![1usize, 1024])]
@@ -222,6 +279,29 @@ fn parse_format(s: &str) -> std::result::Result<WeightFormat, String> {
 }
 
 impl Command {
+    /// Every file the verb reads.
+    fn inputs(&self) -> Vec<NamedPath> {
+        let mut inputs = self.common().inputs();
+        if let Command::Forward { input, .. } = self {
+            inputs.push(NamedPath::new("--input", input));
+        }
+        inputs
+    }
+
+    /// Every file the verb writes.
+    fn outputs(&self) -> Vec<NamedPath> {
+        match self {
+            Command::Forward { output, .. }
+            | Command::Quantize { output, .. }
+            | Command::Merge { output, .. } => vec![NamedPath::new("--output", output)],
+            Command::Fit {
+                save_adapter: Some(dir),
+                ..
+            } => NamedPath::adapter_files("--save-adapter", dir),
+            _ => Vec::new(),
+        }
+    }
+
     fn common(&self) -> &Common {
         match self {
             Command::Stats { common, .. }
@@ -254,13 +334,19 @@ pub fn run(cli: Cli) -> Result<()> {
     if let Some(mode) = common.q4_activations {
         set_q4_activations(mode);
     }
+    check_no_overwrite(&cli.command.inputs(), &cli.command.outputs())?;
     match &cli.command {
         Command::Stats {
             variants,
             json,
             common,
-        } => stats::run(variants, *json, common),
-        Command::Compare { a, b, json, common } => compare::run(*a, *b, *json, common),
+        } => stats::run(&common.variants(variants)?, *json, common),
+        Command::Compare { a, b, json, common } => compare::run(
+            common.variant(Some(*a))?,
+            common.variant(Some(*b))?,
+            *json,
+            common,
+        ),
         Command::Fit {
             variant,
             steps,
@@ -269,7 +355,7 @@ pub fn run(cli: Cli) -> Result<()> {
             save_adapter,
             common,
         } => fit::run(
-            *variant,
+            common.variant(*variant)?,
             *steps,
             *lr,
             *json,
@@ -287,13 +373,13 @@ pub fn run(cli: Cli) -> Result<()> {
             output,
             json,
             common,
-        } => merge::run(*variant, *into, output, *json, common),
+        } => merge::run(common.variant(*variant)?, *into, output, *json, common),
         Command::Forward {
             variant,
             input,
             output,
             common,
-        } => forward::run(*variant, input, output, common),
+        } => forward::run(common.variant(*variant)?, input, output, common),
         Command::Bench {
             variants,
             batch,
@@ -301,7 +387,14 @@ pub fn run(cli: Cli) -> Result<()> {
             runs,
             json,
             common,
-        } => bench::run(variants, batch, *train, *runs, *json, common),
+        } => bench::run(
+            &common.variants(variants)?,
+            batch,
+            *train,
+            *runs,
+            *json,
+            common,
+        ),
     }
 }
 

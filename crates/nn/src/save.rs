@@ -1,0 +1,71 @@
+//! Writing layers' weights (quantized ones as their packed parts) to a safetensors file.
+
+use crate::error::Result;
+use crate::layer_norm::LayerNorm;
+use crate::linear::{FrozenBias, Linear, LinearBase};
+use nibble_io::frozen::{shape_metadata_key, Part};
+use nibble_io::{write_safetensors, DType, FORMAT_KEY};
+use nibble_tensor::Tensor;
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Writes the weights of `linears` and `norms` (not LoRA adapters: see [`crate::peft`]) to a
+/// safetensors file at `path`, under the layers' own names: f32 Linears and LayerNorms as plain
+/// f32 tensors, frozen Linears as their format's parts (the layout of [`nibble_io::frozen`])
+/// with their `[out, in]` in the metadata, and `__metadata__["nibble.format"]` when every Linear
+/// shares one format. [`VarBuilder::linear`](crate::VarBuilder::linear) reads a weight back as
+/// stored, straight from the mapped file.
+pub fn save_weights<'a>(
+    path: &Path,
+    linears: impl IntoIterator<Item = &'a Linear>,
+    norms: impl IntoIterator<Item = &'a LayerNorm>,
+) -> Result<()> {
+    let linears: Vec<&Linear> = linears.into_iter().collect();
+    let mut parts: Vec<Part<'_>> = Vec::new();
+    let mut held: Vec<(String, Tensor)> = Vec::new(); // f32 copies, alive until written
+    let mut metadata = BTreeMap::new();
+    for l in &linears {
+        let wkey = format!("{}.weight", l.name);
+        let bkey = format!("{}.bias", l.name);
+        match &l.base {
+            LinearBase::Trainable { weight, bias } => {
+                held.push((wkey, weight.value().clone()));
+                held.push((bkey, bias.value().clone()));
+            }
+            LinearBase::Frozen { weight, bias } => {
+                let (o, i) = l.dims();
+                metadata.insert(shape_metadata_key(&wkey), format!("{o},{i}"));
+                parts.extend(weight.parts(&wkey));
+                let (dtype, bytes): (DType, &[u8]) = match bias {
+                    FrozenBias::F32(b) => (DType::F32, bytemuck::cast_slice(b)),
+                    FrozenBias::F16(b) => (DType::F16, bytemuck::cast_slice(b)),
+                };
+                parts.push((bkey, dtype, vec![bias.len()], Cow::Borrowed(bytes)));
+            }
+        }
+    }
+    for n in norms {
+        for p in [&n.weight, &n.bias] {
+            held.push((p.name().to_string(), p.value().clone()));
+        }
+    }
+    if let Some(first) = linears.first().map(|l| l.format()) {
+        if linears.iter().all(|l| l.format() == first) {
+            metadata.insert(FORMAT_KEY.to_string(), first.name().to_string());
+        }
+    }
+    let mut entries: Vec<(String, DType, Vec<usize>, &[u8])> = parts
+        .iter()
+        .map(|(k, d, s, b)| (k.clone(), *d, s.clone(), b.as_ref()))
+        .collect();
+    for (k, t) in &held {
+        entries.push((
+            k.clone(),
+            DType::F32,
+            t.shape().to_vec(),
+            bytemuck::cast_slice(t.data()),
+        ));
+    }
+    Ok(write_safetensors(path, &entries, &metadata)?)
+}

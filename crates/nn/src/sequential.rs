@@ -1,0 +1,370 @@
+//! A PyTorch `nn.Sequential` of `Linear`, `LayerNorm` and parameter-free activations, read from
+//! its state dict.
+
+use crate::activation::Activation;
+use crate::error::{Error, Result};
+use crate::layer_norm::LayerNorm;
+use crate::linear::Linear;
+use crate::save::save_weights;
+use crate::var_builder::VarBuilder;
+use nibble_autograd::{Param, Tape, Var};
+use nibble_io::{Checkpoint, WeightFormat};
+use nibble_tensor::{Rng, Tensor};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// One layer of a [`Sequential`].
+#[derive(Debug, Clone)]
+pub enum Layer {
+    /// A linear layer (a 2-D weight in the state dict).
+    Linear(Linear),
+    /// A LayerNorm (a 1-D weight).
+    LayerNorm(LayerNorm),
+    /// A parameter-free activation (a gap in the indices).
+    Activation(Activation),
+}
+
+/// How [`Sequential::from_state_dict`] reads a state dict.
+#[derive(Debug, Clone)]
+pub struct SequentialOptions {
+    /// Only keys starting with this are read, with it stripped (e.g. `"model."`); keys without
+    /// it are ignored. Empty: every key must be a `Sequential` parameter.
+    pub prefix: String,
+    /// The format of every Linear not listed in `formats`.
+    pub format: WeightFormat,
+    /// Per-Linear formats, by index.
+    pub formats: BTreeMap<usize, WeightFormat>,
+    /// The activation of every gap not listed in `activations` (`None`: a gap is an error).
+    pub activation: Option<Activation>,
+    /// Per-gap activations, keyed by the gap's first missing index.
+    pub activations: BTreeMap<usize, Activation>,
+}
+
+impl Default for SequentialOptions {
+    fn default() -> Self {
+        SequentialOptions {
+            prefix: String::new(),
+            format: WeightFormat::F32,
+            formats: BTreeMap::new(),
+            activation: None,
+            activations: BTreeMap::new(),
+        }
+    }
+}
+
+impl SequentialOptions {
+    /// f32 Linears, no prefix, no activation given.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Reads only keys under `prefix` (e.g. `"model."`).
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Every Linear in `format` (unless set per layer).
+    pub fn format(mut self, format: WeightFormat) -> Self {
+        self.format = format;
+        self
+    }
+
+    /// The Linear at `index` in `format`.
+    pub fn format_at(mut self, index: usize, format: WeightFormat) -> Self {
+        self.formats.insert(index, format);
+        self
+    }
+
+    /// Every gap is `activation` (unless set per gap).
+    pub fn activation(mut self, activation: Activation) -> Self {
+        self.activation = Some(activation);
+        self
+    }
+
+    /// The gap starting at `index` is `activation`.
+    pub fn activation_at(mut self, index: usize, activation: Activation) -> Self {
+        self.activations.insert(index, activation);
+        self
+    }
+}
+
+/// Layers applied in order to `[batch, features]` inputs.
+#[derive(Debug, Clone, Default)]
+pub struct Sequential {
+    layers: Vec<Layer>,
+}
+
+/// The `Sequential` index and parameter name of a state-dict key: `3.weight` -> (3, "weight"),
+/// `3.weight.q4.packed` -> (3, "weight") (a part of a quantized weight).
+fn parse_key(key: &str) -> Option<(usize, &'static str)> {
+    let (index, rest) = key.split_once('.')?;
+    if index.is_empty() || !index.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let index = index.parse().ok()?;
+    match rest {
+        "bias" => Some((index, "bias")),
+        "weight" => Some((index, "weight")),
+        r if r.starts_with("weight.") => Some((index, "weight")),
+        _ => None,
+    }
+}
+
+impl Sequential {
+    /// A model of these layers.
+    pub fn new(layers: Vec<Layer>) -> Self {
+        Sequential { layers }
+    }
+
+    /// Builds the model a PyTorch `nn.Sequential` state dict describes: keys
+    /// `{i}.weight` / `{i}.bias` (under `options.prefix`); a 2-D weight is a Linear, a 1-D one a
+    /// LayerNorm, and a gap in the indices between two layers is a parameter-free activation
+    /// (given by `options`; a gap of several indices, e.g. an activation then a dropout, is one
+    /// activation; parameter-free layers before the first weight, such as `nn.Flatten`, are
+    /// skipped). Weights stored quantized (by [`Sequential::save`]) are used as stored.
+    /// Non-`Sequential` keys, missing biases and layers whose widths do not chain are errors
+    /// naming the key and shapes.
+    pub fn from_state_dict(file: &Checkpoint, options: &SequentialOptions) -> Result<Self> {
+        let structure = |what: String| Error::Structure {
+            file: file.path().to_path_buf(),
+            what,
+        };
+        let mut indices: BTreeMap<usize, (bool, bool)> = BTreeMap::new();
+        for key in file.keys() {
+            let Some(local) = key.strip_prefix(options.prefix.as_str()) else {
+                continue;
+            };
+            let (index, name) = parse_key(local).ok_or_else(|| {
+                structure(format!(
+                    "`{key}` is not a parameter of an nn.Sequential of Linear and LayerNorm layers (expected `{p}<index>.weight` or `{p}<index>.bias`)",
+                    p = options.prefix
+                ))
+            })?;
+            let entry = indices.entry(index).or_default();
+            match name {
+                "weight" => entry.0 = true,
+                _ => entry.1 = true,
+            }
+        }
+        if indices.is_empty() {
+            return Err(structure(format!(
+                "no `{p}<index>.weight` tensors: not an nn.Sequential state dict",
+                p = options.prefix
+            )));
+        }
+        let root = VarBuilder::new(file);
+        let root = match options.prefix.strip_suffix('.') {
+            Some(p) if !p.is_empty() => root.pp(p),
+            _ if options.prefix.is_empty() => root,
+            _ => {
+                return Err(structure(format!(
+                    "prefix `{}` must end with a dot",
+                    options.prefix
+                )))
+            }
+        };
+        let mut layers = Vec::new();
+        let mut width: Option<(usize, String)> = None; // output width and the key that set it
+        let mut previous: Option<usize> = None;
+        for (&index, &(has_weight, has_bias)) in &indices {
+            let key = |name: &str| format!("{}{index}.{name}", options.prefix);
+            if !has_weight {
+                return Err(structure(format!(
+                    "`{}` has no `{}`",
+                    key("bias"),
+                    key("weight")
+                )));
+            }
+            if !has_bias {
+                return Err(structure(format!(
+                    "`{}` has no `{}` (layers without a bias are not supported)",
+                    key("weight"),
+                    key("bias")
+                )));
+            }
+            if let Some(p) = previous {
+                if index > p + 1 {
+                    let gap = p + 1;
+                    let act = options
+                        .activations
+                        .get(&gap)
+                        .copied()
+                        .or(options.activation)
+                        .ok_or_else(|| {
+                            structure(format!(
+                                "indices {gap}..{index} hold no parameters: a parameter-free activation there must be given (relu or gelu)"
+                            ))
+                        })?;
+                    layers.push(Layer::Activation(act));
+                }
+            }
+            previous = Some(index);
+            let vb = root.pp(index.to_string());
+            let plain_dims = file.info(&key("weight")).map(|(_, s)| s.len());
+            let layer = match plain_dims {
+                Some(1) => Layer::LayerNorm(vb.layer_norm()?),
+                Some(2) | None => {
+                    let format = options
+                        .formats
+                        .get(&index)
+                        .copied()
+                        .unwrap_or(options.format);
+                    Layer::Linear(vb.linear(format)?)
+                }
+                Some(_) => {
+                    let shape = file.info(&key("weight")).map(|(_, s)| s.to_vec());
+                    return Err(structure(format!(
+                        "`{}` has shape {:?}: only Linear (2-D) and LayerNorm (1-D) weights are supported",
+                        key("weight"),
+                        shape.unwrap_or_default()
+                    )));
+                }
+            };
+            let (inp, out) = match &layer {
+                Layer::Linear(l) => {
+                    let (o, i) = l.dims();
+                    (i, o)
+                }
+                Layer::LayerNorm(n) => (n.dim(), n.dim()),
+                Layer::Activation(_) => unreachable!("only weights are read here"),
+            };
+            if let Some((w, from)) = &width {
+                if *w != inp {
+                    return Err(structure(format!(
+                        "`{}` takes {inp} features but `{from}` gives {w}: the layers do not chain",
+                        key("weight")
+                    )));
+                }
+            }
+            width = Some((out, key("weight")));
+            layers.push(layer);
+        }
+        Ok(Sequential { layers })
+    }
+
+    /// The layers, in order.
+    pub fn layers(&self) -> &[Layer] {
+        &self.layers
+    }
+
+    /// Width of the input (of the first layer with weights).
+    pub fn in_features(&self) -> Option<usize> {
+        self.layers.iter().find_map(|l| match l {
+            Layer::Linear(l) => Some(l.dims().1),
+            Layer::LayerNorm(n) => Some(n.dim()),
+            Layer::Activation(_) => None,
+        })
+    }
+
+    /// Forward on a tape: `x` `[batch, in_features]`.
+    pub fn forward(&self, tape: &Tape, x: &Var) -> Result<Var> {
+        match (x.shape(), self.in_features()) {
+            (&[_, f], Some(want)) if f == want => {}
+            (s, want) => {
+                return Err(Error::Layer {
+                    layer: "Sequential".to_string(),
+                    what: format!(
+                        "takes input [batch, {}], got shape {s:?}",
+                        want.map_or("?".to_string(), |w| w.to_string())
+                    ),
+                })
+            }
+        }
+        let mut h = x.clone();
+        for layer in &self.layers {
+            h = match layer {
+                Layer::Linear(l) => l.forward(tape, &h)?,
+                Layer::LayerNorm(n) => n.forward(tape, &h)?,
+                Layer::Activation(a) => a.forward(tape, &h)?,
+            };
+        }
+        Ok(h)
+    }
+
+    /// Inference: the model's output for `x`, recording nothing.
+    pub fn infer(&self, x: &Tensor) -> Result<Tensor> {
+        if rayon::current_thread_index().is_none() {
+            // Outside any pool: run as a job of the global pool, so that each kernel's parallel
+            // loop starts from a worker instead of injecting a job and sleeping (as BigNet's
+            // `infer` does).
+            return rayon::scope(|_| self.infer(x));
+        }
+        let tape = Tape::new();
+        let y = tape.no_grad(|| self.forward(&tape, &Var::constant(x.clone())))?;
+        Ok(y.into_tensor())
+    }
+
+    /// Every Linear, in order.
+    pub fn linears(&self) -> impl Iterator<Item = &Linear> {
+        self.layers.iter().filter_map(|l| match l {
+            Layer::Linear(l) => Some(l),
+            _ => None,
+        })
+    }
+
+    /// Every Linear, mutable (to attach or load adapters).
+    pub fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
+        self.layers.iter_mut().filter_map(|l| match l {
+            Layer::Linear(l) => Some(l),
+            _ => None,
+        })
+    }
+
+    /// Attaches a fresh rank-`rank` LoRA adapter to every Linear (PEFT's init; each layer's
+    /// A drawn from its own stream of `seed`) and freezes everything else, as PEFT does.
+    pub fn add_lora(&mut self, rank: usize, seed: u64) -> Result<()> {
+        for p in self.params() {
+            p.set_requires_grad(false);
+        }
+        for (i, linear) in self.linears_mut().enumerate() {
+            linear.add_lora(rank, &mut Rng::fork(seed, i as u64))?;
+        }
+        Ok(())
+    }
+
+    /// Every parameter, named by its state-dict key (LoRA ones `<module>.lora_a.weight` /
+    /// `lora_b.weight`), trainable or not.
+    pub fn params(&self) -> Vec<Param> {
+        self.layers
+            .iter()
+            .flat_map(|l| match l {
+                Layer::Linear(l) => l.params(),
+                Layer::LayerNorm(n) => n.params(),
+                Layer::Activation(_) => Vec::new(),
+            })
+            .collect()
+    }
+
+    /// The parameters that train (for an optimizer).
+    pub fn trainable_params(&self) -> Vec<Param> {
+        self.params()
+            .into_iter()
+            .filter(|p| p.requires_grad())
+            .collect()
+    }
+
+    /// Bytes of every weight as stored: packed or f16 weights at their size, f32 ones (and
+    /// LoRA adapters) at 4 bytes an element.
+    pub fn model_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| match l {
+                Layer::Linear(l) => l.stored_bytes(),
+                Layer::LayerNorm(n) => 4 * 2 * n.dim(),
+                Layer::Activation(_) => 0,
+            })
+            .sum()
+    }
+
+    /// Writes the model's weights (not its LoRA adapters: see [`crate::peft`]) to a safetensors
+    /// file at `path` with [`save_weights`]; [`Sequential::from_state_dict`] reads it back
+    /// (same prefix).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let norms = self.layers.iter().filter_map(|l| match l {
+            Layer::LayerNorm(n) => Some(n),
+            _ => None,
+        });
+        save_weights(path, self.linears(), norms)
+    }
+}

@@ -1,0 +1,148 @@
+//! Tensors of a state dict fetched by name under a prefix, with shape checks: the way layers are
+//! built from a checkpoint.
+
+use crate::error::{Error, Result};
+use crate::layer_norm::LayerNorm;
+use crate::linear::{FrozenBias, Linear, LinearBase};
+use nibble_io::{Checkpoint, FrozenWeight, WeightFormat};
+use nibble_tensor::Tensor;
+
+/// A [`Checkpoint`] and a name prefix: `vb.pp("encoder").pp("0").get("weight", ..)` reads
+/// `encoder.0.weight`.
+#[derive(Debug, Clone)]
+pub struct VarBuilder<'a> {
+    file: &'a Checkpoint,
+    prefix: String,
+}
+
+impl<'a> VarBuilder<'a> {
+    /// A builder over `file` with no prefix.
+    pub fn new(file: &'a Checkpoint) -> Self {
+        VarBuilder {
+            file,
+            prefix: String::new(),
+        }
+    }
+
+    /// The builder one level down: prefix `"<prefix><name>."`.
+    pub fn pp(&self, name: impl AsRef<str>) -> Self {
+        VarBuilder {
+            file: self.file,
+            prefix: format!("{}{}.", self.prefix, name.as_ref()),
+        }
+    }
+
+    /// The module path this builder stands for (the prefix without its final dot; empty at the
+    /// top).
+    pub fn module_name(&self) -> &str {
+        self.prefix.strip_suffix('.').unwrap_or(&self.prefix)
+    }
+
+    /// The state-dict key of `name` under the prefix.
+    pub fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    /// The checkpoint read from.
+    pub fn checkpoint(&self) -> &'a Checkpoint {
+        self.file
+    }
+
+    /// Whether the file holds a tensor `name` under the prefix.
+    pub fn contains(&self, name: &str) -> bool {
+        self.file.info(&self.key(name)).is_some()
+    }
+
+    /// The stored shape of `name` (an error naming file and key if there is none).
+    pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
+        let key = self.key(name);
+        match self.file.info(&key) {
+            Some((_, shape)) => Ok(shape.to_vec()),
+            None => Err(nibble_io::Error::MissingKey {
+                path: self.file.path().to_path_buf(),
+                key,
+            }
+            .into()),
+        }
+    }
+
+    /// Tensor `name` as f32 (f16 and bf16 widened), which must have `shape` (an error names
+    /// file, key, expected and found shape).
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        Ok(self.file.tensor_f32(&self.key(name), Some(shape))?)
+    }
+
+    /// Tensor `name` as f32, whatever its shape.
+    pub fn get_any(&self, name: &str) -> Result<Tensor> {
+        Ok(self.file.tensor_f32(&self.key(name), None)?)
+    }
+
+    /// The linear layer at this prefix: `weight` `[out, in]` and `bias` `[out]`, stored in
+    /// `format`. A weight the file already holds quantized (a checkpoint written by
+    /// [`Sequential::save`](crate::Sequential::save) or `bignet quantize`) is used as stored,
+    /// straight from the mapped file; asking for another format than the stored one (other
+    /// than `F32`, "as stored") is an error.
+    pub fn linear(&self, format: WeightFormat) -> Result<Linear> {
+        let name = self.module_name().to_string();
+        let wkey = self.key("weight");
+        if self.contains("weight") {
+            let weight = self.get_any("weight")?;
+            let out = match weight.shape() {
+                &[o, _] => o,
+                s => {
+                    return Err(Error::Structure {
+                        file: self.file.path().to_path_buf(),
+                        what: format!("`{wkey}`: a linear weight is [out, in], found shape {s:?}"),
+                    })
+                }
+            };
+            let bias = self.get("bias", &[out])?;
+            return Linear::from_f32(name, weight, bias, format);
+        }
+        let Some(stored) = FrozenWeight::stored_format(self.file, &wkey) else {
+            return Err(nibble_io::Error::MissingKey {
+                path: self.file.path().to_path_buf(),
+                key: wkey,
+            }
+            .into());
+        };
+        if format != stored && format != WeightFormat::F32 {
+            return Err(Error::Structure {
+                file: self.file.path().to_path_buf(),
+                what: format!(
+                    "`{wkey}` is stored as {stored}; it cannot be read as {format} (re-quantizing a quantized weight is not supported)"
+                ),
+            });
+        }
+        let out = match self.shape("bias")?[..] {
+            [o] => o,
+            ref s => {
+                return Err(Error::Structure {
+                    file: self.file.path().to_path_buf(),
+                    what: format!("`{}`: a bias is [out], found shape {s:?}", self.key("bias")),
+                })
+            }
+        };
+        let (o, i) = FrozenWeight::stored_shape(self.file, stored, &wkey, Some(out))?;
+        if o != out {
+            return Err(Error::Structure {
+                file: self.file.path().to_path_buf(),
+                what: format!("`{wkey}` has {o} outputs but its bias has {out}"),
+            });
+        }
+        let weight = FrozenWeight::from_checkpoint(self.file, stored, &wkey, o, i)?;
+        let bias = FrozenBias::F32(self.get("bias", &[out])?.into_vec());
+        Ok(Linear {
+            name,
+            base: LinearBase::Frozen { weight, bias },
+            lora: None,
+        })
+    }
+
+    /// The LayerNorm at this prefix: `weight` and `bias` `[dim]`.
+    pub fn layer_norm(&self) -> Result<LayerNorm> {
+        let weight = self.get_any("weight")?;
+        let bias = self.get("bias", weight.shape())?;
+        LayerNorm::new(self.module_name(), weight, bias)
+    }
+}

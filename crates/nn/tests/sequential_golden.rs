@@ -1,0 +1,535 @@
+//! The generic layers against PyTorch: `tests/data/seq_d30.{pth,safetensors}` hold
+//! `nn.Sequential(Linear(30,48), GELU(), LayerNorm(48), Linear(48,48), ReLU(), Linear(48,5))`,
+//! its logits and cross-entropy on a batch, and with rank-4 LoRA adapters on every Linear the
+//! logits, loss and gradients of the input and of every adapter (made by
+//! `make_seq_golden.py`; see `tests/data/README.md`).
+
+use std::path::{Path, PathBuf};
+
+use nibble_autograd::Tape;
+use nibble_io::{Checkpoint, DType, WeightFormat};
+use nibble_nn::{cross_entropy, peft, Activation, Layer, Sequential, SequentialOptions};
+use nibble_tensor::Tensor;
+
+fn data(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/data")
+        .join(name)
+}
+
+fn golden() -> Checkpoint {
+    Checkpoint::open(data("seq_d30.safetensors")).unwrap()
+}
+
+fn tensor(ck: &Checkpoint, key: &str) -> Tensor {
+    ck.tensor_f32(key, None).unwrap()
+}
+
+fn labels(ck: &Checkpoint) -> Vec<usize> {
+    assert_eq!(ck.info("labels").unwrap().0, DType::I64);
+    ck.bytes("labels")
+        .unwrap()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as usize)
+        .collect()
+}
+
+fn options() -> SequentialOptions {
+    SequentialOptions::new()
+        .activation_at(1, Activation::Gelu)
+        .activation_at(4, Activation::Relu)
+}
+
+fn from_pth(options: &SequentialOptions) -> nibble_nn::Result<Sequential> {
+    Sequential::from_state_dict(&Checkpoint::open(data("seq_d30.pth")).unwrap(), options)
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.shape(), b.shape());
+    a.data()
+        .iter()
+        .zip(b.data())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn loss_of(model: &Sequential, x: &Tensor, labels: &[usize]) -> f32 {
+    let tape = Tape::new();
+    let logits = tape.no_grad(|| model.forward(&tape, &nibble_autograd::Var::constant(x.clone())));
+    let loss = cross_entropy(&tape, &logits.unwrap(), labels).unwrap();
+    loss.value().item().unwrap()
+}
+
+fn tempdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("nibble-nn-test-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn structure_is_read_from_the_state_dict() {
+    let model = from_pth(&options()).unwrap();
+    let kinds: Vec<String> = model
+        .layers()
+        .iter()
+        .map(|l| match l {
+            Layer::Linear(l) => format!("linear {} {:?}", l.name, l.dims()),
+            Layer::LayerNorm(n) => format!("layernorm {} {}", n.name, n.dim()),
+            Layer::Activation(a) => a.to_string(),
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "linear 0 (48, 30)",
+            "gelu",
+            "layernorm 2 48",
+            "linear 3 (48, 48)",
+            "relu",
+            "linear 5 (5, 48)"
+        ]
+    );
+    let names: Vec<String> = model
+        .params()
+        .iter()
+        .map(|p| p.name().to_string())
+        .collect();
+    assert_eq!(
+        names,
+        ["0.weight", "0.bias", "2.weight", "2.bias", "3.weight", "3.bias", "5.weight", "5.bias"]
+    );
+    assert_eq!(
+        model.model_bytes(),
+        4 * (48 * 30 + 48 + 2 * 48 + 48 * 48 + 48 + 5 * 48 + 5)
+    );
+}
+
+#[test]
+fn logits_and_loss_match_pytorch_from_pth_and_safetensors() {
+    let g = golden();
+    let (x, want_logits, want_loss) = (tensor(&g, "x"), tensor(&g, "logits"), tensor(&g, "loss"));
+    let labels = labels(&g);
+    let from_st = Sequential::from_state_dict(&g, &options().prefix("model.")).unwrap();
+    for model in [from_pth(&options()).unwrap(), from_st] {
+        let logits = model.infer(&x).unwrap();
+        assert!(
+            max_diff(&logits, &want_logits) < 1e-5,
+            "{}",
+            max_diff(&logits, &want_logits)
+        );
+        let loss = loss_of(&model, &x, &labels);
+        assert!((loss - want_loss.data()[0]).abs() < 1e-5, "{loss}");
+    }
+}
+
+/// Attaches the golden adapters (rank 4, unscaled) to a fresh model.
+fn with_golden_lora(g: &Checkpoint) -> Sequential {
+    let mut model = from_pth(&options()).unwrap();
+    model.add_lora(4, 7).unwrap();
+    for l in model.linears_mut() {
+        let lora = l.lora.as_ref().unwrap();
+        *lora.a.value_mut() = tensor(g, &format!("lora.{}.A", l.name));
+        *lora.b.value_mut() = tensor(g, &format!("lora.{}.B", l.name));
+    }
+    model
+}
+
+#[test]
+fn lora_logits_loss_and_gradients_match_pytorch() {
+    let g = golden();
+    let model = with_golden_lora(&g);
+    // Only the adapters train.
+    let trainable: Vec<String> = model
+        .trainable_params()
+        .iter()
+        .map(|p| p.name().to_string())
+        .collect();
+    assert_eq!(
+        trainable,
+        [
+            "0.lora_a.weight",
+            "0.lora_b.weight",
+            "3.lora_a.weight",
+            "3.lora_b.weight",
+            "5.lora_a.weight",
+            "5.lora_b.weight"
+        ]
+    );
+    let tape = Tape::new();
+    let x = tape.leaf(tensor(&g, "x"));
+    let logits = model.forward(&tape, &x).unwrap();
+    let d = max_diff(logits.value(), &tensor(&g, "lora_logits"));
+    assert!(d < 1e-5, "lora logits differ by {d}");
+    let loss = cross_entropy(&tape, &logits, &labels(&g)).unwrap();
+    let want = tensor(&g, "lora_loss").data()[0];
+    assert!((loss.value().item().unwrap() - want).abs() < 1e-5);
+    let grads = tape.backward(&loss).unwrap();
+    let d = max_diff(grads.get(&x).unwrap(), &tensor(&g, "grad.x"));
+    assert!(d < 1e-5, "grad x differs by {d}");
+    for l in model.linears() {
+        let lora = l.lora.as_ref().unwrap();
+        for (which, p) in [("A", &lora.a), ("B", &lora.b)] {
+            let want = tensor(&g, &format!("grad.lora.{}.{which}", l.name));
+            let grad = p.grad();
+            let got = grad.as_ref().expect("adapter has a gradient");
+            let d = max_diff(got, &want);
+            let scale = want.data().iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            assert!(d < 1e-4 * scale.max(1.0), "grad {} {which}: {d}", l.name);
+        }
+    }
+    // The frozen base got no gradient.
+    for p in model.params().iter().filter(|p| !p.requires_grad()) {
+        assert!(p.grad().is_none(), "{}", p.name());
+    }
+}
+
+#[test]
+fn add_lora_starts_at_the_base_model() {
+    let g = golden();
+    let x = tensor(&g, "x");
+    let base = from_pth(&options()).unwrap().infer(&x).unwrap();
+    let mut model = from_pth(&options()).unwrap();
+    model.add_lora(8, 3).unwrap();
+    for l in model.linears() {
+        let lora = l.lora.as_ref().unwrap();
+        let bound = 1.0 / (l.dims().1 as f32).sqrt();
+        assert_eq!(lora.a.value().shape(), [8, l.dims().1]);
+        assert!(lora.a.value().data().iter().all(|v| v.abs() <= bound));
+        assert!(lora.a.value().data().iter().any(|v| *v != 0.0));
+        assert!(lora.b.value().data().iter().all(|v| *v == 0.0));
+    }
+    assert_eq!(model.infer(&x).unwrap().data(), base.data());
+    assert!(model.add_lora(0, 1).is_err());
+}
+
+#[test]
+fn peft_adapter_round_trip() {
+    let g = golden();
+    let model = with_golden_lora(&g);
+    let dir = tempdir("peft");
+    peft::save_adapter(model.linears(), &dir).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(config["peft_type"], "LORA");
+    assert_eq!(config["r"], 4);
+    assert_eq!(config["lora_alpha"], 4);
+    assert_eq!(config["bias"], "none");
+    assert_eq!(config["target_modules"], serde_json::json!(["0", "3", "5"]));
+    let file = Checkpoint::open(dir.join("adapter_model.safetensors")).unwrap();
+    let mut keys: Vec<&str> = file.keys().collect();
+    keys.sort();
+    assert_eq!(keys.len(), 6);
+    assert_eq!(
+        file.info("base_model.model.0.lora_A.weight").unwrap().1,
+        [4, 30]
+    );
+    assert_eq!(
+        file.info("base_model.model.5.lora_B.weight").unwrap().1,
+        [5, 4]
+    );
+
+    // Loaded onto a model without adapters: the same logits as the golden LoRA model.
+    let mut loaded = from_pth(&options()).unwrap();
+    peft::load_adapter(loaded.linears_mut(), &dir).unwrap();
+    let x = tensor(&g, "x");
+    let d = max_diff(&loaded.infer(&x).unwrap(), &tensor(&g, "lora_logits"));
+    assert!(d < 1e-5, "{d}");
+
+    // A quantized base takes the same adapter.
+    let mut q = from_pth(&options().format(WeightFormat::Int8)).unwrap();
+    peft::load_adapter(q.linears_mut(), &dir).unwrap();
+    assert!(q.linears().all(|l| l.lora.is_some()));
+
+    // lora_alpha = 2r: B is scaled by 2 on load.
+    let text = std::fs::read_to_string(dir.join("adapter_config.json")).unwrap();
+    std::fs::write(
+        dir.join("adapter_config.json"),
+        text.replace("\"lora_alpha\": 4", "\"lora_alpha\": 8"),
+    )
+    .unwrap();
+    let mut scaled = from_pth(&options()).unwrap();
+    peft::load_adapter(scaled.linears_mut(), &dir).unwrap();
+    let b = scaled
+        .linears()
+        .next()
+        .unwrap()
+        .lora
+        .as_ref()
+        .unwrap()
+        .b
+        .value()
+        .clone();
+    let want = tensor(&g, "lora.0.B");
+    assert!(b.data().iter().zip(want.data()).all(|(x, y)| *x == 2.0 * y));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn adapters_that_do_not_fit_are_errors() {
+    let g = golden();
+    let model = with_golden_lora(&g);
+    let dir = tempdir("peft-bad");
+    peft::save_adapter(model.linears(), &dir).unwrap();
+    // A model whose Linear 0 is 30 -> 48 but here reads a different-width model: drop layer 5
+    // from the candidate modules, so its tensors match nothing.
+    let mut other = from_pth(&options()).unwrap();
+    let e = peft::load_adapter(other.linears_mut().take(2), &dir)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("base_model.model.5.lora_") && e.contains("does not match"),
+        "{e}"
+    );
+    // A rank in the config that is not the tensors' rank: shape errors name the key.
+    let text = std::fs::read_to_string(dir.join("adapter_config.json")).unwrap();
+    std::fs::write(
+        dir.join("adapter_config.json"),
+        text.replace("\"r\": 4", "\"r\": 3"),
+    )
+    .unwrap();
+    let e = peft::load_adapter(other.linears_mut(), &dir)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("lora_A.weight") && e.contains("[3, 30]") && e.contains("[4, 30]"),
+        "{e}"
+    );
+    // Failed loads left the model untouched.
+    assert!(other.linears().all(|l| l.lora.is_none()));
+    // No adapters to save.
+    let e = peft::save_adapter(other.linears(), &dir.join("none"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no layer has a LoRA adapter"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn every_format_runs_or_names_the_weight() {
+    let g = golden();
+    let x = tensor(&g, "x");
+    let want = tensor(&g, "logits");
+    for format in WeightFormat::ALL {
+        match from_pth(&options().format(format)) {
+            Ok(model) => {
+                assert!(model.linears().all(|l| l.format() == format));
+                let y = model.infer(&x).unwrap();
+                let d = max_diff(&y, &want);
+                let tolerance = match format {
+                    WeightFormat::F32 => 1e-5,
+                    WeightFormat::F16 => 1e-2,
+                    _ => 0.5,
+                };
+                assert!(d < tolerance, "{format}: logits differ by {d}");
+                if format != WeightFormat::F32 {
+                    assert!(model.model_bytes() < from_pth(&options()).unwrap().model_bytes());
+                }
+            }
+            Err(e) => {
+                // Block formats on widths that are not a multiple of their block.
+                assert!(
+                    !matches!(
+                        format,
+                        WeightFormat::F32 | WeightFormat::F16 | WeightFormat::Int8
+                    ),
+                    "{format}: {e}"
+                );
+                assert!(e.to_string().contains(".weight"), "{format}: {e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn quantized_checkpoint_round_trip_with_per_layer_formats() {
+    let g = golden();
+    let x = tensor(&g, "x");
+    let opts = options()
+        .format_at(0, WeightFormat::F16)
+        .format_at(3, WeightFormat::Int8);
+    let model = from_pth(&opts).unwrap();
+    let formats: Vec<WeightFormat> = model.linears().map(|l| l.format()).collect();
+    assert_eq!(
+        formats,
+        [WeightFormat::F16, WeightFormat::Int8, WeightFormat::F32]
+    );
+    let dir = tempdir("save");
+    let path = dir.join("mixed.safetensors");
+    model.save(&path).unwrap();
+    let file = Checkpoint::open(&path).unwrap();
+    assert!(file.info("3.weight.int8.codes").is_some());
+    let back =
+        Sequential::from_state_dict(&file, &options().format_at(0, WeightFormat::F16)).unwrap();
+    let formats: Vec<WeightFormat> = back.linears().map(|l| l.format()).collect();
+    assert_eq!(
+        formats,
+        [WeightFormat::F16, WeightFormat::Int8, WeightFormat::F32]
+    );
+    assert_eq!(
+        back.infer(&x).unwrap().data(),
+        model.infer(&x).unwrap().data()
+    );
+    assert_eq!(back.model_bytes(), model.model_bytes());
+    // A stored int8 weight cannot be read as another quantized format.
+    let e = Sequential::from_state_dict(&file, &options().format_at(3, WeightFormat::Q4))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`3.weight` is stored as int8"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Writes a safetensors state dict of f32 tensors.
+fn state_dict(dir: &Path, name: &str, tensors: &[(&str, Vec<usize>)]) -> Checkpoint {
+    let data: Vec<(String, Vec<f32>, Vec<usize>)> = tensors
+        .iter()
+        .map(|(k, s)| (k.to_string(), vec![0.5; s.iter().product()], s.clone()))
+        .collect();
+    let entries: Vec<(String, DType, Vec<usize>, &[u8])> = data
+        .iter()
+        .map(|(k, v, s)| {
+            (
+                k.clone(),
+                DType::F32,
+                s.clone(),
+                bytemuck::cast_slice::<f32, u8>(v),
+            )
+        })
+        .collect();
+    let path = dir.join(name);
+    nibble_io::write_safetensors(&path, &entries, &Default::default()).unwrap();
+    Checkpoint::open(&path).unwrap()
+}
+
+/// What is wrong, the tensors (name, shape), the options, and what the message must say.
+type BadCase<'a> = (
+    &'a str,
+    Vec<(&'a str, Vec<usize>)>,
+    &'a SequentialOptions,
+    &'a [&'a str],
+);
+
+#[test]
+fn bad_state_dicts_are_errors_naming_key_and_shapes() {
+    let dir = tempdir("bad");
+    let relu = SequentialOptions::new().activation(Activation::Relu);
+    let no_activation = SequentialOptions::new();
+    let cases: Vec<BadCase> = vec![
+        (
+            "foreign key",
+            vec![
+                ("0.weight", vec![4, 3]),
+                ("0.bias", vec![4]),
+                ("head.weight", vec![2, 4]),
+            ],
+            &relu,
+            &["`head.weight`", "nn.Sequential"],
+        ),
+        (
+            "missing bias",
+            vec![("0.weight", vec![4, 3])],
+            &relu,
+            &["`0.weight` has no `0.bias`"],
+        ),
+        (
+            "bias alone",
+            vec![("0.bias", vec![4])],
+            &relu,
+            &["`0.bias` has no `0.weight`"],
+        ),
+        (
+            "broken chain",
+            vec![
+                ("0.weight", vec![4, 3]),
+                ("0.bias", vec![4]),
+                ("2.weight", vec![2, 5]),
+                ("2.bias", vec![2]),
+            ],
+            &relu,
+            &["`2.weight` takes 5 features", "`0.weight` gives 4"],
+        ),
+        (
+            "layernorm of the wrong width",
+            vec![
+                ("0.weight", vec![4, 3]),
+                ("0.bias", vec![4]),
+                ("1.weight", vec![5]),
+                ("1.bias", vec![5]),
+            ],
+            &relu,
+            &["`1.weight` takes 5 features"],
+        ),
+        (
+            "bias of the wrong length",
+            vec![("0.weight", vec![4, 3]), ("0.bias", vec![3])],
+            &relu,
+            &["0.bias", "[4]", "[3]"],
+        ),
+        (
+            "gap without activation",
+            vec![
+                ("0.weight", vec![4, 3]),
+                ("0.bias", vec![4]),
+                ("2.weight", vec![2, 4]),
+                ("2.bias", vec![2]),
+            ],
+            &no_activation,
+            &["indices 1..2", "activation"],
+        ),
+        (
+            "conv weight",
+            vec![("0.weight", vec![4, 3, 3, 3]), ("0.bias", vec![4])],
+            &relu,
+            &["`0.weight` has shape [4, 3, 3, 3]"],
+        ),
+        (
+            "batchnorm buffers",
+            vec![
+                ("0.weight", vec![4]),
+                ("0.bias", vec![4]),
+                ("0.running_mean", vec![4]),
+            ],
+            &relu,
+            &["`0.running_mean`"],
+        ),
+        ("empty", vec![("x", vec![2])], &relu, &["`x`"]),
+    ];
+    for (what, tensors, opts, needles) in cases {
+        let file = state_dict(
+            &dir,
+            &format!("{}.safetensors", what.replace(' ', "_")),
+            &tensors,
+        );
+        let e = Sequential::from_state_dict(&file, opts)
+            .err()
+            .unwrap_or_else(|| panic!("{what}: loaded"))
+            .to_string();
+        for needle in needles {
+            assert!(e.contains(needle), "{what}: {e:?} lacks {needle:?}");
+        }
+        assert!(e.contains(".safetensors"), "{what}: {e} names no file");
+    }
+    // A prefix ignores keys outside it, and a model under it must still be well formed.
+    let file = state_dict(
+        &dir,
+        "prefixed.safetensors",
+        &[
+            ("data", vec![3]),
+            ("m.0.weight", vec![4, 3]),
+            ("m.0.bias", vec![4]),
+        ],
+    );
+    let model = Sequential::from_state_dict(&file, &relu.clone().prefix("m.")).unwrap();
+    assert_eq!(model.linears().next().unwrap().name, "m.0");
+    let e = Sequential::from_state_dict(&file, &relu.clone().prefix("n."))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no `n.<index>.weight`"), "{e}");
+    // Inputs of the wrong width.
+    let e = model
+        .infer(&Tensor::zeros(&[2, 5]))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("[batch, 3]") && e.contains("[2, 5]"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
