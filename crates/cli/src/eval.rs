@@ -6,7 +6,7 @@ use crate::compare::{accuracy, mean_cross_entropy, mean_row_cosine};
 use crate::error::Result;
 use crate::model::{parse_activations, Classifier};
 use crate::paths::refuse_overwrite;
-use nibble_io::{write_safetensors, DType, Dataset, WeightFormat};
+use nibble_io::{write_safetensors, DType, Dataset, WeightFormat, FORMAT_KEY};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -94,12 +94,13 @@ pub fn evaluate(args: &EvalArgs<'_>) -> Result<EvalReport> {
                     bytes.as_slice(),
                 );
                 let mut meta = BTreeMap::new();
-                meta.insert("nibble.format".to_string(), format.name().to_string());
+                meta.insert(FORMAT_KEY.to_string(), m.format().name().to_string());
                 write_safetensors(out, &[entry], &meta)?;
             }
         }
         rows.push(EvalRow {
-            format: format.name().to_string(),
+            // The format the weights are in: the one asked for, or a quantized file's own.
+            format: m.format().name().to_string(),
             accuracy: accuracy(&logits, classes, labels),
             loss: mean_cross_entropy(&logits, classes, labels),
             cosine: mean_row_cosine(&logits, &reference_logits, classes),

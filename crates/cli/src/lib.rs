@@ -43,7 +43,6 @@ pub mod eval;
 pub mod finetune;
 pub mod inspect;
 pub mod model;
-pub mod ops;
 pub mod paths;
 pub mod quantize;
 

@@ -4,22 +4,19 @@
 //! The output is a safetensors file in the layout of [`nibble_io::frozen`]: a quantized weight
 //! `K` becomes its parts (`K.q4.packed`, `K.q4.norm`, ...), and `__metadata__` records the
 //! format ([`nibble_io::FORMAT_KEY`]) and each quantized weight's `[out, in]` shape
-//! (`nibble.shape.K` = `out,in`), so that a reader can rebuild the weights without
+//! ([`shape_metadata_key`]: `nibble.shape.K` = `out,in`), so that a reader can rebuild the weights without
 //! re-quantizing. The input is never overwritten.
 
 use crate::compare::{abs_diff, cosine};
 use crate::error::{Error, Result};
 use crate::paths::refuse_overwrite;
-use nibble_io::frozen::Part;
+use nibble_io::frozen::{shape_metadata_key, Part};
 use nibble_io::{write_safetensors, Checkpoint, DType, FrozenWeight, WeightFormat, FORMAT_KEY};
 use regex::Regex;
 use serde::Serialize;
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::Path;
-
-/// Metadata key prefix recording a quantized weight's `[out, in]` as `out,in`.
-pub const SHAPE_KEY_PREFIX: &str = "nibble.shape.";
 
 /// One quantized tensor in the report.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -86,7 +83,7 @@ pub fn quantize(
     let mut metadata: BTreeMap<String, String> = file
         .metadata()
         .iter()
-        .filter(|(k, _)| k.as_str() != FORMAT_KEY && !k.starts_with(SHAPE_KEY_PREFIX))
+        .filter(|(k, _)| k.as_str() != FORMAT_KEY && !k.starts_with(&shape_metadata_key("")))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     for key in file.keys() {
@@ -120,7 +117,7 @@ pub fn quantize(
             let after = weight.parts(key).iter().map(|p| p.3.len()).sum();
             let stored = weight.matrix().to_f32().into_vec();
             metadata.insert(
-                format!("{SHAPE_KEY_PREFIX}{key}"),
+                shape_metadata_key(key),
                 format!("{},{}", shape[0], shape[1]),
             );
             weights.push((key.to_string(), weight));

@@ -403,3 +403,48 @@ fn a_nibble_adapter_gives_the_logits_peft_gives_with_it() {
     let plain = tensor(&data("digits_mlp_logits.safetensors"), "logits");
     assert!(max_diff(&plain, &peft) > 0.1);
 }
+
+#[test]
+fn a_quantized_checkpoint_evaluates_as_the_format_it_holds() {
+    let dir = tmpdir("eval_quantized");
+    let (model, digits) = (data("digits_mlp.pth"), data("digits.safetensors"));
+    for format in ["q4", "nf4_dq", "lower"] {
+        let file = dir.join(format!("{format}.safetensors"));
+        nibble_json(&[
+            "quantize",
+            s(&model),
+            "--format",
+            format,
+            "--output",
+            s(&file),
+            "--json",
+        ]);
+        let (a, b) = (dir.join("a.safetensors"), dir.join("b.safetensors"));
+        let stored = nibble_json(&[
+            "eval",
+            "--model",
+            s(&file),
+            "--data",
+            s(&digits),
+            "--logits",
+            s(&a),
+            "--json",
+        ]);
+        let fresh = nibble_json(&[
+            "eval",
+            "--model",
+            s(&model),
+            "--data",
+            s(&digits),
+            "--format",
+            format,
+            "--logits",
+            s(&b),
+            "--json",
+        ]);
+        assert_eq!(stored["rows"][0]["format"], format);
+        assert_eq!(stored["rows"][0]["accuracy"], fresh["rows"][0]["accuracy"]);
+        assert_eq!(stored["rows"][0]["bytes"], fresh["rows"][0]["bytes"]);
+        assert_eq!(tensor(&a, "logits"), tensor(&b, "logits"), "{format}");
+    }
+}
