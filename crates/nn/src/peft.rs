@@ -171,8 +171,8 @@ fn read_scaling(dir: &Path) -> Result<(usize, f32)> {
 
 /// Loads the adapters saved in `dir` onto `layers`: each layer whose
 /// `base_model.model.<name>.lora_A.weight` / `lora_B.weight` pair is in the file gets it (an
-/// adapter is attached where the layer has none; PEFT's `lora_alpha / r` scaling is folded
-/// into B). Shapes are checked against the layer (`A` `[r, in]`, `B` `[out, r]`); a tensor that
+/// adapter is attached, trainable, where the layer has none, and that layer's base weight and
+/// bias are frozen; PEFT's `lora_alpha / r` scaling is folded into B). Shapes are checked against the layer (`A` `[r, in]`, `B` `[out, r]`); a tensor that
 /// belongs to none of `layers`, a lone A or B, or NaN/Inf values are errors.
 pub fn load_adapter<'a>(
     layers: impl IntoIterator<Item = &'a mut Linear>,
@@ -241,6 +241,10 @@ pub fn load_adapter<'a>(
                 *lora.b.value_mut() = b;
             }
             None => {
+                // As PEFT does: with an adapter on it, the base stops training.
+                for p in layer.params() {
+                    p.set_requires_grad(false);
+                }
                 let module = &layer.name;
                 layer.lora = Some(LoraAdapter {
                     a: Param::new(format!("{module}.lora_a.weight"), a, true),

@@ -99,7 +99,8 @@ pub struct Sequential {
 /// `3.weight.q4.packed` -> (3, "weight") (a part of a quantized weight).
 fn parse_key(key: &str) -> Option<(usize, &'static str)> {
     let (index, rest) = key.split_once('.')?;
-    if index.is_empty() || !index.bytes().all(|b| b.is_ascii_digit()) {
+    let canonical = index == "0" || !index.starts_with('0'); // PyTorch writes `3`, never `03`
+    if index.is_empty() || !canonical || !index.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
     let index = index.parse().ok()?;
@@ -167,6 +168,8 @@ impl Sequential {
         let mut layers = Vec::new();
         let mut width: Option<(usize, String)> = None; // output width and the key that set it
         let mut previous: Option<usize> = None;
+        let mut gaps = Vec::new(); // first missing index of each gap
+        let mut linear_indices = Vec::new();
         for (&index, &(has_weight, has_bias)) in &indices {
             let key = |name: &str| format!("{}{index}.{name}", options.prefix);
             if !has_weight {
@@ -197,6 +200,7 @@ impl Sequential {
                             ))
                         })?;
                     layers.push(Layer::Activation(act));
+                    gaps.push(gap);
                 }
             }
             previous = Some(index);
@@ -210,6 +214,7 @@ impl Sequential {
                         .get(&index)
                         .copied()
                         .unwrap_or(options.format);
+                    linear_indices.push(index);
                     Layer::Linear(vb.linear(format)?)
                 }
                 Some(_) => {
@@ -239,6 +244,16 @@ impl Sequential {
             }
             width = Some((out, key("weight")));
             layers.push(layer);
+        }
+        if let Some(index) = options.formats.keys().find(|i| !linear_indices.contains(i)) {
+            return Err(structure(format!(
+                "a format is given for index {index}, which holds no Linear (Linears at {linear_indices:?})"
+            )));
+        }
+        if let Some(index) = options.activations.keys().find(|i| !gaps.contains(i)) {
+            return Err(structure(format!(
+                "an activation is given for index {index}, which starts no gap between layers (gaps at {gaps:?})"
+            )));
         }
         Ok(Sequential { layers })
     }
@@ -319,6 +334,29 @@ impl Sequential {
         }
         for (i, linear) in self.linears_mut().enumerate() {
             linear.add_lora(rank, &mut Rng::fork(seed, i as u64))?;
+        }
+        Ok(())
+    }
+
+    /// Saves the Linears' LoRA adapters to `dir` in PEFT's layout (target modules: the
+    /// Linears' names, `0`, `3`, ... for an unprefixed state dict); see [`crate::peft`].
+    pub fn save_adapter(&self, dir: &Path) -> Result<()> {
+        crate::peft::save_adapter(self.linears(), dir)
+    }
+
+    /// Loads a PEFT adapter directory onto the Linears and freezes everything but the
+    /// adapters (as [`Sequential::add_lora`] does); see [`crate::peft::load_adapter`]. A bad
+    /// adapter leaves the model as it was.
+    pub fn load_adapter(&mut self, dir: &Path) -> Result<()> {
+        crate::peft::load_adapter(self.linears_mut(), dir)?;
+        for p in self.params() {
+            p.set_requires_grad(false);
+        }
+        for l in self.linears() {
+            if let Some(lora) = &l.lora {
+                lora.a.set_requires_grad(true);
+                lora.b.set_requires_grad(true);
+            }
         }
         Ok(())
     }

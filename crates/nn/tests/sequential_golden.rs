@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 
 use nibble_autograd::Tape;
 use nibble_io::{Checkpoint, DType, WeightFormat};
-use nibble_nn::{cross_entropy, peft, Activation, Layer, Sequential, SequentialOptions};
+use nibble_nn::{
+    cross_entropy, peft, Activation, Layer, Sequential, SequentialOptions, VarBuilder,
+};
 use nibble_tensor::Tensor;
 
 fn data(name: &str) -> PathBuf {
@@ -229,9 +231,15 @@ fn peft_adapter_round_trip() {
         [5, 4]
     );
 
-    // Loaded onto a model without adapters: the same logits as the golden LoRA model.
+    // Loaded onto a model without adapters: the same logits as the golden LoRA model, and
+    // only the adapters train.
     let mut loaded = from_pth(&options()).unwrap();
-    peft::load_adapter(loaded.linears_mut(), &dir).unwrap();
+    loaded.load_adapter(&dir).unwrap();
+    assert_eq!(loaded.trainable_params().len(), 6);
+    assert!(loaded
+        .trainable_params()
+        .iter()
+        .all(|p| p.name().contains(".lora_")));
     let x = tensor(&g, "x");
     let d = max_diff(&loaded.infer(&x).unwrap(), &tensor(&g, "lora_logits"));
     assert!(d < 1e-5, "{d}");
@@ -525,6 +533,27 @@ fn bad_state_dicts_are_errors_naming_key_and_shapes() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("no `n.<index>.weight`"), "{e}");
+    // Options that name layers the file does not have.
+    let file = state_dict(
+        &dir,
+        "two.safetensors",
+        &[
+            ("0.weight", vec![4, 3]),
+            ("0.bias", vec![4]),
+            ("2.weight", vec![4]),
+            ("2.bias", vec![4]),
+        ],
+    );
+    let e = Sequential::from_state_dict(&file, &relu.clone().format_at(2, WeightFormat::Int8))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("index 2, which holds no Linear"), "{e}");
+    let e = Sequential::from_state_dict(&file, &relu.clone().activation_at(3, Activation::Gelu))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("index 3") && e.contains("gaps at [1]"), "{e}");
+    let leading_zero = state_dict(&dir, "zero.safetensors", &[("01.weight", vec![4, 3])]);
+    assert!(Sequential::from_state_dict(&leading_zero, &relu).is_err());
     // Inputs of the wrong width.
     let e = model
         .infer(&Tensor::zeros(&[2, 5]))
@@ -532,4 +561,31 @@ fn bad_state_dicts_are_errors_naming_key_and_shapes() {
         .to_string();
     assert!(e.contains("[batch, 3]") && e.contains("[2, 5]"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn var_builder_errors_name_file_key_and_shapes() {
+    let file = Checkpoint::open(data("seq_d30.pth")).unwrap();
+    let vb = VarBuilder::new(&file).pp("3");
+    assert_eq!(vb.module_name(), "3");
+    assert_eq!(vb.key("weight"), "3.weight");
+    assert_eq!(vb.shape("weight").unwrap(), [48, 48]);
+    let e = vb.get("weight", &[48, 30]).unwrap_err().to_string();
+    for needle in ["seq_d30.pth", "3.weight", "[48, 30]", "[48, 48]"] {
+        assert!(e.contains(needle), "{e} lacks {needle}");
+    }
+    let e = VarBuilder::new(&file)
+        .pp("7")
+        .linear(WeightFormat::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("seq_d30.pth") && e.contains("`7.weight`"), "{e}");
+    let e = VarBuilder::new(&file)
+        .pp("2")
+        .linear(WeightFormat::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`2.weight`") && e.contains("[48]"), "{e}");
+    let norm = VarBuilder::new(&file).pp("2").layer_norm().unwrap();
+    assert_eq!((norm.name.as_str(), norm.dim()), ("2", 48));
 }
