@@ -6,7 +6,7 @@
 use crate::error::{Error, Result};
 use nibble_autograd::{Param, Tape, Var};
 use nibble_io::{Checkpoint, WeightFormat};
-use nibble_nn::{cross_entropy, peft, Activation, Layer, Sequential, SequentialOptions};
+use nibble_nn::{cross_entropy, Activation, Layer, Sequential, SequentialOptions};
 use nibble_tensor::Tensor;
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -144,13 +144,14 @@ impl Classifier {
         Ok(value)
     }
 
-    /// Loads a PEFT adapter directory onto the Linear layers (target modules named by index).
+    /// Loads a PEFT adapter directory onto the Linear layers (target modules named by index);
+    /// a bad adapter is an error naming the file, key and shapes.
     pub fn load_adapter(&mut self, dir: &Path) -> Result<()> {
-        Ok(peft::load_adapter(self.model.linears_mut(), dir)?)
+        Ok(self.model.load_adapter(dir)?)
     }
 
     /// Saves the Linear layers' adapters in PEFT's layout.
     pub fn save_adapter(&self, dir: &Path) -> Result<()> {
-        Ok(peft::save_adapter(self.model.linears(), dir)?)
+        Ok(self.model.save_adapter(dir)?)
     }
 }
