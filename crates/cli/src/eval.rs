@@ -22,7 +22,8 @@ pub struct EvalRow {
     pub loss: f64,
     /// Mean over test rows of the cosine similarity of the logits to the f32 model's.
     pub cosine: f64,
-    /// Bytes of the model's weights, biases and LayerNorm parameters in this format.
+    /// Bytes of the model's weights, biases and LayerNorm parameters in this format (and of
+    /// the LoRA adapters, with `--adapter`).
     pub bytes: usize,
 }
 
