@@ -64,8 +64,10 @@ pub const NF4_LEVELS: [f32; 16] = [
     1.0,
 ];
 
-/// bitsandbytes' decision thresholds (`dQuantizeNF4`): the code of `x` is the number of
-/// thresholds `t` with `x > t`.
+/// bitsandbytes' decision thresholds: the f32 midpoints `(level[k] + level[k+1]) / 2` its CPU
+/// `quantize_4bit` (0.50) bucketizes against, so the code of `x` is the number of thresholds
+/// `t` with `x > t` (a value exactly on a midpoint takes the lower code). Two of them lie one
+/// ulp above the CUDA kernel's `dQuantizeNF4` constants (0.5016634 and 0.8614784).
 pub const NF4_THRESHOLDS: [f32; 15] = [
     -0.848_096_4,
     -0.610_632_9,
@@ -79,9 +81,9 @@ pub const NF4_THRESHOLDS: [f32; 15] = [
     0.203_521_25,
     0.292_013_77,
     0.389_312_54,
-    0.501_663_4,
+    0.501_663_45,
     0.642_786_9,
-    0.861_478_4,
+    0.861_478_45,
 ];
 
 /// The NF4 code of a normalized weight `x` (NaN gives 0, as in bitsandbytes' tree).

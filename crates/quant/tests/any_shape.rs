@@ -6,6 +6,8 @@
 //! kernel path the CPU has (one child process per path, `NIBBLE_KERNEL` set), with NaN-filled
 //! outputs and bit-identical results on 1, 2 and 3 threads.
 
+#![allow(clippy::manual_is_multiple_of)]
+
 use half::f16;
 use nibble_quant::cpu::available_paths;
 use nibble_quant::nf4::{dynamic_code_bnb, dynamic_map, NF4_LEVELS, NF4_THRESHOLDS};
@@ -96,12 +98,9 @@ fn q4_reference(w: &Tensor) -> (Vec<u8>, Vec<f16>, Vec<f32>) {
 fn nf4_reference(w: &Tensor) -> (Vec<u8>, Vec<f32>) {
     let x = w.data();
     let n = x.len();
-    let code = |v: f32| {
-        NF4_THRESHOLDS
-            .iter()
-            .filter(|&&t| v.clamp(-1.0, 1.0) > t)
-            .count() as u8
-    };
+    // torch.bucketize(v, midpoints): the number of f32 midpoints of adjacent levels below v.
+    let mids: Vec<f32> = NF4_LEVELS.windows(2).map(|p| (p[0] + p[1]) / 2.0).collect();
+    let code = |v: f32| mids.iter().filter(|&&t| t < v.clamp(-1.0, 1.0)).count() as u8;
     let mut codes = Vec::with_capacity(n + 1);
     let mut absmax = Vec::new();
     for blk in x.chunks(64) {
@@ -330,6 +329,52 @@ fn nf4_any_shape_matches_bitsandbytes_rule() {
         )
         .unwrap();
         bits_eq(d.to_f32().data(), &ddeq, "nf4dq from_parts");
+    }
+}
+
+/// The thresholds are bitsandbytes' f32 midpoints, and a weight whose normalized value lies
+/// exactly on one takes the lower code (`torch.bucketize`), on every path.
+#[test]
+fn nf4_midpoint_ties_take_the_lower_code() {
+    for (k, t) in NF4_THRESHOLDS.iter().enumerate() {
+        assert_eq!(
+            t.to_bits(),
+            ((NF4_LEVELS[k] + NF4_LEVELS[k + 1]) / 2.0).to_bits()
+        );
+    }
+    // One block of 64: absmax 1 (so v · (1/1) = v), then each midpoint and the next f32 above.
+    let mut x = vec![0.0f32; 64];
+    x[0] = 1.0;
+    let up = |t: f32| {
+        if t > 0.0 {
+            f32::from_bits(t.to_bits() + 1)
+        } else {
+            f32::from_bits(t.to_bits() - 1)
+        }
+    };
+    for (k, &t) in NF4_THRESHOLDS.iter().enumerate() {
+        x[1 + 2 * k] = t;
+        x[2 + 2 * k] = up(t);
+    }
+    let w = Tensor::from_vec(&[1, 64], x).unwrap();
+    let (packed, _) = nf4_reference(&w);
+    for p in available_paths() {
+        let q = Nf4Matrix::quantize_with(&w, false, p).unwrap();
+        assert_eq!(q.packed_bytes(), &packed[..], "{p:?}");
+    }
+    let code = |e: usize| {
+        if e % 2 == 0 {
+            packed[e / 2] >> 4
+        } else {
+            packed[e / 2] & 15
+        }
+    };
+    for k in 0..15 {
+        assert_eq!(
+            (code(1 + 2 * k), code(2 + 2 * k)),
+            (k as u8, k as u8 + 1),
+            "midpoint {k}"
+        );
     }
 }
 
