@@ -165,6 +165,23 @@ pub enum Error {
         /// What is wrong.
         what: String,
     },
+    /// A data file whose content does not fit what it must hold (labels out of range, NaN
+    /// features, x and y of different lengths, a feature count that is not the model's, ...).
+    #[error(
+        "{}: tensor `{key}`{}: {what}",
+        path.display(),
+        index.map(|i| format!(" at index {i}")).unwrap_or_default()
+    )]
+    Data {
+        /// The file involved.
+        path: PathBuf,
+        /// The tensor's key (`x_test`, `y_train`, ...).
+        key: String,
+        /// The element (flat index) or row at fault, if one is.
+        index: Option<usize>,
+        /// The expected and the found value: `expected ..., found ...`.
+        what: String,
+    },
 }
 
 /// Result alias of the `nibble-io` crate.

@@ -4,14 +4,17 @@
 //!
 //! File layout of a weight `K` (e.g. `model.0.model.0.weight`), one safetensors tensor per part:
 //!
+//! Shapes round up: a partial last block (in `[out, in]` for q4 and lower, of the flattened
+//! weight for nf4) has its own scale, and an odd element count leaves half a byte of padding.
+//!
 //! | format | tensors |
 //! |---|---|
 //! | `f16` | `K` f16 `[out, in]` |
 //! | `q4` | `K.q4.packed` u8 `[out, ⌈in/2⌉]` (element 2i in the low nibble), `K.q4.norm` f16 `[out, ⌈in/16⌉]` |
 //! | `nf4` | `K.nf4.packed` u8 `[⌈out·in/2⌉]` (first element in the high nibble), `K.nf4.absmax` f32 `[⌈out·in/64⌉]` |
-//! | `nf4_dq` | `K.nf4.packed`, `K.nf4.absmax_codes` u8 `[out·in/64]`, `K.nf4.absmax_offset` f32 `[1]`, `K.nf4.absmax_scale` f32 `[⌈out·in/64/256⌉]` |
+//! | `nf4_dq` | `K.nf4.packed`, `K.nf4.absmax_codes` u8 `[⌈out·in/64⌉]`, `K.nf4.absmax_offset` f32 `[1]`, `K.nf4.absmax_scale` f32 `[⌈⌈out·in/64⌉/256⌉]` |
 //! | `int8` | `K.int8.codes` u8 `[out, in]`, `K.int8.scale` f32 `[out]`, `K.int8.min` f32 `[out]`: w ≈ min + scale·code |
-//! | `lower` | `K.lower.bits` u8 `[out]` (3 or 4 per row), `K.lower.codes` u8 `[Σ row bytes]`, `K.lower.scale` f16 `[out, in/128]`, `K.lower.min` f16 `[out, in/128]`: w ≈ min + scale·code |
+//! | `lower` | `K.lower.bits` u8 `[out]` (3 or 4 per row), `K.lower.codes` u8 `[Σ row bytes]`, `K.lower.scale` f16 `[out, ⌈in/128⌉]`, `K.lower.min` f16 `[out, ⌈in/128⌉]`: w ≈ min + scale·code |
 
 use crate::checkpoint::{Checkpoint, DType};
 use crate::error::{Error, Result};
@@ -100,10 +103,7 @@ impl FrozenWeight {
         let m = self.matrix();
         let n = m.out_features() * m.in_features();
         match self {
-            FrozenWeight::Q4(_) => {
-                let (o, i) = (m.out_features(), m.in_features());
-                o * i.div_ceil(2) + o * i.div_ceil(16)
-            }
+            FrozenWeight::Q4(_) => n / 2 + n / 16,
             _ => n,
         }
     }
@@ -128,7 +128,13 @@ impl FrozenWeight {
                     vec![o, i.div_ceil(2)],
                     w.packed_bytes(),
                 ),
-                part(key, "q4.norm", DType::F16, vec![o, i.div_ceil(16)], w.norm_bytes()),
+                part(
+                    key,
+                    "q4.norm",
+                    DType::F16,
+                    vec![o, i.div_ceil(16)],
+                    w.norm_bytes(),
+                ),
             ],
             FrozenWeight::Nf4(w) => {
                 let mut parts = vec![part(
@@ -143,9 +149,13 @@ impl FrozenWeight {
                     w.absmax_codes_bytes(),
                     w.absmax_scale_bytes(),
                 ) {
-                    (Some(absmax), _, _) => {
-                        parts.push(part(key, "nf4.absmax", DType::F32, vec![n.div_ceil(64)], absmax))
-                    }
+                    (Some(absmax), _, _) => parts.push(part(
+                        key,
+                        "nf4.absmax",
+                        DType::F32,
+                        vec![n.div_ceil(64)],
+                        absmax,
+                    )),
                     (None, Some(codes), Some(scale)) => {
                         parts.push(part(
                             key,
@@ -270,7 +280,11 @@ impl FrozenWeight {
                     get("nf4.packed", DType::U8, &[n.div_ceil(2)])?,
                     get("nf4.absmax_codes", DType::U8, &[n.div_ceil(64)])?,
                     get("nf4.absmax_offset", DType::F32, &[1])?,
-                    get("nf4.absmax_scale", DType::F32, &[n.div_ceil(64).div_ceil(256)])?,
+                    get(
+                        "nf4.absmax_scale",
+                        DType::F32,
+                        &[n.div_ceil(64).div_ceil(256)],
+                    )?,
                 )
                 .map_err(e)?,
             )),

@@ -10,11 +10,13 @@
 //! key and expected / found shape or dtype, never a panic or an allocation sized by a header.
 
 pub mod checkpoint;
+pub mod dataset;
 pub mod error;
 pub mod format;
 pub mod frozen;
 
 pub use checkpoint::{write_safetensors, Checkpoint, DType};
+pub use dataset::{Dataset, Split};
 pub use error::{Error, Result};
 pub use format::{WeightFormat, FORMAT_KEY};
 pub use frozen::FrozenWeight;

@@ -1,0 +1,127 @@
+//! How far one set of numbers is from another: max and mean |Δ|, cosine similarity, and the
+//! classifier figures (accuracy, mean softmax cross-entropy) that `eval` and `finetune` print.
+
+/// Max and mean |a - b| over equally long slices (0 and 0 for empty ones).
+pub fn abs_diff(a: &[f32], b: &[f32]) -> (f64, f64) {
+    let mut max = 0.0f64;
+    let mut sum = 0.0f64;
+    for (x, y) in a.iter().zip(b) {
+        let d = (f64::from(*x) - f64::from(*y)).abs();
+        max = max.max(d);
+        sum += d;
+    }
+    let mean = if a.is_empty() {
+        0.0
+    } else {
+        sum / a.len() as f64
+    };
+    (max, mean)
+}
+
+/// Cosine similarity of two vectors, accumulated in f64. Two all-zero vectors are identical
+/// (1); one zero vector against a nonzero one shares no direction (0).
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let (mut dot, mut na, mut nb) = (0.0f64, 0.0f64, 0.0f64);
+    for (x, y) in a.iter().zip(b) {
+        let (x, y) = (f64::from(*x), f64::from(*y));
+        dot += x * y;
+        na += x * x;
+        nb += y * y;
+    }
+    match (na == 0.0, nb == 0.0) {
+        (true, true) => 1.0,
+        (true, false) | (false, true) => 0.0,
+        _ => dot / (na.sqrt() * nb.sqrt()),
+    }
+}
+
+/// Mean over rows of the cosine similarity of matching rows of two `[rows, cols]` matrices
+/// (1 when there are no rows).
+pub fn mean_row_cosine(a: &[f32], b: &[f32], cols: usize) -> f64 {
+    if cols == 0 || a.is_empty() {
+        return 1.0;
+    }
+    let rows = a.len() / cols;
+    let total: f64 = a
+        .chunks_exact(cols)
+        .zip(b.chunks_exact(cols))
+        .map(|(x, y)| cosine(x, y))
+        .sum();
+    total / rows as f64
+}
+
+/// Fraction of rows of `logits` `[rows, classes]` whose arg-max (the first, on ties) is the
+/// label (0 when there are no rows).
+pub fn accuracy(logits: &[f32], classes: usize, labels: &[usize]) -> f64 {
+    if classes == 0 || labels.is_empty() {
+        return 0.0;
+    }
+    let hits = logits
+        .chunks_exact(classes)
+        .zip(labels)
+        .filter(|(row, &label)| argmax(row) == label)
+        .count();
+    hits as f64 / labels.len() as f64
+}
+
+/// Index of the largest element (the first of equal ones; NaN never wins).
+pub fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, v) in row.iter().enumerate() {
+        if *v > row[best] || row[best].is_nan() {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Mean softmax cross-entropy of `logits` `[rows, classes]` against `labels`, in f64 with the
+/// max subtracted (0 when there are no rows).
+pub fn mean_cross_entropy(logits: &[f32], classes: usize, labels: &[usize]) -> f64 {
+    if classes == 0 || labels.is_empty() {
+        return 0.0;
+    }
+    let total: f64 = logits
+        .chunks_exact(classes)
+        .zip(labels)
+        .map(|(row, &label)| {
+            let max = row
+                .iter()
+                .fold(f64::NEG_INFINITY, |m, v| m.max(f64::from(*v)));
+            let sum: f64 = row.iter().map(|v| (f64::from(*v) - max).exp()).sum();
+            max + sum.ln() - f64::from(row[label])
+        })
+        .sum();
+    total / labels.len() as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn diff_and_cosine_of_known_vectors() {
+        let (max, mean) = abs_diff(&[1.0, -2.0, 3.0], &[1.5, -2.0, 1.0]);
+        assert_eq!((max, mean), (2.0, 2.5 / 3.0));
+        assert!((cosine(&[1.0, 0.0], &[0.0, 1.0])).abs() < 1e-12);
+        assert!((cosine(&[1.0, 2.0], &[2.0, 4.0]) - 1.0).abs() < 1e-12);
+        assert!((cosine(&[1.0, 0.0], &[-1.0, 0.0]) + 1.0).abs() < 1e-12);
+        assert_eq!(cosine(&[0.0, 0.0], &[0.0, 0.0]), 1.0);
+        assert_eq!(cosine(&[0.0, 0.0], &[1.0, 0.0]), 0.0);
+        let rows = mean_row_cosine(&[1.0, 0.0, 1.0, 1.0], &[1.0, 0.0, -1.0, -1.0], 2);
+        assert!(rows.abs() < 1e-12, "{rows}");
+    }
+
+    #[test]
+    fn accuracy_and_cross_entropy_of_known_logits() {
+        let logits = [2.0, 1.0, 0.0, 0.0, 0.0, 3.0];
+        assert_eq!(accuracy(&logits, 3, &[0, 1]), 0.5);
+        assert_eq!(argmax(&[1.0, 3.0, 3.0]), 1);
+        assert_eq!(argmax(&[f32::NAN, 0.0]), 1);
+        // Uniform logits: ln(classes).
+        let ce = mean_cross_entropy(&[0.0; 4], 4, &[2]);
+        assert!((ce - 4f64.ln()).abs() < 1e-12);
+        let ce = mean_cross_entropy(&[0.0, 1000.0], 2, &[0]);
+        assert!((ce - 1000.0).abs() < 1e-9, "{ce}");
+    }
+}

@@ -1,0 +1,54 @@
+//! The error type of the `nibble` program: the library crates' errors (which name file, key,
+//! shape and dtype) and the program's own (arguments, files it refuses to touch).
+
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+/// Everything that can go wrong in `nibble`.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Reading or writing a state dict, checkpoint or data file failed.
+    #[error(transparent)]
+    Io(#[from] nibble_io::Error),
+    /// Building, running or training the model failed.
+    #[error(transparent)]
+    Nn(#[from] nibble_nn::Error),
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Tensor(#[from] nibble_tensor::TensorError),
+    /// Recording, differentiating or optimizing failed.
+    #[error(transparent)]
+    Autograd(#[from] nibble_autograd::AutogradError),
+    /// An argument that cannot be used (named, with the reason).
+    #[error("{arg}: {what}")]
+    Usage {
+        /// The argument (`--include`, `--format`, ...).
+        arg: &'static str,
+        /// What is wrong with it.
+        what: String,
+    },
+    /// A verb would write over one of its own inputs.
+    #[error("{}: refusing to write over an input of this command ({what})", path.display())]
+    WouldOverwrite {
+        /// The output path.
+        path: PathBuf,
+        /// Which input it is.
+        what: String,
+    },
+    /// The operating system refused a file operation of the program itself.
+    #[error("{}: {op}: {source}", path.display())]
+    File {
+        /// The file involved.
+        path: PathBuf,
+        /// What was being done.
+        op: &'static str,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Result alias of the `nibble` program.
+pub type Result<T> = std::result::Result<T, Error>;

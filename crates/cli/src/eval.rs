@@ -1,0 +1,146 @@
+//! `nibble eval`: a Sequential classifier's accuracy, mean cross-entropy, cosine similarity of
+//! its logits to the f32 model's, and model bytes, in one weight format or in all of them.
+
+use crate::args::FormatChoice;
+use crate::compare::{accuracy, mean_cross_entropy, mean_row_cosine};
+use crate::error::Result;
+use crate::model::{parse_activations, Classifier};
+use crate::paths::refuse_overwrite;
+use nibble_io::{write_safetensors, DType, Dataset, WeightFormat, FORMAT_KEY};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// One format's figures.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct EvalRow {
+    /// The weight format of every Linear.
+    pub format: String,
+    /// Fraction of test rows classified right.
+    pub accuracy: f64,
+    /// Mean softmax cross-entropy on the test rows.
+    pub loss: f64,
+    /// Mean over test rows of the cosine similarity of the logits to the f32 model's.
+    pub cosine: f64,
+    /// Bytes of the model's weights, biases and LayerNorm parameters in this format (and of
+    /// the LoRA adapters, with `--adapter`).
+    pub bytes: usize,
+}
+
+/// What `eval` reports (also its `--json` object).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct EvalReport {
+    /// The model file.
+    pub model: String,
+    /// The data file.
+    pub data: String,
+    /// One row per format.
+    pub rows: Vec<EvalRow>,
+}
+
+/// What `eval` is asked for.
+#[derive(Debug, Clone)]
+pub struct EvalArgs<'a> {
+    /// The state dict.
+    pub model: &'a Path,
+    /// The data file.
+    pub data: &'a Path,
+    /// Formats to evaluate.
+    pub format: FormatChoice,
+    /// `relu`, `gelu`, or one per gap, comma-separated.
+    pub activation: &'a str,
+    /// A PEFT adapter directory to put on the model (in every format).
+    pub adapter: Option<&'a Path>,
+    /// Where to write the first format's logits, if anywhere.
+    pub logits: Option<&'a Path>,
+}
+
+/// Evaluates the model on the data's test split (see the module docs).
+pub fn evaluate(args: &EvalArgs<'_>) -> Result<EvalReport> {
+    if let Some(out) = args.logits {
+        refuse_overwrite(out, &[(args.model, "--model"), (args.data, "--data")])?;
+    }
+    let activations = parse_activations(args.activation)?;
+    let data = Dataset::open(args.data)?;
+    let load = |format| -> Result<Classifier> {
+        let mut m = Classifier::open(args.model, &activations, format)?;
+        if let Some(dir) = args.adapter {
+            m.load_adapter(dir)?;
+        }
+        Ok(m)
+    };
+    let reference = load(WeightFormat::F32)?;
+    data.check_fits(reference.features(), reference.classes())?;
+    let x = &data.test.x;
+    let labels = &data.test.y;
+    let classes = reference.classes();
+    let reference_logits = reference.logits(x)?;
+    let mut rows = Vec::new();
+    for (i, format) in args.format.formats().into_iter().enumerate() {
+        let model;
+        let (m, logits) = if format == WeightFormat::F32 {
+            (&reference, reference_logits.clone())
+        } else {
+            model = load(format)?;
+            let logits = model.logits(x)?;
+            (&model, logits)
+        };
+        if i == 0 {
+            if let Some(out) = args.logits {
+                let bytes: Vec<u8> = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
+                let entry = (
+                    "logits".to_string(),
+                    DType::F32,
+                    vec![labels.len(), classes],
+                    bytes.as_slice(),
+                );
+                let mut meta = BTreeMap::new();
+                meta.insert(FORMAT_KEY.to_string(), m.format().name().to_string());
+                write_safetensors(out, &[entry], &meta)?;
+            }
+        }
+        rows.push(EvalRow {
+            // The format the weights are in: the one asked for, or a quantized file's own.
+            format: m.format().name().to_string(),
+            accuracy: accuracy(&logits, classes, labels),
+            loss: mean_cross_entropy(&logits, classes, labels),
+            cosine: mean_row_cosine(&logits, &reference_logits, classes),
+            bytes: m.bytes(),
+        });
+    }
+    Ok(EvalReport {
+        model: args.model.display().to_string(),
+        data: args.data.display().to_string(),
+        rows,
+    })
+}
+
+/// Runs `eval`, printing a table or one JSON object.
+pub fn run(args: &EvalArgs<'_>, json: bool) -> Result<()> {
+    let report = evaluate(args)?;
+    if json {
+        println!("{}", serde_json::to_string(&report).expect("serializable"));
+        return Ok(());
+    }
+    println!("{} on {}:", report.model, report.data);
+    print_table(&report.rows);
+    Ok(())
+}
+
+/// Prints eval rows as a table (also used by the digits example).
+pub fn print_table(rows: &[EvalRow]) {
+    println!(
+        "{:<8} {:>9} {:>9} {:>10} {:>10}",
+        "format", "accuracy", "loss", "cosine", "bytes"
+    );
+    for r in rows {
+        println!(
+            "{:<8} {:>8.2}% {:>9.4} {:>10.6} {:>10}",
+            r.format,
+            100.0 * r.accuracy,
+            r.loss,
+            r.cosine,
+            r.bytes
+        );
+    }
+}

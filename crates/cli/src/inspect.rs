@@ -1,0 +1,114 @@
+//! `nibble inspect FILE`: every tensor of a state dict or quantized checkpoint with its dtype,
+//! shape, storage format and bytes, and the total.
+
+use crate::error::Result;
+use nibble_io::Checkpoint;
+use serde::Serialize;
+use std::path::Path;
+
+/// One tensor as `inspect` reports it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TensorInfo {
+    /// The tensor's key.
+    pub name: String,
+    /// Its element type (`f32`, `u8`, ...).
+    pub dtype: String,
+    /// Its shape.
+    pub shape: Vec<usize>,
+    /// The storage it belongs to: a quantized format (`q4`, `nf4`, `nf4_dq`, `int8`, `lower`)
+    /// for the parts of a quantized weight, otherwise the dtype.
+    pub format: String,
+    /// Bytes of data.
+    pub bytes: usize,
+}
+
+/// What `inspect` reports (also its `--json` object).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Inspection {
+    /// The file.
+    pub file: String,
+    /// Total bytes of tensor data.
+    pub bytes: usize,
+    /// Every tensor, sorted by name.
+    pub tensors: Vec<TensorInfo>,
+}
+
+/// The quantized format a tensor named `key` is a part of, from the part suffixes of
+/// [`nibble_io::frozen`] (`K.q4.packed`, `K.nf4.absmax`, ...), or `None` for a plain tensor.
+pub fn part_format(file: &Checkpoint, key: &str) -> Option<&'static str> {
+    let (base, kind) = ["q4", "nf4", "int8", "lower"]
+        .into_iter()
+        .find_map(|kind| key.rfind(&format!(".{kind}.")).map(|at| (&key[..at], kind)))?;
+    if kind == "nf4" && file.contains(&format!("{base}.nf4.absmax_codes")) {
+        return Some("nf4_dq");
+    }
+    Some(kind)
+}
+
+/// Describes every tensor of `path`.
+pub fn inspect(path: &Path) -> Result<Inspection> {
+    let file = Checkpoint::open(path)?;
+    let tensors: Vec<TensorInfo> = file
+        .keys()
+        .filter_map(|key| {
+            let (dtype, shape) = file.info(key)?;
+            let bytes = shape
+                .iter()
+                .try_fold(dtype.size_of(), |acc, &d| acc.checked_mul(d))
+                .unwrap_or(usize::MAX);
+            Some(TensorInfo {
+                name: key.to_string(),
+                dtype: dtype.name().to_string(),
+                shape: shape.to_vec(),
+                format: part_format(&file, key)
+                    .map(str::to_string)
+                    .unwrap_or_else(|| dtype.name().to_string()),
+                bytes,
+            })
+        })
+        .collect();
+    Ok(Inspection {
+        file: path.display().to_string(),
+        bytes: tensors
+            .iter()
+            .fold(0usize, |acc, t| acc.saturating_add(t.bytes)),
+        tensors,
+    })
+}
+
+/// Runs `inspect`, printing a table or (with `json`) one JSON object.
+pub fn run(path: &Path, json: bool) -> Result<()> {
+    let report = inspect(path)?;
+    if json {
+        println!("{}", serde_json::to_string(&report).expect("serializable"));
+        return Ok(());
+    }
+    let width = report
+        .tensors
+        .iter()
+        .map(|t| t.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    println!(
+        "{:<width$}  {:<5}  {:<16}  {:<7}  {:>10}",
+        "name", "dtype", "shape", "format", "bytes"
+    );
+    for t in &report.tensors {
+        println!(
+            "{:<width$}  {:<5}  {:<16}  {:<7}  {:>10}",
+            t.name,
+            t.dtype,
+            format!("{:?}", t.shape),
+            t.format,
+            t.bytes
+        );
+    }
+    println!(
+        "{} tensors, {} bytes ({})",
+        report.tensors.len(),
+        report.bytes,
+        report.file
+    );
+    Ok(())
+}

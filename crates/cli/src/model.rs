@@ -1,0 +1,157 @@
+//! The classifier the verbs work on: a [`nibble_nn::Sequential`] read from a PyTorch
+//! `nn.Sequential` state dict (`{i}.weight` / `{i}.bias`: a 2-D weight is a Linear, a 1-D one a
+//! LayerNorm, a gap in the indices an activation), every Linear in one weight format, with the
+//! activations given on the command line: one for every gap, or one per gap in index order.
+
+use crate::error::{Error, Result};
+use nibble_autograd::{Param, Tape, Var};
+use nibble_io::{Checkpoint, WeightFormat};
+use nibble_nn::{cross_entropy, Activation, Layer, Sequential, SequentialOptions};
+use nibble_tensor::Tensor;
+use std::collections::BTreeSet;
+use std::path::Path;
+
+/// Parses `--activation`: `relu`, `gelu`, or a comma-separated list of them (one per gap).
+pub fn parse_activations(s: &str) -> Result<Vec<Activation>> {
+    s.split(',')
+        .map(|a| match a.trim().to_ascii_lowercase().as_str() {
+            "relu" => Ok(Activation::Relu),
+            "gelu" => Ok(Activation::Gelu),
+            other => Err(Error::Usage {
+                arg: "--activation",
+                what: format!("`{other}`: expected relu or gelu (or a comma-separated list)"),
+            }),
+        })
+        .collect()
+}
+
+/// The first index of each gap between the layer indices of a Sequential state dict (keys
+/// `{i}.…`; keys that do not start with an index are left to the model reader to refuse).
+fn gaps(file: &Checkpoint) -> Vec<usize> {
+    let indices: BTreeSet<usize> = file
+        .keys()
+        .filter_map(|k| k.split('.').next()?.parse().ok())
+        .collect();
+    indices
+        .iter()
+        .zip(indices.iter().skip(1))
+        .filter(|(p, i)| **i > **p + 1)
+        .map(|(p, _)| p + 1)
+        .collect()
+}
+
+/// A Sequential classifier with its input width and number of classes.
+#[derive(Debug, Clone)]
+pub struct Classifier {
+    model: Sequential,
+    features: usize,
+    classes: usize,
+}
+
+impl Classifier {
+    /// Reads the Sequential in `path` with every Linear in `format` and `activations` in the
+    /// gaps (one for all, or one per gap).
+    pub fn open(path: &Path, activations: &[Activation], format: WeightFormat) -> Result<Self> {
+        let file = Checkpoint::open(path)?;
+        let gaps = gaps(&file);
+        let mut options = SequentialOptions::new().format(format);
+        match activations {
+            [one] => options = options.activation(*one),
+            list if list.len() == gaps.len() => {
+                for (gap, a) in gaps.iter().zip(list) {
+                    options = options.activation_at(*gap, *a);
+                }
+            }
+            list => {
+                return Err(Error::Usage {
+                    arg: "--activation",
+                    what: format!(
+                        "{} activations given for the {} gaps of {} (at indices {gaps:?}): give \
+                         one for all gaps or one per gap",
+                        list.len(),
+                        gaps.len(),
+                        path.display()
+                    ),
+                })
+            }
+        }
+        let model = Sequential::from_state_dict(&file, &options)?;
+        let features = model.in_features().unwrap_or(0);
+        let classes = model
+            .layers()
+            .iter()
+            .rev()
+            .find_map(|l| match l {
+                Layer::Linear(l) => Some(l.dims().0),
+                Layer::LayerNorm(n) => Some(n.dim()),
+                Layer::Activation(_) => None,
+            })
+            .unwrap_or(0);
+        Ok(Classifier {
+            model,
+            features,
+            classes,
+        })
+    }
+
+    /// Input width.
+    pub fn features(&self) -> usize {
+        self.features
+    }
+
+    /// Number of classes (the last layer's width).
+    pub fn classes(&self) -> usize {
+        self.classes
+    }
+
+    /// The storage format of the Linear weights (of the first Linear).
+    pub fn format(&self) -> WeightFormat {
+        self.model
+            .linears()
+            .next()
+            .map_or(WeightFormat::F32, |l| l.format())
+    }
+
+    /// Bytes of the model as stored (weights in their format, LoRA adapters included).
+    pub fn bytes(&self) -> usize {
+        self.model.model_bytes()
+    }
+
+    /// The logits `[rows, classes]` of `x` `[rows, features]`, row-major.
+    pub fn logits(&self, x: &Tensor) -> Result<Vec<f32>> {
+        Ok(self.model.infer(x)?.into_vec())
+    }
+
+    /// Puts a fresh rank-`rank` LoRA adapter on every Linear (A from `seed`, B zero) and
+    /// freezes everything else.
+    pub fn add_lora(&mut self, rank: usize, seed: u64) -> Result<()> {
+        Ok(self.model.add_lora(rank, seed)?)
+    }
+
+    /// The parameters that train.
+    pub fn trainable_params(&self) -> Vec<Param> {
+        self.model.trainable_params()
+    }
+
+    /// One training pass on a mini-batch: forward, mean softmax cross-entropy against `labels`,
+    /// backward (gradients accumulate into the trainable parameters); returns the loss.
+    pub fn train_loss(&self, tape: &Tape, x: Tensor, labels: &[usize]) -> Result<f32> {
+        let logits = self.model.forward(tape, &Var::constant(x))?;
+        let loss = cross_entropy(tape, &logits, labels)?;
+        let value = loss.value().item()?;
+        drop(logits);
+        tape.backward(&loss)?;
+        Ok(value)
+    }
+
+    /// Loads a PEFT adapter directory onto the Linear layers (target modules named by index);
+    /// a bad adapter is an error naming the file, key and shapes.
+    pub fn load_adapter(&mut self, dir: &Path) -> Result<()> {
+        Ok(self.model.load_adapter(dir)?)
+    }
+
+    /// Saves the Linear layers' adapters in PEFT's layout.
+    pub fn save_adapter(&self, dir: &Path) -> Result<()> {
+        Ok(self.model.save_adapter(dir)?)
+    }
+}

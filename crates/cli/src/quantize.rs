@@ -1,0 +1,206 @@
+//! `nibble quantize IN --format F --output OUT`: every 2-D floating-point tensor of a state dict
+//! (or those whose key matches `--include`) stored in format F, everything else copied as it is.
+//!
+//! The output is a safetensors file in the layout of [`nibble_io::frozen`]: a quantized weight
+//! `K` becomes its parts (`K.q4.packed`, `K.q4.norm`, ...), and `__metadata__` records the
+//! format ([`nibble_io::FORMAT_KEY`]) and each quantized weight's `[out, in]` shape
+//! ([`shape_metadata_key`]: `nibble.shape.K` = `out,in`), so that a reader can rebuild the weights without
+//! re-quantizing. The input is never overwritten.
+
+use crate::compare::{abs_diff, cosine};
+use crate::error::{Error, Result};
+use crate::paths::refuse_overwrite;
+use nibble_io::frozen::{shape_metadata_key, Part};
+use nibble_io::{write_safetensors, Checkpoint, DType, FrozenWeight, WeightFormat, FORMAT_KEY};
+use regex::Regex;
+use serde::Serialize;
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// One quantized tensor in the report.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TensorReport {
+    /// The tensor's key.
+    pub name: String,
+    /// Its `[out, in]` shape.
+    pub shape: Vec<usize>,
+    /// Largest |quantized - original|.
+    pub max_diff: f64,
+    /// Mean |quantized - original|.
+    pub mean_diff: f64,
+    /// Cosine similarity of the quantized tensor to the original (flattened).
+    pub cosine: f64,
+    /// Bytes the tensor took in the input.
+    pub bytes_before: usize,
+    /// Bytes its parts take in the output.
+    pub bytes_after: usize,
+}
+
+/// What `quantize` reports (also its `--json` object).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct QuantizeReport {
+    /// The format written.
+    pub format: String,
+    /// Bytes of tensor data in the input.
+    pub bytes_before: usize,
+    /// Bytes of tensor data in the output.
+    pub bytes_after: usize,
+    /// The quantized tensors.
+    pub tensors: Vec<TensorReport>,
+}
+
+/// The dtypes a weight to quantize may have.
+fn is_float(dtype: DType) -> bool {
+    matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+}
+
+/// Quantizes `input` into `output` (see the module docs). `include`, if given, selects the
+/// 2-D floating-point tensors to quantize by a regular-expression search in their keys.
+pub fn quantize(
+    input: &Path,
+    format: WeightFormat,
+    output: &Path,
+    include: Option<&str>,
+) -> Result<QuantizeReport> {
+    refuse_overwrite(output, &[(input, "the input")])?;
+    let include = include
+        .map(Regex::new)
+        .transpose()
+        .map_err(|e| Error::Usage {
+            arg: "--include",
+            what: e.to_string(),
+        })?;
+    let file = Checkpoint::open(input)?;
+    let mut report = QuantizeReport {
+        format: format.name().to_string(),
+        bytes_before: 0,
+        bytes_after: 0,
+        tensors: Vec::new(),
+    };
+    let mut owned: Vec<Part<'_>> = Vec::new();
+    let mut weights: Vec<(String, FrozenWeight)> = Vec::new();
+    let mut metadata: BTreeMap<String, String> = file
+        .metadata()
+        .iter()
+        .filter(|(k, _)| k.as_str() != FORMAT_KEY && !k.starts_with(&shape_metadata_key("")))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    for key in file.keys() {
+        let Some((dtype, shape)) = file.info(key) else {
+            continue;
+        };
+        let shape = shape.to_vec();
+        let bytes = file.bytes(key)?;
+        report.bytes_before += bytes.len();
+        let selected = shape.len() == 2
+            && is_float(dtype)
+            && !matches!(&include, Some(re) if !re.is_match(key));
+        if !selected {
+            report.bytes_after += bytes.len();
+            owned.push((key.to_string(), dtype, shape, Cow::Borrowed(bytes)));
+            continue;
+        }
+        let original = file.tensor_f32(key, None)?;
+        let (stored, after): (Vec<f32>, usize) = if format == WeightFormat::F32 {
+            let data = original.data().to_vec();
+            let n = data.len() * 4;
+            owned.push((
+                key.to_string(),
+                DType::F32,
+                shape.clone(),
+                Cow::Owned(bytemuck_f32(&data)),
+            ));
+            (data, n)
+        } else {
+            let weight = FrozenWeight::quantize(format, key, &original)?;
+            let after = weight.parts(key).iter().map(|p| p.3.len()).sum();
+            let stored = weight.matrix().to_f32().into_vec();
+            metadata.insert(
+                shape_metadata_key(key),
+                format!("{},{}", shape[0], shape[1]),
+            );
+            weights.push((key.to_string(), weight));
+            (stored, after)
+        };
+        let (max_diff, mean_diff) = abs_diff(&stored, original.data());
+        report.bytes_after += after;
+        report.tensors.push(TensorReport {
+            name: key.to_string(),
+            shape,
+            max_diff,
+            mean_diff,
+            cosine: cosine(&stored, original.data()),
+            bytes_before: bytes.len(),
+            bytes_after: after,
+        });
+    }
+    let mut entries: Vec<(String, DType, Vec<usize>, &[u8])> = owned
+        .iter()
+        .map(|(k, d, s, b)| (k.clone(), *d, s.clone(), b.as_ref()))
+        .collect();
+    let parts: Vec<_> = weights.iter().flat_map(|(k, w)| w.parts(k)).collect();
+    entries.extend(
+        parts
+            .iter()
+            .map(|(k, d, s, b)| (k.clone(), *d, s.clone(), b.as_ref())),
+    );
+    metadata.insert(FORMAT_KEY.to_string(), format.name().to_string());
+    write_safetensors(output, &entries, &metadata)?;
+    Ok(report)
+}
+
+fn bytemuck_f32(data: &[f32]) -> Vec<u8> {
+    data.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// Runs `quantize`, printing a summary, the per-tensor table (`report`) or one JSON object.
+pub fn run(
+    input: &Path,
+    format: WeightFormat,
+    output: &Path,
+    include: Option<&str>,
+    report: bool,
+    json: bool,
+) -> Result<()> {
+    let r = quantize(input, format, output, include)?;
+    if json {
+        println!("{}", serde_json::to_string(&r).expect("serializable"));
+        return Ok(());
+    }
+    if report {
+        let width = r
+            .tensors
+            .iter()
+            .map(|t| t.name.len())
+            .max()
+            .unwrap_or(4)
+            .max(4);
+        println!(
+            "{:<width$}  {:<12}  {:>10}  {:>10}  {:>9}  {:>10}  {:>10}",
+            "name", "shape", "max |d|", "mean |d|", "cosine", "bytes", "after"
+        );
+        for t in &r.tensors {
+            println!(
+                "{:<width$}  {:<12}  {:>10.3e}  {:>10.3e}  {:>9.6}  {:>10}  {:>10}",
+                t.name,
+                format!("{:?}", t.shape),
+                t.max_diff,
+                t.mean_diff,
+                t.cosine,
+                t.bytes_before,
+                t.bytes_after
+            );
+        }
+    }
+    println!(
+        "wrote {}: {} tensors in {}, {} -> {} bytes ({:.1}%)",
+        output.display(),
+        r.tensors.len(),
+        r.format,
+        r.bytes_before,
+        r.bytes_after,
+        100.0 * r.bytes_after as f64 / r.bytes_before.max(1) as f64
+    );
+    Ok(())
+}

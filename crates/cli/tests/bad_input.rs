@@ -1,0 +1,331 @@
+//! Every kind of bad input the issue names gives a clean error (exit status 1, no panic) that
+//! names the file, the key, the index and the expected and found values.
+
+mod common;
+use common::*;
+use nibble_io::DType;
+use std::path::{Path, PathBuf};
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A valid digits-shaped data file with `n` rows of `features` features, labels `i % 10`.
+fn rows(n: usize, features: usize) -> (Vec<f32>, Vec<i64>) {
+    let x = (0..n * features).map(|i| (i % 17) as f32 / 16.0).collect();
+    let y = (0..n as i64).map(|i| i % 10).collect();
+    (x, y)
+}
+
+fn eval_on(name: &str, entries: &[Entry]) -> (PathBuf, String) {
+    let dir = tmpdir(name);
+    let path = dir.join(format!("{name}.safetensors"));
+    write(&path, entries);
+    let model = data("digits_mlp.pth");
+    let msg = nibble_fails(&["eval", "--model", s(&model), "--data", s(&path)]);
+    assert!(
+        msg.contains(&format!("{name}.safetensors")),
+        "no file name: {msg}"
+    );
+    (path, msg)
+}
+
+fn assert_names(msg: &str, parts: &[&str]) {
+    for p in parts {
+        assert!(msg.contains(p), "`{p}` missing from: {msg}");
+    }
+}
+
+#[test]
+fn label_out_of_range_names_key_index_and_values() {
+    let (x, mut y) = rows(12, 64);
+    y[7] = 10;
+    let (_, msg) = eval_on(
+        "label10",
+        &[f32s("x_test", &[12, 64], &x), i64s("y_test", &y)],
+    );
+    assert_names(&msg, &["y_test", "index 7", "0..10", "found 10"]);
+    let (x, mut y) = rows(12, 64);
+    y[3] = -1;
+    let (_, msg) = eval_on(
+        "negative",
+        &[f32s("x_test", &[12, 64], &x), i64s("y_test", &y)],
+    );
+    assert_names(&msg, &["y_test", "index 3", "found -1"]);
+}
+
+#[test]
+fn labels_of_every_accepted_integer_dtype_are_read() {
+    let (x, y) = rows(20, 64);
+    let dir = tmpdir("dtypes");
+    let model = data("digits_mlp.pth");
+    let mut accuracies = Vec::new();
+    for (dtype, bytes) in [
+        (
+            DType::I64,
+            y.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>(),
+        ),
+        (
+            DType::I32,
+            y.iter().flat_map(|v| (*v as i32).to_le_bytes()).collect(),
+        ),
+        (DType::U8, y.iter().map(|v| *v as u8).collect()),
+    ] {
+        let path = dir.join(format!("{dtype}.safetensors"));
+        write(
+            &path,
+            &[
+                f32s("x_test", &[20, 64], &x),
+                ("y_test".into(), dtype, vec![20], bytes),
+            ],
+        );
+        let v = nibble_json(&["eval", "--model", s(&model), "--data", s(&path), "--json"]);
+        accuracies.push(v["rows"][0]["accuracy"].clone());
+    }
+    assert_eq!(accuracies[0], accuracies[1]);
+    assert_eq!(accuracies[0], accuracies[2]);
+}
+
+#[test]
+fn n_mismatched_between_x_and_y() {
+    let (x, y) = rows(12, 64);
+    let (_, msg) = eval_on(
+        "mismatch",
+        &[f32s("x_test", &[12, 64], &x), i64s("y_test", &y[..11])],
+    );
+    assert_names(&msg, &["y_test", "[12]", "[11]"]);
+}
+
+#[test]
+fn nan_and_infinite_features() {
+    for (name, bad) in [("nan", f32::NAN), ("inf", f32::INFINITY)] {
+        let (mut x, y) = rows(12, 64);
+        x[5 * 64 + 9] = bad;
+        let (_, msg) = eval_on(name, &[f32s("x_test", &[12, 64], &x), i64s("y_test", &y)]);
+        assert_names(&msg, &["x_test", "index 329", "row 5, column 9", "finite"]);
+    }
+}
+
+#[test]
+fn wrong_dtypes() {
+    let (x, y) = rows(4, 64);
+    let as_f32: Vec<f32> = y.iter().map(|v| *v as f32).collect();
+    let (_, msg) = eval_on(
+        "yfloat",
+        &[f32s("x_test", &[4, 64], &x), f32s("y_test", &[4], &as_f32)],
+    );
+    assert_names(&msg, &["y_test", "i64, i32 or u8", "f32"]);
+    let x64: Vec<u8> = x.iter().flat_map(|v| f64::from(*v).to_le_bytes()).collect();
+    let (_, msg) = eval_on(
+        "xdouble",
+        &[
+            ("x_test".into(), DType::F64, vec![4, 64], x64),
+            i64s("y_test", &y),
+        ],
+    );
+    assert_names(&msg, &["x_test", "expected dtype f32", "f64"]);
+}
+
+#[test]
+fn wrong_rank_and_missing_keys() {
+    let (x, y) = rows(4, 64);
+    let (_, msg) = eval_on("rank1", &[f32s("x_test", &[256], &x), i64s("y_test", &y)]);
+    assert_names(&msg, &["x_test", "rank 2", "[256]"]);
+    let (_, msg) = eval_on(
+        "rank3",
+        &[f32s("x_test", &[4, 8, 8], &x), i64s("y_test", &y)],
+    );
+    assert_names(&msg, &["x_test", "[4, 8, 8]"]);
+    let (_, msg) = eval_on("noy", &[f32s("x_test", &[4, 64], &x)]);
+    assert_names(&msg, &["y_test"]);
+}
+
+#[test]
+fn feature_count_must_be_the_models_input_width() {
+    let (x, y) = rows(4, 63);
+    let (_, msg) = eval_on(
+        "width63",
+        &[f32s("x_test", &[4, 63], &x), i64s("y_test", &y)],
+    );
+    assert_names(&msg, &["x_test", "64 features", "[4, 63]"]);
+}
+
+#[test]
+fn finetune_needs_a_training_split() {
+    let (x, y) = rows(4, 64);
+    let dir = tmpdir("notrain");
+    let path = dir.join("test_only.safetensors");
+    write(&path, &[f32s("x_test", &[4, 64], &x), i64s("y_test", &y)]);
+    let model = data("digits_mlp.pth");
+    let msg = nibble_fails(&[
+        "finetune",
+        "--model",
+        s(&model),
+        "--data",
+        s(&path),
+        "--format",
+        "q4",
+        "--rank",
+        "2",
+        "--steps",
+        "1",
+    ]);
+    assert_names(&msg, &["test_only.safetensors", "x_train"]);
+}
+
+#[test]
+fn models_that_are_not_a_sequential_of_linear_and_layernorm() {
+    let dir = tmpdir("models");
+    let (x, y) = rows(4, 8);
+    let d = dir.join("d.safetensors");
+    write(&d, &[f32s("x_test", &[4, 8], &x), i64s("y_test", &y)]);
+    let cases: Vec<(&str, Vec<Entry>, &[&str])> = vec![
+        (
+            "named",
+            vec![f32s("encoder.weight", &[10, 8], &[0.1; 80])],
+            &["encoder.weight"],
+        ),
+        (
+            "conv",
+            vec![
+                f32s("0.weight", &[10, 8, 1, 1], &[0.1; 80]),
+                f32s("0.bias", &[10], &[0.0; 10]),
+            ],
+            &["0.weight", "[10, 8, 1, 1]"],
+        ),
+        (
+            "chain",
+            vec![
+                f32s("0.weight", &[10, 8], &[0.1; 80]),
+                f32s("0.bias", &[10], &[0.0; 10]),
+                f32s("2.weight", &[3, 9], &[0.1; 27]),
+                f32s("2.bias", &[3], &[0.0; 3]),
+            ],
+            &["2.weight", "9"],
+        ),
+        ("empty", vec![], &["empty.safetensors"]),
+    ];
+    for (name, entries, parts) in cases {
+        let m = dir.join(format!("{name}.safetensors"));
+        write(&m, &entries);
+        let msg = nibble_fails(&["eval", "--model", s(&m), "--data", s(&d)]);
+        assert_names(&msg, &[&format!("{name}.safetensors")]);
+        assert_names(&msg, parts);
+    }
+}
+
+/// An adapter directory (PEFT layout) with the given config text and tensors.
+fn adapter(dir: &Path, config: &str, entries: &[Entry]) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("adapter_config.json"), config).unwrap();
+    write(&dir.join("adapter_model.safetensors"), entries);
+    dir.to_path_buf()
+}
+
+#[test]
+fn adapters_whose_names_or_shapes_do_not_match_the_model() {
+    let dir = tmpdir("adapters");
+    let (model, digits) = (data("digits_mlp.pth"), data("digits.safetensors"));
+    let config = r#"{"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["0"]}"#;
+    let a = |name: &str, shape: &[usize]| f32s(name, shape, &vec![0.01; shape.iter().product()]);
+    let cases: Vec<(&str, Vec<Entry>, &[&str])> = vec![
+        (
+            "unknown_module",
+            vec![
+                a("base_model.model.7.lora_A.weight", &[2, 64]),
+                a("base_model.model.7.lora_B.weight", &[30, 2]),
+            ],
+            &["base_model.model.7.lora_A.weight"],
+        ),
+        (
+            "wrong_shape",
+            vec![
+                a("base_model.model.0.lora_A.weight", &[2, 63]),
+                a("base_model.model.0.lora_B.weight", &[30, 2]),
+            ],
+            &["base_model.model.0.lora_A.weight", "[2, 64]", "[2, 63]"],
+        ),
+        (
+            "layernorm_target",
+            vec![
+                a("base_model.model.2.lora_A.weight", &[2, 30]),
+                a("base_model.model.2.lora_B.weight", &[30, 2]),
+            ],
+            &["base_model.model.2.lora_A.weight"],
+        ),
+        (
+            "lone_a",
+            vec![a("base_model.model.0.lora_A.weight", &[2, 64])],
+            &["0"],
+        ),
+    ];
+    for (name, entries, parts) in cases {
+        let dir = adapter(&dir.join(name), config, &entries);
+        let msg = nibble_fails(&[
+            "eval",
+            "--model",
+            s(&model),
+            "--data",
+            s(&digits),
+            "--adapter",
+            s(&dir),
+        ]);
+        assert_names(&msg, &[name]);
+        assert_names(&msg, parts);
+    }
+    let dir = adapter(&dir.join("not_json"), "{\"peft_type\": ", &[]);
+    let msg = nibble_fails(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--data",
+        s(&digits),
+        "--adapter",
+        s(&dir),
+    ]);
+    assert_names(&msg, &["adapter_config.json"]);
+}
+
+#[test]
+fn finetune_arguments_are_checked() {
+    let (model, digits) = (data("digits_mlp.pth"), data("digits.safetensors"));
+    for (flag, value) in [("--rank", "0"), ("--batch", "0"), ("--lr", "0")] {
+        let mut args = vec![
+            "finetune",
+            "--model",
+            s(&model),
+            "--data",
+            s(&digits),
+            "--format",
+            "q4",
+            "--steps",
+            "1",
+        ];
+        if flag != "--rank" {
+            args.extend(["--rank", "2"]);
+        }
+        args.extend([flag, value]);
+        let msg = nibble_fails(&args);
+        assert_names(&msg, &[flag]);
+    }
+    let dir = tmpdir("finetune_args");
+    // Saving the adapter where an input lives would overwrite it.
+    let copy = dir.join("adapter_model.safetensors");
+    std::fs::copy(&digits, &copy).unwrap();
+    let msg = nibble_fails(&[
+        "finetune",
+        "--model",
+        s(&model),
+        "--data",
+        s(&copy),
+        "--format",
+        "q4",
+        "--rank",
+        "2",
+        "--steps",
+        "1",
+        "--save-adapter",
+        s(&dir),
+    ]);
+    assert_names(&msg, &["refusing to write over an input"]);
+}

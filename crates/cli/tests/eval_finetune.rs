@@ -1,0 +1,450 @@
+//! `nibble eval` and `nibble finetune` end to end on the digits classifier and the seq_d30
+//! golden model: logits against PyTorch's, the JSON keys, QLoRA training, and adapters that
+//! round-trip through the PEFT layout (and match PEFT's own logits).
+
+mod common;
+use common::*;
+use nibble_io::Checkpoint;
+
+/// Max |a - b| over two equally long slices.
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn tensor(path: &std::path::Path, key: &str) -> Vec<f32> {
+    Checkpoint::open(path)
+        .unwrap()
+        .tensor_f32(key, None)
+        .unwrap()
+        .into_vec()
+}
+
+fn s(p: &std::path::Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn eval_f32_gives_pytorchs_logits_loss_and_accuracy() {
+    let dir = tmpdir("eval_f32");
+    let logits = dir.join("logits.safetensors");
+    let (model, digits) = (data("digits_mlp.pth"), data("digits.safetensors"));
+    let v = nibble_json(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--data",
+        s(&digits),
+        "--logits",
+        s(&logits),
+        "--json",
+    ]);
+    assert_eq!(keys(&v), sorted(&["model", "data", "rows"]));
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        keys(&rows[0]),
+        sorted(&["format", "accuracy", "loss", "cosine", "bytes"])
+    );
+    assert_eq!(rows[0]["format"], "f32");
+    assert_eq!(rows[0]["bytes"].as_u64().unwrap(), 4 * 2840);
+    assert!((rows[0]["cosine"].as_f64().unwrap() - 1.0).abs() < 1e-12);
+    let golden = data("digits_mlp_logits.safetensors");
+    let (ours, theirs) = (tensor(&logits, "logits"), tensor(&golden, "logits"));
+    assert_eq!(ours.len(), 360 * 10);
+    let d = max_diff(&ours, &theirs);
+    assert!(d < 1e-4, "logits differ from PyTorch's by {d}");
+    let loss = tensor(&golden, "loss")[0] as f64;
+    assert!(
+        (rows[0]["loss"].as_f64().unwrap() - loss).abs() < 1e-5,
+        "{v}"
+    );
+    let labels = Checkpoint::open(&digits).unwrap();
+    let y = labels.bytes("y_test").unwrap();
+    let hits = theirs
+        .chunks(10)
+        .zip(y)
+        .filter(|(row, &label)| {
+            let best = (0..10).fold(0, |b, i| if row[i] > row[b] { i } else { b });
+            best == label as usize
+        })
+        .count();
+    assert_eq!(rows[0]["accuracy"].as_f64().unwrap(), hits as f64 / 360.0);
+}
+
+#[test]
+fn eval_all_gives_one_row_per_format_in_the_issues_order() {
+    let (model, digits) = (data("digits_mlp.pth"), data("digits.safetensors"));
+    let v = nibble_json(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--data",
+        s(&digits),
+        "--format",
+        "all",
+        "--json",
+    ]);
+    let rows = v["rows"].as_array().unwrap();
+    let formats: Vec<&str> = rows.iter().map(|r| r["format"].as_str().unwrap()).collect();
+    assert_eq!(
+        formats,
+        ["f32", "f16", "int8", "q4", "nf4", "nf4_dq", "lower"]
+    );
+    let f32_bytes = rows[0]["bytes"].as_u64().unwrap();
+    for r in &rows[1..] {
+        let cosine = r["cosine"].as_f64().unwrap();
+        assert!(cosine > 0.9 && cosine < 1.0 + 1e-9, "{r}");
+        assert!(r["bytes"].as_u64().unwrap() < f32_bytes, "{r}");
+        let acc = r["accuracy"].as_f64().unwrap();
+        assert!(acc > 0.8 && acc <= 1.0, "{r}");
+    }
+    assert!(
+        rows[1]["cosine"].as_f64().unwrap() > 0.99999,
+        "f16: {}",
+        rows[1]
+    );
+    let table = nibble(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--data",
+        s(&digits),
+        "--format",
+        "all",
+    ]);
+    assert!(
+        table.ok && table.stdout.contains("nf4_dq"),
+        "{}",
+        table.stdout
+    );
+}
+
+#[test]
+fn a_safetensors_copy_of_the_model_evaluates_the_same() {
+    let dir = tmpdir("eval_st");
+    let pth = Checkpoint::open(data("digits_mlp.pth")).unwrap();
+    let entries: Vec<Entry> = pth
+        .keys()
+        .map(|k| {
+            let (dtype, shape) = pth.info(k).unwrap();
+            (
+                k.to_string(),
+                dtype,
+                shape.to_vec(),
+                pth.bytes(k).unwrap().to_vec(),
+            )
+        })
+        .collect();
+    let st = dir.join("digits_mlp.safetensors");
+    write(&st, &entries);
+    let digits = data("digits.safetensors");
+    let a = nibble_json(&[
+        "eval",
+        "--model",
+        s(&st),
+        "--data",
+        s(&digits),
+        "--format",
+        "q4",
+        "--json",
+    ]);
+    let b = nibble_json(&[
+        "eval",
+        "--model",
+        s(&data("digits_mlp.pth")),
+        "--data",
+        s(&digits),
+        "--format",
+        "q4",
+        "--json",
+    ]);
+    assert_eq!(a["rows"], b["rows"]);
+}
+
+/// The golden Sequential of `shared/golden` (GELU at index 1, ReLU at 4), as the nn crate
+/// keeps a copy of it.
+fn seq_d30() -> std::path::PathBuf {
+    data("seq_d30.pth")
+}
+
+#[test]
+fn seq_d30_golden_logits_and_loss_with_one_activation_per_gap() {
+    let golden = data("seq_d30.safetensors");
+    let dir = tmpdir("seq_d30");
+    let file = Checkpoint::open(&golden).unwrap();
+    let x = file.tensor_f32("x", None).unwrap();
+    let (_, lshape) = file.info("labels").unwrap();
+    assert_eq!(lshape, [8]);
+    let labels: Vec<i64> = file
+        .bytes("labels")
+        .unwrap()
+        .chunks(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let d = dir.join("data.safetensors");
+    write(
+        &d,
+        &[f32s("x_test", &[8, 30], x.data()), i64s("y_test", &labels)],
+    );
+    let logits = dir.join("logits.safetensors");
+    let v = nibble_json(&[
+        "eval",
+        "--model",
+        s(&seq_d30()),
+        "--data",
+        s(&d),
+        "--activation",
+        "gelu,relu",
+        "--logits",
+        s(&logits),
+        "--json",
+    ]);
+    let diff = max_diff(&tensor(&logits, "logits"), &tensor(&golden, "logits"));
+    assert!(diff < 1e-4, "seq_d30 logits differ by {diff}");
+    let loss = file.tensor_f32("loss", None).unwrap().data()[0] as f64;
+    assert!(
+        (v["rows"][0]["loss"].as_f64().unwrap() - loss).abs() < 1e-5,
+        "{v}"
+    );
+    // One activation for every gap is not this model: GELU where it had ReLU changes the logits.
+    nibble_json(&[
+        "eval",
+        "--model",
+        s(&seq_d30()),
+        "--data",
+        s(&d),
+        "--activation",
+        "gelu",
+        "--logits",
+        s(&logits),
+        "--json",
+    ]);
+    assert!(max_diff(&tensor(&logits, "logits"), &tensor(&golden, "logits")) > 1e-3);
+    let msg = nibble_fails(&[
+        "eval",
+        "--model",
+        s(&seq_d30()),
+        "--data",
+        s(&d),
+        "--activation",
+        "gelu,relu,relu",
+    ]);
+    assert!(
+        msg.contains("--activation") && msg.contains('2') && msg.contains('3'),
+        "{msg}"
+    );
+    let msg = nibble_fails(&[
+        "eval",
+        "--model",
+        s(&seq_d30()),
+        "--data",
+        s(&d),
+        "--activation",
+        "tanh",
+    ]);
+    assert!(msg.contains("tanh"), "{msg}");
+}
+
+#[test]
+fn finetune_trains_lora_on_a_frozen_quantized_base_and_its_adapter_round_trips() {
+    let dir = tmpdir("finetune");
+    let adapter = dir.join("adapter");
+    let (model, digits) = (data("digits_mlp.pth"), data("digits.safetensors"));
+    let v = nibble_json(&[
+        "finetune",
+        "--model",
+        s(&model),
+        "--data",
+        s(&digits),
+        "--format",
+        "lower",
+        "--rank",
+        "4",
+        "--steps",
+        "40",
+        "--save-adapter",
+        s(&adapter),
+        "--json",
+    ]);
+    assert_eq!(
+        keys(&v),
+        sorted(&[
+            "format",
+            "rank",
+            "steps",
+            "accuracy_before",
+            "accuracy_after",
+            "loss"
+        ])
+    );
+    assert_eq!(
+        (
+            v["format"].as_str(),
+            v["rank"].as_u64(),
+            v["steps"].as_u64()
+        ),
+        (Some("lower"), Some(4), Some(40))
+    );
+    let loss: Vec<f64> = v["loss"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_f64().unwrap())
+        .collect();
+    assert_eq!(loss.len(), 40);
+    assert!(loss.iter().all(|l| l.is_finite() && *l >= 0.0));
+    let first: f64 = loss[..10].iter().sum();
+    let last: f64 = loss[30..].iter().sum();
+    assert!(last < first, "training loss did not fall: {loss:?}");
+    // Before training, B = 0: the model is the quantized base, as eval scores it.
+    let base = nibble_json(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--data",
+        s(&digits),
+        "--format",
+        "lower",
+        "--json",
+    ]);
+    assert_eq!(v["accuracy_before"], base["rows"][0]["accuracy"]);
+    // The saved adapter, loaded back on the same base, scores what training ended with.
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(adapter.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["target_modules"], serde_json::json!(["0", "3", "5"]));
+    assert_eq!(config["r"], 4);
+    let back = nibble_json(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--data",
+        s(&digits),
+        "--format",
+        "lower",
+        "--adapter",
+        s(&adapter),
+        "--json",
+    ]);
+    assert_eq!(back["rows"][0]["accuracy"], v["accuracy_after"]);
+    let keys_seen = nibble_json(&[
+        "inspect",
+        s(&adapter.join("adapter_model.safetensors")),
+        "--json",
+    ]);
+    let names: Vec<&str> = keys_seen["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"base_model.model.3.lora_A.weight"),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"base_model.model.5.lora_B.weight"),
+        "{names:?}"
+    );
+}
+
+#[test]
+fn finetune_is_deterministic_under_a_seed() {
+    let (model, digits) = (data("digits_mlp.pth"), data("digits.safetensors"));
+    let args = [
+        "finetune",
+        "--model",
+        s(&model),
+        "--data",
+        s(&digits),
+        "--format",
+        "q4",
+        "--rank",
+        "2",
+        "--steps",
+        "5",
+        "--seed",
+        "7",
+        "--json",
+    ];
+    assert_eq!(nibble_json(&args), nibble_json(&args));
+}
+
+/// `tests/data/digits_adapter` is what `nibble finetune --format nf4 --rank 4 --steps 100
+/// --save-adapter` wrote; `tools/peft_check.py --save` loaded it with
+/// `PeftModel.from_pretrained` onto the PyTorch Sequential and saved PEFT's logits on x_test.
+#[test]
+fn a_nibble_adapter_gives_the_logits_peft_gives_with_it() {
+    let dir = tmpdir("peft");
+    let logits = dir.join("logits.safetensors");
+    let (model, digits) = (data("digits_mlp.pth"), data("digits.safetensors"));
+    let adapter = data("digits_adapter");
+    nibble_json(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--data",
+        s(&digits),
+        "--adapter",
+        s(&adapter),
+        "--logits",
+        s(&logits),
+        "--json",
+    ]);
+    let ours = tensor(&logits, "logits");
+    let peft = tensor(&data("digits_adapter_peft_logits.safetensors"), "logits");
+    let d = max_diff(&ours, &peft);
+    assert!(d < 1e-4, "nibble vs PEFT logits: max |d| {d}");
+    // The adapter matters: without it the logits are PyTorch's plain model's, far from these.
+    let plain = tensor(&data("digits_mlp_logits.safetensors"), "logits");
+    assert!(max_diff(&plain, &peft) > 0.1);
+}
+
+#[test]
+fn a_quantized_checkpoint_evaluates_as_the_format_it_holds() {
+    let dir = tmpdir("eval_quantized");
+    let (model, digits) = (data("digits_mlp.pth"), data("digits.safetensors"));
+    for format in ["q4", "nf4_dq", "lower"] {
+        let file = dir.join(format!("{format}.safetensors"));
+        nibble_json(&[
+            "quantize",
+            s(&model),
+            "--format",
+            format,
+            "--output",
+            s(&file),
+            "--json",
+        ]);
+        let (a, b) = (dir.join("a.safetensors"), dir.join("b.safetensors"));
+        let stored = nibble_json(&[
+            "eval",
+            "--model",
+            s(&file),
+            "--data",
+            s(&digits),
+            "--logits",
+            s(&a),
+            "--json",
+        ]);
+        let fresh = nibble_json(&[
+            "eval",
+            "--model",
+            s(&model),
+            "--data",
+            s(&digits),
+            "--format",
+            format,
+            "--logits",
+            s(&b),
+            "--json",
+        ]);
+        assert_eq!(stored["rows"][0]["format"], format);
+        assert_eq!(stored["rows"][0]["accuracy"], fresh["rows"][0]["accuracy"]);
+        assert_eq!(stored["rows"][0]["bytes"], fresh["rows"][0]["bytes"]);
+        assert_eq!(tensor(&a, "logits"), tensor(&b, "logits"), "{format}");
+    }
+}

@@ -1,0 +1,262 @@
+//! Classification data sets in a safetensors (or `.pth`) file: features `x_test` f32 `[N, F]`
+//! and integer labels `y_test` `[N]` (i64, i32 or u8), and optionally a training split
+//! `x_train` / `y_train` of the same form.
+//!
+//! Everything is checked on reading — dtypes, ranks, that x and y have the same N, that every
+//! feature is finite and every label non-negative — and against a model by
+//! [`Dataset::check_fits`] (feature count, labels below the number of classes). Each error
+//! names the file, the key, the index and the expected and found values.
+//!
+//! ```no_run
+//! let data = nibble_io::Dataset::open("tests/data/digits.safetensors")?;
+//! data.check_fits(64, 10)?;
+//! println!("{} test rows of {} features", data.test.len(), data.features());
+//! # Ok::<(), nibble_io::Error>(())
+//! ```
+
+use crate::checkpoint::{Checkpoint, DType};
+use crate::error::{Error, Result};
+use nibble_tensor::Tensor;
+use std::path::{Path, PathBuf};
+
+/// One split: features `[N, F]` and a class label per row.
+#[derive(Debug, Clone)]
+pub struct Split {
+    /// Features, `[N, F]`, all finite.
+    pub x: Tensor,
+    /// Labels, `N` of them.
+    pub y: Vec<usize>,
+    /// The key of the features (`x_test`, ...), for messages.
+    pub x_key: String,
+    /// The key of the labels (`y_test`, ...), for messages.
+    pub y_key: String,
+    /// The file the split was read from, for messages.
+    pub path: PathBuf,
+}
+
+impl Split {
+    /// Number of rows.
+    pub fn len(&self) -> usize {
+        self.y.len()
+    }
+
+    /// True when the split has no rows.
+    pub fn is_empty(&self) -> bool {
+        self.y.is_empty()
+    }
+
+    /// Features per row.
+    pub fn features(&self) -> usize {
+        self.x.shape().get(1).copied().unwrap_or(0)
+    }
+
+    /// Rows `rows` of the split (features copied), e.g. one mini-batch.
+    pub fn rows(&self, rows: &[usize]) -> Result<(Tensor, Vec<usize>)> {
+        let f = self.features();
+        let data = self.x.data();
+        let mut picked = Vec::with_capacity(rows.len() * f);
+        let mut labels = Vec::with_capacity(rows.len());
+        for &r in rows {
+            let (Some(x), Some(&y)) = (data.get(r * f..(r + 1) * f), self.y.get(r)) else {
+                return Err(Error::Data {
+                    path: self.path.clone(),
+                    key: self.x_key.clone(),
+                    index: Some(r),
+                    what: format!("expected a row index below {}, found {r}", self.len()),
+                });
+            };
+            picked.extend_from_slice(x);
+            labels.push(y);
+        }
+        let x = Tensor::from_vec(&[rows.len(), f], picked).map_err(|source| Error::Tensor {
+            path: self.path.clone(),
+            key: self.x_key.clone(),
+            source,
+        })?;
+        Ok((x, labels))
+    }
+}
+
+/// A data set: the test split and, if the file has one, the training split.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    /// The file it was read from.
+    pub path: PathBuf,
+    /// `x_test` / `y_test`.
+    pub test: Split,
+    /// `x_train` / `y_train`, if present.
+    pub train: Option<Split>,
+}
+
+impl Dataset {
+    /// Opens and checks a data file (see the module docs).
+    pub fn open(path: impl AsRef<Path>) -> Result<Dataset> {
+        Dataset::from_checkpoint(&Checkpoint::open(path)?)
+    }
+
+    /// Reads and checks the splits of an opened file.
+    pub fn from_checkpoint(file: &Checkpoint) -> Result<Dataset> {
+        let test = read_split(file, "x_test", "y_test")?;
+        let train = match (file.contains("x_train"), file.contains("y_train")) {
+            (false, false) => None,
+            _ => Some(read_split(file, "x_train", "y_train")?),
+        };
+        if let Some(train) = &train {
+            if train.features() != test.features() {
+                return Err(Error::Data {
+                    path: file.path().to_path_buf(),
+                    key: "x_train".into(),
+                    index: None,
+                    what: format!(
+                        "expected {} features per row, as x_test, found shape {:?}",
+                        test.features(),
+                        train.x.shape()
+                    ),
+                });
+            }
+        }
+        Ok(Dataset {
+            path: file.path().to_path_buf(),
+            test,
+            train,
+        })
+    }
+
+    /// Features per row.
+    pub fn features(&self) -> usize {
+        self.test.features()
+    }
+
+    /// The training split, or an error naming the file when it has none.
+    pub fn train(&self) -> Result<&Split> {
+        self.train.as_ref().ok_or_else(|| Error::MissingKey {
+            path: self.path.clone(),
+            key: "x_train".into(),
+        })
+    }
+
+    /// Checks the data against a model taking `features` inputs and giving `classes` logits:
+    /// every split's feature count, and every label below `classes`.
+    pub fn check_fits(&self, features: usize, classes: usize) -> Result<()> {
+        for split in std::iter::once(&self.test).chain(&self.train) {
+            if split.features() != features {
+                return Err(Error::Data {
+                    path: self.path.clone(),
+                    key: split.x_key.clone(),
+                    index: None,
+                    what: format!(
+                        "expected {features} features per row (the model's input width), \
+                         found shape {:?}",
+                        split.x.shape()
+                    ),
+                });
+            }
+            if let Some((i, &label)) = split.y.iter().enumerate().find(|(_, &l)| l >= classes) {
+                return Err(Error::Data {
+                    path: self.path.clone(),
+                    key: split.y_key.clone(),
+                    index: Some(i),
+                    what: format!(
+                        "expected a label in 0..{classes} (the model's classes), found {label}"
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn read_split(file: &Checkpoint, x_key: &str, y_key: &str) -> Result<Split> {
+    let path = file.path().to_path_buf();
+    let data_error = |key: &str, index, expected: String, found: String| Error::Data {
+        path: path.clone(),
+        key: key.to_string(),
+        index,
+        what: format!("expected {expected}, found {found}"),
+    };
+    let (x_dtype, x_shape) = file.info(x_key).ok_or_else(|| Error::MissingKey {
+        path: path.clone(),
+        key: x_key.into(),
+    })?;
+    if x_dtype != DType::F32 {
+        return Err(Error::DType {
+            path: path.clone(),
+            key: x_key.into(),
+            expected: "f32".into(),
+            found: x_dtype,
+        });
+    }
+    let [n, _features] = *x_shape else {
+        return Err(data_error(
+            x_key,
+            None,
+            "rank 2, [N, features]".into(),
+            format!("shape {x_shape:?}"),
+        ));
+    };
+    let (y_dtype, y_shape) = file.info(y_key).ok_or_else(|| Error::MissingKey {
+        path: path.clone(),
+        key: y_key.into(),
+    })?;
+    if !matches!(y_dtype, DType::I64 | DType::I32 | DType::U8) {
+        return Err(Error::DType {
+            path: path.clone(),
+            key: y_key.into(),
+            expected: "i64, i32 or u8".into(),
+            found: y_dtype,
+        });
+    }
+    if y_shape != [n] {
+        return Err(data_error(
+            y_key,
+            None,
+            format!("shape [{n}] (one label per row of {x_key})"),
+            format!("shape {y_shape:?}"),
+        ));
+    }
+    let x = file.tensor_f32(x_key, None)?;
+    if let Some(i) = x.data().iter().position(|v| !v.is_finite()) {
+        let cols = x.shape()[1].max(1);
+        return Err(data_error(
+            x_key,
+            Some(i),
+            "finite features".into(),
+            format!("{} at row {}, column {}", x.data()[i], i / cols, i % cols),
+        ));
+    }
+    let bytes = file.bytes(y_key)?;
+    let size = y_dtype.size_of();
+    if bytes.len() != n.saturating_mul(size) {
+        return Err(Error::BadTensor {
+            path: path.clone(),
+            key: y_key.into(),
+            reason: format!("{} bytes of data for {n} labels of {y_dtype}", bytes.len()),
+        });
+    }
+    let y = bytes
+        .chunks_exact(size)
+        .enumerate()
+        .map(|(i, c)| {
+            let value: i64 = match y_dtype {
+                DType::U8 => i64::from(c[0]),
+                DType::I32 => i64::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+                _ => i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]),
+            };
+            usize::try_from(value).map_err(|_| {
+                data_error(
+                    y_key,
+                    Some(i),
+                    "a non-negative label".into(),
+                    value.to_string(),
+                )
+            })
+        })
+        .collect::<Result<Vec<usize>>>()?;
+    Ok(Split {
+        x,
+        y,
+        x_key: x_key.into(),
+        y_key: y_key.into(),
+        path,
+    })
+}
