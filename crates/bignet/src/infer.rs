@@ -32,6 +32,27 @@ pub const DEFAULT_CHUNK_ROWS: usize = 112;
 /// to it.
 pub const MIN_CHUNK_ROWS: usize = 96;
 
+/// The chunk size [`BigNet::infer`](crate::BigNet::infer) uses: `NIBBLE_INFER_CHUNK_ROWS` when
+/// it is set to a number (raised to [`MIN_CHUNK_ROWS`]; a large value such as `1000000` runs a
+/// batch whole, trading memory for the cost of packing every weight once per chunk), else
+/// [`DEFAULT_CHUNK_ROWS`]. Read once per process; an unparsable value is reported on stderr
+/// and ignored.
+pub fn chunk_rows() -> usize {
+    static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *ROWS.get_or_init(|| match std::env::var("NIBBLE_INFER_CHUNK_ROWS") {
+        Err(_) => DEFAULT_CHUNK_ROWS,
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n) => n.max(MIN_CHUNK_ROWS),
+            Err(_) => {
+                eprintln!(
+                    "nibble: NIBBLE_INFER_CHUNK_ROWS={v:?} is not a row count; using {DEFAULT_CHUNK_ROWS}"
+                );
+                DEFAULT_CHUNK_ROWS
+            }
+        },
+    })
+}
+
 /// The row ranges a batch of `batch` rows runs in: `⌈batch / chunk_rows⌉` chunks of nearly
 /// equal size (`chunk_rows` at least [`MIN_CHUNK_ROWS`]), each of at most `chunk_rows` rows
 /// and, when there are several, more than `chunk_rows / 2`.
