@@ -2,7 +2,9 @@
 //! (f32 and f16 weights) and batch-1 GEMV. Throughput is in FLOP (2·m·n·k), so criterion's
 //! "elem/s" reads as FLOP/s.
 //!
-//! `cargo bench --bench gemm`; compare against `/work/shared/tools/peak_flops.c`.
+//! `cargo bench --bench gemm`; compare against `/work/shared/tools/peak_flops.c`. Threads:
+//! rayon's default (all cores, or `RAYON_NUM_THREADS`); kernel tier: `NIBBLE_KERNEL`. On an
+//! AVX-512 CPU the group `gemm_1024_avx512_tiles` compares the AVX-512 microkernel shapes.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use nibble_tensor::{linear_backward_weight, HalfTensor, Rng, Tensor, WeightMatrix};
@@ -82,7 +84,35 @@ fn benches(c: &mut Criterion) {
         })
     });
     g.finish();
+    avx512_tiles(c, &x, &w);
 }
+
+/// `x · Wᵀ` at 1024³ with every AVX-512 tile shape (nothing on a CPU without the tier).
+#[cfg(target_arch = "x86_64")]
+fn avx512_tiles(c: &mut Criterion, x: &Tensor, w: &Tensor) {
+    use nibble_tensor::gemm::{gemm_avx512_tile, Avx512Tile, MatRef};
+    if !nibble_tensor::cpu::has_avx512() {
+        eprintln!("note: no AVX-512 on this CPU; gemm_1024_avx512_tiles skipped");
+        return;
+    }
+    let mut g = c.benchmark_group("gemm_1024_avx512_tiles");
+    g.sample_size(20);
+    g.throughput(Throughput::Elements(2 * (N * N * N) as u64));
+    let a = MatRef::row_major(x.data(), N, N).unwrap();
+    let bt = MatRef::row_major(w.data(), N, N).unwrap().t();
+    let mut y = vec![0.0f32; N * N];
+    for tile in Avx512Tile::ALL {
+        for ks in [256, 128, 64] {
+            g.bench_function(format!("{} k_slice {ks}", tile.name()), |b| {
+                b.iter(|| gemm_avx512_tile(tile, ks, black_box(a), &bt, &mut y, false).unwrap())
+            });
+        }
+    }
+    g.finish();
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn avx512_tiles(_: &mut Criterion, _: &Tensor, _: &Tensor) {}
 
 criterion_group!(gemm, benches);
 criterion_main!(gemm);

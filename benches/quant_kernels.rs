@@ -1,5 +1,5 @@
-//! Quantized-weight kernels on a 1024x1024 weight with 2 threads:
-//! `cargo bench --bench quant_kernels` (filter with e.g. `-- q4/`).
+//! Quantized-weight kernels on a 1024x1024 weight with 2 threads, or `RAYON_NUM_THREADS` when
+//! set: `cargo bench --bench quant_kernels` (filter with e.g. `-- q4/`).
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use nibble_quant::{Int8Matrix, LowerMatrix, Nf4Matrix, Q4Matrix};
@@ -8,10 +8,13 @@ use nibble_tensor::{Rng, Tensor, WeightMatrix};
 const D: usize = 1024;
 
 fn benches(c: &mut Criterion) {
-    // Ignore the error if the global pool already exists.
-    let _ = rayon::ThreadPoolBuilder::new()
-        .num_threads(2)
-        .build_global();
+    // Ignore the error if the global pool already exists. Without RAYON_NUM_THREADS, 2 threads
+    // (the development machine); with it, rayon's default pool takes that count.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build_global();
+    }
     let mut rng = Rng::new(0);
     let k = 1.0 / (D as f32).sqrt();
     let w = Tensor::uniform(&[D, D], -k, k, &mut rng);

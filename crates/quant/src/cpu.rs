@@ -2,7 +2,9 @@
 //! re-exported so that every quant kernel follows the same `NIBBLE_KERNEL=scalar|portable|avx2`
 //! choice as the GEMM, GEMV and f16 kernels it feeds.
 
-pub use nibble_tensor::cpu::{detected_path, has_avx2_fma_f16c, kernel_path, KernelPath};
+pub use nibble_tensor::cpu::{
+    detected_path, has_avx2_fma_f16c, has_avx512, kernel_path, KernelPath,
+};
 
 /// Whether this CPU can run the AVX2 path (AVX2 + FMA + F16C).
 pub fn avx2_available() -> bool {
@@ -15,11 +17,15 @@ pub fn available_paths() -> Vec<KernelPath> {
     if has_avx2_fma_f16c() {
         v.push(KernelPath::Avx2Fma);
     }
+    if has_avx512() {
+        v.push(KernelPath::Avx512);
+    }
     v
 }
 
-/// `path`, downgraded to one this CPU can run.
+/// `path`, downgraded to one this CPU can run; the quant kernels have no 512-bit code yet, so
+/// [`KernelPath::Avx512`] runs their AVX2 kernels.
 #[inline]
 pub(crate) fn usable(path: KernelPath) -> KernelPath {
-    path.supported()
+    path.at_most_avx2()
 }

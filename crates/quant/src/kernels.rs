@@ -268,6 +268,8 @@ pub(crate) fn dot(path: KernelPath, a: &[f32], b: &[f32]) -> f32 {
         KernelPath::Avx2Fma => unsafe { avx2::dot(&a[..n], &b[..n]) },
         #[cfg(not(target_arch = "x86_64"))]
         KernelPath::Avx2Fma => dot(KernelPath::Portable, a, b),
+        // `usable` maps Avx512 to Avx2Fma (no 512-bit code here yet).
+        KernelPath::Avx512 => dot(KernelPath::Avx2Fma, a, b),
     }
 }
 

@@ -899,10 +899,15 @@ impl QuantRows for Nf4Matrix {
                 KernelPath::Scalar => dequantize_ref(packed, scale, out),
                 KernelPath::Portable => portable::dequantize(packed, scale, out),
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: Avx2Fma only when the CPU supports it; lengths match (len/2 bytes).
-                KernelPath::Avx2Fma => unsafe { avx2::dequantize(packed, scale, out) },
+                // SAFETY: `usable` gave Avx2Fma or Avx512, so the CPU has AVX2, FMA and F16C;
+                // lengths match (len/2 bytes).
+                KernelPath::Avx2Fma | KernelPath::Avx512 => unsafe {
+                    avx2::dequantize(packed, scale, out)
+                },
                 #[cfg(not(target_arch = "x86_64"))]
-                KernelPath::Avx2Fma => portable::dequantize(packed, scale, out),
+                KernelPath::Avx2Fma | KernelPath::Avx512 => {
+                    portable::dequantize(packed, scale, out)
+                }
             }
             done += end - start;
         }

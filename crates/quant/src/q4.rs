@@ -158,6 +158,8 @@ pub fn quantize_row(
         KernelPath::Avx2Fma => unsafe { avx2::quantize_row(xf, pf, nf) },
         #[cfg(not(target_arch = "x86_64"))]
         KernelPath::Avx2Fma => portable::quantize_row(xf, pf, nf),
+        // `usable` maps Avx512 to Avx2Fma (no 512-bit code here yet); portable is the safe fallback.
+        KernelPath::Avx512 => portable::quantize_row(xf, pf, nf),
     };
     if whole && quantize_blocks_ref(xt, pt, nt) {
         Ok(())
@@ -196,6 +198,8 @@ pub fn dequantize(path: KernelPath, packed: &[u8], norm: &[f16], out: &mut [f32]
         KernelPath::Avx2Fma => unsafe { avx2::dequantize(packed, norm, out) },
         #[cfg(not(target_arch = "x86_64"))]
         KernelPath::Avx2Fma => portable::dequantize(packed, norm, out),
+        // `usable` maps Avx512 to Avx2Fma (no 512-bit code here yet).
+        KernelPath::Avx512 => dequantize(KernelPath::Avx2Fma, packed, norm, out),
     }
 }
 

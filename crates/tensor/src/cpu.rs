@@ -5,15 +5,21 @@
 //! caches the answer; every kernel family (GEMM, GEMV, f16 conversion, and the quant crate's
 //! dequantizers) asks it which implementation to run.
 //!
-//! The environment variable `NIBBLE_KERNEL` forces a path: `scalar`, `portable` or `avx2`.
-//! Forcing `avx2` on a CPU without AVX2/FMA/F16C is refused (it would be undefined behaviour):
-//! detection wins and a one-line warning goes to stderr, as for an unknown value.
+//! The environment variable `NIBBLE_KERNEL` forces a path: `scalar`, `portable`, `avx2` or
+//! `avx512`. Forcing a tier the CPU lacks is refused (it would be undefined behaviour): detection
+//! wins and a one-line warning goes to stderr, as for an unknown value.
+//!
+//! Tiers nest: a CPU with the AVX-512 tier also has the AVX2 one, so a kernel family without
+//! 512-bit code runs its AVX2 kernels on [`KernelPath::Avx512`] (see [`KernelPath::at_most_avx2`]).
 
 use std::sync::OnceLock;
 
 /// Which implementation family the kernels use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum KernelPath {
+    /// x86-64 AVX-512 (F, BW, VL) + FMA + F16C intrinsics: 512-bit kernels where a family has
+    /// them, the AVX2 kernels elsewhere.
+    Avx512,
     /// x86-64 AVX2 + FMA + F16C intrinsics (`std::arch`), the fast path.
     Avx2Fma,
     /// Portable SIMD through the `wide` crate (`f32x8`), compiled for the baseline target.
@@ -23,23 +29,35 @@ pub enum KernelPath {
 }
 
 impl KernelPath {
-    /// The path's name as accepted by `NIBBLE_KERNEL` (`"avx2"`, `"portable"`, `"scalar"`).
+    /// The path's name as accepted by `NIBBLE_KERNEL` (`"avx512"`, `"avx2"`, `"portable"`,
+    /// `"scalar"`).
     pub fn name(self) -> &'static str {
         match self {
+            KernelPath::Avx512 => "avx512",
             KernelPath::Avx2Fma => "avx2",
             KernelPath::Portable => "portable",
             KernelPath::Scalar => "scalar",
         }
     }
 
-    /// `self`, or [`KernelPath::Portable`] if `self` is [`KernelPath::Avx2Fma`] and this CPU
-    /// lacks AVX2, FMA or F16C. Every kernel entry point runs its path through this, so asking
-    /// for AVX2 on a CPU without it is safe.
+    /// `self`, or the best lower tier this CPU has: [`KernelPath::Avx512`] falls back to
+    /// [`KernelPath::Avx2Fma`] without AVX-512 F/BW/VL, and [`KernelPath::Avx2Fma`] to
+    /// [`KernelPath::Portable`] without AVX2, FMA or F16C. Every kernel entry point runs its
+    /// path through this, so asking for a tier the CPU lacks is safe.
     pub fn supported(self) -> KernelPath {
-        if self == KernelPath::Avx2Fma && !has_avx2_fma_f16c() {
-            KernelPath::Portable
-        } else {
-            self
+        match self {
+            KernelPath::Avx512 if !has_avx512() => KernelPath::Avx2Fma.supported(),
+            KernelPath::Avx2Fma if !has_avx2_fma_f16c() => KernelPath::Portable,
+            p => p,
+        }
+    }
+
+    /// [`supported`](Self::supported), with [`KernelPath::Avx512`] mapped to
+    /// [`KernelPath::Avx2Fma`]: the path for a kernel family that has no 512-bit code.
+    pub fn at_most_avx2(self) -> KernelPath {
+        match self.supported() {
+            KernelPath::Avx512 => KernelPath::Avx2Fma,
+            p => p,
         }
     }
 }
@@ -61,9 +79,53 @@ pub fn has_avx2_fma_f16c() -> bool {
     })
 }
 
+/// True if the CPU running this process has the AVX-512 tier: AVX-512 F, BW and VL, plus AVX2,
+/// FMA and F16C (checked once, then cached).
+pub fn has_avx512() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            has_avx2_fma_f16c()
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// Every path this CPU can run, best first (for tests and benchmarks comparing them).
+pub fn available_paths() -> Vec<KernelPath> {
+    [
+        KernelPath::Avx512,
+        KernelPath::Avx2Fma,
+        KernelPath::Portable,
+        KernelPath::Scalar,
+    ]
+    .into_iter()
+    .filter(|p| p.supported() == *p)
+    .collect()
+}
+
+/// The tiers this CPU lacks, as `NIBBLE_KERNEL` names (for tests that must say what they
+/// skipped).
+pub fn missing_paths() -> Vec<&'static str> {
+    [KernelPath::Avx512, KernelPath::Avx2Fma]
+        .into_iter()
+        .filter(|p| p.supported() != *p)
+        .map(KernelPath::name)
+        .collect()
+}
+
 /// The best path this CPU supports, ignoring `NIBBLE_KERNEL`.
 pub fn detected_path() -> KernelPath {
-    if has_avx2_fma_f16c() {
+    if has_avx512() {
+        KernelPath::Avx512
+    } else if has_avx2_fma_f16c() {
         KernelPath::Avx2Fma
     } else {
         KernelPath::Portable
@@ -91,6 +153,7 @@ pub fn kernel_path() -> KernelPath {
                 "scalar" => KernelPath::Scalar,
                 "portable" => KernelPath::Portable,
                 "avx2" if has_avx2_fma_f16c() => KernelPath::Avx2Fma,
+                "avx512" if has_avx512() => KernelPath::Avx512,
                 other => {
                     eprintln!(
                         "nibble: NIBBLE_KERNEL={other:?} is unknown or unsupported on this CPU; \

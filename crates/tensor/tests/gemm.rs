@@ -2,20 +2,35 @@
 //! handling.
 
 use half::f16;
-use nibble_tensor::cpu::{has_avx2_fma_f16c, KernelPath};
+use nibble_tensor::cpu::{available_paths, has_avx512, missing_paths, KernelPath};
 use nibble_tensor::gemm::gemv::{gemv_t_f16, gemv_t_f32, gemv_tile_f32};
-use nibble_tensor::gemm::{gemm, gemm_on, MatRef, PackB};
+use nibble_tensor::gemm::{
+    gemm, gemm_avx512_tile, gemm_on, Avx512Tile, MatRef, PackB, AVX512_K_SLICE,
+};
 use nibble_tensor::{HalfTensor, Rng, Tensor, WeightMatrix};
+use std::io::Write;
 
 const DIMS: [usize; 14] = [0, 1, 2, 7, 15, 16, 17, 31, 33, 63, 64, 65, 129, 1023];
 
+/// Every kernel path this CPU runs; says which tiers it lacks (so a skip is never silent).
 fn paths() -> Vec<KernelPath> {
-    let mut p = vec![KernelPath::Portable, KernelPath::Scalar];
-    if has_avx2_fma_f16c() {
-        p.insert(0, KernelPath::Avx2Fma);
+    static NOTE: std::sync::Once = std::sync::Once::new();
+    let missing = missing_paths();
+    if !missing.is_empty() {
+        NOTE.call_once(|| {
+            // Written to the stderr handle, not through eprintln!, so that the test harness's
+            // output capture does not hide it on a passing run.
+            let _ = writeln!(
+                std::io::stderr(),
+                "note: this CPU lacks kernel tier(s) {missing:?}; their tests are skipped"
+            );
+        });
     }
-    p
+    available_paths()
 }
+
+/// Thread counts every bit-identity test compares.
+const THREADS: [usize; 3] = [2, 3, 16];
 
 /// A logical `rows x cols` matrix stored in one of four layouts:
 /// 0 row-major, 1 column-major, 2 row-major with padded rows, 3 column-major padded.
@@ -117,6 +132,21 @@ fn run_case(
             gemm_on(path, av, &bv, &mut c, acc).unwrap();
             check(&c, &want, &scale, k, &format!("{what} {path:?}"));
         }
+        for (tile, ks) in tiles() {
+            let mut c = if acc {
+                c0.clone()
+            } else {
+                vec![f32::NAN; m * n]
+            };
+            gemm_avx512_tile(tile, ks, av, &bv, &mut c, acc).unwrap();
+            check(
+                &c,
+                &want,
+                &scale,
+                k,
+                &format!("{what} {tile:?} k_slice={ks}"),
+            );
+        }
     } else {
         let b = Stored::new(k, n, lb, rng, |v| v);
         let bv = b.view();
@@ -130,6 +160,44 @@ fn run_case(
             gemm_on(path, av, &bv, &mut c, acc).unwrap();
             check(&c, &want, &scale, k, &format!("{what} {path:?}"));
         }
+        for (tile, ks) in tiles() {
+            let mut c = if acc {
+                c0.clone()
+            } else {
+                vec![f32::NAN; m * n]
+            };
+            gemm_avx512_tile(tile, ks, av, &bv, &mut c, acc).unwrap();
+            check(
+                &c,
+                &want,
+                &scale,
+                k,
+                &format!("{what} {tile:?} k_slice={ks}"),
+            );
+        }
+    }
+}
+
+/// The AVX-512 tile shapes and K slice depths to test (none, with a note, on a CPU without
+/// the tier).
+fn tiles() -> Vec<(Avx512Tile, usize)> {
+    static NOTE: std::sync::Once = std::sync::Once::new();
+    if has_avx512() {
+        let mut v = Vec::new();
+        for tile in Avx512Tile::ALL {
+            for ks in [AVX512_K_SLICE, 128, 64, 33] {
+                v.push((tile, ks));
+            }
+        }
+        v
+    } else {
+        NOTE.call_once(|| {
+            let _ = writeln!(
+                std::io::stderr(),
+                "note: no AVX-512 on this CPU; the AVX-512 tile shapes are not tested"
+            );
+        });
+        Vec::new()
     }
 }
 
@@ -225,6 +293,28 @@ fn gemm_and_gemv_bit_identical_across_thread_counts() {
     let av = MatRef::row_major(&a, m, k).unwrap();
     let bt = MatRef::row_major(&w, n, k).unwrap().t();
     let bh = MatRef::row_major(&wh, n, k).unwrap().t();
+    for (tile, ks) in tiles() {
+        let run = |threads: usize, b: &dyn PackB| {
+            in_pool(threads, || {
+                let mut c = vec![f32::NAN; m * n];
+                gemm_avx512_tile(tile, ks, av, b, &mut c, false).unwrap();
+                bits(&c)
+            })
+        };
+        let (one, one_h) = (run(1, &bt), run(1, &bh));
+        for t in THREADS {
+            assert_eq!(
+                one,
+                run(t, &bt),
+                "gemm f32 {tile:?} k_slice={ks} {t} threads"
+            );
+            assert_eq!(
+                one_h,
+                run(t, &bh),
+                "gemm f16 {tile:?} k_slice={ks} {t} threads"
+            );
+        }
+    }
     for path in paths() {
         let run = |threads: usize, b: &dyn PackB| {
             in_pool(threads, || {
@@ -233,10 +323,12 @@ fn gemm_and_gemv_bit_identical_across_thread_counts() {
                 bits(&c)
             })
         };
-        assert_eq!(run(1, &bt), run(2, &bt), "gemm f32 {path:?}");
-        assert_eq!(run(1, &bh), run(2, &bh), "gemm f16 {path:?}");
-        assert_eq!(run(1, &bt), run(3, &bt), "gemm f32 {path:?} 3 threads");
-        for mm in 1..=4 {
+        let (one, one_h) = (run(1, &bt), run(1, &bh));
+        for t in THREADS {
+            assert_eq!(one, run(t, &bt), "gemm f32 {path:?} {t} threads");
+            assert_eq!(one_h, run(t, &bh), "gemm f16 {path:?} {t} threads");
+        }
+        for mm in [1, 2, 3, 4, 7, 16] {
             let x = &a[..mm * k];
             let gv = |threads: usize, half: bool| {
                 in_pool(threads, || {
@@ -249,8 +341,16 @@ fn gemm_and_gemv_bit_identical_across_thread_counts() {
                     bits(&y)
                 })
             };
-            assert_eq!(gv(1, false), gv(2, false), "gemv f32 m={mm} {path:?}");
-            assert_eq!(gv(1, true), gv(2, true), "gemv f16 m={mm} {path:?}");
+            for half in [false, true] {
+                let one = gv(1, half);
+                for t in THREADS {
+                    assert_eq!(
+                        one,
+                        gv(t, half),
+                        "gemv f16={half} m={mm} {path:?} {t} threads"
+                    );
+                }
+            }
         }
     }
 }
@@ -280,12 +380,57 @@ fn gemv_batch1_blocks_bit_identical_across_thread_counts() {
             };
             for half in [false, true] {
                 let one = gv(1, half);
-                for threads in [2, 3] {
+                for threads in THREADS {
                     assert_eq!(
                         one,
                         gv(threads, half),
                         "{n}x{k} f16={half} {path:?} {threads}"
                     );
+                }
+            }
+        }
+    }
+}
+
+/// The row-wise GEMV (f32 and f16 weights, batches 1..=16) against the f64 reference on the
+/// awkward sizes, every path, outputs pre-filled with NaN (and with `accumulate`).
+#[test]
+fn gemv_matches_reference_on_awkward_sizes() {
+    let mut rng = Rng::new(9);
+    for &inp in &[0usize, 1, 7, 15, 17, 31, 33, 63, 129, 1023] {
+        for &out in &[0usize, 1, 7, 17, 33] {
+            let w: Vec<f32> = (0..out * inp).map(|_| rng.uniform(-1.0, 1.0)).collect();
+            let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+            for m in [1usize, 2, 3, 5, 16] {
+                let x: Vec<f32> = (0..m * inp).map(|_| rng.uniform(-1.0, 1.0)).collect();
+                let c0: Vec<f32> = (0..m * out).map(|_| rng.uniform(-1.0, 1.0)).collect();
+                let xv = MatRef::row_major(&x, m, inp).unwrap();
+                for half in [false, true] {
+                    let wf: Vec<f32> = if half {
+                        wh.iter().map(|v| v.to_f32()).collect()
+                    } else {
+                        w.clone()
+                    };
+                    let wt = MatRef::new(&wf, inp, out, 1, inp.max(1)).unwrap();
+                    for acc in [false, true] {
+                        let (want, scale) =
+                            reference(&xv, &|p, j| wt.at(p, j), out, acc.then_some(&c0[..]));
+                        for path in paths() {
+                            let mut y = if acc {
+                                c0.clone()
+                            } else {
+                                vec![f32::NAN; m * out]
+                            };
+                            if half {
+                                gemv_t_f16(path, &wh, out, inp, &x, m, &mut y, acc).unwrap();
+                            } else {
+                                gemv_t_f32(path, &w, out, inp, &x, m, &mut y, acc).unwrap();
+                            }
+                            let what =
+                                format!("gemv {out}x{inp} m={m} f16={half} acc={acc} {path:?}");
+                            check(&y, &want, &scale, inp, &what);
+                        }
+                    }
                 }
             }
         }

@@ -61,6 +61,7 @@ pub fn run(
             "{}",
             json!({
                 "threads": rayon::current_num_threads(),
+                "kernel": nibble_tensor::cpu::kernel_path().name(),
                 "q4_activations": format!("{:?}", nibble_quant::q4::q4_activations()).to_lowercase(),
                 "results": results
             })

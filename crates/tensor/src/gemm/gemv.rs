@@ -217,6 +217,12 @@ fn rows_kernel<E: BElem>(
             // the slice lengths are as documented (checked by the caller's shape checks).
             unsafe { avx2::rows(w, inp, x, m, res, accumulate) }
         }
+        #[cfg(target_arch = "x86_64")]
+        KernelPath::Avx512 => {
+            // SAFETY: `path` went through `supported()`, so the CPU has AVX-512 F/BW/VL, FMA
+            // and F16C; the slice lengths are as documented.
+            unsafe { super::avx512::gemv_rows(w, inp, x, m, res, accumulate) }
+        }
         KernelPath::Portable => portable_rows(w, inp, x, m, res, accumulate),
         _ => {
             for (r, out) in res.chunks_exact_mut(m).enumerate() {
@@ -264,7 +270,7 @@ fn portable_rows<E: BElem>(
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::BElem;
-    use std::arch::x86_64::*;
+    use std::arch::x86_64::__m256;
 
     /// AVX2+FMA(+F16C) [`super::rows_kernel`]: `res[rows x m] (+)= W[rows x inp] · x[m x inp]ᵀ`.
     ///
@@ -281,9 +287,36 @@ mod avx2 {
         accumulate: bool,
     ) {
         // SAFETY: forwarded contract; features enabled on this function.
+        unsafe { super::simd::rows::<__m256, E>(w, inp, x, m, res, accumulate) }
+    }
+}
+
+/// The SIMD row kernels, generic over the register type ([`Lanes`]): each tier's file wraps
+/// [`simd::rows`] in a `#[target_feature]` function for its register width.
+#[cfg(target_arch = "x86_64")]
+pub(super) mod simd {
+    use super::super::lanes::Lanes;
+    use super::BElem;
+    use std::arch::x86_64::*;
+
+    /// [`super::rows_kernel`] on `V` registers: `res[rows x m] (+)= W[rows x inp] · x[m x inp]ᵀ`.
+    ///
+    /// # Safety
+    /// The CPU must have `V`'s tier and the caller must be compiled with it;
+    /// `w.len() == rows * inp`, `x.len() >= m * inp`, `res.len() == rows * m`.
+    #[inline(always)]
+    pub(in super::super) unsafe fn rows<V: Lanes, E: BElem>(
+        w: &[E],
+        inp: usize,
+        x: &[f32],
+        m: usize,
+        res: &mut [f32],
+        accumulate: bool,
+    ) {
+        // SAFETY: forwarded contract.
         unsafe {
             if m == 1 {
-                return body_m1(w, inp, x, res, accumulate);
+                return body_m1::<V, E>(w, inp, x, res, accumulate);
             }
             // Groups of up to 4 x rows, one pass over W each, writing their columns of res
             // (row stride m) in place.
@@ -291,7 +324,7 @@ mod avx2 {
             for b0 in (0..m).step_by(4) {
                 let g = 4.min(m - b0);
                 let xs = &x[b0 * inp..(b0 + g) * inp];
-                group(w, inp, xs, g, rows, &mut res[b0..], m, accumulate);
+                group::<V, E>(w, inp, xs, g, rows, &mut res[b0..], m, accumulate);
             }
         }
     }
@@ -306,7 +339,7 @@ mod avx2 {
     /// As [`rows`], with `x.len() >= g * inp` and `res.len() >= (rows - 1) * ld + g`.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn group<E: BElem>(
+    unsafe fn group<V: Lanes, E: BElem>(
         w: &[E],
         inp: usize,
         x: &[f32],
@@ -320,26 +353,14 @@ mod avx2 {
         // SAFETY: forwarded contract.
         unsafe {
             match (g, f32_weights) {
-                (1, _) => body::<E, 1, 4, 1>(w, inp, x, rows, res, ld, accumulate),
-                (2, true) => body::<E, 2, 2, 3>(w, inp, x, rows, res, ld, accumulate),
-                (2, false) => body::<E, 2, 2, 1>(w, inp, x, rows, res, ld, accumulate),
-                (3, true) => body::<E, 3, 1, 3>(w, inp, x, rows, res, ld, accumulate),
-                (3, false) => body::<E, 3, 2, 1>(w, inp, x, rows, res, ld, accumulate),
-                (_, true) => body::<E, 4, 1, 3>(w, inp, x, rows, res, ld, accumulate),
-                (_, false) => body::<E, 4, 2, 1>(w, inp, x, rows, res, ld, accumulate),
+                (1, _) => body::<V, E, 1, 4, 1>(w, inp, x, rows, res, ld, accumulate),
+                (2, true) => body::<V, E, 2, 2, 3>(w, inp, x, rows, res, ld, accumulate),
+                (2, false) => body::<V, E, 2, 2, 1>(w, inp, x, rows, res, ld, accumulate),
+                (3, true) => body::<V, E, 3, 1, 3>(w, inp, x, rows, res, ld, accumulate),
+                (3, false) => body::<V, E, 3, 2, 1>(w, inp, x, rows, res, ld, accumulate),
+                (_, true) => body::<V, E, 4, 1, 3>(w, inp, x, rows, res, ld, accumulate),
+                (_, false) => body::<V, E, 4, 2, 1>(w, inp, x, rows, res, ld, accumulate),
             }
-        }
-    }
-
-    /// Horizontal sum of the 8 lanes in a fixed order.
-    #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
-        // SAFETY: register-only operations; AVX enabled by the caller.
-        unsafe {
-            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-            _mm_cvtss_f32(s)
         }
     }
 
@@ -357,7 +378,7 @@ mod avx2 {
     const F16_PREFETCH_BYTES: usize = 4096;
 
     /// Shapes: `w` `R x inp` (`R` contiguous rows at `wp`), `x` `1 x inp`; returns the `R`
-    /// dot products. `8 * U` columns per step in `U` accumulators per row (`R * U` FMA chains).
+    /// dot products. `V::N * U` columns per step in `U` accumulators per row (`R * U` FMA chains).
     /// With `PREFETCH`, each row is prefetched [`F16_PREFETCH_BYTES`] ahead once per step
     /// (one step is one 64-byte line for f16 with `U = 4`). The per-row operation order does
     /// not depend on `R` (rows are reduced by [`reduce4`]; absent rows are zeros), so a
@@ -366,73 +387,68 @@ mod avx2 {
     /// # Safety
     /// AVX2/FMA/F16C; `wp` readable for `R * inp` elements, `xp` for `inp` floats.
     #[inline(always)]
-    unsafe fn dot_rows_m1<E: BElem, const R: usize, const U: usize, const PREFETCH: bool>(
+    unsafe fn dot_rows_m1<
+        V: Lanes,
+        E: BElem,
+        const R: usize,
+        const U: usize,
+        const PREFETCH: bool,
+    >(
         wp: *const E,
         inp: usize,
         xp: *const f32,
     ) -> [f32; R] {
-        let step = 8 * U;
+        let step = V::N * U;
         let full = inp / step * step;
-        let full8 = inp / 8 * 8;
-        // SAFETY: (whole block) row r spans wp[r * inp..(r + 1) * inp]; every 8-wide load
-        // starts at i with i + 8 <= full8 <= inp, every scalar load at i < inp; prefetches
+        let full_n = inp / V::N * V::N;
+        // SAFETY: (whole block) row r spans wp[r * inp..(r + 1) * inp]; every N-wide load
+        // starts at i with i + N <= full_n <= inp, every scalar load at i < inp; prefetches
         // never fault.
         unsafe {
-            let mut acc = [[_mm256_setzero_ps(); U]; R];
+            let mut acc = [[V::zero(); U]; R];
             let mut i = 0;
             while i < full {
                 if PREFETCH {
+                    // Every 64-byte line of the step (one for 8 lanes, two for 16).
+                    let lines = (step * std::mem::size_of::<E>()).div_ceil(64);
                     for r in 0..R {
                         let p = (wp.add(r * inp + i) as *const i8).wrapping_add(F16_PREFETCH_BYTES);
-                        _mm_prefetch::<_MM_HINT_NTA>(p);
+                        for l in 0..lines {
+                            _mm_prefetch::<_MM_HINT_NTA>(p.wrapping_add(64 * l));
+                        }
                     }
                 }
                 for u in 0..U {
-                    let xv = _mm256_loadu_ps(xp.add(i + 8 * u));
+                    let xv = V::load(xp.add(i + V::N * u));
                     for (r, a) in acc.iter_mut().enumerate() {
-                        a[u] = _mm256_fmadd_ps(E::load8(wp.add(r * inp + i + 8 * u)), xv, a[u]);
+                        a[u] = V::fmadd(V::load_w(wp.add(r * inp + i + V::N * u)), xv, a[u]);
                     }
                 }
                 i += step;
             }
-            while i < full8 {
-                let xv = _mm256_loadu_ps(xp.add(i));
+            while i < full_n {
+                let xv = V::load(xp.add(i));
                 for (r, a) in acc.iter_mut().enumerate() {
-                    a[0] = _mm256_fmadd_ps(E::load8(wp.add(r * inp + i)), xv, a[0]);
+                    a[0] = V::fmadd(V::load_w(wp.add(r * inp + i)), xv, a[0]);
                 }
-                i += 8;
+                i += V::N;
             }
-            let mut v = [_mm256_setzero_ps(); 4];
+            let mut v = [V::zero(); 4];
             for (r, a) in acc.iter().enumerate() {
                 let mut s = a[0];
                 for au in a.iter().skip(1) {
-                    s = _mm256_add_ps(s, *au);
+                    s = V::add(s, *au);
                 }
                 v[r] = s;
             }
-            let red = reduce4(v);
-            let mut lanes = [0.0f32; 4];
-            _mm_storeu_ps(lanes.as_mut_ptr(), red);
+            let lanes = V::hsum4(v);
             std::array::from_fn(|r| {
                 let mut s = lanes[r];
-                for j in full8..inp {
+                for j in full_n..inp {
                     s += (*wp.add(r * inp + j)).to_f32() * *xp.add(j);
                 }
                 s
             })
-        }
-    }
-
-    /// Lane `r` of the result is `((v_0 + v_1) + (v_2 + v_3)) + ((v_4 + v_5) + (v_6 + v_7))`
-    /// of `v[r]` (a transpose-style `hadd` tree: 3 adds for 4 rows).
-    #[inline(always)]
-    unsafe fn reduce4(v: [__m256; 4]) -> __m128 {
-        // SAFETY: register-only operations; AVX enabled by the caller.
-        unsafe {
-            let h01 = _mm256_hadd_ps(v[0], v[1]);
-            let h23 = _mm256_hadd_ps(v[2], v[3]);
-            let h = _mm256_hadd_ps(h01, h23);
-            _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h))
         }
     }
 
@@ -443,7 +459,13 @@ mod avx2 {
     /// # Safety
     /// As [`rows`] with `m == 1`.
     #[inline(always)]
-    unsafe fn body_m1<E: BElem>(w: &[E], inp: usize, x: &[f32], res: &mut [f32], accumulate: bool) {
+    unsafe fn body_m1<V: Lanes, E: BElem>(
+        w: &[E],
+        inp: usize,
+        x: &[f32],
+        res: &mut [f32],
+        accumulate: bool,
+    ) {
         let n = res.len();
         let (wp, xp) = (w.as_ptr(), x.as_ptr());
         let mut put = |r: usize, s: f32| {
@@ -455,13 +477,16 @@ mod avx2 {
         unsafe {
             if std::mem::size_of::<E>() < 4 {
                 while r < n {
-                    put(r, dot_rows_m1::<E, 1, 4, true>(wp.add(r * inp), inp, xp)[0]);
+                    put(
+                        r,
+                        dot_rows_m1::<V, E, 1, 4, true>(wp.add(r * inp), inp, xp)[0],
+                    );
                     r += 1;
                 }
                 return;
             }
             while r + 4 <= n {
-                let v = dot_rows_m1::<E, 4, 2, false>(wp.add(r * inp), inp, xp);
+                let v = dot_rows_m1::<V, E, 4, 2, false>(wp.add(r * inp), inp, xp);
                 for (t, s) in v.into_iter().enumerate() {
                     put(r + t, s);
                 }
@@ -470,7 +495,7 @@ mod avx2 {
             while r < n {
                 put(
                     r,
-                    dot_rows_m1::<E, 1, 2, false>(wp.add(r * inp), inp, xp)[0],
+                    dot_rows_m1::<V, E, 1, 2, false>(wp.add(r * inp), inp, xp)[0],
                 );
                 r += 1;
             }
@@ -478,7 +503,7 @@ mod avx2 {
     }
 
     /// Shapes: `w` `rows x inp`, `x` `M x inp`, `res[r * ld + b]` for `r < rows`, `b < M`;
-    /// `U` 8-wide accumulators per (row, x row) pair, rows of W `R` at a time (each W load
+    /// `U` N-wide accumulators per (row, x row) pair, rows of W `R` at a time (each W load
     /// feeds `M` FMAs and each x load `R`), then the leftover rows one at a time. Every (row, x row) pair is summed in the
     /// same order whatever `R` and wherever the row falls, so results never depend on how
     /// the rows were split.
@@ -487,7 +512,7 @@ mod avx2 {
     /// As [`group`] with `g == M`.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn body<E: BElem, const M: usize, const U: usize, const R: usize>(
+    unsafe fn body<V: Lanes, E: BElem, const M: usize, const U: usize, const R: usize>(
         w: &[E],
         inp: usize,
         x: &[f32],
@@ -500,10 +525,10 @@ mod avx2 {
         // SAFETY: forwarded contract, on rows 0..paired and then paired..rows.
         unsafe {
             for r0 in (0..paired).step_by(R) {
-                dot_block::<E, M, U, R>(w, inp, x, r0, res, ld, accumulate);
+                dot_block::<V, E, M, U, R>(w, inp, x, r0, res, ld, accumulate);
             }
             for r0 in paired..rows {
-                dot_block::<E, M, U, 1>(w, inp, x, r0, res, ld, accumulate);
+                dot_block::<V, E, M, U, 1>(w, inp, x, r0, res, ld, accumulate);
             }
         }
     }
@@ -517,7 +542,7 @@ mod avx2 {
     // Index loops over the three register-block dimensions read more plainly than zipped
     // iterators, and compile to the same unrolled code.
     #[allow(clippy::needless_range_loop)]
-    unsafe fn dot_block<E: BElem, const M: usize, const U: usize, const R: usize>(
+    unsafe fn dot_block<V: Lanes, E: BElem, const M: usize, const U: usize, const R: usize>(
         w: &[E],
         inp: usize,
         x: &[f32],
@@ -526,57 +551,57 @@ mod avx2 {
         ld: usize,
         accumulate: bool,
     ) {
-        let step = 8 * U;
+        let step = V::N * U;
         let full = inp / step * step;
-        let full8 = inp / 8 * 8;
+        let full_n = inp / V::N * V::N;
         let xp = x.as_ptr();
         // SAFETY: (whole block) w row r spans w[r * inp..(r + 1) * inp] and x row b spans
-        // x[b * inp..(b + 1) * inp]; every 8-wide load starts at an index i with
-        // i + 8 <= full8 <= inp, every scalar load at i < inp.
+        // x[b * inp..(b + 1) * inp]; every N-wide load starts at an index i with
+        // i + N <= full_n <= inp, every scalar load at i < inp.
         unsafe {
             // (Loops, not closures: closures do not inherit the caller's target features.)
             let mut wp = [w.as_ptr(); R];
             for (r, p) in wp.iter_mut().enumerate() {
                 *p = w.as_ptr().add((r0 + r) * inp);
             }
-            let mut acc = [[[_mm256_setzero_ps(); U]; M]; R];
+            let mut acc = [[[V::zero(); U]; M]; R];
             let mut i = 0;
             while i < full {
                 for u in 0..U {
-                    let mut wv = [_mm256_setzero_ps(); R];
+                    let mut wv = [V::zero(); R];
                     for r in 0..R {
-                        wv[r] = E::load8(wp[r].add(i + 8 * u));
+                        wv[r] = V::load_w(wp[r].add(i + V::N * u));
                     }
                     for b in 0..M {
-                        let xv = _mm256_loadu_ps(xp.add(b * inp + i + 8 * u));
+                        let xv = V::load(xp.add(b * inp + i + V::N * u));
                         for r in 0..R {
-                            acc[r][b][u] = _mm256_fmadd_ps(wv[r], xv, acc[r][b][u]);
+                            acc[r][b][u] = V::fmadd(wv[r], xv, acc[r][b][u]);
                         }
                     }
                 }
                 i += step;
             }
-            while i < full8 {
-                let mut wv = [_mm256_setzero_ps(); R];
+            while i < full_n {
+                let mut wv = [V::zero(); R];
                 for r in 0..R {
-                    wv[r] = E::load8(wp[r].add(i));
+                    wv[r] = V::load_w(wp[r].add(i));
                 }
                 for b in 0..M {
-                    let xv = _mm256_loadu_ps(xp.add(b * inp + i));
+                    let xv = V::load(xp.add(b * inp + i));
                     for r in 0..R {
-                        acc[r][b][0] = _mm256_fmadd_ps(wv[r], xv, acc[r][b][0]);
+                        acc[r][b][0] = V::fmadd(wv[r], xv, acc[r][b][0]);
                     }
                 }
-                i += 8;
+                i += V::N;
             }
             for r in 0..R {
                 for (b, a) in acc[r].iter().enumerate() {
                     let mut v = a[0];
                     for au in a.iter().skip(1) {
-                        v = _mm256_add_ps(v, *au);
+                        v = V::add(v, *au);
                     }
-                    let mut s = hsum(v);
-                    for j in full8..inp {
+                    let mut s = v.hsum();
+                    for j in full_n..inp {
                         s += (*wp[r].add(j)).to_f32() * *xp.add(b * inp + j);
                     }
                     let d = &mut res[(r0 + r) * ld + b];

@@ -14,9 +14,11 @@
 //!   packs its own `MC x KC` block of A into `MR`-row micro-panels and sweeps the
 //!   `MR x NR` microkernel over it, B panel by B panel (B micro-panel in L1, A block in L2,
 //!   the packed B block in L3).
-//! * Microkernel: `MR x NR = 6 x 16`, 12 ymm accumulators with AVX2+FMA, chosen at run time by
-//!   [`crate::cpu::kernel_path`]; a `wide` (portable SIMD) and a scalar kernel use the same
-//!   packed layout. Edge tiles are computed into a local tile and the valid corner copied.
+//! * Microkernel, chosen at run time by [`crate::cpu::kernel_path`]: on the AVX-512 tier an
+//!   `R x (P * NR)` zmm kernel ([`Avx512Tile`], default 8 x 48) that reads `P` neighbouring
+//!   packed panels at once and masks its edge tiles (module `avx512`); otherwise
+//!   `MR x NR = 6 x 16`, 12 ymm accumulators with AVX2+FMA, and a `wide` (portable SIMD) and a
+//!   scalar kernel on the same layout, whose edge tiles go through a local tile.
 //! * Threads: rayon tasks own disjoint `(rows, columns)` rectangles of C; K is never split, so
 //!   every element of C is computed by the same sequence of operations whatever the thread
 //!   count: results are bit-identical for 1, 2 or 64 threads.
@@ -26,13 +28,21 @@ use crate::error::{Result, TensorError};
 use rayon::prelude::*;
 use std::cell::Cell;
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 pub mod gemv;
 mod kernel;
+#[cfg(target_arch = "x86_64")]
+mod lanes;
 mod pack;
+
+#[cfg(target_arch = "x86_64")]
+pub use avx512::Avx512Tile;
 
 /// Width of a packed B panel (columns of C computed by one microkernel call).
 pub const NR: usize = 16;
-/// Height of a packed A micro-panel (rows of C computed by one microkernel call).
+/// Height of a packed A micro-panel (rows of C computed by one microkernel call) on the AVX2,
+/// portable and scalar paths; the AVX-512 tier's is [`Avx512Tile::rows`].
 pub const MR: usize = 6;
 /// Depth of a K block. [`PackB::pack_panel`] is always called with `k0` a multiple of `KC`
 /// and `kc <= KC`; since `KC` is a multiple of 256, quantized packers see whole blocks of 16,
@@ -208,19 +218,127 @@ fn split_range(total: usize, parts: usize, idx: usize) -> (usize, usize) {
     (total * idx / parts, total * (idx + 1) / parts)
 }
 
-/// Below this many `MR`-row panels of A, tasks split only N (see [`task_grid`]).
-const SMALL_M_PANELS: usize = 32;
+/// Below this many rows of A (counted in whole micro-panels), tasks split only N (see
+/// [`task_grid`]).
+const SMALL_M_ROWS: usize = 192;
 
-/// Chooses the task grid `(m_blocks, n_blocks)` for an `m x (npan * NR)` block of C.
-fn task_grid(m: usize, npan: usize, threads: usize, parallel: bool) -> (usize, usize) {
-    let pm = m.div_ceil(MR);
+/// The microkernel a GEMM runs: its tile height and how many packed B panels one call covers.
+#[derive(Debug, Clone, Copy)]
+enum Micro {
+    /// The `MR x NR` kernel of a 256-bit, portable or scalar path.
+    Narrow(KernelPath),
+    /// An AVX-512 tile shape (the CPU has the tier) and the depth of K per call (the
+    /// driver sweeps all A micro-panels over one depth slice of a column group before the
+    /// next, so the group's slice of B stays in L1).
+    #[cfg(target_arch = "x86_64")]
+    Wide(Avx512Tile, usize),
+}
+
+impl Micro {
+    /// The kernel for `path` (which went through `supported()`).
+    fn for_path(path: KernelPath) -> Micro {
+        match path {
+            #[cfg(target_arch = "x86_64")]
+            KernelPath::Avx512 => Micro::Wide(Avx512Tile::DEFAULT, AVX512_K_SLICE),
+            p => Micro::Narrow(p),
+        }
+    }
+
+    /// Rows of C per call (height of a packed A micro-panel).
+    fn mr(self) -> usize {
+        match self {
+            Micro::Narrow(_) => MR,
+            #[cfg(target_arch = "x86_64")]
+            Micro::Wide(t, _) => t.rows(),
+        }
+    }
+
+    /// Packed B panels per call.
+    fn panels(self) -> usize {
+        match self {
+            Micro::Narrow(_) => 1,
+            #[cfg(target_arch = "x86_64")]
+            Micro::Wide(t, _) => t.panels(),
+        }
+    }
+
+    /// The path A is packed with.
+    fn path(self) -> KernelPath {
+        match self {
+            Micro::Narrow(p) => p,
+            #[cfg(target_arch = "x86_64")]
+            Micro::Wide(..) => KernelPath::Avx512,
+        }
+    }
+
+    /// Depth of K per call (a packed K block of `kc` is swept in slices of this depth).
+    fn k_slice(self, kc: usize) -> usize {
+        match self {
+            Micro::Narrow(_) => kc,
+            #[cfg(target_arch = "x86_64")]
+            Micro::Wide(_, s) => s.clamp(1, kc),
+        }
+    }
+
+    /// Computes the `rows x cols` corner of the tile at `c` over `kc` steps of K.
+    ///
+    /// # Safety
+    /// `a` readable for `kc * self.mr()` floats, `b + u * panel_stride` for `kc * NR`,
+    /// `u < panels`, with `1 <= panels <= self.panels()` (`panels == 1` for `Narrow`);
+    /// `rows <= self.mr()`, `cols <= panels * NR`; `c` valid for reading and writing that
+    /// corner with row stride `rs_c`; the CPU runs the kernel.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    unsafe fn run(
+        self,
+        panels: usize,
+        panel_stride: usize,
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        rs_c: usize,
+        overwrite: bool,
+        rows: usize,
+        cols: usize,
+    ) {
+        // SAFETY: the caller's contract, which covers each kernel's.
+        unsafe {
+            match self {
+                Micro::Narrow(p) if rows == MR && cols == NR => {
+                    kernel::tile(p, kc, a, b, c, rs_c, overwrite)
+                }
+                Micro::Narrow(p) => kernel::edge_tile(p, kc, a, b, c, rs_c, overwrite, rows, cols),
+                #[cfg(target_arch = "x86_64")]
+                Micro::Wide(t, _) => avx512::tile(
+                    t,
+                    panels,
+                    panel_stride,
+                    kc,
+                    a,
+                    b,
+                    c,
+                    rs_c,
+                    overwrite,
+                    rows,
+                    cols,
+                ),
+            }
+        }
+    }
+}
+
+/// Chooses the task grid `(m_blocks, n_blocks)` for an `m x (npan * NR)` block of C, `mr`
+/// rows per micro-panel and `npan` units of columns.
+fn task_grid(m: usize, mr: usize, npan: usize, threads: usize, parallel: bool) -> (usize, usize) {
+    let pm = m.div_ceil(mr);
     let mut mb = m.div_ceil(MC).max(1);
     let mut nb = 1;
     if parallel {
         // Enough tasks for rayon to balance (about 4 per thread), a multiple of the thread
         // count when M alone can provide them; otherwise split N as well.
         let target = threads * 4;
-        if pm < SMALL_M_PANELS {
+        if pm * mr < SMALL_M_ROWS {
             // Few row panels (batches below 192): every task takes all of them and a share of
             // the columns, so each packed B panel is read by one task, which reuses it from
             // L1 across the row panels. Splitting M here made two tasks stream the same B
@@ -256,12 +374,47 @@ pub fn gemm(a: MatRef<'_, f32>, b: &dyn PackB, c: &mut [f32], accumulate: bool) 
     gemm_on(kernel_path(), a, b, c, accumulate)
 }
 
+/// Depth of K per AVX-512 microkernel call (see [`gemm_avx512_tile`]).
+#[cfg(target_arch = "x86_64")]
+pub const AVX512_K_SLICE: usize = KC;
+
+/// [`gemm`] with an explicit AVX-512 tile shape and depth of K per microkernel call
+/// (`k_slice`, clamped to `1..=KC`; benchmarks compare them); on a CPU without the AVX-512
+/// tier it runs [`gemm`]'s fallback path instead. Results do not depend on the thread count
+/// for any choice.
+#[cfg(target_arch = "x86_64")]
+pub fn gemm_avx512_tile(
+    tile: Avx512Tile,
+    k_slice: usize,
+    a: MatRef<'_, f32>,
+    b: &dyn PackB,
+    c: &mut [f32],
+    accumulate: bool,
+) -> Result<()> {
+    let micro = match KernelPath::Avx512.supported() {
+        KernelPath::Avx512 => Micro::Wide(tile, k_slice),
+        p => Micro::Narrow(p),
+    };
+    gemm_with(micro, a, b, c, accumulate)
+}
+
 /// [`gemm`] on an explicit [`KernelPath`] (tests and benchmarks compare the paths in one
 /// process). A path the CPU lacks is replaced by [`KernelPath::supported`]'s fallback.
 ///
 /// Mismatched shapes return [`TensorError`], never panic.
 pub fn gemm_on(
     path: KernelPath,
+    a: MatRef<'_, f32>,
+    b: &dyn PackB,
+    c: &mut [f32],
+    accumulate: bool,
+) -> Result<()> {
+    gemm_with(Micro::for_path(path.supported()), a, b, c, accumulate)
+}
+
+/// The GEMM driver for one microkernel (whose path the CPU supports).
+fn gemm_with(
+    micro: Micro,
     a: MatRef<'_, f32>,
     b: &dyn PackB,
     c: &mut [f32],
@@ -296,7 +449,7 @@ pub fn gemm_on(
         }
         return Ok(());
     }
-    let path = path.supported();
+    let (mr, np, path) = (micro.mr(), micro.panels(), micro.path());
     let threads = rayon::current_num_threads().max(1);
     let work = m.saturating_mul(n).saturating_mul(k);
     let parallel = threads > 1 && work >= 1 << 18;
@@ -324,38 +477,58 @@ pub fn gemm_on(
             }
             let bp = &*bp;
 
-            // 2. Tasks over disjoint (rows, panels) rectangles of this block of C.
-            let (mb, nb) = task_grid(m, npan, threads, parallel);
-            let pm = m.div_ceil(MR);
+            // 2. Tasks over disjoint (rows, column groups) rectangles of this block of C; a
+            //    column group is the `np` neighbouring panels one microkernel call covers.
+            let groups = npan.div_ceil(np);
+            let (mb, nb) = task_grid(m, mr, groups, threads, parallel);
+            let pm = m.div_ceil(mr);
             let run = |t: usize| {
                 let (p0, p1) = split_range(pm, mb, t / nb);
-                let (q0, q1) = split_range(npan, nb, t % nb);
-                if p0 >= p1 || q0 >= q1 {
+                let (g0, g1) = split_range(groups, nb, t % nb);
+                if p0 >= p1 || g0 >= g1 {
                     return;
                 }
-                let i0 = p0 * MR;
-                let mc = (p1 * MR).min(m) - i0;
-                let mut abuf = Scratch::take(&A_BUF, (p1 - p0) * kc * MR);
+                let i0 = p0 * mr;
+                let mc = (p1 * mr).min(m) - i0;
+                let mut abuf = Scratch::take(&A_BUF, (p1 - p0) * kc * mr);
                 let ap = abuf.as_mut();
-                pack::pack_a(path, &a, i0, mc, k0, kc, ap);
-                for q in q0..q1 {
+                pack::pack_a(path, &a, i0, mc, k0, kc, mr, ap);
+                let ks = micro.k_slice(kc);
+                for g in g0..g1 {
+                    let q = g * np;
+                    let panels = np.min(npan - q);
                     let j = q * NR;
-                    let nr = NR.min(ncb - j);
-                    let bpan = bp[q * kc * NR..(q + 1) * kc * NR].as_ptr();
-                    for ip in 0..(p1 - p0) {
-                        let i = ip * MR;
-                        let mr = MR.min(mc - i);
-                        let apan = ap[ip * kc * MR..(ip + 1) * kc * MR].as_ptr();
-                        // SAFETY: apan/bpan point at full kc*MR / kc*NR packed panels (sliced
-                        // just above); the C tile at (i0 + i, n0 + j) of size mr x nr lies
-                        // inside the m x n matrix and inside this task's rectangle, which no
-                        // other task touches; `path` went through `supported()`.
-                        unsafe {
-                            let ct = cptr.get().add((i0 + i) * n + n0 + j);
-                            if mr == MR && nr == NR {
-                                kernel::tile(path, kc, apan, bpan, ct, n, overwrite);
-                            } else {
-                                kernel::edge_tile(path, kc, apan, bpan, ct, n, overwrite, mr, nr);
+                    let cols = (panels * NR).min(ncb - j);
+                    let bgrp = &bp[q * kc * NR..(q + panels) * kc * NR];
+                    // Depth slices in order: every element of C sees the same sequence of
+                    // slices whatever the thread count.
+                    for s0 in (0..kc).step_by(ks) {
+                        let sk = ks.min(kc - s0);
+                        for ip in 0..(p1 - p0) {
+                            let i = ip * mr;
+                            let rows = mr.min(mc - i);
+                            let apan = ap[ip * kc * mr..(ip + 1) * kc * mr][s0 * mr..].as_ptr();
+                            // SAFETY: apan points at rows s0.. of a full kc*mr packed A panel
+                            // (sk <= kc - s0 steps remain) and bgrp + s0 * NR + u * kc * NR,
+                            // u < panels, at rows s0.. of full kc*NR packed B panels (sliced
+                            // just above); the C tile at (i0 + i, n0 + j) of size rows x cols
+                            // lies inside the m x n matrix and inside this task's rectangle,
+                            // which no other task touches; `micro` runs only on a CPU that
+                            // supports it.
+                            unsafe {
+                                let ct = cptr.get().add((i0 + i) * n + n0 + j);
+                                micro.run(
+                                    panels,
+                                    kc * NR,
+                                    sk,
+                                    apan,
+                                    bgrp.as_ptr().add(s0 * NR),
+                                    ct,
+                                    n,
+                                    overwrite && s0 == 0,
+                                    rows,
+                                    cols,
+                                );
                             }
                         }
                     }

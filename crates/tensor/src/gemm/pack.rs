@@ -1,15 +1,19 @@
 //! Packing: A blocks into `MR`-row micro-panels, and the [`PackB`] implementations for strided
 //! f32 and f16 matrices (row-contiguous, column-contiguous and general strides).
 
-use super::{MatRef, PackB, MR, NR};
+use super::{MatRef, PackB, NR};
 use crate::cpu::{kernel_path, KernelPath};
 use half::f16;
 
-/// Packs `A[i0..i0+mc, k0..k0+kc]` into `ceil(mc / MR)` micro-panels of `kc * MR` floats:
-/// panel `q`, element `(i, p)` at `dst[q * kc * MR + p * MR + i]`, rows past `mc` zero.
+/// Most rows an A micro-panel may have (the tallest microkernel tile).
+const MAX_MR: usize = 16;
+
+/// Packs `A[i0..i0+mc, k0..k0+kc]` into `ceil(mc / mr)` micro-panels of `kc * mr` floats:
+/// panel `q`, element `(i, p)` at `dst[q * kc * mr + p * mr + i]`, rows past `mc` zero.
 ///
-/// Shapes: `a` is `m x k`; `dst.len() >= ceil(mc / MR) * kc * MR`.
+/// Shapes: `a` is `m x k`; `dst.len() >= ceil(mc / mr) * kc * mr`; `1 <= mr <= 16`.
 /// `path` must have gone through [`KernelPath::supported`].
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn pack_a(
     path: KernelPath,
     a: &MatRef<'_, f32>,
@@ -17,39 +21,45 @@ pub(crate) fn pack_a(
     mc: usize,
     k0: usize,
     kc: usize,
+    mr: usize,
     dst: &mut [f32],
 ) {
-    let panels = mc.div_ceil(MR);
+    let panels = mc.div_ceil(mr);
     for q in 0..panels {
-        let rows = MR.min(mc - q * MR);
-        let d = &mut dst[q * kc * MR..(q + 1) * kc * MR];
-        let r0 = i0 + q * MR;
-        if a.col_stride == 1 && rows == MR {
-            // Row-major A (x in the forward pass): six contiguous rows, interleaved.
+        let rows = mr.min(mc - q * mr);
+        let d = &mut dst[q * kc * mr..(q + 1) * kc * mr];
+        let r0 = i0 + q * mr;
+        if a.col_stride == 1 && rows == mr && mr <= MAX_MR {
+            // Row-major A (x in the forward pass): `mr` contiguous rows, interleaved.
             let base = |i: usize| (r0 + i) * a.row_stride + k0;
-            let s: [&[f32]; MR] = std::array::from_fn(|i| &a.data[base(i)..base(i) + kc]);
+            let mut s: [&[f32]; MAX_MR] = [&[]; MAX_MR];
+            for (i, row) in s.iter_mut().enumerate().take(mr) {
+                *row = &a.data[base(i)..base(i) + kc];
+            }
+            let s = &s[..mr];
             #[cfg(target_arch = "x86_64")]
-            if path == KernelPath::Avx2Fma {
-                // SAFETY: the path was checked to be supported by the CPU; each row slice has
-                // kc elements and `d` has kc * MR (both sliced, so bounds-checked, above).
-                unsafe { avx2::pack_a_rows(&s, kc, d) };
+            if path.at_most_avx2() == KernelPath::Avx2Fma {
+                // SAFETY: the path was checked to be supported by the CPU (and the AVX-512
+                // tier includes AVX2); each of the mr <= 16 row slices has kc elements and
+                // `d` has kc * mr (all sliced, so bounds-checked, above).
+                unsafe { avx2::pack_a_rows(s, kc, d) };
                 continue;
             }
             let _ = path;
-            for (p, out) in d.chunks_exact_mut(MR).enumerate() {
+            for (p, out) in d.chunks_exact_mut(mr).enumerate() {
                 for (o, src) in out.iter_mut().zip(s.iter()) {
                     *o = src[p];
                 }
             }
         } else if a.row_stride == 1 {
-            // Column-contiguous A (dyᵀ in the weight gradient): copy MR-long runs.
-            for (p, out) in d.chunks_exact_mut(MR).enumerate() {
+            // Column-contiguous A (dyᵀ in the weight gradient): copy mr-long runs.
+            for (p, out) in d.chunks_exact_mut(mr).enumerate() {
                 let start = (k0 + p) * a.col_stride + r0;
                 out[..rows].copy_from_slice(&a.data[start..start + rows]);
                 out[rows..].fill(0.0);
             }
         } else {
-            for (p, out) in d.chunks_exact_mut(MR).enumerate() {
+            for (p, out) in d.chunks_exact_mut(mr).enumerate() {
                 for (i, o) in out.iter_mut().enumerate() {
                     *o = if i < rows { a.at(r0 + i, k0 + p) } else { 0.0 };
                 }
@@ -69,6 +79,12 @@ pub(crate) trait BElem: Copy + Sync {
     /// The CPU must support AVX2 and F16C; `src` must be readable for 8 elements.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8(src: *const Self) -> std::arch::x86_64::__m256;
+    /// `dst[..16] = src[..16]` as f32 on the AVX-512 path.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F; `src` must be readable for 16 elements.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(src: *const Self) -> std::arch::x86_64::__m512;
 }
 
 impl BElem for f32 {
@@ -81,6 +97,12 @@ impl BElem for f32 {
     unsafe fn load8(src: *const Self) -> std::arch::x86_64::__m256 {
         // SAFETY: the caller guarantees 8 readable floats and AVX support.
         unsafe { std::arch::x86_64::_mm256_loadu_ps(src) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(src: *const Self) -> std::arch::x86_64::__m512 {
+        // SAFETY: the caller guarantees 16 readable floats and AVX-512 F support.
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(src) }
     }
 }
 
@@ -95,6 +117,13 @@ impl BElem for f16 {
         use std::arch::x86_64::*;
         // SAFETY: the caller guarantees 8 readable f16 (16 bytes) and F16C support.
         unsafe { _mm256_cvtph_ps(_mm_loadu_si128(src as *const __m128i)) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(src: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees 16 readable f16 (32 bytes) and AVX-512 F support.
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(src as *const __m256i)) }
     }
 }
 
@@ -115,8 +144,8 @@ fn pack_b_panel<T: BElem>(
         && n0.checked_add(nc).is_some_and(|e| e <= b.cols)
         && kc.checked_mul(NR).is_some_and(|l| l <= dst.len());
     #[cfg(target_arch = "x86_64")]
-    if in_contract && kc > 0 && nc > 0 && kernel_path() == KernelPath::Avx2Fma {
-        // SAFETY: kernel_path() returns Avx2Fma only if the CPU has AVX2, FMA and F16C, and
+    if in_contract && kc > 0 && nc > 0 && kernel_path().at_most_avx2() == KernelPath::Avx2Fma {
+        // SAFETY: at_most_avx2() gives Avx2Fma only if the CPU has AVX2, FMA and F16C, and
         // the ranges were checked to lie inside B and dst just above.
         unsafe { avx2::pack_b(b, k0, kc, n0, nc, dst) };
         return;
@@ -159,7 +188,7 @@ impl<T: BElem> PackB for MatRef<'_, T> {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{BElem, MatRef, MR, NR};
+    use super::{BElem, MatRef, NR};
     use crate::simd::x86::transpose8_ps as transpose8;
     use std::arch::x86_64::*;
 
@@ -182,34 +211,48 @@ mod avx2 {
         unsafe { body(b, k0, kc, n0, nc, dst) }
     }
 
-    /// Interleaves six rows: `d[p * MR + i] = s[i][p]` for `p < kc` (an A micro-panel).
+    /// Interleaves `mr = s.len()` rows (1..=16): `d[p * mr + i] = s[i][p]` for `p < kc` (an A
+    /// micro-panel), eight columns at a time through 8x8 register transposes, eight rows per
+    /// transpose.
     ///
     /// # Safety
-    /// The CPU must have AVX2; every `s[i].len() >= kc` and `d.len() >= kc * MR`.
+    /// The CPU must have AVX2; `1 <= s.len() <= 16`, every `s[i].len() >= kc` and
+    /// `d.len() >= kc * s.len()`.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn pack_a_rows(s: &[&[f32]; MR], kc: usize, d: &mut [f32]) {
-        // Lanes 0..6 of each 8-wide store: the six rows of one column of A.
-        let mask = _mm256_setr_epi32(-1, -1, -1, -1, -1, -1, 0, 0);
+    pub(super) unsafe fn pack_a_rows(s: &[&[f32]], kc: usize, d: &mut [f32]) {
+        let mr = s.len();
+        let chunks = mr.div_ceil(8);
+        // The lanes of the last chunk's 8-wide store that hold rows of the panel.
+        let last_rows = mr - (chunks - 1) * 8;
+        let lanes: [i32; 8] = std::array::from_fn(|l| if l < last_rows { -1 } else { 0 });
+        // SAFETY: loading an array of 8 i32 (32 bytes).
+        let mask = unsafe { _mm256_loadu_si256(lanes.as_ptr() as *const __m256i) };
         let dp = d.as_mut_ptr();
         let mut p = 0;
-        // SAFETY: loads read s[i][p..p + 8] with p + 8 <= kc <= s[i].len(); a plain store
-        // writes d[(p + q) * MR..(p + q) * MR + 8] with p + q + 1 < kc, so it ends at or
-        // before (p + q + 2) * MR <= kc * MR; the masked store writes 6 lanes inside d.
+        // SAFETY: loads read s[i][p..p + 8] with p + 8 <= kc <= s[i].len(). Chunk c of
+        // column p + q is stored at (p + q) * mr + 8c, columns in order and chunks in order
+        // within a column: a chunk before the last ends inside its column; the last chunk's
+        // plain store spills its lanes past the rows into the next column (p + q + 1 < kc,
+        // so inside d), which is stored after it; the last column's last chunk is masked.
         unsafe {
             while p + 8 <= kc {
-                let mut r = [_mm256_setzero_ps(); 8];
-                for (i, row) in s.iter().enumerate() {
-                    r[i] = _mm256_loadu_ps(row.as_ptr().add(p));
+                let mut t = [[_mm256_setzero_ps(); 8]; 2];
+                for (c, tc) in t.iter_mut().enumerate().take(chunks) {
+                    let mut r = [_mm256_setzero_ps(); 8];
+                    for (i, row) in s.iter().skip(8 * c).take(8).enumerate() {
+                        r[i] = _mm256_loadu_ps(row.as_ptr().add(p));
+                    }
+                    *tc = transpose8(r);
                 }
-                let t = transpose8(r);
-                for (q, v) in t.iter().enumerate() {
-                    let at = dp.add((p + q) * MR);
-                    if p + q + 1 < kc {
-                        // Lanes 6 and 7 spill into the next column, which is stored next
-                        // (plain stores are several times cheaper than masked ones on Zen).
-                        _mm256_storeu_ps(at, *v);
-                    } else {
-                        _mm256_maskstore_ps(at, mask, *v);
+                for q in 0..8 {
+                    for (c, tc) in t.iter().enumerate().take(chunks) {
+                        let at = dp.add((p + q) * mr + 8 * c);
+                        if c + 1 < chunks || p + q + 1 < kc {
+                            // Plain stores are several times cheaper than masked ones on Zen.
+                            _mm256_storeu_ps(at, tc[q]);
+                        } else {
+                            _mm256_maskstore_ps(at, mask, tc[q]);
+                        }
                     }
                 }
                 p += 8;
@@ -217,7 +260,7 @@ mod avx2 {
         }
         for p in p..kc {
             for (i, row) in s.iter().enumerate() {
-                d[p * MR + i] = row[p];
+                d[p * mr + i] = row[p];
             }
         }
     }

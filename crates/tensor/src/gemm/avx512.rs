@@ -1,0 +1,299 @@
+//! The AVX-512 tier of the GEMM and GEMV: a 512-bit register microkernel over the shared packed
+//! layout, and the 16-lane vector type the generic GEMV bodies ([`super::gemv`]) run on.
+//!
+//! # Microkernel
+//! A tile is `R` rows by `NP` packed B panels (`NP * NR` columns, [`NR`] = 16 = one zmm): per
+//! step `p` of K it loads `NP` zmm of B (one per panel; the panels lie `kc * NR` floats apart in
+//! the packed block), broadcasts each of the `R` A values and issues `R * NP` FMAs into
+//! `R * NP` zmm accumulators (zmm has 32 registers: e.g. 12 x 32 keeps 24 accumulators,
+//! 2 B vectors and a broadcast; 8 x 48 measured fastest, see [`Avx512Tile::DEFAULT`]). Every element is `acc = 0; acc = fma(a[i,p], b[p,j], acc)` for
+//! `p` in order, then stored (`overwrite`) or added to C, whatever the tile shape, the panel
+//! count of an edge tile or the thread: results are bit-identical across thread counts (and
+//! equal to the AVX2 tier's, which runs the same fused sequence).
+//!
+//! Edge tiles need no local copy: the A micro-panel is zero-padded to `R` rows (those rows are
+//! computed and not stored), a group with fewer panels left runs the `NP`-panel kernel for the
+//! panels there are, and the columns past C's edge are masked off with `__mmask16` loads and
+//! stores.
+
+use super::lanes::Lanes;
+use super::pack::BElem;
+use super::NR;
+use std::arch::x86_64::*;
+
+/// The AVX-512 microkernel shapes (rows of C x columns of C per call). All use the same packed
+/// panels; [`super::gemm_avx512_tile`] runs any of them so that benchmarks can compare them,
+/// and [`Avx512Tile::DEFAULT`] is the one [`super::gemm`] uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Avx512Tile {
+    /// 12 rows x 32 columns: 24 accumulators.
+    M12N32,
+    /// 14 rows x 32 columns: 28 accumulators.
+    M14N32,
+    /// 8 rows x 48 columns: 24 accumulators.
+    M8N48,
+    /// 6 rows x 64 columns: 24 accumulators.
+    M6N64,
+}
+
+impl Avx512Tile {
+    /// Every shape, for benchmarks.
+    pub const ALL: [Avx512Tile; 4] = [
+        Avx512Tile::M12N32,
+        Avx512Tile::M14N32,
+        Avx512Tile::M8N48,
+        Avx512Tile::M6N64,
+    ];
+
+    /// The shape [`super::gemm`] uses on the AVX-512 tier. Measured on a 16-core Intel Xeon
+    /// (AVX-512, AMX), `x · Wᵀ` at 1024³ f32 (`cargo bench --bench gemm --
+    /// gemm_1024_avx512_tiles`, criterion estimate [low high]): 16 threads 12x32 2.60
+    /// [2.57 2.64] ms, 14x32 2.68 [2.64 2.71], 8x48 2.49 [2.43 2.54], 6x64 3.01 [2.88 3.16];
+    /// 1 thread 12x32 25.5 [24.7 26.5] ms, 14x32 24.7 [22.6 26.5], 8x48 22.3 [21.8 22.9],
+    /// 6x64 22.5 [21.6 23.8] (the AVX2 6x16 kernel: 3.39 ms on 16 threads).
+    pub const DEFAULT: Avx512Tile = Avx512Tile::M8N48;
+
+    /// Rows of C per tile (the height of a packed A micro-panel).
+    pub fn rows(self) -> usize {
+        match self {
+            Avx512Tile::M12N32 => 12,
+            Avx512Tile::M14N32 => 14,
+            Avx512Tile::M8N48 => 8,
+            Avx512Tile::M6N64 => 6,
+        }
+    }
+
+    /// Packed B panels ([`NR`] columns each) per tile.
+    pub fn panels(self) -> usize {
+        match self {
+            Avx512Tile::M12N32 | Avx512Tile::M14N32 => 2,
+            Avx512Tile::M8N48 => 3,
+            Avx512Tile::M6N64 => 4,
+        }
+    }
+
+    /// A short name such as `"12x32"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Avx512Tile::M12N32 => "12x32",
+            Avx512Tile::M14N32 => "14x32",
+            Avx512Tile::M8N48 => "8x48",
+            Avx512Tile::M6N64 => "6x64",
+        }
+    }
+}
+
+/// One tile of C: `C[rows x cols] (+)= A · B` for the packed A micro-panel `a` (`kc` steps of
+/// `shape.rows()` floats) and the `panels` packed B panels starting at `b`, `panel_stride`
+/// floats apart (`kc` rows of [`NR`] each read from each). Only the `rows x cols` corner of C
+/// is read or written.
+///
+/// # Safety
+/// The CPU must have AVX-512 F (see [`crate::cpu::has_avx512`]); `a` readable for
+/// `kc * shape.rows()` floats, `b + u * panel_stride` for `kc * NR`, `u < panels`;
+/// `1 <= panels <= shape.panels()`,
+/// `rows <= shape.rows()`, `cols <= panels * NR`; `c` valid for reading and writing
+/// `c[i * rs_c + j]`, `i < rows`, `j < cols`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn tile(
+    shape: Avx512Tile,
+    panels: usize,
+    panel_stride: usize,
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    rs_c: usize,
+    overwrite: bool,
+    rows: usize,
+    cols: usize,
+) {
+    let t = Tile {
+        kc,
+        a,
+        b,
+        panel_stride,
+        c,
+        rs_c,
+        overwrite,
+        rows,
+        cols,
+    };
+    // SAFETY: forwarded contract; each arm's R and NP match `shape` and `panels`.
+    unsafe {
+        match (shape, panels) {
+            (Avx512Tile::M12N32, 1) => body::<12, 1>(t),
+            (Avx512Tile::M12N32, _) => body::<12, 2>(t),
+            (Avx512Tile::M14N32, 1) => body::<14, 1>(t),
+            (Avx512Tile::M14N32, _) => body::<14, 2>(t),
+            (Avx512Tile::M8N48, 1) => body::<8, 1>(t),
+            (Avx512Tile::M8N48, 2) => body::<8, 2>(t),
+            (Avx512Tile::M8N48, _) => body::<8, 3>(t),
+            (Avx512Tile::M6N64, 1) => body::<6, 1>(t),
+            (Avx512Tile::M6N64, 2) => body::<6, 2>(t),
+            (Avx512Tile::M6N64, 3) => body::<6, 3>(t),
+            (Avx512Tile::M6N64, _) => body::<6, 4>(t),
+        }
+    }
+}
+
+/// The arguments of [`tile`], as one value for the generic body.
+#[derive(Clone, Copy)]
+struct Tile {
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    panel_stride: usize,
+    c: *mut f32,
+    rs_c: usize,
+    overwrite: bool,
+    rows: usize,
+    cols: usize,
+}
+
+/// The lanes of panel `u` that lie inside the first `cols` columns, as a mask.
+#[inline(always)]
+fn column_mask(cols: usize, u: usize) -> __mmask16 {
+    let valid = cols.saturating_sub(u * NR).min(NR);
+    ((1u32 << valid) - 1) as __mmask16
+}
+
+/// `R x (NP * NR)` tile, accumulators in `R * NP` zmm registers.
+///
+/// # Safety
+/// As [`tile`] with `R == shape.rows()` and `NP == panels`; inlined into it (AVX-512 enabled).
+#[inline(always)]
+// Index loops over the register block read more plainly than zipped iterators and compile to
+// the same unrolled code (constant indices keep the accumulators in registers).
+#[allow(clippy::needless_range_loop)]
+unsafe fn body<const R: usize, const NP: usize>(t: Tile) {
+    let bstride = t.panel_stride;
+    // SAFETY: (whole block) A loads read a[p * R + i], p < kc, i < R; B loads read
+    // b[u * panel_stride + p * NR .. + NR], u < NP; C accesses are masked to the rows x cols corner.
+    unsafe {
+        for i in 0..R {
+            if i < t.rows {
+                _mm_prefetch::<_MM_HINT_T0>(t.c.add(i * t.rs_c) as *const i8);
+            }
+        }
+        let mut acc = [[_mm512_setzero_ps(); NP]; R];
+        let (mut a, mut b) = (t.a, t.b);
+        for _ in 0..t.kc {
+            let mut bv = [_mm512_setzero_ps(); NP];
+            for u in 0..NP {
+                bv[u] = _mm512_loadu_ps(b.add(u * bstride));
+            }
+            for i in 0..R {
+                let av = _mm512_set1_ps(*a.add(i));
+                for u in 0..NP {
+                    acc[i][u] = _mm512_fmadd_ps(av, bv[u], acc[i][u]);
+                }
+            }
+            a = a.add(R);
+            b = b.add(NR);
+        }
+        for i in 0..R {
+            if i >= t.rows {
+                continue;
+            }
+            for u in 0..NP {
+                let m = column_mask(t.cols, u);
+                let d = t.c.add(i * t.rs_c + u * NR);
+                if m == 0xFFFF {
+                    let v = if t.overwrite {
+                        acc[i][u]
+                    } else {
+                        _mm512_add_ps(_mm512_loadu_ps(d), acc[i][u])
+                    };
+                    _mm512_storeu_ps(d, v);
+                } else if m != 0 {
+                    let v = if t.overwrite {
+                        acc[i][u]
+                    } else {
+                        _mm512_add_ps(_mm512_maskz_loadu_ps(m, d), acc[i][u])
+                    };
+                    _mm512_mask_storeu_ps(d, m, v);
+                }
+            }
+        }
+    }
+}
+
+/// The AVX-512 [`super::gemv`] row kernel: `res[rows x m] (+)= W[rows x inp] · x[m x inp]ᵀ`
+/// on 16-lane registers (f16 weights converted with `vcvtph2ps` as they are loaded).
+///
+/// # Safety
+/// The CPU must have the AVX-512 tier; `w.len() == rows * inp`, `x.len() >= m * inp`,
+/// `res.len() == rows * m`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub(super) unsafe fn gemv_rows<E: BElem>(
+    w: &[E],
+    inp: usize,
+    x: &[f32],
+    m: usize,
+    res: &mut [f32],
+    accumulate: bool,
+) {
+    // SAFETY: forwarded contract; the tier is enabled on this function.
+    unsafe { super::gemv::simd::rows::<__m512, E>(w, inp, x, m, res, accumulate) }
+}
+
+impl Lanes for __m512 {
+    const N: usize = 16;
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        // SAFETY: register-only; AVX-512 enabled by the caller.
+        unsafe { _mm512_setzero_ps() }
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        // SAFETY: the caller guarantees 16 readable floats.
+        unsafe { _mm512_loadu_ps(p) }
+    }
+    #[inline(always)]
+    unsafe fn load_w<E: BElem>(p: *const E) -> Self {
+        // SAFETY: the caller guarantees 16 readable elements and the tier.
+        unsafe { E::load16(p) }
+    }
+    #[inline(always)]
+    unsafe fn fmadd(a: Self, b: Self, c: Self) -> Self {
+        // SAFETY: register-only.
+        unsafe { _mm512_fmadd_ps(a, b, c) }
+    }
+    #[inline(always)]
+    unsafe fn add(a: Self, b: Self) -> Self {
+        // SAFETY: register-only.
+        unsafe { _mm512_add_ps(a, b) }
+    }
+    /// The two 256-bit halves added, then [`Lanes::hsum`] of `__m256`.
+    #[inline(always)]
+    unsafe fn hsum(self) -> f32 {
+        // SAFETY: register-only.
+        unsafe { fold_halves(self).hsum() }
+    }
+    /// The two 256-bit halves of each added, then [`Lanes::hsum4`] of `__m256`.
+    #[inline(always)]
+    unsafe fn hsum4(v: [Self; 4]) -> [f32; 4] {
+        // SAFETY: register-only.
+        // (No closure: closures do not inherit the caller's target features.)
+        unsafe {
+            <__m256 as Lanes>::hsum4([
+                fold_halves(v[0]),
+                fold_halves(v[1]),
+                fold_halves(v[2]),
+                fold_halves(v[3]),
+            ])
+        }
+    }
+}
+
+/// Lanes `0..8` plus lanes `8..16` (AVX-512 F only: the upper half is taken as 4 doubles).
+#[inline(always)]
+unsafe fn fold_halves(v: __m512) -> __m256 {
+    // SAFETY: register-only; AVX-512 F enabled by the caller.
+    unsafe {
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+        _mm256_add_ps(_mm512_castps512_ps256(v), hi)
+    }
+}
