@@ -28,6 +28,7 @@
     clippy::too_many_arguments
 )]
 
+mod arch;
 pub mod bytes;
 pub mod cpu;
 pub mod error;
