@@ -11,8 +11,10 @@ use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 use crate::arch::avx2::int8 as avx2;
+#[cfg(target_arch = "x86_64")]
+use crate::arch::avx512::int8 as avx512;
 use crate::bytes::{check_part, Bytes};
-use crate::cpu::{usable, KernelPath};
+use crate::cpu::{is_x86_simd, usable, KernelPath};
 use crate::error::{QuantError, Result};
 use crate::kernels::{self, QuantRows};
 
@@ -32,6 +34,9 @@ pub fn dequantize(path: KernelPath, codes: &[u8], scale: f32, zero: f32, out: &m
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `usable` returned Avx2Fma, so the CPU has AVX2; equal lengths (sliced above).
         KernelPath::Avx2Fma => unsafe { avx2::dequantize(codes, scale, zero, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `usable` returned Avx512, so the CPU has AVX-512 F/BW/VL; equal lengths.
+        KernelPath::Avx512 => unsafe { avx512::dequantize(codes, scale, zero, out) },
         _ => dequantize_ref(codes, scale, zero, out),
     }
 }
@@ -162,15 +167,16 @@ impl QuantRows for Int8Matrix {
         let c = &self.codes.as_slice()[r * self.inn + c0..r * self.inn + c0 + len];
         dequantize(path, c, s, z, dst);
     }
-    /// AVX2 path: appends `Σ x`.
+    /// AVX2 and AVX-512 paths: appends `Σ x`.
     fn gemv_prepare(&self, path: KernelPath, x: &[f32], prep: &mut Vec<f32>) {
-        if usable(path) == KernelPath::Avx2Fma {
+        if is_x86_simd(usable(path)) {
             prep.push(x.iter().sum());
         }
     }
     #[cfg(target_arch = "x86_64")]
-    unsafe fn gemv_avx2(
+    unsafe fn gemv_simd(
         &self,
+        path: KernelPath,
         x: &[f32],
         prep: &[f32],
         rows: std::ops::Range<usize>,
@@ -180,8 +186,13 @@ impl QuantRows for Int8Matrix {
         let [sum_x] = prep else {
             return false;
         };
-        // SAFETY: the trait's contract (AVX2/FMA/F16C; x, rows and y checked).
-        unsafe { avx2::gemv(self, x, *sum_x, rows, y, acc) };
+        // SAFETY: the trait's contract (the CPU has `path`'s tier; x, rows and y checked).
+        unsafe {
+            match path {
+                KernelPath::Avx512 => avx512::gemv(self, x, *sum_x, rows, y, acc),
+                _ => avx2::gemv(self, x, *sum_x, rows, y, acc),
+            }
+        };
         true
     }
 }

@@ -76,7 +76,7 @@ pub(crate) fn push_even_odd16(x: &[f32], prep: &mut Vec<f32>) {
 /// The AVX2 tier's shared helpers (also reached as `kernels::avx2` by the int8-activation path).
 #[cfg(target_arch = "x86_64")]
 pub(crate) use crate::arch::avx2;
-use crate::cpu::{kernel_path, usable, KernelPath};
+use crate::cpu::{is_x86_simd, kernel_path, usable, KernelPath};
 
 /// Batches from this on use the packed-panel GEMM (the default of [`QuantRows::gemm_min_m`]);
 /// below it, [`batch_tiles`] (or fused GEMVs). 1024², 2 threads, tiles against the GEMM
@@ -122,14 +122,14 @@ pub(crate) trait QuantRows: Sync + Send {
     /// Writes the block `b` of W into `dst` (see [`ColBlock`]; same alignment rules as
     /// [`QuantRows::dequant_segment`]): the format's AVX2 column kernel where it has one and
     /// the block fits it, else one row segment at a time. (Formats provide
-    /// [`QuantRows::dequant_cols_avx2`], not this.)
+    /// [`QuantRows::dequant_cols_simd`], not this.)
     fn dequant_cols(&self, path: KernelPath, b: ColBlock, dst: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if usable(path) == KernelPath::Avx2Fma
+        if is_x86_simd(usable(path))
             && b.fits(self.dims(), self.seg_align(), dst.len())
-            // SAFETY: the path went through `usable` (the CPU has AVX2, FMA and F16C) and
-            // `fits` checked the rows, columns and destination lengths.
-            && unsafe { self.dequant_cols_avx2(b, dst) }
+            // SAFETY: the path went through `usable` (the CPU has its tier, AVX2, FMA and F16C
+            // at least) and `fits` checked the rows, columns and destination lengths.
+            && unsafe { self.dequant_cols_simd(usable(path), b, dst) }
         {
             return;
         }
@@ -138,14 +138,14 @@ pub(crate) trait QuantRows: Sync + Send {
             self.dequant_segment(path, b.r0 + p, b.c0, b.len, d);
         }
     }
-    /// The format's AVX2 column kernel for [`QuantRows::dequant_cols`]: `false` (nothing
-    /// written) if it has none.
+    /// The format's column kernel of the x86 tier `path` (AVX2 or AVX-512) for
+    /// [`QuantRows::dequant_cols`]: `false` (nothing written) if it has none.
     ///
     /// # Safety
-    /// The CPU supports AVX2, FMA and F16C, and `b.fits(self.dims(), self.seg_align(),
-    /// dst.len())` holds.
+    /// `path` is [`KernelPath::Avx2Fma`] or [`KernelPath::Avx512`] and the CPU supports it,
+    /// and `b.fits(self.dims(), self.seg_align(), dst.len())` holds.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn dequant_cols_avx2(&self, _b: ColBlock, _dst: &mut [f32]) -> bool {
+    unsafe fn dequant_cols_simd(&self, _path: KernelPath, _b: ColBlock, _dst: &mut [f32]) -> bool {
         false
     }
     /// Appends the per-input precomputation for [`QuantRows::gemv`] (e.g. block sums of `x`)
@@ -153,8 +153,8 @@ pub(crate) trait QuantRows: Sync + Send {
     fn gemv_prepare(&self, _path: KernelPath, _x: &[f32], _prep: &mut Vec<f32>) {}
     /// `y[j] = W[rows.start + j, :] · x` (`y[j] += ...` with `acc`) for the rows in `rows`;
     /// `prep` is what [`QuantRows::gemv_prepare`] appended for this `x` on this path. The
-    /// format's AVX2 GEMV where it has one and takes this `prep`, else [`gemv_generic`].
-    /// (Formats provide [`QuantRows::gemv_avx2`], not this.)
+    /// format's GEMV of the path's x86 tier where it has one and takes this `prep`, else
+    /// [`gemv_generic`]. (Formats provide [`QuantRows::gemv_simd`], not this.)
     fn gemv(
         &self,
         path: KernelPath,
@@ -165,27 +165,29 @@ pub(crate) trait QuantRows: Sync + Send {
         acc: bool,
     ) {
         #[cfg(target_arch = "x86_64")]
-        if usable(path) == KernelPath::Avx2Fma
+        if is_x86_simd(usable(path))
             && x.len() == self.dims().1
             && rows.end <= self.dims().0
             && y.len() >= rows.len()
-            // SAFETY: the path went through `usable` (the CPU has AVX2, FMA and F16C); x,
-            // rows and y were just checked.
-            && unsafe { self.gemv_avx2(x, prep, rows.clone(), y, acc) }
+            // SAFETY: the path went through `usable` (the CPU has its tier, AVX2, FMA and F16C
+            // at least); x, rows and y were just checked.
+            && unsafe { self.gemv_simd(usable(path), x, prep, rows.clone(), y, acc) }
         {
             return;
         }
         gemv_generic(self, path, x, rows, y, acc);
     }
-    /// The format's AVX2 GEMV for [`QuantRows::gemv`]: `false` (nothing written) if it has
-    /// none or `prep` is not what its [`QuantRows::gemv_prepare`] makes on the AVX2 path.
+    /// The format's GEMV of the x86 tier `path` (AVX2 or AVX-512) for [`QuantRows::gemv`]:
+    /// `false` (nothing written) if it has none or `prep` is not what its
+    /// [`QuantRows::gemv_prepare`] makes on that path.
     ///
     /// # Safety
-    /// The CPU supports AVX2, FMA and F16C; `x.len() == in`, `rows.end <= out` and
-    /// `y.len() >= rows.len()`.
+    /// `path` is [`KernelPath::Avx2Fma`] or [`KernelPath::Avx512`] and the CPU supports it;
+    /// `x.len() == in`, `rows.end <= out` and `y.len() >= rows.len()`.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn gemv_avx2(
+    unsafe fn gemv_simd(
         &self,
+        _path: KernelPath,
         _x: &[f32],
         _prep: &[f32],
         _rows: Range<usize>,
@@ -256,8 +258,11 @@ pub(crate) fn dot(path: KernelPath, a: &[f32], b: &[f32]) -> f32 {
         KernelPath::Avx2Fma => unsafe { avx2::dot(&a[..n], &b[..n]) },
         #[cfg(not(target_arch = "x86_64"))]
         KernelPath::Avx2Fma => dot(KernelPath::Portable, a, b),
-        // `usable` maps Avx512 to Avx2Fma (no 512-bit code here yet).
-        KernelPath::Avx512 => dot(KernelPath::Avx2Fma, a, b),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `usable` returned Avx512 only if the CPU has AVX-512 F/BW/VL, AVX2 and FMA.
+        KernelPath::Avx512 => unsafe { crate::arch::avx512::dot(&a[..n], &b[..n]) },
+        #[cfg(not(target_arch = "x86_64"))]
+        KernelPath::Avx512 => dot(KernelPath::Portable, a, b),
     }
 }
 
@@ -527,7 +532,7 @@ impl<F: QuantRows> PackB for FwdPack<'_, F> {
     }
     /// Shapes: panel `kc x NR` of `Wᵀ` = rows `n0..n0+nc` of W, columns `k0..k0+kc`. Each
     /// row segment is dequantized contiguously into a 16 x 256 stack tile, which is then
-    /// transposed into `dst` (8x8 AVX2 transposes on that path).
+    /// transposed into `dst` (8x8 transposes on the AVX2 path, 16x16 on AVX-512).
     fn pack_panel(&self, k0: usize, kc: usize, n0: usize, nc: usize, dst: &mut [f32]) {
         let mut buf = [0.0f32; NR * FWD_CHUNK];
         let nc = nc.min(NR);
@@ -548,6 +553,12 @@ impl<F: QuantRows> PackB for FwdPack<'_, F> {
                 // SAFETY: the path went through `usable`, so the CPU has AVX2 and FMA; the
                 // function checks its slice lengths itself.
                 KernelPath::Avx2Fma => unsafe { avx2::transpose_panel(&buf, FWD_CHUNK, len, d) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the path went through `usable`, so the CPU has AVX-512 F/BW/VL; the
+                // function checks its slice lengths itself.
+                KernelPath::Avx512 => unsafe {
+                    crate::arch::avx512::transpose_panel(&buf, FWD_CHUNK, len, d)
+                },
                 _ => {
                     for p in 0..len {
                         for j in 0..NR {

@@ -27,7 +27,7 @@ use rayon::prelude::*;
 #[cfg(target_arch = "x86_64")]
 use crate::arch::avx2::lower as avx2;
 use crate::bytes::{check_part, Bytes};
-use crate::cpu::{usable, KernelPath};
+use crate::cpu::{is_x86_simd, usable, KernelPath};
 use crate::error::{QuantError, Result};
 use crate::kernels::{self, QuantRows};
 
@@ -91,11 +91,12 @@ pub fn dequantize_row(
     let n = row_len(bits, codes, scales, mins, c0, out.len());
     match usable(path) {
         #[cfg(target_arch = "x86_64")]
-        KernelPath::Avx2Fma => {
+        KernelPath::Avx2Fma | KernelPath::Avx512 => {
             let head = ((8 - c0 % 8) % 8).min(n);
             let body = (n - head) / 8 * 8;
             dequantize_row_ref(bits, codes, scales, mins, c0, &mut out[..head]);
-            // SAFETY: Avx2Fma from `usable`: the CPU has AVX2. Columns c0+head..c0+head+body
+            // SAFETY: Avx2Fma or Avx512 from `usable`: the CPU has AVX2. Columns
+            // c0+head..c0+head+body
             // are 8-aligned and covered by the parts (`row_len`).
             unsafe {
                 avx2::dequantize_row(
@@ -578,13 +579,14 @@ impl QuantRows for LowerMatrix {
     /// AVX2 path: appends x scaled for each code width, and the `ceil(in/128)` group sums of x
     /// ([`prepare_x`]).
     fn gemv_prepare(&self, path: KernelPath, x: &[f32], prep: &mut Vec<f32>) {
-        if usable(path) == KernelPath::Avx2Fma {
+        if is_x86_simd(usable(path)) {
             prepare_x(x, prep);
         }
     }
     #[cfg(target_arch = "x86_64")]
-    unsafe fn gemv_avx2(
+    unsafe fn gemv_simd(
         &self,
+        _path: KernelPath,
         x: &[f32],
         prep: &[f32],
         rows: std::ops::Range<usize>,

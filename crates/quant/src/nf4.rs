@@ -27,9 +27,11 @@ use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 use crate::arch::avx2::nf4 as avx2;
+#[cfg(target_arch = "x86_64")]
+use crate::arch::avx512::nf4 as avx512;
 use crate::arch::portable::nf4 as portable;
 use crate::bytes::{check_part, Bytes};
-use crate::cpu::{kernel_path, usable, KernelPath};
+use crate::cpu::{is_x86_simd, kernel_path, usable, KernelPath};
 use crate::error::{QuantError, Result};
 use crate::kernels::{self, ColBlock, QuantRows};
 
@@ -318,8 +320,9 @@ pub fn quantize(
     let (xf, pf, af) = (&x[..full], &mut packed[..full / 2], &mut absmax[..nb]);
     match usable(path) {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: Avx2 only when the CPU has AVX2/FMA/F16C; whole blocks only.
-        KernelPath::Avx2Fma => unsafe { avx2::quantize(xf, pf, af) },
+        // SAFETY: Avx2 or Avx512 only when the CPU has AVX2/FMA/F16C; whole blocks only
+        // (quantizing has no 512-bit kernel: the AVX-512 tier runs the AVX2 one).
+        KernelPath::Avx2Fma | KernelPath::Avx512 => unsafe { avx2::quantize(xf, pf, af) },
         KernelPath::Portable => portable::quantize(xf, pf, af),
         _ => quantize_ref(xf, pf, af),
     }?;
@@ -625,11 +628,12 @@ impl QuantRows for Nf4Matrix {
                 KernelPath::Scalar => dequantize_ref(packed, scale, out),
                 KernelPath::Portable => portable::dequantize(packed, scale, out),
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: `usable` gave Avx2Fma or Avx512, so the CPU has AVX2, FMA and F16C;
-                // lengths match (len/2 bytes).
-                KernelPath::Avx2Fma | KernelPath::Avx512 => unsafe {
-                    avx2::dequantize(packed, scale, out)
-                },
+                // SAFETY: `usable` gave Avx2Fma, so the CPU has AVX2, FMA and F16C; lengths
+                // match (len/2 bytes).
+                KernelPath::Avx2Fma => unsafe { avx2::dequantize(packed, scale, out) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `usable` gave Avx512, so the CPU has AVX-512 F/BW/VL; lengths match.
+                KernelPath::Avx512 => unsafe { avx512::dequantize(packed, scale, out) },
                 #[cfg(not(target_arch = "x86_64"))]
                 KernelPath::Avx2Fma | KernelPath::Avx512 => {
                     portable::dequantize(packed, scale, out)
@@ -641,24 +645,32 @@ impl QuantRows for Nf4Matrix {
     /// Only when `in % 16 == 0` (every requested run of 16 then lies in one block); otherwise
     /// `false`, and rows go through [`QuantRows::dequant_segment`].
     #[cfg(target_arch = "x86_64")]
-    unsafe fn dequant_cols_avx2(&self, b: ColBlock, dst: &mut [f32]) -> bool {
+    unsafe fn dequant_cols_simd(&self, path: KernelPath, b: ColBlock, dst: &mut [f32]) -> bool {
         if self.inn % 16 != 0 {
             return false;
         }
-        // SAFETY: the trait's contract (AVX2/FMA/F16C; the request fits in runs of 16).
-        unsafe { avx2::dequant_cols(self, b, dst) };
+        // SAFETY: the trait's contract (the CPU has `path`'s tier; the request fits in runs
+        // of 16).
+        unsafe {
+            match path {
+                KernelPath::Avx512 => avx512::dequant_cols(self, b, dst),
+                _ => avx2::dequant_cols(self, b, dst),
+            }
+        };
         true
     }
-    /// AVX2 path when rows hold whole blocks (`in % 64 == 0`): appends x with each run of 16
-    /// reordered as its 8 even then 8 odd elements. (Other shapes take the generic GEMV.)
+    /// AVX2 and AVX-512 paths when rows hold whole blocks (`in % 64 == 0`): appends x with
+    /// each run of 16 reordered as its 8 even then 8 odd elements. (Other shapes take the
+    /// generic GEMV.)
     fn gemv_prepare(&self, path: KernelPath, x: &[f32], prep: &mut Vec<f32>) {
-        if usable(path) == KernelPath::Avx2Fma && self.inn % NF4_BLOCK == 0 {
+        if is_x86_simd(usable(path)) && self.inn % NF4_BLOCK == 0 {
             kernels::push_even_odd16(x, prep);
         }
     }
     #[cfg(target_arch = "x86_64")]
-    unsafe fn gemv_avx2(
+    unsafe fn gemv_simd(
         &self,
+        path: KernelPath,
         _x: &[f32],
         prep: &[f32],
         rows: std::ops::Range<usize>,
@@ -668,8 +680,14 @@ impl QuantRows for Nf4Matrix {
         if self.inn % NF4_BLOCK != 0 || prep.len() != self.inn {
             return false;
         }
-        // SAFETY: the trait's contract (AVX2/FMA/F16C; rows and y checked) and this prep.
-        unsafe { avx2::gemv(self, prep, rows, y, acc) };
+        // SAFETY: the trait's contract (the CPU has `path`'s tier; rows and y checked) and
+        // this prep.
+        unsafe {
+            match path {
+                KernelPath::Avx512 => avx512::gemv(self, prep, rows, y, acc),
+                _ => avx2::gemv(self, prep, rows, y, acc),
+            }
+        };
         true
     }
 }

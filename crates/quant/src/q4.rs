@@ -27,9 +27,11 @@ use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 use crate::arch::avx2::q4 as avx2;
+#[cfg(target_arch = "x86_64")]
+use crate::arch::avx512::q4 as avx512;
 use crate::arch::portable::q4 as portable;
 use crate::bytes::{check_part, Bytes};
-use crate::cpu::{kernel_path, usable, KernelPath};
+use crate::cpu::{is_x86_simd, kernel_path, usable, KernelPath};
 use crate::error::{QuantError, Result};
 use crate::kernels::{self, ColBlock, QuantRows};
 
@@ -156,13 +158,12 @@ pub fn quantize_row(
         KernelPath::Scalar => quantize_blocks_ref(xf, pf, nf),
         KernelPath::Portable => portable::quantize_row(xf, pf, nf),
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `usable` returned Avx2, so the CPU has AVX2, FMA and F16C; the slices hold
-        // whole blocks (full/2 bytes, full/16 norms).
-        KernelPath::Avx2Fma => unsafe { avx2::quantize_row(xf, pf, nf) },
+        // SAFETY: `usable` returned Avx2 or Avx512, so the CPU has AVX2, FMA and F16C; the
+        // slices hold whole blocks (full/2 bytes, full/16 norms). Quantizing has no 512-bit
+        // kernel: the AVX-512 tier runs the AVX2 one.
+        KernelPath::Avx2Fma | KernelPath::Avx512 => unsafe { avx2::quantize_row(xf, pf, nf) },
         #[cfg(not(target_arch = "x86_64"))]
-        KernelPath::Avx2Fma => portable::quantize_row(xf, pf, nf),
-        // `usable` maps Avx512 to Avx2Fma (no 512-bit code here yet); portable is the safe fallback.
-        KernelPath::Avx512 => portable::quantize_row(xf, pf, nf),
+        KernelPath::Avx2Fma | KernelPath::Avx512 => portable::quantize_row(xf, pf, nf),
     };
     if whole && quantize_blocks_ref(xt, pt, nt) {
         Ok(())
@@ -199,10 +200,11 @@ pub fn dequantize(path: KernelPath, packed: &[u8], norm: &[f16], out: &mut [f32]
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `usable` returned Avx2, so the CPU has AVX2, FMA and F16C.
         KernelPath::Avx2Fma => unsafe { avx2::dequantize(packed, norm, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `usable` returned Avx512, so the CPU has AVX-512 F/BW/VL and F16C.
+        KernelPath::Avx512 => unsafe { avx512::dequantize(packed, norm, out) },
         #[cfg(not(target_arch = "x86_64"))]
-        KernelPath::Avx2Fma => portable::dequantize(packed, norm, out),
-        // `usable` maps Avx512 to Avx2Fma (no 512-bit code here yet).
-        KernelPath::Avx512 => dequantize(KernelPath::Avx2Fma, packed, norm, out),
+        KernelPath::Avx2Fma | KernelPath::Avx512 => portable::dequantize(packed, norm, out),
     }
 }
 
@@ -402,7 +404,7 @@ impl Q4Matrix {
         }
         // The thread's reusable scratch (as in `matmul_t`): no allocation per call.
         let mut prep = kernels::take_prep();
-        let path = usable(path);
+        let path = usable(path).at_most_avx2(); // (the int8-activation kernels are AVX2 code)
         act8::prepare(path, x, &mut prep);
         // Rows split over the pool as `matmul_t` splits batch 1.
         kernels::split_rows((self.out, self.inn), y, |rows, yc| {
@@ -466,32 +468,39 @@ impl QuantRows for Q4Matrix {
         );
     }
     #[cfg(target_arch = "x86_64")]
-    unsafe fn dequant_cols_avx2(&self, b: ColBlock, dst: &mut [f32]) -> bool {
-        // SAFETY: the trait's contract (AVX2/FMA/F16C; the request fits in whole blocks).
-        unsafe { avx2::dequant_cols(self, b, dst) };
+    unsafe fn dequant_cols_simd(&self, path: KernelPath, b: ColBlock, dst: &mut [f32]) -> bool {
+        // SAFETY: the trait's contract (the CPU has `path`'s tier; the request fits in whole
+        // blocks).
+        unsafe {
+            match path {
+                KernelPath::Avx512 => avx512::dequant_cols(self, b, dst),
+                _ => avx2::dequant_cols(self, b, dst),
+            }
+        };
         true
     }
-    /// AVX2 path: appends x with each block of 16 reordered as its 8 even then 8 odd
+    /// AVX2 and AVX-512 paths: appends x with each block of 16 reordered as its 8 even then 8 odd
     /// elements (the low / high nibbles of the block's bytes), then the `in/16` block sums.
     ///
     /// With `NIBBLE_Q4_ACT=int8` (AVX2 only) it appends the int8 quantization of x instead
     /// (see [`Q4Matrix::gemv_int8`]).
     fn gemv_prepare(&self, path: KernelPath, x: &[f32], prep: &mut Vec<f32>) {
-        if usable(path) == KernelPath::Avx2Fma
+        if is_x86_simd(usable(path))
             && q4_activations() == Q4Activations::Int8
             && self.inn > 0
             && x.iter().all(|v| v.is_finite())
         {
             act8::prepare(KernelPath::Avx2Fma, x, prep);
-        } else if usable(path) == KernelPath::Avx2Fma && self.inn % Q4_BLOCK == 0 {
+        } else if is_x86_simd(usable(path)) && self.inn % Q4_BLOCK == 0 {
             // (A ragged `in` takes the generic GEMV, which needs no preparation.)
             kernels::push_even_odd16(x, prep);
             prep.extend(x.chunks_exact(Q4_BLOCK).map(|c| c.iter().sum::<f32>()));
         }
     }
     #[cfg(target_arch = "x86_64")]
-    unsafe fn gemv_avx2(
+    unsafe fn gemv_simd(
         &self,
+        path: KernelPath,
         _x: &[f32],
         prep: &[f32],
         rows: std::ops::Range<usize>,
@@ -501,8 +510,14 @@ impl QuantRows for Q4Matrix {
         // (The two preparations never have the same length for `in > 0`: 17·in/16 floats
         // against 41 per started group of 128.)
         if self.inn % Q4_BLOCK == 0 && prep.len() == self.inn + self.inn / Q4_BLOCK {
-            // SAFETY: the trait's contract (AVX2/FMA/F16C; rows and y checked) and this prep.
-            unsafe { avx2::gemv(self, prep, rows, y, acc) };
+            // SAFETY: the trait's contract (the CPU has `path`'s tier; rows and y checked) and
+            // this prep.
+            unsafe {
+                match path {
+                    KernelPath::Avx512 => avx512::gemv(self, prep, rows, y, acc),
+                    _ => avx2::gemv(self, prep, rows, y, acc),
+                }
+            };
         } else if prep.len() == act8::prep_len(self.inn) {
             act8::gemv(self, KernelPath::Avx2Fma, prep, rows, y, acc);
         } else {
