@@ -1,5 +1,5 @@
 //! Which kernel path runs: the tensor crate's run-time dispatch ([`nibble_tensor::cpu`]),
-//! re-exported so that every quant kernel follows the same `NIBBLE_KERNEL=scalar|portable|avx2`
+//! re-exported so that every quant kernel follows the same `NIBBLE_KERNEL=scalar|portable|avx2|avx512`
 //! choice as the GEMM, GEMV and f16 kernels it feeds.
 
 pub use nibble_tensor::cpu::{

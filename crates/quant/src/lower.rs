@@ -26,6 +26,8 @@ use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 use crate::arch::avx2::lower as avx2;
+#[cfg(target_arch = "x86_64")]
+use crate::arch::avx512::lower as avx512;
 use crate::bytes::{check_part, Bytes};
 use crate::cpu::{is_x86_simd, usable, KernelPath};
 use crate::error::{QuantError, Result};
@@ -91,22 +93,19 @@ pub fn dequantize_row(
     let n = row_len(bits, codes, scales, mins, c0, out.len());
     match usable(path) {
         #[cfg(target_arch = "x86_64")]
-        KernelPath::Avx2Fma | KernelPath::Avx512 => {
+        tier @ (KernelPath::Avx2Fma | KernelPath::Avx512) => {
             let head = ((8 - c0 % 8) % 8).min(n);
             let body = (n - head) / 8 * 8;
             dequantize_row_ref(bits, codes, scales, mins, c0, &mut out[..head]);
-            // SAFETY: Avx2Fma or Avx512 from `usable`: the CPU has AVX2. Columns
-            // c0+head..c0+head+body
-            // are 8-aligned and covered by the parts (`row_len`).
+            let (c, o) = (c0 + head, &mut out[head..head + body]);
+            // SAFETY: Avx2Fma or Avx512 from `usable`: the CPU has that tier. Columns
+            // c0+head..c0+head+body are 8-aligned and covered by the parts (`row_len`).
             unsafe {
-                avx2::dequantize_row(
-                    bits,
-                    codes,
-                    scales,
-                    mins,
-                    c0 + head,
-                    &mut out[head..head + body],
-                )
+                if tier == KernelPath::Avx512 {
+                    avx512::dequantize_row(bits, codes, scales, mins, c, o)
+                } else {
+                    avx2::dequantize_row(bits, codes, scales, mins, c, o)
+                }
             };
             let t0 = head + body;
             dequantize_row_ref(bits, codes, scales, mins, c0 + t0, &mut out[t0..n]);
@@ -576,7 +575,7 @@ impl QuantRows for LowerMatrix {
         let bits = self.bits.as_slice()[r];
         dequantize_row(path, bits, row, sc, mn, c0, &mut dst[..len]);
     }
-    /// AVX2 path: appends x scaled for each code width, and the `ceil(in/128)` group sums of x
+    /// AVX2 and AVX-512 paths: appends x scaled for each code width, and the `ceil(in/128)` group sums of x
     /// ([`prepare_x`]).
     fn gemv_prepare(&self, path: KernelPath, x: &[f32], prep: &mut Vec<f32>) {
         if is_x86_simd(usable(path)) {
@@ -586,7 +585,7 @@ impl QuantRows for LowerMatrix {
     #[cfg(target_arch = "x86_64")]
     unsafe fn gemv_simd(
         &self,
-        _path: KernelPath,
+        path: KernelPath,
         x: &[f32],
         prep: &[f32],
         rows: std::ops::Range<usize>,
@@ -596,8 +595,14 @@ impl QuantRows for LowerMatrix {
         if prep.len() != prep_len(self.inn) {
             return false;
         }
-        // SAFETY: the trait's contract (AVX2/FMA/F16C; x, rows and y checked) and this prep.
-        unsafe { avx2::gemv(self, x, prep, rows, y, acc) };
+        // SAFETY: the trait's contract (the CPU has `path`'s tier; x, rows and y checked) and
+        // this prep.
+        unsafe {
+            match path {
+                KernelPath::Avx512 => avx512::gemv(self, x, prep, rows, y, acc),
+                _ => avx2::gemv(self, x, prep, rows, y, acc),
+            }
+        };
         true
     }
 }

@@ -557,3 +557,168 @@ pub(crate) mod int8 {
         }
     }
 }
+
+/// Lower's 512-bit kernels (see [`crate::lower`]): 16 codes of a 3- or 4-bit row per zmm by
+/// the byte gather of the AVX2 tier's `Gather16`, whose two 256-bit halves of constants are
+/// one 512-bit register here (`vpshufb` works within 128-bit lanes, and every lane holds the
+/// same 16-byte window).
+pub(crate) mod lower {
+    use super::*;
+    use crate::lower::{
+        code_at, dequantize_row_ref, prep_len, GatherTables, LowerMatrix, GATHER3, GATHER4,
+        LOWER_GROUP,
+    };
+
+    /// The constants that turn a 16-byte window into 16 codes `code · 2^s`.
+    struct Gather {
+        ctrl: __m512i,
+        mask: __m512i,
+        /// `2^−s` per lane.
+        unshift: __m512,
+    }
+
+    impl Gather {
+        #[inline(always)]
+        unsafe fn new(bits: u8) -> Self {
+            let t: &GatherTables = if bits == 4 { &GATHER4 } else { &GATHER3 };
+            // SAFETY: each table is two 32-byte arrays, 64 contiguous bytes.
+            unsafe {
+                Gather {
+                    ctrl: _mm512_loadu_epi8(t.ctrl.as_ptr() as *const i8),
+                    mask: _mm512_loadu_epi32(t.mask.as_ptr() as *const i32),
+                    unshift: _mm512_castsi512_ps(_mm512_loadu_epi32(
+                        t.unshift.as_ptr() as *const i32
+                    )),
+                }
+            }
+        }
+
+        /// `code · 2^s` for the 16 codes whose first byte is `codes[p]`; bytes past the end
+        /// of `codes` read as zero.
+        #[inline(always)]
+        unsafe fn codes(&self, codes: &[u8], p: usize) -> __m512 {
+            let avail = codes.len().saturating_sub(p).min(16);
+            // SAFETY: the masked load reads only the `avail` bytes at p inside `codes`.
+            unsafe {
+                let win = _mm_maskz_loadu_epi8(
+                    first_lanes(avail),
+                    codes.as_ptr().wrapping_add(p) as *const i8,
+                );
+                let win = _mm512_broadcast_i32x4(win);
+                let c = _mm512_and_si512(_mm512_shuffle_epi8(win, self.ctrl), self.mask);
+                _mm512_cvtepi32_ps(c)
+            }
+        }
+    }
+
+    /// Shapes: columns `c0..c0+out.len()` of one row; `c0` and `out.len()` multiples of 8 and
+    /// covered by `codes`, `scales`, `mins` (checked by the caller). Bit-identical to
+    /// [`dequantize_row_ref`] (`(scale · 2^−s) · (code · 2^s)` is `scale · code` exactly);
+    /// a run of 8 at a group's edge by that scalar code.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    pub(crate) unsafe fn dequantize_row(
+        bits: u8,
+        codes: &[u8],
+        scales: &[f16],
+        mins: &[f16],
+        c0: usize,
+        out: &mut [f32],
+    ) {
+        // SAFETY: this function's target features.
+        let gather = unsafe { Gather::new(bits) };
+        let mut t = 0;
+        while t < out.len() {
+            let g = (c0 + t) / LOWER_GROUP;
+            let gend = ((g + 1) * LOWER_GROUP - c0).min(out.len());
+            // SAFETY: t + 16 <= gend <= out.len() for each store.
+            unsafe {
+                let s = _mm512_set1_ps(scales[g].to_f32());
+                let m = _mm512_set1_ps(mins[g].to_f32());
+                let su = _mm512_mul_ps(s, gather.unshift);
+                while t + 16 <= gend {
+                    let c = gather.codes(codes, (c0 + t) * usize::from(bits) / 8);
+                    _mm512_storeu_ps(
+                        out.as_mut_ptr().add(t),
+                        _mm512_add_ps(m, _mm512_mul_ps(su, c)),
+                    );
+                    t += 16;
+                }
+            }
+            if t < gend {
+                dequantize_row_ref(bits, codes, scales, mins, c0 + t, &mut out[t..gend]);
+                t = gend;
+            }
+        }
+    }
+
+    /// Fused GEMV, one row at a time, 16 codes per step over the whole groups, the scalar
+    /// code over a partial last group. Shapes and `prep` as the AVX2 tier's (`x · 2^−s` for
+    /// each width, then the group sums of x); anything else writes nothing. Per row:
+    /// `Σ_g (min_g · Σ_{k∈g} x_k + scale_g · Σ_{k∈g} code_k x_k)`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    pub(crate) unsafe fn gemv(
+        m: &LowerMatrix,
+        x_orig: &[f32],
+        prep: &[f32],
+        rows: std::ops::Range<usize>,
+        y: &mut [f32],
+        acc: bool,
+    ) {
+        let (ng, full) = (m.inn.div_ceil(LOWER_GROUP), m.inn / LOWER_GROUP);
+        if prep.len() != prep_len(m.inn)
+            || x_orig.len() != m.inn
+            || rows.end > m.out
+            || y.len() < rows.len()
+        {
+            return;
+        }
+        let (x3, rest) = prep.split_at(m.inn);
+        let (x4, gsum) = rest.split_at(m.inn);
+        // SAFETY: this function's target features.
+        let gather = unsafe { [Gather::new(3), Gather::new(4)] };
+        let (all, bits) = (m.codes.as_slice(), m.bits.as_slice());
+        for (j, r) in rows.clone().enumerate() {
+            let b = bits[r];
+            let (u, x) = if b == 4 {
+                (&gather[1], x4)
+            } else {
+                (&gather[0], x3)
+            };
+            // The row's codes and those after it (windows may reach past the row's end).
+            let codes = &all[m.offsets[r] as usize..];
+            let (sc, mn) = (&m.scales.f16s()[r * ng..], &m.mins.f16s()[r * ng..]);
+            let mut corr = 0.0f32;
+            // SAFETY: k + 16 <= (g + 1) · 128 <= in: inside x.
+            let mut v = unsafe {
+                let mut a = _mm512_setzero_ps();
+                for g in 0..full {
+                    let mut t = [_mm512_setzero_ps(); 2];
+                    let mut k = g * LOWER_GROUP;
+                    while k < (g + 1) * LOWER_GROUP {
+                        for h in 0..2 {
+                            let c = u.codes(codes, (k + 16 * h) * usize::from(b) / 8);
+                            let xv = _mm512_loadu_ps(x.as_ptr().add(k + 16 * h));
+                            t[h] = _mm512_fmadd_ps(c, xv, t[h]);
+                        }
+                        k += 32;
+                    }
+                    a = _mm512_fmadd_ps(
+                        _mm512_add_ps(t[0], t[1]),
+                        _mm512_set1_ps(sc[g].to_f32()),
+                        a,
+                    );
+                    corr += mn[g].to_f32() * gsum[g];
+                }
+                _mm512_reduce_add_ps(a) + corr
+            };
+            if full < ng {
+                let g = full;
+                let tail: f32 = (g * LOWER_GROUP..m.inn)
+                    .map(|k| code_at(codes, b, k) as f32 * x_orig[k])
+                    .sum();
+                v += sc[g].to_f32() * tail + mn[g].to_f32() * gsum[g];
+            }
+            y[j] = if acc { y[j] + v } else { v };
+        }
+    }
+}
