@@ -1,5 +1,8 @@
 //! Quantized-weight kernels on a 1024x1024 weight with 2 threads, or `RAYON_NUM_THREADS` when
-//! set: `cargo bench --bench quant_kernels` (filter with e.g. `-- q4/`).
+//! set: `cargo bench --bench quant_kernels` (filter with e.g. `-- q4/`). The kernel tier is
+//! `NIBBLE_KERNEL`'s (printed at the start). Per format: batch 1 (fused GEMV), batch 8
+//! (dequantized tiles), the whole matrix dequantized (`dequantize`: what the GEMM's panels
+//! cost, next to `fwd_batch1024`), and the batch-1024 forward and backward.
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use nibble_quant::{Int8Matrix, LowerMatrix, Nf4Matrix, Q4Matrix};
@@ -15,6 +18,11 @@ fn benches(c: &mut Criterion) {
             .num_threads(2)
             .build_global();
     }
+    eprintln!(
+        "quant_kernels: kernel tier {}, {} threads",
+        nibble_quant::cpu::kernel_path().name(),
+        rayon::current_num_threads()
+    );
     let mut rng = Rng::new(0);
     let k = 1.0 / (D as f32).sqrt();
     let w = Tensor::uniform(&[D, D], -k, k, &mut rng);
@@ -24,6 +32,8 @@ fn benches(c: &mut Criterion) {
     let int8 = Int8Matrix::quantize(&w).unwrap();
     let lower = LowerMatrix::quantize(&w).unwrap();
     let x1 = Tensor::randn(&[1, D], &mut rng);
+    let x8 = Tensor::randn(&[8, D], &mut rng);
+    let mut y8 = vec![0.0f32; 8 * D];
     let xb = Tensor::randn(&[D, D], &mut rng);
     let mut y1 = vec![0.0f32; D];
     let mut yb = vec![0.0f32; D * D];
@@ -56,10 +66,14 @@ fn benches(c: &mut Criterion) {
     ];
     for (name, wm) in formats {
         let mut g = c.benchmark_group(name);
-        g.sample_size(20);
+        g.sample_size(10);
         g.bench_function("fwd_batch1", |b| {
             b.iter(|| wm.matmul_t(x1.data(), 1, &mut y1, false).unwrap())
         });
+        g.bench_function("fwd_batch8", |b| {
+            b.iter(|| wm.matmul_t(x8.data(), 8, &mut y8, false).unwrap())
+        });
+        g.bench_function("dequantize", |b| b.iter(|| wm.to_f32()));
         if name != "nf4dq" {
             g.bench_function("fwd_batch1024", |b| {
                 b.iter(|| wm.matmul_t(xb.data(), D, &mut yb, false).unwrap())
@@ -71,7 +85,7 @@ fn benches(c: &mut Criterion) {
         g.finish();
     }
     let mut g = c.benchmark_group("f32");
-    g.sample_size(20);
+    g.sample_size(10);
     g.bench_function("fwd_batch1024", |b| {
         b.iter(|| w.matmul_t(xb.data(), D, &mut yb, false).unwrap())
     });

@@ -1,5 +1,5 @@
 //! Which kernel path runs: the tensor crate's run-time dispatch ([`nibble_tensor::cpu`]),
-//! re-exported so that every quant kernel follows the same `NIBBLE_KERNEL=scalar|portable|avx2`
+//! re-exported so that every quant kernel follows the same `NIBBLE_KERNEL=scalar|portable|avx2|avx512`
 //! choice as the GEMM, GEMV and f16 kernels it feeds.
 
 pub use nibble_tensor::cpu::{
@@ -23,9 +23,15 @@ pub fn available_paths() -> Vec<KernelPath> {
     v
 }
 
-/// `path`, downgraded to one this CPU can run; the quant kernels have no 512-bit code yet, so
-/// [`KernelPath::Avx512`] runs their AVX2 kernels.
+/// `path`, downgraded to one this CPU can run ([`KernelPath::supported`]).
 #[inline]
 pub(crate) fn usable(path: KernelPath) -> KernelPath {
-    path.at_most_avx2()
+    path.supported()
+}
+
+/// Whether `path` (from [`usable`]) is one of the x86 SIMD tiers, AVX2 or AVX-512 (the
+/// AVX-512 tier implies AVX2, FMA and F16C, so it may also run any AVX2 kernel).
+#[inline]
+pub(crate) fn is_x86_simd(path: KernelPath) -> bool {
+    matches!(path, KernelPath::Avx2Fma | KernelPath::Avx512)
 }

@@ -73,7 +73,10 @@ pub(crate) fn push_even_odd16(x: &[f32], prep: &mut Vec<f32>) {
     }
 }
 
-use crate::cpu::{kernel_path, usable, KernelPath};
+/// The AVX2 tier's shared helpers (also reached as `kernels::avx2` by the int8-activation path).
+#[cfg(target_arch = "x86_64")]
+pub(crate) use crate::arch::avx2;
+use crate::cpu::{is_x86_simd, kernel_path, usable, KernelPath};
 
 /// Batches from this on use the packed-panel GEMM (the default of [`QuantRows::gemm_min_m`]);
 /// below it, [`batch_tiles`] (or fused GEMVs). 1024², 2 threads, tiles against the GEMM
@@ -119,14 +122,14 @@ pub(crate) trait QuantRows: Sync + Send {
     /// Writes the block `b` of W into `dst` (see [`ColBlock`]; same alignment rules as
     /// [`QuantRows::dequant_segment`]): the format's AVX2 column kernel where it has one and
     /// the block fits it, else one row segment at a time. (Formats provide
-    /// [`QuantRows::dequant_cols_avx2`], not this.)
+    /// [`QuantRows::dequant_cols_simd`], not this.)
     fn dequant_cols(&self, path: KernelPath, b: ColBlock, dst: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if usable(path) == KernelPath::Avx2Fma
+        if is_x86_simd(usable(path))
             && b.fits(self.dims(), self.seg_align(), dst.len())
-            // SAFETY: the path went through `usable` (the CPU has AVX2, FMA and F16C) and
-            // `fits` checked the rows, columns and destination lengths.
-            && unsafe { self.dequant_cols_avx2(b, dst) }
+            // SAFETY: the path went through `usable` (the CPU has its tier, AVX2, FMA and F16C
+            // at least) and `fits` checked the rows, columns and destination lengths.
+            && unsafe { self.dequant_cols_simd(usable(path), b, dst) }
         {
             return;
         }
@@ -135,14 +138,14 @@ pub(crate) trait QuantRows: Sync + Send {
             self.dequant_segment(path, b.r0 + p, b.c0, b.len, d);
         }
     }
-    /// The format's AVX2 column kernel for [`QuantRows::dequant_cols`]: `false` (nothing
-    /// written) if it has none.
+    /// The format's column kernel of the x86 tier `path` (AVX2 or AVX-512) for
+    /// [`QuantRows::dequant_cols`]: `false` (nothing written) if it has none.
     ///
     /// # Safety
-    /// The CPU supports AVX2, FMA and F16C, and `b.fits(self.dims(), self.seg_align(),
-    /// dst.len())` holds.
+    /// `path` is [`KernelPath::Avx2Fma`] or [`KernelPath::Avx512`] and the CPU supports it,
+    /// and `b.fits(self.dims(), self.seg_align(), dst.len())` holds.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn dequant_cols_avx2(&self, _b: ColBlock, _dst: &mut [f32]) -> bool {
+    unsafe fn dequant_cols_simd(&self, _path: KernelPath, _b: ColBlock, _dst: &mut [f32]) -> bool {
         false
     }
     /// Appends the per-input precomputation for [`QuantRows::gemv`] (e.g. block sums of `x`)
@@ -150,8 +153,8 @@ pub(crate) trait QuantRows: Sync + Send {
     fn gemv_prepare(&self, _path: KernelPath, _x: &[f32], _prep: &mut Vec<f32>) {}
     /// `y[j] = W[rows.start + j, :] · x` (`y[j] += ...` with `acc`) for the rows in `rows`;
     /// `prep` is what [`QuantRows::gemv_prepare`] appended for this `x` on this path. The
-    /// format's AVX2 GEMV where it has one and takes this `prep`, else [`gemv_generic`].
-    /// (Formats provide [`QuantRows::gemv_avx2`], not this.)
+    /// format's GEMV of the path's x86 tier where it has one and takes this `prep`, else
+    /// [`gemv_generic`]. (Formats provide [`QuantRows::gemv_simd`], not this.)
     fn gemv(
         &self,
         path: KernelPath,
@@ -162,27 +165,29 @@ pub(crate) trait QuantRows: Sync + Send {
         acc: bool,
     ) {
         #[cfg(target_arch = "x86_64")]
-        if usable(path) == KernelPath::Avx2Fma
+        if is_x86_simd(usable(path))
             && x.len() == self.dims().1
             && rows.end <= self.dims().0
             && y.len() >= rows.len()
-            // SAFETY: the path went through `usable` (the CPU has AVX2, FMA and F16C); x,
-            // rows and y were just checked.
-            && unsafe { self.gemv_avx2(x, prep, rows.clone(), y, acc) }
+            // SAFETY: the path went through `usable` (the CPU has its tier, AVX2, FMA and F16C
+            // at least); x, rows and y were just checked.
+            && unsafe { self.gemv_simd(usable(path), x, prep, rows.clone(), y, acc) }
         {
             return;
         }
         gemv_generic(self, path, x, rows, y, acc);
     }
-    /// The format's AVX2 GEMV for [`QuantRows::gemv`]: `false` (nothing written) if it has
-    /// none or `prep` is not what its [`QuantRows::gemv_prepare`] makes on the AVX2 path.
+    /// The format's GEMV of the x86 tier `path` (AVX2 or AVX-512) for [`QuantRows::gemv`]:
+    /// `false` (nothing written) if it has none or `prep` is not what its
+    /// [`QuantRows::gemv_prepare`] makes on that path.
     ///
     /// # Safety
-    /// The CPU supports AVX2, FMA and F16C; `x.len() == in`, `rows.end <= out` and
-    /// `y.len() >= rows.len()`.
+    /// `path` is [`KernelPath::Avx2Fma`] or [`KernelPath::Avx512`] and the CPU supports it;
+    /// `x.len() == in`, `rows.end <= out` and `y.len() >= rows.len()`.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn gemv_avx2(
+    unsafe fn gemv_simd(
         &self,
+        _path: KernelPath,
         _x: &[f32],
         _prep: &[f32],
         _rows: Range<usize>,
@@ -247,155 +252,17 @@ pub(crate) fn dot(path: KernelPath, a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     match usable(path) {
         KernelPath::Scalar => a[..n].iter().zip(&b[..n]).map(|(x, y)| x * y).sum(),
-        KernelPath::Portable => {
-            use wide::f32x8;
-            let mut acc = f32x8::ZERO;
-            let mut k = 0;
-            while k + 8 <= n {
-                let x = f32x8::from(<[f32; 8]>::try_from(&a[k..k + 8]).unwrap_or([0.0; 8]));
-                let y = f32x8::from(<[f32; 8]>::try_from(&b[k..k + 8]).unwrap_or([0.0; 8]));
-                acc += x * y;
-                k += 8;
-            }
-            let mut s = acc.reduce_add();
-            for j in k..n {
-                s += a[j] * b[j];
-            }
-            s
-        }
+        KernelPath::Portable => crate::arch::portable::dot(&a[..n], &b[..n]),
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `usable` returned Avx2 only if the CPU has AVX2 and FMA.
         KernelPath::Avx2Fma => unsafe { avx2::dot(&a[..n], &b[..n]) },
         #[cfg(not(target_arch = "x86_64"))]
         KernelPath::Avx2Fma => dot(KernelPath::Portable, a, b),
-        // `usable` maps Avx512 to Avx2Fma (no 512-bit code here yet).
-        KernelPath::Avx512 => dot(KernelPath::Avx2Fma, a, b),
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-pub(crate) mod avx2 {
-    pub(crate) use nibble_tensor::simd::x86::transpose8_ps as transpose8;
-    use std::arch::x86_64::*;
-
-    /// Horizontal sum of 8 lanes.
-    #[inline(always)]
-    pub(crate) unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        _mm_cvtss_f32(s)
-    }
-
-    /// Largest lane of `v` (the same reduction tree as [`hsum`], with `max`).
-    #[inline(always)]
-    pub(crate) unsafe fn hmax(v: __m256) -> f32 {
-        let m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-        _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)))
-    }
-
-    /// `a · b` (equal lengths).
-    #[target_feature(enable = "avx2,fma")]
-    pub(crate) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
-        let n = a.len();
-        let (pa, pb) = (a.as_ptr(), b.as_ptr());
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut k = 0;
-        while k + 32 <= n {
-            for (u, accu) in acc.iter_mut().enumerate() {
-                // SAFETY: k + 8u + 8 <= n, inside both slices.
-                *accu = _mm256_fmadd_ps(
-                    _mm256_loadu_ps(pa.add(k + 8 * u)),
-                    _mm256_loadu_ps(pb.add(k + 8 * u)),
-                    *accu,
-                );
-            }
-            k += 32;
-        }
-        while k + 8 <= n {
-            // SAFETY: k + 8 <= n.
-            acc[0] = _mm256_fmadd_ps(
-                _mm256_loadu_ps(pa.add(k)),
-                _mm256_loadu_ps(pb.add(k)),
-                acc[0],
-            );
-            k += 8;
-        }
-        let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-        let mut s = hsum(v);
-        for j in k..n {
-            s += a[j] * b[j];
-        }
-        s
-    }
-
-    /// f16 → f32 with F16C; `dst.len() == src.len()`.
-    #[inline(always)]
-    pub(crate) unsafe fn f16_to_f32(src: &[half::f16], dst: &mut [f32]) {
-        let n = src.len().min(dst.len());
-        let mut k = 0;
-        while k + 8 <= n {
-            // SAFETY: k + 8 <= n, 8 halves = 16 bytes read, 8 floats written.
-            let h = _mm_loadu_si128(src.as_ptr().add(k) as *const __m128i);
-            _mm256_storeu_ps(dst.as_mut_ptr().add(k), _mm256_cvtph_ps(h));
-            k += 8;
-        }
-        for j in k..n {
-            dst[j] = src[j].to_f32();
-        }
-    }
-
-    /// Looks up 8 codes (0..15, one per i32 lane) in a 16-entry f32 table held as two halves.
-    #[inline(always)]
-    pub(crate) unsafe fn lut16(lo: __m256, hi: __m256, idx: __m256i) -> __m256 {
-        let a = _mm256_permutevar8x32_ps(lo, idx);
-        let b = _mm256_permutevar8x32_ps(hi, idx);
-        _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)))
-    }
-
-    /// Looks up 8 codes in a 16-entry table held as two halves: `perm` supplies the low 3 bits
-    /// of each lane's code (higher bits are ignored) and the sign bit of `sel` picks the half.
-    #[inline(always)]
-    pub(crate) unsafe fn lut16_sel(lo: __m256, hi: __m256, perm: __m256i, sel: __m256i) -> __m256 {
-        let a = _mm256_permutevar8x32_ps(lo, perm);
-        let b = _mm256_permutevar8x32_ps(hi, perm);
-        _mm256_blendv_ps(a, b, _mm256_castsi256_ps(sel))
-    }
-
-    /// Shapes: `src` is `NR` rows of `stride` floats (row `j` = panel column `j`), `dst` is
-    /// `len x NR`: `dst[p * NR + j] = src[j * stride + p]` for `p < len`.
-    #[target_feature(enable = "avx2,fma")]
-    pub(crate) unsafe fn transpose_panel(src: &[f32], stride: usize, len: usize, dst: &mut [f32]) {
-        transpose_panel_body(src, stride, len, dst)
-    }
-
-    #[inline(always)]
-    unsafe fn transpose_panel_body(src: &[f32], stride: usize, len: usize, dst: &mut [f32]) {
-        use nibble_tensor::gemm::NR;
-        if src.len() < (NR - 1) * stride + len || dst.len() < len * NR || len > stride {
-            return;
-        }
-        let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
-        let mut p = 0;
-        while p + 8 <= len {
-            for h in 0..NR / 8 {
-                // SAFETY: rows 8h..8h+8 of src, columns p..p+8 < len <= stride: inside src
-                // (checked above); dst rows p..p+8, columns 8h..8h+8 inside len * NR.
-                let r: [__m256; 8] =
-                    std::array::from_fn(|q| _mm256_loadu_ps(s.add((8 * h + q) * stride + p)));
-                let t = transpose8(r);
-                for (q, v) in t.iter().enumerate() {
-                    _mm256_storeu_ps(d.add((p + q) * NR + 8 * h), *v);
-                }
-            }
-            p += 8;
-        }
-        for p in p..len {
-            for j in 0..NR {
-                dst[p * NR + j] = src[j * stride + p];
-            }
-        }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `usable` returned Avx512 only if the CPU has AVX-512 F/BW/VL, AVX2 and FMA.
+        KernelPath::Avx512 => unsafe { crate::arch::avx512::dot(&a[..n], &b[..n]) },
+        #[cfg(not(target_arch = "x86_64"))]
+        KernelPath::Avx512 => dot(KernelPath::Portable, a, b),
     }
 }
 
@@ -665,7 +532,7 @@ impl<F: QuantRows> PackB for FwdPack<'_, F> {
     }
     /// Shapes: panel `kc x NR` of `Wᵀ` = rows `n0..n0+nc` of W, columns `k0..k0+kc`. Each
     /// row segment is dequantized contiguously into a 16 x 256 stack tile, which is then
-    /// transposed into `dst` (8x8 AVX2 transposes on that path).
+    /// transposed into `dst` (8x8 transposes on the AVX2 path, 16x16 on AVX-512).
     fn pack_panel(&self, k0: usize, kc: usize, n0: usize, nc: usize, dst: &mut [f32]) {
         let mut buf = [0.0f32; NR * FWD_CHUNK];
         let nc = nc.min(NR);
@@ -686,6 +553,12 @@ impl<F: QuantRows> PackB for FwdPack<'_, F> {
                 // SAFETY: the path went through `usable`, so the CPU has AVX2 and FMA; the
                 // function checks its slice lengths itself.
                 KernelPath::Avx2Fma => unsafe { avx2::transpose_panel(&buf, FWD_CHUNK, len, d) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the path went through `usable`, so the CPU has AVX-512 F/BW/VL; the
+                // function checks its slice lengths itself.
+                KernelPath::Avx512 => unsafe {
+                    crate::arch::avx512::transpose_panel(&buf, FWD_CHUNK, len, d)
+                },
                 _ => {
                     for p in 0..len {
                         for j in 0..NR {

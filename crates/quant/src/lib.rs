@@ -16,8 +16,10 @@
 //! and hands its raw part bytes back for writing files.
 //!
 //! Kernels: each format has a plain scalar `*_ref` quantize/dequantize (the ground truth), and
-//! SIMD versions (AVX2 via `std::arch`, and a portable path on [`wide`]) chosen at run time by
-//! [`cpu::kernel_path`]. The forward product is a fused GEMV straight from the packed bytes for
+//! SIMD versions chosen at run time by [`cpu::kernel_path`]. A tier is a file: `src/arch/`
+//! holds one module per tier (portable on [`wide`], AVX2, AVX-512 via `std::arch`), each with
+//! the kernels of every format side by side; the format modules keep the layout, the
+//! reference and the dispatch. The forward product is a fused GEMV straight from the packed bytes for
 //! small batches, and for batches of 16 or more a [`nibble_tensor::gemm::PackB`] that
 //! dequantizes only the panel the GEMM asks for; the backward product `dX = dY·W` packs panels
 //! of `W` itself the same way.
@@ -28,6 +30,7 @@
     clippy::too_many_arguments
 )]
 
+mod arch;
 pub mod bytes;
 pub mod cpu;
 pub mod error;

@@ -24,8 +24,12 @@ use half::f16;
 use nibble_tensor::Tensor;
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+use crate::arch::avx2::lower as avx2;
+#[cfg(target_arch = "x86_64")]
+use crate::arch::avx512::lower as avx512;
 use crate::bytes::{check_part, Bytes};
-use crate::cpu::{usable, KernelPath};
+use crate::cpu::{is_x86_simd, usable, KernelPath};
 use crate::error::{QuantError, Result};
 use crate::kernels::{self, QuantRows};
 
@@ -33,7 +37,7 @@ use crate::kernels::{self, QuantRows};
 /// of the row's little-endian bit stream (a 3-bit row's groups of 8 codes in 3 bytes are exactly
 /// that stream). Bytes past the end of `codes` read as 0.
 #[inline]
-fn code_at(codes: &[u8], bits: u8, j: usize) -> u8 {
+pub(crate) fn code_at(codes: &[u8], bits: u8, j: usize) -> u8 {
     let bit = j * bits as usize;
     let lo = codes.get(bit / 8).copied().unwrap_or(0) as u16;
     let hi = codes.get(bit / 8 + 1).copied().unwrap_or(0) as u16;
@@ -89,329 +93,24 @@ pub fn dequantize_row(
     let n = row_len(bits, codes, scales, mins, c0, out.len());
     match usable(path) {
         #[cfg(target_arch = "x86_64")]
-        KernelPath::Avx2Fma => {
+        tier @ (KernelPath::Avx2Fma | KernelPath::Avx512) => {
             let head = ((8 - c0 % 8) % 8).min(n);
             let body = (n - head) / 8 * 8;
             dequantize_row_ref(bits, codes, scales, mins, c0, &mut out[..head]);
-            // SAFETY: Avx2Fma from `usable`: the CPU has AVX2. Columns c0+head..c0+head+body
-            // are 8-aligned and covered by the parts (`row_len`).
+            let (c, o) = (c0 + head, &mut out[head..head + body]);
+            // SAFETY: Avx2Fma or Avx512 from `usable`: the CPU has that tier. Columns
+            // c0+head..c0+head+body are 8-aligned and covered by the parts (`row_len`).
             unsafe {
-                avx2::dequantize_row(
-                    bits,
-                    codes,
-                    scales,
-                    mins,
-                    c0 + head,
-                    &mut out[head..head + body],
-                )
+                if tier == KernelPath::Avx512 {
+                    avx512::dequantize_row(bits, codes, scales, mins, c, o)
+                } else {
+                    avx2::dequantize_row(bits, codes, scales, mins, c, o)
+                }
             };
             let t0 = head + body;
             dequantize_row_ref(bits, codes, scales, mins, c0 + t0, &mut out[t0..n]);
         }
         _ => dequantize_row_ref(bits, codes, scales, mins, c0, &mut out[..n]),
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use super::*;
-    use crate::kernels::avx2::hsum;
-    use std::arch::x86_64::*;
-
-    /// The 8 codes of columns `j8..j8+8` (`j8` a multiple of 8, inside the row) as i32 lanes.
-    #[inline(always)]
-    unsafe fn codes8(codes: &[u8], bits: u8, j8: usize, sh3: __m256i, sh4: __m256i) -> __m256i {
-        let p = j8 * bits as usize / 8;
-        let w = if p + 4 <= codes.len() {
-            // SAFETY: 4 bytes at p inside `codes`.
-            std::ptr::read_unaligned(codes.as_ptr().add(p) as *const u32)
-        } else {
-            let mut b = [0u8; 4];
-            let e = codes.len().min(p + 4);
-            b[..e - p].copy_from_slice(&codes[p..e]);
-            u32::from_le_bytes(b)
-        };
-        let v = _mm256_set1_epi32(w as i32);
-        if bits == 4 {
-            _mm256_and_si256(_mm256_srlv_epi32(v, sh4), _mm256_set1_epi32(15))
-        } else {
-            _mm256_and_si256(_mm256_srlv_epi32(v, sh3), _mm256_set1_epi32(7))
-        }
-    }
-
-    /// [`code_of`] on 8 lanes.
-    #[inline(always)]
-    unsafe fn code8(x: __m256, m: __m256, s: __m256, qmax: __m256) -> __m256 {
-        let v = _mm256_div_ps(_mm256_sub_ps(x, m), s);
-        let v = _mm256_min_ps(
-            _mm256_max_ps(v, _mm256_set1_ps(-1.0)),
-            _mm256_add_ps(qmax, _mm256_set1_ps(1.0)),
-        );
-        let t = _mm256_cvtepi32_ps(_mm256_cvttps_epi32(v));
-        let up = _mm256_cmp_ps(_mm256_sub_ps(v, t), _mm256_set1_ps(0.5), _CMP_GE_OQ);
-        let r = _mm256_add_ps(t, _mm256_and_ps(up, _mm256_set1_ps(1.0)));
-        _mm256_min_ps(_mm256_max_ps(r, _mm256_setzero_ps()), qmax)
-    }
-
-    /// [`code_sums_ref`] with the same 8 lanes (element `k` in lane `k % 8`) and final order.
-    /// Shapes: `v` any length (the last `len % 8` by the scalar code).
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn code_sums(v: &[f32], m: f32, s: f32, qmax: f32) -> (f64, f64, f64) {
-        let (mv, sv, qv) = (_mm256_set1_ps(m), _mm256_set1_ps(s), _mm256_set1_ps(qmax));
-        let (mut sc, mut scc) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let (mut lo, mut hi) = (_mm256_setzero_pd(), _mm256_setzero_pd());
-        let n8 = v.len() / 8 * 8;
-        let mut k = 0;
-        while k < n8 {
-            // SAFETY: k + 8 <= v.len().
-            let x = _mm256_loadu_ps(v.as_ptr().add(k));
-            let c = code8(x, mv, sv, qv);
-            sc = _mm256_add_ps(sc, c);
-            scc = _mm256_add_ps(scc, _mm256_mul_ps(c, c));
-            let (cl, ch) = (
-                _mm256_cvtps_pd(_mm256_castps256_ps128(c)),
-                _mm256_cvtps_pd(_mm256_extractf128_ps(c, 1)),
-            );
-            let (xl, xh) = (
-                _mm256_cvtps_pd(_mm256_castps256_ps128(x)),
-                _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)),
-            );
-            lo = _mm256_add_pd(lo, _mm256_mul_pd(cl, xl));
-            hi = _mm256_add_pd(hi, _mm256_mul_pd(ch, xh));
-            k += 8;
-        }
-        let (mut a, mut b, mut c) = ([0.0f32; 8], [0.0f32; 8], [0.0f64; 8]);
-        _mm256_storeu_ps(a.as_mut_ptr(), sc);
-        _mm256_storeu_ps(b.as_mut_ptr(), scc);
-        _mm256_storeu_pd(c.as_mut_ptr(), lo);
-        _mm256_storeu_pd(c.as_mut_ptr().add(4), hi);
-        for (l, &x) in v[n8..].iter().enumerate() {
-            let q = code_of(x, m, s, qmax);
-            a[l] += q;
-            b[l] += q * q;
-            c[l] += q as f64 * x as f64;
-        }
-        let a: f32 = a.iter().sum();
-        let b: f32 = b.iter().sum();
-        (a as f64, b as f64, c.iter().sum())
-    }
-
-    /// [`group_sse_ref`] for `s > 0` with the same lanes and order.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn group_sse(v: &[f32], m: f32, s: f32, qmax: f32) -> f64 {
-        let (mv, sv, qv) = (_mm256_set1_ps(m), _mm256_set1_ps(s), _mm256_set1_ps(qmax));
-        let (mut lo, mut hi) = (_mm256_setzero_pd(), _mm256_setzero_pd());
-        let n8 = v.len() / 8 * 8;
-        let mut k = 0;
-        while k < n8 {
-            // SAFETY: k + 8 <= v.len().
-            let x = _mm256_loadu_ps(v.as_ptr().add(k));
-            let c = code8(x, mv, sv, qv);
-            let d = _mm256_sub_ps(_mm256_add_ps(mv, _mm256_mul_ps(sv, c)), x);
-            let dl = _mm256_cvtps_pd(_mm256_castps256_ps128(d));
-            let dh = _mm256_cvtps_pd(_mm256_extractf128_ps(d, 1));
-            lo = _mm256_add_pd(lo, _mm256_mul_pd(dl, dl));
-            hi = _mm256_add_pd(hi, _mm256_mul_pd(dh, dh));
-            k += 8;
-        }
-        let mut acc = [0.0f64; 8];
-        _mm256_storeu_pd(acc.as_mut_ptr(), lo);
-        _mm256_storeu_pd(acc.as_mut_ptr().add(4), hi);
-        for (l, &x) in v[n8..].iter().enumerate() {
-            let d = (m + s * code_of(x, m, s, qmax) - x) as f64;
-            acc[l] += d * d;
-        }
-        acc.iter().sum()
-    }
-
-    #[inline(always)]
-    unsafe fn shifts() -> (__m256i, __m256i) {
-        (
-            _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21),
-            _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28),
-        )
-    }
-
-    /// Shapes: columns `c0..c0+out.len()` of one row; `c0` and `out.len()` multiples of 8 and
-    /// covered by `codes`, `scales`, `mins` (checked by the caller).
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dequantize_row(
-        bits: u8,
-        codes: &[u8],
-        scales: &[f16],
-        mins: &[f16],
-        c0: usize,
-        out: &mut [f32],
-    ) {
-        let (sh3, sh4) = shifts();
-        let gather = Gather16::new(bits);
-        let mut t = 0;
-        while t + 8 <= out.len() {
-            let j = c0 + t;
-            let g = j / LOWER_GROUP;
-            let s = _mm256_set1_ps(scales[g].to_f32());
-            let m = _mm256_set1_ps(mins[g].to_f32());
-            // `scale · 2^−s` times `code · 2^s` is `scale · code` to the last bit (powers of
-            // two scale exactly; an f16 scale times 2^−7 stays a normal f32).
-            let su = [
-                _mm256_mul_ps(s, gather.unshift[0]),
-                _mm256_mul_ps(s, gather.unshift[1]),
-            ];
-            let gend = ((g + 1) * LOWER_GROUP - c0).min(out.len());
-            // 16 codes at a time ([`Gather16`]; c0 + t is a multiple of 8, so the window's
-            // bit pattern is the one it was built for), then 8 with a variable shift.
-            while t + 16 <= gend {
-                let [ca, cb] = gather.codes(codes, (c0 + t) * usize::from(bits) / 8);
-                // SAFETY: t + 16 <= out.len().
-                _mm256_storeu_ps(
-                    out.as_mut_ptr().add(t),
-                    _mm256_add_ps(m, _mm256_mul_ps(su[0], ca)),
-                );
-                _mm256_storeu_ps(
-                    out.as_mut_ptr().add(t + 8),
-                    _mm256_add_ps(m, _mm256_mul_ps(su[1], cb)),
-                );
-                t += 16;
-            }
-            while t + 8 <= gend {
-                let c = _mm256_cvtepi32_ps(codes8(codes, bits, c0 + t, sh3, sh4));
-                // SAFETY: t + 8 <= out.len().
-                _mm256_storeu_ps(
-                    out.as_mut_ptr().add(t),
-                    _mm256_add_ps(m, _mm256_mul_ps(s, c)),
-                );
-                t += 8;
-            }
-        }
-    }
-
-    /// Gathers 16 codes of `bits` (3 or 4) bits — code `i` at bits `bits·i..` of a 16-byte
-    /// window broadcast to both halves of a register — into two vectors of 8 i32 lanes
-    /// (codes 0-7 and 8-15) without a variable shift: lane `i` takes the two bytes holding
-    /// its code (`vpshufb`) and masks it where it lies, giving `code · 2^s` with
-    /// `s = (bits·i) mod 8`. The GEMV multiplies that by `x · 2^−s` ([`prepare_x`]), which
-    /// is the same product to the last bit. (`vpsrlvd` runs at a quarter of `vpand`'s rate
-    /// on the machines measured: lower_precision batch 1, 3.8 -> 2.x ms.)
-    struct Gather16 {
-        ctrl: [__m256i; 2],
-        mask: [__m256i; 2],
-        /// `2^−s` per lane: what turns `code · 2^s` back into the code in a product.
-        unshift: [__m256; 2],
-    }
-
-    impl Gather16 {
-        /// Loads the constant tables of `bits`-bit codes ([`GatherTables`], built at compile
-        /// time).
-        #[inline(always)]
-        unsafe fn new(bits: u8) -> Self {
-            let t = if bits == 4 { &GATHER4 } else { &GATHER3 };
-            // (Plain loads, no closures: closures do not inherit the caller's target features.)
-            // SAFETY: (loads) each source is a 32-byte array.
-            let ld = |p: *const u8| p as *const __m256i;
-            Gather16 {
-                ctrl: [
-                    _mm256_loadu_si256(ld(t.ctrl[0].as_ptr())),
-                    _mm256_loadu_si256(ld(t.ctrl[1].as_ptr())),
-                ],
-                mask: [
-                    _mm256_loadu_si256(ld(t.mask[0].as_ptr().cast())),
-                    _mm256_loadu_si256(ld(t.mask[1].as_ptr().cast())),
-                ],
-                unshift: [
-                    _mm256_castsi256_ps(_mm256_loadu_si256(ld(t.unshift[0].as_ptr().cast()))),
-                    _mm256_castsi256_ps(_mm256_loadu_si256(ld(t.unshift[1].as_ptr().cast()))),
-                ],
-            }
-        }
-
-        /// `code · 2^s` for the 16 codes whose first byte is `codes[p]`, as `f32`; bytes past
-        /// the end of `codes` read as zero (a window only uses its first `2·bits + 1` bytes,
-        /// the last one masked away).
-        #[inline(always)]
-        unsafe fn codes(&self, codes: &[u8], p: usize) -> [__m256; 2] {
-            let win = if p + 16 <= codes.len() {
-                // SAFETY: 16 bytes at p inside `codes`.
-                _mm_loadu_si128(codes.as_ptr().add(p) as *const __m128i)
-            } else {
-                let mut b = [0u8; 16];
-                let e = codes.len().min(p + 16);
-                b[..e - p].copy_from_slice(&codes[p..e]);
-                _mm_loadu_si128(b.as_ptr() as *const __m128i)
-            };
-            let win = _mm256_broadcastsi128_si256(win);
-            // (No closure: closures do not inherit the caller's target features.)
-            let lo = _mm256_and_si256(_mm256_shuffle_epi8(win, self.ctrl[0]), self.mask[0]);
-            let hi = _mm256_and_si256(_mm256_shuffle_epi8(win, self.ctrl[1]), self.mask[1]);
-            [_mm256_cvtepi32_ps(lo), _mm256_cvtepi32_ps(hi)]
-        }
-    }
-
-    /// Fused GEMV, one row at a time, 16 codes per step ([`Gather16`]) over the whole groups,
-    /// the scalar code over a partial last group. Shapes: W `out x in`, `x_orig` `[in]`,
-    /// `prep` = `[x · 2^−(3k mod 8)]` `[in]`, `[x · 2^−(4k mod 8)]` `[in]` and the
-    /// `[ceil(in/128)]` group sums of x ([`prepare_x`]); `y.len() >= rows.len()`. Per row:
-    /// `Σ_g (min_g · Σ_{k∈g} x_k + scale_g · Σ_{k∈g} code_k x_k)`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn gemv(
-        m: &LowerMatrix,
-        x_orig: &[f32],
-        prep: &[f32],
-        rows: std::ops::Range<usize>,
-        y: &mut [f32],
-        acc: bool,
-    ) {
-        let (ng, full) = (m.inn.div_ceil(LOWER_GROUP), m.inn / LOWER_GROUP);
-        if prep.len() != prep_len(m.inn)
-            || x_orig.len() != m.inn
-            || rows.end > m.out
-            || y.len() < rows.len()
-        {
-            return;
-        }
-        let (x3, rest) = prep.split_at(m.inn);
-        let (x4, gsum) = rest.split_at(m.inn);
-        let gather = [Gather16::new(3), Gather16::new(4)];
-        let (all, bits) = (m.codes.as_slice(), m.bits.as_slice());
-        for (j, r) in rows.clone().enumerate() {
-            let b = bits[r];
-            let (u, x) = if b == 4 {
-                (&gather[1], x4)
-            } else {
-                (&gather[0], x3)
-            };
-            // The row's codes and those after it (windows may reach past the row's end).
-            let codes = &all[m.offsets[r] as usize..];
-            let (sc, mn) = (&m.scales.f16s()[r * ng..], &m.mins.f16s()[r * ng..]);
-            let mut a = _mm256_setzero_ps();
-            let mut corr = 0.0f32;
-            for g in 0..full {
-                let mut t0 = _mm256_setzero_ps();
-                let mut t1 = _mm256_setzero_ps();
-                let mut k = g * LOWER_GROUP;
-                while k < (g + 1) * LOWER_GROUP {
-                    let [c0, c1] = u.codes(codes, k * usize::from(b) / 8);
-                    // SAFETY: k + 16 <= in: inside x.
-                    let (x0, x1) = (
-                        _mm256_loadu_ps(x.as_ptr().add(k)),
-                        _mm256_loadu_ps(x.as_ptr().add(k + 8)),
-                    );
-                    t0 = _mm256_fmadd_ps(c0, x0, t0);
-                    t1 = _mm256_fmadd_ps(c1, x1, t1);
-                    k += 16;
-                }
-                a = _mm256_fmadd_ps(_mm256_add_ps(t0, t1), _mm256_set1_ps(sc[g].to_f32()), a);
-                corr += mn[g].to_f32() * gsum[g];
-            }
-            let mut v = hsum(a) + corr;
-            if full < ng {
-                let g = full;
-                let tail: f32 = (g * LOWER_GROUP..m.inn)
-                    .map(|k| code_at(codes, b, k) as f32 * x_orig[k])
-                    .sum();
-                v += sc[g].to_f32() * tail + mn[g].to_f32() * gsum[g];
-            }
-            y[j] = if acc { y[j] + v } else { v };
-        }
     }
 }
 
@@ -431,10 +130,10 @@ const fn unshift_bits(bits: u8, k: usize) -> u32 {
 /// registers each): the `vpshufb` control taking the two bytes that hold lane `i`'s code, the
 /// mask leaving the code where it lies, and [`unshift_of`] as f32 bits.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-struct GatherTables {
-    ctrl: [[u8; 32]; 2],
-    mask: [[i32; 8]; 2],
-    unshift: [[u32; 8]; 2],
+pub(crate) struct GatherTables {
+    pub(crate) ctrl: [[u8; 32]; 2],
+    pub(crate) mask: [[i32; 8]; 2],
+    pub(crate) unshift: [[u32; 8]; 2],
 }
 
 impl GatherTables {
@@ -465,12 +164,12 @@ impl GatherTables {
 }
 
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-const GATHER3: GatherTables = GatherTables::new(3);
+pub(crate) const GATHER3: GatherTables = GatherTables::new(3);
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-const GATHER4: GatherTables = GatherTables::new(4);
+pub(crate) const GATHER4: GatherTables = GatherTables::new(4);
 
 /// Length of the AVX2 GEMV's prepared x for `in` columns (see [`prepare_x`]).
-fn prep_len(inn: usize) -> usize {
+pub(crate) fn prep_len(inn: usize) -> usize {
     2 * inn + inn.div_ceil(LOWER_GROUP)
 }
 
@@ -502,20 +201,20 @@ const _: () = assert!(std::mem::size_of::<Pack3x8>() == 3);
 /// A mixed 3/4-bit quantized matrix (see the [module docs](self)).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LowerMatrix {
-    out: usize,
-    inn: usize,
-    bits: Bytes,
-    codes: Bytes,
-    scales: Bytes,
-    mins: Bytes,
+    pub(crate) out: usize,
+    pub(crate) inn: usize,
+    pub(crate) bits: Bytes,
+    pub(crate) codes: Bytes,
+    pub(crate) scales: Bytes,
+    pub(crate) mins: Bytes,
     /// Byte offset of each row's codes (u32: a matrix's codes stay far below 4 GiB, and the
     /// table is part of the model's memory budget).
-    offsets: Vec<u32>,
+    pub(crate) offsets: Vec<u32>,
 }
 
 /// `clamp(round((x − m) / s), 0, qmax)` (round half away from zero): a weight's code for minimum `m` and scale `s > 0`.
 #[inline(always)]
-fn code_of(x: f32, m: f32, s: f32, qmax: f32) -> f32 {
+pub(crate) fn code_of(x: f32, m: f32, s: f32, qmax: f32) -> f32 {
     // Round half away from zero without a libm call (so the loops vectorize): clamping first
     // keeps the integer conversion in range, and `v − trunc(v)` is exact.
     let v = ((x - m) / s).clamp(-1.0, qmax + 1.0);
@@ -876,16 +575,17 @@ impl QuantRows for LowerMatrix {
         let bits = self.bits.as_slice()[r];
         dequantize_row(path, bits, row, sc, mn, c0, &mut dst[..len]);
     }
-    /// AVX2 path: appends x scaled for each code width, and the `ceil(in/128)` group sums of x
+    /// AVX2 and AVX-512 paths: appends x scaled for each code width, and the `ceil(in/128)` group sums of x
     /// ([`prepare_x`]).
     fn gemv_prepare(&self, path: KernelPath, x: &[f32], prep: &mut Vec<f32>) {
-        if usable(path) == KernelPath::Avx2Fma {
+        if is_x86_simd(usable(path)) {
             prepare_x(x, prep);
         }
     }
     #[cfg(target_arch = "x86_64")]
-    unsafe fn gemv_avx2(
+    unsafe fn gemv_simd(
         &self,
+        _path: KernelPath,
         x: &[f32],
         prep: &[f32],
         rows: std::ops::Range<usize>,
@@ -895,7 +595,8 @@ impl QuantRows for LowerMatrix {
         if prep.len() != prep_len(self.inn) {
             return false;
         }
-        // SAFETY: the trait's contract (AVX2/FMA/F16C; x, rows and y checked) and this prep.
+        // SAFETY: the trait's contract (the CPU has `path`'s tier, AVX2 at least; x, rows and
+        // y checked) and this prep. Both tiers run the AVX2 GEMV (see `arch::avx512::lower`).
         unsafe { avx2::gemv(self, x, prep, rows, y, acc) };
         true
     }

@@ -25,8 +25,13 @@
 use nibble_tensor::Tensor;
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+use crate::arch::avx2::nf4 as avx2;
+#[cfg(target_arch = "x86_64")]
+use crate::arch::avx512::nf4 as avx512;
+use crate::arch::portable::nf4 as portable;
 use crate::bytes::{check_part, Bytes};
-use crate::cpu::{kernel_path, usable, KernelPath};
+use crate::cpu::{is_x86_simd, kernel_path, usable, KernelPath};
 use crate::error::{QuantError, Result};
 use crate::kernels::{self, ColBlock, QuantRows};
 
@@ -247,9 +252,9 @@ enum Stats {
 /// An NF4-quantized `out x in` matrix (see the [module docs](self) for the format).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Nf4Matrix {
-    out: usize,
-    inn: usize,
-    packed: Bytes,
+    pub(crate) out: usize,
+    pub(crate) inn: usize,
+    pub(crate) packed: Bytes,
     stats: Stats,
 }
 
@@ -264,7 +269,7 @@ fn nonfinite(op: &'static str, inn: usize, x: &[f32], base: usize) -> QuantError
 }
 
 /// bitsandbytes' floor under a block's absmax before normalizing by it.
-const ABSMAX_FLOOR: f32 = 1e-38;
+pub(crate) const ABSMAX_FLOOR: f32 = 1e-38;
 
 /// Scalar ground truth: quantizes the flattened weights `x` (the start of a block; any length,
 /// the last block partial when `x.len() % 64 != 0`, see the [module docs](self)) into
@@ -315,8 +320,9 @@ pub fn quantize(
     let (xf, pf, af) = (&x[..full], &mut packed[..full / 2], &mut absmax[..nb]);
     match usable(path) {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: Avx2 only when the CPU has AVX2/FMA/F16C; whole blocks only.
-        KernelPath::Avx2Fma => unsafe { avx2::quantize(xf, pf, af) },
+        // SAFETY: Avx2 or Avx512 only when the CPU has AVX2/FMA/F16C; whole blocks only
+        // (quantizing has no 512-bit kernel: the AVX-512 tier runs the AVX2 one).
+        KernelPath::Avx2Fma | KernelPath::Avx512 => unsafe { avx2::quantize(xf, pf, af) },
         KernelPath::Portable => portable::quantize(xf, pf, af),
         _ => quantize_ref(xf, pf, af),
     }?;
@@ -339,283 +345,6 @@ pub fn dequantize_ref(packed: &[u8], scale: impl Fn(usize) -> f32, out: &mut [f3
             let b = packed[g * 8 + i];
             o[2 * i] = NF4_LEVELS[(b >> 4) as usize] * s;
             o[2 * i + 1] = NF4_LEVELS[(b & 15) as usize] * s;
-        }
-    }
-}
-
-mod portable {
-    use super::*;
-    use wide::{f32x8, CmpGt};
-
-    pub(super) fn quantize(
-        x: &[f32],
-        packed: &mut [u8],
-        absmax: &mut [f32],
-    ) -> std::result::Result<(), usize> {
-        for (b, blk) in x.chunks_exact(NF4_BLOCK).enumerate() {
-            let vs: Vec<f32x8> = blk
-                .chunks_exact(8)
-                .map(|c| f32x8::from(<[f32; 8]>::try_from(c).unwrap_or([0.0; 8])))
-                .collect();
-            if vs.iter().any(|v| !v.is_finite().all()) {
-                return quantize_ref(x, packed, absmax);
-            }
-            let am = vs
-                .iter()
-                .fold(f32x8::ZERO, |a, v| a.max(v.abs()))
-                .to_array()
-                .iter()
-                .fold(0.0f32, |a, &v| a.max(v));
-            absmax[b] = am;
-            let mut codes = [7u8; NF4_BLOCK];
-            if am != 0.0 {
-                let inv = f32x8::splat(1.0 / am.max(ABSMAX_FLOOR));
-                for (j, v) in vs.iter().enumerate() {
-                    let xn = *v * inv;
-                    let mut cnt = f32x8::ZERO;
-                    for t in NF4_THRESHOLDS {
-                        cnt += xn.cmp_gt(f32x8::splat(t)) & f32x8::ONE;
-                    }
-                    for (k, c) in cnt.to_array().iter().enumerate() {
-                        codes[j * 8 + k] = *c as u8;
-                    }
-                }
-            }
-            for (i, o) in packed[b * 32..b * 32 + 32].iter_mut().enumerate() {
-                *o = (codes[2 * i] << 4) | codes[2 * i + 1];
-            }
-        }
-        Ok(())
-    }
-
-    pub(super) fn dequantize(packed: &[u8], scale: impl Fn(usize) -> f32, out: &mut [f32]) {
-        for (g, o) in out.chunks_exact_mut(16).enumerate() {
-            let s = f32x8::splat(scale(g));
-            let mut c = [0.0f32; 16];
-            for i in 0..8 {
-                let b = packed[g * 8 + i];
-                c[2 * i] = NF4_LEVELS[(b >> 4) as usize];
-                c[2 * i + 1] = NF4_LEVELS[(b & 15) as usize];
-            }
-            let a = f32x8::from(<[f32; 8]>::try_from(&c[..8]).unwrap_or([0.0; 8])) * s;
-            let b = f32x8::from(<[f32; 8]>::try_from(&c[8..]).unwrap_or([0.0; 8])) * s;
-            o[..8].copy_from_slice(&a.to_array());
-            o[8..].copy_from_slice(&b.to_array());
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use super::*;
-    use crate::kernels::avx2::{hsum, lut16, lut16_sel};
-    use crate::kernels::for_row_quads;
-    use std::arch::x86_64::*;
-
-    /// 16 codes (8 bytes at `p`, first element in the high nibble) as element-order bytes.
-    #[inline(always)]
-    unsafe fn unpack16(p: *const u8) -> __m128i {
-        // SAFETY: (caller) 8 readable bytes at `p`.
-        let b = _mm_loadl_epi64(p as *const __m128i);
-        let m = _mm_set1_epi8(0x0f);
-        let lo = _mm_and_si128(b, m);
-        let hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
-        _mm_unpacklo_epi8(hi, lo)
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn quantize(
-        x: &[f32],
-        packed: &mut [u8],
-        absmax: &mut [f32],
-    ) -> std::result::Result<(), usize> {
-        let absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
-        let fmax = _mm256_set1_ps(f32::MAX);
-        for b in 0..x.len() / NF4_BLOCK {
-            let p = x.as_ptr().add(b * NF4_BLOCK);
-            let mut v = [_mm256_setzero_ps(); 8];
-            let mut m = _mm256_setzero_ps();
-            let mut bad = _mm256_setzero_ps();
-            for (j, vj) in v.iter_mut().enumerate() {
-                // SAFETY: block b lies inside x.
-                *vj = _mm256_loadu_ps(p.add(8 * j));
-                let a = _mm256_and_ps(*vj, absm);
-                bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, fmax, _CMP_NLE_UQ));
-                m = _mm256_max_ps(m, a);
-            }
-            if _mm256_movemask_ps(bad) != 0 {
-                return quantize_ref(x, packed, absmax);
-            }
-            let mut t = [0.0f32; 8];
-            _mm256_storeu_ps(t.as_mut_ptr(), m);
-            let am = t.iter().fold(0.0f32, |a, &v| a.max(v));
-            absmax[b] = am;
-            let mut codes = [7u8; NF4_BLOCK];
-            if am != 0.0 {
-                let inv = _mm256_set1_ps(1.0 / am.max(ABSMAX_FLOOR));
-                for (j, vj) in v.iter().enumerate() {
-                    let xn = _mm256_mul_ps(*vj, inv);
-                    let mut cnt = _mm256_setzero_si256();
-                    for th in NF4_THRESHOLDS {
-                        let gt =
-                            _mm256_castps_si256(_mm256_cmp_ps(xn, _mm256_set1_ps(th), _CMP_GT_OQ));
-                        cnt = _mm256_sub_epi32(cnt, gt);
-                    }
-                    let mut c = [0i32; 8];
-                    _mm256_storeu_si256(c.as_mut_ptr() as *mut __m256i, cnt);
-                    for k in 0..8 {
-                        codes[j * 8 + k] = c[k] as u8;
-                    }
-                }
-            }
-            for (i, o) in packed[b * 32..b * 32 + 32].iter_mut().enumerate() {
-                *o = (codes[2 * i] << 4) | codes[2 * i + 1];
-            }
-        }
-        Ok(())
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dequantize(packed: &[u8], scale: impl Fn(usize) -> f32, out: &mut [f32]) {
-        let lo = _mm256_loadu_ps(NF4_LEVELS.as_ptr());
-        let hi = _mm256_loadu_ps(NF4_LEVELS.as_ptr().add(8));
-        for g in 0..out.len() / 16 {
-            // SAFETY: run g: 8 bytes of packed, 16 floats of out (lengths set by the caller).
-            let codes = unpack16(packed.as_ptr().add(g * 8));
-            let s = _mm256_set1_ps(scale(g));
-            let c0 = _mm256_cvtepu8_epi32(codes);
-            let c1 = _mm256_cvtepu8_epi32(_mm_srli_si128(codes, 8));
-            _mm256_storeu_ps(
-                out.as_mut_ptr().add(g * 16),
-                _mm256_mul_ps(lut16(lo, hi, c0), s),
-            );
-            _mm256_storeu_ps(
-                out.as_mut_ptr().add(g * 16 + 8),
-                _mm256_mul_ps(lut16(lo, hi, c1), s),
-            );
-        }
-    }
-
-    /// Fused GEMV: `y[j] (+)= W[rows.start + j, :] · x`, 4 rows at a time sharing the loads of
-    /// `x`. Shapes: W `out x in` (`packed` `[out·in/2]`, one absmax per 64); `xp` is
-    /// [`Nf4Matrix::gemv_prepare`]'s `[in]` x with each run of 16 reordered as its 8 even then
-    /// 8 odd elements (the high / low nibbles); `y.len() >= rows.len()`. Per row:
-    /// `Σ_b absmax_b · Σ_k level[code_k] x_k`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn gemv(
-        m: &Nf4Matrix,
-        xp: &[f32],
-        rows: std::ops::Range<usize>,
-        y: &mut [f32],
-        acc: bool,
-    ) {
-        gemv_body(m, xp, rows, y, acc)
-    }
-
-    #[inline(always)]
-    unsafe fn gemv_body(
-        m: &Nf4Matrix,
-        xp: &[f32],
-        rows: std::ops::Range<usize>,
-        y: &mut [f32],
-        acc: bool,
-    ) {
-        if xp.len() != m.inn || rows.end > m.out || y.len() < rows.len() {
-            return;
-        }
-        for_row_quads!(
-            rows,
-            |r| dot_rows::<4>(m, r, xp),
-            dot_rows::<1>(m, r, xp)[0],
-            |j: usize, _row: usize, v: f32| y[j] = if acc { y[j] + v } else { v }
-        );
-    }
-
-    /// Dot products of rows `r0..r0+R` (all `< out`, checked by the caller) with x.
-    #[inline(always)]
-    unsafe fn dot_rows<const R: usize>(m: &Nf4Matrix, r0: usize, xp: &[f32]) -> [f32; R] {
-        const CH: usize = 32;
-        let lo = _mm256_loadu_ps(NF4_LEVELS.as_ptr());
-        let hi = _mm256_loadu_ps(NF4_LEVELS.as_ptr().add(8));
-        let nb = m.inn / NF4_BLOCK;
-        let packed = m.packed.as_slice().as_ptr();
-        let x = xp.as_ptr();
-        let mut acc = [_mm256_setzero_ps(); R];
-        let mut am = [[0.0f32; CH]; R];
-        let mut b = 0;
-        while b < nb {
-            let cnt = (nb - b).min(CH);
-            for r in 0..R {
-                m.fill_absmax((r0 + r) * nb + b, &mut am[r][..cnt]);
-            }
-            for t in 0..cnt {
-                let mut te = [_mm256_setzero_ps(); R];
-                let mut to = [_mm256_setzero_ps(); R];
-                for g in 0..4 {
-                    // SAFETY: run g of block b + t < nb: 16 floats inside xp (len in).
-                    let xo_ = x.add((b + t) * NF4_BLOCK + g * 16);
-                    let xe = _mm256_loadu_ps(xo_);
-                    let xo = _mm256_loadu_ps(xo_.add(8));
-                    for r in 0..R {
-                        // SAFETY: flat block (r0 + r)·nb + b + t lies inside `packed`.
-                        let q = packed.add((((r0 + r) * nb + b + t) * 32) + g * 8);
-                        let d = _mm256_cvtepu8_epi32(_mm_loadl_epi64(q as *const __m128i));
-                        let ev = lut16_sel(
-                            lo,
-                            hi,
-                            _mm256_srli_epi32::<4>(d),
-                            _mm256_slli_epi32::<24>(d),
-                        );
-                        let od = lut16_sel(lo, hi, d, _mm256_slli_epi32::<28>(d));
-                        te[r] = _mm256_fmadd_ps(ev, xe, te[r]);
-                        to[r] = _mm256_fmadd_ps(od, xo, to[r]);
-                    }
-                }
-                for r in 0..R {
-                    acc[r] = _mm256_fmadd_ps(
-                        _mm256_add_ps(te[r], to[r]),
-                        _mm256_broadcast_ss(&am[r][t]),
-                        acc[r],
-                    );
-                }
-            }
-            b += cnt;
-        }
-        std::array::from_fn(|r| hsum(acc[r]))
-    }
-
-    /// Shapes: W rows `r0..r0+rows`, columns `c0..c0+len` (`c0`, `len` multiples of 16, all
-    /// inside W, checked by the caller) into `dst[p * stride..p * stride + len]`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dequant_cols(m: &Nf4Matrix, b: ColBlock, dst: &mut [f32]) {
-        let lo = _mm256_loadu_ps(NF4_LEVELS.as_ptr());
-        let hi = _mm256_loadu_ps(NF4_LEVELS.as_ptr().add(8));
-        let packed = m.packed.as_slice().as_ptr();
-        let d = dst.as_mut_ptr();
-        for p in 0..b.rows {
-            let s = (b.r0 + p) * m.inn + b.c0;
-            let mut cur = usize::MAX;
-            let mut sv = _mm256_setzero_ps();
-            for k in 0..b.len / 16 {
-                let e = s + k * 16;
-                if e / NF4_BLOCK != cur {
-                    cur = e / NF4_BLOCK;
-                    sv = _mm256_set1_ps(m.block_absmax(cur));
-                }
-                // SAFETY: run e..e+16 lies in row b.r0 + p of W (checked by the caller), and
-                // dst[p * b.stride + 16k..+16] inside dst.
-                let codes = unpack16(packed.add(e / 2));
-                let c0v = _mm256_cvtepu8_epi32(codes);
-                let c1v = _mm256_cvtepu8_epi32(_mm_srli_si128(codes, 8));
-                _mm256_storeu_ps(
-                    d.add(p * b.stride + k * 16),
-                    _mm256_mul_ps(lut16(lo, hi, c0v), sv),
-                );
-                _mm256_storeu_ps(
-                    d.add(p * b.stride + k * 16 + 8),
-                    _mm256_mul_ps(lut16(lo, hi, c1v), sv),
-                );
-            }
         }
     }
 }
@@ -899,11 +628,12 @@ impl QuantRows for Nf4Matrix {
                 KernelPath::Scalar => dequantize_ref(packed, scale, out),
                 KernelPath::Portable => portable::dequantize(packed, scale, out),
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: `usable` gave Avx2Fma or Avx512, so the CPU has AVX2, FMA and F16C;
-                // lengths match (len/2 bytes).
-                KernelPath::Avx2Fma | KernelPath::Avx512 => unsafe {
-                    avx2::dequantize(packed, scale, out)
-                },
+                // SAFETY: `usable` gave Avx2Fma, so the CPU has AVX2, FMA and F16C; lengths
+                // match (len/2 bytes).
+                KernelPath::Avx2Fma => unsafe { avx2::dequantize(packed, scale, out) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `usable` gave Avx512, so the CPU has AVX-512 F/BW/VL; lengths match.
+                KernelPath::Avx512 => unsafe { avx512::dequantize(packed, scale, out) },
                 #[cfg(not(target_arch = "x86_64"))]
                 KernelPath::Avx2Fma | KernelPath::Avx512 => {
                     portable::dequantize(packed, scale, out)
@@ -915,24 +645,32 @@ impl QuantRows for Nf4Matrix {
     /// Only when `in % 16 == 0` (every requested run of 16 then lies in one block); otherwise
     /// `false`, and rows go through [`QuantRows::dequant_segment`].
     #[cfg(target_arch = "x86_64")]
-    unsafe fn dequant_cols_avx2(&self, b: ColBlock, dst: &mut [f32]) -> bool {
+    unsafe fn dequant_cols_simd(&self, path: KernelPath, b: ColBlock, dst: &mut [f32]) -> bool {
         if self.inn % 16 != 0 {
             return false;
         }
-        // SAFETY: the trait's contract (AVX2/FMA/F16C; the request fits in runs of 16).
-        unsafe { avx2::dequant_cols(self, b, dst) };
+        // SAFETY: the trait's contract (the CPU has `path`'s tier; the request fits in runs
+        // of 16).
+        unsafe {
+            match path {
+                KernelPath::Avx512 => avx512::dequant_cols(self, b, dst),
+                _ => avx2::dequant_cols(self, b, dst),
+            }
+        };
         true
     }
-    /// AVX2 path when rows hold whole blocks (`in % 64 == 0`): appends x with each run of 16
-    /// reordered as its 8 even then 8 odd elements. (Other shapes take the generic GEMV.)
+    /// AVX2 and AVX-512 paths when rows hold whole blocks (`in % 64 == 0`): appends x with
+    /// each run of 16 reordered as its 8 even then 8 odd elements. (Other shapes take the
+    /// generic GEMV.)
     fn gemv_prepare(&self, path: KernelPath, x: &[f32], prep: &mut Vec<f32>) {
-        if usable(path) == KernelPath::Avx2Fma && self.inn % NF4_BLOCK == 0 {
+        if is_x86_simd(usable(path)) && self.inn % NF4_BLOCK == 0 {
             kernels::push_even_odd16(x, prep);
         }
     }
     #[cfg(target_arch = "x86_64")]
-    unsafe fn gemv_avx2(
+    unsafe fn gemv_simd(
         &self,
+        path: KernelPath,
         _x: &[f32],
         prep: &[f32],
         rows: std::ops::Range<usize>,
@@ -942,8 +680,14 @@ impl QuantRows for Nf4Matrix {
         if self.inn % NF4_BLOCK != 0 || prep.len() != self.inn {
             return false;
         }
-        // SAFETY: the trait's contract (AVX2/FMA/F16C; rows and y checked) and this prep.
-        unsafe { avx2::gemv(self, prep, rows, y, acc) };
+        // SAFETY: the trait's contract (the CPU has `path`'s tier; rows and y checked) and
+        // this prep.
+        unsafe {
+            match path {
+                KernelPath::Avx512 => avx512::gemv(self, prep, rows, y, acc),
+                _ => avx2::gemv(self, prep, rows, y, acc),
+            }
+        };
         true
     }
 }

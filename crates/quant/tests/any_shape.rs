@@ -702,6 +702,7 @@ fn products_on_every_kernel_path() {
         KernelPath::Scalar,
         KernelPath::Portable,
         KernelPath::Avx2Fma,
+        KernelPath::Avx512,
     ] {
         if !paths.contains(&p) {
             println!(

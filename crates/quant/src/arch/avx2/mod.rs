@@ -1,0 +1,130 @@
+//! The AVX2 tier (AVX2 + FMA + F16C): every format's kernels, one submodule per format,
+//! and the helpers they share.
+
+pub(crate) mod int8;
+pub(crate) mod lower;
+pub(crate) mod nf4;
+pub(crate) mod q4;
+
+pub(crate) use nibble_tensor::simd::x86::transpose8_ps as transpose8;
+use std::arch::x86_64::*;
+
+/// Horizontal sum of 8 lanes.
+#[inline(always)]
+pub(crate) unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s)
+}
+
+/// Largest lane of `v` (the same reduction tree as [`hsum`], with `max`).
+#[inline(always)]
+pub(crate) unsafe fn hmax(v: __m256) -> f32 {
+    let m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)))
+}
+
+/// `a · b` (equal lengths).
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len();
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut k = 0;
+    while k + 32 <= n {
+        for (u, accu) in acc.iter_mut().enumerate() {
+            // SAFETY: k + 8u + 8 <= n, inside both slices.
+            *accu = _mm256_fmadd_ps(
+                _mm256_loadu_ps(pa.add(k + 8 * u)),
+                _mm256_loadu_ps(pb.add(k + 8 * u)),
+                *accu,
+            );
+        }
+        k += 32;
+    }
+    while k + 8 <= n {
+        // SAFETY: k + 8 <= n.
+        acc[0] = _mm256_fmadd_ps(
+            _mm256_loadu_ps(pa.add(k)),
+            _mm256_loadu_ps(pb.add(k)),
+            acc[0],
+        );
+        k += 8;
+    }
+    let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    let mut s = hsum(v);
+    for j in k..n {
+        s += a[j] * b[j];
+    }
+    s
+}
+
+/// f16 → f32 with F16C; `dst.len() == src.len()`.
+#[inline(always)]
+pub(crate) unsafe fn f16_to_f32(src: &[half::f16], dst: &mut [f32]) {
+    let n = src.len().min(dst.len());
+    let mut k = 0;
+    while k + 8 <= n {
+        // SAFETY: k + 8 <= n, 8 halves = 16 bytes read, 8 floats written.
+        let h = _mm_loadu_si128(src.as_ptr().add(k) as *const __m128i);
+        _mm256_storeu_ps(dst.as_mut_ptr().add(k), _mm256_cvtph_ps(h));
+        k += 8;
+    }
+    for j in k..n {
+        dst[j] = src[j].to_f32();
+    }
+}
+
+/// Looks up 8 codes (0..15, one per i32 lane) in a 16-entry f32 table held as two halves.
+#[inline(always)]
+pub(crate) unsafe fn lut16(lo: __m256, hi: __m256, idx: __m256i) -> __m256 {
+    let a = _mm256_permutevar8x32_ps(lo, idx);
+    let b = _mm256_permutevar8x32_ps(hi, idx);
+    _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)))
+}
+
+/// Looks up 8 codes in a 16-entry table held as two halves: `perm` supplies the low 3 bits
+/// of each lane's code (higher bits are ignored) and the sign bit of `sel` picks the half.
+#[inline(always)]
+pub(crate) unsafe fn lut16_sel(lo: __m256, hi: __m256, perm: __m256i, sel: __m256i) -> __m256 {
+    let a = _mm256_permutevar8x32_ps(lo, perm);
+    let b = _mm256_permutevar8x32_ps(hi, perm);
+    _mm256_blendv_ps(a, b, _mm256_castsi256_ps(sel))
+}
+
+/// Shapes: `src` is `NR` rows of `stride` floats (row `j` = panel column `j`), `dst` is
+/// `len x NR`: `dst[p * NR + j] = src[j * stride + p]` for `p < len`.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn transpose_panel(src: &[f32], stride: usize, len: usize, dst: &mut [f32]) {
+    transpose_panel_body(src, stride, len, dst)
+}
+
+#[inline(always)]
+unsafe fn transpose_panel_body(src: &[f32], stride: usize, len: usize, dst: &mut [f32]) {
+    use nibble_tensor::gemm::NR;
+    if src.len() < (NR - 1) * stride + len || dst.len() < len * NR || len > stride {
+        return;
+    }
+    let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+    let mut p = 0;
+    while p + 8 <= len {
+        for h in 0..NR / 8 {
+            // SAFETY: rows 8h..8h+8 of src, columns p..p+8 < len <= stride: inside src
+            // (checked above); dst rows p..p+8, columns 8h..8h+8 inside len * NR.
+            let r: [__m256; 8] =
+                std::array::from_fn(|q| _mm256_loadu_ps(s.add((8 * h + q) * stride + p)));
+            let t = transpose8(r);
+            for (q, v) in t.iter().enumerate() {
+                _mm256_storeu_ps(d.add((p + q) * NR + 8 * h), *v);
+            }
+        }
+        p += 8;
+    }
+    for p in p..len {
+        for j in 0..NR {
+            dst[p * NR + j] = src[j * stride + p];
+        }
+    }
+}

@@ -1,0 +1,653 @@
+//! The AVX-512 tier (AVX-512 F + BW + VL, with AVX2, FMA and F16C): every format's 512-bit
+//! kernels side by side.
+//!
+//! A run of 16 weights is one zmm, and a 16-entry f32 table fills one zmm, so a 4-bit code's
+//! value is one `vpermps` (`_mm512_permutexvar_ps`, which reads only the low 4 bits of each
+//! index lane: the codes need no masking before a lookup). Partial groups of norms or sums are
+//! read with masked loads; a row's ragged edge (a partial block, a column range that does not
+//! start on a run of 16) is finished by the format's scalar code, which the callers split off.
+//! Written as in the tensor crate: thin `#[target_feature]` wrappers around `#[inline(always)]`
+//! bodies. Dequantization is bit-identical to the scalar references (a multiply, then a
+//! subtract or add, never a fused multiply-add); the GEMVs sum in their own order.
+//!
+//! Every function is `unsafe`: the caller guarantees that the CPU has this tier
+//! ([`crate::cpu::KernelPath::Avx512`] from `usable`) and the lengths each one documents.
+
+use half::f16;
+use std::arch::x86_64::*;
+
+use crate::int8::{dequantize_ref as int8_dequantize_ref, Int8Matrix};
+use crate::kernels::{for_row_quads, ColBlock};
+use crate::nf4::{Nf4Matrix, NF4_BLOCK, NF4_LEVELS};
+use crate::q4::{lut as q4_lut, Q4Matrix, Q4_BLOCK};
+
+/// Per-lane right shifts that put the nibbles of 8 bytes, each byte duplicated
+/// (`[b0, b0, b1, b1, ..]`), in element order when the even element is the low nibble (Q4).
+const SHIFTS_LOW_FIRST: [i32; 16] = [0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4];
+/// As [`SHIFTS_LOW_FIRST`] when the even element is the high nibble (NF4).
+const SHIFTS_HIGH_FIRST: [i32; 16] = [4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0];
+/// Per-lane right shifts for 8 bytes loaded twice (`[b0..b7, b0..b7]`): the low nibbles in
+/// lanes 0..8, the high nibbles in lanes 8..16.
+const SHIFTS_LOW_THEN_HIGH: [i32; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4, 4, 4, 4, 4];
+/// As [`SHIFTS_LOW_THEN_HIGH`] with the high nibbles first.
+const SHIFTS_HIGH_THEN_LOW: [i32; 16] = [4, 4, 4, 4, 4, 4, 4, 4, 0, 0, 0, 0, 0, 0, 0, 0];
+/// The codes 0..15 as floats (a lookup in it converts a 4-bit code to f32).
+const CODE_VALUES: [f32; 16] = [
+    0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
+];
+/// The GEMV kernels prefetch each row's codes and norms this many rows ahead (one 4-row
+/// sweep, as the AVX2 GEMVs do).
+const PREFETCH_ROWS: usize = 4;
+
+/// The mask of the first `n` (at most 16) lanes.
+#[inline(always)]
+fn first_lanes(n: usize) -> __mmask16 {
+    if n >= 16 {
+        0xffff
+    } else {
+        ((1u32 << n) - 1) as __mmask16
+    }
+}
+
+/// Loads a 16-lane table or shift vector.
+#[inline(always)]
+unsafe fn load_i32x16(v: &[i32; 16]) -> __m512i {
+    // SAFETY: 16 readable i32.
+    unsafe { _mm512_loadu_epi32(v.as_ptr()) }
+}
+
+/// The 16 nibbles of 8 bytes at `p` as i32 lanes in element order, each byte's pair split by
+/// `shifts` ([`SHIFTS_LOW_FIRST`] or [`SHIFTS_HIGH_FIRST`]); bits above the low 4 are not
+/// cleared (a `vpermps` lookup ignores them).
+#[inline(always)]
+unsafe fn nibbles_in_order(p: *const u8, shifts: __m512i) -> __m512i {
+    // SAFETY: (caller) 8 readable bytes at `p`.
+    unsafe {
+        let b = _mm_loadl_epi64(p as *const __m128i);
+        _mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, b)), shifts)
+    }
+}
+
+/// The 16 nibbles of 8 bytes at `p` split into halves by `shifts` ([`SHIFTS_LOW_THEN_HIGH`]
+/// or [`SHIFTS_HIGH_THEN_LOW`]: lanes 0..8 one nibble of bytes 0..8, lanes 8..16 the other),
+/// the order of the even/odd-permuted x the 4-bit GEMVs read; high bits not cleared.
+#[inline(always)]
+unsafe fn nibbles_split(p: *const u8, shifts: __m512i) -> __m512i {
+    // SAFETY: (caller) 8 readable bytes at `p`.
+    unsafe {
+        let b = _mm_loadl_epi64(p as *const __m128i);
+        _mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_unpacklo_epi64(b, b)), shifts)
+    }
+}
+
+/// The first `n` (at most 16) f16 values at `p` as f32 lanes, zeros after them.
+#[inline(always)]
+unsafe fn halves16(p: *const f16, n: usize) -> __m512 {
+    // SAFETY: (caller) `n` readable halves at `p`; masked-off lanes are not read.
+    unsafe { _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first_lanes(n), p as *const i16)) }
+}
+
+/// Writes the lanes of `v` to an array (for scalar broadcasts out of it).
+#[inline(always)]
+unsafe fn lanes(v: __m512) -> [f32; 16] {
+    let mut a = [0.0f32; 16];
+    // SAFETY: 16 writable floats.
+    unsafe { _mm512_storeu_ps(a.as_mut_ptr(), v) };
+    a
+}
+
+/// `a · b` over `min(len)` elements: four zmm accumulators, the last partial run of 16 by a
+/// masked load.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub(crate) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut k = 0;
+    // SAFETY: every load below reads elements k.. < n of both slices (masked at the end).
+    unsafe {
+        while k + 64 <= n {
+            for (u, accu) in acc.iter_mut().enumerate() {
+                let (x, y) = (
+                    _mm512_loadu_ps(pa.add(k + 16 * u)),
+                    _mm512_loadu_ps(pb.add(k + 16 * u)),
+                );
+                *accu = _mm512_fmadd_ps(x, y, *accu);
+            }
+            k += 64;
+        }
+        while k < n {
+            let m = first_lanes(n - k);
+            let (x, y) = (
+                _mm512_maskz_loadu_ps(m, pa.add(k)),
+                _mm512_maskz_loadu_ps(m, pb.add(k)),
+            );
+            acc[0] = _mm512_fmadd_ps(x, y, acc[0]);
+            k += 16;
+        }
+        let v = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+        _mm512_reduce_add_ps(v)
+    }
+}
+
+/// Transposes 16 zmm rows: `out[c][r] = rows[r][c]`. (Plain loops, no closures: a closure
+/// would not inherit the caller's target features.)
+#[inline(always)]
+unsafe fn transpose16(r: &[__m512; 16]) -> [__m512; 16] {
+    // SAFETY: register-only shuffles (the caller's target features).
+    unsafe {
+        // 32-bit interleave of row pairs: per 128-bit lane [a0 b0 a1 b1], [a2 b2 a3 b3].
+        let mut t = [_mm512_setzero_ps(); 16];
+        for p in 0..8 {
+            t[2 * p] = _mm512_unpacklo_ps(r[2 * p], r[2 * p + 1]);
+            t[2 * p + 1] = _mm512_unpackhi_ps(r[2 * p], r[2 * p + 1]);
+        }
+        // 64-bit interleave: u[4i + c], lane L = rows 4i..4i+4 at column 4L + c.
+        let mut u = [_mm512_setzero_ps(); 16];
+        for i in 0..4 {
+            for h in 0..2 {
+                let a = _mm512_castps_pd(t[4 * i + h]);
+                let b = _mm512_castps_pd(t[4 * i + 2 + h]);
+                u[4 * i + 2 * h] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+                u[4 * i + 2 * h + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+            }
+        }
+        // 128-bit lanes: row 4L + c = [u[c].L, u[4 + c].L, u[8 + c].L, u[12 + c].L].
+        let mut out = [_mm512_setzero_ps(); 16];
+        for c in 0..4 {
+            let v0 = _mm512_shuffle_f32x4::<0x44>(u[c], u[4 + c]);
+            let v1 = _mm512_shuffle_f32x4::<0xEE>(u[c], u[4 + c]);
+            let v2 = _mm512_shuffle_f32x4::<0x44>(u[8 + c], u[12 + c]);
+            let v3 = _mm512_shuffle_f32x4::<0xEE>(u[8 + c], u[12 + c]);
+            out[c] = _mm512_shuffle_f32x4::<0x88>(v0, v2);
+            out[4 + c] = _mm512_shuffle_f32x4::<0xDD>(v0, v2);
+            out[8 + c] = _mm512_shuffle_f32x4::<0x88>(v1, v3);
+            out[12 + c] = _mm512_shuffle_f32x4::<0xDD>(v1, v3);
+        }
+        out
+    }
+}
+
+/// Shapes: `src` is `NR` (16) rows of `stride` floats (row `j` = panel column `j`), `dst` is
+/// `len x NR`: `dst[p * NR + j] = src[j * stride + p]` for `p < len` (16x16 transposes, the
+/// last `len % 16` columns by scalar copies). Does nothing if the lengths do not hold.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub(crate) unsafe fn transpose_panel(src: &[f32], stride: usize, len: usize, dst: &mut [f32]) {
+    use nibble_tensor::gemm::NR;
+    const _: () = assert!(NR == 16);
+    if src.len() < (NR - 1) * stride + len || dst.len() < len * NR || len > stride {
+        return;
+    }
+    let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+    let mut p = 0;
+    while p + 16 <= len {
+        // SAFETY: rows 0..16 of src, columns p..p+16 <= len <= stride (checked above); dst
+        // rows p..p+16 of NR floats inside len * NR.
+        unsafe {
+            let mut r = [_mm512_setzero_ps(); 16];
+            for (q, v) in r.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(s.add(q * stride + p));
+            }
+            for (q, v) in transpose16(&r).iter().enumerate() {
+                _mm512_storeu_ps(d.add((p + q) * NR), *v);
+            }
+        }
+        p += 16;
+    }
+    for p in p..len {
+        for j in 0..NR {
+            dst[p * NR + j] = src[j * stride + p];
+        }
+    }
+}
+
+/// Q4's 512-bit kernels (see [`crate::q4`] for the format).
+pub(crate) mod q4 {
+    use super::*;
+
+    /// One block's 16 weights: `table[code] · n − n` (the reference's order).
+    #[inline(always)]
+    unsafe fn block(p: *const u8, n: __m512, table: __m512, shifts: __m512i) -> __m512 {
+        // SAFETY: (caller) 8 readable bytes at `p`.
+        unsafe {
+            let v = _mm512_permutexvar_ps(nibbles_in_order(p, shifts), table);
+            _mm512_sub_ps(_mm512_mul_ps(v, n), n)
+        }
+    }
+
+    /// Dequantizes the whole blocks of `out` (`min(out/16, packed/8, norm)` of them),
+    /// bit-identical to [`crate::q4::dequantize_ref`]; the caller finishes a partial block.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    pub(crate) unsafe fn dequantize(packed: &[u8], norm: &[f16], out: &mut [f32]) {
+        let nb = norm.len().min(packed.len() / 8).min(out.len() / Q4_BLOCK);
+        let table = q4_lut();
+        // SAFETY: blocks b < nb: 8 bytes of packed, 16 floats of out, a norm each.
+        unsafe {
+            let table = _mm512_loadu_ps(table.as_ptr());
+            let shifts = load_i32x16(&SHIFTS_LOW_FIRST);
+            let (p, o) = (packed.as_ptr(), out.as_mut_ptr());
+            for g in (0..nb).step_by(16) {
+                let cnt = (nb - g).min(16);
+                let nf = lanes(halves16(norm.as_ptr().add(g), cnt));
+                for t in 0..cnt {
+                    let b = g + t;
+                    let v = block(p.add(b * 8), _mm512_set1_ps(nf[t]), table, shifts);
+                    _mm512_storeu_ps(o.add(b * Q4_BLOCK), v);
+                }
+            }
+        }
+    }
+
+    /// Shapes: W rows `r0..r0+rows`, columns `c0..c0+len` (`c0`, `len` multiples of 16, all
+    /// inside W, checked by the caller: `ColBlock::fits`) into
+    /// `dst[p * stride..p * stride + len]`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    pub(crate) unsafe fn dequant_cols(m: &Q4Matrix, b: ColBlock, dst: &mut [f32]) {
+        let table = q4_lut();
+        let packed = m.packed.as_slice().as_ptr();
+        let norms = m.norm.f16s().as_ptr();
+        let d = dst.as_mut_ptr();
+        let (row_bytes, row_blocks) = (m.row_bytes(), m.row_blocks());
+        let nk = b.len / Q4_BLOCK;
+        // SAFETY: whole blocks c0/16 + k < c0/16 + nk of rows r0 + p < out lie inside W (the
+        // caller's `fits`), and dst[p * stride + 16k..+16] inside dst.
+        unsafe {
+            let table = _mm512_loadu_ps(table.as_ptr());
+            let shifts = load_i32x16(&SHIFTS_LOW_FIRST);
+            for p in 0..b.rows {
+                let s = (b.r0 + p) * row_blocks + b.c0 / Q4_BLOCK;
+                let sb = (b.r0 + p) * row_bytes + b.c0 / 2;
+                for g in (0..nk).step_by(16) {
+                    let cnt = (nk - g).min(16);
+                    let nf = lanes(halves16(norms.add(s + g), cnt));
+                    for t in 0..cnt {
+                        let k = g + t;
+                        let v = block(packed.add(sb + k * 8), _mm512_set1_ps(nf[t]), table, shifts);
+                        _mm512_storeu_ps(d.add(p * b.stride + k * 16), v);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Fused GEMV: `y[j] (+)= W[rows.start + j, :] · x`, 4 rows at a time sharing the loads
+    /// of `x`. Shapes: `in % 16 == 0`; `prep` is [`Q4Matrix`]'s `[in]` even/odd-permuted x
+    /// followed by the `[in/16]` block sums of x (as on the AVX2 path); `y.len() >=
+    /// rows.len()`; anything else writes nothing. Per row:
+    /// `(2/15) · Σ_b n_b · Σ_k code_k x_k − Σ_b n_b · S_b`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    pub(crate) unsafe fn gemv(
+        m: &Q4Matrix,
+        prep: &[f32],
+        rows: std::ops::Range<usize>,
+        y: &mut [f32],
+        acc: bool,
+    ) {
+        let nb = m.inn / Q4_BLOCK;
+        if m.inn % Q4_BLOCK != 0
+            || prep.len() != m.inn + nb
+            || rows.end > m.out
+            || y.len() < rows.len()
+        {
+            return;
+        }
+        // SAFETY: rows < out and prep checked above.
+        unsafe {
+            for_row_quads!(
+                rows,
+                |r| dot_rows::<4>(m, r, prep),
+                dot_rows::<1>(m, r, prep)[0],
+                |j: usize, _row: usize, v: f32| y[j] = if acc { y[j] + v } else { v }
+            );
+        }
+    }
+
+    /// Dot products of rows `r0..r0+R` (all `< out`) with x (`prep` as [`gemv`] checks it).
+    #[inline(always)]
+    unsafe fn dot_rows<const R: usize>(m: &Q4Matrix, r0: usize, prep: &[f32]) -> [f32; R] {
+        let nb = m.inn / Q4_BLOCK;
+        let (xp, sums) = (prep.as_ptr(), prep.as_ptr().wrapping_add(m.inn));
+        let packed = m.packed.as_slice().as_ptr();
+        let norms = m.norm.f16s().as_ptr();
+        // SAFETY: blocks (r0 + r, b + t) with b + t < nb lie in W; x and sums in prep.
+        unsafe {
+            let values = _mm512_loadu_ps(CODE_VALUES.as_ptr());
+            let shifts = load_i32x16(&SHIFTS_LOW_THEN_HIGH);
+            let mut acc = [_mm512_setzero_ps(); R];
+            let mut corr = [_mm512_setzero_ps(); R];
+            let mut nf = [[0.0f32; 16]; R];
+            let mut b = 0;
+            while b < nb {
+                let cnt = (nb - b).min(16);
+                for r in 0..R {
+                    // Prefetch the same blocks a 4-row sweep on (never faults), non-temporal:
+                    // the weights are read once per forward.
+                    let ahead = (r0 + r + PREFETCH_ROWS) * nb + b;
+                    _mm_prefetch::<_MM_HINT_NTA>(packed.wrapping_add(ahead * 8) as *const i8);
+                    _mm_prefetch::<_MM_HINT_NTA>(packed.wrapping_add(ahead * 8 + 64) as *const i8);
+                    _mm_prefetch::<_MM_HINT_NTA>(norms.wrapping_add(ahead) as *const i8);
+                }
+                let sv = _mm512_maskz_loadu_ps(first_lanes(cnt), sums.add(b));
+                for r in 0..R {
+                    let nv = halves16(norms.add((r0 + r) * nb + b), cnt);
+                    nf[r] = lanes(nv);
+                    corr[r] = _mm512_fmadd_ps(nv, sv, corr[r]);
+                }
+                for t in 0..cnt {
+                    let xv = _mm512_loadu_ps(xp.add((b + t) * 16));
+                    for r in 0..R {
+                        let q = packed.add(((r0 + r) * nb + b + t) * 8);
+                        let c = _mm512_permutexvar_ps(nibbles_split(q, shifts), values);
+                        acc[r] =
+                            _mm512_fmadd_ps(_mm512_mul_ps(c, xv), _mm512_set1_ps(nf[r][t]), acc[r]);
+                    }
+                }
+                b += cnt;
+            }
+            std::array::from_fn(|r| {
+                _mm512_reduce_add_ps(acc[r]) * (2.0 / 15.0) - _mm512_reduce_add_ps(corr[r])
+            })
+        }
+    }
+}
+
+/// NF4's 512-bit kernels, plain and double-quantized absmax alike (see [`crate::nf4`]; the
+/// absmax of each block comes from [`Nf4Matrix::fill_absmax`] / `block_absmax`).
+pub(crate) mod nf4 {
+    use super::*;
+
+    /// Dequantizes `out.len() / 16` runs of 16 (from a multiple of 16, codes in `packed`),
+    /// `scale(g)` the absmax of run `g`, bit-identical to [`crate::nf4::dequantize_ref`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    pub(crate) unsafe fn dequantize(packed: &[u8], scale: impl Fn(usize) -> f32, out: &mut [f32]) {
+        let runs = (out.len() / 16).min(packed.len() / 8);
+        // SAFETY: run g < runs: 8 bytes of packed, 16 floats of out.
+        unsafe {
+            let levels = _mm512_loadu_ps(NF4_LEVELS.as_ptr());
+            let shifts = load_i32x16(&SHIFTS_HIGH_FIRST);
+            for g in 0..runs {
+                let v = _mm512_permutexvar_ps(
+                    nibbles_in_order(packed.as_ptr().add(g * 8), shifts),
+                    levels,
+                );
+                _mm512_storeu_ps(
+                    out.as_mut_ptr().add(g * 16),
+                    _mm512_mul_ps(v, _mm512_set1_ps(scale(g))),
+                );
+            }
+        }
+    }
+
+    /// Shapes: W rows `r0..r0+rows`, columns `c0..c0+len` (`c0`, `len` multiples of 16, `in`
+    /// a multiple of 16, all inside W: checked by the caller) into
+    /// `dst[p * stride..p * stride + len]`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    pub(crate) unsafe fn dequant_cols(m: &Nf4Matrix, b: ColBlock, dst: &mut [f32]) {
+        let packed = m.packed.as_slice().as_ptr();
+        let d = dst.as_mut_ptr();
+        // SAFETY: runs e..e+16 lie in row r0 + p of W (the caller's checks), and
+        // dst[p * stride + 16k..+16] inside dst.
+        unsafe {
+            let levels = _mm512_loadu_ps(NF4_LEVELS.as_ptr());
+            let shifts = load_i32x16(&SHIFTS_HIGH_FIRST);
+            for p in 0..b.rows {
+                let s = (b.r0 + p) * m.inn + b.c0;
+                let mut cur = usize::MAX;
+                let mut sv = _mm512_setzero_ps();
+                for k in 0..b.len / 16 {
+                    let e = s + k * 16;
+                    if e / NF4_BLOCK != cur {
+                        cur = e / NF4_BLOCK;
+                        sv = _mm512_set1_ps(m.block_absmax(cur));
+                    }
+                    let v =
+                        _mm512_permutexvar_ps(nibbles_in_order(packed.add(e / 2), shifts), levels);
+                    _mm512_storeu_ps(d.add(p * b.stride + k * 16), _mm512_mul_ps(v, sv));
+                }
+            }
+        }
+    }
+
+    /// Fused GEMV: `y[j] (+)= W[rows.start + j, :] · x`, 4 rows at a time sharing the loads
+    /// of `x`. Shapes: `in % 64 == 0`; `xp` is the `[in]` x with each run of 16 reordered as
+    /// its 8 even then 8 odd elements (as on the AVX2 path); `y.len() >= rows.len()`;
+    /// anything else writes nothing. Per row: `Σ_b absmax_b · Σ_k level[code_k] x_k`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    pub(crate) unsafe fn gemv(
+        m: &Nf4Matrix,
+        xp: &[f32],
+        rows: std::ops::Range<usize>,
+        y: &mut [f32],
+        acc: bool,
+    ) {
+        if m.inn % NF4_BLOCK != 0 || xp.len() != m.inn || rows.end > m.out || y.len() < rows.len() {
+            return;
+        }
+        // SAFETY: rows < out and xp checked above.
+        unsafe {
+            for_row_quads!(
+                rows,
+                |r| dot_rows::<4>(m, r, xp),
+                dot_rows::<1>(m, r, xp)[0],
+                |j: usize, _row: usize, v: f32| y[j] = if acc { y[j] + v } else { v }
+            );
+        }
+    }
+
+    /// Dot products of rows `r0..r0+R` (all `< out`) with x.
+    #[inline(always)]
+    unsafe fn dot_rows<const R: usize>(m: &Nf4Matrix, r0: usize, xp: &[f32]) -> [f32; R] {
+        const CH: usize = 32;
+        let nb = m.inn / NF4_BLOCK;
+        let packed = m.packed.as_slice().as_ptr();
+        let x = xp.as_ptr();
+        let mut am = [[0.0f32; CH]; R];
+        // SAFETY: blocks (r0 + r, b + t), b + t < nb, lie in W; x runs inside xp (len in).
+        unsafe {
+            let levels = _mm512_loadu_ps(NF4_LEVELS.as_ptr());
+            let shifts = load_i32x16(&SHIFTS_HIGH_THEN_LOW);
+            let mut acc = [_mm512_setzero_ps(); R];
+            let mut b = 0;
+            while b < nb {
+                let cnt = (nb - b).min(CH);
+                for r in 0..R {
+                    m.fill_absmax((r0 + r) * nb + b, &mut am[r][..cnt]);
+                }
+                for t in 0..cnt {
+                    for r in 0..R {
+                        let ahead = ((r0 + r + PREFETCH_ROWS) * nb + b + t) * 32;
+                        _mm_prefetch::<_MM_HINT_NTA>(packed.wrapping_add(ahead) as *const i8);
+                    }
+                    let mut part = [_mm512_setzero_ps(); R];
+                    for g in 0..4 {
+                        let xv = _mm512_loadu_ps(x.add((b + t) * NF4_BLOCK + g * 16));
+                        for r in 0..R {
+                            let q = packed.add(((r0 + r) * nb + b + t) * 32 + g * 8);
+                            let v = _mm512_permutexvar_ps(nibbles_split(q, shifts), levels);
+                            part[r] = _mm512_fmadd_ps(v, xv, part[r]);
+                        }
+                    }
+                    for r in 0..R {
+                        acc[r] = _mm512_fmadd_ps(part[r], _mm512_set1_ps(am[r][t]), acc[r]);
+                    }
+                }
+                b += cnt;
+            }
+            std::array::from_fn(|r| _mm512_reduce_add_ps(acc[r]))
+        }
+    }
+}
+
+/// Int8's 512-bit kernels (see [`crate::int8`]).
+pub(crate) mod int8 {
+    use super::*;
+
+    /// `out[k] = zero + scale · codes[k]` over `min(len)` elements (bit-identical to
+    /// [`crate::int8::dequantize_ref`]; the last `len % 16` by the scalar code).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    pub(crate) unsafe fn dequantize(codes: &[u8], scale: f32, zero: f32, out: &mut [f32]) {
+        let n = codes.len().min(out.len());
+        let mut k = 0;
+        // SAFETY: k + 16 <= n: 16 bytes of codes, 16 floats of out.
+        unsafe {
+            let (s, z) = (_mm512_set1_ps(scale), _mm512_set1_ps(zero));
+            while k + 16 <= n {
+                let c =
+                    _mm512_cvtepu8_epi32(_mm_loadu_si128(codes.as_ptr().add(k) as *const __m128i));
+                let v = _mm512_add_ps(z, _mm512_mul_ps(s, _mm512_cvtepi32_ps(c)));
+                _mm512_storeu_ps(out.as_mut_ptr().add(k), v);
+                k += 16;
+            }
+        }
+        int8_dequantize_ref(&codes[k..n], scale, zero, &mut out[k..n]);
+    }
+
+    /// Fused GEMV, 4 rows at a time sharing the loads of x. Shapes: `x` `[in]`, `sx = Σ x`,
+    /// `y.len() >= rows.len()`, `rows.end <= out` (else nothing is written). Per row:
+    /// `zero · Σx + scale · Σ_k code_k x_k`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    pub(crate) unsafe fn gemv(
+        m: &Int8Matrix,
+        x: &[f32],
+        sx: f32,
+        rows: std::ops::Range<usize>,
+        y: &mut [f32],
+        acc: bool,
+    ) {
+        if x.len() != m.inn || rows.end > m.out || y.len() < rows.len() {
+            return;
+        }
+        let (sc, zr) = (m.scales.f32s(), m.zeros.f32s());
+        // SAFETY: rows < out and x checked above.
+        unsafe {
+            for_row_quads!(
+                rows,
+                |r| dot_rows::<4>(m, r, x),
+                dot_rows::<1>(m, r, x)[0],
+                |j: usize, row: usize, d: f32| {
+                    let v = zr[row] * sx + sc[row] * d;
+                    y[j] = if acc { y[j] + v } else { v };
+                }
+            );
+        }
+    }
+
+    /// `Σ_k code_k x_k` for rows `r0..r0+R` (`< out`): runs of 16, the last one masked.
+    #[inline(always)]
+    unsafe fn dot_rows<const R: usize>(m: &Int8Matrix, r0: usize, x: &[f32]) -> [f32; R] {
+        let i = m.inn;
+        let codes = m.codes.as_slice().as_ptr();
+        let mut acc = [_mm512_setzero_ps(); R];
+        let mut k = 0;
+        // SAFETY: lanes k.. < in of x and of each row r0 + r < out (masked at the end).
+        unsafe {
+            while k < i {
+                let mk = first_lanes(i - k);
+                let xv = _mm512_maskz_loadu_ps(mk, x.as_ptr().add(k));
+                for r in 0..R {
+                    let p = codes.add((r0 + r) * i + k);
+                    let c = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(
+                        mk,
+                        p as *const i8,
+                    )));
+                    acc[r] = _mm512_fmadd_ps(c, xv, acc[r]);
+                }
+                k += 16;
+            }
+            std::array::from_fn(|r| _mm512_reduce_add_ps(acc[r]))
+        }
+    }
+}
+
+/// Lower's 512-bit kernels (see [`crate::lower`]): 16 codes of a 3- or 4-bit row per zmm by
+/// the byte gather of the AVX2 tier's `Gather16`, whose two 256-bit halves of constants are
+/// one 512-bit register here (`vpshufb` works within 128-bit lanes, and every lane holds the
+/// same 16-byte window). Dequantization only: a 512-bit GEMV written the same way measured
+/// slower than the AVX2 one (16-core Xeon, 1024², batch 1: 285 against 196 µs on 1 thread,
+/// 37.7 against 25.5 µs on 16), so the AVX-512 tier runs the AVX2 GEMV.
+pub(crate) mod lower {
+    use super::*;
+    use crate::lower::{dequantize_row_ref, GatherTables, GATHER3, GATHER4, LOWER_GROUP};
+
+    /// The constants that turn a 16-byte window into 16 codes `code · 2^s`.
+    struct Gather {
+        ctrl: __m512i,
+        mask: __m512i,
+        /// `2^−s` per lane.
+        unshift: __m512,
+    }
+
+    impl Gather {
+        #[inline(always)]
+        unsafe fn new(bits: u8) -> Self {
+            let t: &GatherTables = if bits == 4 { &GATHER4 } else { &GATHER3 };
+            // SAFETY: each table is two 32-byte arrays, 64 contiguous bytes.
+            unsafe {
+                Gather {
+                    ctrl: _mm512_loadu_epi8(t.ctrl.as_ptr() as *const i8),
+                    mask: _mm512_loadu_epi32(t.mask.as_ptr() as *const i32),
+                    unshift: _mm512_castsi512_ps(_mm512_loadu_epi32(
+                        t.unshift.as_ptr() as *const i32
+                    )),
+                }
+            }
+        }
+
+        /// `code · 2^s` for the 16 codes whose first byte is `codes[p]`; bytes past the end
+        /// of `codes` read as zero.
+        #[inline(always)]
+        unsafe fn codes(&self, codes: &[u8], p: usize) -> __m512 {
+            let avail = codes.len().saturating_sub(p).min(16);
+            // SAFETY: the masked load reads only the `avail` bytes at p inside `codes`.
+            unsafe {
+                let win = _mm_maskz_loadu_epi8(
+                    first_lanes(avail),
+                    codes.as_ptr().wrapping_add(p) as *const i8,
+                );
+                let win = _mm512_broadcast_i32x4(win);
+                let c = _mm512_and_si512(_mm512_shuffle_epi8(win, self.ctrl), self.mask);
+                _mm512_cvtepi32_ps(c)
+            }
+        }
+    }
+
+    /// Shapes: columns `c0..c0+out.len()` of one row; `c0` and `out.len()` multiples of 8 and
+    /// covered by `codes`, `scales`, `mins` (checked by the caller). Bit-identical to
+    /// [`dequantize_row_ref`] (`(scale · 2^−s) · (code · 2^s)` is `scale · code` exactly);
+    /// a run of 8 at a group's edge by that scalar code.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    pub(crate) unsafe fn dequantize_row(
+        bits: u8,
+        codes: &[u8],
+        scales: &[f16],
+        mins: &[f16],
+        c0: usize,
+        out: &mut [f32],
+    ) {
+        // SAFETY: this function's target features.
+        let gather = unsafe { Gather::new(bits) };
+        let mut t = 0;
+        while t < out.len() {
+            let g = (c0 + t) / LOWER_GROUP;
+            let gend = ((g + 1) * LOWER_GROUP - c0).min(out.len());
+            // SAFETY: t + 16 <= gend <= out.len() for each store.
+            unsafe {
+                let s = _mm512_set1_ps(scales[g].to_f32());
+                let m = _mm512_set1_ps(mins[g].to_f32());
+                let su = _mm512_mul_ps(s, gather.unshift);
+                while t + 16 <= gend {
+                    let c = gather.codes(codes, (c0 + t) * usize::from(bits) / 8);
+                    _mm512_storeu_ps(
+                        out.as_mut_ptr().add(t),
+                        _mm512_add_ps(m, _mm512_mul_ps(su, c)),
+                    );
+                    t += 16;
+                }
+            }
+            if t < gend {
+                dequantize_row_ref(bits, codes, scales, mins, c0 + t, &mut out[t..gend]);
+                t = gend;
+            }
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! Every kernel tier of every format (q4, nf4, nf4 double-quantized, int8, lower) against the
+//! scalar reference (issue 13, item 3): the awkward sizes 0, 1, 7, 15, 17, 31, 33, 63, 129,
+//! 1023 and block-aligned ones that reach the fused GEMVs with partial groups of norms
+//! (16 · 17, 64 · 7, 16 · 63, 64 · 33 columns).
+//!
+//! - Dequantization (the row segments the forward panels and the generic GEMV read) on every
+//!   tier the CPU has, bit-identical to the `Scalar` path, NaN-prefilled.
+//! - Products at batch 1 (fused GEMV), 3 (one GEMV per vector, or tiles), 9 (`batch_tiles`)
+//!   and 64 (the GEMM over dequantized panels), forward and backward, against an f64 product
+//!   with the dequantized weights, outputs NaN-prefilled, and bit-identical on 1, 2, 3 and 16
+//!   threads: in one child process per tier (`NIBBLE_KERNEL` is read once per process);
+//!   tiers the CPU lacks are printed as skipped.
+
+use nibble_quant::cpu::available_paths;
+use nibble_quant::{Int8Matrix, KernelPath, LowerMatrix, Nf4Matrix, Q4Matrix};
+use nibble_tensor::{Rng, Tensor, WeightMatrix};
+
+const ALL_TIERS: [KernelPath; 4] = [
+    KernelPath::Scalar,
+    KernelPath::Portable,
+    KernelPath::Avx2Fma,
+    KernelPath::Avx512,
+];
+
+/// `in` sizes: the awkward ones, then whole Q4 / NF4 blocks in counts that leave partial
+/// groups of 16 norms (Q4) or cross the 32-block absmax chunk (NF4).
+const INS: [usize; 16] = [
+    0, 1, 7, 15, 17, 31, 33, 63, 129, 1023, 16, 64, 272, 448, 1008, 2112,
+];
+/// `out` sizes: a single row, a 4-row sweep plus a tail, and more.
+const OUTS: [usize; 3] = [1, 7, 17];
+
+fn shapes() -> Vec<(usize, usize)> {
+    let mut v: Vec<(usize, usize)> = OUTS
+        .iter()
+        .flat_map(|&o| INS.iter().map(move |&i| (o, i)))
+        .collect();
+    // Large enough for every product to split over the threads.
+    v.extend([(129, 1023), (260, 1008), (66, 2112)]);
+    v
+}
+
+/// N(0, 1) weights with a zero stretch, an outlier and a tiny stretch where they fit.
+fn weights(o: usize, i: usize, seed: u64) -> Tensor {
+    let mut w = Tensor::randn(&[o, i], &mut Rng::new(seed));
+    let d = w.data_mut();
+    let n = d.len();
+    if n >= 100 {
+        d[5..37].fill(0.0);
+        d[n / 3] = 25.0;
+        for v in &mut d[n - 17..] {
+            *v *= 1e-20;
+        }
+    }
+    w
+}
+
+fn formats(w: &Tensor) -> Vec<Box<dyn WeightMatrix>> {
+    vec![
+        Box::new(Q4Matrix::quantize(w).unwrap()),
+        Box::new(Nf4Matrix::quantize(w).unwrap()),
+        Box::new(Nf4Matrix::quantize_double(w).unwrap()),
+        Box::new(LowerMatrix::quantize(w).unwrap()),
+        Box::new(Int8Matrix::quantize(w).unwrap()),
+    ]
+}
+
+fn bits_eq(a: &[f32], b: &[f32], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+    for (k, (x, y)) in a.iter().zip(b).enumerate() {
+        assert_eq!(x.to_bits(), y.to_bits(), "{what}: [{k}] {x} vs {y}");
+    }
+}
+
+/// The dequantized matrix on `path` (into a NaN-filled buffer, row by row through the
+/// format's public row kernels where it has them, else `dequantize_with`).
+fn dequantized(w: &Tensor, path: KernelPath) -> Vec<Vec<f32>> {
+    let (o, i) = (w.shape()[0], w.shape()[1]);
+    let q4 = Q4Matrix::quantize(w).unwrap();
+    let mut q4_rows = vec![f32::NAN; o * i];
+    let (rb, nb) = (i.div_ceil(2), i.div_ceil(16));
+    for r in 0..o {
+        nibble_quant::q4::dequantize(
+            path,
+            &q4.packed_bytes()[r * rb..(r + 1) * rb],
+            &q4.norms()[r * nb..(r + 1) * nb],
+            &mut q4_rows[r * i..(r + 1) * i],
+        );
+    }
+    let int8 = Int8Matrix::quantize(w).unwrap();
+    let (codes, scales, zeros) = int8.parts();
+    let (scales, zeros) = (f32s(scales.as_slice()), f32s(zeros.as_slice()));
+    let mut int8_rows = vec![f32::NAN; o * i];
+    for r in 0..o {
+        nibble_quant::int8::dequantize(
+            path,
+            &codes.as_slice()[r * i..(r + 1) * i],
+            scales[r],
+            zeros[r],
+            &mut int8_rows[r * i..(r + 1) * i],
+        );
+    }
+    let mut out = vec![
+        q4_rows,
+        int8_rows,
+        q4.dequantize_with(path).into_vec(),
+        int8.dequantize_with(path).into_vec(),
+        Nf4Matrix::quantize(w)
+            .unwrap()
+            .dequantize_with(path)
+            .into_vec(),
+        Nf4Matrix::quantize_double(w)
+            .unwrap()
+            .dequantize_with(path)
+            .into_vec(),
+        LowerMatrix::quantize(w)
+            .unwrap()
+            .dequantize_with(path)
+            .into_vec(),
+    ];
+    for v in &mut out {
+        assert!(
+            v.iter().all(|x| x.is_finite()),
+            "{path:?}: a weight left unwritten"
+        );
+        v.shrink_to_fit();
+    }
+    out
+}
+
+fn f32s(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// Dequantization on every tier the CPU has equals the scalar path bit for bit.
+#[test]
+fn dequantization_on_every_tier_matches_scalar() {
+    let paths = available_paths();
+    for p in ALL_TIERS {
+        if !paths.contains(&p) {
+            println!("dequantization: tier {} skipped (CPU lacks it)", p.name());
+        }
+    }
+    for (o, i) in shapes() {
+        let w = weights(o, i, (o * 13 + i) as u64);
+        let want = dequantized(&w, KernelPath::Scalar);
+        for &p in &paths {
+            let got = dequantized(&w, p);
+            for (k, (a, b)) in got.iter().zip(&want).enumerate() {
+                bits_eq(a, b, &format!("{o}x{i} {} dequantization #{k}", p.name()));
+            }
+        }
+    }
+}
+
+/// `y = x·Wᵀ` in f64, with `Σ_k |x_k w_k|` per element (the scale of f32 rounding errors).
+fn naive_t(x: &[f32], m: usize, w: &[f32], o: usize, i: usize) -> (Vec<f32>, Vec<f32>) {
+    let (mut y, mut mag) = (vec![0.0f32; m * o], vec![0.0f32; m * o]);
+    for b in 0..m {
+        for r in 0..o {
+            let t = (0..i).map(|k| x[b * i + k] as f64 * w[r * i + k] as f64);
+            y[b * o + r] = t.clone().sum::<f64>() as f32;
+            mag[b * o + r] = t.map(f64::abs).sum::<f64>() as f32;
+        }
+    }
+    (y, mag)
+}
+
+/// `dx = dy·W` in f64, with the magnitudes as [`naive_t`].
+fn naive(dy: &[f32], m: usize, w: &[f32], o: usize, i: usize) -> (Vec<f32>, Vec<f32>) {
+    let (mut dx, mut mag) = (vec![0.0f32; m * i], vec![0.0f32; m * i]);
+    for b in 0..m {
+        for k in 0..i {
+            let t = (0..o).map(|r| dy[b * o + r] as f64 * w[r * i + k] as f64);
+            dx[b * i + k] = t.clone().sum::<f64>() as f32;
+            mag[b * i + k] = t.map(f64::abs).sum::<f64>() as f32;
+        }
+    }
+    (dx, mag)
+}
+
+/// `|a − b| <= 1e-5 · mag` elementwise (f32 accumulation of up to a few thousand terms).
+fn close_to(a: &[f32], (b, mag): &(Vec<f32>, Vec<f32>), what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+    for (k, ((x, y), s)) in a.iter().zip(b).zip(mag).enumerate() {
+        assert!(
+            (x - y).abs() <= 1e-5 * s,
+            "{what}: [{k}] {x} vs {y} (scale {s})"
+        );
+    }
+}
+
+const BATCHES: [usize; 4] = [1, 3, 9, 64];
+
+/// Forward and backward products of `wm` at every batch, outputs NaN-prefilled.
+fn products(wm: &dyn WeightMatrix, seed: u64) -> Vec<Vec<f32>> {
+    let (o, i) = (wm.out_features(), wm.in_features());
+    let mut out = Vec::new();
+    for m in BATCHES {
+        let x = Tensor::randn(&[m, i], &mut Rng::new(seed + m as u64));
+        let mut y = vec![f32::NAN; m * o];
+        wm.matmul_t(x.data(), m, &mut y, false).unwrap();
+        let dy = Tensor::randn(&[m, o], &mut Rng::new(seed + 100 + m as u64));
+        let mut dx = vec![f32::NAN; m * i];
+        wm.matmul(dy.data(), m, &mut dx, false).unwrap();
+        out.push(y);
+        out.push(dx);
+    }
+    out
+}
+
+/// Runs on the process's tier (`NIBBLE_KERNEL`): every product of every format and shape
+/// against the f64 product, and bit-identical on 1, 2, 3 and 16 threads.
+/// [`products_on_every_tier`] runs it in one child process per tier; in the test process
+/// itself it does nothing.
+#[test]
+fn products_on_this_tier() {
+    if std::env::var_os("NIBBLE_TIERS_CHILD").is_none() {
+        return;
+    }
+    let path = nibble_quant::cpu::kernel_path();
+    println!("products_on_this_tier: {}", path.name());
+    for (o, i) in shapes() {
+        let w = weights(o, i, (o * 7 + i) as u64);
+        for wm in formats(&w) {
+            let seed = (o * 31 + i) as u64;
+            let wd = wm.to_f32();
+            let what = |m: usize, dir: &str| {
+                format!(
+                    "{} {o}x{i} m={m} {dir} on {}",
+                    wm.format_name(),
+                    path.name()
+                )
+            };
+            let run = |threads: usize| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap()
+                    .install(|| products(wm.as_ref(), seed))
+            };
+            let one = run(1);
+            for (k, m) in BATCHES.into_iter().enumerate() {
+                let x = Tensor::randn(&[m, i], &mut Rng::new(seed + m as u64));
+                let dy = Tensor::randn(&[m, o], &mut Rng::new(seed + 100 + m as u64));
+                close_to(
+                    &one[2 * k],
+                    &naive_t(x.data(), m, wd.data(), o, i),
+                    &what(m, "fwd"),
+                );
+                close_to(
+                    &one[2 * k + 1],
+                    &naive(dy.data(), m, wd.data(), o, i),
+                    &what(m, "bwd"),
+                );
+            }
+            for t in [2, 3, 16] {
+                let other = run(t);
+                for (a, b) in one.iter().zip(&other) {
+                    bits_eq(
+                        a,
+                        b,
+                        &format!(
+                            "{} {o}x{i} {}: 1 vs {t} threads",
+                            wm.format_name(),
+                            path.name()
+                        ),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Runs [`products_on_this_tier`] in a child process for each tier this CPU has, and says
+/// which it skips.
+#[test]
+fn products_on_every_tier() {
+    if std::env::var_os("NIBBLE_TIERS_CHILD").is_some() {
+        return;
+    }
+    let paths = available_paths();
+    for p in ALL_TIERS {
+        if !paths.contains(&p) {
+            println!(
+                "products_on_every_tier: {} skipped (CPU lacks it)",
+                p.name()
+            );
+        }
+    }
+    let exe = std::env::current_exe().unwrap();
+    for p in paths {
+        let out = std::process::Command::new(&exe)
+            .args(["--exact", "products_on_this_tier", "--test-threads=1"])
+            .env("NIBBLE_KERNEL", p.name())
+            .env("NIBBLE_TIERS_CHILD", "1")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("1 passed"),
+            "{}: {}\n{}",
+            p.name(),
+            text,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        println!("products_on_every_tier: {} ok", p.name());
+    }
+}
