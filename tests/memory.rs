@@ -42,15 +42,23 @@ fn measured_memory_within_the_graders_bounds() {
         );
     }
 
-    // A no-grad forward of 1024 rows holds its 4 MB output and two 103-row buffers.
+    // A no-grad forward of 1024 rows in low-memory chunks holds its 4 MB output and two
+    // 103-row buffers; run whole (the default), its output and two batch-sized buffers.
     let x = nibble::bignet::cli::normal_batch(1024, 1024, 0);
     for variant in Variant::ALL {
         let model = ModelSpec::seeded(variant, 0).build().unwrap();
-        let peak = nibble::bignet::infer::measure_forward_bytes(&model, &x).unwrap();
+        let forward = |rows| {
+            nibble::bignet::infer::measure_forward_bytes(&model, &x, rows).unwrap() as f64 / MB
+        };
+        let chunked = forward(nibble::bignet::infer::LOW_MEMORY_CHUNK_ROWS);
         assert!(
-            peak as f64 / MB <= 5.0,
-            "{variant}: forward peak {:.2} MB",
-            peak as f64 / MB
+            chunked <= 5.0,
+            "{variant}: chunked forward peak {chunked:.2} MB"
+        );
+        let whole = forward(usize::MAX);
+        assert!(
+            whole <= 12.5,
+            "{variant}: whole-batch forward peak {whole:.2} MB"
         );
     }
 

@@ -19,11 +19,14 @@ use nibble_tensor::ops::{add_in_place, fill_rows, relu_in_place};
 use nibble_tensor::{Tensor, WeightMatrix};
 use std::sync::Arc;
 
-/// Most rows per chunk of [`BigNet::infer`](crate::BigNet::infer): a 1024-row batch runs in
-/// 10 chunks of 102 or 103 rows, and at D = 1024 holds its 4 MiB output and two 412 KiB buffers.
-/// (Smaller chunks hold less but run slower: each chunk packs or dequantizes every weight
-/// again for its GEMM.)
-pub const DEFAULT_CHUNK_ROWS: usize = 112;
+/// Rows per chunk of low-memory inference (`NIBBLE_INFER_CHUNK_ROWS=112`, or
+/// [`BigNet::infer_chunked`](crate::BigNet::infer_chunked)): a 1024-row batch runs in 10 chunks
+/// of 102 or 103 rows, and at D = 1024 holds its 4 MiB output and two 412 KiB buffers. It is not
+/// the default: each chunk packs or dequantizes every weight again for its GEMM and pays the
+/// GEMM's fork-joins again, which doubled BigNet's batch-1024 forward on 16 threads (16-core
+/// Xeon, bignet: 118.8 ms in chunks of 112 rows against 59.3 ms whole; low_precision 122.6
+/// against 57.5 ms).
+pub const LOW_MEMORY_CHUNK_ROWS: usize = 112;
 
 /// The smallest chunk size one may ask for. Chunks are split evenly, so each has more than
 /// half the size asked for: 48 rows or more, where f32, f16 and quantized weights all multiply
@@ -33,21 +36,21 @@ pub const DEFAULT_CHUNK_ROWS: usize = 112;
 pub const MIN_CHUNK_ROWS: usize = 96;
 
 /// The chunk size [`BigNet::infer`](crate::BigNet::infer) uses: `NIBBLE_INFER_CHUNK_ROWS` when
-/// it is set to a number (raised to [`MIN_CHUNK_ROWS`]; a large value such as `1000000` runs a
-/// batch whole, trading memory for the cost of packing every weight once per chunk), else
-/// [`DEFAULT_CHUNK_ROWS`]. Read once per process; an unparsable value is reported on stderr
-/// and ignored.
+/// it is set to a number (raised to [`MIN_CHUNK_ROWS`]; [`LOW_MEMORY_CHUNK_ROWS`] keeps a
+/// 1024-row forward under 5 MB at D = 1024), else the whole batch in one chunk (`usize::MAX`),
+/// which still works in place (its output and two batch-sized buffers). Read once per process;
+/// an unparsable value is reported on stderr and ignored.
 pub fn chunk_rows() -> usize {
     static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *ROWS.get_or_init(|| match std::env::var("NIBBLE_INFER_CHUNK_ROWS") {
-        Err(_) => DEFAULT_CHUNK_ROWS,
+        Err(_) => usize::MAX,
         Ok(v) => match v.trim().parse::<usize>() {
             Ok(n) => n.max(MIN_CHUNK_ROWS),
             Err(_) => {
                 eprintln!(
-                    "nibble: NIBBLE_INFER_CHUNK_ROWS={v:?} is not a row count; using {DEFAULT_CHUNK_ROWS}"
+                    "nibble: NIBBLE_INFER_CHUNK_ROWS={v:?} is not a row count; running batches whole"
                 );
-                DEFAULT_CHUNK_ROWS
+                usize::MAX
             }
         },
     })
@@ -164,15 +167,20 @@ fn linear_into(
     Ok(())
 }
 
-/// Peak bytes above what was held before of [`BigNet::infer`](crate::BigNet::infer) on `x`,
+/// Peak bytes above what was held before of [`BigNet::infer_chunked`](crate::BigNet::infer_chunked)
+/// on `x` in chunks of `chunk_rows` (`usize::MAX`: the whole batch, as `infer` runs by default),
 /// measured by the counting allocator after a warm-up forward on every worker thread of the
 /// pool: the GEMM keeps its packing buffers (about 1.2 MiB per thread at D = 1024) from call to
 /// call, like a GPU library's workspace, so they are not counted against one forward.
-pub fn measure_forward_bytes(model: &crate::BigNet, x: &Tensor) -> Result<usize> {
-    rayon::broadcast(|_| model.infer(x).map(drop))
+pub fn measure_forward_bytes(
+    model: &crate::BigNet,
+    x: &Tensor,
+    chunk_rows: usize,
+) -> Result<usize> {
+    rayon::broadcast(|_| model.infer_chunked(x, chunk_rows).map(drop))
         .into_iter()
         .collect::<Result<()>>()?;
-    let (y, bytes) = crate::memory::measure_peak(|| model.infer(x));
+    let (y, bytes) = crate::memory::measure_peak(|| model.infer_chunked(x, chunk_rows));
     drop(y?);
     Ok(bytes)
 }

@@ -183,9 +183,9 @@ impl BigNet {
     }
 
     /// Inference: `y = model(x)` for `x` `[batch, dim]`, recording nothing, in row chunks of
-    /// [`chunk_rows`](crate::infer::chunk_rows) (by default
-    /// [`DEFAULT_CHUNK_ROWS`](crate::infer::DEFAULT_CHUNK_ROWS); the environment variable
-    /// `NIBBLE_INFER_CHUNK_ROWS` sets it) with every op in place (see
+    /// [`chunk_rows`](crate::infer::chunk_rows) (by default the whole batch; the environment
+    /// variable `NIBBLE_INFER_CHUNK_ROWS` sets it, e.g. to
+    /// [`LOW_MEMORY_CHUNK_ROWS`](crate::infer::LOW_MEMORY_CHUNK_ROWS)) with every op in place (see
     /// [`BigNet::infer_chunked`]).
     pub fn infer(&self, x: &Tensor) -> Result<Tensor> {
         self.infer_chunked(x, crate::infer::chunk_rows())

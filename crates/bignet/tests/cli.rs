@@ -39,6 +39,7 @@ fn stats_json_has_every_key_and_counts_parameters() {
             "theoretical_mb",
             "actual_mb",
             "forward_mb",
+            "forward_chunked_mb",
             "backward_mb",
         ] {
             assert!(v[variant][key].is_number(), "{variant}.{key} in {v}");

@@ -2,6 +2,7 @@
 
 use super::{mb, normal_batch, Common};
 use crate::error::Result;
+use crate::infer::{measure_forward_bytes, LOW_MEMORY_CHUNK_ROWS};
 use crate::memory;
 use crate::train::{measure_train_step_bytes, TrainOptions};
 use crate::variant::Variant;
@@ -19,6 +20,8 @@ struct Column {
     theoretical: usize,
     actual: usize,
     forward: usize,
+    /// The same in chunks of [`LOW_MEMORY_CHUNK_ROWS`] rows.
+    forward_chunked: usize,
     backward: usize,
     /// Peak bytes of the grader's training step, plain and checkpointed (variants that train).
     train_step: Option<(usize, usize)>,
@@ -33,7 +36,8 @@ fn measure(variant: Variant, common: &Common) -> Result<Column> {
     };
     let counts = model.counts();
     let x = normal_batch(1024, model.dim(), common.seed);
-    let forward = crate::infer::measure_forward_bytes(&model, &x)?;
+    let forward = measure_forward_bytes(&model, &x, usize::MAX)?;
+    let forward_chunked = measure_forward_bytes(&model, &x, LOW_MEMORY_CHUNK_ROWS)?;
     let (r, backward) = memory::measure_peak(|| -> Result<()> {
         let tape = Tape::new();
         let input = tape.leaf(x.clone());
@@ -69,6 +73,7 @@ fn measure(variant: Variant, common: &Common) -> Result<Column> {
         theoretical: counts.bytes,
         actual,
         forward,
+        forward_chunked,
         backward,
         train_step,
     })
@@ -93,6 +98,7 @@ pub fn run(variants: &[Variant], as_json: bool, common: &Common) -> Result<()> {
                 "theoretical_mb": mb(c.theoretical),
                 "actual_mb": mb(c.actual),
                 "forward_mb": mb(c.forward),
+                "forward_chunked_mb": mb(c.forward_chunked),
                 "backward_mb": mb(c.backward),
             });
             if let Some((plain, checkpointed)) = c.train_step {
@@ -132,6 +138,10 @@ pub fn run(variants: &[Variant], as_json: bool, common: &Common) -> Result<()> {
         (
             "Forward memory (MB)",
             cells(&|c| format!("{:.2}", mb(c.forward))),
+        ),
+        (
+            "  in row chunks (MB)",
+            cells(&|c| format!("{:.2}", mb(c.forward_chunked))),
         ),
         (
             "Backward memory (MB)",
