@@ -10,7 +10,9 @@
 
 mod common;
 
-use common::{bits_eq, close_to, formats, naive, naive_t, run_on_every_kernel_path};
+use common::{
+    bits_eq, close_to, formats, naive_t, products_checked_on_threads, run_on_every_kernel_path,
+};
 use half::f16;
 use nibble_quant::cpu::available_paths;
 use nibble_quant::nf4::{dynamic_code_bnb, dynamic_map, NF4_LEVELS, NF4_THRESHOLDS};
@@ -521,30 +523,9 @@ fn from_parts_checks_ragged_part_lengths() {
 // ---------------------------------------------------------------------------------------------
 // Products on every kernel path.
 
-/// All products of one weight matrix at batches 1, 5 and 48 (forward and backward), checked
-/// against the f64 product with its dequantized weights; returns them for the thread check.
-fn products(wm: &dyn WeightMatrix, seed: u64) -> Vec<Vec<f32>> {
-    let (o, i) = (wm.out_features(), wm.in_features());
-    let wd = wm.to_f32();
-    let what = |m: usize, dir: &str| format!("{} {o}x{i} m={m} {dir}", wm.format_name());
-    let mut out = Vec::new();
-    for m in [1usize, 5, 48] {
-        let x = Tensor::randn(&[m, i], &mut Rng::new(seed + m as u64));
-        let mut y = vec![f32::NAN; m * o];
-        wm.matmul_t(x.data(), m, &mut y, false).unwrap();
-        close_to(&y, &naive_t(x.data(), m, wd.data(), o, i), &what(m, "fwd"));
-        let dy = Tensor::randn(&[m, o], &mut Rng::new(seed + 100 + m as u64));
-        let mut dx = vec![f32::NAN; m * i];
-        wm.matmul(dy.data(), m, &mut dx, false).unwrap();
-        close_to(&dx, &naive(dy.data(), m, wd.data(), o, i), &what(m, "bwd"));
-        out.push(y);
-        out.push(dx);
-    }
-    out
-}
-
 /// Runs on the process's kernel path (`NIBBLE_KERNEL`): every product of every format and
-/// shape checked, and bit-identical on 1, 2 and 3 threads. [`products_on_every_kernel_path`]
+/// shape at batches 1, 5 and 48, forward and backward, against the f64 product with its
+/// dequantized weights, and bit-identical on 1, 2 and 3 threads. [`products_on_every_kernel_path`]
 /// runs it in one child process per path the CPU has; in the test process itself it does
 /// nothing (there another test switches Q4's activation mode, which the products read).
 #[test]
@@ -556,25 +537,9 @@ fn products_on_this_kernel_path() {
     for (o, i) in shapes() {
         let w = weights(o, i, (o * 7 + i) as u64);
         for wm in formats(&w) {
+            let what = format!("{} {path:?}", wm.format_name());
             let seed = (o * 31 + i) as u64;
-            let run = |threads: usize| {
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .unwrap()
-                    .install(|| products(wm.as_ref(), seed))
-            };
-            let one = run(1);
-            for t in [2, 3] {
-                let other = run(t);
-                for (a, b) in one.iter().zip(&other) {
-                    bits_eq(
-                        a,
-                        b,
-                        &format!("{} {o}x{i} {path:?}: 1 vs {t} threads", wm.format_name()),
-                    );
-                }
-            }
+            products_checked_on_threads(wm.as_ref(), seed, &[1, 5, 48], &[2, 3], &what);
         }
     }
 }

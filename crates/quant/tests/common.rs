@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use nibble_quant::cpu::available_paths;
 use nibble_quant::{Int8Matrix, KernelPath, LowerMatrix, Nf4Matrix, Q4Matrix};
-use nibble_tensor::{Tensor, WeightMatrix};
+use nibble_tensor::{Rng, Tensor, WeightMatrix};
 
 /// Every kernel tier, whether or not this CPU has it.
 pub const ALL_TIERS: [KernelPath; 4] = [
@@ -136,5 +136,64 @@ pub fn run_on_every_kernel_path(child_test: &str, child_env: &str, label: &str) 
             String::from_utf8_lossy(&out.stderr)
         );
         println!("{label}: {} ok", p.name());
+    }
+}
+
+/// Forward and backward products of `wm` at every batch in `batches` (inputs seeded from
+/// `seed` and the batch), outputs NaN-prefilled: `[y, dx]` per batch, in order.
+pub fn products(wm: &dyn WeightMatrix, seed: u64, batches: &[usize]) -> Vec<Vec<f32>> {
+    let (o, i) = (wm.out_features(), wm.in_features());
+    let mut out = Vec::new();
+    for &m in batches {
+        let x = Tensor::randn(&[m, i], &mut Rng::new(seed + m as u64));
+        let mut y = vec![f32::NAN; m * o];
+        wm.matmul_t(x.data(), m, &mut y, false).unwrap();
+        let dy = Tensor::randn(&[m, o], &mut Rng::new(seed + 100 + m as u64));
+        let mut dx = vec![f32::NAN; m * i];
+        wm.matmul(dy.data(), m, &mut dx, false).unwrap();
+        out.push(y);
+        out.push(dx);
+    }
+    out
+}
+
+/// [`products`] on 1 thread, checked against the f64 product with `wm`'s dequantized
+/// weights, and bit-identical on each count of `threads`; `what` names the case.
+pub fn products_checked_on_threads(
+    wm: &dyn WeightMatrix,
+    seed: u64,
+    batches: &[usize],
+    threads: &[usize],
+    what: &str,
+) {
+    let (o, i) = (wm.out_features(), wm.in_features());
+    let on = |threads: usize| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(|| products(wm, seed, batches))
+    };
+    let one = on(1);
+    let wd = wm.to_f32();
+    for (k, &m) in batches.iter().enumerate() {
+        let x = Tensor::randn(&[m, i], &mut Rng::new(seed + m as u64));
+        let dy = Tensor::randn(&[m, o], &mut Rng::new(seed + 100 + m as u64));
+        let case = |dir: &str| format!("{what} {o}x{i} m={m} {dir}");
+        close_to(
+            &one[2 * k],
+            &naive_t(x.data(), m, wd.data(), o, i),
+            &case("fwd"),
+        );
+        close_to(
+            &one[2 * k + 1],
+            &naive(dy.data(), m, wd.data(), o, i),
+            &case("bwd"),
+        );
+    }
+    for &t in threads {
+        for (a, b) in one.iter().zip(&on(t)) {
+            bits_eq(a, b, &format!("{what} {o}x{i}: 1 vs {t} threads"));
+        }
     }
 }

@@ -13,10 +13,10 @@
 
 mod common;
 
-use common::{bits_eq, close_to, formats, naive, naive_t, run_on_every_kernel_path, ALL_TIERS};
+use common::{bits_eq, formats, products_checked_on_threads, run_on_every_kernel_path, ALL_TIERS};
 use nibble_quant::cpu::available_paths;
 use nibble_quant::{Int8Matrix, KernelPath, LowerMatrix, Nf4Matrix, Q4Matrix};
-use nibble_tensor::{Rng, Tensor, WeightMatrix};
+use nibble_tensor::{Rng, Tensor};
 
 /// `in` sizes: the awkward ones, then whole Q4 / NF4 blocks in counts that leave partial
 /// groups of 16 norms (Q4) or cross the 32-block absmax chunk (NF4).
@@ -134,24 +134,8 @@ fn dequantization_on_every_tier_matches_scalar() {
     }
 }
 
+/// Batch 1 (fused GEMV), 3 (one GEMV per vector, or tiles), 9 (`batch_tiles`), 64 (GEMM).
 const BATCHES: [usize; 4] = [1, 3, 9, 64];
-
-/// Forward and backward products of `wm` at every batch, outputs NaN-prefilled.
-fn products(wm: &dyn WeightMatrix, seed: u64) -> Vec<Vec<f32>> {
-    let (o, i) = (wm.out_features(), wm.in_features());
-    let mut out = Vec::new();
-    for m in BATCHES {
-        let x = Tensor::randn(&[m, i], &mut Rng::new(seed + m as u64));
-        let mut y = vec![f32::NAN; m * o];
-        wm.matmul_t(x.data(), m, &mut y, false).unwrap();
-        let dy = Tensor::randn(&[m, o], &mut Rng::new(seed + 100 + m as u64));
-        let mut dx = vec![f32::NAN; m * i];
-        wm.matmul(dy.data(), m, &mut dx, false).unwrap();
-        out.push(y);
-        out.push(dx);
-    }
-    out
-}
 
 /// Runs on the process's tier (`NIBBLE_KERNEL`): every product of every format and shape
 /// against the f64 product, and bit-identical on 1, 2, 3 and 16 threads.
@@ -167,51 +151,9 @@ fn products_on_this_tier() {
     for (o, i) in shapes() {
         let w = weights(o, i, (o * 7 + i) as u64);
         for wm in formats(&w) {
+            let what = format!("{} on {}", wm.format_name(), path.name());
             let seed = (o * 31 + i) as u64;
-            let wd = wm.to_f32();
-            let what = |m: usize, dir: &str| {
-                format!(
-                    "{} {o}x{i} m={m} {dir} on {}",
-                    wm.format_name(),
-                    path.name()
-                )
-            };
-            let run = |threads: usize| {
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .unwrap()
-                    .install(|| products(wm.as_ref(), seed))
-            };
-            let one = run(1);
-            for (k, m) in BATCHES.into_iter().enumerate() {
-                let x = Tensor::randn(&[m, i], &mut Rng::new(seed + m as u64));
-                let dy = Tensor::randn(&[m, o], &mut Rng::new(seed + 100 + m as u64));
-                close_to(
-                    &one[2 * k],
-                    &naive_t(x.data(), m, wd.data(), o, i),
-                    &what(m, "fwd"),
-                );
-                close_to(
-                    &one[2 * k + 1],
-                    &naive(dy.data(), m, wd.data(), o, i),
-                    &what(m, "bwd"),
-                );
-            }
-            for t in [2, 3, 16] {
-                let other = run(t);
-                for (a, b) in one.iter().zip(&other) {
-                    bits_eq(
-                        a,
-                        b,
-                        &format!(
-                            "{} {o}x{i} {}: 1 vs {t} threads",
-                            wm.format_name(),
-                            path.name()
-                        ),
-                    );
-                }
-            }
+            products_checked_on_threads(wm.as_ref(), seed, &BATCHES, &[2, 3, 16], &what);
         }
     }
 }
