@@ -1,72 +1,18 @@
 //! The error type of the whole `nibble-bignet` crate.
 //!
-//! One enum for the crate: every variant names the file it is about and, where relevant, the
-//! tensor key and the expected / found shape or dtype, so that a message alone is enough to find
-//! the fault. New subsystems (model, CLI) add their own variants here.
+//! One enum for the crate: every variant names the file, weight or input it is about, so that a
+//! message alone is enough to find the fault. Faults of a file itself (I/O, a missing key, a
+//! wrong dtype or shape) are `nibble-io`'s errors, wrapped as [`Error::State`] rather than
+//! repeated here. New subsystems (model, CLI) add their own variants here.
 
 use std::path::PathBuf;
 
 use thiserror::Error;
 
-use nibble_io::DType;
-
 /// Everything that can go wrong in `nibble-bignet`.
 #[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// The operating system refused a read, write, rename or map.
-    #[error("{}: {op}: {source}", path.display())]
-    Io {
-        /// The file involved.
-        path: PathBuf,
-        /// What was being done ("open", "map", "write", "rename", ...).
-        op: &'static str,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A tensor that the caller asked for is not in the file.
-    #[error("{}: no tensor named `{key}`", path.display())]
-    MissingKey {
-        /// The file involved.
-        path: PathBuf,
-        /// The key asked for.
-        key: String,
-    },
-    /// A tensor whose stored description or data is inconsistent (offsets, sizes, strides).
-    #[error("{}: tensor `{key}`: {reason}", path.display())]
-    BadTensor {
-        /// The file involved.
-        path: PathBuf,
-        /// The tensor's key.
-        key: String,
-        /// What is wrong.
-        reason: String,
-    },
-    /// A tensor whose dtype is not one the caller can use.
-    #[error("{}: tensor `{key}`: expected dtype {expected}, found {found}", path.display())]
-    DType {
-        /// The file involved.
-        path: PathBuf,
-        /// The tensor's key.
-        key: String,
-        /// The dtype(s) accepted, e.g. "f32 or f16".
-        expected: String,
-        /// The dtype stored.
-        found: DType,
-    },
-    /// A tensor whose shape is not the one the caller expects.
-    #[error("{}: tensor `{key}`: expected shape {expected:?}, found {found:?}", path.display())]
-    Shape {
-        /// The file involved.
-        path: PathBuf,
-        /// The tensor's key.
-        key: String,
-        /// The shape asked for.
-        expected: Vec<usize>,
-        /// The shape stored.
-        found: Vec<usize>,
-    },
     /// A model cannot be built or used as asked (missing weights, wrong variant for an action).
     #[error("model: {what}")]
     Model {
