@@ -1,11 +1,11 @@
 //! The error type of the whole `nibble-bignet` crate.
 //!
-//! One enum for the crate: every variant names the file, weight or input it is about, so that a
-//! message alone is enough to find the fault. Faults of a file itself (I/O, a missing key, a
-//! wrong dtype or shape) are `nibble-io`'s errors, wrapped as [`Error::State`] rather than
-//! repeated here. New subsystems (model, CLI) add their own variants here.
-
-use std::path::PathBuf;
+//! One enum for the crate: every variant names what it is about (the model, the input, the
+//! file, key and shape), so that a message alone is enough to find the fault. Faults of a file
+//! itself (I/O, a missing key, a wrong dtype or shape) are `nibble-io`'s errors, wrapped as
+//! [`Error::State`], and faults of a layer, a quantized weight or an adapter are `nibble-nn`'s,
+//! wrapped as [`Error::Layers`], rather than repeated here. New subsystems (model, CLI) add
+//! their own variants here.
 
 use thiserror::Error;
 
@@ -25,27 +25,11 @@ pub enum Error {
         /// What is wrong.
         what: String,
     },
-    /// A LoRA adapter directory that cannot be read or does not fit the model.
-    #[error("{}: adapter: {what}", path.display())]
-    Adapter {
-        /// The adapter directory or file.
-        path: PathBuf,
-        /// What is wrong.
-        what: String,
-    },
-    /// Quantizing or loading a quantized weight failed.
-    #[error("weight `{key}`: {source}")]
-    Quant {
-        /// The weight's state-dict key.
-        key: String,
-        /// The quant crate's error.
-        #[source]
-        source: nibble_quant::QuantError,
-    },
     /// Reading or writing a state dict failed (the inner error names file, key, shape, dtype).
     #[error(transparent)]
     State(#[from] nibble_io::Error),
-    /// A generic layer failed (building, running or loading its adapter).
+    /// A generic layer failed (building, running, quantizing, or saving or loading its
+    /// adapter).
     #[error(transparent)]
     Layers(#[from] nibble_nn::Error),
     /// A tensor operation failed while computing (the inner error names the op and shapes).
