@@ -1,7 +1,7 @@
 //! BigNet's LoRA adapters in PEFT's on-disk layout (see [`nibble_nn::peft`], which reads and
 //! writes them for any set of target modules; here the targets are BigNet's 18 linear layers).
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::model::BigNet;
 use std::path::Path;
 
@@ -10,10 +10,11 @@ pub use nibble_nn::peft::{CONFIG_FILE, WEIGHTS_FILE};
 /// Writes the model's adapters to `dir` (created if missing).
 pub fn save_adapter(model: &BigNet, dir: &Path) -> Result<()> {
     if model.linears().all(|l| l.lora.is_none()) {
-        return Err(Error::Adapter {
+        return Err(nibble_nn::Error::Adapter {
             path: dir.to_path_buf(),
             what: format!("variant {} has no LoRA adapters to save", model.variant()),
-        });
+        }
+        .into());
     }
     Ok(nibble_nn::peft::save_adapter(model.linears(), dir)?)
 }

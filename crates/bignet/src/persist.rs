@@ -4,9 +4,9 @@
 //! PyTorch state dicts, the others follow the layout in [`crate::frozen`]. Biases and LayerNorms
 //! keep their own names.
 
-use crate::checkpoint::{write_safetensors, Checkpoint, DType};
+use crate::checkpoint::{Checkpoint, DType};
 use crate::error::{Error, Result};
-use crate::frozen::{FrozenWeight, Part};
+use crate::frozen::{f32_part, write_parts, FrozenWeight, Part};
 use crate::layer::{FrozenBias, Linear, LinearBase};
 use crate::model::{BigNet, Norm};
 use crate::source::{linear_key, norm_key, BLOCKS, LAYERS_PER_BLOCK};
@@ -22,9 +22,9 @@ pub use nibble_io::FORMAT_KEY;
 /// Writes the model's weights (not its LoRA adapters: see [`crate::adapter`]) to `path`.
 pub fn save_model(model: &BigNet, path: &Path) -> Result<()> {
     let mut format = None;
-    let mut owned: Vec<(String, Vec<f32>, Vec<usize>)> = Vec::new();
+    // f32 copies of trainable parameters and LayerNorms, alive until written
+    let mut held = Vec::new();
     let mut parts: Vec<Part<'_>> = Vec::new();
-    let mut held = Vec::new(); // f32 copies of trainable parameters, alive until written
     for layer in model.linears() {
         let key = &layer.name;
         match &layer.base {
@@ -51,33 +51,15 @@ pub fn save_model(model: &BigNet, path: &Path) -> Result<()> {
     }
     for norm in model.norms() {
         for p in [&norm.weight, &norm.bias] {
-            owned.push((
-                p.name().to_string(),
-                p.value().data().to_vec(),
-                p.value().shape().to_vec(),
-            ));
+            held.push((p.name().to_string(), p.value().clone()));
         }
     }
-    let mut entries: Vec<(String, DType, Vec<usize>, &[u8])> = parts
-        .iter()
-        .map(|(k, d, s, b)| (k.clone(), *d, s.clone(), b.as_ref()))
-        .collect();
-    for (k, t) in &held {
-        entries.push((
-            k.clone(),
-            DType::F32,
-            t.shape().to_vec(),
-            bytemuck::cast_slice(t.data()),
-        ));
-    }
-    for (k, v, s) in &owned {
-        entries.push((k.clone(), DType::F32, s.clone(), bytemuck::cast_slice(v)));
-    }
+    parts.extend(held.iter().map(|(k, t)| f32_part(k.clone(), t)));
     let mut metadata = BTreeMap::new();
     let format = format.unwrap_or(WeightFormat::F32);
     metadata.insert(FORMAT_KEY.to_string(), format.name().to_string());
     metadata.insert("nibble.dim".to_string(), model.dim().to_string());
-    Ok(write_safetensors(path, &entries, &metadata)?)
+    Ok(write_parts(path, &parts, &metadata)?)
 }
 
 /// The quantized format a checkpoint declares, if any (`None` for plain state dicts, including

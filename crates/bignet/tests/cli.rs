@@ -370,30 +370,22 @@ fn no_verb_overwrites_its_inputs() {
     }
     let x = dir.join("x.safetensors");
     std::fs::copy(golden("io_d128.safetensors"), &x).unwrap();
-    fails_with(
-        &[
-            "forward",
-            "--weights",
-            ws,
-            "--input",
-            x.to_str().unwrap(),
-            "--output",
-            x.to_str().unwrap(),
-        ],
-        "--input",
-    );
-    fails_with(
-        &[
-            "forward",
-            "--weights",
-            ws,
-            "--input",
-            x.to_str().unwrap(),
-            "--output",
-            ws,
-        ],
-        "--weights",
-    );
+    let xs = x.to_str().unwrap();
+    // The output on the input, then on the weights: the error names the flag it overwrites.
+    for (output, flag) in [(xs, "--input"), (ws, "--weights")] {
+        fails_with(
+            &[
+                "forward",
+                "--weights",
+                ws,
+                "--input",
+                xs,
+                "--output",
+                output,
+            ],
+            flag,
+        );
+    }
     // Adapter directories: saving into the one read, or merging onto one of its files.
     let adapter = dir.join("adapter");
     let a = adapter.to_str().unwrap();

@@ -76,6 +76,12 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
     })
 }
 
+/// The width of a table's name column: the longest of `names`, and at least that of the
+/// header "name".
+pub(crate) fn name_column_width<'a>(names: impl Iterator<Item = &'a str>) -> usize {
+    names.map(str::len).max().unwrap_or(0).max("name".len())
+}
+
 /// Runs `inspect`, printing a table or (with `json`) one JSON object.
 pub fn run(path: &Path, json: bool) -> Result<()> {
     let report = inspect(path)?;
@@ -83,13 +89,7 @@ pub fn run(path: &Path, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string(&report).expect("serializable"));
         return Ok(());
     }
-    let width = report
-        .tensors
-        .iter()
-        .map(|t| t.name.len())
-        .max()
-        .unwrap_or(4)
-        .max(4);
+    let width = name_column_width(report.tensors.iter().map(|t| t.name.as_str()));
     println!(
         "{:<width$}  {:<5}  {:<16}  {:<7}  {:>10}",
         "name", "dtype", "shape", "format", "bytes"

@@ -9,6 +9,7 @@
 
 use crate::compare::{abs_diff, cosine};
 use crate::error::{Error, Result};
+use crate::inspect::name_column_width;
 use crate::paths::refuse_overwrite;
 use nibble_io::frozen::{shape_metadata_key, Part};
 use nibble_io::{write_safetensors, Checkpoint, DType, FrozenWeight, WeightFormat, FORMAT_KEY};
@@ -169,13 +170,7 @@ pub fn run(
         return Ok(());
     }
     if report {
-        let width = r
-            .tensors
-            .iter()
-            .map(|t| t.name.len())
-            .max()
-            .unwrap_or(4)
-            .max(4);
+        let width = name_column_width(r.tensors.iter().map(|t| t.name.as_str()));
         println!(
             "{:<width$}  {:<12}  {:>10}  {:>10}  {:>9}  {:>10}  {:>10}",
             "name", "shape", "max |d|", "mean |d|", "cosine", "bytes", "after"

@@ -6,10 +6,6 @@ use common::*;
 use nibble_io::DType;
 use std::path::{Path, PathBuf};
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 /// A valid digits-shaped data file with `n` rows of `features` features, labels `i % 10`.
 fn rows(n: usize, features: usize) -> (Vec<f32>, Vec<i64>) {
     let x = (0..n * features).map(|i| (i % 17) as f32 / 16.0).collect();
@@ -22,7 +18,7 @@ fn eval_on(name: &str, entries: &[Entry]) -> (PathBuf, String) {
     let path = dir.join(format!("{name}.safetensors"));
     write(&path, entries);
     let model = data("digits_mlp.pth");
-    let msg = nibble_fails(&["eval", "--model", s(&model), "--data", s(&path)]);
+    let msg = nibble_fails(&model_data_args("eval", &model, &path, &[]));
     assert!(
         msg.contains(&format!("{name}.safetensors")),
         "no file name: {msg}"
@@ -79,7 +75,7 @@ fn labels_of_every_accepted_integer_dtype_are_read() {
                 ("y_test".into(), dtype, vec![20], bytes),
             ],
         );
-        let v = nibble_json(&["eval", "--model", s(&model), "--data", s(&path), "--json"]);
+        let v = nibble_json(&model_data_args("eval", &model, &path, &["--json"]));
         accuracies.push(v["rows"][0]["accuracy"].clone());
     }
     assert_eq!(accuracies[0], accuracies[1]);
@@ -157,19 +153,12 @@ fn finetune_needs_a_training_split() {
     let path = dir.join("test_only.safetensors");
     write(&path, &[f32s("x_test", &[4, 64], &x), i64s("y_test", &y)]);
     let model = data("digits_mlp.pth");
-    let msg = nibble_fails(&[
+    let msg = nibble_fails(&model_data_args(
         "finetune",
-        "--model",
-        s(&model),
-        "--data",
-        s(&path),
-        "--format",
-        "q4",
-        "--rank",
-        "2",
-        "--steps",
-        "1",
-    ]);
+        &model,
+        &path,
+        &["--format", "q4", "--rank", "2", "--steps", "1"],
+    ));
     assert_names(&msg, &["test_only.safetensors", "x_train"]);
 }
 
@@ -208,7 +197,7 @@ fn models_that_are_not_a_sequential_of_linear_and_layernorm() {
     for (name, entries, parts) in cases {
         let m = dir.join(format!("{name}.safetensors"));
         write(&m, &entries);
-        let msg = nibble_fails(&["eval", "--model", s(&m), "--data", s(&d)]);
+        let msg = nibble_fails(&model_data_args("eval", &m, &d, &[]));
         assert_names(&msg, &[&format!("{name}.safetensors")]);
         assert_names(&msg, parts);
     }
@@ -261,28 +250,22 @@ fn adapters_whose_names_or_shapes_do_not_match_the_model() {
     ];
     for (name, entries, parts) in cases {
         let dir = adapter(&dir.join(name), config, &entries);
-        let msg = nibble_fails(&[
+        let msg = nibble_fails(&model_data_args(
             "eval",
-            "--model",
-            s(&model),
-            "--data",
-            s(&digits),
-            "--adapter",
-            s(&dir),
-        ]);
+            &model,
+            &digits,
+            &["--adapter", s(&dir)],
+        ));
         assert_names(&msg, &[name]);
         assert_names(&msg, parts);
     }
     let dir = adapter(&dir.join("not_json"), "{\"peft_type\": ", &[]);
-    let msg = nibble_fails(&[
+    let msg = nibble_fails(&model_data_args(
         "eval",
-        "--model",
-        s(&model),
-        "--data",
-        s(&digits),
-        "--adapter",
-        s(&dir),
-    ]);
+        &model,
+        &digits,
+        &["--adapter", s(&dir)],
+    ));
     assert_names(&msg, &["adapter_config.json"]);
 }
 
@@ -290,17 +273,12 @@ fn adapters_whose_names_or_shapes_do_not_match_the_model() {
 fn finetune_arguments_are_checked() {
     let (model, digits) = (data("digits_mlp.pth"), data("digits.safetensors"));
     for (flag, value) in [("--rank", "0"), ("--batch", "0"), ("--lr", "0")] {
-        let mut args = vec![
+        let mut args = model_data_args(
             "finetune",
-            "--model",
-            s(&model),
-            "--data",
-            s(&digits),
-            "--format",
-            "q4",
-            "--steps",
-            "1",
-        ];
+            &model,
+            &digits,
+            &["--format", "q4", "--steps", "1"],
+        );
         if flag != "--rank" {
             args.extend(["--rank", "2"]);
         }
@@ -312,20 +290,20 @@ fn finetune_arguments_are_checked() {
     // Saving the adapter where an input lives would overwrite it.
     let copy = dir.join("adapter_model.safetensors");
     std::fs::copy(&digits, &copy).unwrap();
-    let msg = nibble_fails(&[
+    let msg = nibble_fails(&model_data_args(
         "finetune",
-        "--model",
-        s(&model),
-        "--data",
-        s(&copy),
-        "--format",
-        "q4",
-        "--rank",
-        "2",
-        "--steps",
-        "1",
-        "--save-adapter",
-        s(&dir),
-    ]);
+        &model,
+        &copy,
+        &[
+            "--format",
+            "q4",
+            "--rank",
+            "2",
+            "--steps",
+            "1",
+            "--save-adapter",
+            s(&dir),
+        ],
+    ));
     assert_names(&msg, &["refusing to write over an input"]);
 }

@@ -118,3 +118,20 @@ pub fn sorted(names: &[&str]) -> Vec<String> {
     v.sort();
     v
 }
+
+/// A path as the `&str` an argument list takes.
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// The arguments `<command> --model <model> --data <data>` followed by `rest`.
+pub fn model_data_args<'a>(
+    command: &'a str,
+    model: &'a Path,
+    data: &'a Path,
+    rest: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec![command, "--model", s(model), "--data", s(data)];
+    args.extend_from_slice(rest);
+    args
+}

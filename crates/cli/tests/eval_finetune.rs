@@ -23,25 +23,17 @@ fn tensor(path: &std::path::Path, key: &str) -> Vec<f32> {
         .into_vec()
 }
 
-fn s(p: &std::path::Path) -> &str {
-    p.to_str().unwrap()
-}
-
 #[test]
 fn eval_f32_gives_pytorchs_logits_loss_and_accuracy() {
     let dir = tmpdir("eval_f32");
     let logits = dir.join("logits.safetensors");
     let (model, digits) = (data("digits_mlp.pth"), data("digits.safetensors"));
-    let v = nibble_json(&[
+    let v = nibble_json(&model_data_args(
         "eval",
-        "--model",
-        s(&model),
-        "--data",
-        s(&digits),
-        "--logits",
-        s(&logits),
-        "--json",
-    ]);
+        &model,
+        &digits,
+        &["--logits", s(&logits), "--json"],
+    ));
     assert_eq!(keys(&v), sorted(&["model", "data", "rows"]));
     let rows = v["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 1);
@@ -78,16 +70,12 @@ fn eval_f32_gives_pytorchs_logits_loss_and_accuracy() {
 #[test]
 fn eval_all_gives_one_row_per_format_in_the_issues_order() {
     let (model, digits) = (data("digits_mlp.pth"), data("digits.safetensors"));
-    let v = nibble_json(&[
+    let v = nibble_json(&model_data_args(
         "eval",
-        "--model",
-        s(&model),
-        "--data",
-        s(&digits),
-        "--format",
-        "all",
-        "--json",
-    ]);
+        &model,
+        &digits,
+        &["--format", "all", "--json"],
+    ));
     let rows = v["rows"].as_array().unwrap();
     let formats: Vec<&str> = rows.iter().map(|r| r["format"].as_str().unwrap()).collect();
     assert_eq!(
@@ -107,15 +95,12 @@ fn eval_all_gives_one_row_per_format_in_the_issues_order() {
         "f16: {}",
         rows[1]
     );
-    let table = nibble(&[
+    let table = nibble(&model_data_args(
         "eval",
-        "--model",
-        s(&model),
-        "--data",
-        s(&digits),
-        "--format",
-        "all",
-    ]);
+        &model,
+        &digits,
+        &["--format", "all"],
+    ));
     assert!(
         table.ok && table.stdout.contains("nf4_dq"),
         "{}",
@@ -142,26 +127,18 @@ fn a_safetensors_copy_of_the_model_evaluates_the_same() {
     let st = dir.join("digits_mlp.safetensors");
     write(&st, &entries);
     let digits = data("digits.safetensors");
-    let a = nibble_json(&[
+    let a = nibble_json(&model_data_args(
         "eval",
-        "--model",
-        s(&st),
-        "--data",
-        s(&digits),
-        "--format",
-        "q4",
-        "--json",
-    ]);
-    let b = nibble_json(&[
+        &st,
+        &digits,
+        &["--format", "q4", "--json"],
+    ));
+    let b = nibble_json(&model_data_args(
         "eval",
-        "--model",
-        s(&data("digits_mlp.pth")),
-        "--data",
-        s(&digits),
-        "--format",
-        "q4",
-        "--json",
-    ]);
+        &data("digits_mlp.pth"),
+        &digits,
+        &["--format", "q4", "--json"],
+    ));
     assert_eq!(a["rows"], b["rows"]);
 }
 
@@ -191,18 +168,18 @@ fn seq_d30_golden_logits_and_loss_with_one_activation_per_gap() {
         &[f32s("x_test", &[8, 30], x.data()), i64s("y_test", &labels)],
     );
     let logits = dir.join("logits.safetensors");
-    let v = nibble_json(&[
+    let v = nibble_json(&model_data_args(
         "eval",
-        "--model",
-        s(&seq_d30()),
-        "--data",
-        s(&d),
-        "--activation",
-        "gelu,relu",
-        "--logits",
-        s(&logits),
-        "--json",
-    ]);
+        &seq_d30(),
+        &d,
+        &[
+            "--activation",
+            "gelu, relu",
+            "--logits",
+            s(&logits),
+            "--json",
+        ],
+    ));
     let diff = max_diff(&tensor(&logits, "logits"), &tensor(&golden, "logits"));
     assert!(diff < 1e-4, "seq_d30 logits differ by {diff}");
     let loss = file.tensor_f32("loss", None).unwrap().data()[0] as f64;
@@ -211,41 +188,29 @@ fn seq_d30_golden_logits_and_loss_with_one_activation_per_gap() {
         "{v}"
     );
     // One activation for every gap is not this model: GELU where it had ReLU changes the logits.
-    nibble_json(&[
+    nibble_json(&model_data_args(
         "eval",
-        "--model",
-        s(&seq_d30()),
-        "--data",
-        s(&d),
-        "--activation",
-        "gelu",
-        "--logits",
-        s(&logits),
-        "--json",
-    ]);
+        &seq_d30(),
+        &d,
+        &["--activation", "gelu", "--logits", s(&logits), "--json"],
+    ));
     assert!(max_diff(&tensor(&logits, "logits"), &tensor(&golden, "logits")) > 1e-3);
-    let msg = nibble_fails(&[
+    let msg = nibble_fails(&model_data_args(
         "eval",
-        "--model",
-        s(&seq_d30()),
-        "--data",
-        s(&d),
-        "--activation",
-        "gelu,relu,relu",
-    ]);
+        &seq_d30(),
+        &d,
+        &["--activation", "gelu, relu, relu"],
+    ));
     assert!(
         msg.contains("--activation") && msg.contains('2') && msg.contains('3'),
         "{msg}"
     );
-    let msg = nibble_fails(&[
+    let msg = nibble_fails(&model_data_args(
         "eval",
-        "--model",
-        s(&seq_d30()),
-        "--data",
-        s(&d),
-        "--activation",
-        "tanh",
-    ]);
+        &seq_d30(),
+        &d,
+        &["--activation", "tanh"],
+    ));
     assert!(msg.contains("tanh"), "{msg}");
 }
 
@@ -254,22 +219,22 @@ fn finetune_trains_lora_on_a_frozen_quantized_base_and_its_adapter_round_trips()
     let dir = tmpdir("finetune");
     let adapter = dir.join("adapter");
     let (model, digits) = (data("digits_mlp.pth"), data("digits.safetensors"));
-    let v = nibble_json(&[
+    let v = nibble_json(&model_data_args(
         "finetune",
-        "--model",
-        s(&model),
-        "--data",
-        s(&digits),
-        "--format",
-        "lower",
-        "--rank",
-        "4",
-        "--steps",
-        "40",
-        "--save-adapter",
-        s(&adapter),
-        "--json",
-    ]);
+        &model,
+        &digits,
+        &[
+            "--format",
+            "lower",
+            "--rank",
+            "4",
+            "--steps",
+            "40",
+            "--save-adapter",
+            s(&adapter),
+            "--json",
+        ],
+    ));
     assert_eq!(
         keys(&v),
         sorted(&[
@@ -301,16 +266,12 @@ fn finetune_trains_lora_on_a_frozen_quantized_base_and_its_adapter_round_trips()
     let last: f64 = loss[30..].iter().sum();
     assert!(last < first, "training loss did not fall: {loss:?}");
     // Before training, B = 0: the model is the quantized base, as eval scores it.
-    let base = nibble_json(&[
+    let base = nibble_json(&model_data_args(
         "eval",
-        "--model",
-        s(&model),
-        "--data",
-        s(&digits),
-        "--format",
-        "lower",
-        "--json",
-    ]);
+        &model,
+        &digits,
+        &["--format", "lower", "--json"],
+    ));
     assert_eq!(v["accuracy_before"], base["rows"][0]["accuracy"]);
     // The saved adapter, loaded back on the same base, scores what training ended with.
     let config: serde_json::Value =
@@ -318,18 +279,12 @@ fn finetune_trains_lora_on_a_frozen_quantized_base_and_its_adapter_round_trips()
             .unwrap();
     assert_eq!(config["target_modules"], serde_json::json!(["0", "3", "5"]));
     assert_eq!(config["r"], 4);
-    let back = nibble_json(&[
+    let back = nibble_json(&model_data_args(
         "eval",
-        "--model",
-        s(&model),
-        "--data",
-        s(&digits),
-        "--format",
-        "lower",
-        "--adapter",
-        s(&adapter),
-        "--json",
-    ]);
+        &model,
+        &digits,
+        &["--format", "lower", "--adapter", s(&adapter), "--json"],
+    ));
     assert_eq!(back["rows"][0]["accuracy"], v["accuracy_after"]);
     let keys_seen = nibble_json(&[
         "inspect",
@@ -355,22 +310,14 @@ fn finetune_trains_lora_on_a_frozen_quantized_base_and_its_adapter_round_trips()
 #[test]
 fn finetune_is_deterministic_under_a_seed() {
     let (model, digits) = (data("digits_mlp.pth"), data("digits.safetensors"));
-    let args = [
+    let args = model_data_args(
         "finetune",
-        "--model",
-        s(&model),
-        "--data",
-        s(&digits),
-        "--format",
-        "q4",
-        "--rank",
-        "2",
-        "--steps",
-        "5",
-        "--seed",
-        "7",
-        "--json",
-    ];
+        &model,
+        &digits,
+        &[
+            "--format", "q4", "--rank", "2", "--steps", "5", "--seed", "7", "--json",
+        ],
+    );
     assert_eq!(nibble_json(&args), nibble_json(&args));
 }
 
@@ -383,18 +330,12 @@ fn a_nibble_adapter_gives_the_logits_peft_gives_with_it() {
     let logits = dir.join("logits.safetensors");
     let (model, digits) = (data("digits_mlp.pth"), data("digits.safetensors"));
     let adapter = data("digits_adapter");
-    nibble_json(&[
+    nibble_json(&model_data_args(
         "eval",
-        "--model",
-        s(&model),
-        "--data",
-        s(&digits),
-        "--adapter",
-        s(&adapter),
-        "--logits",
-        s(&logits),
-        "--json",
-    ]);
+        &model,
+        &digits,
+        &["--adapter", s(&adapter), "--logits", s(&logits), "--json"],
+    ));
     let ours = tensor(&logits, "logits");
     let peft = tensor(&data("digits_adapter_peft_logits.safetensors"), "logits");
     let d = max_diff(&ours, &peft);
@@ -420,28 +361,18 @@ fn a_quantized_checkpoint_evaluates_as_the_format_it_holds() {
             "--json",
         ]);
         let (a, b) = (dir.join("a.safetensors"), dir.join("b.safetensors"));
-        let stored = nibble_json(&[
+        let stored = nibble_json(&model_data_args(
             "eval",
-            "--model",
-            s(&file),
-            "--data",
-            s(&digits),
-            "--logits",
-            s(&a),
-            "--json",
-        ]);
-        let fresh = nibble_json(&[
+            &file,
+            &digits,
+            &["--logits", s(&a), "--json"],
+        ));
+        let fresh = nibble_json(&model_data_args(
             "eval",
-            "--model",
-            s(&model),
-            "--data",
-            s(&digits),
-            "--format",
-            format,
-            "--logits",
-            s(&b),
-            "--json",
-        ]);
+            &model,
+            &digits,
+            &["--format", format, "--logits", s(&b), "--json"],
+        ));
         assert_eq!(stored["rows"][0]["format"], format);
         assert_eq!(stored["rows"][0]["accuracy"], fresh["rows"][0]["accuracy"]);
         assert_eq!(stored["rows"][0]["bytes"], fresh["rows"][0]["bytes"]);

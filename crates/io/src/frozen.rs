@@ -42,6 +42,30 @@ pub enum FrozenWeight {
 /// One part of a weight as written to a file: name, dtype, shape, bytes.
 pub type Part<'a> = (String, DType, Vec<usize>, Cow<'a, [u8]>);
 
+/// A plain f32 tensor as a [`Part`] borrowing its data.
+pub fn f32_part(key: String, tensor: &Tensor) -> Part<'_> {
+    (
+        key,
+        DType::F32,
+        tensor.shape().to_vec(),
+        Cow::Borrowed(bytemuck::cast_slice(tensor.data())),
+    )
+}
+
+/// Writes `parts` (in order) and `metadata` as a safetensors file at `path`, through
+/// [`write_safetensors`](crate::write_safetensors).
+pub fn write_parts(
+    path: &std::path::Path,
+    parts: &[Part<'_>],
+    metadata: &std::collections::BTreeMap<String, String>,
+) -> Result<()> {
+    let entries: Vec<(String, DType, Vec<usize>, &[u8])> = parts
+        .iter()
+        .map(|(k, d, s, b)| (k.clone(), *d, s.clone(), b.as_ref()))
+        .collect();
+    crate::write_safetensors(path, &entries, metadata)
+}
+
 fn quant_err(key: &str) -> impl FnOnce(QuantError) -> Error + '_ {
     move |source| Error::Quant {
         key: key.to_string(),

@@ -3,8 +3,8 @@
 use crate::error::Result;
 use crate::layer_norm::LayerNorm;
 use crate::linear::{FrozenBias, Linear, LinearBase};
-use nibble_io::frozen::{shape_metadata_key, Part};
-use nibble_io::{write_safetensors, DType, FORMAT_KEY};
+use nibble_io::frozen::{f32_part, shape_metadata_key, write_parts, Part};
+use nibble_io::{DType, FORMAT_KEY};
 use nibble_tensor::Tensor;
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -22,8 +22,8 @@ pub fn save_weights<'a>(
     norms: impl IntoIterator<Item = &'a LayerNorm>,
 ) -> Result<()> {
     let linears: Vec<&Linear> = linears.into_iter().collect();
-    let mut parts: Vec<Part<'_>> = Vec::new();
     let mut held: Vec<(String, Tensor)> = Vec::new(); // f32 copies, alive until written
+    let mut parts: Vec<Part<'_>> = Vec::new();
     let mut metadata = BTreeMap::new();
     for l in &linears {
         let wkey = format!("{}.weight", l.name);
@@ -55,17 +55,6 @@ pub fn save_weights<'a>(
             metadata.insert(FORMAT_KEY.to_string(), first.name().to_string());
         }
     }
-    let mut entries: Vec<(String, DType, Vec<usize>, &[u8])> = parts
-        .iter()
-        .map(|(k, d, s, b)| (k.clone(), *d, s.clone(), b.as_ref()))
-        .collect();
-    for (k, t) in &held {
-        entries.push((
-            k.clone(),
-            DType::F32,
-            t.shape().to_vec(),
-            bytemuck::cast_slice(t.data()),
-        ));
-    }
-    Ok(write_safetensors(path, &entries, &metadata)?)
+    parts.extend(held.iter().map(|(k, t)| f32_part(k.clone(), t)));
+    Ok(write_parts(path, &parts, &metadata)?)
 }

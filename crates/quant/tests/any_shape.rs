@@ -8,6 +8,11 @@
 
 #![allow(clippy::manual_is_multiple_of)]
 
+mod common;
+
+use common::{
+    bits_eq, close_to, formats, naive_t, products_checked_on_threads, run_on_every_kernel_path,
+};
 use half::f16;
 use nibble_quant::cpu::available_paths;
 use nibble_quant::nf4::{dynamic_code_bnb, dynamic_map, NF4_LEVELS, NF4_THRESHOLDS};
@@ -42,13 +47,6 @@ fn weights(o: usize, i: usize, seed: u64) -> Tensor {
         }
     }
     w
-}
-
-fn bits_eq(a: &[f32], b: &[f32], what: &str) {
-    assert_eq!(a.len(), b.len(), "{what}: lengths");
-    for (k, (x, y)) in a.iter().zip(b).enumerate() {
-        assert_eq!(x.to_bits(), y.to_bits(), "{what}: [{k}] {x} vs {y}");
-    }
 }
 
 fn f16_bytes(v: &[f16]) -> Vec<u8> {
@@ -525,77 +523,9 @@ fn from_parts_checks_ragged_part_lengths() {
 // ---------------------------------------------------------------------------------------------
 // Products on every kernel path.
 
-/// `y = x·Wᵀ` in f64, with `Σ_k |x_k w_k|` per element (the scale of f32 rounding errors).
-fn naive_t(x: &[f32], m: usize, w: &[f32], o: usize, i: usize) -> (Vec<f32>, Vec<f32>) {
-    let (mut y, mut mag) = (vec![0.0f32; m * o], vec![0.0f32; m * o]);
-    for b in 0..m {
-        for r in 0..o {
-            let t = (0..i).map(|k| x[b * i + k] as f64 * w[r * i + k] as f64);
-            y[b * o + r] = t.clone().sum::<f64>() as f32;
-            mag[b * o + r] = t.map(f64::abs).sum::<f64>() as f32;
-        }
-    }
-    (y, mag)
-}
-
-/// `dx = dy·W` in f64, with the magnitudes as [`naive_t`].
-fn naive(dy: &[f32], m: usize, w: &[f32], o: usize, i: usize) -> (Vec<f32>, Vec<f32>) {
-    let (mut dx, mut mag) = (vec![0.0f32; m * i], vec![0.0f32; m * i]);
-    for b in 0..m {
-        for k in 0..i {
-            let t = (0..o).map(|r| dy[b * o + r] as f64 * w[r * i + k] as f64);
-            dx[b * i + k] = t.clone().sum::<f64>() as f32;
-            mag[b * i + k] = t.map(f64::abs).sum::<f64>() as f32;
-        }
-    }
-    (dx, mag)
-}
-
-/// `|a − b| <= 1e-5 · mag` elementwise (f32 accumulation of up to a few thousand terms).
-fn close_to(a: &[f32], (b, mag): &(Vec<f32>, Vec<f32>), what: &str) {
-    assert_eq!(a.len(), b.len(), "{what}: lengths");
-    for (k, ((x, y), s)) in a.iter().zip(b).zip(mag).enumerate() {
-        assert!(
-            (x - y).abs() <= 1e-5 * s,
-            "{what}: [{k}] {x} vs {y} (scale {s})"
-        );
-    }
-}
-
-fn formats(w: &Tensor) -> Vec<Box<dyn WeightMatrix>> {
-    vec![
-        Box::new(Q4Matrix::quantize(w).unwrap()),
-        Box::new(Nf4Matrix::quantize(w).unwrap()),
-        Box::new(Nf4Matrix::quantize_double(w).unwrap()),
-        Box::new(LowerMatrix::quantize(w).unwrap()),
-        Box::new(Int8Matrix::quantize(w).unwrap()),
-    ]
-}
-
-/// All products of one weight matrix at batches 1, 5 and 48 (forward and backward), checked
-/// against the f64 product with its dequantized weights; returns them for the thread check.
-fn products(wm: &dyn WeightMatrix, seed: u64) -> Vec<Vec<f32>> {
-    let (o, i) = (wm.out_features(), wm.in_features());
-    let wd = wm.to_f32();
-    let what = |m: usize, dir: &str| format!("{} {o}x{i} m={m} {dir}", wm.format_name());
-    let mut out = Vec::new();
-    for m in [1usize, 5, 48] {
-        let x = Tensor::randn(&[m, i], &mut Rng::new(seed + m as u64));
-        let mut y = vec![f32::NAN; m * o];
-        wm.matmul_t(x.data(), m, &mut y, false).unwrap();
-        close_to(&y, &naive_t(x.data(), m, wd.data(), o, i), &what(m, "fwd"));
-        let dy = Tensor::randn(&[m, o], &mut Rng::new(seed + 100 + m as u64));
-        let mut dx = vec![f32::NAN; m * i];
-        wm.matmul(dy.data(), m, &mut dx, false).unwrap();
-        close_to(&dx, &naive(dy.data(), m, wd.data(), o, i), &what(m, "bwd"));
-        out.push(y);
-        out.push(dx);
-    }
-    out
-}
-
 /// Runs on the process's kernel path (`NIBBLE_KERNEL`): every product of every format and
-/// shape checked, and bit-identical on 1, 2 and 3 threads. [`products_on_every_kernel_path`]
+/// shape at batches 1, 5 and 48, forward and backward, against the f64 product with its
+/// dequantized weights, and bit-identical on 1, 2 and 3 threads. [`products_on_every_kernel_path`]
 /// runs it in one child process per path the CPU has; in the test process itself it does
 /// nothing (there another test switches Q4's activation mode, which the products read).
 #[test]
@@ -607,25 +537,9 @@ fn products_on_this_kernel_path() {
     for (o, i) in shapes() {
         let w = weights(o, i, (o * 7 + i) as u64);
         for wm in formats(&w) {
+            let what = format!("{} {path:?}", wm.format_name());
             let seed = (o * 31 + i) as u64;
-            let run = |threads: usize| {
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .unwrap()
-                    .install(|| products(wm.as_ref(), seed))
-            };
-            let one = run(1);
-            for t in [2, 3] {
-                let other = run(t);
-                for (a, b) in one.iter().zip(&other) {
-                    bits_eq(
-                        a,
-                        b,
-                        &format!("{} {o}x{i} {path:?}: 1 vs {t} threads", wm.format_name()),
-                    );
-                }
-            }
+            products_checked_on_threads(wm.as_ref(), seed, &[1, 5, 48], &[2, 3], &what);
         }
     }
 }
@@ -697,40 +611,9 @@ fn products_on_every_kernel_path() {
     if std::env::var_os("NIBBLE_ANY_SHAPE_CHILD").is_some() {
         return;
     }
-    let paths = available_paths();
-    for p in [
-        KernelPath::Scalar,
-        KernelPath::Portable,
-        KernelPath::Avx2Fma,
-        KernelPath::Avx512,
-    ] {
-        if !paths.contains(&p) {
-            println!(
-                "products_on_every_kernel_path: {} skipped (CPU lacks it)",
-                p.name()
-            );
-        }
-    }
-    let exe = std::env::current_exe().unwrap();
-    for p in paths {
-        let out = std::process::Command::new(&exe)
-            .args([
-                "--exact",
-                "products_on_this_kernel_path",
-                "--test-threads=1",
-            ])
-            .env("NIBBLE_KERNEL", p.name())
-            .env("NIBBLE_ANY_SHAPE_CHILD", "1")
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success() && text.contains("1 passed"),
-            "{}: {}\n{}",
-            p.name(),
-            text,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        println!("products_on_every_kernel_path: {} ok", p.name());
-    }
+    run_on_every_kernel_path(
+        "products_on_this_kernel_path",
+        "NIBBLE_ANY_SHAPE_CHILD",
+        "products_on_every_kernel_path",
+    );
 }

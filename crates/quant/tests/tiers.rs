@@ -11,16 +11,12 @@
 //!   threads: in one child process per tier (`NIBBLE_KERNEL` is read once per process);
 //!   tiers the CPU lacks are printed as skipped.
 
+mod common;
+
+use common::{bits_eq, formats, products_checked_on_threads, run_on_every_kernel_path, ALL_TIERS};
 use nibble_quant::cpu::available_paths;
 use nibble_quant::{Int8Matrix, KernelPath, LowerMatrix, Nf4Matrix, Q4Matrix};
-use nibble_tensor::{Rng, Tensor, WeightMatrix};
-
-const ALL_TIERS: [KernelPath; 4] = [
-    KernelPath::Scalar,
-    KernelPath::Portable,
-    KernelPath::Avx2Fma,
-    KernelPath::Avx512,
-];
+use nibble_tensor::{Rng, Tensor};
 
 /// `in` sizes: the awkward ones, then whole Q4 / NF4 blocks in counts that leave partial
 /// groups of 16 norms (Q4) or cross the 32-block absmax chunk (NF4).
@@ -53,23 +49,6 @@ fn weights(o: usize, i: usize, seed: u64) -> Tensor {
         }
     }
     w
-}
-
-fn formats(w: &Tensor) -> Vec<Box<dyn WeightMatrix>> {
-    vec![
-        Box::new(Q4Matrix::quantize(w).unwrap()),
-        Box::new(Nf4Matrix::quantize(w).unwrap()),
-        Box::new(Nf4Matrix::quantize_double(w).unwrap()),
-        Box::new(LowerMatrix::quantize(w).unwrap()),
-        Box::new(Int8Matrix::quantize(w).unwrap()),
-    ]
-}
-
-fn bits_eq(a: &[f32], b: &[f32], what: &str) {
-    assert_eq!(a.len(), b.len(), "{what}: lengths");
-    for (k, (x, y)) in a.iter().zip(b).enumerate() {
-        assert_eq!(x.to_bits(), y.to_bits(), "{what}: [{k}] {x} vs {y}");
-    }
 }
 
 /// The dequantized matrix on `path` (into a NaN-filled buffer, row by row through the
@@ -155,61 +134,8 @@ fn dequantization_on_every_tier_matches_scalar() {
     }
 }
 
-/// `y = x·Wᵀ` in f64, with `Σ_k |x_k w_k|` per element (the scale of f32 rounding errors).
-fn naive_t(x: &[f32], m: usize, w: &[f32], o: usize, i: usize) -> (Vec<f32>, Vec<f32>) {
-    let (mut y, mut mag) = (vec![0.0f32; m * o], vec![0.0f32; m * o]);
-    for b in 0..m {
-        for r in 0..o {
-            let t = (0..i).map(|k| x[b * i + k] as f64 * w[r * i + k] as f64);
-            y[b * o + r] = t.clone().sum::<f64>() as f32;
-            mag[b * o + r] = t.map(f64::abs).sum::<f64>() as f32;
-        }
-    }
-    (y, mag)
-}
-
-/// `dx = dy·W` in f64, with the magnitudes as [`naive_t`].
-fn naive(dy: &[f32], m: usize, w: &[f32], o: usize, i: usize) -> (Vec<f32>, Vec<f32>) {
-    let (mut dx, mut mag) = (vec![0.0f32; m * i], vec![0.0f32; m * i]);
-    for b in 0..m {
-        for k in 0..i {
-            let t = (0..o).map(|r| dy[b * o + r] as f64 * w[r * i + k] as f64);
-            dx[b * i + k] = t.clone().sum::<f64>() as f32;
-            mag[b * i + k] = t.map(f64::abs).sum::<f64>() as f32;
-        }
-    }
-    (dx, mag)
-}
-
-/// `|a − b| <= 1e-5 · mag` elementwise (f32 accumulation of up to a few thousand terms).
-fn close_to(a: &[f32], (b, mag): &(Vec<f32>, Vec<f32>), what: &str) {
-    assert_eq!(a.len(), b.len(), "{what}: lengths");
-    for (k, ((x, y), s)) in a.iter().zip(b).zip(mag).enumerate() {
-        assert!(
-            (x - y).abs() <= 1e-5 * s,
-            "{what}: [{k}] {x} vs {y} (scale {s})"
-        );
-    }
-}
-
+/// Batch 1 (fused GEMV), 3 (one GEMV per vector, or tiles), 9 (`batch_tiles`), 64 (GEMM).
 const BATCHES: [usize; 4] = [1, 3, 9, 64];
-
-/// Forward and backward products of `wm` at every batch, outputs NaN-prefilled.
-fn products(wm: &dyn WeightMatrix, seed: u64) -> Vec<Vec<f32>> {
-    let (o, i) = (wm.out_features(), wm.in_features());
-    let mut out = Vec::new();
-    for m in BATCHES {
-        let x = Tensor::randn(&[m, i], &mut Rng::new(seed + m as u64));
-        let mut y = vec![f32::NAN; m * o];
-        wm.matmul_t(x.data(), m, &mut y, false).unwrap();
-        let dy = Tensor::randn(&[m, o], &mut Rng::new(seed + 100 + m as u64));
-        let mut dx = vec![f32::NAN; m * i];
-        wm.matmul(dy.data(), m, &mut dx, false).unwrap();
-        out.push(y);
-        out.push(dx);
-    }
-    out
-}
 
 /// Runs on the process's tier (`NIBBLE_KERNEL`): every product of every format and shape
 /// against the f64 product, and bit-identical on 1, 2, 3 and 16 threads.
@@ -225,51 +151,9 @@ fn products_on_this_tier() {
     for (o, i) in shapes() {
         let w = weights(o, i, (o * 7 + i) as u64);
         for wm in formats(&w) {
+            let what = format!("{} on {}", wm.format_name(), path.name());
             let seed = (o * 31 + i) as u64;
-            let wd = wm.to_f32();
-            let what = |m: usize, dir: &str| {
-                format!(
-                    "{} {o}x{i} m={m} {dir} on {}",
-                    wm.format_name(),
-                    path.name()
-                )
-            };
-            let run = |threads: usize| {
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .unwrap()
-                    .install(|| products(wm.as_ref(), seed))
-            };
-            let one = run(1);
-            for (k, m) in BATCHES.into_iter().enumerate() {
-                let x = Tensor::randn(&[m, i], &mut Rng::new(seed + m as u64));
-                let dy = Tensor::randn(&[m, o], &mut Rng::new(seed + 100 + m as u64));
-                close_to(
-                    &one[2 * k],
-                    &naive_t(x.data(), m, wd.data(), o, i),
-                    &what(m, "fwd"),
-                );
-                close_to(
-                    &one[2 * k + 1],
-                    &naive(dy.data(), m, wd.data(), o, i),
-                    &what(m, "bwd"),
-                );
-            }
-            for t in [2, 3, 16] {
-                let other = run(t);
-                for (a, b) in one.iter().zip(&other) {
-                    bits_eq(
-                        a,
-                        b,
-                        &format!(
-                            "{} {o}x{i} {}: 1 vs {t} threads",
-                            wm.format_name(),
-                            path.name()
-                        ),
-                    );
-                }
-            }
+            products_checked_on_threads(wm.as_ref(), seed, &BATCHES, &[2, 3, 16], &what);
         }
     }
 }
@@ -281,31 +165,9 @@ fn products_on_every_tier() {
     if std::env::var_os("NIBBLE_TIERS_CHILD").is_some() {
         return;
     }
-    let paths = available_paths();
-    for p in ALL_TIERS {
-        if !paths.contains(&p) {
-            println!(
-                "products_on_every_tier: {} skipped (CPU lacks it)",
-                p.name()
-            );
-        }
-    }
-    let exe = std::env::current_exe().unwrap();
-    for p in paths {
-        let out = std::process::Command::new(&exe)
-            .args(["--exact", "products_on_this_tier", "--test-threads=1"])
-            .env("NIBBLE_KERNEL", p.name())
-            .env("NIBBLE_TIERS_CHILD", "1")
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success() && text.contains("1 passed"),
-            "{}: {}\n{}",
-            p.name(),
-            text,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        println!("products_on_every_tier: {} ok", p.name());
-    }
+    run_on_every_kernel_path(
+        "products_on_this_tier",
+        "NIBBLE_TIERS_CHILD",
+        "products_on_every_tier",
+    );
 }

@@ -123,58 +123,42 @@ fn run_case(
         let b = Stored::new(k, n, lb, rng, f16::from_f32);
         let bv = b.view();
         let (want, scale) = reference(&av, &|p, j| bv.at(p, j).to_f32(), n, acc.then_some(&c0[..]));
-        for path in paths() {
-            let mut c = if acc {
-                c0.clone()
-            } else {
-                vec![f32::NAN; m * n]
-            };
-            gemm_on(path, av, &bv, &mut c, acc).unwrap();
-            check(&c, &want, &scale, k, &format!("{what} {path:?}"));
-        }
-        for (tile, ks) in tiles() {
-            let mut c = if acc {
-                c0.clone()
-            } else {
-                vec![f32::NAN; m * n]
-            };
-            gemm_avx512_tile(tile, ks, av, &bv, &mut c, acc).unwrap();
-            check(
-                &c,
-                &want,
-                &scale,
-                k,
-                &format!("{what} {tile:?} k_slice={ks}"),
-            );
-        }
+        check_every_kernel(av, &bv, &c0, acc, (&want, &scale), &what);
     } else {
         let b = Stored::new(k, n, lb, rng, |v| v);
         let bv = b.view();
         let (want, scale) = reference(&av, &|p, j| bv.at(p, j), n, acc.then_some(&c0[..]));
-        for path in paths() {
-            let mut c = if acc {
-                c0.clone()
-            } else {
-                vec![f32::NAN; m * n]
-            };
-            gemm_on(path, av, &bv, &mut c, acc).unwrap();
-            check(&c, &want, &scale, k, &format!("{what} {path:?}"));
+        check_every_kernel(av, &bv, &c0, acc, (&want, &scale), &what);
+    }
+}
+
+/// `A·B` (plus `c0` when `acc`) on every kernel path and every AVX-512 tile shape, into a
+/// NaN-filled (or `c0`) output, [`check`]ed against the f64 reference `(want, scale)`.
+fn check_every_kernel(
+    av: MatRef<f32>,
+    b: &dyn PackB,
+    c0: &[f32],
+    acc: bool,
+    (want, scale): (&[f64], &[f64]),
+    what: &str,
+) {
+    let k = av.cols();
+    let fresh = || {
+        if acc {
+            c0.to_vec()
+        } else {
+            vec![f32::NAN; c0.len()]
         }
-        for (tile, ks) in tiles() {
-            let mut c = if acc {
-                c0.clone()
-            } else {
-                vec![f32::NAN; m * n]
-            };
-            gemm_avx512_tile(tile, ks, av, &bv, &mut c, acc).unwrap();
-            check(
-                &c,
-                &want,
-                &scale,
-                k,
-                &format!("{what} {tile:?} k_slice={ks}"),
-            );
-        }
+    };
+    for path in paths() {
+        let mut c = fresh();
+        gemm_on(path, av, b, &mut c, acc).unwrap();
+        check(&c, want, scale, k, &format!("{what} {path:?}"));
+    }
+    for (tile, ks) in tiles() {
+        let mut c = fresh();
+        gemm_avx512_tile(tile, ks, av, b, &mut c, acc).unwrap();
+        check(&c, want, scale, k, &format!("{what} {tile:?} k_slice={ks}"));
     }
 }
 
