@@ -111,6 +111,10 @@ pub(crate) trait QuantRows: Sync + Send {
     fn tiles_min_m(&self) -> usize {
         TILES_MIN_M
     }
+    /// The format's integer view for int8 activations ([`crate::act8`]), if it has one.
+    fn act8_view(&self) -> Option<&dyn crate::act8::IntCodes> {
+        None
+    }
     /// Column granularity of [`QuantRows::dequant_segment`].
     fn seg_align(&self) -> usize;
     /// Writes `W[r, c0..c0+len]` into `dst[..len]`; `c0` is a multiple of `seg_align()` and so
@@ -511,6 +515,14 @@ pub(crate) fn matmul_t<F: QuantRows>(
     let path = usable(kernel_path());
     if m == 0 || o == 0 {
         return Ok(());
+    }
+    if crate::act8::activations() == crate::act8::ActivationMode::Int8 {
+        if let Some(w) = f.act8_view() {
+            let tier = crate::act8::IntTier::for_path(kernel_path());
+            if crate::act8::forward(tier, w, x, m, y, accumulate) {
+                return Ok(());
+            }
+        }
     }
     if m >= f.gemm_min_m() {
         let pack = FwdPack { f, path };

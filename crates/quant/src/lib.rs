@@ -28,6 +28,7 @@
     clippy::too_many_arguments
 )]
 
+pub mod act8;
 pub mod bytes;
 pub mod cpu;
 pub mod error;

@@ -861,6 +861,9 @@ impl QuantRows for LowerMatrix {
     fn dims(&self) -> (usize, usize) {
         (self.out, self.inn)
     }
+    fn act8_view(&self) -> Option<&dyn crate::act8::IntCodes> {
+        Some(self)
+    }
     /// 1024², 2 threads, GEMVs against tiles: m = 2 0.24 / 0.32 ms, m = 3 0.34 / 0.34 ms.
     fn tiles_min_m(&self) -> usize {
         3
@@ -898,6 +901,43 @@ impl QuantRows for LowerMatrix {
         // SAFETY: the trait's contract (AVX2/FMA/F16C; x, rows and y checked) and this prep.
         unsafe { avx2::gemv(self, x, prep, rows, y, acc) };
         true
+    }
+}
+
+/// Int8 activations: codes 0..7 or 0..15 in units of one group, `w' = scale · c + min`.
+impl crate::act8::IntCodes for LowerMatrix {
+    fn int_dims(&self) -> (usize, usize) {
+        (self.out, self.inn)
+    }
+    fn int_layout(&self) -> Option<crate::act8::IntLayout> {
+        Some(crate::act8::IntLayout {
+            unit: LOWER_GROUP,
+            kind: crate::act8::CodeKind::Nibble,
+        })
+    }
+    fn int_codes(&self, r: usize, dst: &mut [u8]) {
+        let row = &self.codes.as_slice()[self.offsets[r] as usize..self.offsets[r + 1] as usize];
+        let dst = &mut dst[..self.inn];
+        if self.bits.as_slice()[r] == 4 {
+            crate::act8::unpack_nibbles_low_first(row, dst);
+        } else {
+            crate::act8::unpack_3bit(row, dst);
+        }
+    }
+    fn int_affine(&self, r: usize, scale: &mut [f32], offset: &mut [f32]) {
+        let ng = self.inn.div_ceil(LOWER_GROUP);
+        for (d, s) in scale
+            .iter_mut()
+            .zip(&self.scales.f16s()[r * ng..(r + 1) * ng])
+        {
+            *d = s.to_f32();
+        }
+        for (d, m) in offset
+            .iter_mut()
+            .zip(&self.mins.f16s()[r * ng..(r + 1) * ng])
+        {
+            *d = m.to_f32();
+        }
     }
 }
 

@@ -868,6 +868,9 @@ impl QuantRows for Nf4Matrix {
     fn dims(&self) -> (usize, usize) {
         (self.out, self.inn)
     }
+    fn act8_view(&self) -> Option<&dyn crate::act8::IntCodes> {
+        Some(self)
+    }
     fn seg_align(&self) -> usize {
         16
     }
@@ -945,6 +948,33 @@ impl QuantRows for Nf4Matrix {
         // SAFETY: the trait's contract (AVX2/FMA/F16C; rows and y checked) and this prep.
         unsafe { avx2::gemv(self, prep, rows, y, acc) };
         true
+    }
+}
+
+/// Int8 activations: each code through [`crate::act8::NF4_LEVELS_I8`] (signed), units of one
+/// block, `w' = (absmax / 127) · level8`; only when `in % 64 == 0` (blocks within rows).
+impl crate::act8::IntCodes for Nf4Matrix {
+    fn int_dims(&self) -> (usize, usize) {
+        (self.out, self.inn)
+    }
+    fn int_layout(&self) -> Option<crate::act8::IntLayout> {
+        (self.inn % NF4_BLOCK == 0).then_some(crate::act8::IntLayout {
+            unit: NF4_BLOCK,
+            kind: crate::act8::CodeKind::Signed,
+        })
+    }
+    fn int_codes(&self, r: usize, dst: &mut [u8]) {
+        let dst = &mut dst[..self.inn];
+        crate::act8::unpack_nibbles_high_first(self.packed.as_slice(), r * self.inn, dst);
+        crate::act8::nf4_codes_to_i8(dst);
+    }
+    fn int_affine(&self, r: usize, scale: &mut [f32], offset: &mut [f32]) {
+        let nb = self.inn / NF4_BLOCK;
+        self.fill_absmax(r * nb, &mut scale[..nb]);
+        for s in &mut scale[..nb] {
+            *s /= 127.0;
+        }
+        offset[..nb].fill(0.0);
     }
 }
 

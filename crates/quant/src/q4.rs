@@ -30,8 +30,6 @@ use crate::cpu::{kernel_path, usable, KernelPath};
 use crate::error::{QuantError, Result};
 use crate::kernels::{self, ColBlock, QuantRows};
 
-mod act8;
-
 /// Weights per Q4 block.
 pub const Q4_BLOCK: usize = 16;
 
@@ -203,56 +201,18 @@ pub fn dequantize(path: KernelPath, packed: &[u8], norm: &[f16], out: &mut [f32]
     }
 }
 
-/// What the batch-below-16 Q4 forward does with the activations.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Q4Activations {
-    /// f32 activations (the default): exact with respect to the dequantized weights.
-    F32,
-    /// Activations quantized to int8 per 128 elements and integer dot products (AVX2 only;
-    /// elsewhere the f32 path runs). See [`Q4Matrix::gemv_int8`] for its error bound.
-    Int8,
-}
+/// The old name of [`crate::act8::ActivationMode`] (Q4 was the first format with int8
+/// activations; the mode now covers every format and batch size).
+pub type Q4Activations = crate::act8::ActivationMode;
 
-/// 0: not chosen yet (read `NIBBLE_Q4_ACT` on first use), 1: f32, 2: int8.
-static ACTIVATIONS: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
-
-/// Chooses, process-wide, what every Q4 forward at batch < 16 does with its activations
-/// (overriding the environment variable `NIBBLE_Q4_ACT=int8|f32`).
-///
-/// ```
-/// use nibble_quant::q4::{q4_activations, set_q4_activations, Q4Activations};
-/// set_q4_activations(Q4Activations::Int8);
-/// assert_eq!(q4_activations(), Q4Activations::Int8);
-/// set_q4_activations(Q4Activations::F32);
-/// ```
+/// The old name of [`crate::act8::set_activations`].
 pub fn set_q4_activations(mode: Q4Activations) {
-    let v = match mode {
-        Q4Activations::F32 => 1,
-        Q4Activations::Int8 => 2,
-    };
-    ACTIVATIONS.store(v, std::sync::atomic::Ordering::Relaxed);
+    crate::act8::set_activations(mode);
 }
 
-/// The current [`Q4Activations`]: as last set by [`set_q4_activations`], else `Int8` if the
-/// environment has `NIBBLE_Q4_ACT=int8`, else `F32`.
+/// The old name of [`crate::act8::activations`].
 pub fn q4_activations() -> Q4Activations {
-    use std::sync::atomic::Ordering::Relaxed;
-    let mut v = ACTIVATIONS.load(Relaxed);
-    if v == 0 {
-        let int8 =
-            std::env::var("NIBBLE_Q4_ACT").is_ok_and(|v| v.trim().eq_ignore_ascii_case("int8"));
-        let init = if int8 { 2 } else { 1 };
-        // Keep a value someone set meanwhile.
-        v = match ACTIVATIONS.compare_exchange(0, init, Relaxed, Relaxed) {
-            Ok(_) => init,
-            Err(cur) => cur,
-        };
-    }
-    if v == 2 {
-        Q4Activations::Int8
-    } else {
-        Q4Activations::F32
-    }
+    crate::act8::activations()
 }
 
 mod portable {
@@ -772,23 +732,20 @@ impl Q4Matrix {
         kernels::to_f32(self, path)
     }
 
-    /// Batch-1 `y (+)= W · x` on the opt-in int8-activation path, single-threaded (`matmul_t`
-    /// at batch < 16 uses the same kernel, in parallel, under [`Q4Activations::Int8`]).
+    /// Batch-1 `y (+)= W · x` with int8 activations (what `matmul_t` runs under
+    /// [`crate::act8::ActivationMode::Int8`]), on the detected tier.
     ///
     /// x is quantized per 128 elements to `round(x · 127 / max|x|)`, so each row's result
-    /// carries an extra error of at most `Σ_k |w'_k| · max|x|_group(k) / 254` (checked by the
-    /// `q4_gemv_int8_error_bound` test), far above the f32 path's rounding error; in exchange
-    /// the inner product runs in exact integer arithmetic. An x with a NaN or infinity goes
-    /// through the f32 path, so that it propagates exactly as there.
+    /// carries an extra error of at most `Σ_k |w'_k| · max|x|_group(k) / 254` (see
+    /// [`crate::act8`]); the inner product runs in exact integer arithmetic. An x with a NaN or
+    /// infinity goes through the f32 path, so that it propagates exactly as there.
     ///
-    /// Rows are split over the current rayon pool, with results independent of the thread
-    /// count. Shapes: `x` `[in]`, `y` `[out]`; any other length is an error.
+    /// Shapes: `x` `[in]`, `y` `[out]`; any other length is an error.
     pub fn gemv_int8(&self, x: &[f32], y: &mut [f32], accumulate: bool) -> Result<()> {
         self.gemv_int8_with(kernel_path(), x, y, accumulate)
     }
 
-    /// [`Q4Matrix::gemv_int8`] on an explicit kernel path (`Scalar` and `Portable` run the
-    /// scalar ground truth; results agree with AVX2 up to f32 summation order).
+    /// [`Q4Matrix::gemv_int8`] on an explicit kernel path (every path gives the same bits).
     pub fn gemv_int8_with(
         &self,
         path: KernelPath,
@@ -803,18 +760,10 @@ impl Q4Matrix {
                 what: "x must have `in` elements and y `out`".into(),
             });
         }
-        if !x.iter().all(|v| v.is_finite()) {
-            return kernels::matmul_t(self, x, 1, y, accumulate).map_err(QuantError::from);
+        let tier = crate::act8::IntTier::for_path(path);
+        if !crate::act8::forward(tier, self, x, 1, y, accumulate) {
+            kernels::matmul_t(self, x, 1, y, accumulate)?;
         }
-        // The thread's reusable scratch (as in `matmul_t`): no allocation per call.
-        let mut prep = kernels::take_prep();
-        let path = usable(path);
-        act8::prepare(path, x, &mut prep);
-        // Rows split over the pool as `matmul_t` splits batch 1.
-        kernels::split_rows((self.out, self.inn), y, |rows, yc| {
-            act8::gemv(self, path, &prep, rows, yc, accumulate)
-        });
-        kernels::put_prep(prep);
         Ok(())
     }
 
@@ -837,26 +786,13 @@ impl QuantRows for Q4Matrix {
     fn dims(&self) -> (usize, usize) {
         (self.out, self.inn)
     }
-    /// With int8 activations the GEMV is 2.5 times faster (1024², 2 threads: 15 GEMVs
-    /// 0.59 ms against the GEMM 1.06 ms), so it serves every batch below 16, as
-    /// [`set_q4_activations`] documents.
-    fn gemm_min_m(&self) -> usize {
-        if q4_activations() == Q4Activations::Int8 {
-            16
-        } else {
-            kernels::GEMM_MIN_M
-        }
-    }
     /// f32 activations: the GEMV wins up to 4 vectors (1024², 2 threads, GEMVs against tiles:
-    /// m = 4 0.47 / 0.55 ms, m = 6 0.73 / 0.58 ms). Int8 activations: never tiles (the int8
-    /// GEMV does not compute with the dequantized weights, so a batch must give what its
-    /// vectors give one at a time).
+    /// m = 4 0.47 / 0.55 ms, m = 6 0.73 / 0.58 ms).
     fn tiles_min_m(&self) -> usize {
-        if q4_activations() == Q4Activations::Int8 {
-            usize::MAX
-        } else {
-            5
-        }
+        5
+    }
+    fn act8_view(&self) -> Option<&dyn crate::act8::IntCodes> {
+        Some(self)
     }
     fn seg_align(&self) -> usize {
         Q4_BLOCK
@@ -879,17 +815,8 @@ impl QuantRows for Q4Matrix {
     }
     /// AVX2 path: appends x with each block of 16 reordered as its 8 even then 8 odd
     /// elements (the low / high nibbles of the block's bytes), then the `in/16` block sums.
-    ///
-    /// With `NIBBLE_Q4_ACT=int8` (AVX2 only) it appends the int8 quantization of x instead
-    /// (see [`Q4Matrix::gemv_int8`]).
     fn gemv_prepare(&self, path: KernelPath, x: &[f32], prep: &mut Vec<f32>) {
-        if usable(path) == KernelPath::Avx2Fma
-            && q4_activations() == Q4Activations::Int8
-            && self.inn > 0
-            && x.iter().all(|v| v.is_finite())
-        {
-            act8::prepare(KernelPath::Avx2Fma, x, prep);
-        } else if usable(path) == KernelPath::Avx2Fma && self.inn % Q4_BLOCK == 0 {
+        if usable(path) == KernelPath::Avx2Fma && self.inn % Q4_BLOCK == 0 {
             // (A ragged `in` takes the generic GEMV, which needs no preparation.)
             kernels::push_even_odd16(x, prep);
             prep.extend(x.chunks_exact(Q4_BLOCK).map(|c| c.iter().sum::<f32>()));
@@ -904,17 +831,41 @@ impl QuantRows for Q4Matrix {
         y: &mut [f32],
         acc: bool,
     ) -> bool {
-        // (The two preparations never have the same length for `in > 0`: 17·in/16 floats
-        // against 41 per started group of 128.)
         if self.inn % Q4_BLOCK == 0 && prep.len() == self.inn + self.inn / Q4_BLOCK {
             // SAFETY: the trait's contract (AVX2/FMA/F16C; rows and y checked) and this prep.
             unsafe { avx2::gemv(self, prep, rows, y, acc) };
-        } else if prep.len() == act8::prep_len(self.inn) {
-            act8::gemv(self, KernelPath::Avx2Fma, prep, rows, y, acc);
         } else {
             return false;
         }
         true
+    }
+}
+
+/// Int8 activations: codes 0..15 in units of one block, `w' = (2n/15) · c − n`.
+impl crate::act8::IntCodes for Q4Matrix {
+    fn int_dims(&self) -> (usize, usize) {
+        (self.out, self.inn)
+    }
+    fn int_layout(&self) -> Option<crate::act8::IntLayout> {
+        Some(crate::act8::IntLayout {
+            unit: Q4_BLOCK,
+            kind: crate::act8::CodeKind::Nibble,
+        })
+    }
+    fn int_codes(&self, r: usize, dst: &mut [u8]) {
+        let row = &self.packed.as_slice()[r * self.row_bytes()..(r + 1) * self.row_bytes()];
+        crate::act8::unpack_nibbles_low_first(row, &mut dst[..self.inn]);
+    }
+    fn int_affine(&self, r: usize, scale: &mut [f32], offset: &mut [f32]) {
+        let nb = self.row_blocks();
+        for ((n, s), o) in self.norms()[r * nb..(r + 1) * nb]
+            .iter()
+            .zip(scale)
+            .zip(offset)
+        {
+            let n = n.to_f32();
+            (*s, *o) = (n * (2.0 / 15.0), -n);
+        }
     }
 }
 

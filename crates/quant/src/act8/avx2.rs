@@ -1,0 +1,86 @@
+//! The AVX2 integer tier: `vpmaddubsw` (unsigned codes times signed xq, pairs summed to i16)
+//! then `vpmaddwd` by ones (to i32). Signed codes go through `|c| · sign(x, c)`, so that the
+//! unsigned operand stays in 0..=128 and a pair stays below `2 · 128 · 127 < 2^15`: no
+//! saturation, exact sums.
+
+use super::CodeKind;
+use std::arch::x86_64::*;
+
+/// [`super::unit_sums`] for lengths already checked (128-byte steps: 8, 2 or 1 units each).
+///
+/// # Safety
+/// The CPU has AVX2; `codes` and every `xq[v]` have the same length, a multiple of 128, `unit`
+/// is 16, 64 or 128 and every `out[v]` has `codes.len() / unit` elements.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn unit_sums<const V: usize>(
+    kind: CodeKind,
+    unit: usize,
+    codes: &[u8],
+    xq: [&[i8]; V],
+    out: [&mut [i32]; V],
+) {
+    let n = codes.len();
+    let ones = _mm256_set1_epi16(1);
+    let signed = kind == CodeKind::Signed;
+    let outp: [*mut i32; V] = out.map(|o| o.as_mut_ptr());
+    let mut s = 0;
+    while s < n {
+        let mut c = [_mm256_setzero_si256(); 4];
+        let mut cu = [_mm256_setzero_si256(); 4];
+        for k in 0..4 {
+            // SAFETY: s + 32k + 32 <= n (n a multiple of 128).
+            c[k] = _mm256_loadu_si256(codes.as_ptr().add(s + 32 * k) as *const __m256i);
+            cu[k] = if signed { _mm256_abs_epi8(c[k]) } else { c[k] };
+        }
+        for v in 0..V {
+            let mut q = [_mm256_setzero_si256(); 4];
+            for k in 0..4 {
+                // SAFETY: xq[v] has n bytes (caller).
+                let x = _mm256_loadu_si256(xq[v].as_ptr().add(s + 32 * k) as *const __m256i);
+                let x = if signed { _mm256_sign_epi8(x, c[k]) } else { x };
+                q[k] = _mm256_madd_epi16(_mm256_maddubs_epi16(cu[k], x), ones);
+            }
+            // SAFETY: the step's units s/unit.. (8, 2 or 1 of them) lie inside out[v].
+            store_units(unit, q, outp[v].add(s / unit));
+        }
+        s += 128;
+    }
+}
+
+/// Horizontal sum of 8 i32 lanes.
+#[inline(always)]
+unsafe fn hsum_epi32(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+    _mm_cvtsi128_si32(s)
+}
+
+/// Stores the unit sums of one 128-byte step from its four 32-byte chunks' i32 lanes (lane
+/// `l` of chunk `k` covers bytes `32k + 4l .. 32k + 4l + 4`): 8 units of 16, 2 of 64 or 1 of
+/// 128 at `dst`.
+///
+/// # Safety
+/// AVX2; `dst` has room for `128 / unit` values.
+#[inline(always)]
+pub(super) unsafe fn store_units(unit: usize, q: [__m256i; 4], dst: *mut i32) {
+    match unit {
+        16 => {
+            // hadd twice leaves [u0, u2, u4, u6 | u1, u3, u5, u7].
+            let h = _mm256_hadd_epi32(_mm256_hadd_epi32(q[0], q[1]), _mm256_hadd_epi32(q[2], q[3]));
+            let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+            // SAFETY: 8 values fit (caller).
+            _mm256_storeu_si256(dst as *mut __m256i, _mm256_permutevar8x32_epi32(h, order));
+        }
+        64 => {
+            // SAFETY: 2 values fit (caller).
+            *dst = hsum_epi32(_mm256_add_epi32(q[0], q[1]));
+            *dst.add(1) = hsum_epi32(_mm256_add_epi32(q[2], q[3]));
+        }
+        _ => {
+            let a = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+            // SAFETY: 1 value fits (caller).
+            *dst = hsum_epi32(a);
+        }
+    }
+}
