@@ -3,6 +3,8 @@
 //! and thread counts, equal to the integer formula, and within the documented bound of the
 //! f32 path, on awkward shapes and batch sizes.
 
+#![allow(clippy::needless_range_loop)]
+
 use nibble_quant::act8::{
     forward, quantize_x, unit_sums, unit_sums_ref, with_activations, ActivationMode, CodeKind,
     IntCodes, IntTier, GROUP, NF4_LEVELS_I8,

@@ -349,7 +349,8 @@ pub fn quantize_x(x: &[f32], m: usize, inn: usize, unit: usize) -> QuantizedX {
         sx: vec![0.0; m * groups],
         qsum: vec![0; m * units],
     };
-    let one = |(((xv, xq), sx), qs): (((&[f32], &mut [i8]), &mut [f32]), &mut [i32])| {
+    type Parts<'a> = (((&'a [f32], &'a mut [i8]), &'a mut [f32]), &'a mut [i32]);
+    let one = |(((xv, xq), sx), qs): Parts| {
         for (g, grp) in xv.chunks(GROUP).enumerate() {
             let amax = grp.iter().fold(0.0f32, |a, v| a.max(v.abs()));
             sx[g] = amax / 127.0;

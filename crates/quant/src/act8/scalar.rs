@@ -13,7 +13,7 @@ pub(super) fn unit_sums<const V: usize>(
 ) {
     for (v, o) in out.into_iter().enumerate() {
         match kind {
-            CodeKind::Nibble => sums(unit, codes, xq[v], o, |c| i16::from(c)),
+            CodeKind::Nibble => sums(unit, codes, xq[v], o, i16::from),
             CodeKind::Signed => sums(unit, codes, xq[v], o, |c| i16::from(c as i8)),
         }
     }
