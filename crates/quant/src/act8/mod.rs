@@ -386,18 +386,26 @@ pub fn quantize_x(x: &[f32], m: usize, inn: usize, unit: usize) -> QuantizedX {
 /// `Σ_u sx_u · (scale_u · I_u) + offset_u · (sx_u · Q_u)` in 8 lane accumulators (unit `u` in
 /// lane `u % 8`) reduced by a fixed tree, the same on every tier.
 fn combine(isum: &[i32], sx_u: &[f32], xo_u: &[f32], scale: &[f32], offset: &[f32]) -> f32 {
+    #[inline(always)]
+    fn term(i: i32, sx: f32, xo: f32, s: f32, o: f32) -> f32 {
+        sx * (s * i as f32) + o * xo
+    }
     let mut acc = [0.0f32; 8];
     let n = isum.len();
-    let mut u = 0;
-    while u + 8 <= n {
+    let whole = n / 8 * 8;
+    for ((((i8s, sx), xo), s), o) in isum[..whole]
+        .chunks_exact(8)
+        .zip(sx_u.chunks_exact(8))
+        .zip(xo_u.chunks_exact(8))
+        .zip(scale.chunks_exact(8))
+        .zip(offset.chunks_exact(8))
+    {
         for l in 0..8 {
-            let k = u + l;
-            acc[l] += sx_u[k] * (scale[k] * isum[k] as f32) + offset[k] * xo_u[k];
+            acc[l] += term(i8s[l], sx[l], xo[l], s[l], o[l]);
         }
-        u += 8;
     }
-    for k in u..n {
-        acc[k % 8] += sx_u[k] * (scale[k] * isum[k] as f32) + offset[k] * xo_u[k];
+    for k in whole..n {
+        acc[k % 8] += term(isum[k], sx_u[k], xo_u[k], scale[k], offset[k]);
     }
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
 }
@@ -580,6 +588,14 @@ pub fn unpack_nibbles_low_first(packed: &[u8], dst: &mut [u8]) {
 /// Unpacks 4-bit codes, element `2k` in the HIGH nibble of byte `k`, starting at element
 /// `first` (`dst.len()` codes).
 pub fn unpack_nibbles_high_first(packed: &[u8], first: usize, dst: &mut [u8]) {
+    if first % 2 == 0 && dst.len() % 2 == 0 {
+        let bytes = &packed[first / 2..first / 2 + dst.len() / 2];
+        for (d, &b) in dst.chunks_exact_mut(2).zip(bytes) {
+            d[0] = b >> 4;
+            d[1] = b & 15;
+        }
+        return;
+    }
     for (k, d) in dst.iter_mut().enumerate() {
         let e = first + k;
         let b = packed[e / 2];
