@@ -84,3 +84,19 @@ pub(super) unsafe fn store_units(unit: usize, q: [__m256i; 4], dst: *mut i32) {
         }
     }
 }
+
+/// The shared f32 combination ([`super::combine_body`]) compiled with AVX2 (plain multiplies
+/// and adds, so the same bits as the portable build).
+///
+/// # Safety
+/// The CPU has AVX2.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn combine(
+    isum: &[i32],
+    sx_u: &[f32],
+    xo_u: &[f32],
+    scale: &[f32],
+    offset: &[f32],
+) -> f32 {
+    super::combine_body(isum, sx_u, xo_u, scale, offset)
+}

@@ -385,7 +385,11 @@ pub fn quantize_x(x: &[f32], m: usize, inn: usize, unit: usize) -> QuantizedX {
 /// The shared f32 combination of a row's unit sums against one vector:
 /// `Σ_u sx_u · (scale_u · I_u) + offset_u · (sx_u · Q_u)` in 8 lane accumulators (unit `u` in
 /// lane `u % 8`) reduced by a fixed tree, the same on every tier.
-fn combine(isum: &[i32], sx_u: &[f32], xo_u: &[f32], scale: &[f32], offset: &[f32]) -> f32 {
+///
+/// Only IEEE multiplies and adds (never fused), so compiling it for another target (the AVX2
+/// wrapper [`avx2::combine`]) gives the same bits.
+#[inline(always)]
+fn combine_body(isum: &[i32], sx_u: &[f32], xo_u: &[f32], scale: &[f32], offset: &[f32]) -> f32 {
     #[inline(always)]
     fn term(i: i32, sx: f32, xo: f32, s: f32, o: f32) -> f32 {
         sx * (s * i as f32) + o * xo
@@ -408,6 +412,26 @@ fn combine(isum: &[i32], sx_u: &[f32], xo_u: &[f32], scale: &[f32], offset: &[f3
         acc[k % 8] += term(isum[k], sx_u[k], xo_u[k], scale[k], offset[k]);
     }
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+}
+
+/// [`combine_body`] compiled for the best vector unit `tier` allows (same bits on every one).
+#[inline]
+fn combine(
+    tier: IntTier,
+    isum: &[i32],
+    sx_u: &[f32],
+    xo_u: &[f32],
+    scale: &[f32],
+    offset: &[f32],
+) -> f32 {
+    match tier {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the tier came through `supported`: Avx2 and Avx512Vnni CPUs have AVX2.
+        IntTier::Avx2 | IntTier::Avx512Vnni => unsafe {
+            avx2::combine(isum, sx_u, xo_u, scale, offset)
+        },
+        _ => combine_body(isum, sx_u, xo_u, scale, offset),
+    }
 }
 
 /// `y`'s base pointer, shared by tasks that write disjoint columns of `y` (`[m, out]`).
@@ -530,6 +554,7 @@ pub fn forward(
                 for v in 0..nv {
                     let at = (b + v) * units..(b + v + 1) * units;
                     let val = combine(
+                        tier,
                         &isum[v * units..(v + 1) * units],
                         &sx_u[at.clone()],
                         &xo_u[at],
