@@ -8,6 +8,7 @@ use crate::layer::{FrozenBias, Linear, LinearBase, LoraAdapter};
 use crate::source::{linear_key, norm_key, SeededInit, WeightSource, BLOCKS, LAYERS_PER_BLOCK};
 use crate::variant::{Variant, WeightFormat};
 use nibble_autograd::{Param, Tape, Var};
+use nibble_quant::act8::{with_activations, ActivationMode};
 use nibble_tensor::{f16, Rng, Tensor};
 
 /// Rank of the LoRA adapters.
@@ -45,6 +46,9 @@ pub struct BigNet {
     blocks: Vec<[Linear; LAYERS_PER_BLOCK]>,
     /// `norms[b]`: the LayerNorm after block `b` (5 of them).
     norms: Vec<Norm>,
+    /// What this model's quantized layers do with their activations; `None` follows the
+    /// process-wide [`nibble_quant::act8::activations`].
+    activations: Option<ActivationMode>,
 }
 
 impl BigNet {
@@ -91,6 +95,7 @@ impl BigNet {
             dim,
             blocks,
             norms,
+            activations: None,
         })
     }
 
@@ -138,6 +143,7 @@ impl BigNet {
             dim,
             blocks,
             norms,
+            activations: None,
         })
     }
 
@@ -154,6 +160,25 @@ impl BigNet {
     /// Forward on a tape: records what training needs, nothing when no input is tracked and no
     /// parameter trains.
     pub fn forward(&self, tape: &Tape, x: &Var) -> Result<Var> {
+        match self.activations {
+            Some(mode) => with_activations(mode, || self.forward_layers(tape, x)),
+            None => self.forward_layers(tape, x),
+        }
+    }
+
+    /// This model's activation mode for its quantized layers (see [`BigNet::set_activations`]).
+    pub fn activations(&self) -> Option<ActivationMode> {
+        self.activations
+    }
+
+    /// Sets what this model's quantized layers do with their activations in every forward
+    /// (f32 or int8, see [`nibble_quant::act8`]); `None` follows the process-wide mode. The
+    /// backward products stay f32.
+    pub fn set_activations(&mut self, mode: Option<ActivationMode>) {
+        self.activations = mode;
+    }
+
+    fn forward_layers(&self, tape: &Tape, x: &Var) -> Result<Var> {
         self.check_input(x.value())?;
         let mut h = x.clone();
         for (b, block) in self.blocks.iter().enumerate() {
