@@ -965,8 +965,7 @@ impl crate::act8::IntCodes for Nf4Matrix {
     }
     fn int_codes(&self, r: usize, dst: &mut [u8]) {
         let dst = &mut dst[..self.inn];
-        crate::act8::unpack_nibbles_high_first(self.packed.as_slice(), r * self.inn, dst);
-        crate::act8::nf4_codes_to_i8(dst);
+        crate::act8::unpack_nf4_levels_i8(self.packed.as_slice(), r * self.inn, dst);
     }
     fn int_affine(&self, r: usize, scale: &mut [f32], offset: &mut [f32]) {
         let nb = self.inn / NF4_BLOCK;

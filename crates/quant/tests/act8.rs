@@ -257,6 +257,22 @@ fn forward_every_format_every_tier() {
     }
 }
 
+/// The NF4 level unpacking (AVX2 where the CPU has it) gives the scalar reference's bytes at
+/// every start and length.
+#[test]
+fn nf4_level_unpack_matches_the_reference() {
+    let packed = bytes(300, 9);
+    for first in [0usize, 1, 2, 64, 97] {
+        for len in [0usize, 1, 31, 32, 33, 64, 100, 500] {
+            let mut a = vec![0xAAu8; len];
+            let mut b = vec![0x55u8; len];
+            nibble_quant::act8::unpack_nf4_levels_i8(&packed, first, &mut a);
+            nibble_quant::act8::unpack_nf4_levels_i8_ref(&packed, first, &mut b);
+            assert_eq!(a, b, "first {first} len {len}");
+        }
+    }
+}
+
 /// NF4's int8 table is within 1/254 of every level.
 #[test]
 fn nf4_int8_table_error() {

@@ -100,3 +100,32 @@ pub(super) unsafe fn combine(
 ) -> f32 {
     super::combine_body(isum, sx_u, xo_u, scale, offset)
 }
+
+/// NF4 codes (high nibble first) to their int8 levels: each 16 packed bytes become 32 level
+/// bytes through `vpshufb` on the 16-entry table.
+///
+/// # Safety
+/// The CPU has AVX2; `dst.len() == 2 · src.len()`, a multiple of 32.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn unpack_nf4_levels_i8(src: &[u8], dst: &mut [u8]) {
+    // SAFETY: NF4_LEVELS_I8 has 16 bytes.
+    let table = _mm_loadu_si128(super::NF4_LEVELS_I8.as_ptr() as *const __m128i);
+    let low = _mm_set1_epi8(15);
+    for (k, d) in dst.chunks_exact_mut(32).enumerate() {
+        // SAFETY: 16 bytes of src at 16k (dst is 2 · src long); 32 bytes of d.
+        let b = _mm_loadu_si128(src.as_ptr().add(16 * k) as *const __m128i);
+        let hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
+        let lo = _mm_and_si128(b, low);
+        // Element 2i is the high nibble of byte i.
+        let first = _mm_unpacklo_epi8(hi, lo);
+        let second = _mm_unpackhi_epi8(hi, lo);
+        _mm_storeu_si128(
+            d.as_mut_ptr() as *mut __m128i,
+            _mm_shuffle_epi8(table, first),
+        );
+        _mm_storeu_si128(
+            d.as_mut_ptr().add(16) as *mut __m128i,
+            _mm_shuffle_epi8(table, second),
+        );
+    }
+}

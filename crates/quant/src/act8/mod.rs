@@ -589,9 +589,27 @@ pub const NF4_LEVELS_I8: [i8; 16] = {
     t
 };
 
-/// Maps NF4 codes (0..15, one a byte) to their [`NF4_LEVELS_I8`] bytes in place.
-pub fn nf4_codes_to_i8(codes: &mut [u8]) {
-    for c in codes {
+/// Writes the [`NF4_LEVELS_I8`] bytes of the NF4 codes `first..first + dst.len()` of
+/// `packed` (element `2k` in the HIGH nibble of byte `k`) into `dst`: 16 bytes at a time with
+/// AVX2 (`vpshufb` as the 16-entry table) where the CPU has it and `first` is even, else
+/// [`unpack_nf4_levels_i8_ref`] (the same bytes).
+pub fn unpack_nf4_levels_i8(packed: &[u8], first: usize, dst: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::has_avx2_fma_f16c() && first % 2 == 0 && dst.len() >= 32 {
+        let whole = dst.len() / 32 * 32;
+        let src = &packed[first / 2..first / 2 + whole / 2];
+        // SAFETY: the CPU has AVX2; `src` holds `whole / 2` bytes and `dst` at least `whole`.
+        unsafe { avx2::unpack_nf4_levels_i8(src, &mut dst[..whole]) };
+        unpack_nf4_levels_i8_ref(packed, first + whole, &mut dst[whole..]);
+        return;
+    }
+    unpack_nf4_levels_i8_ref(packed, first, dst);
+}
+
+/// The scalar ground truth of [`unpack_nf4_levels_i8`].
+pub fn unpack_nf4_levels_i8_ref(packed: &[u8], first: usize, dst: &mut [u8]) {
+    unpack_nibbles_high_first(packed, first, dst);
+    for c in dst {
         *c = NF4_LEVELS_I8[usize::from(*c & 15)] as u8;
     }
 }
