@@ -257,7 +257,7 @@ fn forward_every_format_every_tier() {
     }
 }
 
-/// The NF4 level unpacking (AVX2 where the CPU has it) gives the scalar reference's bytes at
+/// The NF4 level and 4-bit unpacking (AVX2 where the CPU has it) give the scalar reference's bytes at
 /// every start and length.
 #[test]
 fn nf4_level_unpack_matches_the_reference() {
@@ -270,6 +270,13 @@ fn nf4_level_unpack_matches_the_reference() {
             nibble_quant::act8::unpack_nf4_levels_i8_ref(&packed, first, &mut b);
             assert_eq!(a, b, "first {first} len {len}");
         }
+    }
+    for len in [0usize, 1, 31, 32, 33, 64, 100, 500, 599] {
+        let mut a = vec![0xAAu8; len];
+        let mut b = vec![0x55u8; len];
+        nibble_quant::act8::unpack_nibbles_low_first(&packed, &mut a);
+        nibble_quant::act8::unpack_nibbles_low_first_ref(&packed, &mut b);
+        assert_eq!(a, b, "low first, len {len}");
     }
 }
 

@@ -129,3 +129,23 @@ pub(super) unsafe fn unpack_nf4_levels_i8(src: &[u8], dst: &mut [u8]) {
         );
     }
 }
+
+/// 4-bit codes (low nibble first) to one byte each: 16 packed bytes to 32 codes per pass.
+///
+/// # Safety
+/// The CPU has AVX2; `dst.len() == 2 · src.len()`, a multiple of 32.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn unpack_nibbles_low_first(src: &[u8], dst: &mut [u8]) {
+    let low = _mm_set1_epi8(15);
+    for (k, d) in dst.chunks_exact_mut(32).enumerate() {
+        // SAFETY: 16 bytes of src at 16k (dst is 2 · src long); 32 bytes of d.
+        let b = _mm_loadu_si128(src.as_ptr().add(16 * k) as *const __m128i);
+        let hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
+        let lo = _mm_and_si128(b, low);
+        _mm_storeu_si128(d.as_mut_ptr() as *mut __m128i, _mm_unpacklo_epi8(lo, hi));
+        _mm_storeu_si128(
+            d.as_mut_ptr().add(16) as *mut __m128i,
+            _mm_unpackhi_epi8(lo, hi),
+        );
+    }
+}

@@ -21,7 +21,7 @@
 //! # Error per output (against the f32 path on the dequantized weights)
 //! `|Δy_r| <= Σ_k |w'_k| · amax_g(k) / 254` for Q4, lower and int8, and for NF4 additionally
 //! `+ Σ_k (|x_k| + amax_g(k)/254) · absmax_b(k) / 254` (the table), plus f32 rounding
-//! (relative 1e-6). Tested by `act8_error_bound` in `tests/act8.rs`.
+//! (relative 1e-6). Tested by `forward_every_format_every_tier` in `tests/act8.rs`.
 //!
 //! # Tiers
 //! Only the integer sums `I_u` come from a tier ([`unit_sums`]): [`scalar`] (the portable
@@ -615,8 +615,23 @@ pub fn unpack_nf4_levels_i8_ref(packed: &[u8], first: usize, dst: &mut [u8]) {
 }
 
 /// Unpacks 4-bit codes, element `2k` in the LOW nibble of byte `k`, into `dst` (one code a
-/// byte; `dst.len()` codes, `packed` at least `ceil(dst.len() / 2)` bytes).
+/// byte; `dst.len()` codes, `packed` at least `ceil(dst.len() / 2)` bytes): 32 codes at a time
+/// with AVX2 where the CPU has it, the rest by [`unpack_nibbles_low_first_ref`] (the same
+/// bytes).
 pub fn unpack_nibbles_low_first(packed: &[u8], dst: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::has_avx2_fma_f16c() && dst.len() >= 32 {
+        let whole = dst.len() / 32 * 32;
+        // SAFETY: the CPU has AVX2; `packed` holds at least `whole / 2` bytes.
+        unsafe { avx2::unpack_nibbles_low_first(&packed[..whole / 2], &mut dst[..whole]) };
+        unpack_nibbles_low_first_ref(&packed[whole / 2..], &mut dst[whole..]);
+        return;
+    }
+    unpack_nibbles_low_first_ref(packed, dst);
+}
+
+/// The scalar ground truth of [`unpack_nibbles_low_first`].
+pub fn unpack_nibbles_low_first_ref(packed: &[u8], dst: &mut [u8]) {
     let n = dst.len();
     let mut pairs = dst.chunks_exact_mut(2);
     for (d, &b) in (&mut pairs).zip(packed) {
