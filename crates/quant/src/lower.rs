@@ -926,18 +926,8 @@ impl crate::act8::IntCodes for LowerMatrix {
     }
     fn int_affine(&self, r: usize, scale: &mut [f32], offset: &mut [f32]) {
         let ng = self.inn.div_ceil(LOWER_GROUP);
-        for (d, s) in scale
-            .iter_mut()
-            .zip(&self.scales.f16s()[r * ng..(r + 1) * ng])
-        {
-            *d = s.to_f32();
-        }
-        for (d, m) in offset
-            .iter_mut()
-            .zip(&self.mins.f16s()[r * ng..(r + 1) * ng])
-        {
-            *d = m.to_f32();
-        }
+        crate::act8::f16_to_f32(&self.scales.f16s()[r * ng..(r + 1) * ng], scale);
+        crate::act8::f16_to_f32(&self.mins.f16s()[r * ng..(r + 1) * ng], offset);
     }
 }
 

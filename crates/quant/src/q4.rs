@@ -858,13 +858,9 @@ impl crate::act8::IntCodes for Q4Matrix {
     }
     fn int_affine(&self, r: usize, scale: &mut [f32], offset: &mut [f32]) {
         let nb = self.row_blocks();
-        for ((n, s), o) in self.norms()[r * nb..(r + 1) * nb]
-            .iter()
-            .zip(scale)
-            .zip(offset)
-        {
-            let n = n.to_f32();
-            (*s, *o) = (n * (2.0 / 15.0), -n);
+        crate::act8::f16_to_f32(&self.norms()[r * nb..(r + 1) * nb], &mut offset[..nb]);
+        for (s, o) in scale[..nb].iter_mut().zip(&mut offset[..nb]) {
+            (*s, *o) = (*o * (2.0 / 15.0), -*o);
         }
     }
 }

@@ -149,3 +149,13 @@ pub(super) unsafe fn unpack_nibbles_low_first(src: &[u8], dst: &mut [u8]) {
         );
     }
 }
+
+/// f16 to f32 with F16C ([`crate::kernels::avx2::f16_to_f32`] compiled for it).
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn f16_to_f32(src: &[half::f16], dst: &mut [f32]) {
+    // SAFETY: the features are enabled; the callee bounds itself by both lengths.
+    unsafe { crate::kernels::avx2::f16_to_f32(src, dst) }
+}

@@ -577,6 +577,19 @@ pub fn forward(
     true
 }
 
+/// `dst[k] = src[k]` as f32 for `k < min(len)` (F16C where the CPU has it; exact either way).
+pub fn f16_to_f32(src: &[half::f16], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::has_avx2_fma_f16c() {
+        // SAFETY: the CPU has AVX2, FMA and F16C.
+        unsafe { avx2::f16_to_f32(src, dst) };
+        return;
+    }
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = s.to_f32();
+    }
+}
+
 /// NF4's 16 levels as int8: `round(127 · level)` (each within `1/254` of `level`).
 pub const NF4_LEVELS_I8: [i8; 16] = {
     let mut t = [0i8; 16];
