@@ -159,3 +159,70 @@ pub(super) unsafe fn f16_to_f32(src: &[half::f16], dst: &mut [f32]) {
     // SAFETY: the features are enabled; the callee bounds itself by both lengths.
     unsafe { crate::kernels::avx2::f16_to_f32(src, dst) }
 }
+
+/// Units of 16 (Q4) fused with the f32 combination: for each 128-byte step the 8 unit sums
+/// land in one register in unit order, which is exactly the lane layout of
+/// [`super::combine_body`], and the same multiplies and adds (never fused) run on them, so the
+/// result has the bits of [`super::unit_sums`] followed by [`super::combine`].
+///
+/// # Safety
+/// The CPU has AVX2; `codes` and every `xq[v]` have `n` bytes, `n` a multiple of 128; every
+/// `sx_u[v]`, `xo_u[v]`, `scale` and `offset` has `n / 16` elements.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn dot_units16<const V: usize>(
+    kind: CodeKind,
+    codes: &[u8],
+    xq: [&[i8]; V],
+    sx_u: [&[f32]; V],
+    xo_u: [&[f32]; V],
+    scale: &[f32],
+    offset: &[f32],
+) -> [f32; V] {
+    let n = codes.len();
+    let ones = _mm256_set1_epi16(1);
+    let signed = kind == CodeKind::Signed;
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    let mut acc = [_mm256_setzero_ps(); V];
+    let mut s = 0;
+    while s < n {
+        let mut c = [_mm256_setzero_si256(); 4];
+        let mut cu = [_mm256_setzero_si256(); 4];
+        for k in 0..4 {
+            // SAFETY: s + 32k + 32 <= n.
+            c[k] = _mm256_loadu_si256(codes.as_ptr().add(s + 32 * k) as *const __m256i);
+            cu[k] = if signed { _mm256_abs_epi8(c[k]) } else { c[k] };
+        }
+        let u = s / 16;
+        // SAFETY: units u..u+8 lie inside the n/16-element slices.
+        let sc = _mm256_loadu_ps(scale.as_ptr().add(u));
+        let of = _mm256_loadu_ps(offset.as_ptr().add(u));
+        for v in 0..V {
+            let mut q = [_mm256_setzero_si256(); 4];
+            for k in 0..4 {
+                // SAFETY: xq[v] has n bytes.
+                let x = _mm256_loadu_si256(xq[v].as_ptr().add(s + 32 * k) as *const __m256i);
+                let x = if signed { _mm256_sign_epi8(x, c[k]) } else { x };
+                q[k] = _mm256_madd_epi16(_mm256_maddubs_epi16(cu[k], x), ones);
+            }
+            let h = _mm256_hadd_epi32(_mm256_hadd_epi32(q[0], q[1]), _mm256_hadd_epi32(q[2], q[3]));
+            let isum = _mm256_cvtepi32_ps(_mm256_permutevar8x32_epi32(h, order));
+            // SAFETY: as for scale.
+            let sx = _mm256_loadu_ps(sx_u[v].as_ptr().add(u));
+            let xo = _mm256_loadu_ps(xo_u[v].as_ptr().add(u));
+            let term = _mm256_add_ps(
+                _mm256_mul_ps(sx, _mm256_mul_ps(sc, isum)),
+                _mm256_mul_ps(of, xo),
+            );
+            acc[v] = _mm256_add_ps(acc[v], term);
+        }
+        s += 128;
+    }
+    let mut out = [0.0f32; V];
+    for v in 0..V {
+        let mut a = [0.0f32; 8];
+        // SAFETY: 8 floats.
+        _mm256_storeu_ps(a.as_mut_ptr(), acc[v]);
+        out[v] = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+    }
+    out
+}

@@ -531,6 +531,47 @@ pub fn forward(
             let nv = if m - b >= 4 { 4 } else { 1 };
             for p in 0..nr {
                 let c = &codes[p * kpad..(p + 1) * kpad];
+                let (s, z) = (
+                    &scale[p * units..(p + 1) * units],
+                    &offset[p * units..(p + 1) * units],
+                );
+                #[cfg(target_arch = "x86_64")]
+                if tier == IntTier::Avx2 && unit == 16 {
+                    let at = |v: usize| (b + v) * units..(b + v + 1) * units;
+                    if nv == 4 {
+                        // SAFETY: the tier is Avx2 (checked by `supported`); every slice has
+                        // `units` (or `kpad` = 16·units) elements, a multiple of 8 units.
+                        let vals = unsafe {
+                            avx2::dot_units16::<4>(
+                                layout.kind,
+                                c,
+                                [xq(b), xq(b + 1), xq(b + 2), xq(b + 3)],
+                                [&sx_u[at(0)], &sx_u[at(1)], &sx_u[at(2)], &sx_u[at(3)]],
+                                [&xo_u[at(0)], &xo_u[at(1)], &xo_u[at(2)], &xo_u[at(3)]],
+                                s,
+                                z,
+                            )
+                        };
+                        for (v, val) in vals.into_iter().enumerate() {
+                            put(b + v, r0 + p, val);
+                        }
+                    } else {
+                        // SAFETY: as above.
+                        let [val] = unsafe {
+                            avx2::dot_units16::<1>(
+                                layout.kind,
+                                c,
+                                [xq(b)],
+                                [&sx_u[at(0)]],
+                                [&xo_u[at(0)]],
+                                s,
+                                z,
+                            )
+                        };
+                        put(b, r0 + p, val);
+                    }
+                    continue;
+                }
                 let (i0, rest) = isum.split_at_mut(units);
                 if nv == 4 {
                     let (i1, rest) = rest.split_at_mut(units);
@@ -547,10 +588,6 @@ pub fn forward(
                 } else {
                     unit_sums_checked(tier, layout.kind, unit, c, [xq(b)], [qs(b)], [i0]);
                 }
-                let (s, z) = (
-                    &scale[p * units..(p + 1) * units],
-                    &offset[p * units..(p + 1) * units],
-                );
                 for v in 0..nv {
                     let at = (b + v) * units..(b + v + 1) * units;
                     let val = combine(
