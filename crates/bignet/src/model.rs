@@ -8,6 +8,7 @@ use crate::layer::{FrozenBias, Linear, LinearBase, LoraAdapter};
 use crate::source::{linear_key, norm_key, SeededInit, WeightSource, BLOCKS, LAYERS_PER_BLOCK};
 use crate::variant::{Variant, WeightFormat};
 use nibble_autograd::{Param, Tape, Var};
+use nibble_quant::act8::{activations, with_activations, ActivationMode};
 use nibble_tensor::{f16, Rng, Tensor};
 use std::sync::Arc;
 
@@ -47,6 +48,9 @@ pub struct BigNet {
     blocks: Vec<Arc<[Linear; LAYERS_PER_BLOCK]>>,
     /// `norms[b]`: the LayerNorm after block `b` (5 of them).
     norms: Vec<Norm>,
+    /// What this model's quantized layers do with their activations; `None` follows the
+    /// process-wide [`nibble_quant::act8::activations`].
+    activations: Option<ActivationMode>,
 }
 
 impl BigNet {
@@ -93,6 +97,7 @@ impl BigNet {
             dim,
             blocks,
             norms,
+            activations: None,
         })
     }
 
@@ -140,6 +145,7 @@ impl BigNet {
             dim,
             blocks: blocks.into_iter().map(Arc::new).collect(),
             norms,
+            activations: None,
         })
     }
 
@@ -159,13 +165,40 @@ impl BigNet {
         self.forward_with(tape, x, false)
     }
 
+    /// This model's activation mode for its quantized layers (see [`BigNet::set_activations`]).
+    pub fn activations(&self) -> Option<ActivationMode> {
+        self.activations
+    }
+
+    /// Sets what this model's quantized layers do with their activations in every forward
+    /// ([`BigNet::forward`], [`BigNet::forward_with`] and the chunked [`BigNet::infer`]; f32 or
+    /// int8, see [`nibble_quant::act8`]); `None` follows the process-wide mode. The backward
+    /// products stay f32.
+    pub fn set_activations(&mut self, mode: Option<ActivationMode>) {
+        self.activations = mode;
+    }
+
+    /// Runs `f` under this model's activation mode (the process-wide one when it has none).
+    fn with_own_activations<R>(&self, f: impl FnOnce() -> R) -> R {
+        match self.activations {
+            Some(mode) => with_activations(mode, f),
+            None => f(),
+        }
+    }
+
     /// [`BigNet::forward`], with each block (and the LayerNorm after it) checkpointed when
     /// `checkpoint` is set (see [`Tape::checkpoint`]): the tape keeps each block's input and
-    /// nothing else of it, and the backward recomputes the block. The last block is recorded
-    /// as usual: the backward starts with it, so its activations would be recomputed at once,
-    /// and holding them costs no more than recomputing them. Outputs and gradients are
-    /// bit-identical either way.
+    /// nothing else of it, and the backward recomputes the block (under the activation mode
+    /// of this forward). The last block is recorded as usual: the backward starts with it, so
+    /// its activations would be recomputed at once, and holding them costs no more than
+    /// recomputing them. Outputs and gradients are bit-identical either way.
     pub fn forward_with(&self, tape: &Tape, x: &Var, checkpoint: bool) -> Result<Var> {
+        self.with_own_activations(|| self.forward_layers(tape, x, checkpoint))
+    }
+
+    fn forward_layers(&self, tape: &Tape, x: &Var, checkpoint: bool) -> Result<Var> {
+        // The mode in force now, for the recomputation of checkpointed blocks in the backward.
+        let mode = activations();
         self.check_input(x.value())?;
         let mut h = x.clone();
         for (b, block) in self.blocks.iter().enumerate() {
@@ -173,7 +206,7 @@ impl BigNet {
             h = if checkpoint && b + 1 < self.blocks.len() {
                 let (layers, norm) = (Arc::clone(block), norm.cloned());
                 tape.checkpoint(&h, move |tape, h| {
-                    block_forward(tape, &layers, norm.as_ref(), h)
+                    with_activations(mode, || block_forward(tape, &layers, norm.as_ref(), h))
                 })?
             } else {
                 block_forward(tape, block, norm, &h)?
@@ -200,11 +233,19 @@ impl BigNet {
     /// of injecting a job from outside and sleeping until it completes, which costs ~8 µs a
     /// layer — 10 % of a batch-1 forward of the quantized variants.
     pub fn infer_chunked(&self, x: &Tensor, chunk_rows: usize) -> Result<Tensor> {
+        // The activation mode is per thread: taken here, set again on the pool worker that
+        // runs the products.
+        let mode = self.activations.unwrap_or_else(activations);
+        let run = || {
+            self.check_input(x)?;
+            with_activations(mode, || {
+                crate::infer::forward_in_place(&self.blocks, &self.norms, x, chunk_rows)
+            })
+        };
         if rayon::current_thread_index().is_none() {
-            return rayon::scope(|_| self.infer_chunked(x, chunk_rows));
+            return rayon::scope(|_| run());
         }
-        self.check_input(x)?;
-        crate::infer::forward_in_place(&self.blocks, &self.norms, x, chunk_rows)
+        run()
     }
 
     fn check_input(&self, x: &Tensor) -> Result<()> {

@@ -445,3 +445,29 @@ fn no_verb_overwrites_its_inputs() {
     ]);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `--activations f32|int8` (and its old name `--q4-activations`) reaches bench, whose JSON
+/// reports the mode.
+#[test]
+fn activations_option_is_reported_by_bench() {
+    for (flag, mode) in [
+        ("--activations", "int8"),
+        ("--activations", "f32"),
+        ("--q4-activations", "int8"),
+    ] {
+        let out = bignet(&[
+            "bench", "nf4", "--json", "--dim", "64", "--batch", "1,17", "--runs", "1", flag, mode,
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["activations"], mode, "{flag} {mode}");
+    }
+    fails_with(
+        &["bench", "nf4", "--activations", "int4"],
+        "expected f32 or int8",
+    );
+}

@@ -155,6 +155,12 @@ impl QuantRows for Int8Matrix {
     fn dims(&self) -> (usize, usize) {
         (self.out, self.inn)
     }
+    fn act8_view(&self) -> Option<&dyn crate::act8::IntCodes> {
+        Some(self)
+    }
+    fn act8_generic(&self, m: usize) -> bool {
+        crate::act8::int8_route("int8", m) == crate::act8::Int8Route::Generic
+    }
     fn seg_align(&self) -> usize {
         1
     }
@@ -194,6 +200,31 @@ impl QuantRows for Int8Matrix {
             }
         };
         true
+    }
+}
+
+/// Int8 activations: signed codes `c − 128` in units of 128 columns,
+/// `w' = scale · (c − 128) + (zero + 128 · scale)`.
+impl crate::act8::IntCodes for Int8Matrix {
+    fn int_dims(&self) -> (usize, usize) {
+        (self.out, self.inn)
+    }
+    fn int_layout(&self) -> Option<crate::act8::IntLayout> {
+        Some(crate::act8::IntLayout {
+            unit: crate::act8::GROUP,
+            kind: crate::act8::CodeKind::Signed,
+        })
+    }
+    fn int_codes(&self, r: usize, dst: &mut [u8]) {
+        let row = &self.codes.as_slice()[r * self.inn..(r + 1) * self.inn];
+        for (d, &c) in dst.iter_mut().zip(row) {
+            *d = c ^ 0x80;
+        }
+    }
+    fn int_affine(&self, r: usize, scale: &mut [f32], offset: &mut [f32]) {
+        let (s, z) = (self.scales.f32s()[r], self.zeros.f32s()[r]);
+        scale.fill(s);
+        offset.fill(z + 128.0 * s);
     }
 }
 

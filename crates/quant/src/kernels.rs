@@ -114,6 +114,16 @@ pub(crate) trait QuantRows: Sync + Send {
     fn tiles_min_m(&self) -> usize {
         TILES_MIN_M
     }
+    /// The format's integer view for int8 activations ([`crate::act8`]), if it has one.
+    fn act8_view(&self) -> Option<&dyn crate::act8::IntCodes> {
+        None
+    }
+    /// Whether int8 mode runs a batch of `m` on the generic [`crate::act8::forward`] (else the
+    /// format's own forward: a fused int8 kernel where it has one, or the f32 path): where
+    /// [`crate::act8::int8_route`] says so for the format (measured, see [`crate::act8`]).
+    fn act8_generic(&self, _m: usize) -> bool {
+        false
+    }
     /// Column granularity of [`QuantRows::dequant_segment`].
     fn seg_align(&self) -> usize;
     /// Writes `W[r, c0..c0+len]` into `dst[..len]`; `c0` is a multiple of `seg_align()` and so
@@ -149,7 +159,7 @@ pub(crate) trait QuantRows: Sync + Send {
         false
     }
     /// Appends the per-input precomputation for [`QuantRows::gemv`] (e.g. block sums of `x`)
-    /// to `prep`; every call for a given matrix and path appends the same number of floats.
+    /// to `prep`.
     fn gemv_prepare(&self, _path: KernelPath, _x: &[f32], _prep: &mut Vec<f32>) {}
     /// `y[j] = W[rows.start + j, :] · x` (`y[j] += ...` with `acc`) for the rows in `rows`;
     /// `prep` is what [`QuantRows::gemv_prepare`] appended for this `x` on this path. The
@@ -379,6 +389,14 @@ pub(crate) fn matmul_t<F: QuantRows>(
     if m == 0 || o == 0 {
         return Ok(());
     }
+    if crate::act8::activations() == crate::act8::ActivationMode::Int8 && f.act8_generic(m) {
+        if let Some(w) = f.act8_view() {
+            let tier = crate::act8::IntTier::for_path(kernel_path());
+            if crate::act8::forward(tier, w, x, m, y, accumulate) {
+                return Ok(());
+            }
+        }
+    }
     if m >= f.gemm_min_m() {
         let pack = FwdPack { f, path };
         return gemm(MatRef::row_major(x, m, i)?, &pack, y, accumulate);
@@ -389,10 +407,14 @@ pub(crate) fn matmul_t<F: QuantRows>(
         return batch_tiles(f, path, x, m, y, accumulate, parallel);
     }
     let mut prep = take_prep();
+    // Where each vector's preparation starts (a format may prepare vectors differently, e.g.
+    // Q4's int8 GEMV leaves a vector holding a NaN to the f32 GEMV).
+    let mut starts = Vec::with_capacity(m + 1);
     for b in 0..m {
+        starts.push(prep.len());
         f.gemv_prepare(path, &x[b * i..(b + 1) * i], &mut prep);
     }
-    let plen = prep.len() / m;
+    starts.push(prep.len());
     if m == 1 {
         split_rows((o, i), y, |rows, yc| {
             f.gemv(path, x, &prep, rows, yc, accumulate)
@@ -408,7 +430,7 @@ pub(crate) fn matmul_t<F: QuantRows>(
         let mut tmp = [0.0f32; GEMV_ROW_TILE];
         for b in 0..m {
             let xb = &x[b * i..(b + 1) * i];
-            let pb = &prep_ref[b * plen..(b + 1) * plen];
+            let pb = &prep_ref[starts[b]..starts[b + 1]];
             f.gemv(path, xb, pb, r0..r0 + nr, &mut tmp[..nr], false);
             for (j, &v) in tmp[..nr].iter().enumerate() {
                 // SAFETY: b < m and r0 + j < o, so the element is inside y (m x o); rows

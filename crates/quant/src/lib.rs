@@ -30,6 +30,7 @@
     clippy::too_many_arguments
 )]
 
+pub mod act8;
 mod arch;
 pub mod bytes;
 pub mod cpu;

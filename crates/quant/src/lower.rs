@@ -560,6 +560,12 @@ impl QuantRows for LowerMatrix {
     fn dims(&self) -> (usize, usize) {
         (self.out, self.inn)
     }
+    fn act8_view(&self) -> Option<&dyn crate::act8::IntCodes> {
+        Some(self)
+    }
+    fn act8_generic(&self, m: usize) -> bool {
+        crate::act8::int8_route("lower", m) == crate::act8::Int8Route::Generic
+    }
     /// 1024², 2 threads, GEMVs against tiles: m = 2 0.24 / 0.32 ms, m = 3 0.34 / 0.34 ms.
     fn tiles_min_m(&self) -> usize {
         3
@@ -599,6 +605,33 @@ impl QuantRows for LowerMatrix {
         // y checked) and this prep. Both tiers run the AVX2 GEMV (see `arch::avx512::lower`).
         unsafe { avx2::gemv(self, x, prep, rows, y, acc) };
         true
+    }
+}
+
+/// Int8 activations: codes 0..7 or 0..15 in units of one group, `w' = scale · c + min`.
+impl crate::act8::IntCodes for LowerMatrix {
+    fn int_dims(&self) -> (usize, usize) {
+        (self.out, self.inn)
+    }
+    fn int_layout(&self) -> Option<crate::act8::IntLayout> {
+        Some(crate::act8::IntLayout {
+            unit: LOWER_GROUP,
+            kind: crate::act8::CodeKind::Nibble,
+        })
+    }
+    fn int_codes(&self, r: usize, dst: &mut [u8]) {
+        let row = &self.codes.as_slice()[self.offsets[r] as usize..self.offsets[r + 1] as usize];
+        let dst = &mut dst[..self.inn];
+        if self.bits.as_slice()[r] == 4 {
+            crate::act8::unpack_nibbles_low_first(row, dst);
+        } else {
+            crate::act8::unpack_3bit(row, dst);
+        }
+    }
+    fn int_affine(&self, r: usize, scale: &mut [f32], offset: &mut [f32]) {
+        let ng = self.inn.div_ceil(LOWER_GROUP);
+        crate::act8::f16_to_f32(&self.scales.f16s()[r * ng..(r + 1) * ng], scale);
+        crate::act8::f16_to_f32(&self.mins.f16s()[r * ng..(r + 1) * ng], offset);
     }
 }
 

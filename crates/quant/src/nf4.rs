@@ -597,6 +597,12 @@ impl QuantRows for Nf4Matrix {
     fn dims(&self) -> (usize, usize) {
         (self.out, self.inn)
     }
+    fn act8_view(&self) -> Option<&dyn crate::act8::IntCodes> {
+        Some(self)
+    }
+    fn act8_generic(&self, m: usize) -> bool {
+        crate::act8::int8_route("nf4", m) == crate::act8::Int8Route::Generic
+    }
     fn seg_align(&self) -> usize {
         16
     }
@@ -689,6 +695,32 @@ impl QuantRows for Nf4Matrix {
             }
         };
         true
+    }
+}
+
+/// Int8 activations: each code through [`crate::act8::NF4_LEVELS_I8`] (signed), units of one
+/// block, `w' = (absmax / 127) · level8`; only when `in % 64 == 0` (blocks within rows).
+impl crate::act8::IntCodes for Nf4Matrix {
+    fn int_dims(&self) -> (usize, usize) {
+        (self.out, self.inn)
+    }
+    fn int_layout(&self) -> Option<crate::act8::IntLayout> {
+        (self.inn % NF4_BLOCK == 0).then_some(crate::act8::IntLayout {
+            unit: NF4_BLOCK,
+            kind: crate::act8::CodeKind::Signed,
+        })
+    }
+    fn int_codes(&self, r: usize, dst: &mut [u8]) {
+        let dst = &mut dst[..self.inn];
+        crate::act8::unpack_nf4_levels_i8(self.packed.as_slice(), r * self.inn, dst);
+    }
+    fn int_affine(&self, r: usize, scale: &mut [f32], offset: &mut [f32]) {
+        let nb = self.inn / NF4_BLOCK;
+        self.fill_absmax(r * nb, &mut scale[..nb]);
+        for s in &mut scale[..nb] {
+            *s /= 127.0;
+        }
+        offset[..nb].fill(0.0);
     }
 }
 

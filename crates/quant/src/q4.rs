@@ -35,6 +35,7 @@ use crate::cpu::{is_x86_simd, kernel_path, usable, KernelPath};
 use crate::error::{QuantError, Result};
 use crate::kernels::{self, ColBlock, QuantRows};
 
+/// The fused Q4 int8-activation GEMV (batches below 16 in int8 mode).
 mod act8;
 
 /// Weights per Q4 block.
@@ -208,56 +209,18 @@ pub fn dequantize(path: KernelPath, packed: &[u8], norm: &[f16], out: &mut [f32]
     }
 }
 
-/// What the batch-below-16 Q4 forward does with the activations.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Q4Activations {
-    /// f32 activations (the default): exact with respect to the dequantized weights.
-    F32,
-    /// Activations quantized to int8 per 128 elements and integer dot products (AVX2 only;
-    /// elsewhere the f32 path runs). See [`Q4Matrix::gemv_int8`] for its error bound.
-    Int8,
-}
+/// The old name of [`crate::act8::ActivationMode`] (Q4 was the first format with int8
+/// activations; the mode now covers every format and batch size).
+pub type Q4Activations = crate::act8::ActivationMode;
 
-/// 0: not chosen yet (read `NIBBLE_Q4_ACT` on first use), 1: f32, 2: int8.
-static ACTIVATIONS: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
-
-/// Chooses, process-wide, what every Q4 forward at batch < 16 does with its activations
-/// (overriding the environment variable `NIBBLE_Q4_ACT=int8|f32`).
-///
-/// ```
-/// use nibble_quant::q4::{q4_activations, set_q4_activations, Q4Activations};
-/// set_q4_activations(Q4Activations::Int8);
-/// assert_eq!(q4_activations(), Q4Activations::Int8);
-/// set_q4_activations(Q4Activations::F32);
-/// ```
+/// The old name of [`crate::act8::set_activations`].
 pub fn set_q4_activations(mode: Q4Activations) {
-    let v = match mode {
-        Q4Activations::F32 => 1,
-        Q4Activations::Int8 => 2,
-    };
-    ACTIVATIONS.store(v, std::sync::atomic::Ordering::Relaxed);
+    crate::act8::set_activations(mode);
 }
 
-/// The current [`Q4Activations`]: as last set by [`set_q4_activations`], else `Int8` if the
-/// environment has `NIBBLE_Q4_ACT=int8`, else `F32`.
+/// The old name of [`crate::act8::activations`].
 pub fn q4_activations() -> Q4Activations {
-    use std::sync::atomic::Ordering::Relaxed;
-    let mut v = ACTIVATIONS.load(Relaxed);
-    if v == 0 {
-        let int8 =
-            std::env::var("NIBBLE_Q4_ACT").is_ok_and(|v| v.trim().eq_ignore_ascii_case("int8"));
-        let init = if int8 { 2 } else { 1 };
-        // Keep a value someone set meanwhile.
-        v = match ACTIVATIONS.compare_exchange(0, init, Relaxed, Relaxed) {
-            Ok(_) => init,
-            Err(cur) => cur,
-        };
-    }
-    if v == 2 {
-        Q4Activations::Int8
-    } else {
-        Q4Activations::F32
-    }
+    crate::act8::activations()
 }
 
 /// A Q4-quantized `out x in` weight matrix (see the [module docs](self) for the format).
@@ -368,8 +331,10 @@ impl Q4Matrix {
         kernels::to_f32(self, path)
     }
 
-    /// Batch-1 `y (+)= W · x` on the opt-in int8-activation path, single-threaded (`matmul_t`
-    /// at batch < 16 uses the same kernel, in parallel, under [`Q4Activations::Int8`]).
+    /// Batch-1 `y (+)= W · x` with int8 activations through Q4's fused int8 GEMV (what
+    /// `matmul_t` runs, in parallel, for batches below 16 under
+    /// [`crate::act8::ActivationMode::Int8`]; larger batches take the format-independent
+    /// [`crate::act8::forward`] or the f32 path, see [`crate::act8`]).
     ///
     /// x is quantized per 128 elements to `round(x · 127 / max|x|)`, so each row's result
     /// carries an extra error of at most `Σ_k |w'_k| · max|x|_group(k) / 254` (checked by the
@@ -404,7 +369,7 @@ impl Q4Matrix {
         }
         // The thread's reusable scratch (as in `matmul_t`): no allocation per call.
         let mut prep = kernels::take_prep();
-        let path = usable(path).at_most_avx2(); // (the int8-activation kernels are AVX2 code)
+        let path = usable(path).at_most_avx2(); // (the fused kernels are AVX2 code)
         act8::prepare(path, x, &mut prep);
         // Rows split over the pool as `matmul_t` splits batch 1.
         kernels::split_rows((self.out, self.inn), y, |rows, yc| {
@@ -433,26 +398,24 @@ impl QuantRows for Q4Matrix {
     fn dims(&self) -> (usize, usize) {
         (self.out, self.inn)
     }
-    /// With int8 activations the GEMV is 2.5 times faster (1024², 2 threads: 15 GEMVs
-    /// 0.59 ms against the GEMM 1.06 ms), so it serves every batch below 16, as
-    /// [`set_q4_activations`] documents.
-    fn gemm_min_m(&self) -> usize {
-        if q4_activations() == Q4Activations::Int8 {
-            16
-        } else {
-            kernels::GEMM_MIN_M
-        }
-    }
     /// f32 activations: the GEMV wins up to 4 vectors (1024², 2 threads, GEMVs against tiles:
-    /// m = 4 0.47 / 0.55 ms, m = 6 0.73 / 0.58 ms). Int8 activations: never tiles (the int8
-    /// GEMV does not compute with the dequantized weights, so a batch must give what its
-    /// vectors give one at a time).
+    /// m = 4 0.47 / 0.55 ms, m = 6 0.73 / 0.58 ms). Int8 activations: the fused int8 GEMV for
+    /// every batch below [`crate::act8::Q4_FUSED_MAX_M`] (it does not compute with the
+    /// dequantized weights, so a batch must give what its vectors give one at a time).
     fn tiles_min_m(&self) -> usize {
         if q4_activations() == Q4Activations::Int8 {
-            usize::MAX
+            crate::act8::Q4_FUSED_MAX_M
         } else {
             5
         }
+    }
+    fn act8_view(&self) -> Option<&dyn crate::act8::IntCodes> {
+        Some(self)
+    }
+    /// Batches below 16 keep the fused int8 GEMV ([`Q4Matrix::gemv_int8`]), 2.5 times faster
+    /// at batch 1 than the generic driver (see [`crate::act8::int8_route`]).
+    fn act8_generic(&self, m: usize) -> bool {
+        crate::act8::int8_route("q4", m) == crate::act8::Int8Route::Generic
     }
     fn seg_align(&self) -> usize {
         Q4_BLOCK
@@ -482,8 +445,8 @@ impl QuantRows for Q4Matrix {
     /// AVX2 and AVX-512 paths: appends x with each block of 16 reordered as its 8 even then 8 odd
     /// elements (the low / high nibbles of the block's bytes), then the `in/16` block sums.
     ///
-    /// With `NIBBLE_Q4_ACT=int8` (AVX2 only) it appends the int8 quantization of x instead
-    /// (see [`Q4Matrix::gemv_int8`]).
+    /// Under [`Q4Activations::Int8`] (AVX2 and AVX-512 paths, which run the AVX2 code) it
+    /// appends the int8 quantization of x instead (see [`Q4Matrix::gemv_int8`]).
     fn gemv_prepare(&self, path: KernelPath, x: &[f32], prep: &mut Vec<f32>) {
         if is_x86_simd(usable(path))
             && q4_activations() == Q4Activations::Int8
@@ -524,6 +487,30 @@ impl QuantRows for Q4Matrix {
             return false;
         }
         true
+    }
+}
+
+/// Int8 activations: codes 0..15 in units of one block, `w' = (2n/15) · c − n`.
+impl crate::act8::IntCodes for Q4Matrix {
+    fn int_dims(&self) -> (usize, usize) {
+        (self.out, self.inn)
+    }
+    fn int_layout(&self) -> Option<crate::act8::IntLayout> {
+        Some(crate::act8::IntLayout {
+            unit: Q4_BLOCK,
+            kind: crate::act8::CodeKind::Nibble,
+        })
+    }
+    fn int_codes(&self, r: usize, dst: &mut [u8]) {
+        let row = &self.packed.as_slice()[r * self.row_bytes()..(r + 1) * self.row_bytes()];
+        crate::act8::unpack_nibbles_low_first(row, &mut dst[..self.inn]);
+    }
+    fn int_affine(&self, r: usize, scale: &mut [f32], offset: &mut [f32]) {
+        let nb = self.row_blocks();
+        crate::act8::f16_to_f32(&self.norms()[r * nb..(r + 1) * nb], &mut offset[..nb]);
+        for (s, o) in scale[..nb].iter_mut().zip(&mut offset[..nb]) {
+            (*s, *o) = (*o * (2.0 / 15.0), -*o);
+        }
     }
 }
 

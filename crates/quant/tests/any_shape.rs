@@ -14,9 +14,9 @@ use common::{
     bits_eq, close_to, formats, naive_t, products_checked_on_threads, run_on_every_kernel_path,
 };
 use half::f16;
+use nibble_quant::act8::{with_activations, ActivationMode};
 use nibble_quant::cpu::available_paths;
 use nibble_quant::nf4::{dynamic_code_bnb, dynamic_map, NF4_LEVELS, NF4_THRESHOLDS};
-use nibble_quant::q4::{set_q4_activations, Q4Activations};
 use nibble_quant::{Bytes, Int8Matrix, KernelPath, LowerMatrix, Nf4Matrix, Q4Matrix, QuantError};
 use nibble_tensor::{Rng, Tensor, WeightMatrix};
 
@@ -546,7 +546,7 @@ fn products_on_this_kernel_path() {
 
 /// Q4's int8-activation path on ragged shapes: within its documented error bound of the f32
 /// product, the AVX2 kernel agreeing with the scalar ground truth, and the batch forward under
-/// `Q4Activations::Int8` giving the same as `gemv_int8`.
+/// `ActivationMode::Int8` giving the same as `gemv_int8`.
 #[test]
 fn q4_int8_activations_on_any_shape() {
     for (o, i) in shapes() {
@@ -589,13 +589,14 @@ fn q4_int8_activations_on_any_shape() {
             );
         }
     }
-    set_q4_activations(Q4Activations::Int8);
     let w = weights(17, 30, 1);
     let q = Q4Matrix::quantize(&w).unwrap();
     let x = Tensor::randn(&[3, 30], &mut Rng::new(2));
     let mut y = vec![f32::NAN; 3 * 17];
-    q.matmul_t(x.data(), 3, &mut y, false).unwrap();
-    set_q4_activations(Q4Activations::F32);
+    with_activations(ActivationMode::Int8, || {
+        q.matmul_t(x.data(), 3, &mut y, false)
+    })
+    .unwrap();
     for b in 0..3 {
         let mut y1 = vec![f32::NAN; 17];
         q.gemv_int8(&x.data()[b * 30..(b + 1) * 30], &mut y1, false)

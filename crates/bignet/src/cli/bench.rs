@@ -134,7 +134,8 @@ pub fn run(
             json!({
                 "threads": rayon::current_num_threads(),
                 "kernel": nibble_tensor::cpu::kernel_path().name(),
-                "q4_activations": format!("{:?}", nibble_quant::q4::q4_activations()).to_lowercase(),
+                "activations": nibble_quant::act8::activations().name(),
+                "q4_activations": nibble_quant::act8::activations().name(),
                 "results": results
             })
         );

@@ -19,7 +19,7 @@ use crate::train::TrainOptions;
 use crate::variant::{Variant, WeightFormat};
 use clap::{Args, Parser, Subcommand};
 use nibble_io::Checkpoint;
-use nibble_quant::q4::{set_q4_activations, Q4Activations};
+use nibble_quant::act8::{set_activations, ActivationMode};
 use paths::{check_no_overwrite, NamedPath};
 use std::path::PathBuf;
 
@@ -54,19 +54,16 @@ pub struct Common {
     /// A LoRA adapter directory (PEFT layout) to load on top of the model.
     #[arg(long, value_name = "DIR")]
     pub adapter: Option<PathBuf>,
-    /// Activations of the Q4 layers (low_precision, qlora) at batch < 16: `f32` (exact with
-    /// respect to the dequantized weights) or `int8` (integer dot products, about twice as
-    /// fast, adds a bounded rounding error). Default: f32, or `NIBBLE_Q4_ACT`.
-    #[arg(long, value_name = "f32|int8", value_parser = parse_q4_activations)]
-    pub q4_activations: Option<Q4Activations>,
+    /// Activations of every quantized layer, at every batch size: `f32` (exact with respect
+    /// to the dequantized weights) or `int8` (integer dot products, a bounded extra error:
+    /// see `nibble_quant::act8`). `--q4-activations` is its old name. Default: f32, or
+    /// `NIBBLE_ACTIVATIONS` (`NIBBLE_Q4_ACT`).
+    #[arg(long, alias = "q4-activations", value_name = "f32|int8", value_parser = parse_activations)]
+    pub activations: Option<ActivationMode>,
 }
 
-fn parse_q4_activations(s: &str) -> std::result::Result<Q4Activations, String> {
-    match s.trim().to_ascii_lowercase().as_str() {
-        "f32" => Ok(Q4Activations::F32),
-        "int8" => Ok(Q4Activations::Int8),
-        other => Err(format!("`{other}`: expected f32 or int8")),
-    }
+fn parse_activations(s: &str) -> std::result::Result<ActivationMode, String> {
+    ActivationMode::parse(s).ok_or_else(|| format!("`{}`: expected f32 or int8", s.trim()))
 }
 
 impl Default for Common {
@@ -79,7 +76,7 @@ impl Default for Common {
             seed: 0,
             dim: DEFAULT_DIM,
             adapter: None,
-            q4_activations: None,
+            activations: None,
         }
     }
 }
@@ -361,8 +358,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 what: format!("--threads {n}: {e}"),
             })?;
     }
-    if let Some(mode) = common.q4_activations {
-        set_q4_activations(mode);
+    if let Some(mode) = common.activations {
+        set_activations(mode);
     }
     check_no_overwrite(&cli.command.inputs(), &cli.command.outputs())?;
     match &cli.command {

@@ -1,0 +1,228 @@
+//! The AVX2 integer tier: `vpmaddubsw` (unsigned codes times signed xq, pairs summed to i16)
+//! then `vpmaddwd` by ones (to i32). Signed codes go through `|c| · sign(x, c)`, so that the
+//! unsigned operand stays in 0..=128 and a pair stays below `2 · 128 · 127 < 2^15`: no
+//! saturation, exact sums.
+
+use super::CodeKind;
+use std::arch::x86_64::*;
+
+/// [`super::unit_sums`] for lengths already checked (128-byte steps: 8, 2 or 1 units each).
+///
+/// # Safety
+/// The CPU has AVX2; `codes` and every `xq[v]` have the same length, a multiple of 128, `unit`
+/// is 16, 64 or 128 and every `out[v]` has `codes.len() / unit` elements.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn unit_sums<const V: usize>(
+    kind: CodeKind,
+    unit: usize,
+    codes: &[u8],
+    xq: [&[i8]; V],
+    out: [&mut [i32]; V],
+) {
+    let n = codes.len();
+    let ones = _mm256_set1_epi16(1);
+    let signed = kind == CodeKind::Signed;
+    let outp: [*mut i32; V] = out.map(|o| o.as_mut_ptr());
+    let mut s = 0;
+    while s < n {
+        let mut c = [_mm256_setzero_si256(); 4];
+        let mut cu = [_mm256_setzero_si256(); 4];
+        for k in 0..4 {
+            // SAFETY: s + 32k + 32 <= n (n a multiple of 128).
+            c[k] = _mm256_loadu_si256(codes.as_ptr().add(s + 32 * k) as *const __m256i);
+            cu[k] = if signed { _mm256_abs_epi8(c[k]) } else { c[k] };
+        }
+        for v in 0..V {
+            let mut q = [_mm256_setzero_si256(); 4];
+            for k in 0..4 {
+                // SAFETY: xq[v] has n bytes (caller).
+                let x = _mm256_loadu_si256(xq[v].as_ptr().add(s + 32 * k) as *const __m256i);
+                let x = if signed { _mm256_sign_epi8(x, c[k]) } else { x };
+                q[k] = _mm256_madd_epi16(_mm256_maddubs_epi16(cu[k], x), ones);
+            }
+            // SAFETY: the step's units s/unit.. (8, 2 or 1 of them) lie inside out[v].
+            store_units(unit, q, outp[v].add(s / unit));
+        }
+        s += 128;
+    }
+}
+
+/// Horizontal sum of 8 i32 lanes.
+#[inline(always)]
+unsafe fn hsum_epi32(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+    _mm_cvtsi128_si32(s)
+}
+
+/// Stores the unit sums of one 128-byte step from its four 32-byte chunks' i32 lanes (lane
+/// `l` of chunk `k` covers bytes `32k + 4l .. 32k + 4l + 4`): 8 units of 16, 2 of 64 or 1 of
+/// 128 at `dst`.
+///
+/// # Safety
+/// AVX2; `dst` has room for `128 / unit` values.
+#[inline(always)]
+pub(super) unsafe fn store_units(unit: usize, q: [__m256i; 4], dst: *mut i32) {
+    match unit {
+        16 => {
+            // hadd twice leaves [u0, u2, u4, u6 | u1, u3, u5, u7].
+            let h = _mm256_hadd_epi32(_mm256_hadd_epi32(q[0], q[1]), _mm256_hadd_epi32(q[2], q[3]));
+            let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+            // SAFETY: 8 values fit (caller).
+            _mm256_storeu_si256(dst as *mut __m256i, _mm256_permutevar8x32_epi32(h, order));
+        }
+        64 => {
+            // SAFETY: 2 values fit (caller).
+            *dst = hsum_epi32(_mm256_add_epi32(q[0], q[1]));
+            *dst.add(1) = hsum_epi32(_mm256_add_epi32(q[2], q[3]));
+        }
+        _ => {
+            let a = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+            // SAFETY: 1 value fits (caller).
+            *dst = hsum_epi32(a);
+        }
+    }
+}
+
+/// The shared f32 combination ([`super::combine_body`]) compiled with AVX2 (plain multiplies
+/// and adds, so the same bits as the portable build).
+///
+/// # Safety
+/// The CPU has AVX2.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn combine(
+    isum: &[i32],
+    sx_u: &[f32],
+    xo_u: &[f32],
+    scale: &[f32],
+    offset: &[f32],
+) -> f32 {
+    super::combine_body(isum, sx_u, xo_u, scale, offset)
+}
+
+/// NF4 codes (high nibble first) to their int8 levels: each 16 packed bytes become 32 level
+/// bytes through `vpshufb` on the 16-entry table.
+///
+/// # Safety
+/// The CPU has AVX2; `dst.len() == 2 · src.len()`, a multiple of 32.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn unpack_nf4_levels_i8(src: &[u8], dst: &mut [u8]) {
+    // SAFETY: NF4_LEVELS_I8 has 16 bytes.
+    let table = _mm_loadu_si128(super::NF4_LEVELS_I8.as_ptr() as *const __m128i);
+    let low = _mm_set1_epi8(15);
+    for (k, d) in dst.chunks_exact_mut(32).enumerate() {
+        // SAFETY: 16 bytes of src at 16k (dst is 2 · src long); 32 bytes of d.
+        let b = _mm_loadu_si128(src.as_ptr().add(16 * k) as *const __m128i);
+        let hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
+        let lo = _mm_and_si128(b, low);
+        // Element 2i is the high nibble of byte i.
+        let first = _mm_unpacklo_epi8(hi, lo);
+        let second = _mm_unpackhi_epi8(hi, lo);
+        _mm_storeu_si128(
+            d.as_mut_ptr() as *mut __m128i,
+            _mm_shuffle_epi8(table, first),
+        );
+        _mm_storeu_si128(
+            d.as_mut_ptr().add(16) as *mut __m128i,
+            _mm_shuffle_epi8(table, second),
+        );
+    }
+}
+
+/// 4-bit codes (low nibble first) to one byte each: 16 packed bytes to 32 codes per pass.
+///
+/// # Safety
+/// The CPU has AVX2; `dst.len() == 2 · src.len()`, a multiple of 32.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn unpack_nibbles_low_first(src: &[u8], dst: &mut [u8]) {
+    let low = _mm_set1_epi8(15);
+    for (k, d) in dst.chunks_exact_mut(32).enumerate() {
+        // SAFETY: 16 bytes of src at 16k (dst is 2 · src long); 32 bytes of d.
+        let b = _mm_loadu_si128(src.as_ptr().add(16 * k) as *const __m128i);
+        let hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
+        let lo = _mm_and_si128(b, low);
+        _mm_storeu_si128(d.as_mut_ptr() as *mut __m128i, _mm_unpacklo_epi8(lo, hi));
+        _mm_storeu_si128(
+            d.as_mut_ptr().add(16) as *mut __m128i,
+            _mm_unpackhi_epi8(lo, hi),
+        );
+    }
+}
+
+/// f16 to f32 with F16C ([`crate::kernels::avx2::f16_to_f32`] compiled for it).
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn f16_to_f32(src: &[half::f16], dst: &mut [f32]) {
+    // SAFETY: the features are enabled; the callee bounds itself by both lengths.
+    unsafe { crate::kernels::avx2::f16_to_f32(src, dst) }
+}
+
+/// Units of 16 (Q4) fused with the f32 combination: for each 128-byte step the 8 unit sums
+/// land in one register in unit order, which is exactly the lane layout of
+/// [`super::combine_body`], and the same multiplies and adds (never fused) run on them, so the
+/// result has the bits of [`super::unit_sums`] followed by [`super::combine`].
+///
+/// # Safety
+/// The CPU has AVX2; `codes` and every `xq[v]` have `n` bytes, `n` a multiple of 128; every
+/// `sx_u[v]`, `xo_u[v]`, `scale` and `offset` has `n / 16` elements.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn dot_units16<const V: usize>(
+    kind: CodeKind,
+    codes: &[u8],
+    xq: [&[i8]; V],
+    sx_u: [&[f32]; V],
+    xo_u: [&[f32]; V],
+    scale: &[f32],
+    offset: &[f32],
+) -> [f32; V] {
+    let n = codes.len();
+    let ones = _mm256_set1_epi16(1);
+    let signed = kind == CodeKind::Signed;
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    let mut acc = [_mm256_setzero_ps(); V];
+    let mut s = 0;
+    while s < n {
+        let mut c = [_mm256_setzero_si256(); 4];
+        let mut cu = [_mm256_setzero_si256(); 4];
+        for k in 0..4 {
+            // SAFETY: s + 32k + 32 <= n.
+            c[k] = _mm256_loadu_si256(codes.as_ptr().add(s + 32 * k) as *const __m256i);
+            cu[k] = if signed { _mm256_abs_epi8(c[k]) } else { c[k] };
+        }
+        let u = s / 16;
+        // SAFETY: units u..u+8 lie inside the n/16-element slices.
+        let sc = _mm256_loadu_ps(scale.as_ptr().add(u));
+        let of = _mm256_loadu_ps(offset.as_ptr().add(u));
+        for v in 0..V {
+            let mut q = [_mm256_setzero_si256(); 4];
+            for k in 0..4 {
+                // SAFETY: xq[v] has n bytes.
+                let x = _mm256_loadu_si256(xq[v].as_ptr().add(s + 32 * k) as *const __m256i);
+                let x = if signed { _mm256_sign_epi8(x, c[k]) } else { x };
+                q[k] = _mm256_madd_epi16(_mm256_maddubs_epi16(cu[k], x), ones);
+            }
+            let h = _mm256_hadd_epi32(_mm256_hadd_epi32(q[0], q[1]), _mm256_hadd_epi32(q[2], q[3]));
+            let isum = _mm256_cvtepi32_ps(_mm256_permutevar8x32_epi32(h, order));
+            // SAFETY: as for scale.
+            let sx = _mm256_loadu_ps(sx_u[v].as_ptr().add(u));
+            let xo = _mm256_loadu_ps(xo_u[v].as_ptr().add(u));
+            let term = _mm256_add_ps(
+                _mm256_mul_ps(sx, _mm256_mul_ps(sc, isum)),
+                _mm256_mul_ps(of, xo),
+            );
+            acc[v] = _mm256_add_ps(acc[v], term);
+        }
+        s += 128;
+    }
+    let mut out = [0.0f32; V];
+    for v in 0..V {
+        let mut a = [0.0f32; 8];
+        // SAFETY: 8 floats.
+        _mm256_storeu_ps(a.as_mut_ptr(), acc[v]);
+        out[v] = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+    }
+    out
+}

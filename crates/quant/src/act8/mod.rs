@@ -1,0 +1,794 @@
+//! Int8 activations for every quantized format: the activation mode, the quantization of x,
+//! the scalar integer reference and the forward driver (GEMV and GEMM alike).
+//!
+//! # Arithmetic
+//! Each vector of x is quantized per group of [`GROUP`] = 128 elements (a multiple of every
+//! format's block: Q4 16, NF4 64, lower 128; int8 has one affine per row) to
+//! `xq = round_half_even(x · 127 / amax)` with `sx = amax / 127` (`amax = max|x|` of the group),
+//! so `|x − sx·xq| <= sx / 2 = amax / 254`.
+//!
+//! A format exposes its rows as integer codes `c` in *units* of 16, 64 or 128 columns
+//! ([`IntLayout`]) with one affine map per unit, `w' = scale_u · c + offset_u`, equal to its
+//! dequantized weight for Q4 (`c` 0..15, `scale = 2n/15`, `offset = −n`), lower (`c` 0..7 or
+//! 0..15, its f16 `scale` and `min`) and int8 (`c − 128` as a signed code, `offset = min +
+//! 128·scale`). Then
+//! `Σ_k w'_k · sx·xq_k = Σ_u sx_g · (scale_u · I_u + offset_u · Q_u)` with the integer sums
+//! `I_u = Σ_{k∈u} c_k·xq_k` and `Q_u = Σ_{k∈u} xq_k`: exact given the int8 x, up to the f32
+//! rounding of the final combination. NF4 (and NF4 with double quantization) goes through an
+//! int8 table of its 16 levels, `round(127 · level)` (signed codes, `scale = absmax/127`,
+//! `offset = 0`), which moves each weight by at most `absmax / 254`.
+//!
+//! # Error per output (against the f32 path on the dequantized weights)
+//! `|Δy_r| <= Σ_k |w'_k| · amax_g(k) / 254` for Q4, lower and int8, and for NF4 additionally
+//! `+ Σ_k (|x_k| + amax_g(k)/254) · absmax_b(k) / 254` (the table), plus f32 rounding
+//! (relative 1e-6). Tested by `forward_every_format_every_tier` in `tests/act8.rs`.
+//!
+//! # Tiers
+//! Only the integer sums `I_u` come from a tier ([`unit_sums`]): [`scalar`] (the portable
+//! loop), [`avx2`] (`vpmaddubsw` + `vpmaddwd`), [`avx512vnni`] (`vpdpbusd`). Integer sums are
+//! exact, and the f32 combination is one shared function with a fixed order, so every tier
+//! gives bit-identical outputs for the same input, at every thread count.
+//!
+//! # Which forward int8 mode runs ([`int8_route`])
+//! Under [`ActivationMode::Int8`] a format's `matmul_t` takes the integer path only where it
+//! was measured faster than (or as fast as) the f32 path; elsewhere it runs the f32 path, so
+//! int8 mode never costs time. Measured with `act8_bench` (one 1024² layer, 2 threads,
+//! AVX2 tier on this Zen 3, median of 7, f32 / fused or generic int8, ms):
+//!
+//! | format | batch | f32 | int8 | route |
+//! | --- | --- | --- | --- | --- |
+//! | Q4 | 1 | 0.084 | fused 0.035, generic 0.087 | fused ([`crate::Q4Matrix::gemv_int8`]) |
+//! | Q4 | 8 | 0.336 | fused 0.188, generic 0.246 | fused |
+//! | Q4 | 12 | 0.391 | fused 0.268, generic 0.327 | fused |
+//! | Q4 | 16 | 0.466 | generic 0.420 | generic ([`forward`]) |
+//! | Q4 | 24 | 0.623 | generic 0.601 | generic |
+//! | Q4 | 32 | 0.776 | generic 0.768–0.781 (ratio 0.99–1.04) | f32 |
+//! | Q4 | 48 / 256 | 1.11 / 3.35 | generic 1.12 / 5.74 | f32 |
+//! | NF4, NF4-dq | 1 | 0.125 / 0.127 | generic 0.094 / 0.093 | generic |
+//! | NF4, NF4-dq | 8 | 0.323 / 0.332 | generic 0.274 / 0.306 | generic |
+//! | NF4, NF4-dq | 10 | 0.364 / 0.397 | generic 0.358 / 0.358 (ratio 0.90–1.02) | f32 |
+//! | NF4, NF4-dq | 16 / 256 | 0.47 / 3.43 | generic 0.52 / 7.33 | f32 |
+//! | int8 | 1 / 4 / 16 / 256 | 0.039 / 0.135 / 0.326 / 3.36 | generic 0.077 / 0.154 / 0.461 / 6.70 | f32 |
+//! | lower | 1 / 4 / 16 / 256 | 0.067 / 0.208 / 0.370 / 3.44 | generic 0.153 / 0.235 / 0.499 / 6.07 | f32 |
+//!
+//! [`forward`] itself (and every test of it) serves every format and batch; the route only
+//! chooses what `matmul_t` calls.
+//!
+//! The batch ≥ 16 path is an integer GEMM: a tile of [`ROW_TILE`] rows of W is unpacked once
+//! into int8 panels (one byte per code, padded to a multiple of 128 columns) and every vector
+//! of the batch runs over it, four vectors per pass of the codes.
+
+#[cfg(target_arch = "x86_64")]
+pub mod avx2;
+#[cfg(target_arch = "x86_64")]
+pub mod avx512vnni;
+pub mod scalar;
+
+use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
+
+use rayon::prelude::*;
+
+use crate::cpu::KernelPath;
+
+/// Elements of x per activation scale.
+pub const GROUP: usize = 128;
+
+/// Rows of W unpacked per task of the forward driver.
+pub const ROW_TILE: usize = 16;
+
+/// What the forward products of the quantized formats do with their activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActivationMode {
+    /// f32 activations (the default): exact with respect to the dequantized weights.
+    F32,
+    /// Activations quantized to int8 per 128 elements and integer dot products (see the
+    /// [module docs](self) for the error bound).
+    Int8,
+}
+
+impl ActivationMode {
+    /// The mode's name as the command line and `NIBBLE_ACTIVATIONS` spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ActivationMode::F32 => "f32",
+            ActivationMode::Int8 => "int8",
+        }
+    }
+
+    /// Parses `f32` or `int8` (case-insensitive, surrounding blanks ignored).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "f32" => Some(ActivationMode::F32),
+            "int8" => Some(ActivationMode::Int8),
+            _ => None,
+        }
+    }
+
+    fn code(self) -> u8 {
+        match self {
+            ActivationMode::F32 => 1,
+            ActivationMode::Int8 => 2,
+        }
+    }
+
+    fn from_code(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(ActivationMode::F32),
+            2 => Some(ActivationMode::Int8),
+            _ => None,
+        }
+    }
+}
+
+/// 0: not chosen yet (read the environment on first use), else [`ActivationMode::code`].
+static MODE: AtomicU8 = AtomicU8::new(0);
+
+thread_local! {
+    /// The calling thread's override ([`with_activations`]); 0 for none.
+    static SCOPED: std::cell::Cell<u8> = const { std::cell::Cell::new(0) };
+}
+
+/// Chooses the process-wide [`ActivationMode`] (overriding `NIBBLE_ACTIVATIONS`).
+///
+/// ```
+/// use nibble_quant::act8::{activations, set_activations, ActivationMode};
+/// set_activations(ActivationMode::Int8);
+/// assert_eq!(activations(), ActivationMode::Int8);
+/// set_activations(ActivationMode::F32);
+/// ```
+pub fn set_activations(mode: ActivationMode) {
+    MODE.store(mode.code(), Relaxed);
+}
+
+/// The mode in force on this thread: a [`with_activations`] scope's, else the process-wide
+/// one as last set by [`set_activations`], else `NIBBLE_ACTIVATIONS=int8|f32` (or its old
+/// name `NIBBLE_Q4_ACT`) from the environment, else [`ActivationMode::F32`].
+pub fn activations() -> ActivationMode {
+    if let Some(m) = ActivationMode::from_code(SCOPED.with(|c| c.get())) {
+        return m;
+    }
+    let mut v = MODE.load(Relaxed);
+    if v == 0 {
+        let env = std::env::var("NIBBLE_ACTIVATIONS")
+            .or_else(|_| std::env::var("NIBBLE_Q4_ACT"))
+            .ok()
+            .and_then(|s| ActivationMode::parse(&s))
+            .unwrap_or(ActivationMode::F32);
+        // Keep a value someone set meanwhile.
+        v = match MODE.compare_exchange(0, env.code(), Relaxed, Relaxed) {
+            Ok(_) => env.code(),
+            Err(cur) => cur,
+        };
+    }
+    ActivationMode::from_code(v).unwrap_or(ActivationMode::F32)
+}
+
+/// Runs `f` with `mode` in force on the calling thread (a per-model setting: a model wraps its
+/// forward in this), restoring the previous scope afterwards, also when `f` panics. The mode
+/// is read on the thread that calls a forward product, so work that product spreads over the
+/// pool follows it.
+pub fn with_activations<R>(mode: ActivationMode, f: impl FnOnce() -> R) -> R {
+    struct Restore(u8);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            SCOPED.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(SCOPED.with(|c| c.replace(mode.code())));
+    f()
+}
+
+/// How a tier must read the code bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CodeKind {
+    /// Unsigned codes 0..=15 (4-bit and 3-bit formats).
+    Nibble,
+    /// Signed codes −128..=127 stored as their two's-complement bytes.
+    Signed,
+}
+
+/// A format's integer view: columns per unit and the code kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IntLayout {
+    /// Columns per affine unit: 16, 64 or 128.
+    pub unit: usize,
+    /// How to read the codes.
+    pub kind: CodeKind,
+}
+
+/// A weight matrix with an integer view for int8 activations (implemented by every format).
+pub trait IntCodes: Sync {
+    /// `(out, in)`.
+    fn int_dims(&self) -> (usize, usize);
+    /// The integer layout, or `None` when this matrix has none (the f32 path then runs; NF4
+    /// with `in % 64 != 0`, whose blocks straddle rows).
+    fn int_layout(&self) -> Option<IntLayout>;
+    /// Writes row `r`'s codes for columns `0..in` into `dst[..in]`.
+    fn int_codes(&self, r: usize, dst: &mut [u8]);
+    /// Writes row `r`'s affine map per unit (`ceil(in / unit)` of each):
+    /// `w' = scale[u] · code + offset[u]`.
+    fn int_affine(&self, r: usize, scale: &mut [f32], offset: &mut [f32]);
+}
+
+/// An integer tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IntTier {
+    /// The portable loop ([`scalar`]).
+    Scalar,
+    /// AVX2 `vpmaddubsw` ([`avx2`]).
+    Avx2,
+    /// AVX-512 VNNI `vpdpbusd` ([`avx512vnni`]).
+    Avx512Vnni,
+}
+
+/// Whether this CPU has AVX-512 VNNI next to the AVX-512 tier (checked once).
+pub fn has_avx512vnni() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            crate::cpu::has_avx512() && is_x86_feature_detected!("avx512vnni")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+impl IntTier {
+    /// The tier a kernel path runs (downgraded to what this CPU has).
+    pub fn for_path(path: KernelPath) -> IntTier {
+        match path.supported() {
+            KernelPath::Avx512 if has_avx512vnni() => IntTier::Avx512Vnni,
+            KernelPath::Avx512 | KernelPath::Avx2Fma => IntTier::Avx2,
+            _ => IntTier::Scalar,
+        }
+    }
+
+    /// `self`, or the best lower tier this CPU has.
+    pub fn supported(self) -> IntTier {
+        match self {
+            IntTier::Avx512Vnni if !has_avx512vnni() => IntTier::Avx2.supported(),
+            IntTier::Avx2 if !crate::cpu::has_avx2_fma_f16c() => IntTier::Scalar,
+            t => t,
+        }
+    }
+
+    /// Every tier this CPU can run.
+    pub fn available() -> Vec<IntTier> {
+        [IntTier::Scalar, IntTier::Avx2, IntTier::Avx512Vnni]
+            .into_iter()
+            .filter(|t| t.supported() == *t)
+            .collect()
+    }
+}
+
+/// The scalar integer reference: `out[u] = Σ_{k in unit u} code_k · xq_k` (codes read as
+/// `kind` says). `codes.len() == xq.len() == out.len() · unit`.
+pub fn unit_sums_ref(kind: CodeKind, unit: usize, codes: &[u8], xq: &[i8], out: &mut [i32]) {
+    for (u, o) in out.iter_mut().enumerate() {
+        let c = &codes[u * unit..(u + 1) * unit];
+        let x = &xq[u * unit..(u + 1) * unit];
+        *o = c
+            .iter()
+            .zip(x)
+            .map(|(&c, &x)| code_value(kind, c) * i32::from(x))
+            .sum();
+    }
+}
+
+#[inline(always)]
+fn code_value(kind: CodeKind, c: u8) -> i32 {
+    match kind {
+        CodeKind::Nibble => i32::from(c),
+        CodeKind::Signed => i32::from(c as i8),
+    }
+}
+
+/// Integer unit sums of one row of codes against `V` vectors on `tier`:
+/// `out[v][u] = Σ_{k in unit u} code_k · xq[v]_k`, with `qsum[v][u] = Σ_{k in unit u} xq[v]_k`
+/// (used by tiers that read signed codes offset by 128). Lengths: `codes` and every `xq[v]`
+/// `n` bytes, `n` a multiple of 128; `unit` 16, 64 or 128; `out[v]` and `qsum[v]` `n / unit`.
+/// Any other length or unit is an error. Exact: the same on every tier.
+pub fn unit_sums<const V: usize>(
+    tier: IntTier,
+    kind: CodeKind,
+    unit: usize,
+    codes: &[u8],
+    xq: [&[i8]; V],
+    qsum: [&[i32]; V],
+    out: [&mut [i32]; V],
+) -> crate::Result<()> {
+    let n = codes.len();
+    let units = n / unit.max(1);
+    if !matches!(unit, 16 | 64 | 128)
+        || n % GROUP != 0
+        || xq.iter().any(|x| x.len() != n)
+        || qsum.iter().any(|q| q.len() != units)
+        || out.iter().any(|o| o.len() != units)
+    {
+        return Err(crate::QuantError::Shape {
+            op: "act8::unit_sums",
+            shape: vec![n, unit],
+            what: "codes and xq: equal lengths, a multiple of 128; unit 16, 64 or 128".into(),
+        });
+    }
+    unit_sums_checked(tier, kind, unit, codes, xq, qsum, out);
+    Ok(())
+}
+
+/// [`unit_sums`] with its lengths known to be right.
+fn unit_sums_checked<const V: usize>(
+    tier: IntTier,
+    kind: CodeKind,
+    unit: usize,
+    codes: &[u8],
+    xq: [&[i8]; V],
+    qsum: [&[i32]; V],
+    out: [&mut [i32]; V],
+) {
+    match tier.supported() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `supported` returned Avx512Vnni, so the CPU has AVX-512 F/BW/VL + VNNI and
+        // AVX2; the caller checked every length (a multiple of 128, unit 16/64/128).
+        IntTier::Avx512Vnni => unsafe { avx512vnni::unit_sums(kind, unit, codes, xq, qsum, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `supported` returned Avx2, so the CPU has AVX2; lengths checked by the caller.
+        IntTier::Avx2 => unsafe { avx2::unit_sums(kind, unit, codes, xq, out) },
+        _ => scalar::unit_sums(kind, unit, codes, xq, out),
+    }
+}
+
+/// A batch of vectors quantized to int8, padded to a multiple of [`GROUP`] with zeros.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantizedX {
+    /// Padded length of each vector (`ceil(in / 128) · 128`).
+    pub kpad: usize,
+    /// Columns per unit.
+    pub unit: usize,
+    /// The int8 values, `[m, kpad]`.
+    pub xq: Vec<i8>,
+    /// The scale `sx` of each group, `[m, kpad / 128]`.
+    pub sx: Vec<f32>,
+    /// `Q_u = Σ xq` over each unit, `[m, kpad / unit]`.
+    pub qsum: Vec<i32>,
+}
+
+/// Round half to even for `|v| <= 127` without a libm call (the loops vectorize).
+#[inline(always)]
+fn round_even(v: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
+    (v + MAGIC) - MAGIC
+}
+
+/// Quantizes `m` vectors of `inn` elements (`x` `[m, inn]`, every element finite) for a
+/// layout of `unit` columns per unit (vectors in parallel).
+pub fn quantize_x(x: &[f32], m: usize, inn: usize, unit: usize) -> QuantizedX {
+    let kpad = inn.next_multiple_of(GROUP);
+    let (groups, units) = (kpad / GROUP, kpad / unit.max(1));
+    let mut q = QuantizedX {
+        kpad,
+        unit,
+        xq: vec![0; m * kpad],
+        sx: vec![0.0; m * groups],
+        qsum: vec![0; m * units],
+    };
+    type Parts<'a> = (((&'a [f32], &'a mut [i8]), &'a mut [f32]), &'a mut [i32]);
+    let one = |(((xv, xq), sx), qs): Parts| {
+        for (g, grp) in xv.chunks(GROUP).enumerate() {
+            let amax = grp.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+            sx[g] = amax / 127.0;
+            let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+            for (d, &v) in xq[g * GROUP..].iter_mut().zip(grp) {
+                *d = round_even((v * inv).clamp(-127.0, 127.0)) as i8;
+            }
+        }
+        for (s, c) in qs.iter_mut().zip(xq.chunks_exact(unit)) {
+            *s = c.iter().map(|&v| i32::from(v)).sum();
+        }
+    };
+    if inn > 0 {
+        let it = x
+            .par_chunks(inn)
+            .zip(q.xq.par_chunks_mut(kpad))
+            .zip(q.sx.par_chunks_mut(groups))
+            .zip(q.qsum.par_chunks_mut(units));
+        if m > 1 {
+            it.for_each(one);
+        } else {
+            x.chunks(inn)
+                .zip(q.xq.chunks_mut(kpad))
+                .zip(q.sx.chunks_mut(groups))
+                .zip(q.qsum.chunks_mut(units))
+                .for_each(one);
+        }
+    }
+    q
+}
+
+/// The shared f32 combination of a row's unit sums against one vector:
+/// `Σ_u sx_u · (scale_u · I_u) + offset_u · (sx_u · Q_u)` in 8 lane accumulators (unit `u` in
+/// lane `u % 8`) reduced by a fixed tree, the same on every tier.
+///
+/// Only IEEE multiplies and adds (never fused), so compiling it for another target (the AVX2
+/// wrapper [`avx2::combine`]) gives the same bits.
+#[inline(always)]
+fn combine_body(isum: &[i32], sx_u: &[f32], xo_u: &[f32], scale: &[f32], offset: &[f32]) -> f32 {
+    #[inline(always)]
+    fn term(i: i32, sx: f32, xo: f32, s: f32, o: f32) -> f32 {
+        sx * (s * i as f32) + o * xo
+    }
+    let mut acc = [0.0f32; 8];
+    let n = isum.len();
+    let whole = n / 8 * 8;
+    for ((((i8s, sx), xo), s), o) in isum[..whole]
+        .chunks_exact(8)
+        .zip(sx_u.chunks_exact(8))
+        .zip(xo_u.chunks_exact(8))
+        .zip(scale.chunks_exact(8))
+        .zip(offset.chunks_exact(8))
+    {
+        for l in 0..8 {
+            acc[l] += term(i8s[l], sx[l], xo[l], s[l], o[l]);
+        }
+    }
+    for k in whole..n {
+        acc[k % 8] += term(isum[k], sx_u[k], xo_u[k], scale[k], offset[k]);
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+}
+
+/// [`combine_body`] compiled for the best vector unit `tier` allows (same bits on every one).
+#[inline]
+fn combine(
+    tier: IntTier,
+    isum: &[i32],
+    sx_u: &[f32],
+    xo_u: &[f32],
+    scale: &[f32],
+    offset: &[f32],
+) -> f32 {
+    match tier {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the tier came through `supported`: Avx2 and Avx512Vnni CPUs have AVX2.
+        IntTier::Avx2 | IntTier::Avx512Vnni => unsafe {
+            avx2::combine(isum, sx_u, xo_u, scale, offset)
+        },
+        _ => combine_body(isum, sx_u, xo_u, scale, offset),
+    }
+}
+
+/// `y`'s base pointer, shared by tasks that write disjoint columns of `y` (`[m, out]`).
+#[derive(Clone, Copy)]
+struct YPtr(*mut f32);
+// SAFETY: each task writes only the columns of its own row tile (disjoint between tasks), and
+// the `&mut y` borrow outlives every task (joined before `forward` returns).
+unsafe impl Send for YPtr {}
+// SAFETY: as above.
+unsafe impl Sync for YPtr {}
+
+impl YPtr {
+    /// Writes (or with `accumulate` adds) `v` at element `idx` of `y`.
+    ///
+    /// # Safety
+    /// `idx` lies inside `y`, in the columns that belong to the calling task alone.
+    #[inline(always)]
+    unsafe fn store(self, idx: usize, v: f32, accumulate: bool) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            let d = self.0.add(idx);
+            *d = if accumulate { *d + v } else { v };
+        }
+    }
+}
+
+/// Multiply-adds (`out · in · m`) below which the forward stays on one thread.
+const PARALLEL_MIN_WORK: usize = 1 << 16;
+
+/// What a format's `matmul_t` runs for a batch under [`ActivationMode::Int8`] (see the
+/// [module docs](self) for the measurements behind [`int8_route`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Int8Route {
+    /// Q4's fused int8 GEMV, once per vector ([`crate::Q4Matrix::gemv_int8`]'s bits).
+    FusedQ4,
+    /// The format-independent integer driver [`forward`].
+    Generic,
+    /// The f32 path: int8 mode changes nothing for this format and batch.
+    F32,
+}
+
+/// Q4 batches below this run the fused int8 GEMV.
+pub const Q4_FUSED_MAX_M: usize = 16;
+/// Q4 batches from [`Q4_FUSED_MAX_M`] up to below this run [`forward`]; larger ones f32.
+pub const Q4_GENERIC_MAX_M: usize = 32;
+/// NF4 (and NF4-dq) batches up to below this run [`forward`]; larger ones f32.
+pub const NF4_GENERIC_MAX_M: usize = 9;
+
+/// The route of a batch of `m` vectors through a format named `format` (its
+/// `WeightMatrix::format_name`: `q4`, `nf4`, `int8`, `lower`) under [`ActivationMode::Int8`]:
+/// Q4 fused below 16, generic below 32; NF4 generic up to 8; everything else f32. (An x holding
+/// a NaN or infinity, or an NF4 matrix without an integer layout, takes the f32 path whatever
+/// the route.)
+pub fn int8_route(format: &str, m: usize) -> Int8Route {
+    match format {
+        "q4" if m < Q4_FUSED_MAX_M => Int8Route::FusedQ4,
+        "q4" if m < Q4_GENERIC_MAX_M => Int8Route::Generic,
+        "nf4" if m < NF4_GENERIC_MAX_M => Int8Route::Generic,
+        _ => Int8Route::F32,
+    }
+}
+
+/// `y (+)= x · Wᵀ` with int8 activations on `tier` (any batch `m`): `x` `[m, in]`, `y`
+/// `[m, out]`. Returns `false`, with `y` untouched, when the shapes do not match, `w` has no
+/// integer layout, `in == 0`, or x holds a NaN or infinity (the caller then runs the f32 path,
+/// so that those propagate exactly as there).
+pub fn forward(
+    tier: IntTier,
+    w: &dyn IntCodes,
+    x: &[f32],
+    m: usize,
+    y: &mut [f32],
+    accumulate: bool,
+) -> bool {
+    let (o, i) = w.int_dims();
+    let Some(layout) = w.int_layout() else {
+        return false;
+    };
+    if i == 0
+        || x.len() != m * i
+        || y.len() != m * o
+        || !matches!(layout.unit, 16 | 64 | 128)
+        || !x.iter().all(|v| v.is_finite())
+    {
+        return false;
+    }
+    if m == 0 || o == 0 {
+        return true;
+    }
+    let tier = tier.supported();
+    let unit = layout.unit;
+    let q = quantize_x(x, m, i, unit);
+    let (kpad, units) = (q.kpad, q.kpad / unit);
+    let per_group = GROUP / unit;
+    // Per vector and unit: the group's scale, and that times Q_u.
+    let sx_u: Vec<f32> = (0..m * units)
+        .map(|k| q.sx[(k / units) * (kpad / GROUP) + (k % units) / per_group])
+        .collect();
+    let xo_u: Vec<f32> = sx_u
+        .iter()
+        .zip(&q.qsum)
+        .map(|(&s, &c)| s * c as f32)
+        .collect();
+    let yp = YPtr(y.as_mut_ptr());
+    let run = |t: usize| {
+        let r0 = t * ROW_TILE;
+        let nr = ROW_TILE.min(o - r0);
+        let mut codes = vec![0u8; nr * kpad];
+        let mut scale = vec![0.0f32; nr * units];
+        let mut offset = vec![0.0f32; nr * units];
+        for p in 0..nr {
+            w.int_codes(r0 + p, &mut codes[p * kpad..p * kpad + i]);
+            let nu = i.div_ceil(unit);
+            let (s, z) = (
+                &mut scale[p * units..p * units + nu],
+                &mut offset[p * units..p * units + nu],
+            );
+            w.int_affine(r0 + p, s, z);
+        }
+        let mut isum = vec![0i32; 4 * units];
+        let put = |b: usize, r: usize, v: f32| {
+            // SAFETY: b < m and r < o: inside y (m x o); column r belongs to this task's
+            // row tile alone.
+            unsafe { yp.store(b * o + r, v, accumulate) }
+        };
+        let xq = |b: usize| &q.xq[b * kpad..(b + 1) * kpad];
+        let qs = |b: usize| &q.qsum[b * units..(b + 1) * units];
+        let mut b = 0;
+        while b < m {
+            let nv = if m - b >= 4 { 4 } else { 1 };
+            for p in 0..nr {
+                let c = &codes[p * kpad..(p + 1) * kpad];
+                let (s, z) = (
+                    &scale[p * units..(p + 1) * units],
+                    &offset[p * units..(p + 1) * units],
+                );
+                #[cfg(target_arch = "x86_64")]
+                if tier == IntTier::Avx2 && unit == 16 {
+                    let at = |v: usize| (b + v) * units..(b + v + 1) * units;
+                    if nv == 4 {
+                        // SAFETY: the tier is Avx2 (checked by `supported`); every slice has
+                        // `units` (or `kpad` = 16·units) elements, a multiple of 8 units.
+                        let vals = unsafe {
+                            avx2::dot_units16::<4>(
+                                layout.kind,
+                                c,
+                                [xq(b), xq(b + 1), xq(b + 2), xq(b + 3)],
+                                [&sx_u[at(0)], &sx_u[at(1)], &sx_u[at(2)], &sx_u[at(3)]],
+                                [&xo_u[at(0)], &xo_u[at(1)], &xo_u[at(2)], &xo_u[at(3)]],
+                                s,
+                                z,
+                            )
+                        };
+                        for (v, val) in vals.into_iter().enumerate() {
+                            put(b + v, r0 + p, val);
+                        }
+                    } else {
+                        // SAFETY: as above.
+                        let [val] = unsafe {
+                            avx2::dot_units16::<1>(
+                                layout.kind,
+                                c,
+                                [xq(b)],
+                                [&sx_u[at(0)]],
+                                [&xo_u[at(0)]],
+                                s,
+                                z,
+                            )
+                        };
+                        put(b, r0 + p, val);
+                    }
+                    continue;
+                }
+                let (i0, rest) = isum.split_at_mut(units);
+                if nv == 4 {
+                    let (i1, rest) = rest.split_at_mut(units);
+                    let (i2, i3) = rest.split_at_mut(units);
+                    unit_sums_checked(
+                        tier,
+                        layout.kind,
+                        unit,
+                        c,
+                        [xq(b), xq(b + 1), xq(b + 2), xq(b + 3)],
+                        [qs(b), qs(b + 1), qs(b + 2), qs(b + 3)],
+                        [i0, i1, i2, &mut i3[..units]],
+                    );
+                } else {
+                    unit_sums_checked(tier, layout.kind, unit, c, [xq(b)], [qs(b)], [i0]);
+                }
+                for v in 0..nv {
+                    let at = (b + v) * units..(b + v + 1) * units;
+                    let val = combine(
+                        tier,
+                        &isum[v * units..(v + 1) * units],
+                        &sx_u[at.clone()],
+                        &xo_u[at],
+                        s,
+                        z,
+                    );
+                    put(b + v, r0 + p, val);
+                }
+            }
+            b += nv;
+        }
+    };
+    let tiles = o.div_ceil(ROW_TILE);
+    let threads = rayon::current_num_threads().max(1);
+    if threads > 1 && o.saturating_mul(i).saturating_mul(m) >= PARALLEL_MIN_WORK {
+        (0..tiles).into_par_iter().for_each(run);
+    } else {
+        (0..tiles).for_each(run);
+    }
+    true
+}
+
+/// `dst[k] = src[k]` as f32 for `k < min(len)` (F16C where the CPU has it; exact either way).
+pub fn f16_to_f32(src: &[half::f16], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::has_avx2_fma_f16c() {
+        // SAFETY: the CPU has AVX2, FMA and F16C.
+        unsafe { avx2::f16_to_f32(src, dst) };
+        return;
+    }
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = s.to_f32();
+    }
+}
+
+/// NF4's 16 levels as int8: `round(127 · level)` (each within `1/254` of `level`).
+pub const NF4_LEVELS_I8: [i8; 16] = {
+    let mut t = [0i8; 16];
+    let mut c = 0;
+    while c < 16 {
+        let v = crate::nf4::NF4_LEVELS[c] * 127.0;
+        t[c] = (if v < 0.0 { v - 0.5 } else { v + 0.5 }) as i8;
+        c += 1;
+    }
+    t
+};
+
+/// Writes the [`NF4_LEVELS_I8`] bytes of the NF4 codes `first..first + dst.len()` of
+/// `packed` (element `2k` in the HIGH nibble of byte `k`) into `dst`: 16 bytes at a time with
+/// AVX2 (`vpshufb` as the 16-entry table) where the CPU has it and `first` is even, else
+/// [`unpack_nf4_levels_i8_ref`] (the same bytes).
+pub fn unpack_nf4_levels_i8(packed: &[u8], first: usize, dst: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::has_avx2_fma_f16c() && first % 2 == 0 && dst.len() >= 32 {
+        let whole = dst.len() / 32 * 32;
+        let src = &packed[first / 2..first / 2 + whole / 2];
+        // SAFETY: the CPU has AVX2; `src` holds `whole / 2` bytes and `dst` at least `whole`.
+        unsafe { avx2::unpack_nf4_levels_i8(src, &mut dst[..whole]) };
+        unpack_nf4_levels_i8_ref(packed, first + whole, &mut dst[whole..]);
+        return;
+    }
+    unpack_nf4_levels_i8_ref(packed, first, dst);
+}
+
+/// The scalar ground truth of [`unpack_nf4_levels_i8`].
+pub fn unpack_nf4_levels_i8_ref(packed: &[u8], first: usize, dst: &mut [u8]) {
+    unpack_nibbles_high_first(packed, first, dst);
+    for c in dst {
+        *c = NF4_LEVELS_I8[usize::from(*c & 15)] as u8;
+    }
+}
+
+/// Unpacks 4-bit codes, element `2k` in the LOW nibble of byte `k`, into `dst` (one code a
+/// byte; `dst.len()` codes, `packed` at least `ceil(dst.len() / 2)` bytes): 32 codes at a time
+/// with AVX2 where the CPU has it, the rest by [`unpack_nibbles_low_first_ref`] (the same
+/// bytes).
+pub fn unpack_nibbles_low_first(packed: &[u8], dst: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::has_avx2_fma_f16c() && dst.len() >= 32 {
+        let whole = dst.len() / 32 * 32;
+        // SAFETY: the CPU has AVX2; `packed` holds at least `whole / 2` bytes.
+        unsafe { avx2::unpack_nibbles_low_first(&packed[..whole / 2], &mut dst[..whole]) };
+        unpack_nibbles_low_first_ref(&packed[whole / 2..], &mut dst[whole..]);
+        return;
+    }
+    unpack_nibbles_low_first_ref(packed, dst);
+}
+
+/// The scalar ground truth of [`unpack_nibbles_low_first`].
+pub fn unpack_nibbles_low_first_ref(packed: &[u8], dst: &mut [u8]) {
+    let n = dst.len();
+    let mut pairs = dst.chunks_exact_mut(2);
+    for (d, &b) in (&mut pairs).zip(packed) {
+        d[0] = b & 15;
+        d[1] = b >> 4;
+    }
+    if let ([d], Some(&b)) = (pairs.into_remainder(), packed.get(n / 2)) {
+        *d = b & 15;
+    }
+}
+
+/// Unpacks 4-bit codes, element `2k` in the HIGH nibble of byte `k`, starting at element
+/// `first` (`dst.len()` codes).
+pub fn unpack_nibbles_high_first(packed: &[u8], first: usize, dst: &mut [u8]) {
+    if first % 2 == 0 && dst.len() % 2 == 0 {
+        let bytes = &packed[first / 2..first / 2 + dst.len() / 2];
+        for (d, &b) in dst.chunks_exact_mut(2).zip(bytes) {
+            d[0] = b >> 4;
+            d[1] = b & 15;
+        }
+        return;
+    }
+    for (k, d) in dst.iter_mut().enumerate() {
+        let e = first + k;
+        let b = packed[e / 2];
+        *d = if e % 2 == 0 { b >> 4 } else { b & 15 };
+    }
+}
+
+/// Unpacks 3-bit codes, 8 codes little-endian in each 3 bytes (code `j` at bits `3j..3j+3`),
+/// into `dst` (`packed` at least `ceil(3 · dst.len() / 8)` bytes).
+pub fn unpack_3bit(packed: &[u8], dst: &mut [u8]) {
+    let n = dst.len();
+    let mut runs = dst.chunks_exact_mut(8);
+    for (d, p) in (&mut runs).zip(packed.chunks_exact(3)) {
+        let v = u32::from(p[0]) | u32::from(p[1]) << 8 | u32::from(p[2]) << 16;
+        for (j, dj) in d.iter_mut().enumerate() {
+            *dj = ((v >> (3 * j)) & 7) as u8;
+        }
+    }
+    let rest = runs.into_remainder();
+    if !rest.is_empty() {
+        let base = (n / 8) * 3;
+        let mut v = 0u32;
+        for (t, &b) in packed[base..].iter().take(3).enumerate() {
+            v |= u32::from(b) << (8 * t);
+        }
+        for (j, dj) in rest.iter_mut().enumerate() {
+            *dj = ((v >> (3 * j)) & 7) as u8;
+        }
+    }
+}

@@ -1,0 +1,366 @@
+//! Int8 activations ([`nibble_quant::act8`]): every integer tier against the scalar integer
+//! reference on ragged unit contents, every format's int8 forward bit-identical across tiers
+//! and thread counts, equal to the integer formula, and within the documented bound of the
+//! f32 path, on awkward shapes and batch sizes.
+
+#![allow(clippy::needless_range_loop)]
+
+use nibble_quant::act8::{
+    forward, int8_route, quantize_x, unit_sums, unit_sums_ref, with_activations, ActivationMode,
+    CodeKind, Int8Route, IntCodes, IntTier, GROUP, NF4_LEVELS_I8,
+};
+use nibble_quant::nf4::NF4_LEVELS;
+use nibble_quant::{Int8Matrix, LowerMatrix, Nf4Matrix, Q4Matrix};
+use nibble_tensor::{Rng, Tensor, WeightMatrix};
+
+/// Tiers this CPU runs, printing the ones it lacks.
+fn tiers() -> Vec<IntTier> {
+    let t = IntTier::available();
+    for want in [IntTier::Avx2, IntTier::Avx512Vnni] {
+        if !t.contains(&want) {
+            println!("act8: skipping tier {want:?} (this CPU lacks it)");
+        }
+    }
+    t
+}
+
+/// Deterministic bytes from a counter (xorshift).
+fn bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 24) as u8
+        })
+        .collect()
+}
+
+/// Codes and xq with the awkward contents: extremes, zero units, all-zero x.
+fn operands(kind: CodeKind, n: usize, unit: usize, seed: u64) -> (Vec<u8>, Vec<Vec<i8>>) {
+    let mut codes = bytes(n, seed);
+    if kind == CodeKind::Nibble {
+        codes.iter_mut().for_each(|c| *c &= 15);
+    }
+    // Unit 0 at the extreme code, unit 1 all zero codes.
+    let hi = if kind == CodeKind::Nibble { 15 } else { 0x80 };
+    codes[..unit].fill(hi);
+    if n >= 2 * unit {
+        codes[unit..2 * unit].fill(0);
+    }
+    let mut xs = Vec::new();
+    for v in 0..4u64 {
+        let mut x: Vec<i8> = bytes(n, seed + 10 + v)
+            .into_iter()
+            .map(|b| (b as i8).max(-127))
+            .collect();
+        match v {
+            0 => x[..unit].fill(127),
+            1 => x[..unit].fill(-127),
+            2 => x.fill(0),
+            _ => {}
+        }
+        xs.push(x);
+    }
+    (codes, xs)
+}
+
+/// Every tier's unit sums equal the scalar integer reference (1 and 4 vectors at a time) on
+/// lengths of 1..9 groups, units 16/64/128, nibble and signed codes.
+#[test]
+fn unit_sums_every_tier_match_the_reference() {
+    let tiers = tiers();
+    for kind in [CodeKind::Nibble, CodeKind::Signed] {
+        for unit in [16usize, 64, 128] {
+            for groups in [1usize, 2, 3, 7, 9] {
+                let n = groups * GROUP;
+                let units = n / unit;
+                let (codes, xs) = operands(kind, n, unit, (groups * unit) as u64);
+                let want: Vec<Vec<i32>> = xs
+                    .iter()
+                    .map(|x| {
+                        let mut o = vec![0; units];
+                        unit_sums_ref(kind, unit, &codes, x, &mut o);
+                        o
+                    })
+                    .collect();
+                let qs: Vec<Vec<i32>> = xs
+                    .iter()
+                    .map(|x| {
+                        x.chunks(unit)
+                            .map(|c| c.iter().map(|&v| i32::from(v)).sum())
+                            .collect()
+                    })
+                    .collect();
+                for &t in &tiers {
+                    let mut o: Vec<Vec<i32>> = vec![vec![i32::MIN; units]; 4];
+                    let [a, b, c, d] = &mut o[..] else {
+                        unreachable!()
+                    };
+                    unit_sums(
+                        t,
+                        kind,
+                        unit,
+                        &codes,
+                        [&xs[0], &xs[1], &xs[2], &xs[3]],
+                        [&qs[0], &qs[1], &qs[2], &qs[3]],
+                        [a, b, c, d],
+                    )
+                    .unwrap();
+                    assert_eq!(o, want, "{t:?} {kind:?} unit {unit} n {n} (4 vectors)");
+                    let mut one = vec![i32::MIN; units];
+                    unit_sums(t, kind, unit, &codes, [&xs[3]], [&qs[3]], [&mut one]).unwrap();
+                    assert_eq!(one, want[3], "{t:?} {kind:?} unit {unit} n {n}");
+                }
+            }
+        }
+    }
+    // Bad lengths are an error, not a panic.
+    let mut o = vec![0; 1];
+    assert!(unit_sums(
+        IntTier::Scalar,
+        CodeKind::Nibble,
+        16,
+        &[0; 16],
+        [&[0; 16]],
+        [&[0]],
+        [&mut o]
+    )
+    .is_err());
+}
+
+/// The formats under test for `(out, in)`.
+fn formats(o: usize, i: usize, seed: u64) -> Vec<(&'static str, Box<dyn Fmt>)> {
+    let w = Tensor::randn(&[o, i], &mut Rng::new(seed)).scale(1.0 / (i.max(1) as f32).sqrt());
+    vec![
+        (
+            "q4",
+            Box::new(Q4Matrix::quantize(&w).unwrap()) as Box<dyn Fmt>,
+        ),
+        ("nf4", Box::new(Nf4Matrix::quantize(&w).unwrap())),
+        ("nf4_dq", Box::new(Nf4Matrix::quantize_double(&w).unwrap())),
+        ("int8", Box::new(Int8Matrix::quantize(&w).unwrap())),
+        ("lower", Box::new(LowerMatrix::quantize(&w).unwrap())),
+    ]
+}
+
+/// A format with both views.
+trait Fmt: IntCodes + WeightMatrix {
+    fn as_int(&self) -> &dyn IntCodes;
+}
+impl<T: IntCodes + WeightMatrix> Fmt for T {
+    fn as_int(&self) -> &dyn IntCodes {
+        self
+    }
+}
+
+/// Every format's int8 forward on awkward shapes and batches: bit-identical on every tier,
+/// equal (to f32 rounding) to `Σ_k w8_k · sx·xq_k` with the format's integer weights, within
+/// the documented bound of the f32 path, NaN-prefilled outputs fully written, `accumulate`
+/// adding, and `matmul_t` under `with_activations(Int8)` following [`int8_route`]: the same
+/// bits on the generic route, the f32 path's on the f32 route, within the same bound and
+/// formula on Q4's fused route.
+#[test]
+fn forward_every_format_every_tier() {
+    let tiers = tiers();
+    for &i in &[1usize, 7, 15, 17, 31, 33, 63, 64, 129, 192, 1023] {
+        for &(o, m) in &[(0usize, 1usize), (1, 1), (7, 3), (17, 16), (33, 5)] {
+            for (name, f) in formats(o, i, (i * 31 + o) as u64) {
+                let x = Tensor::randn(&[m, i], &mut Rng::new((i + m) as u64));
+                let mut x = x.into_vec();
+                if m > 1 {
+                    x[i..2 * i].fill(0.0); // an all-zero row of x
+                }
+                let Some(layout) = f.int_layout() else {
+                    assert!(
+                        name.starts_with("nf4") && i % 64 != 0,
+                        "{name} has no layout"
+                    );
+                    let mut y = vec![f32::NAN; m * o];
+                    assert!(!forward(IntTier::Scalar, f.as_int(), &x, m, &mut y, false));
+                    continue;
+                };
+                let runs: Vec<Vec<f32>> = tiers
+                    .iter()
+                    .map(|&t| {
+                        let mut y = vec![f32::NAN; m * o];
+                        assert!(forward(t, f.as_int(), &x, m, &mut y, false));
+                        y
+                    })
+                    .collect();
+                for (t, y) in tiers.iter().zip(&runs) {
+                    assert!(
+                        y.iter()
+                            .zip(&runs[0])
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{name} {o}x{i} m {m}: tier {t:?} differs from {:?}",
+                        tiers[0]
+                    );
+                }
+                let y = &runs[0];
+                let mut via = vec![f32::NAN; m * o];
+                with_activations(ActivationMode::Int8, || f.matmul_t(&x, m, &mut via, false))
+                    .unwrap();
+                let route = int8_route(f.format_name(), m);
+                let mut acc = vec![1.0f32; m * o];
+                assert!(forward(tiers[0], f.as_int(), &x, m, &mut acc, true));
+                assert!(
+                    acc.iter().zip(y).all(|(a, b)| *a == 1.0 + b),
+                    "{name} accumulate"
+                );
+                let mut exact = vec![0.0f32; m * o];
+                f.matmul_t(&x, m, &mut exact, false).unwrap();
+                // matmul_t under Int8 follows the route: the generic driver's bits, the f32
+                // path's bits, or (Q4's fused GEMV) the same integer formula in another f32
+                // order, checked against the bound below like the driver.
+                let bits_eq =
+                    |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits());
+                match route {
+                    Int8Route::Generic => assert!(bits_eq(y, &via), "{name} m {m} matmul_t"),
+                    Int8Route::F32 => assert!(bits_eq(&exact, &via), "{name} m {m} f32 route"),
+                    Int8Route::FusedQ4 => assert_eq!(name, "q4"),
+                }
+                let wd = f.to_f32();
+                let q = quantize_x(&x, m, i, layout.unit);
+                for b in 0..m {
+                    let xb = &x[b * i..(b + 1) * i];
+                    for r in 0..o {
+                        let (mut want, mut bound, mut mag) = (0.0f64, 0.0f64, 0.0f64);
+                        for k in 0..i {
+                            let wk = f64::from(wd.data()[r * i + k]);
+                            let sx = f64::from(q.sx[b * (q.kpad / GROUP) + k / GROUP]);
+                            let xk = sx * f64::from(q.xq[b * q.kpad + k]);
+                            // (NF4's table moves its weights: checked by the bound only.)
+                            let w8 = wk;
+                            want += w8 * xk;
+                            mag += (w8 * xk).abs() + (wk * f64::from(xb[k])).abs();
+                            let amax = 127.0 * sx;
+                            bound += wk.abs() * amax / 254.0;
+                            if name.starts_with("nf4") {
+                                // |level − level8/127| <= 1/254 of the block's absmax,
+                                // bounded here by the row's largest |w'|.
+                                let wmax = wd.data()[r * i..(r + 1) * i]
+                                    .iter()
+                                    .fold(0.0f32, |a, v| a.max(v.abs()));
+                                bound += (f64::from(xb[k]).abs() + amax / 254.0) * f64::from(wmax)
+                                    / 254.0;
+                            }
+                        }
+                        let f32y = f64::from(exact[b * o + r]);
+                        let mut checked = vec![f64::from(y[b * o + r])];
+                        if route == Int8Route::FusedQ4 {
+                            checked.push(f64::from(via[b * o + r]));
+                        }
+                        for got in checked {
+                            let err = (got - f32y).abs();
+                            assert!(
+                                err <= bound * 1.001 + 1e-5 * mag + 1e-6,
+                                "{name} {o}x{i} m {m} ({b},{r}): int8 {got} f32 {f32y} err {err} bound {bound}"
+                            );
+                            if !name.starts_with("nf4") {
+                                assert!(
+                                    (got - want).abs() <= 1e-5 * mag + 1e-6,
+                                    "{name} {o}x{i} m {m} ({b},{r}): {got} vs integer formula {want}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The NF4 level and 4-bit unpacking (AVX2 where the CPU has it) give the scalar reference's bytes at
+/// every start and length.
+#[test]
+fn nf4_level_unpack_matches_the_reference() {
+    let packed = bytes(300, 9);
+    for first in [0usize, 1, 2, 64, 97] {
+        for len in [0usize, 1, 31, 32, 33, 64, 100, 500] {
+            let mut a = vec![0xAAu8; len];
+            let mut b = vec![0x55u8; len];
+            nibble_quant::act8::unpack_nf4_levels_i8(&packed, first, &mut a);
+            nibble_quant::act8::unpack_nf4_levels_i8_ref(&packed, first, &mut b);
+            assert_eq!(a, b, "first {first} len {len}");
+        }
+    }
+    for len in [0usize, 1, 31, 32, 33, 64, 100, 500, 599] {
+        let mut a = vec![0xAAu8; len];
+        let mut b = vec![0x55u8; len];
+        nibble_quant::act8::unpack_nibbles_low_first(&packed, &mut a);
+        nibble_quant::act8::unpack_nibbles_low_first_ref(&packed, &mut b);
+        assert_eq!(a, b, "low first, len {len}");
+    }
+}
+
+/// NF4's int8 table is within 1/254 of every level.
+#[test]
+fn nf4_int8_table_error() {
+    for (l, q) in NF4_LEVELS.iter().zip(NF4_LEVELS_I8) {
+        assert!(
+            (l - f32::from(q) / 127.0).abs() <= 1.0 / 254.0 + 1e-7,
+            "{l} {q}"
+        );
+    }
+    assert_eq!(NF4_LEVELS_I8[0], -127);
+    assert_eq!(NF4_LEVELS_I8[15], 127);
+    assert_eq!(NF4_LEVELS_I8[7], 0);
+}
+
+/// The int8 forward gives the same bits on 1, 2 and 3 threads (GEMV and GEMM sizes).
+#[test]
+fn forward_bits_independent_of_threads() {
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let mut out = Vec::new();
+            for (_, f) in formats(130, 320, 5) {
+                for m in [1usize, 4, 20] {
+                    let x = Tensor::randn(&[m, 320], &mut Rng::new(m as u64)).into_vec();
+                    let mut y = vec![f32::NAN; m * 130];
+                    if forward(
+                        IntTier::for_path(nibble_quant::cpu::kernel_path()),
+                        f.as_int(),
+                        &x,
+                        m,
+                        &mut y,
+                        false,
+                    ) {
+                        out.push(y);
+                    }
+                }
+            }
+            out
+        })
+    };
+    let a = run(1);
+    assert!(!a.is_empty());
+    for t in [2, 3] {
+        let b = run(t);
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(&b) {
+            assert!(
+                x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()),
+                "{t} threads"
+            );
+        }
+    }
+}
+
+/// A NaN in x is not lost in the int8 rounding: the f32 path runs and it reaches the outputs.
+#[test]
+fn nonfinite_x_takes_the_f32_path() {
+    for (name, f) in formats(9, 128, 3) {
+        let mut x = vec![0.5f32; 2 * 128];
+        x[77] = f32::NAN;
+        let mut y = vec![0.0f32; 2 * 9];
+        assert!(!forward(IntTier::Scalar, f.as_int(), &x, 2, &mut y, false));
+        with_activations(ActivationMode::Int8, || f.matmul_t(&x, 2, &mut y, false)).unwrap();
+        assert!(y[..9].iter().all(|v| v.is_nan()), "{name}");
+    }
+}
