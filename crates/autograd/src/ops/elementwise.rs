@@ -3,6 +3,7 @@
 use crate::error::Result;
 use crate::tape::{Op, Tape, Var};
 use nibble_tensor::Tensor;
+use rayon::prelude::*;
 use std::sync::Arc;
 
 /// Backward of [`Tape::add`]: the gradient flows unchanged to both inputs.
@@ -26,17 +27,29 @@ pub struct PositiveMask {
 }
 
 impl PositiveMask {
-    /// The mask of `values > 0` (NaN counts as not positive).
+    /// The mask of `values > 0` (NaN counts as not positive). Large tensors are split over the
+    /// rayon pool (blocks of [`MASK_BLOCK_WORDS`] words), so the mask adds no serial pass to a
+    /// training step on many cores.
     pub fn of(values: &[f32]) -> Self {
-        let words = values
-            .chunks(64)
-            .map(|chunk| {
-                chunk
-                    .iter()
-                    .enumerate()
-                    .fold(0u64, |w, (i, &v)| w | (u64::from(v > 0.0) << i))
-            })
-            .collect();
+        let mut words = vec![0u64; values.len().div_ceil(64)];
+        let fill = |(b, block): (usize, &mut [u64])| {
+            let start = b * MASK_BLOCK_WORDS * 64;
+            let end = (start + block.len() * 64).min(values.len());
+            for (word, chunk) in block.iter_mut().zip(values[start..end].chunks(64)) {
+                *word = positive_bits(chunk);
+            }
+        };
+        if values.len() >= PARALLEL_MIN_ELEMENTS {
+            words
+                .par_chunks_mut(MASK_BLOCK_WORDS)
+                .enumerate()
+                .for_each(fill);
+        } else {
+            words
+                .chunks_mut(MASK_BLOCK_WORDS)
+                .enumerate()
+                .for_each(fill);
+        }
         PositiveMask {
             words,
             len: values.len(),
@@ -58,16 +71,49 @@ impl PositiveMask {
         self.words.len() * 8
     }
 
-    /// Zeroes the elements of `values` (of the mask's length) whose bit is clear.
+    /// Zeroes the elements of `values` (of the mask's length) whose bit is clear, in parallel
+    /// for large tensors (each element on its own: the same result for any thread count).
     pub fn apply(&self, values: &mut [f32]) {
         debug_assert_eq!(values.len(), self.len);
-        for (chunk, &word) in values.chunks_mut(64).zip(&self.words) {
-            // A select, not a conditional store, so that it vectorizes.
-            for (i, g) in chunk.iter_mut().enumerate() {
-                *g = if (word >> i) & 1 == 1 { *g } else { 0.0 };
+        let apply_block = |(b, block): (usize, &mut [f32])| {
+            let words = &self.words[b * MASK_BLOCK_WORDS..];
+            for (chunk, &word) in block.chunks_mut(64).zip(words) {
+                // A select, not a conditional store, so that it vectorizes.
+                for (i, g) in chunk.iter_mut().enumerate() {
+                    *g = if (word >> i) & 1 == 1 { *g } else { 0.0 };
+                }
             }
+        };
+        let block = MASK_BLOCK_WORDS * 64;
+        if values.len() >= PARALLEL_MIN_ELEMENTS {
+            values
+                .par_chunks_mut(block)
+                .enumerate()
+                .for_each(apply_block);
+        } else {
+            values.chunks_mut(block).enumerate().for_each(apply_block);
         }
     }
+}
+
+/// Words of a [`PositiveMask`] per parallel task (64 Ki elements).
+pub const MASK_BLOCK_WORDS: usize = 1024;
+
+/// Tensors of at least this many elements build and apply their mask on the rayon pool.
+const PARALLEL_MIN_ELEMENTS: usize = 1 << 17;
+
+/// Bit `i` set where `chunk[i] > 0` (at most 64 values), eight at a time so that the compare
+/// and the bit gathering vectorize.
+fn positive_bits(chunk: &[f32]) -> u64 {
+    let mut word = 0u64;
+    for (j, eight) in chunk.chunks(8).enumerate() {
+        let mut byte = 0u64;
+        for (i, &v) in eight.iter().enumerate() {
+            byte |= u64::from(v > 0.0) << i;
+        }
+        word |= byte << (8 * j);
+    }
+    word
 }
 
 /// Backward of [`Tape::relu`]: `dX = dY · [y > 0]`, from a bit per element (the output itself
@@ -125,7 +171,7 @@ mod tests {
 
     #[test]
     fn mask_matches_the_float_test_on_ragged_lengths() {
-        for n in [0usize, 1, 7, 63, 64, 65, 129, 1023] {
+        for n in [0usize, 1, 7, 63, 64, 65, 129, 1023, (1 << 17) + 77] {
             let values: Vec<f32> = (0..n)
                 .map(|i| match i % 5 {
                     0 => -(i as f32),
