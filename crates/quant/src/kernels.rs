@@ -35,6 +35,13 @@ macro_rules! for_row_quads {
 }
 pub(crate) use for_row_quads;
 
+/// The `put` of a GEMV over a range of rows ([`for_row_quads!`]): writes `v` at `y[j]`, or adds
+/// it there with `acc`.
+#[inline(always)]
+pub(crate) fn store_row(y: &mut [f32], acc: bool) -> impl FnMut(usize, usize, f32) + '_ {
+    move |j, _row, v| y[j] = if acc { y[j] + v } else { v }
+}
+
 /// A block of W to dequantize into a strided destination: `W[r0 + p, c0..c0+len]` goes to
 /// `dst[p * stride..p * stride + len]` for `p < rows`.
 #[derive(Debug, Clone, Copy)]

@@ -297,7 +297,7 @@ pub(crate) mod q4 {
                 rows,
                 |r| dot_rows::<4>(m, r, prep),
                 dot_rows::<1>(m, r, prep)[0],
-                |j: usize, _row: usize, v: f32| y[j] = if acc { y[j] + v } else { v }
+                crate::kernels::store_row(y, acc)
             );
         }
     }
@@ -429,7 +429,7 @@ pub(crate) mod nf4 {
                 rows,
                 |r| dot_rows::<4>(m, r, xp),
                 dot_rows::<1>(m, r, xp)[0],
-                |j: usize, _row: usize, v: f32| y[j] = if acc { y[j] + v } else { v }
+                crate::kernels::store_row(y, acc)
             );
         }
     }

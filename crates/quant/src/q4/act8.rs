@@ -241,7 +241,7 @@ mod avx2 {
             rows,
             |r| dot_rows::<4>(m, r, prep),
             dot_rows::<1>(m, r, prep)[0],
-            |j: usize, _row: usize, v: f32| y[j] = if acc { y[j] + v } else { v }
+            crate::kernels::store_row(y, acc)
         );
     }
 

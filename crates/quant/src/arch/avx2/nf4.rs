@@ -121,7 +121,7 @@ unsafe fn gemv_body(
         rows,
         |r| dot_rows::<4>(m, r, xp),
         dot_rows::<1>(m, r, xp)[0],
-        |j: usize, _row: usize, v: f32| y[j] = if acc { y[j] + v } else { v }
+        crate::kernels::store_row(y, acc)
     );
 }
 
