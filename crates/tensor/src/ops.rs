@@ -101,7 +101,15 @@ pub fn add_in_place(dst: &mut [f32], src: &[f32]) -> Result<()> {
 
 /// Writes `row` into every row of `dst` (`dst.len()` a multiple of `row.len()`, else an
 /// error): a bias broadcast into a reused output buffer, the start of [`crate::linear`]'s
-/// output.
+/// output. Large outputs are filled on the rayon pool, whole rows per task (one serial 4 MiB
+/// pass per layer was 7 % of BigNet's batch-1024 forward on 16 threads).
+///
+/// ```
+/// let mut y = vec![0.0f32; 6];
+/// nibble_tensor::ops::fill_rows(&mut y, &[1.0, 2.0, 3.0]).unwrap();
+/// assert_eq!(y, [1.0, 2.0, 3.0, 1.0, 2.0, 3.0]);
+/// assert!(nibble_tensor::ops::fill_rows(&mut y, &[1.0; 4]).is_err());
+/// ```
 pub fn fill_rows(dst: &mut [f32], row: &[f32]) -> Result<()> {
     if dst.is_empty() && row.is_empty() {
         return Ok(());
@@ -113,8 +121,18 @@ pub fn fill_rows(dst: &mut [f32], row: &[f32]) -> Result<()> {
             rhs: vec![row.len()],
         });
     }
-    dst.chunks_exact_mut(row.len())
-        .for_each(|r| r.copy_from_slice(row));
+    let n = row.len();
+    if dst.len() < 2 * PAR_CHUNK {
+        dst.chunks_exact_mut(n).for_each(|r| r.copy_from_slice(row));
+    } else {
+        // Whole rows per task, about PAR_CHUNK floats each.
+        let rows_per_task = PAR_CHUNK.div_ceil(n).max(1);
+        dst.par_chunks_mut(rows_per_task * n).for_each(|block| {
+            block
+                .chunks_exact_mut(n)
+                .for_each(|r| r.copy_from_slice(row))
+        });
+    }
     Ok(())
 }
 
@@ -299,6 +317,26 @@ impl Tensor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Small and pool-sized outputs (odd row widths, so tasks do not start on a row boundary of
+    /// a power of two) hold `row` in every row, on 1 and 3 threads.
+    #[test]
+    fn fill_rows_fills_every_row_serial_and_parallel() {
+        for threads in [1, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            for (rows, cols) in [(1, 1), (3, 7), (1000, 33), (777, 1023)] {
+                let row: Vec<f32> = (0..cols).map(|j| j as f32 * 0.5 - 3.0).collect();
+                let mut y = vec![f32::NAN; rows * cols];
+                pool.install(|| fill_rows(&mut y, &row)).unwrap();
+                for (r, got) in y.chunks_exact(cols).enumerate() {
+                    assert_eq!(got, &row[..], "row {r} of {rows}x{cols}, {threads} threads");
+                }
+            }
+        }
+    }
 
     #[test]
     fn elementwise_ops_check_shapes_and_compute() {

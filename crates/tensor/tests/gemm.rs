@@ -222,7 +222,9 @@ fn gemm_matches_reference_on_awkward_shapes() {
         (0, 1023, 1023),
         (1023, 0, 7),
         (31, 33, 0),
-        (3, 2100, 5), // more than one NC block
+        (3, 2100, 5),     // more than one NC block
+        (40, 2100, 1100), // two NC blocks, each in 3 stages of packed B
+        (200, 530, 2100), // 2 stages; rows past SMALL_M_ROWS (the balanced task grid)
     ];
     for (t, &(m, n, k)) in big.iter().enumerate() {
         run_case(
@@ -269,7 +271,13 @@ fn in_pool<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
 
 #[test]
 fn gemm_and_gemv_bit_identical_across_thread_counts() {
-    let (m, n, k) = (257, 300, 1100);
+    // One stage of packed B, then several stages and column blocks.
+    for (m, n, k) in [(257, 300, 1100), (200, 2100, 600)] {
+        bit_identical_across_thread_counts(m, n, k);
+    }
+}
+
+fn bit_identical_across_thread_counts(m: usize, n: usize, k: usize) {
     let mut rng = Rng::new(11);
     let a: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
     let w: Vec<f32> = (0..n * k).map(|_| rng.normal()).collect();

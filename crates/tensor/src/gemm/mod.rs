@@ -9,11 +9,14 @@
 //!
 //! # Design
 //! * Blocking: the K dimension is cut into blocks of [`KC`] (256) rows, N into blocks of [`NC`]
-//!   columns, M into blocks of at most about [`MC`] rows. For each `(NC, KC)` block, B is packed
-//!   once into `NR`-wide panels (in parallel, by panel) and shared by all threads; each task then
-//!   packs its own `MC x KC` block of A into `MR`-row micro-panels and sweeps the
-//!   `MR x NR` microkernel over it, B panel by B panel (B micro-panel in L1, A block in L2,
-//!   the packed B block in L3).
+//!   columns, M into micro-panels of `MR` rows (blocks of about [`MC`] rows on one thread).
+//!   A *stage* is as many `KC` blocks of an `NC` column block as fit in 4 MiB of packed B (all
+//!   of K for a 1024 x 1024 weight). B is packed into `NR`-wide panels once per stage and
+//!   shared by all threads, column group by column group *on first use*: the task that first
+//!   needs a group packs it while the others work on other groups, so a stage is one parallel
+//!   pass (one fork-join) with no serial packing phase. Each task packs its own rows of A per
+//!   `KC` block into micro-panels and sweeps the microkernel over them, B group by B group
+//!   (B group slice in L1, A block in L2, the stage's packed B in L2/L3).
 //! * Microkernel, chosen at run time by [`crate::cpu::kernel_path`]: on the AVX-512 tier an
 //!   `R x (P * NR)` zmm kernel ([`Avx512Tile`], default 12 x 32) that reads `P` neighbouring
 //!   packed panels at once and masks its edge tiles (module `avx512`); otherwise
@@ -347,29 +350,33 @@ impl Micro {
 
 /// Chooses the task grid `(m_blocks, n_blocks)` for an `m x (npan * NR)` block of C, `mr`
 /// rows per micro-panel and `npan` units of columns.
+///
+/// Serial: blocks of about [`MC`] rows sweeping every column (the packed B group in L1 serves
+/// every micro-panel of the block). Parallel, below [`SMALL_M_ROWS`] rows: one row block and
+/// the columns split (see below). Parallel, larger: row blocks of whole micro-panels, as tall
+/// as leaves at least 4 row blocks per thread (at most about [`MC`] rows), and the columns
+/// split until there are [`TASKS_PER_THREAD`] tasks per thread, so that tasks are equal and
+/// many enough for the pool to balance them while each packed B group still serves several
+/// micro-panels where the rows allow. On the 16-core Xeon (1024³ f32, 16 threads, medians of
+/// 30 in one run) one micro-panel per task with the columns halved took 2.36 ms against 2.56
+/// with the previous grid (about 4 tasks per thread of 1.5–2 micro-panels: uneven), and 3.88
+/// against 4.22 ms on 8 threads; tasks of about `MC` rows with the columns split took 2.85 ms.
 fn task_grid(m: usize, mr: usize, npan: usize, threads: usize, parallel: bool) -> (usize, usize) {
     let pm = m.div_ceil(mr);
-    let mut mb = m.div_ceil(MC).max(1);
-    let mut nb = 1;
-    if parallel {
-        // Enough tasks for rayon to balance (about 4 per thread), a multiple of the thread
-        // count when M alone can provide them; otherwise split N as well.
-        let target = threads * 4;
-        if pm * mr < SMALL_M_ROWS {
-            // Few row panels (batches below 192): every task takes all of them and a share of
-            // the columns, so each packed B panel is read by one task, which reuses it from
-            // L1 across the row panels. Splitting M here made two tasks stream the same B
-            // panels (1024² f32, 2 threads: m = 7 0.89 -> 0.56 ms, m = 48 1.98 -> 1.66 ms,
-            // m = 96 3.60 -> 3.07 ms; m = 6 was 0.39 ms either way).
-            return (1, target.min(npan).max(1));
-        }
-        mb = mb.max(target).div_ceil(threads) * threads;
-        mb = mb.min(pm);
-        if mb < target {
-            nb = target.div_ceil(mb).min(npan);
-        }
+    if !parallel {
+        return (m.div_ceil(MC).clamp(1, pm), 1);
     }
-    (mb.min(pm).max(1), nb.max(1))
+    if pm * mr < SMALL_M_ROWS {
+        // Few row panels (batches below 192): every task takes all of them and a share of
+        // the columns, so each packed B panel is read by one task, which reuses it from
+        // L1 across the row panels. Splitting M here made two tasks stream the same B
+        // panels (1024² f32, 2 threads: m = 7 0.89 -> 0.56 ms, m = 48 1.98 -> 1.66 ms,
+        // m = 96 3.60 -> 3.07 ms; m = 6 was 0.39 ms either way).
+        return (1, (threads * 4).min(npan).max(1));
+    }
+    let panels_per_task = (pm / (threads * 4)).clamp(1, MC.div_ceil(mr));
+    let mb = pm.div_ceil(panels_per_task);
+    (mb, (threads * TASKS_PER_THREAD).div_ceil(mb).clamp(1, npan))
 }
 
 /// `C = A · B` (or `C += A · B` with `accumulate`), `C` row-major `m x n` with `m = a.rows()`,
@@ -433,6 +440,97 @@ pub fn gemm_on(
     gemm_with(Micro::for_path(path.supported()), a, b, c, accumulate)
 }
 
+/// Most floats of packed B one stage of the driver holds (4 MiB): a stage packs as many whole
+/// `KC` blocks of an `NC` column block as fit (at least one), so a 1024-deep, 1024-wide
+/// weight is one stage.
+const STAGE_FLOATS: usize = 1 << 20;
+
+/// Tasks per thread of a parallel GEMM's balanced grid (see [`task_grid`]).
+const TASKS_PER_THREAD: usize = 8;
+
+/// States of a packed B column group (see [`StageB`]).
+const EMPTY: u8 = 0;
+const PACKING: u8 = 1;
+const READY: u8 = 2;
+
+/// The packed B of one stage: K blocks `kb0..kb1` of the column block at `n0`, each block
+/// `npan` panels of `kc * NR` floats, panel after panel. Column groups (the `np` panels one
+/// microkernel call reads) are packed on first use by whichever task needs them first, so
+/// packing runs inside the same parallel pass as the products (one fork-join per stage instead
+/// of two per K block) and no thread waits for all of B before it starts.
+struct StageB<'s> {
+    buf: BPtr,
+    /// One state per (K block of the stage, column group).
+    states: &'s [std::sync::atomic::AtomicU8],
+    kb0: usize,
+    kcb: usize,
+    k: usize,
+    n0: usize,
+    ncb: usize,
+    npan: usize,
+    np: usize,
+    groups: usize,
+}
+
+/// The packed-B buffer's base pointer, shared by the tasks of a stage.
+#[derive(Clone, Copy)]
+struct BPtr(*mut f32);
+// SAFETY: each column group of the buffer is written by exactly one task (the one that moves
+// its state from EMPTY to PACKING) and read only after its state is READY (Release/Acquire),
+// and the buffer outlives the stage's tasks (they are joined before it is reused).
+unsafe impl Send for BPtr {}
+// SAFETY: as above.
+unsafe impl Sync for BPtr {}
+
+impl StageB<'_> {
+    /// Depth of K block `kb` (absolute index).
+    fn kc(&self, kb: usize) -> usize {
+        self.kcb.min(self.k - kb * self.kcb)
+    }
+
+    /// Column group `g` of K block `kb` (absolute), packed by this task if no task has begun
+    /// it, else once the task packing it is done: `panels` panels of `kc * NR` floats.
+    fn group(&self, b: &dyn PackB, kb: usize, g: usize) -> &[f32] {
+        use std::sync::atomic::Ordering::{Acquire, Release};
+        let kc = self.kc(kb);
+        let q = g * self.np;
+        let panels = self.np.min(self.npan - q);
+        // Blocks before `kb` in the stage are full (`kcb` deep).
+        let off = (kb - self.kb0) * self.npan * self.kcb * NR + q * kc * NR;
+        let len = panels * kc * NR;
+        let state = &self.states[(kb - self.kb0) * self.groups + g];
+        if state.load(Acquire) != READY {
+            if state
+                .compare_exchange(EMPTY, PACKING, Acquire, Acquire)
+                .is_ok()
+            {
+                // SAFETY: this task won the group: no other task writes or reads
+                // buf[off..off + len] until the READY store below; the range lies inside the
+                // stage's buffer (sized for every block of the stage).
+                let dst = unsafe { std::slice::from_raw_parts_mut(self.buf.0.add(off), len) };
+                for (u, panel) in dst.chunks_mut(kc * NR).enumerate() {
+                    let j0 = (q + u) * NR;
+                    b.pack_panel(
+                        kb * self.kcb,
+                        kc,
+                        self.n0 + j0,
+                        NR.min(self.ncb - j0),
+                        panel,
+                    );
+                }
+                state.store(READY, Release);
+            } else {
+                while state.load(Acquire) != READY {
+                    std::hint::spin_loop();
+                }
+            }
+        }
+        // SAFETY: the group is READY (Acquire above): its floats were written once and are
+        // only read from now on; the range lies inside the stage's buffer.
+        unsafe { std::slice::from_raw_parts(self.buf.0.add(off), len) }
+    }
+}
+
 /// The GEMM driver for one microkernel (whose path the CPU supports).
 fn gemm_with(
     micro: Micro,
@@ -476,33 +574,36 @@ fn gemm_with(
     let parallel = threads > 1 && work >= 1 << 18;
 
     let ncb_max = NC.min(n);
-    let mut bbuf = Scratch::take(&B_BUF, KC * ncb_max.div_ceil(NR) * NR);
+    let block_floats = KC * ncb_max.div_ceil(NR) * NR;
+    let nkb = k.div_ceil(KC);
+    let stage_blocks = (STAGE_FLOATS / block_floats).clamp(1, nkb);
+    let mut bbuf = Scratch::take(&B_BUF, stage_blocks * block_floats);
     let cptr = CPtr(c.as_mut_ptr());
+    let pm = m.div_ceil(mr);
     for n0 in (0..n).step_by(NC) {
         let ncb = NC.min(n - n0);
         let npan = ncb.div_ceil(NR);
-        for k0 in (0..k).step_by(KC) {
-            let kc = KC.min(k - k0);
-            let overwrite = !accumulate && k0 == 0;
-
-            // 1. Pack the (kc x ncb) block of B once, panel by panel, shared by all tasks.
-            let bp = &mut bbuf.as_mut()[..npan * kc * NR];
-            let pack = |(q, dst): (usize, &mut [f32])| {
-                let j0 = q * NR;
-                b.pack_panel(k0, kc, n0 + j0, NR.min(ncb - j0), dst);
+        let groups = npan.div_ceil(np);
+        let (mb, nb) = task_grid(m, mr, groups, threads, parallel);
+        for kb0 in (0..nkb).step_by(stage_blocks) {
+            let kb1 = (kb0 + stage_blocks).min(nkb);
+            let states: Vec<std::sync::atomic::AtomicU8> = (0..(kb1 - kb0) * groups)
+                .map(|_| std::sync::atomic::AtomicU8::new(EMPTY))
+                .collect();
+            let stage = StageB {
+                buf: BPtr(bbuf.as_mut().as_mut_ptr()),
+                states: &states,
+                kb0,
+                kcb: KC,
+                k,
+                n0,
+                ncb,
+                npan,
+                np,
+                groups,
             };
-            if parallel {
-                bp.par_chunks_mut(kc * NR).enumerate().for_each(pack);
-            } else {
-                bp.chunks_mut(kc * NR).enumerate().for_each(pack);
-            }
-            let bp = &*bp;
-
-            // 2. Tasks over disjoint (rows, column groups) rectangles of this block of C; a
-            //    column group is the `np` neighbouring panels one microkernel call covers.
-            let groups = npan.div_ceil(np);
-            let (mb, nb) = task_grid(m, mr, groups, threads, parallel);
-            let pm = m.div_ceil(mr);
+            // Tasks over disjoint (rows, column groups) rectangles of C; each runs every K
+            // block of the stage in order over its rectangle.
             let run = |t: usize| {
                 let (p0, p1) = split_range(pm, mb, t / nb);
                 let (g0, g1) = split_range(groups, nb, t % nb);
@@ -511,45 +612,54 @@ fn gemm_with(
                 }
                 let i0 = p0 * mr;
                 let mc = (p1 * mr).min(m) - i0;
-                let mut abuf = Scratch::take(&A_BUF, (p1 - p0) * kc * mr);
+                let mut abuf = Scratch::take(&A_BUF, (p1 - p0) * KC * mr);
                 let ap = abuf.as_mut();
-                micro.pack_a(&a, i0, mc, k0, kc, ap);
-                let ks = micro.k_slice(kc);
-                for g in g0..g1 {
-                    let q = g * np;
-                    let panels = np.min(npan - q);
-                    let j = q * NR;
-                    let cols = (panels * NR).min(ncb - j);
-                    let bgrp = &bp[q * kc * NR..(q + panels) * kc * NR];
-                    // Depth slices in order: every element of C sees the same sequence of
-                    // slices whatever the thread count.
-                    for s0 in (0..kc).step_by(ks) {
-                        let sk = ks.min(kc - s0);
-                        for ip in 0..(p1 - p0) {
-                            let i = ip * mr;
-                            let rows = mr.min(mc - i);
-                            let apan = ap[ip * kc * mr..(ip + 1) * kc * mr][s0 * mr..].as_ptr();
-                            // SAFETY: apan points at rows s0.. of a full kc*mr packed A panel
-                            // (sk <= kc - s0 steps remain) and bgrp + s0 * NR + u * kc * NR,
-                            // u < panels, at rows s0.. of full kc*NR packed B panels (sliced
-                            // just above); the C tile at (i0 + i, n0 + j) of size rows x cols
-                            // lies inside the m x n matrix and inside this task's rectangle,
-                            // which no other task touches; `micro` runs only on a CPU that
-                            // supports it.
-                            unsafe {
-                                let ct = cptr.get().add((i0 + i) * n + n0 + j);
-                                micro.run(
-                                    panels,
-                                    kc * NR,
-                                    sk,
-                                    apan,
-                                    bgrp.as_ptr().add(s0 * NR),
-                                    ct,
-                                    n,
-                                    overwrite && s0 == 0,
-                                    rows,
-                                    cols,
-                                );
+                for kb in kb0..kb1 {
+                    let k0 = kb * KC;
+                    let kc = stage.kc(kb);
+                    let overwrite = !accumulate && k0 == 0;
+                    micro.pack_a(&a, i0, mc, k0, kc, ap);
+                    let ks = micro.k_slice(kc);
+                    // Neighbouring tasks start at neighbouring groups, so concurrent tasks
+                    // pack different groups instead of waiting on one.
+                    let span = g1 - g0;
+                    for step in 0..span {
+                        let g = g0 + (t + step) % span;
+                        let q = g * np;
+                        let panels = np.min(npan - q);
+                        let j = q * NR;
+                        let cols = (panels * NR).min(ncb - j);
+                        let bgrp = stage.group(b, kb, g);
+                        // Depth slices in order: every element of C sees the same sequence
+                        // of K blocks and slices whatever the thread count or task order.
+                        for s0 in (0..kc).step_by(ks) {
+                            let sk = ks.min(kc - s0);
+                            for ip in 0..(p1 - p0) {
+                                let i = ip * mr;
+                                let rows = mr.min(mc - i);
+                                let apan = ap[ip * kc * mr..(ip + 1) * kc * mr][s0 * mr..].as_ptr();
+                                // SAFETY: apan points at rows s0.. of a full kc*mr packed A
+                                // panel (sk <= kc - s0 steps remain) and bgrp + s0 * NR +
+                                // u * kc * NR, u < panels, at rows s0.. of full kc*NR packed
+                                // B panels (bgrp holds `panels` of them); the C tile at
+                                // (i0 + i, n0 + j) of size rows x cols lies inside the m x n
+                                // matrix and inside this task's rectangle, which no other
+                                // task touches; `micro` runs only on a CPU that supports it.
+                                unsafe {
+                                    let ct = cptr.get().add((i0 + i) * n + n0 + j);
+                                    micro.run(
+                                        panels,
+                                        kc * NR,
+                                        sk,
+                                        apan,
+                                        bgrp.as_ptr().add(s0 * NR),
+                                        ct,
+                                        n,
+                                        overwrite && s0 == 0,
+                                        rows,
+                                        cols,
+                                    );
+                                }
                             }
                         }
                     }
