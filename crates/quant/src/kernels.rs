@@ -533,6 +533,21 @@ pub(crate) fn matmul<F: QuantRows>(
     gemm(MatRef::row_major(dy, m, o)?, &pack, dx, accumulate)
 }
 
+/// `Wᵀ` as a GEMM operand where [`matmul_t`] of `m` rows multiplies through the GEMM with it
+/// (f32 activations, `m` at least the format's GEMM threshold); `None` elsewhere.
+pub(crate) fn gemm_rhs<F: QuantRows>(f: &F, m: usize) -> Option<Box<dyn PackB + '_>> {
+    let int8 = crate::act8::activations() == crate::act8::ActivationMode::Int8
+        && f.act8_generic(m)
+        && f.act8_view().is_some();
+    if int8 || m < f.gemm_min_m() {
+        return None;
+    }
+    Some(Box::new(FwdPack {
+        f,
+        path: usable(kernel_path()),
+    }))
+}
+
 /// The whole matrix as f32 (rows in parallel).
 pub(crate) fn to_f32<F: QuantRows>(f: &F, path: KernelPath) -> Tensor {
     let (o, i) = f.dims();
@@ -674,6 +689,9 @@ macro_rules! impl_weight_matrix {
                 accumulate: bool,
             ) -> nibble_tensor::Result<()> {
                 $crate::kernels::matmul(self, dy, m, dx, accumulate)
+            }
+            fn gemm_rhs(&self, m: usize) -> Option<Box<dyn nibble_tensor::gemm::PackB + '_>> {
+                $crate::kernels::gemm_rhs(self, m)
             }
             fn to_f32(&self) -> nibble_tensor::Tensor {
                 $crate::kernels::to_f32(self, $crate::cpu::kernel_path())

@@ -608,3 +608,53 @@ fn empty_matrices_multiply() {
         }
     }
 }
+
+/// `matmul_t_fused` (bias, the product, a low-rank extra in one GEMM pass where the format's
+/// forward runs through the GEMM) gives the bits of the parts run one by one: bias rows, then
+/// `matmul_t` accumulating, then the extra accumulated; at batches on both sides of each
+/// format's GEMM threshold, on every format, f16 and f32 biases.
+#[test]
+fn fused_forward_equals_the_parts() {
+    use nibble_tensor::gemm::{gemm, MatRef, PackB, Segment};
+    let (o, i, r) = (40, 70, 5);
+    let w = weights(o, i, 31);
+    let mut rng = Rng::new(32);
+    let bias: Vec<f32> = (0..o).map(|_| rng.normal()).collect();
+    let bias16: Vec<half::f16> = bias.iter().map(|&v| half::f16::from_f32(v)).collect();
+    let lora_b: Vec<f32> = (0..o * r).map(|_| rng.normal()).collect();
+    let b_t = MatRef::row_major(&lora_b, o, r).unwrap().t();
+    for wm in [
+        Box::new(Q4Matrix::quantize(&w).unwrap()) as Box<dyn WeightMatrix>,
+        Box::new(Nf4Matrix::quantize(&w).unwrap()),
+        Box::new(Nf4Matrix::quantize_double(&w).unwrap()),
+        Box::new(LowerMatrix::quantize(&w).unwrap()),
+        Box::new(Int8Matrix::quantize(&w).unwrap()),
+    ] {
+        for m in [1, 3, 16, 17, 47, 48, 49, 130] {
+            let x: Vec<f32> = (0..m * i).map(|_| rng.normal()).collect();
+            let h: Vec<f32> = (0..m * r).map(|_| rng.normal()).collect();
+            let b32 = MatRef::row_major(&bias, 1, o).unwrap();
+            let b16 = MatRef::row_major(&bias16, 1, o).unwrap();
+            for (bias_op, bias_vals) in [
+                (&b32 as &dyn PackB, bias.clone()),
+                (
+                    &b16 as &dyn PackB,
+                    bias16.iter().map(|v| v.to_f32()).collect(),
+                ),
+            ] {
+                let mut want = vec![f32::NAN; m * o];
+                nibble_tensor::ops::fill_rows(&mut want, &bias_vals).unwrap();
+                wm.matmul_t(&x, m, &mut want, true).unwrap();
+                gemm(MatRef::row_major(&h, m, r).unwrap(), &b_t, &mut want, true).unwrap();
+                let mut got = vec![f32::NAN; m * o];
+                let extra = Segment {
+                    a: MatRef::row_major(&h, m, r).unwrap(),
+                    b: &b_t,
+                };
+                wm.matmul_t_fused(&x, m, &mut got, Some(bias_op), Some(extra))
+                    .unwrap();
+                bits_eq(&got, &want, &format!("{} m={m} fused", wm.format_name()));
+            }
+        }
+    }
+}

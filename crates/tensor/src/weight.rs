@@ -5,7 +5,7 @@
 use crate::cpu::kernel_path;
 use crate::error::{Result, TensorError};
 use crate::gemm::gemv::{gemv_t_f16, gemv_t_f32, GEMV_MAX_M};
-use crate::gemm::{gemm, MatRef};
+use crate::gemm::{gemm, gemm_segments, MatRef, PackB, Segment};
 use crate::half_tensor::HalfTensor;
 use crate::tensor::Tensor;
 
@@ -25,6 +25,71 @@ pub trait WeightMatrix: Send + Sync + std::fmt::Debug {
     fn storage_bytes(&self) -> usize;
     /// A short name of the storage format (`"f32"`, `"f16"`, `"q4"`, ...).
     fn format_name(&self) -> &'static str;
+
+    /// `Wᵀ` as the right operand of a GEMM, where [`matmul_t`](Self::matmul_t) of `m` rows
+    /// multiplies through [`gemm`] with it (so a fused call gives its bits); `None` where `m`
+    /// rows take another kernel (a GEMV, a tile kernel, int8 activations). The default is
+    /// `None`, which makes [`matmul_t_fused`](Self::matmul_t_fused) run its parts one by one.
+    fn gemm_rhs(&self, m: usize) -> Option<Box<dyn PackB + '_>> {
+        let _ = m;
+        None
+    }
+
+    /// `y[m, out] = bias + x · Wᵀ (+ extra)` where `bias` is a `1 x out` operand (one row)
+    /// and `extra` another product `a [m, k] · b [k, out]` (a LoRA adapter's `h · Bᵀ`): in
+    /// one pass over `y` ([`gemm_segments`]) where the product runs through the GEMM, else
+    /// part by part. Either way the bits are those of writing the bias rows, then
+    /// [`matmul_t`](Self::matmul_t) with `accumulate`, then `extra` accumulated by [`gemm`]
+    /// (a bias of `-0.0` is written as `+0.0`). Without a bias, `y` is only written.
+    ///
+    /// ```
+    /// use nibble_tensor::gemm::MatRef;
+    /// use nibble_tensor::{Tensor, WeightMatrix};
+    /// let w = Tensor::from_vec(&[2, 2], vec![1., 0., 0., 1.]).unwrap();
+    /// let bias = [0.5f32, -0.5];
+    /// let x = vec![1.0f32; 2 * 20]; // 20 rows: the GEMM path
+    /// let mut y = vec![f32::NAN; 2 * 20];
+    /// let b = MatRef::row_major(&bias, 1, 2).unwrap();
+    /// w.matmul_t_fused(&x, 20, &mut y, Some(&b), None).unwrap();
+    /// assert_eq!(&y[..2], &[1.5, 0.5]);
+    /// ```
+    fn matmul_t_fused(
+        &self,
+        x: &[f32],
+        m: usize,
+        y: &mut [f32],
+        bias: Option<&dyn PackB>,
+        extra: Option<Segment<'_>>,
+    ) -> Result<()> {
+        let (o, i) = (self.out_features(), self.in_features());
+        check_matmul_operands("linear", m, x.len(), i, y.len(), o)?;
+        let ones = [1.0f32];
+        let bias_seg = match bias {
+            Some(b) => Some(Segment {
+                a: MatRef::new(&ones, m, 1, 0, 1)?,
+                b,
+            }),
+            None => None,
+        };
+        if let Some(rhs) = self.gemm_rhs(m) {
+            let mut segs = Vec::with_capacity(3);
+            segs.extend(bias_seg);
+            segs.push(Segment {
+                a: MatRef::row_major(x, m, i)?,
+                b: &*rhs,
+            });
+            segs.extend(extra);
+            return gemm_segments(&segs, y, false);
+        }
+        if let Some(seg) = bias_seg {
+            gemm_segments(&[seg], y, false)?;
+        }
+        self.matmul_t(x, m, y, bias.is_some())?;
+        if let Some(seg) = extra {
+            gemm_segments(&[seg], y, true)?;
+        }
+        Ok(())
+    }
 }
 
 /// Checks `x` is `[m, cols]` and `y` is `[m, rows]` for a W-product named `op`.
@@ -90,6 +155,14 @@ macro_rules! dense_weight_matrix {
             fn format_name(&self) -> &'static str {
                 $name
             }
+            fn gemm_rhs(&self, m: usize) -> Option<Box<dyn PackB + '_>> {
+                if m <= GEMV_MAX_M {
+                    return None;
+                }
+                let (o, i) = self.dims2("linear").ok()?;
+                let w = MatRef::row_major(self.data(), o, i).ok()?;
+                Some(Box::new(w.t()))
+            }
         }
     };
 }
@@ -124,9 +197,11 @@ pub fn linear(x: &Tensor, w: &dyn WeightMatrix, bias: Option<&[f32]>) -> Result<
                 rhs: vec![b.len()],
             });
         }
-        // y starts as the bias rows and the product accumulates onto them.
-        let mut y = Tensor::repeat_row(b, m)?;
-        w.matmul_t(x.data(), m, y.data_mut(), true)?;
+        // y starts as the bias rows and the product accumulates onto them, in one pass where
+        // the product runs through the GEMM.
+        let mut y = Tensor::try_zeros(&[m, o])?;
+        let b = MatRef::row_major(b, 1, o)?;
+        w.matmul_t_fused(x.data(), m, y.data_mut(), Some(&b), None)?;
         Ok(y)
     } else {
         let mut y = Tensor::try_zeros(&[m, o])?;

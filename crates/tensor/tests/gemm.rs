@@ -5,7 +5,8 @@ use half::f16;
 use nibble_tensor::cpu::{available_paths, has_avx512, missing_paths, KernelPath};
 use nibble_tensor::gemm::gemv::{gemv_t_f16, gemv_t_f32, gemv_tile_f32};
 use nibble_tensor::gemm::{
-    gemm, gemm_avx512_tile, gemm_on, Avx512Tile, MatRef, PackB, AVX512_K_SLICE,
+    gemm, gemm_avx512_tile, gemm_on, gemm_segments, Avx512Tile, MatRef, PackB, Segment,
+    AVX512_K_SLICE,
 };
 use nibble_tensor::{HalfTensor, Rng, Tensor, WeightMatrix};
 use std::io::Write;
@@ -556,4 +557,140 @@ fn shape_errors_are_returned() {
     assert!(w.matmul_t(&a[..2], 1, &mut y, false).is_err());
     assert!(w.matmul_t(&a[..3], 1, &mut y[..2], false).is_err());
     assert!(w.matmul(&a[..3], 1, &mut y, false).is_err());
+}
+
+/// A sum of products in one pass (a bias as `ones · bias`, the weight, a low-rank term) gives
+/// the bits of a bias fill followed by one accumulating GEMM per product, in order, on 1, 2, 3
+/// and 16 threads, over one and several stages and column blocks, C pre-filled with NaN (or
+/// accumulated onto).
+#[test]
+fn gemm_segments_equal_the_sequence_of_gemms() {
+    let mut rng = Rng::new(23);
+    let cases: [(usize, usize, &[usize]); 6] = [
+        (1, 5, &[7]),
+        (3, 17, &[1, 33]),
+        (33, 47, &[300, 17, 0]),
+        (200, 530, &[1100, 32]),
+        (40, 2100, &[300, 5]),
+        (257, 64, &[129, 1, 1023]),
+    ];
+    for (m, n, ks) in cases {
+        let bias: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
+        let xs: Vec<Vec<f32>> = ks
+            .iter()
+            .map(|&k| (0..m * k).map(|_| rng.normal()).collect())
+            .collect();
+        let ws: Vec<Vec<f32>> = ks
+            .iter()
+            .map(|&k| (0..n * k).map(|_| rng.normal()).collect())
+            .collect();
+        let start: Vec<f32> = (0..m * n).map(|_| rng.normal()).collect();
+        let ones = [1.0f32];
+        let bias_row = MatRef::row_major(&bias, 1, n).unwrap();
+        let wts: Vec<MatRef<'_, f32>> = ws
+            .iter()
+            .zip(ks)
+            .map(|(w, &k)| MatRef::row_major(w, n, k).unwrap().t())
+            .collect();
+        for with_bias in [true, false] {
+            for accumulate in [false, true] {
+                // The sequence: bias fill (or the start / nothing), then one GEMM per product.
+                let mut want = if accumulate {
+                    start.clone()
+                } else {
+                    vec![f32::NAN; m * n]
+                };
+                let mut acc = accumulate;
+                if with_bias {
+                    if accumulate {
+                        let ones_col = MatRef::new(&ones, m, 1, 0, 1).unwrap();
+                        gemm(ones_col, &bias_row, &mut want, true).unwrap();
+                    } else {
+                        nibble_tensor::ops::fill_rows(&mut want, &bias).unwrap();
+                        acc = true;
+                    }
+                }
+                for ((x, wt), &k) in xs.iter().zip(&wts).zip(ks) {
+                    gemm(MatRef::row_major(x, m, k).unwrap(), wt, &mut want, acc).unwrap();
+                    acc = true;
+                }
+                for threads in [1, 2, 3, 16] {
+                    let got = in_pool(threads, || {
+                        let mut segs = Vec::new();
+                        if with_bias {
+                            segs.push(Segment {
+                                a: MatRef::new(&ones, m, 1, 0, 1).unwrap(),
+                                b: &bias_row as &dyn PackB,
+                            });
+                        }
+                        for ((x, wt), &k) in xs.iter().zip(&wts).zip(ks) {
+                            segs.push(Segment {
+                                a: MatRef::row_major(x, m, k).unwrap(),
+                                b: wt as &dyn PackB,
+                            });
+                        }
+                        let mut c = if accumulate {
+                            start.clone()
+                        } else {
+                            vec![f32::NAN; m * n]
+                        };
+                        gemm_segments(&segs, &mut c, accumulate).unwrap();
+                        c
+                    });
+                    assert_eq!(
+                        bits(&got),
+                        bits(&want),
+                        "m={m} n={n} ks={ks:?} bias={with_bias} accumulate={accumulate} {threads} threads"
+                    );
+                }
+            }
+        }
+    }
+    // A segment whose shapes disagree is an error, not a panic.
+    let a = vec![0.0f32; 6];
+    let b = vec![0.0f32; 6];
+    let a23 = MatRef::row_major(&a, 2, 3).unwrap();
+    let b32 = MatRef::row_major(&b, 3, 2).unwrap();
+    let b23 = MatRef::row_major(&b, 2, 3).unwrap();
+    let mut c = vec![0.0f32; 4];
+    assert!(gemm_segments(
+        &[Segment { a: a23, b: &b32 }, Segment { a: a23, b: &b23 }],
+        &mut c,
+        false
+    )
+    .is_err());
+    assert!(gemm_segments(&[Segment { a: a23, b: &b32 }], &mut c[..3], false).is_err());
+}
+
+/// Dense f32 and f16 weights: `matmul_t_fused` gives the bits of a bias fill, `matmul_t`
+/// accumulating and the extra product accumulated, on both sides of the GEMV limit.
+#[test]
+fn dense_fused_forward_equals_the_parts() {
+    let (o, i, r) = (37, 65, 3);
+    let mut rng = Rng::new(41);
+    let wv: Vec<f32> = (0..o * i).map(|_| rng.normal()).collect();
+    let w = Tensor::from_vec(&[o, i], wv).unwrap();
+    let wh = HalfTensor::from_f32(&w);
+    let bias: Vec<f32> = (0..o).map(|_| rng.normal()).collect();
+    let lora_b: Vec<f32> = (0..o * r).map(|_| rng.normal()).collect();
+    let b_t = MatRef::row_major(&lora_b, o, r).unwrap().t();
+    let bias_op = MatRef::row_major(&bias, 1, o).unwrap();
+    for wm in [&w as &dyn WeightMatrix, &wh] {
+        for m in [1, 2, 16, 17, 100] {
+            let x: Vec<f32> = (0..m * i).map(|_| rng.normal()).collect();
+            let h: Vec<f32> = (0..m * r).map(|_| rng.normal()).collect();
+            let mut want = vec![f32::NAN; m * o];
+            nibble_tensor::ops::fill_rows(&mut want, &bias).unwrap();
+            wm.matmul_t(&x, m, &mut want, true).unwrap();
+            gemm(MatRef::row_major(&h, m, r).unwrap(), &b_t, &mut want, true).unwrap();
+            let mut got = vec![f32::NAN; m * o];
+            let extra = Segment {
+                a: MatRef::row_major(&h, m, r).unwrap(),
+                b: &b_t,
+            };
+            wm.matmul_t_fused(&x, m, &mut got, Some(&bias_op), Some(extra))
+                .unwrap();
+            assert_eq!(bits(&got), bits(&want), "{} m={m}", wm.format_name());
+        }
+    }
 }

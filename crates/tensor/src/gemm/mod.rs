@@ -423,7 +423,7 @@ pub fn gemm_avx512_tile(
         KernelPath::Avx512 => Micro::Wide(tile, k_slice),
         p => Micro::Narrow(p),
     };
-    gemm_with(micro, a, b, c, accumulate)
+    gemm_with(micro, &[Segment { a, b }], c, accumulate)
 }
 
 /// [`gemm`] on an explicit [`KernelPath`] (tests and benchmarks compare the paths in one
@@ -437,7 +437,37 @@ pub fn gemm_on(
     c: &mut [f32],
     accumulate: bool,
 ) -> Result<()> {
-    gemm_with(Micro::for_path(path.supported()), a, b, c, accumulate)
+    gemm_with(
+        Micro::for_path(path.supported()),
+        &[Segment { a, b }],
+        c,
+        accumulate,
+    )
+}
+
+/// `C = Σ_i A_i · B_i` (or `C += ...` with `accumulate`) in one pass over C, on the process's
+/// [`kernel_path`]: every segment is `m x k_i` times `k_i x n`, and its K is cut into its own
+/// blocks, so the result is bit-identical to [`gemm`] of the first segment followed by
+/// [`gemm`]s with `accumulate` of the others, in order (each block adds its products to C as
+/// those calls do), while C stays in the caches of the thread that owns each tile. A bias is
+/// the segment `1 · bias` (a column of ones, `MatRef::new(&[1.0], m, 1, 0, 1)`, times the bias
+/// as one row): first, it writes the bias rows as a fill would (`1 · b + 0 = b`, except that a
+/// bias of `-0.0` becomes `+0.0`).
+///
+/// ```
+/// use nibble_tensor::gemm::{gemm_segments, MatRef, Segment};
+/// let x = [1.0f32, 2.0]; // 1x2
+/// let w_t = [1.0f32, 0.0, 0.0, 1.0]; // 2x2
+/// let bias = [10.0f32, 20.0];
+/// let ones = MatRef::new(&[1.0f32], 1, 1, 0, 1).unwrap();
+/// let b_row = MatRef::row_major(&bias, 1, 2).unwrap();
+/// let (xa, wb) = (MatRef::row_major(&x, 1, 2).unwrap(), MatRef::row_major(&w_t, 2, 2).unwrap());
+/// let mut y = [f32::NAN; 2];
+/// gemm_segments(&[Segment { a: ones, b: &b_row }, Segment { a: xa, b: &wb }], &mut y, false).unwrap();
+/// assert_eq!(y, [11.0, 22.0]);
+/// ```
+pub fn gemm_segments(segs: &[Segment<'_>], c: &mut [f32], accumulate: bool) -> Result<()> {
+    gemm_with(Micro::for_path(kernel_path()), segs, c, accumulate)
 }
 
 /// Most floats of packed B one stage of the driver holds (4 MiB): a stage packs as many whole
@@ -448,23 +478,40 @@ const STAGE_FLOATS: usize = 1 << 20;
 /// Tasks per thread of a parallel GEMM's balanced grid (see [`task_grid`]).
 const TASKS_PER_THREAD: usize = 8;
 
+/// One product of a [`gemm_segments`] sum: `a` (`m x k`) times `b` (`k x n`).
+#[derive(Clone, Copy)]
+pub struct Segment<'a> {
+    /// The left operand, `m x k` (any strides; a row stride of 0 repeats one row).
+    pub a: MatRef<'a, f32>,
+    /// The right operand, `k x n`.
+    pub b: &'a dyn PackB,
+}
+
 /// States of a packed B column group (see [`StageB`]).
 const EMPTY: u8 = 0;
 const PACKING: u8 = 1;
 const READY: u8 = 2;
 
-/// The packed B of one stage: K blocks `kb0..kb1` of the column block at `n0`, each block
+/// One `KC` block of K: segment `seg`, rows `k0..k0 + kc` of its B, packed at `offset`
+/// (floats) in its stage's buffer.
+#[derive(Debug, Clone, Copy)]
+struct KBlock {
+    seg: usize,
+    k0: usize,
+    kc: usize,
+    offset: usize,
+}
+
+/// The packed B of one stage: a run of consecutive K blocks of the column block at `n0`, each
 /// `npan` panels of `kc * NR` floats, panel after panel. Column groups (the `np` panels one
 /// microkernel call reads) are packed on first use by whichever task needs them first, so
 /// packing runs inside the same parallel pass as the products (one fork-join per stage instead
 /// of two per K block) and no thread waits for all of B before it starts.
 struct StageB<'s> {
     buf: BPtr,
-    /// One state per (K block of the stage, column group).
+    blocks: &'s [KBlock],
+    /// One state per (block of the stage, column group).
     states: &'s [std::sync::atomic::AtomicU8],
-    kb0: usize,
-    kcb: usize,
-    k: usize,
     n0: usize,
     ncb: usize,
     npan: usize,
@@ -483,22 +530,17 @@ unsafe impl Send for BPtr {}
 unsafe impl Sync for BPtr {}
 
 impl StageB<'_> {
-    /// Depth of K block `kb` (absolute index).
-    fn kc(&self, kb: usize) -> usize {
-        self.kcb.min(self.k - kb * self.kcb)
-    }
-
-    /// Column group `g` of K block `kb` (absolute), packed by this task if no task has begun
+    /// Column group `g` of the stage's block `bi`, packed by this task if no task has begun
     /// it, else once the task packing it is done: `panels` panels of `kc * NR` floats.
-    fn group(&self, b: &dyn PackB, kb: usize, g: usize) -> &[f32] {
+    fn group(&self, segs: &[Segment<'_>], bi: usize, g: usize) -> &[f32] {
         use std::sync::atomic::Ordering::{Acquire, Release};
-        let kc = self.kc(kb);
+        let blk = self.blocks[bi];
+        let kc = blk.kc;
         let q = g * self.np;
         let panels = self.np.min(self.npan - q);
-        // Blocks before `kb` in the stage are full (`kcb` deep).
-        let off = (kb - self.kb0) * self.npan * self.kcb * NR + q * kc * NR;
+        let off = blk.offset + q * kc * NR;
         let len = panels * kc * NR;
-        let state = &self.states[(kb - self.kb0) * self.groups + g];
+        let state = &self.states[bi * self.groups + g];
         if state.load(Acquire) != READY {
             if state
                 .compare_exchange(EMPTY, PACKING, Acquire, Acquire)
@@ -508,15 +550,10 @@ impl StageB<'_> {
                 // buf[off..off + len] until the READY store below; the range lies inside the
                 // stage's buffer (sized for every block of the stage).
                 let dst = unsafe { std::slice::from_raw_parts_mut(self.buf.0.add(off), len) };
+                let b = segs[blk.seg].b;
                 for (u, panel) in dst.chunks_mut(kc * NR).enumerate() {
                     let j0 = (q + u) * NR;
-                    b.pack_panel(
-                        kb * self.kcb,
-                        kc,
-                        self.n0 + j0,
-                        NR.min(self.ncb - j0),
-                        panel,
-                    );
+                    b.pack_panel(blk.k0, kc, self.n0 + j0, NR.min(self.ncb - j0), panel);
                 }
                 state.store(READY, Release);
             } else {
@@ -531,38 +568,48 @@ impl StageB<'_> {
     }
 }
 
-/// The GEMM driver for one microkernel (whose path the CPU supports).
-fn gemm_with(
-    micro: Micro,
-    a: MatRef<'_, f32>,
-    b: &dyn PackB,
-    c: &mut [f32],
-    accumulate: bool,
-) -> Result<()> {
-    let (m, k, n) = (a.rows(), a.cols(), b.n());
-    if b.k() != k {
-        return Err(TensorError::ShapeMismatch {
-            op: "gemm",
-            lhs: vec![m, k],
-            rhs: vec![b.k(), n],
-        });
+/// Checks that every segment is `m x k_i` times `k_i x n` and `c` holds `m x n`.
+fn check_segments(segs: &[Segment<'_>], m: usize, n: usize, c_len: usize) -> Result<()> {
+    for s in segs {
+        if s.a.rows() != m || s.b.n() != n || s.a.cols() != s.b.k() {
+            return Err(TensorError::ShapeMismatch {
+                op: "gemm",
+                lhs: vec![s.a.rows(), s.a.cols()],
+                rhs: vec![s.b.k(), s.b.n()],
+            });
+        }
     }
     let mn = m.checked_mul(n).ok_or(TensorError::Overflow {
         op: "gemm",
         shape: vec![m, n],
     })?;
-    if c.len() != mn {
+    if c_len != mn {
         return Err(TensorError::Length {
             op: "gemm",
             shape: vec![m, n],
             expected: mn,
-            found: c.len(),
+            found: c_len,
         });
     }
+    Ok(())
+}
+
+/// The GEMM driver for one microkernel (whose path the CPU supports): `C (+)= Σ_i A_i · B_i`
+/// over `segs` in order, each segment's K cut into its own `KC` blocks.
+fn gemm_with(micro: Micro, segs: &[Segment<'_>], c: &mut [f32], accumulate: bool) -> Result<()> {
+    let Some(first) = segs.first() else {
+        if !accumulate {
+            c.fill(0.0);
+        }
+        return Ok(());
+    };
+    let (m, n) = (first.a.rows(), first.b.n());
+    check_segments(segs, m, n, c.len())?;
     if m == 0 || n == 0 {
         return Ok(());
     }
-    if k == 0 {
+    let k_total: usize = segs.iter().map(|s| s.a.cols()).sum();
+    if k_total == 0 {
         if !accumulate {
             c.fill(0.0);
         }
@@ -570,38 +617,63 @@ fn gemm_with(
     }
     let (mr, np) = (micro.mr(), micro.panels());
     let threads = rayon::current_num_threads().max(1);
-    let work = m.saturating_mul(n).saturating_mul(k);
+    let work = m.saturating_mul(n).saturating_mul(k_total);
     let parallel = threads > 1 && work >= 1 << 18;
 
     let ncb_max = NC.min(n);
-    let block_floats = KC * ncb_max.div_ceil(NR) * NR;
-    let nkb = k.div_ceil(KC);
-    let stage_blocks = (STAGE_FLOATS / block_floats).clamp(1, nkb);
-    let mut bbuf = Scratch::take(&B_BUF, stage_blocks * block_floats);
+    let panel_cols = ncb_max.div_ceil(NR) * NR;
+    // Stages: runs of consecutive K blocks (of any segment) whose packed B fits in
+    // STAGE_FLOATS, at least one block each; offsets are for the widest column block.
+    let mut stages: Vec<Vec<KBlock>> = Vec::new();
+    let mut cur: Vec<KBlock> = Vec::new();
+    let mut used = 0;
+    let mut stage_floats = 0;
+    for (seg, sg) in segs.iter().enumerate() {
+        for k0 in (0..sg.a.cols()).step_by(KC) {
+            let kc = KC.min(sg.a.cols() - k0);
+            let floats = kc * panel_cols;
+            if !cur.is_empty() && used + floats > STAGE_FLOATS {
+                stages.push(std::mem::take(&mut cur));
+                used = 0;
+            }
+            cur.push(KBlock {
+                seg,
+                k0,
+                kc,
+                offset: used,
+            });
+            used += floats;
+            stage_floats = stage_floats.max(used);
+        }
+    }
+    stages.push(cur);
+    let mut bbuf = Scratch::take(&B_BUF, stage_floats);
     let cptr = CPtr(c.as_mut_ptr());
     let pm = m.div_ceil(mr);
-    for n0 in (0..n).step_by(NC) {
-        let ncb = NC.min(n - n0);
-        let npan = ncb.div_ceil(NR);
-        let groups = npan.div_ceil(np);
-        let (mb, nb) = task_grid(m, mr, groups, threads, parallel);
-        for kb0 in (0..nkb).step_by(stage_blocks) {
-            let kb1 = (kb0 + stage_blocks).min(nkb);
-            let states: Vec<std::sync::atomic::AtomicU8> = (0..(kb1 - kb0) * groups)
+    let mut first_block = true;
+    for stage_blocks in &stages {
+        for n0 in (0..n).step_by(NC) {
+            let ncb = NC.min(n - n0);
+            let npan = ncb.div_ceil(NR);
+            let groups = npan.div_ceil(np);
+            let (mb, nb) = task_grid(m, mr, groups, threads, parallel);
+            // Offsets were laid out for `panel_cols` columns; a narrower last column block
+            // uses a prefix of each block's room.
+            let blocks: Vec<KBlock> = stage_blocks.to_vec();
+            let states: Vec<std::sync::atomic::AtomicU8> = (0..blocks.len() * groups)
                 .map(|_| std::sync::atomic::AtomicU8::new(EMPTY))
                 .collect();
             let stage = StageB {
                 buf: BPtr(bbuf.as_mut().as_mut_ptr()),
+                blocks: &blocks,
                 states: &states,
-                kb0,
-                kcb: KC,
-                k,
                 n0,
                 ncb,
                 npan,
                 np,
                 groups,
             };
+            let overwrite_first = !accumulate && first_block;
             // Tasks over disjoint (rows, column groups) rectangles of C; each runs every K
             // block of the stage in order over its rectangle.
             let run = |t: usize| {
@@ -614,11 +686,10 @@ fn gemm_with(
                 let mc = (p1 * mr).min(m) - i0;
                 let mut abuf = Scratch::take(&A_BUF, (p1 - p0) * KC * mr);
                 let ap = abuf.as_mut();
-                for kb in kb0..kb1 {
-                    let k0 = kb * KC;
-                    let kc = stage.kc(kb);
-                    let overwrite = !accumulate && k0 == 0;
-                    micro.pack_a(&a, i0, mc, k0, kc, ap);
+                for (bi, blk) in blocks.iter().enumerate() {
+                    let kc = blk.kc;
+                    let overwrite = overwrite_first && bi == 0;
+                    micro.pack_a(&segs[blk.seg].a, i0, mc, blk.k0, kc, ap);
                     let ks = micro.k_slice(kc);
                     // Neighbouring tasks start at neighbouring groups, so concurrent tasks
                     // pack different groups instead of waiting on one.
@@ -629,7 +700,7 @@ fn gemm_with(
                         let panels = np.min(npan - q);
                         let j = q * NR;
                         let cols = (panels * NR).min(ncb - j);
-                        let bgrp = stage.group(b, kb, g);
+                        let bgrp = stage.group(segs, bi, g);
                         // Depth slices in order: every element of C sees the same sequence
                         // of K blocks and slices whatever the thread count or task order.
                         for s0 in (0..kc).step_by(ks) {
@@ -672,6 +743,7 @@ fn gemm_with(
                 (0..mb * nb).for_each(run);
             }
         }
+        first_block = false;
     }
     bbuf.put_back(&B_BUF);
     Ok(())
