@@ -15,6 +15,7 @@ use crate::layer::{FrozenBias, Linear, LinearBase};
 use crate::model::{Norm, NORM_EPS};
 use crate::source::LAYERS_PER_BLOCK;
 use nibble_tensor::layernorm::layer_norm_assign;
+use nibble_tensor::lowrank::LowRank;
 use nibble_tensor::ops::{add_in_place, fill_rows, relu_in_place};
 use nibble_tensor::{Tensor, WeightMatrix};
 use std::sync::Arc;
@@ -132,7 +133,10 @@ fn run_block(
 }
 
 /// `y = x · Wᵀ + b (+ B(A x))` for `m` rows into `y`, as [`Linear::forward`] computes it: `y`
-/// starts as the bias rows, the product accumulates onto them, then the adapter's.
+/// starts as the bias rows, the product accumulates onto them, then the adapter's. At batch 1
+/// the adapter's products run inside the base product's parallel pass
+/// ([`WeightMatrix::matvec_t_low_rank`]: the same values, without the two fork-joins of the
+/// pool that they would take on their own).
 fn linear_into(
     layer: &Linear,
     x: &[f32],
@@ -141,12 +145,15 @@ fn linear_into(
     lora: &mut [f32],
     wide_bias: &mut Vec<f32>,
 ) -> Result<()> {
-    match &layer.base {
+    // The guards and the handle that the weight and bias borrow from.
+    let (trained, frozen);
+    let (weight, bias): (&dyn WeightMatrix, &[f32]) = match &layer.base {
         LinearBase::Trainable { weight, bias } => {
-            fill_rows(y, bias.value().data())?;
-            weight.value().matmul_t(x, m, y, true)?;
+            trained = (weight.value(), bias.value());
+            (&*trained.0, trained.1.data())
         }
         LinearBase::Frozen { weight, bias } => {
+            frozen = weight.matrix();
             let bias: &[f32] = match bias {
                 FrozenBias::F32(b) => b,
                 FrozenBias::F16(b) => {
@@ -155,14 +162,22 @@ fn linear_into(
                     wide_bias
                 }
             };
-            fill_rows(y, bias)?;
-            weight.matrix().matmul_t(x, m, y, true)?;
+            (&*frozen, bias)
         }
-    }
-    if let Some(adapter) = &layer.lora {
+    };
+    fill_rows(y, bias)?;
+    let Some(adapter) = &layer.lora else {
+        weight.matmul_t(x, m, y, true)?;
+        return Ok(());
+    };
+    let (a, b) = (adapter.a.value(), adapter.b.value());
+    if m == 1 {
+        weight.matvec_t_low_rank(x, y, true, &LowRank::new(&a, &b)?)?;
+    } else {
+        weight.matmul_t(x, m, y, true)?;
         let h = &mut lora[..m * adapter.rank()];
-        adapter.a.value().matmul_t(x, m, h, false)?;
-        adapter.b.value().matmul_t(h, m, y, true)?;
+        a.matmul_t(x, m, h, false)?;
+        b.matmul_t(h, m, y, true)?;
     }
     Ok(())
 }
