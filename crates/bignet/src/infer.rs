@@ -14,7 +14,10 @@ use crate::error::Result;
 use crate::layer::{FrozenBias, Linear, LinearBase};
 use crate::model::{Norm, NORM_EPS};
 use crate::source::LAYERS_PER_BLOCK;
+use half::slice::HalfFloatSliceExt;
+use nibble_tensor::gemm::{MatRef, Segment};
 use nibble_tensor::layernorm::layer_norm_assign;
+use nibble_tensor::lowrank::LowRank;
 use nibble_tensor::ops::{add_in_place, fill_rows, relu_in_place};
 use nibble_tensor::{Tensor, WeightMatrix};
 use std::sync::Arc;
@@ -132,7 +135,10 @@ fn run_block(
 }
 
 /// `y = x · Wᵀ + b (+ B(A x))` for `m` rows into `y`, as [`Linear::forward`] computes it: `y`
-/// starts as the bias rows, the product accumulates onto them, then the adapter's.
+/// starts as the bias rows, the product accumulates onto them, then the adapter's. At batch 1
+/// the adapter's products run inside the base product's parallel pass
+/// ([`WeightMatrix::matvec_t_low_rank`]: the same values, without the two fork-joins of the
+/// pool that they would take on their own).
 fn linear_into(
     layer: &Linear,
     x: &[f32],
@@ -141,28 +147,63 @@ fn linear_into(
     lora: &mut [f32],
     wide_bias: &mut Vec<f32>,
 ) -> Result<()> {
-    match &layer.base {
+    // The guards and the handle that the weight and bias borrow from.
+    let (trained, frozen);
+    let (weight, bias): (&dyn WeightMatrix, &[f32]) = match &layer.base {
         LinearBase::Trainable { weight, bias } => {
-            fill_rows(y, bias.value().data())?;
-            weight.value().matmul_t(x, m, y, true)?;
+            trained = (weight.value(), bias.value());
+            (&*trained.0, trained.1.data())
         }
         LinearBase::Frozen { weight, bias } => {
+            frozen = weight.matrix();
             let bias: &[f32] = match bias {
                 FrozenBias::F32(b) => b,
                 FrozenBias::F16(b) => {
-                    wide_bias.clear();
-                    wide_bias.extend(b.iter().map(|v| v.to_f32()));
+                    // The slice conversion runs F16C 8 lanes at a time where the CPU has it:
+                    // 0.3-0.7 µs for 1024 values, against 2.6-3.8 µs one value at a time (18
+                    // layers a forward).
+                    wide_bias.resize(b.len(), 0.0);
+                    b.convert_to_f32_slice(wide_bias);
                     wide_bias
                 }
             };
-            fill_rows(y, bias)?;
-            weight.matrix().matmul_t(x, m, y, true)?;
+            (&*frozen, bias)
         }
+    };
+    let Some(adapter) = &layer.lora else {
+        let bias_row = MatRef::row_major(bias, 1, bias.len())?;
+        weight.matmul_t_fused(x, m, y, Some(&bias_row), None)?;
+        return Ok(());
+    };
+    let (a, b) = (adapter.a.value(), adapter.b.value());
+    if m == 1 {
+        fill_rows(y, bias)?;
+        weight.matvec_t_low_rank(x, y, true, &LowRank::new(&a, &b)?)?;
+        return Ok(());
     }
-    if let Some(adapter) = &layer.lora {
-        let h = &mut lora[..m * adapter.rank()];
-        adapter.a.value().matmul_t(x, m, h, false)?;
-        adapter.b.value().matmul_t(h, m, y, true)?;
+    // Larger batches: h = A x first, then the bias, the base product and B h in one pass
+    // over y where both products run through the GEMM (the same bits as the parts in
+    // order: `matmul_t_fused`).
+    let r = adapter.rank();
+    let h = &mut lora[..m * r];
+    a.matmul_t(x, m, h, false)?;
+    let h = &*h;
+    let bias_row = MatRef::row_major(bias, 1, bias.len())?;
+    match b.gemm_rhs(m) {
+        Some(b_t) => weight.matmul_t_fused(
+            x,
+            m,
+            y,
+            Some(&bias_row),
+            Some(Segment {
+                a: MatRef::row_major(h, m, r)?,
+                b: &*b_t,
+            }),
+        )?,
+        None => {
+            weight.matmul_t_fused(x, m, y, Some(&bias_row), None)?;
+            b.matmul_t(h, m, y, true)?;
+        }
     }
     Ok(())
 }

@@ -5,6 +5,8 @@ use std::cell::Cell;
 use std::ops::Range;
 
 use nibble_tensor::gemm::{gemm, MatRef, PackB, NR};
+use nibble_tensor::lowrank::{fused_matvec, LowRank};
+use nibble_tensor::parallel::PARALLEL_MIN_MACS;
 use nibble_tensor::weight::check_matmul_operands;
 use nibble_tensor::Tensor;
 use rayon::prelude::*;
@@ -358,13 +360,7 @@ pub(crate) fn split_rows(
     y: &mut [f32],
     run: impl Fn(Range<usize>, &mut [f32]) + Sync + Send,
 ) {
-    let threads = rayon::current_num_threads().max(1);
-    let chunk = if threads > 1 && o.saturating_mul(i) >= PARALLEL_MIN_WORK {
-        o.div_ceil(threads).div_ceil(4) * 4
-    } else {
-        o
-    }
-    .max(1);
+    let chunk = batch1_chunk(o, i);
     let task = |(c, yc): (usize, &mut [f32])| run(c * chunk..c * chunk + yc.len(), yc);
     if chunk < o {
         y.par_chunks_mut(chunk).enumerate().for_each(task);
@@ -373,8 +369,18 @@ pub(crate) fn split_rows(
     }
 }
 
-/// Multiply-adds (`out · in · m`) below which a forward stays on one thread.
-const PARALLEL_MIN_WORK: usize = 1 << 16;
+/// Rows per task of a batch-1 product through an `o x i` W: one task per thread of the pool
+/// (in multiples of 4 rows), or all `o` rows on the calling thread below
+/// [`PARALLEL_MIN_MACS`] multiply-adds.
+fn batch1_chunk(o: usize, i: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    if threads > 1 && o.saturating_mul(i) >= PARALLEL_MIN_MACS {
+        o.div_ceil(threads).div_ceil(4) * 4
+    } else {
+        o
+    }
+    .max(1)
+}
 
 /// Forward `y = x · Wᵀ` for any format.
 ///
@@ -390,28 +396,62 @@ pub(crate) fn matmul_t<F: QuantRows>(
     y: &mut [f32],
     accumulate: bool,
 ) -> nibble_tensor::Result<()> {
+    matmul_t_fusing(f, x, m, y, accumulate, None).map(drop)
+}
+
+/// Batch 1 with a low-rank adapter, `y (+)= x · Wᵀ + B (A x)`: the adapter is fused into the
+/// batch-1 GEMV's parallel pass ([`nibble_tensor::lowrank`]) where the f32 GEMV runs; where
+/// another path runs (int8 activations), the adapter's two products follow it. Either way
+/// the same bit for bit as [`matmul_t`] followed by [`LowRank::apply_unfused`].
+pub(crate) fn matvec_t_low_rank<F: QuantRows>(
+    f: &F,
+    x: &[f32],
+    y: &mut [f32],
+    accumulate: bool,
+    adapter: &LowRank<'_>,
+) -> nibble_tensor::Result<()> {
+    let (o, i) = f.dims();
+    adapter.check(o, i, x, y)?;
+    if !matmul_t_fusing(f, x, 1, y, accumulate, Some(adapter))? {
+        adapter.apply_unfused(x, y)?;
+    }
+    Ok(())
+}
+
+/// [`matmul_t`], with `adapter` fused into the batch-1 GEMV when that is the path taken;
+/// returns whether it was (if not, the caller adds it).
+fn matmul_t_fusing<F: QuantRows>(
+    f: &F,
+    x: &[f32],
+    m: usize,
+    y: &mut [f32],
+    accumulate: bool,
+    adapter: Option<&LowRank<'_>>,
+) -> nibble_tensor::Result<bool> {
     let (o, i) = f.dims();
     check_matmul_operands("linear", m, x.len(), i, y.len(), o)?;
     let path = usable(kernel_path());
     if m == 0 || o == 0 {
-        return Ok(());
+        return Ok(false);
     }
     if crate::act8::activations() == crate::act8::ActivationMode::Int8 && f.act8_generic(m) {
         if let Some(w) = f.act8_view() {
             let tier = crate::act8::IntTier::for_path(kernel_path());
             if crate::act8::forward(tier, w, x, m, y, accumulate) {
-                return Ok(());
+                return Ok(false);
             }
         }
     }
     if m >= f.gemm_min_m() {
         let pack = FwdPack { f, path };
-        return gemm(MatRef::row_major(x, m, i)?, &pack, y, accumulate);
+        gemm(MatRef::row_major(x, m, i)?, &pack, y, accumulate)?;
+        return Ok(false);
     }
     let threads = rayon::current_num_threads().max(1);
-    let parallel = threads > 1 && o.saturating_mul(i).saturating_mul(m) >= PARALLEL_MIN_WORK;
+    let parallel = threads > 1 && o.saturating_mul(i).saturating_mul(m) >= PARALLEL_MIN_MACS;
     if m >= f.tiles_min_m().max(2) {
-        return batch_tiles(f, path, x, m, y, accumulate, parallel);
+        batch_tiles(f, path, x, m, y, accumulate, parallel)?;
+        return Ok(false);
     }
     let mut prep = take_prep();
     // Where each vector's preparation starts (a format may prepare vectors differently, e.g.
@@ -423,11 +463,21 @@ pub(crate) fn matmul_t<F: QuantRows>(
     }
     starts.push(prep.len());
     if m == 1 {
-        split_rows((o, i), y, |rows, yc| {
-            f.gemv(path, x, &prep, rows, yc, accumulate)
-        });
+        let base =
+            |rows: Range<usize>, yc: &mut [f32]| f.gemv(path, x, &prep, rows, yc, accumulate);
+        let fused = match adapter {
+            Some(adapter) => {
+                let chunk = batch1_chunk(o, i);
+                fused_matvec(adapter, x, y, chunk, chunk < o, base);
+                true
+            }
+            None => {
+                split_rows((o, i), y, base);
+                false
+            }
+        };
         put_prep(prep);
-        return Ok(());
+        return Ok(fused);
     }
     let yp = YPtr(y.as_mut_ptr());
     let prep_ref = &prep;
@@ -449,7 +499,7 @@ pub(crate) fn matmul_t<F: QuantRows>(
     };
     let done = run_tasks(o.div_ceil(GEMV_ROW_TILE), parallel, run);
     put_prep(prep);
-    done
+    done.map(|()| false)
 }
 
 /// Bytes of W dequantized per tile for [`batch_tiles`] (the tile and the batch's x stay in L2
@@ -680,6 +730,15 @@ macro_rules! impl_weight_matrix {
                 accumulate: bool,
             ) -> nibble_tensor::Result<()> {
                 $crate::kernels::matmul_t(self, x, m, y, accumulate)
+            }
+            fn matvec_t_low_rank(
+                &self,
+                x: &[f32],
+                y: &mut [f32],
+                accumulate: bool,
+                adapter: &nibble_tensor::lowrank::LowRank<'_>,
+            ) -> nibble_tensor::Result<()> {
+                $crate::kernels::matvec_t_low_rank(self, x, y, accumulate, adapter)
             }
             fn matmul(
                 &self,

@@ -11,6 +11,7 @@ pub mod error;
 pub mod gemm;
 pub mod half_tensor;
 pub mod layernorm;
+pub mod lowrank;
 pub mod ops;
 pub mod parallel;
 pub mod rng;

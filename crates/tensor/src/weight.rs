@@ -4,9 +4,10 @@
 
 use crate::cpu::kernel_path;
 use crate::error::{Result, TensorError};
-use crate::gemm::gemv::{gemv_t_f16, gemv_t_f32, GEMV_MAX_M};
+use crate::gemm::gemv::{gemv_t_f16, gemv_t_f32, gemv_t_low_rank, GEMV_MAX_M};
 use crate::gemm::{gemm, gemm_segments, MatRef, PackB, Segment};
 use crate::half_tensor::HalfTensor;
+use crate::lowrank::LowRank;
 use crate::tensor::Tensor;
 
 /// A frozen `out x in` weight matrix `W` (PyTorch's `nn.Linear.weight` layout).
@@ -17,6 +18,23 @@ pub trait WeightMatrix: Send + Sync + std::fmt::Debug {
     fn in_features(&self) -> usize;
     /// Forward: `y[m, out] = x[m, in] · Wᵀ` (`y += ...` with `accumulate`).
     fn matmul_t(&self, x: &[f32], m: usize, y: &mut [f32], accumulate: bool) -> Result<()>;
+    /// Batch 1 with a low-rank adapter: `y[out] = x[in] · Wᵀ + B (A x)` (`y += ...` with
+    /// `accumulate`), the same bit for bit as [`WeightMatrix::matmul_t`] at `m = 1` followed by
+    /// [`LowRank::apply_unfused`] (what a training forward computes). This default runs the
+    /// three products one after the other; the dense and quantized weights fuse the adapter into
+    /// their own parallel pass (see [`crate::lowrank`]), which saves the two fork-joins of the
+    /// pool that the adapter's products would take.
+    fn matvec_t_low_rank(
+        &self,
+        x: &[f32],
+        y: &mut [f32],
+        accumulate: bool,
+        adapter: &LowRank<'_>,
+    ) -> Result<()> {
+        adapter.check(self.out_features(), self.in_features(), x, y)?;
+        self.matmul_t(x, 1, y, accumulate)?;
+        adapter.apply_unfused(x, y)
+    }
     /// Input gradient: `dx[m, in] = dy[m, out] · W` (`dx += ...` with `accumulate`).
     fn matmul(&self, dy: &[f32], m: usize, dx: &mut [f32], accumulate: bool) -> Result<()>;
     /// W as f32 (dequantized where the storage is quantized).
@@ -139,6 +157,16 @@ macro_rules! dense_weight_matrix {
                 }
                 let w = MatRef::row_major(self.data(), o, i)?;
                 gemm(MatRef::row_major(x, m, i)?, &w.t(), y, accumulate)
+            }
+            fn matvec_t_low_rank(
+                &self,
+                x: &[f32],
+                y: &mut [f32],
+                accumulate: bool,
+                adapter: &LowRank<'_>,
+            ) -> Result<()> {
+                let (o, i) = self.dims2("linear")?;
+                gemv_t_low_rank(kernel_path(), self.data(), o, i, x, y, accumulate, adapter)
             }
             fn matmul(&self, dy: &[f32], m: usize, dx: &mut [f32], accumulate: bool) -> Result<()> {
                 let (o, i) = self.dims2("linear_backward_input")?;

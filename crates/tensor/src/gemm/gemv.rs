@@ -3,12 +3,15 @@
 //! batch of 1..=[`GEMV_MAX_M`] rows. Up to 4 rows of x share one pass over W; larger batches
 //! take one pass per 4 rows, which still beats packing W for the GEMM up to about 16 rows.
 //!
-//! Parallel over blocks of output rows with rayon; each output is one dot product with a fixed
-//! summation order, so results are bit-identical for any thread count.
+//! Parallel over blocks of output rows with rayon, for products of at least
+//! [`PARALLEL_MIN_MACS`] multiply-adds; each output is one dot product with a fixed summation
+//! order, so results are bit-identical for any thread count.
 
 use super::pack::BElem;
 use crate::cpu::KernelPath;
 use crate::error::{Result, TensorError};
+use crate::lowrank::LowRank;
+use crate::parallel::PARALLEL_MIN_MACS;
 use half::f16;
 use rayon::prelude::*;
 
@@ -110,6 +113,76 @@ fn len_err(op: &'static str, shape: Vec<usize>, expected: usize, found: usize) -
 /// Largest share of W one thread streams at a time at batch 1.
 const GEMV_BLOCK_BYTES: usize = 1 << 20;
 
+/// Smallest share of W one task computes: at least 16 rows and 64 KiB of W (so the rayon
+/// overhead stays small next to the work).
+fn min_task_rows(row_bytes: usize) -> usize {
+    16.max((64 * 1024) / row_bytes.max(1))
+}
+
+/// Whether a product of `m` vectors through an `out x inp` W (`row_bytes` per row) runs on the
+/// pool of `threads`: when it has at least [`PARALLEL_MIN_MACS`] multiply-adds and more rows
+/// than one task's minimum ([`min_task_rows`]). The count of multiply-adds decides, not the
+/// count of rows: a LoRA adapter's `[1024, 32]` B has 1024 rows but only 32 K multiply-adds
+/// per vector, which took 6-10 µs on one thread here, no more than the fork-join that a
+/// parallel run adds on 16 threads.
+fn goes_parallel(threads: usize, out: usize, inp: usize, m: usize, row_bytes: usize) -> bool {
+    threads > 1
+        && out > min_task_rows(row_bytes)
+        && out.saturating_mul(inp).saturating_mul(m) >= PARALLEL_MIN_MACS
+}
+
+/// Rows per block of a parallel batch-1 product (`row_bytes` per row of W, `threads` in the
+/// pool). Batch 1 streams W from memory: neighbouring blocks of rows, handed out in order (see
+/// [`crate::parallel::for_each_block`]), each at most 1 MiB (the two threads' streams are then
+/// never 2 MiB apart), at least one per thread, in multiples of 4 rows for the 4-row kernel.
+fn batch1_block(out: usize, row_bytes: usize, threads: usize) -> usize {
+    (GEMV_BLOCK_BYTES / row_bytes.max(1))
+        .min(out.div_ceil(threads))
+        .div_ceil(4)
+        .max(1)
+        * 4
+}
+
+/// Batch 1 with a low-rank adapter fused in: `y[out] (+)= W x + B (A x)` for `W[out, inp]`
+/// (see [`crate::lowrank`]), with the blocks and the parallel decision of the plain batch-1
+/// product, and the same result bit for bit as [`gemv_t_f32`] / [`gemv_t_f16`] at `m = 1`
+/// followed by [`LowRank::apply_unfused`]. Shape errors are returned as [`TensorError`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemv_t_low_rank<E: BElem>(
+    path: KernelPath,
+    w: &[E],
+    out: usize,
+    inp: usize,
+    x: &[f32],
+    y: &mut [f32],
+    accumulate: bool,
+    adapter: &LowRank<'_>,
+) -> Result<()> {
+    adapter.check(out, inp, x, y)?;
+    crate::error::check_len("gemv_low_rank", &[out, inp], w.len())?;
+    let path = path.supported();
+    let threads = rayon::current_num_threads().max(1);
+    let row_bytes = inp.max(1) * std::mem::size_of::<E>();
+    let parallel = goes_parallel(threads, out, inp, 1, row_bytes);
+    let block = if parallel {
+        batch1_block(out, row_bytes, threads)
+    } else {
+        out
+    };
+    crate::lowrank::fused_matvec(adapter, x, y, block, parallel, |rows, yc| {
+        rows_kernel(
+            path,
+            &w[rows.start * inp..rows.end * inp],
+            inp,
+            x,
+            1,
+            yc,
+            accumulate,
+        )
+    });
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 fn gemv_t<E: BElem>(
     path: KernelPath,
@@ -147,23 +220,12 @@ fn gemv_t<E: BElem>(
     }
     let path = path.supported();
     let threads = rayon::current_num_threads().max(1);
-    // Tasks hold at least 16 rows and 64 KiB of W each (so the rayon overhead stays small next
-    // to the work).
     let row_bytes = inp.max(1) * std::mem::size_of::<E>();
-    let min_rows = 16.max((64 * 1024) / row_bytes);
-    let parallel = threads > 1 && out > min_rows;
+    let min_rows = min_task_rows(row_bytes);
+    let parallel = goes_parallel(threads, out, inp, m, row_bytes);
     if m == 1 {
         if parallel {
-            // Batch 1 streams W from memory: neighbouring blocks of rows, handed out in order
-            // (see `for_each_block`), each at most 1 MiB (the two threads' streams are then
-            // never 2 MiB apart), at least one per thread, in multiples of 4 rows for the
-            // 4-row kernel.
-            let block = (GEMV_BLOCK_BYTES / row_bytes)
-                .min(out.div_ceil(threads))
-                .div_ceil(4)
-                .max(1)
-                * 4;
-            crate::parallel::for_each_block(y, block, |r0, yc| {
+            crate::parallel::for_each_block(y, batch1_block(out, row_bytes, threads), |r0, yc| {
                 let wc = &w[r0 * inp..(r0 + yc.len()) * inp];
                 rows_kernel(path, wc, inp, x, 1, yc, accumulate);
             });
@@ -200,8 +262,8 @@ fn gemv_t<E: BElem>(
 }
 
 /// Shapes: `w` is `rows x inp` (row-major), `x` is `m x inp`, `res` is `rows x m`;
-/// `res[r * m + b] (+)= dot(x[b], w[r])`.
-fn rows_kernel<E: BElem>(
+/// `res[r * m + b] (+)= dot(x[b], w[r])`. `path` must be [`KernelPath::supported`].
+pub(crate) fn rows_kernel<E: BElem>(
     path: KernelPath,
     w: &[E],
     inp: usize,

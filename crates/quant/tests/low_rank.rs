@@ -1,0 +1,123 @@
+//! Every quantized format's batch-1 product with a low-rank adapter fused in
+//! (`WeightMatrix::matvec_t_low_rank`) gives the bits of the unfused sequence (`matmul_t` at
+//! batch 1, then `LowRank::apply_unfused`), on awkward shapes and ranks, with and without
+//! `accumulate` (NaN-filled outputs then), under f32 and int8 activations, for 1, 2, 3 and 16
+//! threads.
+
+use nibble_quant::act8::{with_activations, ActivationMode};
+use nibble_quant::{Int8Matrix, LowerMatrix, Nf4Matrix, Q4Matrix};
+use nibble_tensor::lowrank::LowRank;
+use nibble_tensor::{Rng, Tensor, WeightMatrix};
+
+fn formats(o: usize, i: usize, seed: u64) -> Vec<(&'static str, Box<dyn WeightMatrix>)> {
+    let w = Tensor::randn(&[o, i], &mut Rng::new(seed)).scale(1.0 / (i.max(1) as f32).sqrt());
+    vec![
+        (
+            "q4",
+            Box::new(Q4Matrix::quantize(&w).unwrap()) as Box<dyn WeightMatrix>,
+        ),
+        ("nf4", Box::new(Nf4Matrix::quantize(&w).unwrap())),
+        ("nf4_dq", Box::new(Nf4Matrix::quantize_double(&w).unwrap())),
+        ("int8", Box::new(Int8Matrix::quantize(&w).unwrap())),
+        ("lower", Box::new(LowerMatrix::quantize(&w).unwrap())),
+    ]
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|f| f.to_bits()).collect()
+}
+
+#[test]
+fn fused_adapter_matches_the_unfused_products_bit_for_bit() {
+    let pools: Vec<_> = [1, 2, 3, 16]
+        .into_iter()
+        .map(|t| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(t)
+                .build()
+                .unwrap()
+        })
+        .collect();
+    // (1023, 129) and (300, 1023) are large enough for the parallel batch-1 pass.
+    for (o, i, rank) in [
+        (1, 1, 1),
+        (7, 33, 3),
+        (17, 63, 5),
+        (129, 31, 32),
+        (1023, 129, 32),
+        (300, 1023, 7),
+        (15, 0, 2),
+    ] {
+        let mut rng = Rng::new((o * 31 + i) as u64);
+        let a = Tensor::randn(&[rank, i], &mut rng);
+        let b = Tensor::randn(&[o, rank], &mut rng);
+        let x = Tensor::randn(&[1, i], &mut rng);
+        let start = Tensor::randn(&[1, o], &mut rng);
+        let adapter = LowRank::new(&a, &b).unwrap();
+        for (name, w) in formats(o, i, 3) {
+            for mode in [ActivationMode::F32, ActivationMode::Int8] {
+                for accumulate in [false, true] {
+                    let y0 = || {
+                        if accumulate {
+                            start.data().to_vec()
+                        } else {
+                            vec![f32::NAN; o]
+                        }
+                    };
+                    let unfused = |pool: &rayon::ThreadPool| {
+                        pool.install(|| {
+                            with_activations(mode, || {
+                                let mut y = y0();
+                                w.matmul_t(x.data(), 1, &mut y, accumulate).unwrap();
+                                adapter.apply_unfused(x.data(), &mut y).unwrap();
+                                y
+                            })
+                        })
+                    };
+                    let want = bits(&unfused(&pools[0]));
+                    for pool in &pools {
+                        let got = pool.install(|| {
+                            with_activations(mode, || {
+                                let mut y = y0();
+                                w.matvec_t_low_rank(x.data(), &mut y, accumulate, &adapter)
+                                    .unwrap();
+                                y
+                            })
+                        });
+                        let what = format!(
+                            "{name} {o}x{i} rank {rank}, {mode:?}, accumulate {accumulate}, {} threads",
+                            pool.current_num_threads()
+                        );
+                        assert!(bits(&got) == want, "{what}");
+                        assert!(bits(&unfused(pool)) == want, "{what} (unfused)");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn mismatched_adapters_are_errors() {
+    for (name, w) in formats(8, 16, 1) {
+        let mut y = vec![0.0; 8];
+        let x = vec![0.0; 16];
+        for (a, b) in [([4, 15], [8, 4]), ([4, 16], [7, 4]), ([4, 8], [16, 4])] {
+            let (a, b) = (Tensor::zeros(&a), Tensor::zeros(&b));
+            let adapter = LowRank::new(&a, &b).unwrap();
+            assert!(
+                w.matvec_t_low_rank(&x, &mut y, true, &adapter).is_err(),
+                "{name}"
+            );
+        }
+        let (a, b) = (Tensor::zeros(&[4, 16]), Tensor::zeros(&[8, 4]));
+        let adapter = LowRank::new(&a, &b).unwrap();
+        assert!(w
+            .matvec_t_low_rank(&x[..15], &mut y, true, &adapter)
+            .is_err());
+        assert!(w
+            .matvec_t_low_rank(&x, &mut y[..7], true, &adapter)
+            .is_err());
+        assert!(w.matvec_t_low_rank(&x, &mut y, true, &adapter).is_ok());
+    }
+}

@@ -1,0 +1,323 @@
+//! Batch-1 products with a low-rank (LoRA) adapter fused in: `y (+)= W x + B (A x)` in one
+//! parallel pass over the rows of `y`, instead of three (the base product, then `h = A x`,
+//! then `y += B h`, each on the thread pool or each on one thread).
+//!
+//! At batch 1 the adapter is little work (a rank-32 adapter on a 1024² layer: 64 K multiply-adds
+//! against the base layer's 1 M), too little to pay two more fork-joins of the pool (each on
+//! the order of 10 µs on 16 threads) and too much to run on one thread while the others wait.
+//! So the pass hands out its parts in order ([`crate::parallel::for_each_in_order`]): first
+//! the parts of `h = A x` (a few rows of A each), then the blocks of rows of `y`, each of which
+//! computes its base rows, waits until every part of `h` is done (they were all handed out
+//! before it, and they never wait, so it waits only for work in progress) and adds its rows of
+//! `B h`.
+//!
+//! Each element of `h` and `y` is computed by the same batch-1 dot product kernels, with the
+//! same operands in the same order, as [`crate::WeightMatrix::matmul_t`] computes them on dense
+//! f32 weights, so the result is the same bit for bit as the unfused sequence (see
+//! [`LowRank::apply_unfused`]), whatever the thread count.
+
+use crate::cpu::kernel_path;
+use crate::error::{Result, TensorError};
+use crate::gemm::gemv::{gemv_t_f32, rows_kernel};
+use crate::tensor::Tensor;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+
+/// Rows of A per part of `h = A x` (a multiple of 4, the batch-1 kernel's row step): 16 KiB
+/// of A at 1024 inputs, so a rank-32 adapter's `A x` is spread over 8 threads.
+const A_ROWS_PER_PART: usize = 4;
+
+/// A rank-`r` adapter's factors, checked: `A` `[r, in]` and `B` `[out, r]`, f32, row-major.
+/// The update it adds to a layer's output is `y += B (A x)` (unscaled, as nibble's adapters
+/// are).
+#[derive(Debug, Clone, Copy)]
+pub struct LowRank<'a> {
+    a: &'a [f32],
+    b: &'a [f32],
+    rank: usize,
+    inp: usize,
+    out: usize,
+}
+
+impl<'a> LowRank<'a> {
+    /// The adapter of `a` `[r, in]` and `b` `[out, r]`; any other shapes are an error.
+    ///
+    /// ```
+    /// use nibble_tensor::lowrank::LowRank;
+    /// use nibble_tensor::Tensor;
+    /// let a = Tensor::zeros(&[2, 5]);
+    /// let b = Tensor::zeros(&[3, 2]);
+    /// let ab = LowRank::new(&a, &b).unwrap();
+    /// assert_eq!((ab.rank(), ab.in_features(), ab.out_features()), (2, 5, 3));
+    /// assert!(LowRank::new(&b, &a).is_err());
+    /// ```
+    pub fn new(a: &'a Tensor, b: &'a Tensor) -> Result<Self> {
+        let (rank, inp) = a.dims2("low_rank (A)")?;
+        let (out, rank_b) = b.dims2("low_rank (B)")?;
+        if rank_b != rank {
+            return Err(TensorError::ShapeMismatch {
+                op: "low_rank",
+                lhs: a.shape().to_vec(),
+                rhs: b.shape().to_vec(),
+            });
+        }
+        Ok(LowRank {
+            a: a.data(),
+            b: b.data(),
+            rank,
+            inp,
+            out,
+        })
+    }
+
+    /// The rank `r`.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Columns of A: the layer's input features.
+    pub fn in_features(&self) -> usize {
+        self.inp
+    }
+
+    /// Rows of B: the layer's output features.
+    pub fn out_features(&self) -> usize {
+        self.out
+    }
+
+    /// Checks that the adapter fits an `out x inp` layer, `x` has `inp` elements and `y`
+    /// `out` (the operands of a fused batch-1 product).
+    pub fn check(&self, out: usize, inp: usize, x: &[f32], y: &[f32]) -> Result<()> {
+        if (self.out, self.inp) != (out, inp) {
+            return Err(TensorError::ShapeMismatch {
+                op: "low_rank",
+                lhs: vec![out, inp],
+                rhs: vec![self.out, self.rank, self.inp],
+            });
+        }
+        crate::weight::check_matmul_operands("low_rank", 1, x.len(), inp, y.len(), out)
+    }
+
+    /// `y += B (A x)` for one vector `x` `[in]` into `y` `[out]`, as two separate products
+    /// (`h = A x`, then `y += B h`, each [`gemv_t_f32`]): what a weight's fused product
+    /// ([`crate::WeightMatrix::matvec_t_low_rank`]) gives, bit for bit, after its base
+    /// product; the fallback of weights without a fused one.
+    pub fn apply_unfused(&self, x: &[f32], y: &mut [f32]) -> Result<()> {
+        let path = kernel_path();
+        let mut h = vec![0.0f32; self.rank];
+        gemv_t_f32(path, self.a, self.rank, self.inp, x, 1, &mut h, false)?;
+        gemv_t_f32(path, self.b, self.out, self.rank, &h, 1, y, true)
+    }
+}
+
+/// One part of a fused pass: rows of A, or a block of rows of `y` starting at a row.
+enum Part<'y> {
+    Adapter(Range<usize>),
+    Rows(usize, &'y mut [f32]),
+}
+
+/// The fused batch-1 product: `base(rows, y_part)` computes rows `rows` of the layer's own
+/// product into `y_part` (`y[rows]`, with or without accumulating, as the caller's kernel
+/// does); then the adapter's `B (A x)` is added to every row. `y` is split into blocks of
+/// `block` rows (the caller's split for its base kernel); `parallel` runs the pass on the
+/// current rayon pool, else on the calling thread. The operands must have been checked
+/// ([`LowRank::check`]).
+///
+/// A row's result is `base`'s value for the row, plus the same dot product of B's row with
+/// `h` that [`LowRank::apply_unfused`] adds, so it does not depend on `block`, `parallel`
+/// or the thread count (provided `base`'s values do not).
+pub fn fused_matvec(
+    adapter: &LowRank<'_>,
+    x: &[f32],
+    y: &mut [f32],
+    block: usize,
+    parallel: bool,
+    base: impl Fn(Range<usize>, &mut [f32]) + Sync,
+) {
+    let path = kernel_path().supported();
+    let (rank, inp) = (adapter.rank, adapter.inp);
+    let block = block.max(1);
+    let adapter_parts = rank.div_ceil(A_ROWS_PER_PART);
+    // h = A x, published element by element (as f32 bits) by the parts that compute it;
+    // `h_done` counts the finished parts, and its release/acquire pairs make every element
+    // visible to a block that has seen the count reach `adapter_parts`.
+    let h: Vec<AtomicU32> = (0..rank).map(|_| AtomicU32::new(0)).collect();
+    let h_done = AtomicUsize::new(0);
+    let run = |part: Part<'_>| match part {
+        Part::Adapter(rows) => {
+            let mut res = [0.0f32; A_ROWS_PER_PART];
+            let res = &mut res[..rows.len()];
+            rows_kernel(
+                path,
+                &adapter.a[rows.start * inp..rows.end * inp],
+                inp,
+                x,
+                1,
+                res,
+                false,
+            );
+            for (slot, v) in h[rows].iter().zip(res.iter()) {
+                slot.store(v.to_bits(), Ordering::Relaxed);
+            }
+            h_done.fetch_add(1, Ordering::Release);
+        }
+        Part::Rows(r0, yc) => {
+            let rows = r0..r0 + yc.len();
+            base(rows.clone(), yc);
+            wait_for(&h_done, adapter_parts);
+            let hv: Vec<f32> = h
+                .iter()
+                .map(|v| f32::from_bits(v.load(Ordering::Relaxed)))
+                .collect();
+            let bw = &adapter.b[rows.start * rank..rows.end * rank];
+            rows_kernel(path, bw, rank, &hv, 1, yc, true);
+        }
+    };
+    let count = adapter_parts + y.len().div_ceil(block);
+    let parts = (0..adapter_parts)
+        .map(|p| Part::Adapter(p * A_ROWS_PER_PART..((p + 1) * A_ROWS_PER_PART).min(rank)))
+        .chain(
+            y.chunks_mut(block)
+                .enumerate()
+                .map(|(c, yc)| Part::Rows(c * block, yc)),
+        );
+    if parallel {
+        crate::parallel::for_each_in_order(parts, count, run);
+    } else {
+        parts.for_each(run);
+    }
+}
+
+/// Waits until `done` reaches `target`: the parts it counts were handed out before the
+/// caller's and are running, so the wait is short; it spins, and yields its core once the
+/// wait gets longer (a descheduled thread may hold a part when the pool has more threads than
+/// the machine has cores).
+fn wait_for(done: &AtomicUsize, target: usize) {
+    let mut spins = 0u32;
+    while done.load(Ordering::Acquire) < target {
+        if spins < 1 << 10 {
+            std::hint::spin_loop();
+            spins += 1;
+        } else {
+            std::thread::yield_now();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    /// The fused pass against the unfused sequence, on awkward shapes, blocks and thread
+    /// counts: bit-identical, every element of `y` written (NaN-filled before a
+    /// non-accumulating base).
+    #[test]
+    fn fused_matches_unfused_bit_for_bit() {
+        let mut rng = Rng::new(7);
+        for (out, inp, rank) in [
+            (1, 1, 1),
+            (7, 15, 3),
+            (17, 33, 4),
+            (33, 31, 5),
+            (129, 63, 32),
+            (63, 129, 17),
+            (1023, 17, 9),
+            (15, 7, 0),
+        ] {
+            let w = Tensor::uniform(&[out, inp], -1.0, 1.0, &mut rng);
+            let a = Tensor::uniform(&[rank, inp], -1.0, 1.0, &mut rng);
+            let b = Tensor::uniform(&[out, rank], -1.0, 1.0, &mut rng);
+            let x = Tensor::uniform(&[1, inp], -1.0, 1.0, &mut rng);
+            let ab = LowRank::new(&a, &b).unwrap();
+            let mut want = vec![f32::NAN; out];
+            gemv_t_f32(
+                kernel_path(),
+                w.data(),
+                out,
+                inp,
+                x.data(),
+                1,
+                &mut want,
+                false,
+            )
+            .unwrap();
+            ab.apply_unfused(x.data(), &mut want).unwrap();
+            for threads in [1, 2, 3, 16] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                for (block, parallel) in [(1, true), (4, true), (5, true), (64, true), (8, false)] {
+                    let mut y = vec![f32::NAN; out];
+                    pool.install(|| {
+                        fused_matvec(&ab, x.data(), &mut y, block, parallel, |rows, yc| {
+                            let wr = &w.data()[rows.start * inp..rows.end * inp];
+                            rows_kernel(kernel_path().supported(), wr, inp, x.data(), 1, yc, false)
+                        })
+                    });
+                    let same = y.iter().zip(&want).all(|(u, v)| u.to_bits() == v.to_bits());
+                    assert!(
+                        same,
+                        "{out}x{inp} rank {rank}, {threads} threads, block {block}: {y:?} != {want:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The dense weights' `matvec_t_low_rank` (f32 and f16) against `matmul_t` at batch 1 and
+    /// the unfused adapter: bit-identical for 1, 2, 3 and 16 threads, with and without
+    /// `accumulate` (NaN-filled outputs then), on shapes large enough for the parallel pass.
+    #[test]
+    fn dense_weights_fuse_bit_for_bit() {
+        use crate::{HalfTensor, WeightMatrix};
+        let mut rng = Rng::new(11);
+        for (out, inp, rank) in [(33, 17, 3), (1023, 129, 32), (257, 1023, 5), (129, 0, 2)] {
+            let w = Tensor::uniform(&[out, inp], -1.0, 1.0, &mut rng);
+            let a = Tensor::uniform(&[rank, inp], -1.0, 1.0, &mut rng);
+            let b = Tensor::uniform(&[out, rank], -1.0, 1.0, &mut rng);
+            let x = Tensor::uniform(&[1, inp], -1.0, 1.0, &mut rng);
+            let start = Tensor::uniform(&[1, out], -1.0, 1.0, &mut rng);
+            let ab = LowRank::new(&a, &b).unwrap();
+            let half = HalfTensor::from_f32(&w);
+            for (name, wm) in [("f32", &w as &dyn WeightMatrix), ("f16", &half)] {
+                for accumulate in [false, true] {
+                    let y0 = || match accumulate {
+                        true => start.data().to_vec(),
+                        false => vec![f32::NAN; out],
+                    };
+                    let mut want = y0();
+                    wm.matmul_t(x.data(), 1, &mut want, accumulate).unwrap();
+                    ab.apply_unfused(x.data(), &mut want).unwrap();
+                    for threads in [1, 2, 3, 16] {
+                        let pool = rayon::ThreadPoolBuilder::new()
+                            .num_threads(threads)
+                            .build()
+                            .unwrap();
+                        let mut y = y0();
+                        pool.install(|| wm.matvec_t_low_rank(x.data(), &mut y, accumulate, &ab))
+                            .unwrap();
+                        let same = y.iter().zip(&want).all(|(u, v)| u.to_bits() == v.to_bits());
+                        assert!(same, "{name} {out}x{inp} rank {rank}, {threads} threads");
+                    }
+                }
+            }
+            let mut y = vec![0.0; out + 1];
+            assert!(w.matvec_t_low_rank(x.data(), &mut y, true, &ab).is_err());
+        }
+    }
+
+    #[test]
+    fn mismatched_shapes_are_errors() {
+        let a = Tensor::zeros(&[4, 8]);
+        let b = Tensor::zeros(&[6, 4]);
+        let ab = LowRank::new(&a, &b).unwrap();
+        assert!(ab.check(6, 8, &[0.0; 8], &[0.0; 6]).is_ok());
+        assert!(ab.check(8, 6, &[0.0; 6], &[0.0; 8]).is_err());
+        assert!(ab.check(6, 8, &[0.0; 7], &[0.0; 6]).is_err());
+        assert!(ab.check(6, 8, &[0.0; 8], &[0.0; 5]).is_err());
+        assert!(LowRank::new(&a, &Tensor::zeros(&[6, 3])).is_err());
+        assert!(LowRank::new(&Tensor::zeros(&[4]), &b).is_err());
+    }
+}
