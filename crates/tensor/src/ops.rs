@@ -59,6 +59,25 @@ fn map_new(src: &[f32], f: impl Fn(f32) -> f32 + Sync + Send) -> Vec<f32> {
     })
 }
 
+/// `n` zeros: calloc's below the parallel size; above it written in parallel chunks, since
+/// calloc clears memory it reuses with one serial memset (a whole activation, e.g. a
+/// gradient buffer a GEMM then overwrites).
+pub(crate) fn zeros_vec(n: usize) -> Vec<f32> {
+    if n < 2 * PAR_CHUNK {
+        return vec![0.0; n];
+    }
+    new_filled(n, |_, d| {
+        for o in d {
+            o.write(0.0);
+        }
+    })
+}
+
+/// A copy of `src`, written in parallel chunks for large sizes (see [`new_filled`]).
+pub(crate) fn copied_vec(src: &[f32]) -> Vec<f32> {
+    map_new(src, |v| v)
+}
+
 /// `f(a[k], b[k])` for every element (equal lengths), as a new vector.
 fn zip_map_new(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync + Send) -> Vec<f32> {
     new_filled(a.len().min(b.len()), |off, d| {
@@ -166,6 +185,12 @@ impl Tensor {
     /// `self *= s`.
     pub fn scale_assign(&mut self, s: f32) {
         apply(self.data_mut(), |v| *v *= s);
+    }
+
+    /// A copy, written in parallel chunks for large tensors (`clone` copies on one thread: a
+    /// serial pass over a whole activation, e.g. the residual add's gradient going two ways).
+    pub fn parallel_clone(&self) -> Tensor {
+        self.with_same_shape(copied_vec(self.data()))
     }
 
     /// `max(self, 0)`, elementwise. NaN stays NaN.
