@@ -152,6 +152,11 @@ impl Gradients {
     pub fn get(&self, leaf: &Var) -> Option<&Tensor> {
         leaf.node.and_then(|n| self.by_node.get(&n))
     }
+
+    /// The gradient of the loss w.r.t. `leaf`, moved out (no copy).
+    pub fn take(&mut self, leaf: &Var) -> Option<Tensor> {
+        leaf.node.and_then(|n| self.by_node.remove(&n))
+    }
 }
 
 impl Tape {

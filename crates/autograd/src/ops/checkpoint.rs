@@ -37,8 +37,8 @@ impl Op for CheckpointOp {
             Var::constant_shared(x)
         };
         let y = segment(&tape, &x).map_err(|what| AutogradError::Checkpoint { what })?;
-        let grads = tape.backward_from(y, d_y)?;
-        Ok(vec![grads.get(&x).cloned()])
+        let mut grads = tape.backward_from(y, d_y)?;
+        Ok(vec![grads.take(&x)])
     }
 }
 
