@@ -4,15 +4,15 @@
 
 use crate::error::{AutogradError, Result};
 use nibble_tensor::Tensor;
-use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// The backward half of an op. One small struct per op holds what its backward needs; the
 /// forward is the function that builds it. Other crates add ops by implementing this trait and
-/// calling [`Tape::record`].
-pub trait Op {
+/// calling [`Tape::record`]. An op is `Send`, so that a tape (and the step recording on it)
+/// can run on any thread, e.g. a worker of the rayon pool.
+pub trait Op: Send {
     /// The op's name, for error messages.
     fn name(&self) -> &'static str;
     /// Given the gradient of the loss w.r.t. the op's output, returns the gradient w.r.t. each
@@ -107,6 +107,9 @@ enum Record {
 
 /// Records ops for one forward pass; `backward` consumes the records. Reusable: after
 /// `backward` (or [`Tape::clear`]) it is empty again and the next step records afresh.
+/// `Send` and `Sync` (the records sit behind a mutex), so that a training step can run on a
+/// worker of the rayon pool, where each parallel kernel starts without waking the pool from
+/// outside; ops are still recorded in the order they are called.
 ///
 /// ```
 /// use nibble_autograd::{Param, Tape, Var};
@@ -121,9 +124,9 @@ enum Record {
 /// assert_eq!(tape.len(), 0);
 /// ```
 pub struct Tape {
-    records: RefCell<Vec<Record>>,
-    generation: Cell<u64>,
-    enabled: Cell<bool>,
+    records: Mutex<Vec<Record>>,
+    generation: AtomicU64,
+    enabled: AtomicBool,
 }
 
 impl Default for Tape {
@@ -149,21 +152,39 @@ impl Gradients {
     pub fn get(&self, leaf: &Var) -> Option<&Tensor> {
         leaf.node.and_then(|n| self.by_node.get(&n))
     }
+
+    /// The gradient of the loss w.r.t. `leaf`, moved out (no copy).
+    pub fn take(&mut self, leaf: &Var) -> Option<Tensor> {
+        leaf.node.and_then(|n| self.by_node.remove(&n))
+    }
 }
 
 impl Tape {
     /// An empty tape.
     pub fn new() -> Self {
         Tape {
-            records: RefCell::new(Vec::new()),
-            generation: Cell::new(next_generation()),
-            enabled: Cell::new(true),
+            records: Mutex::new(Vec::new()),
+            generation: AtomicU64::new(next_generation()),
+            enabled: AtomicBool::new(true),
         }
+    }
+
+    /// The records (a panic while they were held leaves them as they were: usable).
+    fn records(&self) -> MutexGuard<'_, Vec<Record>> {
+        self.records.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+
+    fn new_generation(&self) {
+        self.generation.store(next_generation(), Ordering::Relaxed);
     }
 
     /// Number of records held (0 after backward, and 0 for a forward with no tracked input).
     pub fn len(&self) -> usize {
-        self.records.borrow().len()
+        self.records().len()
     }
 
     /// True when nothing is recorded.
@@ -174,21 +195,21 @@ impl Tape {
     /// Runs `f` with recording switched off (inference): ops compute but record nothing, even
     /// when parameters require gradients.
     pub fn no_grad<T>(&self, f: impl FnOnce() -> T) -> T {
-        let was = self.enabled.replace(false);
+        let was = self.enabled.swap(false, Ordering::Relaxed);
         let out = f();
-        self.enabled.set(was);
+        self.enabled.store(was, Ordering::Relaxed);
         out
     }
 
     /// Whether recording is on (see [`Tape::no_grad`]).
     pub fn is_recording(&self) -> bool {
-        self.enabled.get()
+        self.enabled.load(Ordering::Relaxed)
     }
 
     /// Drops every record (and the activations they saved) without running backward.
     pub fn clear(&self) {
-        self.records.borrow_mut().clear();
-        self.generation.set(next_generation());
+        self.records().clear();
+        self.new_generation();
     }
 
     /// A leaf value whose gradient [`Tape::backward`] reports in its [`Gradients`].
@@ -210,17 +231,17 @@ impl Tape {
     }
 
     fn push(&self, record: Record) -> NodeId {
-        let mut records = self.records.borrow_mut();
+        let mut records = self.records();
         records.push(record);
         NodeId {
-            generation: self.generation.get(),
+            generation: self.generation(),
             index: records.len() - 1,
         }
     }
 
     fn check(&self, op: &'static str, v: &Var) -> Result<Option<NodeId>> {
         match v.node {
-            Some(n) if n.generation != self.generation.get() => Err(AutogradError::StaleVar { op }),
+            Some(n) if n.generation != self.generation() => Err(AutogradError::StaleVar { op }),
             other => Ok(other),
         }
     }
@@ -309,9 +330,9 @@ impl Tape {
     }
 
     fn run_backward(&self, start: Option<NodeId>, seed: Tensor) -> Result<Gradients> {
-        let mut records = std::mem::take(&mut *self.records.borrow_mut());
-        let generation = self.generation.get();
-        self.generation.set(next_generation());
+        let mut records = std::mem::take(&mut *self.records());
+        let generation = self.generation();
+        self.new_generation();
         let mut out = Gradients::default();
         let Some(start) = start else {
             return Ok(out); // nothing tracked: nothing to do

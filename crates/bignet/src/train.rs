@@ -5,6 +5,7 @@
 use crate::error::{Error, Result};
 use crate::model::BigNet;
 use nibble_autograd::{AdamW, AdamWConfig, Optimizer, Tape, Var};
+use nibble_quant::act8::{activations, with_activations};
 use nibble_tensor::{Rng, Tensor, WeightMatrix};
 use std::sync::Arc;
 
@@ -77,7 +78,29 @@ pub fn train_step(
 }
 
 /// [`train_step`] under `options` (checkpointing, micro-batches).
+///
+/// Runs on a worker of the rayon pool (the global one unless the caller is already inside a
+/// pool), as [`BigNet::infer_chunked`] does: each of the step's parallel kernels then starts
+/// from inside the pool instead of waking it from outside and sleeping until it is done. A
+/// step makes about a thousand such fork-joins per pass over the batch (each GEMM one per
+/// block of K, each elementwise op one), four times as many with four micro-batches.
 pub fn train_step_with(
+    model: &BigNet,
+    task: &FitTask,
+    tape: &Tape,
+    opt: &mut dyn Optimizer,
+    options: TrainOptions,
+) -> Result<(f32, f32)> {
+    if rayon::current_thread_index().is_some() {
+        return train_step_here(model, task, tape, opt, options);
+    }
+    // The activation mode is per thread: taken here, set again on the worker.
+    let mode = activations();
+    rayon::scope(|_| with_activations(mode, || train_step_here(model, task, tape, opt, options)))
+}
+
+/// [`train_step_with`] on the calling thread.
+fn train_step_here(
     model: &BigNet,
     task: &FitTask,
     tape: &Tape,

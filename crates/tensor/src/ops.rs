@@ -9,6 +9,9 @@ use std::mem::MaybeUninit;
 /// the work is split, so any split is deterministic.
 const PAR_CHUNK: usize = 1 << 15;
 
+/// Columns per parallel task of [`Tensor::sum_rows`].
+const SUM_ROWS_COLUMNS: usize = 64;
+
 /// `f(a, b)` for each pair of `dst` and `src`, in parallel for large tensors.
 fn zip_apply(dst: &mut [f32], src: &[f32], f: impl Fn(&mut f32, f32) + Sync + Send) {
     if dst.len() < 2 * PAR_CHUNK {
@@ -57,6 +60,25 @@ fn map_new(src: &[f32], f: impl Fn(f32) -> f32 + Sync + Send) -> Vec<f32> {
             o.write(f(a));
         }
     })
+}
+
+/// `n` zeros: calloc's below the parallel size; above it written in parallel chunks, since
+/// calloc clears memory it reuses with one serial memset (a whole activation, e.g. a
+/// gradient buffer a GEMM then overwrites).
+pub(crate) fn zeros_vec(n: usize) -> Vec<f32> {
+    if n < 2 * PAR_CHUNK {
+        return vec![0.0; n];
+    }
+    new_filled(n, |_, d| {
+        for o in d {
+            o.write(0.0);
+        }
+    })
+}
+
+/// A copy of `src`, written in parallel chunks for large sizes (see [`new_filled`]).
+pub(crate) fn copied_vec(src: &[f32]) -> Vec<f32> {
+    map_new(src, |v| v)
 }
 
 /// `f(a[k], b[k])` for every element (equal lengths), as a new vector.
@@ -186,6 +208,12 @@ impl Tensor {
         apply(self.data_mut(), |v| *v *= s);
     }
 
+    /// A copy, written in parallel chunks for large tensors (`clone` copies on one thread: a
+    /// serial pass over a whole activation, e.g. the residual add's gradient going two ways).
+    pub fn parallel_clone(&self) -> Tensor {
+        self.with_same_shape(copied_vec(self.data()))
+    }
+
     /// `max(self, 0)`, elementwise. NaN stays NaN.
     pub fn relu(&self) -> Tensor {
         self.with_same_shape(map_new(self.data(), relu1))
@@ -287,13 +315,27 @@ impl Tensor {
 
     /// Column sums of a rank-2 tensor `[m, n]` -> `[n]` (e.g. a bias gradient), accumulated
     /// row by row in order, so the result does not depend on the thread count.
+    ///
+    /// Large tensors are split over the rayon pool by blocks of columns, each summed over every
+    /// row in the same order as one thread would: the same bits for any thread count.
     pub fn sum_rows(&self) -> Result<Tensor> {
         let (_, n) = self.dims2("sum_rows")?;
         let mut out = vec![0.0f32; n];
-        if n > 0 {
-            for r in self.data().chunks_exact(n) {
-                out.iter_mut().zip(r).for_each(|(a, b)| *a += b);
+        let data = self.data();
+        let sum_block = |(b, block): (usize, &mut [f32])| {
+            let c0 = b * SUM_ROWS_COLUMNS;
+            for r in data.chunks_exact(n) {
+                block.iter_mut().zip(&r[c0..]).for_each(|(a, v)| *a += v);
             }
+        };
+        if n > 0 && data.len() < 2 * PAR_CHUNK {
+            out.chunks_mut(SUM_ROWS_COLUMNS)
+                .enumerate()
+                .for_each(sum_block);
+        } else if n > 0 {
+            out.par_chunks_mut(SUM_ROWS_COLUMNS)
+                .enumerate()
+                .for_each(sum_block);
         }
         Tensor::from_vec(&[n], out)
     }
@@ -382,6 +424,7 @@ mod tests {
             (7, 33),
             (129, 1023),
             (64, 1024),
+            (300, 700),
             (2, 40000),
         ] {
             let a = Tensor::uniform(&[m, n], -1.0, 1.0, &mut rng);
@@ -399,6 +442,18 @@ mod tests {
             assert_eq!(r.shape(), &[m, n]);
             let want: Vec<f32> = (0..m).flat_map(|_| row.iter().copied()).collect();
             assert_eq!(r.data(), &want[..], "repeat_row {m}x{n}");
+            // Column sums in row order, bit for bit, and copies and zeros of every size.
+            let mut col_sums = vec![0.0f32; n];
+            for r in ad.chunks_exact(n.max(1)) {
+                col_sums.iter_mut().zip(r).for_each(|(s, v)| *s += v);
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            let sums = a.sum_rows().unwrap();
+            assert_eq!(bits(sums.data()), bits(&col_sums), "sum_rows {m}x{n}");
+            assert_eq!(a.parallel_clone(), a, "parallel_clone {m}x{n}");
+            assert_eq!(a.rows(0, m).unwrap().to_tensor(), a, "to_tensor {m}x{n}");
+            let z = Tensor::zeros(&[m, n]);
+            assert!(z.shape() == [m, n] && z.data().iter().all(|&v| v.to_bits() == 0));
         }
         assert!(Tensor::repeat_row(&[1.0; 4], usize::MAX).is_err());
         let nan = Tensor::from_vec(&[2], vec![f32::NAN, -1.0]).unwrap().relu();

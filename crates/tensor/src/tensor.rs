@@ -86,12 +86,13 @@ impl Tensor {
         Self::try_zeros(shape).expect("Tensor::zeros: shape overflows")
     }
 
-    /// A tensor of zeros, or an error if the element count overflows.
+    /// A tensor of zeros, or an error if the element count overflows. Large tensors are
+    /// cleared in parallel (calloc clears reused memory with one serial memset).
     pub fn try_zeros(shape: &[usize]) -> Result<Self> {
         let n = checked_numel("zeros", shape)?;
         Ok(Tensor {
             shape: shape.to_vec(),
-            data: Elements::Vec(vec![0.0; n]),
+            data: Elements::Vec(crate::ops::zeros_vec(n)),
         })
     }
 
@@ -324,11 +325,11 @@ impl<'a> TensorView<'a> {
         })
     }
 
-    /// An owned copy.
+    /// An owned copy (written in parallel for large views, e.g. a micro-batch's rows).
     pub fn to_tensor(&self) -> Tensor {
         Tensor {
             shape: self.shape.clone(),
-            data: Elements::Vec(self.data.to_vec()),
+            data: Elements::Vec(crate::ops::copied_vec(self.data)),
         }
     }
 }

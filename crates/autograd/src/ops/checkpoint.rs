@@ -11,7 +11,7 @@ use std::fmt::Display;
 use std::sync::Arc;
 
 /// A checkpointed segment's function, boxed so that its op can run it again.
-type Segment = Box<dyn Fn(&Tape, &Var) -> Result<Var, String>>;
+type Segment = Box<dyn Fn(&Tape, &Var) -> Result<Var, String> + Send>;
 
 /// Backward of [`Tape::checkpoint`]: the segment and its input, nothing else.
 struct CheckpointOp {
@@ -37,8 +37,8 @@ impl Op for CheckpointOp {
             Var::constant_shared(x)
         };
         let y = segment(&tape, &x).map_err(|what| AutogradError::Checkpoint { what })?;
-        let grads = tape.backward_from(y, d_y)?;
-        Ok(vec![grads.get(&x).cloned()])
+        let mut grads = tape.backward_from(y, d_y)?;
+        Ok(vec![grads.take(&x)])
     }
 }
 
@@ -53,7 +53,7 @@ impl Tape {
     /// is called (every op of this crate does).
     ///
     /// `segment` holds what it needs (shared [`Param`](crate::Param)s, frozen weights behind
-    /// `Arc`s), since it outlives this call. Recorded when `x` is tracked or `segment` uses a
+    /// `Arc`s), since it outlives this call, and is `Send`, as every op is. Recorded when `x` is tracked or `segment` uses a
     /// parameter that trains.
     ///
     /// ```
@@ -78,7 +78,7 @@ impl Tape {
     pub fn checkpoint<E>(
         &self,
         x: &Var,
-        segment: impl Fn(&Tape, &Var) -> std::result::Result<Var, E> + 'static,
+        segment: impl Fn(&Tape, &Var) -> std::result::Result<Var, E> + Send + 'static,
     ) -> std::result::Result<Var, E>
     where
         E: From<AutogradError> + Display,

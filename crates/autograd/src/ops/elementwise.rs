@@ -6,7 +6,8 @@ use nibble_tensor::Tensor;
 use rayon::prelude::*;
 use std::sync::Arc;
 
-/// Backward of [`Tape::add`]: the gradient flows unchanged to both inputs.
+/// Backward of [`Tape::add`]: the gradient flows unchanged to both inputs (one of them gets a
+/// copy, made in parallel: a whole activation).
 struct AddOp;
 
 impl Op for AddOp {
@@ -14,7 +15,7 @@ impl Op for AddOp {
         "add"
     }
     fn backward(self: Box<Self>, d_y: Tensor) -> Result<Vec<Option<Tensor>>> {
-        Ok(vec![Some(d_y.clone()), Some(d_y)])
+        Ok(vec![Some(d_y.parallel_clone()), Some(d_y)])
     }
 }
 
@@ -78,10 +79,7 @@ impl PositiveMask {
         let apply_block = |(b, block): (usize, &mut [f32])| {
             let words = &self.words[b * MASK_BLOCK_WORDS..];
             for (chunk, &word) in block.chunks_mut(64).zip(words) {
-                // A select, not a conditional store, so that it vectorizes.
-                for (i, g) in chunk.iter_mut().enumerate() {
-                    *g = if (word >> i) & 1 == 1 { *g } else { 0.0 };
-                }
+                keep_set_word(word, chunk);
             }
         };
         let block = MASK_BLOCK_WORDS * 64;
@@ -96,22 +94,56 @@ impl PositiveMask {
     }
 }
 
-/// Words of a [`PositiveMask`] per parallel task (64 Ki elements).
-pub const MASK_BLOCK_WORDS: usize = 1024;
+/// Zeroes `values[i]` (at most 64) where bit `i` of `word` is clear; a whole word's 64 values
+/// go through chunks of exactly 8, which vectorize.
+fn keep_set_word(word: u64, values: &mut [f32]) {
+    if values.len() == 64 {
+        for (j, eight) in values.chunks_exact_mut(8).enumerate() {
+            keep_set_bits((word >> (8 * j)) as u8, eight);
+        }
+    } else {
+        for (j, eight) in values.chunks_mut(8).enumerate() {
+            keep_set_bits((word >> (8 * j)) as u8, eight);
+        }
+    }
+}
+
+/// Bit `i` of each byte, as a lane mask.
+const BYTE_BITS: [u8; 8] = [1, 2, 4, 8, 16, 32, 64, 128];
+
+/// Zeroes `values[i]` (at most 8) where bit `i` of `byte` is clear: an AND with an all-ones or
+/// all-zeros lane mask (a zeroed value is +0.0, as `0.0` is), so that it vectorizes.
+#[inline(always)]
+fn keep_set_bits(byte: u8, values: &mut [f32]) {
+    for (v, bit) in values.iter_mut().zip(BYTE_BITS) {
+        let keep = if byte & bit != 0 { u32::MAX } else { 0 };
+        *v = f32::from_bits(v.to_bits() & keep);
+    }
+}
+
+/// Words of a [`PositiveMask`] per parallel task (16 Ki elements: a 250-row micro-batch of
+/// width 1024 still makes 16 tasks).
+pub const MASK_BLOCK_WORDS: usize = 256;
 
 /// Tensors of at least this many elements build and apply their mask on the rayon pool.
 const PARALLEL_MIN_ELEMENTS: usize = 1 << 17;
 
-/// Bit `i` set where `chunk[i] > 0` (at most 64 values), eight at a time so that the compare
-/// and the bit gathering vectorize.
+/// Bit `i` set where `chunk[i] > 0` (at most 64 values), eight at a time from a fixed-size
+/// array, so that the compares and the bit gathering vectorize.
 fn positive_bits(chunk: &[f32]) -> u64 {
     let mut word = 0u64;
-    for (j, eight) in chunk.chunks(8).enumerate() {
+    let mut eights = chunk.chunks_exact(8);
+    for (j, eight) in (&mut eights).enumerate() {
+        let eight: &[f32; 8] = eight.try_into().expect("chunks of 8");
         let mut byte = 0u64;
         for (i, &v) in eight.iter().enumerate() {
             byte |= u64::from(v > 0.0) << i;
         }
         word |= byte << (8 * j);
+    }
+    let done = chunk.len() - eights.remainder().len();
+    for (i, &v) in eights.remainder().iter().enumerate() {
+        word |= u64::from(v > 0.0) << (done + i);
     }
     word
 }

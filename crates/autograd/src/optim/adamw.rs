@@ -4,6 +4,7 @@ use super::{check_hyper, load_buffers, zeros_like, Optimizer, OptimizerState};
 use crate::error::Result;
 use crate::param::Param;
 use nibble_tensor::Tensor;
+use rayon::prelude::*;
 
 /// AdamW's hyper-parameters; the defaults are PyTorch's.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -107,29 +108,31 @@ impl Optimizer for AdamW {
         let step_size = (c.lr as f64 / bias_correction1) as f32;
         let bias_correction2_sqrt = bias_correction2.sqrt() as f32;
         let decay = 1.0 - c.lr * c.weight_decay;
-        for ((p, m), v) in self
-            .params
-            .iter()
-            .zip(&mut self.exp_avg)
-            .zip(&mut self.exp_avg_sq)
-        {
-            let grad = p.grad();
-            let Some(g) = grad.as_ref() else { continue };
-            let mut value = p.value_mut();
-            for (((w, &g), m), v) in value
-                .data_mut()
-                .iter_mut()
-                .zip(g.data())
-                .zip(m.data_mut())
-                .zip(v.data_mut())
-            {
-                *w *= decay;
-                *m += (1.0 - c.beta1) * (g - *m); // lerp
-                *v = *v * c.beta2 + (1.0 - c.beta2) * g * g;
-                let denom = v.sqrt() / bias_correction2_sqrt + c.eps;
-                *w += -step_size * (*m / denom);
-            }
-        }
+        // One task per parameter (each element is updated on its own, so any split gives the
+        // same bits): a LoRA model has dozens of small parameters, which one thread would
+        // update while the others wait.
+        self.params
+            .par_iter()
+            .zip(self.exp_avg.par_iter_mut())
+            .zip(self.exp_avg_sq.par_iter_mut())
+            .for_each(|((p, m), v)| {
+                let grad = p.grad();
+                let Some(g) = grad.as_ref() else { return };
+                let mut value = p.value_mut();
+                for (((w, &g), m), v) in value
+                    .data_mut()
+                    .iter_mut()
+                    .zip(g.data())
+                    .zip(m.data_mut())
+                    .zip(v.data_mut())
+                {
+                    *w *= decay;
+                    *m += (1.0 - c.beta1) * (g - *m); // lerp
+                    *v = *v * c.beta2 + (1.0 - c.beta2) * g * g;
+                    let denom = v.sqrt() / bias_correction2_sqrt + c.eps;
+                    *w += -step_size * (*m / denom);
+                }
+            });
         Ok(())
     }
 

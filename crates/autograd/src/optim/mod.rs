@@ -11,8 +11,9 @@ use crate::error::{AutogradError, Result};
 use crate::param::Param;
 use nibble_tensor::Tensor;
 
-/// What every optimizer does.
-pub trait Optimizer {
+/// What every optimizer does. `Send`, so that a training step can run on a worker of the
+/// rayon pool.
+pub trait Optimizer: Send {
     /// Updates every parameter that has a gradient.
     fn step(&mut self) -> Result<()>;
     /// Drops the gradients of the optimizer's parameters.
