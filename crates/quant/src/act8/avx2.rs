@@ -226,3 +226,169 @@ pub(super) unsafe fn dot_units16<const V: usize>(
     }
     out
 }
+
+/// The GEMM's lanes for 4-bit and 3-bit codes (`|w| <= 15`): `vpmaddubsw` of `xq + 128` by
+/// `w`, four steps summed in i16 lanes (at most `8 · 255 · 15 = 30600`), then `vpmaddwd` by
+/// ones into i32 lanes that start at the correction `−128 · Σ w` (see [`super::gemm`]).
+pub(super) struct Narrow;
+
+/// The GEMM's lanes for 8-bit signed codes: `vpmaddubsw` of `|w|` by `sign(xq, w)` (pairs at
+/// most `2 · 128 · 127 < 2^15`), `vpmaddwd` by ones into i32 lanes that start at zero.
+pub(super) struct Wide;
+
+/// The f32 and load/store half of both AVX2 lane sets.
+macro_rules! avx2_float_lanes {
+    () => {
+        const NR: usize = 8;
+        const MR: usize = 4;
+        type I = __m256i;
+        type F = __m256;
+
+        #[inline(always)]
+        unsafe fn load_i(p: *const i32) -> __m256i {
+            // SAFETY: the trait's contract (8 values at p).
+            unsafe { _mm256_loadu_si256(p as *const __m256i) }
+        }
+        #[inline(always)]
+        unsafe fn zero_i() -> __m256i {
+            // SAFETY: the trait's contract (AVX2).
+            unsafe { _mm256_setzero_si256() }
+        }
+        #[inline(always)]
+        unsafe fn load_f(p: *const f32) -> __m256 {
+            // SAFETY: the trait's contract (8 values at p).
+            unsafe { _mm256_loadu_ps(p) }
+        }
+        #[inline(always)]
+        unsafe fn splat(v: f32) -> __m256 {
+            // SAFETY: the trait's contract (AVX2).
+            unsafe { _mm256_set1_ps(v) }
+        }
+        #[inline(always)]
+        unsafe fn to_f32(i: __m256i) -> __m256 {
+            // SAFETY: the trait's contract (AVX2).
+            unsafe { _mm256_cvtepi32_ps(i) }
+        }
+        #[inline(always)]
+        unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
+            // SAFETY: the trait's contract (the GEMM's AVX2 wrappers enable FMA).
+            unsafe { _mm256_fmadd_ps(a, b, c) }
+        }
+        #[inline(always)]
+        unsafe fn store(v: __m256, p: *mut f32) {
+            // SAFETY: the trait's contract (room for 8 values at p).
+            unsafe { _mm256_storeu_ps(p, v) }
+        }
+    };
+}
+
+/// 4 bytes of x at `p` in every i32 lane.
+///
+/// # Safety
+/// AVX2; 4 readable bytes at `p`.
+#[inline(always)]
+unsafe fn broadcast4(p: *const u8) -> __m256i {
+    // SAFETY: the caller's contract.
+    unsafe { _mm256_set1_epi32(std::ptr::read_unaligned(p as *const i32)) }
+}
+
+impl super::gemm::Lanes for Narrow {
+    const OFFSET_X: bool = true;
+    avx2_float_lanes!();
+
+    #[inline(always)]
+    unsafe fn unit_sums<const R: usize>(
+        x: [*const u8; R],
+        w: *const u8,
+        steps: usize,
+        init: __m256i,
+    ) -> [__m256i; R] {
+        // SAFETY: the trait's contract: AVX2, 4 · steps bytes of each x, 32 · steps of w,
+        // steps a multiple of 4.
+        unsafe {
+            let ones = _mm256_set1_epi16(1);
+            let mut acc = [init; R];
+            let mut s = 0;
+            while s < steps {
+                let mut t = [_mm256_setzero_si256(); R];
+                for j in 0..4 {
+                    let wv = _mm256_loadu_si256(w.add(32 * (s + j)) as *const __m256i);
+                    for r in 0..R {
+                        let p = _mm256_maddubs_epi16(broadcast4(x[r].add(4 * (s + j))), wv);
+                        t[r] = if j == 0 { p } else { _mm256_add_epi16(t[r], p) };
+                    }
+                }
+                for r in 0..R {
+                    acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(t[r], ones));
+                }
+                s += 4;
+            }
+            acc
+        }
+    }
+}
+
+impl super::gemm::Lanes for Wide {
+    const OFFSET_X: bool = false;
+    avx2_float_lanes!();
+
+    #[inline(always)]
+    unsafe fn unit_sums<const R: usize>(
+        x: [*const u8; R],
+        w: *const u8,
+        steps: usize,
+        init: __m256i,
+    ) -> [__m256i; R] {
+        // SAFETY: the trait's contract: AVX2, 4 · steps bytes of each x, 32 · steps of w.
+        unsafe {
+            let ones = _mm256_set1_epi16(1);
+            let mut acc = [init; R];
+            for s in 0..steps {
+                let wv = _mm256_loadu_si256(w.add(32 * s) as *const __m256i);
+                let wa = _mm256_abs_epi8(wv);
+                for r in 0..R {
+                    let xs = _mm256_sign_epi8(broadcast4(x[r].add(4 * s)), wv);
+                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(wa, xs), ones);
+                    acc[r] = _mm256_add_epi32(acc[r], p);
+                }
+            }
+            acc
+        }
+    }
+}
+
+/// [`super::gemm::block`] on [`Narrow`] lanes, compiled for AVX2 and FMA.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; the contract of [`super::gemm::block`].
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn gemm_block_narrow(
+    pw: &super::gemm::PackedW,
+    xp: &super::gemm::XPrep,
+    rows: std::ops::Range<usize>,
+    panels: std::ops::Range<usize>,
+    y: super::YPtr,
+    o: usize,
+    accumulate: bool,
+) {
+    // SAFETY: the caller's contract.
+    unsafe { super::gemm::block::<Narrow>(pw, xp, rows, panels, y, o, accumulate) }
+}
+
+/// [`super::gemm::block`] on [`Wide`] lanes, compiled for AVX2 and FMA.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; the contract of [`super::gemm::block`].
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn gemm_block_wide(
+    pw: &super::gemm::PackedW,
+    xp: &super::gemm::XPrep,
+    rows: std::ops::Range<usize>,
+    panels: std::ops::Range<usize>,
+    y: super::YPtr,
+    o: usize,
+    accumulate: bool,
+) {
+    // SAFETY: the caller's contract.
+    unsafe { super::gemm::block::<Wide>(pw, xp, rows, panels, y, o, accumulate) }
+}

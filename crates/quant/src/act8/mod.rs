@@ -62,6 +62,7 @@
 pub mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub mod avx512vnni;
+pub mod gemm;
 pub mod scalar;
 
 use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
@@ -208,6 +209,21 @@ pub trait IntCodes: Sync {
     /// Writes row `r`'s affine map per unit (`ceil(in / unit)` of each):
     /// `w' = scale[u] · code + offset[u]`.
     fn int_affine(&self, r: usize, scale: &mut [f32], offset: &mut [f32]);
+    /// Whether the codes are 4-bit and centred on 7.5, `w' = h_u · (2c − 15)` per unit
+    /// (Q4): the integer GEMM ([`gemm`]) then multiplies the odd signed codes `2c − 15` and
+    /// needs no offset term. Default `false`.
+    fn int_centered(&self) -> bool {
+        false
+    }
+    /// Row `r`'s `h_u` per unit (`ceil(in / unit)` of them) where [`IntCodes::int_centered`]
+    /// holds. Default: half of [`IntCodes::int_affine`]'s scale.
+    fn int_centered_scale(&self, r: usize, half: &mut [f32]) {
+        let mut offset = vec![0.0f32; half.len()];
+        self.int_affine(r, half, &mut offset);
+        for h in half {
+            *h *= 0.5;
+        }
+    }
 }
 
 /// An integer tier.
@@ -549,6 +565,12 @@ pub fn forward(
     let tier = tier.supported();
     let unit = layout.unit;
     let q = quantize_x(x, m, i, unit);
+    let threads = rayon::current_num_threads().max(1);
+    let parallel = threads > 1 && o.saturating_mul(i).saturating_mul(m) >= PARALLEL_MIN_WORK;
+    if m >= gemm::GEMM_MIN_M {
+        gemm::run(tier, w, layout, &q, m, parallel, y, accumulate);
+        return true;
+    }
     let (kpad, units) = (q.kpad, q.kpad / unit);
     let per_group = GROUP / unit;
     // Per vector and unit: the group's scale, and that times Q_u.
@@ -663,8 +685,7 @@ pub fn forward(
         }
     };
     let tiles = o.div_ceil(ROW_TILE);
-    let threads = rayon::current_num_threads().max(1);
-    if threads > 1 && o.saturating_mul(i).saturating_mul(m) >= PARALLEL_MIN_WORK {
+    if parallel {
         (0..tiles).into_par_iter().for_each(run);
     } else {
         (0..tiles).for_each(run);
