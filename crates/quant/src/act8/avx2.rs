@@ -229,55 +229,78 @@ pub(super) unsafe fn dot_units16<const V: usize>(
 
 /// The GEMM's lanes for 4-bit and 3-bit codes (`|w| <= 15`): `vpmaddubsw` of `xq + 128` by
 /// `w`, four steps summed in i16 lanes (at most `8 · 255 · 15 = 30600`), then `vpmaddwd` by
-/// ones into i32 lanes that start at the correction `−128 · Σ w` (see [`super::gemm`]).
+/// ones into i32 lanes that start at the correction `−128 · Σ w` (see [`super::gemm`]). A
+/// lane vector is a pair of ymm: 16 rows of W, the panel of the VNNI tier.
 pub(super) struct Narrow;
 
-/// The GEMM's lanes for 8-bit signed codes: `vpmaddubsw` of `|w|` by `sign(xq, w)` (pairs at
-/// most `2 · 128 · 127 < 2^15`), `vpmaddwd` by ones into i32 lanes that start at zero.
+/// The GEMM's lanes for 8-bit signed codes: W and x as i16, `vpmaddwd` (two products per i32
+/// lane, at most `2 · 128 · 127`) into i32 lanes that start at zero; pairs of ymm as
+/// [`Narrow`].
 pub(super) struct Wide;
 
-/// The f32 and load/store half of both AVX2 lane sets.
+/// The f32 and load/store half of both AVX2 lane sets (pairs of ymm).
 macro_rules! avx2_float_lanes {
     () => {
-        const NR: usize = 8;
+        const NR: usize = 16;
         const MR: usize = 4;
-        type I = __m256i;
-        type F = __m256;
+        type I = [__m256i; 2];
+        type F = [__m256; 2];
 
         #[inline(always)]
-        unsafe fn load_i(p: *const i32) -> __m256i {
-            // SAFETY: the trait's contract (8 values at p).
-            unsafe { _mm256_loadu_si256(p as *const __m256i) }
+        unsafe fn load_i(p: *const i32) -> [__m256i; 2] {
+            // SAFETY: the trait's contract (16 values at p).
+            unsafe {
+                [
+                    _mm256_loadu_si256(p as *const __m256i),
+                    _mm256_loadu_si256(p.add(8) as *const __m256i),
+                ]
+            }
         }
         #[inline(always)]
-        unsafe fn zero_i() -> __m256i {
+        unsafe fn store_i(v: [__m256i; 2], p: *mut i32) {
+            // SAFETY: the trait's contract (room for 16 values at p).
+            unsafe {
+                _mm256_storeu_si256(p as *mut __m256i, v[0]);
+                _mm256_storeu_si256(p.add(8) as *mut __m256i, v[1]);
+            }
+        }
+        #[inline(always)]
+        unsafe fn zero_i() -> [__m256i; 2] {
             // SAFETY: the trait's contract (AVX2).
-            unsafe { _mm256_setzero_si256() }
+            unsafe { [_mm256_setzero_si256(); 2] }
         }
         #[inline(always)]
-        unsafe fn load_f(p: *const f32) -> __m256 {
-            // SAFETY: the trait's contract (8 values at p).
-            unsafe { _mm256_loadu_ps(p) }
+        unsafe fn load_f(p: *const f32) -> [__m256; 2] {
+            // SAFETY: the trait's contract (16 values at p).
+            unsafe { [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))] }
         }
         #[inline(always)]
-        unsafe fn splat(v: f32) -> __m256 {
+        unsafe fn splat(v: f32) -> [__m256; 2] {
             // SAFETY: the trait's contract (AVX2).
-            unsafe { _mm256_set1_ps(v) }
+            unsafe { [_mm256_set1_ps(v); 2] }
         }
         #[inline(always)]
-        unsafe fn to_f32(i: __m256i) -> __m256 {
+        unsafe fn to_f32(i: [__m256i; 2]) -> [__m256; 2] {
             // SAFETY: the trait's contract (AVX2).
-            unsafe { _mm256_cvtepi32_ps(i) }
+            unsafe { [_mm256_cvtepi32_ps(i[0]), _mm256_cvtepi32_ps(i[1])] }
         }
         #[inline(always)]
-        unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
+        unsafe fn fma(a: [__m256; 2], b: [__m256; 2], c: [__m256; 2]) -> [__m256; 2] {
             // SAFETY: the trait's contract (the GEMM's AVX2 wrappers enable FMA).
-            unsafe { _mm256_fmadd_ps(a, b, c) }
+            unsafe {
+                [
+                    _mm256_fmadd_ps(a[0], b[0], c[0]),
+                    _mm256_fmadd_ps(a[1], b[1], c[1]),
+                ]
+            }
         }
         #[inline(always)]
-        unsafe fn store(v: __m256, p: *mut f32) {
-            // SAFETY: the trait's contract (room for 8 values at p).
-            unsafe { _mm256_storeu_ps(p, v) }
+        unsafe fn store(v: [__m256; 2], p: *mut f32) {
+            // SAFETY: the trait's contract (room for 16 values at p).
+            unsafe {
+                _mm256_storeu_ps(p, v[0]);
+                _mm256_storeu_ps(p.add(8), v[1]);
+            }
         }
     };
 }
@@ -292,36 +315,59 @@ unsafe fn broadcast4(p: *const u8) -> __m256i {
     unsafe { _mm256_set1_epi32(std::ptr::read_unaligned(p as *const i32)) }
 }
 
+/// Step `s`'s two ymm of a 16-row panel.
+///
+/// # Safety
+/// AVX2; 64 bytes at `w + 64 s`.
+#[inline(always)]
+unsafe fn panel_step(w: *const u8, s: usize) -> [__m256i; 2] {
+    // SAFETY: the caller's contract.
+    unsafe {
+        [
+            _mm256_loadu_si256(w.add(64 * s) as *const __m256i),
+            _mm256_loadu_si256(w.add(64 * s + 32) as *const __m256i),
+        ]
+    }
+}
+
 impl super::gemm::Lanes for Narrow {
+    const ELEM: usize = 1;
     const OFFSET_X: bool = true;
     avx2_float_lanes!();
 
     #[inline(always)]
-    unsafe fn unit_sums<const R: usize>(
+    unsafe fn unit_sums<const R: usize, const UNIT: usize>(
         x: [*const u8; R],
         w: *const u8,
-        steps: usize,
-        init: __m256i,
-    ) -> [__m256i; R] {
-        // SAFETY: the trait's contract: AVX2, 4 · steps bytes of each x, 32 · steps of w,
-        // steps a multiple of 4.
+        init: [__m256i; 2],
+    ) -> [[__m256i; 2]; R] {
+        // SAFETY: the trait's contract: AVX2, UNIT bytes of each x, 16 · UNIT of w (UNIT a
+        // multiple of 16: whole runs of four steps).
         unsafe {
             let ones = _mm256_set1_epi16(1);
             let mut acc = [init; R];
-            let mut s = 0;
-            while s < steps {
-                let mut t = [_mm256_setzero_si256(); R];
+            for run in 0..UNIT / 16 {
+                let mut t = [[_mm256_setzero_si256(); 2]; R];
                 for j in 0..4 {
-                    let wv = _mm256_loadu_si256(w.add(32 * (s + j)) as *const __m256i);
+                    let s = 4 * run + j;
+                    let wv = panel_step(w, s);
                     for r in 0..R {
-                        let p = _mm256_maddubs_epi16(broadcast4(x[r].add(4 * (s + j))), wv);
-                        t[r] = if j == 0 { p } else { _mm256_add_epi16(t[r], p) };
+                        let xb = broadcast4(x[r].add(4 * s));
+                        for h in 0..2 {
+                            let p = _mm256_maddubs_epi16(xb, wv[h]);
+                            t[r][h] = if j == 0 {
+                                p
+                            } else {
+                                _mm256_add_epi16(t[r][h], p)
+                            };
+                        }
                     }
                 }
                 for r in 0..R {
-                    acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(t[r], ones));
+                    for h in 0..2 {
+                        acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_madd_epi16(t[r][h], ones));
+                    }
                 }
-                s += 4;
             }
             acc
         }
@@ -329,27 +375,26 @@ impl super::gemm::Lanes for Narrow {
 }
 
 impl super::gemm::Lanes for Wide {
+    const ELEM: usize = 2;
     const OFFSET_X: bool = false;
     avx2_float_lanes!();
 
     #[inline(always)]
-    unsafe fn unit_sums<const R: usize>(
+    unsafe fn unit_sums<const R: usize, const UNIT: usize>(
         x: [*const u8; R],
         w: *const u8,
-        steps: usize,
-        init: __m256i,
-    ) -> [__m256i; R] {
-        // SAFETY: the trait's contract: AVX2, 4 · steps bytes of each x, 32 · steps of w.
+        init: [__m256i; 2],
+    ) -> [[__m256i; 2]; R] {
+        // SAFETY: the trait's contract: AVX2, 2 · UNIT bytes of each x, 32 · UNIT of w.
         unsafe {
-            let ones = _mm256_set1_epi16(1);
             let mut acc = [init; R];
-            for s in 0..steps {
-                let wv = _mm256_loadu_si256(w.add(32 * s) as *const __m256i);
-                let wa = _mm256_abs_epi8(wv);
+            for s in 0..UNIT / 2 {
+                let wv = panel_step(w, s);
                 for r in 0..R {
-                    let xs = _mm256_sign_epi8(broadcast4(x[r].add(4 * s)), wv);
-                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(wa, xs), ones);
-                    acc[r] = _mm256_add_epi32(acc[r], p);
+                    let xb = broadcast4(x[r].add(4 * s));
+                    for h in 0..2 {
+                        acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_madd_epi16(xb, wv[h]));
+                    }
                 }
             }
             acc
@@ -373,6 +418,16 @@ pub(super) unsafe fn gemm_block_narrow(
 ) {
     // SAFETY: the caller's contract.
     unsafe { super::gemm::block::<Narrow>(pw, xp, rows, panels, y, o, accumulate) }
+}
+
+/// [`super::gemm::panel_corr`] on [`Narrow`] lanes, compiled for AVX2.
+///
+/// # Safety
+/// The CPU has AVX2; the contract of [`super::gemm::panel_corr`].
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn gemm_corr_narrow(codes: &[u8], unit: usize, corr: &mut [i32]) {
+    // SAFETY: the caller's contract.
+    unsafe { super::gemm::panel_corr::<Narrow>(codes, unit, corr) }
 }
 
 /// [`super::gemm::block`] on [`Wide`] lanes, compiled for AVX2 and FMA.

@@ -65,22 +65,21 @@ pub(super) struct Vnni;
 impl super::gemm::Lanes for Vnni {
     const NR: usize = 16;
     const MR: usize = 8;
+    const ELEM: usize = 1;
     const OFFSET_X: bool = true;
     type I = __m512i;
     type F = __m512;
 
     #[inline(always)]
-    unsafe fn unit_sums<const R: usize>(
+    unsafe fn unit_sums<const R: usize, const UNIT: usize>(
         x: [*const u8; R],
         w: *const u8,
-        steps: usize,
         init: __m512i,
     ) -> [__m512i; R] {
-        // SAFETY: the trait's contract: AVX-512 VNNI, 4 · steps bytes of each x, 64 · steps
-        // of w.
+        // SAFETY: the trait's contract: AVX-512 VNNI, UNIT bytes of each x, 16 · UNIT of w.
         unsafe {
             let mut acc = [init; R];
-            for s in 0..steps {
+            for s in 0..UNIT / 4 {
                 let wv = _mm512_loadu_si512(w.add(64 * s) as *const _);
                 for r in 0..R {
                     let xb =
@@ -95,6 +94,11 @@ impl super::gemm::Lanes for Vnni {
     unsafe fn load_i(p: *const i32) -> __m512i {
         // SAFETY: the trait's contract (16 values at p).
         unsafe { _mm512_loadu_si512(p as *const _) }
+    }
+    #[inline(always)]
+    unsafe fn store_i(v: __m512i, p: *mut i32) {
+        // SAFETY: the trait's contract (room for 16 values at p).
+        unsafe { _mm512_storeu_si512(p as *mut _, v) }
     }
     #[inline(always)]
     unsafe fn zero_i() -> __m512i {
@@ -126,6 +130,16 @@ impl super::gemm::Lanes for Vnni {
         // SAFETY: the trait's contract (room for 16 values at p).
         unsafe { _mm512_storeu_ps(p, v) }
     }
+}
+
+/// [`super::gemm::panel_corr`] on [`Vnni`] lanes, compiled for AVX-512 F/BW + VNNI.
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW + VNNI; the contract of [`super::gemm::panel_corr`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+pub(super) unsafe fn gemm_corr(codes: &[u8], unit: usize, corr: &mut [i32]) {
+    // SAFETY: the caller's contract.
+    unsafe { super::gemm::panel_corr::<Vnni>(codes, unit, corr) }
 }
 
 /// [`super::gemm::block`] on [`Vnni`] lanes, compiled for AVX-512 F/BW + VNNI.

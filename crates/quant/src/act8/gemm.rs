@@ -22,8 +22,10 @@
 //!   (1..=255) by `w`, four products per i16 lane summed with `vpaddw` (at most
 //!   `8 · 255 · 15 = 30600 < 2^15`: no saturation), then `vpmaddwd` by ones into i32 lanes that
 //!   start at `−128 · Σ w`;
-//! - AVX2, 8-bit codes: `vpmaddubsw` of `|w|` (0..=128) by `sign(xq, w)`
-//!   (pairs at most `2 · 128 · 127 < 2^15`), `vpmaddwd` by ones, lanes starting at 0;
+//! - AVX2, 8-bit codes (NF4 levels, int8): W and x widened to i16 when packing, `vpmaddwd`
+//!   (two products per i32 lane), lanes starting at 0 (one multiply per two columns, where
+//!   `vpsignb` + `vpmaddubsw` + `vpmaddwd` took two multiplies and a sign per four, which was
+//!   slower on Zen 3);
 //! - AVX-512 VNNI: `vpdpbusd` of `xq + 128` by `w` into lanes starting at `−128 · Σ w`.
 //!
 //! # Work split
@@ -45,26 +47,28 @@ pub const N_BLOCK: usize = 64;
 /// Largest `MR · NR` of any tier (the micro-kernel's output buffer).
 const MAX_TILE: usize = 8 * 16;
 
-/// W packed into panels for one tier (see the [module docs](self)).
+/// W packed into panels for one kernel (see the [module docs](self)).
 pub(super) struct PackedW {
     /// Rows per panel.
     nr: usize,
+    /// Bytes per weight: 1 (signed bytes), or 2 (i16, the AVX2 kernel for 8-bit codes).
+    elem: usize,
     /// Padded columns (a multiple of 128).
     kpad: usize,
     /// Columns per unit.
     unit: usize,
     /// Units per row (`kpad / unit`).
     units: usize,
-    /// Signed weight bytes, `[panel][kpad / 4][nr][4]`.
+    /// The weights, `[panel][kpad · elem / 4][nr][4 bytes]`.
     codes: Vec<u8>,
     /// `−128 · Σ_{k∈u} w_k`, `[panel][unit][nr]`.
     corr: Vec<i32>,
     /// Per-unit scale, `[panel][unit][nr]`.
     scale: Vec<f32>,
-    /// Per-unit offset, `[panel][unit][nr]`; empty when every offset is zero.
+    /// Per-unit offset, `[panel][unit][nr]`.
     offset: Vec<f32>,
-    /// Every `|w| <= 15` (4-bit and 3-bit codes).
-    narrow: bool,
+    /// Some offset is not zero (else the offset term is left out).
+    has_offset: bool,
 }
 
 /// How a format's codes become the signed weights of the GEMM.
@@ -88,8 +92,8 @@ impl Weights {
     }
 }
 
-/// Row `r` of W as signed weights in `row[..kpad]` (zero past `in`) with its per-unit scale
-/// and offset in `scale[..units]`, `offset[..units]` (zero past the row's units).
+/// Row `r` of W as signed weight bytes in `row[..kpad]` (zero past `in`) with its per-unit
+/// scale and offset in `scale[..units]`, `offset[..units]` (zero past the row's units).
 fn row_weights(
     w: &dyn IntCodes,
     how: Weights,
@@ -100,7 +104,7 @@ fn row_weights(
     offset: &mut [f32],
 ) {
     let i = w.int_dims().1;
-    row.fill(0);
+    row[i..].fill(0);
     scale.fill(0.0);
     offset.fill(0.0);
     w.int_codes(r, &mut row[..i]);
@@ -108,7 +112,7 @@ fn row_weights(
     match how {
         Weights::Odd => {
             for c in &mut row[..i] {
-                *c = (2 * i16::from(*c) - 15) as i8 as u8;
+                *c = (2 * *c).wrapping_sub(15);
             }
             w.int_centered_scale(r, &mut scale[..nu]);
         }
@@ -118,25 +122,119 @@ fn row_weights(
     }
 }
 
-/// Packs W (`o` rows) into panels of `nr` rows (rows past `o` zero), panels in parallel.
-fn pack(w: &dyn IntCodes, layout: IntLayout, nr: usize, parallel: bool) -> PackedW {
+/// A thread's scratch while it packs a panel: the rows (then one row before widening), and
+/// per row and unit the scales and the offsets (always overwritten).
+#[derive(Default)]
+struct PanelScratch {
+    rows: Vec<u8>,
+    scale: Vec<f32>,
+    offset: Vec<f32>,
+}
+
+thread_local! {
+    /// This thread's [`PanelScratch`].
+    static PANEL: std::cell::Cell<PanelScratch> = std::cell::Cell::new(PanelScratch::default());
+    /// The calling thread's packed W and x bytes of its last GEMM, for their buffers.
+    static BUFFERS: std::cell::Cell<Option<(PackedW, Vec<u8>)>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// `v` with `n` elements, the old values left in place (the caller overwrites every one).
+fn resized<T: Copy + Default>(mut v: Vec<T>, n: usize) -> Vec<T> {
+    v.truncate(n);
+    v.resize(n, T::default());
+    v
+}
+
+/// Copies 4 bytes of each of `nr` rows (`row_bytes` apart in `rows`) per step into `codes`
+/// (`[step][nr][4]`): on x86-64 four steps of four rows at a time as a 4×4 transpose of
+/// 32-bit words (SSE2).
+fn interleave(rows: &[u8], nr: usize, row_bytes: usize, codes: &mut [u8]) {
+    assert!(
+        rows.len() >= nr * row_bytes
+            && codes.len() == nr * row_bytes
+            && row_bytes % 16 == 0
+            && nr % 4 == 0
+    );
+    let (src, dst) = (rows.as_ptr(), codes.as_mut_ptr());
+    for s in (0..row_bytes / 4).step_by(4) {
+        for g in (0..nr).step_by(4) {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: SSE2 is part of x86-64; rows g..g+4 have bytes 4s..4s+16 (row_bytes a
+            // multiple of 16) and steps s..s+4 of codes have lanes g..g+4 (asserted lengths).
+            unsafe {
+                use std::arch::x86_64::*;
+                let ld = |l: usize| {
+                    _mm_loadu_si128(src.add((g + l) * row_bytes + 4 * s) as *const __m128i)
+                };
+                let (a0, a1, a2, a3) = (ld(0), ld(1), ld(2), ld(3));
+                let (l01, h01) = (_mm_unpacklo_epi32(a0, a1), _mm_unpackhi_epi32(a0, a1));
+                let (l23, h23) = (_mm_unpacklo_epi32(a2, a3), _mm_unpackhi_epi32(a2, a3));
+                let t = [
+                    _mm_unpacklo_epi64(l01, l23),
+                    _mm_unpackhi_epi64(l01, l23),
+                    _mm_unpacklo_epi64(h01, h23),
+                    _mm_unpackhi_epi64(h01, h23),
+                ];
+                for (j, v) in t.into_iter().enumerate() {
+                    _mm_storeu_si128(dst.add(((s + j) * nr + g) * 4) as *mut __m128i, v);
+                }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            for j in 0..4 {
+                for l in 0..4 {
+                    // SAFETY: as above.
+                    unsafe {
+                        let v = (src.add((g + l) * row_bytes + 4 * (s + j)) as *const u32)
+                            .read_unaligned();
+                        (dst.add(((s + j) * nr + g + l) * 4) as *mut u32).write_unaligned(v);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Packs W (`o` rows) for `kernel` into panels of its `NR` rows of its `ELEM`-byte weights
+/// (rows past `o` zero), panels in parallel, into `reuse`'s buffers where given.
+fn pack(
+    w: &dyn IntCodes,
+    layout: IntLayout,
+    kernel: Kernel,
+    parallel: bool,
+    reuse: Option<PackedW>,
+) -> PackedW {
+    let (nr, elem, offset_x) = kernel.shape();
     let (o, i) = w.int_dims();
     let how = Weights::of(w, layout);
     let unit = layout.unit;
     let kpad = i.next_multiple_of(GROUP);
     let units = kpad / unit;
     let panels = o.div_ceil(nr);
+    let (codes, corr, scale, offset) = match reuse {
+        Some(p) => (p.codes, p.corr, p.scale, p.offset),
+        None => Default::default(),
+    };
     let mut pw = PackedW {
         nr,
+        elem,
         kpad,
         unit,
         units,
-        codes: vec![0; panels * nr * kpad],
-        corr: vec![0; panels * nr * units],
-        scale: vec![0.0; panels * nr * units],
-        offset: vec![0.0; panels * nr * units],
-        narrow: how != Weights::Signed,
+        codes: resized(codes, panels * nr * kpad * elem),
+        corr: resized(corr, if offset_x { panels * nr * units } else { 0 }),
+        scale: resized(scale, panels * nr * units),
+        offset: resized(
+            offset,
+            if how == Weights::Odd {
+                0
+            } else {
+                panels * nr * units
+            },
+        ),
+        has_offset: false,
     };
+    let row_bytes = kpad * elem;
     type Parts<'a> = (
         usize,
         (
@@ -145,49 +243,90 @@ fn pack(w: &dyn IntCodes, layout: IntLayout, nr: usize, parallel: bool) -> Packe
         ),
     );
     let one = |(p, (((codes, corr), scale), offset)): Parts| {
-        let mut row = vec![0u8; kpad];
-        let (mut sc, mut of) = (vec![0.0f32; units], vec![0.0f32; units]);
-        for lane in 0..nr.min(o - p * nr) {
-            row_weights(w, how, unit, p * nr + lane, &mut row, &mut sc, &mut of);
-            for u in 0..units {
-                let sum: i32 = row[u * unit..(u + 1) * unit]
-                    .iter()
-                    .map(|&b| i32::from(b as i8))
-                    .sum();
-                corr[u * nr + lane] = -128 * sum;
-                scale[u * nr + lane] = sc[u];
-                offset[u * nr + lane] = of[u];
+        let lanes = nr.min(o - p * nr);
+        let mut t = PANEL.take();
+        t.rows = resized(std::mem::take(&mut t.rows), nr * row_bytes + kpad);
+        t.scale = resized(std::mem::take(&mut t.scale), nr * units);
+        t.offset = resized(std::mem::take(&mut t.offset), nr * units);
+        let (rows, narrow) = t.rows.split_at_mut(nr * row_bytes);
+        for lane in 0..nr {
+            let bytes: &mut [u8] = if elem == 1 {
+                &mut rows[lane * row_bytes..(lane + 1) * row_bytes]
+            } else {
+                &mut narrow[..]
+            };
+            let at = lane * units..(lane + 1) * units;
+            let (sc, of) = (&mut t.scale[at.clone()], &mut t.offset[at.clone()]);
+            if lane < lanes {
+                row_weights(w, how, unit, p * nr + lane, bytes, sc, of);
+            } else {
+                bytes.fill(0);
+                sc.fill(0.0);
+                of.fill(0.0);
             }
-            for (s, quad) in row.chunks_exact(4).enumerate() {
-                let at = (s * nr + lane) * 4;
-                codes[at..at + 4].copy_from_slice(quad);
+            if elem == 2 {
+                let wide = &mut rows[lane * row_bytes..(lane + 1) * row_bytes];
+                for (d, &b) in wide.chunks_exact_mut(2).zip(narrow.iter()) {
+                    d.copy_from_slice(&i16::from(b as i8).to_le_bytes());
+                }
             }
         }
+        interleave(rows, nr, row_bytes, codes);
+        // The per-row unit values to [unit][lane].
+        for (lane, (sc, of)) in t
+            .scale
+            .chunks_exact(units)
+            .zip(t.offset.chunks_exact(units))
+            .enumerate()
+        {
+            for (d, &v) in scale[lane..].iter_mut().step_by(nr).zip(sc) {
+                *d = v;
+            }
+            for (d, &v) in offset
+                .get_mut(lane..)
+                .unwrap_or_default()
+                .iter_mut()
+                .step_by(nr)
+                .zip(of)
+            {
+                *d = v;
+            }
+        }
+        // SAFETY: the kernel came from a supported tier; `codes` is one panel packed for it,
+        // `corr` that panel's [unit][lane] corrections (or empty where the kernel has none).
+        unsafe { kernel.panel_corr(codes, unit, corr) };
+        PANEL.set(t);
     };
-    let parts: Vec<Parts> = pw
+    let parts = pw
         .codes
-        .chunks_mut(nr * kpad)
-        .zip(pw.corr.chunks_mut(nr * units))
+        .chunks_mut(nr * row_bytes)
+        .zip(
+            pw.corr
+                .chunks_mut(nr * units)
+                .chain(std::iter::repeat_with(|| &mut [][..])),
+        )
         .zip(pw.scale.chunks_mut(nr * units))
-        .zip(pw.offset.chunks_mut(nr * units))
-        .enumerate()
-        .collect();
+        .zip(
+            pw.offset
+                .chunks_mut(nr * units)
+                .chain(std::iter::repeat_with(|| &mut [][..])),
+        )
+        .enumerate();
     if parallel {
-        parts.into_par_iter().for_each(one);
+        parts.par_bridge().for_each(one);
     } else {
-        parts.into_iter().for_each(one);
+        parts.for_each(one);
     }
-    if pw.offset.iter().all(|&v| v == 0.0) {
-        pw.offset = Vec::new();
-    }
+    pw.has_offset = pw.offset.iter().any(|&v| v != 0.0);
     pw
 }
 
-/// x as one tier reads it.
+/// x as one kernel reads it.
 pub(super) struct XPrep<'a> {
-    /// Padded columns.
-    kpad: usize,
-    /// `[m, kpad]` bytes: `xq + 128` for tiers with [`Lanes::OFFSET_X`], else `xq`.
+    /// Bytes per row.
+    row_bytes: usize,
+    /// `[m, row_bytes]`: per element `xq + 128` (u8) for kernels with [`Lanes::OFFSET_X`],
+    /// else `xq` as i8, or as i16 for kernels with [`Lanes::ELEM`] 2.
     bytes: Vec<u8>,
     /// `[m, kpad / 128]` group scales.
     sx: &'a [f32],
@@ -197,17 +336,19 @@ pub(super) struct XPrep<'a> {
 
 impl XPrep<'_> {
     fn row(&self, b: usize) -> *const u8 {
-        self.bytes[b * self.kpad..].as_ptr()
+        self.bytes[b * self.row_bytes..].as_ptr()
     }
 }
 
-/// One tier's vector operations for the micro-kernel: a vector holds one value per row of a
+/// One kernel's vector operations for the micro-kernel: a vector holds one value per row of a
 /// panel.
 pub(super) trait Lanes {
     /// Rows of W per panel (lanes per vector).
     const NR: usize;
     /// Vectors of x per micro-kernel.
     const MR: usize;
+    /// Bytes per weight and per element of x: 1, or 2 (i16).
+    const ELEM: usize;
     /// x is read as `xq + 128` (unsigned) and each unit's sums start at the correction
     /// `−128 · Σ w`; else x is `xq` and sums start at zero.
     const OFFSET_X: bool;
@@ -215,15 +356,14 @@ pub(super) trait Lanes {
     type I: Copy;
     /// `NR` f32 lanes.
     type F: Copy;
-    /// `init + Σ` over `steps` steps (a multiple of 4) of the 4-byte products of each `x[r]`
-    /// with the panel's `w`, for `R <= MR` vectors.
+    /// `init + Σ_k x[r]_k · w_k` over one unit of `UNIT` columns (`UNIT · ELEM / 4` steps of
+    /// 4 bytes) for `R <= MR` vectors.
     ///
     /// # Safety
-    /// The tier's CPU features; `x[r]` has `4 · steps` bytes, `w` `NR · 4 · steps`.
-    unsafe fn unit_sums<const R: usize>(
+    /// The kernel's CPU features; `x[r]` has `UNIT · ELEM` bytes, `w` `NR · UNIT · ELEM`.
+    unsafe fn unit_sums<const R: usize, const UNIT: usize>(
         x: [*const u8; R],
         w: *const u8,
-        steps: usize,
         init: Self::I,
     ) -> [Self::I; R];
     /// Loads `NR` i32.
@@ -231,10 +371,15 @@ pub(super) trait Lanes {
     /// # Safety
     /// `p` has `NR` values.
     unsafe fn load_i(p: *const i32) -> Self::I;
+    /// Stores `NR` i32.
+    ///
+    /// # Safety
+    /// `p` has room for `NR` values.
+    unsafe fn store_i(v: Self::I, p: *mut i32);
     /// Zero lanes.
     ///
     /// # Safety
-    /// The tier's CPU features.
+    /// The kernel's CPU features.
     unsafe fn zero_i() -> Self::I;
     /// Loads `NR` f32.
     ///
@@ -244,17 +389,17 @@ pub(super) trait Lanes {
     /// `v` in every lane.
     ///
     /// # Safety
-    /// The tier's CPU features.
+    /// The kernel's CPU features.
     unsafe fn splat(v: f32) -> Self::F;
     /// Lanes converted to f32 (exact: every sum is below `2^24` in magnitude).
     ///
     /// # Safety
-    /// The tier's CPU features.
+    /// The kernel's CPU features.
     unsafe fn to_f32(i: Self::I) -> Self::F;
     /// `a · b + c` with one rounding.
     ///
     /// # Safety
-    /// The tier's CPU features.
+    /// The kernel's CPU features.
     unsafe fn fma(a: Self::F, b: Self::F, c: Self::F) -> Self::F;
     /// Stores `NR` f32.
     ///
@@ -263,14 +408,14 @@ pub(super) trait Lanes {
     unsafe fn store(v: Self::F, p: *mut f32);
 }
 
-/// `R` vectors of x (from `b0`) by panel `panel`, over every column: writes the outputs to
-/// `out[r · NR + lane]`.
+/// `R` vectors of x (from `b0`) by panel `panel`, over every column, units of `UNIT`: writes
+/// the outputs to `out[r · NR + lane]`.
 ///
 /// # Safety
-/// The tier's CPU features; `b0 + R` vectors in `xp`, `panel` inside `pw` packed for `L`
-/// (`pw.nr == L::NR`), `out` has `R · NR` values.
+/// The kernel's CPU features; `b0 + R` vectors in `xp`, `panel` inside `pw` packed for `L`
+/// (`pw.nr == L::NR`, `pw.elem == L::ELEM`, `pw.unit == UNIT`), `out` has `R · NR` values.
 #[inline(always)]
-unsafe fn tile<L: Lanes, const R: usize>(
+unsafe fn tile<L: Lanes, const R: usize, const UNIT: usize>(
     pw: &PackedW,
     xp: &XPrep,
     b0: usize,
@@ -278,15 +423,14 @@ unsafe fn tile<L: Lanes, const R: usize>(
     out: *mut f32,
 ) {
     let nr = L::NR;
-    let per_group = GROUP / pw.unit;
+    debug_assert!(pw.nr == nr && pw.elem == L::ELEM && pw.unit == UNIT);
+    let per_group = GROUP / UNIT;
     let groups = pw.kpad / GROUP;
-    let steps = pw.unit / 4;
     let meta = panel * pw.units * nr;
-    let has_offset = !pw.offset.is_empty();
     // SAFETY (whole body): every pointer below stays inside its buffer by the layouts of
     // `PackedW` and `XPrep` and the caller's contract.
     unsafe {
-        let wbase = pw.codes.as_ptr().add(panel * pw.kpad * nr);
+        let wbase = pw.codes.as_ptr().add(panel * pw.kpad * L::ELEM * nr);
         let xrow: [*const u8; R] = std::array::from_fn(|r| xp.row(b0 + r));
         let mut y = [L::splat(0.0); R];
         for g in 0..groups {
@@ -297,13 +441,14 @@ unsafe fn tile<L: Lanes, const R: usize>(
                 } else {
                     L::zero_i()
                 };
-                let x: [*const u8; R] = std::array::from_fn(|r| xrow[r].add(u * pw.unit));
-                let sums = L::unit_sums::<R>(x, wbase.add(u * pw.unit * nr), steps, init);
+                let at = u * UNIT * L::ELEM;
+                let x: [*const u8; R] = std::array::from_fn(|r| xrow[r].add(at));
+                let sums = L::unit_sums::<R, UNIT>(x, wbase.add(at * nr), init);
                 let sc = L::load_f(pw.scale.as_ptr().add(meta + u * nr));
                 for r in 0..R {
                     acc[r] = L::fma(L::to_f32(sums[r]), sc, acc[r]);
                 }
-                if has_offset {
+                if pw.has_offset {
                     let of = L::load_f(pw.offset.as_ptr().add(meta + u * nr));
                     for r in 0..R {
                         let q = *xp.qf.get_unchecked((b0 + r) * pw.units + u);
@@ -322,10 +467,48 @@ unsafe fn tile<L: Lanes, const R: usize>(
     }
 }
 
+/// [`tile`] for `nb` (1..=8) vectors and the unit of `pw`.
+///
+/// # Safety
+/// As [`tile`].
+#[inline(always)]
+unsafe fn tile_any<L: Lanes>(
+    nb: usize,
+    pw: &PackedW,
+    xp: &XPrep,
+    b0: usize,
+    panel: usize,
+    out: *mut f32,
+) {
+    macro_rules! rows {
+        ($u:literal) => {
+            match nb {
+                1 => tile::<L, 1, $u>(pw, xp, b0, panel, out),
+                2 => tile::<L, 2, $u>(pw, xp, b0, panel, out),
+                3 => tile::<L, 3, $u>(pw, xp, b0, panel, out),
+                4 => tile::<L, 4, $u>(pw, xp, b0, panel, out),
+                5 if L::MR >= 5 => tile::<L, 5, $u>(pw, xp, b0, panel, out),
+                6 if L::MR >= 6 => tile::<L, 6, $u>(pw, xp, b0, panel, out),
+                7 if L::MR >= 7 => tile::<L, 7, $u>(pw, xp, b0, panel, out),
+                _ if L::MR >= 8 => tile::<L, 8, $u>(pw, xp, b0, panel, out),
+                _ => unreachable!("at most MR vectors per tile"),
+            }
+        };
+    }
+    // SAFETY: the caller's contract.
+    unsafe {
+        match pw.unit {
+            16 => rows!(16),
+            64 => rows!(64),
+            _ => rows!(128),
+        }
+    }
+}
+
 /// The outputs of vectors `rows` by the panels `panels`, written (or added) into `y`.
 ///
 /// # Safety
-/// The tier's CPU features; `pw` packed for `L`; `rows` inside the batch, `panels` inside
+/// The kernel's CPU features; `pw` packed for `L`; `rows` inside the batch, `panels` inside
 /// `pw`; the caller owns the rectangle `rows × (panels · NR ∩ 0..o)` of `y` (`[m, o]`).
 #[inline(always)]
 pub(super) unsafe fn block<L: Lanes>(
@@ -339,55 +522,75 @@ pub(super) unsafe fn block<L: Lanes>(
 ) {
     let nr = L::NR;
     let mut t = [0.0f32; MAX_TILE];
-    let mut b0 = rows.start;
-    while b0 < rows.end {
-        let nb = L::MR.min(rows.end - b0);
-        for p in panels.clone() {
-            let tp = t.as_mut_ptr();
+    for p in panels {
+        let cols = nr.min(o - p * nr);
+        let mut b0 = rows.start;
+        while b0 < rows.end {
+            let nb = L::MR.min(rows.end - b0);
             // SAFETY: the caller's contract; `t` holds MR · NR <= MAX_TILE values.
-            unsafe {
-                match nb {
-                    1 => tile::<L, 1>(pw, xp, b0, p, tp),
-                    2 => tile::<L, 2>(pw, xp, b0, p, tp),
-                    3 => tile::<L, 3>(pw, xp, b0, p, tp),
-                    4 => tile::<L, 4>(pw, xp, b0, p, tp),
-                    5 => tile::<L, 5>(pw, xp, b0, p, tp),
-                    6 => tile::<L, 6>(pw, xp, b0, p, tp),
-                    7 => tile::<L, 7>(pw, xp, b0, p, tp),
-                    _ => tile::<L, 8>(pw, xp, b0, p, tp),
-                }
-            }
-            let cols = nr.min(o - p * nr);
+            unsafe { tile_any::<L>(nb, pw, xp, b0, p, t.as_mut_ptr()) };
             for r in 0..nb {
                 for c in 0..cols {
                     // SAFETY: (b0 + r, p · nr + c) lies in the caller's rectangle of y.
                     unsafe { y.store((b0 + r) * o + p * nr + c, t[r * nr + c], accumulate) };
                 }
             }
+            b0 += nb;
         }
-        b0 += nb;
     }
 }
 
-/// The scalar tier's lanes: plain arrays of 8.
+/// `corr[u · NR + lane] = −128 · Σ_{k∈u} w` for one panel `codes` packed for `L`, by the
+/// kernel's own unit sums against x = 1.
+///
+/// # Safety
+/// The kernel's CPU features; `codes` is one whole panel for `L` of units of `unit` (16, 64 or
+/// 128) and `corr` has `NR` values per unit of it.
+#[inline(always)]
+pub(super) unsafe fn panel_corr<L: Lanes>(codes: &[u8], unit: usize, corr: &mut [i32]) {
+    let mut ones = [0u8; 2 * GROUP];
+    for b in ones.iter_mut().step_by(L::ELEM) {
+        *b = 1;
+    }
+    let mut sums = [0i32; 16];
+    let step = unit * L::NR * L::ELEM;
+    for (c, w) in corr.chunks_exact_mut(L::NR).zip(codes.chunks_exact(step)) {
+        let x = [ones.as_ptr()];
+        // SAFETY: the caller's contract: `w` is one unit of the panel, `ones` covers
+        // `unit · ELEM` bytes, `sums` holds NR <= 16 values.
+        unsafe {
+            let s = match unit {
+                16 => L::unit_sums::<1, 16>(x, w.as_ptr(), L::zero_i()),
+                64 => L::unit_sums::<1, 64>(x, w.as_ptr(), L::zero_i()),
+                _ => L::unit_sums::<1, 128>(x, w.as_ptr(), L::zero_i()),
+            };
+            L::store_i(s[0], sums.as_mut_ptr());
+        }
+        for (d, &v) in c.iter_mut().zip(&sums) {
+            *d = -128 * v;
+        }
+    }
+}
+
+/// The scalar kernel's lanes: plain arrays of 8.
 struct Scalar;
 
 impl Lanes for Scalar {
     const NR: usize = 8;
     const MR: usize = 4;
+    const ELEM: usize = 1;
     const OFFSET_X: bool = false;
     type I = [i32; 8];
     type F = [f32; 8];
 
     #[inline(always)]
-    unsafe fn unit_sums<const R: usize>(
+    unsafe fn unit_sums<const R: usize, const UNIT: usize>(
         x: [*const u8; R],
         w: *const u8,
-        steps: usize,
         init: [i32; 8],
     ) -> [[i32; 8]; R] {
         let mut acc = [init; R];
-        for s in 0..steps {
+        for s in 0..UNIT / 4 {
             for r in 0..R {
                 for l in 0..8 {
                     for j in 0..4 {
@@ -405,6 +608,11 @@ impl Lanes for Scalar {
     unsafe fn load_i(p: *const i32) -> [i32; 8] {
         // SAFETY: the trait's contract.
         unsafe { std::ptr::read_unaligned(p as *const [i32; 8]) }
+    }
+    #[inline(always)]
+    unsafe fn store_i(v: [i32; 8], p: *mut i32) {
+        // SAFETY: the trait's contract.
+        unsafe { std::ptr::write_unaligned(p as *mut [i32; 8], v) }
     }
     #[inline(always)]
     unsafe fn zero_i() -> [i32; 8] {
@@ -434,7 +642,7 @@ impl Lanes for Scalar {
     }
 }
 
-/// Which kernel a tier and a packed W run.
+/// Which kernel a tier and a format run.
 #[derive(Clone, Copy)]
 enum Kernel {
     Scalar,
@@ -447,18 +655,37 @@ enum Kernel {
 }
 
 impl Kernel {
-    fn nr(self) -> usize {
+    /// `(NR, ELEM, OFFSET_X)` of the kernel's lanes.
+    fn shape(self) -> (usize, usize, bool) {
+        fn of<L: Lanes>() -> (usize, usize, bool) {
+            (L::NR, L::ELEM, L::OFFSET_X)
+        }
         match self {
+            Kernel::Scalar => of::<Scalar>(),
             #[cfg(target_arch = "x86_64")]
-            Kernel::Vnni => 16,
-            _ => 8,
+            Kernel::Avx2Narrow => of::<super::avx2::Narrow>(),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2Wide => of::<super::avx2::Wide>(),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Vnni => of::<super::avx512vnni::Vnni>(),
         }
     }
-    fn offset_x(self) -> bool {
-        match self {
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Vnni | Kernel::Avx2Narrow => true,
-            _ => false,
+
+    /// Runs [`panel_corr`] for this kernel (nothing for kernels without
+    /// [`Lanes::OFFSET_X`]: their `corr` is empty).
+    ///
+    /// # Safety
+    /// As [`panel_corr`], with the kernel's features on this CPU.
+    unsafe fn panel_corr(self, codes: &[u8], unit: usize, corr: &mut [i32]) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            match self {
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Avx2Narrow => super::avx2::gemm_corr_narrow(codes, unit, corr),
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Vnni => super::avx512vnni::gemm_corr(codes, unit, corr),
+                _ => debug_assert!(corr.is_empty()),
+            }
         }
     }
 
@@ -512,23 +739,29 @@ pub(super) fn run(
     accumulate: bool,
 ) {
     let (o, _) = w.int_dims();
-    let narrow = layout.kind == CodeKind::Nibble;
     let kernel = match tier {
         #[cfg(target_arch = "x86_64")]
         IntTier::Avx512Vnni => Kernel::Vnni,
         #[cfg(target_arch = "x86_64")]
-        IntTier::Avx2 if narrow => Kernel::Avx2Narrow,
+        IntTier::Avx2 if layout.kind == CodeKind::Nibble => Kernel::Avx2Narrow,
         #[cfg(target_arch = "x86_64")]
         IntTier::Avx2 => Kernel::Avx2Wide,
         _ => Kernel::Scalar,
     };
-    let pw = pack(w, layout, kernel.nr(), parallel);
-    debug_assert_eq!(pw.narrow, narrow);
-    let xp = prepare_x(q, m, kernel.offset_x(), &pw);
+    let (nr, elem, offset_x) = kernel.shape();
+    let (reuse, xbytes) = match BUFFERS.take() {
+        Some((p, x)) => (Some(p), x),
+        None => (None, Vec::new()),
+    };
+    let t0 = std::time::Instant::now();
+    let pw = pack(w, layout, kernel, parallel, reuse);
+    let t1 = t0.elapsed();
+    let xp = prepare_x(q, m, elem, offset_x, &pw, xbytes);
+    let t2 = t0.elapsed();
     let yp = YPtr(y.as_mut_ptr());
     let (mt, nt) = (m.div_ceil(M_BLOCK), o.div_ceil(N_BLOCK));
-    let per_block = N_BLOCK / pw.nr;
-    let panels = o.div_ceil(pw.nr);
+    let per_block = N_BLOCK / nr;
+    let panels = o.div_ceil(nr);
     let task = |t: usize| {
         let (bm, bn) = (t / nt, t % nt);
         let rows = bm * M_BLOCK..m.min((bm + 1) * M_BLOCK);
@@ -542,28 +775,59 @@ pub(super) fn run(
     } else {
         (0..mt * nt).for_each(task);
     }
+    if std::env::var("PROF").is_ok() {
+        eprintln!(
+            "pack {:?} prep {:?} gemm {:?}",
+            t1,
+            t2 - t1,
+            t0.elapsed() - t2
+        );
+    }
+    BUFFERS.set(Some((pw, xp.bytes)));
 }
 
-/// x for a kernel: its bytes, group scales, and `Q_u` where W has offsets.
-fn prepare_x<'a>(q: &'a QuantizedX, m: usize, offset_x: bool, pw: &PackedW) -> XPrep<'a> {
-    let bytes: Vec<u8> = if offset_x {
-        q.xq.par_iter().map(|&v| (v as u8) ^ 0x80).collect()
-    } else {
-        q.xq.iter().map(|&v| v as u8).collect()
-    };
-    let qf = if pw.offset.is_empty() {
-        Vec::new()
-    } else {
+/// x for a kernel: its bytes (into `bytes`' buffer), group scales, and `Q_u` where W has
+/// offsets.
+fn prepare_x<'a>(
+    q: &'a QuantizedX,
+    m: usize,
+    elem: usize,
+    offset_x: bool,
+    pw: &PackedW,
+    bytes: Vec<u8>,
+) -> XPrep<'a> {
+    let row_bytes = q.kpad * elem;
+    let mut bytes = resized(bytes, m * row_bytes);
+    let xq = &q.xq[..m * q.kpad];
+    match (elem, offset_x) {
+        (2, _) => {
+            for (d, &v) in bytes.chunks_exact_mut(2).zip(xq) {
+                d.copy_from_slice(&i16::from(v).to_le_bytes());
+            }
+        }
+        (_, true) => {
+            for (d, &v) in bytes.iter_mut().zip(xq) {
+                *d = (v as u8) ^ 0x80;
+            }
+        }
+        _ => {
+            for (d, &v) in bytes.iter_mut().zip(xq) {
+                *d = v as u8;
+            }
+        }
+    }
+    let qf = if pw.has_offset {
         q.qsum[..m * pw.units].iter().map(|&v| v as f32).collect()
+    } else {
+        Vec::new()
     };
     XPrep {
-        kpad: q.kpad,
+        row_bytes,
         bytes,
         sx: &q.sx,
         qf,
     }
 }
-
 /// The scalar reference of the GEMM's outputs, loop by loop as the [module docs](self) state
 /// them (no packing): `y = x · Wᵀ` (`x` `[m, in]`, `y` `[m, out]`) with int8 activations.
 /// Returns `false`, with `y` untouched, where [`super::forward`] would (shapes, no integer
