@@ -233,9 +233,9 @@ pub(super) unsafe fn dot_units16<const V: usize>(
 /// lane vector is a pair of ymm: 16 rows of W, the panel of the VNNI tier.
 pub(super) struct Narrow;
 
-/// The GEMM's lanes for 8-bit signed codes: W and x as i16, `vpmaddwd` (two products per i32
-/// lane, at most `2 · 128 · 127`) into i32 lanes that start at zero; pairs of ymm as
-/// [`Narrow`].
+/// The GEMM's lanes for 8-bit signed codes: `vpmaddubsw` of `|w|` (0..=128) by `sign(xq, w)`
+/// (pairs at most `2 · 128 · 127 < 2^15`), `vpmaddwd` by ones into i32 lanes that start at
+/// zero; pairs of ymm as [`Narrow`].
 pub(super) struct Wide;
 
 /// The f32 and load/store half of both AVX2 lane sets (pairs of ymm).
@@ -331,7 +331,6 @@ unsafe fn panel_step(w: *const u8, s: usize) -> [__m256i; 2] {
 }
 
 impl super::gemm::Lanes for Narrow {
-    const ELEM: usize = 1;
     const OFFSET_X: bool = true;
     avx2_float_lanes!();
 
@@ -375,7 +374,6 @@ impl super::gemm::Lanes for Narrow {
 }
 
 impl super::gemm::Lanes for Wide {
-    const ELEM: usize = 2;
     const OFFSET_X: bool = false;
     avx2_float_lanes!();
 
@@ -385,15 +383,19 @@ impl super::gemm::Lanes for Wide {
         w: *const u8,
         init: [__m256i; 2],
     ) -> [[__m256i; 2]; R] {
-        // SAFETY: the trait's contract: AVX2, 2 · UNIT bytes of each x, 32 · UNIT of w.
+        // SAFETY: the trait's contract: AVX2, UNIT bytes of each x, 16 · UNIT of w.
         unsafe {
+            let ones = _mm256_set1_epi16(1);
             let mut acc = [init; R];
-            for s in 0..UNIT / 2 {
+            for s in 0..UNIT / 4 {
                 let wv = panel_step(w, s);
+                let wa = [_mm256_abs_epi8(wv[0]), _mm256_abs_epi8(wv[1])];
                 for r in 0..R {
                     let xb = broadcast4(x[r].add(4 * s));
                     for h in 0..2 {
-                        acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_madd_epi16(xb, wv[h]));
+                        let xs = _mm256_sign_epi8(xb, wv[h]);
+                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(wa[h], xs), ones);
+                        acc[r][h] = _mm256_add_epi32(acc[r][h], p);
                     }
                 }
             }

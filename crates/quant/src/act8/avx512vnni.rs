@@ -65,7 +65,6 @@ pub(super) struct Vnni;
 impl super::gemm::Lanes for Vnni {
     const NR: usize = 16;
     const MR: usize = 8;
-    const ELEM: usize = 1;
     const OFFSET_X: bool = true;
     type I = __m512i;
     type F = __m512;

@@ -51,15 +51,13 @@ const MAX_TILE: usize = 8 * 16;
 pub(super) struct PackedW {
     /// Rows per panel.
     nr: usize,
-    /// Bytes per weight: 1 (signed bytes), or 2 (i16, the AVX2 kernel for 8-bit codes).
-    elem: usize,
     /// Padded columns (a multiple of 128).
     kpad: usize,
     /// Columns per unit.
     unit: usize,
     /// Units per row (`kpad / unit`).
     units: usize,
-    /// The weights, `[panel][kpad · elem / 4][nr][4 bytes]`.
+    /// The weights, `[panel][kpad / 4][nr][4 bytes]`.
     codes: Vec<u8>,
     /// `−128 · Σ_{k∈u} w_k`, `[panel][unit][nr]`.
     corr: Vec<i32>,
@@ -122,7 +120,7 @@ fn row_weights(
     }
 }
 
-/// A thread's scratch while it packs a panel: the rows (then one row before widening), and
+/// A thread's scratch while it packs a panel: the rows, and
 /// per row and unit the scales and the offsets (always overwritten).
 #[derive(Default)]
 struct PanelScratch {
@@ -195,8 +193,7 @@ fn interleave(rows: &[u8], nr: usize, row_bytes: usize, codes: &mut [u8]) {
     }
 }
 
-/// Packs W (`o` rows) for `kernel` into panels of its `NR` rows of its `ELEM`-byte weights
-/// (rows past `o` zero), panels in parallel, into `reuse`'s buffers where given.
+/// Packs W (`o` rows) for `kernel` into panels of its `NR` rows (rows past `o` zero), panels in parallel, into `reuse`'s buffers where given.
 fn pack(
     w: &dyn IntCodes,
     layout: IntLayout,
@@ -204,7 +201,7 @@ fn pack(
     parallel: bool,
     reuse: Option<PackedW>,
 ) -> PackedW {
-    let (nr, elem, offset_x) = kernel.shape();
+    let (nr, offset_x) = kernel.shape();
     let (o, i) = w.int_dims();
     let how = Weights::of(w, layout);
     let unit = layout.unit;
@@ -217,11 +214,10 @@ fn pack(
     };
     let mut pw = PackedW {
         nr,
-        elem,
         kpad,
         unit,
         units,
-        codes: resized(codes, panels * nr * kpad * elem),
+        codes: resized(codes, panels * nr * kpad),
         corr: resized(corr, if offset_x { panels * nr * units } else { 0 }),
         scale: resized(scale, panels * nr * units),
         offset: resized(
@@ -234,7 +230,6 @@ fn pack(
         ),
         has_offset: false,
     };
-    let row_bytes = kpad * elem;
     type Parts<'a> = (
         usize,
         (
@@ -245,18 +240,14 @@ fn pack(
     let one = |(p, (((codes, corr), scale), offset)): Parts| {
         let lanes = nr.min(o - p * nr);
         let mut t = PANEL.take();
-        t.rows = resized(std::mem::take(&mut t.rows), nr * row_bytes + kpad);
+        t.rows = resized(std::mem::take(&mut t.rows), nr * kpad);
         t.scale = resized(std::mem::take(&mut t.scale), nr * units);
         t.offset = resized(std::mem::take(&mut t.offset), nr * units);
-        let (rows, narrow) = t.rows.split_at_mut(nr * row_bytes);
+        let rows = &mut t.rows[..];
         for lane in 0..nr {
-            let bytes: &mut [u8] = if elem == 1 {
-                &mut rows[lane * row_bytes..(lane + 1) * row_bytes]
-            } else {
-                &mut narrow[..]
-            };
+            let bytes = &mut rows[lane * kpad..(lane + 1) * kpad];
             let at = lane * units..(lane + 1) * units;
-            let (sc, of) = (&mut t.scale[at.clone()], &mut t.offset[at.clone()]);
+            let (sc, of) = (&mut t.scale[at.clone()], &mut t.offset[at]);
             if lane < lanes {
                 row_weights(w, how, unit, p * nr + lane, bytes, sc, of);
             } else {
@@ -264,14 +255,8 @@ fn pack(
                 sc.fill(0.0);
                 of.fill(0.0);
             }
-            if elem == 2 {
-                let wide = &mut rows[lane * row_bytes..(lane + 1) * row_bytes];
-                for (d, &b) in wide.chunks_exact_mut(2).zip(narrow.iter()) {
-                    d.copy_from_slice(&i16::from(b as i8).to_le_bytes());
-                }
-            }
         }
-        interleave(rows, nr, row_bytes, codes);
+        interleave(rows, nr, kpad, codes);
         // The per-row unit values to [unit][lane].
         for (lane, (sc, of)) in t
             .scale
@@ -299,7 +284,7 @@ fn pack(
     };
     let parts = pw
         .codes
-        .chunks_mut(nr * row_bytes)
+        .chunks_mut(nr * kpad)
         .zip(
             pw.corr
                 .chunks_mut(nr * units)
@@ -326,7 +311,7 @@ pub(super) struct XPrep<'a> {
     /// Bytes per row.
     row_bytes: usize,
     /// `[m, row_bytes]`: per element `xq + 128` (u8) for kernels with [`Lanes::OFFSET_X`],
-    /// else `xq` as i8, or as i16 for kernels with [`Lanes::ELEM`] 2.
+    /// else `xq` (i8).
     bytes: Vec<u8>,
     /// `[m, kpad / 128]` group scales.
     sx: &'a [f32],
@@ -347,8 +332,6 @@ pub(super) trait Lanes {
     const NR: usize;
     /// Vectors of x per micro-kernel.
     const MR: usize;
-    /// Bytes per weight and per element of x: 1, or 2 (i16).
-    const ELEM: usize;
     /// x is read as `xq + 128` (unsigned) and each unit's sums start at the correction
     /// `−128 · Σ w`; else x is `xq` and sums start at zero.
     const OFFSET_X: bool;
@@ -356,11 +339,11 @@ pub(super) trait Lanes {
     type I: Copy;
     /// `NR` f32 lanes.
     type F: Copy;
-    /// `init + Σ_k x[r]_k · w_k` over one unit of `UNIT` columns (`UNIT · ELEM / 4` steps of
-    /// 4 bytes) for `R <= MR` vectors.
+    /// `init + Σ_k x[r]_k · w_k` over one unit of `UNIT` columns (`UNIT / 4` steps of 4
+    /// bytes) for `R <= MR` vectors.
     ///
     /// # Safety
-    /// The kernel's CPU features; `x[r]` has `UNIT · ELEM` bytes, `w` `NR · UNIT · ELEM`.
+    /// The kernel's CPU features; `x[r]` has `UNIT` bytes, `w` `NR · UNIT`.
     unsafe fn unit_sums<const R: usize, const UNIT: usize>(
         x: [*const u8; R],
         w: *const u8,
@@ -413,7 +396,7 @@ pub(super) trait Lanes {
 ///
 /// # Safety
 /// The kernel's CPU features; `b0 + R` vectors in `xp`, `panel` inside `pw` packed for `L`
-/// (`pw.nr == L::NR`, `pw.elem == L::ELEM`, `pw.unit == UNIT`), `out` has `R · NR` values.
+/// (`pw.nr == L::NR`, `pw.unit == UNIT`), `out` has `R · NR` values.
 #[inline(always)]
 unsafe fn tile<L: Lanes, const R: usize, const UNIT: usize>(
     pw: &PackedW,
@@ -423,14 +406,14 @@ unsafe fn tile<L: Lanes, const R: usize, const UNIT: usize>(
     out: *mut f32,
 ) {
     let nr = L::NR;
-    debug_assert!(pw.nr == nr && pw.elem == L::ELEM && pw.unit == UNIT);
+    debug_assert!(pw.nr == nr && pw.unit == UNIT);
     let per_group = GROUP / UNIT;
     let groups = pw.kpad / GROUP;
     let meta = panel * pw.units * nr;
     // SAFETY (whole body): every pointer below stays inside its buffer by the layouts of
     // `PackedW` and `XPrep` and the caller's contract.
     unsafe {
-        let wbase = pw.codes.as_ptr().add(panel * pw.kpad * L::ELEM * nr);
+        let wbase = pw.codes.as_ptr().add(panel * pw.kpad * nr);
         let xrow: [*const u8; R] = std::array::from_fn(|r| xp.row(b0 + r));
         let mut y = [L::splat(0.0); R];
         for g in 0..groups {
@@ -441,7 +424,7 @@ unsafe fn tile<L: Lanes, const R: usize, const UNIT: usize>(
                 } else {
                     L::zero_i()
                 };
-                let at = u * UNIT * L::ELEM;
+                let at = u * UNIT;
                 let x: [*const u8; R] = std::array::from_fn(|r| xrow[r].add(at));
                 let sums = L::unit_sums::<R, UNIT>(x, wbase.add(at * nr), init);
                 let sc = L::load_f(pw.scale.as_ptr().add(meta + u * nr));
@@ -548,16 +531,13 @@ pub(super) unsafe fn block<L: Lanes>(
 /// 128) and `corr` has `NR` values per unit of it.
 #[inline(always)]
 pub(super) unsafe fn panel_corr<L: Lanes>(codes: &[u8], unit: usize, corr: &mut [i32]) {
-    let mut ones = [0u8; 2 * GROUP];
-    for b in ones.iter_mut().step_by(L::ELEM) {
-        *b = 1;
-    }
+    let ones = [1u8; GROUP];
     let mut sums = [0i32; 16];
-    let step = unit * L::NR * L::ELEM;
+    let step = unit * L::NR;
     for (c, w) in corr.chunks_exact_mut(L::NR).zip(codes.chunks_exact(step)) {
         let x = [ones.as_ptr()];
         // SAFETY: the caller's contract: `w` is one unit of the panel, `ones` covers
-        // `unit · ELEM` bytes, `sums` holds NR <= 16 values.
+        // `unit` bytes, `sums` holds NR <= 16 values.
         unsafe {
             let s = match unit {
                 16 => L::unit_sums::<1, 16>(x, w.as_ptr(), L::zero_i()),
@@ -578,7 +558,6 @@ struct Scalar;
 impl Lanes for Scalar {
     const NR: usize = 8;
     const MR: usize = 4;
-    const ELEM: usize = 1;
     const OFFSET_X: bool = false;
     type I = [i32; 8];
     type F = [f32; 8];
@@ -655,10 +634,10 @@ enum Kernel {
 }
 
 impl Kernel {
-    /// `(NR, ELEM, OFFSET_X)` of the kernel's lanes.
-    fn shape(self) -> (usize, usize, bool) {
-        fn of<L: Lanes>() -> (usize, usize, bool) {
-            (L::NR, L::ELEM, L::OFFSET_X)
+    /// `(NR, OFFSET_X)` of the kernel's lanes.
+    fn shape(self) -> (usize, bool) {
+        fn of<L: Lanes>() -> (usize, bool) {
+            (L::NR, L::OFFSET_X)
         }
         match self {
             Kernel::Scalar => of::<Scalar>(),
@@ -748,7 +727,7 @@ pub(super) fn run(
         IntTier::Avx2 => Kernel::Avx2Wide,
         _ => Kernel::Scalar,
     };
-    let (nr, elem, offset_x) = kernel.shape();
+    let (nr, offset_x) = kernel.shape();
     let (reuse, xbytes) = match BUFFERS.take() {
         Some((p, x)) => (Some(p), x),
         None => (None, Vec::new()),
@@ -756,7 +735,7 @@ pub(super) fn run(
     let t0 = std::time::Instant::now();
     let pw = pack(w, layout, kernel, parallel, reuse);
     let t1 = t0.elapsed();
-    let xp = prepare_x(q, m, elem, offset_x, &pw, xbytes);
+    let xp = prepare_x(q, m, offset_x, &pw, xbytes);
     let t2 = t0.elapsed();
     let yp = YPtr(y.as_mut_ptr());
     let (mt, nt) = (m.div_ceil(M_BLOCK), o.div_ceil(N_BLOCK));
@@ -791,30 +770,15 @@ pub(super) fn run(
 fn prepare_x<'a>(
     q: &'a QuantizedX,
     m: usize,
-    elem: usize,
     offset_x: bool,
     pw: &PackedW,
     bytes: Vec<u8>,
 ) -> XPrep<'a> {
-    let row_bytes = q.kpad * elem;
+    let row_bytes = q.kpad;
     let mut bytes = resized(bytes, m * row_bytes);
-    let xq = &q.xq[..m * q.kpad];
-    match (elem, offset_x) {
-        (2, _) => {
-            for (d, &v) in bytes.chunks_exact_mut(2).zip(xq) {
-                d.copy_from_slice(&i16::from(v).to_le_bytes());
-            }
-        }
-        (_, true) => {
-            for (d, &v) in bytes.iter_mut().zip(xq) {
-                *d = (v as u8) ^ 0x80;
-            }
-        }
-        _ => {
-            for (d, &v) in bytes.iter_mut().zip(xq) {
-                *d = v as u8;
-            }
-        }
+    let flip = if offset_x { 0x80 } else { 0 };
+    for (d, &v) in bytes.iter_mut().zip(&q.xq[..m * q.kpad]) {
+        *d = (v as u8) ^ flip;
     }
     let qf = if pw.has_offset {
         q.qsum[..m * pw.units].iter().map(|&v| v as f32).collect()
