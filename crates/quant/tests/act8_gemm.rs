@@ -31,8 +31,8 @@ fn weights(o: usize, i: usize, seed: u64) -> Tensor {
         }
     }
     if o > 0 {
-        for k in 0..i {
-            w[k] = if k % 3 == 0 { 4.0 } else { -4.0 };
+        for (k, v) in w[..i].iter_mut().enumerate() {
+            *v = if k % 3 == 0 { 4.0 } else { -4.0 };
         }
     }
     Tensor::from_vec(&[o, i], w).unwrap()

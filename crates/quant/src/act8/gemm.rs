@@ -410,8 +410,8 @@ unsafe fn tile<L: Lanes, const R: usize, const UNIT: usize>(
     let per_group = GROUP / UNIT;
     let groups = pw.kpad / GROUP;
     let meta = panel * pw.units * nr;
-    // SAFETY (whole body): every pointer below stays inside its buffer by the layouts of
-    // `PackedW` and `XPrep` and the caller's contract.
+    // SAFETY: every pointer below stays inside its buffer by the layouts of `PackedW` and
+    // `XPrep` and the caller's contract (the whole body).
     unsafe {
         let wbase = pw.codes.as_ptr().add(panel * pw.kpad * nr);
         let xrow: [*const u8; R] = std::array::from_fn(|r| xp.row(b0 + r));
@@ -732,11 +732,8 @@ pub(super) fn run(
         Some((p, x)) => (Some(p), x),
         None => (None, Vec::new()),
     };
-    let t0 = std::time::Instant::now();
     let pw = pack(w, layout, kernel, parallel, reuse);
-    let t1 = t0.elapsed();
     let xp = prepare_x(q, m, offset_x, &pw, xbytes);
-    let t2 = t0.elapsed();
     let yp = YPtr(y.as_mut_ptr());
     let (mt, nt) = (m.div_ceil(M_BLOCK), o.div_ceil(N_BLOCK));
     let per_block = N_BLOCK / nr;
@@ -753,14 +750,6 @@ pub(super) fn run(
         (0..mt * nt).into_par_iter().for_each(task);
     } else {
         (0..mt * nt).for_each(task);
-    }
-    if std::env::var("PROF").is_ok() {
-        eprintln!(
-            "pack {:?} prep {:?} gemm {:?}",
-            t1,
-            t2 - t1,
-            t0.elapsed() - t2
-        );
     }
     BUFFERS.set(Some((pw, xp.bytes)));
 }
