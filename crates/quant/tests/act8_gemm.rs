@@ -1,4 +1,4 @@
-//! The int8 GEMM (`nibble_quant::act8::gemm`, batches of 16 and more): every tier's outputs
+//! The int8 GEMM (`nibble_quant::act8::gemm`, batches of `GEMM_MIN_M` = 8 and more): every tier's outputs
 //! bit-identical to the scalar reference `gemm_ref` (which spells out the integer sums and the
 //! f32 combination loop by loop) for every format on ragged shapes, with all-zero rows of x,
 //! ±extreme activations and zero blocks of W, outputs pre-filled with NaN; the same bits on 1, 2
@@ -71,7 +71,14 @@ fn same_bits(a: &[f32], b: &[f32]) -> bool {
 fn every_tier_matches_the_reference() {
     let tiers = tiers();
     for &i in &[0usize, 1, 7, 15, 17, 31, 33, 63, 129, 1023] {
-        for &(o, m) in &[(1usize, 16usize), (7, 17), (9, 31), (33, 33), (70, 64)] {
+        for &(o, m) in &[
+            (1usize, 16usize),
+            (5, GEMM_MIN_M),
+            (7, 17),
+            (9, 31),
+            (33, 33),
+            (70, 64),
+        ] {
             let w = weights(o, i, (i * 7 + o) as u64);
             let x = activations(m, i, (i + m) as u64);
             for (name, f) in formats(&w) {
