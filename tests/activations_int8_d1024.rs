@@ -13,8 +13,8 @@ use nibble_quant::act8::{int8_route, ActivationMode, Int8Route};
 #[test]
 fn every_quantized_variant_within_the_grader_bounds_with_int8_activations() {
     let f32_net = ModelSpec::seeded(Variant::Bignet, 0).build().unwrap();
-    // Batch 8 takes the integer routes (Q4 fused, NF4 generic); batch 1024 (inference
-    // chunks of at least 96 rows) takes the f32 route for every format (see `int8_route`).
+    // Batch 8 takes the integer routes (Q4 fused, NF4 generic, f32 for int8 and lower); batch
+    // 1024 (inference chunks of at least 96 rows) the integer GEMM where `int8_route` says so.
     for batch in [8usize, 1024] {
         let x = normal_batch(batch, 1024, 0);
         let want = f32_net.infer(&x).unwrap();

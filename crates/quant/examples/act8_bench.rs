@@ -1,26 +1,27 @@
-//! Times (median of 7) every quantized format's forward with f32 activations, with int8
-//! activations as `matmul_t` dispatches them (the fused Q4 GEMV below batch 16, the generic
-//! driver or the f32 path, see `nibble_quant::act8`), and on the generic int8 driver
-//! (`act8::forward`) itself, all in the same run (1024x1024, batch 1 and 1024 by default;
-//! `act8_bench DIM BATCH...`), on the current rayon pool (`RAYON_NUM_THREADS`) and kernel path
-//! (`NIBBLE_KERNEL`), printing a table.
+//! Times every quantized format's forward with f32 activations, with int8 activations as
+//! `matmul_t` dispatches them (the fused Q4 GEMV below batch 16, the generic driver or the f32
+//! path, see `nibble_quant::act8`), and on the generic int8 driver (`act8::forward`: the
+//! integer GEMM from batch 16) itself, all in the same run (1024x1024, batch 1 and 1024 by
+//! default; `act8_bench DIM BATCH...`), on the current rayon pool (`RAYON_NUM_THREADS`) and
+//! kernel path (`NIBBLE_KERNEL`), printing a table. The three are run interleaved, 7 rounds
+//! after a warm-up (`ACT8_BENCH_REPS` to change), and reported as median and minimum (the
+//! minimum is the figure to compare on a busy machine).
 
 use nibble_quant::act8::{forward, with_activations, ActivationMode, IntCodes, IntTier};
 use nibble_quant::{Int8Matrix, LowerMatrix, Nf4Matrix, Q4Matrix};
 use nibble_tensor::{Rng, Tensor, WeightMatrix};
 use std::time::Instant;
 
-fn median_ms(mut f: impl FnMut()) -> f64 {
+/// Median and minimum of `times` (ms).
+fn median_min(mut times: Vec<f64>) -> (f64, f64) {
+    times.sort_by(|a, b| a.total_cmp(b));
+    (times[times.len() / 2], times[0])
+}
+
+fn time_ms(f: &mut dyn FnMut()) -> f64 {
+    let s = Instant::now();
     f();
-    let mut t: Vec<f64> = (0..7)
-        .map(|_| {
-            let s = Instant::now();
-            f();
-            s.elapsed().as_secs_f64() * 1e3
-        })
-        .collect();
-    t.sort_by(|a, b| a.total_cmp(b));
-    t[t.len() / 2]
+    s.elapsed().as_secs_f64() * 1e3
 }
 
 fn main() {
@@ -48,26 +49,43 @@ fn main() {
         nibble_quant::cpu::kernel_path().name(),
         IntTier::for_path(nibble_quant::cpu::kernel_path())
     );
-    println!("format  batch  f32_ms  int8_ms  generic_ms  int8/f32  generic/f32");
+    let reps: usize = std::env::var("ACT8_BENCH_REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(7)
+        .max(1);
+    let tier = IntTier::for_path(nibble_quant::cpu::kernel_path());
+    println!(
+        "format  batch  f32_ms (min)      int8_ms (min)     generic_ms (min)  int8/f32  generic/f32 (of medians; of minima)"
+    );
     for &m in &batches {
         let x = Tensor::randn(&[m, dim], &mut Rng::new(2)).into_vec();
         let mut y = vec![0.0f32; m * dim];
         for (name, f) in &fmts {
-            let mut run = |mode| {
-                median_ms(|| {
-                    with_activations(mode, || f.matmul_t(&x, m, &mut y, false)).unwrap();
-                })
+            // 0: f32, 1: int8 as routed, 2: the generic driver.
+            let mut run = |k: usize| match k {
+                0 => with_activations(ActivationMode::F32, || f.matmul_t(&x, m, &mut y, false))
+                    .unwrap(),
+                1 => with_activations(ActivationMode::Int8, || f.matmul_t(&x, m, &mut y, false))
+                    .unwrap(),
+                _ => assert!(forward(tier, f.as_int(), &x, m, &mut y, false)),
             };
-            let a = run(ActivationMode::F32);
-            let b = run(ActivationMode::Int8);
-            let tier = IntTier::for_path(nibble_quant::cpu::kernel_path());
-            let g = median_ms(|| {
-                assert!(forward(tier, f.as_int(), &x, m, &mut y, false));
-            });
+            let mut times = vec![Vec::new(); 3];
+            for round in 0..=reps {
+                for (k, t) in times.iter_mut().enumerate() {
+                    let ms = time_ms(&mut || run(k));
+                    if round > 0 {
+                        t.push(ms);
+                    }
+                }
+            }
+            let [(a, a0), (b, b0), (g, g0)] = [0, 1, 2].map(|k| median_min(times[k].clone()));
             println!(
-                "{name:7} {m:5}  {a:7.3}  {b:7.3}  {g:9.3}  {:8.2}  {:11.2}",
+                "{name:7} {m:5}  {a:7.3} ({a0:7.3})  {b:7.3} ({b0:7.3})  {g:7.3} ({g0:7.3})  {:8.2}  {:11.2}; {:.2} {:.2}",
                 b / a,
-                g / a
+                g / a,
+                b0 / a0,
+                g0 / a0
             );
         }
     }

@@ -512,6 +512,17 @@ impl crate::act8::IntCodes for Q4Matrix {
             (*s, *o) = (*o * (2.0 / 15.0), -*o);
         }
     }
+    fn int_centered(&self) -> bool {
+        true
+    }
+    /// `w' = (n / 15) · (2c − 15)`.
+    fn int_centered_scale(&self, r: usize, half: &mut [f32]) {
+        let nb = self.row_blocks();
+        crate::act8::f16_to_f32(&self.norms()[r * nb..(r + 1) * nb], &mut half[..nb]);
+        for h in &mut half[..nb] {
+            *h /= 15.0;
+        }
+    }
 }
 
 kernels::impl_weight_matrix!(Q4Matrix, "q4");

@@ -226,3 +226,226 @@ pub(super) unsafe fn dot_units16<const V: usize>(
     }
     out
 }
+
+/// The GEMM's lanes for 4-bit and 3-bit codes (`|w| <= 15`): `vpmaddubsw` of `xq + 128` by
+/// `w`, four steps summed in i16 lanes (at most `8 · 255 · 15 = 30600`), then `vpmaddwd` by
+/// ones into i32 lanes that start at the correction `−128 · Σ w` (see [`super::gemm`]). A
+/// lane vector is a pair of ymm: 16 rows of W, the panel of the VNNI tier.
+pub(super) struct Narrow;
+
+/// The GEMM's lanes for 8-bit signed codes: `vpmaddubsw` of `|w|` (0..=128) by `sign(xq, w)`
+/// (pairs at most `2 · 128 · 127 < 2^15`), `vpmaddwd` by ones into i32 lanes that start at
+/// zero; pairs of ymm as [`Narrow`].
+pub(super) struct Wide;
+
+/// The f32 and load/store half of both AVX2 lane sets (pairs of ymm).
+macro_rules! avx2_float_lanes {
+    () => {
+        const NR: usize = 16;
+        const MR: usize = 4;
+        type I = [__m256i; 2];
+        type F = [__m256; 2];
+
+        #[inline(always)]
+        unsafe fn load_i(p: *const i32) -> [__m256i; 2] {
+            // SAFETY: the trait's contract (16 values at p).
+            unsafe {
+                [
+                    _mm256_loadu_si256(p as *const __m256i),
+                    _mm256_loadu_si256(p.add(8) as *const __m256i),
+                ]
+            }
+        }
+        #[inline(always)]
+        unsafe fn store_i(v: [__m256i; 2], p: *mut i32) {
+            // SAFETY: the trait's contract (room for 16 values at p).
+            unsafe {
+                _mm256_storeu_si256(p as *mut __m256i, v[0]);
+                _mm256_storeu_si256(p.add(8) as *mut __m256i, v[1]);
+            }
+        }
+        #[inline(always)]
+        unsafe fn zero_i() -> [__m256i; 2] {
+            // SAFETY: the trait's contract (AVX2).
+            unsafe { [_mm256_setzero_si256(); 2] }
+        }
+        #[inline(always)]
+        unsafe fn load_f(p: *const f32) -> [__m256; 2] {
+            // SAFETY: the trait's contract (16 values at p).
+            unsafe { [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))] }
+        }
+        #[inline(always)]
+        unsafe fn splat(v: f32) -> [__m256; 2] {
+            // SAFETY: the trait's contract (AVX2).
+            unsafe { [_mm256_set1_ps(v); 2] }
+        }
+        #[inline(always)]
+        unsafe fn to_f32(i: [__m256i; 2]) -> [__m256; 2] {
+            // SAFETY: the trait's contract (AVX2).
+            unsafe { [_mm256_cvtepi32_ps(i[0]), _mm256_cvtepi32_ps(i[1])] }
+        }
+        #[inline(always)]
+        unsafe fn fma(a: [__m256; 2], b: [__m256; 2], c: [__m256; 2]) -> [__m256; 2] {
+            // SAFETY: the trait's contract (the GEMM's AVX2 wrappers enable FMA).
+            unsafe {
+                [
+                    _mm256_fmadd_ps(a[0], b[0], c[0]),
+                    _mm256_fmadd_ps(a[1], b[1], c[1]),
+                ]
+            }
+        }
+        #[inline(always)]
+        unsafe fn store(v: [__m256; 2], p: *mut f32) {
+            // SAFETY: the trait's contract (room for 16 values at p).
+            unsafe {
+                _mm256_storeu_ps(p, v[0]);
+                _mm256_storeu_ps(p.add(8), v[1]);
+            }
+        }
+    };
+}
+
+/// 4 bytes of x at `p` in every i32 lane.
+///
+/// # Safety
+/// AVX2; 4 readable bytes at `p`.
+#[inline(always)]
+unsafe fn broadcast4(p: *const u8) -> __m256i {
+    // SAFETY: the caller's contract.
+    unsafe { _mm256_set1_epi32(std::ptr::read_unaligned(p as *const i32)) }
+}
+
+/// Step `s`'s two ymm of a 16-row panel.
+///
+/// # Safety
+/// AVX2; 64 bytes at `w + 64 s`.
+#[inline(always)]
+unsafe fn panel_step(w: *const u8, s: usize) -> [__m256i; 2] {
+    // SAFETY: the caller's contract.
+    unsafe {
+        [
+            _mm256_loadu_si256(w.add(64 * s) as *const __m256i),
+            _mm256_loadu_si256(w.add(64 * s + 32) as *const __m256i),
+        ]
+    }
+}
+
+impl super::gemm::Lanes for Narrow {
+    const OFFSET_X: bool = true;
+    avx2_float_lanes!();
+
+    #[inline(always)]
+    unsafe fn unit_sums<const R: usize, const UNIT: usize>(
+        x: [*const u8; R],
+        w: *const u8,
+        init: [__m256i; 2],
+    ) -> [[__m256i; 2]; R] {
+        // SAFETY: the trait's contract: AVX2, UNIT bytes of each x, 16 · UNIT of w (UNIT a
+        // multiple of 16: whole runs of four steps).
+        unsafe {
+            let ones = _mm256_set1_epi16(1);
+            let mut acc = [init; R];
+            for run in 0..UNIT / 16 {
+                let mut t = [[_mm256_setzero_si256(); 2]; R];
+                for j in 0..4 {
+                    let s = 4 * run + j;
+                    let wv = panel_step(w, s);
+                    for r in 0..R {
+                        let xb = broadcast4(x[r].add(4 * s));
+                        for h in 0..2 {
+                            let p = _mm256_maddubs_epi16(xb, wv[h]);
+                            t[r][h] = if j == 0 {
+                                p
+                            } else {
+                                _mm256_add_epi16(t[r][h], p)
+                            };
+                        }
+                    }
+                }
+                for r in 0..R {
+                    for h in 0..2 {
+                        acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_madd_epi16(t[r][h], ones));
+                    }
+                }
+            }
+            acc
+        }
+    }
+}
+
+impl super::gemm::Lanes for Wide {
+    const OFFSET_X: bool = false;
+    avx2_float_lanes!();
+
+    #[inline(always)]
+    unsafe fn unit_sums<const R: usize, const UNIT: usize>(
+        x: [*const u8; R],
+        w: *const u8,
+        init: [__m256i; 2],
+    ) -> [[__m256i; 2]; R] {
+        // SAFETY: the trait's contract: AVX2, UNIT bytes of each x, 16 · UNIT of w.
+        unsafe {
+            let ones = _mm256_set1_epi16(1);
+            let mut acc = [init; R];
+            for s in 0..UNIT / 4 {
+                let wv = panel_step(w, s);
+                let wa = [_mm256_abs_epi8(wv[0]), _mm256_abs_epi8(wv[1])];
+                for r in 0..R {
+                    let xb = broadcast4(x[r].add(4 * s));
+                    for h in 0..2 {
+                        let xs = _mm256_sign_epi8(xb, wv[h]);
+                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(wa[h], xs), ones);
+                        acc[r][h] = _mm256_add_epi32(acc[r][h], p);
+                    }
+                }
+            }
+            acc
+        }
+    }
+}
+
+/// [`super::gemm::block`] on [`Narrow`] lanes, compiled for AVX2 and FMA.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; the contract of [`super::gemm::block`].
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn gemm_block_narrow(
+    pw: &super::gemm::PackedW,
+    xp: &super::gemm::XPrep,
+    rows: std::ops::Range<usize>,
+    panels: std::ops::Range<usize>,
+    y: super::YPtr,
+    o: usize,
+    accumulate: bool,
+) {
+    // SAFETY: the caller's contract.
+    unsafe { super::gemm::block::<Narrow>(pw, xp, rows, panels, y, o, accumulate) }
+}
+
+/// [`super::gemm::panel_corr`] on [`Narrow`] lanes, compiled for AVX2.
+///
+/// # Safety
+/// The CPU has AVX2; the contract of [`super::gemm::panel_corr`].
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn gemm_corr_narrow(codes: &[u8], unit: usize, corr: &mut [i32]) {
+    // SAFETY: the caller's contract.
+    unsafe { super::gemm::panel_corr::<Narrow>(codes, unit, corr) }
+}
+
+/// [`super::gemm::block`] on [`Wide`] lanes, compiled for AVX2 and FMA.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; the contract of [`super::gemm::block`].
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn gemm_block_wide(
+    pw: &super::gemm::PackedW,
+    xp: &super::gemm::XPrep,
+    rows: std::ops::Range<usize>,
+    panels: std::ops::Range<usize>,
+    y: super::YPtr,
+    o: usize,
+    accumulate: bool,
+) {
+    // SAFETY: the caller's contract.
+    unsafe { super::gemm::block::<Wide>(pw, xp, rows, panels, y, o, accumulate) }
+}

@@ -56,3 +56,105 @@ pub(super) unsafe fn unit_sums<const V: usize>(
         }
     }
 }
+
+/// The GEMM's lanes: `vpdpbusd` of `xq + 128` by the signed weights, 16 rows of W per zmm,
+/// lanes starting at the correction `−128 · Σ w` (see [`super::gemm`]); the same design as
+/// [`super::avx2::Narrow`] with one instruction per step.
+pub(super) struct Vnni;
+
+impl super::gemm::Lanes for Vnni {
+    const NR: usize = 16;
+    const MR: usize = 8;
+    const OFFSET_X: bool = true;
+    type I = __m512i;
+    type F = __m512;
+
+    #[inline(always)]
+    unsafe fn unit_sums<const R: usize, const UNIT: usize>(
+        x: [*const u8; R],
+        w: *const u8,
+        init: __m512i,
+    ) -> [__m512i; R] {
+        // SAFETY: the trait's contract: AVX-512 VNNI, UNIT bytes of each x, 16 · UNIT of w.
+        unsafe {
+            let mut acc = [init; R];
+            for s in 0..UNIT / 4 {
+                let wv = _mm512_loadu_si512(w.add(64 * s) as *const _);
+                for r in 0..R {
+                    let xb =
+                        _mm512_set1_epi32(std::ptr::read_unaligned(x[r].add(4 * s) as *const i32));
+                    acc[r] = _mm512_dpbusd_epi32(acc[r], xb, wv);
+                }
+            }
+            acc
+        }
+    }
+    #[inline(always)]
+    unsafe fn load_i(p: *const i32) -> __m512i {
+        // SAFETY: the trait's contract (16 values at p).
+        unsafe { _mm512_loadu_si512(p as *const _) }
+    }
+    #[inline(always)]
+    unsafe fn store_i(v: __m512i, p: *mut i32) {
+        // SAFETY: the trait's contract (room for 16 values at p).
+        unsafe { _mm512_storeu_si512(p as *mut _, v) }
+    }
+    #[inline(always)]
+    unsafe fn zero_i() -> __m512i {
+        // SAFETY: the trait's contract (AVX-512).
+        unsafe { _mm512_setzero_si512() }
+    }
+    #[inline(always)]
+    unsafe fn load_f(p: *const f32) -> __m512 {
+        // SAFETY: the trait's contract (16 values at p).
+        unsafe { _mm512_loadu_ps(p) }
+    }
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> __m512 {
+        // SAFETY: the trait's contract (AVX-512).
+        unsafe { _mm512_set1_ps(v) }
+    }
+    #[inline(always)]
+    unsafe fn to_f32(i: __m512i) -> __m512 {
+        // SAFETY: the trait's contract (AVX-512).
+        unsafe { _mm512_cvtepi32_ps(i) }
+    }
+    #[inline(always)]
+    unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
+        // SAFETY: the trait's contract (AVX-512 F).
+        unsafe { _mm512_fmadd_ps(a, b, c) }
+    }
+    #[inline(always)]
+    unsafe fn store(v: __m512, p: *mut f32) {
+        // SAFETY: the trait's contract (room for 16 values at p).
+        unsafe { _mm512_storeu_ps(p, v) }
+    }
+}
+
+/// [`super::gemm::panel_corr`] on [`Vnni`] lanes, compiled for AVX-512 F/BW + VNNI.
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW + VNNI; the contract of [`super::gemm::panel_corr`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+pub(super) unsafe fn gemm_corr(codes: &[u8], unit: usize, corr: &mut [i32]) {
+    // SAFETY: the caller's contract.
+    unsafe { super::gemm::panel_corr::<Vnni>(codes, unit, corr) }
+}
+
+/// [`super::gemm::block`] on [`Vnni`] lanes, compiled for AVX-512 F/BW + VNNI.
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW + VNNI and AVX2/FMA; the contract of [`super::gemm::block`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+pub(super) unsafe fn gemm_block(
+    pw: &super::gemm::PackedW,
+    xp: &super::gemm::XPrep,
+    rows: std::ops::Range<usize>,
+    panels: std::ops::Range<usize>,
+    y: super::YPtr,
+    o: usize,
+    accumulate: bool,
+) {
+    // SAFETY: the caller's contract.
+    unsafe { super::gemm::block::<Vnni>(pw, xp, rows, panels, y, o, accumulate) }
+}

@@ -24,44 +24,75 @@
 //! (relative 1e-6). Tested by `forward_every_format_every_tier` in `tests/act8.rs`.
 //!
 //! # Tiers
-//! Only the integer sums `I_u` come from a tier ([`unit_sums`]): [`scalar`] (the portable
-//! loop), [`avx2`] (`vpmaddubsw` + `vpmaddwd`), [`avx512vnni`] (`vpdpbusd`). Integer sums are
-//! exact, and the f32 combination is one shared function with a fixed order, so every tier
-//! gives bit-identical outputs for the same input, at every thread count.
+//! Only the integer sums `I_u` come from a tier: [`scalar`] (the portable loop), [`avx2`]
+//! (`vpmaddubsw` + `vpmaddwd`), [`avx512vnni`] (`vpdpbusd`). Integer sums are exact, and the
+//! f32 combination is one shared function with a fixed order, so every tier gives
+//! bit-identical outputs for the same input, at every thread count.
+//!
+//! # Two drivers
+//! Batches below [`gemm::GEMM_MIN_M`] (8) run dot products ([`unit_sums`] per row of W and
+//! vector, then the f32 combination per row; W unpacked 16 rows at a time, [`ROW_TILE`]).
+//! From 8 vectors on, [`forward`] runs the integer GEMM ([`gemm`]): W packed once per call
+//! into panels of 16 rows in the `vpdpbusd` operand layout (Q4 as odd signed codes `2c − 15`,
+//! which needs no offset term), register-blocked micro-kernels of 4 (AVX2) or 8 (VNNI)
+//! vectors × 16 rows of W whose integer sums per unit go into f32 with one convert and one
+//! `fma` per unit, and the group scale of x applied once per 128 columns; no horizontal sums.
+//! Its f32 combination is its own fixed sequence (see [`gemm`]), the same on every tier, so
+//! the two drivers differ in the last bits of f32 rounding only.
 //!
 //! # Which forward int8 mode runs ([`int8_route`])
 //! Under [`ActivationMode::Int8`] a format's `matmul_t` takes the integer path only where it
 //! was measured faster than (or as fast as) the f32 path; elsewhere it runs the f32 path, so
-//! int8 mode never costs time. Measured with `act8_bench` (one 1024² layer, 2 threads,
-//! AVX2 tier on this Zen 3, median of 7, f32 / fused or generic int8, ms):
+//! int8 mode never costs time. Below 16 (the dot-product driver; `act8_bench` before the
+//! GEMM: one 1024² layer, 2 threads, AVX2 tier on this Zen 3, median of 7, f32 / fused or
+//! generic int8, ms):
 //!
 //! | format | batch | f32 | int8 | route |
 //! | --- | --- | --- | --- | --- |
 //! | Q4 | 1 | 0.084 | fused 0.035, generic 0.087 | fused ([`crate::Q4Matrix::gemv_int8`]) |
 //! | Q4 | 8 | 0.336 | fused 0.188, generic 0.246 | fused |
 //! | Q4 | 12 | 0.391 | fused 0.268, generic 0.327 | fused |
-//! | Q4 | 16 | 0.466 | generic 0.420 | generic ([`forward`]) |
-//! | Q4 | 24 | 0.623 | generic 0.601 | generic |
-//! | Q4 | 32 | 0.776 | generic 0.768–0.781 (ratio 0.99–1.04) | f32 |
-//! | Q4 | 48 / 256 | 1.11 / 3.35 | generic 1.12 / 5.74 | f32 |
-//! | NF4, NF4-dq | 1 | 0.125 / 0.127 | generic 0.094 / 0.093 | generic |
+//! | NF4, NF4-dq | 1 | 0.125 / 0.127 | generic 0.094 / 0.093 | generic ([`forward`]) |
 //! | NF4, NF4-dq | 8 | 0.323 / 0.332 | generic 0.274 / 0.306 | generic |
-//! | NF4, NF4-dq | 10 | 0.364 / 0.397 | generic 0.358 / 0.358 (ratio 0.90–1.02) | f32 |
-//! | NF4, NF4-dq | 16 / 256 | 0.47 / 3.43 | generic 0.52 / 7.33 | f32 |
-//! | int8 | 1 / 4 / 16 / 256 | 0.039 / 0.135 / 0.326 / 3.36 | generic 0.077 / 0.154 / 0.461 / 6.70 | f32 |
-//! | lower | 1 / 4 / 16 / 256 | 0.067 / 0.208 / 0.370 / 3.44 | generic 0.153 / 0.235 / 0.499 / 6.07 | f32 |
+//! | int8 | 1 / 4 | 0.039 / 0.135 | generic 0.077 / 0.154 | f32 |
+//! | lower | 1 / 4 | 0.067 / 0.208 | generic 0.153 / 0.235 | f32 |
+//!
+//! From 8 vectors, the GEMM (`act8_bench 1024 8 12 16 32 64 256`, 2 threads, AVX2 tier, the
+//! three runs interleaved, 15 rounds; this 2-core host was shared with other builds, load
+//! 6–7, so the figures are minima and the ratios are of minima, ms; before the GEMM the
+//! generic driver took 0.42 / 0.52 / 0.46 / 0.50 ms at 16 and 5.74 / 7.33 / 6.70 / 6.07 ms at
+//! 256 for Q4 / NF4 / int8 / lower against 0.47 / 0.47 / 0.33 / 0.37 and 3.35 / 3.43 / 3.36 /
+//! 3.44 for f32):
+//!
+//! | format | batch | f32 | int8 GEMM | ratio | route |
+//! | --- | --- | --- | --- | --- | --- |
+//! | Q4 | 16 / 32 / 64 / 256 | 0.855 / 1.487 / 2.514 / 7.12 | 0.568 / 0.917 / 1.573 / 3.26 | 0.66 / 0.62 / 0.63 / 0.46 | GEMM |
+//! | NF4 | 8 / 12 | 0.877 / 0.682 | 0.496 / 0.485 (dot-product driver at 8: 0.497) | 0.57 / 0.71 | GEMM |
+//! | NF4 | 16 / 32 / 64 / 256 | 0.991 / 1.725 / 2.840 / 7.56 | 0.585 / 1.018 / 1.811 / 3.83 | 0.59 / 0.59 / 0.64 / 0.51 | GEMM |
+//! | NF4-dq | 8 / 12 / 16 / 32 / 64 | 0.974 / 0.722 / 0.968 / 1.693 / 3.269 | 0.447 / 0.543 / 0.602 / 1.017 / 1.964 | 0.46 / 0.75 / 0.62 / 0.60 / 0.60 | GEMM |
+//! | int8 | 8 / 12 / 16 | 0.464 / 0.445 / 0.625 | 0.439 / 0.428 / 0.568 | 0.95 / 0.96 / 0.91 | f32 |
+//! | int8 | 24 / 32 / 64 | 0.889 / 1.425 / 2.385 | 0.805 / 0.963 / 1.757 | 0.91 / 0.68 / 0.74 | GEMM |
+//! | lower | 8 / 12 | 0.673 / 0.586 | 0.608 / 0.522 | 0.90 / 0.89 | f32 |
+//! | lower | 16 / 32 / 64 / 256 | 0.829 / 1.480 / 2.653 / 6.80 | 0.591 / 0.853 / 1.458 / 4.98 | 0.71 / 0.58 / 0.55 / 0.73 | GEMM |
+//!
+//! int8 at 16 measured 0.91–1.08 over three runs (its f32 path is the fastest of the
+//! formats), so it starts at 24; lower at 16 0.71–1.07, and at 8–12 about 0.9 in one run
+//! only, so it starts at 16; Q4 keeps its fused GEMV below 16 (0.51 ms at 8 against the
+//! GEMM's 0.64). On one thread (minimum of 40 runs at batch 64) the GEMM's
+//! own loops took 1.23 / 1.51 / 1.49 / 1.02 ms (Q4 / NF4 / int8 / lower) and packing W
+//! 0.21–0.29 ms; the 8-bit codes (NF4, int8) run `vpsignb` + `vpmaddubsw` + `vpmaddwd`, two
+//! multiplies per four columns, the 4-bit codes five per sixteen. The AVX-512 VNNI tier
+//! routes to the GEMM from 8 for every format (Q4 from 16) until measured
+//! ([`gemm_route_min_m`]).
 //!
 //! [`forward`] itself (and every test of it) serves every format and batch; the route only
 //! chooses what `matmul_t` calls.
-//!
-//! The batch ≥ 16 path is an integer GEMM: a tile of [`ROW_TILE`] rows of W is unpacked once
-//! into int8 panels (one byte per code, padded to a multiple of 128 columns) and every vector
-//! of the batch runs over it, four vectors per pass of the codes.
 
 #[cfg(target_arch = "x86_64")]
 pub mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub mod avx512vnni;
+pub mod gemm;
 pub mod scalar;
 
 use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
@@ -208,6 +239,21 @@ pub trait IntCodes: Sync {
     /// Writes row `r`'s affine map per unit (`ceil(in / unit)` of each):
     /// `w' = scale[u] · code + offset[u]`.
     fn int_affine(&self, r: usize, scale: &mut [f32], offset: &mut [f32]);
+    /// Whether the codes are 4-bit and centred on 7.5, `w' = h_u · (2c − 15)` per unit
+    /// (Q4): the integer GEMM ([`gemm`]) then multiplies the odd signed codes `2c − 15` and
+    /// needs no offset term. Default `false`.
+    fn int_centered(&self) -> bool {
+        false
+    }
+    /// Row `r`'s `h_u` per unit (`ceil(in / unit)` of them) where [`IntCodes::int_centered`]
+    /// holds. Default: half of [`IntCodes::int_affine`]'s scale.
+    fn int_centered_scale(&self, r: usize, half: &mut [f32]) {
+        let mut offset = vec![0.0f32; half.len()];
+        self.int_affine(r, half, &mut offset);
+        for h in half {
+            *h *= 0.5;
+        }
+    }
 }
 
 /// An integer tier.
@@ -500,21 +546,44 @@ pub enum Int8Route {
 
 /// Q4 batches below this run the fused int8 GEMV.
 pub const Q4_FUSED_MAX_M: usize = 16;
-/// Q4 batches from [`Q4_FUSED_MAX_M`] up to below this run [`forward`]; larger ones f32.
-pub const Q4_GENERIC_MAX_M: usize = 32;
-/// NF4 (and NF4-dq) batches up to below this run [`forward`]; larger ones f32.
+/// NF4 (and NF4-dq) batches below this run [`forward`] on every tier (its dot-product driver
+/// below [`gemm::GEMM_MIN_M`]); larger ones where [`gemm_route_min_m`] says so.
 pub const NF4_GENERIC_MAX_M: usize = 9;
 
+/// The batch from which int8 mode runs the integer GEMM ([`gemm`], through [`forward`]) for
+/// a format on a tier (Q4 keeps its fused GEMV below [`Q4_FUSED_MAX_M`] whatever this says),
+/// or `None` where the GEMM is not routed at all. AVX2 (measured on the Zen 3, see the
+/// [module docs](self)): NF4 from 8 (with its dot-product driver below, every NF4 batch runs
+/// int8), lower from 16, int8 from 24. AVX-512 VNNI: from [`gemm::GEMM_MIN_M`] for every
+/// format, not measured yet (the integrator measures it on a VNNI CPU). The portable tier:
+/// `None` (not measured; the f32 path runs).
+pub fn gemm_route_min_m(tier: IntTier, format: &str) -> Option<usize> {
+    match (tier, format) {
+        (IntTier::Avx512Vnni, "q4" | "nf4" | "int8" | "lower") => Some(gemm::GEMM_MIN_M),
+        (IntTier::Avx2, "q4" | "nf4") => Some(gemm::GEMM_MIN_M),
+        (IntTier::Avx2, "lower") => Some(16),
+        (IntTier::Avx2, "int8") => Some(24),
+        _ => None,
+    }
+}
+
 /// The route of a batch of `m` vectors through a format named `format` (its
-/// `WeightMatrix::format_name`: `q4`, `nf4`, `int8`, `lower`) under [`ActivationMode::Int8`]:
-/// Q4 fused below 16, generic below 32; NF4 generic up to 8; everything else f32. (An x holding
-/// a NaN or infinity, or an NF4 matrix without an integer layout, takes the f32 path whatever
-/// the route.)
+/// `WeightMatrix::format_name`: `q4`, `nf4`, `int8`, `lower`) under [`ActivationMode::Int8`] on
+/// the tier of the current kernel path ([`int8_route_on`]).
 pub fn int8_route(format: &str, m: usize) -> Int8Route {
+    int8_route_on(IntTier::for_path(crate::cpu::kernel_path()), format, m)
+}
+
+/// [`int8_route`] on `tier`: Q4 fused below 16; NF4's dot-product driver below 9; the GEMM
+/// from [`gemm_route_min_m`] (NF4 on AVX2 and VNNI: every batch); everything else f32. (An x holding a NaN or infinity, or an NF4
+/// matrix without an integer layout, takes the f32 path whatever the route.)
+pub fn int8_route_on(tier: IntTier, format: &str, m: usize) -> Int8Route {
     match format {
         "q4" if m < Q4_FUSED_MAX_M => Int8Route::FusedQ4,
-        "q4" if m < Q4_GENERIC_MAX_M => Int8Route::Generic,
         "nf4" if m < NF4_GENERIC_MAX_M => Int8Route::Generic,
+        _ if gemm_route_min_m(tier.supported(), format).is_some_and(|from| m >= from) => {
+            Int8Route::Generic
+        }
         _ => Int8Route::F32,
     }
 }
@@ -549,6 +618,12 @@ pub fn forward(
     let tier = tier.supported();
     let unit = layout.unit;
     let q = quantize_x(x, m, i, unit);
+    let threads = rayon::current_num_threads().max(1);
+    let parallel = threads > 1 && o.saturating_mul(i).saturating_mul(m) >= PARALLEL_MIN_WORK;
+    if m >= gemm::GEMM_MIN_M {
+        gemm::run(tier, w, layout, &q, m, parallel, y, accumulate);
+        return true;
+    }
     let (kpad, units) = (q.kpad, q.kpad / unit);
     let per_group = GROUP / unit;
     // Per vector and unit: the group's scale, and that times Q_u.
@@ -663,8 +738,7 @@ pub fn forward(
         }
     };
     let tiles = o.div_ceil(ROW_TILE);
-    let threads = rayon::current_num_threads().max(1);
-    if threads > 1 && o.saturating_mul(i).saturating_mul(m) >= PARALLEL_MIN_WORK {
+    if parallel {
         (0..tiles).into_par_iter().for_each(run);
     } else {
         (0..tiles).for_each(run);

@@ -1,0 +1,840 @@
+//! The integer GEMM of int8 activations for batches of [`GEMM_MIN_M`] vectors and more.
+//!
+//! # Layout
+//! W is packed once per call into *panels* of `NR` rows (8 on the AVX2 and scalar tiers, 16 on
+//! AVX-512 VNNI): for each 4 consecutive columns (a *step*) the panel holds `NR × 4` bytes, row
+//! after row, which is the operand layout of `vpdpbusd` / `vpmaddubsw` with the rows of W in
+//! the output lanes (and, at 16 rows, the `B` tile layout of AMX `tdpbusd`). The weights are
+//! stored as signed bytes `w`: Q4's codes as the odd values `2c − 15` (`w' = (n/15) · w`, no
+//! offset term, [`super::IntCodes::int_centered`]), other 4-bit and 3-bit codes as they are,
+//! signed codes (NF4 levels, int8) as they are. Per panel and unit: the unit's f32 scale and
+//! offset per row and the correction `−128 · Σ w` per row.
+//!
+//! # Arithmetic (the same on every tier)
+//! A micro-kernel holds `MR` vectors of x by `NR` rows of W. For each unit `u` the integer sums
+//! `I_u = Σ_{k∈u} xq_k · w_k` (exact) start a register set, are converted to f32 and folded
+//! into a per-group accumulator, `g = fma(I_u, scale_u, g)` and, where the matrix has offsets,
+//! `g = fma(offset_u, Q_u, g)` (`Q_u = Σ_{k∈u} xq_k`); at the end of each 128-column group
+//! `y = fma(g, sx_group, y)`, starting from `y = 0`. [`gemm_ref`] runs that sequence with plain
+//! loops; every tier gives its bits. Tiers differ only in how they form `I_u`:
+//! - scalar: `Σ xq · w` over i32 lanes;
+//! - AVX2, 4-bit and 3-bit codes (`|w| <= 15`): `vpmaddubsw` of the unsigned `xq + 128`
+//!   (1..=255) by `w`, four products per i16 lane summed with `vpaddw` (at most
+//!   `8 · 255 · 15 = 30600 < 2^15`: no saturation), then `vpmaddwd` by ones into i32 lanes that
+//!   start at `−128 · Σ w`;
+//! - AVX2, 8-bit codes (NF4 levels, int8): W and x widened to i16 when packing, `vpmaddwd`
+//!   (two products per i32 lane), lanes starting at 0 (one multiply per two columns, where
+//!   `vpsignb` + `vpmaddubsw` + `vpmaddwd` took two multiplies and a sign per four, which was
+//!   slower on Zen 3);
+//! - AVX-512 VNNI: `vpdpbusd` of `xq + 128` by `w` into lanes starting at `−128 · Σ w`.
+//!
+//! # Work split
+//! Packing runs over panels in parallel; the product over rectangles of [`M_BLOCK`] vectors by
+//! [`N_BLOCK`] rows of W, each computing its outputs over the whole of `in` (K is never split),
+//! so the bits do not depend on the thread count.
+
+use rayon::prelude::*;
+
+use super::{CodeKind, IntCodes, IntLayout, IntTier, QuantizedX, YPtr, GROUP};
+
+/// Batches from this size on run the integer GEMM ([`super::forward`]; below, dot products).
+/// At 8 it matched the dot-product driver on NF4 (0.50 ms both, one 1024² layer, 2 threads,
+/// AVX2) and beat it from 12.
+pub const GEMM_MIN_M: usize = 8;
+/// Vectors of x per task.
+pub const M_BLOCK: usize = 64;
+/// Rows of W per task (a multiple of every tier's panel width).
+pub const N_BLOCK: usize = 64;
+
+/// Largest `MR · NR` of any tier (the micro-kernel's output buffer).
+const MAX_TILE: usize = 8 * 16;
+
+/// W packed into panels for one kernel (see the [module docs](self)).
+pub(super) struct PackedW {
+    /// Rows per panel.
+    nr: usize,
+    /// Padded columns (a multiple of 128).
+    kpad: usize,
+    /// Columns per unit.
+    unit: usize,
+    /// Units per row (`kpad / unit`).
+    units: usize,
+    /// The weights, `[panel][kpad / 4][nr][4 bytes]`.
+    codes: Vec<u8>,
+    /// `−128 · Σ_{k∈u} w_k`, `[panel][unit][nr]`.
+    corr: Vec<i32>,
+    /// Per-unit scale, `[panel][unit][nr]`.
+    scale: Vec<f32>,
+    /// Per-unit offset, `[panel][unit][nr]`.
+    offset: Vec<f32>,
+    /// Some offset is not zero (else the offset term is left out).
+    has_offset: bool,
+}
+
+/// How a format's codes become the signed weights of the GEMM.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Weights {
+    /// 4-bit codes centred on 7.5: `w = 2c − 15`, scale from `int_centered_scale`, no offset.
+    Odd,
+    /// Unsigned 4-bit or 3-bit codes as they are, the format's affine map.
+    Nibble,
+    /// Signed codes as they are, the format's affine map.
+    Signed,
+}
+
+impl Weights {
+    fn of(w: &dyn IntCodes, layout: IntLayout) -> Weights {
+        match layout.kind {
+            CodeKind::Signed => Weights::Signed,
+            CodeKind::Nibble if w.int_centered() => Weights::Odd,
+            CodeKind::Nibble => Weights::Nibble,
+        }
+    }
+}
+
+/// Row `r` of W as signed weight bytes in `row[..kpad]` (zero past `in`) with its per-unit
+/// scale and offset in `scale[..units]`, `offset[..units]` (zero past the row's units).
+fn row_weights(
+    w: &dyn IntCodes,
+    how: Weights,
+    unit: usize,
+    r: usize,
+    row: &mut [u8],
+    scale: &mut [f32],
+    offset: &mut [f32],
+) {
+    let i = w.int_dims().1;
+    row[i..].fill(0);
+    scale.fill(0.0);
+    offset.fill(0.0);
+    w.int_codes(r, &mut row[..i]);
+    let nu = i.div_ceil(unit);
+    match how {
+        Weights::Odd => {
+            for c in &mut row[..i] {
+                *c = (2 * *c).wrapping_sub(15);
+            }
+            w.int_centered_scale(r, &mut scale[..nu]);
+        }
+        Weights::Nibble | Weights::Signed => {
+            w.int_affine(r, &mut scale[..nu], &mut offset[..nu]);
+        }
+    }
+}
+
+/// A thread's scratch while it packs a panel: the rows, and
+/// per row and unit the scales and the offsets (always overwritten).
+#[derive(Default)]
+struct PanelScratch {
+    rows: Vec<u8>,
+    scale: Vec<f32>,
+    offset: Vec<f32>,
+}
+
+thread_local! {
+    /// This thread's [`PanelScratch`].
+    static PANEL: std::cell::Cell<PanelScratch> = std::cell::Cell::new(PanelScratch::default());
+    /// The calling thread's packed W and x bytes of its last GEMM, for their buffers.
+    static BUFFERS: std::cell::Cell<Option<(PackedW, Vec<u8>)>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// `v` with `n` elements, the old values left in place (the caller overwrites every one).
+fn resized<T: Copy + Default>(mut v: Vec<T>, n: usize) -> Vec<T> {
+    v.truncate(n);
+    v.resize(n, T::default());
+    v
+}
+
+/// Copies 4 bytes of each of `nr` rows (`row_bytes` apart in `rows`) per step into `codes`
+/// (`[step][nr][4]`): on x86-64 four steps of four rows at a time as a 4×4 transpose of
+/// 32-bit words (SSE2).
+fn interleave(rows: &[u8], nr: usize, row_bytes: usize, codes: &mut [u8]) {
+    assert!(
+        rows.len() >= nr * row_bytes
+            && codes.len() == nr * row_bytes
+            && row_bytes % 16 == 0
+            && nr % 4 == 0
+    );
+    let (src, dst) = (rows.as_ptr(), codes.as_mut_ptr());
+    for s in (0..row_bytes / 4).step_by(4) {
+        for g in (0..nr).step_by(4) {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: SSE2 is part of x86-64; rows g..g+4 have bytes 4s..4s+16 (row_bytes a
+            // multiple of 16) and steps s..s+4 of codes have lanes g..g+4 (asserted lengths).
+            unsafe {
+                use std::arch::x86_64::*;
+                let ld = |l: usize| {
+                    _mm_loadu_si128(src.add((g + l) * row_bytes + 4 * s) as *const __m128i)
+                };
+                let (a0, a1, a2, a3) = (ld(0), ld(1), ld(2), ld(3));
+                let (l01, h01) = (_mm_unpacklo_epi32(a0, a1), _mm_unpackhi_epi32(a0, a1));
+                let (l23, h23) = (_mm_unpacklo_epi32(a2, a3), _mm_unpackhi_epi32(a2, a3));
+                let t = [
+                    _mm_unpacklo_epi64(l01, l23),
+                    _mm_unpackhi_epi64(l01, l23),
+                    _mm_unpacklo_epi64(h01, h23),
+                    _mm_unpackhi_epi64(h01, h23),
+                ];
+                for (j, v) in t.into_iter().enumerate() {
+                    _mm_storeu_si128(dst.add(((s + j) * nr + g) * 4) as *mut __m128i, v);
+                }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            for j in 0..4 {
+                for l in 0..4 {
+                    // SAFETY: as above.
+                    unsafe {
+                        let v = (src.add((g + l) * row_bytes + 4 * (s + j)) as *const u32)
+                            .read_unaligned();
+                        (dst.add(((s + j) * nr + g + l) * 4) as *mut u32).write_unaligned(v);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Packs W (`o` rows) for `kernel` into panels of its `NR` rows (rows past `o` zero), panels in parallel, into `reuse`'s buffers where given.
+fn pack(
+    w: &dyn IntCodes,
+    layout: IntLayout,
+    kernel: Kernel,
+    parallel: bool,
+    reuse: Option<PackedW>,
+) -> PackedW {
+    let (nr, offset_x) = kernel.shape();
+    let (o, i) = w.int_dims();
+    let how = Weights::of(w, layout);
+    let unit = layout.unit;
+    let kpad = i.next_multiple_of(GROUP);
+    let units = kpad / unit;
+    let panels = o.div_ceil(nr);
+    let (codes, corr, scale, offset) = match reuse {
+        Some(p) => (p.codes, p.corr, p.scale, p.offset),
+        None => Default::default(),
+    };
+    let mut pw = PackedW {
+        nr,
+        kpad,
+        unit,
+        units,
+        codes: resized(codes, panels * nr * kpad),
+        corr: resized(corr, if offset_x { panels * nr * units } else { 0 }),
+        scale: resized(scale, panels * nr * units),
+        offset: resized(
+            offset,
+            if how == Weights::Odd {
+                0
+            } else {
+                panels * nr * units
+            },
+        ),
+        has_offset: false,
+    };
+    type Parts<'a> = (
+        usize,
+        (
+            ((&'a mut [u8], &'a mut [i32]), &'a mut [f32]),
+            &'a mut [f32],
+        ),
+    );
+    let one = |(p, (((codes, corr), scale), offset)): Parts| {
+        let lanes = nr.min(o - p * nr);
+        let mut t = PANEL.take();
+        t.rows = resized(std::mem::take(&mut t.rows), nr * kpad);
+        t.scale = resized(std::mem::take(&mut t.scale), nr * units);
+        t.offset = resized(std::mem::take(&mut t.offset), nr * units);
+        let rows = &mut t.rows[..];
+        for lane in 0..nr {
+            let bytes = &mut rows[lane * kpad..(lane + 1) * kpad];
+            let at = lane * units..(lane + 1) * units;
+            let (sc, of) = (&mut t.scale[at.clone()], &mut t.offset[at]);
+            if lane < lanes {
+                row_weights(w, how, unit, p * nr + lane, bytes, sc, of);
+            } else {
+                bytes.fill(0);
+                sc.fill(0.0);
+                of.fill(0.0);
+            }
+        }
+        interleave(rows, nr, kpad, codes);
+        // The per-row unit values to [unit][lane].
+        for (lane, (sc, of)) in t
+            .scale
+            .chunks_exact(units)
+            .zip(t.offset.chunks_exact(units))
+            .enumerate()
+        {
+            for (d, &v) in scale[lane..].iter_mut().step_by(nr).zip(sc) {
+                *d = v;
+            }
+            for (d, &v) in offset
+                .get_mut(lane..)
+                .unwrap_or_default()
+                .iter_mut()
+                .step_by(nr)
+                .zip(of)
+            {
+                *d = v;
+            }
+        }
+        // SAFETY: the kernel came from a supported tier; `codes` is one panel packed for it,
+        // `corr` that panel's [unit][lane] corrections (or empty where the kernel has none).
+        unsafe { kernel.panel_corr(codes, unit, corr) };
+        PANEL.set(t);
+    };
+    let parts = pw
+        .codes
+        .chunks_mut(nr * kpad)
+        .zip(
+            pw.corr
+                .chunks_mut(nr * units)
+                .chain(std::iter::repeat_with(|| &mut [][..])),
+        )
+        .zip(pw.scale.chunks_mut(nr * units))
+        .zip(
+            pw.offset
+                .chunks_mut(nr * units)
+                .chain(std::iter::repeat_with(|| &mut [][..])),
+        )
+        .enumerate();
+    if parallel {
+        parts.par_bridge().for_each(one);
+    } else {
+        parts.for_each(one);
+    }
+    pw.has_offset = pw.offset.iter().any(|&v| v != 0.0);
+    pw
+}
+
+/// x as one kernel reads it.
+pub(super) struct XPrep<'a> {
+    /// Bytes per row.
+    row_bytes: usize,
+    /// `[m, row_bytes]`: per element `xq + 128` (u8) for kernels with [`Lanes::OFFSET_X`],
+    /// else `xq` (i8).
+    bytes: Vec<u8>,
+    /// `[m, kpad / 128]` group scales.
+    sx: &'a [f32],
+    /// `[m, units]` unit sums `Q_u` as f32 (empty when W has no offsets).
+    qf: Vec<f32>,
+}
+
+impl XPrep<'_> {
+    fn row(&self, b: usize) -> *const u8 {
+        self.bytes[b * self.row_bytes..].as_ptr()
+    }
+}
+
+/// One kernel's vector operations for the micro-kernel: a vector holds one value per row of a
+/// panel.
+pub(super) trait Lanes {
+    /// Rows of W per panel (lanes per vector).
+    const NR: usize;
+    /// Vectors of x per micro-kernel.
+    const MR: usize;
+    /// x is read as `xq + 128` (unsigned) and each unit's sums start at the correction
+    /// `−128 · Σ w`; else x is `xq` and sums start at zero.
+    const OFFSET_X: bool;
+    /// `NR` i32 lanes.
+    type I: Copy;
+    /// `NR` f32 lanes.
+    type F: Copy;
+    /// `init + Σ_k x[r]_k · w_k` over one unit of `UNIT` columns (`UNIT / 4` steps of 4
+    /// bytes) for `R <= MR` vectors.
+    ///
+    /// # Safety
+    /// The kernel's CPU features; `x[r]` has `UNIT` bytes, `w` `NR · UNIT`.
+    unsafe fn unit_sums<const R: usize, const UNIT: usize>(
+        x: [*const u8; R],
+        w: *const u8,
+        init: Self::I,
+    ) -> [Self::I; R];
+    /// Loads `NR` i32.
+    ///
+    /// # Safety
+    /// `p` has `NR` values.
+    unsafe fn load_i(p: *const i32) -> Self::I;
+    /// Stores `NR` i32.
+    ///
+    /// # Safety
+    /// `p` has room for `NR` values.
+    unsafe fn store_i(v: Self::I, p: *mut i32);
+    /// Zero lanes.
+    ///
+    /// # Safety
+    /// The kernel's CPU features.
+    unsafe fn zero_i() -> Self::I;
+    /// Loads `NR` f32.
+    ///
+    /// # Safety
+    /// `p` has `NR` values.
+    unsafe fn load_f(p: *const f32) -> Self::F;
+    /// `v` in every lane.
+    ///
+    /// # Safety
+    /// The kernel's CPU features.
+    unsafe fn splat(v: f32) -> Self::F;
+    /// Lanes converted to f32 (exact: every sum is below `2^24` in magnitude).
+    ///
+    /// # Safety
+    /// The kernel's CPU features.
+    unsafe fn to_f32(i: Self::I) -> Self::F;
+    /// `a · b + c` with one rounding.
+    ///
+    /// # Safety
+    /// The kernel's CPU features.
+    unsafe fn fma(a: Self::F, b: Self::F, c: Self::F) -> Self::F;
+    /// Stores `NR` f32.
+    ///
+    /// # Safety
+    /// `p` has room for `NR` values.
+    unsafe fn store(v: Self::F, p: *mut f32);
+}
+
+/// `R` vectors of x (from `b0`) by panel `panel`, over every column, units of `UNIT`: writes
+/// the outputs to `out[r · NR + lane]`.
+///
+/// # Safety
+/// The kernel's CPU features; `b0 + R` vectors in `xp`, `panel` inside `pw` packed for `L`
+/// (`pw.nr == L::NR`, `pw.unit == UNIT`), `out` has `R · NR` values.
+#[inline(always)]
+unsafe fn tile<L: Lanes, const R: usize, const UNIT: usize>(
+    pw: &PackedW,
+    xp: &XPrep,
+    b0: usize,
+    panel: usize,
+    out: *mut f32,
+) {
+    let nr = L::NR;
+    debug_assert!(pw.nr == nr && pw.unit == UNIT);
+    let per_group = GROUP / UNIT;
+    let groups = pw.kpad / GROUP;
+    let meta = panel * pw.units * nr;
+    // SAFETY: every pointer below stays inside its buffer by the layouts of `PackedW` and
+    // `XPrep` and the caller's contract (the whole body).
+    unsafe {
+        let wbase = pw.codes.as_ptr().add(panel * pw.kpad * nr);
+        let xrow: [*const u8; R] = std::array::from_fn(|r| xp.row(b0 + r));
+        let mut y = [L::splat(0.0); R];
+        for g in 0..groups {
+            let mut acc = [L::splat(0.0); R];
+            for u in g * per_group..(g + 1) * per_group {
+                let init = if L::OFFSET_X {
+                    L::load_i(pw.corr.as_ptr().add(meta + u * nr))
+                } else {
+                    L::zero_i()
+                };
+                let at = u * UNIT;
+                let x: [*const u8; R] = std::array::from_fn(|r| xrow[r].add(at));
+                let sums = L::unit_sums::<R, UNIT>(x, wbase.add(at * nr), init);
+                let sc = L::load_f(pw.scale.as_ptr().add(meta + u * nr));
+                for r in 0..R {
+                    acc[r] = L::fma(L::to_f32(sums[r]), sc, acc[r]);
+                }
+                if pw.has_offset {
+                    let of = L::load_f(pw.offset.as_ptr().add(meta + u * nr));
+                    for r in 0..R {
+                        let q = *xp.qf.get_unchecked((b0 + r) * pw.units + u);
+                        acc[r] = L::fma(of, L::splat(q), acc[r]);
+                    }
+                }
+            }
+            for r in 0..R {
+                let s = *xp.sx.get_unchecked((b0 + r) * groups + g);
+                y[r] = L::fma(acc[r], L::splat(s), y[r]);
+            }
+        }
+        for r in 0..R {
+            L::store(y[r], out.add(r * nr));
+        }
+    }
+}
+
+/// [`tile`] for `nb` (1..=8) vectors and the unit of `pw`.
+///
+/// # Safety
+/// As [`tile`].
+#[inline(always)]
+unsafe fn tile_any<L: Lanes>(
+    nb: usize,
+    pw: &PackedW,
+    xp: &XPrep,
+    b0: usize,
+    panel: usize,
+    out: *mut f32,
+) {
+    macro_rules! rows {
+        ($u:literal) => {
+            match nb {
+                1 => tile::<L, 1, $u>(pw, xp, b0, panel, out),
+                2 => tile::<L, 2, $u>(pw, xp, b0, panel, out),
+                3 => tile::<L, 3, $u>(pw, xp, b0, panel, out),
+                4 => tile::<L, 4, $u>(pw, xp, b0, panel, out),
+                5 if L::MR >= 5 => tile::<L, 5, $u>(pw, xp, b0, panel, out),
+                6 if L::MR >= 6 => tile::<L, 6, $u>(pw, xp, b0, panel, out),
+                7 if L::MR >= 7 => tile::<L, 7, $u>(pw, xp, b0, panel, out),
+                _ if L::MR >= 8 => tile::<L, 8, $u>(pw, xp, b0, panel, out),
+                _ => unreachable!("at most MR vectors per tile"),
+            }
+        };
+    }
+    // SAFETY: the caller's contract.
+    unsafe {
+        match pw.unit {
+            16 => rows!(16),
+            64 => rows!(64),
+            _ => rows!(128),
+        }
+    }
+}
+
+/// The outputs of vectors `rows` by the panels `panels`, written (or added) into `y`.
+///
+/// # Safety
+/// The kernel's CPU features; `pw` packed for `L`; `rows` inside the batch, `panels` inside
+/// `pw`; the caller owns the rectangle `rows × (panels · NR ∩ 0..o)` of `y` (`[m, o]`).
+#[inline(always)]
+pub(super) unsafe fn block<L: Lanes>(
+    pw: &PackedW,
+    xp: &XPrep,
+    rows: std::ops::Range<usize>,
+    panels: std::ops::Range<usize>,
+    y: YPtr,
+    o: usize,
+    accumulate: bool,
+) {
+    let nr = L::NR;
+    let mut t = [0.0f32; MAX_TILE];
+    for p in panels {
+        let cols = nr.min(o - p * nr);
+        let mut b0 = rows.start;
+        while b0 < rows.end {
+            let nb = L::MR.min(rows.end - b0);
+            // SAFETY: the caller's contract; `t` holds MR · NR <= MAX_TILE values.
+            unsafe { tile_any::<L>(nb, pw, xp, b0, p, t.as_mut_ptr()) };
+            for r in 0..nb {
+                for c in 0..cols {
+                    // SAFETY: (b0 + r, p · nr + c) lies in the caller's rectangle of y.
+                    unsafe { y.store((b0 + r) * o + p * nr + c, t[r * nr + c], accumulate) };
+                }
+            }
+            b0 += nb;
+        }
+    }
+}
+
+/// `corr[u · NR + lane] = −128 · Σ_{k∈u} w` for one panel `codes` packed for `L`, by the
+/// kernel's own unit sums against x = 1.
+///
+/// # Safety
+/// The kernel's CPU features; `codes` is one whole panel for `L` of units of `unit` (16, 64 or
+/// 128) and `corr` has `NR` values per unit of it.
+#[inline(always)]
+pub(super) unsafe fn panel_corr<L: Lanes>(codes: &[u8], unit: usize, corr: &mut [i32]) {
+    let ones = [1u8; GROUP];
+    let mut sums = [0i32; 16];
+    let step = unit * L::NR;
+    for (c, w) in corr.chunks_exact_mut(L::NR).zip(codes.chunks_exact(step)) {
+        let x = [ones.as_ptr()];
+        // SAFETY: the caller's contract: `w` is one unit of the panel, `ones` covers
+        // `unit` bytes, `sums` holds NR <= 16 values.
+        unsafe {
+            let s = match unit {
+                16 => L::unit_sums::<1, 16>(x, w.as_ptr(), L::zero_i()),
+                64 => L::unit_sums::<1, 64>(x, w.as_ptr(), L::zero_i()),
+                _ => L::unit_sums::<1, 128>(x, w.as_ptr(), L::zero_i()),
+            };
+            L::store_i(s[0], sums.as_mut_ptr());
+        }
+        for (d, &v) in c.iter_mut().zip(&sums) {
+            *d = -128 * v;
+        }
+    }
+}
+
+/// The scalar kernel's lanes: plain arrays of 8.
+struct Scalar;
+
+impl Lanes for Scalar {
+    const NR: usize = 8;
+    const MR: usize = 4;
+    const OFFSET_X: bool = false;
+    type I = [i32; 8];
+    type F = [f32; 8];
+
+    #[inline(always)]
+    unsafe fn unit_sums<const R: usize, const UNIT: usize>(
+        x: [*const u8; R],
+        w: *const u8,
+        init: [i32; 8],
+    ) -> [[i32; 8]; R] {
+        let mut acc = [init; R];
+        for s in 0..UNIT / 4 {
+            for r in 0..R {
+                for l in 0..8 {
+                    for j in 0..4 {
+                        // SAFETY: the trait's contract.
+                        let (xv, wv) =
+                            unsafe { (*x[r].add(4 * s + j), *w.add((s * 8 + l) * 4 + j)) };
+                        acc[r][l] += i32::from(xv as i8) * i32::from(wv as i8);
+                    }
+                }
+            }
+        }
+        acc
+    }
+    #[inline(always)]
+    unsafe fn load_i(p: *const i32) -> [i32; 8] {
+        // SAFETY: the trait's contract.
+        unsafe { std::ptr::read_unaligned(p as *const [i32; 8]) }
+    }
+    #[inline(always)]
+    unsafe fn store_i(v: [i32; 8], p: *mut i32) {
+        // SAFETY: the trait's contract.
+        unsafe { std::ptr::write_unaligned(p as *mut [i32; 8], v) }
+    }
+    #[inline(always)]
+    unsafe fn zero_i() -> [i32; 8] {
+        [0; 8]
+    }
+    #[inline(always)]
+    unsafe fn load_f(p: *const f32) -> [f32; 8] {
+        // SAFETY: the trait's contract.
+        unsafe { std::ptr::read_unaligned(p as *const [f32; 8]) }
+    }
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> [f32; 8] {
+        [v; 8]
+    }
+    #[inline(always)]
+    unsafe fn to_f32(i: [i32; 8]) -> [f32; 8] {
+        i.map(|v| v as f32)
+    }
+    #[inline(always)]
+    unsafe fn fma(a: [f32; 8], b: [f32; 8], c: [f32; 8]) -> [f32; 8] {
+        std::array::from_fn(|l| a[l].mul_add(b[l], c[l]))
+    }
+    #[inline(always)]
+    unsafe fn store(v: [f32; 8], p: *mut f32) {
+        // SAFETY: the trait's contract.
+        unsafe { std::ptr::write_unaligned(p as *mut [f32; 8], v) }
+    }
+}
+
+/// Which kernel a tier and a format run.
+#[derive(Clone, Copy)]
+enum Kernel {
+    Scalar,
+    #[cfg(target_arch = "x86_64")]
+    Avx2Narrow,
+    #[cfg(target_arch = "x86_64")]
+    Avx2Wide,
+    #[cfg(target_arch = "x86_64")]
+    Vnni,
+}
+
+impl Kernel {
+    /// `(NR, OFFSET_X)` of the kernel's lanes.
+    fn shape(self) -> (usize, bool) {
+        fn of<L: Lanes>() -> (usize, bool) {
+            (L::NR, L::OFFSET_X)
+        }
+        match self {
+            Kernel::Scalar => of::<Scalar>(),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2Narrow => of::<super::avx2::Narrow>(),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2Wide => of::<super::avx2::Wide>(),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Vnni => of::<super::avx512vnni::Vnni>(),
+        }
+    }
+
+    /// Runs [`panel_corr`] for this kernel (nothing for kernels without
+    /// [`Lanes::OFFSET_X`]: their `corr` is empty).
+    ///
+    /// # Safety
+    /// As [`panel_corr`], with the kernel's features on this CPU.
+    unsafe fn panel_corr(self, codes: &[u8], unit: usize, corr: &mut [i32]) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            match self {
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Avx2Narrow => super::avx2::gemm_corr_narrow(codes, unit, corr),
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Vnni => super::avx512vnni::gemm_corr(codes, unit, corr),
+                _ => debug_assert!(corr.is_empty()),
+            }
+        }
+    }
+
+    /// Runs [`block`] for this kernel.
+    ///
+    /// # Safety
+    /// As [`block`], with the kernel's features on this CPU.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block(
+        self,
+        pw: &PackedW,
+        xp: &XPrep,
+        rows: std::ops::Range<usize>,
+        panels: std::ops::Range<usize>,
+        y: YPtr,
+        o: usize,
+        accumulate: bool,
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            match self {
+                Kernel::Scalar => block::<Scalar>(pw, xp, rows, panels, y, o, accumulate),
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Avx2Narrow => {
+                    super::avx2::gemm_block_narrow(pw, xp, rows, panels, y, o, accumulate)
+                }
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Avx2Wide => {
+                    super::avx2::gemm_block_wide(pw, xp, rows, panels, y, o, accumulate)
+                }
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Vnni => {
+                    super::avx512vnni::gemm_block(pw, xp, rows, panels, y, o, accumulate)
+                }
+            }
+        }
+    }
+}
+
+/// `y (+)= x · Wᵀ` for the quantized batch `q` (`m` vectors) on `tier` (already
+/// [`IntTier::supported`]); `y` is `[m, o]`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn run(
+    tier: IntTier,
+    w: &dyn IntCodes,
+    layout: IntLayout,
+    q: &QuantizedX,
+    m: usize,
+    parallel: bool,
+    y: &mut [f32],
+    accumulate: bool,
+) {
+    let (o, _) = w.int_dims();
+    let kernel = match tier {
+        #[cfg(target_arch = "x86_64")]
+        IntTier::Avx512Vnni => Kernel::Vnni,
+        #[cfg(target_arch = "x86_64")]
+        IntTier::Avx2 if layout.kind == CodeKind::Nibble => Kernel::Avx2Narrow,
+        #[cfg(target_arch = "x86_64")]
+        IntTier::Avx2 => Kernel::Avx2Wide,
+        _ => Kernel::Scalar,
+    };
+    let (nr, offset_x) = kernel.shape();
+    let (reuse, xbytes) = match BUFFERS.take() {
+        Some((p, x)) => (Some(p), x),
+        None => (None, Vec::new()),
+    };
+    let pw = pack(w, layout, kernel, parallel, reuse);
+    let xp = prepare_x(q, m, offset_x, &pw, xbytes);
+    let yp = YPtr(y.as_mut_ptr());
+    let (mt, nt) = (m.div_ceil(M_BLOCK), o.div_ceil(N_BLOCK));
+    let per_block = N_BLOCK / nr;
+    let panels = o.div_ceil(nr);
+    let task = |t: usize| {
+        let (bm, bn) = (t / nt, t % nt);
+        let rows = bm * M_BLOCK..m.min((bm + 1) * M_BLOCK);
+        let ps = bn * per_block..panels.min((bn + 1) * per_block);
+        // SAFETY: the kernel came from a supported tier; rows and panels lie inside the batch
+        // and `pw`; tasks own disjoint rectangles of y, joined before `run` returns.
+        unsafe { kernel.block(&pw, &xp, rows, ps, yp, o, accumulate) };
+    };
+    if parallel {
+        (0..mt * nt).into_par_iter().for_each(task);
+    } else {
+        (0..mt * nt).for_each(task);
+    }
+    BUFFERS.set(Some((pw, xp.bytes)));
+}
+
+/// x for a kernel: its bytes (into `bytes`' buffer), group scales, and `Q_u` where W has
+/// offsets.
+fn prepare_x<'a>(
+    q: &'a QuantizedX,
+    m: usize,
+    offset_x: bool,
+    pw: &PackedW,
+    bytes: Vec<u8>,
+) -> XPrep<'a> {
+    let row_bytes = q.kpad;
+    let mut bytes = resized(bytes, m * row_bytes);
+    let flip = if offset_x { 0x80 } else { 0 };
+    for (d, &v) in bytes.iter_mut().zip(&q.xq[..m * q.kpad]) {
+        *d = (v as u8) ^ flip;
+    }
+    let qf = if pw.has_offset {
+        q.qsum[..m * pw.units].iter().map(|&v| v as f32).collect()
+    } else {
+        Vec::new()
+    };
+    XPrep {
+        row_bytes,
+        bytes,
+        sx: &q.sx,
+        qf,
+    }
+}
+/// The scalar reference of the GEMM's outputs, loop by loop as the [module docs](self) state
+/// them (no packing): `y = x · Wᵀ` (`x` `[m, in]`, `y` `[m, out]`) with int8 activations.
+/// Returns `false`, with `y` untouched, where [`super::forward`] would (shapes, no integer
+/// layout, `in == 0`, a non-finite x).
+pub fn gemm_ref(w: &dyn IntCodes, x: &[f32], m: usize, y: &mut [f32]) -> bool {
+    let (o, i) = w.int_dims();
+    let Some(layout) = w.int_layout() else {
+        return false;
+    };
+    if i == 0 || x.len() != m * i || y.len() != m * o || !x.iter().all(|v| v.is_finite()) {
+        return false;
+    }
+    let unit = layout.unit;
+    let q = super::quantize_x(x, m, i, unit);
+    let (kpad, units, groups) = (q.kpad, q.kpad / unit, q.kpad / GROUP);
+    let how = Weights::of(w, layout);
+    let mut rows = vec![0u8; o * kpad];
+    let (mut scale, mut offset) = (vec![0.0f32; o * units], vec![0.0f32; o * units]);
+    for r in 0..o {
+        row_weights(
+            w,
+            how,
+            unit,
+            r,
+            &mut rows[r * kpad..(r + 1) * kpad],
+            &mut scale[r * units..(r + 1) * units],
+            &mut offset[r * units..(r + 1) * units],
+        );
+    }
+    let has_offset = offset.iter().any(|&v| v != 0.0);
+    for b in 0..m {
+        for r in 0..o {
+            let mut acc_y = 0.0f32;
+            for g in 0..groups {
+                let mut acc_g = 0.0f32;
+                for u in g * GROUP / unit..(g + 1) * GROUP / unit {
+                    let ks = u * unit..(u + 1) * unit;
+                    let isum: i32 = q.xq[b * kpad..][ks.clone()]
+                        .iter()
+                        .zip(&rows[r * kpad..][ks])
+                        .map(|(&xv, &wv)| i32::from(xv) * i32::from(wv as i8))
+                        .sum();
+                    acc_g = (isum as f32).mul_add(scale[r * units + u], acc_g);
+                    if has_offset {
+                        let qu = q.qsum[b * units + u] as f32;
+                        acc_g = offset[r * units + u].mul_add(qu, acc_g);
+                    }
+                }
+                acc_y = acc_g.mul_add(q.sx[b * groups + g], acc_y);
+            }
+            y[b * o + r] = acc_y;
+        }
+    }
+    true
+}

@@ -1,0 +1,144 @@
+//! The int8 GEMM (`nibble_quant::act8::gemm`, batches of `GEMM_MIN_M` = 8 and more): every tier's outputs
+//! bit-identical to the scalar reference `gemm_ref` (which spells out the integer sums and the
+//! f32 combination loop by loop) for every format on ragged shapes, with all-zero rows of x,
+//! ±extreme activations and zero blocks of W, outputs pre-filled with NaN; the same bits on 1, 2
+//! and 3 threads; `accumulate` adding.
+
+use nibble_quant::act8::gemm::{gemm_ref, GEMM_MIN_M};
+use nibble_quant::act8::{forward, IntCodes, IntTier};
+use nibble_quant::{Int8Matrix, LowerMatrix, Nf4Matrix, Q4Matrix};
+use nibble_tensor::{Rng, Tensor};
+
+/// Tiers this CPU runs, printing the ones it lacks.
+fn tiers() -> Vec<IntTier> {
+    let t = IntTier::available();
+    for want in [IntTier::Avx2, IntTier::Avx512Vnni] {
+        if !t.contains(&want) {
+            println!("act8 gemm: skipping tier {want:?} (this CPU lacks it)");
+        }
+    }
+    t
+}
+
+/// W `[o, i]` with a zero block (rows 1.., columns 0..16) and one row of large values.
+fn weights(o: usize, i: usize, seed: u64) -> Tensor {
+    let mut w = Tensor::randn(&[o, i], &mut Rng::new(seed))
+        .scale(1.0 / (i.max(1) as f32).sqrt())
+        .into_vec();
+    for r in 1..o {
+        for k in 0..i.min(16) {
+            w[r * i + k] = 0.0;
+        }
+    }
+    if o > 0 {
+        for (k, v) in w[..i].iter_mut().enumerate() {
+            *v = if k % 3 == 0 { 4.0 } else { -4.0 };
+        }
+    }
+    Tensor::from_vec(&[o, i], w).unwrap()
+}
+
+/// Every format of `w`.
+fn formats(w: &Tensor) -> Vec<(&'static str, Box<dyn IntCodes>)> {
+    vec![
+        ("q4", Box::new(Q4Matrix::quantize(w).unwrap())),
+        ("nf4", Box::new(Nf4Matrix::quantize(w).unwrap())),
+        ("nf4_dq", Box::new(Nf4Matrix::quantize_double(w).unwrap())),
+        ("int8", Box::new(Int8Matrix::quantize(w).unwrap())),
+        ("lower", Box::new(LowerMatrix::quantize(w).unwrap())),
+    ]
+}
+
+/// x `[m, i]`: row 1 all zero, row 2 at ±extremes (every element ±amax: xq = ±127), the rest
+/// Gaussian with one group scaled up.
+fn activations(m: usize, i: usize, seed: u64) -> Vec<f32> {
+    let mut x = Tensor::randn(&[m, i], &mut Rng::new(seed)).into_vec();
+    x[i..2 * i].fill(0.0);
+    for k in 0..i {
+        x[2 * i + k] = if k % 2 == 0 { 3.0 } else { -3.0 };
+    }
+    for v in &mut x[3 * i..3 * i + i.min(128)] {
+        *v *= 1000.0;
+    }
+    x
+}
+
+fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits())
+}
+
+#[test]
+fn every_tier_matches_the_reference() {
+    let tiers = tiers();
+    for &i in &[0usize, 1, 7, 15, 17, 31, 33, 63, 129, 1023] {
+        for &(o, m) in &[
+            (1usize, 16usize),
+            (5, GEMM_MIN_M),
+            (7, 17),
+            (9, 31),
+            (33, 33),
+            (70, 64),
+        ] {
+            let w = weights(o, i, (i * 7 + o) as u64);
+            let x = activations(m, i, (i + m) as u64);
+            for (name, f) in formats(&w) {
+                let mut want = vec![f32::NAN; m * o];
+                if !gemm_ref(f.as_ref(), &x, m, &mut want) {
+                    // No integer layout (NF4 with in % 64 != 0) or in == 0: forward refuses too.
+                    let mut y = vec![f32::NAN; m * o];
+                    assert!(!forward(IntTier::Scalar, f.as_ref(), &x, m, &mut y, false));
+                    assert!(i == 0 || (name.starts_with("nf4") && i % 64 != 0), "{name}");
+                    continue;
+                }
+                assert!(want.iter().all(|v| v.is_finite()), "{name} {o}x{i} m {m}");
+                for &t in &tiers {
+                    let mut y = vec![f32::NAN; m * o];
+                    assert!(forward(t, f.as_ref(), &x, m, &mut y, false));
+                    assert!(
+                        same_bits(&y, &want),
+                        "{name} {o}x{i} m {m}: tier {t:?} differs from the reference"
+                    );
+                    let mut acc = vec![0.5f32; m * o];
+                    assert!(forward(t, f.as_ref(), &x, m, &mut acc, true));
+                    assert!(
+                        acc.iter().zip(&want).all(|(a, b)| *a == 0.5 + b),
+                        "{name} {o}x{i} m {m}: tier {t:?} accumulate"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn bits_independent_of_threads() {
+    let w = weights(200, 320, 11);
+    let x = activations(70, 320, 12);
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let mut out = Vec::new();
+            for (_, f) in formats(&w) {
+                for &t in &IntTier::available() {
+                    for m in [GEMM_MIN_M, 70] {
+                        let mut y = vec![f32::NAN; m * 200];
+                        assert!(forward(t, f.as_ref(), &x[..m * 320], m, &mut y, false));
+                        out.push(y);
+                    }
+                }
+            }
+            out
+        })
+    };
+    let one = run(1);
+    for threads in [2, 3] {
+        let other = run(threads);
+        assert_eq!(one.len(), other.len());
+        for (a, b) in one.iter().zip(&other) {
+            assert!(same_bits(a, b), "{threads} threads");
+        }
+    }
+}
