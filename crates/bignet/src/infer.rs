@@ -135,7 +135,8 @@ fn run_block(
 }
 
 /// `y = x · Wᵀ + b (+ B(A x))` for `m` rows into `y`, as [`Linear::forward`] computes it: `y`
-/// starts as the bias rows, the product accumulates onto them, then the adapter's. At batch 1
+/// starts as the bias rows, the product accumulates onto them, then the adapter's (through the
+/// GEMM, all three in one pass over `y`). At batch 1
 /// the adapter's products run inside the base product's parallel pass
 /// ([`WeightMatrix::matvec_t_low_rank`]: the same values, without the two fork-joins of the
 /// pool that they would take on their own).
@@ -170,25 +171,38 @@ fn linear_into(
             (&*frozen, bias)
         }
     };
+    if weight.gemm_rhs(m).is_none() {
+        // The base product takes a GEMV, tile or int8 kernel (batch 1, small batches, int8
+        // activations): the bias rows, then the products in order.
+        fill_rows(y, bias)?;
+        let Some(adapter) = &layer.lora else {
+            weight.matmul_t(x, m, y, true)?;
+            return Ok(());
+        };
+        let (a, b) = (adapter.a.value(), adapter.b.value());
+        if m == 1 {
+            weight.matvec_t_low_rank(x, y, true, &LowRank::new(&a, &b)?)?;
+        } else {
+            weight.matmul_t(x, m, y, true)?;
+            let h = &mut lora[..m * adapter.rank()];
+            a.matmul_t(x, m, h, false)?;
+            b.matmul_t(h, m, y, true)?;
+        }
+        return Ok(());
+    }
+    // The base product runs through the GEMM: h = A x first, then the bias, the base product
+    // and B h (where it too takes the GEMM) in one pass over y, which stays in the caches of
+    // the thread that owns each tile (the same bits as the parts in order: `matmul_t_fused`).
+    let bias_row = MatRef::row_major(bias, 1, bias.len())?;
     let Some(adapter) = &layer.lora else {
-        let bias_row = MatRef::row_major(bias, 1, bias.len())?;
         weight.matmul_t_fused(x, m, y, Some(&bias_row), None)?;
         return Ok(());
     };
     let (a, b) = (adapter.a.value(), adapter.b.value());
-    if m == 1 {
-        fill_rows(y, bias)?;
-        weight.matvec_t_low_rank(x, y, true, &LowRank::new(&a, &b)?)?;
-        return Ok(());
-    }
-    // Larger batches: h = A x first, then the bias, the base product and B h in one pass
-    // over y where both products run through the GEMM (the same bits as the parts in
-    // order: `matmul_t_fused`).
     let r = adapter.rank();
     let h = &mut lora[..m * r];
     a.matmul_t(x, m, h, false)?;
     let h = &*h;
-    let bias_row = MatRef::row_major(bias, 1, bias.len())?;
     match b.gemm_rhs(m) {
         Some(b_t) => weight.matmul_t_fused(
             x,
@@ -211,8 +225,8 @@ fn linear_into(
 /// Peak bytes above what was held before of [`BigNet::infer_chunked`](crate::BigNet::infer_chunked)
 /// on `x` in chunks of `chunk_rows` (`usize::MAX`: the whole batch, as `infer` runs by default),
 /// measured by the counting allocator after a warm-up forward on every worker thread of the
-/// pool: the GEMM keeps its packing buffers (about 1.2 MiB per thread at D = 1024) from call to
-/// call, like a GPU library's workspace, so they are not counted against one forward.
+/// pool: the GEMM keeps its packing buffers (at D = 1024, up to 4 MiB of packed weight on the
+/// calling thread and some KiB of packed rows per worker) from call to call, like a GPU library's workspace, so they are not counted against one forward.
 pub fn measure_forward_bytes(
     model: &crate::BigNet,
     x: &Tensor,

@@ -5,8 +5,9 @@
 //! A tile is `R` rows by `NP` packed B panels (`NP * NR` columns, [`NR`] = 16 = one zmm): per
 //! step `p` of K it loads `NP` zmm of B (one per panel; the panels lie `kc * NR` floats apart in
 //! the packed block), broadcasts each of the `R` A values and issues `R * NP` FMAs into
-//! `R * NP` zmm accumulators (zmm has 32 registers: e.g. 12 x 32 keeps 24 accumulators,
-//! 2 B vectors and a broadcast; see [`Avx512Tile::DEFAULT`] for the measurements). Every element is `acc = 0; acc = fma(a[i,p], b[p,j], acc)` for
+//! `R * NP` zmm accumulators (zmm has 32 registers: 8 x 48, the default, keeps 24
+//! accumulators, 3 B vectors and a broadcast; see [`Avx512Tile::DEFAULT`] for the
+//! measurements). Every element is `acc = 0; acc = fma(a[i,p], b[p,j], acc)` for
 //! `p` in order, then stored (`overwrite`) or added to C, whatever the tile shape, the panel
 //! count of an edge tile or the thread: results are bit-identical across thread counts (and
 //! equal to the AVX2 tier's, which runs the same fused sequence).
@@ -45,14 +46,21 @@ impl Avx512Tile {
         Avx512Tile::M6N64,
     ];
 
-    /// The shape [`super::gemm`] uses on the AVX-512 tier. Measured on a 16-core Intel Xeon
-    /// (AVX-512, AMX; two leases of the same kind), `x · Wᵀ` at 1024³ f32 (`cargo bench
-    /// --bench gemm -- gemm_1024_avx512_tiles`), whole-KC slices, criterion estimates:
-    /// lease 1, 1 thread 12x32 25.5 ms, 14x32 24.7, 8x48 22.3, 6x64 22.5; 16 threads 2.60,
-    /// 2.68, 2.49, 3.01 (AVX2 6x16: 3.39); lease 2, 1 thread 25.1, 29.8, 27.8, 27.6.
-    /// 12x32 was the only shape that timed the same on both leases, and the fastest with
-    /// 128-deep K slices ([`super::AVX512_K_SLICE`]) on lease 2; 8x48 led on lease 1.
-    pub const DEFAULT: Avx512Tile = Avx512Tile::M12N32;
+    /// The shape [`super::gemm`] uses on the AVX-512 tier. Measured on the 16-core Intel Xeon
+    /// (AVX-512, AMX), `x · Wᵀ` at 1024³ f32, medians of 20–30 in one run, ms:
+    /// * 2026-12-03, the driver of this version (one pass per stage, balanced tasks),
+    ///   16 threads, K slices of 128 / 256: 12x32 2.13 / 2.08, 14x32 2.11 / 2.05,
+    ///   8x48 2.00 / 1.98, 6x64 2.23 / 2.20;
+    /// * the same day, the previous driver, 16 threads, slices of 128 / 256 / all of K:
+    ///   12x32 2.54 / 2.47 / 2.38, 14x32 2.50 / 2.44 / 2.51, 8x48 2.30 / 2.22 / 2.20,
+    ///   6x64 2.30 / 2.25 / 2.21; 1 thread, slices of 128 / all: 12x32 15.4 / 15.2,
+    ///   8x48 15.1 / 14.4, 6x64 18.5 / 14.4;
+    /// * an earlier session (criterion, whole-KC slices), lease 1: 1 thread 12x32 25.5 ms,
+    ///   14x32 24.7, 8x48 22.3, 6x64 22.5, 16 threads 2.60, 2.68, 2.49, 3.01; lease 2, 1 thread
+    ///   25.1, 29.8, 27.8, 27.6.
+    ///
+    /// 8x48 led in three of those four runs, with 256-deep slices ([`super::AVX512_K_SLICE`]).
+    pub const DEFAULT: Avx512Tile = Avx512Tile::M8N48;
 
     /// Rows of C per tile (the height of a packed A micro-panel).
     pub fn rows(self) -> usize {

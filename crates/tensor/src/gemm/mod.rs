@@ -18,7 +18,7 @@
 //!   `KC` block into micro-panels and sweeps the microkernel over them, B group by B group
 //!   (B group slice in L1, A block in L2, the stage's packed B in L2/L3).
 //! * Microkernel, chosen at run time by [`crate::cpu::kernel_path`]: on the AVX-512 tier an
-//!   `R x (P * NR)` zmm kernel ([`Avx512Tile`], default 12 x 32) that reads `P` neighbouring
+//!   `R x (P * NR)` zmm kernel ([`Avx512Tile`], default 8 x 48) that reads `P` neighbouring
 //!   packed panels at once and masks its edge tiles (module `avx512`); otherwise
 //!   `MR x NR = 6 x 16`, 12 ymm accumulators with AVX2+FMA, and a `wide` (portable SIMD) and a
 //!   scalar kernel on the same layout, whose edge tiles go through a local tile.
@@ -398,13 +398,13 @@ pub fn gemm(a: MatRef<'_, f32>, b: &dyn PackB, c: &mut [f32], accumulate: bool) 
     gemm_on(kernel_path(), a, b, c, accumulate)
 }
 
-/// Depth of K per AVX-512 microkernel call (see [`gemm_avx512_tile`]): a 12 x 32 tile's slice
-/// of B is then 16 KiB, resident in L1 while every A micro-panel of the task passes over it.
-/// On the 16-core Xeon (1024³ f32 `x · Wᵀ`, median of 20 samples), 128 beat 256 and 64 for
-/// 12x32 on 1 thread (24.4 / 25.0 / 31.2 ms) and 16 threads (3.23 / 3.51 / 3.86 ms, a noisy
-/// run), and was no slower than 256 for the other shapes.
+/// Depth of K per AVX-512 microkernel call (see [`gemm_avx512_tile`]): a whole [`KC`] block,
+/// so an 8 x 48 tile's slice of B is 48 KiB, read from L1/L2 while the task's micro-panels pass
+/// over it. On the 16-core Xeon (1024³ f32 `x · Wᵀ`, 16 threads, medians of 20), 256 was no
+/// slower than 128 for every shape with this driver (8x48: 1.98 / 2.00 ms); an earlier
+/// driver had 128 ahead for 12x32 (see [`Avx512Tile::DEFAULT`]).
 #[cfg(target_arch = "x86_64")]
-pub const AVX512_K_SLICE: usize = 128;
+pub const AVX512_K_SLICE: usize = 256;
 
 /// [`gemm`] with an explicit AVX-512 tile shape and depth of K per microkernel call
 /// (`k_slice`, clamped to `1..=KC`; benchmarks compare them); on a CPU without the AVX-512
