@@ -403,9 +403,10 @@ pub(crate) fn matmul_t<F: QuantRows>(
 }
 
 /// Batch 1 with a low-rank adapter, `y (+)= x · Wᵀ + B (A x)`: the adapter is fused into the
-/// batch-1 GEMV's parallel pass ([`nibble_tensor::lowrank`]) where the f32 GEMV runs; where
-/// another path runs (int8 activations), the adapter's two products follow it. Either way
-/// the same bit for bit as [`matmul_t`] followed by [`LowRank::apply_unfused`].
+/// format's batch-1 GEMV pass ([`nibble_tensor::lowrank`]) wherever that GEMV runs (f32
+/// activations, and Q4's fused int8 GEMV); where the generic int8 driver runs instead, the
+/// adapter's two products follow it. Either way the same bit for bit as [`matmul_t`]
+/// followed by [`LowRank::apply_unfused`].
 pub(crate) fn matvec_t_low_rank<F: QuantRows>(
     f: &F,
     x: &[f32],

@@ -139,12 +139,15 @@ pub fn fused_matvec(
     let block = block.max(1);
     let adapter_parts = rank.div_ceil(A_ROWS_PER_PART);
     // h = A x, published element by element (as f32 bits) by the parts that compute it;
-    // `h_done` counts the finished parts, and its release/acquire pairs make every element
-    // visible to a block that has seen the count reach `adapter_parts`.
+    // `h_done` counts the finished parts (see `CountOnDrop`), and its release/acquire pairs
+    // make every element visible to a block that has seen the count reach `adapter_parts`.
     let h: Vec<AtomicU32> = (0..rank).map(|_| AtomicU32::new(0)).collect();
     let h_done = AtomicUsize::new(0);
     let run = |part: Part<'_>| match part {
         Part::Adapter(rows) => {
+            // Counted as done when this arm is left, even by a panic: the blocks waiting for
+            // it then finish, and the panic reaches the caller instead of a hang.
+            let _done = CountOnDrop(&h_done);
             let mut res = [0.0f32; A_ROWS_PER_PART];
             let res = &mut res[..rows.len()];
             rows_kernel(
@@ -159,7 +162,6 @@ pub fn fused_matvec(
             for (slot, v) in h[rows].iter().zip(res.iter()) {
                 slot.store(v.to_bits(), Ordering::Relaxed);
             }
-            h_done.fetch_add(1, Ordering::Release);
         }
         Part::Rows(r0, yc) => {
             let rows = r0..r0 + yc.len();
@@ -185,6 +187,15 @@ pub fn fused_matvec(
         crate::parallel::for_each_in_order(parts, count, run);
     } else {
         parts.for_each(run);
+    }
+}
+
+/// Adds one to its counter (with release ordering) when dropped.
+struct CountOnDrop<'a>(&'a AtomicUsize);
+
+impl Drop for CountOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::Release);
     }
 }
 

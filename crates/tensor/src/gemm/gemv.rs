@@ -329,6 +329,66 @@ fn portable_rows<E: BElem>(
     }
 }
 
+/// How far ahead (bytes) the batch-1 f16 kernel prefetches its W row stream by default
+/// (see [`F16Stream`]). The f16
+/// kernel spends twice the instructions per byte of the f32 one (conversion plus FMA), so
+/// out-of-order execution alone keeps too few cache-line misses in flight; measured on
+/// 18 distinct 1024x1024 f16 layers (36 MB, 2 threads): one row at a time with a 4 KiB
+/// lead streams at 20.4 GB/s, the 4-row kernel with a 4-row lead at 18.3, without
+/// prefetch at 13.1 (pure read of the same bytes: 23.5). The f32 4-row kernel reaches
+/// 24 GB/s with the hardware prefetcher alone, and a software prefetch slows it.
+/// The prefetch is non-temporal (`prefetchnta`): a weight is read once per forward, and
+/// keeping the stream out of the outer caches leaves them to the activations and the
+/// LoRA adapters (BigNet `lora` batch 1: 2.15-2.40 -> 1.93-2.06 ms; `half_precision`
+/// 1.93-2.00 -> 1.80-1.83 ms).
+const F16_PREFETCH_BYTES: usize = 4096;
+
+/// How the batch-1 f16 kernel streams W (`NIBBLE_F16_STREAM`, read once per process): `nta`
+/// (the default: one row at a time, each prefetched 4 KiB ahead with `prefetchnta`, the
+/// fastest on the 2-core Zen 3, see [`F16_PREFETCH_BYTES`]), `t0` (the same with
+/// `prefetcht0`), either with `:BYTES` for another lead (`t0:8192`), `off` (one row at a time,
+/// the hardware prefetcher alone) or `rows4` (four rows at a time, as f32 weights stream, no
+/// software prefetch). A knob for measuring CPUs whose prefetchers differ (the 16-core Xeon's
+/// f16 batch 1 streamed at half the f32 kernel's rate); every choice gives the same sums. An
+/// unknown value is reported on stderr and the default kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+enum F16Stream {
+    Nta(usize),
+    T0(usize),
+    Off,
+    FourRows,
+}
+
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn f16_stream() -> F16Stream {
+    #[cfg(test)]
+    if let Some(stream) = tests::STREAM.with(|s| s.get()) {
+        return stream;
+    }
+    static STREAM: std::sync::OnceLock<F16Stream> = std::sync::OnceLock::new();
+    *STREAM.get_or_init(|| {
+        let default = F16Stream::Nta(F16_PREFETCH_BYTES);
+        let Ok(v) = std::env::var("NIBBLE_F16_STREAM") else {
+            return default;
+        };
+        let (kind, lead) = match v.split_once(':') {
+            Some((k, l)) => (k, l.trim().parse::<usize>().ok()),
+            None => (v.as_str(), Some(F16_PREFETCH_BYTES)),
+        };
+        match (kind.trim(), lead) {
+            ("nta", Some(l)) => F16Stream::Nta(l),
+            ("t0", Some(l)) => F16Stream::T0(l),
+            ("off", _) => F16Stream::Off,
+            ("rows4", _) => F16Stream::FourRows,
+            _ => {
+                eprintln!("nibble: NIBBLE_F16_STREAM={v:?} is not nta, t0, nta:BYTES, t0:BYTES, off or rows4; using nta");
+                default
+            }
+        }
+    })
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::BElem;
@@ -426,39 +486,28 @@ pub(super) mod simd {
         }
     }
 
-    /// How far ahead (bytes) the batch-1 f16 kernel prefetches its W row stream. The f16
-    /// kernel spends twice the instructions per byte of the f32 one (conversion plus FMA), so
-    /// out-of-order execution alone keeps too few cache-line misses in flight; measured on
-    /// 18 distinct 1024x1024 f16 layers (36 MB, 2 threads): one row at a time with a 4 KiB
-    /// lead streams at 20.4 GB/s, the 4-row kernel with a 4-row lead at 18.3, without
-    /// prefetch at 13.1 (pure read of the same bytes: 23.5). The f32 4-row kernel reaches
-    /// 24 GB/s with the hardware prefetcher alone, and a software prefetch slows it.
-    /// The prefetch is non-temporal (`prefetchnta`): a weight is read once per forward, and
-    /// keeping the stream out of the outer caches leaves them to the activations and the
-    /// LoRA adapters (BigNet `lora` batch 1: 2.15-2.40 -> 1.93-2.06 ms; `half_precision`
-    /// 1.93-2.00 -> 1.80-1.83 ms).
-    const F16_PREFETCH_BYTES: usize = 4096;
+    /// No software prefetch ([`dot_rows_m1`]'s `PF`).
+    const PF_OFF: u8 = 0;
+    /// `prefetchnta`.
+    const PF_NTA: u8 = 1;
+    /// `prefetcht0`.
+    const PF_T0: u8 = 2;
 
     /// Shapes: `w` `R x inp` (`R` contiguous rows at `wp`), `x` `1 x inp`; returns the `R`
     /// dot products. `V::N * U` columns per step in `U` accumulators per row (`R * U` FMA chains).
-    /// With `PREFETCH`, each row is prefetched [`F16_PREFETCH_BYTES`] ahead once per step
-    /// (one step is one 64-byte line for f16 with `U = 4`). The per-row operation order does
+    /// With `PF` [`PF_NTA`] or [`PF_T0`], each row is prefetched `lead` bytes ahead with that
+    /// hint once per step (one step is one 64-byte line for f16 with `U = 4`). The per-row operation order does
     /// not depend on `R` (rows are reduced by [`reduce4`]; absent rows are zeros), so a
     /// row's result is the same whichever group it lands in.
     ///
     /// # Safety
     /// AVX2/FMA/F16C; `wp` readable for `R * inp` elements, `xp` for `inp` floats.
     #[inline(always)]
-    unsafe fn dot_rows_m1<
-        V: Lanes,
-        E: BElem,
-        const R: usize,
-        const U: usize,
-        const PREFETCH: bool,
-    >(
+    unsafe fn dot_rows_m1<V: Lanes, E: BElem, const R: usize, const U: usize, const PF: u8>(
         wp: *const E,
         inp: usize,
         xp: *const f32,
+        lead: usize,
     ) -> [f32; R] {
         let step = V::N * U;
         let full = inp / step * step;
@@ -470,13 +519,17 @@ pub(super) mod simd {
             let mut acc = [[V::zero(); U]; R];
             let mut i = 0;
             while i < full {
-                if PREFETCH {
+                if PF != PF_OFF {
                     // Every 64-byte line of the step (one for 8 lanes, two for 16).
                     let lines = (step * std::mem::size_of::<E>()).div_ceil(64);
                     for r in 0..R {
-                        let p = (wp.add(r * inp + i) as *const i8).wrapping_add(F16_PREFETCH_BYTES);
+                        let p = (wp.add(r * inp + i) as *const i8).wrapping_add(lead);
                         for l in 0..lines {
-                            _mm_prefetch::<_MM_HINT_NTA>(p.wrapping_add(64 * l));
+                            if PF == PF_T0 {
+                                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64 * l));
+                            } else {
+                                _mm_prefetch::<_MM_HINT_NTA>(p.wrapping_add(64 * l));
+                            }
                         }
                     }
                 }
@@ -515,8 +568,9 @@ pub(super) mod simd {
     }
 
     /// Batch-1 kernel. Shapes: `w` `rows x inp`, `x` `1 x inp`, `res` `rows`. f32 W: 4 rows
-    /// per sweep (x loads shared), the last `rows % 4` one at a time; f16 W: one row at a time
-    /// with a software prefetch (see [`F16_PREFETCH_BYTES`]).
+    /// per sweep (x loads shared), the last `rows % 4` one at a time; f16 W: as
+    /// [`super::F16Stream`] says (by default one row at a time with a software prefetch, see
+    /// [`super::F16_PREFETCH_BYTES`]), each row's sum the same whichever.
     ///
     /// # Safety
     /// As [`rows`] with `m == 1`.
@@ -538,17 +592,34 @@ pub(super) mod simd {
         // SAFETY: rows r..r+4 (resp. r) are < n, inside `w` (n x inp); x has inp floats.
         unsafe {
             if std::mem::size_of::<E>() < 4 {
+                let stream = super::f16_stream();
+                if stream == super::F16Stream::FourRows {
+                    while r + 4 <= n {
+                        let v = dot_rows_m1::<V, E, 4, 4, PF_OFF>(wp.add(r * inp), inp, xp, 0);
+                        for (t, s) in v.into_iter().enumerate() {
+                            put(r + t, s);
+                        }
+                        r += 4;
+                    }
+                }
                 while r < n {
-                    put(
-                        r,
-                        dot_rows_m1::<V, E, 1, 4, true>(wp.add(r * inp), inp, xp)[0],
-                    );
+                    let wr = wp.add(r * inp);
+                    let s = match stream {
+                        super::F16Stream::Nta(lead) => {
+                            dot_rows_m1::<V, E, 1, 4, PF_NTA>(wr, inp, xp, lead)
+                        }
+                        super::F16Stream::T0(lead) => {
+                            dot_rows_m1::<V, E, 1, 4, PF_T0>(wr, inp, xp, lead)
+                        }
+                        _ => dot_rows_m1::<V, E, 1, 4, PF_OFF>(wr, inp, xp, 0),
+                    };
+                    put(r, s[0]);
                     r += 1;
                 }
                 return;
             }
             while r + 4 <= n {
-                let v = dot_rows_m1::<V, E, 4, 2, false>(wp.add(r * inp), inp, xp);
+                let v = dot_rows_m1::<V, E, 4, 2, PF_OFF>(wp.add(r * inp), inp, xp, 0);
                 for (t, s) in v.into_iter().enumerate() {
                     put(r + t, s);
                 }
@@ -557,7 +628,7 @@ pub(super) mod simd {
             while r < n {
                 put(
                     r,
-                    dot_rows_m1::<V, E, 1, 2, false>(wp.add(r * inp), inp, xp)[0],
+                    dot_rows_m1::<V, E, 1, 2, PF_OFF>(wp.add(r * inp), inp, xp, 0)[0],
                 );
                 r += 1;
             }
@@ -668,6 +739,63 @@ pub(super) mod simd {
                     }
                     let d = &mut res[(r0 + r) * ld + b];
                     *d = if accumulate { *d + s } else { s };
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::available_paths;
+    use crate::rng::Rng;
+    use std::cell::Cell;
+
+    thread_local! {
+        /// The stream [`f16_stream`] returns on this thread, in place of the process's.
+        pub(super) static STREAM: Cell<Option<F16Stream>> = const { Cell::new(None) };
+    }
+
+    /// Every way of streaming f16 weights at batch 1 gives the same bits, on every path, the
+    /// awkward lengths and row counts that leave a ragged group of 4, outputs NaN-filled
+    /// (and with `accumulate`).
+    #[test]
+    fn f16_streams_give_the_same_sums() {
+        let mut rng = Rng::new(3);
+        let streams = [
+            F16Stream::Nta(F16_PREFETCH_BYTES),
+            F16Stream::T0(F16_PREFETCH_BYTES),
+            F16Stream::Nta(64),
+            F16Stream::T0(8192),
+            F16Stream::Off,
+            F16Stream::FourRows,
+        ];
+        for path in available_paths() {
+            for inp in [0usize, 1, 7, 15, 17, 31, 33, 63, 129, 1023] {
+                for rows in [1usize, 3, 4, 7, 9] {
+                    let w: Vec<f16> = (0..rows * inp)
+                        .map(|_| f16::from_f32(rng.normal()))
+                        .collect();
+                    let x: Vec<f32> = (0..inp).map(|_| rng.normal()).collect();
+                    for accumulate in [false, true] {
+                        let start = if accumulate { 0.5 } else { f32::NAN };
+                        let run = |stream: F16Stream| {
+                            STREAM.with(|s| s.set(Some(stream)));
+                            let mut y = vec![start; rows];
+                            rows_kernel(path, &w, inp, &x, 1, &mut y, accumulate);
+                            STREAM.with(|s| s.set(None));
+                            y.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                        };
+                        let want = run(streams[0]);
+                        assert!(
+                            want.iter().all(|&b| !f32::from_bits(b).is_nan()),
+                            "{path:?} {rows}x{inp}"
+                        );
+                        for stream in streams {
+                            assert_eq!(want, run(stream), "{path:?} {rows}x{inp} {stream:?}");
+                        }
+                    }
                 }
             }
         }
