@@ -91,12 +91,19 @@ pub fn train_step_with(
     opt: &mut dyn Optimizer,
     options: TrainOptions,
 ) -> Result<(f32, f32)> {
+    on_pool_worker(|| train_step_here(model, task, tape, opt, options))
+}
+
+/// Runs `f` on a worker of the rayon pool (the global one unless the caller is already on a
+/// worker), under the caller's activation mode (which is per thread). A run of steps enters
+/// the pool once: each worker that starts a GEMM keeps a packing buffer of its own (1 MiB at
+/// width 1024), so steps entering one by one could each leave one on another worker.
+fn on_pool_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     if rayon::current_thread_index().is_some() {
-        return train_step_here(model, task, tape, opt, options);
+        return f();
     }
-    // The activation mode is per thread: taken here, set again on the worker.
     let mode = activations();
-    rayon::scope(|_| with_activations(mode, || train_step_here(model, task, tape, opt, options)))
+    rayon::scope(|_| with_activations(mode, f))
 }
 
 /// [`train_step_with`] on the calling thread.
@@ -164,13 +171,25 @@ pub fn fit(
     task: &FitTask,
     steps: usize,
     lr: f32,
-    on_step: impl FnMut(usize, f32, f32),
+    on_step: impl FnMut(usize, f32, f32) + Send,
 ) -> Result<FitReport> {
     fit_with(model, task, steps, lr, TrainOptions::default(), on_step)
 }
 
 /// [`fit`] under `options` (checkpointing, micro-batches).
 pub fn fit_with(
+    model: &BigNet,
+    task: &FitTask,
+    steps: usize,
+    lr: f32,
+    options: TrainOptions,
+    on_step: impl FnMut(usize, f32, f32) + Send,
+) -> Result<FitReport> {
+    on_pool_worker(|| fit_here(model, task, steps, lr, options, on_step))
+}
+
+/// [`fit_with`] on the calling thread.
+fn fit_here(
     model: &BigNet,
     task: &FitTask,
     steps: usize,
@@ -226,8 +245,9 @@ pub fn measure_train_step_bytes(
     let mut opt = AdamW::new(model.trainable_params(), AdamWConfig::default())?;
     let tape = Tape::new();
     crate::memory::reset_peak();
-    for _ in 0..2 {
-        train_step_with(&model, &task, &tape, &mut opt, options)?;
-    }
+    // Both steps on one worker (see `on_pool_worker`).
+    on_pool_worker(|| {
+        (0..2).try_for_each(|_| train_step_with(&model, &task, &tape, &mut opt, options).map(drop))
+    })?;
     Ok(crate::memory::peak().saturating_sub(before))
 }

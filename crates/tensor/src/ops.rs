@@ -4,10 +4,12 @@ use crate::error::{Result, TensorError};
 use crate::tensor::Tensor;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Elements per parallel task of an elementwise op. Elementwise results do not depend on how
-/// the work is split, so any split is deterministic.
-const PAR_CHUNK: usize = 1 << 15;
+/// Elements per parallel task of an elementwise op, a multiple of 64 (64 KiB: a 250-row micro-batch of width
+/// 1024 still makes 16 tasks). Elementwise results do not depend on how the work is split, so
+/// any split is deterministic.
+const PAR_CHUNK: usize = 1 << 14;
 
 /// Columns per parallel task of [`Tensor::sum_rows`].
 const SUM_ROWS_COLUMNS: usize = 64;
@@ -60,6 +62,27 @@ fn map_new(src: &[f32], f: impl Fn(f32) -> f32 + Sync + Send) -> Vec<f32> {
             o.write(f(a));
         }
     })
+}
+
+/// Bit `i` set where `chunk[i] > 0` (at most 64 values; NaN is not positive), eight at a time
+/// from fixed-size arrays so that the compares and the bit gathering vectorize: one word of a
+/// ReLU's bit mask.
+pub fn positive_bits(chunk: &[f32]) -> u64 {
+    let mut word = 0u64;
+    let mut eights = chunk.chunks_exact(8);
+    for (j, eight) in (&mut eights).enumerate() {
+        let eight: &[f32; 8] = eight.try_into().expect("chunks of 8");
+        let mut byte = 0u64;
+        for (i, &v) in eight.iter().enumerate() {
+            byte |= u64::from(v > 0.0) << i;
+        }
+        word |= byte << (8 * j);
+    }
+    let done = chunk.len() - eights.remainder().len();
+    for (i, &v) in eights.remainder().iter().enumerate() {
+        word |= u64::from(v > 0.0) << (done + i);
+    }
+    word
 }
 
 /// `n` zeros: calloc's below the parallel size; above it written in parallel chunks, since
@@ -217,6 +240,29 @@ impl Tensor {
     /// `max(self, 0)`, elementwise. NaN stays NaN.
     pub fn relu(&self) -> Tensor {
         self.with_same_shape(map_new(self.data(), relu1))
+    }
+
+    /// `max(self, 0)` (as [`Tensor::relu`]) and, in the same pass, which outputs are positive,
+    /// one bit each (bit `i % 64` of word `i / 64`, as [`positive_bits`] sets them): a recorded
+    /// ReLU's output and its mask without a second pass over the output.
+    pub fn relu_with_positive_bits(&self) -> (Tensor, Vec<u64>) {
+        let src = self.data();
+        let words: Vec<AtomicU64> = (0..src.len().div_ceil(64))
+            .map(|_| AtomicU64::new(0))
+            .collect();
+        // Chunks start at multiples of PAR_CHUNK, a multiple of 64: each word is one chunk's.
+        let data = new_filled(src.len(), |off, d| {
+            let x = &src[off..off + d.len()];
+            for (o, &a) in d.iter_mut().zip(x) {
+                o.write(relu1(a));
+            }
+            for (k, x64) in x.chunks(64).enumerate() {
+                // relu1(a) > 0 exactly where a > 0 (NaN stays NaN, not positive).
+                words[off / 64 + k].store(positive_bits(x64), Ordering::Relaxed);
+            }
+        });
+        let words = words.into_iter().map(AtomicU64::into_inner).collect();
+        (self.with_same_shape(data), words)
     }
 
     /// A `[m, row.len()]` tensor whose every row is `row` (a bias broadcast over a batch),

@@ -37,7 +37,7 @@ impl PositiveMask {
             let start = b * MASK_BLOCK_WORDS * 64;
             let end = (start + block.len() * 64).min(values.len());
             for (word, chunk) in block.iter_mut().zip(values[start..end].chunks(64)) {
-                *word = positive_bits(chunk);
+                *word = nibble_tensor::ops::positive_bits(chunk);
             }
         };
         if values.len() >= PARALLEL_MIN_ELEMENTS {
@@ -128,26 +128,6 @@ pub const MASK_BLOCK_WORDS: usize = 256;
 /// Tensors of at least this many elements build and apply their mask on the rayon pool.
 const PARALLEL_MIN_ELEMENTS: usize = 1 << 17;
 
-/// Bit `i` set where `chunk[i] > 0` (at most 64 values), eight at a time from a fixed-size
-/// array, so that the compares and the bit gathering vectorize.
-fn positive_bits(chunk: &[f32]) -> u64 {
-    let mut word = 0u64;
-    let mut eights = chunk.chunks_exact(8);
-    for (j, eight) in (&mut eights).enumerate() {
-        let eight: &[f32; 8] = eight.try_into().expect("chunks of 8");
-        let mut byte = 0u64;
-        for (i, &v) in eight.iter().enumerate() {
-            byte |= u64::from(v > 0.0) << i;
-        }
-        word |= byte << (8 * j);
-    }
-    let done = chunk.len() - eights.remainder().len();
-    for (i, &v) in eights.remainder().iter().enumerate() {
-        word |= u64::from(v > 0.0) << (done + i);
-    }
-    word
-}
-
 /// Backward of [`Tape::relu`]: `dX = dY · [y > 0]`, from a bit per element (the output itself
 /// is not kept: a layer that needs it, e.g. a trainable linear layer after the ReLU, keeps it).
 struct ReluOp {
@@ -185,13 +165,21 @@ impl Tape {
 
     /// `max(x, 0)`, elementwise. Saves one bit per element for the backward.
     pub fn relu(&self, x: &Var) -> Result<Var> {
-        let y = Arc::new(x.value().relu());
+        // When the op will be recorded, the mask is made in the same pass as the output.
+        let (y, mask) = if self.would_record(&[x], false) {
+            let (y, words) = x.value().relu_with_positive_bits();
+            let len = y.numel();
+            (y, Some(PositiveMask { words, len }))
+        } else {
+            (x.value().relu(), None)
+        };
+        let y = Arc::new(y);
         let output = Arc::clone(&y);
-        // The mask is made only when the op is recorded; the handle to the output is dropped
-        // with the closure either way.
+        // The handle to the output is dropped with the closure (made into a mask only if none
+        // was made above).
         self.record_shared("relu", &[x], y, false, move || {
             Box::new(ReluOp {
-                positive: PositiveMask::of(output.data()),
+                positive: mask.unwrap_or_else(|| PositiveMask::of(output.data())),
             })
         })
     }
@@ -203,7 +191,18 @@ mod tests {
 
     #[test]
     fn mask_matches_the_float_test_on_ragged_lengths() {
-        for n in [0usize, 1, 7, 63, 64, 65, 129, 1023, (1 << 17) + 77] {
+        for n in [
+            0usize,
+            1,
+            7,
+            63,
+            64,
+            65,
+            129,
+            1023,
+            (1 << 15) + 5,
+            (1 << 17) + 77,
+        ] {
             let values: Vec<f32> = (0..n)
                 .map(|i| match i % 5 {
                     0 => -(i as f32),
@@ -214,6 +213,14 @@ mod tests {
                 .collect();
             let mask = PositiveMask::of(&values);
             assert_eq!(mask.len(), n);
+            // The mask a recorded ReLU makes with its output, in one pass, is the same.
+            let input = Tensor::from_vec(&[n], values.clone()).unwrap();
+            let (y, words) = input.relu_with_positive_bits();
+            assert_eq!(PositiveMask { words, len: n }, mask, "fused mask of {n}");
+            let want = input.relu();
+            let same =
+                |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits());
+            assert!(same(y.data(), want.data()), "fused relu of {n}");
             assert_eq!(mask.bytes(), n.div_ceil(64) * 8);
             let mut g = vec![1.5f32; n];
             mask.apply(&mut g);
