@@ -1,10 +1,11 @@
 //! The integer GEMM of int8 activations for batches of [`GEMM_MIN_M`] vectors and more.
 //!
 //! # Layout
-//! W is packed once per call into *panels* of `NR` rows (8 on the AVX2 and scalar tiers, 16 on
-//! AVX-512 VNNI): for each 4 consecutive columns (a *step*) the panel holds `NR × 4` bytes, row
-//! after row, which is the operand layout of `vpdpbusd` / `vpmaddubsw` with the rows of W in
-//! the output lanes (and, at 16 rows, the `B` tile layout of AMX `tdpbusd`). The weights are
+//! W is packed once per call into *panels* of `NR` rows (16 on the AVX2 tier, a pair of ymm,
+//! and on AVX-512 VNNI, one zmm; 8 on the scalar tier): for each 4 consecutive columns (a
+//! *step*) the panel holds `NR × 4` bytes, row after row, which is the operand layout of
+//! `vpdpbusd` / `vpmaddubsw` with the rows of W in the output lanes (and, at 16 rows, the `B`
+//! tile layout of AMX `tdpbusd`: 16 steps of a panel are one 16 × 64-byte tile). The weights are
 //! stored as signed bytes `w`: Q4's codes as the odd values `2c − 15` (`w' = (n/15) · w`, no
 //! offset term, [`super::IntCodes::int_centered`]), other 4-bit and 3-bit codes as they are,
 //! signed codes (NF4 levels, int8) as they are. Per panel and unit: the unit's f32 scale and
@@ -22,16 +23,18 @@
 //!   (1..=255) by `w`, four products per i16 lane summed with `vpaddw` (at most
 //!   `8 · 255 · 15 = 30600 < 2^15`: no saturation), then `vpmaddwd` by ones into i32 lanes that
 //!   start at `−128 · Σ w`;
-//! - AVX2, 8-bit codes (NF4 levels, int8): W and x widened to i16 when packing, `vpmaddwd`
-//!   (two products per i32 lane), lanes starting at 0 (one multiply per two columns, where
-//!   `vpsignb` + `vpmaddubsw` + `vpmaddwd` took two multiplies and a sign per four, which was
-//!   slower on Zen 3);
+//! - AVX2, 8-bit codes (NF4 levels, int8): `vpmaddubsw` of `|w|` (0..=128) by `sign(xq, w)`
+//!   (pairs at most `2 · 128 · 127 < 2^15`), `vpmaddwd` by ones, lanes starting at 0 (W and
+//!   x widened to i16 for a bare `vpmaddwd` ran at the same speed on Zen 3 and doubled the
+//!   packing);
 //! - AVX-512 VNNI: `vpdpbusd` of `xq + 128` by `w` into lanes starting at `−128 · Σ w`.
 //!
 //! # Work split
-//! Packing runs over panels in parallel; the product over rectangles of [`M_BLOCK`] vectors by
-//! [`N_BLOCK`] rows of W, each computing its outputs over the whole of `in` (K is never split),
-//! so the bits do not depend on the thread count.
+//! Packing runs over panels in parallel (the corrections by the kernel's own unit sums against
+//! x = 1); the product over rectangles of [`M_BLOCK`] vectors by [`N_BLOCK`] rows of W, each
+//! computing its outputs over the whole of `in` (K is never split), so the bits do not depend
+//! on the thread count. Within a rectangle a panel stays in L1 while the vectors pass over it
+//! `MR` (4 on AVX2, 8 on VNNI) at a time.
 
 use rayon::prelude::*;
 

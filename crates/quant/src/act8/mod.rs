@@ -575,8 +575,9 @@ pub fn int8_route(format: &str, m: usize) -> Int8Route {
 }
 
 /// [`int8_route`] on `tier`: Q4 fused below 16; NF4's dot-product driver below 9; the GEMM
-/// from [`gemm_route_min_m`] (NF4 on AVX2 and VNNI: every batch); everything else f32. (An x holding a NaN or infinity, or an NF4
-/// matrix without an integer layout, takes the f32 path whatever the route.)
+/// from [`gemm_route_min_m`] (NF4 on AVX2 and VNNI: every batch); everything else f32. (An x
+/// holding a NaN or infinity, or an NF4 matrix without an integer layout, takes the f32 path
+/// whatever the route.)
 pub fn int8_route_on(tier: IntTier, format: &str, m: usize) -> Int8Route {
     match format {
         "q4" if m < Q4_FUSED_MAX_M => Int8Route::FusedQ4,
@@ -588,8 +589,10 @@ pub fn int8_route_on(tier: IntTier, format: &str, m: usize) -> Int8Route {
     }
 }
 
-/// `y (+)= x · Wᵀ` with int8 activations on `tier` (any batch `m`): `x` `[m, in]`, `y`
-/// `[m, out]`. Returns `false`, with `y` untouched, when the shapes do not match, `w` has no
+/// `y (+)= x · Wᵀ` with int8 activations on `tier` (any batch `m`: dot products below
+/// [`gemm::GEMM_MIN_M`], the integer GEMM from there): `x` `[m, in]`, `y` `[m, out]`. The
+/// calling thread keeps the GEMM's packed W and x buffers of its last call for the next one
+/// (about `out · in` bytes plus 8 bytes per row and unit, and `m · in` bytes). Returns `false`, with `y` untouched, when the shapes do not match, `w` has no
 /// integer layout, `in == 0`, or x holds a NaN or infinity (the caller then runs the f32 path,
 /// so that those propagate exactly as there).
 pub fn forward(
