@@ -57,33 +57,36 @@
 //! | int8 | 1 / 4 | 0.039 / 0.135 | generic 0.077 / 0.154 | f32 |
 //! | lower | 1 / 4 | 0.067 / 0.208 | generic 0.153 / 0.235 | f32 |
 //!
-//! From 8 vectors, the GEMM (`act8_bench 1024 8 12 16 32 64 256`, 2 threads, AVX2 tier, the
-//! three runs interleaved, 15 rounds; this 2-core host was shared with other builds, load
-//! 6–7, so the figures are minima and the ratios are of minima, ms; before the GEMM the
-//! generic driver took 0.42 / 0.52 / 0.46 / 0.50 ms at 16 and 5.74 / 7.33 / 6.70 / 6.07 ms at
-//! 256 for Q4 / NF4 / int8 / lower against 0.47 / 0.47 / 0.33 / 0.37 and 3.35 / 3.43 / 3.36 /
-//! 3.44 for f32):
+//! From 8 vectors, the GEMM (`act8_bench 1024 8 12 16 24 32 64 128`, then `384 512 768` and
+//! `256 1024`: 2 threads, AVX2 tier, the three runs interleaved, 9–15 rounds, medians; this
+//! 2-core host was shared with other builds at load 4–6, so absolute times are about 1.7×
+//! a quiet host's and the ratios are the figures to read; before the GEMM the dot-product
+//! driver took 5.74 / 7.33 / 6.70 / 6.07 ms at batch 256 for Q4 / NF4 / int8 / lower against
+//! 3.35–3.44 ms for f32 on a quiet host):
 //!
 //! | format | batch | f32 | int8 GEMM | ratio | route |
 //! | --- | --- | --- | --- | --- | --- |
-//! | Q4 | 16 / 32 / 64 / 256 | 0.855 / 1.487 / 2.514 / 7.12 | 0.568 / 0.917 / 1.573 / 3.26 | 0.66 / 0.62 / 0.63 / 0.46 | GEMM |
-//! | NF4 | 8 / 12 | 0.877 / 0.682 | 0.496 / 0.485 (dot-product driver at 8: 0.497) | 0.57 / 0.71 | GEMM |
-//! | NF4 | 16 / 32 / 64 / 256 | 0.991 / 1.725 / 2.840 / 7.56 | 0.585 / 1.018 / 1.811 / 3.83 | 0.59 / 0.59 / 0.64 / 0.51 | GEMM |
-//! | NF4-dq | 8 / 12 / 16 / 32 / 64 | 0.974 / 0.722 / 0.968 / 1.693 / 3.269 | 0.447 / 0.543 / 0.602 / 1.017 / 1.964 | 0.46 / 0.75 / 0.62 / 0.60 / 0.60 | GEMM |
-//! | int8 | 8 / 12 / 16 | 0.464 / 0.445 / 0.625 | 0.439 / 0.428 / 0.568 | 0.95 / 0.96 / 0.91 | f32 |
-//! | int8 | 24 / 32 / 64 | 0.889 / 1.425 / 2.385 | 0.805 / 0.963 / 1.757 | 0.91 / 0.68 / 0.74 | GEMM |
-//! | lower | 8 / 12 | 0.673 / 0.586 | 0.608 / 0.522 | 0.90 / 0.89 | f32 |
-//! | lower | 16 / 32 / 64 / 256 | 0.829 / 1.480 / 2.653 / 6.80 | 0.591 / 0.853 / 1.458 / 4.98 | 0.71 / 0.58 / 0.55 / 0.73 | GEMM |
+//! | Q4 | 8 / 12 | 0.615 / 0.739 | 0.427 / 0.493 (fused GEMV 0.361 / 0.521) | 0.69 / 0.67 | fused GEMV |
+//! | Q4 | 16 / 32 / 64 | 0.831 / 1.457 / 2.598 | 0.569 / 0.879 / 1.541 | 0.68 / 0.60 / 0.59 | GEMM |
+//! | Q4 | 256 / 512 / 1024 | 7.05 / 12.43 / 24.19 | 5.55 / 10.67 / 21.27 | 0.79 / 0.86 / 0.88 | GEMM |
+//! | NF4 | 8 / 12 / 16 / 32 / 64 | 0.639 / 0.767 / 0.895 / 1.663 / 2.930 | 0.383 / 0.483 / 0.589 / 0.970 / 1.777 | 0.60 / 0.63 / 0.66 / 0.58 / 0.61 | GEMM |
+//! | NF4 | 256 / 384 / 512 / 1024 | 7.95 / 10.17 / 12.73 / 24.63 | 6.74 / 9.57 / 12.56 / 25.83 | 0.85 / 0.94 / 0.99 / 1.05 | GEMM below 512 |
+//! | NF4-dq | 8 / 16 / 64 / 256 / 1024 | 0.691 / 0.931 / 2.899 / 7.91 / 24.32 | 0.391 / 0.612 / 1.801 / 6.77 / 25.80 | 0.57 / 0.66 / 0.62 / 0.86 / 1.06 | as NF4 |
+//! | int8 | 8 / 12 / 16 | 0.375 / 0.524 / 0.562 | 0.370 / 0.457 / 0.565 | 0.99 / 0.87 / 1.01 | f32 |
+//! | int8 | 24 / 32 / 64 / 256 / 384 | 1.002 / 1.398 / 2.696 / 7.38 / 10.03 | 0.733 / 0.935 / 1.726 / 6.58 / 9.52 | 0.73 / 0.67 / 0.64 / 0.89 / 0.95 | GEMM |
+//! | int8 | 512 / 768 / 1024 | 12.23 / 18.99 / 24.62 | 12.31 / 18.80 / 25.91 | 1.01 / 0.99 / 1.05 | f32 |
+//! | lower | 8 / 12 | 0.482 / 0.612 | 0.450 / 0.524 | 0.94 / 0.86 | f32 |
+//! | lower | 16 / 32 / 64 / 256 / 1024 | 0.723 / 1.437 / 2.609 / 6.79 / 24.21 | 0.576 / 0.841 / 1.395 / 4.81 / 18.09 | 0.80 / 0.59 / 0.53 / 0.71 / 0.75 | GEMM |
 //!
-//! int8 at 16 measured 0.91–1.08 over three runs (its f32 path is the fastest of the
-//! formats), so it starts at 24; lower at 16 0.71–1.07, and at 8–12 about 0.9 in one run
-//! only, so it starts at 16; Q4 keeps its fused GEMV below 16 (0.51 ms at 8 against the
-//! GEMM's 0.64). On one thread (minimum of 40 runs at batch 64) the GEMM's
-//! own loops took 1.23 / 1.51 / 1.49 / 1.02 ms (Q4 / NF4 / int8 / lower) and packing W
-//! 0.21–0.29 ms; the 8-bit codes (NF4, int8) run `vpsignb` + `vpmaddubsw` + `vpmaddwd`, two
-//! multiplies per four columns, the 4-bit codes five per sixteen. The AVX-512 VNNI tier
-//! routes to the GEMM from 8 for every format (Q4 from 16) until measured
-//! ([`gemm_route_min_m`]).
+//! int8 at 16 measured 0.91–1.08 in four runs and lower at 8–12 0.86–1.0 in two, so they start
+//! at 24 and 16. The GEMM's cost per vector is flat in the batch (about 21 µs per vector for
+//! Q4 here) while the f32 path's falls as its dequantized panels serve more vectors (40 µs at
+//! 64, 24 µs at 1024): on Zen 3 (no VNNI) the 4-bit codes take five multiplies (`vpmaddubsw`
+//! ×4, `vpmaddwd`) per sixteen columns and sixteen rows, the 8-bit codes (NF4 levels, int8)
+//! two (`vpsignb`-adjusted `vpmaddubsw`, `vpmaddwd`) per four, against four FMAs per four
+//! columns for f32, so NF4 and int8 meet f32 at about 512. The AVX-512 VNNI tier (`vpdpbusd`,
+//! one instruction per four columns × 16 rows) routes to the GEMM from 8 for every format (Q4
+//! from 16) at every batch until measured ([`gemm_route`]).
 //!
 //! [`forward`] itself (and every test of it) serves every format and batch; the route only
 //! chooses what `matmul_t` calls.
@@ -547,22 +550,26 @@ pub enum Int8Route {
 /// Q4 batches below this run the fused int8 GEMV.
 pub const Q4_FUSED_MAX_M: usize = 16;
 /// NF4 (and NF4-dq) batches below this run [`forward`] on every tier (its dot-product driver
-/// below [`gemm::GEMM_MIN_M`]); larger ones where [`gemm_route_min_m`] says so.
+/// below [`gemm::GEMM_MIN_M`]); larger ones where [`gemm_route`] says so.
 pub const NF4_GENERIC_MAX_M: usize = 9;
 
-/// The batch from which int8 mode runs the integer GEMM ([`gemm`], through [`forward`]) for
+/// The batches for which int8 mode runs the integer GEMM ([`gemm`], through [`forward`]) for
 /// a format on a tier (Q4 keeps its fused GEMV below [`Q4_FUSED_MAX_M`] whatever this says),
 /// or `None` where the GEMM is not routed at all. AVX2 (measured on the Zen 3, see the
-/// [module docs](self)): NF4 from 8 (with its dot-product driver below, every NF4 batch runs
-/// int8), lower from 16, int8 from 24. AVX-512 VNNI: from [`gemm::GEMM_MIN_M`] for every
-/// format, not measured yet (the integrator measures it on a VNNI CPU). The portable tier:
-/// `None` (not measured; the f32 path runs).
-pub fn gemm_route_min_m(tier: IntTier, format: &str) -> Option<usize> {
+/// [module docs](self)): Q4 and lower at every batch from 16, NF4 from 8 (with its
+/// dot-product driver below, every NF4 batch up to 511 runs int8) and int8 from 24, both below
+/// 512 (from there their f32 path is as fast: the 8-bit codes take as many multiplies per
+/// column as f32 FMAs on AVX2). AVX-512 VNNI: from [`gemm::GEMM_MIN_M`] at every batch for
+/// every format, not measured yet (the integrator measures it on a VNNI CPU). The portable
+/// tier: `None` (not measured; the f32 path runs).
+pub fn gemm_route(tier: IntTier, format: &str) -> Option<std::ops::Range<usize>> {
     match (tier, format) {
-        (IntTier::Avx512Vnni, "q4" | "nf4" | "int8" | "lower") => Some(gemm::GEMM_MIN_M),
-        (IntTier::Avx2, "q4" | "nf4") => Some(gemm::GEMM_MIN_M),
-        (IntTier::Avx2, "lower") => Some(16),
-        (IntTier::Avx2, "int8") => Some(24),
+        (IntTier::Avx512Vnni, "q4" | "nf4" | "int8" | "lower") => {
+            Some(gemm::GEMM_MIN_M..usize::MAX)
+        }
+        (IntTier::Avx2, "q4" | "lower") => Some(16..usize::MAX),
+        (IntTier::Avx2, "nf4") => Some(gemm::GEMM_MIN_M..512),
+        (IntTier::Avx2, "int8") => Some(24..512),
         _ => None,
     }
 }
@@ -575,14 +582,14 @@ pub fn int8_route(format: &str, m: usize) -> Int8Route {
 }
 
 /// [`int8_route`] on `tier`: Q4 fused below 16; NF4's dot-product driver below 9; the GEMM
-/// from [`gemm_route_min_m`] (NF4 on AVX2 and VNNI: every batch); everything else f32. (An x
+/// where [`gemm_route`] says; everything else f32. (An x
 /// holding a NaN or infinity, or an NF4 matrix without an integer layout, takes the f32 path
 /// whatever the route.)
 pub fn int8_route_on(tier: IntTier, format: &str, m: usize) -> Int8Route {
     match format {
         "q4" if m < Q4_FUSED_MAX_M => Int8Route::FusedQ4,
         "nf4" if m < NF4_GENERIC_MAX_M => Int8Route::Generic,
-        _ if gemm_route_min_m(tier.supported(), format).is_some_and(|from| m >= from) => {
+        _ if gemm_route(tier.supported(), format).is_some_and(|r| r.contains(&m)) => {
             Int8Route::Generic
         }
         _ => Int8Route::F32,
