@@ -1,6 +1,7 @@
 //! `Tape::checkpoint` gives the gradients of the same ops recorded directly, bit for bit: for a
 //! tracked and an untracked input, nested segments, and segments that hold no trainable
-//! parameter; a segment's error reaches the caller.
+//! parameter; a segment's error reaches the caller. A tape is `Send + Sync`: a forward recorded
+//! on one thread back-propagates on a worker of the rayon pool with the same gradients.
 
 use nibble_autograd::{AutogradError, Param, Tape, Var};
 use nibble_tensor::{Rng, Tensor};
@@ -29,6 +30,11 @@ fn block(
 
 /// Loss, input gradient (if tracked) and every parameter gradient, as bits.
 fn run(checkpoint: bool, nested: bool, track_input: bool) -> Vec<u32> {
+    run_backward_on(checkpoint, nested, track_input, false)
+}
+
+/// [`run`], with the backward run on a worker of the rayon pool when `on_worker` is set.
+fn run_backward_on(checkpoint: bool, nested: bool, track_input: bool, on_worker: bool) -> Vec<u32> {
     let mut rng = Rng::new(11);
     let ps = params(&mut rng);
     let bias = Param::new("norm.b", Tensor::zeros(&[16]), true);
@@ -63,7 +69,15 @@ fn run(checkpoint: bool, nested: bool, track_input: bool) -> Vec<u32> {
     let loss = tape.mean(&h).unwrap();
     let mut bits = vec![loss.value().item().unwrap().to_bits()];
     drop(h);
-    let grads = tape.backward(&loss).unwrap();
+    let grads = if on_worker {
+        rayon::scope(|_| {
+            assert!(rayon::current_thread_index().is_some());
+            tape.backward(&loss)
+        })
+    } else {
+        tape.backward(&loss)
+    }
+    .unwrap();
     assert_eq!(tape.len(), 0);
     if let Some(g) = grads.get(&input) {
         bits.extend(g.data().iter().map(|v| v.to_bits()));
@@ -92,6 +106,15 @@ fn checkpointed_gradients_are_bit_identical() {
                 "nested {nested}, tracked input {track_input}"
             );
         }
+    }
+}
+
+#[test]
+fn a_tape_recorded_here_back_propagates_on_a_pool_worker() {
+    for checkpoint in [false, true] {
+        let here = run(checkpoint, true, true);
+        let on_worker = run_backward_on(checkpoint, true, true, true);
+        assert!(here == on_worker, "checkpoint {checkpoint}");
     }
 }
 
