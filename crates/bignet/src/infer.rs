@@ -225,7 +225,7 @@ fn linear_into(
 /// Peak bytes above what was held before of [`BigNet::infer_chunked`](crate::BigNet::infer_chunked)
 /// on `x` in chunks of `chunk_rows` (`usize::MAX`: the whole batch, as `infer` runs by default),
 /// measured by the counting allocator after a warm-up forward on every worker thread of the
-/// pool: the GEMM keeps its packing buffers (at D = 1024, up to 4 MiB of packed weight on the
+/// pool: the GEMM keeps its packing buffers (at D = 1024, 1 MiB of packed weight on the
 /// calling thread and some KiB of packed rows per worker) from call to call, like a GPU library's workspace, so they are not counted against one forward.
 pub fn measure_forward_bytes(
     model: &crate::BigNet,

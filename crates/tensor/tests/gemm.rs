@@ -224,8 +224,8 @@ fn gemm_matches_reference_on_awkward_shapes() {
         (1023, 0, 7),
         (31, 33, 0),
         (3, 2100, 5),     // more than one NC block
-        (40, 2100, 1100), // two NC blocks, each in 3 stages of packed B
-        (200, 530, 2100), // 2 stages; rows past SMALL_M_ROWS (the balanced task grid)
+        (40, 2100, 1100), // two NC blocks, a stage of packed B per K block
+        (200, 530, 2100), // nine K blocks; rows past SMALL_M_ROWS (balanced tasks)
     ];
     for (t, &(m, n, k)) in big.iter().enumerate() {
         run_case(
@@ -272,7 +272,7 @@ fn in_pool<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
 
 #[test]
 fn gemm_and_gemv_bit_identical_across_thread_counts() {
-    // One stage of packed B, then several stages and column blocks.
+    // Stages of three K blocks, then one block per stage and two column blocks.
     for (m, n, k) in [(257, 300, 1100), (200, 2100, 600)] {
         bit_identical_across_thread_counts(m, n, k);
     }
