@@ -171,33 +171,20 @@ fn linear_into(
             (&*frozen, bias)
         }
     };
-    if weight.gemm_rhs(m).is_none() {
-        // The base product takes a GEMV, tile or int8 kernel (batch 1, small batches, int8
-        // activations): the bias rows, then the products in order.
-        fill_rows(y, bias)?;
-        let Some(adapter) = &layer.lora else {
-            weight.matmul_t(x, m, y, true)?;
-            return Ok(());
-        };
-        let (a, b) = (adapter.a.value(), adapter.b.value());
-        if m == 1 {
-            weight.matvec_t_low_rank(x, y, true, &LowRank::new(&a, &b)?)?;
-        } else {
-            weight.matmul_t(x, m, y, true)?;
-            let h = &mut lora[..m * adapter.rank()];
-            a.matmul_t(x, m, h, false)?;
-            b.matmul_t(h, m, y, true)?;
-        }
-        return Ok(());
-    }
-    // The base product runs through the GEMM: h = A x first, then the bias, the base product
-    // and B h (where it too takes the GEMM) in one pass over y, which stays in the caches of
-    // the thread that owns each tile (the same bits as the parts in order: `matmul_t_fused`).
     let bias_row = MatRef::row_major(bias, 1, bias.len())?;
     let Some(adapter) = &layer.lora else {
         weight.matmul_t_fused(x, m, y, Some(&bias_row), None)?;
         return Ok(());
     };
+    if m == 1 {
+        fill_rows(y, bias)?;
+        let (a, b) = (adapter.a.value(), adapter.b.value());
+        weight.matvec_t_low_rank(x, y, true, &LowRank::new(&a, &b)?)?;
+        return Ok(());
+    }
+    // h = A x first, then the bias, the base product and B h in one pass over y where they
+    // run through the GEMM (y stays in the caches of the thread that owns each tile; the same
+    // bits as the parts in order: `matmul_t_fused`).
     let (a, b) = (adapter.a.value(), adapter.b.value());
     let r = adapter.rank();
     let h = &mut lora[..m * r];

@@ -5,9 +5,10 @@
 use crate::cpu::kernel_path;
 use crate::error::{Result, TensorError};
 use crate::gemm::gemv::{gemv_t_f16, gemv_t_f32, gemv_t_low_rank, GEMV_MAX_M};
-use crate::gemm::{gemm, gemm_segments, MatRef, PackB, Segment};
+use crate::gemm::{gemm, gemm_segments, MatRef, PackB, Segment, NR};
 use crate::half_tensor::HalfTensor;
 use crate::lowrank::LowRank;
+use crate::ops::fill_rows;
 use crate::tensor::Tensor;
 
 /// A frozen `out x in` weight matrix `W` (PyTorch's `nn.Linear.weight` layout).
@@ -58,7 +59,8 @@ pub trait WeightMatrix: Send + Sync + std::fmt::Debug {
     /// one pass over `y` ([`gemm_segments`]) where the product runs through the GEMM, else
     /// part by part. Either way the bits are those of writing the bias rows, then
     /// [`matmul_t`](Self::matmul_t) with `accumulate`, then `extra` accumulated by [`gemm`]
-    /// (a bias of `-0.0` is written as `+0.0`). Without a bias, `y` is only written.
+    /// (in one pass a bias of `-0.0` is written as `+0.0`: `1 · b + 0`). Without a bias, `y` is
+    /// only written.
     ///
     /// ```
     /// use nibble_tensor::gemm::MatRef;
@@ -81,17 +83,15 @@ pub trait WeightMatrix: Send + Sync + std::fmt::Debug {
     ) -> Result<()> {
         let (o, i) = (self.out_features(), self.in_features());
         check_matmul_operands("linear", m, x.len(), i, y.len(), o)?;
-        let ones = [1.0f32];
-        let bias_seg = match bias {
-            Some(b) => Some(Segment {
-                a: MatRef::new(&ones, m, 1, 0, 1)?,
-                b,
-            }),
-            None => None,
-        };
         if let Some(rhs) = self.gemm_rhs(m) {
+            let ones = [1.0f32];
             let mut segs = Vec::with_capacity(3);
-            segs.extend(bias_seg);
+            if let Some(b) = bias {
+                segs.push(Segment {
+                    a: MatRef::new(&ones, m, 1, 0, 1)?,
+                    b,
+                });
+            }
             segs.push(Segment {
                 a: MatRef::row_major(x, m, i)?,
                 b: &*rhs,
@@ -99,8 +99,8 @@ pub trait WeightMatrix: Send + Sync + std::fmt::Debug {
             segs.extend(extra);
             return gemm_segments(&segs, y, false);
         }
-        if let Some(seg) = bias_seg {
-            gemm_segments(&[seg], y, false)?;
+        if let Some(b) = bias {
+            fill_rows(y, &bias_values(b, o)?)?;
         }
         self.matmul_t(x, m, y, bias.is_some())?;
         if let Some(seg) = extra {
@@ -108,6 +108,26 @@ pub trait WeightMatrix: Send + Sync + std::fmt::Debug {
         }
         Ok(())
     }
+}
+
+/// The `1 x out` bias operand of [`WeightMatrix::matmul_t_fused`] as `out` values (its packed
+/// panels are the values themselves, f16 widened).
+fn bias_values(bias: &dyn PackB, out: usize) -> Result<Vec<f32>> {
+    if bias.k() != 1 || bias.n() != out {
+        return Err(TensorError::ShapeMismatch {
+            op: "linear (bias)",
+            lhs: vec![1, out],
+            rhs: vec![bias.k(), bias.n()],
+        });
+    }
+    let mut row = vec![0.0f32; out];
+    let mut panel = [0.0f32; NR];
+    for n0 in (0..out).step_by(NR) {
+        let nc = NR.min(out - n0);
+        bias.pack_panel(0, 1, n0, nc, &mut panel);
+        row[n0..n0 + nc].copy_from_slice(&panel[..nc]);
+    }
+    Ok(row)
 }
 
 /// Checks `x` is `[m, cols]` and `y` is `[m, rows]` for a W-product named `op`.

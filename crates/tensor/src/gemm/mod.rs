@@ -662,13 +662,13 @@ fn gemm_with(micro: Micro, segs: &[Segment<'_>], c: &mut [f32], accumulate: bool
             let (mb, nb) = task_grid(m, mr, groups, threads, parallel);
             // Offsets were laid out for `panel_cols` columns; a narrower last column block
             // uses a prefix of each block's room.
-            let blocks: Vec<KBlock> = stage_blocks.to_vec();
+            let blocks: &[KBlock] = stage_blocks;
             let states: Vec<std::sync::atomic::AtomicU8> = (0..blocks.len() * groups)
                 .map(|_| std::sync::atomic::AtomicU8::new(EMPTY))
                 .collect();
             let stage = StageB {
                 buf: BPtr(bbuf.as_mut().as_mut_ptr()),
-                blocks: &blocks,
+                blocks,
                 states: &states,
                 n0,
                 ncb,
