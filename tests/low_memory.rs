@@ -199,3 +199,53 @@ fn micro_batches_give_the_whole_batch_update_up_to_summation_order() {
         }
     }
 }
+
+/// Batch 1 on a team of threads (every thread of the pool running the whole forward, meeting
+/// at barriers) gives the ordinary path's bits (one thread; with f32 activations, those of the
+/// recorded forward), for every variant, f32 and int8 activations, on 2, 3 and 16 threads (16 on this host's cores: members descheduled at the
+/// barriers), and over inputs of several scales.
+#[test]
+fn batch1_team_inference_is_bit_identical_to_the_forward() {
+    use nibble::quant::act8::{with_activations, ActivationMode};
+    for variant in Variant::ALL {
+        let model = model(variant, 128);
+        for seed in [1u64, 2, 3] {
+            let x = normal_batch(1, 128, seed);
+            for mode in [ActivationMode::F32, ActivationMode::Int8] {
+                // The ordinary path: one thread, one fork-join per layer.
+                let want = with_activations(mode, || {
+                    bits(in_pool(1, || model.infer(&x).unwrap()).data())
+                });
+                if mode == ActivationMode::F32 {
+                    assert!(
+                        want == whole_batch_forward(&model, &x),
+                        "{variant}: seed {seed}"
+                    );
+                }
+                for threads in [2, 3, 16] {
+                    // Another test's team may hold the pool's team slot: try again until
+                    // this one runs (it is `None` only then, or for layers it cannot take).
+                    let mut got = None;
+                    for _ in 0..1000 {
+                        got =
+                            with_activations(mode, || in_pool(threads, || model.infer_on_team(&x)));
+                        if got.is_some() {
+                            break;
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                    let Some(got) = got else {
+                        // Only int8 on the generic driver (NF4 at batch 1 on AVX2) leaves it.
+                        assert_eq!(mode, ActivationMode::Int8, "{variant}: the team never ran");
+                        println!("{variant}: int8 batch 1 takes the generic driver, no team");
+                        continue;
+                    };
+                    assert!(
+                        bits(got.unwrap().data()) == want,
+                        "{variant} {mode:?}: seed {seed}, {threads} threads"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -19,8 +19,11 @@ use nibble_tensor::gemm::{MatRef, Segment};
 use nibble_tensor::layernorm::layer_norm_assign;
 use nibble_tensor::lowrank::LowRank;
 use nibble_tensor::ops::{add_in_place, fill_rows, relu_in_place};
-use nibble_tensor::{Tensor, WeightMatrix};
-use std::sync::Arc;
+use nibble_tensor::team::{self, block_rows, Member, SharedRows};
+use nibble_tensor::weight::BATCH1_ROW_ALIGN;
+use nibble_tensor::{f16, Tensor, TensorError, WeightMatrix};
+use std::ops::Range;
+use std::sync::{Arc, RwLockReadGuard};
 
 /// Rows per chunk of low-memory inference (`NIBBLE_INFER_CHUNK_ROWS=112`, or
 /// [`BigNet::infer_chunked`](crate::BigNet::infer_chunked)): a 1024-row batch runs in 10 chunks
@@ -93,6 +96,14 @@ pub(crate) fn forward_in_place(
         lora: vec![0.0; widest * rank],
         bias: Vec::new(),
     };
+    if batch == 1 && batch1_team_enabled() {
+        match forward_batch1_team(blocks, norms, x.data(), out.data_mut()) {
+            Some(Ok(())) => return Ok(out),
+            Some(Err(e)) => return Err(e),
+            // The team did not run (or stopped to leave it to the ordinary path): start over.
+            None => out.data_mut().copy_from_slice(x.data()),
+        }
+    }
     for (start, end) in ranges {
         let rows = &mut out.data_mut()[start * dim..end * dim];
         for (b, block) in blocks.iter().enumerate() {
@@ -225,4 +236,314 @@ pub fn measure_forward_bytes(
     let (y, bytes) = crate::memory::measure_peak(|| model.infer_chunked(x, chunk_rows));
     drop(y?);
     Ok(bytes)
+}
+
+/// Whether a batch of one row runs as a team ([`forward_batch1_team`]): yes unless
+/// `NIBBLE_BATCH1_TEAM=0` (read once; for comparing the two paths, which give the same bits).
+pub fn batch1_team_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("NIBBLE_BATCH1_TEAM").map_or(true, |v| v.trim() != "0"))
+}
+
+/// One linear layer as the members of a team read it.
+struct LayerView<'a> {
+    weight: &'a dyn WeightMatrix,
+    bias: BiasView<'a>,
+    /// A LoRA adapter's `A` `[r, in]` and `B` `[out, r]`.
+    adapter: Option<(&'a Tensor, &'a Tensor)>,
+}
+
+/// A layer's bias, in its stored precision.
+#[derive(Clone, Copy)]
+enum BiasView<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+}
+
+impl BiasView<'_> {
+    /// Writes the bias's elements `rows` into `y` as f32 (f16 widened exactly).
+    fn write(self, rows: Range<usize>, y: &mut [f32]) {
+        match self {
+            BiasView::F32(b) => y.copy_from_slice(&b[rows]),
+            BiasView::F16(b) => b[rows].convert_to_f32_slice(y),
+        }
+    }
+
+    fn len(self) -> usize {
+        match self {
+            BiasView::F32(b) => b.len(),
+            BiasView::F16(b) => b.len(),
+        }
+    }
+}
+
+/// What the guards of one layer's parameters hold while a team reads them.
+enum HeldBase<'a> {
+    Trainable(RwLockReadGuard<'a, Tensor>, RwLockReadGuard<'a, Tensor>),
+    Frozen(Arc<dyn WeightMatrix>, &'a FrozenBias),
+}
+
+/// Why a team stopped early.
+enum TeamStop {
+    /// Another member failed.
+    Aborted,
+    /// A layer has no batch-1 row kernel here: the ordinary path runs instead.
+    Fallback,
+    /// A kernel reported an error.
+    Compute(TensorError),
+}
+
+impl From<team::Aborted> for TeamStop {
+    fn from(_: team::Aborted) -> Self {
+        TeamStop::Aborted
+    }
+}
+
+impl From<TensorError> for TeamStop {
+    fn from(e: TensorError) -> Self {
+        TeamStop::Compute(e)
+    }
+}
+
+/// A batch of one row through BigNet on a team of the pool's threads ([`nibble_tensor::team`]):
+/// the pool is entered once, and the members compute their blocks of each layer's rows
+/// ([`WeightMatrix::batch1_rows`]), meeting at a barrier after each layer (and between a LoRA
+/// adapter's `A x` and its `B h`). Each member keeps the residual stream whole, so the
+/// residual add needs no barrier of its own and each computes the LayerNorm of the whole row
+/// itself (a few µs; a barrier less). Every value is the one the ordinary path computes, with
+/// the same kernels on the same operands (the product rows by [`Batch1Rows`](nibble_tensor::weight::Batch1Rows), then the
+/// adapter's rows, then ReLU or the residual add, then the LayerNorm): the same bits.
+///
+/// Writes `x`'s output into `out` (`[dim]`, holding `x` on entry). `None` when the team did
+/// not run or stopped to leave the batch to the ordinary path (a layer without a batch-1 row
+/// kernel, int8 activations on the generic driver, shapes the ordinary path should report);
+/// `out` may then be overwritten.
+pub(crate) fn forward_batch1_team(
+    blocks: &[Arc<[Linear; LAYERS_PER_BLOCK]>],
+    norms: &[Norm],
+    x: &[f32],
+    out: &mut [f32],
+) -> Option<Result<()>> {
+    let dim = x.len();
+    let held: Vec<(HeldBase<'_>, Option<_>)> = blocks
+        .iter()
+        .flat_map(|b| b.iter())
+        .map(|layer| {
+            let base = match &layer.base {
+                LinearBase::Trainable { weight, bias } => {
+                    HeldBase::Trainable(weight.value(), bias.value())
+                }
+                LinearBase::Frozen { weight, bias } => HeldBase::Frozen(weight.matrix(), bias),
+            };
+            let adapter = layer.lora.as_ref().map(|a| (a.a.value(), a.b.value()));
+            (base, adapter)
+        })
+        .collect();
+    let views: Vec<LayerView<'_>> = held
+        .iter()
+        .map(|(base, adapter)| {
+            let (weight, bias): (&dyn WeightMatrix, BiasView<'_>) = match base {
+                HeldBase::Trainable(w, b) => (&**w, BiasView::F32(b.data())),
+                HeldBase::Frozen(w, FrozenBias::F32(b)) => (&**w, BiasView::F32(b)),
+                HeldBase::Frozen(w, FrozenBias::F16(b)) => (&**w, BiasView::F16(b)),
+            };
+            LayerView {
+                weight,
+                bias,
+                adapter: adapter.as_ref().map(|(a, b)| (&**a, &**b)),
+            }
+        })
+        .collect();
+    // The ordinary path reports shapes that do not chain.
+    let mut width = dim;
+    let mut widest = dim;
+    let mut rank = 0;
+    for v in &views {
+        let (o, i) = (v.weight.out_features(), v.weight.in_features());
+        if i != width || v.bias.len() != o {
+            return None;
+        }
+        if let Some((a, b)) = v.adapter {
+            let (r, ai) = a.dims2("lora A").ok()?;
+            if ai != i || b.dims2("lora B").ok()? != (o, r) {
+                return None;
+            }
+            rank = rank.max(r);
+        }
+        width = o;
+        widest = widest.max(o);
+    }
+    let norm_held: Vec<_> = norms
+        .iter()
+        .map(|n| (n.weight.value(), n.bias.value()))
+        .collect();
+    if width != dim
+        || out.len() != dim
+        || norm_held
+            .iter()
+            .any(|(w, b)| w.numel() != dim || b.numel() != dim)
+    {
+        return None;
+    }
+    let (mut a, mut b, mut h) = (
+        vec![0.0f32; widest],
+        vec![0.0f32; widest],
+        vec![0.0f32; rank],
+    );
+    let bufs = TeamBuffers {
+        a: SharedRows::new(&mut a),
+        b: SharedRows::new(&mut b),
+        h: SharedRows::new(&mut h),
+        out: SharedRows::new(out),
+    };
+    let mode = nibble_quant::act8::activations();
+    let ran = team::run(|member| {
+        nibble_quant::act8::with_activations(mode, || {
+            member_forward(member, &views, &norm_held, x, &bufs)
+        })
+    })?;
+    match ran {
+        Ok(()) => Some(Ok(())),
+        Err(TeamStop::Compute(e)) => Some(Err(e.into())),
+        Err(TeamStop::Aborted | TeamStop::Fallback) => None,
+    }
+}
+
+/// The buffers a team shares: two layer outputs taking turns, an adapter's `h = A x`, and
+/// the output (the residual stream after each block).
+struct TeamBuffers<'a> {
+    a: SharedRows<'a>,
+    b: SharedRows<'a>,
+    h: SharedRows<'a>,
+    out: SharedRows<'a>,
+}
+
+/// One member's part of [`forward_batch1_team`].
+fn member_forward(
+    member: &Member<'_>,
+    layers: &[LayerView<'_>],
+    norms: &[(RwLockReadGuard<'_, Tensor>, RwLockReadGuard<'_, Tensor>)],
+    x: &[f32],
+    bufs: &TeamBuffers<'_>,
+) -> std::result::Result<(), TeamStop> {
+    let dim = x.len();
+    // This member's copy of the block input (the residual stream), whole.
+    let mut resid = x.to_vec();
+    let blocks = layers.len() / LAYERS_PER_BLOCK;
+    for (bi, block) in layers.chunks_exact(LAYERS_PER_BLOCK).enumerate() {
+        team_linear(member, &block[0], &resid, &bufs.a, &bufs.h, Post::Relu)?;
+        member.wait()?;
+        // SAFETY: every member wrote its rows of `a` before the barrier; `a` is written again
+        // only after the barrier that ends the next layer.
+        let a = unsafe { bufs.a.read() };
+        team_linear(
+            member,
+            &block[1],
+            &a[..dim_of(&block[0])],
+            &bufs.b,
+            &bufs.h,
+            Post::Relu,
+        )?;
+        member.wait()?;
+        // SAFETY: as above, for `b`.
+        let b = unsafe { bufs.b.read() };
+        let post = Post::Residual(&resid);
+        team_linear(
+            member,
+            &block[2],
+            &b[..dim_of(&block[1])],
+            &bufs.out,
+            &bufs.h,
+            post,
+        )?;
+        member.wait()?;
+        let norm = norms.get(bi);
+        if bi + 1 < blocks || norm.is_some() {
+            // SAFETY: every member wrote its rows of `out` before the barrier; they are
+            // written again only after two more barriers (the next block's first layers).
+            resid.copy_from_slice(unsafe { bufs.out.read() });
+            if let Some((w, bias)) = norm {
+                layer_norm_assign(&mut resid, dim, w.data(), bias.data(), NORM_EPS)?;
+                if bi + 1 == blocks {
+                    // A norm after the last block: its rows into the output.
+                    for rows in member.blocks(dim, block_rows(dim, member.threads(), 1)) {
+                        // SAFETY: each member writes its own blocks; every read of `out`
+                        // happened above, and nothing reads it until the team ends.
+                        unsafe { bufs.out.rows_mut(rows.clone()) }.copy_from_slice(&resid[rows]);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A layer's output width.
+fn dim_of(layer: &LayerView<'_>) -> usize {
+    layer.weight.out_features()
+}
+
+/// What follows a layer's product on each of its rows.
+#[derive(Clone, Copy)]
+enum Post<'a> {
+    Relu,
+    /// The residual add: `y = resid + y` (the residual stream's rows).
+    Residual(&'a [f32]),
+}
+
+impl Post<'_> {
+    fn apply(self, rows: Range<usize>, y: &mut [f32]) -> std::result::Result<(), TeamStop> {
+        match self {
+            Post::Relu => relu_in_place(y),
+            Post::Residual(resid) => add_in_place(y, &resid[rows])?,
+        }
+        Ok(())
+    }
+}
+
+/// One member's rows of `y = bias + x · Wᵀ (+ B (A x))`, then `post`, as [`linear_into`] and
+/// [`run_block`] compute them: the bias, the product accumulated onto it, then (after a
+/// barrier, once every member's rows of `h = A x` are in) the adapter's `B h`.
+fn team_linear(
+    member: &Member<'_>,
+    layer: &LayerView<'_>,
+    x: &[f32],
+    y: &SharedRows<'_>,
+    h: &SharedRows<'_>,
+    post: Post<'_>,
+) -> std::result::Result<(), TeamStop> {
+    let out = layer.weight.out_features();
+    let block = block_rows(out, member.threads(), BATCH1_ROW_ALIGN);
+    let product = layer.weight.batch1_rows(x).ok_or(TeamStop::Fallback)?;
+    for rows in member.blocks(out, block) {
+        // SAFETY: this member's blocks of y, written by no one else in this phase; y was last
+        // read before the barrier that ended the layer before the previous one.
+        let yr = unsafe { y.rows_mut(rows.clone()) };
+        layer.bias.write(rows.clone(), yr);
+        product.rows(rows.clone(), yr, true)?;
+        if layer.adapter.is_none() {
+            post.apply(rows, yr)?;
+        }
+    }
+    let Some((a, b)) = layer.adapter else {
+        return Ok(());
+    };
+    let rank = a.shape()[0];
+    let a_rows = a.batch1_rows(x).ok_or(TeamStop::Fallback)?;
+    for rows in member.blocks(rank, BATCH1_ROW_ALIGN) {
+        // SAFETY: this member's rows of h; h was last read before the previous barrier.
+        a_rows.rows(rows.clone(), unsafe { h.rows_mut(rows) }, false)?;
+    }
+    member.wait()?;
+    // SAFETY: every member wrote its rows of h before the barrier; h is written again only
+    // after the barrier that ends this layer.
+    let hv = &unsafe { h.read() }[..rank];
+    let b_rows = b.batch1_rows(hv).ok_or(TeamStop::Fallback)?;
+    for rows in member.blocks(out, block) {
+        // SAFETY: the same blocks of y as above, this member's alone.
+        let yr = unsafe { y.rows_mut(rows.clone()) };
+        b_rows.rows(rows.clone(), yr, true)?;
+        post.apply(rows, yr)?;
+    }
+    Ok(())
 }

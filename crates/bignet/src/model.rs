@@ -248,6 +248,42 @@ impl BigNet {
         run()
     }
 
+    /// A batch of one row through the batch-1 team path alone ([`crate::infer`]'s
+    /// `forward_batch1_team`, which [`BigNet::infer`] takes for a single row on a pool of 2
+    /// threads or more): `None` when it did not run (a pool of one thread, another team
+    /// running, a layer without a batch-1 row kernel), else its output, the same bits as
+    /// [`BigNet::forward`]. For tests and comparisons; [`BigNet::infer`] picks the path itself.
+    pub fn infer_on_team(&self, x: &Tensor) -> Option<Result<Tensor>> {
+        let mode = self.activations.unwrap_or_else(activations);
+        let run = || {
+            if let Err(e) = self.check_input(x) {
+                return Some(Err(e));
+            }
+            if x.shape()[0] != 1 {
+                return Some(Err(Error::Input {
+                    what: format!(
+                        "the batch-1 team path takes one row, got shape {:?}",
+                        x.shape()
+                    ),
+                }));
+            }
+            let mut out = x.clone();
+            with_activations(mode, || {
+                crate::infer::forward_batch1_team(
+                    &self.blocks,
+                    &self.norms,
+                    x.data(),
+                    out.data_mut(),
+                )
+            })
+            .map(|r| r.map(|()| out))
+        };
+        if rayon::current_thread_index().is_none() {
+            return rayon::scope(|_| run());
+        }
+        run()
+    }
+
     fn check_input(&self, x: &Tensor) -> Result<()> {
         match x.shape() {
             [_, d] if *d == self.dim => Ok(()),

@@ -422,6 +422,58 @@ pub(crate) fn matvec_t_low_rank<F: QuantRows>(
     Ok(())
 }
 
+/// A quantized W's batch-1 product by ranges of rows (`WeightMatrix::batch1_rows`): the
+/// format's fused GEMV over `x`, prepared once ([`QuantRows::gemv_prepare`]), as [`matmul_t`]
+/// runs it on each block at `m = 1`.
+pub(crate) struct QuantBatch1<'a, F: QuantRows> {
+    f: &'a F,
+    path: KernelPath,
+    x: &'a [f32],
+    prep: Vec<f32>,
+}
+
+/// [`QuantBatch1`] for `x`, where [`matmul_t`] at `m = 1` runs the format's GEMV: `None` where
+/// `x` is not `[in]`, or int8 activations take the generic driver ([`crate::act8::forward`]),
+/// or the format sends batch 1 to the GEMM.
+pub(crate) fn batch1_rows<'a, F: QuantRows>(f: &'a F, x: &'a [f32]) -> Option<QuantBatch1<'a, F>> {
+    let (_, i) = f.dims();
+    if x.len() != i || f.gemm_min_m() <= 1 {
+        return None;
+    }
+    if crate::act8::activations() == crate::act8::ActivationMode::Int8
+        && f.act8_generic(1)
+        && f.act8_view().is_some()
+    {
+        return None;
+    }
+    let path = usable(kernel_path());
+    let mut prep = take_prep();
+    f.gemv_prepare(path, x, &mut prep);
+    Some(QuantBatch1 { f, path, x, prep })
+}
+
+impl<F: QuantRows> nibble_tensor::weight::Batch1Rows for QuantBatch1<'_, F> {
+    fn rows(
+        &self,
+        rows: Range<usize>,
+        y: &mut [f32],
+        accumulate: bool,
+    ) -> nibble_tensor::Result<()> {
+        nibble_tensor::weight::check_batch1_rows(self.f.dims().0, &rows, y)?;
+        if !rows.is_empty() {
+            self.f
+                .gemv(self.path, self.x, &self.prep, rows, y, accumulate);
+        }
+        Ok(())
+    }
+}
+
+impl<F: QuantRows> Drop for QuantBatch1<'_, F> {
+    fn drop(&mut self) {
+        put_prep(std::mem::take(&mut self.prep));
+    }
+}
+
 /// [`matmul_t`], with `adapter` fused into the batch-1 GEMV when that is the path taken;
 /// returns whether it was (if not, the caller adds it).
 fn matmul_t_fusing<F: QuantRows>(
@@ -762,6 +814,13 @@ macro_rules! impl_weight_matrix {
             }
             fn gemm_rhs(&self, m: usize) -> Option<Box<dyn nibble_tensor::gemm::PackB + '_>> {
                 $crate::kernels::gemm_rhs(self, m)
+            }
+            fn batch1_rows<'a>(
+                &'a self,
+                x: &'a [f32],
+            ) -> Option<Box<dyn nibble_tensor::weight::Batch1Rows + 'a>> {
+                $crate::kernels::batch1_rows(self, x)
+                    .map(|b| Box::new(b) as Box<dyn nibble_tensor::weight::Batch1Rows + 'a>)
             }
             fn to_f32(&self) -> nibble_tensor::Tensor {
                 $crate::kernels::to_f32(self, $crate::cpu::kernel_path())

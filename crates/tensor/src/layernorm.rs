@@ -111,14 +111,22 @@ pub fn layer_norm_assign(
             rhs: vec![cols],
         });
     }
-    x.par_chunks_mut(cols * ROWS_PER_TASK).for_each(|block| {
+    let normalize_rows = |block: &mut [f32]| {
         for row in block.chunks_exact_mut(cols) {
             let (mu, rs) = row_stats(row, eps);
             for (v, (&w, &b)) in row.iter_mut().zip(weight.iter().zip(bias)) {
                 *v = normalize(*v, mu, rs, w, b);
             }
         }
-    });
+    };
+    // One task's rows run on the calling thread, without entering the pool (a batch-1
+    // forward calls this from every member of a team: crate::team).
+    if x.len() <= cols * ROWS_PER_TASK {
+        normalize_rows(x);
+    } else {
+        x.par_chunks_mut(cols * ROWS_PER_TASK)
+            .for_each(normalize_rows);
+    }
     Ok(())
 }
 

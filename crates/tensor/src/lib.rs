@@ -16,6 +16,7 @@ pub mod ops;
 pub mod parallel;
 pub mod rng;
 pub mod simd;
+pub mod team;
 pub mod tensor;
 pub mod weight;
 

@@ -4,12 +4,45 @@
 
 use crate::cpu::kernel_path;
 use crate::error::{Result, TensorError};
-use crate::gemm::gemv::{gemv_t_f16, gemv_t_f32, gemv_t_low_rank, GEMV_MAX_M};
+use crate::gemm::gemv::{gemv_t_f16, gemv_t_f32, gemv_t_low_rank, DenseBatch1, GEMV_MAX_M};
 use crate::gemm::{gemm, gemm_segments, MatRef, PackB, Segment, NR};
 use crate::half_tensor::HalfTensor;
 use crate::lowrank::LowRank;
 use crate::ops::fill_rows;
 use crate::tensor::Tensor;
+use std::ops::Range;
+
+/// Row granularity of [`Batch1Rows::rows`]: ranges start at multiples of it (the batch-1
+/// kernels process rows in groups of 4, and a row's bits must not depend on the split).
+pub const BATCH1_ROW_ALIGN: usize = 4;
+
+/// A batch-1 product `y = x · Wᵀ` prepared for one vector `x` (see
+/// [`WeightMatrix::batch1_rows`]), computed a range of output rows at a time on the calling
+/// thread: for callers that split the rows themselves (a [`crate::team`] of threads running a
+/// whole forward pass).
+pub trait Batch1Rows: Send + Sync {
+    /// `y[j] = W[rows.start + j] · x` (`+=` with `accumulate`) for every row in `rows`, on the
+    /// calling thread: the bits [`WeightMatrix::matmul_t`] gives those rows at `m = 1`, for
+    /// any `rows.start` that is a multiple of [`BATCH1_ROW_ALIGN`]. An error (and `y`
+    /// untouched) when `rows` does not fit W or `y.len() != rows.len()`.
+    fn rows(&self, rows: Range<usize>, y: &mut [f32], accumulate: bool) -> Result<()>;
+}
+
+/// Checks a [`Batch1Rows::rows`] call against a W of `out` rows.
+pub fn check_batch1_rows(out: usize, rows: &Range<usize>, y: &[f32]) -> Result<()> {
+    if rows.start > rows.end
+        || rows.end > out
+        || y.len() != rows.len()
+        || !rows.start.is_multiple_of(BATCH1_ROW_ALIGN)
+    {
+        return Err(TensorError::ShapeMismatch {
+            op: "batch1_rows",
+            lhs: vec![rows.start, rows.end, y.len()],
+            rhs: vec![out],
+        });
+    }
+    Ok(())
+}
 
 /// A frozen `out x in` weight matrix `W` (PyTorch's `nn.Linear.weight` layout).
 pub trait WeightMatrix: Send + Sync + std::fmt::Debug {
@@ -35,6 +68,14 @@ pub trait WeightMatrix: Send + Sync + std::fmt::Debug {
         adapter.check(self.out_features(), self.in_features(), x, y)?;
         self.matmul_t(x, 1, y, accumulate)?;
         adapter.apply_unfused(x, y)
+    }
+    /// The batch-1 product with `x` `[in]` by ranges of rows ([`Batch1Rows`]), prepared on
+    /// the calling thread; `None` where `x` is not `[in]` or the weight runs batch 1 some other
+    /// way (a driver of its own), and the caller then uses [`matmul_t`](Self::matmul_t). The
+    /// default is `None`.
+    fn batch1_rows<'a>(&'a self, x: &'a [f32]) -> Option<Box<dyn Batch1Rows + 'a>> {
+        let _ = x;
+        None
     }
     /// Input gradient: `dx[m, in] = dy[m, out] · W` (`dx += ...` with `accumulate`).
     fn matmul(&self, dy: &[f32], m: usize, dx: &mut [f32], accumulate: bool) -> Result<()>;
@@ -187,6 +228,10 @@ macro_rules! dense_weight_matrix {
             ) -> Result<()> {
                 let (o, i) = self.dims2("linear")?;
                 gemv_t_low_rank(kernel_path(), self.data(), o, i, x, y, accumulate, adapter)
+            }
+            fn batch1_rows<'a>(&'a self, x: &'a [f32]) -> Option<Box<dyn Batch1Rows + 'a>> {
+                let (o, i) = self.dims2("linear").ok()?;
+                DenseBatch1::new(self.data(), o, i, x).map(|b| Box::new(b) as Box<dyn Batch1Rows>)
             }
             fn matmul(&self, dy: &[f32], m: usize, dx: &mut [f32], accumulate: bool) -> Result<()> {
                 let (o, i) = self.dims2("linear_backward_input")?;

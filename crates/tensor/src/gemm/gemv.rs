@@ -143,6 +143,40 @@ fn batch1_block(out: usize, row_bytes: usize, threads: usize) -> usize {
         * 4
 }
 
+/// A dense W's batch-1 product by ranges of rows ([`crate::weight::Batch1Rows`]): the
+/// kernel a parallel batch-1 [`gemv_t_f32`] / [`gemv_t_f16`] runs on each block.
+pub(crate) struct DenseBatch1<'a, E> {
+    path: KernelPath,
+    w: &'a [E],
+    out: usize,
+    inp: usize,
+    x: &'a [f32],
+}
+
+impl<'a, E: BElem> DenseBatch1<'a, E> {
+    /// `None` unless `w` is `out x inp` and `x` has `inp` elements.
+    pub(crate) fn new(w: &'a [E], out: usize, inp: usize, x: &'a [f32]) -> Option<Self> {
+        (out.checked_mul(inp) == Some(w.len()) && x.len() == inp).then(|| DenseBatch1 {
+            path: crate::cpu::kernel_path().supported(),
+            w,
+            out,
+            inp,
+            x,
+        })
+    }
+}
+
+impl<E: BElem + Sync> crate::weight::Batch1Rows for DenseBatch1<'_, E> {
+    fn rows(&self, rows: std::ops::Range<usize>, y: &mut [f32], accumulate: bool) -> Result<()> {
+        crate::weight::check_batch1_rows(self.out, &rows, y)?;
+        if !rows.is_empty() {
+            let w = &self.w[rows.start * self.inp..rows.end * self.inp];
+            rows_kernel(self.path, w, self.inp, self.x, 1, y, accumulate);
+        }
+        Ok(())
+    }
+}
+
 /// Batch 1 with a low-rank adapter fused in: `y[out] (+)= W x + B (A x)` for `W[out, inp]`
 /// (see [`crate::lowrank`]), with the blocks and the parallel decision of the plain batch-1
 /// product, and the same result bit for bit as [`gemv_t_f32`] / [`gemv_t_f16`] at `m = 1`

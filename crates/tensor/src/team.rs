@@ -1,0 +1,426 @@
+//! A *team*: every thread of the current rayon pool running one closure at once, meeting at
+//! spin barriers between the phases of a computation, for work too small to pay a fork-join of
+//! the pool per phase.
+//!
+//! A batch-1 forward through a network is such work: each layer's product is a few µs per
+//! thread on 16 threads, and a rayon fork-join per layer (and per LoRA adapter, LayerNorm,
+//! ...) costs on the order of 10–20 µs there (the 16-core Xeon: BigNet at batch 1 took about
+//! as long as PyTorch's 1.2 ms with one fork-join per layer). A team enters the pool once
+//! ([`rayon::broadcast`]) and runs the layers one after the other on every thread, each
+//! thread computing its blocks of rows ([`Member::blocks`]) and waiting at a barrier
+//! ([`Member::wait`]) until the layer's output is complete.
+//!
+//! Spin barriers need every member running: a team therefore runs only where it can own the
+//! pool's threads. One team at a time runs in the process (others, and pools of one thread,
+//! get `None` from [`run`] and take their ordinary path), and the closure must not enter the
+//! pool itself (no rayon calls inside; they would run on the member's thread anyway). A member
+//! that fails or panics aborts the team: the others leave their barrier instead of waiting for
+//! it forever, and [`run`] returns the first error or resumes the panic.
+
+use std::any::Any;
+use std::ops::Range;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+/// Spins of a barrier wait before it starts yielding its core (a member may be descheduled
+/// when the pool has more threads than the machine has free cores).
+const SPINS_BEFORE_YIELD: u32 = 1 << 12;
+
+/// Set while a team runs (one at a time: two teams sharing a pool would wait for each other's
+/// members).
+static TEAM_RUNNING: AtomicBool = AtomicBool::new(false);
+
+/// Why a member left a phase early: another member failed or panicked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Aborted;
+
+/// An atomic on a cache line of its own.
+#[repr(align(128))]
+struct Padded<T>(T);
+
+/// A sense-reversing barrier for the team's members, which can be aborted.
+struct SpinBarrier {
+    threads: usize,
+    arrived: Padded<AtomicUsize>,
+    generation: Padded<AtomicUsize>,
+    aborted: Padded<AtomicBool>,
+}
+
+impl SpinBarrier {
+    fn new(threads: usize) -> Self {
+        SpinBarrier {
+            threads,
+            arrived: Padded(AtomicUsize::new(0)),
+            generation: Padded(AtomicUsize::new(0)),
+            aborted: Padded(AtomicBool::new(false)),
+        }
+    }
+
+    fn wait(&self) -> Result<(), Aborted> {
+        if self.aborted.0.load(Ordering::Acquire) {
+            return Err(Aborted);
+        }
+        let generation = self.generation.0.load(Ordering::Acquire);
+        if self.arrived.0.fetch_add(1, Ordering::AcqRel) + 1 == self.threads {
+            // The last to arrive: reset the count for the next barrier, then release the
+            // others (whose acquire of the new generation also sees the reset and every
+            // member's writes before it arrived).
+            self.arrived.0.store(0, Ordering::Relaxed);
+            self.generation.0.fetch_add(1, Ordering::AcqRel);
+            return Ok(());
+        }
+        let mut spins = 0u32;
+        while self.generation.0.load(Ordering::Acquire) == generation {
+            if self.aborted.0.load(Ordering::Acquire) {
+                return Err(Aborted);
+            }
+            if spins < SPINS_BEFORE_YIELD {
+                std::hint::spin_loop();
+                spins += 1;
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        Ok(())
+    }
+
+    fn abort(&self) {
+        self.aborted.0.store(true, Ordering::Release);
+    }
+}
+
+/// One member of a running team: its index, the team's size and the team's barrier.
+pub struct Member<'t> {
+    index: usize,
+    threads: usize,
+    barrier: &'t SpinBarrier,
+}
+
+impl Member<'_> {
+    /// This member's index, `0..threads()`.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// The team's size.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Waits until every member has arrived here (the writes each made before are then
+    /// visible to all). `Err(Aborted)` when another member failed: the caller returns it.
+    pub fn wait(&self) -> Result<(), Aborted> {
+        self.barrier.wait()
+    }
+
+    /// This member's blocks of `0..len` in blocks of `block` elements (the last one
+    /// shorter): blocks `index, index + threads, index + 2·threads, ...`. Neighbouring members
+    /// take neighbouring blocks, so at any moment the team streams one region of a matrix
+    /// (see [`crate::parallel::for_each_block`] on why that matters for DRAM), and each member
+    /// gets the same rows every call (its caches keep them where they fit).
+    pub fn blocks(&self, len: usize, block: usize) -> impl Iterator<Item = Range<usize>> {
+        let block = block.max(1);
+        (self.index * block..len)
+            .step_by(block * self.threads)
+            .map(move |s| s..(s + block).min(len))
+    }
+}
+
+/// Rows per block for a team of `threads` splitting `rows` rows: about four blocks a member,
+/// a multiple of `align` (the callers' kernels process rows in groups of `align`).
+///
+/// ```
+/// use nibble_tensor::team::block_rows;
+/// assert_eq!(block_rows(1024, 16, 4), 16);
+/// assert_eq!(block_rows(32, 16, 4), 4);
+/// ```
+pub fn block_rows(rows: usize, threads: usize, align: usize) -> usize {
+    let align = align.max(1);
+    rows.div_ceil(4 * threads.max(1)).div_ceil(align).max(1) * align
+}
+
+/// What the members left: the first error, or a panic's payload.
+enum Failure<E> {
+    Error(E),
+    Panic(Box<dyn Any + Send>),
+}
+
+/// Runs `f` on every thread of the current rayon pool at once, as a team (see the [module
+/// docs](self)): `None` (nothing run) when the pool has one thread or another team is
+/// running, else `Some` of the first member's error, or `Ok`. A member's panic aborts the team
+/// and is resumed here. `f` must not enter the pool, and must return `Err` (or let
+/// [`Member::wait`]'s `Aborted` through) rather than wait once it fails.
+///
+/// ```
+/// use nibble_tensor::team;
+/// use std::sync::atomic::{AtomicUsize, Ordering};
+/// let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+/// let hits = AtomicUsize::new(0);
+/// let ran = pool.install(|| {
+///     team::run(|member| -> Result<(), team::Aborted> {
+///         hits.fetch_add(1, Ordering::Relaxed);
+///         member.wait()?;
+///         // Every member has counted itself by now.
+///         assert_eq!(hits.load(Ordering::Relaxed), member.threads());
+///         Ok(())
+///     })
+/// });
+/// assert_eq!(ran, Some(Ok(())));
+/// ```
+pub fn run<E: Send + From<Aborted>>(
+    f: impl Fn(&Member<'_>) -> Result<(), E> + Sync,
+) -> Option<Result<(), E>> {
+    let threads = rayon::current_num_threads();
+    if threads < 2 {
+        return None;
+    }
+    if TEAM_RUNNING
+        .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+        .is_err()
+    {
+        return None;
+    }
+    struct Release;
+    impl Drop for Release {
+        fn drop(&mut self) {
+            TEAM_RUNNING.store(false, Ordering::Release);
+        }
+    }
+    let _release = Release;
+    let barrier = SpinBarrier::new(threads);
+    let failure: Mutex<Option<Failure<E>>> = Mutex::new(None);
+    let record = |what: Failure<E>| {
+        barrier.abort();
+        let mut slot = failure.lock().unwrap_or_else(|e| e.into_inner());
+        // An abort seen by others is not a failure of its own: keep the first real one.
+        if slot.is_none() {
+            *slot = Some(what);
+        }
+    };
+    rayon::broadcast(|ctx| {
+        let member = Member {
+            index: ctx.index(),
+            threads: ctx.num_threads(),
+            barrier: &barrier,
+        };
+        match catch_unwind(AssertUnwindSafe(|| f(&member))) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                if !barrier.aborted.0.load(Ordering::Acquire) {
+                    record(Failure::Error(e));
+                } else {
+                    // Left because another member failed; that one recorded its failure
+                    // (or is about to).
+                    drop(e);
+                }
+            }
+            Err(panic) => record(Failure::Panic(panic)),
+        }
+    });
+    match failure.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        None => Some(Ok(())),
+        Some(Failure::Error(e)) => Some(Err(e)),
+        Some(Failure::Panic(p)) => resume_unwind(p),
+    }
+}
+
+/// A buffer the members share: each writes disjoint rows of it in a phase, and all read it
+/// whole after the barrier that ends the phase.
+pub struct SharedRows<'a> {
+    ptr: *mut f32,
+    len: usize,
+    _data: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+// SAFETY: the buffer is only reached through `rows_mut` and `read`, whose contracts (disjoint
+// writes, reads after a barrier) make the accesses race-free.
+unsafe impl Send for SharedRows<'_> {}
+// SAFETY: as above.
+unsafe impl Sync for SharedRows<'_> {}
+
+impl<'a> SharedRows<'a> {
+    /// Shares `data` with the team for as long as the borrow lasts.
+    pub fn new(data: &'a mut [f32]) -> Self {
+        SharedRows {
+            ptr: data.as_mut_ptr(),
+            len: data.len(),
+            _data: std::marker::PhantomData,
+        }
+    }
+
+    /// The buffer's length.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True for an empty buffer.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Elements `range` to write (clamped to the buffer).
+    ///
+    /// # Safety
+    /// No other member reads or writes these elements until the next barrier, and the caller
+    /// holds no other view of them.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn rows_mut(&self, range: Range<usize>) -> &mut [f32] {
+        let end = range.end.min(self.len);
+        let start = range.start.min(end);
+        // SAFETY: start <= end <= len, inside the borrowed buffer; exclusive by the contract.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), end - start) }
+    }
+
+    /// The whole buffer to read.
+    ///
+    /// # Safety
+    /// No member writes it until the next barrier (every write to it happened before a
+    /// barrier that the caller has passed).
+    pub unsafe fn read(&self) -> &[f32] {
+        // SAFETY: the borrowed buffer; no concurrent writes by the contract.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(threads: usize) -> rayon::ThreadPool {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+    }
+
+    /// [`run`] on `pool`, again until no other test's team is running.
+    fn run_on<E: Send + From<Aborted>>(
+        pool: &rayon::ThreadPool,
+        f: impl Fn(&Member<'_>) -> Result<(), E> + Sync,
+    ) -> Result<(), E> {
+        loop {
+            if let Some(r) = pool.install(|| run(&f)) {
+                return r;
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    /// Each member's blocks, over all members, cover `0..len` once.
+    #[test]
+    fn blocks_cover_every_element_once() {
+        for (len, block, threads) in [(0, 4, 2), (1, 4, 3), (33, 4, 2), (1023, 16, 16), (7, 0, 3)] {
+            let mut seen = vec![0u32; len];
+            for index in 0..threads {
+                let b = SpinBarrier::new(threads);
+                let m = Member {
+                    index,
+                    threads,
+                    barrier: &b,
+                };
+                for r in m.blocks(len, block) {
+                    assert!(r.len() <= block.max(1));
+                    for s in &mut seen[r] {
+                        *s += 1;
+                    }
+                }
+            }
+            assert!(seen.iter().all(|&s| s == 1), "{len} {block} {threads}");
+        }
+    }
+
+    /// Phases separated by barriers see each other's writes: each member writes its blocks of
+    /// a buffer, and after the barrier every member sums the whole of it.
+    #[test]
+    fn barriers_order_the_phases() {
+        for threads in [2, 3, 16] {
+            let mut buf = vec![f32::NAN; 100];
+            let shared = SharedRows::new(&mut buf);
+            let sums = Mutex::new(Vec::new());
+            let ran = run_on(&pool(threads), |m| -> Result<(), Aborted> {
+                for round in 0..20 {
+                    for r in m.blocks(shared.len(), 7) {
+                        // SAFETY: each member writes its own blocks in this phase.
+                        let part = unsafe { shared.rows_mut(r.clone()) };
+                        for (i, v) in part.iter_mut().enumerate() {
+                            *v = (r.start + i + round) as f32;
+                        }
+                    }
+                    m.wait()?;
+                    // SAFETY: written before the barrier; rewritten after the next.
+                    let s: f32 = unsafe { shared.read() }.iter().sum();
+                    sums.lock().unwrap().push((round, s));
+                    m.wait()?;
+                }
+                Ok(())
+            });
+            assert_eq!(ran, Ok(()));
+            let sums = sums.into_inner().unwrap();
+            assert_eq!(sums.len(), 20 * threads);
+            for (round, s) in sums {
+                assert_eq!(s, (4950 + 100 * round) as f32, "{threads} threads");
+            }
+        }
+    }
+
+    /// One member's error aborts the others, which would otherwise wait at the barrier
+    /// forever; the error comes back, and the next team runs.
+    #[test]
+    fn an_error_aborts_the_team() {
+        #[derive(Debug, PartialEq)]
+        enum E {
+            Mine,
+            Aborted,
+        }
+        impl From<Aborted> for E {
+            fn from(_: Aborted) -> Self {
+                E::Aborted
+            }
+        }
+        let p = pool(3);
+        let ran = run_on(&p, |m| {
+            if m.index() == 1 {
+                return Err(E::Mine);
+            }
+            m.wait()?;
+            m.wait()?;
+            Ok(())
+        });
+        assert_eq!(ran, Err(E::Mine));
+        let again = run_on(&p, |m| -> Result<(), Aborted> { m.wait() });
+        assert_eq!(again, Ok(()));
+    }
+
+    /// A member's panic reaches the caller, and the team is released.
+    #[test]
+    fn a_panic_reaches_the_caller() {
+        let p = pool(2);
+        let caught = catch_unwind(AssertUnwindSafe(|| {
+            run_on(&p, |m| -> Result<(), Aborted> {
+                if m.index() == 0 {
+                    panic!("member failed");
+                }
+                m.wait()
+            })
+        }));
+        assert!(caught.is_err());
+        let again = run_on(&p, |m| -> Result<(), Aborted> { m.wait() });
+        assert_eq!(again, Ok(()));
+    }
+
+    /// One thread, or a team already running: `None`, nothing run.
+    #[test]
+    fn no_team_on_one_thread_or_inside_a_team() {
+        let ran = pool(1).install(|| run(|_| -> Result<(), Aborted> { panic!("ran") }));
+        assert!(ran.is_none());
+        let inner = Mutex::new(Vec::new());
+        let ran = run_on(&pool(2), |_| -> Result<(), Aborted> {
+            let nested = run(|_| -> Result<(), Aborted> { Ok(()) });
+            inner.lock().unwrap().push(nested.is_none());
+            Ok(())
+        });
+        assert_eq!(ran, Ok(()));
+        assert_eq!(inner.into_inner().unwrap(), vec![true, true]);
+    }
+}
