@@ -212,9 +212,10 @@ fn batch1_team_inference_is_bit_identical_to_the_forward() {
         for seed in [1u64, 2, 3] {
             let x = normal_batch(1, 128, seed);
             for mode in [ActivationMode::F32, ActivationMode::Int8] {
-                // The ordinary path: one thread, one fork-join per layer.
-                let want = with_activations(mode, || {
-                    bits(in_pool(1, || model.infer(&x).unwrap()).data())
+                // The ordinary path: one thread, one fork-join per layer. (The mode is per
+                // thread: set on the pool's thread that runs the forward.)
+                let want = in_pool(1, || {
+                    with_activations(mode, || bits(model.infer(&x).unwrap().data()))
                 });
                 if mode == ActivationMode::F32 {
                     assert!(
@@ -226,9 +227,10 @@ fn batch1_team_inference_is_bit_identical_to_the_forward() {
                     // Another test's team may hold the pool's team slot: try again until
                     // this one runs (it is `None` only then, or for layers it cannot take).
                     let mut got = None;
-                    for _ in 0..1000 {
-                        got =
-                            with_activations(mode, || in_pool(threads, || model.infer_on_team(&x)));
+                    for _ in 0..200 {
+                        got = in_pool(threads, || {
+                            with_activations(mode, || model.infer_on_team(&x))
+                        });
                         if got.is_some() {
                             break;
                         }
