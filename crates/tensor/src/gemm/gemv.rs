@@ -378,11 +378,11 @@ fn portable_rows<E: BElem>(
 const F16_PREFETCH_BYTES: usize = 4096;
 
 /// How the batch-1 f16 kernel streams W (`NIBBLE_F16_STREAM`, read once per process): `nta`
-/// (the default: one row at a time, each prefetched 4 KiB ahead with `prefetchnta`, the
-/// fastest on the 2-core Zen 3, see [`F16_PREFETCH_BYTES`]), `t0` (the same with
+/// (the default on the AVX2 path: one row at a time, each prefetched 4 KiB ahead with
+/// `prefetchnta`, the fastest on the 2-core Zen 3, see [`F16_PREFETCH_BYTES`]), `t0` (the same with
 /// `prefetcht0`), either with `:BYTES` for another lead (`t0:8192`), `off` (one row at a time,
 /// the hardware prefetcher alone) or `rows4` (four rows at a time, as f32 weights stream, no
-/// software prefetch). A knob for measuring CPUs whose prefetchers differ (the 16-core Xeon's
+/// software prefetch; the default on the AVX-512 path, the fastest on the 16-core Xeon). A knob for measuring CPUs whose prefetchers differ (the 16-core Xeon's
 /// f16 batch 1 streamed at half the f32 kernel's rate); every choice gives the same sums. An
 /// unknown value is reported on stderr and the default kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -402,7 +402,16 @@ fn f16_stream() -> F16Stream {
     }
     static STREAM: std::sync::OnceLock<F16Stream> = std::sync::OnceLock::new();
     *STREAM.get_or_init(|| {
-        let default = F16Stream::Nta(F16_PREFETCH_BYTES);
+        // The 16-core Xeon (AVX-512) streams f16 rows best four at a time (BigNet
+        // half_precision at batch 1 on a team of 16 threads, one run: rows4 0.267 ms, off
+        // 0.277, t0:1024 0.283, t0 0.341, nta 0.391, nta:8192 0.713; the ordinary path
+        // 0.619 with rows4 against 0.73–0.89 with nta in earlier runs); the 2-core Zen 3
+        // (AVX2) with nta (see F16_PREFETCH_BYTES).
+        let default = if crate::cpu::kernel_path().supported() == crate::cpu::KernelPath::Avx512 {
+            F16Stream::FourRows
+        } else {
+            F16Stream::Nta(F16_PREFETCH_BYTES)
+        };
         let Ok(v) = std::env::var("NIBBLE_F16_STREAM") else {
             return default;
         };
@@ -416,7 +425,7 @@ fn f16_stream() -> F16Stream {
             ("off", _) => F16Stream::Off,
             ("rows4", _) => F16Stream::FourRows,
             _ => {
-                eprintln!("nibble: NIBBLE_F16_STREAM={v:?} is not nta, t0, nta:BYTES, t0:BYTES, off or rows4; using nta");
+                eprintln!("nibble: NIBBLE_F16_STREAM={v:?} is not nta, t0, nta:BYTES, t0:BYTES, off or rows4; using the default");
                 default
             }
         }
