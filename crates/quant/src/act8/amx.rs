@@ -1,0 +1,677 @@
+//! The AMX-INT8 tier of the integer GEMM ([`super::gemm`]): the unit sums `I_u` from tile
+//! dot products (`tdpbssd`), folded into f32 by the GEMM's shared `fold` on the
+//! AVX-512 VNNI tier's lanes, so its outputs have the bits of every other tier.
+//!
+//! # Operands
+//! - **B (W)**: the GEMM packs W into panels of 16 rows, `[kpad / 4][16 rows][4 bytes]`; `K`
+//!   columns of a panel (`K / 4` consecutive 64-byte rows) are one B tile of `K / 4` rows by 64
+//!   bytes, loaded with stride 64. Every kind of weight is a signed byte in the panel (Q4's odd
+//!   codes `2c − 15`, other 4-bit and 3-bit codes 0..=15, NF4 levels and int8 codes −128..=127),
+//!   so one instruction serves every format: `tdpbssd` (signed × signed).
+//! - **A (x)**: the GEMM's prepared x is `xq` as signed bytes, `[m][kpad]` row-major, padded
+//!   with zero vectors to a multiple of 16 (`TILE_ROWS`): 16 vectors × `K` columns are one A
+//!   tile, loaded with stride `kpad`. No `+128` offset, so no correction term.
+//! - **C**: 16 vectors × 16 rows of W in i32, exact (`|I_u| <= 128 · 128 · 128 < 2^31`).
+//!
+//! `K` per instruction is the unit (16 or 64 columns) or, for units of 128, 64 twice into the
+//! same C tile (exact). Q4's units of 16 use a quarter of each tile's depth: the tier suits
+//! units of 64 and 128 best.
+//!
+//! # Tile arrangement
+//! Eight tile registers: four C tiles as 2 × 2 (32 vectors × 32 rows of W, two panels), two A
+//! tiles (the two halves of 32 vectors) and two B tiles (the two panels). Each A and B tile
+//! loaded serves two dot products, the most reuse eight registers allow (one C tile with one A
+//! and one B would load two tiles per product, 2 × 1 or 1 × 2 C tiles 1.5). Per unit the C
+//! tiles start at zero, take the unit's dot products and are stored into a per-block i32
+//! buffer; after `CHUNK_UNITS` units (32 KiB of sums, in L1) the f32 fold runs over them for
+//! each panel and 8 vectors at a time, resuming from the outputs of the previous chunk.
+//! Batches and panels that do not fill 32 × 32 run the tiles they need (one A or one B).
+//!
+//! # Two implementations of the tiles
+//! The driver (`block`) runs on a `TileOps`: `Hardware` (the instructions, inline
+//! `asm!`: AMX has no stable Rust intrinsics) or `Emulator` (scalar code with the
+//! instructions' semantics, reading rows and column bytes from the same 64-byte configuration).
+//! [`super::IntTier::AmxEmulated`] runs the whole driver on the emulator on any CPU, so the
+//! driver is tested where AMX is missing; [`super::IntTier::Amx`] runs the hardware.
+//!
+//! # Availability
+//! [`tiles_permitted`]: CPUID leaf 7 EDX bits 24 (AMX-TILE) and 25 (AMX-INT8), the OS saving
+//! the tile state (XCR0 bits 17 and 18) and, on Linux, the kernel's permission for this process
+//! (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, asked once). AMX runs on Linux only;
+//! anything refused leaves the VNNI tier.
+
+use super::gemm::{fold, Lanes, PackedW, UnitSource, XPrep};
+use super::{YPtr, GROUP};
+
+/// Rows of W per panel (the lanes of the fold: one zmm).
+pub(super) const PANEL_ROWS: usize = 16;
+/// Vectors of x per A tile (and rows of a C tile).
+pub(super) const TILE_ROWS: usize = 16;
+/// Bytes per tile row (palette 1).
+const TILE_BYTES: usize = 64;
+/// Vectors of x per block of the driver (two A tiles).
+const BLOCK_VECTORS: usize = 2 * TILE_ROWS;
+/// Rows of W per block of the driver (two panels, two B tiles).
+const BLOCK_ROWS: usize = 2 * PANEL_ROWS;
+/// Units of sums stored per block before they are folded (`8 · 32 · 32` i32, 32 KiB).
+const CHUNK_UNITS: usize = 8;
+
+/// The 64-byte operand of `ldtilecfg` (palette 1): byte 0 the palette, byte 1 the start row,
+/// bytes `16 + 2t` the bytes per row of tile `t` (u16, little-endian), byte `48 + t` its rows.
+#[repr(C, align(64))]
+pub(super) struct TileConfig {
+    bytes: [u8; 64],
+}
+
+impl TileConfig {
+    /// The driver's tiles for dot products over `k` columns (16 or 64): C tiles 0..=3 of 16
+    /// rows × 64 bytes, A tiles 4 and 5 of 16 rows × `k` bytes, B tiles 6 and 7 of `k / 4` rows
+    /// × 64 bytes.
+    fn for_depth(k: usize) -> TileConfig {
+        let mut bytes = [0u8; 64];
+        bytes[0] = 1;
+        let mut set = |t: usize, rows: usize, colsb: usize| {
+            bytes[16 + 2 * t..18 + 2 * t].copy_from_slice(&(colsb as u16).to_le_bytes());
+            bytes[48 + t] = rows as u8;
+        };
+        for c in 0..4 {
+            set(c, TILE_ROWS, TILE_BYTES);
+        }
+        for a in 4..6 {
+            set(a, TILE_ROWS, k);
+        }
+        for b in 6..8 {
+            set(b, k / 4, TILE_BYTES);
+        }
+        TileConfig { bytes }
+    }
+
+    /// Rows of tile `t` (0 where unconfigured).
+    fn rows(&self, t: usize) -> usize {
+        usize::from(self.bytes[48 + t])
+    }
+
+    /// Bytes per row of tile `t` (0 where unconfigured).
+    fn colsb(&self, t: usize) -> usize {
+        usize::from(u16::from_le_bytes([
+            self.bytes[16 + 2 * t],
+            self.bytes[17 + 2 * t],
+        ]))
+    }
+}
+
+/// The tile operations of the driver on its fixed arrangement: C tile `(v, p)` (register
+/// `2v + p`) accumulates A tile `v` (x, register `4 + v`) times B tile `p` (W, register
+/// `6 + p`), `v` and `p` in `0..2`.
+pub(super) trait TileOps {
+    /// `ldtilecfg`.
+    ///
+    /// # Safety
+    /// The tiles exist on this CPU and the OS lets this thread use them.
+    unsafe fn configure(&mut self, cfg: &TileConfig);
+    /// `tilezero` of C tile `(v, p)`.
+    ///
+    /// # Safety
+    /// Configured.
+    unsafe fn zero(&mut self, v: usize, p: usize);
+    /// `tileloadd` of A tile `v`: its rows from `src`, `stride` bytes apart.
+    ///
+    /// # Safety
+    /// Configured; `src + r · stride` has the tile's bytes per row for each of its rows.
+    unsafe fn load_x(&mut self, v: usize, src: *const u8, stride: usize);
+    /// `tileloadd` of B tile `p`, as [`TileOps::load_x`].
+    ///
+    /// # Safety
+    /// As [`TileOps::load_x`].
+    unsafe fn load_w(&mut self, p: usize, src: *const u8, stride: usize);
+    /// `tdpbssd`: C `(v, p)` += A `v` · B `p` (signed bytes, i32 sums).
+    ///
+    /// # Safety
+    /// Configured.
+    unsafe fn dot(&mut self, v: usize, p: usize);
+    /// `tilestored` of C tile `(v, p)` to `dst`, rows `stride` bytes apart.
+    ///
+    /// # Safety
+    /// Configured; `dst + r · stride` has room for a row for each of the tile's rows.
+    unsafe fn store(&mut self, v: usize, p: usize, dst: *mut i32, stride: usize);
+    /// `tilerelease`.
+    ///
+    /// # Safety
+    /// The tiles exist on this CPU.
+    unsafe fn release(&mut self);
+}
+
+/// The AMX instructions (inline `asm!`; LLVM's assembler knows them without a target
+/// feature). The tile registers are invisible to the compiler, which never allocates them:
+/// each block keeps the ordering of the others (none is `pure`).
+pub(super) struct Hardware;
+
+/// Runs the `asm!` template `$pre tmmN $post` for tile register `N` chosen by a two-way index.
+macro_rules! on_tile {
+    ($idx:expr, [$t0:literal, $t1:literal], $pre:literal, $post:literal, $($ops:tt)*) => {
+        if $idx == 0 {
+            std::arch::asm!(concat!($pre, "tmm", $t0, $post), $($ops)*)
+        } else {
+            std::arch::asm!(concat!($pre, "tmm", $t1, $post), $($ops)*)
+        }
+    };
+}
+
+impl TileOps for Hardware {
+    #[inline(always)]
+    unsafe fn configure(&mut self, cfg: &TileConfig) {
+        // SAFETY: the caller's contract (AMX usable on this thread); `cfg` is 64 readable
+        // bytes.
+        unsafe {
+            std::arch::asm!(
+                "ldtilecfg [{c}]",
+                c = in(reg) cfg.bytes.as_ptr(),
+                options(nostack, readonly)
+            )
+        }
+    }
+    #[inline(always)]
+    unsafe fn zero(&mut self, v: usize, p: usize) {
+        // SAFETY: configured (the caller's contract); touches tile registers only.
+        unsafe {
+            match (v, p) {
+                (0, 0) => std::arch::asm!("tilezero tmm0", options(nostack)),
+                (0, _) => std::arch::asm!("tilezero tmm1", options(nostack)),
+                (_, 0) => std::arch::asm!("tilezero tmm2", options(nostack)),
+                _ => std::arch::asm!("tilezero tmm3", options(nostack)),
+            }
+        }
+    }
+    #[inline(always)]
+    unsafe fn load_x(&mut self, v: usize, src: *const u8, stride: usize) {
+        // SAFETY: the caller's contract: every row of the tile is readable at src + r·stride.
+        unsafe {
+            on_tile!(v, ["4", "5"], "tileloadd ", ", [{s} + {t}*1]",
+                s = in(reg) src, t = in(reg) stride, options(nostack, readonly))
+        }
+    }
+    #[inline(always)]
+    unsafe fn load_w(&mut self, p: usize, src: *const u8, stride: usize) {
+        // SAFETY: as `load_x`.
+        unsafe {
+            on_tile!(p, ["6", "7"], "tileloadd ", ", [{s} + {t}*1]",
+                s = in(reg) src, t = in(reg) stride, options(nostack, readonly))
+        }
+    }
+    #[inline(always)]
+    unsafe fn dot(&mut self, v: usize, p: usize) {
+        // SAFETY: configured (the caller's contract); the shapes of `TileConfig::for_depth`
+        // agree (C rows = A rows, A bytes / 4 = B rows, C bytes = B bytes); tiles only.
+        unsafe {
+            match (v, p) {
+                (0, 0) => std::arch::asm!("tdpbssd tmm0, tmm4, tmm6", options(nostack)),
+                (0, _) => std::arch::asm!("tdpbssd tmm1, tmm4, tmm7", options(nostack)),
+                (_, 0) => std::arch::asm!("tdpbssd tmm2, tmm5, tmm6", options(nostack)),
+                _ => std::arch::asm!("tdpbssd tmm3, tmm5, tmm7", options(nostack)),
+            }
+        }
+    }
+    #[inline(always)]
+    unsafe fn store(&mut self, v: usize, p: usize, dst: *mut i32, stride: usize) {
+        // SAFETY: the caller's contract: every row of the tile fits at dst + r·stride.
+        unsafe {
+            let d = v * 2 + p;
+            if d < 2 {
+                on_tile!(d, ["0", "1"], "tilestored [{s} + {t}*1], ", "",
+                    s = in(reg) dst, t = in(reg) stride, options(nostack))
+            } else {
+                on_tile!(d - 2, ["2", "3"], "tilestored [{s} + {t}*1], ", "",
+                    s = in(reg) dst, t = in(reg) stride, options(nostack))
+            }
+        }
+    }
+    #[inline(always)]
+    unsafe fn release(&mut self) {
+        // SAFETY: the caller's contract (AMX on this CPU); resets the tile state only.
+        unsafe { std::arch::asm!("tilerelease", options(nostack)) }
+    }
+}
+
+/// Scalar code with the semantics of the AMX instructions the driver uses (palette 1: eight
+/// tiles of at most 16 rows × 64 bytes). Misuse that faults on hardware (an unconfigured
+/// tile, shapes that do not agree, a palette other than 1) panics: it is a bug of the driver.
+pub(super) struct Emulator {
+    /// The loaded configuration (`None` before `configure` and after `release`).
+    cfg: Option<([usize; 8], [usize; 8])>,
+    /// The tile registers, `[tile][row][byte]`.
+    tiles: Box<[[[u8; TILE_BYTES]; 16]; 8]>,
+}
+
+impl Emulator {
+    /// A fresh, unconfigured tile state.
+    pub(super) fn new() -> Emulator {
+        Emulator {
+            cfg: None,
+            tiles: Box::new([[[0; TILE_BYTES]; 16]; 8]),
+        }
+    }
+
+    /// `(rows, bytes per row)` of tile `t`, which must be configured.
+    fn shape(&self, t: usize) -> (usize, usize) {
+        let (rows, colsb) = self.cfg.expect("AMX: tile used before ldtilecfg");
+        assert!(
+            rows[t] > 0 && colsb[t] > 0,
+            "AMX: tile {t} is not configured"
+        );
+        (rows[t], colsb[t])
+    }
+
+    /// `tileloadd`: rows and bytes past the configured shape become zero.
+    fn load(&mut self, t: usize, src: *const u8, stride: usize) {
+        let (rows, colsb) = self.shape(t);
+        for (r, row) in self.tiles[t].iter_mut().enumerate() {
+            row.fill(0);
+            if r < rows {
+                // SAFETY: the caller's contract (`TileOps::load_x`): `colsb` bytes at
+                // src + r·stride.
+                let from = unsafe { std::slice::from_raw_parts(src.add(r * stride), colsb) };
+                row[..colsb].copy_from_slice(from);
+            }
+        }
+    }
+}
+
+impl TileOps for Emulator {
+    unsafe fn configure(&mut self, cfg: &TileConfig) {
+        assert_eq!(cfg.bytes[0], 1, "AMX: palette 1 only");
+        let mut rows = [0; 8];
+        let mut colsb = [0; 8];
+        for t in 0..8 {
+            (rows[t], colsb[t]) = (cfg.rows(t), cfg.colsb(t));
+            assert!(
+                rows[t] <= 16 && colsb[t] <= TILE_BYTES,
+                "AMX: tile {t} too large"
+            );
+        }
+        self.cfg = Some((rows, colsb));
+        for t in self.tiles.iter_mut() {
+            *t = [[0; TILE_BYTES]; 16];
+        }
+    }
+    unsafe fn zero(&mut self, v: usize, p: usize) {
+        let c = 2 * v + p;
+        self.shape(c);
+        self.tiles[c] = [[0; TILE_BYTES]; 16];
+    }
+    unsafe fn load_x(&mut self, v: usize, src: *const u8, stride: usize) {
+        self.load(4 + v, src, stride);
+    }
+    unsafe fn load_w(&mut self, p: usize, src: *const u8, stride: usize) {
+        self.load(6 + p, src, stride);
+    }
+    unsafe fn dot(&mut self, v: usize, p: usize) {
+        let (c, a, b) = (2 * v + p, 4 + v, 6 + p);
+        let ((c_rows, c_colsb), (a_rows, a_colsb), (b_rows, b_colsb)) =
+            (self.shape(c), self.shape(a), self.shape(b));
+        assert!(
+            c_rows == a_rows && a_colsb % 4 == 0 && a_colsb / 4 == b_rows && c_colsb == b_colsb,
+            "AMX: tdpbssd shapes do not agree"
+        );
+        let (ta, tb) = (self.tiles[a], self.tiles[b]);
+        let tc = &mut self.tiles[c];
+        for (m, c_row) in tc.iter_mut().enumerate().take(c_rows) {
+            for n in 0..c_colsb / 4 {
+                let mut acc = i32::from_le_bytes(c_row[4 * n..4 * n + 4].try_into().unwrap());
+                for k in 0..a_colsb / 4 {
+                    for j in 0..4 {
+                        let x = i32::from(ta[m][4 * k + j] as i8);
+                        let w = i32::from(tb[k][4 * n + j] as i8);
+                        acc = acc.wrapping_add(x * w);
+                    }
+                }
+                c_row[4 * n..4 * n + 4].copy_from_slice(&acc.to_le_bytes());
+            }
+        }
+    }
+    unsafe fn store(&mut self, v: usize, p: usize, dst: *mut i32, stride: usize) {
+        let c = 2 * v + p;
+        let (rows, colsb) = self.shape(c);
+        for r in 0..rows {
+            let row = &self.tiles[c][r][..colsb];
+            // SAFETY: the caller's contract: `colsb` bytes fit at dst + r·stride.
+            unsafe {
+                std::ptr::copy_nonoverlapping(row.as_ptr(), (dst as *mut u8).add(r * stride), colsb)
+            };
+        }
+    }
+    unsafe fn release(&mut self) {
+        self.cfg = None;
+    }
+}
+
+/// The stored sums of one chunk as a [`fold`] source: unit `u` of vectors `r0..r0 + R` of
+/// the block against panel `p` of the block.
+struct Stored {
+    /// `[unit - u0][vector][row of W]`, [`BLOCK_VECTORS`] × [`BLOCK_ROWS`] per unit.
+    sums: *const i32,
+    /// The chunk's first unit.
+    u0: usize,
+    /// The first vector (in the block).
+    r0: usize,
+    /// The panel (in the block).
+    p: usize,
+}
+
+impl<L: Lanes, const R: usize> UnitSource<L, R> for Stored {
+    #[inline(always)]
+    unsafe fn unit_sums(&self, u: usize) -> [L::I; R] {
+        std::array::from_fn(|r| {
+            let at =
+                ((u - self.u0) * BLOCK_VECTORS + self.r0 + r) * BLOCK_ROWS + self.p * PANEL_ROWS;
+            // SAFETY: the caller's contract: `u` is a unit of the chunk, so its 16 sums at
+            // `at` were stored; L::NR == 16 (checked by `block`).
+            unsafe { L::load_i(self.sums.add(at)) }
+        })
+    }
+}
+
+/// [`fold`] of `nb` (1..=`L::MR`) vectors from [`Stored`] sums, for the unit of `pw`.
+///
+/// # Safety
+/// As [`fold`] for `src`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn fold_any<L: Lanes>(
+    nb: usize,
+    pw: &PackedW,
+    xp: &XPrep,
+    b0: usize,
+    panel: usize,
+    groups: std::ops::Range<usize>,
+    resume: bool,
+    out: *mut f32,
+    src: &Stored,
+) {
+    macro_rules! rows {
+        ($u:literal) => {
+            match nb {
+                1 => fold::<L, _, 1, $u>(pw, xp, b0, panel, groups, resume, out, src),
+                2 => fold::<L, _, 2, $u>(pw, xp, b0, panel, groups, resume, out, src),
+                3 => fold::<L, _, 3, $u>(pw, xp, b0, panel, groups, resume, out, src),
+                4 => fold::<L, _, 4, $u>(pw, xp, b0, panel, groups, resume, out, src),
+                5 if L::MR >= 5 => fold::<L, _, 5, $u>(pw, xp, b0, panel, groups, resume, out, src),
+                6 if L::MR >= 6 => fold::<L, _, 6, $u>(pw, xp, b0, panel, groups, resume, out, src),
+                7 if L::MR >= 7 => fold::<L, _, 7, $u>(pw, xp, b0, panel, groups, resume, out, src),
+                _ if L::MR >= 8 => fold::<L, _, 8, $u>(pw, xp, b0, panel, groups, resume, out, src),
+                _ => unreachable!("at most MR vectors per fold"),
+            }
+        };
+    }
+    // SAFETY: the caller's contract.
+    unsafe {
+        match pw.unit {
+            16 => rows!(16),
+            64 => rows!(64),
+            _ => rows!(128),
+        }
+    }
+}
+
+/// The outputs of vectors `rows` by the panels `panels` on `tiles`, the fold on lanes `L`
+/// (16 of them), written (or added) into `y`. Configures the tiles at the start and releases
+/// them at the end.
+///
+/// # Safety
+/// `tiles` usable on this thread and `L`'s CPU features; `pw` packed with panels of 16 rows
+/// and `xp` prepared without an offset and padded to a multiple of 16 vectors; the rest as
+/// [`super::gemm::block`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block<L: Lanes, T: TileOps>(
+    tiles: &mut T,
+    pw: &PackedW,
+    xp: &XPrep,
+    rows: std::ops::Range<usize>,
+    panels: std::ops::Range<usize>,
+    y: YPtr,
+    o: usize,
+    accumulate: bool,
+) {
+    assert!(L::NR == PANEL_ROWS && pw.nr == PANEL_ROWS && L::MR <= 8);
+    let unit = pw.unit;
+    let depth = unit.min(TILE_BYTES);
+    let per_group = GROUP / unit;
+    let groups = pw.kpad / GROUP;
+    let chunk_groups = (CHUNK_UNITS / per_group).max(1);
+    let mut sums = vec![0i32; CHUNK_UNITS * BLOCK_VECTORS * BLOCK_ROWS];
+    let mut outs = [0.0f32; 2 * BLOCK_VECTORS * PANEL_ROWS];
+    let panel_bytes = pw.kpad * PANEL_ROWS;
+    // SAFETY: the caller's contract; every offset below stays inside `pw.codes` (panels of
+    // the range, columns below kpad), `xp.bytes` (vectors below the padded batch: `b0` is a
+    // multiple of 16 and `b0 + 16 · v < rows.end`), `sums` (units of the chunk) and `outs`.
+    unsafe {
+        tiles.configure(&TileConfig::for_depth(depth));
+        let mut p0 = panels.start;
+        while p0 < panels.end {
+            let np = (panels.end - p0).min(2);
+            let mut b0 = rows.start;
+            while b0 < rows.end {
+                let nb = (rows.end - b0).min(BLOCK_VECTORS);
+                let nv = nb.div_ceil(TILE_ROWS);
+                let mut g0 = 0;
+                while g0 < groups {
+                    let g1 = (g0 + chunk_groups).min(groups);
+                    let u0 = g0 * per_group;
+                    for u in u0..g1 * per_group {
+                        for v in 0..nv {
+                            for p in 0..np {
+                                tiles.zero(v, p);
+                            }
+                        }
+                        for col in (u * unit..(u + 1) * unit).step_by(depth) {
+                            for v in 0..nv {
+                                let x = xp.row(b0 + v * TILE_ROWS).add(col);
+                                tiles.load_x(v, x, xp.row_bytes);
+                            }
+                            for p in 0..np {
+                                let w = pw.codes.as_ptr().add((p0 + p) * panel_bytes + col * 16);
+                                tiles.load_w(p, w, TILE_BYTES);
+                            }
+                            for v in 0..nv {
+                                for p in 0..np {
+                                    tiles.dot(v, p);
+                                }
+                            }
+                        }
+                        for v in 0..nv {
+                            for p in 0..np {
+                                let at = ((u - u0) * BLOCK_VECTORS + v * TILE_ROWS) * BLOCK_ROWS
+                                    + p * PANEL_ROWS;
+                                let stride = BLOCK_ROWS * std::mem::size_of::<i32>();
+                                tiles.store(v, p, sums.as_mut_ptr().add(at), stride);
+                            }
+                        }
+                    }
+                    for p in 0..np {
+                        let mut r0 = 0;
+                        while r0 < nb {
+                            let r = L::MR.min(nb - r0);
+                            let src = Stored {
+                                sums: sums.as_ptr(),
+                                u0,
+                                r0,
+                                p,
+                            };
+                            let out = outs.as_mut_ptr().add((p * BLOCK_VECTORS + r0) * PANEL_ROWS);
+                            fold_any::<L>(r, pw, xp, b0 + r0, p0 + p, g0..g1, g0 > 0, out, &src);
+                            r0 += r;
+                        }
+                    }
+                    g0 = g1;
+                }
+                for p in 0..np {
+                    let cols = PANEL_ROWS.min(o - (p0 + p) * PANEL_ROWS);
+                    for r in 0..nb {
+                        for c in 0..cols {
+                            let v = outs[(p * BLOCK_VECTORS + r) * PANEL_ROWS + c];
+                            y.store((b0 + r) * o + (p0 + p) * PANEL_ROWS + c, v, accumulate);
+                        }
+                    }
+                }
+                b0 += nb;
+            }
+            p0 += np;
+        }
+        tiles.release();
+    }
+}
+
+/// [`block`] on the AMX instructions, the fold on the VNNI tier's lanes, compiled for
+/// AVX-512 F/BW + VNNI.
+///
+/// # Safety
+/// [`tiles_permitted`] held and the CPU has AVX-512 F/BW + VNNI and AVX2/FMA; the contract of
+/// [`block`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn gemm_block(
+    pw: &PackedW,
+    xp: &XPrep,
+    rows: std::ops::Range<usize>,
+    panels: std::ops::Range<usize>,
+    y: YPtr,
+    o: usize,
+    accumulate: bool,
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        block::<super::avx512vnni::Vnni, _>(&mut Hardware, pw, xp, rows, panels, y, o, accumulate)
+    }
+}
+
+/// [`block`] on the [`Emulator`], the fold on scalar lanes of 16 (any CPU).
+///
+/// # Safety
+/// The contract of [`block`] (the tiles and lanes need nothing of the CPU).
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn gemm_block_emulated(
+    pw: &PackedW,
+    xp: &XPrep,
+    rows: std::ops::Range<usize>,
+    panels: std::ops::Range<usize>,
+    y: YPtr,
+    o: usize,
+    accumulate: bool,
+) {
+    let mut tiles = Emulator::new();
+    // SAFETY: the caller's contract; the emulator and scalar lanes run anywhere.
+    unsafe {
+        block::<super::gemm::Scalar<PANEL_ROWS>, _>(
+            &mut tiles, pw, xp, rows, panels, y, o, accumulate,
+        )
+    }
+}
+
+/// Whether this process may run AMX-INT8 tiles: the CPU has AMX-TILE and AMX-INT8 (CPUID leaf
+/// 7, EDX bits 24 and 25), the OS saves the tile state (XCR0 bits 17 and 18, read with
+/// `xgetbv` where CPUID says OSXSAVE) and, on Linux, the kernel grants this process the tile
+/// data (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`). Other systems: `false`.
+/// Asks the kernel on every call: call it once ([`super::has_amx`] does).
+pub fn tiles_permitted() -> bool {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    {
+        use std::arch::x86_64::{__cpuid, __cpuid_count};
+        let leaf0 = __cpuid(0);
+        if leaf0.eax < 7 {
+            return false;
+        }
+        let amx = __cpuid_count(7, 0).edx;
+        let osxsave = __cpuid(1).ecx & (1 << 27) != 0;
+        if amx & (1 << 24) == 0 || amx & (1 << 25) == 0 || !osxsave {
+            return false;
+        }
+        let (lo, _hi): (u32, u32);
+        // SAFETY: `xgetbv` with ECX = 0 reads XCR0; CPUID said OSXSAVE, so it is enabled. It
+        // reads no memory and writes EAX and EDX only.
+        unsafe {
+            std::arch::asm!("xgetbv", in("ecx") 0u32, out("eax") lo, out("edx") _hi,
+                options(nomem, nostack, preserves_flags))
+        };
+        if lo & (1 << 17) == 0 || lo & (1 << 18) == 0 {
+            return false;
+        }
+        request_tile_data()
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    {
+        false
+    }
+}
+
+/// `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0`: the Linux kernel (5.16 and
+/// later) lets this process use the AMX tile data from now on, on every thread.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn request_tile_data() -> bool {
+    const SYS_ARCH_PRCTL: i64 = 158;
+    const ARCH_REQ_XCOMP_PERM: u64 = 0x1023;
+    const XFEATURE_XTILEDATA: u64 = 18;
+    let ret: i64;
+    // SAFETY: the arch_prctl system call with these arguments only asks the kernel to permit
+    // a state component for this process; it reads and writes none of our memory. `syscall`
+    // returns in RAX and clobbers RCX and R11, declared; older kernels answer an error code.
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            inlateout("rax") SYS_ARCH_PRCTL => ret,
+            in("rdi") ARCH_REQ_XCOMP_PERM,
+            in("rsi") XFEATURE_XTILEDATA,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack)
+        )
+    };
+    ret == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The emulator's `tdpbssd` against the formula on a shape the driver does not use
+    /// (7 rows, 32 bytes deep, 40 bytes of C).
+    #[test]
+    fn emulator_follows_the_instruction() {
+        let mut cfg = TileConfig::for_depth(32);
+        for (t, rows, colsb) in [(0usize, 7u8, 40u16), (4, 7, 32), (6, 8, 40)] {
+            cfg.bytes[16 + 2 * t..18 + 2 * t].copy_from_slice(&colsb.to_le_bytes());
+            cfg.bytes[48 + t] = rows;
+        }
+        let a: Vec<u8> = (0..7 * 50).map(|k| (k * 37 % 256) as u8).collect();
+        let b: Vec<u8> = (0..8 * 64).map(|k| (k * 91 % 256) as u8).collect();
+        let mut c = vec![7i32; 16 * 16];
+        let mut e = Emulator::new();
+        // SAFETY: the emulator touches only the buffers, which hold every row it reads or
+        // writes (A 7 rows of 50, B 8 of 64, C 7 rows of 64 bytes).
+        unsafe {
+            e.configure(&cfg);
+            e.zero(0, 0);
+            e.load_x(0, a.as_ptr(), 50);
+            e.load_w(0, b.as_ptr(), 64);
+            e.dot(0, 0);
+            e.dot(0, 0);
+            e.store(0, 0, c.as_mut_ptr(), 64);
+            e.release();
+        }
+        for m in 0..16 {
+            for n in 0..16 {
+                let want = if m < 7 && n < 10 {
+                    2 * (0..32)
+                        .map(|k| {
+                            i32::from(a[m * 50 + k] as i8)
+                                * i32::from(b[(k / 4) * 64 + 4 * n + k % 4] as i8)
+                        })
+                        .sum::<i32>()
+                } else {
+                    7
+                };
+                assert_eq!(c[m * 16 + n], want, "C[{m}][{n}]");
+            }
+        }
+    }
+}
