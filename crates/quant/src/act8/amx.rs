@@ -144,9 +144,11 @@ pub(super) trait TileOps {
 /// The AMX instructions (inline `asm!`; LLVM's assembler knows them without a target
 /// feature). The tile registers are invisible to the compiler, which never allocates them:
 /// each block keeps the ordering of the others (none is `pure`).
+#[cfg(target_arch = "x86_64")]
 pub(super) struct Hardware;
 
 /// Runs the `asm!` template `$pre tmmN $post` for tile register `N` chosen by a two-way index.
+#[cfg(target_arch = "x86_64")]
 macro_rules! on_tile {
     ($idx:expr, [$t0:literal, $t1:literal], $pre:literal, $post:literal, $($ops:tt)*) => {
         if $idx == 0 {
@@ -157,6 +159,7 @@ macro_rules! on_tile {
     };
 }
 
+#[cfg(target_arch = "x86_64")]
 impl TileOps for Hardware {
     #[inline(always)]
     unsafe fn configure(&mut self, cfg: &TileConfig) {
@@ -632,6 +635,74 @@ fn request_tile_data() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Runs the driver's sequence on `tiles` for depth `k`: C (v, p) zeroed, two dot products
+    /// over A (16 rows of 128 bytes, the second K step at byte `k`) and B (two panels'
+    /// steps), stored as i32 `[32][32]`.
+    fn run_sequence<T: TileOps>(tiles: &mut T, k: usize, a: &[u8], b: &[u8]) -> Vec<i32> {
+        let mut c = vec![0x5555_5555i32; 32 * 32];
+        // SAFETY: A has 32 rows of 128 bytes (2k <= 128), B two panels of 2k/4 rows of 64
+        // bytes each; C 32 rows of 32 i32 (stride 128 bytes).
+        unsafe {
+            tiles.configure(&TileConfig::for_depth(k));
+            for v in 0..2 {
+                for p in 0..2 {
+                    tiles.zero(v, p);
+                }
+            }
+            for step in 0..2 {
+                for v in 0..2 {
+                    tiles.load_x(v, a.as_ptr().add(v * 16 * 128 + step * k), 128);
+                }
+                for p in 0..2 {
+                    tiles.load_w(p, b.as_ptr().add(p * 2 * k * 16 + step * k * 16), 64);
+                }
+                for v in 0..2 {
+                    for p in 0..2 {
+                        tiles.dot(v, p);
+                    }
+                }
+            }
+            for v in 0..2 {
+                for p in 0..2 {
+                    tiles.store(v, p, c.as_mut_ptr().add(v * 16 * 32 + p * 16), 128);
+                }
+            }
+            tiles.release();
+        }
+        c
+    }
+
+    /// The instructions and the emulator agree on the driver's sequence (depths 16 and 64),
+    /// and both with the formula; where the CPU lacks AMX, the emulator alone (printed).
+    #[test]
+    fn hardware_and_emulator_agree() {
+        let a: Vec<u8> = (0..32 * 128).map(|k| (k * 37 + k / 7) as u8).collect();
+        let b: Vec<u8> = (0..2 * 128 * 16).map(|k| (k * 91 + k / 13) as u8).collect();
+        let hardware = crate::act8::has_amx();
+        if !hardware {
+            println!("amx: skipping the tile instructions (AMX-INT8 not usable here)");
+        }
+        for k in [16usize, 64] {
+            let emulated = run_sequence(&mut Emulator::new(), k, &a, &b);
+            for v in 0..32 {
+                for n in 0..32 {
+                    let (p, lane) = (n / 16, n % 16);
+                    let want: i32 = (0..2 * k)
+                        .map(|j| {
+                            let w = b[p * 2 * k * 16 + (j / 4) * 64 + 4 * lane + j % 4];
+                            i32::from(a[v * 128 + j] as i8) * i32::from(w as i8)
+                        })
+                        .sum();
+                    assert_eq!(emulated[v * 32 + n], want, "k {k} C[{v}][{n}]");
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            if hardware {
+                assert_eq!(run_sequence(&mut Hardware, k, &a, &b), emulated, "k {k}");
+            }
+        }
+    }
 
     /// The emulator's `tdpbssd` against the formula on a shape the driver does not use
     /// (7 rows, 32 bytes deep, 40 bytes of C).
