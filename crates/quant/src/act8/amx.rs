@@ -347,6 +347,11 @@ impl TileOps for Emulator {
     }
 }
 
+thread_local! {
+    /// This thread's buffer of stored unit sums ([`block`]), kept between calls.
+    static SUMS: std::cell::Cell<Vec<i32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
 /// The stored sums of one chunk as a [`fold`] source: unit `u` of vectors `r0..r0 + R` of
 /// the block against panel `p` of the block.
 struct Stored {
@@ -441,7 +446,9 @@ unsafe fn block<L: Lanes, T: TileOps>(
     let per_group = GROUP / unit;
     let groups = pw.kpad / GROUP;
     let chunk_groups = (CHUNK_UNITS / per_group).max(1);
-    let mut sums = vec![0i32; CHUNK_UNITS * BLOCK_VECTORS * BLOCK_ROWS];
+    // Every value the fold reads was stored by the tiles first: the old contents never show.
+    let mut sums = SUMS.take();
+    sums.resize(CHUNK_UNITS * BLOCK_VECTORS * BLOCK_ROWS, 0);
     let mut outs = [0.0f32; 2 * BLOCK_VECTORS * PANEL_ROWS];
     let panel_bytes = pw.kpad * PANEL_ROWS;
     // SAFETY: the caller's contract; every offset below stays inside `pw.codes` (panels of
@@ -522,6 +529,7 @@ unsafe fn block<L: Lanes, T: TileOps>(
         }
         tiles.release();
     }
+    SUMS.set(sums);
 }
 
 /// [`block`] on the AMX instructions, the fold on the VNNI tier's lanes, compiled for
