@@ -57,6 +57,9 @@ fn main() {
         .unwrap_or(7)
         .max(1);
     let tier = IntTier::for_path(nibble_quant::cpu::kernel_path());
+    if let Err(why) = nibble_quant::act8::amx_status() {
+        println!("AMX not used: {why}");
+    }
     // The generic driver on the tier, and on VNNI next to AMX.
     let mut generic = vec![tier];
     if tier == IntTier::Amx {

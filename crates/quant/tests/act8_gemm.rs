@@ -30,8 +30,8 @@ fn amx_tiers() -> Vec<IntTier> {
         vec![IntTier::Amx, IntTier::AmxEmulated]
     } else {
         println!(
-            "act8 gemm: skipping AMX hardware (no AMX-INT8 + AVX-512 VNNI, no kernel \
-             permission, or NIBBLE_AMX=0); testing the AMX driver on the emulator only"
+            "act8 gemm: skipping AMX hardware ({}); testing the AMX driver on the emulator only",
+            nibble_quant::act8::amx_status().err().unwrap_or_default()
         );
         vec![IntTier::AmxEmulated]
     }

@@ -35,7 +35,7 @@
 //! driver is tested where AMX is missing; [`super::IntTier::Amx`] runs the hardware.
 //!
 //! # Availability
-//! [`tiles_permitted`]: CPUID leaf 7 EDX bits 24 (AMX-TILE) and 25 (AMX-INT8), the OS saving
+//! [`tiles_permitted`] (or why not, [`AmxRefusal`]): CPUID leaf 7 EDX bits 24 (AMX-TILE) and 25 (AMX-INT8), the OS saving
 //! the tile state (XCR0 bits 17 and 18) and, on Linux, the kernel's permission for this process
 //! (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, asked once). AMX runs on Linux only;
 //! anything refused leaves the VNNI tier.
@@ -579,23 +579,49 @@ pub(super) unsafe fn gemm_block_emulated(
     }
 }
 
+/// Why AMX tiles cannot run in this process ([`tiles_permitted`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AmxRefusal {
+    /// Not x86-64 Linux (the only system where this tier asks for the tile state).
+    NotLinuxX86_64,
+    /// CPUID reports no AMX-TILE or AMX-INT8 (or no OSXSAVE).
+    NoCpuSupport,
+    /// The OS does not enable the tile state (XCR0 bits 17 and 18).
+    OsTileStateOff,
+    /// `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)` failed with this return value
+    /// (a negated errno: −22 EINVAL on kernels before 5.16, for example).
+    KernelRefused(i64),
+}
+
+impl std::fmt::Display for AmxRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AmxRefusal::NotLinuxX86_64 => write!(f, "not x86-64 Linux"),
+            AmxRefusal::NoCpuSupport => write!(f, "the CPU has no AMX-TILE/AMX-INT8"),
+            AmxRefusal::OsTileStateOff => write!(f, "XCR0 does not enable the tile state"),
+            AmxRefusal::KernelRefused(r) => {
+                write!(f, "arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA) returned {r}")
+            }
+        }
+    }
+}
+
 /// Whether this process may run AMX-INT8 tiles: the CPU has AMX-TILE and AMX-INT8 (CPUID leaf
 /// 7, EDX bits 24 and 25), the OS saves the tile state (XCR0 bits 17 and 18, read with
 /// `xgetbv` where CPUID says OSXSAVE) and, on Linux, the kernel grants this process the tile
-/// data (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`). Other systems: `false`.
-/// Asks the kernel on every call: call it once ([`super::has_amx`] does).
-pub fn tiles_permitted() -> bool {
+/// data (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`); else the first refusal. Other
+/// systems: refused. Asks the kernel on every call: call it once ([`super::has_amx`] does).
+pub fn tiles_permitted() -> Result<(), AmxRefusal> {
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
     {
         use std::arch::x86_64::{__cpuid, __cpuid_count};
-        let leaf0 = __cpuid(0);
-        if leaf0.eax < 7 {
-            return false;
+        if __cpuid(0).eax < 7 {
+            return Err(AmxRefusal::NoCpuSupport);
         }
         let amx = __cpuid_count(7, 0).edx;
         let osxsave = __cpuid(1).ecx & (1 << 27) != 0;
         if amx & (1 << 24) == 0 || amx & (1 << 25) == 0 || !osxsave {
-            return false;
+            return Err(AmxRefusal::NoCpuSupport);
         }
         let (lo, _hi): (u32, u32);
         // SAFETY: `xgetbv` with ECX = 0 reads XCR0; CPUID said OSXSAVE, so it is enabled. It
@@ -605,20 +631,24 @@ pub fn tiles_permitted() -> bool {
                 options(nomem, nostack, preserves_flags))
         };
         if lo & (1 << 17) == 0 || lo & (1 << 18) == 0 {
-            return false;
+            return Err(AmxRefusal::OsTileStateOff);
         }
-        request_tile_data()
+        match request_tile_data() {
+            0 => Ok(()),
+            r => Err(AmxRefusal::KernelRefused(r)),
+        }
     }
     #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
     {
-        false
+        Err(AmxRefusal::NotLinuxX86_64)
     }
 }
 
-/// `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0`: the Linux kernel (5.16 and
-/// later) lets this process use the AMX tile data from now on, on every thread.
+/// `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`: 0 where the Linux kernel (5.16 and
+/// later) lets this process use the AMX tile data from now on, on every thread, else a negated
+/// errno.
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-fn request_tile_data() -> bool {
+fn request_tile_data() -> i64 {
     const SYS_ARCH_PRCTL: i64 = 158;
     const ARCH_REQ_XCOMP_PERM: u64 = 0x1023;
     const XFEATURE_XTILEDATA: u64 = 18;
@@ -637,7 +667,7 @@ fn request_tile_data() -> bool {
             options(nostack)
         )
     };
-    ret == 0
+    ret
 }
 
 #[cfg(test)]
@@ -689,7 +719,8 @@ mod tests {
         let b: Vec<u8> = (0..2 * 128 * 16).map(|k| (k * 91 + k / 13) as u8).collect();
         let hardware = crate::act8::has_amx();
         if !hardware {
-            println!("amx: skipping the tile instructions (AMX-INT8 not usable here)");
+            let why = crate::act8::amx_status().err().unwrap_or_default();
+            println!("amx: skipping the tile instructions ({why})");
         }
         for k in [16usize, 64] {
             let emulated = run_sequence(&mut Emulator::new(), k, &a, &b);

@@ -27,7 +27,11 @@
 //!   (pairs at most `2 · 128 · 127 < 2^15`), `vpmaddwd` by ones, lanes starting at 0 (W and
 //!   x widened to i16 for a bare `vpmaddwd` ran at the same speed on Zen 3 and doubled the
 //!   packing);
-//! - AVX-512 VNNI: `vpdpbusd` of `xq + 128` by `w` into lanes starting at `−128 · Σ w`.
+//! - AVX-512 VNNI: `vpdpbusd` of `xq + 128` by `w` into lanes starting at `−128 · Σ w`;
+//! - AMX ([`super::amx`]): `tdpbssd` of `xq` by `w` (signed × signed, from zero) in tiles of 16
+//!   vectors × 16 rows, stored to an i32 buffer per unit and folded from there (`fold` takes
+//!   its sums from a `UnitSource`: the micro-kernel's own, or the stored ones), on the VNNI
+//!   tier's lanes (on scalar lanes of 16 with the tile emulator).
 //!
 //! # Work split
 //! Packing runs over panels in parallel (the corrections by the kernel's own unit sums against

@@ -300,11 +300,24 @@ pub fn has_avx512vnni() -> bool {
 /// tiles permitted for this process ([`amx::tiles_permitted`], asked once) and `NIBBLE_AMX`
 /// not `0` (read once, before asking the kernel; for A/B runs against the VNNI tier).
 pub fn has_amx() -> bool {
-    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *HAS.get_or_init(|| {
-        let enabled = std::env::var("NIBBLE_AMX").map_or(true, |v| v.trim() != "0");
-        enabled && has_avx512vnni() && amx::tiles_permitted()
-    })
+    amx_status().is_ok()
+}
+
+/// [`has_amx`], or why not in words (for logs and skipped tests).
+pub fn amx_status() -> Result<(), String> {
+    static STATUS: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    STATUS
+        .get_or_init(|| {
+            if std::env::var("NIBBLE_AMX").is_ok_and(|v| v.trim() == "0") {
+                return Err("disabled by NIBBLE_AMX=0".into());
+            }
+            amx::tiles_permitted().map_err(|r| r.to_string())?;
+            if !has_avx512vnni() {
+                return Err("no AVX-512 VNNI (the fold and small batches need it)".into());
+            }
+            Ok(())
+        })
+        .clone()
 }
 
 impl IntTier {
