@@ -22,9 +22,12 @@
 //! tiles (the two halves of 32 vectors) and two B tiles (the two panels). Each A and B tile
 //! loaded serves two dot products, the most reuse eight registers allow (one C tile with one A
 //! and one B would load two tiles per product, 2 × 1 or 1 × 2 C tiles 1.5). Per unit the C
-//! tiles start at zero, take the unit's dot products and are stored into a per-block i32
-//! buffer; after `CHUNK_UNITS` units (32 KiB of sums, in L1) the f32 fold runs over them for
-//! each panel and 8 vectors at a time, resuming from the outputs of the previous chunk.
+//! tiles start at zero, take the unit's dot products and are stored into a per-thread i32
+//! buffer of `CHUNK_UNITS` (8) units (32 KiB). The f32 fold of a chunk (whole 128-column
+//! groups) runs per panel and 8 vectors at a time (up to 8 folds), resuming from the outputs of
+//! the previous chunk. Chunks alternate between two buffers and the folds of chunk `c − 1` are
+//! spread over the units of chunk `c` (after each unit's tile instructions, its share of the
+//! folds), so that the AVX-512 fold runs while the tile unit computes instead of after it.
 //! Batches and panels that do not fill 32 × 32 run the tiles they need (one A or one B).
 //!
 //! # Two implementations of the tiles
@@ -53,7 +56,8 @@ const TILE_BYTES: usize = 64;
 const BLOCK_VECTORS: usize = 2 * TILE_ROWS;
 /// Rows of W per block of the driver (two panels, two B tiles).
 const BLOCK_ROWS: usize = 2 * PANEL_ROWS;
-/// Units of sums stored per block before they are folded (`8 · 32 · 32` i32, 32 KiB).
+/// Units of sums stored per chunk before they are folded (`8 · 32 · 32` i32, 32 KiB; at least
+/// the 8 units of 16 columns of one group).
 const CHUNK_UNITS: usize = 8;
 
 /// The 64-byte operand of `ldtilecfg` (palette 1): byte 0 the palette, byte 1 the start row,
@@ -442,77 +446,65 @@ unsafe fn block<L: Lanes, T: TileOps>(
 ) {
     assert!(L::NR == PANEL_ROWS && pw.nr == PANEL_ROWS && L::MR <= 8);
     let unit = pw.unit;
-    let depth = unit.min(TILE_BYTES);
     let per_group = GROUP / unit;
     let groups = pw.kpad / GROUP;
     let chunk_groups = (CHUNK_UNITS / per_group).max(1);
-    // Every value the fold reads was stored by the tiles first: the old contents never show.
+    let chunks = groups.div_ceil(chunk_groups);
+    // Two halves: the tiles fill one while the fold reads the other. Every value the fold reads
+    // was stored by the tiles first: the old contents never show.
+    let half = CHUNK_UNITS * BLOCK_VECTORS * BLOCK_ROWS;
     let mut sums = SUMS.take();
-    sums.resize(CHUNK_UNITS * BLOCK_VECTORS * BLOCK_ROWS, 0);
+    sums.resize(2 * half, 0);
+    let base = sums.as_mut_ptr();
     let mut outs = [0.0f32; 2 * BLOCK_VECTORS * PANEL_ROWS];
-    let panel_bytes = pw.kpad * PANEL_ROWS;
-    // SAFETY: the caller's contract; every offset below stays inside `pw.codes` (panels of
-    // the range, columns below kpad), `xp.bytes` (vectors below the padded batch: `b0` is a
-    // multiple of 16 and `b0 + 16 · v < rows.end`), `sums` (units of the chunk) and `outs`.
+    // SAFETY: the caller's contract; `tile_unit` and `fold_task` get blocks inside the batch
+    // and the panel range, units of a chunk, and halves of `sums`.
     unsafe {
-        tiles.configure(&TileConfig::for_depth(depth));
+        tiles.configure(&TileConfig::for_depth(unit.min(TILE_BYTES)));
         let mut p0 = panels.start;
         while p0 < panels.end {
             let np = (panels.end - p0).min(2);
             let mut b0 = rows.start;
             while b0 < rows.end {
                 let nb = (rows.end - b0).min(BLOCK_VECTORS);
-                let nv = nb.div_ceil(TILE_ROWS);
-                let mut g0 = 0;
-                while g0 < groups {
-                    let g1 = (g0 + chunk_groups).min(groups);
-                    let u0 = g0 * per_group;
-                    for u in u0..g1 * per_group {
-                        for v in 0..nv {
-                            for p in 0..np {
-                                tiles.zero(v, p);
-                            }
+                let blk = Block { b0, nb, p0, np };
+                let folds = np * nb.div_ceil(L::MR);
+                // Chunk c's tile work, each unit followed by a share of chunk c − 1's folds,
+                // so that the fold runs while the tiles compute.
+                for c in 0..=chunks {
+                    let chunk = |c: usize| {
+                        let g0 = c * chunk_groups;
+                        (g0..(g0 + chunk_groups).min(groups), base.add(c % 2 * half))
+                    };
+                    let mut done = 0;
+                    let mut fold_upto = |upto: usize| {
+                        let (gs, src) = chunk(c - 1);
+                        while done < upto {
+                            fold_task::<L>(pw, xp, &blk, gs.clone(), src, done, outs.as_mut_ptr());
+                            done += 1;
                         }
-                        for col in (u * unit..(u + 1) * unit).step_by(depth) {
-                            for v in 0..nv {
-                                let x = xp.row(b0 + v * TILE_ROWS).add(col);
-                                tiles.load_x(v, x, xp.row_bytes);
+                    };
+                    if c < chunks {
+                        let (gs, _) = chunk(c);
+                        let us = gs.start * per_group..gs.end * per_group;
+                        let dst = base.add(c % 2 * half);
+                        for (j, u) in us.clone().enumerate() {
+                            tile_unit(
+                                tiles,
+                                pw,
+                                xp,
+                                &blk,
+                                u,
+                                dst.add(j * BLOCK_VECTORS * BLOCK_ROWS),
+                            );
+                            if c > 0 {
+                                fold_upto(folds * (j + 1) / us.len());
                             }
-                            for p in 0..np {
-                                let w = pw.codes.as_ptr().add((p0 + p) * panel_bytes + col * 16);
-                                tiles.load_w(p, w, TILE_BYTES);
-                            }
-                            for v in 0..nv {
-                                for p in 0..np {
-                                    tiles.dot(v, p);
-                                }
-                            }
-                        }
-                        for v in 0..nv {
-                            for p in 0..np {
-                                let at = ((u - u0) * BLOCK_VECTORS + v * TILE_ROWS) * BLOCK_ROWS
-                                    + p * PANEL_ROWS;
-                                let stride = BLOCK_ROWS * std::mem::size_of::<i32>();
-                                tiles.store(v, p, sums.as_mut_ptr().add(at), stride);
-                            }
-                        }
-                    }
-                    for p in 0..np {
-                        let mut r0 = 0;
-                        while r0 < nb {
-                            let r = L::MR.min(nb - r0);
-                            let src = Stored {
-                                sums: sums.as_ptr(),
-                                u0,
-                                r0,
-                                p,
-                            };
-                            let out = outs.as_mut_ptr().add((p * BLOCK_VECTORS + r0) * PANEL_ROWS);
-                            fold_any::<L>(r, pw, xp, b0 + r0, p0 + p, g0..g1, g0 > 0, out, &src);
-                            r0 += r;
                         }
                     }
-                    g0 = g1;
+                    if c > 0 {
+                        fold_upto(folds);
+                    }
                 }
                 for p in 0..np {
                     let cols = PANEL_ROWS.min(o - (p0 + p) * PANEL_ROWS);
@@ -530,6 +522,110 @@ unsafe fn block<L: Lanes, T: TileOps>(
         tiles.release();
     }
     SUMS.set(sums);
+}
+
+/// One block of the driver: vectors `b0..b0 + nb` (`nb <= 32`, `b0` a multiple of 16) by the
+/// panels `p0..p0 + np` (`np <= 2`).
+struct Block {
+    b0: usize,
+    nb: usize,
+    p0: usize,
+    np: usize,
+}
+
+/// Unit `u`'s sums of the block by the tiles, stored to `dst` as `[vector][row of W]`
+/// ([`BLOCK_VECTORS`] × [`BLOCK_ROWS`] i32).
+///
+/// # Safety
+/// Tiles configured for the unit's depth; the block inside the padded batch and `pw`, `u` a
+/// unit of `pw`, `dst` room for the block's sums.
+#[inline(always)]
+unsafe fn tile_unit<T: TileOps>(
+    tiles: &mut T,
+    pw: &PackedW,
+    xp: &XPrep,
+    blk: &Block,
+    u: usize,
+    dst: *mut i32,
+) {
+    let unit = pw.unit;
+    let depth = unit.min(TILE_BYTES);
+    let nv = blk.nb.div_ceil(TILE_ROWS);
+    let panel_bytes = pw.kpad * PANEL_ROWS;
+    // SAFETY: the caller's contract: x rows b0 + 16·v .. + 16 lie in the padded batch (b0 a
+    // multiple of 16, b0 + 16·v < b0 + nb), columns `col..col + depth` below kpad, panels
+    // p0 + p inside `pw`.
+    unsafe {
+        for v in 0..nv {
+            for p in 0..blk.np {
+                tiles.zero(v, p);
+            }
+        }
+        for col in (u * unit..(u + 1) * unit).step_by(depth) {
+            for v in 0..nv {
+                let x = xp.row(blk.b0 + v * TILE_ROWS).add(col);
+                tiles.load_x(v, x, xp.row_bytes);
+            }
+            for p in 0..blk.np {
+                let w = pw
+                    .codes
+                    .as_ptr()
+                    .add((blk.p0 + p) * panel_bytes + col * PANEL_ROWS);
+                tiles.load_w(p, w, TILE_BYTES);
+            }
+            for v in 0..nv {
+                for p in 0..blk.np {
+                    tiles.dot(v, p);
+                }
+            }
+        }
+        for v in 0..nv {
+            for p in 0..blk.np {
+                let at = v * TILE_ROWS * BLOCK_ROWS + p * PANEL_ROWS;
+                tiles.store(v, p, dst.add(at), BLOCK_ROWS * std::mem::size_of::<i32>());
+            }
+        }
+    }
+}
+
+/// Fold number `k` of a chunk (panel `k / ⌈nb / MR⌉` of the block, then `MR` vectors at a
+/// time) over the chunk's `groups`, its sums at `sums` (from the chunk's first unit), into
+/// `outs` (`[panel][vector][16]`), resuming where the chunk is not the first.
+///
+/// # Safety
+/// `L`'s CPU features; every unit of `groups` stored at `sums` for the block; `k` below
+/// `np · ⌈nb / MR⌉`; `outs` the block's outputs.
+#[inline(always)]
+unsafe fn fold_task<L: Lanes>(
+    pw: &PackedW,
+    xp: &XPrep,
+    blk: &Block,
+    groups: std::ops::Range<usize>,
+    sums: *const i32,
+    k: usize,
+    outs: *mut f32,
+) {
+    let per_panel = blk.nb.div_ceil(L::MR);
+    let (p, r0) = (k / per_panel, k % per_panel * L::MR);
+    let r = L::MR.min(blk.nb - r0);
+    let u0 = groups.start * (GROUP / pw.unit);
+    let resume = groups.start > 0;
+    let src = Stored { sums, u0, r0, p };
+    // SAFETY: the caller's contract; `outs` holds the block's [2][32][16] outputs.
+    unsafe {
+        let out = outs.add((p * BLOCK_VECTORS + r0) * PANEL_ROWS);
+        fold_any::<L>(
+            r,
+            pw,
+            xp,
+            blk.b0 + r0,
+            blk.p0 + p,
+            groups,
+            resume,
+            out,
+            &src,
+        );
+    }
 }
 
 /// [`block`] on the AMX instructions, the fold on the VNNI tier's lanes, compiled for
