@@ -372,13 +372,18 @@ struct Stored {
 impl<L: Lanes, const R: usize> UnitSource<L, R> for Stored {
     #[inline(always)]
     unsafe fn unit_sums(&self, u: usize) -> [L::I; R] {
-        std::array::from_fn(|r| {
-            let at =
-                ((u - self.u0) * BLOCK_VECTORS + self.r0 + r) * BLOCK_ROWS + self.p * PANEL_ROWS;
-            // SAFETY: the caller's contract: `u` is a unit of the chunk, so its 16 sums at
-            // `at` were stored; L::NR == 16 (checked by `block`).
-            unsafe { L::load_i(self.sums.add(at)) }
-        })
+        // SAFETY: the caller's contract: `u` is a unit of the chunk, so the 16 sums of each
+        // vector were stored; L::NR == 16 (checked by `block`). A loop, not `from_fn`: a
+        // closure would not inherit the caller's target features.
+        unsafe {
+            let mut sums = [L::zero_i(); R];
+            for (r, s) in sums.iter_mut().enumerate() {
+                let at = ((u - self.u0) * BLOCK_VECTORS + self.r0 + r) * BLOCK_ROWS
+                    + self.p * PANEL_ROWS;
+                *s = L::load_i(self.sums.add(at));
+            }
+            sums
+        }
     }
 }
 
@@ -471,39 +476,32 @@ unsafe fn block<L: Lanes, T: TileOps>(
                 let folds = np * nb.div_ceil(L::MR);
                 // Chunk c's tile work, each unit followed by a share of chunk c − 1's folds,
                 // so that the fold runs while the tiles compute.
+                // (No closures here: they would not inherit the caller's target features, and
+                // the fold's intrinsics would become calls.)
                 for c in 0..=chunks {
-                    let chunk = |c: usize| {
-                        let g0 = c * chunk_groups;
-                        (g0..(g0 + chunk_groups).min(groups), base.add(c % 2 * half))
-                    };
                     let mut done = 0;
-                    let mut fold_upto = |upto: usize| {
-                        let (gs, src) = chunk(c - 1);
-                        while done < upto {
-                            fold_task::<L>(pw, xp, &blk, gs.clone(), src, done, outs.as_mut_ptr());
-                            done += 1;
-                        }
-                    };
+                    let prev = c.saturating_sub(1);
+                    let prev_groups = prev * chunk_groups..((prev + 1) * chunk_groups).min(groups);
+                    let prev_sums = base.add(prev % 2 * half);
                     if c < chunks {
-                        let (gs, _) = chunk(c);
-                        let us = gs.start * per_group..gs.end * per_group;
+                        let us = c * chunk_groups * per_group
+                            ..((c + 1) * chunk_groups).min(groups) * per_group;
                         let dst = base.add(c % 2 * half);
                         for (j, u) in us.clone().enumerate() {
-                            tile_unit(
-                                tiles,
-                                pw,
-                                xp,
-                                &blk,
-                                u,
-                                dst.add(j * BLOCK_VECTORS * BLOCK_ROWS),
-                            );
-                            if c > 0 {
-                                fold_upto(folds * (j + 1) / us.len());
+                            let at = dst.add(j * BLOCK_VECTORS * BLOCK_ROWS);
+                            tile_unit(tiles, pw, xp, &blk, u, at);
+                            let upto = if c > 0 { folds * (j + 1) / us.len() } else { 0 };
+                            while done < upto {
+                                let (gs, o) = (prev_groups.clone(), outs.as_mut_ptr());
+                                fold_task::<L>(pw, xp, &blk, gs, prev_sums, done, o);
+                                done += 1;
                             }
                         }
                     }
-                    if c > 0 {
-                        fold_upto(folds);
+                    while c > 0 && done < folds {
+                        let (gs, o) = (prev_groups.clone(), outs.as_mut_ptr());
+                        fold_task::<L>(pw, xp, &blk, gs, prev_sums, done, o);
+                        done += 1;
                     }
                 }
                 for p in 0..np {
