@@ -402,7 +402,7 @@ unsafe fn fold_any<L: Lanes>(
     groups: std::ops::Range<usize>,
     resume: bool,
     out: *mut f32,
-    src: &Stored,
+    src: Stored,
 ) {
     macro_rules! rows {
         ($u:literal) => {
@@ -612,17 +612,7 @@ unsafe fn fold_task<L: Lanes>(
     // SAFETY: the caller's contract; `outs` holds the block's [2][32][16] outputs.
     unsafe {
         let out = outs.add((p * BLOCK_VECTORS + r0) * PANEL_ROWS);
-        fold_any::<L>(
-            r,
-            pw,
-            xp,
-            blk.b0 + r0,
-            blk.p0 + p,
-            groups,
-            resume,
-            out,
-            &src,
-        );
+        fold_any::<L>(r, pw, xp, blk.b0 + r0, blk.p0 + p, groups, resume, out, src);
     }
 }
 

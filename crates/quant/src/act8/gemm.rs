@@ -414,24 +414,24 @@ pub(super) trait UnitSource<L: Lanes, const R: usize> {
 }
 
 /// The micro-kernel's own source: `L::unit_sums` over the packed panel and x.
-struct Computed<'a, const R: usize, const UNIT: usize> {
-    pw: &'a PackedW,
+#[derive(Clone, Copy)]
+struct Computed<const R: usize, const UNIT: usize> {
     /// The panel's first byte.
     wbase: *const u8,
     /// Each vector's first byte.
     xrow: [*const u8; R],
-    /// The panel's first `[unit][lane]` value of `pw.corr`.
-    meta: usize,
+    /// The panel's `[unit][lane]` corrections (for kernels with [`Lanes::OFFSET_X`]).
+    corr: *const i32,
 }
 
-impl<L: Lanes, const R: usize, const UNIT: usize> UnitSource<L, R> for Computed<'_, R, UNIT> {
+impl<L: Lanes, const R: usize, const UNIT: usize> UnitSource<L, R> for Computed<R, UNIT> {
     #[inline(always)]
     unsafe fn unit_sums(&self, u: usize) -> [L::I; R] {
-        // SAFETY: the caller's contract; `wbase`, `xrow` and `meta` were made from the same
+        // SAFETY: the caller's contract; `wbase`, `xrow` and `corr` were made from the same
         // `PackedW` and `XPrep` ([`tile`]), and unit `u` lies inside them.
         unsafe {
             let init = if L::OFFSET_X {
-                L::load_i(self.pw.corr.as_ptr().add(self.meta + u * L::NR))
+                L::load_i(self.corr.add(u * L::NR))
             } else {
                 L::zero_i()
             };
@@ -462,7 +462,7 @@ pub(super) unsafe fn fold<L: Lanes, S: UnitSource<L, R>, const R: usize, const U
     groups: std::ops::Range<usize>,
     resume: bool,
     out: *mut f32,
-    src: &S,
+    src: S,
 ) {
     let nr = L::NR;
     debug_assert!(pw.nr == nr && pw.unit == UNIT);
@@ -519,15 +519,15 @@ unsafe fn tile<L: Lanes, const R: usize, const UNIT: usize>(
     panel: usize,
     out: *mut f32,
 ) {
+    let meta = panel * pw.units * L::NR;
     let src = Computed::<R, UNIT> {
-        pw,
         // SAFETY: the panel lies inside `pw.codes` (caller).
         wbase: unsafe { pw.codes.as_ptr().add(panel * pw.kpad * L::NR) },
         xrow: std::array::from_fn(|r| xp.row(b0 + r)),
-        meta: panel * pw.units * L::NR,
+        corr: pw.corr.as_ptr().wrapping_add(meta),
     };
     // SAFETY: the caller's contract; `src` covers every unit of the panel.
-    unsafe { fold::<L, _, R, UNIT>(pw, xp, b0, panel, 0..pw.kpad / GROUP, false, out, &src) }
+    unsafe { fold::<L, _, R, UNIT>(pw, xp, b0, panel, 0..pw.kpad / GROUP, false, out, src) }
 }
 
 /// [`tile`] for `nb` (1..=8) vectors and the unit of `pw`.
