@@ -492,15 +492,15 @@ unsafe fn block<L: Lanes, T: TileOps>(
                             tile_unit(tiles, pw, xp, &blk, u, at);
                             let upto = if c > 0 { folds * (j + 1) / us.len() } else { 0 };
                             while done < upto {
-                                let (gs, o) = (prev_groups.clone(), outs.as_mut_ptr());
-                                fold_task::<L>(pw, xp, &blk, gs, prev_sums, done, o);
+                                let (gs, out) = (prev_groups.clone(), outs.as_mut_ptr());
+                                fold_task::<L>(pw, xp, &blk, gs, prev_sums, done, out);
                                 done += 1;
                             }
                         }
                     }
                     while c > 0 && done < folds {
-                        let (gs, o) = (prev_groups.clone(), outs.as_mut_ptr());
-                        fold_task::<L>(pw, xp, &blk, gs, prev_sums, done, o);
+                        let (gs, out) = (prev_groups.clone(), outs.as_mut_ptr());
+                        fold_task::<L>(pw, xp, &blk, gs, prev_sums, done, out);
                         done += 1;
                     }
                 }
