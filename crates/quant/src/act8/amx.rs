@@ -827,6 +827,34 @@ mod tests {
         }
     }
 
+    /// The configuration bytes at the offsets of the `ldtilecfg` operand (Intel SDM, palette
+    /// 1), read without the accessors the emulator shares with the writer.
+    #[test]
+    fn tile_config_layout() {
+        for k in [16usize, 64] {
+            let b = TileConfig::for_depth(k).bytes;
+            assert_eq!((b[0], b[1]), (1, 0), "palette 1, start row 0");
+            assert!(b[2..16].iter().all(|&v| v == 0), "reserved bytes");
+            let colsb = |t: usize| usize::from(b[16 + 2 * t]) | usize::from(b[17 + 2 * t]) << 8;
+            let want = [(16, 64), (16, 64), (16, 64), (16, 64), (16, k), (16, k)];
+            for (t, &(rows, bytes)) in want.iter().enumerate() {
+                assert_eq!(
+                    (usize::from(b[48 + t]), colsb(t)),
+                    (rows, bytes),
+                    "tile {t}"
+                );
+            }
+            for t in 6..8 {
+                assert_eq!((usize::from(b[48 + t]), colsb(t)), (k / 4, 64), "tile {t}");
+            }
+            assert!(
+                b[32..48].iter().all(|&v| v == 0),
+                "tiles 8..16 bytes per row"
+            );
+            assert!(b[56..64].iter().all(|&v| v == 0), "tiles 8..16 rows");
+        }
+    }
+
     /// The emulator's `tdpbssd` against the formula on a shape the driver does not use
     /// (7 rows, 32 bytes deep, 40 bytes of C).
     #[test]
