@@ -1,11 +1,13 @@
 //! Times every quantized format's forward with f32 activations, with int8 activations as
 //! `matmul_t` dispatches them (the fused Q4 GEMV below batch 16, the generic driver or the f32
 //! path, see `nibble_quant::act8`), and on the generic int8 driver (`act8::forward`: the
-//! integer GEMM from batch 16) itself, all in the same run (1024x1024, batch 1 and 1024 by
+//! integer GEMM from batch 8) itself, all in the same run (1024x1024, batch 1 and 1024 by
 //! default; `act8_bench DIM BATCH...`), on the current rayon pool (`RAYON_NUM_THREADS`) and
-//! kernel path (`NIBBLE_KERNEL`), printing a table. The three are run interleaved, 7 rounds
-//! after a warm-up (`ACT8_BENCH_REPS` to change), and reported as median and minimum (the
-//! minimum is the figure to compare on a busy machine).
+//! kernel path (`NIBBLE_KERNEL`), printing a table. Where the tier is AMX (`NIBBLE_AMX=0`
+//! turns it off) the generic driver is also timed on the AVX-512 VNNI tier (`vnni_ms`), so the
+//! two compare in one run. They are run interleaved, 7 rounds after a warm-up
+//! (`ACT8_BENCH_REPS` to change), and reported as median and minimum (the minimum is the
+//! figure to compare on a busy machine).
 
 use nibble_quant::act8::{forward, with_activations, ActivationMode, IntCodes, IntTier};
 use nibble_quant::{Int8Matrix, LowerMatrix, Nf4Matrix, Q4Matrix};
@@ -55,22 +57,31 @@ fn main() {
         .unwrap_or(7)
         .max(1);
     let tier = IntTier::for_path(nibble_quant::cpu::kernel_path());
+    if let Err(why) = nibble_quant::act8::amx_status() {
+        println!("AMX not used: {why}");
+    }
+    // The generic driver on the tier, and on VNNI next to AMX.
+    let mut generic = vec![tier];
+    if tier == IntTier::Amx {
+        generic.push(IntTier::Avx512Vnni);
+    }
     println!(
-        "format  batch  f32_ms (min)      int8_ms (min)     generic_ms (min)  int8/f32  generic/f32 (of medians; of minima)"
+        "format  batch  f32_ms (min)      int8_ms (min)     generic_ms (min)  int8/f32  generic/f32 (of medians; of minima){}",
+        if generic.len() > 1 { "  vnni_ms (min)  vnni/f32" } else { "" }
     );
     for &m in &batches {
         let x = Tensor::randn(&[m, dim], &mut Rng::new(2)).into_vec();
         let mut y = vec![0.0f32; m * dim];
         for (name, f) in &fmts {
-            // 0: f32, 1: int8 as routed, 2: the generic driver.
+            // 0: f32, 1: int8 as routed, 2..: the generic driver on `generic[k - 2]`.
             let mut run = |k: usize| match k {
                 0 => with_activations(ActivationMode::F32, || f.matmul_t(&x, m, &mut y, false))
                     .unwrap(),
                 1 => with_activations(ActivationMode::Int8, || f.matmul_t(&x, m, &mut y, false))
                     .unwrap(),
-                _ => assert!(forward(tier, f.as_int(), &x, m, &mut y, false)),
+                _ => assert!(forward(generic[k - 2], f.as_int(), &x, m, &mut y, false)),
             };
-            let mut times = vec![Vec::new(); 3];
+            let mut times = vec![Vec::new(); 2 + generic.len()];
             for round in 0..=reps {
                 for (k, t) in times.iter_mut().enumerate() {
                     let ms = time_ms(&mut || run(k));
@@ -80,8 +91,15 @@ fn main() {
                 }
             }
             let [(a, a0), (b, b0), (g, g0)] = [0, 1, 2].map(|k| median_min(times[k].clone()));
+            let vnni = match times.get(3) {
+                Some(t) => {
+                    let (v, v0) = median_min(t.clone());
+                    format!("  {v:7.3} ({v0:7.3})  {:8.2}", v / a)
+                }
+                None => String::new(),
+            };
             println!(
-                "{name:7} {m:5}  {a:7.3} ({a0:7.3})  {b:7.3} ({b0:7.3})  {g:7.3} ({g0:7.3})  {:8.2}  {:11.2}; {:.2} {:.2}",
+                "{name:7} {m:5}  {a:7.3} ({a0:7.3})  {b:7.3} ({b0:7.3})  {g:7.3} ({g0:7.3})  {:8.2}  {:11.2}; {:.2} {:.2}{vnni}",
                 b / a,
                 g / a,
                 b0 / a0,

@@ -16,7 +16,7 @@ use nibble_tensor::{Rng, Tensor, WeightMatrix};
 /// Tiers this CPU runs, printing the ones it lacks.
 fn tiers() -> Vec<IntTier> {
     let t = IntTier::available();
-    for want in [IntTier::Avx2, IntTier::Avx512Vnni] {
+    for want in [IntTier::Avx2, IntTier::Avx512Vnni, IntTier::Amx] {
         if !t.contains(&want) {
             println!("act8: skipping tier {want:?} (this CPU lacks it)");
         }

@@ -2,22 +2,39 @@
 //! bit-identical to the scalar reference `gemm_ref` (which spells out the integer sums and the
 //! f32 combination loop by loop) for every format on ragged shapes, with all-zero rows of x,
 //! ±extreme activations and zero blocks of W, outputs pre-filled with NaN; the same bits on 1, 2
-//! and 3 threads; `accumulate` adding.
+//! and 3 threads; `accumulate` adding. The AMX driver runs on its scalar tile emulator
+//! (`IntTier::AmxEmulated`) on every CPU, and on the instructions where the CPU has AMX.
 
 use nibble_quant::act8::gemm::{gemm_ref, GEMM_MIN_M};
 use nibble_quant::act8::{forward, IntCodes, IntTier};
 use nibble_quant::{Int8Matrix, LowerMatrix, Nf4Matrix, Q4Matrix};
 use nibble_tensor::{Rng, Tensor};
 
-/// Tiers this CPU runs, printing the ones it lacks.
+/// Tiers this CPU runs and the emulated AMX tier, printing the ones it lacks.
 fn tiers() -> Vec<IntTier> {
-    let t = IntTier::available();
-    for want in [IntTier::Avx2, IntTier::Avx512Vnni] {
+    let mut t = IntTier::available();
+    for want in [IntTier::Avx2, IntTier::Avx512Vnni, IntTier::Amx] {
         if !t.contains(&want) {
             println!("act8 gemm: skipping tier {want:?} (this CPU lacks it)");
         }
     }
+    t.push(IntTier::AmxEmulated);
     t
+}
+
+/// The AMX tiers to test: the emulated one always, the hardware one where usable (printing
+/// when not).
+fn amx_tiers() -> Vec<IntTier> {
+    if IntTier::Amx.supported() == IntTier::Amx {
+        println!("act8 gemm: AMX-INT8 usable, testing the tile instructions and the emulator");
+        vec![IntTier::Amx, IntTier::AmxEmulated]
+    } else {
+        println!(
+            "act8 gemm: skipping AMX hardware ({}); testing the AMX driver on the emulator only",
+            nibble_quant::act8::amx_status().err().unwrap_or_default()
+        );
+        vec![IntTier::AmxEmulated]
+    }
 }
 
 /// W `[o, i]` with a zero block (rows 1.., columns 0..16) and one row of large values.
@@ -114,6 +131,7 @@ fn every_tier_matches_the_reference() {
 fn bits_independent_of_threads() {
     let w = weights(200, 320, 11);
     let x = activations(70, 320, 12);
+    let tiers = tiers();
     let run = |threads: usize| {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -122,7 +140,7 @@ fn bits_independent_of_threads() {
         pool.install(|| {
             let mut out = Vec::new();
             for (_, f) in formats(&w) {
-                for &t in &IntTier::available() {
+                for &t in &tiers {
                     for m in [GEMM_MIN_M, 70] {
                         let mut y = vec![f32::NAN; m * 200];
                         assert!(forward(t, f.as_ref(), &x[..m * 320], m, &mut y, false));
@@ -140,5 +158,82 @@ fn bits_independent_of_threads() {
         for (a, b) in one.iter().zip(&other) {
             assert!(same_bits(a, b), "{threads} threads");
         }
+    }
+}
+
+/// The AMX driver's blocks (32 vectors x 32 rows of W in 16 x 16 tiles, sums folded 8 units at
+/// a time) on shapes around every boundary: batches and rows of W of 1, 7, 15, 17, 31, 33, 63,
+/// 129 and 1023, lengths from 1 to 1023 (units of 16, 64 and 128 in one or many chunks),
+/// against the reference, bit for bit, also accumulating (batches below the GEMM against the
+/// portable tier).
+#[test]
+fn amx_driver_matches_the_reference() {
+    let amx = amx_tiers();
+    let shapes: &[(usize, usize, &[usize])] = &[
+        // (o, m, lengths)
+        (1, 0, &[64]),
+        (7, 1, &[129]),
+        (15, 7, &[129]),
+        (17, 15, &[1, 63, 129, 1023]),
+        (31, 17, &[7, 64, 1023]),
+        (33, 31, &[15, 128, 129]),
+        (63, 33, &[17, 256, 1023]),
+        (129, 63, &[31, 129]),
+        (33, 129, &[33, 192]),
+        (1023, 16, &[129]),
+        (7, 1023, &[63]),
+    ];
+    for &(o, m, lengths) in shapes {
+        for &i in lengths {
+            let w = weights(o, i, (o * 31 + i) as u64);
+            let x = activations(m.max(4), i, (m + i) as u64);
+            let x = &x[..m * i];
+            for (name, f) in formats(&w) {
+                let mut want = vec![f32::NAN; m * o];
+                if !gemm_ref(f.as_ref(), x, m, &mut want) {
+                    assert!(name.starts_with("nf4") && i % 64 != 0, "{name} {o}x{i}");
+                    continue;
+                }
+                if m < GEMM_MIN_M {
+                    // Below the GEMM every tier runs the dot-product driver, whose f32
+                    // combination is its own: the portable tier's bits are the reference.
+                    want.fill(f32::NAN);
+                    assert!(forward(IntTier::Scalar, f.as_ref(), x, m, &mut want, false));
+                }
+                for &t in &amx {
+                    let mut y = vec![f32::NAN; m * o];
+                    assert!(forward(t, f.as_ref(), x, m, &mut y, false));
+                    assert!(
+                        same_bits(&y, &want),
+                        "{name} {o}x{i} m {m}: tier {t:?} differs from the reference"
+                    );
+                    let mut acc = vec![-0.25f32; m * o];
+                    assert!(forward(t, f.as_ref(), x, m, &mut acc, true));
+                    assert!(
+                        acc.iter().zip(&want).all(|(a, b)| *a == -0.25 + b),
+                        "{name} {o}x{i} m {m}: tier {t:?} accumulate"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The AMX tier is chosen on the AVX-512 path exactly where it is usable, and routes the GEMM
+/// from batch 16 for every format.
+#[test]
+fn amx_tier_selection() {
+    use nibble_quant::act8::{gemm_route, has_amx};
+    use nibble_quant::cpu::KernelPath;
+    let on_avx512 = IntTier::for_path(KernelPath::Avx512);
+    assert_eq!(on_avx512 == IntTier::Amx, has_amx());
+    assert_eq!(IntTier::available().contains(&IntTier::Amx), has_amx());
+    if !has_amx() {
+        assert_ne!(IntTier::Amx.supported(), IntTier::Amx);
+    }
+    assert_eq!(IntTier::AmxEmulated.supported(), IntTier::AmxEmulated);
+    assert!(!IntTier::available().contains(&IntTier::AmxEmulated));
+    for f in ["q4", "nf4", "int8", "lower"] {
+        assert_eq!(gemm_route(IntTier::Amx, f), Some(16..usize::MAX), "{f}");
     }
 }

@@ -5,7 +5,7 @@
 //! and on AVX-512 VNNI, one zmm; 8 on the scalar tier): for each 4 consecutive columns (a
 //! *step*) the panel holds `NR × 4` bytes, row after row, which is the operand layout of
 //! `vpdpbusd` / `vpmaddubsw` with the rows of W in the output lanes (and, at 16 rows, the `B`
-//! tile layout of AMX `tdpbusd`: 16 steps of a panel are one 16 × 64-byte tile). The weights are
+//! tile layout of AMX `tdpbssd`, [`super::amx`]: 16 steps of a panel are one 16 × 64-byte tile). The weights are
 //! stored as signed bytes `w`: Q4's codes as the odd values `2c − 15` (`w' = (n/15) · w`, no
 //! offset term, [`super::IntCodes::int_centered`]), other 4-bit and 3-bit codes as they are,
 //! signed codes (NF4 levels, int8) as they are. Per panel and unit: the unit's f32 scale and
@@ -27,7 +27,11 @@
 //!   (pairs at most `2 · 128 · 127 < 2^15`), `vpmaddwd` by ones, lanes starting at 0 (W and
 //!   x widened to i16 for a bare `vpmaddwd` ran at the same speed on Zen 3 and doubled the
 //!   packing);
-//! - AVX-512 VNNI: `vpdpbusd` of `xq + 128` by `w` into lanes starting at `−128 · Σ w`.
+//! - AVX-512 VNNI: `vpdpbusd` of `xq + 128` by `w` into lanes starting at `−128 · Σ w`;
+//! - AMX ([`super::amx`]): `tdpbssd` of `xq` by `w` (signed × signed, from zero) in tiles of 16
+//!   vectors × 16 rows, stored to an i32 buffer per unit and folded from there (`fold` takes
+//!   its sums from a `UnitSource`: the micro-kernel's own, or the stored ones), on the VNNI
+//!   tier's lanes (on scalar lanes of 16 with the tile emulator).
 //!
 //! # Work split
 //! Packing runs over panels in parallel (the corrections by the kernel's own unit sums against
@@ -55,15 +59,15 @@ const MAX_TILE: usize = 8 * 16;
 /// W packed into panels for one kernel (see the [module docs](self)).
 pub(super) struct PackedW {
     /// Rows per panel.
-    nr: usize,
+    pub(super) nr: usize,
     /// Padded columns (a multiple of 128).
-    kpad: usize,
+    pub(super) kpad: usize,
     /// Columns per unit.
-    unit: usize,
+    pub(super) unit: usize,
     /// Units per row (`kpad / unit`).
-    units: usize,
+    pub(super) units: usize,
     /// The weights, `[panel][kpad / 4][nr][4 bytes]`.
-    codes: Vec<u8>,
+    pub(super) codes: Vec<u8>,
     /// `−128 · Σ_{k∈u} w_k`, `[panel][unit][nr]`.
     corr: Vec<i32>,
     /// Per-unit scale, `[panel][unit][nr]`.
@@ -314,10 +318,10 @@ fn pack(
 /// x as one kernel reads it.
 pub(super) struct XPrep<'a> {
     /// Bytes per row.
-    row_bytes: usize,
+    pub(super) row_bytes: usize,
     /// `[m, row_bytes]`: per element `xq + 128` (u8) for kernels with [`Lanes::OFFSET_X`],
-    /// else `xq` (i8).
-    bytes: Vec<u8>,
+    /// else `xq` (i8); zero rows after the batch where the kernel asks for them.
+    pub(super) bytes: Vec<u8>,
     /// `[m, kpad / 128]` group scales.
     sx: &'a [f32],
     /// `[m, units]` unit sums `Q_u` as f32 (empty when W has no offsets).
@@ -325,7 +329,8 @@ pub(super) struct XPrep<'a> {
 }
 
 impl XPrep<'_> {
-    fn row(&self, b: usize) -> *const u8 {
+    /// Vector `b`'s first byte.
+    pub(super) fn row(&self, b: usize) -> *const u8 {
         self.bytes[b * self.row_bytes..].as_ptr()
     }
 }
@@ -396,42 +401,87 @@ pub(super) trait Lanes {
     unsafe fn store(v: Self::F, p: *mut f32);
 }
 
-/// `R` vectors of x (from `b0`) by panel `panel`, over every column, units of `UNIT`: writes
-/// the outputs to `out[r · NR + lane]`.
+/// Where [`fold`] takes each unit's integer sums from.
+pub(super) trait UnitSource<L: Lanes, const R: usize> {
+    /// `I_u` of unit `u` (counted from the row's first column) for the `R` vectors, `NR`
+    /// lanes each, plus the kernel's start value (the correction `−128 · Σ w` for kernels with
+    /// [`Lanes::OFFSET_X`]).
+    ///
+    /// # Safety
+    /// `u` is a unit of the panel and vectors the source was made for, and the kernel's CPU
+    /// features are there.
+    unsafe fn unit_sums(&self, u: usize) -> [L::I; R];
+}
+
+/// The micro-kernel's own source: `L::unit_sums` over the packed panel and x.
+#[derive(Clone, Copy)]
+struct Computed<const R: usize, const UNIT: usize> {
+    /// The panel's first byte.
+    wbase: *const u8,
+    /// Each vector's first byte.
+    xrow: [*const u8; R],
+    /// The panel's `[unit][lane]` corrections (for kernels with [`Lanes::OFFSET_X`]).
+    corr: *const i32,
+}
+
+impl<L: Lanes, const R: usize, const UNIT: usize> UnitSource<L, R> for Computed<R, UNIT> {
+    #[inline(always)]
+    unsafe fn unit_sums(&self, u: usize) -> [L::I; R] {
+        // SAFETY: the caller's contract; `wbase`, `xrow` and `corr` were made from the same
+        // `PackedW` and `XPrep` ([`tile`]), and unit `u` lies inside them.
+        unsafe {
+            let init = if L::OFFSET_X {
+                L::load_i(self.corr.add(u * L::NR))
+            } else {
+                L::zero_i()
+            };
+            let at = u * UNIT;
+            let x: [*const u8; R] = std::array::from_fn(|r| self.xrow[r].add(at));
+            L::unit_sums::<R, UNIT>(x, self.wbase.add(at * L::NR), init)
+        }
+    }
+}
+
+/// The f32 fold of the integer sums (the sequence of the [module docs](self), the same on
+/// every tier): `R` vectors of x (from `b0`) by panel `panel`, units of `UNIT`, over the
+/// 128-column groups `groups`, the sums from `src`. Starts from `y = 0`, or with `resume` from
+/// the values in `out` (a fold over earlier groups left them there: the same bits as one fold
+/// over all groups); writes `y` to `out[r · NR + lane]`.
 ///
 /// # Safety
-/// The kernel's CPU features; `b0 + R` vectors in `xp`, `panel` inside `pw` packed for `L`
-/// (`pw.nr == L::NR`, `pw.unit == UNIT`), `out` has `R · NR` values.
+/// The kernel's CPU features; `b0 + R` vectors in `xp`, `panel` and `groups` inside `pw`
+/// packed for `L` (`pw.nr == L::NR`, `pw.unit == UNIT`), `src` valid for every unit of
+/// `groups`, `out` has `R · NR` values.
 #[inline(always)]
-unsafe fn tile<L: Lanes, const R: usize, const UNIT: usize>(
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn fold<L: Lanes, S: UnitSource<L, R>, const R: usize, const UNIT: usize>(
     pw: &PackedW,
     xp: &XPrep,
     b0: usize,
     panel: usize,
+    groups: std::ops::Range<usize>,
+    resume: bool,
     out: *mut f32,
+    src: S,
 ) {
     let nr = L::NR;
     debug_assert!(pw.nr == nr && pw.unit == UNIT);
     let per_group = GROUP / UNIT;
-    let groups = pw.kpad / GROUP;
+    let all_groups = pw.kpad / GROUP;
     let meta = panel * pw.units * nr;
     // SAFETY: every pointer below stays inside its buffer by the layouts of `PackedW` and
     // `XPrep` and the caller's contract (the whole body).
     unsafe {
-        let wbase = pw.codes.as_ptr().add(panel * pw.kpad * nr);
-        let xrow: [*const u8; R] = std::array::from_fn(|r| xp.row(b0 + r));
         let mut y = [L::splat(0.0); R];
-        for g in 0..groups {
+        if resume {
+            for (r, v) in y.iter_mut().enumerate() {
+                *v = L::load_f(out.add(r * nr));
+            }
+        }
+        for g in groups {
             let mut acc = [L::splat(0.0); R];
             for u in g * per_group..(g + 1) * per_group {
-                let init = if L::OFFSET_X {
-                    L::load_i(pw.corr.as_ptr().add(meta + u * nr))
-                } else {
-                    L::zero_i()
-                };
-                let at = u * UNIT;
-                let x: [*const u8; R] = std::array::from_fn(|r| xrow[r].add(at));
-                let sums = L::unit_sums::<R, UNIT>(x, wbase.add(at * nr), init);
+                let sums = src.unit_sums(u);
                 let sc = L::load_f(pw.scale.as_ptr().add(meta + u * nr));
                 for r in 0..R {
                     acc[r] = L::fma(L::to_f32(sums[r]), sc, acc[r]);
@@ -445,7 +495,7 @@ unsafe fn tile<L: Lanes, const R: usize, const UNIT: usize>(
                 }
             }
             for r in 0..R {
-                let s = *xp.sx.get_unchecked((b0 + r) * groups + g);
+                let s = *xp.sx.get_unchecked((b0 + r) * all_groups + g);
                 y[r] = L::fma(acc[r], L::splat(s), y[r]);
             }
         }
@@ -453,6 +503,31 @@ unsafe fn tile<L: Lanes, const R: usize, const UNIT: usize>(
             L::store(y[r], out.add(r * nr));
         }
     }
+}
+
+/// `R` vectors of x (from `b0`) by panel `panel`, over every column, units of `UNIT`: writes
+/// the outputs to `out[r · NR + lane]` ([`fold`] of the kernel's own unit sums).
+///
+/// # Safety
+/// The kernel's CPU features; `b0 + R` vectors in `xp`, `panel` inside `pw` packed for `L`
+/// (`pw.nr == L::NR`, `pw.unit == UNIT`), `out` has `R · NR` values.
+#[inline(always)]
+unsafe fn tile<L: Lanes, const R: usize, const UNIT: usize>(
+    pw: &PackedW,
+    xp: &XPrep,
+    b0: usize,
+    panel: usize,
+    out: *mut f32,
+) {
+    let meta = panel * pw.units * L::NR;
+    let src = Computed::<R, UNIT> {
+        // SAFETY: the panel lies inside `pw.codes` (caller).
+        wbase: unsafe { pw.codes.as_ptr().add(panel * pw.kpad * L::NR) },
+        xrow: std::array::from_fn(|r| xp.row(b0 + r)),
+        corr: pw.corr.as_ptr().wrapping_add(meta),
+    };
+    // SAFETY: the caller's contract; `src` covers every unit of the panel.
+    unsafe { fold::<L, _, R, UNIT>(pw, xp, b0, panel, 0..pw.kpad / GROUP, false, out, src) }
 }
 
 /// [`tile`] for `nb` (1..=8) vectors and the unit of `pw`.
@@ -557,30 +632,31 @@ pub(super) unsafe fn panel_corr<L: Lanes>(codes: &[u8], unit: usize, corr: &mut 
     }
 }
 
-/// The scalar kernel's lanes: plain arrays of 8.
-struct Scalar;
+/// The scalar kernel's lanes: plain arrays of `N` (8 for the scalar tier, 16 for the f32 fold
+/// of the emulated AMX tier, whose panels have 16 rows).
+pub(super) struct Scalar<const N: usize>;
 
-impl Lanes for Scalar {
-    const NR: usize = 8;
+impl<const N: usize> Lanes for Scalar<N> {
+    const NR: usize = N;
     const MR: usize = 4;
     const OFFSET_X: bool = false;
-    type I = [i32; 8];
-    type F = [f32; 8];
+    type I = [i32; N];
+    type F = [f32; N];
 
     #[inline(always)]
     unsafe fn unit_sums<const R: usize, const UNIT: usize>(
         x: [*const u8; R],
         w: *const u8,
-        init: [i32; 8],
-    ) -> [[i32; 8]; R] {
+        init: [i32; N],
+    ) -> [[i32; N]; R] {
         let mut acc = [init; R];
         for s in 0..UNIT / 4 {
             for r in 0..R {
-                for l in 0..8 {
+                for l in 0..N {
                     for j in 0..4 {
                         // SAFETY: the trait's contract.
                         let (xv, wv) =
-                            unsafe { (*x[r].add(4 * s + j), *w.add((s * 8 + l) * 4 + j)) };
+                            unsafe { (*x[r].add(4 * s + j), *w.add((s * N + l) * 4 + j)) };
                         acc[r][l] += i32::from(xv as i8) * i32::from(wv as i8);
                     }
                 }
@@ -589,40 +665,40 @@ impl Lanes for Scalar {
         acc
     }
     #[inline(always)]
-    unsafe fn load_i(p: *const i32) -> [i32; 8] {
+    unsafe fn load_i(p: *const i32) -> [i32; N] {
         // SAFETY: the trait's contract.
-        unsafe { std::ptr::read_unaligned(p as *const [i32; 8]) }
+        unsafe { std::ptr::read_unaligned(p as *const [i32; N]) }
     }
     #[inline(always)]
-    unsafe fn store_i(v: [i32; 8], p: *mut i32) {
+    unsafe fn store_i(v: [i32; N], p: *mut i32) {
         // SAFETY: the trait's contract.
-        unsafe { std::ptr::write_unaligned(p as *mut [i32; 8], v) }
+        unsafe { std::ptr::write_unaligned(p as *mut [i32; N], v) }
     }
     #[inline(always)]
-    unsafe fn zero_i() -> [i32; 8] {
-        [0; 8]
+    unsafe fn zero_i() -> [i32; N] {
+        [0; N]
     }
     #[inline(always)]
-    unsafe fn load_f(p: *const f32) -> [f32; 8] {
+    unsafe fn load_f(p: *const f32) -> [f32; N] {
         // SAFETY: the trait's contract.
-        unsafe { std::ptr::read_unaligned(p as *const [f32; 8]) }
+        unsafe { std::ptr::read_unaligned(p as *const [f32; N]) }
     }
     #[inline(always)]
-    unsafe fn splat(v: f32) -> [f32; 8] {
-        [v; 8]
+    unsafe fn splat(v: f32) -> [f32; N] {
+        [v; N]
     }
     #[inline(always)]
-    unsafe fn to_f32(i: [i32; 8]) -> [f32; 8] {
+    unsafe fn to_f32(i: [i32; N]) -> [f32; N] {
         i.map(|v| v as f32)
     }
     #[inline(always)]
-    unsafe fn fma(a: [f32; 8], b: [f32; 8], c: [f32; 8]) -> [f32; 8] {
+    unsafe fn fma(a: [f32; N], b: [f32; N], c: [f32; N]) -> [f32; N] {
         std::array::from_fn(|l| a[l].mul_add(b[l], c[l]))
     }
     #[inline(always)]
-    unsafe fn store(v: [f32; 8], p: *mut f32) {
+    unsafe fn store(v: [f32; N], p: *mut f32) {
         // SAFETY: the trait's contract.
-        unsafe { std::ptr::write_unaligned(p as *mut [f32; 8], v) }
+        unsafe { std::ptr::write_unaligned(p as *mut [f32; N], v) }
     }
 }
 
@@ -636,6 +712,11 @@ enum Kernel {
     Avx2Wide,
     #[cfg(target_arch = "x86_64")]
     Vnni,
+    /// AMX tiles, the fold on [`super::avx512vnni::Vnni`] lanes ([`super::amx`]).
+    #[cfg(target_arch = "x86_64")]
+    Amx,
+    /// The AMX driver on the scalar tile emulator, the fold on [`Scalar`] lanes of 16.
+    AmxEmulated,
 }
 
 impl Kernel {
@@ -645,13 +726,27 @@ impl Kernel {
             (L::NR, L::OFFSET_X)
         }
         match self {
-            Kernel::Scalar => of::<Scalar>(),
+            Kernel::Scalar => of::<Scalar<8>>(),
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2Narrow => of::<super::avx2::Narrow>(),
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2Wide => of::<super::avx2::Wide>(),
             #[cfg(target_arch = "x86_64")]
             Kernel::Vnni => of::<super::avx512vnni::Vnni>(),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Amx => (super::amx::PANEL_ROWS, false),
+            Kernel::AmxEmulated => (super::amx::PANEL_ROWS, false),
+        }
+    }
+
+    /// Rows of x the kernel may read past the batch, in multiples of which the prepared x is
+    /// padded with zero rows (AMX loads x 16 vectors at a time).
+    fn x_rows_multiple(self) -> usize {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Amx => super::amx::TILE_ROWS,
+            Kernel::AmxEmulated => super::amx::TILE_ROWS,
+            _ => 1,
         }
     }
 
@@ -691,7 +786,7 @@ impl Kernel {
         // SAFETY: the caller's contract.
         unsafe {
             match self {
-                Kernel::Scalar => block::<Scalar>(pw, xp, rows, panels, y, o, accumulate),
+                Kernel::Scalar => block::<Scalar<8>>(pw, xp, rows, panels, y, o, accumulate),
                 #[cfg(target_arch = "x86_64")]
                 Kernel::Avx2Narrow => {
                     super::avx2::gemm_block_narrow(pw, xp, rows, panels, y, o, accumulate)
@@ -703,6 +798,11 @@ impl Kernel {
                 #[cfg(target_arch = "x86_64")]
                 Kernel::Vnni => {
                     super::avx512vnni::gemm_block(pw, xp, rows, panels, y, o, accumulate)
+                }
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Amx => super::amx::gemm_block(pw, xp, rows, panels, y, o, accumulate),
+                Kernel::AmxEmulated => {
+                    super::amx::gemm_block_emulated(pw, xp, rows, panels, y, o, accumulate)
                 }
             }
         }
@@ -727,6 +827,9 @@ pub(super) fn run(
         #[cfg(target_arch = "x86_64")]
         IntTier::Avx512Vnni => Kernel::Vnni,
         #[cfg(target_arch = "x86_64")]
+        IntTier::Amx => Kernel::Amx,
+        IntTier::AmxEmulated => Kernel::AmxEmulated,
+        #[cfg(target_arch = "x86_64")]
         IntTier::Avx2 if layout.kind == CodeKind::Nibble => Kernel::Avx2Narrow,
         #[cfg(target_arch = "x86_64")]
         IntTier::Avx2 => Kernel::Avx2Wide,
@@ -738,7 +841,7 @@ pub(super) fn run(
         None => (None, Vec::new()),
     };
     let pw = pack(w, layout, kernel, parallel, reuse);
-    let xp = prepare_x(q, m, offset_x, &pw, xbytes);
+    let xp = prepare_x(q, m, offset_x, kernel.x_rows_multiple(), &pw, xbytes);
     let yp = YPtr(y.as_mut_ptr());
     let (mt, nt) = (m.div_ceil(M_BLOCK), o.div_ceil(N_BLOCK));
     let per_block = N_BLOCK / nr;
@@ -759,21 +862,24 @@ pub(super) fn run(
     BUFFERS.set(Some((pw, xp.bytes)));
 }
 
-/// x for a kernel: its bytes (into `bytes`' buffer), group scales, and `Q_u` where W has
-/// offsets.
+/// x for a kernel: its bytes (into `bytes`' buffer; zero rows after the batch up to a multiple
+/// of `rows_multiple` vectors), group scales, and `Q_u` where W has offsets.
 fn prepare_x<'a>(
     q: &'a QuantizedX,
     m: usize,
     offset_x: bool,
+    rows_multiple: usize,
     pw: &PackedW,
     bytes: Vec<u8>,
 ) -> XPrep<'a> {
     let row_bytes = q.kpad;
-    let mut bytes = resized(bytes, m * row_bytes);
+    let mut bytes = resized(bytes, m.next_multiple_of(rows_multiple) * row_bytes);
     let flip = if offset_x { 0x80 } else { 0 };
-    for (d, &v) in bytes.iter_mut().zip(&q.xq[..m * q.kpad]) {
+    let (batch, pad) = bytes.split_at_mut(m * row_bytes);
+    for (d, &v) in batch.iter_mut().zip(&q.xq[..m * q.kpad]) {
         *d = (v as u8) ^ flip;
     }
+    pad.fill(0);
     let qf = if pw.has_offset {
         q.qsum[..m * pw.units].iter().map(|&v| v as f32).collect()
     } else {

@@ -25,7 +25,8 @@
 //!
 //! # Tiers
 //! Only the integer sums `I_u` come from a tier: [`scalar`] (the portable loop), [`avx2`]
-//! (`vpmaddubsw` + `vpmaddwd`), [`avx512vnni`] (`vpdpbusd`). Integer sums are exact, and the
+//! (`vpmaddubsw` + `vpmaddwd`), [`avx512vnni`] (`vpdpbusd`), [`amx`] (`tdpbssd` tiles, the
+//! GEMM only; [`IntTier::AmxEmulated`] runs its driver on a scalar emulator of the tiles). Integer sums are exact, and the
 //! f32 combination is one shared function with a fixed order, so every tier gives
 //! bit-identical outputs for the same input, at every thread count.
 //!
@@ -91,6 +92,7 @@
 //! [`forward`] itself (and every test of it) serves every format and batch; the route only
 //! chooses what `matmul_t` calls.
 
+pub mod amx;
 #[cfg(target_arch = "x86_64")]
 pub mod avx2;
 #[cfg(target_arch = "x86_64")]
@@ -268,6 +270,15 @@ pub enum IntTier {
     Avx2,
     /// AVX-512 VNNI `vpdpbusd` ([`avx512vnni`]).
     Avx512Vnni,
+    /// AMX-INT8 tiles (`tdpbssd`, [`amx`]) for the integer GEMM, the AVX-512 VNNI tier for
+    /// everything else (the dot-product driver below [`gemm::GEMM_MIN_M`], the f32 fold).
+    /// Where the CPU and OS allow it ([`has_amx`]).
+    Amx,
+    /// The [`IntTier::Amx`] driver with its tile instructions run by a scalar emulator and
+    /// its fold on scalar lanes: exact and slow, on any CPU, so that the AMX driver is tested
+    /// where AMX is missing. Never chosen by [`IntTier::for_path`] nor listed by
+    /// [`IntTier::available`]; below the GEMM it runs the portable tier.
+    AmxEmulated,
 }
 
 /// Whether this CPU has AVX-512 VNNI next to the AVX-512 tier (checked once).
@@ -285,10 +296,36 @@ pub fn has_avx512vnni() -> bool {
     })
 }
 
+/// Whether the [`IntTier::Amx`] tier can run: AVX-512 VNNI ([`has_avx512vnni`]), AMX-INT8
+/// tiles permitted for this process ([`amx::tiles_permitted`], asked once) and `NIBBLE_AMX`
+/// not `0` (read once, before asking the kernel; for A/B runs against the VNNI tier).
+pub fn has_amx() -> bool {
+    amx_status().is_ok()
+}
+
+/// [`has_amx`], or why not in words (for logs and skipped tests).
+pub fn amx_status() -> Result<(), String> {
+    static STATUS: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    STATUS
+        .get_or_init(|| {
+            if std::env::var("NIBBLE_AMX").is_ok_and(|v| v.trim() == "0") {
+                return Err("disabled by NIBBLE_AMX=0".into());
+            }
+            amx::tiles_permitted().map_err(|r| r.to_string())?;
+            if !has_avx512vnni() {
+                return Err("no AVX-512 VNNI (the fold and small batches need it)".into());
+            }
+            Ok(())
+        })
+        .clone()
+}
+
 impl IntTier {
-    /// The tier a kernel path runs (downgraded to what this CPU has).
+    /// The tier a kernel path runs (downgraded to what this CPU has): on the AVX-512 path
+    /// AMX where [`has_amx`], else AVX-512 VNNI where the CPU has it.
     pub fn for_path(path: KernelPath) -> IntTier {
         match path.supported() {
+            KernelPath::Avx512 if has_amx() => IntTier::Amx,
             KernelPath::Avx512 if has_avx512vnni() => IntTier::Avx512Vnni,
             KernelPath::Avx512 | KernelPath::Avx2Fma => IntTier::Avx2,
             _ => IntTier::Scalar,
@@ -298,18 +335,24 @@ impl IntTier {
     /// `self`, or the best lower tier this CPU has.
     pub fn supported(self) -> IntTier {
         match self {
+            IntTier::Amx if !has_amx() => IntTier::Avx512Vnni.supported(),
             IntTier::Avx512Vnni if !has_avx512vnni() => IntTier::Avx2.supported(),
             IntTier::Avx2 if !crate::cpu::has_avx2_fma_f16c() => IntTier::Scalar,
             t => t,
         }
     }
 
-    /// Every tier this CPU can run.
+    /// Every tier this CPU can run ([`IntTier::AmxEmulated`] left out).
     pub fn available() -> Vec<IntTier> {
-        [IntTier::Scalar, IntTier::Avx2, IntTier::Avx512Vnni]
-            .into_iter()
-            .filter(|t| t.supported() == *t)
-            .collect()
+        [
+            IntTier::Scalar,
+            IntTier::Avx2,
+            IntTier::Avx512Vnni,
+            IntTier::Amx,
+        ]
+        .into_iter()
+        .filter(|t| t.supported() == *t)
+        .collect()
     }
 }
 
@@ -379,9 +422,11 @@ fn unit_sums_checked<const V: usize>(
 ) {
     match tier.supported() {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `supported` returned Avx512Vnni, so the CPU has AVX-512 F/BW/VL + VNNI and
-        // AVX2; the caller checked every length (a multiple of 128, unit 16/64/128).
-        IntTier::Avx512Vnni => unsafe { avx512vnni::unit_sums(kind, unit, codes, xq, qsum, out) },
+        // SAFETY: `supported` returned Avx512Vnni or Amx, so the CPU has AVX-512 F/BW/VL +
+        // VNNI and AVX2; the caller checked every length (a multiple of 128, unit 16/64/128).
+        IntTier::Avx512Vnni | IntTier::Amx => unsafe {
+            avx512vnni::unit_sums(kind, unit, codes, xq, qsum, out)
+        },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `supported` returned Avx2, so the CPU has AVX2; lengths checked by the caller.
         IntTier::Avx2 => unsafe { avx2::unit_sums(kind, unit, codes, xq, out) },
@@ -500,8 +545,8 @@ fn combine(
 ) -> f32 {
     match tier {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: the tier came through `supported`: Avx2 and Avx512Vnni CPUs have AVX2.
-        IntTier::Avx2 | IntTier::Avx512Vnni => unsafe {
+        // SAFETY: the tier came through `supported`: Avx2, Avx512Vnni and Amx CPUs have AVX2.
+        IntTier::Avx2 | IntTier::Avx512Vnni | IntTier::Amx => unsafe {
             avx2::combine(isum, sx_u, xo_u, scale, offset)
         },
         _ => combine_body(isum, sx_u, xo_u, scale, offset),
@@ -565,9 +610,11 @@ pub const NF4_GENERIC_MAX_M: usize = 9;
 /// 1024² layer, `act8_bench`, int8 / f32 time): batch 16 1.5–2.2x for every format (the
 /// f32 path takes 0.09 ms there), batch 64 q4 1.04, nf4 1.15, nf4_dq 1.09, int8 0.93, lower
 /// 0.86, batch 1024 0.77–0.86 for every format; so int8 and lower from 64, q4 and nf4 from
-/// 256. The portable tier: `None` (not measured; the f32 path runs).
+/// 256. AMX: every format from 16 (not measured yet; to be tuned on the Xeon). The portable
+/// and emulated tiers: `None` (not measured; the f32 path runs).
 pub fn gemm_route(tier: IntTier, format: &str) -> Option<std::ops::Range<usize>> {
     match (tier, format) {
+        (IntTier::Amx, "q4" | "nf4" | "int8" | "lower") => Some(16..usize::MAX),
         (IntTier::Avx512Vnni, "int8" | "lower") => Some(64..usize::MAX),
         (IntTier::Avx512Vnni, "q4" | "nf4") => Some(256..usize::MAX),
         (IntTier::Avx2, "q4" | "lower") => Some(16..usize::MAX),
