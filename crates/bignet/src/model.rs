@@ -187,14 +187,18 @@ impl BigNet {
     }
 
     /// [`BigNet::forward`], with every block but the last checkpointed when `checkpoint` is
-    /// set (see [`Tape::checkpoint_with`]): the tape keeps each block's residual sum (before
-    /// the LayerNorm after it) and nothing else of the block, and the backward recomputes the
-    /// LayerNorm before the block and the block's first two layers (under the activation mode of
-    /// this forward). A block's third layer and residual sum are recorded again but not
-    /// computed: their backward reads the third layer's input, not their outputs. The last
-    /// block is recorded as usual: the backward starts with it, so its activations would be
-    /// recomputed at once, and holding them costs no more than recomputing them. Outputs and
-    /// gradients are bit-identical either way.
+    /// set (see [`Tape::checkpoint_with`]). Segment b is the LayerNorm before block b (none
+    /// before block 0) and the block up to its residual sum: the tape keeps each segment's
+    /// input (the previous block's residual sum) and nothing else of it, and the backward
+    /// recomputes the LayerNorm and the block's first two layers (under the activation mode
+    /// of this forward). The third layer and the residual sum are recorded again but not
+    /// computed, since their backward reads the third layer's input, not their outputs: two
+    /// products of three per block. The last checkpointed segment also takes the LayerNorm
+    /// after its block, whose backward reads the residual sum (one product more), so that
+    /// the last block, recorded as usual, does not hold that sum as well as its own input.
+    /// The last block is not checkpointed: the backward starts with it, so its activations
+    /// would be recomputed at once, and holding them costs no more than recomputing them.
+    /// Outputs and gradients are bit-identical either way.
     pub fn forward_with(&self, tape: &Tape, x: &Var, checkpoint: bool) -> Result<Var> {
         self.with_own_activations(|| self.forward_layers(tape, x, checkpoint))
     }
@@ -211,30 +215,35 @@ impl BigNet {
         // The mode in force now, for the recomputation of checkpointed blocks in the backward.
         let mode = activations();
         // Segment b: the LayerNorm after block b - 1 (none before block 0), then block b up to
-        // its residual sum.
+        // its residual sum; the last segment also takes the LayerNorm after its block (see
+        // `forward_with`).
         let last = self.blocks.len() - 1;
         let mut sum = x.clone();
         for (b, layers) in self.blocks[..last].iter().enumerate() {
             let norm_before = b.checked_sub(1).map(|n| &self.norms[n]);
+            let norm_after = (b + 1 == last).then(|| &self.norms[b]);
             let recompute = {
-                let (layers, norm_before) = (Arc::clone(layers), norm_before.cloned());
+                let layers = Arc::clone(layers);
+                let (norm_before, norm_after) = (norm_before.cloned(), norm_after.cloned());
                 move |tape: &Tape, sum: &Var| {
                     with_activations(mode, || {
-                        segment_pending(tape, &layers, norm_before.as_ref(), sum)
+                        segment_pending(
+                            tape,
+                            &layers,
+                            norm_before.as_ref(),
+                            norm_after.as_ref(),
+                            sum,
+                        )
                     })
                 }
             };
             sum = tape.checkpoint_with(
                 &sum,
-                |tape, sum| segment_forward(tape, layers, norm_before, sum),
+                |tape, sum| segment_forward(tape, layers, norm_before, norm_after, sum),
                 recompute,
             )?;
         }
-        let h = match last.checked_sub(1).map(|n| &self.norms[n]) {
-            Some(norm) => tape.layer_norm(&sum, &norm.weight, &norm.bias, NORM_EPS)?,
-            None => sum,
-        };
-        block_forward(tape, &self.blocks[last], self.norms.get(last), &h)
+        block_forward(tape, &self.blocks[last], self.norms.get(last), &sum)
     }
 
     /// Inference: `y = model(x)` for `x` `[batch, dim]`, recording nothing, in row chunks of
@@ -399,7 +408,7 @@ fn block_forward(
     h: &Var,
 ) -> Result<Var> {
     let y = layers[2].forward(tape, &first_layers(tape, layers, h)?)?;
-    let out = tape.add(&y, h)?;
+    let out = tape.add_owned(y, h)?;
     match norm {
         Some(norm) => Ok(tape.layer_norm(&out, &norm.weight, &norm.bias, NORM_EPS)?),
         None => Ok(out),
@@ -413,28 +422,37 @@ fn first_layers(tape: &Tape, layers: &[Linear; LAYERS_PER_BLOCK], h: &Var) -> Re
 }
 
 /// A checkpointed segment of [`BigNet::forward_with`]: the LayerNorm `norm_before` (if any) of
-/// the previous block's residual sum `sum`, then the block up to its own residual sum (the
-/// same ops in the same order as [`block_forward`]).
+/// the previous block's residual sum `sum`, then the block up to its own residual sum, and the
+/// LayerNorm `norm_after` if given (the same ops in the same order as [`block_forward`]).
 fn segment_forward(
     tape: &Tape,
     layers: &[Linear; LAYERS_PER_BLOCK],
     norm_before: Option<&Norm>,
+    norm_after: Option<&Norm>,
     sum: &Var,
 ) -> Result<Var> {
-    let h = segment_input(tape, norm_before, sum)?;
-    let y = layers[2].forward(tape, &first_layers(tape, layers, &h)?)?;
-    Ok(tape.add(&y, &h)?)
+    block_forward(
+        tape,
+        layers,
+        norm_after,
+        &segment_input(tape, norm_before, sum)?,
+    )
 }
 
-/// [`segment_forward`] as the backward recomputes it: the same records, but the third layer's
-/// product and the residual sum, whose outputs the backward does not read, are not computed.
+/// [`segment_forward`] as the backward recomputes it: the same records; without `norm_after`
+/// the third layer's product and the residual sum, whose outputs the backward does not read,
+/// are not computed (the LayerNorm's backward reads its input, the residual sum).
 fn segment_pending(
     tape: &Tape,
     layers: &[Linear; LAYERS_PER_BLOCK],
     norm_before: Option<&Norm>,
+    norm_after: Option<&Norm>,
     sum: &Var,
 ) -> Result<Pending> {
     let h = segment_input(tape, norm_before, sum)?;
+    if norm_after.is_some() {
+        return Ok(block_forward(tape, layers, norm_after, &h)?.into());
+    }
     let y = layers[2].forward_pending(tape, &first_layers(tape, layers, &h)?)?;
     Ok(tape.add_pending(y, &h)?)
 }
