@@ -45,7 +45,7 @@ struct Args {
     #[arg(long)]
     out: Option<PathBuf>,
     /// Checkpoint each block: keep only its input and recompute it in the backward (same
-    /// gradients, bit for bit; less memory, about one more forward per step).
+    /// gradients, bit for bit; less memory, about two thirds of a forward more per step).
     #[arg(long)]
     checkpoint: bool,
     /// Accumulate the gradients over micro-batches of N rows (the same update up to the order

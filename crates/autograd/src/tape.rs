@@ -34,7 +34,7 @@ fn next_generation() -> u64 {
 
 /// Identifies a record on a tape, in one use of the tape (`generation`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct NodeId {
+pub(crate) struct NodeId {
     generation: u64,
     index: usize,
 }
@@ -92,6 +92,40 @@ impl Var {
     /// The shape of the value.
     pub fn shape(&self) -> &[usize] {
         self.value.shape()
+    }
+}
+
+/// The output of an op recorded without being computed ([`Tape::frozen_linear_pending`],
+/// [`Tape::linear_pending`], [`Tape::linear_add_pending`], [`Tape::add_pending`]): its shape
+/// and its record, no value. What a checkpointed segment's recomputation ends in when the
+/// backward reads none of the last ops' outputs (see [`Tape::checkpoint_with`]): a linear
+/// layer's backward reads its input, never its output, so the last products of a segment need
+/// not be run again. There is no way to read the value, so none can be read by mistake.
+#[derive(Debug)]
+pub struct Pending {
+    node: Option<NodeId>,
+    shape: Vec<usize>,
+}
+
+impl Pending {
+    /// The shape the output would have.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// Whether a gradient flows back through this output.
+    pub fn is_tracked(&self) -> bool {
+        self.node.is_some()
+    }
+}
+
+impl From<Var> for Pending {
+    /// A computed output, as the end of a recomputation (its value is dropped).
+    fn from(v: Var) -> Self {
+        Pending {
+            shape: v.shape().to_vec(),
+            node: v.node,
+        }
     }
 }
 
@@ -240,7 +274,11 @@ impl Tape {
     }
 
     fn check(&self, op: &'static str, v: &Var) -> Result<Option<NodeId>> {
-        match v.node {
+        self.check_node(op, v.node)
+    }
+
+    fn check_node(&self, op: &'static str, node: Option<NodeId>) -> Result<Option<NodeId>> {
+        match node {
             Some(n) if n.generation != self.generation() => Err(AutogradError::StaleVar { op }),
             other => Ok(other),
         }
@@ -250,6 +288,39 @@ impl Tape {
     /// gradient) would be recorded.
     pub fn would_record(&self, inputs: &[&Var], holds_trainable: bool) -> bool {
         self.is_recording() && (holds_trainable || inputs.iter().any(|v| v.is_tracked()))
+    }
+
+    /// Records the op made by `make_op` without an output value (see [`Pending`]): its inputs
+    /// are `base` (if given) and then `inputs`, and it is recorded only if one of them is
+    /// tracked or the op holds a trainable parameter (`holds_trainable`).
+    pub(crate) fn record_pending(
+        &self,
+        name: &'static str,
+        base: Option<Pending>,
+        inputs: &[&Var],
+        shape: Vec<usize>,
+        holds_trainable: bool,
+        make_op: impl FnOnce() -> Box<dyn Op>,
+    ) -> Result<Pending> {
+        let mut nodes = Vec::with_capacity(inputs.len() + 1);
+        if let Some(base) = &base {
+            nodes.push(self.check_node(name, base.node)?);
+        }
+        for v in inputs {
+            nodes.push(self.check(name, v)?);
+        }
+        let tracked = nodes.iter().any(Option::is_some);
+        if !(self.is_recording() && (holds_trainable || tracked)) {
+            return Ok(Pending { node: None, shape });
+        }
+        let node = self.push(Record::Op {
+            op: make_op(),
+            inputs: nodes,
+        });
+        Ok(Pending {
+            node: Some(node),
+            shape,
+        })
     }
 
     /// Wraps `output` in a [`Var`], recording the op made by `make_op` only if an input is
@@ -326,6 +397,22 @@ impl Tape {
         }
         let start = self.check("backward_from", &output)?;
         drop(output);
+        self.run_backward(start, d_output)
+    }
+
+    /// [`Tape::backward_from`] for an output recorded without a value (see [`Pending`]).
+    pub fn backward_from_pending(&self, output: Pending, d_output: Tensor) -> Result<Gradients> {
+        if d_output.shape() != output.shape() {
+            return Err(AutogradError::BadGradient {
+                op: "backward_from_pending",
+                what: format!(
+                    "a gradient of shape {:?} for an output of shape {:?}",
+                    d_output.shape(),
+                    output.shape()
+                ),
+            });
+        }
+        let start = self.check_node("backward_from_pending", output.node)?;
         self.run_backward(start, d_output)
     }
 

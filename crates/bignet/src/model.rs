@@ -7,7 +7,7 @@ use crate::frozen::FrozenWeight;
 use crate::layer::{FrozenBias, Linear, LinearBase, LoraAdapter};
 use crate::source::{linear_key, norm_key, SeededInit, WeightSource, BLOCKS, LAYERS_PER_BLOCK};
 use crate::variant::{Variant, WeightFormat};
-use nibble_autograd::{Param, Tape, Var};
+use nibble_autograd::{Param, Pending, Tape, Var};
 use nibble_quant::act8::{activations, with_activations, ActivationMode};
 use nibble_tensor::{f16, Rng, Tensor};
 use std::sync::Arc;
@@ -186,33 +186,64 @@ impl BigNet {
         }
     }
 
-    /// [`BigNet::forward`], with each block (and the LayerNorm after it) checkpointed when
-    /// `checkpoint` is set (see [`Tape::checkpoint`]): the tape keeps each block's input and
-    /// nothing else of it, and the backward recomputes the block (under the activation mode
-    /// of this forward). The last block is recorded as usual: the backward starts with it, so
-    /// its activations would be recomputed at once, and holding them costs no more than
-    /// recomputing them. Outputs and gradients are bit-identical either way.
+    /// [`BigNet::forward`], with every block but the last checkpointed when `checkpoint` is
+    /// set (see [`Tape::checkpoint_with`]). Segment b is the LayerNorm before block b (none
+    /// before block 0) and the block up to its residual sum: the tape keeps each segment's
+    /// input (the previous block's residual sum) and nothing else of it, and the backward
+    /// recomputes the LayerNorm and the block's first two layers (under the activation mode
+    /// of this forward). The third layer and the residual sum are recorded again but not
+    /// computed, since their backward reads the third layer's input, not their outputs: two
+    /// products of three per block. The last checkpointed segment also takes the LayerNorm
+    /// after its block, whose backward reads the residual sum (one product more), so that
+    /// the last block, recorded as usual, does not hold that sum as well as its own input.
+    /// The last block is not checkpointed: the backward starts with it, so its activations
+    /// would be recomputed at once, and holding them costs no more than recomputing them.
+    /// Outputs and gradients are bit-identical either way.
     pub fn forward_with(&self, tape: &Tape, x: &Var, checkpoint: bool) -> Result<Var> {
         self.with_own_activations(|| self.forward_layers(tape, x, checkpoint))
     }
 
     fn forward_layers(&self, tape: &Tape, x: &Var, checkpoint: bool) -> Result<Var> {
+        self.check_input(x.value())?;
+        if !checkpoint {
+            let mut h = x.clone();
+            for (b, block) in self.blocks.iter().enumerate() {
+                h = block_forward(tape, block, self.norms.get(b), &h)?;
+            }
+            return Ok(h);
+        }
         // The mode in force now, for the recomputation of checkpointed blocks in the backward.
         let mode = activations();
-        self.check_input(x.value())?;
-        let mut h = x.clone();
-        for (b, block) in self.blocks.iter().enumerate() {
-            let norm = self.norms.get(b);
-            h = if checkpoint && b + 1 < self.blocks.len() {
-                let (layers, norm) = (Arc::clone(block), norm.cloned());
-                tape.checkpoint(&h, move |tape, h| {
-                    with_activations(mode, || block_forward(tape, &layers, norm.as_ref(), h))
-                })?
-            } else {
-                block_forward(tape, block, norm, &h)?
+        // Segment b: the LayerNorm after block b - 1 (none before block 0), then block b up to
+        // its residual sum; the last segment also takes the LayerNorm after its block (see
+        // `forward_with`).
+        let last = self.blocks.len() - 1;
+        let mut sum = x.clone();
+        for (b, layers) in self.blocks[..last].iter().enumerate() {
+            let norm_before = b.checked_sub(1).map(|n| &self.norms[n]);
+            let norm_after = (b + 1 == last).then(|| &self.norms[b]);
+            let recompute = {
+                let layers = Arc::clone(layers);
+                let (norm_before, norm_after) = (norm_before.cloned(), norm_after.cloned());
+                move |tape: &Tape, sum: &Var| {
+                    with_activations(mode, || {
+                        segment_pending(
+                            tape,
+                            &layers,
+                            norm_before.as_ref(),
+                            norm_after.as_ref(),
+                            sum,
+                        )
+                    })
+                }
             };
+            sum = tape.checkpoint_with(
+                &sum,
+                |tape, sum| segment_forward(tape, layers, norm_before, norm_after, sum),
+                recompute,
+            )?;
         }
-        Ok(h)
+        block_forward(tape, &self.blocks[last], self.norms.get(last), &sum)
     }
 
     /// Inference: `y = model(x)` for `x` `[batch, dim]`, recording nothing, in row chunks of
@@ -412,16 +443,64 @@ fn block_forward(
     norm: Option<&Norm>,
     h: &Var,
 ) -> Result<Var> {
-    let mut y = h.clone();
-    for (l, layer) in layers.iter().enumerate() {
-        y = layer.forward(tape, &y)?;
-        if l + 1 < LAYERS_PER_BLOCK {
-            y = tape.relu(&y)?;
-        }
-    }
-    let out = tape.add(&y, h)?;
+    let y = layers[2].forward(tape, &first_layers(tape, layers, h)?)?;
+    let out = tape.add_owned(y, h)?;
     match norm {
         Some(norm) => Ok(tape.layer_norm(&out, &norm.weight, &norm.bias, NORM_EPS)?),
         None => Ok(out),
+    }
+}
+
+/// A block's first two layers, each followed by ReLU, on the block's input `h`.
+fn first_layers(tape: &Tape, layers: &[Linear; LAYERS_PER_BLOCK], h: &Var) -> Result<Var> {
+    let r1 = tape.relu(&layers[0].forward(tape, h)?)?;
+    let y = layers[1].forward(tape, &r1)?;
+    // Freed (unless a record keeps it) before the second ReLU's output is made.
+    drop(r1);
+    Ok(tape.relu(&y)?)
+}
+
+/// A checkpointed segment of [`BigNet::forward_with`]: the LayerNorm `norm_before` (if any) of
+/// the previous block's residual sum `sum`, then the block up to its own residual sum, and the
+/// LayerNorm `norm_after` if given (the same ops in the same order as [`block_forward`]).
+fn segment_forward(
+    tape: &Tape,
+    layers: &[Linear; LAYERS_PER_BLOCK],
+    norm_before: Option<&Norm>,
+    norm_after: Option<&Norm>,
+    sum: &Var,
+) -> Result<Var> {
+    block_forward(
+        tape,
+        layers,
+        norm_after,
+        &segment_input(tape, norm_before, sum)?,
+    )
+}
+
+/// [`segment_forward`] as the backward recomputes it: the same records; without `norm_after`
+/// the third layer's product and the residual sum, whose outputs the backward does not read,
+/// are not computed (the LayerNorm's backward reads its input, the residual sum).
+fn segment_pending(
+    tape: &Tape,
+    layers: &[Linear; LAYERS_PER_BLOCK],
+    norm_before: Option<&Norm>,
+    norm_after: Option<&Norm>,
+    sum: &Var,
+) -> Result<Pending> {
+    let h = segment_input(tape, norm_before, sum)?;
+    if norm_after.is_some() {
+        return Ok(block_forward(tape, layers, norm_after, &h)?.into());
+    }
+    let y = layers[2].forward_pending(tape, &first_layers(tape, layers, &h)?)?;
+    Ok(tape.add_pending(y, &h)?)
+}
+
+/// The input of a segment's block: the previous block's residual sum, normalized by the
+/// LayerNorm between them (block 0 takes the model's input as it is).
+fn segment_input(tape: &Tape, norm_before: Option<&Norm>, sum: &Var) -> Result<Var> {
+    match norm_before {
+        Some(norm) => Ok(tape.layer_norm(sum, &norm.weight, &norm.bias, NORM_EPS)?),
+        None => Ok(sum.clone()),
     }
 }

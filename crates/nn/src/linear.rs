@@ -2,7 +2,7 @@
 //! (f16, 4-bit, ...), with an optional LoRA adapter.
 
 use crate::error::{Error, Result};
-use nibble_autograd::{Bias, Param, Tape, Var};
+use nibble_autograd::{Bias, Param, Pending, Tape, Var};
 use nibble_io::{FrozenWeight, WeightFormat};
 use nibble_tensor::gemm::{gemm, MatRef};
 use nibble_tensor::{f16, Rng, Tensor};
@@ -149,6 +149,37 @@ impl Linear {
                 // y + B (A x), accumulated into the base output's buffer.
                 let h = tape.linear(x, &lora.a, None)?;
                 Ok(tape.linear_add(y, &h, &lora.b)?)
+            }
+        }
+    }
+
+    /// [`Linear::forward`] recorded without computing `y` (see [`Pending`]): the same records
+    /// in the same order (the adapter's `A x`, which its backward reads, is computed), for a
+    /// checkpointed segment's recomputation whose backward never reads `y`
+    /// ([`Tape::checkpoint_with`]). Skips the layer's product.
+    pub fn forward_pending(&self, tape: &Tape, x: &Var) -> Result<Pending> {
+        let y = match &self.base {
+            LinearBase::Trainable { weight, bias } => tape.linear_pending(x, weight, Some(bias))?,
+            LinearBase::Frozen { weight, bias } => {
+                let matrix = weight.matrix();
+                if bias.len() != matrix.out_features() {
+                    return Err(Error::Layer {
+                        layer: self.name.clone(),
+                        what: format!(
+                            "bias of {} elements for {} outputs",
+                            bias.len(),
+                            matrix.out_features()
+                        ),
+                    });
+                }
+                tape.frozen_linear_pending(x, &matrix)?
+            }
+        };
+        match &self.lora {
+            None => Ok(y),
+            Some(lora) => {
+                let h = tape.linear(x, &lora.a, None)?;
+                Ok(tape.linear_add_pending(y, &h, &lora.b)?)
             }
         }
     }

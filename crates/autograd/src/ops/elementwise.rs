@@ -1,7 +1,7 @@
 //! Elementwise ops: add (the residual) and ReLU.
 
 use crate::error::Result;
-use crate::tape::{Op, Tape, Var};
+use crate::tape::{Op, Pending, Tape, Var};
 use nibble_tensor::Tensor;
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -161,6 +161,40 @@ impl Tape {
     pub fn add(&self, a: &Var, b: &Var) -> Result<Var> {
         let y = a.value().add(b.value())?;
         self.record("add", &[a, b], y, false, || Box::new(AddOp))
+    }
+
+    /// `a + b`, elementwise (same shapes), written into `a`'s buffer when nothing else holds
+    /// it (else into a new one): a residual sum that allocates nothing. The same bits as
+    /// [`Tape::add`] and the same record.
+    pub fn add_owned(&self, a: Var, b: &Var) -> Result<Var> {
+        if a.shape() != b.shape() {
+            return Err(nibble_tensor::TensorError::ShapeMismatch {
+                op: "add",
+                lhs: a.shape().to_vec(),
+                rhs: b.shape().to_vec(),
+            }
+            .into());
+        }
+        let a_tracked = a.clone_handle();
+        let mut y = a.into_tensor();
+        y.add_assign(b.value())?;
+        self.record("add", &[&a_tracked, b], y, false, || Box::new(AddOp))
+    }
+
+    /// [`Tape::add`] of an output recorded without a value (see [`Pending`]) and `b`, itself
+    /// recorded without computing the sum: the same record, for a recomputation whose
+    /// backward never reads the sum (e.g. a residual block's output).
+    pub fn add_pending(&self, a: Pending, b: &Var) -> Result<Pending> {
+        if a.shape() != b.shape() {
+            return Err(nibble_tensor::TensorError::ShapeMismatch {
+                op: "add_pending",
+                lhs: a.shape().to_vec(),
+                rhs: b.shape().to_vec(),
+            }
+            .into());
+        }
+        let shape = a.shape().to_vec();
+        self.record_pending("add", Some(a), &[b], shape, false, || Box::new(AddOp))
     }
 
     /// `max(x, 0)`, elementwise. Saves one bit per element for the backward.

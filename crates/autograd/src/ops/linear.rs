@@ -4,7 +4,7 @@
 
 use crate::error::Result;
 use crate::param::Param;
-use crate::tape::{Op, Tape, Var};
+use crate::tape::{Op, Pending, Tape, Var};
 use half::slice::HalfFloatSliceExt;
 use nibble_tensor::{
     f16, linear, linear_backward_input, linear_backward_weight, Tensor, TensorError, WeightMatrix,
@@ -142,6 +142,81 @@ impl Tape {
         })
     }
 
+    /// [`Tape::linear`], recorded without computing `y` (see [`Pending`]): the same record,
+    /// for a recomputation whose backward never reads `y`.
+    pub fn linear_pending(&self, x: &Var, w: &Param, b: Option<&Param>) -> Result<Pending> {
+        let (m, out) = {
+            let (wv, bv) = (w.value(), b.map(|b| b.value()));
+            let shape = linear_output_shape("linear_pending", x, wv.shape())?;
+            if let Some(bv) = &bv {
+                if bv.shape() != [shape.1] {
+                    return Err(TensorError::ShapeMismatch {
+                        op: "linear_pending (bias)",
+                        lhs: wv.shape().to_vec(),
+                        rhs: bv.shape().to_vec(),
+                    }
+                    .into());
+                }
+            }
+            shape
+        };
+        let w_trains = w.requires_grad();
+        let b_trains = b.is_some_and(|b| b.requires_grad());
+        let holds_trainable = w_trains || b_trains;
+        self.record_pending("linear", None, &[x], vec![m, out], holds_trainable, || {
+            Box::new(LinearOp {
+                x: w_trains.then(|| x.shared()),
+                w_for_dx: x.is_tracked().then(|| w.clone()),
+                w_grad: w_trains.then(|| w.clone()),
+                b_grad: b.filter(|_| b_trains).cloned(),
+                adds_base: false,
+            })
+        })
+    }
+
+    /// [`Tape::linear_add`] onto an output recorded without a value (see [`Pending`]), itself
+    /// recorded without computing `y`: the same record, for a recomputation whose backward
+    /// never reads `y`.
+    pub fn linear_add_pending(&self, base: Pending, x: &Var, w: &Param) -> Result<Pending> {
+        let shape = {
+            let wv = w.value();
+            let (m, out) = linear_output_shape("linear_add_pending", x, wv.shape())?;
+            if base.shape() != [m, out] {
+                return Err(TensorError::ShapeMismatch {
+                    op: "linear_add_pending",
+                    lhs: base.shape().to_vec(),
+                    rhs: vec![m, out],
+                }
+                .into());
+            }
+            vec![m, out]
+        };
+        let w_trains = w.requires_grad();
+        self.record_pending("linear_add", Some(base), &[x], shape, w_trains, || {
+            Box::new(LinearOp {
+                x: w_trains.then(|| x.shared()),
+                w_for_dx: x.is_tracked().then(|| w.clone()),
+                w_grad: w_trains.then(|| w.clone()),
+                b_grad: None,
+                adds_base: true,
+            })
+        })
+    }
+
+    /// [`Tape::frozen_linear`], recorded without computing `y` (see [`Pending`]): the same
+    /// record (a handle to `w`), for a recomputation whose backward never reads `y`. A frozen
+    /// bias has no gradient, so none is taken.
+    pub fn frozen_linear_pending(&self, x: &Var, w: &Arc<dyn WeightMatrix>) -> Result<Pending> {
+        let (m, out) = linear_output_shape(
+            "frozen_linear_pending",
+            x,
+            &[w.out_features(), w.in_features()],
+        )?;
+        self.record_pending("frozen_linear", None, &[x], vec![m, out], false, || {
+            Box::new(FrozenLinearOp { w: Arc::clone(w) })
+        })
+    }
+
     /// `y[m, out] = x[m, in] · Wᵀ + bias` with a frozen weight of any storage. Recorded only if
     /// `x` is tracked, and then saves only a handle to `w` (no activation).
     pub fn frozen_linear(
@@ -167,5 +242,19 @@ impl Tape {
         self.record("frozen_linear", &[x], y, false, || {
             Box::new(FrozenLinearOp { w: Arc::clone(w) })
         })
+    }
+}
+
+/// `(m, out)` of `x[m, in] · Wᵀ` for a weight of shape `w_shape` `[out, in]`, or the error
+/// naming `op` and both shapes.
+fn linear_output_shape(op: &'static str, x: &Var, w_shape: &[usize]) -> Result<(usize, usize)> {
+    match (x.shape(), w_shape) {
+        (&[m, i], &[out, wi]) if i == wi => Ok((m, out)),
+        _ => Err(TensorError::ShapeMismatch {
+            op,
+            lhs: x.shape().to_vec(),
+            rhs: w_shape.to_vec(),
+        }
+        .into()),
     }
 }

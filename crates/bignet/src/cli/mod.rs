@@ -150,7 +150,7 @@ impl Common {
 #[derive(Debug, Clone, Copy, Default, Args)]
 pub struct TrainArgs {
     /// Checkpoint each block: keep only its input, recompute it in the backward (same
-    /// gradients, bit for bit; about one more forward per step).
+    /// gradients, bit for bit; about two thirds of a forward more per step).
     #[arg(long)]
     pub checkpoint: bool,
     /// Accumulate the gradients over micro-batches of N rows (the same update up to the order
