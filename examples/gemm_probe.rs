@@ -20,7 +20,11 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let batches: Vec<usize> = list(args.get(1), "1024,1000,250");
     let formats: Vec<String> = list(args.get(2), "f32,f16,q4");
-    let reps: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(15).max(1);
+    let reps: usize = args
+        .get(3)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(15)
+        .max(1);
     let d = 1024;
     let mut rng = Rng::new(0);
     let w = Tensor::uniform(&[d, d], -0.03, 0.03, &mut rng);
