@@ -220,7 +220,7 @@ fn amx_driver_matches_the_reference() {
 }
 
 /// The AMX tier is chosen on the AVX-512 path exactly where it is usable, and routes the GEMM
-/// from batch 16 for every format.
+/// at the batches VNNI's routes do (measured faster there, see `gemm_route`).
 #[test]
 fn amx_tier_selection() {
     use nibble_quant::act8::{gemm_route, has_amx};
@@ -234,6 +234,8 @@ fn amx_tier_selection() {
     assert_eq!(IntTier::AmxEmulated.supported(), IntTier::AmxEmulated);
     assert!(!IntTier::available().contains(&IntTier::AmxEmulated));
     for f in ["q4", "nf4", "int8", "lower"] {
-        assert_eq!(gemm_route(IntTier::Amx, f), Some(16..usize::MAX), "{f}");
+        let route = gemm_route(IntTier::Amx, f);
+        assert!(route.is_some(), "{f}");
+        assert_eq!(route, gemm_route(IntTier::Avx512Vnni, f), "{f}");
     }
 }

@@ -610,13 +610,16 @@ pub const NF4_GENERIC_MAX_M: usize = 9;
 /// 1024² layer, `act8_bench`, int8 / f32 time): batch 16 1.5–2.2x for every format (the
 /// f32 path takes 0.09 ms there), batch 64 q4 1.04, nf4 1.15, nf4_dq 1.09, int8 0.93, lower
 /// 0.86, batch 1024 0.77–0.86 for every format; so int8 and lower from 64, q4 and nf4 from
-/// 256. AMX: every format from 16 (not measured yet; to be tuned on the Xeon). The portable
-/// and emulated tiers: `None` (not measured; the f32 path runs).
+/// 256. AMX (the same Xeon, one run, generic driver int8 / f32 time on AMX against VNNI): batch
+/// 16 1.6–2.2x both; batch 64 nf4 0.95 / 1.01, nf4_dq 1.00 / 1.03, int8 0.89 / 0.94, lower
+/// 0.63 / 0.67; batch 256 0.71–0.77 against 0.72–0.82; batch 1024 0.96–1.14 against 1.08–1.21
+/// (2 threads: 0.56–0.64 against 0.66–0.71); Q4 slower on AMX, so its units run on VNNI (see
+/// [`forward`]). So AMX takes VNNI's batches, faster. The portable and emulated tiers: `None`
+/// (not measured; the f32 path runs).
 pub fn gemm_route(tier: IntTier, format: &str) -> Option<std::ops::Range<usize>> {
     match (tier, format) {
-        (IntTier::Amx, "q4" | "nf4" | "int8" | "lower") => Some(16..usize::MAX),
-        (IntTier::Avx512Vnni, "int8" | "lower") => Some(64..usize::MAX),
-        (IntTier::Avx512Vnni, "q4" | "nf4") => Some(256..usize::MAX),
+        (IntTier::Amx | IntTier::Avx512Vnni, "int8" | "lower") => Some(64..usize::MAX),
+        (IntTier::Amx | IntTier::Avx512Vnni, "q4" | "nf4") => Some(256..usize::MAX),
         (IntTier::Avx2, "q4" | "lower") => Some(16..usize::MAX),
         (IntTier::Avx2, "nf4") => Some(gemm::GEMM_MIN_M..512),
         (IntTier::Avx2, "int8") => Some(24..512),
@@ -675,8 +678,15 @@ pub fn forward(
     if m == 0 || o == 0 {
         return true;
     }
-    let tier = tier.supported();
     let unit = layout.unit;
+    // AMX forms a unit of 16 columns at a quarter of a tile's depth and stores and folds every
+    // unit: for Q4 (units of 16) it measured slower than VNNI on the 16-core Xeon (one 1024²
+    // layer, `act8_bench`, int8 / f32 time, 16 threads: batch 256 0.98 against 0.88, 1024
+    // 1.55 against 1.14; 2 threads, batch 1024 1.25 against 0.74), so such units run on VNNI.
+    let tier = match tier.supported() {
+        IntTier::Amx if unit < 64 => IntTier::Avx512Vnni,
+        t => t,
+    };
     let q = quantize_x(x, m, i, unit);
     let threads = rayon::current_num_threads().max(1);
     let parallel = threads > 1 && o.saturating_mul(i).saturating_mul(m) >= PARALLEL_MIN_WORK;
