@@ -43,7 +43,7 @@
 //! (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, asked once). AMX runs on Linux only;
 //! anything refused leaves the VNNI tier.
 
-use super::gemm::{fold, Lanes, PackedW, UnitSource, XPrep};
+use super::gemm::{fold, for_rows_and_unit, Lanes, PackedW, UnitSource, XPrep};
 use super::{YPtr, GROUP};
 
 /// Rows of W per panel (the lanes of the fold: one zmm).
@@ -404,28 +404,14 @@ unsafe fn fold_any<L: Lanes>(
     out: *mut f32,
     src: Stored,
 ) {
-    macro_rules! rows {
-        ($u:literal) => {
-            match nb {
-                1 => fold::<L, _, 1, $u>(pw, xp, b0, panel, groups, resume, out, src),
-                2 => fold::<L, _, 2, $u>(pw, xp, b0, panel, groups, resume, out, src),
-                3 => fold::<L, _, 3, $u>(pw, xp, b0, panel, groups, resume, out, src),
-                4 => fold::<L, _, 4, $u>(pw, xp, b0, panel, groups, resume, out, src),
-                5 if L::MR >= 5 => fold::<L, _, 5, $u>(pw, xp, b0, panel, groups, resume, out, src),
-                6 if L::MR >= 6 => fold::<L, _, 6, $u>(pw, xp, b0, panel, groups, resume, out, src),
-                7 if L::MR >= 7 => fold::<L, _, 7, $u>(pw, xp, b0, panel, groups, resume, out, src),
-                _ if L::MR >= 8 => fold::<L, _, 8, $u>(pw, xp, b0, panel, groups, resume, out, src),
-                _ => unreachable!("at most MR vectors per fold"),
-            }
-        };
-    }
     // SAFETY: the caller's contract.
     unsafe {
-        match pw.unit {
-            16 => rows!(16),
-            64 => rows!(64),
-            _ => rows!(128),
-        }
+        for_rows_and_unit!(
+            nb,
+            pw.unit,
+            L::MR,
+            fold::<L, _>(pw, xp, b0, panel, groups, resume, out, src)
+        )
     }
 }
 

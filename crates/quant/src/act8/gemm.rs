@@ -44,6 +44,33 @@ use rayon::prelude::*;
 
 use super::{CodeKind, IntCodes, IntLayout, IntTier, QuantizedX, YPtr, GROUP};
 
+/// `$f::<$g.., NB, U>($args)` with the batch `NB = $nb` (1..=8, at most `$mr`) and the unit
+/// `U = $unit` (16, 64, else 128) as constants: the one table of a kernel's monomorphic
+/// instances, for the register tiles here and the AMX tier's fold.
+macro_rules! for_rows_and_unit {
+    ($nb:expr, $unit:expr, $mr:expr, $f:ident :: <$($g:ty),+>($($arg:expr),* $(,)?)) => {
+        match $unit {
+            16 => for_rows_and_unit!(@rows $nb, $mr, 16, $f::<$($g),+>($($arg),*)),
+            64 => for_rows_and_unit!(@rows $nb, $mr, 64, $f::<$($g),+>($($arg),*)),
+            _ => for_rows_and_unit!(@rows $nb, $mr, 128, $f::<$($g),+>($($arg),*)),
+        }
+    };
+    (@rows $nb:expr, $mr:expr, $u:literal, $f:ident :: <$($g:ty),+>($($arg:expr),*)) => {
+        match $nb {
+            1 => $f::<$($g),+, 1, $u>($($arg),*),
+            2 => $f::<$($g),+, 2, $u>($($arg),*),
+            3 => $f::<$($g),+, 3, $u>($($arg),*),
+            4 => $f::<$($g),+, 4, $u>($($arg),*),
+            5 if $mr >= 5 => $f::<$($g),+, 5, $u>($($arg),*),
+            6 if $mr >= 6 => $f::<$($g),+, 6, $u>($($arg),*),
+            7 if $mr >= 7 => $f::<$($g),+, 7, $u>($($arg),*),
+            _ if $mr >= 8 => $f::<$($g),+, 8, $u>($($arg),*),
+            _ => unreachable!("at most MR vectors per kernel call"),
+        }
+    };
+}
+pub(super) use for_rows_and_unit;
+
 /// Batches from this size on run the integer GEMM ([`super::forward`]; below, dot products).
 /// At 8 it matched the dot-product driver on NF4 (0.50 ms both, one 1024² layer, 2 threads,
 /// AVX2) and beat it from 12.
@@ -543,29 +570,8 @@ unsafe fn tile_any<L: Lanes>(
     panel: usize,
     out: *mut f32,
 ) {
-    macro_rules! rows {
-        ($u:literal) => {
-            match nb {
-                1 => tile::<L, 1, $u>(pw, xp, b0, panel, out),
-                2 => tile::<L, 2, $u>(pw, xp, b0, panel, out),
-                3 => tile::<L, 3, $u>(pw, xp, b0, panel, out),
-                4 => tile::<L, 4, $u>(pw, xp, b0, panel, out),
-                5 if L::MR >= 5 => tile::<L, 5, $u>(pw, xp, b0, panel, out),
-                6 if L::MR >= 6 => tile::<L, 6, $u>(pw, xp, b0, panel, out),
-                7 if L::MR >= 7 => tile::<L, 7, $u>(pw, xp, b0, panel, out),
-                _ if L::MR >= 8 => tile::<L, 8, $u>(pw, xp, b0, panel, out),
-                _ => unreachable!("at most MR vectors per tile"),
-            }
-        };
-    }
     // SAFETY: the caller's contract.
-    unsafe {
-        match pw.unit {
-            16 => rows!(16),
-            64 => rows!(64),
-            _ => rows!(128),
-        }
-    }
+    unsafe { for_rows_and_unit!(nb, pw.unit, L::MR, tile::<L>(pw, xp, b0, panel, out)) }
 }
 
 /// The outputs of vectors `rows` by the panels `panels`, written (or added) into `y`.
