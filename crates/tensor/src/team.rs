@@ -16,6 +16,12 @@
 //! pool itself (no rayon calls inside; they would run on the member's thread anyway). A member
 //! that fails or panics aborts the team: the others leave their barrier instead of waiting for
 //! it forever, and [`run`] returns the first error or resumes the panic.
+//!
+//! A team needs every thread of the pool: one busy with a long job joins when that job ends,
+//! and one blocked inside a job (on a lock or a channel, which rayon advises against) holds
+//! the team, as it holds any [`rayon::broadcast`], until it is released. Programs whose pool
+//! jobs block on each other should leave batch-1 teams off (`NIBBLE_BATCH1_TEAM=0` for
+//! BigNet's inference).
 
 use std::any::Any;
 use std::ops::Range;
