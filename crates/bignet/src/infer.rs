@@ -88,6 +88,14 @@ pub(crate) fn forward_in_place(
 ) -> Result<Tensor> {
     let (batch, dim) = x.dims2("BigNet inference")?;
     let mut out = x.clone();
+    if batch == 1 && batch1_team_enabled() {
+        match forward_batch1_team(blocks, norms, x.data(), out.data_mut()) {
+            Some(Ok(())) => return Ok(out),
+            Some(Err(e)) => return Err(e),
+            // The team did not run (or stopped to leave it to the ordinary path): start over.
+            None => out.data_mut().copy_from_slice(x.data()),
+        }
+    }
     let ranges = chunk_ranges(batch, chunk_rows);
     let widest = ranges.iter().map(|(a, b)| b - a).max().unwrap_or(0);
     let rank = blocks
@@ -102,14 +110,6 @@ pub(crate) fn forward_in_place(
         lora: vec![0.0; widest * rank],
         bias: Vec::new(),
     };
-    if batch == 1 && batch1_team_enabled() {
-        match forward_batch1_team(blocks, norms, x.data(), out.data_mut()) {
-            Some(Ok(())) => return Ok(out),
-            Some(Err(e)) => return Err(e),
-            // The team did not run (or stopped to leave it to the ordinary path): start over.
-            None => out.data_mut().copy_from_slice(x.data()),
-        }
-    }
     for (start, end) in ranges {
         let rows = &mut out.data_mut()[start * dim..end * dim];
         for (b, block) in blocks.iter().enumerate() {

@@ -405,7 +405,7 @@ fn f16_stream() -> F16Stream {
         // The 16-core Xeon (AVX-512) streams f16 rows best four at a time (BigNet
         // half_precision at batch 1 on a team of 16 threads, one run: rows4 0.267 ms, off
         // 0.277, t0:1024 0.283, t0 0.341, nta 0.391, nta:8192 0.713; the ordinary path
-        // 0.619 with rows4 against 0.73–0.89 with nta in earlier runs); the 2-core Zen 3
+        // 0.619 with rows4 there, 0.88–0.89 with nta in an earlier lease); the 2-core Zen 3
         // (AVX2) with nta (see F16_PREFETCH_BYTES).
         let default = if crate::cpu::kernel_path().supported() == crate::cpu::KernelPath::Avx512 {
             F16Stream::FourRows
