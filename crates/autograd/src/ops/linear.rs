@@ -35,6 +35,21 @@ struct LinearOp {
     adds_base: bool,
 }
 
+impl LinearOp {
+    /// The record of `x · wᵀ (+ b)` (added onto a base with `adds_base`): keeps X only if W
+    /// trains, W for dX only if X is tracked, and the parameters that train.
+    fn boxed(x: &Var, w: &Param, b: Option<&Param>, adds_base: bool) -> Box<dyn Op> {
+        let w_trains = w.requires_grad();
+        Box::new(LinearOp {
+            x: w_trains.then(|| x.shared()),
+            w_for_dx: x.is_tracked().then(|| w.clone()),
+            w_grad: w_trains.then(|| w.clone()),
+            b_grad: b.filter(|b| b.requires_grad()).cloned(),
+            adds_base,
+        })
+    }
+}
+
 impl Op for LinearOp {
     fn name(&self) -> &'static str {
         "linear"
@@ -99,13 +114,7 @@ impl Tape {
         let w_trains = w.requires_grad();
         let b_trains = b.is_some_and(|b| b.requires_grad());
         self.record("linear", &[x], y, w_trains || b_trains, || {
-            Box::new(LinearOp {
-                x: w_trains.then(|| x.shared()),
-                w_for_dx: x.is_tracked().then(|| w.clone()),
-                w_grad: w_trains.then(|| w.clone()),
-                b_grad: b.filter(|_| b_trains).cloned(),
-                adds_base: false,
-            })
+            LinearOp::boxed(x, w, b, false)
         })
     }
 
@@ -132,13 +141,7 @@ impl Tape {
             .matmul_t(x.value().data(), m, y.data_mut(), true)?;
         let w_trains = w.requires_grad();
         self.record("linear_add", &[&base_tracked, x], y, w_trains, || {
-            Box::new(LinearOp {
-                x: w_trains.then(|| x.shared()),
-                w_for_dx: x.is_tracked().then(|| w.clone()),
-                w_grad: w_trains.then(|| w.clone()),
-                b_grad: None,
-                adds_base: true,
-            })
+            LinearOp::boxed(x, w, None, true)
         })
     }
 
@@ -164,13 +167,7 @@ impl Tape {
         let b_trains = b.is_some_and(|b| b.requires_grad());
         let holds_trainable = w_trains || b_trains;
         self.record_pending("linear", None, &[x], vec![m, out], holds_trainable, || {
-            Box::new(LinearOp {
-                x: w_trains.then(|| x.shared()),
-                w_for_dx: x.is_tracked().then(|| w.clone()),
-                w_grad: w_trains.then(|| w.clone()),
-                b_grad: b.filter(|_| b_trains).cloned(),
-                adds_base: false,
-            })
+            LinearOp::boxed(x, w, b, false)
         })
     }
 
@@ -193,13 +190,7 @@ impl Tape {
         };
         let w_trains = w.requires_grad();
         self.record_pending("linear_add", Some(base), &[x], shape, w_trains, || {
-            Box::new(LinearOp {
-                x: w_trains.then(|| x.shared()),
-                w_for_dx: x.is_tracked().then(|| w.clone()),
-                w_grad: w_trains.then(|| w.clone()),
-                b_grad: None,
-                adds_base: true,
-            })
+            LinearOp::boxed(x, w, None, true)
         })
     }
 
