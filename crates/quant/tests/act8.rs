@@ -364,3 +364,80 @@ fn nonfinite_x_takes_the_f32_path() {
         assert!(y[..9].iter().all(|v| v.is_nan()), "{name}");
     }
 }
+
+/// A NaN or an infinity anywhere in x, in a dot-product batch or a GEMM batch, on every tier:
+/// `forward` declines and leaves y as it was.
+#[test]
+fn nonfinite_x_anywhere_is_declined_on_every_tier() {
+    let (o, i) = (9, 200);
+    for (name, f) in formats(o, i, 4) {
+        for tier in tiers() {
+            for m in [1, 2, 16, 33] {
+                for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                    for at in [0, m * i / 2, m * i - 1] {
+                        let mut x = vec![0.25f32; m * i];
+                        x[at] = bad;
+                        let mut y = vec![7.0f32; m * o];
+                        assert!(
+                            !forward(tier, f.as_int(), &x, m, &mut y, false),
+                            "{name} {tier:?} m {m} {bad} at {at}"
+                        );
+                        assert!(y.iter().all(|&v| v == 7.0), "{name} {tier:?} m {m}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `quantize_x` as the module docs define it, on awkward lengths: per group of 128, `sx =
+/// amax / 127` and `xq = round_half_even(x · (127 / amax))` clamped to ±127, zeros past the
+/// vector and for an all-zero group, `qsum` the unit sums; halves, extremes and zero rows
+/// included.
+#[test]
+fn quantize_x_matches_its_definition() {
+    let mut rng = Rng::new(11);
+    for inn in [1, 7, 15, 17, 31, 33, 63, 129, 1023] {
+        for unit in [16, 64, 128] {
+            let m = 3;
+            let mut x = Tensor::randn(&[m, inn], &mut rng).data().to_vec();
+            // Row 1: all zero. Row 2: in each group of 128 an amax of 127, so the scale is
+            // 1, and halves (k − 126.5) to round to even, from −126.5 to 0.5.
+            x[inn..2 * inn].fill(0.0);
+            for (k, v) in x[2 * inn..].iter_mut().enumerate() {
+                *v = if k % GROUP == 0 {
+                    -127.0
+                } else {
+                    (k % GROUP) as f32 - 127.5
+                };
+            }
+            let q = quantize_x(&x, m, inn, unit);
+            let kpad = inn.next_multiple_of(GROUP);
+            assert_eq!(q.kpad, kpad);
+            for r in 0..m {
+                let row = &x[r * inn..(r + 1) * inn];
+                for g in 0..kpad / GROUP {
+                    let grp = &row[(g * GROUP).min(inn)..((g + 1) * GROUP).min(inn)];
+                    let amax = grp.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+                    assert_eq!(q.sx[r * (kpad / GROUP) + g], amax / 127.0, "{inn} {r} {g}");
+                    let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+                    for k in g * GROUP..(g + 1) * GROUP {
+                        let want = if k < inn {
+                            (row[k] * inv).clamp(-127.0, 127.0).round_ties_even() as i8
+                        } else {
+                            0
+                        };
+                        assert_eq!(q.xq[r * kpad + k], want, "inn {inn} row {r} col {k}");
+                    }
+                }
+                for u in 0..kpad / unit {
+                    let s: i32 = q.xq[r * kpad + u * unit..r * kpad + (u + 1) * unit]
+                        .iter()
+                        .map(|&v| i32::from(v))
+                        .sum();
+                    assert_eq!(q.qsum[r * (kpad / unit) + u], s);
+                }
+            }
+        }
+    }
+}

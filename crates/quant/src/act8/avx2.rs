@@ -101,6 +101,22 @@ pub(super) unsafe fn combine(
     super::combine_body(isum, sx_u, xo_u, scale, offset)
 }
 
+/// The quantization of one vector of x ([`super::quantize_row`]) compiled with AVX2 (the same
+/// operations in 8 lanes, so the same bits as the portable build).
+///
+/// # Safety
+/// The CPU has AVX2; the lengths [`super::quantize_row`] expects.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn quantize_row(
+    xv: &[f32],
+    xq: &mut [i8],
+    sx: &mut [f32],
+    qs: &mut [i32],
+    unit: usize,
+) -> bool {
+    super::quantize_row(xv, xq, sx, qs, unit)
+}
+
 /// NF4 codes (high nibble first) to their int8 levels: each 16 packed bytes become 32 level
 /// bytes through `vpshufb` on the 16-entry table.
 ///

@@ -847,7 +847,15 @@ pub(super) fn run(
         None => (None, Vec::new()),
     };
     let pw = pack(w, layout, kernel, parallel, reuse);
-    let xp = prepare_x(q, m, offset_x, kernel.x_rows_multiple(), &pw, xbytes);
+    let xp = prepare_x(
+        q,
+        m,
+        offset_x,
+        kernel.x_rows_multiple(),
+        &pw,
+        xbytes,
+        parallel,
+    );
     let yp = YPtr(y.as_mut_ptr());
     let (mt, nt) = (m.div_ceil(M_BLOCK), o.div_ceil(N_BLOCK));
     let per_block = N_BLOCK / nr;
@@ -877,13 +885,30 @@ fn prepare_x<'a>(
     rows_multiple: usize,
     pw: &PackedW,
     bytes: Vec<u8>,
+    parallel: bool,
 ) -> XPrep<'a> {
     let row_bytes = q.kpad;
     let mut bytes = resized(bytes, m.next_multiple_of(rows_multiple) * row_bytes);
     let flip = if offset_x { 0x80 } else { 0 };
     let (batch, pad) = bytes.split_at_mut(m * row_bytes);
-    for (d, &v) in batch.iter_mut().zip(&q.xq[..m * q.kpad]) {
-        *d = (v as u8) ^ flip;
+    let copy = |(d, src): (&mut [u8], &[i8])| {
+        for (d, &v) in d.iter_mut().zip(src) {
+            *d = (v as u8) ^ flip;
+        }
+    };
+    let src = &q.xq[..m * q.kpad];
+    if parallel {
+        // Rows of a 1024² layer's batch: 1 MiB, about 0.15 ms on one thread of the Xeon.
+        batch
+            .par_chunks_mut(row_bytes)
+            .zip(src.par_chunks(row_bytes))
+            .with_min_len(16)
+            .for_each(copy);
+    } else {
+        batch
+            .chunks_mut(row_bytes)
+            .zip(src.chunks(row_bytes))
+            .for_each(copy);
     }
     pad.fill(0);
     let qf = if pw.has_offset {

@@ -160,6 +160,16 @@ impl ActivationMode {
 static MODE: AtomicU8 = AtomicU8::new(0);
 
 thread_local! {
+    /// The storage of [`forward`]'s quantized x, kept for the calling thread's next call.
+    static QUANTIZED: std::cell::Cell<QuantizedX> = const {
+        std::cell::Cell::new(QuantizedX {
+            kpad: 0,
+            unit: 1,
+            xq: Vec::new(),
+            sx: Vec::new(),
+            qsum: Vec::new(),
+        })
+    };
     /// The calling thread's override ([`with_activations`]); 0 for none.
     static SCOPED: std::cell::Cell<u8> = const { std::cell::Cell::new(0) };
 }
@@ -435,7 +445,7 @@ fn unit_sums_checked<const V: usize>(
 }
 
 /// A batch of vectors quantized to int8, padded to a multiple of [`GROUP`] with zeros.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct QuantizedX {
     /// Padded length of each vector (`ceil(in / 128) · 128`).
     pub kpad: usize,
@@ -449,56 +459,139 @@ pub struct QuantizedX {
     pub qsum: Vec<i32>,
 }
 
-/// Round half to even for `|v| <= 127` without a libm call (the loops vectorize).
+/// `1.5 · 2^23`: adding it to `|v| <= 2^22` rounds `v` to an integer (half to even) held in
+/// the low bits of the sum's mantissa (two's complement around `0x4B40_0000`).
+const ROUNDER: f32 = 12_582_912.0;
+
+/// `v` rounded half to even, as an i8, for `|v| <= 127`: the low byte of the rounding sum's
+/// bits, without a libm call or a saturating float-to-int cast (which AVX2 code does one
+/// element at a time), so the loop vectorizes.
 #[inline(always)]
-fn round_even(v: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
-    (v + MAGIC) - MAGIC
+fn round_to_i8(v: f32) -> i8 {
+    (v + ROUNDER).to_bits() as u8 as i8
 }
 
 /// Quantizes `m` vectors of `inn` elements (`x` `[m, inn]`, every element finite) for a
 /// layout of `unit` columns per unit (vectors in parallel).
+///
+/// ```
+/// use nibble_quant::act8::quantize_x;
+/// let q = quantize_x(&[0.5, -1.0, 0.25], 1, 3, 16);
+/// assert_eq!((q.kpad, &q.xq[..4]), (128, &[64, -127, 32, 0][..]));
+/// assert_eq!((q.sx[0], q.qsum[0]), (1.0 / 127.0, 64 - 127 + 32));
+/// ```
 pub fn quantize_x(x: &[f32], m: usize, inn: usize, unit: usize) -> QuantizedX {
-    let kpad = inn.next_multiple_of(GROUP);
-    let (groups, units) = (kpad / GROUP, kpad / unit.max(1));
     let mut q = QuantizedX {
-        kpad,
+        kpad: 0,
         unit,
-        xq: vec![0; m * kpad],
-        sx: vec![0.0; m * groups],
-        qsum: vec![0; m * units],
+        xq: Vec::new(),
+        sx: Vec::new(),
+        qsum: Vec::new(),
     };
-    type Parts<'a> = (((&'a [f32], &'a mut [i8]), &'a mut [f32]), &'a mut [i32]);
-    let one = |(((xv, xq), sx), qs): Parts| {
-        for (g, grp) in xv.chunks(GROUP).enumerate() {
-            let amax = grp.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-            sx[g] = amax / 127.0;
-            let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
-            for (d, &v) in xq[g * GROUP..].iter_mut().zip(grp) {
-                *d = round_even((v * inv).clamp(-127.0, 127.0)) as i8;
-            }
+    quantize_x_into(x, m, inn, unit, true, &mut q);
+    q
+}
+
+/// [`quantize_x`] into `q`'s storage (reused from an earlier batch, resized as needed), on the
+/// pool where `parallel`. Checks as it goes that every element of x is finite: `false` (and
+/// `q` unspecified) if one is not.
+pub(crate) fn quantize_x_into(
+    x: &[f32],
+    m: usize,
+    inn: usize,
+    unit: usize,
+    parallel: bool,
+    q: &mut QuantizedX,
+) -> bool {
+    let kpad = inn.next_multiple_of(GROUP);
+    let unit = unit.max(1);
+    let (groups, units) = (kpad / GROUP, kpad / unit);
+    q.kpad = kpad;
+    q.unit = unit;
+    // Every element is written below (each row's padding too): no zeroing pass over the
+    // storage of the last call.
+    q.xq.resize(m * kpad, 0);
+    q.sx.resize(m * groups, 0.0);
+    q.qsum.resize(m * units, 0);
+    q.xq.truncate(m * kpad);
+    q.sx.truncate(m * groups);
+    q.qsum.truncate(m * units);
+    if inn == 0 {
+        q.xq.fill(0);
+        q.sx.fill(0.0);
+        q.qsum.fill(0);
+        return true;
+    }
+    let simd = crate::cpu::has_avx2_fma_f16c();
+    let one = |(((xv, xq), sx), qs): QuantizeRow<'_>| {
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: the CPU has AVX2 (checked above).
+            return unsafe { avx2::quantize_row(xv, xq, sx, qs, unit) };
         }
-        for (s, c) in qs.iter_mut().zip(xq.chunks_exact(unit)) {
-            *s = c.iter().map(|&v| i32::from(v)).sum();
-        }
+        let _ = simd;
+        quantize_row(xv, xq, sx, qs, unit)
     };
-    if inn > 0 {
-        let it = x
+    let rows = x
+        .chunks(inn)
+        .zip(q.xq.chunks_mut(kpad))
+        .zip(q.sx.chunks_mut(groups))
+        .zip(q.qsum.chunks_mut(units));
+    if parallel && m > 1 {
+        let rows = x
             .par_chunks(inn)
             .zip(q.xq.par_chunks_mut(kpad))
             .zip(q.sx.par_chunks_mut(groups))
             .zip(q.qsum.par_chunks_mut(units));
-        if m > 1 {
-            it.for_each(one);
-        } else {
-            x.chunks(inn)
-                .zip(q.xq.chunks_mut(kpad))
-                .zip(q.sx.chunks_mut(groups))
-                .zip(q.qsum.chunks_mut(units))
-                .for_each(one);
+        // A few rows per task: one row is about a µs of work.
+        rows.with_min_len(8).map(one).reduce(|| true, |a, b| a && b)
+    } else {
+        let mut rows = rows;
+        rows.all(one)
+    }
+}
+
+/// One vector of x, its int8 values, its group scales and its unit sums.
+type QuantizeRow<'a> = (((&'a [f32], &'a mut [i8]), &'a mut [f32]), &'a mut [i32]);
+
+/// Quantizes one vector `xv` (see the [module docs](self)) into `xq` (`kpad` long, its tail
+/// past `xv` left zero), its group scales `sx` and its unit sums `qs`; `false` if an element
+/// is not finite. Written in independent lanes of 8 so that it vectorizes where compiled for
+/// a vector unit ([`avx2::quantize_row`]); the maximum is exact in any order, so every build
+/// gives the same bits.
+#[inline(always)]
+fn quantize_row(xv: &[f32], xq: &mut [i8], sx: &mut [f32], qs: &mut [i32], unit: usize) -> bool {
+    const LANES: usize = 8;
+    let mut finite = true;
+    for (g, grp) in xv.chunks(GROUP).enumerate() {
+        // Lane maxima of |x|, and lane sums of x · 0 (NaN once an element is NaN or infinite).
+        let (mut most, mut probe) = ([0.0f32; LANES], [0.0f32; LANES]);
+        let mut chunks = grp.chunks_exact(LANES);
+        for c in &mut chunks {
+            for l in 0..LANES {
+                let a = c[l].abs();
+                most[l] = if a > most[l] { a } else { most[l] };
+                probe[l] += c[l] * 0.0;
+            }
+        }
+        for (l, &v) in chunks.remainder().iter().enumerate() {
+            let a = v.abs();
+            most[l] = if a > most[l] { a } else { most[l] };
+            probe[l] += v * 0.0;
+        }
+        finite &= probe.iter().sum::<f32>() == 0.0;
+        let amax = most.iter().fold(0.0f32, |a, &b| if b > a { b } else { a });
+        sx[g] = amax / 127.0;
+        let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+        for (d, &v) in xq[g * GROUP..].iter_mut().zip(grp) {
+            *d = round_to_i8((v * inv).clamp(-127.0, 127.0));
         }
     }
-    q
+    xq[xv.len()..].fill(0);
+    for (s, c) in qs.iter_mut().zip(xq.chunks_exact(unit)) {
+        *s = c.iter().map(|&v| i32::from(v)).sum();
+    }
+    finite
 }
 
 /// The shared f32 combination of a row's unit sums against one vector:
@@ -652,7 +745,9 @@ pub fn int8_route_on(tier: IntTier, format: &str, m: usize) -> Int8Route {
 /// `y (+)= x · Wᵀ` with int8 activations on `tier` (any batch `m`: dot products below
 /// [`gemm::GEMM_MIN_M`], the integer GEMM from there): `x` `[m, in]`, `y` `[m, out]`. The
 /// calling thread keeps the GEMM's packed W and x buffers of its last call for the next one
-/// (about `out · in` bytes plus 8 bytes per row and unit, and `m · in` bytes). Returns `false`, with `y` untouched, when the shapes do not match, `w` has no
+/// (about `out · in` bytes plus 8 bytes per row and unit, and twice `m · in` bytes: the
+/// quantized x and the kernel's copy), so that a forward through layers of one shape
+/// allocates and page-faults nothing after its first layer. Returns `false`, with `y` untouched, when the shapes do not match, `w` has no
 /// integer layout, `in == 0`, or x holds a NaN or infinity (the caller then runs the f32 path,
 /// so that those propagate exactly as there).
 pub fn forward(
@@ -667,12 +762,7 @@ pub fn forward(
     let Some(layout) = w.int_layout() else {
         return false;
     };
-    if i == 0
-        || x.len() != m * i
-        || y.len() != m * o
-        || !matches!(layout.unit, 16 | 64 | 128)
-        || !x.iter().all(|v| v.is_finite())
-    {
+    if i == 0 || x.len() != m * i || y.len() != m * o || !matches!(layout.unit, 16 | 64 | 128) {
         return false;
     }
     if m == 0 || o == 0 {
@@ -687,11 +777,17 @@ pub fn forward(
         IntTier::Amx if unit < 64 => IntTier::Avx512Vnni,
         t => t,
     };
-    let q = quantize_x(x, m, i, unit);
     let threads = rayon::current_num_threads().max(1);
     let parallel = threads > 1 && o.saturating_mul(i).saturating_mul(m) >= PARALLEL_MIN_WORK;
+    // The quantized x of this thread's last call, its storage reused.
+    let mut q = QUANTIZED.take();
+    if !quantize_x_into(x, m, i, unit, parallel, &mut q) {
+        QUANTIZED.set(q);
+        return false;
+    }
     if m >= gemm::GEMM_MIN_M {
         gemm::run(tier, w, layout, &q, m, parallel, y, accumulate);
+        QUANTIZED.set(q);
         return true;
     }
     let (kpad, units) = (q.kpad, q.kpad / unit);
@@ -813,6 +909,7 @@ pub fn forward(
     } else {
         (0..tiles).for_each(run);
     }
+    QUANTIZED.set(q);
     true
 }
 

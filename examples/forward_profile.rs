@@ -1,0 +1,96 @@
+//! Where BigNet's large-batch inference time goes: the forward's steps (each layer's product
+//! with its bias, ReLU, the residual add, the LayerNorm) on 18 distinct 1024x1024 f32 layers,
+//! as `bignet`'s in-place forward runs them, each step timed on its own (medians over `reps`
+//! forwards, summed over the forward), next to the same product repeated on one layer (as
+//! `gemm_probe` times it). On the rayon pool (`RAYON_NUM_THREADS`).
+//!
+//! `cargo run --release --example forward_profile -- 1024 9`
+
+use nibble::tensor::gemm::MatRef;
+use nibble::tensor::layernorm::layer_norm_assign;
+use nibble::tensor::ops::{add_in_place, relu_in_place};
+use nibble::tensor::{Rng, Tensor, WeightMatrix};
+use std::time::Instant;
+
+/// The forward's steps, in the order a block runs them.
+const STEPS: [&str; 4] = ["product+bias", "relu", "residual add", "layernorm"];
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let m: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1024);
+    let reps: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(9).max(1);
+    let d = 1024;
+    let blocks = 6;
+    let mut rng = Rng::new(0);
+    let layers: Vec<(Tensor, Vec<f32>)> = (0..3 * blocks)
+        .map(|_| {
+            let w = Tensor::uniform(&[d, d], -0.03, 0.03, &mut rng);
+            let b = Tensor::uniform(&[d], -0.03, 0.03, &mut rng).data().to_vec();
+            (w, b)
+        })
+        .collect();
+    let (ln_w, ln_b) = (vec![1.0f32; d], vec![0.0f32; d]);
+    let x0 = Tensor::randn(&[m, d], &mut rng);
+    let (mut a, mut b) = (vec![0.0f32; m * d], vec![0.0f32; m * d]);
+    println!("{} threads, batch {m}", rayon::current_num_threads());
+    let mut per_step: Vec<Vec<f64>> = vec![Vec::new(); STEPS.len()];
+    let mut totals = Vec::new();
+    for _ in 0..reps + 1 {
+        let mut h = x0.data().to_vec();
+        let mut t = [0.0f64; STEPS.len()];
+        let mut timed = |step: usize, f: &mut dyn FnMut()| {
+            let s = Instant::now();
+            f();
+            t[step] += s.elapsed().as_secs_f64() * 1e3;
+        };
+        let whole = Instant::now();
+        for blk in layers.chunks_exact(3) {
+            let product = |(w, bias): &(Tensor, Vec<f32>), x: &[f32], y: &mut [f32]| {
+                let bias = MatRef::row_major(bias, 1, d).expect("a bias row");
+                w.matmul_t_fused(x, m, y, Some(&bias), None)
+                    .expect("shapes match");
+            };
+            timed(0, &mut || product(&blk[0], &h, &mut a));
+            timed(1, &mut || relu_in_place(&mut a));
+            timed(0, &mut || product(&blk[1], &a, &mut b));
+            timed(1, &mut || relu_in_place(&mut b));
+            timed(0, &mut || product(&blk[2], &b, &mut a));
+            timed(2, &mut || add_in_place(&mut h, &a).expect("equal lengths"));
+            timed(3, &mut || {
+                layer_norm_assign(&mut h, d, &ln_w, &ln_b, 1e-5).expect("shapes match")
+            });
+        }
+        totals.push(whole.elapsed().as_secs_f64() * 1e3);
+        for (s, v) in t.iter().enumerate() {
+            per_step[s].push(*v);
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.remove(0); // warm-up
+        v.sort_by(|a, b| a.total_cmp(b));
+        (v[v.len() / 2], v[0], v[v.len() - 1])
+    };
+    let (tm, tlo, thi) = median(&mut totals);
+    println!("forward {tm:.3} ms (min {tlo:.3}, max {thi:.3})");
+    for (name, v) in STEPS.iter().zip(per_step.iter_mut()) {
+        let (md, lo, hi) = median(v);
+        println!("  {name:14} {md:8.3} ms (min {lo:.3}, max {hi:.3})");
+    }
+    // The same product on one layer, again and again.
+    let mut one: Vec<f64> = (0..reps + 1)
+        .map(|_| {
+            let s = Instant::now();
+            let bias = MatRef::row_major(&layers[0].1, 1, d).expect("a bias row");
+            layers[0]
+                .0
+                .matmul_t_fused(x0.data(), m, &mut a, Some(&bias), None)
+                .expect("shapes match");
+            s.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    let (om, olo, ohi) = median(&mut one);
+    println!(
+        "one layer repeated {om:.3} ms (min {olo:.3}, max {ohi:.3}); x18 = {:.3} ms",
+        18.0 * om
+    );
+}
