@@ -699,20 +699,21 @@ pub const NF4_GENERIC_MAX_M: usize = 9;
 /// [module docs](self)): Q4 and lower at every batch from 16, NF4 from 8 (with its
 /// dot-product driver below, every NF4 batch up to 511 runs int8) and int8 from 24, both below
 /// 512 (from there their f32 path is as fast: the 8-bit codes take as many multiplies per
-/// column as f32 FMAs on AVX2). AVX-512 VNNI, measured on the 16-core Xeon (16 threads, one
-/// 1024² layer, `act8_bench`, int8 / f32 time): batch 16 1.5–2.2x for every format (the
-/// f32 path takes 0.09 ms there), batch 64 q4 1.04, nf4 1.15, nf4_dq 1.09, int8 0.93, lower
-/// 0.86, batch 1024 0.77–0.86 for every format; so int8 and lower from 64, q4 and nf4 from
-/// 256. AMX (the same Xeon, one run, generic driver int8 / f32 time on AMX against VNNI): batch
-/// 16 1.6–2.2x both; batch 64 nf4 0.95 / 1.01, nf4_dq 1.00 / 1.03, int8 0.89 / 0.94, lower
-/// 0.63 / 0.67; batch 256 0.71–0.77 against 0.72–0.82; batch 1024 0.96–1.14 against 1.08–1.21
-/// (2 threads: 0.56–0.64 against 0.66–0.71); Q4 slower on AMX, so its units run on VNNI (see
-/// [`forward`]). So AMX takes VNNI's batches, faster. The portable and emulated tiers: `None`
-/// (not measured; the f32 path runs).
+/// column as f32 FMAs on AVX2). AVX-512 VNNI and AMX, measured on the 16-core Xeon (one 1024²
+/// layer, `act8_bench`, generic driver int8 / f32 time, medians of 7, 2026-12-03 16:01 UTC,
+/// after x's quantization was vectorized and its buffers kept): 16 threads, AMX tier, batch
+/// 32 1.03–1.48 (lower to nf4_dq), 48 0.57–0.79, 64 0.48–0.74, 128 0.45–0.62, 256 0.26–0.56,
+/// 1024 0.37–0.59; VNNI tier 32 1.05–1.51, 48 0.69–0.95, 64 0.53–0.76, 128 0.47–0.63, 256
+/// 0.41–0.46, 1024 0.46–0.52; 2 threads, AMX tier, batch 16 0.63–0.91, 64 0.41–0.60, 256
+/// 0.32–0.55, 1024 0.31–0.54. So every format from 48 on both tiers (on 2 threads smaller
+/// batches would gain too; 48 is where 16 threads stop losing). Q4 runs its units of 16 on
+/// the VNNI tier under AMX (see [`forward`]). The portable and emulated tiers: `None` (not
+/// measured; the f32 path runs).
 pub fn gemm_route(tier: IntTier, format: &str) -> Option<std::ops::Range<usize>> {
     match (tier, format) {
-        (IntTier::Amx | IntTier::Avx512Vnni, "int8" | "lower") => Some(64..usize::MAX),
-        (IntTier::Amx | IntTier::Avx512Vnni, "q4" | "nf4") => Some(256..usize::MAX),
+        (IntTier::Amx | IntTier::Avx512Vnni, "q4" | "nf4" | "int8" | "lower") => {
+            Some(48..usize::MAX)
+        }
         (IntTier::Avx2, "q4" | "lower") => Some(16..usize::MAX),
         (IntTier::Avx2, "nf4") => Some(gemm::GEMM_MIN_M..512),
         (IntTier::Avx2, "int8") => Some(24..512),
