@@ -148,3 +148,104 @@ pub(super) mod hw {
 pub(super) mod emulated {
     entry_points!(DpbusdEmulated, "avx2,fma");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `vpdpbusd` by its definition: per i32 lane, `acc` plus four products of an unsigned
+    /// byte of `a` and a signed byte of `b`, wrapping.
+    fn dpbusd_ref(acc: [i32; 8], a: [u8; 32], b: [u8; 32]) -> [i32; 8] {
+        std::array::from_fn(|l| {
+            (0..4).fold(acc[l], |s, j| {
+                s.wrapping_add(i32::from(a[4 * l + j]) * i32::from(b[4 * l + j] as i8))
+            })
+        })
+    }
+
+    /// Runs `D::dot` on one lane vector.
+    ///
+    /// # Safety
+    /// `D`'s CPU features.
+    unsafe fn dot<D: ByteDot>(acc: [i32; 8], a: [u8; 32], b: [u8; 32]) -> [i32; 8] {
+        // SAFETY: the caller's contract; every array is 32 bytes.
+        unsafe {
+            let r = D::dot(
+                _mm256_loadu_si256(acc.as_ptr() as *const __m256i),
+                _mm256_loadu_si256(a.as_ptr() as *const __m256i),
+                _mm256_loadu_si256(b.as_ptr() as *const __m256i),
+            );
+            let mut out = [0i32; 8];
+            _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, r);
+            out
+        }
+    }
+
+    #[target_feature(enable = "avx2")]
+    unsafe fn dot_emulated(acc: [i32; 8], a: [u8; 32], b: [u8; 32]) -> [i32; 8] {
+        // SAFETY: AVX2 is enabled here.
+        unsafe { dot::<DpbusdEmulated>(acc, a, b) }
+    }
+
+    #[target_feature(enable = "avx2,avxvnni")]
+    unsafe fn dot_hw(acc: [i32; 8], a: [u8; 32], b: [u8; 32]) -> [i32; 8] {
+        // SAFETY: AVX2 and AVX-VNNI are enabled here.
+        unsafe { dot::<Dpbusd>(acc, a, b) }
+    }
+
+    /// The emulation, and the instruction where the CPU has it, give `vpdpbusd`'s definition
+    /// on every byte pair (all 65536 of them, `a` unsigned and `b` signed), the extremes
+    /// (255 × −128, 255 × 127 four times a lane) and accumulators near the i32 limits.
+    #[test]
+    fn dpbusd_matches_its_definition() {
+        let hw = super::super::has_avxvnni();
+        if !hw {
+            println!("avxvnni: this CPU lacks AVX-VNNI: testing the emulation of vpdpbusd only");
+        }
+        if !crate::cpu::has_avx2_fma_f16c() {
+            println!("avxvnni: this CPU lacks AVX2: nothing to test");
+            return;
+        }
+        let mut cases: Vec<([i32; 8], [u8; 32], [u8; 32])> = Vec::new();
+        for hi in 0..=255u8 {
+            // Every byte of a is `hi`, byte k of b is `k + shift`: all pairs over the cases.
+            for shift in [0u8, 32, 64, 96, 128, 160, 192, 224] {
+                let a = [hi; 32];
+                let b: [u8; 32] = std::array::from_fn(|k| (k as u8).wrapping_add(shift));
+                cases.push(([0; 8], a, b));
+            }
+        }
+        cases.push(([0; 8], [255; 32], [0x80; 32]));
+        cases.push(([0; 8], [255; 32], [127; 32]));
+        cases.push((
+            [i32::MAX - 1000, i32::MIN + 5, -7, 7, 0, 1, -1, 123_456],
+            [255; 32],
+            [0x80; 32],
+        ));
+        cases.push(([i32::MAX, i32::MIN, 0, 0, 0, 0, 0, 0], [255; 32], [127; 32]));
+        let mut s = 0x9E37_79B9_7F4A_7C15u64;
+        for _ in 0..1000 {
+            let mut next = || {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                s
+            };
+            let acc: [i32; 8] = std::array::from_fn(|_| next() as i32 >> 8);
+            let a: [u8; 32] = std::array::from_fn(|_| next() as u8);
+            let b: [u8; 32] = std::array::from_fn(|_| (next() >> 8) as u8);
+            cases.push((acc, a, b));
+        }
+        for &(acc, a, b) in &cases {
+            let want = dpbusd_ref(acc, a, b);
+            // SAFETY: the CPU has AVX2 (checked above).
+            let emulated = unsafe { dot_emulated(acc, a, b) };
+            assert_eq!(emulated, want, "emulated {acc:?} {a:?} {b:?}");
+            if hw {
+                // SAFETY: the CPU has AVX-VNNI and AVX2 (has_avxvnni).
+                let got = unsafe { dot_hw(acc, a, b) };
+                assert_eq!(got, want, "vpdpbusd {acc:?} {a:?} {b:?}");
+            }
+        }
+    }
+}

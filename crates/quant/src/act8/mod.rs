@@ -28,9 +28,9 @@
 //! (`vpmaddubsw` + `vpmaddwd`), [`avxvnni`] (the AVX2 tier's code with the 256-bit VEX
 //! `vpdpbusd` as its one multiply-add step, Intel client CPUs from Alder Lake on and Sapphire
 //! Rapids; [`IntTier::AvxVnniEmulated`] runs it with that instruction emulated by AVX2),
-//! [`avx512vnni`] (`vpdpbusd`), [`amx`] (`tdpbssd` tiles, the
-//! GEMM only; [`IntTier::AmxEmulated`] runs its driver on a scalar emulator of the tiles). Integer sums are exact, and the
-//! f32 combination is one shared function with a fixed order, so every tier gives
+//! [`avx512vnni`] (`vpdpbusd`), [`amx`] (`tdpbssd` tiles, the GEMM only;
+//! [`IntTier::AmxEmulated`] runs its driver on a scalar emulator of the tiles). Integer sums
+//! are exact, and the f32 combination is one shared function with a fixed order, so every tier gives
 //! bit-identical outputs for the same input, at every thread count.
 //!
 //! # Two drivers
@@ -39,8 +39,9 @@
 //! From 8 vectors on, [`forward`] runs the integer GEMM ([`gemm`]): W packed once per call
 //! into panels of 16 rows in the `vpdpbusd` operand layout (Q4 as odd signed codes `2c − 15`,
 //! which needs no offset term), register-blocked micro-kernels of 4 (AVX2, AVX-VNNI) or 8
-//! (AVX-512 VNNI) vectors × 16 rows of W whose integer sums per unit go into f32 with one convert and one
-//! `fma` per unit, and the group scale of x applied once per 128 columns; no horizontal sums.
+//! (AVX-512 VNNI) vectors × 16 rows of W whose integer sums per unit go into f32 with one
+//! convert and one `fma` per unit, and the group scale of x applied once per 128 columns; no
+//! horizontal sums.
 //! Its f32 combination is its own fixed sequence (see [`gemm`]), the same on every tier, so
 //! the two drivers differ in the last bits of f32 rounding only.
 //!
@@ -658,8 +659,8 @@ pub enum Int8Route {
 
 /// Q4 batches below this run the fused int8 GEMV.
 pub const Q4_FUSED_MAX_M: usize = 16;
-/// NF4 (and NF4-dq) batches below this run [`forward`] on the AVX2 and AVX-VNNI tiers (its dot-product
-/// driver below [`gemm::GEMM_MIN_M`]); larger ones where [`gemm_route`] says so. On the
+/// NF4 (and NF4-dq) batches below this run [`forward`] on the AVX2 and AVX-VNNI tiers (its
+/// dot-product driver below [`gemm::GEMM_MIN_M`]); larger ones where [`gemm_route`] says so. On the
 /// AVX-512 VNNI tier NF4's small batches stay f32: on the 16-core Xeon (16 threads, one 1024²
 /// layer) the integer path took 0.048 ms at batch 1 against 0.031 for f32.
 pub const NF4_GENERIC_MAX_M: usize = 9;
