@@ -18,7 +18,7 @@ use std::arch::x86_64::*;
 /// [`ByteDot::dot`] step after step.
 ///
 /// Every method's safety contract: the implementation's CPU features (AVX2 for [`Maddubs`]).
-pub(super) trait ByteDot {
+pub(crate) trait ByteDot {
     /// One step. Exact for [`Maddubs`] where every pair `a_{2i}·b_{2i} + a_{2i+1}·b_{2i+1}`
     /// lies in i16 (no saturation); exact for `vpdpbusd` always.
     ///
@@ -56,11 +56,27 @@ pub(super) trait ByteDot {
     unsafe fn run_end(run: __m256i, _acc: __m256i) -> __m256i {
         run
     }
+
+    /// Two runs started from zero, ended and summed pairwise within each 128-bit half
+    /// (`vphaddd`): `[a_0 + a_1, a_2 + a_3, b_0 + b_1, b_2 + b_3]` per half of the i32 lanes
+    /// `a` of `r0` and `b` of `r1`. Exact for [`Maddubs`] where each i16 lane of either run
+    /// plus its neighbour lies in i16.
+    ///
+    /// # Safety
+    /// The implementation's CPU features and AVX2.
+    #[inline(always)]
+    unsafe fn hadd_runs(r0: __m256i, r1: __m256i) -> __m256i {
+        // SAFETY: the caller's contract.
+        unsafe {
+            let zero = _mm256_setzero_si256();
+            _mm256_hadd_epi32(Self::run_end(r0, zero), Self::run_end(r1, zero))
+        }
+    }
 }
 
 /// This tier's step: `vpmaddubsw` (pairs to i16) then `vpmaddwd` by ones (to i32); a run sums
 /// its `vpmaddubsw` products in i16 lanes (`vpaddw`) and widens once at its end.
-pub(super) struct Maddubs;
+pub(crate) struct Maddubs;
 
 impl ByteDot for Maddubs {
     #[inline(always)]
@@ -85,6 +101,13 @@ impl ByteDot for Maddubs {
     unsafe fn run_end(run: __m256i, acc: __m256i) -> __m256i {
         // SAFETY: the trait's contract (AVX2).
         unsafe { _mm256_add_epi32(acc, _mm256_madd_epi16(run, _mm256_set1_epi16(1))) }
+    }
+    /// `vphaddw` of the two runs' i16 lanes, then one `vpmaddwd` by ones: the same i32 lanes
+    /// as the default with one widening instead of two.
+    #[inline(always)]
+    unsafe fn hadd_runs(r0: __m256i, r1: __m256i) -> __m256i {
+        // SAFETY: the trait's contract (AVX2).
+        unsafe { _mm256_madd_epi16(_mm256_hadd_epi16(r0, r1), _mm256_set1_epi16(1)) }
     }
 }
 

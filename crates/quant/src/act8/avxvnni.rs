@@ -23,7 +23,7 @@ use std::arch::x86_64::*;
 
 /// `vpdpbusd` on ymm (AVX-VNNI): exact for every byte (no saturation, i32 lanes wrap as any
 /// i32 add; the sums here stay far below `2^31`).
-pub(super) struct Dpbusd;
+pub(crate) struct Dpbusd;
 
 impl ByteDot for Dpbusd {
     #[inline(always)]
@@ -39,7 +39,7 @@ impl ByteDot for Dpbusd {
 /// sign-extended), each pair multiplied and summed into i32 by `vpmaddwd` (products at most
 /// `255 · 128` in magnitude, so no `vpmaddwd` overflow), the two added to `acc`: the same
 /// i32 lanes as the instruction for every byte.
-pub(super) struct DpbusdEmulated;
+pub(crate) struct DpbusdEmulated;
 
 impl ByteDot for DpbusdEmulated {
     #[inline(always)]

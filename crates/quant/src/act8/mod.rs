@@ -313,7 +313,8 @@ pub fn has_avx512vnni() -> bool {
 
 /// Whether this CPU has AVX-VNNI (256-bit `vpdpbusd`) next to AVX2, FMA and F16C, and
 /// `NIBBLE_AVXVNNI` is not `0` (checked once; `NIBBLE_AVXVNNI=0` runs the plain AVX2 tier
-/// instead, for A/B runs).
+/// instead, for A/B runs). Also where Q4's fused int8 GEMV ([`crate::Q4Matrix::gemv_int8`],
+/// on every tier) forms its block sums with `vpdpbusd` (the same bits).
 pub fn has_avxvnni() -> bool {
     static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *HAS.get_or_init(|| {
