@@ -4,8 +4,9 @@
 //! integer GEMM from batch 8) itself, all in the same run (1024x1024, batch 1 and 1024 by
 //! default; `act8_bench DIM BATCH...`), on the current rayon pool (`RAYON_NUM_THREADS`) and
 //! kernel path (`NIBBLE_KERNEL`), printing a table. Where the tier is AMX (`NIBBLE_AMX=0`
-//! turns it off) the generic driver is also timed on the AVX-512 VNNI tier (`vnni_ms`), so the
-//! two compare in one run. They are run interleaved, 7 rounds after a warm-up
+//! turns it off) the generic driver is also timed on the AVX-512 VNNI tier (`vnni_ms`), and
+//! where it is AVX-VNNI (`NIBBLE_KERNEL=avx2` on a CPU with it; `NIBBLE_AVXVNNI=0` turns it
+//! off) on the plain AVX2 tier (`avx2_ms`), so the two compare in one run. They are run interleaved, 7 rounds after a warm-up
 //! (`ACT8_BENCH_REPS` to change), and reported as median and minimum (the minimum is the
 //! figure to compare on a busy machine).
 
@@ -60,14 +61,23 @@ fn main() {
     if let Err(why) = nibble_quant::act8::amx_status() {
         println!("AMX not used: {why}");
     }
-    // The generic driver on the tier, and on VNNI next to AMX.
+    // The generic driver on the tier, and on the tier below for A/B: VNNI next to AMX, AVX2
+    // next to AVX-VNNI.
     let mut generic = vec![tier];
-    if tier == IntTier::Amx {
-        generic.push(IntTier::Avx512Vnni);
+    let below = match tier {
+        IntTier::Amx => Some((IntTier::Avx512Vnni, "vnni")),
+        IntTier::AvxVnni => Some((IntTier::Avx2, "avx2")),
+        _ => None,
+    };
+    if let Some((t, _)) = below {
+        generic.push(t);
     }
     println!(
         "format  batch  f32_ms (min)      int8_ms (min)     generic_ms (min)  int8/f32  generic/f32 (of medians; of minima){}",
-        if generic.len() > 1 { "  vnni_ms (min)  vnni/f32" } else { "" }
+        match below {
+            Some((_, n)) => format!("  {n}_ms (min)  {n}/f32"),
+            None => String::new(),
+        }
     );
     for &m in &batches {
         let x = Tensor::randn(&[m, dim], &mut Rng::new(2)).into_vec();

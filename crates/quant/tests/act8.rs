@@ -13,13 +13,24 @@ use nibble_quant::nf4::NF4_LEVELS;
 use nibble_quant::{Int8Matrix, LowerMatrix, Nf4Matrix, Q4Matrix};
 use nibble_tensor::{Rng, Tensor, WeightMatrix};
 
-/// Tiers this CPU runs, printing the ones it lacks.
+/// Tiers this CPU runs and the emulated AVX-VNNI tier (where the CPU has AVX2), printing the
+/// ones it lacks.
 fn tiers() -> Vec<IntTier> {
-    let t = IntTier::available();
-    for want in [IntTier::Avx2, IntTier::Avx512Vnni, IntTier::Amx] {
+    let mut t = IntTier::available();
+    for want in [
+        IntTier::Avx2,
+        IntTier::AvxVnni,
+        IntTier::Avx512Vnni,
+        IntTier::Amx,
+    ] {
         if !t.contains(&want) {
-            println!("act8: skipping tier {want:?} (this CPU lacks it)");
+            println!("act8: skipping tier {want:?} (this CPU lacks it, or it is turned off)");
         }
+    }
+    if IntTier::AvxVnniEmulated.supported() == IntTier::AvxVnniEmulated {
+        t.push(IntTier::AvxVnniEmulated);
+    } else {
+        println!("act8: skipping tier AvxVnniEmulated (this CPU lacks AVX2)");
     }
     t
 }
@@ -309,9 +320,18 @@ fn nf4_int8_table_error() {
     assert_eq!(NF4_LEVELS_I8[7], 0);
 }
 
-/// The int8 forward gives the same bits on 1, 2 and 3 threads (GEMV and GEMM sizes).
+/// The int8 forward gives the same bits on 1, 2 and 3 threads (GEMV and GEMM sizes), on the
+/// tier of the kernel path and on every tier of [`tiers`].
 #[test]
 fn forward_bits_independent_of_threads() {
+    let mut all = vec![IntTier::for_path(nibble_quant::cpu::kernel_path())];
+    all.extend(tiers());
+    for tier in all {
+        forward_bits_independent_of_threads_on(tier);
+    }
+}
+
+fn forward_bits_independent_of_threads_on(tier: IntTier) {
     let run = |threads: usize| {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -323,14 +343,7 @@ fn forward_bits_independent_of_threads() {
                 for m in [1usize, 4, 20] {
                     let x = Tensor::randn(&[m, 320], &mut Rng::new(m as u64)).into_vec();
                     let mut y = vec![f32::NAN; m * 130];
-                    if forward(
-                        IntTier::for_path(nibble_quant::cpu::kernel_path()),
-                        f.as_int(),
-                        &x,
-                        m,
-                        &mut y,
-                        false,
-                    ) {
+                    if forward(tier, f.as_int(), &x, m, &mut y, false) {
                         out.push(y);
                     }
                 }
@@ -346,7 +359,7 @@ fn forward_bits_independent_of_threads() {
         for (x, y) in a.iter().zip(&b) {
             assert!(
                 x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()),
-                "{t} threads"
+                "{tier:?}: {t} threads"
             );
         }
     }

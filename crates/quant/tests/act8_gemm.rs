@@ -10,15 +10,26 @@ use nibble_quant::act8::{forward, IntCodes, IntTier};
 use nibble_quant::{Int8Matrix, LowerMatrix, Nf4Matrix, Q4Matrix};
 use nibble_tensor::{Rng, Tensor};
 
-/// Tiers this CPU runs and the emulated AMX tier, printing the ones it lacks.
+/// Tiers this CPU runs, the emulated AMX tier and the emulated AVX-VNNI tier (where the CPU
+/// has AVX2), printing the ones it lacks.
 fn tiers() -> Vec<IntTier> {
     let mut t = IntTier::available();
-    for want in [IntTier::Avx2, IntTier::Avx512Vnni, IntTier::Amx] {
+    for want in [
+        IntTier::Avx2,
+        IntTier::AvxVnni,
+        IntTier::Avx512Vnni,
+        IntTier::Amx,
+    ] {
         if !t.contains(&want) {
-            println!("act8 gemm: skipping tier {want:?} (this CPU lacks it)");
+            println!("act8 gemm: skipping tier {want:?} (this CPU lacks it, or it is turned off)");
         }
     }
     t.push(IntTier::AmxEmulated);
+    if IntTier::AvxVnniEmulated.supported() == IntTier::AvxVnniEmulated {
+        t.push(IntTier::AvxVnniEmulated);
+    } else {
+        println!("act8 gemm: skipping tier AvxVnniEmulated (this CPU lacks AVX2)");
+    }
     t
 }
 
@@ -237,5 +248,52 @@ fn amx_tier_selection() {
         let route = gemm_route(IntTier::Amx, f);
         assert!(route.is_some(), "{f}");
         assert_eq!(route, gemm_route(IntTier::Avx512Vnni, f), "{f}");
+    }
+}
+
+/// The AVX-VNNI tier is listed and chosen exactly where the CPU has it: on the AVX2 path, and
+/// on the AVX-512 path below AVX-512 VNNI; without it the tier falls to AVX2. It routes the
+/// batches AVX2 does; its emulation is never listed or chosen.
+#[test]
+fn avxvnni_tier_selection() {
+    use nibble_quant::act8::{
+        gemm_route, has_avx512vnni, has_avxvnni, int8_route_on, Int8Route, NF4_GENERIC_MAX_M,
+    };
+    use nibble_quant::cpu::{has_avx2_fma_f16c, KernelPath};
+    let has = has_avxvnni();
+    if !has {
+        println!("act8 gemm: this CPU lacks AVX-VNNI (or NIBBLE_AVXVNNI=0): only its fallback is checked");
+        assert_eq!(IntTier::AvxVnni.supported(), IntTier::Avx2.supported());
+    } else {
+        assert!(has_avx2_fma_f16c());
+        assert_eq!(IntTier::AvxVnni.supported(), IntTier::AvxVnni);
+    }
+    assert_eq!(IntTier::available().contains(&IntTier::AvxVnni), has);
+    let best256 = if has { IntTier::AvxVnni } else { IntTier::Avx2 };
+    if KernelPath::Avx2Fma.supported() == KernelPath::Avx2Fma {
+        assert_eq!(IntTier::for_path(KernelPath::Avx2Fma), best256);
+    }
+    if KernelPath::Avx512.supported() == KernelPath::Avx512 && !has_avx512vnni() {
+        assert_eq!(IntTier::for_path(KernelPath::Avx512), best256);
+    }
+    assert!(!IntTier::available().contains(&IntTier::AvxVnniEmulated));
+    let emulated = IntTier::AvxVnniEmulated.supported();
+    if has_avx2_fma_f16c() {
+        assert_eq!(emulated, IntTier::AvxVnniEmulated);
+    } else {
+        assert_eq!(emulated, IntTier::Scalar);
+    }
+    for f in ["q4", "nf4", "int8", "lower"] {
+        let route = gemm_route(IntTier::AvxVnni, f);
+        assert!(route.is_some(), "{f}");
+        assert_eq!(route, gemm_route(IntTier::Avx2, f), "{f}");
+    }
+    if has {
+        for m in 1..NF4_GENERIC_MAX_M {
+            assert_eq!(
+                int8_route_on(IntTier::AvxVnni, "nf4", m),
+                Int8Route::Generic
+            );
+        }
     }
 }

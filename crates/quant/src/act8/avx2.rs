@@ -2,15 +2,119 @@
 //! then `vpmaddwd` by ones (to i32). Signed codes go through `|c| · sign(x, c)`, so that the
 //! unsigned operand stays in 0..=128 and a pair stays below `2 · 128 · 127 < 2^15`: no
 //! saturation, exact sums.
+//!
+//! The 256-bit kernels here (the dot products `unit_sums_with`, `dot_units16_with` and the
+//! GEMM lanes `Narrow`) are generic over their multiply-add step (`ByteDot`): this tier's
+//! `Maddubs` (`vpmaddubsw` + `vpmaddwd`), and the AVX-VNNI tier's `vpdpbusd`
+//! ([`super::avxvnni`]), which runs the same code with one instruction per step.
 
 use super::CodeKind;
 use std::arch::x86_64::*;
 
-/// [`super::unit_sums`] for lengths already checked (128-byte steps: 8, 2 or 1 units each).
+/// The multiply-add step of the 256-bit kernels, the operation of `vpdpbusd`: per i32 lane
+/// `l`, `acc_l + Σ_{j<4} a_{4l+j} · b_{4l+j}` with `a` read as unsigned bytes and `b` as
+/// signed bytes. A *run* chains up to four such steps into one lane vector
+/// ([`ByteDot::run_start`], [`ByteDot::run_add`], [`ByteDot::run_end`]); the default run is
+/// [`ByteDot::dot`] step after step.
+///
+/// Every method's safety contract: the implementation's CPU features (AVX2 for [`Maddubs`]).
+pub(crate) trait ByteDot {
+    /// One step. Exact for [`Maddubs`] where every pair `a_{2i}·b_{2i} + a_{2i+1}·b_{2i+1}`
+    /// lies in i16 (no saturation); exact for `vpdpbusd` always.
+    ///
+    /// # Safety
+    /// The implementation's CPU features.
+    unsafe fn dot(acc: __m256i, a: __m256i, b: __m256i) -> __m256i;
+
+    /// The first step of a run into `acc` (the run's value is opaque until
+    /// [`ByteDot::run_end`]). Exact for [`Maddubs`] where each i16 lane's sum over the whole
+    /// run (eight products) lies in i16.
+    ///
+    /// # Safety
+    /// The implementation's CPU features.
+    #[inline(always)]
+    unsafe fn run_start(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+        // SAFETY: the caller's contract.
+        unsafe { Self::dot(acc, a, b) }
+    }
+
+    /// A further step of a run (at most four steps a run).
+    ///
+    /// # Safety
+    /// The implementation's CPU features.
+    #[inline(always)]
+    unsafe fn run_add(run: __m256i, a: __m256i, b: __m256i) -> __m256i {
+        // SAFETY: the caller's contract.
+        unsafe { Self::dot(run, a, b) }
+    }
+
+    /// The run's i32 lanes: `acc` (as given to [`ByteDot::run_start`]) plus every step's sums.
+    ///
+    /// # Safety
+    /// The implementation's CPU features.
+    #[inline(always)]
+    unsafe fn run_end(run: __m256i, _acc: __m256i) -> __m256i {
+        run
+    }
+
+    /// Two runs started from zero, ended and summed pairwise within each 128-bit half
+    /// (`vphaddd`): `[a_0 + a_1, a_2 + a_3, b_0 + b_1, b_2 + b_3]` per half of the i32 lanes
+    /// `a` of `r0` and `b` of `r1`. Exact for [`Maddubs`] where each i16 lane of either run
+    /// plus its neighbour lies in i16.
+    ///
+    /// # Safety
+    /// The implementation's CPU features and AVX2.
+    #[inline(always)]
+    unsafe fn hadd_runs(r0: __m256i, r1: __m256i) -> __m256i {
+        // SAFETY: the caller's contract.
+        unsafe {
+            let zero = _mm256_setzero_si256();
+            _mm256_hadd_epi32(Self::run_end(r0, zero), Self::run_end(r1, zero))
+        }
+    }
+}
+
+/// This tier's step: `vpmaddubsw` (pairs to i16) then `vpmaddwd` by ones (to i32); a run sums
+/// its `vpmaddubsw` products in i16 lanes (`vpaddw`) and widens once at its end.
+pub(crate) struct Maddubs;
+
+impl ByteDot for Maddubs {
+    #[inline(always)]
+    unsafe fn dot(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+        // SAFETY: the trait's contract (AVX2).
+        unsafe {
+            let pairs = _mm256_maddubs_epi16(a, b);
+            _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+        }
+    }
+    #[inline(always)]
+    unsafe fn run_start(_acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+        // SAFETY: the trait's contract (AVX2).
+        unsafe { _mm256_maddubs_epi16(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn run_add(run: __m256i, a: __m256i, b: __m256i) -> __m256i {
+        // SAFETY: the trait's contract (AVX2).
+        unsafe { _mm256_add_epi16(run, _mm256_maddubs_epi16(a, b)) }
+    }
+    #[inline(always)]
+    unsafe fn run_end(run: __m256i, acc: __m256i) -> __m256i {
+        // SAFETY: the trait's contract (AVX2).
+        unsafe { _mm256_add_epi32(acc, _mm256_madd_epi16(run, _mm256_set1_epi16(1))) }
+    }
+    /// `vphaddw` of the two runs' i16 lanes, then one `vpmaddwd` by ones: the same i32 lanes
+    /// as the default with one widening instead of two.
+    #[inline(always)]
+    unsafe fn hadd_runs(r0: __m256i, r1: __m256i) -> __m256i {
+        // SAFETY: the trait's contract (AVX2).
+        unsafe { _mm256_madd_epi16(_mm256_hadd_epi16(r0, r1), _mm256_set1_epi16(1)) }
+    }
+}
+
+/// [`super::unit_sums`] for lengths already checked, on [`Maddubs`].
 ///
 /// # Safety
-/// The CPU has AVX2; `codes` and every `xq[v]` have the same length, a multiple of 128, `unit`
-/// is 16, 64 or 128 and every `out[v]` has `codes.len() / unit` elements.
+/// As [`unit_sums_with`].
 #[target_feature(enable = "avx2")]
 pub(super) unsafe fn unit_sums<const V: usize>(
     kind: CodeKind,
@@ -19,8 +123,27 @@ pub(super) unsafe fn unit_sums<const V: usize>(
     xq: [&[i8]; V],
     out: [&mut [i32]; V],
 ) {
+    // SAFETY: the caller's contract.
+    unsafe { unit_sums_with::<Maddubs, V>(kind, unit, codes, xq, out) }
+}
+
+/// [`super::unit_sums`] for lengths already checked (128-byte steps: 8, 2 or 1 units each) on
+/// the step `D`: nibble codes multiply x directly (pairs at most `2 · 15 · 127`), signed codes
+/// as `|c| · sign(x, c)` (pairs at most `2 · 128 · 127 < 2^15`; every xq in −127..=127), so
+/// that the sums are exact on every [`ByteDot`].
+///
+/// # Safety
+/// `D`'s CPU features and AVX2; `codes` and every `xq[v]` have the same length, a multiple of
+/// 128, `unit` is 16, 64 or 128 and every `out[v]` has `codes.len() / unit` elements.
+#[inline(always)]
+pub(super) unsafe fn unit_sums_with<D: ByteDot, const V: usize>(
+    kind: CodeKind,
+    unit: usize,
+    codes: &[u8],
+    xq: [&[i8]; V],
+    out: [&mut [i32]; V],
+) {
     let n = codes.len();
-    let ones = _mm256_set1_epi16(1);
     let signed = kind == CodeKind::Signed;
     let outp: [*mut i32; V] = out.map(|o| o.as_mut_ptr());
     let mut s = 0;
@@ -38,7 +161,7 @@ pub(super) unsafe fn unit_sums<const V: usize>(
                 // SAFETY: xq[v] has n bytes (caller).
                 let x = _mm256_loadu_si256(xq[v].as_ptr().add(s + 32 * k) as *const __m256i);
                 let x = if signed { _mm256_sign_epi8(x, c[k]) } else { x };
-                q[k] = _mm256_madd_epi16(_mm256_maddubs_epi16(cu[k], x), ones);
+                q[k] = D::dot(_mm256_setzero_si256(), cu[k], x);
             }
             // SAFETY: the step's units s/unit.. (8, 2 or 1 of them) lie inside out[v].
             store_units(unit, q, outp[v].add(s / unit));
@@ -194,8 +317,25 @@ pub(super) unsafe fn dot_units16<const V: usize>(
     scale: &[f32],
     offset: &[f32],
 ) -> [f32; V] {
+    // SAFETY: the caller's contract.
+    unsafe { dot_units16_with::<Maddubs, V>(kind, codes, xq, sx_u, xo_u, scale, offset) }
+}
+
+/// [`dot_units16`] on the step `D` (the unit sums formed as in [`unit_sums_with`]).
+///
+/// # Safety
+/// `D`'s CPU features and AVX2; the lengths of [`dot_units16`].
+#[inline(always)]
+pub(super) unsafe fn dot_units16_with<D: ByteDot, const V: usize>(
+    kind: CodeKind,
+    codes: &[u8],
+    xq: [&[i8]; V],
+    sx_u: [&[f32]; V],
+    xo_u: [&[f32]; V],
+    scale: &[f32],
+    offset: &[f32],
+) -> [f32; V] {
     let n = codes.len();
-    let ones = _mm256_set1_epi16(1);
     let signed = kind == CodeKind::Signed;
     let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     let mut acc = [_mm256_setzero_ps(); V];
@@ -218,7 +358,7 @@ pub(super) unsafe fn dot_units16<const V: usize>(
                 // SAFETY: xq[v] has n bytes.
                 let x = _mm256_loadu_si256(xq[v].as_ptr().add(s + 32 * k) as *const __m256i);
                 let x = if signed { _mm256_sign_epi8(x, c[k]) } else { x };
-                q[k] = _mm256_madd_epi16(_mm256_maddubs_epi16(cu[k], x), ones);
+                q[k] = D::dot(_mm256_setzero_si256(), cu[k], x);
             }
             let h = _mm256_hadd_epi32(_mm256_hadd_epi32(q[0], q[1]), _mm256_hadd_epi32(q[2], q[3]));
             let isum = _mm256_cvtepi32_ps(_mm256_permutevar8x32_epi32(h, order));
@@ -243,11 +383,14 @@ pub(super) unsafe fn dot_units16<const V: usize>(
     out
 }
 
-/// The GEMM's lanes for 4-bit and 3-bit codes (`|w| <= 15`): `vpmaddubsw` of `xq + 128` by
-/// `w`, four steps summed in i16 lanes (at most `8 · 255 · 15 = 30600`), then `vpmaddwd` by
-/// ones into i32 lanes that start at the correction `−128 · Σ w` (see [`super::gemm`]). A
-/// lane vector is a pair of ymm: 16 rows of W, the panel of the VNNI tier.
-pub(super) struct Narrow;
+/// The GEMM's lanes that read x as `xq + 128` (unsigned, 1..=255) times the signed weights
+/// `w`, into i32 lanes that start at the correction `−128 · Σ w` (see [`super::gemm`]), in runs
+/// of four steps of the step `D` ([`ByteDot`]). A lane vector is a pair of ymm: 16 rows of W,
+/// the panel of the VNNI tier. On [`Maddubs`] (this tier, 4-bit and 3-bit codes only,
+/// `|w| <= 15`): `vpmaddubsw` of `xq + 128` by `w`, four steps summed in i16 lanes (at most
+/// `8 · 255 · 15 = 30600`), then `vpmaddwd` by ones. On `vpdpbusd` (the AVX-VNNI tier,
+/// [`super::avxvnni`]): every signed `w`, one instruction per step.
+pub(super) struct Narrow<D: ByteDot = Maddubs>(std::marker::PhantomData<D>);
 
 /// The GEMM's lanes for 8-bit signed codes: `vpmaddubsw` of `|w|` (0..=128) by `sign(xq, w)`
 /// (pairs at most `2 · 128 · 127 < 2^15`), `vpmaddwd` by ones into i32 lanes that start at
@@ -346,7 +489,7 @@ unsafe fn panel_step(w: *const u8, s: usize) -> [__m256i; 2] {
     }
 }
 
-impl super::gemm::Lanes for Narrow {
+impl<D: ByteDot> super::gemm::Lanes for Narrow<D> {
     const OFFSET_X: bool = true;
     avx2_float_lanes!();
 
@@ -356,31 +499,29 @@ impl super::gemm::Lanes for Narrow {
         w: *const u8,
         init: [__m256i; 2],
     ) -> [[__m256i; 2]; R] {
-        // SAFETY: the trait's contract: AVX2, UNIT bytes of each x, 16 · UNIT of w (UNIT a
-        // multiple of 16: whole runs of four steps).
+        // SAFETY: the trait's contract: AVX2 and D's features, UNIT bytes of each x, 16 · UNIT
+        // of w (UNIT a multiple of 16: whole runs of four steps).
         unsafe {
-            let ones = _mm256_set1_epi16(1);
             let mut acc = [init; R];
             for run in 0..UNIT / 16 {
-                let mut t = [[_mm256_setzero_si256(); 2]; R];
+                let mut t = acc;
                 for j in 0..4 {
                     let s = 4 * run + j;
                     let wv = panel_step(w, s);
                     for r in 0..R {
                         let xb = broadcast4(x[r].add(4 * s));
                         for h in 0..2 {
-                            let p = _mm256_maddubs_epi16(xb, wv[h]);
                             t[r][h] = if j == 0 {
-                                p
+                                D::run_start(acc[r][h], xb, wv[h])
                             } else {
-                                _mm256_add_epi16(t[r][h], p)
+                                D::run_add(t[r][h], xb, wv[h])
                             };
                         }
                     }
                 }
                 for r in 0..R {
                     for h in 0..2 {
-                        acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_madd_epi16(t[r][h], ones));
+                        acc[r][h] = D::run_end(t[r][h], acc[r][h]);
                     }
                 }
             }
@@ -401,7 +542,6 @@ impl super::gemm::Lanes for Wide {
     ) -> [[__m256i; 2]; R] {
         // SAFETY: the trait's contract: AVX2, UNIT bytes of each x, 16 · UNIT of w.
         unsafe {
-            let ones = _mm256_set1_epi16(1);
             let mut acc = [init; R];
             for s in 0..UNIT / 4 {
                 let wv = panel_step(w, s);
@@ -410,8 +550,7 @@ impl super::gemm::Lanes for Wide {
                     let xb = broadcast4(x[r].add(4 * s));
                     for h in 0..2 {
                         let xs = _mm256_sign_epi8(xb, wv[h]);
-                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(wa[h], xs), ones);
-                        acc[r][h] = _mm256_add_epi32(acc[r][h], p);
+                        acc[r][h] = Maddubs::dot(acc[r][h], wa[h], xs);
                     }
                 }
             }
@@ -435,7 +574,7 @@ pub(super) unsafe fn gemm_block_narrow(
     accumulate: bool,
 ) {
     // SAFETY: the caller's contract.
-    unsafe { super::gemm::block::<Narrow>(pw, xp, rows, panels, y, o, accumulate) }
+    unsafe { super::gemm::block::<Narrow<Maddubs>>(pw, xp, rows, panels, y, o, accumulate) }
 }
 
 /// [`super::gemm::panel_corr`] on [`Narrow`] lanes, compiled for AVX2.
@@ -445,7 +584,7 @@ pub(super) unsafe fn gemm_block_narrow(
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn gemm_corr_narrow(codes: &[u8], unit: usize, corr: &mut [i32]) {
     // SAFETY: the caller's contract.
-    unsafe { super::gemm::panel_corr::<Narrow>(codes, unit, corr) }
+    unsafe { super::gemm::panel_corr::<Narrow<Maddubs>>(codes, unit, corr) }
 }
 
 /// [`super::gemm::block`] on [`Wide`] lanes, compiled for AVX2 and FMA.

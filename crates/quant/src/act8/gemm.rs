@@ -1,7 +1,7 @@
 //! The integer GEMM of int8 activations for batches of [`GEMM_MIN_M`] vectors and more.
 //!
 //! # Layout
-//! W is packed once per call into *panels* of `NR` rows (16 on the AVX2 tier, a pair of ymm,
+//! W is packed once per call into *panels* of `NR` rows (16 on the AVX2 and AVX-VNNI tiers, a pair of ymm,
 //! and on AVX-512 VNNI, one zmm; 8 on the scalar tier): for each 4 consecutive columns (a
 //! *step*) the panel holds `NR × 4` bytes, row after row, which is the operand layout of
 //! `vpdpbusd` / `vpmaddubsw` with the rows of W in the output lanes (and, at 16 rows, the `B`
@@ -27,6 +27,9 @@
 //!   (pairs at most `2 · 128 · 127 < 2^15`), `vpmaddwd` by ones, lanes starting at 0 (W and
 //!   x widened to i16 for a bare `vpmaddwd` ran at the same speed on Zen 3 and doubled the
 //!   packing);
+//! - AVX-VNNI ([`super::avxvnni`]): the 4-bit lanes of AVX2 with one 256-bit `vpdpbusd` per
+//!   step in place of `vpmaddubsw` (+ `vpaddw`, `vpmaddwd`), for every code kind (no i16
+//!   bound); 16 rows of W per pair of ymm, 4 vectors per micro-kernel;
 //! - AVX-512 VNNI: `vpdpbusd` of `xq + 128` by `w` into lanes starting at `−128 · Σ w`;
 //! - AMX ([`super::amx`]): `tdpbssd` of `xq` by `w` (signed × signed, from zero) in tiles of 16
 //!   vectors × 16 rows, stored to an i32 buffer per unit and folded from there (`fold` takes
@@ -38,7 +41,7 @@
 //! x = 1); the product over rectangles of [`M_BLOCK`] vectors by [`N_BLOCK`] rows of W, each
 //! computing its outputs over the whole of `in` (K is never split), so the bits do not depend
 //! on the thread count. Within a rectangle a panel stays in L1 while the vectors pass over it
-//! `MR` (4 on AVX2, 8 on VNNI) at a time.
+//! `MR` (4 on AVX2 and AVX-VNNI, 8 on AVX-512 VNNI) at a time.
 
 use rayon::prelude::*;
 
@@ -718,6 +721,12 @@ enum Kernel {
     Avx2Wide,
     #[cfg(target_arch = "x86_64")]
     Vnni,
+    /// [`super::avx2::Narrow`] lanes on AVX-VNNI's `vpdpbusd`, every code kind.
+    #[cfg(target_arch = "x86_64")]
+    AvxVnni,
+    /// [`Kernel::AvxVnni`] with the instruction emulated by AVX2.
+    #[cfg(target_arch = "x86_64")]
+    AvxVnniEmulated,
     /// AMX tiles, the fold on [`super::avx512vnni::Vnni`] lanes ([`super::amx`]).
     #[cfg(target_arch = "x86_64")]
     Amx,
@@ -739,6 +748,10 @@ impl Kernel {
             Kernel::Avx2Wide => of::<super::avx2::Wide>(),
             #[cfg(target_arch = "x86_64")]
             Kernel::Vnni => of::<super::avx512vnni::Vnni>(),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::AvxVnni => of::<super::avx2::Narrow<super::avxvnni::Dpbusd>>(),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::AvxVnniEmulated => of::<super::avx2::Narrow<super::avxvnni::DpbusdEmulated>>(),
             #[cfg(target_arch = "x86_64")]
             Kernel::Amx => (super::amx::PANEL_ROWS, false),
             Kernel::AmxEmulated => (super::amx::PANEL_ROWS, false),
@@ -769,6 +782,10 @@ impl Kernel {
                 Kernel::Avx2Narrow => super::avx2::gemm_corr_narrow(codes, unit, corr),
                 #[cfg(target_arch = "x86_64")]
                 Kernel::Vnni => super::avx512vnni::gemm_corr(codes, unit, corr),
+                #[cfg(target_arch = "x86_64")]
+                Kernel::AvxVnni => super::avxvnni::hw::gemm_corr(codes, unit, corr),
+                #[cfg(target_arch = "x86_64")]
+                Kernel::AvxVnniEmulated => super::avxvnni::emulated::gemm_corr(codes, unit, corr),
                 _ => debug_assert!(corr.is_empty()),
             }
         }
@@ -806,6 +823,14 @@ impl Kernel {
                     super::avx512vnni::gemm_block(pw, xp, rows, panels, y, o, accumulate)
                 }
                 #[cfg(target_arch = "x86_64")]
+                Kernel::AvxVnni => {
+                    super::avxvnni::hw::gemm_block(pw, xp, rows, panels, y, o, accumulate)
+                }
+                #[cfg(target_arch = "x86_64")]
+                Kernel::AvxVnniEmulated => {
+                    super::avxvnni::emulated::gemm_block(pw, xp, rows, panels, y, o, accumulate)
+                }
+                #[cfg(target_arch = "x86_64")]
                 Kernel::Amx => super::amx::gemm_block(pw, xp, rows, panels, y, o, accumulate),
                 Kernel::AmxEmulated => {
                     super::amx::gemm_block_emulated(pw, xp, rows, panels, y, o, accumulate)
@@ -832,6 +857,10 @@ pub(super) fn run(
     let kernel = match tier {
         #[cfg(target_arch = "x86_64")]
         IntTier::Avx512Vnni => Kernel::Vnni,
+        #[cfg(target_arch = "x86_64")]
+        IntTier::AvxVnni => Kernel::AvxVnni,
+        #[cfg(target_arch = "x86_64")]
+        IntTier::AvxVnniEmulated => Kernel::AvxVnniEmulated,
         #[cfg(target_arch = "x86_64")]
         IntTier::Amx => Kernel::Amx,
         IntTier::AmxEmulated => Kernel::AmxEmulated,

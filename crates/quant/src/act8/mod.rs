@@ -25,9 +25,12 @@
 //!
 //! # Tiers
 //! Only the integer sums `I_u` come from a tier: [`scalar`] (the portable loop), [`avx2`]
-//! (`vpmaddubsw` + `vpmaddwd`), [`avx512vnni`] (`vpdpbusd`), [`amx`] (`tdpbssd` tiles, the
-//! GEMM only; [`IntTier::AmxEmulated`] runs its driver on a scalar emulator of the tiles). Integer sums are exact, and the
-//! f32 combination is one shared function with a fixed order, so every tier gives
+//! (`vpmaddubsw` + `vpmaddwd`), [`avxvnni`] (the AVX2 tier's code with the 256-bit VEX
+//! `vpdpbusd` as its one multiply-add step, Intel client CPUs from Alder Lake on and Sapphire
+//! Rapids; [`IntTier::AvxVnniEmulated`] runs it with that instruction emulated by AVX2),
+//! [`avx512vnni`] (`vpdpbusd`), [`amx`] (`tdpbssd` tiles, the GEMM only;
+//! [`IntTier::AmxEmulated`] runs its driver on a scalar emulator of the tiles). Integer sums
+//! are exact, and the f32 combination is one shared function with a fixed order, so every tier gives
 //! bit-identical outputs for the same input, at every thread count.
 //!
 //! # Two drivers
@@ -35,9 +38,10 @@
 //! vector, then the f32 combination per row; W unpacked 16 rows at a time, [`ROW_TILE`]).
 //! From 8 vectors on, [`forward`] runs the integer GEMM ([`gemm`]): W packed once per call
 //! into panels of 16 rows in the `vpdpbusd` operand layout (Q4 as odd signed codes `2c − 15`,
-//! which needs no offset term), register-blocked micro-kernels of 4 (AVX2) or 8 (VNNI)
-//! vectors × 16 rows of W whose integer sums per unit go into f32 with one convert and one
-//! `fma` per unit, and the group scale of x applied once per 128 columns; no horizontal sums.
+//! which needs no offset term), register-blocked micro-kernels of 4 (AVX2, AVX-VNNI) or 8
+//! (AVX-512 VNNI) vectors × 16 rows of W whose integer sums per unit go into f32 with one
+//! convert and one `fma` per unit, and the group scale of x applied once per 128 columns; no
+//! horizontal sums.
 //! Its f32 combination is its own fixed sequence (see [`gemm`]), the same on every tier, so
 //! the two drivers differ in the last bits of f32 rounding only.
 //!
@@ -97,6 +101,8 @@ pub mod amx;
 pub mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub mod avx512vnni;
+#[cfg(target_arch = "x86_64")]
+pub mod avxvnni;
 pub mod gemm;
 pub mod scalar;
 
@@ -278,6 +284,10 @@ pub enum IntTier {
     Scalar,
     /// AVX2 `vpmaddubsw` ([`avx2`]).
     Avx2,
+    /// AVX-VNNI: the 256-bit VEX `vpdpbusd` of Intel client CPUs (Alder Lake on; Sapphire
+    /// Rapids Xeons have it next to AVX-512), the AVX2 tier's code with that one instruction
+    /// as its multiply-add step ([`avxvnni`]). Where the CPU has it ([`has_avxvnni`]).
+    AvxVnni,
     /// AVX-512 VNNI `vpdpbusd` ([`avx512vnni`]).
     Avx512Vnni,
     /// AMX-INT8 tiles (`tdpbssd`, [`amx`]) for the integer GEMM, the AVX-512 VNNI tier for
@@ -289,6 +299,11 @@ pub enum IntTier {
     /// where AMX is missing. Never chosen by [`IntTier::for_path`] nor listed by
     /// [`IntTier::available`]; below the GEMM it runs the portable tier.
     AmxEmulated,
+    /// The [`IntTier::AvxVnni`] code with its `vpdpbusd` emulated by AVX2 instructions: exact,
+    /// on any AVX2 CPU (else the portable tier), so that everything of the AVX-VNNI tier but
+    /// the instruction is tested where the CPU lacks it. Never chosen by [`IntTier::for_path`]
+    /// nor listed by [`IntTier::available`].
+    AvxVnniEmulated,
 }
 
 /// Whether this CPU has AVX-512 VNNI next to the AVX-512 tier (checked once).
@@ -298,6 +313,27 @@ pub fn has_avx512vnni() -> bool {
         #[cfg(target_arch = "x86_64")]
         {
             crate::cpu::has_avx512() && is_x86_feature_detected!("avx512vnni")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// Whether this CPU has AVX-VNNI (256-bit `vpdpbusd`) next to AVX2, FMA and F16C, and
+/// `NIBBLE_AVXVNNI` is not `0` (checked once; `NIBBLE_AVXVNNI=0` runs the plain AVX2 tier
+/// instead, for A/B runs). Also where Q4's fused int8 GEMV ([`crate::Q4Matrix::gemv_int8`],
+/// on every tier) forms its block sums with `vpdpbusd` (the same bits).
+pub fn has_avxvnni() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        if std::env::var("NIBBLE_AVXVNNI").is_ok_and(|v| v.trim() == "0") {
+            return false;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            crate::cpu::has_avx2_fma_f16c() && is_x86_feature_detected!("avxvnni")
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -332,31 +368,45 @@ pub fn amx_status() -> Result<(), String> {
 
 impl IntTier {
     /// The tier a kernel path runs (downgraded to what this CPU has): on the AVX-512 path
-    /// AMX where [`has_amx`], else AVX-512 VNNI where the CPU has it.
+    /// AMX where [`has_amx`], else AVX-512 VNNI where the CPU has it; on the AVX-512 path
+    /// without AVX-512 VNNI and on the AVX2 path, AVX-VNNI where [`has_avxvnni`], else AVX2.
+    ///
+    /// To force a tier for A/B runs: `NIBBLE_KERNEL=avx2` takes the AVX2 path (AVX-VNNI where
+    /// the CPU has it, so on a Xeon with both this runs the AVX-VNNI tier),
+    /// `NIBBLE_AVXVNNI=0` turns AVX-VNNI off (plain AVX2), `NIBBLE_AMX=0` turns AMX off,
+    /// `NIBBLE_KERNEL=scalar` the portable tier; tests and benchmarks pass any tier of
+    /// [`IntTier::available`] to [`forward`] directly.
     pub fn for_path(path: KernelPath) -> IntTier {
         match path.supported() {
             KernelPath::Avx512 if has_amx() => IntTier::Amx,
             KernelPath::Avx512 if has_avx512vnni() => IntTier::Avx512Vnni,
+            KernelPath::Avx512 | KernelPath::Avx2Fma if has_avxvnni() => IntTier::AvxVnni,
             KernelPath::Avx512 | KernelPath::Avx2Fma => IntTier::Avx2,
             _ => IntTier::Scalar,
         }
     }
 
-    /// `self`, or the best lower tier this CPU has.
+    /// `self`, or the best lower tier this CPU has (AMX, then AVX-512 VNNI, then AVX2;
+    /// AVX-VNNI, then AVX2; AVX2, then the portable tier).
     pub fn supported(self) -> IntTier {
         match self {
             IntTier::Amx if !has_amx() => IntTier::Avx512Vnni.supported(),
             IntTier::Avx512Vnni if !has_avx512vnni() => IntTier::Avx2.supported(),
-            IntTier::Avx2 if !crate::cpu::has_avx2_fma_f16c() => IntTier::Scalar,
+            IntTier::AvxVnni if !has_avxvnni() => IntTier::Avx2.supported(),
+            IntTier::Avx2 | IntTier::AvxVnniEmulated if !crate::cpu::has_avx2_fma_f16c() => {
+                IntTier::Scalar
+            }
             t => t,
         }
     }
 
-    /// Every tier this CPU can run ([`IntTier::AmxEmulated`] left out).
+    /// Every tier this CPU can run ([`IntTier::AmxEmulated`] and
+    /// [`IntTier::AvxVnniEmulated`] left out).
     pub fn available() -> Vec<IntTier> {
         [
             IntTier::Scalar,
             IntTier::Avx2,
+            IntTier::AvxVnni,
             IntTier::Avx512Vnni,
             IntTier::Amx,
         ]
@@ -392,7 +442,8 @@ fn code_value(kind: CodeKind, c: u8) -> i32 {
 /// `out[v][u] = Σ_{k in unit u} code_k · xq[v]_k`, with `qsum[v][u] = Σ_{k in unit u} xq[v]_k`
 /// (used by tiers that read signed codes offset by 128). Lengths: `codes` and every `xq[v]`
 /// `n` bytes, `n` a multiple of 128; `unit` 16, 64 or 128; `out[v]` and `qsum[v]` `n / unit`.
-/// Any other length or unit is an error. Exact: the same on every tier.
+/// Any other length or unit is an error. Every xq in −127..=127 (as [`quantize_x`] makes
+/// them). Exact: the same on every tier.
 pub fn unit_sums<const V: usize>(
     tier: IntTier,
     kind: CodeKind,
@@ -440,6 +491,16 @@ fn unit_sums_checked<const V: usize>(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `supported` returned Avx2, so the CPU has AVX2; lengths checked by the caller.
         IntTier::Avx2 => unsafe { avx2::unit_sums(kind, unit, codes, xq, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `supported` returned AvxVnni, so the CPU has AVX-VNNI, AVX2 and FMA; lengths
+        // checked by the caller.
+        IntTier::AvxVnni => unsafe { avxvnni::hw::unit_sums(kind, unit, codes, xq, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `supported` returned AvxVnniEmulated, so the CPU has AVX2 and FMA; lengths
+        // checked by the caller.
+        IntTier::AvxVnniEmulated => unsafe {
+            avxvnni::emulated::unit_sums(kind, unit, codes, xq, out)
+        },
         _ => scalar::unit_sums(kind, unit, codes, xq, out),
     }
 }
@@ -638,10 +699,15 @@ fn combine(
 ) -> f32 {
     match tier {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: the tier came through `supported`: Avx2, Avx512Vnni and Amx CPUs have AVX2.
-        IntTier::Avx2 | IntTier::Avx512Vnni | IntTier::Amx => unsafe {
-            avx2::combine(isum, sx_u, xo_u, scale, offset)
-        },
+        IntTier::Avx2
+        | IntTier::AvxVnni
+        | IntTier::AvxVnniEmulated
+        | IntTier::Avx512Vnni
+        | IntTier::Amx => {
+            // SAFETY: the tier came through `supported`: Avx2, AvxVnni, AvxVnniEmulated,
+            // Avx512Vnni and Amx CPUs have AVX2.
+            unsafe { avx2::combine(isum, sx_u, xo_u, scale, offset) }
+        }
         _ => combine_body(isum, sx_u, xo_u, scale, offset),
     }
 }
@@ -687,8 +753,8 @@ pub enum Int8Route {
 
 /// Q4 batches below this run the fused int8 GEMV.
 pub const Q4_FUSED_MAX_M: usize = 16;
-/// NF4 (and NF4-dq) batches below this run [`forward`] on the AVX2 tier (its dot-product
-/// driver below [`gemm::GEMM_MIN_M`]); larger ones where [`gemm_route`] says so. On the
+/// NF4 (and NF4-dq) batches below this run [`forward`] on the AVX2 and AVX-VNNI tiers (its
+/// dot-product driver below [`gemm::GEMM_MIN_M`]); larger ones where [`gemm_route`] says so. On the
 /// AVX-512 VNNI tier NF4's small batches stay f32: on the 16-core Xeon (16 threads, one 1024²
 /// layer) the integer path took 0.048 ms at batch 1 against 0.031 for f32.
 pub const NF4_GENERIC_MAX_M: usize = 9;
@@ -707,16 +773,18 @@ pub const NF4_GENERIC_MAX_M: usize = 9;
 /// 0.41–0.46, 1024 0.46–0.52; 2 threads, AMX tier, batch 16 0.63–0.91, 64 0.41–0.60, 256
 /// 0.32–0.55, 1024 0.31–0.54. So every format from 48 on both tiers (on 2 threads smaller
 /// batches would gain too; 48 is where 16 threads stop losing). Q4 runs its units of 16 on
-/// the VNNI tier under AMX (see [`forward`]). The portable and emulated tiers: `None` (not
-/// measured; the f32 path runs).
+/// the VNNI tier under AMX (see [`forward`]). AVX-VNNI (not measured yet): AVX2's batches,
+/// where the integer path was already as fast as f32 with two or five multiplies per step and
+/// now takes one (the f32 path is the same on both). The portable and emulated tiers: `None`
+/// (not measured; the f32 path runs).
 pub fn gemm_route(tier: IntTier, format: &str) -> Option<std::ops::Range<usize>> {
     match (tier, format) {
         (IntTier::Amx | IntTier::Avx512Vnni, "q4" | "nf4" | "int8" | "lower") => {
             Some(48..usize::MAX)
         }
-        (IntTier::Avx2, "q4" | "lower") => Some(16..usize::MAX),
-        (IntTier::Avx2, "nf4") => Some(gemm::GEMM_MIN_M..512),
-        (IntTier::Avx2, "int8") => Some(24..512),
+        (IntTier::Avx2 | IntTier::AvxVnni, "q4" | "lower") => Some(16..usize::MAX),
+        (IntTier::Avx2 | IntTier::AvxVnni, "nf4") => Some(gemm::GEMM_MIN_M..512),
+        (IntTier::Avx2 | IntTier::AvxVnni, "int8") => Some(24..512),
         _ => None,
     }
 }
@@ -728,14 +796,20 @@ pub fn int8_route(format: &str, m: usize) -> Int8Route {
     int8_route_on(IntTier::for_path(crate::cpu::kernel_path()), format, m)
 }
 
-/// [`int8_route`] on `tier`: Q4 fused below 16; NF4's dot-product driver below 9 on AVX2; the GEMM
+/// [`int8_route`] on `tier`: Q4 fused below 16; NF4's dot-product driver below 9 on AVX2 and
+/// AVX-VNNI; the GEMM
 /// where [`gemm_route`] says; everything else f32. (An x
 /// holding a NaN or infinity, or an NF4 matrix without an integer layout, takes the f32 path
 /// whatever the route.)
 pub fn int8_route_on(tier: IntTier, format: &str, m: usize) -> Int8Route {
     match format {
         "q4" if m < Q4_FUSED_MAX_M => Int8Route::FusedQ4,
-        "nf4" if m < NF4_GENERIC_MAX_M && tier.supported() == IntTier::Avx2 => Int8Route::Generic,
+        "nf4"
+            if m < NF4_GENERIC_MAX_M
+                && matches!(tier.supported(), IntTier::Avx2 | IntTier::AvxVnni) =>
+        {
+            Int8Route::Generic
+        }
         _ if gemm_route(tier.supported(), format).is_some_and(|r| r.contains(&m)) => {
             Int8Route::Generic
         }
@@ -836,13 +910,20 @@ pub fn forward(
                     &offset[p * units..(p + 1) * units],
                 );
                 #[cfg(target_arch = "x86_64")]
-                if tier == IntTier::Avx2 && unit == 16 {
+                if unit == 16
+                    && matches!(
+                        tier,
+                        IntTier::Avx2 | IntTier::AvxVnni | IntTier::AvxVnniEmulated
+                    )
+                {
                     let at = |v: usize| (b + v) * units..(b + v + 1) * units;
                     if nv == 4 {
-                        // SAFETY: the tier is Avx2 (checked by `supported`); every slice has
-                        // `units` (or `kpad` = 16·units) elements, a multiple of 8 units.
+                        // SAFETY: the tier is one of those three (checked by `supported`);
+                        // every slice has `units` (or `kpad` = 16·units) elements, a
+                        // multiple of 8 units.
                         let vals = unsafe {
-                            avx2::dot_units16::<4>(
+                            dot_units16::<4>(
+                                tier,
                                 layout.kind,
                                 c,
                                 [xq(b), xq(b + 1), xq(b + 2), xq(b + 3)],
@@ -858,7 +939,8 @@ pub fn forward(
                     } else {
                         // SAFETY: as above.
                         let [val] = unsafe {
-                            avx2::dot_units16::<1>(
+                            dot_units16::<1>(
+                                tier,
                                 layout.kind,
                                 c,
                                 [xq(b)],
@@ -912,6 +994,38 @@ pub fn forward(
     }
     QUANTIZED.set(q);
     true
+}
+
+/// Units of 16 fused with the f32 combination ([`avx2::dot_units16`]: the bits of
+/// [`unit_sums`] followed by [`combine`]) on the AVX2-width `tier`.
+///
+/// # Safety
+/// `tier` is `Avx2`, `AvxVnni` or `AvxVnniEmulated` and came through [`IntTier::supported`];
+/// the lengths of [`avx2::dot_units16`].
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dot_units16<const V: usize>(
+    tier: IntTier,
+    kind: CodeKind,
+    codes: &[u8],
+    xq: [&[i8]; V],
+    sx_u: [&[f32]; V],
+    xo_u: [&[f32]; V],
+    scale: &[f32],
+    offset: &[f32],
+) -> [f32; V] {
+    // SAFETY: the caller's contract: the CPU has the features of the tier's function.
+    unsafe {
+        match tier {
+            IntTier::AvxVnni => {
+                avxvnni::hw::dot_units16(kind, codes, xq, sx_u, xo_u, scale, offset)
+            }
+            IntTier::AvxVnniEmulated => {
+                avxvnni::emulated::dot_units16(kind, codes, xq, sx_u, xo_u, scale, offset)
+            }
+            _ => avx2::dot_units16(kind, codes, xq, sx_u, xo_u, scale, offset),
+        }
+    }
 }
 
 /// `dst[k] = src[k]` as f32 for `k < min(len)` (F16C where the CPU has it; exact either way).

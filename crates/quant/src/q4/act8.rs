@@ -14,6 +14,10 @@
 //! - `xs`: one f32 per group;
 //! - `cs`: 8 f32 per group, block `t` of the group at `CS_SLOT[t]` — the order in which the
 //!   AVX2 kernel's `vphaddd` leaves its block sums.
+//!
+//! The AVX2 kernel forms its block sums with `vpmaddubsw`, or where the CPU has AVX-VNNI
+//! ([`crate::act8::has_avxvnni`]; `NIBBLE_AVXVNNI=0` turns it off) with `vpdpbusd`: the same
+//! sums in the same order, so the same bits.
 
 use super::{Q4Matrix, Q4_BLOCK};
 use crate::cpu::KernelPath;
@@ -130,11 +134,15 @@ pub(super) fn gemv(
 ) {
     match path {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: Avx2Fma comes from `usable`, so the CPU has AVX2, FMA and F16C; the caller
-        // checked `prep.len() == prep_len(in)`, `rows.end <= out` and `y.len() >= rows.len()`;
-        // rows hold whole blocks.
+        // SAFETY: Avx2Fma comes from `usable`, so the CPU has AVX2, FMA and F16C (and
+        // AVX-VNNI where `has_avxvnni`); the caller checked `prep.len() == prep_len(in)`,
+        // `rows.end <= out` and `y.len() >= rows.len()`; rows hold whole blocks.
         KernelPath::Avx2Fma if m.inn % Q4_BLOCK == 0 => unsafe {
-            avx2::gemv(m, prep, rows, y, acc)
+            if crate::act8::has_avxvnni() {
+                avx2::gemv_avxvnni(m, prep, rows, y, acc)
+            } else {
+                avx2::gemv(m, prep, rows, y, acc)
+            }
         },
         _ => {
             for (j, r) in rows.enumerate() {
@@ -148,6 +156,8 @@ pub(super) fn gemv(
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::*;
+    use crate::act8::avx2::{ByteDot, Maddubs};
+    use crate::act8::avxvnni::Dpbusd;
     use crate::kernels::avx2::{hmax, hsum};
     use crate::kernels::for_row_quads;
     use std::arch::x86_64::*;
@@ -228,7 +238,7 @@ mod avx2 {
     /// Shapes: W `out x in` (`packed` `[out, in/2]`, `norm` `[out, in/16]`), `prep`
     /// `[prep_len(in)]`, `rows ⊆ 0..out`, `y` `[rows.len()]`. Four rows at a time share the
     /// loads of x; per row and group of 128 weights: two 32-byte loads of codes, four
-    /// `vpmaddubsw`, two `vpmaddwd`, one `vphaddd` and two FMAs.
+    /// `vpmaddubsw`, two `vpaddw`, one `vphaddw`, one `vpmaddwd` and two FMAs.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn gemv(
         m: &Q4Matrix,
@@ -237,17 +247,71 @@ mod avx2 {
         y: &mut [f32],
         acc: bool,
     ) {
+        // SAFETY: the caller's contract.
+        unsafe { gemv_with::<Maddubs>(m, prep, rows, y, acc) }
+    }
+
+    /// [`gemv`] on AVX-VNNI: per row and group four `vpdpbusd` and one `vphaddd` in place of
+    /// the integer steps of [`gemv`], the same block sums in the same order, so the same bits.
+    ///
+    /// # Safety
+    /// The CPU has AVX-VNNI, AVX2, FMA and F16C; the shapes of [`gemv`].
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    pub(super) unsafe fn gemv_avxvnni(
+        m: &Q4Matrix,
+        prep: &[f32],
+        rows: std::ops::Range<usize>,
+        y: &mut [f32],
+        acc: bool,
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe { gemv_with::<Dpbusd>(m, prep, rows, y, acc) }
+    }
+
+    /// [`gemv_avxvnni`] with `vpdpbusd` emulated by AVX2 (tests its code on any AVX2 CPU).
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; the shapes of [`gemv`].
+    #[cfg(test)]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn gemv_avxvnni_emulated(
+        m: &Q4Matrix,
+        prep: &[f32],
+        rows: std::ops::Range<usize>,
+        y: &mut [f32],
+        acc: bool,
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe { gemv_with::<crate::act8::avxvnni::DpbusdEmulated>(m, prep, rows, y, acc) }
+    }
+
+    /// [`gemv`] on the multiply-add step `D`.
+    ///
+    /// # Safety
+    /// `D`'s CPU features, AVX2, FMA and F16C; the shapes of [`gemv`].
+    #[inline(always)]
+    unsafe fn gemv_with<D: ByteDot>(
+        m: &Q4Matrix,
+        prep: &[f32],
+        rows: std::ops::Range<usize>,
+        y: &mut [f32],
+        acc: bool,
+    ) {
         for_row_quads!(
             rows,
-            |r| dot_rows::<4>(m, r, prep),
-            dot_rows::<1>(m, r, prep)[0],
+            |r| dot_rows::<D, 4>(m, r, prep),
+            dot_rows::<D, 1>(m, r, prep)[0],
             crate::kernels::store_row(y, acc)
         );
     }
 
     /// Dot products of rows `r0..r0+R` (all `< out`) with the prepared x.
     #[inline(always)]
-    unsafe fn dot_rows<const R: usize>(m: &Q4Matrix, r0: usize, prep: &[f32]) -> [f32; R] {
+    unsafe fn dot_rows<D: ByteDot, const R: usize>(
+        m: &Q4Matrix,
+        r0: usize,
+        prep: &[f32],
+    ) -> [f32; R] {
         let nb = m.inn / Q4_BLOCK;
         let full = nb / BLOCKS_PER_GROUP;
         let (xq, xs, cs) = parts(m.inn, prep);
@@ -255,7 +319,7 @@ mod avx2 {
         let packed = m.packed.as_slice().as_ptr();
         let norms = m.norm.f16s().as_ptr();
         let mask = _mm256_set1_epi8(0x0f);
-        let ones = _mm256_set1_epi16(1);
+        let zero = _mm256_setzero_si256();
         let mut accv = [_mm256_setzero_ps(); R];
         for g in 0..full {
             // SAFETY: g < full groups: 128 bytes of xq at g·128, xs[g], cs[8g..8g+8]; each row
@@ -276,19 +340,21 @@ mod avx2 {
                 _mm_prefetch::<_MM_HINT_NTA>(packed.wrapping_add(ahead * 8) as *const i8);
                 _mm_prefetch::<_MM_HINT_NTA>(norms.wrapping_add(ahead) as *const i8);
                 let (v0, v1) = (_mm256_loadu_si256(q), _mm256_loadu_si256(q.add(1)));
-                // i16 lanes: sums over 4 consecutive elements, [b0 x4, b1 x4 | b2 x4, b3 x4]
-                // of each quad.
-                let p0 = _mm256_add_epi16(
-                    _mm256_maddubs_epi16(_mm256_and_si256(v0, mask), xe0),
-                    _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16::<4>(v0), mask), xo0),
+                // Runs of two steps (low nibbles by even elements, high by odd): per 16-bit
+                // lane a sum over 4 elements, [b0 x4, b1 x4 | b2 x4, b3 x4] of each quad.
+                let p0 = D::run_add(
+                    D::run_start(zero, _mm256_and_si256(v0, mask), xe0),
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(v0), mask),
+                    xo0,
                 );
-                let p1 = _mm256_add_epi16(
-                    _mm256_maddubs_epi16(_mm256_and_si256(v1, mask), xe1),
-                    _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16::<4>(v1), mask), xo1),
+                let p1 = D::run_add(
+                    D::run_start(zero, _mm256_and_si256(v1, mask), xe1),
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(v1), mask),
+                    xo1,
                 );
-                // i16 sums over 8 elements (|·| <= 8 · 15 · 127 < 2^15), then i32 block sums
-                // in CS_SLOT order: [b0, b1, b4, b5 | b2, b3, b6, b7].
-                let s = _mm256_madd_epi16(_mm256_hadd_epi16(p0, p1), ones);
+                // Sums over 8 elements (|·| <= 8 · 15 · 127 < 2^15), then i32 block sums in
+                // CS_SLOT order: [b0, b1, b4, b5 | b2, b3, b6, b7].
+                let s = D::hadd_runs(p0, p1);
                 let n16 = _mm_loadu_si128(norms.add(blk) as *const __m128i);
                 let nv = _mm256_cvtph_ps(_mm_shuffle_epi32::<0xd8>(n16));
                 let t = _mm256_fmsub_ps(xsv, _mm256_cvtepi32_ps(s), csv);
@@ -345,6 +411,58 @@ mod tests {
                 .zip(&want)
                 .all(|(a, b)| a.to_bits() == b.to_bits());
             assert!(same, "in = {inn}: AVX2 and scalar preparations differ");
+        }
+    }
+
+    /// The fused GEMV on AVX-VNNI (`vpdpbusd`, and its AVX2 emulation on any AVX2 CPU) gives
+    /// the AVX2 kernel's bits: rows 1..9 (quads and singles), lengths of one to nine groups,
+    /// an all-zero group, ±extreme activations (xq = ±127), codes 0 and 15 included.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avxvnni_gemv_matches_avx2() {
+        if !crate::cpu::has_avx2_fma_f16c() {
+            println!("q4 act8: this CPU lacks AVX2: nothing to compare");
+            return;
+        }
+        let hw = crate::act8::has_avxvnni();
+        if !hw {
+            println!("q4 act8: this CPU lacks AVX-VNNI: comparing its AVX2 emulation only");
+        }
+        let mut rng = nibble_tensor::Rng::new(17);
+        for &(out, inn) in &[(1usize, 128usize), (4, 256), (5, 384), (9, 1152), (7, 1024)] {
+            let mut w = nibble_tensor::Tensor::randn(&[out, inn], &mut rng).into_vec();
+            w[..16].fill(0.0); // a zero block
+            let w = nibble_tensor::Tensor::from_vec(&[out, inn], w).unwrap();
+            let m = Q4Matrix::quantize(&w).unwrap();
+            let mut x = nibble_tensor::Tensor::randn(&[inn], &mut rng).into_vec();
+            for (k, v) in x[..128].iter_mut().enumerate() {
+                *v = if k % 3 == 0 { -2.0 } else { 2.0 };
+            }
+            if inn >= 256 {
+                x[128..256].fill(0.0);
+            }
+            let mut prep = Vec::new();
+            prepare(KernelPath::Avx2Fma, &x, &mut prep);
+            for rows in [0..out, out / 2..out] {
+                let run =
+                    |f: unsafe fn(&Q4Matrix, &[f32], std::ops::Range<usize>, &mut [f32], bool)| {
+                        let mut y = vec![f32::NAN; rows.len()];
+                        // SAFETY: the CPU has what `f` needs (checked by the caller of `run`);
+                        // `prep` is x's preparation, rows inside W, `y` one value per row.
+                        unsafe { f(&m, &prep, rows.clone(), &mut y, false) };
+                        y
+                    };
+                let want = run(avx2::gemv);
+                assert!(want.iter().all(|v| v.is_finite()));
+                let bits =
+                    |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits());
+                let emulated = run(avx2::gemv_avxvnni_emulated);
+                assert!(bits(&emulated, &want), "{out}x{inn} {rows:?}: emulated");
+                if hw {
+                    let got = run(avx2::gemv_avxvnni);
+                    assert!(bits(&got, &want), "{out}x{inn} {rows:?}: vpdpbusd");
+                }
+            }
         }
     }
 }
