@@ -762,10 +762,12 @@ pub enum Int8Route {
 
 /// Q4 batches below this run the fused int8 GEMV.
 pub const Q4_FUSED_MAX_M: usize = 16;
-/// NF4 (and NF4-dq) batches below this run [`forward`] on the AVX2 and AVX-VNNI tiers (its
-/// dot-product driver below [`gemm::GEMM_MIN_M`]); larger ones where [`gemm_route`] says so. On the
+/// NF4 (and NF4-dq) batches below this run [`forward`] on the AVX2 tier (its dot-product
+/// driver below [`gemm::GEMM_MIN_M`]); larger ones where [`gemm_route`] says so. On the
 /// AVX-512 VNNI tier NF4's small batches stay f32: on the 16-core Xeon (16 threads, one 1024²
-/// layer) the integer path took 0.048 ms at batch 1 against 0.031 for f32.
+/// layer) the integer path took 0.048 ms at batch 1 against 0.031 for f32. On AVX-VNNI too
+/// (the same Xeon, `NIBBLE_KERNEL=avx2`, int8 / f32 time: 2 threads, batch 1 0.98–1.18, batch 8
+/// 0.75; 16 threads 0.74–1.26 and 2.6–3.6).
 pub const NF4_GENERIC_MAX_M: usize = 9;
 
 /// The batches for which int8 mode runs the integer GEMM ([`gemm`], through [`forward`]) for
@@ -782,18 +784,22 @@ pub const NF4_GENERIC_MAX_M: usize = 9;
 /// 0.41–0.46, 1024 0.46–0.52; 2 threads, AMX tier, batch 16 0.63–0.91, 64 0.41–0.60, 256
 /// 0.32–0.55, 1024 0.31–0.54. So every format from 48 on both tiers (on 2 threads smaller
 /// batches would gain too; 48 is where 16 threads stop losing). Q4 runs its units of 16 on
-/// the VNNI tier under AMX (see [`forward`]). AVX-VNNI (not measured yet): AVX2's batches,
-/// where the integer path was already as fast as f32 with two or five multiplies per step and
-/// now takes one (the f32 path is the same on both). The portable and emulated tiers: `None`
-/// (not measured; the f32 path runs).
+/// the VNNI tier under AMX (see [`forward`]). AVX-VNNI, measured on the same Xeon (which has
+/// it) with `NIBBLE_KERNEL=avx2`, 2026-12-03 16:25 UTC, generic driver int8 / f32 time: 2
+/// threads, batch 8 0.75–1.00, 16 0.61–0.87, 64 0.43–0.53, 256 0.36–0.50, 1024 0.37–0.57 (the
+/// AVX2 tier in the same run 0.71–1.32 at 64 to 1024); 16 threads, batch 16 1.26–2.46, 64
+/// 0.50–1.75 (noisy), 256 0.33–0.87, 1024 0.24–0.46. So every format from 48, at every larger
+/// batch (one `vpdpbusd` per four columns makes the 8-bit codes as cheap as the 4-bit ones,
+/// unlike AVX2). The portable and emulated tiers: `None` (not measured; the f32 path runs).
 pub fn gemm_route(tier: IntTier, format: &str) -> Option<std::ops::Range<usize>> {
     match (tier, format) {
-        (IntTier::Amx | IntTier::Avx512Vnni, "q4" | "nf4" | "int8" | "lower") => {
-            Some(48..usize::MAX)
-        }
-        (IntTier::Avx2 | IntTier::AvxVnni, "q4" | "lower") => Some(16..usize::MAX),
-        (IntTier::Avx2 | IntTier::AvxVnni, "nf4") => Some(gemm::GEMM_MIN_M..512),
-        (IntTier::Avx2 | IntTier::AvxVnni, "int8") => Some(24..512),
+        (
+            IntTier::Amx | IntTier::Avx512Vnni | IntTier::AvxVnni,
+            "q4" | "nf4" | "int8" | "lower",
+        ) => Some(48..usize::MAX),
+        (IntTier::Avx2, "q4" | "lower") => Some(16..usize::MAX),
+        (IntTier::Avx2, "nf4") => Some(gemm::GEMM_MIN_M..512),
+        (IntTier::Avx2, "int8") => Some(24..512),
         _ => None,
     }
 }
@@ -805,20 +811,14 @@ pub fn int8_route(format: &str, m: usize) -> Int8Route {
     int8_route_on(IntTier::for_path(crate::cpu::kernel_path()), format, m)
 }
 
-/// [`int8_route`] on `tier`: Q4 fused below 16; NF4's dot-product driver below 9 on AVX2 and
-/// AVX-VNNI; the GEMM
+/// [`int8_route`] on `tier`: Q4 fused below 16; NF4's dot-product driver below 9 on AVX2; the GEMM
 /// where [`gemm_route`] says; everything else f32. (An x
 /// holding a NaN or infinity, or an NF4 matrix without an integer layout, takes the f32 path
 /// whatever the route.)
 pub fn int8_route_on(tier: IntTier, format: &str, m: usize) -> Int8Route {
     match format {
         "q4" if m < Q4_FUSED_MAX_M => Int8Route::FusedQ4,
-        "nf4"
-            if m < NF4_GENERIC_MAX_M
-                && matches!(tier.supported(), IntTier::Avx2 | IntTier::AvxVnni) =>
-        {
-            Int8Route::Generic
-        }
+        "nf4" if m < NF4_GENERIC_MAX_M && tier.supported() == IntTier::Avx2 => Int8Route::Generic,
         _ if gemm_route(tier.supported(), format).is_some_and(|r| r.contains(&m)) => {
             Int8Route::Generic
         }
