@@ -5,6 +5,8 @@
 
 #![allow(clippy::needless_range_loop)]
 
+mod common;
+
 use nibble_quant::act8::{
     forward, int8_route, quantize_x, unit_sums, unit_sums_ref, with_activations, ActivationMode,
     CodeKind, Int8Route, IntCodes, IntTier, GROUP, NF4_LEVELS_I8,
@@ -16,23 +18,7 @@ use nibble_tensor::{Rng, Tensor, WeightMatrix};
 /// Tiers this CPU runs and the emulated AVX-VNNI tier (where the CPU has AVX2), printing the
 /// ones it lacks.
 fn tiers() -> Vec<IntTier> {
-    let mut t = IntTier::available();
-    for want in [
-        IntTier::Avx2,
-        IntTier::AvxVnni,
-        IntTier::Avx512Vnni,
-        IntTier::Amx,
-    ] {
-        if !t.contains(&want) {
-            println!("act8: skipping tier {want:?} (this CPU lacks it, or it is turned off)");
-        }
-    }
-    if IntTier::AvxVnniEmulated.supported() == IntTier::AvxVnniEmulated {
-        t.push(IntTier::AvxVnniEmulated);
-    } else {
-        println!("act8: skipping tier AvxVnniEmulated (this CPU lacks AVX2)");
-    }
-    t
+    common::int_tiers("act8", &[IntTier::AvxVnniEmulated])
 }
 
 /// Deterministic bytes from a counter (xorshift).

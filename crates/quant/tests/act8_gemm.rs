@@ -5,6 +5,8 @@
 //! and 3 threads; `accumulate` adding. The AMX driver runs on its scalar tile emulator
 //! (`IntTier::AmxEmulated`) on every CPU, and on the instructions where the CPU has AMX.
 
+mod common;
+
 use nibble_quant::act8::gemm::{gemm_ref, GEMM_MIN_M};
 use nibble_quant::act8::{forward, IntCodes, IntTier};
 use nibble_quant::{Int8Matrix, LowerMatrix, Nf4Matrix, Q4Matrix};
@@ -13,24 +15,10 @@ use nibble_tensor::{Rng, Tensor};
 /// Tiers this CPU runs, the emulated AMX tier and the emulated AVX-VNNI tier (where the CPU
 /// has AVX2), printing the ones it lacks.
 fn tiers() -> Vec<IntTier> {
-    let mut t = IntTier::available();
-    for want in [
-        IntTier::Avx2,
-        IntTier::AvxVnni,
-        IntTier::Avx512Vnni,
-        IntTier::Amx,
-    ] {
-        if !t.contains(&want) {
-            println!("act8 gemm: skipping tier {want:?} (this CPU lacks it, or it is turned off)");
-        }
-    }
-    t.push(IntTier::AmxEmulated);
-    if IntTier::AvxVnniEmulated.supported() == IntTier::AvxVnniEmulated {
-        t.push(IntTier::AvxVnniEmulated);
-    } else {
-        println!("act8 gemm: skipping tier AvxVnniEmulated (this CPU lacks AVX2)");
-    }
-    t
+    common::int_tiers(
+        "act8 gemm",
+        &[IntTier::AmxEmulated, IntTier::AvxVnniEmulated],
+    )
 }
 
 /// The AMX tiers to test: the emulated one always, the hardware one where usable (printing

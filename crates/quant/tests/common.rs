@@ -197,3 +197,33 @@ pub fn products_checked_on_threads(
         }
     }
 }
+
+/// The integer tiers (`nibble_quant::act8`) a test runs: every tier this CPU runs, then the
+/// emulated ones in `emulated` that it can run (`AmxEmulated` on any CPU, `AvxVnniEmulated`
+/// where it has AVX2), printing under `label` each hardware tier it lacks and each emulation it
+/// cannot run, so that a skipped tier never passes silently.
+pub fn int_tiers(
+    label: &str,
+    emulated: &[nibble_quant::act8::IntTier],
+) -> Vec<nibble_quant::act8::IntTier> {
+    use nibble_quant::act8::IntTier;
+    let mut t = IntTier::available();
+    for want in [
+        IntTier::Avx2,
+        IntTier::AvxVnni,
+        IntTier::Avx512Vnni,
+        IntTier::Amx,
+    ] {
+        if !t.contains(&want) {
+            println!("{label}: skipping tier {want:?} (this CPU lacks it, or it is turned off)");
+        }
+    }
+    for &e in emulated {
+        if e.supported() == e {
+            t.push(e);
+        } else {
+            println!("{label}: skipping tier {e:?} (this CPU cannot run its emulation)");
+        }
+    }
+    t
+}
