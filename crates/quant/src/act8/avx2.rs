@@ -236,8 +236,9 @@ pub(super) unsafe fn quantize_row(
     sx: &mut [f32],
     qs: &mut [i32],
     unit: usize,
+    flip: u8,
 ) -> bool {
-    super::quantize_row(xv, xq, sx, qs, unit)
+    super::quantize_row(xv, xq, sx, qs, unit, flip)
 }
 
 /// NF4 codes (high nibble first) to their int8 levels: each 16 packed bytes become 32 level

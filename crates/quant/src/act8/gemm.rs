@@ -171,9 +171,8 @@ struct PanelScratch {
 thread_local! {
     /// This thread's [`PanelScratch`].
     static PANEL: std::cell::Cell<PanelScratch> = std::cell::Cell::new(PanelScratch::default());
-    /// The calling thread's packed W and x bytes of its last GEMM, for their buffers.
-    static BUFFERS: std::cell::Cell<Option<(PackedW, Vec<u8>)>> =
-        const { std::cell::Cell::new(None) };
+    /// The calling thread's packed W of its last GEMM, for its buffers.
+    static BUFFERS: std::cell::Cell<Option<PackedW>> = const { std::cell::Cell::new(None) };
 }
 
 /// `v` with `n` elements, the old values left in place (the caller overwrites every one).
@@ -351,7 +350,7 @@ pub(super) struct XPrep<'a> {
     pub(super) row_bytes: usize,
     /// `[m, row_bytes]`: per element `xq + 128` (u8) for kernels with [`Lanes::OFFSET_X`],
     /// else `xq` (i8); zero rows after the batch where the kernel asks for them.
-    pub(super) bytes: Vec<u8>,
+    pub(super) bytes: &'a [u8],
     /// `[m, kpad / 128]` group scales.
     sx: &'a [f32],
     /// `[m, units]` unit sums `Q_u` as f32 (empty when W has no offsets).
@@ -840,20 +839,23 @@ impl Kernel {
     }
 }
 
-/// `y (+)= x · Wᵀ` for the quantized batch `q` (`m` vectors) on `tier` (already
-/// [`IntTier::supported`]); `y` is `[m, o]`.
+/// `y (+)= x · Wᵀ` for the batch `x` (`m` vectors, `[m, in]`) on `tier` (already
+/// [`IntTier::supported`]); `y` is `[m, o]`. x is quantized into `q` (its storage reused) in
+/// the layout the kernel reads, while W is packed: the two run at once on the pool where
+/// `parallel`. Returns `false`, with `y` untouched, when x holds a NaN or an infinity.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn run(
     tier: IntTier,
     w: &dyn IntCodes,
     layout: IntLayout,
-    q: &QuantizedX,
+    x: &[f32],
     m: usize,
     parallel: bool,
     y: &mut [f32],
     accumulate: bool,
-) {
-    let (o, _) = w.int_dims();
+    q: &mut QuantizedX,
+) -> bool {
+    let (o, i) = w.int_dims();
     let kernel = match tier {
         #[cfg(target_arch = "x86_64")]
         IntTier::Avx512Vnni => Kernel::Vnni,
@@ -871,20 +873,23 @@ pub(super) fn run(
         _ => Kernel::Scalar,
     };
     let (nr, offset_x) = kernel.shape();
-    let (reuse, xbytes) = match BUFFERS.take() {
-        Some((p, x)) => (Some(p), x),
-        None => (None, Vec::new()),
+    let x_layout = super::XLayout {
+        flip: if offset_x { 0x80 } else { 0 },
+        rows_multiple: kernel.x_rows_multiple(),
     };
-    let pw = pack(w, layout, kernel, parallel, reuse);
-    let xp = prepare_x(
-        q,
-        m,
-        offset_x,
-        kernel.x_rows_multiple(),
-        &pw,
-        xbytes,
-        parallel,
-    );
+    let reuse = BUFFERS.take();
+    let mut quantize = || super::quantize_x_into(x, m, i, layout.unit, parallel, q, x_layout);
+    let (pw, finite) = if parallel {
+        rayon::join(|| pack(w, layout, kernel, parallel, reuse), quantize)
+    } else {
+        let finite = quantize();
+        (pack(w, layout, kernel, parallel, reuse), finite)
+    };
+    if !finite {
+        BUFFERS.set(Some(pw));
+        return false;
+    }
+    let xp = prepare_x(q, m, &pw);
     let yp = YPtr(y.as_mut_ptr());
     let (mt, nt) = (m.div_ceil(M_BLOCK), o.div_ceil(N_BLOCK));
     let per_block = N_BLOCK / nr;
@@ -902,52 +907,21 @@ pub(super) fn run(
     } else {
         (0..mt * nt).for_each(task);
     }
-    BUFFERS.set(Some((pw, xp.bytes)));
+    BUFFERS.set(Some(pw));
+    true
 }
 
-/// x for a kernel: its bytes (into `bytes`' buffer; zero rows after the batch up to a multiple
-/// of `rows_multiple` vectors), group scales, and `Q_u` where W has offsets.
-fn prepare_x<'a>(
-    q: &'a QuantizedX,
-    m: usize,
-    offset_x: bool,
-    rows_multiple: usize,
-    pw: &PackedW,
-    bytes: Vec<u8>,
-    parallel: bool,
-) -> XPrep<'a> {
-    let row_bytes = q.kpad;
-    let mut bytes = resized(bytes, m.next_multiple_of(rows_multiple) * row_bytes);
-    let flip = if offset_x { 0x80 } else { 0 };
-    let (batch, pad) = bytes.split_at_mut(m * row_bytes);
-    let copy = |(d, src): (&mut [u8], &[i8])| {
-        for (d, &v) in d.iter_mut().zip(src) {
-            *d = (v as u8) ^ flip;
-        }
-    };
-    let src = &q.xq[..m * q.kpad];
-    if parallel {
-        // Rows of a 1024² layer's batch: 1 MiB, about 0.15 ms on one thread of the Xeon.
-        batch
-            .par_chunks_mut(row_bytes)
-            .zip(src.par_chunks(row_bytes))
-            .with_min_len(16)
-            .for_each(copy);
-    } else {
-        batch
-            .chunks_mut(row_bytes)
-            .zip(src.chunks(row_bytes))
-            .for_each(copy);
-    }
-    pad.fill(0);
+/// x for a kernel from `q`, quantized in the kernel's layout ([`super::XLayout`]): its bytes,
+/// group scales, and `Q_u` where W has offsets.
+fn prepare_x<'a>(q: &'a QuantizedX, m: usize, pw: &PackedW) -> XPrep<'a> {
     let qf = if pw.has_offset {
         q.qsum[..m * pw.units].iter().map(|&v| v as f32).collect()
     } else {
         Vec::new()
     };
     XPrep {
-        row_bytes,
-        bytes,
+        row_bytes: q.kpad,
+        bytes: bytemuck::cast_slice(&q.xq),
         sx: &q.sx,
         qf,
     }

@@ -558,13 +558,32 @@ pub fn quantize_x(x: &[f32], m: usize, inn: usize, unit: usize) -> QuantizedX {
         sx: Vec::new(),
         qsum: Vec::new(),
     };
-    quantize_x_into(x, m, inn, unit, true, &mut q);
+    quantize_x_into(x, m, inn, unit, true, &mut q, XLayout::PLAIN);
     q
 }
 
+/// How [`quantize_x_into`] lays out the int8 values of x for their reader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct XLayout {
+    /// XORed into every byte of `xq` (padding included): `0x80` gives `xq + 128` as an
+    /// unsigned byte, the operand of kernels that read x offset ([`gemm`]'s `OFFSET_X`).
+    pub(crate) flip: u8,
+    /// `xq` holds whole rows up to a multiple of this many vectors (rows past the batch zero).
+    pub(crate) rows_multiple: usize,
+}
+
+impl XLayout {
+    /// The values as they are, `m` rows.
+    pub(crate) const PLAIN: XLayout = XLayout {
+        flip: 0,
+        rows_multiple: 1,
+    };
+}
+
 /// [`quantize_x`] into `q`'s storage (reused from an earlier batch, resized as needed), on the
-/// pool where `parallel`. Checks as it goes that every element of x is finite: `false` (and
-/// `q` unspecified) if one is not.
+/// pool where `parallel`, its values laid out as `layout` says (the sums `qsum` are of the
+/// values themselves). Checks as it goes that every element of x is finite: `false` (and `q`
+/// unspecified) if one is not.
 pub(crate) fn quantize_x_into(
     x: &[f32],
     m: usize,
@@ -572,6 +591,7 @@ pub(crate) fn quantize_x_into(
     unit: usize,
     parallel: bool,
     q: &mut QuantizedX,
+    layout: XLayout,
 ) -> bool {
     let kpad = inn.next_multiple_of(GROUP);
     let unit = unit.max(1);
@@ -580,12 +600,14 @@ pub(crate) fn quantize_x_into(
     q.unit = unit;
     // Every element is written below (each row's padding too): no zeroing pass over the
     // storage of the last call.
-    q.xq.resize(m * kpad, 0);
+    let rows = m.next_multiple_of(layout.rows_multiple.max(1));
+    q.xq.resize(rows * kpad, 0);
     q.sx.resize(m * groups, 0.0);
     q.qsum.resize(m * units, 0);
-    q.xq.truncate(m * kpad);
+    q.xq.truncate(rows * kpad);
     q.sx.truncate(m * groups);
     q.qsum.truncate(m * units);
+    q.xq[m * kpad..].fill(0);
     if inn == 0 {
         q.xq.fill(0);
         q.sx.fill(0.0);
@@ -593,14 +615,15 @@ pub(crate) fn quantize_x_into(
         return true;
     }
     let simd = crate::cpu::has_avx2_fma_f16c();
+    let flip = layout.flip;
     let one = |(((xv, xq), sx), qs): QuantizeRow<'_>| {
         #[cfg(target_arch = "x86_64")]
         if simd {
             // SAFETY: the CPU has AVX2 (checked above).
-            return unsafe { avx2::quantize_row(xv, xq, sx, qs, unit) };
+            return unsafe { avx2::quantize_row(xv, xq, sx, qs, unit, flip) };
         }
         let _ = simd;
-        quantize_row(xv, xq, sx, qs, unit)
+        quantize_row(xv, xq, sx, qs, unit, flip)
     };
     let rows = x
         .chunks(inn)
@@ -625,12 +648,19 @@ pub(crate) fn quantize_x_into(
 type QuantizeRow<'a> = (((&'a [f32], &'a mut [i8]), &'a mut [f32]), &'a mut [i32]);
 
 /// Quantizes one vector `xv` (see the [module docs](self)) into `xq` (`kpad` long, its tail
-/// past `xv` left zero), its group scales `sx` and its unit sums `qs`; `false` if an element
-/// is not finite. Written in independent lanes of 8 so that it vectorizes where compiled for
-/// a vector unit ([`avx2::quantize_row`]); the maximum is exact in any order, so every build
-/// gives the same bits.
+/// past `xv` zero), its group scales `sx` and its unit sums `qs`, each byte of `xq` XORed with
+/// `flip` (see [`XLayout`]); `false` if an element is not finite. Written in independent lanes
+/// of 8 so that it vectorizes where compiled for a vector unit ([`avx2::quantize_row`]); the
+/// maximum is exact in any order, so every build gives the same bits.
 #[inline(always)]
-fn quantize_row(xv: &[f32], xq: &mut [i8], sx: &mut [f32], qs: &mut [i32], unit: usize) -> bool {
+fn quantize_row(
+    xv: &[f32],
+    xq: &mut [i8],
+    sx: &mut [f32],
+    qs: &mut [i32],
+    unit: usize,
+    flip: u8,
+) -> bool {
     const LANES: usize = 8;
     let mut finite = true;
     for (g, grp) in xv.chunks(GROUP).enumerate() {
@@ -658,8 +688,11 @@ fn quantize_row(xv: &[f32], xq: &mut [i8], sx: &mut [f32], qs: &mut [i32], unit:
         }
     }
     xq[xv.len()..].fill(0);
-    for (s, c) in qs.iter_mut().zip(xq.chunks_exact(unit)) {
+    for (s, c) in qs.iter_mut().zip(xq.chunks_exact_mut(unit)) {
         *s = c.iter().map(|&v| i32::from(v)).sum();
+        for v in c {
+            *v = (*v as u8 ^ flip) as i8;
+        }
     }
     finite
 }
@@ -865,14 +898,14 @@ pub fn forward(
     let parallel = threads > 1 && o.saturating_mul(i).saturating_mul(m) >= PARALLEL_MIN_WORK;
     // The quantized x of this thread's last call, its storage reused.
     let mut q = QUANTIZED.take();
-    if !quantize_x_into(x, m, i, unit, parallel, &mut q) {
+    if m >= gemm::GEMM_MIN_M {
+        let done = gemm::run(tier, w, layout, x, m, parallel, y, accumulate, &mut q);
+        QUANTIZED.set(q);
+        return done;
+    }
+    if !quantize_x_into(x, m, i, unit, parallel, &mut q, XLayout::PLAIN) {
         QUANTIZED.set(q);
         return false;
-    }
-    if m >= gemm::GEMM_MIN_M {
-        gemm::run(tier, w, layout, &q, m, parallel, y, accumulate);
-        QUANTIZED.set(q);
-        return true;
     }
     let (kpad, units) = (q.kpad, q.kpad / unit);
     let per_group = GROUP / unit;
