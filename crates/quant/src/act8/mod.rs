@@ -95,12 +95,16 @@
 //!
 //! # Per call
 //! The GEMM's fixed costs are paid once per call and layer: x's quantization (vectorized, in
-//! parallel over vectors, its finiteness checked on the way), W's packing (in parallel over
-//! panels) and the kernel's copy of x (in parallel). On the 16-core Xeon (16 threads, batch
-//! 1024, one 1024² layer, AMX) they took 0.07–0.11, 0.10–0.22 and 0.04–0.16 ms against
-//! 0.38–0.6 ms for the products; before x's quantization ran in 8 independent lanes into
-//! buffers kept from call to call, and the copy in parallel, they took 0.31–0.37, 0.10–0.20
-//! and 0.13–0.27 ms (serial), which left the integer path at 0.9–1.2x the f32 time there.
+//! parallel over vectors, its finiteness checked on the way, written straight in the layout
+//! the kernel reads: offset bytes, padded rows) and W's packing (in parallel over panels), the
+//! two side by side (`rayon::join`). On the 16-core Xeon (16 threads, batch 1024, one 1024²
+//! layer, AMX) quantization, packing and a separate copy of x into the kernel's layout took
+//! 0.07–0.11, 0.10–0.22 and 0.04–0.16 ms against 0.38–0.6 ms for the products; earlier, with
+//! x quantized one element at a time into freshly zeroed buffers and the copy on one thread,
+//! 0.31–0.37, 0.10–0.20 and 0.13–0.27 ms, which left the integer path at 0.9–1.2x the f32
+//! time there. Without the copy and with packing beside quantization, one layer's int8 / f32
+//! time at batch 1024 went from 0.35–0.54 to 0.30–0.47, at batch 64 from 0.44–0.80 to
+//! 0.31–0.47 (`act8_bench`, the two builds in one run, 2026-12-03 16:39 UTC).
 //!
 //! [`forward`] itself (and every test of it) serves every format and batch; the route only
 //! chooses what `matmul_t` calls.
@@ -862,9 +866,9 @@ pub fn int8_route_on(tier: IntTier, format: &str, m: usize) -> Int8Route {
 /// `y (+)= x · Wᵀ` with int8 activations on `tier` (any batch `m`: dot products below
 /// [`gemm::GEMM_MIN_M`], the integer GEMM from there): `x` `[m, in]`, `y` `[m, out]`. The
 /// calling thread keeps the GEMM's packed W and x buffers of its last call for the next one
-/// (about `out · in` bytes plus 8 bytes per row and unit, and twice `m · in` bytes: the
-/// quantized x and the kernel's copy), so that a forward through layers of one shape
-/// allocates and page-faults nothing after its first layer. Returns `false`, with `y` untouched, when the shapes do not match, `w` has no
+/// (about `out · in` bytes plus 8 bytes per row and unit, and `m · in` bytes of quantized x),
+/// so that a forward through layers of one shape allocates and page-faults nothing after its
+/// first layer. Returns `false`, with `y` untouched, when the shapes do not match, `w` has no
 /// integer layout, `in == 0`, or x holds a NaN or infinity (the caller then runs the f32 path,
 /// so that those propagate exactly as there).
 pub fn forward(
