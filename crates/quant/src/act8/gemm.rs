@@ -353,8 +353,8 @@ pub(super) struct XPrep<'a> {
     pub(super) bytes: &'a [u8],
     /// `[m, kpad / 128]` group scales.
     sx: &'a [f32],
-    /// `[m, units]` unit sums `Q_u` as f32 (empty when W has no offsets).
-    qf: Vec<f32>,
+    /// `[m, units]` unit sums `Q_u` (read where W has offsets).
+    qsum: &'a [i32],
 }
 
 impl XPrep<'_> {
@@ -518,7 +518,8 @@ pub(super) unsafe fn fold<L: Lanes, S: UnitSource<L, R>, const R: usize, const U
                 if pw.has_offset {
                     let of = L::load_f(pw.offset.as_ptr().add(meta + u * nr));
                     for r in 0..R {
-                        let q = *xp.qf.get_unchecked((b0 + r) * pw.units + u);
+                        // |Q_u| <= 127 · 128 < 2^24: exact in f32.
+                        let q = *xp.qsum.get_unchecked((b0 + r) * pw.units + u) as f32;
                         acc[r] = L::fma(of, L::splat(q), acc[r]);
                     }
                 }
@@ -889,7 +890,7 @@ pub(super) fn run(
         BUFFERS.set(Some(pw));
         return false;
     }
-    let xp = prepare_x(q, m, &pw);
+    let xp = prepare_x(q);
     let yp = YPtr(y.as_mut_ptr());
     let (mt, nt) = (m.div_ceil(M_BLOCK), o.div_ceil(N_BLOCK));
     let per_block = N_BLOCK / nr;
@@ -912,20 +913,16 @@ pub(super) fn run(
 }
 
 /// x for a kernel from `q`, quantized in the kernel's layout ([`super::XLayout`]): its bytes,
-/// group scales, and `Q_u` where W has offsets.
-fn prepare_x<'a>(q: &'a QuantizedX, m: usize, pw: &PackedW) -> XPrep<'a> {
-    let qf = if pw.has_offset {
-        q.qsum[..m * pw.units].iter().map(|&v| v as f32).collect()
-    } else {
-        Vec::new()
-    };
+/// group scales and unit sums, borrowed.
+fn prepare_x(q: &QuantizedX) -> XPrep<'_> {
     XPrep {
         row_bytes: q.kpad,
         bytes: bytemuck::cast_slice(&q.xq),
         sx: &q.sx,
-        qf,
+        qsum: &q.qsum,
     }
 }
+
 /// The scalar reference of the GEMM's outputs, loop by loop as the [module docs](self) state
 /// them (no packing): `y = x · Wᵀ` (`x` `[m, in]`, `y` `[m, out]`) with int8 activations.
 /// Returns `false`, with `y` untouched, where [`super::forward`] would (shapes, no integer
