@@ -608,9 +608,6 @@ pub(crate) fn quantize_x_into(
     q.xq.resize(rows * kpad, 0);
     q.sx.resize(m * groups, 0.0);
     q.qsum.resize(m * units, 0);
-    q.xq.truncate(rows * kpad);
-    q.sx.truncate(m * groups);
-    q.qsum.truncate(m * units);
     q.xq[m * kpad..].fill(0);
     if inn == 0 {
         q.xq.fill(0);
