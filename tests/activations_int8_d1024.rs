@@ -2,13 +2,15 @@
 //! `ActivationMode::Int8` still within the grader's bounds against f32 bignet (mean < 0.1,
 //! max < 0.5) at batch 8 and 1024, its extra error against the same variant with f32
 //! activations measured and printed (zero exactly where `int8_route` says f32), and a QLoRA
-//! fit with int8 activations reaching 0.8 in 20 steps.
+//! fit with int8 activations reaching 0.8 in 20 steps (its input gradients on the integer GEMM
+//! where the CPU's tier routes them: AVX-512 VNNI, AMX, AVX-VNNI).
 
 use nibble::bignet::cli::normal_batch;
 use nibble::bignet::loader::ModelSpec;
 use nibble::bignet::train::{fit, FitTask};
 use nibble::bignet::Variant;
-use nibble_quant::act8::{int8_route, ActivationMode, Int8Route};
+use nibble_quant::act8::backward::backward_route;
+use nibble_quant::act8::{int8_route, ActivationMode, Int8Route, IntTier};
 
 #[test]
 fn every_quantized_variant_within_the_grader_bounds_with_int8_activations() {
@@ -63,6 +65,12 @@ fn qlora_fits_with_int8_activations() {
     let acc = fit(&model, &task, 20, 1e-3, |_, _, _| {})
         .unwrap()
         .best_accuracy;
-    println!("qlora fit with int8 activations: best accuracy {acc}");
+    let tier = IntTier::for_path(nibble_quant::cpu::kernel_path());
+    let routed = if backward_route(tier, task.y.numel()) {
+        "on the integer GEMM"
+    } else {
+        "f32 (this CPU's tier does not route it)"
+    };
+    println!("qlora fit with int8 activations (tier {tier:?}, input gradients {routed}): best accuracy {acc}");
     assert!(acc >= 0.8, "qlora int8 fit best accuracy {acc}");
 }

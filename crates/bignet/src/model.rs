@@ -172,14 +172,16 @@ impl BigNet {
 
     /// Sets what this model's quantized layers do with their activations in every forward
     /// ([`BigNet::forward`], [`BigNet::forward_with`] and the chunked [`BigNet::infer`]; f32 or
-    /// int8, see [`nibble_quant::act8`]); `None` follows the process-wide mode. The backward
-    /// products stay f32.
+    /// int8, see [`nibble_quant::act8`]); `None` follows the process-wide mode. A training step
+    /// ([`crate::train::train_step`]) runs its backward under the same mode: int8 takes the
+    /// input gradients `dX = dY·W` of the frozen quantized layers to the integer GEMM where
+    /// [`nibble_quant::act8::backward::backward_route`] says so.
     pub fn set_activations(&mut self, mode: Option<ActivationMode>) {
         self.activations = mode;
     }
 
     /// Runs `f` under this model's activation mode (the process-wide one when it has none).
-    fn with_own_activations<R>(&self, f: impl FnOnce() -> R) -> R {
+    pub(crate) fn with_own_activations<R>(&self, f: impl FnOnce() -> R) -> R {
         match self.activations {
             Some(mode) => with_activations(mode, f),
             None => f(),

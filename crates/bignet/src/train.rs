@@ -143,7 +143,9 @@ fn train_step_here(
         let loss = tape.bce_with_logits_part(&logits, &y, samples)?;
         loss_sum += loss.value().item()? as f64;
         drop(logits);
-        tape.backward(&loss)?;
+        // The backward's input gradients through frozen quantized layers follow the model's
+        // activation mode too (int8: `nibble_quant::act8::backward`).
+        model.with_own_activations(|| tape.backward(&loss))?;
     }
     opt.step()?;
     Ok((loss_sum as f32, correct as f32 / samples.max(1) as f32))

@@ -9,7 +9,12 @@
 //! off) on the plain AVX2 tier (`avx2_ms`), so the two compare in one run. They are run interleaved, 7 rounds after a warm-up
 //! (`ACT8_BENCH_REPS` to change), and reported as median and minimum (the minimum is the
 //! figure to compare on a busy machine).
+//!
+//! Then the same for the backward `dX = dY · W` (`WeightMatrix::matmul`): f32, int8 as routed
+//! (`act8::backward::backward_route`), and the integer input gradient on the tier itself
+//! (`Int8InputGrad::input_grad_int8`, the transpose's requantization included).
 
+use nibble_quant::act8::backward::Int8InputGrad;
 use nibble_quant::act8::{forward, with_activations, ActivationMode, IntCodes, IntTier};
 use nibble_quant::{Int8Matrix, LowerMatrix, Nf4Matrix, Q4Matrix};
 use nibble_tensor::{Rng, Tensor, WeightMatrix};
@@ -117,13 +122,47 @@ fn main() {
             );
         }
     }
+    println!(
+        "backward dX = dY·W\nformat  batch  f32_ms (min)      int8_ms (min)     integer_ms (min)  int8/f32  integer/f32 (of medians; of minima)"
+    );
+    for &m in &batches {
+        let dy = Tensor::randn(&[m, dim], &mut Rng::new(3)).into_vec();
+        let mut dx = vec![0.0f32; m * dim];
+        for (name, f) in &fmts {
+            // 0: f32, 1: int8 as routed, 2: the integer input gradient on `tier`.
+            let mut run = |k: usize| match k {
+                0 => with_activations(ActivationMode::F32, || f.matmul(&dy, m, &mut dx, false))
+                    .unwrap(),
+                1 => with_activations(ActivationMode::Int8, || f.matmul(&dy, m, &mut dx, false))
+                    .unwrap(),
+                _ => assert!(f.input_grad_int8(tier, &dy, m, &mut dx, false)),
+            };
+            let mut times = vec![Vec::new(); 3];
+            for round in 0..=reps {
+                for (k, t) in times.iter_mut().enumerate() {
+                    let ms = time_ms(&mut || run(k));
+                    if round > 0 {
+                        t.push(ms);
+                    }
+                }
+            }
+            let [(a, a0), (b, b0), (g, g0)] = [0, 1, 2].map(|k| median_min(times[k].clone()));
+            println!(
+                "{name:7} {m:5}  {a:7.3} ({a0:7.3})  {b:7.3} ({b0:7.3})  {g:7.3} ({g0:7.3})  {:8.2}  {:11.2}; {:.2} {:.2}",
+                b / a,
+                g / a,
+                b0 / a0,
+                g0 / a0
+            );
+        }
+    }
 }
 
-/// A format with both views.
-trait Fmt: IntCodes + WeightMatrix {
+/// A format with both views and its integer input gradient.
+trait Fmt: IntCodes + WeightMatrix + Int8InputGrad {
     fn as_int(&self) -> &dyn IntCodes;
 }
-impl<T: IntCodes + WeightMatrix> Fmt for T {
+impl<T: IntCodes + WeightMatrix + Int8InputGrad> Fmt for T {
     fn as_int(&self) -> &dyn IntCodes {
         self
     }

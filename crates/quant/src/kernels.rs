@@ -620,7 +620,9 @@ fn batch_tiles<F: QuantRows>(
     run_tasks(o.div_ceil(rows), parallel, run)
 }
 
-/// Backward `dx = dy · W` for any format (GEMM over panels of `W`).
+/// Backward `dx = dy · W` for any format (GEMM over panels of `W`; under int8 activations,
+/// where [`crate::act8::backward::backward_route`] says so, the integer GEMM over `W`'s
+/// requantized transpose, [`crate::act8::backward`]).
 ///
 /// Shapes: `dy` `[m, out]`, `dx` `[m, in]` row-major.
 pub(crate) fn matmul<F: QuantRows>(
@@ -632,6 +634,14 @@ pub(crate) fn matmul<F: QuantRows>(
 ) -> nibble_tensor::Result<()> {
     let (o, i) = f.dims();
     check_matmul_operands("linear_backward_input", m, dy.len(), o, dx.len(), i)?;
+    if m > 0 && i > 0 && crate::act8::activations() == crate::act8::ActivationMode::Int8 {
+        let tier = crate::act8::IntTier::for_path(kernel_path());
+        if crate::act8::backward::backward_route(tier, m)
+            && crate::act8::backward::input_grad(f, kernel_path(), tier, dy, m, dx, accumulate)
+        {
+            return Ok(());
+        }
+    }
     let pack = BwdPack {
         f,
         path: usable(kernel_path()),
@@ -830,6 +840,26 @@ macro_rules! impl_weight_matrix {
             }
             fn format_name(&self) -> &'static str {
                 $name
+            }
+        }
+        impl $crate::act8::backward::Int8InputGrad for $t {
+            fn input_grad_int8(
+                &self,
+                tier: $crate::act8::IntTier,
+                dy: &[f32],
+                m: usize,
+                dx: &mut [f32],
+                accumulate: bool,
+            ) -> bool {
+                $crate::act8::backward::input_grad(
+                    self,
+                    $crate::cpu::kernel_path(),
+                    tier,
+                    dy,
+                    m,
+                    dx,
+                    accumulate,
+                )
             }
         }
     };

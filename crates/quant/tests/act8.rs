@@ -7,6 +7,7 @@
 
 mod common;
 
+use nibble_quant::act8::backward::{backward_route, Int8InputGrad, TransposedInt8, BACKWARD_UNIT};
 use nibble_quant::act8::{
     forward, int8_route, quantize_x, unit_sums, unit_sums_ref, with_activations, ActivationMode,
     CodeKind, Int8Route, IntCodes, IntTier, GROUP, NF4_LEVELS_I8,
@@ -437,6 +438,218 @@ fn quantize_x_matches_its_definition() {
                     assert_eq!(q.qsum[r * (kpad / unit) + u], s);
                 }
             }
+        }
+    }
+}
+
+/// A format with its integer input gradient too.
+trait BwdFmt: Fmt + Int8InputGrad {}
+impl<T: Fmt + Int8InputGrad> BwdFmt for T {}
+
+/// The formats under test for the backward, as [`BwdFmt`]s.
+fn bwd_formats(o: usize, i: usize, seed: u64) -> Vec<(&'static str, Box<dyn BwdFmt>)> {
+    let w = Tensor::randn(&[o, i], &mut Rng::new(seed)).scale(1.0 / (o.max(1) as f32).sqrt());
+    vec![
+        (
+            "q4",
+            Box::new(Q4Matrix::quantize(&w).unwrap()) as Box<dyn BwdFmt>,
+        ),
+        ("nf4", Box::new(Nf4Matrix::quantize(&w).unwrap())),
+        ("nf4_dq", Box::new(Nf4Matrix::quantize_double(&w).unwrap())),
+        ("int8", Box::new(Int8Matrix::quantize(&w).unwrap())),
+        ("lower", Box::new(LowerMatrix::quantize(&w).unwrap())),
+    ]
+}
+
+/// The requantized transpose is what its docs say: per row k of Wᵀ and unit of 64 of its
+/// columns, the scale is the unit's absmax / 127 and every weight moves by at most half of it.
+#[test]
+fn transposed_int8_matches_its_definition() {
+    for &(o, i) in &[
+        (1usize, 1usize),
+        (7, 3),
+        (63, 17),
+        (64, 1),
+        (65, 33),
+        (129, 7),
+        (200, 70),
+    ] {
+        let w = Tensor::randn(&[o, i], &mut Rng::new((o * 7 + i) as u64)).into_vec();
+        let mut w = w;
+        if o > 64 {
+            // A unit that is all zero in column 0.
+            for n in 0..64 {
+                w[n * i] = 0.0;
+            }
+        }
+        let t = TransposedInt8::from_f32(&w, o, i).unwrap();
+        assert_eq!(t.int_dims(), (i, o));
+        let back = t.to_f32();
+        let units = o.div_ceil(BACKWARD_UNIT);
+        let mut scale = vec![0.0f32; units];
+        let mut offset = vec![1.0f32; units];
+        for k in 0..i {
+            t.int_affine(k, &mut scale, &mut offset);
+            assert!(offset.iter().all(|&z| z == 0.0));
+            for u in 0..units {
+                let ns = u * BACKWARD_UNIT..o.min((u + 1) * BACKWARD_UNIT);
+                let amax = ns
+                    .clone()
+                    .map(|n| w[n * i + k].abs())
+                    .fold(0.0f32, f32::max);
+                assert_eq!(scale[u], amax / 127.0, "{o}x{i} k {k} u {u}");
+                for n in ns {
+                    let err = (back[k * o + n] - w[n * i + k]).abs();
+                    assert!(err <= scale[u] * 0.5 * (1.0 + 1e-6), "{o}x{i} ({n},{k})");
+                }
+            }
+        }
+    }
+    assert!(TransposedInt8::from_f32(&[1.0, f32::NAN], 1, 2).is_none());
+    assert!(TransposedInt8::from_f32(&[1.0], 1, 2).is_none());
+}
+
+/// Every format's integer input gradient `dX = dY · W` on awkward shapes and batches:
+/// bit-identical on every tier and equal to the integer GEMM over the requantized transpose
+/// of the dequantized W, within the documented bound of the f32 path, NaN-prefilled outputs
+/// fully written, `accumulate` adding, and `matmul` under int8 activations following
+/// [`backward_route`] (the integer bits where routed, the f32 path's elsewhere).
+#[test]
+fn backward_int8_every_format_every_tier() {
+    let tiers = tiers();
+    let here = IntTier::for_path(nibble_quant::cpu::kernel_path());
+    for &o in &[1usize, 7, 17, 63, 65, 129, 200] {
+        for &(i, m) in &[(1usize, 3usize), (7, 1), (33, 20), (129, 9), (64, 48)] {
+            for (name, f) in bwd_formats(o, i, (o * 13 + i) as u64) {
+                let mut dy = Tensor::randn(&[m, o], &mut Rng::new((o + m) as u64)).into_vec();
+                if m > 1 {
+                    dy[o..2 * o].fill(0.0); // an all-zero row of dY
+                }
+                let runs: Vec<Vec<f32>> = tiers
+                    .iter()
+                    .map(|&t| {
+                        let mut dx = vec![f32::NAN; m * i];
+                        assert!(f.input_grad_int8(t, &dy, m, &mut dx, false), "{name} {t:?}");
+                        dx
+                    })
+                    .collect();
+                let bits_eq =
+                    |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits());
+                for (t, dx) in tiers.iter().zip(&runs) {
+                    assert!(
+                        bits_eq(dx, &runs[0]),
+                        "{name} {o}x{i} m {m}: tier {t:?} differs from {:?}",
+                        tiers[0]
+                    );
+                }
+                let dx = &runs[0];
+                let wd = f.to_f32().into_vec();
+                let wt = TransposedInt8::from_f32(&wd, o, i).unwrap();
+                let mut via_forward = vec![f32::NAN; m * i];
+                assert!(forward(tiers[0], &wt, &dy, m, &mut via_forward, false));
+                assert!(
+                    bits_eq(dx, &via_forward),
+                    "{name} {o}x{i} m {m}: forward on Wᵀ"
+                );
+                let mut acc = vec![1.0f32; m * i];
+                assert!(f.input_grad_int8(tiers[0], &dy, m, &mut acc, true));
+                assert!(
+                    acc.iter().zip(dx).all(|(a, b)| *a == 1.0 + b),
+                    "{name} accumulate"
+                );
+                let mut exact = vec![f32::NAN; m * i];
+                f.matmul(&dy, m, &mut exact, false).unwrap();
+                let mut via = vec![f32::NAN; m * i];
+                with_activations(ActivationMode::Int8, || f.matmul(&dy, m, &mut via, false))
+                    .unwrap();
+                if backward_route(here, m) {
+                    assert!(bits_eq(dx, &via), "{name} m {m}: routed matmul");
+                } else {
+                    assert!(bits_eq(&exact, &via), "{name} m {m}: f32 route");
+                }
+                let q = quantize_x(&dy, m, o, BACKWARD_UNIT);
+                let groups = q.kpad / GROUP;
+                for b in 0..m {
+                    for k in 0..i {
+                        let (mut bound, mut mag) = (0.0f64, 0.0f64);
+                        for n in 0..o {
+                            let wnk = f64::from(wd[n * i + k]);
+                            let d = f64::from(dy[b * o + n]);
+                            let a_g = 127.0 * f64::from(q.sx[b * groups + n / GROUP]);
+                            let u = n / BACKWARD_UNIT;
+                            let a_u = (u * BACKWARD_UNIT..o.min((u + 1) * BACKWARD_UNIT))
+                                .map(|r| f64::from(wd[r * i + k]).abs())
+                                .fold(0.0f64, f64::max);
+                            bound +=
+                                wnk.abs() * a_g / 254.0 + (d.abs() + a_g / 254.0) * a_u / 254.0;
+                            mag += (wnk * d).abs() + a_u * (d.abs() + a_g);
+                        }
+                        let got = f64::from(dx[b * i + k]);
+                        let want = f64::from(exact[b * i + k]);
+                        assert!(
+                            (got - want).abs() <= bound * 1.001 + 1e-5 * mag + 1e-6,
+                            "{name} {o}x{i} m {m} ({b},{k}): int8 {got} f32 {want} bound {bound}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The integer input gradient gives the same bits on 1, 2, 3 and 16 threads on every tier,
+/// and declines a NaN or an infinity in dY (dX untouched; `matmul` under int8 then runs the
+/// f32 path, which carries the NaN).
+#[test]
+fn backward_int8_bits_independent_of_threads_and_nonfinite_declined() {
+    let mut all = vec![IntTier::for_path(nibble_quant::cpu::kernel_path())];
+    all.extend(tiers());
+    let (o, i) = (150usize, 200usize);
+    for tier in all {
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let mut out = Vec::new();
+                for (_, f) in bwd_formats(o, i, 8) {
+                    for m in [1usize, 9, 50] {
+                        let dy = Tensor::randn(&[m, o], &mut Rng::new(m as u64)).into_vec();
+                        let mut dx = vec![f32::NAN; m * i];
+                        assert!(f.input_grad_int8(tier, &dy, m, &mut dx, false));
+                        out.push(dx);
+                    }
+                }
+                out
+            })
+        };
+        let a = run(1);
+        for t in [2, 3, 16] {
+            let b = run(t);
+            assert_eq!(a.len(), b.len());
+            for (x, y) in a.iter().zip(&b) {
+                assert!(
+                    x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()),
+                    "{tier:?}: {t} threads"
+                );
+            }
+        }
+        for (name, f) in bwd_formats(o, i, 9) {
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                for at in [0, 50 * o / 2, 50 * o - 1] {
+                    let mut dy = vec![0.25f32; 50 * o];
+                    dy[at] = bad;
+                    let mut dx = vec![7.0f32; 50 * i];
+                    assert!(!f.input_grad_int8(tier, &dy, 50, &mut dx, false), "{name}");
+                    assert!(dx.iter().all(|&v| v == 7.0), "{name} {tier:?}: dx touched");
+                }
+            }
+            let mut dy = vec![0.25f32; 50 * o];
+            dy[3] = f32::NAN;
+            let mut dx = vec![0.0f32; 50 * i];
+            with_activations(ActivationMode::Int8, || f.matmul(&dy, 50, &mut dx, false)).unwrap();
+            assert!(dx[..i].iter().all(|v| v.is_nan()), "{name}: NaN lost");
         }
     }
 }

@@ -116,6 +116,7 @@ pub mod avx2;
 pub mod avx512vnni;
 #[cfg(target_arch = "x86_64")]
 pub mod avxvnni;
+pub mod backward;
 pub mod gemm;
 pub mod scalar;
 
