@@ -17,4 +17,4 @@ pub use error::{AutogradError, Result};
 pub use ops::Bias;
 pub use optim::{AdamW, AdamWConfig, Optimizer, OptimizerState, Sgd, SgdConfig};
 pub use param::Param;
-pub use tape::{Gradients, Op, Pending, Tape, Var};
+pub use tape::{Gradients, Op, OpTime, Pending, Tape, Var};

@@ -161,6 +161,20 @@ pub struct Tape {
     records: Mutex<Vec<Record>>,
     generation: AtomicU64,
     enabled: AtomicBool,
+    /// Backward time per op name while profiling ([`Tape::set_profiling`]).
+    profile: Mutex<Option<Vec<OpTime>>>,
+}
+
+/// Time the backward spent in one kind of op ([`Tape::backward_profile`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpTime {
+    /// The op's name ([`Op::name`]).
+    pub name: &'static str,
+    /// Backward calls of ops of this name.
+    pub calls: usize,
+    /// Seconds spent in their backward (inclusive: an op whose backward runs a nested
+    /// backward, a checkpointed segment's, also counts the nested ops' time).
+    pub seconds: f64,
 }
 
 impl Default for Tape {
@@ -200,7 +214,67 @@ impl Tape {
             records: Mutex::new(Vec::new()),
             generation: AtomicU64::new(next_generation()),
             enabled: AtomicBool::new(true),
+            profile: Mutex::new(None),
         }
+    }
+
+    /// Starts (`true`, from zero) or stops (`false`) timing each op's backward by op name,
+    /// for finding where a training step's backward spends its time ([`Tape::backward_profile`]).
+    /// Off by default.
+    ///
+    /// ```
+    /// use nibble_autograd::{Param, Tape, Var};
+    /// use nibble_tensor::Tensor;
+    /// let tape = Tape::new();
+    /// tape.set_profiling(true);
+    /// let w = Param::new("w", Tensor::from_vec(&[1, 2], vec![2.0, -1.0]).unwrap(), true);
+    /// let x = Var::constant(Tensor::from_vec(&[1, 2], vec![3.0, 4.0]).unwrap());
+    /// let y = tape.linear(&x, &w, None).unwrap();
+    /// tape.backward(&tape.sum(&y).unwrap()).unwrap();
+    /// let names: Vec<_> = tape.backward_profile().iter().map(|t| (t.name, t.calls)).collect();
+    /// assert!(names.contains(&("linear", 1)) && names.contains(&("sum/mean", 1)));
+    /// ```
+    pub fn set_profiling(&self, on: bool) {
+        *self.profile.lock().unwrap_or_else(|e| e.into_inner()) = on.then(Vec::new);
+    }
+
+    /// The backward time per op name since [`Tape::set_profiling`]`(true)`, the costliest
+    /// first (empty when not profiling).
+    pub fn backward_profile(&self) -> Vec<OpTime> {
+        let mut v = self
+            .profile
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_default();
+        v.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+        v
+    }
+
+    /// Adds `seconds` of `name`'s backward to the profile, if profiling.
+    fn add_profile(&self, name: &'static str, seconds: f64) {
+        let mut guard = self.profile.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(times) = guard.as_mut() {
+            match times.iter_mut().find(|t| t.name == name) {
+                Some(t) => {
+                    t.calls += 1;
+                    t.seconds += seconds;
+                }
+                None => times.push(OpTime {
+                    name,
+                    calls: 1,
+                    seconds,
+                }),
+            }
+        }
+    }
+
+    /// Whether [`Tape::set_profiling`] is on.
+    fn profiling(&self) -> bool {
+        self.profile
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
     }
 
     /// The records (a panic while they were held leaves them as they were: usable).
@@ -438,7 +512,11 @@ impl Tape {
                 }
                 Record::Op { op, inputs } => {
                     let name = op.name();
+                    let started = self.profiling().then(std::time::Instant::now);
                     let d_inputs = op.backward(d_out)?;
+                    if let Some(t) = started {
+                        self.add_profile(name, t.elapsed().as_secs_f64());
+                    }
                     if d_inputs.len() != inputs.len() {
                         return Err(AutogradError::BadGradient {
                             op: name,
