@@ -22,6 +22,21 @@ pub trait Op: Send {
     /// gradient by value, so that an op passing it on (add, ReLU, a residual base) reuses its
     /// buffer instead of copying it.
     fn backward(self: Box<Self>, d_out: Tensor) -> Result<Vec<Option<Tensor>>>;
+    /// [`Op::backward`] given the gradients already accumulated for its inputs: `acc[i]` is
+    /// input `i`'s gradient so far (from ops later in the forward), `None` where none has
+    /// arrived yet (or the input repeats an earlier one, or is not tracked). An op may add its
+    /// gradient for input `i` into `acc[i]` in place (e.g. a product accumulated by its GEMM,
+    /// saving a gradient-sized buffer and a pass over it) and return `None` for it; whatever
+    /// it returns is added by the tape as [`Op::backward`]'s results are. A gradient added in
+    /// place must have `acc[i]`'s shape. The default runs [`Op::backward`].
+    fn backward_accumulate(
+        self: Box<Self>,
+        d_out: Tensor,
+        acc: &mut [Option<Tensor>],
+    ) -> Result<Vec<Option<Tensor>>> {
+        let _ = acc;
+        self.backward(d_out)
+    }
 }
 
 /// A number no tape has used: each tape and each use of it (after `backward` or `clear`) gets
@@ -513,7 +528,23 @@ impl Tape {
                 Record::Op { op, inputs } => {
                     let name = op.name();
                     let started = self.profiling().then(std::time::Instant::now);
-                    let d_inputs = op.backward(d_out)?;
+                    // The gradients accumulated so far for the op's inputs, lent to it (the
+                    // first occurrence of a node only), then put back.
+                    let mut acc: Vec<Option<Tensor>> = inputs
+                        .iter()
+                        .enumerate()
+                        .map(|(k, node)| match node {
+                            Some(n) if !inputs[..k].contains(node) => grads[n.index].take(),
+                            _ => None,
+                        })
+                        .collect();
+                    let d_inputs = op.backward_accumulate(d_out, &mut acc);
+                    for (node, a) in inputs.iter().zip(acc) {
+                        if let (Some(n), Some(a)) = (node, a) {
+                            grads[n.index] = Some(a);
+                        }
+                    }
+                    let d_inputs = d_inputs?;
                     if let Some(t) = started {
                         self.add_profile(name, t.elapsed().as_secs_f64());
                     }

@@ -361,3 +361,70 @@ fn frozen_params_are_not_optimized() {
     opt.step().unwrap();
     assert_eq!(p.value().data(), &[1.0, 1.0]);
 }
+
+/// A LoRA layer over a frozen weight (`frozen(x) + B(A x)`): the frozen layer's backward adds
+/// `dY·W` into the gradient the adapter already gave x (`Op::backward_accumulate`), and the
+/// sum is still the true gradient (finite differences), also with x used twice.
+#[test]
+fn frozen_input_gradient_accumulated_in_place_is_right() {
+    let frozen: Arc<dyn WeightMatrix> = Arc::new(rand(&[5, 6], 21));
+    let a = Param::new("a", rand(&[2, 6], 22), true);
+    let b = Param::new("b", rand(&[5, 2], 23), true);
+    let x = rand(&[3, 6], 24);
+    let lora = |t: &Tape, x: &Var| {
+        let y = t.frozen_linear(x, &frozen, None).unwrap();
+        let h = t.linear(x, &a, None).unwrap();
+        t.linear_add(y, &h, &b).unwrap()
+    };
+    check_input_grad("lora over frozen dx", &x, &lora);
+    check_input_grad("two lora layers on one x", &x, &|t, x| {
+        let y1 = lora(t, x);
+        let y2 = lora(t, x);
+        t.add(&y1, &y2).unwrap()
+    });
+}
+
+/// What `Op::backward_accumulate` is lent: the gradient gathered so far for an input whose
+/// gradient has arrived, `None` for one that has none yet and for a repeated input; a gradient
+/// added in place and one returned both reach the input.
+#[test]
+fn backward_accumulate_lends_the_gathered_gradients() {
+    use std::sync::Mutex;
+    struct Twice(Arc<Mutex<Vec<bool>>>);
+    impl Op for Twice {
+        fn name(&self) -> &'static str {
+            "twice"
+        }
+        fn backward(self: Box<Self>, d: Tensor) -> Result<Vec<Option<Tensor>>> {
+            Ok(vec![Some(d.clone()), Some(d)])
+        }
+        fn backward_accumulate(
+            self: Box<Self>,
+            d: Tensor,
+            acc: &mut [Option<Tensor>],
+        ) -> Result<Vec<Option<Tensor>>> {
+            *self.0.lock().unwrap() = acc.iter().map(|a| a.is_some()).collect();
+            match &mut acc[0] {
+                Some(g) => {
+                    g.add_assign(&d)?;
+                    Ok(vec![None, Some(d)])
+                }
+                None => self.backward(d),
+            }
+        }
+    }
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let tape = Tape::new();
+    let x = tape.leaf(Tensor::from_vec(&[1, 2], vec![1.0, 2.0]).unwrap());
+    // y = x + x (the custom op, recorded first), z = relu(x) (its gradient reaches x first).
+    let y = tape
+        .record("twice", &[&x, &x], x.value().scale(2.0), false, || {
+            Box::new(Twice(Arc::clone(&seen)))
+        })
+        .unwrap();
+    let z = tape.relu(&x).unwrap();
+    let loss = tape.sum(&tape.add(&y, &z).unwrap()).unwrap();
+    let grads = tape.backward(&loss).unwrap();
+    assert_eq!(*seen.lock().unwrap(), vec![true, false]);
+    assert_eq!(grads.get(&x).unwrap().data(), &[3.0, 3.0]);
+}

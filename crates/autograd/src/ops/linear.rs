@@ -99,6 +99,22 @@ impl Op for FrozenLinearOp {
         self.w.matmul(d_y.data(), m, d_x.data_mut(), false)?;
         Ok(vec![Some(d_x)])
     }
+    /// `dX += dY·W` straight into the gradient X has gathered so far (a LoRA adapter's, whose
+    /// backward runs first), where there is one: no new `[m, in]` buffer, no separate sum.
+    fn backward_accumulate(
+        self: Box<Self>,
+        d_y: Tensor,
+        acc: &mut [Option<Tensor>],
+    ) -> Result<Vec<Option<Tensor>>> {
+        let (m, _) = d_y.dims2("frozen_linear backward")?;
+        match acc.first_mut() {
+            Some(Some(d_x)) if d_x.shape() == [m, self.w.in_features()] => {
+                self.w.matmul(d_y.data(), m, d_x.data_mut(), true)?;
+                Ok(vec![None])
+            }
+            _ => self.backward(d_y),
+        }
+    }
 }
 
 impl Tape {
