@@ -1,0 +1,70 @@
+//! Times every AVX-512 microkernel shape and depth of K per call (`gemm_avx512_tile`) on one
+//! f32 1024-wide layer's forward `x · Wᵀ` (batch `m`), interleaved round by round so that
+//! machine noise hits them alike, next to `gemm` itself: median, min and max of `reps` rounds
+//! with the median's FLOP rate, on the rayon pool (`RAYON_NUM_THREADS`). Prints nothing but a
+//! note on a CPU without the AVX-512 tier.
+//!
+//! `cargo run --release --example gemm_tiles -- 1024 256,128,64 15`
+
+use nibble::tensor::gemm::{gemm, gemm_avx512_tile, Avx512Tile, MatRef};
+use nibble::tensor::{Rng, Tensor};
+use std::time::Instant;
+
+fn main() {
+    if !nibble::tensor::cpu::has_avx512() {
+        println!("note: no AVX-512 tier on this CPU: nothing to compare");
+        return;
+    }
+    let args: Vec<String> = std::env::args().collect();
+    let m: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1024);
+    let slices: Vec<usize> = args
+        .get(2)
+        .map_or("256,128,64", |s| s.as_str())
+        .split(',')
+        .filter_map(|v| v.trim().parse().ok())
+        .collect();
+    let reps: usize = args
+        .get(3)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(15)
+        .max(1);
+    let d = 1024;
+    let mut rng = Rng::new(0);
+    let w = Tensor::uniform(&[d, d], -0.03, 0.03, &mut rng);
+    let x = Tensor::randn(&[m, d], &mut rng);
+    let a = MatRef::row_major(x.data(), m, d).expect("x");
+    let bt = MatRef::row_major(w.data(), d, d).expect("w").t();
+    let mut y = vec![0.0f32; m * d];
+    let mut cases: Vec<(String, Option<(Avx512Tile, usize)>)> = vec![("gemm".into(), None)];
+    for tile in Avx512Tile::ALL {
+        for &ks in &slices {
+            cases.push((format!("{} k {ks}", tile.name()), Some((tile, ks))));
+        }
+    }
+    let mut times = vec![Vec::new(); cases.len()];
+    for round in 0..=reps {
+        for (c, (_, case)) in cases.iter().enumerate() {
+            let s = Instant::now();
+            match case {
+                None => gemm(a, &bt, &mut y, false),
+                Some((tile, ks)) => gemm_avx512_tile(*tile, *ks, a, &bt, &mut y, false),
+            }
+            .expect("shapes match");
+            if round > 0 {
+                times[c].push(s.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+    }
+    println!("{} threads, batch {m}", rayon::current_num_threads());
+    let flop = 2.0 * (m * d * d) as f64;
+    for ((name, _), mut t) in cases.into_iter().zip(times) {
+        t.sort_by(|p, q| p.total_cmp(q));
+        let med = t[t.len() / 2];
+        println!(
+            "{name:16} median {med:.3} ms ({:.0} GFLOP/s), min {:.3}, max {:.3}",
+            flop / med / 1e6,
+            t[0],
+            t[t.len() - 1]
+        );
+    }
+}
