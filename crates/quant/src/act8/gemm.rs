@@ -320,25 +320,35 @@ fn pack(
         unsafe { kernel.panel_corr(codes, unit, corr) };
         PANEL.set(t);
     };
-    let parts = pw
-        .codes
-        .chunks_mut(nr * kpad)
-        .zip(
-            pw.corr
-                .chunks_mut(nr * units)
-                .chain(std::iter::repeat_with(|| &mut [][..])),
-        )
-        .zip(pw.scale.chunks_mut(nr * units))
-        .zip(
-            pw.offset
-                .chunks_mut(nr * units)
-                .chain(std::iter::repeat_with(|| &mut [][..])),
-        )
-        .enumerate();
+    // Per panel: its corrections and offsets, or an empty slice where the kernel or the
+    // weights have none.
+    fn per_panel<T>(v: &mut [T], len: usize, panels: usize) -> Vec<&mut [T]> {
+        if v.is_empty() {
+            (0..panels).map(|_| &mut [][..]).collect()
+        } else {
+            v.chunks_mut(len).collect()
+        }
+    }
+    let corr = per_panel(&mut pw.corr, nr * units, panels);
+    let offset = per_panel(&mut pw.offset, nr * units, panels);
     if parallel {
-        parts.par_bridge().for_each(one);
+        // Indexed: the pool splits the panels evenly (a bridged iterator handed them out one
+        // at a time under a lock).
+        pw.codes
+            .par_chunks_mut(nr * kpad)
+            .zip(corr)
+            .zip(pw.scale.par_chunks_mut(nr * units))
+            .zip(offset)
+            .enumerate()
+            .for_each(one);
     } else {
-        parts.for_each(one);
+        pw.codes
+            .chunks_mut(nr * kpad)
+            .zip(corr)
+            .zip(pw.scale.chunks_mut(nr * units))
+            .zip(offset)
+            .enumerate()
+            .for_each(one);
     }
     pw.has_offset = pw.offset.iter().any(|&v| v != 0.0);
     pw
