@@ -1,7 +1,8 @@
 //! The products of one QLoRA layer's training step, each timed on its own at the training
 //! batch (1000 rows, width 1024, rank 32) as the tape runs them: the frozen Q4 base forward
 //! and input gradient (f32 and int8 activations), the adapter's `h = x·Aᵀ`, `y += h·Bᵀ`,
-//! `dH = dY·B`, `dB = dYᵀ·H`, `dXa = dH·A`, `dA = dHᵀ·X`, and the gradient sum `dX += dXa`.
+//! `dH = dY·B`, `dB = dYᵀ·H`, `dXa = dH·A`, `dA = dHᵀ·X`, the gradient sum `dX += dXa`, and
+//! what a fresh activation-sized tensor costs (allocated, zeroed, freed).
 //! Medians (min) of `reps` runs with the FLOP rate, on the rayon pool (`RAYON_NUM_THREADS`).
 //!
 //! `cargo run --release --example lora_products -- 1000 32 21`
@@ -92,5 +93,8 @@ fn main() {
     });
     time("gradient sum dX += dXa", 0.0, &mut || {
         dx.add_assign(&dxa).unwrap()
+    });
+    time("a fresh [m, 1024] tensor (zeroed)", 0.0, &mut || {
+        drop(std::hint::black_box(Tensor::try_zeros(&[m, d]).unwrap()))
     });
 }
