@@ -32,6 +32,34 @@ fn time_ms(f: &mut dyn FnMut()) -> f64 {
     s.elapsed().as_secs_f64() * 1e3
 }
 
+/// Median and minimum (ms) of each of `cases` runs of `run(case)`, interleaved over `reps`
+/// rounds after a warm-up round.
+fn rounds(cases: usize, reps: usize, run: &mut dyn FnMut(usize)) -> Vec<(f64, f64)> {
+    let mut times = vec![Vec::new(); cases];
+    for round in 0..=reps {
+        for (k, t) in times.iter_mut().enumerate() {
+            let ms = time_ms(&mut || run(k));
+            if round > 0 {
+                t.push(ms);
+            }
+        }
+    }
+    times.into_iter().map(median_min).collect()
+}
+
+/// A table row: f32, int8 as routed and the integer path on the tier (median (min)), and the
+/// ratios to f32 (of medians; of minima).
+fn row(name: &str, m: usize, t: &[(f64, f64)]) -> String {
+    let [(a, a0), (b, b0), (g, g0)] = [t[0], t[1], t[2]];
+    format!(
+        "{name:7} {m:5}  {a:7.3} ({a0:7.3})  {b:7.3} ({b0:7.3})  {g:7.3} ({g0:7.3})  {:8.2}  {:11.2}; {:.2} {:.2}",
+        b / a,
+        g / a,
+        b0 / a0,
+        g0 / a0
+    )
+}
+
 fn main() {
     let args: Vec<usize> = std::env::args()
         .skip(1)
@@ -96,30 +124,12 @@ fn main() {
                     .unwrap(),
                 _ => assert!(forward(generic[k - 2], f.as_int(), &x, m, &mut y, false)),
             };
-            let mut times = vec![Vec::new(); 2 + generic.len()];
-            for round in 0..=reps {
-                for (k, t) in times.iter_mut().enumerate() {
-                    let ms = time_ms(&mut || run(k));
-                    if round > 0 {
-                        t.push(ms);
-                    }
-                }
-            }
-            let [(a, a0), (b, b0), (g, g0)] = [0, 1, 2].map(|k| median_min(times[k].clone()));
+            let times = rounds(2 + generic.len(), reps, &mut run);
             let vnni = match times.get(3) {
-                Some(t) => {
-                    let (v, v0) = median_min(t.clone());
-                    format!("  {v:7.3} ({v0:7.3})  {:8.2}", v / a)
-                }
+                Some(&(v, v0)) => format!("  {v:7.3} ({v0:7.3})  {:8.2}", v / times[0].0),
                 None => String::new(),
             };
-            println!(
-                "{name:7} {m:5}  {a:7.3} ({a0:7.3})  {b:7.3} ({b0:7.3})  {g:7.3} ({g0:7.3})  {:8.2}  {:11.2}; {:.2} {:.2}{vnni}",
-                b / a,
-                g / a,
-                b0 / a0,
-                g0 / a0
-            );
+            println!("{}{vnni}", row(name, m, &times));
         }
     }
     println!(
@@ -137,23 +147,7 @@ fn main() {
                     .unwrap(),
                 _ => assert!(f.input_grad_int8(tier, &dy, m, &mut dx, false)),
             };
-            let mut times = vec![Vec::new(); 3];
-            for round in 0..=reps {
-                for (k, t) in times.iter_mut().enumerate() {
-                    let ms = time_ms(&mut || run(k));
-                    if round > 0 {
-                        t.push(ms);
-                    }
-                }
-            }
-            let [(a, a0), (b, b0), (g, g0)] = [0, 1, 2].map(|k| median_min(times[k].clone()));
-            println!(
-                "{name:7} {m:5}  {a:7.3} ({a0:7.3})  {b:7.3} ({b0:7.3})  {g:7.3} ({g0:7.3})  {:8.2}  {:11.2}; {:.2} {:.2}",
-                b / a,
-                g / a,
-                b0 / a0,
-                g0 / a0
-            );
+            println!("{}", row(name, m, &rounds(3, reps, &mut run)));
         }
     }
 }

@@ -143,11 +143,11 @@ fn formats(o: usize, i: usize, seed: u64) -> Vec<(&'static str, Box<dyn Fmt>)> {
     ]
 }
 
-/// A format with both views.
-trait Fmt: IntCodes + WeightMatrix {
+/// A format with both views and its integer input gradient.
+trait Fmt: IntCodes + WeightMatrix + Int8InputGrad {
     fn as_int(&self) -> &dyn IntCodes;
 }
-impl<T: IntCodes + WeightMatrix> Fmt for T {
+impl<T: IntCodes + WeightMatrix + Int8InputGrad> Fmt for T {
     fn as_int(&self) -> &dyn IntCodes {
         self
     }
@@ -320,11 +320,7 @@ fn forward_bits_independent_of_threads() {
 
 fn forward_bits_independent_of_threads_on(tier: IntTier) {
     let run = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        pool.install(|| {
+        common::on_threads(threads, || {
             let mut out = Vec::new();
             for (_, f) in formats(130, 320, 5) {
                 for m in [1usize, 4, 20] {
@@ -442,25 +438,6 @@ fn quantize_x_matches_its_definition() {
     }
 }
 
-/// A format with its integer input gradient too.
-trait BwdFmt: Fmt + Int8InputGrad {}
-impl<T: Fmt + Int8InputGrad> BwdFmt for T {}
-
-/// The formats under test for the backward, as [`BwdFmt`]s.
-fn bwd_formats(o: usize, i: usize, seed: u64) -> Vec<(&'static str, Box<dyn BwdFmt>)> {
-    let w = Tensor::randn(&[o, i], &mut Rng::new(seed)).scale(1.0 / (o.max(1) as f32).sqrt());
-    vec![
-        (
-            "q4",
-            Box::new(Q4Matrix::quantize(&w).unwrap()) as Box<dyn BwdFmt>,
-        ),
-        ("nf4", Box::new(Nf4Matrix::quantize(&w).unwrap())),
-        ("nf4_dq", Box::new(Nf4Matrix::quantize_double(&w).unwrap())),
-        ("int8", Box::new(Int8Matrix::quantize(&w).unwrap())),
-        ("lower", Box::new(LowerMatrix::quantize(&w).unwrap())),
-    ]
-}
-
 /// The requantized transpose is what its docs say: per row k of Wᵀ and unit of 64 of its
 /// columns, the scale is the unit's absmax / 127 and every weight moves by at most half of it.
 #[test]
@@ -520,7 +497,7 @@ fn backward_int8_every_format_every_tier() {
     let here = IntTier::for_path(nibble_quant::cpu::kernel_path());
     for &o in &[1usize, 7, 17, 63, 65, 129, 200] {
         for &(i, m) in &[(1usize, 3usize), (7, 1), (33, 20), (129, 9), (64, 48)] {
-            for (name, f) in bwd_formats(o, i, (o * 13 + i) as u64) {
+            for (name, f) in formats(o, i, (o * 13 + i) as u64) {
                 let mut dy = Tensor::randn(&[m, o], &mut Rng::new((o + m) as u64)).into_vec();
                 if m > 1 {
                     dy[o..2 * o].fill(0.0); // an all-zero row of dY
@@ -607,13 +584,9 @@ fn backward_int8_bits_independent_of_threads_and_nonfinite_declined() {
     let (o, i) = (150usize, 200usize);
     for tier in all {
         let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            pool.install(|| {
+            common::on_threads(threads, || {
                 let mut out = Vec::new();
-                for (_, f) in bwd_formats(o, i, 8) {
+                for (_, f) in formats(o, i, 8) {
                     for m in [1usize, 9, 50] {
                         let dy = Tensor::randn(&[m, o], &mut Rng::new(m as u64)).into_vec();
                         let mut dx = vec![f32::NAN; m * i];
@@ -635,7 +608,7 @@ fn backward_int8_bits_independent_of_threads_and_nonfinite_declined() {
                 );
             }
         }
-        for (name, f) in bwd_formats(o, i, 9) {
+        for (name, f) in formats(o, i, 9) {
             for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
                 for at in [0, 50 * o / 2, 50 * o - 1] {
                     let mut dy = vec![0.25f32; 50 * o];

@@ -132,11 +132,7 @@ fn bits_independent_of_threads() {
     let x = activations(70, 320, 12);
     let tiers = tiers();
     let run = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        pool.install(|| {
+        common::on_threads(threads, || {
             let mut out = Vec::new();
             for (_, f) in formats(&w) {
                 for &t in &tiers {

@@ -157,6 +157,15 @@ pub fn products(wm: &dyn WeightMatrix, seed: u64, batches: &[usize]) -> Vec<Vec<
     out
 }
 
+/// Runs `f` on a fresh rayon pool of `threads` threads.
+pub fn on_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap()
+        .install(f)
+}
+
 /// [`products`] on 1 thread, checked against the f64 product with `wm`'s dequantized
 /// weights, and bit-identical on each count of `threads`; `what` names the case.
 pub fn products_checked_on_threads(
@@ -167,13 +176,7 @@ pub fn products_checked_on_threads(
     what: &str,
 ) {
     let (o, i) = (wm.out_features(), wm.in_features());
-    let on = |threads: usize| {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap()
-            .install(|| products(wm, seed, batches))
-    };
+    let on = |threads: usize| on_threads(threads, || products(wm, seed, batches));
     let one = on(1);
     let wd = wm.to_f32();
     for (k, &m) in batches.iter().enumerate() {
