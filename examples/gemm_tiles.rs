@@ -1,12 +1,13 @@
 //! Times every AVX-512 microkernel shape and depth of K per call (`gemm_avx512_tile`) on one
 //! f32 1024-wide layer's forward `x · Wᵀ` (batch `m`), interleaved round by round so that
-//! machine noise hits them alike, next to `gemm` itself: median, min and max of `reps` rounds
+//! machine noise hits them alike, next to `gemm` itself and `gemm` with one stage of all of K
+//! (`gemm_with_stage`): median, min and max of `reps` rounds
 //! with the median's FLOP rate, on the rayon pool (`RAYON_NUM_THREADS`). Prints nothing but a
 //! note on a CPU without the AVX-512 tier.
 //!
 //! `cargo run --release --example gemm_tiles -- 1024 256,128,64 15`
 
-use nibble::tensor::gemm::{gemm, gemm_avx512_tile, Avx512Tile, MatRef};
+use nibble::tensor::gemm::{gemm, gemm_avx512_tile, gemm_with_stage, Avx512Tile, MatRef};
 use nibble::tensor::{Rng, Tensor};
 use std::time::Instant;
 
@@ -35,17 +36,23 @@ fn main() {
     let a = MatRef::row_major(x.data(), m, d).expect("x");
     let bt = MatRef::row_major(w.data(), d, d).expect("w").t();
     let mut y = vec![0.0f32; m * d];
-    let mut cases: Vec<(String, Option<(Avx512Tile, usize)>)> = vec![("gemm".into(), None)];
+    // (name, tile and K slice, or the default tile with a stage of all of K when `None`
+    // and `all_k`).
+    let mut cases: Vec<(String, Option<(Avx512Tile, usize)>, bool)> = vec![
+        ("gemm".into(), None, false),
+        ("gemm, one stage".into(), None, true),
+    ];
     for tile in Avx512Tile::ALL {
         for &ks in &slices {
-            cases.push((format!("{} k {ks}", tile.name()), Some((tile, ks))));
+            cases.push((format!("{} k {ks}", tile.name()), Some((tile, ks)), false));
         }
     }
     let mut times = vec![Vec::new(); cases.len()];
     for round in 0..=reps {
-        for (c, (_, case)) in cases.iter().enumerate() {
+        for (c, (_, case, all_k)) in cases.iter().enumerate() {
             let s = Instant::now();
             match case {
+                None if *all_k => gemm_with_stage(d * d, a, &bt, &mut y, false),
                 None => gemm(a, &bt, &mut y, false),
                 Some((tile, ks)) => gemm_avx512_tile(*tile, *ks, a, &bt, &mut y, false),
             }
@@ -57,7 +64,7 @@ fn main() {
     }
     println!("{} threads, batch {m}", rayon::current_num_threads());
     let flop = 2.0 * (m * d * d) as f64;
-    for ((name, _), mut t) in cases.into_iter().zip(times) {
+    for ((name, _, _), mut t) in cases.into_iter().zip(times) {
         t.sort_by(|p, q| p.total_cmp(q));
         let med = t[t.len() / 2];
         println!(

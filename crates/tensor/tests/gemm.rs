@@ -5,8 +5,8 @@ use half::f16;
 use nibble_tensor::cpu::{available_paths, has_avx512, missing_paths, KernelPath};
 use nibble_tensor::gemm::gemv::{gemv_t_f16, gemv_t_f32, gemv_tile_f32};
 use nibble_tensor::gemm::{
-    gemm, gemm_avx512_tile, gemm_on, gemm_segments, Avx512Tile, MatRef, PackB, Segment,
-    AVX512_K_SLICE,
+    gemm, gemm_avx512_tile, gemm_on, gemm_segments, gemm_with_stage, Avx512Tile, MatRef, PackB,
+    Segment, AVX512_K_SLICE,
 };
 use nibble_tensor::{HalfTensor, Rng, Tensor, WeightMatrix};
 use std::io::Write;
@@ -691,6 +691,40 @@ fn dense_fused_forward_equals_the_parts() {
             wm.matmul_t_fused(&x, m, &mut got, Some(&bias_op), Some(extra))
                 .unwrap();
             assert_eq!(bits(&got), bits(&want), "{} m={m}", wm.format_name());
+        }
+    }
+}
+
+/// Stages of any size (one K block each, the default 1 MiB, all of K) give `gemm`'s bits, on
+/// 1 and 3 threads, overwriting NaN or accumulating.
+#[test]
+fn every_stage_size_gives_the_bits_of_gemm() {
+    for &(m, k, n) in &[
+        (300usize, 700usize, 129usize),
+        (17, 1023, 33),
+        (200, 2100, 600),
+    ] {
+        let a = Tensor::randn(&[m, k], &mut Rng::new(m as u64)).into_vec();
+        let b = Tensor::randn(&[k, n], &mut Rng::new(k as u64)).into_vec();
+        let am = MatRef::row_major(&a, m, k).unwrap();
+        let bm = MatRef::row_major(&b, k, n).unwrap();
+        for threads in [1, 3] {
+            in_pool(threads, || {
+                for accumulate in [false, true] {
+                    let start = if accumulate { 0.5f32 } else { f32::NAN };
+                    let mut want = vec![start; m * n];
+                    gemm(am, &bm, &mut want, accumulate).unwrap();
+                    for stage in [1usize, 1 << 18, k * n] {
+                        let mut got = vec![start; m * n];
+                        gemm_with_stage(stage, am, &bm, &mut got, accumulate).unwrap();
+                        assert_eq!(
+                            bits(&got),
+                            bits(&want),
+                            "{m}x{k}x{n} stage {stage} threads {threads} accumulate {accumulate}"
+                        );
+                    }
+                }
+            });
         }
     }
 }

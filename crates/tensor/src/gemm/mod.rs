@@ -600,6 +600,38 @@ fn check_segments(segs: &[Segment<'_>], m: usize, n: usize, c_len: usize) -> Res
 /// The GEMM driver for one microkernel (whose path the CPU supports): `C (+)= Σ_i A_i · B_i`
 /// over `segs` in order, each segment's K cut into its own `KC` blocks.
 fn gemm_with(micro: Micro, segs: &[Segment<'_>], c: &mut [f32], accumulate: bool) -> Result<()> {
+    gemm_staged(micro, STAGE_FLOATS, segs, c, accumulate)
+}
+
+/// [`gemm`] with stages of at most `stage_floats` floats of packed B (at least one `KC` block
+/// each; the default is 1 MiB, see `STAGE_FLOATS`): more K blocks per stage means fewer
+/// fork-joins and each task's tile of C finished in one pass, for a larger packing buffer.
+/// For benchmarks (`examples/gemm_tiles.rs`); results are the bits of [`gemm`] whatever the
+/// stage.
+pub fn gemm_with_stage(
+    stage_floats: usize,
+    a: MatRef<'_, f32>,
+    b: &dyn PackB,
+    c: &mut [f32],
+    accumulate: bool,
+) -> Result<()> {
+    gemm_staged(
+        Micro::for_path(kernel_path()),
+        stage_floats,
+        &[Segment { a, b }],
+        c,
+        accumulate,
+    )
+}
+
+/// [`gemm_with`] with stages of at most `stage_floats` floats of packed B.
+fn gemm_staged(
+    micro: Micro,
+    stage_floats_max: usize,
+    segs: &[Segment<'_>],
+    c: &mut [f32],
+    accumulate: bool,
+) -> Result<()> {
     let Some(first) = segs.first() else {
         if !accumulate {
             c.fill(0.0);
@@ -635,7 +667,7 @@ fn gemm_with(micro: Micro, segs: &[Segment<'_>], c: &mut [f32], accumulate: bool
         for k0 in (0..sg.a.cols()).step_by(KC) {
             let kc = KC.min(sg.a.cols() - k0);
             let floats = kc * panel_cols;
-            if !cur.is_empty() && used + floats > STAGE_FLOATS {
+            if !cur.is_empty() && used + floats > stage_floats_max {
                 stages.push(std::mem::take(&mut cur));
                 used = 0;
             }
