@@ -2,10 +2,13 @@
 //! with its bias, ReLU, the residual add, the LayerNorm) on 18 distinct 1024x1024 f32 layers,
 //! as `bignet`'s in-place forward runs them, each step timed on its own (medians over `reps`
 //! forwards, summed over the forward), next to the same product repeated on one layer (as
-//! `gemm_probe` times it). On the rayon pool (`RAYON_NUM_THREADS`).
+//! `gemm_probe` times it). On the rayon pool (`RAYON_NUM_THREADS`). A third argument `q4` makes
+//! the layers Q4 (low_precision's format) and a fourth `int8` runs them with int8 activations.
 //!
-//! `cargo run --release --example forward_profile -- 1024 9`
+//! `cargo run --release --example forward_profile -- 1024 9 [f32|q4] [f32|int8]`
 
+use nibble::quant::act8::{with_activations, ActivationMode};
+use nibble::quant::Q4Matrix;
 use nibble::tensor::gemm::MatRef;
 use nibble::tensor::layernorm::layer_norm_assign;
 use nibble::tensor::ops::{add_in_place, relu_in_place};
@@ -19,20 +22,38 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let m: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1024);
     let reps: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(9).max(1);
+    let q4 = args.get(3).is_some_and(|s| s == "q4");
+    let mode = ActivationMode::parse(args.get(4).map_or("f32", |s| s.as_str()))
+        .expect("activations: f32 or int8");
+    with_activations(mode, || profile(m, reps, q4));
+}
+
+/// Times `reps` forwards of batch `m` (after one warm-up), f32 or Q4 layers.
+fn profile(m: usize, reps: usize, q4: bool) {
     let d = 1024;
     let blocks = 6;
     let mut rng = Rng::new(0);
-    let layers: Vec<(Tensor, Vec<f32>)> = (0..3 * blocks)
+    let layers: Vec<(Box<dyn WeightMatrix>, Vec<f32>)> = (0..3 * blocks)
         .map(|_| {
             let w = Tensor::uniform(&[d, d], -0.03, 0.03, &mut rng);
             let b = Tensor::uniform(&[d], -0.03, 0.03, &mut rng).data().to_vec();
+            let w: Box<dyn WeightMatrix> = if q4 {
+                Box::new(Q4Matrix::quantize(&w).expect("a 1024x1024 matrix quantizes"))
+            } else {
+                Box::new(w)
+            };
             (w, b)
         })
         .collect();
     let (ln_w, ln_b) = (vec![1.0f32; d], vec![0.0f32; d]);
     let x0 = Tensor::randn(&[m, d], &mut rng);
     let (mut a, mut b) = (vec![0.0f32; m * d], vec![0.0f32; m * d]);
-    println!("{} threads, batch {m}", rayon::current_num_threads());
+    println!(
+        "{} threads, batch {m}, {} layers, {} activations",
+        rayon::current_num_threads(),
+        if q4 { "q4" } else { "f32" },
+        nibble::quant::act8::activations().name()
+    );
     let mut per_step: Vec<Vec<f64>> = vec![Vec::new(); STEPS.len()];
     let mut totals = Vec::new();
     for _ in 0..reps + 1 {
@@ -45,11 +66,12 @@ fn main() {
         };
         let whole = Instant::now();
         for blk in layers.chunks_exact(3) {
-            let product = |(w, bias): &(Tensor, Vec<f32>), x: &[f32], y: &mut [f32]| {
-                let bias = MatRef::row_major(bias, 1, d).expect("a bias row");
-                w.matmul_t_fused(x, m, y, Some(&bias), None)
-                    .expect("shapes match");
-            };
+            let product =
+                |(w, bias): &(Box<dyn WeightMatrix>, Vec<f32>), x: &[f32], y: &mut [f32]| {
+                    let bias = MatRef::row_major(bias, 1, d).expect("a bias row");
+                    w.matmul_t_fused(x, m, y, Some(&bias), None)
+                        .expect("shapes match");
+                };
             timed(0, &mut || product(&blk[0], &h, &mut a));
             timed(1, &mut || relu_in_place(&mut a));
             timed(0, &mut || product(&blk[1], &a, &mut b));
