@@ -55,10 +55,47 @@ impl Op for LinearOp {
         "linear"
     }
     fn backward(self: Box<Self>, d_y: Tensor) -> Result<Vec<Option<Tensor>>> {
+        self.backward_into(d_y, None)
+    }
+    /// `dX += dY·W` straight into the gradient X has gathered so far (the residual stream's,
+    /// for a LoRA adapter on a block's first layer), where there is one.
+    fn backward_accumulate(
+        self: Box<Self>,
+        d_y: Tensor,
+        acc: &mut [Option<Tensor>],
+    ) -> Result<Vec<Option<Tensor>>> {
+        let x_at = usize::from(self.adds_base);
+        let into = acc.get_mut(x_at).and_then(|a| a.as_mut());
+        self.backward_into(d_y, into)
+    }
+}
+
+impl LinearOp {
+    /// The backward, adding `dX` into `d_x_acc` (which must then be `[m, in]`) where given
+    /// (its place in the result is then `None`), else returning it.
+    fn backward_into(
+        self: Box<Self>,
+        d_y: Tensor,
+        d_x_acc: Option<&mut Tensor>,
+    ) -> Result<Vec<Option<Tensor>>> {
         // d_y: [m, out]
-        let d_x = match &self.w_for_dx {
-            Some(w) => Some(linear_backward_input(&d_y, &*w.value())?),
-            None => None,
+        let d_x = match (&self.w_for_dx, d_x_acc) {
+            (Some(w), Some(acc)) => {
+                let w = w.value();
+                let (m, _) = d_y.dims2("linear backward")?;
+                if acc.shape() != [m, w.in_features()] {
+                    return Err(TensorError::ShapeMismatch {
+                        op: "linear backward (gathered dX)",
+                        lhs: acc.shape().to_vec(),
+                        rhs: vec![m, w.in_features()],
+                    }
+                    .into());
+                }
+                w.matmul(d_y.data(), m, acc.data_mut(), true)?;
+                None
+            }
+            (Some(w), None) => Some(linear_backward_input(&d_y, &*w.value())?),
+            (None, _) => None,
         };
         if let (Some(w), Some(x)) = (&self.w_grad, &self.x) {
             let mut slot = w.grad_mut();
