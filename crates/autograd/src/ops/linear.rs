@@ -74,7 +74,7 @@ impl LinearOp {
     /// The backward, adding `dX` into `d_x_acc` (which must then be `[m, in]`) where given
     /// (its place in the result is then `None`), else returning it.
     fn backward_into(
-        self: Box<Self>,
+        self,
         d_y: Tensor,
         d_x_acc: Option<&mut Tensor>,
     ) -> Result<Vec<Option<Tensor>>> {
