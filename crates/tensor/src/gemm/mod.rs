@@ -29,6 +29,7 @@
 use crate::cpu::{kernel_path, KernelPath};
 use crate::error::{Result, TensorError};
 use rayon::prelude::*;
+use source::{ASrc, BSrc};
 use std::cell::Cell;
 
 #[cfg(target_arch = "x86_64")]
@@ -38,6 +39,7 @@ mod kernel;
 #[cfg(target_arch = "x86_64")]
 mod lanes;
 mod pack;
+mod source;
 
 #[cfg(target_arch = "x86_64")]
 pub use avx512::Avx512Tile;
@@ -163,6 +165,14 @@ pub trait PackB: Sync {
     /// `dst.len() >= kc * NR`; [`gemm`] also guarantees that `k0` is a multiple of 256
     /// ([`KC`]) and `kc <= KC` (so `kc` is a multiple of 256 except for the last block of K).
     fn pack_panel(&self, k0: usize, kc: usize, n0: usize, nc: usize, dst: &mut [f32]);
+
+    /// B as a plain row-major f32 matrix, if it is one: `(data, row_stride)` with element
+    /// `(p, j)` at `data[p * row_stride + j]` for every `p < k`, `j < n`. [`gemm`] may then
+    /// read B's rows in place instead of packing them (see [`Packing`]). The default, for
+    /// operands that must be converted (quantized, f16), is `None`.
+    fn as_row_major(&self) -> Option<(&[f32], usize)> {
+        None
+    }
 }
 
 /// A 64-byte-aligned line of 16 floats: the unit of the packing buffers (aligned panels keep
@@ -300,22 +310,22 @@ impl Micro {
         }
     }
 
-    /// Computes the `rows x cols` corner of the tile at `c` over `kc` steps of K.
+    /// Computes the `rows x cols` corner of the tile at `c` over `kc` steps of K, A read
+    /// through `a` and the `panels` panels of B through `b`.
     ///
     /// # Safety
-    /// `a` readable for `kc * self.mr()` floats, `b + u * panel_stride` for `kc * NR`,
-    /// `u < panels`, with `1 <= panels <= self.panels()` (`panels == 1` for `Narrow`);
-    /// `rows <= self.mr()`, `cols <= panels * NR`; `c` valid for reading and writing that
-    /// corner with row stride `rs_c`; the CPU runs the kernel.
+    /// `a` readable for `kc` steps of `self.mr()` rows (per [`ASrc`]), `b` for `kc` steps of
+    /// `panels` panels (per [`BSrc`]), with `1 <= panels <= self.panels()`; `rows <= self.mr()`,
+    /// `cols <= panels * NR`; `c` valid for reading and writing that corner with row stride
+    /// `rs_c`; the CPU runs the kernel.
     #[allow(clippy::too_many_arguments)]
     #[inline]
     unsafe fn run(
         self,
         panels: usize,
-        panel_stride: usize,
         kc: usize,
-        a: *const f32,
-        b: *const f32,
+        a: ASrc,
+        b: BSrc,
         c: *mut f32,
         rs_c: usize,
         overwrite: bool,
@@ -330,19 +340,9 @@ impl Micro {
                 }
                 Micro::Narrow(p) => kernel::edge_tile(p, kc, a, b, c, rs_c, overwrite, rows, cols),
                 #[cfg(target_arch = "x86_64")]
-                Micro::Wide(t, _) => avx512::tile(
-                    t,
-                    panels,
-                    panel_stride,
-                    kc,
-                    a,
-                    b,
-                    c,
-                    rs_c,
-                    overwrite,
-                    rows,
-                    cols,
-                ),
+                Micro::Wide(t, _) => {
+                    avx512::tile(t, panels, kc, a, b, c, rs_c, overwrite, rows, cols)
+                }
             }
         }
     }
@@ -419,11 +419,26 @@ pub fn gemm_avx512_tile(
     c: &mut [f32],
     accumulate: bool,
 ) -> Result<()> {
+    gemm_avx512_tile_with_packing(tile, k_slice, a, b, c, accumulate, Packing::Auto)
+}
+
+/// [`gemm_avx512_tile`] with an explicit [`Packing`] (tests compare the packed and unpacked
+/// operands of every tile shape; they give the same bits).
+#[cfg(target_arch = "x86_64")]
+pub fn gemm_avx512_tile_with_packing(
+    tile: Avx512Tile,
+    k_slice: usize,
+    a: MatRef<'_, f32>,
+    b: &dyn PackB,
+    c: &mut [f32],
+    accumulate: bool,
+    packing: Packing,
+) -> Result<()> {
     let micro = match KernelPath::Avx512.supported() {
         KernelPath::Avx512 => Micro::Wide(tile, k_slice),
         p => Micro::Narrow(p),
     };
-    gemm_with(micro, &[Segment { a, b }], c, accumulate)
+    gemm_with(micro, &[Segment { a, b }], c, accumulate, packing)
 }
 
 /// [`gemm`] on an explicit [`KernelPath`] (tests and benchmarks compare the paths in one
@@ -437,11 +452,75 @@ pub fn gemm_on(
     c: &mut [f32],
     accumulate: bool,
 ) -> Result<()> {
+    gemm_with_packing(path, a, b, c, accumulate, Packing::Auto)
+}
+
+/// How a GEMM feeds its microkernel: operands packed into micro-panels (the BLIS layout) or
+/// read in place. Every choice runs the same operations in the same order on the same values,
+/// so all give the same bits; they differ only in speed. [`gemm`] uses [`Packing::Auto`]; the
+/// others are for tests and benchmarks (see [`gemm_with_packing`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Packing {
+    /// By shape: A is read in place when C has at most [`UNPACKED_A_MAX_COLS`] columns (its
+    /// packed micro-panels would serve too few columns to pay for the copy), B when C has at
+    /// most [`UNPACKED_B_MAX_ROWS`] rows and B is a row-major f32 matrix
+    /// ([`PackB::as_row_major`]); both packed otherwise.
+    Auto,
+    /// Both operands packed.
+    Packed,
+    /// A read in place whatever the shape, B packed.
+    UnpackedA,
+    /// B read in place wherever [`PackB::as_row_major`] allows, A packed.
+    UnpackedB,
+    /// Both read in place (B wherever [`PackB::as_row_major`] allows).
+    Unpacked,
+}
+
+/// Most columns of C for which [`Packing::Auto`] reads A in place.
+pub const UNPACKED_A_MAX_COLS: usize = 64;
+
+/// Most rows of C for which [`Packing::Auto`] reads a row-major f32 B in place.
+pub const UNPACKED_B_MAX_ROWS: usize = 48;
+
+impl Packing {
+    /// Whether A is read in place for an `m x n` product.
+    fn unpacked_a(self, n: usize) -> bool {
+        match self {
+            Packing::Auto => n <= UNPACKED_A_MAX_COLS,
+            Packing::UnpackedA | Packing::Unpacked => true,
+            Packing::Packed | Packing::UnpackedB => false,
+        }
+    }
+
+    /// Whether B is read in place (where it is row-major f32) for an `m x n` product.
+    fn unpacked_b(self, m: usize) -> bool {
+        match self {
+            Packing::Auto => m <= UNPACKED_B_MAX_ROWS,
+            Packing::UnpackedB | Packing::Unpacked => true,
+            Packing::Packed | Packing::UnpackedA => false,
+        }
+    }
+}
+
+/// [`gemm_on`] with an explicit [`Packing`] (for tests and benchmarks: every choice gives the
+/// same bits, on every path and thread count). A path the CPU lacks is replaced by
+/// [`KernelPath::supported`]'s fallback.
+///
+/// Mismatched shapes return [`TensorError`], never panic.
+pub fn gemm_with_packing(
+    path: KernelPath,
+    a: MatRef<'_, f32>,
+    b: &dyn PackB,
+    c: &mut [f32],
+    accumulate: bool,
+    packing: Packing,
+) -> Result<()> {
     gemm_with(
         Micro::for_path(path.supported()),
         &[Segment { a, b }],
         c,
         accumulate,
+        packing,
     )
 }
 
@@ -467,7 +546,13 @@ pub fn gemm_on(
 /// assert_eq!(y, [11.0, 22.0]);
 /// ```
 pub fn gemm_segments(segs: &[Segment<'_>], c: &mut [f32], accumulate: bool) -> Result<()> {
-    gemm_with(Micro::for_path(kernel_path()), segs, c, accumulate)
+    gemm_with(
+        Micro::for_path(kernel_path()),
+        segs,
+        c,
+        accumulate,
+        Packing::Auto,
+    )
 }
 
 /// Most floats of packed B one stage of the driver holds (1 MiB, the packing buffer's size
@@ -599,7 +684,18 @@ fn check_segments(segs: &[Segment<'_>], m: usize, n: usize, c_len: usize) -> Res
 
 /// The GEMM driver for one microkernel (whose path the CPU supports): `C (+)= Σ_i A_i · B_i`
 /// over `segs` in order, each segment's K cut into its own `KC` blocks.
-fn gemm_with(micro: Micro, segs: &[Segment<'_>], c: &mut [f32], accumulate: bool) -> Result<()> {
+///
+/// With `packing`, each K block's rows of A are read in place instead of packed, and each
+/// full column group of B is read in place from a row-major f32 B instead of the stage's
+/// packed panels (a group reaching past C's edge is always packed, so the kernels' full-width
+/// B loads stay inside B).
+fn gemm_with(
+    micro: Micro,
+    segs: &[Segment<'_>],
+    c: &mut [f32],
+    accumulate: bool,
+    packing: Packing,
+) -> Result<()> {
     let Some(first) = segs.first() else {
         if !accumulate {
             c.fill(0.0);
@@ -619,6 +715,17 @@ fn gemm_with(micro: Micro, segs: &[Segment<'_>], c: &mut [f32], accumulate: bool
         return Ok(());
     }
     let (mr, np) = (micro.mr(), micro.panels());
+    let unpacked_a = packing.unpacked_a(n);
+    let direct_b: Vec<Option<(&[f32], usize)>> = segs
+        .iter()
+        .map(|s| {
+            if packing.unpacked_b(m) {
+                s.b.as_row_major()
+            } else {
+                None
+            }
+        })
+        .collect();
     let threads = rayon::current_num_threads().max(1);
     let work = m.saturating_mul(n).saturating_mul(k_total);
     let parallel = threads > 1 && work >= 1 << 18;
@@ -687,12 +794,16 @@ fn gemm_with(micro: Micro, segs: &[Segment<'_>], c: &mut [f32], accumulate: bool
                 }
                 let i0 = p0 * mr;
                 let mc = (p1 * mr).min(m) - i0;
-                let mut abuf = Scratch::take(&A_BUF, (p1 - p0) * KC * mr);
+                let a_floats = if unpacked_a { 0 } else { (p1 - p0) * KC * mr };
+                let mut abuf = Scratch::take(&A_BUF, a_floats);
                 let ap = abuf.as_mut();
                 for (bi, blk) in blocks.iter().enumerate() {
                     let kc = blk.kc;
                     let overwrite = overwrite_first && bi == 0;
-                    micro.pack_a(&segs[blk.seg].a, i0, mc, blk.k0, kc, ap);
+                    let a = &segs[blk.seg].a;
+                    if !unpacked_a {
+                        micro.pack_a(a, i0, mc, blk.k0, kc, ap);
+                    }
                     let ks = micro.k_slice(kc);
                     // Neighbouring tasks start at neighbouring groups, so concurrent tasks
                     // pack different groups instead of waiting on one.
@@ -703,7 +814,16 @@ fn gemm_with(micro: Micro, segs: &[Segment<'_>], c: &mut [f32], accumulate: bool
                         let panels = np.min(npan - q);
                         let j = q * NR;
                         let cols = (panels * NR).min(ncb - j);
-                        let bgrp = stage.group(segs, bi, g);
+                        let bsrc = match direct_b[blk.seg] {
+                            Some((data, ld)) if cols == panels * NR => BSrc::Direct {
+                                ptr: data.as_ptr().wrapping_add(blk.k0 * ld + n0 + j),
+                                ld,
+                            },
+                            _ => BSrc::Packed {
+                                ptr: stage.group(segs, bi, g).as_ptr(),
+                                panel_stride: kc * NR,
+                            },
+                        };
                         // Depth slices in order: every element of C sees the same sequence
                         // of K blocks and slices whatever the thread count or task order.
                         for s0 in (0..kc).step_by(ks) {
@@ -711,22 +831,37 @@ fn gemm_with(micro: Micro, segs: &[Segment<'_>], c: &mut [f32], accumulate: bool
                             for ip in 0..(p1 - p0) {
                                 let i = ip * mr;
                                 let rows = mr.min(mc - i);
-                                let apan = ap[ip * kc * mr..(ip + 1) * kc * mr][s0 * mr..].as_ptr();
-                                // SAFETY: apan points at rows s0.. of a full kc*mr packed A
-                                // panel (sk <= kc - s0 steps remain) and bgrp + s0 * NR +
-                                // u * kc * NR, u < panels, at rows s0.. of full kc*NR packed
-                                // B panels (bgrp holds `panels` of them); the C tile at
-                                // (i0 + i, n0 + j) of size rows x cols lies inside the m x n
-                                // matrix and inside this task's rectangle, which no other
-                                // task touches; `micro` runs only on a CPU that supports it.
+                                let asrc = if unpacked_a {
+                                    ASrc::Strided {
+                                        ptr: a.data.as_ptr().wrapping_add(
+                                            (i0 + i) * a.row_stride + (blk.k0 + s0) * a.col_stride,
+                                        ),
+                                        rs: a.row_stride,
+                                        cs: a.col_stride,
+                                        rows,
+                                    }
+                                } else {
+                                    ASrc::Packed(ap[ip * kc * mr..][s0 * mr..].as_ptr())
+                                };
+                                // SAFETY: a packed asrc points at rows s0.. of a full kc*mr
+                                // packed A panel (sk <= kc - s0 steps remain); a strided one at
+                                // element (i0 + i, k0 + s0) of A, whose `rows` rows and next
+                                // sk columns lie inside A (MatRef::new checked its extent).
+                                // A packed bsrc points at the group's `panels` full kc*NR
+                                // panels (stage.group), a direct one at element (k0, n0 + j)
+                                // of a row-major B whose columns j.. j + panels * NR lie
+                                // inside it (a full group) for the kc rows of the block;
+                                // advanced(s0) leaves sk rows. The C tile at (i0 + i, n0 + j)
+                                // of size rows x cols lies inside the m x n matrix and this
+                                // task's rectangle, which no other task touches; `micro`
+                                // runs only on a CPU that supports it.
                                 unsafe {
                                     let ct = cptr.get().add((i0 + i) * n + n0 + j);
                                     micro.run(
                                         panels,
-                                        kc * NR,
                                         sk,
-                                        apan,
-                                        bgrp.as_ptr().add(s0 * NR),
+                                        asrc,
+                                        bsrc.advanced(s0),
                                         ct,
                                         n,
                                         overwrite && s0 == 0,
