@@ -22,6 +22,14 @@
 //!   packed panels at once and masks its edge tiles (module `avx512`); otherwise
 //!   `MR x NR = 6 x 16`, 12 ymm accumulators with AVX2+FMA, and a `wide` (portable SIMD) and a
 //!   scalar kernel on the same layout, whose edge tiles go through a local tile.
+//! * Skinny products read an operand in place instead of packing it ([`Packing`]): A when C
+//!   has at most [`UNPACKED_A_MAX_COLS`] columns (`h = x·Aᵀ`, `dB = dYᵀ·H` of a rank-32
+//!   adapter: a packed micro-panel would serve only those few columns, so the copy cost about
+//!   as much as the products), B when C has at most [`UNPACKED_B_MAX_ROWS`] rows and B is a
+//!   row-major f32 matrix. The kernels take their operands through the compile-time source
+//!   types of module `source` (packed panels with constant strides, or the matrices with their
+//!   strides), so the packed path compiles as before, and both read the same values in the
+//!   same order: packed or not, the bits are the same.
 //! * Threads: rayon tasks own disjoint `(rows, columns)` rectangles of C; K is never split, so
 //!   every element of C is computed by the same sequence of operations whatever the thread
 //!   count: results are bit-identical for 1, 2 or 64 threads.
@@ -476,11 +484,22 @@ pub enum Packing {
     Unpacked,
 }
 
-/// Most columns of C for which [`Packing::Auto`] reads A in place.
+/// Most columns of C for which [`Packing::Auto`] reads A in place. On the 2-core Zen 3 (AVX2
+/// 6x16, 2 threads, `examples/skinny_packing` of this crate, medians of 31, packed -> in place,
+/// ms): `x · W` with `m = 1000`, `k = 1024` and `n` = 16: 0.53 -> 0.38, 32: 1.03 -> 0.76,
+/// 48: 1.36 -> 1.13, 64: 1.71 -> 1.52, 96: 2.37 -> 2.36, 128: 3.04 -> 3.04; `dYᵀ · H`
+/// (1024 x 32 x 1000, A a transposed view) 1.87 -> 1.32. (That session's host was loaded by
+/// other builds: absolute times about twice the quiet ones, the ratios held over 3 runs.)
 pub const UNPACKED_A_MAX_COLS: usize = 64;
 
-/// Most rows of C for which [`Packing::Auto`] reads a row-major f32 B in place.
-pub const UNPACKED_B_MAX_ROWS: usize = 48;
+/// Most rows of C for which [`Packing::Auto`] reads a row-major f32 B in place. Reading B in
+/// place pays only while few micro-panels read each of its rows: B's rows are far apart (4 KiB
+/// for a 1024-wide matrix, all in one cache set), so re-reading them per micro-panel costs more
+/// than one sequential packing pass. On the 2-core Zen 3 (AVX2, 2 threads, `dHᵀ · X` with X
+/// 1000 x 1024, packed -> in place, ms): m = 8: 0.89 -> 0.67, 16: 1.03 -> 0.94,
+/// 32: 1.32 -> 1.81, 64: 2.04 -> 3.09 (with X's rows padded to 1040 floats, m = 32:
+/// 1.11 -> 1.03).
+pub const UNPACKED_B_MAX_ROWS: usize = 16;
 
 impl Packing {
     /// Whether A is read in place for an `m x n` product.
