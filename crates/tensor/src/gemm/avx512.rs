@@ -130,17 +130,17 @@ pub(super) unsafe fn tile(
     // every R is at most MAX_ROWS.
     unsafe {
         match (shape, panels) {
-            (Avx512Tile::M12N32, 1) => dispatch::<12, _>(a, b, Body::<12, 1>(t)),
-            (Avx512Tile::M12N32, _) => dispatch::<12, _>(a, b, Body::<12, 2>(t)),
-            (Avx512Tile::M14N32, 1) => dispatch::<14, _>(a, b, Body::<14, 1>(t)),
-            (Avx512Tile::M14N32, _) => dispatch::<14, _>(a, b, Body::<14, 2>(t)),
-            (Avx512Tile::M8N48, 1) => dispatch::<8, _>(a, b, Body::<8, 1>(t)),
-            (Avx512Tile::M8N48, 2) => dispatch::<8, _>(a, b, Body::<8, 2>(t)),
-            (Avx512Tile::M8N48, _) => dispatch::<8, _>(a, b, Body::<8, 3>(t)),
-            (Avx512Tile::M6N64, 1) => dispatch::<6, _>(a, b, Body::<6, 1>(t)),
-            (Avx512Tile::M6N64, 2) => dispatch::<6, _>(a, b, Body::<6, 2>(t)),
-            (Avx512Tile::M6N64, 3) => dispatch::<6, _>(a, b, Body::<6, 3>(t)),
-            (Avx512Tile::M6N64, _) => dispatch::<6, _>(a, b, Body::<6, 4>(t)),
+            (Avx512Tile::M12N32, 1) => dispatch::<12, 1, _>(a, b, Body::<12, 1>(t)),
+            (Avx512Tile::M12N32, _) => dispatch::<12, 2, _>(a, b, Body::<12, 2>(t)),
+            (Avx512Tile::M14N32, 1) => dispatch::<14, 1, _>(a, b, Body::<14, 1>(t)),
+            (Avx512Tile::M14N32, _) => dispatch::<14, 2, _>(a, b, Body::<14, 2>(t)),
+            (Avx512Tile::M8N48, 1) => dispatch::<8, 1, _>(a, b, Body::<8, 1>(t)),
+            (Avx512Tile::M8N48, 2) => dispatch::<8, 2, _>(a, b, Body::<8, 2>(t)),
+            (Avx512Tile::M8N48, _) => dispatch::<8, 3, _>(a, b, Body::<8, 3>(t)),
+            (Avx512Tile::M6N64, 1) => dispatch::<6, 1, _>(a, b, Body::<6, 1>(t)),
+            (Avx512Tile::M6N64, 2) => dispatch::<6, 2, _>(a, b, Body::<6, 2>(t)),
+            (Avx512Tile::M6N64, 3) => dispatch::<6, 3, _>(a, b, Body::<6, 3>(t)),
+            (Avx512Tile::M6N64, _) => dispatch::<6, 4, _>(a, b, Body::<6, 4>(t)),
         }
     }
 }

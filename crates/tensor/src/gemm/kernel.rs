@@ -37,7 +37,7 @@ pub(crate) unsafe fn tile(
         overwrite,
     };
     // SAFETY: the caller's contract; MR <= MAX_ROWS.
-    unsafe { dispatch::<MR, _>(a, b, call) }
+    unsafe { dispatch::<MR, 1, _>(a, b, call) }
 }
 
 /// The arguments of a 6 x 16 kernel call other than its sources.

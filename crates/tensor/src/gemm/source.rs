@@ -108,6 +108,23 @@ impl BCols for PackedB {
     }
 }
 
+/// One packed B panel: row `p` at `ptr + p * NR` (a [`PackedB`] of one panel, without the
+/// panel stride, so that a one-panel kernel takes one pointer for B, as before sources).
+#[derive(Clone, Copy)]
+pub(crate) struct PackedPanel(*const f32);
+
+impl BCols for PackedPanel {
+    #[inline(always)]
+    unsafe fn at(&self, _u: usize) -> *const f32 {
+        self.0
+    }
+    #[inline(always)]
+    unsafe fn step(&mut self) {
+        // SAFETY: the caller stays inside the panel (the pointer may end one past it).
+        self.0 = unsafe { self.0.add(NR) };
+    }
+}
+
 /// B read in place from a row-major matrix: `(p, u * NR + j)` at `ptr + p * ld + u * NR + j`.
 #[derive(Clone, Copy)]
 pub(crate) struct DirectB {
@@ -193,21 +210,22 @@ pub(crate) trait Kernel {
 }
 
 /// Runs `k` with `a` and `b` turned into their concrete source types, `R` being the kernel's
-/// row count (the packed panel's height). Four monomorphized bodies per kernel, chosen once
-/// per call.
+/// row count (the packed panel's height) and `NP` the number of B panels it reads (one:
+/// packed B is a [`PackedPanel`]). Four monomorphized bodies per kernel, chosen once per call.
 ///
 /// # Safety
-/// `k`'s contract, with `a` and `b` per [`ASrc`]'s and [`BSrc`]'s; `R <= MAX_ROWS`.
+/// `k`'s contract, with `a` and `b` per [`ASrc`]'s and [`BSrc`]'s; `R <= MAX_ROWS`; `k`
+/// reads `NP` panels of B.
 #[inline(always)]
-pub(crate) unsafe fn dispatch<const R: usize, K: Kernel>(a: ASrc, b: BSrc, k: K) {
+pub(crate) unsafe fn dispatch<const R: usize, const NP: usize, K: Kernel>(a: ASrc, b: BSrc, k: K) {
     // SAFETY: forwarded contract.
     unsafe {
         match a {
-            ASrc::Packed(p) => with_b(PackedA::<R>(p), b, k),
+            ASrc::Packed(p) => with_b::<NP, _, _>(PackedA::<R>(p), b, k),
             ASrc::Strided { ptr, rs, cs, rows } => {
                 let last = rows.clamp(1, R) - 1;
                 let off = std::array::from_fn(|i| i.min(last) * rs);
-                with_b(StridedA { ptr, cs, off }, b, k)
+                with_b::<NP, _, _>(StridedA { ptr, cs, off }, b, k)
             }
         }
     }
@@ -218,10 +236,11 @@ pub(crate) unsafe fn dispatch<const R: usize, K: Kernel>(a: ASrc, b: BSrc, k: K)
 /// # Safety
 /// As [`dispatch`].
 #[inline(always)]
-unsafe fn with_b<A: ARows, K: Kernel>(a: A, b: BSrc, k: K) {
+unsafe fn with_b<const NP: usize, A: ARows, K: Kernel>(a: A, b: BSrc, k: K) {
     // SAFETY: forwarded contract.
     unsafe {
         match b {
+            BSrc::Packed { ptr, .. } if NP == 1 => k.run(a, PackedPanel(ptr)),
             BSrc::Packed { ptr, panel_stride } => k.run(a, PackedB { ptr, panel_stride }),
             BSrc::Direct { ptr, ld } => k.run(a, DirectB { ptr, ld }),
         }
