@@ -19,7 +19,7 @@ use crate::cpu::KernelPath;
 /// `a` must be readable for `kc` steps of `MR` rows and `b` for `kc` steps of one panel (see
 /// [`ASrc`], [`BSrc`]), and `c` valid for reading and writing the `MR x NR` tile
 /// `c[i * rs_c + j]`; `path` must be supported by the CPU (see [`KernelPath::supported`]).
-#[inline]
+#[inline(always)]
 pub(crate) unsafe fn tile(
     path: KernelPath,
     kc: usize,

@@ -327,7 +327,7 @@ impl Micro {
     /// `cols <= panels * NR`; `c` valid for reading and writing that corner with row stride
     /// `rs_c`; the CPU runs the kernel.
     #[allow(clippy::too_many_arguments)]
-    #[inline]
+    #[inline(always)]
     unsafe fn run(
         self,
         panels: usize,
@@ -675,6 +675,108 @@ impl StageB<'_> {
     }
 }
 
+/// One column group of a task over one K block: every micro-panel of the task's rows, depth
+/// slice by depth slice (see [`gemm_with`]).
+struct Sweep<'s> {
+    micro: Micro,
+    /// The block's segment's A.
+    a: &'s MatRef<'s, f32>,
+    /// The task's packed micro-panels of the block (unused when A is read in place).
+    ap: &'s [f32],
+    /// First row and number of rows of the task.
+    i0: usize,
+    mc: usize,
+    /// Micro-panels of the task.
+    panels_a: usize,
+    /// The K block: first row of B, depth, and the depth of one kernel call.
+    k0: usize,
+    kc: usize,
+    ks: usize,
+    /// The group's packed panels (panel stride `bstride`) or its first column in a row-major B
+    /// (row stride `bstride`).
+    bptr: *const f32,
+    bstride: usize,
+    /// B panels of the group and columns of C they cover.
+    panels: usize,
+    cols: usize,
+    /// C at (0, the group's first column), row stride `rs_c`.
+    c: CPtr,
+    rs_c: usize,
+    /// Whether the block's first slice overwrites C.
+    overwrite: bool,
+}
+
+impl Sweep<'_> {
+    /// Runs the kernel over the group: A packed (`ap`) or in place (`UNPACKED_A`), B packed or
+    /// in place (`DIRECT_B`). The choices are constants here, so each instantiation builds
+    /// its sources with a known variant and the kernel's source dispatch folds away: a kernel
+    /// call costs what it did before sources (it matters for short K, `k = 32`).
+    ///
+    /// # Safety
+    /// `ap` holds `panels_a` packed micro-panels of `kc * micro.mr()` floats unless
+    /// `UNPACKED_A`; `bptr` holds `panels` packed panels of `kc * NR` floats `bstride` apart,
+    /// or with `DIRECT_B` is element `(k0, j0)` of a row-major f32 B with row stride
+    /// `bstride` whose columns `j0 .. j0 + panels * NR` and rows `k0 .. k0 + kc` exist; the
+    /// `mc x cols` rectangle of C at `c + i0 * rs_c` is this task's alone and valid; the CPU
+    /// runs `micro`.
+    #[inline(always)]
+    unsafe fn run<const UNPACKED_A: bool, const DIRECT_B: bool>(&self) {
+        let (mr, kc, a) = (self.micro.mr(), self.kc, self.a);
+        // Depth slices in order: every element of C sees the same sequence of K blocks and
+        // slices whatever the thread count or task order.
+        for s0 in (0..kc).step_by(self.ks) {
+            let sk = self.ks.min(kc - s0);
+            let b = if DIRECT_B {
+                BSrc::Direct {
+                    ptr: self.bptr.wrapping_add(s0 * self.bstride),
+                    ld: self.bstride,
+                }
+            } else {
+                BSrc::Packed {
+                    ptr: self.bptr.wrapping_add(s0 * NR),
+                    panel_stride: self.bstride,
+                }
+            };
+            for ip in 0..self.panels_a {
+                let i = ip * mr;
+                let rows = mr.min(self.mc - i);
+                let r0 = self.i0 + i;
+                let asrc = if UNPACKED_A {
+                    ASrc::Strided {
+                        ptr: a
+                            .data
+                            .as_ptr()
+                            .wrapping_add(r0 * a.row_stride + (self.k0 + s0) * a.col_stride),
+                        rs: a.row_stride,
+                        cs: a.col_stride,
+                        rows,
+                    }
+                } else {
+                    ASrc::Packed(self.ap[ip * kc * mr..][s0 * mr..].as_ptr())
+                };
+                // SAFETY: a packed asrc points at rows s0.. of a full kc*mr packed A panel
+                // (sk <= kc - s0 steps remain); a strided one at element (r0, k0 + s0) of A,
+                // whose `rows` rows and next sk columns lie inside A (MatRef::new checked its
+                // extent); b is s0 rows into the group (sk rows remain), and the rows x cols
+                // tile of C at (r0, 0) lies inside the caller's rectangle.
+                unsafe {
+                    self.micro.run(
+                        self.panels,
+                        sk,
+                        asrc,
+                        b,
+                        self.c.get().add(r0 * self.rs_c),
+                        self.rs_c,
+                        self.overwrite && s0 == 0,
+                        rows,
+                        self.cols,
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// Checks that every segment is `m x k_i` times `k_i x n` and `c` holds `m x n`.
 fn check_segments(segs: &[Segment<'_>], m: usize, n: usize, c_len: usize) -> Result<()> {
     for s in segs {
@@ -833,61 +935,45 @@ fn gemm_with(
                         let panels = np.min(npan - q);
                         let j = q * NR;
                         let cols = (panels * NR).min(ncb - j);
-                        let bsrc = match direct_b[blk.seg] {
-                            Some((data, ld)) if cols == panels * NR => BSrc::Direct {
-                                ptr: data.as_ptr().wrapping_add(blk.k0 * ld + n0 + j),
-                                ld,
-                            },
-                            _ => BSrc::Packed {
-                                ptr: stage.group(segs, bi, g).as_ptr(),
-                                panel_stride: kc * NR,
-                            },
+                        // B in place (a full group of a row-major f32 B) or the packed group.
+                        let (bptr, bstride, direct) = match direct_b[blk.seg] {
+                            Some((data, ld)) if cols == panels * NR => {
+                                (data.as_ptr().wrapping_add(blk.k0 * ld + n0 + j), ld, true)
+                            }
+                            _ => (stage.group(segs, bi, g).as_ptr(), kc * NR, false),
                         };
-                        // Depth slices in order: every element of C sees the same sequence
-                        // of K blocks and slices whatever the thread count or task order.
-                        for s0 in (0..kc).step_by(ks) {
-                            let sk = ks.min(kc - s0);
-                            for ip in 0..(p1 - p0) {
-                                let i = ip * mr;
-                                let rows = mr.min(mc - i);
-                                let asrc = if unpacked_a {
-                                    ASrc::Strided {
-                                        ptr: a.data.as_ptr().wrapping_add(
-                                            (i0 + i) * a.row_stride + (blk.k0 + s0) * a.col_stride,
-                                        ),
-                                        rs: a.row_stride,
-                                        cs: a.col_stride,
-                                        rows,
-                                    }
-                                } else {
-                                    ASrc::Packed(ap[ip * kc * mr..][s0 * mr..].as_ptr())
-                                };
-                                // SAFETY: a packed asrc points at rows s0.. of a full kc*mr
-                                // packed A panel (sk <= kc - s0 steps remain); a strided one at
-                                // element (i0 + i, k0 + s0) of A, whose `rows` rows and next
-                                // sk columns lie inside A (MatRef::new checked its extent).
-                                // A packed bsrc points at the group's `panels` full kc*NR
-                                // panels (stage.group), a direct one at element (k0, n0 + j)
-                                // of a row-major B whose columns j.. j + panels * NR lie
-                                // inside it (a full group) for the kc rows of the block;
-                                // advanced(s0) leaves sk rows. The C tile at (i0 + i, n0 + j)
-                                // of size rows x cols lies inside the m x n matrix and this
-                                // task's rectangle, which no other task touches; `micro`
-                                // runs only on a CPU that supports it.
-                                unsafe {
-                                    let ct = cptr.get().add((i0 + i) * n + n0 + j);
-                                    micro.run(
-                                        panels,
-                                        sk,
-                                        asrc,
-                                        bsrc.advanced(s0),
-                                        ct,
-                                        n,
-                                        overwrite && s0 == 0,
-                                        rows,
-                                        cols,
-                                    );
-                                }
+                        let sweep = Sweep {
+                            micro,
+                            a,
+                            ap,
+                            i0,
+                            mc,
+                            panels_a: p1 - p0,
+                            k0: blk.k0,
+                            kc,
+                            ks,
+                            bptr,
+                            bstride,
+                            panels,
+                            cols,
+                            c: CPtr(cptr.get().wrapping_add(n0 + j)),
+                            rs_c: n,
+                            overwrite,
+                        };
+                        // SAFETY: per Sweep::run's contract: `ap` holds the task's packed
+                        // micro-panels of this block unless A is read in place; bptr is the
+                        // group's packed panels (stage.group: `panels` full kc*NR panels) or
+                        // element (k0, n0 + j) of a row-major B whose columns j.. j + panels *
+                        // NR lie inside it (a full group) for the block's kc rows; the C
+                        // rectangle (i0.., n0 + j..) of mc x cols lies inside the m x n matrix
+                        // and this task's rectangle, which no other task touches; `micro` runs
+                        // only on a CPU that supports it.
+                        unsafe {
+                            match (unpacked_a, direct) {
+                                (false, false) => sweep.run::<false, false>(),
+                                (false, true) => sweep.run::<false, true>(),
+                                (true, false) => sweep.run::<true, false>(),
+                                (true, true) => sweep.run::<true, true>(),
                             }
                         }
                     }

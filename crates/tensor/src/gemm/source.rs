@@ -184,22 +184,6 @@ pub(crate) enum BSrc {
     },
 }
 
-impl BSrc {
-    /// The same source `steps` steps of K further on.
-    pub(crate) fn advanced(self, steps: usize) -> BSrc {
-        match self {
-            BSrc::Packed { ptr, panel_stride } => BSrc::Packed {
-                ptr: ptr.wrapping_add(steps * NR),
-                panel_stride,
-            },
-            BSrc::Direct { ptr, ld } => BSrc::Direct {
-                ptr: ptr.wrapping_add(steps * ld),
-                ld,
-            },
-        }
-    }
-}
-
 /// A microkernel body to run once its sources have concrete types (a generic closure).
 pub(crate) trait Kernel {
     /// Runs the body on `a` and `b`.
