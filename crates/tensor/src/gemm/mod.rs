@@ -485,20 +485,21 @@ pub enum Packing {
 }
 
 /// Most columns of C for which [`Packing::Auto`] reads A in place. On the 2-core Zen 3 (AVX2
-/// 6x16, 2 threads, `examples/skinny_packing` of this crate, medians of 31, packed -> in place,
-/// ms): `x · W` with `m = 1000`, `k = 1024` and `n` = 16: 0.53 -> 0.38, 32: 1.03 -> 0.76,
-/// 48: 1.36 -> 1.13, 64: 1.71 -> 1.52, 96: 2.37 -> 2.36, 128: 3.04 -> 3.04; `dYᵀ · H`
-/// (1024 x 32 x 1000, A a transposed view) 1.87 -> 1.32. (That session's host was loaded by
-/// other builds: absolute times about twice the quiet ones, the ratios held over 3 runs.)
+/// 6x16, 2 threads, `examples/skinny_packing` of this crate, medians of 21 in one quiet run,
+/// packed -> in place, ms): `x · W` with `m = 1000`, `k = 1024` and `n` = 16: 0.33 -> 0.22,
+/// 32: 0.54 -> 0.39 (`h = x·Aᵀ`), 48: 0.73 -> 0.60, 64: 0.88 -> 0.75, 96: 1.22 -> 1.14,
+/// 128: 1.56 -> 1.52; `dYᵀ · H` (1024 x 32 x 1000, A a transposed view) 0.95 -> 0.68. Past 64
+/// the gain is small and was not seen in loaded runs; the AVX-512 tier's crossover is not
+/// measured yet.
 pub const UNPACKED_A_MAX_COLS: usize = 64;
 
 /// Most rows of C for which [`Packing::Auto`] reads a row-major f32 B in place. Reading B in
 /// place pays only while few micro-panels read each of its rows: B's rows are far apart (4 KiB
-/// for a 1024-wide matrix, all in one cache set), so re-reading them per micro-panel costs more
-/// than one sequential packing pass. On the 2-core Zen 3 (AVX2, 2 threads, `dHᵀ · X` with X
-/// 1000 x 1024, packed -> in place, ms): m = 8: 0.89 -> 0.67, 16: 1.03 -> 0.94,
-/// 32: 1.32 -> 1.81, 64: 2.04 -> 3.09 (with X's rows padded to 1040 floats, m = 32:
-/// 1.11 -> 1.03).
+/// for a 1024-wide matrix, which also puts them all in one cache set), so re-reading them per
+/// micro-panel costs more than one sequential packing pass. Same run as above, `dHᵀ · X` with
+/// X 1000 x 1024, packed -> in place, ms: m = 8: 0.48 -> 0.30, 16: 0.55 -> 0.43,
+/// 32: 0.64 -> 1.02, 64: 1.00 -> 1.81 (with X's rows padded to 1040 floats, m = 32:
+/// 0.55 -> 0.50).
 pub const UNPACKED_B_MAX_ROWS: usize = 16;
 
 impl Packing {
