@@ -5,8 +5,9 @@ use half::f16;
 use nibble_tensor::cpu::{available_paths, has_avx512, missing_paths, KernelPath};
 use nibble_tensor::gemm::gemv::{gemv_t_f16, gemv_t_f32, gemv_tile_f32};
 use nibble_tensor::gemm::{
-    gemm, gemm_avx512_tile, gemm_on, gemm_segments, gemm_with_stage, Avx512Tile, MatRef, PackB,
-    Segment, AVX512_K_SLICE,
+    gemm, gemm_avx512_tile, gemm_avx512_tile_with_packing, gemm_on, gemm_segments,
+    gemm_with_packing, gemm_with_stage, Avx512Tile, MatRef, PackB, Packing, Segment,
+    AVX512_K_SLICE,
 };
 use nibble_tensor::{HalfTensor, Rng, Tensor, WeightMatrix};
 use std::io::Write;
@@ -727,4 +728,141 @@ fn every_stage_size_gives_the_bits_of_gemm() {
             });
         }
     }
+}
+
+/// The skinny dimension of the unpacked-operand tests (around the kernels' tile widths 16, 32,
+/// 48 and heights 6, 8, 12, 14).
+const SKINNY: [usize; 12] = [1, 7, 15, 16, 17, 31, 32, 33, 47, 48, 49, 63];
+/// The other dimensions of the unpacked-operand tests.
+const OTHER: [usize; 7] = [0, 1, 7, 33, 129, 300, 1023];
+/// Every way to feed the microkernel; [`Packing::Packed`] first (the others are compared
+/// with it).
+const PACKINGS: [Packing; 5] = [
+    Packing::Packed,
+    Packing::UnpackedA,
+    Packing::UnpackedB,
+    Packing::Unpacked,
+    Packing::Auto,
+];
+/// Thread counts of the unpacked-operand tests.
+const SKINNY_THREADS: [usize; 4] = [1, 2, 3, 16];
+
+/// One skinny product on every path and AVX-512 tile shape, every [`Packing`] and every thread
+/// count of `pools`: the packed single-thread result matches the f64 reference, and every
+/// other run gives its bits exactly (C pre-filled with NaN, or accumulated onto).
+#[allow(clippy::too_many_arguments)]
+fn skinny_case(
+    rng: &mut Rng,
+    pools: &[rayon::ThreadPool],
+    (m, n, k): (usize, usize, usize),
+    la: usize,
+    lb: usize,
+    half: bool,
+    acc: bool,
+) {
+    let a = Stored::new(m, k, la, rng, |v| v);
+    let av = a.view();
+    let c0: Vec<f32> = (0..m * n).map(|_| rng.uniform(-1.0, 1.0)).collect();
+    let what = format!("m={m} n={n} k={k} la={la} lb={lb} f16={half} acc={acc}");
+    let fresh = || {
+        if acc {
+            c0.clone()
+        } else {
+            vec![f32::NAN; m * n]
+        }
+    };
+    let bf = Stored::new(k, n, lb, rng, |v| v);
+    let bh = Stored::new(k, n, lb, rng, f16::from_f32);
+    let (bfv, bhv) = (bf.view(), bh.view());
+    let (want, scale) = if half {
+        reference(
+            &av,
+            &|p, j| bhv.at(p, j).to_f32(),
+            n,
+            acc.then_some(&c0[..]),
+        )
+    } else {
+        reference(&av, &|p, j| bfv.at(p, j), n, acc.then_some(&c0[..]))
+    };
+    let b: &dyn PackB = if half { &bhv } else { &bfv };
+    // Every kernel: a path (the default tile on AVX-512) or an explicit AVX-512 tile.
+    type Run<'r> = Box<dyn Fn(&mut [f32], Packing) + Sync + 'r>;
+    let mut kernels: Vec<(String, Run)> = Vec::new();
+    for path in paths() {
+        kernels.push((
+            format!("{path:?}"),
+            Box::new(move |c: &mut [f32], pk| gemm_with_packing(path, av, b, c, acc, pk).unwrap()),
+        ));
+    }
+    for (tile, ks) in tiles() {
+        kernels.push((
+            format!("{tile:?} k_slice={ks}"),
+            Box::new(move |c: &mut [f32], pk| {
+                gemm_avx512_tile_with_packing(tile, ks, av, b, c, acc, pk).unwrap()
+            }),
+        ));
+    }
+    for (name, run) in &kernels {
+        let mut packed = fresh();
+        run(&mut packed, Packing::Packed);
+        check(&packed, &want, &scale, k, &format!("{what} {name}"));
+        let packed = bits(&packed);
+        for pk in PACKINGS {
+            for pool in pools {
+                let mut c = fresh();
+                pool.install(|| run(&mut c, pk));
+                assert_eq!(
+                    bits(&c),
+                    packed,
+                    "{what} {name} {pk:?} {} threads",
+                    pool.current_num_threads()
+                );
+            }
+        }
+    }
+}
+
+/// Skinny products (`m` or `n` from [`SKINNY`], the others from [`OTHER`]) with A row-major,
+/// transposed (as `dYᵀ`) and strided, B row-major (read in place when unpacked), padded,
+/// transposed and f16: operands read in place give the packed operands' bits on every path,
+/// tile shape and thread count, and match the reference.
+#[test]
+fn skinny_products_unpacked_equal_packed_bits() {
+    let pools: Vec<rayon::ThreadPool> = SKINNY_THREADS
+        .iter()
+        .map(|&t| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(t)
+                .build()
+                .unwrap()
+        })
+        .collect();
+    let mut rng = Rng::new(31);
+    let mut cases = 0;
+    for (si, &s) in SKINNY.iter().enumerate() {
+        for (oi, &o) in OTHER.iter().enumerate() {
+            let k = OTHER[(si + 3 * oi + 1) % OTHER.len()];
+            for skinny_rows in [false, true] {
+                let shape = if skinny_rows { (s, o, k) } else { (o, s, k) };
+                let sel = si + oi + usize::from(skinny_rows);
+                // B: row-major or padded row-major (in place) three times in four.
+                let lb = [0, 2, 0, 1][(si + 2 * oi) % 4];
+                let half = (si * 7 + oi) % 9 == 0;
+                skinny_case(&mut rng, &pools, shape, sel % 4, lb, half, sel % 2 == 0);
+                cases += 1;
+            }
+        }
+    }
+    // The QLoRA adapter's products (width 1023 here, rank 32 or 33): h = x·Aᵀ, dB = dYᵀ·H
+    // (A a transposed view), dA = dHᵀ·X (B row-major, in place).
+    for (shape, la, lb) in [
+        ((300, 32, 1023), 0, 1),
+        ((1023, 33, 300), 1, 0),
+        ((32, 1023, 300), 1, 0),
+        ((33, 1023, 129), 3, 2),
+    ] {
+        skinny_case(&mut rng, &pools, shape, la, lb, false, true);
+        cases += 1;
+    }
+    assert_eq!(cases, SKINNY.len() * OTHER.len() * 2 + 4);
 }

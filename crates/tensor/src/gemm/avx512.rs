@@ -12,13 +12,15 @@
 //! count of an edge tile or the thread: results are bit-identical across thread counts (and
 //! equal to the AVX2 tier's, which runs the same fused sequence).
 //!
-//! Edge tiles need no local copy: the A micro-panel is zero-padded to `R` rows (those rows are
-//! computed and not stored), a group with fewer panels left runs the `NP`-panel kernel for the
+//! A and B are read through [`ARows`] / [`BCols`] (packed panels or the matrices in place, see
+//! [`super::source`]). Edge tiles need no local copy: the A micro-panel is zero-padded to `R`
+//! rows (a strided A repeats its last row; those rows are computed and not stored), a group with fewer panels left runs the `NP`-panel kernel for the
 //! panels there are, and the columns past C's edge are masked off with `__mmask16` loads and
 //! stores.
 
 use super::lanes::Lanes;
 use super::pack::BElem;
+use super::source::{dispatch, ARows, ASrc, BCols, BSrc, Kernel};
 use super::NR;
 use std::arch::x86_64::*;
 
@@ -92,26 +94,24 @@ impl Avx512Tile {
     }
 }
 
-/// One tile of C: `C[rows x cols] (+)= A · B` for the packed A micro-panel `a` (`kc` steps of
-/// `shape.rows()` floats) and the `panels` packed B panels starting at `b`, `panel_stride`
-/// floats apart (`kc` rows of [`NR`] each read from each). Only the `rows x cols` corner of C
-/// is read or written.
+/// One tile of C: `C[rows x cols] (+)= A · B` for `kc` steps of K, A read through `a` (a
+/// packed micro-panel of `shape.rows()` rows or the strided matrix) and the `panels` B panels
+/// through `b` (packed panels or a row-major matrix). Only the `rows x cols` corner of C is
+/// read or written.
 ///
 /// # Safety
-/// The CPU must have AVX-512 F (see [`crate::cpu::has_avx512`]); `a` readable for
-/// `kc * shape.rows()` floats, `b + u * panel_stride` for `kc * NR`, `u < panels`;
-/// `1 <= panels <= shape.panels()`,
-/// `rows <= shape.rows()`, `cols <= panels * NR`; `c` valid for reading and writing
-/// `c[i * rs_c + j]`, `i < rows`, `j < cols`.
+/// The CPU must have AVX-512 F (see [`crate::cpu::has_avx512`]); `a` readable for `kc` steps
+/// of `shape.rows()` rows and `b` for `kc` steps of `panels` panels (see [`ASrc`], [`BSrc`]);
+/// `1 <= panels <= shape.panels()`, `rows <= shape.rows()`, `cols <= panels * NR`; `c` valid
+/// for reading and writing `c[i * rs_c + j]`, `i < rows`, `j < cols`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn tile(
     shape: Avx512Tile,
     panels: usize,
-    panel_stride: usize,
     kc: usize,
-    a: *const f32,
-    b: *const f32,
+    a: ASrc,
+    b: BSrc,
     c: *mut f32,
     rs_c: usize,
     overwrite: bool,
@@ -120,45 +120,51 @@ pub(super) unsafe fn tile(
 ) {
     let t = Tile {
         kc,
-        a,
-        b,
-        panel_stride,
         c,
         rs_c,
         overwrite,
         rows,
         cols,
     };
-    // SAFETY: forwarded contract; each arm's R and NP match `shape` and `panels`.
+    // SAFETY: forwarded contract; each arm's R and NP match `shape` and `panels`, and
+    // every R is at most MAX_ROWS.
     unsafe {
         match (shape, panels) {
-            (Avx512Tile::M12N32, 1) => body::<12, 1>(t),
-            (Avx512Tile::M12N32, _) => body::<12, 2>(t),
-            (Avx512Tile::M14N32, 1) => body::<14, 1>(t),
-            (Avx512Tile::M14N32, _) => body::<14, 2>(t),
-            (Avx512Tile::M8N48, 1) => body::<8, 1>(t),
-            (Avx512Tile::M8N48, 2) => body::<8, 2>(t),
-            (Avx512Tile::M8N48, _) => body::<8, 3>(t),
-            (Avx512Tile::M6N64, 1) => body::<6, 1>(t),
-            (Avx512Tile::M6N64, 2) => body::<6, 2>(t),
-            (Avx512Tile::M6N64, 3) => body::<6, 3>(t),
-            (Avx512Tile::M6N64, _) => body::<6, 4>(t),
+            (Avx512Tile::M12N32, 1) => dispatch::<12, 1, _>(a, b, Body::<12, 1>(t)),
+            (Avx512Tile::M12N32, _) => dispatch::<12, 2, _>(a, b, Body::<12, 2>(t)),
+            (Avx512Tile::M14N32, 1) => dispatch::<14, 1, _>(a, b, Body::<14, 1>(t)),
+            (Avx512Tile::M14N32, _) => dispatch::<14, 2, _>(a, b, Body::<14, 2>(t)),
+            (Avx512Tile::M8N48, 1) => dispatch::<8, 1, _>(a, b, Body::<8, 1>(t)),
+            (Avx512Tile::M8N48, 2) => dispatch::<8, 2, _>(a, b, Body::<8, 2>(t)),
+            (Avx512Tile::M8N48, _) => dispatch::<8, 3, _>(a, b, Body::<8, 3>(t)),
+            (Avx512Tile::M6N64, 1) => dispatch::<6, 1, _>(a, b, Body::<6, 1>(t)),
+            (Avx512Tile::M6N64, 2) => dispatch::<6, 2, _>(a, b, Body::<6, 2>(t)),
+            (Avx512Tile::M6N64, 3) => dispatch::<6, 3, _>(a, b, Body::<6, 3>(t)),
+            (Avx512Tile::M6N64, _) => dispatch::<6, 4, _>(a, b, Body::<6, 4>(t)),
         }
     }
 }
 
-/// The arguments of [`tile`], as one value for the generic body.
+/// The arguments of [`tile`] other than its sources, as one value for the generic body.
 #[derive(Clone, Copy)]
 struct Tile {
     kc: usize,
-    a: *const f32,
-    b: *const f32,
-    panel_stride: usize,
     c: *mut f32,
     rs_c: usize,
     overwrite: bool,
     rows: usize,
     cols: usize,
+}
+
+/// The `R x (NP * NR)` body as a [`Kernel`], for [`dispatch`].
+struct Body<const R: usize, const NP: usize>(Tile);
+
+impl<const R: usize, const NP: usize> Kernel for Body<R, NP> {
+    #[inline(always)]
+    unsafe fn run<A: ARows, B: BCols>(self, a: A, b: B) {
+        // SAFETY: [`tile`]'s contract, which `dispatch` forwards.
+        unsafe { body::<R, NP, A, B>(self.0, a, b) }
+    }
 }
 
 /// The lanes of panel `u` that lie inside the first `cols` columns, as a mask.
@@ -176,10 +182,9 @@ fn column_mask(cols: usize, u: usize) -> __mmask16 {
 // Index loops over the register block read more plainly than zipped iterators and compile to
 // the same unrolled code (constant indices keep the accumulators in registers).
 #[allow(clippy::needless_range_loop)]
-unsafe fn body<const R: usize, const NP: usize>(t: Tile) {
-    let bstride = t.panel_stride;
-    // SAFETY: (whole block) A loads read a[p * R + i], p < kc, i < R; B loads read
-    // b[u * panel_stride + p * NR .. + NR], u < NP; C accesses are masked to the rows x cols corner.
+unsafe fn body<const R: usize, const NP: usize, A: ARows, B: BCols>(t: Tile, mut a: A, mut b: B) {
+    // SAFETY: (whole block) A loads read element (i, p), p < kc, i < R; B loads read the NR
+    // floats of panel u < NP at step p < kc; C accesses are masked to the rows x cols corner.
     unsafe {
         for i in 0..R {
             if i < t.rows {
@@ -187,20 +192,19 @@ unsafe fn body<const R: usize, const NP: usize>(t: Tile) {
             }
         }
         let mut acc = [[_mm512_setzero_ps(); NP]; R];
-        let (mut a, mut b) = (t.a, t.b);
         for _ in 0..t.kc {
             let mut bv = [_mm512_setzero_ps(); NP];
             for u in 0..NP {
-                bv[u] = _mm512_loadu_ps(b.add(u * bstride));
+                bv[u] = _mm512_loadu_ps(b.at(u));
             }
             for i in 0..R {
-                let av = _mm512_set1_ps(*a.add(i));
+                let av = _mm512_set1_ps(*a.at(i));
                 for u in 0..NP {
                     acc[i][u] = _mm512_fmadd_ps(av, bv[u], acc[i][u]);
                 }
             }
-            a = a.add(R);
-            b = b.add(NR);
+            a.step();
+            b.step();
         }
         for i in 0..R {
             if i >= t.rows {

@@ -1,39 +1,74 @@
 //! The `MR x NR = 6 x 16` microkernels, one per [`KernelPath`].
 //!
-//! Shapes: `a` is one packed A micro-panel `[kc][MR]` (element `(i, p)` at `a[p * MR + i]`),
-//! `b` one packed B micro-panel `[kc][NR]` (element `(p, j)` at `b[p * NR + j]`), `c` a `6 x 16`
+//! Shapes: A is read through an [`ARows`] (a packed micro-panel `[kc][MR]`, element `(i, p)` at
+//! `a[p * MR + i]`, or the strided matrix itself), B through a [`BCols`] (a packed panel
+//! `[kc][NR]`, element `(p, j)` at `b[p * NR + j]`, or a row-major matrix), `c` is a `6 x 16`
 //! tile of C with row stride `rs_c`. Every path computes, per element,
 //! `acc = 0; for p in 0..kc { acc = acc + a[i,p] * b[p,j] }` (fused on the AVX2 path) and then
 //! stores `c = acc` (`overwrite`) or `c = c + acc`. The order never depends on the tile's
-//! position or the thread, which is what makes results bit-identical across thread counts.
+//! position, the thread or where the operands are read from, which is what makes results
+//! bit-identical across thread counts and between packed and unpacked operands.
 
+use super::source::{dispatch, ARows, ASrc, BCols, BSrc, Kernel};
 use super::{MR, NR};
 use crate::cpu::KernelPath;
 
 /// Computes one full `MR x NR` tile.
 ///
 /// # Safety
-/// `a` must be valid for reading `kc * MR` floats, `b` for `kc * NR` floats, and `c` for reading
-/// and writing the `MR x NR` tile `c[i * rs_c + j]`; `path` must be supported by the CPU
-/// (see [`KernelPath::supported`]).
-#[inline]
+/// `a` must be readable for `kc` steps of `MR` rows and `b` for `kc` steps of one panel (see
+/// [`ASrc`], [`BSrc`]), and `c` valid for reading and writing the `MR x NR` tile
+/// `c[i * rs_c + j]`; `path` must be supported by the CPU (see [`KernelPath::supported`]).
+#[inline(always)]
 pub(crate) unsafe fn tile(
     path: KernelPath,
     kc: usize,
-    a: *const f32,
-    b: *const f32,
+    a: ASrc,
+    b: BSrc,
     c: *mut f32,
     rs_c: usize,
     overwrite: bool,
 ) {
-    match path {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the caller guarantees the pointers' extents and that the CPU has AVX2+FMA.
-        KernelPath::Avx2Fma => unsafe { avx2::kernel_6x16(kc, a, b, c, rs_c, overwrite) },
-        // SAFETY: same pointer contract as this function's.
-        KernelPath::Portable => unsafe { portable_6x16(kc, a, b, c, rs_c, overwrite) },
-        // SAFETY: same pointer contract as this function's.
-        _ => unsafe { scalar_6x16(kc, a, b, c, rs_c, overwrite) },
+    let call = Call {
+        path,
+        kc,
+        c,
+        rs_c,
+        overwrite,
+    };
+    // SAFETY: the caller's contract; MR <= MAX_ROWS.
+    unsafe { dispatch::<MR, 1, _>(a, b, call) }
+}
+
+/// The arguments of a 6 x 16 kernel call other than its sources.
+struct Call {
+    path: KernelPath,
+    kc: usize,
+    c: *mut f32,
+    rs_c: usize,
+    overwrite: bool,
+}
+
+impl Kernel for Call {
+    #[inline(always)]
+    unsafe fn run<A: ARows, B: BCols>(self, a: A, b: B) {
+        let Call {
+            path,
+            kc,
+            c,
+            rs_c,
+            overwrite,
+        } = self;
+        match path {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the caller guarantees the sources' extents and that the CPU has
+            // AVX2+FMA.
+            KernelPath::Avx2Fma => unsafe { avx2::kernel_6x16(kc, a, b, c, rs_c, overwrite) },
+            // SAFETY: same contract as `tile`'s.
+            KernelPath::Portable => unsafe { portable_6x16(kc, a, b, c, rs_c, overwrite) },
+            // SAFETY: same contract as `tile`'s.
+            _ => unsafe { scalar_6x16(kc, a, b, c, rs_c, overwrite) },
+        }
     }
 }
 
@@ -46,8 +81,8 @@ pub(crate) unsafe fn tile(
 pub(crate) unsafe fn edge_tile(
     path: KernelPath,
     kc: usize,
-    a: *const f32,
-    b: *const f32,
+    a: ASrc,
+    b: BSrc,
     c: *mut f32,
     rs_c: usize,
     overwrite: bool,
@@ -59,20 +94,6 @@ pub(crate) unsafe fn edge_tile(
     unsafe { tile(path, kc, a, b, local.as_mut_ptr().cast(), NR, true) };
     // SAFETY: the caller vouches for the mr x nr corner of C.
     unsafe { store_corner(&local, c, rs_c, overwrite, mr, nr) };
-}
-
-/// The packed micro-panels as slices: `a` `[kc][MR]`, `b` `[kc][NR]`.
-///
-/// # Safety
-/// `a` must be valid for reading `kc * MR` floats and `b` for `kc * NR` floats, for `'p`.
-unsafe fn panels<'p>(kc: usize, a: *const f32, b: *const f32) -> (&'p [f32], &'p [f32]) {
-    // SAFETY: the caller's contract.
-    unsafe {
-        (
-            std::slice::from_raw_parts(a, kc * MR),
-            std::slice::from_raw_parts(b, kc * NR),
-        )
-    }
 }
 
 /// Writes (`overwrite`) or adds the `mr x nr` corner of `acc` into C.
@@ -102,25 +123,28 @@ unsafe fn store_corner(
 /// Scalar reference kernel (`C[6x16] (+)= A[6xkc] · B[kcx16]`).
 ///
 /// # Safety
-/// As [`tile`].
-unsafe fn scalar_6x16(
+/// As [`tile`], with `a` and `b` readable for `kc` steps.
+unsafe fn scalar_6x16<A: ARows, B: BCols>(
     kc: usize,
-    a: *const f32,
-    b: *const f32,
+    mut a: A,
+    mut b: B,
     c: *mut f32,
     rs_c: usize,
     overwrite: bool,
 ) {
-    // SAFETY: the caller guarantees kc * MR readable floats at a and kc * NR at b.
-    let (a, b) = unsafe { panels(kc, a, b) };
     let mut acc = [[0.0f32; NR]; MR];
-    for p in 0..kc {
-        let bp = &b[p * NR..(p + 1) * NR];
-        for (i, row) in acc.iter_mut().enumerate() {
-            let av = a[p * MR + i];
-            for (r, &bv) in row.iter_mut().zip(bp) {
-                *r += av * bv;
+    for _ in 0..kc {
+        // SAFETY: the caller guarantees kc readable steps of MR rows of A and NR floats of B.
+        unsafe {
+            let bp = std::slice::from_raw_parts(b.at(0), NR);
+            for (i, row) in acc.iter_mut().enumerate() {
+                let av = *a.at(i);
+                for (r, &bv) in row.iter_mut().zip(bp) {
+                    *r += av * bv;
+                }
             }
+            a.step();
+            b.step();
         }
     }
     // SAFETY: the caller vouches for the whole MR x NR tile.
@@ -130,31 +154,37 @@ unsafe fn scalar_6x16(
 /// Portable SIMD kernel (`wide::f32x8`, 12 accumulators) for `C[6x16] (+)= A[6xkc] · B[kcx16]`.
 ///
 /// # Safety
-/// As [`tile`].
-unsafe fn portable_6x16(
+/// As [`tile`], with `a` and `b` readable for `kc` steps.
+unsafe fn portable_6x16<A: ARows, B: BCols>(
     kc: usize,
-    a: *const f32,
-    b: *const f32,
+    mut a: A,
+    mut b: B,
     c: *mut f32,
     rs_c: usize,
     overwrite: bool,
 ) {
     use wide::f32x8;
-    // SAFETY: the caller guarantees kc * MR readable floats at a and kc * NR at b.
-    let (a, b) = unsafe { panels(kc, a, b) };
-    let load8 = |s: &[f32]| -> f32x8 {
+    let load8 = |s: *const f32| -> f32x8 {
         let mut t = [0.0f32; 8];
-        t.copy_from_slice(&s[..8]);
+        // SAFETY: the caller of the kernel guarantees NR = 16 readable floats of B per step;
+        // s is the first or the second half of them.
+        t.copy_from_slice(unsafe { std::slice::from_raw_parts(s, 8) });
         f32x8::from(t)
     };
     let mut acc = [[f32x8::ZERO; 2]; MR];
-    for (ap, bp) in a.chunks_exact(MR).zip(b.chunks_exact(NR)) {
-        let b0 = load8(&bp[..8]);
-        let b1 = load8(&bp[8..]);
-        for (row, &av) in acc.iter_mut().zip(ap) {
-            let av = f32x8::splat(av);
-            row[0] += av * b0;
-            row[1] += av * b1;
+    for _ in 0..kc {
+        // SAFETY: the caller guarantees kc readable steps of MR rows of A and NR floats of B.
+        unsafe {
+            let bp = b.at(0);
+            let b0 = load8(bp);
+            let b1 = load8(bp.add(8));
+            for (i, row) in acc.iter_mut().enumerate() {
+                let av = f32x8::splat(*a.at(i));
+                row[0] += av * b0;
+                row[1] += av * b1;
+            }
+            a.step();
+            b.step();
         }
     }
     let acc: [[f32; NR]; MR] = std::array::from_fn(|i| {
@@ -167,18 +197,19 @@ unsafe fn portable_6x16(
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
+    use super::super::source::{ARows, BCols};
     use super::{MR, NR};
     use std::arch::x86_64::*;
 
     /// AVX2+FMA kernel: `C[6x16] (+)= A[6xkc] · B[kcx16]` with 12 ymm accumulators.
     ///
     /// # Safety
-    /// The CPU must support AVX2 and FMA; pointers as in [`super::tile`].
+    /// The CPU must support AVX2 and FMA; sources and tile as in [`super::tile`].
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn kernel_6x16(
+    pub(super) unsafe fn kernel_6x16<A: ARows, B: BCols>(
         kc: usize,
-        a: *const f32,
-        b: *const f32,
+        a: A,
+        b: B,
         c: *mut f32,
         rs_c: usize,
         overwrite: bool,
@@ -192,16 +223,17 @@ mod avx2 {
     /// # Safety
     /// As [`kernel_6x16`].
     #[inline(always)]
-    unsafe fn body(
+    unsafe fn body<A: ARows, B: BCols>(
         kc: usize,
-        mut a: *const f32,
-        mut b: *const f32,
+        mut a: A,
+        mut b: B,
         c: *mut f32,
         rs_c: usize,
         overwrite: bool,
     ) {
-        // SAFETY: (whole block) every load reads a[p * MR + i] / b[p * NR + j] with p < kc,
-        // inside the caller's extents; every store/load of C is inside the MR x NR tile.
+        // SAFETY: (whole block) every load reads element (i, p) of A / row p of B's panel
+        // with p < kc, inside the sources' extents; every store/load of C is inside the
+        // MR x NR tile.
         unsafe {
             // Start pulling the C tile towards L1 now; it is needed only after the K loop.
             for i in 0..MR {
@@ -221,43 +253,42 @@ mod avx2 {
             let mut c50 = _mm256_setzero_ps();
             let mut c51 = _mm256_setzero_ps();
             macro_rules! step {
-                ($off_a:expr, $off_b:expr) => {{
-                    let b0 = _mm256_loadu_ps(b.add($off_b));
-                    let b1 = _mm256_loadu_ps(b.add($off_b + 8));
-                    let av = _mm256_broadcast_ss(&*a.add($off_a));
+                () => {{
+                    let bp = b.at(0);
+                    let b0 = _mm256_loadu_ps(bp);
+                    let b1 = _mm256_loadu_ps(bp.add(8));
+                    let av = _mm256_broadcast_ss(&*a.at(0));
                     c00 = _mm256_fmadd_ps(av, b0, c00);
                     c01 = _mm256_fmadd_ps(av, b1, c01);
-                    let av = _mm256_broadcast_ss(&*a.add($off_a + 1));
+                    let av = _mm256_broadcast_ss(&*a.at(1));
                     c10 = _mm256_fmadd_ps(av, b0, c10);
                     c11 = _mm256_fmadd_ps(av, b1, c11);
-                    let av = _mm256_broadcast_ss(&*a.add($off_a + 2));
+                    let av = _mm256_broadcast_ss(&*a.at(2));
                     c20 = _mm256_fmadd_ps(av, b0, c20);
                     c21 = _mm256_fmadd_ps(av, b1, c21);
-                    let av = _mm256_broadcast_ss(&*a.add($off_a + 3));
+                    let av = _mm256_broadcast_ss(&*a.at(3));
                     c30 = _mm256_fmadd_ps(av, b0, c30);
                     c31 = _mm256_fmadd_ps(av, b1, c31);
-                    let av = _mm256_broadcast_ss(&*a.add($off_a + 4));
+                    let av = _mm256_broadcast_ss(&*a.at(4));
                     c40 = _mm256_fmadd_ps(av, b0, c40);
                     c41 = _mm256_fmadd_ps(av, b1, c41);
-                    let av = _mm256_broadcast_ss(&*a.add($off_a + 5));
+                    let av = _mm256_broadcast_ss(&*a.at(5));
                     c50 = _mm256_fmadd_ps(av, b0, c50);
                     c51 = _mm256_fmadd_ps(av, b1, c51);
+                    a.step();
+                    b.step();
                 }};
             }
             let mut p = 0;
             while p + 4 <= kc {
-                step!(0, 0);
-                step!(MR, NR);
-                step!(2 * MR, 2 * NR);
-                step!(3 * MR, 3 * NR);
-                a = a.add(4 * MR);
-                b = b.add(4 * NR);
+                step!();
+                step!();
+                step!();
+                step!();
                 p += 4;
             }
             while p < kc {
-                step!(0, 0);
-                a = a.add(MR);
-                b = b.add(NR);
+                step!();
                 p += 1;
             }
             let rows = [

@@ -22,6 +22,14 @@
 //!   packed panels at once and masks its edge tiles (module `avx512`); otherwise
 //!   `MR x NR = 6 x 16`, 12 ymm accumulators with AVX2+FMA, and a `wide` (portable SIMD) and a
 //!   scalar kernel on the same layout, whose edge tiles go through a local tile.
+//! * Skinny products read an operand in place instead of packing it ([`Packing`]): A when C
+//!   has at most [`UNPACKED_A_MAX_COLS`] columns (`h = x·Aᵀ`, `dB = dYᵀ·H` of a rank-32
+//!   adapter: a packed micro-panel would serve only those few columns, so the copy cost about
+//!   as much as the products), B when C has at most [`UNPACKED_B_MAX_ROWS`] rows and B is a
+//!   row-major f32 matrix. The kernels take their operands through the compile-time source
+//!   types of module `source` (packed panels with constant strides, or the matrices with their
+//!   strides), so the packed path compiles as before, and both read the same values in the
+//!   same order: packed or not, the bits are the same.
 //! * Threads: rayon tasks own disjoint `(rows, columns)` rectangles of C; K is never split, so
 //!   every element of C is computed by the same sequence of operations whatever the thread
 //!   count: results are bit-identical for 1, 2 or 64 threads.
@@ -29,6 +37,7 @@
 use crate::cpu::{kernel_path, KernelPath};
 use crate::error::{Result, TensorError};
 use rayon::prelude::*;
+use source::{ASrc, BSrc};
 use std::cell::Cell;
 
 #[cfg(target_arch = "x86_64")]
@@ -38,6 +47,7 @@ mod kernel;
 #[cfg(target_arch = "x86_64")]
 mod lanes;
 mod pack;
+mod source;
 
 #[cfg(target_arch = "x86_64")]
 pub use avx512::Avx512Tile;
@@ -163,6 +173,14 @@ pub trait PackB: Sync {
     /// `dst.len() >= kc * NR`; [`gemm`] also guarantees that `k0` is a multiple of 256
     /// ([`KC`]) and `kc <= KC` (so `kc` is a multiple of 256 except for the last block of K).
     fn pack_panel(&self, k0: usize, kc: usize, n0: usize, nc: usize, dst: &mut [f32]);
+
+    /// B as a plain row-major f32 matrix, if it is one: `(data, row_stride)` with element
+    /// `(p, j)` at `data[p * row_stride + j]` for every `p < k`, `j < n`. [`gemm`] may then
+    /// read B's rows in place instead of packing them (see [`Packing`]). The default, for
+    /// operands that must be converted (quantized, f16), is `None`.
+    fn as_row_major(&self) -> Option<(&[f32], usize)> {
+        None
+    }
 }
 
 /// A 64-byte-aligned line of 16 floats: the unit of the packing buffers (aligned panels keep
@@ -300,22 +318,22 @@ impl Micro {
         }
     }
 
-    /// Computes the `rows x cols` corner of the tile at `c` over `kc` steps of K.
+    /// Computes the `rows x cols` corner of the tile at `c` over `kc` steps of K, A read
+    /// through `a` and the `panels` panels of B through `b`.
     ///
     /// # Safety
-    /// `a` readable for `kc * self.mr()` floats, `b + u * panel_stride` for `kc * NR`,
-    /// `u < panels`, with `1 <= panels <= self.panels()` (`panels == 1` for `Narrow`);
-    /// `rows <= self.mr()`, `cols <= panels * NR`; `c` valid for reading and writing that
-    /// corner with row stride `rs_c`; the CPU runs the kernel.
+    /// `a` readable for `kc` steps of `self.mr()` rows (per [`ASrc`]), `b` for `kc` steps of
+    /// `panels` panels (per [`BSrc`]), with `1 <= panels <= self.panels()`; `rows <= self.mr()`,
+    /// `cols <= panels * NR`; `c` valid for reading and writing that corner with row stride
+    /// `rs_c`; the CPU runs the kernel.
     #[allow(clippy::too_many_arguments)]
-    #[inline]
+    #[inline(always)]
     unsafe fn run(
         self,
         panels: usize,
-        panel_stride: usize,
         kc: usize,
-        a: *const f32,
-        b: *const f32,
+        a: ASrc,
+        b: BSrc,
         c: *mut f32,
         rs_c: usize,
         overwrite: bool,
@@ -330,19 +348,9 @@ impl Micro {
                 }
                 Micro::Narrow(p) => kernel::edge_tile(p, kc, a, b, c, rs_c, overwrite, rows, cols),
                 #[cfg(target_arch = "x86_64")]
-                Micro::Wide(t, _) => avx512::tile(
-                    t,
-                    panels,
-                    panel_stride,
-                    kc,
-                    a,
-                    b,
-                    c,
-                    rs_c,
-                    overwrite,
-                    rows,
-                    cols,
-                ),
+                Micro::Wide(t, _) => {
+                    avx512::tile(t, panels, kc, a, b, c, rs_c, overwrite, rows, cols)
+                }
             }
         }
     }
@@ -419,11 +427,26 @@ pub fn gemm_avx512_tile(
     c: &mut [f32],
     accumulate: bool,
 ) -> Result<()> {
+    gemm_avx512_tile_with_packing(tile, k_slice, a, b, c, accumulate, Packing::Auto)
+}
+
+/// [`gemm_avx512_tile`] with an explicit [`Packing`] (tests compare the packed and unpacked
+/// operands of every tile shape; they give the same bits).
+#[cfg(target_arch = "x86_64")]
+pub fn gemm_avx512_tile_with_packing(
+    tile: Avx512Tile,
+    k_slice: usize,
+    a: MatRef<'_, f32>,
+    b: &dyn PackB,
+    c: &mut [f32],
+    accumulate: bool,
+    packing: Packing,
+) -> Result<()> {
     let micro = match KernelPath::Avx512.supported() {
         KernelPath::Avx512 => Micro::Wide(tile, k_slice),
         p => Micro::Narrow(p),
     };
-    gemm_with(micro, &[Segment { a, b }], c, accumulate)
+    gemm_with(micro, &[Segment { a, b }], c, accumulate, packing)
 }
 
 /// [`gemm`] on an explicit [`KernelPath`] (tests and benchmarks compare the paths in one
@@ -437,11 +460,87 @@ pub fn gemm_on(
     c: &mut [f32],
     accumulate: bool,
 ) -> Result<()> {
+    gemm_with_packing(path, a, b, c, accumulate, Packing::Auto)
+}
+
+/// How a GEMM feeds its microkernel: operands packed into micro-panels (the BLIS layout) or
+/// read in place. Every choice runs the same operations in the same order on the same values,
+/// so all give the same bits; they differ only in speed. [`gemm`] uses [`Packing::Auto`]; the
+/// others are for tests and benchmarks (see [`gemm_with_packing`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Packing {
+    /// By shape: A is read in place when C has at most [`UNPACKED_A_MAX_COLS`] columns (its
+    /// packed micro-panels would serve too few columns to pay for the copy), B when C has at
+    /// most [`UNPACKED_B_MAX_ROWS`] rows and B is a row-major f32 matrix
+    /// ([`PackB::as_row_major`]); both packed otherwise.
+    Auto,
+    /// Both operands packed.
+    Packed,
+    /// A read in place whatever the shape, B packed.
+    UnpackedA,
+    /// B read in place wherever [`PackB::as_row_major`] allows, A packed.
+    UnpackedB,
+    /// Both read in place (B wherever [`PackB::as_row_major`] allows).
+    Unpacked,
+}
+
+/// Most columns of C for which [`Packing::Auto`] reads A in place. On the 2-core Zen 3 (AVX2
+/// 6x16, 2 threads, `examples/skinny_packing` of this crate, medians of 21 in one quiet run,
+/// packed -> in place, ms): `x · W` with `m = 1000`, `k = 1024` and `n` = 16: 0.33 -> 0.22,
+/// 32: 0.54 -> 0.39 (`h = x·Aᵀ`), 48: 0.73 -> 0.60, 64: 0.88 -> 0.75, 96: 1.22 -> 1.14,
+/// 128: 1.56 -> 1.52; `dYᵀ · H` (1024 x 32 x 1000, A a transposed view) 0.95 -> 0.68. Past 64
+/// the gain is small and was not seen in loaded runs; the AVX-512 tier's crossover is not
+/// measured yet.
+pub const UNPACKED_A_MAX_COLS: usize = 64;
+
+/// Most rows of C for which [`Packing::Auto`] reads a row-major f32 B in place. Reading B in
+/// place pays only while few micro-panels read each of its rows: B's rows are far apart (4 KiB
+/// for a 1024-wide matrix, which also puts them all in one cache set), so re-reading them per
+/// micro-panel costs more than one sequential packing pass. Same run as above, `dHᵀ · X` with
+/// X 1000 x 1024, packed -> in place, ms: m = 8: 0.48 -> 0.30, 16: 0.55 -> 0.43,
+/// 32: 0.64 -> 1.02, 64: 1.00 -> 1.81 (with X's rows padded to 1040 floats, m = 32:
+/// 0.55 -> 0.50).
+pub const UNPACKED_B_MAX_ROWS: usize = 16;
+
+impl Packing {
+    /// Whether A is read in place for an `m x n` product.
+    fn unpacked_a(self, n: usize) -> bool {
+        match self {
+            Packing::Auto => n <= UNPACKED_A_MAX_COLS,
+            Packing::UnpackedA | Packing::Unpacked => true,
+            Packing::Packed | Packing::UnpackedB => false,
+        }
+    }
+
+    /// Whether B is read in place (where it is row-major f32) for an `m x n` product.
+    fn unpacked_b(self, m: usize) -> bool {
+        match self {
+            Packing::Auto => m <= UNPACKED_B_MAX_ROWS,
+            Packing::UnpackedB | Packing::Unpacked => true,
+            Packing::Packed | Packing::UnpackedA => false,
+        }
+    }
+}
+
+/// [`gemm_on`] with an explicit [`Packing`] (for tests and benchmarks: every choice gives the
+/// same bits, on every path and thread count). A path the CPU lacks is replaced by
+/// [`KernelPath::supported`]'s fallback.
+///
+/// Mismatched shapes return [`TensorError`], never panic.
+pub fn gemm_with_packing(
+    path: KernelPath,
+    a: MatRef<'_, f32>,
+    b: &dyn PackB,
+    c: &mut [f32],
+    accumulate: bool,
+    packing: Packing,
+) -> Result<()> {
     gemm_with(
         Micro::for_path(path.supported()),
         &[Segment { a, b }],
         c,
         accumulate,
+        packing,
     )
 }
 
@@ -467,7 +566,13 @@ pub fn gemm_on(
 /// assert_eq!(y, [11.0, 22.0]);
 /// ```
 pub fn gemm_segments(segs: &[Segment<'_>], c: &mut [f32], accumulate: bool) -> Result<()> {
-    gemm_with(Micro::for_path(kernel_path()), segs, c, accumulate)
+    gemm_with(
+        Micro::for_path(kernel_path()),
+        segs,
+        c,
+        accumulate,
+        Packing::Auto,
+    )
 }
 
 /// Most floats of packed B one stage of the driver holds (1 MiB, the packing buffer's size
@@ -574,6 +679,108 @@ impl StageB<'_> {
     }
 }
 
+/// One column group of a task over one K block: every micro-panel of the task's rows, depth
+/// slice by depth slice (see [`gemm_with`]).
+struct Sweep<'s> {
+    micro: Micro,
+    /// The block's segment's A.
+    a: &'s MatRef<'s, f32>,
+    /// The task's packed micro-panels of the block (unused when A is read in place).
+    ap: &'s [f32],
+    /// First row and number of rows of the task.
+    i0: usize,
+    mc: usize,
+    /// Micro-panels of the task.
+    panels_a: usize,
+    /// The K block: first row of B, depth, and the depth of one kernel call.
+    k0: usize,
+    kc: usize,
+    ks: usize,
+    /// The group's packed panels (panel stride `bstride`) or its first column in a row-major B
+    /// (row stride `bstride`).
+    bptr: *const f32,
+    bstride: usize,
+    /// B panels of the group and columns of C they cover.
+    panels: usize,
+    cols: usize,
+    /// C at (0, the group's first column), row stride `rs_c`.
+    c: CPtr,
+    rs_c: usize,
+    /// Whether the block's first slice overwrites C.
+    overwrite: bool,
+}
+
+impl Sweep<'_> {
+    /// Runs the kernel over the group: A packed (`ap`) or in place (`UNPACKED_A`), B packed or
+    /// in place (`DIRECT_B`). The choices are constants here, so each instantiation builds
+    /// its sources with a known variant and the kernel's source dispatch folds away: a kernel
+    /// call costs what it did before sources (it matters for short K, `k = 32`).
+    ///
+    /// # Safety
+    /// `ap` holds `panels_a` packed micro-panels of `kc * micro.mr()` floats unless
+    /// `UNPACKED_A`; `bptr` holds `panels` packed panels of `kc * NR` floats `bstride` apart,
+    /// or with `DIRECT_B` is element `(k0, j0)` of a row-major f32 B with row stride
+    /// `bstride` whose columns `j0 .. j0 + panels * NR` and rows `k0 .. k0 + kc` exist; the
+    /// `mc x cols` rectangle of C at `c + i0 * rs_c` is this task's alone and valid; the CPU
+    /// runs `micro`.
+    #[inline(always)]
+    unsafe fn run<const UNPACKED_A: bool, const DIRECT_B: bool>(&self) {
+        let (mr, kc, a) = (self.micro.mr(), self.kc, self.a);
+        // Depth slices in order: every element of C sees the same sequence of K blocks and
+        // slices whatever the thread count or task order.
+        for s0 in (0..kc).step_by(self.ks) {
+            let sk = self.ks.min(kc - s0);
+            let b = if DIRECT_B {
+                BSrc::Direct {
+                    ptr: self.bptr.wrapping_add(s0 * self.bstride),
+                    ld: self.bstride,
+                }
+            } else {
+                BSrc::Packed {
+                    ptr: self.bptr.wrapping_add(s0 * NR),
+                    panel_stride: self.bstride,
+                }
+            };
+            for ip in 0..self.panels_a {
+                let i = ip * mr;
+                let rows = mr.min(self.mc - i);
+                let r0 = self.i0 + i;
+                let asrc = if UNPACKED_A {
+                    ASrc::Strided {
+                        ptr: a
+                            .data
+                            .as_ptr()
+                            .wrapping_add(r0 * a.row_stride + (self.k0 + s0) * a.col_stride),
+                        rs: a.row_stride,
+                        cs: a.col_stride,
+                        rows,
+                    }
+                } else {
+                    ASrc::Packed(self.ap[ip * kc * mr..][s0 * mr..].as_ptr())
+                };
+                // SAFETY: a packed asrc points at rows s0.. of a full kc*mr packed A panel
+                // (sk <= kc - s0 steps remain); a strided one at element (r0, k0 + s0) of A,
+                // whose `rows` rows and next sk columns lie inside A (MatRef::new checked its
+                // extent); b is s0 rows into the group (sk rows remain), and the rows x cols
+                // tile of C at (r0, 0) lies inside the caller's rectangle.
+                unsafe {
+                    self.micro.run(
+                        self.panels,
+                        sk,
+                        asrc,
+                        b,
+                        self.c.get().add(r0 * self.rs_c),
+                        self.rs_c,
+                        self.overwrite && s0 == 0,
+                        rows,
+                        self.cols,
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// Checks that every segment is `m x k_i` times `k_i x n` and `c` holds `m x n`.
 fn check_segments(segs: &[Segment<'_>], m: usize, n: usize, c_len: usize) -> Result<()> {
     for s in segs {
@@ -602,8 +809,19 @@ fn check_segments(segs: &[Segment<'_>], m: usize, n: usize, c_len: usize) -> Res
 
 /// The GEMM driver for one microkernel (whose path the CPU supports): `C (+)= Σ_i A_i · B_i`
 /// over `segs` in order, each segment's K cut into its own `KC` blocks.
-fn gemm_with(micro: Micro, segs: &[Segment<'_>], c: &mut [f32], accumulate: bool) -> Result<()> {
-    gemm_staged(micro, STAGE_FLOATS, segs, c, accumulate)
+///
+/// With `packing`, each K block's rows of A are read in place instead of packed, and each
+/// full column group of B is read in place from a row-major f32 B instead of the stage's
+/// packed panels (a group reaching past C's edge is always packed, so the kernels' full-width
+/// B loads stay inside B).
+fn gemm_with(
+    micro: Micro,
+    segs: &[Segment<'_>],
+    c: &mut [f32],
+    accumulate: bool,
+    packing: Packing,
+) -> Result<()> {
+    gemm_staged(micro, STAGE_FLOATS, segs, c, accumulate, packing)
 }
 
 /// [`gemm`] with stages of at most `stage_floats` floats of packed B (at least one `KC` block
@@ -624,16 +842,18 @@ pub fn gemm_with_stage(
         &[Segment { a, b }],
         c,
         accumulate,
+        Packing::Auto,
     )
 }
 
-/// [`gemm_with`] with stages of at most `stage_floats` floats of packed B.
+/// [`gemm_with`] with stages of at most `stage_floats_max` floats of packed B.
 fn gemm_staged(
     micro: Micro,
     stage_floats_max: usize,
     segs: &[Segment<'_>],
     c: &mut [f32],
     accumulate: bool,
+    packing: Packing,
 ) -> Result<()> {
     let Some(first) = segs.first() else {
         if !accumulate {
@@ -654,6 +874,17 @@ fn gemm_staged(
         return Ok(());
     }
     let (mr, np) = (micro.mr(), micro.panels());
+    let unpacked_a = packing.unpacked_a(n);
+    let direct_b: Vec<Option<(&[f32], usize)>> = segs
+        .iter()
+        .map(|s| {
+            if packing.unpacked_b(m) {
+                s.b.as_row_major()
+            } else {
+                None
+            }
+        })
+        .collect();
     let threads = rayon::current_num_threads().max(1);
     let work = m.saturating_mul(n).saturating_mul(k_total);
     let parallel = threads > 1 && work >= 1 << 18;
@@ -722,12 +953,16 @@ fn gemm_staged(
                 }
                 let i0 = p0 * mr;
                 let mc = (p1 * mr).min(m) - i0;
-                let mut abuf = Scratch::take(&A_BUF, (p1 - p0) * KC * mr);
+                let a_floats = if unpacked_a { 0 } else { (p1 - p0) * KC * mr };
+                let mut abuf = Scratch::take(&A_BUF, a_floats);
                 let ap = abuf.as_mut();
                 for (bi, blk) in blocks.iter().enumerate() {
                     let kc = blk.kc;
                     let overwrite = overwrite_first && bi == 0;
-                    micro.pack_a(&segs[blk.seg].a, i0, mc, blk.k0, kc, ap);
+                    let a = &segs[blk.seg].a;
+                    if !unpacked_a {
+                        micro.pack_a(a, i0, mc, blk.k0, kc, ap);
+                    }
                     let ks = micro.k_slice(kc);
                     // Neighbouring tasks start at neighbouring groups, so concurrent tasks
                     // pack different groups instead of waiting on one.
@@ -738,37 +973,45 @@ fn gemm_staged(
                         let panels = np.min(npan - q);
                         let j = q * NR;
                         let cols = (panels * NR).min(ncb - j);
-                        let bgrp = stage.group(segs, bi, g);
-                        // Depth slices in order: every element of C sees the same sequence
-                        // of K blocks and slices whatever the thread count or task order.
-                        for s0 in (0..kc).step_by(ks) {
-                            let sk = ks.min(kc - s0);
-                            for ip in 0..(p1 - p0) {
-                                let i = ip * mr;
-                                let rows = mr.min(mc - i);
-                                let apan = ap[ip * kc * mr..(ip + 1) * kc * mr][s0 * mr..].as_ptr();
-                                // SAFETY: apan points at rows s0.. of a full kc*mr packed A
-                                // panel (sk <= kc - s0 steps remain) and bgrp + s0 * NR +
-                                // u * kc * NR, u < panels, at rows s0.. of full kc*NR packed
-                                // B panels (bgrp holds `panels` of them); the C tile at
-                                // (i0 + i, n0 + j) of size rows x cols lies inside the m x n
-                                // matrix and inside this task's rectangle, which no other
-                                // task touches; `micro` runs only on a CPU that supports it.
-                                unsafe {
-                                    let ct = cptr.get().add((i0 + i) * n + n0 + j);
-                                    micro.run(
-                                        panels,
-                                        kc * NR,
-                                        sk,
-                                        apan,
-                                        bgrp.as_ptr().add(s0 * NR),
-                                        ct,
-                                        n,
-                                        overwrite && s0 == 0,
-                                        rows,
-                                        cols,
-                                    );
-                                }
+                        // B in place (a full group of a row-major f32 B) or the packed group.
+                        let (bptr, bstride, direct) = match direct_b[blk.seg] {
+                            Some((data, ld)) if cols == panels * NR => {
+                                (data.as_ptr().wrapping_add(blk.k0 * ld + n0 + j), ld, true)
+                            }
+                            _ => (stage.group(segs, bi, g).as_ptr(), kc * NR, false),
+                        };
+                        let sweep = Sweep {
+                            micro,
+                            a,
+                            ap,
+                            i0,
+                            mc,
+                            panels_a: p1 - p0,
+                            k0: blk.k0,
+                            kc,
+                            ks,
+                            bptr,
+                            bstride,
+                            panels,
+                            cols,
+                            c: CPtr(cptr.get().wrapping_add(n0 + j)),
+                            rs_c: n,
+                            overwrite,
+                        };
+                        // SAFETY: per Sweep::run's contract: `ap` holds the task's packed
+                        // micro-panels of this block unless A is read in place; bptr is the
+                        // group's packed panels (stage.group: `panels` full kc*NR panels) or
+                        // element (k0, n0 + j) of a row-major B whose columns j.. j + panels *
+                        // NR lie inside it (a full group) for the block's kc rows; the C
+                        // rectangle (i0.., n0 + j..) of mc x cols lies inside the m x n matrix
+                        // and this task's rectangle, which no other task touches; `micro` runs
+                        // only on a CPU that supports it.
+                        unsafe {
+                            match (unpacked_a, direct) {
+                                (false, false) => sweep.run::<false, false>(),
+                                (false, true) => sweep.run::<false, true>(),
+                                (true, false) => sweep.run::<true, false>(),
+                                (true, true) => sweep.run::<true, true>(),
                             }
                         }
                     }

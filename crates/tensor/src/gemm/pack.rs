@@ -65,6 +65,8 @@ pub(crate) fn pack_a<const MR: usize>(
 pub(crate) trait BElem: Copy + Sync {
     /// The value as f32 (exact for f32 and f16).
     fn to_f32(self) -> f32;
+    /// The slice itself if the elements are f32 already.
+    fn as_f32(s: &[Self]) -> Option<&[f32]>;
     /// `dst[..8] = src[..8]` as f32 on the AVX2 path.
     ///
     /// # Safety
@@ -84,6 +86,9 @@ impl BElem for f32 {
     fn to_f32(self) -> f32 {
         self
     }
+    fn as_f32(s: &[Self]) -> Option<&[f32]> {
+        Some(s)
+    }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn load8(src: *const Self) -> std::arch::x86_64::__m256 {
@@ -102,6 +107,9 @@ impl BElem for f16 {
     #[inline(always)]
     fn to_f32(self) -> f32 {
         f16::to_f32(self)
+    }
+    fn as_f32(_: &[Self]) -> Option<&[f32]> {
+        None
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
@@ -175,6 +183,14 @@ impl<T: BElem> PackB for MatRef<'_, T> {
     }
     fn pack_panel(&self, k0: usize, kc: usize, n0: usize, nc: usize, dst: &mut [f32]) {
         pack_b_panel(self, k0, kc, n0, nc, dst)
+    }
+    /// An f32 matrix with unit column stride (f16 ones must be converted: `None`).
+    fn as_row_major(&self) -> Option<(&[f32], usize)> {
+        if self.col_stride == 1 {
+            T::as_f32(self.data).map(|d| (d, self.row_stride))
+        } else {
+            None
+        }
     }
 }
 
