@@ -11,6 +11,10 @@ use nibble::tensor::gemm::{gemm, gemm_avx512_tile, gemm_with_stage, Avx512Tile, 
 use nibble::tensor::{Rng, Tensor};
 use std::time::Instant;
 
+/// A timed case: its name, a tile and K slice (else `gemm`), and whether `gemm` runs one stage
+/// of all of K.
+type Case = (String, Option<(Avx512Tile, usize)>, bool);
+
 fn main() {
     if !nibble::tensor::cpu::has_avx512() {
         println!("note: no AVX-512 tier on this CPU: nothing to compare");
@@ -36,9 +40,7 @@ fn main() {
     let a = MatRef::row_major(x.data(), m, d).expect("x");
     let bt = MatRef::row_major(w.data(), d, d).expect("w").t();
     let mut y = vec![0.0f32; m * d];
-    // (name, tile and K slice, or the default tile with a stage of all of K when `None`
-    // and `all_k`).
-    let mut cases: Vec<(String, Option<(Avx512Tile, usize)>, bool)> = vec![
+    let mut cases: Vec<Case> = vec![
         ("gemm".into(), None, false),
         ("gemm, one stage".into(), None, true),
     ];
