@@ -1,13 +1,17 @@
 //! Times every AVX-512 microkernel shape and depth of K per call (`gemm_avx512_tile`) on one
 //! f32 1024-wide layer's forward `x · Wᵀ` (batch `m`), interleaved round by round so that
 //! machine noise hits them alike, next to `gemm` itself and `gemm` with one stage of all of K
-//! (`gemm_with_stage`): median, min and max of `reps` rounds
+//! (`gemm_with_stage`), then every `Packing` (operands packed or read in place) on the forward
+//! `x · Wᵀ` and the backward `dY · W`: median, min and max of `reps` rounds
 //! with the median's FLOP rate, on the rayon pool (`RAYON_NUM_THREADS`). Prints nothing but a
 //! note on a CPU without the AVX-512 tier.
 //!
 //! `cargo run --release --example gemm_tiles -- 1024 256,128,64 15`
 
-use nibble::tensor::gemm::{gemm, gemm_avx512_tile, gemm_with_stage, Avx512Tile, MatRef};
+use nibble::tensor::cpu::kernel_path;
+use nibble::tensor::gemm::{
+    gemm, gemm_avx512_tile, gemm_with_packing, gemm_with_stage, Avx512Tile, MatRef, Packing,
+};
 use nibble::tensor::{Rng, Tensor};
 use std::time::Instant;
 
@@ -66,14 +70,48 @@ fn main() {
     }
     println!("{} threads, batch {m}", rayon::current_num_threads());
     let flop = 2.0 * (m * d * d) as f64;
-    for ((name, _, _), mut t) in cases.into_iter().zip(times) {
+    let report = |name: &str, mut t: Vec<f64>| {
         t.sort_by(|p, q| p.total_cmp(q));
         let med = t[t.len() / 2];
         println!(
-            "{name:16} median {med:.3} ms ({:.0} GFLOP/s), min {:.3}, max {:.3}",
+            "{name:24} median {med:.3} ms ({:.0} GFLOP/s), min {:.3}, max {:.3}",
             flop / med / 1e6,
             t[0],
             t[t.len() - 1]
         );
+    };
+    for ((name, _, _), t) in cases.into_iter().zip(times) {
+        report(&name, t);
+    }
+    // Every way of feeding the kernel, on the forward `x · Wᵀ` (Wᵀ a strided view: B is
+    // always packed) and the backward `dY · W` (W row-major: B can be read in place).
+    let packings = [
+        Packing::Packed,
+        Packing::UnpackedA,
+        Packing::UnpackedB,
+        Packing::Unpacked,
+        Packing::Auto,
+    ];
+    let w_rows = MatRef::row_major(w.data(), d, d).expect("w");
+    let mut times = vec![Vec::new(); 2 * packings.len()];
+    for round in 0..=reps {
+        for (c, t) in times.iter_mut().enumerate() {
+            let (packing, backward) = (packings[c % packings.len()], c >= packings.len());
+            let s = Instant::now();
+            if backward {
+                gemm_with_packing(kernel_path(), a, &w_rows, &mut y, false, packing)
+            } else {
+                gemm_with_packing(kernel_path(), a, &bt, &mut y, false, packing)
+            }
+            .expect("shapes match");
+            if round > 0 {
+                t.push(s.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+    }
+    for (c, t) in times.into_iter().enumerate() {
+        let (packing, backward) = (packings[c % packings.len()], c >= packings.len());
+        let what = if backward { "dY·W" } else { "x·Wᵀ" };
+        report(&format!("{what} {packing:?}"), t);
     }
 }
