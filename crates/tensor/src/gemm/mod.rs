@@ -26,7 +26,8 @@
 //!   has at most [`UNPACKED_A_MAX_COLS`] columns (`h = x·Aᵀ`, `dB = dYᵀ·H` of a rank-32
 //!   adapter: a packed micro-panel would serve only those few columns, so the copy cost about
 //!   as much as the products), B when C has at most [`UNPACKED_B_MAX_ROWS`] rows and B is a
-//!   row-major f32 matrix. The kernels take their operands through the compile-time source
+//!   row-major f32 matrix (on the AVX-512 tier: up to [`UNPACKED_MAX_ROWS_AVX512`] rows, and A
+//!   in place too where it is a transposed view and C that short). The kernels take their operands through the compile-time source
 //!   types of module `source` (packed panels with constant strides, or the matrices with their
 //!   strides), so the packed path compiles as before, and both read the same values in the
 //!   same order: packed or not, the bits are the same.
@@ -265,6 +266,15 @@ impl Micro {
         }
     }
 
+    /// Whether this is an AVX-512 tile.
+    fn is_wide(self) -> bool {
+        match self {
+            Micro::Narrow(_) => false,
+            #[cfg(target_arch = "x86_64")]
+            Micro::Wide(..) => true,
+        }
+    }
+
     /// Rows of C per call (height of a packed A micro-panel).
     fn mr(self) -> usize {
         match self {
@@ -472,7 +482,9 @@ pub enum Packing {
     /// By shape: A is read in place when C has at most [`UNPACKED_A_MAX_COLS`] columns (its
     /// packed micro-panels would serve too few columns to pay for the copy), B when C has at
     /// most [`UNPACKED_B_MAX_ROWS`] rows and B is a row-major f32 matrix
-    /// ([`PackB::as_row_major`]); both packed otherwise.
+    /// ([`PackB::as_row_major`]); on the AVX-512 tier B up to [`UNPACKED_MAX_ROWS_AVX512`]
+    /// rows, and a transposed A (column stride not 1) in place as well for that few rows;
+    /// both packed otherwise.
     Auto,
     /// Both operands packed.
     Packed,
@@ -502,19 +514,34 @@ pub const UNPACKED_A_MAX_COLS: usize = 64;
 /// 0.55 -> 0.50).
 pub const UNPACKED_B_MAX_ROWS: usize = 16;
 
+/// [`UNPACKED_B_MAX_ROWS`] on the AVX-512 tier, and the most rows of C for which
+/// [`Packing::Auto`] reads a transposed A (column stride not 1, as `dHᵀ` in `dA = dHᵀ·X`) in
+/// place there whatever the columns. On the 16-core Xeon (8x48 tiles, 16 threads,
+/// `examples/skinny_packing`, medians of 21, 2026-12-03 18:43 UTC, ms), `dHᵀ · X` with X
+/// 1000 x 1024, packed / B in place / A in place / both: m = 8: 0.152 / 0.117 / 0.145 / 0.112,
+/// 16: 0.171 / 0.147 / 0.153 / 0.128, 32: 0.223 / 0.204 / 0.200 / 0.162, 64: 0.383 / 0.380 /
+/// 0.276 / 0.284, 128: 0.596 / 0.637 / 0.468 / 0.500 (the Zen 3's 4 KiB aliasing of B's rows
+/// does not show there up to 32 rows).
+pub const UNPACKED_MAX_ROWS_AVX512: usize = 32;
+
 impl Packing {
-    /// Whether A is read in place for an `m x n` product.
-    fn unpacked_a(self, n: usize) -> bool {
+    /// Whether A is read in place for an `m x n` product on `micro`.
+    fn unpacked_a(self, m: usize, n: usize, a: &MatRef<'_, f32>, micro: Micro) -> bool {
         match self {
-            Packing::Auto => n <= UNPACKED_A_MAX_COLS,
+            Packing::Auto => {
+                n <= UNPACKED_A_MAX_COLS
+                    || (micro.is_wide() && a.col_stride != 1 && m <= UNPACKED_MAX_ROWS_AVX512)
+            }
             Packing::UnpackedA | Packing::Unpacked => true,
             Packing::Packed | Packing::UnpackedB => false,
         }
     }
 
-    /// Whether B is read in place (where it is row-major f32) for an `m x n` product.
-    fn unpacked_b(self, m: usize) -> bool {
+    /// Whether B is read in place (where it is row-major f32) for an `m x n` product on
+    /// `micro`.
+    fn unpacked_b(self, m: usize, micro: Micro) -> bool {
         match self {
+            Packing::Auto if micro.is_wide() => m <= UNPACKED_MAX_ROWS_AVX512,
             Packing::Auto => m <= UNPACKED_B_MAX_ROWS,
             Packing::UnpackedB | Packing::Unpacked => true,
             Packing::Packed | Packing::UnpackedA => false,
@@ -874,11 +901,11 @@ fn gemm_staged(
         return Ok(());
     }
     let (mr, np) = (micro.mr(), micro.panels());
-    let unpacked_a = packing.unpacked_a(n);
+    let unpacked_a = segs.iter().all(|sg| packing.unpacked_a(m, n, &sg.a, micro));
     let direct_b: Vec<Option<(&[f32], usize)>> = segs
         .iter()
         .map(|s| {
-            if packing.unpacked_b(m) {
+            if packing.unpacked_b(m, micro) {
                 s.b.as_row_major()
             } else {
                 None
