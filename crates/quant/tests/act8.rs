@@ -319,33 +319,19 @@ fn forward_bits_independent_of_threads() {
 }
 
 fn forward_bits_independent_of_threads_on(tier: IntTier) {
-    let run = |threads: usize| {
-        common::on_threads(threads, || {
-            let mut out = Vec::new();
-            for (_, f) in formats(130, 320, 5) {
-                for m in [1usize, 4, 20] {
-                    let x = Tensor::randn(&[m, 320], &mut Rng::new(m as u64)).into_vec();
-                    let mut y = vec![f32::NAN; m * 130];
-                    if forward(tier, f.as_int(), &x, m, &mut y, false) {
-                        out.push(y);
-                    }
+    common::same_bits_on_threads(&format!("{tier:?}"), &[2, 3], || {
+        let mut out = Vec::new();
+        for (_, f) in formats(130, 320, 5) {
+            for m in [1usize, 4, 20] {
+                let x = Tensor::randn(&[m, 320], &mut Rng::new(m as u64)).into_vec();
+                let mut y = vec![f32::NAN; m * 130];
+                if forward(tier, f.as_int(), &x, m, &mut y, false) {
+                    out.push(y);
                 }
             }
-            out
-        })
-    };
-    let a = run(1);
-    assert!(!a.is_empty());
-    for t in [2, 3] {
-        let b = run(t);
-        assert_eq!(a.len(), b.len());
-        for (x, y) in a.iter().zip(&b) {
-            assert!(
-                x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()),
-                "{tier:?}: {t} threads"
-            );
         }
-    }
+        out
+    });
 }
 
 /// A NaN in x is not lost in the int8 rounding: the f32 path runs and it reaches the outputs.
@@ -583,31 +569,18 @@ fn backward_int8_bits_independent_of_threads_and_nonfinite_declined() {
     all.extend(tiers());
     let (o, i) = (150usize, 200usize);
     for tier in all {
-        let run = |threads: usize| {
-            common::on_threads(threads, || {
-                let mut out = Vec::new();
-                for (_, f) in formats(o, i, 8) {
-                    for m in [1usize, 9, 50] {
-                        let dy = Tensor::randn(&[m, o], &mut Rng::new(m as u64)).into_vec();
-                        let mut dx = vec![f32::NAN; m * i];
-                        assert!(f.input_grad_int8(tier, &dy, m, &mut dx, false));
-                        out.push(dx);
-                    }
+        common::same_bits_on_threads(&format!("{tier:?} backward"), &[2, 3, 16], || {
+            let mut out = Vec::new();
+            for (_, f) in formats(o, i, 8) {
+                for m in [1usize, 9, 50] {
+                    let dy = Tensor::randn(&[m, o], &mut Rng::new(m as u64)).into_vec();
+                    let mut dx = vec![f32::NAN; m * i];
+                    assert!(f.input_grad_int8(tier, &dy, m, &mut dx, false));
+                    out.push(dx);
                 }
-                out
-            })
-        };
-        let a = run(1);
-        for t in [2, 3, 16] {
-            let b = run(t);
-            assert_eq!(a.len(), b.len());
-            for (x, y) in a.iter().zip(&b) {
-                assert!(
-                    x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()),
-                    "{tier:?}: {t} threads"
-                );
             }
-        }
+            out
+        });
         for (name, f) in formats(o, i, 9) {
             for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
                 for at in [0, 50 * o / 2, 50 * o - 1] {

@@ -166,6 +166,24 @@ pub fn on_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
         .install(f)
 }
 
+/// Runs `run` on a pool of 1 thread and of each count in `threads`, and asserts that every
+/// run returns the same outputs bit for bit (and at least one); `what` names the case.
+pub fn same_bits_on_threads(
+    what: &str,
+    threads: &[usize],
+    run: impl Fn() -> Vec<Vec<f32>> + Send + Sync,
+) {
+    let one = on_threads(1, &run);
+    assert!(!one.is_empty(), "{what}: nothing ran");
+    for &t in threads {
+        let other = on_threads(t, &run);
+        assert_eq!(one.len(), other.len(), "{what}: {t} threads");
+        for (x, y) in one.iter().zip(&other) {
+            bits_eq(x, y, &format!("{what}: {t} threads"));
+        }
+    }
+}
+
 /// [`products`] on 1 thread, checked against the f64 product with `wm`'s dequantized
 /// weights, and bit-identical on each count of `threads`; `what` names the case.
 pub fn products_checked_on_threads(

@@ -501,8 +501,10 @@ pub enum Packing {
 /// packed -> in place, ms): `x · W` with `m = 1000`, `k = 1024` and `n` = 16: 0.33 -> 0.22,
 /// 32: 0.54 -> 0.39 (`h = x·Aᵀ`), 48: 0.73 -> 0.60, 64: 0.88 -> 0.75, 96: 1.22 -> 1.14,
 /// 128: 1.56 -> 1.52; `dYᵀ · H` (1024 x 32 x 1000, A a transposed view) 0.95 -> 0.68. Past 64
-/// the gain is small and was not seen in loaded runs; the AVX-512 tier's crossover is not
-/// measured yet.
+/// the gain is small and was not seen in loaded runs. On the 16-core Xeon (AVX-512 8x48, 16
+/// threads, the same example, medians of 21, 2026-12-03 18:43 UTC) the same `x · W`: n = 16
+/// 0.088 -> 0.076, 48: 0.135 -> 0.130, 64: 0.194 -> 0.169, 96: 0.219 -> 0.203, 128: 0.296 ->
+/// 0.282, within that host's noise past 64, so the bound is the same there.
 pub const UNPACKED_A_MAX_COLS: usize = 64;
 
 /// Most rows of C for which [`Packing::Auto`] reads a row-major f32 B in place. Reading B in
