@@ -13,9 +13,14 @@
 //! Then the same for the backward `dX = dY · W` (`WeightMatrix::matmul`): f32, int8 as routed
 //! (`act8::backward::backward_route`), and the integer input gradient on the tier itself
 //! (`Int8InputGrad::input_grad_int8`, the transpose's requantization included).
+//!
+//! Environment: `ACT8_BENCH_FORMATS=q4,lower` keeps those formats only;
+//! `ACT8_BENCH_PHASES=1` adds the integer GEMM's phases (`act8::gemm::phases`: x's
+//! quantization, W's packing, the products, one after another) per format, batch and tier;
+//! `ACT8_BENCH_BACKWARD=0` leaves the backward out.
 
 use nibble_quant::act8::backward::Int8InputGrad;
-use nibble_quant::act8::{forward, with_activations, ActivationMode, IntCodes, IntTier};
+use nibble_quant::act8::{forward, gemm, with_activations, ActivationMode, IntCodes, IntTier};
 use nibble_quant::{Int8Matrix, LowerMatrix, Nf4Matrix, Q4Matrix};
 use nibble_tensor::{Rng, Tensor, WeightMatrix};
 use std::time::Instant;
@@ -72,13 +77,16 @@ fn main() {
         vec![1, 1024]
     };
     let w = Tensor::randn(&[dim, dim], &mut Rng::new(1)).scale(1.0 / (dim as f32).sqrt());
-    let fmts: Vec<(&str, Box<dyn Fmt>)> = vec![
+    let mut fmts: Vec<(&str, Box<dyn Fmt>)> = vec![
         ("q4", Box::new(Q4Matrix::quantize(&w).unwrap())),
         ("nf4", Box::new(Nf4Matrix::quantize(&w).unwrap())),
         ("nf4_dq", Box::new(Nf4Matrix::quantize_double(&w).unwrap())),
         ("int8", Box::new(Int8Matrix::quantize(&w).unwrap())),
         ("lower", Box::new(LowerMatrix::quantize(&w).unwrap())),
     ];
+    if let Ok(only) = std::env::var("ACT8_BENCH_FORMATS") {
+        fmts.retain(|(name, _)| only.split(',').any(|o| o == *name));
+    }
     println!(
         "threads {} kernel {} int tier {:?}",
         rayon::current_num_threads(),
@@ -132,6 +140,12 @@ fn main() {
             println!("{}{vnni}", row(name, m, &times));
         }
     }
+    if std::env::var("ACT8_BENCH_PHASES").is_ok_and(|v| v == "1") {
+        phases_table(&fmts, &batches, dim, &generic, reps);
+    }
+    if std::env::var("ACT8_BENCH_BACKWARD").is_ok_and(|v| v == "0") {
+        return;
+    }
     println!(
         "backward dX = dY·W\nformat  batch  f32_ms (min)      int8_ms (min)     integer_ms (min)  int8/f32  integer/f32 (of medians; of minima)"
     );
@@ -159,5 +173,43 @@ trait Fmt: IntCodes + WeightMatrix + Int8InputGrad {
 impl<T: IntCodes + WeightMatrix + Int8InputGrad> Fmt for T {
     fn as_int(&self) -> &dyn IntCodes {
         self
+    }
+}
+
+/// The integer GEMM's phases one after another (`act8::gemm::phases`: x's quantization, W's
+/// packing, the products; medians and minima over `reps` after a warm-up) per format, batch
+/// (from `GEMM_MIN_M`) and tier of `tiers`.
+fn phases_table(
+    fmts: &[(&str, Box<dyn Fmt>)],
+    batches: &[usize],
+    dim: usize,
+    tiers: &[IntTier],
+    reps: usize,
+) {
+    println!("integer GEMM phases, ms: median (min)\nformat  batch  tier         quantize_x        pack_w            products");
+    for &m in batches.iter().filter(|&&m| m >= gemm::GEMM_MIN_M) {
+        let x = Tensor::randn(&[m, dim], &mut Rng::new(2)).into_vec();
+        let mut y = vec![0.0f32; m * dim];
+        for (name, f) in fmts {
+            for &tier in tiers {
+                let mut t: [Vec<f64>; 3] = Default::default();
+                for round in 0..=reps {
+                    let p = gemm::phases(tier, f.as_int(), &x, m, &mut y).unwrap();
+                    if round > 0 {
+                        for (v, ms) in t.iter_mut().zip(p) {
+                            v.push(ms);
+                        }
+                    }
+                }
+                let cells: Vec<String> = t
+                    .into_iter()
+                    .map(|v| {
+                        let (a, b) = median_min(v);
+                        format!("{a:7.3} ({b:7.3})")
+                    })
+                    .collect();
+                println!("{name:7} {m:5}  {:12} {}", format!("{tier:?}"), cells.join("  "));
+            }
+        }
     }
 }

@@ -367,6 +367,10 @@ struct Stored {
     r0: usize,
     /// The panel (in the block).
     p: usize,
+    /// i32 per unit ([`Block::unit_stride`]).
+    unit_stride: usize,
+    /// i32 per vector ([`Block::row_stride`]).
+    row_stride: usize,
 }
 
 impl<L: Lanes, const R: usize> UnitSource<L, R> for Stored {
@@ -378,7 +382,8 @@ impl<L: Lanes, const R: usize> UnitSource<L, R> for Stored {
         unsafe {
             let mut sums = [L::zero_i(); R];
             for (r, s) in sums.iter_mut().enumerate() {
-                let at = ((u - self.u0) * BLOCK_VECTORS + self.r0 + r) * BLOCK_ROWS
+                let at = (u - self.u0) * self.unit_stride
+                    + (self.r0 + r) * self.row_stride
                     + self.p * PANEL_ROWS;
                 *s = L::load_i(self.sums.add(at));
             }
@@ -452,12 +457,13 @@ unsafe fn block<L: Lanes, T: TileOps>(
     // and the panel range, units of a chunk, and halves of `sums`.
     unsafe {
         tiles.configure(&TileConfig::for_depth(unit.min(TILE_BYTES)));
+        let (max_vectors, max_panels) = block_caps();
         let mut p0 = panels.start;
         while p0 < panels.end {
-            let np = (panels.end - p0).min(2);
+            let np = (panels.end - p0).min(max_panels);
             let mut b0 = rows.start;
             while b0 < rows.end {
-                let nb = (rows.end - b0).min(BLOCK_VECTORS);
+                let nb = (rows.end - b0).min(max_vectors);
                 let blk = Block { b0, nb, p0, np };
                 let folds = np * nb.div_ceil(L::MR);
                 // Chunk c's tile work, each unit followed by a share of chunk c − 1's folds,
@@ -474,7 +480,7 @@ unsafe fn block<L: Lanes, T: TileOps>(
                             ..((c + 1) * chunk_groups).min(groups) * per_group;
                         let dst = base.add(c % 2 * half);
                         for (j, u) in us.clone().enumerate() {
-                            let at = dst.add(j * BLOCK_VECTORS * BLOCK_ROWS);
+                            let at = dst.add(j * blk.unit_stride());
                             tile_unit(tiles, pw, xp, &blk, u, at);
                             let upto = if c > 0 { folds * (j + 1) / us.len() } else { 0 };
                             while done < upto {
@@ -515,6 +521,33 @@ struct Block {
     nb: usize,
     p0: usize,
     np: usize,
+}
+
+impl Block {
+    /// i32 per vector in the stored sums: the block's rows of W.
+    fn row_stride(&self) -> usize {
+        self.np * PANEL_ROWS
+    }
+
+    /// i32 per unit in the stored sums: whole A tiles of vectors by the block's rows of W.
+    fn unit_stride(&self) -> usize {
+        self.nb.next_multiple_of(TILE_ROWS) * self.row_stride()
+    }
+}
+
+/// `(vectors, panels)` of a block at most: `NIBBLE_AMX_BLOCK=VxP` (16 or 32 vectors, 1 or 2
+/// panels; experiment), else 32 × 2.
+fn block_caps() -> (usize, usize) {
+    static CAPS: std::sync::OnceLock<(usize, usize)> = std::sync::OnceLock::new();
+    *CAPS.get_or_init(|| {
+        let v = std::env::var("NIBBLE_AMX_BLOCK").unwrap_or_default();
+        match v.as_str() {
+            "16x1" => (16, 1),
+            "16x2" => (16, 2),
+            "32x1" => (32, 1),
+            _ => (BLOCK_VECTORS, 2),
+        }
+    })
 }
 
 /// Unit `u`'s sums of the block by the tiles, stored to `dst` as `[vector][row of W]`
@@ -563,10 +596,11 @@ unsafe fn tile_unit<T: TileOps>(
                 }
             }
         }
+        let row_stride = blk.row_stride();
         for v in 0..nv {
             for p in 0..blk.np {
-                let at = v * TILE_ROWS * BLOCK_ROWS + p * PANEL_ROWS;
-                tiles.store(v, p, dst.add(at), BLOCK_ROWS * std::mem::size_of::<i32>());
+                let at = v * TILE_ROWS * row_stride + p * PANEL_ROWS;
+                tiles.store(v, p, dst.add(at), row_stride * std::mem::size_of::<i32>());
             }
         }
     }
@@ -594,7 +628,14 @@ unsafe fn fold_task<L: Lanes>(
     let r = L::MR.min(blk.nb - r0);
     let u0 = groups.start * (GROUP / pw.unit);
     let resume = groups.start > 0;
-    let src = Stored { sums, u0, r0, p };
+    let src = Stored {
+        sums,
+        u0,
+        r0,
+        p,
+        unit_stride: blk.unit_stride(),
+        row_stride: blk.row_stride(),
+    };
     // SAFETY: the caller's contract; `outs` holds the block's [2][32][16] outputs.
     unsafe {
         let out = outs.add((p * BLOCK_VECTORS + r0) * PANEL_ROWS);

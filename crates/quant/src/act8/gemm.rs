@@ -745,6 +745,34 @@ enum Kernel {
 }
 
 impl Kernel {
+    /// The kernel of `tier` (already [`IntTier::supported`]) for codes of `layout`.
+    fn for_tier(tier: IntTier, layout: IntLayout) -> Kernel {
+        match tier {
+            #[cfg(target_arch = "x86_64")]
+            IntTier::Avx512Vnni => Kernel::Vnni,
+            #[cfg(target_arch = "x86_64")]
+            IntTier::AvxVnni => Kernel::AvxVnni,
+            #[cfg(target_arch = "x86_64")]
+            IntTier::AvxVnniEmulated => Kernel::AvxVnniEmulated,
+            #[cfg(target_arch = "x86_64")]
+            IntTier::Amx => Kernel::Amx,
+            IntTier::AmxEmulated => Kernel::AmxEmulated,
+            #[cfg(target_arch = "x86_64")]
+            IntTier::Avx2 if layout.kind == CodeKind::Nibble => Kernel::Avx2Narrow,
+            #[cfg(target_arch = "x86_64")]
+            IntTier::Avx2 => Kernel::Avx2Wide,
+            _ => Kernel::Scalar,
+        }
+    }
+
+    /// The layout of x this kernel reads.
+    fn x_layout(self) -> super::XLayout {
+        super::XLayout {
+            flip: if self.shape().1 { 0x80 } else { 0 },
+            rows_multiple: self.x_rows_multiple(),
+        }
+    }
+
     /// `(NR, OFFSET_X)` of the kernel's lanes.
     fn shape(self) -> (usize, bool) {
         fn of<L: Lanes>() -> (usize, bool) {
@@ -867,59 +895,92 @@ pub(super) fn run(
     q: &mut QuantizedX,
 ) -> bool {
     let (o, i) = w.int_dims();
-    let kernel = match tier {
-        #[cfg(target_arch = "x86_64")]
-        IntTier::Avx512Vnni => Kernel::Vnni,
-        #[cfg(target_arch = "x86_64")]
-        IntTier::AvxVnni => Kernel::AvxVnni,
-        #[cfg(target_arch = "x86_64")]
-        IntTier::AvxVnniEmulated => Kernel::AvxVnniEmulated,
-        #[cfg(target_arch = "x86_64")]
-        IntTier::Amx => Kernel::Amx,
-        IntTier::AmxEmulated => Kernel::AmxEmulated,
-        #[cfg(target_arch = "x86_64")]
-        IntTier::Avx2 if layout.kind == CodeKind::Nibble => Kernel::Avx2Narrow,
-        #[cfg(target_arch = "x86_64")]
-        IntTier::Avx2 => Kernel::Avx2Wide,
-        _ => Kernel::Scalar,
-    };
-    let (nr, offset_x) = kernel.shape();
-    let x_layout = super::XLayout {
-        flip: if offset_x { 0x80 } else { 0 },
-        rows_multiple: kernel.x_rows_multiple(),
-    };
+    let kernel = Kernel::for_tier(tier, layout);
     let reuse = BUFFERS.take();
-    let mut quantize = || super::quantize_x_into(x, m, i, layout.unit, parallel, q, x_layout);
+    let mut quantize =
+        || super::quantize_x_into(x, m, i, layout.unit, parallel, q, kernel.x_layout());
     let (pw, finite) = if parallel {
         rayon::join(|| pack(w, layout, kernel, parallel, reuse), quantize)
     } else {
         let finite = quantize();
         (pack(w, layout, kernel, parallel, reuse), finite)
     };
-    if !finite {
-        BUFFERS.set(Some(pw));
-        return false;
+    if finite {
+        products(kernel, &pw, q, m, o, parallel, y, accumulate);
     }
+    BUFFERS.set(Some(pw));
+    finite
+}
+
+/// The products of the GEMM on `kernel`: `y (+)= x · Wᵀ` from the packed W and quantized x,
+/// in tasks of [`M_BLOCK`] vectors by [`N_BLOCK`] rows of W (in parallel where `parallel`).
+#[allow(clippy::too_many_arguments)]
+fn products(
+    kernel: Kernel,
+    pw: &PackedW,
+    q: &QuantizedX,
+    m: usize,
+    o: usize,
+    parallel: bool,
+    y: &mut [f32],
+    accumulate: bool,
+) {
+    assert!(y.len() >= m * o);
     let xp = prepare_x(q);
     let yp = YPtr(y.as_mut_ptr());
     let (mt, nt) = (m.div_ceil(M_BLOCK), o.div_ceil(N_BLOCK));
-    let per_block = N_BLOCK / nr;
-    let panels = o.div_ceil(nr);
+    let per_block = N_BLOCK / pw.nr;
+    let panels = o.div_ceil(pw.nr);
     let task = |t: usize| {
         let (bm, bn) = (t / nt, t % nt);
         let rows = bm * M_BLOCK..m.min((bm + 1) * M_BLOCK);
         let ps = bn * per_block..panels.min((bn + 1) * per_block);
-        // SAFETY: the kernel came from a supported tier; rows and panels lie inside the batch
-        // and `pw`; tasks own disjoint rectangles of y, joined before `run` returns.
-        unsafe { kernel.block(&pw, &xp, rows, ps, yp, o, accumulate) };
+        // SAFETY: the kernel came from a supported tier and packed `pw`; rows and panels lie
+        // inside the batch and `pw`; tasks own disjoint rectangles of y, joined before
+        // `products` returns.
+        unsafe { kernel.block(pw, &xp, rows, ps, yp, o, accumulate) };
     };
     if parallel {
         (0..mt * nt).into_par_iter().for_each(task);
     } else {
         (0..mt * nt).for_each(task);
     }
+}
+
+/// Where the GEMM's time goes: [`super::forward`]'s integer GEMM for `m` vectors (at least
+/// [`GEMM_MIN_M`]) on `tier` as it routes it, its three phases run one after another (x's
+/// quantization, W's packing, the products; in the GEMM the first two run side by side), each
+/// on the whole pool. Returns the three times in ms, or `None` where `forward` would decline
+/// (shapes, no integer layout, a non-finite x), with `y` then untouched. For benchmarks.
+pub fn phases(
+    tier: IntTier,
+    w: &dyn IntCodes,
+    x: &[f32],
+    m: usize,
+    y: &mut [f32],
+) -> Option<[f64; 3]> {
+    let (o, i) = w.int_dims();
+    let layout = w.int_layout()?;
+    if m < GEMM_MIN_M || i == 0 || x.len() != m * i || y.len() != m * o {
+        return None;
+    }
+    let kernel = Kernel::for_tier(super::gemm_tier(tier, layout.unit), layout);
+    let ms = |t: std::time::Instant| t.elapsed().as_secs_f64() * 1e3;
+    let mut q = super::QUANTIZED.take();
+    let t = std::time::Instant::now();
+    let finite = super::quantize_x_into(x, m, i, layout.unit, true, &mut q, kernel.x_layout());
+    let quantize = ms(t);
+    let t = std::time::Instant::now();
+    let pw = pack(w, layout, kernel, true, BUFFERS.take());
+    let packing = ms(t);
+    let t = std::time::Instant::now();
+    if finite {
+        products(kernel, &pw, &q, m, o, true, y, false);
+    }
+    let product = ms(t);
     BUFFERS.set(Some(pw));
-    true
+    super::QUANTIZED.set(q);
+    finite.then_some([quantize, packing, product])
 }
 
 /// x for a kernel from `q`, quantized in the kernel's layout ([`super::XLayout`]): its bytes,

@@ -892,10 +892,7 @@ pub fn forward(
     // unit: for Q4 (units of 16) it measured slower than VNNI on the 16-core Xeon (one 1024²
     // layer, `act8_bench`, int8 / f32 time, 16 threads: batch 256 0.98 against 0.88, 1024
     // 1.55 against 1.14; 2 threads, batch 1024 1.25 against 0.74), so such units run on VNNI.
-    let tier = match tier.supported() {
-        IntTier::Amx if unit < 64 => IntTier::Avx512Vnni,
-        t => t,
-    };
+    let tier = gemm_tier(tier, unit);
     let threads = rayon::current_num_threads().max(1);
     let parallel = threads > 1 && o.saturating_mul(i).saturating_mul(m) >= PARALLEL_MIN_WORK;
     // The quantized x of this thread's last call, its storage reused.
@@ -1038,6 +1035,18 @@ pub fn forward(
     }
     QUANTIZED.set(q);
     true
+}
+
+/// The tier the integer GEMM runs for `tier` ([`IntTier::supported`] first) and units of
+/// `unit` columns: units of 16 leave AMX for AVX-512 VNNI unless `NIBBLE_AMX_UNIT16=1`
+/// (experiment).
+pub(crate) fn gemm_tier(tier: IntTier, unit: usize) -> IntTier {
+    static UNIT16: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let amx16 = *UNIT16.get_or_init(|| std::env::var("NIBBLE_AMX_UNIT16").is_ok_and(|v| v == "1"));
+    match tier.supported() {
+        IntTier::Amx if unit < 64 && !amx16 => IntTier::Avx512Vnni,
+        t => t,
+    }
 }
 
 /// Units of 16 fused with the f32 combination ([`avx2::dot_units16`]: the bits of
