@@ -208,7 +208,11 @@ fn phases_table(
                         format!("{a:7.3} ({b:7.3})")
                     })
                     .collect();
-                println!("{name:7} {m:5}  {:12} {}", format!("{tier:?}"), cells.join("  "));
+                println!(
+                    "{name:7} {m:5}  {:12} {}",
+                    format!("{tier:?}"),
+                    cells.join("  ")
+                );
             }
         }
     }

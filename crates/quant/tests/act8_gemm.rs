@@ -284,3 +284,43 @@ fn avxvnni_tier_selection() {
         }
     }
 }
+
+/// `gemm::phases` (the GEMM's phases one after another, for benchmarks) gives the outputs of
+/// `forward` bit for bit on every tier and format, and declines where `forward` does: batches
+/// below `GEMM_MIN_M`, a wrong length of y, a NaN or infinity in x (y left untouched).
+#[test]
+fn phases_give_the_forward_outputs() {
+    use nibble_quant::act8::gemm::phases;
+    let (o, i, m) = (33, 192, GEMM_MIN_M + 9);
+    let w = weights(o, i, 41);
+    let x = activations(m, i, 42);
+    for (name, f) in formats(&w) {
+        for tier in tiers() {
+            let mut want = vec![f32::NAN; m * o];
+            assert!(
+                forward(tier, f.as_ref(), &x, m, &mut want, false),
+                "{name} {tier:?}"
+            );
+            let mut got = vec![f32::NAN; m * o];
+            let times = phases(tier, f.as_ref(), &x, m, &mut got)
+                .unwrap_or_else(|| panic!("{name} {tier:?}: phases declined"));
+            assert!(times.iter().all(|t| t.is_finite() && *t >= 0.0));
+            assert!(
+                same_bits(&got, &want),
+                "{name} {tier:?}: phases' outputs differ"
+            );
+            let short = GEMM_MIN_M - 1;
+            let mut y = vec![f32::NAN; short * o];
+            assert!(phases(tier, f.as_ref(), &x[..short * i], short, &mut y).is_none());
+            let mut y = vec![f32::NAN; m * o - 1];
+            assert!(phases(tier, f.as_ref(), &x, m, &mut y).is_none());
+            for bad in [f32::NAN, f32::INFINITY] {
+                let mut xb = x.clone();
+                xb[i + 3] = bad;
+                let mut y = vec![7.0f32; m * o];
+                assert!(phases(tier, f.as_ref(), &xb, m, &mut y).is_none());
+                assert!(y.iter().all(|&v| v == 7.0), "{name} {tier:?}: y touched");
+            }
+        }
+    }
+}

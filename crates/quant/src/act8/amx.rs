@@ -30,6 +30,19 @@
 //! folds), so that the AVX-512 fold runs while the tile unit computes instead of after it.
 //! Batches and panels that do not fill 32 × 32 run the tiles they need (one A or one B).
 //!
+//! # What it costs (measured)
+//! Cycle counters inside this driver on the 16-core Xeon (one 1024² layer, batch 1024,
+//! 2026-12-03 21:06–21:14 UTC, `act8_bench` with temporary `rdtsc` probes): for units of 128
+//! (lower, int8) the tile work of one unit of a 32 × 32 block (4 zeroings, 4 loads of x,
+//! 4 of W, 8 dot products, 4 stores: 24 tile instructions) took about 475 cycles, about 45 % of
+//! the driver's time, the fold 20 %, the write of y 15 % (before it was vectorized: 17 % on
+//! one thread, 7–10 % after). For units of 16 (Q4) one unit of a block took the same 475
+//! cycles for a quarter of the products: about 20 cycles per tile instruction whatever its
+//! depth, which is why units of 16 run on VNNI ([`super::gemm_tier`]). Tried and left out, no
+//! faster in the same runs: blocks of 16 or 32 vectors by 1 or 2 panels (32 × 2 panels was
+//! the fastest), chunks of 2 or 4 units of stored sums (to keep both halves in L1) against 8,
+//! and software prefetch of the next unit's x (and W) rows.
+//!
 //! # Two implementations of the tiles
 //! The driver (`block`) runs on a `TileOps`: `Hardware` (the instructions, inline
 //! `asm!`: AMX has no stable Rust intrinsics) or `Emulator` (scalar code with the
@@ -457,13 +470,12 @@ unsafe fn block<L: Lanes, T: TileOps>(
     // and the panel range, units of a chunk, and halves of `sums`.
     unsafe {
         tiles.configure(&TileConfig::for_depth(unit.min(TILE_BYTES)));
-        let (max_vectors, max_panels) = block_caps();
         let mut p0 = panels.start;
         while p0 < panels.end {
-            let np = (panels.end - p0).min(max_panels);
+            let np = (panels.end - p0).min(2);
             let mut b0 = rows.start;
             while b0 < rows.end {
-                let nb = (rows.end - b0).min(max_vectors);
+                let nb = (rows.end - b0).min(BLOCK_VECTORS);
                 let blk = Block { b0, nb, p0, np };
                 let folds = np * nb.div_ceil(L::MR);
                 // Chunk c's tile work, each unit followed by a share of chunk c − 1's folds,
@@ -499,10 +511,9 @@ unsafe fn block<L: Lanes, T: TileOps>(
                 for p in 0..np {
                     let cols = PANEL_ROWS.min(o - (p0 + p) * PANEL_ROWS);
                     for r in 0..nb {
-                        for c in 0..cols {
-                            let v = outs[(p * BLOCK_VECTORS + r) * PANEL_ROWS + c];
-                            y.store((b0 + r) * o + (p0 + p) * PANEL_ROWS + c, v, accumulate);
-                        }
+                        let at = (p * BLOCK_VECTORS + r) * PANEL_ROWS;
+                        let idx = (b0 + r) * o + (p0 + p) * PANEL_ROWS;
+                        y.store_run(idx, &outs[at..at + cols], accumulate);
                     }
                 }
                 b0 += nb;
@@ -533,21 +544,6 @@ impl Block {
     fn unit_stride(&self) -> usize {
         self.nb.next_multiple_of(TILE_ROWS) * self.row_stride()
     }
-}
-
-/// `(vectors, panels)` of a block at most: `NIBBLE_AMX_BLOCK=VxP` (16 or 32 vectors, 1 or 2
-/// panels; experiment), else 32 × 2.
-fn block_caps() -> (usize, usize) {
-    static CAPS: std::sync::OnceLock<(usize, usize)> = std::sync::OnceLock::new();
-    *CAPS.get_or_init(|| {
-        let v = std::env::var("NIBBLE_AMX_BLOCK").unwrap_or_default();
-        match v.as_str() {
-            "16x1" => (16, 1),
-            "16x2" => (16, 2),
-            "32x1" => (32, 1),
-            _ => (BLOCK_VECTORS, 2),
-        }
-    })
 }
 
 /// Unit `u`'s sums of the block by the tiles, stored to `dst` as `[vector][row of W]`

@@ -612,10 +612,9 @@ pub(super) unsafe fn block<L: Lanes>(
             // SAFETY: the caller's contract; `t` holds MR · NR <= MAX_TILE values.
             unsafe { tile_any::<L>(nb, pw, xp, b0, p, t.as_mut_ptr()) };
             for r in 0..nb {
-                for c in 0..cols {
-                    // SAFETY: (b0 + r, p · nr + c) lies in the caller's rectangle of y.
-                    unsafe { y.store((b0 + r) * o + p * nr + c, t[r * nr + c], accumulate) };
-                }
+                let run = &t[r * nr..r * nr + cols];
+                // SAFETY: (b0 + r, p · nr .. p · nr + cols) lies in the caller's rectangle of y.
+                unsafe { y.store_run((b0 + r) * o + p * nr, run, accumulate) };
             }
             b0 += nb;
         }

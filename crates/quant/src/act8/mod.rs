@@ -778,6 +778,24 @@ impl YPtr {
             *d = if accumulate { *d + v } else { v };
         }
     }
+
+    /// Writes (or with `accumulate` adds) `src` at elements `idx..idx + src.len()` of `y`, in
+    /// vector stores (a block's row of outputs).
+    ///
+    /// # Safety
+    /// The elements lie inside `y`, in the columns that belong to the calling task alone.
+    #[inline(always)]
+    unsafe fn store_run(self, idx: usize, src: &[f32], accumulate: bool) {
+        // SAFETY: the caller's contract: the run is inside `y` and this task's alone.
+        let d = unsafe { std::slice::from_raw_parts_mut(self.0.add(idx), src.len()) };
+        if accumulate {
+            for (d, &v) in d.iter_mut().zip(src) {
+                *d += v;
+            }
+        } else {
+            d.copy_from_slice(src);
+        }
+    }
 }
 
 /// Multiply-adds (`out · in · m`) below which the forward stays on one thread.
@@ -888,10 +906,6 @@ pub fn forward(
         return true;
     }
     let unit = layout.unit;
-    // AMX forms a unit of 16 columns at a quarter of a tile's depth and stores and folds every
-    // unit: for Q4 (units of 16) it measured slower than VNNI on the 16-core Xeon (one 1024²
-    // layer, `act8_bench`, int8 / f32 time, 16 threads: batch 256 0.98 against 0.88, 1024
-    // 1.55 against 1.14; 2 threads, batch 1024 1.25 against 0.74), so such units run on VNNI.
     let tier = gemm_tier(tier, unit);
     let threads = rayon::current_num_threads().max(1);
     let parallel = threads > 1 && o.saturating_mul(i).saturating_mul(m) >= PARALLEL_MIN_WORK;
@@ -1038,13 +1052,19 @@ pub fn forward(
 }
 
 /// The tier the integer GEMM runs for `tier` ([`IntTier::supported`] first) and units of
-/// `unit` columns: units of 16 leave AMX for AVX-512 VNNI unless `NIBBLE_AMX_UNIT16=1`
-/// (experiment).
+/// `unit` columns: units of 16 leave AMX for AVX-512 VNNI.
+///
+/// AMX forms a unit of 16 columns at a quarter of a tile's depth and stores and folds every
+/// unit; on the 16-core Xeon each tile instruction (load, dot product, store, zero) cost about
+/// the same whatever its depth, so Q4 (units of 16) ran slower there than on VNNI (one 1024²
+/// layer, `act8_bench`, 16 threads, batch 1024, the products alone: 2.1–2.4 ms on AMX against
+/// 0.76–0.93 ms on VNNI in the same runs, 2026-12-03 21:06–21:14 UTC; blocks of 16 × 16 with
+/// two or four tile sets rotating between units, so that a unit's store never held up the
+/// next unit's products, took 3.4–3.8 ms; earlier, int8 / f32 time at batch 256 0.98 against
+/// 0.88, at 1024 1.55 against 1.14).
 pub(crate) fn gemm_tier(tier: IntTier, unit: usize) -> IntTier {
-    static UNIT16: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let amx16 = *UNIT16.get_or_init(|| std::env::var("NIBBLE_AMX_UNIT16").is_ok_and(|v| v == "1"));
     match tier.supported() {
-        IntTier::Amx if unit < 64 && !amx16 => IntTier::Avx512Vnni,
+        IntTier::Amx if unit < 64 => IntTier::Avx512Vnni,
         t => t,
     }
 }
