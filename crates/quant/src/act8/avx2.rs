@@ -224,8 +224,13 @@ pub(super) unsafe fn combine(
     super::combine_body(isum, sx_u, xo_u, scale, offset)
 }
 
-/// The quantization of one vector of x ([`super::quantize_row`]) compiled with AVX2 (the same
-/// operations in 8 lanes, so the same bits as the portable build).
+/// The quantization of one vector of x with the bits of [`super::quantize_row`], in AVX2
+/// intrinsics: per whole group of 128, `max |x|` and the finiteness check over 16 vectors of 8,
+/// the scaled and clamped values rounded by `vcvtps2dq` (round half to even, as the portable
+/// rounding sum for `|v| <= 127`), packed to bytes, and the unit sums by `vpsadbw` of the
+/// offset bytes (8 at a time). A partial last group and the padding take the portable code.
+/// Measured on one Zen 3 thread (1024 vectors of 1024, `act8_bench` phases): 0.94 ms for
+/// units of 16 and 0.70 ms for 128 with the portable body compiled for AVX2.
 ///
 /// # Safety
 /// The CPU has AVX2; the lengths [`super::quantize_row`] expects.
@@ -238,7 +243,90 @@ pub(super) unsafe fn quantize_row(
     unit: usize,
     flip: u8,
 ) -> bool {
-    super::quantize_row(xv, xq, sx, qs, unit, flip)
+    const GROUP: usize = super::GROUP;
+    const CHUNKS: usize = GROUP / 8;
+    let full = xv.len() / GROUP;
+    let per_group = GROUP / unit;
+    assert!(
+        GROUP % unit == 0
+            && xq.len() >= xv.len().next_multiple_of(GROUP)
+            && sx.len() >= xv.len().div_ceil(GROUP)
+            && qs.len() >= xq.len() / unit
+    );
+    let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let inf = _mm256_set1_ps(f32::INFINITY);
+    let (lo, hi) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
+    let offset = _mm256_set1_epi8(-128);
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    let mut bad = _mm256_setzero_ps();
+    for g in 0..full {
+        let src = xv[g * GROUP..(g + 1) * GROUP].as_ptr();
+        let mut v = [_mm256_setzero_ps(); CHUNKS];
+        let mut most = _mm256_setzero_ps();
+        for (j, vj) in v.iter_mut().enumerate() {
+            // SAFETY: 8 floats at 8j of the group's 128.
+            *vj = unsafe { _mm256_loadu_ps(src.add(8 * j)) };
+            let a = _mm256_and_ps(*vj, abs);
+            // `a > most ? a : most`, as the portable lanes.
+            most = _mm256_max_ps(a, most);
+            // NaN (unordered) or infinite.
+            bad = _mm256_or_ps(bad, _mm256_cmp_ps::<_CMP_NLT_UQ>(a, inf));
+        }
+        let mut lanes = [0.0f32; 8];
+        // SAFETY: 8 floats.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), most) };
+        let amax = lanes.iter().fold(0.0f32, |a, &b| if b > a { b } else { a });
+        sx[g] = amax / 127.0;
+        let inv = _mm256_set1_ps(if amax > 0.0 { 127.0 / amax } else { 0.0 });
+        let mut chunk_sums = [0i64; CHUNKS];
+        for k in 0..CHUNKS / 4 {
+            // (A helper fn rather than a closure: closures do not inherit the target features.)
+            let a = quantize8(v[4 * k], inv, lo, hi);
+            let b = quantize8(v[4 * k + 1], inv, lo, hi);
+            let c = quantize8(v[4 * k + 2], inv, lo, hi);
+            let d = quantize8(v[4 * k + 3], inv, lo, hi);
+            // i32 → i16 → i8 per 128-bit half, then the dwords back in element order.
+            let packed = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
+            let bytes = _mm256_permutevar8x32_epi32(packed, order);
+            // xq + 128 as unsigned bytes: sums of 8 by `vpsadbw`.
+            let shifted = _mm256_xor_si256(bytes, offset);
+            let sad = _mm256_sad_epu8(shifted, _mm256_setzero_si256());
+            // SAFETY: 4 i64 lanes into chunk_sums[4k..4k + 4].
+            unsafe { _mm256_storeu_si256(chunk_sums[4 * k..].as_mut_ptr() as *mut __m256i, sad) };
+            let out = if flip == 0x80 { shifted } else { bytes };
+            debug_assert!(flip == 0 || flip == 0x80);
+            // SAFETY: 32 bytes at g·128 + 32k, inside xq (asserted lengths).
+            unsafe {
+                _mm256_storeu_si256(xq[g * GROUP + 32 * k..].as_mut_ptr() as *mut __m256i, out)
+            };
+        }
+        let per_unit = unit / 8;
+        for (u, sums) in chunk_sums.chunks_exact(per_unit).enumerate() {
+            qs[g * per_group + u] = (sums.iter().sum::<i64>() - 128 * unit as i64) as i32;
+        }
+    }
+    let finite = _mm256_movemask_ps(bad) == 0;
+    let tail = full * GROUP;
+    if tail == xq.len() {
+        return finite;
+    }
+    let rest = super::quantize_row(
+        &xv[tail..],
+        &mut xq[tail..],
+        &mut sx[full..],
+        &mut qs[full * per_group..],
+        unit,
+        flip,
+    );
+    finite && rest
+}
+
+/// `round_half_even(clamp(v · inv, lo, hi))` in i32 lanes (`vcvtps2dq` under the default
+/// rounding mode).
+#[inline(always)]
+fn quantize8(v: __m256, inv: __m256, lo: __m256, hi: __m256) -> __m256i {
+    // SAFETY: inlined into AVX2 code only (`quantize_row`).
+    unsafe { _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(v, inv), lo), hi)) }
 }
 
 /// NF4 codes (high nibble first) to their int8 levels: each 16 packed bytes become 32 level
@@ -604,4 +692,83 @@ pub(super) unsafe fn gemm_block_wide(
 ) {
     // SAFETY: the caller's contract.
     unsafe { super::gemm::block::<Wide>(pw, xp, rows, panels, y, o, accumulate) }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The AVX2 quantization against the portable one: the same bytes, scales, unit sums and
+    /// finiteness, on awkward lengths, every unit and both byte layouts, with zero groups,
+    /// ±extremes, exact ties of the rounding, and NaN or infinities placed in whole and partial
+    /// groups.
+    #[test]
+    fn quantize_row_matches_the_portable_code() {
+        if !crate::cpu::has_avx2_fma_f16c() {
+            println!("act8 avx2: skipping quantize_row (this CPU lacks AVX2)");
+            return;
+        }
+        let mut rng = nibble_tensor::Rng::new(7);
+        for len in [
+            1usize, 7, 15, 17, 31, 33, 63, 127, 128, 129, 255, 256, 1023, 1024,
+        ] {
+            let base = nibble_tensor::Tensor::randn(&[len], &mut rng).into_vec();
+            let mut cases = vec![base.clone()];
+            // A zero group, one at ±extremes, exact ties (x · 127 / amax = k + 0.5).
+            let mut special = base.clone();
+            for (k, v) in special.iter_mut().enumerate() {
+                *v = match (k / 128) % 3 {
+                    0 => 0.0,
+                    1 => {
+                        if k % 2 == 0 {
+                            3.0
+                        } else {
+                            -3.0
+                        }
+                    }
+                    _ => (k % 9) as f32 * 0.5 - 2.0,
+                };
+            }
+            if len > 2 * 128 {
+                special[2 * 128] = 127.0;
+            }
+            cases.push(special);
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                for at in [0, len / 2, len - 1] {
+                    let mut c = base.clone();
+                    c[at] = bad;
+                    cases.push(c);
+                }
+            }
+            let kpad = len.next_multiple_of(super::super::GROUP);
+            for unit in [16usize, 64, 128] {
+                for flip in [0u8, 0x80] {
+                    for x in &cases {
+                        let run = |simd: bool| {
+                            let mut xq = vec![99i8; kpad];
+                            let mut sx = vec![f32::NAN; kpad / 128];
+                            let mut qs = vec![-99i32; kpad / unit];
+                            let ok = if simd {
+                                // SAFETY: AVX2 checked above; lengths as quantize_x_into's.
+                                unsafe {
+                                    super::quantize_row(x, &mut xq, &mut sx, &mut qs, unit, flip)
+                                }
+                            } else {
+                                super::super::quantize_row(x, &mut xq, &mut sx, &mut qs, unit, flip)
+                            };
+                            (
+                                ok,
+                                xq,
+                                sx.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                                qs,
+                            )
+                        };
+                        let (want, got) = (run(false), run(true));
+                        assert_eq!(got.0, want.0, "finiteness, len {len} unit {unit}");
+                        if want.0 {
+                            assert_eq!(got, want, "len {len} unit {unit} flip {flip}");
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
