@@ -24,7 +24,7 @@ use half::slice::HalfFloatSliceExt;
 use nibble_tensor::gemm::{MatRef, Segment};
 use nibble_tensor::layernorm::layer_norm_assign;
 use nibble_tensor::lowrank::LowRank;
-use nibble_tensor::ops::{add_in_place, fill_rows, relu_in_place};
+use nibble_tensor::ops::{add_in_place, fill_rows, relu_in_place, zeros_vec};
 use nibble_tensor::team::{self, block_rows, Member, SharedRows};
 use nibble_tensor::weight::BATCH1_ROW_ALIGN;
 use nibble_tensor::{f16, Tensor, TensorError, WeightMatrix};
@@ -104,9 +104,10 @@ pub(crate) fn forward_in_place(
         .filter_map(|l| l.lora.as_ref().map(|a| a.rank()))
         .max()
         .unwrap_or(0);
+    // Cleared in parallel (calloc clears reused memory with one serial memset).
     let mut buffers = InferBuffers {
-        a: vec![0.0; widest * dim],
-        b: vec![0.0; widest * dim],
+        a: zeros_vec(widest * dim),
+        b: zeros_vec(widest * dim),
         lora: vec![0.0; widest * rank],
         bias: Vec::new(),
     };

@@ -88,7 +88,12 @@ pub fn positive_bits(chunk: &[f32]) -> u64 {
 /// `n` zeros: calloc's below the parallel size; above it written in parallel chunks, since
 /// calloc clears memory it reuses with one serial memset (a whole activation, e.g. a
 /// gradient buffer a GEMM then overwrites).
-pub(crate) fn zeros_vec(n: usize) -> Vec<f32> {
+///
+/// ```
+/// let z = nibble_tensor::ops::zeros_vec(1 << 20);
+/// assert!(z.len() == 1 << 20 && z.iter().all(|&v| v == 0.0));
+/// ```
+pub fn zeros_vec(n: usize) -> Vec<f32> {
     if n < 2 * PAR_CHUNK {
         return vec![0.0; n];
     }
@@ -99,8 +104,14 @@ pub(crate) fn zeros_vec(n: usize) -> Vec<f32> {
     })
 }
 
-/// A copy of `src`, written in parallel chunks for large sizes (see [`new_filled`]).
-pub(crate) fn copied_vec(src: &[f32]) -> Vec<f32> {
+/// A copy of `src`, written in parallel chunks for large sizes (straight into fresh memory,
+/// so its pages are faulted in by every thread at once).
+///
+/// ```
+/// let x: Vec<f32> = (0..300_000).map(|i| i as f32).collect();
+/// assert_eq!(nibble_tensor::ops::copied_vec(&x), x);
+/// ```
+pub fn copied_vec(src: &[f32]) -> Vec<f32> {
     map_new(src, |v| v)
 }
 
