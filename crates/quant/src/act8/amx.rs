@@ -38,7 +38,7 @@
 //! the driver's time, the fold 20 %, the write of y 15 % (before it was vectorized: 17 % on
 //! one thread, 7–10 % after). For units of 16 (Q4) one unit of a block took the same 475
 //! cycles for a quarter of the products: about 20 cycles per tile instruction whatever its
-//! depth, which is why units of 16 run on VNNI ([`super::gemm_tier`]). Tried and left out, no
+//! depth, which is why units of 16 run on VNNI (`gemm_tier` in the parent module). Tried and left out, no
 //! faster in the same runs: blocks of 16 or 32 vectors by 1 or 2 panels (32 × 2 panels was
 //! the fastest), chunks of 2 or 4 units of stored sums (to keep both halves in L1) against 8,
 //! and software prefetch of the next unit's x (and W) rows.

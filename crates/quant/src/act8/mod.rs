@@ -105,6 +105,12 @@
 //! time there. Without the copy and with packing beside quantization, one layer's int8 / f32
 //! time at batch 1024 went from 0.35–0.54 to 0.30–0.47, at batch 64 from 0.44–0.80 to
 //! 0.31–0.47 (`act8_bench`, the two builds in one run, 2026-12-03 16:39 UTC).
+//! [`gemm::phases`] times the three apart (`ACT8_BENCH_PHASES=1 act8_bench`). With x's
+//! quantization in AVX2 intrinsics ([`avx2`]; on one Zen 3 thread 0.94 → 0.50 ms for units of
+//! 16, 0.70 → 0.40 ms for 128, at 1024 × 1024) they read on the Xeon (2026-12-03 21:34 UTC,
+//! 16 threads, batch 1024): quantization 0.08–0.09 ms, packing 0.11–0.12 ms, products
+//! 0.75 ms for Q4 (VNNI) and 0.47 ms for lower (AMX); before it, in a slower lease,
+//! quantization took 0.12–0.16 ms.
 //!
 //! [`forward`] itself (and every test of it) serves every format and batch; the route only
 //! chooses what `matmul_t` calls.
