@@ -402,6 +402,30 @@ pub(crate) fn matmul_t<F: QuantRows>(
     matmul_t_fusing(f, x, m, y, accumulate, None).map(drop)
 }
 
+/// `y = bias + x · Wᵀ` in one pass where [`matmul_t`] would run the generic int8 driver
+/// ([`crate::act8::forward_with_bias`]: the bias added as each value is stored); `Ok(false)`,
+/// with `y` untouched, elsewhere (the caller fills y with the bias rows and accumulates).
+pub(crate) fn matmul_t_biased<F: QuantRows>(
+    f: &F,
+    x: &[f32],
+    m: usize,
+    y: &mut [f32],
+    bias: &[f32],
+) -> nibble_tensor::Result<bool> {
+    let (o, i) = f.dims();
+    check_matmul_operands("linear", m, x.len(), i, y.len(), o)?;
+    if m == 0 || o == 0 || bias.len() != o {
+        return Ok(false);
+    }
+    if crate::act8::activations() == crate::act8::ActivationMode::Int8 && f.act8_generic(m) {
+        if let Some(w) = f.act8_view() {
+            let tier = crate::act8::IntTier::for_path(kernel_path());
+            return Ok(crate::act8::forward_with_bias(tier, w, x, m, y, bias));
+        }
+    }
+    Ok(false)
+}
+
 /// Batch 1 with a low-rank adapter, `y (+)= x · Wᵀ + B (A x)`: the adapter is fused into the
 /// format's batch-1 GEMV pass ([`nibble_tensor::lowrank`]) wherever that GEMV runs (f32
 /// activations, and Q4's fused int8 GEMV); where the generic int8 driver runs instead, the
@@ -803,6 +827,15 @@ macro_rules! impl_weight_matrix {
                 accumulate: bool,
             ) -> nibble_tensor::Result<()> {
                 $crate::kernels::matmul_t(self, x, m, y, accumulate)
+            }
+            fn matmul_t_biased(
+                &self,
+                x: &[f32],
+                m: usize,
+                y: &mut [f32],
+                bias: &[f32],
+            ) -> nibble_tensor::Result<bool> {
+                $crate::kernels::matmul_t_biased(self, x, m, y, bias)
             }
             fn matvec_t_low_rank(
                 &self,

@@ -95,6 +95,18 @@ pub trait WeightMatrix: Send + Sync + std::fmt::Debug {
         None
     }
 
+    /// `y[m, out] = bias + x · Wᵀ` (`bias` `[out]`) in one pass where the format has one
+    /// outside the GEMM (a quantized format's int8-activation product writes `bias + v` as it
+    /// stores each value, instead of a pass that fills y with the bias rows and a product that
+    /// reads them back), with the bits of those two steps; `Ok(false)`, with `y` untouched,
+    /// where it has none (the default) or declines. [`matmul_t_fused`](Self::matmul_t_fused)
+    /// asks it first where the product does not run through the GEMM. Shapes as
+    /// [`matmul_t`](Self::matmul_t).
+    fn matmul_t_biased(&self, x: &[f32], m: usize, y: &mut [f32], bias: &[f32]) -> Result<bool> {
+        let _ = (x, m, y, bias);
+        Ok(false)
+    }
+
     /// `y[m, out] = bias + x · Wᵀ (+ extra)` where `bias` is a `1 x out` operand (one row)
     /// and `extra` another product `a [m, k] · b [k, out]` (a LoRA adapter's `h · Bᵀ`): in
     /// one pass over `y` ([`gemm_segments`]) where the product runs through the GEMM, else
@@ -140,10 +152,16 @@ pub trait WeightMatrix: Send + Sync + std::fmt::Debug {
             segs.extend(extra);
             return gemm_segments(&segs, y, false);
         }
-        if let Some(b) = bias {
-            fill_rows(y, &bias_values(b, o)?)?;
+        match bias {
+            Some(b) => {
+                let values = bias_values(b, o)?;
+                if !self.matmul_t_biased(x, m, y, &values)? {
+                    fill_rows(y, &values)?;
+                    self.matmul_t(x, m, y, true)?;
+                }
+            }
+            None => self.matmul_t(x, m, y, false)?,
         }
-        self.matmul_t(x, m, y, bias.is_some())?;
         if let Some(seg) = extra {
             gemm_segments(&[seg], y, true)?;
         }

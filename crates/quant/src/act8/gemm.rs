@@ -889,7 +889,7 @@ pub(super) fn run(
     x: &[f32],
     m: usize,
     parallel: bool,
-    y: &mut [f32],
+    y: YPtr,
     accumulate: bool,
     q: &mut QuantizedX,
 ) -> bool {
@@ -921,12 +921,10 @@ fn products(
     m: usize,
     o: usize,
     parallel: bool,
-    y: &mut [f32],
+    yp: YPtr,
     accumulate: bool,
 ) {
-    assert!(y.len() >= m * o);
     let xp = prepare_x(q);
-    let yp = YPtr(y.as_mut_ptr());
     let (mt, nt) = (m.div_ceil(M_BLOCK), o.div_ceil(N_BLOCK));
     let per_block = N_BLOCK / pw.nr;
     let panels = o.div_ceil(pw.nr);
@@ -974,7 +972,7 @@ pub fn phases(
     let packing = ms(t);
     let t = std::time::Instant::now();
     if finite {
-        products(kernel, &pw, &q, m, o, true, y, false);
+        products(kernel, &pw, &q, m, o, true, YPtr::new(y, None, o), false);
     }
     let product = ms(t);
     BUFFERS.set(Some(pw));

@@ -762,9 +762,15 @@ fn combine(
     }
 }
 
-/// `y`'s base pointer, shared by tasks that write disjoint columns of `y` (`[m, out]`).
+/// `y`'s base pointer, shared by tasks that write disjoint columns of `y` (`[m, out]`), and
+/// the bias row added to every value written where there is one (null where not).
 #[derive(Clone, Copy)]
-struct YPtr(*mut f32);
+struct YPtr {
+    y: *mut f32,
+    bias: *const f32,
+    /// Columns of y (the bias's length).
+    cols: usize,
+}
 // SAFETY: each task writes only the columns of its own row tile (disjoint between tasks), and
 // the `&mut y` borrow outlives every task (joined before `forward` returns).
 unsafe impl Send for YPtr {}
@@ -772,34 +778,61 @@ unsafe impl Send for YPtr {}
 unsafe impl Sync for YPtr {}
 
 impl YPtr {
-    /// Writes (or with `accumulate` adds) `v` at element `idx` of `y`.
+    /// `y` (`cols` columns per row) with `bias` (`cols` values) added to every value written,
+    /// where given.
+    fn new(y: &mut [f32], bias: Option<&[f32]>, cols: usize) -> YPtr {
+        debug_assert!(bias.is_none_or(|b| b.len() == cols));
+        YPtr {
+            y: y.as_mut_ptr(),
+            bias: bias.map_or(std::ptr::null(), |b| b.as_ptr()),
+            cols,
+        }
+    }
+
+    /// Writes (or with `accumulate` adds) `v` at element `idx` of `y`; with a bias, writes
+    /// `v + bias[idx % cols]` (the bits of the bias written first and `v` added to it).
     ///
     /// # Safety
     /// `idx` lies inside `y`, in the columns that belong to the calling task alone.
     #[inline(always)]
     unsafe fn store(self, idx: usize, v: f32, accumulate: bool) {
-        // SAFETY: the caller's contract.
+        // SAFETY: the caller's contract; the bias has `cols` values.
         unsafe {
-            let d = self.0.add(idx);
-            *d = if accumulate { *d + v } else { v };
+            let d = self.y.add(idx);
+            *d = if accumulate {
+                *d + v
+            } else if self.bias.is_null() {
+                v
+            } else {
+                *self.bias.add(idx % self.cols) + v
+            };
         }
     }
 
     /// Writes (or with `accumulate` adds) `src` at elements `idx..idx + src.len()` of `y`, in
-    /// vector stores (a block's row of outputs).
+    /// vector stores (a block's row of outputs, inside one row of y); with a bias, `src` plus
+    /// the bias's values of those columns.
     ///
     /// # Safety
-    /// The elements lie inside `y`, in the columns that belong to the calling task alone.
+    /// The elements lie inside one row of `y`, in the columns that belong to the calling task
+    /// alone.
     #[inline(always)]
     unsafe fn store_run(self, idx: usize, src: &[f32], accumulate: bool) {
         // SAFETY: the caller's contract: the run is inside `y` and this task's alone.
-        let d = unsafe { std::slice::from_raw_parts_mut(self.0.add(idx), src.len()) };
+        let d = unsafe { std::slice::from_raw_parts_mut(self.y.add(idx), src.len()) };
         if accumulate {
             for (d, &v) in d.iter_mut().zip(src) {
                 *d += v;
             }
-        } else {
+        } else if self.bias.is_null() {
             d.copy_from_slice(src);
+        } else {
+            // SAFETY: the run lies in one row, so its columns are inside the bias.
+            let b =
+                unsafe { std::slice::from_raw_parts(self.bias.add(idx % self.cols), src.len()) };
+            for ((d, &v), &b) in d.iter_mut().zip(src).zip(b) {
+                *d = b + v;
+            }
         }
     }
 }
@@ -901,7 +934,37 @@ pub fn forward(
     y: &mut [f32],
     accumulate: bool,
 ) -> bool {
+    forward_into(tier, w, x, m, y, accumulate, None)
+}
+
+/// `y = x · Wᵀ + bias` with int8 activations (a linear layer's forward; `bias` `[out]`): the
+/// bits of `y` filled with the bias rows followed by [`forward`] accumulating, without the pass
+/// that fills y and the read of it. Returns `false`, with `y` untouched, where [`forward`]
+/// would, and where `bias` does not have `out` values.
+pub fn forward_with_bias(
+    tier: IntTier,
+    w: &dyn IntCodes,
+    x: &[f32],
+    m: usize,
+    y: &mut [f32],
+    bias: &[f32],
+) -> bool {
+    bias.len() == w.int_dims().0 && forward_into(tier, w, x, m, y, false, Some(bias))
+}
+
+/// [`forward`], with `bias` (`out` values, `accumulate` false) added to every output where
+/// given.
+fn forward_into(
+    tier: IntTier,
+    w: &dyn IntCodes,
+    x: &[f32],
+    m: usize,
+    y: &mut [f32],
+    accumulate: bool,
+    bias: Option<&[f32]>,
+) -> bool {
     let (o, i) = w.int_dims();
+    debug_assert!(bias.is_none_or(|b| b.len() == o && !accumulate));
     let Some(layout) = w.int_layout() else {
         return false;
     };
@@ -918,7 +981,8 @@ pub fn forward(
     // The quantized x of this thread's last call, its storage reused.
     let mut q = QUANTIZED.take();
     if m >= gemm::GEMM_MIN_M {
-        let done = gemm::run(tier, w, layout, x, m, parallel, y, accumulate, &mut q);
+        let yp = YPtr::new(y, bias, o);
+        let done = gemm::run(tier, w, layout, x, m, parallel, yp, accumulate, &mut q);
         QUANTIZED.set(q);
         return done;
     }
@@ -937,7 +1001,7 @@ pub fn forward(
         .zip(&q.qsum)
         .map(|(&s, &c)| s * c as f32)
         .collect();
-    let yp = YPtr(y.as_mut_ptr());
+    let yp = YPtr::new(y, bias, o);
     let run = |t: usize| {
         let r0 = t * ROW_TILE;
         let nr = ROW_TILE.min(o - r0);
