@@ -537,6 +537,9 @@ fn team_linear(
     };
     let rank = a.shape()[0];
     let a_rows = a.batch1_rows(x).ok_or(TeamStop::Fallback)?;
+    // Shared out, then a barrier: every member computing all of a rank-32 `h` itself (no
+    // barrier) measured slower on the 16-core Xeon (qlora at batch 1 0.54–0.58 ms against
+    // 0.46–0.50, 2026-12-03 21:55 UTC), each member then reading all of A.
     for rows in member.blocks(rank, BATCH1_ROW_ALIGN) {
         // SAFETY: this member's rows of h; h was last read before the previous barrier.
         a_rows.rows(rows.clone(), unsafe { h.rows_mut(rows) }, false)?;
