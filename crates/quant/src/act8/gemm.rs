@@ -878,7 +878,8 @@ impl Kernel {
 }
 
 /// `y (+)= x · Wᵀ` for the batch `x` (`m` vectors, `[m, in]`) on `tier` (already
-/// [`IntTier::supported`]); `y` is `[m, o]`. x is quantized into `q` (its storage reused) in
+/// [`IntTier::supported`]); `y` points at `[m, o]` outputs (with the bias its stores add, if
+/// any; the caller checked the lengths). x is quantized into `q` (its storage reused) in
 /// the layout the kernel reads, while W is packed: the two run at once on the pool where
 /// `parallel`. Returns `false`, with `y` untouched, when x holds a NaN or an infinity.
 #[allow(clippy::too_many_arguments)]
@@ -958,7 +959,8 @@ pub fn phases(
 ) -> Option<[f64; 3]> {
     let (o, i) = w.int_dims();
     let layout = w.int_layout()?;
-    if m < GEMM_MIN_M || i == 0 || x.len() != m * i || y.len() != m * o {
+    let unit_ok = matches!(layout.unit, 16 | 64 | 128);
+    if !unit_ok || m < GEMM_MIN_M || i == 0 || x.len() != m * i || y.len() != m * o {
         return None;
     }
     let kernel = Kernel::for_tier(super::gemm_tier(tier, layout.unit), layout);
