@@ -257,6 +257,8 @@ pub(super) unsafe fn quantize_row(
     let inf = _mm256_set1_ps(f32::INFINITY);
     let (lo, hi) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
     let offset = _mm256_set1_epi8(-128);
+    // Each stored byte XORed with `flip`, as the portable code does.
+    let flip_bytes = _mm256_set1_epi8(flip as i8);
     let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     let mut bad = _mm256_setzero_ps();
     for g in 0..full {
@@ -293,8 +295,7 @@ pub(super) unsafe fn quantize_row(
             let sad = _mm256_sad_epu8(shifted, _mm256_setzero_si256());
             // SAFETY: 4 i64 lanes into chunk_sums[4k..4k + 4].
             unsafe { _mm256_storeu_si256(chunk_sums[4 * k..].as_mut_ptr() as *mut __m256i, sad) };
-            let out = if flip == 0x80 { shifted } else { bytes };
-            debug_assert!(flip == 0 || flip == 0x80);
+            let out = _mm256_xor_si256(bytes, flip_bytes);
             // SAFETY: 32 bytes at g·128 + 32k, inside xq (asserted lengths).
             unsafe {
                 _mm256_storeu_si256(xq[g * GROUP + 32 * k..].as_mut_ptr() as *mut __m256i, out)
