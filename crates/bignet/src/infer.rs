@@ -510,7 +510,9 @@ impl Post<'_> {
 
 /// One member's rows of `y = bias + x · Wᵀ (+ B (A x))`, then `post`, as [`linear_into`] and
 /// [`run_block`] compute them: the bias, the product accumulated onto it, then (after a
-/// barrier, once every member's rows of `h = A x` are in) the adapter's `B h`.
+/// barrier, once every member's rows of `h = A x` are in) the adapter's `B h`. A member
+/// computes its rows of `h` first and arrives at that barrier before its base product, so the
+/// others' rows of `h` are in by the time it waits there.
 fn team_linear(
     member: &Member<'_>,
     layer: &LayerView<'_>,
@@ -521,6 +523,22 @@ fn team_linear(
 ) -> std::result::Result<(), TeamStop> {
     let out = layer.weight.out_features();
     let block = block_rows(out, member.threads(), BATCH1_ROW_ALIGN);
+    let arrival = match layer.adapter {
+        Some((a, _)) => {
+            let rank = a.shape()[0];
+            let a_rows = a.batch1_rows(x).ok_or(TeamStop::Fallback)?;
+            // Shared out, then a barrier: every member computing all of a rank-32 `h` itself
+            // (no barrier) measured slower on the 16-core Xeon (qlora at batch 1 0.54–0.58 ms
+            // against 0.46–0.50, 2026-12-03 21:55 UTC), each member then reading all of A.
+            for rows in member.blocks(rank, BATCH1_ROW_ALIGN) {
+                // SAFETY: this member's rows of h; h was last read before the previous
+                // barrier.
+                a_rows.rows(rows.clone(), unsafe { h.rows_mut(rows) }, false)?;
+            }
+            Some(member.arrive()?)
+        }
+        None => None,
+    };
     let product = layer.weight.batch1_rows(x).ok_or(TeamStop::Fallback)?;
     for rows in member.blocks(out, block) {
         // SAFETY: this member's blocks of y, written by no one else in this phase; y was last
@@ -532,21 +550,13 @@ fn team_linear(
             post.apply(rows, yr)?;
         }
     }
-    let Some((a, b)) = layer.adapter else {
+    let (Some((a, b)), Some(arrival)) = (layer.adapter, arrival) else {
         return Ok(());
     };
     let rank = a.shape()[0];
-    let a_rows = a.batch1_rows(x).ok_or(TeamStop::Fallback)?;
-    // Shared out, then a barrier: every member computing all of a rank-32 `h` itself (no
-    // barrier) measured slower on the 16-core Xeon (qlora at batch 1 0.54–0.58 ms against
-    // 0.46–0.50, 2026-12-03 21:55 UTC), each member then reading all of A.
-    for rows in member.blocks(rank, BATCH1_ROW_ALIGN) {
-        // SAFETY: this member's rows of h; h was last read before the previous barrier.
-        a_rows.rows(rows.clone(), unsafe { h.rows_mut(rows) }, false)?;
-    }
-    member.wait()?;
-    // SAFETY: every member wrote its rows of h before the barrier; h is written again only
-    // after the barrier that ends this layer.
+    member.wait_for(arrival)?;
+    // SAFETY: every member wrote its rows of h before arriving at the barrier just waited
+    // for; h is written again only after the barrier that ends this layer.
     let hv = &unsafe { h.read() }[..rank];
     let b_rows = b.batch1_rows(hv).ok_or(TeamStop::Fallback)?;
     for rows in member.blocks(out, block) {

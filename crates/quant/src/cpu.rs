@@ -35,3 +35,76 @@ pub(crate) fn usable(path: KernelPath) -> KernelPath {
 pub(crate) fn is_x86_simd(path: KernelPath) -> bool {
     matches!(path, KernelPath::Avx2Fma | KernelPath::Avx512)
 }
+
+/// How the quantized formats' batch-1 GEMVs prefetch their weight rows, one 4-row sweep
+/// ahead (`NIBBLE_QUANT_PREFETCH=nta|t0|off`, read once per process; every choice gives the
+/// same sums). A knob for CPUs whose caches differ: `prefetchnta` keeps a stream read once
+/// per forward out of the outer caches, which on the 2-core Zen 3 leaves them to the
+/// activations and LoRA adapters (BigNet qlora batch 1 with int8 activations 1.34 → 1.10 ms);
+/// a many-core Xeon whose L2 caches together hold a model might prefer the weights kept (see
+/// [`quant_prefetch`] for what it measured).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantPrefetch {
+    /// `prefetchnta` one sweep ahead.
+    Nta,
+    /// `prefetcht0` one sweep ahead.
+    T0,
+    /// No software prefetch: the hardware prefetchers alone.
+    Off,
+}
+
+impl QuantPrefetch {
+    /// The name `NIBBLE_QUANT_PREFETCH` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantPrefetch::Nta => "nta",
+            QuantPrefetch::T0 => "t0",
+            QuantPrefetch::Off => "off",
+        }
+    }
+}
+
+/// The weight prefetch of the batch-1 quantized GEMVs ([`QuantPrefetch`]): `NIBBLE_QUANT_PREFETCH`
+/// where set to `nta`, `t0` or `off` (any other value is reported on stderr and the default
+/// kept), else `nta`. On the 16-core Xeon (16 threads, 2026-12-04 02:04 UTC, two rounds) the
+/// three were within the noise of each other: one Q4 1024² layer at batch 1 with int8
+/// activations 22.4–23.6 µs (nta), 20.8–22.6 (off), 18.2–22.4 (t0); BigNet low_precision /
+/// qlora at batch 1 0.333–0.349 / 0.415–0.442 ms (nta), 0.293–0.329 / 0.399–0.469 (off),
+/// 0.290–0.317 / 0.415–0.451 (t0).
+pub fn quant_prefetch() -> QuantPrefetch {
+    static MODE: std::sync::OnceLock<QuantPrefetch> = std::sync::OnceLock::new();
+    *MODE.get_or_init(|| {
+        let default = QuantPrefetch::Nta;
+        let Ok(v) = std::env::var("NIBBLE_QUANT_PREFETCH") else {
+            return default;
+        };
+        match v.trim() {
+            "nta" => QuantPrefetch::Nta,
+            "t0" => QuantPrefetch::T0,
+            "off" => QuantPrefetch::Off,
+            _ => {
+                eprintln!(
+                    "nibble: NIBBLE_QUANT_PREFETCH={v:?} is not nta, t0 or off; using the default ({})",
+                    default.name()
+                );
+                default
+            }
+        }
+    })
+}
+
+/// Prefetches the cache line at `p` as `mode` says (never faults: `p` may lie past the data).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn prefetch_weights(mode: QuantPrefetch, p: *const u8) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_NTA, _MM_HINT_T0};
+    // SAFETY: a prefetch is a hint that never faults, whatever the address; SSE is part of
+    // x86-64's baseline.
+    unsafe {
+        match mode {
+            QuantPrefetch::Nta => _mm_prefetch::<_MM_HINT_NTA>(p as *const i8),
+            QuantPrefetch::T0 => _mm_prefetch::<_MM_HINT_T0>(p as *const i8),
+            QuantPrefetch::Off => {}
+        }
+    }
+}

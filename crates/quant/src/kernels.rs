@@ -364,12 +364,9 @@ pub(crate) fn split_rows(
     run: impl Fn(Range<usize>, &mut [f32]) + Sync + Send,
 ) {
     let chunk = batch1_chunk(o, i);
-    let task = |(c, yc): (usize, &mut [f32])| run(c * chunk..c * chunk + yc.len(), yc);
-    if chunk < o {
-        y.par_chunks_mut(chunk).enumerate().for_each(task);
-    } else {
-        y.chunks_mut(chunk).enumerate().for_each(task);
-    }
+    // (One part runs on the calling thread; from outside the pool it does one part itself
+    // and spins for the others: see `for_each_chunk`.)
+    nibble_tensor::parallel::for_each_chunk(y, chunk, |start, yc| run(start..start + yc.len(), yc));
 }
 
 /// Rows per task of a batch-1 product through an `o x i` W: one task per thread of the pool

@@ -369,7 +369,7 @@ impl Q4Matrix {
         }
         // The thread's reusable scratch (as in `matmul_t`): no allocation per call.
         let mut prep = kernels::take_prep();
-        let path = usable(path).at_most_avx2(); // (the fused kernels are AVX2 code)
+        let path = usable(path);
         act8::prepare(path, x, &mut prep);
         // Rows split over the pool as `matmul_t` splits batch 1.
         kernels::split_rows((self.out, self.inn), y, |rows, yc| {
@@ -482,7 +482,7 @@ impl QuantRows for Q4Matrix {
                 }
             };
         } else if prep.len() == act8::prep_len(self.inn) {
-            act8::gemv(self, KernelPath::Avx2Fma, prep, rows, y, acc);
+            act8::gemv(self, path, prep, rows, y, acc);
         } else {
             return false;
         }

@@ -1,7 +1,10 @@
 //! Splitting an output vector over the thread pool for memory-bound kernels.
 
 use rayon::prelude::*;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// Multiply-adds below which a matrix product (a GEMV, a quantized GEMV) runs on the calling
 /// thread. A rank-32 LoRA factor of a 1024-wide layer (`[32, 1024]` or `[1024, 32]`, 32 K
@@ -70,7 +73,8 @@ where
         return;
     }
     let queue = Mutex::new(items);
-    (0..threads).into_par_iter().for_each(|_| loop {
+    // (From outside the pool the calling thread takes items too: see `for_each_task`.)
+    for_each_task(threads, |_| loop {
         // The lock guards only `next()`, which cannot panic, so it is never poisoned; if it
         // were, the iterator inside is still valid.
         let next = queue.lock().unwrap_or_else(|e| e.into_inner()).next();
@@ -79,6 +83,130 @@ where
             None => break,
         }
     });
+}
+
+/// How long a caller outside the pool spins for its tasks before it parks ([`for_each_task`]).
+const SPIN_BEFORE_PARK: Duration = Duration::from_micros(50);
+
+/// Calls `f(t)` for every `t < tasks` on the current rayon pool and returns once all are done;
+/// a panic in any task is resumed here, after every task has ended.
+///
+/// Inside the pool this is a parallel loop. A caller outside it (a program's own thread calling
+/// a batch-1 product) takes task 0 itself, hands tasks `1..tasks` to the pool as one job and
+/// waits for that job spinning for up to 50 µs, then parking. Rayon's own way in from outside
+/// (a parallel iterator, `install`) puts the caller to sleep on a lock until the pool is done
+/// and wakes it again, which costs more than a batch-1 layer's work on many cores (one Q4
+/// 1024² layer with int8 activations, batch 1: on the 2-core Zen 3 19.8 µs called from inside
+/// the pool against 27–54 µs from outside, 20 µs with the caller taking a part; on the 16-core
+/// Xeon 14.3–15.0 µs from inside, 21.1–21.7 from outside, 16.4–17.0 with the caller taking a
+/// part and 16.4–16.9 with the caller only spinning, `examples/batch1_anatomy` of the quant
+/// crate, 2026-12-04 02:13 UTC). Taking a part, the caller leaves one pool thread free, so
+/// that it does not share a core with a busy one where the pool fills the machine.
+///
+/// ```
+/// use nibble_tensor::parallel::for_each_task;
+/// use std::sync::atomic::{AtomicUsize, Ordering};
+/// let sum = AtomicUsize::new(0);
+/// for_each_task(11, |t| {
+///     sum.fetch_add(t, Ordering::Relaxed);
+/// });
+/// assert_eq!(sum.into_inner(), 55);
+/// ```
+pub fn for_each_task(tasks: usize, f: impl Fn(usize) + Sync) {
+    if tasks <= 1 || rayon::current_num_threads() == 1 {
+        (0..tasks).for_each(f);
+    } else if rayon::current_thread_index().is_some() {
+        (0..tasks).into_par_iter().for_each(&f);
+    } else {
+        join_from_outside(tasks, &f);
+    }
+}
+
+/// Calls `f(start, part)` for consecutive parts of `out` of `len` elements (the last one
+/// shorter; `start` is the part's offset), one [`for_each_task`] task per part: the split of
+/// a batch-1 product's rows with one part per thread.
+///
+/// ```
+/// use nibble_tensor::parallel::for_each_chunk;
+/// let mut y = vec![0usize; 10];
+/// for_each_chunk(&mut y, 4, |start, part| {
+///     for (i, v) in part.iter_mut().enumerate() {
+///         *v = start + i;
+///     }
+/// });
+/// assert_eq!(y, (0..10).collect::<Vec<_>>());
+/// ```
+pub fn for_each_chunk<T: Send>(out: &mut [T], len: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+    /// `out`'s base pointer, shared by tasks that each take a disjoint part of it.
+    struct Base<T>(*mut T);
+    // SAFETY: each task makes a slice of its own part only (parts are disjoint), and the
+    // `&mut out` borrow outlives every task (`for_each_task` returns once all have ended).
+    unsafe impl<T: Send> Sync for Base<T> {}
+    let len = len.max(1);
+    let total = out.len();
+    let base = Base(out.as_mut_ptr());
+    let base = &base;
+    for_each_task(total.div_ceil(len), |p| {
+        let start = p * len;
+        let end = (start + len).min(total);
+        // SAFETY: start < end <= total, inside `out`; no other task touches start..end.
+        let part = unsafe { std::slice::from_raw_parts_mut(base.0.add(start), end - start) };
+        f(start, part)
+    });
+}
+
+/// What the caller of [`join_from_outside`] shares with the job it hands to the pool.
+struct OutsideJob<'a> {
+    f: &'a (dyn Fn(usize) + Sync),
+    tasks: usize,
+    /// Set (last) by the job once tasks `1..tasks` have ended.
+    done: AtomicBool,
+    /// The first panic of those tasks.
+    panic: Mutex<Option<Box<dyn std::any::Any + Send>>>,
+    caller: std::thread::Thread,
+}
+
+/// [`for_each_task`] from a thread outside the pool (`tasks >= 2`).
+fn join_from_outside(tasks: usize, f: &(dyn Fn(usize) + Sync)) {
+    let job = OutsideJob {
+        f,
+        tasks,
+        done: AtomicBool::new(false),
+        panic: Mutex::new(None),
+        caller: std::thread::current(),
+    };
+    let addr = &job as *const OutsideJob<'_> as usize;
+    rayon::spawn(move || {
+        // SAFETY: `job` stays on the caller's stack until the caller has seen `done` (it
+        // waits for it below even when its own task panics), and storing `done` is this
+        // job's last access to it.
+        let job = unsafe { &*(addr as *const OutsideJob<'_>) };
+        let ran = catch_unwind(AssertUnwindSafe(|| {
+            (1..job.tasks).into_par_iter().for_each(|t| (job.f)(t))
+        }));
+        if let Err(p) = ran {
+            *job.panic.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
+        }
+        let caller = job.caller.clone();
+        job.done.store(true, Ordering::Release);
+        caller.unpark();
+    });
+    let mine = catch_unwind(AssertUnwindSafe(|| f(0)));
+    let start = Instant::now();
+    while !job.done.load(Ordering::Acquire) {
+        if start.elapsed() < SPIN_BEFORE_PARK {
+            std::hint::spin_loop();
+        } else {
+            // Woken by the job's unpark (or spuriously: the loop checks again).
+            std::thread::park();
+        }
+    }
+    if let Err(p) = mine {
+        resume_unwind(p);
+    }
+    if let Some(p) = job.panic.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        resume_unwind(p);
+    }
 }
 
 #[cfg(test)]
@@ -113,6 +241,48 @@ mod tests {
                 });
                 assert_eq!(y, (0..len).collect::<Vec<_>>(), "len {len} block {block}");
             }
+        }
+    }
+
+    #[test]
+    fn every_task_runs_once_from_inside_and_outside_the_pool() {
+        use std::sync::atomic::AtomicUsize;
+        for tasks in [0, 1, 2, 7, 17, 64] {
+            let hits: Vec<AtomicUsize> = (0..tasks).map(|_| AtomicUsize::new(0)).collect();
+            let count = || {
+                for_each_task(tasks, |t| {
+                    hits[t].fetch_add(1, Ordering::Relaxed);
+                })
+            };
+            count(); // the test's own thread: outside the pool
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(3)
+                .build()
+                .unwrap();
+            pool.install(count);
+            assert!(
+                hits.iter().all(|h| h.load(Ordering::Relaxed) == 2),
+                "{tasks} tasks"
+            );
+        }
+    }
+
+    #[test]
+    fn a_panicking_task_is_resumed_after_every_task_ended() {
+        use std::sync::atomic::AtomicUsize;
+        for bad in [0, 5] {
+            let ended = AtomicUsize::new(0);
+            let got = catch_unwind(AssertUnwindSafe(|| {
+                for_each_task(8, |t| {
+                    std::thread::sleep(Duration::from_millis(2));
+                    ended.fetch_add(1, Ordering::Relaxed);
+                    assert_ne!(t, bad, "task {t} fails");
+                })
+            }));
+            let msg = got.expect_err("the panic reaches the caller");
+            let msg = msg.downcast_ref::<String>().cloned().unwrap_or_default();
+            assert!(msg.contains(&format!("task {bad} fails")), "{msg}");
+            assert_eq!(ended.load(Ordering::Relaxed), 8, "every task ended first");
         }
     }
 }

@@ -54,7 +54,7 @@ struct Padded<T>(T);
 /// a few µs per barrier, where these flags cost about one cache-line transfer after the last
 /// arrival (the waiters' loads of the members' lines are independent, so they overlap).
 struct SpinBarrier {
-    /// Member `i`'s count of barriers reached.
+    /// Member `i`'s count of barriers reached (arrived at).
     arrivals: Box<[Padded<AtomicUsize>]>,
     aborted: Padded<AtomicBool>,
 }
@@ -67,15 +67,19 @@ impl SpinBarrier {
         }
     }
 
-    /// Member `index` arrives at its barrier number `epoch` (1, 2, ...) and waits for the
-    /// others to reach it.
-    fn wait(&self, index: usize, epoch: usize) -> Result<(), Aborted> {
+    /// Member `index` arrives at its barrier number `epoch` (1, 2, ...) without waiting.
+    fn arrive(&self, index: usize, epoch: usize) -> Result<(), Aborted> {
         if self.aborted.0.load(Ordering::Acquire) {
             return Err(Aborted);
         }
-        // Release: this member's writes before the barrier are seen by whoever acquires
+        // Release: this member's writes before the arrival are seen by whoever acquires
         // this count.
         self.arrivals[index].0.store(epoch, Ordering::Release);
+        Ok(())
+    }
+
+    /// Waits until every member has arrived at barrier `epoch`.
+    fn wait_all(&self, epoch: usize) -> Result<(), Aborted> {
         let mut spins = 0u32;
         loop {
             // Every line read before testing any, so that the loads overlap. A member
@@ -103,6 +107,11 @@ impl SpinBarrier {
     }
 }
 
+/// A member's arrival at a barrier it has not waited at yet ([`Member::arrive`]).
+#[must_use = "a barrier arrived at is waited for with Member::wait_for"]
+#[derive(Debug)]
+pub struct Arrival(usize);
+
 /// One member of a running team: its index, the team's size and the team's barrier.
 pub struct Member<'t> {
     index: usize,
@@ -126,10 +135,27 @@ impl Member<'_> {
     /// Waits until every member has arrived here (the writes each made before are then
     /// visible to all). `Err(Aborted)` when another member failed: the caller returns it.
     pub fn wait(&self) -> Result<(), Aborted> {
+        let arrival = self.arrive()?;
+        self.wait_for(arrival)
+    }
+
+    /// The first half of [`Member::wait`]: arrives at the team's next barrier (publishing the
+    /// writes made so far) and returns without waiting, so that the member can do work the
+    /// barrier does not guard before [`Member::wait_for`] waits for the others. A barrier
+    /// split so costs no waiting where the others arrived during that work: a LoRA layer at
+    /// batch 1 publishes its rows of `h = A x` first, then computes its rows of the base
+    /// product, and only then waits for all of `h`.
+    pub fn arrive(&self) -> Result<Arrival, Aborted> {
         let epoch = self.passed.get() + 1;
-        self.barrier.wait(self.index, epoch)?;
+        self.barrier.arrive(self.index, epoch)?;
         self.passed.set(epoch);
-        Ok(())
+        Ok(Arrival(epoch))
+    }
+
+    /// The second half of [`Member::wait`]: waits until every member has arrived at the
+    /// barrier of `arrival` (this member's latest: call it before arriving again).
+    pub fn wait_for(&self, arrival: Arrival) -> Result<(), Aborted> {
+        self.barrier.wait_all(arrival.0)
     }
 
     /// This member's blocks of `0..len` in blocks of `block` elements (the last one
@@ -402,6 +428,34 @@ mod tests {
                     m.wait()?;
                     let seen = arrived.load(Ordering::Acquire);
                     assert!(seen >= n * threads, "barrier {n}: {seen} arrivals");
+                }
+                Ok(())
+            });
+            assert_eq!(ran, Ok(()));
+        }
+    }
+
+    /// A split barrier: what each member wrote before arriving is seen by all after
+    /// `wait_for`, with work in between and plain barriers around it.
+    #[test]
+    fn an_arrival_waited_for_later_is_a_barrier() {
+        for threads in [2, 3, 16] {
+            let slots: Vec<AtomicUsize> = (0..threads).map(|_| AtomicUsize::new(0)).collect();
+            let ran = run_on(&pool(threads), |m| -> Result<(), Aborted> {
+                for n in 1..=200usize {
+                    slots[m.index()].store(n, Ordering::Relaxed);
+                    let arrival = m.arrive()?;
+                    // Uneven work between arriving and waiting.
+                    for _ in 0..((n + m.index()) % 5) * 50 {
+                        std::hint::spin_loop();
+                    }
+                    m.wait_for(arrival)?;
+                    for (i, s) in slots.iter().enumerate() {
+                        let seen = s.load(Ordering::Relaxed);
+                        assert_eq!(seen, n, "round {n}: member {i}'s slot");
+                    }
+                    // Nobody writes round n + 1 before everyone has read round n.
+                    m.wait()?;
                 }
                 Ok(())
             });

@@ -16,6 +16,7 @@
 use half::f16;
 use std::arch::x86_64::*;
 
+use crate::cpu::{prefetch_weights, quant_prefetch};
 use crate::int8::{dequantize_ref as int8_dequantize_ref, Int8Matrix};
 use crate::kernels::{for_row_quads, ColBlock};
 use crate::nf4::{Nf4Matrix, NF4_BLOCK, NF4_LEVELS};
@@ -309,6 +310,7 @@ pub(crate) mod q4 {
         let (xp, sums) = (prep.as_ptr(), prep.as_ptr().wrapping_add(m.inn));
         let packed = m.packed.as_slice().as_ptr();
         let norms = m.norm.f16s().as_ptr();
+        let pf = quant_prefetch();
         // SAFETY: blocks (r0 + r, b + t) with b + t < nb lie in W; x and sums in prep.
         unsafe {
             let values = _mm512_loadu_ps(CODE_VALUES.as_ptr());
@@ -320,12 +322,12 @@ pub(crate) mod q4 {
             while b < nb {
                 let cnt = (nb - b).min(16);
                 for r in 0..R {
-                    // Prefetch the same blocks a 4-row sweep on (never faults), non-temporal:
-                    // the weights are read once per forward.
+                    // Prefetch the same blocks a 4-row sweep on (never faults), as
+                    // `crate::cpu::quant_prefetch` says.
                     let ahead = (r0 + r + PREFETCH_ROWS) * nb + b;
-                    _mm_prefetch::<_MM_HINT_NTA>(packed.wrapping_add(ahead * 8) as *const i8);
-                    _mm_prefetch::<_MM_HINT_NTA>(packed.wrapping_add(ahead * 8 + 64) as *const i8);
-                    _mm_prefetch::<_MM_HINT_NTA>(norms.wrapping_add(ahead) as *const i8);
+                    prefetch_weights(pf, packed.wrapping_add(ahead * 8));
+                    prefetch_weights(pf, packed.wrapping_add(ahead * 8 + 64));
+                    prefetch_weights(pf, norms.wrapping_add(ahead) as *const u8);
                 }
                 let sv = _mm512_maskz_loadu_ps(first_lanes(cnt), sums.add(b));
                 for r in 0..R {
@@ -441,6 +443,7 @@ pub(crate) mod nf4 {
         let nb = m.inn / NF4_BLOCK;
         let packed = m.packed.as_slice().as_ptr();
         let x = xp.as_ptr();
+        let pf = quant_prefetch();
         let mut am = [[0.0f32; CH]; R];
         // SAFETY: blocks (r0 + r, b + t), b + t < nb, lie in W; x runs inside xp (len in).
         unsafe {
@@ -456,7 +459,7 @@ pub(crate) mod nf4 {
                 for t in 0..cnt {
                     for r in 0..R {
                         let ahead = ((r0 + r + PREFETCH_ROWS) * nb + b + t) * 32;
-                        _mm_prefetch::<_MM_HINT_NTA>(packed.wrapping_add(ahead) as *const i8);
+                        prefetch_weights(pf, packed.wrapping_add(ahead));
                     }
                     let mut part = [_mm512_setzero_ps(); R];
                     for g in 0..4 {

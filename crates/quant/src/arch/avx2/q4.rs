@@ -1,6 +1,7 @@
 //! The AVX2 + FMA + F16C kernels of [`crate::q4`].
 
 use super::{f16_to_f32, hmax, hsum, lut16};
+use crate::cpu::{prefetch_weights, quant_prefetch};
 use crate::kernels::for_row_quads;
 use crate::q4::*;
 use half::f16;
@@ -259,6 +260,7 @@ unsafe fn dot_rows<const R: usize>(m: &Q4Matrix, r0: usize, prep: &[f32]) -> [f3
     let (xp, sums) = (prep.as_ptr(), prep.as_ptr().add(m.inn));
     let packed = m.packed.as_slice().as_ptr();
     let norms = m.norm.f16s();
+    let pf = quant_prefetch();
     let mask = _mm256_set1_epi32(15);
     let mut acc = [_mm256_setzero_ps(); R];
     let mut corr = [_mm256_setzero_ps(); R];
@@ -267,11 +269,11 @@ unsafe fn dot_rows<const R: usize>(m: &Q4Matrix, r0: usize, prep: &[f32]) -> [f3
     while b < nb {
         let nblk = (nb - b).min(8);
         for r in 0..R {
-            // Prefetch the same blocks 4 rows on (the next 4-row sweep; never faults),
-            // non-temporal: the weights are read once per forward (see act8.rs).
+            // Prefetch the same blocks 4 rows on (the next 4-row sweep; never faults), as
+            // `crate::cpu::quant_prefetch` says.
             let ahead = (r0 + r + Q4_PF_ROWS) * nb + b;
-            _mm_prefetch::<_MM_HINT_NTA>(packed.wrapping_add(ahead * 8) as *const i8);
-            _mm_prefetch::<_MM_HINT_NTA>(norms.as_ptr().wrapping_add(ahead) as *const i8);
+            prefetch_weights(pf, packed.wrapping_add(ahead * 8));
+            prefetch_weights(pf, norms.as_ptr().wrapping_add(ahead) as *const u8);
         }
         for r in 0..R {
             let nr = &norms[(r0 + r) * nb + b..(r0 + r) * nb + b + nblk];
