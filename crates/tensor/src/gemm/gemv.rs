@@ -375,6 +375,12 @@ fn portable_rows<E: BElem>(
 /// keeping the stream out of the outer caches leaves them to the activations and the
 /// LoRA adapters (BigNet `lora` batch 1: 2.15-2.40 -> 1.93-2.06 ms; `half_precision`
 /// 1.93-2.00 -> 1.80-1.83 ms).
+///
+/// f32 weights stream without a software prefetch on both machines: on the 16-core Xeon
+/// (BigNet at batch 1 on 16 threads, the 4-row kernel with each row prefetched ahead, two
+/// rounds, 2026-12-04 02:29 UTC) none took 0.419–0.469 ms, `prefetcht0` 1 / 4 KiB ahead
+/// 0.492–0.500 / 0.462–0.473, `prefetcht1` 1 / 4 / 16 KiB ahead 0.444–0.514 / 0.436–0.473 /
+/// 0.480–0.481, `prefetchnta` 4 KiB ahead 0.528–0.598.
 const F16_PREFETCH_BYTES: usize = 4096;
 
 /// How the batch-1 f16 kernel streams W (`NIBBLE_F16_STREAM`, read once per process): `nta`
