@@ -36,7 +36,7 @@ use crate::error::{QuantError, Result};
 use crate::kernels::{self, ColBlock, QuantRows};
 
 /// The fused Q4 int8-activation GEMV (batches below 16 in int8 mode).
-mod act8;
+pub(crate) mod act8;
 
 /// Weights per Q4 block.
 pub const Q4_BLOCK: usize = 16;

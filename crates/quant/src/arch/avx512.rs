@@ -654,3 +654,137 @@ pub(crate) mod lower {
         }
     }
 }
+
+/// Q4's fused int8-activation GEMV ([`crate::q4::act8`]) on AVX-512 VNNI, the twin of [`super::avx2::q4_int8`]: per row and group of 128 weights one 64-byte
+/// load of codes and two `vpdpbusd` (low nibbles by the even elements, high by the odd ones),
+/// where the AVX2 code takes two loads, four `vpmaddubsw`, two `vpaddw`, a `vphaddw` and a
+/// `vpmaddwd`. The exact block sums are put in `CS_SLOT` order and two rows share each f32
+/// step, lane for lane the AVX2 kernel's operations: the same bits.
+pub(crate) mod q4_int8 {
+    use crate::act8::avx2::Maddubs;
+    use crate::cpu::{prefetch_weights, quant_prefetch};
+    use crate::kernels::avx2::hsum;
+    use crate::q4::act8::{dot_ref, parts, BLOCKS_PER_GROUP, CS_SLOT, GROUP};
+    use crate::q4::{Q4Matrix, Q4_BLOCK};
+    use std::arch::x86_64::*;
+
+    /// Rows between a code load and its prefetch: one 4-row sweep.
+    const PREFETCH_ROWS: usize = 4;
+
+    /// `vpermt2d` indices that gather, from the `vpdpbusd` lanes of rows A and B (lanes
+    /// `2t, 2t + 1` hold block t's two halves; B's lanes are 16..32), the first (`odd = 0`)
+    /// or second half of each block, A's blocks in `CS_SLOT` order then B's.
+    const fn halves(odd: i32) -> [i32; 16] {
+        let mut idx = [0i32; 16];
+        let mut t = 0;
+        while t < BLOCKS_PER_GROUP {
+            idx[CS_SLOT[t]] = 2 * t as i32 + odd;
+            idx[8 + CS_SLOT[t]] = 16 + 2 * t as i32 + odd;
+            t += 1;
+        }
+        idx
+    }
+    const FIRST_HALVES: [i32; 16] = halves(0);
+    const SECOND_HALVES: [i32; 16] = halves(1);
+
+    /// Shapes as [`crate::arch::avx2::q4_int8::gemv`]: W `out x in` (`in % 16 == 0`), `prep`
+    /// `[prep_len(in)]`, `rows ⊆ 0..out`, `y` `[rows.len()]`. Four rows at a time share the
+    /// loads of x (a row left over takes the AVX2 kernel: the same bits).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F/BW/VL + VNNI, AVX2, FMA and F16C; the shapes above.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub(crate) unsafe fn gemv(
+        m: &Q4Matrix,
+        prep: &[f32],
+        rows: std::ops::Range<usize>,
+        y: &mut [f32],
+        acc: bool,
+    ) {
+        crate::kernels::for_row_quads!(
+            rows,
+            |r| dot_rows4(m, r, prep),
+            crate::arch::avx2::q4_int8::dot_rows::<Maddubs, 1>(m, r, prep)[0],
+            crate::kernels::store_row(y, acc)
+        );
+    }
+
+    /// Integer block sums of one row's group (64 code bytes at `q`) with x's even (`xe`) and
+    /// odd (`xo`) bytes: lane `2t + h` holds half `h` of block t.
+    #[inline(always)]
+    unsafe fn group_sums(q: *const u8, xe: __m512i, xo: __m512i) -> __m512i {
+        // SAFETY: the caller's contract (64 readable bytes at q; AVX-512 BW + VNNI).
+        unsafe {
+            let mask = _mm512_set1_epi8(0x0f);
+            let c = _mm512_loadu_si512(q as *const _);
+            let lo = _mm512_and_si512(c, mask);
+            let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(c), mask);
+            _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xe), hi, xo)
+        }
+    }
+
+    /// Dot products of rows `r0..r0 + 4` (all `< out`) with the prepared x.
+    #[inline(always)]
+    unsafe fn dot_rows4(m: &Q4Matrix, r0: usize, prep: &[f32]) -> [f32; 4] {
+        let nb = m.inn / Q4_BLOCK;
+        let full = nb / BLOCKS_PER_GROUP;
+        let (xq, xs, cs) = parts(m.inn, prep);
+        let (xq, xs, cs) = (xq.as_ptr(), xs.as_ptr(), cs.as_ptr());
+        let packed = m.packed.as_slice().as_ptr();
+        let norms = m.norm.f16s().as_ptr();
+        let pf = quant_prefetch();
+        // SAFETY: g < full groups: 128 bytes of xq at g·128, xs[g], cs[8g..8g+8]; each row
+        // r0 + r < out holds 64 packed bytes and 8 norms at block 8g; prefetches never fault.
+        unsafe {
+            let first = _mm512_loadu_si512(FIRST_HALVES.as_ptr() as *const _);
+            let second = _mm512_loadu_si512(SECOND_HALVES.as_ptr() as *const _);
+            // Rows (r0, r0 + 1) and (r0 + 2, r0 + 3): each pair's accumulators side by side.
+            let mut accv = [_mm512_setzero_ps(); 2];
+            for g in 0..full {
+                // The group's 32-byte quarters: [quad 0 even, quad 0 odd, quad 1 even, quad 1
+                // odd] (module docs' layout) -> [quad 0 | quad 1] even elements, then odd ones.
+                let x = xq.add(g * GROUP) as *const __m256i;
+                let (e0, o0) = (_mm256_loadu_si256(x), _mm256_loadu_si256(x.add(1)));
+                let (e1, o1) = (_mm256_loadu_si256(x.add(2)), _mm256_loadu_si256(x.add(3)));
+                let xe = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(e0), e1);
+                let xo = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(o0), o1);
+                let xsv = _mm512_set1_ps(*xs.add(g));
+                let c8 = _mm512_castps256_ps512(_mm256_loadu_ps(cs.add(g * BLOCKS_PER_GROUP)));
+                let csv = _mm512_shuffle_f32x4::<0x44>(c8, c8);
+                for (p, a) in accv.iter_mut().enumerate() {
+                    let blk = |k: usize| (r0 + 2 * p + k) * nb + g * BLOCKS_PER_GROUP;
+                    let (ba, bb) = (blk(0), blk(1));
+                    for b in [ba, bb] {
+                        let ahead = b + PREFETCH_ROWS * nb;
+                        prefetch_weights(pf, packed.wrapping_add(ahead * 8));
+                        prefetch_weights(pf, norms.wrapping_add(ahead) as *const u8);
+                    }
+                    let qa = group_sums(packed.add(ba * 8), xe, xo);
+                    let qb = group_sums(packed.add(bb * 8), xe, xo);
+                    let s = _mm512_add_epi32(
+                        _mm512_permutex2var_epi32(qa, first, qb),
+                        _mm512_permutex2var_epi32(qa, second, qb),
+                    );
+                    let n16 = _mm256_inserti128_si256::<1>(
+                        _mm256_castsi128_si256(_mm_loadu_si128(norms.add(ba) as *const __m128i)),
+                        _mm_loadu_si128(norms.add(bb) as *const __m128i),
+                    );
+                    let nv = _mm512_cvtph_ps(_mm256_shuffle_epi32::<0xd8>(n16));
+                    let t = _mm512_fmsub_ps(xsv, _mm512_cvtepi32_ps(s), csv);
+                    *a = _mm512_fmadd_ps(nv, t, *a);
+                }
+            }
+            let mut res = [0.0f32; 4];
+            for (r, o) in res.iter_mut().enumerate() {
+                let pair = _mm512_castps_pd(accv[r / 2]);
+                let lanes = _mm256_castpd_ps(if r % 2 == 0 {
+                    _mm512_extractf64x4_pd::<0>(pair)
+                } else {
+                    _mm512_extractf64x4_pd::<1>(pair)
+                });
+                *o = hsum(lanes) + dot_ref(m, r0 + r, full * BLOCKS_PER_GROUP, prep);
+            }
+            res
+        }
+    }
+}
