@@ -263,67 +263,16 @@ pub fn run<E: Send + From<Aborted>>(
             Err(panic) => record(Failure::Panic(panic)),
         }
     };
-    if rayon::current_thread_index().is_some() {
-        rayon::broadcast(|ctx| run_member(ctx.index()));
-    } else {
-        run_from_outside(threads, &run_member);
-    }
+    // From outside the pool, rayon's broadcast puts the caller to sleep until the team is done.
+    // Tried on the 16-core Xeon: the caller as the last member in place of the pool's last
+    // thread (`spawn_broadcast`, the caller spinning for the others): BigNet at batch 1 no
+    // faster and low_precision / qlora slower (0.356–0.365 / 0.427–0.461 ms against
+    // 0.294–0.315 / 0.379–0.414, three rounds, 2026-12-04 03:02 UTC).
+    rayon::broadcast(|ctx| run_member(ctx.index()));
     match failure.into_inner().unwrap_or_else(|e| e.into_inner()) {
         None => Some(Ok(())),
         Some(Failure::Error(e)) => Some(Err(e)),
         Some(Failure::Panic(p)) => resume_unwind(p),
-    }
-}
-
-/// How long a caller outside the pool spins for the team's other members before it parks.
-const SPIN_BEFORE_PARK: std::time::Duration = std::time::Duration::from_micros(50);
-
-/// What the caller of [`run_from_outside`] shares with the pool's threads.
-struct OutsideTeam<'a> {
-    run_member: &'a (dyn Fn(usize) + Sync),
-    threads: usize,
-    /// Pool threads that have not finished their part of the broadcast yet (each decrements
-    /// it last).
-    pending: AtomicUsize,
-    caller: std::thread::Thread,
-}
-
-/// [`run`] from a thread outside the pool: the pool's threads `0..threads - 1` are members
-/// `0..threads - 1` and the caller is the last member, in place of the pool's last thread
-/// (which has nothing to do). Rayon's blocking way in (`broadcast` from outside) would put the
-/// caller to sleep on a lock and wake it once the team is done, 10–20 µs on the 16-core Xeon
-/// (an empty fork-join of its pool from outside took 14–20 µs, from inside 6 µs). The caller
-/// waits for the pool's threads spinning for up to 50 µs, then parking. `run_member` catches
-/// a member's panic itself.
-fn run_from_outside(threads: usize, run_member: &(dyn Fn(usize) + Sync)) {
-    let team = OutsideTeam {
-        run_member,
-        threads,
-        pending: AtomicUsize::new(threads),
-        caller: std::thread::current(),
-    };
-    let addr = &team as *const OutsideTeam<'_> as usize;
-    rayon::spawn_broadcast(move |ctx| {
-        // SAFETY: `team` stays on the caller's stack until the caller has seen `pending`
-        // reach 0, and each pool thread's decrement is its last access to it.
-        let team = unsafe { &*(addr as *const OutsideTeam<'_>) };
-        if ctx.index() + 1 < team.threads {
-            (team.run_member)(ctx.index());
-        }
-        let caller = team.caller.clone();
-        if team.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
-            caller.unpark();
-        }
-    });
-    run_member(threads - 1);
-    let start = std::time::Instant::now();
-    while team.pending.load(Ordering::Acquire) != 0 {
-        if start.elapsed() < SPIN_BEFORE_PARK {
-            std::hint::spin_loop();
-        } else {
-            // Woken by the last pool thread's unpark (or spuriously: the loop checks again).
-            std::thread::park();
-        }
     }
 }
 
@@ -405,7 +354,7 @@ mod tests {
     }
 
     /// Where a test's team runs: on a pool of its own, entered from inside it, or on the
-    /// global pool from this test's thread, outside it (the caller then is a member).
+    /// global pool from this test's thread, outside it.
     enum Site<'p> {
         Pool(&'p rayon::ThreadPool),
         Outside,
@@ -599,7 +548,7 @@ mod tests {
     #[test]
     fn a_panic_reaches_the_caller() {
         each_site(&[2], |site| {
-            // The first member, and the last (the caller's own, from outside the pool).
+            // The first member, and the last.
             for failing in [0, site.threads() - 1] {
                 let caught = catch_unwind(AssertUnwindSafe(|| {
                     site.run(|m| -> Result<(), Aborted> {
