@@ -40,7 +40,8 @@ pub(crate) fn is_x86_simd(path: KernelPath) -> bool {
 /// ahead (`NIBBLE_QUANT_PREFETCH=nta|t0|off`, read once per process; every choice gives the
 /// same sums). A knob for CPUs whose caches differ: `prefetchnta` keeps a stream read once
 /// per forward out of the outer caches, which on the 2-core Zen 3 leaves them to the
-/// activations and LoRA adapters (BigNet qlora batch 1 with int8 activations 1.34 → 1.10 ms);
+/// activations and LoRA adapters (an earlier session's figure there: BigNet qlora at batch 1
+/// with int8 activations 1.34 → 1.10 ms when `prefetchnta` came in);
 /// a many-core Xeon whose L2 caches together hold a model might prefer the weights kept (see
 /// [`quant_prefetch`] for what it measured).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,6 +93,10 @@ pub fn quant_prefetch() -> QuantPrefetch {
         }
     })
 }
+
+/// How far ahead, in rows of W, the batch-1 quantized GEMVs prefetch ([`prefetch_weights`]):
+/// one sweep of their 4-row kernels.
+pub(crate) const PREFETCH_ROWS: usize = 4;
 
 /// Prefetches the cache line at `p` as `mode` says (never faults: `p` may lie past the data).
 #[cfg(target_arch = "x86_64")]

@@ -364,8 +364,8 @@ pub(crate) fn split_rows(
     run: impl Fn(Range<usize>, &mut [f32]) + Sync + Send,
 ) {
     let chunk = batch1_chunk(o, i);
-    // (One part runs on the calling thread; from outside the pool it does one part itself
-    // and spins for the others: see `for_each_chunk`.)
+    // (A caller outside the pool computes one part itself and spins for the others: see
+    // `nibble_tensor::parallel::for_each_task`.)
     nibble_tensor::parallel::for_each_chunk(y, chunk, |start, yc| run(start..start + yc.len(), yc));
 }
 

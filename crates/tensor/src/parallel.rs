@@ -98,7 +98,7 @@ const SPIN_BEFORE_PARK: Duration = Duration::from_micros(50);
 /// and wakes it again, which costs more than a batch-1 layer's work on many cores (one Q4
 /// 1024² layer with int8 activations, batch 1: on the 2-core Zen 3 19.8 µs called from inside
 /// the pool against 27–54 µs from outside, 20 µs with the caller taking a part; on the 16-core
-/// Xeon 14.3–15.0 µs from inside, 21.1–21.7 from outside, 16.4–17.0 with the caller taking a
+/// Xeon 14.2–15.0 µs from inside, 21.1–21.7 from outside, 16.4–17.0 with the caller taking a
 /// part and 16.4–16.9 with the caller only spinning, `examples/batch1_anatomy` of the quant
 /// crate, 2026-12-04 02:13 UTC). Taking a part, the caller leaves one pool thread free, so
 /// that it does not share a core with a busy one where the pool fills the machine.

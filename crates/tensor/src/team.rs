@@ -242,10 +242,15 @@ pub fn run<E: Send + From<Aborted>>(
             *slot = Some(what);
         }
     };
-    let run_member = |index: usize| {
+    // From outside the pool, rayon's broadcast puts the caller to sleep until the team is done.
+    // Tried on the 16-core Xeon: the caller as the last member in place of the pool's last
+    // thread (`spawn_broadcast`, the caller spinning for the others): BigNet at batch 1 no
+    // faster and low_precision / qlora slower (0.356–0.365 / 0.427–0.461 ms against
+    // 0.294–0.315 / 0.379–0.414, three rounds, 2026-12-04 03:02 UTC).
+    rayon::broadcast(|ctx| {
         let member = Member {
-            index,
-            threads,
+            index: ctx.index(),
+            threads: ctx.num_threads(),
             barrier: &barrier,
             passed: std::cell::Cell::new(0),
         };
@@ -262,13 +267,7 @@ pub fn run<E: Send + From<Aborted>>(
             }
             Err(panic) => record(Failure::Panic(panic)),
         }
-    };
-    // From outside the pool, rayon's broadcast puts the caller to sleep until the team is done.
-    // Tried on the 16-core Xeon: the caller as the last member in place of the pool's last
-    // thread (`spawn_broadcast`, the caller spinning for the others): BigNet at batch 1 no
-    // faster and low_precision / qlora slower (0.356–0.365 / 0.427–0.461 ms against
-    // 0.294–0.315 / 0.379–0.414, three rounds, 2026-12-04 03:02 UTC).
-    rayon::broadcast(|ctx| run_member(ctx.index()));
+    });
     match failure.into_inner().unwrap_or_else(|e| e.into_inner()) {
         None => Some(Ok(())),
         Some(Failure::Error(e)) => Some(Err(e)),

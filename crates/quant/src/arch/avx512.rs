@@ -16,7 +16,7 @@
 use half::f16;
 use std::arch::x86_64::*;
 
-use crate::cpu::{prefetch_weights, quant_prefetch};
+use crate::cpu::{prefetch_weights, quant_prefetch, PREFETCH_ROWS};
 use crate::int8::{dequantize_ref as int8_dequantize_ref, Int8Matrix};
 use crate::kernels::{for_row_quads, ColBlock};
 use crate::nf4::{Nf4Matrix, NF4_BLOCK, NF4_LEVELS};
@@ -36,9 +36,6 @@ const SHIFTS_HIGH_THEN_LOW: [i32; 16] = [4, 4, 4, 4, 4, 4, 4, 4, 0, 0, 0, 0, 0, 
 const CODE_VALUES: [f32; 16] = [
     0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
 ];
-/// The GEMV kernels prefetch each row's codes and norms this many rows ahead (one 4-row
-/// sweep, as the AVX2 GEMVs do).
-const PREFETCH_ROWS: usize = 4;
 
 /// The mask of the first `n` (at most 16) lanes.
 #[inline(always)]
@@ -655,21 +652,19 @@ pub(crate) mod lower {
     }
 }
 
-/// Q4's fused int8-activation GEMV ([`crate::q4::act8`]) on AVX-512 VNNI, the twin of [`super::avx2::q4_int8`]: per row and group of 128 weights one 64-byte
-/// load of codes and two `vpdpbusd` (low nibbles by the even elements, high by the odd ones),
-/// where the AVX2 code takes two loads, four `vpmaddubsw`, two `vpaddw`, a `vphaddw` and a
+/// Q4's fused int8-activation GEMV ([`crate::q4::act8`]) on AVX-512 VNNI, the twin of
+/// [`super::avx2::q4_int8`]: per row and group of 128 weights one 64-byte load of codes and
+/// two `vpdpbusd` (low nibbles by the even elements, high by the odd ones), where the AVX2
+/// code takes two loads, four `vpmaddubsw`, two `vpaddw`, a `vphaddw` and a
 /// `vpmaddwd`. The exact block sums are put in `CS_SLOT` order and two rows share each f32
 /// step, lane for lane the AVX2 kernel's operations: the same bits.
 pub(crate) mod q4_int8 {
     use crate::act8::avx2::Maddubs;
-    use crate::cpu::{prefetch_weights, quant_prefetch};
+    use crate::cpu::{prefetch_weights, quant_prefetch, PREFETCH_ROWS};
     use crate::kernels::avx2::hsum;
     use crate::q4::act8::{dot_ref, parts, BLOCKS_PER_GROUP, CS_SLOT, GROUP};
     use crate::q4::{Q4Matrix, Q4_BLOCK};
     use std::arch::x86_64::*;
-
-    /// Rows between a code load and its prefetch: one 4-row sweep.
-    const PREFETCH_ROWS: usize = 4;
 
     /// `vpermt2d` indices that gather, from the `vpdpbusd` lanes of rows A and B (lanes
     /// `2t, 2t + 1` hold block t's two halves; B's lanes are 16..32), the first (`odd = 0`)

@@ -1,17 +1,13 @@
 //! The AVX2 + FMA + F16C kernels of [`crate::q4`].
 
 use super::{f16_to_f32, hmax, hsum, lut16};
-use crate::cpu::{prefetch_weights, quant_prefetch};
+use crate::cpu::{prefetch_weights, quant_prefetch, PREFETCH_ROWS};
 use crate::kernels::for_row_quads;
 use crate::q4::*;
 use half::f16;
 use std::arch::x86_64::*;
 
 use crate::kernels::ColBlock;
-
-/// The GEMV kernels prefetch each row's codes and norms this many rows ahead (one 4-row
-/// sweep, as the f32 GEMV does).
-const Q4_PF_ROWS: usize = 4;
 
 /// 16 codes of one block (8 bytes at `p`), in element order, as bytes.
 #[inline(always)]
@@ -271,7 +267,7 @@ unsafe fn dot_rows<const R: usize>(m: &Q4Matrix, r0: usize, prep: &[f32]) -> [f3
         for r in 0..R {
             // Prefetch the same blocks 4 rows on (the next 4-row sweep; never faults), as
             // `crate::cpu::quant_prefetch` says.
-            let ahead = (r0 + r + Q4_PF_ROWS) * nb + b;
+            let ahead = (r0 + r + PREFETCH_ROWS) * nb + b;
             prefetch_weights(pf, packed.wrapping_add(ahead * 8));
             prefetch_weights(pf, norms.as_ptr().wrapping_add(ahead) as *const u8);
         }

@@ -4,7 +4,7 @@
 
 use crate::act8::avx2::{ByteDot, Maddubs};
 use crate::act8::avxvnni::Dpbusd;
-use crate::cpu::{prefetch_weights, quant_prefetch};
+use crate::cpu::{prefetch_weights, quant_prefetch, PREFETCH_ROWS};
 use crate::kernels::avx2::{hmax, hsum};
 use crate::kernels::for_row_quads;
 use crate::q4::act8::{dot_ref, parts, BLOCKS_PER_GROUP, CS_SLOT, GROUP};
@@ -79,9 +79,6 @@ pub(crate) unsafe fn prepare_group(grp: &[f32], xq: &mut [u8], cs: &mut [f32]) -
     }
     sx * (2.0 / 15.0)
 }
-
-/// Rows between a code load and its prefetch: one 4-row sweep.
-const PREFETCH_ROWS: usize = 4;
 
 /// Shapes: W `out x in` (`packed` `[out, in/2]`, `norm` `[out, in/16]`), `prep`
 /// `[prep_len(in)]`, `rows ⊆ 0..out`, `y` `[rows.len()]`. Four rows at a time share the
