@@ -6,6 +6,15 @@
 //! thread packs its rows of A and its columns of B, writing a private block of C). Rounds
 //! interleave the cases so that machine noise hits them alike; median, min and max of `reps`.
 //!
+//! On the 16-core Xeon (2026-12-04, thirteenth session, medians of 15, ms): `gemm` on the
+//! pool 1.92 / 2.01, one thread 13.6–19.7, 16 independent row blocks 3.21–3.32, grids 4x4 /
+//! 2x8 / 8x2 2.50–2.60 / 2.55 / 2.55; on 8 threads the pool 3.03, independent 3.38–3.86. The
+//! shared GEMM (one packed B, tasks balanced by the pool) is the faster way to use the cores;
+//! the independent serial GEMMs lose to the cache and memory traffic of packing all of their
+//! operands per thread. (`gemm` with one stage read 1.58–1.69 here, but in `gemm_tiles`'
+//! interleaved rounds of the same run 1.65 against 1.69, and 1.98 against 1.90 in another
+//! lease: within the noise, as in earlier sessions.)
+//!
 //! `cargo run --release --example gemm_scaling -- 1024 15 4x4,2x8,8x2`
 
 use nibble::tensor::gemm::{gemm, gemm_with_stage, MatRef};

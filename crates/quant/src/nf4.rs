@@ -722,10 +722,6 @@ impl crate::act8::IntCodes for Nf4Matrix {
         }
         offset[..nb].fill(0.0);
     }
-    /// NF4's map has no offset.
-    fn int_has_offset(&self, _unit: usize) -> bool {
-        false
-    }
 }
 
 kernels::impl_weight_matrix!(Nf4Matrix, "nf4");

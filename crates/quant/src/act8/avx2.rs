@@ -651,6 +651,16 @@ impl super::gemm::Lanes for Wide {
 
 /// [`super::gemm::block`] on [`Narrow`] lanes, compiled for AVX2 and FMA.
 ///
+/// Its speed depends on where its stack frame falls: a tile of 4 vectors holds more values
+/// than the 16 ymm registers (integer sums, the runs' i16 sums, the f32 group and output
+/// sums), and the compiler spills some of the x broadcasts of the step loop. On the 2-core
+/// Zen 3 (2026-12-04, one 1024² Q4 layer at batch 1024, 2 threads, `act8_bench` phases) the
+/// products took 7.7–8.1 ms or 10.5–11.4 ms with the same machine code, as a few bytes more
+/// or less in the caller's frame (a black-boxed stack array of 1 to 3072 bytes) moved it:
+/// most likely loads that alias the spill stores modulo 4 KiB. A step loop without spills is
+/// the lasting fix (not made yet); meanwhile a change of the callers' frames must be measured
+/// on this kernel.
+///
 /// # Safety
 /// The CPU has AVX2 and FMA; the contract of [`super::gemm::block`].
 #[target_feature(enable = "avx2,fma")]

@@ -177,10 +177,6 @@ impl IntCodes for TransposedInt8 {
         scale[..units].copy_from_slice(&self.scale[r * units..(r + 1) * units]);
         offset[..units].fill(0.0);
     }
-    /// The transpose's map has no offset.
-    fn int_has_offset(&self, _unit: usize) -> bool {
-        false
-    }
 }
 
 thread_local! {

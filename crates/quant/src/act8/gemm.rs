@@ -231,33 +231,52 @@ fn interleave(rows: &[u8], nr: usize, row_bytes: usize, codes: &mut [u8]) {
     }
 }
 
-/// What packing one panel of W needs: the weights, how their codes become signed bytes, the
-/// kernel and the packed layout's sizes.
-#[derive(Clone, Copy)]
-struct PanelPacker<'w> {
-    w: &'w dyn IntCodes,
-    how: Weights,
+/// Packs W (`o` rows) for `kernel` into panels of its `NR` rows (rows past `o` zero), panels in parallel, into `reuse`'s buffers where given.
+fn pack(
+    w: &dyn IntCodes,
+    layout: IntLayout,
     kernel: Kernel,
-    unit: usize,
-    nr: usize,
-    kpad: usize,
-    units: usize,
-}
-
-impl PanelPacker<'_> {
-    /// Packs panel `p` (rows `p · nr ..`, rows past W's zero): its codes, per unit and lane its
-    /// scales, offsets (an empty slice where the weights have none) and corrections (empty
-    /// where the kernel has none).
-    fn pack(
-        &self,
-        p: usize,
-        codes: &mut [u8],
-        corr: &mut [i32],
-        scale: &mut [f32],
-        offset: &mut [f32],
-    ) {
-        let (nr, kpad, units) = (self.nr, self.kpad, self.units);
-        let lanes = nr.min(self.w.int_dims().0 - p * nr);
+    parallel: bool,
+    reuse: Option<PackedW>,
+) -> PackedW {
+    let (nr, offset_x) = kernel.shape();
+    let (o, i) = w.int_dims();
+    let how = Weights::of(w, layout);
+    let unit = layout.unit;
+    let kpad = i.next_multiple_of(GROUP);
+    let units = kpad / unit;
+    let panels = o.div_ceil(nr);
+    let (codes, corr, scale, offset) = match reuse {
+        Some(p) => (p.codes, p.corr, p.scale, p.offset),
+        None => Default::default(),
+    };
+    let mut pw = PackedW {
+        nr,
+        kpad,
+        unit,
+        units,
+        codes: resized(codes, panels * nr * kpad),
+        corr: resized(corr, if offset_x { panels * nr * units } else { 0 }),
+        scale: resized(scale, panels * nr * units),
+        offset: resized(
+            offset,
+            if how == Weights::Odd {
+                0
+            } else {
+                panels * nr * units
+            },
+        ),
+        has_offset: false,
+    };
+    type Parts<'a> = (
+        usize,
+        (
+            ((&'a mut [u8], &'a mut [i32]), &'a mut [f32]),
+            &'a mut [f32],
+        ),
+    );
+    let one = |(p, (((codes, corr), scale), offset)): Parts| {
+        let lanes = nr.min(o - p * nr);
         let mut t = PANEL.take();
         t.rows = resized(std::mem::take(&mut t.rows), nr * kpad);
         t.scale = resized(std::mem::take(&mut t.scale), nr * units);
@@ -268,7 +287,7 @@ impl PanelPacker<'_> {
             let at = lane * units..(lane + 1) * units;
             let (sc, of) = (&mut t.scale[at.clone()], &mut t.offset[at]);
             if lane < lanes {
-                row_weights(self.w, self.how, self.unit, p * nr + lane, bytes, sc, of);
+                row_weights(w, how, unit, p * nr + lane, bytes, sc, of);
             } else {
                 bytes.fill(0);
                 sc.fill(0.0);
@@ -298,169 +317,41 @@ impl PanelPacker<'_> {
         }
         // SAFETY: the kernel came from a supported tier; `codes` is one panel packed for it,
         // `corr` that panel's [unit][lane] corrections (or empty where the kernel has none).
-        unsafe { self.kernel.panel_corr(codes, self.unit, corr) };
+        unsafe { kernel.panel_corr(codes, unit, corr) };
         PANEL.set(t);
-    }
-}
-
-/// States of a panel of a [`LazyW`].
-const EMPTY: u8 = 0;
-const PACKING: u8 = 1;
-const READY: u8 = 2;
-
-/// W packed into panels *on first use*: the products' tasks ask for the panels they read
-/// ([`LazyW::ready`]); the first task to ask for a panel packs it while tasks reading other
-/// panels go on, so packing runs inside the products' parallel pass, each panel by a thread
-/// that then reads it from its own cache, with no separate packing phase (which did not scale
-/// past a few threads on the 16-core Xeon: 0.25 ms for a 1024² Q4 on one thread, 0.21–0.36 ms
-/// on 16, against 0.53 ms of products).
-pub(super) struct LazyW<'w> {
-    /// The packed buffers, sized for every panel; a panel's bytes are written only by the task
-    /// that moved its state from EMPTY to PACKING, and read (through this shared reference)
-    /// only once it is READY.
-    pw: PackedW,
-    packer: PanelPacker<'w>,
-    /// Base pointers of `pw`'s buffers, taken while it was held mutably.
-    codes: SendPtr<u8>,
-    corr: SendPtr<i32>,
-    scale: SendPtr<f32>,
-    offset: SendPtr<f32>,
-    states: Vec<std::sync::atomic::AtomicU8>,
-}
-
-/// A raw base pointer shared by the tasks that pack disjoint panels of one buffer.
-#[derive(Clone, Copy)]
-struct SendPtr<T>(*mut T);
-// SAFETY: each panel of the buffer is written by exactly one task (the one that won its state
-// from EMPTY to PACKING) and read only after its state is READY (Release/Acquire); the buffer
-// outlives the tasks (the products are joined before `LazyW` is taken apart).
-unsafe impl<T> Send for SendPtr<T> {}
-// SAFETY: as above.
-unsafe impl<T> Sync for SendPtr<T> {}
-
-impl<'w> LazyW<'w> {
-    /// W (`o` rows) to be packed for `kernel` into panels of its `NR` rows on first use, into
-    /// `reuse`'s buffers where given; nothing is packed yet. Where the weights have offsets
-    /// at all (`has_offset`) is found out here, over every row, as the packed layout records
-    /// it for the whole matrix.
-    fn new(w: &'w dyn IntCodes, layout: IntLayout, kernel: Kernel, reuse: Option<PackedW>) -> Self {
-        let (nr, offset_x) = kernel.shape();
-        let (o, i) = w.int_dims();
-        let how = Weights::of(w, layout);
-        let unit = layout.unit;
-        let kpad = i.next_multiple_of(GROUP);
-        let units = kpad / unit;
-        let panels = o.div_ceil(nr);
-        let (codes, corr, scale, offset) = match reuse {
-            Some(p) => (p.codes, p.corr, p.scale, p.offset),
-            None => Default::default(),
-        };
-        let with_offset = how != Weights::Odd;
-        let mut pw = PackedW {
-            nr,
-            kpad,
-            unit,
-            units,
-            codes: resized(codes, panels * nr * kpad),
-            corr: resized(corr, if offset_x { panels * nr * units } else { 0 }),
-            scale: resized(scale, panels * nr * units),
-            offset: resized(offset, if with_offset { panels * nr * units } else { 0 }),
-            has_offset: with_offset && w.int_has_offset(unit),
-        };
-        LazyW {
-            codes: SendPtr(pw.codes.as_mut_ptr()),
-            corr: SendPtr(pw.corr.as_mut_ptr()),
-            scale: SendPtr(pw.scale.as_mut_ptr()),
-            offset: SendPtr(pw.offset.as_mut_ptr()),
-            states: (0..panels)
-                .map(|_| std::sync::atomic::AtomicU8::new(EMPTY))
-                .collect(),
-            packer: PanelPacker {
-                w,
-                how,
-                kernel,
-                unit,
-                nr,
-                kpad,
-                units,
-            },
-            pw,
-        }
-    }
-
-    /// Packs every panel now (in parallel where `parallel`), for a caller that times packing
-    /// on its own ([`phases`]).
-    fn pack_all(&self, parallel: bool) {
-        let panels = self.states.len();
-        if parallel {
-            (0..panels)
-                .into_par_iter()
-                .for_each(|p| self.ready(p..p + 1));
+    };
+    // Per panel: its corrections and offsets, or an empty slice where the kernel or the
+    // weights have none.
+    fn per_panel<T>(v: &mut [T], len: usize, panels: usize) -> Vec<&mut [T]> {
+        if v.is_empty() {
+            (0..panels).map(|_| &mut [][..]).collect()
         } else {
-            self.ready(0..panels);
+            v.chunks_mut(len).collect()
         }
     }
-
-    /// The packed W, for reading the panels [`LazyW::ready`] returned from.
-    fn packed(&self) -> &PackedW {
-        &self.pw
+    let corr = per_panel(&mut pw.corr, nr * units, panels);
+    let offset = per_panel(&mut pw.offset, nr * units, panels);
+    if parallel {
+        // Indexed: the pool splits the panels evenly (a bridged iterator handed them out one
+        // at a time under a lock).
+        pw.codes
+            .par_chunks_mut(nr * kpad)
+            .zip(corr)
+            .zip(pw.scale.par_chunks_mut(nr * units))
+            .zip(offset)
+            .enumerate()
+            .for_each(one);
+    } else {
+        pw.codes
+            .chunks_mut(nr * kpad)
+            .zip(corr)
+            .zip(pw.scale.chunks_mut(nr * units))
+            .zip(offset)
+            .enumerate()
+            .for_each(one);
     }
-
-    /// Makes `panels` READY: packs each one no task has begun, waits for those another task
-    /// is packing. Not inlined: the products' tasks keep the small stack frame they had
-    /// before packing moved into them.
-    #[inline(never)]
-    fn ready(&self, panels: std::ops::Range<usize>) {
-        use std::sync::atomic::Ordering::{Acquire, Release};
-        let (nr, kpad, units) = (self.packer.nr, self.packer.kpad, self.packer.units);
-        let meta = nr * units;
-        // First the panels nobody has begun, then wait for the rest.
-        for p in panels.clone() {
-            let state = &self.states[p];
-            if state.load(Acquire) == READY
-                || state
-                    .compare_exchange(EMPTY, PACKING, Acquire, Acquire)
-                    .is_err()
-            {
-                continue;
-            }
-            let part = |base: *mut f32, len: usize| -> &mut [f32] {
-                if len == 0 {
-                    &mut []
-                } else {
-                    // SAFETY: this task won panel p: nobody else writes or reads these `meta`
-                    // values until the READY store below; they lie inside the buffer, sized
-                    // for every panel.
-                    unsafe { std::slice::from_raw_parts_mut(base.add(p * meta), meta) }
-                }
-            };
-            // SAFETY: as above, for the panel's codes and corrections.
-            let (codes, corr) = unsafe {
-                (
-                    std::slice::from_raw_parts_mut(self.codes.0.add(p * nr * kpad), nr * kpad),
-                    if self.pw.corr.is_empty() {
-                        &mut [][..]
-                    } else {
-                        std::slice::from_raw_parts_mut(self.corr.0.add(p * meta), meta)
-                    },
-                )
-            };
-            let scale = part(self.scale.0, self.pw.scale.len());
-            let offset = part(self.offset.0, self.pw.offset.len());
-            self.packer.pack(p, codes, corr, scale, offset);
-            state.store(READY, Release);
-        }
-        for p in panels {
-            while self.states[p].load(Acquire) != READY {
-                std::hint::spin_loop();
-            }
-        }
-    }
-
-    /// The buffers, for the next call to reuse.
-    fn into_buffers(self) -> PackedW {
-        self.pw
-    }
+    pw.has_offset = pw.offset.iter().any(|&v| v != 0.0);
+    pw
 }
 
 /// x as one kernel reads it.
@@ -853,21 +744,6 @@ enum Kernel {
 }
 
 impl Kernel {
-    /// Whether the products pack W's panels on first use ([`LazyW`]) rather than after a
-    /// packing pass beside x's quantization: on the AVX-512 VNNI and AMX kernels (and the AMX
-    /// emulator, so that every CPU's tests run that path), where the packing pass did not
-    /// scale on the 16-core Xeon. The 256-bit kernels keep the pass: on the 2-core Zen 3
-    /// the AVX2 kernel's time moved by up to a third with the products' stack frame (its
-    /// register spills meet its data modulo 4 KiB), which packing on first use changed.
-    fn packs_on_first_use(self) -> bool {
-        match self {
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Vnni | Kernel::Amx => true,
-            Kernel::AmxEmulated => true,
-            _ => false,
-        }
-    }
-
     /// The kernel of `tier` (already [`IntTier::supported`]) for codes of `layout`.
     fn for_tier(tier: IntTier, layout: IntLayout) -> Kernel {
         match tier {
@@ -1020,26 +896,19 @@ pub(super) fn run(
 ) -> bool {
     let (o, i) = w.int_dims();
     let kernel = Kernel::for_tier(tier, layout);
-    let lazy = LazyW::new(w, layout, kernel, BUFFERS.take());
+    let reuse = BUFFERS.take();
     let mut quantize =
         || super::quantize_x_into(x, m, i, layout.unit, parallel, q, kernel.x_layout());
-    let on_first_use = kernel.packs_on_first_use();
-    let finite = if on_first_use {
-        // x first (it decides whether the call runs at all), then the products, which pack
-        // W's panels as their tasks first need them.
-        quantize()
-    } else if parallel {
-        rayon::join(|| lazy.pack_all(parallel), quantize).1
+    let (pw, finite) = if parallel {
+        rayon::join(|| pack(w, layout, kernel, parallel, reuse), quantize)
     } else {
-        lazy.pack_all(parallel);
-        quantize()
+        let finite = quantize();
+        (pack(w, layout, kernel, parallel, reuse), finite)
     };
-    if finite && on_first_use {
-        products_packing(kernel, &lazy, q, m, o, parallel, y, accumulate);
-    } else if finite {
-        products(kernel, lazy.packed(), q, m, o, parallel, y, accumulate);
+    if finite {
+        products(kernel, &pw, q, m, o, parallel, y, accumulate);
     }
-    BUFFERS.set(Some(lazy.into_buffers()));
+    BUFFERS.set(Some(pw));
     finite
 }
 
@@ -1076,43 +945,6 @@ fn products(
     }
 }
 
-/// [`products`] packing W's panels on first use: each task packs the panels it reads
-/// ([`LazyW::ready`]). Tasks are numbered column block by column block, so that the
-/// consecutive tasks a thread takes read the same panels (it packs them once and keeps them
-/// in its caches) and threads start on different panels.
-#[allow(clippy::too_many_arguments)]
-fn products_packing(
-    kernel: Kernel,
-    lazy: &LazyW,
-    q: &QuantizedX,
-    m: usize,
-    o: usize,
-    parallel: bool,
-    yp: YPtr,
-    accumulate: bool,
-) {
-    let xp = prepare_x(q);
-    let pw = lazy.packed();
-    let (mt, nt) = (m.div_ceil(M_BLOCK), o.div_ceil(N_BLOCK));
-    let per_block = N_BLOCK / pw.nr;
-    let panels = o.div_ceil(pw.nr);
-    let task = |t: usize| {
-        let (bn, bm) = (t / mt, t % mt);
-        let rows = bm * M_BLOCK..m.min((bm + 1) * M_BLOCK);
-        let ps = bn * per_block..panels.min((bn + 1) * per_block);
-        lazy.ready(ps.clone());
-        // SAFETY: the kernel came from a supported tier and packs `pw`, whose panels `ps`
-        // are READY (written once, only read from now on); rows and panels lie inside the
-        // batch and `pw`; tasks own disjoint rectangles of y, joined before the call returns.
-        unsafe { kernel.block(pw, &xp, rows, ps, yp, o, accumulate) };
-    };
-    if parallel {
-        (0..mt * nt).into_par_iter().for_each(task);
-    } else {
-        (0..mt * nt).for_each(task);
-    }
-}
-
 /// Where the GEMM's time goes: [`super::forward`]'s integer GEMM for `m` vectors (at least
 /// [`GEMM_MIN_M`]) on `tier` as it routes it, its three phases run one after another (x's
 /// quantization, W's packing, the products; in the GEMM the first two run side by side), each
@@ -1138,24 +970,14 @@ pub fn phases(
     let finite = super::quantize_x_into(x, m, i, layout.unit, true, &mut q, kernel.x_layout());
     let quantize = ms(t);
     let t = std::time::Instant::now();
-    let lazy = LazyW::new(w, layout, kernel, BUFFERS.take());
-    lazy.pack_all(true);
+    let pw = pack(w, layout, kernel, true, BUFFERS.take());
     let packing = ms(t);
     let t = std::time::Instant::now();
     if finite {
-        products(
-            kernel,
-            lazy.packed(),
-            &q,
-            m,
-            o,
-            true,
-            YPtr::new(y, None, o),
-            false,
-        );
+        products(kernel, &pw, &q, m, o, true, YPtr::new(y, None, o), false);
     }
     let product = ms(t);
-    BUFFERS.set(Some(lazy.into_buffers()));
+    BUFFERS.set(Some(pw));
     super::QUANTIZED.set(q);
     finite.then_some([quantize, packing, product])
 }

@@ -280,18 +280,6 @@ pub trait IntCodes: Sync {
     /// Writes row `r`'s affine map per unit (`ceil(in / unit)` of each):
     /// `w' = scale[u] · code + offset[u]`.
     fn int_affine(&self, r: usize, scale: &mut [f32], offset: &mut [f32]);
-    /// Whether some row's [`IntCodes::int_affine`] has a non-zero offset in some unit of
-    /// `unit` columns. Default: every row's map, looked at. A format whose offsets are zero by
-    /// construction answers `false` without the scan.
-    fn int_has_offset(&self, unit: usize) -> bool {
-        let (o, i) = self.int_dims();
-        let units = i.div_ceil(unit.max(1));
-        let (mut scale, mut offset) = (vec![0.0f32; units], vec![0.0f32; units]);
-        (0..o).any(|r| {
-            self.int_affine(r, &mut scale, &mut offset);
-            offset.iter().any(|&v| v != 0.0)
-        })
-    }
     /// Whether the codes are 4-bit and centred on 7.5, `w' = h_u · (2c − 15)` per unit
     /// (Q4): the integer GEMM ([`gemm`]) then multiplies the odd signed codes `2c − 15` and
     /// needs no offset term. Default `false`.

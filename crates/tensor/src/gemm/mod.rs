@@ -615,11 +615,6 @@ pub fn gemm_segments(segs: &[Segment<'_>], c: &mut [f32], accumulate: bool) -> R
 /// against 3.22 on 8: no gain.
 const STAGE_FLOATS: usize = 1 << 18;
 
-/// Rows of K a stage may hold beyond its `stage_floats` (times the packed columns): a short
-/// block (a bias, the `1 · bias` segment of depth 1; a rank-32 adapter's `h · Bᵀ`) rides along
-/// with a whole [`KC`] block instead of taking a stage, a parallel pass over C, of its own.
-const STAGE_SLACK_ROWS: usize = 32;
-
 /// Tasks per thread of a parallel GEMM's balanced grid (see [`task_grid`]).
 const TASKS_PER_THREAD: usize = 8;
 
@@ -880,8 +875,7 @@ pub fn gemm_with_stage(
     )
 }
 
-/// [`gemm_with`] with stages of at most `stage_floats_max` floats of packed B (and
-/// [`STAGE_SLACK_ROWS`] rows of K more, for short blocks).
+/// [`gemm_with`] with stages of at most `stage_floats_max` floats of packed B.
 fn gemm_staged(
     micro: Micro,
     stage_floats_max: usize,
@@ -927,8 +921,7 @@ fn gemm_staged(
     let ncb_max = NC.min(n);
     let panel_cols = ncb_max.div_ceil(NR) * NR;
     // Stages: runs of consecutive K blocks (of any segment) whose packed B fits in
-    // STAGE_FLOATS (short blocks within STAGE_SLACK_ROWS more), at least one block each;
-    // offsets are for the widest column block.
+    // STAGE_FLOATS, at least one block each; offsets are for the widest column block.
     let mut stages: Vec<Vec<KBlock>> = Vec::new();
     let mut cur: Vec<KBlock> = Vec::new();
     let mut used = 0;
@@ -937,8 +930,7 @@ fn gemm_staged(
         for k0 in (0..sg.a.cols()).step_by(KC) {
             let kc = KC.min(sg.a.cols() - k0);
             let floats = kc * panel_cols;
-            let limit = stage_floats_max + STAGE_SLACK_ROWS * panel_cols;
-            if !cur.is_empty() && used + floats > limit {
+            if !cur.is_empty() && used + floats > stage_floats_max {
                 stages.push(std::mem::take(&mut cur));
                 used = 0;
             }
