@@ -17,6 +17,9 @@
 //!
 //! `cargo run --release --example gemm_scaling -- 1024 15 4x4,2x8,8x2`
 
+#[path = "common/timing.rs"]
+mod timing;
+
 use nibble::tensor::gemm::{gemm, gemm_with_stage, MatRef};
 use nibble::tensor::{Rng, Tensor};
 use std::sync::{Arc, Barrier, Mutex};
@@ -160,14 +163,7 @@ fn main() {
     }
     println!("{threads} threads, batch {m}, x·Wᵀ 1024 wide");
     let flop = 2.0 * (m * d * d) as f64;
-    for (name, mut t) in names.into_iter().zip(times) {
-        t.sort_by(|p, q| p.total_cmp(q));
-        let med = t[t.len() / 2];
-        println!(
-            "{name:36} median {med:.3} ms ({:.0} GFLOP/s), min {:.3}, max {:.3}",
-            flop / med / 1e6,
-            t[0],
-            t[t.len() - 1]
-        );
+    for (name, t) in names.into_iter().zip(times) {
+        timing::report(&name, 36, flop, t);
     }
 }

@@ -8,6 +8,9 @@
 //!
 //! `cargo run --release --example gemm_tiles -- 1024 256,128,64 15`
 
+#[path = "common/timing.rs"]
+mod timing;
+
 use nibble::tensor::cpu::kernel_path;
 use nibble::tensor::gemm::{
     gemm, gemm_avx512_tile, gemm_with_packing, gemm_with_stage, Avx512Tile, MatRef, Packing,
@@ -70,16 +73,7 @@ fn main() {
     }
     println!("{} threads, batch {m}", rayon::current_num_threads());
     let flop = 2.0 * (m * d * d) as f64;
-    let report = |name: &str, mut t: Vec<f64>| {
-        t.sort_by(|p, q| p.total_cmp(q));
-        let med = t[t.len() / 2];
-        println!(
-            "{name:24} median {med:.3} ms ({:.0} GFLOP/s), min {:.3}, max {:.3}",
-            flop / med / 1e6,
-            t[0],
-            t[t.len() - 1]
-        );
-    };
+    let report = |name: &str, t: Vec<f64>| timing::report(name, 24, flop, t);
     for ((name, _, _), t) in cases.into_iter().zip(times) {
         report(&name, t);
     }
