@@ -19,6 +19,11 @@ use std::arch::x86_64::*;
 ///
 /// Every method's safety contract: the implementation's CPU features (AVX2 for [`Maddubs`]).
 pub(crate) trait ByteDot {
+    /// Vectors of x per micro-kernel of the GEMM's [`Narrow`] lanes on this step. Default 4
+    /// (the `vpdpbusd` steps, whose runs add into the unit's i32 sums directly, with no i16
+    /// sums of their own).
+    const NARROW_MR: usize = 4;
+
     /// One step. Exact for [`Maddubs`] where every pair `a_{2i}·b_{2i} + a_{2i+1}·b_{2i+1}`
     /// lies in i16 (no saturation); exact for `vpdpbusd` always.
     ///
@@ -79,6 +84,14 @@ pub(crate) trait ByteDot {
 pub(crate) struct Maddubs;
 
 impl ByteDot for Maddubs {
+    /// 2: each vector's run holds i16 sums of its own beside the unit's i32 sums, and the f32
+    /// group and output sums stay live across the units, so 4 vectors need about twice the 16
+    /// ymm registers; with 4 the compiler spilled the step loop's x broadcasts, and its time
+    /// moved by a third with where its stack frame fell (see [`gemm_block_narrow`]). On the
+    /// 2-core Zen 3 (2026-12-04, one 1024² layer, 2 threads, `act8_bench` phases, six
+    /// alternating rounds, fastest of each) the products took, 4 → 2 vectors: Q4 at batch 1024
+    /// 7.62 → 6.87 ms, at 64 0.525 → 0.450; lower 5.30 → 5.20 and 0.327 → 0.346.
+    const NARROW_MR: usize = 2;
     #[inline(always)]
     unsafe fn dot(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
         // SAFETY: the trait's contract (AVX2).
@@ -489,9 +502,9 @@ pub(super) struct Wide;
 
 /// The f32 and load/store half of both AVX2 lane sets (pairs of ymm).
 macro_rules! avx2_float_lanes {
-    () => {
+    ($mr:expr) => {
         const NR: usize = 16;
-        const MR: usize = 4;
+        const MR: usize = $mr;
         type I = [__m256i; 2];
         type F = [__m256; 2];
 
@@ -581,7 +594,7 @@ unsafe fn panel_step(w: *const u8, s: usize) -> [__m256i; 2] {
 
 impl<D: ByteDot> super::gemm::Lanes for Narrow<D> {
     const OFFSET_X: bool = true;
-    avx2_float_lanes!();
+    avx2_float_lanes!(D::NARROW_MR);
 
     #[inline(always)]
     unsafe fn unit_sums<const R: usize, const UNIT: usize>(
@@ -622,7 +635,9 @@ impl<D: ByteDot> super::gemm::Lanes for Narrow<D> {
 
 impl super::gemm::Lanes for Wide {
     const OFFSET_X: bool = false;
-    avx2_float_lanes!();
+    // 4 vectors per micro-kernel (no run sums of their own; on the 2-core Zen 3, 2026-12-04,
+    // 2 vectors made NF4's and int8's products at batch 1024 8–10 % slower).
+    avx2_float_lanes!(4);
 
     #[inline(always)]
     unsafe fn unit_sums<const R: usize, const UNIT: usize>(
@@ -651,15 +666,14 @@ impl super::gemm::Lanes for Wide {
 
 /// [`super::gemm::block`] on [`Narrow`] lanes, compiled for AVX2 and FMA.
 ///
-/// Its speed depends on where its stack frame falls: a tile of 4 vectors holds more values
-/// than the 16 ymm registers (integer sums, the runs' i16 sums, the f32 group and output
-/// sums), and the compiler spills some of the x broadcasts of the step loop. On the 2-core
+/// With 4 vectors per tile its speed depended on where its stack frame fell: the tile held
+/// more values than the 16 ymm registers (integer sums, the runs' i16 sums, the f32 group and
+/// output sums) and the compiler spilled some of the step loop's x broadcasts. On the 2-core
 /// Zen 3 (2026-12-04, one 1024² Q4 layer at batch 1024, 2 threads, `act8_bench` phases) the
-/// products took 7.7–8.1 ms or 10.5–11.4 ms with the same machine code, as a few bytes more
-/// or less in the caller's frame (a black-boxed stack array of 1 to 3072 bytes) moved it:
-/// most likely loads that alias the spill stores modulo 4 KiB. A step loop without spills is
-/// the lasting fix (not made yet); meanwhile a change of the callers' frames must be measured
-/// on this kernel.
+/// products took 7.7–8.1 ms or 10.5–11.4 ms with the same machine code, as a black-boxed stack
+/// array of 1 to 3072 bytes in the caller moved the frame (most likely loads that alias the
+/// spill stores modulo 4 KiB). With 2 vectors ([`ByteDot::NARROW_MR`] of [`Maddubs`]) the
+/// fastest of three rounds at frame offsets of 1, 512, 1024 and 2048 bytes read 6.79–6.91 ms.
 ///
 /// # Safety
 /// The CPU has AVX2 and FMA; the contract of [`super::gemm::block`].

@@ -41,7 +41,8 @@
 //! x = 1); the product over rectangles of [`M_BLOCK`] vectors by [`N_BLOCK`] rows of W, each
 //! computing its outputs over the whole of `in` (K is never split), so the bits do not depend
 //! on the thread count. Within a rectangle a panel stays in L1 while the vectors pass over it
-//! `MR` (4 on AVX2 and AVX-VNNI, 8 on AVX-512 VNNI) at a time.
+//! `MR` (2 on AVX2's lanes for 4-bit and 3-bit codes, 4 on its lanes for 8-bit codes and on
+//! AVX-VNNI, 8 on AVX-512 VNNI) at a time.
 
 use rayon::prelude::*;
 
