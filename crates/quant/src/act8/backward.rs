@@ -185,20 +185,27 @@ thread_local! {
 }
 
 /// Whether int8 mode runs the input gradient of a batch of `m` on the integer GEMM on `tier`:
-/// the tiers with `vpdpbusd` or AMX from 48 rows of dY, where the forward's GEMM starts; never
-/// on AVX2 (its 8-bit codes cost as much as f32 FMAs) nor on the portable and emulated tiers.
+/// the tiers with `vpdpbusd` or AMX from 48 rows of dY, where the forward's GEMM starts; AVX2
+/// from [`BACKWARD_AVX2_MIN_M`]; never on the portable and emulated tiers.
 ///
 /// Measured with `act8_bench` (one 1024² layer, integer / f32 time, medians): on the 16-core
 /// Xeon, AMX tier, 16 threads, batch 64 0.56–0.86, 256 0.28–0.47, 1000 0.42–0.53 across the
 /// five formats; 2 threads, batch 64 0.58–1.11 (Q4 the slowest), 1000 0.48–0.52
-/// (2026-12-03 17:33 UTC). On the Zen 3 (AVX2, 2 threads) batch 64 0.70–1.81, 256 0.86–1.11,
-/// 1024 0.97–1.10.
+/// (2026-12-03 17:33 UTC). On the Zen 3 (AVX2, 2 threads), 2026-12-04, two runs, across q4,
+/// nf4, int8 and lower: batch 64 0.66–1.23, 128 0.65–1.07, 256 0.62–0.88, 512 0.71–0.88, 1024
+/// 0.74–0.80 (the eleventh session read 0.86–1.11 at 256 and 0.97–1.10 at 1024 there, before
+/// the AVX2 quantization and packing were reworked, and the route left AVX2 out).
 pub fn backward_route(tier: IntTier, m: usize) -> bool {
-    matches!(
-        tier.supported(),
-        IntTier::Amx | IntTier::Avx512Vnni | IntTier::AvxVnni
-    ) && m >= 48
+    match tier.supported() {
+        IntTier::Amx | IntTier::Avx512Vnni | IntTier::AvxVnni => m >= 48,
+        IntTier::Avx2 => m >= BACKWARD_AVX2_MIN_M,
+        _ => false,
+    }
 }
+
+/// Rows of dY from which [`backward_route`] takes the integer input gradient on AVX2 (below,
+/// Q4's and NF4's measured at or above their f32 time).
+pub const BACKWARD_AVX2_MIN_M: usize = 256;
 
 /// The integer input gradient of a quantized matrix (implemented by every format): what
 /// `WeightMatrix::matmul` runs under int8 activations where [`backward_route`] says so, on an

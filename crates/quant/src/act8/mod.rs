@@ -866,9 +866,11 @@ pub const NF4_GENERIC_MAX_M: usize = 9;
 /// a format on a tier (Q4 keeps its fused GEMV below [`Q4_FUSED_MAX_M`] whatever this says),
 /// or `None` where the GEMM is not routed at all. AVX2 (measured on the Zen 3, see the
 /// [module docs](self)): Q4 and lower at every batch from 16, NF4 from 8 (with its
-/// dot-product driver below, every NF4 batch up to 511 runs int8) and int8 from 24, both below
-/// 512 (from there their f32 path is as fast: the 8-bit codes take as many multiplies per
-/// column as f32 FMAs on AVX2). AVX-512 VNNI and AMX, measured on the 16-core Xeon (one 1024²
+/// dot-product driver below, every NF4 batch runs int8) and int8 from 24. (Until the
+/// thirteenth session NF4 and int8 stopped at 512, where their f32 path had measured as fast;
+/// on the 2-core Zen 3, 2026-12-04, 2 threads, one 1024² layer, generic driver int8 / f32
+/// time, two runs: batch 256 0.63–0.69, 512 0.69–0.71, 1024 0.72–0.74, 2048 0.73–0.75 for
+/// nf4, nf4_dq and int8.) AVX-512 VNNI and AMX, measured on the 16-core Xeon (one 1024²
 /// layer, `act8_bench`, generic driver int8 / f32 time, medians of 7, 2026-12-03 16:01 UTC,
 /// after x's quantization was vectorized and its buffers kept): 16 threads, AMX tier, batch
 /// 32 1.03–1.48 (lower to nf4_dq), 48 0.57–0.79, 64 0.48–0.74, 128 0.45–0.62, 256 0.26–0.56,
@@ -890,8 +892,8 @@ pub fn gemm_route(tier: IntTier, format: &str) -> Option<std::ops::Range<usize>>
             "q4" | "nf4" | "int8" | "lower",
         ) => Some(48..usize::MAX),
         (IntTier::Avx2, "q4" | "lower") => Some(16..usize::MAX),
-        (IntTier::Avx2, "nf4") => Some(gemm::GEMM_MIN_M..512),
-        (IntTier::Avx2, "int8") => Some(24..512),
+        (IntTier::Avx2, "nf4") => Some(gemm::GEMM_MIN_M..usize::MAX),
+        (IntTier::Avx2, "int8") => Some(24..usize::MAX),
         _ => None,
     }
 }
