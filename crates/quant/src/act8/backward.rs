@@ -193,8 +193,8 @@ thread_local! {
 /// five formats; 2 threads, batch 64 0.58–1.11 (Q4 the slowest), 1000 0.48–0.52
 /// (2026-12-03 17:33 UTC). On the Zen 3 (AVX2, 2 threads), 2026-12-04, two runs, across q4,
 /// nf4, int8 and lower: batch 64 0.66–1.23, 128 0.65–1.07, 256 0.62–0.88, 512 0.71–0.88, 1024
-/// 0.74–0.80 (the eleventh session read 0.86–1.11 at 256 and 0.97–1.10 at 1024 there, before
-/// the AVX2 quantization and packing were reworked, and the route left AVX2 out).
+/// 0.74–0.80 (an earlier session read 0.86–1.11 at 256 and 0.97–1.10 at 1024 there, and the
+/// route left AVX2 out).
 pub fn backward_route(tier: IntTier, m: usize) -> bool {
     match tier.supported() {
         IntTier::Amx | IntTier::Avx512Vnni | IntTier::AvxVnni => m >= 48,
