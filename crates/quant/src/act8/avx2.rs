@@ -21,7 +21,12 @@ use std::arch::x86_64::*;
 pub(crate) trait ByteDot {
     /// Vectors of x per micro-kernel of the GEMM's [`Narrow`] lanes on this step. Default 4
     /// (the `vpdpbusd` steps, whose runs add into the unit's i32 sums directly, with no i16
-    /// sums of their own).
+    /// sums of their own). For AVX-VNNI, measured on the 16-core Xeon with
+    /// `NIBBLE_KERNEL=avx2` (2026-12-04 10:40 UTC, `act8_bench` phases, one 1024² layer, three
+    /// rounds of 2, 3 and 4 vectors in turns), products at batch 1024 on 2 threads, ms: NF4
+    /// 5.73–7.41 / 5.41–7.24 / 5.12–5.81, int8 7.18–7.31 / 6.02–7.23 / 5.24–5.60, lower
+    /// 6.61–7.60 / 6.05–7.16 / 5.47–6.07, Q4 5.48–8.58 / 6.37–8.88 / 6.65–6.87; on 16 threads
+    /// 4 led for NF4, int8 and lower and tied for Q4. So 4.
     const NARROW_MR: usize = 4;
 
     /// One step. Exact for [`Maddubs`] where every pair `a_{2i}·b_{2i} + a_{2i+1}·b_{2i+1}`
