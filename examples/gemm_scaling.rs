@@ -58,19 +58,10 @@ fn main() {
     let x = Tensor::randn(&[m, d], &mut rng);
     let (w, x) = (Arc::new(w), Arc::new(x));
 
-    // Layouts of independent blocks: the rows in `threads` blocks, then each grid.
-    let mut layouts: Vec<(String, Vec<Block>)> = vec![(
-        format!("independent rows x{threads}"),
-        (0..threads)
-            .map(|t| Block {
-                i0: m * t / threads,
-                i1: m * (t + 1) / threads,
-                j0: 0,
-                j1: d,
-            })
-            .collect(),
-    )];
-    for &(gr, gc) in &grids {
+    // Layouts of independent blocks: the rows in `threads` blocks (a `threads x 1` grid),
+    // then each grid asked for.
+    let mut layouts: Vec<(String, Vec<Block>)> = Vec::new();
+    for (gr, gc) in std::iter::once((threads, 1)).chain(grids) {
         if gr * gc != threads {
             println!("skip grid {gr}x{gc}: not {threads} threads");
             continue;
