@@ -1,7 +1,9 @@
 //! Where a BigNet training step's time goes: the whole step (`train_step`, batch 1000 of the
 //! grader's fit task, AdamW), the forward on its own (recorded on a tape of its own and
-//! dropped), and the backward per op name (`Tape::set_profiling`), medians and means over
-//! `steps` steps after one warm-up. On the rayon pool (`RAYON_NUM_THREADS`).
+//! dropped) with its time per op name (`Tape::forward_profile`), and the backward per op name
+//! (`Tape::backward_profile`), medians and means over `steps` steps after one warm-up. On the
+//! rayon pool (`RAYON_NUM_THREADS`), with freed buffers kept in the heap as the `bignet`
+//! program keeps them.
 //!
 //! `cargo run --release --example train_profile -- qlora int8 5`
 
@@ -27,6 +29,7 @@ fn main() {
     let mode = ActivationMode::parse(args.get(2).map_or("f32", |s| s.as_str()))
         .expect("activations: f32 or int8");
     let steps: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(5).max(1);
+    nibble::bignet::heap::retain_freed_memory();
     let mut model = ModelSpec::seeded(variant, 0)
         .build()
         .expect("a seeded model builds");
@@ -41,6 +44,7 @@ fn main() {
         rayon::current_num_threads()
     );
     let (mut step_ms, mut fwd_ms) = (Vec::new(), Vec::new());
+    let forward_tape = Tape::new();
     for s in 0..=steps {
         if s == 1 {
             tape.set_profiling(true);
@@ -49,11 +53,18 @@ fn main() {
         train_step(&model, &task, &tape, &mut opt).expect("a step runs");
         let step = t.elapsed().as_secs_f64() * 1e3;
         let forward = rayon::scope(|_| {
-            let own = Tape::new();
+            if s == 1 {
+                forward_tape.set_profiling(true);
+            }
+            // Empty already; restarts the profile's forward clock after the step above.
+            forward_tape.clear();
             let t = Instant::now();
-            let out = model.forward(&own, &task.x).expect("a forward runs");
+            let out = model
+                .forward(&forward_tape, &task.x)
+                .expect("a forward runs");
             let ms = t.elapsed().as_secs_f64() * 1e3;
             drop(out);
+            forward_tape.clear();
             ms
         });
         if s > 0 {
@@ -76,8 +87,15 @@ fn main() {
         backward,
         median(step_ms) - median(fwd_ms) - backward
     );
+    println!("forward per op (from the record before), ms per step (mean), calls per step:");
+    print_times(forward_tape.forward_profile(), steps);
     println!("backward per op, ms per step (mean), calls per step:");
-    for t in profile {
+    print_times(profile, steps);
+}
+
+/// One line per op name: ms and calls per step.
+fn print_times(times: Vec<nibble::autograd::OpTime>, steps: usize) {
+    for t in times {
         println!(
             "  {:24} {:8.3}  {:5.1}",
             t.name,

@@ -176,19 +176,60 @@ pub struct Tape {
     records: Mutex<Vec<Record>>,
     generation: AtomicU64,
     enabled: AtomicBool,
-    /// Backward time per op name while profiling ([`Tape::set_profiling`]).
-    profile: Mutex<Option<Vec<OpTime>>>,
+    /// Time per op name while profiling ([`Tape::set_profiling`]).
+    profile: Mutex<Option<Profile>>,
 }
 
-/// Time the backward spent in one kind of op ([`Tape::backward_profile`]).
+/// What a profiling tape has timed so far.
+#[derive(Debug, Clone)]
+struct Profile {
+    forward: Vec<OpTime>,
+    backward: Vec<OpTime>,
+    /// When the last record was made (or profiling started, or a backward ended).
+    mark: std::time::Instant,
+}
+
+impl Profile {
+    fn new() -> Self {
+        Profile {
+            forward: Vec::new(),
+            backward: Vec::new(),
+            mark: std::time::Instant::now(),
+        }
+    }
+}
+
+/// Adds one call of `seconds` to `name`'s entry of `times`.
+fn add_time(times: &mut Vec<OpTime>, name: &'static str, seconds: f64) {
+    match times.iter_mut().find(|t| t.name == name) {
+        Some(t) => {
+            t.calls += 1;
+            t.seconds += seconds;
+        }
+        None => times.push(OpTime {
+            name,
+            calls: 1,
+            seconds,
+        }),
+    }
+}
+
+/// `times` with the costliest first.
+fn costliest_first(mut times: Vec<OpTime>) -> Vec<OpTime> {
+    times.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+    times
+}
+
+/// Time spent in one kind of op ([`Tape::backward_profile`], [`Tape::forward_profile`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct OpTime {
     /// The op's name ([`Op::name`]).
     pub name: &'static str,
-    /// Backward calls of ops of this name.
+    /// Calls of ops of this name (backward calls, or records made in forwards).
     pub calls: usize,
-    /// Seconds spent in their backward (inclusive: an op whose backward runs a nested
-    /// backward, a checkpointed segment's, also counts the nested ops' time).
+    /// Seconds spent in them: in their backward (inclusive: an op whose backward runs a
+    /// nested backward, a checkpointed segment's, also counts the nested ops' time), or in a
+    /// forward from the record before to theirs (see [`Tape::forward_profile`]).
     pub seconds: f64,
 }
 
@@ -233,9 +274,9 @@ impl Tape {
         }
     }
 
-    /// Starts (`true`, from zero) or stops (`false`) timing each op's backward by op name,
-    /// for finding where a training step's backward spends its time ([`Tape::backward_profile`]).
-    /// Off by default.
+    /// Starts (`true`, from zero) or stops (`false`) timing each op by op name, for finding
+    /// where a training step spends its time ([`Tape::backward_profile`],
+    /// [`Tape::forward_profile`]). Off by default.
     ///
     /// ```
     /// use nibble_autograd::{Param, Tape, Var};
@@ -245,42 +286,71 @@ impl Tape {
     /// let w = Param::new("w", Tensor::from_vec(&[1, 2], vec![2.0, -1.0]).unwrap(), true);
     /// let x = Var::constant(Tensor::from_vec(&[1, 2], vec![3.0, 4.0]).unwrap());
     /// let y = tape.linear(&x, &w, None).unwrap();
-    /// tape.backward(&tape.sum(&y).unwrap()).unwrap();
+    /// let loss = tape.sum(&y).unwrap();
+    /// // Forward records go by the name they were recorded under, backwards by `Op::name`.
+    /// let forward: Vec<_> = tape.forward_profile().iter().map(|t| (t.name, t.calls)).collect();
+    /// assert!(forward.contains(&("linear", 1)) && forward.contains(&("sum", 1)));
+    /// tape.backward(&loss).unwrap();
     /// let names: Vec<_> = tape.backward_profile().iter().map(|t| (t.name, t.calls)).collect();
     /// assert!(names.contains(&("linear", 1)) && names.contains(&("sum/mean", 1)));
     /// ```
     pub fn set_profiling(&self, on: bool) {
-        *self.profile.lock().unwrap_or_else(|e| e.into_inner()) = on.then(Vec::new);
+        *self.profile.lock().unwrap_or_else(|e| e.into_inner()) = on.then(Profile::new);
     }
 
     /// The backward time per op name since [`Tape::set_profiling`]`(true)`, the costliest
     /// first (empty when not profiling).
     pub fn backward_profile(&self) -> Vec<OpTime> {
-        let mut v = self
-            .profile
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .unwrap_or_default();
-        v.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
-        v
+        let guard = self.profile.lock().unwrap_or_else(|e| e.into_inner());
+        costliest_first(
+            guard
+                .as_ref()
+                .map(|p| p.backward.clone())
+                .unwrap_or_default(),
+        )
+    }
+
+    /// The forward time per op name since [`Tape::set_profiling`]`(true)`, the costliest
+    /// first (empty when not profiling): each record made (recorded or not, see
+    /// [`Tape::record`]) counts the time since the record before it, or since profiling
+    /// started, the last backward ended or the tape was cleared. An op computes its output before it records it, so
+    /// this is the op's own time plus whatever ran between it and the op before (a closure's
+    /// glue; work outside the tape, such as an optimizer step between a backward and the next
+    /// forward, lands on the first op after it).
+    pub fn forward_profile(&self) -> Vec<OpTime> {
+        let guard = self.profile.lock().unwrap_or_else(|e| e.into_inner());
+        costliest_first(
+            guard
+                .as_ref()
+                .map(|p| p.forward.clone())
+                .unwrap_or_default(),
+        )
     }
 
     /// Adds `seconds` of `name`'s backward to the profile, if profiling.
     fn add_profile(&self, name: &'static str, seconds: f64) {
         let mut guard = self.profile.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(times) = guard.as_mut() {
-            match times.iter_mut().find(|t| t.name == name) {
-                Some(t) => {
-                    t.calls += 1;
-                    t.seconds += seconds;
-                }
-                None => times.push(OpTime {
-                    name,
-                    calls: 1,
-                    seconds,
-                }),
-            }
+        if let Some(p) = guard.as_mut() {
+            add_time(&mut p.backward, name, seconds);
+        }
+    }
+
+    /// Counts a forward record of `name` in the profile, if profiling (see
+    /// [`Tape::forward_profile`]).
+    fn mark_forward(&self, name: &'static str) {
+        let mut guard = self.profile.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = guard.as_mut() {
+            let now = std::time::Instant::now();
+            add_time(&mut p.forward, name, (now - p.mark).as_secs_f64());
+            p.mark = now;
+        }
+    }
+
+    /// Restarts the forward clock (at the end of a backward, on a clear), if profiling.
+    fn restart_forward_clock(&self) {
+        let mut guard = self.profile.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = guard.as_mut() {
+            p.mark = std::time::Instant::now();
         }
     }
 
@@ -333,6 +403,7 @@ impl Tape {
     pub fn clear(&self) {
         self.records().clear();
         self.new_generation();
+        self.restart_forward_clock();
     }
 
     /// A leaf value whose gradient [`Tape::backward`] reports in its [`Gradients`].
@@ -391,6 +462,7 @@ impl Tape {
         holds_trainable: bool,
         make_op: impl FnOnce() -> Box<dyn Op>,
     ) -> Result<Pending> {
+        self.mark_forward(name);
         let mut nodes = Vec::with_capacity(inputs.len() + 1);
         if let Some(base) = &base {
             nodes.push(self.check_node(name, base.node)?);
@@ -436,6 +508,7 @@ impl Tape {
         holds_trainable: bool,
         make_op: impl FnOnce() -> Box<dyn Op>,
     ) -> Result<Var> {
+        self.mark_forward(name);
         let nodes = inputs
             .iter()
             .map(|v| self.check(name, v))
@@ -506,6 +579,12 @@ impl Tape {
     }
 
     fn run_backward(&self, start: Option<NodeId>, seed: Tensor) -> Result<Gradients> {
+        let out = self.run_backward_records(start, seed);
+        self.restart_forward_clock();
+        out
+    }
+
+    fn run_backward_records(&self, start: Option<NodeId>, seed: Tensor) -> Result<Gradients> {
         let mut records = std::mem::take(&mut *self.records());
         let generation = self.generation();
         self.new_generation();

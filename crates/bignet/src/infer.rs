@@ -21,13 +21,13 @@ use crate::layer::{FrozenBias, Linear, LinearBase};
 use crate::model::{Norm, NORM_EPS};
 use crate::source::LAYERS_PER_BLOCK;
 use half::slice::HalfFloatSliceExt;
-use nibble_tensor::gemm::{MatRef, Segment};
+use nibble_tensor::gemm::MatRef;
 use nibble_tensor::layernorm::layer_norm_assign;
 use nibble_tensor::lowrank::LowRank;
 use nibble_tensor::ops::{add_in_place, fill_rows, relu_in_place, zeros_vec};
 use nibble_tensor::team::{self, block_rows, Member, SharedRows};
 use nibble_tensor::weight::BATCH1_ROW_ALIGN;
-use nibble_tensor::{f16, Tensor, TensorError, WeightMatrix};
+use nibble_tensor::{f16, linear_low_rank_into, Tensor, TensorError, WeightMatrix};
 use std::ops::Range;
 use std::sync::{Arc, RwLockReadGuard};
 
@@ -202,28 +202,12 @@ fn linear_into(
     }
     // h = A x first, then the bias, the base product and B h in one pass over y where they
     // run through the GEMM (y stays in the caches of the thread that owns each tile; the same
-    // bits as the parts in order: `matmul_t_fused`).
+    // bits as the parts in order, and as the training forward's `linear_low_rank_into`).
     let (a, b) = (adapter.a.value(), adapter.b.value());
     let r = adapter.rank();
     let h = &mut lora[..m * r];
     a.matmul_t(x, m, h, false)?;
-    let h = &*h;
-    match b.gemm_rhs(m) {
-        Some(b_t) => weight.matmul_t_fused(
-            x,
-            m,
-            y,
-            Some(&bias_row),
-            Some(Segment {
-                a: MatRef::row_major(h, m, r)?,
-                b: &*b_t,
-            }),
-        )?,
-        None => {
-            weight.matmul_t_fused(x, m, y, Some(&bias_row), None)?;
-            b.matmul_t(h, m, y, true)?;
-        }
-    }
+    linear_low_rank_into(weight, x, m, y, Some(bias), h, &*b)?;
     Ok(())
 }
 

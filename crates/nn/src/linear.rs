@@ -135,11 +135,23 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// `y[m, out] = x[m, in] · Wᵀ + b (+ B(A x))`.
+    /// `y[m, out] = x[m, in] · Wᵀ + b (+ B(A x))`: a frozen base with an adapter is one record
+    /// ([`Tape::frozen_linear_lora`]); a trainable one records the base and the adapter's two
+    /// products.
     pub fn forward(&self, tape: &Tape, x: &Var) -> Result<Var> {
-        let y = match &self.base {
-            LinearBase::Trainable { weight, bias } => tape.linear(x, weight, Some(bias))?,
-            LinearBase::Frozen { weight, bias } => {
+        let y = match (&self.base, &self.lora) {
+            (LinearBase::Trainable { weight, bias }, _) => tape.linear(x, weight, Some(bias))?,
+            (LinearBase::Frozen { weight, bias }, Some(lora)) => {
+                // One record: y = x·Wᵀ + b + B (A x) in one pass, dX in one pass.
+                return Ok(tape.frozen_linear_lora(
+                    x,
+                    &weight.matrix(),
+                    Some(bias.as_bias()),
+                    &lora.a,
+                    &lora.b,
+                )?);
+            }
+            (LinearBase::Frozen { weight, bias }, None) => {
                 tape.frozen_linear(x, &weight.matrix(), Some(bias.as_bias()))?
             }
         };
@@ -171,6 +183,9 @@ impl Linear {
                             matrix.out_features()
                         ),
                     });
+                }
+                if let Some(lora) = &self.lora {
+                    return Ok(tape.frozen_linear_lora_pending(x, &matrix, &lora.a, &lora.b)?);
                 }
                 tape.frozen_linear_pending(x, &matrix)?
             }

@@ -657,11 +657,8 @@ pub(crate) fn matmul<F: QuantRows>(
 ) -> nibble_tensor::Result<()> {
     let (o, i) = f.dims();
     check_matmul_operands("linear_backward_input", m, dy.len(), o, dx.len(), i)?;
-    if m > 0 && i > 0 && crate::act8::activations() == crate::act8::ActivationMode::Int8 {
-        let tier = crate::act8::IntTier::for_path(kernel_path());
-        if crate::act8::backward::backward_route(tier, m)
-            && crate::act8::backward::input_grad(f, kernel_path(), tier, dy, m, dx, accumulate)
-        {
+    if let Some(tier) = int8_backward_tier(f, m) {
+        if crate::act8::backward::input_grad(f, kernel_path(), tier, dy, m, dx, accumulate) {
             return Ok(());
         }
     }
@@ -670,6 +667,31 @@ pub(crate) fn matmul<F: QuantRows>(
         path: usable(kernel_path()),
     };
     gemm(MatRef::row_major(dy, m, o)?, &pack, dx, accumulate)
+}
+
+/// The integer tier that the input gradient of `m` rows is routed to under int8 activations
+/// ([`crate::act8::backward::backward_route`]), or `None` where it runs through the GEMM.
+fn int8_backward_tier<F: QuantRows>(f: &F, m: usize) -> Option<crate::act8::IntTier> {
+    let i = f.dims().1;
+    if m == 0 || i == 0 || crate::act8::activations() != crate::act8::ActivationMode::Int8 {
+        return None;
+    }
+    let tier = crate::act8::IntTier::for_path(kernel_path());
+    crate::act8::backward::backward_route(tier, m).then_some(tier)
+}
+
+/// `W` as the GEMM operand of the input gradient where [`matmul`] of `m` rows multiplies
+/// through the GEMM with it: `None` where int8 activations route `m` rows to the integer GEMM
+/// ([`crate::act8::backward::backward_route`]; that kernel may still decline and fall back to
+/// the GEMM, which then runs on its own).
+pub(crate) fn gemm_rhs_backward<F: QuantRows>(f: &F, m: usize) -> Option<Box<dyn PackB + '_>> {
+    if int8_backward_tier(f, m).is_some() {
+        return None;
+    }
+    Some(Box::new(BwdPack {
+        f,
+        path: usable(kernel_path()),
+    }))
 }
 
 /// `Wᵀ` as a GEMM operand where [`matmul_t`] of `m` rows multiplies through the GEMM with it
@@ -856,6 +878,12 @@ macro_rules! impl_weight_matrix {
             }
             fn gemm_rhs(&self, m: usize) -> Option<Box<dyn nibble_tensor::gemm::PackB + '_>> {
                 $crate::kernels::gemm_rhs(self, m)
+            }
+            fn gemm_rhs_backward(
+                &self,
+                m: usize,
+            ) -> Option<Box<dyn nibble_tensor::gemm::PackB + '_>> {
+                $crate::kernels::gemm_rhs_backward(self, m)
             }
             fn batch1_rows<'a>(
                 &'a self,

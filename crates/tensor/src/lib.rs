@@ -26,4 +26,6 @@ pub use half_tensor::HalfTensor;
 pub use layernorm::{layer_norm, layer_norm_backward, LayerNormStats};
 pub use rng::Rng;
 pub use tensor::{Tensor, TensorView};
-pub use weight::{linear, linear_backward_input, linear_backward_weight, WeightMatrix};
+pub use weight::{
+    linear, linear_backward_input, linear_backward_weight, linear_low_rank_into, WeightMatrix,
+};

@@ -167,6 +167,58 @@ pub trait WeightMatrix: Send + Sync + std::fmt::Debug {
         }
         Ok(())
     }
+
+    /// `W` as the right operand of the input gradient `dx = dy · W` (k = out, n = in), where
+    /// [`matmul`](Self::matmul) of `m` rows multiplies through [`gemm`] with it (so a fused
+    /// call gives its bits); `None` where `m` rows take another kernel (int8 activations). The
+    /// default is `None`, which makes [`matmul_fused`](Self::matmul_fused) run its parts one
+    /// by one.
+    fn gemm_rhs_backward(&self, m: usize) -> Option<Box<dyn PackB + '_>> {
+        let _ = m;
+        None
+    }
+
+    /// `dx[m, in] = first + dy[m, out] · W` (`dx += ...` with `accumulate`), where `first` is
+    /// another product `a [m, k] · b [k, in]` (a LoRA adapter's `dH · A`): in one pass over
+    /// `dx` ([`gemm_segments`]) where the input gradient runs through the GEMM, else part by
+    /// part. Either way the bits are those of `first` by [`gemm`] (accumulated with
+    /// `accumulate`), then [`matmul`](Self::matmul) accumulated.
+    ///
+    /// ```
+    /// use nibble_tensor::gemm::MatRef;
+    /// use nibble_tensor::{Tensor, WeightMatrix};
+    /// let w = Tensor::from_vec(&[2, 2], vec![1., 0., 0., 1.]).unwrap();
+    /// let (dh, a) = ([1.0f32], [0.5f32, -0.5]); // 1x1 and 1x2
+    /// let first = MatRef::row_major(&dh, 1, 1).unwrap();
+    /// let a = MatRef::row_major(&a, 1, 2).unwrap();
+    /// let mut dx = [f32::NAN; 2];
+    /// let seg = nibble_tensor::gemm::Segment { a: first, b: &a };
+    /// w.matmul_fused(&[1.0, 2.0], 1, &mut dx, false, Some(seg)).unwrap();
+    /// assert_eq!(dx, [1.5, 1.5]);
+    /// ```
+    fn matmul_fused(
+        &self,
+        dy: &[f32],
+        m: usize,
+        dx: &mut [f32],
+        accumulate: bool,
+        first: Option<Segment<'_>>,
+    ) -> Result<()> {
+        let (o, i) = (self.out_features(), self.in_features());
+        check_matmul_operands("linear_backward_input", m, dy.len(), o, dx.len(), i)?;
+        let Some(first) = first else {
+            return self.matmul(dy, m, dx, accumulate);
+        };
+        if let Some(rhs) = self.gemm_rhs_backward(m) {
+            let product = Segment {
+                a: MatRef::row_major(dy, m, o)?,
+                b: &*rhs,
+            };
+            return gemm_segments(&[first, product], dx, accumulate);
+        }
+        gemm_segments(&[first], dx, accumulate)?;
+        self.matmul(dy, m, dx, true)
+    }
 }
 
 /// The `1 x out` bias operand of [`WeightMatrix::matmul_t_fused`] as `out` values (its packed
@@ -274,6 +326,10 @@ macro_rules! dense_weight_matrix {
                 let w = MatRef::row_major(self.data(), o, i).ok()?;
                 Some(Box::new(w.t()))
             }
+            fn gemm_rhs_backward(&self, _m: usize) -> Option<Box<dyn PackB + '_>> {
+                let (o, i) = self.dims2("linear_backward_input").ok()?;
+                Some(Box::new(MatRef::row_major(self.data(), o, i).ok()?))
+            }
         }
     };
 }
@@ -318,6 +374,56 @@ pub fn linear(x: &Tensor, w: &dyn WeightMatrix, bias: Option<&[f32]>) -> Result<
         let mut y = Tensor::try_zeros(&[m, o])?;
         w.matmul_t(x.data(), m, y.data_mut(), false)?;
         Ok(y)
+    }
+}
+
+/// `y[m, out] = bias + x[m, in] · Wᵀ + h[m, r] · Bᵀ`: a linear layer with a low-rank (LoRA)
+/// adapter, `h = x · Aᵀ` already computed and `b` the adapter's `B` `[out, r]`. In one pass
+/// over `y` ([`WeightMatrix::matmul_t_fused`]) where the base product and `h · Bᵀ` run through
+/// the GEMM, else part by part; either way the bits of writing the bias rows, then
+/// [`WeightMatrix::matmul_t`] accumulated, then `b`'s `matmul_t` of `h` accumulated. Without
+/// a bias `y` is only written. Inference and the training forward both compute a LoRA layer
+/// with it, so they give the same bits.
+///
+/// ```
+/// use nibble_tensor::{linear_low_rank_into, Tensor};
+/// let w = Tensor::from_vec(&[2, 2], vec![1., 0., 0., 1.]).unwrap();
+/// let b = Tensor::from_vec(&[2, 1], vec![1., -1.]).unwrap(); // B [out, r = 1]
+/// let (x, h) = ([1.0f32, 2.0], [0.25f32]);
+/// let mut y = [f32::NAN; 2];
+/// linear_low_rank_into(&w, &x, 1, &mut y, Some(&[10.0, 20.0]), &h, &b).unwrap();
+/// assert_eq!(y, [11.25, 21.75]);
+/// ```
+pub fn linear_low_rank_into(
+    w: &dyn WeightMatrix,
+    x: &[f32],
+    m: usize,
+    y: &mut [f32],
+    bias: Option<&[f32]>,
+    h: &[f32],
+    b: &dyn WeightMatrix,
+) -> Result<()> {
+    if b.out_features() != w.out_features() {
+        return Err(TensorError::ShapeMismatch {
+            op: "linear (LoRA B)",
+            lhs: vec![b.out_features(), b.in_features()],
+            rhs: vec![w.out_features(), w.in_features()],
+        });
+    }
+    let bias_row = bias.map(|b| MatRef::row_major(b, 1, b.len())).transpose()?;
+    let bias_rhs = bias_row.as_ref().map(|b| b as &dyn PackB);
+    match b.gemm_rhs(m) {
+        Some(b_t) => {
+            let adapter = Segment {
+                a: MatRef::row_major(h, m, b.in_features())?,
+                b: &*b_t,
+            };
+            w.matmul_t_fused(x, m, y, bias_rhs, Some(adapter))
+        }
+        None => {
+            w.matmul_t_fused(x, m, y, bias_rhs, None)?;
+            b.matmul_t(h, m, y, true)
+        }
     }
 }
 
