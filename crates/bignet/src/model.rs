@@ -455,11 +455,12 @@ fn block_forward(
 
 /// A block's first two layers, each followed by ReLU, on the block's input `h`.
 fn first_layers(tape: &Tape, layers: &[Linear; LAYERS_PER_BLOCK], h: &Var) -> Result<Var> {
-    let r1 = tape.relu(&layers[0].forward(tape, h)?)?;
+    // Each ReLU in the buffer of the layer output it follows (no record keeps those).
+    let r1 = tape.relu_owned(layers[0].forward(tape, h)?)?;
     let y = layers[1].forward(tape, &r1)?;
-    // Freed (unless a record keeps it) before the second ReLU's output is made.
+    // Freed (unless a record keeps it) before the second ReLU runs.
     drop(r1);
-    Ok(tape.relu(&y)?)
+    Ok(tape.relu_owned(y)?)
 }
 
 /// A checkpointed segment of [`BigNet::forward_with`]: the LayerNorm `norm_before` (if any) of

@@ -277,6 +277,42 @@ impl Tensor {
         (self.with_same_shape(data), words)
     }
 
+    /// [`Tensor::relu_with_positive_bits`] in place: `self = max(self, 0)` and, in the same
+    /// pass, which elements are positive, one bit each (the same bits and words): a recorded
+    /// ReLU whose input no one else holds, without a new output buffer.
+    ///
+    /// ```
+    /// use nibble_tensor::Tensor;
+    /// let mut t = Tensor::from_vec(&[3], vec![-1.0, 2.0, 0.0]).unwrap();
+    /// let words = t.relu_assign_with_positive_bits();
+    /// assert_eq!(t.data(), &[0.0, 2.0, 0.0]);
+    /// assert_eq!(words, vec![0b010]);
+    /// ```
+    pub fn relu_assign_with_positive_bits(&mut self) -> Vec<u64> {
+        let data = self.data_mut();
+        let words: Vec<AtomicU64> = (0..data.len().div_ceil(64))
+            .map(|_| AtomicU64::new(0))
+            .collect();
+        // Chunks start at multiples of PAR_CHUNK, a multiple of 64: each word is one chunk's.
+        let body = |off: usize, chunk: &mut [f32]| {
+            for (k, x64) in chunk.chunks_mut(64).enumerate() {
+                // Positive before the ReLU exactly where positive after it.
+                words[off / 64 + k].store(positive_bits(x64), Ordering::Relaxed);
+                for v in x64 {
+                    *v = relu1(*v);
+                }
+            }
+        };
+        if data.len() < 2 * PAR_CHUNK {
+            body(0, data);
+        } else {
+            data.par_chunks_mut(PAR_CHUNK)
+                .enumerate()
+                .for_each(|(c, d)| body(c * PAR_CHUNK, d));
+        }
+        words.into_iter().map(AtomicU64::into_inner).collect()
+    }
+
     /// A `[m, row.len()]` tensor whose every row is `row` (a bias broadcast over a batch),
     /// written once, in parallel for large sizes.
     ///

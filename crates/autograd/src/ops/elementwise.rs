@@ -217,11 +217,78 @@ impl Tape {
             })
         })
     }
+
+    /// [`Tape::relu`] written into `x`'s buffer when nothing else holds it (else into a new
+    /// one): a ReLU after a layer whose output no record keeps allocates nothing and passes
+    /// over the activations once. The same bits and the same record as [`Tape::relu`].
+    pub fn relu_owned(&self, x: Var) -> Result<Var> {
+        let x_tracked = x.clone_handle();
+        let recorded = self.would_record(&[&x], false);
+        let mut y = x.into_tensor();
+        let mask = if recorded {
+            let words = y.relu_assign_with_positive_bits();
+            Some(PositiveMask {
+                words,
+                len: y.numel(),
+            })
+        } else {
+            nibble_tensor::ops::relu_in_place(y.data_mut());
+            None
+        };
+        let y = Arc::new(y);
+        let output = Arc::clone(&y);
+        self.record_shared("relu", &[&x_tracked], y, false, move || {
+            Box::new(ReluOp {
+                positive: mask.unwrap_or_else(|| PositiveMask::of(output.data())),
+            })
+        })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn relu_owned_is_relu_in_place() {
+        let n = (1 << 15) + 77; // parallel chunks and a ragged tail
+        let values: Vec<f32> = (0..n)
+            .map(|i| match i % 4 {
+                0 => -(i as f32),
+                1 => f32::NAN,
+                2 => 0.0,
+                _ => i as f32 * 0.25,
+            })
+            .collect();
+        let bits = |t: &Tensor| t.data().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        for shared in [false, true] {
+            let tape = Tape::new();
+            let x = tape.leaf(Tensor::from_vec(&[n], values.clone()).unwrap());
+            // An op's output (not a leaf, which its record keeps a handle to).
+            let owned_input = tape.add(&x, &Var::constant(Tensor::zeros(&[n]))).unwrap();
+            let by_ref = tape.relu(&owned_input).unwrap();
+            let keep = shared.then(|| owned_input.shared());
+            let before = owned_input.value().data().as_ptr();
+            let owned = tape.relu_owned(owned_input).unwrap();
+            assert!(
+                bits(owned.value()) == bits(by_ref.value()),
+                "shared={shared}"
+            );
+            // In place unless another handle holds the input, which then stays as it was.
+            assert_eq!(owned.value().data().as_ptr() == before, !shared);
+            if let Some(k) = keep {
+                assert!(k.data()[0] < 0.0 || k.data()[0] == 0.0);
+                assert!(k.data()[1].is_nan());
+            }
+            // The same gradient through either.
+            let loss = tape.sum(&tape.add(&by_ref, &owned).unwrap()).unwrap();
+            let grads = tape.backward(&loss).unwrap();
+            let g = grads.get(&x).unwrap().data();
+            for (i, (&gi, &v)) in g.iter().zip(&values).enumerate() {
+                assert_eq!(gi, if v > 0.0 { 2.0 } else { 0.0 }, "element {i}");
+            }
+        }
+    }
 
     #[test]
     fn mask_matches_the_float_test_on_ragged_lengths() {
