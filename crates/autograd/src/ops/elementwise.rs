@@ -249,17 +249,22 @@ impl Tape {
 mod tests {
     use super::*;
 
-    #[test]
-    fn relu_owned_is_relu_in_place() {
-        let n = (1 << 15) + 77; // parallel chunks and a ragged tail
-        let values: Vec<f32> = (0..n)
-            .map(|i| match i % 4 {
+    /// `n` values cycling through negative, NaN, zero and two positives.
+    fn mixed_signs(n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| match i % 5 {
                 0 => -(i as f32),
                 1 => f32::NAN,
                 2 => 0.0,
-                _ => i as f32 * 0.25,
+                _ => i as f32 * 0.5,
             })
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn relu_owned_is_relu_in_place() {
+        let n = (1 << 15) + 77; // parallel chunks and a ragged tail
+        let values = mixed_signs(n);
         let bits = |t: &Tensor| t.data().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
         for shared in [false, true] {
             let tape = Tape::new();
@@ -304,14 +309,7 @@ mod tests {
             (1 << 15) + 5,
             (1 << 17) + 77,
         ] {
-            let values: Vec<f32> = (0..n)
-                .map(|i| match i % 5 {
-                    0 => -(i as f32),
-                    1 => f32::NAN,
-                    2 => 0.0,
-                    _ => i as f32 * 0.5,
-                })
-                .collect();
+            let values = mixed_signs(n);
             let mask = PositiveMask::of(&values);
             assert_eq!(mask.len(), n);
             // The mask a recorded ReLU makes with its output, in one pass, is the same.

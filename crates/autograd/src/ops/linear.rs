@@ -85,14 +85,7 @@ impl LinearOp {
             (Some(w), Some(acc)) => {
                 let w = w.value();
                 let (m, _) = d_y.dims2("linear backward")?;
-                if acc.shape() != [m, w.in_features()] {
-                    return Err(TensorError::ShapeMismatch {
-                        op: "linear backward (gathered dX)",
-                        lhs: acc.shape().to_vec(),
-                        rhs: vec![m, w.in_features()],
-                    }
-                    .into());
-                }
+                check_gathered("linear backward (gathered dX)", acc, m, w.in_features())?;
                 w.matmul(d_y.data(), m, acc.data_mut(), true)?;
                 None
             }
@@ -111,6 +104,20 @@ impl LinearOp {
             Ok(vec![d_x])
         }
     }
+}
+
+/// The gradient an input gathered before an op's backward, which must be `[m, width]` for the
+/// op to add its `dX` into it; else the error naming `op` and both shapes.
+fn check_gathered(op: &'static str, acc: &Tensor, m: usize, width: usize) -> Result<()> {
+    if acc.shape() != [m, width] {
+        return Err(TensorError::ShapeMismatch {
+            op,
+            lhs: acc.shape().to_vec(),
+            rhs: vec![m, width],
+        }
+        .into());
+    }
+    Ok(())
 }
 
 /// `dW += dYᵀ·X` into `w`'s gradient (the first one written straight into a new tensor).
@@ -207,14 +214,7 @@ impl FrozenLoraOp {
         };
         match d_x_acc {
             Some(acc) => {
-                if acc.shape() != [m, i] {
-                    return Err(TensorError::ShapeMismatch {
-                        op: "frozen_linear_lora backward (gathered dX)",
-                        lhs: acc.shape().to_vec(),
-                        rhs: vec![m, i],
-                    }
-                    .into());
-                }
+                check_gathered("frozen_linear_lora backward (gathered dX)", acc, m, i)?;
                 self.w
                     .matmul_fused(d_y.data(), m, acc.data_mut(), true, Some(d_h_a))?;
                 Ok(vec![None])
