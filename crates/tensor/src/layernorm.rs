@@ -2,9 +2,11 @@
 //! `[m, c]` input: each row is normalised over all its `c` channels with the biased variance,
 //! then scaled and shifted per channel.
 
+use crate::cpu::{kernel_path, KernelPath};
 use crate::error::{Result, TensorError};
 use crate::tensor::Tensor;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Rows per parallel task; also the unit of the fixed-order parameter-gradient reduction, so
 /// results are bit-identical whatever the thread count.
@@ -150,9 +152,9 @@ fn normalize(x: f32, mu: f32, rs: f32, w: f32, b: f32) -> f32 {
 }
 
 /// `Σ f(v)` over `xs` in f64, as four interleaved partial sums combined as
-/// `(s0 + s1) + (s2 + s3)`: four independent add chains, so the loop is not bound by the
-/// latency of one (LayerNorm's statistics were 1.4 % of a BigNet batch-1024 forward as a
-/// single chain). The order depends only on `xs.len()`.
+/// `(s0 + s1) + (s2 + s3)` ([`fold_lanes`]): four independent add chains, so the loop is not
+/// bound by the latency of one (LayerNorm's statistics were 1.4 % of a BigNet batch-1024
+/// forward as a single chain). The order depends only on `xs.len()`.
 #[inline]
 fn sum4(xs: &[f32], f: impl Fn(f32) -> f64) -> f64 {
     let mut s = [0.0f64; 4];
@@ -166,20 +168,51 @@ fn sum4(xs: &[f32], f: impl Fn(f32) -> f64) -> f64 {
     for (acc, &v) in s.iter_mut().zip(tail) {
         *acc += f(v);
     }
-    (s[0] + s[1]) + (s[2] + s[3])
+    fold_lanes(s)
 }
 
-/// Independent f64 sums per row in [`row_sums_and_weight_grads`]: element `j` goes to lane
-/// `j % SUM_LANES`, so the loop runs without one long chain of dependent adds. With this and
-/// `dx` written once (no zeroing pass before), one `[1000, 1024]` backward took 0.31–0.33 ms
-/// (min of 101) against 0.36–0.37 with one f64 chain per sum on the 16-core Xeon, 16 threads
-/// (2026-12-04, three rounds in turns), and 0.82–0.83 against 0.86 on 2 Zen 3 threads.
-const SUM_LANES: usize = 8;
+/// `L` lane sums (`L` a power of two) added as a balanced tree of neighbours:
+/// `(s0 + s1) + (s2 + s3)` for four lanes, `((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))`
+/// for eight, and so on. The one fixed combination order of every lane sum in this file.
+#[inline(always)]
+fn fold_lanes<const L: usize>(mut s: [f64; L]) -> f64 {
+    const { assert!(L.is_power_of_two()) };
+    let mut n = L;
+    while n > 1 {
+        n /= 2;
+        for i in 0..n {
+            s[i] = s[2 * i] + s[2 * i + 1];
+        }
+    }
+    s[0]
+}
+
+/// Lanes of the backward's two row sums (`Σ dxhat`, `Σ dxhat·xhat`): element `j` of a row
+/// goes to lane `j % SUM_LANES`, so the adds form `SUM_LANES` independent chains that
+/// vectorize (two 8-wide vectors per sum with AVX2) instead of one serial chain.
+///
+/// A lane sums its values in f32 within a block of [`SUM_BLOCK`] elements (so 16 values at
+/// most), adds the block's partial into its f64 total, and the totals are combined by
+/// [`fold_lanes`]. The order depends only on the row length: the same bits whatever the
+/// thread count and the kernel path. With the AVX2 build of [`backward_rows`], one
+/// `[1000, 1024]` backward took 0.23–0.25 ms (one round 0.44) against 0.82–0.85 ms with 8
+/// f64 lanes per sum in one baseline build, on 2 Zen 3 threads, and 0.47–0.53 against
+/// 1.61–1.88 ms on one (`examples/layernorm_backward.rs`, min of 3 × 101 calls, five rounds
+/// in turns, 2026-12-04); the baseline build alone (`NIBBLE_KERNEL=portable`) took 0.49–0.52
+/// ms on 2 threads. On the 16-core Xeon (16 threads, three rounds in turns, 13:43 UTC):
+/// 0.158–0.165 against 0.287–0.324 ms (min of 303 calls); a LoRA training step's five
+/// LayerNorm backwards 1.18 / 1.24 against 1.92 / 1.97 ms.
+const SUM_LANES: usize = 16;
+
+/// Elements per f32 block of the backward's row sums ([`SUM_LANES`]): each lane adds at most
+/// 16 f32 values before its partial goes into its f64 total, so the rounding of the f32 sums
+/// does not grow with the row length.
+const SUM_BLOCK: usize = 16 * SUM_LANES;
 
 /// One row of [`layer_norm_backward`]: adds `dy·xhat` to `dw` and `dy` to `db` elementwise,
-/// and returns `(Σ dxhat, Σ dxhat·xhat)` over the row in f64 (`xhat = (x - mu)·rs`,
-/// `dxhat = dy·w`), each summed in [`SUM_LANES`] lanes combined in a fixed order: the same
-/// bits whatever the thread count.
+/// and returns `(Σ dxhat, Σ dxhat·xhat)` over the row (`xhat = (x - mu)·rs`, `dxhat = dy·w`),
+/// summed in the order of [`SUM_LANES`].
+#[inline(always)]
 fn row_sums_and_weight_grads(
     xr: &[f32],
     dyr: &[f32],
@@ -190,49 +223,149 @@ fn row_sums_and_weight_grads(
     db: &mut [f32],
 ) -> (f64, f64) {
     // xr, dyr, weight, dw, db: [c]
-    let mut s1 = [0.0f64; SUM_LANES];
-    let mut s2 = [0.0f64; SUM_LANES];
     let c = xr.len();
     let (dyr, weight) = (&dyr[..c], &weight[..c]);
     let (dw, db) = (&mut dw[..c], &mut db[..c]);
-    // Lane `l` of a chunk is element `j0 + l`; the tail's elements go to lanes 0, 1, ...
-    let whole = c - c % SUM_LANES;
-    for ((((x, dy), w), dwc), dbc) in xr[..whole]
+    let mut t_dxhat = [0.0f64; SUM_LANES];
+    let mut t_dxhat_xhat = [0.0f64; SUM_LANES];
+    for ((((x, dy), w), dw), db) in xr
+        .chunks(SUM_BLOCK)
+        .zip(dyr.chunks(SUM_BLOCK))
+        .zip(weight.chunks(SUM_BLOCK))
+        .zip(dw.chunks_mut(SUM_BLOCK))
+        .zip(db.chunks_mut(SUM_BLOCK))
+    {
+        let (p_dxhat, p_dxhat_xhat) = block_sums_and_weight_grads(x, dy, w, mu, rs, dw, db);
+        for l in 0..SUM_LANES {
+            t_dxhat[l] += p_dxhat[l] as f64;
+            t_dxhat_xhat[l] += p_dxhat_xhat[l] as f64;
+        }
+    }
+    (fold_lanes(t_dxhat), fold_lanes(t_dxhat_xhat))
+}
+
+/// [`row_sums_and_weight_grads`] on one block of at most [`SUM_BLOCK`] elements: the f32
+/// lane partials of the block (element `j` of the block in lane `j % SUM_LANES`).
+#[inline(always)]
+fn block_sums_and_weight_grads(
+    x: &[f32],
+    dy: &[f32],
+    w: &[f32],
+    mu: f32,
+    rs: f32,
+    dw: &mut [f32],
+    db: &mut [f32],
+) -> ([f32; SUM_LANES], [f32; SUM_LANES]) {
+    // x, dy, w, dw, db: [n], n <= SUM_BLOCK
+    let n = x.len();
+    let (dy, w) = (&dy[..n], &w[..n]);
+    let (dw, db) = (&mut dw[..n], &mut db[..n]);
+    let mut s_dxhat = [0.0f32; SUM_LANES];
+    let mut s_dxhat_xhat = [0.0f32; SUM_LANES];
+    let whole = n - n % SUM_LANES;
+    for ((((x, dy), w), dw), db) in x[..whole]
         .chunks_exact(SUM_LANES)
-        .zip(dyr[..whole].chunks_exact(SUM_LANES))
-        .zip(weight[..whole].chunks_exact(SUM_LANES))
+        .zip(dy[..whole].chunks_exact(SUM_LANES))
+        .zip(w[..whole].chunks_exact(SUM_LANES))
         .zip(dw[..whole].chunks_exact_mut(SUM_LANES))
         .zip(db[..whole].chunks_exact_mut(SUM_LANES))
     {
-        let mut xhat = [0.0f32; SUM_LANES];
-        let mut dxhat = [0.0f32; SUM_LANES];
         for l in 0..SUM_LANES {
-            xhat[l] = (x[l] - mu) * rs;
-            dxhat[l] = dy[l] * w[l];
-            dwc[l] += dy[l] * xhat[l];
-            dbc[l] += dy[l];
-        }
-        for l in 0..SUM_LANES {
-            s1[l] += dxhat[l] as f64;
-            s2[l] += (dxhat[l] * xhat[l]) as f64;
+            let xhat = (x[l] - mu) * rs;
+            let dxhat = dy[l] * w[l];
+            dw[l] += dy[l] * xhat;
+            db[l] += dy[l];
+            s_dxhat[l] += dxhat;
+            s_dxhat_xhat[l] += dxhat * xhat;
         }
     }
-    for j in whole..c {
-        let xhat = (xr[j] - mu) * rs;
-        let dxhat = dyr[j] * weight[j];
-        s1[j - whole] += dxhat as f64;
-        s2[j - whole] += (dxhat * xhat) as f64;
-        dw[j] += dyr[j] * xhat;
-        db[j] += dyr[j];
+    for j in whole..n {
+        let xhat = (x[j] - mu) * rs;
+        let dxhat = dy[j] * w[j];
+        dw[j] += dy[j] * xhat;
+        db[j] += dy[j];
+        s_dxhat[j - whole] += dxhat;
+        s_dxhat_xhat[j - whole] += dxhat * xhat;
     }
-    let fold =
-        |s: [f64; SUM_LANES]| ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-    (fold(s1), fold(s2))
+    (s_dxhat, s_dxhat_xhat)
+}
+
+/// One task of [`layer_norm_backward`]: the rows of `x` and `dy` (whole rows of
+/// `weight.len()`, with their `mean` and `rstd`) write their rows of `dx` and add their
+/// terms of the parameter gradients to `dw` and `db` (`[c]`), row by row.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn backward_rows(
+    x: &[f32],
+    dy: &[f32],
+    weight: &[f32],
+    mean: &[f32],
+    rstd: &[f32],
+    dw: &mut [f32],
+    db: &mut [f32],
+    dx: &mut [MaybeUninit<f32>],
+) {
+    let c = weight.len();
+    for ((((xr, dyr), dxr), &mu), &rs) in x
+        .chunks_exact(c)
+        .zip(dy.chunks_exact(c))
+        .zip(dx.chunks_exact_mut(c))
+        .zip(mean)
+        .zip(rstd)
+    {
+        // xhat = (x - mu) * rs ; dxhat = dy * w
+        // dx = rs * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+        let (sum_dxhat, sum_dxhat_xhat) =
+            row_sums_and_weight_grads(xr, dyr, weight, mu, rs, dw, db);
+        let mean_dxhat = (sum_dxhat / c as f64) as f32;
+        let mean_dxhat_xhat = (sum_dxhat_xhat / c as f64) as f32;
+        for ((d, (&xv, &dyv)), &wv) in dxr.iter_mut().zip(xr.iter().zip(dyr)).zip(weight) {
+            let xhat = (xv - mu) * rs;
+            let dxhat = dyv * wv;
+            d.write(rs * (dxhat - mean_dxhat - xhat * mean_dxhat_xhat));
+        }
+    }
+}
+
+/// [`backward_rows`] compiled for AVX2: the same operations in the same order (Rust does not
+/// contract a multiply and an add into an FMA), so the same bits as the baseline build, with
+/// 8-wide vectors instead of 4-wide ones.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn backward_rows_avx2(
+    x: &[f32],
+    dy: &[f32],
+    weight: &[f32],
+    mean: &[f32],
+    rstd: &[f32],
+    dw: &mut [f32],
+    db: &mut [f32],
+    dx: &mut [MaybeUninit<f32>],
+) {
+    backward_rows(x, dy, weight, mean, rstd, dw, db, dx)
 }
 
 /// Gradients of [`layer_norm`]: given `dy` `[m, c]`, the forward input `x`, `weight` and the
 /// saved stats, returns `(dx, dweight, dbias)`.
+///
+/// The result is bit-identical whatever the rayon thread count and the kernel path
+/// ([`crate::cpu::kernel_path`]).
 pub fn layer_norm_backward(
+    dy: &Tensor,
+    x: &Tensor,
+    weight: &[f32],
+    stats: &LayerNormStats,
+) -> Result<(Tensor, Vec<f32>, Vec<f32>)> {
+    layer_norm_backward_on(kernel_path(), dy, x, weight, stats)
+}
+
+/// [`layer_norm_backward`] on the kernel path `path` (or the best lower one the CPU has).
+fn layer_norm_backward_on(
+    path: KernelPath,
     dy: &Tensor,
     x: &Tensor,
     weight: &[f32],
@@ -249,6 +382,7 @@ pub fn layer_norm_backward(
     if c == 0 || m == 0 {
         return Ok((Tensor::zeros(&[m, c]), vec![0.0; c], vec![0.0; c]));
     }
+    let path = path.at_most_avx2();
     // dx is written once, element by element (no zeroing pass before).
     let mut dx_data: Vec<f32> = Vec::with_capacity(m * c);
     // Each task returns its partial (dweight, dbias); partials are summed in task order.
@@ -258,30 +392,26 @@ pub fn layer_norm_backward(
         .map(|(task, dxb)| {
             let mut dw = vec![0.0f32; c];
             let mut db = vec![0.0f32; c];
-            let row0 = task * ROWS_PER_TASK;
-            for (r, dxr) in dxb.chunks_exact_mut(c).enumerate() {
-                let i = row0 + r;
-                let xr = &x.data()[i * c..(i + 1) * c];
-                let dyr = &dy.data()[i * c..(i + 1) * c];
-                let (mu, rs) = (stats.mean[i], stats.rstd[i]);
-                // xhat = (x - mu) * rs ; dxhat = dy * w
-                // dx = rs * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
-                let (sum_dxhat, sum_dxhat_xhat) =
-                    row_sums_and_weight_grads(xr, dyr, weight, mu, rs, &mut dw, &mut db);
-                let mean_dxhat = (sum_dxhat / c as f64) as f32;
-                let mean_dxhat_xhat = (sum_dxhat_xhat / c as f64) as f32;
-                for ((d, (&xv, &dyv)), &wv) in dxr.iter_mut().zip(xr.iter().zip(dyr)).zip(weight) {
-                    let xhat = (xv - mu) * rs;
-                    let dxhat = dyv * wv;
-                    d.write(rs * (dxhat - mean_dxhat - xhat * mean_dxhat_xhat));
+            let rows = task * ROWS_PER_TASK..task * ROWS_PER_TASK + dxb.len() / c;
+            let xb = &x.data()[rows.start * c..rows.end * c];
+            let dyb = &dy.data()[rows.start * c..rows.end * c];
+            let (mb, rb) = (&stats.mean[rows.clone()], &stats.rstd[rows]);
+            match path {
+                #[cfg(target_arch = "x86_64")]
+                KernelPath::Avx2Fma => {
+                    // SAFETY: `at_most_avx2` returns Avx2Fma only where the CPU has AVX2, FMA
+                    // and F16C (`KernelPath::supported`).
+                    unsafe { backward_rows_avx2(xb, dyb, weight, mb, rb, &mut dw, &mut db, dxb) }
                 }
+                _ => backward_rows(xb, dyb, weight, mb, rb, &mut dw, &mut db, dxb),
             }
             (dw, db)
         })
         .collect();
     // SAFETY: the capacity is m * c, and every element was written above: the tasks' chunks
-    // cover 0..m * c in whole rows of c, and each row's last loop writes all c of its elements
-    // (`weight`, `xr` and `dyr` have c elements: checked above).
+    // cover 0..m * c in whole rows of c, and `backward_rows` writes all c elements of each of
+    // a chunk's rows (its `x`, `dy`, `mean` and `rstd` hold the chunk's rows, so its zip stops
+    // at none of them early; `weight` has c elements: checked above).
     unsafe { dx_data.set_len(m * c) };
     let dx = Tensor::from_vec(&[m, c], dx_data)?;
     let mut dweight = vec![0.0f32; c];
@@ -369,6 +499,150 @@ mod tests {
             bm[j] -= h;
             let fd = (loss(&x, &w, &bp) - loss(&x, &w, &bm)) / (2.0 * h as f64);
             assert!((fd - db[j] as f64).abs() < 2e-3);
+        }
+    }
+
+    /// A backward problem: `x` with a row-dependent offset and scale (so `x - mean` matters),
+    /// weights around 1, `dy`, and the forward's saved stats.
+    fn backward_case(m: usize, c: usize, seed: u64) -> (Tensor, Tensor, Vec<f32>, LayerNormStats) {
+        let mut rng = Rng::new(seed);
+        let mut x = Tensor::randn(&[m, c], &mut rng);
+        for row in x.data_mut().chunks_exact_mut(c) {
+            let (offset, scale) = (rng.uniform(-4.0, 4.0), rng.uniform(0.2, 3.0));
+            row.iter_mut().for_each(|v| *v = *v * scale + offset);
+        }
+        let w: Vec<f32> = (0..c).map(|_| rng.uniform(0.5, 1.5)).collect();
+        let b: Vec<f32> = (0..c).map(|_| rng.uniform(-1.0, 1.0)).collect();
+        let dy = Tensor::randn(&[m, c], &mut rng).scale(2.0);
+        let (_, stats) = layer_norm(&x, &w, &b, 1e-5).unwrap();
+        (dy, x, w, stats)
+    }
+
+    /// The backward in f64 from the same f32 operands and saved stats, with the error bound of
+    /// each element. `dx = rs·(dxhat - mean(dxhat) - xhat·mean(dxhat·xhat))`: each f32
+    /// operation rounds by at most `u` (half an ulp), the lane sums of the two means by at most
+    /// about 20 `u` of the mean of their absolute terms, so 32 `u` times the sum of the
+    /// magnitudes involved bounds `dx`'s error. `dw` and `db` add `m` terms in f32 (each with
+    /// a few roundings of its own): `(m + 8)·u` times the sum of absolute terms.
+    #[allow(clippy::type_complexity)]
+    fn backward_reference(
+        dy: &Tensor,
+        x: &Tensor,
+        w: &[f32],
+        stats: &LayerNormStats,
+    ) -> (
+        (Vec<f64>, Vec<f64>),
+        (Vec<f64>, Vec<f64>),
+        (Vec<f64>, Vec<f64>),
+    ) {
+        let (m, c) = x.dims2("ref").unwrap();
+        let u = f32::EPSILON as f64 / 2.0;
+        let (mut dx, mut dx_tol) = (vec![0.0; m * c], vec![0.0; m * c]);
+        let (mut dw, mut dw_abs) = (vec![0.0; c], vec![0.0; c]);
+        let (mut db, mut db_abs) = (vec![0.0; c], vec![0.0; c]);
+        for i in 0..m {
+            let (mu, rs) = (stats.mean[i] as f64, stats.rstd[i] as f64);
+            let xhat: Vec<f64> = (0..c)
+                .map(|j| (x.data()[i * c + j] as f64 - mu) * rs)
+                .collect();
+            let g: Vec<f64> = (0..c).map(|j| dy.data()[i * c + j] as f64).collect();
+            let dxhat: Vec<f64> = (0..c).map(|j| g[j] * w[j] as f64).collect();
+            let mean = |f: &dyn Fn(usize) -> f64| (0..c).map(f).sum::<f64>() / c as f64;
+            let m1 = mean(&|j| dxhat[j]);
+            let m2 = mean(&|j| dxhat[j] * xhat[j]);
+            let a1 = mean(&|j| dxhat[j].abs());
+            let a2 = mean(&|j| (dxhat[j] * xhat[j]).abs());
+            for j in 0..c {
+                dx[i * c + j] = rs * (dxhat[j] - m1 - xhat[j] * m2);
+                dx_tol[i * c + j] = 32.0
+                    * u
+                    * rs
+                    * (dxhat[j].abs() + a1 + m1.abs() + xhat[j].abs() * (m2.abs() + a2));
+                dw[j] += g[j] * xhat[j];
+                dw_abs[j] += (g[j] * xhat[j]).abs();
+                db[j] += g[j];
+                db_abs[j] += g[j].abs();
+            }
+        }
+        let bound = |abs: Vec<f64>| abs.iter().map(|a| (m as f64 + 8.0) * u * a).collect();
+        ((dx, dx_tol), (dw, bound(dw_abs)), (db, bound(db_abs)))
+    }
+
+    #[test]
+    fn backward_matches_f64_reference_on_awkward_shapes() {
+        let mut worst = 0.0f64;
+        for &m in &[1, 7, 17, 33, 65] {
+            for &c in &[1, 7, 17, 33, 129, 1023] {
+                let (dy, x, w, stats) = backward_case(m, c, (m * 10_000 + c) as u64);
+                let (dx, dw, db) = layer_norm_backward(&dy, &x, &w, &stats).unwrap();
+                let (rdx, rdw, rdb) = backward_reference(&dy, &x, &w, &stats);
+                for (name, got, (want, tol)) in [
+                    ("dx", dx.data(), rdx),
+                    ("dw", &dw[..], rdw),
+                    ("db", &db[..], rdb),
+                ] {
+                    assert_eq!(got.len(), want.len());
+                    for (k, (&g, (&e, &t))) in got.iter().zip(want.iter().zip(&tol)).enumerate() {
+                        let err = (g as f64 - e).abs();
+                        assert!(err <= t, "m={m} c={c} {name}[{k}]: {g} vs {e} (bound {t})");
+                        if t > 0.0 {
+                            worst = worst.max(err / t);
+                        }
+                    }
+                }
+            }
+        }
+        // The bounds are not slack by orders of magnitude: some element comes within a
+        // factor of 50 of its bound.
+        assert!(worst > 0.02, "worst error / bound {worst}");
+    }
+
+    /// The bits of `(dx, dweight, dbias)`.
+    fn backward_bits(r: &(Tensor, Vec<f32>, Vec<f32>)) -> Vec<u32> {
+        let (dx, dw, db) = r;
+        dx.data()
+            .iter()
+            .chain(dw)
+            .chain(db)
+            .map(|v| v.to_bits())
+            .collect()
+    }
+
+    #[test]
+    fn backward_bits_do_not_depend_on_the_thread_count() {
+        // Several tasks of ROWS_PER_TASK rows (the last one short), rows of several sum
+        // blocks with a tail, and a row narrower than one chunk of lanes.
+        for &(m, c) in &[(200, 1023), (97, 300), (70, 5)] {
+            let (dy, x, w, stats) = backward_case(m, c, 3);
+            let run = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                backward_bits(&pool.install(|| layer_norm_backward(&dy, &x, &w, &stats).unwrap()))
+            };
+            let one = run(1);
+            for threads in [2, 3, 16] {
+                assert!(
+                    run(threads) == one,
+                    "m={m} c={c}: {threads} threads differ from 1"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn backward_bits_do_not_depend_on_the_kernel_path() {
+        for &(m, c) in &[(65, 1023), (40, 17)] {
+            let (dy, x, w, stats) = backward_case(m, c, 4);
+            let scalar = backward_bits(
+                &layer_norm_backward_on(KernelPath::Scalar, &dy, &x, &w, &stats).unwrap(),
+            );
+            for path in crate::cpu::available_paths() {
+                let bits =
+                    backward_bits(&layer_norm_backward_on(path, &dy, &x, &w, &stats).unwrap());
+                assert!(bits == scalar, "m={m} c={c}: {path:?} differs from scalar");
+            }
         }
     }
 
