@@ -290,21 +290,32 @@ fn block_sums_and_weight_grads(
     (s_dxhat, s_dxhat_xhat)
 }
 
-/// One task of [`layer_norm_backward`]: the rows of `x` and `dy` (whole rows of
-/// `weight.len()`, with their `mean` and `rstd`) write their rows of `dx` and add their
-/// terms of the parameter gradients to `dw` and `db` (`[c]`), row by row.
+/// The inputs of one task of [`layer_norm_backward`]: whole rows of `x` and `dy` (rows of
+/// `weight.len()`) with their saved `mean` and `rstd`.
+struct BackwardRows<'a> {
+    x: &'a [f32],
+    dy: &'a [f32],
+    weight: &'a [f32],
+    mean: &'a [f32],
+    rstd: &'a [f32],
+}
+
+/// One task of [`layer_norm_backward`]: `rows` write their rows of `dx` and add their terms of
+/// the parameter gradients to `dw` and `db` (`[c]`), row by row.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn backward_rows(
-    x: &[f32],
-    dy: &[f32],
-    weight: &[f32],
-    mean: &[f32],
-    rstd: &[f32],
+    rows: &BackwardRows<'_>,
     dw: &mut [f32],
     db: &mut [f32],
     dx: &mut [MaybeUninit<f32>],
 ) {
+    let BackwardRows {
+        x,
+        dy,
+        weight,
+        mean,
+        rstd,
+    } = *rows;
     let c = weight.len();
     for ((((xr, dyr), dxr), &mu), &rs) in x
         .chunks_exact(c)
@@ -335,18 +346,13 @@ fn backward_rows(
 /// The CPU must support AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn backward_rows_avx2(
-    x: &[f32],
-    dy: &[f32],
-    weight: &[f32],
-    mean: &[f32],
-    rstd: &[f32],
+    rows: &BackwardRows<'_>,
     dw: &mut [f32],
     db: &mut [f32],
     dx: &mut [MaybeUninit<f32>],
 ) {
-    backward_rows(x, dy, weight, mean, rstd, dw, db, dx)
+    backward_rows(rows, dw, db, dx)
 }
 
 /// Gradients of [`layer_norm`]: given `dy` `[m, c]`, the forward input `x`, `weight` and the
@@ -393,17 +399,21 @@ fn layer_norm_backward_on(
             let mut dw = vec![0.0f32; c];
             let mut db = vec![0.0f32; c];
             let rows = task * ROWS_PER_TASK..task * ROWS_PER_TASK + dxb.len() / c;
-            let xb = &x.data()[rows.start * c..rows.end * c];
-            let dyb = &dy.data()[rows.start * c..rows.end * c];
-            let (mb, rb) = (&stats.mean[rows.clone()], &stats.rstd[rows]);
+            let task = BackwardRows {
+                x: &x.data()[rows.start * c..rows.end * c],
+                dy: &dy.data()[rows.start * c..rows.end * c],
+                weight,
+                mean: &stats.mean[rows.clone()],
+                rstd: &stats.rstd[rows],
+            };
             match path {
                 #[cfg(target_arch = "x86_64")]
                 KernelPath::Avx2Fma => {
                     // SAFETY: `at_most_avx2` returns Avx2Fma only where the CPU has AVX2, FMA
                     // and F16C (`KernelPath::supported`).
-                    unsafe { backward_rows_avx2(xb, dyb, weight, mb, rb, &mut dw, &mut db, dxb) }
+                    unsafe { backward_rows_avx2(&task, &mut dw, &mut db, dxb) }
                 }
-                _ => backward_rows(xb, dyb, weight, mb, rb, &mut dw, &mut db, dxb),
+                _ => backward_rows(&task, &mut dw, &mut db, dxb),
             }
             (dw, db)
         })
