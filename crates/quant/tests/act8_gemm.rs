@@ -390,3 +390,110 @@ fn bias_in_the_store_matches_fill_then_accumulate() {
         );
     });
 }
+
+/// A matrix whose rows before `zero_offsets_below` have their offsets set to zero (the other
+/// rows keep their format's), and whose codes panic from row `panic_from` on: W's blocks of
+/// rows are packed by the tasks that first need them, each block deciding on its own whether
+/// the fold adds the offset term.
+struct Patched<'a> {
+    inner: &'a dyn IntCodes,
+    zero_offsets_below: usize,
+    panic_from: usize,
+}
+
+impl IntCodes for Patched<'_> {
+    fn int_dims(&self) -> (usize, usize) {
+        self.inner.int_dims()
+    }
+    fn int_layout(&self) -> Option<nibble_quant::act8::IntLayout> {
+        self.inner.int_layout()
+    }
+    fn int_codes(&self, r: usize, dst: &mut [u8]) {
+        assert!(r < self.panic_from, "row {r}: a failing source of codes");
+        self.inner.int_codes(r, dst)
+    }
+    fn int_affine(&self, r: usize, scale: &mut [f32], offset: &mut [f32]) {
+        self.inner.int_affine(r, scale, offset);
+        if r < self.zero_offsets_below {
+            offset.fill(0.0);
+        }
+    }
+    fn int_centered(&self) -> bool {
+        self.inner.int_centered()
+    }
+    fn int_centered_scale(&self, r: usize, half: &mut [f32]) {
+        self.inner.int_centered_scale(r, half)
+    }
+}
+
+#[test]
+fn blocks_with_and_without_offsets_match_the_reference() {
+    let (o, i) = (200, 256);
+    let w = weights(o, i, 21);
+    let lower = LowerMatrix::quantize(&w).unwrap();
+    let x = activations(40, i, 22);
+    for zero_below in [0, 64, 100, 200] {
+        let patched = Patched {
+            inner: &lower,
+            zero_offsets_below: zero_below,
+            panic_from: usize::MAX,
+        };
+        for m in [GEMM_MIN_M, 40] {
+            let mut want = vec![f32::NAN; m * o];
+            assert!(gemm_ref(&patched, &x[..m * i], m, &mut want));
+            for &t in &tiers() {
+                for threads in [1, 3] {
+                    let y = common::on_threads(threads, || {
+                        let mut y = vec![f32::NAN; m * o];
+                        assert!(forward(t, &patched, &x[..m * i], m, &mut y, false));
+                        y
+                    });
+                    assert!(
+                        same_bits(&y, &want),
+                        "offsets zero below row {zero_below}, m {m}, {t:?}, {threads} threads"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_panic_while_packing_reaches_the_caller_and_the_next_call_works() {
+    let (o, i) = (300, 128);
+    let w = weights(o, i, 31);
+    let q4 = Q4Matrix::quantize(&w).unwrap();
+    let m = 64;
+    let x = activations(m, i, 32);
+    for &t in &tiers() {
+        for threads in [1, 3] {
+            let failing = Patched {
+                inner: &q4,
+                zero_offsets_below: 0,
+                panic_from: 130,
+            };
+            let caught = common::on_threads(threads, || {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let mut y = vec![f32::NAN; m * o];
+                    forward(t, &failing, &x, m, &mut y, false)
+                }))
+            });
+            assert!(
+                caught.is_err(),
+                "{t:?} {threads} threads: the panic was lost"
+            );
+            // The thread's packing buffers are whole again for the next call.
+            let mut want = vec![f32::NAN; m * o];
+            assert!(gemm_ref(&q4, &x, m, &mut want));
+            let y = common::on_threads(threads, || {
+                let mut y = vec![f32::NAN; m * o];
+                assert!(forward(t, &q4, &x, m, &mut y, false));
+                y
+            });
+            assert!(
+                same_bits(&y, &want),
+                "{t:?} {threads} threads after a panic"
+            );
+        }
+    }
+}

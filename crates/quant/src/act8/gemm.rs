@@ -1,7 +1,8 @@
 //! The integer GEMM of int8 activations for batches of [`GEMM_MIN_M`] vectors and more.
 //!
 //! # Layout
-//! W is packed once per call into *panels* of `NR` rows (16 on the AVX2 and AVX-VNNI tiers, a pair of ymm,
+//! W is packed on each call, block by block as the products first need it, into *panels* of
+//! `NR` rows (16 on the AVX2 and AVX-VNNI tiers, a pair of ymm,
 //! and on AVX-512 VNNI, one zmm; 8 on the scalar tier): for each 4 consecutive columns (a
 //! *step*) the panel holds `NR × 4` bytes, row after row, which is the operand layout of
 //! `vpdpbusd` / `vpmaddubsw` with the rows of W in the output lanes (and, at 16 rows, the `B`
@@ -37,12 +38,17 @@
 //!   tier's lanes (on scalar lanes of 16 with the tile emulator).
 //!
 //! # Work split
-//! Packing runs over panels in parallel (the corrections by the kernel's own unit sums against
-//! x = 1); the product over rectangles of [`M_BLOCK`] vectors by [`N_BLOCK`] rows of W, each
-//! computing its outputs over the whole of `in` (K is never split), so the bits do not depend
-//! on the thread count. Within a rectangle a panel stays in L1 while the vectors pass over it
-//! `MR` (2 on AVX2's lanes for 4-bit and 3-bit codes, 4 on its lanes for 8-bit codes and on
-//! AVX-VNNI, 8 on AVX-512 VNNI) at a time.
+//! x is quantized first (in parallel over vectors: a NaN or an infinity in x stops the GEMM
+//! before anything is written). Then one parallel pass computes the product over rectangles of
+//! [`M_BLOCK`] vectors by [`N_BLOCK`] rows of W, each over the whole of `in` (K is never
+//! split), so the bits do not depend on the thread count. The rectangles run column by column
+//! and the first to need a block of [`N_BLOCK`] rows of W packs it (the corrections by the
+//! kernel's own unit sums against x = 1) while any other waits for it, so the packing is
+//! spread over the threads that use it, with no pass of its own (on the 16-core Xeon that
+//! pass's fork-join cost 0.05–0.3 ms per 1024² layer for 0.25 ms of one thread's work).
+//! Within a rectangle a panel stays in L1 while the vectors pass over it `MR` (2 on AVX2's
+//! lanes for 4-bit and 3-bit codes, 4 on its lanes for 8-bit codes and on AVX-VNNI, 8 on
+//! AVX-512 VNNI) at a time.
 
 use rayon::prelude::*;
 
@@ -87,7 +93,10 @@ pub const N_BLOCK: usize = 64;
 /// Largest `MR · NR` of any tier (the micro-kernel's output buffer).
 const MAX_TILE: usize = 8 * 16;
 
-/// W packed into panels for one kernel (see the [module docs](self)).
+/// W packed into panels for one kernel (see the [module docs](self)), a block of
+/// [`N_BLOCK`] rows (`N_BLOCK / nr` panels) at a time: each block is packed by the first task
+/// of the products that needs it ([`PackedW::ensure_block`]), so the packing runs inside the
+/// GEMM's one parallel pass over y, each block on the thread that then multiplies by it.
 pub(super) struct PackedW {
     /// Rows per panel.
     pub(super) nr: usize,
@@ -105,8 +114,28 @@ pub(super) struct PackedW {
     scale: Vec<f32>,
     /// Per-unit offset, `[panel][unit][nr]`.
     offset: Vec<f32>,
-    /// Some offset is not zero (else the offset term is left out).
-    has_offset: bool,
+    /// Panels per block.
+    per_block: usize,
+    /// Per block: how far its packing has got, and whether one of its offsets is not zero
+    /// (else the fold leaves the offset term out of its panels: the same bits, as adding
+    /// `0 · Q_u` to a sum that is never `−0` changes nothing).
+    blocks: Vec<BlockState>,
+}
+
+/// [`BlockState::stage`]: not packed yet.
+const BLOCK_EMPTY: u8 = 0;
+/// [`BlockState::stage`]: a task is packing it.
+const BLOCK_PACKING: u8 = 1;
+/// [`BlockState::stage`]: packed; its panels may be read.
+const BLOCK_READY: u8 = 2;
+/// [`BlockState::stage`]: its packing panicked (the tasks waiting for it panic too).
+const BLOCK_FAILED: u8 = 3;
+
+/// One block's packing state (see [`PackedW::blocks`]).
+#[derive(Default)]
+struct BlockState {
+    stage: std::sync::atomic::AtomicU8,
+    has_offset: std::sync::atomic::AtomicBool,
 }
 
 /// How a format's codes become the signed weights of the GEMM.
@@ -232,52 +261,206 @@ fn interleave(rows: &[u8], nr: usize, row_bytes: usize, codes: &mut [u8]) {
     }
 }
 
-/// Packs W (`o` rows) for `kernel` into panels of its `NR` rows (rows past `o` zero), panels in parallel, into `reuse`'s buffers where given.
-fn pack(
-    w: &dyn IntCodes,
-    layout: IntLayout,
+/// What packing a block needs: the matrix, how its codes become weights, the kernel, and the
+/// buffers of the [`PackedW`] being packed (written through these pointers, block by block,
+/// while the products read the blocks packed before).
+struct Packer<'a> {
+    w: &'a dyn IntCodes,
+    how: Weights,
     kernel: Kernel,
-    parallel: bool,
-    reuse: Option<PackedW>,
-) -> PackedW {
-    let (nr, offset_x) = kernel.shape();
-    let (o, i) = w.int_dims();
-    let how = Weights::of(w, layout);
-    let unit = layout.unit;
-    let kpad = i.next_multiple_of(GROUP);
-    let units = kpad / unit;
-    let panels = o.div_ceil(nr);
-    let (codes, corr, scale, offset) = match reuse {
-        Some(p) => (p.codes, p.corr, p.scale, p.offset),
-        None => Default::default(),
-    };
-    let mut pw = PackedW {
-        nr,
-        kpad,
-        unit,
-        units,
-        codes: resized(codes, panels * nr * kpad),
-        corr: resized(corr, if offset_x { panels * nr * units } else { 0 }),
-        scale: resized(scale, panels * nr * units),
-        offset: resized(
-            offset,
-            if how == Weights::Odd {
-                0
+    /// Rows of W.
+    o: usize,
+    nr: usize,
+    kpad: usize,
+    unit: usize,
+    units: usize,
+    panels: usize,
+    codes: *mut u8,
+    corr: *mut i32,
+    scale: *mut f32,
+    /// Null where W has no offsets (Q4's centred codes).
+    offset: *mut f32,
+    /// The kernel has corrections (else `corr` is null).
+    has_corr: bool,
+}
+
+// SAFETY: the pointers address the buffers of one `PackedW`, which outlives every task of the
+// GEMM; each block is written by the one task that moved its stage to `BLOCK_PACKING`, and read
+// only after its stage reads `BLOCK_READY` (Release / Acquire), so no byte is accessed by two
+// threads at once unless both read it. `w` is `Sync`.
+unsafe impl Send for Packer<'_> {}
+// SAFETY: as above.
+unsafe impl Sync for Packer<'_> {}
+
+impl PackedW {
+    /// Sizes `reuse`'s buffers (or new ones) for W (`o` rows) on `kernel`, every block not
+    /// packed yet, and returns them with the [`Packer`] that fills them. Nothing is packed
+    /// here: [`PackedW::ensure_block`] packs a block the first time it is needed.
+    fn prepare<'a>(
+        w: &'a dyn IntCodes,
+        layout: IntLayout,
+        kernel: Kernel,
+        reuse: Option<PackedW>,
+    ) -> (PackedW, Packer<'a>) {
+        let (nr, offset_x) = kernel.shape();
+        let (o, i) = w.int_dims();
+        let how = Weights::of(w, layout);
+        let unit = layout.unit;
+        let kpad = i.next_multiple_of(GROUP);
+        let units = kpad / unit;
+        let panels = o.div_ceil(nr);
+        let per_block = N_BLOCK / nr;
+        let (codes, corr, scale, offset, blocks) = match reuse {
+            Some(p) => (p.codes, p.corr, p.scale, p.offset, p.blocks),
+            None => Default::default(),
+        };
+        let mut blocks = blocks;
+        blocks.truncate(0);
+        blocks.resize_with(panels.div_ceil(per_block), BlockState::default);
+        let mut pw = PackedW {
+            nr,
+            kpad,
+            unit,
+            units,
+            codes: resized(codes, panels * nr * kpad),
+            corr: resized(corr, if offset_x { panels * nr * units } else { 0 }),
+            scale: resized(scale, panels * nr * units),
+            offset: resized(
+                offset,
+                if how == Weights::Odd {
+                    0
+                } else {
+                    panels * nr * units
+                },
+            ),
+            per_block,
+            blocks,
+        };
+        // `as_mut_ptr` makes no reference to the buffers: the tasks' reads through `as_ptr`
+        // and the packers' writes through these stay valid side by side.
+        let packer = Packer {
+            w,
+            how,
+            kernel,
+            o,
+            nr,
+            kpad,
+            unit,
+            units,
+            panels,
+            codes: pw.codes.as_mut_ptr(),
+            corr: if offset_x {
+                pw.corr.as_mut_ptr()
             } else {
-                panels * nr * units
+                std::ptr::null_mut()
             },
-        ),
-        has_offset: false,
-    };
-    type Parts<'a> = (
-        usize,
-        (
-            ((&'a mut [u8], &'a mut [i32]), &'a mut [f32]),
-            &'a mut [f32],
-        ),
-    );
-    let one = |(p, (((codes, corr), scale), offset)): Parts| {
-        let lanes = nr.min(o - p * nr);
+            scale: pw.scale.as_mut_ptr(),
+            offset: if how == Weights::Odd {
+                std::ptr::null_mut()
+            } else {
+                pw.offset.as_mut_ptr()
+            },
+            has_corr: offset_x,
+        };
+        (pw, packer)
+    }
+
+    /// Blocks of panels.
+    fn block_count(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// The block holding panel `panel`.
+    fn block_of(&self, panel: usize) -> usize {
+        panel / self.per_block
+    }
+
+    /// Whether panel `panel`'s block has an offset that is not zero (read once the block is
+    /// packed).
+    pub(super) fn panel_has_offset(&self, panel: usize) -> bool {
+        self.blocks[self.block_of(panel)]
+            .has_offset
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Packs block `b` with `packer` (made with this `PackedW`) unless it is packed: the
+    /// first caller packs it, any other caller meanwhile waits for it (spinning, then
+    /// yielding its core). Once this returns, the block's panels may be read.
+    fn ensure_block(&self, packer: &Packer, b: usize) {
+        use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+        let state = &self.blocks[b];
+        if state.stage.load(Acquire) == BLOCK_READY {
+            return;
+        }
+        if state
+            .stage
+            .compare_exchange(BLOCK_EMPTY, BLOCK_PACKING, Acquire, Acquire)
+            .is_ok()
+        {
+            let panels = b * self.per_block..packer.panels.min((b + 1) * self.per_block);
+            let packed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                // SAFETY: this task alone moved block `b` to `BLOCK_PACKING`: no other
+                // thread reads or writes its panels until it is `BLOCK_READY`.
+                panels
+                    .map(|p| unsafe { packer.pack_panel(p) })
+                    .fold(false, |a, b| a | b)
+            }));
+            match packed {
+                Ok(has_offset) => {
+                    state.has_offset.store(has_offset, Relaxed);
+                    state.stage.store(BLOCK_READY, Release);
+                }
+                Err(panic) => {
+                    state.stage.store(BLOCK_FAILED, Release);
+                    std::panic::resume_unwind(panic);
+                }
+            }
+            return;
+        }
+        let mut spins = 0u32;
+        loop {
+            match state.stage.load(Acquire) {
+                BLOCK_READY => return,
+                BLOCK_FAILED => panic!("packing a block of the integer GEMM's weights panicked"),
+                _ if spins < 1 << 12 => {
+                    spins += 1;
+                    std::hint::spin_loop();
+                }
+                _ => std::thread::yield_now(),
+            }
+        }
+    }
+}
+
+impl Packer<'_> {
+    /// Packs panel `p`: its rows' weights interleaved, the per-unit scales, offsets and the
+    /// kernel's corrections laid out `[unit][lane]`. Returns whether an offset is not zero.
+    ///
+    /// # Safety
+    /// `p < panels`, and no other thread accesses panel `p`'s parts of the buffers meanwhile.
+    unsafe fn pack_panel(&self, p: usize) -> bool {
+        let (nr, kpad, units) = (self.nr, self.kpad, self.units);
+        let lanes = nr.min(self.o - p * nr);
+        // SAFETY: the panel's parts of the buffers, inside them (`prepare` sized them for
+        // `panels` panels) and this call's alone (the caller's contract).
+        let (codes, scale, offset, corr) = unsafe {
+            let part = |len: usize| p * len..(p + 1) * len;
+            let meta = part(nr * units);
+            (
+                std::slice::from_raw_parts_mut(self.codes.add(p * nr * kpad), nr * kpad),
+                std::slice::from_raw_parts_mut(self.scale.add(meta.start), meta.len()),
+                if self.offset.is_null() {
+                    &mut [][..]
+                } else {
+                    std::slice::from_raw_parts_mut(self.offset.add(meta.start), meta.len())
+                },
+                if self.has_corr {
+                    std::slice::from_raw_parts_mut(self.corr.add(meta.start), meta.len())
+                } else {
+                    &mut [][..]
+                },
+            )
+        };
         let mut t = PANEL.take();
         t.rows = resized(std::mem::take(&mut t.rows), nr * kpad);
         t.scale = resized(std::mem::take(&mut t.scale), nr * units);
@@ -288,7 +471,7 @@ fn pack(
             let at = lane * units..(lane + 1) * units;
             let (sc, of) = (&mut t.scale[at.clone()], &mut t.offset[at]);
             if lane < lanes {
-                row_weights(w, how, unit, p * nr + lane, bytes, sc, of);
+                row_weights(self.w, self.how, self.unit, p * nr + lane, bytes, sc, of);
             } else {
                 bytes.fill(0);
                 sc.fill(0.0);
@@ -297,62 +480,23 @@ fn pack(
         }
         interleave(rows, nr, kpad, codes);
         // The per-row unit values to [unit][lane].
-        for (lane, (sc, of)) in t
-            .scale
-            .chunks_exact(units)
-            .zip(t.offset.chunks_exact(units))
-            .enumerate()
-        {
-            for (d, &v) in scale[lane..].iter_mut().step_by(nr).zip(sc) {
-                *d = v;
+        for (u, sc) in scale.chunks_exact_mut(nr).enumerate() {
+            for (lane, d) in sc.iter_mut().enumerate() {
+                *d = t.scale[lane * units + u];
             }
-            for (d, &v) in offset
-                .get_mut(lane..)
-                .unwrap_or_default()
-                .iter_mut()
-                .step_by(nr)
-                .zip(of)
-            {
-                *d = v;
+        }
+        for (u, of) in offset.chunks_exact_mut(nr).enumerate() {
+            for (lane, d) in of.iter_mut().enumerate() {
+                *d = t.offset[lane * units + u];
             }
         }
         // SAFETY: the kernel came from a supported tier; `codes` is one panel packed for it,
         // `corr` that panel's [unit][lane] corrections (or empty where the kernel has none).
-        unsafe { kernel.panel_corr(codes, unit, corr) };
+        unsafe { self.kernel.panel_corr(codes, self.unit, corr) };
+        let has_offset = offset.iter().any(|&v| v != 0.0);
         PANEL.set(t);
-    };
-    // Per panel: its corrections and offsets, or an empty slice where the kernel or the
-    // weights have none.
-    fn per_panel<T>(v: &mut [T], len: usize, panels: usize) -> Vec<&mut [T]> {
-        if v.is_empty() {
-            (0..panels).map(|_| &mut [][..]).collect()
-        } else {
-            v.chunks_mut(len).collect()
-        }
+        has_offset
     }
-    let corr = per_panel(&mut pw.corr, nr * units, panels);
-    let offset = per_panel(&mut pw.offset, nr * units, panels);
-    if parallel {
-        // Indexed: the pool splits the panels evenly (a bridged iterator handed them out one
-        // at a time under a lock).
-        pw.codes
-            .par_chunks_mut(nr * kpad)
-            .zip(corr)
-            .zip(pw.scale.par_chunks_mut(nr * units))
-            .zip(offset)
-            .enumerate()
-            .for_each(one);
-    } else {
-        pw.codes
-            .chunks_mut(nr * kpad)
-            .zip(corr)
-            .zip(pw.scale.chunks_mut(nr * units))
-            .zip(offset)
-            .enumerate()
-            .for_each(one);
-    }
-    pw.has_offset = pw.offset.iter().any(|&v| v != 0.0);
-    pw
 }
 
 /// x as one kernel reads it.
@@ -509,6 +653,7 @@ pub(super) unsafe fn fold<L: Lanes, S: UnitSource<L, R>, const R: usize, const U
     let per_group = GROUP / UNIT;
     let all_groups = pw.kpad / GROUP;
     let meta = panel * pw.units * nr;
+    let has_offset = pw.panel_has_offset(panel);
     // SAFETY: every pointer below stays inside its buffer by the layouts of `PackedW` and
     // `XPrep` and the caller's contract (the whole body).
     unsafe {
@@ -526,7 +671,7 @@ pub(super) unsafe fn fold<L: Lanes, S: UnitSource<L, R>, const R: usize, const U
                 for r in 0..R {
                     acc[r] = L::fma(L::to_f32(sums[r]), sc, acc[r]);
                 }
-                if pw.has_offset {
+                if has_offset {
                     let of = L::load_f(pw.offset.as_ptr().add(meta + u * nr));
                     for r in 0..R {
                         // |Q_u| <= 127 · 128 < 2^24: exact in f32.
@@ -881,8 +1026,9 @@ impl Kernel {
 /// `y (+)= x · Wᵀ` for the batch `x` (`m` vectors, `[m, in]`) on `tier` (already
 /// [`IntTier::supported`]); `y` points at `[m, o]` outputs (with the bias its stores add, if
 /// any; the caller checked the lengths). x is quantized into `q` (its storage reused) in
-/// the layout the kernel reads, while W is packed: the two run at once on the pool where
-/// `parallel`. Returns `false`, with `y` untouched, when x holds a NaN or an infinity.
+/// the layout the kernel reads, then the products pack W block by block as they first need
+/// it (on the pool where `parallel`). Returns `false`, with `y` untouched, when x holds a NaN
+/// or an infinity.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn run(
     tier: IntTier,
@@ -897,28 +1043,25 @@ pub(super) fn run(
 ) -> bool {
     let (o, i) = w.int_dims();
     let kernel = Kernel::for_tier(tier, layout);
-    let reuse = BUFFERS.take();
-    let mut quantize =
-        || super::quantize_x_into(x, m, i, layout.unit, parallel, q, kernel.x_layout());
-    let (pw, finite) = if parallel {
-        rayon::join(|| pack(w, layout, kernel, parallel, reuse), quantize)
-    } else {
-        let finite = quantize();
-        (pack(w, layout, kernel, parallel, reuse), finite)
-    };
-    if finite {
-        products(kernel, &pw, q, m, o, parallel, y, accumulate);
+    if !super::quantize_x_into(x, m, i, layout.unit, parallel, q, kernel.x_layout()) {
+        return false;
     }
+    let (pw, packer) = PackedW::prepare(w, layout, kernel, BUFFERS.take());
+    products(kernel, &pw, &packer, q, m, o, parallel, y, accumulate);
     BUFFERS.set(Some(pw));
-    finite
+    true
 }
 
-/// The products of the GEMM on `kernel`: `y (+)= x · Wᵀ` from the packed W and quantized x,
-/// in tasks of [`M_BLOCK`] vectors by [`N_BLOCK`] rows of W (in parallel where `parallel`).
+/// The products of the GEMM on `kernel`: `y (+)= x · Wᵀ` from the quantized x and W as
+/// `packer` packs it into `pw` (each block by the first task that needs it), in tasks of
+/// [`M_BLOCK`] vectors by [`N_BLOCK`] rows of W (in parallel where `parallel`). The tasks run
+/// column by column, so that a thread's run of tasks mostly shares one block of W, which it
+/// packs and keeps in its cache.
 #[allow(clippy::too_many_arguments)]
 fn products(
     kernel: Kernel,
     pw: &PackedW,
+    packer: &Packer,
     q: &QuantizedX,
     m: usize,
     o: usize,
@@ -931,12 +1074,13 @@ fn products(
     let per_block = N_BLOCK / pw.nr;
     let panels = o.div_ceil(pw.nr);
     let task = |t: usize| {
-        let (bm, bn) = (t / nt, t % nt);
+        let (bn, bm) = (t / mt, t % mt);
         let rows = bm * M_BLOCK..m.min((bm + 1) * M_BLOCK);
         let ps = bn * per_block..panels.min((bn + 1) * per_block);
-        // SAFETY: the kernel came from a supported tier and packed `pw`; rows and panels lie
-        // inside the batch and `pw`; tasks own disjoint rectangles of y, joined before
-        // `products` returns.
+        pw.ensure_block(packer, bn);
+        // SAFETY: the kernel came from a supported tier and `packer` packed `pw`'s panels
+        // `ps` for it (`ensure_block`); rows and panels lie inside the batch and `pw`; tasks
+        // own disjoint rectangles of y, joined before `products` returns.
         unsafe { kernel.block(pw, &xp, rows, ps, yp, o, accumulate) };
     };
     if parallel {
@@ -947,9 +1091,9 @@ fn products(
 }
 
 /// Where the GEMM's time goes: [`super::forward`]'s integer GEMM for `m` vectors (at least
-/// [`GEMM_MIN_M`]) on `tier` as it routes it, its three phases run one after another (x's
-/// quantization, W's packing, the products; in the GEMM the first two run side by side), each
-/// on the whole pool. Returns the three times in ms, or `None` where `forward` would decline
+/// [`GEMM_MIN_M`]) on `tier` as it routes it, in three phases (x's quantization, W's packing,
+/// the products), each on the whole pool; in the GEMM the products pack W as they go, so the
+/// last two are one pass there. Returns the three times in ms, or `None` where `forward` would decline
 /// (shapes, no integer layout, a non-finite x), with `y` then untouched. For benchmarks.
 pub fn phases(
     tier: IntTier,
@@ -971,11 +1115,24 @@ pub fn phases(
     let finite = super::quantize_x_into(x, m, i, layout.unit, true, &mut q, kernel.x_layout());
     let quantize = ms(t);
     let t = std::time::Instant::now();
-    let pw = pack(w, layout, kernel, true, BUFFERS.take());
+    let (pw, packer) = PackedW::prepare(w, layout, kernel, BUFFERS.take());
+    (0..pw.block_count())
+        .into_par_iter()
+        .for_each(|b| pw.ensure_block(&packer, b));
     let packing = ms(t);
     let t = std::time::Instant::now();
     if finite {
-        products(kernel, &pw, &q, m, o, true, YPtr::new(y, None, o), false);
+        products(
+            kernel,
+            &pw,
+            &packer,
+            &q,
+            m,
+            o,
+            true,
+            YPtr::new(y, None, o),
+            false,
+        );
     }
     let product = ms(t);
     BUFFERS.set(Some(pw));

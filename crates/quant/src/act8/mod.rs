@@ -36,8 +36,8 @@
 //! # Two drivers
 //! Batches below [`gemm::GEMM_MIN_M`] (8) run dot products ([`unit_sums`] per row of W and
 //! vector, then the f32 combination per row; W unpacked 16 rows at a time, [`ROW_TILE`]).
-//! From 8 vectors on, [`forward`] runs the integer GEMM ([`gemm`]): W packed once per call
-//! into panels of 16 rows in the `vpdpbusd` operand layout (Q4 as odd signed codes `2c − 15`,
+//! From 8 vectors on, [`forward`] runs the integer GEMM ([`gemm`]): W packed on each call
+//! (block by block, by the tasks that use it) into panels of 16 rows in the `vpdpbusd` operand layout (Q4 as odd signed codes `2c − 15`,
 //! which needs no offset term), register-blocked micro-kernels of 4 (AVX2, AVX-VNNI) or 8
 //! (AVX-512 VNNI) vectors × 16 rows of W whose integer sums per unit go into f32 with one
 //! convert and one `fma` per unit, and the group scale of x applied once per 128 columns; no
