@@ -247,6 +247,9 @@ pub fn run<E: Send + From<Aborted>>(
     // thread (`spawn_broadcast`, the caller spinning for the others): BigNet at batch 1 no
     // faster and low_precision / qlora slower (0.356–0.365 / 0.427–0.461 ms against
     // 0.294–0.315 / 0.379–0.414, three rounds, 2026-12-04 03:02 UTC).
+    // Pool threads lingering after batch-1 products called from outside the pool
+    // (`hot_team`) would hold this broadcast until their lingering time ends.
+    crate::hot_team::disband();
     rayon::broadcast(|ctx| {
         let member = Member {
             index: ctx.index(),

@@ -662,7 +662,7 @@ pub(crate) mod q4_int8 {
     use crate::act8::avx2::Maddubs;
     use crate::cpu::{prefetch_weights, quant_prefetch, PREFETCH_ROWS};
     use crate::kernels::avx2::hsum;
-    use crate::q4::act8::{dot_ref, parts, BLOCKS_PER_GROUP, CS_SLOT, GROUP};
+    use crate::q4::act8::{parts, tail_ref, BLOCKS_PER_GROUP, CS_SLOT, GROUP};
     use crate::q4::{Q4Matrix, Q4_BLOCK};
     use std::arch::x86_64::*;
 
@@ -777,7 +777,7 @@ pub(crate) mod q4_int8 {
                 } else {
                     _mm512_extractf64x4_pd::<1>(pair)
                 });
-                *o = hsum(lanes) + dot_ref(m, r0 + r, full * BLOCKS_PER_GROUP, prep);
+                *o = hsum(lanes) + tail_ref(m, r0 + r, full * BLOCKS_PER_GROUP, prep);
             }
             res
         }

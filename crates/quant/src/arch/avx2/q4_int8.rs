@@ -7,7 +7,7 @@ use crate::act8::avxvnni::Dpbusd;
 use crate::cpu::{prefetch_weights, quant_prefetch, PREFETCH_ROWS};
 use crate::kernels::avx2::{hmax, hsum};
 use crate::kernels::for_row_quads;
-use crate::q4::act8::{dot_ref, parts, BLOCKS_PER_GROUP, CS_SLOT, GROUP};
+use crate::q4::act8::{parts, tail_ref, BLOCKS_PER_GROUP, CS_SLOT, GROUP};
 use crate::q4::{Q4Matrix, Q4_BLOCK};
 use std::arch::x86_64::*;
 
@@ -207,7 +207,7 @@ pub(crate) unsafe fn dot_rows<D: ByteDot, const R: usize>(
     }
     let mut res = [0.0f32; R];
     for (r, o) in res.iter_mut().enumerate() {
-        *o = hsum(accv[r]) + dot_ref(m, r0 + r, full * BLOCKS_PER_GROUP, prep);
+        *o = hsum(accv[r]) + tail_ref(m, r0 + r, full * BLOCKS_PER_GROUP, prep);
     }
     res
 }

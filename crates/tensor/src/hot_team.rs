@@ -1,0 +1,322 @@
+//! Pool threads that *linger* after a batch-1 product called from outside the pool, spinning
+//! for the next one instead of going back to sleep.
+//!
+//! A program's own thread calling one quantized layer at batch 1 (a token-by-token decode, a
+//! benchmark's loop) hands a few µs of work to each pool thread per call. Rayon's threads fall
+//! asleep between such calls, and waking 16 of them costs more than the work: on the 16-core
+//! Xeon one Q4 1024² layer with int8 activations took 14–15 µs called from inside the pool and
+//! 16–17 µs from outside, where a 64-row block is 3–5 µs of one thread's work. ggml's thread
+//! pool polls for the next graph for the same reason.
+//!
+//! [`run`] hands `tasks` to the *hot team*: `threads − 1` pool threads (one thread stays free for
+//! the caller, which takes tasks too) that, once started by a [`rayon::spawn_broadcast`], spin
+//! on a job slot until [`linger`] has passed since the last job ended, then return to the pool.
+//! Participant `p` (the caller is the last) takes task `p` first, so that the same thread
+//! computes the same rows call after call, with their weights in its cache; then any task left
+//! goes to whoever asks next, so a member that is late, descheduled or already gone only costs
+//! its share of speed, never correctness, and which thread runs a task never changes its
+//! values. One caller at a time: a second thread calling meanwhile gets
+//! `false` and takes the ordinary way ([`crate::parallel::for_each_task`]).
+//!
+//! While members linger, other work handed to the pool waits for them to leave (at most
+//! [`linger`], 100 µs unless `NIBBLE_LINGER_US` says otherwise; `0` turns the team off).
+//!
+//! # The job slot
+//! One `u64` holds the job's epoch (high 32 bits), an *open* bit and the count of members inside
+//! the job. A member enters only by adding one to the count of an open job whose epoch it has
+//! not run; the caller, once every task has ended, clears the open bit and waits for the count
+//! to reach zero, so no member touches the job (on the caller's stack) after [`run`] returns.
+
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// How long members spin for a next job after the last one ended: `NIBBLE_LINGER_US`
+/// microseconds (read once), else 100 µs. Zero turns the team off ([`run`] returns `false`).
+pub fn linger() -> Duration {
+    static LINGER: OnceLock<Duration> = OnceLock::new();
+    *LINGER.get_or_init(|| {
+        let us = std::env::var("NIBBLE_LINGER_US")
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(100);
+        Duration::from_micros(us)
+    })
+}
+
+/// The open bit of the job slot.
+const OPEN: u64 = 1 << 31;
+/// The members-inside count of the job slot.
+const INSIDE: u64 = OPEN - 1;
+
+/// A job on the caller's stack.
+struct Job<'a> {
+    f: &'a (dyn Fn(usize) + Sync),
+    tasks: usize,
+    /// Tasks below 64 taken (bit `t`): participant `p` first takes task `p`, so that from call
+    /// to call the same thread computes the same rows (whose weights its cache then holds), then
+    /// any left.
+    taken: AtomicU64,
+    /// The next task from 64 on to hand out.
+    next: AtomicUsize,
+    /// Tasks ended.
+    ended: AtomicUsize,
+    /// The first panic of a task.
+    panic: Mutex<Option<Box<dyn std::any::Any + Send>>>,
+}
+
+impl Job<'_> {
+    /// Takes task `t < 64` unless another participant has.
+    fn take(&self, t: usize) -> bool {
+        self.taken.fetch_or(1 << t, Ordering::Relaxed) & (1 << t) == 0
+    }
+
+    /// Runs tasks as participant `p` (members `0..threads − 1`, the caller `threads − 1`)
+    /// until none is left.
+    fn work(&self, p: usize) {
+        let low = self.tasks.min(64);
+        if p < low && self.take(p) {
+            self.run(p);
+        }
+        loop {
+            let taken = self.taken.load(Ordering::Relaxed);
+            let free = !taken & if low == 64 { u64::MAX } else { (1 << low) - 1 };
+            if free == 0 {
+                break;
+            }
+            let t = free.trailing_zeros() as usize;
+            if self.take(t) {
+                self.run(t);
+            }
+        }
+        loop {
+            let t = 64 + self.next.fetch_add(1, Ordering::Relaxed);
+            if t >= self.tasks {
+                return;
+            }
+            self.run(t);
+        }
+    }
+
+    /// Runs task `t`, keeping a panic for the caller.
+    fn run(&self, t: usize) {
+        if let Err(p) = catch_unwind(AssertUnwindSafe(|| (self.f)(t))) {
+            let mut first = self.panic.lock().unwrap_or_else(|e| e.into_inner());
+            first.get_or_insert(p);
+        }
+        // Release: the task's writes are seen by the caller that acquires the count.
+        self.ended.fetch_add(1, Ordering::Release);
+    }
+}
+
+/// The process's hot team (for the global pool: callers outside every pool use that one).
+struct Team {
+    /// Epoch, open bit and members inside (see the [module docs](self)).
+    slot: AtomicU64,
+    /// The open job's address (valid while the slot is open or members are inside).
+    job: AtomicUsize,
+    /// Members started and not yet gone.
+    members: AtomicUsize,
+    /// Nanoseconds after [`Team::start`] until which members linger.
+    until: AtomicU64,
+    /// A caller is using the team.
+    busy: AtomicBool,
+    start: Instant,
+}
+
+/// The hot team, once a caller has needed it.
+static TEAM: OnceLock<Team> = OnceLock::new();
+
+fn team() -> &'static Team {
+    TEAM.get_or_init(|| Team {
+        slot: AtomicU64::new(0),
+        job: AtomicUsize::new(0),
+        members: AtomicUsize::new(0),
+        until: AtomicU64::new(0),
+        busy: AtomicBool::new(false),
+        start: Instant::now(),
+    })
+}
+
+impl Team {
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+
+    /// Members may linger until [`linger`] from now.
+    fn extend(&self) {
+        let until = self.now() + linger().as_nanos() as u64;
+        self.until.fetch_max(until, Ordering::Relaxed);
+    }
+
+    /// Member `p`'s life: run every open job it has not run, until the lingering time is over.
+    fn member(&self, p: usize) {
+        let mut last_epoch = None;
+        let mut spins = 0u32;
+        loop {
+            let slot = self.slot.load(Ordering::Acquire);
+            let epoch = slot >> 32;
+            if slot & OPEN != 0 && last_epoch != Some(epoch) {
+                if self
+                    .slot
+                    .compare_exchange_weak(slot, slot + 1, Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    last_epoch = Some(epoch);
+                    // SAFETY: this member is counted inside the open job of this epoch, whose
+                    // caller does not return (so the job stays on its stack) until the count
+                    // is back to zero; the address was stored before the slot opened (the
+                    // Acquire above pairs with the caller's Release).
+                    let job = unsafe { &*(self.job.load(Ordering::Relaxed) as *const Job<'_>) };
+                    job.work(p);
+                    // Release: this member's last access to the job happens before the
+                    // caller sees the count drop.
+                    self.slot.fetch_sub(1, Ordering::Release);
+                    spins = 0;
+                }
+                continue;
+            }
+            spins = spins.wrapping_add(1);
+            if spins.is_multiple_of(64) && self.now() > self.until.load(Ordering::Relaxed) {
+                break;
+            }
+            std::hint::spin_loop();
+        }
+        self.members.fetch_sub(1, Ordering::Release);
+    }
+}
+
+/// Sends the lingering members back to the pool now (they leave within a few spins), for work
+/// that needs every pool thread ([`crate::team::run`]).
+pub fn disband() {
+    if let Some(team) = TEAM.get() {
+        team.until.store(0, Ordering::Relaxed);
+    }
+}
+
+/// Runs `f(t)` for every `t < tasks` on the hot team and the calling thread (which must be
+/// outside every rayon pool) and returns `true` once all have ended, resuming the first panic
+/// of a task after that; returns `false`, having run nothing, where the team is off
+/// ([`linger`] zero), the global pool has one thread, or another caller holds the team.
+pub fn run(tasks: usize, f: &(dyn Fn(usize) + Sync)) -> bool {
+    let threads = rayon::current_num_threads();
+    if linger().is_zero() || threads < 2 || rayon::current_thread_index().is_some() {
+        return false;
+    }
+    let team = team();
+    if team
+        .busy
+        .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+        .is_err()
+    {
+        return false;
+    }
+    team.extend();
+    // Members spawned and not gone, those still queued behind other work included: below the
+    // team's size (the first call, or members left while a call came), spawn a team again;
+    // a thread whose member is still there runs its new one after it.
+    let wanted = threads - 1;
+    if team.members.load(Ordering::Acquire) < wanted {
+        team.members.fetch_add(wanted, Ordering::AcqRel);
+        rayon::spawn_broadcast(move |ctx| {
+            if ctx.index() < wanted {
+                self::team().member(ctx.index());
+            }
+        });
+    }
+    let job = Job {
+        f,
+        tasks,
+        taken: AtomicU64::new(0),
+        next: AtomicUsize::new(0),
+        ended: AtomicUsize::new(0),
+        panic: Mutex::new(None),
+    };
+    team.job
+        .store(&job as *const Job<'_> as usize, Ordering::Relaxed);
+    // A new epoch, open, nobody inside (the last job's members all left before it closed).
+    let epoch = (team.slot.load(Ordering::Relaxed) >> 32).wrapping_add(1) & 0xffff_ffff;
+    team.slot.store(epoch << 32 | OPEN, Ordering::Release);
+    job.work(wanted);
+    let mut spins = 0u32;
+    while job.ended.load(Ordering::Acquire) < tasks {
+        spins = spins.wrapping_add(1);
+        if spins < 1 << 14 {
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
+    }
+    // Close the job, then wait for the members inside to leave it.
+    let mut slot = team.slot.fetch_and(!OPEN, Ordering::AcqRel) & !OPEN;
+    while slot & INSIDE != 0 {
+        std::hint::spin_loop();
+        slot = team.slot.load(Ordering::Acquire);
+    }
+    team.extend();
+    team.busy.store(false, Ordering::Release);
+    if let Some(p) = job.panic.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        resume_unwind(p);
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_task_runs_once_and_panics_reach_the_caller() {
+        for round in 0..50 {
+            for tasks in [0usize, 1, 2, 7, 16, 63, 64, 65, 130] {
+                let hits: Vec<AtomicUsize> = (0..tasks).map(|_| AtomicUsize::new(0)).collect();
+                let ran = run(tasks, &|t| {
+                    hits[t].fetch_add(1, Ordering::Relaxed);
+                });
+                if ran {
+                    assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+                }
+            }
+            if round % 10 == 0 {
+                // Let the members leave, so that the next round starts a new team.
+                std::thread::sleep(linger() * 3);
+            }
+        }
+        let caught = catch_unwind(|| {
+            run(8, &|t| {
+                if t == 5 {
+                    panic!("task 5");
+                }
+            })
+        });
+        if rayon::current_num_threads() > 1 && !linger().is_zero() {
+            assert!(caught.is_err(), "the panic was lost");
+        }
+        // The team is free again.
+        let count = AtomicUsize::new(0);
+        let _ = run(9, &|_| {
+            count.fetch_add(1, Ordering::Relaxed);
+        });
+    }
+
+    #[test]
+    fn callers_on_several_threads_each_run_their_tasks_once() {
+        std::thread::scope(|s| {
+            for caller in 0..4 {
+                s.spawn(move || {
+                    for _ in 0..200 {
+                        let hits: Vec<AtomicUsize> = (0..13).map(|_| AtomicUsize::new(0)).collect();
+                        let f = |t: usize| {
+                            hits[t].fetch_add(caller + 1, Ordering::Relaxed);
+                        };
+                        if !run(13, &f) {
+                            (0..13).for_each(f);
+                        }
+                        assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == caller + 1));
+                    }
+                });
+            }
+        });
+    }
+}
