@@ -19,7 +19,9 @@
 pub mod adapter;
 pub mod cli;
 pub mod error;
-pub mod heap;
+/// The allocator settings of the programs (`nibble_tensor::heap`; re-exported for callers of
+/// `nibble_bignet::heap`).
+pub use nibble_tensor::heap;
 pub mod infer;
 pub mod loader;
 pub mod memory;

@@ -9,8 +9,10 @@
 //! - `whole layer on 1 thread`: every row on the calling thread;
 //! - `fork-join, empty tasks`: the pool's round trip with nothing to do, from outside the
 //!   pool (as a caller's thread enters it) and from inside it (`install`);
-//! - `layer, from outside / inside the pool`: `gemv_int8` itself (from outside, the calling
-//!   thread computes one block and spins for the others: `nibble_tensor::parallel::for_each_task`).
+//! - `hot team, empty tasks`: the same through `for_each_task` from outside, which a batch-1
+//!   layer takes (`nibble_tensor::hot_team`: the threads linger between calls);
+//! - `layer, from outside / inside the pool`: `gemv_int8` itself (from outside, on the hot team with the
+//!   calling thread as one member: `nibble_tensor::parallel::for_each_task`).
 
 use nibble_quant::Q4Matrix;
 use nibble_tensor::{Rng, Tensor};
@@ -93,6 +95,14 @@ fn main() {
     report(
         "fork-join, empty tasks, from outside",
         time_calls(calls, || empty(&mut y)),
+    );
+    report(
+        "hot team, empty tasks, from outside",
+        time_calls(calls, || {
+            nibble_tensor::parallel::for_each_task(threads, |t| {
+                black_box(t);
+            })
+        }),
     );
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)

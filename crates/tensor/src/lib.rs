@@ -10,6 +10,7 @@ pub mod cpu;
 pub mod error;
 pub mod gemm;
 pub mod half_tensor;
+pub mod heap;
 pub mod hot_team;
 pub mod layernorm;
 pub mod lowrank;

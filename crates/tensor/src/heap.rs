@@ -20,13 +20,14 @@
 //! lock is not contended.
 //!
 //! The process's resident size then stays at its peak rather than shrinking between steps;
-//! the allocated bytes that [`crate::memory`] counts are unchanged.
+//! the allocated bytes that `nibble_bignet::memory` counts are unchanged. The `bignet` and
+//! `nibble` programs call it first thing.
 
 /// Applies the settings above (glibc on Linux only; elsewhere it does nothing). Call it once,
 /// early in `main`; returns whether the allocator accepted them.
 ///
 /// ```
-/// let _accepted = nibble_bignet::heap::retain_freed_memory();
+/// let _accepted = nibble_tensor::heap::retain_freed_memory();
 /// ```
 pub fn retain_freed_memory() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
