@@ -21,14 +21,24 @@
 //! While members linger, other work handed to the pool waits for them to leave (at most
 //! [`linger`], 100 µs unless `NIBBLE_LINGER_US` says otherwise; `0` turns the team off).
 //!
-//! # The job slot
-//! One `u64` holds the job's epoch (high 32 bits), an *open* bit and the count of members inside
-//! the job. A member enters only by adding one to the count of an open job whose epoch it has
-//! not run; the caller, once every task has ended, clears the open bit and waits for the count
-//! to reach zero, so no member touches the job (on the caller's stack) after [`run`] returns.
+//! # No line that every thread writes
+//! A first version counted members in and out, handed out tasks and counted ended tasks with
+//! read-modify-writes of shared atomics: with 16 threads these queued on their cache lines, and
+//! an empty round trip took 5.3 µs (median, Xeon, 2026-12-04 15:02 UTC). Now every write goes
+//! to a line of its own, keyed by the job's *epoch* (so nothing is reset between jobs):
+//! - the slot (epoch and an *open* bit) is written by the caller only;
+//! - member `p` publishes `entered[p] = epoch`, checks that the slot is still open for that
+//!   epoch (else it leaves at once), and publishes `left[p] = epoch` once it is done with the
+//!   job; the caller, after closing the slot, waits for `left[p]` of every member whose
+//!   `entered[p]` it sees. Both sides store, fence and then load (sequentially consistent), so
+//!   either the member sees the slot closed or the caller sees it entered: no member touches
+//!   the job (on the caller's stack) after [`run`] returns;
+//! - task `t < 64` is taken by a compare-exchange of its own flag from an older epoch to this
+//!   one (uncontended when each participant takes its own task) and marked ended on the same
+//!   line; the caller reads the ended marks. Tasks from 64 on share a counter.
 
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -45,57 +55,70 @@ pub fn linger() -> Duration {
     })
 }
 
-/// The open bit of the job slot.
-const OPEN: u64 = 1 << 31;
-/// The members-inside count of the job slot.
-const INSIDE: u64 = OPEN - 1;
+/// Tasks with flags of their own (the rest share a counter).
+const FLAGGED: usize = 64;
+
+/// A value on a cache line (pair) of its own.
+#[repr(align(128))]
+#[derive(Default)]
+struct Padded<T>(T);
+
+/// A member's marks: the epoch of the last job it entered and of the last it left.
+#[derive(Default)]
+struct MemberMarks {
+    entered: AtomicU64,
+    left: AtomicU64,
+}
+
+/// A task's marks: the epoch of the last job that took it and of the last in which it ended.
+#[derive(Default)]
+struct TaskMarks {
+    taken: AtomicU64,
+    ended: AtomicU64,
+}
 
 /// A job on the caller's stack.
 struct Job<'a> {
     f: &'a (dyn Fn(usize) + Sync),
     tasks: usize,
-    /// Tasks below 64 taken (bit `t`): participant `p` first takes task `p`, so that from call
-    /// to call the same thread computes the same rows (whose weights its cache then holds), then
-    /// any left.
-    taken: AtomicU64,
-    /// The next task from 64 on to hand out.
+    epoch: u64,
+    /// The next task from [`FLAGGED`] on to hand out.
     next: AtomicUsize,
-    /// Tasks ended.
-    ended: AtomicUsize,
+    /// Tasks from [`FLAGGED`] on that ended.
+    extra_ended: AtomicUsize,
     /// The first panic of a task.
     panic: Mutex<Option<Box<dyn std::any::Any + Send>>>,
 }
 
 impl Job<'_> {
-    /// Takes task `t < 64` unless another participant has.
-    fn take(&self, t: usize) -> bool {
-        self.taken.fetch_or(1 << t, Ordering::Relaxed) & (1 << t) == 0
-    }
-
-    /// Runs tasks as participant `p` (members `0..threads − 1`, the caller `threads − 1`)
-    /// until none is left.
-    fn work(&self, p: usize) {
-        let low = self.tasks.min(64);
-        if p < low && self.take(p) {
-            self.run(p);
-        }
-        loop {
-            let taken = self.taken.load(Ordering::Relaxed);
-            let free = !taken & if low == 64 { u64::MAX } else { (1 << low) - 1 };
-            if free == 0 {
-                break;
-            }
-            let t = free.trailing_zeros() as usize;
-            if self.take(t) {
+    /// Runs tasks as participant `p` (members `0..threads − 1`, the caller `threads − 1`):
+    /// task `p` first, so that from call to call the same thread computes the same rows (whose
+    /// weights its cache then holds), then any left.
+    fn work(&self, team: &Team, p: usize) {
+        let flagged = self.tasks.min(FLAGGED);
+        let take = |t: usize| {
+            let marks = &team.tasks[t].0;
+            let seen = marks.taken.load(Ordering::Relaxed);
+            seen != self.epoch
+                && marks
+                    .taken
+                    .compare_exchange(seen, self.epoch, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+        };
+        for t in (p..flagged).chain(0..p.min(flagged)) {
+            if take(t) {
                 self.run(t);
+                // Release: the task's writes are seen by the caller that acquires the mark.
+                team.tasks[t].0.ended.store(self.epoch, Ordering::Release);
             }
         }
         loop {
-            let t = 64 + self.next.fetch_add(1, Ordering::Relaxed);
+            let t = FLAGGED + self.next.fetch_add(1, Ordering::Relaxed);
             if t >= self.tasks {
                 return;
             }
             self.run(t);
+            self.extra_ended.fetch_add(1, Ordering::Release);
         }
     }
 
@@ -105,19 +128,21 @@ impl Job<'_> {
             let mut first = self.panic.lock().unwrap_or_else(|e| e.into_inner());
             first.get_or_insert(p);
         }
-        // Release: the task's writes are seen by the caller that acquires the count.
-        self.ended.fetch_add(1, Ordering::Release);
     }
 }
 
 /// The process's hot team (for the global pool: callers outside every pool use that one).
 struct Team {
-    /// Epoch, open bit and members inside (see the [module docs](self)).
+    /// The open job's epoch times two, plus one while it is open (written by callers only).
     slot: AtomicU64,
     /// The open job's address (valid while the slot is open or members are inside).
     job: AtomicUsize,
+    /// Per participant (members, then the caller).
+    members: Box<[Padded<MemberMarks>]>,
+    /// Per task below [`FLAGGED`].
+    tasks: Box<[Padded<TaskMarks>]>,
     /// Members started and not yet gone.
-    members: AtomicUsize,
+    live: AtomicUsize,
     /// Nanoseconds after [`Team::start`] until which members linger.
     until: AtomicU64,
     /// A caller is using the team.
@@ -132,7 +157,11 @@ fn team() -> &'static Team {
     TEAM.get_or_init(|| Team {
         slot: AtomicU64::new(0),
         job: AtomicUsize::new(0),
-        members: AtomicUsize::new(0),
+        members: (0..rayon::current_num_threads().max(1))
+            .map(|_| Padded::default())
+            .collect(),
+        tasks: (0..FLAGGED).map(|_| Padded::default()).collect(),
+        live: AtomicUsize::new(0),
         until: AtomicU64::new(0),
         busy: AtomicBool::new(false),
         start: Instant::now(),
@@ -152,29 +181,29 @@ impl Team {
 
     /// Member `p`'s life: run every open job it has not run, until the lingering time is over.
     fn member(&self, p: usize) {
-        let mut last_epoch = None;
+        let marks = &self.members[p].0;
+        let mut last = marks.left.load(Ordering::Relaxed);
         let mut spins = 0u32;
         loop {
             let slot = self.slot.load(Ordering::Acquire);
-            let epoch = slot >> 32;
-            if slot & OPEN != 0 && last_epoch != Some(epoch) {
-                if self
-                    .slot
-                    .compare_exchange_weak(slot, slot + 1, Ordering::Acquire, Ordering::Relaxed)
-                    .is_ok()
-                {
-                    last_epoch = Some(epoch);
-                    // SAFETY: this member is counted inside the open job of this epoch, whose
-                    // caller does not return (so the job stays on its stack) until the count
-                    // is back to zero; the address was stored before the slot opened (the
-                    // Acquire above pairs with the caller's Release).
+            let epoch = slot >> 1;
+            if slot & 1 == 1 && epoch != last {
+                last = epoch;
+                marks.entered.store(epoch, Ordering::SeqCst);
+                fence(Ordering::SeqCst);
+                if self.slot.load(Ordering::SeqCst) == slot {
+                    // SAFETY: this member is marked as entered into the open job of this epoch
+                    // and saw the slot still open after that, so the caller (which closes the
+                    // slot before it reads the marks) waits for this member's `left` mark
+                    // before it returns and the job leaves its stack; the address was stored
+                    // before the slot opened (Acquire above, Release there).
                     let job = unsafe { &*(self.job.load(Ordering::Relaxed) as *const Job<'_>) };
-                    job.work(p);
-                    // Release: this member's last access to the job happens before the
-                    // caller sees the count drop.
-                    self.slot.fetch_sub(1, Ordering::Release);
-                    spins = 0;
+                    job.work(self, p);
                 }
+                // Release: this member's last access to the job happens before the caller
+                // sees the mark.
+                marks.left.store(epoch, Ordering::Release);
+                spins = 0;
                 continue;
             }
             spins = spins.wrapping_add(1);
@@ -183,7 +212,7 @@ impl Team {
             }
             std::hint::spin_loop();
         }
-        self.members.fetch_sub(1, Ordering::Release);
+        self.live.fetch_sub(1, Ordering::Release);
     }
 }
 
@@ -205,10 +234,11 @@ pub fn run(tasks: usize, f: &(dyn Fn(usize) + Sync)) -> bool {
         return false;
     }
     let team = team();
-    if team
-        .busy
-        .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-        .is_err()
+    if team.members.len() != threads
+        || team
+            .busy
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
     {
         return false;
     }
@@ -217,42 +247,50 @@ pub fn run(tasks: usize, f: &(dyn Fn(usize) + Sync)) -> bool {
     // team's size (the first call, or members left while a call came), spawn a team again;
     // a thread whose member is still there runs its new one after it.
     let wanted = threads - 1;
-    if team.members.load(Ordering::Acquire) < wanted {
-        team.members.fetch_add(wanted, Ordering::AcqRel);
+    if team.live.load(Ordering::Acquire) < wanted {
+        team.live.fetch_add(wanted, Ordering::AcqRel);
         rayon::spawn_broadcast(move |ctx| {
             if ctx.index() < wanted {
                 self::team().member(ctx.index());
             }
         });
     }
+    let epoch = (team.slot.load(Ordering::Relaxed) >> 1) + 1;
     let job = Job {
         f,
         tasks,
-        taken: AtomicU64::new(0),
+        epoch,
         next: AtomicUsize::new(0),
-        ended: AtomicUsize::new(0),
+        extra_ended: AtomicUsize::new(0),
         panic: Mutex::new(None),
     };
     team.job
         .store(&job as *const Job<'_> as usize, Ordering::Relaxed);
-    // A new epoch, open, nobody inside (the last job's members all left before it closed).
-    let epoch = (team.slot.load(Ordering::Relaxed) >> 32).wrapping_add(1) & 0xffff_ffff;
-    team.slot.store(epoch << 32 | OPEN, Ordering::Release);
-    job.work(wanted);
-    let mut spins = 0u32;
-    while job.ended.load(Ordering::Acquire) < tasks {
-        spins = spins.wrapping_add(1);
-        if spins < 1 << 14 {
-            std::hint::spin_loop();
-        } else {
-            std::thread::yield_now();
+    team.slot.store(epoch << 1 | 1, Ordering::SeqCst);
+    job.work(team, wanted);
+    // Every task ended (the caller took what no member did).
+    let wait = |done: &dyn Fn() -> bool| {
+        let mut spins = 0u32;
+        while !done() {
+            spins = spins.wrapping_add(1);
+            if spins < 1 << 14 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
         }
+    };
+    for t in 0..tasks.min(FLAGGED) {
+        wait(&|| team.tasks[t].0.ended.load(Ordering::Acquire) == epoch);
     }
-    // Close the job, then wait for the members inside to leave it.
-    let mut slot = team.slot.fetch_and(!OPEN, Ordering::AcqRel) & !OPEN;
-    while slot & INSIDE != 0 {
-        std::hint::spin_loop();
-        slot = team.slot.load(Ordering::Acquire);
+    wait(&|| job.extra_ended.load(Ordering::Acquire) >= tasks.saturating_sub(FLAGGED));
+    // Close the job, then wait for the members that entered it to leave it.
+    team.slot.store(epoch << 1, Ordering::SeqCst);
+    fence(Ordering::SeqCst);
+    for m in &team.members[..wanted] {
+        if m.0.entered.load(Ordering::SeqCst) == epoch {
+            wait(&|| m.0.left.load(Ordering::Acquire) == epoch);
+        }
     }
     team.extend();
     team.busy.store(false, Ordering::Release);
