@@ -44,15 +44,31 @@ use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+/// Lingering time without `NIBBLE_LINGER_US`, µs.
+const DEFAULT_LINGER_US: u64 = 100;
+/// The longest lingering time `NIBBLE_LINGER_US` may ask for, µs (one second).
+const MAX_LINGER_US: u64 = 1_000_000;
+
 /// How long members spin for a next job after the last one ended: `NIBBLE_LINGER_US`
-/// microseconds (read once), else 100 µs. Zero turns the team off ([`run`] returns `false`).
+/// microseconds (read once; at most one second), else 100 µs. Zero turns the team off ([`run`]
+/// returns `false`). A value that is not a whole number of microseconds is reported on stderr
+/// and the default kept, as `NIBBLE_KERNEL` does.
 pub fn linger() -> Duration {
     static LINGER: OnceLock<Duration> = OnceLock::new();
     *LINGER.get_or_init(|| {
-        let us = std::env::var("NIBBLE_LINGER_US")
-            .ok()
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(100);
+        let us = match std::env::var("NIBBLE_LINGER_US") {
+            Err(_) => DEFAULT_LINGER_US,
+            Ok(v) => match v.trim().parse::<u64>() {
+                Ok(us) if us <= MAX_LINGER_US => us,
+                _ => {
+                    eprintln!(
+                        "nibble: NIBBLE_LINGER_US={v:?} is not a number of microseconds from 0 \
+                         to {MAX_LINGER_US}; using {DEFAULT_LINGER_US}"
+                    );
+                    DEFAULT_LINGER_US
+                }
+            },
+        };
         Duration::from_micros(us)
     })
 }
