@@ -660,10 +660,10 @@ pub(crate) mod lower {
 /// step, lane for lane the AVX2 kernel's operations: the same bits.
 pub(crate) mod q4_int8 {
     use crate::act8::avx2::Maddubs;
-    use crate::cpu::{prefetch_weights, quant_prefetch, PREFETCH_ROWS};
+    use crate::cpu::{prefetch_weights, PREFETCH_ROWS};
     use crate::kernels::avx2::hsum;
-    use crate::q4::act8::{parts, tail_ref, BLOCKS_PER_GROUP, CS_SLOT, GROUP};
-    use crate::q4::{Q4Matrix, Q4_BLOCK};
+    use crate::q4::act8::{tail_ref, RowOperands, BLOCKS_PER_GROUP, CS_SLOT, GROUP};
+    use crate::q4::Q4Matrix;
     use std::arch::x86_64::*;
 
     /// `vpermt2d` indices that gather, from the `vpdpbusd` lanes of rows A and B (lanes
@@ -696,10 +696,11 @@ pub(crate) mod q4_int8 {
         y: &mut [f32],
         acc: bool,
     ) {
+        let ops = RowOperands::new(m, prep);
         crate::kernels::for_row_quads!(
             rows,
-            |r| dot_rows4(m, r, prep),
-            crate::arch::avx2::q4_int8::dot_rows::<Maddubs, 1>(m, r, prep)[0],
+            |r| dot_rows4(&ops, m, r, prep),
+            crate::arch::avx2::q4_int8::dot_rows::<Maddubs, 1>(&ops, m, r, prep)[0],
             crate::kernels::store_row(y, acc)
         );
     }
@@ -718,16 +719,20 @@ pub(crate) mod q4_int8 {
         }
     }
 
-    /// Dot products of rows `r0..r0 + 4` (all `< out`) with the prepared x.
+    /// Dot products of rows `r0..r0 + 4` (all `< out`) with the prepared x, `ops` resolved
+    /// from `m` and `prep` (which the tail past the last whole group reads).
     #[inline(always)]
-    unsafe fn dot_rows4(m: &Q4Matrix, r0: usize, prep: &[f32]) -> [f32; 4] {
-        let nb = m.inn / Q4_BLOCK;
-        let full = nb / BLOCKS_PER_GROUP;
-        let (xq, xs, cs) = parts(m.inn, prep);
-        let (xq, xs, cs) = (xq.as_ptr(), xs.as_ptr(), cs.as_ptr());
-        let packed = m.packed.as_slice().as_ptr();
-        let norms = m.norm.f16s().as_ptr();
-        let pf = quant_prefetch();
+    unsafe fn dot_rows4(ops: &RowOperands, m: &Q4Matrix, r0: usize, prep: &[f32]) -> [f32; 4] {
+        let RowOperands {
+            packed,
+            norms,
+            xq,
+            xs,
+            cs,
+            nb,
+            full,
+            prefetch: pf,
+        } = *ops;
         // SAFETY: g < full groups: 128 bytes of xq at g·128, xs[g], cs[8g..8g+8]; each row
         // r0 + r < out holds 64 packed bytes and 8 norms at block 8g; prefetches never fault.
         unsafe {

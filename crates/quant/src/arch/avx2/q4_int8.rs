@@ -4,11 +4,11 @@
 
 use crate::act8::avx2::{ByteDot, Maddubs};
 use crate::act8::avxvnni::Dpbusd;
-use crate::cpu::{prefetch_weights, quant_prefetch, PREFETCH_ROWS};
+use crate::cpu::{prefetch_weights, PREFETCH_ROWS};
 use crate::kernels::avx2::{hmax, hsum};
 use crate::kernels::for_row_quads;
-use crate::q4::act8::{parts, tail_ref, BLOCKS_PER_GROUP, CS_SLOT, GROUP};
-use crate::q4::{Q4Matrix, Q4_BLOCK};
+use crate::q4::act8::{tail_ref, RowOperands, BLOCKS_PER_GROUP, CS_SLOT, GROUP};
+use crate::q4::Q4Matrix;
 use std::arch::x86_64::*;
 
 /// [`crate::q4::act8`]'s scalar `prepare_group_ref` for a whole group of 128 (`xq` 128 bytes, `cs` 8 slots), with
@@ -142,28 +142,34 @@ unsafe fn gemv_with<D: ByteDot>(
     y: &mut [f32],
     acc: bool,
 ) {
+    let ops = RowOperands::new(m, prep);
     for_row_quads!(
         rows,
-        |r| dot_rows::<D, 4>(m, r, prep),
-        dot_rows::<D, 1>(m, r, prep)[0],
+        |r| dot_rows::<D, 4>(&ops, m, r, prep),
+        dot_rows::<D, 1>(&ops, m, r, prep)[0],
         crate::kernels::store_row(y, acc)
     );
 }
 
-/// Dot products of rows `r0..r0+R` (all `< out`) with the prepared x.
+/// Dot products of rows `r0..r0+R` (all `< out`) with the prepared x, `ops` resolved from
+/// `m` and `prep` (which the tail past the last whole group reads).
 #[inline(always)]
 pub(crate) unsafe fn dot_rows<D: ByteDot, const R: usize>(
+    ops: &RowOperands,
     m: &Q4Matrix,
     r0: usize,
     prep: &[f32],
 ) -> [f32; R] {
-    let nb = m.inn / Q4_BLOCK;
-    let full = nb / BLOCKS_PER_GROUP;
-    let (xq, xs, cs) = parts(m.inn, prep);
-    let (xq, xs, cs) = (xq.as_ptr(), xs.as_ptr(), cs.as_ptr());
-    let packed = m.packed.as_slice().as_ptr();
-    let norms = m.norm.f16s().as_ptr();
-    let pf = quant_prefetch();
+    let RowOperands {
+        packed,
+        norms,
+        xq,
+        xs,
+        cs,
+        nb,
+        full,
+        prefetch: pf,
+    } = *ops;
     let mask = _mm256_set1_epi8(0x0f);
     let zero = _mm256_setzero_si256();
     let mut accv = [_mm256_setzero_ps(); R];
