@@ -723,16 +723,7 @@ pub(crate) mod q4_int8 {
     /// from `m` and `prep` (which the tail past the last whole group reads).
     #[inline(always)]
     unsafe fn dot_rows4(ops: &RowOperands, m: &Q4Matrix, r0: usize, prep: &[f32]) -> [f32; 4] {
-        let RowOperands {
-            packed,
-            norms,
-            xq,
-            xs,
-            cs,
-            nb,
-            full,
-            prefetch: pf,
-        } = *ops;
+        let (packed, norms, xq, xs, cs, nb, full, pf) = ops.all();
         // SAFETY: g < full groups: 128 bytes of xq at g·128, xs[g], cs[8g..8g+8]; each row
         // r0 + r < out holds 64 packed bytes and 8 norms at block 8g; prefetches never fault.
         unsafe {

@@ -145,6 +145,33 @@ impl RowOperands {
             prefetch: crate::cpu::quant_prefetch(),
         }
     }
+
+    /// Every field, in declaration order (one line for the kernels that read them all).
+    #[allow(clippy::type_complexity)]
+    #[inline(always)]
+    pub(crate) fn all(
+        &self,
+    ) -> (
+        *const u8,
+        *const half::f16,
+        *const u8,
+        *const f32,
+        *const f32,
+        usize,
+        usize,
+        crate::cpu::QuantPrefetch,
+    ) {
+        (
+            self.packed,
+            self.norms,
+            self.xq,
+            self.xs,
+            self.cs,
+            self.nb,
+            self.full,
+            self.prefetch,
+        )
+    }
 }
 
 /// Scalar ground truth for row `r` over blocks `b0..ceil(in/16)` (the last one partial when

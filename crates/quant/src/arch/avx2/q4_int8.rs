@@ -160,16 +160,7 @@ pub(crate) unsafe fn dot_rows<D: ByteDot, const R: usize>(
     r0: usize,
     prep: &[f32],
 ) -> [f32; R] {
-    let RowOperands {
-        packed,
-        norms,
-        xq,
-        xs,
-        cs,
-        nb,
-        full,
-        prefetch: pf,
-    } = *ops;
+    let (packed, norms, xq, xs, cs, nb, full, pf) = ops.all();
     let mask = _mm256_set1_epi8(0x0f);
     let zero = _mm256_setzero_si256();
     let mut accv = [_mm256_setzero_ps(); R];
