@@ -24,7 +24,7 @@ fn main() {
         .collect();
     let arg = |i: usize, default: usize| args.get(i).copied().unwrap_or(default).max(1);
     let (rounds, calls, m, c) = (arg(0, 5), arg(1, 101), arg(2, 1000), arg(3, 1024));
-    nibble::bignet::heap::retain_freed_memory();
+    nibble::tensor::heap::retain_freed_memory();
     let mut rng = Rng::new(7);
     let x = Tensor::randn(&[m, c], &mut rng).scale(2.0);
     let w: Vec<f32> = (0..c).map(|_| rng.uniform(0.5, 1.5)).collect();

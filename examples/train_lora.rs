@@ -141,7 +141,7 @@ fn run(args: Args) -> nibble::bignet::Result<()> {
 }
 
 fn main() {
-    nibble::bignet::heap::retain_freed_memory();
+    nibble::tensor::heap::retain_freed_memory();
     if let Err(e) = run(Args::parse()) {
         eprintln!("error: {e}");
         std::process::exit(1);

@@ -29,7 +29,7 @@ fn main() {
     let mode = ActivationMode::parse(args.get(2).map_or("f32", |s| s.as_str()))
         .expect("activations: f32 or int8");
     let steps: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(5).max(1);
-    nibble::bignet::heap::retain_freed_memory();
+    nibble::tensor::heap::retain_freed_memory();
     let mut model = ModelSpec::seeded(variant, 0)
         .build()
         .expect("a seeded model builds");

@@ -189,8 +189,8 @@ fn linear_into(
             (&*frozen, bias)
         }
     };
-    let bias_row = MatRef::row_major(bias, 1, bias.len())?;
     let Some(adapter) = &layer.lora else {
+        let bias_row = MatRef::row_major(bias, 1, bias.len())?;
         weight.matmul_t_fused(x, m, y, Some(&bias_row), None)?;
         return Ok(());
     };

@@ -9,7 +9,7 @@ static ALLOC: CountingAlloc = CountingAlloc;
 
 fn main() {
     let cli = Cli::parse();
-    nibble_bignet::heap::retain_freed_memory();
+    nibble_tensor::heap::retain_freed_memory();
     if let Err(e) = run(cli) {
         eprintln!("error: {e}");
         std::process::exit(1);

@@ -22,6 +22,24 @@ pub enum Bias<'a> {
     F16(&'a [f16]),
 }
 
+impl<'a> Bias<'a> {
+    /// The values as f32: borrowed as they are, or f16 widened into `wide` (the slice
+    /// conversion, F16C 8 lanes at a time where the CPU has it).
+    fn as_f32<'s>(self, wide: &'s mut Vec<f32>) -> &'s [f32]
+    where
+        'a: 's,
+    {
+        match self {
+            Bias::F32(b) => b,
+            Bias::F16(b) => {
+                wide.resize(b.len(), 0.0);
+                b.convert_to_f32_slice(wide);
+                wide
+            }
+        }
+    }
+}
+
 /// Backward of [`Tape::linear`]: `dX = dY·W`, `dW += dYᵀ·X`, `db += Σ_rows dY`.
 struct LinearOp {
     /// X `[m, in]`, kept only if W needs a gradient.
@@ -389,16 +407,8 @@ impl Tape {
     ) -> Result<Var> {
         let (m, out) = lora_output_shape("frozen_linear_lora", x, w, a, b)?;
         let h = linear(x.value(), &*a.value(), None)?;
-        let mut wide: Vec<f32>;
-        let bias = match bias {
-            Some(Bias::F32(b)) => Some(b),
-            Some(Bias::F16(b)) => {
-                wide = vec![0.0f32; b.len()];
-                b.convert_to_f32_slice(&mut wide);
-                Some(&wide[..])
-            }
-            None => None,
-        };
+        let mut wide = Vec::new();
+        let bias = bias.map(|b| b.as_f32(&mut wide));
         if let Some(bias) = bias {
             if bias.len() != out {
                 return Err(TensorError::ShapeMismatch {
@@ -473,17 +483,8 @@ impl Tape {
     ) -> Result<Var> {
         // The forward is the tensor crate's `linear` (shape checks, y started as the bias
         // rows); an f16 bias is widened once.
-        let mut wide: Vec<f32>;
-        let bias = match bias {
-            Some(Bias::F32(b)) => Some(b),
-            Some(Bias::F16(b)) => {
-                // The slice conversion (F16C 8 lanes at a time where the CPU has it).
-                wide = vec![0.0f32; b.len()];
-                b.convert_to_f32_slice(&mut wide);
-                Some(&wide[..])
-            }
-            None => None,
-        };
+        let mut wide = Vec::new();
+        let bias = bias.map(|b| b.as_f32(&mut wide));
         let y = linear(x.value(), &**w, bias)?;
         self.record("frozen_linear", &[x], y, false, || {
             Box::new(FrozenLinearOp { w: Arc::clone(w) })
