@@ -1,8 +1,10 @@
 //! Where BigNet's large-batch inference time goes: the forward's steps (each layer's product
 //! with its bias, ReLU, the residual add, the LayerNorm) on 18 distinct 1024x1024 f32 layers,
-//! as `bignet`'s in-place forward runs them, each step timed on its own (medians over `reps`
-//! forwards, summed over the forward), next to the same product repeated on one layer (as
-//! `gemm_probe` times it). On the rayon pool (`RAYON_NUM_THREADS`). A third argument `q4` makes
+//! each step timed on its own (medians over `reps` forwards, summed over the forward), once
+//! with every step apart and once as `bignet`'s in-place forward runs them (the ReLU inside the
+//! product, `PostOp::Relu`; the residual add inside the LayerNorm, `add_layer_norm_assign`),
+//! the two forwards in turns; next to the same product repeated on one layer (as `gemm_probe`
+//! times it). On the rayon pool (`RAYON_NUM_THREADS`). A third argument `q4` makes
 //! the layers Q4 (low_precision's format) and a fourth `int8` runs them with int8 activations.
 //!
 //! `cargo run --release --example forward_profile -- 1024 9 [f32|q4] [f32|int8]`
@@ -10,13 +12,16 @@
 use nibble::quant::act8::{with_activations, ActivationMode};
 use nibble::quant::Q4Matrix;
 use nibble::tensor::gemm::MatRef;
-use nibble::tensor::layernorm::layer_norm_assign;
-use nibble::tensor::ops::{add_in_place, relu_in_place};
+use nibble::tensor::layernorm::{add_layer_norm_assign, layer_norm_assign};
+use nibble::tensor::ops::{add_in_place, relu_in_place, PostOp};
 use nibble::tensor::{Rng, Tensor, WeightMatrix};
 use std::time::Instant;
 
 /// The forward's steps, in the order a block runs them.
 const STEPS: [&str; 4] = ["product+bias", "relu", "residual add", "layernorm"];
+/// The same slots as `bignet` runs them now: the ReLUs inside the products, the residual add
+/// inside the LayerNorm's pass.
+const FUSED_STEPS: [&str; 4] = ["product+bias(+relu)", "", "", "residual add+layernorm"];
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -54,37 +59,59 @@ fn profile(m: usize, reps: usize, q4: bool) {
         if q4 { "q4" } else { "f32" },
         nibble::quant::act8::activations().name()
     );
-    let mut per_step: Vec<Vec<f64>> = vec![Vec::new(); STEPS.len()];
-    let mut totals = Vec::new();
+    // Per mode, per step: the step's time summed over a forward, one entry per forward.
+    let mut per_step: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); STEPS.len()]; 2];
+    let mut totals: Vec<Vec<f64>> = vec![Vec::new(); 2];
     for _ in 0..reps + 1 {
-        let mut h = x0.data().to_vec();
-        let mut t = [0.0f64; STEPS.len()];
-        let mut timed = |step: usize, f: &mut dyn FnMut()| {
-            let s = Instant::now();
-            f();
-            t[step] += s.elapsed().as_secs_f64() * 1e3;
-        };
-        let whole = Instant::now();
-        for blk in layers.chunks_exact(3) {
-            let product =
-                |(w, bias): &(Box<dyn WeightMatrix>, Vec<f32>), x: &[f32], y: &mut [f32]| {
+        // The two modes in turns, so that they meet the same machine.
+        for (mode, fused) in [false, true].into_iter().enumerate() {
+            let mut h = x0.data().to_vec();
+            let mut t = [0.0f64; STEPS.len()];
+            let mut timed = |step: usize, f: &mut dyn FnMut()| {
+                let s = Instant::now();
+                f();
+                t[step] += s.elapsed().as_secs_f64() * 1e3;
+            };
+            let whole = Instant::now();
+            for blk in layers.chunks_exact(3) {
+                let product = |(w, bias): &(Box<dyn WeightMatrix>, Vec<f32>),
+                               x: &[f32],
+                               y: &mut [f32],
+                               post: PostOp| {
                     let bias = MatRef::row_major(bias, 1, d).expect("a bias row");
-                    w.matmul_t_fused(x, m, y, Some(&bias), None)
+                    w.matmul_t_fused(x, m, y, Some(&bias), None, post)
                         .expect("shapes match");
                 };
-            timed(0, &mut || product(&blk[0], &h, &mut a));
-            timed(1, &mut || relu_in_place(&mut a));
-            timed(0, &mut || product(&blk[1], &a, &mut b));
-            timed(1, &mut || relu_in_place(&mut b));
-            timed(0, &mut || product(&blk[2], &b, &mut a));
-            timed(2, &mut || add_in_place(&mut h, &a).expect("equal lengths"));
-            timed(3, &mut || {
-                layer_norm_assign(&mut h, d, &ln_w, &ln_b, 1e-5).expect("shapes match")
-            });
-        }
-        totals.push(whole.elapsed().as_secs_f64() * 1e3);
-        for (s, v) in t.iter().enumerate() {
-            per_step[s].push(*v);
+                let relu = if fused {
+                    PostOp::Relu
+                } else {
+                    PostOp::Identity
+                };
+                timed(0, &mut || product(&blk[0], &h, &mut a, relu));
+                if !fused {
+                    timed(1, &mut || relu_in_place(&mut a));
+                }
+                timed(0, &mut || product(&blk[1], &a, &mut b, relu));
+                if !fused {
+                    timed(1, &mut || relu_in_place(&mut b));
+                }
+                timed(0, &mut || product(&blk[2], &b, &mut a, PostOp::Identity));
+                if fused {
+                    timed(3, &mut || {
+                        add_layer_norm_assign(&mut h, &a, d, &ln_w, &ln_b, 1e-5)
+                            .expect("shapes match")
+                    });
+                } else {
+                    timed(2, &mut || add_in_place(&mut h, &a).expect("equal lengths"));
+                    timed(3, &mut || {
+                        layer_norm_assign(&mut h, d, &ln_w, &ln_b, 1e-5).expect("shapes match")
+                    });
+                }
+            }
+            totals[mode].push(whole.elapsed().as_secs_f64() * 1e3);
+            for (s, v) in t.iter().enumerate() {
+                per_step[mode][s].push(*v);
+            }
         }
     }
     let median = |v: &mut Vec<f64>| {
@@ -92,11 +119,20 @@ fn profile(m: usize, reps: usize, q4: bool) {
         v.sort_by(|a, b| a.total_cmp(b));
         (v[v.len() / 2], v[0], v[v.len() - 1])
     };
-    let (tm, tlo, thi) = median(&mut totals);
-    println!("forward {tm:.3} ms (min {tlo:.3}, max {thi:.3})");
-    for (name, v) in STEPS.iter().zip(per_step.iter_mut()) {
-        let (md, lo, hi) = median(v);
-        println!("  {name:14} {md:8.3} ms (min {lo:.3}, max {hi:.3})");
+    for (mode, label) in ["steps apart", "fused (as bignet runs it)"]
+        .iter()
+        .enumerate()
+    {
+        let (tm, tlo, thi) = median(&mut totals[mode]);
+        println!("forward, {label}: {tm:.3} ms (min {tlo:.3}, max {thi:.3})");
+        let names = if mode == 0 { STEPS } else { FUSED_STEPS };
+        for (name, v) in names.iter().zip(per_step[mode].iter_mut()) {
+            if name.is_empty() {
+                continue;
+            }
+            let (md, lo, hi) = median(v);
+            println!("  {name:22} {md:8.3} ms (min {lo:.3}, max {hi:.3})");
+        }
     }
     // The same product on one layer, again and again.
     let mut one: Vec<f64> = (0..reps + 1)
@@ -105,7 +141,7 @@ fn profile(m: usize, reps: usize, q4: bool) {
             let bias = MatRef::row_major(&layers[0].1, 1, d).expect("a bias row");
             layers[0]
                 .0
-                .matmul_t_fused(x0.data(), m, &mut a, Some(&bias), None)
+                .matmul_t_fused(x0.data(), m, &mut a, Some(&bias), None, PostOp::Identity)
                 .expect("shapes match");
             s.elapsed().as_secs_f64() * 1e3
         })

@@ -22,9 +22,9 @@ use crate::model::{Norm, NORM_EPS};
 use crate::source::LAYERS_PER_BLOCK;
 use half::slice::HalfFloatSliceExt;
 use nibble_tensor::gemm::MatRef;
-use nibble_tensor::layernorm::layer_norm_assign;
+use nibble_tensor::layernorm::{add_layer_norm_assign, layer_norm_assign};
 use nibble_tensor::lowrank::LowRank;
-use nibble_tensor::ops::{add_in_place, fill_rows, relu_in_place, zeros_vec};
+use nibble_tensor::ops::{add_in_place, fill_rows, relu_in_place, zeros_vec, PostOp};
 use nibble_tensor::team::{self, block_rows, Member, SharedRows};
 use nibble_tensor::weight::BATCH1_ROW_ALIGN;
 use nibble_tensor::{f16, linear_low_rank_into, Tensor, TensorError, WeightMatrix};
@@ -139,22 +139,47 @@ fn run_block(
 ) -> Result<()> {
     let n = h.len();
     let (a, b) = (&mut buf.a[..n], &mut buf.b[..n]);
-    linear_into(&layers[0], h, m, a, &mut buf.lora, &mut buf.bias)?;
-    relu_in_place(a);
-    linear_into(&layers[1], a, m, b, &mut buf.lora, &mut buf.bias)?;
-    relu_in_place(b);
-    linear_into(&layers[2], b, m, a, &mut buf.lora, &mut buf.bias)?;
-    add_in_place(h, a)?;
-    if let Some(norm) = norm {
-        let (w, bias) = (norm.weight.value(), norm.bias.value());
-        layer_norm_assign(h, w.numel(), w.data(), bias.data(), NORM_EPS)?;
+    // The ReLUs run inside the products (each task's tile of outputs once its sums are in).
+    linear_into(
+        &layers[0],
+        h,
+        m,
+        a,
+        &mut buf.lora,
+        &mut buf.bias,
+        PostOp::Relu,
+    )?;
+    linear_into(
+        &layers[1],
+        a,
+        m,
+        b,
+        &mut buf.lora,
+        &mut buf.bias,
+        PostOp::Relu,
+    )?;
+    linear_into(
+        &layers[2],
+        b,
+        m,
+        a,
+        &mut buf.lora,
+        &mut buf.bias,
+        PostOp::Identity,
+    )?;
+    match norm {
+        Some(norm) => {
+            let (w, bias) = (norm.weight.value(), norm.bias.value());
+            add_layer_norm_assign(h, a, w.numel(), w.data(), bias.data(), NORM_EPS)?;
+        }
+        None => add_in_place(h, a)?,
     }
     Ok(())
 }
 
-/// `y = x · Wᵀ + b (+ B(A x))` for `m` rows into `y`, as [`Linear::forward`] computes it: `y`
-/// starts as the bias rows, the product accumulates onto them, then the adapter's (through the
-/// GEMM, all three in one pass over `y`). At batch 1
+/// `y = post(x · Wᵀ + b (+ B(A x)))` for `m` rows into `y`, as [`Linear::forward`] and the
+/// step after it compute it: `y` starts as the bias rows, the product accumulates onto them,
+/// then the adapter's, then `post` (through the GEMM, all four in one pass over `y`). At batch 1
 /// the adapter's products run inside the base product's parallel pass
 /// ([`WeightMatrix::matvec_t_low_rank`]: the same values, without the two fork-joins of the
 /// pool that they would take on their own).
@@ -165,6 +190,7 @@ fn linear_into(
     y: &mut [f32],
     lora: &mut [f32],
     wide_bias: &mut Vec<f32>,
+    post: PostOp,
 ) -> Result<()> {
     // The guards and the handle that the weight and bias borrow from.
     let (trained, frozen);
@@ -191,13 +217,14 @@ fn linear_into(
     };
     let Some(adapter) = &layer.lora else {
         let bias_row = MatRef::row_major(bias, 1, bias.len())?;
-        weight.matmul_t_fused(x, m, y, Some(&bias_row), None)?;
+        weight.matmul_t_fused(x, m, y, Some(&bias_row), None, post)?;
         return Ok(());
     };
     if m == 1 {
         fill_rows(y, bias)?;
         let (a, b) = (adapter.a.value(), adapter.b.value());
         weight.matvec_t_low_rank(x, y, true, &LowRank::new(&a, &b)?)?;
+        post.apply_in_place(y);
         return Ok(());
     }
     // h = A x first, then the bias, the base product and B h in one pass over y where they
@@ -207,7 +234,7 @@ fn linear_into(
     let r = adapter.rank();
     let h = &mut lora[..m * r];
     a.matmul_t(x, m, h, false)?;
-    linear_low_rank_into(weight, x, m, y, Some(bias), h, &*b)?;
+    linear_low_rank_into(weight, x, m, y, Some(bias), (h, &*b), post)?;
     Ok(())
 }
 

@@ -6,6 +6,7 @@ use std::ops::Range;
 
 use nibble_tensor::gemm::{gemm, MatRef, PackB, NR};
 use nibble_tensor::lowrank::{fused_matvec, LowRank};
+use nibble_tensor::ops::PostOp;
 use nibble_tensor::parallel::PARALLEL_MIN_MACS;
 use nibble_tensor::weight::check_matmul_operands;
 use nibble_tensor::Tensor;
@@ -401,15 +402,17 @@ pub(crate) fn matmul_t<F: QuantRows>(
     matmul_t_fusing(f, x, m, y, accumulate, None).map(drop)
 }
 
-/// `y = bias + x · Wᵀ` in one pass where [`matmul_t`] would run the generic int8 driver
-/// ([`crate::act8::forward_with_bias`]: the bias added as each value is stored); `Ok(false)`,
-/// with `y` untouched, elsewhere (the caller fills y with the bias rows and accumulates).
+/// `y = post(bias + x · Wᵀ)` in one pass where [`matmul_t`] would run the generic int8
+/// driver ([`crate::act8::forward_with_bias`]: the bias added and `post` applied as each value
+/// is stored); `Ok(false)`, with `y` untouched, elsewhere (the caller fills y with the bias
+/// rows, accumulates and applies `post`).
 pub(crate) fn matmul_t_biased<F: QuantRows>(
     f: &F,
     x: &[f32],
     m: usize,
     y: &mut [f32],
     bias: &[f32],
+    post: PostOp,
 ) -> nibble_tensor::Result<bool> {
     let (o, i) = f.dims();
     check_matmul_operands("linear", m, x.len(), i, y.len(), o)?;
@@ -419,7 +422,7 @@ pub(crate) fn matmul_t_biased<F: QuantRows>(
     if crate::act8::activations() == crate::act8::ActivationMode::Int8 && f.act8_generic(m) {
         if let Some(w) = f.act8_view() {
             let tier = crate::act8::IntTier::for_path(kernel_path());
-            return Ok(crate::act8::forward_with_bias(tier, w, x, m, y, bias));
+            return Ok(crate::act8::forward_with_bias(tier, w, x, m, y, bias, post));
         }
     }
     Ok(false)
@@ -855,8 +858,9 @@ macro_rules! impl_weight_matrix {
                 m: usize,
                 y: &mut [f32],
                 bias: &[f32],
+                post: nibble_tensor::ops::PostOp,
             ) -> nibble_tensor::Result<bool> {
-                $crate::kernels::matmul_t_biased(self, x, m, y, bias)
+                $crate::kernels::matmul_t_biased(self, x, m, y, bias, post)
             }
             fn matvec_t_low_rank(
                 &self,

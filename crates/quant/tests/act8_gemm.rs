@@ -325,8 +325,9 @@ fn phases_give_the_forward_outputs() {
     }
 }
 
-/// `forward_with_bias` (a layer's bias added as each output is stored) gives the bits of y
-/// filled with the bias rows and `forward` accumulating onto them, on every tier and format,
+/// `forward_with_bias` (a layer's bias added and a ReLU or nothing applied as each output is
+/// stored) gives the bits of y filled with the bias rows, `forward` accumulating onto them
+/// and the step as a pass of its own, on every tier and format,
 /// for the dot-product driver (batches below `GEMM_MIN_M`) and the GEMM, a bias with `-0.0`
 /// and large values; it declines a bias of the wrong length and a non-finite x, y untouched.
 /// Through `WeightMatrix::matmul_t_fused` under int8 activations likewise.
@@ -334,6 +335,7 @@ fn phases_give_the_forward_outputs() {
 fn bias_in_the_store_matches_fill_then_accumulate() {
     use nibble_quant::act8::{forward_with_bias, with_activations, ActivationMode};
     use nibble_tensor::gemm::MatRef;
+    use nibble_tensor::ops::PostOp;
     use nibble_tensor::WeightMatrix;
     let (o, i) = (37, 192);
     let w = weights(o, i, 51);
@@ -352,24 +354,46 @@ fn bias_in_the_store_matches_fill_then_accumulate() {
             for &tier in tiers().iter().chain(&amx) {
                 let mut want: Vec<f32> = bias.iter().copied().cycle().take(m * o).collect();
                 assert!(forward(tier, f.as_ref(), x, m, &mut want, true));
-                let mut got = vec![f32::NAN; m * o];
-                assert!(forward_with_bias(tier, f.as_ref(), x, m, &mut got, &bias));
-                assert!(
-                    same_bits(&got, &want),
-                    "{name} {tier:?} m {m}: bias in the store differs"
-                );
+                for post in [PostOp::Identity, PostOp::Relu] {
+                    let mut want = want.clone();
+                    post.apply_in_place(&mut want);
+                    let mut got = vec![f32::NAN; m * o];
+                    assert!(forward_with_bias(
+                        tier,
+                        f.as_ref(),
+                        x,
+                        m,
+                        &mut got,
+                        &bias,
+                        post
+                    ));
+                    assert!(
+                        same_bits(&got, &want),
+                        "{name} {tier:?} m {m} {post:?}: bias in the store differs"
+                    );
+                }
                 let mut y = vec![7.0f32; m * o];
+                let id = PostOp::Identity;
                 assert!(!forward_with_bias(
                     tier,
                     f.as_ref(),
                     x,
                     m,
                     &mut y,
-                    &bias[1..]
+                    &bias[1..],
+                    id
                 ));
                 let mut xb = x.to_vec();
                 xb[0] = f32::NAN;
-                assert!(!forward_with_bias(tier, f.as_ref(), &xb, m, &mut y, &bias));
+                assert!(!forward_with_bias(
+                    tier,
+                    f.as_ref(),
+                    &xb,
+                    m,
+                    &mut y,
+                    &bias,
+                    id
+                ));
                 assert!(y.iter().all(|&v| v == 7.0), "{name} {tier:?}: y touched");
             }
         }
@@ -380,14 +404,18 @@ fn bias_in_the_store_matches_fill_then_accumulate() {
     let x = activations(m, i, 60);
     let b = MatRef::row_major(&bias, 1, o).unwrap();
     with_activations(ActivationMode::Int8, || {
-        let mut fused = vec![f32::NAN; m * o];
-        q.matmul_t_fused(&x, m, &mut fused, Some(&b), None).unwrap();
-        let mut parts: Vec<f32> = bias.iter().copied().cycle().take(m * o).collect();
-        q.matmul_t(&x, m, &mut parts, true).unwrap();
-        assert!(
-            same_bits(&fused, &parts),
-            "matmul_t_fused with a bias differs"
-        );
+        for post in [PostOp::Identity, PostOp::Relu] {
+            let mut fused = vec![f32::NAN; m * o];
+            q.matmul_t_fused(&x, m, &mut fused, Some(&b), None, post)
+                .unwrap();
+            let mut parts: Vec<f32> = bias.iter().copied().cycle().take(m * o).collect();
+            q.matmul_t(&x, m, &mut parts, true).unwrap();
+            post.apply_in_place(&mut parts);
+            assert!(
+                same_bits(&fused, &parts),
+                "matmul_t_fused with a bias and {post:?} differs"
+            );
+        }
     });
 }
 

@@ -609,13 +609,14 @@ fn empty_matrices_multiply() {
     }
 }
 
-/// `matmul_t_fused` (bias, the product, a low-rank extra in one GEMM pass where the format's
-/// forward runs through the GEMM) gives the bits of the parts run one by one: bias rows, then
-/// `matmul_t` accumulating, then the extra accumulated; at batches on both sides of each
-/// format's GEMM threshold, on every format, f16 and f32 biases.
+/// `matmul_t_fused` (bias, the product, a low-rank extra and a ReLU in one GEMM pass where the
+/// format's forward runs through the GEMM) gives the bits of the parts run one by one: bias
+/// rows, then `matmul_t` accumulating, then the extra accumulated, then `relu_in_place`; at
+/// batches on both sides of each format's GEMM threshold, on every format, f16 and f32 biases.
 #[test]
 fn fused_forward_equals_the_parts() {
     use nibble_tensor::gemm::{gemm, MatRef, PackB, Segment};
+    use nibble_tensor::ops::PostOp;
     let (o, i, r) = (40, 70, 5);
     let w = weights(o, i, 31);
     let mut rng = Rng::new(32);
@@ -642,18 +643,34 @@ fn fused_forward_equals_the_parts() {
                     bias16.iter().map(|v| v.to_f32()).collect(),
                 ),
             ] {
-                let mut want = vec![f32::NAN; m * o];
-                nibble_tensor::ops::fill_rows(&mut want, &bias_vals).unwrap();
-                wm.matmul_t(&x, m, &mut want, true).unwrap();
-                gemm(MatRef::row_major(&h, m, r).unwrap(), &b_t, &mut want, true).unwrap();
-                let mut got = vec![f32::NAN; m * o];
-                let extra = Segment {
-                    a: MatRef::row_major(&h, m, r).unwrap(),
-                    b: &b_t,
-                };
-                wm.matmul_t_fused(&x, m, &mut got, Some(bias_op), Some(extra))
-                    .unwrap();
-                bits_eq(&got, &want, &format!("{} m={m} fused", wm.format_name()));
+                for (post, with_extra) in [
+                    (PostOp::Identity, true),
+                    (PostOp::Relu, true),
+                    (PostOp::Relu, false),
+                ] {
+                    let mut want = vec![f32::NAN; m * o];
+                    nibble_tensor::ops::fill_rows(&mut want, &bias_vals).unwrap();
+                    wm.matmul_t(&x, m, &mut want, true).unwrap();
+                    if with_extra {
+                        gemm(MatRef::row_major(&h, m, r).unwrap(), &b_t, &mut want, true).unwrap();
+                    }
+                    if post == PostOp::Relu {
+                        nibble_tensor::ops::relu_in_place(&mut want);
+                    }
+                    let mut got = vec![f32::NAN; m * o];
+                    let extra = with_extra.then(|| Segment {
+                        a: MatRef::row_major(&h, m, r).unwrap(),
+                        b: &b_t,
+                    });
+                    wm.matmul_t_fused(&x, m, &mut got, Some(bias_op), extra, post)
+                        .unwrap();
+                    let name = wm.format_name();
+                    bits_eq(
+                        &got,
+                        &want,
+                        &format!("{name} m={m} fused, {post:?} {with_extra}"),
+                    );
+                }
             }
         }
     }

@@ -96,22 +96,9 @@ pub fn layer_norm_assign(
     bias: &[f32],
     eps: f32,
 ) -> Result<()> {
-    if weight.len() != cols || bias.len() != cols || (cols == 0 && !x.is_empty()) {
-        return Err(TensorError::ShapeMismatch {
-            op: "layer_norm_assign",
-            lhs: vec![x.len(), cols],
-            rhs: vec![weight.len(), bias.len()],
-        });
-    }
+    check_assign("layer_norm_assign", x.len(), cols, weight, bias)?;
     if cols == 0 {
         return Ok(());
-    }
-    if x.len().checked_rem(cols) != Some(0) {
-        return Err(TensorError::ShapeMismatch {
-            op: "layer_norm_assign",
-            lhs: vec![x.len()],
-            rhs: vec![cols],
-        });
     }
     let normalize_rows = |block: &mut [f32]| {
         for row in block.chunks_exact_mut(cols) {
@@ -128,6 +115,89 @@ pub fn layer_norm_assign(
     } else {
         x.par_chunks_mut(cols * ROWS_PER_TASK)
             .for_each(normalize_rows);
+    }
+    Ok(())
+}
+
+/// The residual add and the LayerNorm of an inference block in one pass: `x = LN(x + delta)`
+/// row by row (each row added, then normalised while it is in L1), bit-identical to
+/// [`add_in_place`](crate::ops::add_in_place)`(x, delta)` followed by [`layer_norm_assign`],
+/// without the add's own pass over the batch and its fork-join. Shapes as
+/// [`layer_norm_assign`], and `delta` as long as `x`.
+///
+/// ```
+/// use nibble_tensor::layernorm::{add_layer_norm_assign, layer_norm_assign};
+/// let (w, b) = ([1.0f32, 0.5], [0.0f32, 1.0]);
+/// let mut x = vec![1.0f32, 3.0, -2.0, 5.0];
+/// let delta = [0.5f32, -1.0, 2.0, 0.25];
+/// let mut apart: Vec<f32> = x.iter().zip(&delta).map(|(a, d)| a + d).collect();
+/// layer_norm_assign(&mut apart, 2, &w, &b, 1e-5).unwrap();
+/// add_layer_norm_assign(&mut x, &delta, 2, &w, &b, 1e-5).unwrap();
+/// assert_eq!(x, apart);
+/// assert!(add_layer_norm_assign(&mut x, &delta[..2], 2, &w, &b, 1e-5).is_err());
+/// ```
+pub fn add_layer_norm_assign(
+    x: &mut [f32],
+    delta: &[f32],
+    cols: usize,
+    weight: &[f32],
+    bias: &[f32],
+    eps: f32,
+) -> Result<()> {
+    if delta.len() != x.len() {
+        return Err(TensorError::ShapeMismatch {
+            op: "add_layer_norm_assign",
+            lhs: vec![x.len()],
+            rhs: vec![delta.len()],
+        });
+    }
+    check_assign("add_layer_norm_assign", x.len(), cols, weight, bias)?;
+    if cols == 0 {
+        return Ok(());
+    }
+    let add_normalize_rows = |(block, dblock): (&mut [f32], &[f32])| {
+        for (row, drow) in block.chunks_exact_mut(cols).zip(dblock.chunks_exact(cols)) {
+            for (v, &d) in row.iter_mut().zip(drow) {
+                *v += d;
+            }
+            let (mu, rs) = row_stats(row, eps);
+            for (v, (&w, &b)) in row.iter_mut().zip(weight.iter().zip(bias)) {
+                *v = normalize(*v, mu, rs, w, b);
+            }
+        }
+    };
+    if x.len() <= cols * ROWS_PER_TASK {
+        add_normalize_rows((x, delta));
+    } else {
+        x.par_chunks_mut(cols * ROWS_PER_TASK)
+            .zip(delta.par_chunks(cols * ROWS_PER_TASK))
+            .for_each(add_normalize_rows);
+    }
+    Ok(())
+}
+
+/// The shape checks of the in-place LayerNorms: `weight` and `bias` of `cols` values, and a
+/// whole number of rows of `cols` in `len` values.
+fn check_assign(
+    op: &'static str,
+    len: usize,
+    cols: usize,
+    weight: &[f32],
+    bias: &[f32],
+) -> Result<()> {
+    if weight.len() != cols || bias.len() != cols || (cols == 0 && len != 0) {
+        return Err(TensorError::ShapeMismatch {
+            op,
+            lhs: vec![len, cols],
+            rhs: vec![weight.len(), bias.len()],
+        });
+    }
+    if cols != 0 && !len.is_multiple_of(cols) {
+        return Err(TensorError::ShapeMismatch {
+            op,
+            lhs: vec![len],
+            rhs: vec![cols],
+        });
     }
     Ok(())
 }

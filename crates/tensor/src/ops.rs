@@ -134,6 +134,57 @@ fn relu1(v: f32) -> f32 {
     }
 }
 
+/// An elementwise step applied to a product's outputs once their sums are final, inside the
+/// product's own pass over them (each task's tile of the output while it is in its caches)
+/// instead of a pass of its own: [`WeightMatrix::matmul_t_fused`](crate::WeightMatrix::matmul_t_fused)'s
+/// and [`gemm_segments_post`](crate::gemm::gemm_segments_post)'s `post`. Every form gives the
+/// bits of the product followed by the step's own function ([`relu_in_place`]).
+///
+/// ```
+/// use nibble_tensor::ops::PostOp;
+/// let mut y = [-1.0f32, 2.0, -0.0, f32::NAN];
+/// PostOp::Relu.apply(&mut y);
+/// assert_eq!(&y[..3], &[0.0, 2.0, -0.0]);
+/// assert!(y[3].is_nan());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PostOp {
+    /// The outputs as the product leaves them.
+    #[default]
+    Identity,
+    /// `max(v, 0)` with NaN kept, as [`relu_in_place`].
+    Relu,
+}
+
+impl PostOp {
+    /// The step on `ys`, on the calling thread (a tile of outputs).
+    #[inline]
+    pub fn apply(self, ys: &mut [f32]) {
+        match self {
+            PostOp::Identity => {}
+            PostOp::Relu => ys.iter_mut().for_each(|v| *v = relu1(*v)),
+        }
+    }
+
+    /// The step on one value.
+    #[inline(always)]
+    pub fn apply1(self, v: f32) -> f32 {
+        match self {
+            PostOp::Identity => v,
+            PostOp::Relu => relu1(v),
+        }
+    }
+
+    /// The step on all of `ys` as a pass of its own, on the pool for large sizes (where a
+    /// product could not take it).
+    pub fn apply_in_place(self, ys: &mut [f32]) {
+        match self {
+            PostOp::Identity => {}
+            PostOp::Relu => relu_in_place(ys),
+        }
+    }
+}
+
 /// `max(v, 0)` for every element of `xs`, in place (NaN stays NaN): [`Tensor::relu`] for a
 /// buffer an inference pass reuses, bit-identical to it.
 pub fn relu_in_place(xs: &mut [f32]) {

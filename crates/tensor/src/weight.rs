@@ -5,10 +5,10 @@
 use crate::cpu::kernel_path;
 use crate::error::{Result, TensorError};
 use crate::gemm::gemv::{gemv_t_f16, gemv_t_f32, gemv_t_low_rank, DenseBatch1, GEMV_MAX_M};
-use crate::gemm::{gemm, gemm_segments, MatRef, PackB, Segment, NR};
+use crate::gemm::{gemm, gemm_segments, gemm_segments_post, MatRef, PackB, Segment, NR};
 use crate::half_tensor::HalfTensor;
 use crate::lowrank::LowRank;
-use crate::ops::fill_rows;
+use crate::ops::{fill_rows, PostOp};
 use crate::tensor::Tensor;
 use std::ops::Range;
 
@@ -95,36 +95,47 @@ pub trait WeightMatrix: Send + Sync + std::fmt::Debug {
         None
     }
 
-    /// `y[m, out] = bias + x · Wᵀ` (`bias` `[out]`) in one pass where the format has one
-    /// outside the GEMM (a quantized format's int8-activation product writes `bias + v` as it
-    /// stores each value, instead of a pass that fills y with the bias rows and a product that
-    /// reads them back), with the bits of those two steps; `Ok(false)`, with `y` untouched,
-    /// where it has none (the default) or declines. [`matmul_t_fused`](Self::matmul_t_fused)
-    /// asks it first where the product does not run through the GEMM. Shapes as
-    /// [`matmul_t`](Self::matmul_t).
-    fn matmul_t_biased(&self, x: &[f32], m: usize, y: &mut [f32], bias: &[f32]) -> Result<bool> {
-        let _ = (x, m, y, bias);
+    /// `y[m, out] = post(bias + x · Wᵀ)` (`bias` `[out]`) in one pass where the format has one
+    /// outside the GEMM (a quantized format's int8-activation product writes `post(bias + v)`
+    /// as it stores each value, instead of a pass that fills y with the bias rows, a product
+    /// that reads them back and a pass for `post`), with the bits of those steps; `Ok(false)`,
+    /// with `y` untouched, where it has none (the default) or declines.
+    /// [`matmul_t_fused`](Self::matmul_t_fused) asks it first where the product does not run
+    /// through the GEMM. Shapes as [`matmul_t`](Self::matmul_t).
+    fn matmul_t_biased(
+        &self,
+        x: &[f32],
+        m: usize,
+        y: &mut [f32],
+        bias: &[f32],
+        post: PostOp,
+    ) -> Result<bool> {
+        let _ = (x, m, y, bias, post);
         Ok(false)
     }
 
-    /// `y[m, out] = bias + x · Wᵀ (+ extra)` where `bias` is a `1 x out` operand (one row)
-    /// and `extra` another product `a [m, k] · b [k, out]` (a LoRA adapter's `h · Bᵀ`): in
-    /// one pass over `y` ([`gemm_segments`]) where the product runs through the GEMM, else
-    /// part by part. Either way the bits are those of writing the bias rows, then
-    /// [`matmul_t`](Self::matmul_t) with `accumulate`, then `extra` accumulated by [`gemm`]
-    /// (in one pass a bias of `-0.0` is written as `+0.0`: `1 · b + 0`). Without a bias, `y` is
-    /// only written.
+    /// `y[m, out] = post(bias + x · Wᵀ (+ extra))` where `bias` is a `1 x out` operand (one
+    /// row), `extra` another product `a [m, k] · b [k, out]` (a LoRA adapter's `h · Bᵀ`) and
+    /// `post` an elementwise step (a ReLU after the layer): in one pass over `y`
+    /// ([`gemm_segments_post`]) where the product runs through the GEMM, else part by part.
+    /// Either way the bits are those of writing the bias rows, then
+    /// [`matmul_t`](Self::matmul_t) with `accumulate`, then `extra` accumulated by [`gemm`],
+    /// then `post` (in one pass a bias of `-0.0` is written as `+0.0`: `1 · b + 0`). Without a
+    /// bias, `y` is only written.
     ///
     /// ```
     /// use nibble_tensor::gemm::MatRef;
+    /// use nibble_tensor::ops::PostOp;
     /// use nibble_tensor::{Tensor, WeightMatrix};
     /// let w = Tensor::from_vec(&[2, 2], vec![1., 0., 0., 1.]).unwrap();
-    /// let bias = [0.5f32, -0.5];
+    /// let bias = [0.5f32, -1.5];
     /// let x = vec![1.0f32; 2 * 20]; // 20 rows: the GEMM path
     /// let mut y = vec![f32::NAN; 2 * 20];
     /// let b = MatRef::row_major(&bias, 1, 2).unwrap();
-    /// w.matmul_t_fused(&x, 20, &mut y, Some(&b), None).unwrap();
-    /// assert_eq!(&y[..2], &[1.5, 0.5]);
+    /// w.matmul_t_fused(&x, 20, &mut y, Some(&b), None, PostOp::Identity).unwrap();
+    /// assert_eq!(&y[..2], &[1.5, -0.5]);
+    /// w.matmul_t_fused(&x, 20, &mut y, Some(&b), None, PostOp::Relu).unwrap();
+    /// assert_eq!(&y[..2], &[1.5, 0.0]);
     /// ```
     fn matmul_t_fused(
         &self,
@@ -133,6 +144,7 @@ pub trait WeightMatrix: Send + Sync + std::fmt::Debug {
         y: &mut [f32],
         bias: Option<&dyn PackB>,
         extra: Option<Segment<'_>>,
+        post: PostOp,
     ) -> Result<()> {
         let (o, i) = (self.out_features(), self.in_features());
         check_matmul_operands("linear", m, x.len(), i, y.len(), o)?;
@@ -150,12 +162,20 @@ pub trait WeightMatrix: Send + Sync + std::fmt::Debug {
                 b: &*rhs,
             });
             segs.extend(extra);
-            return gemm_segments(&segs, y, false);
+            return gemm_segments_post(&segs, y, false, post);
         }
+        // `post` goes with the last part: the biased product where nothing follows it.
+        let (biased_post, rest_post) = match extra {
+            None => (post, PostOp::Identity),
+            Some(_) => (PostOp::Identity, post),
+        };
+        let mut pending = post;
         match bias {
             Some(b) => {
                 let values = bias_values(b, o)?;
-                if !self.matmul_t_biased(x, m, y, &values)? {
+                if self.matmul_t_biased(x, m, y, &values, biased_post)? {
+                    pending = rest_post;
+                } else {
                     fill_rows(y, &values)?;
                     self.matmul_t(x, m, y, true)?;
                 }
@@ -165,6 +185,7 @@ pub trait WeightMatrix: Send + Sync + std::fmt::Debug {
         if let Some(seg) = extra {
             gemm_segments(&[seg], y, true)?;
         }
+        pending.apply_in_place(y);
         Ok(())
     }
 
@@ -368,7 +389,7 @@ pub fn linear(x: &Tensor, w: &dyn WeightMatrix, bias: Option<&[f32]>) -> Result<
         // the product runs through the GEMM.
         let mut y = Tensor::try_zeros(&[m, o])?;
         let b = MatRef::row_major(b, 1, o)?;
-        w.matmul_t_fused(x.data(), m, y.data_mut(), Some(&b), None)?;
+        w.matmul_t_fused(x.data(), m, y.data_mut(), Some(&b), None, PostOp::Identity)?;
         Ok(y)
     } else {
         let mut y = Tensor::try_zeros(&[m, o])?;
@@ -377,21 +398,23 @@ pub fn linear(x: &Tensor, w: &dyn WeightMatrix, bias: Option<&[f32]>) -> Result<
     }
 }
 
-/// `y[m, out] = bias + x[m, in] · Wᵀ + h[m, r] · Bᵀ`: a linear layer with a low-rank (LoRA)
-/// adapter, `h = x · Aᵀ` already computed and `b` the adapter's `B` `[out, r]`. In one pass
-/// over `y` ([`WeightMatrix::matmul_t_fused`]) where the base product and `h · Bᵀ` run through
-/// the GEMM, else part by part; either way the bits of writing the bias rows, then
-/// [`WeightMatrix::matmul_t`] accumulated, then `b`'s `matmul_t` of `h` accumulated. Without
-/// a bias `y` is only written. Inference and the training forward both compute a LoRA layer
-/// with it, so they give the same bits.
+/// `y[m, out] = post(bias + x[m, in] · Wᵀ + h[m, r] · Bᵀ)`: a linear layer with a low-rank
+/// (LoRA) adapter given as `(h, b)`: `h = x · Aᵀ` already computed and `b` the adapter's `B`
+/// `[out, r]`; `post` an elementwise step after it. In one pass over `y`
+/// ([`WeightMatrix::matmul_t_fused`]) where the base product and `h · Bᵀ` run through the
+/// GEMM, else part by part; either way the bits of writing the bias rows, then
+/// [`WeightMatrix::matmul_t`] accumulated, then `b`'s `matmul_t` of `h` accumulated, then
+/// `post`. Without a bias `y` is only written. Inference and the training forward both
+/// compute a LoRA layer with it, so they give the same bits.
 ///
 /// ```
+/// use nibble_tensor::ops::PostOp;
 /// use nibble_tensor::{linear_low_rank_into, Tensor};
 /// let w = Tensor::from_vec(&[2, 2], vec![1., 0., 0., 1.]).unwrap();
 /// let b = Tensor::from_vec(&[2, 1], vec![1., -1.]).unwrap(); // B [out, r = 1]
 /// let (x, h) = ([1.0f32, 2.0], [0.25f32]);
 /// let mut y = [f32::NAN; 2];
-/// linear_low_rank_into(&w, &x, 1, &mut y, Some(&[10.0, 20.0]), &h, &b).unwrap();
+/// linear_low_rank_into(&w, &x, 1, &mut y, Some(&[10.0, 20.0]), (&h, &b), PostOp::Identity).unwrap();
 /// assert_eq!(y, [11.25, 21.75]);
 /// ```
 pub fn linear_low_rank_into(
@@ -400,8 +423,8 @@ pub fn linear_low_rank_into(
     m: usize,
     y: &mut [f32],
     bias: Option<&[f32]>,
-    h: &[f32],
-    b: &dyn WeightMatrix,
+    (h, b): (&[f32], &dyn WeightMatrix),
+    post: PostOp,
 ) -> Result<()> {
     if b.out_features() != w.out_features() {
         return Err(TensorError::ShapeMismatch {
@@ -418,11 +441,13 @@ pub fn linear_low_rank_into(
                 a: MatRef::row_major(h, m, b.in_features())?,
                 b: &*b_t,
             };
-            w.matmul_t_fused(x, m, y, bias_rhs, Some(adapter))
+            w.matmul_t_fused(x, m, y, bias_rhs, Some(adapter), post)
         }
         None => {
-            w.matmul_t_fused(x, m, y, bias_rhs, None)?;
-            b.matmul_t(h, m, y, true)
+            w.matmul_t_fused(x, m, y, bias_rhs, None, PostOp::Identity)?;
+            b.matmul_t(h, m, y, true)?;
+            post.apply_in_place(y);
+            Ok(())
         }
     }
 }

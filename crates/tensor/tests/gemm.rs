@@ -663,8 +663,58 @@ fn gemm_segments_equal_the_sequence_of_gemms() {
     assert!(gemm_segments(&[Segment { a: a23, b: &b32 }], &mut c[..3], false).is_err());
 }
 
+/// `gemm_segments_post` with a ReLU (each task's tile of C after its last K block) gives the
+/// bits of `gemm_segments` followed by `relu_in_place`, on awkward shapes (several stages and
+/// column blocks among them, edge tiles, an empty K), overwriting NaN or accumulating, on 1, 2
+/// and 3 threads.
+#[test]
+fn relu_after_the_products_equals_a_pass_of_its_own() {
+    use nibble_tensor::gemm::gemm_segments_post;
+    use nibble_tensor::ops::{relu_in_place, PostOp};
+    let mut rng = Rng::new(77);
+    for (m, n, k) in [
+        (1, 1, 1),
+        (7, 17, 33),
+        (15, 31, 0),
+        (33, 63, 129),
+        (129, 17, 1023),
+        (63, 2100, 300),
+        (200, 129, 1100),
+    ] {
+        let a: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
+        let b: Vec<f32> = (0..k * n).map(|_| rng.normal()).collect();
+        let c0: Vec<f32> = (0..m * n).map(|_| rng.normal()).collect();
+        let am = MatRef::row_major(&a, m, k).unwrap();
+        let bm = MatRef::row_major(&b, k, n).unwrap();
+        let segs = [Segment { a: am, b: &bm }];
+        for accumulate in [false, true] {
+            let start = if accumulate {
+                c0.clone()
+            } else {
+                vec![f32::NAN; m * n]
+            };
+            let mut want = start.clone();
+            gemm_segments(&segs, &mut want, accumulate).unwrap();
+            relu_in_place(&mut want);
+            for threads in [1, 2, 3] {
+                let mut got = start.clone();
+                in_pool(threads, || {
+                    gemm_segments_post(&segs, &mut got, accumulate, PostOp::Relu)
+                })
+                .unwrap();
+                assert_eq!(
+                    bits(&got),
+                    bits(&want),
+                    "{m}x{n}x{k} accumulate {accumulate}, {threads} threads"
+                );
+            }
+        }
+    }
+}
+
 /// Dense f32 and f16 weights: `matmul_t_fused` gives the bits of a bias fill, `matmul_t`
-/// accumulating and the extra product accumulated, on both sides of the GEMV limit.
+/// accumulating, the extra product accumulated and the ReLU pass, on both sides of the GEMV
+/// limit.
 #[test]
 fn dense_fused_forward_equals_the_parts() {
     let (o, i, r) = (37, 65, 3);
@@ -678,20 +728,35 @@ fn dense_fused_forward_equals_the_parts() {
     let bias_op = MatRef::row_major(&bias, 1, o).unwrap();
     for wm in [&w as &dyn WeightMatrix, &wh] {
         for m in [1, 2, 16, 17, 100] {
+            use nibble_tensor::ops::PostOp;
             let x: Vec<f32> = (0..m * i).map(|_| rng.normal()).collect();
             let h: Vec<f32> = (0..m * r).map(|_| rng.normal()).collect();
-            let mut want = vec![f32::NAN; m * o];
-            nibble_tensor::ops::fill_rows(&mut want, &bias).unwrap();
-            wm.matmul_t(&x, m, &mut want, true).unwrap();
-            gemm(MatRef::row_major(&h, m, r).unwrap(), &b_t, &mut want, true).unwrap();
-            let mut got = vec![f32::NAN; m * o];
-            let extra = Segment {
-                a: MatRef::row_major(&h, m, r).unwrap(),
-                b: &b_t,
-            };
-            wm.matmul_t_fused(&x, m, &mut got, Some(&bias_op), Some(extra))
-                .unwrap();
-            assert_eq!(bits(&got), bits(&want), "{} m={m}", wm.format_name());
+            for (post, with_extra) in [
+                (PostOp::Identity, true),
+                (PostOp::Relu, true),
+                (PostOp::Relu, false),
+            ] {
+                let mut want = vec![f32::NAN; m * o];
+                nibble_tensor::ops::fill_rows(&mut want, &bias).unwrap();
+                wm.matmul_t(&x, m, &mut want, true).unwrap();
+                if with_extra {
+                    gemm(MatRef::row_major(&h, m, r).unwrap(), &b_t, &mut want, true).unwrap();
+                }
+                post.apply_in_place(&mut want);
+                let mut got = vec![f32::NAN; m * o];
+                let extra = with_extra.then(|| Segment {
+                    a: MatRef::row_major(&h, m, r).unwrap(),
+                    b: &b_t,
+                });
+                wm.matmul_t_fused(&x, m, &mut got, Some(&bias_op), extra, post)
+                    .unwrap();
+                let name = wm.format_name();
+                assert_eq!(
+                    bits(&got),
+                    bits(&want),
+                    "{name} m={m} {post:?} {with_extra}"
+                );
+            }
         }
     }
 }

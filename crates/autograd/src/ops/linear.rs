@@ -7,6 +7,7 @@ use crate::param::Param;
 use crate::tape::{Op, Pending, Tape, Var};
 use half::slice::HalfFloatSliceExt;
 use nibble_tensor::gemm::{MatRef, Segment};
+use nibble_tensor::ops::PostOp;
 use nibble_tensor::{
     f16, linear, linear_backward_input, linear_backward_weight, linear_low_rank_into, Tensor,
     TensorError, WeightMatrix,
@@ -426,8 +427,8 @@ impl Tape {
             m,
             y.data_mut(),
             bias,
-            h.data(),
-            &*b.value(),
+            (h.data(), &*b.value()),
+            PostOp::Identity,
         )?;
         let trains = a.requires_grad() || b.requires_grad();
         self.record("frozen_linear_lora", &[x], y, trains, || {

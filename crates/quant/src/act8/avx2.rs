@@ -304,8 +304,10 @@ pub(super) unsafe fn quantize_row(
     }
     for g in 0..full {
         let src = xv[g * GROUP..(g + 1) * GROUP].as_ptr();
-        // SAFETY (every load below): 8 floats at 8j of the group's 128.
-        let load = |j: usize| unsafe { _mm256_loadu_ps(src.add(8 * j)) };
+        let load = |j: usize| {
+            // SAFETY: 8 floats at 8j (j < 16) of the group's 128.
+            unsafe { _mm256_loadu_ps(src.add(8 * j)) }
+        };
         let amax = sx[g];
         sx[g] = amax / 127.0;
         let inv = _mm256_set1_ps(if amax > 0.0 { 127.0 / amax } else { 0.0 });

@@ -131,6 +131,7 @@ use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
 use rayon::prelude::*;
 
 use crate::cpu::KernelPath;
+use nibble_tensor::ops::PostOp;
 
 /// Elements of x per activation scale.
 pub const GROUP: usize = 128;
@@ -762,14 +763,17 @@ fn combine(
     }
 }
 
-/// `y`'s base pointer, shared by tasks that write disjoint columns of `y` (`[m, out]`), and
-/// the bias row added to every value written where there is one (null where not).
+/// `y`'s base pointer, shared by tasks that write disjoint columns of `y` (`[m, out]`), the
+/// bias row added to every value written where there is one (null where not), and the step
+/// applied after it.
 #[derive(Clone, Copy)]
 struct YPtr {
     y: *mut f32,
     bias: *const f32,
     /// Columns of y (the bias's length).
     cols: usize,
+    /// Applied to `bias + v` (only with a bias).
+    post: PostOp,
 }
 // SAFETY: each task writes only the columns of its own row tile (disjoint between tasks), and
 // the `&mut y` borrow outlives every task (joined before `forward` returns).
@@ -778,19 +782,21 @@ unsafe impl Send for YPtr {}
 unsafe impl Sync for YPtr {}
 
 impl YPtr {
-    /// `y` (`cols` columns per row) with `bias` (`cols` values) added to every value written,
-    /// where given.
-    fn new(y: &mut [f32], bias: Option<&[f32]>, cols: usize) -> YPtr {
-        debug_assert!(bias.is_none_or(|b| b.len() == cols));
+    /// `y` (`cols` columns per row) with `bias` (`cols` values) added to every value written
+    /// and then its step applied, where given.
+    fn new(y: &mut [f32], bias: Option<(&[f32], PostOp)>, cols: usize) -> YPtr {
+        debug_assert!(bias.is_none_or(|(b, _)| b.len() == cols));
         YPtr {
             y: y.as_mut_ptr(),
-            bias: bias.map_or(std::ptr::null(), |b| b.as_ptr()),
+            bias: bias.map_or(std::ptr::null(), |(b, _)| b.as_ptr()),
             cols,
+            post: bias.map_or(PostOp::Identity, |(_, p)| p),
         }
     }
 
     /// Writes (or with `accumulate` adds) `v` at element `idx` of `y`; with a bias, writes
-    /// `v + bias[idx % cols]` (the bits of the bias written first and `v` added to it).
+    /// `post(v + bias[idx % cols])` (the bits of the bias written first, `v` added to it, then
+    /// the step).
     ///
     /// # Safety
     /// `idx` lies inside `y`, in the columns that belong to the calling task alone.
@@ -804,14 +810,14 @@ impl YPtr {
             } else if self.bias.is_null() {
                 v
             } else {
-                *self.bias.add(idx % self.cols) + v
+                self.post.apply1(*self.bias.add(idx % self.cols) + v)
             };
         }
     }
 
     /// Writes (or with `accumulate` adds) `src` at elements `idx..idx + src.len()` of `y`, in
     /// vector stores (a block's row of outputs, inside one row of y); with a bias, `src` plus
-    /// the bias's values of those columns.
+    /// the bias's values of those columns, then the step.
     ///
     /// # Safety
     /// The elements lie inside one row of `y`, in the columns that belong to the calling task
@@ -830,8 +836,18 @@ impl YPtr {
             // SAFETY: the run lies in one row, so its columns are inside the bias.
             let b =
                 unsafe { std::slice::from_raw_parts(self.bias.add(idx % self.cols), src.len()) };
-            for ((d, &v), &b) in d.iter_mut().zip(src).zip(b) {
-                *d = b + v;
+            // The step's branch outside the loops, each of which vectorizes.
+            match self.post {
+                PostOp::Identity => {
+                    for ((d, &v), &b) in d.iter_mut().zip(src).zip(b) {
+                        *d = b + v;
+                    }
+                }
+                PostOp::Relu => {
+                    for ((d, &v), &b) in d.iter_mut().zip(src).zip(b) {
+                        *d = PostOp::Relu.apply1(b + v);
+                    }
+                }
             }
         }
     }
@@ -939,10 +955,11 @@ pub fn forward(
     forward_into(tier, w, x, m, y, accumulate, None)
 }
 
-/// `y = x · Wᵀ + bias` with int8 activations (a linear layer's forward; `bias` `[out]`): the
-/// bits of `y` filled with the bias rows followed by [`forward`] accumulating, without the pass
-/// that fills y and the read of it. Returns `false`, with `y` untouched, where [`forward`]
-/// would, and where `bias` does not have `out` values.
+/// `y = post(x · Wᵀ + bias)` with int8 activations (a linear layer's forward and the step
+/// after it; `bias` `[out]`): the bits of `y` filled with the bias rows, [`forward`]
+/// accumulating, then `post` on y, without the passes that fill y, read it back and apply
+/// `post`. Returns `false`, with `y` untouched, where [`forward`] would, and where `bias` does
+/// not have `out` values.
 pub fn forward_with_bias(
     tier: IntTier,
     w: &dyn IntCodes,
@@ -950,12 +967,13 @@ pub fn forward_with_bias(
     m: usize,
     y: &mut [f32],
     bias: &[f32],
+    post: PostOp,
 ) -> bool {
-    bias.len() == w.int_dims().0 && forward_into(tier, w, x, m, y, false, Some(bias))
+    bias.len() == w.int_dims().0 && forward_into(tier, w, x, m, y, false, Some((bias, post)))
 }
 
-/// [`forward`], with `bias` (`out` values, `accumulate` false) added to every output where
-/// given.
+/// [`forward`], with `bias` (`out` values, `accumulate` false) added to every output and the
+/// step after it applied where given.
 fn forward_into(
     tier: IntTier,
     w: &dyn IntCodes,
@@ -963,10 +981,10 @@ fn forward_into(
     m: usize,
     y: &mut [f32],
     accumulate: bool,
-    bias: Option<&[f32]>,
+    bias: Option<(&[f32], PostOp)>,
 ) -> bool {
     let (o, i) = w.int_dims();
-    debug_assert!(bias.is_none_or(|b| b.len() == o && !accumulate));
+    debug_assert!(bias.is_none_or(|(b, _)| b.len() == o && !accumulate));
     let Some(layout) = w.int_layout() else {
         return false;
     };

@@ -37,6 +37,7 @@
 
 use crate::cpu::{kernel_path, KernelPath};
 use crate::error::{Result, TensorError};
+use crate::ops::PostOp;
 use rayon::prelude::*;
 use source::{ASrc, BSrc};
 use std::cell::Cell;
@@ -595,12 +596,36 @@ pub fn gemm_with_packing(
 /// assert_eq!(y, [11.0, 22.0]);
 /// ```
 pub fn gemm_segments(segs: &[Segment<'_>], c: &mut [f32], accumulate: bool) -> Result<()> {
-    gemm_with(
+    gemm_segments_post(segs, c, accumulate, PostOp::Identity)
+}
+
+/// [`gemm_segments`] followed by `post` on every element of C, applied by each task to its
+/// tile of C after the tile's last K block (while the tile is in that thread's caches), not
+/// in a pass of its own: the bits of [`gemm_segments`] then `post`'s function.
+///
+/// ```
+/// use nibble_tensor::gemm::{gemm_segments_post, MatRef, Segment};
+/// use nibble_tensor::ops::PostOp;
+/// let (x, w_t) = ([1.0f32, -2.0], [1.0f32, 0.0, 0.0, 1.0]); // 1x2 times 2x2
+/// let (xa, wb) = (MatRef::row_major(&x, 1, 2).unwrap(), MatRef::row_major(&w_t, 2, 2).unwrap());
+/// let mut y = [f32::NAN; 2];
+/// gemm_segments_post(&[Segment { a: xa, b: &wb }], &mut y, false, PostOp::Relu).unwrap();
+/// assert_eq!(y, [1.0, 0.0]);
+/// ```
+pub fn gemm_segments_post(
+    segs: &[Segment<'_>],
+    c: &mut [f32],
+    accumulate: bool,
+    post: PostOp,
+) -> Result<()> {
+    gemm_staged(
         Micro::for_path(kernel_path()),
+        STAGE_FLOATS,
         segs,
         c,
         accumulate,
         Packing::Auto,
+        post,
     )
 }
 
@@ -850,7 +875,15 @@ fn gemm_with(
     accumulate: bool,
     packing: Packing,
 ) -> Result<()> {
-    gemm_staged(micro, STAGE_FLOATS, segs, c, accumulate, packing)
+    gemm_staged(
+        micro,
+        STAGE_FLOATS,
+        segs,
+        c,
+        accumulate,
+        packing,
+        PostOp::Identity,
+    )
 }
 
 /// [`gemm`] with stages of at most `stage_floats` floats of packed B (at least one `KC` block
@@ -872,10 +905,12 @@ pub fn gemm_with_stage(
         c,
         accumulate,
         Packing::Auto,
+        PostOp::Identity,
     )
 }
 
-/// [`gemm_with`] with stages of at most `stage_floats_max` floats of packed B.
+/// [`gemm_with`] with stages of at most `stage_floats_max` floats of packed B, and `post`
+/// applied by each task to its tile of C after the last stage.
 fn gemm_staged(
     micro: Micro,
     stage_floats_max: usize,
@@ -883,11 +918,13 @@ fn gemm_staged(
     c: &mut [f32],
     accumulate: bool,
     packing: Packing,
+    post: PostOp,
 ) -> Result<()> {
     let Some(first) = segs.first() else {
         if !accumulate {
             c.fill(0.0);
         }
+        post.apply_in_place(c);
         return Ok(());
     };
     let (m, n) = (first.a.rows(), first.b.n());
@@ -900,6 +937,7 @@ fn gemm_staged(
         if !accumulate {
             c.fill(0.0);
         }
+        post.apply_in_place(c);
         return Ok(());
     }
     let (mr, np) = (micro.mr(), micro.panels());
@@ -949,7 +987,14 @@ fn gemm_staged(
     let cptr = CPtr(c.as_mut_ptr());
     let pm = m.div_ceil(mr);
     let mut first_block = true;
-    for stage_blocks in &stages {
+    let last_stage = stages.len() - 1;
+    for (si, stage_blocks) in stages.iter().enumerate() {
+        // The step after the products, on each task's tile once its last block is in.
+        let tile_post = if si == last_stage {
+            post
+        } else {
+            PostOp::Identity
+        };
         for n0 in (0..n).step_by(NC) {
             let ncb = NC.min(n - n0);
             let npan = ncb.div_ceil(NR);
@@ -1043,6 +1088,19 @@ fn gemm_staged(
                                 (true, true) => sweep.run::<true, true>(),
                             }
                         }
+                    }
+                }
+                if tile_post != PostOp::Identity {
+                    // The task's rectangle of C: rows i0.., columns of groups g0..g1.
+                    let (c0, c1) = (n0 + g0 * np * NR, (n0 + g1 * np * NR).min(n0 + ncb));
+                    for r in i0..i0 + mc {
+                        // SAFETY: row r's columns c0..c1 lie inside the m x n matrix C and in
+                        // this task's rectangle, which no other task touches; every product
+                        // of the rectangle above has returned.
+                        let row = unsafe {
+                            std::slice::from_raw_parts_mut(cptr.get().add(r * n + c0), c1 - c0)
+                        };
+                        tile_post.apply(row);
                     }
                 }
                 abuf.put_back(&A_BUF);
