@@ -182,10 +182,11 @@ pub trait WeightMatrix: Send + Sync + std::fmt::Debug {
             }
             None => self.matmul_t(x, m, y, false)?,
         }
-        if let Some(seg) = extra {
-            gemm_segments(&[seg], y, true)?;
+        match extra {
+            // The step inside the extra product's pass over y.
+            Some(seg) => gemm_segments_post(&[seg], y, true, pending)?,
+            None => pending.apply_in_place(y),
         }
-        pending.apply_in_place(y);
         Ok(())
     }
 
