@@ -351,8 +351,8 @@ pub(super) unsafe fn quantize_row(
 
 /// The largest of the 8 lanes of `v` (none NaN), by three lane-wise maxima.
 #[inline(always)]
-fn hmax(v: __m256) -> f32 {
-    // SAFETY: inlined into AVX2 code only (`quantize_row`).
+pub(super) fn hmax(v: __m256) -> f32 {
+    // SAFETY: inlined into AVX2 code only (the `quantize_row`s).
     unsafe {
         let m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
         let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
@@ -742,83 +742,4 @@ pub(super) unsafe fn gemm_block_wide(
 ) {
     // SAFETY: the caller's contract.
     unsafe { super::gemm::block::<Wide>(pw, xp, rows, panels, y, o, accumulate) }
-}
-
-#[cfg(test)]
-mod tests {
-    /// The AVX2 quantization against the portable one: the same bytes, scales, unit sums and
-    /// finiteness, on awkward lengths, every unit and both byte layouts, with zero groups,
-    /// ±extremes, exact ties of the rounding, and NaN or infinities placed in whole and partial
-    /// groups.
-    #[test]
-    fn quantize_row_matches_the_portable_code() {
-        if !crate::cpu::has_avx2_fma_f16c() {
-            println!("act8 avx2: skipping quantize_row (this CPU lacks AVX2)");
-            return;
-        }
-        let mut rng = nibble_tensor::Rng::new(7);
-        for len in [
-            1usize, 7, 15, 17, 31, 33, 63, 127, 128, 129, 255, 256, 1023, 1024,
-        ] {
-            let base = nibble_tensor::Tensor::randn(&[len], &mut rng).into_vec();
-            let mut cases = vec![base.clone()];
-            // A zero group, one at ±extremes, exact ties (x · 127 / amax = k + 0.5).
-            let mut special = base.clone();
-            for (k, v) in special.iter_mut().enumerate() {
-                *v = match (k / 128) % 3 {
-                    0 => 0.0,
-                    1 => {
-                        if k % 2 == 0 {
-                            3.0
-                        } else {
-                            -3.0
-                        }
-                    }
-                    _ => (k % 9) as f32 * 0.5 - 2.0,
-                };
-            }
-            if len > 2 * 128 {
-                special[2 * 128] = 127.0;
-            }
-            cases.push(special);
-            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
-                for at in [0, len / 2, len - 1] {
-                    let mut c = base.clone();
-                    c[at] = bad;
-                    cases.push(c);
-                }
-            }
-            let kpad = len.next_multiple_of(super::super::GROUP);
-            for unit in [16usize, 64, 128] {
-                for flip in [0u8, 0x80] {
-                    for x in &cases {
-                        let run = |simd: bool| {
-                            let mut xq = vec![99i8; kpad];
-                            let mut sx = vec![f32::NAN; kpad / 128];
-                            let mut qs = vec![-99i32; kpad / unit];
-                            let ok = if simd {
-                                // SAFETY: AVX2 checked above; lengths as quantize_x_into's.
-                                unsafe {
-                                    super::quantize_row(x, &mut xq, &mut sx, &mut qs, unit, flip)
-                                }
-                            } else {
-                                super::super::quantize_row(x, &mut xq, &mut sx, &mut qs, unit, flip)
-                            };
-                            (
-                                ok,
-                                xq,
-                                sx.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                                qs,
-                            )
-                        };
-                        let (want, got) = (run(false), run(true));
-                        assert_eq!(got.0, want.0, "finiteness, len {len} unit {unit}");
-                        if want.0 {
-                            assert_eq!(got, want, "len {len} unit {unit} flip {flip}");
-                        }
-                    }
-                }
-            }
-        }
-    }
 }

@@ -158,3 +158,103 @@ pub(super) unsafe fn gemm_block(
     // SAFETY: the caller's contract.
     unsafe { super::gemm::block::<Vnni>(pw, xp, rows, panels, y, o, accumulate) }
 }
+
+/// The quantization of one vector of x with the bits of [`super::quantize_row`] in 512-bit
+/// code, the design of [`super::avx2::quantize_row`] at twice the width: per whole group of
+/// 128, `max |x|` and the finiteness check over 8 vectors of 16 (two running maxima), then in
+/// a second pass over the row the scaled and clamped values rounded by `vcvtps2dq`, packed to
+/// bytes (two in-lane packs and one `vpermd` back to element order), and the unit sums from
+/// `vpdpbusd` of ones by the bytes (sums of 4 per i32 lane). A partial last group and the
+/// padding take the portable code.
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW + VNNI and AVX2; the lengths [`super::quantize_row`] expects.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2")]
+pub(super) unsafe fn quantize_row(
+    xv: &[f32],
+    xq: &mut [i8],
+    sx: &mut [f32],
+    qs: &mut [i32],
+    unit: usize,
+    flip: u8,
+) -> bool {
+    const GROUP: usize = super::GROUP;
+    let full = xv.len() / GROUP;
+    let per_group = GROUP / unit;
+    assert!(
+        matches!(unit, 16 | 64 | 128)
+            && xq.len() >= xv.len().next_multiple_of(GROUP)
+            && sx.len() >= xv.len().div_ceil(GROUP)
+            && qs.len() >= xq.len() / unit
+    );
+    let inf = _mm512_set1_ps(f32::INFINITY);
+    let (lo, hi) = (_mm512_set1_ps(-127.0), _mm512_set1_ps(127.0));
+    let ones = _mm512_set1_epi8(1);
+    let flip_bytes = _mm512_set1_epi8(flip as i8);
+    // After the two packs, dword 4l + p holds values 4l..4l + 4 of source p (of a, b, c, d);
+    // element order wants at dword j values 4(j % 4).. of source j / 4.
+    let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    let mut bad: __mmask16 = 0;
+    for g in 0..full {
+        let src = xv[g * GROUP..(g + 1) * GROUP].as_ptr();
+        // Two independent maxima (exact in any order; `max(a, most)` keeps `most` where `a`
+        // is NaN, as the portable `a > most ? a : most`).
+        let mut most = [_mm512_setzero_ps(); 2];
+        for j in 0..GROUP / 16 {
+            // SAFETY: 16 floats at 16j of the group's 128.
+            let a = _mm512_abs_ps(unsafe { _mm512_loadu_ps(src.add(16 * j)) });
+            most[j % 2] = _mm512_max_ps(a, most[j % 2]);
+            // NaN (unordered) or infinite.
+            bad |= _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(a, inf);
+        }
+        let m = _mm512_max_ps(most[0], most[1]);
+        sx[g] = super::avx2::hmax(_mm256_max_ps(
+            _mm512_castps512_ps256(m),
+            _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(m))),
+        ));
+    }
+    for g in 0..full {
+        let src = xv[g * GROUP..(g + 1) * GROUP].as_ptr();
+        let load = |j: usize| {
+            // SAFETY: 16 floats at 16j (j < 8) of the group's 128.
+            unsafe { _mm512_loadu_ps(src.add(16 * j)) }
+        };
+        let amax = sx[g];
+        sx[g] = amax / 127.0;
+        let inv = _mm512_set1_ps(if amax > 0.0 { 127.0 / amax } else { 0.0 });
+        // (The closure inherits this function's target features.)
+        let q = |v: __m512| {
+            _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(v, inv), lo), hi))
+        };
+        let mut sums = [_mm256_setzero_si256(); 4];
+        for k in 0..2 {
+            let (a, b) = (q(load(4 * k)), q(load(4 * k + 1)));
+            let (c, d) = (q(load(4 * k + 2)), q(load(4 * k + 3)));
+            let packed = _mm512_packs_epi16(_mm512_packs_epi32(a, b), _mm512_packs_epi32(c, d));
+            let bytes = _mm512_permutexvar_epi32(order, packed);
+            // Sums of 4 consecutive values per i32 lane (|sum| <= 508).
+            let s4 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, bytes);
+            sums[2 * k] = _mm512_castsi512_si256(s4);
+            sums[2 * k + 1] = _mm512_extracti64x4_epi64::<1>(s4);
+            let out = _mm512_xor_si512(bytes, flip_bytes);
+            // SAFETY: 64 bytes at g·128 + 64k, inside xq (asserted lengths).
+            unsafe { _mm512_storeu_si512(xq[g * GROUP + 64 * k..].as_mut_ptr() as *mut _, out) };
+        }
+        // SAFETY: the group's `per_group` unit sums lie inside qs (asserted lengths).
+        unsafe { super::avx2::store_units(unit, sums, qs[g * per_group..].as_mut_ptr()) };
+    }
+    let finite = bad == 0;
+    let tail = full * GROUP;
+    if tail == xq.len() {
+        return finite;
+    }
+    let rest = super::quantize_row(
+        &xv[tail..],
+        &mut xq[tail..],
+        &mut sx[full..],
+        &mut qs[full * per_group..],
+        unit,
+        flip,
+    );
+    finite && rest
+}

@@ -124,6 +124,8 @@ pub mod avx512vnni;
 pub mod avxvnni;
 pub mod backward;
 pub mod gemm;
+#[cfg(test)]
+mod quantize_tests;
 pub mod scalar;
 
 use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
@@ -623,15 +625,24 @@ pub(crate) fn quantize_x_into(
         q.qsum.fill(0);
         return true;
     }
+    // The 512-bit code on the AVX-512 path (where the CPU has VNNI too), else AVX2 wherever
+    // the CPU has it: every form gives the portable code's bits.
+    let wide = crate::cpu::kernel_path() == KernelPath::Avx512 && has_avx512vnni();
     let simd = crate::cpu::has_avx2_fma_f16c();
     let flip = layout.flip;
     let one = |(((xv, xq), sx), qs): QuantizeRow<'_>| {
         #[cfg(target_arch = "x86_64")]
-        if simd {
-            // SAFETY: the CPU has AVX2 (checked above).
-            return unsafe { avx2::quantize_row(xv, xq, sx, qs, unit, flip) };
+        {
+            if wide {
+                // SAFETY: the CPU has AVX-512 F/BW + VNNI (has_avx512vnni) and AVX2.
+                return unsafe { avx512vnni::quantize_row(xv, xq, sx, qs, unit, flip) };
+            }
+            if simd {
+                // SAFETY: the CPU has AVX2 (checked above).
+                return unsafe { avx2::quantize_row(xv, xq, sx, qs, unit, flip) };
+            }
         }
-        let _ = simd;
+        let _ = (wide, simd);
         quantize_row(xv, xq, sx, qs, unit, flip)
     };
     let rows = x
