@@ -242,22 +242,21 @@ pub(super) unsafe fn combine(
     super::combine_body(isum, sx_u, xo_u, scale, offset)
 }
 
-/// The quantization of one vector of x with the bits of [`super::quantize_row`], in AVX2
-/// intrinsics: per whole group of 128, `max |x|` and the finiteness check over 16 vectors of 8
-/// (four running maxima, reduced in registers), then in a second pass over the row (from L1) the
-/// scaled and clamped values rounded by `vcvtps2dq` (round half to even, as the portable
-/// rounding sum for `|v| <= 127`), packed to bytes, and the unit sums from sums of 4 bytes
-/// (`vpmaddubsw` by ones, `vpmaddwd` by ones) as the VNNI kernels store theirs
-/// ([`store_units`]). A partial last group and the padding take the portable code.
-/// Measured on one Zen 3 thread (1024 vectors of 1024, `act8_bench` phases): 0.94 ms for
+/// The quantization of whole groups of x with the bits of [`super::quantize_row`], in AVX2
+/// intrinsics (the row's driver is [`super::quantize_row_simd`]): per group of 128, `max |x|`
+/// and the finiteness check over 16 vectors of 8 (four running maxima, reduced in registers),
+/// then in a second pass over the row (from L1) the scaled and clamped values rounded by
+/// `vcvtps2dq` (round half to even, as the portable rounding sum for `|v| <= 127`), packed to
+/// bytes, and the unit sums from sums of 4 bytes (`vpmaddubsw` by ones, `vpmaddwd` by ones) as
+/// the VNNI kernels store theirs ([`store_units`]). Measured on one Zen 3 thread (1024 vectors of 1024, `act8_bench` phases): 0.94 ms for
 /// units of 16 and 0.70 ms for 128 with the portable body compiled for AVX2; this code's
 /// first form (the group held in 16 registers, which spilled, and unit sums added on the
 /// stack) 0.43 ms for units of 16 (`quantize_x` alone, minimum of 200), this one 0.29 ms.
 ///
 /// # Safety
-/// The CPU has AVX2; the lengths [`super::quantize_row`] expects.
+/// The CPU has AVX2; the lengths of [`super::QuantizeGroups`].
 #[target_feature(enable = "avx2")]
-pub(super) unsafe fn quantize_row(
+pub(super) unsafe fn quantize_groups(
     xv: &[f32],
     xq: &mut [i8],
     sx: &mut [f32],
@@ -266,15 +265,7 @@ pub(super) unsafe fn quantize_row(
     flip: u8,
 ) -> bool {
     const GROUP: usize = super::GROUP;
-    let full = xv.len() / GROUP;
-    let per_group = GROUP / unit;
-    assert!(
-        GROUP % unit == 0
-            && matches!(unit, 16 | 64 | 128)
-            && xq.len() >= xv.len().next_multiple_of(GROUP)
-            && sx.len() >= xv.len().div_ceil(GROUP)
-            && qs.len() >= xq.len() / unit
-    );
+    let (full, per_group) = super::check_groups(xv, xq, sx, qs, unit);
     let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
     let inf = _mm256_set1_ps(f32::INFINITY);
     let (lo, hi) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
@@ -333,20 +324,7 @@ pub(super) unsafe fn quantize_row(
         // SAFETY: the group's `per_group` unit sums lie inside qs (asserted lengths).
         unsafe { store_units(unit, sums, qs[g * per_group..].as_mut_ptr()) };
     }
-    let finite = _mm256_movemask_ps(bad) == 0;
-    let tail = full * GROUP;
-    if tail == xq.len() {
-        return finite;
-    }
-    let rest = super::quantize_row(
-        &xv[tail..],
-        &mut xq[tail..],
-        &mut sx[full..],
-        &mut qs[full * per_group..],
-        unit,
-        flip,
-    );
-    finite && rest
+    _mm256_movemask_ps(bad) == 0
 }
 
 /// The largest of the 8 lanes of `v` (none NaN), by three lane-wise maxima.

@@ -159,18 +159,17 @@ pub(super) unsafe fn gemm_block(
     unsafe { super::gemm::block::<Vnni>(pw, xp, rows, panels, y, o, accumulate) }
 }
 
-/// The quantization of one vector of x with the bits of [`super::quantize_row`] in 512-bit
-/// code, the design of [`super::avx2::quantize_row`] at twice the width: per whole group of
-/// 128, `max |x|` and the finiteness check over 8 vectors of 16 (two running maxima), then in
+/// The quantization of whole groups of x with the bits of [`super::quantize_row`] in 512-bit
+/// code (the row's driver is [`super::quantize_row_simd`]), the design of
+/// [`super::avx2::quantize_groups`] at twice the width: per group of 128, `max |x|` and the finiteness check over 8 vectors of 16 (two running maxima), then in
 /// a second pass over the row the scaled and clamped values rounded by `vcvtps2dq`, packed to
 /// bytes (two in-lane packs and one `vpermd` back to element order), and the unit sums from
-/// `vpdpbusd` of ones by the bytes (sums of 4 per i32 lane). A partial last group and the
-/// padding take the portable code.
+/// `vpdpbusd` of ones by the bytes (sums of 4 per i32 lane).
 ///
 /// # Safety
-/// The CPU has AVX-512 F/BW + VNNI and AVX2; the lengths [`super::quantize_row`] expects.
+/// The CPU has AVX-512 F/BW + VNNI and AVX2; the lengths of [`super::QuantizeGroups`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2")]
-pub(super) unsafe fn quantize_row(
+pub(super) unsafe fn quantize_groups(
     xv: &[f32],
     xq: &mut [i8],
     sx: &mut [f32],
@@ -179,14 +178,7 @@ pub(super) unsafe fn quantize_row(
     flip: u8,
 ) -> bool {
     const GROUP: usize = super::GROUP;
-    let full = xv.len() / GROUP;
-    let per_group = GROUP / unit;
-    assert!(
-        matches!(unit, 16 | 64 | 128)
-            && xq.len() >= xv.len().next_multiple_of(GROUP)
-            && sx.len() >= xv.len().div_ceil(GROUP)
-            && qs.len() >= xq.len() / unit
-    );
+    let (full, per_group) = super::check_groups(xv, xq, sx, qs, unit);
     let inf = _mm512_set1_ps(f32::INFINITY);
     let (lo, hi) = (_mm512_set1_ps(-127.0), _mm512_set1_ps(127.0));
     let ones = _mm512_set1_epi8(1);
@@ -243,18 +235,5 @@ pub(super) unsafe fn quantize_row(
         // SAFETY: the group's `per_group` unit sums lie inside qs (asserted lengths).
         unsafe { super::avx2::store_units(unit, sums, qs[g * per_group..].as_mut_ptr()) };
     }
-    let finite = bad == 0;
-    let tail = full * GROUP;
-    if tail == xq.len() {
-        return finite;
-    }
-    let rest = super::quantize_row(
-        &xv[tail..],
-        &mut xq[tail..],
-        &mut sx[full..],
-        &mut qs[full * per_group..],
-        unit,
-        flip,
-    );
-    finite && rest
+    bad == 0
 }

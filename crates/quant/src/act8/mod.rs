@@ -627,23 +627,25 @@ pub(crate) fn quantize_x_into(
     }
     // The 512-bit code on the AVX-512 path (where the CPU has VNNI too), else AVX2 wherever
     // the CPU has it: every form gives the portable code's bits.
-    let wide = crate::cpu::kernel_path() == KernelPath::Avx512 && has_avx512vnni();
-    let simd = crate::cpu::has_avx2_fma_f16c();
-    let flip = layout.flip;
-    let one = |(((xv, xq), sx), qs): QuantizeRow<'_>| {
+    let simd: Option<QuantizeGroups> = {
         #[cfg(target_arch = "x86_64")]
         {
-            if wide {
-                // SAFETY: the CPU has AVX-512 F/BW + VNNI (has_avx512vnni) and AVX2.
-                return unsafe { avx512vnni::quantize_row(xv, xq, sx, qs, unit, flip) };
-            }
-            if simd {
-                // SAFETY: the CPU has AVX2 (checked above).
-                return unsafe { avx2::quantize_row(xv, xq, sx, qs, unit, flip) };
+            if crate::cpu::kernel_path() == KernelPath::Avx512 && has_avx512vnni() {
+                Some(avx512vnni::quantize_groups)
+            } else if crate::cpu::has_avx2_fma_f16c() {
+                Some(avx2::quantize_groups)
+            } else {
+                None
             }
         }
-        let _ = (wide, simd);
-        quantize_row(xv, xq, sx, qs, unit, flip)
+        #[cfg(not(target_arch = "x86_64"))]
+        None
+    };
+    let flip = layout.flip;
+    let one = |(((xv, xq), sx), qs): QuantizeRow<'_>| match simd {
+        // SAFETY: `simd` was chosen above for a CPU that has its features.
+        Some(g) => unsafe { quantize_row_simd(g, xv, xq, sx, qs, unit, flip) },
+        None => quantize_row(xv, xq, sx, qs, unit, flip),
     };
     let rows = x
         .chunks(inn)
@@ -666,6 +668,75 @@ pub(crate) fn quantize_x_into(
 
 /// One vector of x, its int8 values, its group scales and its unit sums.
 type QuantizeRow<'a> = (((&'a [f32], &'a mut [i8]), &'a mut [f32]), &'a mut [i32]);
+
+/// A SIMD tier's quantization of whole groups (`avx2::quantize_groups`,
+/// `avx512vnni::quantize_groups`): [`quantize_row`]'s arguments and bits for an `xv` of whole
+/// groups of [`GROUP`] (`xq` as long, `sx` one scale per group, `qs` one sum per unit; `unit`
+/// 16, 64 or 128), returning whether every element was finite. Safety: the tier's CPU
+/// features.
+pub(crate) type QuantizeGroups =
+    unsafe fn(&[f32], &mut [i8], &mut [f32], &mut [i32], usize, u8) -> bool;
+
+/// The lengths a [`QuantizeGroups`] needs, checked (a panic names the mismatch); returns the
+/// number of groups and of units per group.
+#[inline(always)]
+fn check_groups(xv: &[f32], xq: &[i8], sx: &[f32], qs: &[i32], unit: usize) -> (usize, usize) {
+    let full = xv.len() / GROUP;
+    assert!(
+        matches!(unit, 16 | 64 | 128)
+            && xv.len() == full * GROUP
+            && xq.len() == xv.len()
+            && sx.len() == full
+            && qs.len() == xv.len() / unit,
+        "quantize_groups: {} values, {} bytes, {} scales, {} sums, unit {unit}",
+        xv.len(),
+        xq.len(),
+        sx.len(),
+        qs.len()
+    );
+    (full, GROUP / unit)
+}
+
+/// [`quantize_row`]'s bits with the whole groups by the SIMD tier `groups` and a partial last
+/// group and the padding by the portable code.
+///
+/// # Safety
+/// The CPU has `groups`'s features; the lengths [`quantize_row`] expects.
+unsafe fn quantize_row_simd(
+    groups: QuantizeGroups,
+    xv: &[f32],
+    xq: &mut [i8],
+    sx: &mut [f32],
+    qs: &mut [i32],
+    unit: usize,
+    flip: u8,
+) -> bool {
+    let full = xv.len() / GROUP;
+    let (tail, units) = (full * GROUP, full * (GROUP / unit.max(1)));
+    // SAFETY: the caller's contract; the slices are `full` whole groups.
+    let finite = unsafe {
+        groups(
+            &xv[..tail],
+            &mut xq[..tail],
+            &mut sx[..full],
+            &mut qs[..units],
+            unit,
+            flip,
+        )
+    };
+    if tail == xq.len() {
+        return finite;
+    }
+    let rest = quantize_row(
+        &xv[tail..],
+        &mut xq[tail..],
+        &mut sx[full..],
+        &mut qs[units..],
+        unit,
+        flip,
+    );
+    finite && rest
+}
 
 /// Quantizes one vector `xv` (see the [module docs](self)) into `xq` (`kpad` long, its tail
 /// past `xv` zero), its group scales `sx` and its unit sums `qs`, each byte of `xq` XORed with

@@ -1,8 +1,7 @@
-//! The SIMD quantizations of x (`avx2::quantize_row`, `avx512vnni::quantize_row`) against the
-//! portable one.
+//! The SIMD quantizations of x (`avx2::quantize_groups`, `avx512vnni::quantize_groups`, each
+//! through `quantize_row_simd`) against the portable one.
 
-/// A quantization of one row: `quantize_row`'s signature.
-type QuantizeRowFn = unsafe fn(&[f32], &mut [i8], &mut [f32], &mut [i32], usize, u8) -> bool;
+use super::QuantizeGroups;
 
 /// The AVX2 and AVX-512 quantizations against the portable one: the same bytes, scales, unit
 /// sums and finiteness, on awkward lengths, every unit and both byte layouts, with zero groups,
@@ -12,16 +11,16 @@ type QuantizeRowFn = unsafe fn(&[f32], &mut [i8], &mut [f32], &mut [i32], usize,
 fn simd_quantize_row_matches_the_portable_code() {
     #[cfg(target_arch = "x86_64")]
     {
-        let tiers: [(&str, bool, QuantizeRowFn); 2] = [
+        let tiers: [(&str, bool, QuantizeGroups); 2] = [
             (
                 "avx2",
                 crate::cpu::has_avx2_fma_f16c(),
-                super::avx2::quantize_row,
+                super::avx2::quantize_groups,
             ),
             (
                 "avx512",
                 super::has_avx512vnni(),
-                super::avx512vnni::quantize_row,
+                super::avx512vnni::quantize_groups,
             ),
         ];
         for (name, present, f) in tiers {
@@ -37,9 +36,9 @@ fn simd_quantize_row_matches_the_portable_code() {
     println!("act8 quantize_row: skipping avx2 and avx512 (not x86-64)");
 }
 
-/// `simd_row` against the portable quantization (see the test above).
+/// Rows quantized with `groups` against the portable quantization (see the test above).
 #[cfg(target_arch = "x86_64")]
-fn matches_the_portable_code(simd_row: QuantizeRowFn) {
+fn matches_the_portable_code(groups: QuantizeGroups) {
     let mut rng = nibble_tensor::Rng::new(7);
     for len in [
         1usize, 7, 15, 17, 31, 33, 63, 127, 128, 129, 255, 256, 1023, 1024,
@@ -83,7 +82,11 @@ fn matches_the_portable_code(simd_row: QuantizeRowFn) {
                         let ok = if simd {
                             // SAFETY: the caller checked the tier's CPU features; lengths
                             // as quantize_x_into's.
-                            unsafe { simd_row(x, &mut xq, &mut sx, &mut qs, unit, flip) }
+                            unsafe {
+                                super::quantize_row_simd(
+                                    groups, x, &mut xq, &mut sx, &mut qs, unit, flip,
+                                )
+                            }
                         } else {
                             super::quantize_row(x, &mut xq, &mut sx, &mut qs, unit, flip)
                         };
