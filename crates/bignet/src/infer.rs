@@ -108,8 +108,10 @@ pub(crate) fn forward_in_place(
     let mut buffers = InferBuffers {
         a: zeros_vec(widest * dim),
         b: zeros_vec(widest * dim),
-        lora: vec![0.0; widest * rank],
-        bias: Vec::new(),
+        layer: LayerScratch {
+            lora: vec![0.0; widest * rank],
+            bias: Vec::new(),
+        },
     };
     for (start, end) in ranges {
         let rows = &mut out.data_mut()[start * dim..end * dim];
@@ -120,10 +122,16 @@ pub(crate) fn forward_in_place(
     Ok(out)
 }
 
-/// Reused across chunks and layers.
+/// Reused across chunks and layers: the two layer outputs taking turns, and a layer's own.
 struct InferBuffers {
     a: Vec<f32>,
     b: Vec<f32>,
+    layer: LayerScratch,
+}
+
+/// What [`linear_into`] holds besides its input and output.
+struct LayerScratch {
+    /// An adapter's `h = x · Aᵀ`.
     lora: Vec<f32>,
     /// An f16 bias widened to f32.
     bias: Vec<f32>,
@@ -140,33 +148,10 @@ fn run_block(
     let n = h.len();
     let (a, b) = (&mut buf.a[..n], &mut buf.b[..n]);
     // The ReLUs run inside the products (each task's tile of outputs once its sums are in).
-    linear_into(
-        &layers[0],
-        h,
-        m,
-        a,
-        &mut buf.lora,
-        &mut buf.bias,
-        PostOp::Relu,
-    )?;
-    linear_into(
-        &layers[1],
-        a,
-        m,
-        b,
-        &mut buf.lora,
-        &mut buf.bias,
-        PostOp::Relu,
-    )?;
-    linear_into(
-        &layers[2],
-        b,
-        m,
-        a,
-        &mut buf.lora,
-        &mut buf.bias,
-        PostOp::Identity,
-    )?;
+    let s = &mut buf.layer;
+    linear_into(&layers[0], h, m, a, s, PostOp::Relu)?;
+    linear_into(&layers[1], a, m, b, s, PostOp::Relu)?;
+    linear_into(&layers[2], b, m, a, s, PostOp::Identity)?;
     match norm {
         Some(norm) => {
             let (w, bias) = (norm.weight.value(), norm.bias.value());
@@ -188,10 +173,10 @@ fn linear_into(
     x: &[f32],
     m: usize,
     y: &mut [f32],
-    lora: &mut [f32],
-    wide_bias: &mut Vec<f32>,
+    scratch: &mut LayerScratch,
     post: PostOp,
 ) -> Result<()> {
+    let wide_bias = &mut scratch.bias;
     // The guards and the handle that the weight and bias borrow from.
     let (trained, frozen);
     let (weight, bias): (&dyn WeightMatrix, &[f32]) = match &layer.base {
@@ -232,7 +217,7 @@ fn linear_into(
     // bits as the parts in order, and as the training forward's `linear_low_rank_into`).
     let (a, b) = (adapter.a.value(), adapter.b.value());
     let r = adapter.rank();
-    let h = &mut lora[..m * r];
+    let h = &mut scratch.lora[..m * r];
     a.matmul_t(x, m, h, false)?;
     linear_low_rank_into(weight, x, m, y, Some(bias), (h, &*b), post)?;
     Ok(())

@@ -164,17 +164,22 @@ pub trait WeightMatrix: Send + Sync + std::fmt::Debug {
             segs.extend(extra);
             return gemm_segments_post(&segs, y, false, post);
         }
-        // `post` goes with the last part: the biased product where nothing follows it.
-        let (biased_post, rest_post) = match extra {
-            None => (post, PostOp::Identity),
-            Some(_) => (PostOp::Identity, post),
-        };
+        // `post` goes with the last part: the biased product where no extra follows it, else
+        // the extra's pass over y (or a pass of its own).
+        let last_is_biased = extra.is_none();
         let mut pending = post;
         match bias {
             Some(b) => {
                 let values = bias_values(b, o)?;
+                let biased_post = if last_is_biased {
+                    post
+                } else {
+                    PostOp::Identity
+                };
                 if self.matmul_t_biased(x, m, y, &values, biased_post)? {
-                    pending = rest_post;
+                    if last_is_biased {
+                        pending = PostOp::Identity;
+                    }
                 } else {
                     fill_rows(y, &values)?;
                     self.matmul_t(x, m, y, true)?;
