@@ -741,7 +741,8 @@ unsafe fn quantize_row_simd(
 /// Quantizes one vector `xv` (see the [module docs](self)) into `xq` (`kpad` long, its tail
 /// past `xv` zero), its group scales `sx` and its unit sums `qs`, each byte of `xq` XORed with
 /// `flip` (see [`XLayout`]); `false` if an element is not finite. Written in independent lanes
-/// of 8 so that it vectorizes where compiled for a vector unit ([`avx2::quantize_row`]); the
+/// of 8 so that it vectorizes where compiled for a vector unit (the SIMD tiers' own code,
+/// [`QuantizeGroups`], does whole groups and leaves the rest to this); the
 /// maximum is exact in any order, so every build gives the same bits.
 #[inline(always)]
 fn quantize_row(
@@ -918,18 +919,16 @@ impl YPtr {
             // SAFETY: the run lies in one row, so its columns are inside the bias.
             let b =
                 unsafe { std::slice::from_raw_parts(self.bias.add(idx % self.cols), src.len()) };
-            // The step's branch outside the loops, each of which vectorizes.
+            // One loop per step (the branch outside it), each of which vectorizes.
+            #[inline(always)]
+            fn biased(d: &mut [f32], src: &[f32], b: &[f32], post: impl Fn(f32) -> f32) {
+                for ((d, &v), &b) in d.iter_mut().zip(src).zip(b) {
+                    *d = post(b + v);
+                }
+            }
             match self.post {
-                PostOp::Identity => {
-                    for ((d, &v), &b) in d.iter_mut().zip(src).zip(b) {
-                        *d = b + v;
-                    }
-                }
-                PostOp::Relu => {
-                    for ((d, &v), &b) in d.iter_mut().zip(src).zip(b) {
-                        *d = PostOp::Relu.apply1(b + v);
-                    }
-                }
+                PostOp::Identity => biased(d, src, b, |v| v),
+                PostOp::Relu => biased(d, src, b, |v| PostOp::Relu.apply1(v)),
             }
         }
     }
