@@ -58,7 +58,8 @@ impl<T: bytemuck::Pod> WeightBuf<T> {
         let align = if bytes >= HUGE_PAGE_BYTES && huge_pages_enabled() {
             HUGE_PAGE_BYTES
         } else {
-            std::mem::align_of::<T>()
+            // A cache line at least: SIMD loads of packed weights then never straddle two.
+            std::mem::align_of::<T>().max(64)
         };
         Layout::from_size_align(bytes, align).ok()
     }

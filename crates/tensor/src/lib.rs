@@ -15,6 +15,7 @@ pub mod hot_team;
 pub mod layernorm;
 pub mod lowrank;
 pub mod ops;
+pub mod packed;
 pub mod parallel;
 pub mod rng;
 pub mod simd;
@@ -26,6 +27,7 @@ pub use error::{Result, TensorError};
 pub use half::f16;
 pub use half_tensor::HalfTensor;
 pub use layernorm::{layer_norm, layer_norm_backward, LayerNormStats};
+pub use packed::PackedWeight;
 pub use rng::Rng;
 pub use tensor::{Tensor, TensorView};
 pub use weight::{

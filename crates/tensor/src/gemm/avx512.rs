@@ -279,6 +279,16 @@ impl Lanes for __m512 {
         // SAFETY: register-only.
         unsafe { _mm512_add_ps(a, b) }
     }
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> Self {
+        // SAFETY: register-only.
+        unsafe { _mm512_set1_ps(v) }
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        // SAFETY: the caller guarantees 16 writable floats.
+        unsafe { _mm512_storeu_ps(p, self) }
+    }
     /// The two 256-bit halves added, then [`Lanes::hsum`] of `__m256`.
     #[inline(always)]
     unsafe fn hsum(self) -> f32 {
@@ -309,4 +319,20 @@ unsafe fn fold_halves(v: __m512) -> __m256 {
         let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
         _mm256_add_ps(_mm512_castps512_ps256(v), hi)
     }
+}
+
+/// The AVX-512 [`super::panel_gemv::panels`]: 16 lanes, one register per packed panel row.
+///
+/// # Safety
+/// The CPU must have the AVX-512 tier; operands as `panels` checks them.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub(super) unsafe fn panel_gemv(
+    w: super::panel_gemv::Panels<'_>,
+    x: &[f32],
+    range: (usize, usize),
+    out: &mut [f32],
+    accumulate: bool,
+) {
+    // SAFETY: forwarded contract; features enabled on this function.
+    unsafe { super::panel_gemv::simd::<__m512>(w, x, range, out, accumulate) }
 }

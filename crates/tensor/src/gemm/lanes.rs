@@ -25,6 +25,10 @@ pub(crate) trait Lanes: Copy {
     unsafe fn fmadd(a: Self, b: Self, c: Self) -> Self;
     /// `a + b`.
     unsafe fn add(a: Self, b: Self) -> Self;
+    /// `v` in every lane.
+    unsafe fn splat(v: f32) -> Self;
+    /// The `N` lanes to `p` (unaligned).
+    unsafe fn store(self, p: *mut f32);
     /// The sum of the lanes, in a fixed order.
     unsafe fn hsum(self) -> f32;
     /// The lane sums of four registers (`hsum` of each, possibly in another fixed order).
@@ -57,6 +61,16 @@ impl Lanes for __m256 {
     unsafe fn add(a: Self, b: Self) -> Self {
         // SAFETY: register-only.
         unsafe { _mm256_add_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> Self {
+        // SAFETY: register-only.
+        unsafe { _mm256_set1_ps(v) }
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        // SAFETY: the caller guarantees 8 writable floats.
+        unsafe { _mm256_storeu_ps(p, self) }
     }
     #[inline(always)]
     unsafe fn hsum(self) -> f32 {

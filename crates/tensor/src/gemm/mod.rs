@@ -49,6 +49,7 @@ mod kernel;
 #[cfg(target_arch = "x86_64")]
 mod lanes;
 mod pack;
+pub(crate) mod panel_gemv;
 mod source;
 
 #[cfg(target_arch = "x86_64")]
@@ -181,6 +182,18 @@ pub trait PackB: Sync {
     /// read B's rows in place instead of packing them (see [`Packing`]). The default, for
     /// operands that must be converted (quantized, f16), is `None`.
     fn as_row_major(&self) -> Option<(&[f32], usize)> {
+        None
+    }
+
+    /// B's K block starting at `k0` already in the packed layout, if B is stored so (a weight
+    /// packed once, see [`PackedWeight`](crate::PackedWeight)): `ceil(n / NR)` panels of
+    /// `kc * NR` floats, panel after panel, `kc = min(KC, k - k0)`, exactly what
+    /// [`pack_panel`](PackB::pack_panel) would write for each panel. [`gemm`] then reads the
+    /// panels in place: no packing, no staging buffer, and since nothing is written, every core
+    /// keeps its copy of the lines it reads. `k0` is a multiple of [`KC`] below `k`. The
+    /// default, for operands packed per call, is `None`.
+    fn prepacked_block(&self, k0: usize) -> Option<&[f32]> {
+        let _ = k0;
         None
     }
 }
@@ -658,13 +671,15 @@ const PACKING: u8 = 1;
 const READY: u8 = 2;
 
 /// One `KC` block of K: segment `seg`, rows `k0..k0 + kc` of its B, packed at `offset`
-/// (floats) in its stage's buffer.
+/// (floats) in its stage's buffer, or read in place from `held` where B is stored packed
+/// ([`PackB::prepacked_block`]: all of the block's panels, of every column block).
 #[derive(Debug, Clone, Copy)]
-struct KBlock {
+struct KBlock<'b> {
     seg: usize,
     k0: usize,
     kc: usize,
     offset: usize,
+    held: Option<&'b [f32]>,
 }
 
 /// The packed B of one stage: a run of consecutive K blocks of the column block at `n0`, each
@@ -674,7 +689,7 @@ struct KBlock {
 /// of two per K block) and no thread waits for all of B before it starts.
 struct StageB<'s> {
     buf: BPtr,
-    blocks: &'s [KBlock],
+    blocks: &'s [KBlock<'s>],
     /// One state per (block of the stage, column group).
     states: &'s [std::sync::atomic::AtomicU8],
     n0: usize,
@@ -964,10 +979,14 @@ fn gemm_staged(
     let mut cur: Vec<KBlock> = Vec::new();
     let mut used = 0;
     let mut stage_floats = 0;
+    let npan_all = n.div_ceil(NR);
     for (seg, sg) in segs.iter().enumerate() {
         for k0 in (0..sg.a.cols()).step_by(KC) {
             let kc = KC.min(sg.a.cols() - k0);
-            let floats = kc * panel_cols;
+            let held =
+                sg.b.prepacked_block(k0)
+                    .filter(|blk| blk.len() >= npan_all * kc * NR);
+            let floats = if held.is_some() { 0 } else { kc * panel_cols };
             if !cur.is_empty() && used + floats > stage_floats_max {
                 stages.push(std::mem::take(&mut cur));
                 used = 0;
@@ -977,6 +996,7 @@ fn gemm_staged(
                 k0,
                 kc,
                 offset: used,
+                held,
             });
             used += floats;
             stage_floats = stage_floats.max(used);
@@ -1048,8 +1068,13 @@ fn gemm_staged(
                         let j = q * NR;
                         let cols = (panels * NR).min(ncb - j);
                         // B in place (a full group of a row-major f32 B) or the packed group.
-                        let (bptr, bstride, direct) = match direct_b[blk.seg] {
-                            Some((data, ld)) if cols == panels * NR => {
+                        let (bptr, bstride, direct) = match (blk.held, direct_b[blk.seg]) {
+                            (Some(held), _) => (
+                                held.as_ptr().wrapping_add((n0 / NR + q) * kc * NR),
+                                kc * NR,
+                                false,
+                            ),
+                            (None, Some((data, ld))) if cols == panels * NR => {
                                 (data.as_ptr().wrapping_add(blk.k0 * ld + n0 + j), ld, true)
                             }
                             _ => (stage.group(segs, bi, g).as_ptr(), kc * NR, false),
