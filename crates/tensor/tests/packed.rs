@@ -143,7 +143,8 @@ fn batch1_rows_give_the_batch1_bits_for_any_aligned_range() {
                 vec![f32::NAN; out]
             };
             p.matmul_t(x.data(), 1, &mut full, accumulate).unwrap();
-            let mut ranges: Vec<std::ops::Range<usize>> = Vec::from([0..out]);
+            let mut ranges = Vec::new();
+            ranges.push(0..out);
             if out % 4 == 0 {
                 ranges.push(out..out);
             }
