@@ -248,6 +248,14 @@ pub fn batch1_team_enabled() -> bool {
     *ON.get_or_init(|| std::env::var("NIBBLE_BATCH1_TEAM").map_or(true, |v| v.trim() != "0"))
 }
 
+/// Whether `bignet bench` and `bignet forward` pack f32 weights for inference
+/// ([`crate::BigNet::pack_for_inference`]): yes unless `NIBBLE_PACK_WEIGHTS=0` (read once; for
+/// comparing packed and unpacked weights in one session).
+pub fn pack_weights_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("NIBBLE_PACK_WEIGHTS").map_or(true, |v| v.trim() != "0"))
+}
+
 /// One linear layer as the members of a team read it.
 struct LayerView<'a> {
     weight: &'a dyn WeightMatrix,

@@ -341,6 +341,21 @@ impl BigNet {
             .flat_map(|b| Arc::make_mut(b).iter_mut())
     }
 
+    /// Packs every trainable f32 linear layer for inference ([`Linear::pack_for_inference`]):
+    /// its weight becomes a [`nibble_tensor::PackedWeight`], which the GEMM reads in place
+    /// instead of packing (transposing) it on every call, in the same memory. The layers stop
+    /// training (the LayerNorms and any adapters still do); frozen layers are left as they
+    /// are, so this does nothing to the quantized and half variants. Outputs keep the bits of
+    /// the unpacked model for batches above 16 rows and differ by f32 rounding below (the
+    /// small-batch kernel sums in the GEMM's order). `bignet bench` and `bignet forward` pack
+    /// their models (`NIBBLE_PACK_WEIGHTS=0` keeps them unpacked).
+    pub fn pack_for_inference(&mut self) -> Result<()> {
+        for layer in self.linears_mut() {
+            layer.pack_for_inference()?;
+        }
+        Ok(())
+    }
+
     /// The LayerNorms, in model order.
     pub fn norms(&self) -> &[Norm] {
         &self.norms

@@ -20,13 +20,17 @@ use crate::checkpoint::{Checkpoint, DType};
 use crate::error::{Error, Result};
 use crate::format::WeightFormat;
 use nibble_quant::{Bytes, Int8Matrix, LowerMatrix, Nf4Matrix, Q4Matrix, QuantError};
-use nibble_tensor::{f16, HalfTensor, Tensor, WeightMatrix};
+use nibble_tensor::{f16, HalfTensor, PackedWeight, Tensor, WeightMatrix};
 use std::borrow::Cow;
 use std::sync::Arc;
 
 /// A frozen `out x in` weight in one of the storage formats.
 #[derive(Debug, Clone)]
 pub enum FrozenWeight {
+    /// f32 packed once into the GEMM's panels for inference (what
+    /// `nibble_nn::Linear::pack_for_inference` makes of a trainable f32 weight); written to a
+    /// file as the plain f32 tensor `K`, which loads back as a trainable weight.
+    F32(Arc<PackedWeight>),
     /// f16 (`half_precision`, `lora`).
     F16(Arc<HalfTensor>),
     /// The reference's 4-bit format (`low_precision`, `qlora`).
@@ -100,6 +104,7 @@ impl FrozenWeight {
     /// The weight as a matrix the kernels multiply by (a cheap handle).
     pub fn matrix(&self) -> Arc<dyn WeightMatrix> {
         match self {
+            FrozenWeight::F32(w) => w.clone(),
             FrozenWeight::F16(w) => w.clone(),
             FrozenWeight::Q4(w) => w.clone(),
             FrozenWeight::Nf4(w) => w.clone(),
@@ -111,6 +116,7 @@ impl FrozenWeight {
     /// The storage format.
     pub fn format(&self) -> WeightFormat {
         match self {
+            FrozenWeight::F32(_) => WeightFormat::F32,
             FrozenWeight::F16(_) => WeightFormat::F16,
             FrozenWeight::Q4(_) => WeightFormat::Q4,
             FrozenWeight::Nf4(w) if w.is_double_quantized() => WeightFormat::Nf4Dq,
@@ -138,6 +144,12 @@ impl FrozenWeight {
         let (o, i) = (m.out_features(), m.in_features());
         let n = o * i;
         match self {
+            FrozenWeight::F32(w) => vec![(
+                key.to_string(),
+                DType::F32,
+                vec![o, i],
+                Cow::Owned(bytemuck::cast_slice::<f32, u8>(w.to_f32().data()).to_vec()),
+            )],
             FrozenWeight::F16(w) => vec![(
                 key.to_string(),
                 DType::F16,

@@ -5,7 +5,7 @@ use crate::error::{Error, Result};
 use nibble_autograd::{Bias, Param, Pending, Tape, Var};
 use nibble_io::{FrozenWeight, WeightFormat};
 use nibble_tensor::gemm::{gemm, MatRef};
-use nibble_tensor::{f16, Rng, Tensor};
+use nibble_tensor::{f16, PackedWeight, Rng, Tensor, WeightMatrix};
 
 /// A frozen bias, in the precision the variant stores it.
 #[derive(Debug, Clone)]
@@ -197,6 +197,55 @@ impl Linear {
                 Ok(tape.linear_add_pending(y, &h, &lora.b)?)
             }
         }
+    }
+
+    /// Makes a trainable f32 base frozen and packed for inference: the weight becomes a
+    /// [`PackedWeight`] (the GEMM reads its panels in place instead of packing them per call;
+    /// the same memory as the f32 tensor), the bias a frozen f32 bias. The layer then stops
+    /// training its base (its adapter, if any, still trains); its outputs keep the bits of the
+    /// trainable layer for batches above 16 rows, and differ by rounding below (see
+    /// [`nibble_tensor::packed`]). Frozen bases are left as they are. An error if the
+    /// parameters do not form a layer (the weight not 2-D, the bias not `[out]`).
+    ///
+    /// ```
+    /// use nibble_autograd::Param;
+    /// use nibble_nn::linear::{Linear, LinearBase};
+    /// use nibble_tensor::Tensor;
+    /// let (weight, bias) = (Tensor::zeros(&[3, 4]), Tensor::zeros(&[3]));
+    /// let mut layer = Linear {
+    ///     name: "fc".into(),
+    ///     base: LinearBase::Trainable {
+    ///         weight: Param::new("fc.weight", weight, true),
+    ///         bias: Param::new("fc.bias", bias, true),
+    ///     },
+    ///     lora: None,
+    /// };
+    /// layer.pack_for_inference().unwrap();
+    /// assert!(matches!(layer.base, LinearBase::Frozen { .. }));
+    /// assert_eq!(layer.dims(), (3, 4));
+    /// assert!(layer.params().is_empty());
+    /// ```
+    pub fn pack_for_inference(&mut self) -> Result<()> {
+        let LinearBase::Trainable { weight, bias } = &self.base else {
+            return Ok(());
+        };
+        let packed = PackedWeight::pack(&weight.value())?;
+        let bias = bias.value().data().to_vec();
+        if bias.len() != packed.out_features() {
+            return Err(Error::Layer {
+                layer: self.name.clone(),
+                what: format!(
+                    "bias of {} elements for {} outputs",
+                    bias.len(),
+                    packed.out_features()
+                ),
+            });
+        }
+        self.base = LinearBase::Frozen {
+            weight: FrozenWeight::F32(std::sync::Arc::new(packed)),
+            bias: FrozenBias::F32(bias),
+        };
+        Ok(())
     }
 
     /// `(out, in)`.

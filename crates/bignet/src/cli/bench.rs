@@ -2,6 +2,7 @@
 
 use super::{normal_batch, Common};
 use crate::error::Result;
+use crate::infer::pack_weights_enabled;
 use crate::train::{train_step_with, FitTask, TrainOptions};
 use crate::variant::Variant;
 use nibble_autograd::{AdamW, AdamWConfig, Tape};
@@ -67,9 +68,14 @@ pub fn run(
     let mut results = Vec::new();
     for &variant in variants {
         let model = common.spec(variant).build()?;
+        // Forwards run on a copy packed for inference (f32 layers; the rest is shared).
+        let mut packed = model.clone();
+        if pack_weights_enabled() {
+            packed.pack_for_inference()?;
+        }
         for &batch in batches {
             let x = normal_batch(batch, model.dim(), common.seed);
-            let t = time_ms(runs, || model.infer(&x).map(drop))?;
+            let t = time_ms(runs, || packed.infer(&x).map(drop))?;
             if !as_json {
                 println!(
                     "{variant:<16} batch {batch:>5}  forward {:>9.3} ms  (min {:.3}, max {:.3})",

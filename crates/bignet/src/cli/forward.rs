@@ -9,7 +9,10 @@ use std::path::Path;
 
 /// Runs `variant` on tensor `x` of `input` and writes `y` to `output`.
 pub fn run(variant: Variant, input: &Path, output: &Path, common: &Common) -> Result<()> {
-    let model = common.spec(variant).build()?;
+    let mut model = common.spec(variant).build()?;
+    if crate::infer::pack_weights_enabled() {
+        model.pack_for_inference()?;
+    }
     let file = Checkpoint::open(input)?;
     let Some((_, shape)) = file.info("x") else {
         return Err(Error::Input {
