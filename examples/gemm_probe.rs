@@ -1,12 +1,12 @@
-//! Times one 1024x1024 layer's products, forward `x · Wᵀ` and backward `dY · W`, for f32, f16
-//! and Q4 weights at the given batches, on the rayon pool (`RAYON_NUM_THREADS`): medians of
+//! Times one 1024x1024 layer's products, forward `x · Wᵀ` and backward `dY · W`, for f32
+//! (as a tensor, and packed once for inference: `f32p`), f16 and Q4 weights at the given batches, on the rayon pool (`RAYON_NUM_THREADS`): medians of
 //! `reps` runs, with the FLOP rate. For comparing nibble's GEMM with peers' one-layer benches
 //! (`../shared/tools/peers`) on the same machine.
 //!
-//! `cargo run --release --example gemm_probe -- 1024,250 f32,f16,q4 21`
+//! `cargo run --release --example gemm_probe -- 1024,250 f32,f32p,f16,q4 21`
 
 use nibble::quant::Q4Matrix;
-use nibble::tensor::{HalfTensor, Rng, Tensor, WeightMatrix};
+use nibble::tensor::{HalfTensor, PackedWeight, Rng, Tensor, WeightMatrix};
 use std::time::Instant;
 
 fn list<T: std::str::FromStr>(arg: Option<&String>, default: &str) -> Vec<T> {
@@ -19,7 +19,7 @@ fn list<T: std::str::FromStr>(arg: Option<&String>, default: &str) -> Vec<T> {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let batches: Vec<usize> = list(args.get(1), "1024,1000,250");
-    let formats: Vec<String> = list(args.get(2), "f32,f16,q4");
+    let formats: Vec<String> = list(args.get(2), "f32,f32p,f16,q4");
     let reps: usize = args
         .get(3)
         .and_then(|s| s.parse().ok())
@@ -30,7 +30,9 @@ fn main() {
     let w = Tensor::uniform(&[d, d], -0.03, 0.03, &mut rng);
     let h = HalfTensor::from_f32(&w);
     let q = Q4Matrix::quantize(&w).expect("a 1024x1024 matrix quantizes");
-    let weights: [(&str, &dyn WeightMatrix); 3] = [("f32", &w), ("f16", &h), ("q4", &q)];
+    let p = PackedWeight::pack(&w).expect("a 1024x1024 matrix packs");
+    let weights: [(&str, &dyn WeightMatrix); 4] =
+        [("f32", &w), ("f32p", &p), ("f16", &h), ("q4", &q)];
     println!("{} threads", rayon::current_num_threads());
     for (name, wm) in weights {
         if !formats.iter().any(|f| f == name) {

@@ -13,13 +13,19 @@
 //! thread count.
 //!
 //! A panel is a contiguous `kc · NR` stream: the kernel runs [`PANELS_PER_STEP`] panels side by
-//! side (independent accumulator chains; one broadcast of `x[k]` feeds them all).
+//! side (independent accumulator chains; one broadcast of `x[k]` feeds them all), and a lone
+//! panel four of its K blocks side by side.
 
 use super::{KC, NR};
 use crate::cpu::KernelPath;
 
 /// Panels one kernel step computes at once.
 pub(crate) const PANELS_PER_STEP: usize = 4;
+
+/// K blocks a lone panel computes at once: one panel has one accumulator chain per K block,
+/// and a chain of dependent FMAs runs at one per FMA latency (4 cycles), so four blocks side
+/// by side keep four chains in flight, as [`PANELS_PER_STEP`] panels do.
+const BLOCKS_PER_LONE_PANEL: usize = 4;
 
 /// A packed `Wᵀ` (`k x npan · NR`) as the kernels read it.
 #[derive(Clone, Copy)]
@@ -135,27 +141,63 @@ pub(super) unsafe fn simd<L: super::lanes::Lanes>(
         // SAFETY: panels p.. p + P lie below p1 <= npan and their outputs inside `out`.
         unsafe {
             if p1 - p >= PANELS_PER_STEP {
-                group::<L, PANELS_PER_STEP>(w, x, p, dst, accumulate);
+                group::<L, PANELS_PER_STEP, 1>(w, x, p, dst, accumulate);
                 p += PANELS_PER_STEP;
             } else {
-                group::<L, 1>(w, x, p, dst, accumulate);
+                // A lone panel (a team member's 16 rows): four K blocks side by side.
+                group::<L, 1, BLOCKS_PER_LONE_PANEL>(w, x, p, dst, accumulate);
                 p += 1;
             }
         }
     }
 }
 
-/// `P` panels from panel `p`, outputs at `dst` (`P · NR` floats).
+/// `P` panels from panel `p`, outputs at `dst` (`P · NR` floats): the K blocks `B` at a time
+/// while `B` whole blocks remain (their chains are independent until they are added to the
+/// output, in block order), then one at a time.
 ///
 /// # Safety
 /// As [`simd`], with `p + P <= npan` and `dst` valid for `P · NR` floats.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-#[allow(clippy::needless_range_loop)]
-unsafe fn group<L: super::lanes::Lanes, const P: usize>(
+unsafe fn group<L: super::lanes::Lanes, const P: usize, const B: usize>(
     w: Panels<'_>,
     x: &[f32],
     p: usize,
+    dst: *mut f32,
+    accumulate: bool,
+) {
+    let whole = w.k / KC;
+    let mut kb = 0;
+    // SAFETY: forwarded contract; blocks kb.. kb + B (or the one block kb) lie inside K.
+    unsafe {
+        while kb + B <= whole {
+            blocks::<L, P, B>(w, x, p, kb, KC, dst, accumulate);
+            kb += B;
+        }
+        while kb * KC < w.k {
+            blocks::<L, P, 1>(w, x, p, kb, KC.min(w.k - kb * KC), dst, accumulate);
+            kb += 1;
+        }
+    }
+}
+
+/// K blocks `kb..kb + B` (each `kc` deep) of `P` panels from panel `p`: `P · B` independent
+/// accumulator chains (one broadcast of x per block and step feeds the `P` panels), then each
+/// block's sums added to `dst` in block order (the first block of K stores them unless
+/// accumulating).
+///
+/// # Safety
+/// As [`group`], with blocks `kb..kb + B` inside K and `kc` their depth (all `KC` when `B > 1`).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::needless_range_loop, clippy::too_many_arguments)]
+unsafe fn blocks<L: super::lanes::Lanes, const P: usize, const B: usize>(
+    w: Panels<'_>,
+    x: &[f32],
+    p: usize,
+    kb: usize,
+    kc: usize,
     dst: *mut f32,
     accumulate: bool,
 ) {
@@ -163,26 +205,31 @@ unsafe fn group<L: super::lanes::Lanes, const P: usize>(
     // SAFETY: block k0 starts at k0 · npan · NR and holds npan panels of kc · NR floats (the
     // layout `panels` checked the length of); x has k floats; dst has P · NR.
     unsafe {
-        for (kb, k0) in (0..w.k).step_by(KC).enumerate() {
-            let kc = KC.min(w.k - k0);
-            let base = w.data.as_ptr().add(k0 * w.npan * NR + p * kc * NR);
-            let mut acc = [[L::zero(); 2]; P];
-            for kk in 0..kc {
-                let xv = L::splat(*x.get_unchecked(k0 + kk));
+        let mut base = [std::ptr::null::<f32>(); B];
+        for b in 0..B {
+            let k0 = (kb + b) * KC;
+            base[b] = w.data.as_ptr().add(k0 * w.npan * NR + p * kc * NR);
+        }
+        let mut acc = [[[L::zero(); 2]; P]; B];
+        for kk in 0..kc {
+            for b in 0..B {
+                let xv = L::splat(*x.get_unchecked((kb + b) * KC + kk));
                 for u in 0..P {
-                    let row = base.add(u * kc * NR + kk * NR);
+                    let row = base[b].add(u * kc * NR + kk * NR);
                     for v in 0..vecs {
-                        acc[u][v] = L::fmadd(xv, L::load(row.add(v * L::N)), acc[u][v]);
+                        acc[b][u][v] = L::fmadd(xv, L::load(row.add(v * L::N)), acc[b][u][v]);
                     }
                 }
             }
+        }
+        for b in 0..B {
             for u in 0..P {
                 for v in 0..vecs {
                     let o = dst.add(u * NR + v * L::N);
-                    let r = if kb == 0 && !accumulate {
-                        acc[u][v]
+                    let r = if kb + b == 0 && !accumulate {
+                        acc[b][u][v]
                     } else {
-                        L::add(L::load(o), acc[u][v])
+                        L::add(L::load(o), acc[b][u][v])
                     };
                     r.store(o);
                 }
@@ -233,7 +280,7 @@ mod tests {
         }
         let mut rng = Rng::new(7);
         for out in [1, 7, 15, 16, 17, 31, 33, 63, 129] {
-            for k in [1, 7, 17, 33, 255, 256, 257, 1023] {
+            for k in [1, 7, 17, 33, 255, 256, 257, 1023, 1024, 1300, 2048] {
                 let (data, npan) = packed(out, k, &mut rng);
                 let w = Panels {
                     data: &data,
