@@ -221,3 +221,53 @@ fn bad_shapes_are_errors_not_panics() {
     p.matmul(&[1.0; 4], 1, &mut dx, false).unwrap();
     assert_eq!(dx, vec![0.0; 3]);
 }
+
+/// A `Wᵀ` operand that offers a packed block too short to hold its panels: the GEMM must not
+/// read it and pack the block itself instead.
+struct ShortBlocks<'a>(MatRef<'a, f32>, Vec<f32>);
+
+impl nibble_tensor::gemm::PackB for ShortBlocks<'_> {
+    fn k(&self) -> usize {
+        self.0.k()
+    }
+    fn n(&self) -> usize {
+        self.0.n()
+    }
+    fn pack_panel(&self, k0: usize, kc: usize, n0: usize, nc: usize, dst: &mut [f32]) {
+        self.0.pack_panel(k0, kc, n0, nc, dst)
+    }
+    fn prepacked_block(&self, k0: usize) -> Option<&[f32]> {
+        let needed = self.n().div_ceil(16) * (self.k() - k0).min(256) * 16;
+        Some(&self.1[..needed - 1])
+    }
+}
+
+#[test]
+fn held_blocks_too_short_are_packed_instead_and_mix_with_packed_segments() {
+    use nibble_tensor::gemm::{gemm_segments_post, PackB, Segment};
+    let mut rng = Rng::new(6);
+    for (out, inn) in SHAPES {
+        let w = random(&[out, inn], &mut rng);
+        let wt = MatRef::row_major(w.data(), out, inn).unwrap().t();
+        let short = ShortBlocks(wt, vec![f32::NAN; out.div_ceil(16) * 16 * inn.min(256)]);
+        let p = PackedWeight::pack(&w).unwrap();
+        let m = 37;
+        let x = random(&[m, inn], &mut rng);
+        let xa = MatRef::row_major(x.data(), m, inn).unwrap();
+        let h = random(&[m, 5], &mut rng);
+        let bt = random(&[5, out], &mut rng);
+        let extra = Segment {
+            a: MatRef::row_major(h.data(), m, 5).unwrap(),
+            b: &MatRef::row_major(bt.data(), 5, out).unwrap(),
+        };
+        let run = |b: &dyn PackB| {
+            let mut y = vec![f32::NAN; m * out];
+            let segs = [Segment { a: xa, b }, extra];
+            gemm_segments_post(&segs, &mut y, false, PostOp::Relu).unwrap();
+            y
+        };
+        let want = run(&wt);
+        assert_eq!(bits(&run(&short)), bits(&want), "{out}x{inn} short blocks");
+        assert_eq!(bits(&run(&p)), bits(&want), "{out}x{inn} packed weight");
+    }
+}

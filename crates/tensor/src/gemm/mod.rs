@@ -16,7 +16,10 @@
 //!   needs a group packs it while the others work on other groups, so a stage is one parallel
 //!   pass (one fork-join) with no serial packing phase. Each task packs its own rows of A per
 //!   `KC` block into micro-panels and sweeps the microkernel over them, B group by B group
-//!   (B group slice in L1, A block in L2, the stage's packed B in L2/L3).
+//!   (B group slice in L1, A block in L2, the stage's packed B in L2/L3). A B stored packed
+//!   ([`PackB::prepacked_block`], e.g. [`crate::PackedWeight`]) is read in place instead: its
+//!   blocks take no room in a stage (so all of K is one stage, one fork-join) and nothing is
+//!   written, so no core has to fetch freshly packed lines from another core's cache.
 //! * Microkernel, chosen at run time by [`crate::cpu::kernel_path`]: on the AVX-512 tier an
 //!   `R x (P * NR)` zmm kernel ([`Avx512Tile`], default 8 x 48) that reads `P` neighbouring
 //!   packed panels at once and masks its edge tiles (module `avx512`); otherwise
@@ -1099,7 +1102,9 @@ fn gemm_staged(
                         };
                         // SAFETY: per Sweep::run's contract: `ap` holds the task's packed
                         // micro-panels of this block unless A is read in place; bptr is the
-                        // group's packed panels (stage.group: `panels` full kc*NR panels) or
+                        // group's packed panels (stage.group, or the block held packed by B,
+                        // whose length was checked to hold every panel of the block: `panels`
+                        // full kc*NR panels either way) or
                         // element (k0, n0 + j) of a row-major B whose columns j.. j + panels *
                         // NR lie inside it (a full group) for the block's kc rows; the C
                         // rectangle (i0.., n0 + j..) of mc x cols lies inside the m x n matrix
