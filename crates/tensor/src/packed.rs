@@ -233,14 +233,17 @@ impl PackB for Rows<'_> {
         self.0.inn
     }
     fn pack_panel(&self, k0: usize, kc: usize, n0: usize, nc: usize, dst: &mut [f32]) {
-        for p in 0..kc {
-            let row = &mut dst[p * NR..(p + 1) * NR];
+        let w = self.0;
+        // Columns n0.. n0 + nc of W (its `in` positions) lie in one K block of the layout,
+        // where row n's 16 of them are NR floats apart.
+        let c0 = n0 - n0 % KC;
+        let depth = KC.min(w.inn - c0);
+        let block = &w.data[c0 * w.npan * NR..];
+        for (p, row) in dst[..kc * NR].chunks_exact_mut(NR).enumerate() {
+            let n = k0 + p;
+            let src = &block[(n / NR) * depth * NR + (n0 - c0) * NR + n % NR..];
             for (j, d) in row.iter_mut().enumerate() {
-                *d = if j < nc {
-                    self.0.data[self.0.index(k0 + p, n0 + j)]
-                } else {
-                    0.0
-                };
+                *d = if j < nc { src[j * NR] } else { 0.0 };
             }
         }
     }
