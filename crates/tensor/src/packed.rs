@@ -203,24 +203,6 @@ impl PackB for PackedWeight {
     }
 }
 
-/// [`PackedWeight`]'s `Wᵀ` by reference, for [`WeightMatrix::gemm_rhs`].
-struct Transposed<'a>(&'a PackedWeight);
-
-impl PackB for Transposed<'_> {
-    fn k(&self) -> usize {
-        self.0.k()
-    }
-    fn n(&self) -> usize {
-        self.0.n()
-    }
-    fn pack_panel(&self, k0: usize, kc: usize, n0: usize, nc: usize, dst: &mut [f32]) {
-        self.0.pack_panel(k0, kc, n0, nc, dst)
-    }
-    fn prepacked_block(&self, k0: usize) -> Option<&[f32]> {
-        self.0.prepacked_block(k0)
-    }
-}
-
 /// W itself (`out x in`) as the GEMM operand of the input gradient `dy · W`: its panels are
 /// gathered from the packed layout (16 columns of W lie in one K block).
 struct Rows<'a>(&'a PackedWeight);
@@ -308,7 +290,7 @@ impl WeightMatrix for PackedWeight {
         "f32"
     }
     fn gemm_rhs(&self, m: usize) -> Option<Box<dyn PackB + '_>> {
-        (m > PANEL_GEMV_MAX_M).then(|| Box::new(Transposed(self)) as Box<dyn PackB>)
+        (m > PANEL_GEMV_MAX_M).then(|| Box::new(self) as Box<dyn PackB>)
     }
     fn gemm_rhs_backward(&self, _m: usize) -> Option<Box<dyn PackB + '_>> {
         Some(Box::new(Rows(self)))

@@ -201,6 +201,26 @@ pub trait PackB: Sync {
     }
 }
 
+/// A borrowed operand is the operand (so `Box::new(&w)` makes a `Box<dyn PackB>` without a
+/// wrapper type).
+impl<T: PackB + ?Sized> PackB for &T {
+    fn k(&self) -> usize {
+        (**self).k()
+    }
+    fn n(&self) -> usize {
+        (**self).n()
+    }
+    fn pack_panel(&self, k0: usize, kc: usize, n0: usize, nc: usize, dst: &mut [f32]) {
+        (**self).pack_panel(k0, kc, n0, nc, dst)
+    }
+    fn as_row_major(&self) -> Option<(&[f32], usize)> {
+        (**self).as_row_major()
+    }
+    fn prepacked_block(&self, k0: usize) -> Option<&[f32]> {
+        (**self).prepacked_block(k0)
+    }
+}
+
 /// A 64-byte-aligned line of 16 floats: the unit of the packing buffers (aligned panels keep
 /// every SIMD load inside one cache line).
 #[derive(Clone, Copy)]
