@@ -5,16 +5,18 @@
 //! product, `PostOp::Relu`; the residual add inside the LayerNorm, `add_layer_norm_assign`),
 //! the two forwards in turns; next to the same product repeated on one layer (as `gemm_probe`
 //! times it). On the rayon pool (`RAYON_NUM_THREADS`). A third argument `q4` makes
-//! the layers Q4 (low_precision's format) and a fourth `int8` runs them with int8 activations.
+//! the layers Q4 (low_precision's format), `f32p` f32 packed once for inference
+//! (`PackedWeight`, as `bignet bench` runs bignet), and a fourth `int8` runs them with int8
+//! activations.
 //!
-//! `cargo run --release --example forward_profile -- 1024 9 [f32|q4] [f32|int8]`
+//! `cargo run --release --example forward_profile -- 1024 9 [f32|f32p|q4] [f32|int8]`
 
 use nibble::quant::act8::{with_activations, ActivationMode};
 use nibble::quant::Q4Matrix;
 use nibble::tensor::gemm::MatRef;
 use nibble::tensor::layernorm::{add_layer_norm_assign, layer_norm_assign};
 use nibble::tensor::ops::{add_in_place, relu_in_place, PostOp};
-use nibble::tensor::{Rng, Tensor, WeightMatrix};
+use nibble::tensor::{PackedWeight, Rng, Tensor, WeightMatrix};
 use std::time::Instant;
 
 /// The forward's steps, in the order a block runs them.
@@ -27,14 +29,14 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let m: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1024);
     let reps: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(9).max(1);
-    let q4 = args.get(3).is_some_and(|s| s == "q4");
+    let format = args.get(3).map_or("f32", |s| s.as_str()).to_string();
     let mode = ActivationMode::parse(args.get(4).map_or("f32", |s| s.as_str()))
         .expect("activations: f32 or int8");
-    with_activations(mode, || profile(m, reps, q4));
+    with_activations(mode, || profile(m, reps, &format));
 }
 
-/// Times `reps` forwards of batch `m` (after one warm-up), f32 or Q4 layers.
-fn profile(m: usize, reps: usize, q4: bool) {
+/// Times `reps` forwards of batch `m` (after one warm-up), f32, packed f32 or Q4 layers.
+fn profile(m: usize, reps: usize, format: &str) {
     let d = 1024;
     let blocks = 6;
     let mut rng = Rng::new(0);
@@ -42,10 +44,10 @@ fn profile(m: usize, reps: usize, q4: bool) {
         .map(|_| {
             let w = Tensor::uniform(&[d, d], -0.03, 0.03, &mut rng);
             let b = Tensor::uniform(&[d], -0.03, 0.03, &mut rng).data().to_vec();
-            let w: Box<dyn WeightMatrix> = if q4 {
-                Box::new(Q4Matrix::quantize(&w).expect("a 1024x1024 matrix quantizes"))
-            } else {
-                Box::new(w)
+            let w: Box<dyn WeightMatrix> = match format {
+                "q4" => Box::new(Q4Matrix::quantize(&w).expect("a 1024x1024 matrix quantizes")),
+                "f32p" => Box::new(PackedWeight::pack(&w).expect("a 1024x1024 matrix packs")),
+                _ => Box::new(w),
             };
             (w, b)
         })
@@ -56,7 +58,7 @@ fn profile(m: usize, reps: usize, q4: bool) {
     println!(
         "{} threads, batch {m}, {} layers, {} activations",
         rayon::current_num_threads(),
-        if q4 { "q4" } else { "f32" },
+        format,
         nibble::quant::act8::activations().name()
     );
     // Per mode, per step: the step's time summed over a forward, one entry per forward.
