@@ -343,7 +343,7 @@ impl BigNet {
 
     /// Packs every trainable f32 linear layer for inference ([`Linear::pack_for_inference`]):
     /// its weight becomes a [`nibble_tensor::PackedWeight`], which the GEMM reads in place
-    /// instead of packing (transposing) it on every call, in the same memory. The layers stop
+    /// instead of packing (transposing) it on every call, in the same memory (BigNet's 1024 outputs need no zero lanes). The layers stop
     /// training (the LayerNorms and any adapters still do); frozen layers are left as they
     /// are, so this does nothing to the quantized and half variants. Outputs keep the bits of
     /// the unpacked model for batches above 16 rows and differ by f32 rounding below (the

@@ -201,7 +201,7 @@ impl Linear {
 
     /// Makes a trainable f32 base frozen and packed for inference: the weight becomes a
     /// [`PackedWeight`] (the GEMM reads its panels in place instead of packing them per call;
-    /// the same memory as the f32 tensor), the bias a frozen f32 bias. The layer then stops
+    /// the f32 tensor's memory, plus zero lanes rounding `out` up to 16), the bias a frozen f32 bias. The layer then stops
     /// training its base (its adapter, if any, still trains); its outputs keep the bits of the
     /// trainable layer for batches above 16 rows, and differ by rounding below (see
     /// [`nibble_tensor::packed`]). Frozen bases are left as they are. An error if the

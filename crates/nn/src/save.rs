@@ -4,8 +4,8 @@ use crate::error::Result;
 use crate::layer_norm::LayerNorm;
 use crate::linear::{FrozenBias, Linear, LinearBase};
 use nibble_io::frozen::{f32_part, shape_metadata_key, write_parts, Part};
-use nibble_io::{DType, FORMAT_KEY};
-use nibble_tensor::Tensor;
+use nibble_io::{DType, FrozenWeight, FORMAT_KEY};
+use nibble_tensor::{Tensor, WeightMatrix};
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -32,6 +32,14 @@ pub fn save_weights<'a>(
             LinearBase::Trainable { weight, bias } => {
                 held.push((wkey, weight.value().clone()));
                 held.push((bkey, bias.value().clone()));
+            }
+            // A weight packed for inference saves as the trainable one it came from.
+            LinearBase::Frozen {
+                weight: FrozenWeight::F32(w),
+                bias: FrozenBias::F32(b),
+            } => {
+                held.push((wkey, w.to_f32()));
+                held.push((bkey, Tensor::from_vec(&[b.len()], b.clone())?));
             }
             LinearBase::Frozen { weight, bias } => {
                 let (o, i) = l.dims();

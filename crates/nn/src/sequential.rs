@@ -318,6 +318,19 @@ impl Sequential {
         })
     }
 
+    /// Packs every trainable f32 Linear for inference ([`Linear::pack_for_inference`]): the
+    /// GEMM then reads its weight in place instead of packing it per call, in the same memory (plus zero lanes rounding each
+    /// layer's outputs up to 16).
+    /// Those layers stop training (the LayerNorms and any adapters still train); outputs keep
+    /// their bits for batches above 16 rows and differ by f32 rounding below; the model saves
+    /// as before. Frozen (f16, quantized) Linears are left as they are.
+    pub fn pack_for_inference(&mut self) -> Result<()> {
+        for layer in self.linears_mut() {
+            layer.pack_for_inference()?;
+        }
+        Ok(())
+    }
+
     /// Every Linear, mutable (to attach or load adapters).
     pub fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
         self.layers.iter_mut().filter_map(|l| match l {

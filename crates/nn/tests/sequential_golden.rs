@@ -125,6 +125,43 @@ fn logits_and_loss_match_pytorch_from_pth_and_safetensors() {
     }
 }
 
+#[test]
+fn packed_for_inference_matches_pytorch_and_saves_the_same_file() {
+    let g = golden();
+    let (x, want_logits) = (tensor(&g, "x"), tensor(&g, "logits"));
+    let plain = from_pth(&options()).unwrap();
+    let mut packed = plain.clone();
+    packed.pack_for_inference().unwrap();
+    assert!(packed.linears().all(|l| l.params().is_empty()));
+    // The same bytes, plus the zero lanes that round each layer's outputs up to 16.
+    let padding: usize = plain
+        .linears()
+        .map(|l| {
+            let (out, inn) = l.dims();
+            (out.next_multiple_of(16) - out) * inn * 4
+        })
+        .sum();
+    assert_eq!(packed.model_bytes(), plain.model_bytes() + padding);
+    let logits = packed.infer(&x).unwrap();
+    assert!(
+        max_diff(&logits, &want_logits) < 1e-5,
+        "{}",
+        max_diff(&logits, &want_logits)
+    );
+    if x.shape()[0] > 16 {
+        assert_eq!(logits, plain.infer(&x).unwrap());
+    }
+    let dir = tempdir("packed");
+    let (a, b) = (
+        dir.join("plain.safetensors"),
+        dir.join("packed.safetensors"),
+    );
+    plain.save(&a).unwrap();
+    packed.save(&b).unwrap();
+    assert!(std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// Attaches the golden adapters (rank 4, unscaled) to a fresh model.
 fn with_golden_lora(g: &Checkpoint) -> Sequential {
     let mut model = from_pth(&options()).unwrap();
