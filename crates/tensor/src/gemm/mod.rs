@@ -416,7 +416,18 @@ impl Micro {
 /// 30 in one run) one micro-panel per task with the columns halved took 2.36 ms against 2.56
 /// with the previous grid (about 4 tasks per thread of 1.5–2 micro-panels: uneven), and 3.88
 /// against 4.22 ms on 8 threads; tasks of about `MC` rows with the columns split took 2.85 ms.
-fn task_grid(m: usize, mr: usize, npan: usize, threads: usize, parallel: bool) -> (usize, usize) {
+///
+/// With B held packed ([`PackB::prepacked_block`]) a task's B comes from L3 rather than from a
+/// stage in L2, so tasks are at least [`HELD_MIN_PANELS_PER_TASK`] micro-panels tall (each B
+/// line fetched serves more rows).
+fn task_grid(
+    m: usize,
+    mr: usize,
+    npan: usize,
+    threads: usize,
+    parallel: bool,
+    held: bool,
+) -> (usize, usize) {
     let pm = m.div_ceil(mr);
     if !parallel {
         return (m.div_ceil(MC).clamp(1, pm), 1);
@@ -429,10 +440,21 @@ fn task_grid(m: usize, mr: usize, npan: usize, threads: usize, parallel: bool) -
         // m = 96 3.60 -> 3.07 ms; m = 6 was 0.39 ms either way).
         return (1, (threads * 4).min(npan).max(1));
     }
-    let panels_per_task = (pm / (threads * 4)).clamp(1, MC.div_ceil(mr));
+    let mut panels_per_task = (pm / (threads * 4)).clamp(1, MC.div_ceil(mr));
+    if held {
+        panels_per_task = panels_per_task.max(HELD_MIN_PANELS_PER_TASK.min(pm));
+    }
     let mb = pm.div_ceil(panels_per_task);
     (mb, (threads * TASKS_PER_THREAD).div_ceil(mb).clamp(1, npan))
 }
+
+/// Smallest task height, in micro-panels, of a parallel GEMM whose B is held packed (see
+/// [`task_grid`]). On the 16-core Xeon (18 distinct packed 1024² f32 layers at batch 1024, the
+/// forward of `examples/forward_profile.rs` `f32p`, 16 threads, medians of 7, three rounds in
+/// turns, 2026-12-04 20:03 UTC) heights of 2 (the unheld rule there) / 4 / 8 / 16 micro-panels
+/// took 34.7 / 32.9 / 35.5 / 35.4, 32.3 / 30.2 / 33.6 / 37.4 and 33.0 / 30.9 / 34.3 / 36.0 ms;
+/// `bignet bench bignet` at batch 1024 34.4 / 31.5 / 33.8 / 36.2 and 35.6 / 34.8 / 38.3 / 37.7.
+const HELD_MIN_PANELS_PER_TASK: usize = 4;
 
 /// `C = A · B` (or `C += A · B` with `accumulate`), `C` row-major `m x n` with `m = a.rows()`,
 /// `n = b.n()`, `k = a.cols() = b.k()`, on the process's [`kernel_path`].
@@ -1042,7 +1064,8 @@ fn gemm_staged(
             let ncb = NC.min(n - n0);
             let npan = ncb.div_ceil(NR);
             let groups = npan.div_ceil(np);
-            let (mb, nb) = task_grid(m, mr, groups, threads, parallel);
+            let held = stage_blocks.iter().any(|b| b.held.is_some());
+            let (mb, nb) = task_grid(m, mr, groups, threads, parallel, held);
             // Offsets were laid out for `panel_cols` columns; a narrower last column block
             // uses a prefix of each block's room.
             let blocks: &[KBlock] = stage_blocks;
