@@ -78,9 +78,11 @@ impl SpinBarrier {
         Ok(())
     }
 
-    /// Waits until every member has arrived at barrier `epoch`.
-    fn wait_all(&self, epoch: usize) -> Result<(), Aborted> {
+    /// Waits until every member has arrived at barrier `epoch`, calling `work` between polls
+    /// until it returns `false`.
+    fn wait_all(&self, epoch: usize, mut work: impl FnMut() -> bool) -> Result<(), Aborted> {
         let mut spins = 0u32;
+        let mut busy = true;
         loop {
             // Every line read before testing any, so that the loads overlap. A member
             // already past this barrier has stored a larger count: it arrived too.
@@ -93,7 +95,9 @@ impl SpinBarrier {
             if self.aborted.0.load(Ordering::Acquire) {
                 return Err(Aborted);
             }
-            if spins < SPINS_BEFORE_YIELD {
+            if busy {
+                busy = work();
+            } else if spins < SPINS_BEFORE_YIELD {
                 std::hint::spin_loop();
                 spins += 1;
             } else {
@@ -155,7 +159,38 @@ impl Member<'_> {
     /// The second half of [`Member::wait`]: waits until every member has arrived at the
     /// barrier of `arrival` (this member's latest: call it before arriving again).
     pub fn wait_for(&self, arrival: Arrival) -> Result<(), Aborted> {
-        self.barrier.wait_all(arrival.0)
+        self.barrier.wait_all(arrival.0, || false)
+    }
+
+    /// [`Member::wait_for`], calling `work` between looks at the barrier for as long as the
+    /// others have not all arrived and `work` returns `true` (more to do): a waiter's idle time
+    /// put to use, as prefetching its rows of the next layer ([`crate::prefetch`]). `work`
+    /// should take well under a µs a call, so that the member leaves soon after the last
+    /// arrival; it may not run at all (the others were there first).
+    ///
+    /// ```
+    /// use nibble_tensor::team;
+    /// let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    /// let ran = pool.install(|| {
+    ///     team::run(|member| -> Result<(), team::Aborted> {
+    ///         let arrival = member.arrive()?;
+    ///         let mut polls = 0;
+    ///         member.wait_for_while(arrival, || {
+    ///             polls += 1;
+    ///             polls < 10
+    ///         })?;
+    ///         assert!(polls <= 10);
+    ///         Ok(())
+    ///     })
+    /// });
+    /// assert_eq!(ran, Some(Ok(())));
+    /// ```
+    pub fn wait_for_while(
+        &self,
+        arrival: Arrival,
+        work: impl FnMut() -> bool,
+    ) -> Result<(), Aborted> {
+        self.barrier.wait_all(arrival.0, work)
     }
 
     /// This member's blocks of `0..len` in blocks of `block` elements (the last one
