@@ -4,13 +4,14 @@
 //! rows of a layer, then a barrier), each member timing its work and its wait at every
 //! barrier.
 //!
-//! `team_anatomy [REPS=200] [dense|packed] [chain|fixed] [none|t0|t1|t2|nta] [LINES]`, on the
-//! pool `RAYON_NUM_THREADS` sets. `dense` multiplies by the row-major tensors, `packed` by
+//! `team_anatomy [REPS=200] [dense|packed] [chain|fixed] [balanced|own]`, on the pool
+//! `RAYON_NUM_THREADS` sets. `dense` multiplies by the row-major tensors, `packed` by
 //! `PackedWeight`s; `chain` feeds each layer the previous one's output (whose lines other cores
-//! wrote), `fixed` the same input to every layer. The fourth argument makes a waiting member
-//! prefetch its rows of the next layer with that hint (at most `LINES` cache lines per wait,
-//! all by default). Prints the forward's median (min / max) over `REPS` forwards and, per layer
-//! (medians over forwards of the mean / max over members), each member's work and wait, µs.
+//! wrote), `fixed` the same input to every layer; `balanced` hands out the rows with
+//! `Member::claim_blocks` (as `bignet` does), `own` gives each member fixed blocks
+//! (`Member::blocks`). Prints the forward's median (min / max) over `REPS` forwards and, per
+//! layer (medians over forwards of the mean / max over members), each member's work and wait,
+//! µs.
 
 use nibble::tensor::team::{self, block_rows, Member, SharedRows};
 use nibble::tensor::weight::BATCH1_ROW_ALIGN;
@@ -19,34 +20,6 @@ use std::time::Instant;
 
 const D: usize = 1024;
 const LAYERS: usize = 18;
-
-#[derive(Clone, Copy, PartialEq)]
-enum Hint {
-    None,
-    T0,
-    T1,
-    T2,
-    Nta,
-}
-
-fn prefetch(hint: Hint, p: *const u8) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::*;
-        // SAFETY: a prefetch neither faults nor writes; SSE is baseline on x86-64.
-        unsafe {
-            match hint {
-                Hint::None => {}
-                Hint::T0 => _mm_prefetch::<_MM_HINT_T0>(p.cast()),
-                Hint::T1 => _mm_prefetch::<_MM_HINT_T1>(p.cast()),
-                Hint::T2 => _mm_prefetch::<_MM_HINT_T2>(p.cast()),
-                Hint::Nta => _mm_prefetch::<_MM_HINT_NTA>(p.cast()),
-            }
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (hint, p);
-}
 
 /// Per member and layer: µs of work and of waiting at the barrier after it.
 type Times = Vec<LayerTimes>;
@@ -67,17 +40,7 @@ fn main() {
         .max(1);
     let layout = args.get(2).map_or("packed", |s| s.as_str());
     let chain = args.get(3).map_or("chain", |s| s.as_str()) == "chain";
-    let hint = match args.get(4).map_or("none", |s| s.as_str()) {
-        "t0" => Hint::T0,
-        "t1" => Hint::T1,
-        "t2" => Hint::T2,
-        "nta" => Hint::Nta,
-        _ => Hint::None,
-    };
-    let max_lines: usize = args
-        .get(5)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(usize::MAX);
+    let balanced = args.get(4).map_or("balanced", |s| s.as_str()) == "balanced";
     let mut rng = Rng::new(7);
     let dense: Vec<Tensor> = (0..LAYERS)
         .map(|_| {
@@ -121,9 +84,14 @@ fn main() {
                 // SAFETY: read after the barrier that ended the layer that wrote it.
                 let x = unsafe { src.read() };
                 let rows_of = w.batch1_rows(x).unwrap();
-                for rows in member.blocks(D, block) {
-                    // SAFETY: this member's rows; the buffer was last read before the
-                    // previous barrier.
+                let blocks: Box<dyn Iterator<Item = std::ops::Range<usize>>> = if balanced {
+                    Box::new(member.claim_blocks(D, block))
+                } else {
+                    Box::new(member.blocks(D, block))
+                };
+                for rows in blocks {
+                    // SAFETY: rows this member alone computes; the buffer was last read before
+                    // the previous barrier.
                     let y = unsafe { dst.rows_mut(rows.clone()) };
                     y.fill(0.0);
                     rows_of.rows(rows, y, true).unwrap();
@@ -132,29 +100,7 @@ fn main() {
                     }
                 }
                 let worked = Instant::now();
-                let arrival = member.arrive()?;
-                match weights.get(l + 1).filter(|_| hint != Hint::None) {
-                    Some(next) => {
-                        let mut lines = Vec::new();
-                        for rows in member.blocks(D, block) {
-                            next.row_memory(rows, &mut |bytes| {
-                                lines.extend((0..bytes.len()).step_by(64).map(|o| {
-                                    // SAFETY: o < bytes.len().
-                                    unsafe { bytes.as_ptr().add(o) }
-                                }))
-                            });
-                        }
-                        lines.truncate(max_lines);
-                        let mut it = lines.into_iter();
-                        member.wait_for_while(arrival, || {
-                            for p in it.by_ref().take(16) {
-                                prefetch(hint, p);
-                            }
-                            it.len() > 0
-                        })?;
-                    }
-                    None => member.wait_for(arrival)?,
-                }
+                member.wait()?;
                 let waited = Instant::now();
                 mine[l] = (
                     (worked - start).as_secs_f64() * 1e6,
@@ -174,16 +120,9 @@ fn main() {
     let mut sorted = forwards.clone();
     sorted.sort_by(|x, y| x.total_cmp(y));
     println!(
-        "team_anatomy {layout} {} prefetch {:?} lines {}: {threads} threads, forward {:.3} ms (min {:.3}, max {:.3})",
+        "team_anatomy {layout} {} {}: {threads} threads, forward {:.3} ms (min {:.3}, max {:.3})",
         if chain { "chain" } else { "fixed" },
-        match hint {
-            Hint::None => "none",
-            Hint::T0 => "t0",
-            Hint::T1 => "t1",
-            Hint::T2 => "t2",
-            Hint::Nta => "nta",
-        },
-        if max_lines == usize::MAX { "all".to_string() } else { max_lines.to_string() },
+        if balanced { "balanced" } else { "own" },
         sorted[sorted.len() / 2],
         sorted[0],
         sorted[sorted.len() - 1]

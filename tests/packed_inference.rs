@@ -77,33 +77,6 @@ fn packed_model_gives_the_unpacked_bits_above_16_rows_and_one_set_of_bits_per_ro
 }
 
 #[test]
-fn large_batches_split_into_row_ranges_give_the_whole_batch_bits() {
-    for dim in [100, 128] {
-        let (plain, packed) = models(dim);
-        for batch in [95, 96, 97, 150, 203] {
-            let x = normal_batch(batch, dim, 5);
-            let whole = in_pool(1, || plain.infer(&x).unwrap());
-            assert_eq!(in_pool(1, || packed.row_split_parts(batch)), None);
-            for threads in [2, 3, 4] {
-                let parts = in_pool(threads, || packed.row_split_parts(batch));
-                let expected = (batch / 48).min(threads);
-                assert_eq!(parts, (expected >= 2).then_some(expected), "batch {batch}");
-                assert_eq!(in_pool(threads, || plain.row_split_parts(batch)), None);
-                let split = in_pool(threads, || packed.infer(&x).unwrap());
-                assert_eq!(
-                    bits(split.data()),
-                    bits(whole.data()),
-                    "dim {dim} batch {batch} threads {threads}"
-                );
-                // In chunks (low-memory inference) the batch is not split.
-                let chunked = in_pool(threads, || packed.infer_chunked(&x, 96).unwrap());
-                assert_eq!(bits(chunked.data()), bits(whole.data()));
-            }
-        }
-    }
-}
-
-#[test]
 fn packed_model_saves_the_f32_checkpoint_it_came_from() {
     let (plain, packed) = models(100);
     let dir = std::env::temp_dir().join(format!("nibble_packed_{}", std::process::id()));

@@ -15,6 +15,12 @@
 //! rows of each layer, meeting the others at a spin barrier after each layer, in place of a
 //! fork-join of the pool per layer (on the 16-core Xeon: BigNet at batch 1 0.50 against 0.73–0.78
 //! ms). Same kernels, same operands, same bits.
+//!
+//! Tried on the 16-core Xeon and not kept: a 1024-row batch of packed f32 layers split into 16
+//! row ranges, each run through all 18 layers by one thread with its GEMMs on that thread alone
+//! (no fork-join per layer, each thread's activations staying in its caches): 33.4–37.8 ms
+//! against 30.9–34.4 for the whole batch through the parallel GEMM, three rounds in turns
+//! (2026-12-04 21:19 UTC); each thread then reads every packed weight from L3 for 64 rows.
 
 use crate::error::Result;
 use crate::layer::{FrozenBias, Linear, LinearBase};
@@ -25,7 +31,6 @@ use nibble_tensor::gemm::MatRef;
 use nibble_tensor::layernorm::{add_layer_norm_assign, layer_norm_assign};
 use nibble_tensor::lowrank::LowRank;
 use nibble_tensor::ops::{add_in_place, fill_rows, relu_in_place, zeros_vec, PostOp};
-use nibble_tensor::prefetch::Prefetch;
 use nibble_tensor::team::{self, block_rows, Member, SharedRows};
 use nibble_tensor::weight::BATCH1_ROW_ALIGN;
 use nibble_tensor::{f16, linear_low_rank_into, Tensor, TensorError, WeightMatrix};
@@ -103,12 +108,6 @@ pub(crate) fn forward_in_place(
         .filter_map(|l| l.lora.as_ref().map(|a| a.rank()))
         .max()
         .unwrap_or(0);
-    if chunk_rows == usize::MAX {
-        if let Some(parts) = row_split_parts(blocks, batch) {
-            forward_row_split(blocks, norms, out.data_mut(), dim, rank, parts)?;
-            return Ok(out);
-        }
-    }
     let ranges = chunk_ranges(batch, chunk_rows);
     let widest = ranges.iter().map(|(a, b)| b - a).max().unwrap_or(0);
     // Cleared in parallel (calloc clears reused memory with one serial memset).
@@ -127,111 +126,6 @@ pub(crate) fn forward_in_place(
         }
     }
     Ok(out)
-}
-
-/// Rows each part of a row-split forward has at least ([`row_split_parts`]): where every kind
-/// of weight multiplies through its GEMM (as [`MIN_CHUNK_ROWS`] guarantees for chunks), so
-/// each part's rows come out as the whole batch's.
-pub const ROW_SPLIT_MIN_ROWS: usize = MIN_CHUNK_ROWS / 2;
-
-/// When a large batch runs split into row ranges, one whole forward per pool thread
-/// ([`forward_row_split`]; read once from `NIBBLE_ROW_SPLIT`, for comparing: the bits are the
-/// same either way).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RowSplit {
-    /// Never (`NIBBLE_ROW_SPLIT=0`).
-    Never,
-    /// Where every weight is held packed (the default).
-    Packed,
-    /// Whatever the weights (`NIBBLE_ROW_SPLIT=any`): each thread then packs or dequantizes
-    /// every weight for its own rows.
-    Any,
-}
-
-/// The [`RowSplit`] setting.
-pub fn row_split() -> RowSplit {
-    static MODE: std::sync::OnceLock<RowSplit> = std::sync::OnceLock::new();
-    *MODE.get_or_init(
-        || match std::env::var("NIBBLE_ROW_SPLIT").as_deref().map(str::trim) {
-            Ok("0") => RowSplit::Never,
-            Ok("any") => RowSplit::Any,
-            _ => RowSplit::Packed,
-        },
-    )
-}
-
-/// How many row ranges a batch of `batch` rows runs in, one per pool thread, when it runs
-/// split ([`forward_row_split`]): where the pool has two threads or more, the batch gives each
-/// part [`ROW_SPLIT_MIN_ROWS`] rows or more, and every layer's weight is held packed for its
-/// GEMM ([`nibble_tensor::gemm::PackB::prepacked_block`], an f32 layer packed for inference):
-/// then a thread's part reads the packed weights in place and nothing else is shared. Other
-/// weights would be packed or dequantized for the GEMM by every thread, each for its own rows,
-/// which the whole batch's GEMM does once; `None` for them.
-pub(crate) fn row_split_parts(
-    blocks: &[Arc<[Linear; LAYERS_PER_BLOCK]>],
-    batch: usize,
-) -> Option<usize> {
-    let parts = rayon::current_num_threads().min(batch / ROW_SPLIT_MIN_ROWS);
-    let mode = row_split();
-    if parts < 2 || mode == RowSplit::Never {
-        return None;
-    }
-    if mode == RowSplit::Any {
-        return Some(parts);
-    }
-    let held = blocks
-        .iter()
-        .flat_map(|b| b.iter())
-        .all(|layer| match &layer.base {
-            LinearBase::Frozen { weight, .. } => weight
-                .matrix()
-                .gemm_rhs(batch)
-                .is_some_and(|rhs| rhs.prepacked_block(0).is_some()),
-            LinearBase::Trainable { .. } => false,
-        });
-    held.then_some(parts)
-}
-
-/// The in-place forward with the batch split into `parts` ranges of nearly equal size, each
-/// run through every layer by one pool thread with its own buffers, its kernels on that thread
-/// alone ([`nibble_tensor::parallel::serial`]): no fork-join per layer, and each thread's
-/// activations stay in its own caches from layer to layer, where the whole batch's GEMM hands
-/// every layer's output to other cores. Each part has [`ROW_SPLIT_MIN_ROWS`] rows or more, so
-/// its rows are the whole batch's bit for bit. `out` `[batch, dim]` holds the input on entry.
-fn forward_row_split(
-    blocks: &[Arc<[Linear; LAYERS_PER_BLOCK]>],
-    norms: &[Norm],
-    out: &mut [f32],
-    dim: usize,
-    rank: usize,
-    parts: usize,
-) -> Result<()> {
-    use rayon::prelude::*;
-    let batch = out.len() / dim.max(1);
-    let mut rest = out;
-    let mut pieces = Vec::with_capacity(parts);
-    for p in 0..parts {
-        let rows = batch * (p + 1) / parts - batch * p / parts;
-        let (piece, tail) = rest.split_at_mut(rows * dim);
-        pieces.push((piece, rows));
-        rest = tail;
-    }
-    pieces.into_par_iter().try_for_each(|(rows, m)| {
-        nibble_tensor::parallel::serial(|| {
-            let mut buffers = InferBuffers {
-                a: vec![0.0; m * dim],
-                b: vec![0.0; m * dim],
-                layer: LayerScratch {
-                    lora: vec![0.0; m * rank],
-                    bias: Vec::new(),
-                },
-            };
-            for (b, block) in blocks.iter().enumerate() {
-                run_block(block, norms.get(b), rows, m, &mut buffers)?;
-            }
-            Ok(())
-        })
-    })
 }
 
 /// Reused across chunks and layers: the two layer outputs taking turns, and a layer's own.
@@ -554,9 +448,8 @@ fn member_forward(
     let mut resid = x.to_vec();
     let blocks = layers.len() / LAYERS_PER_BLOCK;
     for (bi, block) in layers.chunks_exact(LAYERS_PER_BLOCK).enumerate() {
-        let next_block = layers.get((bi + 1) * LAYERS_PER_BLOCK);
         team_linear(member, &block[0], &resid, &bufs.a, &bufs.h, Post::Relu)?;
-        wait_prefetching(member, Some(&block[1]))?;
+        member.wait()?;
         // SAFETY: every member wrote its rows of `a` before the barrier; `a` is written again
         // only after the barrier that ends the next layer.
         let a = unsafe { bufs.a.read() };
@@ -568,7 +461,7 @@ fn member_forward(
             &bufs.h,
             Post::Relu,
         )?;
-        wait_prefetching(member, Some(&block[2]))?;
+        member.wait()?;
         // SAFETY: as above, for `b`.
         let b = unsafe { bufs.b.read() };
         let post = Post::Residual(&resid);
@@ -580,7 +473,7 @@ fn member_forward(
             &bufs.h,
             post,
         )?;
-        wait_prefetching(member, next_block)?;
+        member.wait()?;
         let norm = norms.get(bi);
         if bi + 1 < blocks || norm.is_some() {
             // SAFETY: every member wrote its rows of `out` before the barrier; they are
@@ -602,38 +495,13 @@ fn member_forward(
     Ok(())
 }
 
-/// Whether a batch-1 team's members prefetch their rows of the next layer while they wait at
-/// the barrier ending a layer ([`wait_prefetching`]): only with `NIBBLE_TEAM_PREFETCH=1` (read
-/// once; for comparing, the bits are the same either way).
-pub fn team_prefetch_enabled() -> bool {
+/// Whether a batch-1 team balances each layer's rows among its members
+/// ([`Member::claim_blocks`]: a member done with its own blocks takes blocks that a slower one
+/// has not started) rather than giving each member fixed blocks: yes unless
+/// `NIBBLE_TEAM_BALANCE=0` (read once; for comparing, the bits are the same either way).
+pub fn team_balance_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("NIBBLE_TEAM_PREFETCH").is_ok_and(|v| v.trim() == "1"))
-}
-
-/// Cache lines a waiting member prefetches between two looks at the barrier (a few dozen ns
-/// of issuing).
-const PREFETCH_LINES_PER_POLL: usize = 16;
-
-/// The barrier after a layer ([`Member::wait`]), where the member spends its wait asking for
-/// the weight rows it computes of `next` ([`nibble_tensor::prefetch`]): they are then in its
-/// L2 when the others arrive, instead of starting a stream from L3 or DRAM as the layer
-/// begins. It stops prefetching the moment the last member arrives.
-fn wait_prefetching(
-    member: &Member<'_>,
-    next: Option<&LayerView<'_>>,
-) -> std::result::Result<(), TeamStop> {
-    let arrival = member.arrive()?;
-    let Some(layer) = next.filter(|_| team_prefetch_enabled()) else {
-        member.wait_for(arrival)?;
-        return Ok(());
-    };
-    let out = layer.weight.out_features();
-    let mut prefetch = Prefetch::default();
-    for rows in member.blocks(out, block_rows(out, member.threads(), BATCH1_ROW_ALIGN)) {
-        prefetch.add_rows(layer.weight, rows);
-    }
-    member.wait_for_while(arrival, || prefetch.step(PREFETCH_LINES_PER_POLL))?;
-    Ok(())
+    *ON.get_or_init(|| std::env::var("NIBBLE_TEAM_BALANCE").map_or(true, |v| v.trim() != "0"))
 }
 
 /// A layer's output width.
@@ -691,14 +559,24 @@ fn team_linear(
         None => None,
     };
     let product = layer.weight.batch1_rows(x).ok_or(TeamStop::Fallback)?;
-    for rows in member.blocks(out, block) {
-        // SAFETY: this member's blocks of y, written by no one else in this phase; y was last
-        // read before the barrier that ended the layer before the previous one.
+    // The blocks this member computed, for the adapter's `B h` on the same rows.
+    let mut computed = Vec::new();
+    let blocks: Box<dyn Iterator<Item = Range<usize>>> = if team_balance_enabled() {
+        Box::new(member.claim_blocks(out, block))
+    } else {
+        Box::new(member.blocks(out, block))
+    };
+    for rows in blocks {
+        // SAFETY: blocks of y that this member alone computes in this phase
+        // (`claim_blocks` gives each to one member); y was last read before the barrier that
+        // ended the layer before the previous one.
         let yr = unsafe { y.rows_mut(rows.clone()) };
         layer.bias.write(rows.clone(), yr);
         product.rows(rows.clone(), yr, true)?;
         if layer.adapter.is_none() {
             post.apply(rows, yr)?;
+        } else {
+            computed.push(rows);
         }
     }
     let (Some((a, b)), Some(arrival)) = (layer.adapter, arrival) else {
@@ -710,8 +588,8 @@ fn team_linear(
     // for; h is written again only after the barrier that ends this layer.
     let hv = &unsafe { h.read() }[..rank];
     let b_rows = b.batch1_rows(hv).ok_or(TeamStop::Fallback)?;
-    for rows in member.blocks(out, block) {
-        // SAFETY: the same blocks of y as above, this member's alone.
+    for rows in computed {
+        // SAFETY: the blocks of y this member computed above, its alone.
         let yr = unsafe { y.rows_mut(rows.clone()) };
         b_rows.rows(rows.clone(), yr, true)?;
         post.apply(rows, yr)?;

@@ -281,14 +281,6 @@ impl BigNet {
         run()
     }
 
-    /// How many row ranges [`BigNet::infer`] splits a batch of `batch` rows into on the current
-    /// rayon pool, each run through every layer by one thread (`crate::infer`'s row-split
-    /// forward: every layer packed for inference, two threads or more, 48 rows or more a
-    /// part); `None` where the batch runs whole. The same bits either way.
-    pub fn row_split_parts(&self, batch: usize) -> Option<usize> {
-        crate::infer::row_split_parts(&self.blocks, batch)
-    }
-
     /// A batch of one row through the batch-1 team path alone ([`crate::infer`]'s
     /// `forward_batch1_team`, which [`BigNet::infer`] takes for a single row on a pool of 2
     /// threads or more): `None` when it did not run (a pool of one thread, another team

@@ -17,7 +17,6 @@ pub mod lowrank;
 pub mod ops;
 pub mod packed;
 pub mod parallel;
-pub mod prefetch;
 pub mod rng;
 pub mod simd;
 pub mod team;

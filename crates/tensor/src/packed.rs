@@ -258,21 +258,6 @@ impl WeightMatrix for PackedWeight {
     fn batch1_rows<'a>(&'a self, x: &'a [f32]) -> Option<Box<dyn Batch1Rows + 'a>> {
         (x.len() == self.inn).then(|| Box::new(PackedBatch1 { w: self, x }) as Box<dyn Batch1Rows>)
     }
-    fn row_memory<'a>(&'a self, rows: Range<usize>, each: &mut dyn FnMut(&'a [u8])) {
-        // The panels holding the rows, in every K block.
-        let (start, end) = (rows.start.min(self.out), rows.end.min(self.out));
-        if start >= end {
-            return;
-        }
-        let (p0, p1) = (start / NR, end.div_ceil(NR));
-        for k0 in (0..self.inn).step_by(KC) {
-            let kc = KC.min(self.inn - k0);
-            let block = k0 * self.npan * NR;
-            each(bytemuck::cast_slice(
-                &self.data[block + p0 * kc * NR..block + p1 * kc * NR],
-            ));
-        }
-    }
     fn matmul(&self, dy: &[f32], m: usize, dx: &mut [f32], accumulate: bool) -> Result<()> {
         check_matmul_operands(
             "linear_backward_input",

@@ -15,47 +15,6 @@ use std::time::{Duration, Instant};
 /// one thread and 9.1-10.4 µs on two.
 pub const PARALLEL_MIN_MACS: usize = 1 << 16;
 
-thread_local! {
-    /// Set while the thread runs inside [`serial`].
-    static SERIAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// The threads a kernel may split one call over: the current rayon pool's, or 1 inside
-/// [`serial`]. The GEMM asks it.
-pub fn threads() -> usize {
-    if SERIAL.with(|s| s.get()) {
-        1
-    } else {
-        rayon::current_num_threads()
-    }
-}
-
-/// Runs `f` with the kernels that ask [`threads`] (the GEMM) computing on the calling thread
-/// alone: for a caller that already gives each pool thread work of its own (BigNet's batch
-/// split into row ranges, one forward per thread), where a kernel's own fork-join per call
-/// would only add hand-offs. The kernels' results do not depend on the number of threads, so
-/// the values are the same. Nests; the setting is restored when `f` returns or unwinds.
-///
-/// ```
-/// use nibble_tensor::parallel::{serial, threads};
-/// let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
-/// pool.install(|| {
-///     assert_eq!(threads(), 3);
-///     assert_eq!(serial(threads), 1);
-///     assert_eq!(threads(), 3);
-/// });
-/// ```
-pub fn serial<R>(f: impl FnOnce() -> R) -> R {
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            SERIAL.with(|s| s.set(self.0));
-        }
-    }
-    let _restore = Restore(SERIAL.with(|s| s.replace(true)));
-    f()
-}
-
 /// Calls `f(start, part)` for consecutive parts of `out` of `block` elements (the last one
 /// shorter), `start` being the part's offset in `out`, on the current rayon pool.
 ///

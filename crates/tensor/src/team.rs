@@ -26,7 +26,7 @@
 use std::any::Any;
 use std::ops::Range;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 /// Spins of a barrier wait before it starts yielding its core (a member may be descheduled
@@ -57,6 +57,9 @@ struct SpinBarrier {
     /// Member `i`'s count of barriers reached (arrived at).
     arrivals: Box<[Padded<AtomicUsize>]>,
     aborted: Padded<AtomicBool>,
+    /// Member `i`'s blocks taken in the current round of [`Member::claim_blocks`] (see
+    /// [`ClaimWord`]).
+    claims: Box<[Padded<AtomicU64>]>,
 }
 
 impl SpinBarrier {
@@ -64,6 +67,7 @@ impl SpinBarrier {
         SpinBarrier {
             arrivals: (0..threads).map(|_| Padded(AtomicUsize::new(0))).collect(),
             aborted: Padded(AtomicBool::new(false)),
+            claims: (0..threads).map(|_| Padded(AtomicU64::new(0))).collect(),
         }
     }
 
@@ -123,6 +127,11 @@ pub struct Member<'t> {
     barrier: &'t SpinBarrier,
     /// Barriers this member has passed.
     passed: std::cell::Cell<usize>,
+    /// The latest barrier this member has waited for to the end.
+    waited: std::cell::Cell<usize>,
+    /// Rounds of [`Member::claim_blocks`] begun, and `passed` when the latest began.
+    rounds: std::cell::Cell<u32>,
+    round_began: std::cell::Cell<Option<usize>>,
 }
 
 impl Member<'_> {
@@ -159,7 +168,7 @@ impl Member<'_> {
     /// The second half of [`Member::wait`]: waits until every member has arrived at the
     /// barrier of `arrival` (this member's latest: call it before arriving again).
     pub fn wait_for(&self, arrival: Arrival) -> Result<(), Aborted> {
-        self.barrier.wait_all(arrival.0, || false)
+        self.wait_for_while(arrival, || false)
     }
 
     /// [`Member::wait_for`], calling `work` between looks at the barrier for as long as the
@@ -190,7 +199,9 @@ impl Member<'_> {
         arrival: Arrival,
         work: impl FnMut() -> bool,
     ) -> Result<(), Aborted> {
-        self.barrier.wait_all(arrival.0, work)
+        self.barrier.wait_all(arrival.0, work)?;
+        self.waited.set(self.waited.get().max(arrival.0));
+        Ok(())
     }
 
     /// This member's blocks of `0..len` in blocks of `block` elements (the last one
@@ -203,6 +214,217 @@ impl Member<'_> {
         (self.index * block..len)
             .step_by(block * self.threads)
             .map(move |s| s..(s + block).min(len))
+    }
+}
+
+impl<'t> Member<'t> {
+    /// Member `index` of a team of `threads` meeting at `barrier`, before its first barrier.
+    fn new(index: usize, threads: usize, barrier: &'t SpinBarrier) -> Self {
+        Member {
+            index,
+            threads,
+            barrier,
+            passed: std::cell::Cell::new(0),
+            waited: std::cell::Cell::new(0),
+            rounds: std::cell::Cell::new(0),
+            round_began: std::cell::Cell::new(None),
+        }
+    }
+
+    /// This member's share of `0..len` in blocks of `block` elements, as [`Member::blocks`]
+    /// gives it, with the work balanced: the member takes its own blocks one at a time, in
+    /// order, then blocks that other members have not taken yet, from the end of the member
+    /// with the most left (one who runs late, is descheduled or reads slower memory). Every
+    /// block is yielded to exactly one member; which member computes a block changes no value
+    /// where the blocks' results do not depend on who computes them.
+    ///
+    /// Every member must call it the same number of times in the same order (as a team's
+    /// members run the same code), run each iterator to its end, and a round of claims must be
+    /// separated from the member's previous one by a barrier waited for to the end
+    /// ([`Member::wait`]) that was arrived at after that round: no member then takes blocks of
+    /// a round while another still works in the one before. Where none was waited for since
+    /// the previous round began (two rounds in one phase), the round gives the member exactly
+    /// its own blocks ([`Member::blocks`]), for every member alike; so it does with more than
+    /// 65535 blocks a member.
+    ///
+    /// ```
+    /// use nibble_tensor::team;
+    /// use std::sync::atomic::{AtomicUsize, Ordering};
+    /// let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+    /// let done: Vec<AtomicUsize> = (0..100).map(|_| AtomicUsize::new(0)).collect();
+    /// pool.install(|| {
+    ///     team::run(|member| -> Result<(), team::Aborted> {
+    ///         for rows in member.claim_blocks(100, 8) {
+    ///             for i in rows {
+    ///                 done[i].fetch_add(1, Ordering::Relaxed);
+    ///             }
+    ///         }
+    ///         member.wait()
+    ///     })
+    /// });
+    /// assert!(done.iter().all(|d| d.load(Ordering::Relaxed) == 1));
+    /// ```
+    pub fn claim_blocks(&self, len: usize, block: usize) -> ClaimedBlocks<'_, 't> {
+        let block = block.max(1);
+        let separated = self
+            .round_began
+            .get()
+            .is_none_or(|began| self.waited.get() > began);
+        let per_member = len.div_ceil(block.saturating_mul(self.threads));
+        let balanced = separated && per_member <= usize::from(u16::MAX);
+        let round = if balanced {
+            let r = self.rounds.get().wrapping_add(1);
+            self.rounds.set(r);
+            self.round_began.set(Some(self.passed.get()));
+            r
+        } else {
+            0
+        };
+        ClaimedBlocks {
+            member: self,
+            len,
+            block,
+            round,
+            balanced,
+            own_next: 0,
+            stealing: false,
+        }
+    }
+
+    /// The blocks member `owner` has in `0..len`.
+    fn blocks_of(&self, owner: usize, len: usize, block: usize) -> usize {
+        let start = owner * block;
+        if start >= len {
+            0
+        } else {
+            (len - start).div_ceil(block * self.threads)
+        }
+    }
+
+    /// Block `j` of member `owner`.
+    fn block_range(&self, owner: usize, j: usize, len: usize, block: usize) -> Range<usize> {
+        let start = owner * block + j * block * self.threads;
+        start..(start + block).min(len)
+    }
+}
+
+/// The word in which a member's blocks taken in a round of [`Member::claim_blocks`] are
+/// counted: the round in the high 32 bits, blocks taken from the back (by others) in the next
+/// 16, from the front (by the owner) in the low 16. A word of an older round counts as none
+/// taken. Each take is one compare-exchange of the owner's word, so the front and back never
+/// cross and a block goes to one member.
+struct ClaimWord {
+    round: u32,
+    front: usize,
+    back: usize,
+}
+
+impl ClaimWord {
+    fn read(word: u64, round: u32) -> Self {
+        if (word >> 32) as u32 == round {
+            ClaimWord {
+                round,
+                front: (word & 0xffff) as usize,
+                back: ((word >> 16) & 0xffff) as usize,
+            }
+        } else {
+            ClaimWord {
+                round,
+                front: 0,
+                back: 0,
+            }
+        }
+    }
+
+    fn encode(&self) -> u64 {
+        (u64::from(self.round) << 32) | ((self.back as u64) << 16) | self.front as u64
+    }
+}
+
+/// The blocks a member computes in one round of [`Member::claim_blocks`].
+pub struct ClaimedBlocks<'m, 't> {
+    member: &'m Member<'t>,
+    len: usize,
+    block: usize,
+    round: u32,
+    balanced: bool,
+    /// Without balancing: the member's next own block.
+    own_next: usize,
+    stealing: bool,
+}
+
+impl ClaimedBlocks<'_, '_> {
+    /// Takes the next block of `owner` from the front (the owner) or the back (another):
+    /// its index among the owner's blocks, or `None` when none is left.
+    fn take_block(&self, owner: usize, from_back: bool) -> Option<usize> {
+        let m = self.member;
+        let n = m.blocks_of(owner, self.len, self.block);
+        let word = &m.barrier.claims[owner].0;
+        // Relaxed: the word only decides who computes a block; the results are published by
+        // the barrier after the round.
+        let mut current = word.load(Ordering::Relaxed);
+        loop {
+            let mut w = ClaimWord::read(current, self.round);
+            if w.front + w.back >= n {
+                return None;
+            }
+            let j = if from_back {
+                w.back += 1;
+                n - w.back
+            } else {
+                w.front += 1;
+                w.front - 1
+            };
+            match word.compare_exchange_weak(
+                current,
+                w.encode(),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Some(j),
+                Err(now) => current = now,
+            }
+        }
+    }
+}
+
+impl Iterator for ClaimedBlocks<'_, '_> {
+    type Item = Range<usize>;
+
+    fn next(&mut self) -> Option<Range<usize>> {
+        let m = self.member;
+        if !self.balanced {
+            let j = self.own_next;
+            if j >= m.blocks_of(m.index, self.len, self.block) {
+                return None;
+            }
+            self.own_next += 1;
+            return Some(m.block_range(m.index, j, self.len, self.block));
+        }
+        if !self.stealing {
+            if let Some(j) = self.take_block(m.index, false) {
+                return Some(m.block_range(m.index, j, self.len, self.block));
+            }
+            self.stealing = true;
+        }
+        loop {
+            // The member with the most blocks left (all words read first: the loads overlap).
+            let victim = (0..m.threads)
+                .filter(|&v| v != m.index)
+                .map(|v| {
+                    let w =
+                        ClaimWord::read(m.barrier.claims[v].0.load(Ordering::Relaxed), self.round);
+                    let n = m.blocks_of(v, self.len, self.block);
+                    (n.saturating_sub(w.front + w.back), v)
+                })
+                .max()?;
+            if victim.0 == 0 {
+                return None;
+            }
+            if let Some(j) = self.take_block(victim.1, true) {
+                return Some(m.block_range(victim.1, j, self.len, self.block));
+            }
+        }
     }
 }
 
@@ -286,12 +508,7 @@ pub fn run<E: Send + From<Aborted>>(
     // (`hot_team`) would hold this broadcast until their lingering time ends.
     crate::hot_team::disband();
     rayon::broadcast(|ctx| {
-        let member = Member {
-            index: ctx.index(),
-            threads: ctx.num_threads(),
-            barrier: &barrier,
-            passed: std::cell::Cell::new(0),
-        };
+        let member = Member::new(ctx.index(), ctx.num_threads(), &barrier);
         match catch_unwind(AssertUnwindSafe(|| f(&member))) {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
@@ -436,6 +653,61 @@ mod tests {
         }
     }
 
+    /// Claimed blocks cover `0..len` once in every round, members take others' blocks when
+    /// one is late, and a second round in one phase gives each member its own blocks.
+    #[test]
+    fn claimed_blocks_cover_every_element_once_and_balance() {
+        let stolen = AtomicUsize::new(0);
+        each_site(&[2, 3, 4, 7], |site| {
+            let threads = site.threads();
+            for (len, block) in [(0, 4), (1, 4), (33, 4), (1023, 16), (130, 1), (7, 0)] {
+                let rounds = 6;
+                let done: Vec<AtomicUsize> =
+                    (0..len * rounds).map(|_| AtomicUsize::new(0)).collect();
+                let fallback_ok = AtomicBool::new(true);
+                site.run(|member| -> Result<(), Aborted> {
+                    for round in 0..rounds {
+                        if member.index() == round % threads {
+                            // This member is late: the others take its blocks.
+                            std::thread::sleep(std::time::Duration::from_millis(2));
+                        }
+                        let own: Vec<Range<usize>> = member.blocks(len, block).collect();
+                        for rows in member.claim_blocks(len, block) {
+                            if !own.contains(&rows) {
+                                stolen.fetch_add(1, Ordering::Relaxed);
+                            }
+                            for i in rows {
+                                done[round * len + i].fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        // A second round before any barrier: the member's own blocks.
+                        let again: Vec<Range<usize>> = member.claim_blocks(len, block).collect();
+                        if again != own {
+                            fallback_ok.store(false, Ordering::Relaxed);
+                        }
+                        member.wait()?;
+                    }
+                    Ok(())
+                })
+                .unwrap();
+                for (i, d) in done.iter().enumerate() {
+                    assert_eq!(
+                        d.load(Ordering::Relaxed),
+                        1,
+                        "element {} of round {} (len {len}, block {block}, {threads} threads)",
+                        i % len.max(1),
+                        i / len.max(1)
+                    );
+                }
+                assert!(fallback_ok.load(Ordering::Relaxed));
+            }
+        });
+        assert!(
+            stolen.load(Ordering::Relaxed) > 0,
+            "no block was ever taken from a late member"
+        );
+    }
+
     /// Each member's blocks, over all members, cover `0..len` once.
     #[test]
     fn blocks_cover_every_element_once() {
@@ -443,12 +715,7 @@ mod tests {
             let mut seen = vec![0u32; len];
             for index in 0..threads {
                 let b = SpinBarrier::new(threads);
-                let m = Member {
-                    index,
-                    threads,
-                    barrier: &b,
-                    passed: std::cell::Cell::new(0),
-                };
+                let m = Member::new(index, threads, &b);
                 for r in m.blocks(len, block) {
                     assert!(r.len() <= block.max(1));
                     for s in &mut seen[r] {

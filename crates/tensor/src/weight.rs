@@ -77,13 +77,6 @@ pub trait WeightMatrix: Send + Sync + std::fmt::Debug {
         let _ = x;
         None
     }
-    /// Calls `each` with the memory holding W's rows `rows` (clipped to W's rows; whole
-    /// storage units where rows share one, as the 16 rows of a packed panel do): for callers
-    /// that prefetch a layer's rows ahead of its product ([`crate::prefetch`]). The default
-    /// names none (nothing is then prefetched).
-    fn row_memory<'a>(&'a self, rows: Range<usize>, each: &mut dyn FnMut(&'a [u8])) {
-        let _ = (rows, each);
-    }
     /// Input gradient: `dx[m, in] = dy[m, out] · W` (`dx += ...` with `accumulate`).
     fn matmul(&self, dy: &[f32], m: usize, dx: &mut [f32], accumulate: bool) -> Result<()>;
     /// W as f32 (dequantized where the storage is quantized).
@@ -336,15 +329,6 @@ macro_rules! dense_weight_matrix {
             fn batch1_rows<'a>(&'a self, x: &'a [f32]) -> Option<Box<dyn Batch1Rows + 'a>> {
                 let (o, i) = self.dims2("linear").ok()?;
                 DenseBatch1::new(self.data(), o, i, x).map(|b| Box::new(b) as Box<dyn Batch1Rows>)
-            }
-            fn row_memory<'a>(&'a self, rows: Range<usize>, each: &mut dyn FnMut(&'a [u8])) {
-                let Ok((o, i)) = self.dims2("row_memory") else {
-                    return;
-                };
-                let (start, end) = (rows.start.min(o), rows.end.min(o));
-                if start < end {
-                    each(bytemuck::cast_slice(&self.data()[start * i..end * i]));
-                }
             }
             fn matmul(&self, dy: &[f32], m: usize, dx: &mut [f32], accumulate: bool) -> Result<()> {
                 let (o, i) = self.dims2("linear_backward_input")?;

@@ -1012,7 +1012,7 @@ fn gemm_staged(
             }
         })
         .collect();
-    let threads = crate::parallel::threads().max(1);
+    let threads = rayon::current_num_threads().max(1);
     let work = m.saturating_mul(n).saturating_mul(k_total);
     let parallel = threads > 1 && work >= 1 << 18;
 
