@@ -14,9 +14,17 @@
 //! ([`nibble_tensor::team`]): the pool is entered once and every thread computes its blocks of
 //! rows of each layer, meeting the others at a spin barrier after each layer, in place of a
 //! fork-join of the pool per layer (on the 16-core Xeon: BigNet at batch 1 0.50 against 0.73–0.78
-//! ms). Same kernels, same operands, same bits.
+//! ms). Same kernels, same operands, same bits. A member done with its own blocks of a layer's
+//! rows takes blocks that a slower one has not started ([`Member::claim_blocks`]): on the Xeon
+//! the slowest member's share of a layer took 21–24 µs where the mean took 16–18
+//! (`examples/team_anatomy.rs`, 18 packed f32 layers: 0.47–0.51 ms a forward with fixed
+//! blocks, 0.41–0.43 balanced; `bignet bench bignet` at batch 1 0.66–0.69 against 0.51–0.57
+//! ms, three rounds in turns, 2026-12-04 21:27 UTC).
 //!
-//! Tried on the 16-core Xeon and not kept: a 1024-row batch of packed f32 layers split into 16
+//! Tried on the 16-core Xeon and not kept: members prefetching their rows of the next layer
+//! into L2 while they wait at each barrier (BigNet at batch 1 1.03–1.21 ms against 0.54–0.56,
+//! 20:49 and 21:19 UTC: the early members' prefetches slowed the late ones, whose share sets the
+//! layer's time); and a 1024-row batch of packed f32 layers split into 16
 //! row ranges, each run through all 18 layers by one thread with its GEMMs on that thread alone
 //! (no fork-join per layer, each thread's activations staying in its caches): 33.4–37.8 ms
 //! against 30.9–34.4 for the whole batch through the parallel GEMM, three rounds in turns

@@ -82,11 +82,9 @@ impl SpinBarrier {
         Ok(())
     }
 
-    /// Waits until every member has arrived at barrier `epoch`, calling `work` between polls
-    /// until it returns `false`.
-    fn wait_all(&self, epoch: usize, mut work: impl FnMut() -> bool) -> Result<(), Aborted> {
+    /// Waits until every member has arrived at barrier `epoch`.
+    fn wait_all(&self, epoch: usize) -> Result<(), Aborted> {
         let mut spins = 0u32;
-        let mut busy = true;
         loop {
             // Every line read before testing any, so that the loads overlap. A member
             // already past this barrier has stored a larger count: it arrived too.
@@ -99,9 +97,7 @@ impl SpinBarrier {
             if self.aborted.0.load(Ordering::Acquire) {
                 return Err(Aborted);
             }
-            if busy {
-                busy = work();
-            } else if spins < SPINS_BEFORE_YIELD {
+            if spins < SPINS_BEFORE_YIELD {
                 std::hint::spin_loop();
                 spins += 1;
             } else {
@@ -168,38 +164,7 @@ impl Member<'_> {
     /// The second half of [`Member::wait`]: waits until every member has arrived at the
     /// barrier of `arrival` (this member's latest: call it before arriving again).
     pub fn wait_for(&self, arrival: Arrival) -> Result<(), Aborted> {
-        self.wait_for_while(arrival, || false)
-    }
-
-    /// [`Member::wait_for`], calling `work` between looks at the barrier for as long as the
-    /// others have not all arrived and `work` returns `true` (more to do): a waiter's idle time
-    /// put to use, as prefetching its rows of the next layer ([`crate::prefetch`]). `work`
-    /// should take well under a µs a call, so that the member leaves soon after the last
-    /// arrival; it may not run at all (the others were there first).
-    ///
-    /// ```
-    /// use nibble_tensor::team;
-    /// let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-    /// let ran = pool.install(|| {
-    ///     team::run(|member| -> Result<(), team::Aborted> {
-    ///         let arrival = member.arrive()?;
-    ///         let mut polls = 0;
-    ///         member.wait_for_while(arrival, || {
-    ///             polls += 1;
-    ///             polls < 10
-    ///         })?;
-    ///         assert!(polls <= 10);
-    ///         Ok(())
-    ///     })
-    /// });
-    /// assert_eq!(ran, Some(Ok(())));
-    /// ```
-    pub fn wait_for_while(
-        &self,
-        arrival: Arrival,
-        work: impl FnMut() -> bool,
-    ) -> Result<(), Aborted> {
-        self.barrier.wait_all(arrival.0, work)?;
+        self.barrier.wait_all(arrival.0)?;
         self.waited.set(self.waited.get().max(arrival.0));
         Ok(())
     }
@@ -239,13 +204,13 @@ impl<'t> Member<'t> {
     /// where the blocks' results do not depend on who computes them.
     ///
     /// Every member must call it the same number of times in the same order (as a team's
-    /// members run the same code), run each iterator to its end, and a round of claims must be
-    /// separated from the member's previous one by a barrier waited for to the end
-    /// ([`Member::wait`]) that was arrived at after that round: no member then takes blocks of
-    /// a round while another still works in the one before. Where none was waited for since
-    /// the previous round began (two rounds in one phase), the round gives the member exactly
-    /// its own blocks ([`Member::blocks`]), for every member alike; so it does with more than
-    /// 65535 blocks a member.
+    /// members run the same code) and run each iterator to its end before it next arrives at
+    /// a barrier. A round then takes blocks from others only when the member has waited to the
+    /// end of a barrier ([`Member::wait`], [`Member::wait_for`]) arrived at after its previous
+    /// round began: every member has finished that round, so no one takes blocks of a round
+    /// while another still works in the one before. Otherwise (two rounds in one phase) the
+    /// round gives the member exactly its own blocks ([`Member::blocks`]), for every member
+    /// alike; so it does with more than 65535 blocks a member.
     ///
     /// ```
     /// use nibble_tensor::team;
