@@ -110,14 +110,14 @@ pub(crate) fn forward_in_place(
             None => out.data_mut().copy_from_slice(x.data()),
         }
     }
+    let ranges = chunk_ranges(batch, chunk_rows);
+    let widest = ranges.iter().map(|(a, b)| b - a).max().unwrap_or(0);
     let rank = blocks
         .iter()
         .flat_map(|b| b.iter())
         .filter_map(|l| l.lora.as_ref().map(|a| a.rank()))
         .max()
         .unwrap_or(0);
-    let ranges = chunk_ranges(batch, chunk_rows);
-    let widest = ranges.iter().map(|(a, b)| b - a).max().unwrap_or(0);
     // Cleared in parallel (calloc clears reused memory with one serial memset).
     let mut buffers = InferBuffers {
         a: zeros_vec(widest * dim),
