@@ -8,7 +8,9 @@
 //! as long as PyTorch's 1.2 ms with one fork-join per layer). A team enters the pool once
 //! ([`rayon::broadcast`]) and runs the layers one after the other on every thread, each
 //! thread computing its blocks of rows ([`Member::blocks`]) and waiting at a barrier
-//! ([`Member::wait`]) until the layer's output is complete.
+//! ([`Member::wait`]) until the layer's output is complete. A phase's time is its slowest
+//! member's, so [`Member::claim_blocks`] lets a member that is done with its own blocks take
+//! blocks that a slower one has not started.
 //!
 //! Spin barriers need every member running: a team therefore runs only where it can own the
 //! pool's threads. One team at a time runs in the process (others, and pools of one thread,
