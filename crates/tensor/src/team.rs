@@ -177,7 +177,8 @@ impl Member<'_> {
     /// (see [`crate::parallel::for_each_block`] on why that matters for DRAM), and each member
     /// gets the same rows every call (its caches keep them where they fit).
     pub fn blocks(&self, len: usize, block: usize) -> impl Iterator<Item = Range<usize>> {
-        let block = block.max(1);
+        // A block of `len` or more is all of it; clamped so that no offset overflows.
+        let block = block.clamp(1, len.max(1));
         (self.index * block..len)
             .step_by(block * self.threads)
             .map(move |s| s..(s + block).min(len))
@@ -232,7 +233,9 @@ impl<'t> Member<'t> {
     /// assert!(done.iter().all(|d| d.load(Ordering::Relaxed) == 1));
     /// ```
     pub fn claim_blocks(&self, len: usize, block: usize) -> ClaimedBlocks<'_, 't> {
-        let block = block.max(1);
+        // A block of `len` or more is all of it (as in `blocks`); clamped so that no block
+        // offset overflows.
+        let block = block.clamp(1, len.max(1));
         let separated = self
             .round_began
             .get()
@@ -627,7 +630,15 @@ mod tests {
         let stolen = AtomicUsize::new(0);
         each_site(&[2, 3, 4, 7], |site| {
             let threads = site.threads();
-            for (len, block) in [(0, 4), (1, 4), (33, 4), (1023, 16), (130, 1), (7, 0)] {
+            for (len, block) in [
+                (0, 4),
+                (1, 4),
+                (33, 4),
+                (1023, 16),
+                (130, 1),
+                (7, 0),
+                (9, usize::MAX),
+            ] {
                 let rounds = 6;
                 let done: Vec<AtomicUsize> =
                     (0..len * rounds).map(|_| AtomicUsize::new(0)).collect();
