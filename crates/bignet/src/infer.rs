@@ -569,12 +569,13 @@ fn team_linear(
     let product = layer.weight.batch1_rows(x).ok_or(TeamStop::Fallback)?;
     // The blocks this member computed, for the adapter's `B h` on the same rows.
     let mut computed = Vec::new();
-    let blocks: Box<dyn Iterator<Item = Range<usize>>> = if team_balance_enabled() {
-        Box::new(member.claim_blocks(out, block))
-    } else {
-        Box::new(member.blocks(out, block))
+    let mut fixed = member.blocks(out, block);
+    let mut claimed = team_balance_enabled().then(|| member.claim_blocks(out, block));
+    let mut next_block = || match claimed.as_mut() {
+        Some(claims) => claims.next(),
+        None => fixed.next(),
     };
-    for rows in blocks {
+    while let Some(rows) = next_block() {
         // SAFETY: blocks of y that this member alone computes in this phase
         // (`claim_blocks` gives each to one member); y was last read before the barrier that
         // ended the layer before the previous one.
