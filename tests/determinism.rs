@@ -1,18 +1,13 @@
 //! Same inputs and seed give bit-identical outputs and training trajectories, whatever the
 //! number of threads.
 
+mod common;
+use common::in_pool;
+
 use nibble::autograd::{AdamW, AdamWConfig, Tape};
 use nibble::bignet::loader::ModelSpec;
 use nibble::bignet::train::{train_step, FitTask};
 use nibble::bignet::Variant;
-
-fn in_pool<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .unwrap()
-        .install(f)
-}
 
 /// Output of a forward at batch 1 and 64, and the losses and final adapter of 5 qlora steps.
 fn run(variant: Variant) -> (Vec<u32>, Vec<u32>) {

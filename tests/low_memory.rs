@@ -3,23 +3,14 @@
 //! training gives bit-identical gradients and AdamW trajectories; micro-batches give the same
 //! update up to the order of the sums over rows. Each across 1 and 2 threads.
 
+mod common;
+use common::{bits, in_pool};
+
 use nibble::autograd::{AdamW, AdamWConfig, Optimizer, Tape, Var};
 use nibble::bignet::cli::normal_batch;
 use nibble::bignet::loader::ModelSpec;
 use nibble::bignet::train::{train_step_with, FitTask, TrainOptions};
 use nibble::bignet::{BigNet, Variant};
-
-fn in_pool<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .unwrap()
-        .install(f)
-}
-
-fn bits(values: &[f32]) -> Vec<u32> {
-    values.iter().map(|v| v.to_bits()).collect()
-}
 
 fn model(variant: Variant, dim: usize) -> BigNet {
     ModelSpec {

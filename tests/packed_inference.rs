@@ -3,22 +3,13 @@
 //! and on the pool, small batches, large ones), the same across thread counts, and save as the
 //! plain f32 checkpoint they came from.
 
+mod common;
+use common::{bits, in_pool};
+
 use nibble::bignet::cli::normal_batch;
 use nibble::bignet::loader::ModelSpec;
 use nibble::bignet::persist::save_model;
 use nibble::bignet::{BigNet, Variant};
-
-fn in_pool<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .unwrap()
-        .install(f)
-}
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits()).collect()
-}
 
 fn models(dim: usize) -> (BigNet, BigNet) {
     let spec = ModelSpec {

@@ -174,16 +174,7 @@ impl Linear {
             LinearBase::Trainable { weight, bias } => tape.linear_pending(x, weight, Some(bias))?,
             LinearBase::Frozen { weight, bias } => {
                 let matrix = weight.matrix();
-                if bias.len() != matrix.out_features() {
-                    return Err(Error::Layer {
-                        layer: self.name.clone(),
-                        what: format!(
-                            "bias of {} elements for {} outputs",
-                            bias.len(),
-                            matrix.out_features()
-                        ),
-                    });
-                }
+                self.check_bias(bias.len(), matrix.out_features())?;
                 if let Some(lora) = &self.lora {
                     return Ok(tape.frozen_linear_lora_pending(x, &matrix, &lora.a, &lora.b)?);
                 }
@@ -197,6 +188,17 @@ impl Linear {
                 Ok(tape.linear_add_pending(y, &h, &lora.b)?)
             }
         }
+    }
+
+    /// An error naming the layer unless its bias has one element per output.
+    fn check_bias(&self, bias: usize, outputs: usize) -> Result<()> {
+        if bias != outputs {
+            return Err(Error::Layer {
+                layer: self.name.clone(),
+                what: format!("bias of {bias} elements for {outputs} outputs"),
+            });
+        }
+        Ok(())
     }
 
     /// Makes a trainable f32 base frozen and packed for inference: the weight becomes a
@@ -231,16 +233,7 @@ impl Linear {
         };
         let packed = PackedWeight::pack(&weight.value())?;
         let bias = bias.value().data().to_vec();
-        if bias.len() != packed.out_features() {
-            return Err(Error::Layer {
-                layer: self.name.clone(),
-                what: format!(
-                    "bias of {} elements for {} outputs",
-                    bias.len(),
-                    packed.out_features()
-                ),
-            });
-        }
+        self.check_bias(bias.len(), packed.out_features())?;
         self.base = LinearBase::Frozen {
             weight: FrozenWeight::F32(std::sync::Arc::new(packed)),
             bias: FrozenBias::F32(bias),

@@ -22,7 +22,7 @@ use crate::buffer::WeightBuf;
 use crate::cpu::kernel_path;
 use crate::error::{Result, TensorError};
 use crate::gemm::panel_gemv::{self, Panels, PANELS_PER_STEP};
-use crate::gemm::{gemm, MatRef, PackB, KC, NR};
+use crate::gemm::{gemm, CPtr, MatRef, PackB, KC, NR};
 use crate::parallel::PARALLEL_MIN_MACS;
 use crate::tensor::Tensor;
 use crate::weight::{check_batch1_rows, check_matmul_operands, Batch1Rows, WeightMatrix};
@@ -129,7 +129,7 @@ impl PackedWeight {
             .next_multiple_of(PANELS_PER_STEP)
             .min(MAX_TASK_PANELS);
         let tasks = self.npan.div_ceil(per_task);
-        let yp = YPtr(y.as_mut_ptr());
+        let yp = CPtr(y.as_mut_ptr());
         let run = |t: usize| {
             let (p0, p1) = (t * per_task, ((t + 1) * per_task).min(self.npan));
             let (c0, c1) = (p0 * NR, (p1 * NR).min(out));
@@ -166,21 +166,6 @@ pub const PANEL_GEMV_MAX_M: usize = 1;
 
 /// Most panels one task of [`PackedWeight::small_batch`] computes.
 const MAX_TASK_PANELS: usize = 8 * PANELS_PER_STEP;
-
-/// `y`'s base pointer, shared by the tasks of [`PackedWeight::small_batch`] (disjoint columns).
-#[derive(Clone, Copy)]
-struct YPtr(*mut f32);
-// SAFETY: each task writes only its own columns of y, which outlives the tasks (joined before
-// `small_batch` returns).
-unsafe impl Send for YPtr {}
-// SAFETY: as above.
-unsafe impl Sync for YPtr {}
-impl YPtr {
-    /// The pointer (a method, so closures capture the whole `Send` wrapper).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
 
 /// `Wᵀ` (`in x out`) as a GEMM operand: its blocks are read in place.
 impl PackB for PackedWeight {

@@ -1,6 +1,9 @@
 //! GEMM / GEMV correctness on every kernel path, bit-identity across thread counts, and error
 //! handling.
 
+mod common;
+use common::{bits, in_pool};
+
 use half::f16;
 use nibble_tensor::cpu::{available_paths, has_avx512, missing_paths, KernelPath};
 use nibble_tensor::gemm::gemv::{gemv_t_f16, gemv_t_f32, gemv_tile_f32};
@@ -257,18 +260,6 @@ fn k_zero_overwrites_or_keeps() {
         gemm_on(path, a, &b, &mut c, true).unwrap();
         assert_eq!(c, [1.5; 6]);
     }
-}
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits()).collect()
-}
-
-fn in_pool<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .unwrap()
-        .install(f)
 }
 
 #[test]

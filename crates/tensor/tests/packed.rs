@@ -1,6 +1,9 @@
 //! `PackedWeight`: the GEMM's bits at every batch (panel GEMV and GEMM in place), the input
 //! gradient, batch-1 row ranges, the fused layer, thread counts and errors, on awkward shapes.
 
+mod common;
+use common::{bits, in_pool};
+
 use nibble_tensor::gemm::{gemm, MatRef};
 use nibble_tensor::ops::PostOp;
 use nibble_tensor::{PackedWeight, Rng, Tensor, WeightMatrix};
@@ -19,20 +22,8 @@ const SHAPES: [(usize, usize); 10] = [
 ];
 const BATCHES: [usize; 9] = [0, 1, 2, 7, 16, 17, 33, 63, 129];
 
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits()).collect()
-}
-
 fn random(shape: &[usize], rng: &mut Rng) -> Tensor {
     Tensor::uniform(shape, -1.0, 1.0, rng)
-}
-
-fn in_pool<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .unwrap()
-        .install(f)
 }
 
 #[test]

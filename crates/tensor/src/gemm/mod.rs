@@ -258,16 +258,18 @@ thread_local! {
     static B_BUF: Cell<Vec<Line>> = const { Cell::new(Vec::new()) };
 }
 
-/// C's base pointer, shared by tasks that write disjoint tiles.
+/// An output's base pointer, shared by tasks that write disjoint parts of it (the GEMM's tiles
+/// of C, the packed small-batch product's columns of y).
 #[derive(Clone, Copy)]
-struct CPtr(*mut f32);
-// SAFETY: tasks holding a CPtr write only their own disjoint rectangle of C, and the `&mut`
-// borrow of C outlives every task (they are joined before `gemm_on` returns).
+pub(crate) struct CPtr(pub(crate) *mut f32);
+// SAFETY: tasks holding a CPtr write only their own disjoint part of the output, and its
+// `&mut` borrow outlives every task (each user joins its tasks before it returns).
 unsafe impl Send for CPtr {}
 // SAFETY: as above.
 unsafe impl Sync for CPtr {}
 impl CPtr {
-    fn get(self) -> *mut f32 {
+    /// The pointer (a method, so closures capture the whole `Send` wrapper).
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }
