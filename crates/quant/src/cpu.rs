@@ -40,10 +40,8 @@ pub(crate) fn is_x86_simd(path: KernelPath) -> bool {
 /// ahead (`NIBBLE_QUANT_PREFETCH=nta|t0|off`, read once per process; every choice gives the
 /// same sums). A knob for CPUs whose caches differ: `prefetchnta` keeps a stream read once
 /// per forward out of the outer caches, which on the 2-core Zen 3 leaves them to the
-/// activations and LoRA adapters (an earlier session's figure there: BigNet qlora at batch 1
-/// with int8 activations 1.34 → 1.10 ms when `prefetchnta` came in);
-/// a many-core Xeon whose L2 caches together hold a model might prefer the weights kept (see
-/// [`quant_prefetch`] for what it measured).
+/// activations and LoRA adapters, while on Intel Xeons it sends every forward's weights back
+/// to DRAM (see [`default_quant_prefetch`] for what each measured).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QuantPrefetch {
     /// `prefetchnta` one sweep ahead.
@@ -67,15 +65,11 @@ impl QuantPrefetch {
 
 /// The weight prefetch of the batch-1 quantized GEMVs ([`QuantPrefetch`]): `NIBBLE_QUANT_PREFETCH`
 /// where set to `nta`, `t0` or `off` (any other value is reported on stderr and the default
-/// kept), else `nta`. On the 16-core Xeon (16 threads, 2026-12-04 02:04 UTC, two rounds) the
-/// three were within the noise of each other: one Q4 1024² layer at batch 1 with int8
-/// activations 22.4–23.6 µs (nta), 20.8–22.6 (off), 18.2–22.4 (t0); BigNet low_precision /
-/// qlora at batch 1 0.333–0.349 / 0.415–0.442 ms (nta), 0.293–0.329 / 0.399–0.469 (off),
-/// 0.290–0.317 / 0.415–0.451 (t0).
+/// kept), else [`default_quant_prefetch`] for this CPU.
 pub fn quant_prefetch() -> QuantPrefetch {
     static MODE: std::sync::OnceLock<QuantPrefetch> = std::sync::OnceLock::new();
     *MODE.get_or_init(|| {
-        let default = QuantPrefetch::Nta;
+        let default = default_quant_prefetch();
         let Ok(v) = std::env::var("NIBBLE_QUANT_PREFETCH") else {
             return default;
         };
@@ -92,6 +86,34 @@ pub fn quant_prefetch() -> QuantPrefetch {
             }
         }
     })
+}
+
+/// The default [`QuantPrefetch`]: `nta` on AMD CPUs (and Hygon's, which are Zen cores), `t0`
+/// elsewhere. Measured:
+/// * the 2-core Zen 3 (an earlier session): BigNet qlora at batch 1 with int8 activations
+///   1.34 → 1.10 ms when `prefetchnta` came in;
+/// * the 16-core Xeon (16 threads, 2026-12-04 02:04 UTC, two rounds): within the noise, t0 ahead
+///   if anything: one Q4 1024² layer at batch 1 with int8 activations 22.4–23.6 µs (nta), 20.8–22.6
+///   (off), 18.2–22.4 (t0); BigNet low_precision / qlora at batch 1 0.333–0.349 / 0.415–0.442 ms
+///   (nta), 0.293–0.329 / 0.399–0.469 (off), 0.290–0.317 / 0.415–0.451 (t0);
+/// * a 2-core Intel Xeon with AVX-512, VNNI and AMX (2 threads, 2026-12-04 23:50 UTC, `bignet
+///   bench --batch 1 --runs 31`, nta / t0 / off / t0 / nta in turns, medians): low_precision
+///   1.33 / 0.66 / 0.75 / 0.66 / 1.27 ms, qlora 1.41 / 0.74 / 0.78 / 0.81 / 1.32; with int8
+///   activations 0.80 / 0.32 / 0.36 / 0.31 / 0.83 and 0.98 / 0.38 / 0.46 / 0.40 / 0.94. There the
+///   10.6 MB of Q4 weights outgrow the two 2 MiB L2s but sit in its L3, and lines fetched with
+///   `prefetchnta` do not stay there: every forward read them from DRAM again.
+pub fn default_quant_prefetch() -> QuantPrefetch {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // Leaf 0's vendor string is EBX, EDX, ECX: "AuthenticAMD", "HygonGenuine".
+        let v = std::arch::x86_64::__cpuid(0);
+        let amd = (v.ebx, v.edx, v.ecx) == (0x6874_7541, 0x6974_6E65, 0x444D_4163);
+        let hygon = (v.ebx, v.edx, v.ecx) == (0x6F67_7948, 0x6E65_476E, 0x656E_6975);
+        if amd || hygon {
+            return QuantPrefetch::Nta;
+        }
+    }
+    QuantPrefetch::T0
 }
 
 /// How far ahead, in rows of W, the batch-1 quantized GEMVs prefetch ([`prefetch_weights`]):
