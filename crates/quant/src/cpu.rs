@@ -3,7 +3,7 @@
 //! choice as the GEMM, GEMV and f16 kernels it feeds.
 
 pub use nibble_tensor::cpu::{
-    detected_path, has_avx2_fma_f16c, has_avx512, kernel_path, KernelPath,
+    detected_path, has_avx2_fma_f16c, has_avx512, is_amd, kernel_path, KernelPath,
 };
 
 /// Whether this CPU can run the AVX2 path (AVX2 + FMA + F16C).
@@ -103,17 +103,11 @@ pub fn quant_prefetch() -> QuantPrefetch {
 ///   10.6 MB of Q4 weights outgrow the two 2 MiB L2s but sit in its L3, and lines fetched with
 ///   `prefetchnta` do not stay there: every forward read them from DRAM again.
 pub fn default_quant_prefetch() -> QuantPrefetch {
-    #[cfg(target_arch = "x86_64")]
-    {
-        // Leaf 0's vendor string is EBX, EDX, ECX: "AuthenticAMD", "HygonGenuine".
-        let v = std::arch::x86_64::__cpuid(0);
-        let amd = (v.ebx, v.edx, v.ecx) == (0x6874_7541, 0x6974_6E65, 0x444D_4163);
-        let hygon = (v.ebx, v.edx, v.ecx) == (0x6F67_7948, 0x6E65_476E, 0x656E_6975);
-        if amd || hygon {
-            return QuantPrefetch::Nta;
-        }
+    if is_amd() {
+        QuantPrefetch::Nta
+    } else {
+        QuantPrefetch::T0
     }
-    QuantPrefetch::T0
 }
 
 /// How far ahead, in rows of W, the batch-1 quantized GEMVs prefetch ([`prefetch_weights`]):

@@ -79,6 +79,29 @@ pub fn has_avx2_fma_f16c() -> bool {
     })
 }
 
+/// True if the CPU is an AMD one (or a Hygon, whose cores are AMD Zen), from CPUID leaf 0's
+/// vendor string. The batch-1 GEMVs pick their default weight prefetch by it: `prefetchnta`
+/// on AMD, where it leaves the caches to activations, and `prefetcht0` (or the hardware
+/// prefetcher) on Intel Xeons, where lines fetched with `prefetchnta` did not stay in L3 and
+/// every forward read its weights from DRAM again (see `nibble_quant::cpu::default_quant_prefetch`).
+pub fn is_amd() -> bool {
+    static AMD: OnceLock<bool> = OnceLock::new();
+    *AMD.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            // The vendor string is EBX, EDX, ECX: "AuthenticAMD" or "HygonGenuine".
+            let v = std::arch::x86_64::__cpuid(0);
+            let vendor = (v.ebx, v.edx, v.ecx);
+            vendor == (0x6874_7541, 0x6974_6E65, 0x444D_4163)
+                || vendor == (0x6F67_7948, 0x6E65_476E, 0x656E_6975)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
 /// True if the CPU running this process has the AVX-512 tier: AVX-512 F, BW and VL, plus AVX2,
 /// FMA and F16C (checked once, then cached).
 pub fn has_avx512() -> bool {

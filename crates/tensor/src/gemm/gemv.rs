@@ -384,9 +384,9 @@ fn portable_rows<E: BElem>(
 const F16_PREFETCH_BYTES: usize = 4096;
 
 /// How the batch-1 f16 kernel streams W (`NIBBLE_F16_STREAM`, read once per process): `nta`
-/// (the default on the AVX2 path: one row at a time, each prefetched 4 KiB ahead with
+/// (the default on the AVX2 path of AMD CPUs: one row at a time, each prefetched 4 KiB ahead with
 /// `prefetchnta`, the fastest on the 2-core Zen 3, see [`F16_PREFETCH_BYTES`]), `t0` (the same with
-/// `prefetcht0`), either with `:BYTES` for another lead (`t0:8192`), `off` (one row at a time,
+/// `prefetcht0`; the default on the AVX2 path of other CPUs), either with `:BYTES` for another lead (`t0:8192`), `off` (one row at a time,
 /// the hardware prefetcher alone) or `rows4` (four rows at a time, as f32 weights stream, no
 /// software prefetch; the default on the AVX-512 path, the fastest on the 16-core Xeon). A knob for measuring CPUs whose prefetchers differ (the 16-core Xeon's
 /// f16 batch 1 streamed at half the f32 kernel's rate); every choice gives the same sums. An
@@ -413,10 +413,17 @@ fn f16_stream() -> F16Stream {
         // 0.277, t0:1024 0.283, t0 0.341, nta 0.391, nta:8192 0.713; the ordinary path
         // 0.619 with rows4 there, 0.88–0.89 with nta in an earlier lease); the 2-core Zen 3
         // (AVX2) with nta (see F16_PREFETCH_BYTES).
+        // On Intel CPUs' AVX2 path `t0`: on a 2-core Xeon (AVX-512, run with
+        // NIBBLE_KERNEL=avx2, 2 threads, 2026-12-05 00:10 UTC, medians of 31) half_precision /
+        // lora at batch 1 took 2.10–2.26 / 2.09–2.44 ms with nta (its lines did not stay in
+        // L3: every forward read the weights from DRAM), 0.73 / 0.86 with t0, 0.87 / 0.98 with
+        // rows4; on its AVX-512 path rows4 0.79 / 0.90, t0 0.83 / 0.84, nta 1.85 / 2.05.
         let default = if crate::cpu::kernel_path().supported() == crate::cpu::KernelPath::Avx512 {
             F16Stream::FourRows
-        } else {
+        } else if crate::cpu::is_amd() {
             F16Stream::Nta(F16_PREFETCH_BYTES)
+        } else {
+            F16Stream::T0(F16_PREFETCH_BYTES)
         };
         let Ok(v) = std::env::var("NIBBLE_F16_STREAM") else {
             return default;
