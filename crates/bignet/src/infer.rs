@@ -341,7 +341,7 @@ impl From<TensorError> for TeamStop {
 ///
 /// Writes `x`'s output into `out` (`[dim]`, holding `x` on entry). `None` when the team did
 /// not run or stopped to leave the batch to the ordinary path (a layer without a batch-1 row
-/// kernel, int8 activations on the generic driver, shapes the ordinary path should report);
+/// kernel, shapes the ordinary path should report);
 /// `out` may then be overwritten.
 pub(crate) fn forward_batch1_team(
     blocks: &[Arc<[Linear; LAYERS_PER_BLOCK]>],

@@ -96,7 +96,7 @@ pub fn quant_prefetch() -> QuantPrefetch {
 ///   if anything: one Q4 1024² layer at batch 1 with int8 activations 22.4–23.6 µs (nta), 20.8–22.6
 ///   (off), 18.2–22.4 (t0); BigNet low_precision / qlora at batch 1 0.333–0.349 / 0.415–0.442 ms
 ///   (nta), 0.293–0.329 / 0.399–0.469 (off), 0.290–0.317 / 0.415–0.451 (t0);
-/// * a 2-core Intel Xeon with AVX-512, VNNI and AMX (2 threads, 2026-12-04 23:50 UTC, `bignet
+/// * a 2-core Intel Xeon with AVX-512, VNNI and AMX (2 threads, 2026-12-04 23:30 UTC, `bignet
 ///   bench --batch 1 --runs 31`, nta / t0 / off / t0 / nta in turns, medians): low_precision
 ///   1.33 / 0.66 / 0.75 / 0.66 / 1.27 ms, qlora 1.41 / 0.74 / 0.78 / 0.81 / 1.32; with int8
 ///   activations 0.80 / 0.32 / 0.36 / 0.31 / 0.83 and 0.98 / 0.38 / 0.46 / 0.40 / 0.94. There the

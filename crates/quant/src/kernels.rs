@@ -456,26 +456,45 @@ pub(crate) struct QuantBatch1<'a, F: QuantRows> {
     path: KernelPath,
     x: &'a [f32],
     prep: Vec<f32>,
+    /// Where int8 activations take the generic driver at batch 1: its rows instead of the GEMV.
+    int8: Option<crate::act8::Batch1Int8<'a>>,
 }
 
-/// [`QuantBatch1`] for `x`, where [`matmul_t`] at `m = 1` runs the format's GEMV: `None` where
-/// `x` is not `[in]`, or int8 activations take the generic driver ([`crate::act8::forward`]),
-/// or the format sends batch 1 to the GEMM.
+/// [`QuantBatch1`] for `x`, where [`matmul_t`] at `m = 1` runs the format's GEMV or, with int8
+/// activations, the generic driver's dot products ([`crate::act8::forward`] at `m = 1`, by
+/// rows: [`crate::act8::Batch1Int8`]): `None` where `x` is not `[in]` or the format sends
+/// batch 1 to the GEMM.
 pub(crate) fn batch1_rows<'a, F: QuantRows>(f: &'a F, x: &'a [f32]) -> Option<QuantBatch1<'a, F>> {
     let (_, i) = f.dims();
     if x.len() != i || f.gemm_min_m() <= 1 {
         return None;
     }
-    if crate::act8::activations() == crate::act8::ActivationMode::Int8
-        && f.act8_generic(1)
-        && f.act8_view().is_some()
-    {
-        return None;
-    }
     let path = usable(kernel_path());
+    if crate::act8::activations() == crate::act8::ActivationMode::Int8 && f.act8_generic(1) {
+        if let Some(w) = f.act8_view() {
+            let tier = crate::act8::IntTier::for_path(kernel_path());
+            // Where the driver declines x (a NaN or infinity), the f32 GEMV runs, as in
+            // `matmul_t`.
+            if let Some(int8) = crate::act8::Batch1Int8::new(tier, w, x) {
+                return Some(QuantBatch1 {
+                    f,
+                    path,
+                    x,
+                    prep: Vec::new(),
+                    int8: Some(int8),
+                });
+            }
+        }
+    }
     let mut prep = take_prep();
     f.gemv_prepare(path, x, &mut prep);
-    Some(QuantBatch1 { f, path, x, prep })
+    Some(QuantBatch1 {
+        f,
+        path,
+        x,
+        prep,
+        int8: None,
+    })
 }
 
 impl<F: QuantRows> nibble_tensor::weight::Batch1Rows for QuantBatch1<'_, F> {
@@ -486,9 +505,14 @@ impl<F: QuantRows> nibble_tensor::weight::Batch1Rows for QuantBatch1<'_, F> {
         accumulate: bool,
     ) -> nibble_tensor::Result<()> {
         nibble_tensor::weight::check_batch1_rows(self.f.dims().0, &rows, y)?;
-        if !rows.is_empty() {
-            self.f
-                .gemv(self.path, self.x, &self.prep, rows, y, accumulate);
+        if rows.is_empty() {
+            return Ok(());
+        }
+        match &self.int8 {
+            Some(int8) => int8.rows(rows, y, accumulate),
+            None => self
+                .f
+                .gemv(self.path, self.x, &self.prep, rows, y, accumulate),
         }
         Ok(())
     }

@@ -123,6 +123,8 @@ pub mod avx512vnni;
 #[cfg(target_arch = "x86_64")]
 pub mod avxvnni;
 pub mod backward;
+#[cfg(test)]
+mod batch1_tests;
 pub mod gemm;
 #[cfg(test)]
 mod quantize_tests;
@@ -1092,16 +1094,7 @@ fn forward_into(
         return false;
     }
     let (kpad, units) = (q.kpad, q.kpad / unit);
-    let per_group = GROUP / unit;
-    // Per vector and unit: the group's scale, and that times Q_u.
-    let sx_u: Vec<f32> = (0..m * units)
-        .map(|k| q.sx[(k / units) * (kpad / GROUP) + (k % units) / per_group])
-        .collect();
-    let xo_u: Vec<f32> = sx_u
-        .iter()
-        .zip(&q.qsum)
-        .map(|(&s, &c)| s * c as f32)
-        .collect();
+    let (sx_u, xo_u) = unit_scales(&q, m);
     let yp = YPtr::new(y, bias, o);
     let run = |t: usize| {
         let r0 = t * ROW_TILE;
@@ -1110,13 +1103,14 @@ fn forward_into(
         let mut scale = vec![0.0f32; nr * units];
         let mut offset = vec![0.0f32; nr * units];
         for p in 0..nr {
-            w.int_codes(r0 + p, &mut codes[p * kpad..p * kpad + i]);
-            let nu = i.div_ceil(unit);
-            let (s, z) = (
-                &mut scale[p * units..p * units + nu],
-                &mut offset[p * units..p * units + nu],
+            row_operands(
+                w,
+                r0 + p,
+                unit,
+                &mut codes[p * kpad..(p + 1) * kpad],
+                &mut scale[p * units..(p + 1) * units],
+                &mut offset[p * units..(p + 1) * units],
             );
-            w.int_affine(r0 + p, s, z);
         }
         let mut isum = vec![0i32; 4 * units];
         let put = |b: usize, r: usize, v: f32| {
@@ -1135,6 +1129,13 @@ fn forward_into(
                     &scale[p * units..(p + 1) * units],
                     &offset[p * units..(p + 1) * units],
                 );
+                let at = |v: usize| (b + v) * units..(b + v + 1) * units;
+                if nv == 1 {
+                    let (sx, xo) = (&sx_u[at(0)], &xo_u[at(0)]);
+                    let val = dot_row(tier, layout, c, s, z, xq(b), qs(b), sx, xo, &mut isum);
+                    put(b, r0 + p, val);
+                    continue;
+                }
                 #[cfg(target_arch = "x86_64")]
                 if unit == 16
                     && matches!(
@@ -1142,67 +1143,44 @@ fn forward_into(
                         IntTier::Avx2 | IntTier::AvxVnni | IntTier::AvxVnniEmulated
                     )
                 {
-                    let at = |v: usize| (b + v) * units..(b + v + 1) * units;
-                    if nv == 4 {
-                        // SAFETY: the tier is one of those three (checked by `supported`);
-                        // every slice has `units` (or `kpad` = 16·units) elements, a
-                        // multiple of 8 units.
-                        let vals = unsafe {
-                            dot_units16::<4>(
-                                tier,
-                                layout.kind,
-                                c,
-                                [xq(b), xq(b + 1), xq(b + 2), xq(b + 3)],
-                                [&sx_u[at(0)], &sx_u[at(1)], &sx_u[at(2)], &sx_u[at(3)]],
-                                [&xo_u[at(0)], &xo_u[at(1)], &xo_u[at(2)], &xo_u[at(3)]],
-                                s,
-                                z,
-                            )
-                        };
-                        for (v, val) in vals.into_iter().enumerate() {
-                            put(b + v, r0 + p, val);
-                        }
-                    } else {
-                        // SAFETY: as above.
-                        let [val] = unsafe {
-                            dot_units16::<1>(
-                                tier,
-                                layout.kind,
-                                c,
-                                [xq(b)],
-                                [&sx_u[at(0)]],
-                                [&xo_u[at(0)]],
-                                s,
-                                z,
-                            )
-                        };
-                        put(b, r0 + p, val);
+                    // SAFETY: the tier is one of those three (checked by `supported`);
+                    // every slice has `units` (or `kpad` = 16·units) elements, a
+                    // multiple of 8 units.
+                    let vals = unsafe {
+                        dot_units16::<4>(
+                            tier,
+                            layout.kind,
+                            c,
+                            [xq(b), xq(b + 1), xq(b + 2), xq(b + 3)],
+                            [&sx_u[at(0)], &sx_u[at(1)], &sx_u[at(2)], &sx_u[at(3)]],
+                            [&xo_u[at(0)], &xo_u[at(1)], &xo_u[at(2)], &xo_u[at(3)]],
+                            s,
+                            z,
+                        )
+                    };
+                    for (v, val) in vals.into_iter().enumerate() {
+                        put(b + v, r0 + p, val);
                     }
                     continue;
                 }
                 let (i0, rest) = isum.split_at_mut(units);
-                if nv == 4 {
-                    let (i1, rest) = rest.split_at_mut(units);
-                    let (i2, i3) = rest.split_at_mut(units);
-                    unit_sums_checked(
-                        tier,
-                        layout.kind,
-                        unit,
-                        c,
-                        [xq(b), xq(b + 1), xq(b + 2), xq(b + 3)],
-                        [qs(b), qs(b + 1), qs(b + 2), qs(b + 3)],
-                        [i0, i1, i2, &mut i3[..units]],
-                    );
-                } else {
-                    unit_sums_checked(tier, layout.kind, unit, c, [xq(b)], [qs(b)], [i0]);
-                }
+                let (i1, rest) = rest.split_at_mut(units);
+                let (i2, i3) = rest.split_at_mut(units);
+                unit_sums_checked(
+                    tier,
+                    layout.kind,
+                    unit,
+                    c,
+                    [xq(b), xq(b + 1), xq(b + 2), xq(b + 3)],
+                    [qs(b), qs(b + 1), qs(b + 2), qs(b + 3)],
+                    [i0, i1, i2, &mut i3[..units]],
+                );
                 for v in 0..nv {
-                    let at = (b + v) * units..(b + v + 1) * units;
                     let val = combine(
                         tier,
                         &isum[v * units..(v + 1) * units],
-                        &sx_u[at.clone()],
-                        &xo_u[at],
+                        &sx_u[at(v)],
+                        &xo_u[at(v)],
                         s,
                         z,
                     );
@@ -1220,6 +1198,166 @@ fn forward_into(
     }
     QUANTIZED.set(q);
     true
+}
+
+/// Per unit of every vector of `q` (`m` of them): its group's scale `sx`, and that times the
+/// unit's `Q_u` (the dot-product driver's operands for [`combine`]).
+fn unit_scales(q: &QuantizedX, m: usize) -> (Vec<f32>, Vec<f32>) {
+    let (kpad, unit) = (q.kpad, q.unit.max(1));
+    let (units, per_group) = (kpad / unit, GROUP / unit);
+    let sx_u: Vec<f32> = (0..m * units)
+        .map(|k| q.sx[(k / units) * (kpad / GROUP) + (k % units) / per_group])
+        .collect();
+    let xo_u = sx_u
+        .iter()
+        .zip(&q.qsum)
+        .map(|(&s, &c)| s * c as f32)
+        .collect();
+    (sx_u, xo_u)
+}
+
+/// Row `r` of `w` as the dot-product driver reads it: its codes for columns `0..in` into
+/// `codes` (whose padding past `in` stays as the caller zeroed it) and its affine map per unit
+/// into `scale` / `offset` (units past the row's last one untouched).
+fn row_operands(
+    w: &dyn IntCodes,
+    r: usize,
+    unit: usize,
+    codes: &mut [u8],
+    scale: &mut [f32],
+    offset: &mut [f32],
+) {
+    let i = w.int_dims().1;
+    w.int_codes(r, &mut codes[..i]);
+    let nu = i.div_ceil(unit);
+    w.int_affine(r, &mut scale[..nu], &mut offset[..nu]);
+}
+
+/// One row's value for one vector on the dot-product driver: the integer unit sums of `codes`
+/// (`kpad` bytes) against `xq`, then [`combine`] (or, for units of 16 on the 256-bit tiers,
+/// [`dot_units16`], which does both); `isum` holds at least `kpad / unit` sums.
+#[allow(clippy::too_many_arguments)]
+fn dot_row(
+    tier: IntTier,
+    layout: IntLayout,
+    codes: &[u8],
+    scale: &[f32],
+    offset: &[f32],
+    xq: &[i8],
+    qs: &[i32],
+    sx_u: &[f32],
+    xo_u: &[f32],
+    isum: &mut [i32],
+) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if layout.unit == 16
+        && matches!(
+            tier,
+            IntTier::Avx2 | IntTier::AvxVnni | IntTier::AvxVnniEmulated
+        )
+    {
+        // SAFETY: the tier is one of those three (checked by `supported`); every slice has
+        // `units` (or `kpad` = 16·units) elements, a multiple of 8 units.
+        let [val] = unsafe {
+            dot_units16::<1>(
+                tier,
+                layout.kind,
+                codes,
+                [xq],
+                [sx_u],
+                [xo_u],
+                scale,
+                offset,
+            )
+        };
+        return val;
+    }
+    let units = qs.len();
+    let isum = &mut isum[..units];
+    unit_sums_checked(
+        tier,
+        layout.kind,
+        layout.unit,
+        codes,
+        [xq],
+        [qs],
+        [&mut *isum],
+    );
+    combine(tier, isum, sx_u, xo_u, scale, offset)
+}
+
+/// Batch 1 on the dot-product driver by ranges of rows (`WeightMatrix::batch1_rows`, for the
+/// batch-1 team of `nibble_bignet::infer`): x quantized once when made, then each row of a
+/// range computed as [`forward`] computes it at `m = 1`, through the same functions (the same
+/// bits). Where [`forward`] would decline (no integer layout, a NaN or infinity in x, a
+/// mismatched length), [`Batch1Int8::new`] gives `None` and the caller takes the f32 path.
+pub(crate) struct Batch1Int8<'a> {
+    w: &'a dyn IntCodes,
+    tier: IntTier,
+    layout: IntLayout,
+    q: QuantizedX,
+    sx_u: Vec<f32>,
+    xo_u: Vec<f32>,
+}
+
+impl<'a> Batch1Int8<'a> {
+    /// Quantizes `x` (`[in]`) for `w` on `tier`'s dot-product driver.
+    pub(crate) fn new(tier: IntTier, w: &'a dyn IntCodes, x: &[f32]) -> Option<Batch1Int8<'a>> {
+        let (o, i) = w.int_dims();
+        let layout = w.int_layout()?;
+        if i == 0 || o == 0 || x.len() != i || !matches!(layout.unit, 16 | 64 | 128) {
+            return None;
+        }
+        let tier = gemm_tier(tier, layout.unit);
+        let mut q = QUANTIZED.take();
+        if !quantize_x_into(x, 1, i, layout.unit, false, &mut q, XLayout::PLAIN) {
+            QUANTIZED.set(q);
+            return None;
+        }
+        let (sx_u, xo_u) = unit_scales(&q, 1);
+        Some(Batch1Int8 {
+            w,
+            tier,
+            layout,
+            q,
+            sx_u,
+            xo_u,
+        })
+    }
+
+    /// `y[j] (+)= W[rows.start + j, :] · x'` for the rows of `rows` (`y.len() >= rows.len()`,
+    /// `rows.end <= out`, checked by the caller).
+    pub(crate) fn rows(&self, rows: std::ops::Range<usize>, y: &mut [f32], accumulate: bool) {
+        let (kpad, unit) = (self.q.kpad, self.layout.unit);
+        let units = kpad / unit;
+        let mut codes = vec![0u8; kpad];
+        let mut scale = vec![0.0f32; units];
+        let mut offset = vec![0.0f32; units];
+        let mut isum = vec![0i32; units];
+        for (r, d) in rows.zip(y.iter_mut()) {
+            row_operands(self.w, r, unit, &mut codes, &mut scale, &mut offset);
+            let val = dot_row(
+                self.tier,
+                self.layout,
+                &codes,
+                &scale,
+                &offset,
+                &self.q.xq[..kpad],
+                &self.q.qsum[..units],
+                &self.sx_u,
+                &self.xo_u,
+                &mut isum,
+            );
+            *d = if accumulate { *d + val } else { val };
+        }
+    }
+}
+
+impl Drop for Batch1Int8<'_> {
+    fn drop(&mut self) {
+        // Back to this thread's storage for its next call.
+        QUANTIZED.set(std::mem::take(&mut self.q));
+    }
 }
 
 /// The tier the integer GEMM runs for `tier` ([`IntTier::supported`] first) and units of

@@ -414,7 +414,7 @@ fn f16_stream() -> F16Stream {
         // 0.619 with rows4 there, 0.88–0.89 with nta in an earlier lease); the 2-core Zen 3
         // (AVX2) with nta (see F16_PREFETCH_BYTES).
         // On Intel CPUs' AVX2 path `t0`: on a 2-core Xeon (AVX-512, run with
-        // NIBBLE_KERNEL=avx2, 2 threads, 2026-12-05 00:10 UTC, medians of 31) half_precision /
+        // NIBBLE_KERNEL=avx2, 2 threads, 2026-12-04 23:35 UTC, medians of 31) half_precision /
         // lora at batch 1 took 2.10–2.26 / 2.09–2.44 ms with nta (its lines did not stay in
         // L3: every forward read the weights from DRAM), 0.73 / 0.86 with t0, 0.87 / 0.98 with
         // rows4; on its AVX-512 path rows4 0.79 / 0.90, t0 0.83 / 0.84, nta 1.85 / 2.05.
