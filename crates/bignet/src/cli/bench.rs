@@ -17,17 +17,34 @@ struct Timing {
     max: f64,
 }
 
+/// The least warm-up before timings are taken: [`WARM_UP_ROUNDS`] rounds, and more until this
+/// long has passed. On a 2-core Intel Xeon (2026-12-05 00:20 UTC) two rounds alone left a
+/// batch-1 forward of low_precision, the process's first model, at 1.2–2.3 ms median of 7
+/// against 0.28–0.34 (its minimum) in the runs after: the first tens of milliseconds after
+/// a model is built run slow (its fresh memory settling), and a batch-1 forward is a fraction of
+/// a millisecond.
+const WARM_UP: std::time::Duration = std::time::Duration::from_millis(200);
+/// Warm-up rounds of every configuration, however long they take.
+const WARM_UP_ROUNDS: usize = 2;
+/// The most warm-up rounds (for calls far below a microsecond).
+const MAX_WARM_UP_ROUNDS: usize = 10_000;
+
 /// `runs` timings of each of `configs` configurations of `f` (`f(c)` runs configuration `c`),
-/// taken in turns after two warm-up runs of each.
+/// taken in turns after warm-up rounds of each ([`WARM_UP_ROUNDS`], and more until
+/// [`WARM_UP`] has passed).
 fn time_interleaved(
     runs: usize,
     configs: usize,
     mut f: impl FnMut(usize) -> Result<()>,
 ) -> Result<Vec<Timing>> {
-    for _ in 0..2 {
+    let warm_start = Instant::now();
+    let mut rounds = 0;
+    while rounds < WARM_UP_ROUNDS || (warm_start.elapsed() < WARM_UP && rounds < MAX_WARM_UP_ROUNDS)
+    {
         for c in 0..configs {
             f(c)?;
         }
+        rounds += 1;
     }
     let mut times = vec![Vec::with_capacity(runs.max(1)); configs];
     for _ in 0..runs.max(1) {
@@ -49,7 +66,7 @@ fn summarize(mut times: Vec<f64>) -> Timing {
     }
 }
 
-/// `runs` timings of `f`, after two warm-up runs.
+/// `runs` timings of `f`, after its warm-up (see [`time_interleaved`]).
 fn time_ms(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<Timing> {
     let timings = time_interleaved(runs, 1, |_| f())?;
     Ok(timings[0])
