@@ -210,14 +210,17 @@ fn forward_every_format_every_tier() {
                 let mut exact = vec![0.0f32; m * o];
                 f.matmul_t(&x, m, &mut exact, false).unwrap();
                 // matmul_t under Int8 follows the route: the generic driver's bits, the f32
-                // path's bits, or (Q4's fused GEMV) the same integer formula in another f32
-                // order, checked against the bound below like the driver.
+                // path's bits, or (Q4's and NF4's fused GEMVs) the same integer values in
+                // another f32 order, checked against the bound below like the driver.
                 let bits_eq =
                     |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits());
                 match route {
                     Int8Route::Generic => assert!(bits_eq(y, &via), "{name} m {m} matmul_t"),
                     Int8Route::F32 => assert!(bits_eq(&exact, &via), "{name} m {m} f32 route"),
                     Int8Route::FusedQ4 => assert_eq!(name, "q4"),
+                    Int8Route::FusedNf4 => {
+                        assert!(name.starts_with("nf4") && m == 1, "{name} m {m}")
+                    }
                 }
                 let wd = f.to_f32();
                 let q = quantize_x(&x, m, i, layout.unit);
@@ -247,7 +250,7 @@ fn forward_every_format_every_tier() {
                         }
                         let f32y = f64::from(exact[b * o + r]);
                         let mut checked = vec![f64::from(y[b * o + r])];
-                        if route == Int8Route::FusedQ4 {
+                        if matches!(route, Int8Route::FusedQ4 | Int8Route::FusedNf4) {
                             checked.push(f64::from(via[b * o + r]));
                         }
                         for got in checked {

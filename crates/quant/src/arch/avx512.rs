@@ -779,3 +779,145 @@ pub(crate) mod q4_int8 {
         }
     }
 }
+
+/// NF4's fused int8-activation GEMV at batch 1 ([`crate::nf4::act8`]) on AVX-512 VNNI: per
+/// pair of blocks of 64 weights one 64-byte load of codes, each nibble through `vpshufb` on
+/// the offset level table and a `vpdpbusd` against the prepared x; the f32 steps lane for
+/// lane those of [`crate::nf4::act8::dot_ref`]: the same bits.
+pub(crate) mod nf4_int8 {
+    use crate::cpu::{prefetch_weights, quant_prefetch, PREFETCH_ROWS};
+    use crate::nf4::act8::{block_scale, parts, BIASED_LEVELS};
+    use crate::nf4::{Nf4Matrix, NF4_BLOCK};
+    use std::arch::x86_64::*;
+
+    /// `y[j] (+)= W[rows.start + j, :] · x'` (`x'` prepared by [`crate::nf4::act8::prepare`]):
+    /// four rows at a time (four independent chains of f32 steps, one load of x's bytes for
+    /// the four), a row left over on its own (the same steps).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F/BW/VL + VNNI, AVX2 and FMA; `m.inn % 64 == 0`, `prep` holds
+    /// `prep_len(m.inn)` slots, `rows ⊆ 0..out`, `y.len() >= rows.len()`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+    pub(crate) unsafe fn gemv(
+        m: &Nf4Matrix,
+        prep: &[f32],
+        rows: std::ops::Range<usize>,
+        y: &mut [f32],
+        acc: bool,
+    ) {
+        let nb = m.inn / NF4_BLOCK;
+        let mut scale = vec![0.0f32; 4 * nb];
+        let mut r = rows.start;
+        let mut out = y.iter_mut();
+        while r < rows.end {
+            let n = if rows.end - r >= 4 { 4 } else { 1 };
+            let scale = &mut scale[..n * nb];
+            // SAFETY: the caller's contract; rows r..r + n lie inside W.
+            let vals = unsafe {
+                if n == 4 {
+                    rows_n::<4>(m, prep, r, scale)
+                } else {
+                    let [v] = rows_n::<1>(m, prep, r, scale);
+                    [v, 0.0, 0.0, 0.0]
+                }
+            };
+            for &v in &vals[..n] {
+                let d = out.next().expect("y holds a value per row");
+                *d = if acc { *d + v } else { v };
+            }
+            r += n;
+        }
+    }
+
+    /// The dot products of rows `r0..r0 + N` with the prepared x; `scale` holds `N · nb`
+    /// floats of room.
+    ///
+    /// # Safety
+    /// As [`gemv`], rows `r0..r0 + N` inside W.
+    #[inline(always)]
+    unsafe fn rows_n<const N: usize>(
+        m: &Nf4Matrix,
+        prep: &[f32],
+        r0: usize,
+        scale: &mut [f32],
+    ) -> [f32; N] {
+        let nb = m.inn / NF4_BLOCK;
+        let row_bytes = m.inn / 2;
+        let (xd, corr, su) = parts(m.inn, prep);
+        let pf = quant_prefetch();
+        // The blocks' scales of the N rows (whose absmaxes lie one after another); the next
+        // rows' absmaxes prefetched as their codes are.
+        for b in (0..N * nb).step_by(16) {
+            prefetch_weights(pf, m.absmax_addr((r0 + PREFETCH_ROWS) * nb + b));
+        }
+        m.fill_absmax(r0 * nb, scale);
+        for row in scale.chunks_exact_mut(nb) {
+            for (s, &sx) in row.iter_mut().zip(su) {
+                *s = block_scale(*s, sx);
+            }
+        }
+        // SAFETY: (whole body) the CPU features are enabled by the caller; rows r0..r0 + N
+        // hold `row_bytes` packed bytes each at r · row_bytes (32 per block; an odd last
+        // block's pair is loaded with its second half masked off); xd holds 128 bytes and
+        // corr 16 i32 per pair; prefetches never fault.
+        unsafe {
+            let table = _mm512_broadcast_i32x4(_mm_loadu_si128(BIASED_LEVELS.as_ptr() as *const _));
+            let low4 = _mm512_set1_epi8(0x0f);
+            let base = m.packed.as_slice().as_ptr().add(r0 * row_bytes);
+            let mut accv = [_mm512_setzero_ps(); N];
+            let mut b = 0;
+            while b < nb {
+                let p = b / 2;
+                let whole = b + 1 < nb;
+                let xe = _mm512_loadu_si512(xd.as_ptr().add(p * 128) as *const _);
+                let xo = _mm512_loadu_si512(xd.as_ptr().add(p * 128 + 64) as *const _);
+                let cv = _mm512_loadu_si512(corr.as_ptr().add(p * 16) as *const _);
+                for (q, a) in accv.iter_mut().enumerate() {
+                    let row = base.add(q * row_bytes);
+                    prefetch_weights(pf, row.wrapping_add(PREFETCH_ROWS * row_bytes + b * 32));
+                    let codes = if whole {
+                        _mm512_loadu_si512(row.add(b * 32) as *const _)
+                    } else {
+                        _mm512_maskz_loadu_epi8(0xFFFF_FFFF, row.add(b * 32) as *const i8)
+                    };
+                    let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(codes), low4);
+                    let lo = _mm512_and_si512(codes, low4);
+                    let sums = _mm512_dpbusd_epi32(
+                        _mm512_dpbusd_epi32(
+                            _mm512_setzero_si512(),
+                            _mm512_shuffle_epi8(table, hi),
+                            xe,
+                        ),
+                        _mm512_shuffle_epi8(table, lo),
+                        xo,
+                    );
+                    let sums = _mm512_sub_epi32(sums, cv);
+                    let s0 = _mm512_set1_ps(*scale.get_unchecked(q * nb + b));
+                    let s = if whole {
+                        let s1 = _mm512_set1_ps(*scale.get_unchecked(q * nb + b + 1));
+                        _mm512_mask_blend_ps(0xFF00, s0, s1)
+                    } else {
+                        _mm512_maskz_mov_ps(0x00FF, s0)
+                    };
+                    *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), s, *a);
+                }
+                b += 2;
+            }
+            std::array::from_fn(|q| fold16(accv[q]))
+        }
+    }
+
+    /// [`crate::nf4::act8::fold16`] on a zmm: halves added, then quarters, then the pairs.
+    #[inline(always)]
+    unsafe fn fold16(a: __m512) -> f32 {
+        // SAFETY: register-only; AVX-512 F enabled by the caller.
+        unsafe {
+            let lo = _mm512_castps512_ps256(a);
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a)));
+            let f = _mm256_add_ps(lo, hi);
+            let g = _mm_add_ps(_mm256_castps256_ps128(f), _mm256_extractf128_ps::<1>(f));
+            let h = _mm_add_ps(g, _mm_movehl_ps(g, g));
+            _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps::<1>(h, h)))
+        }
+    }
+}

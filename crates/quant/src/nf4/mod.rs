@@ -25,10 +25,14 @@
 use nibble_tensor::Tensor;
 use rayon::prelude::*;
 
+pub(crate) mod act8;
+
 #[cfg(target_arch = "x86_64")]
 use crate::arch::avx2::nf4 as avx2;
 #[cfg(target_arch = "x86_64")]
 use crate::arch::avx512::nf4 as avx512;
+#[cfg(target_arch = "x86_64")]
+use crate::arch::avx512::nf4_int8 as avx512_int8;
 use crate::arch::portable::nf4 as portable;
 use crate::bytes::{check_part, Bytes};
 use crate::cpu::{is_x86_simd, kernel_path, usable, KernelPath};
@@ -530,6 +534,15 @@ impl Nf4Matrix {
         }
     }
 
+    /// Where block `b`'s stored absmax lies (its f32, or its double-quantized code), for
+    /// prefetching; any `b` (the pointer may lie past the data: prefetches never fault).
+    pub(crate) fn absmax_addr(&self, b: usize) -> *const u8 {
+        match &self.stats {
+            Stats::Plain { absmax } => absmax.as_slice().as_ptr().wrapping_add(4 * b),
+            Stats::Double { codes, .. } => codes.as_slice().as_ptr().wrapping_add(b),
+        }
+    }
+
     /// Writes the absmaxes of flat blocks `b0..b0 + dst.len()` into `dst`.
     pub fn fill_absmax(&self, b0: usize, dst: &mut [f32]) {
         match &self.stats {
@@ -668,8 +681,19 @@ impl QuantRows for Nf4Matrix {
     /// AVX2 and AVX-512 paths when rows hold whole blocks (`in % 64 == 0`): appends x with
     /// each run of 16 reordered as its 8 even then 8 odd elements. (Other shapes take the
     /// generic GEMV.)
+    ///
+    /// With int8 activations where their route is NF4's fused GEMV
+    /// ([`crate::act8::Int8Route::FusedNf4`]): x quantized for it ([`act8::prepare`]) unless x
+    /// holds a NaN or infinity.
     fn gemv_prepare(&self, path: KernelPath, x: &[f32], prep: &mut Vec<f32>) {
         if is_x86_simd(usable(path)) && self.inn % NF4_BLOCK == 0 {
+            if self.inn > 0
+                && crate::act8::activations() == crate::act8::ActivationMode::Int8
+                && crate::act8::int8_route("nf4", 1) == crate::act8::Int8Route::FusedNf4
+                && act8::prepare(x, prep)
+            {
+                return;
+            }
             kernels::push_even_odd16(x, prep);
         }
     }
@@ -683,7 +707,22 @@ impl QuantRows for Nf4Matrix {
         y: &mut [f32],
         acc: bool,
     ) -> bool {
-        if self.inn % NF4_BLOCK != 0 || prep.len() != self.inn {
+        if self.inn % NF4_BLOCK != 0 {
+            return false;
+        }
+        // (The two preparations differ in length for `in > 0`: `in` floats against 33 per
+        // block of 64.)
+        if self.inn > 0 && prep.len() == act8::prep_len(self.inn) {
+            if path == KernelPath::Avx512 && crate::act8::has_avx512vnni() {
+                // SAFETY: the CPU has the AVX-512 tier (the trait's contract) and VNNI; rows
+                // and y checked by the caller; this prep.
+                unsafe { avx512_int8::gemv(self, prep, rows, y, acc) };
+            } else {
+                act8::gemv_ref(self, prep, rows, y, acc);
+            }
+            return true;
+        }
+        if prep.len() != self.inn {
             return false;
         }
         // SAFETY: the trait's contract (the CPU has `path`'s tier; rows and y checked) and

@@ -1,0 +1,245 @@
+//! NF4's fused int8-activation GEMV at batch 1 (`y = W·x'` with x quantized to int8 as the
+//! generic driver quantizes it, [`crate::act8`]): the route [`crate::act8::Int8Route::FusedNf4`]
+//! on the AVX-512 VNNI and AMX tiers.
+//!
+//! The generic driver forms each block's integer sum from codes unpacked into bytes row by row
+//! (every weight decoded into a buffer, then read again), which at batch 1 costs more than the
+//! f32 GEMV's table lookups. Here two neighbouring blocks of 64 codes (64 packed bytes, one
+//! load) become their level bytes in registers: the high nibbles (the blocks' even elements)
+//! and the low ones (the odd elements) each through `vpshufb` on the 16-entry table of
+//! [`NF4_LEVELS_I8`] offset by 128, and two `vpdpbusd` against the prepared x form 16 lane sums
+//! `P_l`: lanes 0..8 the first block's, lanes 8..16 the second's, lane `l` covering 4 even and
+//! 4 odd elements (the offset's `128 · Σ x` per lane is prepared with x). Each pair adds
+//! `P_l · s_l` into 16 f32 lanes, `s_l` the scale `absmax · (sx / 127)` of the lane's block
+//! (sx of its activation group of 128), lane for lane in pair order, and the 16 lanes fold in
+//! a fixed tree ([`fold16`]). Integer sums are exact, so the kernel and the scalar reference
+//! [`dot_ref`] give the same bits; the values differ from the generic driver's only in the
+//! order of the f32 steps (the same products `level8 · xq`, the same scales), so the generic
+//! driver's error bound holds. An odd last block pairs with an empty one (x and scale 0).
+//!
+//! The prepared x (an `f32` vector used as storage, [`prep_len`] slots), per pair of blocks:
+//! - `xd`: 128 int8 values: the first block's 32 even elements, the second's, then the first
+//!   block's 32 odd elements, the second's (as the codes lie in the packed bytes);
+//! - `corr`: 16 `i32`, lane `l`'s `128 · Σ` of its 8 bytes of `xd`;
+//! - `su`: per block (two per pair), `sx / 127`, `sx` the scale of its group of 128 (so that a
+//!   row's block scale is one product, `absmax · su`).
+
+use super::{Nf4Matrix, NF4_BLOCK};
+use crate::act8::NF4_LEVELS_I8;
+
+/// Pairs of blocks of an `inn`-element row.
+pub(crate) fn pairs(inn: usize) -> usize {
+    (inn / NF4_BLOCK).div_ceil(2)
+}
+
+/// f32 slots of the prepared x of an `inn`-element input (`inn % 64 == 0`): per pair of
+/// blocks 32 of bytes, 16 of corrections and 2 scales.
+pub(crate) fn prep_len(inn: usize) -> usize {
+    pairs(inn) * 50
+}
+
+/// Position in its pair's 128 bytes of element `e` (0..64) of the pair's block `h` (0 or 1).
+fn reordered(h: usize, e: usize) -> usize {
+    (e % 2) * 64 + h * 32 + e / 2
+}
+
+/// The levels of [`NF4_LEVELS_I8`] plus 128, as the unsigned bytes `vpdpbusd` takes.
+pub(crate) const BIASED_LEVELS: [u8; 16] = {
+    let mut t = [0u8; 16];
+    let mut c = 0;
+    while c < 16 {
+        t[c] = (NF4_LEVELS_I8[c] as i16 + 128) as u8;
+        c += 1;
+    }
+    t
+};
+
+/// Appends the int8 preparation of `x` (`x.len() % 64 == 0`, not empty) to `prep`, x
+/// quantized as [`crate::act8::forward`] quantizes it for NF4; `false`, with nothing
+/// appended, where that declines x (a NaN or infinity: the f32 GEMV runs instead).
+pub(crate) fn prepare(x: &[f32], prep: &mut Vec<f32>) -> bool {
+    let inn = x.len();
+    let (nb, np) = (inn / NF4_BLOCK, pairs(inn));
+    crate::act8::with_quantized_row(x, NF4_BLOCK, |q| {
+        let start = prep.len();
+        prep.resize(start + prep_len(inn), 0.0);
+        let (xdf, rest) = prep[start..].split_at_mut(np * 32);
+        let (corrf, su) = rest.split_at_mut(np * 16);
+        let xd: &mut [i8] = bytemuck::cast_slice_mut(xdf);
+        let corr: &mut [i32] = bytemuck::cast_slice_mut(corrf);
+        for b in 0..nb {
+            let pair = &mut xd[b / 2 * 128..(b / 2 + 1) * 128];
+            for (e, &v) in q.xq[b * NF4_BLOCK..(b + 1) * NF4_BLOCK].iter().enumerate() {
+                pair[reordered(b % 2, e)] = v;
+            }
+            su[b] = q.sx[b * NF4_BLOCK / crate::act8::GROUP] / 127.0;
+        }
+        for p in 0..np {
+            let pair = &xd[p * 128..(p + 1) * 128];
+            for (l, c) in corr[p * 16..(p + 1) * 16].iter_mut().enumerate() {
+                let lane = pair[4 * l..4 * l + 4]
+                    .iter()
+                    .chain(&pair[64 + 4 * l..64 + 4 * l + 4]);
+                *c = 128 * lane.map(|&v| i32::from(v)).sum::<i32>();
+            }
+        }
+    })
+}
+
+/// The prepared x's three parts: `(xd, corr, su)`.
+pub(crate) fn parts(inn: usize, prep: &[f32]) -> (&[i8], &[i32], &[f32]) {
+    let np = pairs(inn);
+    let (xdf, rest) = prep.split_at(np * 32);
+    let (corrf, su) = rest.split_at(np * 16);
+    (
+        bytemuck::cast_slice(xdf),
+        bytemuck::cast_slice(corrf),
+        &su[..2 * np],
+    )
+}
+
+/// A block's scale for a row whose block absmax is `absmax`: `absmax · (sx / 127)` (the
+/// prepared `su`), the product every kernel forms the same way.
+#[inline(always)]
+pub(crate) fn block_scale(absmax: f32, su: f32) -> f32 {
+    absmax * su
+}
+
+/// The fixed fold of the 16 lanes: `f_l = a_l + a_{l+8}`, `g_l = f_l + f_{l+4}`, then
+/// `(g_0 + g_2) + (g_1 + g_3)`.
+pub(crate) fn fold16(a: [f32; 16]) -> f32 {
+    let f: [f32; 8] = std::array::from_fn(|l| a[l] + a[l + 8]);
+    let g: [f32; 4] = std::array::from_fn(|l| f[l] + f[l + 4]);
+    (g[0] + g[2]) + (g[1] + g[3])
+}
+
+/// Scalar ground truth for row `r` (`m.inn % 64 == 0`), `prep` from [`prepare`].
+pub(crate) fn dot_ref(m: &Nf4Matrix, r: usize, prep: &[f32]) -> f32 {
+    let nb = m.inn / NF4_BLOCK;
+    let (xd, _, su) = parts(m.inn, prep);
+    let mut absmax = vec![0.0f32; nb];
+    m.fill_absmax(r * nb, &mut absmax);
+    let packed = &m.packed.as_slice()[r * m.inn / 2..(r + 1) * m.inn / 2];
+    let mut acc = [0.0f32; 16];
+    for p in 0..pairs(m.inn) {
+        for (l, a) in acc.iter_mut().enumerate() {
+            // Lane l: block 2p + l / 8, its bytes 4(l % 8)..+4 of each nibble.
+            let b = 2 * p + l / 8;
+            let (sum, scale) = if b < nb {
+                let mut sum = 0i32;
+                for k in 4 * (l % 8)..4 * (l % 8) + 4 {
+                    // Byte k of the block holds element 2k (high nibble) and 2k + 1 (low).
+                    let byte = packed[b * 32 + k];
+                    for (code, e) in [(byte >> 4, 2 * k), (byte & 15, 2 * k + 1)] {
+                        let xv = xd[p * 128 + reordered(b % 2, e)];
+                        sum += i32::from(NF4_LEVELS_I8[usize::from(code)]) * i32::from(xv);
+                    }
+                }
+                (sum, block_scale(absmax[b], su[b]))
+            } else {
+                (0, 0.0)
+            };
+            *a = (sum as f32).mul_add(scale, *a);
+        }
+    }
+    fold16(acc)
+}
+
+/// `y[j] (+)= W[rows.start + j, :] · x'` by [`dot_ref`] (the tiers without the kernel).
+pub(crate) fn gemv_ref(
+    m: &Nf4Matrix,
+    prep: &[f32],
+    rows: std::ops::Range<usize>,
+    y: &mut [f32],
+    acc: bool,
+) {
+    for (r, d) in rows.zip(y.iter_mut()) {
+        let v = dot_ref(m, r, prep);
+        *d = if acc { *d + v } else { v };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nibble_tensor::{Rng, Tensor};
+
+    /// The AVX-512 VNNI kernel against [`dot_ref`] bit for bit, plain and double-quantized
+    /// absmaxes, awkward row counts and ranges, y pre-filled with NaN (and accumulated into),
+    /// x with an all-zero group and ±extremes.
+    #[test]
+    fn kernel_matches_the_reference() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if !crate::act8::has_avx512vnni() {
+                println!("nf4 int8 GEMV: AVX-512 VNNI kernel skipped (this CPU lacks it)");
+                return;
+            }
+            for &inn in &[64usize, 128, 192, 320, 1024] {
+                for &out in &[1usize, 7, 17, 33] {
+                    let w =
+                        Tensor::uniform(&[out, inn], -0.4, 0.4, &mut Rng::new((inn + out) as u64));
+                    let mut x = Tensor::randn(&[inn], &mut Rng::new(inn as u64)).into_vec();
+                    if inn >= 128 {
+                        x[..64].fill(0.0);
+                        x[70] = 1.0e3;
+                        x[71] = -1.0e3;
+                    }
+                    for m in [
+                        Nf4Matrix::quantize(&w).unwrap(),
+                        Nf4Matrix::quantize_double(&w).unwrap(),
+                    ] {
+                        let mut prep = vec![7.0f32]; // a prefix the parts must not read
+                        assert!(prepare(&x, &mut prep));
+                        let prep = &prep[1..];
+                        let want: Vec<f32> = (0..out).map(|r| dot_ref(&m, r, prep)).collect();
+                        for (r0, r1) in [
+                            (0, out),
+                            (out / 3, out),
+                            (1.min(out), out.saturating_sub(1).max(1)),
+                        ] {
+                            let mut y = vec![f32::NAN; r1 - r0];
+                            // SAFETY: the CPU has AVX-512 VNNI (checked above) and the AVX-512
+                            // tier's features with it; shapes as the kernel asks.
+                            unsafe {
+                                crate::arch::avx512::nf4_int8::gemv(&m, prep, r0..r1, &mut y, false)
+                            };
+                            let mut y2: Vec<f32> = (r0..r1).map(|r| r as f32).collect();
+                            // SAFETY: as above.
+                            unsafe {
+                                crate::arch::avx512::nf4_int8::gemv(&m, prep, r0..r1, &mut y2, true)
+                            };
+                            for (k, r) in (r0..r1).enumerate() {
+                                assert_eq!(
+                                    y[k].to_bits(),
+                                    want[r].to_bits(),
+                                    "{out}x{inn} row {r}"
+                                );
+                                assert_eq!(
+                                    y2[k].to_bits(),
+                                    (r as f32 + want[r]).to_bits(),
+                                    "{out}x{inn} row {r} acc"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+            println!("nf4 int8 GEMV: AVX-512 VNNI kernel checked");
+        }
+    }
+
+    /// A NaN or infinity anywhere in x: nothing prepared (the f32 GEMV runs).
+    #[test]
+    fn nonfinite_x_is_declined() {
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            for at in [0, 63, 64, 127] {
+                let mut x = vec![0.25f32; 128];
+                x[at] = bad;
+                let mut prep = Vec::new();
+                assert!(!prepare(&x, &mut prep));
+                assert!(prep.is_empty());
+            }
+        }
+    }
+}
