@@ -845,11 +845,7 @@ pub(crate) mod nf4_int8 {
         let row_bytes = m.inn / 2;
         let (xd, corr, su) = parts(m.inn, prep);
         let pf = quant_prefetch();
-        // The blocks' scales of the N rows (whose absmaxes lie one after another); the next
-        // rows' absmaxes prefetched as their codes are.
-        for b in (0..N * nb).step_by(16) {
-            prefetch_weights(pf, m.absmax_addr((r0 + PREFETCH_ROWS) * nb + b));
-        }
+        // The blocks' scales of the N rows (whose absmaxes lie one after another).
         m.fill_absmax(r0 * nb, scale);
         for row in scale.chunks_exact_mut(nb) {
             for (s, &sx) in row.iter_mut().zip(su) {

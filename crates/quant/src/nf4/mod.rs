@@ -534,15 +534,6 @@ impl Nf4Matrix {
         }
     }
 
-    /// Where block `b`'s stored absmax lies (its f32, or its double-quantized code), for
-    /// prefetching; any `b` (the pointer may lie past the data: prefetches never fault).
-    pub(crate) fn absmax_addr(&self, b: usize) -> *const u8 {
-        match &self.stats {
-            Stats::Plain { absmax } => absmax.as_slice().as_ptr().wrapping_add(4 * b),
-            Stats::Double { codes, .. } => codes.as_slice().as_ptr().wrapping_add(b),
-        }
-    }
-
     /// Writes the absmaxes of flat blocks `b0..b0 + dst.len()` into `dst`.
     pub fn fill_absmax(&self, b0: usize, dst: &mut [f32]) {
         match &self.stats {
