@@ -1,6 +1,8 @@
 //! Same inputs and seed give bit-identical outputs and training trajectories, whatever the
 //! number of threads.
 
+// The helpers the tensor crate's integration tests share (one copy for both directories).
+#[path = "../crates/tensor/tests/common/mod.rs"]
 mod common;
 use common::in_pool;
 

@@ -3,6 +3,8 @@
 //! training gives bit-identical gradients and AdamW trajectories; micro-batches give the same
 //! update up to the order of the sums over rows. Each across 1 and 2 threads.
 
+// The helpers the tensor crate's integration tests share (one copy for both directories).
+#[path = "../crates/tensor/tests/common/mod.rs"]
 mod common;
 use common::{bits, in_pool};
 

@@ -3,6 +3,8 @@
 //! and on the pool, small batches, large ones), the same across thread counts, and save as the
 //! plain f32 checkpoint they came from.
 
+// The helpers the tensor crate's integration tests share (one copy for both directories).
+#[path = "../crates/tensor/tests/common/mod.rs"]
 mod common;
 use common::{bits, in_pool};
 

@@ -453,11 +453,17 @@ pub(crate) fn matvec_t_low_rank<F: QuantRows>(
 /// runs it on each block at `m = 1`.
 pub(crate) struct QuantBatch1<'a, F: QuantRows> {
     f: &'a F,
-    path: KernelPath,
     x: &'a [f32],
-    prep: Vec<f32>,
-    /// Where int8 activations take the generic driver at batch 1: its rows instead of the GEMV.
-    int8: Option<crate::act8::Batch1Int8<'a>>,
+    kernel: Batch1Kernel<'a>,
+}
+
+/// What a [`QuantBatch1`]'s rows run.
+enum Batch1Kernel<'a> {
+    /// The format's GEMV on `path`, with x prepared once (the thread's scratch, given back on
+    /// drop).
+    Gemv { path: KernelPath, prep: Vec<f32> },
+    /// Where int8 activations take the generic driver at batch 1: its rows.
+    Int8(crate::act8::Batch1Int8<'a>),
 }
 
 /// [`QuantBatch1`] for `x`, where [`matmul_t`] at `m = 1` runs the format's GEMV or, with int8
@@ -469,32 +475,23 @@ pub(crate) fn batch1_rows<'a, F: QuantRows>(f: &'a F, x: &'a [f32]) -> Option<Qu
     if x.len() != i || f.gemm_min_m() <= 1 {
         return None;
     }
-    let path = usable(kernel_path());
     if crate::act8::activations() == crate::act8::ActivationMode::Int8 && f.act8_generic(1) {
-        if let Some(w) = f.act8_view() {
-            let tier = crate::act8::IntTier::for_path(kernel_path());
-            // Where the driver declines x (a NaN or infinity), the f32 GEMV runs, as in
-            // `matmul_t`.
-            if let Some(int8) = crate::act8::Batch1Int8::new(tier, w, x) {
-                return Some(QuantBatch1 {
-                    f,
-                    path,
-                    x,
-                    prep: Vec::new(),
-                    int8: Some(int8),
-                });
-            }
+        let tier = crate::act8::IntTier::for_path(kernel_path());
+        // Where the driver declines x (a NaN or infinity), the f32 GEMV runs, as in
+        // `matmul_t`.
+        if let Some(int8) = f
+            .act8_view()
+            .and_then(|w| crate::act8::Batch1Int8::new(tier, w, x))
+        {
+            let kernel = Batch1Kernel::Int8(int8);
+            return Some(QuantBatch1 { f, x, kernel });
         }
     }
+    let path = usable(kernel_path());
     let mut prep = take_prep();
     f.gemv_prepare(path, x, &mut prep);
-    Some(QuantBatch1 {
-        f,
-        path,
-        x,
-        prep,
-        int8: None,
-    })
+    let kernel = Batch1Kernel::Gemv { path, prep };
+    Some(QuantBatch1 { f, x, kernel })
 }
 
 impl<F: QuantRows> nibble_tensor::weight::Batch1Rows for QuantBatch1<'_, F> {
@@ -508,11 +505,11 @@ impl<F: QuantRows> nibble_tensor::weight::Batch1Rows for QuantBatch1<'_, F> {
         if rows.is_empty() {
             return Ok(());
         }
-        match &self.int8 {
-            Some(int8) => int8.rows(rows, y, accumulate),
-            None => self
-                .f
-                .gemv(self.path, self.x, &self.prep, rows, y, accumulate),
+        match &self.kernel {
+            Batch1Kernel::Int8(int8) => int8.rows(rows, y, accumulate),
+            Batch1Kernel::Gemv { path, prep } => {
+                self.f.gemv(*path, self.x, prep, rows, y, accumulate)
+            }
         }
         Ok(())
     }
@@ -520,7 +517,9 @@ impl<F: QuantRows> nibble_tensor::weight::Batch1Rows for QuantBatch1<'_, F> {
 
 impl<F: QuantRows> Drop for QuantBatch1<'_, F> {
     fn drop(&mut self) {
-        put_prep(std::mem::take(&mut self.prep));
+        if let Batch1Kernel::Gemv { prep, .. } = &mut self.kernel {
+            put_prep(std::mem::take(prep));
+        }
     }
 }
 

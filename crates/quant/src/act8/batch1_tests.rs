@@ -7,9 +7,10 @@ use crate::kernels::QuantRows;
 use crate::{Int8Matrix, LowerMatrix, Nf4Matrix, Q4Matrix};
 use nibble_tensor::{Rng, Tensor};
 
-/// Every tier this CPU runs, emulations included; the hardware tiers it lacks are printed.
+/// Every tier this CPU runs, and the emulations it can run; the tiers it lacks are printed.
+/// (The integration tests' `common::int_tiers` does the same; a unit test cannot reach it.)
 fn tiers() -> Vec<IntTier> {
-    let t = IntTier::available();
+    let mut t = IntTier::available();
     for want in [
         IntTier::Avx2,
         IntTier::AvxVnni,
@@ -19,6 +20,15 @@ fn tiers() -> Vec<IntTier> {
         if !t.contains(&want) {
             println!(
                 "act8 batch1 rows: skipping tier {want:?} (this CPU lacks it, or it is turned off)"
+            );
+        }
+    }
+    for emulated in [IntTier::AvxVnniEmulated, IntTier::AmxEmulated] {
+        if emulated.supported() == emulated {
+            t.push(emulated);
+        } else {
+            println!(
+                "act8 batch1 rows: skipping tier {emulated:?} (this CPU cannot run its emulation)"
             );
         }
     }

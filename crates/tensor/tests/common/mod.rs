@@ -1,4 +1,5 @@
-//! Helpers the integration tests of this directory share.
+//! Helpers the integration tests of this directory share, and the workspace's root `tests/`
+//! (through `#[path]`).
 
 /// Runs `f` on a rayon pool of its own with `threads` threads.
 pub fn in_pool<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
