@@ -310,6 +310,20 @@ pub(crate) fn put_prep(v: Vec<f32>) {
     put_scratch(&PREP, v);
 }
 
+/// The thread's storage for a GEMV's per-block scales of a few rows, `len` zeros (see
+/// [`crate::act8`]'s `RowScratch` on why a kernel called per block of rows keeps its storage
+/// rather than asking `calloc` each call); give it back with [`put_row_scales`].
+pub(crate) fn take_row_scales(len: usize) -> Vec<f32> {
+    let mut v = take_scratch(&ROW_SCALES);
+    v.clear();
+    v.resize(len, 0.0);
+    v
+}
+
+pub(crate) fn put_row_scales(v: Vec<f32>) {
+    put_scratch(&ROW_SCALES, v);
+}
+
 thread_local! {
     static PREP: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
     /// [`batch_tiles`]' dequantized rows and results (not cleared: always overwritten).
@@ -317,6 +331,8 @@ thread_local! {
     /// [`FwdPack`]'s `NR x FWD_CHUNK` tile of dequantized row segments (not cleared: the
     /// rows a panel reads are always written first).
     static FWD_TILE: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+    /// [`take_row_scales`]' storage.
+    static ROW_SCALES: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
 
 /// `y`'s base pointer, shared by GEMV tasks that write disjoint rows of `Wᵀ`'s output.

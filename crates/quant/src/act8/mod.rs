@@ -203,6 +203,54 @@ thread_local! {
     };
     /// The calling thread's override ([`with_activations`]); 0 for none.
     static SCOPED: std::cell::Cell<u8> = const { std::cell::Cell::new(0) };
+    /// The storage of the dot-product driver's row operands ([`RowScratch`]).
+    static ROW_SCRATCH: std::cell::Cell<RowScratch> = const {
+        std::cell::Cell::new(RowScratch {
+            codes: Vec::new(),
+            scale: Vec::new(),
+            offset: Vec::new(),
+            isum: Vec::new(),
+        })
+    };
+    /// The storage of [`Batch1Int8`]'s per-unit scales, kept for the thread's next layer.
+    static UNIT_SCALES: std::cell::Cell<(Vec<f32>, Vec<f32>)> =
+        const { std::cell::Cell::new((Vec::new(), Vec::new())) };
+}
+
+/// A thread's row operands for the dot-product driver (codes, affine map per unit, integer
+/// sums), reused from call to call: [`RowScratch::take`] hands them out zeroed at the sizes
+/// asked, [`RowScratch::give_back`] keeps them for the thread's next call. Fresh `vec!`s of
+/// zeros per call were `calloc`s, which glibc serves under its arena lock: with the batch-1
+/// team's members each asking for four per block of rows, the lock and the futex waits behind
+/// it were a sixth of a BigNet int8 forward's samples (`perf`, 2 threads, 2026-12-05).
+#[derive(Default)]
+struct RowScratch {
+    codes: Vec<u8>,
+    scale: Vec<f32>,
+    offset: Vec<f32>,
+    isum: Vec<i32>,
+}
+
+impl RowScratch {
+    /// The thread's storage: `codes` bytes, `units` scales and offsets and `sums` integer sums,
+    /// all zero.
+    fn take(codes: usize, units: usize, sums: usize) -> RowScratch {
+        fn zeroed<T: Copy + Default>(v: &mut Vec<T>, n: usize) {
+            v.clear();
+            v.resize(n, T::default());
+        }
+        let mut s = ROW_SCRATCH.take();
+        zeroed(&mut s.codes, codes);
+        zeroed(&mut s.scale, units);
+        zeroed(&mut s.offset, units);
+        zeroed(&mut s.isum, sums);
+        s
+    }
+
+    /// Keeps the storage for the thread's next [`RowScratch::take`].
+    fn give_back(self) {
+        ROW_SCRATCH.set(self);
+    }
 }
 
 /// Chooses the process-wide [`ActivationMode`] (overriding `NIBBLE_ACTIVATIONS`).
@@ -1108,9 +1156,13 @@ fn forward_into(
     let run = |t: usize| {
         let r0 = t * ROW_TILE;
         let nr = ROW_TILE.min(o - r0);
-        let mut codes = vec![0u8; nr * kpad];
-        let mut scale = vec![0.0f32; nr * units];
-        let mut offset = vec![0.0f32; nr * units];
+        let scratch = RowScratch::take(nr * kpad, nr * units, 4 * units);
+        let RowScratch {
+            mut codes,
+            mut scale,
+            mut offset,
+            mut isum,
+        } = scratch;
         for p in 0..nr {
             row_operands(
                 w,
@@ -1121,7 +1173,6 @@ fn forward_into(
                 &mut offset[p * units..(p + 1) * units],
             );
         }
-        let mut isum = vec![0i32; 4 * units];
         let put = |b: usize, r: usize, v: f32| {
             // SAFETY: b < m and r < o: inside y (m x o); column r belongs to this task's
             // row tile alone.
@@ -1198,6 +1249,13 @@ fn forward_into(
             }
             b += nv;
         }
+        RowScratch {
+            codes,
+            scale,
+            offset,
+            isum,
+        }
+        .give_back();
     };
     let tiles = o.div_ceil(ROW_TILE);
     if parallel {
@@ -1226,17 +1284,21 @@ pub(crate) fn with_quantized_row(x: &[f32], unit: usize, f: impl FnOnce(&Quantiz
 /// Per unit of every vector of `q` (`m` of them): its group's scale `sx`, and that times the
 /// unit's `Q_u` (the dot-product driver's operands for [`combine`]).
 fn unit_scales(q: &QuantizedX, m: usize) -> (Vec<f32>, Vec<f32>) {
+    let (mut sx_u, mut xo_u) = (Vec::new(), Vec::new());
+    unit_scales_into(q, m, &mut sx_u, &mut xo_u);
+    (sx_u, xo_u)
+}
+
+/// [`unit_scales`] into `sx_u` and `xo_u` (their contents replaced, their storage reused).
+fn unit_scales_into(q: &QuantizedX, m: usize, sx_u: &mut Vec<f32>, xo_u: &mut Vec<f32>) {
     let (kpad, unit) = (q.kpad, q.unit.max(1));
     let (units, per_group) = (kpad / unit, GROUP / unit);
-    let sx_u: Vec<f32> = (0..m * units)
-        .map(|k| q.sx[(k / units) * (kpad / GROUP) + (k % units) / per_group])
-        .collect();
-    let xo_u = sx_u
-        .iter()
-        .zip(&q.qsum)
-        .map(|(&s, &c)| s * c as f32)
-        .collect();
-    (sx_u, xo_u)
+    sx_u.clear();
+    sx_u.extend(
+        (0..m * units).map(|k| q.sx[(k / units) * (kpad / GROUP) + (k % units) / per_group]),
+    );
+    xo_u.clear();
+    xo_u.extend(sx_u.iter().zip(&q.qsum).map(|(&s, &c)| s * c as f32));
 }
 
 /// Row `r` of `w` as the dot-product driver reads it: its codes for columns `0..in` into
@@ -1337,7 +1399,8 @@ impl<'a> Batch1Int8<'a> {
             QUANTIZED.set(q);
             return None;
         }
-        let (sx_u, xo_u) = unit_scales(&q, 1);
+        let (mut sx_u, mut xo_u) = UNIT_SCALES.take();
+        unit_scales_into(&q, 1, &mut sx_u, &mut xo_u);
         Some(Batch1Int8 {
             w,
             tier,
@@ -1353,10 +1416,12 @@ impl<'a> Batch1Int8<'a> {
     pub(crate) fn rows(&self, rows: std::ops::Range<usize>, y: &mut [f32], accumulate: bool) {
         let (kpad, unit) = (self.q.kpad, self.layout.unit);
         let units = kpad / unit;
-        let mut codes = vec![0u8; kpad];
-        let mut scale = vec![0.0f32; units];
-        let mut offset = vec![0.0f32; units];
-        let mut isum = vec![0i32; units];
+        let RowScratch {
+            mut codes,
+            mut scale,
+            mut offset,
+            mut isum,
+        } = RowScratch::take(kpad, units, units);
         for (r, d) in rows.zip(y.iter_mut()) {
             row_operands(self.w, r, unit, &mut codes, &mut scale, &mut offset);
             let val = dot_row(
@@ -1373,6 +1438,13 @@ impl<'a> Batch1Int8<'a> {
             );
             *d = if accumulate { *d + val } else { val };
         }
+        RowScratch {
+            codes,
+            scale,
+            offset,
+            isum,
+        }
+        .give_back();
     }
 }
 
@@ -1380,6 +1452,10 @@ impl Drop for Batch1Int8<'_> {
     fn drop(&mut self) {
         // Back to this thread's storage for its next call.
         QUANTIZED.set(std::mem::take(&mut self.q));
+        UNIT_SCALES.set((
+            std::mem::take(&mut self.sx_u),
+            std::mem::take(&mut self.xo_u),
+        ));
     }
 }
 

@@ -806,12 +806,12 @@ pub(crate) mod nf4_int8 {
         acc: bool,
     ) {
         let nb = m.inn / NF4_BLOCK;
-        let mut scale = vec![0.0f32; 4 * nb];
+        let mut scales = crate::kernels::take_row_scales(4 * nb);
         let mut r = rows.start;
         let mut out = y.iter_mut();
         while r < rows.end {
             let n = if rows.end - r >= 4 { 4 } else { 1 };
-            let scale = &mut scale[..n * nb];
+            let scale = &mut scales[..n * nb];
             // SAFETY: the caller's contract; rows r..r + n lie inside W.
             let vals = unsafe {
                 if n == 4 {
@@ -827,6 +827,7 @@ pub(crate) mod nf4_int8 {
             }
             r += n;
         }
+        crate::kernels::put_row_scales(scales);
     }
 
     /// The dot products of rows `r0..r0 + N` with the prepared x; `scale` holds `N · nb`
