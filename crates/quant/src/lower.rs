@@ -22,6 +22,8 @@
 
 use half::f16;
 use nibble_tensor::Tensor;
+
+pub(crate) mod act8;
 use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
@@ -583,21 +585,44 @@ impl QuantRows for LowerMatrix {
     }
     /// AVX2 and AVX-512 paths: appends x scaled for each code width, and the `ceil(in/128)` group sums of x
     /// ([`prepare_x`]).
+    ///
+    /// With int8 activations where their route is lower's fused GEMV
+    /// ([`crate::act8::Int8Route::FusedLower`]): x quantized for it ([`act8::prepare`]) unless
+    /// x holds a NaN or infinity.
     fn gemv_prepare(&self, path: KernelPath, x: &[f32], prep: &mut Vec<f32>) {
         if is_x86_simd(usable(path)) {
+            if self.inn > 0
+                && crate::act8::activations() == crate::act8::ActivationMode::Int8
+                && crate::act8::int8_route("lower", 1) == crate::act8::Int8Route::FusedLower
+                && act8::prepare(x, prep)
+            {
+                return;
+            }
             prepare_x(x, prep);
         }
     }
     #[cfg(target_arch = "x86_64")]
     unsafe fn gemv_simd(
         &self,
-        _path: KernelPath,
+        path: KernelPath,
         x: &[f32],
         prep: &[f32],
         rows: std::ops::Range<usize>,
         y: &mut [f32],
         acc: bool,
     ) -> bool {
+        // (The two preparations differ in length for `in > 0`: `34 · ceil(in/128)` floats
+        // against `2 · in + ceil(in/128)`.)
+        if self.inn > 0 && prep.len() == act8::prep_len(self.inn) {
+            if path == KernelPath::Avx512 && crate::act8::has_avx512vnni() {
+                // SAFETY: the CPU has the AVX-512 tier (the trait's contract) and VNNI; rows
+                // and y checked by the caller; this prep.
+                unsafe { crate::arch::avx512::lower_int8::gemv(self, prep, rows, y, acc) };
+            } else {
+                act8::gemv_ref(self, prep, rows, y, acc);
+            }
+            return true;
+        }
         if prep.len() != prep_len(self.inn) {
             return false;
         }

@@ -221,6 +221,7 @@ fn forward_every_format_every_tier() {
                     Int8Route::FusedNf4 => {
                         assert!(name.starts_with("nf4") && m == 1, "{name} m {m}")
                     }
+                    Int8Route::FusedLower => assert!(name == "lower" && m == 1, "{name} m {m}"),
                 }
                 let wd = f.to_f32();
                 let q = quantize_x(&x, m, i, layout.unit);
@@ -250,7 +251,10 @@ fn forward_every_format_every_tier() {
                         }
                         let f32y = f64::from(exact[b * o + r]);
                         let mut checked = vec![f64::from(y[b * o + r])];
-                        if matches!(route, Int8Route::FusedQ4 | Int8Route::FusedNf4) {
+                        if matches!(
+                            route,
+                            Int8Route::FusedQ4 | Int8Route::FusedNf4 | Int8Route::FusedLower
+                        ) {
                             checked.push(f64::from(via[b * o + r]));
                         }
                         for got in checked {

@@ -996,6 +996,10 @@ pub enum Int8Route {
     /// NF4's fused int8 GEMV at batch 1 on the AVX-512 VNNI and AMX tiers (`crate::nf4::act8`):
     /// the generic driver's int8 values and scales, its f32 steps in another order.
     FusedNf4,
+    /// Lower's fused int8 GEMV at batch 1 on the AVX-512 VNNI and AMX tiers
+    /// (`crate::lower::act8`): the generic driver's int8 values, its f32 steps in another
+    /// order.
+    FusedLower,
     /// The format-independent integer driver [`forward`].
     Generic,
     /// The f32 path: int8 mode changes nothing for this format and batch.
@@ -1067,6 +1071,9 @@ pub fn int8_route_on(tier: IntTier, format: &str, m: usize) -> Int8Route {
         "q4" if m < Q4_FUSED_MAX_M => Int8Route::FusedQ4,
         "nf4" if m == 1 && matches!(tier.supported(), IntTier::Avx512Vnni | IntTier::Amx) => {
             Int8Route::FusedNf4
+        }
+        "lower" if m == 1 && matches!(tier.supported(), IntTier::Avx512Vnni | IntTier::Amx) => {
+            Int8Route::FusedLower
         }
         "nf4" if m < NF4_GENERIC_MAX_M && tier.supported() == IntTier::Avx2 => Int8Route::Generic,
         _ if gemm_route(tier.supported(), format).is_some_and(|r| r.contains(&m)) => {

@@ -918,3 +918,210 @@ pub(crate) mod nf4_int8 {
         }
     }
 }
+
+/// Lower's fused int8-activation GEMV at batch 1 ([`crate::lower::act8`]) on AVX-512 VNNI:
+/// per row and group of 128 codes one 64-byte word of nibbles (a 4-bit row's bytes as they
+/// lie; a 3-bit row's 48 bytes spread to one run of 8 codes per 32-bit lane, then each code
+/// moved to its nibble), two `vpdpbusd` against the prepared x and one fused multiply-add per
+/// lane: lane for lane the steps of [`crate::lower::act8::dot_ref`], the same bits.
+pub(crate) mod lower_int8 {
+    use crate::cpu::{prefetch_weights, quant_prefetch, PREFETCH_ROWS};
+    use crate::lower::act8::{fold16, group_step_ref, groups, min_term, parts};
+    use crate::lower::{LowerMatrix, LOWER_GROUP};
+    use std::arch::x86_64::*;
+
+    /// `y[j] (+)= W[rows.start + j, :] · x'` (`x'` prepared by [`crate::lower::act8::prepare`]),
+    /// four rows at a time (four independent chains, one load of x's bytes for the four), a
+    /// row left over on its own (the same steps).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F/BW/VL + VNNI, AVX2, FMA and F16C; `prep` holds
+    /// `prep_len(m.inn)` slots, `rows ⊆ 0..out`, `y.len() >= rows.len()`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub(crate) unsafe fn gemv(
+        m: &LowerMatrix,
+        prep: &[f32],
+        rows: std::ops::Range<usize>,
+        y: &mut [f32],
+        acc: bool,
+    ) {
+        let ng = groups(m.inn);
+        // Room for four rows' factors `scale_g · sx_g` and mins, in whole runs of 8 groups.
+        let ng8 = ng.div_ceil(8) * 8;
+        let mut params = crate::kernels::take_row_scales(8 * ng8);
+        let (xd, sx, xs) = parts(m.inn, prep);
+        let ctx = Ctx {
+            m,
+            xd,
+            sx,
+            xs,
+            ng,
+            ng8,
+            bits: m.bits.as_slice(),
+            codes: m.codes.as_slice(),
+            scales: m.scales.f16s(),
+            mins: m.mins.f16s(),
+            pf: quant_prefetch(),
+        };
+        let mut r = rows.start;
+        let mut out = y.iter_mut();
+        while r < rows.end {
+            let n = if rows.end - r >= 4 { 4 } else { 1 };
+            // SAFETY: the caller's contract; rows r..r + n lie inside W; params holds 8 · ng8.
+            let vals = unsafe {
+                if n == 4 {
+                    rows_n::<4>(&ctx, r, &mut params)
+                } else {
+                    let [v] = rows_n::<1>(&ctx, r, &mut params);
+                    [v, 0.0, 0.0, 0.0]
+                }
+            };
+            for &v in &vals[..n] {
+                let d = out.next().expect("y holds a value per row");
+                *d = if acc { *d + v } else { v };
+            }
+            r += n;
+        }
+        crate::kernels::put_row_scales(params);
+    }
+
+    /// What every row of a call reads: the matrix's parts and the prepared x's.
+    struct Ctx<'a> {
+        m: &'a LowerMatrix,
+        xd: &'a [i8],
+        sx: &'a [f32],
+        xs: &'a [f32],
+        ng: usize,
+        ng8: usize,
+        bits: &'a [u8],
+        codes: &'a [u8],
+        scales: &'a [half::f16],
+        mins: &'a [half::f16],
+        pf: crate::cpu::QuantPrefetch,
+    }
+
+    /// 64 bytes of nibbles (element `2b` of the group low in byte `b`) from a 3-bit row's
+    /// group of 128 codes: 48 bytes at `p`, 8 codes little-endian in each 3.
+    #[inline(always)]
+    unsafe fn spread3(p: *const u8) -> __m512i {
+        // SAFETY: the caller's contract (48 readable bytes at p; the load masks the rest);
+        // AVX-512 F/BW enabled by the caller.
+        unsafe {
+            let v = _mm512_maskz_loadu_epi8(0x0000_FFFF_FFFF_FFFF, p as *const i8);
+            // 128-bit lane k: source bytes 12k..12k + 12 (dwords 3k..3k + 3).
+            let v = _mm512_permutexvar_epi32(
+                _mm512_setr_epi32(0, 1, 2, 0, 3, 4, 5, 0, 6, 7, 8, 0, 9, 10, 11, 0),
+                v,
+            );
+            // Each dword: one run of 3 bytes (8 codes, code j at bits 3j..3j + 3).
+            let runs = _mm512_shuffle_epi8(
+                v,
+                _mm512_set4_epi32(
+                    0x80_0B_0A_09u32 as i32,
+                    0x80_08_07_06u32 as i32,
+                    0x80_05_04_03u32 as i32,
+                    0x80_02_01_00u32 as i32,
+                ),
+            );
+            // Codes 0..4 stay at bits 0..12, codes 4..8 move to bits 16..28; then each 12
+            // bits to two 6-bit pairs at bytes; then each 6 bits to two codes at nibbles.
+            let x = spread_step::<4>(runs, 0x0000_0FFF, 0x00FF_F000);
+            let x = spread_step::<2>(x, 0x003F_003F, 0x0FC0_0FC0);
+            spread_step::<1>(x, 0x0707_0707, 0x3838_3838)
+        }
+    }
+
+    /// `(x & keep) | ((x & moved) << BY)` on each 32-bit lane. (A function, not a closure:
+    /// closures do not inherit the caller's target features.)
+    #[inline(always)]
+    unsafe fn spread_step<const BY: u32>(x: __m512i, keep: i32, moved: i32) -> __m512i {
+        // SAFETY: register-only; AVX-512 F enabled by the caller.
+        unsafe {
+            let k = _mm512_and_si512(x, _mm512_set1_epi32(keep));
+            let m = _mm512_and_si512(x, _mm512_set1_epi32(moved));
+            _mm512_or_si512(k, _mm512_slli_epi32::<BY>(m))
+        }
+    }
+
+    /// The dot products of rows `r0..r0 + N` with the prepared x; `params` holds `8 · ng8`
+    /// floats of room (each row's factors and mins).
+    ///
+    /// # Safety
+    /// As [`gemv`], rows `r0..r0 + N` inside W.
+    #[inline(always)]
+    unsafe fn rows_n<const N: usize>(c: &Ctx<'_>, r0: usize, params: &mut [f32]) -> [f32; N] {
+        let (m, ng, ng8) = (c.m, c.ng, c.ng8);
+        let whole = m.inn / LOWER_GROUP;
+        let (f, min) = params.split_at_mut(4 * ng8);
+        let bits: [u8; N] = std::array::from_fn(|q| c.bits[r0 + q]);
+        let codes: [&[u8]; N] = std::array::from_fn(|q| {
+            &c.codes[m.offsets[r0 + q] as usize..m.offsets[r0 + q + 1] as usize]
+        });
+        let gbytes: [usize; N] = std::array::from_fn(|q| if bits[q] == 4 { 64 } else { 48 });
+        let ahead = m.offsets[(r0 + PREFETCH_ROWS).min(m.out)] as usize;
+        // SAFETY: (whole body) the CPU features are enabled by the caller; each row has ng
+        // scales and mins (a run of 8 reads ng % 8 of them through a mask) and sx ng values;
+        // f and min hold whole runs of 8 per row; for g < whole each row holds group g's 64
+        // (4-bit) or 48 (3-bit) bytes at g · gbytes, and xd 128 bytes at g · 128; prefetches
+        // never fault.
+        unsafe {
+            // f_g = scale_g · sx_g and min_g as f32 (exact conversions, one product each: the
+            // reference's values).
+            for q in 0..N {
+                let (sc, mn) = (&c.scales[(r0 + q) * ng..], &c.mins[(r0 + q) * ng..]);
+                for g0 in (0..ng).step_by(8) {
+                    let n = (ng - g0).min(8);
+                    let k: u8 = if n == 8 { 0xFF } else { (1u8 << n) - 1 };
+                    let s8 = _mm256_cvtph_ps(_mm_maskz_loadu_epi16(
+                        k,
+                        sc.as_ptr().add(g0) as *const i16,
+                    ));
+                    let m8 = _mm256_cvtph_ps(_mm_maskz_loadu_epi16(
+                        k,
+                        mn.as_ptr().add(g0) as *const i16,
+                    ));
+                    let sxv = _mm256_maskz_loadu_ps(k, c.sx.as_ptr().add(g0));
+                    _mm256_storeu_ps(f.as_mut_ptr().add(q * ng8 + g0), _mm256_mul_ps(s8, sxv));
+                    _mm256_storeu_ps(min.as_mut_ptr().add(q * ng8 + g0), m8);
+                }
+            }
+            let low4 = _mm512_set1_epi8(0x0f);
+            let base = c.codes.as_ptr();
+            let mut accv = [_mm512_setzero_ps(); N];
+            for g in 0..whole {
+                let xe = _mm512_loadu_si512(c.xd.as_ptr().add(g * 128) as *const _);
+                let xo = _mm512_loadu_si512(c.xd.as_ptr().add(g * 128 + 64) as *const _);
+                for q in 0..N {
+                    prefetch_weights(c.pf, base.wrapping_add(ahead + (q * whole + g) * 48));
+                    let p = codes[q].as_ptr().add(g * gbytes[q]);
+                    let z = if bits[q] == 4 {
+                        _mm512_loadu_si512(p as *const _)
+                    } else {
+                        spread3(p)
+                    };
+                    let lo = _mm512_and_si512(z, low4);
+                    let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(z), low4);
+                    let sums = _mm512_dpbusd_epi32(
+                        _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xe),
+                        hi,
+                        xo,
+                    );
+                    accv[q] = _mm512_fmadd_ps(
+                        _mm512_cvtepi32_ps(sums),
+                        _mm512_set1_ps(*f.get_unchecked(q * ng8 + g)),
+                        accv[q],
+                    );
+                }
+            }
+            std::array::from_fn(|q| {
+                let mut lanes = [0.0f32; 16];
+                _mm512_storeu_ps(lanes.as_mut_ptr(), accv[q]);
+                for g in whole..ng {
+                    let fg = f[q * ng8 + g];
+                    group_step_ref(bits[q], codes[q], m.inn, g, c.xd, fg, &mut lanes);
+                }
+                fold16(lanes) + min_term(&min[q * ng8..q * ng8 + ng], c.xs)
+            })
+        }
+    }
+}
