@@ -567,8 +567,10 @@ fn team_linear(
         None => None,
     };
     let product = layer.weight.batch1_rows(x).ok_or(TeamStop::Fallback)?;
-    // The blocks this member computed, for the adapter's `B h` on the same rows.
-    let mut computed = Vec::new();
+    // The blocks this member computed, for the adapter's `B h` on the same rows (the
+    // thread's list, kept from layer to layer: no allocation per layer).
+    let mut computed = COMPUTED_BLOCKS.take();
+    computed.clear();
     let mut fixed = member.blocks(out, block);
     let mut claimed = team_balance_enabled().then(|| member.claim_blocks(out, block));
     let mut next_block = || match claimed.as_mut() {
@@ -589,6 +591,7 @@ fn team_linear(
         }
     }
     let (Some((a, b)), Some(arrival)) = (layer.adapter, arrival) else {
+        COMPUTED_BLOCKS.set(computed);
         return Ok(());
     };
     let rank = a.shape()[0];
@@ -597,11 +600,18 @@ fn team_linear(
     // for; h is written again only after the barrier that ends this layer.
     let hv = &unsafe { h.read() }[..rank];
     let b_rows = b.batch1_rows(hv).ok_or(TeamStop::Fallback)?;
-    for rows in computed {
+    for rows in computed.iter().cloned() {
         // SAFETY: the blocks of y this member computed above, its alone.
         let yr = unsafe { y.rows_mut(rows.clone()) };
         b_rows.rows(rows.clone(), yr, true)?;
         post.apply(rows, yr)?;
     }
+    COMPUTED_BLOCKS.set(computed);
     Ok(())
+}
+
+thread_local! {
+    /// [`team_linear`]'s list of the blocks a member computed, kept for its next layer.
+    static COMPUTED_BLOCKS: std::cell::Cell<Vec<std::ops::Range<usize>>> =
+        const { std::cell::Cell::new(Vec::new()) };
 }
