@@ -212,3 +212,42 @@ pub(crate) unsafe fn dequant_cols(m: &Nf4Matrix, b: ColBlock, dst: &mut [f32]) {
         }
     }
 }
+
+/// [`Nf4Matrix::fill_absmax`]'s double-quantized case for blocks `b0..b0 + 8·k` (the largest
+/// whole runs of 8 in `dst`): `dst[j] = map[codes[b0 + j]] · scale[(b0 + j) / 256] + offset`,
+/// each table read by a gather, the product and the sum rounded apart as the scalar loop
+/// rounds them: the same values. Returns how many of `dst` it wrote.
+///
+/// # Safety
+/// The CPU has AVX2; `codes` holds `b0 + dst.len()` codes, `scale` an entry for every block
+/// of 256 they reach, and `b0 + dst.len() <= i32::MAX`.
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn absmax_double(
+    codes: &[u8],
+    b0: usize,
+    scale: &[f32],
+    map: &[f32; 256],
+    offset: f32,
+    dst: &mut [f32],
+) -> usize {
+    const _: () = assert!(DQ_BLOCK == 256, "the scale index is the block index >> 8");
+    let whole = dst.len() / 8 * 8;
+    let off = _mm256_set1_ps(offset);
+    let iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for k in (0..whole).step_by(8) {
+        let b = b0 + k;
+        // SAFETY: codes b..b + 8 and the scales of their blocks of 256 exist and every index
+        // fits an i32 (the caller's contract); dst has k + 8 elements.
+        unsafe {
+            let c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(codes.as_ptr().add(b) as *const __m128i));
+            let v = _mm256_i32gather_ps::<4>(map.as_ptr(), c);
+            let si = _mm256_srli_epi32::<8>(_mm256_add_epi32(_mm256_set1_epi32(b as i32), iota));
+            let s = _mm256_i32gather_ps::<4>(scale.as_ptr(), si);
+            _mm256_storeu_ps(
+                dst.as_mut_ptr().add(k),
+                _mm256_add_ps(_mm256_mul_ps(v, s), off),
+            );
+        }
+    }
+    whole
+}
