@@ -40,7 +40,7 @@ use nibble_tensor::layernorm::{add_layer_norm_assign, layer_norm_assign};
 use nibble_tensor::lowrank::LowRank;
 use nibble_tensor::ops::{add_in_place, fill_rows, relu_in_place, zeros_vec, PostOp};
 use nibble_tensor::team::{self, block_rows, Member, SharedRows};
-use nibble_tensor::weight::BATCH1_ROW_ALIGN;
+use nibble_tensor::weight::{dense_batch1_rows, Batch1Rows, BATCH1_ROW_ALIGN};
 use nibble_tensor::{f16, linear_low_rank_into, Tensor, TensorError, WeightMatrix};
 use std::ops::Range;
 use std::sync::{Arc, RwLockReadGuard};
@@ -336,7 +336,7 @@ impl From<TensorError> for TeamStop {
 /// adapter's `A x` and its `B h`). Each member keeps the residual stream whole, so the
 /// residual add needs no barrier of its own and each computes the LayerNorm of the whole row
 /// itself (a few µs; a barrier less). Every value is the one the ordinary path computes, with
-/// the same kernels on the same operands (the product rows by [`Batch1Rows`](nibble_tensor::weight::Batch1Rows), then the
+/// the same kernels on the same operands (the product rows by [`Batch1Rows`], then the
 /// adapter's rows, then ReLU or the residual add, then the LayerNorm): the same bits.
 ///
 /// Writes `x`'s output into `out` (`[dim]`, holding `x` on entry). `None` when the team did
@@ -553,7 +553,7 @@ fn team_linear(
     let arrival = match layer.adapter {
         Some((a, _)) => {
             let rank = a.shape()[0];
-            let a_rows = a.batch1_rows(x).ok_or(TeamStop::Fallback)?;
+            let a_rows = dense_batch1_rows(a, x).ok_or(TeamStop::Fallback)?;
             // Shared out, then a barrier: every member computing all of a rank-32 `h` itself
             // (no barrier) measured slower on the 16-core Xeon (qlora at batch 1 0.54–0.58 ms
             // against 0.46–0.50, 2026-12-03 21:55 UTC), each member then reading all of A.
@@ -599,7 +599,7 @@ fn team_linear(
     // SAFETY: every member wrote its rows of h before arriving at the barrier just waited
     // for; h is written again only after the barrier that ends this layer.
     let hv = &unsafe { h.read() }[..rank];
-    let b_rows = b.batch1_rows(hv).ok_or(TeamStop::Fallback)?;
+    let b_rows = dense_batch1_rows(b, hv).ok_or(TeamStop::Fallback)?;
     for rows in computed.iter().cloned() {
         // SAFETY: the blocks of y this member computed above, its alone.
         let yr = unsafe { y.rows_mut(rows.clone()) };

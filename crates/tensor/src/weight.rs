@@ -12,6 +12,28 @@ use crate::ops::{fill_rows, PostOp};
 use crate::tensor::Tensor;
 use std::ops::Range;
 
+/// A dense f32 `w`'s batch-1 product by ranges of rows, as [`WeightMatrix::batch1_rows`] gives
+/// it (the same kernel, the same bits) but without the box: for callers that make one per
+/// layer on every thread of a team, such as a LoRA adapter's `A x` and `B h` (an allocation
+/// per member and layer is a write to the allocator's shared state, which the team's members
+/// would all make at the same moment). `None` unless `w` is a matrix and `x` has a value per
+/// column.
+///
+/// ```
+/// use nibble_tensor::weight::{dense_batch1_rows, Batch1Rows};
+/// use nibble_tensor::Tensor;
+/// let w = Tensor::from_vec(&[2, 2], vec![1.0, 2.0, 3.0, 4.0]).unwrap();
+/// let x = [1.0f32, 1.0];
+/// let rows = dense_batch1_rows(&w, &x).unwrap();
+/// let mut y = [0.0f32; 2];
+/// rows.rows(0..2, &mut y, false).unwrap();
+/// assert_eq!(y, [3.0, 7.0]);
+/// ```
+pub fn dense_batch1_rows<'a>(w: &'a Tensor, x: &'a [f32]) -> Option<impl Batch1Rows + 'a> {
+    let (o, i) = w.dims2("linear").ok()?;
+    DenseBatch1::new(w.data(), o, i, x)
+}
+
 /// Row granularity of [`Batch1Rows::rows`]: ranges start at multiples of it (the batch-1
 /// kernels process rows in groups of 4, and a row's bits must not depend on the split).
 pub const BATCH1_ROW_ALIGN: usize = 4;
