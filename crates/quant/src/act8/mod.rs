@@ -217,6 +217,37 @@ thread_local! {
         const { std::cell::Cell::new((Vec::new(), Vec::new())) };
 }
 
+/// Test support: runs `kernel(rows, y, accumulate)` (a batch-1 GEMV over rows of W) on three
+/// ranges of `out` rows (all of them, the last two thirds, all but the first and last), with y
+/// pre-filled with NaN and then with values to accumulate onto, and checks each row's bits
+/// against `want` (the scalar reference's values); `what` names the case in a failure.
+#[cfg(test)]
+pub(crate) fn check_rows_kernel(
+    out: usize,
+    want: &[f32],
+    what: &str,
+    kernel: impl Fn(std::ops::Range<usize>, &mut [f32], bool),
+) {
+    for (r0, r1) in [
+        (0, out),
+        (out / 3, out),
+        (1.min(out), out.saturating_sub(1).max(1)),
+    ] {
+        let mut y = vec![f32::NAN; r1 - r0];
+        kernel(r0..r1, &mut y, false);
+        let mut y2: Vec<f32> = (r0..r1).map(|r| r as f32).collect();
+        kernel(r0..r1, &mut y2, true);
+        for (k, r) in (r0..r1).enumerate() {
+            assert_eq!(y[k].to_bits(), want[r].to_bits(), "{what} row {r}");
+            assert_eq!(
+                y2[k].to_bits(),
+                (r as f32 + want[r]).to_bits(),
+                "{what} row {r} acc"
+            );
+        }
+    }
+}
+
 /// A thread's row operands for the dot-product driver (codes, affine map per unit, integer
 /// sums), reused from call to call: [`RowScratch::take`] hands them out zeroed at the sizes
 /// asked, [`RowScratch::give_back`] keeps them for the thread's next call. Fresh `vec!`s of
@@ -1165,13 +1196,13 @@ fn forward_into(
     let run = |t: usize| {
         let r0 = t * ROW_TILE;
         let nr = ROW_TILE.min(o - r0);
-        let scratch = RowScratch::take(nr * kpad, nr * units, 4 * units);
+        let mut scratch = RowScratch::take(nr * kpad, nr * units, 4 * units);
         let RowScratch {
-            mut codes,
-            mut scale,
-            mut offset,
-            mut isum,
-        } = scratch;
+            codes,
+            scale,
+            offset,
+            isum,
+        } = &mut scratch;
         for p in 0..nr {
             row_operands(
                 w,
@@ -1201,7 +1232,7 @@ fn forward_into(
                 let at = |v: usize| (b + v) * units..(b + v + 1) * units;
                 if nv == 1 {
                     let (sx, xo) = (&sx_u[at(0)], &xo_u[at(0)]);
-                    let val = dot_row(tier, layout, c, s, z, xq(b), qs(b), sx, xo, &mut isum);
+                    let val = dot_row(tier, layout, c, s, z, xq(b), qs(b), sx, xo, isum);
                     put(b, r0 + p, val);
                     continue;
                 }
@@ -1258,13 +1289,7 @@ fn forward_into(
             }
             b += nv;
         }
-        RowScratch {
-            codes,
-            scale,
-            offset,
-            isum,
-        }
-        .give_back();
+        scratch.give_back();
     };
     let tiles = o.div_ceil(ROW_TILE);
     if parallel {
@@ -1425,14 +1450,15 @@ impl<'a> Batch1Int8<'a> {
     pub(crate) fn rows(&self, rows: std::ops::Range<usize>, y: &mut [f32], accumulate: bool) {
         let (kpad, unit) = (self.q.kpad, self.layout.unit);
         let units = kpad / unit;
+        let mut scratch = RowScratch::take(kpad, units, units);
         let RowScratch {
-            mut codes,
-            mut scale,
-            mut offset,
-            mut isum,
-        } = RowScratch::take(kpad, units, units);
+            codes,
+            scale,
+            offset,
+            isum,
+        } = &mut scratch;
         for (r, d) in rows.zip(y.iter_mut()) {
-            row_operands(self.w, r, unit, &mut codes, &mut scale, &mut offset);
+            row_operands(self.w, r, unit, codes, scale, offset);
             let val = dot_row(
                 self.tier,
                 self.layout,
@@ -1443,17 +1469,11 @@ impl<'a> Batch1Int8<'a> {
                 &self.q.qsum[..units],
                 &self.sx_u,
                 &self.xo_u,
-                &mut isum,
+                isum,
             );
             *d = if accumulate { *d + val } else { val };
         }
-        RowScratch {
-            codes,
-            scale,
-            offset,
-            isum,
-        }
-        .give_back();
+        scratch.give_back();
     }
 }
 

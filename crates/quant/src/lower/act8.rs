@@ -187,41 +187,16 @@ mod tests {
                         x[131] = -1.0e3;
                     }
                     let m = LowerMatrix::quantize(&w).unwrap();
-                    let widths: Vec<u8> = m.bits.as_slice().to_vec();
                     let mut prep = vec![7.0f32]; // a prefix the parts must not read
                     assert!(prepare(&x, &mut prep));
                     let prep = &prep[1..];
                     let want: Vec<f32> = (0..out).map(|r| dot_ref(&m, r, prep)).collect();
-                    for (r0, r1) in [
-                        (0, out),
-                        (out / 3, out),
-                        (1.min(out), out.saturating_sub(1).max(1)),
-                    ] {
-                        let mut y = vec![f32::NAN; r1 - r0];
+                    let what = format!("{out}x{inn} (row widths {:?})", m.bits.as_slice());
+                    crate::act8::check_rows_kernel(out, &want, &what, |rows, y, acc| {
                         // SAFETY: the CPU has AVX-512 VNNI (checked above) and the AVX-512
                         // tier's features with it; shapes as the kernel asks.
-                        unsafe {
-                            crate::arch::avx512::lower_int8::gemv(&m, prep, r0..r1, &mut y, false)
-                        };
-                        let mut y2: Vec<f32> = (r0..r1).map(|r| r as f32).collect();
-                        // SAFETY: as above.
-                        unsafe {
-                            crate::arch::avx512::lower_int8::gemv(&m, prep, r0..r1, &mut y2, true)
-                        };
-                        for (k, r) in (r0..r1).enumerate() {
-                            let b = widths[r];
-                            assert_eq!(
-                                y[k].to_bits(),
-                                want[r].to_bits(),
-                                "{out}x{inn} row {r} ({b} bits)"
-                            );
-                            assert_eq!(
-                                y2[k].to_bits(),
-                                (r as f32 + want[r]).to_bits(),
-                                "{out}x{inn} row {r} ({b} bits) acc"
-                            );
-                        }
-                    }
+                        unsafe { crate::arch::avx512::lower_int8::gemv(&m, prep, rows, y, acc) }
+                    });
                 }
             }
             println!("lower int8 GEMV: AVX-512 VNNI kernel checked");
