@@ -120,3 +120,25 @@ fn batch1_rows_decline_what_the_driver_declines() {
         );
     });
 }
+
+/// A NaN or infinity anywhere in x: the fused batch-1 GEMVs' preparations (NF4's, lower's)
+/// prepare nothing, so that the f32 GEMV runs.
+#[test]
+fn fused_preparations_decline_nonfinite_x() {
+    type Prepare = fn(&[f32], &mut Vec<f32>) -> bool;
+    let prepares: [(&str, Prepare); 2] = [
+        ("nf4", crate::nf4::act8::prepare),
+        ("lower", crate::lower::act8::prepare),
+    ];
+    for (name, prepare) in prepares {
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            for at in [0, 63, 64, 127] {
+                let mut x = vec![0.25f32; 128];
+                x[at] = bad;
+                let mut prep = Vec::new();
+                assert!(!prepare(&x, &mut prep), "{name}: {bad} at {at}");
+                assert!(prep.is_empty(), "{name}: {bad} at {at}");
+            }
+        }
+    }
+}

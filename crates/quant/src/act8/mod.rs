@@ -217,6 +217,20 @@ thread_local! {
         const { std::cell::Cell::new((Vec::new(), Vec::new())) };
 }
 
+/// `y[j] = dot(rows.start + j)` (`y[j] += ...` with `acc`) for the rows of `rows`: the scalar
+/// references' GEMV over their row function (`y.len() >= rows.len()`).
+pub(crate) fn store_rows(
+    rows: std::ops::Range<usize>,
+    y: &mut [f32],
+    acc: bool,
+    dot: impl Fn(usize) -> f32,
+) {
+    for (r, d) in rows.zip(y.iter_mut()) {
+        let v = dot(r);
+        *d = if acc { *d + v } else { v };
+    }
+}
+
 /// Test support: runs `kernel(rows, y, accumulate)` (a batch-1 GEMV over rows of W) on three
 /// ranges of `out` rows (all of them, the last two thirds, all but the first and last), with y
 /// pre-filled with NaN and then with values to accumulate onto, and checks each row's bits
@@ -1462,9 +1476,9 @@ impl<'a> Batch1Int8<'a> {
             let val = dot_row(
                 self.tier,
                 self.layout,
-                &codes,
-                &scale,
-                &offset,
+                codes,
+                scale,
+                offset,
                 &self.q.xq[..kpad],
                 &self.q.qsum[..units],
                 &self.sx_u,
