@@ -9,6 +9,8 @@
 use nibble_tensor::Tensor;
 use rayon::prelude::*;
 
+pub(crate) mod act8;
+
 #[cfg(target_arch = "x86_64")]
 use crate::arch::avx2::int8 as avx2;
 #[cfg(target_arch = "x86_64")]
@@ -174,8 +176,19 @@ impl QuantRows for Int8Matrix {
         dequantize(path, c, s, z, dst);
     }
     /// AVX2 and AVX-512 paths: appends `Σ x`.
+    ///
+    /// With int8 activations where their route is the format's fused GEMV
+    /// ([`crate::act8::Int8Route::FusedInt8`]): x quantized for it ([`act8::prepare`]) unless
+    /// x holds a NaN or infinity.
     fn gemv_prepare(&self, path: KernelPath, x: &[f32], prep: &mut Vec<f32>) {
         if is_x86_simd(usable(path)) {
+            if self.inn > 0
+                && crate::act8::activations() == crate::act8::ActivationMode::Int8
+                && crate::act8::int8_route("int8", 1) == crate::act8::Int8Route::FusedInt8
+                && act8::prepare(x, prep)
+            {
+                return;
+            }
             prep.push(x.iter().sum());
         }
     }
@@ -189,6 +202,17 @@ impl QuantRows for Int8Matrix {
         y: &mut [f32],
         acc: bool,
     ) -> bool {
+        // (The int8 preparation holds `33 · ceil(in/128) + 1 > 1` floats for `in > 0`.)
+        if self.inn > 0 && prep.len() == act8::prep_len(self.inn) {
+            if path == KernelPath::Avx512 && crate::act8::has_avx512vnni() {
+                // SAFETY: the CPU has the AVX-512 tier (the trait's contract) and VNNI; rows
+                // and y checked by the caller; this prep.
+                unsafe { crate::arch::avx512::int8_int8::gemv(self, prep, rows, y, acc) };
+            } else {
+                act8::gemv_ref(self, prep, rows, y, acc);
+            }
+            return true;
+        }
         let [sum_x] = prep else {
             return false;
         };

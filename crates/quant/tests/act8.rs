@@ -222,6 +222,7 @@ fn forward_every_format_every_tier() {
                         assert!(name.starts_with("nf4") && m == 1, "{name} m {m}")
                     }
                     Int8Route::FusedLower => assert!(name == "lower" && m == 1, "{name} m {m}"),
+                    Int8Route::FusedInt8 => assert!(name == "int8" && m == 1, "{name} m {m}"),
                 }
                 let wd = f.to_f32();
                 let q = quantize_x(&x, m, i, layout.unit);
@@ -253,7 +254,10 @@ fn forward_every_format_every_tier() {
                         let mut checked = vec![f64::from(y[b * o + r])];
                         if matches!(
                             route,
-                            Int8Route::FusedQ4 | Int8Route::FusedNf4 | Int8Route::FusedLower
+                            Int8Route::FusedQ4
+                                | Int8Route::FusedNf4
+                                | Int8Route::FusedLower
+                                | Int8Route::FusedInt8
                         ) {
                             checked.push(f64::from(via[b * o + r]));
                         }

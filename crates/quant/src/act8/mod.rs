@@ -1045,6 +1045,9 @@ pub enum Int8Route {
     /// (`crate::lower::act8`): the generic driver's int8 values, its f32 steps in another
     /// order.
     FusedLower,
+    /// The int8 format's fused int8 GEMV at batch 1 on the AVX-512 VNNI and AMX tiers
+    /// (`crate::int8::act8`): the generic driver's int8 values, its f32 steps in another order.
+    FusedInt8,
     /// The format-independent integer driver [`forward`].
     Generic,
     /// The f32 path: int8 mode changes nothing for this format and batch.
@@ -1121,6 +1124,9 @@ pub fn int8_route_on(tier: IntTier, format: &str, m: usize) -> Int8Route {
         }
         "lower" if m == 1 && matches!(tier.supported(), IntTier::Avx512Vnni | IntTier::Amx) => {
             Int8Route::FusedLower
+        }
+        "int8" if m == 1 && matches!(tier.supported(), IntTier::Avx512Vnni | IntTier::Amx) => {
+            Int8Route::FusedInt8
         }
         "nf4" if m < NF4_GENERIC_MAX_M && tier.supported() == IntTier::Avx2 => Int8Route::Generic,
         _ if gemm_route(tier.supported(), format).is_some_and(|r| r.contains(&m)) => {

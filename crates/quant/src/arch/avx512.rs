@@ -1125,3 +1125,101 @@ pub(crate) mod lower_int8 {
         }
     }
 }
+
+/// The int8 format's fused int8-activation GEMV at batch 1 ([`crate::int8::act8`]) on AVX-512
+/// VNNI: per row and group of 128 two 64-byte loads of codes and two `vpdpbusd` against the
+/// prepared x, one fused multiply-add per lane, four rows at a time: lane for lane the steps of
+/// [`crate::int8::act8::dot_ref`], the same bits.
+pub(crate) mod int8_int8 {
+    use crate::act8::GROUP;
+    use crate::cpu::{prefetch_weights, quant_prefetch, PREFETCH_ROWS};
+    use crate::int8::act8::{finish, group_step_ref, parts};
+    use crate::int8::Int8Matrix;
+    use std::arch::x86_64::*;
+
+    /// `y[j] (+)= W[rows.start + j, :] · x'` (`x'` prepared by [`crate::int8::act8::prepare`]),
+    /// four rows at a time (four independent chains, one load of x for the four), a row left
+    /// over on its own (the same steps).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F/BW/VL + VNNI, AVX2 and FMA; `prep` holds `prep_len(m.inn)` slots,
+    /// `rows ⊆ 0..out`, `y.len() >= rows.len()`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+    pub(crate) unsafe fn gemv(
+        m: &Int8Matrix,
+        prep: &[f32],
+        rows: std::ops::Range<usize>,
+        y: &mut [f32],
+        acc: bool,
+    ) {
+        let mut r = rows.start;
+        let mut out = y.iter_mut();
+        while r < rows.end {
+            let n = if rows.end - r >= 4 { 4 } else { 1 };
+            // SAFETY: the caller's contract; rows r..r + n lie inside W.
+            let vals = unsafe {
+                if n == 4 {
+                    rows_n::<4>(m, prep, r)
+                } else {
+                    let [v] = rows_n::<1>(m, prep, r);
+                    [v, 0.0, 0.0, 0.0]
+                }
+            };
+            for &v in &vals[..n] {
+                let d = out.next().expect("y holds a value per row");
+                *d = if acc { *d + v } else { v };
+            }
+            r += n;
+        }
+    }
+
+    /// The dot products of rows `r0..r0 + N` with the prepared x.
+    ///
+    /// # Safety
+    /// As [`gemv`], rows `r0..r0 + N` inside W.
+    #[inline(always)]
+    unsafe fn rows_n<const N: usize>(m: &Int8Matrix, prep: &[f32], r0: usize) -> [f32; N] {
+        let inn = m.inn;
+        let (xq, sx, total) = parts(inn, prep);
+        let whole = inn / GROUP;
+        let codes = m.codes.as_slice();
+        let pf = quant_prefetch();
+        // SAFETY: (whole body) the CPU features are enabled by the caller; for g < whole each
+        // row r0 + q holds 128 codes at (r0 + q) · inn + g · 128 and xq 128 bytes at g · 128;
+        // prefetches never fault.
+        unsafe {
+            let base = codes.as_ptr().add(r0 * inn);
+            let mut accv = [_mm512_setzero_ps(); N];
+            for g in 0..whole {
+                let x0 = _mm512_loadu_si512(xq.as_ptr().add(g * GROUP) as *const _);
+                let x1 = _mm512_loadu_si512(xq.as_ptr().add(g * GROUP + 64) as *const _);
+                let s = _mm512_set1_ps(*sx.get_unchecked(g));
+                for (q, a) in accv.iter_mut().enumerate() {
+                    let p = base.add(q * inn + g * GROUP);
+                    let ahead = p.wrapping_add(PREFETCH_ROWS * inn);
+                    prefetch_weights(pf, ahead);
+                    prefetch_weights(pf, ahead.wrapping_add(64));
+                    let c0 = _mm512_loadu_si512(p as *const _);
+                    let c1 = _mm512_loadu_si512(p.add(64) as *const _);
+                    let sums = _mm512_dpbusd_epi32(
+                        _mm512_dpbusd_epi32(_mm512_setzero_si512(), c0, x0),
+                        c1,
+                        x1,
+                    );
+                    *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), s, *a);
+                }
+            }
+            let (scales, zeros) = (m.scales.f32s(), m.zeros.f32s());
+            std::array::from_fn(|q| {
+                let r = r0 + q;
+                let mut lanes = [0.0f32; 16];
+                _mm512_storeu_ps(lanes.as_mut_ptr(), accv[q]);
+                let row = &codes[r * inn..(r + 1) * inn];
+                for (g, &s) in sx.iter().enumerate().skip(whole) {
+                    group_step_ref(row, inn, g, xq, s, &mut lanes);
+                }
+                finish(scales[r], zeros[r], crate::nf4::act8::fold16(lanes), total)
+            })
+        }
+    }
+}
