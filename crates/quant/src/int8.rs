@@ -180,11 +180,11 @@ impl QuantRows for Int8Matrix {
     /// With int8 activations where their route is the format's fused GEMV
     /// ([`crate::act8::Int8Route::FusedInt8`]): x quantized for it ([`act8::prepare`]) unless
     /// x holds a NaN or infinity.
-    fn gemv_prepare(&self, path: KernelPath, x: &[f32], prep: &mut Vec<f32>) {
+    fn gemv_prepare(&self, path: KernelPath, m: usize, x: &[f32], prep: &mut Vec<f32>) {
         if is_x86_simd(usable(path)) {
             if self.inn > 0
                 && crate::act8::activations() == crate::act8::ActivationMode::Int8
-                && crate::act8::int8_route("int8", 1) == crate::act8::Int8Route::FusedInt8
+                && crate::act8::int8_route("int8", m) == crate::act8::Int8Route::FusedInt8
                 && act8::prepare(x, prep)
             {
                 return;

@@ -169,8 +169,9 @@ pub(crate) trait QuantRows: Sync + Send {
         false
     }
     /// Appends the per-input precomputation for [`QuantRows::gemv`] (e.g. block sums of `x`)
-    /// to `prep`.
-    fn gemv_prepare(&self, _path: KernelPath, _x: &[f32], _prep: &mut Vec<f32>) {}
+    /// to `prep`, for one vector `x` of a batch of `m` (a format whose int8-activation route
+    /// fuses only batch 1 prepares that route's x only when `m == 1`).
+    fn gemv_prepare(&self, _path: KernelPath, _m: usize, _x: &[f32], _prep: &mut Vec<f32>) {}
     /// `y[j] = W[rows.start + j, :] · x` (`y[j] += ...` with `acc`) for the rows in `rows`;
     /// `prep` is what [`QuantRows::gemv_prepare`] appended for this `x` on this path. The
     /// format's GEMV of the path's x86 tier where it has one and takes this `prep`, else
@@ -505,7 +506,7 @@ pub(crate) fn batch1_rows<'a, F: QuantRows>(f: &'a F, x: &'a [f32]) -> Option<Qu
     }
     let path = usable(kernel_path());
     let mut prep = take_prep();
-    f.gemv_prepare(path, x, &mut prep);
+    f.gemv_prepare(path, 1, x, &mut prep);
     let kernel = Batch1Kernel::Gemv { path, prep };
     Some(QuantBatch1 { f, x, kernel })
 }
@@ -580,7 +581,7 @@ fn matmul_t_fusing<F: QuantRows>(
     let mut starts = Vec::with_capacity(m + 1);
     for b in 0..m {
         starts.push(prep.len());
-        f.gemv_prepare(path, &x[b * i..(b + 1) * i], &mut prep);
+        f.gemv_prepare(path, m, &x[b * i..(b + 1) * i], &mut prep);
     }
     starts.push(prep.len());
     if m == 1 {

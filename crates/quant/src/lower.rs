@@ -589,11 +589,11 @@ impl QuantRows for LowerMatrix {
     /// With int8 activations where their route is lower's fused GEMV
     /// ([`crate::act8::Int8Route::FusedLower`]): x quantized for it ([`act8::prepare`]) unless
     /// x holds a NaN or infinity.
-    fn gemv_prepare(&self, path: KernelPath, x: &[f32], prep: &mut Vec<f32>) {
+    fn gemv_prepare(&self, path: KernelPath, m: usize, x: &[f32], prep: &mut Vec<f32>) {
         if is_x86_simd(usable(path)) {
             if self.inn > 0
                 && crate::act8::activations() == crate::act8::ActivationMode::Int8
-                && crate::act8::int8_route("lower", 1) == crate::act8::Int8Route::FusedLower
+                && crate::act8::int8_route("lower", m) == crate::act8::Int8Route::FusedLower
                 && act8::prepare(x, prep)
             {
                 return;

@@ -447,7 +447,7 @@ impl QuantRows for Q4Matrix {
     ///
     /// Under [`Q4Activations::Int8`] (AVX2 and AVX-512 paths, which run the AVX2 code) it
     /// appends the int8 quantization of x instead (see [`Q4Matrix::gemv_int8`]).
-    fn gemv_prepare(&self, path: KernelPath, x: &[f32], prep: &mut Vec<f32>) {
+    fn gemv_prepare(&self, path: KernelPath, _m: usize, x: &[f32], prep: &mut Vec<f32>) {
         if is_x86_simd(usable(path))
             && q4_activations() == Q4Activations::Int8
             && self.inn > 0

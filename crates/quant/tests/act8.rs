@@ -163,7 +163,7 @@ impl<T: IntCodes + WeightMatrix + Int8InputGrad> Fmt for T {
 fn forward_every_format_every_tier() {
     let tiers = tiers();
     for &i in &[1usize, 7, 15, 17, 31, 33, 63, 64, 129, 192, 1023] {
-        for &(o, m) in &[(0usize, 1usize), (1, 1), (7, 3), (17, 16), (33, 5)] {
+        for &(o, m) in &[(0usize, 1usize), (1, 1), (9, 2), (7, 3), (17, 16), (33, 5)] {
             for (name, f) in formats(o, i, (i * 31 + o) as u64) {
                 let x = Tensor::randn(&[m, i], &mut Rng::new((i + m) as u64));
                 let mut x = x.into_vec();

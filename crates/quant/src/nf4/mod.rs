@@ -688,11 +688,11 @@ impl QuantRows for Nf4Matrix {
     /// With int8 activations where their route is NF4's fused GEMV
     /// ([`crate::act8::Int8Route::FusedNf4`]): x quantized for it ([`act8::prepare`]) unless x
     /// holds a NaN or infinity.
-    fn gemv_prepare(&self, path: KernelPath, x: &[f32], prep: &mut Vec<f32>) {
+    fn gemv_prepare(&self, path: KernelPath, m: usize, x: &[f32], prep: &mut Vec<f32>) {
         if is_x86_simd(usable(path)) && self.inn % NF4_BLOCK == 0 {
             if self.inn > 0
                 && crate::act8::activations() == crate::act8::ActivationMode::Int8
-                && crate::act8::int8_route("nf4", 1) == crate::act8::Int8Route::FusedNf4
+                && crate::act8::int8_route("nf4", m) == crate::act8::Int8Route::FusedNf4
                 && act8::prepare(x, prep)
             {
                 return;
