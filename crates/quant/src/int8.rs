@@ -183,8 +183,7 @@ impl QuantRows for Int8Matrix {
     fn gemv_prepare(&self, path: KernelPath, m: usize, x: &[f32], prep: &mut Vec<f32>) {
         if is_x86_simd(usable(path)) {
             if self.inn > 0
-                && crate::act8::activations() == crate::act8::ActivationMode::Int8
-                && crate::act8::int8_route("int8", m) == crate::act8::Int8Route::FusedInt8
+                && crate::act8::takes_fused("int8", m, crate::act8::Int8Route::FusedInt8)
                 && act8::prepare(x, prep)
             {
                 return;
@@ -204,13 +203,20 @@ impl QuantRows for Int8Matrix {
     ) -> bool {
         // (The int8 preparation holds `33 · ceil(in/128) + 1 > 1` floats for `in > 0`.)
         if self.inn > 0 && prep.len() == act8::prep_len(self.inn) {
-            if path == KernelPath::Avx512 && crate::act8::has_avx512vnni() {
-                // SAFETY: the CPU has the AVX-512 tier (the trait's contract) and VNNI; rows
-                // and y checked by the caller; this prep.
-                unsafe { crate::arch::avx512::int8_int8::gemv(self, prep, rows, y, acc) };
-            } else {
-                act8::gemv_ref(self, prep, rows, y, acc);
-            }
+            // SAFETY: the CPU has the AVX-512 tier's features where the path is AVX-512 (the
+            // trait's contract); rows and y checked by the caller; this prep.
+            unsafe {
+                crate::act8::fused_rows(
+                    path,
+                    self,
+                    prep,
+                    rows,
+                    y,
+                    acc,
+                    crate::arch::avx512::int8_int8::gemv,
+                    act8::dot_ref,
+                )
+            };
             return true;
         }
         let [sum_x] = prep else {

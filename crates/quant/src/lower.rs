@@ -592,8 +592,7 @@ impl QuantRows for LowerMatrix {
     fn gemv_prepare(&self, path: KernelPath, m: usize, x: &[f32], prep: &mut Vec<f32>) {
         if is_x86_simd(usable(path)) {
             if self.inn > 0
-                && crate::act8::activations() == crate::act8::ActivationMode::Int8
-                && crate::act8::int8_route("lower", m) == crate::act8::Int8Route::FusedLower
+                && crate::act8::takes_fused("lower", m, crate::act8::Int8Route::FusedLower)
                 && act8::prepare(x, prep)
             {
                 return;
@@ -614,13 +613,20 @@ impl QuantRows for LowerMatrix {
         // (The two preparations differ in length for `in > 0`: `34 · ceil(in/128)` floats
         // against `2 · in + ceil(in/128)`.)
         if self.inn > 0 && prep.len() == act8::prep_len(self.inn) {
-            if path == KernelPath::Avx512 && crate::act8::has_avx512vnni() {
-                // SAFETY: the CPU has the AVX-512 tier (the trait's contract) and VNNI; rows
-                // and y checked by the caller; this prep.
-                unsafe { crate::arch::avx512::lower_int8::gemv(self, prep, rows, y, acc) };
-            } else {
-                act8::gemv_ref(self, prep, rows, y, acc);
-            }
+            // SAFETY: the CPU has the AVX-512 tier's features where the path is AVX-512 (the
+            // trait's contract); rows and y checked by the caller; this prep.
+            unsafe {
+                crate::act8::fused_rows(
+                    path,
+                    self,
+                    prep,
+                    rows,
+                    y,
+                    acc,
+                    crate::arch::avx512::lower_int8::gemv,
+                    act8::dot_ref,
+                )
+            };
             return true;
         }
         if prep.len() != prep_len(self.inn) {

@@ -217,46 +217,148 @@ thread_local! {
         const { std::cell::Cell::new((Vec::new(), Vec::new())) };
 }
 
-/// `y[j] = dot(rows.start + j)` (`y[j] += ...` with `acc`) for the rows of `rows`: the scalar
-/// references' GEMV over their row function (`y.len() >= rows.len()`).
-pub(crate) fn store_rows(
+/// The fixed fold of the 16 f32 lanes of the fused batch-1 int8 GEMVs (NF4, lower, int8): `f_l = a_l + a_{l+8}`, `g_l = f_l + f_{l+4}`, then
+/// `(g_0 + g_2) + (g_1 + g_3)`.
+pub(crate) fn fold16(a: [f32; 16]) -> f32 {
+    let f: [f32; 8] = std::array::from_fn(|l| a[l] + a[l + 8]);
+    let g: [f32; 4] = std::array::from_fn(|l| f[l] + f[l + 4]);
+    (g[0] + g[2]) + (g[1] + g[3])
+}
+
+/// Whether a batch of `m` vectors through `format` under the current activation mode takes
+/// the fused int8 GEMV `route` (what a format's `gemv_prepare` asks before preparing x for it).
+pub(crate) fn takes_fused(format: &str, m: usize, route: Int8Route) -> bool {
+    activations() == ActivationMode::Int8 && int8_route(format, m) == route
+}
+
+/// The rows of a fused batch-1 int8 GEMV (a format's `gemv_simd` once it sees that route's
+/// preparation): the AVX-512 VNNI `kernel` on the AVX-512 path of a CPU with VNNI, else the
+/// scalar reference `dot_ref` row by row (the same bits).
+///
+/// # Safety
+/// The CPU supports `path`; with VNNI, `kernel`'s contract holds for `(w, prep, rows, y)`.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn fused_rows<M>(
+    path: crate::cpu::KernelPath,
+    w: &M,
+    prep: &[f32],
     rows: std::ops::Range<usize>,
     y: &mut [f32],
     acc: bool,
-    dot: impl Fn(usize) -> f32,
+    kernel: unsafe fn(&M, &[f32], std::ops::Range<usize>, &mut [f32], bool),
+    dot_ref: fn(&M, usize, &[f32]) -> f32,
 ) {
-    for (r, d) in rows.zip(y.iter_mut()) {
-        let v = dot(r);
-        *d = if acc { *d + v } else { v };
+    if path == crate::cpu::KernelPath::Avx512 && has_avx512vnni() {
+        // SAFETY: the caller's contract, and the CPU has VNNI.
+        unsafe { kernel(w, prep, rows, y, acc) };
+    } else {
+        let mut put = crate::kernels::store_row(y, acc);
+        for (j, r) in rows.enumerate() {
+            put(j, r, dot_ref(w, r, prep));
+        }
     }
 }
 
-/// Test support: runs `kernel(rows, y, accumulate)` (a batch-1 GEMV over rows of W) on three
-/// ranges of `out` rows (all of them, the last two thirds, all but the first and last), with y
-/// pre-filled with NaN and then with values to accumulate onto, and checks each row's bits
-/// against `want` (the scalar reference's values); `what` names the case in a failure.
-#[cfg(test)]
-pub(crate) fn check_rows_kernel(
-    out: usize,
-    want: &[f32],
-    what: &str,
-    kernel: impl Fn(std::ops::Range<usize>, &mut [f32], bool),
+/// Test support for the fused batch-1 int8 GEMVs (`name` in messages): on the widths `inns`
+/// and 1, 7, 17 and 33 rows, uniform weights with a constant row and x with an all-zero group
+/// and ±extremes, each of `quantize(w)`'s matrices with x prepared by `prepare` (behind a
+/// prefix the parts must not read): the AVX-512 VNNI `kernel` against the scalar `dot_ref`
+/// bit for bit on three ranges of rows (all, the last two thirds, all but the first and last),
+/// y pre-filled with NaN, then accumulated into. Where the CPU lacks VNNI it says so and
+/// returns.
+#[cfg(all(test, target_arch = "x86_64"))]
+pub(crate) fn check_fused_gemv<M>(
+    name: &str,
+    inns: &[usize],
+    quantize: impl Fn(&nibble_tensor::Tensor) -> Vec<M>,
+    prepare: fn(&[f32], &mut Vec<f32>) -> bool,
+    dot_ref: fn(&M, usize, &[f32]) -> f32,
+    kernel: unsafe fn(&M, &[f32], std::ops::Range<usize>, &mut [f32], bool),
 ) {
-    for (r0, r1) in [
-        (0, out),
-        (out / 3, out),
-        (1.min(out), out.saturating_sub(1).max(1)),
-    ] {
-        let mut y = vec![f32::NAN; r1 - r0];
-        kernel(r0..r1, &mut y, false);
-        let mut y2: Vec<f32> = (r0..r1).map(|r| r as f32).collect();
-        kernel(r0..r1, &mut y2, true);
-        for (k, r) in (r0..r1).enumerate() {
-            assert_eq!(y[k].to_bits(), want[r].to_bits(), "{what} row {r}");
-            assert_eq!(
-                y2[k].to_bits(),
-                (r as f32 + want[r]).to_bits(),
-                "{what} row {r} acc"
+    use nibble_tensor::{Rng, Tensor};
+    if !has_avx512vnni() {
+        println!("{name} int8 GEMV: AVX-512 VNNI kernel skipped (this CPU lacks it)");
+        return;
+    }
+    for &inn in inns {
+        for out in [1usize, 7, 17, 33] {
+            let mut w = Tensor::uniform(&[out, inn], -0.4, 0.4, &mut Rng::new((inn + out) as u64));
+            if out > 5 {
+                w.data_mut()[5 * inn..6 * inn].fill(0.25);
+            }
+            let mut x = Tensor::randn(&[inn], &mut Rng::new(inn as u64)).into_vec();
+            let zero = if inn >= 2 * GROUP { GROUP } else { 64 };
+            if inn >= 2 * zero {
+                x[..zero].fill(0.0);
+                x[zero + 2] = 1.0e3;
+                x[zero + 3] = -1.0e3;
+            }
+            for m in quantize(&w) {
+                let mut prep = vec![7.0f32];
+                assert!(prepare(&x, &mut prep), "{name} {out}x{inn}: x declined");
+                let prep = &prep[1..];
+                let want: Vec<f32> = (0..out).map(|r| dot_ref(&m, r, prep)).collect();
+                for (r0, r1) in [
+                    (0, out),
+                    (out / 3, out),
+                    (1.min(out), out.saturating_sub(1).max(1)),
+                ] {
+                    let mut y = vec![f32::NAN; r1 - r0];
+                    // SAFETY: the CPU has AVX-512 VNNI (checked above) and the AVX-512 tier's
+                    // features with it; rows inside W, y a value per row, x prepared for it.
+                    unsafe { kernel(&m, prep, r0..r1, &mut y, false) };
+                    let mut y2: Vec<f32> = (r0..r1).map(|r| r as f32).collect();
+                    // SAFETY: as above.
+                    unsafe { kernel(&m, prep, r0..r1, &mut y2, true) };
+                    for (k, r) in (r0..r1).enumerate() {
+                        let what = format!("{name} {out}x{inn} row {r}");
+                        assert_eq!(y[k].to_bits(), want[r].to_bits(), "{what}");
+                        assert_eq!(
+                            y2[k].to_bits(),
+                            (r as f32 + want[r]).to_bits(),
+                            "{what} acc"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    println!("{name} int8 GEMV: AVX-512 VNNI kernel checked");
+}
+
+/// Test support for a fused GEMV of an affine format (`name` in messages): its scalar
+/// reference `dot_ref` against the integer formula in f64 with the same int8 x
+/// (`Σ_k w'_k · sx · xq_k`, `w'` from `dequantize`), equal up to f32 rounding.
+#[cfg(test)]
+pub(crate) fn check_integer_formula<M>(
+    name: &str,
+    quantize: fn(&nibble_tensor::Tensor) -> M,
+    prepare: fn(&[f32], &mut Vec<f32>) -> bool,
+    dot_ref: fn(&M, usize, &[f32]) -> f32,
+    dequantize: fn(&M) -> nibble_tensor::Tensor,
+) {
+    use nibble_tensor::{Rng, Tensor};
+    for inn in [1usize, 129, 1024] {
+        let w = Tensor::uniform(&[9, inn], -0.4, 0.4, &mut Rng::new(inn as u64 + 5));
+        let x = Tensor::randn(&[inn], &mut Rng::new(inn as u64 + 6)).into_vec();
+        let m = quantize(&w);
+        let mut prep = Vec::new();
+        assert!(prepare(&x, &mut prep));
+        let q = quantize_x(&x, 1, inn, GROUP);
+        let wd = dequantize(&m);
+        for r in 0..9 {
+            let (mut want, mut mag) = (0.0f64, 0.0f64);
+            for k in 0..inn {
+                let xk = f64::from(q.sx[k / GROUP]) * f64::from(q.xq[k]);
+                let t = f64::from(wd.data()[r * inn + k]) * xk;
+                want += t;
+                mag += t.abs();
+            }
+            let got = f64::from(dot_ref(&m, r, &prep));
+            assert!(
+                (got - want).abs() <= 1e-5 * mag + 1e-6,
+                "{name} {inn} row {r}: {got} vs {want}"
             );
         }
     }
@@ -267,7 +369,7 @@ pub(crate) fn check_rows_kernel(
 /// asked, [`RowScratch::give_back`] keeps them for the thread's next call. Fresh `vec!`s of
 /// zeros per call were `calloc`s, which glibc serves under its arena lock: with the batch-1
 /// team's members each asking for four per block of rows, the lock and the futex waits behind
-/// it were a sixth of a BigNet int8 forward's samples (`perf`, 2 threads, 2026-12-05).
+/// it were a sixth of BigNet nf4's int8 forward's samples (`perf`, 2 threads, 2026-12-05).
 #[derive(Default)]
 struct RowScratch {
     codes: Vec<u8>,

@@ -807,31 +807,21 @@ pub(crate) mod nf4_int8 {
     ) {
         let nb = m.inn / NF4_BLOCK;
         let mut scales = crate::kernels::take_row_scales(4 * nb);
-        let mut r = rows.start;
-        let mut out = y.iter_mut();
-        while r < rows.end {
-            let n = if rows.end - r >= 4 { 4 } else { 1 };
-            let scale = &mut scales[..n * nb];
-            // SAFETY: the caller's contract; rows r..r + n lie inside W.
-            let vals = unsafe {
-                if n == 4 {
-                    rows_n::<4>(m, prep, r, scale)
-                } else {
-                    let [v] = rows_n::<1>(m, prep, r, scale);
-                    [v, 0.0, 0.0, 0.0]
-                }
-            };
-            for &v in &vals[..n] {
-                let d = out.next().expect("y holds a value per row");
-                *d = if acc { *d + v } else { v };
-            }
-            r += n;
-        }
+        crate::kernels::for_row_quads!(
+            rows,
+            // SAFETY: the caller's contract; the rows handed over lie inside W and
+            // `scales` holds 4 · nb floats.
+            |r| unsafe { rows_n::<4>(m, prep, r, &mut scales) },
+            // SAFETY: the caller's contract; the rows handed over lie inside W and
+            // `scales` holds 4 · nb floats.
+            unsafe { rows_n::<1>(m, prep, r, &mut scales)[0] },
+            crate::kernels::store_row(y, acc)
+        );
         crate::kernels::put_row_scales(scales);
     }
 
-    /// The dot products of rows `r0..r0 + N` with the prepared x; `scale` holds `N · nb`
-    /// floats of room.
+    /// The dot products of rows `r0..r0 + N` with the prepared x; `scale` holds at least
+    /// `N · nb` floats of room.
     ///
     /// # Safety
     /// As [`gemv`], rows `r0..r0 + N` inside W.
@@ -847,6 +837,7 @@ pub(crate) mod nf4_int8 {
         let (xd, corr, su) = parts(m.inn, prep);
         let pf = quant_prefetch();
         // The blocks' scales of the N rows (whose absmaxes lie one after another).
+        let scale = &mut scale[..N * nb];
         m.fill_absmax(r0 * nb, scale);
         for row in scale.chunks_exact_mut(nb) {
             for (s, &sx) in row.iter_mut().zip(su) {
@@ -925,8 +916,9 @@ pub(crate) mod nf4_int8 {
 /// moved to its nibble), two `vpdpbusd` against the prepared x and one fused multiply-add per
 /// lane: lane for lane the steps of [`crate::lower::act8::dot_ref`], the same bits.
 pub(crate) mod lower_int8 {
+    use crate::act8::fold16;
     use crate::cpu::{prefetch_weights, quant_prefetch, PREFETCH_ROWS};
-    use crate::lower::act8::{fold16, group_step_ref, groups, min_term, parts};
+    use crate::lower::act8::{group_step_ref, groups, min_term, parts};
     use crate::lower::{LowerMatrix, LOWER_GROUP};
     use std::arch::x86_64::*;
 
@@ -963,25 +955,16 @@ pub(crate) mod lower_int8 {
             mins: m.mins.f16s(),
             pf: quant_prefetch(),
         };
-        let mut r = rows.start;
-        let mut out = y.iter_mut();
-        while r < rows.end {
-            let n = if rows.end - r >= 4 { 4 } else { 1 };
-            // SAFETY: the caller's contract; rows r..r + n lie inside W; params holds 8 · ng8.
-            let vals = unsafe {
-                if n == 4 {
-                    rows_n::<4>(&ctx, r, &mut params)
-                } else {
-                    let [v] = rows_n::<1>(&ctx, r, &mut params);
-                    [v, 0.0, 0.0, 0.0]
-                }
-            };
-            for &v in &vals[..n] {
-                let d = out.next().expect("y holds a value per row");
-                *d = if acc { *d + v } else { v };
-            }
-            r += n;
-        }
+        crate::kernels::for_row_quads!(
+            rows,
+            // SAFETY: the caller's contract; the rows handed over lie inside W and
+            // `params` holds 8 · ng8 floats.
+            |r| unsafe { rows_n::<4>(&ctx, r, &mut params) },
+            // SAFETY: the caller's contract; the rows handed over lie inside W and
+            // `params` holds 8 · ng8 floats.
+            unsafe { rows_n::<1>(&ctx, r, &mut params)[0] },
+            crate::kernels::store_row(y, acc)
+        );
         crate::kernels::put_row_scales(params);
     }
 
@@ -1152,25 +1135,14 @@ pub(crate) mod int8_int8 {
         y: &mut [f32],
         acc: bool,
     ) {
-        let mut r = rows.start;
-        let mut out = y.iter_mut();
-        while r < rows.end {
-            let n = if rows.end - r >= 4 { 4 } else { 1 };
-            // SAFETY: the caller's contract; rows r..r + n lie inside W.
-            let vals = unsafe {
-                if n == 4 {
-                    rows_n::<4>(m, prep, r)
-                } else {
-                    let [v] = rows_n::<1>(m, prep, r);
-                    [v, 0.0, 0.0, 0.0]
-                }
-            };
-            for &v in &vals[..n] {
-                let d = out.next().expect("y holds a value per row");
-                *d = if acc { *d + v } else { v };
-            }
-            r += n;
-        }
+        crate::kernels::for_row_quads!(
+            rows,
+            // SAFETY: the caller's contract; the rows handed over lie inside W.
+            |r| unsafe { rows_n::<4>(m, prep, r) },
+            // SAFETY: the caller's contract; the rows handed over lie inside W.
+            unsafe { rows_n::<1>(m, prep, r)[0] },
+            crate::kernels::store_row(y, acc)
+        );
     }
 
     /// The dot products of rows `r0..r0 + N` with the prepared x.
@@ -1218,7 +1190,7 @@ pub(crate) mod int8_int8 {
                 for (g, &s) in sx.iter().enumerate().skip(whole) {
                     group_step_ref(row, inn, g, xq, s, &mut lanes);
                 }
-                finish(scales[r], zeros[r], crate::nf4::act8::fold16(lanes), total)
+                finish(scales[r], zeros[r], crate::act8::fold16(lanes), total)
             })
         }
     }

@@ -8,7 +8,7 @@
 //! `vpdpbusd` (codes unsigned, x signed) form 16 lane sums `P_{g,l}` (lane `l`: elements
 //! `4l..4l + 4` and `64 + 4l..64 + 4l + 4` of the group), added as `P_{g,l} · sx_g` into 16 f32
 //! lanes (one fused multiply-add per lane, in group order); the lanes fold in a fixed tree
-//! ([`crate::nf4::act8::fold16`]) and the row ends as `scale · fold + zero · X`. The generic
+//! ([`crate::act8::fold16`]) and the row ends as `scale · fold + zero · X`. The generic
 //! driver decodes each row into a buffer first (`c − 128` as signed bytes): at batch 1 that lost
 //! to the f32 GEMV. Integer sums are exact, so the kernel and the scalar reference [`dot_ref`]
 //! give the same bits; the values differ from the driver's only in the order of the f32 steps,
@@ -97,92 +97,38 @@ pub(crate) fn dot_ref(m: &Int8Matrix, r: usize, prep: &[f32]) -> f32 {
         group_step_ref(codes, m.inn, g, xq, s, &mut acc);
     }
     let (scale, zero) = (m.scales.f32s()[r], m.zeros.f32s()[r]);
-    finish(scale, zero, crate::nf4::act8::fold16(acc), total)
-}
-
-/// `y[j] (+)= W[rows.start + j, :] · x'` by [`dot_ref`] (the tiers without the kernel).
-pub(crate) fn gemv_ref(
-    m: &Int8Matrix,
-    prep: &[f32],
-    rows: std::ops::Range<usize>,
-    y: &mut [f32],
-    acc: bool,
-) {
-    crate::act8::store_rows(rows, y, acc, |r| dot_ref(m, r, prep));
+    finish(scale, zero, crate::act8::fold16(acc), total)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nibble_tensor::{Rng, Tensor};
 
     /// The AVX-512 VNNI kernel against [`dot_ref`] bit for bit on awkward widths (partial last
-    /// groups), row counts and ranges, y pre-filled with NaN (and accumulated into), x with an
-    /// all-zero group and ±extremes, a constant row (scale 0).
+    /// groups; [`crate::act8::check_fused_gemv`]'s shapes and inputs, a constant row among
+    /// them: scale 0).
     #[test]
+    #[cfg(target_arch = "x86_64")]
     fn kernel_matches_the_reference() {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if !crate::act8::has_avx512vnni() {
-                println!("int8 int8 GEMV: AVX-512 VNNI kernel skipped (this CPU lacks it)");
-                return;
-            }
-            for &inn in &[1usize, 7, 63, 128, 129, 256, 320, 1023, 1024] {
-                for &out in &[1usize, 7, 17, 33] {
-                    let mut w =
-                        Tensor::uniform(&[out, inn], -0.4, 0.4, &mut Rng::new((inn + out) as u64));
-                    if out > 5 {
-                        w.data_mut()[5 * inn..6 * inn].fill(0.25);
-                    }
-                    let mut x = Tensor::randn(&[inn], &mut Rng::new(inn as u64)).into_vec();
-                    if inn >= 256 {
-                        x[..128].fill(0.0);
-                        x[130] = 1.0e3;
-                        x[131] = -1.0e3;
-                    }
-                    let m = Int8Matrix::quantize(&w).unwrap();
-                    let mut prep = vec![7.0f32]; // a prefix the parts must not read
-                    assert!(prepare(&x, &mut prep));
-                    let prep = &prep[1..];
-                    let want: Vec<f32> = (0..out).map(|r| dot_ref(&m, r, prep)).collect();
-                    let what = format!("{out}x{inn}");
-                    crate::act8::check_rows_kernel(out, &want, &what, |rows, y, acc| {
-                        // SAFETY: the CPU has AVX-512 VNNI (checked above) and the AVX-512
-                        // tier's features with it; shapes as the kernel asks.
-                        unsafe { crate::arch::avx512::int8_int8::gemv(&m, prep, rows, y, acc) }
-                    });
-                }
-            }
-            println!("int8 int8 GEMV: AVX-512 VNNI kernel checked");
-        }
+        crate::act8::check_fused_gemv(
+            "int8",
+            &[1, 7, 63, 128, 129, 256, 320, 1023, 1024],
+            |w| vec![Int8Matrix::quantize(w).unwrap()],
+            prepare,
+            dot_ref,
+            crate::arch::avx512::int8_int8::gemv,
+        );
     }
 
-    /// The reference against the integer formula in f64 with the same int8 x: equal up to f32
-    /// rounding.
+    /// The reference against the integer formula with the same int8 x.
     #[test]
     fn reference_is_the_integer_formula() {
-        for &inn in &[1usize, 129, 1024] {
-            let w = Tensor::uniform(&[9, inn], -0.4, 0.4, &mut Rng::new(inn as u64 + 5));
-            let x = Tensor::randn(&[inn], &mut Rng::new(inn as u64 + 6)).into_vec();
-            let m = Int8Matrix::quantize(&w).unwrap();
-            let mut prep = Vec::new();
-            assert!(prepare(&x, &mut prep));
-            let q = crate::act8::quantize_x(&x, 1, inn, GROUP);
-            let wd = m.dequantize_with(crate::cpu::KernelPath::Scalar);
-            for r in 0..9 {
-                let (mut want, mut mag) = (0.0f64, 0.0f64);
-                for k in 0..inn {
-                    let xk = f64::from(q.sx[k / GROUP]) * f64::from(q.xq[k]);
-                    let t = f64::from(wd.data()[r * inn + k]) * xk;
-                    want += t;
-                    mag += t.abs();
-                }
-                let got = f64::from(dot_ref(&m, r, &prep));
-                assert!(
-                    (got - want).abs() <= 1e-5 * mag + 1e-6,
-                    "{inn} row {r}: {got} vs {want}"
-                );
-            }
-        }
+        crate::act8::check_integer_formula(
+            "int8",
+            |w| Int8Matrix::quantize(w).unwrap(),
+            prepare,
+            dot_ref,
+            |m| m.dequantize_with(crate::cpu::KernelPath::Scalar),
+        );
     }
 }

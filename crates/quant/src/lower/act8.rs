@@ -14,7 +14,7 @@
 //! a row's dot product is `Σ_g scale_g · sx_g · Σ_l P_{g,l} + Σ_g min_g · sx_g · Q_g`
 //! (`Q_g = Σ xq` over the group): each group adds `P_{g,l} · (scale_g · sx_g)` into 16 f32
 //! lanes (one fused multiply-add per lane, in group order), the lanes fold in a fixed tree
-//! ([`fold16`]), and the min term `Σ_g min_g · (sx_g · Q_g)` (fused multiply-adds in group
+//! ([`crate::act8::fold16`]), and the min term `Σ_g min_g · (sx_g · Q_g)` (fused multiply-adds in group
 //! order) is added last. Integer sums are exact, so the kernel and the scalar reference
 //! [`dot_ref`] give the same bits; the values differ from the generic driver's only in the
 //! order of the f32 steps (the same int8 x, the same codes and parameters), so the driver's
@@ -26,7 +26,7 @@
 //! - then, after every group's bytes, `sx_g` per group and `sx_g · Q_g` per group.
 
 use super::{code_at, LowerMatrix, LOWER_GROUP};
-use crate::act8::GROUP;
+use crate::act8::{fold16, GROUP};
 
 const _: () = assert!(
     LOWER_GROUP == GROUP,
@@ -127,12 +127,6 @@ pub(crate) fn min_term(min: &[f32], xs: &[f32]) -> f32 {
         .fold(0.0f32, |t, (&m, &s)| m.mul_add(s, t))
 }
 
-/// The fixed fold of the 16 lanes: `f_l = a_l + a_{l+8}`, `g_l = f_l + f_{l+4}`, then
-/// `(g_0 + g_2) + (g_1 + g_3)`.
-pub(crate) fn fold16(a: [f32; 16]) -> f32 {
-    crate::nf4::act8::fold16(a)
-}
-
 /// Scalar ground truth for row `r`, `prep` from [`prepare`].
 pub(crate) fn dot_ref(m: &LowerMatrix, r: usize, prep: &[f32]) -> f32 {
     let ng = groups(m.inn);
@@ -146,58 +140,25 @@ pub(crate) fn dot_ref(m: &LowerMatrix, r: usize, prep: &[f32]) -> f32 {
     fold16(acc) + min_term(&min, xs)
 }
 
-/// `y[j] (+)= W[rows.start + j, :] · x'` by [`dot_ref`] (the tiers without the kernel).
-pub(crate) fn gemv_ref(
-    m: &LowerMatrix,
-    prep: &[f32],
-    rows: std::ops::Range<usize>,
-    y: &mut [f32],
-    acc: bool,
-) {
-    crate::act8::store_rows(rows, y, acc, |r| dot_ref(m, r, prep));
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use nibble_tensor::{Rng, Tensor};
 
-    /// The AVX-512 VNNI kernel against [`dot_ref`] bit for bit: rows of both widths, awkward
-    /// widths (partial last groups, odd `in`), row counts and ranges, y pre-filled with NaN
-    /// (and accumulated into), x with an all-zero group and ±extremes.
+    /// The AVX-512 VNNI kernel against [`dot_ref`] bit for bit on awkward widths (partial last
+    /// groups, odd `in`; [`crate::act8::check_fused_gemv`]'s shapes and inputs), rows of both
+    /// widths.
     #[test]
+    #[cfg(target_arch = "x86_64")]
     fn kernel_matches_the_reference() {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if !crate::act8::has_avx512vnni() {
-                println!("lower int8 GEMV: AVX-512 VNNI kernel skipped (this CPU lacks it)");
-                return;
-            }
-            for &inn in &[1usize, 7, 63, 128, 129, 256, 320, 1023, 1024] {
-                for &out in &[1usize, 7, 17, 33] {
-                    let w =
-                        Tensor::uniform(&[out, inn], -0.4, 0.4, &mut Rng::new((inn + out) as u64));
-                    let mut x = Tensor::randn(&[inn], &mut Rng::new(inn as u64)).into_vec();
-                    if inn >= 256 {
-                        x[..128].fill(0.0);
-                        x[130] = 1.0e3;
-                        x[131] = -1.0e3;
-                    }
-                    let m = LowerMatrix::quantize(&w).unwrap();
-                    let mut prep = vec![7.0f32]; // a prefix the parts must not read
-                    assert!(prepare(&x, &mut prep));
-                    let prep = &prep[1..];
-                    let want: Vec<f32> = (0..out).map(|r| dot_ref(&m, r, prep)).collect();
-                    let what = format!("{out}x{inn} (row widths {:?})", m.bits.as_slice());
-                    crate::act8::check_rows_kernel(out, &want, &what, |rows, y, acc| {
-                        // SAFETY: the CPU has AVX-512 VNNI (checked above) and the AVX-512
-                        // tier's features with it; shapes as the kernel asks.
-                        unsafe { crate::arch::avx512::lower_int8::gemv(&m, prep, rows, y, acc) }
-                    });
-                }
-            }
-            println!("lower int8 GEMV: AVX-512 VNNI kernel checked");
-        }
+        crate::act8::check_fused_gemv(
+            "lower",
+            &[1, 7, 63, 128, 129, 256, 320, 1023, 1024],
+            |w| vec![LowerMatrix::quantize(w).unwrap()],
+            prepare,
+            dot_ref,
+            crate::arch::avx512::lower_int8::gemv,
+        );
     }
 
     /// Both widths occur among the rows the kernel test quantizes (else one decoder would go
@@ -210,32 +171,15 @@ mod tests {
         assert!(bits.contains(&3) && bits.contains(&4), "{bits:?}");
     }
 
-    /// The reference against the integer formula in f64 with the same int8 x: equal up to f32
-    /// rounding.
+    /// The reference against the integer formula with the same int8 x.
     #[test]
     fn reference_is_the_integer_formula() {
-        for &inn in &[1usize, 129, 1024] {
-            let w = Tensor::uniform(&[9, inn], -0.4, 0.4, &mut Rng::new(inn as u64 + 5));
-            let x = Tensor::randn(&[inn], &mut Rng::new(inn as u64 + 6)).into_vec();
-            let m = LowerMatrix::quantize(&w).unwrap();
-            let mut prep = Vec::new();
-            assert!(prepare(&x, &mut prep));
-            let q = crate::act8::quantize_x(&x, 1, inn, LOWER_GROUP);
-            let wd = m.dequantize_with(crate::cpu::KernelPath::Scalar);
-            for r in 0..9 {
-                let (mut want, mut mag) = (0.0f64, 0.0f64);
-                for k in 0..inn {
-                    let xk = f64::from(q.sx[k / GROUP]) * f64::from(q.xq[k]);
-                    let t = f64::from(wd.data()[r * inn + k]) * xk;
-                    want += t;
-                    mag += t.abs();
-                }
-                let got = f64::from(dot_ref(&m, r, &prep));
-                assert!(
-                    (got - want).abs() <= 1e-5 * mag + 1e-6,
-                    "{inn} row {r}: {got} vs {want}"
-                );
-            }
-        }
+        crate::act8::check_integer_formula(
+            "lower",
+            |w| LowerMatrix::quantize(w).unwrap(),
+            prepare,
+            dot_ref,
+            |m| m.dequantize_with(crate::cpu::KernelPath::Scalar),
+        );
     }
 }

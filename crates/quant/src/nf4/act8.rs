@@ -105,13 +105,7 @@ pub(crate) fn block_scale(absmax: f32, su: f32) -> f32 {
     absmax * su
 }
 
-/// The fixed fold of the 16 lanes: `f_l = a_l + a_{l+8}`, `g_l = f_l + f_{l+4}`, then
-/// `(g_0 + g_2) + (g_1 + g_3)`.
-pub(crate) fn fold16(a: [f32; 16]) -> f32 {
-    let f: [f32; 8] = std::array::from_fn(|l| a[l] + a[l + 8]);
-    let g: [f32; 4] = std::array::from_fn(|l| f[l] + f[l + 4]);
-    (g[0] + g[2]) + (g[1] + g[3])
-}
+pub(crate) use crate::act8::fold16;
 
 /// Scalar ground truth for row `r` (`m.inn % 64 == 0`), `prep` from [`prepare`].
 pub(crate) fn dot_ref(m: &Nf4Matrix, r: usize, prep: &[f32]) -> f32 {
@@ -145,61 +139,25 @@ pub(crate) fn dot_ref(m: &Nf4Matrix, r: usize, prep: &[f32]) -> f32 {
     fold16(acc)
 }
 
-/// `y[j] (+)= W[rows.start + j, :] · x'` by [`dot_ref`] (the tiers without the kernel).
-pub(crate) fn gemv_ref(
-    m: &Nf4Matrix,
-    prep: &[f32],
-    rows: std::ops::Range<usize>,
-    y: &mut [f32],
-    acc: bool,
-) {
-    crate::act8::store_rows(rows, y, acc, |r| dot_ref(m, r, prep));
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use nibble_tensor::{Rng, Tensor};
-
-    /// The AVX-512 VNNI kernel against [`dot_ref`] bit for bit, plain and double-quantized
-    /// absmaxes, awkward row counts and ranges, y pre-filled with NaN (and accumulated into),
-    /// x with an all-zero group and ±extremes.
+    /// The AVX-512 VNNI kernel against [`super::dot_ref`] bit for bit, plain and
+    /// double-quantized absmaxes ([`crate::act8::check_fused_gemv`]'s shapes and inputs).
     #[test]
+    #[cfg(target_arch = "x86_64")]
     fn kernel_matches_the_reference() {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if !crate::act8::has_avx512vnni() {
-                println!("nf4 int8 GEMV: AVX-512 VNNI kernel skipped (this CPU lacks it)");
-                return;
-            }
-            for &inn in &[64usize, 128, 192, 320, 1024] {
-                for &out in &[1usize, 7, 17, 33] {
-                    let w =
-                        Tensor::uniform(&[out, inn], -0.4, 0.4, &mut Rng::new((inn + out) as u64));
-                    let mut x = Tensor::randn(&[inn], &mut Rng::new(inn as u64)).into_vec();
-                    if inn >= 128 {
-                        x[..64].fill(0.0);
-                        x[70] = 1.0e3;
-                        x[71] = -1.0e3;
-                    }
-                    for m in [
-                        Nf4Matrix::quantize(&w).unwrap(),
-                        Nf4Matrix::quantize_double(&w).unwrap(),
-                    ] {
-                        let mut prep = vec![7.0f32]; // a prefix the parts must not read
-                        assert!(prepare(&x, &mut prep));
-                        let prep = &prep[1..];
-                        let want: Vec<f32> = (0..out).map(|r| dot_ref(&m, r, prep)).collect();
-                        let what = format!("{out}x{inn}");
-                        crate::act8::check_rows_kernel(out, &want, &what, |rows, y, acc| {
-                            // SAFETY: the CPU has AVX-512 VNNI (checked above) and the AVX-512
-                            // tier's features with it; shapes as the kernel asks.
-                            unsafe { crate::arch::avx512::nf4_int8::gemv(&m, prep, rows, y, acc) }
-                        });
-                    }
-                }
-            }
-            println!("nf4 int8 GEMV: AVX-512 VNNI kernel checked");
-        }
+        crate::act8::check_fused_gemv(
+            "nf4",
+            &[64, 128, 192, 320, 1024],
+            |w| {
+                vec![
+                    super::Nf4Matrix::quantize(w).unwrap(),
+                    super::Nf4Matrix::quantize_double(w).unwrap(),
+                ]
+            },
+            super::prepare,
+            super::dot_ref,
+            crate::arch::avx512::nf4_int8::gemv,
+        );
     }
 }

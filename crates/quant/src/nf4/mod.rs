@@ -691,8 +691,7 @@ impl QuantRows for Nf4Matrix {
     fn gemv_prepare(&self, path: KernelPath, m: usize, x: &[f32], prep: &mut Vec<f32>) {
         if is_x86_simd(usable(path)) && self.inn % NF4_BLOCK == 0 {
             if self.inn > 0
-                && crate::act8::activations() == crate::act8::ActivationMode::Int8
-                && crate::act8::int8_route("nf4", m) == crate::act8::Int8Route::FusedNf4
+                && crate::act8::takes_fused("nf4", m, crate::act8::Int8Route::FusedNf4)
                 && act8::prepare(x, prep)
             {
                 return;
@@ -716,13 +715,20 @@ impl QuantRows for Nf4Matrix {
         // (The two preparations differ in length for `in > 0`: `in` floats against 33 per
         // block of 64.)
         if self.inn > 0 && prep.len() == act8::prep_len(self.inn) {
-            if path == KernelPath::Avx512 && crate::act8::has_avx512vnni() {
-                // SAFETY: the CPU has the AVX-512 tier (the trait's contract) and VNNI; rows
-                // and y checked by the caller; this prep.
-                unsafe { avx512_int8::gemv(self, prep, rows, y, acc) };
-            } else {
-                act8::gemv_ref(self, prep, rows, y, acc);
-            }
+            // SAFETY: the CPU has the AVX-512 tier's features where the path is AVX-512 (the
+            // trait's contract); rows and y checked by the caller; this prep.
+            unsafe {
+                crate::act8::fused_rows(
+                    path,
+                    self,
+                    prep,
+                    rows,
+                    y,
+                    acc,
+                    avx512_int8::gemv,
+                    act8::dot_ref,
+                )
+            };
             return true;
         }
         if prep.len() != self.inn {
