@@ -94,6 +94,26 @@ unsafe fn lanes(v: __m512) -> [f32; 16] {
     a
 }
 
+/// The sums of the four rows' 8 lanes each of `a = [row 0 | row 1]` and `b = [row 2 | row 3]`,
+/// each by the steps of [`crate::kernels::avx2::hsum`] (lanes `i + 4` onto `i`, then `i + 2`
+/// onto `i`, then lane 1 onto lane 0: the same bits), the four rows side by side in one
+/// register instead of four extractions and reductions.
+#[inline(always)]
+unsafe fn hsum_row_pairs(a: __m512, b: __m512) -> [f32; 4] {
+    // SAFETY: register-only; the caller's target features include AVX-512 F.
+    unsafe {
+        // 128-bit quarters [a0 a1 a2 a3], [b0 b1 b2 b3] -> [a0 a2 b0 b2] + [a1 a3 b1 b3]: each
+        // row's lanes 0..4 plus its lanes 4..8.
+        let firsts = _mm512_shuffle_f32x4::<0b10_00_10_00>(a, b);
+        let seconds = _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b);
+        let s = _mm512_add_ps(firsts, seconds);
+        let s = _mm512_add_ps(s, _mm512_permute_ps::<0b01_00_11_10>(s));
+        let s = _mm512_add_ps(s, _mm512_permute_ps::<0b10_11_00_01>(s));
+        let l = lanes(s);
+        [l[0], l[4], l[8], l[12]]
+    }
+}
+
 /// `a · b` over `min(len)` elements: four zmm accumulators, the last partial run of 16 by a
 /// masked load.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
@@ -661,7 +681,7 @@ pub(crate) mod lower {
 pub(crate) mod q4_int8 {
     use crate::act8::avx2::Maddubs;
     use crate::cpu::{prefetch_weights, PREFETCH_ROWS};
-    use crate::kernels::avx2::hsum;
+    use super::hsum_row_pairs;
     use crate::q4::act8::{tail_ref, RowOperands, BLOCKS_PER_GROUP, CS_SLOT, GROUP};
     use crate::q4::Q4Matrix;
     use std::arch::x86_64::*;
@@ -765,15 +785,9 @@ pub(crate) mod q4_int8 {
                     *a = _mm512_fmadd_ps(nv, t, *a);
                 }
             }
-            let mut res = [0.0f32; 4];
+            let mut res = hsum_row_pairs(accv[0], accv[1]);
             for (r, o) in res.iter_mut().enumerate() {
-                let pair = _mm512_castps_pd(accv[r / 2]);
-                let lanes = _mm256_castpd_ps(if r % 2 == 0 {
-                    _mm512_extractf64x4_pd::<0>(pair)
-                } else {
-                    _mm512_extractf64x4_pd::<1>(pair)
-                });
-                *o = hsum(lanes) + tail_ref(m, r0 + r, full * BLOCKS_PER_GROUP, prep);
+                *o += tail_ref(m, r0 + r, full * BLOCKS_PER_GROUP, prep);
             }
             res
         }
