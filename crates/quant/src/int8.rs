@@ -182,10 +182,7 @@ impl QuantRows for Int8Matrix {
     /// x holds a NaN or infinity.
     fn gemv_prepare(&self, path: KernelPath, m: usize, x: &[f32], prep: &mut Vec<f32>) {
         if is_x86_simd(usable(path)) {
-            if self.inn > 0
-                && crate::act8::takes_fused("int8", m, crate::act8::Int8Route::FusedInt8)
-                && act8::prepare(x, prep)
-            {
+            if act8::FUSED.prepare(self.inn, m, x, prep) {
                 return;
             }
             prep.push(x.iter().sum());
@@ -202,21 +199,8 @@ impl QuantRows for Int8Matrix {
         acc: bool,
     ) -> bool {
         // (The int8 preparation holds `33 · ceil(in/128) + 1 > 1` floats for `in > 0`.)
-        if self.inn > 0 && prep.len() == act8::prep_len(self.inn) {
-            // SAFETY: the CPU has the AVX-512 tier's features where the path is AVX-512 (the
-            // trait's contract); rows and y checked by the caller; this prep.
-            unsafe {
-                crate::act8::fused_rows(
-                    path,
-                    self,
-                    prep,
-                    rows,
-                    y,
-                    acc,
-                    crate::arch::avx512::int8_int8::gemv,
-                    act8::dot_ref,
-                )
-            };
+        // SAFETY: the trait's contract: the CPU supports `path`; rows and y checked.
+        if unsafe { act8::FUSED.run(path, self, self.inn, prep, rows.clone(), y, acc) } {
             return true;
         }
         let [sum_x] = prep else {

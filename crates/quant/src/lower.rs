@@ -591,10 +591,7 @@ impl QuantRows for LowerMatrix {
     /// x holds a NaN or infinity.
     fn gemv_prepare(&self, path: KernelPath, m: usize, x: &[f32], prep: &mut Vec<f32>) {
         if is_x86_simd(usable(path)) {
-            if self.inn > 0
-                && crate::act8::takes_fused("lower", m, crate::act8::Int8Route::FusedLower)
-                && act8::prepare(x, prep)
-            {
+            if act8::FUSED.prepare(self.inn, m, x, prep) {
                 return;
             }
             prepare_x(x, prep);
@@ -612,21 +609,8 @@ impl QuantRows for LowerMatrix {
     ) -> bool {
         // (The two preparations differ in length for `in > 0`: `34 · ceil(in/128)` floats
         // against `2 · in + ceil(in/128)`.)
-        if self.inn > 0 && prep.len() == act8::prep_len(self.inn) {
-            // SAFETY: the CPU has the AVX-512 tier's features where the path is AVX-512 (the
-            // trait's contract); rows and y checked by the caller; this prep.
-            unsafe {
-                crate::act8::fused_rows(
-                    path,
-                    self,
-                    prep,
-                    rows,
-                    y,
-                    acc,
-                    crate::arch::avx512::lower_int8::gemv,
-                    act8::dot_ref,
-                )
-            };
+        // SAFETY: the trait's contract: the CPU supports `path`; rows and y checked.
+        if unsafe { act8::FUSED.run(path, self, self.inn, prep, rows.clone(), y, acc) } {
             return true;
         }
         if prep.len() != prep_len(self.inn) {

@@ -226,37 +226,73 @@ pub(crate) fn fold16(a: [f32; 16]) -> f32 {
 }
 
 /// Whether a batch of `m` vectors through `format` under the current activation mode takes
-/// the fused int8 GEMV `route` (what a format's `gemv_prepare` asks before preparing x for it).
-pub(crate) fn takes_fused(format: &str, m: usize, route: Int8Route) -> bool {
+/// the fused int8 GEMV `route`.
+fn takes_fused(format: &str, m: usize, route: Int8Route) -> bool {
     activations() == ActivationMode::Int8 && int8_route(format, m) == route
 }
 
-/// The rows of a fused batch-1 int8 GEMV (a format's `gemv_simd` once it sees that route's
-/// preparation): the AVX-512 VNNI `kernel` on the AVX-512 path of a CPU with VNNI, else the
-/// scalar reference `dot_ref` row by row (the same bits).
-///
-/// # Safety
-/// The CPU supports `path`; with VNNI, `kernel`'s contract holds for `(w, prep, rows, y)`.
-#[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn fused_rows<M>(
-    path: crate::cpu::KernelPath,
-    w: &M,
-    prep: &[f32],
-    rows: std::ops::Range<usize>,
-    y: &mut [f32],
-    acc: bool,
-    kernel: unsafe fn(&M, &[f32], std::ops::Range<usize>, &mut [f32], bool),
-    dot_ref: fn(&M, usize, &[f32]) -> f32,
-) {
-    if path == crate::cpu::KernelPath::Avx512 && has_avx512vnni() {
-        // SAFETY: the caller's contract, and the CPU has VNNI.
-        unsafe { kernel(w, prep, rows, y, acc) };
-    } else {
-        let mut put = crate::kernels::store_row(y, acc);
-        for (j, r) in rows.enumerate() {
-            put(j, r, dot_ref(w, r, prep));
+/// A format's fused batch-1 int8 GEMV: the route that selects it, the preparation of x it
+/// reads and its kernels. Each format that has one (NF4, lower, int8) names it in a constant
+/// `FUSED` of its `act8` module, and its `gemv_prepare` / `gemv_simd` hand over to
+/// [`FusedGemv::prepare`] / [`FusedGemv::run`] before their f32 GEMV.
+pub(crate) struct FusedGemv<M> {
+    /// The format's name in [`int8_route`].
+    pub(crate) format: &'static str,
+    /// The route that runs this GEMV.
+    pub(crate) route: Int8Route,
+    /// Appends x prepared for the kernels to `prep`; `false`, with nothing appended, where x
+    /// holds a NaN or infinity.
+    pub(crate) prepare: fn(&[f32], &mut Vec<f32>) -> bool,
+    /// Floats of that preparation for an input of `in` elements (never the length of the
+    /// format's f32 preparation, for `in > 0`).
+    pub(crate) prep_len: fn(usize) -> usize,
+    /// The AVX-512 VNNI kernel: `y[j] (+)= W[rows.start + j, :] · x'` (with `acc`).
+    #[cfg(target_arch = "x86_64")]
+    pub(crate) kernel: unsafe fn(&M, &[f32], std::ops::Range<usize>, &mut [f32], bool),
+    /// The scalar reference for one row (the kernel's bits).
+    pub(crate) dot_ref: fn(&M, usize, &[f32]) -> f32,
+}
+
+impl<M> FusedGemv<M> {
+    /// Appends x prepared for this GEMV to `prep` and says `true` where a batch of `m` vectors
+    /// through a matrix `inn` wide takes it (int8 activations, this route) and x is finite;
+    /// `false`, with nothing appended, otherwise (the format then prepares its f32 GEMV).
+    pub(crate) fn prepare(&self, inn: usize, m: usize, x: &[f32], prep: &mut Vec<f32>) -> bool {
+        inn > 0 && takes_fused(self.format, m, self.route) && (self.prepare)(x, prep)
+    }
+
+    /// Where `prep` is this GEMV's preparation (told by its length), its rows: the AVX-512
+    /// VNNI kernel on the AVX-512 path of a CPU with VNNI, else the scalar reference row by
+    /// row (the same bits); `true` then, `false` (nothing written) for another preparation.
+    ///
+    /// # Safety
+    /// The CPU supports `path`; `w` is `inn` wide with `rows.end` rows at least, and
+    /// `y.len() >= rows.len()`.
+    #[cfg(target_arch = "x86_64")]
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn run(
+        &self,
+        path: crate::cpu::KernelPath,
+        w: &M,
+        inn: usize,
+        prep: &[f32],
+        rows: std::ops::Range<usize>,
+        y: &mut [f32],
+        acc: bool,
+    ) -> bool {
+        if inn == 0 || prep.len() != (self.prep_len)(inn) {
+            return false;
         }
+        if path == crate::cpu::KernelPath::Avx512 && has_avx512vnni() {
+            // SAFETY: the caller's contract, this preparation, and the CPU has VNNI.
+            unsafe { (self.kernel)(w, prep, rows, y, acc) };
+        } else {
+            let mut put = crate::kernels::store_row(y, acc);
+            for (j, r) in rows.enumerate() {
+                put(j, r, (self.dot_ref)(w, r, prep));
+            }
+        }
+        true
     }
 }
 

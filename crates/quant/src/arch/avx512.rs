@@ -679,9 +679,9 @@ pub(crate) mod lower {
 /// `vpmaddwd`. The exact block sums are put in `CS_SLOT` order and two rows share each f32
 /// step, lane for lane the AVX2 kernel's operations: the same bits.
 pub(crate) mod q4_int8 {
+    use super::hsum_row_pairs;
     use crate::act8::avx2::Maddubs;
     use crate::cpu::{prefetch_weights, PREFETCH_ROWS};
-    use super::hsum_row_pairs;
     use crate::q4::act8::{tail_ref, RowOperands, BLOCKS_PER_GROUP, CS_SLOT, GROUP};
     use crate::q4::Q4Matrix;
     use std::arch::x86_64::*;

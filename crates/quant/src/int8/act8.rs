@@ -26,6 +26,17 @@ pub(crate) fn groups(inn: usize) -> usize {
     inn.div_ceil(GROUP)
 }
 
+/// This format's fused batch-1 int8 GEMV (see [`crate::act8::FusedGemv`]).
+pub(crate) const FUSED: crate::act8::FusedGemv<Int8Matrix> = crate::act8::FusedGemv {
+    format: "int8",
+    route: crate::act8::Int8Route::FusedInt8,
+    prepare,
+    prep_len,
+    #[cfg(target_arch = "x86_64")]
+    kernel: crate::arch::avx512::int8_int8::gemv,
+    dot_ref,
+};
+
 /// f32 slots of the prepared x of an `inn`-element input: 32 per group of bytes, a scale per
 /// group and `X` (`33 · groups + 1`, never the f32 GEMV's single `Σ x`).
 pub(crate) fn prep_len(inn: usize) -> usize {

@@ -38,6 +38,17 @@ pub(crate) fn groups(inn: usize) -> usize {
     inn.div_ceil(LOWER_GROUP)
 }
 
+/// This format's fused batch-1 int8 GEMV (see [`crate::act8::FusedGemv`]).
+pub(crate) const FUSED: crate::act8::FusedGemv<LowerMatrix> = crate::act8::FusedGemv {
+    format: "lower",
+    route: crate::act8::Int8Route::FusedLower,
+    prepare,
+    prep_len,
+    #[cfg(target_arch = "x86_64")]
+    kernel: crate::arch::avx512::lower_int8::gemv,
+    dot_ref,
+};
+
 /// f32 slots of the prepared x of an `inn`-element input: per group 32 of bytes, its scale
 /// and its scaled sum (`34 · groups`, never the f32 GEMV's `2 · in + groups` for `in > 0`).
 pub(crate) fn prep_len(inn: usize) -> usize {

@@ -32,6 +32,17 @@ pub(crate) fn pairs(inn: usize) -> usize {
     (inn / NF4_BLOCK).div_ceil(2)
 }
 
+/// This format's fused batch-1 int8 GEMV (see [`crate::act8::FusedGemv`]).
+pub(crate) const FUSED: crate::act8::FusedGemv<Nf4Matrix> = crate::act8::FusedGemv {
+    format: "nf4",
+    route: crate::act8::Int8Route::FusedNf4,
+    prepare,
+    prep_len,
+    #[cfg(target_arch = "x86_64")]
+    kernel: crate::arch::avx512::nf4_int8::gemv,
+    dot_ref,
+};
+
 /// f32 slots of the prepared x of an `inn`-element input (`inn % 64 == 0`): per pair of
 /// blocks 32 of bytes, 16 of corrections and 2 scales.
 pub(crate) fn prep_len(inn: usize) -> usize {

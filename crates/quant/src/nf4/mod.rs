@@ -31,8 +31,6 @@ pub(crate) mod act8;
 use crate::arch::avx2::nf4 as avx2;
 #[cfg(target_arch = "x86_64")]
 use crate::arch::avx512::nf4 as avx512;
-#[cfg(target_arch = "x86_64")]
-use crate::arch::avx512::nf4_int8 as avx512_int8;
 use crate::arch::portable::nf4 as portable;
 use crate::bytes::{check_part, Bytes};
 use crate::cpu::{is_x86_simd, kernel_path, usable, KernelPath};
@@ -690,10 +688,7 @@ impl QuantRows for Nf4Matrix {
     /// holds a NaN or infinity.
     fn gemv_prepare(&self, path: KernelPath, m: usize, x: &[f32], prep: &mut Vec<f32>) {
         if is_x86_simd(usable(path)) && self.inn % NF4_BLOCK == 0 {
-            if self.inn > 0
-                && crate::act8::takes_fused("nf4", m, crate::act8::Int8Route::FusedNf4)
-                && act8::prepare(x, prep)
-            {
+            if act8::FUSED.prepare(self.inn, m, x, prep) {
                 return;
             }
             kernels::push_even_odd16(x, prep);
@@ -714,21 +709,8 @@ impl QuantRows for Nf4Matrix {
         }
         // (The two preparations differ in length for `in > 0`: `in` floats against 33 per
         // block of 64.)
-        if self.inn > 0 && prep.len() == act8::prep_len(self.inn) {
-            // SAFETY: the CPU has the AVX-512 tier's features where the path is AVX-512 (the
-            // trait's contract); rows and y checked by the caller; this prep.
-            unsafe {
-                crate::act8::fused_rows(
-                    path,
-                    self,
-                    prep,
-                    rows,
-                    y,
-                    acc,
-                    avx512_int8::gemv,
-                    act8::dot_ref,
-                )
-            };
+        // SAFETY: the trait's contract: the CPU supports `path`; rows and y checked.
+        if unsafe { act8::FUSED.run(path, self, self.inn, prep, rows.clone(), y, acc) } {
             return true;
         }
         if prep.len() != self.inn {
