@@ -34,6 +34,7 @@ $B bench lora qlora --threads "$T" --batch 1 --runs 5 --train
 $B bench qlora --threads "$T" --batch 1 --runs 5 --train --activations int8
 peak
 echo "### weight stream (BigNet's f32 weights at batch 1)"; "$W/weight_stream" "$T" 41 packed,chain | tail -2
+echo "### weight stream (the int8 format's codes at batch 1)"; "$W/weight_stream" "$T" 41 int8,chain | tail -2
 echo "### one layer"; RAYON_NUM_THREADS=$T $E/gemm_probe 1,1024 f32,f32p,q4 11
 RAYON_NUM_THREADS=$T $E/act8_bench 1024 1 1024
 echo "### ggml"

@@ -13,7 +13,7 @@
 // comes from another core's cache, as in a real forward) combined with either.
 //
 //   gcc -O3 -march=native -pthread weight_stream.c -o weight_stream
-//   ./weight_stream 16 41 dense; ./weight_stream 16 41 packed,chain
+//   ./weight_stream 16 41 dense; ./weight_stream 16 41 packed,chain; ./weight_stream 2 41 int8,chain
 #include <immintrin.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -77,7 +77,29 @@ static void block_packed(const float *w, int panel, const float *x, float *y) {
     _mm512_storeu_ps(y, _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
 }
 
-static int packed_layout, chained;
+// The same 16 outputs from one byte per weight (row-major codes), integer dot products with
+// x's bytes as the int8 format's fused GEMV takes them.
+static void block_int8(const unsigned char *w, const signed char *xq, float *y) {
+    for (int r = 0; r < BLOCK; r++) {
+        __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
+        for (int k = 0; k < DIM; k += 128) {
+            __m512i c0 = _mm512_loadu_si512(w + r * DIM + k), c1 = _mm512_loadu_si512(w + r * DIM + k + 64);
+            __m512i x0 = _mm512_loadu_si512(xq + k), x1 = _mm512_loadu_si512(xq + k + 64);
+#ifdef __AVX512VNNI__
+            a0 = _mm512_dpbusd_epi32(a0, c0, x0);
+            a1 = _mm512_dpbusd_epi32(a1, c1, x1);
+#else
+            __m512i ones = _mm512_set1_epi16(1);
+            a0 = _mm512_add_epi32(a0, _mm512_madd_epi16(_mm512_maddubs_epi16(c0, x0), ones));
+            a1 = _mm512_add_epi32(a1, _mm512_madd_epi16(_mm512_maddubs_epi16(c1, x1), ones));
+#endif
+        }
+        y[r] = (float)_mm512_reduce_add_epi32(_mm512_add_epi32(a0, a1));
+    }
+}
+
+static int packed_layout, chained, int8_layout;
+static signed char xbytes[DIM];
 static float ybuf[2][DIM];
 
 // This thread's blocks of one layer; x is the fixed vector or, chained, the previous layer's y.
@@ -86,7 +108,10 @@ static void layer_share(int me, int layer) {
     const float *x = chained ? ybuf[layer & 1] : xvec;
     float *y = ybuf[(layer + 1) & 1];
     for (int r0 = me * BLOCK; r0 < DIM; r0 += BLOCK * nthreads) {
-        if (packed_layout)
+        if (int8_layout)
+            block_int8((const unsigned char *)weights + (size_t)layer * DIM * DIM + (size_t)r0 * DIM,
+                       xbytes, y + r0);
+        else if (packed_layout)
             block_packed(w, r0 / BLOCK, x, y + r0);
         else
             block_dense(w + (size_t)r0 * DIM, x, y + r0);
@@ -122,11 +147,11 @@ static int cmp(const void *a, const void *b) {
 
 static void report(const char *name, double *t) {
     char label[64];
-    snprintf(label, sizeof label, "%s%s%s", name, packed_layout ? "/packed" : "/dense",
-             chained ? "/chain" : "");
+    snprintf(label, sizeof label, "%s%s%s", name,
+             int8_layout ? "/int8" : packed_layout ? "/packed" : "/dense", chained ? "/chain" : "");
     name = label;
     qsort(t, passes, sizeof(double), cmp);
-    double bytes = (double)LAYERS * DIM * DIM * 4;
+    double bytes = (double)LAYERS * DIM * DIM * (int8_layout ? 1 : 4);
     printf("weight_stream %-21s threads %2d: %.3f ms (min %.3f, max %.3f) = %.0f GB/s\n", name,
            nthreads, t[passes / 2] * 1e3, t[0] * 1e3, t[passes - 1] * 1e3,
            bytes / t[passes / 2] * 1e-9);
@@ -137,6 +162,8 @@ int main(int argc, char **argv) {
     passes = argc > 2 ? atoi(argv[2]) : 41;
     packed_layout = argc > 3 && strstr(argv[3], "packed") != NULL;
     chained = argc > 3 && strstr(argv[3], "chain") != NULL;
+    int8_layout = argc > 3 && strstr(argv[3], "int8") != NULL;
+    for (int i = 0; i < DIM; i++) xbytes[i] = (signed char)(i % 255 - 127);
     if (nthreads < 1 || nthreads > 256 || passes < 1) return 1;
     size_t n = (size_t)LAYERS * DIM * DIM;
     weights = aligned_alloc(64, n * sizeof(float));
