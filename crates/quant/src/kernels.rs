@@ -445,6 +445,36 @@ pub(crate) fn matmul_t_biased<F: QuantRows>(
     Ok(false)
 }
 
+/// `y = post(bias + x · Wᵀ + h · Bᵀ)` (`extra = (h, Bᵀ)`) where [`matmul_t`] would run the
+/// generic int8 driver: its GEMM adds the adapter's product to each run of outputs as it
+/// stores them ([`crate::act8::forward_low_rank`]), with the bits of
+/// [`matmul_t_biased`] (or [`matmul_t`]) followed by the f32 GEMM accumulating `h · Bᵀ` and
+/// `post`; `Ok(false)`, with `y` untouched, elsewhere.
+pub(crate) fn matmul_t_low_rank_biased<F: QuantRows>(
+    f: &F,
+    x: &[f32],
+    m: usize,
+    y: &mut [f32],
+    bias: Option<&[f32]>,
+    extra: nibble_tensor::gemm::Segment<'_>,
+    post: PostOp,
+) -> nibble_tensor::Result<bool> {
+    let o = f.dims().0;
+    if crate::act8::activations() != crate::act8::ActivationMode::Int8 || !f.act8_generic(m) {
+        return Ok(false);
+    }
+    let Some(w) = f.act8_view() else {
+        return Ok(false);
+    };
+    let Some(tail) = crate::act8::LowRankTail::new(extra.a, extra.b, m, o) else {
+        return Ok(false);
+    };
+    let tier = crate::act8::IntTier::for_path(kernel_path());
+    Ok(crate::act8::forward_low_rank(
+        tier, w, x, m, y, bias, &tail, post,
+    ))
+}
+
 /// Batch 1 with a low-rank adapter, `y (+)= x · Wᵀ + B (A x)`: the adapter is fused into the
 /// format's batch-1 GEMV pass ([`nibble_tensor::lowrank`]) wherever that GEMV runs (f32
 /// activations, and Q4's fused int8 GEMV); where the generic int8 driver runs instead, the
@@ -901,6 +931,17 @@ macro_rules! impl_weight_matrix {
                 post: nibble_tensor::ops::PostOp,
             ) -> nibble_tensor::Result<bool> {
                 $crate::kernels::matmul_t_biased(self, x, m, y, bias, post)
+            }
+            fn matmul_t_low_rank_biased(
+                &self,
+                x: &[f32],
+                m: usize,
+                y: &mut [f32],
+                bias: Option<&[f32]>,
+                extra: nibble_tensor::gemm::Segment<'_>,
+                post: nibble_tensor::ops::PostOp,
+            ) -> nibble_tensor::Result<bool> {
+                $crate::kernels::matmul_t_low_rank_biased(self, x, m, y, bias, extra, post)
             }
             fn matvec_t_low_rank(
                 &self,

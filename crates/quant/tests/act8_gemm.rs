@@ -419,6 +419,120 @@ fn bias_in_the_store_matches_fill_then_accumulate() {
     });
 }
 
+/// A LoRA adapter's `h · Bᵀ` added by the int8 GEMM's tasks to their outputs
+/// (`WeightMatrix::matmul_t_low_rank_biased`): for every format whose int8 route takes the
+/// generic driver, with and without a bias, with and without a ReLU, ragged batches, widths
+/// and ranks, on 1 and 3 threads: the bits of the parts in order (the bias rows, the int8
+/// product accumulated, the f32 GEMM accumulating `h · Bᵀ`, the ReLU), y pre-filled with NaN;
+/// a rank past one K block of the GEMM declines, y untouched.
+#[test]
+fn low_rank_tail_matches_the_gemm_after_the_product() {
+    use nibble_quant::act8::{with_activations, ActivationMode};
+    use nibble_tensor::gemm::{gemm_segments_post, MatRef, Segment, KC};
+    use nibble_tensor::ops::PostOp;
+    use nibble_tensor::WeightMatrix;
+    let i = 192;
+    let pools: Vec<rayon::ThreadPool> = [1, 3]
+        .iter()
+        .map(|&t| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(t)
+                .build()
+                .unwrap()
+        })
+        .collect();
+    for o in [37, 100] {
+        let w = weights(o, i, 70 + o as u64);
+        let bias: Vec<f32> = (0..o).map(|c| c as f32 * 0.21 - 3.0).collect();
+        let bias_row = MatRef::row_major(&bias, 1, o).unwrap();
+        let mats: Vec<(&str, Box<dyn WeightMatrix>)> = vec![
+            ("q4", Box::new(Q4Matrix::quantize(&w).unwrap())),
+            ("nf4", Box::new(Nf4Matrix::quantize(&w).unwrap())),
+            ("int8", Box::new(Int8Matrix::quantize(&w).unwrap())),
+            ("lower", Box::new(LowerMatrix::quantize(&w).unwrap())),
+        ];
+        for (m, rank) in [(64, 32), (70, 7), (130, 1)] {
+            let x = activations(m, i, 80 + m as u64);
+            let h = Tensor::randn(&[m, rank], &mut Rng::new(90 + rank as u64)).into_vec();
+            let bt_vals = Tensor::randn(&[rank, o], &mut Rng::new(95)).into_vec();
+            let hm = MatRef::row_major(&h, m, rank).unwrap();
+            let bt = MatRef::row_major(&bt_vals, rank, o).unwrap();
+            for (name, q) in &mats {
+                for with_bias in [false, true] {
+                    for post in [PostOp::Identity, PostOp::Relu] {
+                        let (want, got): (Vec<f32>, Vec<Vec<f32>>) =
+                            with_activations(ActivationMode::Int8, || {
+                                let mut want: Vec<f32> = if with_bias {
+                                    bias.iter().copied().cycle().take(m * o).collect()
+                                } else {
+                                    vec![f32::NAN; m * o]
+                                };
+                                q.matmul_t(&x, m, &mut want, with_bias).unwrap();
+                                let seg = Segment { a: hm, b: &bt };
+                                gemm_segments_post(&[seg], &mut want, true, post).unwrap();
+                                let got = pools
+                                    .iter()
+                                    .map(|pool| {
+                                        pool.install(|| {
+                                            with_activations(ActivationMode::Int8, || {
+                                                let mut y = vec![f32::NAN; m * o];
+                                                let seg = Segment { a: hm, b: &bt };
+                                                let b = with_bias.then_some(&bias[..]);
+                                                let fused = q
+                                                    .matmul_t_low_rank_biased(
+                                                        &x, m, &mut y, b, seg, post,
+                                                    )
+                                                    .unwrap();
+                                                assert!(fused, "{name}: m {m} declined");
+                                                y
+                                            })
+                                        })
+                                    })
+                                    .collect();
+                                (want, got)
+                            });
+                        for (t, g) in got.iter().enumerate() {
+                            assert!(
+                                same_bits(g, &want),
+                                "{name} o {o} m {m} rank {rank} bias {with_bias} {post:?} pool {t}: differs"
+                            );
+                        }
+                        // The layer's own entry point gives the same bits.
+                        let mut y = vec![f32::NAN; m * o];
+                        with_activations(ActivationMode::Int8, || {
+                            let seg = Segment { a: hm, b: &bt };
+                            let b =
+                                with_bias.then_some(&bias_row as &dyn nibble_tensor::gemm::PackB);
+                            q.matmul_t_fused(&x, m, &mut y, b, Some(seg), post).unwrap();
+                        });
+                        assert!(same_bits(&y, &want), "{name} matmul_t_fused differs");
+                    }
+                }
+            }
+        }
+        // A rank past one K block: declined, y untouched.
+        let (m, rank) = (64, KC + 1);
+        let x = activations(m, i, 99);
+        let h = vec![0.5f32; m * rank];
+        let bt_vals = vec![0.25f32; rank * o];
+        let seg = Segment {
+            a: MatRef::row_major(&h, m, rank).unwrap(),
+            b: &MatRef::row_major(&bt_vals, rank, o).unwrap(),
+        };
+        let mut y = vec![7.0f32; m * o];
+        let fused = with_activations(ActivationMode::Int8, || {
+            mats[0]
+                .1
+                .matmul_t_low_rank_biased(&x, m, &mut y, Some(&bias), seg, PostOp::Relu)
+                .unwrap()
+        });
+        assert!(
+            !fused && y.iter().all(|&v| v == 7.0),
+            "rank {rank}: not declined"
+        );
+    }
+}
+
 /// A matrix whose rows before `zero_offsets_below` have their offsets set to zero (the other
 /// rows keep their format's), and whose codes panic from row `panic_from` on: W's blocks of
 /// rows are packed by the tasks that first need them, each block deciding on its own whether

@@ -136,6 +136,26 @@ pub trait WeightMatrix: Send + Sync + std::fmt::Debug {
         Ok(false)
     }
 
+    /// `y[m, out] = post(bias + x · Wᵀ + a · b)` (`extra = (a, b)`, a LoRA adapter's `h · Bᵀ`;
+    /// `bias` `[out]` where given) in one pass where the format has one outside the GEMM (a
+    /// quantized format's int8-activation product adds `a · b` to each run of outputs as it
+    /// stores it), with the bits of [`matmul_t_fused`](Self::matmul_t_fused)'s parts;
+    /// `Ok(false)`, with `y` untouched, where it has none (the default) or declines.
+    /// `matmul_t_fused` asks it first where the product does not run through the GEMM and
+    /// there is an extra. Shapes as `matmul_t_fused`.
+    fn matmul_t_low_rank_biased(
+        &self,
+        x: &[f32],
+        m: usize,
+        y: &mut [f32],
+        bias: Option<&[f32]>,
+        extra: Segment<'_>,
+        post: PostOp,
+    ) -> Result<bool> {
+        let _ = (x, m, y, bias, extra, post);
+        Ok(false)
+    }
+
     /// `y[m, out] = post(bias + x · Wᵀ (+ extra))` where `bias` is a `1 x out` operand (one
     /// row), `extra` another product `a [m, k] · b [k, out]` (a LoRA adapter's `h · Bᵀ`) and
     /// `post` an elementwise step (a ReLU after the layer): in one pass over `y`
@@ -186,13 +206,18 @@ pub trait WeightMatrix: Send + Sync + std::fmt::Debug {
             segs.extend(extra);
             return gemm_segments_post(&segs, y, false, post);
         }
+        let values = bias.map(|b| bias_values(b, o)).transpose()?;
+        if let Some(seg) = extra {
+            if self.matmul_t_low_rank_biased(x, m, y, values.as_deref(), seg, post)? {
+                return Ok(());
+            }
+        }
         // `post` goes with the last part: the biased product where no extra follows it, else
         // the extra's pass over y (or a pass of its own).
         let last_is_biased = extra.is_none();
         let mut pending = post;
-        match bias {
-            Some(b) => {
-                let values = bias_values(b, o)?;
+        match values {
+            Some(values) => {
                 let biased_post = if last_is_biased {
                     post
                 } else {

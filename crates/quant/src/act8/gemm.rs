@@ -53,6 +53,7 @@
 use rayon::prelude::*;
 
 use super::{CodeKind, IntCodes, IntLayout, IntTier, QuantizedX, YPtr, GROUP};
+use nibble_tensor::ops::PostOp;
 
 /// `$f::<$g.., NB, U>($args)` with the batch `NB = $nb` (1..=8, at most `$mr`) and the unit
 /// `U = $unit` (16, 64, else 128) as constants: the one table of a kernel's monomorphic
@@ -1040,6 +1041,7 @@ pub(super) fn run(
     y: YPtr,
     accumulate: bool,
     q: &mut QuantizedX,
+    tail: Option<(&super::LowRankTail<'_>, PostOp)>,
 ) -> bool {
     let (o, i) = w.int_dims();
     let kernel = Kernel::for_tier(tier, layout);
@@ -1047,7 +1049,7 @@ pub(super) fn run(
         return false;
     }
     let (pw, packer) = PackedW::prepare(w, layout, kernel, BUFFERS.take());
-    products(kernel, &pw, &packer, q, m, o, parallel, y, accumulate);
+    products(kernel, &pw, &packer, q, m, o, parallel, y, accumulate, tail);
     BUFFERS.set(Some(pw));
     true
 }
@@ -1068,6 +1070,7 @@ fn products(
     parallel: bool,
     yp: YPtr,
     accumulate: bool,
+    tail: Option<(&super::LowRankTail<'_>, PostOp)>,
 ) {
     let xp = prepare_x(q);
     let (mt, nt) = (m.div_ceil(M_BLOCK), o.div_ceil(N_BLOCK));
@@ -1081,7 +1084,18 @@ fn products(
         // SAFETY: the kernel came from a supported tier and `packer` packed `pw`'s panels
         // `ps` for it (`ensure_block`); rows and panels lie inside the batch and `pw`; tasks
         // own disjoint rectangles of y, joined before `products` returns.
-        unsafe { kernel.block(pw, &xp, rows, ps, yp, o, accumulate) };
+        unsafe { kernel.block(pw, &xp, rows.clone(), ps.clone(), yp, o, accumulate) };
+        if let Some((tail, post)) = tail {
+            // SAFETY: the task's rectangle of y (rows x the panels' columns), its alone.
+            unsafe {
+                tail.apply(
+                    yp.at(0),
+                    rows,
+                    ps.start * pw.nr..o.min(ps.end * pw.nr),
+                    post,
+                )
+            };
+        }
     };
     if parallel {
         (0..mt * nt).into_par_iter().for_each(task);
@@ -1132,6 +1146,7 @@ pub fn phases(
             true,
             YPtr::new(y, None, o),
             false,
+            None,
         );
     }
     let product = ms(t);

@@ -1110,6 +1110,11 @@ impl YPtr {
         }
     }
 
+    /// Element `idx` of y (for a pass of a task over its own rectangle).
+    fn at(self, idx: usize) -> *mut f32 {
+        self.y.wrapping_add(idx)
+    }
+
     /// Writes (or with `accumulate` adds) `v` at element `idx` of `y`; with a bias, writes
     /// `post(v + bias[idx % cols])` (the bits of the bias written first, `v` added to it, then
     /// the step).
@@ -1165,6 +1170,219 @@ impl YPtr {
             }
         }
     }
+}
+
+/// A LoRA adapter's `h · Bᵀ` (`h = x · Aᵀ`, `m x rank`; `Bᵀ` `rank x out`) for the int8 GEMM
+/// to add to each task's rectangle of outputs while it is in that core's cache
+/// ([`forward_low_rank`]), instead of a product of its own that reads y back and writes it
+/// again.
+pub(crate) struct LowRankTail<'a> {
+    /// `h` (kept: it owns the borrow that `h_ptr` points into), row-major.
+    _h: nibble_tensor::gemm::MatRef<'a, f32>,
+    /// `h`'s first element and its number of values (`m · rank`).
+    h_ptr: *const f32,
+    h_len: usize,
+    rank: usize,
+    /// `Bᵀ` in the f32 GEMM's packed panels: columns `16u .. 16u + 16` at
+    /// `bt[u · rank · 16 ..]`, element `(p, j)` at `p · 16 + j % 16` (zeros past `out`).
+    bt: Vec<f32>,
+    out: usize,
+}
+
+// SAFETY: `h_ptr` points into the `&'a [f32]` that `_h` borrows (shared, read-only), so the
+// tail may be read from any thread while it lives.
+unsafe impl Sync for LowRankTail<'_> {}
+
+/// Rows and panels of 16 columns of one low-rank tail kernel call.
+pub(crate) const TAIL_ROWS: usize = 6;
+pub(crate) const TAIL_PANELS: usize = 4;
+
+thread_local! {
+    /// The packed `Bᵀ` of this thread's last [`LowRankTail`], its storage reused (a fresh
+    /// 128 KiB vector per call came from `mmap` and was cleared page by page each time).
+    static TAIL_BT: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+impl<'a> LowRankTail<'a> {
+    /// The tail for `h · b` (`h`: `m x rank` row-major with `rank <= KC`, `b`: `rank x out`),
+    /// or `None` where the fused pass would not give the f32 GEMM's bits or speed: `h` not
+    /// row-major, a rank of 0 or above one K block of the GEMM (whose blocks' sums are added
+    /// to y one by one), or a CPU without the AVX2 tier.
+    pub(crate) fn new(
+        h: nibble_tensor::gemm::MatRef<'a, f32>,
+        b: &dyn nibble_tensor::gemm::PackB,
+        m: usize,
+        out: usize,
+    ) -> Option<LowRankTail<'a>> {
+        use nibble_tensor::gemm::{PackB, KC, NR};
+        const _: () = assert!(NR == 16);
+        let rank = h.cols();
+        #[cfg(target_arch = "x86_64")]
+        let simd = nibble_tensor::cpu::has_avx2_fma_f16c();
+        #[cfg(not(target_arch = "x86_64"))]
+        let simd = false;
+        if !simd || rank == 0 || rank > KC || h.rows() != m || b.k() != rank || b.n() != out {
+            return None;
+        }
+        let (h_ptr, ld, len) = PackB::as_row_major(&h).map(|(d, ld)| (d.as_ptr(), ld, d.len()))?;
+        if ld != rank || len < m * rank {
+            return None;
+        }
+        let panels = out.div_ceil(NR);
+        let mut bt = TAIL_BT.take();
+        bt.clear();
+        bt.resize(panels * rank * NR, 0.0);
+        for (u, panel) in bt.chunks_mut(rank * NR).enumerate() {
+            b.pack_panel(0, rank, u * NR, NR.min(out - u * NR), panel);
+        }
+        Some(LowRankTail {
+            _h: h,
+            h_ptr,
+            h_len: m * rank,
+            rank,
+            bt,
+            out,
+        })
+    }
+
+    /// `y[rows, cols] = post(y + h[rows] · Bᵀ[:, cols])` (y `m x out`, `cols` starting on a
+    /// multiple of 16): every element `post(y + t)` with `t` the f32 GEMM's fused
+    /// multiply-add chain from 0 over `p` in order, as the GEMM adds one K block to C, then
+    /// `post` as its tasks apply it: the bits of that GEMM accumulating into y, then `post`.
+    ///
+    /// # Safety
+    /// `y` holds `m x out`; the rectangle belongs to the calling task alone.
+    pub(crate) unsafe fn apply(
+        &self,
+        y: *mut f32,
+        rows: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
+        post: PostOp,
+    ) {
+        const W: usize = 16 * TAIL_PANELS;
+        debug_assert!(cols.start % 16 == 0 && cols.end <= self.out);
+        let panel = self.rank * 16;
+        for r0 in rows.clone().step_by(TAIL_ROWS) {
+            let nr = TAIL_ROWS.min(rows.end - r0);
+            for c0 in cols.clone().step_by(W) {
+                let nc = W.min(cols.end - c0);
+                // SAFETY: rows r0..r0 + nr < m of h (m x rank) and of y; panels c0/16.. of bt
+                // cover columns c0..c0 + nc <= out; the rectangle is the caller's.
+                unsafe {
+                    tail_tile(
+                        self.h_ptr.add(r0 * self.rank),
+                        self.rank,
+                        nr,
+                        self.bt.as_ptr().add(c0 / 16 * panel),
+                        panel,
+                        nc,
+                        y.add(r0 * self.out + c0),
+                        self.out,
+                    )
+                };
+                if post != PostOp::Identity {
+                    for r in r0..r0 + nr {
+                        // SAFETY: as above.
+                        let row =
+                            unsafe { std::slice::from_raw_parts_mut(y.add(r * self.out + c0), nc) };
+                        post.apply(row);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `y[r, c] += Σ_p h[r · rank + p] · bt[c / 16 · panel + p · 16 + c % 16]` for `r < rows <=
+/// TAIL_ROWS`, `c < cols <= 16 · TAIL_PANELS` (y rows `ldy` apart), each sum a fused
+/// multiply-add chain from 0 with `p` in order added to y last: AVX-512 on the process's
+/// AVX-512 path ([`crate::cpu::kernel_path`]), else AVX2 (the same bits).
+///
+/// # Safety
+/// The pointers hold those elements; the CPU has AVX2 and FMA.
+#[allow(clippy::too_many_arguments)]
+unsafe fn tail_tile(
+    h: *const f32,
+    rank: usize,
+    rows: usize,
+    bt: *const f32,
+    panel: usize,
+    cols: usize,
+    y: *mut f32,
+    ldy: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if crate::cpu::kernel_path() == crate::cpu::KernelPath::Avx512 {
+            // SAFETY: the caller's contract; the process's path is AVX-512, which the CPU has.
+            return unsafe {
+                crate::arch::avx512::low_rank_tile(h, rank, rows, bt, panel, cols, y, ldy)
+            };
+        }
+        // SAFETY: the caller's contract (AVX2 and FMA).
+        unsafe { crate::arch::avx2::low_rank_tile(h, rank, rows, bt, panel, cols, y, ldy) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (h, rank, rows, bt, panel, cols, y, ldy);
+}
+
+impl Drop for LowRankTail<'_> {
+    fn drop(&mut self) {
+        TAIL_BT.set(std::mem::take(&mut self.bt));
+    }
+}
+
+/// `y = post(bias + x · Wᵀ + h · Bᵀ)` with int8 activations (`tail` = `h · Bᵀ`, a LoRA
+/// adapter): each task of the GEMM adds the tail's product to its rectangle of outputs once
+/// it has stored them, then applies `post`, with the bits of [`forward_with_bias`] (or [`forward`] without a bias)
+/// followed by the f32 GEMM accumulating `h · Bᵀ` into y and `post`. Returns `false`, with `y`
+/// untouched, where [`forward`] would, below the GEMM's batches ([`gemm::GEMM_MIN_M`]), and
+/// where `bias` does not have `out` values.
+pub(crate) fn forward_low_rank(
+    tier: IntTier,
+    w: &dyn IntCodes,
+    x: &[f32],
+    m: usize,
+    y: &mut [f32],
+    bias: Option<&[f32]>,
+    tail: &LowRankTail<'_>,
+    post: PostOp,
+) -> bool {
+    let (o, i) = w.int_dims();
+    let Some(layout) = w.int_layout() else {
+        return false;
+    };
+    if m < gemm::GEMM_MIN_M
+        || i == 0
+        || o == 0
+        || x.len() != m * i
+        || y.len() != m * o
+        || bias.is_some_and(|b| b.len() != o)
+        || tail.h_len != m * tail.rank
+        || tail.out != o
+        || !matches!(layout.unit, 16 | 64 | 128)
+    {
+        return false;
+    }
+    let tier = gemm_tier(tier, layout.unit);
+    let threads = rayon::current_num_threads().max(1);
+    let parallel = threads > 1 && o.saturating_mul(i).saturating_mul(m) >= PARALLEL_MIN_WORK;
+    let mut q = QUANTIZED.take();
+    let yp = YPtr::new(y, bias.map(|b| (b, PostOp::Identity)), o);
+    let done = gemm::run(
+        tier,
+        w,
+        layout,
+        x,
+        m,
+        parallel,
+        yp,
+        false,
+        &mut q,
+        Some((tail, post)),
+    );
+    QUANTIZED.set(q);
+    done
 }
 
 /// Multiply-adds (`out · in · m`) below which the forward stays on one thread.
@@ -1341,7 +1559,9 @@ fn forward_into(
     let mut q = QUANTIZED.take();
     if m >= gemm::GEMM_MIN_M {
         let yp = YPtr::new(y, bias, o);
-        let done = gemm::run(tier, w, layout, x, m, parallel, yp, accumulate, &mut q);
+        let done = gemm::run(
+            tier, w, layout, x, m, parallel, yp, accumulate, &mut q, None,
+        );
         QUANTIZED.set(q);
         return done;
     }

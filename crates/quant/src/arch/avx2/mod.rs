@@ -10,6 +10,56 @@ pub(crate) mod q4_int8;
 pub(crate) use nibble_tensor::simd::x86::transpose8_ps as transpose8;
 use std::arch::x86_64::*;
 
+/// [`crate::act8`]'s low-rank tail on one tile, the AVX-512 twin's bits
+/// ([`crate::arch::avx512::low_rank_tile`]): rows of 16 columns (two ymm per panel), a row at
+/// a time in chunks of 4 rows; the last panel's columns past `cols` by scalar fused
+/// multiply-adds in the same order.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; as the AVX-512 twin's.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn low_rank_tile(
+    h: *const f32,
+    rank: usize,
+    rows: usize,
+    bt: *const f32,
+    panel: usize,
+    cols: usize,
+    y: *mut f32,
+    ldy: usize,
+) {
+    // SAFETY: the caller's contract: every access lies in h's rows < rows, bt's panels of
+    // columns < cols, y's rows < rows and columns < cols.
+    unsafe {
+        for u in 0..cols.div_ceil(16) {
+            let (b, width) = (bt.add(u * panel), 16.min(cols - 16 * u));
+            for r in 0..rows {
+                let hr = h.add(r * rank);
+                let d = y.add(r * ldy + 16 * u);
+                if width == 16 {
+                    let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                    for p in 0..rank {
+                        let hv = _mm256_set1_ps(*hr.add(p));
+                        a0 = _mm256_fmadd_ps(hv, _mm256_loadu_ps(b.add(p * 16)), a0);
+                        a1 = _mm256_fmadd_ps(hv, _mm256_loadu_ps(b.add(p * 16 + 8)), a1);
+                    }
+                    _mm256_storeu_ps(d, _mm256_add_ps(_mm256_loadu_ps(d), a0));
+                    _mm256_storeu_ps(d.add(8), _mm256_add_ps(_mm256_loadu_ps(d.add(8)), a1));
+                } else {
+                    for j in 0..width {
+                        let mut a = 0.0f32;
+                        for p in 0..rank {
+                            a = (*hr.add(p)).mul_add(*b.add(p * 16 + j), a);
+                        }
+                        *d.add(j) += a;
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Horizontal sum of 8 lanes.
 #[inline(always)]
 pub(crate) unsafe fn hsum(v: __m256) -> f32 {
