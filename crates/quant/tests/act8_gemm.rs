@@ -432,15 +432,6 @@ fn low_rank_tail_matches_the_gemm_after_the_product() {
     use nibble_tensor::ops::PostOp;
     use nibble_tensor::WeightMatrix;
     let i = 192;
-    let pools: Vec<rayon::ThreadPool> = [1, 3]
-        .iter()
-        .map(|&t| {
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(t)
-                .build()
-                .unwrap()
-        })
-        .collect();
     for o in [37, 100] {
         let w = weights(o, i, 70 + o as u64);
         let bias: Vec<f32> = (0..o).map(|c| c as f32 * 0.21 - 3.0).collect();
@@ -470,10 +461,10 @@ fn low_rank_tail_matches_the_gemm_after_the_product() {
                                 q.matmul_t(&x, m, &mut want, with_bias).unwrap();
                                 let seg = Segment { a: hm, b: &bt };
                                 gemm_segments_post(&[seg], &mut want, true, post).unwrap();
-                                let got = pools
+                                let got = [1, 3]
                                     .iter()
-                                    .map(|pool| {
-                                        pool.install(|| {
+                                    .map(|&t| {
+                                        common::on_threads(t, || {
                                             with_activations(ActivationMode::Int8, || {
                                                 let mut y = vec![f32::NAN; m * o];
                                                 let seg = Segment { a: hm, b: &bt };

@@ -1269,16 +1269,17 @@ impl<'a> LowRankTail<'a> {
                 // SAFETY: rows r0..r0 + nr < m of h (m x rank) and of y; panels c0/16.. of bt
                 // cover columns c0..c0 + nc <= out; the rectangle is the caller's.
                 unsafe {
-                    tail_tile(
-                        self.h_ptr.add(r0 * self.rank),
-                        self.rank,
-                        nr,
-                        self.bt.as_ptr().add(c0 / 16 * panel),
+                    TailTile {
+                        h: self.h_ptr.add(r0 * self.rank),
+                        rank: self.rank,
+                        rows: nr,
+                        bt: self.bt.as_ptr().add(c0 / 16 * panel),
                         panel,
-                        nc,
-                        y.add(r0 * self.out + c0),
-                        self.out,
-                    )
+                        cols: nc,
+                        y: y.add(r0 * self.out + c0),
+                        ldy: self.out,
+                    }
+                    .run()
                 };
                 if post != PostOp::Identity {
                     for r in r0..r0 + nr {
@@ -1293,37 +1294,44 @@ impl<'a> LowRankTail<'a> {
     }
 }
 
-/// `y[r, c] += Σ_p h[r · rank + p] · bt[c / 16 · panel + p · 16 + c % 16]` for `r < rows <=
-/// TAIL_ROWS`, `c < cols <= 16 · TAIL_PANELS` (y rows `ldy` apart), each sum a fused
-/// multiply-add chain from 0 with `p` in order added to y last: AVX-512 on the process's
-/// AVX-512 path ([`crate::cpu::kernel_path`]), else AVX2 (the same bits).
-///
-/// # Safety
-/// The pointers hold those elements; the CPU has AVX2 and FMA.
-#[allow(clippy::too_many_arguments)]
-unsafe fn tail_tile(
-    h: *const f32,
-    rank: usize,
-    rows: usize,
-    bt: *const f32,
-    panel: usize,
-    cols: usize,
-    y: *mut f32,
-    ldy: usize,
-) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if crate::cpu::kernel_path() == crate::cpu::KernelPath::Avx512 {
-            // SAFETY: the caller's contract; the process's path is AVX-512, which the CPU has.
-            return unsafe {
-                crate::arch::avx512::low_rank_tile(h, rank, rows, bt, panel, cols, y, ldy)
-            };
+/// One tile of a low-rank tail: `y[r, c] += Σ_p h[r · rank + p] · bt[c / 16 · panel + p · 16 +
+/// c % 16]` for `r < rows <= TAIL_ROWS`, `c < cols <= 16 · TAIL_PANELS` (y's rows `ldy` apart),
+/// each sum a fused multiply-add chain from 0 with `p` in order, added to y last.
+#[derive(Clone, Copy)]
+pub(crate) struct TailTile {
+    /// h's first row of the tile (`rank` values per row).
+    pub(crate) h: *const f32,
+    pub(crate) rank: usize,
+    pub(crate) rows: usize,
+    /// The packed `Bᵀ` panel of the tile's first column, panels `panel` floats apart.
+    pub(crate) bt: *const f32,
+    pub(crate) panel: usize,
+    pub(crate) cols: usize,
+    /// y at the tile's first element.
+    pub(crate) y: *mut f32,
+    pub(crate) ldy: usize,
+}
+
+impl TailTile {
+    /// Runs the tile: AVX-512 on the process's AVX-512 path ([`crate::cpu::kernel_path`]), else
+    /// AVX2 (the same bits).
+    ///
+    /// # Safety
+    /// The pointers hold the elements the tile names; the CPU has AVX2 and FMA.
+    unsafe fn run(self) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if crate::cpu::kernel_path() == crate::cpu::KernelPath::Avx512 {
+                // SAFETY: the caller's contract; the process's path is AVX-512, which the CPU
+                // has.
+                return unsafe { crate::arch::avx512::low_rank_tile(self) };
+            }
+            // SAFETY: the caller's contract (AVX2 and FMA).
+            unsafe { crate::arch::avx2::low_rank_tile(self) }
         }
-        // SAFETY: the caller's contract (AVX2 and FMA).
-        unsafe { crate::arch::avx2::low_rank_tile(h, rank, rows, bt, panel, cols, y, ldy) }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = self;
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (h, rank, rows, bt, panel, cols, y, ldy);
 }
 
 impl Drop for LowRankTail<'_> {

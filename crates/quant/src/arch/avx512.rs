@@ -114,7 +114,7 @@ unsafe fn hsum_row_pairs(a: __m512, b: __m512) -> [f32; 4] {
     }
 }
 
-/// [`crate::act8`]'s low-rank tail on one tile: `y[r, c] += Σ_p h[r · rank + p] · bt[c / 16 ·
+/// [`crate::act8::TailTile`] on AVX-512: `y[r, c] += Σ_p h[r · rank + p] · bt[c / 16 ·
 /// panel + p · 16 + c % 16]` for `r < rows <= 6`, `c < cols <= 64`, each sum a fused
 /// multiply-add chain from 0 with `p` in order, added to y last (the f32 GEMM's bits). Rows
 /// past `rows` repeat the last row's h and are not stored; the last panel's lanes past `cols`
@@ -125,32 +125,23 @@ unsafe fn hsum_row_pairs(a: __m512, b: __m512) -> [f32; 4] {
 /// columns `0..cols` (`panel` floats apart, `rank · 16` each); y's `rows` rows (`ldy` apart)
 /// hold `cols` values.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn low_rank_tile(
-    h: *const f32,
-    rank: usize,
-    rows: usize,
-    bt: *const f32,
-    panel: usize,
-    cols: usize,
-    y: *mut f32,
-    ldy: usize,
-) {
+pub(crate) unsafe fn low_rank_tile(tile: crate::act8::TailTile) {
     const R: usize = crate::act8::TAIL_ROWS;
     const P: usize = crate::act8::TAIL_PANELS;
-    if rows == 0 || cols == 0 {
+    if tile.rows == 0 || tile.cols == 0 {
         return;
     }
-    let panels = cols.div_ceil(16).min(P);
-    // SAFETY: the caller's contract: h rows < rows (clamped), bt panels < panels, y's rows <
-    // rows and columns < cols (masked).
+    let panels = tile.cols.div_ceil(16).min(P);
+    // SAFETY: the caller's contract: h's rows below `rows` (clamped), bt's panels below
+    // `panels`, y's rows below `rows` and columns below `cols` (masked).
     unsafe {
         let mut acc = [[_mm512_setzero_ps(); P]; R];
-        let hr: [*const f32; R] = std::array::from_fn(|r| h.add(r.min(rows - 1) * rank));
-        for p in 0..rank {
+        let hr: [*const f32; R] =
+            std::array::from_fn(|r| tile.h.add(r.min(tile.rows - 1) * tile.rank));
+        for p in 0..tile.rank {
             let b: [__m512; P] = std::array::from_fn(|u| {
                 if u < panels {
-                    _mm512_loadu_ps(bt.add(u * panel + p * 16))
+                    _mm512_loadu_ps(tile.bt.add(u * tile.panel + p * 16))
                 } else {
                     _mm512_setzero_ps()
                 }
@@ -162,10 +153,10 @@ pub(crate) unsafe fn low_rank_tile(
                 }
             }
         }
-        for (r, accr) in acc.iter().enumerate().take(rows) {
+        for (r, accr) in acc.iter().enumerate().take(tile.rows) {
             for (u, &a) in accr.iter().enumerate().take(panels) {
-                let mask = first_lanes(cols - 16 * u);
-                let d = y.add(r * ldy + 16 * u);
+                let mask = first_lanes(tile.cols - 16 * u);
+                let d = tile.y.add(r * tile.ldy + 16 * u);
                 let v = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, d), a);
                 _mm512_mask_storeu_ps(d, mask, v);
             }

@@ -18,28 +18,18 @@ use std::arch::x86_64::*;
 /// # Safety
 /// The CPU has AVX2 and FMA; as the AVX-512 twin's.
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn low_rank_tile(
-    h: *const f32,
-    rank: usize,
-    rows: usize,
-    bt: *const f32,
-    panel: usize,
-    cols: usize,
-    y: *mut f32,
-    ldy: usize,
-) {
-    // SAFETY: the caller's contract: every access lies in h's rows < rows, bt's panels of
-    // columns < cols, y's rows < rows and columns < cols.
+pub(crate) unsafe fn low_rank_tile(tile: crate::act8::TailTile) {
+    // SAFETY: the caller's contract: every access lies in h's rows below `rows`, bt's panels
+    // of columns below `cols`, y's rows below `rows` and columns below `cols`.
     unsafe {
-        for u in 0..cols.div_ceil(16) {
-            let (b, width) = (bt.add(u * panel), 16.min(cols - 16 * u));
-            for r in 0..rows {
-                let hr = h.add(r * rank);
-                let d = y.add(r * ldy + 16 * u);
+        for u in 0..tile.cols.div_ceil(16) {
+            let (b, width) = (tile.bt.add(u * tile.panel), 16.min(tile.cols - 16 * u));
+            for r in 0..tile.rows {
+                let hr = tile.h.add(r * tile.rank);
+                let d = tile.y.add(r * tile.ldy + 16 * u);
                 if width == 16 {
                     let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-                    for p in 0..rank {
+                    for p in 0..tile.rank {
                         let hv = _mm256_set1_ps(*hr.add(p));
                         a0 = _mm256_fmadd_ps(hv, _mm256_loadu_ps(b.add(p * 16)), a0);
                         a1 = _mm256_fmadd_ps(hv, _mm256_loadu_ps(b.add(p * 16 + 8)), a1);
@@ -49,7 +39,7 @@ pub(crate) unsafe fn low_rank_tile(
                 } else {
                     for j in 0..width {
                         let mut a = 0.0f32;
-                        for p in 0..rank {
+                        for p in 0..tile.rank {
                             a = (*hr.add(p)).mul_add(*b.add(p * 16 + j), a);
                         }
                         *d.add(j) += a;
