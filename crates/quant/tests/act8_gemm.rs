@@ -432,6 +432,17 @@ fn low_rank_tail_matches_the_gemm_after_the_product() {
     use nibble_tensor::ops::PostOp;
     use nibble_tensor::WeightMatrix;
     let i = 192;
+    let path = nibble_quant::cpu::kernel_path();
+    let tail_kernels = matches!(
+        path,
+        nibble_quant::cpu::KernelPath::Avx2Fma | nibble_quant::cpu::KernelPath::Avx512
+    );
+    if !tail_kernels {
+        println!(
+            "act8 gemm: skipping the low-rank tail's kernels on the {path:?} path (they run on \
+             AVX2 and AVX-512); checking that it declines there"
+        );
+    }
     for o in [37, 100] {
         let w = weights(o, i, 70 + o as u64);
         let bias: Vec<f32> = (0..o).map(|c| c as f32 * 0.21 - 3.0).collect();
@@ -474,7 +485,17 @@ fn low_rank_tail_matches_the_gemm_after_the_product() {
                                                         &x, m, &mut y, b, seg, post,
                                                     )
                                                     .unwrap();
-                                                assert!(fused, "{name}: m {m} declined");
+                                                if !fused {
+                                                    // Declined (a path below AVX2): y
+                                                    // untouched, and the comparison below
+                                                    // fails on its NaNs.
+                                                    assert!(
+                                                        !tail_kernels,
+                                                        "{name}: m {m} declined"
+                                                    );
+                                                    assert!(y.iter().all(|v| v.is_nan()));
+                                                    y.clone_from(&want);
+                                                }
                                                 y
                                             })
                                         })

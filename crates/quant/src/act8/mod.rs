@@ -1207,7 +1207,7 @@ impl<'a> LowRankTail<'a> {
     /// The tail for `h · b` (`h`: `m x rank` row-major with `rank <= KC`, `b`: `rank x out`),
     /// or `None` where the fused pass would not give the f32 GEMM's bits or speed: `h` not
     /// row-major, a rank of 0 or above one K block of the GEMM (whose blocks' sums are added
-    /// to y one by one), or a CPU without the AVX2 tier.
+    /// to y one by one), or a process path below AVX2.
     pub(crate) fn new(
         h: nibble_tensor::gemm::MatRef<'a, f32>,
         b: &dyn nibble_tensor::gemm::PackB,
@@ -1217,10 +1217,12 @@ impl<'a> LowRankTail<'a> {
         use nibble_tensor::gemm::{PackB, KC, NR};
         const _: () = assert!(NR == 16);
         let rank = h.cols();
-        #[cfg(target_arch = "x86_64")]
-        let simd = nibble_tensor::cpu::has_avx2_fma_f16c();
-        #[cfg(not(target_arch = "x86_64"))]
-        let simd = false;
+        // The process's path, as NIBBLE_KERNEL may have forced it (the kernels are AVX2 or
+        // AVX-512; the portable and scalar paths keep the f32 GEMM pass).
+        let simd = matches!(
+            crate::cpu::kernel_path(),
+            KernelPath::Avx2Fma | KernelPath::Avx512
+        );
         if !simd || rank == 0 || rank > KC || h.rows() != m || b.k() != rank || b.n() != out {
             return None;
         }
@@ -1342,10 +1344,10 @@ impl Drop for LowRankTail<'_> {
 
 /// `y = post(bias + x · Wᵀ + h · Bᵀ)` with int8 activations (`tail` = `h · Bᵀ`, a LoRA
 /// adapter): each task of the GEMM adds the tail's product to its rectangle of outputs once
-/// it has stored them, then applies `post`, with the bits of [`forward_with_bias`] (or [`forward`] without a bias)
-/// followed by the f32 GEMM accumulating `h · Bᵀ` into y and `post`. Returns `false`, with `y`
-/// untouched, where [`forward`] would, below the GEMM's batches ([`gemm::GEMM_MIN_M`]), and
-/// where `bias` does not have `out` values.
+/// it has stored them, then applies `post`, with the bits of [`forward_with_bias`] (or
+/// [`forward`] without a bias) followed by the f32 GEMM accumulating `h · Bᵀ` into y and
+/// `post`. Returns `false`, with `y` untouched, where [`forward`] would, below the GEMM's
+/// batches ([`gemm::GEMM_MIN_M`]), and where `bias` does not have `out` values.
 pub(crate) fn forward_low_rank(
     tier: IntTier,
     w: &dyn IntCodes,
