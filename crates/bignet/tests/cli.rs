@@ -465,7 +465,25 @@ fn activations_option_is_reported_by_bench() {
         );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(v["activations"], mode, "{flag} {mode}");
+        // The integer tier this CPU (and environment) gives int8 activations.
+        let tier = nibble_quant::act8::IntTier::for_path(nibble_quant::cpu::kernel_path());
+        assert_eq!(v["int_tier"], tier.name(), "{flag} {mode}");
     }
+    // With AMX turned off the tier is never AMX (and is reported).
+    let out = Command::new(env!("CARGO_BIN_EXE_bignet"))
+        .args([
+            "bench", "nf4", "--json", "--dim", "64", "--batch", "1", "--runs", "1",
+        ])
+        .env("NIBBLE_AMX", "0")
+        .output()
+        .expect("run bignet");
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let tier = v["int_tier"].as_str().unwrap_or_default().to_string();
+    assert!(
+        ["scalar", "avx2", "avxvnni", "avx512vnni"].contains(&tier.as_str()),
+        "NIBBLE_AMX=0: int_tier {tier}"
+    );
     fails_with(
         &["bench", "nf4", "--activations", "int4"],
         "expected f32 or int8",

@@ -157,6 +157,11 @@ pub fn run(
             json!({
                 "threads": rayon::current_num_threads(),
                 "kernel": nibble_tensor::cpu::kernel_path().name(),
+                // The integer tier int8 activations run on (AMX, AVX-512 VNNI, ...).
+                "int_tier": nibble_quant::act8::IntTier::for_path(
+                    nibble_tensor::cpu::kernel_path()
+                )
+                .name(),
                 "activations": nibble_quant::act8::activations().name(),
                 "q4_activations": nibble_quant::act8::activations().name(),
                 "results": results

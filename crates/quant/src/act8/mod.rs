@@ -623,6 +623,25 @@ pub fn amx_status() -> Result<(), String> {
 }
 
 impl IntTier {
+    /// The tier's name in reports (`bignet bench --json`'s `"int_tier"`): `scalar`, `avx2`,
+    /// `avxvnni`, `avx512vnni`, `amx`, `amx-emulated` or `avxvnni-emulated`.
+    ///
+    /// ```
+    /// use nibble_quant::act8::IntTier;
+    /// assert_eq!(IntTier::Avx512Vnni.name(), "avx512vnni");
+    /// ```
+    pub fn name(self) -> &'static str {
+        match self {
+            IntTier::Scalar => "scalar",
+            IntTier::Avx2 => "avx2",
+            IntTier::AvxVnni => "avxvnni",
+            IntTier::Avx512Vnni => "avx512vnni",
+            IntTier::Amx => "amx",
+            IntTier::AmxEmulated => "amx-emulated",
+            IntTier::AvxVnniEmulated => "avxvnni-emulated",
+        }
+    }
+
     /// The tier a kernel path runs (downgraded to what this CPU has): on the AVX-512 path
     /// AMX where [`has_amx`], else AVX-512 VNNI where the CPU has it; on the AVX-512 path
     /// without AVX-512 VNNI and on the AVX2 path, AVX-VNNI where [`has_avxvnni`], else AVX2.
