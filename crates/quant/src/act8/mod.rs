@@ -296,23 +296,32 @@ impl<M> FusedGemv<M> {
     }
 }
 
-/// Test support for the fused batch-1 int8 GEMVs (`name` in messages): on the widths `inns`
-/// and 1, 7, 17 and 33 rows, uniform weights with a constant row and x with an all-zero group
-/// and ±extremes, each of `quantize(w)`'s matrices with x prepared by `prepare` (behind a
-/// prefix the parts must not read): the AVX-512 VNNI `kernel` against the scalar `dot_ref`
-/// bit for bit on three ranges of rows (all, the last two thirds, all but the first and last),
-/// y pre-filled with NaN, then accumulated into. Where the CPU lacks VNNI it says so and
-/// returns.
+/// Widths of `in` that [`check_fused_gemv`] takes for formats of any width: partial last
+/// groups, one and two whole groups, odd widths.
+#[cfg(all(test, target_arch = "x86_64"))]
+pub(crate) const ANY_WIDTHS: [usize; 9] = [1, 7, 63, 128, 129, 256, 320, 1023, 1024];
+
+/// Test support for a format's fused batch-1 int8 GEMV `fused` (its format's name in
+/// messages): on the widths `inns` and 1, 7, 17 and 33 rows, uniform weights with a constant
+/// row and x with an all-zero group and ±extremes, each of `quantize(w)`'s matrices with x
+/// prepared by its `prepare` (behind a prefix the parts must not read): its AVX-512 VNNI
+/// `kernel` against its scalar `dot_ref` bit for bit on three ranges of rows (all, the last two
+/// thirds, all but the first and last), y pre-filled with NaN, then accumulated into. Where
+/// the CPU lacks VNNI it says so and returns.
 #[cfg(all(test, target_arch = "x86_64"))]
 pub(crate) fn check_fused_gemv<M>(
-    name: &str,
+    fused: &FusedGemv<M>,
     inns: &[usize],
     quantize: impl Fn(&nibble_tensor::Tensor) -> Vec<M>,
-    prepare: fn(&[f32], &mut Vec<f32>) -> bool,
-    dot_ref: fn(&M, usize, &[f32]) -> f32,
-    kernel: unsafe fn(&M, &[f32], std::ops::Range<usize>, &mut [f32], bool),
 ) {
     use nibble_tensor::{Rng, Tensor};
+    let FusedGemv {
+        format: name,
+        prepare,
+        dot_ref,
+        kernel,
+        ..
+    } = *fused;
     if !has_avx512vnni() {
         println!("{name} int8 GEMV: AVX-512 VNNI kernel skipped (this CPU lacks it)");
         return;
@@ -363,18 +372,17 @@ pub(crate) fn check_fused_gemv<M>(
     println!("{name} int8 GEMV: AVX-512 VNNI kernel checked");
 }
 
-/// Test support for a fused GEMV of an affine format (`name` in messages): its scalar
-/// reference `dot_ref` against the integer formula in f64 with the same int8 x
-/// (`Σ_k w'_k · sx · xq_k`, `w'` from `dequantize`), equal up to f32 rounding.
+/// Test support for the fused GEMV `fused` of an affine format (its format's name in
+/// messages): its scalar reference `dot_ref` against the integer formula in f64 with the same
+/// int8 x (`Σ_k w'_k · sx · xq_k`, `w'` from `dequantize`), equal up to f32 rounding.
 #[cfg(test)]
 pub(crate) fn check_integer_formula<M>(
-    name: &str,
+    fused: &FusedGemv<M>,
     quantize: fn(&nibble_tensor::Tensor) -> M,
-    prepare: fn(&[f32], &mut Vec<f32>) -> bool,
-    dot_ref: fn(&M, usize, &[f32]) -> f32,
     dequantize: fn(&M) -> nibble_tensor::Tensor,
 ) {
     use nibble_tensor::{Rng, Tensor};
+    let (name, prepare, dot_ref) = (fused.format, fused.prepare, fused.dot_ref);
     for inn in [1usize, 129, 1024] {
         let w = Tensor::uniform(&[9, inn], -0.4, 0.4, &mut Rng::new(inn as u64 + 5));
         let x = Tensor::randn(&[inn], &mut Rng::new(inn as u64 + 6)).into_vec();

@@ -121,24 +121,17 @@ mod tests {
     #[test]
     #[cfg(target_arch = "x86_64")]
     fn kernel_matches_the_reference() {
-        crate::act8::check_fused_gemv(
-            "int8",
-            &[1, 7, 63, 128, 129, 256, 320, 1023, 1024],
-            |w| vec![Int8Matrix::quantize(w).unwrap()],
-            prepare,
-            dot_ref,
-            crate::arch::avx512::int8_int8::gemv,
-        );
+        crate::act8::check_fused_gemv(&FUSED, &crate::act8::ANY_WIDTHS, |w| {
+            vec![Int8Matrix::quantize(w).unwrap()]
+        });
     }
 
     /// The reference against the integer formula with the same int8 x.
     #[test]
     fn reference_is_the_integer_formula() {
         crate::act8::check_integer_formula(
-            "int8",
+            &FUSED,
             |w| Int8Matrix::quantize(w).unwrap(),
-            prepare,
-            dot_ref,
             |m| m.dequantize_with(crate::cpu::KernelPath::Scalar),
         );
     }

@@ -162,14 +162,9 @@ mod tests {
     #[test]
     #[cfg(target_arch = "x86_64")]
     fn kernel_matches_the_reference() {
-        crate::act8::check_fused_gemv(
-            "lower",
-            &[1, 7, 63, 128, 129, 256, 320, 1023, 1024],
-            |w| vec![LowerMatrix::quantize(w).unwrap()],
-            prepare,
-            dot_ref,
-            crate::arch::avx512::lower_int8::gemv,
-        );
+        crate::act8::check_fused_gemv(&FUSED, &crate::act8::ANY_WIDTHS, |w| {
+            vec![LowerMatrix::quantize(w).unwrap()]
+        });
     }
 
     /// Both widths occur among the rows the kernel test quantizes (else one decoder would go
@@ -186,10 +181,8 @@ mod tests {
     #[test]
     fn reference_is_the_integer_formula() {
         crate::act8::check_integer_formula(
-            "lower",
+            &FUSED,
             |w| LowerMatrix::quantize(w).unwrap(),
-            prepare,
-            dot_ref,
             |m| m.dequantize_with(crate::cpu::KernelPath::Scalar),
         );
     }

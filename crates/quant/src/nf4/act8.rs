@@ -152,23 +152,17 @@ pub(crate) fn dot_ref(m: &Nf4Matrix, r: usize, prep: &[f32]) -> f32 {
 
 #[cfg(test)]
 mod tests {
-    /// The AVX-512 VNNI kernel against [`super::dot_ref`] bit for bit, plain and
+    /// The AVX-512 VNNI kernel against [`super::dot_ref`] bit for bit (through
+    /// [`super::FUSED`]), plain and
     /// double-quantized absmaxes ([`crate::act8::check_fused_gemv`]'s shapes and inputs).
     #[test]
     #[cfg(target_arch = "x86_64")]
     fn kernel_matches_the_reference() {
-        crate::act8::check_fused_gemv(
-            "nf4",
-            &[64, 128, 192, 320, 1024],
-            |w| {
-                vec![
-                    super::Nf4Matrix::quantize(w).unwrap(),
-                    super::Nf4Matrix::quantize_double(w).unwrap(),
-                ]
-            },
-            super::prepare,
-            super::dot_ref,
-            crate::arch::avx512::nf4_int8::gemv,
-        );
+        crate::act8::check_fused_gemv(&super::FUSED, &[64, 128, 192, 320, 1024], |w| {
+            vec![
+                super::Nf4Matrix::quantize(w).unwrap(),
+                super::Nf4Matrix::quantize_double(w).unwrap(),
+            ]
+        });
     }
 }
