@@ -114,6 +114,88 @@ unsafe fn hsum_row_pairs(a: __m512, b: __m512) -> [f32; 4] {
     }
 }
 
+/// [`crate::act8::fold16`] on a zmm: halves added, then quarters, then the pairs (the same
+/// bits).
+#[inline(always)]
+unsafe fn fold16(a: __m512) -> f32 {
+    // SAFETY: register-only; the caller's target features include AVX-512 F.
+    unsafe {
+        let lo = _mm512_castps512_ps256(a);
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a)));
+        let f = _mm256_add_ps(lo, hi);
+        let g = _mm_add_ps(_mm256_castps256_ps128(f), _mm256_extractf128_ps::<1>(f));
+        let h = _mm_add_ps(g, _mm_movehl_ps(g, g));
+        _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps::<1>(h, h)))
+    }
+}
+
+/// [`fold16`] of four rows' accumulators at once, side by side in registers: each row's
+/// lanes `l + 8` onto `l`, then `l + 4` onto `l`, then `(0 + 2) + (1 + 3)`: the same additions
+/// on the same operands (each sum of two values is the same bits in either order).
+#[inline(always)]
+unsafe fn fold16_quad(a: &[__m512; 4]) -> [f32; 4] {
+    // SAFETY: register-only but for the store into a local array; the caller's target
+    // features include AVX-512 F.
+    unsafe {
+        // [row 0 lanes 0..8 | row 1 lanes 0..8] + [row 0 lanes 8..16 | row 1 lanes 8..16].
+        let f01 = _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0b01_00_01_00>(a[0], a[1]),
+            _mm512_shuffle_f32x4::<0b11_10_11_10>(a[0], a[1]),
+        );
+        let f23 = _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0b01_00_01_00>(a[2], a[3]),
+            _mm512_shuffle_f32x4::<0b11_10_11_10>(a[2], a[3]),
+        );
+        // Quarter q: row q's f[0..4] + f[4..8].
+        let g = _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0b10_00_10_00>(f01, f23),
+            _mm512_shuffle_f32x4::<0b11_01_11_01>(f01, f23),
+        );
+        // Lane 4q: (g0 + g2) + (g1 + g3).
+        let h = _mm512_add_ps(g, _mm512_permute_ps::<0b01_00_11_10>(g));
+        let s = _mm512_add_ps(h, _mm512_permute_ps::<0b10_11_00_01>(h));
+        let picked = _mm512_permutexvar_ps(
+            _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+            s,
+        );
+        let mut out = [0.0f32; 4];
+        _mm_storeu_ps(out.as_mut_ptr(), _mm512_castps512_ps128(picked));
+        out
+    }
+}
+
+/// `_mm512_reduce_add_ps` of each row's accumulator, in a loop here rather than a closure
+/// (closures do not inherit the target features: an intrinsic in one can become a call).
+#[inline(always)]
+unsafe fn reduce_rows<const R: usize>(acc: &[__m512; R]) -> [f32; R] {
+    let mut out = [0.0f32; R];
+    for (o, &a) in out.iter_mut().zip(acc) {
+        // SAFETY: register-only; the caller's target features include AVX-512 F.
+        *o = unsafe { _mm512_reduce_add_ps(a) };
+    }
+    out
+}
+
+/// [`fold16`] of each of `N` rows' accumulators, four at a time ([`fold16_quad`]).
+#[inline(always)]
+unsafe fn fold16_rows<const N: usize>(acc: &[__m512; N]) -> [f32; N] {
+    let mut out = [0.0f32; N];
+    let mut q = 0;
+    // SAFETY: register work on the caller's target features (AVX-512 F).
+    unsafe {
+        while q + 4 <= N {
+            let quad: &[__m512; 4] = acc[q..q + 4].try_into().expect("four rows");
+            out[q..q + 4].copy_from_slice(&fold16_quad(quad));
+            q += 4;
+        }
+        while q < N {
+            out[q] = fold16(acc[q]);
+            q += 1;
+        }
+    }
+    out
+}
+
 /// [`crate::act8::TailTile`] on AVX-512: `y[r, c] += Σ_p h[r · rank + p] · bt[c / 16 ·
 /// panel + p · 16 + c % 16]` for `r < rows <= 6`, `c < cols <= 64`, each sum a fused
 /// multiply-add chain from 0 with `p` in order, added to y last (the f32 GEMM's bits). Rows
@@ -413,9 +495,8 @@ pub(crate) mod q4 {
                 }
                 b += cnt;
             }
-            std::array::from_fn(|r| {
-                _mm512_reduce_add_ps(acc[r]) * (2.0 / 15.0) - _mm512_reduce_add_ps(corr[r])
-            })
+            let (sums, corrs) = (reduce_rows(&acc), reduce_rows(&corr));
+            std::array::from_fn(|r| sums[r] * (2.0 / 15.0) - corrs[r])
         }
     }
 }
@@ -543,7 +624,7 @@ pub(crate) mod nf4 {
                 }
                 b += cnt;
             }
-            std::array::from_fn(|r| _mm512_reduce_add_ps(acc[r]))
+            super::reduce_rows(&acc)
         }
     }
 }
@@ -624,7 +705,7 @@ pub(crate) mod int8 {
                 }
                 k += 16;
             }
-            std::array::from_fn(|r| _mm512_reduce_add_ps(acc[r]))
+            super::reduce_rows(&acc)
         }
     }
 }
@@ -955,21 +1036,7 @@ pub(crate) mod nf4_int8 {
                 }
                 b += 2;
             }
-            std::array::from_fn(|q| fold16(accv[q]))
-        }
-    }
-
-    /// [`crate::nf4::act8::fold16`] on a zmm: halves added, then quarters, then the pairs.
-    #[inline(always)]
-    unsafe fn fold16(a: __m512) -> f32 {
-        // SAFETY: register-only; AVX-512 F enabled by the caller.
-        unsafe {
-            let lo = _mm512_castps512_ps256(a);
-            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a)));
-            let f = _mm256_add_ps(lo, hi);
-            let g = _mm_add_ps(_mm256_castps256_ps128(f), _mm256_extractf128_ps::<1>(f));
-            let h = _mm_add_ps(g, _mm_movehl_ps(g, g));
-            _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps::<1>(h, h)))
+            super::fold16_rows(&accv)
         }
     }
 }
@@ -980,7 +1047,6 @@ pub(crate) mod nf4_int8 {
 /// moved to its nibble), two `vpdpbusd` against the prepared x and one fused multiply-add per
 /// lane: lane for lane the steps of [`crate::lower::act8::dot_ref`], the same bits.
 pub(crate) mod lower_int8 {
-    use crate::act8::fold16;
     use crate::cpu::{prefetch_weights, quant_prefetch, PREFETCH_ROWS};
     use crate::lower::act8::{group_step_ref, groups, min_term, parts};
     use crate::lower::{LowerMatrix, LOWER_GROUP};
@@ -1160,15 +1226,20 @@ pub(crate) mod lower_int8 {
                     );
                 }
             }
-            std::array::from_fn(|q| {
-                let mut lanes = [0.0f32; 16];
-                _mm512_storeu_ps(lanes.as_mut_ptr(), accv[q]);
-                for g in whole..ng {
-                    let fg = f[q * ng8 + g];
-                    group_step_ref(bits[q], codes[q], m.inn, g, c.xd, fg, &mut lanes);
+            if whole < ng {
+                // A partial last group: the reference's steps on each row's lanes.
+                for (q, a) in accv.iter_mut().enumerate() {
+                    let mut l = super::lanes(*a);
+                    for g in whole..ng {
+                        let fg = f[q * ng8 + g];
+                        group_step_ref(bits[q], codes[q], m.inn, g, c.xd, fg, &mut l);
+                    }
+                    *a = _mm512_loadu_ps(l.as_ptr());
                 }
-                fold16(lanes) + min_term(&min[q * ng8..q * ng8 + ng], c.xs)
-            })
+            }
+            // Folded here, not in a closure (closures do not inherit the target features).
+            let folded = super::fold16_rows(&accv);
+            std::array::from_fn(|q| folded[q] + min_term(&min[q * ng8..q * ng8 + ng], c.xs))
         }
     }
 }
@@ -1245,17 +1316,23 @@ pub(crate) mod int8_int8 {
                     *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), s, *a);
                 }
             }
-            let (scales, zeros) = (m.scales.f32s(), m.zeros.f32s());
-            std::array::from_fn(|q| {
-                let r = r0 + q;
-                let mut lanes = [0.0f32; 16];
-                _mm512_storeu_ps(lanes.as_mut_ptr(), accv[q]);
-                let row = &codes[r * inn..(r + 1) * inn];
-                for (g, &s) in sx.iter().enumerate().skip(whole) {
-                    group_step_ref(row, inn, g, xq, s, &mut lanes);
+            if whole < sx.len() {
+                // A partial last group: the reference's steps on each row's lanes.
+                for (q, a) in accv.iter_mut().enumerate() {
+                    let r = r0 + q;
+                    let mut l = super::lanes(*a);
+                    let row = &codes[r * inn..(r + 1) * inn];
+                    for (g, &s) in sx.iter().enumerate().skip(whole) {
+                        group_step_ref(row, inn, g, xq, s, &mut l);
+                    }
+                    *a = _mm512_loadu_ps(l.as_ptr());
                 }
-                finish(scales[r], zeros[r], crate::act8::fold16(lanes), total)
-            })
+            }
+            // Folded here, not in a closure (closures do not inherit the target features:
+            // an intrinsic there is a call per row).
+            let folded = super::fold16_rows(&accv);
+            let (scales, zeros) = (m.scales.f32s(), m.zeros.f32s());
+            std::array::from_fn(|q| finish(scales[r0 + q], zeros[r0 + q], folded[q], total))
         }
     }
 }

@@ -612,14 +612,15 @@ pub(super) mod simd {
                 }
                 v[r] = s;
             }
-            let lanes = V::hsum4(v);
-            std::array::from_fn(|r| {
-                let mut s = lanes[r];
+            let mut lanes = V::hsum4(v);
+            // A loop, not a closure: closures do not inherit the target features (the f16
+            // conversion there was a call per row).
+            for (r, s) in lanes.iter_mut().enumerate().take(R) {
                 for j in full_n..inp {
-                    s += (*wp.add(r * inp + j)).to_f32() * *xp.add(j);
+                    *s += (*wp.add(r * inp + j)).to_f32() * *xp.add(j);
                 }
-                s
-            })
+            }
+            std::array::from_fn(|r| lanes[r])
         }
     }
 

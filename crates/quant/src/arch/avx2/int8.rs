@@ -70,9 +70,12 @@ unsafe fn dot_rows<const R: usize>(m: &Int8Matrix, r0: usize, x: &[f32]) -> [f32
         }
         k += 8;
     }
-    std::array::from_fn(|r| {
+    // A loop, not a closure: closures do not inherit the target features.
+    let mut out = [0.0f32; R];
+    for (r, o) in out.iter_mut().enumerate() {
         let row = &codes[(r0 + r) * i..(r0 + r + 1) * i];
         let tail: f32 = (k..i).map(|j| row[j] as f32 * x[j]).sum();
-        hsum(acc[r]) + tail
-    })
+        *o = hsum(acc[r]) + tail;
+    }
+    out
 }

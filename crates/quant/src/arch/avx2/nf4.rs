@@ -175,7 +175,12 @@ unsafe fn dot_rows<const R: usize>(m: &Nf4Matrix, r0: usize, xp: &[f32]) -> [f32
         }
         b += cnt;
     }
-    std::array::from_fn(|r| hsum(acc[r]))
+    // A loop, not a closure: closures do not inherit the target features.
+    let mut out = [0.0f32; R];
+    for (o, &a) in out.iter_mut().zip(&acc) {
+        *o = hsum(a);
+    }
+    out
 }
 
 /// Shapes: W rows `r0..r0+rows`, columns `c0..c0+len` (`c0`, `len` multiples of 16, all
