@@ -4,9 +4,10 @@
 //! rows of a layer, then a barrier), each member timing its work and its wait at every
 //! barrier.
 //!
-//! `team_anatomy [REPS=200] [dense|packed|q4] [chain|fixed] [balanced|own] [plain|lora]`, on the
-//! pool `RAYON_NUM_THREADS` sets. `dense` multiplies by the row-major tensors, `packed` by
-//! `PackedWeight`s, `q4` by `Q4Matrix`es (low_precision's format); `chain` feeds each layer the
+//! `team_anatomy [REPS=200] [dense|packed|q4|int8] [chain|fixed] [balanced|own] [plain|lora]`, on
+//! the pool `RAYON_NUM_THREADS` sets. `dense` multiplies by the row-major tensors, `packed` by
+//! `PackedWeight`s, `q4` by `Q4Matrix`es (low_precision's format), `int8` by `Int8Matrix`es
+//! (with `NIBBLE_ACTIVATIONS=int8`, the fused int8 GEMV); `chain` feeds each layer the
 //! previous one's output (whose lines other cores wrote), `fixed` the same input to every layer;
 //! `balanced` hands out the rows with `Member::claim_blocks` (as `bignet` does), `own` gives each
 //! member fixed blocks (`Member::blocks`); `lora` adds a rank-32 f32 adapter to every layer, run
@@ -16,7 +17,7 @@
 //! members), each member's work, its wait for `h` (lora) and its wait at the barrier ending the
 //! layer, µs.
 
-use nibble::quant::Q4Matrix;
+use nibble::quant::{Int8Matrix, Q4Matrix};
 use nibble::tensor::team::{self, block_rows, Member, SharedRows};
 use nibble::tensor::weight::BATCH1_ROW_ALIGN;
 use nibble::tensor::{PackedWeight, Rng, Tensor, WeightMatrix};
@@ -72,9 +73,18 @@ fn main() {
     } else {
         Vec::new()
     };
+    let int8: Vec<Int8Matrix> = if layout == "int8" {
+        dense
+            .iter()
+            .map(|w| Int8Matrix::quantize(w).unwrap())
+            .collect()
+    } else {
+        Vec::new()
+    };
     let weights: Vec<&dyn WeightMatrix> = match layout {
         "packed" => packed.iter().map(|w| w as &dyn WeightMatrix).collect(),
         "q4" => q4.iter().map(|w| w as &dyn WeightMatrix).collect(),
+        "int8" => int8.iter().map(|w| w as &dyn WeightMatrix).collect(),
         _ => dense.iter().map(|w| w as &dyn WeightMatrix).collect(),
     };
     let mut factor = |rows, cols| {
