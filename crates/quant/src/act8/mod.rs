@@ -585,6 +585,22 @@ pub fn has_avx512vnni() -> bool {
     })
 }
 
+/// Whether this CPU has GFNI next to the AVX-512 tier (checked once): the 4-bit fused GEMVs
+/// then take each byte's high nibble in one instruction.
+pub fn has_avx512_gfni() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            crate::cpu::has_avx512() && is_x86_feature_detected!("gfni")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
 /// Whether this CPU has AVX-VNNI (256-bit `vpdpbusd`) next to AVX2, FMA and F16C, and
 /// `NIBBLE_AVXVNNI` is not `0` (checked once; `NIBBLE_AVXVNNI=0` runs the plain AVX2 tier
 /// instead, for A/B runs). Also where Q4's fused int8 GEMV ([`crate::Q4Matrix::gemv_int8`],

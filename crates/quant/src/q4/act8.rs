@@ -8,9 +8,11 @@
 //! `cs_b = sx_g · Σ_{k∈b} xq_k` (g the group of block b).
 //!
 //! The prepared x (an `f32` vector used as storage, see [`prep_len`]):
-//! - `xq`: `ceil(in/128) · 128` bytes; within a group of 128, each quad of 4 blocks (64
-//!   elements, the 32 packed bytes of a row that cover them) holds 32 bytes of its even
-//!   elements then 32 of its odd elements (the low / high nibbles of those bytes);
+//! - `xq`: `ceil(in/128) · 128` bytes; within a group of 128, its 64 even elements in order,
+//!   then its 64 odd elements (byte `j` of a row's 64 packed bytes of the group holds elements
+//!   `2j` and `2j + 1` in its low / high nibble, so the low nibbles pair with the first 64
+//!   bytes and the high ones with the last 64: one 64-byte load each on AVX-512, two 32-byte
+//!   loads each on AVX2);
 //! - `xs`: one f32 per group;
 //! - `cs`: 8 f32 per group, block `t` of the group at `CS_SLOT[t]` — the order in which the
 //!   AVX2 kernel's `vphaddd` leaves its block sums.
@@ -48,8 +50,7 @@ pub(super) fn prep_len(inn: usize) -> usize {
 #[inline(always)]
 fn xq_index(k: usize) -> usize {
     let (g, w) = (k / GROUP, k % GROUP);
-    let (quad, e) = (w / 64, w % 64);
-    g * GROUP + quad * 64 + (e % 2) * 32 + e / 2
+    g * GROUP + (w % 2) * (GROUP / 2) + w / 2
 }
 
 /// Appends the int8 preparation of `x` (any length, every element finite; a partial last
@@ -226,7 +227,12 @@ pub(super) fn gemv(
         // F16C, and `has_avx512vnni` says it has VNNI; the caller checked `prep.len() ==
         // prep_len(in)`, `rows.end <= out` and `y.len() >= rows.len()`; rows hold whole blocks.
         KernelPath::Avx512 if m.inn % Q4_BLOCK == 0 && crate::act8::has_avx512vnni() => unsafe {
-            avx512::gemv(m, prep, rows, y, acc)
+            // (GFNI where the CPU has it: the same bits.)
+            if crate::act8::has_avx512_gfni() {
+                avx512::gemv_gfni(m, prep, rows, y, acc)
+            } else {
+                avx512::gemv(m, prep, rows, y, acc)
+            }
         },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: both tiers come from `usable`, so the CPU has AVX2, FMA and F16C (and
@@ -310,6 +316,10 @@ mod tests {
         if !zmm {
             println!("q4 act8: this CPU lacks AVX-512 VNNI: its fused GEMV not run");
         }
+        let gfni = zmm && crate::act8::has_avx512_gfni();
+        if zmm && !gfni {
+            println!("q4 act8: this CPU lacks GFNI: the AVX-512 VNNI GEMV's GFNI twin not run");
+        }
         let mut rng = nibble_tensor::Rng::new(17);
         let shapes = [(1usize, 128usize), (4, 256), (5, 384), (9, 1152), (7, 1024)];
         let awkward = [(15, 144), (17, 128), (33, 272), (63, 1040), (129, 128)];
@@ -349,6 +359,13 @@ mod tests {
                 if zmm {
                     let got = run(avx512::gemv);
                     assert!(bits(&got, &want), "{out}x{inn} {rows:?}: AVX-512 VNNI");
+                }
+                if gfni {
+                    let got = run(avx512::gemv_gfni);
+                    assert!(
+                        bits(&got, &want),
+                        "{out}x{inn} {rows:?}: AVX-512 VNNI + GFNI"
+                    );
                 }
             }
         }

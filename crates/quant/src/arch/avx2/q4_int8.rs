@@ -69,11 +69,17 @@ pub(crate) unsafe fn prepare_group(grp: &[f32], xq: &mut [u8], cs: &mut [f32]) -
             // [evens 0-15, evens 16-31, odds 0-15, odds 16-31].
             *half = _mm256_permute4x64_epi64::<0xd8>(_mm256_shuffle_epi8(bytes, split));
         }
-        let dst = xq.as_mut_ptr().add(quad * 64) as *mut __m256i;
-        // SAFETY: xq has 128 bytes (caller): 64 per quad, evens then odds.
-        _mm256_storeu_si256(dst, _mm256_permute2x128_si256::<0x20>(halves[0], halves[1]));
+        // The quad's 32 even elements at byte 32 · quad, its 32 odd ones 64 bytes further
+        // (the group's evens, then its odds).
+        let evens = xq.as_mut_ptr().add(quad * 32) as *mut __m256i;
+        let odds = xq.as_mut_ptr().add(GROUP / 2 + quad * 32) as *mut __m256i;
+        // SAFETY: xq has 128 bytes (caller).
         _mm256_storeu_si256(
-            dst.add(1),
+            evens,
+            _mm256_permute2x128_si256::<0x20>(halves[0], halves[1]),
+        );
+        _mm256_storeu_si256(
+            odds,
             _mm256_permute2x128_si256::<0x31>(halves[0], halves[1]),
         );
     }
@@ -167,9 +173,10 @@ pub(crate) unsafe fn dot_rows<D: ByteDot, const R: usize>(
     for g in 0..full {
         // SAFETY: g < full groups: 128 bytes of xq at g·128, xs[g], cs[8g..8g+8]; each row
         // r0 + r < out holds 64 packed bytes and 8 norms at block 8g.
+        // The group's even elements (quads 0 and 1), then its odd ones.
         let x = xq.add(g * GROUP) as *const __m256i;
-        let (xe0, xo0) = (_mm256_loadu_si256(x), _mm256_loadu_si256(x.add(1)));
-        let (xe1, xo1) = (_mm256_loadu_si256(x.add(2)), _mm256_loadu_si256(x.add(3)));
+        let (xe0, xe1) = (_mm256_loadu_si256(x), _mm256_loadu_si256(x.add(1)));
+        let (xo0, xo1) = (_mm256_loadu_si256(x.add(2)), _mm256_loadu_si256(x.add(3)));
         let xsv = _mm256_broadcast_ss(&*xs.add(g));
         let csv = _mm256_loadu_ps(cs.add(g * BLOCKS_PER_GROUP));
         for (r, a) in accv.iter_mut().enumerate() {
