@@ -196,7 +196,29 @@ pub(crate) trait QuantRows: Sync + Send {
         {
             return;
         }
+        if x.len() == self.dims().1
+            && rows.end <= self.dims().0
+            && y.len() >= rows.len()
+            && self.gemv_prepared(path, prep, rows.clone(), y, acc)
+        {
+            return;
+        }
         gemv_generic(self, path, x, rows, y, acc);
+    }
+    /// The format's GEMV for a `prep` that its [`QuantRows::gemv_prepare`] makes on every path
+    /// (Q4's int8 x, whose scalar reference runs where no x86 kernel does), for
+    /// [`QuantRows::gemv`] after [`QuantRows::gemv_simd`] declined: `false` (nothing written)
+    /// for any other `prep`. `x.len() == in`, `rows.end <= out` and `y.len() >= rows.len()`
+    /// were checked.
+    fn gemv_prepared(
+        &self,
+        _path: KernelPath,
+        _prep: &[f32],
+        _rows: Range<usize>,
+        _y: &mut [f32],
+        _acc: bool,
+    ) -> bool {
+        false
     }
     /// The format's GEMV of the x86 tier `path` (AVX2 or AVX-512) for [`QuantRows::gemv`]:
     /// `false` (nothing written) if it has none or `prep` is not what its

@@ -445,15 +445,16 @@ impl QuantRows for Q4Matrix {
     /// AVX2 and AVX-512 paths: appends x with each block of 16 reordered as its 8 even then 8 odd
     /// elements (the low / high nibbles of the block's bytes), then the `in/16` block sums.
     ///
-    /// Under [`Q4Activations::Int8`] (AVX2 and AVX-512 paths, which run the AVX2 code) it
-    /// appends the int8 quantization of x instead (see [`Q4Matrix::gemv_int8`]).
+    /// Under [`Q4Activations::Int8`] (every path) it appends the int8 quantization of x
+    /// instead (see [`Q4Matrix::gemv_int8`]).
     fn gemv_prepare(&self, path: KernelPath, _m: usize, x: &[f32], prep: &mut Vec<f32>) {
-        if is_x86_simd(usable(path))
-            && q4_activations() == Q4Activations::Int8
+        if q4_activations() == Q4Activations::Int8
             && self.inn > 0
             && x.iter().all(|v| v.is_finite())
         {
-            act8::prepare(KernelPath::Avx2Fma, x, prep);
+            // (The same bytes on every path: AVX2 code on the x86 ones, the scalar reference
+            // elsewhere.)
+            act8::prepare(usable(path), x, prep);
         } else if is_x86_simd(usable(path)) && self.inn % Q4_BLOCK == 0 {
             // (A ragged `in` takes the generic GEMV, which needs no preparation.)
             kernels::push_even_odd16(x, prep);
@@ -486,6 +487,22 @@ impl QuantRows for Q4Matrix {
         } else {
             return false;
         }
+        true
+    }
+    /// The int8-activation GEMV's scalar reference on the portable and scalar paths (the
+    /// values [`Q4Matrix::gemv_int8`] gives there).
+    fn gemv_prepared(
+        &self,
+        path: KernelPath,
+        prep: &[f32],
+        rows: std::ops::Range<usize>,
+        y: &mut [f32],
+        acc: bool,
+    ) -> bool {
+        if prep.len() != act8::prep_len(self.inn) {
+            return false;
+        }
+        act8::gemv(self, path, prep, rows, y, acc);
         true
     }
 }
