@@ -153,7 +153,13 @@ fn three_adamw_steps_match_pytorch() {
     for p in &params {
         let want = golden(&g, &format!("adamw3.{}", p.name()));
         let (max, _) = p.value().abs_diff_stats(&want).unwrap();
-        assert!(max < 1e-5, "adamw3.{}: max |diff| {max}", p.name());
+        // AdamW divides each moment by its own root, so an element whose gradient is near
+        // zero still takes a step of about lr (1e-3) and that step's size does not shrink with
+        // the gradient's rounding: the kernel paths (which sum in different orders) land within
+        // about 1 % of a step of PyTorch (largest 8.5e-6 on the AVX-512 and AVX2 paths,
+        // 1.02e-5 on the portable and scalar ones, 2026-12-05). A wrong update is off by a
+        // whole step.
+        assert!(max < 2e-5, "adamw3.{}: max |diff| {max}", p.name());
     }
 }
 
