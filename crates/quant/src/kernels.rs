@@ -185,22 +185,17 @@ pub(crate) trait QuantRows: Sync + Send {
         y: &mut [f32],
         acc: bool,
     ) {
+        let fits = x.len() == self.dims().1 && rows.end <= self.dims().0 && y.len() >= rows.len();
         #[cfg(target_arch = "x86_64")]
-        if is_x86_simd(usable(path))
-            && x.len() == self.dims().1
-            && rows.end <= self.dims().0
-            && y.len() >= rows.len()
+        if fits
+            && is_x86_simd(usable(path))
             // SAFETY: the path went through `usable` (the CPU has its tier, AVX2, FMA and F16C
             // at least); x, rows and y were just checked.
             && unsafe { self.gemv_simd(usable(path), x, prep, rows.clone(), y, acc) }
         {
             return;
         }
-        if x.len() == self.dims().1
-            && rows.end <= self.dims().0
-            && y.len() >= rows.len()
-            && self.gemv_prepared(path, prep, rows.clone(), y, acc)
-        {
+        if fits && self.gemv_prepared(path, prep, rows.clone(), y, acc) {
             return;
         }
         gemv_generic(self, path, x, rows, y, acc);

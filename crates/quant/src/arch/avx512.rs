@@ -144,13 +144,41 @@ unsafe fn fold16(a: __m512) -> f32 {
     }
 }
 
+/// For `a = [row 0 | row 1]` and `b = [row 2 | row 3]` (8 lanes a row): quarter `r` (lanes
+/// `4r..4r + 4`) of the result holds row r's lanes `0..4` plus its lanes `4..8`.
+#[inline(always)]
+unsafe fn add_row_halves(a: __m512, b: __m512) -> __m512 {
+    // SAFETY: register-only; the caller's target features include AVX-512 F.
+    unsafe {
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0b10_00_10_00>(a, b),
+            _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b),
+        )
+    }
+}
+
+/// Lane 0 of each 128-bit quarter of `s`.
+#[inline(always)]
+unsafe fn quarter_firsts(s: __m512) -> [f32; 4] {
+    // SAFETY: register-only but for the store into a local array; the caller's target
+    // features include AVX-512 F.
+    unsafe {
+        let picked = _mm512_permutexvar_ps(
+            _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+            s,
+        );
+        let mut out = [0.0f32; 4];
+        _mm_storeu_ps(out.as_mut_ptr(), _mm512_castps512_ps128(picked));
+        out
+    }
+}
+
 /// [`fold16`] of four rows' accumulators at once, side by side in registers: each row's
 /// lanes `l + 8` onto `l`, then `l + 4` onto `l`, then `(0 + 2) + (1 + 3)`: the same additions
 /// on the same operands (each sum of two values is the same bits in either order).
 #[inline(always)]
 unsafe fn fold16_quad(a: &[__m512; 4]) -> [f32; 4] {
-    // SAFETY: register-only but for the store into a local array; the caller's target
-    // features include AVX-512 F.
+    // SAFETY: register-only; the caller's target features include AVX-512 F.
     unsafe {
         // [row 0 lanes 0..8 | row 1 lanes 0..8] + [row 0 lanes 8..16 | row 1 lanes 8..16].
         let f01 = _mm512_add_ps(
@@ -162,20 +190,10 @@ unsafe fn fold16_quad(a: &[__m512; 4]) -> [f32; 4] {
             _mm512_shuffle_f32x4::<0b11_10_11_10>(a[2], a[3]),
         );
         // Quarter q: row q's f[0..4] + f[4..8].
-        let g = _mm512_add_ps(
-            _mm512_shuffle_f32x4::<0b10_00_10_00>(f01, f23),
-            _mm512_shuffle_f32x4::<0b11_01_11_01>(f01, f23),
-        );
+        let g = add_row_halves(f01, f23);
         // Lane 4q: (g0 + g2) + (g1 + g3).
         let h = _mm512_add_ps(g, _mm512_permute_ps::<0b01_00_11_10>(g));
-        let s = _mm512_add_ps(h, _mm512_permute_ps::<0b10_11_00_01>(h));
-        let picked = _mm512_permutexvar_ps(
-            _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
-            s,
-        );
-        let mut out = [0.0f32; 4];
-        _mm_storeu_ps(out.as_mut_ptr(), _mm512_castps512_ps128(picked));
-        out
+        quarter_firsts(_mm512_add_ps(h, _mm512_permute_ps::<0b10_11_00_01>(h)))
     }
 }
 
@@ -942,26 +960,15 @@ pub(crate) mod q4_int8 {
     /// same additions of the same values, so the same bits.
     #[inline(always)]
     unsafe fn fold_block_chains(a: __m512, b: __m512) -> [f32; 4] {
-        // SAFETY: register-only but for a store to a local array; the caller's target
-        // features include AVX-512 F.
+        // SAFETY: register-only; the caller's target features include AVX-512 F.
         unsafe {
             // In each 128-bit quarter [b0 b1 b2 b3] (or [b4 .. b7]): lanes 0, 1 <- b0 + b2,
             // b1 + b3.
             let sa = _mm512_add_ps(a, _mm512_permute_ps::<0b01_00_11_10>(a));
             let sb = _mm512_add_ps(b, _mm512_permute_ps::<0b01_00_11_10>(b));
             // Quarter r: row r's first quarter plus its second.
-            let w = _mm512_add_ps(
-                _mm512_shuffle_f32x4::<0b10_00_10_00>(sa, sb),
-                _mm512_shuffle_f32x4::<0b11_01_11_01>(sa, sb),
-            );
-            let s = _mm512_add_ps(w, _mm512_permute_ps::<0b00_00_00_01>(w));
-            let picked = _mm512_permutexvar_ps(
-                _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
-                s,
-            );
-            let mut out = [0.0f32; 4];
-            _mm_storeu_ps(out.as_mut_ptr(), _mm512_castps512_ps128(picked));
-            out
+            let w = super::add_row_halves(sa, sb);
+            super::quarter_firsts(_mm512_add_ps(w, _mm512_permute_ps::<0b00_00_00_01>(w)))
         }
     }
 
