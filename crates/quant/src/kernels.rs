@@ -174,8 +174,9 @@ pub(crate) trait QuantRows: Sync + Send {
     fn gemv_prepare(&self, _path: KernelPath, _m: usize, _x: &[f32], _prep: &mut Vec<f32>) {}
     /// `y[j] = W[rows.start + j, :] · x` (`y[j] += ...` with `acc`) for the rows in `rows`;
     /// `prep` is what [`QuantRows::gemv_prepare`] appended for this `x` on this path. The
-    /// format's GEMV of the path's x86 tier where it has one and takes this `prep`, else
-    /// [`gemv_generic`]. (Formats provide [`QuantRows::gemv_simd`], not this.)
+    /// format's GEMV of the path's x86 tier where it has one and takes this `prep`, else its
+    /// [`QuantRows::gemv_prepared`] where that takes it, else [`gemv_generic`]. (Formats
+    /// provide those two, not this.)
     fn gemv(
         &self,
         path: KernelPath,

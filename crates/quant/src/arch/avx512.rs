@@ -840,8 +840,9 @@ pub(crate) mod lower {
 /// [`super::avx2::q4_int8`]: per row and group of 128 weights one 64-byte load of codes and
 /// two `vpdpbusd` (low nibbles by the even elements, high by the odd ones), where the AVX2
 /// code takes two loads, four `vpmaddubsw`, two `vpaddw`, a `vphaddw` and a
-/// `vpmaddwd`. The exact block sums are put in `CS_SLOT` order and two rows share each f32
-/// step, lane for lane the AVX2 kernel's operations: the same bits.
+/// `vpmaddwd`. The exact block sums are put in block order and two rows share each f32 step:
+/// per block the AVX2 kernel's operations, and a row's chains summed in the pairs its
+/// horizontal sum adds (`fold_block_chains`): the same bits.
 pub(crate) mod q4_int8 {
     use super::{Gf2Affine, HighNibbles, ShiftMask};
     use crate::act8::avx2::Maddubs;
@@ -898,8 +899,9 @@ pub(crate) mod q4_int8 {
 
     /// [`gemv`] with each byte's high nibble taken by one GFNI affine transform
     /// ([`Gf2Affine`]) instead of a shift and a mask: the same bytes, so the same bits, one
-    /// instruction fewer per row and group (one 1024² layer on one thread of the 2-core Xeon:
-    /// 15.7 → 14.4 µs, 2026-12-05).
+    /// instruction fewer per row and group (one 1024² layer on one thread of the 2-core Xeon,
+    /// back to back: 16.0–17.6 µs without it, 15.5–16.2 with it, three rounds in turns,
+    /// 2026-12-05).
     ///
     /// # Safety
     /// As [`gemv`], and the CPU has GFNI ([`crate::act8::has_avx512_gfni`]).
