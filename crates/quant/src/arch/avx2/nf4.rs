@@ -246,8 +246,15 @@ pub(crate) unsafe fn absmax_double(
         unsafe {
             let c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(codes.as_ptr().add(b) as *const __m128i));
             let v = _mm256_i32gather_ps::<4>(map.as_ptr(), c);
-            let si = _mm256_srli_epi32::<8>(_mm256_add_epi32(_mm256_set1_epi32(b as i32), iota));
-            let s = _mm256_i32gather_ps::<4>(scale.as_ptr(), si);
+            // The 8 blocks' scales: one broadcast where they lie in one block of 256 (always,
+            // for runs that start on a multiple of 8), else a gather.
+            let s = if b / DQ_BLOCK == (b + 7) / DQ_BLOCK {
+                _mm256_set1_ps(*scale.get_unchecked(b / DQ_BLOCK))
+            } else {
+                let si =
+                    _mm256_srli_epi32::<8>(_mm256_add_epi32(_mm256_set1_epi32(b as i32), iota));
+                _mm256_i32gather_ps::<4>(scale.as_ptr(), si)
+            };
             _mm256_storeu_ps(
                 dst.as_mut_ptr().add(k),
                 _mm256_add_ps(_mm256_mul_ps(v, s), off),
