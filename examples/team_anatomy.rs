@@ -4,11 +4,12 @@
 //! rows of a layer, then a barrier), each member timing its work and its wait at every
 //! barrier.
 //!
-//! `team_anatomy [REPS=200] [dense|packed|q4|int8] [chain|fixed] [balanced|own] [plain|lora]`, on
+//! `team_anatomy [REPS=200] [dense|packed|q4|int8|nf4] [chain|fixed] [balanced|own] [plain|lora]`, on
 //! the pool `RAYON_NUM_THREADS` sets. `dense` multiplies by the row-major tensors, `packed` by
 //! `PackedWeight`s, `q4` by `Q4Matrix`es (low_precision's format), `int8` by `Int8Matrix`es
-//! (with `NIBBLE_ACTIVATIONS=int8`, the fused int8 GEMV); `chain` feeds each layer the
-//! previous one's output (whose lines other cores wrote), `fixed` the same input to every layer;
+//! and `nf4` by `Nf4Matrix`es (with `NIBBLE_ACTIVATIONS=int8`, their fused int8 GEMVs);
+//! `chain` feeds each layer the previous one's output (whose lines other cores wrote), `fixed`
+//! the same input to every layer;
 //! `balanced` hands out the rows with `Member::claim_blocks` (as `bignet` does), `own` gives each
 //! member fixed blocks (`Member::blocks`); `lora` adds a rank-32 f32 adapter to every layer, run
 //! as `bignet`'s team runs it (members' rows of `h = A x`, an arrival, the base rows, a wait for
@@ -17,7 +18,7 @@
 //! members), each member's work, its wait for `h` (lora) and its wait at the barrier ending the
 //! layer, µs.
 
-use nibble::quant::{Int8Matrix, Q4Matrix};
+use nibble::quant::{Int8Matrix, Nf4Matrix, Q4Matrix};
 use nibble::tensor::team::{self, block_rows, Member, SharedRows};
 use nibble::tensor::weight::BATCH1_ROW_ALIGN;
 use nibble::tensor::{PackedWeight, Rng, Tensor, WeightMatrix};
@@ -81,10 +82,19 @@ fn main() {
     } else {
         Vec::new()
     };
+    let nf4: Vec<Nf4Matrix> = if layout == "nf4" {
+        dense
+            .iter()
+            .map(|w| Nf4Matrix::quantize(w).unwrap())
+            .collect()
+    } else {
+        Vec::new()
+    };
     let weights: Vec<&dyn WeightMatrix> = match layout {
         "packed" => packed.iter().map(|w| w as &dyn WeightMatrix).collect(),
         "q4" => q4.iter().map(|w| w as &dyn WeightMatrix).collect(),
         "int8" => int8.iter().map(|w| w as &dyn WeightMatrix).collect(),
+        "nf4" => nf4.iter().map(|w| w as &dyn WeightMatrix).collect(),
         _ => dense.iter().map(|w| w as &dyn WeightMatrix).collect(),
     };
     let mut factor = |rows, cols| {
