@@ -4,8 +4,8 @@
 //! rows of a layer, then a barrier), each member timing its work and its wait at every
 //! barrier.
 //!
-//! `team_anatomy [REPS=200] [dense|packed|q4|int8|nf4] [chain|fixed] [balanced|own] [plain|lora]`, on
-//! the pool `RAYON_NUM_THREADS` sets. `dense` multiplies by the row-major tensors, `packed` by
+//! `team_anatomy [REPS=200] [dense|packed|q4|int8|nf4] [chain|fixed] [balanced|own]
+//! [plain|lora]`, on the pool `RAYON_NUM_THREADS` sets. `dense` multiplies by the row-major tensors, `packed` by
 //! `PackedWeight`s, `q4` by `Q4Matrix`es (low_precision's format), `int8` by `Int8Matrix`es
 //! and `nf4` by `Nf4Matrix`es (with `NIBBLE_ACTIVATIONS=int8`, their fused int8 GEMVs);
 //! `chain` feeds each layer the previous one's output (whose lines other cores wrote), `fixed`
