@@ -5,12 +5,11 @@
 //! barrier.
 //!
 //! `team_anatomy [REPS=200] [dense|packed|q4|int8|nf4] [chain|fixed] [balanced|own]
-//! [plain|lora]`, on the pool `RAYON_NUM_THREADS` sets. `dense` multiplies by the row-major tensors, `packed` by
-//! `PackedWeight`s, `q4` by `Q4Matrix`es (low_precision's format), `int8` by `Int8Matrix`es
-//! and `nf4` by `Nf4Matrix`es (with `NIBBLE_ACTIVATIONS=int8`, their fused int8 GEMVs);
-//! `chain` feeds each layer the previous one's output (whose lines other cores wrote), `fixed`
-//! the same input to every layer;
-//! `balanced` hands out the rows with `Member::claim_blocks` (as `bignet` does), `own` gives each
+//! [plain|lora]`, on the pool `RAYON_NUM_THREADS` sets. `dense` multiplies by the row-major
+//! tensors, `packed` by `PackedWeight`s, `q4` by `Q4Matrix`es (low_precision's format), `int8`
+//! by `Int8Matrix`es and `nf4` by `Nf4Matrix`es (with `NIBBLE_ACTIVATIONS=int8`, their fused
+//! int8 GEMVs); `chain` feeds each layer the previous one's output (whose lines other cores
+//! wrote), `fixed` the same input to every layer; `balanced` hands out the rows with `Member::claim_blocks` (as `bignet` does), `own` gives each
 //! member fixed blocks (`Member::blocks`); `lora` adds a rank-32 f32 adapter to every layer, run
 //! as `bignet`'s team runs it (members' rows of `h = A x`, an arrival, the base rows, a wait for
 //! all of `h`, then `B h` on the rows the member computed). Prints the forward's median (min /
