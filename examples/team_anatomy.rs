@@ -1,19 +1,18 @@
 //! Where the time of a batch-1 forward on a team goes: 18 distinct 1024x1024 f32 layers (bias,
 //! product, ReLU; BigNet's weights without its residual adds and LayerNorms) run on a
-//! [`nibble::tensor::team`] as `bignet`'s batch-1 forward runs them (each member its blocks of
-//! rows of a layer, then a barrier), each member timing its work and its wait at every
-//! barrier.
+//! [`nibble::tensor::team`] as `bignet`'s batch-1 forward runs them (each member its blocks of rows
+//! of a layer, then a barrier), each member timing its work and its wait at every barrier.
 //!
-//! `team_anatomy [REPS=200] [dense|packed|q4|int8|nf4] [chain|fixed] [balanced|own]
-//! [plain|lora]`, on the pool `RAYON_NUM_THREADS` sets. `dense` multiplies by the row-major
-//! tensors, `packed` by `PackedWeight`s, `q4` by `Q4Matrix`es (low_precision's format), `int8`
-//! by `Int8Matrix`es and `nf4` by `Nf4Matrix`es (with `NIBBLE_ACTIVATIONS=int8`, their fused
-//! int8 GEMVs); `chain` feeds each layer the previous one's output (whose lines other cores
-//! wrote), `fixed` the same input to every layer; `balanced` hands out the rows with `Member::claim_blocks` (as `bignet` does), `own` gives each
-//! member fixed blocks (`Member::blocks`); `lora` adds a rank-32 f32 adapter to every layer, run
-//! as `bignet`'s team runs it (members' rows of `h = A x`, an arrival, the base rows, a wait for
-//! all of `h`, then `B h` on the rows the member computed). Prints the forward's median (min /
-//! max) over `REPS` forwards and, per layer (medians over forwards of the mean / max over
+//! `team_anatomy [REPS=200] [dense|packed|q4|int8|nf4] [chain|fixed] [balanced|own] [plain|lora]`,
+//! on the pool `RAYON_NUM_THREADS` sets. `dense` multiplies by the row-major tensors, `packed` by
+//! `PackedWeight`s, `q4` by `Q4Matrix`es (low_precision's format), `int8` by `Int8Matrix`es and
+//! `nf4` by `Nf4Matrix`es (with `NIBBLE_ACTIVATIONS=int8`, their fused int8 GEMVs); `chain` feeds
+//! each layer the previous one's output (whose lines other cores wrote), `fixed` the same input to
+//! every layer; `balanced` hands out the rows with `Member::claim_blocks` (as `bignet` does), `own`
+//! gives each member fixed blocks (`Member::blocks`); `lora` adds a rank-32 f32 adapter to every
+//! layer, run as `bignet`'s team runs it (members' rows of `h = A x`, an arrival, the base rows, a
+//! wait for all of `h`, then `B h` on the rows the member computed). Prints the forward's median
+//! (min / max) over `REPS` forwards and, per layer (medians over forwards of the mean / max over
 //! members), each member's work, its wait for `h` (lora) and its wait at the barrier ending the
 //! layer, µs.
 
