@@ -1039,7 +1039,7 @@ pub(crate) mod q4_int8 {
 /// lane those of [`crate::nf4::act8::dot_ref`]: the same bits.
 pub(crate) mod nf4_int8 {
     use crate::cpu::{prefetch_weights, quant_prefetch, PREFETCH_ROWS};
-    use crate::nf4::act8::{block_scale, parts, BIASED_LEVELS};
+    use crate::nf4::act8::{parts, BIASED_LEVELS};
     use crate::nf4::{Nf4Matrix, NF4_BLOCK};
     use std::arch::x86_64::*;
 
@@ -1091,12 +1091,7 @@ pub(crate) mod nf4_int8 {
         let pf = quant_prefetch();
         // The blocks' scales of the N rows (whose absmaxes lie one after another).
         let scale = &mut scale[..N * nb];
-        m.fill_absmax(r0 * nb, scale);
-        for row in scale.chunks_exact_mut(nb) {
-            for (s, &sx) in row.iter_mut().zip(su) {
-                *s = block_scale(*s, sx);
-            }
-        }
+        m.fill_scaled_absmax(r0 * nb, &su[..nb], scale);
         // SAFETY: (whole body) the CPU features are enabled by the caller; rows r0..r0 + N
         // hold `row_bytes` packed bytes each at r · row_bytes (32 per block; an odd last
         // block's pair is loaded with its second half masked off); xd holds 128 bytes and

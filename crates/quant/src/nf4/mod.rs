@@ -563,6 +563,35 @@ impl Nf4Matrix {
         }
     }
 
+    /// Writes `block_scale(absmax(b0 + k), factor[k % factor.len()])`
+    /// ([`act8::block_scale`]) into `dst[k]` (rows of
+    /// `factor.len()` blocks from a row's first block: a fused GEMV's block scales), reading a
+    /// plain matrix's absmaxes in place rather than through a copy. `factor` is not empty and
+    /// `dst.len()` a multiple of its length.
+    pub(crate) fn fill_scaled_absmax(&self, b0: usize, factor: &[f32], dst: &mut [f32]) {
+        match &self.stats {
+            Stats::Plain { absmax } => {
+                let src = &absmax.f32s()[b0..b0 + dst.len()];
+                for (d, a) in dst
+                    .chunks_exact_mut(factor.len())
+                    .zip(src.chunks_exact(factor.len()))
+                {
+                    for ((d, &a), &f) in d.iter_mut().zip(a).zip(factor) {
+                        *d = act8::block_scale(a, f);
+                    }
+                }
+            }
+            Stats::Double { .. } => {
+                self.fill_absmax(b0, dst);
+                for d in dst.chunks_exact_mut(factor.len()) {
+                    for (d, &f) in d.iter_mut().zip(factor) {
+                        *d = act8::block_scale(*d, f);
+                    }
+                }
+            }
+        }
+    }
+
     /// Bits per weight, statistics included (4.5 plain, ≈ 4.127 double-quantized).
     pub fn bits_per_weight(&self) -> f64 {
         self.parts_len() as f64 * 8.0 / (self.out * self.inn).max(1) as f64
