@@ -1373,14 +1373,34 @@ pub(crate) mod int8_int8 {
         y: &mut [f32],
         acc: bool,
     ) {
+        // The matrix's parts once per call (each is a call through its shared owner).
+        let ctx = Ctx {
+            inn: m.inn,
+            codes: m.codes.as_slice(),
+            scales: m.scales.f32s(),
+            zeros: m.zeros.f32s(),
+            prep: parts(m.inn, prep),
+            pf: quant_prefetch(),
+        };
         crate::kernels::for_row_quads!(
             rows,
             // SAFETY: the caller's contract; the rows handed over lie inside W.
-            |r| unsafe { rows_n::<4>(m, prep, r) },
+            |r| unsafe { rows_n::<4>(&ctx, r) },
             // SAFETY: the caller's contract; the rows handed over lie inside W.
-            unsafe { rows_n::<1>(m, prep, r)[0] },
+            unsafe { rows_n::<1>(&ctx, r)[0] },
             crate::kernels::store_row(y, acc)
         );
+    }
+
+    /// What every row of a call reads: the matrix's parts and the prepared x's (`xq`, `sx`,
+    /// `X`).
+    struct Ctx<'a> {
+        inn: usize,
+        codes: &'a [u8],
+        scales: &'a [f32],
+        zeros: &'a [f32],
+        prep: (&'a [i8], &'a [f32], f32),
+        pf: crate::cpu::QuantPrefetch,
     }
 
     /// The dot products of rows `r0..r0 + N` with the prepared x.
@@ -1388,12 +1408,10 @@ pub(crate) mod int8_int8 {
     /// # Safety
     /// As [`gemv`], rows `r0..r0 + N` inside W.
     #[inline(always)]
-    unsafe fn rows_n<const N: usize>(m: &Int8Matrix, prep: &[f32], r0: usize) -> [f32; N] {
-        let inn = m.inn;
-        let (xq, sx, total) = parts(inn, prep);
+    unsafe fn rows_n<const N: usize>(c: &Ctx<'_>, r0: usize) -> [f32; N] {
+        let (inn, codes, pf) = (c.inn, c.codes, c.pf);
+        let (xq, sx, total) = c.prep;
         let whole = inn / GROUP;
-        let codes = m.codes.as_slice();
-        let pf = quant_prefetch();
         // SAFETY: (whole body) the CPU features are enabled by the caller; for g < whole each
         // row r0 + q holds 128 codes at (r0 + q) · inn + g · 128 and xq 128 bytes at g · 128;
         // prefetches never fault.
@@ -1434,8 +1452,7 @@ pub(crate) mod int8_int8 {
             // Folded here, not in a closure (closures do not inherit the target features:
             // an intrinsic there is a call per row).
             let folded = super::fold16_rows(&accv);
-            let (scales, zeros) = (m.scales.f32s(), m.zeros.f32s());
-            std::array::from_fn(|q| finish(scales[r0 + q], zeros[r0 + q], folded[q], total))
+            std::array::from_fn(|q| finish(c.scales[r0 + q], c.zeros[r0 + q], folded[q], total))
         }
     }
 }
