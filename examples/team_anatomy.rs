@@ -56,44 +56,27 @@ fn main() {
             Tensor::from_vec(&[D, D], v).unwrap()
         })
         .collect();
-    let packed: Vec<PackedWeight> = if layout == "packed" {
+    // The layers in the chosen layout (none for `dense`, which multiplies by the tensors).
+    fn each<T: WeightMatrix + 'static>(
+        dense: &[Tensor],
+        build: impl Fn(&Tensor) -> T,
+    ) -> Vec<Box<dyn WeightMatrix>> {
         dense
             .iter()
-            .map(|w| PackedWeight::pack(w).unwrap())
+            .map(|w| Box::new(build(w)) as Box<dyn WeightMatrix>)
             .collect()
-    } else {
-        Vec::new()
+    }
+    let built = match layout {
+        "packed" => each(&dense, |w| PackedWeight::pack(w).unwrap()),
+        "q4" => each(&dense, |w| Q4Matrix::quantize(w).unwrap()),
+        "int8" => each(&dense, |w| Int8Matrix::quantize(w).unwrap()),
+        "nf4" => each(&dense, |w| Nf4Matrix::quantize(w).unwrap()),
+        _ => Vec::new(),
     };
-    let q4: Vec<Q4Matrix> = if layout == "q4" {
-        dense
-            .iter()
-            .map(|w| Q4Matrix::quantize(w).unwrap())
-            .collect()
+    let weights: Vec<&dyn WeightMatrix> = if built.is_empty() {
+        dense.iter().map(|w| w as &dyn WeightMatrix).collect()
     } else {
-        Vec::new()
-    };
-    let int8: Vec<Int8Matrix> = if layout == "int8" {
-        dense
-            .iter()
-            .map(|w| Int8Matrix::quantize(w).unwrap())
-            .collect()
-    } else {
-        Vec::new()
-    };
-    let nf4: Vec<Nf4Matrix> = if layout == "nf4" {
-        dense
-            .iter()
-            .map(|w| Nf4Matrix::quantize(w).unwrap())
-            .collect()
-    } else {
-        Vec::new()
-    };
-    let weights: Vec<&dyn WeightMatrix> = match layout {
-        "packed" => packed.iter().map(|w| w as &dyn WeightMatrix).collect(),
-        "q4" => q4.iter().map(|w| w as &dyn WeightMatrix).collect(),
-        "int8" => int8.iter().map(|w| w as &dyn WeightMatrix).collect(),
-        "nf4" => nf4.iter().map(|w| w as &dyn WeightMatrix).collect(),
-        _ => dense.iter().map(|w| w as &dyn WeightMatrix).collect(),
+        built.iter().map(|w| &**w).collect()
     };
     let mut factor = |rows, cols| {
         let v: Vec<f32> = (0..rows * cols).map(|_| rng.uniform(-0.03, 0.03)).collect();
