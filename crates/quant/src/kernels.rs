@@ -202,8 +202,8 @@ pub(crate) trait QuantRows: Sync + Send {
         gemv_generic(self, path, x, rows, y, acc);
     }
     /// The format's GEMV for a `prep` that its [`QuantRows::gemv_prepare`] makes on every path
-    /// (Q4's int8 x, whose scalar reference runs where no x86 kernel does), for
-    /// [`QuantRows::gemv`] after [`QuantRows::gemv_simd`] declined: `false` (nothing written)
+    /// (Q4's int8 x, whose kernels include a scalar reference for paths without x86 ones),
+    /// for [`QuantRows::gemv`] after [`QuantRows::gemv_simd`] declined: `false` (nothing written)
     /// for any other `prep`. `x.len() == in`, `rows.end <= out` and `y.len() >= rows.len()`
     /// were checked.
     fn gemv_prepared(
@@ -437,60 +437,44 @@ pub(crate) fn matmul_t<F: QuantRows>(
     matmul_t_fusing(f, x, m, y, accumulate, None).map(drop)
 }
 
-/// `y = post(bias + x · Wᵀ)` in one pass where [`matmul_t`] would run the generic int8
-/// driver ([`crate::act8::forward_with_bias`]: the bias added and `post` applied as each value
-/// is stored); `Ok(false)`, with `y` untouched, elsewhere (the caller fills y with the bias
-/// rows, accumulates and applies `post`).
-pub(crate) fn matmul_t_biased<F: QuantRows>(
-    f: &F,
-    x: &[f32],
-    m: usize,
-    y: &mut [f32],
-    bias: &[f32],
-    post: PostOp,
-) -> nibble_tensor::Result<bool> {
-    let (o, i) = f.dims();
-    check_matmul_operands("linear", m, x.len(), i, y.len(), o)?;
-    if m == 0 || o == 0 || bias.len() != o {
-        return Ok(false);
-    }
-    if crate::act8::activations() == crate::act8::ActivationMode::Int8 && f.act8_generic(m) {
-        if let Some(w) = f.act8_view() {
-            let tier = crate::act8::IntTier::for_path(kernel_path());
-            return Ok(crate::act8::forward_with_bias(tier, w, x, m, y, bias, post));
-        }
-    }
-    Ok(false)
-}
-
-/// `y = post(bias + x · Wᵀ + h · Bᵀ)` (`extra = (h, Bᵀ)`) where [`matmul_t`] would run the
-/// generic int8 driver: its GEMM adds the adapter's product to each run of outputs as it
-/// stores them ([`crate::act8::forward_low_rank`]), with the bits of
-/// [`matmul_t_biased`] (or [`matmul_t`]) followed by the f32 GEMM accumulating `h · Bᵀ` and
-/// `post`; `Ok(false)`, with `y` untouched, elsewhere.
-pub(crate) fn matmul_t_low_rank_biased<F: QuantRows>(
+/// `y = post(bias + x · Wᵀ (+ h · Bᵀ))` (`extra = (h, Bᵀ)` where given) in one pass where
+/// [`matmul_t`] would run the generic int8 driver: the bias added and `post` applied as each
+/// value is stored ([`crate::act8::forward_with_bias`]), and with an extra its GEMM adds the
+/// adapter's product to each run of outputs as it stores them
+/// ([`crate::act8::forward_low_rank`]), with the bits of filling y with the bias rows,
+/// [`matmul_t`] accumulating, the f32 GEMM accumulating `h · Bᵀ` and `post`; `Ok(false)`,
+/// with `y` untouched, elsewhere (and without a bias or an extra).
+pub(crate) fn matmul_t_one_pass<F: QuantRows>(
     f: &F,
     x: &[f32],
     m: usize,
     y: &mut [f32],
     bias: Option<&[f32]>,
-    extra: nibble_tensor::gemm::Segment<'_>,
+    extra: Option<nibble_tensor::gemm::Segment<'_>>,
     post: PostOp,
 ) -> nibble_tensor::Result<bool> {
-    let o = f.dims().0;
-    if crate::act8::activations() != crate::act8::ActivationMode::Int8 || !f.act8_generic(m) {
+    let (o, i) = f.dims();
+    check_matmul_operands("linear", m, x.len(), i, y.len(), o)?;
+    if m == 0
+        || o == 0
+        || bias.is_some_and(|b| b.len() != o)
+        || crate::act8::activations() != crate::act8::ActivationMode::Int8
+        || !f.act8_generic(m)
+    {
         return Ok(false);
     }
     let Some(w) = f.act8_view() else {
         return Ok(false);
     };
-    let Some(tail) = crate::act8::LowRankTail::new(extra.a, extra.b, m, o) else {
-        return Ok(false);
-    };
     let tier = crate::act8::IntTier::for_path(kernel_path());
-    Ok(crate::act8::forward_low_rank(
-        tier, w, x, m, y, bias, &tail, post,
-    ))
+    Ok(match (extra, bias) {
+        (Some(extra), bias) => match crate::act8::LowRankTail::new(extra.a, extra.b, m, o) {
+            Some(tail) => crate::act8::forward_low_rank(tier, w, x, m, y, bias, &tail, post),
+            None => false,
+        },
+        (None, Some(bias)) => crate::act8::forward_with_bias(tier, w, x, m, y, bias, post),
+        (None, None) => false,
+    })
 }
 
 /// Batch 1 with a low-rank adapter, `y (+)= x · Wᵀ + B (A x)`: the adapter is fused into the
@@ -940,26 +924,16 @@ macro_rules! impl_weight_matrix {
             ) -> nibble_tensor::Result<()> {
                 $crate::kernels::matmul_t(self, x, m, y, accumulate)
             }
-            fn matmul_t_biased(
-                &self,
-                x: &[f32],
-                m: usize,
-                y: &mut [f32],
-                bias: &[f32],
-                post: nibble_tensor::ops::PostOp,
-            ) -> nibble_tensor::Result<bool> {
-                $crate::kernels::matmul_t_biased(self, x, m, y, bias, post)
-            }
-            fn matmul_t_low_rank_biased(
+            fn matmul_t_one_pass(
                 &self,
                 x: &[f32],
                 m: usize,
                 y: &mut [f32],
                 bias: Option<&[f32]>,
-                extra: nibble_tensor::gemm::Segment<'_>,
+                extra: Option<nibble_tensor::gemm::Segment<'_>>,
                 post: nibble_tensor::ops::PostOp,
             ) -> nibble_tensor::Result<bool> {
-                $crate::kernels::matmul_t_low_rank_biased(self, x, m, y, bias, extra, post)
+                $crate::kernels::matmul_t_one_pass(self, x, m, y, bias, extra, post)
             }
             fn matvec_t_low_rank(
                 &self,

@@ -482,15 +482,14 @@ impl QuantRows for Q4Matrix {
                     _ => avx2::gemv(self, prep, rows, y, acc),
                 }
             };
-        } else if prep.len() == act8::prep_len(self.inn) {
-            act8::gemv(self, path, prep, rows, y, acc);
         } else {
+            // (The int8 preparation goes to `gemv_prepared`, on every path.)
             return false;
         }
         true
     }
-    /// The int8-activation GEMV's scalar reference on the portable and scalar paths (the
-    /// values [`Q4Matrix::gemv_int8`] gives there).
+    /// The int8-activation GEMV ([`Q4Matrix::gemv_int8`]'s kernels: the x86 tiers' where the
+    /// path has them, else the scalar reference) for the int8 preparation, on every path.
     fn gemv_prepared(
         &self,
         path: KernelPath,
@@ -502,7 +501,8 @@ impl QuantRows for Q4Matrix {
         if prep.len() != act8::prep_len(self.inn) {
             return false;
         }
-        act8::gemv(self, path, prep, rows, y, acc);
+        // (`usable`: the x86 kernels run only on a path this CPU has.)
+        act8::gemv(self, usable(path), prep, rows, y, acc);
         true
     }
 }

@@ -420,7 +420,7 @@ fn bias_in_the_store_matches_fill_then_accumulate() {
 }
 
 /// A LoRA adapter's `h · Bᵀ` added by the int8 GEMM's tasks to their outputs
-/// (`WeightMatrix::matmul_t_low_rank_biased`): for every format whose int8 route takes the
+/// (`WeightMatrix::matmul_t_one_pass`): for every format whose int8 route takes the
 /// generic driver, with and without a bias, with and without a ReLU, ragged batches, widths
 /// and ranks, on 1 and 3 threads: the bits of the parts in order (the bias rows, the int8
 /// product accumulated, the f32 GEMM accumulating `h · Bᵀ`, the ReLU), y pre-filled with NaN;
@@ -481,8 +481,13 @@ fn low_rank_tail_matches_the_gemm_after_the_product() {
                                                 let seg = Segment { a: hm, b: &bt };
                                                 let b = with_bias.then_some(&bias[..]);
                                                 let fused = q
-                                                    .matmul_t_low_rank_biased(
-                                                        &x, m, &mut y, b, seg, post,
+                                                    .matmul_t_one_pass(
+                                                        &x,
+                                                        m,
+                                                        &mut y,
+                                                        b,
+                                                        Some(seg),
+                                                        post,
                                                     )
                                                     .unwrap();
                                                 if !fused {
@@ -535,7 +540,7 @@ fn low_rank_tail_matches_the_gemm_after_the_product() {
         let fused = with_activations(ActivationMode::Int8, || {
             mats[0]
                 .1
-                .matmul_t_low_rank_biased(&x, m, &mut y, Some(&bias), seg, PostOp::Relu)
+                .matmul_t_one_pass(&x, m, &mut y, Some(&bias), Some(seg), PostOp::Relu)
                 .unwrap()
         });
         assert!(

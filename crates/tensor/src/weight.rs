@@ -117,39 +117,22 @@ pub trait WeightMatrix: Send + Sync + std::fmt::Debug {
         None
     }
 
-    /// `y[m, out] = post(bias + x · Wᵀ)` (`bias` `[out]`) in one pass where the format has one
+    /// `y[m, out] = post(bias + x · Wᵀ (+ a · b))` (`bias` `[out]` where given, `extra =
+    /// (a, b)` a LoRA adapter's `h · Bᵀ` where given) in one pass where the format has one
     /// outside the GEMM (a quantized format's int8-activation product writes `post(bias + v)`
-    /// as it stores each value, instead of a pass that fills y with the bias rows, a product
-    /// that reads them back and a pass for `post`), with the bits of those steps; `Ok(false)`,
-    /// with `y` untouched, where it has none (the default) or declines.
-    /// [`matmul_t_fused`](Self::matmul_t_fused) asks it first where the product does not run
-    /// through the GEMM. Shapes as [`matmul_t`](Self::matmul_t).
-    fn matmul_t_biased(
-        &self,
-        x: &[f32],
-        m: usize,
-        y: &mut [f32],
-        bias: &[f32],
-        post: PostOp,
-    ) -> Result<bool> {
-        let _ = (x, m, y, bias, post);
-        Ok(false)
-    }
-
-    /// `y[m, out] = post(bias + x · Wᵀ + a · b)` (`extra = (a, b)`, a LoRA adapter's `h · Bᵀ`;
-    /// `bias` `[out]` where given) in one pass where the format has one outside the GEMM (a
-    /// quantized format's int8-activation product adds `a · b` to each run of outputs as it
-    /// stores it), with the bits of [`matmul_t_fused`](Self::matmul_t_fused)'s parts;
-    /// `Ok(false)`, with `y` untouched, where it has none (the default) or declines.
-    /// `matmul_t_fused` asks it first where the product does not run through the GEMM and
-    /// there is an extra. Shapes as `matmul_t_fused`.
-    fn matmul_t_low_rank_biased(
+    /// as it stores each value, and adds `a · b` to each run of outputs it stores, instead of
+    /// a pass that fills y with the bias rows, a product that reads them back and passes for
+    /// the extra and `post`), with the bits of those steps; `Ok(false)`, with `y` untouched,
+    /// where it has none (the default) or declines. [`matmul_t_fused`](Self::matmul_t_fused)
+    /// asks it first where the product does not run through the GEMM. Shapes as
+    /// `matmul_t_fused`.
+    fn matmul_t_one_pass(
         &self,
         x: &[f32],
         m: usize,
         y: &mut [f32],
         bias: Option<&[f32]>,
-        extra: Segment<'_>,
+        extra: Option<Segment<'_>>,
         post: PostOp,
     ) -> Result<bool> {
         let _ = (x, m, y, bias, extra, post);
@@ -207,10 +190,8 @@ pub trait WeightMatrix: Send + Sync + std::fmt::Debug {
             return gemm_segments_post(&segs, y, false, post);
         }
         let values = bias.map(|b| bias_values(b, o)).transpose()?;
-        if let Some(seg) = extra {
-            if self.matmul_t_low_rank_biased(x, m, y, values.as_deref(), seg, post)? {
-                return Ok(());
-            }
+        if extra.is_some() && self.matmul_t_one_pass(x, m, y, values.as_deref(), extra, post)? {
+            return Ok(());
         }
         // `post` goes with the last part: the biased product where no extra follows it, else
         // the extra's pass over y (or a pass of its own).
@@ -223,7 +204,7 @@ pub trait WeightMatrix: Send + Sync + std::fmt::Debug {
                 } else {
                     PostOp::Identity
                 };
-                if self.matmul_t_biased(x, m, y, &values, biased_post)? {
+                if self.matmul_t_one_pass(x, m, y, Some(&values), None, biased_post)? {
                     if last_is_biased {
                         pending = PostOp::Identity;
                     }
