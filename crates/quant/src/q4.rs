@@ -364,7 +364,7 @@ impl Q4Matrix {
                 what: "x must have `in` elements and y `out`".into(),
             });
         }
-        if !x.iter().all(|v| v.is_finite()) {
+        if !nibble_tensor::ops::all_finite(x) {
             return kernels::matmul_t(self, x, 1, y, accumulate).map_err(QuantError::from);
         }
         // The thread's reusable scratch (as in `matmul_t`): no allocation per call.
@@ -450,7 +450,7 @@ impl QuantRows for Q4Matrix {
     fn gemv_prepare(&self, path: KernelPath, _m: usize, x: &[f32], prep: &mut Vec<f32>) {
         if q4_activations() == Q4Activations::Int8
             && self.inn > 0
-            && x.iter().all(|v| v.is_finite())
+            && nibble_tensor::ops::all_finite(x)
         {
             // (The same bytes on every path: AVX2 code on the x86 ones, the scalar reference
             // elsewhere.)

@@ -1175,7 +1175,7 @@ pub fn gemm_ref(w: &dyn IntCodes, x: &[f32], m: usize, y: &mut [f32]) -> bool {
     let Some(layout) = w.int_layout() else {
         return false;
     };
-    if i == 0 || x.len() != m * i || y.len() != m * o || !x.iter().all(|v| v.is_finite()) {
+    if i == 0 || x.len() != m * i || y.len() != m * o || !nibble_tensor::ops::all_finite(x) {
         return false;
     }
     let unit = layout.unit;

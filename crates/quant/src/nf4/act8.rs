@@ -54,6 +54,29 @@ fn reordered(h: usize, e: usize) -> usize {
     (e % 2) * 64 + h * 32 + e / 2
 }
 
+/// Block `h` (0 or 1) of a pair, 64 int8 values, into its places in the pair's 128 bytes:
+/// its even elements at `32 h..`, its odd ones at `64 + 32 h..` (`reordered`). Written as
+/// two runs of 32 from fixed-size arrays so that the compiler turns it into shuffles: the
+/// element-by-element form took about 0.3 µs of a 1024-wide preparation (2-core Xeon,
+/// 2026-12-05).
+fn deinterleave_block(blk: &[i8], h: usize, pair: &mut [i8]) {
+    let blk: &[i8; NF4_BLOCK] = blk.try_into().expect("a block of 64");
+    let (evens, odds) = pair.split_at_mut(64);
+    let evens: &mut [i8; 32] = (&mut evens[h * 32..h * 32 + 32]).try_into().expect("32");
+    let odds: &mut [i8; 32] = (&mut odds[h * 32..h * 32 + 32]).try_into().expect("32");
+    // Each pair of elements as one little-endian u16: its low byte the even element, its
+    // high byte the odd one (truncations the compiler vectorizes, where byte strides of two
+    // stay a scalar loop).
+    let mut words = [0u16; 32];
+    for (w, p) in words.iter_mut().zip(blk.chunks_exact(2)) {
+        *w = u16::from_le_bytes([p[0] as u8, p[1] as u8]);
+    }
+    for ((e, o), &w) in evens.iter_mut().zip(odds.iter_mut()).zip(&words) {
+        *e = w as u8 as i8;
+        *o = (w >> 8) as u8 as i8;
+    }
+}
+
 /// The levels of [`NF4_LEVELS_I8`] plus 128, as the unsigned bytes `vpdpbusd` takes.
 pub(crate) const BIASED_LEVELS: [u8; 16] = {
     let mut t = [0u8; 16];
@@ -80,9 +103,7 @@ pub(crate) fn prepare(x: &[f32], prep: &mut Vec<f32>) -> bool {
         let corr: &mut [i32] = bytemuck::cast_slice_mut(corrf);
         for b in 0..nb {
             let pair = &mut xd[b / 2 * 128..(b / 2 + 1) * 128];
-            for (e, &v) in q.xq[b * NF4_BLOCK..(b + 1) * NF4_BLOCK].iter().enumerate() {
-                pair[reordered(b % 2, e)] = v;
-            }
+            deinterleave_block(&q.xq[b * NF4_BLOCK..(b + 1) * NF4_BLOCK], b % 2, pair);
             su[b] = q.sx[b * NF4_BLOCK / crate::act8::GROUP] / 127.0;
         }
         for p in 0..np {
@@ -152,6 +173,26 @@ pub(crate) fn dot_ref(m: &Nf4Matrix, r: usize, prep: &[f32]) -> f32 {
 
 #[cfg(test)]
 mod tests {
+    use super::{deinterleave_block, reordered};
+
+    /// The deinterleave puts every element of either block of a pair where `reordered` says
+    /// and touches nothing of the other block.
+    #[test]
+    fn deinterleave_follows_the_layout() {
+        let blk: Vec<i8> = (0..64)
+            .map(|e| (e as i8).wrapping_mul(37).wrapping_sub(90))
+            .collect();
+        for h in 0..2 {
+            let mut pair = [i8::MIN; 128];
+            deinterleave_block(&blk, h, &mut pair);
+            let mut want = [i8::MIN; 128];
+            for (e, &v) in blk.iter().enumerate() {
+                want[reordered(h, e)] = v;
+            }
+            assert_eq!(pair, want, "block {h}");
+        }
+    }
+
     /// The AVX-512 VNNI kernel against [`super::dot_ref`] bit for bit (through
     /// [`super::FUSED`]), plain and
     /// double-quantized absmaxes ([`crate::act8::check_fused_gemv`]'s shapes and inputs).

@@ -55,8 +55,8 @@ fn xq_index(k: usize) -> usize {
 
 /// Appends the int8 preparation of `x` (any length, every element finite; a partial last
 /// block's missing elements are 0 in `xq`) to
-/// `prep`, on `path` (AVX2 for whole groups, the scalar [`prepare_group_ref`] otherwise;
-/// both give the same bytes).
+/// `prep`, on `path` (AVX-512 or AVX2 for whole groups, the scalar [`prepare_group_ref`]
+/// otherwise; all give the same bytes).
 pub(super) fn prepare(path: KernelPath, x: &[f32], prep: &mut Vec<f32>) {
     let groups = x.len().div_ceil(GROUP);
     let start = prep.len();
@@ -69,9 +69,15 @@ pub(super) fn prepare(path: KernelPath, x: &[f32], prep: &mut Vec<f32>) {
         let cs = &mut cs[g * BLOCKS_PER_GROUP..(g + 1) * BLOCKS_PER_GROUP];
         xs[g] = match path {
             #[cfg(target_arch = "x86_64")]
+            // SAFETY: Avx512 comes from `usable` (the CPU has AVX-512 F/BW/VL, AVX2, FMA and
+            // F16C); the group is whole (128 elements) and `xq`, `cs` have 128 and 8 elements.
+            KernelPath::Avx512 if grp.len() == GROUP => unsafe {
+                avx512::prepare_group(grp, xq, cs)
+            },
+            #[cfg(target_arch = "x86_64")]
             // SAFETY: Avx2Fma comes from `usable` (the CPU has AVX2 and FMA); the group is
             // whole (128 elements) and `xq`, `cs` have 128 and 8 elements.
-            KernelPath::Avx2Fma | KernelPath::Avx512 if grp.len() == GROUP => unsafe {
+            KernelPath::Avx2Fma if grp.len() == GROUP => unsafe {
                 avx2::prepare_group(grp, xq, cs)
             },
             _ => prepare_group_ref(grp, xq, cs),
@@ -258,7 +264,7 @@ mod tests {
     use super::*;
     use crate::cpu::usable;
 
-    /// The AVX2 preparation writes exactly the scalar ground truth's bytes and sums: random
+    /// The AVX2 and AVX-512 preparations write exactly the scalar ground truth's bytes and sums: random
     /// groups, an all-zero group, exact ties (`x · 127 / max` = k + 1/2), tiny and huge values,
     /// and ragged tails (whole groups only go to AVX2).
     #[test]
@@ -286,15 +292,23 @@ mod tests {
             }
             let mut want = Vec::new();
             prepare(KernelPath::Scalar, &x, &mut want);
-            let mut got = vec![1.0f32];
-            prepare(usable(KernelPath::Avx2Fma), &x, &mut got);
-            assert_eq!(got.len(), 1 + prep_len(inn));
-            assert_eq!(got[0], 1.0, "prepare appends");
-            let same = got[1..]
-                .iter()
-                .zip(&want)
-                .all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(same, "in = {inn}: AVX2 and scalar preparations differ");
+            for path in [KernelPath::Avx2Fma, KernelPath::Avx512] {
+                if usable(path) != path {
+                    if inn == 16 {
+                        println!("simd_prepare_matches_scalar: {path:?} skipped (not on this CPU)");
+                    }
+                    continue;
+                }
+                let mut got = vec![1.0f32];
+                prepare(path, &x, &mut got);
+                assert_eq!(got.len(), 1 + prep_len(inn));
+                assert_eq!(got[0], 1.0, "prepare appends");
+                let same = got[1..]
+                    .iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "in = {inn}: {path:?} and scalar preparations differ");
+            }
         }
     }
 
