@@ -114,6 +114,45 @@ pub fn default_quant_prefetch() -> QuantPrefetch {
 /// one sweep of their 4-row kernels.
 pub(crate) const PREFETCH_ROWS: usize = 4;
 
+/// A [`QuantPrefetch`] fixed at compile time, for inner loops that should neither branch on
+/// the mode nor keep a prefetch address per row in registers: a kernel generic over the hint
+/// is instantiated once per mode and chosen once per call ([`QuantPrefetch`] `match`).
+#[cfg(target_arch = "x86_64")]
+pub(crate) trait PrefetchHint {
+    /// Prefetches the cache line at `p` (never faults).
+    fn line(p: *const u8);
+}
+
+/// [`QuantPrefetch::T0`] as a [`PrefetchHint`].
+#[cfg(target_arch = "x86_64")]
+pub(crate) struct HintT0;
+/// [`QuantPrefetch::Nta`] as a [`PrefetchHint`].
+#[cfg(target_arch = "x86_64")]
+pub(crate) struct HintNta;
+/// [`QuantPrefetch::Off`] as a [`PrefetchHint`].
+#[cfg(target_arch = "x86_64")]
+pub(crate) struct HintOff;
+
+#[cfg(target_arch = "x86_64")]
+impl PrefetchHint for HintT0 {
+    #[inline(always)]
+    fn line(p: *const u8) {
+        prefetch_weights(QuantPrefetch::T0, p)
+    }
+}
+#[cfg(target_arch = "x86_64")]
+impl PrefetchHint for HintNta {
+    #[inline(always)]
+    fn line(p: *const u8) {
+        prefetch_weights(QuantPrefetch::Nta, p)
+    }
+}
+#[cfg(target_arch = "x86_64")]
+impl PrefetchHint for HintOff {
+    #[inline(always)]
+    fn line(_: *const u8) {}
+}
+
 /// Prefetches the cache line at `p` as `mode` says (never faults: `p` may lie past the data).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]

@@ -846,7 +846,7 @@ pub(crate) mod lower {
 pub(crate) mod q4_int8 {
     use super::{Gf2Affine, HighNibbles, ShiftMask};
     use crate::act8::avx2::Maddubs;
-    use crate::cpu::{prefetch_weights, PREFETCH_ROWS};
+    use crate::cpu::{HintNta, HintOff, HintT0, PrefetchHint, QuantPrefetch, PREFETCH_ROWS};
     use crate::q4::act8::{tail_ref, RowOperands, BLOCKS_PER_GROUP, CS_SLOT, GROUP};
     use crate::q4::Q4Matrix;
     use std::arch::x86_64::*;
@@ -992,12 +992,44 @@ pub(crate) mod q4_int8 {
         acc: bool,
     ) {
         let ops = RowOperands::new(m, prep);
+        // The prefetch mode chosen once per call: a branch-free inner loop per mode.
+        match ops.prefetch {
+            // SAFETY: the caller's contract.
+            QuantPrefetch::T0 => unsafe { sweep::<H, HintT0>(&ops, m, prep, rows, y, acc) },
+            // SAFETY: the caller's contract.
+            QuantPrefetch::Nta => unsafe { sweep::<H, HintNta>(&ops, m, prep, rows, y, acc) },
+            // SAFETY: the caller's contract.
+            QuantPrefetch::Off => unsafe { sweep::<H, HintOff>(&ops, m, prep, rows, y, acc) },
+        }
+    }
+
+    /// [`gemv_with`] on the prefetch hint `F`.
+    ///
+    /// # Safety
+    /// As [`gemv`], and `H`'s CPU features.
+    #[inline(always)]
+    unsafe fn sweep<H: HighNibbles, F: PrefetchHint>(
+        ops: &RowOperands,
+        m: &Q4Matrix,
+        prep: &[f32],
+        rows: std::ops::Range<usize>,
+        y: &mut [f32],
+        acc: bool,
+    ) {
         // Eight rows at a time (four pairs: the loads of x and the group's corrections shared
-        // by twice the rows), then four, then one.
+        // by twice the rows), then four, then one. The common widths take a sweep compiled for
+        // their number of blocks (see `dot_rows`).
         let (start, mut r8) = (rows.start, rows.start);
         while r8 + 8 <= rows.end {
             // SAFETY: the caller's contract; rows r8..r8 + 8 lie inside W.
-            let v = unsafe { dot_rows::<H, 4, 8>(&ops, m, r8, prep) };
+            let v = unsafe {
+                match ops.nb {
+                    64 => dot_rows::<H, F, 4, 8, 64>(ops, m, r8, prep),
+                    128 => dot_rows::<H, F, 4, 8, 128>(ops, m, r8, prep),
+                    256 => dot_rows::<H, F, 4, 8, 256>(ops, m, r8, prep),
+                    _ => dot_rows::<H, F, 4, 8, 0>(ops, m, r8, prep),
+                }
+            };
             for (t, &vt) in v.iter().enumerate() {
                 let j = r8 - start + t;
                 y[j] = if acc { y[j] + vt } else { vt };
@@ -1008,9 +1040,9 @@ pub(crate) mod q4_int8 {
         crate::kernels::for_row_quads!(
             r8..rows.end,
             // SAFETY: the caller's contract; the rows handed over lie inside W.
-            |r| unsafe { dot_rows::<H, 2, 4>(&ops, m, r, prep) },
+            |r| unsafe { dot_rows::<H, F, 2, 4, 0>(ops, m, r, prep) },
             // SAFETY: the caller's contract (the AVX2 kernel's features are a subset).
-            unsafe { crate::arch::avx2::q4_int8::dot_rows::<Maddubs, 1>(&ops, m, r, prep)[0] },
+            unsafe { crate::arch::avx2::q4_int8::dot_rows::<Maddubs, 1>(ops, m, r, prep)[0] },
             crate::kernels::store_row(y, acc)
         );
     }
@@ -1052,14 +1084,36 @@ pub(crate) mod q4_int8 {
     /// Dot products of rows `r0..r0 + R` (all `< out`; `R = 2 P`, a multiple of 4) with the
     /// prepared x, `ops` resolved from `m` and `prep` (which the tail past the last whole
     /// group reads): `P` pairs of rows, each pair's f32 steps side by side in one register.
+    ///
+    /// `NB`, where not 0, is `ops.nb` known at compile time: each of the 8 rows' codes and
+    /// norms then lie at a constant offset from one pointer. With `nb` known only at run time
+    /// LLVM keeps a pointer per row (codes, norms, their prefetches) live across the loop over
+    /// groups, more than the 16 general registers, and reloads them from the stack: one
+    /// 1024² layer back to back on the 2-core Xeon, three rounds in turns (2026-12-05, a noisy
+    /// hour): 1 thread 13.3–14.1 against 14.8–15.4 µs, 2 threads 9.10–9.11 (one round 13.8)
+    /// against 9.39–9.77 (ggml's AMX Q4_0 10.10 then). Sweeps for other widths, and the
+    /// other 4-row calls, keep `nb` a run-time value (`NB = 0`).
     #[inline(always)]
-    unsafe fn dot_rows<H: HighNibbles, const P: usize, const R: usize>(
+    unsafe fn dot_rows<
+        H: HighNibbles,
+        F: PrefetchHint,
+        const P: usize,
+        const R: usize,
+        const NB: usize,
+    >(
         ops: &RowOperands,
         m: &Q4Matrix,
         r0: usize,
         prep: &[f32],
     ) -> [f32; R] {
-        let (packed, norms, xq, xs, cs, nb, full, pf) = ops.all();
+        let (packed, norms, xq, xs, cs, nb, full, _) = ops.all();
+        debug_assert!(NB == 0 || NB == nb);
+        // (`full` stays a run-time count: a loop over groups unrolled whole grew the code
+        // past what the batch-1 forward keeps in its instruction caches.)
+        let nb = if NB > 0 { NB } else { nb };
+        // One sweep ahead: the rows after this call's `R`, in bytes of codes and in norms.
+        let ahead = R.max(PREFETCH_ROWS) * nb;
+        let ahead_codes = ahead * 8;
         // SAFETY: g < full groups: 128 bytes of xq at g·128, xs[g], cs[8g..8g+8]; each row
         // r0 + r < out holds 64 packed bytes and 8 norms at block 8g; prefetches never fault.
         unsafe {
@@ -1080,14 +1134,13 @@ pub(crate) mod q4_int8 {
                 for (p, a) in accv.iter_mut().enumerate() {
                     let blk = |k: usize| (r0 + 2 * p + k) * nb + g * BLOCKS_PER_GROUP;
                     let (ba, bb) = (blk(0), blk(1));
-                    for b in [ba, bb] {
-                        // One sweep ahead: the rows after this call's `R`.
-                        let ahead = b + R.max(PREFETCH_ROWS) * nb;
-                        prefetch_weights(pf, packed.wrapping_add(ahead * 8));
-                        prefetch_weights(pf, norms.wrapping_add(ahead) as *const u8);
-                    }
-                    let qa = group_sums::<H>(packed.add(ba * 8), xe, xo);
-                    let qb = group_sums::<H>(packed.add(bb * 8), xe, xo);
+                    let (pa, pb) = (packed.add(ba * 8), packed.add(bb * 8));
+                    F::line(pa.wrapping_add(ahead_codes));
+                    F::line(pb.wrapping_add(ahead_codes));
+                    F::line(norms.wrapping_add(ba + ahead) as *const u8);
+                    F::line(norms.wrapping_add(bb + ahead) as *const u8);
+                    let qa = group_sums::<H>(pa, xe, xo);
+                    let qb = group_sums::<H>(pb, xe, xo);
                     let s = _mm512_add_epi32(
                         _mm512_permutex2var_epi32(qa, first, qb),
                         _mm512_permutex2var_epi32(qa, second, qb),

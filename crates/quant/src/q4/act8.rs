@@ -335,7 +335,18 @@ mod tests {
             println!("q4 act8: this CPU lacks GFNI: the AVX-512 VNNI GEMV's GFNI twin not run");
         }
         let mut rng = nibble_tensor::Rng::new(17);
-        let shapes = [(1usize, 128usize), (4, 256), (5, 384), (9, 1152), (7, 1024)];
+        // (Widths 1024, 2048 and 4096 with 8 rows or more: the AVX-512 kernel's sweeps
+        // compiled for those widths.)
+        let shapes = [
+            (1usize, 128usize),
+            (4, 256),
+            (5, 384),
+            (9, 1152),
+            (7, 1024),
+            (17, 1024),
+            (11, 2048),
+            (8, 4096),
+        ];
         let awkward = [(15, 144), (17, 128), (33, 272), (63, 1040), (129, 128)];
         for &(out, inn) in shapes.iter().chain(&awkward) {
             let mut w = nibble_tensor::Tensor::randn(&[out, inn], &mut rng).into_vec();
