@@ -452,8 +452,8 @@ impl QuantRows for Q4Matrix {
             && self.inn > 0
             && nibble_tensor::ops::all_finite(x)
         {
-            // (The same bytes on every path: AVX2 code on the x86 ones, the scalar reference
-            // elsewhere.)
+            // (The same bytes on every path: AVX-512 or AVX2 code on the x86 ones, the scalar
+            // reference elsewhere.)
             act8::prepare(usable(path), x, prep);
         } else if is_x86_simd(usable(path)) && self.inn % Q4_BLOCK == 0 {
             // (A ragged `in` takes the generic GEMV, which needs no preparation.)

@@ -264,9 +264,9 @@ mod tests {
     use super::*;
     use crate::cpu::usable;
 
-    /// The AVX2 and AVX-512 preparations write exactly the scalar ground truth's bytes and sums: random
-    /// groups, an all-zero group, exact ties (`x · 127 / max` = k + 1/2), tiny and huge values,
-    /// and ragged tails (whole groups only go to AVX2).
+    /// The AVX2 and AVX-512 preparations write exactly the scalar ground truth's bytes and
+    /// sums: random groups, an all-zero group, exact ties (`x · 127 / max` = k + 1/2), tiny and
+    /// huge values, and ragged tails (whole groups only go to the SIMD code).
     #[test]
     fn simd_prepare_matches_scalar() {
         let mut rng = nibble_tensor::Rng::new(5);
