@@ -103,7 +103,7 @@ fn on_pool_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
         return f();
     }
     let mode = activations();
-    rayon::scope(|_| with_activations(mode, f))
+    nibble_tensor::parallel::on_pool_worker(|| with_activations(mode, f))
 }
 
 /// [`train_step_with`] on the calling thread.

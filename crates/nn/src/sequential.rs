@@ -303,7 +303,7 @@ impl Sequential {
             // Outside any pool: run as a job of the global pool, so that each kernel's parallel
             // loop starts from a worker instead of injecting a job and sleeping (as BigNet's
             // `infer` does).
-            return rayon::scope(|_| self.infer(x));
+            return nibble_tensor::parallel::on_pool_worker(|| self.infer(x));
         }
         let tape = Tape::new();
         let y = tape.no_grad(|| self.forward(&tape, &Var::constant(x.clone())))?;

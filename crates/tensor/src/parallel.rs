@@ -171,6 +171,103 @@ struct OutsideJob<'a> {
     caller: std::thread::Thread,
 }
 
+/// How long a caller outside the pool yields its core while [`on_pool_worker`]'s job runs
+/// before it parks instead (a batch-1 forward is well inside it; a long job should not keep a
+/// core's scheduler busy).
+const YIELD_BEFORE_PARK: Duration = Duration::from_millis(2);
+
+/// Runs `f` on a worker of the current rayon pool and returns its result (in place when the
+/// calling thread is already one), so that the parallel loops inside `f` start from a worker
+/// instead of injecting a job from outside and sleeping until it completes.
+///
+/// `rayon::scope` or `install` do the same but put the caller to sleep until `f` is done, and
+/// a sleeper woken at the end waits for a core while the pool's threads spin before they
+/// sleep: on the 2-core Xeon a team of 2 around 100 µs of work took 129 µs entered through
+/// `rayon::scope` from outside, 102 µs from inside the pool (2026-12-05). Here the caller
+/// yields its core while it waits (for up to 2 ms, then it parks until the job wakes it):
+/// BigNet's int8 format at batch 1 with int8 activations, `bignet bench --runs 300`, three
+/// rounds in turns: 0.356–0.372 ms against 0.381–0.399 through `rayon::scope`. A panic in
+/// `f` is resumed on the caller.
+///
+/// ```
+/// use nibble_tensor::parallel::on_pool_worker;
+/// let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+/// let data = vec![1u64, 2, 3];
+/// // From outside any pool: f runs on a worker of the global pool.
+/// let sum = on_pool_worker(|| {
+///     assert!(rayon::current_thread_index().is_some());
+///     data.iter().sum::<u64>()
+/// });
+/// assert_eq!(sum, 6);
+/// // Inside a pool: in place.
+/// assert_eq!(pool.install(|| on_pool_worker(|| rayon::current_num_threads())), 2);
+/// ```
+pub fn on_pool_worker<R, F>(f: F) -> R
+where
+    R: Send,
+    F: FnOnce() -> R + Send,
+{
+    if rayon::current_thread_index().is_some() {
+        return f();
+    }
+    let handoff = Handoff {
+        f: Mutex::new(Some(f)),
+        out: Mutex::new(None),
+        done: AtomicBool::new(false),
+        caller: std::thread::current(),
+    };
+    let at = &handoff as *const Handoff<F, R> as usize;
+    // A plain function, so that the spawned closure is `'static` whatever `F` and `R` are.
+    let entry: fn(usize) = run_handoff::<F, R>;
+    rayon::spawn(move || entry(at));
+    let start = Instant::now();
+    while !handoff.done.load(Ordering::Acquire) {
+        if start.elapsed() < YIELD_BEFORE_PARK {
+            std::thread::yield_now();
+        } else {
+            // Woken by the job's unpark (or spuriously: the loop checks again).
+            std::thread::park();
+        }
+    }
+    let out = handoff.out.into_inner().unwrap_or_else(|e| e.into_inner());
+    match out.expect("the job stores its result before `done`") {
+        Ok(r) => r,
+        Err(p) => resume_unwind(p),
+    }
+}
+
+/// [`on_pool_worker`]'s job on the caller's stack.
+struct Handoff<F, R> {
+    f: Mutex<Option<F>>,
+    out: Mutex<Option<std::thread::Result<R>>>,
+    done: AtomicBool,
+    caller: std::thread::Thread,
+}
+
+/// The worker's side of [`on_pool_worker`]: `at` is the address of the caller's `Handoff`.
+fn run_handoff<F, R>(at: usize)
+where
+    R: Send,
+    F: FnOnce() -> R + Send,
+{
+    // SAFETY: the caller keeps the `Handoff` at `at` on its stack until it has seen `done`
+    // (it waits for that before anything else), and storing `done` is this job's last access
+    // to it (the caller's handle is cloned first); `f` runs inside `catch_unwind`, so `done`
+    // is always stored.
+    let handoff = unsafe { &*(at as *const Handoff<F, R>) };
+    let f = handoff
+        .f
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+        .expect("a handoff runs once");
+    let out = catch_unwind(AssertUnwindSafe(f));
+    *handoff.out.lock().unwrap_or_else(|e| e.into_inner()) = Some(out);
+    let caller = handoff.caller.clone();
+    handoff.done.store(true, Ordering::Release);
+    caller.unpark();
+}
+
 /// [`for_each_task`] from a thread outside the pool (`tasks >= 2`).
 fn join_from_outside(tasks: usize, f: &(dyn Fn(usize) + Sync)) {
     let job = OutsideJob {

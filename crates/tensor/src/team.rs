@@ -439,9 +439,11 @@ enum Failure<E> {
 /// });
 /// assert_eq!(ran, Some(Ok(())));
 /// ```
-pub fn run<E: Send + From<Aborted>>(
-    f: impl Fn(&Member<'_>) -> Result<(), E> + Sync,
-) -> Option<Result<(), E>> {
+pub fn run<E, F>(f: F) -> Option<Result<(), E>>
+where
+    E: Send + From<Aborted>,
+    F: Fn(&Member<'_>) -> Result<(), E> + Sync,
+{
     let threads = rayon::current_num_threads();
     if threads < 2 {
         return None;
@@ -461,6 +463,52 @@ pub fn run<E: Send + From<Aborted>>(
     let _release = Release;
     let barrier = SpinBarrier::new(threads);
     let failure: Mutex<Option<Failure<E>>> = Mutex::new(None);
+    // Pool threads lingering after batch-1 products called from outside the pool
+    // (`hot_team`) would hold the team's start until their lingering time ends.
+    crate::hot_team::disband();
+    if rayon::current_thread_index().is_some() {
+        // Inside the pool the calling thread is one of the members.
+        rayon::broadcast(|ctx| run_member(&f, &barrier, &failure, ctx.index(), ctx.num_threads()));
+    } else {
+        // From outside the pool `rayon::broadcast` puts the caller to sleep until the team is
+        // done, and on the 2-core Xeon the woken caller then waited about 25 µs for a core
+        // (the pool's threads spin a while before they sleep): every batch-1 forward paid it
+        // (a team of 2 around 100 µs of work took 127 µs from outside the pool, 102 from
+        // inside; 2026-12-05). So the members are spawned (`spawn_broadcast`) and the caller
+        // waits for them yielding its core (`yield_now`) rather than sleeping: 102 µs.
+        // Tried on the 16-core Xeon in an earlier session: the caller as the last member in
+        // place of the pool's last thread, spinning for the others (no faster there).
+        let launch = Launch {
+            f: &f,
+            barrier: &barrier,
+            failure: &failure,
+            done: AtomicUsize::new(0),
+        };
+        let at = &launch as *const Launch<'_, F, E> as usize;
+        let entry: fn(usize, usize, usize) = launch_member::<F, E>;
+        rayon::spawn_broadcast(move |ctx| entry(at, ctx.index(), ctx.num_threads()));
+        // Every member's last access to `launch` is its count in `done`: the frame outlives
+        // them all.
+        while launch.done.load(Ordering::Acquire) < threads {
+            std::thread::yield_now();
+        }
+    }
+    match failure.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        None => Some(Ok(())),
+        Some(Failure::Error(e)) => Some(Err(e)),
+        Some(Failure::Panic(p)) => resume_unwind(p),
+    }
+}
+
+/// One member's run of a team's closure: its failure or panic recorded (the first one kept)
+/// and the barrier aborted so that the others leave it.
+fn run_member<E: Send + From<Aborted>>(
+    f: &(impl Fn(&Member<'_>) -> Result<(), E> + Sync),
+    barrier: &SpinBarrier,
+    failure: &Mutex<Option<Failure<E>>>,
+    index: usize,
+    threads: usize,
+) {
     let record = |what: Failure<E>| {
         barrier.abort();
         let mut slot = failure.lock().unwrap_or_else(|e| e.into_inner());
@@ -469,35 +517,44 @@ pub fn run<E: Send + From<Aborted>>(
             *slot = Some(what);
         }
     };
-    // From outside the pool, rayon's broadcast puts the caller to sleep until the team is done.
-    // Tried on the 16-core Xeon: the caller as the last member in place of the pool's last
-    // thread (`spawn_broadcast`, the caller spinning for the others): BigNet at batch 1 no
-    // faster and low_precision / qlora slower (0.356–0.365 / 0.427–0.461 ms against
-    // 0.294–0.315 / 0.379–0.414, three rounds, 2026-12-04 03:02 UTC).
-    // Pool threads lingering after batch-1 products called from outside the pool
-    // (`hot_team`) would hold this broadcast until their lingering time ends.
-    crate::hot_team::disband();
-    rayon::broadcast(|ctx| {
-        let member = Member::new(ctx.index(), ctx.num_threads(), &barrier);
-        match catch_unwind(AssertUnwindSafe(|| f(&member))) {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                if !barrier.aborted.0.load(Ordering::Acquire) {
-                    record(Failure::Error(e));
-                } else {
-                    // Left because another member failed; that one recorded its failure
-                    // (or is about to).
-                    drop(e);
-                }
+    let member = Member::new(index, threads, barrier);
+    match catch_unwind(AssertUnwindSafe(|| f(&member))) {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            if !barrier.aborted.0.load(Ordering::Acquire) {
+                record(Failure::Error(e));
+            } else {
+                // Left because another member failed; that one recorded its failure (or is
+                // about to).
+                drop(e);
             }
-            Err(panic) => record(Failure::Panic(panic)),
         }
-    });
-    match failure.into_inner().unwrap_or_else(|e| e.into_inner()) {
-        None => Some(Ok(())),
-        Some(Failure::Error(e)) => Some(Err(e)),
-        Some(Failure::Panic(p)) => resume_unwind(p),
+        Err(panic) => record(Failure::Panic(panic)),
     }
+}
+
+/// What members spawned from outside the pool reach on the caller's stack ([`run`]).
+struct Launch<'a, F, E> {
+    f: &'a F,
+    barrier: &'a SpinBarrier,
+    failure: &'a Mutex<Option<Failure<E>>>,
+    /// Members whose run has ended; counting itself is each member's last access.
+    done: AtomicUsize,
+}
+
+/// A spawned member's entry: `at` is the address of the caller's `Launch<F, E>` (a plain
+/// function, so that the spawned closure is `'static` whatever `F` and `E` are).
+fn launch_member<F, E>(at: usize, index: usize, threads: usize)
+where
+    F: Fn(&Member<'_>) -> Result<(), E> + Sync,
+    E: Send + From<Aborted>,
+{
+    // SAFETY: `run` keeps the `Launch` at `at` alive until `done` has counted every member
+    // (it waits for that before returning), and nothing below touches it after counting;
+    // panics inside the run are caught (`run_member`), so the count is always made.
+    let launch = unsafe { &*(at as *const Launch<'_, F, E>) };
+    run_member(launch.f, launch.barrier, launch.failure, index, threads);
+    launch.done.fetch_add(1, Ordering::Release);
 }
 
 /// A buffer the members share: each writes disjoint rows of it in a phase, and all read it
