@@ -37,8 +37,13 @@
 //!   either the member sees the slot closed or the caller sees it entered: no member touches
 //!   the job (on the caller's stack) after [`run`] returns;
 //! - task `t < 64` is taken by a compare-exchange of its own flag from an older epoch to this
-//!   one (uncontended when each participant takes its own task) and marked ended on the same
-//!   line; the caller reads the ended marks. Tasks from 64 on share a counter.
+//!   one (uncontended when each participant takes its own task); tasks from 64 on share a
+//!   counter. The caller, once its own pass over the tasks has returned, has seen every task
+//!   taken (it takes what no member did), and only a member that entered takes one, running it
+//!   before it leaves: so the members' `left` marks tell that every task has ended. (An
+//!   earlier version also marked each task ended and had the caller read those marks before it
+//!   closed the slot: one more transfer between cores per call, done while the members could
+//!   still be working now.)
 
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -90,11 +95,10 @@ struct MemberMarks {
     left: AtomicU64,
 }
 
-/// A task's marks: the epoch of the last job that took it and of the last in which it ended.
+/// A task's mark: the epoch of the last job that took it.
 #[derive(Default)]
 struct TaskMarks {
     taken: AtomicU64,
-    ended: AtomicU64,
 }
 
 /// A job on the caller's stack.
@@ -104,8 +108,6 @@ struct Job<'a> {
     epoch: u64,
     /// The next task from [`FLAGGED`] on to hand out.
     next: AtomicUsize,
-    /// Tasks from [`FLAGGED`] on that ended.
-    extra_ended: AtomicUsize,
     /// The first panic of a task.
     panic: Mutex<Option<Box<dyn std::any::Any + Send>>>,
 }
@@ -128,8 +130,6 @@ impl Job<'_> {
         for t in (p..flagged).chain(0..p.min(flagged)) {
             if take(t) {
                 self.run(t);
-                // Release: the task's writes are seen by the caller that acquires the mark.
-                team.tasks[t].0.ended.store(self.epoch, Ordering::Release);
             }
         }
         loop {
@@ -138,7 +138,6 @@ impl Job<'_> {
                 return;
             }
             self.run(t);
-            self.extra_ended.fetch_add(1, Ordering::Release);
         }
     }
 
@@ -301,7 +300,6 @@ pub fn run(tasks: usize, f: &(dyn Fn(usize) + Sync)) -> bool {
         tasks,
         epoch,
         next: AtomicUsize::new(0),
-        extra_ended: AtomicUsize::new(0),
         panic: Mutex::new(None),
     };
     team.post
@@ -309,8 +307,8 @@ pub fn run(tasks: usize, f: &(dyn Fn(usize) + Sync)) -> bool {
         .job
         .store(&job as *const Job<'_> as usize, Ordering::Relaxed);
     team.post.0.slot.store(epoch << 1 | 1, Ordering::SeqCst);
+    // Every task taken (the caller takes what no member did) and the caller's ended.
     job.work(team, wanted);
-    // Every task ended (the caller took what no member did).
     let wait = |done: &dyn Fn() -> bool| {
         let mut spins = 0u32;
         while !done() {
@@ -322,11 +320,8 @@ pub fn run(tasks: usize, f: &(dyn Fn(usize) + Sync)) -> bool {
             }
         }
     };
-    for t in 0..tasks.min(FLAGGED) {
-        wait(&|| team.tasks[t].0.ended.load(Ordering::Acquire) == epoch);
-    }
-    wait(&|| job.extra_ended.load(Ordering::Acquire) >= tasks.saturating_sub(FLAGGED));
-    // Close the job, then wait for the members that entered it to leave it.
+    // Close the job, then wait for the members that entered it to leave it: each ran the tasks
+    // it took before leaving (Release there, Acquire here: their writes are seen).
     team.post.0.slot.store(epoch << 1, Ordering::SeqCst);
     fence(Ordering::SeqCst);
     for m in &team.members[..wanted] {
@@ -372,6 +367,35 @@ mod tests {
             println!("{test}: skipped (a pool of one thread, or NIBBLE_LINGER_US=0)");
         }
         ok
+    }
+
+    /// `run` returns only after every task has ended, including a slow one a member runs
+    /// while the caller, done with its own, closes the job (the caller waits for the members'
+    /// `left` marks, not for a mark per task).
+    #[test]
+    fn a_slow_member_task_ends_before_run_returns() {
+        if !team_possible("a_slow_member_task_ends_before_run_returns") {
+            return;
+        }
+        let spin = |us: u64| {
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_micros(us) {
+                std::hint::spin_loop();
+            }
+        };
+        // One task per participant: the first member's own (task 0) slow, the others (the
+        // caller's among them) long enough for every member to have taken its own first.
+        let tasks = rayon::current_num_threads();
+        for round in 0..20 {
+            let ended: Vec<AtomicUsize> = (0..tasks).map(|_| AtomicUsize::new(0)).collect();
+            on_team(tasks, &|t| {
+                spin(if t == 0 { 400 } else { 100 });
+                ended[t].store(1, Ordering::Relaxed);
+            })
+            .unwrap();
+            let done: Vec<usize> = ended.iter().map(|e| e.load(Ordering::Relaxed)).collect();
+            assert!(done.iter().all(|&d| d == 1), "round {round}: {done:?}");
+        }
     }
 
     #[test]
