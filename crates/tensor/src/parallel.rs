@@ -171,10 +171,10 @@ struct OutsideJob<'a> {
     caller: std::thread::Thread,
 }
 
-/// How long a caller outside the pool yields its core while [`on_pool_worker`]'s job runs
-/// before it parks instead (a batch-1 forward is well inside it; a long job should not keep a
-/// core's scheduler busy).
-const YIELD_BEFORE_PARK: Duration = Duration::from_millis(2);
+/// How long a caller outside the pool yields its core while [`on_pool_worker`]'s job (or a
+/// team, [`crate::team::run`]) runs before it parks instead (a batch-1 forward is well inside
+/// it; a long job should not keep a core's scheduler busy).
+pub(crate) const YIELD_BEFORE_PARK: Duration = Duration::from_millis(2);
 
 /// Runs `f` on a worker of the current rayon pool and returns its result (in place when the
 /// calling thread is already one), so that the parallel loops inside `f` start from a worker
@@ -220,19 +220,29 @@ where
     // A plain function, so that the spawned closure is `'static` whatever `F` and `R` are.
     let entry: fn(usize) = run_handoff::<F, R>;
     rayon::spawn(move || entry(at));
-    let start = Instant::now();
-    while !handoff.done.load(Ordering::Acquire) {
-        if start.elapsed() < YIELD_BEFORE_PARK {
-            std::thread::yield_now();
-        } else {
-            // Woken by the job's unpark (or spuriously: the loop checks again).
-            std::thread::park();
-        }
-    }
+    wait_until(
+        || handoff.done.load(Ordering::Acquire),
+        YIELD_BEFORE_PARK,
+        std::thread::yield_now,
+    );
     let out = handoff.out.into_inner().unwrap_or_else(|e| e.into_inner());
     match out.expect("the job stores its result before `done`") {
         Ok(r) => r,
         Err(p) => resume_unwind(p),
+    }
+}
+
+/// Returns once `done()` holds: `pause` (a spin hint, or yielding the core) between looks
+/// for `patience`, then parked between looks (whoever makes `done()` true unparks the
+/// waiting thread; a spurious wake-up only looks again).
+pub(crate) fn wait_until(done: impl Fn() -> bool, patience: Duration, pause: fn()) {
+    let start = Instant::now();
+    while !done() {
+        if start.elapsed() < patience {
+            pause();
+        } else {
+            std::thread::park();
+        }
     }
 }
 
@@ -294,15 +304,11 @@ fn join_from_outside(tasks: usize, f: &(dyn Fn(usize) + Sync)) {
         caller.unpark();
     });
     let mine = catch_unwind(AssertUnwindSafe(|| f(0)));
-    let start = Instant::now();
-    while !job.done.load(Ordering::Acquire) {
-        if start.elapsed() < SPIN_BEFORE_PARK {
-            std::hint::spin_loop();
-        } else {
-            // Woken by the job's unpark (or spuriously: the loop checks again).
-            std::thread::park();
-        }
-    }
+    wait_until(
+        || job.done.load(Ordering::Acquire),
+        SPIN_BEFORE_PARK,
+        std::hint::spin_loop,
+    );
     if let Err(p) = mine {
         resume_unwind(p);
     }

@@ -475,7 +475,7 @@ where
         // (the pool's threads spin a while before they sleep): every batch-1 forward paid it
         // (a team of 2 around 100 µs of work took 127 µs from outside the pool, 102 from
         // inside; 2026-12-05). So the members are spawned (`spawn_broadcast`) and the caller
-        // waits for them yielding its core (`yield_now`) rather than sleeping: 102 µs.
+        // waits for them yielding its core (`yield_now`, parking after 2 ms) rather than sleeping: 102 µs.
         // Tried on the 16-core Xeon in an earlier session: the caller as the last member in
         // place of the pool's last thread, spinning for the others (no faster there).
         let launch = Launch {
@@ -483,15 +483,19 @@ where
             barrier: &barrier,
             failure: &failure,
             done: AtomicUsize::new(0),
+            caller: std::thread::current(),
         };
         let at = &launch as *const Launch<'_, F, E> as usize;
         let entry: fn(usize, usize, usize) = launch_member::<F, E>;
         rayon::spawn_broadcast(move |ctx| entry(at, ctx.index(), ctx.num_threads()));
         // Every member's last access to `launch` is its count in `done`: the frame outlives
-        // them all.
-        while launch.done.load(Ordering::Acquire) < threads {
-            std::thread::yield_now();
-        }
+        // them all. (The last member unparks the caller once it has parked, after
+        // `YIELD_BEFORE_PARK`.)
+        crate::parallel::wait_until(
+            || launch.done.load(Ordering::Acquire) >= threads,
+            crate::parallel::YIELD_BEFORE_PARK,
+            std::thread::yield_now,
+        );
     }
     match failure.into_inner().unwrap_or_else(|e| e.into_inner()) {
         None => Some(Ok(())),
@@ -540,6 +544,8 @@ struct Launch<'a, F, E> {
     failure: &'a Mutex<Option<Failure<E>>>,
     /// Members whose run has ended; counting itself is each member's last access.
     done: AtomicUsize,
+    /// The waiting caller, unparked by the last member to count.
+    caller: std::thread::Thread,
 }
 
 /// A spawned member's entry: `at` is the address of the caller's `Launch<F, E>` (a plain
@@ -550,11 +556,16 @@ where
     E: Send + From<Aborted>,
 {
     // SAFETY: `run` keeps the `Launch` at `at` alive until `done` has counted every member
-    // (it waits for that before returning), and nothing below touches it after counting;
+    // (it waits for that before returning), and nothing below touches it after counting (the
+    // caller's handle is cloned first);
     // panics inside the run are caught (`run_member`), so the count is always made.
     let launch = unsafe { &*(at as *const Launch<'_, F, E>) };
     run_member(launch.f, launch.barrier, launch.failure, index, threads);
-    launch.done.fetch_add(1, Ordering::Release);
+    // Cloned before counting: once the count is in, the caller may return.
+    let caller = launch.caller.clone();
+    if launch.done.fetch_add(1, Ordering::Release) + 1 == threads {
+        caller.unpark();
+    }
 }
 
 /// A buffer the members share: each writes disjoint rows of it in a phase, and all read it
