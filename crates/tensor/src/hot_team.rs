@@ -58,8 +58,8 @@ const MAX_LINGER_US: u64 = 1_000_000;
 /// How long members spin for a next job after the last one ended: `NIBBLE_LINGER_US`
 /// microseconds (read once; at most one second), else 100 µs; at least three quarters of it
 /// (the deadline moves in steps of a quarter, see `Team::extend`). Zero turns the team off
-/// ([`run`] returns `false`). A value that is not a whole number of microseconds is reported on stderr
-/// and the default kept, as `NIBBLE_KERNEL` does.
+/// ([`run`] returns `false`). A value that is not a whole number of microseconds is reported on
+/// stderr and the default kept, as `NIBBLE_KERNEL` does.
 pub fn linger() -> Duration {
     static LINGER: OnceLock<Duration> = OnceLock::new();
     *LINGER.get_or_init(|| {

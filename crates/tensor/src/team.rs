@@ -475,7 +475,8 @@ where
         // (the pool's threads spin a while before they sleep): every batch-1 forward paid it
         // (a team of 2 around 100 µs of work took 127 µs from outside the pool, 102 from
         // inside; 2026-12-05). So the members are spawned (`spawn_broadcast`) and the caller
-        // waits for them yielding its core (`yield_now`, parking after 2 ms) rather than sleeping: 102 µs.
+        // waits for them yielding its core (`yield_now`, parking after 2 ms) rather than
+        // sleeping: 102 µs.
         // Tried on the 16-core Xeon in an earlier session: the caller as the last member in
         // place of the pool's last thread, spinning for the others (no faster there).
         let launch = Launch {
