@@ -37,6 +37,8 @@ use crate::kernels::{self, ColBlock, QuantRows};
 
 /// The fused Q4 int8-activation GEMV (batches below 16 in int8 mode).
 pub(crate) mod act8;
+/// The row-interleaved copy the AVX-512 VNNI batch-1 int8 GEMV reads.
+pub(crate) mod tiles;
 
 /// Weights per Q4 block.
 pub const Q4_BLOCK: usize = 16;
@@ -230,6 +232,8 @@ pub struct Q4Matrix {
     pub(crate) inn: usize,
     pub(crate) packed: Bytes,
     pub(crate) norm: Bytes,
+    /// The batch-1 int8 GEMV's interleaved copy, built on its first use ([`tiles`]).
+    pub(crate) tiles: tiles::TilesCache,
 }
 
 impl Q4Matrix {
@@ -263,6 +267,7 @@ impl Q4Matrix {
             inn: i,
             packed: Bytes::from_vec(packed),
             norm: Bytes::from_f16(norm),
+            tiles: tiles::TilesCache::default(),
         })
     }
 
@@ -293,6 +298,7 @@ impl Q4Matrix {
             inn,
             packed,
             norm: norm.aligned(2),
+            tiles: tiles::TilesCache::default(),
         })
     }
 
@@ -324,6 +330,15 @@ impl Q4Matrix {
     /// Bits per weight, scales included (5.0).
     pub fn bits_per_weight(&self) -> f64 {
         self.parts_len() as f64 * 8.0 / (self.out * self.inn).max(1) as f64
+    }
+
+    /// Bytes of the row-interleaved copy of the codes and norms that the batch-1 int8 GEMV
+    /// builds on its first call on a CPU with AVX-512 VNNI (as many as the matrix's whole
+    /// tiles of 16 rows and whole groups of 128 columns hold: about the matrix's own size;
+    /// `NIBBLE_Q4_TILES=0` turns it off); 0 before then. Not part of
+    /// [`Q4Matrix::bits_per_weight`] nor of a checkpoint.
+    pub fn int8_tiles_bytes(&self) -> usize {
+        self.tiles.bytes()
     }
 
     /// The whole matrix dequantized with an explicit kernel path.

@@ -846,8 +846,10 @@ pub(crate) mod lower {
 pub(crate) mod q4_int8 {
     use super::{Gf2Affine, HighNibbles, ShiftMask};
     use crate::act8::avx2::Maddubs;
+    use crate::cpu::quant_prefetch;
     use crate::cpu::{HintNta, HintOff, HintT0, PrefetchHint, QuantPrefetch, PREFETCH_ROWS};
     use crate::q4::act8::{tail_ref, RowOperands, BLOCKS_PER_GROUP, CS_SLOT, GROUP};
+    use crate::q4::tiles::{Q4Tiles, TILE_BLOCK_BYTES, TILE_ROWS};
     use crate::q4::Q4Matrix;
     use std::arch::x86_64::*;
 
@@ -1045,6 +1047,199 @@ pub(crate) mod q4_int8 {
             unsafe { crate::arch::avx2::q4_int8::dot_rows::<Maddubs, 1>(ops, m, r, prep)[0] },
             crate::kernels::store_row(y, acc)
         );
+    }
+
+    /// [`gemv`] reading the matrix's row-interleaved copy ([`crate::q4::tiles`], built here on
+    /// the first call): each whole tile of 16 rows inside `rows` by [`tile_dot`], the rows
+    /// before the first and after the last whole tile by the row kernel. The same bits as
+    /// [`gemv`] (`vnni_gemvs_match_avx2`); where the matrix has no copy (no whole tile or
+    /// group, or `NIBBLE_Q4_TILES=0`), [`gemv`] itself.
+    ///
+    /// # Safety
+    /// As [`gemv`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub(crate) unsafe fn gemv_tiles(
+        m: &Q4Matrix,
+        prep: &[f32],
+        rows: std::ops::Range<usize>,
+        y: &mut [f32],
+        acc: bool,
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe { tiles_with::<ShiftMask>(m, prep, rows, y, acc) }
+    }
+
+    /// [`gemv_tiles`] with the high nibbles by GFNI ([`gemv_gfni`]): the same bits.
+    ///
+    /// # Safety
+    /// As [`gemv_gfni`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c,gfni")]
+    pub(crate) unsafe fn gemv_tiles_gfni(
+        m: &Q4Matrix,
+        prep: &[f32],
+        rows: std::ops::Range<usize>,
+        y: &mut [f32],
+        acc: bool,
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe { tiles_with::<Gf2Affine>(m, prep, rows, y, acc) }
+    }
+
+    /// [`gemv_tiles`]'s body on the high-nibble step `H`.
+    ///
+    /// # Safety
+    /// As [`gemv`], and `H`'s CPU features.
+    #[inline(always)]
+    unsafe fn tiles_with<H: HighNibbles>(
+        m: &Q4Matrix,
+        prep: &[f32],
+        rows: std::ops::Range<usize>,
+        y: &mut [f32],
+        acc: bool,
+    ) {
+        let copy = m.tiles.get(m);
+        let Some(t) =
+            copy.filter(|t| rows.start.div_ceil(TILE_ROWS) < (rows.end / TILE_ROWS).min(t.tiles))
+        else {
+            // SAFETY: the caller's contract.
+            return unsafe { gemv_with::<H>(m, prep, rows, y, acc) };
+        };
+        let (t0, t1) = (
+            rows.start.div_ceil(TILE_ROWS),
+            (rows.end / TILE_ROWS).min(t.tiles),
+        );
+        let (start, head, tail) = (rows.start, t0 * TILE_ROWS, t1 * TILE_ROWS);
+        let (y_head, rest) = y.split_at_mut(head - start);
+        let (y_tiles, y_tail) = rest.split_at_mut(tail - head);
+        if head > start {
+            // SAFETY: the caller's contract; rows start..head lie inside W.
+            unsafe { gemv_with::<H>(m, prep, start..head, y_head, acc) };
+        }
+        // (Direct calls, so that the sweep is inlined into this call's target features.)
+        // SAFETY: the caller's contract; tiles t0..t1 lie inside the copy.
+        unsafe {
+            match quant_prefetch() {
+                QuantPrefetch::T0 => tile_sweep::<H, HintT0>(m, t, prep, t0..t1, y_tiles, acc),
+                QuantPrefetch::Nta => tile_sweep::<H, HintNta>(m, t, prep, t0..t1, y_tiles, acc),
+                QuantPrefetch::Off => tile_sweep::<H, HintOff>(m, t, prep, t0..t1, y_tiles, acc),
+            }
+        };
+        if rows.end > tail {
+            // SAFETY: the caller's contract; rows tail..rows.end lie inside W.
+            unsafe { gemv_with::<H>(m, prep, tail..rows.end, y_tail, acc) };
+        }
+    }
+
+    /// `y[16k + i] (+)= W[16 (t0 + k) + i, :] · x'` for the tiles `t0..t1` of the copy `t`,
+    /// on the prefetch hint `F`; each row adds [`tail_ref`] for the blocks past the copy's.
+    ///
+    /// # Safety
+    /// As [`gemv`], and `H`'s CPU features; `tiles.end <= t.tiles`, `y` 16 values per tile.
+    #[inline(always)]
+    unsafe fn tile_sweep<H: HighNibbles, F: PrefetchHint>(
+        m: &Q4Matrix,
+        t: &Q4Tiles,
+        prep: &[f32],
+        tiles: std::ops::Range<usize>,
+        y: &mut [f32],
+        acc: bool,
+    ) {
+        debug_assert!(tiles.end <= t.tiles && y.len() >= tiles.len() * TILE_ROWS);
+        let (xq, xs, cs) = crate::q4::act8::parts(m.inn, prep);
+        let full = t.nb / BLOCKS_PER_GROUP;
+        // Blocks past the whole groups (read from the checkpoint layout).
+        let ragged = t.nb < m.row_blocks();
+        for (yt, tile) in y.chunks_exact_mut(TILE_ROWS).zip(tiles) {
+            // SAFETY: tile < t.tiles, so its nb blocks of codes and norms lie inside the copy;
+            // the prepared x holds `full` whole groups (the caller's contract).
+            let v = unsafe {
+                tile_dot::<H, F>(
+                    t.code_bytes().as_ptr().add(tile * t.nb * TILE_BLOCK_BYTES),
+                    t.norm_halves().as_ptr().add(tile * t.nb * TILE_ROWS),
+                    (xq.as_ptr(), xs.as_ptr(), cs.as_ptr()),
+                    full,
+                )
+            };
+            for (i, (o, &vi)) in yt.iter_mut().zip(&v).enumerate() {
+                // (`tail_ref` adds 0.0 where the copy holds every block: so does this.)
+                let vi = if ragged {
+                    vi + tail_ref(m, tile * TILE_ROWS + i, t.nb, prep)
+                } else {
+                    vi + 0.0
+                };
+                *o = if acc { *o + vi } else { vi };
+            }
+        }
+    }
+
+    /// One tile's 16 dot products over its `full` whole groups: codes `[nb, 2, 16, 4]` at
+    /// `codes`, norms `[nb, 16]` at `norms` ([`crate::q4::tiles`]), the prepared x's
+    /// `(xq, xs, cs)`. Lane i is row i throughout: block b's integer sum is four `vpdpbusd`
+    /// (low and high nibbles of each half against broadcast words of x's even and odd bytes),
+    /// then `n_b · (xs_g · I_b − cs_b)` added to the chain of the block's place in its group,
+    /// and the 8 chains folded as [`fold_block_chains`] folds them: the row kernel's steps and
+    /// bits.
+    ///
+    /// # Safety
+    /// `H`'s CPU features and AVX-512 F/BW + VNNI, F16C; the pointers hold what they say for
+    /// `full` groups.
+    #[inline(always)]
+    unsafe fn tile_dot<H: HighNibbles, F: PrefetchHint>(
+        codes: *const u8,
+        norms: *const half::f16,
+        (xq, xs, cs): (*const u8, *const f32, *const f32),
+        full: usize,
+    ) -> [f32; TILE_ROWS] {
+        // Prefetch one group (8 blocks) ahead: its codes (two lines a block) and norms (one
+        // line per two blocks).
+        const AHEAD: usize = BLOCKS_PER_GROUP * TILE_BLOCK_BYTES;
+        // SAFETY: g < full, k < 8: block 8g + k's 128 code bytes and 16 norms lie inside the
+        // tile; x's group g holds 128 bytes, xs[g], cs[8g..8g + 8]; prefetches never fault.
+        unsafe {
+            let mask = _mm512_set1_epi8(0x0f);
+            let mut chains = [_mm512_setzero_ps(); BLOCKS_PER_GROUP];
+            for g in 0..full {
+                let x = xq.add(g * GROUP);
+                let xsv = _mm512_set1_ps(*xs.add(g));
+                // The word of x's bytes at byte offset `o` of the group, in every lane.
+                let word = |o: usize| _mm512_set1_epi32((x.add(o) as *const i32).read_unaligned());
+                for (k, chain) in chains.iter_mut().enumerate() {
+                    let b = g * BLOCKS_PER_GROUP + k;
+                    let cp = codes.add(b * TILE_BLOCK_BYTES);
+                    F::line(cp.wrapping_add(AHEAD));
+                    F::line(cp.wrapping_add(AHEAD + 64));
+                    if k % 2 == 0 {
+                        F::line(norms.wrapping_add(b * TILE_ROWS + AHEAD / 8) as *const u8);
+                    }
+                    // (Aligned lines: `Line`.)
+                    let c0 = _mm512_load_si512(cp as *const _);
+                    let c1 = _mm512_load_si512(cp.add(64) as *const _);
+                    // Block k's even elements are x's even bytes 8k..8k + 8, its odd ones the
+                    // odd bytes (at 64 + 8k): 4 of each per half.
+                    let mut s = _mm512_dpbusd_epi32(
+                        _mm512_setzero_si512(),
+                        _mm512_and_si512(c0, mask),
+                        word(8 * k),
+                    );
+                    s = _mm512_dpbusd_epi32(s, H::high(c0), word(GROUP / 2 + 8 * k));
+                    s = _mm512_dpbusd_epi32(s, _mm512_and_si512(c1, mask), word(8 * k + 4));
+                    s = _mm512_dpbusd_epi32(s, H::high(c1), word(GROUP / 2 + 8 * k + 4));
+                    let csv = _mm512_set1_ps(*cs.add(g * BLOCKS_PER_GROUP + CS_SLOT[k]));
+                    let tk = _mm512_fmsub_ps(xsv, _mm512_cvtepi32_ps(s), csv);
+                    let nv = _mm512_cvtph_ps(_mm256_loadu_si256(
+                        norms.add(b * TILE_ROWS) as *const __m256i
+                    ));
+                    *chain = _mm512_fmadd_ps(nv, tk, *chain);
+                }
+            }
+            // (b0 + b2) + (b4 + b6), (b1 + b3) + (b5 + b7), then those two.
+            let c = &chains;
+            let even = _mm512_add_ps(_mm512_add_ps(c[0], c[2]), _mm512_add_ps(c[4], c[6]));
+            let odd = _mm512_add_ps(_mm512_add_ps(c[1], c[3]), _mm512_add_ps(c[5], c[7]));
+            let mut out = [0.0f32; TILE_ROWS];
+            _mm512_storeu_ps(out.as_mut_ptr(), _mm512_add_ps(even, odd));
+            out
+        }
     }
 
     /// Integer block sums of one row's group (64 code bytes at `q`) with x's even (`xe`) and

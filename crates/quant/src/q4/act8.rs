@@ -234,10 +234,15 @@ pub(super) fn gemv(
         // prep_len(in)`, `rows.end <= out` and `y.len() >= rows.len()`; rows hold whole blocks.
         KernelPath::Avx512 if m.inn % Q4_BLOCK == 0 && crate::act8::has_avx512vnni() => unsafe {
             // (GFNI where the CPU has it: the same bits.)
-            if crate::act8::has_avx512_gfni() {
-                avx512::gemv_gfni(m, prep, rows, y, acc)
-            } else {
-                avx512::gemv(m, prep, rows, y, acc)
+            // (The row-interleaved copy's kernel where it is on: the same bits.)
+            match (
+                super::tiles::tiles_enabled(),
+                crate::act8::has_avx512_gfni(),
+            ) {
+                (true, true) => avx512::gemv_tiles_gfni(m, prep, rows, y, acc),
+                (true, false) => avx512::gemv_tiles(m, prep, rows, y, acc),
+                (false, true) => avx512::gemv_gfni(m, prep, rows, y, acc),
+                (false, false) => avx512::gemv(m, prep, rows, y, acc),
             }
         },
         #[cfg(target_arch = "x86_64")]
@@ -322,6 +327,9 @@ mod tests {
             println!("q4 act8: this CPU lacks AVX2: nothing to compare");
             return;
         }
+        if !super::super::tiles::tiles_enabled() {
+            println!("q4 act8: NIBBLE_Q4_TILES=0: the interleaved copy's kernels not run");
+        }
         let hw = crate::act8::has_avxvnni();
         if !hw {
             println!("q4 act8: this CPU lacks AVX-VNNI: comparing its AVX2 emulation only");
@@ -347,7 +355,17 @@ mod tests {
             (11, 2048),
             (8, 4096),
         ];
-        let awkward = [(15, 144), (17, 128), (33, 272), (63, 1040), (129, 128)];
+        // (Rows past the last whole tile of 16, and rows before the first one inside `out / 2..
+        // out`, take the row kernel beside the AVX-512 VNNI kernel of the interleaved copy.)
+        let awkward = [
+            (15, 144),
+            (17, 128),
+            (33, 272),
+            (63, 1040),
+            (129, 128),
+            (48, 384),
+            (40, 1024),
+        ];
         for &(out, inn) in shapes.iter().chain(&awkward) {
             let mut w = nibble_tensor::Tensor::randn(&[out, inn], &mut rng).into_vec();
             w[..16].fill(0.0); // a zero block
@@ -391,6 +409,16 @@ mod tests {
                         bits(&got, &want),
                         "{out}x{inn} {rows:?}: AVX-512 VNNI + GFNI"
                     );
+                }
+                if zmm && super::super::tiles::tiles_enabled() {
+                    let got = run(avx512::gemv_tiles);
+                    assert!(bits(&got, &want), "{out}x{inn} {rows:?}: tiles");
+                    let tiled = out >= 16 && inn >= GROUP;
+                    assert_eq!(m.tiles.bytes() > 0, tiled, "{out}x{inn}: the copy");
+                }
+                if gfni && super::super::tiles::tiles_enabled() {
+                    let got = run(avx512::gemv_tiles_gfni);
+                    assert!(bits(&got, &want), "{out}x{inn} {rows:?}: tiles + GFNI");
                 }
             }
         }
