@@ -849,7 +849,7 @@ pub(crate) mod q4_int8 {
     use crate::cpu::quant_prefetch;
     use crate::cpu::{HintNta, HintOff, HintT0, PrefetchHint, QuantPrefetch, PREFETCH_ROWS};
     use crate::q4::act8::{tail_ref, RowOperands, BLOCKS_PER_GROUP, CS_SLOT, GROUP};
-    use crate::q4::tiles::{Q4Tiles, TILE_BLOCK_BYTES, TILE_ROWS};
+    use crate::q4::tiles::{split_at_tiles, Q4Tiles, TILE_BLOCK_BYTES, TILE_ROWS};
     use crate::q4::Q4Matrix;
     use std::arch::x86_64::*;
 
@@ -1098,35 +1098,30 @@ pub(crate) mod q4_int8 {
         acc: bool,
     ) {
         let copy = m.tiles.get(m);
-        let Some(t) =
-            copy.filter(|t| rows.start.div_ceil(TILE_ROWS) < (rows.end / TILE_ROWS).min(t.tiles))
+        let Some((t, (head, tiles, tail))) =
+            copy.and_then(|t| split_at_tiles(rows.clone(), t.tiles).map(|s| (t, s)))
         else {
             // SAFETY: the caller's contract.
             return unsafe { gemv_with::<H>(m, prep, rows, y, acc) };
         };
-        let (t0, t1) = (
-            rows.start.div_ceil(TILE_ROWS),
-            (rows.end / TILE_ROWS).min(t.tiles),
-        );
-        let (start, head, tail) = (rows.start, t0 * TILE_ROWS, t1 * TILE_ROWS);
-        let (y_head, rest) = y.split_at_mut(head - start);
-        let (y_tiles, y_tail) = rest.split_at_mut(tail - head);
-        if head > start {
-            // SAFETY: the caller's contract; rows start..head lie inside W.
-            unsafe { gemv_with::<H>(m, prep, start..head, y_head, acc) };
+        let (y_head, rest) = y.split_at_mut(head.len());
+        let (y_tiles, y_tail) = rest.split_at_mut(tiles.len() * TILE_ROWS);
+        if !head.is_empty() {
+            // SAFETY: the caller's contract; the rows before the first tile lie inside W.
+            unsafe { gemv_with::<H>(m, prep, head, y_head, acc) };
         }
         // (Direct calls, so that the sweep is inlined into this call's target features.)
-        // SAFETY: the caller's contract; tiles t0..t1 lie inside the copy.
+        // SAFETY: the caller's contract; the tiles lie inside the copy.
         unsafe {
             match quant_prefetch() {
-                QuantPrefetch::T0 => tile_sweep::<H, HintT0>(m, t, prep, t0..t1, y_tiles, acc),
-                QuantPrefetch::Nta => tile_sweep::<H, HintNta>(m, t, prep, t0..t1, y_tiles, acc),
-                QuantPrefetch::Off => tile_sweep::<H, HintOff>(m, t, prep, t0..t1, y_tiles, acc),
+                QuantPrefetch::T0 => tile_sweep::<H, HintT0>(m, t, prep, tiles, y_tiles, acc),
+                QuantPrefetch::Nta => tile_sweep::<H, HintNta>(m, t, prep, tiles, y_tiles, acc),
+                QuantPrefetch::Off => tile_sweep::<H, HintOff>(m, t, prep, tiles, y_tiles, acc),
             }
         };
-        if rows.end > tail {
-            // SAFETY: the caller's contract; rows tail..rows.end lie inside W.
-            unsafe { gemv_with::<H>(m, prep, tail..rows.end, y_tail, acc) };
+        if !tail.is_empty() {
+            // SAFETY: the caller's contract; the rows after the last tile lie inside W.
+            unsafe { gemv_with::<H>(m, prep, tail, y_tail, acc) };
         }
     }
 

@@ -317,9 +317,12 @@ mod tests {
         }
     }
 
-    /// The fused GEMV on AVX-VNNI (`vpdpbusd`, and its AVX2 emulation on any AVX2 CPU) gives
+    /// The fused GEMV on AVX-VNNI (`vpdpbusd`, and its AVX2 emulation on any AVX2 CPU), on
+    /// AVX-512 VNNI, and the AVX-512 VNNI kernels of the row-interleaved copy give
     /// the AVX2 kernel's bits: rows 1..9 (quads and singles), lengths of one to nine groups,
-    /// an all-zero group, ±extreme activations (xq = ±127), codes 0 and 15 included.
+    /// an all-zero group, ±extreme activations (xq = ±127), codes 0 and 15 included; shapes
+    /// with rows before, between and after whole tiles of 16, and columns past the last
+    /// whole group.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn vnni_gemvs_match_avx2() {

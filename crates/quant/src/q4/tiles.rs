@@ -21,6 +21,11 @@
 //! first int8 GEMV that can use it and kept with the matrix. The rows past the last whole
 //! tile, and the columns past the last whole group, are read from the checkpoint layout.
 //! `NIBBLE_Q4_TILES=0` turns the copy off (every call then takes the row kernel).
+//!
+//! CPUs without AVX-512 VNNI keep the row kernels and build no copy: a 256-bit twin of the
+//! tile kernel (two halves of 8 rows a tile) was only 9 % faster on one thread of the 2-core
+//! Xeon (`NIBBLE_KERNEL=avx2`, 2026-12-05: AVX-VNNI 18.6 against 20.4 µs, `vpmaddubsw` 19.9
+//! against 21.5), not worth a second copy of the weights.
 
 use super::act8::{BLOCKS_PER_GROUP, GROUP};
 use super::Q4Matrix;
@@ -106,6 +111,27 @@ impl Q4Tiles {
     pub(crate) fn norm_halves(&self) -> &[f16] {
         bytemuck::cast_slice(&self.norms)
     }
+}
+
+/// `rows` split at the copy's whole tiles (`tiles` of them): the rows before the first whole
+/// tile inside `rows`, those tiles, and the rows after the last; `None` where `rows` holds no
+/// whole tile of the copy.
+pub(crate) fn split_at_tiles(
+    rows: std::ops::Range<usize>,
+    tiles: usize,
+) -> Option<(
+    std::ops::Range<usize>,
+    std::ops::Range<usize>,
+    std::ops::Range<usize>,
+)> {
+    let (t0, t1) = (
+        rows.start.div_ceil(TILE_ROWS),
+        (rows.end / TILE_ROWS).min(tiles),
+    );
+    (t0 < t1).then(|| {
+        let (head, tail) = (t0 * TILE_ROWS, t1 * TILE_ROWS);
+        (rows.start..head, t0..t1, tail..rows.end)
+    })
 }
 
 /// Whether the copy may be built (`NIBBLE_Q4_TILES=0` says no), read once.
