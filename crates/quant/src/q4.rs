@@ -415,11 +415,11 @@ impl QuantRows for Q4Matrix {
     }
     /// f32 activations: the GEMV wins up to 4 vectors (1024², 2 threads, GEMVs against tiles:
     /// m = 4 0.47 / 0.55 ms, m = 6 0.73 / 0.58 ms). Int8 activations: the fused int8 GEMV for
-    /// every batch below [`crate::act8::Q4_FUSED_MAX_M`] (it does not compute with the
-    /// dequantized weights, so a batch must give what its vectors give one at a time).
+    /// every batch below [`crate::act8::q4_fused_end`] on this tier (it does not compute with
+    /// the dequantized weights, so a batch must give what its vectors give one at a time).
     fn tiles_min_m(&self) -> usize {
         if q4_activations() == Q4Activations::Int8 {
-            crate::act8::Q4_FUSED_MAX_M
+            crate::act8::q4_fused_end(crate::act8::IntTier::for_path(kernel_path()))
         } else {
             5
         }

@@ -9,8 +9,8 @@ mod common;
 
 use nibble_quant::act8::backward::{backward_route, Int8InputGrad, TransposedInt8, BACKWARD_UNIT};
 use nibble_quant::act8::{
-    forward, int8_route, quantize_x, unit_sums, unit_sums_ref, with_activations, ActivationMode,
-    CodeKind, Int8Route, IntCodes, IntTier, GROUP, NF4_LEVELS_I8,
+    forward, int8_route, q4_fused_end, quantize_x, unit_sums, unit_sums_ref, with_activations,
+    ActivationMode, CodeKind, Int8Route, IntCodes, IntTier, GROUP, NF4_LEVELS_I8,
 };
 use nibble_quant::nf4::NF4_LEVELS;
 use nibble_quant::{Int8Matrix, LowerMatrix, Nf4Matrix, Q4Matrix};
@@ -607,6 +607,51 @@ fn backward_int8_bits_independent_of_threads_and_nonfinite_declined() {
             let mut dx = vec![0.0f32; 50 * i];
             with_activations(ActivationMode::Int8, || f.matmul(&dy, 50, &mut dx, false)).unwrap();
             assert!(dx[..i].iter().all(|v| v.is_nan()), "{name}: NaN lost");
+        }
+    }
+}
+
+/// Where int8 mode takes a Q4 batch through the fused GEMV (below `q4_fused_end`: 16 on AVX2,
+/// 48 where the tier's integer GEMM starts at 48), the batch gives what its vectors give one at
+/// a time (`Q4Matrix::gemv_int8`), bit for bit, at 1 and 3 threads; from there on the route is
+/// the integer GEMM's.
+#[test]
+fn q4_fused_batches_give_their_vectors_bits() {
+    let (o, i) = (40, 256);
+    let q = Q4Matrix::quantize(&Tensor::randn(&[o, i], &mut Rng::new(31))).unwrap();
+    let tier = IntTier::for_path(nibble_quant::cpu::kernel_path());
+    let end = q4_fused_end(tier);
+    println!("q4 fused batches on {tier:?}: below {end}");
+    for m in [2usize, 15, 16, 33, 47, 48] {
+        let route = int8_route("q4", m);
+        assert_eq!(route == Int8Route::FusedQ4, m < end, "m {m}: {route:?}");
+        if m >= end {
+            continue;
+        }
+        let x = Tensor::randn(&[m, i], &mut Rng::new(m as u64)).into_vec();
+        let mut one_by_one = vec![f32::NAN; m * o];
+        for (xb, yb) in x.chunks(i).zip(one_by_one.chunks_mut(o)) {
+            q.gemv_int8(xb, yb, false).unwrap();
+        }
+        for threads in [1, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let mut batch = vec![f32::NAN; m * o];
+            pool.install(|| {
+                with_activations(ActivationMode::Int8, || {
+                    q.matmul_t(&x, m, &mut batch, false)
+                })
+            })
+            .unwrap();
+            assert!(
+                batch
+                    .iter()
+                    .zip(&one_by_one)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "m {m}, {threads} threads: the batch differs from its vectors"
+            );
         }
     }
 }

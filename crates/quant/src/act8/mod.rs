@@ -1463,8 +1463,22 @@ pub enum Int8Route {
     F32,
 }
 
-/// Q4 batches below this run the fused int8 GEMV.
+/// Q4 batches below this run the fused int8 GEMV on every tier; up to where the tier's integer
+/// GEMM starts, on the tiers where it starts later ([`q4_fused_end`]).
 pub const Q4_FUSED_MAX_M: usize = 16;
+
+/// The first Q4 batch on `tier` that leaves the fused int8 GEMV (one pass per vector over the
+/// matrix's codes, [`crate::Q4Matrix::gemv_int8`]): where the tier's integer GEMM starts
+/// ([`gemm_route`]), at least [`Q4_FUSED_MAX_M`]. Below 48 the AVX-512 VNNI, AMX and AVX-VNNI
+/// tiers have no integer GEMM, and until the twenty-fifth session batches of 16 to 47 there ran
+/// the f32 path: BigNet low_precision with int8 activations on the 2-core Xeon (2 threads,
+/// 2026-12-05) took 5.9 / 10.6 / 13.7 ms at batch 16 / 32 / 47 that way against 2.0–2.4 / 4.3 /
+/// 6.6 through the fused GEMV (qlora 7.7 / 12.1 / 14.0 against 4.1 / 5.0 / 7.7), and on the
+/// AVX-VNNI tier (`NIBBLE_KERNEL=avx2`) 6.5 / 10.6 / 15.4 against 4.0 / 7.6 / 10.3 (batch 15
+/// 2.24 ms, batch 48 on the integer GEMM 4.6).
+pub fn q4_fused_end(tier: IntTier) -> usize {
+    gemm_route(tier.supported(), "q4").map_or(Q4_FUSED_MAX_M, |r| r.start.max(Q4_FUSED_MAX_M))
+}
 /// NF4 (and NF4-dq) batches below this run [`forward`] on the AVX2 tier (its dot-product
 /// driver below [`gemm::GEMM_MIN_M`]); larger ones where [`gemm_route`] says so. On the
 /// AVX-512 VNNI tier NF4's small batches stay f32: on the 16-core Xeon (16 threads, one 1024²
@@ -1516,7 +1530,8 @@ pub fn int8_route(format: &str, m: usize) -> Int8Route {
     int8_route_on(IntTier::for_path(crate::cpu::kernel_path()), format, m)
 }
 
-/// [`int8_route`] on `tier`: Q4 fused below 16; NF4 fused at batch 1 on AVX-512 VNNI and AMX
+/// [`int8_route`] on `tier`: Q4 fused below [`q4_fused_end`] (16 on AVX2, 48 where the
+/// integer GEMM starts at 48); NF4 fused at batch 1 on AVX-512 VNNI and AMX
 /// (`crate::nf4::act8`: one 1024² layer on one thread of a 2-core Intel Xeon 24–26 µs against
 /// 50–54 µs for f32, where this driver's dot products took 2.2x f32's time), and its
 /// dot-product driver below 9 on AVX2; lower fused at batch 1 on AVX-512 VNNI and AMX
@@ -1528,7 +1543,7 @@ pub fn int8_route(format: &str, m: usize) -> Int8Route {
 /// whatever the route.)
 pub fn int8_route_on(tier: IntTier, format: &str, m: usize) -> Int8Route {
     match format {
-        "q4" if m < Q4_FUSED_MAX_M => Int8Route::FusedQ4,
+        "q4" if m < q4_fused_end(tier) => Int8Route::FusedQ4,
         "nf4" if m == 1 && matches!(tier.supported(), IntTier::Avx512Vnni | IntTier::Amx) => {
             Int8Route::FusedNf4
         }
