@@ -846,8 +846,9 @@ pub(crate) mod lower {
 pub(crate) mod q4_int8 {
     use super::{Gf2Affine, HighNibbles, ShiftMask};
     use crate::act8::avx2::Maddubs;
-    use crate::cpu::quant_prefetch;
-    use crate::cpu::{HintNta, HintOff, HintT0, PrefetchHint, QuantPrefetch, PREFETCH_ROWS};
+    use crate::cpu::{
+        quant_prefetch, HintNta, HintOff, HintT0, PrefetchHint, QuantPrefetch, PREFETCH_ROWS,
+    };
     use crate::q4::act8::{tail_ref, RowOperands, BLOCKS_PER_GROUP, CS_SLOT, GROUP};
     use crate::q4::tiles::{split_at_tiles, Q4Tiles, TILE_BLOCK_BYTES, TILE_ROWS};
     use crate::q4::Q4Matrix;
@@ -1125,8 +1126,9 @@ pub(crate) mod q4_int8 {
         }
     }
 
-    /// `y[16k + i] (+)= W[16 (t0 + k) + i, :] · x'` for the tiles `t0..t1` of the copy `t`,
-    /// on the prefetch hint `F`; each row adds [`tail_ref`] for the blocks past the copy's.
+    /// `y[16k + i] (+)= W[16 (t0 + k) + i, :] · x'` for the tiles `t0..t1` (`tiles`) of the
+    /// copy `t`, on the prefetch hint `F`; each row adds [`tail_ref`] for the blocks past the
+    /// copy's.
     ///
     /// # Safety
     /// As [`gemv`], and `H`'s CPU features; `tiles.end <= t.tiles`, `y` 16 values per tile.
