@@ -39,8 +39,8 @@ pub(crate) const TILE_ROWS: usize = 16;
 pub(crate) const TILE_BLOCK_BYTES: usize = TILE_ROWS * 8;
 
 /// One cache line of the copy: its storage, so that each of the kernel's 64-byte loads of
-/// codes is one aligned line, and each 32-byte load of norms half of one (a load across two lines cost about 6 % of a 1024²
-/// product on the 2-core Xeon, 2026-12-05).
+/// codes is one aligned line, and each 32-byte load of norms half of one (a load across two
+/// lines cost about 6 % of a 1024² product on the 2-core Xeon, 2026-12-05).
 #[repr(C, align(64))]
 #[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 pub(crate) struct Line(pub(crate) [u8; 64]);
