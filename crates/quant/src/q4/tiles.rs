@@ -60,7 +60,8 @@ pub(crate) struct Q4Tiles {
 }
 
 impl Q4Tiles {
-    /// The copy of `m`'s whole tiles and groups, or `None` where it has none of either.
+    /// The copy of `m`'s whole tiles and groups, or `None` where it has none of either (or
+    /// the memory for it is refused).
     fn build(m: &Q4Matrix) -> Option<Q4Tiles> {
         let tiles = m.out / TILE_ROWS;
         let nb = m.inn / GROUP * BLOCKS_PER_GROUP;
@@ -69,8 +70,15 @@ impl Q4Tiles {
         }
         let (row_bytes, row_blocks) = (m.row_bytes(), m.row_blocks());
         let (packed, norm) = (m.packed.as_slice(), m.norms());
-        let mut codes = vec![Line([0; 64]); tiles * nb * 2];
-        let mut norms = vec![Line([0; 64]); tiles * nb / 2];
+        // (Memory the system refuses leaves the matrix without a copy, on the row kernel,
+        // rather than aborting.)
+        let lines = |n: usize| {
+            let mut v = Vec::new();
+            v.try_reserve_exact(n).ok()?;
+            v.resize(n, Line([0; 64]));
+            Some(v)
+        };
+        let (mut codes, mut norms) = (lines(tiles * nb * 2)?, lines(tiles * nb / 2)?);
         let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut codes);
         let halves: &mut [f16] = bytemuck::cast_slice_mut(&mut norms);
         for (t, (tc, tn)) in bytes
