@@ -15,8 +15,9 @@
 //! plus the zero lanes of a last partial panel. One row of x ([`PANEL_GEMV_MAX_M`]) runs a GEMV
 //! over the panels (`gemm::panel_gemv`) with the GEMM's sequence of operations per output,
 //! more rows the GEMM: every row of a product gets the same bits at any batch size, and for
-//! batches above [`GEMV_MAX_M`](crate::gemm::gemv::GEMV_MAX_M) the bits of the unpacked
-//! [`Tensor`] (whose small batches take a GEMV of its own, summing in another order).
+//! the batches the unpacked [`Tensor`] sends to the GEMM (where
+//! [`gemv_fits`](crate::gemm::gemv::gemv_fits) says no) its bits (its small batches take a GEMV
+//! of its own, summing in another order).
 
 use crate::buffer::WeightBuf;
 use crate::cpu::kernel_path;

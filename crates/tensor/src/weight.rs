@@ -4,7 +4,7 @@
 
 use crate::cpu::kernel_path;
 use crate::error::{Result, TensorError};
-use crate::gemm::gemv::{gemv_t_f16, gemv_t_f32, gemv_t_low_rank, DenseBatch1, GEMV_MAX_M};
+use crate::gemm::gemv::{gemv_fits, gemv_t_f16, gemv_t_f32, gemv_t_low_rank, DenseBatch1};
 use crate::gemm::{gemm, gemm_segments, gemm_segments_post, MatRef, PackB, Segment, NR};
 use crate::half_tensor::HalfTensor;
 use crate::lowrank::LowRank;
@@ -324,8 +324,9 @@ pub fn check_matmul_operands(
 }
 
 /// The dense implementations, f32 and f16: one body, differing only in the element type, the
-/// GEMV kernel and the element size. Batches up to [`GEMV_MAX_M`] rows run as a GEMV straight
-/// from W; larger ones through the GEMM, which widens f16 panels as it packs them.
+/// GEMV kernel and the element size. Batches the GEMV suits ([`gemv_fits`]: up to 16 rows, up
+/// to 8 where W's rows are short) run as a GEMV straight from W; larger ones through the GEMM,
+/// which widens f16 panels as it packs them.
 macro_rules! dense_weight_matrix {
     ($ty:ty, $gemv:ident, $bytes:expr, $name:expr, $to_f32:expr) => {
         impl WeightMatrix for $ty {
@@ -338,7 +339,7 @@ macro_rules! dense_weight_matrix {
             fn matmul_t(&self, x: &[f32], m: usize, y: &mut [f32], accumulate: bool) -> Result<()> {
                 let (o, i) = self.dims2("linear")?;
                 check_matmul_operands("linear", m, x.len(), i, y.len(), o)?;
-                if m <= GEMV_MAX_M {
+                if gemv_fits(m, i) {
                     return $gemv(kernel_path(), self.data(), o, i, x, m, y, accumulate);
                 }
                 let w = MatRef::row_major(self.data(), o, i)?;
@@ -374,10 +375,10 @@ macro_rules! dense_weight_matrix {
                 $name
             }
             fn gemm_rhs(&self, m: usize) -> Option<Box<dyn PackB + '_>> {
-                if m <= GEMV_MAX_M {
+                let (o, i) = self.dims2("linear").ok()?;
+                if gemv_fits(m, i) {
                     return None;
                 }
-                let (o, i) = self.dims2("linear").ok()?;
                 let w = MatRef::row_major(self.data(), o, i).ok()?;
                 Some(Box::new(w.t()))
             }

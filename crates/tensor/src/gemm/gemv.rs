@@ -13,7 +13,6 @@ use crate::error::{Result, TensorError};
 use crate::lowrank::LowRank;
 use crate::parallel::PARALLEL_MIN_MACS;
 use half::f16;
-use rayon::prelude::*;
 
 /// Largest batch `m` for which [`crate::WeightMatrix::matmul_t`] on dense weights uses these
 /// row-wise kernels instead of the packed GEMM, whose cost at small batches is mostly packing
@@ -21,6 +20,30 @@ use rayon::prelude::*;
 /// 0.51 / 0.60 ms, m = 16 0.62–0.69 / 0.80 ms (f16 0.75–0.79 / 0.80 ms), m = 24 0.95–1.08 /
 /// 0.95 ms.
 pub const GEMV_MAX_M: usize = 16;
+
+/// Largest batch for which [`crate::WeightMatrix::matmul_t`] on dense weights with fewer than
+/// [`GEMV_LONG_ROWS`] inputs uses these kernels: short rows (a LoRA adapter's `B`, `[1024, r]`)
+/// leave each output's dot product too little to do next to its horizontal sum. 2 threads of
+/// the 2-core Xeon (2026-12-05, medians of 31, GEMV / GEMM, µs): `[1024, 32]` m = 8 18.5 /
+/// 12.5–16.5, 12 29 / 16–19, 15 68–69 / 15–18, 16 80 / 14–17; `[1024, 256]` m = 8 42 / 50, 12
+/// 62–64 / 67–94, 15 119–123 / 68–77; `[1024, 1024]` m = 16 269–270 / 395–441.
+pub const GEMV_MAX_M_SHORT_ROWS: usize = 8;
+
+/// Inputs from which a dense W's rows count as long for [`gemv_fits`].
+pub const GEMV_LONG_ROWS: usize = 512;
+
+/// Whether a batch of `m` vectors through a dense W of `inp` inputs runs these row-wise kernels
+/// rather than the GEMM: up to [`GEMV_MAX_M`] vectors with rows of at least
+/// [`GEMV_LONG_ROWS`] inputs, up to [`GEMV_MAX_M_SHORT_ROWS`] otherwise.
+///
+/// ```
+/// use nibble_tensor::gemm::gemv::gemv_fits;
+/// assert!(gemv_fits(16, 1024) && !gemv_fits(17, 1024));
+/// assert!(gemv_fits(8, 32) && !gemv_fits(9, 32));
+/// ```
+pub fn gemv_fits(m: usize, inp: usize) -> bool {
+    m <= GEMV_MAX_M && (m <= GEMV_MAX_M_SHORT_ROWS || inp >= GEMV_LONG_ROWS)
+}
 
 /// `y[m, out] = x[m, inp] · Wᵀ` (`+=` with `accumulate`) for an f32 `W[out, inp]`, row-major.
 /// Any `m` is computed correctly, but this is the fast choice only for `m <= GEMV_MAX_M`.
@@ -279,9 +302,10 @@ fn gemv_t<E: BElem>(
     };
     let mut res = vec![0.0f32; yl];
     if parallel {
-        res.par_chunks_mut(rows_per_task * m)
-            .enumerate()
-            .for_each(task);
+        // (The hot team's way in from outside the pool, as batch 1's: rayon's own parks the
+        // caller and wakes it again, which cost more than a LoRA adapter's product.)
+        let chunk = rows_per_task * m;
+        crate::parallel::for_each_chunk(&mut res, chunk, |start, part| task((start / chunk, part)));
     } else {
         res.chunks_mut(rows_per_task * m).enumerate().for_each(task);
     }
