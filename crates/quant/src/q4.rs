@@ -35,7 +35,7 @@ use crate::cpu::{is_x86_simd, kernel_path, usable, KernelPath};
 use crate::error::{QuantError, Result};
 use crate::kernels::{self, ColBlock, QuantRows};
 
-/// The fused Q4 int8-activation GEMV (batches below 16 in int8 mode).
+/// The fused Q4 int8-activation GEMV (int8 mode's small batches, [`crate::act8::q4_fused_end`]).
 pub(crate) mod act8;
 /// The row-interleaved copy the AVX-512 VNNI batch-1 int8 GEMV reads.
 pub(crate) mod tiles;
@@ -347,9 +347,9 @@ impl Q4Matrix {
     }
 
     /// Batch-1 `y (+)= W · x` with int8 activations through Q4's fused int8 GEMV (what
-    /// `matmul_t` runs, in parallel, for batches below 16 under
-    /// [`crate::act8::ActivationMode::Int8`]; larger batches take the format-independent
-    /// [`crate::act8::forward`] or the f32 path, see [`crate::act8`]).
+    /// `matmul_t` runs, in parallel, for batches below [`crate::act8::q4_fused_end`] (16 or 48
+    /// by tier) under [`crate::act8::ActivationMode::Int8`]; larger batches take the
+    /// format-independent [`crate::act8::forward`] or the f32 path, see [`crate::act8`]).
     ///
     /// x is quantized per 128 elements to `round(x · 127 / max|x|)`, so each row's result
     /// carries an extra error of at most `Σ_k |w'_k| · max|x|_group(k) / 254` (checked by the
@@ -427,8 +427,9 @@ impl QuantRows for Q4Matrix {
     fn act8_view(&self) -> Option<&dyn crate::act8::IntCodes> {
         Some(self)
     }
-    /// Batches below 16 keep the fused int8 GEMV ([`Q4Matrix::gemv_int8`]), 2.5 times faster
-    /// at batch 1 than the generic driver (see [`crate::act8::int8_route`]).
+    /// Batches below [`crate::act8::q4_fused_end`] keep the fused int8 GEMV
+    /// ([`Q4Matrix::gemv_int8`]), 2.5 times faster at batch 1 than the generic driver (see
+    /// [`crate::act8::int8_route`]).
     fn act8_generic(&self, m: usize) -> bool {
         crate::act8::int8_route("q4", m) == crate::act8::Int8Route::Generic
     }

@@ -1479,6 +1479,7 @@ pub const Q4_FUSED_MAX_M: usize = 16;
 pub fn q4_fused_end(tier: IntTier) -> usize {
     gemm_route(tier.supported(), "q4").map_or(Q4_FUSED_MAX_M, |r| r.start.max(Q4_FUSED_MAX_M))
 }
+
 /// NF4 (and NF4-dq) batches below this run [`forward`] on the AVX2 tier (its dot-product
 /// driver below [`gemm::GEMM_MIN_M`]); larger ones where [`gemm_route`] says so. On the
 /// AVX-512 VNNI tier NF4's small batches stay f32: on the 16-core Xeon (16 threads, one 1024²
@@ -1488,7 +1489,7 @@ pub fn q4_fused_end(tier: IntTier) -> usize {
 pub const NF4_GENERIC_MAX_M: usize = 9;
 
 /// The batches for which int8 mode runs the integer GEMM ([`gemm`], through [`forward`]) for
-/// a format on a tier (Q4 keeps its fused GEMV below [`Q4_FUSED_MAX_M`] whatever this says),
+/// a format on a tier (Q4 keeps its fused GEMV below [`q4_fused_end`], which follows this),
 /// or `None` where the GEMM is not routed at all. AVX2 (measured on the Zen 3, see the
 /// [module docs](self)): Q4 and lower at every batch from 16, NF4 from 8 (with its
 /// dot-product driver below, every NF4 batch runs int8) and int8 from 24. (Until the

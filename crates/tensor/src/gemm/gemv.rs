@@ -46,7 +46,7 @@ pub fn gemv_fits(m: usize, inp: usize) -> bool {
 }
 
 /// `y[m, out] = x[m, inp] · Wᵀ` (`+=` with `accumulate`) for an f32 `W[out, inp]`, row-major.
-/// Any `m` is computed correctly, but this is the fast choice only for `m <= GEMV_MAX_M`.
+/// Any `m` is computed correctly, but this is the fast choice only where [`gemv_fits`] says so.
 /// Shape errors are returned as [`TensorError`].
 ///
 /// ```
