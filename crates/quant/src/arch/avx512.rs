@@ -1054,7 +1054,8 @@ pub(crate) mod q4_int8 {
     /// the first call): each whole tile of 16 rows inside `rows` by [`tile_dot`], the rows
     /// before the first and after the last whole tile by the row kernel. The same bits as
     /// [`gemv`] (`vnni_gemvs_match_avx2`); where the matrix has no copy (no whole tile or
-    /// group, or `NIBBLE_Q4_TILES=0`), [`gemv`] itself.
+    /// group), [`gemv`] itself. (`NIBBLE_Q4_TILES=0` is honoured by the dispatch, which then
+    /// calls [`gemv`].)
     ///
     /// # Safety
     /// As [`gemv`].
@@ -1144,8 +1145,6 @@ pub(crate) mod q4_int8 {
         debug_assert!(tiles.end <= t.tiles && y.len() >= tiles.len() * TILE_ROWS);
         let (xq, xs, cs) = crate::q4::act8::parts(m.inn, prep);
         let full = t.nb / BLOCKS_PER_GROUP;
-        // Blocks past the whole groups (read from the checkpoint layout).
-        let ragged = t.nb < m.row_blocks();
         for (yt, tile) in y.chunks_exact_mut(TILE_ROWS).zip(tiles) {
             // SAFETY: tile < t.tiles, so its nb blocks of codes and norms lie inside the copy;
             // the prepared x holds `full` whole groups (the caller's contract).
@@ -1158,12 +1157,8 @@ pub(crate) mod q4_int8 {
                 )
             };
             for (i, (o, &vi)) in yt.iter_mut().zip(&v).enumerate() {
-                // (`tail_ref` adds 0.0 where the copy holds every block: so does this.)
-                let vi = if ragged {
-                    vi + tail_ref(m, tile * TILE_ROWS + i, t.nb, prep)
-                } else {
-                    vi + 0.0
-                };
+                // (The blocks past the copy's, from the checkpoint layout, as the row kernel.)
+                let vi = vi + tail_ref(m, tile * TILE_ROWS + i, t.nb, prep);
                 *o = if acc { *o + vi } else { vi };
             }
         }

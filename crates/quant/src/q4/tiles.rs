@@ -154,12 +154,9 @@ pub(crate) fn tiles_enabled() -> bool {
 pub(crate) struct TilesCache(OnceLock<Option<Q4Tiles>>);
 
 impl TilesCache {
-    /// `m`'s copy (built on the first call), or `None` where `m` has no whole tile or group,
-    /// or the copy is turned off.
+    /// `m`'s copy (built on the first call), or `None` where `m` has no whole tile or group.
+    /// (Whether to use a copy at all, [`tiles_enabled`], is the dispatch's choice.)
     pub(crate) fn get(&self, m: &Q4Matrix) -> Option<&Q4Tiles> {
-        if !tiles_enabled() {
-            return None;
-        }
         self.0.get_or_init(|| Q4Tiles::build(m)).as_ref()
     }
 
