@@ -4,7 +4,9 @@
 
 use crate::cpu::kernel_path;
 use crate::error::{Result, TensorError};
-use crate::gemm::gemv::{gemv_fits, gemv_t_f16, gemv_t_f32, gemv_t_low_rank, DenseBatch1};
+use crate::gemm::gemv::{
+    gemv_fits, gemv_fits_f16, gemv_t_f16, gemv_t_f32, gemv_t_low_rank, DenseBatch1,
+};
 use crate::gemm::{gemm, gemm_segments, gemm_segments_post, MatRef, PackB, Segment, NR};
 use crate::half_tensor::HalfTensor;
 use crate::lowrank::LowRank;
@@ -324,11 +326,12 @@ pub fn check_matmul_operands(
 }
 
 /// The dense implementations, f32 and f16: one body, differing only in the element type, the
-/// GEMV kernel and the element size. Batches the GEMV suits ([`gemv_fits`]: up to 16 rows, up
-/// to 8 where W's rows are short) run as a GEMV straight from W; larger ones through the GEMM,
-/// which widens f16 panels as it packs them.
+/// GEMV kernel, the element size and the GEMV's range. Batches the GEMV suits ([`gemv_fits`]: up
+/// to 16 rows, up to 8 where W's rows are short; [`gemv_fits_f16`]: at most 12 for f16) run as
+/// a GEMV straight from W; larger ones through the GEMM, which widens f16 panels as it packs
+/// them.
 macro_rules! dense_weight_matrix {
-    ($ty:ty, $gemv:ident, $bytes:expr, $name:expr, $to_f32:expr) => {
+    ($ty:ty, $gemv:ident, $fits:ident, $bytes:expr, $name:expr, $to_f32:expr) => {
         impl WeightMatrix for $ty {
             fn out_features(&self) -> usize {
                 self.shape()[0]
@@ -339,7 +342,7 @@ macro_rules! dense_weight_matrix {
             fn matmul_t(&self, x: &[f32], m: usize, y: &mut [f32], accumulate: bool) -> Result<()> {
                 let (o, i) = self.dims2("linear")?;
                 check_matmul_operands("linear", m, x.len(), i, y.len(), o)?;
-                if gemv_fits(m, i) {
+                if $fits(m, i) {
                     return $gemv(kernel_path(), self.data(), o, i, x, m, y, accumulate);
                 }
                 let w = MatRef::row_major(self.data(), o, i)?;
@@ -376,7 +379,7 @@ macro_rules! dense_weight_matrix {
             }
             fn gemm_rhs(&self, m: usize) -> Option<Box<dyn PackB + '_>> {
                 let (o, i) = self.dims2("linear").ok()?;
-                if gemv_fits(m, i) {
+                if $fits(m, i) {
                     return None;
                 }
                 let w = MatRef::row_major(self.data(), o, i).ok()?;
@@ -390,8 +393,15 @@ macro_rules! dense_weight_matrix {
     };
 }
 
-dense_weight_matrix!(Tensor, gemv_t_f32, 4, "f32", Tensor::clone);
-dense_weight_matrix!(HalfTensor, gemv_t_f16, 2, "f16", HalfTensor::to_f32);
+dense_weight_matrix!(Tensor, gemv_t_f32, gemv_fits, 4, "f32", Tensor::clone);
+dense_weight_matrix!(
+    HalfTensor,
+    gemv_t_f16,
+    gemv_fits_f16,
+    2,
+    "f16",
+    HalfTensor::to_f32
+);
 
 /// The linear layer's forward: `y[m, out] = x[m, in] · Wᵀ + bias`.
 ///

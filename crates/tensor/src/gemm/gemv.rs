@@ -32,6 +32,14 @@ pub const GEMV_MAX_M_SHORT_ROWS: usize = 8;
 /// Inputs from which a dense W's rows count as long for [`gemv_fits`].
 pub const GEMV_LONG_ROWS: usize = 512;
 
+/// Largest batch for which [`crate::WeightMatrix::matmul_t`] on an f16 W uses these kernels
+/// ([`gemv_fits_f16`]). The f16 kernel reads W once per 4 vectors and converts it each time;
+/// past 12 vectors the GEMM, which widens W once as it packs it, is faster. BigNet
+/// `half_precision`, 2 threads of the 2-core Xeon, three rounds in turns (2026-12-05, ms,
+/// GEMV / GEMM): batch 9 3.7–4.1 / 4.0–4.5, 12 4.3–5.0 / 4.2–4.6, 15 6.9–7.5 / 4.6–5.1, 16
+/// 7.5–8.5 / 4.1–5.1.
+pub const GEMV_MAX_M_F16: usize = 12;
+
 /// Whether a batch of `m` vectors through a dense W of `inp` inputs runs these row-wise kernels
 /// rather than the GEMM: up to [`GEMV_MAX_M`] vectors with rows of at least
 /// [`GEMV_LONG_ROWS`] inputs, up to [`GEMV_MAX_M_SHORT_ROWS`] otherwise.
@@ -43,6 +51,17 @@ pub const GEMV_LONG_ROWS: usize = 512;
 /// ```
 pub fn gemv_fits(m: usize, inp: usize) -> bool {
     m <= GEMV_MAX_M && (m <= GEMV_MAX_M_SHORT_ROWS || inp >= GEMV_LONG_ROWS)
+}
+
+/// [`gemv_fits`] for an f16 W: the same, but at most [`GEMV_MAX_M_F16`] vectors.
+///
+/// ```
+/// use nibble_tensor::gemm::gemv::gemv_fits_f16;
+/// assert!(gemv_fits_f16(12, 1024) && !gemv_fits_f16(13, 1024));
+/// assert!(gemv_fits_f16(8, 32) && !gemv_fits_f16(9, 32));
+/// ```
+pub fn gemv_fits_f16(m: usize, inp: usize) -> bool {
+    m <= GEMV_MAX_M_F16 && gemv_fits(m, inp)
 }
 
 /// `y[m, out] = x[m, inp] · Wᵀ` (`+=` with `accumulate`) for an f32 `W[out, inp]`, row-major.
