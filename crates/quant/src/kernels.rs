@@ -680,15 +680,17 @@ fn batch_tiles<F: QuantRows>(
     // Rows per tile: a multiple of 3 (the dense kernel's row step), at least 3.
     let rows = (BATCH_TILE_BYTES / (4 * i).max(1)).clamp(3, 96) / 3 * 3;
     let yp = YPtr(y.as_mut_ptr());
-    let run = move |t: usize| {
+    let run = move |x: &[f32], t: usize| {
         let r0 = t * rows;
         let nr = rows.min(o - r0);
         let mut tile = take_scratch(&TILE);
+        // The tile from a 64-byte line on (up to 15 floats in), as x (`on_whole_lines`).
         let need = nr * i + nr * m;
-        if tile.len() < need {
-            tile.resize(need, 0.0);
+        if tile.len() < need + 15 {
+            tile.resize(need + 15, 0.0);
         }
-        let (w, res) = tile[..need].split_at_mut(nr * i);
+        let skip = tile.as_ptr().align_offset(64).min(15);
+        let (w, res) = tile[skip..skip + need].split_at_mut(nr * i);
         f.dequant_cols(
             path,
             ColBlock {
@@ -715,7 +717,9 @@ fn batch_tiles<F: QuantRows>(
         put_scratch(&TILE, tile);
         done
     };
-    run_tasks(o.div_ceil(rows), parallel, run)
+    nibble_tensor::gemm::gemv::on_whole_lines(x, i, |x| {
+        run_tasks(o.div_ceil(rows), parallel, |t| run(x, t))
+    })
 }
 
 /// Backward `dx = dy · W` for any format (GEMM over panels of `W`; under int8 activations,

@@ -6,7 +6,7 @@ use common::{bits, in_pool};
 
 use half::f16;
 use nibble_tensor::cpu::{available_paths, has_avx512, missing_paths, KernelPath};
-use nibble_tensor::gemm::gemv::{gemv_t_f16, gemv_t_f32, gemv_tile_f32};
+use nibble_tensor::gemm::gemv::{gemv_t_f16, gemv_t_f32, gemv_tile_f32, on_whole_lines};
 use nibble_tensor::gemm::{
     gemm, gemm_avx512_tile, gemm_avx512_tile_with_packing, gemm_on, gemm_segments,
     gemm_with_packing, gemm_with_stage, Avx512Tile, MatRef, PackB, Packing, Segment,
@@ -477,6 +477,56 @@ fn gemv_matches_gemm() {
             }
         }
     }
+}
+
+/// The small-batch GEMV gives the same bits wherever x starts in a cache line (it copies x to
+/// a whole line where it starts inside one, [`on_whole_lines`]), with rows that are whole
+/// lines and rows that are not, its scratch reused across calls of other sizes, the output
+/// pre-filled with NaN.
+#[test]
+fn gemv_bits_do_not_depend_on_where_x_starts() {
+    let mut rng = Rng::new(21);
+    for (out, inp) in [(33, 64), (17, 1024), (9, 100)] {
+        let w = Tensor::uniform(&[out, inp], -1.0, 1.0, &mut rng);
+        let wh = HalfTensor::from_f32(&w);
+        for m in [2, 3, 5, 12, 16] {
+            // 15 spare floats: x at each of the 16 float offsets of one line.
+            let store: Vec<f32> = (0..m * inp + 15).map(|_| rng.uniform(-1.0, 1.0)).collect();
+            for path in paths() {
+                for half in [false, true] {
+                    let mut want: Option<Vec<u32>> = None;
+                    for off in 0..16 {
+                        // The same values at every offset.
+                        let mut shifted = vec![0.0f32; m * inp + 15];
+                        shifted[off..off + m * inp].copy_from_slice(&store[..m * inp]);
+                        let x = &shifted[off..off + m * inp];
+                        let mut y = vec![f32::NAN; m * out];
+                        if half {
+                            gemv_t_f16(path, wh.data(), out, inp, x, m, &mut y, false).unwrap();
+                        } else {
+                            gemv_t_f32(path, w.data(), out, inp, x, m, &mut y, false).unwrap();
+                        }
+                        let got = bits(&y);
+                        let what = format!("{out}x{inp} m={m} f16={half} {path:?} offset {off}");
+                        assert!(y.iter().all(|v| v.is_finite()), "{what}");
+                        match &want {
+                            None => want = Some(got),
+                            Some(e) => assert!(*e == got, "{what}"),
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let x: Vec<f32> = (0..48).map(|v| v as f32).collect();
+    assert_eq!(
+        on_whole_lines(&x[1..33], 16, |x| x.to_vec()),
+        x[1..33].to_vec()
+    );
+    assert_eq!(
+        on_whole_lines(&x[1..33], 16, |x| x.as_ptr() as usize % 64),
+        0
+    );
 }
 
 /// The one-tile kernel gives, bit for bit, what the full small-batch GEMV gives for the same

@@ -256,6 +256,8 @@ impl Scratch {
 thread_local! {
     static A_BUF: Cell<Vec<Line>> = const { Cell::new(Vec::new()) };
     static B_BUF: Cell<Vec<Line>> = const { Cell::new(Vec::new()) };
+    /// The small-batch GEMV's copy of x on whole cache lines ([`gemv`]).
+    static X_BUF: Cell<Vec<Line>> = const { Cell::new(Vec::new()) };
 }
 
 /// An output's base pointer, shared by tasks that write disjoint parts of it (the GEMM's tiles
