@@ -413,13 +413,21 @@ impl QuantRows for Q4Matrix {
     fn dims(&self) -> (usize, usize) {
         (self.out, self.inn)
     }
-    /// f32 activations: the GEMV wins up to 4 vectors (1024², 2 threads, GEMVs against tiles:
-    /// m = 4 0.47 / 0.55 ms, m = 6 0.73 / 0.58 ms). Int8 activations: the fused int8 GEMV for
-    /// every batch below [`crate::act8::q4_fused_end`] on this tier (it does not compute with
-    /// the dequantized weights, so a batch must give what its vectors give one at a time).
+    /// f32 activations: on the AVX2 path the GEMV wins up to 4 vectors (1024², 2 threads,
+    /// GEMVs against tiles: m = 4 0.47 / 0.55 ms, m = 6 0.73 / 0.58 ms); on the AVX-512 path,
+    /// whose tiles read x and the decoded rows on whole cache lines
+    /// ([`nibble_tensor::gemm::gemv::on_whole_lines`]), up to 2 (BigNet low_precision, 2
+    /// threads of the 2-core Xeon, three rounds in turns, GEMVs against tiles: m = 3 1.9–2.2 /
+    /// 1.47–1.51 ms, m = 4 2.5–2.8 / 1.72–1.79; m = 2 1.31–1.38 / 1.36–1.42; the AVX2 path
+    /// there: m = 3 2.0–2.2 / 2.5–2.6, m = 4 2.8–2.9 / 2.7–2.9). Int8 activations: the fused
+    /// int8 GEMV for every batch below [`crate::act8::q4_fused_end`] on this tier (it does not
+    /// compute with the dequantized weights, so a batch must give what its vectors give one at
+    /// a time).
     fn tiles_min_m(&self) -> usize {
         if q4_activations() == Q4Activations::Int8 {
             crate::act8::q4_fused_end(crate::act8::IntTier::for_path(kernel_path()))
+        } else if kernel_path() == KernelPath::Avx512 {
+            3
         } else {
             5
         }
