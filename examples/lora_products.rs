@@ -1,6 +1,7 @@
 //! The products of one QLoRA layer's training step, each timed on its own at the training
 //! batch (1000 rows, width 1024, rank 32) as the tape runs them: the frozen Q4 base forward
-//! and input gradient (f32 and int8 activations), the adapter's `h = x·Aᵀ`, `y += h·Bᵀ`,
+//! and input gradient (f32 and int8 activations), the base with its bias and the adapter's `h · Bᵀ` in
+//! one pass (as inference runs a frozen layer with an adapter), the adapter's `h = x·Aᵀ`, `y += h·Bᵀ`,
 //! `dH = dY·B`, `dB = dYᵀ·H`, `dXa = dH·A`, `dA = dHᵀ·X`, the gradient sum `dX += dXa`, and
 //! what a fresh activation-sized tensor costs (allocated, zeroed, freed).
 //! Medians (min) of `reps` runs with the FLOP rate, on the rayon pool (`RAYON_NUM_THREADS`).
@@ -9,7 +10,10 @@
 
 use nibble::quant::act8::{with_activations, ActivationMode};
 use nibble::quant::Q4Matrix;
-use nibble::tensor::{linear_backward_input, linear_backward_weight, Rng, Tensor, WeightMatrix};
+use nibble::tensor::ops::PostOp;
+use nibble::tensor::{
+    linear_backward_input, linear_backward_weight, linear_low_rank_into, Rng, Tensor, WeightMatrix,
+};
 use std::time::Instant;
 
 fn main() {
@@ -29,6 +33,7 @@ fn main() {
     let x = Tensor::randn(&[m, d], &mut rng);
     let dy = Tensor::randn(&[m, d], &mut rng);
     let h = Tensor::randn(&[m, r], &mut rng);
+    let bias = Tensor::uniform(&[d], -0.03, 0.03, &mut rng).into_vec();
     let dh = Tensor::randn(&[m, r], &mut rng);
     println!(
         "{} threads, batch {m}, width {d}, rank {r}",
@@ -65,6 +70,22 @@ fn main() {
                 &format!("base forward x·Wᵀ ({})", mode.name()),
                 big,
                 &mut || q.matmul_t(x.data(), m, y.data_mut(), false).unwrap(),
+            );
+            time(
+                &format!("base + bias + h·Bᵀ in one pass ({})", mode.name()),
+                big + small,
+                &mut || {
+                    linear_low_rank_into(
+                        &q,
+                        x.data(),
+                        m,
+                        y.data_mut(),
+                        Some(&bias),
+                        (h.data(), &b),
+                        PostOp::Identity,
+                    )
+                    .unwrap()
+                },
             );
             time(
                 &format!("base input grad dY·W ({})", mode.name()),
