@@ -1488,6 +1488,17 @@ pub fn q4_fused_end(tier: IntTier) -> usize {
 /// 0.75; 16 threads 0.74–1.26 and 2.6–3.6).
 pub const NF4_GENERIC_MAX_M: usize = 9;
 
+/// Where the integer GEMM starts for NF4, int8 and lower on the AVX-512 VNNI and AMX tiers
+/// ([`gemm_route`]; Q4 keeps its fused GEMV up to 48). The driver of 2026-12-05 against the f32
+/// path, one 1024² layer (`act8_bench`, generic / f32 time, the minima of 7, nf4, nf4_dq, int8,
+/// lower): 16-core Xeon, AMX tier, 16 threads, batch 8 0.78–0.90, 16 0.63–0.83, 32 0.51–0.64,
+/// 47 0.48–0.53; 8 threads 0.86–1.02, 0.71–0.89, 0.55–0.64, 0.49–0.58; 4 threads 0.73–0.88,
+/// 0.54–0.66, 0.48–0.57, 0.45–0.51; 2-core Xeon, 2 threads 0.57–0.76, 0.39–0.55, 0.37–0.52,
+/// 0.32–0.46. At 8 vectors 8 threads gain nothing; from 16 every thread count gains. (On
+/// 2026-12-03 the driver of then lost at 32 on 16 threads, 1.03–1.48x, hence the earlier 48.)
+pub const GEMM_ROUTE_START_512: usize = 16;
+const _: () = assert!(GEMM_ROUTE_START_512 >= gemm::GEMM_MIN_M);
+
 /// The batches for which int8 mode runs the integer GEMM ([`gemm`], through [`forward`]) for
 /// a format on a tier (Q4 keeps its fused GEMV below [`q4_fused_end`], which follows this),
 /// or `None` where the GEMM is not routed at all. AVX2 (measured on the Zen 3, see the
@@ -1502,8 +1513,9 @@ pub const NF4_GENERIC_MAX_M: usize = 9;
 /// 32 1.03–1.48 (lower to nf4_dq), 48 0.57–0.79, 64 0.48–0.74, 128 0.45–0.62, 256 0.26–0.56,
 /// 1024 0.37–0.59; VNNI tier 32 1.05–1.51, 48 0.69–0.95, 64 0.53–0.76, 128 0.47–0.63, 256
 /// 0.41–0.46, 1024 0.46–0.52; 2 threads, AMX tier, batch 16 0.63–0.91, 64 0.41–0.60, 256
-/// 0.32–0.55, 1024 0.31–0.54. So every format from 48 on both tiers (on 2 threads smaller
-/// batches would gain too; 48 is where 16 threads stop losing). Q4 runs its units of 16 on
+/// 0.32–0.55, 1024 0.31–0.54. So every format from 48 on both tiers then (on 2 threads smaller
+/// batches would gain too; 48 was where 16 threads stopped losing); since the twenty-sixth
+/// session NF4, int8 and lower from [`GEMM_ROUTE_START_512`]. Q4 runs its units of 16 on
 /// the VNNI tier under AMX (see [`forward`]). AVX-VNNI, measured on the same Xeon (which has
 /// it) with `NIBBLE_KERNEL=avx2`, 2026-12-03 16:25 UTC, generic driver int8 / f32 time: 2
 /// threads, batch 8 0.75–1.00, 16 0.61–0.87, 64 0.43–0.53, 256 0.36–0.50, 1024 0.37–0.57 (the
@@ -1512,7 +1524,12 @@ pub const NF4_GENERIC_MAX_M: usize = 9;
 /// batch (one `vpdpbusd` per four columns makes the 8-bit codes as cheap as the 4-bit ones,
 /// unlike AVX2). The portable and emulated tiers: `None` (not measured; the f32 path runs).
 pub fn gemm_route(tier: IntTier, format: &str) -> Option<std::ops::Range<usize>> {
+    // (The measurements behind the start of 16 for NF4, int8 and lower on the 512-bit tiers:
+    // [`GEMM_ROUTE_START_512`].)
     match (tier, format) {
+        (IntTier::Amx | IntTier::Avx512Vnni, "nf4" | "int8" | "lower") => {
+            Some(GEMM_ROUTE_START_512..usize::MAX)
+        }
         (
             IntTier::Amx | IntTier::Avx512Vnni | IntTier::AvxVnni,
             "q4" | "nf4" | "int8" | "lower",
