@@ -585,8 +585,11 @@ pub(super) mod simd {
 
     /// `res[r * ld + b] (+)= W[r] · x[b]` for `r < rows`, `b < g` (`g` in 1..=4). Rows of W
     /// per step: f32 weights 3 (each x load then feeds 3 FMAs: batch 2 105 -> 77 µs, 4 166 ->
-    /// 133 µs, 16 690 -> 560 µs on 1024², 2 threads); f16 weights 1 (their F16C conversion, not the loads, bounds
-    /// them, and 3 rows were slower at batch 2). A function rather than a closure, so that it
+    /// 133 µs, 16 690 -> 560 µs on 1024², 2 threads); f16 weights on 256-bit lanes 1 (their
+    /// F16C conversion, not the loads, bounds them, and 3 rows were slower at batch 2), on
+    /// 512-bit lanes 3 as f32 (one 1024² layer, one thread of the 2-core Xeon, x on whole
+    /// lines, batch 3 / 4 / 8 / 12: 0.087 / 0.105 / 0.208 / 0.307 ms with 1 row, 0.071 / 0.088
+    /// / 0.153 / 0.233 with 3, 2026-12-05). A function rather than a closure, so that it
     /// inlines with the caller's target features.
     ///
     /// # Safety
@@ -604,9 +607,10 @@ pub(super) mod simd {
         accumulate: bool,
     ) {
         let f32_weights = std::mem::size_of::<E>() == 4;
+        let three_rows = f32_weights || V::N == 16;
         // SAFETY: forwarded contract.
         unsafe {
-            match (g, f32_weights) {
+            match (g, three_rows) {
                 (1, _) => body::<V, E, 1, 4, 1>(w, inp, x, rows, res, ld, accumulate),
                 (2, true) => body::<V, E, 2, 2, 3>(w, inp, x, rows, res, ld, accumulate),
                 (2, false) => body::<V, E, 2, 2, 1>(w, inp, x, rows, res, ld, accumulate),
