@@ -1489,14 +1489,18 @@ pub fn q4_fused_end(tier: IntTier) -> usize {
 pub const NF4_GENERIC_MAX_M: usize = 9;
 
 /// Where the integer GEMM starts for NF4, int8 and lower on the AVX-512 VNNI and AMX tiers
-/// ([`gemm_route`]; Q4 keeps its fused GEMV up to 48). The driver of 2026-12-05 against the f32
+/// ([`gemm_route`]; Q4 keeps its fused GEMV up to 48): where the GEMM starts at all
+/// ([`gemm::GEMM_MIN_M`]). The driver of 2026-12-05 against the f32
 /// path, one 1024² layer (`act8_bench`, generic / f32 time, the minima of 7, nf4, nf4_dq, int8,
 /// lower): 16-core Xeon, AMX tier, 16 threads, batch 8 0.78–0.90, 16 0.63–0.83, 32 0.51–0.64,
 /// 47 0.48–0.53; 8 threads 0.86–1.02, 0.71–0.89, 0.55–0.64, 0.49–0.58; 4 threads 0.73–0.88,
 /// 0.54–0.66, 0.48–0.57, 0.45–0.51; 2-core Xeon, 2 threads 0.57–0.76, 0.39–0.55, 0.37–0.52,
-/// 0.32–0.46. At 8 vectors 8 threads gain nothing; from 16 every thread count gains. (On
-/// 2026-12-03 the driver of then lost at 32 on 16 threads, 1.03–1.48x, hence the earlier 48.)
-pub const GEMM_ROUTE_START_512: usize = 16;
+/// 0.32–0.46. From 16 every thread count gains; at 8 all but 8 threads, which break even. BigNet
+/// with int8 activations, 2 threads, three rounds in turns, the GEMM from 16 / from 8, ms: nf4
+/// at batch 8 2.88–3.05 / 1.61–1.83, 12 3.66–3.71 / 1.68–2.12; int8 2.35–2.68 / 1.43–1.72,
+/// 3.36–3.42 / 1.53–1.87; lower 3.12–3.34 / 2.37–3.05, 3.84–4.31 / 2.45–2.70. (On 2026-12-03
+/// the driver of then lost at 32 on 16 threads, 1.03–1.48x, hence the earlier 48.)
+pub const GEMM_ROUTE_START_512: usize = 8;
 const _: () = assert!(GEMM_ROUTE_START_512 >= gemm::GEMM_MIN_M);
 
 /// The batches for which int8 mode runs the integer GEMM ([`gemm`], through [`forward`]) for
@@ -1524,7 +1528,7 @@ const _: () = assert!(GEMM_ROUTE_START_512 >= gemm::GEMM_MIN_M);
 /// batch (one `vpdpbusd` per four columns makes the 8-bit codes as cheap as the 4-bit ones,
 /// unlike AVX2). The portable and emulated tiers: `None` (not measured; the f32 path runs).
 pub fn gemm_route(tier: IntTier, format: &str) -> Option<std::ops::Range<usize>> {
-    // (The measurements behind the start of 16 for NF4, int8 and lower on the 512-bit tiers:
+    // (The measurements behind the start of NF4, int8 and lower on the 512-bit tiers:
     // [`GEMM_ROUTE_START_512`].)
     match (tier, format) {
         (IntTier::Amx | IntTier::Avx512Vnni, "nf4" | "int8" | "lower") => {
