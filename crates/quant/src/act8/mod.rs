@@ -1534,10 +1534,8 @@ pub fn gemm_route(tier: IntTier, format: &str) -> Option<std::ops::Range<usize>>
         (IntTier::Amx | IntTier::Avx512Vnni, "nf4" | "int8" | "lower") => {
             Some(GEMM_ROUTE_START_512..usize::MAX)
         }
-        (
-            IntTier::Amx | IntTier::Avx512Vnni | IntTier::AvxVnni,
-            "q4" | "nf4" | "int8" | "lower",
-        ) => Some(48..usize::MAX),
+        (IntTier::Amx | IntTier::Avx512Vnni, "q4")
+        | (IntTier::AvxVnni, "q4" | "nf4" | "int8" | "lower") => Some(48..usize::MAX),
         (IntTier::Avx2, "q4" | "lower") => Some(16..usize::MAX),
         (IntTier::Avx2, "nf4") => Some(gemm::GEMM_MIN_M..usize::MAX),
         (IntTier::Avx2, "int8") => Some(24..usize::MAX),

@@ -37,7 +37,9 @@ pub const GEMV_LONG_ROWS: usize = 512;
 /// past 12 vectors the GEMM, which widens W once as it packs it, is faster. BigNet
 /// `half_precision`, 2 threads of the 2-core Xeon, three rounds in turns (2026-12-05, ms,
 /// GEMV / GEMM): batch 9 3.7–4.1 / 4.0–4.5, 12 4.3–5.0 / 4.2–4.6, 15 6.9–7.5 / 4.6–5.1, 16
-/// 7.5–8.5 / 4.1–5.1.
+/// 7.5–8.5 / 4.1–5.1. Again after the GEMV read x on whole lines and stepped 3 f16 rows on
+/// 512-bit lanes (the same day, later): 13 4.34–4.41 / 4.43–4.64, 14 4.39–4.63 / 4.39–4.80, 16
+/// 4.74–5.13 / 4.34–4.53: the two meet at 13–14, within the noise of this limit.
 pub const GEMV_MAX_M_F16: usize = 12;
 
 /// Whether a batch of `m` vectors through a dense W of `inp` inputs runs these row-wise kernels
