@@ -6,6 +6,7 @@
 //! scale 0 and code 0); `v' = min + scale · code`. 8 + 64/in bits per weight; on a
 //! N(0, 1/√1024) 1024x1024 weight, measured max |Δ| 5.2e-4 (≈ scale/2), mean 2.0e-4.
 
+use nibble_tensor::buffer::WeightBuf;
 use nibble_tensor::Tensor;
 use rayon::prelude::*;
 
@@ -66,7 +67,7 @@ impl Int8Matrix {
                 value: w.data()[k],
             });
         }
-        let mut codes = vec![0u8; o * i];
+        let mut codes = WeightBuf::<u8>::zeroed(o * i);
         let mut scales = vec![0.0f32; o];
         let mut zeros = vec![0.0f32; o];
         if i > 0 {
@@ -91,7 +92,7 @@ impl Int8Matrix {
         Self::from_parts(
             o,
             i,
-            Bytes::from_vec(codes),
+            Bytes::from_weight_buf(codes),
             Bytes::from_f32(scales),
             Bytes::from_f32(zeros),
         )

@@ -22,6 +22,7 @@
 //! dequantizes to that stored value.
 
 use half::f16;
+use nibble_tensor::buffer::WeightBuf;
 use nibble_tensor::Tensor;
 use rayon::prelude::*;
 
@@ -248,7 +249,7 @@ impl Q4Matrix {
     pub fn quantize_with(w: &Tensor, path: KernelPath) -> Result<Self> {
         let (o, i) = w.dims2("q4_quantize")?;
         let (row_bytes, row_blocks) = (i.div_ceil(2), i.div_ceil(Q4_BLOCK));
-        let mut packed = vec![0u8; o * row_bytes];
+        let mut packed = WeightBuf::<u8>::zeroed(o * row_bytes);
         let mut norm = vec![f16::ZERO; o * row_blocks];
         if i > 0 {
             let res: Vec<Result<()>> = w
@@ -265,7 +266,7 @@ impl Q4Matrix {
         Ok(Q4Matrix {
             out: o,
             inn: i,
-            packed: Bytes::from_vec(packed),
+            packed: Bytes::from_weight_buf(packed),
             norm: Bytes::from_f16(norm),
             tiles: tiles::TilesCache::default(),
         })

@@ -48,7 +48,8 @@ unsafe impl<T: bytemuck::Pod + Send> Send for WeightBuf<T> {}
 unsafe impl<T: bytemuck::Pod + Sync> Sync for WeightBuf<T> {}
 
 impl<T: bytemuck::Pod> WeightBuf<T> {
-    /// The layout of `len` elements: 2 MiB-aligned from [`HUGE_PAGE_BYTES`] on, else `T`'s.
+    /// The layout of `len` elements: 2 MiB-aligned from [`HUGE_PAGE_BYTES`] on, else on a
+    /// 64-byte line (or `T`'s alignment where larger).
     /// `None` for zero bytes (no allocation) or when the size overflows.
     fn layout(len: usize) -> Option<Layout> {
         let bytes = len.checked_mul(std::mem::size_of::<T>())?;

@@ -22,6 +22,7 @@
 //!   is then `map[code] · absmax_scale + absmax_offset`. 4 + 8/64 + 32/16384 ≈ 4.127 bits per
 //!   weight.
 
+use nibble_tensor::buffer::WeightBuf;
 use nibble_tensor::Tensor;
 use rayon::prelude::*;
 
@@ -367,7 +368,7 @@ impl Nf4Matrix {
         const OP: &str = "nf4_quantize";
         let (o, i) = w.dims2(OP)?;
         let n = o * i;
-        let mut packed = vec![0u8; n.div_ceil(2)];
+        let mut packed = WeightBuf::<u8>::zeroed(n.div_ceil(2));
         let mut absmax = vec![0.0f32; n.div_ceil(NF4_BLOCK)];
         if n > 0 {
             // Flat chunks of whole blocks (blocks may straddle rows).
@@ -400,7 +401,7 @@ impl Nf4Matrix {
         Ok(Nf4Matrix {
             out: o,
             inn: i,
-            packed: Bytes::from_vec(packed),
+            packed: Bytes::from_weight_buf(packed),
             stats,
         })
     }
