@@ -7,7 +7,9 @@ use crate::error::{Result, TensorError};
 use crate::gemm::gemv::{
     gemv_fits, gemv_fits_f16, gemv_t_f16, gemv_t_f32, gemv_t_low_rank, DenseBatch1,
 };
-use crate::gemm::{gemm, gemm_segments, gemm_segments_post, MatRef, PackB, Segment, NR};
+use crate::gemm::{
+    gemm, gemm_segments, gemm_segments_bias_post, gemm_segments_post, MatRef, PackB, Segment, NR,
+};
 use crate::half_tensor::HalfTensor;
 use crate::lowrank::LowRank;
 use crate::ops::{fill_rows, PostOp};
@@ -144,11 +146,10 @@ pub trait WeightMatrix: Send + Sync + std::fmt::Debug {
     /// `y[m, out] = post(bias + x · Wᵀ (+ extra))` where `bias` is a `1 x out` operand (one
     /// row), `extra` another product `a [m, k] · b [k, out]` (a LoRA adapter's `h · Bᵀ`) and
     /// `post` an elementwise step (a ReLU after the layer): in one pass over `y`
-    /// ([`gemm_segments_post`]) where the product runs through the GEMM, else part by part.
-    /// Either way the bits are those of writing the bias rows, then
-    /// [`matmul_t`](Self::matmul_t) with `accumulate`, then `extra` accumulated by [`gemm`],
-    /// then `post` (in one pass a bias of `-0.0` is written as `+0.0`: `1 · b + 0`). Without a
-    /// bias, `y` is only written.
+    /// ([`gemm_segments_bias_post`], the bias added by the first block's stores) where the
+    /// product runs through the GEMM, else part by part. Either way the bits are those of
+    /// writing the bias rows, then [`matmul_t`](Self::matmul_t) with `accumulate`, then
+    /// `extra` accumulated by [`gemm`], then `post`. Without a bias, `y` is only written.
     ///
     /// ```
     /// use nibble_tensor::gemm::MatRef;
@@ -175,23 +176,16 @@ pub trait WeightMatrix: Send + Sync + std::fmt::Debug {
     ) -> Result<()> {
         let (o, i) = (self.out_features(), self.in_features());
         check_matmul_operands("linear", m, x.len(), i, y.len(), o)?;
+        let values = bias.map(|b| bias_values(b, o)).transpose()?;
         if let Some(rhs) = self.gemm_rhs(m) {
-            let ones = [1.0f32];
-            let mut segs = Vec::with_capacity(3);
-            if let Some(b) = bias {
-                segs.push(Segment {
-                    a: MatRef::new(&ones, m, 1, 0, 1)?,
-                    b,
-                });
-            }
+            let mut segs = Vec::with_capacity(2);
             segs.push(Segment {
                 a: MatRef::row_major(x, m, i)?,
                 b: &*rhs,
             });
             segs.extend(extra);
-            return gemm_segments_post(&segs, y, false, post);
+            return gemm_segments_bias_post(&segs, values.as_deref(), y, false, post);
         }
-        let values = bias.map(|b| bias_values(b, o)).transpose()?;
         if extra.is_some() && self.matmul_t_one_pass(x, m, y, values.as_deref(), extra, post)? {
             return Ok(());
         }

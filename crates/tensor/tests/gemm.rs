@@ -9,9 +9,10 @@ use nibble_tensor::cpu::{available_paths, has_avx512, missing_paths, KernelPath}
 use nibble_tensor::gemm::gemv::{gemv_t_f16, gemv_t_f32, gemv_tile_f32, on_whole_lines};
 use nibble_tensor::gemm::{
     gemm, gemm_avx512_tile, gemm_avx512_tile_with_packing, gemm_on, gemm_segments,
-    gemm_with_packing, gemm_with_stage, Avx512Tile, MatRef, PackB, Packing, Segment,
-    AVX512_K_SLICE,
+    gemm_segments_bias_post, gemm_with_packing, gemm_with_stage, Avx512Tile, MatRef, PackB,
+    Packing, Segment, AVX512_K_SLICE,
 };
+use nibble_tensor::ops::PostOp;
 use nibble_tensor::{HalfTensor, Rng, Tensor, WeightMatrix};
 use std::io::Write;
 
@@ -604,7 +605,8 @@ fn shape_errors_are_returned() {
 /// A sum of products in one pass (a bias as `ones · bias`, the weight, a low-rank term) gives
 /// the bits of a bias fill followed by one accumulating GEMM per product, in order, on 1, 2, 3
 /// and 16 threads, over one and several stages and column blocks, C pre-filled with NaN (or
-/// accumulated onto).
+/// accumulated onto); so does the bias handed to `gemm_segments_bias_post` (added by the first
+/// block's stores), and a bias of the wrong length is an error.
 #[test]
 fn gemm_segments_equal_the_sequence_of_gemms() {
     let mut rng = Rng::new(23);
@@ -684,6 +686,31 @@ fn gemm_segments_equal_the_sequence_of_gemms() {
                         bits(&want),
                         "m={m} n={n} ks={ks:?} bias={with_bias} accumulate={accumulate} {threads} threads"
                     );
+                    let got = in_pool(threads, || {
+                        let segs: Vec<Segment<'_>> = xs
+                            .iter()
+                            .zip(&wts)
+                            .zip(ks)
+                            .map(|((x, wt), &k)| Segment {
+                                a: MatRef::row_major(x, m, k).unwrap(),
+                                b: wt as &dyn PackB,
+                            })
+                            .collect();
+                        let mut c = if accumulate {
+                            start.clone()
+                        } else {
+                            vec![f32::NAN; m * n]
+                        };
+                        let b = with_bias.then_some(&bias[..]);
+                        gemm_segments_bias_post(&segs, b, &mut c, accumulate, PostOp::Identity)
+                            .unwrap();
+                        c
+                    });
+                    assert_eq!(
+                        bits(&got),
+                        bits(&want),
+                        "bias_post m={m} n={n} ks={ks:?} bias={with_bias} accumulate={accumulate} {threads} threads"
+                    );
                 }
             }
         }
@@ -702,6 +729,15 @@ fn gemm_segments_equal_the_sequence_of_gemms() {
     )
     .is_err());
     assert!(gemm_segments(&[Segment { a: a23, b: &b32 }], &mut c[..3], false).is_err());
+    for accumulate in [false, true] {
+        let short = [1.0f32; 1];
+        let seg = [Segment { a: a23, b: &b32 }];
+        let r = gemm_segments_bias_post(&seg, Some(&short), &mut c, accumulate, PostOp::Identity);
+        assert!(
+            r.is_err(),
+            "a bias of 1 value for 2 columns, accumulate {accumulate}"
+        );
+    }
 }
 
 /// `gemm_segments_post` with a ReLU (each task's tile of C after its last K block) gives the

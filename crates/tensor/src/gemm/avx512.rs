@@ -8,7 +8,8 @@
 //! `R * NP` zmm accumulators (zmm has 32 registers: 8 x 48, the default, keeps 24
 //! accumulators, 3 B vectors and a broadcast; see [`Avx512Tile::DEFAULT`] for the
 //! measurements). Every element is `acc = 0; acc = fma(a[i,p], b[p,j], acc)` for
-//! `p` in order, then stored (`overwrite`) or added to C, whatever the tile shape, the panel
+//! `p` in order, then stored as the call's [`Store`] says (`c = acc`, `c = acc + row[j]` or
+//! `c = c + acc`), whatever the tile shape, the panel
 //! count of an edge tile or the thread: results are bit-identical across thread counts (and
 //! equal to the AVX2 tier's, which runs the same fused sequence).
 //!
@@ -21,7 +22,7 @@
 use super::lanes::Lanes;
 use super::pack::BElem;
 use super::source::{dispatch, ARows, ASrc, BCols, BSrc, Kernel};
-use super::NR;
+use super::{Store, NR};
 use std::arch::x86_64::*;
 
 /// The AVX-512 microkernel shapes (rows of C x columns of C per call). All use the same packed
@@ -103,7 +104,8 @@ impl Avx512Tile {
 /// The CPU must have AVX-512 F (see [`crate::cpu::has_avx512`]); `a` readable for `kc` steps
 /// of `shape.rows()` rows and `b` for `kc` steps of `panels` panels (see [`ASrc`], [`BSrc`]);
 /// `1 <= panels <= shape.panels()`, `rows <= shape.rows()`, `cols <= panels * NR`; `c` valid
-/// for reading and writing `c[i * rs_c + j]`, `i < rows`, `j < cols`.
+/// for reading and writing `c[i * rs_c + j]`, `i < rows`, `j < cols`, and a
+/// [`Store::OverRow`] row for reading `cols` floats.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn tile(
@@ -114,7 +116,7 @@ pub(super) unsafe fn tile(
     b: BSrc,
     c: *mut f32,
     rs_c: usize,
-    overwrite: bool,
+    store: Store,
     rows: usize,
     cols: usize,
 ) {
@@ -122,7 +124,7 @@ pub(super) unsafe fn tile(
         kc,
         c,
         rs_c,
-        overwrite,
+        store,
         rows,
         cols,
     };
@@ -151,7 +153,7 @@ struct Tile {
     kc: usize,
     c: *mut f32,
     rs_c: usize,
-    overwrite: bool,
+    store: Store,
     rows: usize,
     cols: usize,
 }
@@ -184,7 +186,8 @@ fn column_mask(cols: usize, u: usize) -> __mmask16 {
 #[allow(clippy::needless_range_loop)]
 unsafe fn body<const R: usize, const NP: usize, A: ARows, B: BCols>(t: Tile, mut a: A, mut b: B) {
     // SAFETY: (whole block) A loads read element (i, p), p < kc, i < R; B loads read the NR
-    // floats of panel u < NP at step p < kc; C accesses are masked to the rows x cols corner.
+    // floats of panel u < NP at step p < kc; C accesses are masked to the rows x cols corner,
+    // a row's to its first cols floats.
     unsafe {
         for i in 0..R {
             if i < t.rows {
@@ -214,17 +217,21 @@ unsafe fn body<const R: usize, const NP: usize, A: ARows, B: BCols>(t: Tile, mut
                 let m = column_mask(t.cols, u);
                 let d = t.c.add(i * t.rs_c + u * NR);
                 if m == 0xFFFF {
-                    let v = if t.overwrite {
-                        acc[i][u]
-                    } else {
-                        _mm512_add_ps(_mm512_loadu_ps(d), acc[i][u])
+                    let v = match t.store {
+                        Store::Overwrite => acc[i][u],
+                        Store::OverRow(r) => {
+                            _mm512_add_ps(acc[i][u], _mm512_loadu_ps(r.add(u * NR)))
+                        }
+                        Store::Add => _mm512_add_ps(_mm512_loadu_ps(d), acc[i][u]),
                     };
                     _mm512_storeu_ps(d, v);
                 } else if m != 0 {
-                    let v = if t.overwrite {
-                        acc[i][u]
-                    } else {
-                        _mm512_add_ps(_mm512_maskz_loadu_ps(m, d), acc[i][u])
+                    let v = match t.store {
+                        Store::Overwrite => acc[i][u],
+                        Store::OverRow(r) => {
+                            _mm512_add_ps(acc[i][u], _mm512_maskz_loadu_ps(m, r.add(u * NR)))
+                        }
+                        Store::Add => _mm512_add_ps(_mm512_maskz_loadu_ps(m, d), acc[i][u]),
                     };
                     _mm512_mask_storeu_ps(d, m, v);
                 }

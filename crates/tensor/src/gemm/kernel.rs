@@ -5,12 +5,12 @@
 //! `[kc][NR]`, element `(p, j)` at `b[p * NR + j]`, or a row-major matrix), `c` is a `6 x 16`
 //! tile of C with row stride `rs_c`. Every path computes, per element,
 //! `acc = 0; for p in 0..kc { acc = acc + a[i,p] * b[p,j] }` (fused on the AVX2 path) and then
-//! stores `c = acc` (`overwrite`) or `c = c + acc`. The order never depends on the tile's
+//! stores it as its [`Store`] says (`c = acc`, `c = acc + row[j]` or `c = c + acc`). The order never depends on the tile's
 //! position, the thread or where the operands are read from, which is what makes results
 //! bit-identical across thread counts and between packed and unpacked operands.
 
 use super::source::{dispatch, ARows, ASrc, BCols, BSrc, Kernel};
-use super::{MR, NR};
+use super::{Store, MR, NR};
 use crate::cpu::KernelPath;
 
 /// Computes one full `MR x NR` tile.
@@ -27,14 +27,14 @@ pub(crate) unsafe fn tile(
     b: BSrc,
     c: *mut f32,
     rs_c: usize,
-    overwrite: bool,
+    store: Store,
 ) {
     let call = Call {
         path,
         kc,
         c,
         rs_c,
-        overwrite,
+        store,
     };
     // SAFETY: the caller's contract; MR <= MAX_ROWS.
     unsafe { dispatch::<MR, 1, _>(a, b, call) }
@@ -46,7 +46,7 @@ struct Call {
     kc: usize,
     c: *mut f32,
     rs_c: usize,
-    overwrite: bool,
+    store: Store,
 }
 
 impl Kernel for Call {
@@ -57,23 +57,23 @@ impl Kernel for Call {
             kc,
             c,
             rs_c,
-            overwrite,
+            store,
         } = self;
         match path {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the caller guarantees the sources' extents and that the CPU has
             // AVX2+FMA.
-            KernelPath::Avx2Fma => unsafe { avx2::kernel_6x16(kc, a, b, c, rs_c, overwrite) },
+            KernelPath::Avx2Fma => unsafe { avx2::kernel_6x16(kc, a, b, c, rs_c, store) },
             // SAFETY: same contract as `tile`'s.
-            KernelPath::Portable => unsafe { portable_6x16(kc, a, b, c, rs_c, overwrite) },
+            KernelPath::Portable => unsafe { portable_6x16(kc, a, b, c, rs_c, store) },
             // SAFETY: same contract as `tile`'s.
-            _ => unsafe { scalar_6x16(kc, a, b, c, rs_c, overwrite) },
+            _ => unsafe { scalar_6x16(kc, a, b, c, rs_c, store) },
         }
     }
 }
 
 /// Computes the top-left `mr x nr` corner of a tile (`mr <= MR`, `nr <= NR`) through a local
-/// full tile, so C outside the corner is never touched and, with `overwrite`, never read.
+/// full tile, so C outside the corner is never touched and, unless `store` adds, never read.
 ///
 /// # Safety
 /// As [`tile`], except that `c` need only be valid for the `mr x nr` corner.
@@ -85,27 +85,37 @@ pub(crate) unsafe fn edge_tile(
     b: BSrc,
     c: *mut f32,
     rs_c: usize,
-    overwrite: bool,
+    store: Store,
     mr: usize,
     nr: usize,
 ) {
     let mut local = [[0.0f32; NR]; MR];
     // SAFETY: `local` is a full MR x NR tile with row stride NR; a and b per the caller.
-    unsafe { tile(path, kc, a, b, local.as_mut_ptr().cast(), NR, true) };
-    // SAFETY: the caller vouches for the mr x nr corner of C.
-    unsafe { store_corner(&local, c, rs_c, overwrite, mr, nr) };
+    unsafe {
+        tile(
+            path,
+            kc,
+            a,
+            b,
+            local.as_mut_ptr().cast(),
+            NR,
+            Store::Overwrite,
+        )
+    };
+    // SAFETY: the caller vouches for the mr x nr corner of C (and of the row).
+    unsafe { store_corner(&local, c, rs_c, store, mr, nr) };
 }
 
-/// Writes (`overwrite`) or adds the `mr x nr` corner of `acc` into C.
+/// Stores the `mr x nr` corner of `acc` into C as `store` says.
 ///
 /// # Safety
 /// `c` must be valid for reading and writing `c[i * rs_c + j]` for `i < mr <= MR`,
-/// `j < nr <= NR`.
+/// `j < nr <= NR`, and a [`Store::OverRow`] row for reading `nr` floats.
 unsafe fn store_corner(
     acc: &[[f32; NR]; MR],
     c: *mut f32,
     rs_c: usize,
-    overwrite: bool,
+    store: Store,
     mr: usize,
     nr: usize,
 ) {
@@ -114,7 +124,11 @@ unsafe fn store_corner(
             // SAFETY: (i, j) lies in the mr x nr corner the caller vouches for.
             unsafe {
                 let d = c.add(i * rs_c + j);
-                *d = if overwrite { v } else { *d + v };
+                *d = match store {
+                    Store::Overwrite => v,
+                    Store::OverRow(r) => v + *r.add(j),
+                    Store::Add => *d + v,
+                };
             }
         }
     }
@@ -130,7 +144,7 @@ unsafe fn scalar_6x16<A: ARows, B: BCols>(
     mut b: B,
     c: *mut f32,
     rs_c: usize,
-    overwrite: bool,
+    store: Store,
 ) {
     let mut acc = [[0.0f32; NR]; MR];
     for _ in 0..kc {
@@ -148,7 +162,7 @@ unsafe fn scalar_6x16<A: ARows, B: BCols>(
         }
     }
     // SAFETY: the caller vouches for the whole MR x NR tile.
-    unsafe { store_corner(&acc, c, rs_c, overwrite, MR, NR) };
+    unsafe { store_corner(&acc, c, rs_c, store, MR, NR) };
 }
 
 /// Portable SIMD kernel (`wide::f32x8`, 12 accumulators) for `C[6x16] (+)= A[6xkc] · B[kcx16]`.
@@ -161,7 +175,7 @@ unsafe fn portable_6x16<A: ARows, B: BCols>(
     mut b: B,
     c: *mut f32,
     rs_c: usize,
-    overwrite: bool,
+    store: Store,
 ) {
     use wide::f32x8;
     let load8 = |s: *const f32| -> f32x8 {
@@ -192,13 +206,13 @@ unsafe fn portable_6x16<A: ARows, B: BCols>(
         std::array::from_fn(|j| if j < 8 { lo[j] } else { hi[j - 8] })
     });
     // SAFETY: the caller vouches for the whole MR x NR tile.
-    unsafe { store_corner(&acc, c, rs_c, overwrite, MR, NR) };
+    unsafe { store_corner(&acc, c, rs_c, store, MR, NR) };
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::super::source::{ARows, BCols};
-    use super::{MR, NR};
+    use super::{Store, MR, NR};
     use std::arch::x86_64::*;
 
     /// AVX2+FMA kernel: `C[6x16] (+)= A[6xkc] · B[kcx16]` with 12 ymm accumulators.
@@ -212,10 +226,10 @@ mod avx2 {
         b: B,
         c: *mut f32,
         rs_c: usize,
-        overwrite: bool,
+        store: Store,
     ) {
         // SAFETY: forwarded contract; the features are enabled on this function.
-        unsafe { body(kc, a, b, c, rs_c, overwrite) }
+        unsafe { body(kc, a, b, c, rs_c, store) }
     }
 
     /// The kernel body, inlined into the `target_feature` wrapper.
@@ -229,7 +243,7 @@ mod avx2 {
         mut b: B,
         c: *mut f32,
         rs_c: usize,
-        overwrite: bool,
+        store: Store,
     ) {
         // SAFETY: (whole block) every load reads element (i, p) of A / row p of B's panel
         // with p < kc, inside the sources' extents; every store/load of C is inside the
@@ -301,13 +315,19 @@ mod avx2 {
             ];
             for (i, &(lo, hi)) in rows.iter().enumerate() {
                 let d = c.add(i * rs_c);
-                if overwrite {
-                    _mm256_storeu_ps(d, lo);
-                    _mm256_storeu_ps(d.add(8), hi);
-                } else {
-                    _mm256_storeu_ps(d, _mm256_add_ps(_mm256_loadu_ps(d), lo));
-                    _mm256_storeu_ps(d.add(8), _mm256_add_ps(_mm256_loadu_ps(d.add(8)), hi));
-                }
+                let (lo, hi) = match store {
+                    Store::Overwrite => (lo, hi),
+                    Store::OverRow(r) => (
+                        _mm256_add_ps(lo, _mm256_loadu_ps(r)),
+                        _mm256_add_ps(hi, _mm256_loadu_ps(r.add(8))),
+                    ),
+                    Store::Add => (
+                        _mm256_add_ps(_mm256_loadu_ps(d), lo),
+                        _mm256_add_ps(_mm256_loadu_ps(d.add(8)), hi),
+                    ),
+                };
+                _mm256_storeu_ps(d, lo);
+                _mm256_storeu_ps(d.add(8), hi);
             }
         }
     }
