@@ -2,10 +2,12 @@
 //! (typically a memory-mapped checkpoint), so that quantized weights load without copying.
 //!
 //! Owned buffers start on a 64-byte cache line (they live in a [`WeightBuf`]): the kernels'
-//! 512-bit loads of a row of codes then never straddle two lines. A `Vec`'s storage is only
-//! 16-byte aligned (a large one sits 16 bytes into its pages), and the int8 format's batch-1
-//! forward on 2 threads spent 20.3 µs a layer on such codes against 18.9 on aligned ones.
-//! Borrowed bytes stay where their file put them.
+//! 512-bit loads of a row of codes then never straddle two lines (a `Vec`'s large storage sits
+//! 16 bytes into its pages). On the 2-core Xeon the int8 format's batch-1 forward with int8
+//! activations went from 0.372 to 0.359 ms (medians of six rounds in turns); a model whose
+//! codes were mapped from a file 40 bytes into a line ran no slower than that (0.344–0.349 ms),
+//! so the gain may owe as much to where the buffers land as to the split loads. Borrowed bytes
+//! stay where their file put them.
 
 use std::fmt;
 use std::ops::Range;
