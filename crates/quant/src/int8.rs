@@ -164,6 +164,10 @@ impl QuantRows for Int8Matrix {
     fn act8_generic(&self, m: usize) -> bool {
         crate::act8::int8_route("int8", m) == crate::act8::Int8Route::Generic
     }
+    fn act8_fused(&self, m: usize) -> bool {
+        crate::act8::activations() == crate::act8::ActivationMode::Int8
+            && crate::act8::int8_route("int8", m) == crate::act8::Int8Route::FusedInt8
+    }
     fn seg_align(&self) -> usize {
         1
     }

@@ -134,6 +134,12 @@ pub(crate) trait QuantRows: Sync + Send {
     fn act8_generic(&self, _m: usize) -> bool {
         false
     }
+    /// Whether int8 mode runs a batch of `m` (from 2) through the format's fused int8 GEMV,
+    /// one vector after another over tiles of rows ([`crate::act8::fused_end`]), rather than
+    /// the batch tiles of its f32 path.
+    fn act8_fused(&self, _m: usize) -> bool {
+        false
+    }
     /// Column granularity of [`QuantRows::dequant_segment`].
     fn seg_align(&self) -> usize;
     /// Writes `W[r, c0..c0+len]` into `dst[..len]`; `c0` is a multiple of `seg_align()` and so
@@ -425,7 +431,8 @@ fn batch1_chunk(o: usize, i: usize) -> usize {
 /// Shapes: `x` `[m, in]`, `y` `[m, out]` row-major. Batch 1: the format's fused GEMV (rows of W
 /// split evenly over the pool's threads, in multiples of 4). Batches of 2 up to
 /// [`QuantRows::gemm_min_m`]: one fused GEMV per vector over 64-row tiles below
-/// [`QuantRows::tiles_min_m`], else [`batch_tiles`] (W decoded once per batch, a tile of rows
+/// [`QuantRows::tiles_min_m`] or where int8 mode runs the format's fused int8 GEMV
+/// ([`QuantRows::act8_fused`]), else [`batch_tiles`] (W decoded once per batch, a tile of rows
 /// at a time). From there on, the GEMM over [`FwdPack`].
 pub(crate) fn matmul_t<F: QuantRows>(
     f: &F,
@@ -603,7 +610,7 @@ fn matmul_t_fusing<F: QuantRows>(
     }
     let threads = rayon::current_num_threads().max(1);
     let parallel = threads > 1 && o.saturating_mul(i).saturating_mul(m) >= PARALLEL_MIN_MACS;
-    if m >= f.tiles_min_m().max(2) {
+    if m >= f.tiles_min_m().max(2) && !f.act8_fused(m) {
         batch_tiles(f, path, x, m, y, accumulate, parallel)?;
         return Ok(false);
     }

@@ -9,8 +9,8 @@ mod common;
 
 use nibble_quant::act8::backward::{backward_route, Int8InputGrad, TransposedInt8, BACKWARD_UNIT};
 use nibble_quant::act8::{
-    forward, int8_route, q4_fused_end, quantize_x, unit_sums, unit_sums_ref, with_activations,
-    ActivationMode, CodeKind, Int8Route, IntCodes, IntTier, GROUP, NF4_LEVELS_I8,
+    forward, fused_end, int8_route, q4_fused_end, quantize_x, unit_sums, unit_sums_ref,
+    with_activations, ActivationMode, CodeKind, Int8Route, IntCodes, IntTier, GROUP, NF4_LEVELS_I8,
 };
 use nibble_quant::nf4::NF4_LEVELS;
 use nibble_quant::{Int8Matrix, LowerMatrix, Nf4Matrix, Q4Matrix};
@@ -218,11 +218,16 @@ fn forward_every_format_every_tier() {
                     Int8Route::Generic => assert!(bits_eq(y, &via), "{name} m {m} matmul_t"),
                     Int8Route::F32 => assert!(bits_eq(&exact, &via), "{name} m {m} f32 route"),
                     Int8Route::FusedQ4 => assert_eq!(name, "q4"),
-                    Int8Route::FusedNf4 => {
-                        assert!(name.starts_with("nf4") && m == 1, "{name} m {m}")
+                    Int8Route::FusedNf4 => assert!(
+                        name.starts_with("nf4") && m < fused_end("nf4"),
+                        "{name} m {m}"
+                    ),
+                    Int8Route::FusedLower => {
+                        assert!(name == "lower" && m < fused_end("lower"), "{name} m {m}")
                     }
-                    Int8Route::FusedLower => assert!(name == "lower" && m == 1, "{name} m {m}"),
-                    Int8Route::FusedInt8 => assert!(name == "int8" && m == 1, "{name} m {m}"),
+                    Int8Route::FusedInt8 => {
+                        assert!(name == "int8" && m < fused_end("int8"), "{name} m {m}")
+                    }
                 }
                 let wd = f.to_f32();
                 let q = quantize_x(&x, m, i, layout.unit);
@@ -607,6 +612,70 @@ fn backward_int8_bits_independent_of_threads_and_nonfinite_declined() {
             let mut dx = vec![0.0f32; 50 * i];
             with_activations(ActivationMode::Int8, || f.matmul(&dy, 50, &mut dx, false)).unwrap();
             assert!(dx[..i].iter().all(|v| v.is_nan()), "{name}: NaN lost");
+        }
+    }
+}
+
+/// Where int8 mode takes a batch of NF4, int8 or lower through the format's fused GEMV (below
+/// `fused_end` on AVX-512 VNNI and AMX), the batch gives what its vectors give one at a time
+/// (batch 1, the same route), bit for bit, at 1 and 3 threads, outputs pre-filled with NaN; from
+/// there on the route is the f32 path's or the integer GEMM's. Prints the tiers the CPU lacks.
+#[test]
+fn fused_small_batches_give_their_vectors_bits() {
+    let (o, i) = (70, 256);
+    let tier = IntTier::for_path(nibble_quant::cpu::kernel_path());
+    if !matches!(tier, IntTier::Avx512Vnni | IntTier::Amx) {
+        println!("fused small batches: tier {tier:?} has no fused NF4 / int8 / lower GEMV (AVX-512 VNNI lacking): the f32 routes only");
+    }
+    let w = Tensor::randn(&[o, i], &mut Rng::new(41));
+    let mats: [(&str, Box<dyn WeightMatrix>); 4] = [
+        ("nf4", Box::new(Nf4Matrix::quantize(&w).unwrap())),
+        ("nf4", Box::new(Nf4Matrix::quantize_double(&w).unwrap())),
+        ("int8", Box::new(Int8Matrix::quantize(&w).unwrap())),
+        ("lower", Box::new(LowerMatrix::quantize(&w).unwrap())),
+    ];
+    for (name, f) in &mats {
+        let fused = match *name {
+            "nf4" => Int8Route::FusedNf4,
+            "int8" => Int8Route::FusedInt8,
+            _ => Int8Route::FusedLower,
+        };
+        for m in [1usize, 2, 3, 5, 6, 7, 8] {
+            let route = int8_route(name, m);
+            let expect_fused =
+                m < fused_end(name) && matches!(tier, IntTier::Avx512Vnni | IntTier::Amx);
+            assert_eq!(route == fused, expect_fused, "{name} m {m}: {route:?}");
+            if !expect_fused {
+                continue;
+            }
+            let mut x = Tensor::randn(&[m, i], &mut Rng::new(m as u64)).into_vec();
+            if m > 2 {
+                x[2 * i..3 * i].fill(0.0); // an all-zero vector
+            }
+            let mut one_by_one = vec![f32::NAN; m * o];
+            for (xb, yb) in x.chunks(i).zip(one_by_one.chunks_mut(o)) {
+                with_activations(ActivationMode::Int8, || f.matmul_t(xb, 1, yb, false)).unwrap();
+            }
+            for threads in [1, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let mut batch = vec![f32::NAN; m * o];
+                pool.install(|| {
+                    with_activations(ActivationMode::Int8, || {
+                        f.matmul_t(&x, m, &mut batch, false)
+                    })
+                })
+                .unwrap();
+                assert!(
+                    batch
+                        .iter()
+                        .zip(&one_by_one)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{name} m {m}, {threads} threads: the batch differs from its vectors"
+                );
+            }
         }
     }
 }

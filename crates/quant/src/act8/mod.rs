@@ -1550,28 +1550,50 @@ pub fn int8_route(format: &str, m: usize) -> Int8Route {
     int8_route_on(IntTier::for_path(crate::cpu::kernel_path()), format, m)
 }
 
+/// Where the fused int8 GEMVs of NF4, lower and the int8 format stop on the AVX-512 VNNI and AMX
+/// tiers (batch 1 and, one vector after another over tiles of 64 rows of W, small batches:
+/// each row's codes come from memory once per tile and from L2 for the tile's other vectors;
+/// each vector gives the bits it gives alone). The int8 format and NF4 up to the GEMM's start
+/// ([`GEMM_ROUTE_START_512`]), lower below 6, where its f32 path (the batch tiles) catches up.
+/// BigNet with int8 activations on the 2-core Xeon, 2 threads, three rounds in turns, ms,
+/// batch 2 / 3 / 4 / 5 / 7, before (the f32 path) → fused: int8 0.99–1.83 / 1.45–1.54 /
+/// 1.65–1.68 / 2.06–2.16 / 2.41–2.52 → 0.52–0.54 / 0.63–0.67 / 0.79–1.38 / 0.91–0.93 /
+/// 1.19–1.23; nf4 1.63–1.72 / 1.72–1.92 / 1.83–2.21 / 2.23–2.50 / 2.47–2.85 → 0.49–0.52 /
+/// 0.70–0.74 / 0.92–0.95 / 1.12–1.18 / 1.51–1.66; nf4_dq 1.76–1.94 / 1.89–2.11 / 2.08–2.28 /
+/// 2.47–2.65 / 2.91–3.06 → 0.58–0.61 / 0.82–0.88 / 1.06–1.15 / 1.32–1.45 / 1.88–1.93; lower
+/// 1.91–2.08 / 2.22–2.31 / 2.35–2.46 / 2.67–2.86 → 0.64–0.69 / 0.95–1.80 / 1.21–1.27 /
+/// 1.54–1.64 (at 6 and 7, in an earlier pairing, 2.79–2.86 / 3.03–3.19 against 1.95–3.14 /
+/// 2.51–3.58: no clear gain). One thread, batch 2 / 4 / 7: int8 1.89 / 3.08 / 4.21 → 0.90 /
+/// 1.37 / 2.20, nf4 3.03 / 3.55 / 4.71 → 0.78 / 1.56 / 2.71, lower 3.50 / 4.29 / 5.60 → 1.17 /
+/// 2.47 / 4.02.
+pub fn fused_end(format: &str) -> usize {
+    match format {
+        "lower" => 6,
+        _ => GEMM_ROUTE_START_512,
+    }
+}
+
 /// [`int8_route`] on `tier`: Q4 fused below [`q4_fused_end`] (16 on AVX2, 48 where the
-/// integer GEMM starts at 48); NF4 fused at batch 1 on AVX-512 VNNI and AMX
-/// (`crate::nf4::act8`: one 1024² layer on one thread of a 2-core Intel Xeon 24–26 µs against
-/// 50–54 µs for f32, where this driver's dot products took 2.2x f32's time), and its
-/// dot-product driver below 9 on AVX2; lower fused at batch 1 on AVX-512 VNNI and AMX
-/// (`crate::lower::act8`: one 1024² layer on one thread of the same Xeon 30 µs against 90 µs
-/// for f32, where this driver took 1.7x f32's time); the int8 format fused at batch 1 on the
-/// same tiers (`crate::int8::act8`: 26 µs against 45 µs); the GEMM
-/// where [`gemm_route`] says; everything else f32. (An x
-/// holding a NaN or infinity, or an NF4 matrix without an integer layout, takes the f32 path
-/// whatever the route.)
+/// integer GEMM starts at 48); NF4, lower and the int8 format fused below [`fused_end`] on
+/// AVX-512 VNNI and AMX (at batch 1, one 1024² layer on one thread of a 2-core Intel Xeon: NF4
+/// 24–26 µs against 50–54 µs for f32 (`crate::nf4::act8`), where the dot-product driver took
+/// 2.2x f32's time; lower 30 µs against 90 (`crate::lower::act8`), the driver 1.7x; the int8
+/// format 26 µs against 45 (`crate::int8::act8`)), and NF4's dot-product driver below 9 on
+/// AVX2; the GEMM where [`gemm_route`] says; everything else f32. (An x holding a NaN or
+/// infinity, or an NF4 matrix without an integer layout, takes the f32 path whatever the
+/// route.)
 pub fn int8_route_on(tier: IntTier, format: &str, m: usize) -> Int8Route {
     match format {
         "q4" if m < q4_fused_end(tier) => Int8Route::FusedQ4,
-        "nf4" if m == 1 && matches!(tier.supported(), IntTier::Avx512Vnni | IntTier::Amx) => {
-            Int8Route::FusedNf4
-        }
-        "lower" if m == 1 && matches!(tier.supported(), IntTier::Avx512Vnni | IntTier::Amx) => {
-            Int8Route::FusedLower
-        }
-        "int8" if m == 1 && matches!(tier.supported(), IntTier::Avx512Vnni | IntTier::Amx) => {
-            Int8Route::FusedInt8
+        "nf4" | "lower" | "int8"
+            if m < fused_end(format)
+                && matches!(tier.supported(), IntTier::Avx512Vnni | IntTier::Amx) =>
+        {
+            match format {
+                "nf4" => Int8Route::FusedNf4,
+                "lower" => Int8Route::FusedLower,
+                _ => Int8Route::FusedInt8,
+            }
         }
         "nf4" if m < NF4_GENERIC_MAX_M && tier.supported() == IntTier::Avx2 => Int8Route::Generic,
         _ if gemm_route(tier.supported(), format).is_some_and(|r| r.contains(&m)) => {
