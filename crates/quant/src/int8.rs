@@ -168,6 +168,32 @@ impl QuantRows for Int8Matrix {
         crate::act8::activations() == crate::act8::ActivationMode::Int8
             && crate::act8::int8_route("int8", m) == crate::act8::Int8Route::FusedInt8
     }
+    /// The fused int8 GEMV's batch kernel (`int8_int8::gemv_batch`) where every vector was
+    /// prepared for it and the CPU has the AVX-512 path with VNNI.
+    fn gemv_batch(
+        &self,
+        path: KernelPath,
+        preps: &[&[f32]],
+        rows: std::ops::Range<usize>,
+        out: &mut [f32],
+        stride: usize,
+    ) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if usable(path) == KernelPath::Avx512
+            && crate::act8::has_avx512vnni()
+            && self.inn > 0
+            && preps.iter().all(|p| p.len() == act8::prep_len(self.inn))
+        {
+            // SAFETY: the CPU has AVX-512 (the path went through `usable`) and VNNI; every
+            // preparation is the fused GEMV's for this width; rows and out were checked by
+            // the caller (the trait's contract).
+            return unsafe {
+                crate::arch::avx512::int8_int8::gemv_batch(self, preps, rows, out, stride)
+            };
+        }
+        let _ = (path, preps, rows, out, stride);
+        false
+    }
     fn seg_align(&self) -> usize {
         1
     }

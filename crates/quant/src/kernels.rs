@@ -104,6 +104,9 @@ pub(crate) const TILES_MIN_M: usize = 2;
 /// while every vector of the batch passes over them).
 const GEMV_ROW_TILE: usize = 64;
 
+/// Vectors a small batch hands to [`QuantRows::gemv_batch`] at most (more go vector by vector).
+const GEMV_BATCH_MAX: usize = 8;
+
 /// Columns of a forward panel dequantized per pass (matches the GEMM's `KC`).
 const FWD_CHUNK: usize = 256;
 
@@ -206,6 +209,23 @@ pub(crate) trait QuantRows: Sync + Send {
             return;
         }
         gemv_generic(self, path, x, rows, y, acc);
+    }
+    /// A small batch's GEMVs in one pass over the rows: `out[b · stride + j] = W[rows.start +
+    /// j, :] · x_b` for the vectors whose preparations are `preps` (each from
+    /// [`QuantRows::gemv_prepare`] on `path`), with the bits [`QuantRows::gemv`] gives each
+    /// vector alone; `false` (nothing written) where the format has no such kernel for these
+    /// preparations (the caller then runs [`QuantRows::gemv`] vector by vector). `rows.end <=
+    /// out`, `stride >= rows.len()` and `out.len() >= (preps.len() - 1) · stride + rows.len()`
+    /// were checked.
+    fn gemv_batch(
+        &self,
+        _path: KernelPath,
+        _preps: &[&[f32]],
+        _rows: Range<usize>,
+        _out: &mut [f32],
+        _stride: usize,
+    ) -> bool {
+        false
     }
     /// The format's GEMV for a `prep` that its [`QuantRows::gemv_prepare`] makes on every path
     /// (Q4's int8 x, whose kernels include a scalar reference for paths without x86 ones),
@@ -645,6 +665,27 @@ fn matmul_t_fusing<F: QuantRows>(
     let run = move |t: usize| {
         let r0 = t * GEMV_ROW_TILE;
         let nr = GEMV_ROW_TILE.min(o - r0);
+        if m <= GEMV_BATCH_MAX {
+            // The whole batch over the tile in one pass where the format has a kernel for it.
+            let mut all = [0.0f32; GEMV_ROW_TILE * GEMV_BATCH_MAX];
+            let preps: [&[f32]; GEMV_BATCH_MAX] = std::array::from_fn(|b| {
+                if b < m {
+                    &prep_ref[starts[b]..starts[b + 1]]
+                } else {
+                    &[]
+                }
+            });
+            if f.gemv_batch(path, &preps[..m], r0..r0 + nr, &mut all, GEMV_ROW_TILE) {
+                for b in 0..m {
+                    for (j, &v) in all[b * GEMV_ROW_TILE..][..nr].iter().enumerate() {
+                        // SAFETY: b < m and r0 + j < o, so the element is inside y (m x o);
+                        // rows r0..r0+nr belong to this task alone.
+                        unsafe { yp.store(b * o + r0 + j, v, accumulate) };
+                    }
+                }
+                return Ok(());
+            }
+        }
         let mut tmp = [0.0f32; GEMV_ROW_TILE];
         for b in 0..m {
             let xb = &x[b * i..(b + 1) * i];

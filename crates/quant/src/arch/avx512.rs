@@ -1712,6 +1712,101 @@ pub(crate) mod int8_int8 {
         );
     }
 
+    /// `out[b · stride + j] = W[rows.start + j, :] · x'_b` for the `preps.len()` (2 to 8)
+    /// prepared vectors (each from [`crate::int8::act8::prepare`]): a small
+    /// batch with each row's codes loaded once for every vector, each (row, vector) through
+    /// [`gemv`]'s steps, so its bits. `false`, with nothing written, for another count.
+    ///
+    /// # Safety
+    /// As [`gemv`] for every prepared vector; `stride >= rows.len()` and
+    /// `out.len() >= (preps.len() - 1) · stride + rows.len()`.
+    pub(crate) unsafe fn gemv_batch(
+        m: &Int8Matrix,
+        preps: &[&[f32]],
+        rows: std::ops::Range<usize>,
+        out: &mut [f32],
+        stride: usize,
+    ) -> bool {
+        macro_rules! batch {
+            ($($v:literal)*) => {
+                match preps.len() {
+                    // SAFETY: the caller's contract, with the count the arm names.
+                    $($v => unsafe {
+                        rows_batch::<$v>(m, preps.try_into().expect("the arm's count"), rows, out, stride)
+                    },)*
+                    _ => return false,
+                }
+            };
+        }
+        batch!(2 3 4 5 6 7 8);
+        true
+    }
+
+    /// [`gemv_batch`] for `V` vectors, one row at a time (`V` accumulators). BigNet's int8
+    /// format with int8 activations, 2 threads of the 2-core Xeon, three rounds in turns
+    /// against one vector after another (the batch-1 kernel over the same 64-row tiles), ms,
+    /// batch 2 / 3 / 4 / 5 / 7: 0.534–0.548 / 0.652–0.664 / 0.791–0.815 / 0.938–0.940 /
+    /// 1.227–1.259 → 0.441–0.467 / 0.540–0.557 / 0.664–0.684 / 0.738–0.823 / 0.985–1.082.
+    ///
+    /// # Safety
+    /// As [`gemv_batch`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+    unsafe fn rows_batch<const V: usize>(
+        m: &Int8Matrix,
+        preps: [&[f32]; V],
+        rows: std::ops::Range<usize>,
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        let (inn, codes, pf) = (m.inn, m.codes.as_slice(), quant_prefetch());
+        let (scales, zeros) = (m.scales.f32s(), m.zeros.f32s());
+        let xs: [(&[i8], &[f32], f32); V] = std::array::from_fn(|v| parts(inn, preps[v]));
+        let whole = inn / GROUP;
+        for (j, r) in rows.enumerate() {
+            // SAFETY: (whole body) the CPU features are enabled; row r holds 128 codes at
+            // r · inn + g · 128 for g < whole and each xq 128 bytes at g · 128; prefetches never
+            // fault.
+            unsafe {
+                let row = codes.as_ptr().add(r * inn);
+                let mut acc = [_mm512_setzero_ps(); V];
+                for g in 0..whole {
+                    let p = row.add(g * GROUP);
+                    let ahead = p.wrapping_add(PREFETCH_ROWS * inn);
+                    prefetch_weights(pf, ahead);
+                    prefetch_weights(pf, ahead.wrapping_add(64));
+                    let c0 = _mm512_loadu_si512(p as *const _);
+                    let c1 = _mm512_loadu_si512(p.add(64) as *const _);
+                    for (a, &(xq, sx, _)) in acc.iter_mut().zip(&xs) {
+                        let x0 = _mm512_loadu_si512(xq.as_ptr().add(g * GROUP) as *const _);
+                        let x1 = _mm512_loadu_si512(xq.as_ptr().add(g * GROUP + 64) as *const _);
+                        let sums = _mm512_dpbusd_epi32(
+                            _mm512_dpbusd_epi32(_mm512_setzero_si512(), c0, x0),
+                            c1,
+                            x1,
+                        );
+                        let s = _mm512_set1_ps(*sx.get_unchecked(g));
+                        *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), s, *a);
+                    }
+                }
+                let row_codes = &codes[r * inn..(r + 1) * inn];
+                for (a, &(xq, sx, _)) in acc.iter_mut().zip(&xs) {
+                    if whole < sx.len() {
+                        // A partial last group: the reference's steps on the lanes.
+                        let mut l = super::lanes(*a);
+                        for (g, &sg) in sx.iter().enumerate().skip(whole) {
+                            group_step_ref(row_codes, inn, g, xq, sg, &mut l);
+                        }
+                        *a = _mm512_loadu_ps(l.as_ptr());
+                    }
+                }
+                let folded = super::fold16_rows(&acc);
+                for (v, (&f, &(_, _, total))) in folded.iter().zip(&xs).enumerate() {
+                    out[v * stride + j] = finish(scales[r], zeros[r], f, total);
+                }
+            }
+        }
+    }
+
     /// What every row of a call reads: the matrix's parts and the prepared x's (`xq`, `sx`,
     /// `X`).
     struct Ctx<'a> {
