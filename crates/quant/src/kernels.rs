@@ -214,9 +214,9 @@ pub(crate) trait QuantRows: Sync + Send {
     /// j, :] · x_b` for the vectors whose preparations are `preps` (each from
     /// [`QuantRows::gemv_prepare`] on `path`), with the bits [`QuantRows::gemv`] gives each
     /// vector alone; `false` (nothing written) where the format has no such kernel for these
-    /// preparations (the caller then runs [`QuantRows::gemv`] vector by vector). `rows.end <=
-    /// out`, `stride >= rows.len()` and `out.len() >= (preps.len() - 1) · stride + rows.len()`
-    /// were checked.
+    /// preparations (the caller then runs [`QuantRows::gemv`] vector by vector). `rows` lie
+    /// inside W, `stride >= rows.len()` and `out.len() >= (preps.len() - 1) · stride +
+    /// rows.len()` (the caller's contract).
     fn gemv_batch(
         &self,
         _path: KernelPath,

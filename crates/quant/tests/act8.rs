@@ -665,26 +665,7 @@ fn fused_small_batches_at(o: usize, i: usize) {
             for (xb, yb) in x.chunks(i).zip(one_by_one.chunks_mut(o)) {
                 with_activations(ActivationMode::Int8, || f.matmul_t(xb, 1, yb, false)).unwrap();
             }
-            for threads in [1, 3] {
-                let pool = rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .unwrap();
-                let mut batch = vec![f32::NAN; m * o];
-                pool.install(|| {
-                    with_activations(ActivationMode::Int8, || {
-                        f.matmul_t(&x, m, &mut batch, false)
-                    })
-                })
-                .unwrap();
-                assert!(
-                    batch
-                        .iter()
-                        .zip(&one_by_one)
-                        .all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "{name} m {m}, {threads} threads: the batch differs from its vectors"
-                );
-            }
+            assert_batch_gives(&**f, &x, m, &one_by_one, &format!("{name} m {m}"));
         }
     }
 }
@@ -711,25 +692,29 @@ fn q4_fused_batches_give_their_vectors_bits() {
         for (xb, yb) in x.chunks(i).zip(one_by_one.chunks_mut(o)) {
             q.gemv_int8(xb, yb, false).unwrap();
         }
-        for threads in [1, 3] {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            let mut batch = vec![f32::NAN; m * o];
-            pool.install(|| {
-                with_activations(ActivationMode::Int8, || {
-                    q.matmul_t(&x, m, &mut batch, false)
-                })
-            })
+        assert_batch_gives(&q, &x, m, &one_by_one, &format!("q4 m {m}"));
+    }
+}
+
+/// `f.matmul_t` of the `m` vectors of `x` in one batch under int8 mode, on 1 and 3 threads into
+/// NaN-filled outputs, gives `want` bit for bit.
+fn assert_batch_gives(f: &dyn WeightMatrix, x: &[f32], m: usize, want: &[f32], what: &str) {
+    for threads in [1, 3] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
             .unwrap();
-            assert!(
-                batch
-                    .iter()
-                    .zip(&one_by_one)
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "m {m}, {threads} threads: the batch differs from its vectors"
-            );
-        }
+        let mut batch = vec![f32::NAN; want.len()];
+        pool.install(|| {
+            with_activations(ActivationMode::Int8, || f.matmul_t(x, m, &mut batch, false))
+        })
+        .unwrap();
+        assert!(
+            batch
+                .iter()
+                .zip(want)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{what}, {threads} threads: the batch differs from its vectors"
+        );
     }
 }
