@@ -165,8 +165,7 @@ impl QuantRows for Int8Matrix {
         crate::act8::int8_route("int8", m) == crate::act8::Int8Route::Generic
     }
     fn act8_fused(&self, m: usize) -> bool {
-        crate::act8::activations() == crate::act8::ActivationMode::Int8
-            && crate::act8::int8_route("int8", m) == crate::act8::Int8Route::FusedInt8
+        act8::FUSED.takes(m)
     }
     /// The fused int8 GEMV's batch kernel (`int8_int8::gemv_batch`) where every vector was
     /// prepared for it and the CPU has the AVX-512 path with VNNI.

@@ -569,8 +569,7 @@ impl QuantRows for LowerMatrix {
         crate::act8::int8_route("lower", m) == crate::act8::Int8Route::Generic
     }
     fn act8_fused(&self, m: usize) -> bool {
-        crate::act8::activations() == crate::act8::ActivationMode::Int8
-            && crate::act8::int8_route("lower", m) == crate::act8::Int8Route::FusedLower
+        act8::FUSED.takes(m)
     }
     /// 1024², 2 threads, GEMVs against tiles: m = 2 0.24 / 0.32 ms, m = 3 0.34 / 0.34 ms.
     fn tiles_min_m(&self) -> usize {

@@ -272,15 +272,19 @@ pub trait WeightMatrix: Send + Sync + std::fmt::Debug {
     }
 }
 
-/// The `1 x out` bias operand of [`WeightMatrix::matmul_t_fused`] as `out` values (its packed
-/// panels are the values themselves, f16 widened).
-fn bias_values(bias: &dyn PackB, out: usize) -> Result<Vec<f32>> {
+/// The `1 x out` bias operand of [`WeightMatrix::matmul_t_fused`] as `out` values: borrowed
+/// where it is a row of f32 already (a layer's bias, on every call), else its packed panels,
+/// which are the values themselves (f16 widened).
+fn bias_values(bias: &dyn PackB, out: usize) -> Result<std::borrow::Cow<'_, [f32]>> {
     if bias.k() != 1 || bias.n() != out {
         return Err(TensorError::ShapeMismatch {
             op: "linear (bias)",
             lhs: vec![1, out],
             rhs: vec![bias.k(), bias.n()],
         });
+    }
+    if let Some((data, _)) = bias.as_row_major().filter(|(d, _)| d.len() >= out) {
+        return Ok(std::borrow::Cow::Borrowed(&data[..out]));
     }
     let mut row = vec![0.0f32; out];
     let mut panel = [0.0f32; NR];
@@ -289,7 +293,7 @@ fn bias_values(bias: &dyn PackB, out: usize) -> Result<Vec<f32>> {
         bias.pack_panel(0, 1, n0, nc, &mut panel);
         row[n0..n0 + nc].copy_from_slice(&panel[..nc]);
     }
-    Ok(row)
+    Ok(std::borrow::Cow::Owned(row))
 }
 
 /// Checks `x` is `[m, cols]` and `y` is `[m, rows]` for a W-product named `op`.

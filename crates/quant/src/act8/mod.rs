@@ -258,7 +258,13 @@ impl<M> FusedGemv<M> {
     /// through a matrix `inn` wide takes it (int8 activations, this route) and x is finite;
     /// `false`, with nothing appended, otherwise (the format then prepares its f32 GEMV).
     pub(crate) fn prepare(&self, inn: usize, m: usize, x: &[f32], prep: &mut Vec<f32>) -> bool {
-        inn > 0 && takes_fused(self.format, m, self.route) && (self.prepare)(x, prep)
+        inn > 0 && self.takes(m) && (self.prepare)(x, prep)
+    }
+
+    /// Whether a batch of `m` vectors takes this GEMV (int8 activations, this route): the
+    /// format's [`crate::kernels::QuantRows::act8_fused`] for `m >= 2`.
+    pub(crate) fn takes(&self, m: usize) -> bool {
+        takes_fused(self.format, m, self.route)
     }
 
     /// Where `prep` is this GEMV's preparation (told by its length), its rows: the AVX-512

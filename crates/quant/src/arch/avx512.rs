@@ -1673,7 +1673,7 @@ pub(crate) mod lower_int8 {
 /// [`crate::int8::act8::dot_ref`], the same bits.
 pub(crate) mod int8_int8 {
     use crate::act8::GROUP;
-    use crate::cpu::{prefetch_weights, quant_prefetch, PREFETCH_ROWS};
+    use crate::cpu::{prefetch_weights, quant_prefetch, QuantPrefetch, PREFETCH_ROWS};
     use crate::int8::act8::{finish, group_step_ref, parts};
     use crate::int8::Int8Matrix;
     use std::arch::x86_64::*;
@@ -1770,39 +1770,75 @@ pub(crate) mod int8_int8 {
                 let row = codes.as_ptr().add(r * inn);
                 let mut acc = [_mm512_setzero_ps(); V];
                 for g in 0..whole {
-                    let p = row.add(g * GROUP);
-                    let ahead = p.wrapping_add(PREFETCH_ROWS * inn);
-                    prefetch_weights(pf, ahead);
-                    prefetch_weights(pf, ahead.wrapping_add(64));
-                    let c0 = _mm512_loadu_si512(p as *const _);
-                    let c1 = _mm512_loadu_si512(p.add(64) as *const _);
+                    let (c0, c1) = group_codes(row.add(g * GROUP), inn, pf);
                     for (a, &(xq, sx, _)) in acc.iter_mut().zip(&xs) {
                         let x0 = _mm512_loadu_si512(xq.as_ptr().add(g * GROUP) as *const _);
                         let x1 = _mm512_loadu_si512(xq.as_ptr().add(g * GROUP + 64) as *const _);
-                        let sums = _mm512_dpbusd_epi32(
-                            _mm512_dpbusd_epi32(_mm512_setzero_si512(), c0, x0),
-                            c1,
-                            x1,
-                        );
-                        let s = _mm512_set1_ps(*sx.get_unchecked(g));
-                        *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), s, *a);
+                        step(c0, c1, x0, x1, _mm512_set1_ps(*sx.get_unchecked(g)), a);
                     }
                 }
                 let row_codes = &codes[r * inn..(r + 1) * inn];
                 for (a, &(xq, sx, _)) in acc.iter_mut().zip(&xs) {
-                    if whole < sx.len() {
-                        // A partial last group: the reference's steps on the lanes.
-                        let mut l = super::lanes(*a);
-                        for (g, &sg) in sx.iter().enumerate().skip(whole) {
-                            group_step_ref(row_codes, inn, g, xq, sg, &mut l);
-                        }
-                        *a = _mm512_loadu_ps(l.as_ptr());
-                    }
+                    partial_group(row_codes, whole, xq, sx, a);
                 }
                 let folded = super::fold16_rows(&acc);
                 for (v, (&f, &(_, _, total))) in folded.iter().zip(&xs).enumerate() {
                     out[v * stride + j] = finish(scales[r], zeros[r], f, total);
                 }
+            }
+        }
+    }
+
+    /// A group's 128 codes of a row from `p` (two 64-byte loads), prefetching the same group
+    /// [`PREFETCH_ROWS`] rows (of `inn` codes) ahead.
+    ///
+    /// # Safety
+    /// AVX-512 F enabled by the caller; `p` holds 128 readable bytes.
+    #[inline(always)]
+    unsafe fn group_codes(p: *const u8, inn: usize, pf: QuantPrefetch) -> (__m512i, __m512i) {
+        let ahead = p.wrapping_add(PREFETCH_ROWS * inn);
+        prefetch_weights(pf, ahead);
+        prefetch_weights(pf, ahead.wrapping_add(64));
+        // SAFETY: the caller's contract.
+        unsafe {
+            (
+                _mm512_loadu_si512(p as *const _),
+                _mm512_loadu_si512(p.add(64) as *const _),
+            )
+        }
+    }
+
+    /// A whole group's step on one (row, vector) pair's 16 lanes: `a += P · s`, `P` the lane
+    /// sums of the codes `c0`, `c1` against x's bytes `x0`, `x1` (two `vpdpbusd`), `s` x's
+    /// scale of the group.
+    ///
+    /// # Safety
+    /// AVX-512 F and VNNI enabled by the caller.
+    #[inline(always)]
+    unsafe fn step(c0: __m512i, c1: __m512i, x0: __m512i, x1: __m512i, s: __m512, a: &mut __m512) {
+        // SAFETY: register work on the caller's target features.
+        unsafe {
+            let sums =
+                _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c0, x0), c1, x1);
+            *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), s, *a);
+        }
+    }
+
+    /// A partial last group of `row` (its codes), if x has one past the `whole` groups: the
+    /// reference's steps on the lanes of `a`.
+    ///
+    /// # Safety
+    /// AVX-512 F enabled by the caller.
+    #[inline(always)]
+    unsafe fn partial_group(row: &[u8], whole: usize, xq: &[i8], sx: &[f32], a: &mut __m512) {
+        if whole < sx.len() {
+            // SAFETY: register and stack work on the caller's target features.
+            unsafe {
+                let mut l = super::lanes(*a);
+                for (g, &s) in sx.iter().enumerate().skip(whole) {
+                    group_step_ref(row, row.len(), g, xq, s, &mut l);
+                }
+                *a = _mm512_loadu_ps(l.as_ptr());
             }
         }
     }
@@ -1838,31 +1874,13 @@ pub(crate) mod int8_int8 {
                 let x1 = _mm512_loadu_si512(xq.as_ptr().add(g * GROUP + 64) as *const _);
                 let s = _mm512_set1_ps(*sx.get_unchecked(g));
                 for (q, a) in accv.iter_mut().enumerate() {
-                    let p = base.add(q * inn + g * GROUP);
-                    let ahead = p.wrapping_add(PREFETCH_ROWS * inn);
-                    prefetch_weights(pf, ahead);
-                    prefetch_weights(pf, ahead.wrapping_add(64));
-                    let c0 = _mm512_loadu_si512(p as *const _);
-                    let c1 = _mm512_loadu_si512(p.add(64) as *const _);
-                    let sums = _mm512_dpbusd_epi32(
-                        _mm512_dpbusd_epi32(_mm512_setzero_si512(), c0, x0),
-                        c1,
-                        x1,
-                    );
-                    *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), s, *a);
+                    let (c0, c1) = group_codes(base.add(q * inn + g * GROUP), inn, pf);
+                    step(c0, c1, x0, x1, s, a);
                 }
             }
-            if whole < sx.len() {
-                // A partial last group: the reference's steps on each row's lanes.
-                for (q, a) in accv.iter_mut().enumerate() {
-                    let r = r0 + q;
-                    let mut l = super::lanes(*a);
-                    let row = &codes[r * inn..(r + 1) * inn];
-                    for (g, &s) in sx.iter().enumerate().skip(whole) {
-                        group_step_ref(row, inn, g, xq, s, &mut l);
-                    }
-                    *a = _mm512_loadu_ps(l.as_ptr());
-                }
+            for (q, a) in accv.iter_mut().enumerate() {
+                let r = r0 + q;
+                partial_group(&codes[r * inn..(r + 1) * inn], whole, xq, sx, a);
             }
             // Folded here, not in a closure (closures do not inherit the target features:
             // an intrinsic there is a call per row).

@@ -649,9 +649,7 @@ impl QuantRows for Nf4Matrix {
     }
     /// (Only where the fused GEMV takes the matrix: whole blocks of 64 in a row.)
     fn act8_fused(&self, m: usize) -> bool {
-        self.inn % NF4_BLOCK == 0
-            && crate::act8::activations() == crate::act8::ActivationMode::Int8
-            && crate::act8::int8_route("nf4", m) == crate::act8::Int8Route::FusedNf4
+        self.inn % NF4_BLOCK == 0 && act8::FUSED.takes(m)
     }
     fn seg_align(&self) -> usize {
         16

@@ -1092,7 +1092,7 @@ fn gemm_staged(
     if k_total == 0 {
         if !accumulate {
             match bias {
-                Some(b) => c[..m * n].chunks_mut(n).for_each(|r| r.copy_from_slice(b)),
+                Some(b) => crate::ops::fill_rows(c, b)?,
                 None => c.fill(0.0),
             }
         }
