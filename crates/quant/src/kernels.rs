@@ -104,7 +104,8 @@ pub(crate) const TILES_MIN_M: usize = 2;
 /// while every vector of the batch passes over them).
 const GEMV_ROW_TILE: usize = 64;
 
-/// Vectors a small batch hands to [`QuantRows::gemv_batch`] at most (more go vector by vector).
+/// Vectors a small batch hands to [`QuantRows::gemv_batch`] at once at most (a larger batch
+/// goes in chunks).
 const GEMV_BATCH_MAX: usize = 8;
 
 /// Columns of a forward panel dequantized per pass (matches the GEMM's `KC`).
@@ -665,36 +666,39 @@ fn matmul_t_fusing<F: QuantRows>(
     let run = move |t: usize| {
         let r0 = t * GEMV_ROW_TILE;
         let nr = GEMV_ROW_TILE.min(o - r0);
-        if m <= GEMV_BATCH_MAX {
-            // The whole batch over the tile in one pass where the format has a kernel for it.
-            let mut all = [0.0f32; GEMV_ROW_TILE * GEMV_BATCH_MAX];
-            let preps: [&[f32]; GEMV_BATCH_MAX] = std::array::from_fn(|b| {
-                if b < m {
-                    &prep_ref[starts[b]..starts[b + 1]]
+        // The batch in chunks of at most GEMV_BATCH_MAX vectors (of sizes differing by at most
+        // one), each over the tile in one pass where the format has a kernel for it, else
+        // vector by vector: the same bits either way.
+        let chunks = m.div_ceil(GEMV_BATCH_MAX);
+        let mut all = [0.0f32; GEMV_ROW_TILE * GEMV_BATCH_MAX];
+        for c in 0..chunks {
+            let (b0, b1) = (c * m / chunks, (c + 1) * m / chunks);
+            let preps: [&[f32]; GEMV_BATCH_MAX] = std::array::from_fn(|v| {
+                if b0 + v < b1 {
+                    &prep_ref[starts[b0 + v]..starts[b0 + v + 1]]
                 } else {
                     &[]
                 }
             });
-            if f.gemv_batch(path, &preps[..m], r0..r0 + nr, &mut all, GEMV_ROW_TILE) {
-                for b in 0..m {
-                    for (j, &v) in all[b * GEMV_ROW_TILE..][..nr].iter().enumerate() {
-                        // SAFETY: b < m and r0 + j < o, so the element is inside y (m x o);
-                        // rows r0..r0+nr belong to this task alone.
-                        unsafe { yp.store(b * o + r0 + j, v, accumulate) };
-                    }
+            let batched = b1 - b0 >= 2
+                && f.gemv_batch(
+                    path,
+                    &preps[..b1 - b0],
+                    r0..r0 + nr,
+                    &mut all,
+                    GEMV_ROW_TILE,
+                );
+            for b in b0..b1 {
+                let yt = &mut all[(b - b0) * GEMV_ROW_TILE..][..nr];
+                if !batched {
+                    let xb = &x[b * i..(b + 1) * i];
+                    f.gemv(path, xb, preps[b - b0], r0..r0 + nr, yt, false);
                 }
-                return Ok(());
-            }
-        }
-        let mut tmp = [0.0f32; GEMV_ROW_TILE];
-        for b in 0..m {
-            let xb = &x[b * i..(b + 1) * i];
-            let pb = &prep_ref[starts[b]..starts[b + 1]];
-            f.gemv(path, xb, pb, r0..r0 + nr, &mut tmp[..nr], false);
-            for (j, &v) in tmp[..nr].iter().enumerate() {
-                // SAFETY: b < m and r0 + j < o, so the element is inside y (m x o); rows
-                // r0..r0+nr belong to this task alone.
-                unsafe { yp.store(b * o + r0 + j, v, accumulate) };
+                for (j, &v) in yt.iter().enumerate() {
+                    // SAFETY: b < m and r0 + j < o, so the element is inside y (m x o); rows
+                    // r0..r0+nr belong to this task alone.
+                    unsafe { yp.store(b * o + r0 + j, v, accumulate) };
+                }
             }
         }
         Ok(())

@@ -513,6 +513,17 @@ impl QuantRows for Q4Matrix {
         }
         true
     }
+    /// The int8-activation GEMV's batch kernel on AVX-512 VNNI (`act8::gemv_batch`).
+    fn gemv_batch(
+        &self,
+        path: KernelPath,
+        preps: &[&[f32]],
+        rows: std::ops::Range<usize>,
+        out: &mut [f32],
+        stride: usize,
+    ) -> bool {
+        act8::gemv_batch(self, usable(path), preps, rows, out, stride)
+    }
     /// The int8-activation GEMV ([`Q4Matrix::gemv_int8`]'s kernels: the x86 tiers' where the
     /// path has them, else the scalar reference) for the int8 preparation, on every path.
     fn gemv_prepared(

@@ -671,28 +671,33 @@ fn fused_small_batches_at(o: usize, i: usize) {
 }
 
 /// Where int8 mode takes a Q4 batch through the fused GEMV (below `q4_fused_end`: 16 on AVX2,
-/// 48 where the tier's integer GEMM starts at 48), the batch gives what its vectors give one at
-/// a time (`Q4Matrix::gemv_int8`), bit for bit, at 1 and 3 threads; from there on the route is
-/// the integer GEMM's.
+/// 48 where the tier's integer GEMM starts at 48; on AVX-512 VNNI chunks of up to 8 vectors in
+/// one pass over each tile of rows), the batch gives what its vectors give one at a time
+/// (`Q4Matrix::gemv_int8`), bit for bit, at 1 and 3 threads; from there on the route is the
+/// integer GEMM's.
 #[test]
 fn q4_fused_batches_give_their_vectors_bits() {
-    let (o, i) = (40, 256);
-    let q = Q4Matrix::quantize(&Tensor::randn(&[o, i], &mut Rng::new(31))).unwrap();
     let tier = IntTier::for_path(nibble_quant::cpu::kernel_path());
     let end = q4_fused_end(tier);
     println!("q4 fused batches on {tier:?}: below {end}");
-    for m in [2usize, 15, 16, 33, 47, 48] {
-        let route = int8_route("q4", m);
-        assert_eq!(route == Int8Route::FusedQ4, m < end, "m {m}: {route:?}");
-        if m >= end {
-            continue;
+    // Whole tiles of 16 rows and a ragged rest (the batch kernel's tiles and the row kernel's
+    // rows), a partial last group of 128 (272), and a task of 64 rows with no whole tile (70).
+    for (o, i) in [(40, 256), (70, 272), (17, 128)] {
+        let q = Q4Matrix::quantize(&Tensor::randn(&[o, i], &mut Rng::new(31))).unwrap();
+        for m in [2usize, 3, 8, 9, 15, 16, 33, 47, 48] {
+            let route = int8_route("q4", m);
+            assert_eq!(route == Int8Route::FusedQ4, m < end, "m {m}: {route:?}");
+            if m >= end {
+                continue;
+            }
+            let mut x = Tensor::randn(&[m, i], &mut Rng::new(m as u64)).into_vec();
+            x[i..2 * i].fill(0.0); // an all-zero vector
+            let mut one_by_one = vec![f32::NAN; m * o];
+            for (xb, yb) in x.chunks(i).zip(one_by_one.chunks_mut(o)) {
+                q.gemv_int8(xb, yb, false).unwrap();
+            }
+            assert_batch_gives(&q, &x, m, &one_by_one, &format!("q4 {o}x{i} m {m}"));
         }
-        let x = Tensor::randn(&[m, i], &mut Rng::new(m as u64)).into_vec();
-        let mut one_by_one = vec![f32::NAN; m * o];
-        for (xb, yb) in x.chunks(i).zip(one_by_one.chunks_mut(o)) {
-            q.gemv_int8(xb, yb, false).unwrap();
-        }
-        assert_batch_gives(&q, &x, m, &one_by_one, &format!("q4 m {m}"));
     }
 }
 

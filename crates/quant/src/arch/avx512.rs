@@ -1234,6 +1234,199 @@ pub(crate) mod q4_int8 {
         }
     }
 
+    /// `out[v · stride + j] = W[rows.start + j, :] · x'_v` for the `preps.len()` (2 to 8)
+    /// prepared vectors (each from [`crate::q4::act8::prepare`]): a small batch with each
+    /// block of each whole tile of the row-interleaved copy ([`crate::q4::tiles`]) loaded and
+    /// its nibbles split once for every vector, each (tile, vector) through [`tile_dot`]'s
+    /// steps (so the bits of [`gemv_tiles`] and every other Q4 int8 GEMV), the rows outside
+    /// whole tiles vector by vector on the row kernel. `false`, with nothing written, for
+    /// another count or where the matrix has no copy.
+    ///
+    /// # Safety
+    /// As [`gemv`] for every prepared vector; `stride >= rows.len()` and
+    /// `out.len() >= (preps.len() - 1) · stride + rows.len()`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub(crate) unsafe fn gemv_batch(
+        m: &Q4Matrix,
+        preps: &[&[f32]],
+        rows: std::ops::Range<usize>,
+        out: &mut [f32],
+        stride: usize,
+    ) -> bool {
+        // SAFETY: the caller's contract.
+        unsafe { batch_with::<ShiftMask>(m, preps, rows, out, stride) }
+    }
+
+    /// [`gemv_batch`] with the high nibbles by GFNI ([`gemv_gfni`]): the same bits.
+    ///
+    /// # Safety
+    /// As [`gemv_batch`], and the CPU has GFNI.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c,gfni")]
+    pub(crate) unsafe fn gemv_batch_gfni(
+        m: &Q4Matrix,
+        preps: &[&[f32]],
+        rows: std::ops::Range<usize>,
+        out: &mut [f32],
+        stride: usize,
+    ) -> bool {
+        // SAFETY: the caller's contract.
+        unsafe { batch_with::<Gf2Affine>(m, preps, rows, out, stride) }
+    }
+
+    /// [`gemv_batch`]'s body on the high-nibble step `H`.
+    ///
+    /// # Safety
+    /// As [`gemv_batch`], and `H`'s CPU features.
+    #[inline(always)]
+    unsafe fn batch_with<H: HighNibbles>(
+        m: &Q4Matrix,
+        preps: &[&[f32]],
+        rows: std::ops::Range<usize>,
+        out: &mut [f32],
+        stride: usize,
+    ) -> bool {
+        if !(2..=8).contains(&preps.len()) {
+            return false;
+        }
+        let Some((t, (head, tiles, tail))) = m
+            .tiles
+            .get(m)
+            .and_then(|t| split_at_tiles(rows.clone(), t.tiles).map(|s| (t, s)))
+        else {
+            return false;
+        };
+        // The rows outside whole tiles, vector by vector on the row kernel (its bits).
+        for (v, prep) in preps.iter().enumerate() {
+            for part in [head.clone(), tail.clone()] {
+                if !part.is_empty() {
+                    let j = part.start - rows.start;
+                    let y = &mut out[v * stride + j..v * stride + j + part.len()];
+                    // SAFETY: the caller's contract; the rows lie inside `rows`.
+                    unsafe { gemv_with::<H>(m, prep, part, y, false) };
+                }
+            }
+        }
+        macro_rules! batch {
+            ($($v:literal)*) => {
+                match preps.len() {
+                    // SAFETY: the caller's contract, with the count the arm names; the tiles
+                    // lie inside the copy.
+                    $($v => unsafe {
+                        tiles_batch::<H, $v>(
+                            m,
+                            t,
+                            preps.try_into().expect("the arm's count"),
+                            tiles,
+                            &mut out[head.len()..],
+                            stride,
+                        )
+                    },)*
+                    _ => unreachable!("counts 2 to 8"),
+                }
+            };
+        }
+        batch!(2 3 4 5 6 7 8);
+        true
+    }
+
+    /// The tiles `tiles` of the copy `t` against `V` prepared vectors: `out[v · stride + 16k +
+    /// i]` = row `16 (tiles.start + k) + i`'s product with vector v. Per tile, each chain of
+    /// [`tile_dot`] (block place `k` of every group) runs for every vector in one pass over
+    /// the blocks at place `k`, while the next tile's lines of the same blocks are fetched.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW + VNNI, F16C and `H`'s features; every prep holds the whole groups of
+    /// `t` (`prep_len(m.inn)`); `tiles.end <= t.tiles`; `out` holds `(V - 1) · stride +
+    /// 16 · tiles.len()` values.
+    #[inline(always)]
+    unsafe fn tiles_batch<H: HighNibbles, const V: usize>(
+        m: &Q4Matrix,
+        t: &Q4Tiles,
+        preps: [&[f32]; V],
+        tiles: std::ops::Range<usize>,
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        let xs: [(&[u8], &[f32], &[f32]); V] =
+            std::array::from_fn(|v| crate::q4::act8::parts(m.inn, preps[v]));
+        let full = t.nb / BLOCKS_PER_GROUP;
+        let tile_codes = t.nb * TILE_BLOCK_BYTES;
+        // SAFETY: (whole body) the caller's contract: for tile < t.tiles and g < full the
+        // block 8g + k's 128 code bytes and 16 norms lie inside the copy, each prepared x
+        // holds 128 bytes at g·128, xs[g] and cs[8g..8g + 8]; prefetches never fault.
+        unsafe {
+            let mask = _mm512_set1_epi8(0x0f);
+            for (n, tile) in tiles.enumerate() {
+                let codes = t.code_bytes().as_ptr().add(tile * tile_codes);
+                let norms = t.norm_halves().as_ptr().add(tile * t.nb * TILE_ROWS);
+                let mut chains = [[_mm512_setzero_ps(); BLOCKS_PER_GROUP]; V];
+                for k in 0..BLOCKS_PER_GROUP {
+                    let mut acc = [_mm512_setzero_ps(); V];
+                    for g in 0..full {
+                        let b = g * BLOCKS_PER_GROUP + k;
+                        let cp = codes.add(b * TILE_BLOCK_BYTES);
+                        // The next tile's lines of this block.
+                        let np = cp.wrapping_add(tile_codes);
+                        prefetch_t0(np);
+                        prefetch_t0(np.wrapping_add(64));
+                        if k % 2 == 0 {
+                            prefetch_t0(
+                                norms.wrapping_add(t.nb * TILE_ROWS + b * TILE_ROWS) as *const u8
+                            );
+                        }
+                        let c0 = _mm512_load_si512(cp as *const _);
+                        let c1 = _mm512_load_si512(cp.add(64) as *const _);
+                        let (l0, h0) = (_mm512_and_si512(c0, mask), H::high(c0));
+                        let (l1, h1) = (_mm512_and_si512(c1, mask), H::high(c1));
+                        let nv = _mm512_cvtph_ps(_mm256_loadu_si256(
+                            norms.add(b * TILE_ROWS) as *const __m256i
+                        ));
+                        for (a, &(xq, xsg, cs)) in acc.iter_mut().zip(&xs) {
+                            let x = xq.as_ptr().add(g * GROUP);
+                            let word = |o: usize| {
+                                _mm512_set1_epi32((x.add(o) as *const i32).read_unaligned())
+                            };
+                            let mut s =
+                                _mm512_dpbusd_epi32(_mm512_setzero_si512(), l0, word(8 * k));
+                            s = _mm512_dpbusd_epi32(s, h0, word(GROUP / 2 + 8 * k));
+                            s = _mm512_dpbusd_epi32(s, l1, word(8 * k + 4));
+                            s = _mm512_dpbusd_epi32(s, h1, word(GROUP / 2 + 8 * k + 4));
+                            let xsv = _mm512_set1_ps(*xsg.get_unchecked(g));
+                            let csv = _mm512_set1_ps(
+                                *cs.get_unchecked(g * BLOCKS_PER_GROUP + CS_SLOT[k]),
+                            );
+                            let tk = _mm512_fmsub_ps(xsv, _mm512_cvtepi32_ps(s), csv);
+                            *a = _mm512_fmadd_ps(nv, tk, *a);
+                        }
+                    }
+                    for (c, a) in chains.iter_mut().zip(acc) {
+                        c[k] = a;
+                    }
+                }
+                for (v, c) in chains.iter().enumerate() {
+                    // (b0 + b2) + (b4 + b6), (b1 + b3) + (b5 + b7), then those two: as
+                    // `tile_dot`.
+                    let even = _mm512_add_ps(_mm512_add_ps(c[0], c[2]), _mm512_add_ps(c[4], c[6]));
+                    let odd = _mm512_add_ps(_mm512_add_ps(c[1], c[3]), _mm512_add_ps(c[5], c[7]));
+                    let mut lanes = [0.0f32; TILE_ROWS];
+                    _mm512_storeu_ps(lanes.as_mut_ptr(), _mm512_add_ps(even, odd));
+                    let y = &mut out[v * stride + n * TILE_ROWS..][..TILE_ROWS];
+                    for (i, (o, &li)) in y.iter_mut().zip(&lanes).enumerate() {
+                        // (The blocks past the copy's, from the checkpoint layout.)
+                        *o = li + tail_ref(m, tile * TILE_ROWS + i, t.nb, preps[v]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A T0 prefetch of the line at `p` (never faults).
+    #[inline(always)]
+    fn prefetch_t0(p: *const u8) {
+        // SAFETY: a prefetch never faults, whatever the address.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) };
+    }
+
     /// Integer block sums of one row's group (64 code bytes at `q`) with x's even (`xe`) and
     /// odd (`xo`) bytes: lane `2t + h` holds half `h` of block t.
     #[inline(always)]

@@ -264,6 +264,42 @@ pub(super) fn gemv(
     }
 }
 
+/// A small batch's int8 GEMVs in one pass over W ([`crate::kernels::QuantRows::gemv_batch`]):
+/// `out[v · stride + j] = (W · x_v)[rows.start + j]` for the prepared vectors `preps`, with the
+/// bits [`gemv`] gives each alone, where the path is AVX-512 on a CPU with VNNI, the
+/// row-interleaved copy is on ([`super::tiles`]) and every preparation is this GEMV's; `false`,
+/// with nothing written, otherwise (the caller then runs [`gemv`] vector by vector). The
+/// caller checked `rows`, `stride` and `out` (the trait's contract).
+pub(super) fn gemv_batch(
+    m: &Q4Matrix,
+    path: KernelPath,
+    preps: &[&[f32]],
+    rows: std::ops::Range<usize>,
+    out: &mut [f32],
+    stride: usize,
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if path == KernelPath::Avx512
+        && m.inn % Q4_BLOCK == 0
+        && crate::act8::has_avx512vnni()
+        && super::tiles::tiles_enabled()
+        && preps.iter().all(|p| p.len() == prep_len(m.inn))
+    {
+        // SAFETY: Avx512 comes from `usable` (the caller's), so the CPU has AVX-512 F/BW/VL,
+        // AVX2, FMA and F16C, and VNNI (checked); every preparation is this GEMV's; rows,
+        // stride and out as the trait's contract says.
+        return unsafe {
+            if crate::act8::has_avx512_gfni() {
+                avx512::gemv_batch_gfni(m, preps, rows, out, stride)
+            } else {
+                avx512::gemv_batch(m, preps, rows, out, stride)
+            }
+        };
+    }
+    let _ = (m, path, preps, rows, out, stride);
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
