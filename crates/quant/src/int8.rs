@@ -167,8 +167,8 @@ impl QuantRows for Int8Matrix {
     fn act8_fused(&self, m: usize) -> bool {
         act8::FUSED.takes(m)
     }
-    /// The fused int8 GEMV's batch kernel (`int8_int8::gemv_batch`) where every vector was
-    /// prepared for it and the CPU has the AVX-512 path with VNNI.
+    /// The fused int8 GEMV's batch kernel (`int8_int8::gemv_batch`, through
+    /// [`crate::act8::FusedGemv::run_batch`]).
     fn gemv_batch(
         &self,
         path: KernelPath,
@@ -177,21 +177,7 @@ impl QuantRows for Int8Matrix {
         out: &mut [f32],
         stride: usize,
     ) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        if usable(path) == KernelPath::Avx512
-            && crate::act8::has_avx512vnni()
-            && self.inn > 0
-            && preps.iter().all(|p| p.len() == act8::prep_len(self.inn))
-        {
-            // SAFETY: the CPU has AVX-512 (the path went through `usable`) and VNNI; every
-            // preparation is the fused GEMV's for this width; rows and out were checked by
-            // the caller (the trait's contract).
-            return unsafe {
-                crate::arch::avx512::int8_int8::gemv_batch(self, preps, rows, out, stride)
-            };
-        }
-        let _ = (path, preps, rows, out, stride);
-        false
+        act8::FUSED.run_batch(usable(path), self, self.inn, preps, rows, out, stride)
     }
     fn seg_align(&self) -> usize {
         1

@@ -623,8 +623,9 @@ fn backward_int8_bits_independent_of_threads_and_nonfinite_declined() {
 /// batch kernel, every vector per row in one pass). Prints the tiers the CPU lacks.
 #[test]
 fn fused_small_batches_give_their_vectors_bits() {
-    // (A width of 200 ends in a partial group of 128; NF4 then takes its f32 path.)
-    for (o, i) in [(70, 256), (33, 200)] {
+    // (A width of 200 ends in a partial group of 128, NF4 then taking its f32 path; 320 in a
+    // partial group and an odd NF4 block.)
+    for (o, i) in [(70, 256), (33, 200), (17, 320)] {
         fused_small_batches_at(o, i);
     }
 }
@@ -647,7 +648,7 @@ fn fused_small_batches_at(o: usize, i: usize) {
             "int8" => Int8Route::FusedInt8,
             _ => Int8Route::FusedLower,
         };
-        for m in [1usize, 2, 3, 5, 6, 7, 8] {
+        for m in [1usize, 2, 3, 5, 6, 7, 8, 9, 10, 11, 12] {
             let route = int8_route(name, m);
             let expect_fused =
                 m < fused_end(name) && matches!(tier, IntTier::Avx512Vnni | IntTier::Amx);

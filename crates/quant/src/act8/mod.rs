@@ -249,6 +249,14 @@ pub(crate) struct FusedGemv<M> {
     /// The AVX-512 VNNI kernel: `y[j] (+)= W[rows.start + j, :] · x'` (with `acc`).
     #[cfg(target_arch = "x86_64")]
     pub(crate) kernel: unsafe fn(&M, &[f32], std::ops::Range<usize>, &mut [f32], bool),
+    /// The AVX-512 VNNI kernel for a small batch in one pass over the rows, where the format
+    /// has one: `out[v · stride + j] = W[rows.start + j, :] · x'_v` for 2 to 8 prepared
+    /// vectors with [`FusedGemv::kernel`]'s bits for each (`false`, nothing written, for
+    /// another count); see [`FusedGemv::run_batch`].
+    #[cfg(target_arch = "x86_64")]
+    #[allow(clippy::type_complexity)]
+    pub(crate) batch:
+        Option<unsafe fn(&M, &[&[f32]], std::ops::Range<usize>, &mut [f32], usize) -> bool>,
     /// The scalar reference for one row (the kernel's bits).
     pub(crate) dot_ref: fn(&M, usize, &[f32]) -> f32,
 }
@@ -299,6 +307,44 @@ impl<M> FusedGemv<M> {
             }
         }
         true
+    }
+}
+
+impl<M> FusedGemv<M> {
+    /// The format's [`crate::kernels::QuantRows::gemv_batch`]: its batch kernel where it has
+    /// one, the path is AVX-512 on a CPU with VNNI and every preparation is this GEMV's (told
+    /// by its length); `false`, with nothing written, otherwise (the caller then runs the
+    /// vectors one at a time).
+    ///
+    /// `rows` lie inside `w` (`inn` wide), `stride >= rows.len()` and `out.len() >=
+    /// (preps.len() - 1) · stride + rows.len()` (the trait's contract, which the caller
+    /// keeps).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn run_batch(
+        &self,
+        path: crate::cpu::KernelPath,
+        w: &M,
+        inn: usize,
+        preps: &[&[f32]],
+        rows: std::ops::Range<usize>,
+        out: &mut [f32],
+        stride: usize,
+    ) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(batch) = self.batch {
+            if path == crate::cpu::KernelPath::Avx512
+                && has_avx512vnni()
+                && inn > 0
+                && preps.iter().all(|p| p.len() == (self.prep_len)(inn))
+            {
+                // SAFETY: the path is usable (the caller's `usable`), so the CPU has AVX-512
+                // F/BW/VL, AVX2, FMA and F16C, and it has VNNI (checked); every preparation
+                // is this GEMV's; rows, stride and out as the trait's contract says.
+                return unsafe { batch(w, preps, rows, out, stride) };
+            }
+        }
+        let _ = (path, w, inn, preps, rows, out, stride);
+        false
     }
 }
 
@@ -1509,6 +1555,22 @@ pub const NF4_GENERIC_MAX_M: usize = 9;
 pub const GEMM_ROUTE_START_512: usize = 8;
 const _: () = assert!(GEMM_ROUTE_START_512 >= gemm::GEMM_MIN_M);
 
+/// Where the integer GEMM starts for NF4 on the AVX-512 VNNI and AMX tiers ([`gemm_route`]),
+/// and so where its fused GEMV stops ([`fused_end`]): since the fused GEMV runs up to 8 vectors
+/// in one pass over each tile of rows (`nf4_int8::gemv_batch`) it beats the GEMM (here on
+/// AMX) below 10. BigNet with int8 activations, 2 threads of the 2-core Xeon, three rounds in
+/// turns (2026-12-05), fused / GEMM, ms: batch 8 1.37–1.61 / 1.79–1.83, 10 1.86–2.13 /
+/// 1.87–1.95, 12 2.46–2.79 / 1.93–1.94, 16 3.09–3.61 / 2.21–2.26.
+pub const NF4_GEMM_START_512: usize = 10;
+
+/// [`NF4_GEMM_START_512`] for the int8 format (`int8_int8::gemv_batch`): the same runs, fused /
+/// GEMM, ms: batch 8 1.10–1.15 / 1.48–1.87, 10 1.39–1.43 / 1.55–1.84, 12 1.58–1.63 /
+/// 1.60–1.97, 14 1.84–1.89 / 1.78–2.00, 16 2.53–2.67 / 1.67–2.01; in a second pairing batch 9
+/// 1.33–1.34 / 1.48–1.53, 11 1.60 / 1.53.
+pub const INT8_GEMM_START_512: usize = 11;
+const _: () = assert!(NF4_GEMM_START_512 >= gemm::GEMM_MIN_M);
+const _: () = assert!(INT8_GEMM_START_512 >= gemm::GEMM_MIN_M);
+
 /// The batches for which int8 mode runs the integer GEMM ([`gemm`], through [`forward`]) for
 /// a format on a tier (Q4 keeps its fused GEMV below [`q4_fused_end`], which follows this),
 /// or `None` where the GEMM is not routed at all. AVX2 (measured on the Zen 3, see the
@@ -1537,9 +1599,9 @@ pub fn gemm_route(tier: IntTier, format: &str) -> Option<std::ops::Range<usize>>
     // (The measurements behind the start of NF4, int8 and lower on the 512-bit tiers:
     // [`GEMM_ROUTE_START_512`].)
     match (tier, format) {
-        (IntTier::Amx | IntTier::Avx512Vnni, "nf4" | "int8" | "lower") => {
-            Some(GEMM_ROUTE_START_512..usize::MAX)
-        }
+        (IntTier::Amx | IntTier::Avx512Vnni, "nf4") => Some(NF4_GEMM_START_512..usize::MAX),
+        (IntTier::Amx | IntTier::Avx512Vnni, "int8") => Some(INT8_GEMM_START_512..usize::MAX),
+        (IntTier::Amx | IntTier::Avx512Vnni, "lower") => Some(GEMM_ROUTE_START_512..usize::MAX),
         (IntTier::Amx | IntTier::Avx512Vnni, "q4")
         | (IntTier::AvxVnni, "q4" | "nf4" | "int8" | "lower") => Some(48..usize::MAX),
         (IntTier::Avx2, "q4" | "lower") => Some(16..usize::MAX),
@@ -1557,10 +1619,12 @@ pub fn int8_route(format: &str, m: usize) -> Int8Route {
 }
 
 /// Where the fused int8 GEMVs of NF4, lower and the int8 format stop on the AVX-512 VNNI and AMX
-/// tiers (batch 1 and, one vector after another over tiles of 64 rows of W, small batches:
-/// each row's codes come from memory once per tile and from L2 for the tile's other vectors;
-/// each vector gives the bits it gives alone). The int8 format and NF4 up to the GEMM's start
-/// ([`GEMM_ROUTE_START_512`]), lower below 6, where its f32 path (the batch tiles) catches up.
+/// tiers (batch 1 and small batches over tiles of 64 rows of W: NF4's and the int8 format's
+/// up to 8 vectors in one pass over each row's codes, their batch kernels, lower's one vector
+/// after another, each row's codes from memory once per tile and from L2 for the tile's other
+/// vectors; each vector gives the bits it gives alone). The int8 format and NF4 up to their
+/// GEMM's start ([`INT8_GEMM_START_512`], [`NF4_GEMM_START_512`]), lower below 6, where its
+/// f32 path (the batch tiles) catches up. Before the batch kernels:
 /// BigNet with int8 activations on the 2-core Xeon, 2 threads, three rounds in turns, ms,
 /// batch 2 / 3 / 4 / 5 / 7, before (the f32 path) → fused: int8 0.99–1.83 / 1.45–1.54 /
 /// 1.65–1.68 / 2.06–2.16 / 2.41–2.52 → 0.52–0.54 / 0.63–0.67 / 0.79–1.38 / 0.91–0.93 /
@@ -1575,6 +1639,8 @@ pub fn int8_route(format: &str, m: usize) -> Int8Route {
 pub fn fused_end(format: &str) -> usize {
     match format {
         "lower" => 6,
+        "nf4" => NF4_GEMM_START_512,
+        "int8" => INT8_GEMM_START_512,
         _ => GEMM_ROUTE_START_512,
     }
 }

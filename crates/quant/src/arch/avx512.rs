@@ -1552,7 +1552,7 @@ pub(crate) mod q4_int8 {
 /// lane those of [`crate::nf4::act8::dot_ref`]: the same bits.
 pub(crate) mod nf4_int8 {
     use crate::cpu::{prefetch_weights, quant_prefetch, PREFETCH_ROWS};
-    use crate::nf4::act8::{parts, BIASED_LEVELS};
+    use crate::nf4::act8::{block_scale, parts, BIASED_LEVELS};
     use crate::nf4::{Nf4Matrix, NF4_BLOCK};
     use std::arch::x86_64::*;
 
@@ -1584,6 +1584,113 @@ pub(crate) mod nf4_int8 {
             crate::kernels::store_row(y, acc)
         );
         crate::kernels::put_row_scales(scales);
+    }
+
+    /// `out[v · stride + j] = W[rows.start + j, :] · x'_v` for the `preps.len()` (2 to 8)
+    /// prepared vectors (each from [`crate::nf4::act8::prepare`]): a small batch with each
+    /// row's codes loaded and looked up once for every vector, each (row, vector) through
+    /// [`gemv`]'s steps, so its bits. `false`, with nothing written, for another count.
+    ///
+    /// # Safety
+    /// As [`gemv`] for every prepared vector; `stride >= rows.len()` and
+    /// `out.len() >= (preps.len() - 1) · stride + rows.len()`.
+    pub(crate) unsafe fn gemv_batch(
+        m: &Nf4Matrix,
+        preps: &[&[f32]],
+        rows: std::ops::Range<usize>,
+        out: &mut [f32],
+        stride: usize,
+    ) -> bool {
+        macro_rules! batch {
+            ($($v:literal)*) => {
+                match preps.len() {
+                    // SAFETY: the caller's contract, with the count the arm names.
+                    $($v => unsafe {
+                        rows_batch::<$v>(m, preps.try_into().expect("the arm's count"), rows, out, stride)
+                    },)*
+                    _ => return false,
+                }
+            };
+        }
+        batch!(2 3 4 5 6 7 8);
+        true
+    }
+
+    /// [`gemv_batch`] for `V` vectors, one row at a time (`V` accumulators): the rows' block
+    /// absmaxes once per call, each vector's block scales formed from them as
+    /// [`Nf4Matrix::fill_scaled_absmax`] forms them.
+    ///
+    /// # Safety
+    /// As [`gemv_batch`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+    unsafe fn rows_batch<const V: usize>(
+        m: &Nf4Matrix,
+        preps: [&[f32]; V],
+        rows: std::ops::Range<usize>,
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        let nb = m.inn / NF4_BLOCK;
+        let row_bytes = m.inn / 2;
+        let xs: [(&[i8], &[i32], &[f32]); V] = std::array::from_fn(|v| parts(m.inn, preps[v]));
+        let pf = quant_prefetch();
+        let mut absmax = crate::kernels::take_row_scales(rows.len() * nb);
+        m.fill_absmax(rows.start * nb, &mut absmax);
+        // SAFETY: (whole body) the CPU features are enabled by the caller; each row r of
+        // `rows` holds `row_bytes` packed bytes at r · row_bytes (32 per block; an odd last
+        // block's pair is loaded with its second half masked off); each prepared x holds 128
+        // bytes and 16 i32 per pair and nb scales; prefetches never fault.
+        unsafe {
+            let table = _mm512_broadcast_i32x4(_mm_loadu_si128(BIASED_LEVELS.as_ptr() as *const _));
+            let low4 = _mm512_set1_epi8(0x0f);
+            for (j, r) in rows.enumerate() {
+                let row = m.packed.as_slice().as_ptr().add(r * row_bytes);
+                let am = &absmax[j * nb..(j + 1) * nb];
+                let mut acc = [_mm512_setzero_ps(); V];
+                let mut b = 0;
+                while b < nb {
+                    let p = b / 2;
+                    let whole = b + 1 < nb;
+                    prefetch_weights(pf, row.wrapping_add(PREFETCH_ROWS * row_bytes + b * 32));
+                    let codes = if whole {
+                        _mm512_loadu_si512(row.add(b * 32) as *const _)
+                    } else {
+                        _mm512_maskz_loadu_epi8(0xFFFF_FFFF, row.add(b * 32) as *const i8)
+                    };
+                    let hi = _mm512_shuffle_epi8(
+                        table,
+                        _mm512_and_si512(_mm512_srli_epi16::<4>(codes), low4),
+                    );
+                    let lo = _mm512_shuffle_epi8(table, _mm512_and_si512(codes, low4));
+                    for (a, &(xd, corr, su)) in acc.iter_mut().zip(&xs) {
+                        let xe = _mm512_loadu_si512(xd.as_ptr().add(p * 128) as *const _);
+                        let xo = _mm512_loadu_si512(xd.as_ptr().add(p * 128 + 64) as *const _);
+                        let cv = _mm512_loadu_si512(corr.as_ptr().add(p * 16) as *const _);
+                        let sums = _mm512_dpbusd_epi32(
+                            _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, xe),
+                            lo,
+                            xo,
+                        );
+                        let sums = _mm512_sub_epi32(sums, cv);
+                        let s0 = _mm512_set1_ps(block_scale(am[b], *su.get_unchecked(b)));
+                        let s = if whole {
+                            let s1 =
+                                _mm512_set1_ps(block_scale(am[b + 1], *su.get_unchecked(b + 1)));
+                            _mm512_mask_blend_ps(0xFF00, s0, s1)
+                        } else {
+                            _mm512_maskz_mov_ps(0x00FF, s0)
+                        };
+                        *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), s, *a);
+                    }
+                    b += 2;
+                }
+                let folded = super::fold16_rows(&acc);
+                for (v, &f) in folded.iter().enumerate() {
+                    out[v * stride + j] = f;
+                }
+            }
+        }
+        crate::kernels::put_row_scales(absmax);
     }
 
     /// The dot products of rows `r0..r0 + N` with the prepared x; `scale` holds at least

@@ -34,6 +34,8 @@ pub(crate) const FUSED: crate::act8::FusedGemv<Int8Matrix> = crate::act8::FusedG
     prep_len,
     #[cfg(target_arch = "x86_64")]
     kernel: crate::arch::avx512::int8_int8::gemv,
+    #[cfg(target_arch = "x86_64")]
+    batch: Some(crate::arch::avx512::int8_int8::gemv_batch),
     dot_ref,
 };
 

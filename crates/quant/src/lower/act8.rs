@@ -46,6 +46,8 @@ pub(crate) const FUSED: crate::act8::FusedGemv<LowerMatrix> = crate::act8::Fused
     prep_len,
     #[cfg(target_arch = "x86_64")]
     kernel: crate::arch::avx512::lower_int8::gemv,
+    #[cfg(target_arch = "x86_64")]
+    batch: None,
     dot_ref,
 };
 

@@ -40,6 +40,8 @@ pub(crate) const FUSED: crate::act8::FusedGemv<Nf4Matrix> = crate::act8::FusedGe
     prep_len,
     #[cfg(target_arch = "x86_64")]
     kernel: crate::arch::avx512::nf4_int8::gemv,
+    #[cfg(target_arch = "x86_64")]
+    batch: Some(crate::arch::avx512::nf4_int8::gemv_batch),
     dot_ref,
 };
 

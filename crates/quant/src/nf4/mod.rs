@@ -651,6 +651,19 @@ impl QuantRows for Nf4Matrix {
     fn act8_fused(&self, m: usize) -> bool {
         self.inn % NF4_BLOCK == 0 && act8::FUSED.takes(m)
     }
+    /// The fused int8 GEMV's batch kernel (`nf4_int8::gemv_batch`, through
+    /// [`crate::act8::FusedGemv::run_batch`]) for whole blocks of 64 in a row.
+    fn gemv_batch(
+        &self,
+        path: KernelPath,
+        preps: &[&[f32]],
+        rows: std::ops::Range<usize>,
+        out: &mut [f32],
+        stride: usize,
+    ) -> bool {
+        self.inn % NF4_BLOCK == 0
+            && act8::FUSED.run_batch(usable(path), self, self.inn, preps, rows, out, stride)
+    }
     fn seg_align(&self) -> usize {
         16
     }
