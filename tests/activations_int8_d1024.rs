@@ -16,11 +16,11 @@ use nibble_quant::act8::{int8_route, ActivationMode, Int8Route, IntTier};
 fn every_quantized_variant_within_the_grader_bounds_with_int8_activations() {
     let f32_net = ModelSpec::seeded(Variant::Bignet, 0).build().unwrap();
     // Batch 1 takes the fused GEMVs where `int8_route` says so (Q4; NF4 on AVX-512 VNNI) through
-    // the batch-1 team, batch 4 the fused GEMVs of NF4, int8 and lower on AVX-512 VNNI and AMX
-    // one vector after another (`fused_end`; f32 on the other tiers), batch 8 the integer routes (Q4 fused; NF4 generic on AVX2; on AVX-512
-    // VNNI and AMX the integer GEMM for NF4, int8 and lower, `GEMM_ROUTE_START_512`; else f32
-    // for int8 and lower); batch 32 Q4's fused GEMV and those GEMMs; batch 1024 (inference
-    // chunks of at least 96 rows) the integer GEMM where `int8_route` says so.
+    // the batch-1 team, batches 4 and 8 the fused GEMVs' batch kernels of Q4, NF4, int8 and
+    // lower on AVX-512 VNNI and AMX (`fused_end`; f32 on the other tiers, Q4 fused, NF4 generic
+    // on AVX2); batch 32 Q4's fused GEMV and the integer GEMM of the others on AVX-512 VNNI and
+    // AMX (`gemm_route`; else f32 for int8 and lower); batch 1024 (inference chunks of at least
+    // 96 rows) the integer GEMM where `int8_route` says so.
     for batch in [1usize, 4, 8, 32, 1024] {
         let x = normal_batch(batch, 1024, 0);
         let want = f32_net.infer(&x).unwrap();

@@ -571,6 +571,18 @@ impl QuantRows for LowerMatrix {
     fn act8_fused(&self, m: usize) -> bool {
         act8::FUSED.takes(m)
     }
+    /// The fused int8 GEMV's batch kernel (`lower_int8::gemv_batch`, through
+    /// [`crate::act8::FusedGemv::run_batch`]).
+    fn gemv_batch(
+        &self,
+        path: KernelPath,
+        preps: &[&[f32]],
+        rows: std::ops::Range<usize>,
+        out: &mut [f32],
+        stride: usize,
+    ) -> bool {
+        act8::FUSED.run_batch(usable(path), self, self.inn, preps, rows, out, stride)
+    }
     /// 1024², 2 threads, GEMVs against tiles: m = 2 0.24 / 0.32 ms, m = 3 0.34 / 0.34 ms.
     fn tiles_min_m(&self) -> usize {
         3

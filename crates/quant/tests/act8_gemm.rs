@@ -241,8 +241,8 @@ fn amx_tier_selection() {
 #[test]
 fn avxvnni_tier_selection() {
     use nibble_quant::act8::{
-        gemm_route, has_avx512vnni, has_avxvnni, int8_route_on, Int8Route, GEMM_ROUTE_START_512,
-        INT8_GEMM_START_512, NF4_GEMM_START_512, NF4_GENERIC_MAX_M,
+        gemm_route, has_avx512vnni, has_avxvnni, int8_route_on, Int8Route, INT8_GEMM_START_512,
+        LOWER_GEMM_START_512, NF4_GEMM_START_512, NF4_GENERIC_MAX_M,
     };
     use nibble_quant::cpu::{has_avx2_fma_f16c, KernelPath};
     let has = has_avxvnni();
@@ -269,8 +269,8 @@ fn avxvnni_tier_selection() {
         assert_eq!(emulated, IntTier::Scalar);
     }
     // Measured on the Xeon's AVX-VNNI: the GEMM from 48 for every format (as AVX-512 VNNI for
-    // Q4; the 512-bit tiers start lower at GEMM_ROUTE_START_512, NF4 and int8 where their
-    // fused batch kernels stop winning), and NF4's small batches on the f32 path.
+    // Q4; the 512-bit tiers start NF4, int8 and lower where their fused batch kernels stop
+    // winning), and NF4's small batches on the f32 path.
     for f in ["q4", "nf4", "int8", "lower"] {
         let route = gemm_route(IntTier::AvxVnni, f);
         assert_eq!(route, Some(48..usize::MAX), "{f}");
@@ -278,7 +278,7 @@ fn avxvnni_tier_selection() {
             "q4" => 48,
             "nf4" => NF4_GEMM_START_512,
             "int8" => INT8_GEMM_START_512,
-            _ => GEMM_ROUTE_START_512,
+            _ => LOWER_GEMM_START_512,
         };
         for tier in [IntTier::Avx512Vnni, IntTier::Amx] {
             assert_eq!(

@@ -1540,9 +1540,15 @@ pub fn q4_fused_end(tier: IntTier) -> usize {
 /// 0.75; 16 threads 0.74–1.26 and 2.6–3.6).
 pub const NF4_GENERIC_MAX_M: usize = 9;
 
-/// Where the integer GEMM starts for NF4, int8 and lower on the AVX-512 VNNI and AMX tiers
-/// ([`gemm_route`]; Q4 keeps its fused GEMV up to 48): where the GEMM starts at all
-/// ([`gemm::GEMM_MIN_M`]). The driver of 2026-12-05 against the f32
+/// Where the integer GEMM starts for NF4 on the AVX-512 VNNI and AMX tiers ([`gemm_route`]),
+/// and so where its fused GEMV stops ([`fused_end`]): since the fused GEMV runs up to 8 vectors
+/// in one pass over each tile of rows (`nf4_int8::gemv_batch`) it beats the GEMM (here on
+/// AMX) below 10. BigNet with int8 activations, 2 threads of the 2-core Xeon, three rounds in
+/// turns (2026-12-05), fused / GEMM, ms: batch 8 1.37–1.61 / 1.79–1.83, 10 1.86–2.13 /
+/// 1.87–1.95, 12 2.46–2.79 / 1.93–1.94, 16 3.09–3.61 / 2.21–2.26.
+///
+/// In the twenty-sixth session the GEMM started at 8 for NF4, int8 and lower (where it starts
+/// at all, [`gemm::GEMM_MIN_M`]), their small batches then running vector by vector. The driver of 2026-12-05 against the f32
 /// path, one 1024² layer (`act8_bench`, generic / f32 time, the minima of 7, nf4, nf4_dq, int8,
 /// lower): 16-core Xeon, AMX tier, 16 threads, batch 8 0.78–0.90, 16 0.63–0.83, 32 0.51–0.64,
 /// 47 0.48–0.53; 8 threads 0.86–1.02, 0.71–0.89, 0.55–0.64, 0.49–0.58; 4 threads 0.73–0.88,
@@ -1552,15 +1558,6 @@ pub const NF4_GENERIC_MAX_M: usize = 9;
 /// at batch 8 2.88–3.05 / 1.61–1.83, 12 3.66–3.71 / 1.68–2.12; int8 2.35–2.68 / 1.43–1.72,
 /// 3.36–3.42 / 1.53–1.87; lower 3.12–3.34 / 2.37–3.05, 3.84–4.31 / 2.45–2.70. (On 2026-12-03
 /// the driver of then lost at 32 on 16 threads, 1.03–1.48x, hence the earlier 48.)
-pub const GEMM_ROUTE_START_512: usize = 8;
-const _: () = assert!(GEMM_ROUTE_START_512 >= gemm::GEMM_MIN_M);
-
-/// Where the integer GEMM starts for NF4 on the AVX-512 VNNI and AMX tiers ([`gemm_route`]),
-/// and so where its fused GEMV stops ([`fused_end`]): since the fused GEMV runs up to 8 vectors
-/// in one pass over each tile of rows (`nf4_int8::gemv_batch`) it beats the GEMM (here on
-/// AMX) below 10. BigNet with int8 activations, 2 threads of the 2-core Xeon, three rounds in
-/// turns (2026-12-05), fused / GEMM, ms: batch 8 1.37–1.61 / 1.79–1.83, 10 1.86–2.13 /
-/// 1.87–1.95, 12 2.46–2.79 / 1.93–1.94, 16 3.09–3.61 / 2.21–2.26.
 pub const NF4_GEMM_START_512: usize = 10;
 
 /// [`NF4_GEMM_START_512`] for the int8 format (`int8_int8::gemv_batch`): the same runs, fused /
@@ -1568,8 +1565,15 @@ pub const NF4_GEMM_START_512: usize = 10;
 /// 1.60–1.97, 14 1.84–1.89 / 1.78–2.00, 16 2.53–2.67 / 1.67–2.01; in a second pairing batch 9
 /// 1.33–1.34 / 1.48–1.53, 11 1.60 / 1.53.
 pub const INT8_GEMM_START_512: usize = 11;
+
+/// [`NF4_GEMM_START_512`] for lower (`lower_int8::gemv_batch`); batches of 6 to 9 ran its f32
+/// path (the batch tiles) or the GEMM before. The same hour, 2 threads, fused / before
+/// (6 and 7 the batch tiles, then the GEMM), ms: batch 6 1.30–1.41 / 2.88–3.08, 7 1.43–1.50 /
+/// 3.13–3.41, 8 1.48–1.87 / 2.54–2.82, 10 2.48–2.80 / 2.53–2.79, 12 2.98–3.14 / 2.54–2.90.
+pub const LOWER_GEMM_START_512: usize = 10;
 const _: () = assert!(NF4_GEMM_START_512 >= gemm::GEMM_MIN_M);
 const _: () = assert!(INT8_GEMM_START_512 >= gemm::GEMM_MIN_M);
+const _: () = assert!(LOWER_GEMM_START_512 >= gemm::GEMM_MIN_M);
 
 /// The batches for which int8 mode runs the integer GEMM ([`gemm`], through [`forward`]) for
 /// a format on a tier (Q4 keeps its fused GEMV below [`q4_fused_end`], which follows this),
@@ -1587,7 +1591,8 @@ const _: () = assert!(INT8_GEMM_START_512 >= gemm::GEMM_MIN_M);
 /// 0.41–0.46, 1024 0.46–0.52; 2 threads, AMX tier, batch 16 0.63–0.91, 64 0.41–0.60, 256
 /// 0.32–0.55, 1024 0.31–0.54. So every format from 48 on both tiers then (on 2 threads smaller
 /// batches would gain too; 48 was where 16 threads stopped losing); since the twenty-sixth
-/// session NF4, int8 and lower from [`GEMM_ROUTE_START_512`]. Q4 runs its units of 16 on
+/// session NF4, int8 and lower from 8, and since the twenty-eighth where their fused batch
+/// kernels stop winning ([`NF4_GEMM_START_512`]). Q4 runs its units of 16 on
 /// the VNNI tier under AMX (see [`forward`]). AVX-VNNI, measured on the same Xeon (which has
 /// it) with `NIBBLE_KERNEL=avx2`, 2026-12-03 16:25 UTC, generic driver int8 / f32 time: 2
 /// threads, batch 8 0.75–1.00, 16 0.61–0.87, 64 0.43–0.53, 256 0.36–0.50, 1024 0.37–0.57 (the
@@ -1597,11 +1602,11 @@ const _: () = assert!(INT8_GEMM_START_512 >= gemm::GEMM_MIN_M);
 /// unlike AVX2). The portable and emulated tiers: `None` (not measured; the f32 path runs).
 pub fn gemm_route(tier: IntTier, format: &str) -> Option<std::ops::Range<usize>> {
     // (The measurements behind the start of NF4, int8 and lower on the 512-bit tiers:
-    // [`GEMM_ROUTE_START_512`].)
+    // [`NF4_GEMM_START_512`], [`INT8_GEMM_START_512`], [`LOWER_GEMM_START_512`].)
     match (tier, format) {
         (IntTier::Amx | IntTier::Avx512Vnni, "nf4") => Some(NF4_GEMM_START_512..usize::MAX),
         (IntTier::Amx | IntTier::Avx512Vnni, "int8") => Some(INT8_GEMM_START_512..usize::MAX),
-        (IntTier::Amx | IntTier::Avx512Vnni, "lower") => Some(GEMM_ROUTE_START_512..usize::MAX),
+        (IntTier::Amx | IntTier::Avx512Vnni, "lower") => Some(LOWER_GEMM_START_512..usize::MAX),
         (IntTier::Amx | IntTier::Avx512Vnni, "q4")
         | (IntTier::AvxVnni, "q4" | "nf4" | "int8" | "lower") => Some(48..usize::MAX),
         (IntTier::Avx2, "q4" | "lower") => Some(16..usize::MAX),
@@ -1619,12 +1624,12 @@ pub fn int8_route(format: &str, m: usize) -> Int8Route {
 }
 
 /// Where the fused int8 GEMVs of NF4, lower and the int8 format stop on the AVX-512 VNNI and AMX
-/// tiers (batch 1 and small batches over tiles of 64 rows of W: NF4's and the int8 format's
-/// up to 8 vectors in one pass over each row's codes, their batch kernels, lower's one vector
-/// after another, each row's codes from memory once per tile and from L2 for the tile's other
-/// vectors; each vector gives the bits it gives alone). The int8 format and NF4 up to their
-/// GEMM's start ([`INT8_GEMM_START_512`], [`NF4_GEMM_START_512`]), lower below 6, where its
-/// f32 path (the batch tiles) catches up. Before the batch kernels:
+/// tiers (batch 1 and small batches over tiles of 64 rows of W, up to 8 vectors in one pass
+/// over each row's codes, the formats' batch kernels, each row's codes from memory once per
+/// tile; each vector gives the bits it gives alone): up to their GEMM's start
+/// ([`INT8_GEMM_START_512`], [`NF4_GEMM_START_512`], [`LOWER_GEMM_START_512`]). Before the
+/// batch kernels (each vector in turn over the tile; lower stopped at 6, where its f32 path, the
+/// batch tiles, caught up):
 /// BigNet with int8 activations on the 2-core Xeon, 2 threads, three rounds in turns, ms,
 /// batch 2 / 3 / 4 / 5 / 7, before (the f32 path) → fused: int8 0.99–1.83 / 1.45–1.54 /
 /// 1.65–1.68 / 2.06–2.16 / 2.41–2.52 → 0.52–0.54 / 0.63–0.67 / 0.79–1.38 / 0.91–0.93 /
@@ -1638,10 +1643,9 @@ pub fn int8_route(format: &str, m: usize) -> Int8Route {
 /// 2.47 / 4.02.
 pub fn fused_end(format: &str) -> usize {
     match format {
-        "lower" => 6,
+        "lower" => LOWER_GEMM_START_512,
         "nf4" => NF4_GEMM_START_512,
-        "int8" => INT8_GEMM_START_512,
-        _ => GEMM_ROUTE_START_512,
+        _ => INT8_GEMM_START_512,
     }
 }
 

@@ -1771,7 +1771,7 @@ pub(crate) mod nf4_int8 {
 /// lane: lane for lane the steps of [`crate::lower::act8::dot_ref`], the same bits.
 pub(crate) mod lower_int8 {
     use crate::cpu::{prefetch_weights, quant_prefetch, PREFETCH_ROWS};
-    use crate::lower::act8::{group_step_ref, groups, min_term, parts};
+    use crate::lower::act8::{group_step_ref, groups, min_term, parts, row_parts};
     use crate::lower::{LowerMatrix, LOWER_GROUP};
     use std::arch::x86_64::*;
 
@@ -1818,6 +1818,109 @@ pub(crate) mod lower_int8 {
             unsafe { rows_n::<1>(&ctx, r, &mut params)[0] },
             crate::kernels::store_row(y, acc)
         );
+        crate::kernels::put_row_scales(params);
+    }
+
+    /// `out[v · stride + j] = W[rows.start + j, :] · x'_v` for the `preps.len()` (2 to 8)
+    /// prepared vectors (each from [`crate::lower::act8::prepare`]): a small batch with each
+    /// row's codes loaded (and a 3-bit row's spread to nibbles) once for every vector, each
+    /// (row, vector) through [`gemv`]'s steps, so its bits. `false`, with nothing written, for
+    /// another count.
+    ///
+    /// # Safety
+    /// As [`gemv`] for every prepared vector; `stride >= rows.len()` and
+    /// `out.len() >= (preps.len() - 1) · stride + rows.len()`.
+    pub(crate) unsafe fn gemv_batch(
+        m: &LowerMatrix,
+        preps: &[&[f32]],
+        rows: std::ops::Range<usize>,
+        out: &mut [f32],
+        stride: usize,
+    ) -> bool {
+        macro_rules! batch {
+            ($($v:literal)*) => {
+                match preps.len() {
+                    // SAFETY: the caller's contract, with the count the arm names.
+                    $($v => unsafe {
+                        rows_batch::<$v>(m, preps.try_into().expect("the arm's count"), rows, out, stride)
+                    },)*
+                    _ => return false,
+                }
+            };
+        }
+        batch!(2 3 4 5 6 7 8);
+        true
+    }
+
+    /// [`gemv_batch`] for `V` vectors, one row at a time (`V` accumulators): each row's
+    /// scales and mins as f32 once ([`row_parts`]), each vector's factors `scale_g · sx_g`
+    /// formed from them as [`gemv`] forms them (one product each).
+    ///
+    /// # Safety
+    /// As [`gemv_batch`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn rows_batch<const V: usize>(
+        m: &LowerMatrix,
+        preps: [&[f32]; V],
+        rows: std::ops::Range<usize>,
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        let ng = groups(m.inn);
+        let whole = m.inn / LOWER_GROUP;
+        let xs: [(&[i8], &[f32], &[f32]); V] = std::array::from_fn(|v| parts(m.inn, preps[v]));
+        let pf = quant_prefetch();
+        let mut params = crate::kernels::take_row_scales(2 * ng);
+        let (scale, min) = params.split_at_mut(ng);
+        let base = m.codes.as_slice().as_ptr();
+        // SAFETY: (whole body) the CPU features are enabled by the caller; for g < whole each
+        // row holds group g's 64 (4-bit) or 48 (3-bit) bytes at g · gbytes, and each xd 128
+        // bytes at g · 128; each sx holds ng values; prefetches never fault.
+        unsafe {
+            let low4 = _mm512_set1_epi8(0x0f);
+            for (j, r) in rows.enumerate() {
+                let (bits, codes) = row_parts(m, r, scale, min);
+                let gbytes = if bits == 4 { 64 } else { 48 };
+                let ahead = m.offsets[(r + PREFETCH_ROWS).min(m.out)] as usize;
+                let mut acc = [_mm512_setzero_ps(); V];
+                for g in 0..whole {
+                    prefetch_weights(pf, base.wrapping_add(ahead + g * 48));
+                    let p = codes.as_ptr().add(g * gbytes);
+                    let z = if bits == 4 {
+                        _mm512_loadu_si512(p as *const _)
+                    } else {
+                        spread3(p)
+                    };
+                    let lo = _mm512_and_si512(z, low4);
+                    let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(z), low4);
+                    for (a, &(xd, sx, _)) in acc.iter_mut().zip(&xs) {
+                        let xe = _mm512_loadu_si512(xd.as_ptr().add(g * 128) as *const _);
+                        let xo = _mm512_loadu_si512(xd.as_ptr().add(g * 128 + 64) as *const _);
+                        let sums = _mm512_dpbusd_epi32(
+                            _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xe),
+                            hi,
+                            xo,
+                        );
+                        let f = *scale.get_unchecked(g) * *sx.get_unchecked(g);
+                        *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(f), *a);
+                    }
+                }
+                if whole < ng {
+                    // A partial last group: the reference's steps on each vector's lanes.
+                    for (a, &(xd, sx, _)) in acc.iter_mut().zip(&xs) {
+                        let mut l = super::lanes(*a);
+                        for g in whole..ng {
+                            group_step_ref(bits, codes, m.inn, g, xd, scale[g] * sx[g], &mut l);
+                        }
+                        *a = _mm512_loadu_ps(l.as_ptr());
+                    }
+                }
+                let folded = super::fold16_rows(&acc);
+                for (v, (&f, &(_, _, xsum))) in folded.iter().zip(&xs).enumerate() {
+                    out[v * stride + j] = f + min_term(min, xsum);
+                }
+            }
+        }
         crate::kernels::put_row_scales(params);
     }
 

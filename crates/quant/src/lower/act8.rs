@@ -47,7 +47,7 @@ pub(crate) const FUSED: crate::act8::FusedGemv<LowerMatrix> = crate::act8::Fused
     #[cfg(target_arch = "x86_64")]
     kernel: crate::arch::avx512::lower_int8::gemv,
     #[cfg(target_arch = "x86_64")]
-    batch: None,
+    batch: Some(crate::arch::avx512::lower_int8::gemv_batch),
     dot_ref,
 };
 
