@@ -1008,3 +1008,54 @@ fn skinny_products_unpacked_equal_packed_bits() {
     }
     assert_eq!(cases, SKINNY.len() * OTHER.len() * 2 + 4);
 }
+
+/// A small batch through short f32 rows (a LoRA adapter's `B`, `[out, r]`) on the AVX-512 tier
+/// takes its transposing kernel, whose outputs are the GEMM's bits (with `B = Wᵀ`, stored or
+/// added to y) on any number of threads: awkward row counts and widths up to the kernel's
+/// limit (64), batches around its chunks of 8 vectors, y pre-filled with NaN or accumulated.
+#[test]
+fn short_rows_small_batches_give_the_gemm_bits() {
+    if !has_avx512() {
+        eprintln!("short rows: this CPU lacks the AVX-512 tier: its transposing kernel is not run");
+        return;
+    }
+    let path = KernelPath::Avx512;
+    let mut rng = Rng::new(23);
+    for &(out, inp) in &[
+        (1024usize, 32usize),
+        (33, 17),
+        (17, 64),
+        (1, 1),
+        (16, 15),
+        (129, 63),
+    ] {
+        let w = Tensor::uniform(&[out, inp], -1.0, 1.0, &mut rng);
+        let wt = MatRef::row_major(w.data(), out, inp).unwrap().t();
+        for m in [2usize, 3, 7, 8, 9, 16] {
+            let x: Vec<f32> = (0..m * inp).map(|_| rng.uniform(-1.0, 1.0)).collect();
+            let c0: Vec<f32> = (0..m * out).map(|_| rng.uniform(-1.0, 1.0)).collect();
+            let xv = MatRef::row_major(&x, m, inp).unwrap();
+            for acc in [false, true] {
+                let start = if acc {
+                    c0.clone()
+                } else {
+                    vec![f32::NAN; m * out]
+                };
+                let mut want = start.clone();
+                gemm_on(path, xv, &wt, &mut want, acc).unwrap();
+                for threads in [1, 2, 3, 16] {
+                    let got = in_pool(threads, || {
+                        let mut y = start.clone();
+                        gemv_t_f32(path, w.data(), out, inp, &x, m, &mut y, acc).unwrap();
+                        y
+                    });
+                    assert_eq!(
+                        bits(&got),
+                        bits(&want),
+                        "short rows {out}x{inp} m={m} acc={acc} {threads} threads"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -259,6 +259,110 @@ pub(super) unsafe fn gemv_rows<E: BElem>(
     unsafe { super::gemv::simd::rows::<__m512, E>(w, inp, x, m, res, accumulate) }
 }
 
+/// Vectors of x per pass of [`short_rows`] over a block of W's rows (one accumulator each).
+const SHORT_VECTORS: usize = 8;
+
+/// The small-batch product through short rows (a LoRA adapter's `B`, `[out, r]`):
+/// `y[b · ldy + j] (+)= Σ_p x[b · inp + p] · w[j · inp + p]` for `j < rows`, `b < m`. Each
+/// block of 16 rows of W is turned into 16-lane columns by register transposes of 16 x 16
+/// (no packing), then each vector's 16 sums are fused multiply-add chains from 0 over `p` in
+/// order with `x[b, p]` broadcast, stored (`acc`) or added to y (`y + acc`): the bits of
+/// [`super::gemm`] with `B = Wᵀ` whose K (`inp <= KC`) is one block, without the GEMM's
+/// packing and task grid, where the horizontal sums of the row kernel cost more than the
+/// products (`inp` of 32: 32 multiply-adds per output).
+///
+/// # Safety
+/// The CPU must have the AVX-512 tier; `w` holds `rows * inp` floats, `x` `m * inp`, and `y`
+/// is valid for reading and writing `y[b * ldy + j]`, `b < m`, `j < rows`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn short_rows(
+    w: &[f32],
+    rows: usize,
+    inp: usize,
+    x: &[f32],
+    m: usize,
+    y: *mut f32,
+    ldy: usize,
+    accumulate: bool,
+) {
+    debug_assert!(w.len() >= rows * inp && x.len() >= m * inp);
+    // SAFETY: (whole body) loads of w are masked to the rows below `rows` and the columns
+    // below `inp`; x's elements read are `b < m`, `p < inp`; y's accesses are masked to the
+    // columns below `rows` of rows `b < m`.
+    unsafe {
+        for j0 in (0..rows).step_by(16) {
+            let nr = (rows - j0).min(16);
+            let row_mask = ((1u32 << nr) - 1) as __mmask16;
+            for b0 in (0..m).step_by(SHORT_VECTORS) {
+                let nb = (m - b0).min(SHORT_VECTORS);
+                let mut acc = [_mm512_setzero_ps(); SHORT_VECTORS];
+                for p0 in (0..inp).step_by(16) {
+                    let np = (inp - p0).min(16);
+                    let col_mask = ((1u32 << np) - 1) as __mmask16;
+                    let mut r = [_mm512_setzero_ps(); 16];
+                    for (i, ri) in r.iter_mut().enumerate().take(nr) {
+                        *ri = _mm512_maskz_loadu_ps(col_mask, w.as_ptr().add((j0 + i) * inp + p0));
+                    }
+                    let cols = transpose16(r);
+                    for (p, col) in cols.iter().enumerate().take(np) {
+                        for (b, a) in acc.iter_mut().enumerate().take(nb) {
+                            let xv = *x.get_unchecked((b0 + b) * inp + p0 + p);
+                            *a = _mm512_fmadd_ps(_mm512_set1_ps(xv), *col, *a);
+                        }
+                    }
+                }
+                for (b, &a) in acc.iter().enumerate().take(nb) {
+                    let yp = y.add((b0 + b) * ldy + j0);
+                    let v = if accumulate {
+                        _mm512_add_ps(_mm512_maskz_loadu_ps(row_mask, yp), a)
+                    } else {
+                        a
+                    };
+                    _mm512_mask_storeu_ps(yp, row_mask, v);
+                }
+            }
+        }
+    }
+}
+
+/// The transpose of the 16 x 16 block whose row `i` is `r[i]`: element `j` of result `c` is
+/// element `c` of `r[j]`. Pairs of rows interleaved (32-bit, then 64-bit), then 128-bit lanes
+/// gathered in two rounds: 64 shuffles.
+#[inline(always)]
+unsafe fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
+    // SAFETY: register-only; AVX-512 F enabled by the caller.
+    unsafe {
+        let mut t = [_mm512_setzero_ps(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+        }
+        // u[4g + c], lane L: rows 4g..4g + 4 of column 4L + c.
+        let mut u = [_mm512_setzero_ps(); 16];
+        for g in 0..4 {
+            let (a, b, c, d) = (t[4 * g], t[4 * g + 1], t[4 * g + 2], t[4 * g + 3]);
+            u[4 * g] = _mm512_shuffle_ps::<0x44>(a, c);
+            u[4 * g + 1] = _mm512_shuffle_ps::<0xEE>(a, c);
+            u[4 * g + 2] = _mm512_shuffle_ps::<0x44>(b, d);
+            u[4 * g + 3] = _mm512_shuffle_ps::<0xEE>(b, d);
+        }
+        let mut out = [_mm512_setzero_ps(); 16];
+        for c in 0..4 {
+            // Lanes 0 and 2 (v), 1 and 3 (v1) of rows 0..8, then of rows 8..16 (w, w1).
+            let v = _mm512_shuffle_f32x4::<0x88>(u[c], u[4 + c]);
+            let v1 = _mm512_shuffle_f32x4::<0xDD>(u[c], u[4 + c]);
+            let w = _mm512_shuffle_f32x4::<0x88>(u[8 + c], u[12 + c]);
+            let w1 = _mm512_shuffle_f32x4::<0xDD>(u[8 + c], u[12 + c]);
+            out[c] = _mm512_shuffle_f32x4::<0x88>(v, w);
+            out[8 + c] = _mm512_shuffle_f32x4::<0xDD>(v, w);
+            out[4 + c] = _mm512_shuffle_f32x4::<0x88>(v1, w1);
+            out[12 + c] = _mm512_shuffle_f32x4::<0xDD>(v1, w1);
+        }
+        out
+    }
+}
+
 impl Lanes for __m512 {
     const N: usize = 16;
     #[inline(always)]

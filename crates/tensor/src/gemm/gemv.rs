@@ -44,18 +44,21 @@ pub const GEMV_MAX_M_F16: usize = 12;
 
 /// Whether a batch of `m` vectors through a dense W of `inp` inputs runs these row-wise kernels
 /// rather than the GEMM: up to [`GEMV_MAX_M`] vectors with rows of at least
-/// [`GEMV_LONG_ROWS`] inputs, up to [`GEMV_MAX_M_SHORT_ROWS`] otherwise.
+/// [`GEMV_LONG_ROWS`] inputs (or, on the AVX-512 tier, of at most `SHORT_ROWS_MAX_INP`, which
+/// its transposing kernel takes), up to [`GEMV_MAX_M_SHORT_ROWS`] otherwise.
 ///
 /// ```
 /// use nibble_tensor::gemm::gemv::gemv_fits;
 /// assert!(gemv_fits(16, 1024) && !gemv_fits(17, 1024));
-/// assert!(gemv_fits(8, 32) && !gemv_fits(9, 32));
+/// assert!(gemv_fits(8, 100) && !gemv_fits(9, 100));
 /// ```
 pub fn gemv_fits(m: usize, inp: usize) -> bool {
-    m <= GEMV_MAX_M && (m <= GEMV_MAX_M_SHORT_ROWS || inp >= GEMV_LONG_ROWS)
+    let short_kernel = inp <= SHORT_ROWS_MAX_INP && crate::cpu::kernel_path() == KernelPath::Avx512;
+    m <= GEMV_MAX_M && (m <= GEMV_MAX_M_SHORT_ROWS || inp >= GEMV_LONG_ROWS || short_kernel)
 }
 
-/// [`gemv_fits`] for an f16 W: the same, but at most [`GEMV_MAX_M_F16`] vectors.
+/// [`gemv_fits`] for an f16 W: the same, but at most [`GEMV_MAX_M_F16`] vectors, and short
+/// rows (which the transposing kernel takes only in f32) at most [`GEMV_MAX_M_SHORT_ROWS`].
 ///
 /// ```
 /// use nibble_tensor::gemm::gemv::gemv_fits_f16;
@@ -63,7 +66,8 @@ pub fn gemv_fits(m: usize, inp: usize) -> bool {
 /// assert!(gemv_fits_f16(8, 32) && !gemv_fits_f16(9, 32));
 /// ```
 pub fn gemv_fits_f16(m: usize, inp: usize) -> bool {
-    m <= GEMV_MAX_M_F16 && gemv_fits(m, inp)
+    // (f16 rows take the row kernel whatever their length.)
+    m <= GEMV_MAX_M_F16 && (m <= GEMV_MAX_M_SHORT_ROWS || inp >= GEMV_LONG_ROWS)
 }
 
 /// `y[m, out] = x[m, inp] · Wᵀ` (`+=` with `accumulate`) for an f32 `W[out, inp]`, row-major.
@@ -139,8 +143,23 @@ pub fn gemv_tile_f32(
     }
     crate::error::check_len(op, &[rows, inp], w.len())?;
     crate::error::check_len(op, &[m, inp], x.len())?;
+    let path = path.supported();
+    #[cfg(target_arch = "x86_64")]
+    if rows > 0 && m >= 2 && path == KernelPath::Avx512 && inp <= SHORT_ROWS_MAX_INP {
+        // The transposing kernel, as gemv_t_f32 takes it here (its layout [batch][row], then
+        // into res's [row][batch]): the same bits.
+        let mut tmp = vec![0.0f32; m * rows];
+        short_rows_t(w, rows, inp, x, m, &mut tmp, false, false, 1);
+        for (r, out) in res.chunks_exact_mut(m).enumerate() {
+            for (b, o) in out.iter_mut().enumerate() {
+                let v = tmp[b * rows + r];
+                *o = if accumulate { *o + v } else { v };
+            }
+        }
+        return Ok(());
+    }
     if rows > 0 {
-        rows_kernel(path.supported(), w, inp, x, m, res, accumulate);
+        rows_kernel(path, w, inp, x, m, res, accumulate);
     }
     Ok(())
 }
@@ -312,6 +331,13 @@ fn gemv_t<E: BElem>(
         }
         return Ok(());
     }
+    #[cfg(target_arch = "x86_64")]
+    if path == KernelPath::Avx512 && inp <= SHORT_ROWS_MAX_INP {
+        if let Some(w) = E::as_f32(w) {
+            short_rows_t(w, out, inp, x, m, y, accumulate, parallel, threads);
+            return Ok(());
+        }
+    }
     on_whole_lines(x, inp, |x| {
         // Batches of 2 and more: about 8 tasks per thread, each computing its rows r of `res`
         // laid out [r][m], then one transposing pass into y.
@@ -342,6 +368,65 @@ fn gemv_t<E: BElem>(
         }
     });
     Ok(())
+}
+
+/// Inputs up to which an f32 W's batches of 2 to [`GEMV_MAX_M`] take the AVX-512 tier's
+/// transposing kernel (`avx512::short_rows`) instead of the row kernel or the GEMM: a LoRA
+/// adapter's `B` (`[out, r]`, r = 32 in BigNet). `y += h · Bᵀ` for `[1024, 32]`, 2 threads of
+/// the 2-core Xeon (2026-12-05, medians of 301 in two or three runs, µs), row kernel /
+/// transposing kernel / GEMM: m = 2 5.7–6.8 / 4.4–6.1 / 7.2–9.7, 4 11.2–12.0 / 6.0–6.3 /
+/// 7.5–9.0, 8 19.4–20.4 / 6.8–12.1 / 14.5–17.1, 12 – / 13.4–13.7 / 19–25, 16 – / 15.7–16.4 /
+/// 19.6–22.5. BigNet qlora with int8 activations, three rounds in turns, batch 4 / 8:
+/// 0.81–1.11 / 1.40–1.62 → 0.72–0.79 / 1.16–1.22 ms; lora batch 8 2.51–2.70 → 2.31–2.52.
+const SHORT_ROWS_MAX_INP: usize = 64;
+
+/// [`gemv_t`] for an f32 W of short rows on the AVX-512 tier: `avx512::short_rows` over blocks
+/// of rows (multiples of 16), on the pool where `parallel`. Bits: the GEMM's (see there), so
+/// they do not depend on the blocks or the thread count.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn short_rows_t(
+    w: &[f32],
+    out: usize,
+    inp: usize,
+    x: &[f32],
+    m: usize,
+    y: &mut [f32],
+    accumulate: bool,
+    parallel: bool,
+    threads: usize,
+) {
+    let tasks = if parallel {
+        threads.min(out.div_ceil(64)).max(1)
+    } else {
+        1
+    };
+    let block = out.div_ceil(tasks).next_multiple_of(16);
+    let yp = super::CPtr(y.as_mut_ptr());
+    let run = |t: usize| {
+        let j0 = (t * block).min(out);
+        let rows = block.min(out - j0);
+        // SAFETY: the AVX-512 tier is the process's supported path (the caller's check); W's
+        // rows j0..j0 + rows and x (m x inp) lie inside their slices; y is m x out and the
+        // columns j0..j0 + rows of each of its rows belong to this task alone.
+        unsafe {
+            super::avx512::short_rows(
+                &w[j0 * inp..(j0 + rows) * inp],
+                rows,
+                inp,
+                x,
+                m,
+                yp.get().add(j0),
+                out,
+                accumulate,
+            )
+        };
+    };
+    if tasks > 1 {
+        crate::parallel::for_each_task(tasks, run);
+    } else {
+        run(0);
+    }
 }
 
 /// `f(x)` with `x` (rows of `inp` floats) on whole 64-byte lines: where its first row starts
