@@ -384,6 +384,27 @@ pub(crate) unsafe fn transpose_panel(src: &[f32], stride: usize, len: usize, dst
     }
 }
 
+/// `$body` with the constant `$v` the number of prepared vectors in `$preps` (2 to 8) and
+/// `$arr` those preparations as an array of that length, then `true`; `false`, the body not
+/// run, for another count. The small-batch kernels keep one accumulator per vector in
+/// registers, so each count is an instance of its own; this picks it.
+macro_rules! with_batch_count {
+    ($preps:expr, $v:ident, $arr:ident => $body:expr) => {
+        with_batch_count!(@arms $preps, $v, $arr, $body, 2 3 4 5 6 7 8)
+    };
+    (@arms $preps:expr, $v:ident, $arr:ident, $body:expr, $($n:literal)*) => {
+        match $preps.len() {
+            $($n => {
+                const $v: usize = $n;
+                let $arr: [&[f32]; $v] = $preps.try_into().expect("the arm's count");
+                $body;
+                true
+            })*
+            _ => false,
+        }
+    };
+}
+
 /// Q4's 512-bit kernels (see [`crate::q4`] for the format).
 pub(crate) mod q4 {
     use super::*;
@@ -1306,27 +1327,11 @@ pub(crate) mod q4_int8 {
                 }
             }
         }
-        macro_rules! batch {
-            ($($v:literal)*) => {
-                match preps.len() {
-                    // SAFETY: the caller's contract, with the count the arm names; the tiles
-                    // lie inside the copy.
-                    $($v => unsafe {
-                        tiles_batch::<H, $v>(
-                            m,
-                            t,
-                            preps.try_into().expect("the arm's count"),
-                            tiles,
-                            &mut out[head.len()..],
-                            stride,
-                        )
-                    },)*
-                    _ => unreachable!("counts 2 to 8"),
-                }
-            };
-        }
-        batch!(2 3 4 5 6 7 8);
-        true
+        with_batch_count!(preps, V, preps_v =>
+            // SAFETY: the caller's contract, for the V vectors of the arm; the tiles lie
+            // inside the copy.
+            unsafe { tiles_batch::<H, V>(m, t, preps_v, tiles, &mut out[head.len()..], stride) }
+        )
     }
 
     /// The tiles `tiles` of the copy `t` against `V` prepared vectors: `out[v · stride + 16k +
@@ -1601,19 +1606,10 @@ pub(crate) mod nf4_int8 {
         out: &mut [f32],
         stride: usize,
     ) -> bool {
-        macro_rules! batch {
-            ($($v:literal)*) => {
-                match preps.len() {
-                    // SAFETY: the caller's contract, with the count the arm names.
-                    $($v => unsafe {
-                        rows_batch::<$v>(m, preps.try_into().expect("the arm's count"), rows, out, stride)
-                    },)*
-                    _ => return false,
-                }
-            };
-        }
-        batch!(2 3 4 5 6 7 8);
-        true
+        with_batch_count!(preps, V, preps_v =>
+            // SAFETY: the caller's contract, for the V vectors of the arm.
+            unsafe { rows_batch::<V>(m, preps_v, rows, out, stride) }
+        )
     }
 
     /// [`gemv_batch`] for `V` vectors, one row at a time (`V` accumulators): the rows' block
@@ -1837,19 +1833,10 @@ pub(crate) mod lower_int8 {
         out: &mut [f32],
         stride: usize,
     ) -> bool {
-        macro_rules! batch {
-            ($($v:literal)*) => {
-                match preps.len() {
-                    // SAFETY: the caller's contract, with the count the arm names.
-                    $($v => unsafe {
-                        rows_batch::<$v>(m, preps.try_into().expect("the arm's count"), rows, out, stride)
-                    },)*
-                    _ => return false,
-                }
-            };
-        }
-        batch!(2 3 4 5 6 7 8);
-        true
+        with_batch_count!(preps, V, preps_v =>
+            // SAFETY: the caller's contract, for the V vectors of the arm.
+            unsafe { rows_batch::<V>(m, preps_v, rows, out, stride) }
+        )
     }
 
     /// [`gemv_batch`] for `V` vectors, one row at a time (`V` accumulators): each row's
@@ -2130,19 +2117,10 @@ pub(crate) mod int8_int8 {
         out: &mut [f32],
         stride: usize,
     ) -> bool {
-        macro_rules! batch {
-            ($($v:literal)*) => {
-                match preps.len() {
-                    // SAFETY: the caller's contract, with the count the arm names.
-                    $($v => unsafe {
-                        rows_batch::<$v>(m, preps.try_into().expect("the arm's count"), rows, out, stride)
-                    },)*
-                    _ => return false,
-                }
-            };
-        }
-        batch!(2 3 4 5 6 7 8);
-        true
+        with_batch_count!(preps, V, preps_v =>
+            // SAFETY: the caller's contract, for the V vectors of the arm.
+            unsafe { rows_batch::<V>(m, preps_v, rows, out, stride) }
+        )
     }
 
     /// [`gemv_batch`] for `V` vectors, one row at a time (`V` accumulators). BigNet's int8
