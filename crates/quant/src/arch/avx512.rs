@@ -638,6 +638,81 @@ pub(crate) mod nf4 {
         }
     }
 
+    /// `out[v · stride + j] = W[rows.start + j, :] · x_v` for the `xps.len()` (2 to 8)
+    /// vectors, each prepared as [`gemv`] takes it: a small batch with each run of 16 codes
+    /// decoded once for every vector, each (row, vector) through [`gemv`]'s steps (per block
+    /// of 64 four fused multiply-adds from 0, then one by the block's absmax), so its bits.
+    /// `false`, with nothing written, for another count or shapes [`gemv`] declines.
+    ///
+    /// # Safety
+    /// The CPU has the AVX-512 tier; `rows ⊆ 0..out`, `stride >= rows.len()` and
+    /// `out.len() >= (xps.len() - 1) · stride + rows.len()`.
+    pub(crate) unsafe fn gemv_batch(
+        m: &Nf4Matrix,
+        xps: &[&[f32]],
+        rows: std::ops::Range<usize>,
+        out: &mut [f32],
+        stride: usize,
+    ) -> bool {
+        if m.inn % NF4_BLOCK != 0 || rows.end > m.out || xps.iter().any(|x| x.len() != m.inn) {
+            return false;
+        }
+        with_batch_count!(xps, V, xps_v =>
+            // SAFETY: the caller's contract and the shapes just checked, for the V vectors.
+            unsafe { rows_batch::<V>(m, xps_v, rows, out, stride) }
+        )
+    }
+
+    /// [`gemv_batch`] for `V` vectors, one row at a time: the rows' block absmaxes once per
+    /// call ([`Nf4Matrix::fill_absmax`], elementwise: the values [`dot_rows`] reads).
+    ///
+    /// # Safety
+    /// As [`gemv_batch`], with its shapes checked.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn rows_batch<const V: usize>(
+        m: &Nf4Matrix,
+        xps: [&[f32]; V],
+        rows: std::ops::Range<usize>,
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        let nb = m.inn / NF4_BLOCK;
+        let packed = m.packed.as_slice().as_ptr();
+        let pf = quant_prefetch();
+        let mut absmax = crate::kernels::take_row_scales(rows.len() * nb);
+        m.fill_absmax(rows.start * nb, &mut absmax);
+        // SAFETY: (whole body) each row r of `rows` holds nb blocks of 32 bytes at
+        // r · nb · 32; each x holds `in` floats; prefetches never fault.
+        unsafe {
+            let levels = _mm512_loadu_ps(NF4_LEVELS.as_ptr());
+            let shifts = load_i32x16(&SHIFTS_HIGH_THEN_LOW);
+            for (j, r) in rows.enumerate() {
+                let am = &absmax[j * nb..(j + 1) * nb];
+                let mut acc = [_mm512_setzero_ps(); V];
+                for (b, &a) in am.iter().enumerate() {
+                    prefetch_weights(pf, packed.wrapping_add(((r + PREFETCH_ROWS) * nb + b) * 32));
+                    let mut part = [_mm512_setzero_ps(); V];
+                    for g in 0..4 {
+                        let q = packed.add((r * nb + b) * 32 + g * 8);
+                        let v = _mm512_permutexvar_ps(nibbles_split(q, shifts), levels);
+                        for (p, x) in part.iter_mut().zip(&xps) {
+                            let xv = _mm512_loadu_ps(x.as_ptr().add(b * NF4_BLOCK + g * 16));
+                            *p = _mm512_fmadd_ps(v, xv, *p);
+                        }
+                    }
+                    let av = _mm512_set1_ps(a);
+                    for (c, p) in acc.iter_mut().zip(part) {
+                        *c = _mm512_fmadd_ps(p, av, *c);
+                    }
+                }
+                for (v, &f) in super::reduce_rows(&acc).iter().enumerate() {
+                    out[v * stride + j] = f;
+                }
+            }
+        }
+        crate::kernels::put_row_scales(absmax);
+    }
+
     /// Dot products of rows `r0..r0+R` (all `< out`) with x.
     #[inline(always)]
     unsafe fn dot_rows<const R: usize>(m: &Nf4Matrix, r0: usize, xp: &[f32]) -> [f32; R] {

@@ -647,12 +647,28 @@ impl QuantRows for Nf4Matrix {
     fn act8_generic(&self, m: usize) -> bool {
         crate::act8::int8_route("nf4", m) == crate::act8::Int8Route::Generic
     }
+    /// On the AVX-512 path (whole blocks of 64 in a row) batches below 9 take the f32 GEMV's
+    /// batch kernel (`nf4::gemv_batch`: each run of codes decoded once for up to 8 vectors),
+    /// larger ones the tiles. BigNet nf4 / nf4_dq, f32 activations, 2 threads of the 2-core
+    /// Xeon, three rounds in turns (2026-12-05), tiles / batch kernel, ms: batch 2 1.57–1.62 /
+    /// 0.86–0.90, 4 1.86–2.00 / 1.18–1.39, 6 2.46–2.64 / 1.74–2.23 (nf4_dq 2.74–2.98 /
+    /// 1.60–1.99), 8 2.71–2.91 / 1.94–2.89, 10 (two chunks of 5) 3.23–3.46 / 3.18–3.62, 12
+    /// 3.45–3.78 / 4.10–4.38, 16 4.69–4.79 / 4.17–5.07, 32 7.2–8.1 / 8.0–9.7. Elsewhere from 2
+    /// (the default).
+    fn tiles_min_m(&self) -> usize {
+        if kernel_path() == KernelPath::Avx512 && self.inn % NF4_BLOCK == 0 {
+            9
+        } else {
+            kernels::TILES_MIN_M
+        }
+    }
     /// (Only where the fused GEMV takes the matrix: whole blocks of 64 in a row.)
     fn act8_fused(&self, m: usize) -> bool {
         self.inn % NF4_BLOCK == 0 && act8::FUSED.takes(m)
     }
-    /// The fused int8 GEMV's batch kernel (`nf4_int8::gemv_batch`, through
-    /// [`crate::act8::FusedGemv::run_batch`]) for whole blocks of 64 in a row.
+    /// For whole blocks of 64 in a row: the f32 GEMV's batch kernel on the AVX-512 path
+    /// (`nf4::gemv_batch`, for the f32 preparation), or the fused int8 GEMV's
+    /// (`nf4_int8::gemv_batch`, through [`crate::act8::FusedGemv::run_batch`]).
     fn gemv_batch(
         &self,
         path: KernelPath,
@@ -661,8 +677,16 @@ impl QuantRows for Nf4Matrix {
         out: &mut [f32],
         stride: usize,
     ) -> bool {
-        self.inn % NF4_BLOCK == 0
-            && act8::FUSED.run_batch(usable(path), self, self.inn, preps, rows, out, stride)
+        if self.inn % NF4_BLOCK != 0 {
+            return false;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if usable(path) == KernelPath::Avx512 && preps.iter().all(|p| p.len() == self.inn) {
+            // SAFETY: the path went through `usable`, so the CPU has the AVX-512 tier; rows,
+            // out and stride as the trait's contract says.
+            return unsafe { avx512::gemv_batch(self, preps, rows, out, stride) };
+        }
+        act8::FUSED.run_batch(usable(path), self, self.inn, preps, rows, out, stride)
     }
     fn seg_align(&self) -> usize {
         16
