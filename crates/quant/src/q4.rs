@@ -420,7 +420,13 @@ impl QuantRows for Q4Matrix {
     /// ([`nibble_tensor::gemm::gemv::on_whole_lines`]), up to 2 (BigNet low_precision, 2
     /// threads of the 2-core Xeon, three rounds in turns, GEMVs against tiles: m = 3 1.9–2.2 /
     /// 1.47–1.51 ms, m = 4 2.5–2.8 / 1.72–1.79; m = 2 1.31–1.38 / 1.36–1.42; the AVX2 path
-    /// there: m = 3 2.0–2.2 / 2.5–2.6, m = 4 2.8–2.9 / 2.7–2.9). Int8 activations: the fused
+    /// there: m = 3 2.0–2.2 / 2.5–2.6, m = 4 2.8–2.9 / 2.7–2.9). Since the twenty-eighth session
+    /// batches of 2 on the AVX-512 path go through the GEMV's batch kernel (`q4::gemv_batch`,
+    /// each block decoded once for both vectors: low_precision at batch 2 1.20–1.27 → 1.00–1.17
+    /// ms, three rounds in turns); from 3 the tiles still win against it (batch kernel / tiles,
+    /// ms: m = 3 1.52–1.65 / 1.58–1.61, 4 1.71–1.84 / 1.72–1.76, 6 2.68–3.00 / 2.19–2.40, 8
+    /// 3.68–3.71 / 2.63–2.66: two operations per vector and block of 16 against the dense
+    /// kernel's one). Int8 activations: the fused
     /// int8 GEMV for every batch below [`crate::act8::q4_fused_end`] on this tier (it does not
     /// compute with the dequantized weights, so a batch must give what its vectors give one at
     /// a time).
@@ -513,7 +519,8 @@ impl QuantRows for Q4Matrix {
         }
         true
     }
-    /// The int8-activation GEMV's batch kernel on AVX-512 VNNI (`act8::gemv_batch`).
+    /// The f32 GEMV's batch kernel on the AVX-512 path (`q4::gemv_batch`, for the f32
+    /// preparation), or the int8-activation GEMV's on AVX-512 VNNI (`act8::gemv_batch`).
     fn gemv_batch(
         &self,
         path: KernelPath,
@@ -522,7 +529,19 @@ impl QuantRows for Q4Matrix {
         out: &mut [f32],
         stride: usize,
     ) -> bool {
-        act8::gemv_batch(self, usable(path), preps, rows, out, stride)
+        let path = usable(path);
+        #[cfg(target_arch = "x86_64")]
+        if path == KernelPath::Avx512
+            && self.inn % Q4_BLOCK == 0
+            && preps
+                .iter()
+                .all(|p| p.len() == self.inn + self.inn / Q4_BLOCK)
+        {
+            // SAFETY: the path went through `usable`, so the CPU has the AVX-512 tier; rows,
+            // out and stride as the trait's contract says.
+            return unsafe { avx512::gemv_batch(self, preps, rows, out, stride) };
+        }
+        act8::gemv_batch(self, path, preps, rows, out, stride)
     }
     /// The int8-activation GEMV ([`Q4Matrix::gemv_int8`]'s kernels: the x86 tiers' where the
     /// path has them, else the scalar reference) for the int8 preparation, on every path.

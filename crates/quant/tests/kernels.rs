@@ -676,26 +676,30 @@ fn fused_forward_equals_the_parts() {
     }
 }
 
-/// With f32 activations on the AVX-512 path, small batches of NF4 (plain and double-quantized)
-/// go through its GEMV's batch kernel: every vector gives the bits it gives alone (batch 1),
-/// at 1 and 3 threads, outputs pre-filled with NaN, on widths of one block of 64, an odd count
-/// of blocks and 1024, row counts around the tasks' tiles of 64. Prints a line and checks
-/// nothing else where the CPU lacks the AVX-512 tier.
+/// With f32 activations on the AVX-512 path, small batches of NF4 (plain and double-quantized,
+/// below 9 vectors) and Q4 (2 vectors; the tiles from 3) go through their GEMVs' batch kernels:
+/// every vector gives the bits it gives alone (batch 1), at 1 and 3 threads, outputs pre-filled
+/// with NaN, on widths of one block of 64, an odd count of blocks and 1024, row counts around
+/// the tasks' tiles of 64. Prints a line and checks nothing else where the CPU lacks the
+/// AVX-512 tier.
 #[test]
-fn nf4_f32_small_batches_give_their_vectors_bits() {
+fn f32_small_batches_give_their_vectors_bits() {
     if nibble_quant::cpu::kernel_path() != KernelPath::Avx512 {
-        println!(
-            "nf4 f32 small batches: no AVX-512 tier on this path: its batch kernel is not run"
-        );
+        println!("f32 small batches: no AVX-512 tier on this path: the batch kernels are not run");
         return;
     }
     for (o, i) in [(70, 64), (17, 320), (130, 1024)] {
         let w = weights(o, i, 53);
-        for q in [
-            Nf4Matrix::quantize(&w).unwrap(),
-            Nf4Matrix::quantize_double(&w).unwrap(),
-        ] {
-            for m in [2usize, 3, 5, 8] {
+        let mats: [(Box<dyn WeightMatrix>, &[usize]); 3] = [
+            (Box::new(Nf4Matrix::quantize(&w).unwrap()), &[2, 3, 5, 8]),
+            (
+                Box::new(Nf4Matrix::quantize_double(&w).unwrap()),
+                &[2, 3, 5, 8],
+            ),
+            (Box::new(Q4Matrix::quantize(&w).unwrap()), &[2]),
+        ];
+        for (q, batches) in &mats {
+            for &m in *batches {
                 let mut rng = Rng::new(m as u64);
                 let x: Vec<f32> = (0..m * i).map(|_| rng.normal()).collect();
                 let mut one_by_one = vec![f32::NAN; m * o];
@@ -710,10 +714,11 @@ fn nf4_f32_small_batches_give_their_vectors_bits() {
                     let mut batch = vec![f32::NAN; m * o];
                     pool.install(|| q.matmul_t(&x, m, &mut batch, false))
                         .unwrap();
+                    let name = q.format_name();
                     bits_eq(
                         &batch,
                         &one_by_one,
-                        &format!("nf4 {o}x{i} m {m}, {threads} threads"),
+                        &format!("{name} {o}x{i} m {m}, {threads} threads"),
                     );
                 }
             }

@@ -506,6 +506,89 @@ pub(crate) mod q4 {
         }
     }
 
+    /// `out[v · stride + j] = W[rows.start + j, :] · x_v` for the `preps.len()` (2 to 8)
+    /// vectors, each prepared as [`gemv`] takes it: a small batch with each block's codes
+    /// decoded once for every vector, each (row, vector) through [`gemv`]'s steps, so its
+    /// bits. `false`, with nothing written, for another count or shapes [`gemv`] declines.
+    ///
+    /// # Safety
+    /// The CPU has the AVX-512 tier; `stride >= rows.len()` and
+    /// `out.len() >= (preps.len() - 1) · stride + rows.len()`.
+    pub(crate) unsafe fn gemv_batch(
+        m: &Q4Matrix,
+        preps: &[&[f32]],
+        rows: std::ops::Range<usize>,
+        out: &mut [f32],
+        stride: usize,
+    ) -> bool {
+        let nb = m.inn / Q4_BLOCK;
+        if m.inn % Q4_BLOCK != 0 || rows.end > m.out || preps.iter().any(|p| p.len() != m.inn + nb)
+        {
+            return false;
+        }
+        with_batch_count!(preps, V, preps_v =>
+            // SAFETY: the caller's contract and the shapes just checked, for the V vectors.
+            unsafe { rows_batch::<V>(m, preps_v, rows, out, stride) }
+        )
+    }
+
+    /// [`gemv_batch`] for `V` vectors, one row at a time (`V` accumulators of products and
+    /// `V` of corrections).
+    ///
+    /// # Safety
+    /// As [`gemv_batch`], with its shapes checked.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn rows_batch<const V: usize>(
+        m: &Q4Matrix,
+        preps: [&[f32]; V],
+        rows: std::ops::Range<usize>,
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        let nb = m.inn / Q4_BLOCK;
+        let packed = m.packed.as_slice().as_ptr();
+        let norms = m.norm.f16s().as_ptr();
+        let pf = quant_prefetch();
+        // SAFETY: (whole body) blocks (r, b + t), b + t < nb, of each row r of `rows` lie in
+        // W; each prep holds `in` floats of x then `nb` block sums; prefetches never fault.
+        unsafe {
+            let values = _mm512_loadu_ps(CODE_VALUES.as_ptr());
+            let shifts = load_i32x16(&SHIFTS_LOW_THEN_HIGH);
+            for (j, r) in rows.enumerate() {
+                let mut acc = [_mm512_setzero_ps(); V];
+                let mut corr = [_mm512_setzero_ps(); V];
+                let mut b = 0;
+                while b < nb {
+                    let cnt = (nb - b).min(16);
+                    let ahead = (r + PREFETCH_ROWS) * nb + b;
+                    prefetch_weights(pf, packed.wrapping_add(ahead * 8));
+                    prefetch_weights(pf, packed.wrapping_add(ahead * 8 + 64));
+                    prefetch_weights(pf, norms.wrapping_add(ahead) as *const u8);
+                    let nv = halves16(norms.add(r * nb + b), cnt);
+                    let nf = lanes(nv);
+                    for (c, p) in corr.iter_mut().zip(&preps) {
+                        let sv = _mm512_maskz_loadu_ps(first_lanes(cnt), p.as_ptr().add(m.inn + b));
+                        *c = _mm512_fmadd_ps(nv, sv, *c);
+                    }
+                    for (t, &n) in nf.iter().enumerate().take(cnt) {
+                        let q = packed.add((r * nb + b + t) * 8);
+                        let c = _mm512_permutexvar_ps(nibbles_split(q, shifts), values);
+                        let nt = _mm512_set1_ps(n);
+                        for (a, p) in acc.iter_mut().zip(&preps) {
+                            let xv = _mm512_loadu_ps(p.as_ptr().add((b + t) * 16));
+                            *a = _mm512_fmadd_ps(_mm512_mul_ps(c, xv), nt, *a);
+                        }
+                    }
+                    b += cnt;
+                }
+                let (sums, corrs) = (reduce_rows(&acc), reduce_rows(&corr));
+                for (v, (s, c)) in sums.iter().zip(&corrs).enumerate() {
+                    out[v * stride + j] = s * (2.0 / 15.0) - c;
+                }
+            }
+        }
+    }
+
     /// Dot products of rows `r0..r0+R` (all `< out`) with x (`prep` as [`gemv`] checks it).
     #[inline(always)]
     unsafe fn dot_rows<const R: usize>(m: &Q4Matrix, r0: usize, prep: &[f32]) -> [f32; R] {
