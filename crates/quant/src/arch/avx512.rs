@@ -384,28 +384,6 @@ pub(crate) unsafe fn transpose_panel(src: &[f32], stride: usize, len: usize, dst
     }
 }
 
-/// `$body` with the constant `$v` the number of prepared vectors in `$preps` (2 to 8) and
-/// `$arr` those preparations as an array of that length, then `true`; `false`, the body not
-/// run, for another count. The small-batch kernels keep one accumulator per vector in
-/// registers, so each count is an instance of its own; this picks it.
-macro_rules! with_batch_count {
-    ($preps:expr, $v:ident, $arr:ident => $body:expr) => {
-        with_batch_count!(@arms $preps, $v, $arr, $body, 2 3 4 5 6 7 8)
-    };
-    (@arms $preps:expr, $v:ident, $arr:ident, $body:expr, $($n:literal)*) => {
-        match $preps.len() {
-            $($n => {
-                const $v: usize = $n;
-                let $arr: [&[f32]; $v] = $preps.try_into().expect("the arm's count");
-                $body;
-                true
-            })*
-            _ => false,
-        }
-    };
-}
-
-/// Q4's 512-bit kernels (see [`crate::q4`] for the format).
 pub(crate) mod q4 {
     use super::*;
 

@@ -266,10 +266,11 @@ pub(super) fn gemv(
 
 /// A small batch's int8 GEMVs in one pass over W ([`crate::kernels::QuantRows::gemv_batch`]):
 /// `out[v · stride + j] = (W · x_v)[rows.start + j]` for the prepared vectors `preps`, with the
-/// bits [`gemv`] gives each alone, where the path is AVX-512 on a CPU with VNNI, the
-/// row-interleaved copy is on ([`super::tiles`]) and every preparation is this GEMV's; `false`,
-/// with nothing written, otherwise (the caller then runs [`gemv`] vector by vector). The
-/// caller checked `rows`, `stride` and `out` (the trait's contract).
+/// bits [`gemv`] gives each alone, where every preparation is this GEMV's and the path is x86:
+/// on AVX-512 with VNNI over the row-interleaved copy where it is on ([`super::tiles`]), else
+/// the AVX2 tier's row kernel (with AVX-VNNI where the CPU has it); `false`, with nothing
+/// written, otherwise (the caller then runs [`gemv`] vector by vector). The caller checked
+/// `rows`, `stride` and `out` (the trait's contract).
 pub(super) fn gemv_batch(
     m: &Q4Matrix,
     path: KernelPath,
@@ -279,22 +280,33 @@ pub(super) fn gemv_batch(
     stride: usize,
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if path == KernelPath::Avx512
+    if matches!(path, KernelPath::Avx2Fma | KernelPath::Avx512)
         && m.inn % Q4_BLOCK == 0
-        && crate::act8::has_avx512vnni()
-        && super::tiles::tiles_enabled()
         && preps.iter().all(|p| p.len() == prep_len(m.inn))
     {
-        // SAFETY: Avx512 comes from `usable` (the caller's), so the CPU has AVX-512 F/BW/VL,
-        // AVX2, FMA and F16C, and VNNI (checked); every preparation is this GEMV's; rows,
-        // stride and out as the trait's contract says.
-        return unsafe {
-            if crate::act8::has_avx512_gfni() {
-                avx512::gemv_batch_gfni(m, preps, rows, out, stride)
-            } else {
-                avx512::gemv_batch(m, preps, rows, out, stride)
+        // SAFETY: both paths come from `usable` (the caller's), so the CPU has AVX2, FMA and
+        // F16C (and the AVX-512 tier on that path; VNNI, GFNI and AVX-VNNI are checked);
+        // every preparation is this GEMV's; rows, stride and out as the trait's contract says.
+        unsafe {
+            if path == KernelPath::Avx512
+                && crate::act8::has_avx512vnni()
+                && super::tiles::tiles_enabled()
+            {
+                let done = if crate::act8::has_avx512_gfni() {
+                    avx512::gemv_batch_gfni(m, preps, rows.clone(), out, stride)
+                } else {
+                    avx512::gemv_batch(m, preps, rows.clone(), out, stride)
+                };
+                if done {
+                    return true;
+                }
             }
-        };
+            return if crate::act8::has_avxvnni() {
+                avx2::gemv_batch_avxvnni(m, preps, rows, out, stride)
+            } else {
+                avx2::gemv_batch(m, preps, rows, out, stride)
+            };
+        }
     }
     let _ = (m, path, preps, rows, out, stride);
     false
@@ -352,6 +364,73 @@ mod tests {
             }
         }
     }
+
+    /// The AVX2 tier's batch kernels (`vpmaddubsw`, and `vpdpbusd` where the CPU has
+    /// AVX-VNNI) give each of 2 to 8 vectors the bits of the AVX2 GEMV alone, on rows with a
+    /// partial last group, a zero block and an all-zero vector, every row or the second half,
+    /// outputs pre-filled with NaN. Prints what the CPU lacks.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx2_batch_kernels_give_each_vector_its_gemv_bits() {
+        if !crate::cpu::has_avx2_fma_f16c() {
+            println!("q4 act8: this CPU lacks AVX2: the AVX2 batch kernels not run");
+            return;
+        }
+        let hw = crate::act8::has_avxvnni();
+        if !hw {
+            println!("q4 act8: this CPU lacks AVX-VNNI: its batch kernel not run");
+        }
+        let mut rng = nibble_tensor::Rng::new(19);
+        for (out, inn) in [(33usize, 272usize), (9, 128), (20, 1024)] {
+            let mut w = nibble_tensor::Tensor::randn(&[out, inn], &mut rng).into_vec();
+            w[..16].fill(0.0);
+            let m = Q4Matrix::quantize(&nibble_tensor::Tensor::from_vec(&[out, inn], w).unwrap())
+                .unwrap();
+            let preps: Vec<Vec<f32>> = (0..8)
+                .map(|v| {
+                    let mut x = nibble_tensor::Tensor::randn(&[inn], &mut rng).into_vec();
+                    if v == 1 {
+                        x.fill(0.0);
+                    }
+                    let mut prep = Vec::new();
+                    prepare(KernelPath::Avx2Fma, &x, &mut prep);
+                    prep
+                })
+                .collect();
+            for rows in [0..out, out / 2..out] {
+                let n = rows.len();
+                for count in 2..=8 {
+                    let ps: Vec<&[f32]> = preps[..count].iter().map(|p| &p[..]).collect();
+                    let kernels: [(&str, bool, BatchKernel); 2] = [
+                        ("vpmaddubsw", true, avx2::gemv_batch),
+                        ("vpdpbusd", hw, avx2::gemv_batch_avxvnni),
+                    ];
+                    for (name, _, kernel) in kernels.iter().filter(|k| k.1) {
+                        let mut got = vec![f32::NAN; count * n];
+                        // SAFETY: the CPU has what the kernel needs (checked above); each
+                        // prep is x's preparation for this width, rows inside W, `got` holds
+                        // `count` strides of n.
+                        assert!(unsafe { kernel(&m, &ps, rows.clone(), &mut got, n) });
+                        for (v, prep) in ps.iter().enumerate() {
+                            let mut want = vec![f32::NAN; n];
+                            // SAFETY: as above, one vector.
+                            unsafe { avx2::gemv(&m, prep, rows.clone(), &mut want, false) };
+                            let same = got[v * n..(v + 1) * n]
+                                .iter()
+                                .zip(&want)
+                                .all(|(a, b)| a.to_bits() == b.to_bits());
+                            assert!(same, "{out}x{inn} {rows:?} {name} {count} vectors: {v}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The AVX2 tier's batch kernel type.
+    #[cfg(target_arch = "x86_64")]
+    type BatchKernel =
+        unsafe fn(&Q4Matrix, &[&[f32]], std::ops::Range<usize>, &mut [f32], usize) -> bool;
 
     /// The fused GEMV on AVX-VNNI (`vpdpbusd`, and its AVX2 emulation on any AVX2 CPU), on
     /// AVX-512 VNNI, and the AVX-512 VNNI kernels of the row-interleaved copy give

@@ -157,6 +157,122 @@ unsafe fn gemv_with<D: ByteDot>(
     );
 }
 
+/// `out[v · stride + j] = W[rows.start + j, :] · x'_v` for the `preps.len()` (2 to 8)
+/// prepared vectors: a small batch with each row's group of codes loaded and its nibbles split
+/// once for every vector, each (row, vector) through [`dot_rows`]'s steps (so the bits of
+/// [`gemv`] and of every other Q4 int8 GEMV). `false`, with nothing written, for another count.
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C; every prep holds `prep_len(in)` slots, `in % 16 == 0`,
+/// `rows ⊆ 0..out`, `stride >= rows.len()` and
+/// `out.len() >= (preps.len() - 1) · stride + rows.len()`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn gemv_batch(
+    m: &Q4Matrix,
+    preps: &[&[f32]],
+    rows: std::ops::Range<usize>,
+    out: &mut [f32],
+    stride: usize,
+) -> bool {
+    // SAFETY: the caller's contract.
+    unsafe { batch_with::<Maddubs>(m, preps, rows, out, stride) }
+}
+
+/// [`gemv_batch`] on AVX-VNNI (the block sums by `vpdpbusd`, as [`gemv_avxvnni`]): the same
+/// bits.
+///
+/// # Safety
+/// As [`gemv_batch`], and the CPU has AVX-VNNI.
+#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+pub(crate) unsafe fn gemv_batch_avxvnni(
+    m: &Q4Matrix,
+    preps: &[&[f32]],
+    rows: std::ops::Range<usize>,
+    out: &mut [f32],
+    stride: usize,
+) -> bool {
+    // SAFETY: the caller's contract.
+    unsafe { batch_with::<Dpbusd>(m, preps, rows, out, stride) }
+}
+
+/// [`gemv_batch`] on the multiply-add step `D`.
+///
+/// # Safety
+/// As [`gemv_batch`], and `D`'s CPU features.
+#[inline(always)]
+unsafe fn batch_with<D: ByteDot>(
+    m: &Q4Matrix,
+    preps: &[&[f32]],
+    rows: std::ops::Range<usize>,
+    out: &mut [f32],
+    stride: usize,
+) -> bool {
+    with_batch_count!(preps, V, preps_v =>
+        // SAFETY: the caller's contract, for the V vectors of the arm.
+        unsafe { rows_batch::<D, V>(m, preps_v, rows, out, stride) }
+    )
+}
+
+/// [`gemv_batch`] for `V` vectors, one row at a time (`V` accumulators).
+///
+/// # Safety
+/// As [`gemv_batch`].
+#[inline(always)]
+unsafe fn rows_batch<D: ByteDot, const V: usize>(
+    m: &Q4Matrix,
+    preps: [&[f32]; V],
+    rows: std::ops::Range<usize>,
+    out: &mut [f32],
+    stride: usize,
+) {
+    let ops: [RowOperands; V] = std::array::from_fn(|v| RowOperands::new(m, preps[v]));
+    let (packed, norms, _, _, _, nb, full, pf) = ops[0].all();
+    // SAFETY: (whole body) g < full groups: each prepared x holds 128 bytes of xq at g·128,
+    // xs[g], cs[8g..8g+8]; each row r of `rows` (< out) holds 64 packed bytes and 8 norms at
+    // block 8g; prefetches never fault.
+    unsafe {
+        let mask = _mm256_set1_epi8(0x0f);
+        let zero = _mm256_setzero_si256();
+        for (j, r) in rows.enumerate() {
+            let mut accv = [_mm256_setzero_ps(); V];
+            for g in 0..full {
+                let blk = r * nb + g * BLOCKS_PER_GROUP;
+                let q = packed.add(blk * 8) as *const __m256i;
+                let ahead = blk + PREFETCH_ROWS * nb;
+                prefetch_weights(pf, packed.wrapping_add(ahead * 8));
+                prefetch_weights(pf, norms.wrapping_add(ahead) as *const u8);
+                let (v0, v1) = (_mm256_loadu_si256(q), _mm256_loadu_si256(q.add(1)));
+                let (lo0, hi0) = (
+                    _mm256_and_si256(v0, mask),
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(v0), mask),
+                );
+                let (lo1, hi1) = (
+                    _mm256_and_si256(v1, mask),
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(v1), mask),
+                );
+                let n16 = _mm_loadu_si128(norms.add(blk) as *const __m128i);
+                let nv = _mm256_cvtph_ps(_mm_shuffle_epi32::<0xd8>(n16));
+                for (a, o) in accv.iter_mut().zip(&ops) {
+                    let (_, _, xq, xs, cs, _, _, _) = o.all();
+                    let x = xq.add(g * GROUP) as *const __m256i;
+                    let (xe0, xe1) = (_mm256_loadu_si256(x), _mm256_loadu_si256(x.add(1)));
+                    let (xo0, xo1) = (_mm256_loadu_si256(x.add(2)), _mm256_loadu_si256(x.add(3)));
+                    let p0 = D::run_add(D::run_start(zero, lo0, xe0), hi0, xo0);
+                    let p1 = D::run_add(D::run_start(zero, lo1, xe1), hi1, xo1);
+                    let s = D::hadd_runs(p0, p1);
+                    let xsv = _mm256_broadcast_ss(&*xs.add(g));
+                    let csv = _mm256_loadu_ps(cs.add(g * BLOCKS_PER_GROUP));
+                    let t = _mm256_fmsub_ps(xsv, _mm256_cvtepi32_ps(s), csv);
+                    *a = _mm256_fmadd_ps(nv, t, *a);
+                }
+            }
+            for (v, a) in accv.iter().enumerate() {
+                out[v * stride + j] = hsum(*a) + tail_ref(m, r, full * BLOCKS_PER_GROUP, preps[v]);
+            }
+        }
+    }
+}
+
 /// Dot products of rows `r0..r0+R` (all `< out`) with the prepared x, `ops` resolved from
 /// `m` and `prep` (which the tail past the last whole group reads).
 #[inline(always)]
