@@ -384,6 +384,7 @@ pub(crate) unsafe fn transpose_panel(src: &[f32], stride: usize, len: usize, dst
     }
 }
 
+/// Q4's 512-bit kernels (see [`crate::q4`] for the format).
 pub(crate) mod q4 {
     use super::*;
 

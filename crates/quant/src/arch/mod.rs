@@ -25,7 +25,6 @@ macro_rules! with_batch_count {
     };
 }
 
-/// Q4's 512-bit kernels (see [`crate::q4`] for the format).
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2;
 #[cfg(target_arch = "x86_64")]
