@@ -647,17 +647,20 @@ impl QuantRows for Nf4Matrix {
     fn act8_generic(&self, m: usize) -> bool {
         crate::act8::int8_route("nf4", m) == crate::act8::Int8Route::Generic
     }
-    /// On the AVX-512 path (whole blocks of 64 in a row) batches below 9 take the f32 GEMV's
-    /// batch kernel (`nf4::gemv_batch`: each run of codes decoded once for up to 8 vectors),
+    /// On the AVX-512 path (whole blocks of 64 in a row) batches below 6 take the f32 GEMV's
+    /// batch kernel (`nf4::gemv_batch`: each run of codes decoded once for every vector),
     /// larger ones the tiles. BigNet nf4 / nf4_dq, f32 activations, 2 threads of the 2-core
     /// Xeon, three rounds in turns (2026-12-05), tiles / batch kernel, ms: batch 2 1.57–1.62 /
     /// 0.86–0.90, 4 1.86–2.00 / 1.18–1.39, 6 2.46–2.64 / 1.74–2.23 (nf4_dq 2.74–2.98 /
     /// 1.60–1.99), 8 2.71–2.91 / 1.94–2.89, 10 (two chunks of 5) 3.23–3.46 / 3.18–3.62, 12
-    /// 3.45–3.78 / 4.10–4.38, 16 4.69–4.79 / 4.17–5.07, 32 7.2–8.1 / 8.0–9.7. Elsewhere from 2
-    /// (the default).
+    /// 3.45–3.78 / 4.10–4.38, 16 4.69–4.79 / 4.17–5.07, 32 7.2–8.1 / 8.0–9.7. But on the
+    /// 16-core Xeon (16 threads, two rounds in turns, 23:01 UTC) batch 8 took 1.37–1.42 with the
+    /// batch kernel against 1.14 with the tiles (batch 2 0.49–0.55 against 0.67–0.70, 4
+    /// 0.82 against 0.84–0.88): the route must not depend on the thread count (the bits would),
+    /// so the tiles from 6. Elsewhere from 2 (the default).
     fn tiles_min_m(&self) -> usize {
         if kernel_path() == KernelPath::Avx512 && self.inn % NF4_BLOCK == 0 {
-            9
+            6
         } else {
             kernels::TILES_MIN_M
         }
