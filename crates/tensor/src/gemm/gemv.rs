@@ -148,14 +148,17 @@ pub fn gemv_tile_f32(
     if rows > 0 && m >= 2 && path == KernelPath::Avx512 && inp <= SHORT_ROWS_MAX_INP {
         // The transposing kernel, as gemv_t_f32 takes it here (its layout [batch][row], then
         // into res's [row][batch]): the same bits.
-        let mut tmp = vec![0.0f32; m * rows];
-        short_rows_t(w, rows, inp, x, m, &mut tmp, false, false, 1);
+        // (The thread's kept buffer: this runs once per tile of a quantized small batch.)
+        let mut buf = super::Scratch::take(&super::SHORT_BUF, m * rows);
+        let tmp = &mut buf.as_mut()[..m * rows];
+        short_rows_t(w, rows, inp, x, m, tmp, false, false, 1);
         for (r, out) in res.chunks_exact_mut(m).enumerate() {
             for (b, o) in out.iter_mut().enumerate() {
                 let v = tmp[b * rows + r];
                 *o = if accumulate { *o + v } else { v };
             }
         }
+        buf.put_back(&super::SHORT_BUF);
         return Ok(());
     }
     if rows > 0 {

@@ -258,6 +258,10 @@ thread_local! {
     static B_BUF: Cell<Vec<Line>> = const { Cell::new(Vec::new()) };
     /// The small-batch GEMV's copy of x on whole cache lines ([`gemv`]).
     static X_BUF: Cell<Vec<Line>> = const { Cell::new(Vec::new()) };
+    /// The one-tile GEMV's outputs of short rows in the transposing kernel's layout
+    /// ([`gemv::gemv_tile_f32`], called once per tile of a quantized small batch).
+    #[cfg(target_arch = "x86_64")]
+    static SHORT_BUF: Cell<Vec<Line>> = const { Cell::new(Vec::new()) };
 }
 
 /// An output's base pointer, shared by tasks that write disjoint parts of it (the GEMM's tiles
