@@ -793,6 +793,12 @@ pub fn gemm_segments_bias_post(
 /// against 3.22 on 8: no gain.
 const STAGE_FLOATS: usize = 1 << 18;
 
+/// Deepest K block that a stage takes beside its [`STAGE_FLOATS`] (up to this many rows of K
+/// of such blocks in all): a LoRA adapter's `h · Bᵀ` (rank 32 or less here; its packed B is
+/// 128 KiB at n = 1024) runs in the stage of the base product's last block instead of a stage
+/// of its own, a fork-join and a pass over C more for 3 % of the multiply-adds.
+const STAGE_TAIL_K: usize = 64;
+
 /// Tasks per thread of a parallel GEMM's balanced grid (see [`task_grid`]).
 const TASKS_PER_THREAD: usize = 8;
 
@@ -1122,12 +1128,15 @@ fn gemm_staged(
     let ncb_max = NC.min(n);
     let panel_cols = ncb_max.div_ceil(NR) * NR;
     // Stages: runs of consecutive K blocks (of any segment) whose packed B fits in
-    // STAGE_FLOATS, at least one block each; offsets are for the widest column block.
+    // STAGE_FLOATS, at least one block each, plus short blocks (at most STAGE_TAIL_K deep,
+    // up to that many rows of K in all: a LoRA adapter's `h · Bᵀ`) beside them; offsets are
+    // for the widest column block.
     let mut stages: Vec<Vec<KBlock>> = Vec::new();
     let mut cur: Vec<KBlock> = Vec::new();
-    let mut used = 0;
+    let (mut used, mut long_used, mut short_used) = (0, 0, 0);
     let mut stage_floats = 0;
     let npan_all = n.div_ceil(NR);
+    let short_room = STAGE_TAIL_K * panel_cols;
     for (seg, sg) in segs.iter().enumerate() {
         for k0 in (0..sg.a.cols()).step_by(KC) {
             let kc = KC.min(sg.a.cols() - k0);
@@ -1135,9 +1144,20 @@ fn gemm_staged(
                 sg.b.prepacked_block(k0)
                     .filter(|blk| blk.len() >= npan_all * kc * NR);
             let floats = if held.is_some() { 0 } else { kc * panel_cols };
-            if !cur.is_empty() && used + floats > stage_floats_max {
+            let short = kc <= STAGE_TAIL_K;
+            let fits = if short {
+                short_used + floats <= short_room
+            } else {
+                long_used + floats <= stage_floats_max
+            };
+            if !cur.is_empty() && !fits {
                 stages.push(std::mem::take(&mut cur));
-                used = 0;
+                (used, long_used, short_used) = (0, 0, 0);
+            }
+            if short {
+                short_used += floats;
+            } else {
+                long_used += floats;
             }
             cur.push(KBlock {
                 seg,
