@@ -219,17 +219,21 @@ fn linear_into(
         weight.matmul_t_fused(x, m, y, Some(&bias_row), None, post)?;
         return Ok(());
     };
+    let (a, b) = (adapter.a.value(), adapter.b.value());
     if m == 1 {
         fill_rows(y, bias)?;
-        let (a, b) = (adapter.a.value(), adapter.b.value());
         weight.matvec_t_low_rank(x, y, true, &LowRank::new(&a, &b)?)?;
         post.apply_in_place(y);
+        return Ok(());
+    }
+    // Small batches on a quantized weight's GEMVs: the adapter's products and `post` inside
+    // the base product's pass (the bits of the sequence below).
+    if weight.matmul_t_low_rank(x, m, y, Some(bias), &LowRank::new(&a, &b)?, post)? {
         return Ok(());
     }
     // h = A x first, then the bias, the base product and B h in one pass over y where they
     // run through the GEMM (y stays in the caches of the thread that owns each tile; the same
     // bits as the parts in order, and as the training forward's `linear_low_rank_into`).
-    let (a, b) = (adapter.a.value(), adapter.b.value());
     let r = adapter.rank();
     let h = &mut scratch.lora[..m * r];
     a.matmul_t(x, m, h, false)?;

@@ -635,15 +635,7 @@ fn matmul_t_fusing<F: QuantRows>(
         batch_tiles(f, path, x, m, y, accumulate, parallel)?;
         return Ok(false);
     }
-    let mut prep = take_prep();
-    // Where each vector's preparation starts (a format may prepare vectors differently, e.g.
-    // Q4's int8 GEMV leaves a vector holding a NaN to the f32 GEMV).
-    let mut starts = Vec::with_capacity(m + 1);
-    for b in 0..m {
-        starts.push(prep.len());
-        f.gemv_prepare(path, m, &x[b * i..(b + 1) * i], &mut prep);
-    }
-    starts.push(prep.len());
+    let (prep, starts) = prepare_batch(f, path, x, m);
     if m == 1 {
         let base =
             |rows: Range<usize>, yc: &mut [f32]| f.gemv(path, x, &prep, rows, yc, accumulate);
@@ -662,50 +654,208 @@ fn matmul_t_fusing<F: QuantRows>(
         return Ok(fused);
     }
     let yp = YPtr(y.as_mut_ptr());
-    let prep_ref = &prep;
+    let (prep_ref, starts) = (&prep, &starts);
     let run = move |t: usize| {
         let r0 = t * GEMV_ROW_TILE;
         let nr = GEMV_ROW_TILE.min(o - r0);
-        // The batch in chunks of at most GEMV_BATCH_MAX vectors (of sizes differing by at most
-        // one), each over the tile in one pass where the format has a kernel for it, else
-        // vector by vector: the same bits either way.
-        let chunks = m.div_ceil(GEMV_BATCH_MAX);
-        let mut all = [0.0f32; GEMV_ROW_TILE * GEMV_BATCH_MAX];
-        for c in 0..chunks {
-            let (b0, b1) = (c * m / chunks, (c + 1) * m / chunks);
-            let preps: [&[f32]; GEMV_BATCH_MAX] = std::array::from_fn(|v| {
-                if b0 + v < b1 {
-                    &prep_ref[starts[b0 + v]..starts[b0 + v + 1]]
-                } else {
-                    &[]
-                }
-            });
-            let batched = b1 - b0 >= 2
-                && f.gemv_batch(
-                    path,
-                    &preps[..b1 - b0],
-                    r0..r0 + nr,
-                    &mut all,
-                    GEMV_ROW_TILE,
-                );
-            for b in b0..b1 {
-                let yt = &mut all[(b - b0) * GEMV_ROW_TILE..][..nr];
-                if !batched {
-                    let xb = &x[b * i..(b + 1) * i];
-                    f.gemv(path, xb, preps[b - b0], r0..r0 + nr, yt, false);
-                }
-                for (j, &v) in yt.iter().enumerate() {
-                    // SAFETY: b < m and r0 + j < o, so the element is inside y (m x o); rows
-                    // r0..r0+nr belong to this task alone.
-                    unsafe { yp.store(b * o + r0 + j, v, accumulate) };
-                }
-            }
-        }
+        gemv_tile_rows(f, path, x, m, (prep_ref, starts), r0..r0 + nr, |b, j, v| {
+            // SAFETY: b < m and r0 + j < o, so the element is inside y (m x o); rows
+            // r0..r0+nr belong to this task alone.
+            unsafe { yp.store(b * o + r0 + j, v, accumulate) }
+        });
         Ok(())
     };
     let done = run_tasks(o.div_ceil(GEMV_ROW_TILE), parallel, run);
     put_prep(prep);
     done.map(|()| false)
+}
+
+/// Each vector's preparation for a small batch's GEMVs ([`QuantRows::gemv_prepare`]), all in
+/// one buffer (the thread's kept one, [`take_prep`]), with where each vector's starts (a
+/// format may prepare vectors differently, e.g. Q4's int8 GEMV leaves a vector holding a NaN to
+/// the f32 GEMV), and one past the last.
+fn prepare_batch<F: QuantRows>(
+    f: &F,
+    path: KernelPath,
+    x: &[f32],
+    m: usize,
+) -> (Vec<f32>, Vec<usize>) {
+    let i = f.dims().1;
+    let mut prep = take_prep();
+    let mut starts = Vec::with_capacity(m + 1);
+    for b in 0..m {
+        starts.push(prep.len());
+        f.gemv_prepare(path, m, &x[b * i..(b + 1) * i], &mut prep);
+    }
+    starts.push(prep.len());
+    (prep, starts)
+}
+
+/// One tile of rows (at most [`GEMV_ROW_TILE`]) of a small batch on the formats' GEMVs, every
+/// vector of `x` (`[m, in]`) prepared by [`prepare_batch`]: `store(b, j, v)` for vector `b`
+/// and row `rows.start + j`. The batch goes in chunks of at most [`GEMV_BATCH_MAX`] vectors
+/// (of sizes differing by at most one), each over the tile in one pass where the format has a
+/// kernel for it, else vector by vector: each vector's values are those of its GEMV alone,
+/// whatever the tile.
+fn gemv_tile_rows<F: QuantRows>(
+    f: &F,
+    path: KernelPath,
+    x: &[f32],
+    m: usize,
+    (prep, starts): (&[f32], &[usize]),
+    rows: Range<usize>,
+    mut store: impl FnMut(usize, usize, f32),
+) {
+    let i = f.dims().1;
+    let nr = rows.len();
+    debug_assert!(nr <= GEMV_ROW_TILE);
+    let chunks = m.div_ceil(GEMV_BATCH_MAX);
+    let mut all = [0.0f32; GEMV_ROW_TILE * GEMV_BATCH_MAX];
+    for c in 0..chunks {
+        let (b0, b1) = (c * m / chunks, (c + 1) * m / chunks);
+        let preps: [&[f32]; GEMV_BATCH_MAX] = std::array::from_fn(|v| {
+            if b0 + v < b1 {
+                &prep[starts[b0 + v]..starts[b0 + v + 1]]
+            } else {
+                &[]
+            }
+        });
+        let batched = b1 - b0 >= 2
+            && f.gemv_batch(
+                path,
+                &preps[..b1 - b0],
+                rows.clone(),
+                &mut all,
+                GEMV_ROW_TILE,
+            );
+        for b in b0..b1 {
+            let yt = &mut all[(b - b0) * GEMV_ROW_TILE..][..nr];
+            if !batched {
+                let xb = &x[b * i..(b + 1) * i];
+                f.gemv(path, xb, preps[b - b0], rows.clone(), yt, false);
+            }
+            for (j, &v) in yt.iter().enumerate() {
+                store(b, j, v);
+            }
+        }
+    }
+}
+
+/// Fewest rows of y per part of [`matmul_t_low_rank`]'s pass (whole tiles of
+/// [`batch_tiles`]; the GEMV tiles are [`GEMV_ROW_TILE`] = 64 rows already).
+const FUSED_PART_ROWS: usize = 64;
+
+/// A small batch with a low-rank adapter (`WeightMatrix::matmul_t_low_rank`): `y =
+/// post(bias + x · Wᵀ + (x · Aᵀ) · Bᵀ)` in one parallel pass over the tiles that
+/// [`matmul_t`] runs at this batch ([`gemv_tile_rows`] or [`dequant_tile_rows`]), the
+/// adapter's products and `post` inside it ([`nibble_tensor::lowrank::fused_matmul`]), with
+/// the bits of the bias rows, [`matmul_t`] accumulating, the adapter's unfused products and
+/// `post`. `Ok(false)`, `y` untouched, where [`matmul_t`] would not run tiles (batch 1, the
+/// GEMM, the generic int8 driver), where the adapter's products would not run as GEMVs
+/// ([`LowRank::fuses_batch`]) or where the bias does not fit (the caller's unfused path then
+/// says so).
+pub(crate) fn matmul_t_low_rank<F: QuantRows>(
+    f: &F,
+    x: &[f32],
+    m: usize,
+    y: &mut [f32],
+    bias: Option<&[f32]>,
+    adapter: &LowRank<'_>,
+    post: PostOp,
+) -> nibble_tensor::Result<bool> {
+    let (o, i) = f.dims();
+    check_matmul_operands("linear", m, x.len(), i, y.len(), o)?;
+    if (adapter.out_features(), adapter.in_features()) != (o, i) {
+        return Err(nibble_tensor::TensorError::ShapeMismatch {
+            op: "linear (LoRA adapter)",
+            lhs: vec![o, i],
+            rhs: vec![
+                adapter.out_features(),
+                adapter.rank(),
+                adapter.in_features(),
+            ],
+        });
+    }
+    let int8_generic =
+        crate::act8::activations() == crate::act8::ActivationMode::Int8 && f.act8_generic(m);
+    if m < 2
+        || m >= f.gemm_min_m()
+        || o == 0
+        || int8_generic
+        || !adapter.fuses_batch(m)
+        || bias.is_some_and(|b| b.len() != o)
+    {
+        return Ok(false);
+    }
+    let path = usable(kernel_path());
+    let threads = rayon::current_num_threads().max(1);
+    let parallel = threads > 1 && o.saturating_mul(i).saturating_mul(m) >= PARALLEL_MIN_MACS;
+    let accumulate = bias.is_some();
+    if let Some(bias) = bias {
+        nibble_tensor::ops::fill_rows(y, bias)?;
+    }
+    // Each tile's values onto the part's buffer `[m][rows]` (y's values where accumulating).
+    let onto = |buf: &mut [f32], nr: usize, b: usize, j: usize, v: f32| {
+        let d = &mut buf[b * nr + j];
+        *d = if accumulate { *d + v } else { v };
+    };
+    if m >= f.tiles_min_m().max(2) && !f.act8_fused(m) {
+        // Parts of whole tiles, at least FUSED_PART_ROWS rows (the adapter's `h · Bᵀ` on a
+        // few rows at a time cost more than its own pass: qlora at batch 4 / 8, f32, 2 threads,
+        // 3.7-4.0 / 5.3-5.6 ms on parts of one 12-row tile against 3.4-3.7 / 4.9-5.1 unfused).
+        let rows = batch_tile_rows(i);
+        let part = FUSED_PART_ROWS.div_ceil(rows) * rows;
+        let failed = std::sync::Mutex::new(None);
+        nibble_tensor::gemm::gemv::on_whole_lines(x, i, |x| {
+            nibble_tensor::lowrank::fused_matmul(
+                adapter,
+                x,
+                m,
+                y,
+                part,
+                parallel,
+                post,
+                |rr, buf| {
+                    let nr = rr.len();
+                    for t0 in rr.clone().step_by(rows) {
+                        let tr = t0..(t0 + rows).min(rr.end);
+                        let off = t0 - rr.start;
+                        let done = dequant_tile_rows(f, path, x, m, tr, |b, j, v| {
+                            onto(buf, nr, b, off + j, v)
+                        });
+                        if let Err(e) = done {
+                            failed
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .get_or_insert(e);
+                        }
+                    }
+                },
+            )
+        })?;
+        return match failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            Some(e) => Err(e),
+            None => Ok(true),
+        };
+    }
+    let (prep, starts) = prepare_batch(f, path, x, m);
+    let done = nibble_tensor::lowrank::fused_matmul(
+        adapter,
+        x,
+        m,
+        y,
+        GEMV_ROW_TILE,
+        parallel,
+        post,
+        |rr, buf| {
+            let nr = rr.len();
+            gemv_tile_rows(f, path, x, m, (&prep, &starts), rr, |b, j, v| {
+                onto(buf, nr, b, j, v)
+            })
+        },
+    );
+    put_prep(prep);
+    done.map(|()| true)
 }
 
 /// Bytes of W dequantized per tile for [`batch_tiles`] (the tile and the batch's x stay in L2
@@ -729,49 +879,72 @@ fn batch_tiles<F: QuantRows>(
     parallel: bool,
 ) -> nibble_tensor::Result<()> {
     let (o, i) = f.dims();
-    // Rows per tile: a multiple of 3 (the dense kernel's row step), at least 3.
-    let rows = (BATCH_TILE_BYTES / (4 * i).max(1)).clamp(3, 96) / 3 * 3;
+    let rows = batch_tile_rows(i);
     let yp = YPtr(y.as_mut_ptr());
     let run = move |x: &[f32], t: usize| {
         let r0 = t * rows;
         let nr = rows.min(o - r0);
-        let mut tile = take_scratch(&TILE);
-        // The tile from a 64-byte line on (up to 15 floats in), as x (`on_whole_lines`).
-        let need = nr * i + nr * m;
-        if tile.len() < need + 15 {
-            tile.resize(need + 15, 0.0);
-        }
-        let skip = tile.as_ptr().align_offset(64).min(15);
-        let (w, res) = tile[skip..skip + need].split_at_mut(nr * i);
-        f.dequant_cols(
-            path,
-            ColBlock {
-                r0,
-                rows: nr,
-                c0: 0,
-                len: i,
-                stride: i,
-            },
-            w,
-        );
-        // The lengths are exact by construction (w nr x i, x m x i, res nr x m); an error
-        // would still reach the caller rather than leave y unwritten.
-        let done = nibble_tensor::gemm::gemv::gemv_tile_f32(path, w, i, x, m, res, false);
-        if done.is_ok() {
-            for (j, rv) in res.chunks_exact(m).enumerate() {
-                for (b, &v) in rv.iter().enumerate() {
-                    // SAFETY: b < m and r0 + j < o, so the element is inside y (m x o); rows
-                    // r0..r0+nr belong to this task alone.
-                    unsafe { yp.store(b * o + r0 + j, v, accumulate) };
-                }
-            }
-        }
-        put_scratch(&TILE, tile);
-        done
+        dequant_tile_rows(f, path, x, m, r0..r0 + nr, |b, j, v| {
+            // SAFETY: b < m and r0 + j < o, so the element is inside y (m x o); rows
+            // r0..r0+nr belong to this task alone.
+            unsafe { yp.store(b * o + r0 + j, v, accumulate) }
+        })
     };
     nibble_tensor::gemm::gemv::on_whole_lines(x, i, |x| {
         run_tasks(o.div_ceil(rows), parallel, |t| run(x, t))
     })
+}
+
+/// Rows per tile of [`batch_tiles`] for `in`-wide rows: a multiple of 3 (the dense kernel's
+/// row step), at least 3, about [`BATCH_TILE_BYTES`] of dequantized W.
+fn batch_tile_rows(i: usize) -> usize {
+    (BATCH_TILE_BYTES / (4 * i).max(1)).clamp(3, 96) / 3 * 3
+}
+
+/// One tile of rows of [`batch_tiles`]: the rows dequantized into the thread's scratch, then
+/// the dense small-batch kernel (`gemv_tile_f32`) for all `m` vectors of `x` (`[m, in]`, on
+/// whole lines) over them; `store(b, j, v)` for vector `b` and row `rows.start + j`.
+fn dequant_tile_rows<F: QuantRows>(
+    f: &F,
+    path: KernelPath,
+    x: &[f32],
+    m: usize,
+    rows: Range<usize>,
+    mut store: impl FnMut(usize, usize, f32),
+) -> nibble_tensor::Result<()> {
+    let i = f.dims().1;
+    let nr = rows.len();
+    let mut tile = take_scratch(&TILE);
+    // The tile from a 64-byte line on (up to 15 floats in), as x (`on_whole_lines`).
+    let need = nr * i + nr * m;
+    if tile.len() < need + 15 {
+        tile.resize(need + 15, 0.0);
+    }
+    let skip = tile.as_ptr().align_offset(64).min(15);
+    let (w, res) = tile[skip..skip + need].split_at_mut(nr * i);
+    f.dequant_cols(
+        path,
+        ColBlock {
+            r0: rows.start,
+            rows: nr,
+            c0: 0,
+            len: i,
+            stride: i,
+        },
+        w,
+    );
+    // The lengths are exact by construction (w nr x i, x m x i, res nr x m); an error
+    // would still reach the caller rather than leave y unwritten.
+    let done = nibble_tensor::gemm::gemv::gemv_tile_f32(path, w, i, x, m, res, false);
+    if done.is_ok() {
+        for (j, rv) in res.chunks_exact(m).enumerate() {
+            for (b, &v) in rv.iter().enumerate() {
+                store(b, j, v);
+            }
+        }
+    }
+    put_scratch(&TILE, tile);
+    done
 }
 
 /// Backward `dx = dy · W` for any format (GEMM over panels of `W`; under int8 activations,
@@ -999,6 +1172,17 @@ macro_rules! impl_weight_matrix {
                 adapter: &nibble_tensor::lowrank::LowRank<'_>,
             ) -> nibble_tensor::Result<()> {
                 $crate::kernels::matvec_t_low_rank(self, x, y, accumulate, adapter)
+            }
+            fn matmul_t_low_rank(
+                &self,
+                x: &[f32],
+                m: usize,
+                y: &mut [f32],
+                bias: Option<&[f32]>,
+                adapter: &nibble_tensor::lowrank::LowRank<'_>,
+                post: nibble_tensor::ops::PostOp,
+            ) -> nibble_tensor::Result<bool> {
+                $crate::kernels::matmul_t_low_rank(self, x, m, y, bias, adapter, post)
             }
             fn matmul(
                 &self,

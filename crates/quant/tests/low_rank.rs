@@ -2,12 +2,15 @@
 //! (`WeightMatrix::matvec_t_low_rank`) gives the bits of the unfused sequence (`matmul_t` at
 //! batch 1, then `LowRank::apply_unfused`), on awkward shapes and ranks, with and without
 //! `accumulate` (NaN-filled outputs then), under f32 and int8 activations, for 1, 2, 3 and 16
-//! threads.
+//! threads; so do its small batches with the adapter in the same pass
+//! (`WeightMatrix::matmul_t_low_rank`) against the layer as the training forward computes it
+//! (`h = x · Aᵀ`, then `linear_low_rank_into`).
 
 use nibble_quant::act8::{with_activations, ActivationMode};
 use nibble_quant::{Int8Matrix, LowerMatrix, Nf4Matrix, Q4Matrix};
 use nibble_tensor::lowrank::LowRank;
-use nibble_tensor::{Rng, Tensor, WeightMatrix};
+use nibble_tensor::ops::PostOp;
+use nibble_tensor::{linear_low_rank_into, Rng, Tensor, WeightMatrix};
 
 fn formats(o: usize, i: usize, seed: u64) -> Vec<(&'static str, Box<dyn WeightMatrix>)> {
     let w = Tensor::randn(&[o, i], &mut Rng::new(seed)).scale(1.0 / (i.max(1) as f32).sqrt());
@@ -98,6 +101,99 @@ fn fused_adapter_matches_the_unfused_products_bit_for_bit() {
 }
 
 #[test]
+fn small_batches_fuse_the_adapter_bit_for_bit() {
+    let pools: Vec<_> = [1, 2, 3, 16]
+        .into_iter()
+        .map(|t| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(t)
+                .build()
+                .unwrap()
+        })
+        .collect();
+    // (1023, 256) and (200, 1024) are large enough for the parallel pass, with a ragged last
+    // tile; rank 64 sends B's products to the row kernel rather than the transposing one.
+    for (o, i, rank) in [
+        (7, 33, 3),
+        (129, 31, 32),
+        (1023, 256, 32),
+        (200, 1024, 64),
+        (65, 130, 1),
+    ] {
+        let mut rng = Rng::new((o * 17 + i) as u64);
+        let a = Tensor::randn(&[rank, i], &mut rng);
+        let b = Tensor::randn(&[o, rank], &mut rng);
+        let bias: Vec<f32> = (0..o).map(|_| rng.normal()).collect();
+        let adapter = LowRank::new(&a, &b).unwrap();
+        for (name, w) in formats(o, i, 5) {
+            for mode in [ActivationMode::F32, ActivationMode::Int8] {
+                let mut fused_batches = 0;
+                for m in [2, 3, 5, 8, 9, 12, 16] {
+                    let mut x = Tensor::randn(&[m, i], &mut rng);
+                    if m == 5 && i > 0 {
+                        x.data_mut()[..i].fill(0.0); // an all-zero vector
+                    }
+                    for (with_bias, post) in [(true, PostOp::Relu), (false, PostOp::Identity)] {
+                        let bias = with_bias.then_some(&bias[..]);
+                        // The layer as the training forward and the unfused inference run it.
+                        let want = pools[0].install(|| {
+                            with_activations(mode, || {
+                                let mut h = vec![0.0f32; m * rank];
+                                a.matmul_t(x.data(), m, &mut h, false).unwrap();
+                                let mut y = vec![f32::NAN; m * o];
+                                linear_low_rank_into(
+                                    &*w,
+                                    x.data(),
+                                    m,
+                                    &mut y,
+                                    bias,
+                                    (&h, &b),
+                                    post,
+                                )
+                                .unwrap();
+                                bits(&y)
+                            })
+                        });
+                        for pool in &pools {
+                            let (fused, got) = pool.install(|| {
+                                with_activations(mode, || {
+                                    let mut y = vec![f32::NAN; m * o];
+                                    let fused = w
+                                        .matmul_t_low_rank(
+                                            x.data(),
+                                            m,
+                                            &mut y,
+                                            bias,
+                                            &adapter,
+                                            post,
+                                        )
+                                        .unwrap();
+                                    (fused, y)
+                                })
+                            });
+                            let what = format!(
+                                "{name} {o}x{i} rank {rank}, batch {m}, {mode:?}, bias {with_bias}, {} threads",
+                                pool.current_num_threads()
+                            );
+                            if fused {
+                                fused_batches += 1;
+                                assert!(bits(&got) == want, "{what}");
+                            } else {
+                                assert!(got.iter().all(|v| v.is_nan()), "{what}: y touched");
+                            }
+                        }
+                    }
+                }
+                // Every format runs its small f32 batches on tiles of rows, so they fuse.
+                if mode == ActivationMode::F32 {
+                    assert!(fused_batches > 0, "{name} {o}x{i}: no batch fused");
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn mismatched_adapters_are_errors() {
     for (name, w) in formats(8, 16, 1) {
         let mut y = vec![0.0; 8];
@@ -119,5 +215,13 @@ fn mismatched_adapters_are_errors() {
             .matvec_t_low_rank(&x, &mut y[..7], true, &adapter)
             .is_err());
         assert!(w.matvec_t_low_rank(&x, &mut y, true, &adapter).is_ok());
+        // Small batches: a mismatched adapter is an error, whatever the route.
+        let (a, b) = (Tensor::zeros(&[4, 15]), Tensor::zeros(&[8, 4]));
+        let wrong = LowRank::new(&a, &b).unwrap();
+        let (x4, mut y4) = (vec![0.0; 4 * 16], vec![0.0; 4 * 8]);
+        let fused = w.matmul_t_low_rank(&x4, 4, &mut y4, None, &wrong, PostOp::Identity);
+        assert!(fused.is_err(), "{name}");
+        let fused = w.matmul_t_low_rank(&x4[..63], 4, &mut y4, None, &adapter, PostOp::Identity);
+        assert!(fused.is_err(), "{name}");
     }
 }

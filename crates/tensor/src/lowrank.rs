@@ -18,7 +18,8 @@
 
 use crate::cpu::kernel_path;
 use crate::error::{Result, TensorError};
-use crate::gemm::gemv::{gemv_t_f32, rows_kernel};
+use crate::gemm::gemv::{gemv_fits, gemv_t_f32, gemv_tile_f32_by_vector, rows_kernel, GEMV_MAX_M};
+use crate::ops::PostOp;
 use crate::tensor::Tensor;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
@@ -108,6 +109,156 @@ impl<'a> LowRank<'a> {
         gemv_t_f32(path, self.a, self.rank, self.inp, x, 1, &mut h, false)?;
         gemv_t_f32(path, self.b, self.out, self.rank, &h, 1, y, true)
     }
+}
+
+impl LowRank<'_> {
+    /// Whether [`fused_matmul`] can take a batch of `m` vectors: where both of the adapter's
+    /// products would run as GEMVs ([`gemv_fits`]: `h = x · Aᵀ` and `y += h · Bᵀ` each
+    /// through [`gemv_t_f32`], as the unfused sequence runs them), so that the fused pass,
+    /// which runs the same kernels on tiles of rows ([`gemv_tile_f32`]), gives their bits.
+    pub fn fuses_batch(&self, m: usize) -> bool {
+        m >= 1 && gemv_fits(m, self.inp) && gemv_fits(m, self.rank)
+    }
+
+    /// `y += (x · Aᵀ) · Bᵀ` for `m` vectors `x` `[m, in]` into `y` `[m, out]`, as two
+    /// separate products (`h = x · Aᵀ`, then `y += h · Bᵀ`, each [`gemv_t_f32`]): what
+    /// [`fused_matmul`] adds after its base product, bit for bit, where
+    /// [`fuses_batch`](Self::fuses_batch) says it runs.
+    pub fn apply_unfused_batch(&self, x: &[f32], m: usize, y: &mut [f32]) -> Result<()> {
+        let path = kernel_path();
+        let mut h = vec![0.0f32; m * self.rank];
+        gemv_t_f32(path, self.a, self.rank, self.inp, x, m, &mut h, false)?;
+        gemv_t_f32(path, self.b, self.out, self.rank, &h, m, y, true)
+    }
+}
+
+/// A buffer of a fused small batch (`y`, or `h`) shared by the parts that write it: each
+/// writes only its own elements (`fused_matmul`).
+#[derive(Clone, Copy)]
+struct Shared(*mut f32);
+// SAFETY: each part writes only the elements of its own rows of `y` or `h`, and `h` is read
+// only after every part that writes it has ended (`fused_matmul`).
+unsafe impl Send for Shared {}
+// SAFETY: as above.
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    /// Element `idx` (the caller keeps to its own elements).
+    #[inline(always)]
+    fn at(self, idx: usize) -> *mut f32 {
+        self.0.wrapping_add(idx)
+    }
+}
+
+/// Most values of a fused tile's buffer kept on the stack (16 vectors by 128 rows).
+const TILE_STACK: usize = 2048;
+
+/// The fused small-batch product: `y = post(y + base + (x · Aᵀ) · Bᵀ)` for `m` vectors, `x`
+/// `[m, in]`, `y` `[m, out]` (row-major), in one parallel pass instead of three (the base
+/// product, `h = x · Aᵀ`, `y += h · Bᵀ`, each a fork-join of the pool, then `post` as a pass of
+/// its own). The parts are handed out in order: first `h`'s (a few rows of A each, for every
+/// vector), then the tiles of `tile` rows of `y`. A tile's part copies its rows of `y` into a
+/// buffer laid out `[vector][row]`, calls `base(rows, buffer)`, which adds the layer's own
+/// product onto them (or writes it, as the caller's kernel does), waits until `h` is done,
+/// adds its rows of `h · Bᵀ` and stores `post` of the sum into `y`.
+///
+/// Each element of `h` and `y` goes through the kernels of the unfused sequence (the same
+/// operands in the same order: [`gemv_tile_f32`], whose bits are [`gemv_t_f32`]'s), so the
+/// result is that of `base` over all of `y`, then [`LowRank::apply_unfused_batch`], then
+/// `post`, bit for bit, whatever the tile, the thread count and `parallel` (given a `base`
+/// whose values do not depend on its rows' tiling), where [`LowRank::fuses_batch`] holds for
+/// `m`; an error where it does not, or where a shape does not fit.
+///
+/// Shapes: `x` `[m, in]`, `y` `[m, out]`; `base`'s buffer `[m, rows.len()]`.
+#[allow(clippy::too_many_arguments)]
+pub fn fused_matmul(
+    adapter: &LowRank<'_>,
+    x: &[f32],
+    m: usize,
+    y: &mut [f32],
+    tile: usize,
+    parallel: bool,
+    post: PostOp,
+    base: impl Fn(Range<usize>, &mut [f32]) + Sync,
+) -> Result<()> {
+    let (rank, inp, out) = (adapter.rank, adapter.inp, adapter.out);
+    crate::weight::check_matmul_operands("low_rank", m, x.len(), inp, y.len(), out)?;
+    if !adapter.fuses_batch(m) {
+        return Err(TensorError::ShapeMismatch {
+            op: "low_rank (fused batch)",
+            lhs: vec![m, inp],
+            rhs: vec![out, rank, inp],
+        });
+    }
+    let path = kernel_path().supported();
+    let tile = tile.max(1);
+    let adapter_parts = rank.div_ceil(A_ROWS_PER_PART);
+    // h `[m, rank]`, each element written by the part of its row of A; `h_done` counts the
+    // finished parts (see `CountOnDrop`), and its release/acquire pairs make every element
+    // visible to a tile that has seen the count reach `adapter_parts`.
+    let mut h = vec![0.0f32; m * rank];
+    let hp = Shared(h.as_mut_ptr());
+    let h_done = AtomicUsize::new(0);
+    let yp = Shared(y.as_mut_ptr());
+    let run = |part: usize| {
+        if part < adapter_parts {
+            let _done = CountOnDrop(&h_done);
+            let rows = part * A_ROWS_PER_PART..((part + 1) * A_ROWS_PER_PART).min(rank);
+            // res [m][rows] (m <= GEMV_MAX_M: `fuses_batch`)
+            let nr = rows.len();
+            let mut res = [0.0f32; A_ROWS_PER_PART * GEMV_MAX_M];
+            let res = &mut res[..m * nr];
+            let a = &adapter.a[rows.start * inp..rows.end * inp];
+            gemv_tile_f32_by_vector(path, a, nr, inp, x, m, res, nr, false);
+            for (b, rv) in res.chunks_exact(nr).enumerate() {
+                for (j, &v) in rv.iter().enumerate() {
+                    // SAFETY: b < m and rows.start + j < rank: inside h; the element belongs
+                    // to this part alone, and no one reads h before every part has ended.
+                    unsafe { *hp.at(b * rank + rows.start + j) = v };
+                }
+            }
+            return;
+        }
+        let r0 = (part - adapter_parts) * tile;
+        let nr = tile.min(out - r0);
+        // buf [m][nr]: y's values, then the base product added onto them.
+        let mut stack = [0.0f32; TILE_STACK];
+        let mut heap = Vec::new();
+        let buf: &mut [f32] = if m * nr <= TILE_STACK {
+            &mut stack[..m * nr]
+        } else {
+            heap.resize(m * nr, 0.0);
+            &mut heap
+        };
+        for (b, row) in buf.chunks_exact_mut(nr).enumerate() {
+            // SAFETY: b < m and r0 + nr <= out: inside y (m x out); rows r0..r0 + nr belong
+            // to this part alone.
+            let src = unsafe { std::slice::from_raw_parts(yp.at(b * out + r0), nr) };
+            row.copy_from_slice(src);
+        }
+        base(r0..r0 + nr, buf);
+        wait_for(&h_done, adapter_parts);
+        // SAFETY: every part that writes h has ended (the count, with acquire ordering), so
+        // h is only read from here on.
+        let hv = unsafe { std::slice::from_raw_parts(hp.at(0), m * rank) };
+        let bw = &adapter.b[r0 * rank..(r0 + nr) * rank];
+        gemv_tile_f32_by_vector(path, bw, nr, rank, hv, m, buf, nr, true);
+        for (b, row) in buf.chunks_exact(nr).enumerate() {
+            // SAFETY: as above.
+            let dst = unsafe { std::slice::from_raw_parts_mut(yp.at(b * out + r0), nr) };
+            for (d, &v) in dst.iter_mut().zip(row) {
+                *d = post.apply1(v);
+            }
+        }
+    };
+    let count = adapter_parts + out.div_ceil(tile);
+    if parallel {
+        crate::parallel::for_each_in_order(0..count, count, run);
+    } else {
+        (0..count).for_each(run);
+    }
+    drop(h);
+    Ok(())
 }
 
 /// One part of a fused pass: rows of A, or a block of rows of `y` starting at a row.

@@ -95,6 +95,27 @@ pub trait WeightMatrix: Send + Sync + std::fmt::Debug {
         self.matmul_t(x, 1, y, accumulate)?;
         adapter.apply_unfused(x, y)
     }
+    /// A small batch with a low-rank adapter: `y[m, out] = post(bias + x · Wᵀ + (x · Aᵀ) ·
+    /// Bᵀ)` in one parallel pass ([`crate::lowrank::fused_matmul`]: the adapter's products and
+    /// `post` inside the pass over the tiles of W's rows) where this weight runs `m` vectors
+    /// as GEMVs over tiles of rows and [`LowRank::fuses_batch`] holds: `Ok(true)`, with the
+    /// bits of filling `y` with the bias rows, [`matmul_t`](Self::matmul_t) accumulating onto
+    /// them (without a bias, writing `y`), [`LowRank::apply_unfused_batch`] and `post` (what
+    /// [`linear_low_rank_into`] computes there, with `h = x · Aᵀ` from A's `matmul_t`).
+    /// `Ok(false)`, with `y` untouched, elsewhere; the default. Shapes: `x` `[m, in]`, `y`
+    /// `[m, out]`, `bias` `[out]`.
+    fn matmul_t_low_rank(
+        &self,
+        x: &[f32],
+        m: usize,
+        y: &mut [f32],
+        bias: Option<&[f32]>,
+        adapter: &LowRank<'_>,
+        post: PostOp,
+    ) -> Result<bool> {
+        let _ = (x, m, y, bias, adapter, post);
+        Ok(false)
+    }
     /// The batch-1 product with `x` `[in]` by ranges of rows ([`Batch1Rows`]), prepared on
     /// the calling thread; `None` where `x` is not `[in]` or the weight runs batch 1 some other
     /// way (a driver of its own), and the caller then uses [`matmul_t`](Self::matmul_t). The

@@ -167,6 +167,59 @@ pub fn gemv_tile_f32(
     Ok(())
 }
 
+/// [`gemv_tile_f32`] with its outputs laid out by vector: `y[b * ldy + r] (+)= W[r] · x[b]`
+/// for the `rows` rows of an f32 `W[rows, inp]` and `x[m, inp]`, with the bits of
+/// [`gemv_t_f32`] per pair (`ldy >= rows`, `y` holds `(m - 1) · ldy + rows` values at least;
+/// lengths checked by the caller). Not parallel. On the AVX-512 tier's transposing kernel the
+/// outputs go straight into `y`; elsewhere through a `[row][batch]` tile.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemv_tile_f32_by_vector(
+    path: KernelPath,
+    w: &[f32],
+    rows: usize,
+    inp: usize,
+    x: &[f32],
+    m: usize,
+    y: &mut [f32],
+    ldy: usize,
+    accumulate: bool,
+) {
+    if rows == 0 || m == 0 {
+        return;
+    }
+    debug_assert!(w.len() >= rows * inp && x.len() >= m * inp && ldy >= rows);
+    debug_assert!(y.len() >= (m - 1) * ldy + rows);
+    let path = path.supported();
+    #[cfg(target_arch = "x86_64")]
+    if m >= 2 && path == KernelPath::Avx512 && inp <= SHORT_ROWS_MAX_INP {
+        // SAFETY: the AVX-512 tier is supported; W's rows and x lie inside their slices and
+        // y holds m rows of ldy (the caller's lengths, asserted above in debug builds).
+        unsafe { super::avx512::short_rows(w, rows, inp, x, m, y.as_mut_ptr(), ldy, accumulate) };
+        return;
+    }
+    let mut stack = [0.0f32; 2048];
+    let mut heap = Vec::new();
+    let res: &mut [f32] = if rows * m <= stack.len() {
+        &mut stack[..rows * m]
+    } else {
+        heap.resize(rows * m, 0.0);
+        &mut heap
+    };
+    if accumulate {
+        for (r, rv) in res.chunks_exact_mut(m).enumerate() {
+            for (b, v) in rv.iter_mut().enumerate() {
+                *v = y[b * ldy + r];
+            }
+        }
+    }
+    rows_kernel(path, &w[..rows * inp], inp, x, m, res, accumulate);
+    for (r, rv) in res.chunks_exact(m).enumerate() {
+        for (b, &v) in rv.iter().enumerate() {
+            y[b * ldy + r] = v;
+        }
+    }
+}
+
 fn len_err(op: &'static str, shape: Vec<usize>, expected: usize, found: usize) -> TensorError {
     TensorError::Length {
         op,
