@@ -18,7 +18,7 @@
 
 use crate::cpu::kernel_path;
 use crate::error::{Result, TensorError};
-use crate::gemm::gemv::{gemv_fits, gemv_t_f32, gemv_tile_f32_by_vector, rows_kernel, GEMV_MAX_M};
+use crate::gemm::gemv::{gemv_fits, gemv_t_f32, gemv_tile_by_vector, rows_kernel, GEMV_MAX_M};
 use crate::ops::PostOp;
 use crate::tensor::Tensor;
 use std::ops::Range;
@@ -209,7 +209,7 @@ pub fn fused_matmul(
             let mut res = [0.0f32; A_ROWS_PER_PART * GEMV_MAX_M];
             let res = &mut res[..m * nr];
             let a = &adapter.a[rows.start * inp..rows.end * inp];
-            gemv_tile_f32_by_vector(path, a, nr, inp, x, m, res, nr, false);
+            gemv_tile_by_vector(path, a, nr, inp, x, m, res, nr, false);
             for (b, rv) in res.chunks_exact(nr).enumerate() {
                 for (j, &v) in rv.iter().enumerate() {
                     // SAFETY: b < m and rows.start + j < rank: inside h; the element belongs
@@ -242,7 +242,7 @@ pub fn fused_matmul(
         // h is only read from here on.
         let hv = unsafe { std::slice::from_raw_parts(hp.at(0), m * rank) };
         let bw = &adapter.b[r0 * rank..(r0 + nr) * rank];
-        gemv_tile_f32_by_vector(path, bw, nr, rank, hv, m, buf, nr, true);
+        gemv_tile_by_vector(path, bw, nr, rank, hv, m, buf, nr, true);
         for (b, row) in buf.chunks_exact(nr).enumerate() {
             // SAFETY: as above.
             let dst = unsafe { std::slice::from_raw_parts_mut(yp.at(b * out + r0), nr) };
@@ -467,6 +467,61 @@ mod tests {
             }
             let mut y = vec![0.0; out + 1];
             assert!(w.matvec_t_low_rank(x.data(), &mut y, true, &ab).is_err());
+        }
+    }
+
+    /// The dense weights' small batches with the adapter in the same pass
+    /// (`matmul_t_low_rank`, f32 and f16) against the layer as the training forward computes
+    /// it (`h = x · Aᵀ`, then `linear_low_rank_into`): bit-identical for 1, 2, 3 and 16
+    /// threads, with a bias and a ReLU or neither (NaN-filled outputs), on awkward shapes, a
+    /// short W (the transposing kernel) and a rank past it; `Ok(false)` with `y` untouched
+    /// where the batch takes the GEMM.
+    #[test]
+    fn dense_small_batches_fuse_bit_for_bit() {
+        use crate::ops::PostOp;
+        use crate::{linear_low_rank_into, HalfTensor, WeightMatrix};
+        let mut rng = Rng::new(13);
+        for (out, inp, rank) in [(33, 17, 3), (1023, 129, 32), (257, 1024, 65), (70, 40, 8)] {
+            let w = Tensor::uniform(&[out, inp], -1.0, 1.0, &mut rng);
+            let a = Tensor::uniform(&[rank, inp], -1.0, 1.0, &mut rng);
+            let b = Tensor::uniform(&[out, rank], -1.0, 1.0, &mut rng);
+            let bias: Vec<f32> = (0..out).map(|_| rng.normal()).collect();
+            let ab = LowRank::new(&a, &b).unwrap();
+            let half = HalfTensor::from_f32(&w);
+            for (name, wm) in [("f32", &w as &dyn WeightMatrix), ("f16", &half)] {
+                for m in [2, 3, 8, 13, 16, 17] {
+                    let x = Tensor::uniform(&[m, inp], -1.0, 1.0, &mut rng);
+                    for (with_bias, post) in [(true, PostOp::Relu), (false, PostOp::Identity)] {
+                        let bias = with_bias.then_some(&bias[..]);
+                        let mut h = vec![0.0f32; m * rank];
+                        a.matmul_t(x.data(), m, &mut h, false).unwrap();
+                        let mut want = vec![f32::NAN; m * out];
+                        linear_low_rank_into(wm, x.data(), m, &mut want, bias, (&h, &b), post)
+                            .unwrap();
+                        for threads in [1, 2, 3, 16] {
+                            let pool = rayon::ThreadPoolBuilder::new()
+                                .num_threads(threads)
+                                .build()
+                                .unwrap();
+                            let mut y = vec![f32::NAN; m * out];
+                            let fused = pool
+                                .install(|| {
+                                    wm.matmul_t_low_rank(x.data(), m, &mut y, bias, &ab, post)
+                                })
+                                .unwrap();
+                            let what = format!("{name} {out}x{inp} rank {rank}, batch {m}, bias {with_bias}, {threads} threads");
+                            if fused {
+                                let same =
+                                    y.iter().zip(&want).all(|(u, v)| u.to_bits() == v.to_bits());
+                                assert!(same, "{what}");
+                            } else {
+                                assert!(y.iter().all(|v| v.is_nan()), "{what}: y touched");
+                                assert!(m > 12, "{what}: not fused");
+                            }
+                        }
+                    }
+                }
+            }
         }
     }
 

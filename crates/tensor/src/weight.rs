@@ -5,7 +5,7 @@
 use crate::cpu::kernel_path;
 use crate::error::{Result, TensorError};
 use crate::gemm::gemv::{
-    gemv_fits, gemv_fits_f16, gemv_t_f16, gemv_t_f32, gemv_t_low_rank, DenseBatch1,
+    dense_low_rank, gemv_fits, gemv_fits_f16, gemv_t_f16, gemv_t_f32, gemv_t_low_rank, DenseBatch1,
 };
 use crate::gemm::{
     gemm, gemm_segments, gemm_segments_bias_post, gemm_segments_post, MatRef, PackB, Segment, NR,
@@ -376,6 +376,18 @@ macro_rules! dense_weight_matrix {
             ) -> Result<()> {
                 let (o, i) = self.dims2("linear")?;
                 gemv_t_low_rank(kernel_path(), self.data(), o, i, x, y, accumulate, adapter)
+            }
+            fn matmul_t_low_rank(
+                &self,
+                x: &[f32],
+                m: usize,
+                y: &mut [f32],
+                bias: Option<&[f32]>,
+                adapter: &LowRank<'_>,
+                post: PostOp,
+            ) -> Result<bool> {
+                let (o, i) = self.dims2("linear")?;
+                dense_low_rank(self.data(), o, i, $fits, x, m, y, bias, adapter, post)
             }
             fn batch1_rows<'a>(&'a self, x: &'a [f32]) -> Option<Box<dyn Batch1Rows + 'a>> {
                 let (o, i) = self.dims2("linear").ok()?;

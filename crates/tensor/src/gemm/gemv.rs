@@ -167,15 +167,16 @@ pub fn gemv_tile_f32(
     Ok(())
 }
 
-/// [`gemv_tile_f32`] with its outputs laid out by vector: `y[b * ldy + r] (+)= W[r] · x[b]`
-/// for the `rows` rows of an f32 `W[rows, inp]` and `x[m, inp]`, with the bits of
-/// [`gemv_t_f32`] per pair (`ldy >= rows`, `y` holds `(m - 1) · ldy + rows` values at least;
-/// lengths checked by the caller). Not parallel. On the AVX-512 tier's transposing kernel the
-/// outputs go straight into `y`; elsewhere through a `[row][batch]` tile.
+/// [`gemv_tile_f32`] with its outputs laid out by vector, for an f32 or f16 W: `y[b * ldy +
+/// r] (+)= W[r] · x[b]` for the `rows` rows of `W[rows, inp]` and `x[m, inp]`, with the bits
+/// of [`gemv_t_f32`] / [`gemv_t_f16`] per pair (`ldy >= rows`, `y` holds `(m - 1) · ldy +
+/// rows` values at least; lengths checked by the caller). Not parallel. On the AVX-512 tier's
+/// transposing kernel (f32 rows of at most [`SHORT_ROWS_MAX_INP`]) the outputs go straight
+/// into `y`; elsewhere through a `[row][batch]` tile.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn gemv_tile_f32_by_vector(
+pub(crate) fn gemv_tile_by_vector<E: BElem>(
     path: KernelPath,
-    w: &[f32],
+    w: &[E],
     rows: usize,
     inp: usize,
     x: &[f32],
@@ -191,7 +192,9 @@ pub(crate) fn gemv_tile_f32_by_vector(
     debug_assert!(y.len() >= (m - 1) * ldy + rows);
     let path = path.supported();
     #[cfg(target_arch = "x86_64")]
-    if m >= 2 && path == KernelPath::Avx512 && inp <= SHORT_ROWS_MAX_INP {
+    if let Some(w) =
+        E::as_f32(w).filter(|_| m >= 2 && path == KernelPath::Avx512 && inp <= SHORT_ROWS_MAX_INP)
+    {
         // SAFETY: the AVX-512 tier is supported; W's rows and x lie inside their slices and
         // y holds m rows of ldy (the caller's lengths, asserted above in debug builds).
         unsafe { super::avx512::short_rows(w, rows, inp, x, m, y.as_mut_ptr(), ldy, accumulate) };
@@ -218,6 +221,74 @@ pub(crate) fn gemv_tile_f32_by_vector(
             y[b * ldy + r] = v;
         }
     }
+}
+
+/// Rows of y per part of a dense weight's fused small batch ([`dense_low_rank`]).
+const DENSE_FUSED_ROWS: usize = 64;
+
+/// A dense W's small batch with a low-rank adapter (`WeightMatrix::matmul_t_low_rank` of
+/// [`crate::Tensor`] and [`crate::HalfTensor`]): `y = post(bias + x · Wᵀ + (x · Aᵀ) · Bᵀ)` in
+/// one pass ([`crate::lowrank::fused_matmul`], the base on [`gemv_tile_by_vector`] over parts
+/// of 64 rows), with the bits of the bias rows, the GEMV ([`gemv_t_f32`] / [`gemv_t_f16`])
+/// accumulating, [`LowRank::apply_unfused_batch`] and `post`, where `fits(m, inp)` (the
+/// weight's GEMV rule) and [`LowRank::fuses_batch`] hold for `2 <= m`; `Ok(false)`, `y`
+/// untouched, elsewhere or where the bias does not fit.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn dense_low_rank<E: BElem>(
+    w: &[E],
+    out: usize,
+    inp: usize,
+    fits: fn(usize, usize) -> bool,
+    x: &[f32],
+    m: usize,
+    y: &mut [f32],
+    bias: Option<&[f32]>,
+    adapter: &LowRank<'_>,
+    post: crate::ops::PostOp,
+) -> Result<bool> {
+    crate::weight::check_matmul_operands("linear", m, x.len(), inp, y.len(), out)?;
+    crate::error::check_len("linear", &[out, inp], w.len())?;
+    if (adapter.out_features(), adapter.in_features()) != (out, inp) {
+        return Err(TensorError::ShapeMismatch {
+            op: "linear (LoRA adapter)",
+            lhs: vec![out, inp],
+            rhs: vec![
+                adapter.out_features(),
+                adapter.rank(),
+                adapter.in_features(),
+            ],
+        });
+    }
+    if m < 2
+        || out == 0
+        || !fits(m, inp)
+        || !adapter.fuses_batch(m)
+        || bias.is_some_and(|b| b.len() != out)
+    {
+        return Ok(false);
+    }
+    let path = crate::cpu::kernel_path().supported();
+    let threads = rayon::current_num_threads().max(1);
+    let row_bytes = inp.max(1) * std::mem::size_of::<E>();
+    let parallel = goes_parallel(threads, out, inp, m, row_bytes);
+    let accumulate = bias.is_some();
+    if let Some(bias) = bias {
+        crate::ops::fill_rows(y, bias)?;
+    }
+    crate::lowrank::fused_matmul(
+        adapter,
+        x,
+        m,
+        y,
+        DENSE_FUSED_ROWS,
+        parallel,
+        post,
+        |rr, buf| {
+            let wr = &w[rr.start * inp..rr.end * inp];
+            gemv_tile_by_vector(path, wr, rr.len(), inp, x, m, buf, rr.len(), accumulate)
+        },
+    )?;
+    Ok(true)
 }
 
 fn len_err(op: &'static str, shape: Vec<usize>, expected: usize, found: usize) -> TensorError {
