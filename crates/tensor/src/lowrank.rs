@@ -115,7 +115,8 @@ impl LowRank<'_> {
     /// Whether [`fused_matmul`] can take a batch of `m` vectors: where both of the adapter's
     /// products would run as GEMVs ([`gemv_fits`]: `h = x · Aᵀ` and `y += h · Bᵀ` each
     /// through [`gemv_t_f32`], as the unfused sequence runs them), so that the fused pass,
-    /// which runs the same kernels on tiles of rows ([`gemv_tile_f32`]), gives their bits.
+    /// which runs the same kernels on tiles of rows
+    /// ([`gemv_tile_f32`](crate::gemm::gemv::gemv_tile_f32)), gives their bits.
     pub fn fuses_batch(&self, m: usize) -> bool {
         m >= 1 && gemv_fits(m, self.inp) && gemv_fits(m, self.rank)
     }
@@ -163,7 +164,8 @@ const TILE_STACK: usize = 2048;
 /// adds its rows of `h · Bᵀ` and stores `post` of the sum into `y`.
 ///
 /// Each element of `h` and `y` goes through the kernels of the unfused sequence (the same
-/// operands in the same order: [`gemv_tile_f32`], whose bits are [`gemv_t_f32`]'s), so the
+/// operands in the same order: [`gemv_tile_f32`](crate::gemm::gemv::gemv_tile_f32), whose
+/// bits are [`gemv_t_f32`]'s), so the
 /// result is that of `base` over all of `y`, then [`LowRank::apply_unfused_batch`], then
 /// `post`, bit for bit, whatever the tile, the thread count and `parallel` (given a `base`
 /// whose values do not depend on its rows' tiling), where [`LowRank::fuses_batch`] holds for
