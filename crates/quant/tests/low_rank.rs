@@ -26,13 +26,9 @@ fn formats(o: usize, i: usize, seed: u64) -> Vec<(&'static str, Box<dyn WeightMa
     ]
 }
 
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|f| f.to_bits()).collect()
-}
-
-#[test]
-fn fused_adapter_matches_the_unfused_products_bit_for_bit() {
-    let pools: Vec<_> = [1, 2, 3, 16]
+/// Pools of 1, 2, 3 and 16 threads.
+fn pools() -> Vec<rayon::ThreadPool> {
+    [1, 2, 3, 16]
         .into_iter()
         .map(|t| {
             rayon::ThreadPoolBuilder::new()
@@ -40,7 +36,16 @@ fn fused_adapter_matches_the_unfused_products_bit_for_bit() {
                 .build()
                 .unwrap()
         })
-        .collect();
+        .collect()
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|f| f.to_bits()).collect()
+}
+
+#[test]
+fn fused_adapter_matches_the_unfused_products_bit_for_bit() {
+    let pools = pools();
     // (1023, 129) and (300, 1023) are large enough for the parallel batch-1 pass.
     for (o, i, rank) in [
         (1, 1, 1),
@@ -102,23 +107,16 @@ fn fused_adapter_matches_the_unfused_products_bit_for_bit() {
 
 #[test]
 fn small_batches_fuse_the_adapter_bit_for_bit() {
-    let pools: Vec<_> = [1, 2, 3, 16]
-        .into_iter()
-        .map(|t| {
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(t)
-                .build()
-                .unwrap()
-        })
-        .collect();
+    let pools = pools();
     // (1023, 256) and (200, 1024) are large enough for the parallel pass, with a ragged last
-    // tile; rank 64 sends B's products to the row kernel rather than the transposing one.
+    // part; rank 65 sends B's products to the row kernel rather than the transposing one.
     for (o, i, rank) in [
         (7, 33, 3),
         (129, 31, 32),
         (1023, 256, 32),
-        (200, 1024, 64),
+        (200, 1024, 65),
         (65, 130, 1),
+        (15, 0, 2),
     ] {
         let mut rng = Rng::new((o * 17 + i) as u64);
         let a = Tensor::randn(&[rank, i], &mut rng);

@@ -165,11 +165,11 @@ const TILE_STACK: usize = 2048;
 ///
 /// Each element of `h` and `y` goes through the kernels of the unfused sequence (the same
 /// operands in the same order: [`gemv_tile_f32`](crate::gemm::gemv::gemv_tile_f32), whose
-/// bits are [`gemv_t_f32`]'s), so the
-/// result is that of `base` over all of `y`, then [`LowRank::apply_unfused_batch`], then
-/// `post`, bit for bit, whatever the tile, the thread count and `parallel` (given a `base`
-/// whose values do not depend on its rows' tiling), where [`LowRank::fuses_batch`] holds for
-/// `m`; an error where it does not, or where a shape does not fit.
+/// bits are [`gemv_t_f32`]'s), so the result is that of `base` over all of `y`, then
+/// [`LowRank::apply_unfused_batch`], then `post`, bit for bit, whatever the tile, the thread
+/// count and `parallel` (given a `base` whose values do not depend on its rows' tiling), where
+/// [`LowRank::fuses_batch`] holds for `m`; an error where it does not, or where a shape does
+/// not fit.
 ///
 /// Shapes: `x` `[m, in]`, `y` `[m, out]`; `base`'s buffer `[m, rows.len()]`.
 #[allow(clippy::too_many_arguments)]
@@ -483,7 +483,13 @@ mod tests {
         use crate::ops::PostOp;
         use crate::{linear_low_rank_into, HalfTensor, WeightMatrix};
         let mut rng = Rng::new(13);
-        for (out, inp, rank) in [(33, 17, 3), (1023, 129, 32), (257, 1024, 65), (70, 40, 8)] {
+        for (out, inp, rank) in [
+            (33, 17, 3),
+            (1023, 129, 32),
+            (257, 1024, 65),
+            (70, 40, 8),
+            (9, 0, 2),
+        ] {
             let w = Tensor::uniform(&[out, inp], -1.0, 1.0, &mut rng);
             let a = Tensor::uniform(&[rank, inp], -1.0, 1.0, &mut rng);
             let b = Tensor::uniform(&[out, rank], -1.0, 1.0, &mut rng);
