@@ -18,9 +18,12 @@
 
 use crate::cpu::kernel_path;
 use crate::error::{Result, TensorError};
-use crate::gemm::gemv::{gemv_fits, gemv_t_f32, gemv_tile_by_vector, rows_kernel, GEMV_MAX_M};
+use crate::gemm::gemv::{
+    gemv_fits, gemv_t_f32, gemv_tile_by_vector, rows_kernel, zeroed_prefix, GEMV_MAX_M,
+};
 use crate::ops::PostOp;
 use crate::tensor::Tensor;
+use std::mem::MaybeUninit;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
@@ -224,10 +227,10 @@ pub fn fused_matmul(
         let r0 = (part - adapter_parts) * tile;
         let nr = tile.min(out - r0);
         // buf [m][nr]: y's values, then the base product added onto them.
-        let mut stack = [0.0f32; TILE_STACK];
+        let mut stack = [const { MaybeUninit::<f32>::uninit() }; TILE_STACK];
         let mut heap = Vec::new();
         let buf: &mut [f32] = if m * nr <= TILE_STACK {
-            &mut stack[..m * nr]
+            zeroed_prefix(&mut stack, m * nr)
         } else {
             heap.resize(m * nr, 0.0);
             &mut heap
