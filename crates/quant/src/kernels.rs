@@ -741,10 +741,6 @@ fn gemv_tile_rows<F: QuantRows>(
     }
 }
 
-/// Fewest rows of y per part of [`matmul_t_low_rank`]'s pass (whole tiles of
-/// [`batch_tiles`]; the GEMV tiles are [`GEMV_ROW_TILE`] = 64 rows already).
-const FUSED_PART_ROWS: usize = 64;
-
 /// A small batch with a low-rank adapter (`WeightMatrix::matmul_t_low_rank`): `y =
 /// post(bias + x · Wᵀ + (x · Aᵀ) · Bᵀ)` in one parallel pass over the tiles that
 /// [`matmul_t`] runs at this batch ([`gemv_tile_rows`] or [`dequant_tile_rows`]), the
@@ -765,17 +761,7 @@ pub(crate) fn matmul_t_low_rank<F: QuantRows>(
 ) -> nibble_tensor::Result<bool> {
     let (o, i) = f.dims();
     check_matmul_operands("linear", m, x.len(), i, y.len(), o)?;
-    if (adapter.out_features(), adapter.in_features()) != (o, i) {
-        return Err(nibble_tensor::TensorError::ShapeMismatch {
-            op: "linear (LoRA adapter)",
-            lhs: vec![o, i],
-            rhs: vec![
-                adapter.out_features(),
-                adapter.rank(),
-                adapter.in_features(),
-            ],
-        });
-    }
+    adapter.check_layer(o, i)?;
     let int8_generic =
         crate::act8::activations() == crate::act8::ActivationMode::Int8 && f.act8_generic(m);
     if m < 2
@@ -790,21 +776,16 @@ pub(crate) fn matmul_t_low_rank<F: QuantRows>(
     let path = usable(kernel_path());
     let threads = rayon::current_num_threads().max(1);
     let parallel = threads > 1 && o.saturating_mul(i).saturating_mul(m) >= PARALLEL_MIN_MACS;
-    let accumulate = bias.is_some();
-    if let Some(bias) = bias {
-        nibble_tensor::ops::fill_rows(y, bias)?;
-    }
-    // Each tile's values onto the part's buffer `[m][rows]` (y's values where accumulating).
-    let onto = |buf: &mut [f32], nr: usize, b: usize, j: usize, v: f32| {
+    // Each tile's values onto the part's buffer `[m][rows]` (the bias rows where
+    // accumulating).
+    let onto = |buf: &mut [f32], acc: bool, nr: usize, b: usize, j: usize, v: f32| {
         let d = &mut buf[b * nr + j];
-        *d = if accumulate { *d + v } else { v };
+        *d = if acc { *d + v } else { v };
     };
     if m >= f.tiles_min_m().max(2) && !f.act8_fused(m) {
-        // Parts of whole tiles, at least FUSED_PART_ROWS rows (the adapter's `h · Bᵀ` on a
-        // few rows at a time cost more than its own pass: qlora at batch 4 / 8, f32, 2 threads,
-        // 3.7-4.0 / 5.3-5.6 ms on parts of one 12-row tile against 3.4-3.7 / 4.9-5.1 unfused).
+        // Parts of whole tiles, at least MIN_PART_ROWS rows.
         let rows = batch_tile_rows(i);
-        let part = FUSED_PART_ROWS.div_ceil(rows) * rows;
+        let part = nibble_tensor::lowrank::MIN_PART_ROWS.div_ceil(rows) * rows;
         let failed = std::sync::Mutex::new(None);
         nibble_tensor::gemm::gemv::on_whole_lines(x, i, |x| {
             nibble_tensor::lowrank::fused_matmul(
@@ -812,16 +793,17 @@ pub(crate) fn matmul_t_low_rank<F: QuantRows>(
                 x,
                 m,
                 y,
+                bias,
                 part,
                 parallel,
                 post,
-                |rr, buf| {
+                |rr, buf, acc| {
                     let nr = rr.len();
                     for t0 in rr.clone().step_by(rows) {
                         let tr = t0..(t0 + rows).min(rr.end);
                         let off = t0 - rr.start;
                         let done = dequant_tile_rows(f, path, x, m, tr, |b, j, v| {
-                            onto(buf, nr, b, off + j, v)
+                            onto(buf, acc, nr, b, off + j, v)
                         });
                         if let Err(e) = done {
                             failed
@@ -838,19 +820,22 @@ pub(crate) fn matmul_t_low_rank<F: QuantRows>(
             None => Ok(true),
         };
     }
+    // Parts of one GEMV tile each.
+    const _: () = assert!(GEMV_ROW_TILE >= nibble_tensor::lowrank::MIN_PART_ROWS);
     let (prep, starts) = prepare_batch(f, path, x, m);
     let done = nibble_tensor::lowrank::fused_matmul(
         adapter,
         x,
         m,
         y,
+        bias,
         GEMV_ROW_TILE,
         parallel,
         post,
-        |rr, buf| {
+        |rr, buf, acc| {
             let nr = rr.len();
             gemv_tile_rows(f, path, x, m, (&prep, &starts), rr, |b, j, v| {
-                onto(buf, nr, b, j, v)
+                onto(buf, acc, nr, b, j, v)
             })
         },
     );

@@ -92,6 +92,12 @@ impl<'a> LowRank<'a> {
     /// Checks that the adapter fits an `out x inp` layer, `x` has `inp` elements and `y`
     /// `out` (the operands of a fused batch-1 product).
     pub fn check(&self, out: usize, inp: usize, x: &[f32], y: &[f32]) -> Result<()> {
+        self.check_layer(out, inp)?;
+        crate::weight::check_matmul_operands("low_rank", 1, x.len(), inp, y.len(), out)
+    }
+
+    /// Checks that the adapter fits an `out x inp` layer (any batch).
+    pub fn check_layer(&self, out: usize, inp: usize) -> Result<()> {
         if (self.out, self.inp) != (out, inp) {
             return Err(TensorError::ShapeMismatch {
                 op: "low_rank",
@@ -99,7 +105,7 @@ impl<'a> LowRank<'a> {
                 rhs: vec![self.out, self.rank, self.inp],
             });
         }
-        crate::weight::check_matmul_operands("low_rank", 1, x.len(), inp, y.len(), out)
+        Ok(())
     }
 
     /// `y += B (A x)` for one vector `x` `[in]` into `y` `[out]`, as two separate products
@@ -154,21 +160,28 @@ impl Shared {
     }
 }
 
+/// Fewest rows of `y` a part of [`fused_matmul`] should cover: the adapter's `h · Bᵀ` on a
+/// few rows at a time cost more than its own pass (qlora at batch 4 / 8, f32, 2 threads,
+/// 3.7-4.0 / 5.3-5.6 ms on parts of one 12-row tile against 3.4-3.7 / 4.9-5.1 unfused).
+pub const MIN_PART_ROWS: usize = 64;
+
 /// Most values of a fused tile's buffer kept on the stack (16 vectors by 128 rows).
 const TILE_STACK: usize = 2048;
 
-/// The fused small-batch product: `y = post(y + base + (x · Aᵀ) · Bᵀ)` for `m` vectors, `x`
+/// The fused small-batch product: `y = post(bias + base + (x · Aᵀ) · Bᵀ)` for `m` vectors, `x`
 /// `[m, in]`, `y` `[m, out]` (row-major), in one parallel pass instead of three (the base
 /// product, `h = x · Aᵀ`, `y += h · Bᵀ`, each a fork-join of the pool, then `post` as a pass of
-/// its own). The parts are handed out in order: first `h`'s (a few rows of A each, for every
-/// vector), then the tiles of `tile` rows of `y`. A tile's part copies its rows of `y` into a
-/// buffer laid out `[vector][row]`, calls `base(rows, buffer)`, which adds the layer's own
-/// product onto them (or writes it, as the caller's kernel does), waits until `h` is done,
-/// adds its rows of `h · Bᵀ` and stores `post` of the sum into `y`.
+/// its own), and without a pass that fills `y` with the bias rows. The parts are handed out in
+/// order: first `h`'s (a few rows of A each, for every vector), then the tiles of `tile` rows
+/// of `y`. A tile's part fills a buffer laid out `[vector][row]` with its rows of the bias,
+/// calls `base(rows, buffer, accumulate)`, which adds the layer's own product onto them (with
+/// `accumulate`; without a bias it writes them), waits until `h` is done, adds its rows of `h
+/// · Bᵀ` and stores `post` of the sum into `y`.
 ///
 /// Each element of `h` and `y` goes through the kernels of the unfused sequence (the same
 /// operands in the same order: [`gemv_tile_f32`](crate::gemm::gemv::gemv_tile_f32), whose
-/// bits are [`gemv_t_f32`]'s), so the result is that of `base` over all of `y`, then
+/// bits are [`gemv_t_f32`]'s), so the result is that of the bias rows, `base` over all of `y`
+/// (accumulating onto them), then
 /// [`LowRank::apply_unfused_batch`], then `post`, bit for bit, whatever the tile, the thread
 /// count and `parallel` (given a `base` whose values do not depend on its rows' tiling), where
 /// [`LowRank::fuses_batch`] holds for `m`; an error where it does not, or where a shape does
@@ -181,13 +194,22 @@ pub fn fused_matmul(
     x: &[f32],
     m: usize,
     y: &mut [f32],
+    bias: Option<&[f32]>,
     tile: usize,
     parallel: bool,
     post: PostOp,
-    base: impl Fn(Range<usize>, &mut [f32]) + Sync,
+    base: impl Fn(Range<usize>, &mut [f32], bool) + Sync,
 ) -> Result<()> {
     let (rank, inp, out) = (adapter.rank, adapter.inp, adapter.out);
     crate::weight::check_matmul_operands("low_rank", m, x.len(), inp, y.len(), out)?;
+    if let Some(b) = bias.filter(|b| b.len() != out) {
+        return Err(TensorError::Length {
+            op: "low_rank (bias)",
+            shape: vec![out],
+            expected: out,
+            found: b.len(),
+        });
+    }
     if !adapter.fuses_batch(m) {
         return Err(TensorError::ShapeMismatch {
             op: "low_rank (fused batch)",
@@ -226,7 +248,7 @@ pub fn fused_matmul(
         }
         let r0 = (part - adapter_parts) * tile;
         let nr = tile.min(out - r0);
-        // buf [m][nr]: y's values, then the base product added onto them.
+        // buf [m][nr]: the bias rows, then the base product added onto them.
         let mut stack = [const { MaybeUninit::<f32>::uninit() }; TILE_STACK];
         let mut heap = Vec::new();
         let buf: &mut [f32] = if m * nr <= TILE_STACK {
@@ -235,13 +257,12 @@ pub fn fused_matmul(
             heap.resize(m * nr, 0.0);
             &mut heap
         };
-        for (b, row) in buf.chunks_exact_mut(nr).enumerate() {
-            // SAFETY: b < m and r0 + nr <= out: inside y (m x out); rows r0..r0 + nr belong
-            // to this part alone.
-            let src = unsafe { std::slice::from_raw_parts(yp.at(b * out + r0), nr) };
-            row.copy_from_slice(src);
+        if let Some(bias) = bias {
+            for row in buf.chunks_exact_mut(nr) {
+                row.copy_from_slice(&bias[r0..r0 + nr]);
+            }
         }
-        base(r0..r0 + nr, buf);
+        base(r0..r0 + nr, buf, bias.is_some());
         wait_for(&h_done, adapter_parts);
         // SAFETY: every part that writes h has ended (the count, with acquire ordering), so
         // h is only read from here on.
@@ -249,7 +270,8 @@ pub fn fused_matmul(
         let bw = &adapter.b[r0 * rank..(r0 + nr) * rank];
         gemv_tile_by_vector(path, bw, nr, rank, hv, m, buf, nr, true);
         for (b, row) in buf.chunks_exact(nr).enumerate() {
-            // SAFETY: as above.
+            // SAFETY: b < m and r0 + nr <= out: inside y (m x out); rows r0..r0 + nr belong
+            // to this part alone.
             let dst = unsafe { std::slice::from_raw_parts_mut(yp.at(b * out + r0), nr) };
             for (d, &v) in dst.iter_mut().zip(row) {
                 *d = post.apply1(v);

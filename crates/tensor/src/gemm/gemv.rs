@@ -237,13 +237,10 @@ pub(crate) fn zeroed_prefix(stack: &mut [MaybeUninit<f32>], n: usize) -> &mut [f
     unsafe { std::slice::from_raw_parts_mut(prefix.as_mut_ptr().cast::<f32>(), n) }
 }
 
-/// Rows of y per part of a dense weight's fused small batch ([`dense_low_rank`]).
-const DENSE_FUSED_ROWS: usize = 64;
-
 /// A dense W's small batch with a low-rank adapter (`WeightMatrix::matmul_t_low_rank` of
 /// [`crate::Tensor`] and [`crate::HalfTensor`]): `y = post(bias + x · Wᵀ + (x · Aᵀ) · Bᵀ)` in
 /// one pass ([`crate::lowrank::fused_matmul`], the base on [`gemv_tile_by_vector`] over parts
-/// of 64 rows), with the bits of the bias rows, the GEMV ([`gemv_t_f32`] / [`gemv_t_f16`])
+/// of [`crate::lowrank::MIN_PART_ROWS`] rows), with the bits of the bias rows, the GEMV ([`gemv_t_f32`] / [`gemv_t_f16`])
 /// accumulating, [`LowRank::apply_unfused_batch`] and `post`, where `fits(m, inp)` (the
 /// weight's GEMV rule) and [`LowRank::fuses_batch`] hold for `2 <= m`; `Ok(false)`, `y`
 /// untouched, elsewhere or where the bias does not fit.
@@ -262,17 +259,7 @@ pub(crate) fn dense_low_rank<E: BElem>(
 ) -> Result<bool> {
     crate::weight::check_matmul_operands("linear", m, x.len(), inp, y.len(), out)?;
     crate::error::check_len("linear", &[out, inp], w.len())?;
-    if (adapter.out_features(), adapter.in_features()) != (out, inp) {
-        return Err(TensorError::ShapeMismatch {
-            op: "linear (LoRA adapter)",
-            lhs: vec![out, inp],
-            rhs: vec![
-                adapter.out_features(),
-                adapter.rank(),
-                adapter.in_features(),
-            ],
-        });
-    }
+    adapter.check_layer(out, inp)?;
     if m < 2
         || out == 0
         || !fits(m, inp)
@@ -285,21 +272,19 @@ pub(crate) fn dense_low_rank<E: BElem>(
     let threads = rayon::current_num_threads().max(1);
     let row_bytes = inp.max(1) * std::mem::size_of::<E>();
     let parallel = goes_parallel(threads, out, inp, m, row_bytes);
-    let accumulate = bias.is_some();
-    if let Some(bias) = bias {
-        crate::ops::fill_rows(y, bias)?;
-    }
+    let part = crate::lowrank::MIN_PART_ROWS;
     crate::lowrank::fused_matmul(
         adapter,
         x,
         m,
         y,
-        DENSE_FUSED_ROWS,
+        bias,
+        part,
         parallel,
         post,
-        |rr, buf| {
+        |rr, buf, acc| {
             let wr = &w[rr.start * inp..rr.end * inp];
-            gemv_tile_by_vector(path, wr, rr.len(), inp, x, m, buf, rr.len(), accumulate)
+            gemv_tile_by_vector(path, wr, rr.len(), inp, x, m, buf, rr.len(), acc)
         },
     )?;
     Ok(true)
