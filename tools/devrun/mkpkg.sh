@@ -14,7 +14,7 @@ for l in sys.stdin:
     if j.get("reason")=="compiler-artifact" and j.get("executable") and j.get("profile",{}).get("test"):
         print(j["executable"], j["manifest_path"].rsplit("/",1)[0])' > .devrun/pkg/tests.txt
 while read -r e d; do cp "$e" .devrun/pkg/tests/; done < .devrun/pkg/tests.txt
-cp target/release/bignet .devrun/pkg/bin/
+cp target/release/bignet target/release/nibble .devrun/pkg/bin/
 cp tools/devrun/*.sh .devrun/
 for e in forward_profile gemm_probe lora_products team_anatomy; do cp target/release/examples/$e .devrun/pkg/bin/; done
 cp ../shared/ref/*.py .devrun/pkg/ref/

@@ -3,6 +3,9 @@ R=$(pwd)
 P=$R/.devrun/pkg
 [ -e /work/main ] || { mkdir -p /work && ln -s "$R" /work/main; }
 [ -d $P/tests ] || (cd $P && tar xJf tests.tar.xz)
+# The CLI tests run the programs where cargo built them (CARGO_BIN_EXE_*: target/release).
+mkdir -p "$R/target/release"
+for b in bignet nibble; do [ -x "$R/target/release/$b" ] || cp "$P/bin/$b" "$R/target/release/$b"; done
 [ -x /tmp/peak ] || gcc -O3 -march=native -pthread $P/peak_flops.c -o /tmp/peak
 peak() { echo "peak $(date -u +%T) $(/tmp/peak ${1:-16})"; }
 # run_tests LABEL [filter-regex-of-exe-names]: every test binary in its crate's folder.
