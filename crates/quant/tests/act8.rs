@@ -9,8 +9,9 @@ mod common;
 
 use nibble_quant::act8::backward::{backward_route, Int8InputGrad, TransposedInt8, BACKWARD_UNIT};
 use nibble_quant::act8::{
-    forward, fused_end, int8_route, q4_fused_end, quantize_x, unit_sums, unit_sums_ref,
-    with_activations, ActivationMode, CodeKind, Int8Route, IntCodes, IntTier, GROUP, NF4_LEVELS_I8,
+    forward, fused_end, fused_end_on, fused_on_tier, int8_route, q4_fused_end, quantize_x,
+    unit_sums, unit_sums_ref, with_activations, ActivationMode, CodeKind, Int8Route, IntCodes,
+    IntTier, GROUP, NF4_LEVELS_I8,
 };
 use nibble_quant::nf4::NF4_LEVELS;
 use nibble_quant::{Int8Matrix, LowerMatrix, Nf4Matrix, Q4Matrix};
@@ -225,9 +226,14 @@ fn forward_every_format_every_tier() {
                     Int8Route::FusedLower => {
                         assert!(name == "lower" && m < fused_end("lower"), "{name} m {m}")
                     }
-                    Int8Route::FusedInt8 => {
-                        assert!(name == "int8" && m < fused_end("int8"), "{name} m {m}")
-                    }
+                    Int8Route::FusedInt8 => assert!(
+                        name == "int8"
+                            && m < fused_end_on(
+                                IntTier::for_path(nibble_quant::cpu::kernel_path()),
+                                "int8"
+                            ),
+                        "{name} m {m}"
+                    ),
                 }
                 let wd = f.to_f32();
                 let q = quantize_x(&x, m, i, layout.unit);
@@ -632,8 +638,10 @@ fn fused_small_batches_give_their_vectors_bits() {
 
 fn fused_small_batches_at(o: usize, i: usize) {
     let tier = IntTier::for_path(nibble_quant::cpu::kernel_path());
-    if !matches!(tier, IntTier::Avx512Vnni | IntTier::Amx) {
-        println!("fused small batches: tier {tier:?} has no fused NF4 / int8 / lower GEMV (AVX-512 VNNI lacking): the f32 routes only");
+    for name in ["nf4", "int8", "lower"] {
+        if !fused_on_tier(name, tier) {
+            println!("fused small batches: tier {tier:?} has no fused {name} GEMV: its f32 or GEMM routes only");
+        }
     }
     let w = Tensor::randn(&[o, i], &mut Rng::new(41));
     let mats: [(&str, Box<dyn WeightMatrix>); 4] = [
@@ -648,10 +656,9 @@ fn fused_small_batches_at(o: usize, i: usize) {
             "int8" => Int8Route::FusedInt8,
             _ => Int8Route::FusedLower,
         };
-        for m in [1usize, 2, 3, 5, 6, 7, 8, 9, 10, 11, 12] {
+        for m in [1usize, 2, 3, 5, 6, 7, 8, 9, 10, 11, 12, 17, 47, 48] {
             let route = int8_route(name, m);
-            let expect_fused =
-                m < fused_end(name) && matches!(tier, IntTier::Avx512Vnni | IntTier::Amx);
+            let expect_fused = m < fused_end_on(tier, name) && fused_on_tier(name, tier);
             assert_eq!(route == fused, expect_fused, "{name} m {m}: {route:?}");
             // (NF4's fused GEMV takes whole blocks of 64 in a row only; otherwise its f32 path
             // runs, whose batches are tiles with their own order of sums.)

@@ -257,6 +257,16 @@ pub(crate) struct FusedGemv<M> {
     #[allow(clippy::type_complexity)]
     pub(crate) batch:
         Option<unsafe fn(&M, &[&[f32]], std::ops::Range<usize>, &mut [f32], usize) -> bool>,
+    /// The AVX-VNNI (256-bit) kernels where the format has them, with the AVX-512 kernels'
+    /// bits: batch 1 as [`FusedGemv::kernel`], small batches as [`FusedGemv::batch`]. They
+    /// run on the AVX2 path of a CPU with AVX-VNNI (and the route takes the GEMV on that tier
+    /// only where they exist, [`fused_on_tier`]).
+    #[cfg(target_arch = "x86_64")]
+    #[allow(clippy::type_complexity)]
+    pub(crate) avxvnni: Option<(
+        unsafe fn(&M, &[f32], std::ops::Range<usize>, &mut [f32], bool),
+        unsafe fn(&M, &[&[f32]], std::ops::Range<usize>, &mut [f32], usize) -> bool,
+    )>,
     /// The scalar reference for one row (the kernel's bits).
     pub(crate) dot_ref: fn(&M, usize, &[f32]) -> f32,
 }
@@ -276,8 +286,9 @@ impl<M> FusedGemv<M> {
     }
 
     /// Where `prep` is this GEMV's preparation (told by its length), its rows: the AVX-512
-    /// VNNI kernel on the AVX-512 path of a CPU with VNNI, else the scalar reference row by
-    /// row (the same bits); `true` then, `false` (nothing written) for another preparation.
+    /// VNNI kernel on the AVX-512 path of a CPU with VNNI, the AVX-VNNI kernel where the
+    /// format has one and the path's integer tier is AVX-VNNI, else the scalar reference row
+    /// by row (the same bits); `true` then, `false` (nothing written) for another preparation.
     ///
     /// # Safety
     /// The CPU supports `path`; `w` is `inn` wide with `rows.end` rows at least, and
@@ -300,6 +311,10 @@ impl<M> FusedGemv<M> {
         if path == crate::cpu::KernelPath::Avx512 && has_avx512vnni() {
             // SAFETY: the caller's contract, this preparation, and the CPU has VNNI.
             unsafe { (self.kernel)(w, prep, rows, y, acc) };
+        } else if let Some((kernel, _)) = self.avxvnni.filter(|_| avxvnni_path(path)) {
+            // SAFETY: the caller's contract, this preparation; the path is AVX2 (or AVX-512)
+            // on a CPU with AVX-VNNI.
+            unsafe { kernel(w, prep, rows, y, acc) };
         } else {
             let mut put = crate::kernels::store_row(y, acc);
             for (j, r) in rows.enumerate() {
@@ -343,8 +358,35 @@ impl<M> FusedGemv<M> {
                 return unsafe { batch(w, preps, rows, out, stride) };
             }
         }
+        #[cfg(target_arch = "x86_64")]
+        if let Some((_, batch)) = self.avxvnni.filter(|_| avxvnni_path(path)) {
+            if inn > 0 && preps.iter().all(|p| p.len() == (self.prep_len)(inn)) {
+                // SAFETY: the path is usable and AVX2 or AVX-512 (so AVX2 and FMA) on a CPU
+                // with AVX-VNNI; every preparation is this GEMV's; rows, stride and out as the
+                // trait's contract says.
+                return unsafe { batch(w, preps, rows, out, stride) };
+            }
+        }
         let _ = (path, w, inn, preps, rows, out, stride);
         false
+    }
+}
+
+/// Whether a fused GEMV's AVX-VNNI kernels run on `path`: the integer tier of the path is
+/// AVX-VNNI (an AVX2 path, or AVX-512 without AVX-512 VNNI, on a CPU with AVX-VNNI).
+#[cfg(target_arch = "x86_64")]
+fn avxvnni_path(path: crate::cpu::KernelPath) -> bool {
+    IntTier::for_path(path) == IntTier::AvxVnni
+}
+
+/// Whether the fused int8 GEMV of `format` runs on `tier`: on AVX-512 VNNI and AMX for NF4,
+/// lower and the int8 format, on AVX-VNNI for the int8 format (the formats with 256-bit
+/// kernels, `crate::arch::avx2::int8_int8`).
+pub fn fused_on_tier(format: &str, tier: IntTier) -> bool {
+    match tier {
+        IntTier::Avx512Vnni | IntTier::Amx => matches!(format, "nf4" | "lower" | "int8"),
+        IntTier::AvxVnni => format == "int8",
+        _ => false,
     }
 }
 
@@ -366,18 +408,37 @@ pub(crate) fn check_fused_gemv<M>(
     inns: &[usize],
     quantize: impl Fn(&nibble_tensor::Tensor) -> Vec<M>,
 ) {
+    if !has_avx512vnni() {
+        println!(
+            "{} int8 GEMV: AVX-512 VNNI kernel skipped (this CPU lacks it)",
+            fused.format
+        );
+        return;
+    }
+    // SAFETY: the CPU has AVX-512 VNNI (checked above) and the AVX-512 tier's features with it.
+    unsafe { check_fused_kernel(fused, "AVX-512 VNNI", fused.kernel, inns, quantize) }
+}
+
+/// [`check_fused_gemv`] for any `kernel` of the fused GEMV `fused` (`tier` names it in
+/// messages): its rows against the reference bit for bit, written and accumulated.
+///
+/// # Safety
+/// The CPU runs `kernel`.
+#[cfg(all(test, target_arch = "x86_64"))]
+pub(crate) unsafe fn check_fused_kernel<M>(
+    fused: &FusedGemv<M>,
+    tier: &str,
+    kernel: unsafe fn(&M, &[f32], std::ops::Range<usize>, &mut [f32], bool),
+    inns: &[usize],
+    quantize: impl Fn(&nibble_tensor::Tensor) -> Vec<M>,
+) {
     use nibble_tensor::{Rng, Tensor};
     let FusedGemv {
         format: name,
         prepare,
         dot_ref,
-        kernel,
         ..
     } = *fused;
-    if !has_avx512vnni() {
-        println!("{name} int8 GEMV: AVX-512 VNNI kernel skipped (this CPU lacks it)");
-        return;
-    }
     for &inn in inns {
         for out in [1usize, 7, 17, 33] {
             let mut w = Tensor::uniform(&[out, inn], -0.4, 0.4, &mut Rng::new((inn + out) as u64));
@@ -402,8 +463,8 @@ pub(crate) fn check_fused_gemv<M>(
                     (1.min(out), out.saturating_sub(1).max(1)),
                 ] {
                     let mut y = vec![f32::NAN; r1 - r0];
-                    // SAFETY: the CPU has AVX-512 VNNI (checked above) and the AVX-512 tier's
-                    // features with it; rows inside W, y a value per row, x prepared for it.
+                    // SAFETY: the CPU runs the kernel (the caller's contract); rows inside W,
+                    // y a value per row, x prepared for it.
                     unsafe { kernel(&m, prep, r0..r1, &mut y, false) };
                     let mut y2: Vec<f32> = (r0..r1).map(|r| r as f32).collect();
                     // SAFETY: as above.
@@ -421,7 +482,7 @@ pub(crate) fn check_fused_gemv<M>(
             }
         }
     }
-    println!("{name} int8 GEMV: AVX-512 VNNI kernel checked");
+    println!("{name} int8 GEMV: {tier} kernel checked");
 }
 
 /// Test support for the fused GEMV `fused` of an affine format (its format's name in
@@ -1623,6 +1684,24 @@ pub fn int8_route(format: &str, m: usize) -> Int8Route {
     int8_route_on(IntTier::for_path(crate::cpu::kernel_path()), format, m)
 }
 
+/// [`fused_end`] on `tier`: the int8 format on AVX-VNNI up to [`INT8_FUSED_END_AVXVNNI`], every
+/// other case as [`fused_end`] (the route checks [`fused_on_tier`] besides).
+pub fn fused_end_on(tier: IntTier, format: &str) -> usize {
+    match (tier, format) {
+        (IntTier::AvxVnni, "int8") => INT8_FUSED_END_AVXVNNI,
+        _ => fused_end(format),
+    }
+}
+
+/// Where the int8 format's fused int8 GEMV stops on the AVX-VNNI tier (its 256-bit kernels,
+/// `crate::arch::avx2::int8_int8`): where the tier's integer GEMM starts ([`gemm_route`]), since
+/// the fused GEMV beats the f32 path at every smaller batch. BigNet's int8 format on the 2-core
+/// Xeon with `NIBBLE_KERNEL=avx2` (its AVX-VNNI), 2 threads, two rounds, f32 path / fused, ms
+/// (2026-12-06): batch 1 0.89–1.23 / 0.53–0.58, 2 2.03–2.28 / 0.81–0.83, 3 2.90–3.09 /
+/// 0.99–1.17, 8 4.76 / 2.63–2.67, 9 5.54–5.72 / 3.16–3.19, 24 11.30–11.76 / 7.18–7.22, 47
+/// 20.61–21.20 / 14.38–14.47 (the GEMM at 48: 8.59–8.69).
+pub const INT8_FUSED_END_AVXVNNI: usize = 48;
+
 /// Where the fused int8 GEMVs of NF4, lower and the int8 format stop on the AVX-512 VNNI and AMX
 /// tiers (batch 1 and small batches over tiles of 64 rows of W, up to 8 vectors in one pass
 /// over each row's codes, the formats' batch kernels, each row's codes from memory once per
@@ -1651,7 +1730,8 @@ pub fn fused_end(format: &str) -> usize {
 
 /// [`int8_route`] on `tier`: Q4 fused below [`q4_fused_end`] (16 on AVX2, 48 where the
 /// integer GEMM starts at 48); NF4, lower and the int8 format fused below [`fused_end`] on
-/// AVX-512 VNNI and AMX (at batch 1, one 1024² layer on one thread of a 2-core Intel Xeon: NF4
+/// AVX-512 VNNI and AMX, the int8 format also below [`INT8_FUSED_END_AVXVNNI`] on AVX-VNNI
+/// ([`fused_on_tier`]) (at batch 1, one 1024² layer on one thread of a 2-core Intel Xeon: NF4
 /// 24–26 µs against 50–54 µs for f32 (`crate::nf4::act8`), where the dot-product driver took
 /// 2.2x f32's time; lower 30 µs against 90 (`crate::lower::act8`), the driver 1.7x; the int8
 /// format 26 µs against 45 (`crate::int8::act8`)), and NF4's dot-product driver below 9 on
@@ -1662,8 +1742,8 @@ pub fn int8_route_on(tier: IntTier, format: &str, m: usize) -> Int8Route {
     match format {
         "q4" if m < q4_fused_end(tier) => Int8Route::FusedQ4,
         "nf4" | "lower" | "int8"
-            if m < fused_end(format)
-                && matches!(tier.supported(), IntTier::Avx512Vnni | IntTier::Amx) =>
+            if m < fused_end_on(tier.supported(), format)
+                && fused_on_tier(format, tier.supported()) =>
         {
             match format {
                 "nf4" => Int8Route::FusedNf4,

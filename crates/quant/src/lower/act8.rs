@@ -48,6 +48,8 @@ pub(crate) const FUSED: crate::act8::FusedGemv<LowerMatrix> = crate::act8::Fused
     kernel: crate::arch::avx512::lower_int8::gemv,
     #[cfg(target_arch = "x86_64")]
     batch: Some(crate::arch::avx512::lower_int8::gemv_batch),
+    #[cfg(target_arch = "x86_64")]
+    avxvnni: None,
     dot_ref,
 };
 

@@ -42,6 +42,8 @@ pub(crate) const FUSED: crate::act8::FusedGemv<Nf4Matrix> = crate::act8::FusedGe
     kernel: crate::arch::avx512::nf4_int8::gemv,
     #[cfg(target_arch = "x86_64")]
     batch: Some(crate::arch::avx512::nf4_int8::gemv_batch),
+    #[cfg(target_arch = "x86_64")]
+    avxvnni: None,
     dot_ref,
 };
 

@@ -2,6 +2,7 @@
 //! and the helpers they share.
 
 pub(crate) mod int8;
+pub(crate) mod int8_int8;
 pub(crate) mod lower;
 pub(crate) mod nf4;
 pub(crate) mod q4;
