@@ -220,7 +220,11 @@ fn forward_every_format_every_tier() {
                     Int8Route::F32 => assert!(bits_eq(&exact, &via), "{name} m {m} f32 route"),
                     Int8Route::FusedQ4 => assert_eq!(name, "q4"),
                     Int8Route::FusedNf4 => assert!(
-                        name.starts_with("nf4") && m < fused_end("nf4"),
+                        name.starts_with("nf4")
+                            && m < fused_end_on(
+                                IntTier::for_path(nibble_quant::cpu::kernel_path()),
+                                "nf4"
+                            ),
                         "{name} m {m}"
                     ),
                     Int8Route::FusedLower => {
@@ -656,7 +660,7 @@ fn fused_small_batches_at(o: usize, i: usize) {
             "int8" => Int8Route::FusedInt8,
             _ => Int8Route::FusedLower,
         };
-        for m in [1usize, 2, 3, 5, 6, 7, 8, 9, 10, 11, 12, 17, 47, 48] {
+        for m in [1usize, 2, 3, 5, 6, 7, 8, 9, 10, 11, 12, 17, 31, 32, 47, 48] {
             let route = int8_route(name, m);
             let expect_fused = m < fused_end_on(tier, name) && fused_on_tier(name, tier);
             assert_eq!(route == fused, expect_fused, "{name} m {m}: {route:?}");

@@ -242,7 +242,7 @@ fn amx_tier_selection() {
 fn avxvnni_tier_selection() {
     use nibble_quant::act8::{
         gemm_route, has_avx512vnni, has_avxvnni, int8_route_on, Int8Route, INT8_GEMM_START_512,
-        LOWER_GEMM_START_512, NF4_GEMM_START_512, NF4_GENERIC_MAX_M,
+        LOWER_GEMM_START_512, NF4_FUSED_END_AVXVNNI, NF4_GEMM_START_512, NF4_GENERIC_MAX_M,
     };
     use nibble_quant::cpu::{has_avx2_fma_f16c, KernelPath};
     let has = has_avxvnni();
@@ -270,7 +270,8 @@ fn avxvnni_tier_selection() {
     }
     // Measured on the Xeon's AVX-VNNI: the GEMM from 48 for every format (as AVX-512 VNNI for
     // Q4; the 512-bit tiers start NF4, int8 and lower where their fused batch kernels stop
-    // winning), and NF4's small batches on the f32 path.
+    // winning), and NF4's small batches on its fused GEMV (the 256-bit kernels) up to
+    // NF4_FUSED_END_AVXVNNI, the f32 path from there to the GEMM.
     for f in ["q4", "nf4", "int8", "lower"] {
         let route = gemm_route(IntTier::AvxVnni, f);
         assert_eq!(route, Some(48..usize::MAX), "{f}");
@@ -290,7 +291,14 @@ fn avxvnni_tier_selection() {
     }
     if has {
         for m in 1..NF4_GENERIC_MAX_M {
-            assert_eq!(int8_route_on(IntTier::AvxVnni, "nf4", m), Int8Route::F32);
+            assert_eq!(
+                int8_route_on(IntTier::AvxVnni, "nf4", m),
+                Int8Route::FusedNf4
+            );
+            assert_eq!(
+                int8_route_on(IntTier::AvxVnni, "nf4", NF4_FUSED_END_AVXVNNI - 1 + m),
+                Int8Route::F32
+            );
             assert_eq!(
                 int8_route_on(IntTier::AvxVnni, "nf4", 48 + m),
                 Int8Route::Generic

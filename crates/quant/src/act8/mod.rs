@@ -380,12 +380,12 @@ fn avxvnni_path(path: crate::cpu::KernelPath) -> bool {
 }
 
 /// Whether the fused int8 GEMV of `format` runs on `tier`: on AVX-512 VNNI and AMX for NF4,
-/// lower and the int8 format, on AVX-VNNI for the int8 format (the formats with 256-bit
-/// kernels, `crate::arch::avx2::int8_int8`).
+/// lower and the int8 format, on AVX-VNNI for NF4 and the int8 format (the formats with
+/// 256-bit kernels, `crate::arch::avx2::nf4_int8` and `int8_int8`).
 pub fn fused_on_tier(format: &str, tier: IntTier) -> bool {
     match tier {
         IntTier::Avx512Vnni | IntTier::Amx => matches!(format, "nf4" | "lower" | "int8"),
-        IntTier::AvxVnni => format == "int8",
+        IntTier::AvxVnni => matches!(format, "nf4" | "int8"),
         _ => false,
     }
 }
@@ -1684,11 +1684,13 @@ pub fn int8_route(format: &str, m: usize) -> Int8Route {
     int8_route_on(IntTier::for_path(crate::cpu::kernel_path()), format, m)
 }
 
-/// [`fused_end`] on `tier`: the int8 format on AVX-VNNI up to [`INT8_FUSED_END_AVXVNNI`], every
-/// other case as [`fused_end`] (the route checks [`fused_on_tier`] besides).
+/// [`fused_end`] on `tier`: the int8 format and NF4 on AVX-VNNI up to
+/// [`INT8_FUSED_END_AVXVNNI`] and [`NF4_FUSED_END_AVXVNNI`], every other case as [`fused_end`]
+/// (the route checks [`fused_on_tier`] besides).
 pub fn fused_end_on(tier: IntTier, format: &str) -> usize {
     match (tier, format) {
         (IntTier::AvxVnni, "int8") => INT8_FUSED_END_AVXVNNI,
+        (IntTier::AvxVnni, "nf4") => NF4_FUSED_END_AVXVNNI,
         _ => fused_end(format),
     }
 }
@@ -1701,6 +1703,15 @@ pub fn fused_end_on(tier: IntTier, format: &str) -> usize {
 /// 0.99–1.17, 8 4.76 / 2.63–2.67, 9 5.54–5.72 / 3.16–3.19, 24 11.30–11.76 / 7.18–7.22, 47
 /// 20.61–21.20 / 14.38–14.47 (the GEMM at 48: 8.59–8.69).
 pub const INT8_FUSED_END_AVXVNNI: usize = 48;
+
+/// Where NF4's (and NF4-dq's) fused int8 GEMV stops on the AVX-VNNI tier
+/// (`crate::arch::avx2::nf4_int8`); from here to the integer GEMM's start (48) the f32 path
+/// runs, which the fused GEMV no longer beats clearly. BigNet nf4 / nf4_dq on the 2-core Xeon
+/// with `NIBBLE_KERNEL=avx2` (its AVX-VNNI), 2 threads, two rounds, f32 path / fused, ms
+/// (2026-12-06): batch 1 2.14–2.96 / 0.76–0.85, 2 5.03–6.36 / 1.23–1.28, 4 5.62–7.17 /
+/// 2.04–2.24, 8 7.05–9.09 / 2.93–4.45, 16 10.83–12.92 / 5.40–8.44, 32 17.76–21.04 /
+/// 15.95–18.15, 47 23.43–26.32 / 22.77–25.28 (the GEMM at 48: 6.22–9.64).
+pub const NF4_FUSED_END_AVXVNNI: usize = 32;
 
 /// Where the fused int8 GEMVs of NF4, lower and the int8 format stop on the AVX-512 VNNI and AMX
 /// tiers (batch 1 and small batches over tiles of 64 rows of W, up to 8 vectors in one pass
@@ -1730,8 +1741,8 @@ pub fn fused_end(format: &str) -> usize {
 
 /// [`int8_route`] on `tier`: Q4 fused below [`q4_fused_end`] (16 on AVX2, 48 where the
 /// integer GEMM starts at 48); NF4, lower and the int8 format fused below [`fused_end`] on
-/// AVX-512 VNNI and AMX, the int8 format also below [`INT8_FUSED_END_AVXVNNI`] on AVX-VNNI
-/// ([`fused_on_tier`]) (at batch 1, one 1024² layer on one thread of a 2-core Intel Xeon: NF4
+/// AVX-512 VNNI and AMX, the int8 format and NF4 also below [`INT8_FUSED_END_AVXVNNI`] and
+/// [`NF4_FUSED_END_AVXVNNI`] on AVX-VNNI ([`fused_on_tier`]) (at batch 1, one 1024² layer on one thread of a 2-core Intel Xeon: NF4
 /// 24–26 µs against 50–54 µs for f32 (`crate::nf4::act8`), where the dot-product driver took
 /// 2.2x f32's time; lower 30 µs against 90 (`crate::lower::act8`), the driver 1.7x; the int8
 /// format 26 µs against 45 (`crate::int8::act8`)), and NF4's dot-product driver below 9 on

@@ -5,6 +5,7 @@ pub(crate) mod int8;
 pub(crate) mod int8_int8;
 pub(crate) mod lower;
 pub(crate) mod nf4;
+pub(crate) mod nf4_int8;
 pub(crate) mod q4;
 pub(crate) mod q4_int8;
 

@@ -1,0 +1,495 @@
+//! The 256-bit tier of NF4's fused int8-activation GEMV ([`crate::nf4::act8`]: the prepared x,
+//! the scalar reference [`crate::nf4::act8::dot_ref`] and the dispatch), on AVX-VNNI (`vpdpbusd`
+//! on ymm) and, for the tests, with that instruction emulated by AVX2.
+//!
+//! A row's 16 f32 lanes are those of the AVX-512 VNNI kernel ([`crate::arch::avx512::nf4_int8`])
+//! held as two ymm, one per block of a pair: lanes 0–7 the pair's first block (its 32 packed
+//! bytes, x's bytes `0..32` and `64..96` of the pair), lanes 8–15 the second (bytes `32..64` and
+//! `96..128`; an odd last block's second half is zero codes against x's zero bytes and scale
+//! 0, as the AVX-512 kernel's masked load gives). Each lane's integer sum covers the same
+//! products (exact), is converted and added by one fused multiply-add per pair in pair order,
+//! and the lanes fold in [`crate::act8::fold16`]'s tree: the same bits as the AVX-512 kernel and
+//! the reference.
+
+use crate::act8::avx2::ByteDot;
+use crate::act8::avxvnni::Dpbusd;
+use crate::cpu::{prefetch_weights, quant_prefetch, QuantPrefetch, PREFETCH_ROWS};
+use crate::nf4::act8::{block_scale, parts, BIASED_LEVELS};
+use crate::nf4::{Nf4Matrix, NF4_BLOCK};
+use std::arch::x86_64::*;
+
+/// A row's 16 lanes: lanes 0–7 (a pair's first block) and 8–15 (its second).
+type Lanes = [__m256; 2];
+
+/// Shapes: W `out x in` (`in % 64 == 0`; `packed` `[out, in/2]`), `prep` `[prep_len(in)]` from
+/// [`crate::nf4::act8::prepare`], `rows ⊆ 0..out`, `y` `[rows.len()]`: `y[j] (+)= W[rows.start
+/// + j, :] · x'`. Four rows at a time share the loads of x; per row and pair of blocks: two
+/// 32-byte loads of codes, four table lookups (`vpshufb`), four `vpdpbusd`, two conversions
+/// and two fused multiply-adds.
+///
+/// # Safety
+/// The CPU has AVX-VNNI, AVX2 and FMA; the shapes above.
+#[target_feature(enable = "avx2,fma,avxvnni")]
+pub(crate) unsafe fn gemv_avxvnni(
+    m: &Nf4Matrix,
+    prep: &[f32],
+    rows: std::ops::Range<usize>,
+    y: &mut [f32],
+    acc: bool,
+) {
+    // SAFETY: the caller's contract.
+    unsafe { gemv_with::<Dpbusd>(m, prep, rows, y, acc) }
+}
+
+/// [`gemv_avxvnni`] with `vpdpbusd` emulated by AVX2 (tests its code on any AVX2 CPU).
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; the shapes of [`gemv_avxvnni`].
+#[cfg(test)]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn gemv_emulated(
+    m: &Nf4Matrix,
+    prep: &[f32],
+    rows: std::ops::Range<usize>,
+    y: &mut [f32],
+    acc: bool,
+) {
+    // SAFETY: the caller's contract.
+    unsafe { gemv_with::<crate::act8::avxvnni::DpbusdEmulated>(m, prep, rows, y, acc) }
+}
+
+/// `out[v · stride + j] = W[rows.start + j, :] · x'_v` for the `preps.len()` (2 to 8) prepared
+/// vectors: each row's codes looked up once per part of at most four vectors, each (row,
+/// vector) through [`gemv_avxvnni`]'s steps, so its bits. `false`, with nothing written, for
+/// another count.
+///
+/// # Safety
+/// The CPU has AVX-VNNI, AVX2 and FMA; every prep as [`gemv_avxvnni`]'s, `rows ⊆ 0..out`,
+/// `stride >= rows.len()` and `out.len() >= (preps.len() - 1) · stride + rows.len()`.
+#[target_feature(enable = "avx2,fma,avxvnni")]
+pub(crate) unsafe fn gemv_batch_avxvnni(
+    m: &Nf4Matrix,
+    preps: &[&[f32]],
+    rows: std::ops::Range<usize>,
+    out: &mut [f32],
+    stride: usize,
+) -> bool {
+    with_batch_count!(preps, V, preps_v =>
+        // SAFETY: the caller's contract, for the V vectors of the arm.
+        unsafe { rows_batch::<Dpbusd, V>(m, preps_v, rows, out, stride) }
+    )
+}
+
+/// [`gemv_batch_avxvnni`] with `vpdpbusd` emulated by AVX2.
+///
+/// # Safety
+/// As [`gemv_batch_avxvnni`], on a CPU with AVX2 and FMA.
+#[cfg(test)]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn gemv_batch_emulated(
+    m: &Nf4Matrix,
+    preps: &[&[f32]],
+    rows: std::ops::Range<usize>,
+    out: &mut [f32],
+    stride: usize,
+) -> bool {
+    with_batch_count!(preps, V, preps_v =>
+        // SAFETY: the caller's contract, for the V vectors of the arm.
+        unsafe {
+            rows_batch::<crate::act8::avxvnni::DpbusdEmulated, V>(m, preps_v, rows, out, stride)
+        }
+    )
+}
+
+/// A pair's level bytes of one row: the high and the low nibbles of each block's 32 packed
+/// bytes through the table, `[block 0 high, block 0 low, block 1 high, block 1 low]` (block 1
+/// all zero codes where the pair has one block only).
+///
+/// # Safety
+/// AVX2 enabled by the caller; `row` holds the pair's 32 bytes per block it has.
+#[inline(always)]
+unsafe fn pair_levels(
+    row: *const u8,
+    b: usize,
+    whole: bool,
+    table: __m256i,
+    pf: QuantPrefetch,
+    ahead: usize,
+) -> [__m256i; 4] {
+    prefetch_weights(pf, row.wrapping_add(ahead + b * 32));
+    // SAFETY: the caller's contract.
+    unsafe {
+        let low4 = _mm256_set1_epi8(0x0f);
+        let c0 = _mm256_loadu_si256(row.add(b * 32) as *const __m256i);
+        let c1 = if whole {
+            _mm256_loadu_si256(row.add(b * 32 + 32) as *const __m256i)
+        } else {
+            _mm256_setzero_si256()
+        };
+        let ((h0, l0), (h1, l1)) = (levels(c0, table, low4), levels(c1, table, low4));
+        [h0, l0, h1, l1]
+    }
+}
+
+/// The level bytes of the high and the low nibbles of `c` (a helper rather than a closure:
+/// closures do not inherit the caller's target features).
+///
+/// # Safety
+/// AVX2 enabled by the caller.
+#[inline(always)]
+unsafe fn levels(c: __m256i, table: __m256i, low4: __m256i) -> (__m256i, __m256i) {
+    // SAFETY: register work on the caller's target features.
+    unsafe {
+        (
+            _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16::<4>(c), low4)),
+            _mm256_shuffle_epi8(table, _mm256_and_si256(c, low4)),
+        )
+    }
+}
+
+/// One pair's step on a (row, vector)'s lanes: lane half `h` adds `(Σ − corr) · s_h`, the sums
+/// of block `h`'s level bytes against x's bytes of the pair, `s` the two blocks' scales.
+///
+/// # Safety
+/// `D`'s CPU features, AVX2 and FMA enabled by the caller; `xd` holds the pair's 128 bytes and
+/// `corr` its 16 i32.
+#[inline(always)]
+unsafe fn step<D: ByteDot>(
+    lv: &[__m256i; 4],
+    xd: *const i8,
+    corr: *const i32,
+    s: [f32; 2],
+    a: &mut Lanes,
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        for (h, ah) in a.iter_mut().enumerate() {
+            let xe = _mm256_loadu_si256(xd.add(32 * h) as *const __m256i);
+            let xo = _mm256_loadu_si256(xd.add(64 + 32 * h) as *const __m256i);
+            let cv = _mm256_loadu_si256(corr.add(8 * h) as *const __m256i);
+            let z = _mm256_setzero_si256();
+            let sums = D::dot(D::dot(z, lv[2 * h], xe), lv[2 * h + 1], xo);
+            let sums = _mm256_sub_epi32(sums, cv);
+            *ah = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(s[h]), *ah);
+        }
+    }
+}
+
+/// [`crate::act8::fold16`] on the registers: `f = lo + hi`, `g = f[0..4] + f[4..8]`, then
+/// `(g0 + g2) + (g1 + g3)`.
+///
+/// # Safety
+/// AVX enabled by the caller.
+#[inline(always)]
+unsafe fn fold(a: &Lanes) -> f32 {
+    // SAFETY: register work on the caller's target features.
+    unsafe {
+        let f = _mm256_add_ps(a[0], a[1]);
+        let g = _mm_add_ps(_mm256_castps256_ps128(f), _mm256_extractf128_ps::<1>(f));
+        let h = _mm_add_ps(g, _mm_movehl_ps(g, g));
+        _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps::<1>(h, h)))
+    }
+}
+
+/// [`gemv_avxvnni`] on the step `D`.
+///
+/// # Safety
+/// `D`'s CPU features, AVX2 and FMA; the shapes of [`gemv_avxvnni`].
+#[inline(always)]
+unsafe fn gemv_with<D: ByteDot>(
+    m: &Nf4Matrix,
+    prep: &[f32],
+    rows: std::ops::Range<usize>,
+    y: &mut [f32],
+    acc: bool,
+) {
+    let nb = m.inn / NF4_BLOCK;
+    let mut scales = crate::kernels::take_row_scales(4 * nb);
+    crate::kernels::for_row_quads!(
+        rows,
+        // SAFETY: the caller's contract; the rows handed over lie inside W and `scales`
+        // holds 4 · nb floats.
+        |r| unsafe { rows_n::<D, 4>(m, prep, r, &mut scales) },
+        // SAFETY: as above.
+        unsafe { rows_n::<D, 1>(m, prep, r, &mut scales)[0] },
+        crate::kernels::store_row(y, acc)
+    );
+    crate::kernels::put_row_scales(scales);
+}
+
+/// The dot products of rows `r0..r0 + N` with the prepared x; `scale` holds at least `N · nb`
+/// floats of room.
+///
+/// # Safety
+/// As [`gemv_with`], rows `r0..r0 + N` inside W.
+#[inline(always)]
+unsafe fn rows_n<D: ByteDot, const N: usize>(
+    m: &Nf4Matrix,
+    prep: &[f32],
+    r0: usize,
+    scale: &mut [f32],
+) -> [f32; N] {
+    let nb = m.inn / NF4_BLOCK;
+    let row_bytes = m.inn / 2;
+    let (xd, corr, su) = parts(m.inn, prep);
+    let pf = quant_prefetch();
+    // The blocks' scales of the N rows (whose absmaxes lie one after another).
+    let scale = &mut scale[..N * nb];
+    m.fill_scaled_absmax(r0 * nb, &su[..nb], scale);
+    // SAFETY: (whole body) the CPU features are enabled by the caller; rows r0..r0 + N hold
+    // `row_bytes` packed bytes each at r · row_bytes (32 per block); xd holds 128 bytes and
+    // corr 16 i32 per pair; prefetches never fault.
+    unsafe {
+        let table =
+            _mm256_broadcastsi128_si256(_mm_loadu_si128(BIASED_LEVELS.as_ptr() as *const _));
+        let base = m.packed.as_slice().as_ptr().add(r0 * row_bytes);
+        let mut acc = [[_mm256_setzero_ps(); 2]; N];
+        let mut b = 0;
+        while b < nb {
+            let p = b / 2;
+            let whole = b + 1 < nb;
+            for (q, a) in acc.iter_mut().enumerate() {
+                let row = base.add(q * row_bytes);
+                let lv = pair_levels(row, b, whole, table, pf, PREFETCH_ROWS * row_bytes);
+                let s0 = *scale.get_unchecked(q * nb + b);
+                let s1 = if whole {
+                    *scale.get_unchecked(q * nb + b + 1)
+                } else {
+                    0.0
+                };
+                step::<D>(
+                    &lv,
+                    xd.as_ptr().add(p * 128),
+                    corr.as_ptr().add(p * 16),
+                    [s0, s1],
+                    a,
+                );
+            }
+            b += 2;
+        }
+        std::array::from_fn(|q| fold(&acc[q]))
+    }
+}
+
+/// [`gemv_batch_avxvnni`] for `V` vectors on the step `D`: the rows' block absmaxes once per
+/// call, each vector's block scales formed from them as [`Nf4Matrix::fill_scaled_absmax`]
+/// forms them; each row in parts of at most four vectors (sizes differing by at most one), each
+/// part one sweep over the row's codes with its accumulators in registers.
+///
+/// # Safety
+/// As [`gemv_batch_avxvnni`], with `D`'s CPU features.
+#[inline(always)]
+unsafe fn rows_batch<D: ByteDot, const V: usize>(
+    m: &Nf4Matrix,
+    preps: [&[f32]; V],
+    rows: std::ops::Range<usize>,
+    out: &mut [f32],
+    stride: usize,
+) {
+    let nb = m.inn / NF4_BLOCK;
+    let xs: [(&[i8], &[i32], &[f32]); V] = std::array::from_fn(|v| parts(m.inn, preps[v]));
+    let mut absmax = crate::kernels::take_row_scales(rows.len() * nb);
+    m.fill_absmax(rows.start * nb, &mut absmax);
+    let sweep = Sweep {
+        m,
+        pf: quant_prefetch(),
+    };
+    let nparts = V.div_ceil(4);
+    for (j, r) in rows.enumerate() {
+        let am = &absmax[j * nb..(j + 1) * nb];
+        for p in 0..nparts {
+            let (v0, v1) = (p * V / nparts, (p + 1) * V / nparts);
+            let part = &xs[v0..v1];
+            // SAFETY: the caller's contract: row r lies inside W, each prep is a whole
+            // preparation of this width; the CPU features are enabled.
+            let acc: [Lanes; 4] = unsafe {
+                match part.len() {
+                    1 => pad(sweep.row::<D, 1>(r, am, part)),
+                    2 => pad(sweep.row::<D, 2>(r, am, part)),
+                    3 => pad(sweep.row::<D, 3>(r, am, part)),
+                    _ => sweep.row::<D, 4>(r, am, part),
+                }
+            };
+            for q in 0..part.len() {
+                // SAFETY: the CPU features are enabled by the caller.
+                out[(v0 + q) * stride + j] = unsafe { fold(&acc[q]) };
+            }
+        }
+    }
+    crate::kernels::put_row_scales(absmax);
+}
+
+/// `P` vectors' lanes in an array of four (the rest zero).
+#[inline(always)]
+fn pad<const P: usize>(a: [Lanes; P]) -> [Lanes; 4] {
+    // SAFETY: zeroed `__m256` are valid (all-zero floats).
+    let mut out: [Lanes; 4] = unsafe { std::mem::zeroed() };
+    out[..P].copy_from_slice(&a);
+    out
+}
+
+/// What one sweep of a batch's row reads: the matrix, the prefetch.
+struct Sweep<'a> {
+    m: &'a Nf4Matrix,
+    pf: QuantPrefetch,
+}
+
+impl Sweep<'_> {
+    /// Row `r`'s pairs against the `P` prepared vectors of `xs` (`xs.len() == P`), `am` the
+    /// row's block absmaxes: their lanes before the fold.
+    ///
+    /// # Safety
+    /// `D`'s CPU features, AVX2 and FMA; row `r` inside W; each of `xs` a whole preparation of
+    /// W's width.
+    #[inline(always)]
+    unsafe fn row<D: ByteDot, const P: usize>(
+        &self,
+        r: usize,
+        am: &[f32],
+        xs: &[(&[i8], &[i32], &[f32])],
+    ) -> [Lanes; P] {
+        let nb = self.m.inn / NF4_BLOCK;
+        let row_bytes = self.m.inn / 2;
+        // SAFETY: (whole body) the caller's contract: row r holds `row_bytes` packed bytes at
+        // r · row_bytes (32 per block); each xd holds 128 bytes and each corr 16 i32 per pair,
+        // each su nb scales; prefetches never fault.
+        unsafe {
+            let table =
+                _mm256_broadcastsi128_si256(_mm_loadu_si128(BIASED_LEVELS.as_ptr() as *const _));
+            let row = self.m.packed.as_slice().as_ptr().add(r * row_bytes);
+            let mut acc = [[_mm256_setzero_ps(); 2]; P];
+            let mut b = 0;
+            while b < nb {
+                let p = b / 2;
+                let whole = b + 1 < nb;
+                let lv = pair_levels(row, b, whole, table, self.pf, PREFETCH_ROWS * row_bytes);
+                for (a, &(xd, corr, su)) in acc.iter_mut().zip(xs) {
+                    let s0 = block_scale(am[b], *su.get_unchecked(b));
+                    let s1 = if whole {
+                        block_scale(am[b + 1], *su.get_unchecked(b + 1))
+                    } else {
+                        0.0
+                    };
+                    step::<D>(
+                        &lv,
+                        xd.as_ptr().add(p * 128),
+                        corr.as_ptr().add(p * 16),
+                        [s0, s1],
+                        a,
+                    );
+                }
+                b += 2;
+            }
+            acc
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::act8::{check_fused_kernel, has_avxvnni};
+    use crate::nf4::act8::{dot_ref, prepare, FUSED};
+    use nibble_tensor::{Rng, Tensor};
+
+    /// A batch kernel of this file: `out[v · stride + j]` for rows and prepared vectors.
+    type BatchKernel =
+        unsafe fn(&Nf4Matrix, &[&[f32]], std::ops::Range<usize>, &mut [f32], usize) -> bool;
+
+    /// Widths of whole blocks: one block (an odd last block), pairs, odd counts.
+    const WIDTHS: [usize; 5] = [64, 128, 192, 320, 1024];
+
+    fn quantize(w: &Tensor) -> Vec<Nf4Matrix> {
+        vec![
+            Nf4Matrix::quantize(w).unwrap(),
+            Nf4Matrix::quantize_double(w).unwrap(),
+        ]
+    }
+
+    /// The 256-bit batch-1 kernel against the reference bit for bit, plain and
+    /// double-quantized absmaxes ([`check_fused_kernel`]'s shapes): on AVX-VNNI where the CPU
+    /// has it (else a printed skip), and with the instruction emulated on any AVX2 CPU.
+    #[test]
+    fn kernels_match_the_reference() {
+        if !crate::cpu::has_avx2_fma_f16c() {
+            println!("nf4 int8 GEMV: 256-bit kernels skipped (this CPU lacks AVX2)");
+            return;
+        }
+        // SAFETY: the CPU has AVX2 and FMA (checked).
+        unsafe {
+            check_fused_kernel(
+                &FUSED,
+                "AVX-VNNI emulated",
+                gemv_emulated,
+                &WIDTHS,
+                quantize,
+            )
+        };
+        if has_avxvnni() {
+            // SAFETY: the CPU has AVX-VNNI too (checked).
+            unsafe { check_fused_kernel(&FUSED, "AVX-VNNI", gemv_avxvnni, &WIDTHS, quantize) };
+        } else {
+            println!("nf4 int8 GEMV: AVX-VNNI kernel skipped (this CPU lacks AVX-VNNI)");
+        }
+    }
+
+    /// The 256-bit batch kernels give every (row, vector) the reference's bits: 2 to 8 vectors
+    /// (parts of one and two sweeps), an all-zero vector, odd block counts, both absmax kinds,
+    /// rows from inside the matrix, outputs pre-filled with NaN; 1 and 9 vectors are declined.
+    #[test]
+    fn batch_kernels_give_each_vector_the_reference_bits() {
+        if !crate::cpu::has_avx2_fma_f16c() {
+            println!("nf4 int8 batch GEMV: 256-bit kernels skipped (this CPU lacks AVX2)");
+            return;
+        }
+        let mut kernels: Vec<(&str, BatchKernel)> = vec![("emulated", gemv_batch_emulated)];
+        if has_avxvnni() {
+            kernels.push(("AVX-VNNI", gemv_batch_avxvnni));
+        } else {
+            println!("nf4 int8 batch GEMV: AVX-VNNI kernel skipped (this CPU lacks AVX-VNNI)");
+        }
+        for &inn in &WIDTHS {
+            let out = 13;
+            let w = Tensor::randn(&[out, inn], &mut Rng::new(inn as u64));
+            let preps: Vec<Vec<f32>> = (0..9)
+                .map(|v| {
+                    let mut x = Tensor::randn(&[inn], &mut Rng::new(200 + v)).into_vec();
+                    if v == 1 {
+                        x.fill(0.0);
+                    }
+                    let mut p = Vec::new();
+                    assert!(prepare(&x, &mut p));
+                    p
+                })
+                .collect();
+            let (r0, r1) = (2, out - 1);
+            let stride = r1 - r0 + 3;
+            for m in quantize(&w) {
+                for (label, kernel) in &kernels {
+                    for v in 1..=9 {
+                        let ps: Vec<&[f32]> = preps[..v].iter().map(|p| p.as_slice()).collect();
+                        let mut y = vec![f32::NAN; v * stride];
+                        // SAFETY: the CPU runs the kernel (checked above); each prep is a
+                        // whole preparation of this width; rows inside W; y holds v strides.
+                        let ran = unsafe { kernel(&m, &ps, r0..r1, &mut y, stride) };
+                        assert_eq!(ran, (2..=8).contains(&v), "{label} {inn} v {v}");
+                        if !ran {
+                            assert!(y.iter().all(|t| t.is_nan()), "{label}: declined but wrote");
+                            continue;
+                        }
+                        for (b, p) in ps.iter().enumerate() {
+                            for (j, r) in (r0..r1).enumerate() {
+                                let want = dot_ref(&m, r, p);
+                                assert_eq!(
+                                    y[b * stride + j].to_bits(),
+                                    want.to_bits(),
+                                    "{label} in {inn} vectors {v}: vector {b} row {r}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
