@@ -23,8 +23,8 @@ use std::arch::x86_64::*;
 type Lanes = [__m256; 2];
 
 /// Shapes: W `out x in` (`codes` `[out, in]`), `prep` `[prep_len(in)]` from
-/// [`crate::int8::act8::prepare`], `rows ⊆ 0..out`, `y` `[rows.len()]`: `y[j] (+)= W[rows.start
-/// + j, :] · x'`. Four rows at a time share the loads of x; per row and group of 128 weights:
+/// [`crate::int8::act8::prepare`], `rows ⊆ 0..out`, `y` `[rows.len()]`: `y[j] (+)= W[r, :] ·
+/// x'` for row `r = rows.start + j`. Four rows at a time share the loads of x; per row and group of 128 weights:
 /// four 32-byte loads of codes, four `vpdpbusd`, two conversions and two fused multiply-adds.
 ///
 /// # Safety

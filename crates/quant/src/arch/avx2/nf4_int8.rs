@@ -22,8 +22,8 @@ use std::arch::x86_64::*;
 type Lanes = [__m256; 2];
 
 /// Shapes: W `out x in` (`in % 64 == 0`; `packed` `[out, in/2]`), `prep` `[prep_len(in)]` from
-/// [`crate::nf4::act8::prepare`], `rows ⊆ 0..out`, `y` `[rows.len()]`: `y[j] (+)= W[rows.start
-/// + j, :] · x'`. Four rows at a time share the loads of x; per row and pair of blocks: two
+/// [`crate::nf4::act8::prepare`], `rows ⊆ 0..out`, `y` `[rows.len()]`: `y[j] (+)= W[r, :] ·
+/// x'` for row `r = rows.start + j`. Four rows at a time share the loads of x; per row and pair of blocks: two
 /// 32-byte loads of codes, four table lookups (`vpshufb`), four `vpdpbusd`, two conversions
 /// and two fused multiply-adds.
 ///
