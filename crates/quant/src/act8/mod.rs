@@ -1698,20 +1698,22 @@ pub fn fused_end_on(tier: IntTier, format: &str) -> usize {
 /// Where the int8 format's fused int8 GEMV stops on the AVX-VNNI tier (its 256-bit kernels,
 /// `crate::arch::avx2::int8_int8`): where the tier's integer GEMM starts ([`gemm_route`]), since
 /// the fused GEMV beats the f32 path at every smaller batch. BigNet's int8 format on the 2-core
-/// Xeon with `NIBBLE_KERNEL=avx2` (its AVX-VNNI), 2 threads, two rounds, f32 path / fused, ms
-/// (2026-12-06): batch 1 0.89–1.23 / 0.53–0.58, 2 2.03–2.28 / 0.81–0.83, 3 2.90–3.09 /
-/// 0.99–1.17, 8 4.76 / 2.63–2.67, 9 5.54–5.72 / 3.16–3.19, 24 11.30–11.76 / 7.18–7.22, 47
-/// 20.61–21.20 / 14.38–14.47 (the GEMM at 48: 8.59–8.69).
+/// Xeon with `NIBBLE_KERNEL=avx2` (its AVX-VNNI), 2 threads, two rounds of the final build, f32
+/// path → fused, ms (2026-12-06): batch 1 0.94–1.35 → 0.49–0.60, 2 1.86–2.35 → 0.60–1.27, 4
+/// 3.46–3.64 → 1.20–1.52, 8 5.19–5.36 → 2.67–5.60, 16 8.37–9.57 → 5.36–5.54, 24 9.87–13.83 →
+/// 8.42–8.45, 32 14.57–14.71 → 10.87–11.56, 47 19.96–20.70 → 16.04–17.24 (the GEMM at 48:
+/// 8.59–8.69 in an earlier pairing).
 pub const INT8_FUSED_END_AVXVNNI: usize = 48;
 
 /// Where NF4's (and NF4-dq's) fused int8 GEMV stops on the AVX-VNNI tier
 /// (`crate::arch::avx2::nf4_int8`); from here to the integer GEMM's start (48) the f32 path
-/// runs, which the fused GEMV no longer beats clearly. BigNet nf4 / nf4_dq on the 2-core Xeon
-/// with `NIBBLE_KERNEL=avx2` (its AVX-VNNI), 2 threads, two rounds, f32 path / fused, ms
-/// (2026-12-06): batch 1 2.14–2.96 / 0.76–0.85, 2 5.03–6.36 / 1.23–1.28, 4 5.62–7.17 /
-/// 2.04–2.24, 8 7.05–9.09 / 2.93–4.45, 16 10.83–12.92 / 5.40–8.44, 32 17.76–21.04 /
-/// 15.95–18.15, 47 23.43–26.32 / 22.77–25.28 (the GEMM at 48: 6.22–9.64).
-pub const NF4_FUSED_END_AVXVNNI: usize = 32;
+/// runs, which the fused GEMV no longer beats. BigNet on the 2-core Xeon with
+/// `NIBBLE_KERNEL=avx2` (its AVX-VNNI), 2 threads, two rounds of the final build, f32 path →
+/// fused, ms (2026-12-06): nf4 batch 1 2.09–2.23 → 0.75–0.85, 2 3.81–4.03 → 1.26–1.37, 4
+/// 4.69–4.95 → 2.15–2.48, 8 5.20–7.39 → 4.03–4.63, 16 8.78–10.88 → 8.09–9.33, 24 11.20–13.88
+/// → 12.10–13.06 (a tie); nf4_dq at 1 / 8 / 16 / 24 2.30–2.83 → 0.87–0.90, 8.31–10.00 →
+/// 4.81–4.92, 11.91–15.88 → 9.41–9.93, 15.25–23.45 → 14.29–15.92.
+pub const NF4_FUSED_END_AVXVNNI: usize = 24;
 
 /// Where the fused int8 GEMVs of NF4, lower and the int8 format stop on the AVX-512 VNNI and AMX
 /// tiers (batch 1 and small batches over tiles of 64 rows of W, up to 8 vectors in one pass
