@@ -257,18 +257,48 @@ pub(crate) struct FusedGemv<M> {
     #[allow(clippy::type_complexity)]
     pub(crate) batch:
         Option<unsafe fn(&M, &[&[f32]], std::ops::Range<usize>, &mut [f32], usize) -> bool>,
-    /// The AVX-VNNI (256-bit) kernels where the format has them, with the AVX-512 kernels'
-    /// bits: batch 1 as [`FusedGemv::kernel`], small batches as [`FusedGemv::batch`]. They
-    /// run on the AVX2 path of a CPU with AVX-VNNI (and the route takes the GEMV on that tier
-    /// only where they exist, [`fused_on_tier`]).
+    /// The 256-bit kernels where the format has them, with the AVX-512 kernels' bits: for the
+    /// AVX-VNNI and the AVX2 integer tiers (the path's [`IntTier::for_path`]), each a batch-1
+    /// kernel as [`FusedGemv::kernel`] and a small-batch one as [`FusedGemv::batch`] (the
+    /// route takes the GEMV on those tiers only where they exist, [`fused_on_tier`]).
     #[cfg(target_arch = "x86_64")]
-    #[allow(clippy::type_complexity)]
-    pub(crate) avxvnni: Option<(
-        unsafe fn(&M, &[f32], std::ops::Range<usize>, &mut [f32], bool),
-        unsafe fn(&M, &[&[f32]], std::ops::Range<usize>, &mut [f32], usize) -> bool,
-    )>,
+    pub(crate) ymm: Option<YmmKernels<M>>,
     /// The scalar reference for one row (the kernel's bits).
     pub(crate) dot_ref: fn(&M, usize, &[f32]) -> f32,
+}
+
+/// A fused GEMV's batch-1 kernel: `y[j] (+)= W[rows.start + j, :] · x'` (with `acc`).
+#[cfg(target_arch = "x86_64")]
+pub(crate) type FusedKernel<M> = unsafe fn(&M, &[f32], std::ops::Range<usize>, &mut [f32], bool);
+
+/// A fused GEMV's small-batch kernel: `out[v · stride + j] = W[rows.start + j, :] · x'_v` for 2
+/// to 8 prepared vectors (`false`, nothing written, for another count).
+#[cfg(target_arch = "x86_64")]
+pub(crate) type FusedBatchKernel<M> =
+    unsafe fn(&M, &[&[f32]], std::ops::Range<usize>, &mut [f32], usize) -> bool;
+
+/// A format's 256-bit fused GEMV kernels ([`FusedGemv::ymm`]): `(batch 1, small batches)` on
+/// AVX-VNNI and on plain AVX2.
+#[cfg(target_arch = "x86_64")]
+pub(crate) struct YmmKernels<M> {
+    pub(crate) avxvnni: (FusedKernel<M>, FusedBatchKernel<M>),
+    pub(crate) avx2: (FusedKernel<M>, FusedBatchKernel<M>),
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<M> YmmKernels<M> {
+    /// The kernels for `path`'s integer tier, if it is AVX-VNNI or AVX2 (the path is then AVX2,
+    /// or AVX-512 without AVX-512 VNNI).
+    fn for_path(
+        &self,
+        path: crate::cpu::KernelPath,
+    ) -> Option<(FusedKernel<M>, FusedBatchKernel<M>)> {
+        match IntTier::for_path(path) {
+            IntTier::AvxVnni => Some(self.avxvnni),
+            IntTier::Avx2 => Some(self.avx2),
+            _ => None,
+        }
+    }
 }
 
 impl<M> FusedGemv<M> {
@@ -311,9 +341,9 @@ impl<M> FusedGemv<M> {
         if path == crate::cpu::KernelPath::Avx512 && has_avx512vnni() {
             // SAFETY: the caller's contract, this preparation, and the CPU has VNNI.
             unsafe { (self.kernel)(w, prep, rows, y, acc) };
-        } else if let Some((kernel, _)) = self.avxvnni.filter(|_| avxvnni_path(path)) {
-            // SAFETY: the caller's contract, this preparation; the path is AVX2 (or AVX-512)
-            // on a CPU with AVX-VNNI.
+        } else if let Some((kernel, _)) = self.ymm.as_ref().and_then(|k| k.for_path(path)) {
+            // SAFETY: the caller's contract, this preparation; the path is AVX2 (or AVX-512),
+            // so the CPU has AVX2 and FMA, and it has AVX-VNNI where that tier's kernel runs.
             unsafe { kernel(w, prep, rows, y, acc) };
         } else {
             let mut put = crate::kernels::store_row(y, acc);
@@ -359,11 +389,11 @@ impl<M> FusedGemv<M> {
             }
         }
         #[cfg(target_arch = "x86_64")]
-        if let Some((_, batch)) = self.avxvnni.filter(|_| avxvnni_path(path)) {
+        if let Some((_, batch)) = self.ymm.as_ref().and_then(|k| k.for_path(path)) {
             if inn > 0 && preps.iter().all(|p| p.len() == (self.prep_len)(inn)) {
-                // SAFETY: the path is usable and AVX2 or AVX-512 (so AVX2 and FMA) on a CPU
-                // with AVX-VNNI; every preparation is this GEMV's; rows, stride and out as the
-                // trait's contract says.
+                // SAFETY: the path is usable and AVX2 or AVX-512 (so AVX2 and FMA), on a CPU
+                // with AVX-VNNI where that tier's kernel runs; every preparation is this
+                // GEMV's; rows, stride and out as the trait's contract says.
                 return unsafe { batch(w, preps, rows, out, stride) };
             }
         }
@@ -372,20 +402,13 @@ impl<M> FusedGemv<M> {
     }
 }
 
-/// Whether a fused GEMV's AVX-VNNI kernels run on `path`: the integer tier of the path is
-/// AVX-VNNI (an AVX2 path, or AVX-512 without AVX-512 VNNI, on a CPU with AVX-VNNI).
-#[cfg(target_arch = "x86_64")]
-fn avxvnni_path(path: crate::cpu::KernelPath) -> bool {
-    IntTier::for_path(path) == IntTier::AvxVnni
-}
-
 /// Whether the fused int8 GEMV of `format` runs on `tier`: on AVX-512 VNNI and AMX for NF4,
-/// lower and the int8 format, on AVX-VNNI for NF4 and the int8 format (the formats with
-/// 256-bit kernels, `crate::arch::avx2::nf4_int8` and `int8_int8`).
+/// lower and the int8 format, on AVX-VNNI and AVX2 for NF4 and the int8 format (the formats
+/// with 256-bit kernels, `crate::arch::avx2::nf4_int8` and `int8_int8`).
 pub fn fused_on_tier(format: &str, tier: IntTier) -> bool {
     match tier {
         IntTier::Avx512Vnni | IntTier::Amx => matches!(format, "nf4" | "lower" | "int8"),
-        IntTier::AvxVnni => matches!(format, "nf4" | "int8"),
+        IntTier::AvxVnni | IntTier::Avx2 => matches!(format, "nf4" | "int8"),
         _ => false,
     }
 }
@@ -1685,12 +1708,13 @@ pub fn int8_route(format: &str, m: usize) -> Int8Route {
 }
 
 /// [`fused_end`] on `tier`: the int8 format and NF4 on AVX-VNNI up to
-/// [`INT8_FUSED_END_AVXVNNI`] and [`NF4_FUSED_END_AVXVNNI`], every other case as [`fused_end`]
-/// (the route checks [`fused_on_tier`] besides).
+/// [`INT8_FUSED_END_AVXVNNI`] and [`NF4_FUSED_END_AVXVNNI`], on AVX2 up to [`FUSED_END_AVX2`],
+/// every other case as [`fused_end`] (the route checks [`fused_on_tier`] besides).
 pub fn fused_end_on(tier: IntTier, format: &str) -> usize {
     match (tier, format) {
         (IntTier::AvxVnni, "int8") => INT8_FUSED_END_AVXVNNI,
         (IntTier::AvxVnni, "nf4") => NF4_FUSED_END_AVXVNNI,
+        (IntTier::Avx2, "nf4" | "int8") => FUSED_END_AVX2,
         _ => fused_end(format),
     }
 }
@@ -1704,6 +1728,20 @@ pub fn fused_end_on(tier: IntTier, format: &str) -> usize {
 /// 8.42–8.45, 32 14.57–14.71 → 10.87–11.56, 47 19.96–20.70 → 16.04–17.24 (the GEMM at 48:
 /// 8.59–8.69 in an earlier pairing).
 pub const INT8_FUSED_END_AVXVNNI: usize = 48;
+
+/// Where the fused int8 GEMVs of NF4 and the int8 format stop on the plain AVX2 tier (their
+/// 256-bit kernels with `vpdpbusd`'s sums by `vpmaddwd` pairs); from here NF4 runs the integer
+/// GEMM (from [`gemm::GEMM_MIN_M`]), the int8 format the f32 path up to its GEMM (24).
+/// Measured on the 2-core Xeon with `NIBBLE_KERNEL=avx2 NIBBLE_AVXVNNI=0` (AVX2 code on an
+/// Intel core; not on a Zen 3), BigNet with int8 activations, 2 threads, two rounds, before (the
+/// f32 path for int8, the dot-product driver for NF4) → fused, ms (2026-12-06): int8 batch 1
+/// 0.92–1.21 → 0.59–0.92, 2 2.21–2.30 → 1.44–1.79, 4 3.38–3.44 → 2.56–2.60, 8 4.94–4.95 →
+/// 4.81–4.84 (a tie), 16 8.23–8.54 → 9.21–9.72; nf4 batch 1 1.62–2.43 → 0.78–1.32, 2 3.70–3.73
+/// → 1.90–1.94, 4 4.71–5.01 → 3.49–3.50, 8 (the GEMM) 5.07–5.27 → 6.87–7.04; in a second
+/// pairing the fused GEMV at batch 4 / 7 took 2.53–3.03 / 4.72–5.33 for int8 (the f32 path at
+/// 8: 4.94–4.95 above) and 3.63–4.31 / 6.19–7.66 for NF4 (the GEMM at 8: 5.49–6.22). So batches
+/// 1 to 4.
+pub const FUSED_END_AVX2: usize = 5;
 
 /// Where NF4's (and NF4-dq's) fused int8 GEMV stops on the AVX-VNNI tier
 /// (`crate::arch::avx2::nf4_int8`); from here to the integer GEMM's start (48) the f32 path

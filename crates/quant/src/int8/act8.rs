@@ -1,7 +1,7 @@
 //! The int8 format's fused int8-activation GEMV at batch 1 (`y = W·x'` with x quantized to int8
 //! as the generic driver quantizes it, [`crate::act8`], units of 128): the route
 //! [`crate::act8::Int8Route::FusedInt8`] on the AVX-512 VNNI and AMX tiers, and on AVX-VNNI
-//! (`crate::arch::avx2::int8_int8`: the same 16 lanes as two ymm, the same bits).
+//! and AVX2 (`crate::arch::avx2::int8_int8`: the same 16 lanes as two ymm, the same bits).
 //!
 //! The format's codes are bytes already, with one affine map per row (`w' = zero + scale · c`),
 //! so a row's dot product is `scale · Σ_g sx_g · Σ_{k∈g} c_k · xq_k + zero · X`, `X = Σ_g sx_g ·
@@ -38,10 +38,16 @@ pub(crate) const FUSED: crate::act8::FusedGemv<Int8Matrix> = crate::act8::FusedG
     #[cfg(target_arch = "x86_64")]
     batch: Some(crate::arch::avx512::int8_int8::gemv_batch),
     #[cfg(target_arch = "x86_64")]
-    avxvnni: Some((
-        crate::arch::avx2::int8_int8::gemv_avxvnni,
-        crate::arch::avx2::int8_int8::gemv_batch_avxvnni,
-    )),
+    ymm: Some(crate::act8::YmmKernels {
+        avxvnni: (
+            crate::arch::avx2::int8_int8::gemv_avxvnni,
+            crate::arch::avx2::int8_int8::gemv_batch_avxvnni,
+        ),
+        avx2: (
+            crate::arch::avx2::int8_int8::gemv_avx2,
+            crate::arch::avx2::int8_int8::gemv_batch_avx2,
+        ),
+    }),
     dot_ref,
 };
 

@@ -49,7 +49,7 @@ pub(crate) const FUSED: crate::act8::FusedGemv<LowerMatrix> = crate::act8::Fused
     #[cfg(target_arch = "x86_64")]
     batch: Some(crate::arch::avx512::lower_int8::gemv_batch),
     #[cfg(target_arch = "x86_64")]
-    avxvnni: None,
+    ymm: None,
     dot_ref,
 };
 

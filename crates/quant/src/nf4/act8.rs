@@ -1,7 +1,7 @@
 //! NF4's fused int8-activation GEMV at batch 1 (`y = W·x'` with x quantized to int8 as the
 //! generic driver quantizes it, [`crate::act8`]): the route [`crate::act8::Int8Route::FusedNf4`]
-//! on the AVX-512 VNNI and AMX tiers, and on AVX-VNNI (`crate::arch::avx2::nf4_int8`: the same
-//! 16 lanes as two ymm, the same bits).
+//! on the AVX-512 VNNI and AMX tiers, and on AVX-VNNI and AVX2 (`crate::arch::avx2::nf4_int8`:
+//! the same 16 lanes as two ymm, the same bits).
 //!
 //! The generic driver forms each block's integer sum from codes unpacked into bytes row by row
 //! (every weight decoded into a buffer, then read again), which at batch 1 costs more than the
@@ -44,10 +44,16 @@ pub(crate) const FUSED: crate::act8::FusedGemv<Nf4Matrix> = crate::act8::FusedGe
     #[cfg(target_arch = "x86_64")]
     batch: Some(crate::arch::avx512::nf4_int8::gemv_batch),
     #[cfg(target_arch = "x86_64")]
-    avxvnni: Some((
-        crate::arch::avx2::nf4_int8::gemv_avxvnni,
-        crate::arch::avx2::nf4_int8::gemv_batch_avxvnni,
-    )),
+    ymm: Some(crate::act8::YmmKernels {
+        avxvnni: (
+            crate::arch::avx2::nf4_int8::gemv_avxvnni,
+            crate::arch::avx2::nf4_int8::gemv_batch_avxvnni,
+        ),
+        avx2: (
+            crate::arch::avx2::nf4_int8::gemv_avx2,
+            crate::arch::avx2::nf4_int8::gemv_batch_avx2,
+        ),
+    }),
     dot_ref,
 };
 

@@ -1,7 +1,7 @@
 //! The 256-bit tier of the int8 format's fused int8-activation GEMV ([`crate::int8::act8`]: the
 //! prepared x, the scalar reference [`crate::int8::act8::dot_ref`] and the dispatch), on
-//! AVX-VNNI (`vpdpbusd` on ymm: Intel client CPUs from Alder Lake on, which lack AVX-512) and,
-//! for the tests, with that instruction emulated by AVX2.
+//! AVX-VNNI (`vpdpbusd` on ymm: Intel client CPUs from Alder Lake on, which lack AVX-512) and on
+//! plain AVX2 (that instruction's sums by `vpmaddwd` pairs, exact: AMD Zen 3 and older Intel).
 //!
 //! A row's 16 f32 lanes are those of the AVX-512 VNNI kernel
 //! ([`crate::arch::avx512::int8_int8`]) held as two ymm: lanes 0–7 take bytes 0–31 and 64–95 of
@@ -41,13 +41,14 @@ pub(crate) unsafe fn gemv_avxvnni(
     unsafe { gemv_with::<Dpbusd>(m, prep, rows, y, acc) }
 }
 
-/// [`gemv_avxvnni`] with `vpdpbusd` emulated by AVX2 (tests its code on any AVX2 CPU).
+/// [`gemv_avxvnni`] on plain AVX2, `vpdpbusd`'s sums formed by `vpmaddwd` pairs (exact, the
+/// same bits): the fused GEMV of the AVX2 tier (and the tests' view of the AVX-VNNI code on any
+/// AVX2 CPU).
 ///
 /// # Safety
 /// The CPU has AVX2 and FMA; the shapes of [`gemv_avxvnni`].
-#[cfg(test)]
 #[target_feature(enable = "avx2,fma")]
-pub(crate) unsafe fn gemv_emulated(
+pub(crate) unsafe fn gemv_avx2(
     m: &Int8Matrix,
     prep: &[f32],
     rows: std::ops::Range<usize>,
@@ -79,13 +80,12 @@ pub(crate) unsafe fn gemv_batch_avxvnni(
     )
 }
 
-/// [`gemv_batch_avxvnni`] with `vpdpbusd` emulated by AVX2.
+/// [`gemv_batch_avxvnni`] on plain AVX2 (as [`gemv_avx2`]): the same bits.
 ///
 /// # Safety
 /// As [`gemv_batch_avxvnni`], on a CPU with AVX2 and FMA.
-#[cfg(test)]
 #[target_feature(enable = "avx2,fma")]
-pub(crate) unsafe fn gemv_batch_emulated(
+pub(crate) unsafe fn gemv_batch_avx2(
     m: &Int8Matrix,
     preps: &[&[f32]],
     rows: std::ops::Range<usize>,
@@ -375,9 +375,9 @@ mod tests {
         vec![Int8Matrix::quantize(w).unwrap()]
     }
 
-    /// The 256-bit batch-1 kernel against the reference bit for bit on awkward widths
-    /// ([`check_fused_kernel`]'s shapes): on AVX-VNNI where the CPU has it (else a printed
-    /// skip), and with the instruction emulated on any AVX2 CPU.
+    /// The 256-bit batch-1 kernels against the reference bit for bit on awkward widths
+    /// ([`check_fused_kernel`]'s shapes): the AVX2 one on any AVX2 CPU, the AVX-VNNI one where
+    /// the CPU has it (else a printed skip).
     #[test]
     fn kernels_match_the_reference() {
         if !crate::cpu::has_avx2_fma_f16c() {
@@ -385,15 +385,7 @@ mod tests {
             return;
         }
         // SAFETY: the CPU has AVX2 and FMA (checked).
-        unsafe {
-            check_fused_kernel(
-                &FUSED,
-                "AVX-VNNI emulated",
-                gemv_emulated,
-                &ANY_WIDTHS,
-                quantize,
-            )
-        };
+        unsafe { check_fused_kernel(&FUSED, "AVX2", gemv_avx2, &ANY_WIDTHS, quantize) };
         if has_avxvnni() {
             // SAFETY: the CPU has AVX-VNNI too (checked).
             unsafe { check_fused_kernel(&FUSED, "AVX-VNNI", gemv_avxvnni, &ANY_WIDTHS, quantize) };
@@ -413,7 +405,7 @@ mod tests {
             );
             return;
         }
-        let mut kernels: Vec<(&str, BatchKernel)> = vec![("emulated", gemv_batch_emulated)];
+        let mut kernels: Vec<(&str, BatchKernel)> = vec![("AVX2", gemv_batch_avx2)];
         if has_avxvnni() {
             kernels.push(("AVX-VNNI", gemv_batch_avxvnni));
         } else {

@@ -1,6 +1,6 @@
 //! The 256-bit tier of NF4's fused int8-activation GEMV ([`crate::nf4::act8`]: the prepared x,
 //! the scalar reference [`crate::nf4::act8::dot_ref`] and the dispatch), on AVX-VNNI (`vpdpbusd`
-//! on ymm) and, for the tests, with that instruction emulated by AVX2.
+//! on ymm) and on plain AVX2 (that instruction's sums by `vpmaddwd` pairs, exact).
 //!
 //! A row's 16 f32 lanes are those of the AVX-512 VNNI kernel ([`crate::arch::avx512::nf4_int8`])
 //! held as two ymm, one per block of a pair: lanes 0–7 the pair's first block (its 32 packed
@@ -41,13 +41,14 @@ pub(crate) unsafe fn gemv_avxvnni(
     unsafe { gemv_with::<Dpbusd>(m, prep, rows, y, acc) }
 }
 
-/// [`gemv_avxvnni`] with `vpdpbusd` emulated by AVX2 (tests its code on any AVX2 CPU).
+/// [`gemv_avxvnni`] on plain AVX2, `vpdpbusd`'s sums formed by `vpmaddwd` pairs (exact, the
+/// same bits): the fused GEMV of the AVX2 tier (and the tests' view of the AVX-VNNI code on any
+/// AVX2 CPU).
 ///
 /// # Safety
 /// The CPU has AVX2 and FMA; the shapes of [`gemv_avxvnni`].
-#[cfg(test)]
 #[target_feature(enable = "avx2,fma")]
-pub(crate) unsafe fn gemv_emulated(
+pub(crate) unsafe fn gemv_avx2(
     m: &Nf4Matrix,
     prep: &[f32],
     rows: std::ops::Range<usize>,
@@ -80,13 +81,12 @@ pub(crate) unsafe fn gemv_batch_avxvnni(
     )
 }
 
-/// [`gemv_batch_avxvnni`] with `vpdpbusd` emulated by AVX2.
+/// [`gemv_batch_avxvnni`] on plain AVX2 (as [`gemv_avx2`]): the same bits.
 ///
 /// # Safety
 /// As [`gemv_batch_avxvnni`], on a CPU with AVX2 and FMA.
-#[cfg(test)]
 #[target_feature(enable = "avx2,fma")]
-pub(crate) unsafe fn gemv_batch_emulated(
+pub(crate) unsafe fn gemv_batch_avx2(
     m: &Nf4Matrix,
     preps: &[&[f32]],
     rows: std::ops::Range<usize>,
@@ -406,9 +406,9 @@ mod tests {
         ]
     }
 
-    /// The 256-bit batch-1 kernel against the reference bit for bit, plain and
-    /// double-quantized absmaxes ([`check_fused_kernel`]'s shapes): on AVX-VNNI where the CPU
-    /// has it (else a printed skip), and with the instruction emulated on any AVX2 CPU.
+    /// The 256-bit batch-1 kernels against the reference bit for bit, plain and
+    /// double-quantized absmaxes ([`check_fused_kernel`]'s shapes): the AVX2 one on any AVX2
+    /// CPU, the AVX-VNNI one where the CPU has it (else a printed skip).
     #[test]
     fn kernels_match_the_reference() {
         if !crate::cpu::has_avx2_fma_f16c() {
@@ -416,15 +416,7 @@ mod tests {
             return;
         }
         // SAFETY: the CPU has AVX2 and FMA (checked).
-        unsafe {
-            check_fused_kernel(
-                &FUSED,
-                "AVX-VNNI emulated",
-                gemv_emulated,
-                &WIDTHS,
-                quantize,
-            )
-        };
+        unsafe { check_fused_kernel(&FUSED, "AVX2", gemv_avx2, &WIDTHS, quantize) };
         if has_avxvnni() {
             // SAFETY: the CPU has AVX-VNNI too (checked).
             unsafe { check_fused_kernel(&FUSED, "AVX-VNNI", gemv_avxvnni, &WIDTHS, quantize) };
@@ -442,7 +434,7 @@ mod tests {
             println!("nf4 int8 batch GEMV: 256-bit kernels skipped (this CPU lacks AVX2)");
             return;
         }
-        let mut kernels: Vec<(&str, BatchKernel)> = vec![("emulated", gemv_batch_emulated)];
+        let mut kernels: Vec<(&str, BatchKernel)> = vec![("AVX2", gemv_batch_avx2)];
         if has_avxvnni() {
             kernels.push(("AVX-VNNI", gemv_batch_avxvnni));
         } else {
