@@ -508,6 +508,45 @@ pub(crate) unsafe fn check_fused_kernel<M>(
     println!("{name} int8 GEMV: {tier} kernel checked");
 }
 
+/// Test support for a fused GEMV's small-batch `kernel` (`what` names it in messages): on the
+/// matrix `m`, rows `rows` and the first 1 to `preps.len()` prepared vectors, outputs pre-filled
+/// with NaN in strides wider than the rows, every (row, vector) gets `dot_ref`'s bits for 2 to 8
+/// vectors, and other counts are declined with nothing written.
+///
+/// # Safety
+/// The CPU runs `kernel`; `rows` lie inside `m`; every prep is a whole preparation for `m`.
+#[cfg(all(test, target_arch = "x86_64"))]
+pub(crate) unsafe fn check_batch_kernel<M>(
+    what: &str,
+    m: &M,
+    rows: std::ops::Range<usize>,
+    preps: &[Vec<f32>],
+    kernel: FusedBatchKernel<M>,
+    dot_ref: fn(&M, usize, &[f32]) -> f32,
+) {
+    let stride = rows.len() + 3;
+    for v in 1..=preps.len() {
+        let ps: Vec<&[f32]> = preps[..v].iter().map(|p| p.as_slice()).collect();
+        let mut y = vec![f32::NAN; v * stride];
+        // SAFETY: the caller's contract; y holds v strides.
+        let ran = unsafe { kernel(m, &ps, rows.clone(), &mut y, stride) };
+        assert_eq!(ran, (2..=8).contains(&v), "{what}: {v} vectors");
+        if !ran {
+            assert!(y.iter().all(|t| t.is_nan()), "{what}: declined but wrote");
+            continue;
+        }
+        for (b, p) in ps.iter().enumerate() {
+            for (j, r) in rows.clone().enumerate() {
+                assert_eq!(
+                    y[b * stride + j].to_bits(),
+                    dot_ref(m, r, p).to_bits(),
+                    "{what}: {v} vectors, vector {b} row {r}"
+                );
+            }
+        }
+    }
+}
+
 /// Test support for the fused GEMV `fused` of an affine format (its format's name in
 /// messages): its scalar reference `dot_ref` against the integer formula in f64 with the same
 /// int8 x (`Σ_k w'_k · sx · xq_k`, `w'` from `dequantize`), equal up to f32 rounding.

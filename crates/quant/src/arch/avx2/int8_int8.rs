@@ -10,6 +10,7 @@
 //! per group in group order, and the lanes fold in [`crate::act8::fold16`]'s tree: the same
 //! bits as the AVX-512 kernel and the reference.
 
+use super::{batch_parts, fold16, part_lanes, Lanes16};
 use crate::act8::avx2::ByteDot;
 use crate::act8::avxvnni::Dpbusd;
 use crate::act8::GROUP;
@@ -18,9 +19,6 @@ use crate::int8::act8::{finish, group_step_ref, parts};
 use crate::int8::Int8Matrix;
 use crate::kernels::for_row_quads;
 use std::arch::x86_64::*;
-
-/// A row's 16 lanes: lanes 0–7 and 8–15.
-type Lanes = [__m256; 2];
 
 /// Shapes: W `out x in` (`codes` `[out, in]`), `prep` `[prep_len(in)]` from
 /// [`crate::int8::act8::prepare`], `rows ⊆ 0..out`, `y` `[rows.len()]`: `y[j] (+)= W[r, :] ·
@@ -170,7 +168,7 @@ unsafe fn group_codes(p: *const u8, inn: usize, pf: QuantPrefetch) -> [__m256i; 
 /// # Safety
 /// `D`'s CPU features, AVX2 and FMA enabled by the caller.
 #[inline(always)]
-unsafe fn step<D: ByteDot>(c: &[__m256i; 4], x: &[__m256i; 4], s: __m256, a: &mut Lanes) {
+unsafe fn step<D: ByteDot>(c: &[__m256i; 4], x: &[__m256i; 4], s: __m256, a: &mut Lanes16) {
     // SAFETY: register work on the caller's target features.
     unsafe {
         let z = _mm256_setzero_si256();
@@ -186,7 +184,7 @@ unsafe fn step<D: ByteDot>(c: &[__m256i; 4], x: &[__m256i; 4], s: __m256, a: &mu
 /// # Safety
 /// AVX enabled by the caller.
 #[inline(always)]
-unsafe fn lanes(a: &Lanes) -> [f32; 16] {
+unsafe fn lanes(a: &Lanes16) -> [f32; 16] {
     let mut l = [0.0f32; 16];
     // SAFETY: 16 writable floats.
     unsafe {
@@ -203,7 +201,7 @@ unsafe fn lanes(a: &Lanes) -> [f32; 16] {
 /// # Safety
 /// AVX2 enabled by the caller.
 #[inline(always)]
-unsafe fn finish_lanes(a: &Lanes, row: &[u8], whole: usize, xq: &[i8], sx: &[f32]) -> f32 {
+unsafe fn finish_lanes(a: &Lanes16, row: &[u8], whole: usize, xq: &[i8], sx: &[f32]) -> f32 {
     if whole < sx.len() {
         // SAFETY: register and stack work on the caller's target features.
         let mut l = unsafe { lanes(a) };
@@ -213,23 +211,7 @@ unsafe fn finish_lanes(a: &Lanes, row: &[u8], whole: usize, xq: &[i8], sx: &[f32
         crate::act8::fold16(l)
     } else {
         // SAFETY: as above.
-        unsafe { fold(a) }
-    }
-}
-
-/// [`crate::act8::fold16`] on the registers: `f = lo + hi`, `g = f[0..4] + f[4..8]`, then
-/// `(g0 + g2) + (g1 + g3)`.
-///
-/// # Safety
-/// AVX enabled by the caller.
-#[inline(always)]
-unsafe fn fold(a: &Lanes) -> f32 {
-    // SAFETY: register work on the caller's target features.
-    unsafe {
-        let f = _mm256_add_ps(a[0], a[1]);
-        let g = _mm_add_ps(_mm256_castps256_ps128(f), _mm256_extractf128_ps::<1>(f));
-        let h = _mm_add_ps(g, _mm_movehl_ps(g, g));
-        _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps::<1>(h, h)))
+        unsafe { fold16(a) }
     }
 }
 
@@ -288,22 +270,15 @@ unsafe fn rows_batch<D: ByteDot, const V: usize>(
         codes,
         pf: quant_prefetch(),
     };
-    let nparts = V.div_ceil(4);
     for (j, r) in rows.enumerate() {
         let row_codes = &codes[r * inn..(r + 1) * inn];
-        for p in 0..nparts {
-            let (v0, v1) = (p * V / nparts, (p + 1) * V / nparts);
-            let part = &xs[v0..v1];
-            // SAFETY: the caller's contract: row r lies inside W, each prep is a whole
-            // preparation of this width; the CPU features are enabled.
-            let acc: [Lanes; 4] = unsafe {
-                match part.len() {
-                    1 => pad(sweep.row::<D, 1>(r, part)),
-                    2 => pad(sweep.row::<D, 2>(r, part)),
-                    3 => pad(sweep.row::<D, 3>(r, part)),
-                    _ => sweep.row::<D, 4>(r, part),
-                }
-            };
+        for vs in batch_parts(V) {
+            let (v0, part) = (vs.start, &xs[vs]);
+            let acc: [Lanes16; 4] = part_lanes!(part.len(), P => {
+                // SAFETY: the caller's contract: row r lies inside W, each prep is a whole
+                // preparation of this width; the CPU features are enabled.
+                unsafe { sweep.row::<D, P>(r, part) }
+            });
             for (q, &(xq, sx, total)) in part.iter().enumerate() {
                 // SAFETY: the CPU features are enabled by the caller.
                 let folded = unsafe { finish_lanes(&acc[q], row_codes, inn / GROUP, xq, sx) };
@@ -311,15 +286,6 @@ unsafe fn rows_batch<D: ByteDot, const V: usize>(
             }
         }
     }
-}
-
-/// `P` vectors' lanes in an array of four (the rest zero).
-#[inline(always)]
-fn pad<const P: usize>(a: [Lanes; P]) -> [Lanes; 4] {
-    // SAFETY: zeroed `__m256` are valid (all-zero floats).
-    let mut out: [Lanes; 4] = unsafe { std::mem::zeroed() };
-    out[..P].copy_from_slice(&a);
-    out
 }
 
 /// What one sweep of a batch's row reads: the matrix's width and codes, the prefetch.
@@ -341,7 +307,7 @@ impl Sweep<'_> {
         &self,
         r: usize,
         xs: &[(&[i8], &[f32], f32)],
-    ) -> [Lanes; P] {
+    ) -> [Lanes16; P] {
         let inn = self.inn;
         // SAFETY: (whole body) the caller's contract: for g < whole row r holds 128 codes at
         // r · inn + g · 128 and each xq 128 bytes at g · 128; prefetches never fault.
@@ -363,13 +329,11 @@ impl Sweep<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::act8::{check_fused_kernel, has_avxvnni, ANY_WIDTHS};
+    use crate::act8::{check_batch_kernel, check_fused_kernel, has_avxvnni, ANY_WIDTHS};
     use crate::int8::act8::{dot_ref, prepare, FUSED};
     use nibble_tensor::{Rng, Tensor};
 
-    /// A batch kernel of this file: `out[v · stride + j]` for rows and prepared vectors.
-    type BatchKernel =
-        unsafe fn(&Int8Matrix, &[&[f32]], std::ops::Range<usize>, &mut [f32], usize) -> bool;
+    type BatchKernel = crate::act8::FusedBatchKernel<Int8Matrix>;
 
     fn quantize(w: &Tensor) -> Vec<Int8Matrix> {
         vec![Int8Matrix::quantize(w).unwrap()]
@@ -428,31 +392,11 @@ mod tests {
                     p
                 })
                 .collect();
-            let (r0, r1) = (2, out - 1);
-            let stride = r1 - r0 + 3;
             for (label, kernel) in &kernels {
-                for v in 1..=9 {
-                    let ps: Vec<&[f32]> = preps[..v].iter().map(|p| p.as_slice()).collect();
-                    let mut y = vec![f32::NAN; v * stride];
-                    // SAFETY: the CPU runs the kernel (checked above); each prep is a whole
-                    // preparation of this width; rows inside W; y holds v strides.
-                    let ran = unsafe { kernel(&m, &ps, r0..r1, &mut y, stride) };
-                    assert_eq!(ran, (2..=8).contains(&v), "{label} {inn} v {v}");
-                    if !ran {
-                        assert!(y.iter().all(|t| t.is_nan()), "{label}: declined but wrote");
-                        continue;
-                    }
-                    for (b, p) in ps.iter().enumerate() {
-                        for (j, r) in (r0..r1).enumerate() {
-                            let want = dot_ref(&m, r, p);
-                            assert_eq!(
-                                y[b * stride + j].to_bits(),
-                                want.to_bits(),
-                                "{label} in {inn} vectors {v}: vector {b} row {r}"
-                            );
-                        }
-                    }
-                }
+                let what = format!("{label} in {inn}");
+                // SAFETY: the CPU runs the kernel (checked above); rows inside W; each prep a
+                // whole preparation of this width.
+                unsafe { check_batch_kernel(&what, &m, 2..out - 1, &preps, *kernel, dot_ref) };
             }
         }
     }

@@ -52,6 +52,70 @@ pub(crate) unsafe fn low_rank_tile(tile: crate::act8::TailTile) {
     }
 }
 
+/// A row's 16 f32 lanes of a fused int8 GEMV (the AVX-512 kernels' zmm) as two ymm: lanes 0–7
+/// and 8–15 (`int8_int8`, `nf4_int8`).
+pub(crate) type Lanes16 = [__m256; 2];
+
+/// [`crate::act8::fold16`] on the registers: `f = lo + hi`, `g = f[0..4] + f[4..8]`, then
+/// `(g0 + g2) + (g1 + g3)`: the same sum, bit for bit.
+///
+/// # Safety
+/// AVX enabled by the caller.
+#[inline(always)]
+pub(crate) unsafe fn fold16(a: &Lanes16) -> f32 {
+    // SAFETY: register work on the caller's target features.
+    unsafe {
+        let f = _mm256_add_ps(a[0], a[1]);
+        let g = _mm_add_ps(_mm256_castps256_ps128(f), _mm256_extractf128_ps::<1>(f));
+        let h = _mm_add_ps(g, _mm_movehl_ps(g, g));
+        _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps::<1>(h, h)))
+    }
+}
+
+/// The rows' lanes of one sweep over a row for a part of a small batch: `$sweep` evaluated with
+/// `const $p: usize` the part's size `$n` (1 to 4), its `[Lanes16; $p]` padded to four (the
+/// fused GEMVs' batch kernels take a batch in parts of at most four vectors, [`batch_parts`],
+/// so that every accumulator stays in a register).
+macro_rules! part_lanes {
+    ($n:expr, $p:ident => $sweep:expr) => {{
+        #[inline(always)]
+        fn pad<const P: usize>(
+            a: [$crate::arch::avx2::Lanes16; P],
+        ) -> [$crate::arch::avx2::Lanes16; 4] {
+            // SAFETY: zeroed `__m256` are valid (all-zero floats).
+            let mut out: [$crate::arch::avx2::Lanes16; 4] = unsafe { std::mem::zeroed() };
+            out[..P].copy_from_slice(&a);
+            out
+        }
+        match $n {
+            1 => {
+                const $p: usize = 1;
+                pad($sweep)
+            }
+            2 => {
+                const $p: usize = 2;
+                pad($sweep)
+            }
+            3 => {
+                const $p: usize = 3;
+                pad($sweep)
+            }
+            _ => {
+                const $p: usize = 4;
+                $sweep
+            }
+        }
+    }};
+}
+pub(crate) use part_lanes;
+
+/// A small batch of `v` vectors in parts of at most four (sizes differing by at most one): the
+/// ranges of vectors, in order.
+pub(crate) fn batch_parts(v: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let n = v.div_ceil(4);
+    (0..n).map(move |p| p * v / n..(p + 1) * v / n)
+}
+
 /// Horizontal sum of 8 lanes.
 #[inline(always)]
 pub(crate) unsafe fn hsum(v: __m256) -> f32 {

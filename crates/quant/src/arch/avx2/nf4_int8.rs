@@ -11,15 +11,13 @@
 //! and the lanes fold in [`crate::act8::fold16`]'s tree: the same bits as the AVX-512 kernel and
 //! the reference.
 
+use super::{batch_parts, fold16, part_lanes, Lanes16};
 use crate::act8::avx2::ByteDot;
 use crate::act8::avxvnni::Dpbusd;
 use crate::cpu::{prefetch_weights, quant_prefetch, QuantPrefetch, PREFETCH_ROWS};
 use crate::nf4::act8::{block_scale, parts, BIASED_LEVELS};
 use crate::nf4::{Nf4Matrix, NF4_BLOCK};
 use std::arch::x86_64::*;
-
-/// A row's 16 lanes: lanes 0–7 (a pair's first block) and 8–15 (its second).
-type Lanes = [__m256; 2];
 
 /// Shapes: W `out x in` (`in % 64 == 0`; `packed` `[out, in/2]`), `prep` `[prep_len(in)]` from
 /// [`crate::nf4::act8::prepare`], `rows ⊆ 0..out`, `y` `[rows.len()]`: `y[j] (+)= W[r, :] ·
@@ -159,7 +157,7 @@ unsafe fn step<D: ByteDot>(
     xd: *const i8,
     corr: *const i32,
     s: [f32; 2],
-    a: &mut Lanes,
+    a: &mut Lanes16,
 ) {
     // SAFETY: the caller's contract.
     unsafe {
@@ -172,22 +170,6 @@ unsafe fn step<D: ByteDot>(
             let sums = _mm256_sub_epi32(sums, cv);
             *ah = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(s[h]), *ah);
         }
-    }
-}
-
-/// [`crate::act8::fold16`] on the registers: `f = lo + hi`, `g = f[0..4] + f[4..8]`, then
-/// `(g0 + g2) + (g1 + g3)`.
-///
-/// # Safety
-/// AVX enabled by the caller.
-#[inline(always)]
-unsafe fn fold(a: &Lanes) -> f32 {
-    // SAFETY: register work on the caller's target features.
-    unsafe {
-        let f = _mm256_add_ps(a[0], a[1]);
-        let g = _mm_add_ps(_mm256_castps256_ps128(f), _mm256_extractf128_ps::<1>(f));
-        let h = _mm_add_ps(g, _mm_movehl_ps(g, g));
-        _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps::<1>(h, h)))
     }
 }
 
@@ -267,7 +249,7 @@ unsafe fn rows_n<D: ByteDot, const N: usize>(
             }
             b += 2;
         }
-        std::array::from_fn(|q| fold(&acc[q]))
+        std::array::from_fn(|q| fold16(&acc[q]))
     }
 }
 
@@ -294,38 +276,22 @@ unsafe fn rows_batch<D: ByteDot, const V: usize>(
         m,
         pf: quant_prefetch(),
     };
-    let nparts = V.div_ceil(4);
     for (j, r) in rows.enumerate() {
         let am = &absmax[j * nb..(j + 1) * nb];
-        for p in 0..nparts {
-            let (v0, v1) = (p * V / nparts, (p + 1) * V / nparts);
-            let part = &xs[v0..v1];
-            // SAFETY: the caller's contract: row r lies inside W, each prep is a whole
-            // preparation of this width; the CPU features are enabled.
-            let acc: [Lanes; 4] = unsafe {
-                match part.len() {
-                    1 => pad(sweep.row::<D, 1>(r, am, part)),
-                    2 => pad(sweep.row::<D, 2>(r, am, part)),
-                    3 => pad(sweep.row::<D, 3>(r, am, part)),
-                    _ => sweep.row::<D, 4>(r, am, part),
-                }
-            };
+        for vs in batch_parts(V) {
+            let (v0, part) = (vs.start, &xs[vs]);
+            let acc: [Lanes16; 4] = part_lanes!(part.len(), P => {
+                // SAFETY: the caller's contract: row r lies inside W, each prep is a whole
+                // preparation of this width; the CPU features are enabled.
+                unsafe { sweep.row::<D, P>(r, am, part) }
+            });
             for q in 0..part.len() {
                 // SAFETY: the CPU features are enabled by the caller.
-                out[(v0 + q) * stride + j] = unsafe { fold(&acc[q]) };
+                out[(v0 + q) * stride + j] = unsafe { fold16(&acc[q]) };
             }
         }
     }
     crate::kernels::put_row_scales(absmax);
-}
-
-/// `P` vectors' lanes in an array of four (the rest zero).
-#[inline(always)]
-fn pad<const P: usize>(a: [Lanes; P]) -> [Lanes; 4] {
-    // SAFETY: zeroed `__m256` are valid (all-zero floats).
-    let mut out: [Lanes; 4] = unsafe { std::mem::zeroed() };
-    out[..P].copy_from_slice(&a);
-    out
 }
 
 /// What one sweep of a batch's row reads: the matrix, the prefetch.
@@ -347,7 +313,7 @@ impl Sweep<'_> {
         r: usize,
         am: &[f32],
         xs: &[(&[i8], &[i32], &[f32])],
-    ) -> [Lanes; P] {
+    ) -> [Lanes16; P] {
         let nb = self.m.inn / NF4_BLOCK;
         let row_bytes = self.m.inn / 2;
         // SAFETY: (whole body) the caller's contract: row r holds `row_bytes` packed bytes at
@@ -388,13 +354,11 @@ impl Sweep<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::act8::{check_fused_kernel, has_avxvnni};
+    use crate::act8::{check_batch_kernel, check_fused_kernel, has_avxvnni};
     use crate::nf4::act8::{dot_ref, prepare, FUSED};
     use nibble_tensor::{Rng, Tensor};
 
-    /// A batch kernel of this file: `out[v · stride + j]` for rows and prepared vectors.
-    type BatchKernel =
-        unsafe fn(&Nf4Matrix, &[&[f32]], std::ops::Range<usize>, &mut [f32], usize) -> bool;
+    type BatchKernel = crate::act8::FusedBatchKernel<Nf4Matrix>;
 
     /// Widths of whole blocks: one block (an odd last block), pairs, odd counts.
     const WIDTHS: [usize; 5] = [64, 128, 192, 320, 1024];
@@ -454,32 +418,12 @@ mod tests {
                     p
                 })
                 .collect();
-            let (r0, r1) = (2, out - 1);
-            let stride = r1 - r0 + 3;
             for m in quantize(&w) {
                 for (label, kernel) in &kernels {
-                    for v in 1..=9 {
-                        let ps: Vec<&[f32]> = preps[..v].iter().map(|p| p.as_slice()).collect();
-                        let mut y = vec![f32::NAN; v * stride];
-                        // SAFETY: the CPU runs the kernel (checked above); each prep is a
-                        // whole preparation of this width; rows inside W; y holds v strides.
-                        let ran = unsafe { kernel(&m, &ps, r0..r1, &mut y, stride) };
-                        assert_eq!(ran, (2..=8).contains(&v), "{label} {inn} v {v}");
-                        if !ran {
-                            assert!(y.iter().all(|t| t.is_nan()), "{label}: declined but wrote");
-                            continue;
-                        }
-                        for (b, p) in ps.iter().enumerate() {
-                            for (j, r) in (r0..r1).enumerate() {
-                                let want = dot_ref(&m, r, p);
-                                assert_eq!(
-                                    y[b * stride + j].to_bits(),
-                                    want.to_bits(),
-                                    "{label} in {inn} vectors {v}: vector {b} row {r}"
-                                );
-                            }
-                        }
-                    }
+                    let what = format!("{label} in {inn}");
+                    // SAFETY: the CPU runs the kernel (checked above); rows inside W; each prep
+                    // a whole preparation of this width.
+                    unsafe { check_batch_kernel(&what, &m, 2..out - 1, &preps, *kernel, dot_ref) };
                 }
             }
         }
