@@ -9,10 +9,15 @@
 //! same eight products (exact in any order), is converted and added by one fused multiply-add
 //! per group in group order, and the lanes fold in [`crate::act8::fold16`]'s tree: the same
 //! bits as the AVX-512 kernel and the reference.
+//!
+//! Shapes: W `out x in` (`codes` `[out, in]`), `prep` `[prep_len(in)]` from
+//! [`crate::int8::act8::prepare`], `rows ⊆ 0..out`, `y` `[rows.len()]`: `y[j] (+)= W[r, :] ·
+//! x'` for row `r = rows.start + j`. Four rows at a time share the loads of x; per row and
+//! group of 128 weights: four 32-byte loads of codes, four `vpdpbusd`, two conversions and two
+//! fused multiply-adds.
 
-use super::{batch_parts, fold16, part_lanes, Lanes16};
+use super::{batch_parts, fold16, fused_gemv_entry_points, part_lanes, Lanes16};
 use crate::act8::avx2::ByteDot;
-use crate::act8::avxvnni::Dpbusd;
 use crate::act8::GROUP;
 use crate::cpu::{prefetch_weights, quant_prefetch, QuantPrefetch, PREFETCH_ROWS};
 use crate::int8::act8::{finish, group_step_ref, parts};
@@ -20,88 +25,12 @@ use crate::int8::Int8Matrix;
 use crate::kernels::for_row_quads;
 use std::arch::x86_64::*;
 
-/// Shapes: W `out x in` (`codes` `[out, in]`), `prep` `[prep_len(in)]` from
-/// [`crate::int8::act8::prepare`], `rows ⊆ 0..out`, `y` `[rows.len()]`: `y[j] (+)= W[r, :] ·
-/// x'` for row `r = rows.start + j`. Four rows at a time share the loads of x; per row and group of 128 weights:
-/// four 32-byte loads of codes, four `vpdpbusd`, two conversions and two fused multiply-adds.
-///
-/// # Safety
-/// The CPU has AVX-VNNI, AVX2 and FMA; the shapes above.
-#[target_feature(enable = "avx2,fma,avxvnni")]
-pub(crate) unsafe fn gemv_avxvnni(
-    m: &Int8Matrix,
-    prep: &[f32],
-    rows: std::ops::Range<usize>,
-    y: &mut [f32],
-    acc: bool,
-) {
-    // SAFETY: the caller's contract.
-    unsafe { gemv_with::<Dpbusd>(m, prep, rows, y, acc) }
-}
+fused_gemv_entry_points!(Int8Matrix);
 
-/// [`gemv_avxvnni`] on plain AVX2, `vpdpbusd`'s sums formed by `vpmaddwd` pairs (exact, the
-/// same bits): the fused GEMV of the AVX2 tier (and the tests' view of the AVX-VNNI code on any
-/// AVX2 CPU).
+/// Batch 1 on the step `D` (the entry points' body).
 ///
 /// # Safety
-/// The CPU has AVX2 and FMA; the shapes of [`gemv_avxvnni`].
-#[target_feature(enable = "avx2,fma")]
-pub(crate) unsafe fn gemv_avx2(
-    m: &Int8Matrix,
-    prep: &[f32],
-    rows: std::ops::Range<usize>,
-    y: &mut [f32],
-    acc: bool,
-) {
-    // SAFETY: the caller's contract.
-    unsafe { gemv_with::<crate::act8::avxvnni::DpbusdEmulated>(m, prep, rows, y, acc) }
-}
-
-/// `out[v · stride + j] = W[rows.start + j, :] · x'_v` for the `preps.len()` (2 to 8) prepared
-/// vectors: each row's codes loaded once for every vector, each (row, vector) through
-/// [`gemv_avxvnni`]'s steps, so its bits. `false`, with nothing written, for another count.
-///
-/// # Safety
-/// The CPU has AVX-VNNI, AVX2 and FMA; every prep as [`gemv_avxvnni`]'s, `rows ⊆ 0..out`,
-/// `stride >= rows.len()` and `out.len() >= (preps.len() - 1) · stride + rows.len()`.
-#[target_feature(enable = "avx2,fma,avxvnni")]
-pub(crate) unsafe fn gemv_batch_avxvnni(
-    m: &Int8Matrix,
-    preps: &[&[f32]],
-    rows: std::ops::Range<usize>,
-    out: &mut [f32],
-    stride: usize,
-) -> bool {
-    with_batch_count!(preps, V, preps_v =>
-        // SAFETY: the caller's contract, for the V vectors of the arm.
-        unsafe { rows_batch::<Dpbusd, V>(m, preps_v, rows, out, stride) }
-    )
-}
-
-/// [`gemv_batch_avxvnni`] on plain AVX2 (as [`gemv_avx2`]): the same bits.
-///
-/// # Safety
-/// As [`gemv_batch_avxvnni`], on a CPU with AVX2 and FMA.
-#[target_feature(enable = "avx2,fma")]
-pub(crate) unsafe fn gemv_batch_avx2(
-    m: &Int8Matrix,
-    preps: &[&[f32]],
-    rows: std::ops::Range<usize>,
-    out: &mut [f32],
-    stride: usize,
-) -> bool {
-    with_batch_count!(preps, V, preps_v =>
-        // SAFETY: the caller's contract, for the V vectors of the arm.
-        unsafe {
-            rows_batch::<crate::act8::avxvnni::DpbusdEmulated, V>(m, preps_v, rows, out, stride)
-        }
-    )
-}
-
-/// [`gemv_avxvnni`] on the step `D`.
-///
-/// # Safety
-/// `D`'s CPU features, AVX2 and FMA; the shapes of [`gemv_avxvnni`].
+/// `D`'s CPU features, AVX2 and FMA; the shapes of the module docs.
 #[inline(always)]
 unsafe fn gemv_with<D: ByteDot>(
     m: &Int8Matrix,
@@ -247,13 +176,13 @@ unsafe fn rows_n<D: ByteDot, const N: usize>(c: &Ctx<'_>, r0: usize) -> [f32; N]
     }
 }
 
-/// [`gemv_batch_avxvnni`] for `V` vectors on the step `D`: each row in parts of at most four
+/// 2 to 8 vectors on the step `D` (the entry points' body): each row in parts of at most four
 /// vectors (sizes differing by at most one), each part one sweep over the row's codes with
 /// its accumulators in registers (eight vectors' sixteen accumulators in one sweep spilled to
 /// the stack: batch 8 3.1 ms against 0.55 at batch 1).
 ///
 /// # Safety
-/// As [`gemv_batch_avxvnni`], with `D`'s CPU features.
+/// As the small-batch entry points', with `D`'s CPU features.
 #[inline(always)]
 unsafe fn rows_batch<D: ByteDot, const V: usize>(
     m: &Int8Matrix,

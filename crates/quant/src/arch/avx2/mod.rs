@@ -109,6 +109,58 @@ macro_rules! part_lanes {
 }
 pub(crate) use part_lanes;
 
+/// The four entry points of a 256-bit fused int8 GEMV over the matrix type `$m`, from the
+/// file's `gemv_with::<D>` (batch 1) and `rows_batch::<D, V>` (2 to 8 vectors) on the step
+/// `D`: `gemv_avxvnni` / `gemv_batch_avxvnni` with `vpdpbusd` (AVX-VNNI), `gemv_avx2` /
+/// `gemv_batch_avx2` with its sums by `vpmaddwd` pairs (plain AVX2: exact, the same bits).
+/// Batch 1: `y[j] (+)= W[rows.start + j, :] · x'` (with `acc`); small batches:
+/// `out[v · stride + j] = W[rows.start + j, :] · x'_v` (`false`, nothing written, for another
+/// count than 2 to 8).
+macro_rules! fused_gemv_entry_points {
+    ($m:ty) => {
+        fused_gemv_entry_points!(@one $m, gemv_avxvnni, gemv_batch_avxvnni,
+            $crate::act8::avxvnni::Dpbusd, "avx2,fma,avxvnni", "AVX-VNNI, AVX2 and FMA");
+        fused_gemv_entry_points!(@one $m, gemv_avx2, gemv_batch_avx2,
+            $crate::act8::avxvnni::DpbusdEmulated, "avx2,fma", "AVX2 and FMA");
+    };
+    (@one $m:ty, $gemv:ident, $batch:ident, $step:ty, $features:literal, $cpu:literal) => {
+        #[doc = concat!("Batch 1 on the step [`", stringify!($step), "`] (see [`fused_gemv_entry_points`]).")]
+        ///
+        /// # Safety
+        #[doc = concat!("The CPU has ", $cpu, "; `prep` is a whole preparation of x for `m`, `rows ⊆ 0..out`, `y.len() >= rows.len()`.")]
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn $gemv(
+            m: &$m,
+            prep: &[f32],
+            rows: std::ops::Range<usize>,
+            y: &mut [f32],
+            acc: bool,
+        ) {
+            // SAFETY: the caller's contract.
+            unsafe { gemv_with::<$step>(m, prep, rows, y, acc) }
+        }
+
+        #[doc = concat!("2 to 8 vectors on the step [`", stringify!($step), "`], each (row, vector) with the batch-1 kernel's bits (see [`fused_gemv_entry_points`]).")]
+        ///
+        /// # Safety
+        #[doc = concat!("The CPU has ", $cpu, "; every prep a whole preparation for `m`, `rows ⊆ 0..out`, `stride >= rows.len()` and `out.len() >= (preps.len() - 1) · stride + rows.len()`.")]
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn $batch(
+            m: &$m,
+            preps: &[&[f32]],
+            rows: std::ops::Range<usize>,
+            out: &mut [f32],
+            stride: usize,
+        ) -> bool {
+            with_batch_count!(preps, V, preps_v =>
+                // SAFETY: the caller's contract, for the V vectors of the arm.
+                unsafe { rows_batch::<$step, V>(m, preps_v, rows, out, stride) }
+            )
+        }
+    };
+}
+pub(crate) use fused_gemv_entry_points;
+
 /// A small batch of `v` vectors in parts of at most four (sizes differing by at most one): the
 /// ranges of vectors, in order.
 pub(crate) fn batch_parts(v: usize) -> impl Iterator<Item = std::ops::Range<usize>> {

@@ -10,94 +10,21 @@
 //! products (exact), is converted and added by one fused multiply-add per pair in pair order,
 //! and the lanes fold in [`crate::act8::fold16`]'s tree: the same bits as the AVX-512 kernel and
 //! the reference.
+//!
+//! Shapes: W `out x in` (`in % 64 == 0`; `packed` `[out, in/2]`), `prep` `[prep_len(in)]` from
+//! [`crate::nf4::act8::prepare`], `rows ⊆ 0..out`, `y` `[rows.len()]`: `y[j] (+)= W[r, :] ·
+//! x'` for row `r = rows.start + j`. Four rows at a time share the loads of x; per row and
+//! pair of blocks: two 32-byte loads of codes, four table lookups (`vpshufb`), four
+//! `vpdpbusd`, two conversions and two fused multiply-adds.
 
-use super::{batch_parts, fold16, part_lanes, Lanes16};
+use super::{batch_parts, fold16, fused_gemv_entry_points, part_lanes, Lanes16};
 use crate::act8::avx2::ByteDot;
-use crate::act8::avxvnni::Dpbusd;
 use crate::cpu::{prefetch_weights, quant_prefetch, QuantPrefetch, PREFETCH_ROWS};
 use crate::nf4::act8::{block_scale, parts, BIASED_LEVELS};
 use crate::nf4::{Nf4Matrix, NF4_BLOCK};
 use std::arch::x86_64::*;
 
-/// Shapes: W `out x in` (`in % 64 == 0`; `packed` `[out, in/2]`), `prep` `[prep_len(in)]` from
-/// [`crate::nf4::act8::prepare`], `rows ⊆ 0..out`, `y` `[rows.len()]`: `y[j] (+)= W[r, :] ·
-/// x'` for row `r = rows.start + j`. Four rows at a time share the loads of x; per row and pair of blocks: two
-/// 32-byte loads of codes, four table lookups (`vpshufb`), four `vpdpbusd`, two conversions
-/// and two fused multiply-adds.
-///
-/// # Safety
-/// The CPU has AVX-VNNI, AVX2 and FMA; the shapes above.
-#[target_feature(enable = "avx2,fma,avxvnni")]
-pub(crate) unsafe fn gemv_avxvnni(
-    m: &Nf4Matrix,
-    prep: &[f32],
-    rows: std::ops::Range<usize>,
-    y: &mut [f32],
-    acc: bool,
-) {
-    // SAFETY: the caller's contract.
-    unsafe { gemv_with::<Dpbusd>(m, prep, rows, y, acc) }
-}
-
-/// [`gemv_avxvnni`] on plain AVX2, `vpdpbusd`'s sums formed by `vpmaddwd` pairs (exact, the
-/// same bits): the fused GEMV of the AVX2 tier (and the tests' view of the AVX-VNNI code on any
-/// AVX2 CPU).
-///
-/// # Safety
-/// The CPU has AVX2 and FMA; the shapes of [`gemv_avxvnni`].
-#[target_feature(enable = "avx2,fma")]
-pub(crate) unsafe fn gemv_avx2(
-    m: &Nf4Matrix,
-    prep: &[f32],
-    rows: std::ops::Range<usize>,
-    y: &mut [f32],
-    acc: bool,
-) {
-    // SAFETY: the caller's contract.
-    unsafe { gemv_with::<crate::act8::avxvnni::DpbusdEmulated>(m, prep, rows, y, acc) }
-}
-
-/// `out[v · stride + j] = W[rows.start + j, :] · x'_v` for the `preps.len()` (2 to 8) prepared
-/// vectors: each row's codes looked up once per part of at most four vectors, each (row,
-/// vector) through [`gemv_avxvnni`]'s steps, so its bits. `false`, with nothing written, for
-/// another count.
-///
-/// # Safety
-/// The CPU has AVX-VNNI, AVX2 and FMA; every prep as [`gemv_avxvnni`]'s, `rows ⊆ 0..out`,
-/// `stride >= rows.len()` and `out.len() >= (preps.len() - 1) · stride + rows.len()`.
-#[target_feature(enable = "avx2,fma,avxvnni")]
-pub(crate) unsafe fn gemv_batch_avxvnni(
-    m: &Nf4Matrix,
-    preps: &[&[f32]],
-    rows: std::ops::Range<usize>,
-    out: &mut [f32],
-    stride: usize,
-) -> bool {
-    with_batch_count!(preps, V, preps_v =>
-        // SAFETY: the caller's contract, for the V vectors of the arm.
-        unsafe { rows_batch::<Dpbusd, V>(m, preps_v, rows, out, stride) }
-    )
-}
-
-/// [`gemv_batch_avxvnni`] on plain AVX2 (as [`gemv_avx2`]): the same bits.
-///
-/// # Safety
-/// As [`gemv_batch_avxvnni`], on a CPU with AVX2 and FMA.
-#[target_feature(enable = "avx2,fma")]
-pub(crate) unsafe fn gemv_batch_avx2(
-    m: &Nf4Matrix,
-    preps: &[&[f32]],
-    rows: std::ops::Range<usize>,
-    out: &mut [f32],
-    stride: usize,
-) -> bool {
-    with_batch_count!(preps, V, preps_v =>
-        // SAFETY: the caller's contract, for the V vectors of the arm.
-        unsafe {
-            rows_batch::<crate::act8::avxvnni::DpbusdEmulated, V>(m, preps_v, rows, out, stride)
-        }
-    )
-}
+fused_gemv_entry_points!(Nf4Matrix);
 
 /// A pair's level bytes of one row: the high and the low nibbles of each block's 32 packed
 /// bytes through the table, `[block 0 high, block 0 low, block 1 high, block 1 low]` (block 1
@@ -173,10 +100,10 @@ unsafe fn step<D: ByteDot>(
     }
 }
 
-/// [`gemv_avxvnni`] on the step `D`.
+/// Batch 1 on the step `D` (the entry points' body).
 ///
 /// # Safety
-/// `D`'s CPU features, AVX2 and FMA; the shapes of [`gemv_avxvnni`].
+/// `D`'s CPU features, AVX2 and FMA; the shapes of the module docs.
 #[inline(always)]
 unsafe fn gemv_with<D: ByteDot>(
     m: &Nf4Matrix,
@@ -253,13 +180,13 @@ unsafe fn rows_n<D: ByteDot, const N: usize>(
     }
 }
 
-/// [`gemv_batch_avxvnni`] for `V` vectors on the step `D`: the rows' block absmaxes once per
+/// 2 to 8 vectors on the step `D` (the entry points' body): the rows' block absmaxes once per
 /// call, each vector's block scales formed from them as [`Nf4Matrix::fill_scaled_absmax`]
 /// forms them; each row in parts of at most four vectors (sizes differing by at most one), each
 /// part one sweep over the row's codes with its accumulators in registers.
 ///
 /// # Safety
-/// As [`gemv_batch_avxvnni`], with `D`'s CPU features.
+/// As the small-batch entry points', with `D`'s CPU features.
 #[inline(always)]
 unsafe fn rows_batch<D: ByteDot, const V: usize>(
     m: &Nf4Matrix,
