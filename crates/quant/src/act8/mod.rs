@@ -246,17 +246,14 @@ pub(crate) struct FusedGemv<M> {
     /// Floats of that preparation for an input of `in` elements (never the length of the
     /// format's f32 preparation, for `in > 0`).
     pub(crate) prep_len: fn(usize) -> usize,
-    /// The AVX-512 VNNI kernel: `y[j] (+)= W[rows.start + j, :] · x'` (with `acc`).
+    /// The AVX-512 VNNI kernel.
     #[cfg(target_arch = "x86_64")]
-    pub(crate) kernel: unsafe fn(&M, &[f32], std::ops::Range<usize>, &mut [f32], bool),
+    pub(crate) kernel: FusedKernel<M>,
     /// The AVX-512 VNNI kernel for a small batch in one pass over the rows, where the format
-    /// has one: `out[v · stride + j] = W[rows.start + j, :] · x'_v` for 2 to 8 prepared
-    /// vectors with [`FusedGemv::kernel`]'s bits for each (`false`, nothing written, for
-    /// another count); see [`FusedGemv::run_batch`].
+    /// has one, with [`FusedGemv::kernel`]'s bits for each vector; see
+    /// [`FusedGemv::run_batch`].
     #[cfg(target_arch = "x86_64")]
-    #[allow(clippy::type_complexity)]
-    pub(crate) batch:
-        Option<unsafe fn(&M, &[&[f32]], std::ops::Range<usize>, &mut [f32], usize) -> bool>,
+    pub(crate) batch: Option<FusedBatchKernel<M>>,
     /// The 256-bit kernels where the format has them, with the AVX-512 kernels' bits: for the
     /// AVX-VNNI and the AVX2 integer tiers (the path's [`IntTier::for_path`]), each a batch-1
     /// kernel as [`FusedGemv::kernel`] and a small-batch one as [`FusedGemv::batch`] (the
@@ -285,23 +282,40 @@ pub(crate) struct YmmKernels<M> {
     pub(crate) avx2: (FusedKernel<M>, FusedBatchKernel<M>),
 }
 
-#[cfg(target_arch = "x86_64")]
-impl<M> YmmKernels<M> {
-    /// The kernels for `path`'s integer tier, if it is AVX-VNNI or AVX2 (the path is then AVX2,
-    /// or AVX-512 without AVX-512 VNNI).
-    fn for_path(
+impl<M> FusedGemv<M> {
+    /// The kernels for `path` (a path the CPU supports): the AVX-512 VNNI ones on the AVX-512
+    /// path of a CPU with VNNI, the 256-bit ones of `path`'s integer tier where it is AVX-VNNI
+    /// or AVX2 and the format has them; `None` elsewhere (the scalar reference runs).
+    #[cfg(target_arch = "x86_64")]
+    fn kernels(
         &self,
         path: crate::cpu::KernelPath,
-    ) -> Option<(FusedKernel<M>, FusedBatchKernel<M>)> {
-        match IntTier::for_path(path) {
-            IntTier::AvxVnni => Some(self.avxvnni),
-            IntTier::Avx2 => Some(self.avx2),
-            _ => None,
+    ) -> Option<(FusedKernel<M>, Option<FusedBatchKernel<M>>)> {
+        if path == crate::cpu::KernelPath::Avx512 && has_avx512vnni() {
+            return Some((self.kernel, self.batch));
+        }
+        let ymm = self.ymm.as_ref()?;
+        let (kernel, batch) = match IntTier::for_path(path) {
+            IntTier::AvxVnni => ymm.avxvnni,
+            IntTier::Avx2 => ymm.avx2,
+            _ => return None,
+        };
+        Some((kernel, Some(batch)))
+    }
+
+    /// Whether the format has 256-bit kernels (the AVX-VNNI and AVX2 tiers' routes take its
+    /// fused GEMV only then, [`fused_on_tier`]).
+    fn has_ymm(&self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            self.ymm.is_some()
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
         }
     }
-}
 
-impl<M> FusedGemv<M> {
     /// Appends x prepared for this GEMV to `prep` and says `true` where a batch of `m` vectors
     /// through a matrix `inn` wide takes it (int8 activations, this route) and x is finite;
     /// `false`, with nothing appended, otherwise (the format then prepares its f32 GEMV).
@@ -315,10 +329,9 @@ impl<M> FusedGemv<M> {
         takes_fused(self.format, m, self.route)
     }
 
-    /// Where `prep` is this GEMV's preparation (told by its length), its rows: the AVX-512
-    /// VNNI kernel on the AVX-512 path of a CPU with VNNI, the AVX-VNNI kernel where the
-    /// format has one and the path's integer tier is AVX-VNNI, else the scalar reference row
-    /// by row (the same bits); `true` then, `false` (nothing written) for another preparation.
+    /// Where `prep` is this GEMV's preparation (told by its length), its rows: the kernel for
+    /// `path` ([`FusedGemv::kernels`]), else the scalar reference row by row (the same bits);
+    /// `true` then, `false` (nothing written) for another preparation.
     ///
     /// # Safety
     /// The CPU supports `path`; `w` is `inn` wide with `rows.end` rows at least, and
@@ -338,12 +351,9 @@ impl<M> FusedGemv<M> {
         if inn == 0 || prep.len() != (self.prep_len)(inn) {
             return false;
         }
-        if path == crate::cpu::KernelPath::Avx512 && has_avx512vnni() {
-            // SAFETY: the caller's contract, this preparation, and the CPU has VNNI.
-            unsafe { (self.kernel)(w, prep, rows, y, acc) };
-        } else if let Some((kernel, _)) = self.ymm.as_ref().and_then(|k| k.for_path(path)) {
-            // SAFETY: the caller's contract, this preparation; the path is AVX2 (or AVX-512),
-            // so the CPU has AVX2 and FMA, and it has AVX-VNNI where that tier's kernel runs.
+        if let Some((kernel, _)) = self.kernels(path) {
+            // SAFETY: the caller's contract and this preparation; `kernels` chose a kernel whose
+            // instructions the CPU has (AVX-512 VNNI, AVX-VNNI, or AVX2 and FMA).
             unsafe { kernel(w, prep, rows, y, acc) };
         } else {
             let mut put = crate::kernels::store_row(y, acc);
@@ -356,8 +366,8 @@ impl<M> FusedGemv<M> {
 }
 
 impl<M> FusedGemv<M> {
-    /// The format's [`crate::kernels::QuantRows::gemv_batch`]: its batch kernel where it has
-    /// one, the path is AVX-512 on a CPU with VNNI and every preparation is this GEMV's (told
+    /// The format's [`crate::kernels::QuantRows::gemv_batch`]: the batch kernel for `path`
+    /// ([`FusedGemv::kernels`]) where there is one and every preparation is this GEMV's (told
     /// by its length); `false`, with nothing written, otherwise (the caller then runs the
     /// vectors one at a time).
     ///
@@ -376,24 +386,11 @@ impl<M> FusedGemv<M> {
         stride: usize,
     ) -> bool {
         #[cfg(target_arch = "x86_64")]
-        if let Some(batch) = self.batch {
-            if path == crate::cpu::KernelPath::Avx512
-                && has_avx512vnni()
-                && inn > 0
-                && preps.iter().all(|p| p.len() == (self.prep_len)(inn))
-            {
-                // SAFETY: the path is usable (the caller's `usable`), so the CPU has AVX-512
-                // F/BW/VL, AVX2, FMA and F16C, and it has VNNI (checked); every preparation
-                // is this GEMV's; rows, stride and out as the trait's contract says.
-                return unsafe { batch(w, preps, rows, out, stride) };
-            }
-        }
-        #[cfg(target_arch = "x86_64")]
-        if let Some((_, batch)) = self.ymm.as_ref().and_then(|k| k.for_path(path)) {
+        if let Some((_, Some(batch))) = self.kernels(path) {
             if inn > 0 && preps.iter().all(|p| p.len() == (self.prep_len)(inn)) {
-                // SAFETY: the path is usable and AVX2 or AVX-512 (so AVX2 and FMA), on a CPU
-                // with AVX-VNNI where that tier's kernel runs; every preparation is this
-                // GEMV's; rows, stride and out as the trait's contract says.
+                // SAFETY: the path is usable (the caller's `usable`) and `kernels` chose a
+                // kernel whose instructions the CPU has; every preparation is this GEMV's;
+                // rows, stride and out as the trait's contract says.
                 return unsafe { batch(w, preps, rows, out, stride) };
             }
         }
@@ -403,12 +400,19 @@ impl<M> FusedGemv<M> {
 }
 
 /// Whether the fused int8 GEMV of `format` runs on `tier`: on AVX-512 VNNI and AMX for NF4,
-/// lower and the int8 format, on AVX-VNNI and AVX2 for NF4 and the int8 format (the formats
-/// with 256-bit kernels, `crate::arch::avx2::nf4_int8` and `int8_int8`).
+/// lower and the int8 format, on AVX-VNNI and AVX2 for those of them with 256-bit kernels
+/// (their `FUSED`'s 256-bit kernels: NF4 and the int8 format, `crate::arch::avx2::nf4_int8`
+/// and `int8_int8`).
 pub fn fused_on_tier(format: &str, tier: IntTier) -> bool {
+    let has_ymm = match format {
+        "nf4" => crate::nf4::act8::FUSED.has_ymm(),
+        "lower" => crate::lower::act8::FUSED.has_ymm(),
+        "int8" => crate::int8::act8::FUSED.has_ymm(),
+        _ => return false,
+    };
     match tier {
-        IntTier::Avx512Vnni | IntTier::Amx => matches!(format, "nf4" | "lower" | "int8"),
-        IntTier::AvxVnni | IntTier::Avx2 => matches!(format, "nf4" | "int8"),
+        IntTier::Avx512Vnni | IntTier::Amx => true,
+        IntTier::AvxVnni | IntTier::Avx2 => has_ymm,
         _ => false,
     }
 }

@@ -56,6 +56,16 @@ unsafe fn pair_levels(
     }
 }
 
+/// [`BIASED_LEVELS`] in both 128-bit lanes (the `vpshufb` table).
+///
+/// # Safety
+/// AVX2 enabled by the caller.
+#[inline(always)]
+unsafe fn level_table() -> __m256i {
+    // SAFETY: 16 readable bytes; the caller's target features.
+    unsafe { _mm256_broadcastsi128_si256(_mm_loadu_si128(BIASED_LEVELS.as_ptr() as *const _)) }
+}
+
 /// The level bytes of the high and the low nibbles of `c` (a helper rather than a closure:
 /// closures do not inherit the caller's target features).
 ///
@@ -72,22 +82,26 @@ unsafe fn levels(c: __m256i, table: __m256i, low4: __m256i) -> (__m256i, __m256i
     }
 }
 
-/// One pair's step on a (row, vector)'s lanes: lane half `h` adds `(Σ − corr) · s_h`, the sums
-/// of block `h`'s level bytes against x's bytes of the pair, `s` the two blocks' scales.
+/// The step of the pair starting at block `b` (`whole`: it has two blocks) on a (row, vector)'s
+/// lanes: lane half `h` adds `(Σ − corr) · s_h`, the sums of block `b + h`'s level bytes `lv`
+/// against x's bytes of the pair (`xd`, `corr`: the vector's whole preparation), `s_h =
+/// scale(b + h)`, 0 for a pair's missing second block.
 ///
 /// # Safety
-/// `D`'s CPU features, AVX2 and FMA enabled by the caller; `xd` holds the pair's 128 bytes and
-/// `corr` its 16 i32.
+/// `D`'s CPU features, AVX2 and FMA enabled by the caller; `xd` and `corr` hold the pair's 128
+/// bytes and 16 i32.
 #[inline(always)]
 unsafe fn step<D: ByteDot>(
     lv: &[__m256i; 4],
-    xd: *const i8,
-    corr: *const i32,
-    s: [f32; 2],
+    (xd, corr): (&[i8], &[i32]),
+    (b, whole): (usize, bool),
+    scale: impl Fn(usize) -> f32,
     a: &mut Lanes16,
 ) {
+    let s = [scale(b), if whole { scale(b + 1) } else { 0.0 }];
     // SAFETY: the caller's contract.
     unsafe {
+        let (xd, corr) = (xd.as_ptr().add(b / 2 * 128), corr.as_ptr().add(b / 2 * 16));
         for (h, ah) in a.iter_mut().enumerate() {
             let xe = _mm256_loadu_si256(xd.add(32 * h) as *const __m256i);
             let xo = _mm256_loadu_si256(xd.add(64 + 32 * h) as *const __m256i);
@@ -149,30 +163,18 @@ unsafe fn rows_n<D: ByteDot, const N: usize>(
     // `row_bytes` packed bytes each at r · row_bytes (32 per block); xd holds 128 bytes and
     // corr 16 i32 per pair; prefetches never fault.
     unsafe {
-        let table =
-            _mm256_broadcastsi128_si256(_mm_loadu_si128(BIASED_LEVELS.as_ptr() as *const _));
+        let table = level_table();
         let base = m.packed.as_slice().as_ptr().add(r0 * row_bytes);
         let mut acc = [[_mm256_setzero_ps(); 2]; N];
         let mut b = 0;
         while b < nb {
-            let p = b / 2;
             let whole = b + 1 < nb;
             for (q, a) in acc.iter_mut().enumerate() {
                 let row = base.add(q * row_bytes);
                 let lv = pair_levels(row, b, whole, table, pf, PREFETCH_ROWS * row_bytes);
-                let s0 = *scale.get_unchecked(q * nb + b);
-                let s1 = if whole {
-                    *scale.get_unchecked(q * nb + b + 1)
-                } else {
-                    0.0
-                };
-                step::<D>(
-                    &lv,
-                    xd.as_ptr().add(p * 128),
-                    corr.as_ptr().add(p * 16),
-                    [s0, s1],
-                    a,
-                );
+                let rs = &scale[q * nb..(q + 1) * nb];
+                // SAFETY (the scale): k < nb, the row's scales.
+                step::<D>(&lv, (xd, corr), (b, whole), |k| *rs.get_unchecked(k), a);
             }
             b += 2;
         }
@@ -202,6 +204,8 @@ unsafe fn rows_batch<D: ByteDot, const V: usize>(
     let sweep = Sweep {
         m,
         pf: quant_prefetch(),
+        // SAFETY: 16 readable bytes; AVX2 enabled by the caller.
+        table: unsafe { level_table() },
     };
     for (j, r) in rows.enumerate() {
         let am = &absmax[j * nb..(j + 1) * nb];
@@ -221,10 +225,12 @@ unsafe fn rows_batch<D: ByteDot, const V: usize>(
     crate::kernels::put_row_scales(absmax);
 }
 
-/// What one sweep of a batch's row reads: the matrix, the prefetch.
+/// What one sweep of a batch's row reads: the matrix, the prefetch, the level table in both
+/// 128-bit lanes.
 struct Sweep<'a> {
     m: &'a Nf4Matrix,
     pf: QuantPrefetch,
+    table: __m256i,
 }
 
 impl Sweep<'_> {
@@ -247,29 +253,23 @@ impl Sweep<'_> {
         // r · row_bytes (32 per block); each xd holds 128 bytes and each corr 16 i32 per pair,
         // each su nb scales; prefetches never fault.
         unsafe {
-            let table =
-                _mm256_broadcastsi128_si256(_mm_loadu_si128(BIASED_LEVELS.as_ptr() as *const _));
             let row = self.m.packed.as_slice().as_ptr().add(r * row_bytes);
             let mut acc = [[_mm256_setzero_ps(); 2]; P];
             let mut b = 0;
             while b < nb {
-                let p = b / 2;
                 let whole = b + 1 < nb;
-                let lv = pair_levels(row, b, whole, table, self.pf, PREFETCH_ROWS * row_bytes);
+                let lv = pair_levels(
+                    row,
+                    b,
+                    whole,
+                    self.table,
+                    self.pf,
+                    PREFETCH_ROWS * row_bytes,
+                );
                 for (a, &(xd, corr, su)) in acc.iter_mut().zip(xs) {
-                    let s0 = block_scale(am[b], *su.get_unchecked(b));
-                    let s1 = if whole {
-                        block_scale(am[b + 1], *su.get_unchecked(b + 1))
-                    } else {
-                        0.0
-                    };
-                    step::<D>(
-                        &lv,
-                        xd.as_ptr().add(p * 128),
-                        corr.as_ptr().add(p * 16),
-                        [s0, s1],
-                        a,
-                    );
+                    // SAFETY (the scale): k < nb, the row's absmaxes and the vector's scales.
+                    let scale = |k: usize| block_scale(*am.get_unchecked(k), *su.get_unchecked(k));
+                    step::<D>(&lv, (xd, corr), (b, whole), scale, a);
                 }
                 b += 2;
             }
