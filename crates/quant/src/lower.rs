@@ -571,7 +571,8 @@ impl QuantRows for LowerMatrix {
     fn act8_fused(&self, m: usize) -> bool {
         act8::FUSED.takes(m)
     }
-    /// The fused int8 GEMV's batch kernel (`lower_int8::gemv_batch`, through
+    /// The fused int8 GEMV's batch kernel (`lower_int8::gemv_batch` on AVX-512 VNNI, the
+    /// 256-bit `lower_int8` kernels on AVX-VNNI and AVX2, through
     /// [`crate::act8::FusedGemv::run_batch`]).
     fn gemv_batch(
         &self,

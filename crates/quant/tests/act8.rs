@@ -9,9 +9,9 @@ mod common;
 
 use nibble_quant::act8::backward::{backward_route, Int8InputGrad, TransposedInt8, BACKWARD_UNIT};
 use nibble_quant::act8::{
-    forward, fused_end, fused_end_on, fused_on_tier, int8_route, q4_fused_end, quantize_x,
-    unit_sums, unit_sums_ref, with_activations, ActivationMode, CodeKind, Int8Route, IntCodes,
-    IntTier, GROUP, NF4_LEVELS_I8,
+    forward, fused_end_on, fused_on_tier, int8_route, q4_fused_end, quantize_x, unit_sums,
+    unit_sums_ref, with_activations, ActivationMode, CodeKind, Int8Route, IntCodes, IntTier, GROUP,
+    NF4_LEVELS_I8,
 };
 use nibble_quant::nf4::NF4_LEVELS;
 use nibble_quant::{Int8Matrix, LowerMatrix, Nf4Matrix, Q4Matrix};
@@ -227,9 +227,14 @@ fn forward_every_format_every_tier() {
                             ),
                         "{name} m {m}"
                     ),
-                    Int8Route::FusedLower => {
-                        assert!(name == "lower" && m < fused_end("lower"), "{name} m {m}")
-                    }
+                    Int8Route::FusedLower => assert!(
+                        name == "lower"
+                            && m < fused_end_on(
+                                IntTier::for_path(nibble_quant::cpu::kernel_path()),
+                                "lower"
+                            ),
+                        "{name} m {m}"
+                    ),
                     Int8Route::FusedInt8 => assert!(
                         name == "int8"
                             && m < fused_end_on(
@@ -627,7 +632,7 @@ fn backward_int8_bits_independent_of_threads_and_nonfinite_declined() {
 }
 
 /// Where int8 mode takes a batch of NF4, int8 or lower through the format's fused GEMV (below
-/// `fused_end` on AVX-512 VNNI and AMX), the batch gives what its vectors give one at a time
+/// `fused_end_on` the tier), the batch gives what its vectors give one at a time
 /// (batch 1, the same route), bit for bit, at 1 and 3 threads, outputs pre-filled with NaN; from
 /// there on the route is the f32 path's or the integer GEMM's (the int8 format's batches run its
 /// batch kernel, every vector per row in one pass). Prints the tiers the CPU lacks.

@@ -237,12 +237,14 @@ fn amx_tier_selection() {
 
 /// The AVX-VNNI tier is listed and chosen exactly where the CPU has it: on the AVX2 path, and
 /// on the AVX-512 path below AVX-512 VNNI; without it the tier falls to AVX2. It routes the
-/// batches AVX-512 VNNI does; its emulation is never listed or chosen.
+/// batches AVX-512 VNNI does; its emulation is never listed or chosen. Lower's small batches
+/// take its fused GEMV on the AVX-VNNI and AVX2 tiers up to their GEMM's start.
 #[test]
 fn avxvnni_tier_selection() {
     use nibble_quant::act8::{
         gemm_route, has_avx512vnni, has_avxvnni, int8_route_on, Int8Route, INT8_GEMM_START_512,
-        LOWER_GEMM_START_512, NF4_FUSED_END_AVXVNNI, NF4_GEMM_START_512, NF4_GENERIC_MAX_M,
+        LOWER_FUSED_END_AVX2, LOWER_FUSED_END_AVXVNNI, LOWER_GEMM_START_512, NF4_FUSED_END_AVXVNNI,
+        NF4_GEMM_START_512, NF4_GENERIC_MAX_M,
     };
     use nibble_quant::cpu::{has_avx2_fma_f16c, KernelPath};
     let has = has_avxvnni();
@@ -302,6 +304,36 @@ fn avxvnni_tier_selection() {
             assert_eq!(
                 int8_route_on(IntTier::AvxVnni, "nf4", 48 + m),
                 Int8Route::Generic
+            );
+        }
+    }
+    // Lower's small batches on its fused GEMV (the 256-bit kernels) up to where each 256-bit
+    // tier's GEMM starts, the GEMM from there (AVX2: on any AVX2 CPU).
+    let lower_tiers = [
+        (IntTier::AvxVnni, LOWER_FUSED_END_AVXVNNI, has),
+        (IntTier::Avx2, LOWER_FUSED_END_AVX2, has_avx2_fma_f16c()),
+    ];
+    for (tier, end, runs) in lower_tiers {
+        assert_eq!(
+            gemm_route(tier, "lower").map(|r| r.start),
+            Some(end),
+            "{tier:?}"
+        );
+        if !runs {
+            continue;
+        }
+        for m in 1..end {
+            assert_eq!(
+                int8_route_on(tier, "lower", m),
+                Int8Route::FusedLower,
+                "{tier:?} {m}"
+            );
+        }
+        for m in [end, end + 1, 2 * end] {
+            assert_eq!(
+                int8_route_on(tier, "lower", m),
+                Int8Route::Generic,
+                "{tier:?} {m}"
             );
         }
     }

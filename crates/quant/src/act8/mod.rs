@@ -401,7 +401,7 @@ impl<M> FusedGemv<M> {
 
 /// Whether the fused int8 GEMV of `format` runs on `tier`: on AVX-512 VNNI and AMX for NF4,
 /// lower and the int8 format, on AVX-VNNI and AVX2 for those of them with 256-bit kernels
-/// (their `FUSED`'s 256-bit kernels: NF4 and the int8 format, `crate::arch::avx2::nf4_int8`
+/// (their `FUSED`'s 256-bit kernels: all three, `crate::arch::avx2::nf4_int8`, `lower_int8`
 /// and `int8_int8`).
 pub fn fused_on_tier(format: &str, tier: IntTier) -> bool {
     let has_ymm = match format {
@@ -1629,9 +1629,9 @@ pub enum Int8Route {
     /// NF4's fused int8 GEMV at batch 1 on the AVX-512 VNNI and AMX tiers (`crate::nf4::act8`):
     /// the generic driver's int8 values and scales, its f32 steps in another order.
     FusedNf4,
-    /// Lower's fused int8 GEMV at batch 1 on the AVX-512 VNNI and AMX tiers
-    /// (`crate::lower::act8`): the generic driver's int8 values, its f32 steps in another
-    /// order.
+    /// Lower's fused int8 GEMV (batch 1 and small batches) on the AVX-512 VNNI and AMX tiers,
+    /// and on AVX-VNNI and AVX2 with its 256-bit kernels (`crate::lower::act8`): the generic
+    /// driver's int8 values, its f32 steps in another order.
     FusedLower,
     /// The int8 format's fused int8 GEMV at batch 1 on the AVX-512 VNNI and AMX tiers
     /// (`crate::int8::act8`): the generic driver's int8 values, its f32 steps in another order.
@@ -1750,14 +1750,17 @@ pub fn int8_route(format: &str, m: usize) -> Int8Route {
     int8_route_on(IntTier::for_path(crate::cpu::kernel_path()), format, m)
 }
 
-/// [`fused_end`] on `tier`: the int8 format and NF4 on AVX-VNNI up to
-/// [`INT8_FUSED_END_AVXVNNI`] and [`NF4_FUSED_END_AVXVNNI`], on AVX2 up to [`FUSED_END_AVX2`],
-/// every other case as [`fused_end`] (the route checks [`fused_on_tier`] besides).
+/// [`fused_end`] on `tier`: the int8 format, NF4 and lower on AVX-VNNI up to
+/// [`INT8_FUSED_END_AVXVNNI`], [`NF4_FUSED_END_AVXVNNI`] and [`LOWER_FUSED_END_AVXVNNI`], on
+/// AVX2 up to [`FUSED_END_AVX2`] (lower [`LOWER_FUSED_END_AVX2`]), every other case as
+/// [`fused_end`] (the route checks [`fused_on_tier`] besides).
 pub fn fused_end_on(tier: IntTier, format: &str) -> usize {
     match (tier, format) {
         (IntTier::AvxVnni, "int8") => INT8_FUSED_END_AVXVNNI,
         (IntTier::AvxVnni, "nf4") => NF4_FUSED_END_AVXVNNI,
+        (IntTier::AvxVnni, "lower") => LOWER_FUSED_END_AVXVNNI,
         (IntTier::Avx2, "nf4" | "int8") => FUSED_END_AVX2,
+        (IntTier::Avx2, "lower") => LOWER_FUSED_END_AVX2,
         _ => fused_end(format),
     }
 }
@@ -1785,6 +1788,34 @@ pub const INT8_FUSED_END_AVXVNNI: usize = 48;
 /// 8: 4.94–4.95 above) and 3.63–4.31 / 6.19–7.66 for NF4 (the GEMM at 8: 5.49–6.22). So batches
 /// 1 to 4.
 pub const FUSED_END_AVX2: usize = 5;
+
+/// Where lower's fused int8 GEMV stops on the AVX-VNNI tier (its 256-bit kernels,
+/// `crate::arch::avx2::lower_int8`): where the tier's integer GEMM starts ([`gemm_route`]), as
+/// for the int8 format: below 32 the fused GEMV clearly beats the f32 path, from 32 to 47
+/// BigNet ties while one layer still gains. BigNet's lower_precision on the 2-core Xeon with
+/// `NIBBLE_KERNEL=avx2` (its AVX-VNNI), 2 threads, two rounds in turns, f32 path → fused, ms
+/// (2026-12-06): batch 1 2.60–2.82 → 0.95–0.96, 2 5.49–9.44 → 1.47–2.07, 4 4.71–6.52 →
+/// 2.27–2.29, 8 7.29–8.25 → 4.50–4.70, 16 11.58–12.47 → 8.82–8.85, 24 15.52–16.53 →
+/// 13.14–13.48, 32 18.58–19.10 → 18.03–18.21, 47 26.53–26.93 → 27.77–27.82 (the GEMM at 48:
+/// 12.34–12.82); three more rounds at 24 / 32 / 40 / 47: 11.57–17.09 / 14.85–20.16 /
+/// 21.10–26.06 / 25.61–27.16 → 13.24–14.38 / 17.68–17.95 / 21.66–22.51 / 26.30–26.83. One
+/// 1024² layer (`act8_bench`, 2 threads, 21 rounds interleaved, fused / f32 medians): batch 16
+/// 0.72–0.78, 24 0.74–0.84, 32 0.81–0.90, 40 0.76–1.09, 47 0.82–0.93. (The GEMM itself beat
+/// the fused GEMV from about 10 there, BigNet fused → GEMM, three rounds: batch 8 4.37–4.79 →
+/// 5.64–5.99, 10 6.39–6.85 → 6.14–6.32, 16 8.55–8.94 → 6.87–7.25, 32 15.95–18.19 → 7.89–9.82,
+/// 47 24.07–26.97 → 10.29–11.52; the tier's GEMM start of 48 rests on 16-thread runs of an
+/// older driver, so it stays until a many-core host measures it.)
+pub const LOWER_FUSED_END_AVXVNNI: usize = 48;
+
+/// Where lower's fused int8 GEMV stops on the plain AVX2 tier (its 256-bit kernels with
+/// `vpmaddubsw` pairs, exact for nibbles: 1.4–1.7x faster than `vpdpbusd`'s emulation there):
+/// where the tier's integer GEMM starts ([`gemm_route`]), since the fused GEMV beats the f32
+/// path at every smaller batch. BigNet's lower_precision on the 2-core Xeon with
+/// `NIBBLE_KERNEL=avx2 NIBBLE_AVXVNNI=0` (AVX2 code on an Intel core; not on a Zen 3), 2
+/// threads, two rounds in turns, f32 path → fused, ms (2026-12-06): batch 1 1.99–2.00 →
+/// 0.98–1.04, 2 4.07–4.35 → 1.54–1.57, 4 5.28–5.64 → 2.54–2.64, 8 6.71–7.49 → 4.99–5.02, 12
+/// 8.62–9.18 → 7.40–7.55, 15 9.80–11.06 → 9.08–9.20 (the GEMM at 16: 7.40–8.80).
+pub const LOWER_FUSED_END_AVX2: usize = 16;
 
 /// Where NF4's (and NF4-dq's) fused int8 GEMV stops on the AVX-VNNI tier
 /// (`crate::arch::avx2::nf4_int8`); from here to the integer GEMM's start (48) the f32 path
@@ -1824,8 +1855,7 @@ pub fn fused_end(format: &str) -> usize {
 
 /// [`int8_route`] on `tier`: Q4 fused below [`q4_fused_end`] (16 on AVX2, 48 where the
 /// integer GEMM starts at 48); NF4, lower and the int8 format fused below [`fused_end`] on
-/// AVX-512 VNNI and AMX, the int8 format and NF4 also below [`INT8_FUSED_END_AVXVNNI`] and
-/// [`NF4_FUSED_END_AVXVNNI`] on AVX-VNNI ([`fused_on_tier`]) (at batch 1, one 1024² layer on one thread of a 2-core Intel Xeon: NF4
+/// AVX-512 VNNI and AMX, and below [`fused_end_on`] on AVX-VNNI and AVX2 ([`fused_on_tier`]) (at batch 1, one 1024² layer on one thread of a 2-core Intel Xeon: NF4
 /// 24–26 µs against 50–54 µs for f32 (`crate::nf4::act8`), where the dot-product driver took
 /// 2.2x f32's time; lower 30 µs against 90 (`crate::lower::act8`), the driver 1.7x; the int8
 /// format 26 µs against 45 (`crate::int8::act8`)), and NF4's dot-product driver below 9 on

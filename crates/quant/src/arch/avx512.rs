@@ -1904,7 +1904,9 @@ pub(crate) mod nf4_int8 {
 /// lane: lane for lane the steps of [`crate::lower::act8::dot_ref`], the same bits.
 pub(crate) mod lower_int8 {
     use crate::cpu::{prefetch_weights, quant_prefetch, PREFETCH_ROWS};
-    use crate::lower::act8::{group_step_ref, groups, min_term, parts, row_parts};
+    use crate::lower::act8::{
+        group_step_ref, groups, min_term, parts, row_parts, SPREAD3_RUNS, SPREAD3_STEPS,
+    };
     use crate::lower::{LowerMatrix, LOWER_GROUP};
     use std::arch::x86_64::*;
 
@@ -2077,20 +2079,14 @@ pub(crate) mod lower_int8 {
                 v,
             );
             // Each dword: one run of 3 bytes (8 codes, code j at bits 3j..3j + 3).
-            let runs = _mm512_shuffle_epi8(
-                v,
-                _mm512_set4_epi32(
-                    0x80_0B_0A_09u32 as i32,
-                    0x80_08_07_06u32 as i32,
-                    0x80_05_04_03u32 as i32,
-                    0x80_02_01_00u32 as i32,
-                ),
-            );
+            let [r0, r1, r2, r3] = SPREAD3_RUNS;
+            let runs = _mm512_shuffle_epi8(v, _mm512_set4_epi32(r3, r2, r1, r0));
             // Codes 0..4 stay at bits 0..12, codes 4..8 move to bits 16..28; then each 12
             // bits to two 6-bit pairs at bytes; then each 6 bits to two codes at nibbles.
-            let x = spread_step::<4>(runs, 0x0000_0FFF, 0x00FF_F000);
-            let x = spread_step::<2>(x, 0x003F_003F, 0x0FC0_0FC0);
-            spread_step::<1>(x, 0x0707_0707, 0x3838_3838)
+            let [(_, k0, m0), (_, k1, m1), (_, k2, m2)] = SPREAD3_STEPS;
+            let x = spread_step::<{ SPREAD3_STEPS[0].0 }>(runs, k0, m0);
+            let x = spread_step::<{ SPREAD3_STEPS[1].0 }>(x, k1, m1);
+            spread_step::<{ SPREAD3_STEPS[2].0 }>(x, k2, m2)
         }
     }
 

@@ -1,6 +1,8 @@
 //! Lower's fused int8-activation GEMV at batch 1 (`y = W·x'` with x quantized to int8 as the
 //! generic driver quantizes it for lower, [`crate::act8`], units of one group of 128): the
-//! route [`crate::act8::Int8Route::FusedLower`] on the AVX-512 VNNI and AMX tiers.
+//! route [`crate::act8::Int8Route::FusedLower`] on the AVX-512 VNNI and AMX tiers
+//! ([`crate::arch::avx512::lower_int8`]) and on the AVX-VNNI and AVX2 ones
+//! ([`crate::arch::avx2::lower_int8`], the same lanes as two ymm: the same bits).
 //!
 //! The generic driver unpacks each row's 3- or 4-bit codes into a byte buffer and reads them
 //! again, which at batch 1 costs more than the f32 GEMV (one 1024² layer on one thread of a
@@ -33,6 +35,26 @@ const _: () = assert!(
     "lower's groups are the activation groups"
 );
 
+/// How the fused kernels move a 3-bit row's codes to nibbles (the AVX-512 and the 256-bit
+/// `lower_int8`), first: `vpshufb`'s pattern in each 128-bit lane (dwords low to high), which
+/// gives each dword one run of 3 bytes (8 codes, code `j` at bits `3j`) of the lane's first
+/// 12 bytes, its top byte zero.
+pub(crate) const SPREAD3_RUNS: [i32; 4] = [
+    0x80_02_01_00u32 as i32,
+    0x80_05_04_03u32 as i32,
+    0x80_08_07_06u32 as i32,
+    0x80_0B_0A_09u32 as i32,
+];
+
+/// Then three steps `x = (x & keep) | ((x & moved) << by)` on each dword, `(by, keep, moved)`:
+/// codes 0..4 stay at bits 0..12 and codes 4..8 move to bits 16..28; then each 12 bits to two
+/// 6-bit pairs at bytes; then each 6 bits to two codes at nibbles (code `j` at bits `4j`).
+pub(crate) const SPREAD3_STEPS: [(u32, i32, i32); 3] = [
+    (4, 0x0000_0FFF, 0x00FF_F000),
+    (2, 0x003F_003F, 0x0FC0_0FC0),
+    (1, 0x0707_0707, 0x3838_3838),
+];
+
 /// Groups of 128 of an `inn`-element row.
 pub(crate) fn groups(inn: usize) -> usize {
     inn.div_ceil(LOWER_GROUP)
@@ -49,7 +71,16 @@ pub(crate) const FUSED: crate::act8::FusedGemv<LowerMatrix> = crate::act8::Fused
     #[cfg(target_arch = "x86_64")]
     batch: Some(crate::arch::avx512::lower_int8::gemv_batch),
     #[cfg(target_arch = "x86_64")]
-    ymm: None,
+    ymm: Some(crate::act8::YmmKernels {
+        avxvnni: (
+            crate::arch::avx2::lower_int8::gemv_avxvnni,
+            crate::arch::avx2::lower_int8::gemv_batch_avxvnni,
+        ),
+        avx2: (
+            crate::arch::avx2::lower_int8::gemv_avx2,
+            crate::arch::avx2::lower_int8::gemv_batch_avx2,
+        ),
+    }),
     dot_ref,
 };
 

@@ -16,7 +16,7 @@
 //! group of 128 weights: four 32-byte loads of codes, four `vpdpbusd`, two conversions and two
 //! fused multiply-adds.
 
-use super::{batch_parts, fold16, fused_gemv_entry_points, part_lanes, Lanes16};
+use super::{batch_parts, fused_gemv_entry_points, part_lanes, Lanes16};
 use crate::act8::avx2::ByteDot;
 use crate::act8::GROUP;
 use crate::cpu::{prefetch_weights, quant_prefetch, QuantPrefetch, PREFETCH_ROWS};
@@ -108,39 +108,18 @@ unsafe fn step<D: ByteDot>(c: &[__m256i; 4], x: &[__m256i; 4], s: __m256, a: &mu
     }
 }
 
-/// The row's lanes as 16 floats.
-///
-/// # Safety
-/// AVX enabled by the caller.
-#[inline(always)]
-unsafe fn lanes(a: &Lanes16) -> [f32; 16] {
-    let mut l = [0.0f32; 16];
-    // SAFETY: 16 writable floats.
-    unsafe {
-        _mm256_storeu_ps(l.as_mut_ptr(), a[0]);
-        _mm256_storeu_ps(l.as_mut_ptr().add(8), a[1]);
-    }
-    l
-}
-
-/// The groups past the whole ones of `row` (a partial last group, if x has one): the
-/// reference's steps on the lanes, then [`crate::act8::fold16`]'s tree. (With whole groups
-/// only, [`fold`] on the registers.)
+/// A row's result from its lanes: the groups past the whole ones (a partial last group, if x
+/// has one) by the reference's steps, then the fold ([`super::finish_lanes`]).
 ///
 /// # Safety
 /// AVX2 enabled by the caller.
 #[inline(always)]
 unsafe fn finish_lanes(a: &Lanes16, row: &[u8], whole: usize, xq: &[i8], sx: &[f32]) -> f32 {
-    if whole < sx.len() {
-        // SAFETY: register and stack work on the caller's target features.
-        let mut l = unsafe { lanes(a) };
-        for (g, &s) in sx.iter().enumerate().skip(whole) {
-            group_step_ref(row, row.len(), g, xq, s, &mut l);
-        }
-        crate::act8::fold16(l)
-    } else {
-        // SAFETY: as above.
-        unsafe { fold16(a) }
+    // SAFETY: the caller's target features.
+    unsafe {
+        super::finish_lanes(a, whole..sx.len(), |g, l| {
+            group_step_ref(row, row.len(), g, xq, sx[g], l)
+        })
     }
 }
 

@@ -4,6 +4,7 @@
 pub(crate) mod int8;
 pub(crate) mod int8_int8;
 pub(crate) mod lower;
+pub(crate) mod lower_int8;
 pub(crate) mod nf4;
 pub(crate) mod nf4_int8;
 pub(crate) mod q4;
@@ -53,7 +54,7 @@ pub(crate) unsafe fn low_rank_tile(tile: crate::act8::TailTile) {
 }
 
 /// A row's 16 f32 lanes of a fused int8 GEMV (the AVX-512 kernels' zmm) as two ymm: lanes 0–7
-/// and 8–15 (`int8_int8`, `nf4_int8`).
+/// and 8–15 (`int8_int8`, `nf4_int8`, `lower_int8`).
 pub(crate) type Lanes16 = [__m256; 2];
 
 /// [`crate::act8::fold16`] on the registers: `f = lo + hi`, `g = f[0..4] + f[4..8]`, then
@@ -70,6 +71,46 @@ pub(crate) unsafe fn fold16(a: &Lanes16) -> f32 {
         let h = _mm_add_ps(g, _mm_movehl_ps(g, g));
         _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps::<1>(h, h)))
     }
+}
+
+/// The lanes as 16 floats, lanes 0–7 then 8–15.
+///
+/// # Safety
+/// AVX enabled by the caller.
+#[inline(always)]
+unsafe fn lanes(a: &Lanes16) -> [f32; 16] {
+    let mut l = [0.0f32; 16];
+    // SAFETY: 16 writable floats; the caller's target features.
+    unsafe {
+        _mm256_storeu_ps(l.as_mut_ptr(), a[0]);
+        _mm256_storeu_ps(l.as_mut_ptr().add(8), a[1]);
+    }
+    l
+}
+
+/// A row's result from its lanes after the whole groups of 128 (`int8_int8`, `lower_int8`):
+/// the groups `rest` (a partial last group, if x has one) by the format's scalar reference
+/// step `step(g, lanes)` on the lanes as floats, then [`crate::act8::fold16`]'s tree; with
+/// `rest` empty, [`fold16`] on the registers (the same bits).
+///
+/// # Safety
+/// AVX enabled by the caller.
+#[inline(always)]
+pub(crate) unsafe fn finish_lanes(
+    a: &Lanes16,
+    rest: std::ops::Range<usize>,
+    mut step: impl FnMut(usize, &mut [f32; 16]),
+) -> f32 {
+    if rest.is_empty() {
+        // SAFETY: register work on the caller's target features.
+        return unsafe { fold16(a) };
+    }
+    // SAFETY: stack work on the caller's target features.
+    let mut l = unsafe { lanes(a) };
+    for g in rest {
+        step(g, &mut l);
+    }
+    crate::act8::fold16(l)
 }
 
 /// The rows' lanes of one sweep over a row for a part of a small batch: `$sweep` evaluated with
@@ -112,16 +153,21 @@ pub(crate) use part_lanes;
 /// The four entry points of a 256-bit fused int8 GEMV over the matrix type `$m`, from the
 /// file's `gemv_with::<D>` (batch 1) and `rows_batch::<D, V>` (2 to 8 vectors) on the step
 /// `D`: `gemv_avxvnni` / `gemv_batch_avxvnni` with `vpdpbusd` (AVX-VNNI), `gemv_avx2` /
-/// `gemv_batch_avx2` with its sums by `vpmaddwd` pairs (plain AVX2: exact, the same bits).
-/// Batch 1: `y[j] (+)= W[rows.start + j, :] · x'` (with `acc`); small batches:
-/// `out[v · stride + j] = W[rows.start + j, :] · x'_v` (`false`, nothing written, for another
-/// count than 2 to 8).
+/// `gemv_batch_avx2` on the plain-AVX2 step `$avx2`, by default `vpdpbusd`'s sums by `vpmaddwd`
+/// pairs (`DpbusdEmulated`, exact for any bytes); a format whose runs of products stay within
+/// `vpmaddubsw`'s i16 sums names `Maddubs` (exact there, fewer instructions). Either way the
+/// same integer sums, so the same bits. Batch 1: `y[j] (+)= W[rows.start + j, :] · x'` (with
+/// `acc`); small batches: `out[v · stride + j] = W[rows.start + j, :] · x'_v` (`false`,
+/// nothing written, for another count than 2 to 8).
 macro_rules! fused_gemv_entry_points {
     ($m:ty) => {
+        fused_gemv_entry_points!($m, $crate::act8::avxvnni::DpbusdEmulated);
+    };
+    ($m:ty, $avx2:ty) => {
         fused_gemv_entry_points!(@one $m, gemv_avxvnni, gemv_batch_avxvnni,
             $crate::act8::avxvnni::Dpbusd, "avx2,fma,avxvnni", "AVX-VNNI, AVX2 and FMA");
         fused_gemv_entry_points!(@one $m, gemv_avx2, gemv_batch_avx2,
-            $crate::act8::avxvnni::DpbusdEmulated, "avx2,fma", "AVX2 and FMA");
+            $avx2, "avx2,fma", "AVX2 and FMA");
     };
     (@one $m:ty, $gemv:ident, $batch:ident, $step:ty, $features:literal, $cpu:literal) => {
         #[doc = concat!("Batch 1 on the step [`", stringify!($step), "`] (see [`fused_gemv_entry_points`]).")]
