@@ -237,14 +237,14 @@ fn amx_tier_selection() {
 
 /// The AVX-VNNI tier is listed and chosen exactly where the CPU has it: on the AVX2 path, and
 /// on the AVX-512 path below AVX-512 VNNI; without it the tier falls to AVX2. It routes the
-/// batches AVX-512 VNNI does; its emulation is never listed or chosen. Lower's small batches
-/// take its fused GEMV on the AVX-VNNI and AVX2 tiers up to their GEMM's start.
+/// batches AVX-512 VNNI does but NF4's, int8's and lower's from 12; its emulation is never
+/// listed or chosen. Those formats' small batches take their fused GEMVs up to the GEMM.
 #[test]
 fn avxvnni_tier_selection() {
     use nibble_quant::act8::{
-        gemm_route, has_avx512vnni, has_avxvnni, int8_route_on, Int8Route, INT8_GEMM_START_512,
-        LOWER_FUSED_END_AVX2, LOWER_FUSED_END_AVXVNNI, LOWER_GEMM_START_512, NF4_FUSED_END_AVXVNNI,
-        NF4_GEMM_START_512, NF4_GENERIC_MAX_M,
+        gemm_route, has_avx512vnni, has_avxvnni, int8_route_on, Int8Route, GEMM_START_AVXVNNI,
+        INT8_FUSED_END_AVXVNNI, INT8_GEMM_START_512, LOWER_FUSED_END_AVX2, LOWER_FUSED_END_AVXVNNI,
+        LOWER_GEMM_START_512, NF4_FUSED_END_AVXVNNI, NF4_GEMM_START_512,
     };
     use nibble_quant::cpu::{has_avx2_fma_f16c, KernelPath};
     let has = has_avxvnni();
@@ -270,13 +270,16 @@ fn avxvnni_tier_selection() {
     } else {
         assert_eq!(emulated, IntTier::Scalar);
     }
-    // Measured on the Xeon's AVX-VNNI: the GEMM from 48 for every format (as AVX-512 VNNI for
-    // Q4; the 512-bit tiers start NF4, int8 and lower where their fused batch kernels stop
-    // winning), and NF4's small batches on its fused GEMV (the 256-bit kernels) up to
-    // NF4_FUSED_END_AVXVNNI, the f32 path from there to the GEMM.
+    // Measured on the Xeon's AVX-VNNI: the GEMM from 48 for Q4 (as AVX-512 VNNI), from
+    // GEMM_START_AVXVNNI for NF4, int8 and lower (the 512-bit tiers start them where their
+    // fused batch kernels stop winning).
     for f in ["q4", "nf4", "int8", "lower"] {
-        let route = gemm_route(IntTier::AvxVnni, f);
-        assert_eq!(route, Some(48..usize::MAX), "{f}");
+        let start = if f == "q4" { 48 } else { GEMM_START_AVXVNNI };
+        assert_eq!(
+            gemm_route(IntTier::AvxVnni, f),
+            Some(start..usize::MAX),
+            "{f}"
+        );
         let start512 = match f {
             "q4" => 48,
             "nf4" => NF4_GEMM_START_512,
@@ -291,49 +294,56 @@ fn avxvnni_tier_selection() {
             );
         }
     }
-    if has {
-        for m in 1..NF4_GENERIC_MAX_M {
-            assert_eq!(
-                int8_route_on(IntTier::AvxVnni, "nf4", m),
-                Int8Route::FusedNf4
-            );
-            assert_eq!(
-                int8_route_on(IntTier::AvxVnni, "nf4", NF4_FUSED_END_AVXVNNI - 1 + m),
-                Int8Route::F32
-            );
-            assert_eq!(
-                int8_route_on(IntTier::AvxVnni, "nf4", 48 + m),
-                Int8Route::Generic
-            );
-        }
-    }
-    // Lower's small batches on its fused GEMV (the 256-bit kernels) up to where each 256-bit
-    // tier's GEMM starts, the GEMM from there (AVX2: on any AVX2 CPU).
-    let lower_tiers = [
-        (IntTier::AvxVnni, LOWER_FUSED_END_AVXVNNI, has),
-        (IntTier::Avx2, LOWER_FUSED_END_AVX2, has_avx2_fma_f16c()),
+    // NF4's, the int8 format's and lower's small batches on their fused GEMVs (the 256-bit
+    // kernels) up to where the tier's GEMM starts, the GEMM from there (AVX2: on any AVX2
+    // CPU; NF4 and int8 stop there at FUSED_END_AVX2, below their GEMMs).
+    let fused_tiers = [
+        (
+            IntTier::AvxVnni,
+            "nf4",
+            Int8Route::FusedNf4,
+            NF4_FUSED_END_AVXVNNI,
+            has,
+        ),
+        (
+            IntTier::AvxVnni,
+            "int8",
+            Int8Route::FusedInt8,
+            INT8_FUSED_END_AVXVNNI,
+            has,
+        ),
+        (
+            IntTier::AvxVnni,
+            "lower",
+            Int8Route::FusedLower,
+            LOWER_FUSED_END_AVXVNNI,
+            has,
+        ),
+        (
+            IntTier::Avx2,
+            "lower",
+            Int8Route::FusedLower,
+            LOWER_FUSED_END_AVX2,
+            has_avx2_fma_f16c(),
+        ),
     ];
-    for (tier, end, runs) in lower_tiers {
+    for (tier, f, fused, end, runs) in fused_tiers {
         assert_eq!(
-            gemm_route(tier, "lower").map(|r| r.start),
+            gemm_route(tier, f).map(|r| r.start),
             Some(end),
-            "{tier:?}"
+            "{tier:?} {f}"
         );
         if !runs {
             continue;
         }
         for m in 1..end {
-            assert_eq!(
-                int8_route_on(tier, "lower", m),
-                Int8Route::FusedLower,
-                "{tier:?} {m}"
-            );
+            assert_eq!(int8_route_on(tier, f, m), fused, "{tier:?} {f} {m}");
         }
-        for m in [end, end + 1, 2 * end] {
+        for m in [end, end + 1, 2 * end, 48, 1024] {
             assert_eq!(
-                int8_route_on(tier, "lower", m),
+                int8_route_on(tier, f, m),
                 Int8Route::Generic,
-                "{tier:?} {m}"
+                "{tier:?} {f} {m}"
             );
         }
     }

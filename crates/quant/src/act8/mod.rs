@@ -91,7 +91,9 @@
 //! two (`vpsignb`-adjusted `vpmaddubsw`, `vpmaddwd`) per four, against four FMAs per four
 //! columns for f32, so NF4 and int8 meet f32 at about 512. The AVX-512 VNNI and AMX tiers
 //! (`vpdpbusd`, one instruction per four columns × 16 rows; `tdpbssd` tiles) take the GEMM
-//! from 48 vectors for every format, as measured on the 16-core Xeon ([`gemm_route`]).
+//! from 48 vectors for Q4 and from 10 or 11 for the other formats (where their fused
+//! small-batch kernels stop winning), AVX-VNNI from 48 for Q4 and from 12 for the others, as
+//! measured on the 16-core Xeon ([`gemm_route`]).
 //!
 //! # Per call
 //! The GEMM's fixed costs are paid once per call and layer: x's quantization (vectorized, in
@@ -1726,7 +1728,9 @@ const _: () = assert!(LOWER_GEMM_START_512 >= gemm::GEMM_MIN_M);
 /// AVX2 tier in the same run 0.71–1.32 at 64 to 1024); 16 threads, batch 16 1.26–2.46, 64
 /// 0.50–1.75 (noisy), 256 0.33–0.87, 1024 0.24–0.46. So every format from 48, at every larger
 /// batch (one `vpdpbusd` per four columns makes the 8-bit codes as cheap as the 4-bit ones,
-/// unlike AVX2). The portable and emulated tiers: `None` (not measured; the f32 path runs).
+/// unlike AVX2); since the thirty-first session NF4, int8 and lower from
+/// [`GEMM_START_AVXVNNI`] (their 256-bit fused GEMVs below). The portable and emulated tiers:
+/// `None` (not measured; the f32 path runs).
 pub fn gemm_route(tier: IntTier, format: &str) -> Option<std::ops::Range<usize>> {
     // (The measurements behind the start of NF4, int8 and lower on the 512-bit tiers:
     // [`NF4_GEMM_START_512`], [`INT8_GEMM_START_512`], [`LOWER_GEMM_START_512`].)
@@ -1734,8 +1738,8 @@ pub fn gemm_route(tier: IntTier, format: &str) -> Option<std::ops::Range<usize>>
         (IntTier::Amx | IntTier::Avx512Vnni, "nf4") => Some(NF4_GEMM_START_512..usize::MAX),
         (IntTier::Amx | IntTier::Avx512Vnni, "int8") => Some(INT8_GEMM_START_512..usize::MAX),
         (IntTier::Amx | IntTier::Avx512Vnni, "lower") => Some(LOWER_GEMM_START_512..usize::MAX),
-        (IntTier::Amx | IntTier::Avx512Vnni, "q4")
-        | (IntTier::AvxVnni, "q4" | "nf4" | "int8" | "lower") => Some(48..usize::MAX),
+        (IntTier::Amx | IntTier::Avx512Vnni | IntTier::AvxVnni, "q4") => Some(48..usize::MAX),
+        (IntTier::AvxVnni, "nf4" | "int8" | "lower") => Some(GEMM_START_AVXVNNI..usize::MAX),
         (IntTier::Avx2, "q4" | "lower") => Some(16..usize::MAX),
         (IntTier::Avx2, "nf4") => Some(gemm::GEMM_MIN_M..usize::MAX),
         (IntTier::Avx2, "int8") => Some(24..usize::MAX),
@@ -1766,14 +1770,40 @@ pub fn fused_end_on(tier: IntTier, format: &str) -> usize {
 }
 
 /// Where the int8 format's fused int8 GEMV stops on the AVX-VNNI tier (its 256-bit kernels,
-/// `crate::arch::avx2::int8_int8`): where the tier's integer GEMM starts ([`gemm_route`]), since
-/// the fused GEMV beats the f32 path at every smaller batch. BigNet's int8 format on the 2-core
+/// `crate::arch::avx2::int8_int8`): where the tier's integer GEMM starts ([`gemm_route`],
+/// [`GEMM_START_AVXVNNI`]), since the fused GEMV beats the f32 path at every smaller batch. BigNet's int8 format on the 2-core
 /// Xeon with `NIBBLE_KERNEL=avx2` (its AVX-VNNI), 2 threads, two rounds of the final build, f32
 /// path → fused, ms (2026-12-06): batch 1 0.94–1.35 → 0.49–0.60, 2 1.86–2.35 → 0.60–1.27, 4
 /// 3.46–3.64 → 1.20–1.52, 8 5.19–5.36 → 2.67–5.60, 16 8.37–9.57 → 5.36–5.54, 24 9.87–13.83 →
 /// 8.42–8.45, 32 14.57–14.71 → 10.87–11.56, 47 19.96–20.70 → 16.04–17.24 (the GEMM at 48:
 /// 8.59–8.69 in an earlier pairing).
-pub const INT8_FUSED_END_AVXVNNI: usize = 48;
+pub const INT8_FUSED_END_AVXVNNI: usize = GEMM_START_AVXVNNI;
+
+/// Where the AVX-VNNI tier's integer GEMM starts for NF4 (and NF4-dq), the int8 format and
+/// lower ([`gemm_route`]; their fused GEMVs run below it). It was 48 for every format (set
+/// against the f32 path on 16 threads, before these formats had 256-bit fused GEMVs); against
+/// the fused GEMVs the GEMM wins from about 12. BigNet with int8 activations on the 16-core
+/// Xeon with `NIBBLE_KERNEL=avx2` (its AVX-VNNI), medians of 30, three rounds in turns
+/// (2026-12-06 06:25 and 06:30 UTC), ms, GEMM from 24 against 48: 16 threads, batch 24 / 32 /
+/// 47, int8 2.39–2.60 / 2.99–3.42 / 4.02–5.15 → 1.74–1.89 / 1.84–2.30 / 2.43–2.70, nf4
+/// 3.07–3.54 / 3.78–4.52 / 5.15–5.57 → 1.77–2.61 / 1.99–2.51 / 2.29–3.45, nf4_dq 3.28–4.01 /
+/// 4.01–4.18 / 5.21–5.64 → 1.86–2.03 / 2.08–2.36 / 2.31–2.89, lower_precision 3.27–3.55 /
+/// 4.17–4.39 / 5.70–6.27 → 1.98–2.38 / 2.08–3.48 / 2.40–2.98; 2 threads int8 5.55–6.82 /
+/// 7.14–9.11 / 9.96–15.69 → 4.16–4.85 / 4.24–5.74 / 7.69–7.83, nf4 9.95–12.90 / 11.93–12.72 /
+/// 17.15–19.31 → 4.41–5.82 / 4.35–6.94 / 5.54–7.23, lower_precision 6.17–10.29 / 8.37–14.15 /
+/// 12.31–16.47 → 5.38–6.67 / 4.92–7.09 / 6.43–8.98. From 12 against 24 (three rounds): 16
+/// threads, batch 12 / 16 / 20, int8 1.19–1.55 / 1.65–2.02 / 1.99–2.24 → 1.22–1.66 /
+/// 1.47–1.72 / 1.56–1.97, nf4 1.82–2.13 / 2.36–2.39 / 2.79–2.97 → 1.30–1.57 / 1.48–1.59 /
+/// 1.63–1.81, nf4_dq 1.77–1.93 / 2.38–2.50 / 2.80–3.10 → 1.31–1.51 / 1.51–1.61 / 1.69–1.77,
+/// lower_precision 1.90–2.26 / 2.41–2.58 / 2.96–3.30 → 1.49–1.77 / 1.68–2.25 / 1.90–2.20; 2
+/// threads int8 2.73–3.93 / 3.53–5.31 / 4.81–6.67 → 3.27–4.17 / 3.92–4.56 / 4.37–5.49, nf4
+/// 5.57–6.03 / 5.41–6.88 / 6.52–7.16 → 3.92–4.62 / 4.59–5.33 / 4.54–5.89, lower_precision
+/// 3.88–5.98 / 4.82–7.81 / 7.46–10.23 → 3.77–5.80 / 5.05–6.12 / 6.12–7.47 (the int8 format at
+/// 12 and 16 on 2 threads a tie). Q4 keeps 48: its GEMM from 24 was faster on 16 threads
+/// (low_precision at 32 / 47 3.21–3.51 / 4.25–5.05 → 2.30–2.43 / 2.66–2.84 ms) but not on 2
+/// (6.11–9.65 / 8.28–13.43 → 8.66–8.99 / 10.94–11.13), where its interleaved fused GEMV holds.
+pub const GEMM_START_AVXVNNI: usize = 12;
+const _: () = assert!(GEMM_START_AVXVNNI >= gemm::GEMM_MIN_M);
 
 /// Where the fused int8 GEMVs of NF4 and the int8 format stop on the plain AVX2 tier (their
 /// 256-bit kernels with `vpdpbusd`'s sums by `vpmaddwd` pairs); from here NF4 runs the integer
@@ -1790,9 +1820,9 @@ pub const INT8_FUSED_END_AVXVNNI: usize = 48;
 pub const FUSED_END_AVX2: usize = 5;
 
 /// Where lower's fused int8 GEMV stops on the AVX-VNNI tier (its 256-bit kernels,
-/// `crate::arch::avx2::lower_int8`): where the tier's integer GEMM starts ([`gemm_route`]), as
-/// for the int8 format: below 32 the fused GEMV clearly beats the f32 path, from 32 to 47
-/// BigNet ties while one layer still gains. BigNet's lower_precision on the 2-core Xeon with
+/// `crate::arch::avx2::lower_int8`): where the tier's integer GEMM starts
+/// ([`GEMM_START_AVXVNNI`]), as for the int8 format. Below 32 the fused GEMV clearly beats the
+/// f32 path (from 32 to 47 BigNet ties while one layer still gains). BigNet's lower_precision on the 2-core Xeon with
 /// `NIBBLE_KERNEL=avx2` (its AVX-VNNI), 2 threads, two rounds in turns, f32 path → fused, ms
 /// (2026-12-06): batch 1 2.60–2.82 → 0.95–0.96, 2 5.49–9.44 → 1.47–2.07, 4 4.71–6.52 →
 /// 2.27–2.29, 8 7.29–8.25 → 4.50–4.70, 16 11.58–12.47 → 8.82–8.85, 24 15.52–16.53 →
@@ -1803,9 +1833,8 @@ pub const FUSED_END_AVX2: usize = 5;
 /// 0.72–0.78, 24 0.74–0.84, 32 0.81–0.90, 40 0.76–1.09, 47 0.82–0.93. (The GEMM itself beat
 /// the fused GEMV from about 10 there, BigNet fused → GEMM, three rounds: batch 8 4.37–4.79 →
 /// 5.64–5.99, 10 6.39–6.85 → 6.14–6.32, 16 8.55–8.94 → 6.87–7.25, 32 15.95–18.19 → 7.89–9.82,
-/// 47 24.07–26.97 → 10.29–11.52; the tier's GEMM start of 48 rests on 16-thread runs of an
-/// older driver, so it stays until a many-core host measures it.)
-pub const LOWER_FUSED_END_AVXVNNI: usize = 48;
+/// 47 24.07–26.97 → 10.29–11.52; the 16-core Xeon confirmed it, see [`GEMM_START_AVXVNNI`].)
+pub const LOWER_FUSED_END_AVXVNNI: usize = GEMM_START_AVXVNNI;
 
 /// Where lower's fused int8 GEMV stops on the plain AVX2 tier (its 256-bit kernels with
 /// `vpmaddubsw` pairs, exact for nibbles: 1.4–1.7x faster than `vpdpbusd`'s emulation there):
@@ -1818,14 +1847,15 @@ pub const LOWER_FUSED_END_AVXVNNI: usize = 48;
 pub const LOWER_FUSED_END_AVX2: usize = 16;
 
 /// Where NF4's (and NF4-dq's) fused int8 GEMV stops on the AVX-VNNI tier
-/// (`crate::arch::avx2::nf4_int8`); from here to the integer GEMM's start (48) the f32 path
-/// runs, which the fused GEMV no longer beats. BigNet on the 2-core Xeon with
+/// (`crate::arch::avx2::nf4_int8`): where the tier's integer GEMM starts
+/// ([`GEMM_START_AVXVNNI`]; until the thirty-first session the fused GEMV stopped at 24, where
+/// it no longer beat the f32 path, which ran from there to the GEMM's start then, 48). BigNet on the 2-core Xeon with
 /// `NIBBLE_KERNEL=avx2` (its AVX-VNNI), 2 threads, two rounds of the final build, f32 path →
 /// fused, ms (2026-12-06): nf4 batch 1 2.09–2.23 → 0.75–0.85, 2 3.81–4.03 → 1.26–1.37, 4
 /// 4.69–4.95 → 2.15–2.48, 8 5.20–7.39 → 4.03–4.63, 16 8.78–10.88 → 8.09–9.33, 24 11.20–13.88
 /// → 12.10–13.06 (a tie); nf4_dq at 1 / 8 / 16 / 24 2.30–2.83 → 0.87–0.90, 8.31–10.00 →
 /// 4.81–4.92, 11.91–15.88 → 9.41–9.93, 15.25–23.45 → 14.29–15.92.
-pub const NF4_FUSED_END_AVXVNNI: usize = 24;
+pub const NF4_FUSED_END_AVXVNNI: usize = GEMM_START_AVXVNNI;
 
 /// Where the fused int8 GEMVs of NF4, lower and the int8 format stop on the AVX-512 VNNI and AMX
 /// tiers (batch 1 and small batches over tiles of 64 rows of W, up to 8 vectors in one pass
