@@ -1740,7 +1740,7 @@ pub fn gemm_route(tier: IntTier, format: &str) -> Option<std::ops::Range<usize>>
         (IntTier::Amx | IntTier::Avx512Vnni, "lower") => Some(LOWER_GEMM_START_512..usize::MAX),
         (IntTier::Amx | IntTier::Avx512Vnni | IntTier::AvxVnni, "q4") => Some(48..usize::MAX),
         (IntTier::AvxVnni, "nf4" | "int8" | "lower") => Some(GEMM_START_AVXVNNI..usize::MAX),
-        (IntTier::Avx2, "q4" | "lower") => Some(16..usize::MAX),
+        (IntTier::Avx2, "q4" | "lower") => Some(GEMM_START_AVX2_4BIT..usize::MAX),
         (IntTier::Avx2, "nf4") => Some(gemm::GEMM_MIN_M..usize::MAX),
         (IntTier::Avx2, "int8") => Some(24..usize::MAX),
         _ => None,
@@ -1838,13 +1838,18 @@ pub const LOWER_FUSED_END_AVXVNNI: usize = GEMM_START_AVXVNNI;
 
 /// Where lower's fused int8 GEMV stops on the plain AVX2 tier (its 256-bit kernels with
 /// `vpmaddubsw` pairs, exact for nibbles: 1.4–1.7x faster than `vpdpbusd`'s emulation there):
-/// where the tier's integer GEMM starts ([`gemm_route`]), since the fused GEMV beats the f32
-/// path at every smaller batch. BigNet's lower_precision on the 2-core Xeon with
+/// where the tier's integer GEMM starts ([`GEMM_START_AVX2_4BIT`]), since the fused GEMV beats
+/// the f32 path at every smaller batch. BigNet's lower_precision on the 2-core Xeon with
 /// `NIBBLE_KERNEL=avx2 NIBBLE_AVXVNNI=0` (AVX2 code on an Intel core; not on a Zen 3), 2
 /// threads, two rounds in turns, f32 path → fused, ms (2026-12-06): batch 1 1.99–2.00 →
 /// 0.98–1.04, 2 4.07–4.35 → 1.54–1.57, 4 5.28–5.64 → 2.54–2.64, 8 6.71–7.49 → 4.99–5.02, 12
 /// 8.62–9.18 → 7.40–7.55, 15 9.80–11.06 → 9.08–9.20 (the GEMM at 16: 7.40–8.80).
-pub const LOWER_FUSED_END_AVX2: usize = 16;
+pub const LOWER_FUSED_END_AVX2: usize = GEMM_START_AVX2_4BIT;
+
+/// Where the plain AVX2 tier's integer GEMM starts for the formats of at most 4-bit codes, Q4
+/// and lower ([`gemm_route`]; measured on the Zen 3, see its docs).
+pub const GEMM_START_AVX2_4BIT: usize = 16;
+const _: () = assert!(GEMM_START_AVX2_4BIT >= gemm::GEMM_MIN_M);
 
 /// Where NF4's (and NF4-dq's) fused int8 GEMV stops on the AVX-VNNI tier
 /// (`crate::arch::avx2::nf4_int8`): where the tier's integer GEMM starts
