@@ -176,6 +176,17 @@ fn run_block(
     Ok(())
 }
 
+/// The error of a BigNet layer without a bias (BigNet's layers all have one; a model built
+/// otherwise reaches here only through the public layer types).
+fn missing_bias(layer: &Linear) -> crate::error::Error {
+    crate::error::Error::Model {
+        what: format!(
+            "layer {} has no bias; every BigNet linear layer has one",
+            layer.name
+        ),
+    }
+}
+
 /// `y = post(x · Wᵀ + b (+ B(A x)))` for `m` rows into `y`, as [`Linear::forward`] and the
 /// step after it compute it: `y` starts as the bias rows, the product accumulates onto them,
 /// then the adapter's, then `post` (through the GEMM, all four in one pass over `y`). At batch 1
@@ -194,11 +205,20 @@ fn linear_into(
     // The guards and the handle that the weight and bias borrow from.
     let (trained, frozen);
     let (weight, bias): (&dyn WeightMatrix, &[f32]) = match &layer.base {
-        LinearBase::Trainable { weight, bias } => {
+        LinearBase::Trainable {
+            weight,
+            bias: Some(bias),
+        } => {
             trained = (weight.value(), bias.value());
             (&*trained.0, trained.1.data())
         }
-        LinearBase::Frozen { weight, bias } => {
+        LinearBase::Trainable { bias: None, .. } | LinearBase::Frozen { bias: None, .. } => {
+            return Err(missing_bias(layer));
+        }
+        LinearBase::Frozen {
+            weight,
+            bias: Some(bias),
+        } => {
             frozen = weight.matrix();
             let bias: &[f32] = match bias {
                 FrozenBias::F32(b) => b,
@@ -360,14 +380,17 @@ pub(crate) fn forward_batch1_team(
         .map(|layer| {
             let base = match &layer.base {
                 LinearBase::Trainable { weight, bias } => {
-                    HeldBase::Trainable(weight.value(), bias.value())
+                    HeldBase::Trainable(weight.value(), bias.as_ref()?.value())
                 }
-                LinearBase::Frozen { weight, bias } => HeldBase::Frozen(weight.matrix(), bias),
+                LinearBase::Frozen { weight, bias } => {
+                    HeldBase::Frozen(weight.matrix(), bias.as_ref()?)
+                }
             };
             let adapter = layer.lora.as_ref().map(|a| (a.a.value(), a.b.value()));
-            (base, adapter)
+            Some((base, adapter))
         })
-        .collect();
+        // A layer without a bias (never in a BigNet) takes the ordinary path, which reports it.
+        .collect::<Option<_>>()?;
     let views: Vec<LayerView<'_>> = held
         .iter()
         .map(|(base, adapter)| {

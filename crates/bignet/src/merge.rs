@@ -37,11 +37,12 @@ pub fn merge_adapters(model: &BigNet, into: WeightFormat) -> Result<(BigNet, Mer
         layer.base = match into {
             WeightFormat::F32 => LinearBase::Trainable {
                 weight: Param::new(key, w, true),
-                bias: Param::new(
-                    format!("{}.bias", layer.name),
-                    nibble_tensor::Tensor::from_vec(&[bias.len()], bias)?,
-                    true,
-                ),
+                bias: bias
+                    .map(|b| {
+                        let t = nibble_tensor::Tensor::from_vec(&[b.len()], b)?;
+                        Ok::<_, Error>(Param::new(format!("{}.bias", layer.name), t, true))
+                    })
+                    .transpose()?,
             },
             format => {
                 let stored = FrozenWeight::quantize(format, &key, &w)?;
@@ -49,12 +50,12 @@ pub fn merge_adapters(model: &BigNet, into: WeightFormat) -> Result<(BigNet, Mer
                 max_err = max_err.max(max);
                 sum_err += mean as f64 * w.numel() as f64;
                 count += w.numel();
-                let bias = match format {
+                let bias = bias.map(|b| match format {
                     WeightFormat::F16 => {
-                        FrozenBias::F16(bias.iter().map(|&v| f16::from_f32(v)).collect())
+                        FrozenBias::F16(b.iter().map(|&v| f16::from_f32(v)).collect())
                     }
-                    _ => FrozenBias::F32(bias),
-                };
+                    _ => FrozenBias::F32(b),
+                });
                 LinearBase::Frozen {
                     weight: stored,
                     bias,

@@ -105,15 +105,17 @@ impl BigNet {
         Ok(match variant.weight_format() {
             WeightFormat::F32 => LinearBase::Trainable {
                 weight: Param::new(format!("{name}.weight"), weight, true),
-                bias: Param::new(format!("{name}.bias"), bias, true),
+                bias: Some(Param::new(format!("{name}.bias"), bias, true)),
             },
             WeightFormat::F16 => LinearBase::Frozen {
                 weight: FrozenWeight::quantize(WeightFormat::F16, name, &weight)?,
-                bias: FrozenBias::F16(bias.data().iter().map(|&v| f16::from_f32(v)).collect()),
+                bias: Some(FrozenBias::F16(
+                    bias.data().iter().map(|&v| f16::from_f32(v)).collect(),
+                )),
             },
             format => LinearBase::Frozen {
                 weight: FrozenWeight::quantize(format, &format!("{name}.weight"), &weight)?,
-                bias: FrozenBias::F32(bias.into_vec()),
+                bias: Some(FrozenBias::F32(bias.into_vec())),
             },
         })
     }

@@ -31,21 +31,26 @@ pub fn save_model(model: &BigNet, path: &Path) -> Result<()> {
             LinearBase::Trainable { weight, bias } => {
                 format = Some(WeightFormat::F32);
                 held.push((format!("{key}.weight"), weight.value().clone()));
-                held.push((format!("{key}.bias"), bias.value().clone()));
+                held.extend(
+                    bias.as_ref()
+                        .map(|b| (format!("{key}.bias"), b.value().clone())),
+                );
             }
             LinearBase::Frozen { weight, bias } => {
                 format = Some(weight.format());
                 parts.extend(weight.parts(&format!("{key}.weight")));
-                let (dtype, bytes) = match bias {
-                    FrozenBias::F32(b) => (DType::F32, bytemuck::cast_slice::<f32, u8>(b)),
-                    FrozenBias::F16(b) => (DType::F16, bytemuck::cast_slice::<f16, u8>(b)),
-                };
-                parts.push((
-                    format!("{key}.bias"),
-                    dtype,
-                    vec![bias.len()],
-                    Cow::Borrowed(bytes),
-                ));
+                if let Some(bias) = bias {
+                    let (dtype, bytes) = match bias {
+                        FrozenBias::F32(b) => (DType::F32, bytemuck::cast_slice::<f32, u8>(b)),
+                        FrozenBias::F16(b) => (DType::F16, bytemuck::cast_slice::<f16, u8>(b)),
+                    };
+                    parts.push((
+                        format!("{key}.bias"),
+                        dtype,
+                        vec![bias.len()],
+                        Cow::Borrowed(bytes),
+                    ));
+                }
             }
         }
     }
@@ -132,7 +137,10 @@ pub fn load_quantized(
             expected.insert(bkey);
             layers.push(Linear {
                 name,
-                base: LinearBase::Frozen { weight, bias },
+                base: LinearBase::Frozen {
+                    weight,
+                    bias: Some(bias),
+                },
                 lora: None,
             });
         }

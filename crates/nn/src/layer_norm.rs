@@ -5,15 +5,15 @@ use crate::error::{Error, Result};
 use nibble_autograd::{Param, Tape, Var};
 use nibble_tensor::Tensor;
 
-/// A LayerNorm with an affine weight and bias `[dim]`.
+/// A LayerNorm with an affine weight and (unless `nn.LayerNorm(dim, bias=False)`) bias `[dim]`.
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
     /// The module's name (`2`, `model.norm`, ...).
     pub name: String,
     /// `weight` `[dim]`.
     pub weight: Param,
-    /// `bias` `[dim]`.
-    pub bias: Param,
+    /// `bias` `[dim]`; `None` for a LayerNorm without one.
+    pub bias: Option<Param>,
     /// Added to the variance.
     pub eps: f32,
 }
@@ -22,22 +22,24 @@ impl LayerNorm {
     /// PyTorch's default epsilon.
     pub const DEFAULT_EPS: f32 = 1e-5;
 
-    /// A LayerNorm named `name` from its weight and bias (both `[dim]`), trainable.
-    pub fn new(name: impl Into<String>, weight: Tensor, bias: Tensor) -> Result<Self> {
+    /// A LayerNorm named `name` from its weight and bias (both `[dim]`; no bias: a LayerNorm
+    /// without one), trainable.
+    pub fn new(name: impl Into<String>, weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let name = name.into();
-        if weight.shape().len() != 1 || weight.shape() != bias.shape() {
+        let bias_shape = bias.as_ref().map_or(weight.shape(), |b| b.shape());
+        if weight.shape().len() != 1 || weight.shape() != bias_shape {
             return Err(Error::Layer {
                 layer: name,
                 what: format!(
                     "LayerNorm weight and bias must both be [dim], found {:?} and {:?}",
                     weight.shape(),
-                    bias.shape()
+                    bias_shape
                 ),
             });
         }
         Ok(LayerNorm {
             weight: Param::new(format!("{name}.weight"), weight, true),
-            bias: Param::new(format!("{name}.bias"), bias, true),
+            bias: bias.map(|b| Param::new(format!("{name}.bias"), b, true)),
             name,
             eps: Self::DEFAULT_EPS,
         })
@@ -50,11 +52,24 @@ impl LayerNorm {
 
     /// Normalizes each row of `x` `[batch, dim]`.
     pub fn forward(&self, tape: &Tape, x: &Var) -> Result<Var> {
-        Ok(tape.layer_norm(x, &self.weight, &self.bias, self.eps)?)
+        match &self.bias {
+            Some(bias) => Ok(tape.layer_norm(x, &self.weight, bias, self.eps)?),
+            None => {
+                // Adding zeros gives the bits of no bias (`v + 0.0 == v` but for -0.0).
+                let zeros = Param::new(
+                    format!("{}.bias", self.name),
+                    Tensor::zeros(&[self.dim()]),
+                    false,
+                );
+                Ok(tape.layer_norm(x, &self.weight, &zeros, self.eps)?)
+            }
+        }
     }
 
     /// The weight and bias.
     pub fn params(&self) -> Vec<Param> {
-        vec![self.weight.clone(), self.bias.clone()]
+        std::iter::once(self.weight.clone())
+            .chain(self.bias.clone())
+            .collect()
     }
 }

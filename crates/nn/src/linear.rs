@@ -111,15 +111,15 @@ pub enum LinearBase {
     Trainable {
         /// `[out, in]`.
         weight: Param,
-        /// `[out]`.
-        bias: Param,
+        /// `[out]`; `None` for a layer without one (`nn.Linear(.., bias=False)`).
+        bias: Option<Param>,
     },
     /// A frozen weight of any storage and a frozen bias.
     Frozen {
         /// `[out, in]`, f16 or quantized.
         weight: FrozenWeight,
-        /// `[out]`.
-        bias: FrozenBias,
+        /// `[out]`; `None` for a layer without one.
+        bias: Option<FrozenBias>,
     },
 }
 
@@ -140,19 +140,19 @@ impl Linear {
     /// products.
     pub fn forward(&self, tape: &Tape, x: &Var) -> Result<Var> {
         let y = match (&self.base, &self.lora) {
-            (LinearBase::Trainable { weight, bias }, _) => tape.linear(x, weight, Some(bias))?,
+            (LinearBase::Trainable { weight, bias }, _) => tape.linear(x, weight, bias.as_ref())?,
             (LinearBase::Frozen { weight, bias }, Some(lora)) => {
                 // One record: y = x·Wᵀ + b + B (A x) in one pass, dX in one pass.
                 return Ok(tape.frozen_linear_lora(
                     x,
                     &weight.matrix(),
-                    Some(bias.as_bias()),
+                    bias.as_ref().map(FrozenBias::as_bias),
                     &lora.a,
                     &lora.b,
                 )?);
             }
             (LinearBase::Frozen { weight, bias }, None) => {
-                tape.frozen_linear(x, &weight.matrix(), Some(bias.as_bias()))?
+                tape.frozen_linear(x, &weight.matrix(), bias.as_ref().map(FrozenBias::as_bias))?
             }
         };
         match &self.lora {
@@ -171,10 +171,14 @@ impl Linear {
     /// ([`Tape::checkpoint_with`]). Skips the layer's product.
     pub fn forward_pending(&self, tape: &Tape, x: &Var) -> Result<Pending> {
         let y = match &self.base {
-            LinearBase::Trainable { weight, bias } => tape.linear_pending(x, weight, Some(bias))?,
+            LinearBase::Trainable { weight, bias } => {
+                tape.linear_pending(x, weight, bias.as_ref())?
+            }
             LinearBase::Frozen { weight, bias } => {
                 let matrix = weight.matrix();
-                self.check_bias(bias.len(), matrix.out_features())?;
+                if let Some(bias) = bias {
+                    self.check_bias(bias.len(), matrix.out_features())?;
+                }
                 if let Some(lora) = &self.lora {
                     return Ok(tape.frozen_linear_lora_pending(x, &matrix, &lora.a, &lora.b)?);
                 }
@@ -218,7 +222,7 @@ impl Linear {
     ///     name: "fc".into(),
     ///     base: LinearBase::Trainable {
     ///         weight: Param::new("fc.weight", weight, true),
-    ///         bias: Param::new("fc.bias", bias, true),
+    ///         bias: Some(Param::new("fc.bias", bias, true)),
     ///     },
     ///     lora: None,
     /// };
@@ -232,11 +236,13 @@ impl Linear {
             return Ok(());
         };
         let packed = PackedWeight::pack(&weight.value())?;
-        let bias = bias.value().data().to_vec();
-        self.check_bias(bias.len(), packed.out_features())?;
+        let bias = bias.as_ref().map(|b| b.value().data().to_vec());
+        if let Some(bias) = &bias {
+            self.check_bias(bias.len(), packed.out_features())?;
+        }
         self.base = LinearBase::Frozen {
             weight: FrozenWeight::F32(std::sync::Arc::new(packed)),
-            bias: FrozenBias::F32(bias),
+            bias: bias.map(FrozenBias::F32),
         };
         Ok(())
     }
@@ -260,7 +266,7 @@ impl Linear {
         let mut out = Vec::new();
         if let LinearBase::Trainable { weight, bias } = &self.base {
             out.push(weight.clone());
-            out.push(bias.clone());
+            out.extend(bias.clone());
         }
         if let Some(l) = &self.lora {
             out.push(l.a.clone());
@@ -276,31 +282,76 @@ impl Linear {
         match &self.base {
             LinearBase::Trainable { .. } => (0, 0),
             LinearBase::Frozen { weight, bias } => (
-                weight.stored_elements() + bias.len(),
-                weight.matrix().storage_bytes() + bias.bytes(),
+                weight.stored_elements() + bias.as_ref().map_or(0, FrozenBias::len),
+                weight.matrix().storage_bytes() + bias.as_ref().map_or(0, FrozenBias::bytes),
             ),
         }
     }
 
-    /// The weight as f32 (dequantized if need be) and the bias as f32.
-    pub fn dense_weight_and_bias(&self) -> (Tensor, Vec<f32>) {
+    /// The weight as f32 (dequantized if need be) and the bias as f32 (`None` for a layer
+    /// without one).
+    pub fn dense_weight_and_bias(&self) -> (Tensor, Option<Vec<f32>>) {
         match &self.base {
-            LinearBase::Trainable { weight, bias } => {
-                (weight.value().clone(), bias.value().data().to_vec())
+            LinearBase::Trainable { weight, bias } => (
+                weight.value().clone(),
+                bias.as_ref().map(|b| b.value().data().to_vec()),
+            ),
+            LinearBase::Frozen { weight, bias } => (
+                weight.matrix().to_f32(),
+                bias.as_ref().map(FrozenBias::to_f32),
+            ),
+        }
+    }
+
+    /// Replaces the base's bias (`bias`) or weight with `value` (`[out]` or `[out, in]`, checked
+    /// by the caller), frozen: what a PEFT adapter's `bias = "all"` or `modules_to_save` holds.
+    /// A new weight makes the base an f32 one (PEFT's full copy of the module) and drops the
+    /// layer's adapter; a new bias keeps the base's format.
+    pub fn replace_base_param(&mut self, bias: bool, value: Tensor) -> Result<()> {
+        let name = format!("{}.{}", self.name, if bias { "bias" } else { "weight" });
+        let frozen = |t: Tensor| Param::new(name.clone(), t, false);
+        if bias {
+            match &mut self.base {
+                LinearBase::Trainable { bias, .. } => *bias = Some(frozen(value)),
+                LinearBase::Frozen { bias, .. } => *bias = Some(FrozenBias::F32(value.into_vec())),
             }
-            LinearBase::Frozen { weight, bias } => (weight.matrix().to_f32(), bias.to_f32()),
+            return Ok(());
+        }
+        let (_, old_bias) = self.dense_weight_and_bias();
+        let bias = match old_bias {
+            Some(b) => Some(Param::new(
+                format!("{}.bias", self.name),
+                Tensor::from_vec(&[b.len()], b)?,
+                false,
+            )),
+            None => None,
+        };
+        self.base = LinearBase::Trainable {
+            weight: frozen(value),
+            bias,
+        };
+        self.lora = None;
+        Ok(())
+    }
+
+    /// Whether the layer adds a bias.
+    pub fn has_bias(&self) -> bool {
+        match &self.base {
+            LinearBase::Trainable { bias, .. } => bias.is_some(),
+            LinearBase::Frozen { bias, .. } => bias.is_some(),
         }
     }
 }
 
 impl Linear {
     /// A layer named `name` (the module's path, e.g. `0` or `model.fc1`) from an f32 weight
-    /// `[out, in]` and bias `[out]`, stored in `format`: `F32` trains, every other format is a
+    /// `[out, in]` and bias `[out]` (`None`: a layer without a bias, as
+    /// `nn.Linear(.., bias=False)`), stored in `format`: `F32` trains, every other format is a
     /// frozen weight (quantized here) with an f32 bias.
     pub fn from_f32(
         name: impl Into<String>,
         weight: Tensor,
-        bias: Tensor,
+        bias: Option<Tensor>,
         format: WeightFormat,
     ) -> Result<Self> {
         let name = name.into();
@@ -313,7 +364,7 @@ impl Linear {
                 })
             }
         };
-        if bias.shape() != [out] {
+        if let Some(bias) = bias.as_ref().filter(|b| b.shape() != [out]) {
             return Err(Error::Layer {
                 layer: name,
                 what: format!(
@@ -326,11 +377,11 @@ impl Linear {
         let base = match format {
             WeightFormat::F32 => LinearBase::Trainable {
                 weight: Param::new(format!("{name}.weight"), weight, true),
-                bias: Param::new(format!("{name}.bias"), bias, true),
+                bias: bias.map(|b| Param::new(format!("{name}.bias"), b, true)),
             },
             format => LinearBase::Frozen {
                 weight: FrozenWeight::quantize(format, &format!("{name}.weight"), &weight)?,
-                bias: FrozenBias::F32(bias.into_vec()),
+                bias: bias.map(|b| FrozenBias::F32(b.into_vec())),
             },
         };
         Ok(Linear {
@@ -370,7 +421,7 @@ impl Linear {
     pub fn stored_bytes(&self) -> usize {
         let base = match &self.base {
             LinearBase::Trainable { weight, bias } => {
-                4 * (weight.value().numel() + bias.value().numel())
+                4 * (weight.value().numel() + bias.as_ref().map_or(0, |b| b.value().numel()))
             }
             LinearBase::Frozen { .. } => self.frozen_storage().1,
         };

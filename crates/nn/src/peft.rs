@@ -10,6 +10,7 @@
 //! `lora_alpha / √r` with `use_rslora`) into B.
 
 use crate::error::{Error, Result};
+use crate::layer_norm::LayerNorm;
 use crate::linear::{Linear, LoraAdapter};
 use nibble_autograd::Param;
 use nibble_io::{write_safetensors, Checkpoint, DType};
@@ -108,85 +109,238 @@ pub fn save_adapter<'a>(layers: impl IntoIterator<Item = &'a Linear>, dir: &Path
         })
 }
 
-/// PEFT's scaling of `B A x`, read from the config.
-fn read_scaling(dir: &Path) -> Result<(usize, f32)> {
-    let path = dir.join(CONFIG_FILE);
-    let text = std::fs::read(&path).map_err(|source| Error::Io {
-        path: path.clone(),
-        op: "read",
-        source,
-    })?;
-    if text.len() > 1 << 20 {
-        return Err(adapter_error(
-            &path,
-            "adapter_config.json is larger than 1 MiB",
-        ));
-    }
-    let config: Value = serde_json::from_slice(&text)
-        .map_err(|e| adapter_error(&path, format!("invalid JSON: {e}")))?;
-    let field = |name: &str| config.get(name);
-    match field("peft_type").and_then(Value::as_str) {
-        Some("LORA") => {}
-        other => {
+/// What loading needs from `adapter_config.json`: the rank and scaling of each module's `B A x`.
+#[derive(Debug, Clone)]
+pub struct AdapterConfig {
+    /// `r`: the rank of every module that `rank_pattern` does not name.
+    pub r: usize,
+    /// `lora_alpha` (`r` when absent).
+    pub alpha: f64,
+    /// `use_rslora`: the scaling is `alpha / √r` instead of `alpha / r`.
+    pub rslora: bool,
+    /// `rank_pattern`: per-module ranks, keyed by PEFT's module patterns.
+    pub rank_pattern: Vec<(String, usize)>,
+    /// `alpha_pattern`: per-module alphas, keyed likewise.
+    pub alpha_pattern: Vec<(String, f64)>,
+}
+
+/// Whether PEFT's pattern `pattern` (a key of `rank_pattern` / `alpha_pattern`) names the module
+/// `module`: the whole name, or, as PEFT's `get_pattern_key` matches, a regex matching the
+/// name's last dotted components (`(.*\.)?(pattern)$`).
+fn pattern_names(pattern: &str, module: &str) -> bool {
+    pattern == module
+        || regex::Regex::new(&format!(r"^(?:.*\.)?(?:{pattern})$"))
+            .is_ok_and(|re| re.is_match(module))
+}
+
+/// The value of the first pattern naming `module`, exact names first.
+fn by_pattern<T: Copy>(patterns: &[(String, T)], module: &str) -> Option<T> {
+    patterns
+        .iter()
+        .find(|(p, _)| p == module)
+        .or_else(|| patterns.iter().find(|(p, _)| pattern_names(p, module)))
+        .map(|(_, v)| *v)
+}
+
+impl AdapterConfig {
+    /// Reads `dir/adapter_config.json`. Settings that change what the adapter computes beyond
+    /// `B A x` (DoRA, a bias on `lora_B`, `fan_in_fan_out`, layer replication, QA-LoRA, adapters
+    /// on parameters) are errors naming the field; `bias` `"all"` / `"lora_only"` and
+    /// `modules_to_save` only add tensors to the file, which [`crate::Sequential::load_adapter`]
+    /// applies.
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join(CONFIG_FILE);
+        let text = std::fs::read(&path).map_err(|source| Error::Io {
+            path: path.clone(),
+            op: "read",
+            source,
+        })?;
+        if text.len() > 1 << 20 {
             return Err(adapter_error(
                 &path,
-                format!("peft_type must be \"LORA\", found {other:?}"),
-            ))
+                "adapter_config.json is larger than 1 MiB",
+            ));
         }
-    }
-    let r = field("r")
-        .and_then(Value::as_u64)
-        .filter(|&r| r > 0 && r <= 1 << 16)
-        .ok_or_else(|| {
+        let config: Value = serde_json::from_slice(&text)
+            .map_err(|e| adapter_error(&path, format!("invalid JSON: {e}")))?;
+        let field = |name: &str| config.get(name).filter(|v| !v.is_null());
+        match field("peft_type").and_then(Value::as_str) {
+            Some("LORA") => {}
+            other => {
+                return Err(adapter_error(
+                    &path,
+                    format!("peft_type must be \"LORA\", found {other:?}"),
+                ))
+            }
+        }
+        for (name, what) in [
+            ("use_dora", "DoRA (`use_dora`)"),
+            ("lora_bias", "a bias on lora_B (`lora_bias`)"),
+            (
+                "fan_in_fan_out",
+                "`fan_in_fan_out` (transposed base weights)",
+            ),
+            ("use_qalora", "QA-LoRA (`use_qalora`)"),
+        ] {
+            if field(name).and_then(Value::as_bool) == Some(true) {
+                return Err(adapter_error(&path, format!("{what} is not supported")));
+            }
+        }
+        for name in ["layer_replication", "target_parameters"] {
+            if field(name).is_some_and(|v| !v.as_array().is_some_and(|a| a.is_empty())) {
+                return Err(adapter_error(&path, format!("`{name}` is not supported")));
+            }
+        }
+        let rank = |v: &Value| {
+            v.as_u64()
+                .filter(|&r| r > 0 && r <= 1 << 16)
+                .map(|r| r as usize)
+        };
+        let r = field("r").and_then(rank).ok_or_else(|| {
             adapter_error(
                 &path,
                 format!("`r` must be a positive integer, found {:?}", field("r")),
             )
-        })? as usize;
-    let alpha = match field("lora_alpha") {
-        None | Some(Value::Null) => r as f64,
-        Some(v) => v.as_f64().filter(|a| a.is_finite()).ok_or_else(|| {
-            adapter_error(&path, format!("`lora_alpha` must be a number, found {v}"))
-        })?,
-    };
-    match field("bias").and_then(Value::as_str) {
-        None | Some("none") => {}
-        Some(b) => {
-            return Err(adapter_error(
-                &path,
-                format!("bias = \"{b}\" is not supported (only \"none\")"),
-            ))
+        })?;
+        let number = |v: &Value| v.as_f64().filter(|a| a.is_finite());
+        let alpha = match field("lora_alpha") {
+            None => r as f64,
+            Some(v) => number(v).ok_or_else(|| {
+                adapter_error(&path, format!("`lora_alpha` must be a number, found {v}"))
+            })?,
+        };
+        match field("bias").and_then(Value::as_str) {
+            None | Some("none" | "all" | "lora_only") => {}
+            Some(b) => {
+                return Err(adapter_error(
+                    &path,
+                    format!("bias = \"{b}\" is not one of \"none\", \"all\", \"lora_only\""),
+                ))
+            }
         }
+        let patterns =
+            |name: &str, parse: &dyn Fn(&Value) -> Option<f64>| -> Result<Vec<(String, f64)>> {
+                let Some(map) = field(name) else {
+                    return Ok(Vec::new());
+                };
+                let map = map.as_object().ok_or_else(|| {
+                    adapter_error(&path, format!("`{name}` must be an object, found {map}"))
+                })?;
+                map.iter()
+                    .map(|(k, v)| {
+                        parse(v).map(|x| (k.clone(), x)).ok_or_else(|| {
+                            adapter_error(&path, format!("`{name}`: `{k}` has the bad value {v}"))
+                        })
+                    })
+                    .collect()
+            };
+        let rank_pattern = patterns("rank_pattern", &|v| rank(v).map(|r| r as f64))?
+            .into_iter()
+            .map(|(k, r)| (k, r as usize))
+            .collect();
+        let alpha_pattern = patterns("alpha_pattern", &number)?;
+        let rslora = field("use_rslora")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        Ok(AdapterConfig {
+            r,
+            alpha,
+            rslora,
+            rank_pattern,
+            alpha_pattern,
+        })
     }
-    let rslora = field("use_rslora")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
-    let scaling = if rslora {
-        alpha / (r as f64).sqrt()
-    } else {
-        alpha / r as f64
-    };
-    Ok((r, scaling as f32))
+
+    /// The rank of `module`'s adapter.
+    pub fn rank(&self, module: &str) -> usize {
+        by_pattern(&self.rank_pattern, module).unwrap_or(self.r)
+    }
+
+    /// PEFT's scaling of `module`'s `B A x`: `alpha / r` (or `alpha / √r` with `use_rslora`),
+    /// each from its pattern where one names the module.
+    pub fn scaling(&self, module: &str) -> f32 {
+        let (r, alpha) = (
+            self.rank(module) as f64,
+            by_pattern(&self.alpha_pattern, module).unwrap_or(self.alpha),
+        );
+        (if self.rslora {
+            alpha / r.sqrt()
+        } else {
+            alpha / r
+        }) as f32
+    }
+}
+
+/// A parameter of a base module that an adapter file replaces: PEFT saves
+/// `base_model.model.<module>.weight` / `.bias` for its `modules_to_save`, and
+/// `<module>.base_layer.bias` (a LoRA target) or `<module>.bias` (another module) for
+/// `bias = "all"` / `"lora_only"`.
+#[derive(Debug, Clone)]
+struct Replacement {
+    /// Index of the module among the Linears, or among the norms past them.
+    module: usize,
+    /// The bias (else the weight).
+    bias: bool,
+    value: Tensor,
+}
+
+/// The module name and parameter a replacement key names, if any.
+fn replacement_target(key: &str) -> Option<(&str, bool)> {
+    let rest = key.strip_prefix("base_model.model.")?;
+    if let Some(m) = rest.strip_suffix(".base_layer.bias") {
+        return Some((m, true));
+    }
+    let (m, param) = rest.rsplit_once('.')?;
+    let m = m.strip_suffix(".modules_to_save.default").unwrap_or(m);
+    match param {
+        "weight" => Some((m, false)),
+        "bias" => Some((m, true)),
+        _ => None,
+    }
+}
+
+/// Loads the adapters saved in `dir` onto `layers` (see [`load_adapter_with_norms`]); a file
+/// that replaces a parameter of anything but these Linears is an error.
+pub fn load_adapter<'a>(
+    layers: impl IntoIterator<Item = &'a mut Linear>,
+    dir: &Path,
+) -> Result<()> {
+    load_adapter_with_norms(layers, Vec::new(), dir)
 }
 
 /// Loads the adapters saved in `dir` onto `layers`: each layer whose
 /// `base_model.model.<name>.lora_A.weight` / `lora_B.weight` pair is in the file gets it (an
 /// adapter is attached, trainable, where the layer has none, and that layer's base weight and
-/// bias are frozen; PEFT's `lora_alpha / r` scaling is folded into B). Shapes are checked against the layer (`A` `[r, in]`, `B` `[out, r]`); a tensor that
-/// belongs to none of `layers`, a lone A or B, or NaN/Inf values are errors.
-pub fn load_adapter<'a>(
+/// bias are frozen; PEFT's `lora_alpha / r` scaling, or its `rank_pattern` / `alpha_pattern`
+/// entry, is folded into B). Shapes are checked against the layer (`A` `[r, in]`, `B`
+/// `[out, r]`, `r` the module's rank in the config). Base parameters the file holds (PEFT's
+/// `modules_to_save` and `bias = "all"` / `"lora_only"`) replace those of `layers` and
+/// `norms`: a Linear whose weight is replaced becomes an f32 layer without an adapter, as
+/// PEFT's copy of the module is; replaced values are frozen. A tensor that belongs to none of
+/// the modules, a lone A or B, a wrong shape, or NaN/Inf values are errors, and an error
+/// leaves every layer as it was.
+pub fn load_adapter_with_norms<'a>(
     layers: impl IntoIterator<Item = &'a mut Linear>,
+    norms: Vec<&'a mut LayerNorm>,
     dir: &Path,
 ) -> Result<()> {
-    let (rank, scaling) = read_scaling(dir)?;
+    let config = AdapterConfig::read(dir)?;
     let file = Checkpoint::open(dir.join(WEIGHTS_FILE))?;
     let mut layers: Vec<&mut Linear> = layers.into_iter().collect();
+    let mut norms = norms;
+    let finite = |key: &str, t: &Tensor| {
+        if t.data().iter().any(|v| !v.is_finite()) {
+            return Err(adapter_error(dir, format!("`{key}` holds NaN or Inf")));
+        }
+        Ok(())
+    };
     // Every tensor is read and checked before any layer changes, so a bad file leaves the
     // model as it was.
     let mut seen = HashSet::new();
     let mut loaded = Vec::new();
     for (index, layer) in layers.iter().enumerate() {
         let (out, inp) = layer.dims();
+        let (rank, scaling) = (config.rank(&layer.name), config.scaling(&layer.name));
         let mut found = Vec::with_capacity(2);
         for (suffix, shape, scale) in [
             ("lora_A", [rank, inp], 1.0f32),
@@ -203,9 +357,7 @@ pub fn load_adapter<'a>(
             if scale != 1.0 {
                 t.scale_assign(scale);
             }
-            if t.data().iter().any(|v| !v.is_finite()) {
-                return Err(adapter_error(dir, format!("`{key}` holds NaN or Inf")));
-            }
+            finite(&key, &t)?;
             seen.insert(key);
             found.push(t);
         }
@@ -220,17 +372,59 @@ pub fn load_adapter<'a>(
             }
         }
     }
-    let names: Vec<&str> = layers.iter().map(|l| l.name.as_str()).collect();
-    if let Some(extra) = file.keys().find(|k| !seen.contains(*k)) {
-        return Err(adapter_error(
-            dir,
-            format!(
-                "`{extra}` does not match any LoRA layer of the model (rank {rank}; modules: {})",
-                names.join(", ")
-            ),
-        ));
+    // Replaced base parameters, by module name: the Linears first, then the norms.
+    let names: Vec<String> = layers
+        .iter()
+        .map(|l| l.name.clone())
+        .chain(norms.iter().map(|n| n.name.clone()))
+        .collect();
+    let mut replacements: Vec<Replacement> = Vec::new();
+    for key in file.keys().filter(|k| !seen.contains(*k)) {
+        let target = replacement_target(key)
+            .and_then(|(m, bias)| Some((names.iter().position(|n| n == m)?, bias)));
+        let Some((module, bias)) = target else {
+            let why = if key.contains("lora_magnitude_vector") {
+                " (a DoRA adapter)"
+            } else if key.contains("lora_B.bias") || key.contains("lora_B.default.bias") {
+                " (a bias on lora_B)"
+            } else {
+                ""
+            };
+            return Err(adapter_error(
+                dir,
+                format!(
+                    "`{key}`{why} does not match any layer of the model (rank {}; modules: {})",
+                    config.r,
+                    names.join(", ")
+                ),
+            ));
+        };
+        let shape: Vec<usize> = match layers.get(module) {
+            Some(l) => {
+                let (out, inp) = l.dims();
+                if bias {
+                    vec![out]
+                } else {
+                    vec![out, inp]
+                }
+            }
+            None => vec![norms[module - layers.len()].dim()],
+        };
+        let value = file.tensor_f32(key, Some(&shape))?;
+        finite(key, &value)?;
+        if !bias && loaded.iter().any(|(i, _, _)| *i == module) {
+            return Err(adapter_error(
+                dir,
+                format!("`{key}` replaces the weight of a module that also has a LoRA adapter"),
+            ));
+        }
+        replacements.push(Replacement {
+            module,
+            bias,
+            value,
+        });
     }
-    if seen.is_empty() {
+    if loaded.is_empty() && replacements.is_empty() {
         return Err(adapter_error(dir, "no LoRA tensors in the adapter file"));
     }
     for (index, a, b) in loaded {
@@ -250,6 +444,23 @@ pub fn load_adapter<'a>(
                     a: Param::new(format!("{module}.lora_a.weight"), a, true),
                     b: Param::new(format!("{module}.lora_b.weight"), b, true),
                 });
+            }
+        }
+    }
+    // Weights first, so that a module's replaced bias lands on its replaced weight.
+    replacements.sort_by_key(|r| r.bias);
+    for r in replacements {
+        let frozen = |name: String, t: Tensor| Param::new(name, t, false);
+        match layers.get_mut(r.module) {
+            Some(layer) => layer.replace_base_param(r.bias, r.value)?,
+            None => {
+                let norm = &mut norms[r.module - layers.len()];
+                let name = format!("{}.{}", norm.name, if r.bias { "bias" } else { "weight" });
+                if r.bias {
+                    norm.bias = Some(frozen(name, r.value));
+                } else {
+                    norm.weight = frozen(name, r.value);
+                }
             }
         }
     }

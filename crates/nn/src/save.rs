@@ -31,30 +31,34 @@ pub fn save_weights<'a>(
         match &l.base {
             LinearBase::Trainable { weight, bias } => {
                 held.push((wkey, weight.value().clone()));
-                held.push((bkey, bias.value().clone()));
+                held.extend(bias.as_ref().map(|b| (bkey, b.value().clone())));
             }
             // A weight packed for inference saves as the trainable one it came from.
             LinearBase::Frozen {
                 weight: FrozenWeight::F32(w),
-                bias: FrozenBias::F32(b),
-            } => {
+                bias,
+            } if matches!(bias, None | Some(FrozenBias::F32(_))) => {
                 held.push((wkey, w.to_f32()));
-                held.push((bkey, Tensor::from_vec(&[b.len()], b.clone())?));
+                if let Some(FrozenBias::F32(b)) = bias {
+                    held.push((bkey, Tensor::from_vec(&[b.len()], b.clone())?));
+                }
             }
             LinearBase::Frozen { weight, bias } => {
                 let (o, i) = l.dims();
                 metadata.insert(shape_metadata_key(&wkey), format!("{o},{i}"));
                 parts.extend(weight.parts(&wkey));
-                let (dtype, bytes): (DType, &[u8]) = match bias {
-                    FrozenBias::F32(b) => (DType::F32, bytemuck::cast_slice(b)),
-                    FrozenBias::F16(b) => (DType::F16, bytemuck::cast_slice(b)),
-                };
-                parts.push((bkey, dtype, vec![bias.len()], Cow::Borrowed(bytes)));
+                if let Some(bias) = bias {
+                    let (dtype, bytes): (DType, &[u8]) = match bias {
+                        FrozenBias::F32(b) => (DType::F32, bytemuck::cast_slice(b)),
+                        FrozenBias::F16(b) => (DType::F16, bytemuck::cast_slice(b)),
+                    };
+                    parts.push((bkey, dtype, vec![bias.len()], Cow::Borrowed(bytes)));
+                }
             }
         }
     }
     for n in norms {
-        for p in [&n.weight, &n.bias] {
+        for p in std::iter::once(&n.weight).chain(&n.bias) {
             held.push((p.name().to_string(), p.value().clone()));
         }
     }

@@ -124,7 +124,7 @@ impl Sequential {
     /// (given by `options`; a gap of several indices, e.g. an activation then a dropout, is one
     /// activation; parameter-free layers before the first weight, such as `nn.Flatten`, are
     /// skipped). Weights stored quantized (by [`Sequential::save`]) are used as stored.
-    /// Non-`Sequential` keys, missing biases and layers whose widths do not chain are errors
+    /// Non-`Sequential` keys, a bias without a weight and layers whose widths do not chain are errors
     /// naming the key and shapes.
     pub fn from_state_dict(file: &Checkpoint, options: &SequentialOptions) -> Result<Self> {
         let structure = |what: String| Error::Structure {
@@ -170,20 +170,13 @@ impl Sequential {
         let mut previous: Option<usize> = None;
         let mut gaps = Vec::new(); // first missing index of each gap
         let mut linear_indices = Vec::new();
-        for (&index, &(has_weight, has_bias)) in &indices {
+        for (&index, &(has_weight, _)) in &indices {
             let key = |name: &str| format!("{}{index}.{name}", options.prefix);
             if !has_weight {
                 return Err(structure(format!(
                     "`{}` has no `{}`",
                     key("bias"),
                     key("weight")
-                )));
-            }
-            if !has_bias {
-                return Err(structure(format!(
-                    "`{}` has no `{}` (layers without a bias are not supported)",
-                    key("weight"),
-                    key("bias")
                 )));
             }
             if let Some(p) = previous {
@@ -361,7 +354,15 @@ impl Sequential {
     /// adapters (as [`Sequential::add_lora`] does); see [`crate::peft::load_adapter`]. A bad
     /// adapter leaves the model as it was.
     pub fn load_adapter(&mut self, dir: &Path) -> Result<()> {
-        crate::peft::load_adapter(self.linears_mut(), dir)?;
+        let (mut linears, mut norms) = (Vec::new(), Vec::new());
+        for layer in &mut self.layers {
+            match layer {
+                Layer::Linear(l) => linears.push(l),
+                Layer::LayerNorm(n) => norms.push(n),
+                Layer::Activation(_) => {}
+            }
+        }
+        crate::peft::load_adapter_with_norms(linears, norms, dir)?;
         for p in self.params() {
             p.set_requires_grad(false);
         }
@@ -402,7 +403,7 @@ impl Sequential {
             .iter()
             .map(|l| match l {
                 Layer::Linear(l) => l.stored_bytes(),
-                Layer::LayerNorm(n) => 4 * 2 * n.dim(),
+                Layer::LayerNorm(n) => 4 * n.dim() * (1 + usize::from(n.bias.is_some())),
                 Layer::Activation(_) => 0,
             })
             .sum()

@@ -72,12 +72,21 @@ impl<'a> VarBuilder<'a> {
         Ok(self.file.tensor_f32(&self.key(name), Some(shape))?)
     }
 
+    /// Tensor `name` as f32 with `shape` if the file holds it, `None` if it does not (a
+    /// wrong shape or dtype is an error, as in [`VarBuilder::get`]).
+    pub fn optional(&self, name: &str, shape: &[usize]) -> Result<Option<Tensor>> {
+        self.contains(name)
+            .then(|| self.get(name, shape))
+            .transpose()
+    }
+
     /// Tensor `name` as f32, whatever its shape.
     pub fn get_any(&self, name: &str) -> Result<Tensor> {
         Ok(self.file.tensor_f32(&self.key(name), None)?)
     }
 
-    /// The linear layer at this prefix: `weight` `[out, in]` and `bias` `[out]`, stored in
+    /// The linear layer at this prefix: `weight` `[out, in]` and `bias` `[out]` (a layer whose
+    /// file holds no `bias` has none, as `nn.Linear(.., bias=False)` saves), stored in
     /// `format`. A weight the file already holds quantized (a checkpoint written by
     /// [`Sequential::save`](crate::Sequential::save) or `bignet quantize`) is used as stored,
     /// straight from the mapped file; asking for another format than the stored one (other
@@ -96,7 +105,7 @@ impl<'a> VarBuilder<'a> {
                     })
                 }
             };
-            let bias = self.get("bias", &[out])?;
+            let bias = self.optional("bias", &[out])?;
             return Linear::from_f32(name, weight, bias, format);
         }
         let Some(stored) = FrozenWeight::stored_format(self.file, &wkey) else {
@@ -114,24 +123,33 @@ impl<'a> VarBuilder<'a> {
                 ),
             });
         }
-        let out = match self.shape("bias")?[..] {
-            [o] => o,
-            ref s => {
-                return Err(Error::Structure {
-                    file: self.file.path().to_path_buf(),
-                    what: format!("`{}`: a bias is [out], found shape {s:?}", self.key("bias")),
-                })
-            }
+        let out = match self
+            .contains("bias")
+            .then(|| self.shape("bias"))
+            .transpose()?
+        {
+            None => None,
+            Some(s) => match s[..] {
+                [o] => Some(o),
+                ref s => {
+                    return Err(Error::Structure {
+                        file: self.file.path().to_path_buf(),
+                        what: format!("`{}`: a bias is [out], found shape {s:?}", self.key("bias")),
+                    })
+                }
+            },
         };
-        let (o, i) = FrozenWeight::stored_shape(self.file, stored, &wkey, Some(out))?;
-        if o != out {
+        let (o, i) = FrozenWeight::stored_shape(self.file, stored, &wkey, out)?;
+        if let Some(out) = out.filter(|&out| out != o) {
             return Err(Error::Structure {
                 file: self.file.path().to_path_buf(),
                 what: format!("`{wkey}` has {o} outputs but its bias has {out}"),
             });
         }
         let weight = FrozenWeight::from_checkpoint(self.file, stored, &wkey, o, i)?;
-        let bias = FrozenBias::F32(self.get("bias", &[out])?.into_vec());
+        let bias = self
+            .optional("bias", &[o])?
+            .map(|b| FrozenBias::F32(b.into_vec()));
         Ok(Linear {
             name,
             base: LinearBase::Frozen { weight, bias },
@@ -139,10 +157,11 @@ impl<'a> VarBuilder<'a> {
         })
     }
 
-    /// The LayerNorm at this prefix: `weight` and `bias` `[dim]`.
+    /// The LayerNorm at this prefix: `weight` and `bias` `[dim]` (no `bias` in the file: a
+    /// LayerNorm without one, as `nn.LayerNorm(dim, bias=False)` saves).
     pub fn layer_norm(&self) -> Result<LayerNorm> {
         let weight = self.get_any("weight")?;
-        let bias = self.get("bias", weight.shape())?;
+        let bias = self.optional("bias", weight.shape())?;
         LayerNorm::new(self.module_name(), weight, bias)
     }
 }
