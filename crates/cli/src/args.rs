@@ -104,8 +104,10 @@ pub enum Command {
         /// The weight format of every Linear, or `all` for one row per format.
         #[arg(long, value_parser = parse_format_choice, default_value = "f32")]
         format: FormatChoice,
-        /// The activation in each gap of the layer indices: relu or gelu (exact erf form), or
-        /// a comma-separated list with one per gap.
+        /// The activation in each gap of the layer indices: relu (nn.ReLU), gelu (nn.GELU, exact
+        /// erf form), gelu_tanh (nn.GELU(approximate="tanh")), tanh (nn.Tanh), sigmoid
+        /// (nn.Sigmoid), silu (nn.SiLU) or identity (nn.Identity, nn.Dropout, nn.Flatten), or a
+        /// comma-separated list with one per gap.
         #[arg(long, default_value = "relu")]
         activation: String,
         /// A LoRA adapter directory (PEFT layout, e.g. from `finetune --save-adapter`) to put on

@@ -47,7 +47,8 @@ pub struct EvalArgs<'a> {
     pub data: &'a Path,
     /// Formats to evaluate.
     pub format: FormatChoice,
-    /// `relu`, `gelu`, or one per gap, comma-separated.
+    /// An activation name (one of [`nibble_nn::Activation::NAMES`]: `relu`, `gelu`, `tanh`,
+    /// ...), or one per gap, comma-separated.
     pub activation: &'a str,
     /// A PEFT adapter directory to put on the model (in every format).
     pub adapter: Option<&'a Path>,

@@ -30,7 +30,8 @@ pub struct FinetuneArgs<'a> {
     pub lr: f32,
     /// Rows per mini-batch.
     pub batch: usize,
-    /// `relu`, `gelu`, or one per gap.
+    /// An activation name (one of [`nibble_nn::Activation::NAMES`]: `relu`, `gelu`, `tanh`,
+    /// ...), or one per gap, comma-separated.
     pub activation: &'a str,
     /// Where to save the adapters, if anywhere.
     pub save_adapter: Option<&'a Path>,

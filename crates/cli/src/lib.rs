@@ -8,9 +8,15 @@
 //! - `nibble inspect FILE` — every tensor: name, dtype, shape, format, bytes; the total.
 //! - `nibble quantize IN --format F --output OUT [--include REGEX] [--report]` — every 2-D
 //!   floating-point weight (or those matching) stored in format F.
-//! - `nibble eval --model M --data D [--format F|all] [--activation relu|gelu]` — accuracy,
-//!   mean cross-entropy, cosine similarity of the logits to the f32 model, model bytes.
+//! - `nibble eval --model M --data D [--format F|all] [--activation A]` — accuracy, mean
+//!   cross-entropy, cosine similarity of the logits to the f32 model, model bytes.
 //! - `nibble finetune --model M --data D --format F --rank R --steps N ...` — QLoRA.
+//!
+//! `--activation` names what each gap in the layer indices holds, one name for all gaps or a
+//! comma-separated list with one per gap: `relu` (`nn.ReLU`, the default), `gelu` (`nn.GELU()`,
+//! exact erf form), `gelu_tanh` (`nn.GELU(approximate="tanh")`), `tanh` (`nn.Tanh`), `sigmoid`
+//! (`nn.Sigmoid`), `silu` (`nn.SiLU`) or `identity` (`nn.Identity`, `nn.Dropout`, `nn.Flatten`
+//! of a 2-D input).
 //!
 //! Every verb takes `--json` and then prints one JSON object with the keys documented on its
 //! report type ([`inspect::Inspection`], [`quantize::QuantizeReport`], [`eval::EvalReport`],

@@ -10,17 +10,21 @@ use nibble_nn::{cross_entropy, Activation, Layer, Sequential, SequentialOptions}
 use nibble_tensor::Tensor;
 use std::collections::BTreeSet;
 use std::path::Path;
+use std::str::FromStr;
 
-/// Parses `--activation`: `relu`, `gelu`, or a comma-separated list of them (one per gap).
+/// Parses `--activation`: one of [`Activation::NAMES`] (any case), or a comma-separated list of
+/// them (one per gap).
 pub fn parse_activations(s: &str) -> Result<Vec<Activation>> {
     s.split(',')
-        .map(|a| match a.trim().to_ascii_lowercase().as_str() {
-            "relu" => Ok(Activation::Relu),
-            "gelu" => Ok(Activation::Gelu),
-            other => Err(Error::Usage {
+        .map(|a| {
+            Activation::from_str(a).map_err(|_| Error::Usage {
                 arg: "--activation",
-                what: format!("`{other}`: expected relu or gelu (or a comma-separated list)"),
-            }),
+                what: format!(
+                    "`{}`: expected {} (or a comma-separated list, one per gap)",
+                    a.trim(),
+                    Activation::names_list()
+                ),
+            })
         })
         .collect()
 }

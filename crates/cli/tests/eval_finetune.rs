@@ -209,9 +209,136 @@ fn seq_d30_golden_logits_and_loss_with_one_activation_per_gap() {
         "eval",
         &seq_d30(),
         &d,
-        &["--activation", "tanh"],
+        &["--activation", "swish"],
     ));
-    assert!(msg.contains("tanh"), "{msg}");
+    assert!(msg.contains("swish"), "{msg}");
+}
+
+/// A Sequential `Linear(3, 5), <gap>, Linear(5, 2)` evaluated with each smooth activation and
+/// the identity in its gap gives the logits computed here in f64; an unknown name is a clean
+/// failure (exit status 1) that lists the accepted ones.
+#[test]
+fn eval_applies_each_activation_kind_in_a_gap() {
+    let dir = tmpdir("eval_activations");
+    let weight = |n: usize, phase: f32| -> Vec<f32> {
+        (0..n)
+            .map(|i| 0.6 * (i as f32 * 0.77 + phase).sin())
+            .collect()
+    };
+    let (w0, b0, w2, b2) = (
+        weight(15, 0.1),
+        weight(5, 1.3),
+        weight(10, 2.2),
+        weight(2, 0.4),
+    );
+    let model = dir.join("model.safetensors");
+    write(
+        &model,
+        &[
+            f32s("0.weight", &[5, 3], &w0),
+            f32s("0.bias", &[5], &b0),
+            f32s("2.weight", &[2, 5], &w2),
+            f32s("2.bias", &[2], &b2),
+        ],
+    );
+    let rows = 6;
+    let x: Vec<f32> = (0..rows * 3)
+        .map(|i| 2.5 * (i as f32 * 1.91 + 0.3).cos())
+        .collect();
+    let data_file = dir.join("data.safetensors");
+    write(
+        &data_file,
+        &[
+            f32s("x_test", &[rows, 3], &x),
+            i64s("y_test", &[0, 1, 1, 0, 1, 0]),
+        ],
+    );
+    type Function = fn(f64) -> f64;
+    let kinds: [(&str, Function); 5] = [
+        ("tanh", f64::tanh),
+        ("identity", |v| v),
+        ("sigmoid", |v| 1.0 / (1.0 + (-v).exp())),
+        ("silu", |v| v / (1.0 + (-v).exp())),
+        ("gelu_tanh", |v| {
+            let beta = (2.0 / std::f64::consts::PI).sqrt();
+            0.5 * v * (1.0 + (beta * (v + 0.044715 * v * v * v)).tanh())
+        }),
+    ];
+    let logits = dir.join("logits.safetensors");
+    let mut seen = Vec::new();
+    for (name, act) in kinds {
+        let mut want = Vec::with_capacity(rows * 2);
+        for r in 0..rows {
+            let h: Vec<f64> = (0..5)
+                .map(|o| {
+                    let z = b0[o] as f64
+                        + (0..3)
+                            .map(|i| w0[o * 3 + i] as f64 * x[r * 3 + i] as f64)
+                            .sum::<f64>();
+                    act(z)
+                })
+                .collect();
+            for o in 0..2 {
+                want.push(b2[o] as f64 + (0..5).map(|i| w2[o * 5 + i] as f64 * h[i]).sum::<f64>());
+            }
+        }
+        nibble_json(&model_data_args(
+            "eval",
+            &model,
+            &data_file,
+            &["--activation", name, "--logits", s(&logits), "--json"],
+        ));
+        let got = tensor(&logits, "logits");
+        assert_eq!(got.len(), rows * 2);
+        for (k, (&g, &w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (g as f64 - w).abs() < 1e-6,
+                "{name}: logit {k} is {g}, want {w}"
+            );
+        }
+        seen.push(got);
+    }
+    // The kinds differ on this model (so each test above checks its own function).
+    for i in 0..seen.len() {
+        for j in i + 1..seen.len() {
+            assert!(max_diff(&seen[i], &seen[j]) > 1e-2, "{i} vs {j}");
+        }
+    }
+    // Names are case-insensitive.
+    nibble_json(&model_data_args(
+        "eval",
+        &model,
+        &data_file,
+        &["--activation", "TanH", "--logits", s(&logits), "--json"],
+    ));
+    assert_eq!(tensor(&logits, "logits"), seen[0]);
+    // An unknown name: exit status 1, a message naming the argument and every accepted name.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nibble"))
+        .args(model_data_args(
+            "eval",
+            &model,
+            &data_file,
+            &["--activation", "bogus"],
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        msg.contains("nibble: error:") && msg.contains("--activation") && msg.contains("bogus"),
+        "{msg}"
+    );
+    for name in [
+        "relu",
+        "gelu",
+        "gelu_tanh",
+        "tanh",
+        "sigmoid",
+        "silu",
+        "identity",
+    ] {
+        assert!(msg.contains(name), "`{name}` missing from: {msg}");
+    }
 }
 
 #[test]

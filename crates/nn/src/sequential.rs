@@ -189,7 +189,8 @@ impl Sequential {
                         .or(options.activation)
                         .ok_or_else(|| {
                             structure(format!(
-                                "indices {gap}..{index} hold no parameters: a parameter-free activation there must be given (relu or gelu)"
+                                "indices {gap}..{index} hold no parameters: a parameter-free activation there must be given ({})",
+                                Activation::names_list()
                             ))
                         })?;
                     layers.push(Layer::Activation(act));

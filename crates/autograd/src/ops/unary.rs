@@ -1,0 +1,425 @@
+//! Smooth elementwise functions with one op for all of them: tanh, sigmoid, SiLU and the tanh
+//! form of GELU. Each [`UnaryFn`] gives its value and its derivative per element, computed in
+//! f32 in the order PyTorch's CPU kernels use for f32 tensors; [`Tape::unary`] applies one and
+//! records a backward that saves the input.
+
+use crate::error::{AutogradError, Result};
+use crate::tape::{Op, Tape, Var};
+use nibble_tensor::Tensor;
+use std::sync::Arc;
+
+/// `√(2/π)`, the tanh-GELU's inner scale (PyTorch's `kBeta`).
+const GELU_TANH_BETA: f32 = 0.797_884_6;
+/// The cubic coefficient of the tanh-GELU (PyTorch's `kKappa`).
+const GELU_TANH_KAPPA: f32 = 0.044_715;
+
+/// An elementwise function with a derivative, for [`Tape::unary`].
+///
+/// ```
+/// use nibble_autograd::UnaryFn;
+/// assert_eq!(UnaryFn::Tanh.value(100.0), 1.0);
+/// assert_eq!(UnaryFn::Sigmoid.value(0.0), 0.5);
+/// assert_eq!(UnaryFn::Sigmoid.derivative(0.0), 0.25);
+/// assert_eq!(UnaryFn::Silu.derivative(0.0), 0.5);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum UnaryFn {
+    /// `tanh(x)` (`nn.Tanh`): ±1 for large |x|.
+    Tanh,
+    /// `1 / (1 + e^{−x})` (`nn.Sigmoid`), in the form that never overflows: `e^{x} / (1 + e^{x})`
+    /// for negative `x`.
+    Sigmoid,
+    /// `x · sigmoid(x)` (`nn.SiLU`, a.k.a. swish).
+    Silu,
+    /// `½ x (1 + tanh(√(2/π) (x + 0.044715 x³)))` (`nn.GELU(approximate="tanh")`).
+    GeluTanh,
+}
+
+/// The logistic function without overflow: `e^{−x}` is only taken for `x ≥ 0`, `e^{x}`
+/// otherwise, so neither side can exceed 1 (NaN gives NaN).
+fn sigmoid(x: f32) -> f32 {
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (1.0 + e)
+    }
+}
+
+impl UnaryFn {
+    /// The op's name on the tape (`tanh`, `sigmoid`, `silu`, `gelu_tanh`).
+    pub fn name(self) -> &'static str {
+        match self {
+            UnaryFn::Tanh => "tanh",
+            UnaryFn::Sigmoid => "sigmoid",
+            UnaryFn::Silu => "silu",
+            UnaryFn::GeluTanh => "gelu_tanh",
+        }
+    }
+
+    /// The function at `x` (NaN gives NaN).
+    pub fn value(self, x: f32) -> f32 {
+        match self {
+            UnaryFn::Tanh => x.tanh(),
+            UnaryFn::Sigmoid => sigmoid(x),
+            UnaryFn::Silu => x * sigmoid(x),
+            UnaryFn::GeluTanh => {
+                let inner = GELU_TANH_BETA * (x + GELU_TANH_KAPPA * (x * x * x));
+                0.5 * x * (1.0 + inner.tanh())
+            }
+        }
+    }
+
+    /// The derivative at `x`, exact for the formula of [`UnaryFn::value`] (NaN gives NaN).
+    pub fn derivative(self, x: f32) -> f32 {
+        match self {
+            UnaryFn::Tanh => {
+                let t = x.tanh();
+                1.0 - t * t
+            }
+            UnaryFn::Sigmoid => {
+                let s = sigmoid(x);
+                s * (1.0 - s)
+            }
+            // d/dx x·s(x) = s + x·s·(1 − s) = s·(1 + x·(1 − s)).
+            UnaryFn::Silu => {
+                let s = sigmoid(x);
+                s * (1.0 + x * (1.0 - s))
+            }
+            // ½ (1 + t) + ½ x (1 − t²) √(2/π) (1 + 3·0.044715 x²), t = tanh(inner).
+            UnaryFn::GeluTanh => {
+                let x_sq = x * x;
+                let inner = GELU_TANH_BETA * (x + GELU_TANH_KAPPA * (x_sq * x));
+                let t = inner.tanh();
+                let tanh_derivative = 1.0 - t * t;
+                // Where tanh is saturated the second term is 0, even when x² overflows.
+                let right = if tanh_derivative == 0.0 {
+                    0.0
+                } else {
+                    0.5 * x
+                        * tanh_derivative
+                        * (GELU_TANH_BETA * (1.0 + 3.0 * GELU_TANH_KAPPA * x_sq))
+                };
+                0.5 * (1.0 + t) + right
+            }
+        }
+    }
+}
+
+/// Backward of [`Tape::unary`]: `dX = dY · f'(x)`. Saves the input.
+struct UnaryOp {
+    f: UnaryFn,
+    x: Arc<Tensor>,
+}
+
+impl Op for UnaryOp {
+    fn name(&self) -> &'static str {
+        self.f.name()
+    }
+    fn backward(self: Box<Self>, d_y: Tensor) -> Result<Vec<Option<Tensor>>> {
+        if d_y.numel() != self.x.numel() {
+            return Err(AutogradError::BadGradient {
+                op: self.f.name(),
+                what: format!(
+                    "an output gradient of {} elements for {} outputs",
+                    d_y.numel(),
+                    self.x.numel()
+                ),
+            });
+        }
+        let f = self.f;
+        let mut d_x = d_y;
+        d_x.data_mut()
+            .iter_mut()
+            .zip(self.x.data())
+            .for_each(|(g, &x)| *g *= f.derivative(x));
+        Ok(vec![Some(d_x)])
+    }
+}
+
+impl Tape {
+    /// `f(x)`, elementwise (tanh, sigmoid, SiLU or tanh-GELU: see [`UnaryFn`]).
+    ///
+    /// ```
+    /// use nibble_autograd::{Tape, UnaryFn};
+    /// use nibble_tensor::Tensor;
+    /// let tape = Tape::new();
+    /// let x = tape.leaf(Tensor::from_vec(&[2], vec![0.0, 1.0])?);
+    /// let y = tape.unary(UnaryFn::Sigmoid, &x)?;
+    /// assert_eq!(y.value().data()[0], 0.5);
+    /// let loss = tape.sum(&y)?;
+    /// let grads = tape.backward(&loss)?;
+    /// assert_eq!(grads.get(&x).unwrap().data()[0], 0.25);
+    /// # Ok::<(), nibble_autograd::AutogradError>(())
+    /// ```
+    pub fn unary(&self, f: UnaryFn, x: &Var) -> Result<Var> {
+        let y = Tensor::from_vec(
+            x.shape(),
+            x.value().data().iter().map(|&v| f.value(v)).collect(),
+        )?;
+        self.record(f.name(), &[x], y, false, || {
+            Box::new(UnaryOp { f, x: x.shared() })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALL: [UnaryFn; 4] = [
+        UnaryFn::Tanh,
+        UnaryFn::Sigmoid,
+        UnaryFn::Silu,
+        UnaryFn::GeluTanh,
+    ];
+
+    /// Agreement to about 2 ulp: 2e-7 relative, or absolute for values below 1.
+    fn close(got: f32, want: f32) -> bool {
+        (got - want).abs() <= 2e-7 * want.abs().max(1.0)
+    }
+
+    /// The same formulas in f64, for the finite differences.
+    fn value_f64(f: UnaryFn, x: f64) -> f64 {
+        let sigmoid = 1.0 / (1.0 + (-x).exp());
+        match f {
+            UnaryFn::Tanh => x.tanh(),
+            UnaryFn::Sigmoid => sigmoid,
+            UnaryFn::Silu => x * sigmoid,
+            UnaryFn::GeluTanh => {
+                let beta = (2.0 / std::f64::consts::PI).sqrt();
+                0.5 * x * (1.0 + (beta * (x + 0.044715 * x * x * x)).tanh())
+            }
+        }
+    }
+
+    /// PyTorch 2.x, f32 on the CPU: `torch.tanh`, `torch.sigmoid`, `F.silu`,
+    /// `F.gelu(x, approximate='tanh')` of `torch.tensor([x])`.
+    #[test]
+    fn values_match_pytorch() {
+        let cases: [(UnaryFn, &[(f32, f32)]); 4] = [
+            (
+                UnaryFn::Tanh,
+                &[
+                    (-5.0, -0.999_909_2),
+                    (-3.0, -0.995_054_8),
+                    (-1.5, -0.905_148_27),
+                    (-1.0, -0.761_594_2),
+                    (-0.1, -0.099_667_996),
+                    (0.0, 0.0),
+                    (1e-3, 0.000_999_999_7),
+                    (0.5, 0.462_117_17),
+                    (1.0, 0.761_594_2),
+                    (3.0, 0.995_054_8),
+                ],
+            ),
+            (
+                UnaryFn::Sigmoid,
+                &[
+                    (-30.0, 9.357_623_6e-14),
+                    (-5.0, 0.006_692_851),
+                    (-3.0, 0.047_425_874),
+                    (-1.0, 0.268_941_43),
+                    (-0.1, 0.475_020_8),
+                    (0.0, 0.5),
+                    (1e-3, 0.500_25),
+                    (0.5, 0.622_459_35),
+                    (1.5, 0.817_574_44),
+                    (5.0, 0.993_307_2),
+                ],
+            ),
+            (
+                UnaryFn::Silu,
+                &[
+                    (-30.0, -2.807_287e-12),
+                    (-5.0, -0.033_464_253),
+                    (-3.0, -0.142_277_61),
+                    (-1.0, -0.268_941_43),
+                    (-0.1, -0.047_502_08),
+                    (0.0, 0.0),
+                    (1e-3, 0.000_500_25),
+                    (0.5, 0.311_229_68),
+                    (1.5, 1.226_361_6),
+                    (5.0, 4.966_535_6),
+                ],
+            ),
+            (
+                UnaryFn::GeluTanh,
+                &[
+                    (-5.0, -2.980_232_2e-7),
+                    (-3.0, -0.003_637_433),
+                    (-1.5, -0.100_428_43),
+                    (-1.0, -0.158_808),
+                    (-0.5, -0.154_286),
+                    (-0.1, -0.046_017_25),
+                    (0.0, 0.0),
+                    (1e-3, 0.000_500_399),
+                    (0.1, 0.053_982_753),
+                    (0.5, 0.345_714),
+                    (1.0, 0.841_192),
+                    (1.5, 1.399_571_5),
+                    (3.0, 2.996_362_7),
+                    (5.0, 4.999_999_5),
+                ],
+            ),
+        ];
+        for (f, points) in cases {
+            for &(x, want) in points {
+                let got = f.value(x);
+                // Relative for the tiny sigmoid and SiLU tails (their absolute error is far
+                // below 2e-7 anyway).
+                let tail = want != 0.0 && want.abs() < 1e-6 && f != UnaryFn::GeluTanh;
+                let ok = if tail {
+                    ((got - want) / want).abs() < 1e-6
+                } else {
+                    close(got, want)
+                };
+                assert!(ok, "{}({x}) = {got}, PyTorch {want}", f.name());
+            }
+        }
+    }
+
+    /// Large |x| saturates without NaN or infinity; NaN stays NaN.
+    #[test]
+    fn large_inputs_saturate_and_nan_propagates() {
+        for x in [30.0f32, 100.0, 1e6, f32::MAX] {
+            assert_eq!(UnaryFn::Tanh.value(x), 1.0);
+            assert_eq!(UnaryFn::Tanh.value(-x), -1.0);
+            assert_eq!(UnaryFn::Sigmoid.value(x), 1.0);
+            let s = UnaryFn::Sigmoid.value(-x);
+            assert!((0.0..1e-13).contains(&s), "sigmoid({}) = {s}", -x);
+            assert_eq!(UnaryFn::Silu.value(x), x);
+            let s = UnaryFn::Silu.value(-x);
+            assert!(s <= 0.0 && s > -3e-12, "silu({}) = {s}", -x);
+            assert_eq!(UnaryFn::GeluTanh.value(x), x);
+            assert_eq!(UnaryFn::GeluTanh.value(-x), 0.0);
+            for f in ALL {
+                for v in [x, -x] {
+                    let d = f.derivative(v);
+                    assert!(d.is_finite(), "{}'({v}) = {d}", f.name());
+                }
+            }
+        }
+        // The derivatives' limits.
+        for x in [30.0f32, 100.0] {
+            assert_eq!(UnaryFn::Tanh.derivative(x), 0.0);
+            assert_eq!(UnaryFn::Sigmoid.derivative(-x), UnaryFn::Sigmoid.value(-x));
+            assert_eq!(UnaryFn::Silu.derivative(x), 1.0);
+            assert_eq!(UnaryFn::GeluTanh.derivative(x), 1.0);
+            assert_eq!(UnaryFn::GeluTanh.derivative(-x), 0.0);
+        }
+        for f in ALL {
+            assert!(f.value(f32::NAN).is_nan(), "{}", f.name());
+            assert!(f.derivative(f32::NAN).is_nan(), "{}", f.name());
+        }
+    }
+
+    /// The derivative against a central difference of the f64 formula.
+    #[test]
+    fn derivative_matches_a_central_difference() {
+        let h = 1e-5f64;
+        for f in ALL {
+            for x in [
+                -6.0f32, -4.0, -2.5, -1.3, -0.7, -0.2, 0.0, 0.3, 0.7, 1.1, 2.0, 3.5, 6.0,
+            ] {
+                let xf = x as f64;
+                let num = (value_f64(f, xf + h) - value_f64(f, xf - h)) / (2.0 * h);
+                let got = f.derivative(x) as f64;
+                assert!(
+                    (got - num).abs() <= 3e-7 * num.abs().max(1.0),
+                    "{}'({x}) = {got}, difference {num}",
+                    f.name()
+                );
+            }
+        }
+    }
+
+    /// The tape's backward against `torch.autograd` (`f(x).sum().backward()`, f32, CPU).
+    #[test]
+    fn backward_matches_pytorch_autograd() {
+        let xs = [-4.0f32, -2.5, -1.3, -0.2, 0.0, 0.7, 2.0, 3.5];
+        let cases: [(UnaryFn, [f32; 8]); 4] = [
+            (
+                UnaryFn::Tanh,
+                [
+                    0.001_340_893_1,
+                    0.026_592_249,
+                    0.257_433_27,
+                    0.961_043,
+                    1.0,
+                    0.634_739_6,
+                    0.070_650_816,
+                    0.003_640_907_8,
+                ],
+            ),
+            (
+                UnaryFn::Sigmoid,
+                [
+                    0.017_662_706,
+                    0.070_103_71,
+                    0.168_298_36,
+                    0.247_516_59,
+                    0.25,
+                    0.221_712_89,
+                    0.104_993_63,
+                    0.028_453_045,
+                ],
+            ),
+            (
+                UnaryFn::Silu,
+                [
+                    -0.052_664_61,
+                    -0.099_401_11,
+                    -0.004_622_842_7,
+                    0.400_662_7,
+                    0.5,
+                    0.823_386_7,
+                    1.090_784_3,
+                    1.070_273_5,
+                ],
+            ),
+            (
+                UnaryFn::GeluTanh,
+                [
+                    -0.000_334_972_08,
+                    -0.037_951_652,
+                    -0.125_878_08,
+                    0.342_541_8,
+                    0.5,
+                    0.976_357_2,
+                    1.086_099_3,
+                    1.002_422_5,
+                ],
+            ),
+        ];
+        for (f, want) in cases {
+            let tape = Tape::new();
+            let x = tape.leaf(Tensor::from_vec(&[2, 4], xs.to_vec()).unwrap());
+            let y = tape.unary(f, &x).unwrap();
+            assert_eq!(y.shape(), [2, 4]);
+            for (&v, &xv) in y.value().data().iter().zip(&xs) {
+                assert_eq!(v, f.value(xv));
+            }
+            let loss = tape.sum(&y).unwrap();
+            let grads = tape.backward(&loss).unwrap();
+            let got = grads.get(&x).unwrap().data();
+            for ((&g, &w), &xv) in got.iter().zip(&want).zip(&xs) {
+                assert!(close(g, w), "{}'({xv}) = {g}, PyTorch {w}", f.name());
+            }
+        }
+    }
+
+    /// Nothing tracked, nothing recorded; a tracked input records one op under the function's
+    /// name.
+    #[test]
+    fn records_only_tracked_inputs() {
+        let tape = Tape::new();
+        let c = Var::constant(Tensor::from_vec(&[3], vec![-1.0, 0.0, 1.0]).unwrap());
+        let y = tape.unary(UnaryFn::Tanh, &c).unwrap();
+        assert!(tape.is_empty());
+        assert_eq!(y.value().data()[1], 0.0);
+        let x = tape.leaf(Tensor::from_vec(&[3], vec![-1.0, 0.0, 1.0]).unwrap());
+        tape.unary(UnaryFn::GeluTanh, &x).unwrap();
+        assert_eq!(tape.len(), 2);
+    }
+}
