@@ -174,3 +174,25 @@ fn q4_codes_are_bit_exact_for_every_layer() {
         assert_eq!(w, want, "{key}: dequantized weights differ");
     }
 }
+
+/// A BigNet whose Linears bitsandbytes quantized (`Linear4bit`, NF4, double-quantized; width 64,
+/// `tools/golden/make_bnb.py`) loads as nf4_dq straight from bitsandbytes' layout and gives
+/// bitsandbytes' output; asked as another variant, it is an error naming both.
+#[test]
+fn a_bitsandbytes_quantized_bignet_runs_as_nf4_dq() {
+    let io = Checkpoint::open(data("bignet_bnb_io_d64.safetensors")).unwrap();
+    let model = load(Variant::Nf4Dq, "bignet_bnb_dq_d64.safetensors");
+    assert_eq!(model.dim(), 64);
+    let y = model.infer(&golden(&io, "x")).unwrap();
+    let err = rel_err(&y, &golden(&io, "y"));
+    assert!(err < 1e-5, "relative error {err} against bitsandbytes");
+    let e = ModelSpec {
+        weights: Some(data("bignet_bnb_dq_d64.safetensors")),
+        ..ModelSpec::seeded(Variant::Nf4, 0)
+    }
+    .build()
+    .map(|_| ())
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("nf4_dq") && e.contains("nf4"), "{e}");
+}

@@ -254,8 +254,16 @@ fn adapters_round_trip_in_peft_layout() {
         ),
         (serde_json::json!({"peft_type": "LORA", "r": 0}), "`r`"),
         (
-            serde_json::json!({"peft_type": "LORA", "r": 32, "bias": "all"}),
+            serde_json::json!({"peft_type": "LORA", "r": 32, "bias": "sometimes"}),
             "bias",
+        ),
+        (
+            serde_json::json!({"peft_type": "LORA", "r": 32, "use_dora": true}),
+            "DoRA",
+        ),
+        (
+            serde_json::json!({"peft_type": "LORA", "r": 32, "rank_pattern": {"model.0": 0}}),
+            "rank_pattern",
         ),
     ] {
         std::fs::write(adapter.join(CONFIG_FILE), edit.to_string()).unwrap();

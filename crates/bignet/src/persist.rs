@@ -68,9 +68,14 @@ pub fn save_model(model: &BigNet, path: &Path) -> Result<()> {
 }
 
 /// The quantized format a checkpoint declares, if any (`None` for plain state dicts, including
-/// nibble's own f32 and f16 files).
+/// nibble's own f32 and f16 files); a state dict whose first linear weight is in
+/// bitsandbytes' 4-bit layout ([`nibble_io::bnb`]) is NF4 or NF4-DQ as that weight is.
 pub fn quantized_format(file: &Checkpoint) -> Result<Option<WeightFormat>> {
     let Some(name) = file.metadata().get(FORMAT_KEY) else {
+        let first = format!("{}.weight", linear_key(0, 0));
+        if nibble_io::bnb::is_bnb_4bit(file, &first) {
+            return Ok(Some(nibble_io::bnb::read_bnb_4bit(file, &first)?.1));
+        }
         return Ok(None);
     };
     match WeightFormat::from_name(name) {
@@ -128,10 +133,27 @@ pub fn load_quantized(
         for l in 0..LAYERS_PER_BLOCK {
             let name = linear_key(b, l);
             let wkey = format!("{name}.weight");
-            let weight = FrozenWeight::from_checkpoint(file, format, &wkey, dim, dim)?;
-            for (k, ..) in weight.parts(&wkey) {
-                expected.insert(k);
-            }
+            let weight = if nibble_io::bnb::is_bnb_4bit(file, &wkey) {
+                let (weight, stored, out, inn) = nibble_io::bnb::read_bnb_4bit(file, &wkey)?;
+                if (stored, out, inn) != (format, dim, dim) {
+                    return Err(Error::Model {
+                        what: format!(
+                            "{}: `{wkey}` is {} [{out}, {inn}] in bitsandbytes' layout where the model's first layer is {} [{dim}, {dim}]",
+                            file.path().display(),
+                            stored.name(),
+                            format.name()
+                        ),
+                    });
+                }
+                expected.extend(nibble_io::bnb::part_keys(&wkey));
+                weight
+            } else {
+                let weight = FrozenWeight::from_checkpoint(file, format, &wkey, dim, dim)?;
+                for (k, ..) in weight.parts(&wkey) {
+                    expected.insert(k);
+                }
+                weight
+            };
             let bkey = format!("{name}.bias");
             let bias = FrozenBias::F32(file.tensor_f32(&bkey, Some(&[dim]))?.into_vec());
             expected.insert(bkey);

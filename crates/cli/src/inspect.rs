@@ -34,8 +34,12 @@ pub struct Inspection {
 }
 
 /// The quantized format a tensor named `key` is a part of, from the part suffixes of
-/// [`nibble_io::frozen`] (`K.q4.packed`, `K.nf4.absmax`, ...), or `None` for a plain tensor.
+/// [`nibble_io::frozen`] (`K.q4.packed`, `K.nf4.absmax`, ...) or of bitsandbytes' 4-bit layout
+/// ([`nibble_io::bnb`]), or `None` for a plain tensor.
 pub fn part_format(file: &Checkpoint, key: &str) -> Option<&'static str> {
+    if let Some(format) = nibble_io::bnb::part_format(file, key) {
+        return Some(format.name());
+    }
     let (base, kind) = ["q4", "nf4", "int8", "lower"]
         .into_iter()
         .find_map(|kind| key.rfind(&format!(".{kind}.")).map(|at| (&key[..at], kind)))?;

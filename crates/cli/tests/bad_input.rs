@@ -111,15 +111,56 @@ fn wrong_dtypes() {
         &[f32s("x_test", &[4, 64], &x), f32s("y_test", &[4], &as_f32)],
     );
     assert_names(&msg, &["y_test", "i64, i32 or u8", "f32"]);
-    let x64: Vec<u8> = x.iter().flat_map(|v| f64::from(*v).to_le_bytes()).collect();
+    let x32: Vec<u8> = x.iter().flat_map(|v| (*v as i32).to_le_bytes()).collect();
     let (_, msg) = eval_on(
-        "xdouble",
+        "xint",
         &[
-            ("x_test".into(), DType::F64, vec![4, 64], x64),
+            ("x_test".into(), DType::I32, vec![4, 64], x32),
             i64s("y_test", &y),
         ],
     );
-    assert_names(&msg, &["x_test", "expected dtype f32", "f64"]);
+    assert_names(
+        &msg,
+        &["x_test", "expected dtype f32, f16, bf16 or f64", "i32"],
+    );
+}
+
+/// Features saved from NumPy without `.astype("float32")` are f64: they are rounded to f32,
+/// as PyTorch's `torch.from_numpy(x).float()` would, and evaluate as the f32 copy does; an f64
+/// beyond f32's range is reported as not finite.
+#[test]
+fn f64_features_read_as_f32() {
+    let (x, y) = rows(4, 64);
+    let dir = tmpdir("xdouble");
+    let model = data("digits_mlp.pth");
+    let run = |name: &str, entry: Entry| {
+        let path = dir.join(name);
+        write(&path, &[entry, i64s("y_test", &y)]);
+        nibble(&model_data_args("eval", &model, &path, &["--json"]))
+    };
+    let x64 = |v: &[f64]| -> Vec<u8> { v.iter().flat_map(|v| v.to_le_bytes()).collect() };
+    let wide: Vec<f64> = x.iter().map(|v| f64::from(*v)).collect();
+    let a = run(
+        "x64.safetensors",
+        ("x_test".into(), DType::F64, vec![4, 64], x64(&wide)),
+    );
+    let b = run("x32.safetensors", f32s("x_test", &[4, 64], &x));
+    assert!(a.ok && b.ok, "{}{}", a.stderr, b.stderr);
+    let (a, b): (serde_json::Value, serde_json::Value) = (
+        serde_json::from_str(&a.stdout).unwrap(),
+        serde_json::from_str(&b.stdout).unwrap(),
+    );
+    assert_eq!(a["rows"], b["rows"]);
+    let mut huge = wide;
+    huge[70] = 1e300;
+    let (_, msg) = eval_on(
+        "xhuge",
+        &[
+            ("x_test".into(), DType::F64, vec![4, 64], x64(&huge)),
+            i64s("y_test", &y),
+        ],
+    );
+    assert_names(&msg, &["x_test", "row 1, column 6", "finite"]);
 }
 
 #[test]
@@ -306,4 +347,27 @@ fn finetune_arguments_are_checked() {
         ],
     ));
     assert_names(&msg, &["refusing to write over an input"]);
+}
+
+/// A reader that closes the pipe early (`nibble inspect … | head -1`) ends the program quietly,
+/// never with a panic on the failed print.
+#[test]
+fn a_closed_stdout_pipe_is_no_panic() {
+    use std::process::{Command, Stdio};
+    for _ in 0..3 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_nibble"))
+            .args(["inspect", s(&data("digits_mlp.pth"))])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !stderr.contains("panicked") && out.status.code() != Some(101),
+            "{:?}: {stderr}",
+            out.status
+        );
+    }
 }

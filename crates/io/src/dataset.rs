@@ -1,5 +1,5 @@
 //! Classification data sets in a safetensors (or `.pth`) file: features `x_test` f32 `[N, F]`
-//! and integer labels `y_test` `[N]` (i64, i32 or u8), and optionally a training split
+//! (f64, f16 and bf16 rounded to f32) and integer labels `y_test` `[N]` (i64, i32 or u8), and optionally a training split
 //! `x_train` / `y_train` of the same form.
 //!
 //! Everything is checked on reading — dtypes, ranks, that x and y have the same N, that every
@@ -178,11 +178,13 @@ fn read_split(file: &Checkpoint, x_key: &str, y_key: &str) -> Result<Split> {
         path: path.clone(),
         key: x_key.into(),
     })?;
-    if x_dtype != DType::F32 {
+    // f16, bf16 and f64 (NumPy's default) features are rounded to f32, as
+    // `torch.from_numpy(x).float()` would.
+    if !matches!(x_dtype, DType::F32 | DType::F16 | DType::BF16 | DType::F64) {
         return Err(Error::DType {
             path: path.clone(),
             key: x_key.into(),
-            expected: "f32".into(),
+            expected: "f32, f16, bf16 or f64".into(),
             found: x_dtype,
         });
     }

@@ -4,11 +4,13 @@
 //! State dicts on disk, for any model: memory-mapped safetensors and PyTorch `.pth` readers
 //! ([`Checkpoint`]), the safetensors writer ([`write_safetensors`]), the weight formats
 //! ([`WeightFormat`]) and frozen weights in every format with their quantized-checkpoint parts
-//! ([`FrozenWeight::parts`], [`FrozenWeight::from_checkpoint`]), for any key names and shapes.
+//! ([`FrozenWeight::parts`], [`FrozenWeight::from_checkpoint`]), for any key names and shapes,
+//! and bitsandbytes' 4-bit layout read as NF4 ([`bnb`]).
 //!
 //! Every reader validates what it hands out: a hostile file gives an [`Error`] naming the file,
 //! key and expected / found shape or dtype, never a panic or an allocation sized by a header.
 
+pub mod bnb;
 pub mod checkpoint;
 pub mod dataset;
 pub mod error;

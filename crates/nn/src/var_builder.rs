@@ -88,12 +88,25 @@ impl<'a> VarBuilder<'a> {
     /// The linear layer at this prefix: `weight` `[out, in]` and `bias` `[out]` (a layer whose
     /// file holds no `bias` has none, as `nn.Linear(.., bias=False)` saves), stored in
     /// `format`. A weight the file already holds quantized (a checkpoint written by
-    /// [`Sequential::save`](crate::Sequential::save) or `bignet quantize`) is used as stored,
+    /// [`Sequential::save`](crate::Sequential::save) or `bignet quantize`, or bitsandbytes' 4-bit layout, see [`nibble_io::bnb`]) is used as stored,
     /// straight from the mapped file; asking for another format than the stored one (other
     /// than `F32`, "as stored") is an error.
     pub fn linear(&self, format: WeightFormat) -> Result<Linear> {
         let name = self.module_name().to_string();
         let wkey = self.key("weight");
+        if nibble_io::bnb::is_bnb_4bit(self.file, &wkey) {
+            // bitsandbytes' layout (`bnb.nn.Linear4bit`'s state dict): NF4 as stored.
+            let (weight, stored, out, _) = nibble_io::bnb::read_bnb_4bit(self.file, &wkey)?;
+            self.check_stored_format(&wkey, stored, format)?;
+            let bias = self
+                .optional("bias", &[out])?
+                .map(|b| FrozenBias::F32(b.into_vec()));
+            return Ok(Linear {
+                name,
+                base: LinearBase::Frozen { weight, bias },
+                lora: None,
+            });
+        }
         if self.contains("weight") {
             let weight = self.get_any("weight")?;
             let out = match weight.shape() {
@@ -115,14 +128,7 @@ impl<'a> VarBuilder<'a> {
             }
             .into());
         };
-        if format != stored && format != WeightFormat::F32 {
-            return Err(Error::Structure {
-                file: self.file.path().to_path_buf(),
-                what: format!(
-                    "`{wkey}` is stored as {stored}; it cannot be read as {format} (re-quantizing a quantized weight is not supported)"
-                ),
-            });
-        }
+        self.check_stored_format(&wkey, stored, format)?;
         let out = match self
             .contains("bias")
             .then(|| self.shape("bias"))
@@ -155,6 +161,25 @@ impl<'a> VarBuilder<'a> {
             base: LinearBase::Frozen { weight, bias },
             lora: None,
         })
+    }
+
+    /// An error unless a weight stored as `stored` can be read as `format` (itself, or `F32`:
+    /// "as stored").
+    fn check_stored_format(
+        &self,
+        wkey: &str,
+        stored: WeightFormat,
+        format: WeightFormat,
+    ) -> Result<()> {
+        if format != stored && format != WeightFormat::F32 {
+            return Err(Error::Structure {
+                file: self.file.path().to_path_buf(),
+                what: format!(
+                    "`{wkey}` is stored as {stored}; it cannot be read as {format} (re-quantizing a quantized weight is not supported)"
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// The LayerNorm at this prefix: `weight` and `bias` `[dim]` (no `bias` in the file: a

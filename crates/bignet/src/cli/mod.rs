@@ -83,7 +83,8 @@ impl Default for Common {
 
 impl Common {
     /// The variant to run: `asked`, or else the one the `--weights` file implies (a quantized
-    /// checkpoint names its format in `__metadata__["nibble.format"]`; nibble's f16 files
+    /// checkpoint names its format in `__metadata__["nibble.format"]`, bitsandbytes' 4-bit
+    /// layout is nf4 or nf4_dq; nibble's f16 files
     /// imply `half_precision`; any other state dict, or none, `bignet`). An asked variant
     /// that cannot run on a quantized file (only that format's variant, or `qlora` over Q4)
     /// is an error naming both.
@@ -92,12 +93,16 @@ impl Common {
             return Ok(asked.unwrap_or(Variant::Bignet));
         };
         let file = Checkpoint::open(path)?;
-        let declared = WeightFormat::declared_by(&file)?;
+        let quantized = quantized_format(&file)?;
+        let declared = match quantized {
+            Some(format) => Some(format),
+            None => WeightFormat::declared_by(&file)?,
+        };
         let implied = declared.map_or(Variant::Bignet, Variant::for_format);
         let Some(asked) = asked else {
             return Ok(implied);
         };
-        if let Some(format) = quantized_format(&file)? {
+        if let Some(format) = quantized {
             let fits = asked == implied || (asked == Variant::Qlora && format == WeightFormat::Q4);
             if !fits {
                 return Err(Error::Input {

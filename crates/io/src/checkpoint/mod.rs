@@ -441,19 +441,22 @@ impl Checkpoint {
         })
     }
 
-    /// A tensor as f32: F32 as stored, F16 and BF16 widened (exactly). Any other dtype is an
-    /// [`Error::DType`]; if `expected_shape` is given and differs, an [`Error::Shape`].
+    /// A tensor as f32: F32 as stored, F16 and BF16 widened (exactly), F64 rounded to nearest
+    /// (as PyTorch's `load_state_dict` copies a double tensor into an f32 parameter). Any other
+    /// dtype is an [`Error::DType`]; if `expected_shape` is given and differs, an
+    /// [`Error::Shape`].
     pub fn tensor_f32(&self, key: &str, expected_shape: Option<&[usize]>) -> Result<Tensor> {
         let entry = self.entry(key)?;
         self.check_shape(key, entry, expected_shape)?;
         let elem = match entry.dtype {
             DType::F32 => 4,
             DType::F16 | DType::BF16 => 2,
+            DType::F64 => 8,
             found => {
                 return Err(Error::DType {
                     path: self.path.clone(),
                     key: key.to_owned(),
-                    expected: "f32, f16 or bf16".into(),
+                    expected: "f32, f16, bf16 or f64".into(),
                     found,
                 })
             }
@@ -467,6 +470,10 @@ impl Checkpoint {
             }),
             DType::F16 => Tensor::from_fn(&entry.shape, |i| {
                 f16::from_le_bytes([b[2 * i], b[2 * i + 1]]).to_f32()
+            }),
+            DType::F64 => Tensor::from_fn(&entry.shape, |i| {
+                let bytes: [u8; 8] = std::array::from_fn(|j| b[8 * i + j]);
+                f64::from_le_bytes(bytes) as f32
             }),
             _ => Tensor::from_fn(&entry.shape, |i| {
                 bf16::from_le_bytes([b[2 * i], b[2 * i + 1]]).to_f32()

@@ -1,0 +1,234 @@
+//! Sequential models saved by bitsandbytes (`bnb.nn.Linear4bit` NF4 layers, plain and
+//! double-quantized; `tests/data/bnb_seq*`, made by `tools/golden/make_bnb.py`): bitsandbytes'
+//! own logits, and hostile variants of the layout that must be errors naming the key.
+
+mod common;
+use common::*;
+use nibble_io::{Checkpoint, DType};
+
+fn tensor(path: &std::path::Path, key: &str) -> Vec<f32> {
+    Checkpoint::open(path)
+        .unwrap()
+        .tensor_f32(key, None)
+        .unwrap()
+        .into_vec()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// The golden batch as a data file.
+fn golden_data(dir: &std::path::Path) -> std::path::PathBuf {
+    let io = Checkpoint::open(data("bnb_seq_io.safetensors")).unwrap();
+    let x = io.tensor_f32("x", None).unwrap();
+    let labels: Vec<i64> = io
+        .bytes("labels")
+        .unwrap()
+        .chunks(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let d = dir.join("data.safetensors");
+    write(
+        &d,
+        &[f32s("x_test", &[50, 23], x.data()), i64s("y_test", &labels)],
+    );
+    d
+}
+
+/// Every tensor of a file as entries, to write altered copies.
+fn entries(path: &std::path::Path) -> Vec<Entry> {
+    let file = Checkpoint::open(path).unwrap();
+    file.keys()
+        .map(|k| {
+            let (dtype, shape) = file.info(k).unwrap();
+            (
+                k.to_string(),
+                dtype,
+                shape.to_vec(),
+                file.bytes(k).unwrap().to_vec(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn bitsandbytes_nf4_layers_give_bitsandbytes_logits() {
+    let dir = tmpdir("bnb_logits");
+    let d = golden_data(&dir);
+    let golden = data("bnb_seq_io.safetensors");
+    for (model, key) in [
+        ("bnb_seq.safetensors", "logits"),
+        ("bnb_seq_dq.pth", "logits_dq"),
+    ] {
+        let logits = dir.join(format!("{key}.safetensors"));
+        let v = nibble_json(&model_data_args(
+            "eval",
+            &data(model),
+            &d,
+            &[
+                "--activation",
+                "relu,tanh",
+                "--logits",
+                s(&logits),
+                "--json",
+            ],
+        ));
+        let diff = max_diff(&tensor(&logits, "logits"), &tensor(&golden, key));
+        assert!(
+            diff < 1e-5,
+            "{model}: logits differ from bitsandbytes' by {diff}"
+        );
+        // NF4 codes (half a byte a weight) and f32 absmaxes (plain) or 8-bit codes (double),
+        // f32 biases of the first two layers.
+        let n: usize = 23 * 37 + 37 * 41 + 41 * 7;
+        let stats = if key == "logits" {
+            4 * [23 * 37, 37 * 41, 41 * 7]
+                .iter()
+                .map(|n: &usize| n.div_ceil(64))
+                .sum::<usize>()
+        } else {
+            [23 * 37, 37 * 41, 41 * 7]
+                .iter()
+                .map(|n: &usize| n.div_ceil(64) + 4 * n.div_ceil(64).div_ceil(256) + 4)
+                .sum::<usize>()
+        };
+        let bytes = v["rows"][0]["bytes"].as_u64().unwrap() as usize;
+        assert!(
+            bytes >= n / 2 + stats + 4 * (37 + 41) && bytes < n / 2 + stats + 4 * 78 + 64,
+            "{model}: {bytes} bytes"
+        );
+    }
+    // `inspect` names the format of every part.
+    let v = nibble_json(&["inspect", s(&data("bnb_seq_dq.pth")), "--json"]);
+    for t in v["tensors"].as_array().unwrap() {
+        let name = t["name"].as_str().unwrap();
+        let want = if name.ends_with(".bias") {
+            "f32"
+        } else {
+            "nf4_dq"
+        };
+        assert_eq!(t["format"], want, "{name}");
+    }
+    // A stored NF4 weight is not re-quantized into another format.
+    let msg = nibble_fails(&model_data_args(
+        "eval",
+        &data("bnb_seq.safetensors"),
+        &d,
+        &["--activation", "relu,tanh", "--format", "q4"],
+    ));
+    assert!(
+        msg.contains("0.weight") && msg.contains("nf4") && msg.contains("q4"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn altered_bitsandbytes_layouts_are_errors_naming_the_key() {
+    let dir = tmpdir("bnb_hostile");
+    let d = golden_data(&dir);
+    let base = entries(&data("bnb_seq.safetensors"));
+    let state_key = "2.weight.quant_state.bitsandbytes__nf4";
+    let json = |e: &Entry| -> serde_json::Value { serde_json::from_slice(&e.3).unwrap() };
+    let state = json(base.iter().find(|e| e.0 == state_key).unwrap());
+    let with_state = |v: serde_json::Value| -> Vec<Entry> {
+        base.iter()
+            .map(|e| {
+                if e.0 == state_key {
+                    let bytes = serde_json::to_vec(&v).unwrap();
+                    (e.0.clone(), DType::U8, vec![bytes.len()], bytes)
+                } else {
+                    e.clone()
+                }
+            })
+            .collect()
+    };
+    let set = |field: &str, value: serde_json::Value| {
+        let mut v = state.clone();
+        v[field] = value;
+        with_state(v)
+    };
+    let mut cases: Vec<(&str, Vec<Entry>, Vec<&str>)> = vec![
+        (
+            "fp4",
+            set("quant_type", "fp4".into()),
+            vec![state_key, "quant_type", "fp4"],
+        ),
+        (
+            "block128",
+            set("blocksize", 128.into()),
+            vec![state_key, "blocksize", "128"],
+        ),
+        (
+            "shape1d",
+            set("shape", serde_json::json!([41 * 37])),
+            vec![state_key, "shape"],
+        ),
+        (
+            "shape_wide",
+            set("shape", serde_json::json!([41, 38])),
+            vec!["2.weight"],
+        ),
+    ];
+    let altered = |key: &str, f: &dyn Fn(&Entry) -> Entry| -> Vec<Entry> {
+        base.iter()
+            .map(|e| if e.0 == key { f(e) } else { e.clone() })
+            .collect()
+    };
+    let mut map = altered("2.weight.quant_map", &|e| {
+        let mut b = e.3.clone();
+        b[4..8].copy_from_slice(&(-0.5f32).to_le_bytes());
+        (e.0.clone(), e.1, e.2.clone(), b)
+    });
+    cases.push((
+        "map",
+        std::mem::take(&mut map),
+        vec!["2.weight.quant_map", "entry 1"],
+    ));
+    let nan = altered("0.weight.absmax", &|e| {
+        let mut b = e.3.clone();
+        b[8..12].copy_from_slice(&f32::NAN.to_le_bytes());
+        (e.0.clone(), e.1, e.2.clone(), b)
+    });
+    cases.push(("nan", nan, vec!["0.weight.absmax", "element 2"]));
+    let short = altered("2.weight", &|e| {
+        (e.0.clone(), e.1, vec![e.2[0] - 1, 1], e.3[1..].to_vec())
+    });
+    cases.push(("short", short, vec!["2.weight", "shape"]));
+    let garbage = altered(state_key, &|e| (e.0.clone(), e.1, vec![3], b"{x]".to_vec()));
+    cases.push(("garbage", garbage, vec![state_key, "JSON"]));
+    let no_map: Vec<Entry> = base
+        .iter()
+        .filter(|e| e.0 != "0.weight.quant_map")
+        .cloned()
+        .collect();
+    cases.push(("nomap", no_map, vec!["0.weight.quant_map"]));
+    let fp4_key: Vec<Entry> = base
+        .iter()
+        .map(|e| {
+            let mut e = e.clone();
+            if e.0 == state_key {
+                e.0 = "2.weight.quant_state.bitsandbytes__fp4".into();
+            }
+            e
+        })
+        .collect();
+    cases.push(("fp4key", fp4_key, vec!["2.weight", "FP4"]));
+    for (name, entries, parts) in cases {
+        let path = dir.join(format!("{name}.safetensors"));
+        write(&path, &entries);
+        let msg = nibble_fails(&model_data_args(
+            "eval",
+            &path,
+            &d,
+            &["--activation", "relu,tanh"],
+        ));
+        for p in parts {
+            assert!(msg.contains(p), "{name}: `{p}` missing from: {msg}");
+        }
+    }
+}

@@ -1,0 +1,99 @@
+//! PEFT adapters beyond plain LoRA (`tests/data/peft_variants`, made by PEFT 0.21.2 with
+//! `tools/golden/make_peft_variants.py` on the seq_d30 model): per-module ranks and alphas with
+//! rsLoRA scaling, `modules_to_save` (a Linear and a LayerNorm replaced), and `bias = "all"` /
+//! `"lora_only"` (biases of LoRA targets and of other modules replaced). nibble's logits with
+//! each loaded must be PEFT's, in f32, and on an f16 base within f16's rounding.
+
+mod common;
+use common::*;
+use nibble_io::Checkpoint;
+
+fn tensor(path: &std::path::Path, key: &str) -> Vec<f32> {
+    Checkpoint::open(path)
+        .unwrap()
+        .tensor_f32(key, None)
+        .unwrap()
+        .into_vec()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn peft_variants_give_pefts_logits() {
+    let dir = tmpdir("peft_variants");
+    let golden = data("peft_variants/logits.safetensors");
+    let x = tensor(&golden, "x");
+    let d = dir.join("data.safetensors");
+    write(
+        &d,
+        &[
+            f32s("x_test", &[8, 30], &x),
+            i64s("y_test", &[0, 1, 2, 3, 4, 0, 1, 2]),
+        ],
+    );
+    let model = data("seq_d30.pth");
+    let run = |format: &str, adapter: Option<&std::path::Path>, out: &std::path::Path| {
+        let mut args = model_data_args(
+            "eval",
+            &model,
+            &d,
+            &[
+                "--activation",
+                "gelu,relu",
+                "--format",
+                format,
+                "--logits",
+                s(out),
+                "--json",
+            ],
+        );
+        if let Some(a) = adapter {
+            args.extend(["--adapter", s(a)]);
+        }
+        nibble_json(&args);
+        tensor(out, "logits")
+    };
+    let plain = run("f32", None, &dir.join("plain.safetensors"));
+    // NF4's own error on this model, without adapters.
+    let nf4_error = max_diff(
+        &run("nf4", None, &dir.join("plain_nf4.safetensors")),
+        &plain,
+    );
+    for name in [
+        "patterns_rslora",
+        "modules_to_save",
+        "bias_all",
+        "bias_lora_only",
+    ] {
+        let adapter = data(&format!("peft_variants/{name}"));
+        let ours = run(
+            "f32",
+            Some(&adapter),
+            &dir.join(format!("{name}.safetensors")),
+        );
+        let diff = max_diff(&ours, &tensor(&golden, name));
+        assert!(diff < 1e-5, "{name}: logits differ from PEFT's by {diff}");
+        // The adapter changes the logits (so the comparison above means something).
+        assert!(max_diff(&ours, &plain) > 1e-2, "{name}");
+        // On an f16 base the replaced parameters and adapters apply too: the logits are off
+        // PEFT's by f16's rounding of the base weights only.
+        let want = tensor(&golden, name);
+        let half = run(
+            "f16",
+            Some(&adapter),
+            &dir.join(format!("{name}_f16.safetensors")),
+        );
+        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let diff = max_diff(&half, &want);
+        assert!(
+            diff < 1e-3 * scale,
+            "{name} on f16: {diff} (logits up to {scale})"
+        );
+    }
+}

@@ -1,0 +1,45 @@
+"""Golden PEFT adapters beyond plain LoRA, on tests/data/seq_d30.pth (`nn.Sequential(Linear(30,48),
+GELU(), LayerNorm(48), Linear(48,48), ReLU(), Linear(48,5))`), made with PEFT 0.21.2 and torch
+2.15: tests/data/peft_variants/<name>/ (what `save_pretrained` writes) and
+tests/data/peft_variants/logits.safetensors (`x` [8,30] from seq_d30.safetensors, and one
+`<name>` [8,5] per adapter: PEFT's logits with it loaded). Every adapter tensor and every
+parameter PEFT trains is drawn at random (as if trained), so each one matters.
+
+    python3 tools/golden/make_peft_variants.py tests/data
+"""
+import copy
+import os
+import sys
+import torch
+import peft
+from safetensors.torch import load_file, save_file
+
+out = sys.argv[1]
+torch.manual_seed(0)
+base = torch.nn.Sequential(torch.nn.Linear(30, 48), torch.nn.GELU(), torch.nn.LayerNorm(48),
+                           torch.nn.Linear(48, 48), torch.nn.ReLU(), torch.nn.Linear(48, 5))
+base.load_state_dict(torch.load(f"{out}/seq_d30.pth"))
+base.eval()
+x = load_file(f"{out}/seq_d30.safetensors")["x"]
+variants = {
+    "patterns_rslora": dict(r=4, lora_alpha=8, target_modules=["0", "3", "5"], use_rslora=True,
+                            rank_pattern={"3": 2, "^5$": 6}, alpha_pattern={"0": 3}),
+    "modules_to_save": dict(r=4, lora_alpha=4, target_modules=["0", "3"], modules_to_save=["5", "2"]),
+    "bias_all": dict(r=4, lora_alpha=4, target_modules=["0", "5"], bias="all"),
+    "bias_lora_only": dict(r=2, lora_alpha=5, target_modules=["3"], bias="lora_only"),
+}
+logits = {"x": x}
+os.makedirs(f"{out}/peft_variants", exist_ok=True)
+for name, kw in variants.items():
+    torch.manual_seed(1)
+    m = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw))
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.2)
+    m.eval()
+    with torch.no_grad():
+        logits[name] = m(x)
+    m.save_pretrained(f"{out}/peft_variants/{name}")
+save_file(logits, f"{out}/peft_variants/logits.safetensors")
+print("ok")
