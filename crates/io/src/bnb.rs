@@ -111,7 +111,7 @@ pub fn read_bnb_4bit(
         return Err(bad(&state_key, format!("{} bytes of JSON", text.len())));
     }
     let state: serde_json::Value =
-        serde_json::from_slice(&text).map_err(|e| bad(&state_key, format!("not JSON: {e}")))?;
+        serde_json::from_slice(text).map_err(|e| bad(&state_key, format!("not JSON: {e}")))?;
     let field = |name: &str| state.get(name).filter(|v| !v.is_null());
     let want = |name: &str, ok: bool, found: Option<&serde_json::Value>, what: &str| {
         if ok {
