@@ -1,6 +1,7 @@
 //! The classifier the verbs work on: a [`nibble_nn::Sequential`] read from a PyTorch
 //! `nn.Sequential` state dict (`{i}.weight` / `{i}.bias`: a 2-D weight is a Linear, a 1-D one a
-//! LayerNorm, a gap in the indices an activation), every Linear in one weight format, with the
+//! LayerNorm, a gap in the indices an activation; under a module path such as `net.` when every
+//! key has the same one), every Linear in one weight format, with the
 //! activations given on the command line: one for every gap, or one per gap in index order.
 
 use crate::error::{Error, Result};
@@ -29,12 +30,35 @@ pub fn parse_activations(s: &str) -> Result<Vec<Activation>> {
         .collect()
 }
 
+/// The module path in front of the Sequential's indices when every key has the same one (`net.`
+/// for `net.0.weight`, `net.2.bias`, ...: a model that holds its `nn.Sequential` as an
+/// attribute; `module.` for one saved from `nn.DataParallel`), else empty.
+fn sequential_prefix(file: &Checkpoint) -> String {
+    let prefix_of = |key: &str| -> Option<String> {
+        let parts: Vec<&str> = key.split('.').collect();
+        let at = parts
+            .iter()
+            .position(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))?;
+        Some(parts[..at].iter().map(|p| format!("{p}.")).collect())
+    };
+    let mut keys = file.keys();
+    let Some(first) = keys.next().and_then(prefix_of) else {
+        return String::new();
+    };
+    if keys.all(|k| prefix_of(k).as_ref() == Some(&first)) {
+        first
+    } else {
+        String::new()
+    }
+}
+
 /// The first index of each gap between the layer indices of a Sequential state dict (keys
-/// `{i}.…`; keys that do not start with an index are left to the model reader to refuse).
-fn gaps(file: &Checkpoint) -> Vec<usize> {
+/// `{prefix}{i}.…`; keys that do not start with an index are left to the model reader to
+/// refuse).
+fn gaps(file: &Checkpoint, prefix: &str) -> Vec<usize> {
     let indices: BTreeSet<usize> = file
         .keys()
-        .filter_map(|k| k.split('.').next()?.parse().ok())
+        .filter_map(|k| k.strip_prefix(prefix)?.split('.').next()?.parse().ok())
         .collect();
     indices
         .iter()
@@ -57,8 +81,9 @@ impl Classifier {
     /// gaps (one for all, or one per gap).
     pub fn open(path: &Path, activations: &[Activation], format: WeightFormat) -> Result<Self> {
         let file = Checkpoint::open(path)?;
-        let gaps = gaps(&file);
-        let mut options = SequentialOptions::new().format(format);
+        let prefix = sequential_prefix(&file);
+        let gaps = gaps(&file, &prefix);
+        let mut options = SequentialOptions::new().format(format).prefix(prefix);
         match activations {
             [one] => options = options.activation(*one),
             list if list.len() == gaps.len() => {

@@ -53,7 +53,7 @@ pub struct QuantizeReport {
 
 /// The dtypes a weight to quantize may have.
 fn is_float(dtype: DType) -> bool {
-    matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+    matches!(dtype, DType::F32 | DType::F16 | DType::BF16 | DType::F64)
 }
 
 /// Quantizes `input` into `output` (see the module docs). `include`, if given, selects the

@@ -506,3 +506,87 @@ fn a_quantized_checkpoint_evaluates_as_the_format_it_holds() {
         assert_eq!(tensor(&a, "logits"), tensor(&b, "logits"), "{format}");
     }
 }
+
+/// A model that holds its `nn.Sequential` as an attribute (`net.0.weight`, ...), or was saved
+/// from `nn.DataParallel` (`module.`), reads as the bare Sequential; its adapter names the
+/// modules with the path, as PEFT does on that model.
+#[test]
+fn keys_under_one_module_path_read_as_the_sequential() {
+    let dir = tmpdir("eval_prefix");
+    let pth = Checkpoint::open(data("digits_mlp.pth")).unwrap();
+    let copy_under = |prefix: &str| {
+        let entries: Vec<Entry> = pth
+            .keys()
+            .map(|k| {
+                let (dtype, shape) = pth.info(k).unwrap();
+                (
+                    format!("{prefix}{k}"),
+                    dtype,
+                    shape.to_vec(),
+                    pth.bytes(k).unwrap().to_vec(),
+                )
+            })
+            .collect();
+        let path = dir.join(format!("{}safetensors", prefix.replace('.', "_")));
+        write(&path, &entries);
+        path
+    };
+    let digits = data("digits.safetensors");
+    let want = nibble_json(&model_data_args(
+        "eval",
+        &data("digits_mlp.pth"),
+        &digits,
+        &["--format", "nf4", "--json"],
+    ));
+    for prefix in ["net.", "module.net."] {
+        let path = copy_under(prefix);
+        let got = nibble_json(&model_data_args(
+            "eval",
+            &path,
+            &digits,
+            &["--format", "nf4", "--json"],
+        ));
+        assert_eq!(got["rows"], want["rows"], "{prefix}");
+    }
+    let adapter = dir.join("adapter");
+    let path = copy_under("net.");
+    nibble_json(&model_data_args(
+        "finetune",
+        &path,
+        &digits,
+        &[
+            "--format",
+            "q4",
+            "--rank",
+            "2",
+            "--steps",
+            "3",
+            "--save-adapter",
+            s(&adapter),
+            "--json",
+        ],
+    ));
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(adapter.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        config["target_modules"],
+        serde_json::json!(["net.0", "net.3", "net.5"])
+    );
+    // Keys under two different paths are not one Sequential.
+    let mut entries: Vec<Entry> = Vec::new();
+    for (i, k) in pth.keys().enumerate() {
+        let (dtype, shape) = pth.info(k).unwrap();
+        let prefix = if i == 0 { "head." } else { "net." };
+        entries.push((
+            format!("{prefix}{k}"),
+            dtype,
+            shape.to_vec(),
+            pth.bytes(k).unwrap().to_vec(),
+        ));
+    }
+    let mixed = dir.join("mixed.safetensors");
+    write(&mixed, &entries);
+    let msg = nibble_fails(&model_data_args("eval", &mixed, &digits, &[]));
+    assert!(msg.contains("head.") || msg.contains("net."), "{msg}");
+}
