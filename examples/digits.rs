@@ -40,6 +40,7 @@ fn main() -> Result<(), nibble_cli::Error> {
         data: &data,
         format: FormatChoice::All,
         activation: "relu",
+        layer_norm_eps: 1e-5,
         adapter: None,
         logits: None,
     })?;
@@ -74,6 +75,7 @@ fn main() -> Result<(), nibble_cli::Error> {
             lr: 1e-2,
             batch: 64,
             activation: "relu",
+            layer_norm_eps: 1e-5,
             save_adapter: None,
             seed: 0,
         })?;

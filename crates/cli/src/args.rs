@@ -110,6 +110,10 @@ pub enum Command {
         /// comma-separated list with one per gap.
         #[arg(long, default_value = "relu")]
         activation: String,
+        /// The epsilon of every LayerNorm (`nn.LayerNorm(dim, eps=...)`; a state dict does not
+        /// hold it).
+        #[arg(long, value_name = "EPS", default_value_t = 1e-5)]
+        layer_norm_eps: f32,
         /// A LoRA adapter directory (PEFT layout, e.g. from `finetune --save-adapter`) to put on
         /// the model.
         #[arg(long, value_name = "DIR")]
@@ -149,6 +153,9 @@ pub enum Command {
         /// The activation in each gap of the layer indices (see `eval`).
         #[arg(long, default_value = "relu")]
         activation: String,
+        /// The epsilon of every LayerNorm (see `eval`).
+        #[arg(long, value_name = "EPS", default_value_t = 1e-5)]
+        layer_norm_eps: f32,
         /// Save the trained adapters here (PEFT layout: adapter_model.safetensors and
         /// adapter_config.json, target modules named by layer index).
         #[arg(long, value_name = "DIR")]

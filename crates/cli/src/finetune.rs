@@ -33,6 +33,8 @@ pub struct FinetuneArgs<'a> {
     /// An activation name (one of [`nibble_nn::Activation::NAMES`]: `relu`, `gelu`, `tanh`,
     /// ...), or one per gap, comma-separated.
     pub activation: &'a str,
+    /// The epsilon of every LayerNorm (PyTorch's default: 1e-5).
+    pub layer_norm_eps: f32,
     /// Where to save the adapters, if anywhere.
     pub save_adapter: Option<&'a Path>,
     /// Seed of the adapters' init and the mini-batch order.
@@ -118,7 +120,7 @@ pub fn finetune(args: &FinetuneArgs<'_>) -> Result<FinetuneReport> {
     }
     let activations = parse_activations(args.activation)?;
     let data = Dataset::open(args.data)?;
-    let mut model = Classifier::open(args.model, &activations, args.format)?;
+    let mut model = Classifier::open(args.model, &activations, args.layer_norm_eps, args.format)?;
     data.check_fits(model.features(), model.classes())?;
     let train = data.train()?;
     let classes = model.classes();

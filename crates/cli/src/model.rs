@@ -77,13 +77,21 @@ pub struct Classifier {
 }
 
 impl Classifier {
-    /// Reads the Sequential in `path` with every Linear in `format` and `activations` in the
-    /// gaps (one for all, or one per gap).
-    pub fn open(path: &Path, activations: &[Activation], format: WeightFormat) -> Result<Self> {
+    /// Reads the Sequential in `path` with every Linear in `format`, `activations` in the gaps
+    /// (one for all, or one per gap) and LayerNorms adding `layer_norm_eps`.
+    pub fn open(
+        path: &Path,
+        activations: &[Activation],
+        layer_norm_eps: f32,
+        format: WeightFormat,
+    ) -> Result<Self> {
         let file = Checkpoint::open(path)?;
         let prefix = sequential_prefix(&file);
         let gaps = gaps(&file, &prefix);
-        let mut options = SequentialOptions::new().format(format).prefix(prefix);
+        let mut options = SequentialOptions::new()
+            .format(format)
+            .prefix(prefix)
+            .layer_norm_eps(layer_norm_eps);
         match activations {
             [one] => options = options.activation(*one),
             list if list.len() == gaps.len() => {

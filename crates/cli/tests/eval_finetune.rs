@@ -590,3 +590,44 @@ fn keys_under_one_module_path_read_as_the_sequential() {
     let msg = nibble_fails(&model_data_args("eval", &mixed, &digits, &[]));
     assert!(msg.contains("head.") || msg.contains("net."), "{msg}");
 }
+
+/// A LayerNorm's epsilon is not in the state dict: `--layer-norm-eps` gives it
+/// (`tests/data/seq_ln_eps.*`, eps 0.05, `tools/golden/make_seq_ln_eps.py`); PyTorch's default
+/// then gives other logits, and an epsilon that is not a positive number is an error.
+#[test]
+fn layer_norm_eps_is_given_on_the_command_line() {
+    let dir = tmpdir("ln_eps");
+    let golden = data("seq_ln_eps.safetensors");
+    let x = tensor(&golden, "x");
+    let d = dir.join("data.safetensors");
+    write(
+        &d,
+        &[
+            f32s("x_test", &[5, 6], &x),
+            i64s("y_test", &[0, 1, 2, 0, 1]),
+        ],
+    );
+    let model = data("seq_ln_eps.pth");
+    let logits = dir.join("logits.safetensors");
+    let run = |eps: &str| {
+        nibble_json(&model_data_args(
+            "eval",
+            &model,
+            &d,
+            &["--layer-norm-eps", eps, "--logits", s(&logits), "--json"],
+        ));
+        max_diff(&tensor(&logits, "logits"), &tensor(&golden, "logits"))
+    };
+    let diff = run("0.05");
+    assert!(diff < 1e-5, "logits differ from PyTorch's by {diff}");
+    assert!(run("1e-5") > 1e-3);
+    for bad in ["0", "inf", "nan"] {
+        let msg = nibble_fails(&model_data_args(
+            "eval",
+            &model,
+            &d,
+            &["--layer-norm-eps", bad],
+        ));
+        assert!(msg.contains("epsilon"), "{bad}: {msg}");
+    }
+}

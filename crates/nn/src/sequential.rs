@@ -38,6 +38,9 @@ pub struct SequentialOptions {
     pub activation: Option<Activation>,
     /// Per-gap activations, keyed by the gap's first missing index.
     pub activations: BTreeMap<usize, Activation>,
+    /// The epsilon of every LayerNorm (a state dict does not hold it; PyTorch's default is
+    /// [`LayerNorm::DEFAULT_EPS`]).
+    pub layer_norm_eps: f32,
 }
 
 impl Default for SequentialOptions {
@@ -48,6 +51,7 @@ impl Default for SequentialOptions {
             formats: BTreeMap::new(),
             activation: None,
             activations: BTreeMap::new(),
+            layer_norm_eps: LayerNorm::DEFAULT_EPS,
         }
     }
 }
@@ -79,6 +83,12 @@ impl SequentialOptions {
     /// Every gap is `activation` (unless set per gap).
     pub fn activation(mut self, activation: Activation) -> Self {
         self.activation = Some(activation);
+        self
+    }
+
+    /// Every LayerNorm adds `eps` to the variance (`nn.LayerNorm(dim, eps=...)`).
+    pub fn layer_norm_eps(mut self, eps: f32) -> Self {
+        self.layer_norm_eps = eps;
         self
     }
 
@@ -165,6 +175,12 @@ impl Sequential {
                 )))
             }
         };
+        let eps = options.layer_norm_eps;
+        if !(eps.is_finite() && eps > 0.0) {
+            return Err(structure(format!(
+                "the LayerNorm epsilon must be a positive number, found {eps}"
+            )));
+        }
         let mut layers = Vec::new();
         let mut width: Option<(usize, String)> = None; // output width and the key that set it
         let mut previous: Option<usize> = None;
@@ -201,7 +217,11 @@ impl Sequential {
             let vb = root.pp(index.to_string());
             let plain_dims = file.info(&key("weight")).map(|(_, s)| s.len());
             let layer = match plain_dims {
-                Some(1) => Layer::LayerNorm(vb.layer_norm()?),
+                Some(1) => {
+                    let mut norm = vb.layer_norm()?;
+                    norm.eps = options.layer_norm_eps;
+                    Layer::LayerNorm(norm)
+                }
                 Some(2) | None => {
                     let format = options
                         .formats
