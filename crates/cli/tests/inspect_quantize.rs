@@ -90,10 +90,15 @@ fn quantize_reports_every_weight_and_inspect_sees_its_parts() {
                 t["mean_diff"].as_f64().unwrap(),
             );
             assert!(max > 0.0 && mean > 0.0 && mean <= max, "{format} {t}");
-            assert!(
-                t["bytes_after"].as_u64() < t["bytes_before"].as_u64(),
-                "{format} {t}"
+            // NF4 is written in bitsandbytes' layout, whose fixed parts (the 16-level map, the
+            // JSON state and, double-quantized, the 256-entry map: about 1.3 KB) outweigh the
+            // codes of the smallest layer here (20 x 10).
+            let fixed = if format == "nf4_dq" { 1400 } else { 0 };
+            let (after, before) = (
+                t["bytes_after"].as_u64().unwrap(),
+                t["bytes_before"].as_u64().unwrap(),
             );
+            assert!(after <= before / 2 + fixed, "{format} {t}");
         }
         let (b, a) = (
             v["bytes_before"].as_u64().unwrap(),

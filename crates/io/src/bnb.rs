@@ -1,5 +1,6 @@
 //! bitsandbytes' serialization of a 4-bit weight: what `bnb.nn.Linear4bit` puts in a state dict
-//! (and so what `transformers` writes for a model loaded in 4 bits), read as nibble's NF4.
+//! (and so what `transformers` writes for a model loaded in 4 bits), read as nibble's NF4, and
+//! the layout nibble writes its NF4 weights in ([`parts`]), so that bitsandbytes loads them.
 //!
 //! For a weight `K` of shape `[out, in]` (`n = out·in`, blocks of 64 of the flattened weight):
 //!
@@ -20,9 +21,10 @@
 use crate::checkpoint::{Checkpoint, DType};
 use crate::error::{Error, Result};
 use crate::format::WeightFormat;
-use crate::frozen::FrozenWeight;
+use crate::frozen::{FrozenWeight, Part};
 use nibble_quant::nf4::{dynamic_map, NF4_LEVELS};
 use nibble_quant::{Bytes, Nf4Matrix};
+use std::borrow::Cow;
 use std::sync::Arc;
 
 /// Suffix of the JSON tensor that marks an NF4 weight in bitsandbytes' layout.
@@ -51,6 +53,82 @@ pub fn part_keys(key: &str) -> [String; 6] {
         format!("{key}.nested_quant_map"),
         format!("{key}.{QUANT_STATE_NF4}"),
     ]
+}
+
+/// The parts of NF4 weight `w` stored as `key` in bitsandbytes' layout (what
+/// `bnb.nn.Linear4bit.state_dict()` holds for it; [`read_bnb_4bit`] reads them back).
+pub fn parts<'a>(key: &str, w: &'a Nf4Matrix) -> Vec<Part<'a>> {
+    let (out, inn) = w.shape();
+    let n = out * inn;
+    let nb = n.div_ceil(64);
+    let f32_bytes = |v: &[f32]| -> Cow<'a, [u8]> {
+        Cow::Owned(v.iter().flat_map(|x| x.to_le_bytes()).collect())
+    };
+    let mut parts: Vec<Part<'a>> = vec![
+        (
+            key.to_string(),
+            DType::U8,
+            vec![n.div_ceil(2), 1],
+            Cow::Borrowed(w.packed_bytes()),
+        ),
+        (
+            format!("{key}.quant_map"),
+            DType::F32,
+            vec![16],
+            f32_bytes(&NF4_LEVELS),
+        ),
+    ];
+    // The JSON as bitsandbytes writes it (Python's `json.dumps`: its key order and spacing).
+    let mut state =
+        format!("{{\"quant_type\": \"nf4\", \"blocksize\": 64, \"dtype\": \"float32\", \"shape\": [{out}, {inn}]");
+    match (
+        w.absmax_bytes(),
+        w.absmax_codes_bytes(),
+        w.absmax_scale_bytes(),
+    ) {
+        (Some(absmax), ..) => parts.push((
+            format!("{key}.absmax"),
+            DType::F32,
+            vec![nb],
+            Cow::Borrowed(absmax),
+        )),
+        (None, Some(codes), Some(scale)) => {
+            parts.push((
+                format!("{key}.absmax"),
+                DType::U8,
+                vec![nb],
+                Cow::Borrowed(codes),
+            ));
+            parts.push((
+                format!("{key}.nested_absmax"),
+                DType::F32,
+                vec![scale.len() / 4],
+                Cow::Borrowed(scale),
+            ));
+            parts.push((
+                format!("{key}.nested_quant_map"),
+                DType::F32,
+                vec![256],
+                f32_bytes(&dynamic_map()),
+            ));
+            // An f32 widened to f64 is exact, so the JSON reads back as the same f32; `{:?}`
+            // spells it as Python's `repr` does (shortest round trip, `0.0` not `0`).
+            let offset = f64::from(w.absmax_offset().unwrap_or(0.0));
+            state.push_str(&format!(
+                ", \"nested_blocksize\": 256, \"nested_dtype\": \"float32\", \"nested_offset\": {offset:?}"
+            ));
+        }
+        _ => {}
+    }
+    state.push('}');
+    let json = state.into_bytes();
+    parts.push((
+        format!("{key}.{QUANT_STATE_NF4}"),
+        DType::U8,
+        vec![json.len()],
+        Cow::Owned(json),
+    ));
+    parts
 }
 
 /// The format (`Nf4`, or `Nf4Dq` with double quantization) of the bitsandbytes 4-bit weight

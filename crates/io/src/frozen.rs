@@ -11,8 +11,9 @@
 //! |---|---|
 //! | `f16` | `K` f16 `[out, in]` |
 //! | `q4` | `K.q4.packed` u8 `[out, ⌈in/2⌉]` (element 2i in the low nibble), `K.q4.norm` f16 `[out, ⌈in/16⌉]` |
-//! | `nf4` | `K.nf4.packed` u8 `[⌈out·in/2⌉]` (first element in the high nibble), `K.nf4.absmax` f32 `[⌈out·in/64⌉]` |
-//! | `nf4_dq` | `K.nf4.packed`, `K.nf4.absmax_codes` u8 `[⌈out·in/64⌉]`, `K.nf4.absmax_offset` f32 `[1]`, `K.nf4.absmax_scale` f32 `[⌈⌈out·in/64⌉/256⌉]` |
+//! | `nf4`, `nf4_dq` | bitsandbytes' layout, written and read by [`crate::bnb`]: `K` u8 `[⌈out·in/2⌉, 1]`, `K.absmax`, `K.quant_map`, (`nf4_dq`) `K.nested_absmax`, `K.nested_quant_map`, and the JSON `K.quant_state.bitsandbytes__nf4` |
+//! | `nf4` (read only; written before bitsandbytes' layout) | `K.nf4.packed` u8 `[⌈out·in/2⌉]` (first element in the high nibble), `K.nf4.absmax` f32 `[⌈out·in/64⌉]` |
+//! | `nf4_dq` (read only) | `K.nf4.packed`, `K.nf4.absmax_codes` u8 `[⌈out·in/64⌉]`, `K.nf4.absmax_offset` f32 `[1]`, `K.nf4.absmax_scale` f32 `[⌈⌈out·in/64⌉/256⌉]` |
 //! | `int8` | `K.int8.codes` u8 `[out, in]`, `K.int8.scale` f32 `[out]`, `K.int8.min` f32 `[out]`: w ≈ min + scale·code |
 //! | `lower` | `K.lower.bits` u8 `[out]` (3 or 4 per row), `K.lower.codes` u8 `[Σ row bytes]`, `K.lower.scale` f16 `[out, ⌈in/128⌉]`, `K.lower.min` f16 `[out, ⌈in/128⌉]`: w ≈ min + scale·code |
 
@@ -142,7 +143,6 @@ impl FrozenWeight {
     pub fn parts(&self, key: &str) -> Vec<Part<'_>> {
         let m = self.matrix();
         let (o, i) = (m.out_features(), m.in_features());
-        let n = o * i;
         match self {
             FrozenWeight::F32(w) => vec![(
                 key.to_string(),
@@ -172,53 +172,8 @@ impl FrozenWeight {
                     w.norm_bytes(),
                 ),
             ],
-            FrozenWeight::Nf4(w) => {
-                let mut parts = vec![part(
-                    key,
-                    "nf4.packed",
-                    DType::U8,
-                    vec![n.div_ceil(2)],
-                    w.packed_bytes(),
-                )];
-                match (
-                    w.absmax_bytes(),
-                    w.absmax_codes_bytes(),
-                    w.absmax_scale_bytes(),
-                ) {
-                    (Some(absmax), _, _) => parts.push(part(
-                        key,
-                        "nf4.absmax",
-                        DType::F32,
-                        vec![n.div_ceil(64)],
-                        absmax,
-                    )),
-                    (None, Some(codes), Some(scale)) => {
-                        parts.push(part(
-                            key,
-                            "nf4.absmax_codes",
-                            DType::U8,
-                            vec![n.div_ceil(64)],
-                            codes,
-                        ));
-                        let offset = w.absmax_offset().unwrap_or(0.0).to_le_bytes();
-                        parts.push((
-                            format!("{key}.nf4.absmax_offset"),
-                            DType::F32,
-                            vec![1],
-                            Cow::Owned(offset.to_vec()),
-                        ));
-                        parts.push(part(
-                            key,
-                            "nf4.absmax_scale",
-                            DType::F32,
-                            vec![scale.len() / 4],
-                            scale,
-                        ));
-                    }
-                    _ => unreachable!("an NF4 matrix has plain or double-quantized statistics"),
-                }
-                parts
-            }
+            // bitsandbytes' own layout, which it and transformers load (see `crate::bnb`).
+            FrozenWeight::Nf4(w) => crate::bnb::parts(key, w),
             FrozenWeight::Int8(w) => {
                 let (codes, scales, zeros) = w.parts();
                 vec![
