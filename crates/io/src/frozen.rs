@@ -213,8 +213,9 @@ impl FrozenWeight {
     }
 
     /// Reads weight `key` of `format`, `[out, in]`, from a quantized checkpoint without copying
-    /// its packed bytes (they stay in the memory-mapped file). Every part's dtype and shape is
-    /// checked, and scales must be finite.
+    /// its packed bytes (they stay in the memory-mapped file), in the layout [`FrozenWeight::parts`]
+    /// writes (NF4 in bitsandbytes' layout, or nibble's earlier one). Every part's dtype and
+    /// shape is checked, and scales must be finite.
     pub fn from_checkpoint(
         file: &Checkpoint,
         format: WeightFormat,
@@ -222,6 +223,21 @@ impl FrozenWeight {
         out: usize,
         inn: usize,
     ) -> Result<Self> {
+        if matches!(format, WeightFormat::Nf4 | WeightFormat::Nf4Dq)
+            && crate::bnb::is_bnb_4bit(file, key)
+        {
+            let (weight, stored, o, i) = crate::bnb::read_bnb_4bit(file, key)?;
+            if (stored, o, i) != (format, out, inn) {
+                return Err(Error::BadTensor {
+                    path: file.path().to_path_buf(),
+                    key: key.to_string(),
+                    reason: format!(
+                        "bitsandbytes' layout holds {stored} [{o}, {i}], expected {format} [{out}, {inn}]"
+                    ),
+                });
+            }
+            return Ok(weight);
+        }
         let n = out.checked_mul(inn).ok_or_else(|| Error::Unsupported {
             key: key.to_string(),
             what: format!("[{out}, {inn}] overflows"),
@@ -336,13 +352,17 @@ impl FrozenWeight {
     /// The quantized format weight `key` is stored in, told by its parts (`None` when `file`
     /// holds no quantized parts of `key`, e.g. a plain tensor `key`).
     pub fn stored_format(file: &Checkpoint, key: &str) -> Option<WeightFormat> {
+        if crate::bnb::is_bnb_4bit(file, key) {
+            return crate::bnb::part_format(file, key);
+        }
         FORMAT_MARKERS
             .iter()
             .find(|(_, suffix)| file.info(&format!("{key}.{suffix}")).is_some())
             .map(|(format, _)| *format)
     }
 
-    /// `[out, in]` of quantized weight `key` of `format`: from the metadata entry
+    /// `[out, in]` of quantized weight `key` of `format`: from bitsandbytes' JSON state for its
+    /// layout, else from the metadata entry
     /// [`shape_metadata_key`] when the writer left one, else from the parts (`out`, when the
     /// caller knows it, e.g. from the bias, settles the flattened NF4 layout).
     pub fn stored_shape(
@@ -356,6 +376,10 @@ impl FrozenWeight {
             key: key.to_string(),
             reason: what,
         };
+        if crate::bnb::is_bnb_4bit(file, key) {
+            let (_, _, o, i) = crate::bnb::read_bnb_4bit(file, key)?;
+            return Ok((o, i));
+        }
         if let Some(text) = file.metadata().get(&shape_metadata_key(key)) {
             let dims: Vec<usize> = text
                 .split(',')

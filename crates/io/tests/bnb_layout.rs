@@ -4,7 +4,6 @@
 
 use nibble_io::bnb::{parts, read_bnb_4bit};
 use nibble_io::{Checkpoint, DType, FrozenWeight, WeightFormat};
-use nibble_tensor::WeightMatrix;
 use std::path::PathBuf;
 
 fn data(name: &str) -> PathBuf {
