@@ -471,12 +471,6 @@ fn bad_state_dicts_are_errors_naming_key_and_shapes() {
             &["`head.weight`", "nn.Sequential"],
         ),
         (
-            "missing bias",
-            vec![("0.weight", vec![4, 3])],
-            &relu,
-            &["`0.weight` has no `0.bias`"],
-        ),
-        (
             "bias alone",
             vec![("0.bias", vec![4])],
             &relu,
