@@ -196,3 +196,27 @@ fn a_bitsandbytes_quantized_bignet_runs_as_nf4_dq() {
     .to_string();
     assert!(e.contains("nf4_dq") && e.contains("nf4"), "{e}");
 }
+
+/// A PEFT adapter on the reference's BigNet with per-module ranks and alphas, rsLoRA and
+/// `bias = "all"` (every Linear's and LayerNorm's bias trained; `tests/data/peft_variants`,
+/// PEFT 0.21.2): on the f32 bignet PEFT's output, on the f16 lora variant within f16's
+/// rounding of the base.
+#[test]
+fn a_peft_adapter_with_patterns_and_trained_biases_gives_pefts_output() {
+    let io = Checkpoint::open(data("peft_variants/bignet_d128_io.safetensors")).unwrap();
+    let (x, want) = (golden(&io, "bignet_x"), golden(&io, "bignet_y"));
+    for (variant, bound) in [(Variant::Bignet, 1e-5), (Variant::Lora, 2e-3)] {
+        let model = ModelSpec {
+            weights: Some(data("bignet_d128.pth")),
+            adapter: Some(data("peft_variants/bignet_d128")),
+            ..ModelSpec::seeded(variant, 0)
+        }
+        .build()
+        .unwrap();
+        let err = rel_err(&model.infer(&x).unwrap(), &want);
+        assert!(err < bound, "{variant}: relative error {err} against PEFT");
+    }
+    // Without the adapter the output is another one (so the comparison means something).
+    let plain = load(Variant::Bignet, "bignet_d128.pth");
+    assert!(rel_err(&plain.infer(&x).unwrap(), &want) > 1e-2);
+}

@@ -5,7 +5,7 @@ tests/data/peft_variants/logits.safetensors (`x` [8,30] from seq_d30.safetensors
 `<name>` [8,5] per adapter: PEFT's logits with it loaded). Every adapter tensor and every
 parameter PEFT trains is drawn at random (as if trained), so each one matters.
 
-    python3 tools/golden/make_peft_variants.py tests/data
+    python3 tools/golden/make_peft_variants.py tests/data ../shared/ref
 """
 import copy
 import os
@@ -43,3 +43,29 @@ for name, kw in variants.items():
     m.save_pretrained(f"{out}/peft_variants/{name}")
 save_file(logits, f"{out}/peft_variants/logits.safetensors")
 print("ok")
+
+# BigNet (tests/data/bignet_d128.pth, the reference's Net) with a PEFT adapter that has
+# everything at once: per-module rank and alpha, rsLoRA, and bias = "all" (the Linears' and the
+# LayerNorms' biases trained): tests/data/peft_variants/bignet_d128/ and `bignet_x` [4,128],
+# `bignet_y` [4,128] (PEFT's output) in bignet_d128_io.safetensors.
+sys.path.insert(0, sys.argv[2] if len(sys.argv) > 2 else "../shared/ref")
+import bignet_ref as R  # noqa: E402
+
+net = R.Net("bignet", 128)
+net.load_state_dict(torch.load(f"{out}/bignet_d128.pth"))
+torch.manual_seed(2)
+pm = peft.get_peft_model(net, peft.LoraConfig(
+    r=4, lora_alpha=6, use_rslora=True, target_modules=r".*\.model\.[024]$",
+    rank_pattern={"model.0.model.0": 2}, alpha_pattern={"model.10.model.4": 1}, bias="all"))
+with torch.no_grad():
+    for n, p in pm.named_parameters():
+        if p.requires_grad:
+            p.add_(torch.randn_like(p) * 0.05)
+pm.eval()
+xb = torch.randn(4, 128)
+with torch.no_grad():
+    yb = pm(xb)
+pm.save_pretrained(f"{out}/peft_variants/bignet_d128")
+os.remove(f"{out}/peft_variants/bignet_d128/README.md")
+save_file({"bignet_x": xb, "bignet_y": yb}, f"{out}/peft_variants/bignet_d128_io.safetensors")
+print("ok bignet")

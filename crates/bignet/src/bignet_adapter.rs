@@ -3,6 +3,9 @@
 
 use crate::error::Result;
 use crate::model::BigNet;
+use crate::source::norm_key;
+use nibble_autograd::Param;
+use nibble_nn::peft::OtherModule;
 use std::path::Path;
 
 pub use nibble_nn::peft::{CONFIG_FILE, WEIGHTS_FILE};
@@ -21,10 +24,32 @@ pub fn save_adapter(model: &BigNet, dir: &Path) -> Result<()> {
 
 /// Loads the adapters saved in `dir` into `model` (a `lora` or `qlora` model; a
 /// `half_precision` or `low_precision` one gets adapters attached first). Every tensor in the
-/// file must belong to one of the model's layers with the right shape.
+/// file must belong to one of the model's layers with the right shape; base parameters it
+/// holds (PEFT's `bias = "all"`, `modules_to_save`) replace the linear layers' and the
+/// LayerNorms' (`model.1`, ...).
 pub fn load_adapter(model: &mut BigNet, dir: &Path) -> Result<()> {
     if model.linears().any(|l| l.lora.is_none()) {
         model.attach_lora(0)?;
     }
-    Ok(nibble_nn::peft::load_adapter(model.linears_mut(), dir)?)
+    // The LayerNorms' parameters (which PEFT's `bias = "all"` and `modules_to_save` may
+    // replace), through clones of their handles (a clone shares the value it replaces).
+    let norms: Vec<(String, Param, Param)> = model
+        .norms()
+        .iter()
+        .enumerate()
+        .map(|(b, n)| (norm_key(b), n.weight.clone(), n.bias.clone()))
+        .collect();
+    let others: Vec<OtherModule<'_>> = norms
+        .iter()
+        .map(|(name, weight, bias)| OtherModule {
+            name: name.clone(),
+            weight,
+            bias: Some(bias),
+        })
+        .collect();
+    Ok(nibble_nn::peft::load_adapter_with_others(
+        model.linears_mut(),
+        &others,
+        dir,
+    )?)
 }

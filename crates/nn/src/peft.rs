@@ -10,7 +10,6 @@
 //! `lora_alpha / √r` with `use_rslora`) into B.
 
 use crate::error::{Error, Result};
-use crate::layer_norm::LayerNorm;
 use crate::linear::{Linear, LoraAdapter};
 use nibble_autograd::Param;
 use nibble_io::{write_safetensors, Checkpoint, DType};
@@ -299,13 +298,26 @@ fn replacement_target(key: &str) -> Option<(&str, bool)> {
     }
 }
 
-/// Loads the adapters saved in `dir` onto `layers` (see [`load_adapter_with_norms`]); a file
+/// A module beside the Linears (a LayerNorm) whose parameters an adapter file may replace
+/// (PEFT's `modules_to_save`, `bias = "all"`): its name in the model and its parameters, whose
+/// values are replaced in place.
+#[derive(Debug, Clone)]
+pub struct OtherModule<'a> {
+    /// The module's path in the model (`2`, `model.1`).
+    pub name: String,
+    /// Its weight, `[dim]`.
+    pub weight: &'a Param,
+    /// Its bias, `[dim]`, if it has one.
+    pub bias: Option<&'a Param>,
+}
+
+/// Loads the adapters saved in `dir` onto `layers` (see [`load_adapter_with_others`]); a file
 /// that replaces a parameter of anything but these Linears is an error.
 pub fn load_adapter<'a>(
     layers: impl IntoIterator<Item = &'a mut Linear>,
     dir: &Path,
 ) -> Result<()> {
-    load_adapter_with_norms(layers, Vec::new(), dir)
+    load_adapter_with_others(layers, &[], dir)
 }
 
 /// Loads the adapters saved in `dir` onto `layers`: each layer whose
@@ -315,19 +327,19 @@ pub fn load_adapter<'a>(
 /// entry, is folded into B). Shapes are checked against the layer (`A` `[r, in]`, `B`
 /// `[out, r]`, `r` the module's rank in the config). Base parameters the file holds (PEFT's
 /// `modules_to_save` and `bias = "all"` / `"lora_only"`) replace those of `layers` and
-/// `norms`: a Linear whose weight is replaced becomes an f32 layer without an adapter, as
-/// PEFT's copy of the module is; replaced values are frozen. A tensor that belongs to none of
+/// `others`: a Linear whose weight is replaced becomes an f32 layer without an adapter, as
+/// PEFT's copy of the module is, and its replaced values are frozen; another module's
+/// parameters get the file's values in place. A tensor that belongs to none of
 /// the modules, a lone A or B, a wrong shape, or NaN/Inf values are errors, and an error
 /// leaves every layer as it was.
-pub fn load_adapter_with_norms<'a>(
+pub fn load_adapter_with_others<'a>(
     layers: impl IntoIterator<Item = &'a mut Linear>,
-    norms: Vec<&'a mut LayerNorm>,
+    others: &[OtherModule<'_>],
     dir: &Path,
 ) -> Result<()> {
     let config = AdapterConfig::read(dir)?;
     let file = Checkpoint::open(dir.join(WEIGHTS_FILE))?;
     let mut layers: Vec<&mut Linear> = layers.into_iter().collect();
-    let mut norms = norms;
     let finite = |key: &str, t: &Tensor| {
         if t.data().iter().any(|v| !v.is_finite()) {
             return Err(adapter_error(dir, format!("`{key}` holds NaN or Inf")));
@@ -376,7 +388,7 @@ pub fn load_adapter_with_norms<'a>(
     let names: Vec<String> = layers
         .iter()
         .map(|l| l.name.clone())
-        .chain(norms.iter().map(|n| n.name.clone()))
+        .chain(others.iter().map(|n| n.name.clone()))
         .collect();
     let mut replacements: Vec<Replacement> = Vec::new();
     for key in file.keys().filter(|k| !seen.contains(*k)) {
@@ -408,7 +420,16 @@ pub fn load_adapter_with_norms<'a>(
                     vec![out, inp]
                 }
             }
-            None => vec![norms[module - layers.len()].dim()],
+            None => {
+                let other = &others[module - layers.len()];
+                if bias && other.bias.is_none() {
+                    return Err(adapter_error(
+                        dir,
+                        format!("`{key}`: module {} has no bias to replace", other.name),
+                    ));
+                }
+                vec![other.weight.value().numel()]
+            }
         };
         let value = file.tensor_f32(key, Some(&shape))?;
         finite(key, &value)?;
@@ -450,16 +471,15 @@ pub fn load_adapter_with_norms<'a>(
     // Weights first, so that a module's replaced bias lands on its replaced weight.
     replacements.sort_by_key(|r| r.bias);
     for r in replacements {
-        let frozen = |name: String, t: Tensor| Param::new(name, t, false);
         match layers.get_mut(r.module) {
             Some(layer) => layer.replace_base_param(r.bias, r.value)?,
             None => {
-                let norm = &mut norms[r.module - layers.len()];
-                let name = format!("{}.{}", norm.name, if r.bias { "bias" } else { "weight" });
-                if r.bias {
-                    norm.bias = Some(frozen(name, r.value));
-                } else {
-                    norm.weight = frozen(name, r.value);
+                let other = &others[r.module - layers.len()];
+                match (r.bias, other.bias) {
+                    (true, Some(bias)) => *bias.value_mut() = r.value,
+                    // Checked above: a bias replacement names a module with a bias.
+                    (true, None) => {}
+                    (false, _) => *other.weight.value_mut() = r.value,
                 }
             }
         }

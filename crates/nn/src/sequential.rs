@@ -375,15 +375,25 @@ impl Sequential {
     /// adapters (as [`Sequential::add_lora`] does); see [`crate::peft::load_adapter`]. A bad
     /// adapter leaves the model as it was.
     pub fn load_adapter(&mut self, dir: &Path) -> Result<()> {
-        let (mut linears, mut norms) = (Vec::new(), Vec::new());
-        for layer in &mut self.layers {
-            match layer {
-                Layer::Linear(l) => linears.push(l),
-                Layer::LayerNorm(n) => norms.push(n),
-                Layer::Activation(_) => {}
-            }
-        }
-        crate::peft::load_adapter_with_norms(linears, norms, dir)?;
+        // The LayerNorms through clones of their parameter handles (a clone shares the value
+        // it replaces), so that the Linears can be borrowed mutably beside them.
+        let norms: Vec<(String, Param, Option<Param>)> = self
+            .layers
+            .iter()
+            .filter_map(|l| match l {
+                Layer::LayerNorm(n) => Some((n.name.clone(), n.weight.clone(), n.bias.clone())),
+                _ => None,
+            })
+            .collect();
+        let views: Vec<crate::peft::OtherModule<'_>> = norms
+            .iter()
+            .map(|(name, weight, bias)| crate::peft::OtherModule {
+                name: name.clone(),
+                weight,
+                bias: bias.as_ref(),
+            })
+            .collect();
+        crate::peft::load_adapter_with_others(self.linears_mut(), &views, dir)?;
         for p in self.params() {
             p.set_requires_grad(false);
         }
