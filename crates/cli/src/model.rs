@@ -68,6 +68,21 @@ fn gaps(file: &Checkpoint, prefix: &str) -> Vec<usize> {
         .collect()
 }
 
+/// Whether the Sequential's first layer index (under `prefix`) is above 0: parameter-free
+/// layers come before it.
+fn leading_gap(file: &Checkpoint, prefix: &str) -> bool {
+    file.keys()
+        .filter_map(|k| {
+            k.strip_prefix(prefix)?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .min()
+        .is_some_and(|first| first > 0)
+}
+
 /// A Sequential classifier with its input width and number of classes.
 #[derive(Debug, Clone)]
 pub struct Classifier {
@@ -90,12 +105,21 @@ impl Classifier {
         let gaps = gaps(&file, &prefix);
         let mut options = SequentialOptions::new()
             .format(format)
-            .prefix(prefix)
+            .prefix(prefix.clone())
             .layer_norm_eps(layer_norm_eps);
+        // A list one longer than the gaps between layers names, first, what comes before the
+        // first layer (when the indices do not start at 0).
+        let leading = leading_gap(&file, &prefix);
         match activations {
             [one] => options = options.activation(*one),
             list if list.len() == gaps.len() => {
                 for (gap, a) in gaps.iter().zip(list) {
+                    options = options.activation_at(*gap, *a);
+                }
+            }
+            [first, rest @ ..] if leading && rest.len() == gaps.len() => {
+                options = options.activation_at(0, *first);
+                for (gap, a) in gaps.iter().zip(rest) {
                     options = options.activation_at(*gap, *a);
                 }
             }
@@ -104,10 +128,15 @@ impl Classifier {
                     arg: "--activation",
                     what: format!(
                         "{} activations given for the {} gaps of {} (at indices {gaps:?}): give \
-                         one for all gaps or one per gap",
+                         one for all gaps or one per gap{}",
                         list.len(),
                         gaps.len(),
-                        path.display()
+                        path.display(),
+                        if leading {
+                            ", with one more in front for what comes before the first layer"
+                        } else {
+                            ""
+                        }
                     ),
                 })
             }

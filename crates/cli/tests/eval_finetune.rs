@@ -631,3 +631,70 @@ fn layer_norm_eps_is_given_on_the_command_line() {
         assert!(msg.contains("epsilon"), "{bad}: {msg}");
     }
 }
+
+/// Parameter-free layers before the first Linear (indices starting above 0) are nothing by
+/// default (`nn.Flatten`), and what `--activation` names first when its list has one entry more
+/// than the gaps between layers.
+#[test]
+fn a_leading_gap_is_identity_unless_the_list_names_it() {
+    let dir = tmpdir("leading_gap");
+    // 1: Linear(3 -> 2), 2: gap, 3: Linear(2 -> 2).
+    let (w1, b1) = ([0.5f32, -1.0, 2.0, 1.5, 0.25, -0.75], [0.1f32, -0.2]);
+    let (w3, b3) = ([1.0f32, -2.0, 0.5, 3.0], [0.0f32, 0.3]);
+    let model = dir.join("model.safetensors");
+    write(
+        &model,
+        &[
+            f32s("1.weight", &[2, 3], &w1),
+            f32s("1.bias", &[2], &b1),
+            f32s("3.weight", &[2, 2], &w3),
+            f32s("3.bias", &[2], &b3),
+        ],
+    );
+    let x = [-1.0f32, 2.0, -0.5, 0.75, -2.0, 1.0];
+    let d = dir.join("data.safetensors");
+    write(&d, &[f32s("x_test", &[2, 3], &x), i64s("y_test", &[0, 1])]);
+    // Plain-Rust forward: optional ReLU in front, Linear, ReLU, Linear.
+    let forward = |relu_first: bool| -> Vec<f32> {
+        let mut out = Vec::new();
+        for row in x.chunks(3) {
+            let row: Vec<f32> = row
+                .iter()
+                .map(|&v| if relu_first { v.max(0.0) } else { v })
+                .collect();
+            let h: Vec<f32> = (0..2)
+                .map(|o| (b1[o] + (0..3).map(|i| w1[o * 3 + i] * row[i]).sum::<f32>()).max(0.0))
+                .collect();
+            out.extend((0..2).map(|o| b3[o] + (0..2).map(|i| w3[o * 2 + i] * h[i]).sum::<f32>()));
+        }
+        out
+    };
+    let logits = dir.join("logits.safetensors");
+    for (activation, relu_first) in [
+        ("relu", false),
+        ("relu,relu", true),
+        ("identity,relu", false),
+    ] {
+        nibble_json(&model_data_args(
+            "eval",
+            &model,
+            &d,
+            &["--activation", activation, "--logits", s(&logits), "--json"],
+        ));
+        let got = tensor(&logits, "logits");
+        let d = max_diff(&got, &forward(relu_first));
+        assert!(
+            d < 1e-6,
+            "{activation}: {got:?} vs {:?}",
+            forward(relu_first)
+        );
+    }
+    assert!(max_diff(&forward(true), &forward(false)) > 0.1);
+    let msg = nibble_fails(&model_data_args(
+        "eval",
+        &model,
+        &d,
+        &["--activation", "relu,relu,relu"],
+    ));
+    assert!(msg.contains("before the first layer"), "{msg}");
+}

@@ -133,7 +133,7 @@ impl Sequential {
     /// LayerNorm, and a gap in the indices between two layers is a parameter-free activation
     /// (given by `options`; a gap of several indices, e.g. an activation then a dropout, is one
     /// activation; parameter-free layers before the first weight, such as `nn.Flatten`, are
-    /// skipped). Weights stored quantized (by [`Sequential::save`]) are used as stored.
+    /// skipped unless [`SequentialOptions::activation_at`] gives one for index 0). Weights stored quantized (by [`Sequential::save`]) are used as stored.
     /// Non-`Sequential` keys, a bias without a weight and layers whose widths do not chain are errors
     /// naming the key and shapes.
     pub fn from_state_dict(file: &Checkpoint, options: &SequentialOptions) -> Result<Self> {
@@ -194,6 +194,15 @@ impl Sequential {
                     key("bias"),
                     key("weight")
                 )));
+            }
+            if previous.is_none() && index > 0 {
+                // Parameter-free layers before the first one (`nn.Flatten`, a normalising
+                // activation): nothing unless an activation is given for index 0, since the
+                // one for every gap is meant for the gaps between layers.
+                if let Some(act) = options.activations.get(&0) {
+                    layers.push(Layer::Activation(*act));
+                    gaps.push(0);
+                }
             }
             if let Some(p) = previous {
                 if index > p + 1 {
