@@ -30,7 +30,7 @@ fn layer(name: &str, out: usize, inp: usize) -> Linear {
         name: name.into(),
         base: LinearBase::Frozen {
             weight: FrozenWeight::quantize(WeightFormat::F16, name, &w).expect("f16"),
-            bias: FrozenBias::F32(vec![0.1; out]),
+            bias: Some(FrozenBias::F32(vec![0.1; out])),
         },
         lora: None,
     }

@@ -7,32 +7,11 @@ mod common;
 use common::*;
 use nibble_io::Checkpoint;
 
-fn tensor(path: &std::path::Path, key: &str) -> Vec<f32> {
-    Checkpoint::open(path)
-        .unwrap()
-        .tensor_f32(key, None)
-        .unwrap()
-        .into_vec()
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
 /// The golden batch as a data file (`x_test`, `y_test`, and the same as the training split).
 fn golden_data(dir: &std::path::Path) -> std::path::PathBuf {
     let golden = Checkpoint::open(data("seq_bias_free.safetensors")).unwrap();
     let x = golden.tensor_f32("x", None).unwrap();
-    let labels: Vec<i64> = golden
-        .bytes("labels")
-        .unwrap()
-        .chunks(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-        .collect();
+    let labels = i64_values(&data("seq_bias_free.safetensors"), "labels");
     let d = dir.join("data.safetensors");
     write(
         &d,

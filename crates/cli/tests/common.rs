@@ -135,3 +135,32 @@ pub fn model_data_args<'a>(
     args.extend_from_slice(rest);
     args
 }
+
+/// Tensor `key` of the safetensors (or `.pth`) file at `path`, as f32 values.
+pub fn tensor(path: &Path, key: &str) -> Vec<f32> {
+    nibble_io::Checkpoint::open(path)
+        .unwrap()
+        .tensor_f32(key, None)
+        .unwrap()
+        .into_vec()
+}
+
+/// Max |a - b| over two equally long slices.
+pub fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// The i64 tensor `key` of the file at `path` (golden labels).
+pub fn i64_values(path: &Path, key: &str) -> Vec<i64> {
+    nibble_io::Checkpoint::open(path)
+        .unwrap()
+        .bytes(key)
+        .unwrap()
+        .chunks(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}

@@ -6,23 +6,6 @@ mod common;
 use common::*;
 use nibble_io::Checkpoint;
 
-/// Max |a - b| over two equally long slices.
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
-fn tensor(path: &std::path::Path, key: &str) -> Vec<f32> {
-    Checkpoint::open(path)
-        .unwrap()
-        .tensor_f32(key, None)
-        .unwrap()
-        .into_vec()
-}
-
 #[test]
 fn eval_f32_gives_pytorchs_logits_loss_and_accuracy() {
     let dir = tmpdir("eval_f32");
@@ -156,12 +139,7 @@ fn seq_d30_golden_logits_and_loss_with_one_activation_per_gap() {
     let x = file.tensor_f32("x", None).unwrap();
     let (_, lshape) = file.info("labels").unwrap();
     assert_eq!(lshape, [8]);
-    let labels: Vec<i64> = file
-        .bytes("labels")
-        .unwrap()
-        .chunks(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-        .collect();
+    let labels = i64_values(&golden, "labels");
     let d = dir.join("data.safetensors");
     write(
         &d,

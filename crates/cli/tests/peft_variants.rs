@@ -6,23 +6,6 @@
 
 mod common;
 use common::*;
-use nibble_io::Checkpoint;
-
-fn tensor(path: &std::path::Path, key: &str) -> Vec<f32> {
-    Checkpoint::open(path)
-        .unwrap()
-        .tensor_f32(key, None)
-        .unwrap()
-        .into_vec()
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
 
 #[test]
 fn peft_variants_give_pefts_logits() {

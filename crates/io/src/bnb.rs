@@ -21,7 +21,7 @@
 use crate::checkpoint::{Checkpoint, DType};
 use crate::error::{Error, Result};
 use crate::format::WeightFormat;
-use crate::frozen::{FrozenWeight, Part};
+use crate::frozen::{check_finite, expect_part_of, FrozenWeight, Part};
 use nibble_quant::nf4::{dynamic_map, NF4_LEVELS};
 use nibble_quant::{Bytes, Nf4Matrix};
 use std::borrow::Cow;
@@ -236,33 +236,18 @@ pub fn read_bnb_4bit(
         what: format!("[{out}, {inn}] overflows"),
     })?;
     let nb = n.div_ceil(64);
+    // A part, checked (dtype, one of `shapes`, finite if f32) and mapped without a copy.
     let part = |name: &str, dtype: DType, shapes: &[&[usize]]| -> Result<Bytes> {
-        match file.info(name) {
-            None => Err(Error::MissingKey {
-                path: file.path().to_path_buf(),
-                key: name.to_string(),
-            }),
-            Some((found, _)) if found != dtype => Err(Error::DType {
-                path: file.path().to_path_buf(),
-                key: name.to_string(),
-                expected: dtype.name().to_string(),
-                found,
-            }),
-            Some((_, found)) if !shapes.contains(&found) => Err(Error::Shape {
-                path: file.path().to_path_buf(),
-                key: name.to_string(),
-                expected: shapes[0].to_vec(),
-                found: found.to_vec(),
-            }),
-            Some(_) => {
-                let mapped = file.shared_bytes(name)?;
-                let len = mapped.len();
-                Bytes::from_shared(Arc::new(mapped), 0..len).map_err(|source| Error::Quant {
-                    key: name.to_string(),
-                    source,
-                })
-            }
+        expect_part_of(file, name, dtype, shapes)?;
+        let mapped = file.shared_bytes(name)?;
+        if dtype == DType::F32 {
+            check_finite(file, name, dtype, &mapped)?;
         }
+        let len = mapped.len();
+        Bytes::from_shared(Arc::new(mapped), 0..len).map_err(|source| Error::Quant {
+            key: name.to_string(),
+            source,
+        })
     };
     let f32s = |bytes: &Bytes| -> Vec<f32> {
         bytes
@@ -296,16 +281,9 @@ pub fn read_bnb_4bit(
         key: key.to_string(),
         source,
     };
-    let finite = |name: &str, values: &[f32]| -> Result<()> {
-        match values.iter().position(|v| !v.is_finite()) {
-            None => Ok(()),
-            Some(i) => Err(bad(name, format!("element {i} is NaN or infinite"))),
-        }
-    };
     let double = file.info(&absmax_key).map(|(d, _)| d) == Some(DType::U8);
     if !double {
         let absmax = part(&absmax_key, DType::F32, &[&[nb]])?;
-        finite(&absmax_key, &f32s(&absmax))?;
         let m = Nf4Matrix::from_parts(out, inn, packed, absmax).map_err(quant)?;
         return Ok((FrozenWeight::Nf4(Arc::new(m)), WeightFormat::Nf4, out, inn));
     }
@@ -333,7 +311,6 @@ pub fn read_bnb_4bit(
     let codes = part(&absmax_key, DType::U8, &[&[nb]])?;
     let scale_key = format!("{key}.nested_absmax");
     let scale = part(&scale_key, DType::F32, &[&[nb.div_ceil(256)]])?;
-    finite(&scale_key, &f32s(&scale))?;
     let nested_map_key = format!("{key}.nested_quant_map");
     let nested_map = part(&nested_map_key, DType::F32, &[&[256]])?;
     same_map(

@@ -433,6 +433,17 @@ fn part<'a>(key: &str, suffix: &str, dtype: DType, shape: Vec<usize>, bytes: &'a
 }
 
 fn expect_part(file: &Checkpoint, name: &str, dtype: DType, shape: &[usize]) -> Result<()> {
+    expect_part_of(file, name, dtype, &[shape])
+}
+
+/// An error unless `file` holds tensor `name` of `dtype` and one of `shapes` (the first is the
+/// one an error names).
+pub(crate) fn expect_part_of(
+    file: &Checkpoint,
+    name: &str,
+    dtype: DType,
+    shapes: &[&[usize]],
+) -> Result<()> {
     match file.info(name) {
         None => Err(Error::MissingKey {
             path: file.path().to_path_buf(),
@@ -444,17 +455,22 @@ fn expect_part(file: &Checkpoint, name: &str, dtype: DType, shape: &[usize]) -> 
             expected: dtype.name().to_string(),
             found,
         }),
-        Some((_, found)) if found != shape => Err(Error::Shape {
+        Some((_, found)) if !shapes.contains(&found) => Err(Error::Shape {
             path: file.path().to_path_buf(),
             key: name.to_string(),
-            expected: shape.to_vec(),
+            expected: shapes.first().map_or_else(Vec::new, |s| s.to_vec()),
             found: found.to_vec(),
         }),
         Some(_) => Ok(()),
     }
 }
 
-fn check_finite(file: &Checkpoint, name: &str, dtype: DType, bytes: &[u8]) -> Result<()> {
+pub(crate) fn check_finite(
+    file: &Checkpoint,
+    name: &str,
+    dtype: DType,
+    bytes: &[u8],
+) -> Result<()> {
     let bad = match dtype {
         DType::F16 => bytes
             .chunks_exact(2)
