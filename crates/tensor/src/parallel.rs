@@ -172,9 +172,19 @@ struct OutsideJob<'a> {
 }
 
 /// How long a caller outside the pool yields its core while [`on_pool_worker`]'s job (or a
-/// team, [`crate::team::run`]) runs before it parks instead (a batch-1 forward is well inside
-/// it; a long job should not keep a core's scheduler busy).
-pub(crate) const YIELD_BEFORE_PARK: Duration = Duration::from_millis(2);
+/// team, [`crate::team::run`]) runs before it parks: not at all. It yielded for up to 2 ms,
+/// and on the 16-core Xeon (16 threads) about one `bignet bench` series in five then took
+/// 2.0–2.2 ms per batch-1 forward instead of 0.2–0.4 ms, every forward of the series: a pool
+/// thread the job needed waited for a core that the yielding caller kept (with the caller
+/// spinning instead of yielding every forward took 2.2–2.4 ms, the patience plus the work).
+/// Parked at once, the caller leaves its core to the pool. Two leases, five rounds of nine
+/// variants each way (2026-12-06 09:00 and 09:07 UTC, int8 and f32 activations, batch 1,
+/// medians of 30): yielding had 1 and 8 stalled series of 45, parking none, with the same
+/// medians otherwise (bignet 0.321–0.497 against 0.337–0.386 ms, low_precision with int8
+/// activations 0.185–0.229 against 0.181–0.223); on 8 threads, and on the 2-core Xeon
+/// (2 threads), the two were within the hosts' noise (2 cores: low_precision int8
+/// 0.364–0.482 against 0.304–0.562 ms, bignet 1.66–2.02 against 1.70–1.97).
+pub(crate) const YIELD_BEFORE_PARK: Duration = Duration::ZERO;
 
 /// Runs `f` on a worker of the current rayon pool and returns its result (in place when the
 /// calling thread is already one), so that the parallel loops inside `f` start from a worker
@@ -184,10 +194,8 @@ pub(crate) const YIELD_BEFORE_PARK: Duration = Duration::from_millis(2);
 /// a sleeper woken at the end waits for a core while the pool's threads spin before they
 /// sleep: on the 2-core Xeon a team of 2 around 100 µs of work took 129 µs entered through
 /// `rayon::scope` from outside, 102 µs from inside the pool (2026-12-05). Here the caller
-/// yields its core while it waits (for up to 2 ms, then it parks until the job wakes it):
-/// BigNet's int8 format at batch 1 with int8 activations, `bignet bench --runs 300`, three
-/// rounds in turns: 0.356–0.372 ms against 0.381–0.399 through `rayon::scope`. A panic in
-/// `f` is resumed on the caller.
+/// parks until the job wakes it (it yielded its core for up to 2 ms first until
+/// 2026-12-06: see [`YIELD_BEFORE_PARK`]). A panic in `f` is resumed on the caller.
 ///
 /// ```
 /// use nibble_tensor::parallel::on_pool_worker;

@@ -490,8 +490,8 @@ where
         let entry: fn(usize, usize, usize) = launch_member::<F, E>;
         rayon::spawn_broadcast(move |ctx| entry(at, ctx.index(), ctx.num_threads()));
         // Every member's last access to `launch` is its count in `done`: the frame outlives
-        // them all. (The last member unparks the caller once it has parked, after
-        // `YIELD_BEFORE_PARK`.)
+        // them all. (The caller parks at once, `YIELD_BEFORE_PARK`; the last member to count
+        // unparks it.)
         crate::parallel::wait_until(
             || launch.done.load(Ordering::Acquire) >= threads,
             crate::parallel::YIELD_BEFORE_PARK,
