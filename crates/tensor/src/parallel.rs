@@ -195,7 +195,7 @@ pub(crate) const YIELD_BEFORE_PARK: Duration = Duration::ZERO;
 /// sleep: on the 2-core Xeon a team of 2 around 100 µs of work took 129 µs entered through
 /// `rayon::scope` from outside, 102 µs from inside the pool (2026-12-05). Here the caller
 /// parks until the job wakes it (it yielded its core for up to 2 ms first until
-/// 2026-12-06: see [`YIELD_BEFORE_PARK`]). A panic in `f` is resumed on the caller.
+/// 2026-12-06: see `YIELD_BEFORE_PARK` in this module). A panic in `f` is resumed on the caller.
 ///
 /// ```
 /// use nibble_tensor::parallel::on_pool_worker;
