@@ -41,6 +41,7 @@ fn main() -> Result<(), nibble_cli::Error> {
         format: FormatChoice::All,
         activation: "relu",
         layer_norm_eps: 1e-5,
+        batch_norm_eps: 1e-5,
         adapter: None,
         logits: None,
     })?;
@@ -76,6 +77,7 @@ fn main() -> Result<(), nibble_cli::Error> {
             batch: 64,
             activation: "relu",
             layer_norm_eps: 1e-5,
+            batch_norm_eps: 1e-5,
             save_adapter: None,
             seed: 0,
         })?;

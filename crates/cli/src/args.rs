@@ -114,6 +114,10 @@ pub enum Command {
         /// hold it).
         #[arg(long, value_name = "EPS", default_value_t = 1e-5)]
         layer_norm_eps: f32,
+        /// The epsilon of every BatchNorm1d (`nn.BatchNorm1d(dim, eps=...)`; a state dict does
+        /// not hold it).
+        #[arg(long, value_name = "EPS", default_value_t = 1e-5)]
+        batch_norm_eps: f32,
         /// A LoRA adapter directory (PEFT layout, e.g. from `finetune --save-adapter`) to put on
         /// the model.
         #[arg(long, value_name = "DIR")]
@@ -156,6 +160,9 @@ pub enum Command {
         /// The epsilon of every LayerNorm (see `eval`).
         #[arg(long, value_name = "EPS", default_value_t = 1e-5)]
         layer_norm_eps: f32,
+        /// The epsilon of every BatchNorm1d (see `eval`).
+        #[arg(long, value_name = "EPS", default_value_t = 1e-5)]
+        batch_norm_eps: f32,
         /// Save the trained adapters here (PEFT layout: adapter_model.safetensors and
         /// adapter_config.json, target modules named by layer index).
         #[arg(long, value_name = "DIR")]

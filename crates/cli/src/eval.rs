@@ -52,6 +52,8 @@ pub struct EvalArgs<'a> {
     pub activation: &'a str,
     /// The epsilon of every LayerNorm (PyTorch's default: 1e-5).
     pub layer_norm_eps: f32,
+    /// The epsilon of every BatchNorm1d (PyTorch's default: 1e-5).
+    pub batch_norm_eps: f32,
     /// A PEFT adapter directory to put on the model (in every format).
     pub adapter: Option<&'a Path>,
     /// Where to write the first format's logits, if anywhere.
@@ -66,7 +68,12 @@ pub fn evaluate(args: &EvalArgs<'_>) -> Result<EvalReport> {
     let activations = parse_activations(args.activation)?;
     let data = Dataset::open(args.data)?;
     let load = |format| -> Result<Classifier> {
-        let mut m = Classifier::open(args.model, &activations, args.layer_norm_eps, format)?;
+        let mut m = Classifier::open(
+            args.model,
+            &activations,
+            (args.layer_norm_eps, args.batch_norm_eps),
+            format,
+        )?;
         if let Some(dir) = args.adapter {
             m.load_adapter(dir)?;
         }

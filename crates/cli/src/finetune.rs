@@ -35,6 +35,8 @@ pub struct FinetuneArgs<'a> {
     pub activation: &'a str,
     /// The epsilon of every LayerNorm (PyTorch's default: 1e-5).
     pub layer_norm_eps: f32,
+    /// The epsilon of every BatchNorm1d (PyTorch's default: 1e-5).
+    pub batch_norm_eps: f32,
     /// Where to save the adapters, if anywhere.
     pub save_adapter: Option<&'a Path>,
     /// Seed of the adapters' init and the mini-batch order.
@@ -120,7 +122,12 @@ pub fn finetune(args: &FinetuneArgs<'_>) -> Result<FinetuneReport> {
     }
     let activations = parse_activations(args.activation)?;
     let data = Dataset::open(args.data)?;
-    let mut model = Classifier::open(args.model, &activations, args.layer_norm_eps, args.format)?;
+    let mut model = Classifier::open(
+        args.model,
+        &activations,
+        (args.layer_norm_eps, args.batch_norm_eps),
+        args.format,
+    )?;
     data.check_fits(model.features(), model.classes())?;
     let train = data.train()?;
     let classes = model.classes();

@@ -93,11 +93,12 @@ pub struct Classifier {
 
 impl Classifier {
     /// Reads the Sequential in `path` with every Linear in `format`, `activations` in the gaps
-    /// (one for all, or one per gap) and LayerNorms adding `layer_norm_eps`.
+    /// (one for all, or one per gap), and LayerNorms and BatchNorms adding the epsilons `eps`
+    /// (`(layer_norm, batch_norm)`).
     pub fn open(
         path: &Path,
         activations: &[Activation],
-        layer_norm_eps: f32,
+        eps: (f32, f32),
         format: WeightFormat,
     ) -> Result<Self> {
         let file = Checkpoint::open(path)?;
@@ -106,7 +107,8 @@ impl Classifier {
         let mut options = SequentialOptions::new()
             .format(format)
             .prefix(prefix.clone())
-            .layer_norm_eps(layer_norm_eps);
+            .layer_norm_eps(eps.0)
+            .batch_norm_eps(eps.1);
         // A list one longer than the gaps between layers names, first, what comes before the
         // first layer (when the indices do not start at 0).
         let leading = leading_gap(&file, &prefix);
@@ -150,6 +152,7 @@ impl Classifier {
             .find_map(|l| match l {
                 Layer::Linear(l) => Some(l.dims().0),
                 Layer::LayerNorm(n) => Some(n.dim()),
+                Layer::BatchNorm(n) => Some(n.dim()),
                 Layer::Activation(_) => None,
             })
             .unwrap_or(0);

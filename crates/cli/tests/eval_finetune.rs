@@ -676,3 +676,60 @@ fn a_leading_gap_is_identity_unless_the_list_names_it() {
     ));
     assert!(msg.contains("before the first layer"), "{msg}");
 }
+
+/// `nn.BatchNorm1d` in eval mode (`tests/data/seq_batch_norm.*`, every epsilon 1e-3,
+/// `tools/golden/make_seq_batch_norm.py`): in front of the first Linear, after one, and without
+/// `affine`. `--batch-norm-eps 1e-3` gives PyTorch's logits, PyTorch's default 1e-5 others.
+/// Fine-tuning trains the adapters through it.
+#[test]
+fn batch_norm_layers_give_pytorchs_logits_and_train() {
+    let dir = tmpdir("batch_norm");
+    let golden = data("seq_batch_norm.safetensors");
+    let x = tensor(&golden, "x");
+    let d = dir.join("data.safetensors");
+    write(
+        &d,
+        &[
+            f32s("x_test", &[5, 6], &x),
+            i64s("y_test", &[0, 1, 2, 0, 1]),
+            f32s("x_train", &[5, 6], &x),
+            i64s("y_train", &[0, 1, 2, 0, 1]),
+        ],
+    );
+    let model = data("seq_batch_norm.pth");
+    let logits = dir.join("logits.safetensors");
+    let run = |eps: &str| {
+        nibble_json(&model_data_args(
+            "eval",
+            &model,
+            &d,
+            &["--batch-norm-eps", eps, "--logits", s(&logits), "--json"],
+        ));
+        max_diff(&tensor(&logits, "logits"), &tensor(&golden, "logits"))
+    };
+    let diff = run("1e-3");
+    assert!(diff < 1e-5, "logits differ from PyTorch's by {diff}");
+    assert!(run("1e-5") > 1e-4);
+    let v = nibble_json(&model_data_args(
+        "finetune",
+        &model,
+        &d,
+        &[
+            "--format", "f16", "--rank", "2", "--steps", "20", "--batch", "5", "--json",
+        ],
+    ));
+    let loss: Vec<f64> = v["loss"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_f64().unwrap())
+        .collect();
+    assert!(loss[loss.len() - 1] < loss[0], "{loss:?}");
+    let msg = nibble_fails(&model_data_args(
+        "eval",
+        &model,
+        &d,
+        &["--batch-norm-eps", "0"],
+    ));
+    assert!(msg.contains("epsilon"), "{msg}");
+}

@@ -58,6 +58,7 @@
 //! loaded for any set of target modules ([`peft`]).
 
 pub mod activation;
+pub mod batch_norm;
 pub mod error;
 pub mod layer_norm;
 pub mod linear;
@@ -68,10 +69,11 @@ pub mod sequential;
 pub mod var_builder;
 
 pub use activation::Activation;
+pub use batch_norm::BatchNorm;
 pub use error::{Error, Result};
 pub use layer_norm::LayerNorm;
 pub use linear::{FrozenBias, Linear, LinearBase, LoraAdapter};
 pub use loss::cross_entropy;
-pub use save::save_weights;
+pub use save::{save_weights, save_weights_with};
 pub use sequential::{Layer, Sequential, SequentialOptions};
 pub use var_builder::VarBuilder;

@@ -21,6 +21,16 @@ pub fn save_weights<'a>(
     linears: impl IntoIterator<Item = &'a Linear>,
     norms: impl IntoIterator<Item = &'a LayerNorm>,
 ) -> Result<()> {
+    save_weights_with(path, linears, norms, std::iter::empty())
+}
+
+/// [`save_weights`] with `extra` f32 tensors by key (a BatchNorm's running statistics, ...).
+pub fn save_weights_with<'a>(
+    path: &Path,
+    linears: impl IntoIterator<Item = &'a Linear>,
+    norms: impl IntoIterator<Item = &'a LayerNorm>,
+    extra: impl IntoIterator<Item = (String, &'a Tensor)>,
+) -> Result<()> {
     let linears: Vec<&Linear> = linears.into_iter().collect();
     let mut held: Vec<(String, Tensor)> = Vec::new(); // f32 copies, alive until written
     let mut parts: Vec<Part<'_>> = Vec::new();
@@ -68,5 +78,6 @@ pub fn save_weights<'a>(
         }
     }
     parts.extend(held.iter().map(|(k, t)| f32_part(k.clone(), t)));
+    parts.extend(extra.into_iter().map(|(k, t)| f32_part(k, t)));
     Ok(write_parts(path, &parts, &metadata)?)
 }

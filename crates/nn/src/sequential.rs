@@ -1,11 +1,12 @@
-//! A PyTorch `nn.Sequential` of `Linear`, `LayerNorm` and parameter-free activations, read from
-//! its state dict.
+//! A PyTorch `nn.Sequential` of `Linear`, `LayerNorm`, `BatchNorm1d` (eval mode) and
+//! parameter-free activations, read from its state dict.
 
 use crate::activation::Activation;
+use crate::batch_norm::BatchNorm;
 use crate::error::{Error, Result};
 use crate::layer_norm::LayerNorm;
 use crate::linear::Linear;
-use crate::save::save_weights;
+use crate::save::save_weights_with;
 use crate::var_builder::VarBuilder;
 use nibble_autograd::{Param, Tape, Var};
 use nibble_io::{Checkpoint, WeightFormat};
@@ -20,6 +21,8 @@ pub enum Layer {
     Linear(Linear),
     /// A LayerNorm (a 1-D weight).
     LayerNorm(LayerNorm),
+    /// An `nn.BatchNorm1d` in eval mode (running statistics), frozen.
+    BatchNorm(BatchNorm),
     /// A parameter-free activation (a gap in the indices).
     Activation(Activation),
 }
@@ -41,6 +44,8 @@ pub struct SequentialOptions {
     /// The epsilon of every LayerNorm (a state dict does not hold it; PyTorch's default is
     /// [`LayerNorm::DEFAULT_EPS`]).
     pub layer_norm_eps: f32,
+    /// The epsilon of every BatchNorm ([`BatchNorm::DEFAULT_EPS`] unless set).
+    pub batch_norm_eps: f32,
 }
 
 impl Default for SequentialOptions {
@@ -52,6 +57,7 @@ impl Default for SequentialOptions {
             activation: None,
             activations: BTreeMap::new(),
             layer_norm_eps: LayerNorm::DEFAULT_EPS,
+            batch_norm_eps: BatchNorm::DEFAULT_EPS,
         }
     }
 }
@@ -92,6 +98,12 @@ impl SequentialOptions {
         self
     }
 
+    /// Every BatchNorm adds `eps` to the running variance (`nn.BatchNorm1d(dim, eps=...)`).
+    pub fn batch_norm_eps(mut self, eps: f32) -> Self {
+        self.batch_norm_eps = eps;
+        self
+    }
+
     /// The gap starting at `index` is `activation`.
     pub fn activation_at(mut self, index: usize, activation: Activation) -> Self {
         self.activations.insert(index, activation);
@@ -106,7 +118,8 @@ pub struct Sequential {
 }
 
 /// The `Sequential` index and parameter name of a state-dict key: `3.weight` -> (3, "weight"),
-/// `3.weight.q4.packed` -> (3, "weight") (a part of a quantized weight).
+/// `3.weight.q4.packed` -> (3, "weight") (a part of a quantized weight), a BatchNorm's
+/// `3.running_mean` / `running_var` / `num_batches_tracked` -> (3, "stats").
 fn parse_key(key: &str) -> Option<(usize, &'static str)> {
     let (index, rest) = key.split_once('.')?;
     let canonical = index == "0" || !index.starts_with('0'); // PyTorch writes `3`, never `03`
@@ -118,6 +131,7 @@ fn parse_key(key: &str) -> Option<(usize, &'static str)> {
         "bias" => Some((index, "bias")),
         "weight" => Some((index, "weight")),
         r if r.starts_with("weight.") => Some((index, "weight")),
+        "running_mean" | "running_var" | "num_batches_tracked" => Some((index, "stats")),
         _ => None,
     }
 }
@@ -130,7 +144,8 @@ impl Sequential {
 
     /// Builds the model a PyTorch `nn.Sequential` state dict describes: keys
     /// `{i}.weight` / `{i}.bias` (under `options.prefix`); a 2-D weight is a Linear, a 1-D one a
-    /// LayerNorm, and a gap in the indices between two layers is a parameter-free activation
+    /// LayerNorm, `{i}.running_mean` / `running_var` (with or without a weight and bias) a
+    /// [`BatchNorm`] in eval mode, and a gap in the indices between two layers is a parameter-free activation
     /// (given by `options`; a gap of several indices, e.g. an activation then a dropout, is one
     /// activation; parameter-free layers before the first weight, such as `nn.Flatten`, are
     /// skipped unless [`SequentialOptions::activation_at`] gives one for index 0). Weights stored quantized (by [`Sequential::save`]) are used as stored.
@@ -141,7 +156,8 @@ impl Sequential {
             file: file.path().to_path_buf(),
             what,
         };
-        let mut indices: BTreeMap<usize, (bool, bool)> = BTreeMap::new();
+        // Per index: a weight, a bias, BatchNorm statistics.
+        let mut indices: BTreeMap<usize, (bool, bool, bool)> = BTreeMap::new();
         for key in file.keys() {
             let Some(local) = key.strip_prefix(options.prefix.as_str()) else {
                 continue;
@@ -155,6 +171,7 @@ impl Sequential {
             let entry = indices.entry(index).or_default();
             match name {
                 "weight" => entry.0 = true,
+                "stats" => entry.2 = true,
                 _ => entry.1 = true,
             }
         }
@@ -186,9 +203,9 @@ impl Sequential {
         let mut previous: Option<usize> = None;
         let mut gaps = Vec::new(); // first missing index of each gap
         let mut linear_indices = Vec::new();
-        for (&index, &(has_weight, _)) in &indices {
+        for (&index, &(has_weight, _, has_stats)) in &indices {
             let key = |name: &str| format!("{}{index}.{name}", options.prefix);
-            if !has_weight {
+            if !has_weight && !has_stats {
                 return Err(structure(format!(
                     "`{}` has no `{}`",
                     key("bias"),
@@ -226,6 +243,19 @@ impl Sequential {
             let vb = root.pp(index.to_string());
             let plain_dims = file.info(&key("weight")).map(|(_, s)| s.len());
             let layer = match plain_dims {
+                _ if has_stats => {
+                    let vb = &vb;
+                    let mean = vb.get_any("running_mean")?;
+                    let dim = [mean.numel()];
+                    Layer::BatchNorm(BatchNorm::new(
+                        vb.module_name(),
+                        vb.optional("weight", &dim)?,
+                        vb.optional("bias", &dim)?,
+                        mean,
+                        vb.get("running_var", &dim)?,
+                        options.batch_norm_eps,
+                    )?)
+                }
                 Some(1) => {
                     let mut norm = vb.layer_norm()?;
                     norm.eps = options.layer_norm_eps;
@@ -255,6 +285,7 @@ impl Sequential {
                     (i, o)
                 }
                 Layer::LayerNorm(n) => (n.dim(), n.dim()),
+                Layer::BatchNorm(n) => (n.dim(), n.dim()),
                 Layer::Activation(_) => unreachable!("only weights are read here"),
             };
             if let Some((w, from)) = &width {
@@ -291,6 +322,7 @@ impl Sequential {
         self.layers.iter().find_map(|l| match l {
             Layer::Linear(l) => Some(l.dims().1),
             Layer::LayerNorm(n) => Some(n.dim()),
+            Layer::BatchNorm(n) => Some(n.dim()),
             Layer::Activation(_) => None,
         })
     }
@@ -314,6 +346,7 @@ impl Sequential {
             h = match layer {
                 Layer::Linear(l) => l.forward(tape, &h)?,
                 Layer::LayerNorm(n) => n.forward(tape, &h)?,
+                Layer::BatchNorm(n) => n.forward(tape, &h)?,
                 Layer::Activation(a) => a.forward(tape, &h)?,
             };
         }
@@ -423,6 +456,7 @@ impl Sequential {
             .flat_map(|l| match l {
                 Layer::Linear(l) => l.params(),
                 Layer::LayerNorm(n) => n.params(),
+                Layer::BatchNorm(_) => Vec::new(),
                 Layer::Activation(_) => Vec::new(),
             })
             .collect()
@@ -444,19 +478,26 @@ impl Sequential {
             .map(|l| match l {
                 Layer::Linear(l) => l.stored_bytes(),
                 Layer::LayerNorm(n) => 4 * n.dim() * (1 + usize::from(n.bias.is_some())),
+                Layer::BatchNorm(n) => {
+                    4 * n.tensors().iter().map(|(_, t)| t.numel()).sum::<usize>()
+                }
                 Layer::Activation(_) => 0,
             })
             .sum()
     }
 
     /// Writes the model's weights (not its LoRA adapters: see [`crate::peft`]) to a safetensors
-    /// file at `path` with [`save_weights`]; [`Sequential::from_state_dict`] reads it back
-    /// (same prefix).
+    /// file at `path` with [`save_weights_with`] (BatchNorms' tensors included);
+    /// [`Sequential::from_state_dict`] reads it back (same prefix).
     pub fn save(&self, path: &Path) -> Result<()> {
         let norms = self.layers.iter().filter_map(|l| match l {
             Layer::LayerNorm(n) => Some(n),
             _ => None,
         });
-        save_weights(path, self.linears(), norms)
+        let batch_norms = self.layers.iter().flat_map(|l| match l {
+            Layer::BatchNorm(n) => n.tensors(),
+            _ => Vec::new(),
+        });
+        save_weights_with(path, self.linears(), norms, batch_norms)
     }
 }

@@ -78,6 +78,7 @@ fn structure_is_read_from_the_state_dict() {
         .map(|l| match l {
             Layer::Linear(l) => format!("linear {} {:?}", l.name, l.dims()),
             Layer::LayerNorm(n) => format!("layernorm {} {}", n.name, n.dim()),
+            Layer::BatchNorm(n) => format!("batchnorm {} {}", n.name, n.dim()),
             Layer::Activation(a) => a.to_string(),
         })
         .collect();
@@ -619,4 +620,35 @@ fn var_builder_errors_name_file_key_and_shapes() {
     assert!(e.contains("`2.weight`") && e.contains("[48]"), "{e}");
     let norm = VarBuilder::new(&file).pp("2").layer_norm().unwrap();
     assert_eq!((norm.name.as_str(), norm.dim()), ("2", 48));
+}
+
+/// A Sequential with BatchNorms (`tests/data/seq_batch_norm.*`, every epsilon 1e-3) gives
+/// PyTorch's eval-mode logits, and saved and read back keeps them bit for bit (its running
+/// statistics and affine tensors written under their names).
+#[test]
+fn batch_norms_run_in_eval_mode_and_save_back() {
+    let file = Checkpoint::open(data("seq_batch_norm.pth")).unwrap();
+    let options = SequentialOptions::new()
+        .activation(Activation::Relu)
+        .batch_norm_eps(1e-3);
+    let model = Sequential::from_state_dict(&file, &options).unwrap();
+    let kinds = model
+        .layers()
+        .iter()
+        .filter(|l| matches!(l, Layer::BatchNorm(_)))
+        .count();
+    assert_eq!(kinds, 3);
+    let golden = Checkpoint::open(data("seq_batch_norm.safetensors")).unwrap();
+    let x = golden.tensor_f32("x", None).unwrap();
+    let want = golden.tensor_f32("logits", None).unwrap();
+    let y = model.infer(&x).unwrap();
+    let (max, _) = y.abs_diff_stats(&want).unwrap();
+    assert!(max < 1e-5, "logits differ from PyTorch's by {max}");
+    let dir = std::env::temp_dir().join(format!("nibble-nn-bn-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bn.safetensors");
+    model.save(&path).unwrap();
+    let back = Sequential::from_state_dict(&Checkpoint::open(&path).unwrap(), &options).unwrap();
+    assert!(back.infer(&x).unwrap() == y);
+    std::fs::remove_dir_all(&dir).ok();
 }
