@@ -523,14 +523,25 @@ fn bad_state_dicts_are_errors_naming_key_and_shapes() {
             &["`0.weight` has shape [4, 3, 3, 3]"],
         ),
         (
-            "batchnorm buffers",
+            "batchnorm without its running variance",
             vec![
                 ("0.weight", vec![4]),
                 ("0.bias", vec![4]),
                 ("0.running_mean", vec![4]),
             ],
             &relu,
-            &["`0.running_mean`"],
+            &["`0.running_var`"],
+        ),
+        (
+            "batchnorm of the wrong width",
+            vec![
+                ("0.weight", vec![4]),
+                ("0.bias", vec![4]),
+                ("0.running_mean", vec![4]),
+                ("0.running_var", vec![5]),
+            ],
+            &relu,
+            &["0.running_var", "[4]", "[5]"],
         ),
         ("empty", vec![("x", vec![2])], &relu, &["`x`"]),
     ];
