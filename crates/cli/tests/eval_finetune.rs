@@ -587,15 +587,8 @@ fn layer_norm_eps_is_given_on_the_command_line() {
     );
     let model = data("seq_ln_eps.pth");
     let logits = dir.join("logits.safetensors");
-    let run = |eps: &str| {
-        nibble_json(&model_data_args(
-            "eval",
-            &model,
-            &d,
-            &["--layer-norm-eps", eps, "--logits", s(&logits), "--json"],
-        ));
-        max_diff(&tensor(&logits, "logits"), &tensor(&golden, "logits"))
-    };
+    let run =
+        |eps: &str| logits_off_golden(&model, &d, &["--layer-norm-eps", eps], &logits, &golden);
     let diff = run("0.05");
     assert!(diff < 1e-5, "logits differ from PyTorch's by {diff}");
     assert!(run("1e-5") > 1e-3);
@@ -698,15 +691,8 @@ fn batch_norm_layers_give_pytorchs_logits_and_train() {
     );
     let model = data("seq_batch_norm.pth");
     let logits = dir.join("logits.safetensors");
-    let run = |eps: &str| {
-        nibble_json(&model_data_args(
-            "eval",
-            &model,
-            &d,
-            &["--batch-norm-eps", eps, "--logits", s(&logits), "--json"],
-        ));
-        max_diff(&tensor(&logits, "logits"), &tensor(&golden, "logits"))
-    };
+    let run =
+        |eps: &str| logits_off_golden(&model, &d, &["--batch-norm-eps", eps], &logits, &golden);
     let diff = run("1e-3");
     assert!(diff < 1e-5, "logits differ from PyTorch's by {diff}");
     assert!(run("1e-5") > 1e-4);
@@ -732,4 +718,19 @@ fn batch_norm_layers_give_pytorchs_logits_and_train() {
         &["--batch-norm-eps", "0"],
     ));
     assert!(msg.contains("epsilon"), "{msg}");
+}
+
+/// Max |logits - golden's `logits`| of `nibble eval` on `model` and `data` with `flags`
+/// (the logits written to `out`).
+fn logits_off_golden(
+    model: &std::path::Path,
+    data: &std::path::Path,
+    flags: &[&str],
+    out: &std::path::Path,
+    golden: &std::path::Path,
+) -> f32 {
+    let mut rest = flags.to_vec();
+    rest.extend(["--logits", s(out), "--json"]);
+    nibble_json(&model_data_args("eval", model, data, &rest));
+    max_diff(&tensor(out, "logits"), &tensor(golden, "logits"))
 }

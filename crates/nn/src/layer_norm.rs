@@ -16,6 +16,9 @@ pub struct LayerNorm {
     pub bias: Option<Param>,
     /// Added to the variance.
     pub eps: f32,
+    /// Zeros `[dim]`, frozen, for the forward of a LayerNorm without a bias (the tape's op
+    /// adds a bias; `v + 0.0` keeps `v`'s bits but for -0.0), made once.
+    zero_bias: Option<Param>,
 }
 
 impl LayerNorm {
@@ -37,11 +40,15 @@ impl LayerNorm {
                 ),
             });
         }
+        let zero_bias = bias
+            .is_none()
+            .then(|| Param::new(format!("{name}.bias"), Tensor::zeros(weight.shape()), false));
         Ok(LayerNorm {
             weight: Param::new(format!("{name}.weight"), weight, true),
             bias: bias.map(|b| Param::new(format!("{name}.bias"), b, true)),
             name,
             eps: Self::DEFAULT_EPS,
+            zero_bias,
         })
     }
 
@@ -52,18 +59,16 @@ impl LayerNorm {
 
     /// Normalizes each row of `x` `[batch, dim]`.
     pub fn forward(&self, tape: &Tape, x: &Var) -> Result<Var> {
-        match &self.bias {
-            Some(bias) => Ok(tape.layer_norm(x, &self.weight, bias, self.eps)?),
-            None => {
-                // Adding zeros gives the bits of no bias (`v + 0.0 == v` but for -0.0).
-                let zeros = Param::new(
-                    format!("{}.bias", self.name),
-                    Tensor::zeros(&[self.dim()]),
-                    false,
-                );
-                Ok(tape.layer_norm(x, &self.weight, &zeros, self.eps)?)
-            }
-        }
+        // A LayerNorm without a bias adds the zeros made with it.
+        let bias = self
+            .bias
+            .as_ref()
+            .or(self.zero_bias.as_ref())
+            .ok_or_else(|| Error::Layer {
+                layer: self.name.clone(),
+                what: "no bias and no zeros to add".into(),
+            })?;
+        Ok(tape.layer_norm(x, &self.weight, bias, self.eps)?)
     }
 
     /// The weight and bias.
