@@ -197,6 +197,28 @@ fn a_bitsandbytes_quantized_bignet_runs_as_nf4_dq() {
     assert!(e.contains("nf4_dq") && e.contains("nf4"), "{e}");
 }
 
+/// A BigNet whose Linears are bitsandbytes 8-bit layers (`Linear8bitLt`, width 64,
+/// `tools/golden/make_bnb_more.py`) loads as the int8 variant from their codes and row scales
+/// and gives bitsandbytes' output.
+#[test]
+fn a_bitsandbytes_8bit_bignet_runs_as_int8() {
+    let io = Checkpoint::open(data("bignet_bnb8_io_d64.safetensors")).unwrap();
+    let model = load(Variant::Int8, "bignet_bnb8_d64.safetensors");
+    assert_eq!(model.dim(), 64);
+    let y = model.infer(&golden(&io, "x")).unwrap();
+    let err = rel_err(&y, &golden(&io, "y"));
+    assert!(err < 1e-5, "relative error {err} against bitsandbytes");
+    let e = ModelSpec {
+        weights: Some(data("bignet_bnb8_d64.safetensors")),
+        ..ModelSpec::seeded(Variant::Nf4, 0)
+    }
+    .build()
+    .map(|_| ())
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("int8") && e.contains("nf4"), "{e}");
+}
+
 /// A PEFT adapter on the reference's BigNet with per-module ranks and alphas, rsLoRA and
 /// `bias = "all"` (every Linear's and LayerNorm's bias trained; `tests/data/peft_variants`,
 /// PEFT 0.21.2): on the f32 bignet PEFT's output, on the f16 lora variant within f16's

@@ -69,12 +69,16 @@ pub fn save_model(model: &BigNet, path: &Path) -> Result<()> {
 
 /// The quantized format a checkpoint declares, if any (`None` for plain state dicts, including
 /// nibble's own f32 and f16 files); a state dict whose first linear weight is in
-/// bitsandbytes' 4-bit layout ([`nibble_io::bnb`]) is NF4 or NF4-DQ as that weight is.
+/// bitsandbytes' 4-bit layout ([`nibble_io::bnb`]) is NF4 or NF4-DQ as that weight is, one in
+/// its 8-bit layout int8.
 pub fn quantized_format(file: &Checkpoint) -> Result<Option<WeightFormat>> {
     let Some(name) = file.metadata().get(FORMAT_KEY) else {
         let first = format!("{}.weight", linear_key(0, 0));
         if nibble_io::bnb::is_bnb_4bit(file, &first) {
             return Ok(Some(nibble_io::bnb::read_bnb_4bit(file, &first)?.1));
+        }
+        if nibble_io::bnb::is_bnb_8bit(file, &first) {
+            return Ok(Some(WeightFormat::Int8));
         }
         return Ok(None);
     };
@@ -146,6 +150,23 @@ pub fn load_quantized(
                     });
                 }
                 expected.extend(nibble_io::bnb::part_keys(&wkey));
+                weight
+            } else if nibble_io::bnb::is_bnb_8bit(file, &wkey) {
+                let (weight, out, inn) = nibble_io::bnb::read_bnb_8bit(file, &wkey)?;
+                if (format, out, inn) != (WeightFormat::Int8, dim, dim) {
+                    return Err(Error::Model {
+                        what: format!(
+                            "{}: `{wkey}` is bitsandbytes 8-bit [{out}, {inn}] where the model's first layer is {} [{dim}, {dim}]",
+                            file.path().display(),
+                            format.name()
+                        ),
+                    });
+                }
+                expected.extend([
+                    wkey.clone(),
+                    format!("{name}.SCB"),
+                    format!("{name}.weight_format"),
+                ]);
                 weight
             } else {
                 let weight = FrozenWeight::from_checkpoint(file, format, &wkey, dim, dim)?;

@@ -34,11 +34,29 @@ pub struct Inspection {
 }
 
 /// The quantized format a tensor named `key` is a part of, from the part suffixes of
-/// [`nibble_io::frozen`] (`K.q4.packed`, `K.nf4.absmax`, ...) or of bitsandbytes' 4-bit layout
-/// ([`nibble_io::bnb`]), or `None` for a plain tensor.
+/// [`nibble_io::frozen`] (`K.q4.packed`, `K.nf4.absmax`, ...) or of bitsandbytes' 4-bit and
+/// 8-bit layouts ([`nibble_io::bnb`]; `fp4` for an FP4 weight, which is read as f32), or `None`
+/// for a plain tensor.
 pub fn part_format(file: &Checkpoint, key: &str) -> Option<&'static str> {
-    if let Some(format) = nibble_io::bnb::part_format(file, key) {
-        return Some(format.name());
+    if let Some(info) = nibble_io::bnb::part_info(file, key) {
+        return Some(match info.native_format() {
+            Some(format) => format.name(),
+            // Read dequantized to f32: the codebook's name.
+            None => info.quant_type.name(),
+        });
+    }
+    // bitsandbytes' 8-bit layout: `M.weight` i8 with `M.SCB` and `M.weight_format` beside it.
+    let weight = match ["SCB", "weight_format"]
+        .iter()
+        .find_map(|s| key.strip_suffix(s))
+    {
+        Some(module) => format!("{module}weight"),
+        None => key.to_string(),
+    };
+    if (weight == "weight" || weight.ends_with(".weight"))
+        && nibble_io::bnb::is_bnb_8bit(file, &weight)
+    {
+        return Some("int8");
     }
     let (base, kind) = ["q4", "nf4", "int8", "lower"]
         .into_iter()

@@ -1,6 +1,8 @@
 //! Sequential models saved by bitsandbytes (`bnb.nn.Linear4bit` NF4 layers, plain and
-//! double-quantized; `tests/data/bnb_seq*`, made by `tools/golden/make_bnb.py`): bitsandbytes'
-//! own logits, and hostile variants of the layout that must be errors naming the key.
+//! double-quantized, `tests/data/bnb_seq*`, made by `tools/golden/make_bnb.py`; FP4, other
+//! block sizes and `Linear8bitLt`, `tests/data/bnb_{fp4,int8}_seq*`, by
+//! `tools/golden/make_bnb_more.py`): bitsandbytes' own logits, and hostile variants of the
+//! layouts that must be errors naming the key.
 
 mod common;
 use common::*;
@@ -137,10 +139,16 @@ fn altered_bitsandbytes_layouts_are_errors_naming_the_key() {
             set("quant_type", "fp4".into()),
             vec![state_key, "quant_type", "fp4"],
         ),
+        // Absmaxes for blocks of 64 where the state says 128: the absmax tensor's shape.
         (
             "block128",
             set("blocksize", 128.into()),
-            vec![state_key, "blocksize", "128"],
+            vec!["2.weight.absmax", "shape"],
+        ),
+        (
+            "block100",
+            set("blocksize", 100.into()),
+            vec![state_key, "blocksize", "100"],
         ),
         (
             "shape1d",
@@ -196,7 +204,166 @@ fn altered_bitsandbytes_layouts_are_errors_naming_the_key() {
             e
         })
         .collect();
-    cases.push(("fp4key", fp4_key, vec!["2.weight", "FP4"]));
+    cases.push(("fp4key", fp4_key, vec!["2.weight", "FP4", "quant_type"]));
+    for (name, entries, parts) in cases {
+        let path = dir.join(format!("{name}.safetensors"));
+        write(&path, &entries);
+        let msg = nibble_fails(&model_data_args(
+            "eval",
+            &path,
+            &d,
+            &["--activation", "relu,tanh"],
+        ));
+        for p in parts {
+            assert!(msg.contains(p), "{name}: `{p}` missing from: {msg}");
+        }
+    }
+}
+
+/// The golden batch of `bnb_more_io.safetensors` as a data file.
+fn more_data(dir: &std::path::Path) -> std::path::PathBuf {
+    let io = data("bnb_more_io.safetensors");
+    let x = Checkpoint::open(&io)
+        .unwrap()
+        .tensor_f32("x", None)
+        .unwrap();
+    let d = dir.join("more.safetensors");
+    write(
+        &d,
+        &[
+            f32s("x_test", &[50, 23], x.data()),
+            i64s("y_test", &i64_values(&io, "labels")),
+        ],
+    );
+    d
+}
+
+#[test]
+fn bitsandbytes_fp4_other_block_sizes_and_8bit_give_bitsandbytes_logits() {
+    let dir = tmpdir("bnb_more");
+    let d = more_data(&dir);
+    let golden = data("bnb_more_io.safetensors");
+    // FP4 (blocks of 64, plain; blocks of 128, double-quantized) and NF4 with blocks of 256
+    // read as f32; 8-bit layers as nibble's int8 (one byte a weight).
+    let n: usize = 23 * 37 + 37 * 41 + 41 * 7;
+    for (model, key, bytes) in [
+        ("bnb_fp4_seq.safetensors", "logits_fp4", 4 * n + 4 * 78),
+        ("bnb_int8_seq.pth", "logits_int8", n + 8 * 85 + 4 * 78),
+    ] {
+        let logits = dir.join(format!("{key}.safetensors"));
+        let v = nibble_json(&model_data_args(
+            "eval",
+            &data(model),
+            &d,
+            &[
+                "--activation",
+                "relu,tanh",
+                "--logits",
+                s(&logits),
+                "--json",
+            ],
+        ));
+        let diff = max_diff(&tensor(&logits, "logits"), &tensor(&golden, key));
+        assert!(
+            diff < 1e-5,
+            "{model}: logits differ from bitsandbytes' by {diff}"
+        );
+        let held = v["rows"][0]["bytes"].as_u64().unwrap() as usize;
+        assert!(
+            held >= bytes && held < bytes + 256,
+            "{model}: {held} bytes, expected about {bytes}"
+        );
+    }
+    let v = nibble_json(&["inspect", s(&data("bnb_int8_seq.pth")), "--json"]);
+    for t in v["tensors"].as_array().unwrap() {
+        let name = t["name"].as_str().unwrap();
+        let want = if name.ends_with(".bias") {
+            "f32"
+        } else {
+            "int8"
+        };
+        assert_eq!(t["format"], want, "{name}");
+    }
+    let v = nibble_json(&["inspect", s(&data("bnb_fp4_seq.safetensors")), "--json"]);
+    for t in v["tensors"].as_array().unwrap() {
+        let name = t["name"].as_str().unwrap();
+        let want = match name {
+            n if n.ends_with(".bias") => "f32",
+            n if n.starts_with("4.") => "nf4",
+            _ => "fp4",
+        };
+        assert_eq!(t["format"], want, "{name}");
+    }
+    // The 8-bit weights are stored int8: asking for another format is an error naming it.
+    let msg = nibble_fails(&model_data_args(
+        "eval",
+        &data("bnb_int8_seq.pth"),
+        &d,
+        &["--activation", "relu,tanh", "--format", "nf4"],
+    ));
+    assert!(msg.contains("0.weight") && msg.contains("int8"), "{msg}");
+    // The FP4 weights, read as f32, may be quantized into a format like any f32 weight.
+    let v = nibble_json(&model_data_args(
+        "eval",
+        &data("bnb_fp4_seq.safetensors"),
+        &d,
+        &["--activation", "relu,tanh", "--format", "int8", "--json"],
+    ));
+    let held = v["rows"][0]["bytes"].as_u64().unwrap() as usize;
+    assert!(held < 2 * n, "{held} bytes");
+}
+
+#[test]
+fn altered_8bit_layouts_are_errors_naming_the_key() {
+    let dir = tmpdir("bnb8_hostile");
+    let d = more_data(&dir);
+    let base = entries(&data("bnb_int8_seq.pth"));
+    let altered = |key: &str, f: &dyn Fn(&Entry) -> Option<Entry>| -> Vec<Entry> {
+        base.iter()
+            .filter_map(|e| if e.0 == key { f(e) } else { Some(e.clone()) })
+            .collect()
+    };
+    let cases: Vec<(&str, Vec<Entry>, Vec<&str>)> = vec![
+        (
+            "no_scb",
+            altered("2.SCB", &|_| None),
+            vec!["2.weight", "2.SCB"],
+        ),
+        (
+            "scb_short",
+            altered("2.SCB", &|e| {
+                Some((e.0.clone(), e.1, vec![40], e.3[4..].to_vec()))
+            }),
+            vec!["2.SCB"],
+        ),
+        (
+            "scb_nan",
+            altered("2.SCB", &|e| {
+                let mut b = e.3.clone();
+                b[4..8].copy_from_slice(&f32::NAN.to_le_bytes());
+                Some((e.0.clone(), e.1, e.2.clone(), b))
+            }),
+            vec!["2.SCB", "element 1"],
+        ),
+        (
+            "col_format",
+            altered("2.weight_format", &|e| {
+                Some((e.0.clone(), e.1, e.2.clone(), vec![1]))
+            }),
+            vec!["2.weight_format", "1"],
+        ),
+        (
+            "f32_codes",
+            altered("0.weight", &|e| {
+                let b: Vec<u8> =
+                    e.3.iter()
+                        .flat_map(|&c| (c as i8 as f32).to_le_bytes())
+                        .collect();
+                Some((e.0.clone(), DType::F32, e.2.clone(), b))
+            }),
+            vec!["0.weight", "i8"],
+        ),
+    ];
     for (name, entries, parts) in cases {
         let path = dir.join(format!("{name}.safetensors"));
         write(&path, &entries);

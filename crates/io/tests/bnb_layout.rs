@@ -104,3 +104,42 @@ fn what_nibble_writes_reads_back_as_the_same_weight() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The f32 reader (FP4, other block sizes) and the NF4 reader agree on bitsandbytes' NF4 files
+/// with blocks of 64, plain and double-quantized: the same values, bit for bit.
+#[test]
+fn the_f32_reader_gives_the_nf4_weights_values() {
+    for file in ["bnb_seq.safetensors", "bnb_seq_dq.pth"] {
+        let file = Checkpoint::open(data(file)).unwrap();
+        for key in ["0.weight", "2.weight", "4.weight"] {
+            let (weight, ..) = read_bnb_4bit(&file, key).unwrap();
+            let dense = nibble_io::bnb::read_bnb_4bit_f32(&file, key).unwrap();
+            let want = weight.matrix().to_f32();
+            assert_eq!(dense.shape(), want.shape(), "{key}");
+            let same = dense
+                .data()
+                .iter()
+                .zip(want.data())
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{key}: the two readers differ");
+        }
+    }
+    // FP4 is read by the f32 reader only, with an error naming the weight from the other.
+    let fp4 = Checkpoint::open(data("bnb_fp4_seq.safetensors")).unwrap();
+    let info = nibble_io::bnb::bnb_4bit_info(&fp4, "2.weight").unwrap();
+    assert_eq!(
+        (
+            info.quant_type,
+            info.blocksize,
+            info.double,
+            info.out,
+            info.inn
+        ),
+        (nibble_io::bnb::QuantType::Fp4, 128, true, 41, 37)
+    );
+    let e = read_bnb_4bit(&fp4, "2.weight")
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("2.weight") && e.contains("fp4"), "{e}");
+}

@@ -131,6 +131,8 @@ fn parse_key(key: &str) -> Option<(usize, &'static str)> {
         "bias" => Some((index, "bias")),
         "weight" => Some((index, "weight")),
         r if r.starts_with("weight.") => Some((index, "weight")),
+        // bitsandbytes' 8-bit layout: the row scales and the codes' layout beside the weight.
+        "SCB" | "weight_format" => Some((index, "weight")),
         "running_mean" | "running_var" | "num_batches_tracked" => Some((index, "stats")),
         _ => None,
     }

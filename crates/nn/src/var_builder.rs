@@ -88,15 +88,36 @@ impl<'a> VarBuilder<'a> {
     /// The linear layer at this prefix: `weight` `[out, in]` and `bias` `[out]` (a layer whose
     /// file holds no `bias` has none, as `nn.Linear(.., bias=False)` saves), stored in
     /// `format`. A weight the file already holds quantized (a checkpoint written by
-    /// [`Sequential::save`](crate::Sequential::save) or `bignet quantize`, or bitsandbytes' 4-bit layout, see [`nibble_io::bnb`]) is used as stored,
+    /// [`Sequential::save`](crate::Sequential::save) or `bignet quantize`, or bitsandbytes'
+    /// NF4 with blocks of 64 or 8-bit layout, see [`nibble_io::bnb`]) is used as stored,
     /// straight from the mapped file; asking for another format than the stored one (other
-    /// than `F32`, "as stored") is an error.
+    /// than `F32`, "as stored") is an error. bitsandbytes' other 4-bit weights (FP4, other
+    /// block sizes) are read as the f32 weight bitsandbytes computes with
+    /// ([`nibble_io::bnb::read_bnb_4bit_f32`]) and then treated as a plain f32 weight.
     pub fn linear(&self, format: WeightFormat) -> Result<Linear> {
         let name = self.module_name().to_string();
         let wkey = self.key("weight");
-        if nibble_io::bnb::is_bnb_4bit(self.file, &wkey) {
-            // bitsandbytes' layout (`bnb.nn.Linear4bit`'s state dict): NF4 as stored.
-            let (weight, stored, out, _) = nibble_io::bnb::read_bnb_4bit(self.file, &wkey)?;
+        if nibble_io::bnb::is_bnb_4bit(self.file, &wkey)
+            && !nibble_io::bnb::bnb_4bit_info(self.file, &wkey)?.is_native()
+        {
+            // bitsandbytes' FP4, or a block size other than 64: the f32 weight bitsandbytes
+            // computes with, then as a plain f32 weight (`format` may quantize it).
+            let weight = nibble_io::bnb::read_bnb_4bit_f32(self.file, &wkey)?;
+            let out = weight.shape()[0];
+            let bias = self.optional("bias", &[out])?;
+            return Linear::from_f32(name, weight, bias, format);
+        }
+        let bnb = if nibble_io::bnb::is_bnb_4bit(self.file, &wkey) {
+            // bitsandbytes' 4-bit layout (`bnb.nn.Linear4bit`'s state dict): NF4 as stored.
+            Some(nibble_io::bnb::read_bnb_4bit(self.file, &wkey)?)
+        } else if nibble_io::bnb::is_bnb_8bit(self.file, &wkey) {
+            // bitsandbytes' 8-bit layout (`bnb.nn.Linear8bitLt`): int8 codes, row scales.
+            let (weight, out, inn) = nibble_io::bnb::read_bnb_8bit(self.file, &wkey)?;
+            Some((weight, WeightFormat::Int8, out, inn))
+        } else {
+            None
+        };
+        if let Some((weight, stored, out, _)) = bnb {
             self.check_stored_format(&wkey, stored, format)?;
             let bias = self
                 .optional("bias", &[out])?
