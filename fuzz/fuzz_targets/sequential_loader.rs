@@ -2,8 +2,8 @@
 //! Arbitrary bytes as an `nn.Sequential` state dict (safetensors) for the `nibble` program's
 //! reader: the structure from the keys (Linears with or without a bias, LayerNorms, gaps), every
 //! stored layout of a Linear (plain floats, nibble's quantized parts, bitsandbytes' 4-bit
-//! layout), and, when a model loads, a forward pass of two rows. Nothing may panic, abort or run
-//! out of memory.
+//! layouts, NF4 and FP4, and its 8-bit one), and, when a model loads, a forward pass of two
+//! rows. Nothing may panic, abort or run out of memory.
 
 use libfuzzer_sys::fuzz_target;
 use nibble_io::Checkpoint;

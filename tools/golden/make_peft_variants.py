@@ -1,6 +1,8 @@
 """Golden PEFT adapters beyond plain LoRA, on tests/data/seq_d30.pth (`nn.Sequential(Linear(30,48),
 GELU(), LayerNorm(48), Linear(48,48), ReLU(), Linear(48,5))`), made with PEFT 0.21.2 and torch
 2.15: tests/data/peft_variants/<name>/ (what `save_pretrained` writes) and
+tests/data/peft_variants/patterns_rslora_bin/ (the first one saved with
+`safe_serialization=False`: `adapter_model.bin`) and
 tests/data/peft_variants/logits.safetensors (`x` [8,30] from seq_d30.safetensors, and one
 `<name>` [8,5] per adapter: PEFT's logits with it loaded). Every adapter tensor and every
 parameter PEFT trains is drawn at random (as if trained), so each one matters.
@@ -41,6 +43,10 @@ for name, kw in variants.items():
     with torch.no_grad():
         logits[name] = m(x)
     m.save_pretrained(f"{out}/peft_variants/{name}")
+    if name == "patterns_rslora":
+        # The same adapter as PEFT writes it without safetensors (adapter_model.bin).
+        m.save_pretrained(f"{out}/peft_variants/{name}_bin", safe_serialization=False)
+        os.remove(f"{out}/peft_variants/{name}_bin/README.md")
 save_file(logits, f"{out}/peft_variants/logits.safetensors")
 print("ok")
 

@@ -43,17 +43,19 @@ fn peft_variants_give_pefts_logits() {
         tensor(out, "logits")
     };
     let plain = run("f32", None, &dir.join("plain.safetensors"));
-    for name in [
-        "patterns_rslora",
-        "modules_to_save",
-        "bias_all",
-        "bias_lora_only",
+    for (dir_name, name) in [
+        ("patterns_rslora", "patterns_rslora"),
+        // The same adapter saved with `safe_serialization=False` (`adapter_model.bin`).
+        ("patterns_rslora_bin", "patterns_rslora"),
+        ("modules_to_save", "modules_to_save"),
+        ("bias_all", "bias_all"),
+        ("bias_lora_only", "bias_lora_only"),
     ] {
-        let adapter = data(&format!("peft_variants/{name}"));
+        let adapter = data(&format!("peft_variants/{dir_name}"));
         let ours = run(
             "f32",
             Some(&adapter),
-            &dir.join(format!("{name}.safetensors")),
+            &dir.join(format!("{dir_name}.safetensors")),
         );
         let diff = max_diff(&ours, &tensor(&golden, name));
         assert!(diff < 1e-5, "{name}: logits differ from PEFT's by {diff}");
@@ -65,7 +67,7 @@ fn peft_variants_give_pefts_logits() {
         let half = run(
             "f16",
             Some(&adapter),
-            &dir.join(format!("{name}_f16.safetensors")),
+            &dir.join(format!("{dir_name}_f16.safetensors")),
         );
         let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         let diff = max_diff(&half, &want);

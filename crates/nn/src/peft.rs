@@ -1,5 +1,6 @@
 //! LoRA adapters in PEFT's on-disk layout, so that PEFT can read ours and we can read PEFT's:
-//! a directory holding `adapter_model.safetensors` (keys
+//! a directory holding `adapter_model.safetensors` (or, as PEFT writes without safetensors,
+//! `adapter_model.bin`; keys
 //! `base_model.model.<module>.lora_A.weight` `[r, in]` and `...lora_B.weight` `[out, r]`) and
 //! `adapter_config.json` (`peft_type` "LORA", `r`, `lora_alpha`, `target_modules`, ...).
 //! The target modules are the [`Linear`] layers given, named by [`Linear::name`] (the module's
@@ -22,6 +23,21 @@ use std::path::Path;
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 /// File name of the adapter config inside an adapter directory.
 pub const CONFIG_FILE: &str = "adapter_config.json";
+/// File name of the adapter weights that PEFT writes with `safe_serialization=False` (a
+/// `torch.save` state dict), read where [`WEIGHTS_FILE`] is absent.
+pub const WEIGHTS_FILE_PTH: &str = "adapter_model.bin";
+
+/// The weights file of adapter directory `dir`: [`WEIGHTS_FILE`], or [`WEIGHTS_FILE_PTH`] where
+/// only that one exists (so a missing adapter is reported as the safetensors file).
+pub fn weights_path(dir: &Path) -> std::path::PathBuf {
+    let safetensors = dir.join(WEIGHTS_FILE);
+    let pth = dir.join(WEIGHTS_FILE_PTH);
+    if !safetensors.exists() && pth.is_file() {
+        pth
+    } else {
+        safetensors
+    }
+}
 
 fn adapter_error(dir: &Path, what: impl Into<String>) -> Error {
     Error::Adapter {
@@ -338,7 +354,7 @@ pub fn load_adapter_with_others<'a>(
     dir: &Path,
 ) -> Result<()> {
     let config = AdapterConfig::read(dir)?;
-    let file = Checkpoint::open(dir.join(WEIGHTS_FILE))?;
+    let file = Checkpoint::open(weights_path(dir))?;
     let mut layers: Vec<&mut Linear> = layers.into_iter().collect();
     let finite = |key: &str, t: &Tensor| {
         if t.data().iter().any(|v| !v.is_finite()) {
