@@ -219,6 +219,134 @@ fn a_bitsandbytes_8bit_bignet_runs_as_int8() {
     assert!(e.contains("int8") && e.contains("nf4"), "{e}");
 }
 
+/// The reference's LoRA model saved whole after training (`torch.save(net.state_dict())`: its
+/// adapters as `<layer>.lora_a.weight` / `lora_b.weight`, rank 8; width 64,
+/// `tools/golden/make_lora_state_dict.py`) runs as lora with those adapters and gives the
+/// reference's output; a variant without adapters is an error naming a key, not a model that
+/// drops them.
+#[test]
+fn a_lora_state_dict_runs_with_its_own_adapters() {
+    let io = Checkpoint::open(data("bignet_lora_sd_io_d64.safetensors")).unwrap();
+    let (x, want) = (golden(&io, "x"), golden(&io, "y"));
+    let model = load(Variant::Lora, "bignet_lora_sd_d64.pth");
+    assert!(model
+        .linears()
+        .all(|l| l.lora.as_ref().map(|a| a.rank()) == Some(8)));
+    let err = rel_err(&model.infer(&x).unwrap(), &want);
+    assert!(err < 1e-5, "relative error {err} against the reference");
+    // qlora keeps them too (over Q4 weights: off by the quantization only).
+    let q = load(Variant::Qlora, "bignet_lora_sd_d64.pth");
+    let err = rel_err(&q.infer(&x).unwrap(), &want);
+    assert!(err < 5e-2, "qlora: relative error {err}");
+    for variant in [
+        Variant::Bignet,
+        Variant::HalfPrecision,
+        Variant::LowPrecision,
+    ] {
+        let e = ModelSpec {
+            weights: Some(data("bignet_lora_sd_d64.pth")),
+            ..ModelSpec::seeded(variant, 0)
+        }
+        .build()
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("lora_a.weight") && e.contains("lora"),
+            "{variant}: {e}"
+        );
+    }
+}
+
+/// Altered copies of the LoRA state dict: each an error naming the key, none a model.
+#[test]
+fn a_lora_state_dict_with_broken_adapters_is_an_error_naming_the_key() {
+    let file = Checkpoint::open(data("bignet_lora_sd_d64.pth")).unwrap();
+    let entries: Vec<(String, Vec<usize>, Vec<f32>)> = file
+        .keys()
+        .map(|k| {
+            let t = file.tensor_f32(k, None).unwrap();
+            (k.to_string(), t.shape().to_vec(), t.data().to_vec())
+        })
+        .collect();
+    let dir = std::env::temp_dir().join(format!("nibble_lora_sd_{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let a3 = "model.2.model.2.lora_a.weight";
+    let b3 = "model.2.model.2.lora_b.weight";
+    type Alter = fn(&mut Vec<(String, Vec<usize>, Vec<f32>)>);
+    let cases: [(&str, Alter, &[&str]); 4] = [
+        (
+            "lone_b",
+            |e| e.retain(|t| t.0 != "model.2.model.2.lora_a.weight"),
+            &[b3, a3],
+        ),
+        (
+            "ranks_differ",
+            |e| {
+                let t = e
+                    .iter_mut()
+                    .find(|t| t.0 == "model.2.model.2.lora_a.weight")
+                    .unwrap();
+                t.1 = vec![4, 64];
+                t.2.truncate(4 * 64);
+            },
+            &[a3, "[4, 64]"],
+        ),
+        (
+            "nan",
+            |e| {
+                let t = e
+                    .iter_mut()
+                    .find(|t| t.0 == "model.2.model.2.lora_b.weight")
+                    .unwrap();
+                t.2[5] = f32::NAN;
+            },
+            &[b3, "element 5"],
+        ),
+        (
+            "stray",
+            |e| {
+                let t = e
+                    .iter()
+                    .find(|t| t.0 == "model.2.model.2.lora_b.weight")
+                    .unwrap()
+                    .clone();
+                e.push(("model.2.model.9.lora_b.weight".into(), t.1, t.2));
+            },
+            &["model.2.model.9.lora_b.weight"],
+        ),
+    ];
+    for (name, alter, parts) in cases {
+        let mut e = entries.clone();
+        alter(&mut e);
+        let bytes: Vec<(String, nibble::io::DType, Vec<usize>, Vec<u8>)> = e
+            .iter()
+            .map(|(k, s, v)| {
+                let b = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                (k.clone(), nibble::io::DType::F32, s.clone(), b)
+            })
+            .collect();
+        let refs: Vec<(String, nibble::io::DType, Vec<usize>, &[u8])> = bytes
+            .iter()
+            .map(|(k, d, s, b)| (k.clone(), *d, s.clone(), b.as_slice()))
+            .collect();
+        let path = dir.join(format!("{name}.safetensors"));
+        nibble::io::write_safetensors(&path, &refs, &Default::default()).unwrap();
+        let e = ModelSpec {
+            weights: Some(path),
+            ..ModelSpec::seeded(Variant::Lora, 0)
+        }
+        .build()
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+        for p in parts {
+            assert!(e.contains(p), "{name}: `{p}` missing from: {e}");
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// A PEFT adapter on the reference's BigNet with per-module ranks and alphas, rsLoRA and
 /// `bias = "all"` (every Linear's and LayerNorm's bias trained; `tests/data/peft_variants`,
 /// PEFT 0.21.2): on the f32 bignet PEFT's output, on the f16 lora variant within f16's

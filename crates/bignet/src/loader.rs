@@ -106,7 +106,9 @@ impl ModelSpec {
                     None => {
                         let source = CheckpointSource::new(file)?;
                         check_no_extra_keys(&source)?;
-                        BigNet::build(self.variant, &source, self.seed)
+                        let mut model = BigNet::build(self.variant, &source, self.seed)?;
+                        load_state_dict_lora(&mut model, source.checkpoint())?;
+                        Ok(model)
                     }
                 }
             }
@@ -118,14 +120,99 @@ impl ModelSpec {
     }
 }
 
-/// A state dict may hold LoRA keys besides the model's; anything else is an error.
+/// Whether `file` holds LoRA adapters the way the reference's `LoRALinear` saves them in its
+/// state dict (`<layer>.lora_a.weight`, `<layer>.lora_b.weight`): the first such key.
+pub fn state_dict_lora_key(file: &Checkpoint) -> Option<&str> {
+    file.keys()
+        .find(|k| k.ends_with(".lora_a.weight") || k.ends_with(".lora_b.weight"))
+}
+
+/// The adapters of a state dict saved from the reference's `lora` or `qlora` model
+/// (`torch.save(net.state_dict())` after training: `<layer>.lora_a.weight` `[r, dim]` and
+/// `<layer>.lora_b.weight` `[dim, r]` beside each layer's weight and bias) replace `model`'s
+/// seeded ones, at the file's rank; a layer the file gives no adapter keeps its own. Both
+/// halves of each adapter with one rank, finite values, and a variant with adapters
+/// ([`Variant::has_lora`]) are required: anything else is an error naming the key, and an error
+/// leaves `model` as it was.
+pub fn load_state_dict_lora(model: &mut BigNet, file: &Checkpoint) -> Result<()> {
+    let Some(first) = state_dict_lora_key(file) else {
+        return Ok(());
+    };
+    let bad = |what: String| Error::Model {
+        what: format!("{}: {what}", file.path().display()),
+    };
+    if !model.variant().has_lora() {
+        return Err(bad(format!(
+            "the state dict holds LoRA adapters (`{first}`) that variant {} has no place for; load it as lora or qlora",
+            model.variant()
+        )));
+    }
+    let dim = model.dim();
+    let mut loaded = Vec::new();
+    let mut known = std::collections::HashSet::new();
+    for layer in model.linears() {
+        let (ka, kb) = (
+            format!("{}.lora_a.weight", layer.name),
+            format!("{}.lora_b.weight", layer.name),
+        );
+        known.insert(ka.clone());
+        known.insert(kb.clone());
+        let (a, b) = match (file.info(&ka), file.info(&kb)) {
+            (None, None) => {
+                loaded.push(None);
+                continue;
+            }
+            (Some((_, sa)), Some((_, sb))) => (sa.to_vec(), sb.to_vec()),
+            (None, Some(_)) => return Err(bad(format!("`{kb}` without `{ka}`"))),
+            (Some(_), None) => return Err(bad(format!("`{ka}` without `{kb}`"))),
+        };
+        let rank = match (&a[..], &b[..]) {
+            (&[r, i], &[o, rb]) if i == dim && o == dim && r == rb && r > 0 => r,
+            _ => {
+                return Err(bad(format!(
+                    "`{ka}` {a:?} and `{kb}` {b:?} are not a LoRA pair for a [{dim}, {dim}] layer ([r, {dim}] and [{dim}, r], r > 0)"
+                )))
+            }
+        };
+        let mut halves = Vec::with_capacity(2);
+        for (key, shape) in [(&ka, [rank, dim]), (&kb, [dim, rank])] {
+            let t = file.tensor_f32(key, Some(&shape))?;
+            if let Some(i) = t.data().iter().position(|v| !v.is_finite()) {
+                return Err(bad(format!("`{key}` element {i} is {}", t.data()[i])));
+            }
+            halves.push(t);
+        }
+        let b = halves.pop().expect("two halves");
+        let a = halves.pop().expect("two halves");
+        loaded.push(Some((a, b)));
+    }
+    if let Some(stray) = file.keys().find(|k| {
+        (k.ends_with(".lora_a.weight") || k.ends_with(".lora_b.weight")) && !known.contains(*k)
+    }) {
+        return Err(bad(format!(
+            "`{stray}` is an adapter of no layer of the model"
+        )));
+    }
+    for (layer, adapter) in model.linears_mut().zip(loaded) {
+        if let (Some((a, b)), Some(lora)) = (adapter, layer.lora.as_mut()) {
+            let trainable = lora.a.requires_grad();
+            lora.a = nibble_autograd::Param::new(lora.a.name(), a, trainable);
+            lora.b = nibble_autograd::Param::new(lora.b.name(), b, trainable);
+        }
+    }
+    Ok(())
+}
+
+/// A state dict may hold LoRA keys besides the model's ([`load_state_dict_lora`] reads them);
+/// anything else is an error.
 fn check_no_extra_keys(source: &CheckpointSource) -> Result<()> {
     let expected: std::collections::HashSet<String> = crate::source::state_dict_keys(source.dim)
         .into_iter()
         .map(|(k, _)| k)
         .collect();
     for key in source.checkpoint.keys() {
-        if !expected.contains(key) && !key.contains(".lora_") {
+        let adapter = key.ends_with(".lora_a.weight") || key.ends_with(".lora_b.weight");
+        if !expected.contains(key) && !adapter {
             return Err(Error::Model {
                 what: format!(
                     "{}: unexpected tensor `{key}` (not part of a BigNet of width {})",

@@ -345,6 +345,43 @@ fn verbs_take_the_variant_the_weights_file_implies() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// A state dict of the reference's LoRA model (its adapters as `….lora_a.weight` /
+/// `lora_b.weight`) implies the lora variant, and runs with its adapters.
+#[test]
+fn a_lora_state_dict_implies_lora_and_keeps_its_adapters() {
+    use nibble_bignet::checkpoint::Checkpoint;
+    let dir = tempdir("lora_sd");
+    let out = dir.join("y.safetensors");
+    let io = golden("bignet_lora_sd_io_d64.safetensors");
+    run_ok(&[
+        "forward",
+        "--weights",
+        golden("bignet_lora_sd_d64.pth").to_str().unwrap(),
+        "--input",
+        io.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    let y = Checkpoint::open(&out)
+        .unwrap()
+        .tensor_f32("y", Some(&[5, 64]))
+        .unwrap();
+    let want = Checkpoint::open(&io)
+        .unwrap()
+        .tensor_f32("y", None)
+        .unwrap();
+    let (max, _) = y.abs_diff_stats(&want).unwrap();
+    assert!(max < 1e-5, "{max}");
+    let v = json(&[
+        "stats",
+        "--weights",
+        golden("bignet_lora_sd_d64.pth").to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(v["lora"]["total_params"].is_number(), "{v}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// No verb writes over one of its inputs, whatever the spelling of the path.
 #[test]
 fn no_verb_overwrites_its_inputs() {

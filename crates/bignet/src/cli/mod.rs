@@ -85,7 +85,8 @@ impl Common {
     /// The variant to run: `asked`, or else the one the `--weights` file implies (a quantized
     /// checkpoint names its format in `__metadata__["nibble.format"]`, bitsandbytes' 4-bit
     /// layout is nf4 or nf4_dq; nibble's f16 files
-    /// imply `half_precision`; any other state dict, or none, `bignet`). An asked variant
+    /// imply `half_precision`; a state dict with the reference's LoRA keys (`….lora_a.weight`)
+    /// `lora`; any other state dict, or none, `bignet`). An asked variant
     /// that cannot run on a quantized file (only that format's variant, or `qlora` over Q4)
     /// is an error naming both.
     pub fn variant(&self, asked: Option<Variant>) -> Result<Variant> {
@@ -98,7 +99,11 @@ impl Common {
             Some(format) => Some(format),
             None => WeightFormat::declared_by(&file)?,
         };
-        let implied = declared.map_or(Variant::Bignet, Variant::for_format);
+        let mut implied = declared.map_or(Variant::Bignet, Variant::for_format);
+        if quantized.is_none() && crate::loader::state_dict_lora_key(&file).is_some() {
+            // The reference's LoRA model saved whole: its adapters need the lora variant.
+            implied = Variant::Lora;
+        }
         let Some(asked) = asked else {
             return Ok(implied);
         };
