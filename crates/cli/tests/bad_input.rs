@@ -167,14 +167,47 @@ fn f64_features_read_as_f32() {
 fn wrong_rank_and_missing_keys() {
     let (x, y) = rows(4, 64);
     let (_, msg) = eval_on("rank1", &[f32s("x_test", &[256], &x), i64s("y_test", &y)]);
-    assert_names(&msg, &["x_test", "rank 2", "[256]"]);
+    assert_names(&msg, &["x_test", "[N, features]", "[256]"]);
+    // Images of 4 x 8 for a model of 64 features: flattened to 32, which is the wrong width.
     let (_, msg) = eval_on(
         "rank3",
-        &[f32s("x_test", &[4, 8, 8], &x), i64s("y_test", &y)],
+        &[
+            f32s("x_test", &[8, 4, 8], &rows(8, 32).0),
+            i64s("y_test", &rows(8, 32).1),
+        ],
     );
-    assert_names(&msg, &["x_test", "[4, 8, 8]"]);
+    assert_names(&msg, &["x_test", "64 features", "[8, 32]"]);
     let (_, msg) = eval_on("noy", &[f32s("x_test", &[4, 64], &x)]);
     assert_names(&msg, &["y_test"]);
+}
+
+/// `[N, 8, 8]` images (digits as `load_digits().images` holds them) are flattened per row, as
+/// `nn.Flatten` does: the same evaluation as `[N, 64]`.
+#[test]
+fn images_are_flattened_per_row() {
+    let (x, y) = rows(4, 64);
+    let dir = tmpdir("images");
+    let (flat, images) = (dir.join("flat.safetensors"), dir.join("images.safetensors"));
+    write(&flat, &[f32s("x_test", &[4, 64], &x), i64s("y_test", &y)]);
+    write(
+        &images,
+        &[f32s("x_test", &[4, 8, 8], &x), i64s("y_test", &y)],
+    );
+    let model = data("digits_mlp.pth");
+    let run = |d: &std::path::Path| {
+        let logits = dir.join(format!(
+            "{}.logits.safetensors",
+            d.file_stem().unwrap().to_str().unwrap()
+        ));
+        nibble_json(&model_data_args(
+            "eval",
+            &model,
+            d,
+            &["--logits", s(&logits), "--json"],
+        ));
+        tensor(&logits, "logits")
+    };
+    assert_eq!(run(&flat), run(&images));
 }
 
 #[test]

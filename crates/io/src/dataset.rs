@@ -1,5 +1,6 @@
 //! Classification data sets in a safetensors (or `.pth`) file: features `x_test` f32 `[N, F]`
-//! (f64, f16 and bf16 rounded to f32) and integer labels `y_test` `[N]` (i64, i32 or u8), and optionally a training split
+//! (f64, f16 and bf16 rounded to f32; `[N, d1, d2, ...]`, such as images, flattened per row as
+//! `nn.Flatten` flattens them) and integer labels `y_test` `[N]` (i64, i32 or u8), and optionally a training split
 //! `x_train` / `y_train` of the same form.
 //!
 //! Everything is checked on reading — dtypes, ranks, that x and y have the same N, that every
@@ -188,11 +189,20 @@ fn read_split(file: &Checkpoint, x_key: &str, y_key: &str) -> Result<Split> {
             found: x_dtype,
         });
     }
-    let [n, _features] = *x_shape else {
+    // `[N, d1, d2, ...]` (images) is read as `[N, d1·d2·...]`, row-major, as `nn.Flatten` (a
+    // classifier's usual first layer, which holds no parameters) flattens it.
+    let (n, features) = match *x_shape {
+        [n, ref rest @ ..] if !rest.is_empty() => (
+            n,
+            rest.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)),
+        ),
+        _ => (0, None),
+    };
+    let Some(features) = features.filter(|_| x_shape.len() >= 2) else {
         return Err(data_error(
             x_key,
             None,
-            "rank 2, [N, features]".into(),
+            "[N, features] (or [N, d1, d2, ...], flattened per row)".into(),
             format!("shape {x_shape:?}"),
         ));
     };
@@ -217,6 +227,15 @@ fn read_split(file: &Checkpoint, x_key: &str, y_key: &str) -> Result<Split> {
         ));
     }
     let x = file.tensor_f32(x_key, None)?;
+    let x = if x_shape.len() == 2 {
+        x
+    } else {
+        Tensor::from_vec(&[n, features], x.into_vec()).map_err(|e| Error::BadTensor {
+            path: path.clone(),
+            key: x_key.into(),
+            reason: e.to_string(),
+        })?
+    };
     if let Some(i) = x.data().iter().position(|v| !v.is_finite()) {
         let cols = x.shape()[1].max(1);
         return Err(data_error(
