@@ -12,4 +12,4 @@ pub mod scale_shift;
 pub mod unary;
 
 pub use linear::Bias;
-pub use unary::UnaryFn;
+pub use unary::{Coef, UnaryFn};

@@ -1,7 +1,8 @@
-//! Smooth elementwise functions with one op for all of them: tanh, sigmoid, SiLU and the tanh
-//! form of GELU. Each [`UnaryFn`] gives its value and its derivative per element, computed in
-//! f32 in the order PyTorch's CPU kernels use for f32 tensors; [`Tape::unary`] applies one and
-//! records a backward that saves the input.
+//! Elementwise functions with one op for all of them: tanh, sigmoid, SiLU, the tanh form of
+//! GELU, LeakyReLU, ELU, Softplus, Mish, Hardswish and ReLU6. Each [`UnaryFn`] gives its value
+//! and its derivative per element, computed in f32 in the order PyTorch's CPU kernels use for
+//! f32 tensors (and, at a kink, the side PyTorch's backward takes); [`Tape::unary`] applies one
+//! and records a backward that saves the input.
 
 use crate::error::{AutogradError, Result};
 use crate::tape::{Op, Tape, Var};
@@ -12,15 +13,36 @@ use std::sync::Arc;
 const GELU_TANH_BETA: f32 = 0.797_884_6;
 /// The cubic coefficient of the tanh-GELU (PyTorch's `kKappa`).
 const GELU_TANH_KAPPA: f32 = 0.044_715;
+/// Softplus returns `x` itself above this (PyTorch's default `threshold`).
+const SOFTPLUS_THRESHOLD: f32 = 20.0;
+
+/// A function's f32 coefficient (LeakyReLU's negative slope, ELU's alpha), held by its bits so
+/// that [`UnaryFn`] stays `Eq` and `Hash`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Coef(u32);
+
+impl Coef {
+    /// The coefficient `v`.
+    pub const fn new(v: f32) -> Self {
+        Coef(v.to_bits())
+    }
+
+    /// Its value.
+    pub const fn get(self) -> f32 {
+        f32::from_bits(self.0)
+    }
+}
 
 /// An elementwise function with a derivative, for [`Tape::unary`].
 ///
 /// ```
-/// use nibble_autograd::UnaryFn;
+/// use nibble_autograd::{Coef, UnaryFn};
 /// assert_eq!(UnaryFn::Tanh.value(100.0), 1.0);
 /// assert_eq!(UnaryFn::Sigmoid.value(0.0), 0.5);
 /// assert_eq!(UnaryFn::Sigmoid.derivative(0.0), 0.25);
 /// assert_eq!(UnaryFn::Silu.derivative(0.0), 0.5);
+/// assert_eq!(UnaryFn::LeakyRelu(Coef::new(0.5)).value(-2.0), -1.0);
+/// assert_eq!(UnaryFn::Relu6.value(7.0), 6.0);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum UnaryFn {
@@ -33,6 +55,18 @@ pub enum UnaryFn {
     Silu,
     /// `½ x (1 + tanh(√(2/π) (x + 0.044715 x³)))` (`nn.GELU(approximate="tanh")`).
     GeluTanh,
+    /// `x` for `x > 0`, else `slope · x` (`nn.LeakyReLU(negative_slope)`).
+    LeakyRelu(Coef),
+    /// `x` for `x > 0`, else `alpha · (eˣ − 1)` (`nn.ELU(alpha)`).
+    Elu(Coef),
+    /// `ln(1 + eˣ)`, and `x` itself above 20 (`nn.Softplus()`: beta 1, threshold 20).
+    Softplus,
+    /// `x · tanh(ln(1 + eˣ))` (`nn.Mish`).
+    Mish,
+    /// `x · min(max(x + 3, 0), 6) / 6` (`nn.Hardswish`).
+    Hardswish,
+    /// `min(max(x, 0), 6)` (`nn.ReLU6`).
+    Relu6,
 }
 
 /// The logistic function without overflow: `e^{−x}` is only taken for `x ≥ 0`, `e^{x}`
@@ -47,13 +81,20 @@ fn sigmoid(x: f32) -> f32 {
 }
 
 impl UnaryFn {
-    /// The op's name on the tape (`tanh`, `sigmoid`, `silu`, `gelu_tanh`).
+    /// The op's name on the tape (`tanh`, `sigmoid`, `silu`, `gelu_tanh`, `leaky_relu`, `elu`,
+    /// `softplus`, `mish`, `hardswish`, `relu6`).
     pub fn name(self) -> &'static str {
         match self {
             UnaryFn::Tanh => "tanh",
             UnaryFn::Sigmoid => "sigmoid",
             UnaryFn::Silu => "silu",
             UnaryFn::GeluTanh => "gelu_tanh",
+            UnaryFn::LeakyRelu(_) => "leaky_relu",
+            UnaryFn::Elu(_) => "elu",
+            UnaryFn::Softplus => "softplus",
+            UnaryFn::Mish => "mish",
+            UnaryFn::Hardswish => "hardswish",
+            UnaryFn::Relu6 => "relu6",
         }
     }
 
@@ -67,11 +108,46 @@ impl UnaryFn {
                 let inner = GELU_TANH_BETA * (x + GELU_TANH_KAPPA * (x * x * x));
                 0.5 * x * (1.0 + inner.tanh())
             }
+            UnaryFn::LeakyRelu(slope) => {
+                if x > 0.0 {
+                    x
+                } else {
+                    x * slope.get()
+                }
+            }
+            UnaryFn::Elu(alpha) => {
+                if x > 0.0 {
+                    x
+                } else {
+                    (x.exp() - 1.0) * alpha.get()
+                }
+            }
+            UnaryFn::Softplus => {
+                if x > SOFTPLUS_THRESHOLD {
+                    x
+                } else {
+                    x.exp().ln_1p()
+                }
+            }
+            UnaryFn::Mish => x * x.exp().ln_1p().tanh(),
+            UnaryFn::Hardswish => x * (x + 3.0).clamp(0.0, 6.0) / 6.0,
+            UnaryFn::Relu6 => {
+                if x.is_nan() {
+                    x
+                } else {
+                    x.clamp(0.0, 6.0)
+                }
+            }
         }
     }
 
-    /// The derivative at `x`, exact for the formula of [`UnaryFn::value`] (NaN gives NaN).
+    /// The derivative at `x`, exact for the formula of [`UnaryFn::value`] (NaN gives NaN); at a
+    /// kink, the value PyTorch's backward gives (LeakyReLU and ELU: the negative side at 0;
+    /// Hardswish: 0 at −3 and 1 at 3; ReLU6: 0 at 0 and 6).
     pub fn derivative(self, x: f32) -> f32 {
+        if x.is_nan() {
+            return x;
+        }
         match self {
             UnaryFn::Tanh => {
                 let t = x.tanh();
@@ -101,6 +177,54 @@ impl UnaryFn {
                         * (GELU_TANH_BETA * (1.0 + 3.0 * GELU_TANH_KAPPA * x_sq))
                 };
                 0.5 * (1.0 + t) + right
+            }
+            UnaryFn::LeakyRelu(slope) => {
+                if x > 0.0 {
+                    1.0
+                } else {
+                    slope.get()
+                }
+            }
+            UnaryFn::Elu(alpha) => {
+                if x > 0.0 {
+                    1.0
+                } else {
+                    alpha.get() * x.exp()
+                }
+            }
+            // eˣ / (1 + eˣ), the logistic function.
+            UnaryFn::Softplus => {
+                if x > SOFTPLUS_THRESHOLD {
+                    1.0
+                } else {
+                    sigmoid(x)
+                }
+            }
+            // tanh(sp) + x · sigmoid(x) · (1 − tanh²(sp)), sp = ln(1 + eˣ).
+            UnaryFn::Mish => {
+                let t = x.exp().ln_1p().tanh();
+                let sech_sq = 1.0 - t * t;
+                if sech_sq == 0.0 {
+                    t
+                } else {
+                    t + x * sigmoid(x) * sech_sq
+                }
+            }
+            UnaryFn::Hardswish => {
+                if x <= -3.0 {
+                    0.0
+                } else if x < 3.0 {
+                    x / 3.0 + 0.5
+                } else {
+                    1.0
+                }
+            }
+            UnaryFn::Relu6 => {
+                if x <= 0.0 || x >= 6.0 {
+                    0.0
+                } else {
+                    1.0
+                }
             }
         }
     }
@@ -190,6 +314,9 @@ mod tests {
                 let beta = (2.0 / std::f64::consts::PI).sqrt();
                 0.5 * x * (1.0 + (beta * (x + 0.044715 * x * x * x)).tanh())
             }
+            UnaryFn::Softplus => x.exp().ln_1p(),
+            UnaryFn::Mish => x * x.exp().ln_1p().tanh(),
+            _ => unreachable!("only the smooth functions have an f64 twin here"),
         }
     }
 
@@ -318,7 +445,7 @@ mod tests {
     #[test]
     fn derivative_matches_a_central_difference() {
         let h = 1e-5f64;
-        for f in ALL {
+        for f in ALL.into_iter().chain([UnaryFn::Softplus, UnaryFn::Mish]) {
             for x in [
                 -6.0f32, -4.0, -2.5, -1.3, -0.7, -0.2, 0.0, 0.3, 0.7, 1.1, 2.0, 3.5, 6.0,
             ] {
@@ -405,6 +532,272 @@ mod tests {
             let got = grads.get(&x).unwrap().data();
             for ((&g, &w), &xv) in got.iter().zip(&want).zip(&xs) {
                 assert!(close(g, w), "{}'({xv}) = {g}, PyTorch {w}", f.name());
+            }
+        }
+    }
+
+    /// LeakyReLU, ELU (two coefficients each), Softplus, Mish, Hardswish and ReLU6 against
+    /// PyTorch 2.15 (f32, CPU): `F.<fn>(x)` and `x.grad` of `F.<fn>(x).sum().backward()`, kinks
+    /// and thresholds included (0, ±3, 6, 20).
+    #[test]
+    fn piecewise_and_softplus_family_match_pytorch() {
+        let xs = [
+            -25.0f32, -4.0, -3.0, -2.5, -1.3, -0.2, 0.0, 0.7, 2.0, 3.0, 3.5, 6.0, 7.0, 21.0,
+        ];
+        type Case = (UnaryFn, [f32; 14], [f32; 14]);
+        let cases: [Case; 8] = [
+            (
+                UnaryFn::LeakyRelu(Coef::new(0.01)),
+                [
+                    -0.25,
+                    -0.04,
+                    -0.03,
+                    -0.024999999,
+                    -0.012999999,
+                    -0.002,
+                    0.0,
+                    0.7,
+                    2.0,
+                    3.0,
+                    3.5,
+                    6.0,
+                    7.0,
+                    21.0,
+                ],
+                [
+                    0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0,
+                ],
+            ),
+            (
+                UnaryFn::LeakyRelu(Coef::new(0.2)),
+                [
+                    -5.0,
+                    -0.8,
+                    -0.6,
+                    -0.5,
+                    -0.26,
+                    -0.040000003,
+                    0.0,
+                    0.7,
+                    2.0,
+                    3.0,
+                    3.5,
+                    6.0,
+                    7.0,
+                    21.0,
+                ],
+                [
+                    0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0,
+                ],
+            ),
+            (
+                UnaryFn::Elu(Coef::new(1.0)),
+                [
+                    -1.0,
+                    -0.9816844,
+                    -0.95021296,
+                    -0.917915,
+                    -0.7274682,
+                    -0.18126924,
+                    0.0,
+                    0.7,
+                    2.0,
+                    3.0,
+                    3.5,
+                    6.0,
+                    7.0,
+                    21.0,
+                ],
+                [
+                    1.3887944e-11,
+                    0.01831564,
+                    0.049787067,
+                    0.082085,
+                    0.2725318,
+                    0.8187308,
+                    1.0,
+                    1.0,
+                    1.0,
+                    1.0,
+                    1.0,
+                    1.0,
+                    1.0,
+                    1.0,
+                ],
+            ),
+            (
+                UnaryFn::Elu(Coef::new(0.5)),
+                [
+                    -0.5,
+                    -0.4908422,
+                    -0.47510648,
+                    -0.4589575,
+                    -0.3637341,
+                    -0.09063462,
+                    0.0,
+                    0.7,
+                    2.0,
+                    3.0,
+                    3.5,
+                    6.0,
+                    7.0,
+                    21.0,
+                ],
+                [
+                    6.943972e-12,
+                    0.00915782,
+                    0.024893533,
+                    0.0410425,
+                    0.1362659,
+                    0.4093654,
+                    0.5,
+                    1.0,
+                    1.0,
+                    1.0,
+                    1.0,
+                    1.0,
+                    1.0,
+                    1.0,
+                ],
+            ),
+            (
+                UnaryFn::Softplus,
+                [
+                    1.3887944e-11,
+                    0.01814993,
+                    0.048587352,
+                    0.078889735,
+                    0.24100846,
+                    0.59813887,
+                    std::f32::consts::LN_2,
+                    1.103186,
+                    2.126928,
+                    3.0485873,
+                    3.5297503,
+                    6.0024757,
+                    7.0009117,
+                    21.0,
+                ],
+                [
+                    1.3887944e-11,
+                    0.01798621,
+                    0.047425874,
+                    0.075858176,
+                    0.21416503,
+                    0.450166,
+                    0.5,
+                    0.6681878,
+                    0.8807971,
+                    0.95257413,
+                    0.97068775,
+                    0.99752736,
+                    0.99908894,
+                    1.0,
+                ],
+            ),
+            (
+                UnaryFn::Mish,
+                [
+                    -3.471986e-10,
+                    -0.07259175,
+                    -0.14564747,
+                    -0.19681619,
+                    -0.30738246,
+                    -0.10714479,
+                    0.0,
+                    0.56114835,
+                    1.943959,
+                    2.986535,
+                    3.493991,
+                    5.9999266,
+                    6.9999886,
+                    21.0,
+                ],
+                [
+                    -3.3331063e-10,
+                    -0.053773206,
+                    -0.093393125,
+                    -0.109743565,
+                    -0.026400948,
+                    0.47153026,
+                    0.6,
+                    0.9687949,
+                    1.0693179,
+                    1.021107,
+                    1.0099392,
+                    1.000134,
+                    1.0000217,
+                    1.0,
+                ],
+            ),
+            (
+                UnaryFn::Hardswish,
+                [
+                    -0.0,
+                    -0.0,
+                    -0.0,
+                    -0.20833333,
+                    -0.36833334,
+                    -0.093333334,
+                    0.0,
+                    0.43166664,
+                    1.6666666,
+                    3.0,
+                    3.5,
+                    6.0,
+                    7.0,
+                    21.0,
+                ],
+                [
+                    0.0, 0.0, 0.0, -0.3333333, 0.06666669, 0.43333334, 0.5, 0.73333335, 1.1666667,
+                    1.0, 1.0, 1.0, 1.0, 1.0,
+                ],
+            ),
+            (
+                UnaryFn::Relu6,
+                [
+                    0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.7, 2.0, 3.0, 3.5, 6.0, 6.0, 6.0,
+                ],
+                [
+                    0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0,
+                ],
+            ),
+        ];
+        for (f, values, grads) in cases {
+            let tape = Tape::new();
+            let x = tape.leaf(Tensor::from_vec(&[2, 7], xs.to_vec()).unwrap());
+            let y = tape.unary(f, &x).unwrap();
+            let loss = tape.sum(&y).unwrap();
+            let got = tape
+                .backward(&loss)
+                .unwrap()
+                .get(&x)
+                .unwrap()
+                .data()
+                .to_vec();
+            for (i, &xv) in xs.iter().enumerate() {
+                let v = y.value().data()[i];
+                assert!(
+                    close(v, values[i]),
+                    "{f:?}({xv}) = {v}, PyTorch {}",
+                    values[i]
+                );
+                assert!(
+                    close(got[i], grads[i]),
+                    "{f:?}'({xv}) = {}, PyTorch {}",
+                    got[i],
+                    grads[i]
+                );
+            }
+            assert!(
+                f.value(f32::NAN).is_nan() && f.derivative(f32::NAN).is_nan(),
+                "{f:?}"
+            );
+            for big in [1e6f32, -1e6, f32::MAX, -f32::MAX] {
+                assert!(
+                    !f.value(big).is_nan() && f.derivative(big).is_finite(),
+                    "{f:?}({big})"
+                );
             }
         }
     }
