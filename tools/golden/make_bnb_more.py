@@ -7,8 +7,11 @@
   (read dequantized to f32).
 - tests/data/bnb_int8_seq.pth: the same Sequential of Linear8bitLt layers
   (has_fp16_weights=False), as torch.save writes it (`weight` i8, `SCB`, `weight_format`).
+- tests/data/bnb_qstorage_seq.pth: Linear4bit(64, 37), ReLU, Linear4bit(37, 8), NF4
+  double-quantized with `quant_storage` bf16 and f16 (the codes' bytes as those elements).
 - tests/data/bnb_more_io.safetensors: `x` [50, 23], `labels` [50] i64, `logits_fp4` and
-  `logits_int8` [50, 7]: bitsandbytes' own forward of each.
+  `logits_int8` [50, 7]: bitsandbytes' own forward of each; `x_qs` [6, 64] and `logits_qs`
+  [6, 8] for the quant_storage model.
 - tests/data/bignet_bnb8_d64.safetensors: a BigNet of width 64 with every Linear a
   Linear8bitLt; bignet_bnb8_io_d64.safetensors: `x` [6, 64] and `y` [6, 64].
 
@@ -65,6 +68,20 @@ m = torch.nn.Sequential(q[0], torch.nn.ReLU(), q[1], torch.nn.Tanh(), q[2])
 with torch.no_grad():
     io["logits_int8"] = m(x).float()
 torch.save(m.state_dict(), f"{out}/bnb_int8_seq.pth")
+# quant_storage (FSDP-QLoRA): the codes' bytes held as bf16 and f16 elements.
+torch.manual_seed(9)
+wide = [torch.nn.Linear(64, 37), torch.nn.Linear(37, 8)]
+qs = []
+for lin, storage in zip(wide, (torch.bfloat16, torch.float16)):
+    q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, compute_dtype=torch.float32,
+                          quant_type="nf4", quant_storage=storage)
+    q.load_state_dict(lin.state_dict())
+    qs.append(q.to("cpu"))
+m = torch.nn.Sequential(qs[0], torch.nn.ReLU(), qs[1])
+io["x_qs"] = torch.randn(6, 64)
+with torch.no_grad():
+    io["logits_qs"] = m(io["x_qs"]).float()
+torch.save(m.state_dict(), f"{out}/bnb_qstorage_seq.pth")
 save_file(io, f"{out}/bnb_more_io.safetensors")
 
 D = 64

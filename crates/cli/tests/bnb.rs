@@ -378,3 +378,30 @@ fn altered_8bit_layouts_are_errors_naming_the_key() {
         }
     }
 }
+
+/// NF4 codes stored with `quant_storage` bf16 and f16 (FSDP-QLoRA's layout: the same bytes as
+/// 2-byte elements) run as nf4_dq and give bitsandbytes' logits.
+#[test]
+fn bitsandbytes_quant_storage_codes_give_bitsandbytes_logits() {
+    let dir = tmpdir("bnb_qstorage");
+    let io = data("bnb_more_io.safetensors");
+    let x = tensor(&io, "x_qs");
+    let d = dir.join("qs.safetensors");
+    write(
+        &d,
+        &[
+            f32s("x_test", &[6, 64], &x),
+            i64s("y_test", &[0, 1, 2, 3, 4, 5]),
+        ],
+    );
+    let logits = dir.join("logits.safetensors");
+    let v = nibble_json(&model_data_args(
+        "eval",
+        &data("bnb_qstorage_seq.pth"),
+        &d,
+        &["--logits", s(&logits), "--json"],
+    ));
+    assert_eq!(v["rows"][0]["format"], "nf4_dq", "{v}");
+    let diff = max_diff(&tensor(&logits, "logits"), &tensor(&io, "logits_qs"));
+    assert!(diff < 1e-5, "logits differ from bitsandbytes' by {diff}");
+}

@@ -8,7 +8,7 @@
 //!
 //! | tensor | dtype, shape | holds |
 //! |---|---|---|
-//! | `K` | u8 `[⌈n/2⌉, 1]` | the codes, first element in the high nibble (nibble's `K.nf4.packed`) |
+//! | `K` | u8 `[⌈n/2⌉, 1]` | the codes, first element in the high nibble (nibble's `K.nf4.packed`); with `quant_storage` f16, bf16 or f32, the same bytes as `[n/4, 1]` or `[n/8, 1]` elements |
 //! | `K.absmax` | f32 `[⌈n/B⌉]`, or u8 with double quantization | each block's absmax, or its 8-bit code |
 //! | `K.quant_map` | f32 `[16]` | the 16 levels ([`NF4_LEVELS`] or [`FP4_LEVELS`]) |
 //! | `K.nested_absmax` | f32 `[⌈⌈n/B⌉/256⌉]` | double quantization: each group of 256 absmax codes' scale |
@@ -483,7 +483,30 @@ fn read_parts(file: &Checkpoint, key: &str) -> Result<Bnb4bitParts> {
             )),
         }
     };
-    let packed = part(key, DType::U8, &[&[n.div_ceil(2), 1], &[n.div_ceil(2)]])?;
+    // The codes' bytes, stored as u8 or, with `quant_storage` (FSDP-QLoRA), viewed as f16,
+    // bf16 or f32 elements: the bytes are the same either way (never checked as floats).
+    let bytes = n.div_ceil(2);
+    let storage = match file.info(key) {
+        Some((d @ (DType::F16 | DType::BF16 | DType::F32), _)) => d,
+        _ => DType::U8,
+    };
+    let elements = bytes / storage.size_of();
+    if elements * storage.size_of() != bytes {
+        return Err(bad(
+            key,
+            format!(
+                "{bytes} bytes of codes cannot be {storage} elements (quant_storage {storage} needs a multiple of {})",
+                storage.size_of()
+            ),
+        ));
+    }
+    expect_part_of(file, key, storage, &[&[elements, 1], &[elements]])?;
+    let mapped = file.shared_bytes(key)?;
+    let len = mapped.len();
+    let packed = Bytes::from_shared(Arc::new(mapped), 0..len).map_err(|source| Error::Quant {
+        key: key.to_string(),
+        source,
+    })?;
     let map_key = format!("{key}.quant_map");
     let map = f32s(&part(&map_key, DType::F32, &[&[16]])?);
     let want = info.quant_type.levels();
