@@ -219,6 +219,22 @@ fn a_bitsandbytes_8bit_bignet_runs_as_int8() {
     assert!(e.contains("int8") && e.contains("nf4"), "{e}");
 }
 
+/// A BigNet whose Linears are bitsandbytes FP4 layers (width 64, `make_bnb_more.py`) reads as
+/// the f32 weights bitsandbytes computes with: the bignet variant by default, with
+/// bitsandbytes' output; a quantized variant quantizes those weights as it would any f32 ones.
+#[test]
+fn a_bitsandbytes_fp4_bignet_runs_as_f32_weights() {
+    let io = Checkpoint::open(data("bignet_bnb_fp4_io_d64.safetensors")).unwrap();
+    let model = load(Variant::Bignet, "bignet_bnb_fp4_d64.safetensors");
+    assert_eq!(model.dim(), 64);
+    let y = model.infer(&golden(&io, "x")).unwrap();
+    let err = rel_err(&y, &golden(&io, "y"));
+    assert!(err < 1e-5, "relative error {err} against bitsandbytes");
+    let nf4 = load(Variant::Nf4, "bignet_bnb_fp4_d64.safetensors");
+    let err = rel_err(&nf4.infer(&golden(&io, "x")).unwrap(), &golden(&io, "y"));
+    assert!(err < 0.2, "nf4 of the FP4 weights: relative error {err}");
+}
+
 /// The reference's LoRA model saved whole after training (`torch.save(net.state_dict())`: its
 /// adapters as `<layer>.lora_a.weight` / `lora_b.weight`, rank 8; width 64,
 /// `tools/golden/make_lora_state_dict.py`) runs as lora with those adapters and gives the

@@ -14,6 +14,8 @@
   [6, 8] for the quant_storage model.
 - tests/data/bignet_bnb8_d64.safetensors: a BigNet of width 64 with every Linear a
   Linear8bitLt; bignet_bnb8_io_d64.safetensors: `x` [6, 64] and `y` [6, 64].
+- tests/data/bignet_bnb_fp4_d64.safetensors: a BigNet of width 64 with every Linear an FP4
+  Linear4bit (blocks of 64, double-quantized); bignet_bnb_fp4_io_d64.safetensors: `x`, `y`.
 
     python3 tools/golden/make_bnb_more.py tests/data /path/to/shared/ref
 """
@@ -97,3 +99,17 @@ with torch.no_grad():
 save_file(contiguous(net.state_dict()), f"{out}/bignet_bnb8_d64.safetensors")
 save_file({"x": xb, "y": yb.float()}, f"{out}/bignet_bnb8_io_d64.safetensors")
 print("ok")
+
+# A BigNet whose Linears are FP4 (blocks of 64, double-quantized): read as f32 weights.
+torch.manual_seed(15)
+net = R.Net("bignet", D)
+for blk in net.model:
+    if isinstance(blk, R.Block):
+        for i in (0, 2, 4):
+            blk.model[i] = linear4bit(blk.model[i], "fp4", 64, True)
+xb = torch.randn(6, D)
+with torch.no_grad():
+    yb = net(xb)
+save_file(contiguous(net.state_dict()), f"{out}/bignet_bnb_fp4_d64.safetensors")
+save_file({"x": xb, "y": yb.float()}, f"{out}/bignet_bnb_fp4_io_d64.safetensors")
+print("ok fp4 bignet")

@@ -1,5 +1,6 @@
 //! Opens what the user points at: a checkpoint (`.pth` or `.safetensors`, f32 or f16 state
-//! dicts) or nothing (seeded init), and builds the requested variant from it.
+//! dicts, or bitsandbytes' FP4 layers read as f32) or nothing (seeded init), and builds the
+//! requested variant from it.
 
 use crate::adapter::load_adapter;
 use crate::checkpoint::Checkpoint;
@@ -22,6 +23,24 @@ impl CheckpointSource {
     pub fn new(checkpoint: Checkpoint) -> Result<Self> {
         let path = checkpoint.path().to_path_buf();
         let key = "model.0.model.0.weight";
+        if nibble_io::bnb::is_bnb_4bit(&checkpoint, key) {
+            // bitsandbytes' FP4 (or NF4 in blocks other than 64): read as f32 weights.
+            let info = nibble_io::bnb::bnb_4bit_info(&checkpoint, key)?;
+            if info.out != info.inn || info.out == 0 {
+                return Err(Error::Model {
+                    what: format!(
+                        "{}: `{key}` should be a square [dim, dim] matrix, found [{}, {}]",
+                        path.display(),
+                        info.out,
+                        info.inn
+                    ),
+                });
+            }
+            return Ok(CheckpointSource {
+                checkpoint,
+                dim: info.out,
+            });
+        }
         let (_, shape) = checkpoint.info(key).ok_or_else(|| Error::Model {
             what: format!(
                 "{}: no tensor `{key}`: not a BigNet state dict (keys: {})",
@@ -54,6 +73,19 @@ impl WeightSource for CheckpointSource {
         self.dim
     }
     fn tensor(&self, key: &str, shape: &[usize]) -> Result<Tensor> {
+        if nibble_io::bnb::is_bnb_4bit(&self.checkpoint, key) {
+            let t = nibble_io::bnb::read_bnb_4bit_f32(&self.checkpoint, key)?;
+            if t.shape() != shape {
+                return Err(Error::Model {
+                    what: format!(
+                        "{}: `{key}` is {:?} in bitsandbytes' layout, expected {shape:?}",
+                        self.describe(),
+                        t.shape()
+                    ),
+                });
+            }
+            return Ok(t);
+        }
         Ok(self.checkpoint.tensor_f32(key, Some(shape))?)
     }
     fn describe(&self) -> String {
@@ -212,7 +244,9 @@ fn check_no_extra_keys(source: &CheckpointSource) -> Result<()> {
         .collect();
     for key in source.checkpoint.keys() {
         let adapter = key.ends_with(".lora_a.weight") || key.ends_with(".lora_b.weight");
-        if !expected.contains(key) && !adapter {
+        // The parts of a weight in bitsandbytes' 4-bit layout (read through its `weight` key).
+        let bnb_part = nibble_io::bnb::part_info(&source.checkpoint, key).is_some();
+        if !expected.contains(key) && !adapter && !bnb_part {
             return Err(Error::Model {
                 what: format!(
                     "{}: unexpected tensor `{key}` (not part of a BigNet of width {})",

@@ -69,12 +69,18 @@ pub fn save_model(model: &BigNet, path: &Path) -> Result<()> {
 
 /// The quantized format a checkpoint declares, if any (`None` for plain state dicts, including
 /// nibble's own f32 and f16 files); a state dict whose first linear weight is in
-/// bitsandbytes' 4-bit layout ([`nibble_io::bnb`]) is NF4 or NF4-DQ as that weight is, one in
-/// its 8-bit layout int8.
+/// bitsandbytes' 4-bit layout ([`nibble_io::bnb`]) is NF4 or NF4-DQ as that weight is (FP4 or
+/// other block sizes: `None`, read as f32 weights), one in its 8-bit layout int8.
 pub fn quantized_format(file: &Checkpoint) -> Result<Option<WeightFormat>> {
     let Some(name) = file.metadata().get(FORMAT_KEY) else {
         let first = format!("{}.weight", linear_key(0, 0));
         if nibble_io::bnb::is_bnb_4bit(file, &first) {
+            // NF4 in blocks of 64 runs from its codes; FP4 and other block sizes are read as
+            // f32 weights, as a plain state dict (`loader::CheckpointSource`).
+            let info = nibble_io::bnb::bnb_4bit_info(file, &first)?;
+            if !info.is_native() {
+                return Ok(None);
+            }
             return Ok(Some(nibble_io::bnb::read_bnb_4bit(file, &first)?.1));
         }
         if nibble_io::bnb::is_bnb_8bit(file, &first) {
