@@ -37,6 +37,29 @@ fn entries(path: &std::path::Path) -> Vec<Entry> {
         .collect()
 }
 
+/// `nibble eval` of `model` on data file `d` (with `args`, writing the logits into `dir`): its
+/// JSON, once its logits are within 1e-5 of `key` in `golden`.
+fn eval_matches(
+    dir: &std::path::Path,
+    model: &std::path::Path,
+    d: &std::path::Path,
+    args: &[&str],
+    golden: &std::path::Path,
+    key: &str,
+) -> serde_json::Value {
+    let logits = dir.join(format!("{key}.safetensors"));
+    let mut all = args.to_vec();
+    all.extend(["--logits", s(&logits), "--json"]);
+    let v = nibble_json(&model_data_args("eval", model, d, &all));
+    let diff = max_diff(&tensor(&logits, "logits"), &tensor(golden, key));
+    assert!(
+        diff < 1e-5,
+        "{}: logits differ from bitsandbytes' by {diff}",
+        model.display()
+    );
+    v
+}
+
 #[test]
 fn bitsandbytes_nf4_layers_give_bitsandbytes_logits() {
     let dir = tmpdir("bnb_logits");
@@ -46,23 +69,13 @@ fn bitsandbytes_nf4_layers_give_bitsandbytes_logits() {
         ("bnb_seq.safetensors", "logits"),
         ("bnb_seq_dq.pth", "logits_dq"),
     ] {
-        let logits = dir.join(format!("{key}.safetensors"));
-        let v = nibble_json(&model_data_args(
-            "eval",
+        let v = eval_matches(
+            &dir,
             &data(model),
             &d,
-            &[
-                "--activation",
-                "relu,tanh",
-                "--logits",
-                s(&logits),
-                "--json",
-            ],
-        ));
-        let diff = max_diff(&tensor(&logits, "logits"), &tensor(&golden, key));
-        assert!(
-            diff < 1e-5,
-            "{model}: logits differ from bitsandbytes' by {diff}"
+            &["--activation", "relu,tanh"],
+            &golden,
+            key,
         );
         // NF4 codes (half a byte a weight) and f32 absmaxes (plain) or 8-bit codes (double),
         // f32 biases of the first two layers.
@@ -250,23 +263,13 @@ fn bitsandbytes_fp4_other_block_sizes_and_8bit_give_bitsandbytes_logits() {
         ("bnb_fp4_seq.safetensors", "logits_fp4", 4 * n + 4 * 78),
         ("bnb_int8_seq.pth", "logits_int8", n + 8 * 85 + 4 * 78),
     ] {
-        let logits = dir.join(format!("{key}.safetensors"));
-        let v = nibble_json(&model_data_args(
-            "eval",
+        let v = eval_matches(
+            &dir,
             &data(model),
             &d,
-            &[
-                "--activation",
-                "relu,tanh",
-                "--logits",
-                s(&logits),
-                "--json",
-            ],
-        ));
-        let diff = max_diff(&tensor(&logits, "logits"), &tensor(&golden, key));
-        assert!(
-            diff < 1e-5,
-            "{model}: logits differ from bitsandbytes' by {diff}"
+            &["--activation", "relu,tanh"],
+            &golden,
+            key,
         );
         let held = v["rows"][0]["bytes"].as_u64().unwrap() as usize;
         assert!(
@@ -394,14 +397,13 @@ fn bitsandbytes_quant_storage_codes_give_bitsandbytes_logits() {
             i64s("y_test", &[0, 1, 2, 3, 4, 5]),
         ],
     );
-    let logits = dir.join("logits.safetensors");
-    let v = nibble_json(&model_data_args(
-        "eval",
+    let v = eval_matches(
+        &dir,
         &data("bnb_qstorage_seq.pth"),
         &d,
-        &["--logits", s(&logits), "--json"],
-    ));
+        &[],
+        &io,
+        "logits_qs",
+    );
     assert_eq!(v["rows"][0]["format"], "nf4_dq", "{v}");
-    let diff = max_diff(&tensor(&logits, "logits"), &tensor(&io, "logits_qs"));
-    assert!(diff < 1e-5, "logits differ from bitsandbytes' by {diff}");
 }
