@@ -274,6 +274,56 @@ fn a_lora_state_dict_runs_with_its_own_adapters() {
     }
 }
 
+/// The reference's qlora model saved whole after training holds no 4-bit weights (PyTorch does
+/// not save its buffers): with the f32 state dict it came from as the base and the saved file
+/// as the adapter it gives the reference's output; the file alone is an error saying so; an
+/// adapter file over another base (its biases differ) is an error naming the key.
+#[test]
+fn a_qlora_state_dict_runs_as_the_adapter_of_its_base() {
+    let io = Checkpoint::open(data("bignet_qlora_sd_io_d64.safetensors")).unwrap();
+    let spec = |base: &str, variant| ModelSpec {
+        weights: Some(data(base)),
+        adapter: Some(data("bignet_qlora_sd_d64.pth")),
+        ..ModelSpec::seeded(variant, 0)
+    };
+    let model = spec("bignet_qlora_base_d64.pth", Variant::Qlora)
+        .build()
+        .unwrap();
+    assert!(model
+        .linears()
+        .all(|l| l.lora.as_ref().map(|a| a.rank()) == Some(32)));
+    let err = rel_err(&model.infer(&golden(&io, "x")).unwrap(), &golden(&io, "y"));
+    assert!(err < 1e-5, "relative error {err} against the reference");
+    // low_precision gets the adapters attached, as with a PEFT directory.
+    let low = spec("bignet_qlora_base_d64.pth", Variant::LowPrecision)
+        .build()
+        .unwrap();
+    let err = rel_err(&low.infer(&golden(&io, "x")).unwrap(), &golden(&io, "y"));
+    assert!(err < 1e-5, "low_precision + adapter: relative error {err}");
+    let e = ModelSpec {
+        weights: Some(data("bignet_qlora_sd_d64.pth")),
+        ..ModelSpec::seeded(Variant::Qlora, 0)
+    }
+    .build()
+    .map(|_| ())
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("--adapter") && e.contains("model.0.model.0.weight"),
+        "{e}"
+    );
+    // Over another base of the same width: its biases differ from the file's.
+    let e = spec("bignet_lora_sd_d64.pth", Variant::Qlora)
+        .build()
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("model.0.model.0.bias") && e.contains("element 0"),
+        "{e}"
+    );
+}
+
 /// Altered copies of the LoRA state dict: each an error naming the key, none a model.
 #[test]
 fn a_lora_state_dict_with_broken_adapters_is_an_error_naming_the_key() {

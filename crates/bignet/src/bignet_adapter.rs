@@ -23,11 +23,24 @@ pub fn save_adapter(model: &BigNet, dir: &Path) -> Result<()> {
 }
 
 /// Loads the adapters saved in `dir` into `model` (a `lora` or `qlora` model; a
-/// `half_precision` or `low_precision` one gets adapters attached first). Every tensor in the
+/// `half_precision` or `low_precision` one gets adapters attached first). `dir` may also be a
+/// state-dict file holding the reference's adapter keys
+/// ([`crate::loader::load_state_dict_adapters`]: a trained qlora model saved whole). Every tensor in the
 /// file must belong to one of the model's layers with the right shape; base parameters it
 /// holds (PEFT's `bias = "all"`, `modules_to_save`) replace the linear layers' and the
 /// LayerNorms' (`model.1`, ...).
 pub fn load_adapter(model: &mut BigNet, dir: &Path) -> Result<()> {
+    if dir.is_file() {
+        // A state dict with the reference's adapter keys (a trained qlora model saved whole).
+        let file = crate::checkpoint::Checkpoint::open(dir)?;
+        let mut with_adapters = model.clone();
+        if with_adapters.linears().any(|l| l.lora.is_none()) {
+            with_adapters.attach_lora(0)?;
+        }
+        crate::loader::load_state_dict_adapters(&mut with_adapters, &file)?;
+        *model = with_adapters;
+        return Ok(());
+    }
     if model.linears().any(|l| l.lora.is_none()) {
         model.attach_lora(0)?;
     }

@@ -41,12 +41,25 @@ impl CheckpointSource {
                 dim: info.out,
             });
         }
-        let (_, shape) = checkpoint.info(key).ok_or_else(|| Error::Model {
-            what: format!(
-                "{}: no tensor `{key}`: not a BigNet state dict (keys: {})",
-                path.display(),
-                checkpoint.keys().take(5).collect::<Vec<_>>().join(", ")
-            ),
+        let (_, shape) = checkpoint.info(key).ok_or_else(|| {
+            // The reference's low_precision / qlora state dict: biases (and adapters) without
+            // the 4-bit weights, which PyTorch does not save (`persistent=False` buffers).
+            let hint = if checkpoint.contains("model.0.model.0.bias") {
+                if state_dict_lora_key(&checkpoint).is_some() {
+                    "; it looks like the reference's qlora model saved whole, whose 4-bit weights PyTorch does not save: give the f32 state dict it was loaded from as --weights and this file as --adapter"
+                } else {
+                    "; it looks like the reference's low_precision model saved whole, whose 4-bit weights PyTorch does not save: give the f32 state dict it was loaded from as --weights"
+                }
+            } else {
+                ""
+            };
+            Error::Model {
+                what: format!(
+                    "{}: no tensor `{key}`: not a BigNet state dict (keys: {}){hint}",
+                    path.display(),
+                    checkpoint.keys().take(5).collect::<Vec<_>>().join(", ")
+                ),
+            }
         })?;
         let dim = match shape {
             [o, i] if o == i && *o > 0 => *o,
@@ -233,6 +246,62 @@ pub fn load_state_dict_lora(model: &mut BigNet, file: &Checkpoint) -> Result<()>
         }
     }
     Ok(())
+}
+
+/// The adapters of a state-dict file given as `--adapter` (instead of a PEFT directory): what
+/// `torch.save(net.state_dict())` writes for the reference's trained `qlora` model, whose 4-bit
+/// buffers PyTorch does not save (`persistent=False`), so its base comes from `--weights`. The
+/// file's `<layer>.lora_a.weight` / `lora_b.weight` replace `model`'s adapters (see
+/// [`load_state_dict_lora`]; `model` must have adapters); every other tensor it holds must be a
+/// parameter of `model` with the value `model` has (the frozen biases and LayerNorms a qlora
+/// state dict repeats; a weight compared as the model computes with it), else it is an error
+/// naming the key: an adapter file may not change the base. An error leaves `model` as it was.
+pub fn load_state_dict_adapters(model: &mut BigNet, file: &Checkpoint) -> Result<()> {
+    let bad = |what: String| Error::Model {
+        what: format!("{}: {what}", file.path().display()),
+    };
+    if state_dict_lora_key(file).is_none() {
+        return Err(bad(
+            "no `<layer>.lora_a.weight` / `lora_b.weight` tensors: not a LoRA state dict (a PEFT adapter is a directory)".into(),
+        ));
+    }
+    let is_adapter = |k: &str| k.ends_with(".lora_a.weight") || k.ends_with(".lora_b.weight");
+    let mut params: std::collections::HashMap<String, Tensor> = std::collections::HashMap::new();
+    for layer in model.linears() {
+        let (w, b) = layer.dense_weight_and_bias();
+        params.insert(format!("{}.weight", layer.name), w);
+        if let Some(b) = b {
+            let n = b.len();
+            params.insert(format!("{}.bias", layer.name), Tensor::from_vec(&[n], b)?);
+        }
+    }
+    for (i, n) in model.norms().iter().enumerate() {
+        let name = crate::source::norm_key(i);
+        params.insert(format!("{name}.weight"), n.weight.value().clone());
+        params.insert(format!("{name}.bias"), n.bias.value().clone());
+    }
+    for key in file.keys().filter(|k| !is_adapter(k)) {
+        let Some(mine) = params.get(key) else {
+            return Err(bad(format!(
+                "`{key}` is not a parameter of a BigNet of width {}",
+                model.dim()
+            )));
+        };
+        let theirs = file.tensor_f32(key, Some(mine.shape()))?;
+        if let Some(i) = theirs
+            .data()
+            .iter()
+            .zip(mine.data())
+            .position(|(a, b)| a.to_bits() != b.to_bits())
+        {
+            return Err(bad(format!(
+                "`{key}` element {i} is {} where the model (--weights) has {}: an adapter file may only add LoRA adapters",
+                theirs.data()[i],
+                mine.data()[i]
+            )));
+        }
+    }
+    load_state_dict_lora(model, file)
 }
 
 /// A state dict may hold LoRA keys besides the model's ([`load_state_dict_lora`] reads them);

@@ -51,8 +51,10 @@ pub struct Common {
     /// Model width for seeded init (a checkpoint's own width wins).
     #[arg(long, default_value_t = DEFAULT_DIM)]
     pub dim: usize,
-    /// A LoRA adapter directory (PEFT layout) to load on top of the model.
-    #[arg(long, value_name = "DIR")]
+    /// A LoRA adapter directory (PEFT layout) to load on top of the model, or a state dict of
+    /// the reference's trained lora/qlora model (its `….lora_a.weight` / `lora_b.weight`; its
+    /// other tensors must equal the model's)
+    #[arg(long, value_name = "DIR|FILE")]
     pub adapter: Option<PathBuf>,
     /// Activations of every quantized layer, at every batch size: `f32` (exact with respect
     /// to the dequantized weights) or `int8` (integer dot products, a bounded extra error:

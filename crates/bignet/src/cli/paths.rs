@@ -24,8 +24,13 @@ impl NamedPath {
         }
     }
 
-    /// The files of a PEFT adapter directory named by `option`.
+    /// The files of a PEFT adapter directory named by `option` (or the file itself where
+    /// `dir` is a state-dict file of adapters).
     pub fn adapter_files(option: &'static str, dir: &Path) -> Vec<Self> {
+        if dir.is_file() {
+            // A state dict holding the adapters (`--adapter qlora.pth`).
+            return vec![NamedPath::new(option, dir)];
+        }
         [WEIGHTS_FILE, CONFIG_FILE]
             .iter()
             .map(|f| NamedPath::new(option, &dir.join(f)))
