@@ -37,6 +37,15 @@ fn entries(path: &std::path::Path) -> Vec<Entry> {
         .collect()
 }
 
+/// `nibble inspect --json` of `file` names each tensor's format as `want` does.
+fn assert_inspect_formats(file: &str, want: impl Fn(&str) -> &'static str) {
+    let v = nibble_json(&["inspect", s(&data(file)), "--json"]);
+    for t in v["tensors"].as_array().unwrap() {
+        let name = t["name"].as_str().unwrap();
+        assert_eq!(t["format"], want(name), "{file}: {name}");
+    }
+}
+
 /// `nibble eval` of `model` on data file `d` (with `args`, writing the logits into `dir`): its
 /// JSON, once its logits are within 1e-5 of `key` in `golden`.
 fn eval_matches(
@@ -98,16 +107,13 @@ fn bitsandbytes_nf4_layers_give_bitsandbytes_logits() {
         );
     }
     // `inspect` names the format of every part.
-    let v = nibble_json(&["inspect", s(&data("bnb_seq_dq.pth")), "--json"]);
-    for t in v["tensors"].as_array().unwrap() {
-        let name = t["name"].as_str().unwrap();
-        let want = if name.ends_with(".bias") {
+    assert_inspect_formats("bnb_seq_dq.pth", |name| {
+        if name.ends_with(".bias") {
             "f32"
         } else {
             "nf4_dq"
-        };
-        assert_eq!(t["format"], want, "{name}");
-    }
+        }
+    });
     // A stored NF4 weight is not re-quantized into another format.
     let msg = nibble_fails(&model_data_args(
         "eval",
@@ -277,26 +283,18 @@ fn bitsandbytes_fp4_other_block_sizes_and_8bit_give_bitsandbytes_logits() {
             "{model}: {held} bytes, expected about {bytes}"
         );
     }
-    let v = nibble_json(&["inspect", s(&data("bnb_int8_seq.pth")), "--json"]);
-    for t in v["tensors"].as_array().unwrap() {
-        let name = t["name"].as_str().unwrap();
-        let want = if name.ends_with(".bias") {
+    assert_inspect_formats("bnb_int8_seq.pth", |name| {
+        if name.ends_with(".bias") {
             "f32"
         } else {
             "int8"
-        };
-        assert_eq!(t["format"], want, "{name}");
-    }
-    let v = nibble_json(&["inspect", s(&data("bnb_fp4_seq.safetensors")), "--json"]);
-    for t in v["tensors"].as_array().unwrap() {
-        let name = t["name"].as_str().unwrap();
-        let want = match name {
-            n if n.ends_with(".bias") => "f32",
-            n if n.starts_with("4.") => "nf4",
-            _ => "fp4",
-        };
-        assert_eq!(t["format"], want, "{name}");
-    }
+        }
+    });
+    assert_inspect_formats("bnb_fp4_seq.safetensors", |name| match name {
+        n if n.ends_with(".bias") => "f32",
+        n if n.starts_with("4.") => "nf4",
+        _ => "fp4",
+    });
     // The 8-bit weights are stored int8: asking for another format is an error naming it.
     let msg = nibble_fails(&model_data_args(
         "eval",
