@@ -324,6 +324,69 @@ fn a_qlora_state_dict_runs_as_the_adapter_of_its_base() {
     );
 }
 
+/// A state dict saved from a wrapped model (DataParallel's `module.`, `torch.compile`'s
+/// `_orig_mod.`) is read under the wrapper's path: the same model, bit for bit; a file where
+/// only some keys carry the path is still an error naming the missing key.
+#[test]
+fn a_state_dict_of_a_wrapped_model_is_read_under_its_path() {
+    let file = Checkpoint::open(data("bignet_d128.pth")).unwrap();
+    let dir = std::env::temp_dir().join(format!("nibble_wrapped_{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |name: &str, rename: &dyn Fn(&str) -> String| {
+        let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = file
+            .keys()
+            .map(|k| {
+                let t = file.tensor_f32(k, None).unwrap();
+                let b = t.data().iter().flat_map(|x| x.to_le_bytes()).collect();
+                (rename(k), t.shape().to_vec(), b)
+            })
+            .collect();
+        let refs: Vec<(String, nibble::io::DType, Vec<usize>, &[u8])> = tensors
+            .iter()
+            .map(|(k, s, b)| (k.clone(), nibble::io::DType::F32, s.clone(), b.as_slice()))
+            .collect();
+        let path = dir.join(name);
+        nibble::io::write_safetensors(&path, &refs, &Default::default()).unwrap();
+        path
+    };
+    let x = golden(&Checkpoint::open(data("io_d128.safetensors")).unwrap(), "x");
+    let plain = load(Variant::Bignet, "bignet_d128.pth").infer(&x).unwrap();
+    for prefix in ["module.", "_orig_mod.", "module._orig_mod."] {
+        let path = write(&format!("{prefix}safetensors"), &|k| format!("{prefix}{k}"));
+        let model = ModelSpec {
+            weights: Some(path),
+            ..ModelSpec::seeded(Variant::LowPrecision, 0)
+        };
+        let bignet = ModelSpec {
+            variant: Variant::Bignet,
+            ..model.clone()
+        };
+        assert_eq!(
+            bignet.build().unwrap().infer(&x).unwrap().data(),
+            plain.data(),
+            "{prefix}"
+        );
+        model.build().unwrap();
+    }
+    let half = write("half.safetensors", &|k| {
+        if k.starts_with("model.0.") {
+            format!("module.{k}")
+        } else {
+            k.to_string()
+        }
+    });
+    let e = ModelSpec {
+        weights: Some(half),
+        ..ModelSpec::seeded(Variant::Bignet, 0)
+    }
+    .build()
+    .map(|_| ())
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("model.0.model.0.weight"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// Altered copies of the LoRA state dict: each an error naming the key, none a model.
 #[test]
 fn a_lora_state_dict_with_broken_adapters_is_an_error_naming_the_key() {

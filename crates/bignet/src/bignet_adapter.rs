@@ -32,7 +32,7 @@ pub fn save_adapter(model: &BigNet, dir: &Path) -> Result<()> {
 pub fn load_adapter(model: &mut BigNet, dir: &Path) -> Result<()> {
     if dir.is_file() {
         // A state dict with the reference's adapter keys (a trained qlora model saved whole).
-        let file = crate::checkpoint::Checkpoint::open(dir)?;
+        let file = crate::loader::open_checkpoint(dir)?;
         let mut with_adapters = model.clone();
         if with_adapters.linears().any(|l| l.lora.is_none()) {
             with_adapters.attach_lora(0)?;

@@ -12,6 +12,28 @@ use crate::variant::Variant;
 use nibble_tensor::Tensor;
 use std::path::PathBuf;
 
+/// Opens a BigNet checkpoint, reading a state dict saved from a wrapped model under the
+/// wrapper's path: DataParallel's `module.`, `torch.compile`'s `_orig_mod.` (or both), or any
+/// path that every key starts with, where `model.0.model.0.bias` itself is absent.
+pub fn open_checkpoint(path: &std::path::Path) -> Result<Checkpoint> {
+    const FIRST: &str = "model.0.model.0.bias";
+    let file = Checkpoint::open(path)?;
+    if file.contains(FIRST) {
+        return Ok(file);
+    }
+    let prefix = file
+        .keys()
+        .find_map(|k| k.strip_suffix(FIRST))
+        .filter(|p| p.ends_with('.'))
+        .map(str::to_string);
+    Ok(match prefix {
+        Some(p) => file
+            .without_prefix(&p)
+            .unwrap_or_else(|unchanged| unchanged),
+        None => file,
+    })
+}
+
 /// A state dict in a checkpoint file, read tensor by tensor (f32 or f16, widened).
 pub struct CheckpointSource {
     checkpoint: Checkpoint,
@@ -145,7 +167,7 @@ impl ModelSpec {
                 self.seed,
             ),
             Some(path) => {
-                let file = Checkpoint::open(path)?;
+                let file = open_checkpoint(path)?;
                 match quantized_format(&file)? {
                     Some(format) => load_quantized(&file, format, self.variant, self.seed),
                     None => {

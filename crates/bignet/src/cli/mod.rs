@@ -18,7 +18,6 @@ use crate::source::DEFAULT_DIM;
 use crate::train::TrainOptions;
 use crate::variant::{Variant, WeightFormat};
 use clap::{Args, Parser, Subcommand};
-use nibble_io::Checkpoint;
 use nibble_quant::act8::{set_activations, ActivationMode};
 use paths::{check_no_overwrite, NamedPath};
 use std::path::PathBuf;
@@ -95,7 +94,7 @@ impl Common {
         let Some(path) = &self.weights else {
             return Ok(asked.unwrap_or(Variant::Bignet));
         };
-        let file = Checkpoint::open(path)?;
+        let file = crate::loader::open_checkpoint(path)?;
         let quantized = quantized_format(&file)?;
         let declared = match quantized {
             Some(format) => Some(format),

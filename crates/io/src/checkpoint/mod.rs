@@ -324,6 +324,37 @@ impl Checkpoint {
         self.format
     }
 
+    /// This checkpoint with `prefix` removed from every key, where every key starts with it (a
+    /// wrapper module's path: DataParallel's `module.`, `torch.compile`'s `_orig_mod.`); else
+    /// `Err` with the checkpoint unchanged. The tensors are the same (no copy).
+    ///
+    /// ```
+    /// # use nibble_io::Checkpoint;
+    /// # use std::sync::Arc;
+    /// # let bytes = {
+    /// #     let header = br#"{"module.w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
+    /// #     let mut b = (header.len() as u64).to_le_bytes().to_vec();
+    /// #     b.extend_from_slice(header);
+    /// #     b.extend_from_slice(&1.5f32.to_le_bytes());
+    /// #     b
+    /// # };
+    /// let file = Checkpoint::from_bytes("wrapped.safetensors", Arc::new(bytes))?;
+    /// let file = file.without_prefix("module.").ok().unwrap();
+    /// assert_eq!(file.keys().collect::<Vec<_>>(), ["w"]);
+    /// # Ok::<(), nibble_io::Error>(())
+    /// ```
+    pub fn without_prefix(self, prefix: &str) -> std::result::Result<Checkpoint, Checkpoint> {
+        if prefix.is_empty() || !self.entries.keys().all(|k| k.starts_with(prefix)) {
+            return Err(self);
+        }
+        let entries = self
+            .entries
+            .into_iter()
+            .map(|(k, e)| (k[prefix.len()..].to_string(), e))
+            .collect();
+        Ok(Checkpoint { entries, ..self })
+    }
+
     /// Tensor names, sorted.
     pub fn keys(&self) -> impl Iterator<Item = &str> {
         self.entries.keys().map(String::as_str)
