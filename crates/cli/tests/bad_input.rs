@@ -111,18 +111,57 @@ fn wrong_dtypes() {
         &[f32s("x_test", &[4, 64], &x), f32s("y_test", &[4], &as_f32)],
     );
     assert_names(&msg, &["y_test", "i64, i32 or u8", "f32"]);
-    let x32: Vec<u8> = x.iter().flat_map(|v| (*v as i32).to_le_bytes()).collect();
+    let flags: Vec<u8> = x.iter().map(|v| u8::from(*v > 0.5)).collect();
     let (_, msg) = eval_on(
-        "xint",
+        "xbool",
         &[
-            ("x_test".into(), DType::I32, vec![4, 64], x32),
+            ("x_test".into(), DType::Bool, vec![4, 64], flags),
             i64s("y_test", &y),
         ],
     );
     assert_names(
         &msg,
-        &["x_test", "expected dtype f32, f16, bf16 or f64", "i32"],
+        &["x_test", "f32, f16, bf16, f64 or an integer type", "bool"],
     );
+}
+
+/// Integer features (raw u8 pixels, i8, i16, i32, i64; here as `[N, 8, 8]` images) are
+/// converted to f32 as PyTorch's `.float()` converts them: the same evaluation as their f32
+/// copy.
+#[test]
+fn integer_features_read_as_f32() {
+    let y: Vec<i64> = (0..4).collect();
+    let dir = tmpdir("xinteger");
+    let model = data("digits_mlp.pth");
+    let pixels: Vec<i64> = (0..4 * 64).map(|i| (i * 37 % 17) as i64).collect();
+    let run = |name: &str, entry: Entry| {
+        let path = dir.join(name);
+        write(&path, &[entry, i64s("y_test", &y)]);
+        let out = nibble(&model_data_args("eval", &model, &path, &["--json"]));
+        assert!(out.ok, "{name}: {}", out.stderr);
+        serde_json::from_str::<serde_json::Value>(&out.stdout).unwrap()["rows"].clone()
+    };
+    let as_f32: Vec<f32> = pixels.iter().map(|&v| v as f32).collect();
+    let want = run("f32.safetensors", f32s("x_test", &[4, 64], &as_f32));
+    let bytes = |size: usize| -> Vec<u8> {
+        pixels
+            .iter()
+            .flat_map(|v| v.to_le_bytes()[..size].to_vec())
+            .collect()
+    };
+    for (name, dtype, size) in [
+        ("u8", DType::U8, 1),
+        ("i8", DType::I8, 1),
+        ("i16", DType::I16, 2),
+        ("i32", DType::I32, 4),
+        ("i64", DType::I64, 8),
+    ] {
+        let got = run(
+            &format!("{name}.safetensors"),
+            ("x_test".into(), dtype, vec![4, 8, 8], bytes(size)),
+        );
+        assert_eq!(got, want, "{name}");
+    }
 }
 
 /// Features saved from NumPy without `.astype("float32")` are f64: they are rounded to f32,

@@ -1,5 +1,6 @@
 //! Classification data sets in a safetensors (or `.pth`) file: features `x_test` f32 `[N, F]`
-//! (f64, f16 and bf16 rounded to f32; `[N, d1, d2, ...]`, such as images, flattened per row as
+//! (f64, f16 and bf16 rounded to f32, integer types such as raw u8 pixels converted as
+//! `.float()` converts them; `[N, d1, d2, ...]`, such as images, flattened per row as
 //! `nn.Flatten` flattens them) and integer labels `y_test` `[N]` (i64, i32 or u8), and optionally a training split
 //! `x_train` / `y_train` of the same form.
 //!
@@ -179,13 +180,17 @@ fn read_split(file: &Checkpoint, x_key: &str, y_key: &str) -> Result<Split> {
         path: path.clone(),
         key: x_key.into(),
     })?;
-    // f16, bf16 and f64 (NumPy's default) features are rounded to f32, as
-    // `torch.from_numpy(x).float()` would.
-    if !matches!(x_dtype, DType::F32 | DType::F16 | DType::BF16 | DType::F64) {
+    // f16, bf16 and f64 (NumPy's default) features are rounded to f32, and integer ones (raw
+    // pixels as u8, ...) converted, as `torch.from_numpy(x).float()` would.
+    let integer = matches!(
+        x_dtype,
+        DType::U8 | DType::I8 | DType::I16 | DType::I32 | DType::I64
+    );
+    if !integer && !matches!(x_dtype, DType::F32 | DType::F16 | DType::BF16 | DType::F64) {
         return Err(Error::DType {
             path: path.clone(),
             key: x_key.into(),
-            expected: "f32, f16, bf16 or f64".into(),
+            expected: "f32, f16, bf16, f64 or an integer type".into(),
             found: x_dtype,
         });
     }
@@ -226,8 +231,20 @@ fn read_split(file: &Checkpoint, x_key: &str, y_key: &str) -> Result<Split> {
             format!("shape {y_shape:?}"),
         ));
     }
-    let x = file.tensor_f32(x_key, None)?;
-    let x = if x_shape.len() == 2 {
+    let x = if integer {
+        let count = n.checked_mul(features).ok_or_else(|| {
+            data_error(
+                x_key,
+                None,
+                "a size that fits in memory".into(),
+                format!("shape {x_shape:?}"),
+            )
+        })?;
+        integer_features(file, x_key, x_dtype, count)?
+    } else {
+        file.tensor_f32(x_key, None)?
+    };
+    let x = if x.shape() == [n, features] {
         x
     } else {
         Tensor::from_vec(&[n, features], x.into_vec()).map_err(|e| Error::BadTensor {
@@ -279,5 +296,34 @@ fn read_split(file: &Checkpoint, x_key: &str, y_key: &str) -> Result<Split> {
         x_key: x_key.into(),
         y_key: y_key.into(),
         path,
+    })
+}
+
+/// Integer features `key` (`count` of them, little-endian `dtype`) as f32, each rounded to the
+/// nearest f32 as PyTorch's `.float()` rounds it, in a flat `[count]` tensor.
+fn integer_features(file: &Checkpoint, key: &str, dtype: DType, count: usize) -> Result<Tensor> {
+    let bytes = file.bytes(key)?;
+    let size = dtype.size_of();
+    if Some(bytes.len()) != count.checked_mul(size) {
+        return Err(Error::BadTensor {
+            path: file.path().to_path_buf(),
+            key: key.into(),
+            reason: format!("{} bytes for {count} values of {dtype}", bytes.len()),
+        });
+    }
+    let values: Vec<f32> = bytes
+        .chunks_exact(size)
+        .map(|c| match dtype {
+            DType::U8 => f32::from(c[0]),
+            DType::I8 => f32::from(c[0] as i8),
+            DType::I16 => f32::from(i16::from_le_bytes([c[0], c[1]])),
+            DType::I32 => i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32,
+            _ => i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32,
+        })
+        .collect();
+    Tensor::from_vec(&[count], values).map_err(|e| Error::BadTensor {
+        path: file.path().to_path_buf(),
+        key: key.into(),
+        reason: e.to_string(),
     })
 }
