@@ -264,7 +264,8 @@ impl Bnb4bitInfo {
         })
     }
 
-    /// A short description for messages and `nibble inspect`: `bnb fp4/128 (double)`.
+    /// A short description for messages: `bitsandbytes fp4, blocks of 128, double-quantized
+    /// absmax`.
     pub fn describe(&self) -> String {
         format!(
             "bitsandbytes {}, blocks of {}{}",
@@ -511,8 +512,9 @@ fn read_parts(file: &Checkpoint, key: &str) -> Result<Bnb4bitParts> {
     let map = f32s(&part(&map_key, DType::F32, &[&[16]])?);
     let want = info.quant_type.levels();
     same_map(&map_key, &map, want, &info.quant_type.name().to_uppercase())?;
-    let mut levels = [0.0f32; 16];
-    levels.copy_from_slice(&map);
+    // The quant type's own levels, which bitsandbytes' kernels use whatever the file's map
+    // holds (checked equal above, within 1e-6), as nibble's NF4 does.
+    let levels = *info.quant_type.levels();
     let absmax_key = format!("{key}.absmax");
     let absmax = match offset {
         None => Absmax::Plain(part(&absmax_key, DType::F32, &[&[nb]])?),
@@ -597,9 +599,9 @@ pub fn read_bnb_4bit(
 
 /// Reads any 4-bit weight `key` in bitsandbytes' layout (NF4 or FP4, any of its block sizes,
 /// plain or double-quantized absmaxes) as the `[out, in]` f32 weight bitsandbytes computes
-/// with: `levels[code] · absmax[block]`, the absmax of a double-quantized block being
-/// `dynamic_map[code] · nested_absmax[group] + nested_offset`, each step rounded to f32 as
-/// bitsandbytes' `dequantize_4bit` rounds it.
+/// with: `levels[code] · absmax[block]` ([`QuantType::levels`]), the absmax of a
+/// double-quantized block being `dynamic_map[code] · nested_absmax[group] + nested_offset`,
+/// each step rounded to f32 as bitsandbytes' `dequantize_4bit` rounds it.
 pub fn read_bnb_4bit_f32(file: &Checkpoint, key: &str) -> Result<Tensor> {
     let parts = read_parts(file, key)?;
     let info = parts.info;
