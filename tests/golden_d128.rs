@@ -25,6 +25,11 @@ fn load(variant: Variant, file: &str) -> BigNet {
     .unwrap()
 }
 
+/// The error `spec` builds to (the test fails if it builds a model).
+fn build_err(spec: ModelSpec) -> String {
+    spec.build().map(|_| ()).unwrap_err().to_string()
+}
+
 fn golden(file: &Checkpoint, key: &str) -> Tensor {
     file.tensor_f32(key, None).unwrap()
 }
@@ -186,14 +191,10 @@ fn a_bitsandbytes_quantized_bignet_runs_as_nf4_dq() {
     let y = model.infer(&golden(&io, "x")).unwrap();
     let err = rel_err(&y, &golden(&io, "y"));
     assert!(err < 1e-5, "relative error {err} against bitsandbytes");
-    let e = ModelSpec {
+    let e = build_err(ModelSpec {
         weights: Some(data("bignet_bnb_dq_d64.safetensors")),
         ..ModelSpec::seeded(Variant::Nf4, 0)
-    }
-    .build()
-    .map(|_| ())
-    .unwrap_err()
-    .to_string();
+    });
     assert!(e.contains("nf4_dq") && e.contains("nf4"), "{e}");
 }
 
@@ -208,14 +209,10 @@ fn a_bitsandbytes_8bit_bignet_runs_as_int8() {
     let y = model.infer(&golden(&io, "x")).unwrap();
     let err = rel_err(&y, &golden(&io, "y"));
     assert!(err < 1e-5, "relative error {err} against bitsandbytes");
-    let e = ModelSpec {
+    let e = build_err(ModelSpec {
         weights: Some(data("bignet_bnb8_d64.safetensors")),
         ..ModelSpec::seeded(Variant::Nf4, 0)
-    }
-    .build()
-    .map(|_| ())
-    .unwrap_err()
-    .to_string();
+    });
     assert!(e.contains("int8") && e.contains("nf4"), "{e}");
 }
 
@@ -254,19 +251,23 @@ fn a_lora_state_dict_runs_with_its_own_adapters() {
     let q = load(Variant::Qlora, "bignet_lora_sd_d64.pth");
     let err = rel_err(&q.infer(&x).unwrap(), &want);
     assert!(err < 5e-2, "qlora: relative error {err}");
+    let file = Checkpoint::open(data("bignet_lora_sd_d64.pth")).unwrap();
+    for layer in q.linears() {
+        let lora = layer.lora.as_ref().unwrap();
+        for (half, p) in [("lora_a", &lora.a), ("lora_b", &lora.b)] {
+            let key = format!("{}.{half}.weight", layer.name);
+            assert_eq!(*p.value(), golden(&file, &key), "qlora's {key}");
+        }
+    }
     for variant in [
         Variant::Bignet,
         Variant::HalfPrecision,
         Variant::LowPrecision,
     ] {
-        let e = ModelSpec {
+        let e = build_err(ModelSpec {
             weights: Some(data("bignet_lora_sd_d64.pth")),
             ..ModelSpec::seeded(variant, 0)
-        }
-        .build()
-        .map(|_| ())
-        .unwrap_err()
-        .to_string();
+        });
         assert!(
             e.contains("lora_a.weight") && e.contains("lora"),
             "{variant}: {e}"
@@ -300,24 +301,16 @@ fn a_qlora_state_dict_runs_as_the_adapter_of_its_base() {
         .unwrap();
     let err = rel_err(&low.infer(&golden(&io, "x")).unwrap(), &golden(&io, "y"));
     assert!(err < 1e-5, "low_precision + adapter: relative error {err}");
-    let e = ModelSpec {
+    let e = build_err(ModelSpec {
         weights: Some(data("bignet_qlora_sd_d64.pth")),
         ..ModelSpec::seeded(Variant::Qlora, 0)
-    }
-    .build()
-    .map(|_| ())
-    .unwrap_err()
-    .to_string();
+    });
     assert!(
         e.contains("--adapter") && e.contains("model.0.model.0.weight"),
         "{e}"
     );
     // Over another base of the same width: its biases differ from the file's.
-    let e = spec("bignet_lora_sd_d64.pth", Variant::Qlora)
-        .build()
-        .map(|_| ())
-        .unwrap_err()
-        .to_string();
+    let e = build_err(spec("bignet_lora_sd_d64.pth", Variant::Qlora));
     assert!(
         e.contains("model.0.model.0.bias") && e.contains("element 0"),
         "{e}"
@@ -375,14 +368,10 @@ fn a_state_dict_of_a_wrapped_model_is_read_under_its_path() {
             k.to_string()
         }
     });
-    let e = ModelSpec {
+    let e = build_err(ModelSpec {
         weights: Some(half),
         ..ModelSpec::seeded(Variant::Bignet, 0)
-    }
-    .build()
-    .map(|_| ())
-    .unwrap_err()
-    .to_string();
+    });
     assert!(e.contains("model.0.model.0.weight"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -461,14 +450,10 @@ fn a_lora_state_dict_with_broken_adapters_is_an_error_naming_the_key() {
             .collect();
         let path = dir.join(format!("{name}.safetensors"));
         nibble::io::write_safetensors(&path, &refs, &Default::default()).unwrap();
-        let e = ModelSpec {
+        let e = build_err(ModelSpec {
             weights: Some(path),
             ..ModelSpec::seeded(Variant::Lora, 0)
-        }
-        .build()
-        .map(|_| ())
-        .unwrap_err()
-        .to_string();
+        });
         for p in parts {
             assert!(e.contains(p), "{name}: `{p}` missing from: {e}");
         }

@@ -288,22 +288,31 @@ pub fn load_state_dict_adapters(model: &mut BigNet, file: &Checkpoint) -> Result
         ));
     }
     let is_adapter = |k: &str| k.ends_with(".lora_a.weight") || k.ends_with(".lora_b.weight");
-    let mut params: std::collections::HashMap<String, Tensor> = std::collections::HashMap::new();
-    for layer in model.linears() {
-        let (w, b) = layer.dense_weight_and_bias();
-        params.insert(format!("{}.weight", layer.name), w);
-        if let Some(b) = b {
-            let n = b.len();
-            params.insert(format!("{}.bias", layer.name), Tensor::from_vec(&[n], b)?);
+    // The model's value of a state-dict key, computed only for the keys the file holds (a
+    // weight is dequantized for the comparison only where the file repeats it).
+    let value_of = |key: &str| -> Result<Option<Tensor>> {
+        let Some((module, name)) = key.rsplit_once('.') else {
+            return Ok(None);
+        };
+        if let Some(layer) = model.linears().find(|l| l.name == module) {
+            return Ok(match name {
+                "weight" => Some(layer.dense_weight_and_bias().0),
+                "bias" => match layer.bias_values() {
+                    Some(b) => Some(Tensor::from_vec(&[b.len()], b)?),
+                    None => None,
+                },
+                _ => None,
+            });
         }
-    }
-    for (i, n) in model.norms().iter().enumerate() {
-        let name = crate::source::norm_key(i);
-        params.insert(format!("{name}.weight"), n.weight.value().clone());
-        params.insert(format!("{name}.bias"), n.bias.value().clone());
-    }
+        let norm = (0..model.norms().len()).find(|&i| crate::source::norm_key(i) == module);
+        Ok(norm.and_then(|i| match name {
+            "weight" => Some(model.norms()[i].weight.value().clone()),
+            "bias" => Some(model.norms()[i].bias.value().clone()),
+            _ => None,
+        }))
+    };
     for key in file.keys().filter(|k| !is_adapter(k)) {
-        let Some(mine) = params.get(key) else {
+        let Some(mine) = value_of(key)? else {
             return Err(bad(format!(
                 "`{key}` is not a parameter of a BigNet of width {}",
                 model.dim()

@@ -98,12 +98,7 @@ fn a_bias_free_model_fine_tunes_and_its_adapter_round_trips() {
             "--json",
         ],
     ));
-    let loss: Vec<f64> = v["loss"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l.as_f64().unwrap())
-        .collect();
+    let loss = loss_curve(&v);
     assert!(
         loss[loss.len() - 1] < loss[0],
         "loss did not fall: {loss:?}"

@@ -8,17 +8,40 @@ mod common;
 use common::*;
 use nibble_io::{Checkpoint, DType};
 
-/// The golden batch as a data file.
-fn golden_data(dir: &std::path::Path) -> std::path::PathBuf {
-    let io = Checkpoint::open(data("bnb_seq_io.safetensors")).unwrap();
-    let x = io.tensor_f32("x", None).unwrap();
-    let labels = i64_values(&data("bnb_seq_io.safetensors"), "labels");
+/// The golden batch of `io` (`x` [50, 23], `labels`) as a data file in `dir`.
+fn golden_data(dir: &std::path::Path, io: &str) -> std::path::PathBuf {
+    let io = data(io);
     let d = dir.join("data.safetensors");
     write(
         &d,
-        &[f32s("x_test", &[50, 23], x.data()), i64s("y_test", &labels)],
+        &[
+            f32s("x_test", &[50, 23], &tensor(&io, "x")),
+            i64s("y_test", &i64_values(&io, "labels")),
+        ],
     );
     d
+}
+
+/// Each altered copy of a model (`(name, entries, parts)`), evaluated on `d`, fails with a
+/// message holding every one of `parts`.
+fn assert_cases_fail(
+    dir: &std::path::Path,
+    d: &std::path::Path,
+    cases: Vec<(&str, Vec<Entry>, Vec<&str>)>,
+) {
+    for (name, entries, parts) in cases {
+        let path = dir.join(format!("{name}.safetensors"));
+        write(&path, &entries);
+        let msg = nibble_fails(&model_data_args(
+            "eval",
+            &path,
+            d,
+            &["--activation", "relu,tanh"],
+        ));
+        for p in parts {
+            assert!(msg.contains(p), "{name}: `{p}` missing from: {msg}");
+        }
+    }
 }
 
 /// Every tensor of a file as entries, to write altered copies.
@@ -72,7 +95,7 @@ fn eval_matches(
 #[test]
 fn bitsandbytes_nf4_layers_give_bitsandbytes_logits() {
     let dir = tmpdir("bnb_logits");
-    let d = golden_data(&dir);
+    let d = golden_data(&dir, "bnb_seq_io.safetensors");
     let golden = data("bnb_seq_io.safetensors");
     for (model, key) in [
         ("bnb_seq.safetensors", "logits"),
@@ -130,7 +153,7 @@ fn bitsandbytes_nf4_layers_give_bitsandbytes_logits() {
 #[test]
 fn altered_bitsandbytes_layouts_are_errors_naming_the_key() {
     let dir = tmpdir("bnb_hostile");
-    let d = golden_data(&dir);
+    let d = golden_data(&dir, "bnb_seq_io.safetensors");
     let base = entries(&data("bnb_seq.safetensors"));
     let state_key = "2.weight.quant_state.bitsandbytes__nf4";
     let json = |e: &Entry| -> serde_json::Value { serde_json::from_slice(&e.3).unwrap() };
@@ -224,43 +247,13 @@ fn altered_bitsandbytes_layouts_are_errors_naming_the_key() {
         })
         .collect();
     cases.push(("fp4key", fp4_key, vec!["2.weight", "FP4", "quant_type"]));
-    for (name, entries, parts) in cases {
-        let path = dir.join(format!("{name}.safetensors"));
-        write(&path, &entries);
-        let msg = nibble_fails(&model_data_args(
-            "eval",
-            &path,
-            &d,
-            &["--activation", "relu,tanh"],
-        ));
-        for p in parts {
-            assert!(msg.contains(p), "{name}: `{p}` missing from: {msg}");
-        }
-    }
-}
-
-/// The golden batch of `bnb_more_io.safetensors` as a data file.
-fn more_data(dir: &std::path::Path) -> std::path::PathBuf {
-    let io = data("bnb_more_io.safetensors");
-    let x = Checkpoint::open(&io)
-        .unwrap()
-        .tensor_f32("x", None)
-        .unwrap();
-    let d = dir.join("more.safetensors");
-    write(
-        &d,
-        &[
-            f32s("x_test", &[50, 23], x.data()),
-            i64s("y_test", &i64_values(&io, "labels")),
-        ],
-    );
-    d
+    assert_cases_fail(&dir, &d, cases);
 }
 
 #[test]
 fn bitsandbytes_fp4_other_block_sizes_and_8bit_give_bitsandbytes_logits() {
     let dir = tmpdir("bnb_more");
-    let d = more_data(&dir);
+    let d = golden_data(&dir, "bnb_more_io.safetensors");
     let golden = data("bnb_more_io.safetensors");
     // FP4 (blocks of 64, plain; blocks of 128, double-quantized) and NF4 with blocks of 256
     // read as f32; 8-bit layers as nibble's int8 (one byte a weight).
@@ -317,7 +310,7 @@ fn bitsandbytes_fp4_other_block_sizes_and_8bit_give_bitsandbytes_logits() {
 #[test]
 fn altered_8bit_layouts_are_errors_naming_the_key() {
     let dir = tmpdir("bnb8_hostile");
-    let d = more_data(&dir);
+    let d = golden_data(&dir, "bnb_more_io.safetensors");
     let base = entries(&data("bnb_int8_seq.pth"));
     let altered = |key: &str, f: &dyn Fn(&Entry) -> Option<Entry>| -> Vec<Entry> {
         base.iter()
@@ -365,19 +358,7 @@ fn altered_8bit_layouts_are_errors_naming_the_key() {
             vec!["0.weight", "i8"],
         ),
     ];
-    for (name, entries, parts) in cases {
-        let path = dir.join(format!("{name}.safetensors"));
-        write(&path, &entries);
-        let msg = nibble_fails(&model_data_args(
-            "eval",
-            &path,
-            &d,
-            &["--activation", "relu,tanh"],
-        ));
-        for p in parts {
-            assert!(msg.contains(p), "{name}: `{p}` missing from: {msg}");
-        }
-    }
+    assert_cases_fail(&dir, &d, cases);
 }
 
 /// NF4 codes stored with `quant_storage` bf16 and f16 (FSDP-QLoRA's layout: the same bytes as

@@ -164,3 +164,13 @@ pub fn i64_values(path: &Path, key: &str) -> Vec<i64> {
         .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
         .collect()
 }
+
+/// The per-step losses of a `finetune --json` report.
+pub fn loss_curve(v: &serde_json::Value) -> Vec<f64> {
+    v["loss"]
+        .as_array()
+        .expect("a loss array")
+        .iter()
+        .map(|l| l.as_f64().expect("a number"))
+        .collect()
+}

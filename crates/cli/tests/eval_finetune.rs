@@ -370,12 +370,7 @@ fn finetune_trains_lora_on_a_frozen_quantized_base_and_its_adapter_round_trips()
         ),
         (Some("lower"), Some(4), Some(40))
     );
-    let loss: Vec<f64> = v["loss"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l.as_f64().unwrap())
-        .collect();
+    let loss = loss_curve(&v);
     assert_eq!(loss.len(), 40);
     assert!(loss.iter().all(|l| l.is_finite() && *l >= 0.0));
     let first: f64 = loss[..10].iter().sum();
@@ -580,6 +575,24 @@ fn keys_under_one_module_path_read_as_the_sequential() {
     assert!(msg.contains("head.") || msg.contains("net."), "{msg}");
 }
 
+/// The golden file's `x` [5, 6] with labels 0, 1, 2, 0, 1 as a data file in `dir`, as both the
+/// test and the training split.
+fn five_rows_of(dir: &std::path::Path, golden: &std::path::Path) -> std::path::PathBuf {
+    let x = tensor(golden, "x");
+    let labels = [0, 1, 2, 0, 1];
+    let d = dir.join("data.safetensors");
+    write(
+        &d,
+        &[
+            f32s("x_test", &[5, 6], &x),
+            i64s("y_test", &labels),
+            f32s("x_train", &[5, 6], &x),
+            i64s("y_train", &labels),
+        ],
+    );
+    d
+}
+
 /// A LayerNorm's epsilon is not in the state dict: `--layer-norm-eps` gives it
 /// (`tests/data/seq_ln_eps.*`, eps 0.05, `tools/golden/make_seq_ln_eps.py`); PyTorch's default
 /// then gives other logits, and an epsilon that is not a positive number is an error.
@@ -587,15 +600,7 @@ fn keys_under_one_module_path_read_as_the_sequential() {
 fn layer_norm_eps_is_given_on_the_command_line() {
     let dir = tmpdir("ln_eps");
     let golden = data("seq_ln_eps.safetensors");
-    let x = tensor(&golden, "x");
-    let d = dir.join("data.safetensors");
-    write(
-        &d,
-        &[
-            f32s("x_test", &[5, 6], &x),
-            i64s("y_test", &[0, 1, 2, 0, 1]),
-        ],
-    );
+    let d = five_rows_of(&dir, &golden);
     let model = data("seq_ln_eps.pth");
     let logits = dir.join("logits.safetensors");
     let run =
@@ -689,17 +694,7 @@ fn a_leading_gap_is_identity_unless_the_list_names_it() {
 fn batch_norm_layers_give_pytorchs_logits_and_train() {
     let dir = tmpdir("batch_norm");
     let golden = data("seq_batch_norm.safetensors");
-    let x = tensor(&golden, "x");
-    let d = dir.join("data.safetensors");
-    write(
-        &d,
-        &[
-            f32s("x_test", &[5, 6], &x),
-            i64s("y_test", &[0, 1, 2, 0, 1]),
-            f32s("x_train", &[5, 6], &x),
-            i64s("y_train", &[0, 1, 2, 0, 1]),
-        ],
-    );
+    let d = five_rows_of(&dir, &golden);
     let model = data("seq_batch_norm.pth");
     let logits = dir.join("logits.safetensors");
     let run =
@@ -715,12 +710,7 @@ fn batch_norm_layers_give_pytorchs_logits_and_train() {
             "--format", "f16", "--rank", "2", "--steps", "20", "--batch", "5", "--json",
         ],
     ));
-    let loss: Vec<f64> = v["loss"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l.as_f64().unwrap())
-        .collect();
+    let loss = loss_curve(&v);
     assert!(loss[loss.len() - 1] < loss[0], "{loss:?}");
     let msg = nibble_fails(&model_data_args(
         "eval",

@@ -296,7 +296,6 @@ enum Absmax {
 struct Bnb4bitParts {
     info: Bnb4bitInfo,
     packed: Bytes,
-    levels: [f32; 16],
     absmax: Absmax,
 }
 
@@ -511,10 +510,9 @@ fn read_parts(file: &Checkpoint, key: &str) -> Result<Bnb4bitParts> {
     let map_key = format!("{key}.quant_map");
     let map = f32s(&part(&map_key, DType::F32, &[&[16]])?);
     let want = info.quant_type.levels();
+    // Checked only: the weights are read with the quant type's own levels, which
+    // bitsandbytes' kernels use whatever the file's map holds, as nibble's NF4 does.
     same_map(&map_key, &map, want, &info.quant_type.name().to_uppercase())?;
-    // The quant type's own levels, which bitsandbytes' kernels use whatever the file's map
-    // holds (checked equal above, within 1e-6), as nibble's NF4 does.
-    let levels = *info.quant_type.levels();
     let absmax_key = format!("{key}.absmax");
     let absmax = match offset {
         None => Absmax::Plain(part(&absmax_key, DType::F32, &[&[nb]])?),
@@ -543,7 +541,6 @@ fn read_parts(file: &Checkpoint, key: &str) -> Result<Bnb4bitParts> {
     Ok(Bnb4bitParts {
         info,
         packed,
-        levels,
         absmax,
     })
 }
@@ -624,7 +621,7 @@ pub fn read_bnb_4bit_f32(file: &Checkpoint, key: &str) -> Result<Tensor> {
         }
     };
     let packed = parts.packed.as_slice();
-    let levels = parts.levels;
+    let levels = info.quant_type.levels();
     let mut values = Vec::new();
     values
         .try_reserve_exact(n)

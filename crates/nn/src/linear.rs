@@ -291,15 +291,18 @@ impl Linear {
     /// The weight as f32 (dequantized if need be) and the bias as f32 (`None` for a layer
     /// without one).
     pub fn dense_weight_and_bias(&self) -> (Tensor, Option<Vec<f32>>) {
+        let weight = match &self.base {
+            LinearBase::Trainable { weight, .. } => weight.value().clone(),
+            LinearBase::Frozen { weight, .. } => weight.matrix().to_f32(),
+        };
+        (weight, self.bias_values())
+    }
+
+    /// The bias as f32 (`None` for a layer without one), without touching the weight.
+    pub fn bias_values(&self) -> Option<Vec<f32>> {
         match &self.base {
-            LinearBase::Trainable { weight, bias } => (
-                weight.value().clone(),
-                bias.as_ref().map(|b| b.value().data().to_vec()),
-            ),
-            LinearBase::Frozen { weight, bias } => (
-                weight.matrix().to_f32(),
-                bias.as_ref().map(FrozenBias::to_f32),
-            ),
+            LinearBase::Trainable { bias, .. } => bias.as_ref().map(|b| b.value().data().to_vec()),
+            LinearBase::Frozen { bias, .. } => bias.as_ref().map(FrozenBias::to_f32),
         }
     }
 
