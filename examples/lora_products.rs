@@ -2,7 +2,9 @@
 //! batch (1000 rows, width 1024, rank 32) as the tape runs them: the frozen Q4 base forward
 //! and input gradient (f32 and int8 activations), the base with its bias and the adapter's `h · Bᵀ` in
 //! one pass (as inference runs a frozen layer with an adapter), the adapter's `h = x·Aᵀ`, `y += h·Bᵀ`,
-//! `dH = dY·B`, `dB = dYᵀ·H`, `dXa = dH·A`, `dA = dHᵀ·X`, the gradient sum `dX += dXa`, and
+//! `dH = dY·B`, `dB = dYᵀ·H`, `dXa = dH·A`, `dA = dHᵀ·X`, the gradient sum `dX += dXa`, the
+//! whole layer with int8 activations as inference runs it (`h` in f32 then one pass, and `h`
+//! on the layer's int8 x, `nibble_quant::act8::adapter`), and
 //! what a fresh activation-sized tensor costs (allocated, zeroed, freed).
 //! Medians (min) of `reps` runs with the FLOP rate, on the rayon pool (`RAYON_NUM_THREADS`).
 //!
@@ -10,6 +12,7 @@
 
 use nibble::quant::act8::{with_activations, ActivationMode};
 use nibble::quant::Q4Matrix;
+use nibble::tensor::lowrank::LowRank;
 use nibble::tensor::ops::PostOp;
 use nibble::tensor::{
     linear_backward_input, linear_backward_weight, linear_low_rank_into, Rng, Tensor, WeightMatrix,
@@ -87,6 +90,45 @@ fn main() {
                     .unwrap()
                 },
             );
+            if mode == ActivationMode::Int8 {
+                // The whole layer as inference runs it: h in f32, then the fused pass; and h
+                // on the layer's int8 x (`act8::adapter`, what `matmul_t_low_rank` runs there).
+                let ab = LowRank::new(&a, &b).unwrap();
+                time(
+                    "layer: h f32, then one pass (int8)",
+                    big + 2.0 * small,
+                    &mut || {
+                        a.matmul_t(x.data(), m, hh.data_mut(), false).unwrap();
+                        linear_low_rank_into(
+                            &q,
+                            x.data(),
+                            m,
+                            y.data_mut(),
+                            Some(&bias),
+                            (hh.data(), &b),
+                            PostOp::Relu,
+                        )
+                        .unwrap()
+                    },
+                );
+                time(
+                    "layer: h on the int8 x (int8)",
+                    big + 2.0 * small,
+                    &mut || {
+                        let done = q
+                            .matmul_t_low_rank(
+                                x.data(),
+                                m,
+                                y.data_mut(),
+                                Some(&bias),
+                                &ab,
+                                PostOp::Relu,
+                            )
+                            .unwrap();
+                        assert!(done, "the int8 adapter declined");
+                    },
+                );
+            }
             time(
                 &format!("base input grad dY·W ({})", mode.name()),
                 big,

@@ -247,7 +247,8 @@ fn linear_into(
         return Ok(());
     }
     // Small batches on a quantized weight's GEMVs: the adapter's products and `post` inside
-    // the base product's pass (the bits of the sequence below).
+    // the base product's pass (the bits of the sequence below); with int8 activations on its
+    // integer GEMM, the adapter's `x · Aᵀ` on the layer's int8 x (`act8::adapter`).
     if weight.matmul_t_low_rank(x, m, y, Some(bias), &LowRank::new(&a, &b)?, post)? {
         return Ok(());
     }

@@ -746,8 +746,12 @@ fn gemv_tile_rows<F: QuantRows>(
 /// [`matmul_t`] runs at this batch ([`gemv_tile_rows`] or [`dequant_tile_rows`]), the
 /// adapter's products and `post` inside it ([`nibble_tensor::lowrank::fused_matmul`]), with
 /// the bits of the bias rows, [`matmul_t`] accumulating, the adapter's unfused products and
-/// `post`. `Ok(false)`, `y` untouched, where [`matmul_t`] would not run tiles (batch 1, the
-/// GEMM, the generic int8 driver), where the adapter's products would not run as GEMVs
+/// `post`. Where int8 activations run the batch on the integer GEMM (the generic driver from
+/// [`crate::act8::gemm::GEMM_MIN_M`] vectors), the layer with its adapter on the int8 x
+/// instead ([`crate::act8::adapter::forward_adapter`]: `h` from the same int8 x, `h · Bᵀ` and
+/// `post` in the base product's pass). `Ok(false)`, `y` untouched, where [`matmul_t`] would
+/// not run tiles (batch 1, the f32 GEMM, the generic int8 driver where the adapter's int8
+/// product declines), where the adapter's products would not run as GEMVs
 /// ([`LowRank::fuses_batch`]) or where the bias does not fit (the caller's unfused path then
 /// says so).
 pub(crate) fn matmul_t_low_rank<F: QuantRows>(
@@ -764,6 +768,16 @@ pub(crate) fn matmul_t_low_rank<F: QuantRows>(
     adapter.check_layer(o, i)?;
     let int8_generic =
         crate::act8::activations() == crate::act8::ActivationMode::Int8 && f.act8_generic(m);
+    if int8_generic && m >= crate::act8::gemm::GEMM_MIN_M && o > 0 {
+        // The integer GEMM, its int8 x serving the adapter's `x · Aᵀ` too (where that
+        // declines, the caller's sequence runs: `x · Aᵀ` in f32, then the layer).
+        if let Some(w) = f.act8_view() {
+            let tier = crate::act8::IntTier::for_path(kernel_path());
+            return Ok(crate::act8::adapter::forward_adapter(
+                tier, w, x, m, y, bias, adapter, post,
+            ));
+        }
+    }
     if m < 2
         || m >= f.gemm_min_m()
         || o == 0

@@ -248,3 +248,16 @@ pub fn int_tiers(
     }
     t
 }
+
+/// Pools of 1, 2, 3 and 16 threads.
+pub fn pools() -> Vec<rayon::ThreadPool> {
+    [1, 2, 3, 16]
+        .into_iter()
+        .map(|t| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(t)
+                .build()
+                .unwrap()
+        })
+        .collect()
+}

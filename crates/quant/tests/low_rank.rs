@@ -4,13 +4,29 @@
 //! `accumulate` (NaN-filled outputs then), under f32 and int8 activations, for 1, 2, 3 and 16
 //! threads; so do its small batches with the adapter in the same pass
 //! (`WeightMatrix::matmul_t_low_rank`) against the layer as the training forward computes it
-//! (`h = x · Aᵀ`, then `linear_low_rank_into`).
+//! (`h = x · Aᵀ`, then `linear_low_rank_into`; with int8 activations on the integer GEMM's
+//! batches, h from the int8 x, `act8::adapter`).
 
-use nibble_quant::act8::{with_activations, ActivationMode};
+mod common;
+
+use nibble_quant::act8::adapter::AdapterCodes;
+use nibble_quant::act8::gemm::GEMM_MIN_M;
+use nibble_quant::act8::{forward, with_activations, ActivationMode, IntTier};
+use nibble_quant::cpu::kernel_path;
 use nibble_quant::{Int8Matrix, LowerMatrix, Nf4Matrix, Q4Matrix};
+use nibble_tensor::gemm::gemv::gemv_fits;
 use nibble_tensor::lowrank::LowRank;
 use nibble_tensor::ops::PostOp;
 use nibble_tensor::{linear_low_rank_into, Rng, Tensor, WeightMatrix};
+
+/// Columns per unit of each format's integer layout (`act8::IntLayout`).
+fn unit_of(name: &str) -> usize {
+    match name {
+        "q4" => 16,
+        "nf4" | "nf4_dq" => 64,
+        _ => 128,
+    }
+}
 
 fn formats(o: usize, i: usize, seed: u64) -> Vec<(&'static str, Box<dyn WeightMatrix>)> {
     let w = Tensor::randn(&[o, i], &mut Rng::new(seed)).scale(1.0 / (i.max(1) as f32).sqrt());
@@ -26,26 +42,13 @@ fn formats(o: usize, i: usize, seed: u64) -> Vec<(&'static str, Box<dyn WeightMa
     ]
 }
 
-/// Pools of 1, 2, 3 and 16 threads.
-fn pools() -> Vec<rayon::ThreadPool> {
-    [1, 2, 3, 16]
-        .into_iter()
-        .map(|t| {
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(t)
-                .build()
-                .unwrap()
-        })
-        .collect()
-}
-
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|f| f.to_bits()).collect()
 }
 
 #[test]
 fn fused_adapter_matches_the_unfused_products_bit_for_bit() {
-    let pools = pools();
+    let pools = common::pools();
     // (1023, 129) and (300, 1023) are large enough for the parallel batch-1 pass.
     for (o, i, rank) in [
         (1, 1, 1),
@@ -107,7 +110,7 @@ fn fused_adapter_matches_the_unfused_products_bit_for_bit() {
 
 #[test]
 fn small_batches_fuse_the_adapter_bit_for_bit() {
-    let pools = pools();
+    let pools = common::pools();
     // (1023, 256) and (200, 1024) are large enough for the parallel pass, with a ragged last
     // part; rank 65 sends B's products to the row kernel rather than the transposing one.
     for (o, i, rank) in [
@@ -133,11 +136,25 @@ fn small_batches_fuse_the_adapter_bit_for_bit() {
                     }
                     for (with_bias, post) in [(true, PostOp::Relu), (false, PostOp::Identity)] {
                         let bias = with_bias.then_some(&bias[..]);
-                        // The layer as the training forward and the unfused inference run it.
+                        // The layer as the training forward and the unfused inference run it;
+                        // in int8 mode, from the integer GEMM's batches on where B's product
+                        // runs through the f32 GEMM, with h from the int8 x
+                        // (`act8::adapter`).
+                        let int8_h = mode == ActivationMode::Int8
+                            && m >= GEMM_MIN_M
+                            && !gemv_fits(m, rank)
+                            && rank > 0;
                         let want = pools[0].install(|| {
                             with_activations(mode, || {
                                 let mut h = vec![0.0f32; m * rank];
-                                a.matmul_t(x.data(), m, &mut h, false).unwrap();
+                                let codes = AdapterCodes::new(a.data(), rank, i, unit_of(name));
+                                match codes.filter(|_| int8_h) {
+                                    Some(codes) => {
+                                        let tier = IntTier::for_path(kernel_path());
+                                        assert!(forward(tier, &codes, x.data(), m, &mut h, false));
+                                    }
+                                    None => a.matmul_t(x.data(), m, &mut h, false).unwrap(),
+                                }
                                 let mut y = vec![f32::NAN; m * o];
                                 linear_low_rank_into(
                                     &*w,

@@ -74,6 +74,16 @@ impl<'a> LowRank<'a> {
         })
     }
 
+    /// A's values, `[r, in]` row-major.
+    pub fn a_values(&self) -> &'a [f32] {
+        self.a
+    }
+
+    /// B's values, `[out, r]` row-major.
+    pub fn b_values(&self) -> &'a [f32] {
+        self.b
+    }
+
     /// The rank `r`.
     pub fn rank(&self) -> usize {
         self.rank

@@ -101,8 +101,10 @@ pub trait WeightMatrix: Send + Sync + std::fmt::Debug {
     /// as GEMVs over tiles of rows and [`LowRank::fuses_batch`] holds: `Ok(true)`, with the
     /// bits of filling `y` with the bias rows, [`matmul_t`](Self::matmul_t) accumulating onto
     /// them (without a bias, writing `y`), [`LowRank::apply_unfused_batch`] and `post` (what
-    /// [`linear_low_rank_into`] computes there, with `h = x · Aᵀ` from A's `matmul_t`).
-    /// `Ok(false)`, with `y` untouched, elsewhere; the default. Shapes: `x` `[m, in]`, `y`
+    /// [`linear_low_rank_into`] computes there, with `h = x · Aᵀ` from A's `matmul_t`). A
+    /// quantized weight whose int8 activations run the batch on its integer GEMM computes the
+    /// layer there, `h` from the same int8 x (`nibble_quant::act8::adapter`), and returns
+    /// `Ok(true)` too. `Ok(false)`, with `y` untouched, elsewhere; the default. Shapes: `x` `[m, in]`, `y`
     /// `[m, out]`, `bias` `[out]`.
     fn matmul_t_low_rank(
         &self,

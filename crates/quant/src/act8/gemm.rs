@@ -203,7 +203,7 @@ thread_local! {
     /// This thread's [`PanelScratch`].
     static PANEL: std::cell::Cell<PanelScratch> = std::cell::Cell::new(PanelScratch::default());
     /// The calling thread's packed W of its last GEMM, for its buffers.
-    static BUFFERS: std::cell::Cell<Option<PackedW>> = const { std::cell::Cell::new(None) };
+    pub(super) static BUFFERS: std::cell::Cell<Option<PackedW>> = const { std::cell::Cell::new(None) };
 }
 
 /// `v` with `n` elements, the old values left in place (the caller overwrites every one).
@@ -1043,16 +1043,81 @@ pub(super) fn run(
     q: &mut QuantizedX,
     tail: Option<(&super::LowRankTail<'_>, PostOp)>,
 ) -> bool {
-    let (o, i) = w.int_dims();
-    let kernel = Kernel::for_tier(tier, layout);
-    if !super::quantize_x_into(x, m, i, layout.unit, parallel, q, kernel.x_layout()) {
+    if !quantize_for(tier, layout, x, m, w.int_dims().1, parallel, q) {
         return false;
     }
-    let (pw, packer) = PackedW::prepare(w, layout, kernel, BUFFERS.take());
-    products(kernel, &pw, &packer, q, m, o, parallel, y, accumulate, tail);
-    BUFFERS.set(Some(pw));
+    let mut buffers = BUFFERS.take();
+    let f32_tail = tail.map(|(tail, post)| {
+        move |y: YPtr, rows: std::ops::Range<usize>, cols: std::ops::Range<usize>| {
+            // SAFETY: the task's rectangle of y (rows x cols), its alone (`TaskTail`).
+            unsafe { tail.apply(y.at(0), rows, cols, post) }
+        }
+    });
+    let tail = f32_tail.as_ref().map(|t| t as &TaskTail);
+    run_quantized(
+        tier,
+        w,
+        layout,
+        q,
+        m,
+        parallel,
+        y,
+        accumulate,
+        tail,
+        &mut buffers,
+    );
+    BUFFERS.set(buffers);
     true
 }
+
+/// Quantizes x (`m` vectors of `inn` values) into `q` in the layout that the kernel of `tier`
+/// for `layout` reads; `false` where x holds a NaN or an infinity.
+pub(super) fn quantize_for(
+    tier: IntTier,
+    layout: IntLayout,
+    x: &[f32],
+    m: usize,
+    inn: usize,
+    parallel: bool,
+    q: &mut QuantizedX,
+) -> bool {
+    let kernel = Kernel::for_tier(tier, layout);
+    super::quantize_x_into(x, m, inn, layout.unit, parallel, q, kernel.x_layout())
+}
+
+/// Whether the kernels of `tier` for layouts `a` and `b` read x in the same layout (so one
+/// quantized x, made by [`quantize_for`] for either, serves both).
+pub(super) fn same_x_layout(tier: IntTier, a: IntLayout, b: IntLayout) -> bool {
+    a.unit == b.unit && Kernel::for_tier(tier, a).x_layout() == Kernel::for_tier(tier, b).x_layout()
+}
+
+/// The products of [`run`] on an x that [`quantize_for`] quantized into `q` for `tier` and
+/// `layout`, W packed into `buffers` (reused storage; left there for the next call).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn run_quantized(
+    tier: IntTier,
+    w: &dyn IntCodes,
+    layout: IntLayout,
+    q: &QuantizedX,
+    m: usize,
+    parallel: bool,
+    y: YPtr,
+    accumulate: bool,
+    tail: Option<&TaskTail>,
+    buffers: &mut Option<PackedW>,
+) {
+    let (o, _) = w.int_dims();
+    let kernel = Kernel::for_tier(tier, layout);
+    let (pw, packer) = PackedW::prepare(w, layout, kernel, buffers.take());
+    products(kernel, &pw, &packer, q, m, o, parallel, y, accumulate, tail);
+    *buffers = Some(pw);
+}
+
+/// What a task of the GEMM does to its rectangle of y (rows x columns, starting on a
+/// multiple of [`N_BLOCK`]) once it has stored it: a LoRA adapter's `h · Bᵀ` and the step
+/// after the layer. It writes that rectangle only (which belongs to the task alone).
+pub(super) type TaskTail<'a> =
+    dyn Fn(YPtr, std::ops::Range<usize>, std::ops::Range<usize>) + Sync + 'a;
 
 /// The products of the GEMM on `kernel`: `y (+)= x · Wᵀ` from the quantized x and W as
 /// `packer` packs it into `pw` (each block by the first task that needs it), in tasks of
@@ -1070,7 +1135,7 @@ fn products(
     parallel: bool,
     yp: YPtr,
     accumulate: bool,
-    tail: Option<(&super::LowRankTail<'_>, PostOp)>,
+    tail: Option<&TaskTail>,
 ) {
     let xp = prepare_x(q);
     let (mt, nt) = (m.div_ceil(M_BLOCK), o.div_ceil(N_BLOCK));
@@ -1085,16 +1150,8 @@ fn products(
         // `ps` for it (`ensure_block`); rows and panels lie inside the batch and `pw`; tasks
         // own disjoint rectangles of y, joined before `products` returns.
         unsafe { kernel.block(pw, &xp, rows.clone(), ps.clone(), yp, o, accumulate) };
-        if let Some((tail, post)) = tail {
-            // SAFETY: the task's rectangle of y (rows x the panels' columns), its alone.
-            unsafe {
-                tail.apply(
-                    yp.at(0),
-                    rows,
-                    ps.start * pw.nr..o.min(ps.end * pw.nr),
-                    post,
-                )
-            };
+        if let Some(tail) = tail {
+            tail(yp, rows, ps.start * pw.nr..o.min(ps.end * pw.nr));
         }
     };
     if parallel {

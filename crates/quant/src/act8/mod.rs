@@ -116,7 +116,13 @@
 //!
 //! [`forward`] itself (and every test of it) serves every format and batch; the route only
 //! chooses what `matmul_t` calls.
+//!
+//! # A LoRA adapter
+//! At inference a layer with an adapter whose batch runs on the integer GEMM computes the
+//! adapter's `h = x · Aᵀ` on the same int8 x, A quantized as x is ([`adapter`]; an error
+//! bound of its own, stated there); `y += h · Bᵀ` stays f32, in the base product's pass.
 
+pub mod adapter;
 pub mod amx;
 #[cfg(target_arch = "x86_64")]
 pub mod avx2;
@@ -1428,6 +1434,18 @@ thread_local! {
 }
 
 impl<'a> LowRankTail<'a> {
+    /// Whether a tail of this rank runs here: at least 1 and at most one K block of the f32
+    /// GEMM (whose blocks' sums are added to y one by one), on a process path of AVX2 or
+    /// AVX-512 (as `NIBBLE_KERNEL` may have forced it; the portable and scalar paths keep the
+    /// f32 GEMM pass).
+    pub(crate) fn fits(rank: usize) -> bool {
+        let simd = matches!(
+            crate::cpu::kernel_path(),
+            KernelPath::Avx2Fma | KernelPath::Avx512
+        );
+        simd && rank > 0 && rank <= nibble_tensor::gemm::KC
+    }
+
     /// The tail for `h · b` (`h`: `m x rank` row-major with `rank <= KC`, `b`: `rank x out`),
     /// or `None` where the fused pass would not give the f32 GEMM's bits or speed: `h` not
     /// row-major, a rank of 0 or above one K block of the GEMM (whose blocks' sums are added
@@ -1438,16 +1456,10 @@ impl<'a> LowRankTail<'a> {
         m: usize,
         out: usize,
     ) -> Option<LowRankTail<'a>> {
-        use nibble_tensor::gemm::{PackB, KC, NR};
+        use nibble_tensor::gemm::{PackB, NR};
         const _: () = assert!(NR == 16);
         let rank = h.cols();
-        // The process's path, as NIBBLE_KERNEL may have forced it (the kernels are AVX2 or
-        // AVX-512; the portable and scalar paths keep the f32 GEMM pass).
-        let simd = matches!(
-            crate::cpu::kernel_path(),
-            KernelPath::Avx2Fma | KernelPath::Avx512
-        );
-        if !simd || rank == 0 || rank > KC || h.rows() != m || b.k() != rank || b.n() != out {
+        if !Self::fits(rank) || h.rows() != m || b.k() != rank || b.n() != out {
             return None;
         }
         let (h_ptr, ld, len) = PackB::as_row_major(&h).map(|(d, ld)| (d.as_ptr(), ld, d.len()))?;
