@@ -243,8 +243,20 @@ pub fn forward_adapter(
         |rows: usize| threads > 1 && rows.saturating_mul(i).saturating_mul(m) >= PARALLEL_MIN_WORK;
     let mut q = QUANTIZED.take();
     let mut s = SCRATCH.take();
+    // A's panels, packed beside x's quantization (A is one block of the GEMM for ranks up to
+    // 64: packed inside the products, one task would pack it while the others wait).
+    let a_prepared = gemm::Prepared::new(tier, &a, a_layout, s.packed_a.take());
     let done = 'run: {
-        if !gemm::quantize_for(tier, layout, x, m, i, parallel(o), &mut q) {
+        let quantized = if parallel(o) {
+            rayon::join(
+                || gemm::quantize_for(tier, layout, x, m, i, true, &mut q),
+                || a_prepared.pack_all(),
+            )
+            .0
+        } else {
+            gemm::quantize_for(tier, layout, x, m, i, false, &mut q)
+        };
+        if !quantized {
             break 'run false;
         }
         // h = x · A'ᵀ on the same int8 x (quantized again, to the same values, where A's
@@ -261,22 +273,12 @@ pub fn forward_adapter(
         s.h.clear();
         s.h.resize(m * rank, 0.0);
         let hp = YPtr::new(&mut s.h, None, rank);
-        gemm::run_quantized(
-            tier,
-            &a,
-            a_layout,
-            xa,
-            m,
-            parallel(rank),
-            hp,
-            false,
-            None,
-            &mut s.packed_a,
-        );
+        a_prepared.products(xa, m, parallel(rank), hp, false, None);
         let Ok(h) = MatRef::row_major(&s.h[..], m, rank) else {
             break 'run false;
         };
-        let Some(tail) = LowRankTail::new(h, &b.t(), m, o) else {
+        let bt = b.t();
+        let Some(tail) = LowRankTail::new(h, &bt, m, o) else {
             break 'run false;
         };
         let add_tail = |y: YPtr, rows: std::ops::Range<usize>, cols: std::ops::Range<usize>| {
@@ -300,6 +302,7 @@ pub fn forward_adapter(
         gemm::BUFFERS.set(buffers);
         true
     };
+    s.packed_a = Some(a_prepared.into_buffers());
     SCRATCH.set(s);
     QUANTIZED.set(q);
     done

@@ -1106,11 +1106,68 @@ pub(super) fn run_quantized(
     tail: Option<&TaskTail>,
     buffers: &mut Option<PackedW>,
 ) {
-    let (o, _) = w.int_dims();
-    let kernel = Kernel::for_tier(tier, layout);
-    let (pw, packer) = PackedW::prepare(w, layout, kernel, buffers.take());
-    products(kernel, &pw, &packer, q, m, o, parallel, y, accumulate, tail);
-    *buffers = Some(pw);
+    let prepared = Prepared::new(tier, w, layout, buffers.take());
+    prepared.products(q, m, parallel, y, accumulate, tail);
+    *buffers = Some(prepared.into_buffers());
+}
+
+/// W prepared for the products of one call on a kernel: its panels (packed as the products
+/// first need them, or all at once by [`Prepared::pack_all`] beforehand, say beside x's
+/// quantization).
+pub(super) struct Prepared<'a> {
+    kernel: Kernel,
+    pw: PackedW,
+    packer: Packer<'a>,
+    o: usize,
+}
+
+impl<'a> Prepared<'a> {
+    /// W (units of `layout`) on the kernel of `tier`, its panels to be packed into `buffers`'
+    /// storage (or new storage).
+    pub(super) fn new(
+        tier: IntTier,
+        w: &'a dyn IntCodes,
+        layout: IntLayout,
+        buffers: Option<PackedW>,
+    ) -> Prepared<'a> {
+        let kernel = Kernel::for_tier(tier, layout);
+        let (pw, packer) = PackedW::prepare(w, layout, kernel, buffers);
+        Prepared {
+            kernel,
+            pw,
+            packer,
+            o: w.int_dims().0,
+        }
+    }
+
+    /// Packs every block now, on the calling thread.
+    pub(super) fn pack_all(&self) {
+        for b in 0..self.pw.block_count() {
+            self.pw.ensure_block(&self.packer, b);
+        }
+    }
+
+    /// The products of [`run_quantized`] (the blocks not packed yet packed on the way).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn products(
+        &self,
+        q: &QuantizedX,
+        m: usize,
+        parallel: bool,
+        y: YPtr,
+        accumulate: bool,
+        tail: Option<&TaskTail>,
+    ) {
+        let p = self;
+        products(
+            p.kernel, &p.pw, &p.packer, q, m, p.o, parallel, y, accumulate, tail,
+        );
+    }
+
+    /// The panels' storage, for the next call.
+    pub(super) fn into_buffers(self) -> PackedW {
+        self.pw
+    }
 }
 
 /// What a task of the GEMM does to its rectangle of y (rows x columns, starting on a

@@ -1414,13 +1414,26 @@ pub(crate) struct LowRankTail<'a> {
     h_len: usize,
     rank: usize,
     /// `Bᵀ` in the f32 GEMM's packed panels: columns `16u .. 16u + 16` at
-    /// `bt[u · rank · 16 ..]`, element `(p, j)` at `p · 16 + j % 16` (zeros past `out`).
+    /// `bt[u · rank · 16 ..]`, element `(p, j)` at `p · 16 + j % 16` (zeros past `out`),
+    /// packed a block of [`TAIL_BLOCK`] columns at a time by the first task that needs it
+    /// ([`LowRankTail::ensure_block`]), through `bt_ptr`.
     bt: Vec<f32>,
+    bt_ptr: *mut f32,
+    /// B, to pack from.
+    b: &'a dyn nibble_tensor::gemm::PackB,
+    /// Per block of [`TAIL_BLOCK`] columns: not packed, being packed, packed, or failed
+    /// (`gemm`'s block stages).
+    blocks: Vec<std::sync::atomic::AtomicU8>,
     out: usize,
 }
 
-// SAFETY: `h_ptr` points into the `&'a [f32]` that `_h` borrows (shared, read-only), so the
-// tail may be read from any thread while it lives.
+/// Columns of `Bᵀ` packed at a time (the integer GEMM's tasks' width, `gemm::N_BLOCK`).
+const TAIL_BLOCK: usize = gemm::N_BLOCK;
+
+// SAFETY: `h_ptr` points into the `&'a [f32]` that `_h` borrows (shared, read-only); `bt_ptr`
+// into `bt`, each block of which is written only by the task that moved its stage to
+// "packing" and read only once its stage reads "packed" (Release / Acquire), as `gemm`'s
+// packed W is; `b` is `Sync`. So the tail may be used from any thread while it lives.
 unsafe impl Sync for LowRankTail<'_> {}
 
 /// Rows and panels of 16 columns of one low-rank tail kernel call.
@@ -1452,7 +1465,7 @@ impl<'a> LowRankTail<'a> {
     /// to y one by one), or a process path below AVX2.
     pub(crate) fn new(
         h: nibble_tensor::gemm::MatRef<'a, f32>,
-        b: &dyn nibble_tensor::gemm::PackB,
+        b: &'a dyn nibble_tensor::gemm::PackB,
         m: usize,
         out: usize,
     ) -> Option<LowRankTail<'a>> {
@@ -1467,20 +1480,78 @@ impl<'a> LowRankTail<'a> {
             return None;
         }
         let panels = out.div_ceil(NR);
+        // Every value is written by the packing before it is read: no clearing pass.
         let mut bt = TAIL_BT.take();
-        bt.clear();
+        bt.truncate(panels * rank * NR);
         bt.resize(panels * rank * NR, 0.0);
-        for (u, panel) in bt.chunks_mut(rank * NR).enumerate() {
-            b.pack_panel(0, rank, u * NR, NR.min(out - u * NR), panel);
-        }
+        let bt_ptr = bt.as_mut_ptr();
         Some(LowRankTail {
             _h: h,
             h_ptr,
             h_len: m * rank,
             rank,
             bt,
+            bt_ptr,
+            b,
+            blocks: (0..out.div_ceil(TAIL_BLOCK))
+                .map(|_| std::sync::atomic::AtomicU8::new(0))
+                .collect(),
             out,
         })
+    }
+
+    /// Packs the panels of block `blk` (columns `TAIL_BLOCK · blk ..`) unless they are: the
+    /// first caller packs them, any other waits (spinning, then yielding) until they are in.
+    fn ensure_block(&self, blk: usize) {
+        use nibble_tensor::gemm::NR;
+        use std::sync::atomic::Ordering::{Acquire, Release};
+        const EMPTY: u8 = 0;
+        const PACKING: u8 = 1;
+        const READY: u8 = 2;
+        const FAILED: u8 = 3;
+        let state = &self.blocks[blk];
+        if state.load(Acquire) == READY {
+            return;
+        }
+        if state
+            .compare_exchange(EMPTY, PACKING, Acquire, Acquire)
+            .is_ok()
+        {
+            let cols = blk * TAIL_BLOCK..self.out.min((blk + 1) * TAIL_BLOCK);
+            let packed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                for c0 in cols.step_by(NR) {
+                    let len = self.rank * NR;
+                    // SAFETY: panel c0 / NR lies inside `bt` (`ceil(out / NR)` panels of
+                    // `len`), and this task alone moved its block to PACKING: nothing else
+                    // reads or writes it until it is READY.
+                    let panel = unsafe {
+                        std::slice::from_raw_parts_mut(self.bt_ptr.add(c0 / NR * len), len)
+                    };
+                    self.b
+                        .pack_panel(0, self.rank, c0, NR.min(self.out - c0), panel);
+                }
+            }));
+            match packed {
+                Ok(()) => state.store(READY, Release),
+                Err(panic) => {
+                    state.store(FAILED, Release);
+                    std::panic::resume_unwind(panic);
+                }
+            }
+            return;
+        }
+        let mut spins = 0u32;
+        loop {
+            match state.load(Acquire) {
+                READY => return,
+                FAILED => panic!("packing a low-rank tail's block failed in another task"),
+                _ if spins < 1 << 10 => {
+                    spins += 1;
+                    std::hint::spin_loop();
+                }
+                _ => std::thread::yield_now(),
+            }
+        }
     }
 
     /// `y[rows, cols] = post(y + h[rows] · Bᵀ[:, cols])` (y `m x out`, `cols` starting on a
@@ -1499,6 +1570,12 @@ impl<'a> LowRankTail<'a> {
     ) {
         const W: usize = 16 * TAIL_PANELS;
         debug_assert!(cols.start % 16 == 0 && cols.end <= self.out);
+        if cols.is_empty() {
+            return;
+        }
+        for blk in cols.start / TAIL_BLOCK..=(cols.end - 1) / TAIL_BLOCK {
+            self.ensure_block(blk);
+        }
         let panel = self.rank * 16;
         for r0 in rows.clone().step_by(TAIL_ROWS) {
             let nr = TAIL_ROWS.min(rows.end - r0);
@@ -1511,7 +1588,7 @@ impl<'a> LowRankTail<'a> {
                         h: self.h_ptr.add(r0 * self.rank),
                         rank: self.rank,
                         rows: nr,
-                        bt: self.bt.as_ptr().add(c0 / 16 * panel),
+                        bt: self.bt_ptr.add(c0 / 16 * panel),
                         panel,
                         cols: nc,
                         y: y.add(r0 * self.out + c0),
