@@ -19,13 +19,14 @@
 //! second is A's own rounding. Measured on BigNet's qlora: see `tests/low_rank.rs`.
 
 use super::{
-    gemm, gemm_tier, quantize_x_into, CodeKind, IntCodes, IntLayout, IntTier, LowRankTail,
-    QuantizedX, XLayout, YPtr, GROUP, PARALLEL_MIN_WORK, QUANTIZED,
+    gemm, gemm_tier, quantize_x_into, run_once, CodeKind, IntCodes, IntLayout, IntTier,
+    LowRankTail, QuantizedX, XLayout, YPtr, GROUP, PARALLEL_MIN_WORK, QUANTIZED,
 };
 use nibble_tensor::gemm::gemv::gemv_fits;
 use nibble_tensor::gemm::MatRef;
 use nibble_tensor::lowrank::LowRank;
 use nibble_tensor::ops::PostOp;
+use std::sync::atomic::AtomicU8;
 
 /// An adapter's matrix (A `[r, in]` or B `[out, r]`) quantized per row and group of [`GROUP`]
 /// columns as x is, seen through the integer view of a layout of `unit` columns per unit
@@ -270,19 +271,38 @@ pub fn forward_adapter(
             }
             xa
         };
+        // h's rows are computed inside the base product's pass: the first task of each
+        // block of rows computes them (`run_once`) right before it adds `h · Bᵀ` to its
+        // outputs, while that block of x is in its cache; no pass of its own.
         s.h.clear();
         s.h.resize(m * rank, 0.0);
-        let hp = YPtr::new(&mut s.h, None, rank);
-        a_prepared.products(xa, m, parallel(rank), hp, false, None);
-        let Ok(h) = MatRef::row_major(&s.h[..], m, rank) else {
+        let h_ptr = s.h.as_mut_ptr();
+        let h_rows: Vec<AtomicU8> = (0..m.div_ceil(gemm::M_BLOCK))
+            .map(|_| AtomicU8::new(0))
+            .collect();
+        let bt = b.t();
+        // SAFETY: `s.h` holds `m · rank` values and is neither moved nor resized until the
+        // pass below returns; each block of its rows is written inside its `run_once` before
+        // any task reads it.
+        let Some(tail) = (unsafe { LowRankTail::from_raw_h(h_ptr, m, rank, &bt, o) }) else {
             break 'run false;
         };
-        let bt = b.t();
-        let Some(tail) = LowRankTail::new(h, &bt, m, o) else {
-            break 'run false;
+        let a_prepared = &a_prepared;
+        // h as the GEMM's output (`YPtr` is shared between the tasks; each writes its rows).
+        let hp = YPtr {
+            y: h_ptr,
+            bias: std::ptr::null(),
+            cols: rank,
+            post: PostOp::Identity,
         };
         let add_tail = |y: YPtr, rows: std::ops::Range<usize>, cols: std::ops::Range<usize>| {
-            // SAFETY: the task's rectangle of y (rows x cols), its alone (`TaskTail`).
+            run_once(&h_rows[rows.start / gemm::M_BLOCK], "computing h", || {
+                // SAFETY: the task's rows (a block of M_BLOCK rows of the batch) of h, which
+                // `run_once` lets this task alone write, and nothing reads until it is done.
+                unsafe { a_prepared.rows_into(xa, rows.clone(), hp) }
+            });
+            // SAFETY: the task's rectangle of y (rows x cols), its alone (`TaskTail`); h's
+            // rows are in (above).
             unsafe { tail.apply(y.at(0), rows, cols, post) }
         };
         let yp = YPtr::new(y, bias.map(|b| (b, PostOp::Identity)), o);

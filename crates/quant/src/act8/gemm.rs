@@ -123,16 +123,7 @@ pub(super) struct PackedW {
     blocks: Vec<BlockState>,
 }
 
-/// [`BlockState::stage`]: not packed yet.
-const BLOCK_EMPTY: u8 = 0;
-/// [`BlockState::stage`]: a task is packing it.
-const BLOCK_PACKING: u8 = 1;
-/// [`BlockState::stage`]: packed; its panels may be read.
-const BLOCK_READY: u8 = 2;
-/// [`BlockState::stage`]: its packing panicked (the tasks waiting for it panic too).
-const BLOCK_FAILED: u8 = 3;
-
-/// One block's packing state (see [`PackedW::blocks`]).
+/// One block's packing state (see [`PackedW::blocks`]): its [`super::run_once`] stage.
 #[derive(Default)]
 struct BlockState {
     stage: std::sync::atomic::AtomicU8,
@@ -286,8 +277,8 @@ struct Packer<'a> {
 }
 
 // SAFETY: the pointers address the buffers of one `PackedW`, which outlives every task of the
-// GEMM; each block is written by the one task that moved its stage to `BLOCK_PACKING`, and read
-// only after its stage reads `BLOCK_READY` (Release / Acquire), so no byte is accessed by two
+// GEMM; each block is written by the one task that ran its `run_once`, and read
+// only once that returned (Release / Acquire), so no byte is accessed by two
 // threads at once unless both read it. `w` is `Sync`.
 unsafe impl Send for Packer<'_> {}
 // SAFETY: as above.
@@ -388,48 +379,23 @@ impl PackedW {
     /// first caller packs it, any other caller meanwhile waits for it (spinning, then
     /// yielding its core). Once this returns, the block's panels may be read.
     fn ensure_block(&self, packer: &Packer, b: usize) {
-        use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
         let state = &self.blocks[b];
-        if state.stage.load(Acquire) == BLOCK_READY {
-            return;
-        }
-        if state
-            .stage
-            .compare_exchange(BLOCK_EMPTY, BLOCK_PACKING, Acquire, Acquire)
-            .is_ok()
-        {
-            let panels = b * self.per_block..packer.panels.min((b + 1) * self.per_block);
-            let packed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                // SAFETY: this task alone moved block `b` to `BLOCK_PACKING`: no other
-                // thread reads or writes its panels until it is `BLOCK_READY`.
-                panels
+        super::run_once(
+            &state.stage,
+            "packing a block of the integer GEMM's weights",
+            || {
+                let panels = b * self.per_block..packer.panels.min((b + 1) * self.per_block);
+                // SAFETY: `run_once` runs this in the one task that moved block `b`'s stage on:
+                // no other thread reads or writes its panels until it is done.
+                let has_offset = panels
                     .map(|p| unsafe { packer.pack_panel(p) })
-                    .fold(false, |a, b| a | b)
-            }));
-            match packed {
-                Ok(has_offset) => {
-                    state.has_offset.store(has_offset, Relaxed);
-                    state.stage.store(BLOCK_READY, Release);
-                }
-                Err(panic) => {
-                    state.stage.store(BLOCK_FAILED, Release);
-                    std::panic::resume_unwind(panic);
-                }
-            }
-            return;
-        }
-        let mut spins = 0u32;
-        loop {
-            match state.stage.load(Acquire) {
-                BLOCK_READY => return,
-                BLOCK_FAILED => panic!("packing a block of the integer GEMM's weights panicked"),
-                _ if spins < 1 << 12 => {
-                    spins += 1;
-                    std::hint::spin_loop();
-                }
-                _ => std::thread::yield_now(),
-            }
-        }
+                    .fold(false, |a, b| a | b);
+                // Published by `run_once`'s Release store of the stage.
+                state
+                    .has_offset
+                    .store(has_offset, std::sync::atomic::Ordering::Relaxed);
+            },
+        );
     }
 }
 
@@ -1162,6 +1128,25 @@ impl<'a> Prepared<'a> {
         products(
             p.kernel, &p.pw, &p.packer, q, m, p.o, parallel, y, accumulate, tail,
         );
+    }
+
+    /// The outputs of vectors `rows` of `q` (quantized for this kernel) by every row of W,
+    /// written into `y` (`[m, out]`) on the calling thread, W's blocks packed first where
+    /// they are not: the bits the products give those rows.
+    ///
+    /// # Safety
+    /// `rows` lie inside `q`'s batch and `y`'s rows, which the caller alone writes or reads
+    /// while this runs.
+    pub(super) unsafe fn rows_into(&self, q: &QuantizedX, rows: std::ops::Range<usize>, y: YPtr) {
+        self.pack_all();
+        let xp = prepare_x(q);
+        let panels = 0..self.o.div_ceil(self.pw.nr);
+        // SAFETY: the kernel came from a supported tier and every block of `pw` is packed for
+        // it (`pack_all`); the rows and y's rectangle are the caller's.
+        unsafe {
+            self.kernel
+                .block(&self.pw, &xp, rows, panels, y, self.o, false)
+        }
     }
 
     /// The panels' storage, for the next call.

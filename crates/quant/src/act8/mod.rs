@@ -1407,8 +1407,8 @@ impl YPtr {
 /// ([`forward_low_rank`]), instead of a product of its own that reads y back and writes it
 /// again.
 pub(crate) struct LowRankTail<'a> {
-    /// `h` (kept: it owns the borrow that `h_ptr` points into), row-major.
-    _h: nibble_tensor::gemm::MatRef<'a, f32>,
+    /// The borrow that `h_ptr` points into (`h`, row-major).
+    _h: std::marker::PhantomData<&'a [f32]>,
     /// `h`'s first element and its number of values (`m · rank`).
     h_ptr: *const f32,
     h_len: usize,
@@ -1421,9 +1421,8 @@ pub(crate) struct LowRankTail<'a> {
     bt_ptr: *mut f32,
     /// B, to pack from.
     b: &'a dyn nibble_tensor::gemm::PackB,
-    /// Per block of [`TAIL_BLOCK`] columns: not packed, being packed, packed, or failed
-    /// (`gemm`'s block stages).
-    blocks: Vec<std::sync::atomic::AtomicU8>,
+    /// Per block of [`TAIL_BLOCK`] columns, its [`run_once`] stage.
+    blocks: Vec<AtomicU8>,
     out: usize,
 }
 
@@ -1431,9 +1430,9 @@ pub(crate) struct LowRankTail<'a> {
 const TAIL_BLOCK: usize = gemm::N_BLOCK;
 
 // SAFETY: `h_ptr` points into the `&'a [f32]` that `_h` borrows (shared, read-only); `bt_ptr`
-// into `bt`, each block of which is written only by the task that moved its stage to
-// "packing" and read only once its stage reads "packed" (Release / Acquire), as `gemm`'s
-// packed W is; `b` is `Sync`. So the tail may be used from any thread while it lives.
+// into `bt`, each block of which is written only inside its `run_once` and read only once
+// that returned (Release / Acquire), as `gemm`'s packed W is; `b` is `Sync`. So the tail may
+// be used from any thread while it lives.
 unsafe impl Sync for LowRankTail<'_> {}
 
 /// Rows and panels of 16 columns of one low-rank tail kernel call.
@@ -1479,6 +1478,29 @@ impl<'a> LowRankTail<'a> {
         if ld != rank || len < m * rank {
             return None;
         }
+        // SAFETY: `h` borrows `m · rank` values at `h_ptr` for 'a, read only.
+        unsafe { Self::from_raw_h(h_ptr, m, rank, b, out) }
+    }
+
+    /// [`LowRankTail::new`] with h given as `m · rank` row-major values at `h_ptr`, which may
+    /// be written while the tail lives (its rows computed by the pass that runs it, each
+    /// before the tasks that read it: [`adapter::forward_adapter`]); `None` where no tail fits
+    /// ([`LowRankTail::fits`]) or `b` is not `rank x out`.
+    ///
+    /// # Safety
+    /// `h_ptr` addresses `m · rank` values valid for 'a; every row is written before
+    /// [`LowRankTail::apply`] reads it and not while it does.
+    pub(crate) unsafe fn from_raw_h(
+        h_ptr: *const f32,
+        m: usize,
+        rank: usize,
+        b: &'a dyn nibble_tensor::gemm::PackB,
+        out: usize,
+    ) -> Option<LowRankTail<'a>> {
+        use nibble_tensor::gemm::NR;
+        if !Self::fits(rank) || b.k() != rank || b.n() != out {
+            return None;
+        }
         let panels = out.div_ceil(NR);
         // Every value is written by the packing before it is read: no clearing pass.
         let mut bt = TAIL_BT.take();
@@ -1486,7 +1508,7 @@ impl<'a> LowRankTail<'a> {
         bt.resize(panels * rank * NR, 0.0);
         let bt_ptr = bt.as_mut_ptr();
         Some(LowRankTail {
-            _h: h,
+            _h: std::marker::PhantomData,
             h_ptr,
             h_len: m * rank,
             rank,
@@ -1494,64 +1516,29 @@ impl<'a> LowRankTail<'a> {
             bt_ptr,
             b,
             blocks: (0..out.div_ceil(TAIL_BLOCK))
-                .map(|_| std::sync::atomic::AtomicU8::new(0))
+                .map(|_| AtomicU8::new(0))
                 .collect(),
             out,
         })
     }
 
-    /// Packs the panels of block `blk` (columns `TAIL_BLOCK · blk ..`) unless they are: the
-    /// first caller packs them, any other waits (spinning, then yielding) until they are in.
+    /// Packs the panels of block `blk` (columns `TAIL_BLOCK · blk ..`) unless they are
+    /// ([`run_once`]).
     fn ensure_block(&self, blk: usize) {
         use nibble_tensor::gemm::NR;
-        use std::sync::atomic::Ordering::{Acquire, Release};
-        const EMPTY: u8 = 0;
-        const PACKING: u8 = 1;
-        const READY: u8 = 2;
-        const FAILED: u8 = 3;
-        let state = &self.blocks[blk];
-        if state.load(Acquire) == READY {
-            return;
-        }
-        if state
-            .compare_exchange(EMPTY, PACKING, Acquire, Acquire)
-            .is_ok()
-        {
+        run_once(&self.blocks[blk], "packing a low-rank tail's block", || {
             let cols = blk * TAIL_BLOCK..self.out.min((blk + 1) * TAIL_BLOCK);
-            let packed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                for c0 in cols.step_by(NR) {
-                    let len = self.rank * NR;
-                    // SAFETY: panel c0 / NR lies inside `bt` (`ceil(out / NR)` panels of
-                    // `len`), and this task alone moved its block to PACKING: nothing else
-                    // reads or writes it until it is READY.
-                    let panel = unsafe {
-                        std::slice::from_raw_parts_mut(self.bt_ptr.add(c0 / NR * len), len)
-                    };
-                    self.b
-                        .pack_panel(0, self.rank, c0, NR.min(self.out - c0), panel);
-                }
-            }));
-            match packed {
-                Ok(()) => state.store(READY, Release),
-                Err(panic) => {
-                    state.store(FAILED, Release);
-                    std::panic::resume_unwind(panic);
-                }
+            for c0 in cols.step_by(NR) {
+                let len = self.rank * NR;
+                // SAFETY: panel c0 / NR lies inside `bt` (`ceil(out / NR)` panels of `len`),
+                // and `run_once` runs this in one task alone: nothing else reads or writes
+                // the block until it is done.
+                let panel =
+                    unsafe { std::slice::from_raw_parts_mut(self.bt_ptr.add(c0 / NR * len), len) };
+                self.b
+                    .pack_panel(0, self.rank, c0, NR.min(self.out - c0), panel);
             }
-            return;
-        }
-        let mut spins = 0u32;
-        loop {
-            match state.load(Acquire) {
-                READY => return,
-                FAILED => panic!("packing a low-rank tail's block failed in another task"),
-                _ if spins < 1 << 10 => {
-                    spins += 1;
-                    std::hint::spin_loop();
-                }
-                _ => std::thread::yield_now(),
-            }
-        }
+        });
     }
 
     /// `y[rows, cols] = post(y + h[rows] · Bᵀ[:, cols])` (y `m x out`, `cols` starting on a
@@ -1706,6 +1693,48 @@ pub(crate) fn forward_low_rank(
     );
     QUANTIZED.set(q);
     done
+}
+
+/// Runs `work` once for `stage` (0 at first): the first caller moves it to 1 and runs
+/// `work`, then stores 2 (Release); any other caller meanwhile waits (spinning, then yielding
+/// its core) until it reads 2 (Acquire), so what `work` wrote is visible to every caller once
+/// this returns. A panic in `work` stores 3 and goes on unwinding; a caller waiting on it then
+/// panics with `what`. For work that the tasks of one parallel pass share, done by the first
+/// task that needs it (a block of packed weights, of h).
+pub(crate) fn run_once(stage: &AtomicU8, what: &str, work: impl FnOnce()) {
+    use std::sync::atomic::Ordering::{Acquire, Release};
+    const EMPTY: u8 = 0;
+    const RUNNING: u8 = 1;
+    const DONE: u8 = 2;
+    const FAILED: u8 = 3;
+    if stage.load(Acquire) == DONE {
+        return;
+    }
+    if stage
+        .compare_exchange(EMPTY, RUNNING, Acquire, Acquire)
+        .is_ok()
+    {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)) {
+            Ok(()) => stage.store(DONE, Release),
+            Err(panic) => {
+                stage.store(FAILED, Release);
+                std::panic::resume_unwind(panic);
+            }
+        }
+        return;
+    }
+    let mut spins = 0u32;
+    loop {
+        match stage.load(Acquire) {
+            DONE => return,
+            FAILED => panic!("{what} panicked in another task"),
+            _ if spins < 1 << 12 => {
+                spins += 1;
+                std::hint::spin_loop();
+            }
+            _ => std::thread::yield_now(),
+        }
+    }
 }
 
 /// Multiply-adds (`out · in · m`) below which the forward stays on one thread.
