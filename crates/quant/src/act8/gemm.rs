@@ -1165,7 +1165,7 @@ pub(super) type TaskTail<'a> =
 /// `packer` packs it into `pw` (each block by the first task that needs it), in tasks of
 /// [`M_BLOCK`] vectors by [`N_BLOCK`] rows of W (in parallel where `parallel`). The tasks run
 /// column by column, so that a thread's run of tasks mostly shares one block of W, which it
-/// packs and keeps in its cache.
+/// packs and keeps in its cache; each column's blocks of rows in a rotated order.
 #[allow(clippy::too_many_arguments)]
 fn products(
     kernel: Kernel,
@@ -1184,7 +1184,12 @@ fn products(
     let per_block = N_BLOCK / pw.nr;
     let panels = o.div_ceil(pw.nr);
     let task = |t: usize| {
-        let (bn, bm) = (t / mt, t % mt);
+        // Each column's run of tasks starts at another block of rows (rotated by the
+        // column): the pool's threads take runs of consecutive tasks, so each starts on its
+        // own rows, and work that a block of rows shares across the columns (a LoRA tail's
+        // rows of h, computed by the first task that needs them) is spread over the threads
+        // instead of being waited for by all of them at once.
+        let (bn, bm) = (t / mt, (t % mt + t / mt) % mt);
         let rows = bm * M_BLOCK..m.min((bm + 1) * M_BLOCK);
         let ps = bn * per_block..panels.min((bn + 1) * per_block);
         pw.ensure_block(packer, bn);
