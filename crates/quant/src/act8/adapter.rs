@@ -1,14 +1,14 @@
 //! A LoRA adapter's `h = x · Aᵀ` on the int8 activations of its layer's integer GEMM.
 //!
 //! Where int8 activations run a quantized layer with an adapter through the integer GEMM at
-//! inference, its x is quantized once and serves the adapter too: `h = x · A'ᵀ` is one more
-//! pass of the same GEMM over the same int8 x, with A' = A quantized as x is
-//! ([`AdapterCodes`]: per row and group of [`GROUP`] = 128 columns,
-//! `round_half_even(a · 127 / amax)` with the scale `amax / 127`), instead of an f32 product
-//! over the f32 x at a quarter of the integer rate. `y += h · Bᵀ` stays in f32, added by each
-//! task of the base product to the outputs it has just stored (the f32 tail of
-//! `linear_low_rank_into`'s int8 pass), as
-//! without the adapter's int8 product ([`forward_adapter`]).
+//! inference, its x is quantized once and serves the adapter too: `h = x · A'ᵀ` runs on the
+//! integer kernel over the same int8 x, with A' = A quantized as x is ([`AdapterCodes`]: per
+//! row and group of [`GROUP`] = 128 columns, `round_half_even(a · 127 / amax)` with the scale
+//! `amax / 127`), instead of an f32 product over the f32 x at a quarter of the integer rate.
+//! It runs inside the base product's pass: the first task of each block of rows computes
+//! those rows of h (`run_once`) right before it adds `h · Bᵀ`, in f32, to the
+//! outputs it has just stored (the f32 tail of `linear_low_rank_into`'s int8 pass)
+//! ([`forward_adapter`]).
 //!
 //! # Error of h (against `x · Aᵀ` in f32)
 //! With `ε_x,k = amax_x,g(k) / 254` and `ε_a,jk = amax_a,j,g(k) / 254` (the steps' halves of
@@ -16,7 +16,9 @@
 //! `|Δh_j| <= Σ_k (|a_jk| · ε_x,k + |x_k| · ε_a,jk + ε_x,k · ε_a,jk)` plus f32 rounding, and
 //! y moves by `Σ_j |b_oj| · |Δh_j|` on top of the base product's own int8 error. The first
 //! term is the one int8 activations already put on the base product (`x`'s steps); the
-//! second is A's own rounding. Measured on BigNet's qlora: see `tests/low_rank.rs`.
+//! second is A's own rounding. Tested in `tests/adapter_int8.rs`; on one 1024² Q4 layer with
+//! a rank-32 adapter (x ~ N(0, 1), A and B uniform in ±0.03) the mean |Δy| was 1.6e-4, 0.4 %
+//! of the adapter's share of y (README, "Int8 activations").
 
 use super::{
     gemm, gemm_tier, quantize_x_into, run_once, CodeKind, IntCodes, IntLayout, IntTier,
@@ -190,9 +192,10 @@ thread_local! {
 
 /// `y = post(bias + x · Wᵀ + h · Bᵀ)` with `h = x · A'ᵀ` for a LoRA `adapter` (A `[r, in]`, B
 /// `[out, r]`) on int8 activations (see the [module docs](self)): x quantized once for the
-/// integer GEMM of W; h that GEMM's product of the int8 x by A' = [`AdapterCodes`] of A (in
-/// W's units); then the base product with the bias, `h · Bᵀ` in f32 added by each task to
-/// the outputs it stored, and `post`. The bits of `h` from [`super::forward`] of the
+/// integer GEMM of W (A's panels packed beside it); in the base product's one pass, each
+/// block of rows of h the integer kernel's product of the int8 x by A' = [`AdapterCodes`] of
+/// A (in W's units), computed by the first task that needs it, and each task's outputs the
+/// base product with the bias, `h · Bᵀ` in f32 and `post`. The bits of `h` from [`super::forward`] of the
 /// [`AdapterCodes`] followed by `nibble_tensor::linear_low_rank_into` of that h under int8
 /// activations. Returns `false`, with `y` untouched, where that sequence would not run
 /// these steps (below the GEMM's batches, [`gemm::GEMM_MIN_M`]; where B's product would run
