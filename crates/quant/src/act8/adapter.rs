@@ -21,7 +21,7 @@
 //! of the adapter's share of y (README, "Int8 activations").
 
 use super::{
-    gemm, gemm_tier, quantize_x_into, run_once, CodeKind, IntCodes, IntLayout, IntTier,
+    gemm, gemm_layer, gemm_tier, quantize_x_into, run_once, CodeKind, IntCodes, IntLayout, IntTier,
     LowRankTail, QuantizedX, XLayout, YPtr, GROUP, PARALLEL_MIN_WORK, QUANTIZED,
 };
 use nibble_tensor::gemm::gemv::gemv_fits;
@@ -52,21 +52,10 @@ pub struct AdapterCodes<'a> {
     unit: usize,
 }
 
-/// Whether every value is finite (no NaN, no infinity): the largest exponent field in 16
-/// lanes, which the compiler vectorizes (a plain `max` over the values ran one at a time:
-/// about 20 µs for A's 32 768 values on one core, on the calling thread).
+/// Whether every value is finite (no NaN, no infinity), without a branch per value.
 fn all_finite(values: &[f32]) -> bool {
     const EXP: u32 = 0x7f80_0000;
-    const LANES: usize = 16;
-    let mut most = [0u32; LANES];
-    let mut chunks = values.chunks_exact(LANES);
-    for c in &mut chunks {
-        for (m, v) in most.iter_mut().zip(c) {
-            *m = (*m).max(v.to_bits() & EXP);
-        }
-    }
-    let rest = chunks.remainder().iter().map(|v| v.to_bits() & EXP);
-    most.into_iter().chain(rest).max().unwrap_or(0) < EXP
+    values.iter().map(|v| v.to_bits() & EXP).max().unwrap_or(0) < EXP
 }
 
 impl<'a> AdapterCodes<'a> {
@@ -121,7 +110,7 @@ impl Default for RowCache {
     fn default() -> Self {
         RowCache {
             key: None,
-            q: empty_x(),
+            q: QuantizedX::EMPTY,
         }
     }
 }
@@ -165,16 +154,6 @@ impl IntCodes for AdapterCodes<'_> {
     }
 }
 
-fn empty_x() -> QuantizedX {
-    QuantizedX {
-        kpad: 0,
-        unit: 1,
-        xq: Vec::new(),
-        sx: Vec::new(),
-        qsum: Vec::new(),
-    }
-}
-
 /// The calling thread's storage for [`forward_adapter`] (kept between calls).
 #[derive(Default)]
 struct AdapterScratch {
@@ -191,13 +170,7 @@ thread_local! {
     static ROW: std::cell::Cell<RowCache> = const {
         std::cell::Cell::new(RowCache {
             key: None,
-            q: QuantizedX {
-                kpad: 0,
-                unit: 1,
-                xq: Vec::new(),
-                sx: Vec::new(),
-                qsum: Vec::new(),
-            },
+            q: QuantizedX::EMPTY,
         })
     };
     /// See [`AdapterScratch`].
@@ -227,19 +200,11 @@ pub fn forward_adapter(
     adapter: &LowRank<'_>,
     post: PostOp,
 ) -> bool {
-    let (o, i) = w.int_dims();
     let rank = adapter.rank();
-    let Some(layout) = w.int_layout() else {
+    let Some((o, i, layout)) = gemm_layer(w, x, m, y, bias) else {
         return false;
     };
-    if m < gemm::GEMM_MIN_M
-        || i == 0
-        || o == 0
-        || x.len() != m * i
-        || y.len() != m * o
-        || bias.is_some_and(|b| b.len() != o)
-        || (adapter.out_features(), adapter.in_features()) != (o, i)
-        || !matches!(layout.unit, 16 | 64 | 128)
+    if (adapter.out_features(), adapter.in_features()) != (o, i)
         || gemv_fits(m, rank)
         || !LowRankTail::fits(rank)
     {
@@ -291,7 +256,7 @@ pub fn forward_adapter(
         let xa = if gemm::same_x_layout(tier, layout, a_layout) {
             &q
         } else {
-            let xa = s.xa.get_or_insert_with(empty_x);
+            let xa = s.xa.get_or_insert(QuantizedX::EMPTY);
             if !gemm::quantize_for(tier, a_layout, x, m, i, parallel(o), xa) {
                 break 'run false;
             }
@@ -334,7 +299,6 @@ pub fn forward_adapter(
             unsafe { tail.apply(y.at(0), rows, cols, post) }
         };
         let yp = YPtr::new(y, bias.map(|b| (b, PostOp::Identity)), o);
-        let mut buffers = gemm::BUFFERS.take();
         gemm::run_quantized(
             tier,
             w,
@@ -345,9 +309,7 @@ pub fn forward_adapter(
             yp,
             false,
             Some(&add_tail),
-            &mut buffers,
         );
-        gemm::BUFFERS.set(buffers);
         true
     };
     s.packed_a = Some(a_prepared.into_buffers());

@@ -194,7 +194,7 @@ thread_local! {
     /// This thread's [`PanelScratch`].
     static PANEL: std::cell::Cell<PanelScratch> = std::cell::Cell::new(PanelScratch::default());
     /// The calling thread's packed W of its last GEMM, for its buffers.
-    pub(super) static BUFFERS: std::cell::Cell<Option<PackedW>> = const { std::cell::Cell::new(None) };
+    static BUFFERS: std::cell::Cell<Option<PackedW>> = const { std::cell::Cell::new(None) };
 }
 
 /// `v` with `n` elements, the old values left in place (the caller overwrites every one).
@@ -1012,7 +1012,6 @@ pub(super) fn run(
     if !quantize_for(tier, layout, x, m, w.int_dims().1, parallel, q) {
         return false;
     }
-    let mut buffers = BUFFERS.take();
     let f32_tail = tail.map(|(tail, post)| {
         move |y: YPtr, rows: std::ops::Range<usize>, cols: std::ops::Range<usize>| {
             // SAFETY: the task's rectangle of y (rows x cols), its alone (`TaskTail`).
@@ -1020,19 +1019,7 @@ pub(super) fn run(
         }
     });
     let tail = f32_tail.as_ref().map(|t| t as &TaskTail);
-    run_quantized(
-        tier,
-        w,
-        layout,
-        q,
-        m,
-        parallel,
-        y,
-        accumulate,
-        tail,
-        &mut buffers,
-    );
-    BUFFERS.set(buffers);
+    run_quantized(tier, w, layout, q, m, parallel, y, accumulate, tail);
     true
 }
 
@@ -1058,7 +1045,7 @@ pub(super) fn same_x_layout(tier: IntTier, a: IntLayout, b: IntLayout) -> bool {
 }
 
 /// The products of [`run`] on an x that [`quantize_for`] quantized into `q` for `tier` and
-/// `layout`, W packed into `buffers` (reused storage; left there for the next call).
+/// `layout`, W packed into the calling thread's storage of its last GEMM ([`BUFFERS`]).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn run_quantized(
     tier: IntTier,
@@ -1070,11 +1057,10 @@ pub(super) fn run_quantized(
     y: YPtr,
     accumulate: bool,
     tail: Option<&TaskTail>,
-    buffers: &mut Option<PackedW>,
 ) {
-    let prepared = Prepared::new(tier, w, layout, buffers.take());
+    let prepared = Prepared::new(tier, w, layout, BUFFERS.take());
     prepared.products(q, m, parallel, y, accumulate, tail);
-    *buffers = Some(prepared.into_buffers());
+    BUFFERS.set(Some(prepared.into_buffers()));
 }
 
 /// W prepared for the products of one call on a kernel: its panels (packed as the products

@@ -201,13 +201,7 @@ static MODE: AtomicU8 = AtomicU8::new(0);
 thread_local! {
     /// The storage of [`forward`]'s quantized x, kept for the calling thread's next call.
     static QUANTIZED: std::cell::Cell<QuantizedX> = const {
-        std::cell::Cell::new(QuantizedX {
-            kpad: 0,
-            unit: 1,
-            xq: Vec::new(),
-            sx: Vec::new(),
-            qsum: Vec::new(),
-        })
+        std::cell::Cell::new(QuantizedX::EMPTY)
     };
     /// The calling thread's override ([`with_activations`]); 0 for none.
     static SCOPED: std::cell::Cell<u8> = const { std::cell::Cell::new(0) };
@@ -1006,6 +1000,17 @@ pub struct QuantizedX {
     pub qsum: Vec<i32>,
 }
 
+impl QuantizedX {
+    /// No vectors yet (storage to be reused).
+    pub const EMPTY: QuantizedX = QuantizedX {
+        kpad: 0,
+        unit: 1,
+        xq: Vec::new(),
+        sx: Vec::new(),
+        qsum: Vec::new(),
+    };
+}
+
 /// `1.5 · 2^23`: adding it to `|v| <= 2^22` rounds `v` to an integer (half to even) held in
 /// the low bits of the sum's mantissa (two's complement around `0x4B40_0000`).
 const ROUNDER: f32 = 12_582_912.0;
@@ -1028,13 +1033,7 @@ fn round_to_i8(v: f32) -> i8 {
 /// assert_eq!((q.sx[0], q.qsum[0]), (1.0 / 127.0, 64 - 127 + 32));
 /// ```
 pub fn quantize_x(x: &[f32], m: usize, inn: usize, unit: usize) -> QuantizedX {
-    let mut q = QuantizedX {
-        kpad: 0,
-        unit,
-        xq: Vec::new(),
-        sx: Vec::new(),
-        qsum: Vec::new(),
-    };
+    let mut q = QuantizedX::EMPTY;
     quantize_x_into(x, m, inn, unit, true, &mut q, XLayout::PLAIN);
     q
 }
@@ -1429,7 +1428,8 @@ pub(crate) struct LowRankTail<'a> {
 /// Columns of `Bᵀ` packed at a time (the integer GEMM's tasks' width, `gemm::N_BLOCK`).
 const TAIL_BLOCK: usize = gemm::N_BLOCK;
 
-// SAFETY: `h_ptr` points into the `&'a [f32]` that `_h` borrows (shared, read-only); `bt_ptr`
+// SAFETY: `h_ptr` points into the `&'a [f32]` that `_h` stands for, read only, each row after
+// it was written (`from_raw_h`'s contract; `new`'s h is a shared borrow); `bt_ptr`
 // into `bt`, each block of which is written only inside its `run_once` and read only once
 // that returned (Release / Acquire), as `gemm`'s packed W is; `b` is `Sync`. So the tail may
 // be used from any thread while it lives.
@@ -1658,20 +1658,10 @@ pub(crate) fn forward_low_rank(
     tail: &LowRankTail<'_>,
     post: PostOp,
 ) -> bool {
-    let (o, i) = w.int_dims();
-    let Some(layout) = w.int_layout() else {
+    let Some((o, i, layout)) = gemm_layer(w, x, m, y, bias) else {
         return false;
     };
-    if m < gemm::GEMM_MIN_M
-        || i == 0
-        || o == 0
-        || x.len() != m * i
-        || y.len() != m * o
-        || bias.is_some_and(|b| b.len() != o)
-        || tail.h_len != m * tail.rank
-        || tail.out != o
-        || !matches!(layout.unit, 16 | 64 | 128)
-    {
+    if tail.h_len != m * tail.rank || tail.out != o {
         return false;
     }
     let tier = gemm_tier(tier, layout.unit);
@@ -1735,6 +1725,28 @@ pub(crate) fn run_once(stage: &AtomicU8, what: &str, work: impl FnOnce()) {
             _ => std::thread::yield_now(),
         }
     }
+}
+
+/// W's `(out, in, layout)` where the integer GEMM takes a layer's batch: from
+/// [`gemm::GEMM_MIN_M`] vectors, W non-empty with an integer layout in units of 16, 64 or
+/// 128, `x` `[m, in]`, `y` `[m, out]` and `bias` (where given) `[out]`; `None` elsewhere.
+pub(crate) fn gemm_layer(
+    w: &dyn IntCodes,
+    x: &[f32],
+    m: usize,
+    y: &[f32],
+    bias: Option<&[f32]>,
+) -> Option<(usize, usize, IntLayout)> {
+    let (o, i) = w.int_dims();
+    let layout = w.int_layout()?;
+    (m >= gemm::GEMM_MIN_M
+        && i > 0
+        && o > 0
+        && x.len() == m * i
+        && y.len() == m * o
+        && bias.is_none_or(|b| b.len() == o)
+        && matches!(layout.unit, 16 | 64 | 128))
+    .then_some((o, i, layout))
 }
 
 /// Multiply-adds (`out · in · m`) below which the forward stays on one thread.
