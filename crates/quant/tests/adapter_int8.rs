@@ -8,20 +8,15 @@
 mod common;
 
 use nibble_quant::act8::adapter::{forward_adapter, AdapterCodes};
-use nibble_quant::act8::{forward, with_activations, ActivationMode, IntCodes, IntTier};
+use nibble_quant::act8::{forward, with_activations, ActivationMode, IntCodes, IntTier, GROUP};
 use nibble_quant::cpu::kernel_path;
 use nibble_quant::{Int8Matrix, KernelPath, LowerMatrix, Nf4Matrix, Q4Matrix};
 use nibble_tensor::lowrank::LowRank;
 use nibble_tensor::ops::PostOp;
 use nibble_tensor::{linear_low_rank_into, Rng, Tensor, WeightMatrix};
 
-/// Every format of one matrix: its name, the layer's view, the integer view and its unit.
-type Format = (
-    &'static str,
-    Box<dyn WeightMatrix>,
-    Box<dyn IntCodes>,
-    usize,
-);
+/// Every format of one matrix: its name, the layer's view and the integer view.
+type Format = (&'static str, Box<dyn WeightMatrix>, Box<dyn IntCodes>);
 
 /// Those with an integer layout (NF4 has none where `in % 64 != 0`).
 fn formats(o: usize, i: usize, seed: u64) -> Vec<Format> {
@@ -30,8 +25,8 @@ fn formats(o: usize, i: usize, seed: u64) -> Vec<Format> {
         name: &'static str,
         m: impl Fn() -> M,
     ) -> Option<Format> {
-        let unit = m().int_layout()?.unit;
-        Some((name, Box::new(m()), Box::new(m()), unit))
+        m().int_layout()?;
+        Some((name, Box::new(m()), Box::new(m())))
     }
     [
         one("q4", || Q4Matrix::quantize(&w).unwrap()),
@@ -92,8 +87,9 @@ fn int8_adapter_gives_the_bits_of_its_parts_on_every_tier_and_thread_count() {
         let b = Tensor::randn(&[o, rank], &mut rng).scale(0.1);
         let bias: Vec<f32> = (0..o).map(|_| rng.normal()).collect();
         let adapter = LowRank::new(&a, &b).unwrap();
-        for (name, w, wi, unit) in formats(o, i, 3) {
-            let codes = AdapterCodes::new(a.data(), rank, i, unit).unwrap();
+        for (name, w, wi) in formats(o, i, 3) {
+            // A's codes in units of a whole group, as the layer runs them.
+            let codes = AdapterCodes::new(a.data(), rank, i, GROUP).unwrap();
             for m in [17, 33, 64, 129] {
                 let mut x = Tensor::randn(&[m, i], &mut rng);
                 x.data_mut()[i..2 * i].fill(0.0); // an all-zero vector

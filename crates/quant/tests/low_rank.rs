@@ -11,22 +11,13 @@ mod common;
 
 use nibble_quant::act8::adapter::AdapterCodes;
 use nibble_quant::act8::gemm::GEMM_MIN_M;
-use nibble_quant::act8::{forward, with_activations, ActivationMode, IntTier};
+use nibble_quant::act8::{forward, with_activations, ActivationMode, IntTier, GROUP};
 use nibble_quant::cpu::kernel_path;
 use nibble_quant::{Int8Matrix, LowerMatrix, Nf4Matrix, Q4Matrix};
 use nibble_tensor::gemm::gemv::gemv_fits;
 use nibble_tensor::lowrank::LowRank;
 use nibble_tensor::ops::PostOp;
 use nibble_tensor::{linear_low_rank_into, Rng, Tensor, WeightMatrix};
-
-/// Columns per unit of each format's integer layout (`act8::IntLayout`).
-fn unit_of(name: &str) -> usize {
-    match name {
-        "q4" => 16,
-        "nf4" | "nf4_dq" => 64,
-        _ => 128,
-    }
-}
 
 fn formats(o: usize, i: usize, seed: u64) -> Vec<(&'static str, Box<dyn WeightMatrix>)> {
     let w = Tensor::randn(&[o, i], &mut Rng::new(seed)).scale(1.0 / (i.max(1) as f32).sqrt());
@@ -147,7 +138,7 @@ fn small_batches_fuse_the_adapter_bit_for_bit() {
                         let want = pools[0].install(|| {
                             with_activations(mode, || {
                                 let mut h = vec![0.0f32; m * rank];
-                                let codes = AdapterCodes::new(a.data(), rank, i, unit_of(name));
+                                let codes = AdapterCodes::new(a.data(), rank, i, GROUP);
                                 match codes.filter(|_| int8_h) {
                                     Some(codes) => {
                                         let tier = IntTier::for_path(kernel_path());

@@ -181,7 +181,8 @@ thread_local! {
 /// `[out, r]`) on int8 activations (see the [module docs](self)): x quantized once for the
 /// integer GEMM of W (A's panels packed beside it); in the base product's one pass, each
 /// block of rows of h the integer kernel's product of the int8 x by A' = [`AdapterCodes`] of
-/// A (in W's units), computed by the first task that needs it, and each task's outputs the
+/// A in units of [`GROUP`] columns (`AdapterCodes::new(a, r, in, GROUP)`), computed by the
+/// first task that needs it, and each task's outputs the
 /// base product with the bias, `h · Bᵀ` in f32 and `post`. The bits of `h` from [`super::forward`] of the
 /// [`AdapterCodes`] followed by `nibble_tensor::linear_low_rank_into` of that h under int8
 /// activations. Returns `false`, with `y` untouched, where that sequence would not run
@@ -210,15 +211,17 @@ pub fn forward_adapter(
     {
         return false;
     }
-    // A's finiteness is checked beside x's quantization, before any code of A is read.
-    let Some(a) = AdapterCodes::of_shape(adapter.a_values(), rank, i, layout.unit) else {
+    // A in units of a whole group: its codes have one scale per group (as x's), so a
+    // group's integer sum needs one f32 step where W's units of 16 (Q4) take eight. A's
+    // finiteness is checked beside x's quantization, before any code of A is read.
+    let Some(a) = AdapterCodes::of_shape(adapter.a_values(), rank, i, GROUP) else {
         return false;
     };
     let Ok(b) = MatRef::row_major(adapter.b_values(), o, rank) else {
         return false;
     };
     let a_layout = IntLayout {
-        unit: layout.unit,
+        unit: GROUP,
         kind: CodeKind::Signed,
     };
     let tier = gemm_tier(tier, layout.unit);
@@ -252,8 +255,9 @@ pub fn forward_adapter(
             break 'run false;
         }
         // h = x · A'ᵀ on the same int8 x (quantized again, to the same values, where A's
-        // kernel reads another layout: the AVX2 tier's 4-bit kernels read it offset).
-        let xa = if gemm::same_x_layout(tier, layout, a_layout) {
+        // kernel reads another layout: the AVX2 tier's 4-bit kernels read it offset). A has
+        // no offsets, so x's unit sums (of W's units) go unread.
+        let xa = if gemm::same_x_bytes(tier, layout, a_layout) {
             &q
         } else {
             let xa = s.xa.get_or_insert(QuantizedX::EMPTY);

@@ -1038,10 +1038,11 @@ pub(super) fn quantize_for(
     super::quantize_x_into(x, m, inn, layout.unit, parallel, q, kernel.x_layout())
 }
 
-/// Whether the kernels of `tier` for layouts `a` and `b` read x in the same layout (so one
-/// quantized x, made by [`quantize_for`] for either, serves both).
-pub(super) fn same_x_layout(tier: IntTier, a: IntLayout, b: IntLayout) -> bool {
-    a.unit == b.unit && Kernel::for_tier(tier, a).x_layout() == Kernel::for_tier(tier, b).x_layout()
+/// Whether the kernels of `tier` for layouts `a` and `b` read x's bytes in the same layout
+/// (so one quantized x, made by [`quantize_for`] for either, serves both where W has no
+/// offsets: its unit sums `Q_u`, which depend on the unit, are read only for offsets).
+pub(super) fn same_x_bytes(tier: IntTier, a: IntLayout, b: IntLayout) -> bool {
+    Kernel::for_tier(tier, a).x_layout() == Kernel::for_tier(tier, b).x_layout()
 }
 
 /// The products of [`run`] on an x that [`quantize_for`] quantized into `q` for `tier` and
