@@ -241,35 +241,54 @@ unsafe fn fold16_rows<const N: usize>(acc: &[__m512; N]) -> [f32; N] {
 /// hold `cols` values.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 pub(crate) unsafe fn low_rank_tile(tile: crate::act8::TailTile) {
-    const R: usize = crate::act8::TAIL_ROWS;
     const P: usize = crate::act8::TAIL_PANELS;
     if tile.rows == 0 || tile.cols == 0 {
         return;
     }
-    let panels = tile.cols.div_ceil(16).min(P);
-    // SAFETY: the caller's contract: h's rows below `rows` (clamped), bt's panels below
-    // `panels`, y's rows below `rows` and columns below `cols` (masked).
+    // SAFETY: the caller's contract, for the panels there are (one kernel per count, so the
+    // loop over K carries no test of the panel count).
     unsafe {
-        let mut acc = [[_mm512_setzero_ps(); P]; R];
+        match tile.cols.div_ceil(16).min(P) {
+            1 => low_rank_panels::<1>(tile),
+            2 => low_rank_panels::<2>(tile),
+            3 => low_rank_panels::<3>(tile),
+            _ => low_rank_panels::<P>(tile),
+        }
+    }
+}
+
+/// [`low_rank_tile`] for `NP` panels (`16 · (NP − 1) < cols <= 16 · NP`): y's lines of the
+/// tile are fetched into L1 while the sums run (its rows lie 4 KiB apart at 1024 columns,
+/// where L1 keeps few of them), then added to.
+///
+/// # Safety
+/// As [`low_rank_tile`], with `tile.cols.div_ceil(16) == NP`.
+#[inline(always)]
+unsafe fn low_rank_panels<const NP: usize>(tile: crate::act8::TailTile) {
+    const R: usize = crate::act8::TAIL_ROWS;
+    // SAFETY: the caller's contract: h's rows below `rows` (clamped), bt's panels below
+    // `NP`, y's rows below `rows` and columns below `cols` (masked; prefetches never fault).
+    unsafe {
+        for r in 0..tile.rows {
+            for u in 0..NP {
+                _mm_prefetch::<_MM_HINT_T0>(tile.y.add(r * tile.ldy + 16 * u) as *const i8);
+            }
+        }
+        let mut acc = [[_mm512_setzero_ps(); NP]; R];
         let hr: [*const f32; R] =
             std::array::from_fn(|r| tile.h.add(r.min(tile.rows - 1) * tile.rank));
         for p in 0..tile.rank {
-            let b: [__m512; P] = std::array::from_fn(|u| {
-                if u < panels {
-                    _mm512_loadu_ps(tile.bt.add(u * tile.panel + p * 16))
-                } else {
-                    _mm512_setzero_ps()
-                }
-            });
+            let b: [__m512; NP] =
+                std::array::from_fn(|u| _mm512_loadu_ps(tile.bt.add(u * tile.panel + p * 16)));
             for r in 0..R {
                 let hv = _mm512_set1_ps(*hr[r].add(p));
-                for u in 0..P {
+                for u in 0..NP {
                     acc[r][u] = _mm512_fmadd_ps(hv, b[u], acc[r][u]);
                 }
             }
         }
         for (r, accr) in acc.iter().enumerate().take(tile.rows) {
-            for (u, &a) in accr.iter().enumerate().take(panels) {
+            for (u, &a) in accr.iter().enumerate() {
                 let mask = first_lanes(tile.cols - 16 * u);
                 let d = tile.y.add(r * tile.ldy + 16 * u);
                 let v = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, d), a);
