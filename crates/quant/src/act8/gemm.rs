@@ -1059,9 +1059,12 @@ pub(super) fn run_quantized(
     accumulate: bool,
     tail: Option<&TaskTail>,
 ) {
-    let prepared = Prepared::new(tier, w, layout, BUFFERS.take());
-    prepared.products(q, m, parallel, y, accumulate, tail);
-    BUFFERS.set(Some(prepared.into_buffers()));
+    let p = Prepared::new(tier, w, layout, BUFFERS.take());
+    let o = p.packer.o;
+    products(
+        p.kernel, &p.pw, &p.packer, q, m, o, parallel, y, accumulate, tail,
+    );
+    BUFFERS.set(Some(p.into_buffers()));
 }
 
 /// W prepared for the products of one call on a kernel: its panels (packed as the products
@@ -1071,7 +1074,6 @@ pub(super) struct Prepared<'a> {
     kernel: Kernel,
     pw: PackedW,
     packer: Packer<'a>,
-    o: usize,
 }
 
 impl<'a> Prepared<'a> {
@@ -1085,12 +1087,7 @@ impl<'a> Prepared<'a> {
     ) -> Prepared<'a> {
         let kernel = Kernel::for_tier(tier, layout);
         let (pw, packer) = PackedW::prepare(w, layout, kernel, buffers);
-        Prepared {
-            kernel,
-            pw,
-            packer,
-            o: w.int_dims().0,
-        }
+        Prepared { kernel, pw, packer }
     }
 
     /// Packs every block now, on the calling thread.
@@ -1098,23 +1095,6 @@ impl<'a> Prepared<'a> {
         for b in 0..self.pw.block_count() {
             self.pw.ensure_block(&self.packer, b);
         }
-    }
-
-    /// The products of [`run_quantized`] (the blocks not packed yet packed on the way).
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn products(
-        &self,
-        q: &QuantizedX,
-        m: usize,
-        parallel: bool,
-        y: YPtr,
-        accumulate: bool,
-        tail: Option<&TaskTail>,
-    ) {
-        let p = self;
-        products(
-            p.kernel, &p.pw, &p.packer, q, m, p.o, parallel, y, accumulate, tail,
-        );
     }
 
     /// The outputs of vectors `rows` of `q` (quantized for this kernel) by every row of W,
@@ -1127,13 +1107,11 @@ impl<'a> Prepared<'a> {
     pub(super) unsafe fn rows_into(&self, q: &QuantizedX, rows: std::ops::Range<usize>, y: YPtr) {
         self.pack_all();
         let xp = prepare_x(q);
-        let panels = 0..self.o.div_ceil(self.pw.nr);
+        let o = self.packer.o;
+        let panels = 0..o.div_ceil(self.pw.nr);
         // SAFETY: the kernel came from a supported tier and every block of `pw` is packed for
         // it (`pack_all`); the rows and y's rectangle are the caller's.
-        unsafe {
-            self.kernel
-                .block(&self.pw, &xp, rows, panels, y, self.o, false)
-        }
+        unsafe { self.kernel.block(&self.pw, &xp, rows, panels, y, o, false) }
     }
 
     /// The panels' storage, for the next call.
