@@ -225,10 +225,7 @@ fn forward_rows(rows: ForwardRows<'_>, affine: &Affine<'_>) {
         }
         ForwardRows::InPlace { x } => {
             for row in x.chunks_exact_mut(c) {
-                let (mu, rs) = row_stats(row, eps);
-                for (v, (&w, &b)) in row.iter_mut().zip(weight.iter().zip(bias)) {
-                    *v = normalize(*v, mu, rs, w, b);
-                }
+                normalize_in_place(row, affine);
             }
         }
         ForwardRows::AddInPlace { x, delta } => {
@@ -236,12 +233,18 @@ fn forward_rows(rows: ForwardRows<'_>, affine: &Affine<'_>) {
                 for (v, &d) in row.iter_mut().zip(drow) {
                     *v += d;
                 }
-                let (mu, rs) = row_stats(row, eps);
-                for (v, (&w, &b)) in row.iter_mut().zip(weight.iter().zip(bias)) {
-                    *v = normalize(*v, mu, rs, w, b);
-                }
+                normalize_in_place(row, affine);
             }
         }
+    }
+}
+
+/// One row normalised in place ([`row_stats`], then [`normalize`]).
+#[inline(always)]
+fn normalize_in_place(row: &mut [f32], affine: &Affine<'_>) {
+    let (mu, rs) = row_stats(row, affine.eps);
+    for (v, (&w, &b)) in row.iter_mut().zip(affine.weight.iter().zip(affine.bias)) {
+        *v = normalize(*v, mu, rs, w, b);
     }
 }
 
