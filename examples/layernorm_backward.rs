@@ -10,12 +10,9 @@ use nibble::tensor::{layer_norm, layer_norm_backward, Rng, Tensor};
 use std::hint::black_box;
 use std::time::Instant;
 
-/// `(min, median)` of `times`.
-fn min_median(times: &[f64]) -> (f64, f64) {
-    let mut v = times.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    (v[0], v[v.len() / 2])
-}
+#[path = "common/timing.rs"]
+mod timing;
+use timing::min_median;
 
 fn main() {
     let args: Vec<usize> = std::env::args()
