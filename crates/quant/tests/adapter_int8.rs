@@ -25,8 +25,9 @@ fn formats(o: usize, i: usize, seed: u64) -> Vec<Format> {
         name: &'static str,
         m: impl Fn() -> M,
     ) -> Option<Format> {
-        m().int_layout()?;
-        Some((name, Box::new(m()), Box::new(m())))
+        let layer = m();
+        layer.int_layout()?;
+        Some((name, Box::new(layer), Box::new(m())))
     }
     [
         one("q4", || Q4Matrix::quantize(&w).unwrap()),
