@@ -1714,7 +1714,7 @@ pub(crate) mod q4_int8 {
 pub(crate) mod nf4_int8 {
     use crate::cpu::{prefetch_weights, quant_prefetch, PREFETCH_ROWS};
     use crate::nf4::act8::{block_scale, parts, BIASED_LEVELS};
-    use crate::nf4::{Nf4Matrix, NF4_BLOCK};
+    use crate::nf4::{with_absmax_reader, AbsmaxAt, Nf4Matrix, NF4_BLOCK};
     use std::arch::x86_64::*;
 
     /// `y[j] (+)= W[rows.start + j, :] · x'` (`x'` prepared by [`crate::nf4::act8::prepare`]):
@@ -1732,19 +1732,14 @@ pub(crate) mod nf4_int8 {
         y: &mut [f32],
         acc: bool,
     ) {
-        let nb = m.inn / NF4_BLOCK;
-        let mut scales = crate::kernels::take_row_scales(4 * nb);
-        crate::kernels::for_row_quads!(
+        with_absmax_reader!(m, am => crate::kernels::for_row_quads!(
             rows,
-            // SAFETY: the caller's contract; the rows handed over lie inside W and
-            // `scales` holds 4 · nb floats.
-            |r| unsafe { rows_n::<4>(m, prep, r, &mut scales) },
-            // SAFETY: the caller's contract; the rows handed over lie inside W and
-            // `scales` holds 4 · nb floats.
-            unsafe { rows_n::<1>(m, prep, r, &mut scales)[0] },
+            // SAFETY: the caller's contract; the rows handed over lie inside W.
+            |r| unsafe { rows_n::<4>(m, am, prep, r) },
+            // SAFETY: the caller's contract; the row handed over lies inside W.
+            unsafe { rows_n::<1>(m, am, prep, r)[0] },
             crate::kernels::store_row(y, acc)
-        );
-        crate::kernels::put_row_scales(scales);
+        ))
     }
 
     /// `out[v · stride + j] = W[rows.start + j, :] · x'_v` for the `preps.len()` (2 to 8)
@@ -1770,7 +1765,7 @@ pub(crate) mod nf4_int8 {
 
     /// [`gemv_batch`] for `V` vectors, one row at a time (`V` accumulators): the rows' block
     /// absmaxes once per call, each vector's block scales formed from them as
-    /// [`Nf4Matrix::fill_scaled_absmax`] forms them.
+    /// [`crate::nf4::act8::block_scale`] forms them.
     ///
     /// # Safety
     /// As [`gemv_batch`].
@@ -1845,29 +1840,27 @@ pub(crate) mod nf4_int8 {
         crate::kernels::put_row_scales(absmax);
     }
 
-    /// The dot products of rows `r0..r0 + N` with the prepared x; `scale` holds at least
-    /// `N · nb` floats of room.
+    /// The dot products of rows `r0..r0 + N` with the prepared x, each block's scale formed
+    /// from its absmax (read through `am`) as the pair is reached.
     ///
     /// # Safety
-    /// As [`gemv`], rows `r0..r0 + N` inside W.
+    /// As [`gemv`], rows `r0..r0 + N` inside W, `am` W's absmax reader.
     #[inline(always)]
     unsafe fn rows_n<const N: usize>(
         m: &Nf4Matrix,
+        am: impl AbsmaxAt,
         prep: &[f32],
         r0: usize,
-        scale: &mut [f32],
     ) -> [f32; N] {
         let nb = m.inn / NF4_BLOCK;
         let row_bytes = m.inn / 2;
         let (xd, corr, su) = parts(m.inn, prep);
         let pf = quant_prefetch();
-        // The blocks' scales of the N rows (whose absmaxes lie one after another).
-        let scale = &mut scale[..N * nb];
-        m.fill_scaled_absmax(r0 * nb, &su[..nb], scale);
         // SAFETY: (whole body) the CPU features are enabled by the caller; rows r0..r0 + N
         // hold `row_bytes` packed bytes each at r · row_bytes (32 per block; an odd last
-        // block's pair is loaded with its second half masked off); xd holds 128 bytes and
-        // corr 16 i32 per pair; prefetches never fault.
+        // block's pair is loaded with its second half masked off) and nb blocks of absmaxes
+        // from (r0 + q) · nb; xd holds 128 bytes and corr 16 i32 per pair, su nb scales;
+        // prefetches never fault.
         unsafe {
             let table = _mm512_broadcast_i32x4(_mm_loadu_si128(BIASED_LEVELS.as_ptr() as *const _));
             let low4 = _mm512_set1_epi8(0x0f);
@@ -1900,9 +1893,11 @@ pub(crate) mod nf4_int8 {
                         xo,
                     );
                     let sums = _mm512_sub_epi32(sums, cv);
-                    let s0 = _mm512_set1_ps(*scale.get_unchecked(q * nb + b));
+                    let blk = (r0 + q) * nb + b;
+                    let s0 = _mm512_set1_ps(block_scale(am.at(blk), *su.get_unchecked(b)));
                     let s = if whole {
-                        let s1 = _mm512_set1_ps(*scale.get_unchecked(q * nb + b + 1));
+                        let s1 =
+                            _mm512_set1_ps(block_scale(am.at(blk + 1), *su.get_unchecked(b + 1)));
                         _mm512_mask_blend_ps(0xFF00, s0, s1)
                     } else {
                         _mm512_maskz_mov_ps(0x00FF, s0)

@@ -252,6 +252,73 @@ enum Stats {
     },
 }
 
+/// One block's absmax, read where the statistics lie ([`Nf4Matrix::absmax_reader`]).
+pub(crate) trait AbsmaxAt: Copy {
+    /// The absmax of flat block `b`: the bits of [`Nf4Matrix::block_absmax`].
+    ///
+    /// # Safety
+    /// `b` is a block of the matrix the reader came from.
+    unsafe fn at(self, b: usize) -> f32;
+}
+
+/// Plain statistics: the f32 absmaxes themselves.
+#[derive(Clone, Copy)]
+pub(crate) struct PlainAbsmax<'a>(&'a [f32]);
+
+impl AbsmaxAt for PlainAbsmax<'_> {
+    #[inline(always)]
+    unsafe fn at(self, b: usize) -> f32 {
+        // SAFETY: the caller's contract; a plain matrix holds one absmax per block (checked
+        // where it was built).
+        unsafe { *self.0.get_unchecked(b) }
+    }
+}
+
+/// Double-quantized statistics: a block's code through the map, times the scale of its
+/// block of 256, plus the offset (as [`Nf4Matrix::fill_absmax`] decodes them).
+#[derive(Clone, Copy)]
+pub(crate) struct DoubleAbsmax<'a> {
+    codes: &'a [u8],
+    scale: &'a [f32],
+    map: &'a [f32; 256],
+    offset: f32,
+}
+
+impl AbsmaxAt for DoubleAbsmax<'_> {
+    #[inline(always)]
+    unsafe fn at(self, b: usize) -> f32 {
+        // SAFETY: the caller's contract; a double-quantized matrix holds one code per block
+        // and one scale per block of 256 (checked where it was built); a u8 indexes the map.
+        unsafe {
+            *self
+                .map
+                .get_unchecked(usize::from(*self.codes.get_unchecked(b)))
+                * *self.scale.get_unchecked(b / DQ_BLOCK)
+                + self.offset
+        }
+    }
+}
+
+/// [`Nf4Matrix::absmax_reader`]'s two kinds.
+pub(crate) enum AbsmaxReader<'a> {
+    /// Plain statistics.
+    Plain(PlainAbsmax<'a>),
+    /// Double-quantized statistics.
+    Double(DoubleAbsmax<'a>),
+}
+
+/// `with_absmax_reader!(m, a => body)`: `body` with `a` bound to `m`'s absmax reader, compiled
+/// once for each kind of statistics (so a kernel's loop reads them with no branch).
+macro_rules! with_absmax_reader {
+    ($m:expr, $a:ident => $body:expr) => {
+        match $m.absmax_reader() {
+            $crate::nf4::AbsmaxReader::Plain($a) => $body,
+            $crate::nf4::AbsmaxReader::Double($a) => $body,
+        }
+    };
+}
+pub(crate) use with_absmax_reader;
+
 /// An NF4-quantized `out x in` matrix (see the [module docs](self) for the format).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Nf4Matrix {
@@ -564,31 +631,43 @@ impl Nf4Matrix {
         }
     }
 
-    /// Writes `block_scale(absmax(b0 + k), factor[k % factor.len()])`
-    /// ([`act8::block_scale`]) into `dst[k]` (rows of
-    /// `factor.len()` blocks from a row's first block: a fused GEMV's block scales), reading a
-    /// plain matrix's absmaxes in place rather than through a copy. `factor` is not empty and
-    /// `dst.len()` a multiple of its length.
-    pub(crate) fn fill_scaled_absmax(&self, b0: usize, factor: &[f32], dst: &mut [f32]) {
+    /// A reader of the block absmaxes where they lie, for the fused int8 kernels: each
+    /// block's absmax read (a double-quantized one decoded) in the kernel's loop as it is
+    /// needed, with no pass over a row's absmaxes before its products. See
+    /// [`with_absmax_reader!`](crate::nf4::with_absmax_reader).
+    pub(crate) fn absmax_reader(&self) -> AbsmaxReader<'_> {
+        let blocks = (self.out * self.inn).div_ceil(NF4_BLOCK);
+        // The readers' `at` reads without bounds checks: the parts' lengths were checked where
+        // the matrix was built, and are checked again here (a few compares per call).
         match &self.stats {
             Stats::Plain { absmax } => {
-                let src = &absmax.f32s()[b0..b0 + dst.len()];
-                for (d, a) in dst
-                    .chunks_exact_mut(factor.len())
-                    .zip(src.chunks_exact(factor.len()))
-                {
-                    for ((d, &a), &f) in d.iter_mut().zip(a).zip(factor) {
-                        *d = act8::block_scale(a, f);
-                    }
-                }
+                let absmax = absmax.f32s();
+                assert!(
+                    absmax.len() >= blocks,
+                    "nf4: {} absmaxes for {blocks} blocks",
+                    absmax.len()
+                );
+                AbsmaxReader::Plain(PlainAbsmax(absmax))
             }
-            Stats::Double { .. } => {
-                self.fill_absmax(b0, dst);
-                for d in dst.chunks_exact_mut(factor.len()) {
-                    for (d, &f) in d.iter_mut().zip(factor) {
-                        *d = act8::block_scale(*d, f);
-                    }
-                }
+            Stats::Double {
+                codes,
+                offset,
+                scale,
+                map,
+            } => {
+                let (codes, scale) = (codes.as_slice(), scale.f32s());
+                assert!(
+                    codes.len() >= blocks && scale.len() >= blocks.div_ceil(DQ_BLOCK),
+                    "nf4: {} absmax codes and {} scales for {blocks} blocks",
+                    codes.len(),
+                    scale.len()
+                );
+                AbsmaxReader::Double(DoubleAbsmax {
+                    codes,
+                    scale,
+                    map,
+                    offset: *offset,
+                })
             }
         }
     }

@@ -21,7 +21,7 @@ use super::{batch_parts, fold16, fused_gemv_entry_points, part_lanes, Lanes16};
 use crate::act8::avx2::ByteDot;
 use crate::cpu::{prefetch_weights, quant_prefetch, QuantPrefetch, PREFETCH_ROWS};
 use crate::nf4::act8::{block_scale, parts, BIASED_LEVELS};
-use crate::nf4::{Nf4Matrix, NF4_BLOCK};
+use crate::nf4::{with_absmax_reader, AbsmaxAt, Nf4Matrix, NF4_BLOCK};
 use std::arch::x86_64::*;
 
 fused_gemv_entry_points!(Nf4Matrix);
@@ -126,42 +126,36 @@ unsafe fn gemv_with<D: ByteDot>(
     y: &mut [f32],
     acc: bool,
 ) {
-    let nb = m.inn / NF4_BLOCK;
-    let mut scales = crate::kernels::take_row_scales(4 * nb);
-    crate::kernels::for_row_quads!(
+    with_absmax_reader!(m, am => crate::kernels::for_row_quads!(
         rows,
-        // SAFETY: the caller's contract; the rows handed over lie inside W and `scales`
-        // holds 4 · nb floats.
-        |r| unsafe { rows_n::<D, 4>(m, prep, r, &mut scales) },
+        // SAFETY: the caller's contract; the rows handed over lie inside W.
+        |r| unsafe { rows_n::<D, 4>(m, am, prep, r) },
         // SAFETY: as above.
-        unsafe { rows_n::<D, 1>(m, prep, r, &mut scales)[0] },
+        unsafe { rows_n::<D, 1>(m, am, prep, r)[0] },
         crate::kernels::store_row(y, acc)
-    );
-    crate::kernels::put_row_scales(scales);
+    ))
 }
 
-/// The dot products of rows `r0..r0 + N` with the prepared x; `scale` holds at least `N · nb`
-/// floats of room.
+/// The dot products of rows `r0..r0 + N` with the prepared x, each block's scale formed from
+/// its absmax (read through `am`) as the pair is reached.
 ///
 /// # Safety
-/// As [`gemv_with`], rows `r0..r0 + N` inside W.
+/// As [`gemv_with`], rows `r0..r0 + N` inside W, `am` W's absmax reader.
 #[inline(always)]
 unsafe fn rows_n<D: ByteDot, const N: usize>(
     m: &Nf4Matrix,
+    am: impl AbsmaxAt,
     prep: &[f32],
     r0: usize,
-    scale: &mut [f32],
 ) -> [f32; N] {
     let nb = m.inn / NF4_BLOCK;
     let row_bytes = m.inn / 2;
     let (xd, corr, su) = parts(m.inn, prep);
     let pf = quant_prefetch();
-    // The blocks' scales of the N rows (whose absmaxes lie one after another).
-    let scale = &mut scale[..N * nb];
-    m.fill_scaled_absmax(r0 * nb, &su[..nb], scale);
     // SAFETY: (whole body) the CPU features are enabled by the caller; rows r0..r0 + N hold
-    // `row_bytes` packed bytes each at r · row_bytes (32 per block); xd holds 128 bytes and
-    // corr 16 i32 per pair; prefetches never fault.
+    // `row_bytes` packed bytes each at r · row_bytes (32 per block) and nb blocks of absmaxes
+    // from (r0 + q) · nb; xd holds 128 bytes and corr 16 i32 per pair, su nb scales;
+    // prefetches never fault.
     unsafe {
         let table = level_table();
         let base = m.packed.as_slice().as_ptr().add(r0 * row_bytes);
@@ -172,9 +166,10 @@ unsafe fn rows_n<D: ByteDot, const N: usize>(
             for (q, a) in acc.iter_mut().enumerate() {
                 let row = base.add(q * row_bytes);
                 let lv = pair_levels(row, b, whole, table, pf, PREFETCH_ROWS * row_bytes);
-                let rs = &scale[q * nb..(q + 1) * nb];
-                // SAFETY (the scale): k < nb, the row's scales.
-                step::<D>(&lv, (xd, corr), (b, whole), |k| *rs.get_unchecked(k), a);
+                let b0 = (r0 + q) * nb;
+                // SAFETY (the scale): k < nb, a block of the row and of su.
+                let scale = |k: usize| block_scale(am.at(b0 + k), *su.get_unchecked(k));
+                step::<D>(&lv, (xd, corr), (b, whole), scale, a);
             }
             b += 2;
         }
@@ -183,7 +178,7 @@ unsafe fn rows_n<D: ByteDot, const N: usize>(
 }
 
 /// 2 to 8 vectors on the step `D` (the entry points' body): the rows' block absmaxes once per
-/// call, each vector's block scales formed from them as [`Nf4Matrix::fill_scaled_absmax`]
+/// call, each vector's block scales formed from them as [`crate::nf4::act8::block_scale`]
 /// forms them; each row in parts of at most four vectors (sizes differing by at most one), each
 /// part one sweep over the row's codes with its accumulators in registers.
 ///
