@@ -252,6 +252,13 @@ enum Stats {
     },
 }
 
+/// A double-quantized absmax: its code through the map, times the scale of its block of 256,
+/// plus the offset (a product, then a sum: the AVX2 decoding takes the same two steps).
+#[inline(always)]
+fn decode_absmax(map: &[f32; 256], code: u8, scale: f32, offset: f32) -> f32 {
+    map[usize::from(code)] * scale + offset
+}
+
 /// One block's absmax, read where the statistics lie ([`Nf4Matrix::absmax_reader`]).
 pub(crate) trait AbsmaxAt: Copy {
     /// The absmax of flat block `b`: the bits of [`Nf4Matrix::block_absmax`].
@@ -288,13 +295,14 @@ impl AbsmaxAt for DoubleAbsmax<'_> {
     #[inline(always)]
     unsafe fn at(self, b: usize) -> f32 {
         // SAFETY: the caller's contract; a double-quantized matrix holds one code per block
-        // and one scale per block of 256 (checked where it was built); a u8 indexes the map.
+        // and one scale per block of 256 (checked where it was built).
         unsafe {
-            *self
-                .map
-                .get_unchecked(usize::from(*self.codes.get_unchecked(b)))
-                * *self.scale.get_unchecked(b / DQ_BLOCK)
-                + self.offset
+            decode_absmax(
+                self.map,
+                *self.codes.get_unchecked(b),
+                *self.scale.get_unchecked(b / DQ_BLOCK),
+                self.offset,
+            )
         }
     }
 }
@@ -596,7 +604,12 @@ impl Nf4Matrix {
                 offset,
                 scale,
                 map,
-            } => map[codes.as_slice()[b] as usize] * scale.f32s()[b / DQ_BLOCK] + offset,
+            } => decode_absmax(
+                map,
+                codes.as_slice()[b],
+                scale.f32s()[b / DQ_BLOCK],
+                *offset,
+            ),
         }
     }
 
@@ -625,7 +638,7 @@ impl Nf4Matrix {
                 }
                 for (k, d) in dst.iter_mut().enumerate().skip(done) {
                     let b = b0 + k;
-                    *d = map[c[b] as usize] * s[b / DQ_BLOCK] + offset;
+                    *d = decode_absmax(map, c[b], s[b / DQ_BLOCK], *offset);
                 }
             }
         }
