@@ -727,7 +727,7 @@ pub fn gemm_segments_bias_post(
     let Some(bias) = bias else {
         return gemm_staged(
             micro,
-            STAGE_FLOATS,
+            stage_floats(),
             segs,
             None,
             c,
@@ -761,7 +761,7 @@ pub fn gemm_segments_bias_post(
         all.extend_from_slice(segs);
         return gemm_staged(
             micro,
-            STAGE_FLOATS,
+            stage_floats(),
             &all,
             None,
             c,
@@ -772,7 +772,7 @@ pub fn gemm_segments_bias_post(
     }
     gemm_staged(
         micro,
-        STAGE_FLOATS,
+        stage_floats(),
         segs,
         Some(bias),
         c,
@@ -792,6 +792,27 @@ pub fn gemm_segments_bias_post(
 /// 2.049 against 2.076 ms at batch 1024 and 2.381 against 2.068 at 1000 on 16 threads, 3.04
 /// against 3.22 on 8: no gain.
 const STAGE_FLOATS: usize = 1 << 18;
+
+/// [`STAGE_FLOATS`], or `NIBBLE_GEMM_STAGE_FLOATS` where set (an experiment's switch, read
+/// once: 1048576 makes a 1024² weight's stage all of K, one fork-join per product).
+fn stage_floats() -> usize {
+    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *V.get_or_init(|| {
+        std::env::var("NIBBLE_GEMM_STAGE_FLOATS")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .filter(|&v: &usize| v > 0)
+            .unwrap_or(STAGE_FLOATS)
+    })
+}
+
+/// Whether a large parallel GEMM whose B is packed per call takes the held grid with its tasks
+/// ordered by column slice (`NIBBLE_GEMM_SLICES=1`, an experiment's switch, read once): each
+/// packed group is then read by the few threads of its slice instead of by all of them.
+fn column_slices() -> bool {
+    static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *V.get_or_init(|| std::env::var("NIBBLE_GEMM_SLICES").is_ok_and(|v| v.trim() == "1"))
+}
 
 /// Deepest K block that a stage takes beside its [`STAGE_FLOATS`] (up to this many rows of K
 /// of such blocks in all): a LoRA adapter's `h · Bᵀ` (rank 32 or less here; its packed B is
@@ -1188,7 +1209,8 @@ fn gemm_staged(
             let npan = ncb.div_ceil(NR);
             let groups = npan.div_ceil(np);
             let held = stage_blocks.iter().any(|b| b.held.is_some());
-            let (mb, nb) = task_grid(m, mr, groups, threads, parallel, held);
+            let sliced = !held && parallel && pm * mr >= SMALL_M_ROWS && column_slices();
+            let (mb, nb) = task_grid(m, mr, groups, threads, parallel, held || sliced);
             // Offsets were laid out for `panel_cols` columns; a narrower last column block
             // uses a prefix of each block's room.
             let blocks: &[KBlock] = stage_blocks;
@@ -1209,8 +1231,15 @@ fn gemm_staged(
             // Tasks over disjoint (rows, column groups) rectangles of C; each runs every K
             // block of the stage in order over its rectangle.
             let run = |t: usize| {
-                let (p0, p1) = split_range(pm, mb, t / nb);
-                let (g0, g1) = split_range(groups, nb, t % nb);
+                // Sliced: consecutive tasks share a column slice (rayon hands each thread a
+                // run of consecutive tasks).
+                let (rb, cb) = if sliced {
+                    (t % mb, t / mb)
+                } else {
+                    (t / nb, t % nb)
+                };
+                let (p0, p1) = split_range(pm, mb, rb);
+                let (g0, g1) = split_range(groups, nb, cb);
                 if p0 >= p1 || g0 >= g1 {
                     return;
                 }
