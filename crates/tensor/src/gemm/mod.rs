@@ -808,7 +808,13 @@ fn stage_floats() -> usize {
 
 /// Whether a large parallel GEMM whose B is packed per call takes the held grid with its tasks
 /// ordered by column slice (`NIBBLE_GEMM_SLICES=1`, an experiment's switch, read once): each
-/// packed group is then read by the few threads of its slice instead of by all of them.
+/// packed group is then read by the few threads of its slice instead of by all of them, while
+/// A is still packed per task. Off by default: on the 16-core Xeon (`bignet bench --batch
+/// 1024 --threads 16`, 2026-12-06 22:46–22:48 UTC, eight rounds in turns, medians of 9) it
+/// took low_precision 36.5 → 34.8 ms and qlora 39.6 → 38.3 (medians over the rounds) only with
+/// `NIBBLE_GEMM_STAGE_FLOATS=1048576` beside it (either switch alone gained nothing), ahead in
+/// five rounds of eight and behind in one; their ratio to bignet's time 1.24 → 1.16, still
+/// short of issue 13's 1.05. On 2 threads (Zen 5) the two forms were within the noise.
 fn column_slices() -> bool {
     static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *V.get_or_init(|| std::env::var("NIBBLE_GEMM_SLICES").is_ok_and(|v| v.trim() == "1"))
