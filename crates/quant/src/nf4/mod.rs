@@ -615,15 +615,12 @@ impl Nf4Matrix {
 
     /// Writes the absmaxes of flat blocks `b0..b0 + dst.len()` into `dst`.
     pub fn fill_absmax(&self, b0: usize, dst: &mut [f32]) {
-        match &self.stats {
-            Stats::Plain { absmax } => dst.copy_from_slice(&absmax.f32s()[b0..b0 + dst.len()]),
-            Stats::Double {
-                codes,
-                offset,
-                scale,
-                map,
-            } => {
-                let (c, s) = (codes.as_slice(), scale.f32s());
+        match self.absmax_reader() {
+            AbsmaxReader::Plain(PlainAbsmax(absmax)) => {
+                dst.copy_from_slice(&absmax[b0..b0 + dst.len()])
+            }
+            AbsmaxReader::Double(d) => {
+                let (c, s) = (d.codes, d.scale);
                 let end = b0 + dst.len();
                 let mut done = 0;
                 #[cfg(target_arch = "x86_64")]
@@ -634,11 +631,11 @@ impl Nf4Matrix {
                 {
                     // SAFETY: the CPU has AVX2; the codes b0..end and the scales of their
                     // blocks of 256 exist (just checked), and end fits an i32.
-                    done = unsafe { avx2::absmax_double(c, b0, s, map, *offset, dst) };
+                    done = unsafe { avx2::absmax_double(c, b0, s, d.map, d.offset, dst) };
                 }
-                for (k, d) in dst.iter_mut().enumerate().skip(done) {
+                for (k, v) in dst.iter_mut().enumerate().skip(done) {
                     let b = b0 + k;
-                    *d = decode_absmax(map, c[b], s[b / DQ_BLOCK], *offset);
+                    *v = decode_absmax(d.map, c[b], s[b / DQ_BLOCK], d.offset);
                 }
             }
         }
