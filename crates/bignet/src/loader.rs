@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 use crate::model::BigNet;
 use crate::persist::{load_quantized, quantized_format};
 use crate::source::{SeededInit, WeightSource, DEFAULT_DIM};
-use crate::variant::Variant;
+use crate::variant::{Variant, WeightFormat};
 use nibble_tensor::Tensor;
 use std::path::PathBuf;
 
@@ -289,16 +289,18 @@ pub fn load_state_dict_adapters(model: &mut BigNet, file: &Checkpoint) -> Result
     }
     let is_adapter = |k: &str| k.ends_with(".lora_a.weight") || k.ends_with(".lora_b.weight");
     // The model's value of a state-dict key, computed only for the keys the file holds (a
-    // weight is dequantized for the comparison only where the file repeats it).
-    let value_of = |key: &str| -> Result<Option<Tensor>> {
+    // weight is dequantized for the comparison only where the file repeats it), and whether
+    // the model holds it in f16 (the f16 base of half_precision and lora: weights and biases).
+    let value_of = |key: &str| -> Result<Option<(Tensor, bool)>> {
         let Some((module, name)) = key.rsplit_once('.') else {
             return Ok(None);
         };
         if let Some(layer) = model.linears().find(|l| l.name == module) {
+            let f16 = layer.format() == WeightFormat::F16;
             return Ok(match name {
-                "weight" => Some(layer.dense_weight_and_bias().0),
+                "weight" => Some((layer.dense_weight_and_bias().0, f16)),
                 "bias" => match layer.bias_values() {
-                    Some(b) => Some(Tensor::from_vec(&[b.len()], b)?),
+                    Some(b) => Some((Tensor::from_vec(&[b.len()], b)?, f16)),
                     None => None,
                 },
                 _ => None,
@@ -306,28 +308,39 @@ pub fn load_state_dict_adapters(model: &mut BigNet, file: &Checkpoint) -> Result
         }
         let norm = (0..model.norms().len()).find(|&i| crate::source::norm_key(i) == module);
         Ok(norm.and_then(|i| match name {
-            "weight" => Some(model.norms()[i].weight.value().clone()),
-            "bias" => Some(model.norms()[i].bias.value().clone()),
+            "weight" => Some((model.norms()[i].weight.value().clone(), false)),
+            "bias" => Some((model.norms()[i].bias.value().clone(), false)),
             _ => None,
         }))
     };
     for key in file.keys().filter(|k| !is_adapter(k)) {
-        let Some(mine) = value_of(key)? else {
+        let Some((mine, in_f16)) = value_of(key)? else {
             return Err(bad(format!(
                 "`{key}` is not a parameter of a BigNet of width {}",
                 model.dim()
             )));
         };
         let theirs = file.tensor_f32(key, Some(mine.shape()))?;
+        // A value the model holds in f16 is compared as the model would hold the file's (the
+        // reference's qlora state dict repeats the f32 biases of --weights, which the f16
+        // base of lora and half_precision rounds).
+        let held = |v: f32| {
+            if in_f16 {
+                half::f16::from_f32(v).to_f32()
+            } else {
+                v
+            }
+        };
         if let Some(i) = theirs
             .data()
             .iter()
             .zip(mine.data())
-            .position(|(a, b)| a.to_bits() != b.to_bits())
+            .position(|(&a, b)| held(a).to_bits() != b.to_bits())
         {
             return Err(bad(format!(
-                "`{key}` element {i} is {} where the model (--weights) has {}: an adapter file may only add LoRA adapters",
+                "`{key}` element {i} is {}{} where the model (--weights) has {}: an adapter file may only add LoRA adapters",
                 theirs.data()[i],
+                if in_f16 { " (rounded to f16 as the model holds it)" } else { "" },
                 mine.data()[i]
             )));
         }

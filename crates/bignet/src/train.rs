@@ -217,8 +217,9 @@ fn fit_here(
     )?;
     let tape = Tape::new();
     let mut report = FitReport {
-        loss: Vec::with_capacity(steps),
-        accuracy: Vec::with_capacity(steps),
+        // (Grown step by step: the step count may be large, and nothing is known of it.)
+        loss: Vec::new(),
+        accuracy: Vec::new(),
         best_accuracy: 0.0,
     };
     for step in 0..steps {

@@ -526,3 +526,156 @@ fn activations_option_is_reported_by_bench() {
         "expected f32 or int8",
     );
 }
+
+/// Requests that could never run fail before anything starts, naming the flag: counts of 0, a
+/// thread count far past the cores, a width or batch larger than the machine's memory, and an
+/// adapter destination that cannot be one (checked before training, and left as it was).
+#[test]
+fn impossible_requests_fail_before_they_start() {
+    fails_with(&["fit", "lora", "--dim", "32", "--steps", "0"], "--steps 0");
+    fails_with(
+        &["bench", "bignet", "--dim", "32", "--runs", "0"],
+        "--runs 0",
+    );
+    fails_with(
+        &["bench", "bignet", "--dim", "32", "--batch", "1,0"],
+        "--batch 0",
+    );
+    fails_with(
+        &["stats", "bignet", "--threads", "100000"],
+        "--threads 100000",
+    );
+    if std::fs::read_to_string("/proc/meminfo").is_ok() {
+        // (Where the machine's memory can be told.)
+        fails_with(
+            &["stats", "bignet", "--dim", "100000000"],
+            "--dim 100000000",
+        );
+        // 18 D² overflows 64 bits here.
+        fails_with(
+            &["compare", "bignet", "qlora", "--dim", "8589934592"],
+            "--dim 8589934592",
+        );
+        fails_with(
+            &["bench", "bignet", "--dim", "32", "--batch", "100000000000"],
+            "--batch 100000000000",
+        );
+    } else {
+        println!(
+            "impossible_requests_fail_before_they_start: no /proc/meminfo, memory cases skipped"
+        );
+    }
+    let dir = tempdir("save_adapter_checks");
+    let file = dir.join("not_a_dir");
+    std::fs::write(&file, b"keep me").unwrap();
+    fails_with(
+        &[
+            "fit",
+            "lora",
+            "--dim",
+            "32",
+            "--steps",
+            "1",
+            "--save-adapter",
+            file.to_str().unwrap(),
+        ],
+        "exists and is not a directory",
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+    let adapter = dir.join("adapter");
+    fails_with(
+        &[
+            "fit",
+            "bignet",
+            "--dim",
+            "32",
+            "--steps",
+            "1",
+            "--save-adapter",
+            adapter.to_str().unwrap(),
+        ],
+        "no LoRA adapters to save",
+    );
+    assert!(!adapter.exists());
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The reference's trained qlora state dict as `--adapter` of the f16-based variants: the f32
+/// biases it repeats are those of `--weights`, which lora and half_precision hold in f16, so
+/// they are compared after that rounding; a bias that differs beyond it is still an error.
+#[test]
+fn a_qlora_state_dict_loads_on_the_f16_variants() {
+    use nibble_bignet::checkpoint::{write_safetensors, Checkpoint, DType};
+    let dir = tempdir("qlora_sd_f16");
+    let weights = golden("bignet_qlora_base_d64.pth");
+    let sd = golden("bignet_qlora_sd_d64.pth");
+    let x = dir.join("x.safetensors");
+    let xs: Vec<f32> = (0..3 * 64)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+        .collect();
+    write_safetensors(
+        &x,
+        &[(
+            "x".to_string(),
+            DType::F32,
+            vec![3, 64],
+            bytemuck::cast_slice(&xs),
+        )],
+        &Default::default(),
+    )
+    .unwrap();
+    for variant in ["lora", "half_precision"] {
+        run_ok(&[
+            "forward",
+            "--variant",
+            variant,
+            "--weights",
+            weights.to_str().unwrap(),
+            "--adapter",
+            sd.to_str().unwrap(),
+            "--input",
+            x.to_str().unwrap(),
+            "--output",
+            dir.join(format!("y_{variant}.safetensors"))
+                .to_str()
+                .unwrap(),
+        ]);
+    }
+    // The same file with one bias element moved well past f16's rounding.
+    let file = Checkpoint::open(&sd).unwrap();
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = file
+        .keys()
+        .map(|k| {
+            let t = file.tensor_f32(k, None).unwrap();
+            (k.to_string(), t.shape().to_vec(), t.data().to_vec())
+        })
+        .collect();
+    let bias = tensors
+        .iter_mut()
+        .find(|(k, ..)| k == "model.0.model.0.bias")
+        .expect("the state dict repeats the first bias");
+    bias.2[0] += 0.25;
+    let tampered = dir.join("tampered.safetensors");
+    let views: Vec<(String, DType, Vec<usize>, &[u8])> = tensors
+        .iter()
+        .map(|(k, s, v)| (k.clone(), DType::F32, s.clone(), bytemuck::cast_slice(v)))
+        .collect();
+    write_safetensors(&tampered, &views, &Default::default()).unwrap();
+    fails_with(
+        &[
+            "forward",
+            "--variant",
+            "lora",
+            "--weights",
+            weights.to_str().unwrap(),
+            "--adapter",
+            tampered.to_str().unwrap(),
+            "--input",
+            x.to_str().unwrap(),
+            "--output",
+            dir.join("y_never.safetensors").to_str().unwrap(),
+        ],
+        "rounded to f16",
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

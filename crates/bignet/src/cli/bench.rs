@@ -91,6 +91,7 @@ pub fn run(
             packed.pack_for_inference()?;
         }
         for &batch in batches {
+            super::check_batch_fits("--batch", batch, model.dim())?;
             let x = normal_batch(batch, model.dim(), common.seed);
             let t = time_ms(runs, || packed.infer(&x).map(drop))?;
             if !as_json {

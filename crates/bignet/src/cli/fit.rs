@@ -1,7 +1,7 @@
 //! `bignet fit VARIANT`: the homework grader's fit.
 
 use super::{mb, Common};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::memory;
 use crate::train::{fit_with, FitTask, TrainOptions};
 use crate::variant::Variant;
@@ -20,8 +20,31 @@ pub fn run(
     options: TrainOptions,
     common: &Common,
 ) -> Result<()> {
+    if let Some(dir) = save_adapter {
+        // Checked before training, not after it: a fit's minutes are not lost to a bad path.
+        if dir.exists() && !dir.is_dir() {
+            return Err(Error::Input {
+                what: format!(
+                    "--save-adapter {}: exists and is not a directory (an adapter is saved as a \
+                     directory in PEFT's layout)",
+                    dir.display()
+                ),
+            });
+        }
+    }
     let held_before = memory::current();
     let model = common.spec(variant).build()?;
+    if let Some(dir) = save_adapter {
+        if model.linears().all(|l| l.lora.is_none()) {
+            return Err(Error::Input {
+                what: format!(
+                    "--save-adapter {}: variant {variant} has no LoRA adapters to save (lora \
+                     and qlora have, and a model given --adapter)",
+                    dir.display()
+                ),
+            });
+        }
+    }
     let task = FitTask::new(model.dim(), 1000, common.seed);
     let bar = (!as_json && std::io::stdout().is_terminal()).then(|| {
         let bar = ProgressBar::new(steps as u64);

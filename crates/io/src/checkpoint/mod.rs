@@ -244,6 +244,28 @@ impl fmt::Debug for Checkpoint {
 
 const ZIP_MAGIC: &[u8] = b"PK\x03\x04";
 
+/// What a file that is not a regular file is, for messages.
+fn describe_kind(kind: std::fs::FileType) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if kind.is_fifo() {
+            return "a FIFO";
+        }
+        if kind.is_socket() {
+            return "a socket";
+        }
+        if kind.is_block_device() || kind.is_char_device() {
+            return "a device";
+        }
+    }
+    if kind.is_dir() {
+        "a directory"
+    } else {
+        "not a regular file"
+    }
+}
+
 impl Checkpoint {
     /// Opens and validates a checkpoint, memory-mapping the file. The format is detected from
     /// the content (zip magic `PK\x03\x04` for `.pth`, a JSON header for safetensors), never
@@ -257,6 +279,15 @@ impl Checkpoint {
                 source,
             }
         };
+        // The kind of file first: opening a FIFO for reading would block until a writer
+        // came, and a directory maps as an obscure OS error.
+        let kind = std::fs::metadata(path).map_err(io("open"))?.file_type();
+        if !kind.is_file() {
+            return Err(Error::UnknownFormat {
+                path: path.to_path_buf(),
+                reason: format!("not a regular file (it is {})", describe_kind(kind)),
+            });
+        }
         let file = std::fs::File::open(path).map_err(io("open"))?;
         let len = file.metadata().map_err(io("stat"))?.len();
         let backing: Backing = if len == 0 {
@@ -282,6 +313,12 @@ impl Checkpoint {
     pub fn from_bytes(name: &str, bytes: Backing) -> Result<Checkpoint> {
         let path = PathBuf::from(name);
         let buf: &[u8] = (*bytes).as_ref();
+        if buf.is_empty() {
+            return Err(Error::UnknownFormat {
+                path,
+                reason: "the file is empty (0 bytes)".into(),
+            });
+        }
         let (format, entries, metadata) = if buf.starts_with(ZIP_MAGIC) {
             let entries = pth::read(&path, buf)?;
             (Format::Pth, entries, BTreeMap::new())
