@@ -125,7 +125,7 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         adapter: Option<PathBuf>,
         /// Write the logits on x_test (key `logits`, of the first format) to this safetensors
-        /// file.
+        /// file (never one of the inputs, nor a file of the --adapter directory).
         #[arg(long, value_name = "FILE")]
         logits: Option<PathBuf>,
         /// Print one JSON object (keys: model, data, rows: each format, accuracy, loss, cosine,
@@ -144,10 +144,10 @@ pub enum Command {
         /// The frozen base's format: f32, f16, int8, q4, nf4, nf4_dq or lower.
         #[arg(long, value_parser = parse_format)]
         format: WeightFormat,
-        /// LoRA rank.
+        /// LoRA rank: 1 up to min(out, in) of the smallest Linear.
         #[arg(long, value_name = "R")]
         rank: usize,
-        /// Training steps (one mini-batch each).
+        /// Training steps (one mini-batch each), at least 1.
         #[arg(long, value_name = "N")]
         steps: usize,
         /// AdamW learning rate.

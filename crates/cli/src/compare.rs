@@ -1,13 +1,19 @@
 //! How far one set of numbers is from another: max and mean |Δ|, cosine similarity, and the
 //! classifier figures (accuracy, mean softmax cross-entropy) that `eval` and `finetune` print.
 
-/// Max and mean |a - b| over equally long slices (0 and 0 for empty ones).
+/// Max and mean |a - b| over equally long slices (0 and 0 for empty ones). A NaN or infinite
+/// value on either side makes both non-finite (NaN or inf), never a finite figure that hides it.
 pub fn abs_diff(a: &[f32], b: &[f32]) -> (f64, f64) {
     let mut max = 0.0f64;
     let mut sum = 0.0f64;
     for (x, y) in a.iter().zip(b) {
         let d = (f64::from(*x) - f64::from(*y)).abs();
-        max = max.max(d);
+        // `f64::max` would drop a NaN; keep it.
+        max = if max.is_nan() || d.is_nan() {
+            f64::NAN
+        } else {
+            max.max(d)
+        };
         sum += d;
     }
     let mean = if a.is_empty() {
@@ -110,6 +116,21 @@ mod tests {
         assert_eq!(cosine(&[0.0, 0.0], &[1.0, 0.0]), 0.0);
         let rows = mean_row_cosine(&[1.0, 0.0, 1.0, 1.0], &[1.0, 0.0, -1.0, -1.0], 2);
         assert!(rows.abs() < 1e-12, "{rows}");
+    }
+
+    #[test]
+    fn abs_diff_never_hides_a_non_finite_value() {
+        // A NaN first, in the middle or last: f64::max alone would drop it.
+        for a in [
+            [f32::NAN, 1.0, 2.0],
+            [0.0, f32::NAN, 2.0],
+            [0.0, 1.0, f32::NAN],
+        ] {
+            let (max, mean) = abs_diff(&a, &[0.0, 1.0, 5.0]);
+            assert!(max.is_nan() && mean.is_nan(), "{a:?}: {max} {mean}");
+        }
+        let (max, mean) = abs_diff(&[f32::INFINITY, 1.0], &[3.0e38, 1.0]);
+        assert!(max.is_infinite() && mean.is_infinite(), "{max} {mean}");
     }
 
     #[test]

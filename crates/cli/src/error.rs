@@ -37,6 +37,35 @@ pub enum Error {
         /// Which input it is.
         what: String,
     },
+    /// `quantize` was given a checkpoint whose layers are already quantized: re-quantizing
+    /// would quantize their codes and scales as if they were weights.
+    #[error(
+        "{}: {key} is already quantized ({format}); quantize the f32/f16 checkpoint",
+        path.display()
+    )]
+    AlreadyQuantized {
+        /// The checkpoint.
+        path: PathBuf,
+        /// A quantized weight's key.
+        key: String,
+        /// Its format (`q4`, `bitsandbytes fp4, blocks of 64`, ...).
+        format: String,
+    },
+    /// A weight `quantize` cannot store: NaN or infinite, or beyond what the format can
+    /// represent (it would be written as inf or NaN).
+    #[error("{}: `{key}` row {row}, column {col}: {what}", path.display())]
+    Weight {
+        /// The checkpoint.
+        path: PathBuf,
+        /// The weight's key.
+        key: String,
+        /// Row of the element.
+        row: usize,
+        /// Column of the element.
+        col: usize,
+        /// The value and what is wrong with it.
+        what: String,
+    },
     /// The operating system refused a file operation of the program itself.
     #[error("{}: {op}: {source}", path.display())]
     File {

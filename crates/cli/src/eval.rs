@@ -5,7 +5,7 @@ use crate::args::FormatChoice;
 use crate::compare::{accuracy, mean_cross_entropy, mean_row_cosine};
 use crate::error::Result;
 use crate::model::{parse_activations, Classifier};
-use crate::paths::refuse_overwrite;
+use crate::paths::{adapter_inputs, refuse_overwrite_owned};
 use nibble_io::{write_safetensors, DType, Dataset, WeightFormat, FORMAT_KEY};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -60,10 +60,19 @@ pub struct EvalArgs<'a> {
     pub logits: Option<&'a Path>,
 }
 
-/// Evaluates the model on the data's test split (see the module docs).
+/// Evaluates the model on the data's test split (see the module docs). A model without a
+/// Linear layer gives one row, `f32`, whatever the formats asked for (they store Linear
+/// weights only).
 pub fn evaluate(args: &EvalArgs<'_>) -> Result<EvalReport> {
     if let Some(out) = args.logits {
-        refuse_overwrite(out, &[(args.model, "--model"), (args.data, "--data")])?;
+        let mut inputs = vec![
+            (args.model.to_path_buf(), "--model".to_string()),
+            (args.data.to_path_buf(), "--data".to_string()),
+        ];
+        if let Some(dir) = args.adapter {
+            inputs.extend(adapter_inputs(dir, "--adapter"));
+        }
+        refuse_overwrite_owned(out, &inputs)?;
     }
     let activations = parse_activations(args.activation)?;
     let data = Dataset::open(args.data)?;
@@ -86,7 +95,14 @@ pub fn evaluate(args: &EvalArgs<'_>) -> Result<EvalReport> {
     let classes = reference.classes();
     let reference_logits = reference.logits(x)?;
     let mut rows = Vec::new();
-    for (i, format) in args.format.formats().into_iter().enumerate() {
+    // Without a Linear layer the weight formats do not apply: every one is the f32 model, so
+    // `--format all` gives the one row.
+    let formats = if reference.has_linear() {
+        args.format.formats()
+    } else {
+        vec![WeightFormat::F32]
+    };
+    for (i, format) in formats.into_iter().enumerate() {
         let model;
         let (m, logits) = if format == WeightFormat::F32 {
             (&reference, reference_logits.clone())
@@ -133,6 +149,12 @@ pub fn run(args: &EvalArgs<'_>, json: bool) -> Result<()> {
         return Ok(());
     }
     println!("{} on {}:", report.model, report.data);
+    if args.format == FormatChoice::All && report.rows.len() == 1 {
+        eprintln!(
+            "note: {} has no Linear layer, so the weight formats do not apply: one f32 row",
+            report.model
+        );
+    }
     print_table(&report.rows);
     Ok(())
 }

@@ -78,6 +78,8 @@ impl Batches {
         }
     }
 
+    /// The next `batch` row indices (the split has rows: [`Dataset::train`] refuses an empty
+    /// one).
     fn take(&mut self, batch: usize) -> Vec<usize> {
         let mut out = Vec::with_capacity(batch);
         while out.len() < batch {
@@ -97,14 +99,36 @@ impl Batches {
     }
 }
 
-/// Fine-tunes (see the module docs).
+/// Fine-tunes (see the module docs). `--steps` and `--batch` must be at least 1, and `--rank`
+/// at most the smaller dimension of every Linear (a LoRA of a larger rank has no more to
+/// learn, and its matrices would be larger than the weight); each is an error naming the flag.
+/// The report holds every step's loss.
 pub fn finetune(args: &FinetuneArgs<'_>) -> Result<FinetuneReport> {
+    train(args, LossHistory::Every)
+}
+
+/// Which training losses [`train`] keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LossHistory {
+    /// Every step's (`--json`), growing as the steps go.
+    Every,
+    /// The first and the last step's (all the text summary prints), in constant memory.
+    FirstAndLast,
+}
+
+fn train(args: &FinetuneArgs<'_>, history: LossHistory) -> Result<FinetuneReport> {
     let usage = |arg, what: &str| Error::Usage {
         arg,
         what: what.to_string(),
     };
     if args.rank == 0 {
         return Err(usage("--rank", "must be at least 1"));
+    }
+    if args.steps == 0 {
+        return Err(usage(
+            "--steps",
+            "must be at least 1 (0 steps would train nothing and measure no loss)",
+        ));
     }
     if args.batch == 0 {
         return Err(usage("--batch", "must be at least 1"));
@@ -113,11 +137,10 @@ pub fn finetune(args: &FinetuneArgs<'_>) -> Result<FinetuneReport> {
         return Err(usage("--lr", "must be a positive number"));
     }
     if let Some(dir) = args.save_adapter {
+        let inputs = [(args.model, "--model"), (args.data, "--data")];
+        refuse_overwrite(dir, &inputs)?;
         for name in [nibble_nn::peft::WEIGHTS_FILE, nibble_nn::peft::CONFIG_FILE] {
-            refuse_overwrite(
-                &dir.join(name),
-                &[(args.model, "--model"), (args.data, "--data")],
-            )?;
+            refuse_overwrite(&dir.join(name), &inputs)?;
         }
     }
     let activations = parse_activations(args.activation)?;
@@ -128,6 +151,7 @@ pub fn finetune(args: &FinetuneArgs<'_>) -> Result<FinetuneReport> {
         (args.layer_norm_eps, args.batch_norm_eps),
         args.format,
     )?;
+    check_rank(args.rank, args.model, &model.linear_shapes())?;
     data.check_fits(model.features(), model.classes())?;
     let train = data.train()?;
     let classes = model.classes();
@@ -145,13 +169,28 @@ pub fn finetune(args: &FinetuneArgs<'_>) -> Result<FinetuneReport> {
     )?;
     let tape = Tape::new();
     let mut batches = Batches::new(train.len(), args.seed);
-    let mut loss = Vec::with_capacity(args.steps);
-    for _ in 0..args.steps {
-        let (x, y) = train.rows(&batches.take(args.batch.min(train.len().max(1))))?;
+    // Grown as the steps go (never reserved by the step count, which may be huge).
+    let mut loss: Vec<f32> = Vec::new();
+    let batch = args.batch.min(train.len());
+    for step in 0..args.steps {
+        let (x, y) = train.rows(&batches.take(batch))?;
         opt.zero_grad();
         let value = model.train_loss(&tape, x, &y)?;
         opt.step()?;
-        loss.push(value);
+        match history {
+            LossHistory::FirstAndLast if loss.len() == 2 => loss[1] = value,
+            _ => {
+                loss.try_reserve(1).map_err(|_| Error::Usage {
+                    arg: "--steps",
+                    what: format!(
+                        "{}: the loss of every step (--json) no longer fits in memory after \
+                         {step} steps",
+                        args.steps
+                    ),
+                })?;
+                loss.push(value);
+            }
+        }
     }
     let accuracy_after = test_accuracy(&model)?;
     if let Some(dir) = args.save_adapter {
@@ -167,9 +206,41 @@ pub fn finetune(args: &FinetuneArgs<'_>) -> Result<FinetuneReport> {
     })
 }
 
+/// An error naming `--rank`, its value and the layer, unless `rank` is at most `min(out, in)`
+/// of every Linear of `model` (`linears`: names and `(out, in)`), and there is a Linear.
+fn check_rank(rank: usize, model: &Path, linears: &[(String, (usize, usize))]) -> Result<()> {
+    let Some((name, (out, inn))) = linears.iter().min_by_key(|(_, (o, i))| (*o).min(*i)) else {
+        return Err(Error::Usage {
+            arg: "--rank",
+            what: format!(
+                "{} has no Linear layer to put a LoRA adapter on",
+                model.display()
+            ),
+        });
+    };
+    if rank > (*out).min(*inn) {
+        return Err(Error::Usage {
+            arg: "--rank",
+            what: format!(
+                "{rank} is larger than layer `{name}` [{out}, {inn}] allows (a LoRA rank is at \
+                 most min(out, in) = {})",
+                (*out).min(*inn)
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Runs `finetune`, printing progress figures or one JSON object.
 pub fn run(args: &FinetuneArgs<'_>, json: bool) -> Result<()> {
-    let r = finetune(args)?;
+    let r = train(
+        args,
+        if json {
+            LossHistory::Every
+        } else {
+            LossHistory::FirstAndLast
+        },
+    )?;
     if json {
         println!("{}", serde_json::to_string(&r).expect("serializable"));
         return Ok(());

@@ -173,6 +173,19 @@ impl Classifier {
         self.classes
     }
 
+    /// Whether the model has a Linear layer (the only layers the weight formats store).
+    pub fn has_linear(&self) -> bool {
+        self.model.linears().next().is_some()
+    }
+
+    /// Each Linear's name and `(out, in)`, in order.
+    pub fn linear_shapes(&self) -> Vec<(String, (usize, usize))> {
+        self.model
+            .linears()
+            .map(|l| (l.name.clone(), l.dims()))
+            .collect()
+    }
+
     /// The storage format of the Linear weights (of the first Linear).
     pub fn format(&self) -> WeightFormat {
         self.model

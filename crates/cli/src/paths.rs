@@ -1,7 +1,7 @@
 //! The rule that no verb writes over one of its own inputs.
 
 use crate::error::{Error, Result};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// True when `a` and `b` name the same existing file (same device and inode on Unix, same
 /// canonical path elsewhere); false when either does not exist.
@@ -34,4 +34,29 @@ pub fn refuse_overwrite(output: &Path, inputs: &[(&Path, &str)]) -> Result<()> {
         }),
         None => Ok(()),
     }
+}
+
+/// The inputs an adapter directory `dir` given as `flag` (`--adapter`) stands for: the
+/// directory itself and every file PEFT's layout may hold there (`adapter_model.safetensors`,
+/// `adapter_model.bin`, `adapter_config.json`), each with what it is, for [`refuse_overwrite`].
+pub fn adapter_inputs(dir: &Path, flag: &str) -> Vec<(PathBuf, String)> {
+    let mut inputs = vec![(dir.to_path_buf(), format!("the {flag} directory"))];
+    for name in [
+        nibble_nn::peft::WEIGHTS_FILE,
+        nibble_nn::peft::WEIGHTS_FILE_PTH,
+        nibble_nn::peft::CONFIG_FILE,
+    ] {
+        inputs.push((dir.join(name), format!("{flag}'s {name}")));
+    }
+    inputs
+}
+
+/// [`refuse_overwrite`] for inputs held as owned paths and descriptions (e.g. from
+/// [`adapter_inputs`]).
+pub fn refuse_overwrite_owned(output: &Path, inputs: &[(PathBuf, String)]) -> Result<()> {
+    let refs: Vec<(&Path, &str)> = inputs
+        .iter()
+        .map(|(p, what)| (p.as_path(), what.as_str()))
+        .collect();
+    refuse_overwrite(output, &refs)
 }

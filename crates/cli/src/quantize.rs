@@ -6,6 +6,13 @@
 //! format ([`nibble_io::FORMAT_KEY`]) and each quantized weight's `[out, in]` shape
 //! ([`shape_metadata_key`]: `nibble.shape.K` = `out,in`), so that a reader can rebuild the weights without
 //! re-quantizing. The input is never overwritten.
+//!
+//! A checkpoint that already holds quantized weights (nibble's layouts or bitsandbytes' 4-bit
+//! and 8-bit ones) is refused ([`Error::AlreadyQuantized`]): its codes and scales are not
+//! weights. So is a weight with a NaN or infinite value, or one the format cannot store (an
+//! f16 value beyond ±65504, an int8 row or a `lower` group whose range overflows its scale and
+//! minimum): [`Error::Weight`] names the key, row, column and value; nothing non-finite is
+//! written.
 
 use crate::compare::{abs_diff, cosine};
 use crate::error::{Error, Result};
@@ -73,6 +80,13 @@ pub fn quantize(
             what: e.to_string(),
         })?;
     let file = Checkpoint::open(input)?;
+    if let Some((key, format)) = quantized_weight(&file) {
+        return Err(Error::AlreadyQuantized {
+            path: input.to_path_buf(),
+            key,
+            format,
+        });
+    }
     let mut report = QuantizeReport {
         format: format.name().to_string(),
         bytes_before: 0,
@@ -103,6 +117,23 @@ pub fn quantize(
             continue;
         }
         let original = file.tensor_f32(key, None)?;
+        let cols = shape[1];
+        let weight_error = |k: usize, what: String| Error::Weight {
+            path: input.to_path_buf(),
+            key: key.to_string(),
+            row: k / cols.max(1),
+            col: k % cols.max(1),
+            what,
+        };
+        if let Some(k) = original.data().iter().position(|v| !v.is_finite()) {
+            return Err(weight_error(
+                k,
+                format!(
+                    "{} is not a finite weight (as f32); only finite weights are quantized",
+                    original.data()[k]
+                ),
+            ));
+        }
         let (stored, after): (Vec<f32>, usize) = if format == WeightFormat::F32 {
             let data = original.data().to_vec();
             let n = data.len() * 4;
@@ -117,6 +148,12 @@ pub fn quantize(
             let weight = FrozenWeight::quantize(format, key, &original)?;
             let after = weight.parts(key).iter().map(|p| p.3.len()).sum();
             let stored = weight.matrix().to_f32().into_vec();
+            if let Some(k) = stored.iter().position(|v| !v.is_finite()) {
+                return Err(weight_error(
+                    k,
+                    unrepresentable(format, original.data(), cols, k, stored[k]),
+                ));
+            }
             metadata.insert(
                 shape_metadata_key(key),
                 format!("{},{}", shape[0], shape[1]),
@@ -149,6 +186,106 @@ pub fn quantize(
     metadata.insert(FORMAT_KEY.to_string(), format.name().to_string());
     write_safetensors(output, &entries, &metadata)?;
     Ok(report)
+}
+
+/// The first weight of `file` already stored quantized, and its format: nibble's layouts
+/// (parts `K.q4.packed`, `K.int8.codes`, ...; see [`nibble_io::frozen`]) and bitsandbytes'
+/// 4-bit (`K.quant_state.bitsandbytes__nf4` / `__fp4` beside the codes) and 8-bit (`K` int8,
+/// or `SCB` beside it) layouts, as the model reader tells them.
+fn quantized_weight(file: &Checkpoint) -> Option<(String, String)> {
+    /// Every part suffix of nibble's own layouts, with the format it belongs to.
+    const PARTS: [(&str, WeightFormat); 14] = [
+        ("q4.packed", WeightFormat::Q4),
+        ("q4.norm", WeightFormat::Q4),
+        ("nf4.packed", WeightFormat::Nf4),
+        ("nf4.absmax", WeightFormat::Nf4),
+        ("nf4.absmax_codes", WeightFormat::Nf4Dq),
+        ("nf4.absmax_offset", WeightFormat::Nf4Dq),
+        ("nf4.absmax_scale", WeightFormat::Nf4Dq),
+        ("int8.codes", WeightFormat::Int8),
+        ("int8.scale", WeightFormat::Int8),
+        ("int8.min", WeightFormat::Int8),
+        ("lower.bits", WeightFormat::Lower),
+        ("lower.codes", WeightFormat::Lower),
+        ("lower.scale", WeightFormat::Lower),
+        ("lower.min", WeightFormat::Lower),
+    ];
+    const BNB_4BIT: [&str; 2] = [
+        nibble_io::bnb::QUANT_STATE_NF4,
+        "quant_state.bitsandbytes__fp4",
+    ];
+    for key in file.keys() {
+        for (suffix, format) in PARTS {
+            if let Some(base) = key.strip_suffix(suffix).and_then(|b| b.strip_suffix('.')) {
+                let stored = FrozenWeight::stored_format(file, base).unwrap_or(format);
+                return Some((base.to_string(), stored.name().to_string()));
+            }
+        }
+        for suffix in BNB_4BIT {
+            if let Some(base) = key.strip_suffix(suffix).and_then(|b| b.strip_suffix('.')) {
+                let what = match nibble_io::bnb::bnb_4bit_info(file, base) {
+                    Ok(info) => info.describe(),
+                    Err(_) => "bitsandbytes 4-bit".to_string(),
+                };
+                return Some((base.to_string(), what));
+            }
+        }
+        let is_weight = key == "weight" || key.ends_with(".weight");
+        if is_weight && nibble_io::bnb::is_bnb_8bit(file, key) {
+            return Some((key.to_string(), "bitsandbytes int8".to_string()));
+        }
+    }
+    None
+}
+
+/// Why element `k` (`original[k]`, of a `[_, cols]` weight) became `stored` (NaN or
+/// infinite) in `format`.
+fn unrepresentable(
+    format: WeightFormat,
+    original: &[f32],
+    cols: usize,
+    k: usize,
+    stored: f32,
+) -> String {
+    let value = number(original[k]);
+    let range = |span: &[f32]| {
+        let lo = span.iter().copied().fold(f32::INFINITY, f32::min);
+        let hi = span.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        format!("{} to {}", number(lo), number(hi))
+    };
+    let row = &original[k - k % cols.max(1)..][..cols];
+    match format {
+        WeightFormat::F16 => format!("{value} is beyond f16's range (±65504)"),
+        WeightFormat::Int8 => format!(
+            "{value} would be stored as {stored} in int8: the row spans {}, a range its f32 \
+             scale and minimum cannot hold",
+            range(row)
+        ),
+        WeightFormat::Lower => {
+            let start = (k % cols) / 128 * 128;
+            let group = &row[start..(start + 128).min(cols)];
+            format!(
+                "{value} would be stored as {stored} in lower: its group of columns {start}..{} \
+                 spans {}, beyond its f16 scale and minimum (±65504)",
+                start + group.len(),
+                range(group)
+            )
+        }
+        _ => format!(
+            "{value} would be stored as {stored} in {format}: the row spans {}, beyond what \
+             {format} can hold",
+            range(row)
+        ),
+    }
+}
+
+/// `v` for a message: plain for moderate magnitudes, in exponent form for huge or tiny ones.
+fn number(v: f32) -> String {
+    if v != 0.0 && v.is_finite() && !(1e-4..1e6).contains(&v.abs()) {
+        format!("{v:e}")
+    } else {
+        v.to_string()
+    }
 }
 
 fn bytemuck_f32(data: &[f32]) -> Vec<u8> {

@@ -4,8 +4,10 @@
 //! `nn.Flatten` flattens them) and integer labels `y_test` `[N]` (i64, i32 or u8), and optionally a training split
 //! `x_train` / `y_train` of the same form.
 //!
-//! Everything is checked on reading — dtypes, ranks, that x and y have the same N, that every
-//! feature is finite and every label non-negative — and against a model by
+//! Everything is checked on reading — dtypes, ranks, that x and y have the same N, that the
+//! test split has rows (the training split is checked for rows when asked for, by
+//! [`Dataset::train`]), that every feature is finite and every label non-negative — and
+//! against a model by
 //! [`Dataset::check_fits`] (feature count, labels below the number of classes). Each error
 //! names the file, the key, the index and the expected and found values.
 //!
@@ -52,6 +54,24 @@ impl Split {
         self.x.shape().get(1).copied().unwrap_or(0)
     }
 
+    /// An error naming the file and the key (`x_train has no rows`) when the split has no
+    /// rows: nothing can be trained or measured on it.
+    pub fn require_rows(&self) -> Result<()> {
+        if !self.is_empty() {
+            return Ok(());
+        }
+        Err(Error::Data {
+            path: self.path.clone(),
+            key: self.x_key.clone(),
+            index: None,
+            what: format!(
+                "{} has no rows (shape {:?}); expected at least one",
+                self.x_key,
+                self.x.shape()
+            ),
+        })
+    }
+
     /// Rows `rows` of the split (features copied), e.g. one mini-batch.
     pub fn rows(&self, rows: &[usize]) -> Result<(Tensor, Vec<usize>)> {
         let f = self.features();
@@ -96,9 +116,12 @@ impl Dataset {
         Dataset::from_checkpoint(&Checkpoint::open(path)?)
     }
 
-    /// Reads and checks the splits of an opened file.
+    /// Reads and checks the splits of an opened file. A test split with no rows is an error
+    /// (every figure measured on it would be meaningless); an empty training split is read,
+    /// and refused by [`Dataset::train`] when it is needed.
     pub fn from_checkpoint(file: &Checkpoint) -> Result<Dataset> {
         let test = read_split(file, "x_test", "y_test")?;
+        test.require_rows()?;
         let train = match (file.contains("x_train"), file.contains("y_train")) {
             (false, false) => None,
             _ => Some(read_split(file, "x_train", "y_train")?),
@@ -129,12 +152,14 @@ impl Dataset {
         self.test.features()
     }
 
-    /// The training split, or an error naming the file when it has none.
+    /// The training split, or an error naming the file when it has none or it has no rows.
     pub fn train(&self) -> Result<&Split> {
-        self.train.as_ref().ok_or_else(|| Error::MissingKey {
+        let train = self.train.as_ref().ok_or_else(|| Error::MissingKey {
             path: self.path.clone(),
             key: "x_train".into(),
-        })
+        })?;
+        train.require_rows()?;
+        Ok(train)
     }
 
     /// Checks the data against a model taking `features` inputs and giving `classes` logits:
