@@ -20,7 +20,10 @@
 //! the other block sizes ([`BLOCK_SIZES`]) are read as the f32 weight bitsandbytes computes
 //! with ([`read_bnb_4bit_f32`]): exact, at 32 bits a weight. Maps other than the quant type's
 //! levels and the dynamic map, a quant type other than the key's, nested groups other than 256
-//! are errors naming the key. The weights are used in f32 whatever the JSON's `dtype` (the
+//! are errors naming the key. A weight is double-quantized exactly when `K.nested_absmax` is
+//! there (as bitsandbytes' `QuantState.from_dict` decides): its `K.absmax` must then be u8
+//! codes, and f32 otherwise (a mismatch is an error naming `K.absmax` and both dtypes), and
+//! `K.nested_quant_map` or the JSON's `nested_*` fields without `K.nested_absmax` are an error. The weights are used in f32 whatever the JSON's `dtype` (the
 //! dtype bitsandbytes would dequantize to before its matmul).
 //!
 //! An 8-bit weight (`Linear8bitLt(has_fp16_weights=False)`) is `K` i8 `[out, in]` with its
@@ -405,8 +408,54 @@ fn read_state(file: &Checkpoint, key: &str) -> Result<(Bnb4bitInfo, Option<f32>)
             what: format!("[{out}, {inn}] overflows"),
         });
     }
+    // Double quantization, as bitsandbytes' `QuantState.from_dict` decides it: the layer is
+    // nested iff `K.nested_absmax` is in the state dict. The absmax must then be 8-bit codes,
+    // and otherwise f32; nested parts without `K.nested_absmax` are half a nested state.
     let absmax_key = format!("{key}.absmax");
-    let double = file.info(&absmax_key).map(|(d, _)| d) == Some(DType::U8);
+    let nested_absmax_key = format!("{key}.nested_absmax");
+    let nested_map_key = format!("{key}.nested_quant_map");
+    let double = file.info(&nested_absmax_key).is_some();
+    match file.info(&absmax_key).map(|(d, _)| d) {
+        Some(found) if double && found != DType::U8 => {
+            return Err(Error::DType {
+                path: file.path().to_path_buf(),
+                key: absmax_key,
+                expected: format!(
+                    "u8 (8-bit absmax codes: `{nested_absmax_key}` is there, so the layer is double-quantized)"
+                ),
+                found,
+            })
+        }
+        Some(found) if !double && found != DType::F32 => {
+            return Err(Error::DType {
+                path: file.path().to_path_buf(),
+                key: absmax_key,
+                expected: format!(
+                    "f32 (no `{nested_absmax_key}`, so the layer is not double-quantized and its absmax is stored plain)"
+                ),
+                found,
+            })
+        }
+        _ => {}
+    }
+    if !double {
+        let stray = if file.info(&nested_map_key).is_some() {
+            Some(format!("`{nested_map_key}`"))
+        } else {
+            ["nested_offset", "nested_blocksize", "nested_dtype"]
+                .into_iter()
+                .find(|name| field(name).is_some())
+                .map(|name| format!("`{name}` in `{state_key}`"))
+        };
+        if let Some(stray) = stray {
+            return Err(bad(
+                key,
+                format!(
+                    "{stray} belongs to a double-quantized layer, but `{nested_absmax_key}` is missing"
+                ),
+            ));
+        }
+    }
     let mut offset = None;
     if double {
         let nested = field("nested_blocksize");

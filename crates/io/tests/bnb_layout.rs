@@ -143,3 +143,97 @@ fn the_f32_reader_gives_the_nf4_weights_values() {
         .to_string();
     assert!(e.contains("2.weight") && e.contains("fp4"), "{e}");
 }
+
+/// Whether a 4-bit weight is double-quantized is bitsandbytes' rule (`K.nested_absmax` is
+/// there), not the absmax's dtype: a nested layer whose absmax is f32, a plain one whose absmax
+/// is u8, and nested parts without `K.nested_absmax` are errors naming the key and the dtypes,
+/// never read as the other kind.
+#[test]
+fn absmax_dtype_must_fit_double_quantization() {
+    let dir = std::env::temp_dir().join(format!("nibble-bnb-absmax-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let w = nibble_tensor::Tensor::randn(&[5, 70], &mut nibble_tensor::Rng::new(2));
+    type Entry = (String, DType, Vec<usize>, Vec<u8>);
+    let entries = |format: WeightFormat| -> Vec<Entry> {
+        let weight = FrozenWeight::quantize(format, "w", &w).unwrap();
+        weight
+            .parts("l.weight")
+            .into_iter()
+            .map(|(k, d, s, b)| (k, d, s, b.into_owned()))
+            .collect()
+    };
+    let read = |name: &str, entries: &[Entry]| -> Result<(), String> {
+        let path = dir.join(format!("{name}.safetensors"));
+        let refs: Vec<(String, DType, Vec<usize>, &[u8])> = entries
+            .iter()
+            .map(|(k, d, s, b)| (k.clone(), *d, s.clone(), b.as_slice()))
+            .collect();
+        nibble_io::write_safetensors(&path, &refs, &Default::default()).unwrap();
+        let file = Checkpoint::open(&path).unwrap();
+        // Both readers and the format probe agree.
+        let e1 = read_bnb_4bit(&file, "l.weight").map(|_| ());
+        let e2 = nibble_io::bnb::read_bnb_4bit_f32(&file, "l.weight").map(|_| ());
+        assert_eq!(e1.is_ok(), e2.is_ok(), "{name}");
+        e1.map_err(|e| e.to_string())
+    };
+    let (plain, nested) = (entries(WeightFormat::Nf4), entries(WeightFormat::Nf4Dq));
+    read("plain", &plain).unwrap();
+    read("nested", &nested).unwrap();
+    // The nested layer's u8 absmax codes widened to f32 (what a careless conversion writes).
+    let mut f32_absmax = nested.clone();
+    let absmax = f32_absmax
+        .iter_mut()
+        .find(|e| e.0 == "l.weight.absmax")
+        .unwrap();
+    absmax.1 = DType::F32;
+    absmax.3 = absmax
+        .3
+        .iter()
+        .flat_map(|&c| f32::from(c).to_le_bytes())
+        .collect();
+    let e = read("nested_f32_absmax", &f32_absmax).unwrap_err();
+    assert!(
+        e.contains("l.weight.absmax")
+            && e.contains("u8")
+            && e.contains("f32")
+            && e.contains("l.weight.nested_absmax"),
+        "{e}"
+    );
+    // A plain layer with u8 absmax.
+    let mut u8_absmax = plain.clone();
+    let absmax = u8_absmax
+        .iter_mut()
+        .find(|e| e.0 == "l.weight.absmax")
+        .unwrap();
+    absmax.1 = DType::U8;
+    absmax.3 = absmax.3.chunks(4).map(|c| c[3]).collect();
+    let e = read("plain_u8_absmax", &u8_absmax).unwrap_err();
+    assert!(
+        e.contains("l.weight.absmax") && e.contains("u8") && e.contains("f32"),
+        "{e}"
+    );
+    // The nested map without the nested absmax: half a nested state.
+    let mut half: Vec<Entry> = nested
+        .iter()
+        .filter(|e| e.0 != "l.weight.nested_absmax")
+        .cloned()
+        .collect();
+    let e = read("half_nested", &half).unwrap_err();
+    assert!(e.contains("l.weight.nested_absmax"), "{e}");
+    // The nested JSON fields alone on a plain layer.
+    half = plain.clone();
+    let state = half
+        .iter_mut()
+        .find(|e| e.0.ends_with("bitsandbytes__nf4"))
+        .unwrap();
+    let mut json: serde_json::Value = serde_json::from_slice(&state.3).unwrap();
+    json["nested_offset"] = serde_json::json!(0.5);
+    state.3 = serde_json::to_vec(&json).unwrap();
+    state.2 = vec![state.3.len()];
+    let e = read("stray_offset", &half).unwrap_err();
+    assert!(
+        e.contains("nested_offset") && e.contains("l.weight.nested_absmax"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -47,6 +47,19 @@ pub enum Error {
         /// What is wrong.
         what: String,
     },
+    /// A parameter or running statistic (of a model or of an adapter file) holding NaN or an
+    /// infinity: it would turn every output it touches into NaN.
+    #[error("{}: `{key}` holds {value} at {at}: parameters must be finite", file.display())]
+    NonFinite {
+        /// The file holding the tensor.
+        file: PathBuf,
+        /// The tensor's key in the file.
+        key: String,
+        /// Where: `(row r, col c)` for a matrix, `index i` otherwise.
+        at: String,
+        /// The value found (NaN, inf or -inf).
+        value: f32,
+    },
     /// Quantizing a weight failed.
     #[error("weight `{key}`: {source}")]
     Quant {
@@ -66,3 +79,25 @@ pub enum Error {
 
 /// Result alias of the `nibble-nn` crate.
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// An [`Error::NonFinite`] naming `file`, `key` and the first NaN or infinite element of `t`
+/// (by row and column for a matrix), or `Ok` if every element is finite.
+pub(crate) fn check_finite(
+    file: &std::path::Path,
+    key: &str,
+    t: &nibble_tensor::Tensor,
+) -> Result<()> {
+    let Some(i) = t.data().iter().position(|v| !v.is_finite()) else {
+        return Ok(());
+    };
+    let at = match t.shape() {
+        &[_, cols] if cols > 0 => format!("(row {}, col {})", i / cols, i % cols),
+        _ => format!("index {i}"),
+    };
+    Err(Error::NonFinite {
+        file: file.to_path_buf(),
+        key: key.to_string(),
+        at,
+        value: t.data()[i],
+    })
+}

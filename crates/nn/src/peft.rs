@@ -8,7 +8,10 @@
 //!
 //! nibble's adapters are unscaled (`y += B A x`), so we save `lora_alpha = r`. Loading a PEFT
 //! adapter with another `lora_alpha` folds PEFT's scaling `lora_alpha / r` (or
-//! `lora_alpha / √r` with `use_rslora`) into B.
+//! `lora_alpha / √r` with `use_rslora`) into B; settings the config leaves out take PEFT's
+//! `LoraConfig` defaults ([`defaults`]: `r` 8, `lora_alpha` 8, no rsLoRA, `bias` "none").
+//! Only the Linears that `target_modules` selects (less `exclude_modules` and
+//! `modules_to_save`) are adapted, as PEFT adapts them; see [`load_adapter_into`].
 
 use crate::error::{Error, Result};
 use crate::linear::{Linear, LoraAdapter};
@@ -124,12 +127,82 @@ pub fn save_adapter<'a>(layers: impl IntoIterator<Item = &'a Linear>, dir: &Path
         })
 }
 
-/// What loading needs from `adapter_config.json`: the rank and scaling of each module's `B A x`.
+/// PEFT's `LoraConfig` defaults for the settings nibble reads, used where
+/// `adapter_config.json` leaves a setting out: `r = 8`, `lora_alpha = 8`, `use_rslora = false`
+/// (PEFT 0.21's `LoraConfig` field defaults; an absent `bias` is its default `"none"`: no
+/// base parameters beyond those the file holds).
+pub mod defaults {
+    /// `r` when absent.
+    pub const R: usize = 8;
+    /// `lora_alpha` when absent (so an adapter of rank `r` without it is scaled `8 / r`).
+    pub const LORA_ALPHA: f64 = 8.0;
+    /// `use_rslora` when absent.
+    pub const USE_RSLORA: bool = false;
+}
+
+/// PEFT's value of `target_modules` meaning "every Linear" (matched case-insensitively).
+pub const ALL_LINEAR: &str = "all-linear";
+/// PEFT's placeholder `target_modules` of an adapter that targets no module (matching none is
+/// then no error).
+pub const DUMMY_TARGET_MODULES: &str = "dummy-target-modules";
+
+/// Which modules `target_modules` or `exclude_modules` names, in PEFT's forms.
+#[derive(Debug, Clone)]
+pub enum ModuleSelector {
+    /// A list of names: a module matches an entry that is its whole name or, as PEFT matches,
+    /// the end of it after a dot (`"fc"` matches `model.fc`, `"0"` matches `model.0`).
+    Names(Vec<String>),
+    /// One regular expression (a string in the config) that the whole module name must match
+    /// (Python's `re.fullmatch`); the source as written, and it compiled as `^(?:…)$`.
+    Regex(String, regex::Regex),
+    /// `"all-linear"` (any case): every Linear layer. PEFT leaves out the output layer only
+    /// for a `transformers` `PreTrainedModel` (its output embeddings, or a sequence
+    /// classifier's `score` / `classifier` head); for a plain `nn.Sequential`, which is what
+    /// nibble loads, it adapts every Linear, the last one included, and so does nibble.
+    AllLinear,
+    /// [`DUMMY_TARGET_MODULES`]: no module.
+    Dummy,
+}
+
+impl ModuleSelector {
+    /// Whether module `name` is selected; `linears` are the model's Linear layers (for
+    /// [`ModuleSelector::AllLinear`], which PEFT turns into the list of their names).
+    pub fn matches(&self, name: &str, linears: &[&str]) -> bool {
+        let named = |entry: &str| {
+            name == entry
+                || name
+                    .strip_suffix(entry)
+                    .is_some_and(|head| head.ends_with('.'))
+        };
+        match self {
+            ModuleSelector::Names(list) => list.iter().any(|e| named(e)),
+            ModuleSelector::Regex(_, re) => re.is_match(name),
+            ModuleSelector::AllLinear => linears.iter().any(|e| named(e)),
+            ModuleSelector::Dummy => false,
+        }
+    }
+}
+
+impl std::fmt::Display for ModuleSelector {
+    /// As the config spells it: a JSON list or string.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ModuleSelector::Names(list) => write!(f, "{}", json!(list)),
+            ModuleSelector::Regex(source, _) => write!(f, "{}", json!(source)),
+            ModuleSelector::AllLinear => write!(f, "\"{ALL_LINEAR}\""),
+            ModuleSelector::Dummy => write!(f, "\"{DUMMY_TARGET_MODULES}\""),
+        }
+    }
+}
+
+/// What loading needs from `adapter_config.json`: the rank and scaling of each module's
+/// `B A x`, and which modules carry one.
 #[derive(Debug, Clone)]
 pub struct AdapterConfig {
-    /// `r`: the rank of every module that `rank_pattern` does not name.
+    /// `r`: the rank of every module that `rank_pattern` does not name ([`defaults::R`] when
+    /// absent).
     pub r: usize,
-    /// `lora_alpha` (`r` when absent).
+    /// `lora_alpha` ([`defaults::LORA_ALPHA`], PEFT's default 8, when absent).
     pub alpha: f64,
     /// `use_rslora`: the scaling is `alpha / √r` instead of `alpha / r`.
     pub rslora: bool,
@@ -137,6 +210,13 @@ pub struct AdapterConfig {
     pub rank_pattern: Vec<(String, usize)>,
     /// `alpha_pattern`: per-module alphas, keyed likewise.
     pub alpha_pattern: Vec<(String, f64)>,
+    /// `target_modules`: the modules PEFT puts a LoRA layer on (required).
+    pub target_modules: ModuleSelector,
+    /// `exclude_modules`: modules taken out of `target_modules` (`None`: none).
+    pub exclude_modules: Option<ModuleSelector>,
+    /// `modules_to_save`: modules PEFT copies whole instead of adapting; as PEFT, a module
+    /// matching one (`(^|.*\.)<entry>($|\..*)`, the entry a regex) gets no LoRA layer.
+    pub modules_to_save: Vec<(String, regex::Regex)>,
 }
 
 /// Whether PEFT's pattern `pattern` (a key of `rank_pattern` / `alpha_pattern`) names the module
@@ -155,6 +235,41 @@ fn by_pattern<T: Copy>(patterns: &[(String, T)], module: &str) -> Option<T> {
         .find(|(p, _)| p == module)
         .or_else(|| patterns.iter().find(|(p, _)| pattern_names(p, module)))
         .map(|(_, v)| *v)
+}
+
+/// Parses setting `name` (`target_modules` or `exclude_modules`) as PEFT reads it: a list of
+/// names, or a string that is a regex (or, for targets, `"all-linear"` or
+/// [`DUMMY_TARGET_MODULES`]).
+fn selector(path: &Path, name: &str, v: &Value, target: bool) -> Result<ModuleSelector> {
+    match v {
+        Value::String(s) if target && s.to_lowercase() == ALL_LINEAR => {
+            Ok(ModuleSelector::AllLinear)
+        }
+        Value::String(s) if target && s == DUMMY_TARGET_MODULES => Ok(ModuleSelector::Dummy),
+        Value::String(s) => regex::Regex::new(&format!("^(?:{s})$"))
+            .map(|re| ModuleSelector::Regex(s.clone(), re))
+            .map_err(|e| {
+                adapter_error(
+                    path,
+                    format!("`{name}` = \"{s}\" is not a regex nibble reads: {e}"),
+                )
+            }),
+        Value::Array(list) => list
+            .iter()
+            .map(|e| e.as_str().map(str::to_string))
+            .collect::<Option<Vec<_>>>()
+            .map(ModuleSelector::Names)
+            .ok_or_else(|| {
+                adapter_error(
+                    path,
+                    format!("`{name}` must be a list of module names or a regex, found {v}"),
+                )
+            }),
+        _ => Err(adapter_error(
+            path,
+            format!("`{name}` must be a list of module names or a regex, found {v}"),
+        )),
+    }
 }
 
 impl AdapterConfig {
@@ -211,25 +326,27 @@ impl AdapterConfig {
                 .filter(|&r| r > 0 && r <= 1 << 16)
                 .map(|r| r as usize)
         };
-        let r = field("r").and_then(rank).ok_or_else(|| {
-            adapter_error(
-                &path,
-                format!("`r` must be a positive integer, found {:?}", field("r")),
-            )
-        })?;
+        // Absent settings take PEFT's `LoraConfig` defaults; an explicit null is no value.
+        let r = match config.get("r") {
+            None => defaults::R,
+            Some(v) => rank(v).ok_or_else(|| {
+                adapter_error(&path, format!("`r` must be a positive integer, found {v}"))
+            })?,
+        };
         let number = |v: &Value| v.as_f64().filter(|a| a.is_finite());
-        let alpha = match field("lora_alpha") {
-            None => r as f64,
+        let alpha = match config.get("lora_alpha") {
+            None => defaults::LORA_ALPHA,
             Some(v) => number(v).ok_or_else(|| {
                 adapter_error(&path, format!("`lora_alpha` must be a number, found {v}"))
             })?,
         };
-        match field("bias").and_then(Value::as_str) {
-            None | Some("none" | "all" | "lora_only") => {}
+        match field("bias") {
+            None => {}
+            Some(Value::String(b)) if ["none", "all", "lora_only"].contains(&b.as_str()) => {}
             Some(b) => {
                 return Err(adapter_error(
                     &path,
-                    format!("bias = \"{b}\" is not one of \"none\", \"all\", \"lora_only\""),
+                    format!("`bias` = {b} is not one of \"none\", \"all\", \"lora_only\""),
                 ))
             }
         }
@@ -254,16 +371,89 @@ impl AdapterConfig {
             .map(|(k, r)| (k, r as usize))
             .collect();
         let alpha_pattern = patterns("alpha_pattern", &number)?;
-        let rslora = field("use_rslora")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
+        let rslora = match field("use_rslora") {
+            None => defaults::USE_RSLORA,
+            Some(v) => v.as_bool().ok_or_else(|| {
+                adapter_error(
+                    &path,
+                    format!("`use_rslora` must be true or false, found {v}"),
+                )
+            })?,
+        };
+        for name in ["layers_to_transform", "layers_pattern"] {
+            // PEFT ignores an empty list (or string); any other value limits the targets to
+            // some layers of a transformer's stack, which nibble does not implement.
+            let empty =
+                |v: &Value| v.as_array().is_some_and(|a| a.is_empty()) || v.as_str() == Some("");
+            if let Some(v) = field(name).filter(|v| !empty(v)) {
+                return Err(adapter_error(
+                    &path,
+                    format!("`{name}` = {v} is not supported (only whole `target_modules`)"),
+                ));
+            }
+        }
+        let target_modules = match field("target_modules") {
+            None => {
+                return Err(adapter_error(
+                    &path,
+                    "`target_modules` is missing: PEFT needs it for a model it has no default \
+                     targets for (any nn.Sequential), and so does nibble",
+                ))
+            }
+            Some(v) => selector(&path, "target_modules", v, true)?,
+        };
+        let exclude_modules = match field("exclude_modules") {
+            // PEFT skips an empty list or string.
+            Some(v) if !(v.as_array().is_some_and(|a| a.is_empty()) || v.as_str() == Some("")) => {
+                Some(selector(&path, "exclude_modules", v, false)?)
+            }
+            _ => None,
+        };
+        let modules_to_save = match field("modules_to_save") {
+            None => Vec::new(),
+            Some(v) => {
+                let bad = || {
+                    adapter_error(
+                        &path,
+                        format!("`modules_to_save` must be a list of module names, found {v}"),
+                    )
+                };
+                let list = v.as_array().ok_or_else(bad)?;
+                list.iter()
+                    .map(|m| {
+                        let m = m.as_str().ok_or_else(bad)?;
+                        // PEFT: `re.match(rf"(^|.*\.){m}($|\..*)", key)`.
+                        let re = regex::Regex::new(&format!(r"^(?:(^|.*\.){m}($|\..*))"))
+                            .map_err(|e| {
+                                adapter_error(
+                                    &path,
+                                    format!("`modules_to_save` entry \"{m}\" is not a regex nibble reads: {e}"),
+                                )
+                            })?;
+                        Ok((m.to_string(), re))
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            }
+        };
         Ok(AdapterConfig {
             r,
             alpha,
             rslora,
             rank_pattern,
             alpha_pattern,
+            target_modules,
+            exclude_modules,
+            modules_to_save,
         })
+    }
+
+    /// Whether PEFT keeps module `name` out of LoRA: `exclude_modules` or `modules_to_save`
+    /// names it.
+    fn excluded(&self, name: &str) -> bool {
+        self.exclude_modules
+            .as_ref()
+            .is_some_and(|e| e.matches(name, &[]))
+            || self.modules_to_save.iter().any(|(_, re)| re.is_match(name))
     }
 
     /// The rank of `module`'s adapter.
@@ -327,46 +517,174 @@ pub struct OtherModule<'a> {
     pub bias: Option<&'a Param>,
 }
 
-/// Loads the adapters saved in `dir` onto `layers` (see [`load_adapter_with_others`]); a file
+/// Loads the adapters saved in `dir` onto `layers` (see [`load_adapter_into`]); a file
 /// that replaces a parameter of anything but these Linears is an error.
 pub fn load_adapter<'a>(
     layers: impl IntoIterator<Item = &'a mut Linear>,
     dir: &Path,
 ) -> Result<()> {
-    load_adapter_with_others(layers, &[], dir)
+    load_adapter_into(layers, &[], &[], dir)
 }
 
-/// Loads the adapters saved in `dir` onto `layers`: each layer whose
-/// `base_model.model.<name>.lora_A.weight` / `lora_B.weight` pair is in the file gets it (an
-/// adapter is attached, trainable, where the layer has none, and that layer's base weight and
-/// bias are frozen; PEFT's `lora_alpha / r` scaling, or its `rank_pattern` / `alpha_pattern`
-/// entry, is folded into B). Shapes are checked against the layer (`A` `[r, in]`, `B`
-/// `[out, r]`, `r` the module's rank in the config). Base parameters the file holds (PEFT's
-/// `modules_to_save` and `bias = "all"` / `"lora_only"`) replace those of `layers` and
-/// `others`: a Linear whose weight is replaced becomes an f32 layer without an adapter, as
-/// PEFT's copy of the module is, and its replaced values are frozen; another module's
-/// parameters get the file's values in place. A tensor that belongs to none of
-/// the modules, a lone A or B, a wrong shape, or NaN/Inf values are errors, and an error
-/// leaves every layer as it was.
+/// Loads the adapters saved in `dir` onto `layers`, whose parameters and those of `others`
+/// the file may replace (see [`load_adapter_into`], which this calls with no further
+/// modules).
 pub fn load_adapter_with_others<'a>(
     layers: impl IntoIterator<Item = &'a mut Linear>,
     others: &[OtherModule<'_>],
     dir: &Path,
 ) -> Result<()> {
-    let config = AdapterConfig::read(dir)?;
-    let file = Checkpoint::open(weights_path(dir))?;
-    let mut layers: Vec<&mut Linear> = layers.into_iter().collect();
-    let finite = |key: &str, t: &Tensor| {
-        if t.data().iter().any(|v| !v.is_finite()) {
-            return Err(adapter_error(dir, format!("`{key}` holds NaN or Inf")));
+    load_adapter_into(layers, others, &[], dir)
+}
+
+/// Whether `s` is a module index as PyTorch writes it (`0`, `12`; never `03`).
+fn index_of(s: &str) -> Option<usize> {
+    let canonical = s == "0" || !s.starts_with('0');
+    (canonical && !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| s.parse().ok())
+        .flatten()
+}
+
+/// The model's modules that are not Linear layers, as far as `named` (the modules with
+/// parameters besides the Linears, and any others the caller knows) and the Linears' names
+/// tell them: those, every module containing one (`model` and `model.0` for `model.0.fc`), and
+/// in a numbered container (an `nn.Sequential`) every index below its highest that holds no
+/// parameter (a parameter-free layer: `1` in `Linear, ReLU, Linear`). PEFT's root module (the
+/// empty name) is not among them.
+fn non_linear_modules(linears: &[&str], named: &[&str]) -> Vec<String> {
+    let mut all: std::collections::BTreeSet<String> =
+        linears.iter().chain(named).map(|s| s.to_string()).collect();
+    for name in all.clone() {
+        for (i, _) in name.match_indices('.') {
+            all.insert(name[..i].to_string());
         }
-        Ok(())
-    };
+    }
+    let mut highest: BTreeMap<String, usize> = BTreeMap::new();
+    for name in &all {
+        let (parent, last) = name.rsplit_once('.').unwrap_or(("", name));
+        if let Some(i) = index_of(last) {
+            let h = highest.entry(parent.to_string()).or_insert(i);
+            *h = (*h).max(i);
+        }
+    }
+    for (parent, h) in highest {
+        for i in 0..h {
+            all.insert(if parent.is_empty() {
+                i.to_string()
+            } else {
+                format!("{parent}.{i}")
+            });
+        }
+    }
+    all.into_iter()
+        .filter(|n| !n.is_empty() && !linears.contains(&n.as_str()))
+        .collect()
+}
+
+/// The module a LoRA key of PEFT's adapter file belongs to (`base_model.model.<module>.lora_…`;
+/// PEFT's own rule, the name before the last `.lora_`), if the key is one.
+fn lora_module(key: &str) -> Option<&str> {
+    key.strip_prefix("base_model.model.")?
+        .rsplit_once(".lora_")
+        .map(|(m, _)| m)
+}
+
+/// Loads the adapters saved in `dir` onto `layers`, as `PeftModel.from_pretrained` loads them
+/// onto the PyTorch model.
+///
+/// The config's `target_modules` (less `exclude_modules` and `modules_to_save`, see
+/// [`AdapterConfig`]) says which Linears are adapted: matched against every module of the
+/// model, the Linears (`layers`), the modules of `others` and `more_modules` (say a BatchNorm)
+/// and those their names imply ([`ModuleSelector`]; the containers, the parameter-free layers
+/// between numbered ones). Selecting a module that is not a Linear is an error naming the
+/// setting and the module (PEFT raises "Target module ... is not supported"), and so is
+/// selecting no Linear at all (PEFT's "Target modules ... not found in the base model"),
+/// unless `target_modules` is [`DUMMY_TARGET_MODULES`].
+///
+/// Each targeted layer whose `base_model.model.<name>.lora_A.weight` / `lora_B.weight` pair
+/// is in the file gets it (an adapter is attached, trainable, where the layer has none, and
+/// that layer's base weight and bias are frozen; PEFT's `lora_alpha / r` scaling, or its
+/// `rank_pattern` / `alpha_pattern` entry, is folded into B); a targeted layer the file holds
+/// nothing for is left as it is (PEFT's fresh LoRA layer adds zero). LoRA tensors
+/// (`….lora_*`) of a module of the model that is not targeted are ignored, as PEFT ignores
+/// them (unexpected keys when it loads the file); if nothing is loaded at all, the error
+/// names them. Shapes are checked against the layer (`A` `[r, in]`, `B` `[out, r]`, `r` the
+/// module's rank in the config). Base parameters the file holds (PEFT's `modules_to_save`
+/// and `bias = "all"` / `"lora_only"`) replace those of `layers` and `others`: a Linear whose
+/// weight is replaced becomes an f32 layer without an adapter, as PEFT's copy of the module
+/// is, and its replaced values are frozen; another module's parameters get the file's values
+/// in place. A tensor that belongs to no module of the model, a lone A or B, a wrong shape,
+/// or NaN/Inf values (an [`Error::NonFinite`] naming the key, the element and its value) are
+/// errors, and an error leaves every layer as it was.
+pub fn load_adapter_into<'a>(
+    layers: impl IntoIterator<Item = &'a mut Linear>,
+    others: &[OtherModule<'_>],
+    more_modules: &[String],
+    dir: &Path,
+) -> Result<()> {
+    let config = AdapterConfig::read(dir)?;
+    let weights = weights_path(dir);
+    let file = Checkpoint::open(&weights)?;
+    let mut layers: Vec<&mut Linear> = layers.into_iter().collect();
+    let finite = |key: &str, t: &Tensor| crate::error::check_finite(&weights, key, t);
+    // Which Linears PEFT adapts: every module of the model, matched as PEFT matches them.
+    let linear_names: Vec<&str> = layers.iter().map(|l| l.name.as_str()).collect();
+    let named: Vec<&str> = others
+        .iter()
+        .map(|o| o.name.as_str())
+        .chain(more_modules.iter().map(String::as_str))
+        .collect();
+    let non_linear = non_linear_modules(&linear_names, &named);
+    let config_path = dir.join(CONFIG_FILE);
+    let target = &config.target_modules;
+    if let Some(m) = non_linear
+        .iter()
+        .find(|m| !config.excluded(m) && target.matches(m, &linear_names))
+    {
+        return Err(adapter_error(
+            &config_path,
+            format!(
+                "`target_modules` = {target} selects module `{m}`, which is not a Linear layer \
+                 (PEFT adapts only the Linears here and raises \"Target module ... is not supported\"; Linears: {})",
+                linear_names.join(", ")
+            ),
+        ));
+    }
+    let targeted: Vec<bool> = linear_names
+        .iter()
+        .map(|m| !config.excluded(m) && target.matches(m, &linear_names))
+        .collect();
+    if !targeted.contains(&true) && !matches!(target, ModuleSelector::Dummy) {
+        let excluded: Vec<&str> = linear_names
+            .iter()
+            .copied()
+            .filter(|m| config.excluded(m) && target.matches(m, &linear_names))
+            .collect();
+        let why = if excluded.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " once `exclude_modules` / `modules_to_save` take out {}",
+                excluded.join(", ")
+            )
+        };
+        return Err(adapter_error(
+            &config_path,
+            format!(
+                "`target_modules` = {target} selects no Linear layer of the model{why} \
+                 (PEFT: \"Target modules ... not found in the base model\"; Linears: {})",
+                linear_names.join(", ")
+            ),
+        ));
+    }
     // Every tensor is read and checked before any layer changes, so a bad file leaves the
     // model as it was.
     let mut seen = HashSet::new();
     let mut loaded = Vec::new();
     for (index, layer) in layers.iter().enumerate() {
+        if !targeted[index] {
+            continue;
+        }
         let (out, inp) = layer.dims();
         let (rank, scaling) = (config.rank(&layer.name), config.scaling(&layer.name));
         let mut found = Vec::with_capacity(2);
@@ -382,9 +700,11 @@ pub fn load_adapter_with_others<'a>(
             .find(|k| file.info(k).is_some());
             let Some(key) = key else { continue };
             let mut t = file.tensor_f32(&key, Some(&shape))?;
+            finite(&key, &t)?;
             if scale != 1.0 {
                 t.scale_assign(scale);
             }
+            // A finite value that the scaling takes past f32's range.
             finite(&key, &t)?;
             seen.insert(key);
             found.push(t);
@@ -400,6 +720,24 @@ pub fn load_adapter_with_others<'a>(
             }
         }
     }
+    // LoRA tensors of modules that are not targeted: PEFT loads no LoRA layer for them and
+    // ignores them.
+    let is_module = |m: &str| linear_names.contains(&m) || non_linear.iter().any(|n| n == m);
+    let ignored: Vec<String> = file
+        .keys()
+        .filter(|k| !seen.contains(*k))
+        .filter(|k| {
+            lora_module(k).is_some_and(|m| {
+                is_module(m)
+                    && !linear_names
+                        .iter()
+                        .zip(&targeted)
+                        .any(|(n, &t)| t && *n == m)
+            })
+        })
+        .map(str::to_string)
+        .collect();
+    seen.extend(ignored.iter().cloned());
     // Replaced base parameters, by module name: the Linears first, then the norms.
     let names: Vec<String> = layers
         .iter()
@@ -462,7 +800,24 @@ pub fn load_adapter_with_others<'a>(
         });
     }
     if loaded.is_empty() && replacements.is_empty() {
-        return Err(adapter_error(dir, "no LoRA tensors in the adapter file"));
+        let targets: Vec<&str> = linear_names
+            .iter()
+            .zip(&targeted)
+            .filter_map(|(n, &t)| t.then_some(*n))
+            .collect();
+        let mut what = format!(
+            "no LoRA tensors for the targeted modules ({}) in the adapter file",
+            targets.join(", ")
+        );
+        if !ignored.is_empty() {
+            let shown: Vec<String> = ignored.iter().take(4).map(|k| format!("`{k}`")).collect();
+            what.push_str(&format!(
+                "; it holds {}{} for modules `target_modules` = {target} does not select",
+                shown.join(", "),
+                if ignored.len() > 4 { ", ..." } else { "" }
+            ));
+        }
+        return Err(adapter_error(dir, what));
     }
     for (index, a, b) in loaded {
         let layer = &mut layers[index];

@@ -152,7 +152,10 @@ impl Sequential {
     /// activation; parameter-free layers before the first weight, such as `nn.Flatten`, are
     /// skipped unless [`SequentialOptions::activation_at`] gives one for index 0). Weights stored quantized (by [`Sequential::save`]) are used as stored.
     /// Non-`Sequential` keys, a bias without a weight and layers whose widths do not chain are errors
-    /// naming the key and shapes.
+    /// naming the key and shapes. A NaN or infinite weight, bias, LayerNorm or BatchNorm
+    /// parameter or running statistic (stored f32, f16 or bf16) is an [`Error::NonFinite`]
+    /// naming the key, the element's (row, col) or index and its value; quantized weights
+    /// have their stored scales checked likewise by the reader.
     pub fn from_state_dict(file: &Checkpoint, options: &SequentialOptions) -> Result<Self> {
         let structure = |what: String| Error::Structure {
             file: file.path().to_path_buf(),
@@ -416,8 +419,10 @@ impl Sequential {
     }
 
     /// Loads a PEFT adapter directory onto the Linears and freezes everything but the
-    /// adapters (as [`Sequential::add_lora`] does); see [`crate::peft::load_adapter`]. A bad
-    /// adapter leaves the model as it was.
+    /// adapters (as [`Sequential::add_lora`] does); see [`crate::peft::load_adapter_into`]:
+    /// only the Linears the config's `target_modules` selects (less `exclude_modules`) are
+    /// adapted, and a target that is a LayerNorm, a BatchNorm or an activation (an index in a
+    /// gap) is an error. A bad adapter leaves the model as it was.
     pub fn load_adapter(&mut self, dir: &Path) -> Result<()> {
         // The LayerNorms through clones of their parameter handles (a clone shares the value
         // it replaces), so that the Linears can be borrowed mutably beside them.
@@ -437,7 +442,17 @@ impl Sequential {
                 bias: bias.as_ref(),
             })
             .collect();
-        crate::peft::load_adapter_with_others(self.linears_mut(), &views, dir)?;
+        // The BatchNorms, which a target must not select (the activations between numbered
+        // layers follow from the indices).
+        let batch_norms: Vec<String> = self
+            .layers
+            .iter()
+            .filter_map(|l| match l {
+                Layer::BatchNorm(n) => Some(n.name.clone()),
+                _ => None,
+            })
+            .collect();
+        crate::peft::load_adapter_into(self.linears_mut(), &views, &batch_norms, dir)?;
         for p in self.params() {
             p.set_requires_grad(false);
         }

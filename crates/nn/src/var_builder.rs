@@ -67,22 +67,29 @@ impl<'a> VarBuilder<'a> {
     }
 
     /// Tensor `name` as f32 (f16 and bf16 widened), which must have `shape` (an error names
-    /// file, key, expected and found shape).
+    /// file, key, expected and found shape) and hold finite values only (a NaN or infinity is
+    /// an [`Error::NonFinite`] naming the key, the element's (row, col) or index and its value).
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        Ok(self.file.tensor_f32(&self.key(name), Some(shape))?)
+        self.finite(name, self.file.tensor_f32(&self.key(name), Some(shape))?)
+    }
+
+    /// `t`, read as tensor `name`, if every value is finite; else an [`Error::NonFinite`].
+    fn finite(&self, name: &str, t: Tensor) -> Result<Tensor> {
+        crate::error::check_finite(self.file.path(), &self.key(name), &t)?;
+        Ok(t)
     }
 
     /// Tensor `name` as f32 with `shape` if the file holds it, `None` if it does not (a
-    /// wrong shape or dtype is an error, as in [`VarBuilder::get`]).
+    /// wrong shape or dtype, or a non-finite value, is an error, as in [`VarBuilder::get`]).
     pub fn optional(&self, name: &str, shape: &[usize]) -> Result<Option<Tensor>> {
         self.contains(name)
             .then(|| self.get(name, shape))
             .transpose()
     }
 
-    /// Tensor `name` as f32, whatever its shape.
+    /// Tensor `name` as f32, whatever its shape (finite values only, as [`VarBuilder::get`]).
     pub fn get_any(&self, name: &str) -> Result<Tensor> {
-        Ok(self.file.tensor_f32(&self.key(name), None)?)
+        self.finite(name, self.file.tensor_f32(&self.key(name), None)?)
     }
 
     /// The linear layer at this prefix: `weight` `[out, in]` and `bias` `[out]` (a layer whose
@@ -93,7 +100,9 @@ impl<'a> VarBuilder<'a> {
     /// straight from the mapped file; asking for another format than the stored one (other
     /// than `F32`, "as stored") is an error. bitsandbytes' other 4-bit weights (FP4, other
     /// block sizes) are read as the f32 weight bitsandbytes computes with
-    /// ([`nibble_io::bnb::read_bnb_4bit_f32`]) and then treated as a plain f32 weight.
+    /// ([`nibble_io::bnb::read_bnb_4bit_f32`]) and then treated as a plain f32 weight. A NaN or
+    /// infinite weight or bias (f32, f16 or bf16, before any quantization) is an
+    /// [`Error::NonFinite`]; stored quantized weights have their scales checked when read.
     pub fn linear(&self, format: WeightFormat) -> Result<Linear> {
         let name = self.module_name().to_string();
         let wkey = self.key("weight");
@@ -102,7 +111,10 @@ impl<'a> VarBuilder<'a> {
         {
             // bitsandbytes' FP4, or a block size other than 64: the f32 weight bitsandbytes
             // computes with, then as a plain f32 weight (`format` may quantize it).
-            let weight = nibble_io::bnb::read_bnb_4bit_f32(self.file, &wkey)?;
+            let weight = self.finite(
+                "weight",
+                nibble_io::bnb::read_bnb_4bit_f32(self.file, &wkey)?,
+            )?;
             let out = weight.shape()[0];
             let bias = self.optional("bias", &[out])?;
             return Linear::from_f32(name, weight, bias, format);
@@ -204,7 +216,7 @@ impl<'a> VarBuilder<'a> {
     }
 
     /// The LayerNorm at this prefix: `weight` and `bias` `[dim]` (no `bias` in the file: a
-    /// LayerNorm without one, as `nn.LayerNorm(dim, bias=False)` saves).
+    /// LayerNorm without one, as `nn.LayerNorm(dim, bias=False)` saves), finite.
     pub fn layer_norm(&self) -> Result<LayerNorm> {
         let weight = self.get_any("weight")?;
         let bias = self.optional("bias", weight.shape())?;

@@ -1,0 +1,460 @@
+//! PEFT's `adapter_config.json` read as PEFT reads it: `LoraConfig`'s defaults for absent
+//! settings, and `target_modules` / `exclude_modules` / `modules_to_save` deciding which Linears
+//! get a LoRA layer. The model is tiny and written here: `nn.Sequential(Linear(3, 4), ReLU(),
+//! LayerNorm(4), Linear(4, 4), ReLU(), Linear(4, 2))`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use nibble_io::{write_safetensors, Checkpoint, DType};
+use nibble_nn::{Activation, Sequential, SequentialOptions};
+use serde_json::{json, Value};
+
+fn tempdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("nibble-nn-peftcfg-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Values `0.1 · (seed + i) mod 7 - 0.3`, distinct and small.
+fn values(n: usize, seed: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((seed + 3 * i) % 7) as f32 * 0.1 - 0.3)
+        .collect()
+}
+
+fn write_f32(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) {
+    let entries: Vec<(String, DType, Vec<usize>, &[u8])> = tensors
+        .iter()
+        .map(|(k, s, v)| {
+            (
+                k.to_string(),
+                DType::F32,
+                s.clone(),
+                bytemuck::cast_slice::<f32, u8>(v),
+            )
+        })
+        .collect();
+    write_safetensors(path, &entries, &BTreeMap::new()).unwrap();
+}
+
+/// The model's state dict in `dir/model.safetensors`.
+fn model(dir: &Path) -> Sequential {
+    let path = dir.join("model.safetensors");
+    write_f32(
+        &path,
+        &[
+            ("0.weight", vec![4, 3], values(12, 1)),
+            ("0.bias", vec![4], values(4, 2)),
+            ("2.weight", vec![4], vec![1.0, 0.9, 1.1, 1.2]),
+            ("2.bias", vec![4], values(4, 3)),
+            ("3.weight", vec![4, 4], values(16, 4)),
+            ("3.bias", vec![4], values(4, 5)),
+            ("5.weight", vec![2, 4], values(8, 6)),
+            ("5.bias", vec![2], values(2, 0)),
+        ],
+    );
+    let file = Checkpoint::open(&path).unwrap();
+    Sequential::from_state_dict(
+        &file,
+        &SequentialOptions::new().activation(Activation::Relu),
+    )
+    .unwrap()
+}
+
+/// The LoRA tensors of rank `r` for the Linears `modules` (of `(name, out, in)`).
+fn lora(r: usize, modules: &[(&str, usize, usize)]) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    modules
+        .iter()
+        .enumerate()
+        .flat_map(|(i, (m, out, inp))| {
+            [
+                (
+                    format!("base_model.model.{m}.lora_A.weight"),
+                    vec![r, *inp],
+                    values(r * inp, 2 * i),
+                ),
+                (
+                    format!("base_model.model.{m}.lora_B.weight"),
+                    vec![*out, r],
+                    values(out * r, 2 * i + 1),
+                ),
+            ]
+        })
+        .collect()
+}
+
+const ALL: [(&str, usize, usize); 3] = [("0", 4, 3), ("3", 4, 4), ("5", 2, 4)];
+
+/// An adapter directory `dir/name` with `config` and `tensors`.
+fn adapter(
+    dir: &Path,
+    name: &str,
+    config: &Value,
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+) -> PathBuf {
+    let d = dir.join(name);
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("adapter_config.json"), config.to_string()).unwrap();
+    let t: Vec<(&str, Vec<usize>, Vec<f32>)> = tensors
+        .iter()
+        .map(|(k, s, v)| (k.as_str(), s.clone(), v.clone()))
+        .collect();
+    write_f32(&d.join("adapter_model.safetensors"), &t);
+    d
+}
+
+/// Which Linears have an adapter after loading, by name.
+fn adapted(m: &Sequential) -> Vec<String> {
+    m.linears()
+        .filter(|l| l.lora.is_some())
+        .map(|l| l.name.clone())
+        .collect()
+}
+
+/// Linear `index`'s B as loaded (PEFT's scaling folded in).
+fn b_of(m: &Sequential, index: usize) -> Vec<f32> {
+    let l = m.linears().nth(index).unwrap();
+    l.lora.as_ref().unwrap().b.value().data().to_vec()
+}
+
+fn with(base: &Value, edits: Value) -> Value {
+    let mut c = base.clone();
+    for (k, v) in edits.as_object().unwrap() {
+        if v.is_null() {
+            c.as_object_mut().unwrap().remove(k);
+        } else {
+            c[k] = v.clone();
+        }
+    }
+    c
+}
+
+fn base_config() -> Value {
+    json!({"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["0", "3", "5"],
+           "bias": "none", "lora_dropout": 0.0})
+}
+
+/// Loading must fail with a message holding every one of `parts`; the model is left as it was.
+fn fails(
+    dir: &Path,
+    name: &str,
+    config: Value,
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    parts: &[&str],
+) {
+    let d = adapter(dir, name, &config, tensors);
+    let mut m = model(dir);
+    let e = m.load_adapter(&d).unwrap_err().to_string();
+    for p in parts {
+        assert!(e.contains(p), "{name}: `{p}` not in: {e}");
+    }
+    assert!(
+        adapted(&m).is_empty(),
+        "{name}: a failed load changed the model"
+    );
+}
+
+#[test]
+fn absent_settings_take_lora_configs_defaults() {
+    let dir = tempdir("defaults");
+    let tensors = lora(2, &ALL);
+    // No lora_alpha: PEFT's default 8, so B is scaled 8 / r = 4 (not 1).
+    let d = adapter(
+        &dir,
+        "no_alpha",
+        &with(&base_config(), json!({"lora_alpha": null})),
+        &tensors,
+    );
+    let mut m = model(&dir);
+    m.load_adapter(&d).unwrap();
+    let want: Vec<f32> = values(8, 1).iter().map(|v| v * 4.0).collect();
+    assert_eq!(b_of(&m, 0), want);
+    // With use_rslora: 8 / √2.
+    let d = adapter(
+        &dir,
+        "no_alpha_rslora",
+        &with(
+            &base_config(),
+            json!({"lora_alpha": null, "use_rslora": true}),
+        ),
+        &tensors,
+    );
+    let mut m = model(&dir);
+    m.load_adapter(&d).unwrap();
+    let scale = (8.0f64 / 2f64.sqrt()) as f32;
+    let want: Vec<f32> = values(8, 1).iter().map(|v| v * scale).collect();
+    assert_eq!(b_of(&m, 0), want);
+    // No r: PEFT's default 8 (tensors of rank 8), scale lora_alpha / 8.
+    let d = adapter(
+        &dir,
+        "no_r",
+        &with(&base_config(), json!({"r": null, "lora_alpha": 4})),
+        &lora(8, &ALL),
+    );
+    let mut m = model(&dir);
+    m.load_adapter(&d).unwrap();
+    let l = m.linears().next().unwrap().lora.clone().unwrap();
+    assert_eq!(l.a.value().shape(), [8, 3]);
+    let want: Vec<f32> = values(32, 1).iter().map(|v| v * 0.5).collect();
+    assert_eq!(b_of(&m, 0), want);
+    // ... and rank-2 tensors then are a shape error naming the key.
+    fails(
+        &dir,
+        "no_r_rank2",
+        with(&base_config(), json!({"r": null})),
+        &tensors,
+        &["base_model.model.0.lora_A.weight", "[8, 3]", "[2, 3]"],
+    );
+    // No bias, no use_rslora: "none" and false.
+    let d = adapter(
+        &dir,
+        "minimal",
+        &json!({"peft_type": "LORA", "r": 2, "target_modules": ["0"]}),
+        &tensors,
+    );
+    let mut m = model(&dir);
+    m.load_adapter(&d).unwrap();
+    assert_eq!(adapted(&m), ["0"]);
+    let want: Vec<f32> = values(8, 1).iter().map(|v| v * 4.0).collect();
+    assert_eq!(b_of(&m, 0), want);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn only_the_target_modules_are_adapted() {
+    let dir = tempdir("targets");
+    let tensors = lora(2, &ALL);
+    let cases: Vec<(&str, Value, Vec<&str>)> = vec![
+        ("list_one", json!({"target_modules": ["0"]}), vec!["0"]),
+        (
+            "list_two",
+            json!({"target_modules": ["5", "0"]}),
+            vec!["0", "5"],
+        ),
+        // An entry that matches nothing beside one that matches (PEFT: no error).
+        (
+            "list_extra",
+            json!({"target_modules": ["3", "fc"]}),
+            vec!["3"],
+        ),
+        ("exclude", json!({"exclude_modules": ["3"]}), vec!["0", "5"]),
+        (
+            "exclude_regex",
+            json!({"exclude_modules": "[05]"}),
+            vec!["3"],
+        ),
+        // A regex must match the whole name.
+        ("regex", json!({"target_modules": "[03]"}), vec!["0", "3"]),
+        (
+            "regex_alt",
+            json!({"target_modules": "0|5"}),
+            vec!["0", "5"],
+        ),
+        // Every Linear, the last one included, as PEFT does for a plain nn.Sequential.
+        (
+            "all_linear",
+            json!({"target_modules": "all-linear"}),
+            vec!["0", "3", "5"],
+        ),
+        (
+            "all_linear_case",
+            json!({"target_modules": "ALL-Linear"}),
+            vec!["0", "3", "5"],
+        ),
+        (
+            "all_linear_exclude",
+            json!({"target_modules": "all-linear", "exclude_modules": ["5"]}),
+            vec!["0", "3"],
+        ),
+        // PEFT never puts LoRA on a module it saves whole; the file's LoRA tensors for it
+        // are ignored.
+        (
+            "modules_to_save",
+            json!({"modules_to_save": ["5"]}),
+            vec!["0", "3"],
+        ),
+        // Empty exclusions and layer lists are PEFT's "none".
+        (
+            "empty_lists",
+            json!({"exclude_modules": [], "layers_to_transform": [], "layers_pattern": null}),
+            vec!["0", "3", "5"],
+        ),
+    ];
+    for (name, edits, want) in cases {
+        let d = adapter(&dir, name, &with(&base_config(), edits), &tensors);
+        let mut m = model(&dir);
+        m.load_adapter(&d).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(adapted(&m), want, "{name}");
+    }
+    // The adapted layer gets the file's values, the others compute as without an adapter.
+    let d = adapter(
+        &dir,
+        "only0",
+        &with(&base_config(), json!({"target_modules": ["0"]})),
+        &tensors,
+    );
+    let mut m = model(&dir);
+    m.load_adapter(&d).unwrap();
+    assert_eq!(b_of(&m, 0), values(8, 1));
+    // A prefixed model: a list entry matches the end of the name after a dot.
+    let path = dir.join("prefixed.safetensors");
+    write_f32(
+        &path,
+        &[
+            ("net.0.weight", vec![4, 3], values(12, 1)),
+            ("net.2.weight", vec![2, 4], values(8, 2)),
+        ],
+    );
+    let mut m = Sequential::from_state_dict(
+        &Checkpoint::open(&path).unwrap(),
+        &SequentialOptions::new()
+            .prefix("net.")
+            .activation(Activation::Relu),
+    )
+    .unwrap();
+    let t = lora(2, &[("net.0", 4, 3), ("net.2", 2, 4)]);
+    let d = adapter(
+        &dir,
+        "prefixed",
+        &with(&base_config(), json!({"target_modules": ["2"]})),
+        &t,
+    );
+    m.load_adapter(&d).unwrap();
+    assert_eq!(adapted(&m), ["net.2"]);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn targets_that_are_not_linears_or_match_nothing_are_errors() {
+    let dir = tempdir("bad_targets");
+    let tensors = lora(2, &ALL);
+    let cases: Vec<(&str, Value, Vec<&str>)> = vec![
+        // The LayerNorm at 2 and the ReLU in the gap at 1.
+        (
+            "layer_norm",
+            json!({"target_modules": ["0", "2"]}),
+            vec!["target_modules", "`2`", "not a Linear"],
+        ),
+        (
+            "relu",
+            json!({"target_modules": ["1"]}),
+            vec!["target_modules", "`1`", "not a Linear"],
+        ),
+        (
+            "regex_all",
+            json!({"target_modules": ".*"}),
+            vec!["target_modules", "\".*\"", "not a Linear"],
+        ),
+        // Nothing matches.
+        (
+            "nothing",
+            json!({"target_modules": ["fc1", "9"]}),
+            vec!["target_modules", "fc1", "selects no Linear"],
+        ),
+        (
+            "regex_prefix_only",
+            json!({"target_modules": "0."}),
+            vec!["target_modules", "selects no Linear"],
+        ),
+        (
+            "empty",
+            json!({"target_modules": []}),
+            vec!["target_modules", "selects no Linear"],
+        ),
+        (
+            "all_excluded",
+            json!({"target_modules": ["0"], "exclude_modules": ["0"]}),
+            vec!["target_modules", "exclude_modules", "selects no Linear"],
+        ),
+        // Missing or malformed.
+        (
+            "missing",
+            json!({"target_modules": null}),
+            vec!["target_modules", "missing"],
+        ),
+        (
+            "number",
+            json!({"target_modules": 3}),
+            vec!["target_modules", "3"],
+        ),
+        (
+            "bad_regex",
+            json!({"target_modules": "(0"}),
+            vec!["target_modules", "(0"],
+        ),
+        (
+            "bad_exclude",
+            json!({"exclude_modules": [1]}),
+            vec!["exclude_modules"],
+        ),
+        // Layer selection within a transformer stack: not implemented, named.
+        (
+            "layers_to_transform",
+            json!({"layers_to_transform": [0]}),
+            vec!["layers_to_transform"],
+        ),
+        (
+            "layers_pattern",
+            json!({"layers_pattern": "layers", "layers_to_transform": null}),
+            vec!["layers_pattern"],
+        ),
+    ];
+    for (name, edits, mut parts) in cases {
+        parts.push("adapter_config.json");
+        fails(&dir, name, with(&base_config(), edits), &tensors, &parts);
+    }
+    // An explicit null is no value (PEFT's default stands only for an absent setting).
+    let mut config = base_config();
+    config["lora_alpha"] = Value::Null;
+    fails(
+        &dir,
+        "null_alpha",
+        config,
+        &tensors,
+        &["lora_alpha", "adapter_config.json"],
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn lora_tensors_of_modules_not_targeted_are_ignored_unless_nothing_loads() {
+    let dir = tempdir("ignored");
+    // Tensors for 0 and 3 (and for the LayerNorm at 2, which PEFT would never write), target 0.
+    let mut tensors = lora(2, &ALL[..2]);
+    tensors.extend(lora(2, &[("2", 4, 4)]));
+    let d = adapter(
+        &dir,
+        "ignored",
+        &with(&base_config(), json!({"target_modules": ["0"]})),
+        &tensors,
+    );
+    let mut m = model(&dir);
+    m.load_adapter(&d).unwrap();
+    assert_eq!(adapted(&m), ["0"]);
+    // Targeting 5, which the file has nothing for: nothing to load, an error naming what the
+    // file holds.
+    fails(
+        &dir,
+        "none_targeted",
+        with(&base_config(), json!({"target_modules": ["5"]})),
+        &tensors,
+        &[
+            "no LoRA tensors",
+            "base_model.model.0.lora_A.weight",
+            "target_modules",
+        ],
+    );
+    // A module that is not in the model at all is still an error naming the key.
+    let mut stray = lora(2, &ALL);
+    stray.extend(lora(2, &[("7", 4, 4)]));
+    fails(
+        &dir,
+        "stray",
+        base_config(),
+        &stray,
+        &["base_model.model.7.lora_", "does not match"],
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
