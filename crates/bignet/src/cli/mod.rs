@@ -508,8 +508,8 @@ fn check_fits(flag: &str, what: &str, bytes: u128) -> Result<()> {
     }
 }
 
-/// [`check_fits`] for a `[rows, dim]` f32 batch and the buffers a forward over it holds
-/// (its output and two more of its size).
+/// An error naming `flag` where a `[rows, dim]` f32 batch and the buffers a forward over it
+/// holds (its output and two more of its size) need more memory than this machine has in all.
 pub fn check_batch_fits(flag: &str, rows: usize, dim: usize) -> Result<()> {
     check_fits(
         &format!("{flag} {rows}"),
