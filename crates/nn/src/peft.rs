@@ -168,6 +168,12 @@ impl ModuleSelector {
     /// Whether module `name` is selected; `linears` are the model's Linear layers (for
     /// [`ModuleSelector::AllLinear`], which PEFT turns into the list of their names).
     pub fn matches(&self, name: &str, linears: &[&str]) -> bool {
+        self.matches_in(name, linears, None)
+    }
+
+    /// [`ModuleSelector::matches`] under PEFT's `layers_to_transform` (`layers`), which a list
+    /// of names applies to the modules it selects by a dotted suffix only.
+    pub fn matches_in(&self, name: &str, linears: &[&str], layers: Option<&LayerFilter>) -> bool {
         let named = |entry: &str| {
             name == entry
                 || name
@@ -175,7 +181,10 @@ impl ModuleSelector {
                     .is_some_and(|head| head.ends_with('.'))
         };
         match self {
-            ModuleSelector::Names(list) => list.iter().any(|e| named(e)),
+            ModuleSelector::Names(list) if list.iter().any(|e| e == name) => true,
+            ModuleSelector::Names(list) => {
+                list.iter().any(|e| named(e)) && layers.is_none_or(|l| l.admits(name))
+            }
             ModuleSelector::Regex(_, re) => re.is_match(name),
             ModuleSelector::AllLinear => linears.iter().any(|e| named(e)),
             ModuleSelector::Dummy => false,
@@ -215,8 +224,38 @@ pub struct AdapterConfig {
     /// `exclude_modules`: modules taken out of `target_modules` (`None`: none).
     pub exclude_modules: Option<ModuleSelector>,
     /// `modules_to_save`: modules PEFT copies whole instead of adapting; as PEFT, a module
-    /// matching one (`(^|.*\.)<entry>($|\..*)`, the entry a regex) gets no LoRA layer.
+    /// matching one (`(^|.*\.)<entry>($|\..*)`, the entry a regex) gets no LoRA layer, and
+    /// the file must hold the module's tensors.
     pub modules_to_save: Vec<(String, regex::Regex)>,
+    /// `layers_to_transform` / `layers_pattern` (`None` where not set).
+    pub layers: Option<LayerFilter>,
+}
+
+/// PEFT's `layers_to_transform` with its `layers_pattern`: a module that a *list*
+/// `target_modules` selects by a dotted suffix of its name (not by its whole name) is adapted
+/// only if the layer index in its name is one of `indexes`. The index is the number after the
+/// first `<pattern>.` (`layers.3.` in `model.layers.3.mlp.fc`), or with no pattern after the
+/// first two dotted components (PEFT's `.*?\.[^.]*\.(\d+)\.`); a name without one is not
+/// adapted. Names selected whole (every Linear of an `nn.Sequential`: `0`, `3`) are not
+/// filtered, as in PEFT.
+#[derive(Debug, Clone)]
+pub struct LayerFilter {
+    /// The layer indexes to adapt.
+    pub indexes: Vec<i64>,
+    /// The regexes that find the index (PEFT's `re.match` of each in turn).
+    pub patterns: Vec<regex::Regex>,
+}
+
+impl LayerFilter {
+    /// Whether module `name`'s layer index is one of [`LayerFilter::indexes`].
+    pub fn admits(&self, name: &str) -> bool {
+        let index = self.patterns.iter().find_map(|re| {
+            re.captures(name)
+                .and_then(|c| c.name("idx"))
+                .and_then(|m| m.as_str().parse::<i64>().ok())
+        });
+        index.is_some_and(|i| self.indexes.contains(&i))
+    }
 }
 
 /// Whether PEFT's pattern `pattern` (a key of `rank_pattern` / `alpha_pattern`) names the module
@@ -235,6 +274,81 @@ fn by_pattern<T: Copy>(patterns: &[(String, T)], module: &str) -> Option<T> {
         .find(|(p, _)| p == module)
         .or_else(|| patterns.iter().find(|(p, _)| pattern_names(p, module)))
         .map(|(_, v)| *v)
+}
+
+/// PEFT's `layers_to_transform` (an integer or a list of them; an empty list is no filter)
+/// and `layers_pattern` (a regex or a list of them; empty: the default rule), as
+/// [`LayerFilter`] reads them; a pattern without indexes is an error, as in PEFT.
+fn layer_filter(
+    path: &Path,
+    indexes: Option<&Value>,
+    patterns: Option<&Value>,
+) -> Result<Option<LayerFilter>> {
+    let bad = |name: &str, v: &Value, what: &str| {
+        adapter_error(path, format!("`{name}` must be {what}, found {v}"))
+    };
+    let patterns: Vec<String> = match patterns {
+        None => Vec::new(),
+        Some(Value::String(s)) if s.is_empty() => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(v @ Value::Array(list)) => list
+            .iter()
+            .map(|p| p.as_str().map(str::to_string))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| bad("layers_pattern", v, "a string or a list of strings"))?,
+        Some(v) => return Err(bad("layers_pattern", v, "a string or a list of strings")),
+    };
+    let indexes_absent = indexes.is_none();
+    let indexes: Vec<i64> = match indexes {
+        None => Vec::new(),
+        Some(v @ Value::Number(_)) => {
+            vec![v
+                .as_i64()
+                .ok_or_else(|| bad("layers_to_transform", v, "an integer"))?]
+        }
+        Some(v @ Value::Array(list)) => list
+            .iter()
+            .map(Value::as_i64)
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| bad("layers_to_transform", v, "an integer or a list of them"))?,
+        Some(v) => {
+            return Err(bad(
+                "layers_to_transform",
+                v,
+                "an integer or a list of them",
+            ))
+        }
+    };
+    if indexes_absent && !patterns.is_empty() {
+        return Err(adapter_error(
+            path,
+            "`layers_pattern` is set without `layers_to_transform` (PEFT: \"When \
+             `layers_pattern` is specified, `layers_to_transform` must also be specified\")",
+        ));
+    }
+    if indexes.is_empty() {
+        return Ok(None);
+    }
+    let sources: Vec<String> = if patterns.is_empty() {
+        vec![r"^.*?\.[^.]*\.(?P<idx>\d+)\.".to_string()]
+    } else {
+        patterns
+            .iter()
+            .map(|p| format!(r"^(?:^|.*?\.)(?:{p})\.(?P<idx>\d+)\."))
+            .collect()
+    };
+    let patterns = sources
+        .iter()
+        .map(|src| {
+            regex::Regex::new(src).map_err(|e| {
+                adapter_error(
+                    path,
+                    format!("`layers_pattern` gives a regex nibble does not read ({src}): {e}"),
+                )
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Some(LayerFilter { indexes, patterns }))
 }
 
 /// Parses setting `name` (`target_modules` or `exclude_modules`) as PEFT reads it: a list of
@@ -380,18 +494,25 @@ impl AdapterConfig {
                 )
             })?,
         };
-        for name in ["layers_to_transform", "layers_pattern"] {
-            // PEFT ignores an empty list (or string); any other value limits the targets to
-            // some layers of a transformer's stack, which nibble does not implement.
-            let empty =
-                |v: &Value| v.as_array().is_some_and(|a| a.is_empty()) || v.as_str() == Some("");
-            if let Some(v) = field(name).filter(|v| !empty(v)) {
+        let layers_to_transform = field("layers_to_transform");
+        let layers_pattern = field("layers_pattern");
+        let target_is_str = field("target_modules").is_some_and(Value::is_string);
+        for (name, v) in [
+            ("layers_to_transform", layers_to_transform),
+            ("layers_pattern", layers_pattern),
+        ] {
+            if let (true, Some(v)) = (target_is_str, v) {
+                // LoraConfig's own check.
                 return Err(adapter_error(
                     &path,
-                    format!("`{name}` = {v} is not supported (only whole `target_modules`)"),
+                    format!(
+                        "`{name}` = {v} cannot be used when `target_modules` is a string \
+                         (PEFT raises the same)"
+                    ),
                 ));
             }
         }
+        let layers = layer_filter(&path, layers_to_transform, layers_pattern)?;
         let target_modules = match field("target_modules") {
             None => {
                 return Err(adapter_error(
@@ -444,7 +565,18 @@ impl AdapterConfig {
             target_modules,
             exclude_modules,
             modules_to_save,
+            layers,
         })
+    }
+
+    /// Whether PEFT puts a LoRA layer on module `name` (a Linear): `target_modules` selects it
+    /// (under `layers_to_transform`) and neither `exclude_modules` nor `modules_to_save`
+    /// names it.
+    pub fn targets(&self, name: &str, linears: &[&str]) -> bool {
+        !self.excluded(name)
+            && self
+                .target_modules
+                .matches_in(name, linears, self.layers.as_ref())
     }
 
     /// Whether PEFT keeps module `name` out of LoRA: `exclude_modules` or `modules_to_save`
@@ -489,19 +621,49 @@ struct Replacement {
     value: Tensor,
 }
 
-/// The module name and parameter a replacement key names, if any.
-fn replacement_target(key: &str) -> Option<(&str, bool)> {
+/// The module name and state-dict name (`weight`, `bias`, or a BatchNorm's `running_mean`,
+/// `running_var`, `num_batches_tracked`) a replacement key names, if any.
+fn replacement_target(key: &str) -> Option<(&str, &str)> {
     let rest = key.strip_prefix("base_model.model.")?;
     if let Some(m) = rest.strip_suffix(".base_layer.bias") {
-        return Some((m, true));
+        return Some((m, "bias"));
     }
     let (m, param) = rest.rsplit_once('.')?;
     let m = m.strip_suffix(".modules_to_save.default").unwrap_or(m);
-    match param {
-        "weight" => Some((m, false)),
-        "bias" => Some((m, true)),
-        _ => None,
-    }
+    [
+        "weight",
+        "bias",
+        "running_mean",
+        "running_var",
+        "num_batches_tracked",
+    ]
+    .contains(&param)
+    .then_some((m, param))
+}
+
+/// A BatchNorm of the model, whose tensors an adapter file may replace (PEFT's
+/// `modules_to_save`, or its bias under `bias = "all"`): the caller rebuilds it from the
+/// values [`load_adapter_into`] returns.
+#[derive(Debug, Clone)]
+pub struct BatchNormView {
+    /// The module's path in the model (`1`, `model.bn`).
+    pub name: String,
+    /// Its width: every tensor is `[dim]`.
+    pub dim: usize,
+    /// Whether it has a weight and a bias (`affine=True`).
+    pub affine: bool,
+}
+
+/// A tensor of a [`BatchNormView`] that an adapter file replaces, checked: `[dim]`, finite,
+/// and a variance not negative.
+#[derive(Debug, Clone)]
+pub struct BatchNormUpdate {
+    /// Index of the BatchNorm among those given to [`load_adapter_into`].
+    pub module: usize,
+    /// `weight`, `bias`, `running_mean` or `running_var`.
+    pub param: &'static str,
+    /// The file's values.
+    pub value: Tensor,
 }
 
 /// A module beside the Linears (a LayerNorm) whose parameters an adapter file may replace
@@ -523,7 +685,7 @@ pub fn load_adapter<'a>(
     layers: impl IntoIterator<Item = &'a mut Linear>,
     dir: &Path,
 ) -> Result<()> {
-    load_adapter_into(layers, &[], &[], dir)
+    load_adapter_into(layers, &[], &[], dir).map(drop)
 }
 
 /// Loads the adapters saved in `dir` onto `layers`, whose parameters and those of `others`
@@ -534,7 +696,7 @@ pub fn load_adapter_with_others<'a>(
     others: &[OtherModule<'_>],
     dir: &Path,
 ) -> Result<()> {
-    load_adapter_into(layers, others, &[], dir)
+    load_adapter_into(layers, others, &[], dir).map(drop)
 }
 
 /// Whether `s` is a module index as PyTorch writes it (`0`, `12`; never `03`).
@@ -619,9 +781,9 @@ fn lora_module(key: &str) -> Option<&str> {
 pub fn load_adapter_into<'a>(
     layers: impl IntoIterator<Item = &'a mut Linear>,
     others: &[OtherModule<'_>],
-    more_modules: &[String],
+    batch_norms: &[BatchNormView],
     dir: &Path,
-) -> Result<()> {
+) -> Result<Vec<BatchNormUpdate>> {
     let config = AdapterConfig::read(dir)?;
     let weights = weights_path(dir);
     let file = Checkpoint::open(&weights)?;
@@ -632,15 +794,12 @@ pub fn load_adapter_into<'a>(
     let named: Vec<&str> = others
         .iter()
         .map(|o| o.name.as_str())
-        .chain(more_modules.iter().map(String::as_str))
+        .chain(batch_norms.iter().map(|b| b.name.as_str()))
         .collect();
     let non_linear = non_linear_modules(&linear_names, &named);
     let config_path = dir.join(CONFIG_FILE);
     let target = &config.target_modules;
-    if let Some(m) = non_linear
-        .iter()
-        .find(|m| !config.excluded(m) && target.matches(m, &linear_names))
-    {
+    if let Some(m) = non_linear.iter().find(|m| config.targets(m, &linear_names)) {
         return Err(adapter_error(
             &config_path,
             format!(
@@ -652,13 +811,15 @@ pub fn load_adapter_into<'a>(
     }
     let targeted: Vec<bool> = linear_names
         .iter()
-        .map(|m| !config.excluded(m) && target.matches(m, &linear_names))
+        .map(|m| config.targets(m, &linear_names))
         .collect();
     if !targeted.contains(&true) && !matches!(target, ModuleSelector::Dummy) {
         let excluded: Vec<&str> = linear_names
             .iter()
             .copied()
-            .filter(|m| config.excluded(m) && target.matches(m, &linear_names))
+            .filter(|m| {
+                config.excluded(m) && target.matches_in(m, &linear_names, config.layers.as_ref())
+            })
             .collect();
         let why = if excluded.is_empty() {
             String::new()
@@ -745,9 +906,33 @@ pub fn load_adapter_into<'a>(
         .chain(others.iter().map(|n| n.name.clone()))
         .collect();
     let mut replacements: Vec<Replacement> = Vec::new();
+    let mut stats: Vec<BatchNormUpdate> = Vec::new();
     for key in file.keys().filter(|k| !seen.contains(*k)) {
-        let target = replacement_target(key)
-            .and_then(|(m, bias)| Some((names.iter().position(|n| n == m)?, bias)));
+        let parsed = replacement_target(key);
+        if let Some((b, param)) = parsed
+            .and_then(|(m, param)| Some((batch_norms.iter().position(|b| b.name == m)?, param)))
+        {
+            // A BatchNorm's tensor (`num_batches_tracked` is read by nothing in eval mode).
+            if param != "num_batches_tracked" {
+                stats.push(batch_norm_update(
+                    dir,
+                    &file,
+                    key,
+                    &batch_norms[b],
+                    b,
+                    param,
+                )?);
+            }
+            continue;
+        }
+        let target = parsed.and_then(|(m, param)| {
+            let bias = match param {
+                "weight" => false,
+                "bias" => true,
+                _ => return None,
+            };
+            Some((names.iter().position(|n| n == m)?, bias))
+        });
         let Some((module, bias)) = target else {
             let why = if key.contains("lora_magnitude_vector") {
                 " (a DoRA adapter)"
@@ -799,7 +984,16 @@ pub fn load_adapter_into<'a>(
             value,
         });
     }
-    if loaded.is_empty() && replacements.is_empty() {
+    check_modules_to_save(
+        &config,
+        dir,
+        &layers,
+        others,
+        batch_norms,
+        &replacements,
+        &stats,
+    )?;
+    if loaded.is_empty() && replacements.is_empty() && stats.is_empty() {
         let targets: Vec<&str> = linear_names
             .iter()
             .zip(&targeted)
@@ -853,6 +1047,118 @@ pub fn load_adapter_into<'a>(
                     (false, _) => *other.weight.value_mut() = r.value,
                 }
             }
+        }
+    }
+    Ok(stats)
+}
+
+/// The value of BatchNorm `view`'s tensor `param` (`weight`, `bias`, `running_mean`,
+/// `running_var`) at `key` of the adapter file, checked: the module has it, `[dim]`, finite,
+/// and a variance not negative.
+fn batch_norm_update(
+    dir: &Path,
+    file: &Checkpoint,
+    key: &str,
+    view: &BatchNormView,
+    module: usize,
+    param: &str,
+) -> Result<BatchNormUpdate> {
+    let param: &'static str = match param {
+        "weight" => "weight",
+        "bias" => "bias",
+        "running_mean" => "running_mean",
+        _ => "running_var",
+    };
+    if !view.affine && (param == "weight" || param == "bias") {
+        return Err(adapter_error(
+            dir,
+            format!(
+                "`{key}`: BatchNorm {} has no {param} (affine=False)",
+                view.name
+            ),
+        ));
+    }
+    let value = file.tensor_f32(key, Some(&[view.dim]))?;
+    crate::error::check_finite(&weights_path(dir), key, &value)?;
+    if param == "running_var" {
+        if let Some(i) = value.data().iter().position(|&v| v < 0.0) {
+            return Err(adapter_error(
+                dir,
+                format!(
+                    "`{key}` element {i} is {}: a variance is not negative",
+                    value.data()[i]
+                ),
+            ));
+        }
+    }
+    Ok(BatchNormUpdate {
+        module,
+        param,
+        value,
+    })
+}
+
+/// PEFT wraps each module whose name ends with an entry of `modules_to_save` (a plain string
+/// suffix, `_set_trainable`'s rule: `"2"` wraps `12` too, `"[2]"` nothing) and loads the copy's
+/// every tensor from the file (a `KeyError` where one is missing): each such module of the
+/// model (a Linear, a LayerNorm, a BatchNorm) must have its weight and bias (where it has
+/// them), and a BatchNorm its running statistics, in the file.
+fn check_modules_to_save(
+    config: &AdapterConfig,
+    dir: &Path,
+    layers: &[&mut Linear],
+    others: &[OtherModule<'_>],
+    batch_norms: &[BatchNormView],
+    replacements: &[Replacement],
+    stats: &[BatchNormUpdate],
+) -> Result<()> {
+    let saved = |name: &str| {
+        config
+            .modules_to_save
+            .iter()
+            .any(|(m, _)| name.ends_with(m))
+    };
+    let missing = |name: &str, param: &str| {
+        adapter_error(
+            dir,
+            format!(
+                "`modules_to_save` names module {name}, but the file has no \
+                 `base_model.model.{name}.{param}` (PEFT fails with a KeyError)"
+            ),
+        )
+    };
+    let has = |module: usize, bias: bool| {
+        replacements
+            .iter()
+            .any(|r| r.module == module && r.bias == bias)
+    };
+    let owned = layers.iter().map(|l| (l.name.as_str(), l.has_bias()));
+    let owned = owned.chain(others.iter().map(|o| (o.name.as_str(), o.bias.is_some())));
+    for (module, (name, with_bias)) in owned.enumerate() {
+        if !saved(name) {
+            continue;
+        }
+        if !has(module, false) {
+            return Err(missing(name, "weight"));
+        }
+        if with_bias && !has(module, true) {
+            return Err(missing(name, "bias"));
+        }
+    }
+    for (b, view) in batch_norms.iter().enumerate() {
+        if !saved(&view.name) {
+            continue;
+        }
+        let params: &[&str] = if view.affine {
+            &["weight", "bias", "running_mean", "running_var"]
+        } else {
+            &["running_mean", "running_var"]
+        };
+        if let Some(p) = params
+            .iter()
+            .find(|&&p| !stats.iter().any(|u| u.module == b && u.param == p))
+        {
+            return Err(missing(&view.name, p));
         }
     }
     Ok(())

@@ -418,6 +418,43 @@ impl Sequential {
         crate::peft::save_adapter(self.linears(), dir)
     }
 
+    /// Rebuilds each BatchNorm of `views` that `updates` (checked by
+    /// [`crate::peft::load_adapter_into`]) gives new tensors, with those tensors.
+    fn replace_batch_norm_tensors(
+        &mut self,
+        views: &[crate::peft::BatchNormView],
+        updates: Vec<crate::peft::BatchNormUpdate>,
+    ) -> Result<()> {
+        for (b, view) in views.iter().enumerate() {
+            let mine: Vec<&crate::peft::BatchNormUpdate> =
+                updates.iter().filter(|u| u.module == b).collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let Some(Layer::BatchNorm(n)) = self.layers.iter_mut().find(|l| match l {
+                Layer::BatchNorm(n) => n.name == view.name,
+                _ => false,
+            }) else {
+                continue;
+            };
+            let new = |param: &str| {
+                mine.iter()
+                    .find(|u| u.param == param)
+                    .map(|u| u.value.clone())
+            };
+            let rebuilt = BatchNorm::new(
+                n.name.clone(),
+                new("weight").or_else(|| n.weight.clone()),
+                new("bias").or_else(|| n.bias.clone()),
+                new("running_mean").unwrap_or_else(|| n.running_mean.clone()),
+                new("running_var").unwrap_or_else(|| n.running_var.clone()),
+                n.eps,
+            )?;
+            *n = rebuilt;
+        }
+        Ok(())
+    }
+
     /// Loads a PEFT adapter directory onto the Linears and freezes everything but the
     /// adapters (as [`Sequential::add_lora`] does); see [`crate::peft::load_adapter_into`]:
     /// only the Linears the config's `target_modules` selects (less `exclude_modules`) are
@@ -443,16 +480,22 @@ impl Sequential {
             })
             .collect();
         // The BatchNorms, which a target must not select (the activations between numbered
-        // layers follow from the indices).
-        let batch_norms: Vec<String> = self
+        // layers follow from the indices) and whose tensors the file may replace.
+        let batch_norms: Vec<crate::peft::BatchNormView> = self
             .layers
             .iter()
             .filter_map(|l| match l {
-                Layer::BatchNorm(n) => Some(n.name.clone()),
+                Layer::BatchNorm(n) => Some(crate::peft::BatchNormView {
+                    name: n.name.clone(),
+                    dim: n.dim(),
+                    affine: n.weight.is_some(),
+                }),
                 _ => None,
             })
             .collect();
-        crate::peft::load_adapter_into(self.linears_mut(), &views, &batch_norms, dir)?;
+        let updates =
+            crate::peft::load_adapter_into(self.linears_mut(), &views, &batch_norms, dir)?;
+        self.replace_batch_norm_tensors(&batch_norms, updates)?;
         for p in self.params() {
             p.set_requires_grad(false);
         }

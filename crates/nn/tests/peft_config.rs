@@ -268,13 +268,6 @@ fn only_the_target_modules_are_adapted() {
             json!({"target_modules": "all-linear", "exclude_modules": ["5"]}),
             vec!["0", "3"],
         ),
-        // PEFT never puts LoRA on a module it saves whole; the file's LoRA tensors for it
-        // are ignored.
-        (
-            "modules_to_save",
-            json!({"modules_to_save": ["5"]}),
-            vec!["0", "3"],
-        ),
         // Empty exclusions and layer lists are PEFT's "none".
         (
             "empty_lists",
@@ -288,6 +281,20 @@ fn only_the_target_modules_are_adapted() {
         m.load_adapter(&d).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(adapted(&m), want, "{name}");
     }
+    // PEFT never puts LoRA on a module it saves whole (the file then holds the module's
+    // tensors); the file's LoRA tensors for it are ignored.
+    let mut with_saved = tensors.clone();
+    with_saved.push(("base_model.model.5.weight".into(), vec![2, 4], values(8, 2)));
+    with_saved.push(("base_model.model.5.bias".into(), vec![2], values(2, 3)));
+    let d = adapter(
+        &dir,
+        "modules_to_save",
+        &with(&base_config(), json!({"modules_to_save": ["5"]})),
+        &with_saved,
+    );
+    let mut m = model(&dir);
+    m.load_adapter(&d).unwrap();
+    assert_eq!(adapted(&m), ["0", "3"]);
     // The adapted layer gets the file's values, the others compute as without an adapter.
     let d = adapter(
         &dir,
@@ -389,12 +396,7 @@ fn targets_that_are_not_linears_or_match_nothing_are_errors() {
             json!({"exclude_modules": [1]}),
             vec!["exclude_modules"],
         ),
-        // Layer selection within a transformer stack: not implemented, named.
-        (
-            "layers_to_transform",
-            json!({"layers_to_transform": [0]}),
-            vec!["layers_to_transform"],
-        ),
+        // A layer pattern without the layers it picks (LoraConfig's own error).
         (
             "layers_pattern",
             json!({"layers_pattern": "layers", "layers_to_transform": null}),
@@ -456,5 +458,201 @@ fn lora_tensors_of_modules_not_targeted_are_ignored_unless_nothing_loads() {
         &stray,
         &["base_model.model.7.lora_", "does not match"],
     );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `layers_to_transform` as PEFT applies it: only to modules a list of names selects by a
+/// dotted suffix (a transformer's `model.layers.3.fc`), the index found after the first two
+/// components or after `layers_pattern`; names selected whole (every Linear of a Sequential)
+/// are not filtered. A pattern without indexes, or either with a string `target_modules`, is
+/// an error as in `LoraConfig`.
+#[test]
+fn layers_to_transform_filters_suffix_matched_targets_as_peft() {
+    use nibble_nn::peft::AdapterConfig;
+    let dir = tempdir("layers");
+    let read = |name: &str, config: Value| {
+        let d = adapter(&dir, name, &config, &lora(2, &ALL));
+        AdapterConfig::read(&d)
+    };
+    let c = read(
+        "suffix",
+        with(
+            &base_config(),
+            json!({"target_modules": ["fc"], "layers_to_transform": [1, 3]}),
+        ),
+    )
+    .unwrap();
+    assert!(c.targets("model.layers.1.fc", &[]));
+    assert!(c.targets("model.layers.3.fc", &[]));
+    assert!(!c.targets("model.layers.2.fc", &[]));
+    // No layer index where the default rule looks: not adapted.
+    assert!(!c.targets("top.fc", &[]));
+    let c = read(
+        "one_index",
+        with(
+            &base_config(),
+            json!({"target_modules": ["fc"], "layers_to_transform": 2,
+                   "layers_pattern": ["blocks", "h"]}),
+        ),
+    )
+    .unwrap();
+    assert!(c.targets("net.blocks.2.fc", &[]));
+    assert!(c.targets("transformer.h.2.fc", &[]));
+    assert!(!c.targets("net.layers.2.fc", &[]));
+    assert!(!c.targets("net.blocks.1.fc", &[]));
+    // A Sequential's Linears are selected whole: every target stays adapted.
+    let d = adapter(
+        &dir,
+        "sequential",
+        &with(&base_config(), json!({"layers_to_transform": [0]})),
+        &lora(2, &ALL),
+    );
+    let mut m = model(&dir);
+    m.load_adapter(&d).unwrap();
+    assert_eq!(adapted(&m), ["0", "3", "5"]);
+    let e = read(
+        "pattern_alone",
+        with(&base_config(), json!({"layers_pattern": "layers"})),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("`layers_pattern` is set without `layers_to_transform`"),
+        "{e}"
+    );
+    let e = read(
+        "string_target",
+        with(
+            &base_config(),
+            json!({"target_modules": ".*", "layers_to_transform": [0]}),
+        ),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("cannot be used when `target_modules` is a string"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `nn.Sequential(Linear(3, 4), BatchNorm1d(4), ReLU(), Linear(4, 2))` in `dir`.
+fn model_with_batch_norm(dir: &Path, bn_bias: &[f32]) -> Sequential {
+    let path = dir.join(format!("bn_model_{}.safetensors", bn_bias[0].to_bits()));
+    write_f32(
+        &path,
+        &[
+            ("0.weight", vec![4, 3], values(12, 1)),
+            ("0.bias", vec![4], values(4, 2)),
+            ("1.weight", vec![4], vec![1.0, 0.9, 1.1, 1.2]),
+            ("1.bias", vec![4], bn_bias.to_vec()),
+            ("1.running_mean", vec![4], values(4, 3)),
+            ("1.running_var", vec![4], vec![0.5, 1.5, 2.0, 0.25]),
+            ("3.weight", vec![2, 4], values(8, 4)),
+            ("3.bias", vec![2], values(2, 5)),
+        ],
+    );
+    let file = Checkpoint::open(&path).unwrap();
+    Sequential::from_state_dict(
+        &file,
+        &SequentialOptions::new().activation(Activation::Relu),
+    )
+    .unwrap()
+}
+
+/// A BatchNorm's tensors in an adapter file (PEFT saves its bias under `bias = "all"`, and
+/// all its tensors for `modules_to_save`) replace the model's: the output is that of the
+/// model whose state dict holds them. A BatchNorm named by `modules_to_save` must have its
+/// tensors in the file (PEFT's KeyError), and a negative variance is an error.
+#[test]
+fn batch_norm_tensors_in_an_adapter_replace_the_models() {
+    let dir = tempdir("batch_norm");
+    let old_bias = values(4, 7);
+    let new_bias = vec![0.25, -0.5, 0.75, -1.0];
+    let targets = [("0", 4, 3), ("3", 2, 4)];
+    let config = with(
+        &base_config(),
+        json!({"target_modules": ["0", "3"], "bias": "all"}),
+    );
+    let mut tensors = lora(2, &targets);
+    tensors.push(("base_model.model.1.bias".into(), vec![4], new_bias.clone()));
+    let d = adapter(&dir, "bias_all", &config, &tensors);
+    let mut m = model_with_batch_norm(&dir, &old_bias);
+    m.load_adapter(&d).unwrap();
+    let d_plain = adapter(&dir, "plain", &config, &lora(2, &targets));
+    let mut want = model_with_batch_norm(&dir, &new_bias);
+    want.load_adapter(&d_plain).unwrap();
+    let x = nibble_tensor::Tensor::from_vec(&[2, 3], values(6, 5)).unwrap();
+    let (y, y_want) = (m.infer(&x).unwrap(), want.infer(&x).unwrap());
+    assert_eq!(y.data(), y_want.data());
+    let before = model_with_batch_norm(&dir, &old_bias).infer(&x).unwrap();
+    assert_ne!(before.data(), y.data(), "the adapter changed nothing");
+
+    // modules_to_save = ["1"]: every tensor of the BatchNorm must be in the file.
+    let saved = with(
+        &base_config(),
+        json!({"target_modules": ["0", "3"], "modules_to_save": ["1"]}),
+    );
+    let mut partial = lora(2, &targets);
+    partial.push(("base_model.model.1.weight".into(), vec![4], vec![1.0; 4]));
+    partial.push(("base_model.model.1.bias".into(), vec![4], new_bias.clone()));
+    partial.push((
+        "base_model.model.1.running_mean".into(),
+        vec![4],
+        vec![0.0; 4],
+    ));
+    let d = adapter(&dir, "partial", &saved, &partial);
+    let mut m = model_with_batch_norm(&dir, &old_bias);
+    let e = m.load_adapter(&d).unwrap_err().to_string();
+    assert!(e.contains("base_model.model.1.running_var"), "{e}");
+    assert!(adapted(&m).is_empty(), "a failed load changed the model");
+    let mut negative = partial.clone();
+    negative.push((
+        "base_model.model.1.running_var".into(),
+        vec![4],
+        vec![1.0, -0.5, 1.0, 1.0],
+    ));
+    let d = adapter(&dir, "negative", &saved, &negative);
+    let e = model_with_batch_norm(&dir, &old_bias)
+        .load_adapter(&d)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("running_var") && e.contains("-0.5"), "{e}");
+    let mut full = partial;
+    full.push((
+        "base_model.model.1.running_var".into(),
+        vec![4],
+        vec![1.0, 2.0, 0.5, 1.0],
+    ));
+    let d = adapter(&dir, "full", &saved, &full);
+    model_with_batch_norm(&dir, &old_bias)
+        .load_adapter(&d)
+        .unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// PEFT wraps for `modules_to_save` the modules whose names end with an entry (a plain
+/// suffix), and needs their tensors: a LayerNorm named without them in the file is an error;
+/// an entry that ends no module's name (`"[2]"`, a regex to PEFT's LoRA exclusion only) wraps
+/// nothing and needs nothing.
+#[test]
+fn modules_to_save_need_their_tensors_where_peft_wraps_them() {
+    let dir = tempdir("mts");
+    fails(
+        &dir,
+        "layer_norm_missing",
+        with(&base_config(), json!({"modules_to_save": ["2"]})),
+        &lora(2, &ALL),
+        &["modules_to_save", "base_model.model.2.weight"],
+    );
+    let d = adapter(
+        &dir,
+        "regex_like",
+        &with(&base_config(), json!({"modules_to_save": ["[2]"]})),
+        &lora(2, &ALL),
+    );
+    let mut m = model(&dir);
+    m.load_adapter(&d).unwrap();
+    assert_eq!(adapted(&m), ["0", "3", "5"]);
     std::fs::remove_dir_all(&dir).ok();
 }
