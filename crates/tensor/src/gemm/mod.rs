@@ -814,7 +814,10 @@ fn stage_floats() -> usize {
 /// took low_precision 36.5 → 34.8 ms and qlora 39.6 → 38.3 (medians over the rounds) only with
 /// `NIBBLE_GEMM_STAGE_FLOATS=1048576` beside it (either switch alone gained nothing), ahead in
 /// five rounds of eight and behind in one; their ratio to bignet's time 1.24 → 1.16, still
-/// short of issue 13's 1.05. On 2 threads (Zen 5) the two forms were within the noise.
+/// short of issue 13's 1.05. Six more rounds in another lease (2026-12-07 00:30 UTC): low_precision
+/// 39.5 → 38.7 ms, qlora 42.2 → 40.9, while bignet, which neither switch touches, moved
+/// between 29.9 and 40.5 ms from round to round. On 2 threads (Zen 5) the two forms were
+/// within the noise.
 fn column_slices() -> bool {
     static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *V.get_or_init(|| std::env::var("NIBBLE_GEMM_SLICES").is_ok_and(|v| v.trim() == "1"))
