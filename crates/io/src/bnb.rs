@@ -372,6 +372,18 @@ fn read_state(file: &Checkpoint, key: &str) -> Result<(Bnb4bitInfo, Option<f32>)
             named.name().to_uppercase()
         ),
     )?;
+    // bitsandbytes reads these with `getattr(torch, …)`: a name torch has no dtype for
+    // fails there, and fails here (nibble computes in f32 whatever they say).
+    for name in ["dtype", "nested_dtype"] {
+        if let Some(v) = field(name) {
+            want(
+                name,
+                v.as_str().is_some_and(|d| TORCH_DTYPES.contains(&d)),
+                Some(v),
+                "the name of a torch dtype (bitsandbytes looks it up with getattr(torch, …))",
+            )?;
+        }
+    }
     let blocksize_value = field("blocksize");
     let blocksize = blocksize_value
         .and_then(|v| v.as_u64())
@@ -691,6 +703,36 @@ pub fn read_bnb_4bit_f32(file: &Checkpoint, key: &str) -> Result<Tensor> {
 }
 
 /// A JSON value for an error message (`none` when absent).
+/// The dtype names `getattr(torch, name)` resolves to a `torch.dtype` (what a quant state's
+/// `dtype` / `nested_dtype` may say).
+const TORCH_DTYPES: &[&str] = &[
+    "float32",
+    "float",
+    "float64",
+    "double",
+    "float16",
+    "half",
+    "bfloat16",
+    "uint8",
+    "int8",
+    "int16",
+    "short",
+    "int32",
+    "int",
+    "int64",
+    "long",
+    "bool",
+    "uint16",
+    "uint32",
+    "uint64",
+    "complex64",
+    "cfloat",
+    "complex128",
+    "cdouble",
+    "float8_e4m3fn",
+    "float8_e5m2",
+];
+
 fn fmt_value(v: Option<&serde_json::Value>) -> String {
     v.map_or("none".to_string(), |v| v.to_string())
 }

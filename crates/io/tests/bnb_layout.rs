@@ -235,5 +235,35 @@ fn absmax_dtype_must_fit_double_quantization() {
         e.contains("nested_offset") && e.contains("l.weight.nested_absmax"),
         "{e}"
     );
+    // A `dtype` torch has no such name for (bitsandbytes' getattr fails), plain and nested;
+    // a real one other than float32 reads (nibble computes in f32 whatever it says).
+    for (name, entries, field, value, ok) in [
+        ("garbage_dtype", &plain, "dtype", "garbage", false),
+        (
+            "garbage_nested_dtype",
+            &nested,
+            "nested_dtype",
+            "float33",
+            false,
+        ),
+        ("bf16_dtype", &plain, "dtype", "bfloat16", true),
+    ] {
+        let mut edited = entries.clone();
+        let state = edited
+            .iter_mut()
+            .find(|e| e.0.ends_with("bitsandbytes__nf4"))
+            .unwrap();
+        let mut json: serde_json::Value = serde_json::from_slice(&state.3).unwrap();
+        json[field] = serde_json::json!(value);
+        state.3 = serde_json::to_vec(&json).unwrap();
+        state.2 = vec![state.3.len()];
+        match read(name, &edited) {
+            Ok(()) => assert!(ok, "{name}: read"),
+            Err(e) => {
+                assert!(!ok, "{name}: {e}");
+                assert!(e.contains(field) && e.contains(value), "{e}");
+            }
+        }
+    }
     std::fs::remove_dir_all(&dir).ok();
 }
