@@ -61,14 +61,47 @@ impl Param {
         unpoison(self.0.grad.read())
     }
 
-    /// Adds `g` to the gradient (or sets it, if there was none).
+    /// Adds `g` to the gradient (or sets it, if there was none). `g` must have the value's
+    /// shape, on every call (the first included): otherwise
+    /// [`AutogradError::InvalidInput`](crate::AutogradError::InvalidInput) naming the parameter
+    /// and both shapes, and the gradient is left as it was.
+    ///
+    /// ```
+    /// use nibble_autograd::Param;
+    /// use nibble_tensor::Tensor;
+    /// let p = Param::new("w", Tensor::zeros(&[2, 3]), true);
+    /// assert!(p.accumulate_grad(Tensor::zeros(&[3])).is_err());
+    /// assert!(p.grad().is_none());
+    /// p.accumulate_grad(Tensor::full(&[2, 3], 1.0)).unwrap();
+    /// ```
     pub fn accumulate_grad(&self, g: Tensor) -> crate::Result<()> {
+        // The value's shape first, its lock released before the gradient's is taken (no lock
+        // held while waiting for another).
+        self.check_grad_shape("accumulate_grad", g.shape())?;
         let mut slot = unpoison(self.0.grad.write());
         match slot.as_mut() {
             Some(acc) => acc.add_assign(&g)?,
             None => *slot = Some(g),
         }
         Ok(())
+    }
+
+    /// Checks that a gradient of `shape` fits this parameter's value:
+    /// [`AutogradError::InvalidInput`](crate::AutogradError::InvalidInput) naming `op`, the
+    /// parameter and both shapes otherwise.
+    pub(crate) fn check_grad_shape(&self, op: &'static str, shape: &[usize]) -> crate::Result<()> {
+        let value = self.value();
+        if value.shape() == shape {
+            return Ok(());
+        }
+        Err(crate::AutogradError::InvalidInput {
+            op,
+            what: format!(
+                "parameter {}: gradient of shape {shape:?} for a value of shape {:?}",
+                self.name(),
+                value.shape()
+            ),
+        })
     }
 
     /// Mutable access to the gradient slot (for kernels that accumulate in place).

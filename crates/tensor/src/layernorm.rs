@@ -35,6 +35,9 @@ fn check(op: &'static str, x: &Tensor, weight: &[f32], bias: &[f32]) -> Result<(
 
 /// `y[i, j] = (x[i, j] - mean_i) * rstd_i * weight[j] + bias[j]` for `x` of shape `[m, c]`.
 ///
+/// Errors: `x` not 2-D, `weight` or `bias` not `c` long, or `eps` negative, NaN or infinite
+/// (`eps = 0` is allowed, as in PyTorch).
+///
 /// ```
 /// use nibble_tensor::{layer_norm, Tensor};
 /// let x = Tensor::from_vec(&[1, 2], vec![1.0, 3.0]).unwrap();
@@ -48,6 +51,7 @@ pub fn layer_norm(
     eps: f32,
 ) -> Result<(Tensor, LayerNormStats)> {
     let (m, c) = check("layer_norm", x, weight, bias)?;
+    check_eps("layer_norm", eps)?;
     let mut y = Tensor::zeros(&[m, c]);
     let mut mean = vec![0.0f32; m];
     let mut rstd = vec![0.0f32; m];
@@ -68,7 +72,8 @@ pub fn layer_norm(
 }
 
 /// [`layer_norm`] in place, for inference: the rows of `x` (`cols` wide) become the
-/// normalised rows, bit-identical to [`layer_norm`]'s output; no statistics are kept.
+/// normalised rows, bit-identical to [`layer_norm`]'s output; no statistics are kept. Errors
+/// as [`layer_norm`]'s, and `x` not a whole number of rows.
 ///
 /// ```
 /// use nibble_tensor::layernorm::{layer_norm, layer_norm_assign};
@@ -87,6 +92,7 @@ pub fn layer_norm_assign(
     eps: f32,
 ) -> Result<()> {
     check_assign("layer_norm_assign", x.len(), cols, weight, bias)?;
+    check_eps("layer_norm_assign", eps)?;
     if cols == 0 {
         return Ok(());
     }
@@ -106,7 +112,7 @@ pub fn layer_norm_assign(
 /// The residual add and the LayerNorm of an inference block in one pass: `x = LN(x + delta)`
 /// row by row (each row added, then normalised while it is in L1), bit-identical to
 /// [`add_in_place`](crate::ops::add_in_place)`(x, delta)` followed by [`layer_norm_assign`],
-/// without the add's own pass over the batch and its fork-join. Shapes as
+/// without the add's own pass over the batch and its fork-join. Shapes and `eps` as
 /// [`layer_norm_assign`], and `delta` as long as `x`.
 ///
 /// ```
@@ -136,6 +142,7 @@ pub fn add_layer_norm_assign(
         });
     }
     check_assign("add_layer_norm_assign", x.len(), cols, weight, bias)?;
+    check_eps("add_layer_norm_assign", eps)?;
     if cols == 0 {
         return Ok(());
     }
@@ -151,6 +158,19 @@ pub fn add_layer_norm_assign(
             .for_each(add_normalize_rows);
     }
     Ok(())
+}
+
+/// Checks a LayerNorm's epsilon: finite and not negative (0 is allowed, as in PyTorch), else
+/// [`TensorError::Invalid`] naming `op` and the value. A negative, NaN or infinite epsilon
+/// made every row NaN (or zero) without an error.
+fn check_eps(op: &'static str, eps: f32) -> Result<()> {
+    if eps.is_finite() && eps >= 0.0 {
+        return Ok(());
+    }
+    Err(TensorError::Invalid {
+        op,
+        what: format!("eps = {eps} (must be finite and >= 0)"),
+    })
 }
 
 /// The shape checks of the in-place LayerNorms: `weight` and `bias` of `cols` values, and a
@@ -888,5 +908,42 @@ mod tests {
             })
         ));
         assert!(layer_norm(&Tensor::zeros(&[4]), &[1.0; 4], &[0.0; 4], 1e-5).is_err());
+    }
+
+    /// A negative, NaN or infinite epsilon is an error naming the op and the value in all three
+    /// forward forms (it gave rows of NaN with `Ok`); 0 stays allowed, as in PyTorch.
+    #[test]
+    fn bad_eps_is_an_error_zero_is_not() {
+        let x = Tensor::from_vec(&[2, 2], vec![1.0, 3.0, -2.0, 5.0]).unwrap();
+        let (w, b) = ([1.0f32, 0.5], [0.0f32, 1.0]);
+        for eps in [-1e-5f32, -0.5, f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let invalid = |r: Result<()>, op: &str| match r {
+                Err(TensorError::Invalid { op: o, what }) => {
+                    assert_eq!(o, op);
+                    assert!(what.contains(&format!("{eps}")), "{what}");
+                }
+                other => panic!("{op} eps={eps}: {other:?}"),
+            };
+            invalid(layer_norm(&x, &w, &b, eps).map(drop), "layer_norm");
+            let mut z = x.data().to_vec();
+            invalid(
+                layer_norm_assign(&mut z, 2, &w, &b, eps),
+                "layer_norm_assign",
+            );
+            assert_eq!(z, x.data(), "eps={eps}: x changed by a failed call");
+            invalid(
+                add_layer_norm_assign(&mut z, &[0.0; 4], 2, &w, &b, eps),
+                "add_layer_norm_assign",
+            );
+            assert_eq!(z, x.data(), "eps={eps}: x changed by a failed call");
+        }
+        let (y, _) = layer_norm(&x, &w, &b, 0.0).unwrap();
+        assert!(y.data().iter().all(|v| v.is_finite()));
+        let mut z = x.data().to_vec();
+        layer_norm_assign(&mut z, 2, &w, &b, 0.0).unwrap();
+        assert_eq!(z, y.data());
+        let mut z = x.data().to_vec();
+        add_layer_norm_assign(&mut z, &[0.0; 4], 2, &w, &b, 0.0).unwrap();
+        assert_eq!(z, y.data());
     }
 }

@@ -146,7 +146,11 @@ impl LowRank<'_> {
     /// [`fuses_batch`](Self::fuses_batch) says it runs.
     pub fn apply_unfused_batch(&self, x: &[f32], m: usize, y: &mut [f32]) -> Result<()> {
         let path = kernel_path();
-        let mut h = vec![0.0f32; m * self.rank];
+        let h_len = m.checked_mul(self.rank).ok_or(TensorError::Overflow {
+            op: "low_rank",
+            shape: vec![m, self.rank],
+        })?;
+        let mut h = vec![0.0f32; h_len];
         gemv_t_f32(path, self.a, self.rank, self.inp, x, m, &mut h, false)?;
         gemv_t_f32(path, self.b, self.out, self.rank, &h, m, y, true)
     }
@@ -579,5 +583,35 @@ mod tests {
         assert!(ab.check(6, 8, &[0.0; 8], &[0.0; 5]).is_err());
         assert!(LowRank::new(&a, &Tensor::zeros(&[6, 3])).is_err());
         assert!(LowRank::new(&Tensor::zeros(&[4]), &b).is_err());
+    }
+
+    /// A batch whose `m · rank` (or `m · out`) overflows is an error, not an overflow panic
+    /// (debug) or a huge allocation (release) before the shape checks.
+    #[test]
+    fn overflowing_batch_sizes_are_errors() {
+        let a = Tensor::zeros(&[2, 0]);
+        let b = Tensor::zeros(&[3, 2]);
+        let ab = LowRank::new(&a, &b).unwrap();
+        let mut y = [0.0f32; 3];
+        assert!(matches!(
+            ab.apply_unfused_batch(&[], usize::MAX, &mut y),
+            Err(TensorError::Overflow { .. })
+        ));
+        // x fits ([m, 0]), y's m · out overflows: an Overflow error, not `m * y_cols`.
+        assert_eq!(
+            crate::weight::check_matmul_operands("linear", usize::MAX, 0, 0, 3, 2),
+            Err(TensorError::Overflow {
+                op: "linear",
+                shape: vec![usize::MAX, 2],
+            })
+        );
+        assert!(matches!(
+            crate::weight::check_matmul_operands("linear", 2, 0, 0, 3, 2),
+            Err(TensorError::Length {
+                expected: 4,
+                found: 3,
+                ..
+            })
+        ));
     }
 }

@@ -91,8 +91,11 @@ impl std::fmt::Debug for Tensor {
 }
 
 impl Tensor {
-    /// A tensor of zeros. Panics only if the element count overflows `usize`
-    /// (use [`Tensor::try_zeros`] for untrusted shapes).
+    /// A tensor of zeros.
+    ///
+    /// # Panics
+    /// If the element count (the product of `shape`) overflows `usize`; use
+    /// [`Tensor::try_zeros`] for untrusted shapes.
     pub fn zeros(shape: &[usize]) -> Self {
         Self::try_zeros(shape).expect("Tensor::zeros: shape overflows")
     }
@@ -108,6 +111,10 @@ impl Tensor {
     }
 
     /// A tensor with every element equal to `value`.
+    ///
+    /// # Panics
+    /// If the element count (the product of `shape`) overflows `usize`; for untrusted shapes
+    /// use [`Tensor::try_zeros`] and fill it, or [`Tensor::from_fn`]`(shape, |_| value)`.
     pub fn full(shape: &[usize], value: f32) -> Self {
         let mut t = Self::zeros(shape);
         t.data.fill(value);
@@ -151,11 +158,21 @@ impl Tensor {
     /// Elements drawn uniformly from `[low, high)`, in row-major order. Like
     /// [`Tensor::randn`], meant for parameters: from 2 MiB on the elements sit on huge pages
     /// ([`WeightBuf`]).
+    ///
+    /// # Panics
+    /// If the element count (the product of `shape`) overflows `usize`; for untrusted shapes
+    /// use [`Tensor::from_fn`]`(shape, |_| rng.uniform(low, high))`, which returns an error
+    /// (the same values).
     pub fn uniform(shape: &[usize], low: f32, high: f32, rng: &mut Rng) -> Self {
         Self::from_fn(shape, |_| rng.uniform(low, high)).expect("Tensor::uniform: shape overflows")
     }
 
     /// Elements drawn from the standard normal distribution, in row-major order.
+    ///
+    /// # Panics
+    /// If the element count (the product of `shape`) overflows `usize`; for untrusted shapes
+    /// use [`Tensor::from_fn`]`(shape, |_| rng.normal())`, which returns an error (the same
+    /// values).
     pub fn randn(shape: &[usize], rng: &mut Rng) -> Self {
         Self::from_fn(shape, |_| rng.normal()).expect("Tensor::randn: shape overflows")
     }

@@ -319,7 +319,9 @@ fn bias_values(bias: &dyn PackB, out: usize) -> Result<std::borrow::Cow<'_, [f32
     Ok(std::borrow::Cow::Owned(row))
 }
 
-/// Checks `x` is `[m, cols]` and `y` is `[m, rows]` for a W-product named `op`.
+/// Checks `x` is `[m, cols]` and `y` is `[m, rows]` for a W-product named `op`:
+/// [`TensorError::ShapeMismatch`] for `x`, [`TensorError::Length`] for `y`, and
+/// [`TensorError::Overflow`] where `m · rows` overflows (never a panic).
 pub fn check_matmul_operands(
     op: &'static str,
     m: usize,
@@ -335,15 +337,19 @@ pub fn check_matmul_operands(
             rhs: vec![y_cols, x_cols],
         });
     }
-    if m.checked_mul(y_cols) != Some(y_len) {
-        return Err(TensorError::Length {
+    match m.checked_mul(y_cols) {
+        Some(expected) if expected == y_len => Ok(()),
+        Some(expected) => Err(TensorError::Length {
             op,
             shape: vec![m, y_cols],
-            expected: m * y_cols,
+            expected,
             found: y_len,
-        });
+        }),
+        None => Err(TensorError::Overflow {
+            op,
+            shape: vec![m, y_cols],
+        }),
     }
-    Ok(())
 }
 
 /// The dense implementations, f32 and f16: one body, differing only in the element type, the

@@ -1,7 +1,10 @@
 //! AdamW exactly as PyTorch's single-tensor implementation computes it.
 
-use super::{check_hyper, load_buffers, zeros_like, Optimizer, OptimizerState};
-use crate::error::Result;
+use super::{
+    check_hyper, check_step_shapes, distinct_params, load_buffers, next_step, zeros_like,
+    Optimizer, OptimizerState,
+};
+use crate::error::{AutogradError, Result};
 use crate::param::Param;
 use nibble_tensor::Tensor;
 use rayon::prelude::*;
@@ -55,7 +58,10 @@ pub struct AdamW {
 }
 
 impl AdamW {
-    /// An optimizer over `params` (those that do not require a gradient are skipped).
+    /// An optimizer over `params` (those that do not require a gradient are skipped). An
+    /// error for an invalid hyper-parameter, and for a parameter given twice or two parameters
+    /// of one name ([`AutogradError::InvalidInput`] naming it): the state is saved and loaded
+    /// by name, and a parameter given twice would be updated twice per step.
     pub fn new(params: Vec<Param>, config: AdamWConfig) -> Result<Self> {
         let c = config;
         check_hyper("AdamW", "lr", c.lr as f64, c.lr >= 0.0)?;
@@ -78,7 +84,7 @@ impl AdamW {
             c.weight_decay as f64,
             c.weight_decay >= 0.0,
         )?;
-        let params: Vec<Param> = params.into_iter().filter(|p| p.requires_grad()).collect();
+        let params = distinct_params("AdamW::new", params)?;
         Ok(AdamW {
             exp_avg: zeros_like(&params),
             exp_avg_sq: zeros_like(&params),
@@ -99,12 +105,32 @@ impl AdamW {
     }
 }
 
+/// `beta^step` for AdamW's bias corrections: `powi` where `step` fits an `i32` (the bits of
+/// PyTorch's `beta ** step` there, as before), else 0. Past `i32::MAX` steps the power of any
+/// f32 `beta < 1` is below `(1 - 2^-24)^(2^31) ≈ e^-128`, so `1 - beta^step` is 1.0 in f64
+/// either way; the wrapping `step as i32` gave a negative exponent, a correction below 0 or
+/// `-inf`, and NaN parameters.
+fn beta_pow(beta: f32, step: u64) -> f64 {
+    match i32::try_from(step) {
+        Ok(s) => (beta as f64).powi(s),
+        Err(_) => 0.0,
+    }
+}
+
 impl Optimizer for AdamW {
+    /// One AdamW update of every parameter that has a gradient. Before anything is updated,
+    /// every gradient and moment buffer is checked to have its parameter's shape (an error
+    /// naming the parameter and both shapes otherwise, nothing updated, the step count kept).
     fn step(&mut self) -> Result<()> {
-        self.step += 1;
+        check_step_shapes(
+            "AdamW::step",
+            &self.params,
+            &[("exp_avg", &self.exp_avg), ("exp_avg_sq", &self.exp_avg_sq)],
+        )?;
+        self.step = next_step(self.step)?;
         let c = self.config;
-        let bias_correction1 = 1.0 - (c.beta1 as f64).powi(self.step as i32);
-        let bias_correction2 = 1.0 - (c.beta2 as f64).powi(self.step as i32);
+        let bias_correction1 = 1.0 - beta_pow(c.beta1, self.step);
+        let bias_correction2 = 1.0 - beta_pow(c.beta2, self.step);
         let step_size = (c.lr as f64 / bias_correction1) as f32;
         let bias_correction2_sqrt = bias_correction2.sqrt() as f32;
         let decay = 1.0 - c.lr * c.weight_decay;
@@ -115,10 +141,28 @@ impl Optimizer for AdamW {
             .par_iter()
             .zip(self.exp_avg.par_iter_mut())
             .zip(self.exp_avg_sq.par_iter_mut())
-            .for_each(|((p, m), v)| {
+            .try_for_each(|((p, m), v)| {
                 let grad = p.grad();
-                let Some(g) = grad.as_ref() else { return };
+                let Some(g) = grad.as_ref() else {
+                    return Ok(());
+                };
                 let mut value = p.value_mut();
+                // Checked above; again here, under the locks, so that a gradient or value
+                // swapped in between is an error rather than a partial update.
+                let shape = value.shape();
+                if g.shape() != shape || m.shape() != shape || v.shape() != shape {
+                    return Err(AutogradError::InvalidInput {
+                        op: "AdamW::step",
+                        what: format!(
+                            "parameter {}: gradient {:?}, moments {:?} and {:?} for a value of \
+                             shape {shape:?}",
+                            p.name(),
+                            g.shape(),
+                            m.shape(),
+                            v.shape()
+                        ),
+                    });
+                }
                 for (((w, &g), m), v) in value
                     .data_mut()
                     .iter_mut()
@@ -132,8 +176,8 @@ impl Optimizer for AdamW {
                     let denom = v.sqrt() / bias_correction2_sqrt + c.eps;
                     *w += -step_size * (*m / denom);
                 }
-            });
-        Ok(())
+                Ok(())
+            })
     }
 
     fn zero_grad(&mut self) {
@@ -152,6 +196,9 @@ impl Optimizer for AdamW {
         }
     }
 
+    /// Restores [`Optimizer::state`]'s buffers and step count (all or nothing): every
+    /// parameter's `exp_avg.<name>` and `exp_avg_sq.<name>` must be there once, with its shape.
+    /// Any step count is taken; past `i32::MAX` the bias corrections are 1 (see `beta_pow`).
     fn load_state(&mut self, state: &OptimizerState) -> Result<()> {
         let mut m = self.exp_avg.clone();
         let mut v = self.exp_avg_sq.clone();

@@ -35,9 +35,17 @@ pub struct OptimizerState {
 }
 
 impl OptimizerState {
-    /// The buffer called `name`, checked against `shape`.
+    /// The buffer called `name`, checked against `shape`; an error if the state holds two
+    /// buffers of that name (which one is meant cannot be told).
     pub(crate) fn take(&self, name: &str, shape: &[usize]) -> Result<Option<Tensor>> {
-        match self.tensors.iter().find(|(n, _)| n == name) {
+        let mut found = self.tensors.iter().filter(|(n, _)| n == name);
+        let first = found.next();
+        if first.is_some() && found.next().is_some() {
+            return Err(AutogradError::State {
+                what: format!("buffer {name} appears more than once"),
+            });
+        }
+        match first {
             None => Ok(None),
             Some((_, t)) if t.shape() == shape => Ok(Some(t.clone())),
             Some((_, t)) => Err(AutogradError::State {
@@ -66,6 +74,76 @@ pub(crate) fn check_hyper(
             value,
         })
     }
+}
+
+/// The parameters an optimizer keeps (those that require a gradient), checked to be distinct:
+/// the same parameter given twice would be updated twice per step, and two parameters of one
+/// name would share their buffers in [`Optimizer::state`] (saved and loaded by name). Either
+/// is [`AutogradError::InvalidInput`] naming `op` and the parameter.
+pub(crate) fn distinct_params(op: &'static str, params: Vec<Param>) -> Result<Vec<Param>> {
+    let params: Vec<Param> = params.into_iter().filter(|p| p.requires_grad()).collect();
+    let mut seen: std::collections::HashMap<&str, &Param> =
+        std::collections::HashMap::with_capacity(params.len());
+    for p in &params {
+        if let Some(prev) = seen.insert(p.name(), p) {
+            let what = if prev.same_as(p) {
+                format!("parameter {} is given twice", p.name())
+            } else {
+                format!(
+                    "two parameters are named {} (the optimizer's state is saved and loaded by \
+                     name)",
+                    p.name()
+                )
+            };
+            return Err(AutogradError::InvalidInput { op, what });
+        }
+    }
+    Ok(params)
+}
+
+/// Checks, before a step updates anything, that every parameter's gradient (where it has one)
+/// and its buffers (one slice per kind of buffer, one tensor per parameter, named
+/// `<kind>.<param name>`) have the shape of its value: a mismatch is an error naming `op`, the
+/// parameter and both shapes (the step's zipped loops would otherwise update part of it).
+pub(crate) fn check_step_shapes(
+    op: &'static str,
+    params: &[Param],
+    bufs: &[(&str, &[Tensor])],
+) -> Result<()> {
+    for (i, p) in params.iter().enumerate() {
+        let shape = p.value().shape().to_vec();
+        if let Some(g) = p.grad().as_ref() {
+            if g.shape() != shape.as_slice() {
+                return Err(AutogradError::InvalidInput {
+                    op,
+                    what: format!(
+                        "parameter {}: gradient of shape {:?} for a value of shape {shape:?}",
+                        p.name(),
+                        g.shape()
+                    ),
+                });
+            }
+        }
+        for (kind, b) in bufs {
+            let found = b.get(i).map(|t| t.shape());
+            if found != Some(shape.as_slice()) {
+                return Err(AutogradError::State {
+                    what: format!(
+                        "buffer {kind}.{}: shape {found:?} for a value of shape {shape:?}",
+                        p.name()
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The step count after one more step, or an error where it would overflow (a loaded state's).
+pub(crate) fn next_step(step: u64) -> Result<u64> {
+    step.checked_add(1).ok_or_else(|| AutogradError::State {
+        what: format!("step count {step} cannot be incremented"),
+    })
 }
 
 /// One buffer per parameter, zero-initialised lazily.

@@ -1,7 +1,10 @@
 //! SGD with momentum, as PyTorch's `torch.optim.SGD` (dampening 0, no Nesterov).
 
-use super::{check_hyper, load_buffers, zeros_like, Optimizer, OptimizerState};
-use crate::error::Result;
+use super::{
+    check_hyper, check_step_shapes, distinct_params, load_buffers, next_step, zeros_like,
+    Optimizer, OptimizerState,
+};
+use crate::error::{AutogradError, Result};
 use crate::param::Param;
 use nibble_tensor::Tensor;
 
@@ -36,7 +39,10 @@ pub struct Sgd {
 }
 
 impl Sgd {
-    /// An optimizer over `params` (those that do not require a gradient are skipped).
+    /// An optimizer over `params` (those that do not require a gradient are skipped). An
+    /// error for an invalid hyper-parameter, and for a parameter given twice or two parameters
+    /// of one name ([`AutogradError::InvalidInput`] naming it): the state is saved and loaded
+    /// by name, and a parameter given twice would be updated twice per step.
     pub fn new(params: Vec<Param>, config: SgdConfig) -> Result<Self> {
         check_hyper("SGD", "lr", config.lr as f64, config.lr >= 0.0)?;
         check_hyper(
@@ -51,7 +57,7 @@ impl Sgd {
             config.weight_decay as f64,
             config.weight_decay >= 0.0,
         )?;
-        let params: Vec<Param> = params.into_iter().filter(|p| p.requires_grad()).collect();
+        let params = distinct_params("SGD::new", params)?;
         Ok(Sgd {
             momentum: zeros_like(&params),
             params,
@@ -62,14 +68,32 @@ impl Sgd {
 }
 
 impl Optimizer for Sgd {
+    /// One SGD update of every parameter that has a gradient. Before anything is updated,
+    /// every gradient and momentum buffer is checked to have its parameter's shape (an error
+    /// naming the parameter and both shapes otherwise, nothing updated, the step count kept).
     fn step(&mut self) -> Result<()> {
+        check_step_shapes("SGD::step", &self.params, &[("momentum", &self.momentum)])?;
         let c = self.config;
         let first = self.step == 0;
-        self.step += 1;
+        self.step = next_step(self.step)?;
         for (p, buf) in self.params.iter().zip(&mut self.momentum) {
             let grad = p.grad();
             let Some(g) = grad.as_ref() else { continue };
             let mut value = p.value_mut();
+            // Checked above; again under the locks (a gradient or value swapped in between).
+            let shape = value.shape();
+            if g.shape() != shape || buf.shape() != shape {
+                return Err(AutogradError::InvalidInput {
+                    op: "SGD::step",
+                    what: format!(
+                        "parameter {}: gradient {:?} and momentum {:?} for a value of shape \
+                         {shape:?}",
+                        p.name(),
+                        g.shape(),
+                        buf.shape()
+                    ),
+                });
+            }
             for ((w, &g), b) in value
                 .data_mut()
                 .iter_mut()

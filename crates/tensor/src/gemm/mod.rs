@@ -184,6 +184,12 @@ pub trait PackB: Sync {
     /// `(p, j)` at `data[p * row_stride + j]` for every `p < k`, `j < n`. [`gemm`] may then
     /// read B's rows in place instead of packing them (see [`Packing`]). The default, for
     /// operands that must be converted (quantized, f16), is `None`.
+    ///
+    /// The claim is checked before any in-place read: where `k > 0` and `n > 0`, a slice
+    /// shorter than `(k - 1) * row_stride + n` floats, or a `row_stride` below `n` with
+    /// `k > 1`, is ignored (as a [`prepacked_block`](PackB::prepacked_block) too short for its
+    /// block is) and B is packed through [`pack_panel`](PackB::pack_panel) instead: no read
+    /// outside the slice, and the values that `pack_panel` writes.
     fn as_row_major(&self) -> Option<(&[f32], usize)> {
         None
     }
@@ -1026,6 +1032,21 @@ impl Sweep<'_> {
     }
 }
 
+/// `b`'s [`PackB::as_row_major`] where the claim holds up: with `b` `k x n`, a row stride of at
+/// least `n` (where `k > 1`) and at least `(k - 1) * row_stride + n` floats, so that every
+/// element `(p, j)` the kernels read in place lies inside the slice. `None` otherwise (and for
+/// an empty B, never read in place), so that B is packed through [`PackB::pack_panel`], as a
+/// [`PackB::prepacked_block`] too short for its block is: the same bits, only slower.
+fn row_major_checked(b: &dyn PackB) -> Option<(&[f32], usize)> {
+    let (k, n) = (b.k(), b.n());
+    let (data, ld) = b.as_row_major()?;
+    if k == 0 || n == 0 || (k > 1 && ld < n) {
+        return None;
+    }
+    let needed = (k - 1).checked_mul(ld)?.checked_add(n)?;
+    (data.len() >= needed).then_some((data, ld))
+}
+
 /// Checks that every segment is `m x k_i` times `k_i x n` and `c` holds `m x n`.
 fn check_segments(segs: &[Segment<'_>], m: usize, n: usize, c_len: usize) -> Result<()> {
     for s in segs {
@@ -1128,7 +1149,13 @@ fn gemm_staged(
     if m == 0 || n == 0 {
         return Ok(());
     }
-    let k_total: usize = segs.iter().map(|s| s.a.cols()).sum();
+    let k_total = segs
+        .iter()
+        .try_fold(0usize, |acc, s| acc.checked_add(s.a.cols()))
+        .ok_or_else(|| TensorError::Overflow {
+            op: "gemm",
+            shape: segs.iter().map(|s| s.a.cols()).collect(),
+        })?;
     if k_total == 0 {
         if !accumulate {
             match bias {
@@ -1145,7 +1172,7 @@ fn gemm_staged(
         .iter()
         .map(|s| {
             if packing.unpacked_b(m, micro) {
-                s.b.as_row_major()
+                row_major_checked(s.b)
             } else {
                 None
             }
@@ -1315,7 +1342,8 @@ fn gemm_staged(
                         // whose length was checked to hold every panel of the block: `panels`
                         // full kc*NR panels either way) or
                         // element (k0, n0 + j) of a row-major B whose columns j.. j + panels *
-                        // NR lie inside it (a full group) for the block's kc rows; the C
+                        // NR lie inside it (a full group) for the block's kc rows (its slice
+                        // holds every row's n columns: row_major_checked); the C
                         // rectangle (i0.., n0 + j..) of mc x cols lies inside the m x n matrix
                         // and this task's rectangle, which no other task touches; `micro` runs
                         // only on a CPU that supports it.
