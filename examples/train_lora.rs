@@ -60,7 +60,7 @@ fn evaluate(model: &nibble::bignet::BigNet, task: &FitTask) -> nibble::bignet::R
         let out = model.forward(&tape, &task.x)?;
         Ok(tape.frozen_linear(&out, &task.head, None)?)
     })?;
-    Ok(accuracy(logits.value(), &task.y))
+    accuracy(logits.value(), &task.y)
 }
 
 fn run(args: Args) -> nibble::bignet::Result<()> {

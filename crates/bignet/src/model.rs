@@ -72,11 +72,14 @@ impl BigNet {
                 let weight = source.tensor(&format!("{name}.weight"), &[dim, dim])?;
                 let bias = source.tensor(&format!("{name}.bias"), &[dim])?;
                 let base = Self::make_base(variant, &name, weight, bias)?;
-                let lora = variant.has_lora().then(|| {
-                    let mut rng =
-                        Rng::fork(lora_seed, 0x10_0000 + (b * LAYERS_PER_BLOCK + l) as u64);
-                    LoraAdapter::init(&name, dim, dim, LORA_RANK, &mut rng)
-                });
+                let lora = variant
+                    .has_lora()
+                    .then(|| {
+                        let mut rng =
+                            Rng::fork(lora_seed, 0x10_0000 + (b * LAYERS_PER_BLOCK + l) as u64);
+                        LoraAdapter::init(&name, dim, dim, LORA_RANK, &mut rng)
+                    })
+                    .transpose()?;
                 layers.push(Linear { name, base, lora });
             }
             blocks.push(Arc::new(layers.try_into().expect("three layers")));
@@ -107,12 +110,28 @@ impl BigNet {
                 weight: Param::new(format!("{name}.weight"), weight, true),
                 bias: Some(Param::new(format!("{name}.bias"), bias, true)),
             },
-            WeightFormat::F16 => LinearBase::Frozen {
-                weight: FrozenWeight::quantize(WeightFormat::F16, name, &weight)?,
-                bias: Some(FrozenBias::F16(
-                    bias.data().iter().map(|&v| f16::from_f32(v)).collect(),
-                )),
-            },
+            WeightFormat::F16 => {
+                let half: Vec<f16> = bias.data().iter().map(|&v| f16::from_f32(v)).collect();
+                // A finite bias that f16 cannot hold would turn into an infinity.
+                if let Some(i) =
+                    (0..half.len()).find(|&i| half[i].is_infinite() && bias.data()[i].is_finite())
+                {
+                    return Err(Error::Model {
+                        what: format!(
+                            "`{name}.bias` element {i} is {}, beyond f16's largest finite value (65504)",
+                            bias.data()[i]
+                        ),
+                    });
+                }
+                LinearBase::Frozen {
+                    weight: FrozenWeight::quantize(
+                        WeightFormat::F16,
+                        &format!("{name}.weight"),
+                        &weight,
+                    )?,
+                    bias: Some(FrozenBias::F16(half)),
+                }
+            }
             format => LinearBase::Frozen {
                 weight: FrozenWeight::quantize(format, &format!("{name}.weight"), &weight)?,
                 bias: Some(FrozenBias::F32(bias.into_vec())),
@@ -126,6 +145,10 @@ impl BigNet {
     }
 
     /// Assembles a model from ready-made parts (used by loaders of quantized checkpoints).
+    /// Every part must fit width `dim`: each linear's weight `[dim, dim]` and bias `[dim]`,
+    /// each adapter's `A` `[r, dim]` and `B` `[dim, r]` (`r >= 1`), each LayerNorm's weight
+    /// and bias `[dim]`; a part that does not, or counts other than [`BLOCKS`] blocks and
+    /// `BLOCKS - 1` norms, is an [`Error::Model`] naming the part and its shape.
     pub fn from_parts(
         variant: Variant,
         dim: usize,
@@ -141,6 +164,27 @@ impl BigNet {
                     norms.len()
                 ),
             });
+        }
+        if dim == 0 {
+            return Err(Error::Model {
+                what: "model width is 0".to_string(),
+            });
+        }
+        for layer in blocks.iter().flatten() {
+            check_linear_part(layer, dim)?;
+        }
+        for (b, norm) in norms.iter().enumerate() {
+            for p in [&norm.weight, &norm.bias] {
+                let shape = p.value().shape().to_vec();
+                if shape != [dim] {
+                    return Err(Error::Model {
+                        what: format!(
+                            "LayerNorm {b} parameter `{}` has shape {shape:?}, expected [{dim}] (the model's width)",
+                            p.name()
+                        ),
+                    });
+                }
+            }
         }
         Ok(BigNet {
             variant,
@@ -421,25 +465,35 @@ impl BigNet {
     /// everything else: an f16 model becomes `lora`, a Q4 one `qlora`; other bases keep their
     /// name and gain adapters (e.g. an f32 base, to merge an adapter into it).
     pub fn attach_lora(&mut self, seed: u64) -> Result<()> {
-        self.variant = match self.variant {
-            Variant::HalfPrecision | Variant::Lora => Variant::Lora,
-            Variant::LowPrecision | Variant::Qlora => Variant::Qlora,
-            v => v,
-        };
+        // Every new adapter is built before the model changes, so that an error leaves it as
+        // it was.
         let dim = self.dim;
-        for (i, layer) in self.linears_mut().enumerate() {
-            for p in layer.params() {
-                p.set_requires_grad(false);
-            }
+        let mut adapters = Vec::new();
+        for (i, layer) in self.linears().enumerate() {
             if layer.lora.is_none() {
                 let mut rng = Rng::fork(seed, 0x10_0000 + i as u64);
-                layer.lora = Some(LoraAdapter::init(
+                adapters.push(Some(LoraAdapter::init(
                     &layer.name,
                     dim,
                     dim,
                     LORA_RANK,
                     &mut rng,
-                ));
+                )?));
+            } else {
+                adapters.push(None);
+            }
+        }
+        self.variant = match self.variant {
+            Variant::HalfPrecision | Variant::Lora => Variant::Lora,
+            Variant::LowPrecision | Variant::Qlora => Variant::Qlora,
+            v => v,
+        };
+        for (layer, adapter) in self.linears_mut().zip(adapters) {
+            for p in layer.params() {
+                p.set_requires_grad(false);
+            }
+            if let Some(adapter) = adapter {
+                layer.lora = Some(adapter);
             }
         }
         for n in &self.norms {
@@ -448,6 +502,46 @@ impl BigNet {
         }
         Ok(())
     }
+}
+
+/// An [`Error::Model`] naming the part unless linear `layer` fits width `dim`: weight
+/// `[dim, dim]`, bias (if any) `[dim]`, adapter (if any) `A` `[r, dim]` and `B` `[dim, r]`.
+fn check_linear_part(layer: &Linear, dim: usize) -> Result<()> {
+    let bad = |part: &str, shape: &[usize], expected: String| Error::Model {
+        what: format!(
+            "`{}.{part}` has shape {shape:?}, expected {expected} (the model's width is {dim})",
+            layer.name
+        ),
+    };
+    let weight: Vec<usize> = match &layer.base {
+        LinearBase::Trainable { weight, .. } => weight.value().shape().to_vec(),
+        LinearBase::Frozen { weight, .. } => {
+            let m = weight.matrix();
+            vec![m.out_features(), m.in_features()]
+        }
+    };
+    if weight != [dim, dim] {
+        return Err(bad("weight", &weight, format!("[{dim}, {dim}]")));
+    }
+    let bias = match &layer.base {
+        LinearBase::Trainable { bias, .. } => bias.as_ref().map(|b| b.value().shape().to_vec()),
+        LinearBase::Frozen { bias, .. } => bias.as_ref().map(|b| vec![b.len()]),
+    };
+    if let Some(bias) = bias.filter(|b| b[..] != [dim]) {
+        return Err(bad("bias", &bias, format!("[{dim}]")));
+    }
+    if let Some(lora) = &layer.lora {
+        let a = lora.a.value().shape().to_vec();
+        let b = lora.b.value().shape().to_vec();
+        let rank = match a[..] {
+            [r, i] if r >= 1 && i == dim => r,
+            _ => return Err(bad("lora_a.weight", &a, format!("[r, {dim}] with r >= 1"))),
+        };
+        if b != [dim, rank] {
+            return Err(bad("lora_b.weight", &b, format!("[{dim}, {rank}]")));
+        }
+    }
+    Ok(())
 }
 
 /// One block on a tape: `Linear → ReLU → Linear → ReLU → Linear`, plus the block's input, then

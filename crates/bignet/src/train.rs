@@ -151,9 +151,22 @@ fn train_step_here(
     Ok((loss_sum as f32, correct as f32 / samples.max(1) as f32))
 }
 
-/// Fraction of samples whose logit's sign matches the label.
-pub fn accuracy(logits: &Tensor, labels: &Tensor) -> f32 {
-    correct_count(logits, labels) as f32 / labels.numel().max(1) as f32
+/// Fraction of samples whose logit's sign matches the label: one logit per label (e.g.
+/// logits `[n, 1]` for labels `[n]`); other element counts are an [`Error::Input`] naming
+/// both shapes.
+pub fn accuracy(logits: &Tensor, labels: &Tensor) -> Result<f32> {
+    if logits.numel() != labels.numel() {
+        return Err(Error::Input {
+            what: format!(
+                "accuracy needs one logit per label: logits {:?} ({} elements), labels {:?} ({} elements)",
+                logits.shape(),
+                logits.numel(),
+                labels.shape(),
+                labels.numel()
+            ),
+        });
+    }
+    Ok(correct_count(logits, labels) as f32 / labels.numel().max(1) as f32)
 }
 
 /// Number of samples whose logit's sign matches the label.

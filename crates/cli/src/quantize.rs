@@ -145,7 +145,14 @@ pub fn quantize(
             ));
             (data, n)
         } else {
-            let weight = FrozenWeight::quantize(format, key, &original)?;
+            // A weight the format cannot hold: the library names the key, row and column;
+            // the error here adds the input file.
+            let weight = match FrozenWeight::quantize(format, key, &original) {
+                Err(nibble_io::Error::Unstorable {
+                    row, col, source, ..
+                }) => return Err(weight_error(row * cols.max(1) + col, source.to_string())),
+                r => r?,
+            };
             let after = weight.parts(key).iter().map(|p| p.3.len()).sum();
             let stored = weight.matrix().to_f32().into_vec();
             if let Some(k) = stored.iter().position(|v| !v.is_finite()) {

@@ -157,6 +157,24 @@ pub enum Error {
         #[source]
         source: nibble_quant::QuantError,
     },
+    /// An element of a weight that its storage format cannot hold: NaN or infinite, beyond
+    /// f16's range, or making its row's or block's scale or minimum overflow (it would be
+    /// stored as inf or NaN).
+    #[error("weight `{key}` row {row}, column {col}: {}", source)]
+    Unstorable {
+        /// The weight's state-dict key.
+        key: String,
+        /// Row of the first element that would be stored non-finite.
+        row: usize,
+        /// Its column (for a row or group that overflows, the first column).
+        col: usize,
+        /// The weight at fault (NaN, infinite, or the one that overflows).
+        value: f32,
+        /// The quant crate's error, naming the format and what overflows (boxed: it keeps
+        /// this crate's error small).
+        #[source]
+        source: Box<nibble_quant::QuantError>,
+    },
     /// A weight cannot be stored or read as asked (e.g. f32, which is not a frozen format).
     #[error("weight `{key}`: {what}")]
     Unsupported {

@@ -72,18 +72,69 @@ pub fn write_parts(
 }
 
 fn quant_err(key: &str) -> impl FnOnce(QuantError) -> Error + '_ {
-    move |source| Error::Quant {
-        key: key.to_string(),
-        source,
+    move |source| match source {
+        QuantError::NonFinite {
+            row, col, value, ..
+        }
+        | QuantError::Overflow {
+            row, col, value, ..
+        } => Error::Unstorable {
+            key: key.to_string(),
+            row,
+            col,
+            value,
+            source: Box::new(source),
+        },
+        source => Error::Quant {
+            key: key.to_string(),
+            source,
+        },
     }
+}
+
+/// `w` rounded to f16 (ties to even), or a [`QuantError`] naming the first element (row and
+/// column of a 2-D weight, else its flat index as the column) that is NaN or infinite, or
+/// finite but beyond f16's range (it would round to an infinity).
+fn to_f16(w: &Tensor) -> std::result::Result<HalfTensor, QuantError> {
+    const OP: &str = "f16_convert";
+    let half = HalfTensor::from_f32(w);
+    let Some(k) = half.data().iter().position(|h| !h.is_finite()) else {
+        return Ok(half);
+    };
+    let (row, col) = match w.shape() {
+        &[_, cols] if cols > 0 => (k / cols, k % cols),
+        _ => (0, k),
+    };
+    let value = w.data()[k];
+    Err(if value.is_finite() {
+        QuantError::Overflow {
+            op: OP,
+            row,
+            col,
+            value,
+            storage: "f16",
+            what: format!("weight {value} is beyond f16's range (±65504)"),
+        }
+    } else {
+        QuantError::NonFinite {
+            op: OP,
+            row,
+            col,
+            value,
+        }
+    })
 }
 
 impl FrozenWeight {
     /// Converts the f32 weight `key` into `format` (not `F32`, which is not frozen storage).
+    /// A weight the format cannot hold is an [`Error::Unstorable`] naming `key`, the element
+    /// (row and column; the group in the message) and its value: a NaN or infinity in any format, a finite value
+    /// that f16 would turn into an infinity (beyond ±65504) for `F16`, and a block scale,
+    /// minimum or row range that overflows its storage for `Q4`, `Int8` and `Lower`.
     pub fn quantize(format: WeightFormat, key: &str, w: &Tensor) -> Result<Self> {
         let e = quant_err(key);
         Ok(match format {
-            WeightFormat::F16 => FrozenWeight::F16(Arc::new(HalfTensor::from_f32(w))),
+            WeightFormat::F16 => FrozenWeight::F16(Arc::new(to_f16(w).map_err(e)?)),
             WeightFormat::Q4 => FrozenWeight::Q4(Arc::new(Q4Matrix::quantize(w).map_err(e)?)),
             WeightFormat::Nf4 => FrozenWeight::Nf4(Arc::new(Nf4Matrix::quantize(w).map_err(e)?)),
             WeightFormat::Nf4Dq => {

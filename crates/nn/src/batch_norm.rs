@@ -8,20 +8,20 @@ use nibble_autograd::{Tape, Var};
 use nibble_tensor::Tensor;
 
 /// A frozen BatchNorm: its state-dict tensors, and the scale and shift they fold into.
+///
+/// The tensors and the epsilon are read through getters and changed only through
+/// [`BatchNorm::set_eps`] and [`BatchNorm::set_tensors`], which validate them as
+/// [`BatchNorm::new`] does and fold them again: what [`BatchNorm::forward`] computes is always
+/// what [`BatchNorm::tensors`] (what is saved) holds.
 #[derive(Debug, Clone)]
 pub struct BatchNorm {
     /// The module's name (`2`, `model.bn`, ...).
     pub name: String,
-    /// `weight` `[dim]` (`None` with `affine=False`).
-    pub weight: Option<Tensor>,
-    /// `bias` `[dim]` (`None` with `affine=False`).
-    pub bias: Option<Tensor>,
-    /// `running_mean` `[dim]`.
-    pub running_mean: Tensor,
-    /// `running_var` `[dim]`.
-    pub running_var: Tensor,
-    /// Added to the variance.
-    pub eps: f32,
+    weight: Option<Tensor>,
+    bias: Option<Tensor>,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: f32,
     scale: Vec<f32>,
     shift: Vec<f32>,
 }
@@ -100,6 +100,67 @@ impl BatchNorm {
             scale,
             shift,
         })
+    }
+
+    /// `weight` `[dim]` (`None` with `affine=False`).
+    pub fn weight(&self) -> Option<&Tensor> {
+        self.weight.as_ref()
+    }
+
+    /// `bias` `[dim]` (`None` with `affine=False`).
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// `running_mean` `[dim]`.
+    pub fn running_mean(&self) -> &Tensor {
+        &self.running_mean
+    }
+
+    /// `running_var` `[dim]`.
+    pub fn running_var(&self) -> &Tensor {
+        &self.running_var
+    }
+
+    /// The epsilon added to the variance.
+    pub fn eps(&self) -> f32 {
+        self.eps
+    }
+
+    /// Sets the epsilon, validated and folded as in [`BatchNorm::new`]: a bad one is an error
+    /// naming the layer, and leaves the BatchNorm as it was.
+    pub fn set_eps(&mut self, eps: f32) -> Result<()> {
+        *self = BatchNorm::new(
+            self.name.clone(),
+            self.weight.clone(),
+            self.bias.clone(),
+            self.running_mean.clone(),
+            self.running_var.clone(),
+            eps,
+        )?;
+        Ok(())
+    }
+
+    /// Replaces the tensors (the epsilon stays), validated and folded as in
+    /// [`BatchNorm::new`]: tensors that are not all `[dim]` (the new `running_mean`'s width), or
+    /// a negative or non-finite variance, are an error naming the layer, and leave the
+    /// BatchNorm as it was.
+    pub fn set_tensors(
+        &mut self,
+        weight: Option<Tensor>,
+        bias: Option<Tensor>,
+        running_mean: Tensor,
+        running_var: Tensor,
+    ) -> Result<()> {
+        *self = BatchNorm::new(
+            self.name.clone(),
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            self.eps,
+        )?;
+        Ok(())
     }
 
     /// The normalized width.

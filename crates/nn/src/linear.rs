@@ -63,11 +63,43 @@ pub struct LoraAdapter {
     pub b: Param,
 }
 
+/// The largest LoRA rank accepted: the cap the PEFT config reader puts on `r` (2^16).
+pub const MAX_LORA_RANK: usize = 1 << 16;
+
+/// An error naming `module` unless `rank` is a usable LoRA rank for an `out x in` layer: at
+/// least 1, at most [`MAX_LORA_RANK`], and with `A` (`[rank, in]`) and `B` (`[out, rank]`)
+/// sizes (in bytes) that do not overflow.
+pub fn check_lora_rank(module: &str, out: usize, inp: usize, rank: usize) -> Result<()> {
+    let bad = |what: String| Error::Layer {
+        layer: module.to_string(),
+        what,
+    };
+    if rank == 0 {
+        return Err(bad("LoRA rank must be at least 1".to_string()));
+    }
+    if rank > MAX_LORA_RANK {
+        return Err(bad(format!(
+            "LoRA rank {rank} is above the largest accepted, {MAX_LORA_RANK} (PEFT's cap on `r`)"
+        )));
+    }
+    let bytes = |rows: usize, cols: usize| rows.checked_mul(cols)?.checked_mul(4);
+    if bytes(rank, inp).is_none() || bytes(out, rank).is_none() {
+        return Err(bad(format!(
+            "a rank-{rank} LoRA adapter of a [{out}, {inp}] layer overflows memory sizes \
+             (A [{rank}, {inp}], B [{out}, {rank}])"
+        )));
+    }
+    Ok(())
+}
+
 impl LoraAdapter {
-    /// A fresh adapter for an `out x in` layer named `module` (e.g. `model.0.model.0`).
-    pub fn init(module: &str, out: usize, inp: usize, rank: usize, rng: &mut Rng) -> Self {
+    /// A fresh adapter for an `out x in` layer named `module` (e.g. `model.0.model.0`). A rank
+    /// that [`check_lora_rank`] refuses (0, above [`MAX_LORA_RANK`], or sizes that overflow)
+    /// is an [`Error::Layer`] naming `module`.
+    pub fn init(module: &str, out: usize, inp: usize, rank: usize, rng: &mut Rng) -> Result<Self> {
+        check_lora_rank(module, out, inp, rank)?;
         let bound = 1.0 / (inp as f32).sqrt();
-        LoraAdapter {
+        Ok(LoraAdapter {
             a: Param::new(
                 format!("{module}.lora_a.weight"),
                 Tensor::uniform(&[rank, inp], -bound, bound, rng),
@@ -78,10 +110,15 @@ impl LoraAdapter {
                 Tensor::zeros(&[out, rank]),
                 true,
             ),
-        }
+        })
     }
 
-    /// The adapter's rank.
+    /// The adapter's rank (the first dimension of `A`).
+    ///
+    /// # Panics
+    ///
+    /// If `A` is a 0-dimensional tensor (only a hand-built adapter can be: [`LoraAdapter::init`]
+    /// and the PEFT reader make `A` `[r, in]`).
     pub fn rank(&self) -> usize {
         self.a.value().shape()[0]
     }
@@ -248,6 +285,11 @@ impl Linear {
     }
 
     /// `(out, in)`.
+    ///
+    /// # Panics
+    ///
+    /// If a trainable weight is not 2-D: only a hand-built `LinearBase::Trainable` can hold
+    /// one ([`Linear::from_f32`] and [`Linear::replace_base_param`] check the shape).
     pub fn dims(&self) -> (usize, usize) {
         match &self.base {
             LinearBase::Trainable { weight, .. } => {
@@ -306,12 +348,23 @@ impl Linear {
         }
     }
 
-    /// Replaces the base's bias (`bias`) or weight with `value` (`[out]` or `[out, in]`, checked
-    /// by the caller), frozen: what a PEFT adapter's `bias = "all"` or `modules_to_save` holds.
+    /// Replaces the base's bias (`bias`) or weight with `value` (`[out]` or `[out, in]`; another
+    /// shape is an [`Error::Layer`] and changes nothing), frozen: what a PEFT adapter's `bias = "all"` or `modules_to_save` holds.
     /// A new weight makes the base an f32 one (PEFT's full copy of the module) and drops the
     /// layer's adapter; a new bias keeps the base's format.
     pub fn replace_base_param(&mut self, bias: bool, value: Tensor) -> Result<()> {
         let name = format!("{}.{}", self.name, if bias { "bias" } else { "weight" });
+        let (out, inp) = self.dims();
+        let expected: &[usize] = if bias { &[out] } else { &[out, inp] };
+        if value.shape() != expected {
+            return Err(Error::Layer {
+                layer: self.name.clone(),
+                what: format!(
+                    "`{name}` must be {expected:?} to replace the layer's, found shape {:?}",
+                    value.shape()
+                ),
+            });
+        }
         let frozen = |t: Tensor| Param::new(name.clone(), t, false);
         if bias {
             match &mut self.base {
@@ -404,19 +457,16 @@ impl Linear {
 
     /// Attaches a fresh rank-`rank` LoRA adapter initialised as PEFT does (A uniform ±1/√in,
     /// i.e. kaiming-uniform with a = √5; B zero), replacing any adapter the layer had, and
-    /// freezes the base weight and bias.
+    /// freezes the base weight and bias. A rank [`check_lora_rank`] refuses is an
+    /// [`Error::Layer`], and leaves the layer as it was.
     pub fn add_lora(&mut self, rank: usize, rng: &mut Rng) -> Result<()> {
-        if rank == 0 {
-            return Err(Error::Layer {
-                layer: self.name.clone(),
-                what: "LoRA rank must be at least 1".to_string(),
-            });
-        }
         let (out, inp) = self.dims();
+        // Built before anything changes: a refused rank leaves the layer as it was.
+        let adapter = LoraAdapter::init(&self.name, out, inp, rank, rng)?;
         for p in self.params() {
             p.set_requires_grad(false);
         }
-        self.lora = Some(LoraAdapter::init(&self.name, out, inp, rank, rng));
+        self.lora = Some(adapter);
         Ok(())
     }
 

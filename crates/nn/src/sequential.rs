@@ -5,7 +5,7 @@ use crate::activation::Activation;
 use crate::batch_norm::BatchNorm;
 use crate::error::{Error, Result};
 use crate::layer_norm::LayerNorm;
-use crate::linear::Linear;
+use crate::linear::{Linear, LoraAdapter};
 use crate::save::save_weights_with;
 use crate::var_builder::VarBuilder;
 use nibble_autograd::{Param, Tape, Var};
@@ -401,13 +401,25 @@ impl Sequential {
     }
 
     /// Attaches a fresh rank-`rank` LoRA adapter to every Linear (PEFT's init; each layer's
-    /// A drawn from its own stream of `seed`) and freezes everything else, as PEFT does.
+    /// A drawn from its own stream of `seed`) and freezes everything else, as PEFT does. A
+    /// rank [`crate::linear::check_lora_rank`] refuses is an [`Error::Layer`], and leaves the
+    /// model as it was.
     pub fn add_lora(&mut self, rank: usize, seed: u64) -> Result<()> {
+        // Every adapter is built (and the rank checked) before the model changes, so that an
+        // error leaves it as it was.
+        let adapters = self
+            .linears()
+            .enumerate()
+            .map(|(i, linear)| {
+                let (out, inp) = linear.dims();
+                LoraAdapter::init(&linear.name, out, inp, rank, &mut Rng::fork(seed, i as u64))
+            })
+            .collect::<Result<Vec<_>>>()?;
         for p in self.params() {
             p.set_requires_grad(false);
         }
-        for (i, linear) in self.linears_mut().enumerate() {
-            linear.add_lora(rank, &mut Rng::fork(seed, i as u64))?;
+        for (linear, adapter) in self.linears_mut().zip(adapters) {
+            linear.lora = Some(adapter);
         }
         Ok(())
     }
@@ -442,15 +454,12 @@ impl Sequential {
                     .find(|u| u.param == param)
                     .map(|u| u.value.clone())
             };
-            let rebuilt = BatchNorm::new(
-                n.name.clone(),
-                new("weight").or_else(|| n.weight.clone()),
-                new("bias").or_else(|| n.bias.clone()),
-                new("running_mean").unwrap_or_else(|| n.running_mean.clone()),
-                new("running_var").unwrap_or_else(|| n.running_var.clone()),
-                n.eps,
+            n.set_tensors(
+                new("weight").or_else(|| n.weight().cloned()),
+                new("bias").or_else(|| n.bias().cloned()),
+                new("running_mean").unwrap_or_else(|| n.running_mean().clone()),
+                new("running_var").unwrap_or_else(|| n.running_var().clone()),
             )?;
-            *n = rebuilt;
         }
         Ok(())
     }
@@ -488,7 +497,7 @@ impl Sequential {
                 Layer::BatchNorm(n) => Some(crate::peft::BatchNormView {
                     name: n.name.clone(),
                     dim: n.dim(),
-                    affine: n.weight.is_some(),
+                    affine: n.weight().is_some(),
                 }),
                 _ => None,
             })

@@ -185,6 +185,33 @@ pub(crate) fn check_part(
     Ok(())
 }
 
+/// Checks the values of a scale-like part for `from_parts`: each finite and, when
+/// `non_negative`, not negative; else a [`QuantError::PartValue`] naming the part, the index
+/// and the value.
+pub(crate) fn check_values(
+    op: &'static str,
+    part: &'static str,
+    values: impl IntoIterator<Item = f32>,
+    non_negative: bool,
+) -> Result<()> {
+    for (index, v) in values.into_iter().enumerate() {
+        if !v.is_finite() || (non_negative && v < 0.0) {
+            let must = if non_negative {
+                "finite and not negative"
+            } else {
+                "finite"
+            };
+            return Err(QuantError::PartValue {
+                op,
+                part,
+                index,
+                what: format!("{v} (must be {must})"),
+            });
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -33,6 +33,26 @@ pub enum QuantError {
         /// The storage type of the scale.
         storage: &'static str,
     },
+    /// A finite weight the format cannot store: the weight itself, or a scale or minimum
+    /// derived from it, overflows its storage type (an f16 weight beyond ±65504, an int8 row
+    /// whose range overflows f32, a group minimum or scale beyond f16's range), so that
+    /// elements would be stored as infinities or NaN.
+    #[error("{op}: (row {row}, col {col}) would be stored as inf or NaN in {storage}: {what}")]
+    Overflow {
+        /// The operation that was attempted.
+        op: &'static str,
+        /// Row of the first element that would be stored non-finite.
+        row: usize,
+        /// Column of that element (for a row or group that overflows, its first column).
+        col: usize,
+        /// The weight that overflows (of a row or group, the one of largest magnitude; `what`
+        /// names its column).
+        value: f32,
+        /// The storage type that overflows (`f16`, `f32`).
+        storage: &'static str,
+        /// What overflows, naming the weight, and the group where there is one.
+        what: String,
+    },
     /// A dimension that the format cannot hold (e.g. `in` not a multiple of the block size).
     #[error("{op}: shape {shape:?} is not supported: {what}")]
     Shape {
@@ -86,6 +106,16 @@ pub enum QuantError {
     /// An error from the tensor crate (shapes of operands, ...).
     #[error(transparent)]
     Tensor(#[from] TensorError),
+}
+
+/// `v` for a message: plain for moderate magnitudes, in exponent form for huge or tiny ones
+/// (`3e38`, not 39 digits).
+pub(crate) fn number(v: f32) -> String {
+    if v != 0.0 && v.is_finite() && !(1e-4..1e6).contains(&v.abs()) {
+        format!("{v:e}")
+    } else {
+        v.to_string()
+    }
 }
 
 /// Result alias for the quant crate.

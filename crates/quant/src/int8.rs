@@ -16,9 +16,9 @@ pub(crate) mod act8;
 use crate::arch::avx2::int8 as avx2;
 #[cfg(target_arch = "x86_64")]
 use crate::arch::avx512::int8 as avx512;
-use crate::bytes::{check_part, Bytes};
+use crate::bytes::{check_part, check_values, Bytes};
 use crate::cpu::{is_x86_simd, usable, KernelPath};
-use crate::error::{QuantError, Result};
+use crate::error::{number, QuantError, Result};
 use crate::kernels::{self, QuantRows};
 
 /// Scalar ground truth: `out[k] = zero + scale · codes[k]` for `k < min(len)`.
@@ -55,7 +55,10 @@ pub struct Int8Matrix {
 }
 
 impl Int8Matrix {
-    /// Quantizes an `out x in` matrix.
+    /// Quantizes an `out x in` matrix. A NaN or infinite weight is a
+    /// [`QuantError::NonFinite`]; a row whose range `max − min` overflows f32 (so that no
+    /// finite scale maps it onto 0..=255) a [`QuantError::Overflow`] naming the row and its
+    /// weight of largest magnitude (and that weight's column).
     pub fn quantize(w: &Tensor) -> Result<Self> {
         const OP: &str = "int8_quantize";
         let (o, i) = w.dims2(OP)?;
@@ -89,6 +92,29 @@ impl Int8Matrix {
                     }
                 });
         }
+        // A row whose range `max − min` overflows f32 has no finite scale (or one whose
+        // dequantized top code `scale · 255` does): it would dequantize to NaN or infinities.
+        if let Some(r) = (0..o).find(|&r| !(scales[r] * 255.0).is_finite()) {
+            let row = &w.data()[r * i..(r + 1) * i];
+            let col = (0..i)
+                .max_by(|&a, &b| row[a].abs().total_cmp(&row[b].abs()).then(b.cmp(&a)))
+                .unwrap_or(0);
+            let value = row.get(col).copied().unwrap_or(0.0);
+            let hi = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            return Err(QuantError::Overflow {
+                op: OP,
+                row: r,
+                col: 0,
+                value,
+                storage: "f32",
+                what: format!(
+                    "row {r} spans {} to {} (weight {} at column {col}): its scale (max − min) / 255 overflows f32",
+                    number(zeros[r]),
+                    number(hi),
+                    number(value)
+                ),
+            });
+        }
         Self::from_parts(
             o,
             i,
@@ -99,6 +125,9 @@ impl Int8Matrix {
     }
 
     /// Builds from raw parts: `codes` u8 `[out, in]`, `scales` f32 `[out]`, `zeros` f32 `[out]`.
+    /// A part of the wrong length is a [`QuantError::PartLength`]; a NaN or infinite scale or
+    /// zero point a [`QuantError::PartValue`] naming the part and the row (an affine row
+    /// dequantizes with a scale of either sign, so the sign is not checked).
     pub fn from_parts(
         out: usize,
         inn: usize,
@@ -120,13 +149,16 @@ impl Int8Matrix {
         check_part(OP, "codes", out, inn, &codes, n)?;
         check_part(OP, "scales", out, inn, &scales, row_stats)?;
         check_part(OP, "zeros", out, inn, &zeros, row_stats)?;
-        Ok(Int8Matrix {
+        let m = Int8Matrix {
             out,
             inn,
             codes,
             scales: scales.aligned(4),
             zeros: zeros.aligned(4),
-        })
+        };
+        check_values(OP, "scales", m.scales.f32s().iter().copied(), false)?;
+        check_values(OP, "zeros", m.zeros.f32s().iter().copied(), false)?;
+        Ok(m)
     }
 
     /// Rows (`out`) and columns (`in`).

@@ -30,9 +30,9 @@ use rayon::prelude::*;
 use crate::arch::avx2::lower as avx2;
 #[cfg(target_arch = "x86_64")]
 use crate::arch::avx512::lower as avx512;
-use crate::bytes::{check_part, Bytes};
+use crate::bytes::{check_part, check_values, Bytes};
 use crate::cpu::{is_x86_simd, usable, KernelPath};
-use crate::error::{QuantError, Result};
+use crate::error::{number, QuantError, Result};
 use crate::kernels::{self, QuantRows};
 
 /// The code of element `j` of a row packed at `bits` (3 or 4) bits: bits `bits·j..bits·j+bits`
@@ -418,9 +418,24 @@ impl LowerMatrix {
     /// byte, its scales and mins, a partial last group's too, and a ragged row's padding), so
     /// narrow rows, whose fixed costs weigh more per weight, get fewer 4-bit rows; rows go to
     /// 4 bits in order of the squared error they save, as long as the total fits.
+    ///
+    /// A budget below 3 bits per weight (or NaN) is a [`QuantError::Shape`]; a NaN or infinite
+    /// weight a [`QuantError::NonFinite`]; a group whose f16 minimum or scale would overflow
+    /// (weights beyond ±65504, or a group range beyond 7 · 65504) a [`QuantError::Overflow`]
+    /// naming the row, the group (its first column as `col`) and its weight of largest
+    /// magnitude.
     pub fn quantize_bits(w: &Tensor, bits_per_weight: f64) -> Result<Self> {
         const OP: &str = "lower_quantize";
         let (o, i) = w.dims2(OP)?;
+        if bits_per_weight.is_nan() || bits_per_weight < 3.0 {
+            return Err(QuantError::Shape {
+                op: OP,
+                shape: vec![o, i],
+                what: format!(
+                    "a budget of {bits_per_weight} bits per weight: it must be a number of at least 3 (the 3-bit codes alone)"
+                ),
+            });
+        }
         if let Some(k) = w.data().iter().position(|v| !v.is_finite()) {
             return Err(QuantError::NonFinite {
                 op: OP,
@@ -457,6 +472,40 @@ impl LowerMatrix {
         for &r in &order[..n4] {
             bits[r] = 4;
         }
+        // A group whose fitted minimum or scale is beyond f16's range (weights past ±65504,
+        // or a range past 7 · 65504) would dequantize to infinities or NaN.
+        for r in 0..o {
+            let q = if bits[r] == 4 { &fits[r].1 } else { &fits[r].0 };
+            let bad =
+                (0..q.mins.len()).find(|&g| !(q.mins[g].is_finite() && q.scales[g].is_finite()));
+            if let Some(g) = bad {
+                let group = &rows[r][g * LOWER_GROUP..((g + 1) * LOWER_GROUP).min(i)];
+                let k = (0..group.len())
+                    .max_by(|&a, &b| group[a].abs().total_cmp(&group[b].abs()).then(b.cmp(&a)))
+                    .unwrap_or(0);
+                let value = group.get(k).copied().unwrap_or(0.0);
+                let (start, end) = (g * LOWER_GROUP, g * LOWER_GROUP + group.len());
+                let lo = group.iter().fold(f32::INFINITY, |a, &b| a.min(b));
+                let hi = group.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                return Err(QuantError::Overflow {
+                    op: OP,
+                    row: r,
+                    col: start,
+                    value,
+                    storage: "f16",
+                    what: format!(
+                        "group {g} of row {r} (columns {start}..{end}) spans {} to {} (weight {} at column {}): its {}-bit min {} and scale {} overflow f16 (±65504)",
+                        number(lo),
+                        number(hi),
+                        number(value),
+                        start + k,
+                        bits[r],
+                        q.mins[g],
+                        q.scales[g]
+                    ),
+                });
+            }
+        }
         let mut codes = Vec::new();
         let (mut mins, mut scales) = (Vec::new(), Vec::new());
         for r in 0..o {
@@ -477,7 +526,10 @@ impl LowerMatrix {
 
     /// Builds from raw parts: `bits` u8 `[out]` (3 or 4), `codes` u8 (Σ row bytes:
     /// `ceil(in/2)` for a 4-bit row, `ceil(3·in/8)` for a 3-bit one), `scales` and `mins` f16
-    /// `[out, ceil(in/128)]`.
+    /// `[out, ceil(in/128)]`. A part of the wrong length is a [`QuantError::PartLength`]; a
+    /// bit width other than 3 or 4, or a NaN or infinite scale or minimum, a
+    /// [`QuantError::PartValue`] naming the part and the index (`row · ⌈in/128⌉ +
+    /// group` for scales and mins).
     pub fn from_parts(
         out: usize,
         inn: usize,
@@ -517,7 +569,7 @@ impl LowerMatrix {
             .ok_or_else(|| too_big("size overflows"))?;
         check_part(OP, "scales", out, inn, &scales, ng)?;
         check_part(OP, "mins", out, inn, &mins, ng)?;
-        Ok(LowerMatrix {
+        let m = LowerMatrix {
             out,
             inn,
             bits,
@@ -525,7 +577,15 @@ impl LowerMatrix {
             scales: scales.aligned(2),
             mins: mins.aligned(2),
             offsets,
-        })
+        };
+        check_values(
+            OP,
+            "scales",
+            m.scales.f16s().iter().map(|v| v.to_f32()),
+            false,
+        )?;
+        check_values(OP, "mins", m.mins.f16s().iter().map(|v| v.to_f32()), false)?;
+        Ok(m)
     }
 
     /// Rows (`out`) and columns (`in`).

@@ -31,7 +31,7 @@ use crate::arch::avx2::q4 as avx2;
 #[cfg(target_arch = "x86_64")]
 use crate::arch::avx512::q4 as avx512;
 use crate::arch::portable::q4 as portable;
-use crate::bytes::{check_part, Bytes};
+use crate::bytes::{check_part, check_values, Bytes};
 use crate::cpu::{is_x86_simd, kernel_path, usable, KernelPath};
 use crate::error::{QuantError, Result};
 use crate::kernels::{self, ColBlock, QuantRows};
@@ -273,7 +273,9 @@ impl Q4Matrix {
     }
 
     /// Builds from raw parts: `packed` u8 `[out, ceil(in/2)]`, `norm` f16 `[out, ceil(in/16)]`
-    /// (little-endian). Borrowed parts stay borrowed; a misaligned `norm` is copied.
+    /// (little-endian). Borrowed parts stay borrowed; a misaligned `norm` is copied. A part of
+    /// the wrong length is a [`QuantError::PartLength`]; a NaN, infinite or negative norm a
+    /// [`QuantError::PartValue`] naming the index (`row · ⌈in/16⌉ + block`).
     pub fn from_parts(out: usize, inn: usize, packed: Bytes, norm: Bytes) -> Result<Self> {
         const OP: &str = "Q4Matrix::from_parts";
         let size = |per_row: usize, elem: usize| {
@@ -294,13 +296,15 @@ impl Q4Matrix {
             &norm,
             size(inn.div_ceil(Q4_BLOCK), 2)?,
         )?;
-        Ok(Q4Matrix {
+        let m = Q4Matrix {
             out,
             inn,
             packed,
             norm: norm.aligned(2),
             tiles: tiles::TilesCache::default(),
-        })
+        };
+        check_values(OP, "norm", m.norm.f16s().iter().map(|v| v.to_f32()), true)?;
+        Ok(m)
     }
 
     /// Rows (`out`) and columns (`in`).

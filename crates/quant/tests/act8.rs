@@ -245,7 +245,7 @@ fn forward_every_format_every_tier() {
                     ),
                 }
                 let wd = f.to_f32();
-                let q = quantize_x(&x, m, i, layout.unit);
+                let q = quantize_x(&x, m, i, layout.unit).unwrap();
                 for b in 0..m {
                     let xb = &x[b * i..(b + 1) * i];
                     for r in 0..o {
@@ -424,7 +424,7 @@ fn quantize_x_matches_its_definition() {
                     (k % GROUP) as f32 - 127.5
                 };
             }
-            let q = quantize_x(&x, m, inn, unit);
+            let q = quantize_x(&x, m, inn, unit).unwrap();
             let kpad = inn.next_multiple_of(GROUP);
             assert_eq!(q.kpad, kpad);
             for r in 0..m {
@@ -561,7 +561,7 @@ fn backward_int8_every_format_every_tier() {
                 } else {
                     assert!(bits_eq(&exact, &via), "{name} m {m}: f32 route");
                 }
-                let q = quantize_x(&dy, m, o, BACKWARD_UNIT);
+                let q = quantize_x(&dy, m, o, BACKWARD_UNIT).unwrap();
                 let groups = q.kpad / GROUP;
                 for b in 0..m {
                     for k in 0..i {

@@ -512,7 +512,9 @@ impl Checkpoint {
     /// A tensor as f32: F32 as stored, F16 and BF16 widened (exactly), F64 rounded to nearest
     /// (as PyTorch's `load_state_dict` copies a double tensor into an f32 parameter). Any other
     /// dtype is an [`Error::DType`]; if `expected_shape` is given and differs, an
-    /// [`Error::Shape`].
+    /// [`Error::Shape`]; a finite F64 value beyond f32's range (which would become infinite)
+    /// an [`Error::Data`] naming the element's index and value. Values already NaN or
+    /// infinite in the file are returned as they are.
     pub fn tensor_f32(&self, key: &str, expected_shape: Option<&[usize]>) -> Result<Tensor> {
         let entry = self.entry(key)?;
         self.check_shape(key, entry, expected_shape)?;
@@ -547,16 +549,58 @@ impl Checkpoint {
                 bf16::from_le_bytes([b[2 * i], b[2 * i + 1]]).to_f32()
             }),
         };
-        t.map_err(|source| Error::Tensor {
+        let t = t.map_err(|source| Error::Tensor {
             path: self.path.clone(),
             key: key.to_owned(),
             source,
-        })
+        })?;
+        if entry.dtype == DType::F64 {
+            let wide = |i: usize| f64::from_le_bytes(std::array::from_fn(|j| b[8 * i + j]));
+            let narrowed = t.data().iter().enumerate().find_map(|(i, v)| {
+                let w = wide(i);
+                (v.is_infinite() && w.is_finite()).then_some((i, w))
+            });
+            if let Some((index, value)) = narrowed {
+                let max = f32::MAX.to_string();
+                return Err(self.narrowing_error(key, &entry.shape, index, value, "f32", &max));
+            }
+        }
+        Ok(t)
+    }
+
+    /// The [`Error::Data`] of a finite `value` (element `index` of tensor `key`, of `shape`)
+    /// that narrowing to `to` (largest finite value `max`) would make infinite; the element's
+    /// row and column are named too for a matrix.
+    fn narrowing_error(
+        &self,
+        key: &str,
+        shape: &[usize],
+        index: usize,
+        value: f64,
+        to: &str,
+        max: &str,
+    ) -> Error {
+        let at = match shape {
+            &[_, cols] if cols > 0 => {
+                format!(" at (row {}, column {})", index / cols, index % cols)
+            }
+            _ => String::new(),
+        };
+        Error::Data {
+            path: self.path.clone(),
+            key: key.to_owned(),
+            index: Some(index),
+            what: format!(
+                "expected a value that stays finite as {to} (within ±{max}), found {value:e}{at}, which would become infinite"
+            ),
+        }
     }
 
     /// A tensor as f16: F16 as stored, F32 rounded to nearest (ties to even, as PyTorch's
     /// `.half()`). Any other dtype is an [`Error::DType`]; a shape other than `expected_shape`
-    /// (if given) an [`Error::Shape`].
+    /// (if given) an [`Error::Shape`]; a finite F32 value beyond f16's range (which would
+    /// become infinite) an [`Error::Data`] naming the element's index and value. Values
+    /// already NaN or infinite in the file are returned as they are.
     pub fn half(&self, key: &str, expected_shape: Option<&[usize]>) -> Result<HalfTensor> {
         let entry = self.entry(key)?;
         self.check_shape(key, entry, expected_shape)?;
@@ -588,11 +632,31 @@ impl Checkpoint {
                 ]))
             })
         };
-        t.map_err(|source| Error::Tensor {
+        let t = t.map_err(|source| Error::Tensor {
             path: self.path.clone(),
             key: key.to_owned(),
             source,
-        })
+        })?;
+        if elem == 4 {
+            let wide =
+                |i: usize| f32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]);
+            let narrowed = t.data().iter().enumerate().find_map(|(i, h)| {
+                let w = wide(i);
+                (h.is_infinite() && w.is_finite()).then_some((i, w))
+            });
+            if let Some((index, value)) = narrowed {
+                let max = f16::MAX.to_string();
+                return Err(self.narrowing_error(
+                    key,
+                    &entry.shape,
+                    index,
+                    value as f64,
+                    "f16",
+                    &max,
+                ));
+            }
+        }
+        Ok(t)
     }
 }
 

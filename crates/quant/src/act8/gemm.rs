@@ -1248,7 +1248,9 @@ pub fn gemm_ref(w: &dyn IntCodes, x: &[f32], m: usize, y: &mut [f32]) -> bool {
         return false;
     }
     let unit = layout.unit;
-    let q = super::quantize_x(x, m, i, unit);
+    let Ok(q) = super::quantize_x(x, m, i, unit) else {
+        return false;
+    };
     let (kpad, units, groups) = (q.kpad, q.kpad / unit, q.kpad / GROUP);
     let how = Weights::of(w, layout);
     let mut rows = vec![0u8; o * kpad];

@@ -570,7 +570,7 @@ pub(crate) fn check_integer_formula<M>(
         let m = quantize(&w);
         let mut prep = Vec::new();
         assert!(prepare(&x, &mut prep));
-        let q = quantize_x(&x, 1, inn, GROUP);
+        let q = quantize_x(&x, 1, inn, GROUP).expect("finite x, unit GROUP");
         let wd = dequantize(&m);
         for r in 0..9 {
             let (mut want, mut mag) = (0.0f64, 0.0f64);
@@ -1024,18 +1024,47 @@ fn round_to_i8(v: f32) -> i8 {
 }
 
 /// Quantizes `m` vectors of `inn` elements (`x` `[m, inn]`, every element finite) for a
-/// layout of `unit` columns per unit (vectors in parallel).
+/// layout of `unit` columns per unit (vectors in parallel). `unit` must divide [`GROUP`]
+/// (1, 2, 4, ..., 128): another unit, or an `x` of other than `m · inn` elements, is a
+/// [`QuantError::Shape`](crate::QuantError::Shape); a NaN or infinite element a [`QuantError::NonFinite`](crate::QuantError::NonFinite) naming its
+/// vector (row) and column.
 ///
 /// ```
 /// use nibble_quant::act8::quantize_x;
-/// let q = quantize_x(&[0.5, -1.0, 0.25], 1, 3, 16);
+/// let q = quantize_x(&[0.5, -1.0, 0.25], 1, 3, 16).unwrap();
 /// assert_eq!((q.kpad, &q.xq[..4]), (128, &[64, -127, 32, 0][..]));
 /// assert_eq!((q.sx[0], q.qsum[0]), (1.0 / 127.0, 64 - 127 + 32));
+/// assert!(quantize_x(&[0.5, -1.0, 0.25], 1, 3, 3).is_err());
 /// ```
-pub fn quantize_x(x: &[f32], m: usize, inn: usize, unit: usize) -> QuantizedX {
+pub fn quantize_x(x: &[f32], m: usize, inn: usize, unit: usize) -> crate::Result<QuantizedX> {
+    const OP: &str = "act8::quantize_x";
+    let shape_err = |what: String| crate::QuantError::Shape {
+        op: OP,
+        shape: vec![m, inn],
+        what,
+    };
+    if unit == 0 || GROUP % unit != 0 {
+        return Err(shape_err(format!(
+            "unit {unit} must divide the group of {GROUP} columns"
+        )));
+    }
+    if m.checked_mul(inn) != Some(x.len()) {
+        return Err(shape_err(format!(
+            "x holds {} elements, not m · inn = {m} · {inn}",
+            x.len()
+        )));
+    }
+    if let Some(k) = x.iter().position(|v| !v.is_finite()) {
+        return Err(crate::QuantError::NonFinite {
+            op: OP,
+            row: k / inn,
+            col: k % inn,
+            value: x[k],
+        });
+    }
     let mut q = QuantizedX::EMPTY;
     quantize_x_into(x, m, inn, unit, true, &mut q, XLayout::PLAIN);
-    q
+    Ok(q)
 }
 
 /// How [`quantize_x_into`] lays out the int8 values of x for their reader.

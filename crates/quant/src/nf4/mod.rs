@@ -33,7 +33,7 @@ use crate::arch::avx2::nf4 as avx2;
 #[cfg(target_arch = "x86_64")]
 use crate::arch::avx512::nf4 as avx512;
 use crate::arch::portable::nf4 as portable;
-use crate::bytes::{check_part, Bytes};
+use crate::bytes::{check_part, check_values, Bytes};
 use crate::cpu::{is_x86_simd, kernel_path, usable, KernelPath};
 use crate::error::{QuantError, Result};
 use crate::kernels::{self, ColBlock, QuantRows};
@@ -492,25 +492,29 @@ impl Nf4Matrix {
     }
 
     /// Builds from raw parts: `packed` u8 `[ceil(out·in/2)]`, `absmax` f32 `[ceil(out·in/64)]`
-    /// (little-endian; copied only if misaligned).
+    /// (little-endian; copied only if misaligned). A part of the wrong length is a
+    /// [`QuantError::PartLength`]; a NaN, infinite or negative absmax a
+    /// [`QuantError::PartValue`] naming its block.
     pub fn from_parts(out: usize, inn: usize, packed: Bytes, absmax: Bytes) -> Result<Self> {
         const OP: &str = "Nf4Matrix::from_parts";
         let n = Self::check_dims(OP, out, inn)?;
         check_part(OP, "packed", out, inn, &packed, n.div_ceil(2))?;
         check_part(OP, "absmax", out, inn, &absmax, n.div_ceil(NF4_BLOCK) * 4)?;
+        let absmax = absmax.aligned(4);
+        check_values(OP, "absmax", absmax.f32s().iter().copied(), true)?;
         Ok(Nf4Matrix {
             out,
             inn,
             packed,
-            stats: Stats::Plain {
-                absmax: absmax.aligned(4),
-            },
+            stats: Stats::Plain { absmax },
         })
     }
 
     /// Builds a double-quantized matrix from raw parts: `packed` u8 `[ceil(out·in/2)]`,
     /// `absmax_codes` u8 `[ceil(out·in/64)]`, `absmax_offset` f32 `[1]`, `absmax_scale` f32
-    /// `[ceil(ceil(out·in/64)/256)]`.
+    /// `[ceil(ceil(out·in/64)/256)]`. A part of the wrong length is a
+    /// [`QuantError::PartLength`]; a NaN or infinite offset, or a NaN, infinite or negative
+    /// scale, a [`QuantError::PartValue`] naming the part and index.
     pub fn from_parts_double(
         out: usize,
         inn: usize,
@@ -534,14 +538,18 @@ impl Nf4Matrix {
             nb.div_ceil(DQ_BLOCK) * 4,
         )?;
         let o = absmax_offset.as_slice();
+        let offset = f32::from_le_bytes([o[0], o[1], o[2], o[3]]);
+        check_values(OP, "absmax_offset", [offset], false)?;
+        let scale = absmax_scale.aligned(4);
+        check_values(OP, "absmax_scale", scale.f32s().iter().copied(), true)?;
         Ok(Nf4Matrix {
             out,
             inn,
             packed,
             stats: Stats::Double {
                 codes: absmax_codes,
-                offset: f32::from_le_bytes([o[0], o[1], o[2], o[3]]),
-                scale: absmax_scale.aligned(4),
+                offset,
+                scale,
                 map: Box::new(dynamic_map()),
             },
         })
@@ -595,6 +603,10 @@ impl Nf4Matrix {
     }
 
     /// The (dequantized) absmax of flat block `b`.
+    ///
+    /// # Panics
+    ///
+    /// If `b` is not a block of the matrix (`b >= ceil(out·in/64)`).
     #[inline]
     pub fn block_absmax(&self, b: usize) -> f32 {
         match &self.stats {
@@ -614,6 +626,10 @@ impl Nf4Matrix {
     }
 
     /// Writes the absmaxes of flat blocks `b0..b0 + dst.len()` into `dst`.
+    ///
+    /// # Panics
+    ///
+    /// If those blocks are not all blocks of the matrix (`b0 + dst.len() > ceil(out·in/64)`).
     pub fn fill_absmax(&self, b0: usize, dst: &mut [f32]) {
         match self.absmax_reader() {
             AbsmaxReader::Plain(PlainAbsmax(absmax)) => {

@@ -400,7 +400,7 @@ mod tests {
     fn quantize(w: &Tensor) -> Vec<LowerMatrix> {
         vec![
             LowerMatrix::quantize(w).unwrap(),
-            LowerMatrix::quantize_bits(w, 0.0).unwrap(),
+            LowerMatrix::quantize_bits(w, 3.0).unwrap(),
             LowerMatrix::quantize_bits(w, 64.0).unwrap(),
         ]
     }
