@@ -3,7 +3,7 @@
 //! requested variant from it.
 
 use crate::adapter::load_adapter;
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, DType};
 use crate::error::{Error, Result};
 use crate::model::BigNet;
 use crate::persist::{load_quantized, quantized_format};
@@ -321,26 +321,34 @@ pub fn load_state_dict_adapters(model: &mut BigNet, file: &Checkpoint) -> Result
             )));
         };
         let theirs = file.tensor_f32(key, Some(mine.shape()))?;
-        // A value the model holds in f16 is compared as the model would hold the file's (the
-        // reference's qlora state dict repeats the f32 biases of --weights, which the f16
-        // base of lora and half_precision rounds).
-        let held = |v: f32| {
-            if in_f16 {
-                half::f16::from_f32(v).to_f32()
-            } else {
-                v
-            }
+        // Values are compared at the narrower of the two precisions: a value the model holds
+        // in f16 as the model would hold the file's (the reference's qlora state dict repeats
+        // the f32 biases of --weights, which the f16 base of lora and half_precision rounds),
+        // and a value the file holds in f16 as the file would hold the model's (the
+        // reference's lora state dict, f16 biases, over a qlora model's f32 ones).
+        let file_f16 = file.info(key).is_some_and(|(d, _)| d == DType::F16);
+        let round = |v: f32| half::f16::from_f32(v).to_f32();
+        let same = |a: f32, b: f32| match (in_f16, file_f16) {
+            (true, _) => round(a).to_bits() == b.to_bits(),
+            (false, true) => a.to_bits() == round(b).to_bits(),
+            (false, false) => a.to_bits() == b.to_bits(),
         };
         if let Some(i) = theirs
             .data()
             .iter()
             .zip(mine.data())
-            .position(|(&a, b)| held(a).to_bits() != b.to_bits())
+            .position(|(&a, &b)| !same(a, b))
         {
+            let how = if in_f16 {
+                " (rounded to f16 as the model holds it)"
+            } else if file_f16 {
+                " (an f16 value, compared with the model's rounded to f16)"
+            } else {
+                ""
+            };
             return Err(bad(format!(
-                "`{key}` element {i} is {}{} where the model (--weights) has {}: an adapter file may only add LoRA adapters",
+                "`{key}` element {i} is {}{how} where the model (--weights) has {}: an adapter file may only add LoRA adapters",
                 theirs.data()[i],
-                if in_f16 { " (rounded to f16 as the model holds it)" } else { "" },
                 mine.data()[i]
             )));
         }

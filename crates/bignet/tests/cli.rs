@@ -641,6 +641,47 @@ fn a_qlora_state_dict_loads_on_the_f16_variants() {
                 .unwrap(),
         ]);
     }
+    // The same file with its biases and LayerNorms stored in f16 (as a lora model's state
+    // dict holds its f16 base): compared with the qlora model's f32 values rounded to f16.
+    {
+        let file = Checkpoint::open(&sd).unwrap();
+        let tensors: Vec<(String, Vec<usize>, Vec<u8>, DType)> = file
+            .keys()
+            .map(|k| {
+                let t = file.tensor_f32(k, None).unwrap();
+                if k.contains("lora_") {
+                    let b = bytemuck::cast_slice::<f32, u8>(t.data()).to_vec();
+                    (k.to_string(), t.shape().to_vec(), b, DType::F32)
+                } else {
+                    let b = t
+                        .data()
+                        .iter()
+                        .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+                        .collect();
+                    (k.to_string(), t.shape().to_vec(), b, DType::F16)
+                }
+            })
+            .collect();
+        let halves = dir.join("f16_base_params.safetensors");
+        let views: Vec<(String, DType, Vec<usize>, &[u8])> = tensors
+            .iter()
+            .map(|(k, s, b, d)| (k.clone(), *d, s.clone(), b.as_slice()))
+            .collect();
+        write_safetensors(&halves, &views, &Default::default()).unwrap();
+        run_ok(&[
+            "forward",
+            "--variant",
+            "qlora",
+            "--weights",
+            weights.to_str().unwrap(),
+            "--adapter",
+            halves.to_str().unwrap(),
+            "--input",
+            x.to_str().unwrap(),
+            "--output",
+            dir.join("y_f16_params.safetensors").to_str().unwrap(),
+        ]);
+    }
     // The same file with one bias element moved well past f16's rounding.
     let file = Checkpoint::open(&sd).unwrap();
     let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = file
