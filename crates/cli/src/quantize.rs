@@ -155,12 +155,6 @@ pub fn quantize(
             };
             let after = weight.parts(key).iter().map(|p| p.3.len()).sum();
             let stored = weight.matrix().to_f32().into_vec();
-            if let Some(k) = stored.iter().position(|v| !v.is_finite()) {
-                return Err(weight_error(
-                    k,
-                    unrepresentable(format, original.data(), cols, k, stored[k]),
-                ));
-            }
             metadata.insert(
                 shape_metadata_key(key),
                 format!("{},{}", shape[0], shape[1]),
@@ -243,56 +237,6 @@ fn quantized_weight(file: &Checkpoint) -> Option<(String, String)> {
         }
     }
     None
-}
-
-/// Why element `k` (`original[k]`, of a `[_, cols]` weight) became `stored` (NaN or
-/// infinite) in `format`.
-fn unrepresentable(
-    format: WeightFormat,
-    original: &[f32],
-    cols: usize,
-    k: usize,
-    stored: f32,
-) -> String {
-    let value = number(original[k]);
-    let range = |span: &[f32]| {
-        let lo = span.iter().copied().fold(f32::INFINITY, f32::min);
-        let hi = span.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        format!("{} to {}", number(lo), number(hi))
-    };
-    let row = &original[k - k % cols.max(1)..][..cols];
-    match format {
-        WeightFormat::F16 => format!("{value} is beyond f16's range (±65504)"),
-        WeightFormat::Int8 => format!(
-            "{value} would be stored as {stored} in int8: the row spans {}, a range its f32 \
-             scale and minimum cannot hold",
-            range(row)
-        ),
-        WeightFormat::Lower => {
-            let start = (k % cols) / 128 * 128;
-            let group = &row[start..(start + 128).min(cols)];
-            format!(
-                "{value} would be stored as {stored} in lower: its group of columns {start}..{} \
-                 spans {}, beyond its f16 scale and minimum (±65504)",
-                start + group.len(),
-                range(group)
-            )
-        }
-        _ => format!(
-            "{value} would be stored as {stored} in {format}: the row spans {}, beyond what \
-             {format} can hold",
-            range(row)
-        ),
-    }
-}
-
-/// `v` for a message: plain for moderate magnitudes, in exponent form for huge or tiny ones.
-fn number(v: f32) -> String {
-    if v != 0.0 && v.is_finite() && !(1e-4..1e6).contains(&v.abs()) {
-        format!("{v:e}")
-    } else {
-        v.to_string()
-    }
 }
 
 fn bytemuck_f32(data: &[f32]) -> Vec<u8> {

@@ -430,30 +430,28 @@ impl Sequential {
         crate::peft::save_adapter(self.linears(), dir)
     }
 
-    /// Rebuilds each BatchNorm of `views` that `updates` (checked by
-    /// [`crate::peft::load_adapter_into`]) gives new tensors, with those tensors.
+    /// Rebuilds each BatchNorm that `updates` (checked by [`crate::peft::load_adapter_into`])
+    /// gives new tensors, with those tensors.
     fn replace_batch_norm_tensors(
         &mut self,
-        views: &[crate::peft::BatchNormView],
         updates: Vec<crate::peft::BatchNormUpdate>,
     ) -> Result<()> {
-        for (b, view) in views.iter().enumerate() {
-            let mine: Vec<&crate::peft::BatchNormUpdate> =
-                updates.iter().filter(|u| u.module == b).collect();
-            if mine.is_empty() {
-                continue;
-            }
-            let Some(Layer::BatchNorm(n)) = self.layers.iter_mut().find(|l| match l {
-                Layer::BatchNorm(n) => n.name == view.name,
-                _ => false,
-            }) else {
-                continue;
-            };
+        // The views were made from the BatchNorms in layer order: update `module` is the
+        // `module`-th BatchNorm.
+        let norms = self.layers.iter_mut().filter_map(|l| match l {
+            Layer::BatchNorm(n) => Some(n),
+            _ => None,
+        });
+        for (b, n) in norms.enumerate() {
             let new = |param: &str| {
-                mine.iter()
-                    .find(|u| u.param == param)
+                updates
+                    .iter()
+                    .find(|u| u.module == b && u.param == param)
                     .map(|u| u.value.clone())
             };
+            if !updates.iter().any(|u| u.module == b) {
+                continue;
+            }
             n.set_tensors(
                 new("weight").or_else(|| n.weight().cloned()),
                 new("bias").or_else(|| n.bias().cloned()),
@@ -504,7 +502,7 @@ impl Sequential {
             .collect();
         let updates =
             crate::peft::load_adapter_into(self.linears_mut(), &views, &batch_norms, dir)?;
-        self.replace_batch_norm_tensors(&batch_norms, updates)?;
+        self.replace_batch_norm_tensors(updates)?;
         for p in self.params() {
             p.set_requires_grad(false);
         }
