@@ -108,8 +108,10 @@ pub enum Command {
         /// erf form), gelu_tanh (nn.GELU(approximate="tanh")), tanh (nn.Tanh), sigmoid
         /// (nn.Sigmoid), silu (nn.SiLU), leaky_relu (nn.LeakyReLU; leaky_relu:0.2 for
         /// negative_slope=0.2), elu (nn.ELU; elu:0.5 for alpha=0.5), softplus (nn.Softplus),
-        /// mish (nn.Mish), hardswish (nn.Hardswish), relu6 (nn.ReLU6) or identity (nn.Identity,
-        /// nn.Dropout, nn.Flatten), or a comma-separated list with one per gap.
+        /// mish (nn.Mish), hardswish (nn.Hardswish), relu6 (nn.ReLU6), identity (nn.Identity,
+        /// nn.Dropout, nn.Flatten) or layer_norm (nn.LayerNorm(dim, elementwise_affine=False),
+        /// epsilon --layer-norm-eps); several in one gap joined by `+` (layer_norm+relu); a
+        /// comma-separated list with one per gap.
         #[arg(long, default_value = "relu")]
         activation: String,
         /// The epsilon of every LayerNorm (`nn.LayerNorm(dim, eps=...)`; a state dict does not

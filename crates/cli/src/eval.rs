@@ -48,7 +48,7 @@ pub struct EvalArgs<'a> {
     /// Formats to evaluate.
     pub format: FormatChoice,
     /// An activation name (one of [`nibble_nn::Activation::NAMES`]: `relu`, `gelu`, `tanh`,
-    /// ...), or one per gap, comma-separated.
+    /// `layer_norm`, ...; several in one gap joined by `+`), or one per gap, comma-separated.
     pub activation: &'a str,
     /// The epsilon of every LayerNorm (PyTorch's default: 1e-5).
     pub layer_norm_eps: f32,

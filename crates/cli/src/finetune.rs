@@ -31,7 +31,7 @@ pub struct FinetuneArgs<'a> {
     /// Rows per mini-batch.
     pub batch: usize,
     /// An activation name (one of [`nibble_nn::Activation::NAMES`]: `relu`, `gelu`, `tanh`,
-    /// ...), or one per gap, comma-separated.
+    /// `layer_norm`, ...; several in one gap joined by `+`), or one per gap, comma-separated.
     pub activation: &'a str,
     /// The epsilon of every LayerNorm (PyTorch's default: 1e-5).
     pub layer_norm_eps: f32,

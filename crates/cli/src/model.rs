@@ -2,7 +2,8 @@
 //! `nn.Sequential` state dict (`{i}.weight` / `{i}.bias`: a 2-D weight is a Linear, a 1-D one a
 //! LayerNorm, a gap in the indices an activation; under a module path such as `net.` when every
 //! key has the same one), every Linear in one weight format, with the
-//! activations given on the command line: one for every gap, or one per gap in index order.
+//! activations given on the command line: one for every gap, or one per gap in index order,
+//! each an activation or several joined by `+` (`layer_norm+relu`).
 
 use crate::error::{Error, Result};
 use nibble_autograd::{Param, Tape, Var};
@@ -13,19 +14,28 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::str::FromStr;
 
-/// Parses `--activation`: one of [`Activation::NAMES`] (any case), or a comma-separated list of
-/// them (one per gap).
-pub fn parse_activations(s: &str) -> Result<Vec<Activation>> {
+/// Parses `--activation`: what one gap holds, or a comma-separated list with one per gap; a
+/// gap's entry is one of [`Activation::NAMES`] (any case) or several joined by `+`, applied in
+/// order (`layer_norm+relu` for `nn.LayerNorm(dim, elementwise_affine=False), nn.ReLU()`).
+pub fn parse_activations(s: &str) -> Result<Vec<Vec<Activation>>> {
     s.split(',')
-        .map(|a| {
-            Activation::from_str(a).map_err(|_| Error::Usage {
-                arg: "--activation",
-                what: format!(
-                    "`{}`: expected {} (or a comma-separated list, one per gap)",
-                    a.trim(),
-                    Activation::names_list()
-                ),
-            })
+        .map(|gap| {
+            gap.split('+')
+                .map(|a| {
+                    Activation::from_str(a).map_err(|e| Error::Usage {
+                        arg: "--activation",
+                        what: format!(
+                            "{}{e}; several in one gap are joined by `+`, and a comma-separated \
+                             list gives one per gap",
+                            if gap.contains('+') {
+                                format!("in `{}`: ", gap.trim())
+                            } else {
+                                String::new()
+                            },
+                        ),
+                    })
+                })
+                .collect()
         })
         .collect()
 }
@@ -97,7 +107,7 @@ impl Classifier {
     /// (`(layer_norm, batch_norm)`).
     pub fn open(
         path: &Path,
-        activations: &[Activation],
+        activations: &[Vec<Activation>],
         eps: (f32, f32),
         format: WeightFormat,
     ) -> Result<Self> {
@@ -113,16 +123,16 @@ impl Classifier {
         // first layer (when the indices do not start at 0).
         let leading = leading_gap(&file, &prefix);
         match activations {
-            [one] => options = options.activation(*one),
+            [one] => options = options.gap_layers(one.clone()),
             list if list.len() == gaps.len() => {
                 for (gap, a) in gaps.iter().zip(list) {
-                    options = options.activation_at(*gap, *a);
+                    options = options.gap_layers_at(*gap, a.clone());
                 }
             }
             [first, rest @ ..] if leading && rest.len() == gaps.len() => {
-                options = options.activation_at(0, *first);
+                options = options.gap_layers_at(0, first.clone());
                 for (gap, a) in gaps.iter().zip(rest) {
-                    options = options.activation_at(*gap, *a);
+                    options = options.gap_layers_at(*gap, a.clone());
                 }
             }
             list => {

@@ -735,3 +735,59 @@ fn logits_off_golden(
     nibble_json(&model_data_args("eval", model, data, &rest));
     max_diff(&tensor(out, "logits"), &tensor(golden, "logits"))
 }
+
+/// LayerNorms without parameters leave gaps that `--activation` fills: `layer_norm+relu` for
+/// the first gap, `layer_norm` for the second (`tests/data/seq_plain_norm.*`, eps 0.05,
+/// `tools/golden/make_seq_plain_norm.py`), with `--layer-norm-eps`: PyTorch's logits, and
+/// fine-tuning trains through them. A ReLU alone gives other logits; an empty or unknown name
+/// in a `+` chain is an error naming it.
+#[test]
+fn layer_norms_without_parameters_are_given_as_gap_layers() {
+    let dir = tmpdir("plain_norm");
+    let golden = data("seq_plain_norm.safetensors");
+    let d = five_rows_of(&dir, &golden);
+    let model = data("seq_plain_norm.pth");
+    let logits = dir.join("logits.safetensors");
+    let run = |flags: &[&str]| logits_off_golden(&model, &d, flags, &logits, &golden);
+    let eps = ["--layer-norm-eps", "0.05"];
+    let given = [
+        &eps[..],
+        &["--activation", " Layer_Norm + ReLU ,layer_norm"],
+    ]
+    .concat();
+    let diff = run(&given);
+    assert!(diff < 1e-5, "logits differ from PyTorch's by {diff}");
+    assert!(run(&[&eps[..], &["--activation", "relu"]].concat()) > 1e-2);
+    assert!(run(&["--activation", "layer_norm+relu,layer_norm"]) > 1e-4); // eps 1e-5
+    let v = nibble_json(&model_data_args(
+        "finetune",
+        &model,
+        &d,
+        &[
+            &given[..],
+            &[
+                "--format", "q4", "--rank", "2", "--steps", "20", "--batch", "5", "--json",
+            ],
+        ]
+        .concat(),
+    ));
+    let loss = loss_curve(&v);
+    assert!(loss[loss.len() - 1] < loss[0], "{loss:?}");
+    for (bad, named) in [
+        ("layer_norm+,layer_norm", "``"),
+        (
+            "layer_norm+swish,relu",
+            "in `layer_norm+swish`: unknown activation `swish`",
+        ),
+        (
+            "layer_norm:0.1+relu,relu",
+            "layer_norm takes no coefficient",
+        ),
+    ] {
+        let msg = nibble_fails(&model_data_args("eval", &model, &d, &["--activation", bad]));
+        assert!(
+            msg.contains(named) && msg.contains("layer_norm"),
+            "{bad}: {msg}"
+        );
+    }
+}

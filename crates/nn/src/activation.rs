@@ -1,7 +1,8 @@
 //! Parameter-free activations.
 
 use crate::error::Result;
-use nibble_autograd::{Coef, Tape, UnaryFn, Var};
+use nibble_autograd::{Coef, Param, Tape, UnaryFn, Var};
+use nibble_tensor::Tensor;
 use std::fmt;
 use std::str::FromStr;
 
@@ -10,8 +11,12 @@ pub const LEAKY_RELU_SLOPE: f32 = 0.01;
 /// ELU's default alpha (PyTorch's `nn.ELU()`).
 pub const ELU_ALPHA: f32 = 1.0;
 
-/// An elementwise activation: what a PyTorch `nn.Sequential` holds at an index without
-/// parameters.
+/// PyTorch's LayerNorm epsilon (`nn.LayerNorm(dim)`), that of [`Activation::LayerNorm`] unless
+/// set.
+pub const LAYER_NORM_EPS: f32 = 1e-5;
+
+/// A parameter-free layer: what a PyTorch `nn.Sequential` holds at an index without
+/// parameters. All but [`Activation::LayerNorm`] are elementwise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Activation {
     /// `max(x, 0)` (`nn.ReLU`).
@@ -41,12 +46,18 @@ pub enum Activation {
     Relu6,
     /// `y = x`: `nn.Identity`, `nn.Dropout` in eval mode, `nn.Flatten` of a 2-D input.
     Identity,
+    /// Each row normalized, `(x − mean) / √(var + eps)` with the biased variance over the row:
+    /// `nn.LayerNorm(dim, elementwise_affine=False)`, which has no parameters and so leaves a
+    /// gap in a state dict's indices (written `layer_norm`; its epsilon is the model's
+    /// LayerNorm epsilon, which [`crate::Sequential::from_state_dict`] sets from
+    /// [`crate::SequentialOptions::layer_norm_eps`]; parsed, it is [`LAYER_NORM_EPS`]).
+    LayerNorm(Coef),
 }
 
 impl Activation {
     /// Every activation (LeakyReLU and ELU with PyTorch's default coefficients), in the order
     /// of [`Activation::NAMES`].
-    pub const ALL: [Activation; 13] = [
+    pub const ALL: [Activation; 14] = [
         Activation::Relu,
         Activation::Gelu,
         Activation::GeluTanh,
@@ -60,11 +71,12 @@ impl Activation {
         Activation::Hardswish,
         Activation::Relu6,
         Activation::Identity,
+        Activation::LayerNorm(Coef::new(LAYER_NORM_EPS)),
     ];
 
     /// The names [`Activation::from_str`](FromStr) accepts, one per activation
     /// (`leaky_relu` and `elu` also take a coefficient: `leaky_relu:0.2`, `elu:0.5`).
-    pub const NAMES: [&'static str; 13] = [
+    pub const NAMES: [&'static str; 14] = [
         "relu",
         "gelu",
         "gelu_tanh",
@@ -78,14 +90,15 @@ impl Activation {
         "hardswish",
         "relu6",
         "identity",
+        "layer_norm",
     ];
 
-    /// The accepted names as one list for messages: `relu, gelu, …, relu6 or identity`, then
-    /// how to give a coefficient.
+    /// The accepted names as one list for messages: `relu, gelu, …, identity or layer_norm`,
+    /// then how to give a coefficient.
     ///
     /// ```
     /// use nibble_nn::Activation;
-    /// assert!(Activation::names_list().contains("relu6 or identity; leaky_relu:<slope>"));
+    /// assert!(Activation::names_list().contains("identity or layer_norm; leaky_relu:<slope>"));
     /// ```
     pub fn names_list() -> String {
         let (last, rest) = Self::NAMES.split_last().expect("names");
@@ -95,12 +108,26 @@ impl Activation {
         )
     }
 
-    /// Applies the activation on `tape` (the identity returns `x` itself).
+    /// A parameter-free LayerNorm adding `eps` to the variance.
+    pub const fn layer_norm(eps: f32) -> Self {
+        Activation::LayerNorm(Coef::new(eps))
+    }
+
+    /// Applies the activation on `tape` to `x` `[batch, features]` (the identity returns `x`
+    /// itself).
     pub fn forward(self, tape: &Tape, x: &Var) -> Result<Var> {
         Ok(match (self, self.unary_fn()) {
             (_, Some(f)) => tape.unary(f, x)?,
             (Activation::Relu, None) => tape.relu(x)?,
             (Activation::Gelu, None) => tape.gelu(x)?,
+            (Activation::LayerNorm(eps), None) => {
+                // The LayerNorm op with a weight of ones and a bias of zeros, both frozen:
+                // `x̂ · 1 + 0` is `x̂` exactly (but for -0.0), and only x's gradient is computed.
+                let dim = [x.shape().last().copied().unwrap_or(0)];
+                let ones = Param::new("layer_norm.weight", Tensor::full(&dim, 1.0), false);
+                let zeros = Param::new("layer_norm.bias", Tensor::zeros(&dim), false);
+                tape.layer_norm(x, &ones, &zeros, eps.get())?
+            }
             (_, None) => x.clone(),
         })
     }
@@ -119,7 +146,10 @@ impl Activation {
             Activation::Mish => UnaryFn::Mish,
             Activation::Hardswish => UnaryFn::Hardswish,
             Activation::Relu6 => UnaryFn::Relu6,
-            Activation::Relu | Activation::Gelu | Activation::Identity => return None,
+            Activation::Relu
+            | Activation::Gelu
+            | Activation::Identity
+            | Activation::LayerNorm(_) => return None,
         })
     }
 
@@ -140,6 +170,7 @@ impl Activation {
             Activation::Hardswish => "hardswish",
             Activation::Relu6 => "relu6",
             Activation::Identity => "identity",
+            Activation::LayerNorm(_) => "layer_norm",
         }
     }
 
@@ -236,6 +267,46 @@ mod tests {
             let e = bad.parse::<Activation>().unwrap_err();
             assert!(e.contains(bad), "{bad}: {e}");
         }
+        // A parameter-free LayerNorm: PyTorch's epsilon unless the model sets it; no
+        // coefficient in its name.
+        assert_eq!("layer_norm".parse(), Ok(Activation::layer_norm(1e-5)));
+        assert_eq!(Activation::layer_norm(0.05).to_string(), "layer_norm");
+        let e = "layer_norm:0.1".parse::<Activation>().unwrap_err();
+        assert!(e.contains("takes no coefficient"), "{e}");
+    }
+
+    /// A parameter-free LayerNorm normalizes each row and passes the gradient of the
+    /// normalization to x (ones and zeros as its frozen weight and bias), each row on its own.
+    #[test]
+    fn layer_norm_normalizes_rows_and_trains_through() {
+        let tape = Tape::new();
+        let xs = vec![1.0f32, 2.0, 4.0, -3.0, 0.0, 3.0];
+        let x = tape.leaf(Tensor::from_vec(&[2, 3], xs).unwrap());
+        let y = Activation::layer_norm(1e-5).forward(&tape, &x).unwrap();
+        for row in y.value().data().chunks(3) {
+            let mean: f32 = row.iter().sum::<f32>() / 3.0;
+            let var: f32 = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / 3.0;
+            assert!(mean.abs() < 1e-6 && (var - 1.0).abs() < 1e-4, "{row:?}");
+        }
+        // d/dx of Σ w·y with w = (1, 0, 0) on each row, by central differences in f64.
+        let w = Tensor::from_vec(&[2, 3], vec![1., 0., 0., 1., 0., 0.]).unwrap();
+        let g = tape.backward_from(y, w).unwrap();
+        let dx = g.get(&x).unwrap();
+        let norm0 = |r: [f64; 3]| {
+            let m = r.iter().sum::<f64>() / 3.0;
+            let v = r.iter().map(|a| (a - m) * (a - m)).sum::<f64>() / 3.0;
+            (r[0] - m) / (v + 1e-5).sqrt()
+        };
+        for (i, row) in [[1.0f64, 2.0, 4.0], [-3.0, 0.0, 3.0]].iter().enumerate() {
+            for j in 0..3 {
+                let (mut up, mut down) = (*row, *row);
+                up[j] += 1e-6;
+                down[j] -= 1e-6;
+                let want = (norm0(up) - norm0(down)) / 2e-6;
+                let got = dx.data()[i * 3 + j] as f64;
+                assert!((got - want).abs() < 1e-4, "({i},{j}): {got} vs {want}");
+            }
+        }
     }
 
     #[test]
@@ -257,14 +328,26 @@ mod tests {
                 Activation::Sigmoid => xs.iter().map(|v| 1.0 / (1.0 + (-v).exp())).collect(),
                 Activation::Silu => xs.iter().map(|v| v / (1.0 + (-v).exp())).collect(),
                 Activation::Identity => xs.clone(),
+                Activation::LayerNorm(eps) => {
+                    let mean = xs.iter().sum::<f32>() / 4.0;
+                    let var = xs.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / 4.0;
+                    let r = 1.0 / (var + eps.get()).sqrt();
+                    xs.iter().map(|v| (v - mean) * r).collect()
+                }
                 // The functions' values against PyTorch: nibble_autograd's unary tests.
                 other => xs
                     .iter()
                     .map(|&v| other.unary_fn().unwrap().value(v))
                     .collect(),
             };
+            // The LayerNorm's reference sums in another order: a few ulps of its ±1.4.
+            let tol = if matches!(a, Activation::LayerNorm(_)) {
+                1e-6
+            } else {
+                1e-7
+            };
             for (g, w) in y.value().data().iter().zip(&want) {
-                assert!((g - w).abs() < 1e-7, "{a}: {g} vs {w}");
+                assert!((g - w).abs() < tol, "{a}: {g} vs {w}");
             }
         }
         // The identity passes the gradient through unchanged.

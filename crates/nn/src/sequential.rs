@@ -37,11 +37,13 @@ pub struct SequentialOptions {
     pub format: WeightFormat,
     /// Per-Linear formats, by index.
     pub formats: BTreeMap<usize, WeightFormat>,
-    /// The activation of every gap not listed in `activations` (`None`: a gap is an error).
-    pub activation: Option<Activation>,
-    /// Per-gap activations, keyed by the gap's first missing index.
-    pub activations: BTreeMap<usize, Activation>,
-    /// The epsilon of every LayerNorm (a state dict does not hold it; PyTorch's default is
+    /// The parameter-free layers, in order, of every gap not listed in `activations` (`None`:
+    /// a gap is an error; an empty list: nothing, as [`Activation::Identity`]).
+    pub activation: Option<Vec<Activation>>,
+    /// Per-gap parameter-free layers, keyed by the gap's first missing index.
+    pub activations: BTreeMap<usize, Vec<Activation>>,
+    /// The epsilon of every LayerNorm, those with parameters and the parameter-free
+    /// [`Activation::LayerNorm`] in gaps (a state dict does not hold it; PyTorch's default is
     /// [`LayerNorm::DEFAULT_EPS`]).
     pub layer_norm_eps: f32,
     /// The epsilon of every BatchNorm ([`BatchNorm::DEFAULT_EPS`] unless set).
@@ -87,8 +89,15 @@ impl SequentialOptions {
     }
 
     /// Every gap is `activation` (unless set per gap).
-    pub fn activation(mut self, activation: Activation) -> Self {
-        self.activation = Some(activation);
+    pub fn activation(self, activation: Activation) -> Self {
+        self.gap_layers(vec![activation])
+    }
+
+    /// Every gap holds `layers`, in order (unless set per gap): e.g. a parameter-free
+    /// LayerNorm then a ReLU, `[Activation::layer_norm(1e-5), Activation::Relu]` (the
+    /// epsilon is [`SequentialOptions::layer_norm_eps`]).
+    pub fn gap_layers(mut self, layers: Vec<Activation>) -> Self {
+        self.activation = Some(layers);
         self
     }
 
@@ -105,8 +114,13 @@ impl SequentialOptions {
     }
 
     /// The gap starting at `index` is `activation`.
-    pub fn activation_at(mut self, index: usize, activation: Activation) -> Self {
-        self.activations.insert(index, activation);
+    pub fn activation_at(self, index: usize, activation: Activation) -> Self {
+        self.gap_layers_at(index, vec![activation])
+    }
+
+    /// The gap starting at `index` holds `layers`, in order.
+    pub fn gap_layers_at(mut self, index: usize, layers: Vec<Activation>) -> Self {
+        self.activations.insert(index, layers);
         self
     }
 }
@@ -115,6 +129,17 @@ impl SequentialOptions {
 #[derive(Debug, Clone, Default)]
 pub struct Sequential {
     layers: Vec<Layer>,
+}
+
+/// The layers of a gap: its activations in order, a parameter-free LayerNorm taking the
+/// model's LayerNorm epsilon `eps`.
+fn gap_layers(acts: &[Activation], eps: f32) -> impl Iterator<Item = Layer> + '_ {
+    acts.iter().map(move |a| {
+        Layer::Activation(match a {
+            Activation::LayerNorm(_) => Activation::layer_norm(eps),
+            other => *other,
+        })
+    })
 }
 
 /// The `Sequential` index and parameter name of a state-dict key: `3.weight` -> (3, "weight"),
@@ -147,10 +172,11 @@ impl Sequential {
     /// Builds the model a PyTorch `nn.Sequential` state dict describes: keys
     /// `{i}.weight` / `{i}.bias` (under `options.prefix`); a 2-D weight is a Linear, a 1-D one a
     /// LayerNorm, `{i}.running_mean` / `running_var` (with or without a weight and bias) a
-    /// [`BatchNorm`] in eval mode, and a gap in the indices between two layers is a parameter-free activation
-    /// (given by `options`; a gap of several indices, e.g. an activation then a dropout, is one
-    /// activation; parameter-free layers before the first weight, such as `nn.Flatten`, are
-    /// skipped unless [`SequentialOptions::activation_at`] gives one for index 0). Weights stored quantized (by [`Sequential::save`]) are used as stored.
+    /// [`BatchNorm`] in eval mode, and a gap in the indices between two layers holds
+    /// parameter-free layers (given by `options`: one activation, or several in order such as a
+    /// LayerNorm without parameters then a ReLU; a dropout or identity in the gap needs no
+    /// entry; parameter-free layers before the first weight, such as `nn.Flatten`, are
+    /// skipped unless [`SequentialOptions::gap_layers_at`] gives some for index 0). Weights stored quantized (by [`Sequential::save`]) are used as stored.
     /// Non-`Sequential` keys, a bias without a weight and layers whose widths do not chain are errors
     /// naming the key and shapes. A NaN or infinite weight, bias, LayerNorm or BatchNorm
     /// parameter or running statistic (stored f32, f16 or bf16) is an [`Error::NonFinite`]
@@ -221,26 +247,25 @@ impl Sequential {
                 // Parameter-free layers before the first one (`nn.Flatten`, a normalising
                 // activation): nothing unless an activation is given for index 0, since the
                 // one for every gap is meant for the gaps between layers.
-                if let Some(act) = options.activations.get(&0) {
-                    layers.push(Layer::Activation(*act));
+                if let Some(acts) = options.activations.get(&0) {
+                    layers.extend(gap_layers(acts, eps));
                     gaps.push(0);
                 }
             }
             if let Some(p) = previous {
                 if index > p + 1 {
                     let gap = p + 1;
-                    let act = options
+                    let acts = options
                         .activations
                         .get(&gap)
-                        .copied()
-                        .or(options.activation)
+                        .or(options.activation.as_ref())
                         .ok_or_else(|| {
                             structure(format!(
                                 "indices {gap}..{index} hold no parameters: a parameter-free activation there must be given ({})",
                                 Activation::names_list()
                             ))
                         })?;
-                    layers.push(Layer::Activation(act));
+                    layers.extend(gap_layers(acts, eps));
                     gaps.push(gap);
                 }
             }

@@ -663,3 +663,74 @@ fn batch_norms_run_in_eval_mode_and_save_back() {
     assert!(back.infer(&x).unwrap() == y);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// LayerNorms without parameters (`nn.LayerNorm(dim, elementwise_affine=False)`) leave gaps in
+/// a state dict's indices; given as gap layers (`layer_norm`, then ReLU in the first gap)
+/// with the model's epsilon, the logits and the cross-entropy's gradient of the input are
+/// PyTorch's (`tests/data/seq_plain_norm.*`, eps 0.05, `tools/golden/make_seq_plain_norm.py`).
+/// With a ReLU alone in the gaps they are not: a state dict cannot tell them apart.
+#[test]
+fn layer_norms_without_parameters_in_gaps_match_pytorch() {
+    let g = Checkpoint::open(data("seq_plain_norm.safetensors")).unwrap();
+    let (x, want_logits, want_dx) = (tensor(&g, "x"), tensor(&g, "logits"), tensor(&g, "dx"));
+    let labels = labels(&g);
+    let file = Checkpoint::open(data("seq_plain_norm.pth")).unwrap();
+    let norm = Activation::layer_norm(1e-5); // the epsilon comes from the options
+    let options = SequentialOptions::new()
+        .layer_norm_eps(0.05)
+        .gap_layers_at(1, vec![norm, Activation::Relu])
+        .gap_layers_at(4, vec![norm]);
+    let model = Sequential::from_state_dict(&file, &options).unwrap();
+    let kinds: Vec<String> = model
+        .layers()
+        .iter()
+        .map(|l| match l {
+            Layer::Activation(Activation::LayerNorm(eps)) => format!("layer_norm {}", eps.get()),
+            Layer::Activation(a) => a.to_string(),
+            Layer::Linear(l) => format!("linear {}", l.name),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "linear 0",
+            "layer_norm 0.05",
+            "relu",
+            "linear 3",
+            "layer_norm 0.05",
+            "linear 5"
+        ]
+    );
+    assert!(model
+        .params()
+        .iter()
+        .all(|p| !p.name().contains("layer_norm")));
+    let logits = model.infer(&x).unwrap();
+    let diff = max_diff(&logits, &want_logits);
+    assert!(diff < 1e-5, "logits differ from PyTorch's by {diff}");
+    // The input's gradient through both LayerNorms.
+    let tape = Tape::new();
+    let xv = tape.leaf(x.clone());
+    let loss = cross_entropy(&tape, &model.forward(&tape, &xv).unwrap(), &labels).unwrap();
+    let grads = tape.backward(&loss).unwrap();
+    let ddiff = max_diff(grads.get(&xv).unwrap(), &want_dx);
+    let scale = want_dx.data().iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    assert!(
+        ddiff < 1e-4 * scale,
+        "dx differs by {ddiff} (largest {scale})"
+    );
+    // Every gap a ReLU, as a state dict alone would suggest: other logits.
+    let relu = Sequential::from_state_dict(
+        &file,
+        &SequentialOptions::new().activation(Activation::Relu),
+    )
+    .unwrap();
+    assert!(max_diff(&relu.infer(&x).unwrap(), &want_logits) > 1e-2);
+    // The same layers for every gap: the second gap's LayerNorm then gets a ReLU too.
+    let both = SequentialOptions::new()
+        .layer_norm_eps(0.05)
+        .gap_layers(vec![norm, Activation::Relu]);
+    let model = Sequential::from_state_dict(&file, &both).unwrap();
+    assert_eq!(model.layers().len(), 7);
+}
