@@ -172,6 +172,23 @@ fn relu_add_layernorm_gradients_match_finite_differences() {
 }
 
 #[test]
+fn rms_norm_gradients_match_finite_differences() {
+    let x = rand(&[5, 9], 12);
+    let w = Param::new("rms.w", rand(&[9], 13), true);
+    let f = |t: &Tape, x: &Var| t.rms_norm(x, &w, f32::EPSILON).unwrap();
+    check_input_grad("rms_norm dx", &x, &f);
+    check_param_grad("rms_norm dw", &w, &x, &f);
+    // A frozen weight records nothing for an untracked input.
+    let frozen = Param::new("rms.frozen", rand(&[9], 14), false);
+    let tape = Tape::new();
+    let y = tape
+        .rms_norm(&Var::constant(x.clone()), &frozen, 1e-6)
+        .unwrap();
+    assert_eq!(y.shape(), [5, 9]);
+    assert!(tape.is_empty());
+}
+
+#[test]
 fn loss_gradients_match_finite_differences() {
     let z = rand(&[6, 1], 12).scale(3.0);
     let y = Tensor::from_vec(&[6], vec![0., 1., 0., 1., 1., 0.]).unwrap();

@@ -52,12 +52,17 @@ pub enum Activation {
     /// LayerNorm epsilon, which [`crate::Sequential::from_state_dict`] sets from
     /// [`crate::SequentialOptions::layer_norm_eps`]; parsed, it is [`LAYER_NORM_EPS`]).
     LayerNorm(Coef),
+    /// Each row divided by its root mean square, `x / √(mean(x²) + eps)`:
+    /// `nn.RMSNorm(dim, elementwise_affine=False)` (written `rms_norm`; its epsilon is the
+    /// model's RMSNorm epsilon, [`crate::SequentialOptions::rms_norm_eps`]; parsed, it is
+    /// [`f32::EPSILON`], PyTorch's for f32).
+    RmsNorm(Coef),
 }
 
 impl Activation {
     /// Every activation (LeakyReLU and ELU with PyTorch's default coefficients), in the order
     /// of [`Activation::NAMES`].
-    pub const ALL: [Activation; 14] = [
+    pub const ALL: [Activation; 15] = [
         Activation::Relu,
         Activation::Gelu,
         Activation::GeluTanh,
@@ -72,11 +77,12 @@ impl Activation {
         Activation::Relu6,
         Activation::Identity,
         Activation::LayerNorm(Coef::new(LAYER_NORM_EPS)),
+        Activation::RmsNorm(Coef::new(f32::EPSILON)),
     ];
 
     /// The names [`Activation::from_str`](FromStr) accepts, one per activation
     /// (`leaky_relu` and `elu` also take a coefficient: `leaky_relu:0.2`, `elu:0.5`).
-    pub const NAMES: [&'static str; 14] = [
+    pub const NAMES: [&'static str; 15] = [
         "relu",
         "gelu",
         "gelu_tanh",
@@ -91,14 +97,15 @@ impl Activation {
         "relu6",
         "identity",
         "layer_norm",
+        "rms_norm",
     ];
 
-    /// The accepted names as one list for messages: `relu, gelu, …, identity or layer_norm`,
+    /// The accepted names as one list for messages: `relu, gelu, …, layer_norm or rms_norm`,
     /// then how to give a coefficient.
     ///
     /// ```
     /// use nibble_nn::Activation;
-    /// assert!(Activation::names_list().contains("identity or layer_norm; leaky_relu:<slope>"));
+    /// assert!(Activation::names_list().contains("layer_norm or rms_norm; leaky_relu:<slope>"));
     /// ```
     pub fn names_list() -> String {
         let (last, rest) = Self::NAMES.split_last().expect("names");
@@ -111,6 +118,11 @@ impl Activation {
     /// A parameter-free LayerNorm adding `eps` to the variance.
     pub const fn layer_norm(eps: f32) -> Self {
         Activation::LayerNorm(Coef::new(eps))
+    }
+
+    /// A parameter-free RMSNorm adding `eps` to the mean square.
+    pub const fn rms_norm(eps: f32) -> Self {
+        Activation::RmsNorm(Coef::new(eps))
     }
 
     /// Applies the activation on `tape` to `x` `[batch, features]` (the identity returns `x`
@@ -127,6 +139,12 @@ impl Activation {
                 let ones = Param::new("layer_norm.weight", Tensor::full(&dim, 1.0), false);
                 let zeros = Param::new("layer_norm.bias", Tensor::zeros(&dim), false);
                 tape.layer_norm(x, &ones, &zeros, eps.get())?
+            }
+            (Activation::RmsNorm(eps), None) => {
+                // The RMSNorm op with a frozen weight of ones (`v · 1` is `v`).
+                let dim = [x.shape().last().copied().unwrap_or(0)];
+                let ones = Param::new("rms_norm.weight", Tensor::full(&dim, 1.0), false);
+                tape.rms_norm(x, &ones, eps.get())?
             }
             (_, None) => x.clone(),
         })
@@ -149,7 +167,8 @@ impl Activation {
             Activation::Relu
             | Activation::Gelu
             | Activation::Identity
-            | Activation::LayerNorm(_) => return None,
+            | Activation::LayerNorm(_)
+            | Activation::RmsNorm(_) => return None,
         })
     }
 
@@ -171,6 +190,7 @@ impl Activation {
             Activation::Relu6 => "relu6",
             Activation::Identity => "identity",
             Activation::LayerNorm(_) => "layer_norm",
+            Activation::RmsNorm(_) => "rms_norm",
         }
     }
 
@@ -273,6 +293,7 @@ mod tests {
         assert_eq!(Activation::layer_norm(0.05).to_string(), "layer_norm");
         let e = "layer_norm:0.1".parse::<Activation>().unwrap_err();
         assert!(e.contains("takes no coefficient"), "{e}");
+        assert_eq!("RMS_norm".parse(), Ok(Activation::rms_norm(f32::EPSILON)));
     }
 
     /// A parameter-free LayerNorm normalizes each row and passes the gradient of the
@@ -334,17 +355,20 @@ mod tests {
                     let r = 1.0 / (var + eps.get()).sqrt();
                     xs.iter().map(|v| (v - mean) * r).collect()
                 }
+                Activation::RmsNorm(eps) => {
+                    let ms = xs.iter().map(|v| v * v).sum::<f32>() / 4.0;
+                    xs.iter().map(|v| v / (ms + eps.get()).sqrt()).collect()
+                }
                 // The functions' values against PyTorch: nibble_autograd's unary tests.
                 other => xs
                     .iter()
                     .map(|&v| other.unary_fn().unwrap().value(v))
                     .collect(),
             };
-            // The LayerNorm's reference sums in another order: a few ulps of its ±1.4.
-            let tol = if matches!(a, Activation::LayerNorm(_)) {
-                1e-6
-            } else {
-                1e-7
+            // The norms' references sum in another order: a few ulps of their ±1.4.
+            let tol = match a {
+                Activation::LayerNorm(_) | Activation::RmsNorm(_) => 1e-6,
+                _ => 1e-7,
             };
             for (g, w) in y.value().data().iter().zip(&want) {
                 assert!((g - w).abs() < tol, "{a}: {g} vs {w}");

@@ -1,11 +1,24 @@
 //! LayerNorm over the last dimension (PyTorch's `nn.LayerNorm(dim)`, eps 1e-5) of `[batch, dim]`
-//! inputs.
+//! inputs, and its kin RMSNorm (`nn.RMSNorm(dim)`), a module of the same parameters less the
+//! bias.
 
 use crate::error::{Error, Result};
 use nibble_autograd::{Param, Tape, Var};
 use nibble_tensor::Tensor;
 
-/// A LayerNorm with an affine weight and (unless `nn.LayerNorm(dim, bias=False)`) bias `[dim]`.
+/// What a [`LayerNorm`] module computes on each row `x` of `dim` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NormKind {
+    /// `(x − mean) / √(var + eps) · weight + bias` (`nn.LayerNorm`).
+    #[default]
+    Layer,
+    /// `x / √(mean(x²) + eps) · weight` (`nn.RMSNorm`; no bias).
+    Rms,
+}
+
+/// A LayerNorm with an affine weight and (unless `nn.LayerNorm(dim, bias=False)`) bias `[dim]`,
+/// or with [`NormKind::Rms`] an RMSNorm (weight only): in a state dict both are a 1-D
+/// `weight`, so they share this type.
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
     /// The module's name (`2`, `model.norm`, ...).
@@ -14,8 +27,10 @@ pub struct LayerNorm {
     pub weight: Param,
     /// `bias` `[dim]`; `None` for a LayerNorm without one.
     pub bias: Option<Param>,
-    /// Added to the variance.
+    /// Added to the variance (to the mean square for an RMSNorm).
     pub eps: f32,
+    /// LayerNorm or RMSNorm.
+    pub kind: NormKind,
     /// Zeros `[dim]`, frozen, for the forward of a LayerNorm without a bias (the tape's op
     /// adds a bias; `v + 0.0` keeps `v`'s bits but for -0.0), made once.
     zero_bias: Option<Param>,
@@ -48,8 +63,24 @@ impl LayerNorm {
             bias: bias.map(|b| Param::new(format!("{name}.bias"), b, true)),
             name,
             eps: Self::DEFAULT_EPS,
+            kind: NormKind::Layer,
             zero_bias,
         })
+    }
+
+    /// This module as an RMSNorm adding `eps` to the mean square (PyTorch's `nn.RMSNorm(dim)`
+    /// takes [`f32::EPSILON`] for f32); an error naming the module if it has a bias, which an
+    /// RMSNorm has not.
+    pub fn into_rms(mut self, eps: f32) -> Result<Self> {
+        if self.bias.is_some() {
+            return Err(Error::Layer {
+                layer: self.name,
+                what: "an RMSNorm has no bias, and this module has one: it is a LayerNorm".into(),
+            });
+        }
+        self.kind = NormKind::Rms;
+        self.eps = eps;
+        Ok(self)
     }
 
     /// The normalized width.
@@ -59,6 +90,15 @@ impl LayerNorm {
 
     /// Normalizes each row of `x` `[batch, dim]`.
     pub fn forward(&self, tape: &Tape, x: &Var) -> Result<Var> {
+        if self.kind == NormKind::Rms {
+            if self.bias.is_some() {
+                return Err(Error::Layer {
+                    layer: self.name.clone(),
+                    what: "an RMSNorm has no bias".into(),
+                });
+            }
+            return Ok(tape.rms_norm(x, &self.weight, self.eps)?);
+        }
         // A LayerNorm without a bias adds the zeros made with it.
         let bias = self
             .bias

@@ -71,7 +71,7 @@ pub mod var_builder;
 pub use activation::Activation;
 pub use batch_norm::BatchNorm;
 pub use error::{Error, Result};
-pub use layer_norm::LayerNorm;
+pub use layer_norm::{LayerNorm, NormKind};
 pub use linear::{FrozenBias, Linear, LinearBase, LoraAdapter};
 pub use loss::cross_entropy;
 pub use save::{save_weights, save_weights_with};

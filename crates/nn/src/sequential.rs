@@ -4,7 +4,7 @@
 use crate::activation::Activation;
 use crate::batch_norm::BatchNorm;
 use crate::error::{Error, Result};
-use crate::layer_norm::LayerNorm;
+use crate::layer_norm::{LayerNorm, NormKind};
 use crate::linear::{Linear, LoraAdapter};
 use crate::save::save_weights_with;
 use crate::var_builder::VarBuilder;
@@ -48,6 +48,15 @@ pub struct SequentialOptions {
     pub layer_norm_eps: f32,
     /// The epsilon of every BatchNorm ([`BatchNorm::DEFAULT_EPS`] unless set).
     pub batch_norm_eps: f32,
+    /// What every module of a 1-D weight not listed in `norms` is: a LayerNorm unless set
+    /// (a state dict cannot tell an `nn.RMSNorm` from an `nn.LayerNorm(dim, bias=False)`).
+    pub norm: NormKind,
+    /// Per-module kinds of the modules with a 1-D weight, by index.
+    pub norms: BTreeMap<usize, NormKind>,
+    /// The epsilon of every RMSNorm, those with a weight and the parameter-free
+    /// [`Activation::RmsNorm`] in gaps (PyTorch's `nn.RMSNorm(dim)` takes [`f32::EPSILON`]
+    /// on f32, the default here).
+    pub rms_norm_eps: f32,
 }
 
 impl Default for SequentialOptions {
@@ -60,6 +69,9 @@ impl Default for SequentialOptions {
             activations: BTreeMap::new(),
             layer_norm_eps: LayerNorm::DEFAULT_EPS,
             batch_norm_eps: BatchNorm::DEFAULT_EPS,
+            norm: NormKind::Layer,
+            norms: BTreeMap::new(),
+            rms_norm_eps: f32::EPSILON,
         }
     }
 }
@@ -113,6 +125,24 @@ impl SequentialOptions {
         self
     }
 
+    /// Every module of a 1-D weight is a `kind` (unless set per module).
+    pub fn norm(mut self, kind: NormKind) -> Self {
+        self.norm = kind;
+        self
+    }
+
+    /// The module of a 1-D weight at `index` is a `kind`.
+    pub fn norm_at(mut self, index: usize, kind: NormKind) -> Self {
+        self.norms.insert(index, kind);
+        self
+    }
+
+    /// Every RMSNorm adds `eps` to the mean square (`nn.RMSNorm(dim, eps=...)`).
+    pub fn rms_norm_eps(mut self, eps: f32) -> Self {
+        self.rms_norm_eps = eps;
+        self
+    }
+
     /// The gap starting at `index` is `activation`.
     pub fn activation_at(self, index: usize, activation: Activation) -> Self {
         self.gap_layers_at(index, vec![activation])
@@ -131,12 +161,17 @@ pub struct Sequential {
     layers: Vec<Layer>,
 }
 
-/// The layers of a gap: its activations in order, a parameter-free LayerNorm taking the
-/// model's LayerNorm epsilon `eps`.
-fn gap_layers(acts: &[Activation], eps: f32) -> impl Iterator<Item = Layer> + '_ {
+/// The layers of a gap: its activations in order, a parameter-free LayerNorm or RMSNorm taking
+/// the model's epsilon for its kind.
+fn gap_layers<'a>(
+    acts: &'a [Activation],
+    options: &SequentialOptions,
+) -> impl Iterator<Item = Layer> + 'a {
+    let (layer_eps, rms_eps) = (options.layer_norm_eps, options.rms_norm_eps);
     acts.iter().map(move |a| {
         Layer::Activation(match a {
-            Activation::LayerNorm(_) => Activation::layer_norm(eps),
+            Activation::LayerNorm(_) => Activation::layer_norm(layer_eps),
+            Activation::RmsNorm(_) => Activation::rms_norm(rms_eps),
             other => *other,
         })
     })
@@ -223,17 +258,22 @@ impl Sequential {
                 )))
             }
         };
-        let eps = options.layer_norm_eps;
-        if !(eps.is_finite() && eps > 0.0) {
-            return Err(structure(format!(
-                "the LayerNorm epsilon must be a positive number, found {eps}"
-            )));
+        for (kind, eps) in [
+            ("LayerNorm", options.layer_norm_eps),
+            ("RMSNorm", options.rms_norm_eps),
+        ] {
+            if !(eps.is_finite() && eps > 0.0) {
+                return Err(structure(format!(
+                    "the {kind} epsilon must be a positive number, found {eps}"
+                )));
+            }
         }
         let mut layers = Vec::new();
         let mut width: Option<(usize, String)> = None; // output width and the key that set it
         let mut previous: Option<usize> = None;
         let mut gaps = Vec::new(); // first missing index of each gap
         let mut linear_indices = Vec::new();
+        let mut norm_indices = Vec::new();
         for (&index, &(has_weight, _, has_stats)) in &indices {
             let key = |name: &str| format!("{}{index}.{name}", options.prefix);
             if !has_weight && !has_stats {
@@ -248,7 +288,7 @@ impl Sequential {
                 // activation): nothing unless an activation is given for index 0, since the
                 // one for every gap is meant for the gaps between layers.
                 if let Some(acts) = options.activations.get(&0) {
-                    layers.extend(gap_layers(acts, eps));
+                    layers.extend(gap_layers(acts, options));
                     gaps.push(0);
                 }
             }
@@ -265,7 +305,7 @@ impl Sequential {
                                 Activation::names_list()
                             ))
                         })?;
-                    layers.extend(gap_layers(acts, eps));
+                    layers.extend(gap_layers(acts, options));
                     gaps.push(gap);
                 }
             }
@@ -287,8 +327,18 @@ impl Sequential {
                     )?)
                 }
                 Some(1) => {
+                    norm_indices.push(index);
                     let mut norm = vb.layer_norm()?;
-                    norm.eps = options.layer_norm_eps;
+                    match options.norms.get(&index).copied().unwrap_or(options.norm) {
+                        NormKind::Layer => norm.eps = options.layer_norm_eps,
+                        NormKind::Rms if norm.bias.is_some() => {
+                            return Err(structure(format!(
+                                "index {index} is given as an RMSNorm, but `{}` exists: an RMSNorm has no bias (a LayerNorm has)",
+                                key("bias")
+                            )))
+                        }
+                        NormKind::Rms => norm = norm.into_rms(options.rms_norm_eps)?,
+                    }
                     Layer::LayerNorm(norm)
                 }
                 Some(2) | None => {
@@ -332,6 +382,11 @@ impl Sequential {
         if let Some(index) = options.formats.keys().find(|i| !linear_indices.contains(i)) {
             return Err(structure(format!(
                 "a format is given for index {index}, which holds no Linear (Linears at {linear_indices:?})"
+            )));
+        }
+        if let Some(index) = options.norms.keys().find(|i| !norm_indices.contains(i)) {
+            return Err(structure(format!(
+                "a norm kind is given for index {index}, which holds no module of a 1-D weight (those are at {norm_indices:?})"
             )));
         }
         if let Some(index) = options.activations.keys().find(|i| !gaps.contains(i)) {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use nibble_autograd::Tape;
 use nibble_io::{Checkpoint, DType, WeightFormat};
 use nibble_nn::{
-    cross_entropy, peft, Activation, Layer, Sequential, SequentialOptions, VarBuilder,
+    cross_entropy, peft, Activation, Layer, NormKind, Sequential, SequentialOptions, VarBuilder,
 };
 use nibble_tensor::Tensor;
 
@@ -733,4 +733,90 @@ fn layer_norms_without_parameters_in_gaps_match_pytorch() {
         .gap_layers(vec![norm, Activation::Relu]);
     let model = Sequential::from_state_dict(&file, &both).unwrap();
     assert_eq!(model.layers().len(), 7);
+}
+
+/// RMSNorms: a state dict's 1-D weight without a bias is a LayerNorm unless the options say
+/// RMSNorm (per index here, `1`); a parameter-free RMSNorm fills a gap (`rms_norm`); with
+/// their epsilon (1e-3) the logits, the input's gradient and the weights' gradients are
+/// PyTorch's (`tests/data/seq_rms_norm.*`, `tools/golden/make_seq_rms_norm.py`). An RMSNorm
+/// kind for a module with a bias, or for an index without a 1-D weight, is an error.
+#[test]
+fn rms_norms_match_pytorch() {
+    let g = Checkpoint::open(data("seq_rms_norm.safetensors")).unwrap();
+    let (x, want_logits, want_dx) = (tensor(&g, "x"), tensor(&g, "logits"), tensor(&g, "dx"));
+    let labels = labels(&g);
+    let file = Checkpoint::open(data("seq_rms_norm.pth")).unwrap();
+    let options = SequentialOptions::new()
+        .norm_at(1, NormKind::Rms)
+        .rms_norm_eps(1e-3)
+        .gap_layers_at(2, vec![Activation::Relu])
+        .gap_layers_at(4, vec![Activation::rms_norm(f32::EPSILON)])
+        .gap_layers_at(7, vec![Activation::Relu]);
+    let model = Sequential::from_state_dict(&file, &options).unwrap();
+    let kinds: Vec<String> = model
+        .layers()
+        .iter()
+        .map(|l| match l {
+            Layer::LayerNorm(n) => format!("{:?} {} {}", n.kind, n.name, n.eps),
+            Layer::Activation(Activation::RmsNorm(eps)) => format!("rms_norm {}", eps.get()),
+            Layer::Activation(a) => a.to_string(),
+            Layer::Linear(l) => format!("linear {}", l.name),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "linear 0",
+            "Rms 1 0.001",
+            "relu",
+            "linear 3",
+            "rms_norm 0.001",
+            "linear 5",
+            "Layer 6 0.00001",
+            "relu",
+            "linear 8"
+        ]
+    );
+    let diff = max_diff(&model.infer(&x).unwrap(), &want_logits);
+    assert!(diff < 1e-5, "logits differ from PyTorch's by {diff}");
+    let tape = Tape::new();
+    let xv = tape.leaf(x.clone());
+    let loss = cross_entropy(&tape, &model.forward(&tape, &xv).unwrap(), &labels).unwrap();
+    let grads = tape.backward(&loss).unwrap();
+    let close = |got: &Tensor, want: &Tensor, what: &str| {
+        let scale = want.data().iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let d = max_diff(got, want);
+        assert!(d < 1e-4 * scale, "{what} differs by {d} (largest {scale})");
+    };
+    close(grads.get(&xv).unwrap(), &want_dx, "dx");
+    let params = model.params();
+    for (name, key) in [("1.weight", "d_w1"), ("6.weight", "d_w6")] {
+        let p = params.iter().find(|p| p.name() == name).unwrap();
+        close(p.grad().as_ref().unwrap(), &tensor(&g, key), name);
+    }
+    // Read as a LayerNorm (the default), index 1 gives other logits.
+    let as_layer = SequentialOptions {
+        norms: Default::default(),
+        ..options.clone()
+    };
+    let other = Sequential::from_state_dict(&file, &as_layer).unwrap();
+    assert!(max_diff(&other.infer(&x).unwrap(), &want_logits) > 1e-3);
+    // PyTorch's default epsilon: other logits, as the inputs are small.
+    let default_eps =
+        Sequential::from_state_dict(&file, &options.clone().rms_norm_eps(f32::EPSILON)).unwrap();
+    assert!(max_diff(&default_eps.infer(&x).unwrap(), &want_logits) > 1e-4);
+    // Index 6 has a bias: not an RMSNorm. Index 3 is a Linear.
+    for (index, needle) in [
+        (6, "`6.bias` exists: an RMSNorm has no bias"),
+        (3, "a norm kind is given for index 3"),
+    ] {
+        let bad = options.clone().norm_at(index, NormKind::Rms);
+        let e = Sequential::from_state_dict(&file, &bad).unwrap_err().to_string();
+        assert!(e.contains(needle), "{e}");
+    }
+    let e = Sequential::from_state_dict(&file, &options.clone().rms_norm_eps(-1.0))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("RMSNorm epsilon"), "{e}");
 }

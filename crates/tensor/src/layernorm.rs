@@ -338,7 +338,7 @@ const STAT_LANES: usize = 16;
 /// one; `layer_norm_assign` 0.39–0.53 → 0.28 ms, `layer_norm` 0.50–0.69 → 0.42 on 2 threads.
 /// 32 lanes spilled its accumulators and took twice as long as 16.
 #[inline(always)]
-fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+pub(crate) fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f64) -> f64 {
     let mut s = [0.0f64; STAT_LANES];
     let runs = xs.chunks_exact(STAT_LANES);
     let tail = runs.remainder();
@@ -357,7 +357,7 @@ fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f64) -> f64 {
 /// `(s0 + s1) + (s2 + s3)` for four lanes, `((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))`
 /// for eight, and so on. The one fixed combination order of every lane sum in this file.
 #[inline(always)]
-fn fold_lanes<const L: usize>(mut s: [f64; L]) -> f64 {
+pub(crate) fn fold_lanes<const L: usize>(mut s: [f64; L]) -> f64 {
     const { assert!(L.is_power_of_two()) };
     let mut n = L;
     while n > 1 {

@@ -17,6 +17,7 @@ pub mod lowrank;
 pub mod ops;
 pub mod packed;
 pub mod parallel;
+pub mod rms_norm;
 pub mod rng;
 pub mod simd;
 pub mod team;
@@ -28,6 +29,7 @@ pub use half::f16;
 pub use half_tensor::HalfTensor;
 pub use layernorm::{layer_norm, layer_norm_backward, LayerNormStats};
 pub use packed::PackedWeight;
+pub use rms_norm::{rms_norm, rms_norm_backward};
 pub use rng::Rng;
 pub use tensor::{Tensor, TensorView};
 pub use weight::{
