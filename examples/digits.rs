@@ -42,6 +42,8 @@ fn main() -> Result<(), nibble_cli::Error> {
         activation: "relu",
         layer_norm_eps: 1e-5,
         batch_norm_eps: 1e-5,
+        norm: "layer",
+        rms_norm_eps: f32::EPSILON,
         adapter: None,
         logits: None,
     })?;
@@ -78,6 +80,8 @@ fn main() -> Result<(), nibble_cli::Error> {
             activation: "relu",
             layer_norm_eps: 1e-5,
             batch_norm_eps: 1e-5,
+            norm: "layer",
+            rms_norm_eps: f32::EPSILON,
             save_adapter: None,
             seed: 0,
         })?;

@@ -94,8 +94,8 @@ pub enum Command {
     },
     /// Accuracy, loss, cosine of the logits to f32, and model bytes of a Sequential classifier.
     Eval {
-        /// A PyTorch nn.Sequential state dict (.pth or .safetensors) of Linear, LayerNorm and
-        /// parameter-free activation layers.
+        /// A PyTorch nn.Sequential state dict (.pth or .safetensors) of Linear, LayerNorm,
+        /// RMSNorm, BatchNorm1d and parameter-free activation layers.
         #[arg(long, value_name = "M")]
         model: PathBuf,
         /// A safetensors file with x_test (f32, N x F) and y_test (N labels: i64, i32 or u8).
@@ -109,8 +109,9 @@ pub enum Command {
         /// (nn.Sigmoid), silu (nn.SiLU), leaky_relu (nn.LeakyReLU; leaky_relu:0.2 for
         /// negative_slope=0.2), elu (nn.ELU; elu:0.5 for alpha=0.5), softplus (nn.Softplus),
         /// mish (nn.Mish), hardswish (nn.Hardswish), relu6 (nn.ReLU6), identity (nn.Identity,
-        /// nn.Dropout, nn.Flatten) or layer_norm (nn.LayerNorm(dim, elementwise_affine=False),
-        /// epsilon --layer-norm-eps); several in one gap joined by `+` (layer_norm+relu); a
+        /// nn.Dropout, nn.Flatten), layer_norm (nn.LayerNorm(dim, elementwise_affine=False),
+        /// epsilon --layer-norm-eps) or rms_norm (nn.RMSNorm(dim, elementwise_affine=False),
+        /// epsilon --rms-norm-eps); several in one gap joined by `+` (layer_norm+relu); a
         /// comma-separated list with one per gap.
         #[arg(long, default_value = "relu")]
         activation: String,
@@ -122,6 +123,15 @@ pub enum Command {
         /// not hold it).
         #[arg(long, value_name = "EPS", default_value_t = 1e-5)]
         batch_norm_eps: f32,
+        /// What each module of a 1-D weight (not a BatchNorm1d) is: layer (nn.LayerNorm) or
+        /// rms (nn.RMSNorm, no bias), or a comma-separated list with one per such module in
+        /// index order (a state dict cannot tell an RMSNorm from a LayerNorm without a bias).
+        #[arg(long, value_name = "KIND", default_value = "layer")]
+        norm: String,
+        /// The epsilon of every RMSNorm (`nn.RMSNorm(dim, eps=...)`; PyTorch's default for f32
+        /// is 1.1920929e-7, f32's machine epsilon).
+        #[arg(long, value_name = "EPS", default_value_t = f32::EPSILON)]
+        rms_norm_eps: f32,
         /// A LoRA adapter directory (PEFT layout, e.g. from `finetune --save-adapter`) to put on
         /// the model.
         #[arg(long, value_name = "DIR")]
@@ -167,6 +177,12 @@ pub enum Command {
         /// The epsilon of every BatchNorm1d (see `eval`).
         #[arg(long, value_name = "EPS", default_value_t = 1e-5)]
         batch_norm_eps: f32,
+        /// What each module of a 1-D weight is: layer or rms (see `eval`).
+        #[arg(long, value_name = "KIND", default_value = "layer")]
+        norm: String,
+        /// The epsilon of every RMSNorm (see `eval`).
+        #[arg(long, value_name = "EPS", default_value_t = f32::EPSILON)]
+        rms_norm_eps: f32,
         /// Save the trained adapters here (PEFT layout: adapter_model.safetensors and
         /// adapter_config.json, target modules named by layer index).
         #[arg(long, value_name = "DIR")]

@@ -4,7 +4,7 @@
 use crate::args::FormatChoice;
 use crate::compare::{accuracy, mean_cross_entropy, mean_row_cosine};
 use crate::error::Result;
-use crate::model::{parse_activations, Classifier};
+use crate::model::{Classifier, Structure};
 use crate::paths::{adapter_inputs, refuse_overwrite_owned};
 use nibble_io::{write_safetensors, DType, Dataset, WeightFormat, FORMAT_KEY};
 use serde::Serialize;
@@ -54,6 +54,11 @@ pub struct EvalArgs<'a> {
     pub layer_norm_eps: f32,
     /// The epsilon of every BatchNorm1d (PyTorch's default: 1e-5).
     pub batch_norm_eps: f32,
+    /// What each module of a 1-D weight is: `layer` (LayerNorm), `rms` (RMSNorm), or one per
+    /// such module, comma-separated.
+    pub norm: &'a str,
+    /// The epsilon of every RMSNorm (PyTorch's default for f32: [`f32::EPSILON`]).
+    pub rms_norm_eps: f32,
     /// A PEFT adapter directory to put on the model (in every format).
     pub adapter: Option<&'a Path>,
     /// Where to write the first format's logits, if anywhere.
@@ -74,15 +79,16 @@ pub fn evaluate(args: &EvalArgs<'_>) -> Result<EvalReport> {
         }
         refuse_overwrite_owned(out, &inputs)?;
     }
-    let activations = parse_activations(args.activation)?;
+    let structure = Structure::parse(
+        args.activation,
+        args.norm,
+        args.layer_norm_eps,
+        args.batch_norm_eps,
+        args.rms_norm_eps,
+    )?;
     let data = Dataset::open(args.data)?;
     let load = |format| -> Result<Classifier> {
-        let mut m = Classifier::open(
-            args.model,
-            &activations,
-            (args.layer_norm_eps, args.batch_norm_eps),
-            format,
-        )?;
+        let mut m = Classifier::open(args.model, &structure, format)?;
         if let Some(dir) = args.adapter {
             m.load_adapter(dir)?;
         }

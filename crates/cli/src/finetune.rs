@@ -5,7 +5,7 @@
 
 use crate::compare::accuracy;
 use crate::error::{Error, Result};
-use crate::model::{parse_activations, Classifier};
+use crate::model::{Classifier, Structure};
 use crate::paths::refuse_overwrite;
 use nibble_autograd::{AdamW, AdamWConfig, Optimizer, Tape};
 use nibble_io::{Dataset, WeightFormat};
@@ -37,6 +37,11 @@ pub struct FinetuneArgs<'a> {
     pub layer_norm_eps: f32,
     /// The epsilon of every BatchNorm1d (PyTorch's default: 1e-5).
     pub batch_norm_eps: f32,
+    /// What each module of a 1-D weight is: `layer` (LayerNorm), `rms` (RMSNorm), or one per
+    /// such module, comma-separated.
+    pub norm: &'a str,
+    /// The epsilon of every RMSNorm (PyTorch's default for f32: [`f32::EPSILON`]).
+    pub rms_norm_eps: f32,
     /// Where to save the adapters, if anywhere.
     pub save_adapter: Option<&'a Path>,
     /// Seed of the adapters' init and the mini-batch order.
@@ -143,14 +148,15 @@ fn train(args: &FinetuneArgs<'_>, history: LossHistory) -> Result<FinetuneReport
             refuse_overwrite(&dir.join(name), &inputs)?;
         }
     }
-    let activations = parse_activations(args.activation)?;
-    let data = Dataset::open(args.data)?;
-    let mut model = Classifier::open(
-        args.model,
-        &activations,
-        (args.layer_norm_eps, args.batch_norm_eps),
-        args.format,
+    let structure = Structure::parse(
+        args.activation,
+        args.norm,
+        args.layer_norm_eps,
+        args.batch_norm_eps,
+        args.rms_norm_eps,
     )?;
+    let data = Dataset::open(args.data)?;
+    let mut model = Classifier::open(args.model, &structure, args.format)?;
     check_rank(args.rank, args.model, &model.linear_shapes())?;
     data.check_fits(model.features(), model.classes())?;
     let train = data.train()?;

@@ -2,7 +2,7 @@
 //! # nibble-cli
 //!
 //! The `nibble` program: model-agnostic verbs over any PyTorch `nn.Sequential` classifier of
-//! `Linear`, `LayerNorm` and parameter-free activation layers, saved as a state dict (`.pth`
+//! `Linear`, `LayerNorm`, `RMSNorm`, `BatchNorm1d` and parameter-free activation layers, saved as a state dict (`.pth`
 //! or safetensors):
 //!
 //! - `nibble inspect FILE` — every tensor: name, dtype, shape, format, bytes; the total.
@@ -15,8 +15,11 @@
 //! `--activation` names what each gap in the layer indices holds, one name for all gaps or a
 //! comma-separated list with one per gap: `relu` (`nn.ReLU`, the default), `gelu` (`nn.GELU()`,
 //! exact erf form), `gelu_tanh` (`nn.GELU(approximate="tanh")`), `tanh` (`nn.Tanh`), `sigmoid`
-//! (`nn.Sigmoid`), `silu` (`nn.SiLU`) or `identity` (`nn.Identity`, `nn.Dropout`, `nn.Flatten`
-//! of a 2-D input).
+//! (`nn.Sigmoid`), `silu` (`nn.SiLU`), `identity` (`nn.Identity`, `nn.Dropout`, `nn.Flatten`
+//! of a 2-D input), `layer_norm` / `rms_norm` (`nn.LayerNorm` / `nn.RMSNorm` with
+//! `elementwise_affine=False`), and more (see `nibble eval --help`); several in one gap are
+//! joined by `+`. `--norm layer|rms` says whether the modules of a 1-D weight are LayerNorms or
+//! RMSNorms (a state dict cannot tell).
 //!
 //! Every verb takes `--json` and then prints one JSON object with the keys documented on its
 //! report type ([`inspect::Inspection`], [`quantize::QuantizeReport`], [`eval::EvalReport`],
@@ -35,6 +38,8 @@
 //!     activation: "relu",
 //!     layer_norm_eps: 1e-5,
 //!     batch_norm_eps: 1e-5,
+//!     norm: "layer",
+//!     rms_norm_eps: f32::EPSILON,
 //!     adapter: None,
 //!     logits: None,
 //! })?;
@@ -77,6 +82,8 @@ pub fn run(cli: Cli) -> Result<()> {
             activation,
             layer_norm_eps,
             batch_norm_eps,
+            norm,
+            rms_norm_eps,
             adapter,
             logits,
             json,
@@ -88,6 +95,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 activation,
                 layer_norm_eps: *layer_norm_eps,
                 batch_norm_eps: *batch_norm_eps,
+                norm,
+                rms_norm_eps: *rms_norm_eps,
                 adapter: adapter.as_deref(),
                 logits: logits.as_deref(),
             },
@@ -104,6 +113,8 @@ pub fn run(cli: Cli) -> Result<()> {
             activation,
             layer_norm_eps,
             batch_norm_eps,
+            norm,
+            rms_norm_eps,
             save_adapter,
             seed,
             json,
@@ -119,6 +130,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 activation,
                 layer_norm_eps: *layer_norm_eps,
                 batch_norm_eps: *batch_norm_eps,
+                norm,
+                rms_norm_eps: *rms_norm_eps,
                 save_adapter: save_adapter.as_deref(),
                 seed: *seed,
             },

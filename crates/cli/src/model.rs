@@ -8,7 +8,7 @@
 use crate::error::{Error, Result};
 use nibble_autograd::{Param, Tape, Var};
 use nibble_io::{Checkpoint, WeightFormat};
-use nibble_nn::{cross_entropy, Activation, Layer, Sequential, SequentialOptions};
+use nibble_nn::{cross_entropy, Activation, Layer, NormKind, Sequential, SequentialOptions};
 use nibble_tensor::Tensor;
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -38,6 +38,64 @@ pub fn parse_activations(s: &str) -> Result<Vec<Vec<Activation>>> {
                 .collect()
         })
         .collect()
+}
+
+/// Parses `--norm`: what every module of a 1-D weight (not a BatchNorm) is, `layer`
+/// (`nn.LayerNorm`) or `rms` (`nn.RMSNorm`), any case, or a comma-separated list with one per
+/// such module in index order.
+pub fn parse_norms(s: &str) -> Result<Vec<NormKind>> {
+    s.split(',')
+        .map(|k| match k.trim().to_ascii_lowercase().as_str() {
+            "layer" | "layer_norm" => Ok(NormKind::Layer),
+            "rms" | "rms_norm" => Ok(NormKind::Rms),
+            _ => Err(Error::Usage {
+                arg: "--norm",
+                what: format!(
+                    "`{}`: expected layer (nn.LayerNorm) or rms (nn.RMSNorm), or a \
+                     comma-separated list with one per module of a 1-D weight",
+                    k.trim()
+                ),
+            }),
+        })
+        .collect()
+}
+
+/// What a state dict cannot say about a Sequential, as the command line gives it: the layers
+/// in each gap (`--activation`), the kind of each module of a 1-D weight (`--norm`) and the
+/// norms' epsilons.
+#[derive(Debug, Clone)]
+pub struct Structure {
+    /// One list for every gap, or one per gap (with one more in front for what comes before
+    /// the first layer).
+    pub gaps: Vec<Vec<Activation>>,
+    /// One kind for every module of a 1-D weight, or one per such module.
+    pub norms: Vec<NormKind>,
+    /// `--layer-norm-eps`.
+    pub layer_norm_eps: f32,
+    /// `--batch-norm-eps`.
+    pub batch_norm_eps: f32,
+    /// `--rms-norm-eps`.
+    pub rms_norm_eps: f32,
+}
+
+impl Structure {
+    /// Parses `--activation` ([`parse_activations`]) and `--norm` ([`parse_norms`]) beside the
+    /// epsilons.
+    pub fn parse(
+        activation: &str,
+        norm: &str,
+        layer_norm_eps: f32,
+        batch_norm_eps: f32,
+        rms_norm_eps: f32,
+    ) -> Result<Self> {
+        Ok(Structure {
+            gaps: parse_activations(activation)?,
+            norms: parse_norms(norm)?,
+            layer_norm_eps,
+            batch_norm_eps,
+            rms_norm_eps,
+        })
+    }
 }
 
 /// The module path in front of the Sequential's indices when every key has the same one (`net.`
@@ -78,6 +136,29 @@ fn gaps(file: &Checkpoint, prefix: &str) -> Vec<usize> {
         .collect()
 }
 
+/// The indices (under `prefix`) of the modules of a 1-D `weight` without BatchNorm statistics:
+/// the LayerNorms and RMSNorms.
+fn norm_indices(file: &Checkpoint, prefix: &str) -> Vec<usize> {
+    let index_of = |key: &str, name: &str| -> Option<usize> {
+        key.strip_prefix(prefix)?
+            .strip_suffix(name)?
+            .strip_suffix('.')?
+            .parse()
+            .ok()
+    };
+    let batch_norms: BTreeSet<usize> = file
+        .keys()
+        .filter_map(|k| index_of(k, "running_mean"))
+        .collect();
+    let norms: BTreeSet<usize> = file
+        .keys()
+        .filter(|k| file.info(k).is_some_and(|(_, shape)| shape.len() == 1))
+        .filter_map(|k| index_of(k, "weight"))
+        .filter(|i| !batch_norms.contains(i))
+        .collect();
+    norms.into_iter().collect()
+}
+
 /// Whether the Sequential's first layer index (under `prefix`) is above 0: parameter-free
 /// layers come before it.
 fn leading_gap(file: &Checkpoint, prefix: &str) -> bool {
@@ -102,23 +183,40 @@ pub struct Classifier {
 }
 
 impl Classifier {
-    /// Reads the Sequential in `path` with every Linear in `format`, `activations` in the gaps
-    /// (one for all, or one per gap), and LayerNorms and BatchNorms adding the epsilons `eps`
-    /// (`(layer_norm, batch_norm)`).
-    pub fn open(
-        path: &Path,
-        activations: &[Vec<Activation>],
-        eps: (f32, f32),
-        format: WeightFormat,
-    ) -> Result<Self> {
+    /// Reads the Sequential in `path` with every Linear in `format` and what `structure`
+    /// says of its gaps, its modules of a 1-D weight and its norms' epsilons.
+    pub fn open(path: &Path, structure: &Structure, format: WeightFormat) -> Result<Self> {
         let file = Checkpoint::open(path)?;
         let prefix = sequential_prefix(&file);
         let gaps = gaps(&file, &prefix);
         let mut options = SequentialOptions::new()
             .format(format)
             .prefix(prefix.clone())
-            .layer_norm_eps(eps.0)
-            .batch_norm_eps(eps.1);
+            .layer_norm_eps(structure.layer_norm_eps)
+            .batch_norm_eps(structure.batch_norm_eps)
+            .rms_norm_eps(structure.rms_norm_eps);
+        let norms = norm_indices(&file, &prefix);
+        match structure.norms.as_slice() {
+            [one] => options = options.norm(*one),
+            list if list.len() == norms.len() => {
+                for (index, kind) in norms.iter().zip(list) {
+                    options = options.norm_at(*index, *kind);
+                }
+            }
+            list => {
+                return Err(Error::Usage {
+                    arg: "--norm",
+                    what: format!(
+                        "{} kinds given for the {} modules of a 1-D weight of {} (at indices \
+                         {norms:?}): give one for all or one per module",
+                        list.len(),
+                        norms.len(),
+                        path.display()
+                    ),
+                })
+            }
+        }
+        let activations = structure.gaps.as_slice();
         // A list one longer than the gaps between layers names, first, what comes before the
         // first layer (when the indices do not start at 0).
         let leading = leading_gap(&file, &prefix);

@@ -791,3 +791,54 @@ fn layer_norms_without_parameters_are_given_as_gap_layers() {
         );
     }
 }
+
+/// RMSNorms: `--norm rms,layer` (one per module of a 1-D weight) and `--rms-norm-eps 1e-3`,
+/// with a parameter-free `rms_norm` in a gap, give PyTorch's logits
+/// (`tests/data/seq_rms_norm.*`, `tools/golden/make_seq_rms_norm.py`), and fine-tuning
+/// trains through them. Every such module read as a LayerNorm (the default) gives other
+/// logits; `--norm rms` for a module with a bias, a list of the wrong length and an unknown
+/// kind are errors naming them.
+#[test]
+fn rms_norms_are_given_with_norm() {
+    let dir = tmpdir("rms_norm");
+    let golden = data("seq_rms_norm.safetensors");
+    let d = five_rows_of(&dir, &golden);
+    let model = data("seq_rms_norm.pth");
+    let logits = dir.join("logits.safetensors");
+    let run = |flags: &[&str]| logits_off_golden(&model, &d, flags, &logits, &golden);
+    let given = [
+        "--norm",
+        "RMS, layer",
+        "--rms-norm-eps",
+        "1e-3",
+        "--activation",
+        "relu,rms_norm,relu",
+    ];
+    let diff = run(&given);
+    assert!(diff < 1e-5, "logits differ from PyTorch's by {diff}");
+    assert!(run(&given[2..]) > 1e-3); // every 1-D weight a LayerNorm
+    assert!(run(&[&given[..2], &given[4..]].concat()) > 1e-4); // PyTorch's default epsilon
+    let v = nibble_json(&model_data_args(
+        "finetune",
+        &model,
+        &d,
+        &[
+            &given[..],
+            &[
+                "--format", "nf4", "--rank", "2", "--steps", "20", "--batch", "5", "--json",
+            ],
+        ]
+        .concat(),
+    ));
+    let loss = loss_curve(&v);
+    assert!(loss[loss.len() - 1] < loss[0], "{loss:?}");
+    for (norm, named) in [
+        ("rms", "`6.bias` exists"),
+        ("rms,layer,rms", "3 kinds given for the 2 modules"),
+        ("batch", "`batch`: expected layer (nn.LayerNorm) or rms"),
+    ] {
+        let flags = [&["--norm", norm][..], &given[2..]].concat();
+        let msg = nibble_fails(&model_data_args("eval", &model, &d, &flags));
+        assert!(msg.contains(named), "{norm}: {msg}");
+    }
+}

@@ -19,7 +19,7 @@ use std::path::Path;
 pub enum Layer {
     /// A linear layer (a 2-D weight in the state dict).
     Linear(Linear),
-    /// A LayerNorm (a 1-D weight).
+    /// A LayerNorm or an RMSNorm (a 1-D weight; see [`crate::NormKind`]).
     LayerNorm(LayerNorm),
     /// An `nn.BatchNorm1d` in eval mode (running statistics), frozen.
     BatchNorm(BatchNorm),
@@ -206,7 +206,7 @@ impl Sequential {
 
     /// Builds the model a PyTorch `nn.Sequential` state dict describes: keys
     /// `{i}.weight` / `{i}.bias` (under `options.prefix`); a 2-D weight is a Linear, a 1-D one a
-    /// LayerNorm, `{i}.running_mean` / `running_var` (with or without a weight and bias) a
+    /// LayerNorm (or an RMSNorm where [`SequentialOptions::norm`] / `norm_at` say so), `{i}.running_mean` / `running_var` (with or without a weight and bias) a
     /// [`BatchNorm`] in eval mode, and a gap in the indices between two layers holds
     /// parameter-free layers (given by `options`: one activation, or several in order such as a
     /// LayerNorm without parameters then a ReLU; a dropout or identity in the gap needs no

@@ -812,7 +812,9 @@ fn rms_norms_match_pytorch() {
         (3, "a norm kind is given for index 3"),
     ] {
         let bad = options.clone().norm_at(index, NormKind::Rms);
-        let e = Sequential::from_state_dict(&file, &bad).unwrap_err().to_string();
+        let e = Sequential::from_state_dict(&file, &bad)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains(needle), "{e}");
     }
     let e = Sequential::from_state_dict(&file, &options.clone().rms_norm_eps(-1.0))

@@ -79,7 +79,7 @@ pub fn rms_norm(x: &Tensor, weight: &[f32], eps: f32) -> Result<(Tensor, Vec<f32
 /// `rrms` it returned, returns `(d_x [m, c], d_weight [c])`:
 /// `d_x[i, j] = r_i · g[i, j] − x[i, j] · r_i³ · mean_j(g[i, j] · x[i, j])` with
 /// `g = d_y · weight`, and `d_weight[j] = Σ_i d_y[i, j] · x[i, j] · r_i`. The row sums are taken
-/// in f64; `d_weight` sums blocks of [`ROWS_PER_TASK`] rows in a fixed order, so the result is
+/// in f64; `d_weight` sums blocks of 32 rows in a fixed order, so the result is
 /// the same bits for any thread count.
 ///
 /// Errors: shapes that do not match (`d_y` not `x`'s, `weight` not `c` long, `rrms` not `m`
@@ -161,7 +161,7 @@ mod tests {
         c: usize,
         eps: f64,
     ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
-        let m = if c == 0 { 0 } else { x.len() / c };
+        let m = x.len().checked_div(c).unwrap_or(0);
         let (mut y, mut dx, mut dw) = (vec![0.0; m * c], vec![0.0; m * c], vec![0.0; c]);
         for i in 0..m {
             let xr: Vec<f64> = x[i * c..(i + 1) * c].iter().map(|&v| v as f64).collect();
