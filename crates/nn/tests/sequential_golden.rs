@@ -664,6 +664,24 @@ fn batch_norms_run_in_eval_mode_and_save_back() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// Each layer as `linear <name>`, `<Layer|Rms> <name> <eps>` (a module of a 1-D weight),
+/// `layer_norm <eps>` / `rms_norm <eps>` (parameter-free norms) or an activation's name.
+fn layer_kinds(model: &Sequential) -> Vec<String> {
+    model
+        .layers()
+        .iter()
+        .map(|l| match l {
+            Layer::Linear(l) => format!("linear {}", l.name),
+            Layer::LayerNorm(n) => format!("{:?} {} {}", n.kind, n.name, n.eps),
+            Layer::BatchNorm(n) => format!("batchnorm {}", n.name),
+            Layer::Activation(a @ (Activation::LayerNorm(eps) | Activation::RmsNorm(eps))) => {
+                format!("{a} {}", eps.get())
+            }
+            Layer::Activation(a) => a.to_string(),
+        })
+        .collect()
+}
+
 /// LayerNorms without parameters (`nn.LayerNorm(dim, elementwise_affine=False)`) leave gaps in
 /// a state dict's indices; given as gap layers (`layer_norm`, then ReLU in the first gap)
 /// with the model's epsilon, the logits and the cross-entropy's gradient of the input are
@@ -681,18 +699,8 @@ fn layer_norms_without_parameters_in_gaps_match_pytorch() {
         .gap_layers_at(1, vec![norm, Activation::Relu])
         .gap_layers_at(4, vec![norm]);
     let model = Sequential::from_state_dict(&file, &options).unwrap();
-    let kinds: Vec<String> = model
-        .layers()
-        .iter()
-        .map(|l| match l {
-            Layer::Activation(Activation::LayerNorm(eps)) => format!("layer_norm {}", eps.get()),
-            Layer::Activation(a) => a.to_string(),
-            Layer::Linear(l) => format!("linear {}", l.name),
-            other => panic!("{other:?}"),
-        })
-        .collect();
     assert_eq!(
-        kinds,
+        layer_kinds(&model),
         [
             "linear 0",
             "layer_norm 0.05",
@@ -753,19 +761,8 @@ fn rms_norms_match_pytorch() {
         .gap_layers_at(4, vec![Activation::rms_norm(f32::EPSILON)])
         .gap_layers_at(7, vec![Activation::Relu]);
     let model = Sequential::from_state_dict(&file, &options).unwrap();
-    let kinds: Vec<String> = model
-        .layers()
-        .iter()
-        .map(|l| match l {
-            Layer::LayerNorm(n) => format!("{:?} {} {}", n.kind, n.name, n.eps),
-            Layer::Activation(Activation::RmsNorm(eps)) => format!("rms_norm {}", eps.get()),
-            Layer::Activation(a) => a.to_string(),
-            Layer::Linear(l) => format!("linear {}", l.name),
-            other => panic!("{other:?}"),
-        })
-        .collect();
     assert_eq!(
-        kinds,
+        layer_kinds(&model),
         [
             "linear 0",
             "Rms 1 0.001",
