@@ -720,3 +720,25 @@ fn a_qlora_state_dict_loads_on_the_f16_variants() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A PEFT DoRA adapter is refused on BigNet, naming `use_dora` (the `nibble` program reads
+/// DoRA adapters of Sequential models; BigNet's layers have no DoRA path).
+#[test]
+fn a_dora_adapter_is_refused_on_bignet() {
+    let dora = golden("peft_variants/dora");
+    fails_with(
+        &[
+            "bench",
+            "lora",
+            "--weights",
+            golden("bignet_d128.pth").to_str().unwrap(),
+            "--adapter",
+            dora.to_str().unwrap(),
+            "--batch",
+            "1",
+            "--runs",
+            "1",
+        ],
+        "DoRA (`use_dora`) is not supported on BigNet",
+    );
+}

@@ -77,3 +77,104 @@ fn peft_variants_give_pefts_logits() {
         );
     }
 }
+
+/// The arguments as `&str`s.
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// A DoRA adapter (`tests/data/peft_variants/dora`, made by PEFT 0.21.2 with
+/// `tools/golden/make_peft_dora.py`: magnitude vectors on three Linears, one of rank 2, and
+/// `bias = "all"`) gives PEFT's logits on an f32 base, and on an f16 base within f16's rounding;
+/// the same adapter without its magnitude vectors, or with `use_dora` off, is an error naming
+/// them; saving a DoRA adapter is refused (nibble would drop the magnitudes).
+#[test]
+fn a_dora_adapter_gives_pefts_logits() {
+    let dir = tmpdir("peft_dora");
+    let golden = data("peft_variants/dora_logits.safetensors");
+    let x = tensor(&golden, "x");
+    let want = tensor(&golden, "logits");
+    let d = dir.join("data.safetensors");
+    write(
+        &d,
+        &[
+            f32s("x_test", &[8, 30], &x),
+            i64s("y_test", &[0, 1, 2, 3, 4, 0, 1, 2]),
+        ],
+    );
+    let model = data("seq_d30.pth");
+    let adapter = data("peft_variants/dora");
+    let args = |format: &str, adapter: &std::path::Path, out: &std::path::Path| {
+        let flags = [
+            "--activation",
+            "gelu,relu",
+            "--format",
+            format,
+            "--adapter",
+            s(adapter),
+            "--logits",
+            s(out),
+            "--json",
+        ]
+        .map(str::to_string);
+        let mut a: Vec<String> = model_data_args("eval", &model, &d, &[])
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        a.extend(flags);
+        a
+    };
+    let logits = |format: &str| {
+        let out = dir.join(format!("dora_{format}.safetensors"));
+        nibble_json(&strs(&args(format, &adapter, &out)));
+        tensor(&out, "logits")
+    };
+    let diff = max_diff(&logits("f32"), &want);
+    assert!(diff < 1e-5, "logits differ from PEFT's by {diff}");
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let diff = max_diff(&logits("f16"), &want);
+    assert!(diff < 1e-3 * scale, "f16: {diff} (logits up to {scale})");
+    // Edited copies: the magnitudes dropped, or `use_dora` turned off.
+    let weights = nibble_io::Checkpoint::open(adapter.join("adapter_model.safetensors")).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(adapter.join("adapter_config.json")).unwrap())
+            .unwrap();
+    let copy = |name: &str, keep: &dyn Fn(&str) -> bool, use_dora: bool| {
+        let to = dir.join(name);
+        std::fs::create_dir_all(&to).unwrap();
+        let entries: Vec<Entry> = weights
+            .keys()
+            .filter(|k| keep(k))
+            .map(|k| {
+                let (dtype, shape) = weights.info(k).unwrap();
+                (
+                    k.to_string(),
+                    dtype,
+                    shape.to_vec(),
+                    weights.bytes(k).unwrap().to_vec(),
+                )
+            })
+            .collect();
+        write(&to.join("adapter_model.safetensors"), &entries);
+        let mut c = config.clone();
+        c["use_dora"] = serde_json::json!(use_dora);
+        std::fs::write(to.join("adapter_config.json"), c.to_string()).unwrap();
+        to
+    };
+    let no_magnitude = copy("no_magnitude", &|k| !k.contains("magnitude"), true);
+    let msg = nibble_fails(&strs(&args(
+        "f32",
+        &no_magnitude,
+        &dir.join("x.safetensors"),
+    )));
+    assert!(
+        msg.contains("lora_magnitude_vector") && msg.contains("use_dora"),
+        "{msg}"
+    );
+    let not_dora = copy("not_dora", &|_| true, false);
+    let msg = nibble_fails(&strs(&args("f32", &not_dora, &dir.join("x.safetensors"))));
+    assert!(
+        msg.contains("lora_magnitude_vector") && msg.contains("DoRA"),
+        "{msg}"
+    );
+}

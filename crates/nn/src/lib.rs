@@ -72,7 +72,7 @@ pub use activation::Activation;
 pub use batch_norm::BatchNorm;
 pub use error::{Error, Result};
 pub use layer_norm::{LayerNorm, NormKind};
-pub use linear::{FrozenBias, Linear, LinearBase, LoraAdapter};
+pub use linear::{Dora, FrozenBias, Linear, LinearBase, LoraAdapter};
 pub use loss::cross_entropy;
 pub use save::{save_weights, save_weights_with};
 pub use sequential::{Layer, Sequential, SequentialOptions};

@@ -54,13 +54,73 @@ impl FrozenBias {
     }
 }
 
-/// A rank-r LoRA adapter: `y += B (A x)` with `A` `[r, in]` and `B` `[out, r]`, unscaled.
+/// A rank-r LoRA adapter: `y += B (A x)` with `A` `[r, in]` and `B` `[out, r]`, unscaled; with
+/// [`Dora`], PEFT's DoRA: `y = scale ⊙ (x·Wᵀ + B (A x)) + bias`.
 #[derive(Debug, Clone)]
 pub struct LoraAdapter {
     /// `lora_a.weight`, `[r, in]`, initialised uniform ±1/√in (PyTorch's kaiming_uniform(√5)).
     pub a: Param,
     /// `lora_b.weight`, `[out, r]`, initialised to zeros.
     pub b: Param,
+    /// DoRA's magnitude and the per-output scale it gives (PEFT's `use_dora`), or `None`.
+    pub dora: Option<Dora>,
+}
+
+/// DoRA (weight-decomposed LoRA, PEFT's `use_dora`): the layer's output without its bias,
+/// `x·Wᵀ + B (A x)`, is scaled per output by `magnitude / ‖W + B·A‖` (the norm of each row of
+/// the adapted weight, W dequantized as the kernels use it), then the bias is added: PEFT's
+/// `DoraLinearLayer` in eval mode, whose weight norm is a constant (detached). The scale is
+/// computed once, from the adapter as loaded; the magnitude and the scale do not train here.
+#[derive(Debug, Clone)]
+pub struct Dora {
+    /// `lora_magnitude_vector`, `[out]`.
+    pub magnitude: Tensor,
+    /// `magnitude / ‖W + B·A‖` per output, `[out]`.
+    pub scale: Vec<f32>,
+}
+
+impl Dora {
+    /// DoRA of layer `name` whose weight is `weight` (`[out, in]`, f32) and adapter product
+    /// `delta` = `B·A` (`[out, in]`, B scaled): the row norms in f64. A magnitude that is not
+    /// `[out]`, or a row of `W + B·A` whose norm is 0 or not finite (the scale would be
+    /// infinite or NaN), is an [`Error::Layer`] naming the layer and the row.
+    pub fn new(name: &str, weight: &Tensor, delta: &Tensor, magnitude: Tensor) -> Result<Self> {
+        let bad = |what: String| Error::Layer {
+            layer: name.to_string(),
+            what,
+        };
+        let (out, inp) = weight.dims2("dora")?;
+        if delta.shape() != weight.shape() || magnitude.shape() != [out] {
+            return Err(bad(format!(
+                "DoRA magnitude {:?} and adapter product {:?} for a weight of {:?}",
+                magnitude.shape(),
+                delta.shape(),
+                weight.shape()
+            )));
+        }
+        let mut scale = Vec::with_capacity(out);
+        for (i, m) in magnitude.data().iter().enumerate() {
+            let row = (i * inp)..((i + 1) * inp);
+            let sq: f64 = weight.data()[row.clone()]
+                .iter()
+                .zip(&delta.data()[row])
+                .map(|(&w, &d)| {
+                    let v = w as f64 + d as f64;
+                    v * v
+                })
+                .sum();
+            let norm = sq.sqrt();
+            let s = (*m as f64 / norm) as f32;
+            if norm == 0.0 || !s.is_finite() {
+                return Err(bad(format!(
+                    "DoRA: row {i} of the adapted weight has norm {norm}, so its scale \
+                     (magnitude {m} / norm) is not finite"
+                )));
+            }
+            scale.push(s);
+        }
+        Ok(Dora { magnitude, scale })
+    }
 }
 
 /// The largest LoRA rank accepted: the cap the PEFT config reader puts on `r` (2^16).
@@ -110,6 +170,7 @@ impl LoraAdapter {
                 Tensor::zeros(&[out, rank]),
                 true,
             ),
+            dora: None,
         })
     }
 
@@ -125,20 +186,30 @@ impl LoraAdapter {
 
     /// `B·A`, `[out, in]`: what merging adds to the base weight.
     pub fn delta(&self) -> Result<Tensor> {
-        let a = self.a.value().clone();
-        let b = self.b.value().clone();
-        let (r, inp) = a.dims2("lora delta")?;
-        let (out, _) = b.dims2("lora delta")?;
-        let mut d = Tensor::zeros(&[out, inp]);
-        // delta [out, in] = B [out, r] · A [r, in]
-        gemm(
-            MatRef::row_major(b.data(), out, r)?,
-            &MatRef::row_major(a.data(), r, inp)?,
-            d.data_mut(),
-            false,
-        )?;
-        Ok(d)
+        lora_product(&self.a.value(), &self.b.value())
     }
+}
+
+/// `B·A`, `[out, in]`, of an adapter's `a` `[r, in]` and `b` `[out, r]`; an error if their
+/// shapes do not chain.
+pub fn lora_product(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (r, inp) = a.dims2("lora delta")?;
+    let (out, rb) = b.dims2("lora delta")?;
+    if rb != r {
+        return Err(Error::Layer {
+            layer: "lora delta".into(),
+            what: format!("A {:?} and B {:?} do not chain", a.shape(), b.shape()),
+        });
+    }
+    let mut d = Tensor::zeros(&[out, inp]);
+    // delta [out, in] = B [out, r] · A [r, in]
+    gemm(
+        MatRef::row_major(b.data(), out, r)?,
+        &MatRef::row_major(a.data(), r, inp)?,
+        d.data_mut(),
+        false,
+    )?;
+    Ok(d)
 }
 
 /// The weight (and bias) part of a linear layer.
@@ -176,6 +247,9 @@ impl Linear {
     /// ([`Tape::frozen_linear_lora`]); a trainable one records the base and the adapter's two
     /// products.
     pub fn forward(&self, tape: &Tape, x: &Var) -> Result<Var> {
+        if let Some((lora, dora)) = self.lora.as_ref().and_then(|l| Some((l, l.dora.as_ref()?))) {
+            return self.forward_dora(tape, x, lora, dora);
+        }
         let y = match (&self.base, &self.lora) {
             (LinearBase::Trainable { weight, bias }, _) => tape.linear(x, weight, bias.as_ref())?,
             (LinearBase::Frozen { weight, bias }, Some(lora)) => {
@@ -202,11 +276,44 @@ impl Linear {
         }
     }
 
+    /// [`Linear::forward`] of a layer with a DoRA adapter: `scale ⊙ (x·Wᵀ + B (A x)) + bias`,
+    /// the bias a constant (an error if it trains).
+    fn forward_dora(&self, tape: &Tape, x: &Var, lora: &LoraAdapter, dora: &Dora) -> Result<Var> {
+        let z = match &self.base {
+            LinearBase::Frozen { weight, .. } => {
+                tape.frozen_linear_lora(x, &weight.matrix(), None, &lora.a, &lora.b)?
+            }
+            LinearBase::Trainable { weight, bias } => {
+                if bias.as_ref().is_some_and(Param::requires_grad) {
+                    return Err(Error::Layer {
+                        layer: self.name.clone(),
+                        what: "the bias of a layer with a DoRA adapter does not train here".into(),
+                    });
+                }
+                let y = tape.linear(x, weight, None)?;
+                let h = tape.linear(x, &lora.a, None)?;
+                tape.linear_add(y, &h, &lora.b)?
+            }
+        };
+        let out = dora.scale.len();
+        let bias = self.bias_values().unwrap_or_else(|| vec![0.0; out]);
+        self.check_bias(bias.len(), out)?;
+        Ok(tape.scale_shift(&z, &dora.scale, &bias)?)
+    }
+
     /// [`Linear::forward`] recorded without computing `y` (see [`Pending`]): the same records
     /// in the same order (the adapter's `A x`, which its backward reads, is computed), for a
     /// checkpointed segment's recomputation whose backward never reads `y`
     /// ([`Tape::checkpoint_with`]). Skips the layer's product.
     pub fn forward_pending(&self, tape: &Tape, x: &Var) -> Result<Pending> {
+        if self.lora.as_ref().is_some_and(|l| l.dora.is_some()) {
+            return Err(Error::Layer {
+                layer: self.name.clone(),
+                what: "a layer with a DoRA adapter cannot be recomputed without its output \
+                       (checkpointing)"
+                    .into(),
+            });
+        }
         let y = match &self.base {
             LinearBase::Trainable { weight, bias } => {
                 tape.linear_pending(x, weight, bias.as_ref())?
@@ -478,10 +585,10 @@ impl Linear {
             }
             LinearBase::Frozen { .. } => self.frozen_storage().1,
         };
-        let lora = self
-            .lora
-            .as_ref()
-            .map_or(0, |l| 4 * (l.a.value().numel() + l.b.value().numel()));
+        let lora = self.lora.as_ref().map_or(0, |l| {
+            let magnitude = l.dora.as_ref().map_or(0, |d| d.magnitude.numel());
+            4 * (l.a.value().numel() + l.b.value().numel() + magnitude)
+        });
         base + lora
     }
 }

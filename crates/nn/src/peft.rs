@@ -14,7 +14,7 @@
 //! `modules_to_save`) are adapted, as PEFT adapts them; see [`load_adapter_into`].
 
 use crate::error::{Error, Result};
-use crate::linear::{Linear, LoraAdapter};
+use crate::linear::{lora_product, Dora, Linear, LoraAdapter};
 use nibble_autograd::Param;
 use nibble_io::{write_safetensors, Checkpoint, DType};
 use nibble_tensor::Tensor;
@@ -59,6 +59,12 @@ pub fn save_adapter<'a>(layers: impl IntoIterator<Item = &'a Linear>, dir: &Path
     let Some((_, first)) = layers.first() else {
         return Err(adapter_error(dir, "no layer has a LoRA adapter to save"));
     };
+    if let Some((name, _)) = layers.iter().find(|(_, a)| a.dora.is_some()) {
+        return Err(adapter_error(
+            dir,
+            format!("layer {name} has a DoRA adapter (loaded from PEFT's): saving DoRA is not supported"),
+        ));
+    }
     let rank = first.rank();
     if let Some((name, a)) = layers.iter().find(|(_, a)| a.rank() != rank) {
         return Err(adapter_error(
@@ -215,6 +221,9 @@ pub struct AdapterConfig {
     pub alpha: f64,
     /// `use_rslora`: the scaling is `alpha / √r` instead of `alpha / r`.
     pub rslora: bool,
+    /// `use_dora`: each adapted layer also has a `lora_magnitude_vector` (see
+    /// [`crate::linear::Dora`]).
+    pub dora: bool,
     /// `rank_pattern`: per-module ranks, keyed by PEFT's module patterns.
     pub rank_pattern: Vec<(String, usize)>,
     /// `alpha_pattern`: per-module alphas, keyed likewise.
@@ -388,8 +397,9 @@ fn selector(path: &Path, name: &str, v: &Value, target: bool) -> Result<ModuleSe
 
 impl AdapterConfig {
     /// Reads `dir/adapter_config.json`. Settings that change what the adapter computes beyond
-    /// `B A x` (DoRA, a bias on `lora_B`, `fan_in_fan_out`, layer replication, QA-LoRA, adapters
-    /// on parameters) are errors naming the field; `bias` `"all"` / `"lora_only"` and
+    /// `B A x` (a bias on `lora_B`, `fan_in_fan_out`, layer replication, QA-LoRA, adapters
+    /// on parameters) are errors naming the field, but DoRA (`use_dora`, see
+    /// [`crate::linear::Dora`]); `bias` `"all"` / `"lora_only"` and
     /// `modules_to_save` only add tensors to the file, which [`crate::Sequential::load_adapter`]
     /// applies.
     pub fn read(dir: &Path) -> Result<Self> {
@@ -418,7 +428,6 @@ impl AdapterConfig {
             }
         }
         for (name, what) in [
-            ("use_dora", "DoRA (`use_dora`)"),
             ("lora_bias", "a bias on lora_B (`lora_bias`)"),
             (
                 "fan_in_fan_out",
@@ -485,15 +494,14 @@ impl AdapterConfig {
             .map(|(k, r)| (k, r as usize))
             .collect();
         let alpha_pattern = patterns("alpha_pattern", &number)?;
-        let rslora = match field("use_rslora") {
-            None => defaults::USE_RSLORA,
+        let flag = |name: &str, default: bool| match field(name) {
+            None => Ok(default),
             Some(v) => v.as_bool().ok_or_else(|| {
-                adapter_error(
-                    &path,
-                    format!("`use_rslora` must be true or false, found {v}"),
-                )
-            })?,
+                adapter_error(&path, format!("`{name}` must be true or false, found {v}"))
+            }),
         };
+        let rslora = flag("use_rslora", defaults::USE_RSLORA)?;
+        let dora = flag("use_dora", false)?;
         let layers_to_transform = field("layers_to_transform");
         let layers_pattern = field("layers_pattern");
         let target_is_str = field("target_modules").is_some_and(Value::is_string);
@@ -560,6 +568,7 @@ impl AdapterConfig {
             r,
             alpha,
             rslora,
+            dora,
             rank_pattern,
             alpha_pattern,
             target_modules,
@@ -871,7 +880,14 @@ pub fn load_adapter_into<'a>(
             found.push(t);
         }
         match <[Tensor; 2]>::try_from(found) {
-            Ok([a, b]) => loaded.push((index, a, b)),
+            Ok([a, b]) => {
+                let dora = if config.dora {
+                    Some(read_dora(dir, &file, layer, &a, &b, &mut seen)?)
+                } else {
+                    None
+                };
+                loaded.push((index, a, b, dora))
+            }
             Err(found) if found.is_empty() => {}
             Err(_) => {
                 return Err(adapter_error(
@@ -935,7 +951,11 @@ pub fn load_adapter_into<'a>(
         });
         let Some((module, bias)) = target else {
             let why = if key.contains("lora_magnitude_vector") {
-                " (a DoRA adapter)"
+                if config.dora {
+                    " (a DoRA magnitude)"
+                } else {
+                    " (a DoRA magnitude, but `use_dora` is not set)"
+                }
             } else if key.contains("lora_B.bias") || key.contains("lora_B.default.bias") {
                 " (a bias on lora_B)"
             } else {
@@ -972,7 +992,7 @@ pub fn load_adapter_into<'a>(
         };
         let value = file.tensor_f32(key, Some(&shape))?;
         finite(key, &value)?;
-        if !bias && loaded.iter().any(|(i, _, _)| *i == module) {
+        if !bias && loaded.iter().any(|(i, ..)| *i == module) {
             return Err(adapter_error(
                 dir,
                 format!("`{key}` replaces the weight of a module that also has a LoRA adapter"),
@@ -1013,12 +1033,13 @@ pub fn load_adapter_into<'a>(
         }
         return Err(adapter_error(dir, what));
     }
-    for (index, a, b) in loaded {
+    for (index, a, b, dora) in loaded {
         let layer = &mut layers[index];
-        match &layer.lora {
+        match &mut layer.lora {
             Some(lora) => {
                 *lora.a.value_mut() = a;
                 *lora.b.value_mut() = b;
+                lora.dora = dora;
             }
             None => {
                 // As PEFT does: with an adapter on it, the base stops training.
@@ -1029,6 +1050,7 @@ pub fn load_adapter_into<'a>(
                 layer.lora = Some(LoraAdapter {
                     a: Param::new(format!("{module}.lora_a.weight"), a, true),
                     b: Param::new(format!("{module}.lora_b.weight"), b, true),
+                    dora,
                 });
             }
         }
@@ -1050,6 +1072,39 @@ pub fn load_adapter_into<'a>(
         }
     }
     Ok(stats)
+}
+
+/// The DoRA of `layer` from the adapter file: its `lora_magnitude_vector` `[out]` (required
+/// with `use_dora`; finite) and the scale it gives with the layer's weight as the kernels use
+/// it and the adapter's `a` and (scaled) `b` ([`Dora::new`]). The key goes into `seen`.
+fn read_dora(
+    dir: &Path,
+    file: &Checkpoint,
+    layer: &Linear,
+    a: &Tensor,
+    b: &Tensor,
+    seen: &mut HashSet<String>,
+) -> Result<Dora> {
+    let (out, _) = layer.dims();
+    let key = ["", ".weight", ".default.weight"]
+        .iter()
+        .map(|tail| format!("base_model.model.{}.lora_magnitude_vector{tail}", layer.name))
+        .find(|k| file.info(k).is_some())
+        .ok_or_else(|| {
+            adapter_error(
+                dir,
+                format!(
+                    "`use_dora` is set, but the file has no `base_model.model.{}.lora_magnitude_vector` for the layer's lora_A / lora_B",
+                    layer.name
+                ),
+            )
+        })?;
+    let magnitude = file.tensor_f32(&key, Some(&[out]))?;
+    crate::error::check_finite(&weights_path(dir), &key, &magnitude)?;
+    let (weight, _) = layer.dense_weight_and_bias();
+    let dora = Dora::new(&layer.name, &weight, &lora_product(a, b)?, magnitude)?;
+    seen.insert(key);
+    Ok(dora)
 }
 
 /// The value of BatchNorm `view`'s tensor `param` (`weight`, `bias`, `running_mean`,

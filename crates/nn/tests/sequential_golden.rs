@@ -819,3 +819,32 @@ fn rms_norms_match_pytorch() {
         .to_string();
     assert!(e.contains("RMSNorm epsilon"), "{e}");
 }
+
+/// A PEFT DoRA adapter on the Sequential (`tests/data/peft_variants/dora`,
+/// `tools/golden/make_peft_dora.py`): PEFT's logits, each adapted layer holding its magnitude
+/// and scale; saving it back is refused (PEFT's layout would need the magnitudes and nibble
+/// does not write them), and so is the checkpointed recomputation of such a layer.
+#[test]
+fn a_dora_adapter_matches_peft_and_is_not_saved() {
+    let golden = Checkpoint::open(data("peft_variants/dora_logits.safetensors")).unwrap();
+    let (x, want) = (tensor(&golden, "x"), tensor(&golden, "logits"));
+    let mut model = from_pth(&options()).unwrap();
+    model.load_adapter(&data("peft_variants/dora")).unwrap();
+    let diff = max_diff(&model.infer(&x).unwrap(), &want);
+    assert!(diff < 1e-5, "logits differ from PEFT's by {diff}");
+    for l in model.linears() {
+        let dora = l.lora.as_ref().and_then(|a| a.dora.as_ref()).unwrap();
+        assert_eq!(dora.scale.len(), l.dims().0);
+        assert!(dora.scale.iter().all(|s| s.is_finite() && *s != 1.0));
+    }
+    let dir = tempdir("dora_save");
+    let e = model.save_adapter(&dir).unwrap_err().to_string();
+    assert!(e.contains("DoRA"), "{e}");
+    let tape = Tape::new();
+    let first = model.linears().next().unwrap();
+    let e = first
+        .forward_pending(&tape, &tape.leaf(x.clone()))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("DoRA"), "{e}");
+}
