@@ -275,6 +275,12 @@ def cases():
     C.append(("x_mts_bn_bias_lora_only", "bn", lambda: make_adapter("x11", "bn", dict(L, target_modules=["0", "3"], bias="lora_only"))))
     C.append(("x_rank_pattern_nontarget", "ln", lambda: make_adapter("x12", "ln", dict(L, target_modules=["0", "5"], rank_pattern={"3": 2, "5": 2}))))
     C.append(("x_exclude_suffix_list_and_regex_target", "ln", lambda: make_adapter("x13", "ln", dict(L, target_modules=".*", exclude_modules=["1", "2", "4"]))))
+    # DoRA (use_dora): magnitudes drawn at random with the other lora_ tensors
+    C.append(("d1_dora", "ln", lambda: make_adapter("d1", "ln", dict(L, target_modules=["0", "3", "5"], use_dora=True))))
+    C.append(("d2_dora_rslora_patterns_bias_all", "ln", lambda: make_adapter("d2", "ln", dict(L, target_modules=["0", "3", "5"], use_dora=True, use_rslora=True,
+                                                                                           rank_pattern={"3": 2}, alpha_pattern={"0": 3}, bias="all"))))
+    C.append(("d3_dora_bn_modules_to_save", "bn", lambda: make_adapter("d3", "bn", dict(L, target_modules=["0", "3"], use_dora=True, modules_to_save=["1"]))))
+    C.append(("d4_dora_all_linear", "ln", lambda: make_adapter("d4", "ln", dict(L, target_modules="all-linear", use_dora=True))))
     return C
 
 
