@@ -2,8 +2,8 @@
 //! Arbitrary bytes as a PEFT adapter directory for a small model (Linear "0" 4 -> 3, Linear "2"
 //! 3 -> 2): the input is `u16 LE config length` + `adapter_config.json` +
 //! `adapter_model.safetensors`, written to a directory of this process and loaded with
-//! `nibble_nn::peft::load_adapter`. A loaded adapter must have its layers' shapes, and the
-//! model must then run. Every outcome must be `Ok` or an error; a panic is a bug.
+//! `nibble_nn::peft::load_adapter`. A loaded adapter must have its layers' shapes (and a DoRA
+//! one finite scales, one per output), and the model must then run. Every outcome must be `Ok` or an error; a panic is a bug.
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -55,6 +55,11 @@ fuzz_target!(|data: &[u8]| {
             let r = a.rank();
             assert_eq!(a.a.value().shape(), &[r, inp]);
             assert_eq!(a.b.value().shape(), &[out, r]);
+            if let Some(d) = &a.dora {
+                assert_eq!(d.magnitude.shape(), &[out]);
+                assert_eq!(d.scale.len(), out);
+                assert!(d.scale.iter().all(|s| s.is_finite()));
+            }
         }
     }
     let tape = Tape::new();

@@ -39,3 +39,9 @@ with open(os.path.join(out, "one_rslora.bin"), "wb") as f:
                   "target_modules": ["2"]}, lora("2", 1, 3, 2)))
 with open(os.path.join(out, "wrong_shape.bin"), "wb") as f:
     f.write(pack(base, lora("0", 2, 5, 3)))
+# DoRA: magnitude vectors beside both layers' A and B.
+dora = {**lora("0", 2, 4, 3), **lora("2", 2, 3, 2),
+        "base_model.model.0.lora_magnitude_vector": rng.standard_normal(3, dtype=np.float32),
+        "base_model.model.2.lora_magnitude_vector": rng.standard_normal(2, dtype=np.float32)}
+with open(os.path.join(out, "dora.bin"), "wb") as f:
+    f.write(pack({**base, "use_dora": True}, dora))
