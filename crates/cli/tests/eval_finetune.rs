@@ -842,3 +842,23 @@ fn rms_norms_are_given_with_norm() {
         assert!(msg.contains(named), "{norm}: {msg}");
     }
 }
+
+/// A training checkpoint (PyTorch's tutorial format, Lightning's) evaluates as the model in it:
+/// the golden logits (`tests/data/ckpt_*`, `tools/golden/make_training_checkpoints.py`).
+#[test]
+fn training_checkpoints_evaluate_as_their_model() {
+    let dir = tmpdir("training_ckpt");
+    let golden = data("ckpt_x.safetensors");
+    let x = tensor(&golden, "x");
+    let d = dir.join("data.safetensors");
+    write(&d, &[f32s("x_test", &[2, 4], &x), i64s("y_test", &[0, 1])]);
+    let logits = dir.join("logits.safetensors");
+    for name in [
+        "ckpt_tutorial.pth",
+        "ckpt_lightning.pth",
+        "ckpt_two_models.pth",
+    ] {
+        let diff = logits_off_golden(&data(name), &d, &[], &logits, &golden);
+        assert!(diff < 1e-6, "{name}: logits differ by {diff}");
+    }
+}

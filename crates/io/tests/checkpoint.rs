@@ -1258,3 +1258,40 @@ fn golden_files_exercise_cleanly() {
         exercise(name, Arc::new(bytes)).unwrap();
     }
 }
+
+/// Training checkpoints keep the state dict under a key beside other things (PyTorch's tutorial
+/// format with its optimizer state, Lightning's `state_dict`): the reader takes that dict
+/// (`tests/data/ckpt_*.pth`, `tools/golden/make_training_checkpoints.py`); where several dicts
+/// of tensors are, the one named `model` (not `ema`, whose values are halved); with no
+/// preferred name among several, or none at all, an error naming the keys.
+#[test]
+fn training_checkpoints_give_their_state_dict() {
+    let tutorial = Checkpoint::open(golden("ckpt_tutorial.pth")).unwrap();
+    let keys: Vec<&str> = tutorial.keys().collect();
+    assert_eq!(keys, ["0.bias", "0.weight", "2.bias", "2.weight"]);
+    let lightning = Checkpoint::open(golden("ckpt_lightning.pth")).unwrap();
+    let two = Checkpoint::open(golden("ckpt_two_models.pth")).unwrap();
+    for key in ["0.weight", "0.bias", "2.weight", "2.bias"] {
+        let want = tutorial.tensor_f32(key, None).unwrap();
+        let l = lightning.tensor_f32(&format!("model.{key}"), None).unwrap();
+        assert_eq!(l.data(), want.data(), "{key}");
+        assert_eq!(
+            two.tensor_f32(key, None).unwrap().data(),
+            want.data(),
+            "{key}"
+        );
+    }
+    for (name, needle) in [
+        (
+            "ckpt_ambiguous.pth",
+            "several state dicts (`generator`, `discriminator`)",
+        ),
+        (
+            "ckpt_no_state_dict.pth",
+            "`epoch` (int 3), `optimizer_state_dict` (dict of 2)",
+        ),
+    ] {
+        let e = Checkpoint::open(golden(name)).unwrap_err().to_string();
+        assert!(e.contains(needle) && e.contains(name), "{e}");
+    }
+}

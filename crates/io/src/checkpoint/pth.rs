@@ -7,7 +7,7 @@ use std::ops::Range;
 use std::path::Path;
 use std::sync::OnceLock;
 
-use super::pickle::{self, Value};
+use super::pickle::{self, Seq, Value};
 use super::{checked_nbytes, zip, Data, Entry, Format};
 use crate::error::{Error, Result};
 
@@ -57,12 +57,13 @@ pub(crate) fn read(path: &Path, buf: &[u8]) -> Result<BTreeMap<String, Entry>> {
         offset: e.offset,
         reason: e.reason,
     })?;
-    let Value::Dict(dict) = root else {
+    let Value::Dict(root) = root else {
         return Err(bad(format!(
             "the pickle holds a {}, not a state dict (a dict of str → tensor)",
             root.kind()
         )));
     };
+    let dict = state_dict_in(&root).map_err(bad)?;
 
     let mut entries = BTreeMap::new();
     for (k, v) in &dict.items {
@@ -164,6 +165,66 @@ pub(crate) fn read(path: &Path, buf: &[u8]) -> Result<BTreeMap<String, Entry>> {
         }
     }
     Ok(entries)
+}
+
+/// Names under which training checkpoints keep the model's state dict, in the order they are
+/// preferred where a checkpoint holds several dicts of tensors.
+const STATE_DICT_KEYS: [&str; 3] = ["state_dict", "model_state_dict", "model"];
+
+/// The state dict in a pickle's root dict: the root itself unless one of its values is a dict
+/// (a state dict's values are tensors). A training checkpoint keeps the state dict under a key
+/// beside other things (`torch.save({"epoch": 3, "model_state_dict": ..., "optimizer_state_dict":
+/// ...})`, PyTorch's tutorial; Lightning's `{"state_dict": ..., "epoch": ...}`): then the one
+/// value that is a non-empty dict of str → tensor, or where several are, the one named first
+/// in [`STATE_DICT_KEYS`]; an error naming the candidates if none of them is, or none at all.
+fn state_dict_in(root: &Seq<(Value, Value)>) -> std::result::Result<&Seq<(Value, Value)>, String> {
+    if !root.items.iter().any(|(_, v)| matches!(v, Value::Dict(_))) {
+        return Ok(root);
+    }
+    let is_state_dict = |d: &Seq<(Value, Value)>| {
+        !d.items.is_empty()
+            && d.items
+                .iter()
+                .all(|(k, v)| matches!((k, v), (Value::Str(_), Value::Tensor(_))))
+    };
+    let candidates: Vec<(&str, &Seq<(Value, Value)>)> = root
+        .items
+        .iter()
+        .filter_map(|(k, v)| match (k, v) {
+            (Value::Str(k), Value::Dict(d)) if is_state_dict(d) => Some((&**k, &**d)),
+            _ => None,
+        })
+        .collect();
+    let names = || {
+        root.items
+            .iter()
+            .map(|(k, v)| match k {
+                Value::Str(k) => format!("`{k}` ({})", v.kind()),
+                other => other.kind(),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match candidates.as_slice() {
+        [] => Err(format!(
+            "the pickle's dict holds no state dict (a dict of str → tensor) at its top level or \
+             under one key: {}",
+            names()
+        )),
+        [(_, d)] => Ok(d),
+        several => STATE_DICT_KEYS
+            .iter()
+            .find_map(|want| several.iter().find(|(k, _)| k == want))
+            .map(|(_, d)| *d)
+            .ok_or_else(|| {
+                let keys: Vec<String> = several.iter().map(|(k, _)| format!("`{k}`")).collect();
+                format!(
+                    "the pickle's dict holds several state dicts ({}): save the one to read \
+                     with torch.save(checkpoint[key], path)",
+                    keys.join(", ")
+                )
+            }),
+    }
 }
 
 /// True for row-major contiguous strides (dimensions of size 1 may have any stride, as in
