@@ -13,6 +13,11 @@
 //! f16 value beyond ±65504, an int8 row or a `lower` group whose range overflows its scale and
 //! minimum): [`Error::Weight`] names the key, row, column and value; nothing non-finite is
 //! written.
+//!
+//! A weight-normalized Linear (`parametrizations.weight.original0` / `original1`, or
+//! `weight_g` / `weight_v`) is one weight, `g · v / ‖v‖` ([`nibble_nn::VarBuilder::weight_norm`]):
+//! it is stored as `<module>.weight` in the format (`--include` matches that key), and its two
+//! parts are not written.
 
 use crate::compare::{abs_diff, cosine};
 use crate::error::{Error, Result};
@@ -101,22 +106,38 @@ pub fn quantize(
         .filter(|(k, _)| k.as_str() != FORMAT_KEY && !k.starts_with(&shape_metadata_key("")))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
+    let selects = |key: &str| !matches!(&include, Some(re) if !re.is_match(key));
+    let norms = weight_norms(&file);
     for key in file.keys() {
         let Some((dtype, shape)) = file.info(key) else {
             continue;
         };
-        let shape = shape.to_vec();
         let bytes = file.bytes(key)?;
         report.bytes_before += bytes.len();
-        let selected = shape.len() == 2
-            && is_float(dtype)
-            && !matches!(&include, Some(re) if !re.is_match(key));
-        if !selected {
-            report.bytes_after += bytes.len();
-            owned.push((key.to_string(), dtype, shape, Cow::Borrowed(bytes)));
-            continue;
-        }
-        let original = file.tensor_f32(key, None)?;
+        // A weight-normalized Linear: its v part stands for the weight, its g part is folded in.
+        let folded = norms.iter().find(|n| n.g == key || n.v == key);
+        let (key, original) = match folded {
+            Some(n) if selects(&n.weight) && is_float(dtype) => {
+                if n.g == key {
+                    continue;
+                }
+                let vb = nibble_nn::VarBuilder::new(&file).pp(&n.module);
+                let w = vb.weight_norm()?.ok_or_else(|| Error::Usage {
+                    arg: "--model",
+                    what: format!("`{}`: not a weight-normalized Linear", n.module),
+                })?;
+                (n.weight.as_str(), w)
+            }
+            _ if shape.len() == 2 && is_float(dtype) && selects(key) && folded.is_none() => {
+                (key, file.tensor_f32(key, None)?)
+            }
+            _ => {
+                report.bytes_after += bytes.len();
+                owned.push((key.to_string(), dtype, shape.to_vec(), Cow::Borrowed(bytes)));
+                continue;
+            }
+        };
+        let shape = original.shape().to_vec();
         let cols = shape[1];
         let weight_error = |k: usize, what: String| Error::Weight {
             path: input.to_path_buf(),
@@ -187,6 +208,41 @@ pub fn quantize(
     metadata.insert(FORMAT_KEY.to_string(), format.name().to_string());
     write_safetensors(output, &entries, &metadata)?;
     Ok(report)
+}
+
+/// A weight-normalized Linear's parts in a state dict: g and v, the module they belong to and
+/// the key of the weight they make.
+struct WeightNorm {
+    g: String,
+    v: String,
+    module: String,
+    weight: String,
+}
+
+/// The weight-normalized Linears of `file`: each pair of `<m>.parametrizations.weight.original0`
+/// / `original1` or `<m>.weight_g` / `weight_v` keys.
+fn weight_norms(file: &Checkpoint) -> Vec<WeightNorm> {
+    let pairs = [
+        (
+            ".parametrizations.weight.original0",
+            ".parametrizations.weight.original1",
+        ),
+        (".weight_g", ".weight_v"),
+    ];
+    file.keys()
+        .filter_map(|key| {
+            pairs.iter().find_map(|(g, v)| {
+                let module = key.strip_suffix(v)?;
+                let g = format!("{module}{g}");
+                file.info(&g).is_some().then(|| WeightNorm {
+                    g,
+                    v: key.to_string(),
+                    module: module.to_string(),
+                    weight: format!("{module}.weight"),
+                })
+            })
+        })
+        .collect()
 }
 
 /// The first weight of `file` already stored quantized, and its format: nibble's layouts

@@ -862,3 +862,82 @@ fn training_checkpoints_evaluate_as_their_model() {
         assert!(diff < 1e-6, "{name}: logits differ by {diff}");
     }
 }
+
+/// Weight-normalized Linears (`parametrizations.weight.original0` / `original1` and the older
+/// `weight_g` / `weight_v`; `dim` 0, 1 and None) are read as `g · v / ‖v‖`: PyTorch's logits
+/// (`tests/data/seq_weight_norm.*`, `tools/golden/make_seq_weight_norm.py`), in every format,
+/// and fine-tuning trains on them. A lone part is an error naming both keys.
+#[test]
+fn weight_normalized_linears_give_pytorchs_logits() {
+    let dir = tmpdir("weight_norm");
+    let golden = data("seq_weight_norm.safetensors");
+    let d = five_rows_of(&dir, &golden);
+    let model = data("seq_weight_norm.pth");
+    let logits = dir.join("logits.safetensors");
+    let diff = logits_off_golden(&model, &d, &[], &logits, &golden);
+    assert!(diff < 1e-5, "logits differ from PyTorch's by {diff}");
+    let q4 = logits_off_golden(&model, &d, &["--format", "q4"], &logits, &golden);
+    assert!(q4 < 0.1, "q4 logits differ by {q4}");
+    let v = nibble_json(&model_data_args(
+        "finetune",
+        &model,
+        &d,
+        &[
+            "--format", "nf4", "--rank", "2", "--steps", "20", "--batch", "5", "--json",
+        ],
+    ));
+    let loss = loss_curve(&v);
+    assert!(loss[loss.len() - 1] < loss[0], "{loss:?}");
+    // `quantize` stores each as one `<module>.weight`: the file evaluates as the model does
+    // in that format, bit for bit (f32: PyTorch's logits).
+    for format in ["f32", "q4"] {
+        let file = dir.join(format!("wn_{format}.safetensors"));
+        let v = nibble_json(&[
+            "quantize",
+            s(&model),
+            "--format",
+            format,
+            "--output",
+            s(&file),
+            "--json",
+        ]);
+        let names: Vec<&str> = v["tensors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["0.weight", "2.weight", "4.weight"], "{format}");
+        let stored = dir.join(format!("stored_{format}.safetensors"));
+        let fresh = dir.join(format!("fresh_{format}.safetensors"));
+        logits_off_golden(&file, &d, &[], &stored, &golden);
+        logits_off_golden(&model, &d, &["--format", format], &fresh, &golden);
+        assert_eq!(
+            tensor(&stored, "logits"),
+            tensor(&fresh, "logits"),
+            "{format}"
+        );
+    }
+    // Without `weight_v`, the middle layer is half a weight.
+    let pth = nibble_io::Checkpoint::open(&model).unwrap();
+    let entries: Vec<Entry> = pth
+        .keys()
+        .filter(|k| *k != "2.weight_v")
+        .map(|k| {
+            let (dtype, shape) = pth.info(k).unwrap();
+            (
+                k.to_string(),
+                dtype,
+                shape.to_vec(),
+                pth.bytes(k).unwrap().to_vec(),
+            )
+        })
+        .collect();
+    let half = dir.join("half.safetensors");
+    write(&half, &entries);
+    let msg = nibble_fails(&model_data_args("eval", &half, &d, &[]));
+    assert!(
+        msg.contains("`2.weight_g`") && msg.contains("`2.weight_v`"),
+        "{msg}"
+    );
+}

@@ -191,6 +191,11 @@ fn parse_key(key: &str) -> Option<(usize, &'static str)> {
         "bias" => Some((index, "bias")),
         "weight" => Some((index, "weight")),
         r if r.starts_with("weight.") => Some((index, "weight")),
+        // Weight normalization's two parts (see [`VarBuilder::weight_norm`]).
+        "parametrizations.weight.original0"
+        | "parametrizations.weight.original1"
+        | "weight_g"
+        | "weight_v" => Some((index, "weight")),
         // bitsandbytes' 8-bit layout: the row scales and the codes' layout beside the weight.
         "SCB" | "weight_format" => Some((index, "weight")),
         "running_mean" | "running_var" | "num_batches_tracked" => Some((index, "stats")),

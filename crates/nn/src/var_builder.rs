@@ -140,6 +140,11 @@ impl<'a> VarBuilder<'a> {
                 lora: None,
             });
         }
+        if let Some(weight) = self.weight_norm()? {
+            let out = weight.shape()[0];
+            let bias = self.optional("bias", &[out])?;
+            return Linear::from_f32(name, weight, bias, format);
+        }
         if self.contains("weight") {
             let weight = self.get_any("weight")?;
             let out = match weight.shape() {
@@ -194,6 +199,92 @@ impl<'a> VarBuilder<'a> {
             base: LinearBase::Frozen { weight, bias },
             lora: None,
         })
+    }
+
+    /// The weight of a layer under weight normalization, `W = g · v / ‖v‖`, if the file holds
+    /// its two parts: `parametrizations.weight.original0` (g) and `original1` (v) of
+    /// `torch.nn.utils.parametrizations.weight_norm`, or `weight_g` / `weight_v` of the older
+    /// `torch.nn.utils.weight_norm`. v is `[out, in]`; g's shape says over what the norm runs
+    /// (PyTorch's `dim`): `[out, 1]` each row (`dim=0`, the default), `[1, in]` each column
+    /// (`dim=1`), `[]` or `[1, 1]` the whole matrix (`dim=None`). Computed in f64, rounded once;
+    /// a lone part, other shapes, a zero norm (PyTorch's NaN) or non-finite values are errors
+    /// naming the keys.
+    pub fn weight_norm(&self) -> Result<Option<Tensor>> {
+        let pairs = [
+            (
+                "parametrizations.weight.original0",
+                "parametrizations.weight.original1",
+            ),
+            ("weight_g", "weight_v"),
+        ];
+        let Some((g_name, v_name)) = pairs
+            .into_iter()
+            .find(|(g, v)| self.contains(g) || self.contains(v))
+        else {
+            return Ok(None);
+        };
+        let structure = |what: String| Error::Structure {
+            file: self.file.path().to_path_buf(),
+            what,
+        };
+        let (gk, vk) = (self.key(g_name), self.key(v_name));
+        if !(self.contains(g_name) && self.contains(v_name)) {
+            return Err(structure(format!(
+                "weight normalization needs both `{gk}` (g) and `{vk}` (v)"
+            )));
+        }
+        if self.contains("weight") {
+            return Err(structure(format!(
+                "`{}` beside `{gk}` / `{vk}`: one weight stored twice",
+                self.key("weight")
+            )));
+        }
+        let v = self.get_any(v_name)?;
+        let g = self.get_any(g_name)?;
+        let &[out, inp] = v.shape() else {
+            return Err(structure(format!(
+                "`{vk}`: a linear weight is [out, in], found shape {:?}",
+                v.shape()
+            )));
+        };
+        // The norm's groups: each row, each column, or all; g holds one value per group.
+        let (rows, cols) = match g.shape() {
+            [o, 1] if *o == out => (true, false),
+            [1, i] if *i == inp && inp != 1 => (false, true),
+            [] | [1, 1] => (false, false),
+            s => {
+                return Err(structure(format!(
+                    "`{gk}` has shape {s:?}: weight normalization of a [{out}, {inp}] weight \
+                     takes g of [{out}, 1] (dim=0), [1, {inp}] (dim=1) or [] (dim=None)"
+                )))
+            }
+        };
+        let group = |i: usize, j: usize| match (rows, cols) {
+            (true, _) => i,
+            (_, true) => j,
+            _ => 0,
+        };
+        let mut sq = vec![0.0f64; g.numel()];
+        for (n, &x) in v.data().iter().enumerate() {
+            sq[group(n / inp.max(1), n % inp.max(1))] += (x as f64) * (x as f64);
+        }
+        if let Some(k) = sq.iter().position(|&s| s == 0.0) {
+            return Err(structure(format!(
+                "`{vk}`: group {k} of the weight normalization has norm 0 (PyTorch gives NaN)"
+            )));
+        }
+        let data: Vec<f32> = v
+            .data()
+            .iter()
+            .enumerate()
+            .map(|(n, &x)| {
+                let k = group(n / inp.max(1), n % inp.max(1));
+                (g.data()[k] as f64 * x as f64 / sq[k].sqrt()) as f32
+            })
+            .collect();
+        let w = Tensor::from_vec(&[out, inp], data)?;
+        crate::error::check_finite(self.file.path(), &vk, &w)?;
+        Ok(Some(w))
     }
 
     /// An error unless a weight stored as `stored` can be read as `format` (itself, or `F32`:
