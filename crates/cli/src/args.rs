@@ -156,7 +156,7 @@ pub enum Command {
         /// The frozen base's format: f32, f16, int8, q4, nf4, nf4_dq or lower.
         #[arg(long, value_parser = parse_format)]
         format: WeightFormat,
-        /// LoRA rank: 1 up to min(out, in) of the smallest Linear.
+        /// LoRA rank: 1 up to 65536 (PEFT's cap; above a layer's min(out, in) allowed, as in PEFT).
         #[arg(long, value_name = "R")]
         rank: usize,
         /// Training steps (one mini-batch each), at least 1.

@@ -42,10 +42,14 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
 }
 
 /// Mean over rows of the cosine similarity of matching rows of two `[rows, cols]` matrices
-/// (1 when there are no rows).
+/// (1 when there are no rows); with one column (a binary classifier's logit), where a row's
+/// cosine would be its sign, the cosine of the two columns.
 pub fn mean_row_cosine(a: &[f32], b: &[f32], cols: usize) -> f64 {
     if cols == 0 || a.is_empty() {
         return 1.0;
+    }
+    if cols == 1 {
+        return cosine(a, b);
     }
     let rows = a.len() / cols;
     let total: f64 = a
@@ -56,7 +60,16 @@ pub fn mean_row_cosine(a: &[f32], b: &[f32], cols: usize) -> f64 {
     total / rows as f64
 }
 
-/// Fraction of rows of `logits` `[rows, classes]` whose arg-max (the first, on ties) is the
+/// The class a row of logits predicts: the arg-max ([`argmax`]), or for a binary classifier's
+/// one logit (`BCEWithLogitsLoss`), 1 where it is above 0 (`sigmoid(z) > 0.5`), else 0.
+pub fn predicted(row: &[f32]) -> usize {
+    match row {
+        [z] => usize::from(*z > 0.0),
+        _ => argmax(row),
+    }
+}
+
+/// Fraction of rows of `logits` `[rows, classes]` whose predicted class ([`predicted`]) is the
 /// label (0 when there are no rows).
 pub fn accuracy(logits: &[f32], classes: usize, labels: &[usize]) -> f64 {
     if classes == 0 || labels.is_empty() {
@@ -65,7 +78,7 @@ pub fn accuracy(logits: &[f32], classes: usize, labels: &[usize]) -> f64 {
     let hits = logits
         .chunks_exact(classes)
         .zip(labels)
-        .filter(|(row, &label)| argmax(row) == label)
+        .filter(|(row, &label)| predicted(row) == label)
         .count();
     hits as f64 / labels.len() as f64
 }
@@ -82,7 +95,9 @@ pub fn argmax(row: &[f32]) -> usize {
 }
 
 /// Mean softmax cross-entropy of `logits` `[rows, classes]` against `labels`, in f64 with the
-/// max subtracted (0 when there are no rows).
+/// max subtracted (0 when there are no rows); with one logit per row (a binary classifier), the
+/// mean binary cross-entropy of `sigmoid(z)` against labels 0 and 1, PyTorch's
+/// `binary_cross_entropy_with_logits`, in the stable form `max(z, 0) − z·y + ln(1 + e^{−|z|})`.
 pub fn mean_cross_entropy(logits: &[f32], classes: usize, labels: &[usize]) -> f64 {
     if classes == 0 || labels.is_empty() {
         return 0.0;
@@ -91,6 +106,10 @@ pub fn mean_cross_entropy(logits: &[f32], classes: usize, labels: &[usize]) -> f
         .chunks_exact(classes)
         .zip(labels)
         .map(|(row, &label)| {
+            if let [z] = row {
+                let (z, y) = (f64::from(*z), label as f64);
+                return z.max(0.0) - z * y + (-z.abs()).exp().ln_1p();
+            }
             let max = row
                 .iter()
                 .fold(f64::NEG_INFINITY, |m, v| m.max(f64::from(*v)));
@@ -131,6 +150,19 @@ mod tests {
         }
         let (max, mean) = abs_diff(&[f32::INFINITY, 1.0], &[3.0e38, 1.0]);
         assert!(max.is_infinite() && mean.is_infinite(), "{max} {mean}");
+    }
+
+    #[test]
+    fn binary_classifiers_predict_by_sign_and_score_binary_cross_entropy() {
+        // Logits 2, -1, 0 against labels 1, 1, 0: z > 0 predicts 1 (0 predicts 0).
+        let (z, y) = ([2.0f32, -1.0, 0.0], [1usize, 1, 0]);
+        assert!((accuracy(&z, 1, &y) - 2.0 / 3.0).abs() < 1e-12);
+        let want = ((1.0 + (-2.0f64).exp()).ln() + (1.0 + 1.0f64.exp()).ln() + 2.0f64.ln()) / 3.0;
+        assert!((mean_cross_entropy(&z, 1, &y) - want).abs() < 1e-12);
+        // Far out, no overflow: ln(1 + e^-1000) is 0, and the wrong side costs |z|.
+        assert_eq!(mean_cross_entropy(&[1000.0], 1, &[1]), 0.0);
+        assert_eq!(mean_cross_entropy(&[1000.0], 1, &[0]), 1000.0);
+        assert!((mean_row_cosine(&[1.0, 2.0], &[2.0, 4.0], 1) - 1.0).abs() < 1e-12);
     }
 
     #[test]

@@ -95,7 +95,7 @@ pub fn evaluate(args: &EvalArgs<'_>) -> Result<EvalReport> {
         Ok(m)
     };
     let reference = load(WeightFormat::F32)?;
-    data.check_fits(reference.features(), reference.classes())?;
+    data.check_fits(reference.features(), reference.label_count())?;
     let x = &data.test.x;
     let labels = &data.test.y;
     let classes = reference.classes();

@@ -158,7 +158,7 @@ fn train(args: &FinetuneArgs<'_>, history: LossHistory) -> Result<FinetuneReport
     let data = Dataset::open(args.data)?;
     let mut model = Classifier::open(args.model, &structure, args.format)?;
     check_rank(args.rank, args.model, &model.linear_shapes())?;
-    data.check_fits(model.features(), model.classes())?;
+    data.check_fits(model.features(), model.label_count())?;
     let train = data.train()?;
     let classes = model.classes();
     let test_accuracy = |m: &Classifier| -> Result<f64> {
@@ -212,10 +212,14 @@ fn train(args: &FinetuneArgs<'_>, history: LossHistory) -> Result<FinetuneReport
     })
 }
 
-/// An error naming `--rank`, its value and the layer, unless `rank` is at most `min(out, in)`
-/// of every Linear of `model` (`linears`: names and `(out, in)`), and there is a Linear.
+/// An error naming `--rank` and its value unless `model` has a Linear (`linears`: names and
+/// `(out, in)`) and `rank` is a LoRA rank PEFT would write, 1 up to
+/// [`nibble_nn::linear::MAX_LORA_RANK`] (the cap its config reader puts on `r`). A rank above
+/// a layer's `min(out, in)` is allowed, as in PEFT (a binary classifier's `[1, hidden]` output
+/// layer would otherwise hold every layer to rank 1); the adapters' memory is checked when
+/// they are made.
 fn check_rank(rank: usize, model: &Path, linears: &[(String, (usize, usize))]) -> Result<()> {
-    let Some((name, (out, inn))) = linears.iter().min_by_key(|(_, (o, i))| (*o).min(*i)) else {
+    if linears.is_empty() {
         return Err(Error::Usage {
             arg: "--rank",
             what: format!(
@@ -223,15 +227,12 @@ fn check_rank(rank: usize, model: &Path, linears: &[(String, (usize, usize))]) -
                 model.display()
             ),
         });
-    };
-    if rank > (*out).min(*inn) {
+    }
+    let max = nibble_nn::linear::MAX_LORA_RANK;
+    if rank == 0 || rank > max {
         return Err(Error::Usage {
             arg: "--rank",
-            what: format!(
-                "{rank} is larger than layer `{name}` [{out}, {inn}] allows (a LoRA rank is at \
-                 most min(out, in) = {})",
-                (*out).min(*inn)
-            ),
+            what: format!("{rank}: a LoRA rank is 1 up to {max} (PEFT's cap on `r`)"),
         });
     }
     Ok(())

@@ -323,11 +323,27 @@ impl Classifier {
         self.model.trainable_params()
     }
 
-    /// One training pass on a mini-batch: forward, mean softmax cross-entropy against `labels`,
-    /// backward (gradients accumulate into the trainable parameters); returns the loss.
+    /// The labels the data may hold: the classes, or 2 for a binary classifier (one logit).
+    pub fn label_count(&self) -> usize {
+        if self.classes == 1 {
+            2
+        } else {
+            self.classes
+        }
+    }
+
+    /// One training pass on a mini-batch: forward, mean softmax cross-entropy against `labels`
+    /// (for a binary classifier's one logit, binary cross-entropy with logits against labels 0
+    /// and 1, PyTorch's `BCEWithLogitsLoss`), backward (gradients accumulate into the trainable
+    /// parameters); returns the loss.
     pub fn train_loss(&self, tape: &Tape, x: Tensor, labels: &[usize]) -> Result<f32> {
         let logits = self.model.forward(tape, &Var::constant(x))?;
-        let loss = cross_entropy(tape, &logits, labels)?;
+        let loss = if self.classes == 1 {
+            let targets: Vec<f32> = labels.iter().map(|&l| l as f32).collect();
+            tape.bce_with_logits(&logits, &Tensor::from_vec(&[labels.len()], targets)?)?
+        } else {
+            cross_entropy(tape, &logits, labels)?
+        };
         let value = loss.value().item()?;
         drop(logits);
         tape.backward(&loss)?;

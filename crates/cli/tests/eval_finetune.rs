@@ -941,3 +941,80 @@ fn weight_normalized_linears_give_pytorchs_logits() {
         "{msg}"
     );
 }
+
+/// A model with one output is a binary classifier (`BCEWithLogitsLoss`): labels 0 and 1, the
+/// prediction 1 where the logit is above 0, the loss binary cross-entropy with logits (checked
+/// here against the formula on a hand-made model), and fine-tuning trains it with that loss,
+/// at a rank above the output layer's min(out, in) as PEFT allows. A label of 2 is an error.
+#[test]
+fn a_one_logit_model_is_a_binary_classifier() {
+    let dir = tmpdir("binary");
+    // 0: Linear(2 -> 3), ReLU, 2: Linear(3 -> 1).
+    let (w0, b0) = ([1.0f32, -1.0, 0.5, 0.5, -1.0, 2.0], [0.0f32, 0.1, -0.2]);
+    let (w2, b2) = ([1.0f32, -2.0, 0.5], [0.25f32]);
+    let model = dir.join("model.safetensors");
+    write(
+        &model,
+        &[
+            f32s("0.weight", &[3, 2], &w0),
+            f32s("0.bias", &[3], &b0),
+            f32s("2.weight", &[1, 3], &w2),
+            f32s("2.bias", &[1], &b2),
+        ],
+    );
+    let x = [
+        1.0f32, 0.0, -1.0, 2.0, 0.5, 0.5, 2.0, -1.0, -0.5, -2.0, 1.5, 1.0,
+    ];
+    let y = [1i64, 0, 1, 1, 0, 0];
+    let d = dir.join("data.safetensors");
+    write(
+        &d,
+        &[
+            f32s("x_test", &[6, 2], &x),
+            i64s("y_test", &y),
+            f32s("x_train", &[6, 2], &x),
+            i64s("y_train", &y),
+        ],
+    );
+    let logit = |r: &[f32]| -> f64 {
+        let h: Vec<f64> = (0..3)
+            .map(|j| (w0[2 * j] * r[0] + w0[2 * j + 1] * r[1] + b0[j]).max(0.0) as f64)
+            .collect();
+        (0..3).map(|j| w2[j] as f64 * h[j]).sum::<f64>() + b2[0] as f64
+    };
+    let (mut hits, mut bce) = (0usize, 0.0f64);
+    for (r, &label) in x.chunks(2).zip(&y) {
+        let (z, t) = (logit(r), label as f64);
+        hits += usize::from(usize::from(z > 0.0) == label as usize);
+        bce += z.max(0.0) - z * t + (-z.abs()).exp().ln_1p();
+    }
+    let v = nibble_json(&model_data_args("eval", &model, &d, &["--json"]));
+    let row = &v["rows"][0];
+    assert!(
+        (row["accuracy"].as_f64().unwrap() - hits as f64 / 6.0).abs() < 1e-12,
+        "{v}"
+    );
+    assert!(
+        (row["loss"].as_f64().unwrap() - bce / 6.0).abs() < 1e-5,
+        "{v}"
+    );
+    let v = nibble_json(&model_data_args(
+        "finetune",
+        &model,
+        &d,
+        &[
+            "--format", "f32", "--rank", "2", "--steps", "30", "--batch", "6", "--lr", "0.05",
+            "--json",
+        ],
+    ));
+    let loss = loss_curve(&v);
+    assert!((loss[0] - bce / 6.0).abs() < 1e-5, "{loss:?}");
+    assert!(loss[loss.len() - 1] < loss[0], "{loss:?}");
+    let bad = dir.join("bad.safetensors");
+    write(
+        &bad,
+        &[f32s("x_test", &[1, 2], &x[..2]), i64s("y_test", &[2])],
+    );
+    let msg = nibble_fails(&model_data_args("eval", &model, &bad, &[]));
+    assert!(msg.contains("y_test") && msg.contains("0..2"), "{msg}");
+}
