@@ -439,6 +439,25 @@ impl AdapterConfig {
                 return Err(adapter_error(&path, format!("{what} is not supported")));
             }
         }
+        // Initializations PEFT re-runs when it loads the adapter, subtracting them from the
+        // base weights (PiSSA, CorDA, OLoRA, LoftQ, LoRA-GA): the file's A and B then apply to
+        // a residual base that nibble does not compute.
+        if let Some(init) = field("init_lora_weights").and_then(Value::as_str) {
+            let lower = init.to_ascii_lowercase();
+            let mutates = ["pissa", "corda"].iter().any(|p| lower.starts_with(p))
+                || ["olora", "loftq", "lora_ga"].contains(&lower.as_str());
+            if mutates {
+                return Err(adapter_error(
+                    &path,
+                    format!(
+                        "`init_lora_weights` = {init:?}: PEFT redoes this initialization when it \
+                         loads the adapter and subtracts it from the base weights, which nibble \
+                         does not; save the adapter as plain LoRA with PEFT first \
+                         (`save_pretrained(dir, path_initial_model_for_weight_conversion=...)`)"
+                    ),
+                ));
+            }
+        }
         for name in ["layer_replication", "target_parameters"] {
             if field(name).is_some_and(|v| !v.as_array().is_some_and(|a| a.is_empty())) {
                 return Err(adapter_error(&path, format!("`{name}` is not supported")));

@@ -656,3 +656,47 @@ fn modules_to_save_need_their_tensors_where_peft_wraps_them() {
     assert_eq!(adapted(&m), ["0", "3", "5"]);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Initializations that PEFT redoes on load and subtracts from the base weights (PiSSA, CorDA,
+/// OLoRA, LoftQ, LoRA-GA) are refused naming the setting and the conversion PEFT offers; those
+/// that leave the base alone (true, false, gaussian, eva, orthogonal, mica) load.
+#[test]
+fn initializations_that_change_the_base_are_refused() {
+    let dir = tempdir("init");
+    let tensors = lora(2, &ALL);
+    for init in [
+        "pissa",
+        "pissa_niter_4",
+        "corda",
+        "OLoRA",
+        "loftq",
+        "lora_ga",
+    ] {
+        let config = with(&base_config(), json!({ "init_lora_weights": init }));
+        fails(
+            &dir,
+            &format!("init_{init}"),
+            config,
+            &tensors,
+            &[
+                "init_lora_weights",
+                init,
+                "path_initial_model_for_weight_conversion",
+            ],
+        );
+    }
+    for init in [
+        json!(true),
+        json!(false),
+        json!("gaussian"),
+        json!("eva"),
+        json!("orthogonal"),
+        json!("mica"),
+    ] {
+        let config = with(&base_config(), json!({ "init_lora_weights": init }));
+        let d = adapter(&dir, "init_ok", &config, &tensors);
+        let mut m = model(&dir);
+        m.load_adapter(&d).unwrap_or_else(|e| panic!("{init}: {e}"));
+        assert_eq!(adapted(&m), ["0", "3", "5"], "{init}");
+    }
+}
