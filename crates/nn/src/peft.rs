@@ -458,6 +458,31 @@ impl AdapterConfig {
                 ));
             }
         }
+        // LoRA variants whose forward is not `B A x` (PEFT 0.21's aLoRA, Arrow, VeLoRA,
+        // MonteCLoRA, BD-LoRA, KaSA) and trainable tokens: set (not null, false or empty),
+        // PEFT computes what nibble does not.
+        for name in [
+            "alora_invocation_tokens",
+            "arrow_config",
+            "velora_config",
+            "monteclora_config",
+            "use_bdlora",
+            "kasa_config",
+            "trainable_token_indices",
+        ] {
+            let set = field(name).is_some_and(|v| match v {
+                Value::Bool(b) => *b,
+                Value::Array(a) => !a.is_empty(),
+                Value::Object(o) => !o.is_empty(),
+                _ => true,
+            });
+            if set {
+                return Err(adapter_error(
+                    &path,
+                    format!("`{name}` is set: a LoRA variant nibble does not compute"),
+                ));
+            }
+        }
         for name in ["layer_replication", "target_parameters"] {
             if field(name).is_some_and(|v| !v.as_array().is_some_and(|a| a.is_empty())) {
                 return Err(adapter_error(&path, format!("`{name}` is not supported")));

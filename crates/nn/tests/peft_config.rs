@@ -700,3 +700,45 @@ fn initializations_that_change_the_base_are_refused() {
         assert_eq!(adapted(&m), ["0", "3", "5"], "{init}");
     }
 }
+
+/// Settings of LoRA variants whose forward is not `B A x` are refused when set, and ignored when
+/// null, false or empty (as PEFT writes them unset).
+#[test]
+fn lora_variants_nibble_does_not_compute_are_refused() {
+    let dir = tempdir("variants");
+    let tensors = lora(2, &ALL);
+    for (name, set) in [
+        ("alora_invocation_tokens", json!([1, 2])),
+        ("arrow_config", json!({"top_k": 2})),
+        ("velora_config", json!({"rank": 4})),
+        ("monteclora_config", json!({"n": 1})),
+        ("use_bdlora", json!(true)),
+        ("kasa_config", json!({})),
+        ("trainable_token_indices", json!([0])),
+    ] {
+        let unset = if set.is_boolean() {
+            json!(false)
+        } else {
+            Value::Null
+        };
+        let d = adapter(
+            &dir,
+            "unset",
+            &with(&base_config(), json!({ name: unset })),
+            &tensors,
+        );
+        let mut m = model(&dir);
+        m.load_adapter(&d)
+            .unwrap_or_else(|e| panic!("{name} unset: {e}"));
+        if set.as_object().is_some_and(|o| o.is_empty()) {
+            continue;
+        }
+        fails(
+            &dir,
+            name,
+            with(&base_config(), json!({ name: set })),
+            &tensors,
+            &[name, "variant"],
+        );
+    }
+}
