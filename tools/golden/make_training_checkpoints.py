@@ -10,6 +10,8 @@ Lightning's), for the `.pth` reader: tests/data/ckpt_*.pth, all of the model
 - ckpt_ambiguous.pth: {"generator": sd, "discriminator": sd with every value doubled} (no
   preferred name: refused)
 - ckpt_no_state_dict.pth: {"epoch": 3, "optimizer_state_dict": opt} (refused)
+- ckpt_hparams.pth: Lightning-style, with a `hyper_parameters` AttributeDict and an
+  `argparse.Namespace` beside the state dict (read: those objects are kept opaque)
 
 and tests/data/ckpt_x.safetensors: `x` [2,4] and the model's `logits` [2,2].
 
@@ -41,3 +43,28 @@ torch.save({"generator": sd, "discriminator": {k: 2 * v for k, v in sd.items()}}
 torch.save({"epoch": 3, "optimizer_state_dict": opt.state_dict()}, f"{out}/ckpt_no_state_dict.pth")
 save_file({"x": x, "logits": logits}, f"{out}/ckpt_x.safetensors")
 print("ok")
+
+# Lightning's hyperparameters object and an argparse.Namespace beside the state dict
+# (ckpt_hparams.pth): classes the reader keeps opaque. The AttributeDict here is a stand-in
+# under Lightning's module path, pickled as Lightning's is (a dict subclass).
+import argparse
+import pickle
+import types
+
+for name in ["lightning", "lightning.fabric", "lightning.fabric.utilities",
+             "lightning.fabric.utilities.data"]:
+    sys.modules.setdefault(name, types.ModuleType(name))
+
+
+class AttributeDict(dict):
+    pass
+
+
+AttributeDict.__module__ = "lightning.fabric.utilities.data"
+AttributeDict.__qualname__ = "AttributeDict"
+sys.modules["lightning.fabric.utilities.data"].AttributeDict = AttributeDict
+torch.save({"epoch": 2, "state_dict": {f"model.{k}": v for k, v in sd.items()},
+            "hyper_parameters": AttributeDict(lr=0.1, hidden=3),
+            "args": argparse.Namespace(seed=21, layers=[4, 3, 2])},
+           f"{out}/ckpt_hparams.pth")
+print("ok hparams")

@@ -1046,6 +1046,17 @@ fn hostile_pickles() {
         "global `os.system` is not allowed",
     );
     assert!(matches!(e, Error::Pickle { offset: 2, .. }), "{e}");
+    // The inert classes (Lightning's hyperparameters) are never called: an instance is opaque,
+    // and is not a state dict; NEWOBJ of anything else is refused.
+    expect_err(
+        run(b"\x80\x02cargparse\nNamespace\n)\x81}b."),
+        "argparse.Namespace object, not a state dict",
+    );
+    expect_err(
+        run(b"\x80\x02ccollections\nOrderedDict\n)\x81."),
+        "NEWOBJ of global OrderedDict",
+    );
+    expect_err(run(b"\x80\x02cargparse\nArgumentParser\n."), "not allowed");
     let e = expect_err(run(b"\x80\x02(i__builtin__\nobject\n."), "INST");
     assert!(matches!(e, Error::Pickle { offset: 3, .. }), "{e}");
     expect_err(run(b"\x80\x02}N0."), "POP");
@@ -1281,6 +1292,18 @@ fn training_checkpoints_give_their_state_dict() {
             "{key}"
         );
     }
+    // Lightning's hyperparameters object and an argparse.Namespace beside it: kept opaque.
+    let hparams = Checkpoint::open(golden("ckpt_hparams.pth")).unwrap();
+    let keys: Vec<&str> = hparams.keys().collect();
+    assert_eq!(
+        keys,
+        [
+            "model.0.bias",
+            "model.0.weight",
+            "model.2.bias",
+            "model.2.weight"
+        ]
+    );
     for (name, needle) in [
         (
             "ckpt_ambiguous.pth",

@@ -39,7 +39,21 @@ pub(crate) enum Global {
     RebuildTensorV2,
     RebuildParameter,
     Storage(DType),
+    /// A class of [`INERT_CLASSES`]: never called; an instance is an opaque
+    /// [`Value::Object`].
+    Inert(&'static str),
 }
+
+/// Classes that training checkpoints pickle beside the state dict, for their hyperparameters
+/// (Lightning's `hyper_parameters`, an `argparse.Namespace` of older code): an instance
+/// becomes an opaque [`Value::Object`] whose contents are dropped, so that the state dict
+/// beside it can be read. Nothing is ever called; every other class stays refused.
+const INERT_CLASSES: [&str; 4] = [
+    "argparse.Namespace",
+    "lightning.fabric.utilities.data.AttributeDict",
+    "lightning_fabric.utilities.data.AttributeDict",
+    "pytorch_lightning.utilities.parsing.AttributeDict",
+];
 
 /// A persistent storage reference: `('storage', StorageType, key, location, numel)`.
 #[derive(Debug, PartialEq)]
@@ -79,6 +93,8 @@ pub(crate) enum Value {
     Global(Global),
     Storage(Rc<StorageRef>),
     Tensor(Rc<TensorRef>),
+    /// An instance of an [`INERT_CLASSES`] class, its contents dropped.
+    Object(&'static str),
 }
 
 impl Value {
@@ -107,6 +123,7 @@ impl Value {
             Value::Global(g) => format!("global {g:?}"),
             Value::Storage(s) => format!("{} storage `{}`", s.dtype, s.key),
             Value::Tensor(_) => "tensor".into(),
+            Value::Object(class) => format!("{class} object"),
         }
     }
 }
@@ -342,8 +359,11 @@ impl<'a> Vm<'a> {
         Ok(())
     }
 
-    /// Adds `pairs` to the dict on top of the stack.
+    /// Adds `pairs` to the dict on top of the stack (an inert object drops them).
     fn extend_dict(&mut self, pairs: Vec<(Value, Value)>) -> R<()> {
+        if matches!(self.stack.last(), Some(Value::Object(_))) {
+            return Ok(());
+        }
         let depth = pairs
             .iter()
             .map(|(k, v)| k.depth().max(v.depth()))
@@ -388,11 +408,17 @@ impl<'a> Vm<'a> {
                 "BoolStorage" => Global::Storage(DType::Bool),
                 _ => return self.err(format!("global `torch.{storage}` is not allowed")),
             },
-            _ => {
-                let m: String = module.chars().take(64).collect();
-                let n: String = name.chars().take(64).collect();
-                return self.err(format!("global `{m}.{n}` is not allowed"));
-            }
+            _ => match INERT_CLASSES
+                .iter()
+                .find(|c| c.strip_suffix(name).and_then(|m| m.strip_suffix('.')) == Some(module))
+            {
+                Some(class) => Global::Inert(class),
+                None => {
+                    let m: String = module.chars().take(64).collect();
+                    let n: String = name.chars().take(64).collect();
+                    return self.err(format!("global `{m}.{n}` is not allowed"));
+                }
+            },
         };
         Ok(Value::Global(g))
     }
@@ -491,6 +517,8 @@ impl<'a> Vm<'a> {
                 Some(t @ Value::Tensor(_)) if args.len() == 3 => Ok(t.clone()),
                 _ => self.err("_rebuild_parameter needs (tensor, requires_grad, hooks)"),
             },
+            // Never called: the instance is opaque.
+            Value::Global(Global::Inert(class)) => Ok(Value::Object(class)),
             other => self.err(format!("cannot call {}", other.kind())),
         }
     }
@@ -651,10 +679,19 @@ impl<'a> Vm<'a> {
                     let v = self.reduce(callable, args)?;
                     self.push(v)?;
                 }
+                0x81 => {
+                    // NEWOBJ: `cls.__new__(cls, *args)`, for an inert class only.
+                    let _args = self.pop()?;
+                    let cls = self.pop()?;
+                    let Value::Global(Global::Inert(class)) = cls else {
+                        return self.err(format!("NEWOBJ of {}", cls.kind()));
+                    };
+                    self.push(Value::Object(class))?;
+                }
                 b'b' => {
                     let _state = self.pop()?;
                     let top = self.top_mut()?;
-                    if !matches!(top, Value::Dict(_)) {
+                    if !matches!(top, Value::Dict(_) | Value::Object(_)) {
                         let kind = top.kind();
                         return self.err(format!("BUILD on a {kind}; only dicts are supported"));
                     }
