@@ -122,9 +122,15 @@ pub fn quantize(
                     continue;
                 }
                 let vb = nibble_nn::VarBuilder::new(&file).pp(&n.module);
+                // `weight_norms` found both parts, so the weight is there (or an error).
                 let w = vb.weight_norm()?.ok_or_else(|| Error::Usage {
-                    arg: "--model",
-                    what: format!("`{}`: not a weight-normalized Linear", n.module),
+                    arg: "IN",
+                    what: format!(
+                        "{}: `{}` and `{}` are not a weight-normalized Linear",
+                        input.display(),
+                        n.g,
+                        n.v
+                    ),
                 })?;
                 (n.weight.as_str(), w)
             }
