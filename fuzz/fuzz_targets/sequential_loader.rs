@@ -2,26 +2,38 @@
 //! Arbitrary bytes as an `nn.Sequential` state dict (safetensors) for the `nibble` program's
 //! reader: the structure from the keys (Linears with or without a bias, LayerNorms, gaps), every
 //! stored layout of a Linear (plain floats, nibble's quantized parts, bitsandbytes' 4-bit
-//! layouts, NF4 and FP4, and its 8-bit one), and, when a model loads, a forward pass of two
-//! rows. Nothing may panic, abort or run out of memory.
+//! layouts, NF4 and FP4, and its 8-bit one, weight-normalized Linears), read as PyTorch's
+//! defaults and again with RMSNorms and parameter-free norms in the gaps, and, when a model
+//! loads, a forward pass of two rows. Nothing may panic, abort or run out of memory.
 
 use libfuzzer_sys::fuzz_target;
 use nibble_io::Checkpoint;
-use nibble_nn::{Activation, Sequential, SequentialOptions};
+use nibble_nn::{Activation, NormKind, Sequential, SequentialOptions};
 use std::sync::Arc;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(file) = Checkpoint::from_bytes("fuzz.safetensors", Arc::new(data.to_vec())) else {
         return;
     };
-    let options = SequentialOptions::new().activation(Activation::Relu);
-    let Ok(model) = Sequential::from_state_dict(&file, &options) else {
-        return;
-    };
-    // A forward pass over the weights read, for models of a size a test can run.
-    let Some(features) = model.in_features().filter(|&f| f > 0 && f <= 1 << 14) else {
-        return;
-    };
-    let x = nibble_tensor::Tensor::full(&[2, features], 0.5);
-    let _ = model.infer(&x);
+    // The default reading, and one with every 1-D weight an RMSNorm and parameter-free norms
+    // in the gaps.
+    let options = [
+        SequentialOptions::new().activation(Activation::Relu),
+        SequentialOptions::new().norm(NormKind::Rms).gap_layers(vec![
+            Activation::layer_norm(1e-5),
+            Activation::rms_norm(f32::EPSILON),
+            Activation::Relu,
+        ]),
+    ];
+    for options in &options {
+        let Ok(model) = Sequential::from_state_dict(&file, options) else {
+            continue;
+        };
+        // A forward pass over the weights read, for models of a size a test can run.
+        let Some(features) = model.in_features().filter(|&f| f > 0 && f <= 1 << 14) else {
+            continue;
+        };
+        let x = nibble_tensor::Tensor::full(&[2, features], 0.5);
+        let _ = model.infer(&x);
+    }
 });
