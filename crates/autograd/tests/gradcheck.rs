@@ -172,6 +172,27 @@ fn relu_add_layernorm_gradients_match_finite_differences() {
 }
 
 #[test]
+fn prelu_gradients_match_finite_differences() {
+    // Keep inputs away from the kink at 0.
+    let mut x = rand(&[4, 6], 15);
+    x.data_mut().iter_mut().for_each(|v| {
+        if v.abs() < 0.1 {
+            *v -= 0.3
+        }
+    });
+    for slopes in [6, 1] {
+        let w = Param::new("prelu.w", rand(&[slopes], 16), true);
+        let f = |t: &Tape, x: &Var| t.prelu(x, &w).unwrap();
+        check_input_grad("prelu dx", &x, &f);
+        check_param_grad("prelu da", &w, &x, &f);
+    }
+    let bad = Param::new("prelu.bad", rand(&[3], 17), false);
+    let tape = Tape::new();
+    let e = tape.prelu(&Var::constant(x), &bad).unwrap_err().to_string();
+    assert!(e.contains("prelu") && e.contains("3 slopes"), "{e}");
+}
+
+#[test]
 fn rms_norm_gradients_match_finite_differences() {
     let x = rand(&[5, 9], 12);
     let w = Param::new("rms.w", rand(&[9], 13), true);

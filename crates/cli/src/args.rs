@@ -123,9 +123,9 @@ pub enum Command {
         /// not hold it).
         #[arg(long, value_name = "EPS", default_value_t = 1e-5)]
         batch_norm_eps: f32,
-        /// What each module of a 1-D weight (not a BatchNorm1d) is: layer (nn.LayerNorm) or
-        /// rms (nn.RMSNorm, no bias), or a comma-separated list with one per such module in
-        /// index order (a state dict cannot tell an RMSNorm from a LayerNorm without a bias).
+        /// What each module of a 1-D weight (not a BatchNorm1d) is: layer (nn.LayerNorm), rms
+        /// (nn.RMSNorm, no bias) or prelu (nn.PReLU), or a comma-separated list with one per
+        /// such module in index order (a state dict cannot tell them apart).
         #[arg(long, value_name = "KIND", default_value = "layer")]
         norm: String,
         /// The epsilon of every RMSNorm (`nn.RMSNorm(dim, eps=...)`; PyTorch's default for f32
@@ -177,7 +177,7 @@ pub enum Command {
         /// The epsilon of every BatchNorm1d (see `eval`).
         #[arg(long, value_name = "EPS", default_value_t = 1e-5)]
         batch_norm_eps: f32,
-        /// What each module of a 1-D weight is: layer or rms (see `eval`).
+        /// What each module of a 1-D weight is: layer, rms or prelu (see `eval`).
         #[arg(long, value_name = "KIND", default_value = "layer")]
         norm: String,
         /// The epsilon of every RMSNorm (see `eval`).

@@ -41,18 +41,20 @@ pub fn parse_activations(s: &str) -> Result<Vec<Vec<Activation>>> {
 }
 
 /// Parses `--norm`: what every module of a 1-D weight (not a BatchNorm) is, `layer`
-/// (`nn.LayerNorm`) or `rms` (`nn.RMSNorm`), any case, or a comma-separated list with one per
-/// such module in index order.
+/// (`nn.LayerNorm`), `rms` (`nn.RMSNorm`) or `prelu` (`nn.PReLU(n)`, whose slopes a state
+/// dict stores alike), any case, or a comma-separated list with one per such module in index
+/// order.
 pub fn parse_norms(s: &str) -> Result<Vec<NormKind>> {
     s.split(',')
         .map(|k| match k.trim().to_ascii_lowercase().as_str() {
             "layer" | "layer_norm" => Ok(NormKind::Layer),
             "rms" | "rms_norm" => Ok(NormKind::Rms),
+            "prelu" => Ok(NormKind::PRelu),
             _ => Err(Error::Usage {
                 arg: "--norm",
                 what: format!(
-                    "`{}`: expected layer (nn.LayerNorm) or rms (nn.RMSNorm), or a \
-                     comma-separated list with one per module of a 1-D weight",
+                    "`{}`: expected layer (nn.LayerNorm), rms (nn.RMSNorm) or prelu \
+                     (nn.PReLU), or a comma-separated list with one per module of a 1-D weight",
                     k.trim()
                 ),
             }),
@@ -261,6 +263,8 @@ impl Classifier {
                 Layer::Linear(l) => Some(l.dims().0),
                 Layer::LayerNorm(n) => Some(n.dim()),
                 Layer::BatchNorm(n) => Some(n.dim()),
+                // A PReLU keeps the width; one slope for all says nothing of it.
+                Layer::PRelu(p) => Some(p.slopes()).filter(|&n| n > 1),
                 Layer::Activation(_) => None,
             })
             .unwrap_or(0);

@@ -835,7 +835,7 @@ fn rms_norms_are_given_with_norm() {
     for (norm, named) in [
         ("rms", "`6.bias` exists"),
         ("rms,layer,rms", "3 kinds given for the 2 modules"),
-        ("batch", "`batch`: expected layer (nn.LayerNorm) or rms"),
+        ("batch", "`batch`: expected layer (nn.LayerNorm), rms"),
     ] {
         let flags = [&["--norm", norm][..], &given[2..]].concat();
         let msg = nibble_fails(&model_data_args("eval", &model, &d, &flags));
@@ -1017,4 +1017,33 @@ fn a_one_logit_model_is_a_binary_classifier() {
     );
     let msg = nibble_fails(&model_data_args("eval", &model, &bad, &[]));
     assert!(msg.contains("y_test") && msg.contains("0..2"), "{msg}");
+}
+
+/// PReLUs are given with `--norm` like the norms they look like in a state dict
+/// (`prelu,layer,prelu`: `tests/data/seq_prelu.*`, `tools/golden/make_seq_prelu.py`):
+/// PyTorch's logits, and fine-tuning trains through them.
+#[test]
+fn prelus_are_given_with_norm() {
+    let dir = tmpdir("prelu");
+    let golden = data("seq_prelu.safetensors");
+    let d = five_rows_of(&dir, &golden);
+    let model = data("seq_prelu.pth");
+    let logits = dir.join("logits.safetensors");
+    let given = ["--norm", "PReLU, layer, prelu"];
+    let diff = logits_off_golden(&model, &d, &given, &logits, &golden);
+    assert!(diff < 1e-5, "logits differ from PyTorch's by {diff}");
+    let v = nibble_json(&model_data_args(
+        "finetune",
+        &model,
+        &d,
+        &[
+            &given[..],
+            &[
+                "--format", "q4", "--rank", "2", "--steps", "20", "--batch", "5", "--json",
+            ],
+        ]
+        .concat(),
+    ));
+    let loss = loss_curve(&v);
+    assert!(loss[loss.len() - 1] < loss[0], "{loss:?}");
 }

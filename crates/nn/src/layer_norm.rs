@@ -14,6 +14,9 @@ pub enum NormKind {
     Layer,
     /// `x / √(mean(x²) + eps) · weight` (`nn.RMSNorm`; no bias).
     Rms,
+    /// Not a norm: `nn.PReLU(n)`, whose one 1-D `weight` (the slopes) a state dict stores
+    /// like a norm's; [`crate::Sequential::from_state_dict`] makes it a [`crate::PRelu`].
+    PRelu,
 }
 
 /// A LayerNorm with an affine weight and (unless `nn.LayerNorm(dim, bias=False)`) bias `[dim]`,
@@ -90,6 +93,12 @@ impl LayerNorm {
 
     /// Normalizes each row of `x` `[batch, dim]`.
     pub fn forward(&self, tape: &Tape, x: &Var) -> Result<Var> {
+        if self.kind == NormKind::PRelu {
+            return Err(Error::Layer {
+                layer: self.name.clone(),
+                what: "a PReLU is a `PRelu` layer, not a norm".into(),
+            });
+        }
         if self.kind == NormKind::Rms {
             if self.bias.is_some() {
                 return Err(Error::Layer {

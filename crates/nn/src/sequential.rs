@@ -6,6 +6,7 @@ use crate::batch_norm::BatchNorm;
 use crate::error::{Error, Result};
 use crate::layer_norm::{LayerNorm, NormKind};
 use crate::linear::{Linear, LoraAdapter};
+use crate::prelu::PRelu;
 use crate::save::save_weights_with;
 use crate::var_builder::VarBuilder;
 use nibble_autograd::{Param, Tape, Var};
@@ -23,6 +24,8 @@ pub enum Layer {
     LayerNorm(LayerNorm),
     /// An `nn.BatchNorm1d` in eval mode (running statistics), frozen.
     BatchNorm(BatchNorm),
+    /// An `nn.PReLU` (a 1-D weight the options name [`NormKind::PRelu`]).
+    PRelu(PRelu),
     /// A parameter-free activation (a gap in the indices).
     Activation(Activation),
 }
@@ -343,6 +346,24 @@ impl Sequential {
                             )))
                         }
                         NormKind::Rms => norm = norm.into_rms(options.rms_norm_eps)?,
+                        NormKind::PRelu if norm.bias.is_some() => {
+                            return Err(structure(format!(
+                                "index {index} is given as a PReLU, but `{}` exists: a PReLU has no bias",
+                                key("bias")
+                            )))
+                        }
+                        NormKind::PRelu => {
+                            let slopes = norm.dim();
+                            if let Some((w, from)) = width.as_ref().filter(|(w, _)| slopes != 1 && *w != slopes) {
+                                return Err(structure(format!(
+                                    "`{}` holds {slopes} PReLU slopes but `{from}` gives {w} features (a PReLU has one slope or one per feature)",
+                                    key("weight")
+                                )));
+                            }
+                            let weight = norm.weight.clone();
+                            layers.push(Layer::PRelu(PRelu { name: norm.name, weight }));
+                            continue;
+                        }
                     }
                     Layer::LayerNorm(norm)
                 }
@@ -371,6 +392,8 @@ impl Sequential {
                 }
                 Layer::LayerNorm(n) => (n.dim(), n.dim()),
                 Layer::BatchNorm(n) => (n.dim(), n.dim()),
+                // PReLUs are pushed above; activations come from gaps.
+                Layer::PRelu(p) => (p.slopes(), p.slopes()),
                 Layer::Activation(_) => unreachable!("only weights are read here"),
             };
             if let Some((w, from)) = &width {
@@ -413,6 +436,8 @@ impl Sequential {
             Layer::Linear(l) => Some(l.dims().1),
             Layer::LayerNorm(n) => Some(n.dim()),
             Layer::BatchNorm(n) => Some(n.dim()),
+            // One slope for all features says nothing of the width.
+            Layer::PRelu(p) => Some(p.slopes()).filter(|&n| n > 1),
             Layer::Activation(_) => None,
         })
     }
@@ -437,6 +462,7 @@ impl Sequential {
                 Layer::Linear(l) => l.forward(tape, &h)?,
                 Layer::LayerNorm(n) => n.forward(tape, &h)?,
                 Layer::BatchNorm(n) => n.forward(tape, &h)?,
+                Layer::PRelu(p) => p.forward(tape, &h)?,
                 Layer::Activation(a) => a.forward(tape, &h)?,
             };
         }
@@ -560,6 +586,9 @@ impl Sequential {
             .iter()
             .filter_map(|l| match l {
                 Layer::LayerNorm(n) => Some((n.name.clone(), n.weight.clone(), n.bias.clone())),
+                // A PReLU's slopes are a module's one weight, which `modules_to_save` may
+                // replace.
+                Layer::PRelu(p) => Some((p.name.clone(), p.weight.clone(), None)),
                 _ => None,
             })
             .collect();
@@ -608,6 +637,7 @@ impl Sequential {
             .flat_map(|l| match l {
                 Layer::Linear(l) => l.params(),
                 Layer::LayerNorm(n) => n.params(),
+                Layer::PRelu(p) => vec![p.weight.clone()],
                 Layer::BatchNorm(_) => Vec::new(),
                 Layer::Activation(_) => Vec::new(),
             })
@@ -630,6 +660,7 @@ impl Sequential {
             .map(|l| match l {
                 Layer::Linear(l) => l.stored_bytes(),
                 Layer::LayerNorm(n) => 4 * n.dim() * (1 + usize::from(n.bias.is_some())),
+                Layer::PRelu(p) => 4 * p.slopes(),
                 Layer::BatchNorm(n) => {
                     4 * n.tensors().iter().map(|(_, t)| t.numel()).sum::<usize>()
                 }
@@ -646,10 +677,23 @@ impl Sequential {
             Layer::LayerNorm(n) => Some(n),
             _ => None,
         });
-        let batch_norms = self.layers.iter().flat_map(|l| match l {
-            Layer::BatchNorm(n) => n.tensors(),
-            _ => Vec::new(),
-        });
-        save_weights_with(path, self.linears(), norms, batch_norms)
+        // PReLU slopes by value (a parameter's value is behind a lock).
+        let slopes: Vec<(String, Tensor)> = self
+            .layers
+            .iter()
+            .filter_map(|l| match l {
+                Layer::PRelu(p) => Some((format!("{}.weight", p.name), p.weight.value().clone())),
+                _ => None,
+            })
+            .collect();
+        let extra = self
+            .layers
+            .iter()
+            .flat_map(|l| match l {
+                Layer::BatchNorm(n) => n.tensors(),
+                _ => Vec::new(),
+            })
+            .chain(slopes.iter().map(|(k, t)| (k.clone(), t)));
+        save_weights_with(path, self.linears(), norms, extra)
     }
 }

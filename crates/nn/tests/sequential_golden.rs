@@ -79,6 +79,7 @@ fn structure_is_read_from_the_state_dict() {
             Layer::Linear(l) => format!("linear {} {:?}", l.name, l.dims()),
             Layer::LayerNorm(n) => format!("layernorm {} {}", n.name, n.dim()),
             Layer::BatchNorm(n) => format!("batchnorm {} {}", n.name, n.dim()),
+            Layer::PRelu(p) => format!("prelu {}", p.name),
             Layer::Activation(a) => a.to_string(),
         })
         .collect();
@@ -674,6 +675,7 @@ fn layer_kinds(model: &Sequential) -> Vec<String> {
             Layer::Linear(l) => format!("linear {}", l.name),
             Layer::LayerNorm(n) => format!("{:?} {} {}", n.kind, n.name, n.eps),
             Layer::BatchNorm(n) => format!("batchnorm {}", n.name),
+            Layer::PRelu(p) => format!("prelu {} {}", p.name, p.slopes()),
             Layer::Activation(a @ (Activation::LayerNorm(eps) | Activation::RmsNorm(eps))) => {
                 format!("{a} {}", eps.get())
             }
@@ -847,4 +849,115 @@ fn a_dora_adapter_matches_peft_and_is_not_saved() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("DoRA"), "{e}");
+}
+
+/// PReLUs (`nn.PReLU(10)` and `nn.PReLU()`) beside a LayerNorm without a bias: three 1-D
+/// weights a state dict cannot tell apart, given per index; PyTorch's logits, input gradient
+/// and slope gradients (`tests/data/seq_prelu.*`, `tools/golden/make_seq_prelu.py`). Read as
+/// LayerNorms they give other logits; a PReLU with a bias, or slopes that are not one per
+/// feature, are errors naming the key. Saved and read back, the model is the same.
+#[test]
+fn prelus_match_pytorch() {
+    let g = Checkpoint::open(data("seq_prelu.safetensors")).unwrap();
+    let (x, want_logits, want_dx) = (tensor(&g, "x"), tensor(&g, "logits"), tensor(&g, "dx"));
+    let labels = labels(&g);
+    let file = Checkpoint::open(data("seq_prelu.pth")).unwrap();
+    let options = SequentialOptions::new()
+        .norm(NormKind::PRelu)
+        .norm_at(3, NormKind::Layer);
+    let model = Sequential::from_state_dict(&file, &options).unwrap();
+    assert_eq!(
+        layer_kinds(&model),
+        [
+            "linear 0",
+            "prelu 1 10",
+            "linear 2",
+            "Layer 3 0.00001",
+            "prelu 4 1",
+            "linear 5"
+        ]
+    );
+    let diff = max_diff(&model.infer(&x).unwrap(), &want_logits);
+    assert!(diff < 1e-5, "logits differ from PyTorch's by {diff}");
+    let tape = Tape::new();
+    let xv = tape.leaf(x.clone());
+    let loss = cross_entropy(&tape, &model.forward(&tape, &xv).unwrap(), &labels).unwrap();
+    let grads = tape.backward(&loss).unwrap();
+    let close = |got: &Tensor, want: &Tensor, what: &str| {
+        let scale = want.data().iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let d = max_diff(got, want);
+        assert!(d < 1e-4 * scale, "{what} differs by {d} (largest {scale})");
+    };
+    close(grads.get(&xv).unwrap(), &want_dx, "dx");
+    let params = model.params();
+    for (name, key) in [("1.weight", "d_w1"), ("4.weight", "d_w4")] {
+        let p = params.iter().find(|p| p.name() == name).unwrap();
+        close(p.grad().as_ref().unwrap(), &tensor(&g, key), name);
+    }
+    // Saved and read back with the same options: the same logits, bit for bit.
+    let dir = tempdir("prelu_save");
+    let saved = dir.join("prelu.safetensors");
+    model.save(&saved).unwrap();
+    let back = Sequential::from_state_dict(&Checkpoint::open(&saved).unwrap(), &options).unwrap();
+    assert_eq!(
+        back.infer(&x).unwrap().data(),
+        model.infer(&x).unwrap().data()
+    );
+    // As LayerNorms (the default): other logits, or an error for the one-slope PReLU.
+    match Sequential::from_state_dict(&file, &SequentialOptions::new()) {
+        Ok(m) => assert!(max_diff(&m.infer(&x).unwrap(), &want_logits) > 1e-3),
+        Err(e) => assert!(e.to_string().contains("4.weight"), "{e}"),
+    }
+    // A kind for an index that holds a Linear is an error.
+    let e = Sequential::from_state_dict(&file, &options.clone().norm_at(0, NormKind::PRelu))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("norm kind is given for index 0"), "{e}");
+    // Hand-made: a PReLU with a bias, and 3 slopes after a 4-wide Linear.
+    let f32s = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let (w0, b0, w1) = (f32s(&[0.5; 12]), f32s(&[0.0; 4]), f32s(&[0.25; 4]));
+    let w1_short = f32s(&[0.25; 3]);
+    for (name, entries, needle) in [
+        (
+            "bias",
+            vec![
+                ("1.bias", vec![4], b0.as_slice()),
+                ("1.weight", vec![4], w1.as_slice()),
+            ],
+            "`1.bias` exists: a PReLU has no bias",
+        ),
+        (
+            "count",
+            vec![("1.weight", vec![3], w1_short.as_slice())],
+            "holds 3 PReLU slopes but `0.weight` gives 4",
+        ),
+    ] {
+        let path = dir.join(format!("{name}.safetensors"));
+        let mut all: Vec<(String, nibble_io::DType, Vec<usize>, &[u8])> = vec![
+            (
+                "0.weight".into(),
+                nibble_io::DType::F32,
+                vec![4, 3],
+                w0.as_slice(),
+            ),
+            (
+                "0.bias".into(),
+                nibble_io::DType::F32,
+                vec![4],
+                b0.as_slice(),
+            ),
+        ];
+        all.extend(
+            entries
+                .into_iter()
+                .map(|(k, s, b)| (k.to_string(), nibble_io::DType::F32, s, b)),
+        );
+        nibble_io::write_safetensors(&path, &all, &Default::default()).unwrap();
+        let file = Checkpoint::open(&path).unwrap();
+        let prelu = SequentialOptions::new().norm(NormKind::PRelu);
+        let e = Sequential::from_state_dict(&file, &prelu)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(needle), "{name}: {e}");
+    }
 }

@@ -8,6 +8,7 @@ pub mod gelu;
 pub mod layer_norm;
 pub mod linear;
 pub mod loss;
+pub mod prelu;
 pub mod rms_norm;
 pub mod scale_shift;
 pub mod unary;
