@@ -702,16 +702,7 @@ fn batch_norm_layers_give_pytorchs_logits_and_train() {
     let diff = run("1e-3");
     assert!(diff < 1e-5, "logits differ from PyTorch's by {diff}");
     assert!(run("1e-5") > 1e-4);
-    let v = nibble_json(&model_data_args(
-        "finetune",
-        &model,
-        &d,
-        &[
-            "--format", "f16", "--rank", "2", "--steps", "20", "--batch", "5", "--json",
-        ],
-    ));
-    let loss = loss_curve(&v);
-    assert!(loss[loss.len() - 1] < loss[0], "{loss:?}");
+    finetune_lowers_the_loss(&model, &d, "f16", &[]);
     let msg = nibble_fails(&model_data_args(
         "eval",
         &model,
@@ -719,6 +710,23 @@ fn batch_norm_layers_give_pytorchs_logits_and_train() {
         &["--batch-norm-eps", "0"],
     ));
     assert!(msg.contains("epsilon"), "{msg}");
+}
+
+/// `nibble finetune` of `model` on `data` (five rows) with the base in `format`, rank 2, 20
+/// steps of the whole batch and `flags`: the last step's loss is below the first's.
+fn finetune_lowers_the_loss(
+    model: &std::path::Path,
+    data: &std::path::Path,
+    format: &str,
+    flags: &[&str],
+) {
+    let mut rest = flags.to_vec();
+    rest.extend([
+        "--format", format, "--rank", "2", "--steps", "20", "--batch", "5", "--json",
+    ]);
+    let v = nibble_json(&model_data_args("finetune", model, data, &rest));
+    let loss = loss_curve(&v);
+    assert!(loss[loss.len() - 1] < loss[0], "{format}: {loss:?}");
 }
 
 /// Max |logits - golden's `logits`| of `nibble eval` on `model` and `data` with `flags`
@@ -759,20 +767,7 @@ fn layer_norms_without_parameters_are_given_as_gap_layers() {
     assert!(diff < 1e-5, "logits differ from PyTorch's by {diff}");
     assert!(run(&[&eps[..], &["--activation", "relu"]].concat()) > 1e-2);
     assert!(run(&["--activation", "layer_norm+relu,layer_norm"]) > 1e-4); // eps 1e-5
-    let v = nibble_json(&model_data_args(
-        "finetune",
-        &model,
-        &d,
-        &[
-            &given[..],
-            &[
-                "--format", "q4", "--rank", "2", "--steps", "20", "--batch", "5", "--json",
-            ],
-        ]
-        .concat(),
-    ));
-    let loss = loss_curve(&v);
-    assert!(loss[loss.len() - 1] < loss[0], "{loss:?}");
+    finetune_lowers_the_loss(&model, &d, "q4", &given);
     for (bad, named) in [
         ("layer_norm+,layer_norm", "``"),
         (
@@ -818,20 +813,7 @@ fn rms_norms_are_given_with_norm() {
     assert!(diff < 1e-5, "logits differ from PyTorch's by {diff}");
     assert!(run(&given[2..]) > 1e-3); // every 1-D weight a LayerNorm
     assert!(run(&[&given[..2], &given[4..]].concat()) > 1e-4); // PyTorch's default epsilon
-    let v = nibble_json(&model_data_args(
-        "finetune",
-        &model,
-        &d,
-        &[
-            &given[..],
-            &[
-                "--format", "nf4", "--rank", "2", "--steps", "20", "--batch", "5", "--json",
-            ],
-        ]
-        .concat(),
-    ));
-    let loss = loss_curve(&v);
-    assert!(loss[loss.len() - 1] < loss[0], "{loss:?}");
+    finetune_lowers_the_loss(&model, &d, "nf4", &given);
     for (norm, named) in [
         ("rms", "`6.bias` exists"),
         ("rms,layer,rms", "3 kinds given for the 2 modules"),
@@ -878,16 +860,7 @@ fn weight_normalized_linears_give_pytorchs_logits() {
     assert!(diff < 1e-5, "logits differ from PyTorch's by {diff}");
     let q4 = logits_off_golden(&model, &d, &["--format", "q4"], &logits, &golden);
     assert!(q4 < 0.1, "q4 logits differ by {q4}");
-    let v = nibble_json(&model_data_args(
-        "finetune",
-        &model,
-        &d,
-        &[
-            "--format", "nf4", "--rank", "2", "--steps", "20", "--batch", "5", "--json",
-        ],
-    ));
-    let loss = loss_curve(&v);
-    assert!(loss[loss.len() - 1] < loss[0], "{loss:?}");
+    finetune_lowers_the_loss(&model, &d, "nf4", &[]);
     // `quantize` stores each as one `<module>.weight`: the file evaluates as the model does
     // in that format, bit for bit (f32: PyTorch's logits).
     for format in ["f32", "q4"] {
@@ -1032,18 +1005,5 @@ fn prelus_are_given_with_norm() {
     let given = ["--norm", "PReLU, layer, prelu"];
     let diff = logits_off_golden(&model, &d, &given, &logits, &golden);
     assert!(diff < 1e-5, "logits differ from PyTorch's by {diff}");
-    let v = nibble_json(&model_data_args(
-        "finetune",
-        &model,
-        &d,
-        &[
-            &given[..],
-            &[
-                "--format", "q4", "--rank", "2", "--steps", "20", "--batch", "5", "--json",
-            ],
-        ]
-        .concat(),
-    ));
-    let loss = loss_curve(&v);
-    assert!(loss[loss.len() - 1] < loss[0], "{loss:?}");
+    finetune_lowers_the_loss(&model, &d, "q4", &given);
 }

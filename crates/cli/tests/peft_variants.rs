@@ -7,19 +7,24 @@
 mod common;
 use common::*;
 
-#[test]
-fn peft_variants_give_pefts_logits() {
-    let dir = tmpdir("peft_variants");
-    let golden = data("peft_variants/logits.safetensors");
-    let x = tensor(&golden, "x");
+/// A data file in `dir` of the golden file's `x` [8, 30] (labels 0, 1, 2, 3, 4, 0, 1, 2).
+fn data_of_golden_x(dir: &std::path::Path, golden: &std::path::Path) -> std::path::PathBuf {
     let d = dir.join("data.safetensors");
     write(
         &d,
         &[
-            f32s("x_test", &[8, 30], &x),
+            f32s("x_test", &[8, 30], &tensor(golden, "x")),
             i64s("y_test", &[0, 1, 2, 3, 4, 0, 1, 2]),
         ],
     );
+    d
+}
+
+#[test]
+fn peft_variants_give_pefts_logits() {
+    let dir = tmpdir("peft_variants");
+    let golden = data("peft_variants/logits.safetensors");
+    let d = data_of_golden_x(&dir, &golden);
     let model = data("seq_d30.pth");
     let run = |format: &str, adapter: Option<&std::path::Path>, out: &std::path::Path| {
         let mut args = model_data_args(
@@ -87,21 +92,13 @@ fn strs(v: &[String]) -> Vec<&str> {
 /// `tools/golden/make_peft_dora.py`: magnitude vectors on three Linears, one of rank 2, and
 /// `bias = "all"`) gives PEFT's logits on an f32 base, and on an f16 base within f16's rounding;
 /// the same adapter without its magnitude vectors, or with `use_dora` off, is an error naming
-/// them; saving a DoRA adapter is refused (nibble would drop the magnitudes).
+/// them (saving a DoRA adapter is refused: the nn crate's golden test).
 #[test]
 fn a_dora_adapter_gives_pefts_logits() {
     let dir = tmpdir("peft_dora");
     let golden = data("peft_variants/dora_logits.safetensors");
-    let x = tensor(&golden, "x");
     let want = tensor(&golden, "logits");
-    let d = dir.join("data.safetensors");
-    write(
-        &d,
-        &[
-            f32s("x_test", &[8, 30], &x),
-            i64s("y_test", &[0, 1, 2, 3, 4, 0, 1, 2]),
-        ],
-    );
+    let d = data_of_golden_x(&dir, &golden);
     let model = data("seq_d30.pth");
     let adapter = data("peft_variants/dora");
     let args = |format: &str, adapter: &std::path::Path, out: &std::path::Path| {

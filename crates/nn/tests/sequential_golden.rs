@@ -684,6 +684,28 @@ fn layer_kinds(model: &Sequential) -> Vec<String> {
         .collect()
 }
 
+/// The gradients of the mean cross-entropy of `model` on the golden file's `x` and `labels`
+/// are PyTorch's there, within 1e-4 of the largest: `dx`, and for each `(parameter, key)` the
+/// parameter's gradient against the file's tensor `key`.
+fn gradients_match(g: &Checkpoint, model: &Sequential, params: &[(&str, &str)]) {
+    let close = |got: &Tensor, want: &Tensor, what: &str| {
+        let scale = want.data().iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let d = max_diff(got, want);
+        assert!(d < 1e-4 * scale, "{what} differs by {d} (largest {scale})");
+    };
+    let tape = Tape::new();
+    let xv = tape.leaf(tensor(g, "x"));
+    let logits = model.forward(&tape, &xv).unwrap();
+    let loss = cross_entropy(&tape, &logits, &labels(g)).unwrap();
+    let grads = tape.backward(&loss).unwrap();
+    close(grads.get(&xv).unwrap(), &tensor(g, "dx"), "dx");
+    let all = model.params();
+    for (name, key) in params {
+        let p = all.iter().find(|p| p.name() == *name).unwrap();
+        close(p.grad().as_ref().unwrap(), &tensor(g, key), name);
+    }
+}
+
 /// LayerNorms without parameters (`nn.LayerNorm(dim, elementwise_affine=False)`) leave gaps in
 /// a state dict's indices; given as gap layers (`layer_norm`, then ReLU in the first gap)
 /// with the model's epsilon, the logits and the cross-entropy's gradient of the input are
@@ -692,8 +714,7 @@ fn layer_kinds(model: &Sequential) -> Vec<String> {
 #[test]
 fn layer_norms_without_parameters_in_gaps_match_pytorch() {
     let g = Checkpoint::open(data("seq_plain_norm.safetensors")).unwrap();
-    let (x, want_logits, want_dx) = (tensor(&g, "x"), tensor(&g, "logits"), tensor(&g, "dx"));
-    let labels = labels(&g);
+    let (x, want_logits) = (tensor(&g, "x"), tensor(&g, "logits"));
     let file = Checkpoint::open(data("seq_plain_norm.pth")).unwrap();
     let norm = Activation::layer_norm(1e-5); // the epsilon comes from the options
     let options = SequentialOptions::new()
@@ -720,16 +741,7 @@ fn layer_norms_without_parameters_in_gaps_match_pytorch() {
     let diff = max_diff(&logits, &want_logits);
     assert!(diff < 1e-5, "logits differ from PyTorch's by {diff}");
     // The input's gradient through both LayerNorms.
-    let tape = Tape::new();
-    let xv = tape.leaf(x.clone());
-    let loss = cross_entropy(&tape, &model.forward(&tape, &xv).unwrap(), &labels).unwrap();
-    let grads = tape.backward(&loss).unwrap();
-    let ddiff = max_diff(grads.get(&xv).unwrap(), &want_dx);
-    let scale = want_dx.data().iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    assert!(
-        ddiff < 1e-4 * scale,
-        "dx differs by {ddiff} (largest {scale})"
-    );
+    gradients_match(&g, &model, &[]);
     // Every gap a ReLU, as a state dict alone would suggest: other logits.
     let relu = Sequential::from_state_dict(
         &file,
@@ -753,8 +765,7 @@ fn layer_norms_without_parameters_in_gaps_match_pytorch() {
 #[test]
 fn rms_norms_match_pytorch() {
     let g = Checkpoint::open(data("seq_rms_norm.safetensors")).unwrap();
-    let (x, want_logits, want_dx) = (tensor(&g, "x"), tensor(&g, "logits"), tensor(&g, "dx"));
-    let labels = labels(&g);
+    let (x, want_logits) = (tensor(&g, "x"), tensor(&g, "logits"));
     let file = Checkpoint::open(data("seq_rms_norm.pth")).unwrap();
     let options = SequentialOptions::new()
         .norm_at(1, NormKind::Rms)
@@ -779,21 +790,7 @@ fn rms_norms_match_pytorch() {
     );
     let diff = max_diff(&model.infer(&x).unwrap(), &want_logits);
     assert!(diff < 1e-5, "logits differ from PyTorch's by {diff}");
-    let tape = Tape::new();
-    let xv = tape.leaf(x.clone());
-    let loss = cross_entropy(&tape, &model.forward(&tape, &xv).unwrap(), &labels).unwrap();
-    let grads = tape.backward(&loss).unwrap();
-    let close = |got: &Tensor, want: &Tensor, what: &str| {
-        let scale = want.data().iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let d = max_diff(got, want);
-        assert!(d < 1e-4 * scale, "{what} differs by {d} (largest {scale})");
-    };
-    close(grads.get(&xv).unwrap(), &want_dx, "dx");
-    let params = model.params();
-    for (name, key) in [("1.weight", "d_w1"), ("6.weight", "d_w6")] {
-        let p = params.iter().find(|p| p.name() == name).unwrap();
-        close(p.grad().as_ref().unwrap(), &tensor(&g, key), name);
-    }
+    gradients_match(&g, &model, &[("1.weight", "d_w1"), ("6.weight", "d_w6")]);
     // Read as a LayerNorm (the default), index 1 gives other logits.
     let as_layer = SequentialOptions {
         norms: Default::default(),
@@ -859,8 +856,7 @@ fn a_dora_adapter_matches_peft_and_is_not_saved() {
 #[test]
 fn prelus_match_pytorch() {
     let g = Checkpoint::open(data("seq_prelu.safetensors")).unwrap();
-    let (x, want_logits, want_dx) = (tensor(&g, "x"), tensor(&g, "logits"), tensor(&g, "dx"));
-    let labels = labels(&g);
+    let (x, want_logits) = (tensor(&g, "x"), tensor(&g, "logits"));
     let file = Checkpoint::open(data("seq_prelu.pth")).unwrap();
     let options = SequentialOptions::new()
         .norm(NormKind::PRelu)
@@ -879,21 +875,7 @@ fn prelus_match_pytorch() {
     );
     let diff = max_diff(&model.infer(&x).unwrap(), &want_logits);
     assert!(diff < 1e-5, "logits differ from PyTorch's by {diff}");
-    let tape = Tape::new();
-    let xv = tape.leaf(x.clone());
-    let loss = cross_entropy(&tape, &model.forward(&tape, &xv).unwrap(), &labels).unwrap();
-    let grads = tape.backward(&loss).unwrap();
-    let close = |got: &Tensor, want: &Tensor, what: &str| {
-        let scale = want.data().iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let d = max_diff(got, want);
-        assert!(d < 1e-4 * scale, "{what} differs by {d} (largest {scale})");
-    };
-    close(grads.get(&xv).unwrap(), &want_dx, "dx");
-    let params = model.params();
-    for (name, key) in [("1.weight", "d_w1"), ("4.weight", "d_w4")] {
-        let p = params.iter().find(|p| p.name() == name).unwrap();
-        close(p.grad().as_ref().unwrap(), &tensor(&g, key), name);
-    }
+    gradients_match(&g, &model, &[("1.weight", "d_w1"), ("4.weight", "d_w4")]);
     // Saved and read back with the same options: the same logits, bit for bit.
     let dir = tempdir("prelu_save");
     let saved = dir.join("prelu.safetensors");

@@ -15,13 +15,13 @@ struct PReluOp {
     x_tracked: bool,
 }
 
-/// The slope of column `j` of `d` columns: one per column, or one for all.
+/// The index of column `j`'s slope among `slopes`: one per column, or one for all.
 #[inline(always)]
-fn slope(a: &[f32], j: usize) -> f32 {
-    if a.len() == 1 {
-        a[0]
+fn slope_of(slopes: usize, j: usize) -> usize {
+    if slopes == 1 {
+        0
     } else {
-        a[j]
+        j
     }
 }
 
@@ -53,7 +53,7 @@ impl Op for PReluOp {
             {
                 for (j, (&x, &g)) in xr.iter().zip(gr).enumerate() {
                     if x <= 0.0 {
-                        d_a[if a.len() == 1 { 0 } else { j }] += g * x;
+                        d_a[slope_of(a.len(), j)] += g * x;
                     }
                 }
             }
@@ -71,7 +71,7 @@ impl Op for PReluOp {
         {
             for (j, (g, &x)) in gr.iter_mut().zip(xr).enumerate() {
                 if x <= 0.0 {
-                    *g *= slope(&a, j);
+                    *g *= a[slope_of(a.len(), j)];
                 }
             }
         }
@@ -106,7 +106,7 @@ impl Tape {
         for row in y.data_mut().chunks_mut(d.max(1)) {
             for (j, v) in row.iter_mut().enumerate() {
                 if *v <= 0.0 {
-                    *v *= slope(&a, j);
+                    *v *= a[slope_of(a.len(), j)];
                 }
             }
         }
