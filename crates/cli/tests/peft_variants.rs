@@ -90,9 +90,12 @@ fn strs(v: &[String]) -> Vec<&str> {
 
 /// A DoRA adapter (`tests/data/peft_variants/dora`, made by PEFT 0.21.2 with
 /// `tools/golden/make_peft_dora.py`: magnitude vectors on three Linears, one of rank 2, and
-/// `bias = "all"`) gives PEFT's logits on an f32 base, and on an f16 base within f16's rounding;
-/// the same adapter without its magnitude vectors, or with `use_dora` off, is an error naming
-/// them (saving a DoRA adapter is refused: the nn crate's golden test).
+/// `bias = "all"`) gives PEFT's logits on an f32 base, and on an f16 base within f16's rounding.
+/// Without its magnitude vectors it gives what PEFT gives (`dora_no_magnitude_logits`, made by
+/// `tools/golden/make_peft_dora_no_magnitude.py`: PEFT keeps the magnitudes it computed from
+/// the base weights), unless `init_lora_weights` starts B·A at random; with `use_dora` off its
+/// magnitude vectors are an error naming them (saving a DoRA adapter is refused: the nn crate's
+/// golden test).
 #[test]
 fn a_dora_adapter_gives_pefts_logits() {
     let dir = tmpdir("peft_dora");
@@ -136,39 +139,58 @@ fn a_dora_adapter_gives_pefts_logits() {
     let config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(adapter.join("adapter_config.json")).unwrap())
             .unwrap();
-    let copy = |name: &str, keep: &dyn Fn(&str) -> bool, use_dora: bool| {
-        let to = dir.join(name);
-        std::fs::create_dir_all(&to).unwrap();
-        let entries: Vec<Entry> = weights
-            .keys()
-            .filter(|k| keep(k))
-            .map(|k| {
-                let (dtype, shape) = weights.info(k).unwrap();
-                (
-                    k.to_string(),
-                    dtype,
-                    shape.to_vec(),
-                    weights.bytes(k).unwrap().to_vec(),
-                )
-            })
-            .collect();
-        write(&to.join("adapter_model.safetensors"), &entries);
-        let mut c = config.clone();
-        c["use_dora"] = serde_json::json!(use_dora);
-        std::fs::write(to.join("adapter_config.json"), c.to_string()).unwrap();
-        to
+    let copy =
+        |name: &str, keep: &dyn Fn(&str) -> bool, use_dora: bool, init: serde_json::Value| {
+            let to = dir.join(name);
+            std::fs::create_dir_all(&to).unwrap();
+            let entries: Vec<Entry> = weights
+                .keys()
+                .filter(|k| keep(k))
+                .map(|k| {
+                    let (dtype, shape) = weights.info(k).unwrap();
+                    (
+                        k.to_string(),
+                        dtype,
+                        shape.to_vec(),
+                        weights.bytes(k).unwrap().to_vec(),
+                    )
+                })
+                .collect();
+            write(&to.join("adapter_model.safetensors"), &entries);
+            let mut c = config.clone();
+            c["use_dora"] = serde_json::json!(use_dora);
+            c["init_lora_weights"] = init;
+            std::fs::write(to.join("adapter_config.json"), c.to_string()).unwrap();
+            to
+        };
+    let no_magnitude = |name: &str, init: serde_json::Value| {
+        copy(name, &|k: &str| !k.contains("magnitude"), true, init)
     };
-    let no_magnitude = copy("no_magnitude", &|k| !k.contains("magnitude"), true);
-    let msg = nibble_fails(&strs(&args(
-        "f32",
-        &no_magnitude,
-        &dir.join("x.safetensors"),
-    )));
-    assert!(
-        msg.contains("lora_magnitude_vector") && msg.contains("use_dora"),
-        "{msg}"
+    let want_filled = tensor(
+        &data("peft_variants/dora_no_magnitude_logits.safetensors"),
+        "logits",
     );
-    let not_dora = copy("not_dora", &|_| true, false);
+    for init in [serde_json::json!(true), serde_json::json!("gaussian")] {
+        let adapter = no_magnitude("no_magnitude", init.clone());
+        let out = dir.join("no_magnitude.safetensors");
+        nibble_json(&strs(&args("f32", &adapter, &out)));
+        let diff = max_diff(&tensor(&out, "logits"), &want_filled);
+        assert!(
+            diff < 1e-5,
+            "init {init}: logits differ from PEFT's by {diff}"
+        );
+        // The magnitudes matter: the file's own give other logits.
+        assert!(max_diff(&want_filled, &want) > 1e-2);
+    }
+    for init in [serde_json::json!(false), serde_json::json!("orthogonal")] {
+        let adapter = no_magnitude("no_magnitude_random", init.clone());
+        let msg = nibble_fails(&strs(&args("f32", &adapter, &dir.join("x.safetensors"))));
+        assert!(
+            msg.contains("lora_magnitude_vector") && msg.contains("init_lora_weights"),
+            "init {init}: {msg}"
+        );
+    }
+    let not_dora = copy("not_dora", &|_| true, false, serde_json::json!(true));
     let msg = nibble_fails(&strs(&args("f32", &not_dora, &dir.join("x.safetensors"))));
     assert!(
         msg.contains("lora_magnitude_vector") && msg.contains("DoRA"),

@@ -221,9 +221,16 @@ pub struct AdapterConfig {
     pub alpha: f64,
     /// `use_rslora`: the scaling is `alpha / √r` instead of `alpha / r`.
     pub rslora: bool,
-    /// `use_dora`: each adapted layer also has a `lora_magnitude_vector` (see
-    /// [`crate::linear::Dora`]).
+    /// `use_dora`: each adapted layer is a DoRA ([`crate::linear::Dora`]), its
+    /// `lora_magnitude_vector` read from the file or, where the file has none, filled in as PEFT
+    /// fills it (see [`AdapterConfig::init_product_zero`]).
     pub dora: bool,
+    /// Whether `init_lora_weights` starts the adapter's product `B·A` at exactly zero: `true`
+    /// (the default), `"gaussian"` and `"eva"` zero `B`, `"mica"` zeroes `A`; `false` and
+    /// `"orthogonal"` start both at random. PEFT computes each DoRA magnitude from that start,
+    /// `‖W + s·B₀A₀‖` per row, and keeps it where the file has none: with a zero start that is
+    /// the base weight's row norm, which nibble then uses too.
+    pub init_product_zero: bool,
     /// `rank_pattern`: per-module ranks, keyed by PEFT's module patterns.
     pub rank_pattern: Vec<(String, usize)>,
     /// `alpha_pattern`: per-module alphas, keyed likewise.
@@ -608,11 +615,19 @@ impl AdapterConfig {
                     .collect::<Result<Vec<_>>>()?
             }
         };
+        let init_product_zero = match field("init_lora_weights") {
+            None | Some(Value::Null) | Some(Value::Bool(true)) => true,
+            Some(Value::String(init)) => {
+                ["gaussian", "eva", "mica"].contains(&init.to_ascii_lowercase().as_str())
+            }
+            Some(_) => false,
+        };
         Ok(AdapterConfig {
             r,
             alpha,
             rslora,
             dora,
+            init_product_zero,
             rank_pattern,
             alpha_pattern,
             target_modules,
@@ -926,7 +941,7 @@ pub fn load_adapter_into<'a>(
         match <[Tensor; 2]>::try_from(found) {
             Ok([a, b]) => {
                 let dora = if config.dora {
-                    Some(read_dora(dir, &file, layer, &a, &b, &mut seen)?)
+                    Some(read_dora(dir, &file, &config, layer, &a, &b, &mut seen)?)
                 } else {
                     None
                 };
@@ -1118,37 +1133,62 @@ pub fn load_adapter_into<'a>(
     Ok(stats)
 }
 
-/// The DoRA of `layer` from the adapter file: its `lora_magnitude_vector` `[out]` (required
-/// with `use_dora`; finite) and the scale it gives with the layer's weight as the kernels use
-/// it and the adapter's `a` and (scaled) `b` ([`Dora::new`]). The key goes into `seen`.
+/// The DoRA of `layer` from the adapter file: its `lora_magnitude_vector` `[out]` (finite) and
+/// the scale it gives with the layer's weight as the kernels use it and the adapter's `a` and
+/// (scaled) `b` ([`Dora::new`]). The key goes into `seen`. A file without the layer's magnitude
+/// gets what PEFT fills in: the row norms of the weight, `‖W‖`, where `init_lora_weights` starts
+/// `B·A` at zero ([`AdapterConfig::init_product_zero`]); otherwise PEFT's magnitudes come from a
+/// random start, and the missing key is an error.
 fn read_dora(
     dir: &Path,
     file: &Checkpoint,
+    config: &AdapterConfig,
     layer: &Linear,
     a: &Tensor,
     b: &Tensor,
     seen: &mut HashSet<String>,
 ) -> Result<Dora> {
-    let (out, _) = layer.dims();
+    let (out, inp) = layer.dims();
+    let (weight, _) = layer.dense_weight_and_bias();
     let key = ["", ".weight", ".default.weight"]
         .iter()
-        .map(|tail| format!("base_model.model.{}.lora_magnitude_vector{tail}", layer.name))
-        .find(|k| file.info(k).is_some())
-        .ok_or_else(|| {
-            adapter_error(
+        .map(|tail| {
+            format!(
+                "base_model.model.{}.lora_magnitude_vector{tail}",
+                layer.name
+            )
+        })
+        .find(|k| file.info(k).is_some());
+    let magnitude = match key {
+        Some(key) => {
+            let magnitude = file.tensor_f32(&key, Some(&[out]))?;
+            crate::error::check_finite(&weights_path(dir), &key, &magnitude)?;
+            seen.insert(key);
+            magnitude
+        }
+        None if config.init_product_zero => {
+            // PEFT's `DoraLinearLayer.update_layer` at creation: ‖W + s·B₀A₀‖ with B₀A₀ = 0.
+            let norms = weight
+                .data()
+                .chunks(inp.max(1))
+                .take(out)
+                .map(|row| row.iter().map(|&w| w as f64 * w as f64).sum::<f64>().sqrt() as f32)
+                .collect::<Vec<f32>>();
+            Tensor::from_vec(&[out], norms)?
+        }
+        None => {
+            return Err(adapter_error(
                 dir,
                 format!(
-                    "`use_dora` is set, but the file has no `base_model.model.{}.lora_magnitude_vector` for the layer's lora_A / lora_B",
+                    "`use_dora` is set, but the file has no `base_model.model.{}.lora_magnitude_vector` \
+                     for the layer's lora_A / lora_B, and `init_lora_weights` starts B·A at random \
+                     (false or \"orthogonal\"): PEFT would fill the magnitude from that random start",
                     layer.name
                 ),
-            )
-        })?;
-    let magnitude = file.tensor_f32(&key, Some(&[out]))?;
-    crate::error::check_finite(&weights_path(dir), &key, &magnitude)?;
-    let (weight, _) = layer.dense_weight_and_bias();
-    let dora = Dora::new(&layer.name, &weight, &lora_product(a, b)?, magnitude)?;
-    seen.insert(key);
-    Ok(dora)
+            ))
+        }
+    };
+    Dora::new(&layer.name, &weight, &lora_product(a, b)?, magnitude)
 }
 
 /// The value of BatchNorm `view`'s tensor `param` (`weight`, `bias`, `running_mean`,
