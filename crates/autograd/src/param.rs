@@ -86,6 +86,26 @@ impl Param {
         Ok(())
     }
 
+    /// [`Param::accumulate_grad`] of the gradient `g` of a 1-D parameter (`[g.len()]`), where
+    /// the parameter trains; a frozen one ignores it. The norms' backwards hand their weight
+    /// and bias gradients over this way.
+    ///
+    /// ```
+    /// use nibble_autograd::Param;
+    /// use nibble_tensor::Tensor;
+    /// let (w, frozen) = (Param::new("w", Tensor::zeros(&[2]), true), Param::new("f", Tensor::zeros(&[2]), false));
+    /// w.accumulate_vec_grad(vec![1.0, 2.0]).unwrap();
+    /// frozen.accumulate_vec_grad(vec![1.0, 2.0]).unwrap();
+    /// assert_eq!(w.grad().as_ref().unwrap().data(), &[1.0, 2.0]);
+    /// assert!(frozen.grad().is_none());
+    /// ```
+    pub fn accumulate_vec_grad(&self, g: Vec<f32>) -> crate::Result<()> {
+        if !self.requires_grad() {
+            return Ok(());
+        }
+        self.accumulate_grad(Tensor::from_vec(&[g.len()], g)?)
+    }
+
     /// Checks that a gradient of `shape` fits this parameter's value:
     /// [`AutogradError::InvalidInput`](crate::AutogradError::InvalidInput) naming `op`, the
     /// parameter and both shapes otherwise.

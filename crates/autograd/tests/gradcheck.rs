@@ -210,6 +210,32 @@ fn rms_norm_gradients_match_finite_differences() {
 }
 
 #[test]
+fn group_norm_gradients_match_finite_differences() {
+    let x = rand(&[4, 12], 18);
+    for groups in [1, 3, 12] {
+        let w = Param::new("gn.w", rand(&[12], 19), true);
+        let b = Param::new("gn.b", rand(&[12], 20), true);
+        let f = |t: &Tape, x: &Var| t.group_norm(x, groups, &w, &b, 1e-5).unwrap();
+        check_input_grad(&format!("group_norm dx, {groups} groups"), &x, &f);
+        check_param_grad(&format!("group_norm dw, {groups} groups"), &w, &x, &f);
+        check_param_grad(&format!("group_norm db, {groups} groups"), &b, &x, &f);
+    }
+    let (w, b) = (
+        Param::new("gn.w", rand(&[12], 21), true),
+        Param::new("gn.b", rand(&[12], 22), true),
+    );
+    let tape = Tape::new();
+    let e = tape
+        .group_norm(&Var::constant(x), 5, &w, &b, 1e-5)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("group_norm") && e.contains("5 groups of 12"),
+        "{e}"
+    );
+}
+
+#[test]
 fn loss_gradients_match_finite_differences() {
     let z = rand(&[6, 1], 12).scale(3.0);
     let y = Tensor::from_vec(&[6], vec![0., 1., 0., 1., 1., 0.]).unwrap();

@@ -115,8 +115,8 @@ pub enum Command {
         /// comma-separated list with one per gap.
         #[arg(long, default_value = "relu")]
         activation: String,
-        /// The epsilon of every LayerNorm (`nn.LayerNorm(dim, eps=...)`; a state dict does not
-        /// hold it).
+        /// The epsilon of every LayerNorm and GroupNorm (`nn.LayerNorm(dim, eps=...)`,
+        /// `nn.GroupNorm(groups, dim, eps=...)`; a state dict does not hold it).
         #[arg(long, value_name = "EPS", default_value_t = 1e-5)]
         layer_norm_eps: f32,
         /// The epsilon of every BatchNorm1d (`nn.BatchNorm1d(dim, eps=...)`; a state dict does
@@ -124,8 +124,9 @@ pub enum Command {
         #[arg(long, value_name = "EPS", default_value_t = 1e-5)]
         batch_norm_eps: f32,
         /// What each module of a 1-D weight (not a BatchNorm1d) is: layer (nn.LayerNorm), rms
-        /// (nn.RMSNorm, no bias) or prelu (nn.PReLU), or a comma-separated list with one per
-        /// such module in index order (a state dict cannot tell them apart).
+        /// (nn.RMSNorm, no bias), group:G (nn.GroupNorm(G, dim)) or prelu (nn.PReLU), or a
+        /// comma-separated list with one per such module in index order (a state dict cannot
+        /// tell them apart).
         #[arg(long, value_name = "KIND", default_value = "layer")]
         norm: String,
         /// The epsilon of every RMSNorm (`nn.RMSNorm(dim, eps=...)`; PyTorch's default for f32
@@ -171,13 +172,13 @@ pub enum Command {
         /// The activation in each gap of the layer indices (see `eval`).
         #[arg(long, default_value = "relu")]
         activation: String,
-        /// The epsilon of every LayerNorm (see `eval`).
+        /// The epsilon of every LayerNorm and GroupNorm (see `eval`).
         #[arg(long, value_name = "EPS", default_value_t = 1e-5)]
         layer_norm_eps: f32,
         /// The epsilon of every BatchNorm1d (see `eval`).
         #[arg(long, value_name = "EPS", default_value_t = 1e-5)]
         batch_norm_eps: f32,
-        /// What each module of a 1-D weight is: layer, rms or prelu (see `eval`).
+        /// What each module of a 1-D weight is: layer, rms, group:G or prelu (see `eval`).
         #[arg(long, value_name = "KIND", default_value = "layer")]
         norm: String,
         /// The epsilon of every RMSNorm (see `eval`).

@@ -41,23 +41,42 @@ pub fn parse_activations(s: &str) -> Result<Vec<Vec<Activation>>> {
 }
 
 /// Parses `--norm`: what every module of a 1-D weight (not a BatchNorm) is, `layer`
-/// (`nn.LayerNorm`), `rms` (`nn.RMSNorm`) or `prelu` (`nn.PReLU(n)`, whose slopes a state
-/// dict stores alike), any case, or a comma-separated list with one per such module in index
-/// order.
+/// (`nn.LayerNorm`), `rms` (`nn.RMSNorm`), `group:G` (`nn.GroupNorm(G, dim)`) or `prelu`
+/// (`nn.PReLU(n)`, whose slopes a state dict stores alike), any case, or a comma-separated list
+/// with one per such module in index order.
 pub fn parse_norms(s: &str) -> Result<Vec<NormKind>> {
+    let usage = |what: String| Error::Usage {
+        arg: "--norm",
+        what,
+    };
     s.split(',')
-        .map(|k| match k.trim().to_ascii_lowercase().as_str() {
-            "layer" | "layer_norm" => Ok(NormKind::Layer),
-            "rms" | "rms_norm" => Ok(NormKind::Rms),
-            "prelu" => Ok(NormKind::PRelu),
-            _ => Err(Error::Usage {
-                arg: "--norm",
-                what: format!(
-                    "`{}`: expected layer (nn.LayerNorm), rms (nn.RMSNorm) or prelu \
-                     (nn.PReLU), or a comma-separated list with one per module of a 1-D weight",
-                    k.trim()
-                ),
-            }),
+        .map(|k| {
+            let k = k.trim().to_ascii_lowercase();
+            if let Some(groups) = k
+                .strip_prefix("group:")
+                .or_else(|| k.strip_prefix("group_norm:"))
+            {
+                return match groups.trim().parse::<usize>() {
+                    Ok(g) if g > 0 => Ok(NormKind::Group(g)),
+                    _ => Err(usage(format!(
+                        "`{k}`: the group count of a GroupNorm must be a whole number from 1 \
+                         (group:4 for nn.GroupNorm(4, dim))"
+                    ))),
+                };
+            }
+            match k.as_str() {
+                "layer" | "layer_norm" => Ok(NormKind::Layer),
+                "rms" | "rms_norm" => Ok(NormKind::Rms),
+                "prelu" => Ok(NormKind::PRelu),
+                "group" | "group_norm" => Err(usage(format!(
+                    "`{k}` needs its group count: group:4 for nn.GroupNorm(4, dim)"
+                ))),
+                _ => Err(usage(format!(
+                    "`{k}`: expected layer (nn.LayerNorm), rms (nn.RMSNorm), group:G \
+                     (nn.GroupNorm(G, dim)) or prelu (nn.PReLU), or a comma-separated list \
+                     with one per module of a 1-D weight"
+                ))),
+            }
         })
         .collect()
 }

@@ -825,6 +825,46 @@ fn rms_norms_are_given_with_norm() {
     }
 }
 
+/// GroupNorms: `--norm group:4,layer,group:2` (one per module of a 1-D weight) and
+/// `--layer-norm-eps 1e-3` give PyTorch's logits (`tests/data/seq_group_norm.*`,
+/// `tools/golden/make_seq_group_norm.py`), and fine-tuning trains through them. Every such
+/// module read as a LayerNorm (the default) gives other logits; a group count that does not
+/// divide the channels, none, or 0 is an error naming it.
+#[test]
+fn group_norms_are_given_with_norm() {
+    let dir = tmpdir("group_norm");
+    let golden = data("seq_group_norm.safetensors");
+    let d = five_rows_of(&dir, &golden);
+    let model = data("seq_group_norm.pth");
+    let logits = dir.join("logits.safetensors");
+    let run = |flags: &[&str]| logits_off_golden(&model, &d, flags, &logits, &golden);
+    let given = [
+        "--norm",
+        "group:4, layer, GROUP_NORM:2",
+        "--layer-norm-eps",
+        "1e-3",
+        "--activation",
+        "relu,gelu,relu",
+    ];
+    let diff = run(&given);
+    assert!(diff < 1e-5, "logits differ from PyTorch's by {diff}");
+    assert!(run(&given[2..]) > 1e-3); // every 1-D weight a LayerNorm
+    finetune_lowers_the_loss(&model, &d, "q4", &given);
+    for (norm, named) in [
+        (
+            "group:5,layer,group:2",
+            "a GroupNorm of 5 groups over 12 channels",
+        ),
+        ("group,layer,group:2", "`group` needs its group count"),
+        ("group:0,layer,group:2", "`group:0`: the group count"),
+        ("group:x,layer,group:2", "`group:x`: the group count"),
+    ] {
+        let flags = [&["--norm", norm][..], &given[2..]].concat();
+        let msg = nibble_fails(&model_data_args("eval", &model, &d, &flags));
+        assert!(msg.contains(named), "{norm}: {msg}");
+    }
+}
+
 /// A training checkpoint (PyTorch's tutorial format, Lightning's) evaluates as the model in it:
 /// the golden logits (`tests/data/ckpt_*`, `tools/golden/make_training_checkpoints.py`).
 #[test]

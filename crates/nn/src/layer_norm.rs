@@ -1,6 +1,6 @@
 //! LayerNorm over the last dimension (PyTorch's `nn.LayerNorm(dim)`, eps 1e-5) of `[batch, dim]`
-//! inputs, and its kin RMSNorm (`nn.RMSNorm(dim)`), a module of the same parameters less the
-//! bias.
+//! inputs, and its kin of the same 1-D parameters: RMSNorm (`nn.RMSNorm(dim)`, no bias) and
+//! GroupNorm (`nn.GroupNorm(groups, dim)`).
 
 use crate::error::{Error, Result};
 use nibble_autograd::{Param, Tape, Var};
@@ -14,6 +14,10 @@ pub enum NormKind {
     Layer,
     /// `x / √(mean(x²) + eps) · weight` (`nn.RMSNorm`; no bias).
     Rms,
+    /// `nn.GroupNorm(groups, dim)`: the `dim` channels in `groups` groups of neighbours, each
+    /// group normalized as a LayerNorm normalizes a row, then `· weight + bias` per channel.
+    /// One group is a LayerNorm.
+    Group(usize),
     /// Not a norm: `nn.PReLU(n)`, whose one 1-D `weight` (the slopes) a state dict stores
     /// like a norm's; [`crate::Sequential::from_state_dict`] makes it a [`crate::PRelu`].
     PRelu,
@@ -32,7 +36,7 @@ pub struct LayerNorm {
     pub bias: Option<Param>,
     /// Added to the variance (to the mean square for an RMSNorm).
     pub eps: f32,
-    /// LayerNorm or RMSNorm.
+    /// LayerNorm, RMSNorm or GroupNorm.
     pub kind: NormKind,
     /// Zeros `[dim]`, frozen, for the forward of a LayerNorm without a bias (the tape's op
     /// adds a bias; `v + 0.0` keeps `v`'s bits but for -0.0), made once.
@@ -86,6 +90,25 @@ impl LayerNorm {
         Ok(self)
     }
 
+    /// This module as a GroupNorm of `groups` groups adding `eps` to each group's variance
+    /// (`nn.GroupNorm(groups, dim, eps)`, default eps 1e-5); an error naming the module if
+    /// `groups` is 0 or does not divide its width. (`nn.GroupNorm(.., affine=False)` has no
+    /// parameters at all, so it is not a module of a state dict.)
+    pub fn into_group(mut self, groups: usize, eps: f32) -> Result<Self> {
+        let dim = self.dim();
+        if groups == 0 || !dim.is_multiple_of(groups) {
+            return Err(Error::Layer {
+                layer: self.name,
+                what: format!(
+                    "a GroupNorm of {groups} groups over {dim} channels: the groups must divide the channels"
+                ),
+            });
+        }
+        self.kind = NormKind::Group(groups);
+        self.eps = eps;
+        Ok(self)
+    }
+
     /// The normalized width.
     pub fn dim(&self) -> usize {
         self.weight.value().numel()
@@ -117,7 +140,12 @@ impl LayerNorm {
                 layer: self.name.clone(),
                 what: "no bias and no zeros to add".into(),
             })?;
-        Ok(tape.layer_norm(x, &self.weight, bias, self.eps)?)
+        match self.kind {
+            NormKind::Group(groups) => {
+                Ok(tape.group_norm(x, groups, &self.weight, bias, self.eps)?)
+            }
+            _ => Ok(tape.layer_norm(x, &self.weight, bias, self.eps)?),
+        }
     }
 
     /// The weight and bias.

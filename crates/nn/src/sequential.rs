@@ -45,14 +45,15 @@ pub struct SequentialOptions {
     pub activation: Option<Vec<Activation>>,
     /// Per-gap parameter-free layers, keyed by the gap's first missing index.
     pub activations: BTreeMap<usize, Vec<Activation>>,
-    /// The epsilon of every LayerNorm, those with parameters and the parameter-free
+    /// The epsilon of every LayerNorm and GroupNorm, those with parameters and the parameter-free
     /// [`Activation::LayerNorm`] in gaps (a state dict does not hold it; PyTorch's default is
     /// [`LayerNorm::DEFAULT_EPS`]).
     pub layer_norm_eps: f32,
     /// The epsilon of every BatchNorm ([`BatchNorm::DEFAULT_EPS`] unless set).
     pub batch_norm_eps: f32,
     /// What every module of a 1-D weight not listed in `norms` is: a LayerNorm unless set
-    /// (a state dict cannot tell an `nn.RMSNorm` from an `nn.LayerNorm(dim, bias=False)`).
+    /// (a state dict cannot tell an `nn.RMSNorm` from an `nn.LayerNorm(dim, bias=False)`, nor
+    /// an `nn.GroupNorm` from an `nn.LayerNorm`).
     pub norm: NormKind,
     /// Per-module kinds of the modules with a 1-D weight, by index.
     pub norms: BTreeMap<usize, NormKind>,
@@ -339,6 +340,7 @@ impl Sequential {
                     let mut norm = vb.layer_norm()?;
                     match options.norms.get(&index).copied().unwrap_or(options.norm) {
                         NormKind::Layer => norm.eps = options.layer_norm_eps,
+                        NormKind::Group(groups) => norm = norm.into_group(groups, options.layer_norm_eps)?,
                         NormKind::Rms if norm.bias.is_some() => {
                             return Err(structure(format!(
                                 "index {index} is given as an RMSNorm, but `{}` exists: an RMSNorm has no bias (a LayerNorm has)",

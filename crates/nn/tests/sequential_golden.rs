@@ -819,6 +819,72 @@ fn rms_norms_match_pytorch() {
     assert!(e.contains("RMSNorm epsilon"), "{e}");
 }
 
+/// GroupNorms: a state dict's 1-D weight and bias are a LayerNorm unless the options say
+/// GroupNorm with its group count (per index here: 4 groups at `1`, 2 at `7`, a LayerNorm at
+/// `4`); with their epsilon (1e-3) the logits, the input's gradient and the GroupNorms' weight
+/// and bias gradients are PyTorch's (`tests/data/seq_group_norm.*`,
+/// `tools/golden/make_seq_group_norm.py`). A group count that does not divide the channels is
+/// an error naming the module.
+#[test]
+fn group_norms_match_pytorch() {
+    let g = Checkpoint::open(data("seq_group_norm.safetensors")).unwrap();
+    let (x, want_logits) = (tensor(&g, "x"), tensor(&g, "logits"));
+    let file = Checkpoint::open(data("seq_group_norm.pth")).unwrap();
+    let options = SequentialOptions::new()
+        .norm_at(1, NormKind::Group(4))
+        .norm_at(7, NormKind::Group(2))
+        .layer_norm_eps(1e-3)
+        .gap_layers_at(2, vec![Activation::Relu])
+        .gap_layers_at(5, vec![Activation::Gelu])
+        .gap_layers_at(8, vec![Activation::Relu]);
+    let model = Sequential::from_state_dict(&file, &options).unwrap();
+    assert_eq!(
+        layer_kinds(&model),
+        [
+            "linear 0",
+            "Group(4) 1 0.001",
+            "relu",
+            "linear 3",
+            "Layer 4 0.001",
+            "gelu",
+            "linear 6",
+            "Group(2) 7 0.001",
+            "relu",
+            "linear 9"
+        ]
+    );
+    let diff = max_diff(&model.infer(&x).unwrap(), &want_logits);
+    assert!(diff < 1e-5, "logits differ from PyTorch's by {diff}");
+    gradients_match(
+        &g,
+        &model,
+        &[
+            ("1.weight", "d_w1"),
+            ("1.bias", "d_b1"),
+            ("7.weight", "d_w7"),
+            ("7.bias", "d_b7"),
+        ],
+    );
+    // Read as LayerNorms (one group), the model gives other logits.
+    let as_layer = SequentialOptions {
+        norms: Default::default(),
+        ..options.clone()
+    };
+    let other = Sequential::from_state_dict(&file, &as_layer).unwrap();
+    assert!(max_diff(&other.infer(&x).unwrap(), &want_logits) > 1e-3);
+    for groups in [5, 0] {
+        let bad = options.clone().norm_at(1, NormKind::Group(groups));
+        let e = Sequential::from_state_dict(&file, &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("a GroupNorm of {groups} groups over 12 channels"))
+                && e.contains('1'),
+            "{e}"
+        );
+    }
+}
+
 /// A PEFT DoRA adapter on the Sequential (`tests/data/peft_variants/dora`,
 /// `tools/golden/make_peft_dora.py`): PEFT's logits, each adapted layer holding its magnitude
 /// and scale; saving it back is refused (PEFT's layout would need the magnitudes and nibble

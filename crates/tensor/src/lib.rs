@@ -9,6 +9,7 @@ pub mod buffer;
 pub mod cpu;
 pub mod error;
 pub mod gemm;
+pub mod group_norm;
 pub mod half_tensor;
 pub mod heap;
 pub mod hot_team;
@@ -22,9 +23,12 @@ pub mod rng;
 pub mod simd;
 pub mod team;
 pub mod tensor;
+#[cfg(test)]
+mod test_support;
 pub mod weight;
 
 pub use error::{Result, TensorError};
+pub use group_norm::{group_norm, group_norm_backward};
 pub use half::f16;
 pub use half_tensor::HalfTensor;
 pub use layernorm::{layer_norm, layer_norm_backward, LayerNormStats};

@@ -151,6 +151,7 @@ fn lane_sum_pairs(dyr: &[f32], xr: &[f32], weight: &[f32]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::{assert_close_to_f64 as close, bits, on_threads};
     use crate::Rng;
 
     /// The forward and backward in f64, for one row set.
@@ -175,16 +176,6 @@ mod tests {
             }
         }
         (y, dx, dw)
-    }
-
-    fn close(got: &[f32], want: &[f64], tol: f64, what: &str) {
-        assert_eq!(got.len(), want.len(), "{what}");
-        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-            assert!(
-                (g as f64 - w).abs() <= tol * (1.0 + w.abs()),
-                "{what}[{i}]: {g} vs {w}"
-            );
-        }
     }
 
     #[test]
@@ -214,14 +205,9 @@ mod tests {
         let dy = Tensor::randn(&[m, c], &mut rng);
         let w = Tensor::uniform(&[c], -1.0, 1.0, &mut rng);
         let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            pool.install(|| {
+            on_threads(threads, || {
                 let (y, r) = rms_norm(&x, w.data(), 1e-6).unwrap();
                 let (dx, dw) = rms_norm_backward(&dy, &x, w.data(), &r).unwrap();
-                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                 (bits(y.data()), bits(&r), bits(dx.data()), bits(&dw))
             })
         };

@@ -26,14 +26,8 @@ impl Op for LayerNormOp {
             let w = self.weight.value();
             layer_norm_backward(&d_y, &self.x, w.data(), &self.stats)?
         };
-        if self.weight.requires_grad() {
-            self.weight
-                .accumulate_grad(Tensor::from_vec(&[d_weight.len()], d_weight)?)?;
-        }
-        if self.bias.requires_grad() {
-            self.bias
-                .accumulate_grad(Tensor::from_vec(&[d_bias.len()], d_bias)?)?;
-        }
+        self.weight.accumulate_vec_grad(d_weight)?;
+        self.bias.accumulate_vec_grad(d_bias)?;
         Ok(vec![self.x_tracked.then_some(d_x)])
     }
 }

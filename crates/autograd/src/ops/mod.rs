@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod cross_entropy;
 pub mod elementwise;
 pub mod gelu;
+pub mod group_norm;
 pub mod layer_norm;
 pub mod linear;
 pub mod loss;

@@ -25,10 +25,7 @@ impl Op for RmsNormOp {
             let w = self.weight.value();
             rms_norm_backward(&d_y, &self.x, w.data(), &self.rrms)?
         };
-        if self.weight.requires_grad() {
-            self.weight
-                .accumulate_grad(Tensor::from_vec(&[d_weight.len()], d_weight)?)?;
-        }
+        self.weight.accumulate_vec_grad(d_weight)?;
         Ok(vec![self.x_tracked.then_some(d_x)])
     }
 }
