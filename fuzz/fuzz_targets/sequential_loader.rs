@@ -3,8 +3,9 @@
 //! reader: the structure from the keys (Linears with or without a bias, LayerNorms, gaps), every
 //! stored layout of a Linear (plain floats, nibble's quantized parts, bitsandbytes' 4-bit
 //! layouts, NF4 and FP4, and its 8-bit one, weight-normalized Linears), read as PyTorch's
-//! defaults and again with RMSNorms and parameter-free norms in the gaps, and, when a model
-//! loads, a forward pass of two rows. Nothing may panic, abort or run out of memory.
+//! defaults, again with RMSNorms and parameter-free norms in the gaps, and again with
+//! GroupNorms of two groups, in the gaps too (an error where two do not divide a width), and,
+//! when a model loads, a forward pass of two rows. Nothing may panic, abort or run out of memory.
 
 use libfuzzer_sys::fuzz_target;
 use nibble_io::Checkpoint;
@@ -15,8 +16,8 @@ fuzz_target!(|data: &[u8]| {
     let Ok(file) = Checkpoint::from_bytes("fuzz.safetensors", Arc::new(data.to_vec())) else {
         return;
     };
-    // The default reading, and one with every 1-D weight an RMSNorm and parameter-free norms
-    // in the gaps.
+    // The default reading, one with every 1-D weight an RMSNorm and parameter-free norms in
+    // the gaps, and one with every 1-D weight and every gap a GroupNorm of two groups.
     let options = [
         SequentialOptions::new().activation(Activation::Relu),
         SequentialOptions::new().norm(NormKind::Rms).gap_layers(vec![
@@ -24,6 +25,9 @@ fuzz_target!(|data: &[u8]| {
             Activation::rms_norm(f32::EPSILON),
             Activation::Relu,
         ]),
+        SequentialOptions::new()
+            .norm(NormKind::Group(2))
+            .gap_layers(vec![Activation::group_norm(2, 1e-5), Activation::Gelu]),
     ];
     for options in &options {
         let Ok(model) = Sequential::from_state_dict(&file, options) else {

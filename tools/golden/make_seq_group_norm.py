@@ -5,7 +5,10 @@ Linear(8,6), GroupNorm(2,6), ReLU(), Linear(6,3))`, every norm's eps 1e-3, the n
 parameters nudged off their init) and tests/data/seq_group_norm.safetensors (`x` [5, 6], small so
 that the epsilon matters, its `logits` [5, 3], `labels` [5], and the gradients of the mean
 cross-entropy with respect to x (`dx`) and to the GroupNorms' weights and biases (`d_w1`, `d_b1`,
-`d_w7`, `d_b7`)).
+`d_w7`, `d_b7`)); and a GroupNorm without parameters (`--activation group_norm:3+relu
+--layer-norm-eps 1e-3`): tests/data/seq_group_norm_plain.pth (`nn.Sequential(Linear(6,12),
+GroupNorm(3,12, affine=False), ReLU(), Linear(12,3))`, eps 1e-3) and
+tests/data/seq_group_norm_plain.safetensors (`x` [5, 6], `logits`, `labels`, `dx`).
 
     python3 tools/golden/make_seq_group_norm.py tests/data
 """
@@ -33,3 +36,14 @@ save_file({"x": x.detach(), "logits": logits.detach(), "labels": labels, "dx": x
            "d_w7": model[7].weight.grad, "d_b7": model[7].bias.grad},
           f"{out}/seq_group_norm.safetensors")
 print(sorted(model.state_dict().keys()))
+
+torch.manual_seed(29)
+plain = nn.Sequential(nn.Linear(6, 12), nn.GroupNorm(3, 12, eps=1e-3, affine=False), nn.ReLU(),
+                      nn.Linear(12, 3)).eval()
+x = (0.05 * torch.randn(5, 6)).requires_grad_(True)
+logits = plain(x)
+nn.functional.cross_entropy(logits, labels).backward()
+torch.save(plain.state_dict(), f"{out}/seq_group_norm_plain.pth")
+save_file({"x": x.detach(), "logits": logits.detach(), "labels": labels, "dx": x.grad},
+          f"{out}/seq_group_norm_plain.safetensors")
+print(sorted(plain.state_dict().keys()))

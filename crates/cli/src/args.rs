@@ -110,8 +110,9 @@ pub enum Command {
         /// negative_slope=0.2), elu (nn.ELU; elu:0.5 for alpha=0.5), softplus (nn.Softplus),
         /// mish (nn.Mish), hardswish (nn.Hardswish), relu6 (nn.ReLU6), identity (nn.Identity,
         /// nn.Dropout, nn.Flatten), layer_norm (nn.LayerNorm(dim, elementwise_affine=False),
-        /// epsilon --layer-norm-eps) or rms_norm (nn.RMSNorm(dim, elementwise_affine=False),
-        /// epsilon --rms-norm-eps); several in one gap joined by `+` (layer_norm+relu); a
+        /// epsilon --layer-norm-eps), group_norm:G (nn.GroupNorm(G, dim, affine=False), epsilon
+        /// --layer-norm-eps) or rms_norm (nn.RMSNorm(dim, elementwise_affine=False), epsilon
+        /// --rms-norm-eps); several in one gap joined by `+` (layer_norm+relu); a
         /// comma-separated list with one per gap.
         #[arg(long, default_value = "relu")]
         activation: String,

@@ -827,9 +827,11 @@ fn rms_norms_are_given_with_norm() {
 
 /// GroupNorms: `--norm group:4,layer,group:2` (one per module of a 1-D weight) and
 /// `--layer-norm-eps 1e-3` give PyTorch's logits (`tests/data/seq_group_norm.*`,
-/// `tools/golden/make_seq_group_norm.py`), and fine-tuning trains through them. Every such
-/// module read as a LayerNorm (the default) gives other logits; a group count that does not
-/// divide the channels, none, or 0 is an error naming it.
+/// `tools/golden/make_seq_group_norm.py`), and fine-tuning trains through them; so does
+/// `--activation group_norm:3+relu` for a GroupNorm without parameters
+/// (`tests/data/seq_group_norm_plain.*`). Every such module read as a LayerNorm (the default)
+/// gives other logits; a group count that does not divide the channels, none, or 0 is an error
+/// naming it.
 #[test]
 fn group_norms_are_given_with_norm() {
     let dir = tmpdir("group_norm");
@@ -863,6 +865,22 @@ fn group_norms_are_given_with_norm() {
         let msg = nibble_fails(&model_data_args("eval", &model, &d, &flags));
         assert!(msg.contains(named), "{norm}: {msg}");
     }
+    // A GroupNorm without parameters, in a gap (`tests/data/seq_group_norm_plain.*`).
+    let plain_dir = tmpdir("group_norm_plain");
+    let golden = data("seq_group_norm_plain.safetensors");
+    let plain = data("seq_group_norm_plain.pth");
+    let d = five_rows_of(&plain_dir, &golden);
+    let given = [
+        "--activation",
+        "group_norm:3+relu",
+        "--layer-norm-eps",
+        "1e-3",
+    ];
+    let diff = logits_off_golden(&plain, &d, &given, &logits, &golden);
+    assert!(diff < 1e-5, "plain: logits differ from PyTorch's by {diff}");
+    let flags = ["--activation", "group_norm:5+relu"];
+    let msg = nibble_fails(&model_data_args("eval", &plain, &d, &flags));
+    assert!(msg.contains("its 5 groups must divide"), "{msg}");
 }
 
 /// A training checkpoint (PyTorch's tutorial format, Lightning's) evaluates as the model in it:

@@ -57,6 +57,16 @@ pub enum Activation {
     /// model's RMSNorm epsilon, [`crate::SequentialOptions::rms_norm_eps`]; parsed, it is
     /// [`f32::EPSILON`], PyTorch's for f32).
     RmsNorm(Coef),
+    /// Each row's channels in `groups` groups of neighbours, each group normalized as
+    /// [`Activation::LayerNorm`] normalizes a row: `nn.GroupNorm(groups, dim, affine=False)`,
+    /// which has no parameters (written `group_norm:<groups>`; its epsilon is the model's
+    /// LayerNorm epsilon, as [`Activation::LayerNorm`]'s).
+    GroupNorm {
+        /// The number of groups; it must divide the width.
+        groups: usize,
+        /// Added to each group's variance.
+        eps: Coef,
+    },
 }
 
 impl Activation {
@@ -110,7 +120,8 @@ impl Activation {
     pub fn names_list() -> String {
         let (last, rest) = Self::NAMES.split_last().expect("names");
         format!(
-            "{} or {last}; leaky_relu:<slope> and elu:<alpha> set the coefficient",
+            "{} or {last}; leaky_relu:<slope> and elu:<alpha> set the coefficient; \
+             group_norm:<groups> is nn.GroupNorm(groups, dim, affine=False)",
             rest.join(", ")
         )
     }
@@ -123,6 +134,14 @@ impl Activation {
     /// A parameter-free RMSNorm adding `eps` to the mean square.
     pub const fn rms_norm(eps: f32) -> Self {
         Activation::RmsNorm(Coef::new(eps))
+    }
+
+    /// A parameter-free GroupNorm of `groups` groups adding `eps` to each group's variance.
+    pub const fn group_norm(groups: usize, eps: f32) -> Self {
+        Activation::GroupNorm {
+            groups,
+            eps: Coef::new(eps),
+        }
     }
 
     /// Applies the activation on `tape` to `x` `[batch, features]` (the identity returns `x`
@@ -146,6 +165,13 @@ impl Activation {
                 let ones = Param::new("rms_norm.weight", Tensor::full(&dim, 1.0), false);
                 tape.rms_norm(x, &ones, eps.get())?
             }
+            (Activation::GroupNorm { groups, eps }, None) => {
+                // The GroupNorm op with a frozen weight of ones and bias of zeros, as above.
+                let dim = [x.shape().last().copied().unwrap_or(0)];
+                let ones = Param::new("group_norm.weight", Tensor::full(&dim, 1.0), false);
+                let zeros = Param::new("group_norm.bias", Tensor::zeros(&dim), false);
+                tape.group_norm(x, groups, &ones, &zeros, eps.get())?
+            }
             (_, None) => x.clone(),
         })
     }
@@ -168,7 +194,8 @@ impl Activation {
             | Activation::Gelu
             | Activation::Identity
             | Activation::LayerNorm(_)
-            | Activation::RmsNorm(_) => return None,
+            | Activation::RmsNorm(_)
+            | Activation::GroupNorm { .. } => return None,
         })
     }
 
@@ -191,6 +218,7 @@ impl Activation {
             Activation::Identity => "identity",
             Activation::LayerNorm(_) => "layer_norm",
             Activation::RmsNorm(_) => "rms_norm",
+            Activation::GroupNorm { .. } => "group_norm",
         }
     }
 
@@ -206,6 +234,9 @@ impl Activation {
 
 impl fmt::Display for Activation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Activation::GroupNorm { groups, .. } = self {
+            return write!(f, "{}:{groups}", self.name());
+        }
         match self.coefficient() {
             Some((c, default)) if c != default => write!(f, "{}:{c}", self.name()),
             _ => f.write_str(self.name()),
@@ -229,6 +260,19 @@ impl FromStr for Activation {
                 Self::names_list()
             )
         };
+        if name.eq_ignore_ascii_case("group_norm") {
+            return match coefficient.map(|c| c.parse::<usize>()) {
+                Some(Ok(groups)) if groups > 0 => Ok(Self::group_norm(groups, LAYER_NORM_EPS)),
+                Some(_) => Err(format!(
+                    "activation `{wanted}`: the group count must be a whole number from 1 \
+                     (group_norm:4 for nn.GroupNorm(4, dim, affine=False))"
+                )),
+                None => Err(format!(
+                    "activation `{wanted}` needs its group count: group_norm:4 for \
+                     nn.GroupNorm(4, dim, affine=False)"
+                )),
+            };
+        }
         let found = Self::ALL
             .into_iter()
             .find(|a| a.name().eq_ignore_ascii_case(name))
@@ -294,6 +338,41 @@ mod tests {
         let e = "layer_norm:0.1".parse::<Activation>().unwrap_err();
         assert!(e.contains("takes no coefficient"), "{e}");
         assert_eq!("RMS_norm".parse(), Ok(Activation::rms_norm(f32::EPSILON)));
+        // A parameter-free GroupNorm: its group count after the colon, the epsilon the model's.
+        let group: Activation = " Group_Norm : 4 ".parse().unwrap();
+        assert_eq!(group, Activation::group_norm(4, 1e-5));
+        assert_eq!(group.to_string(), "group_norm:4");
+        assert_eq!(group.to_string().parse::<Activation>(), Ok(group));
+        for (bad, why) in [
+            ("group_norm", "needs its group count"),
+            ("group_norm:0", "whole number from 1"),
+            ("group_norm:2.5", "whole number from 1"),
+        ] {
+            let e = bad.parse::<Activation>().unwrap_err();
+            assert!(e.contains(bad) && e.contains(why), "{bad}: {e}");
+        }
+        assert!(Activation::names_list().contains("group_norm:<groups>"));
+    }
+
+    /// A parameter-free GroupNorm normalizes each group of each row on its own: 2 groups of 3
+    /// channels, each with mean 0 and variance 1; a group count that does not divide the width
+    /// is an error naming both.
+    #[test]
+    fn group_norm_normalizes_each_group() {
+        let tape = Tape::new();
+        let xs = vec![1.0f32, 2.0, 4.0, -30.0, 0.0, 30.0];
+        let x = tape.leaf(Tensor::from_vec(&[1, 6], xs).unwrap());
+        let y = Activation::group_norm(2, 1e-5).forward(&tape, &x).unwrap();
+        for group in y.value().data().chunks(3) {
+            let mean: f32 = group.iter().sum::<f32>() / 3.0;
+            let var: f32 = group.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / 3.0;
+            assert!(mean.abs() < 1e-6 && (var - 1.0).abs() < 1e-4, "{group:?}");
+        }
+        let e = Activation::group_norm(4, 1e-5)
+            .forward(&tape, &x)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("4 groups of 6 channels"), "{e}");
     }
 
     /// A parameter-free LayerNorm normalizes each row and passes the gradient of the

@@ -165,8 +165,8 @@ pub struct Sequential {
     layers: Vec<Layer>,
 }
 
-/// The layers of a gap: its activations in order, a parameter-free LayerNorm or RMSNorm taking
-/// the model's epsilon for its kind.
+/// The layers of a gap: its activations in order, a parameter-free LayerNorm, GroupNorm or
+/// RMSNorm taking the model's epsilon for its kind.
 fn gap_layers<'a>(
     acts: &'a [Activation],
     options: &SequentialOptions,
@@ -176,9 +176,57 @@ fn gap_layers<'a>(
         Layer::Activation(match a {
             Activation::LayerNorm(_) => Activation::layer_norm(layer_eps),
             Activation::RmsNorm(_) => Activation::rms_norm(rms_eps),
+            Activation::GroupNorm { groups, .. } => Activation::group_norm(*groups, layer_eps),
             other => *other,
         })
     })
+}
+
+/// The name and the input and output widths of a layer of weights (`None` for an activation;
+/// a PReLU of one slope reports 1 for both).
+fn layer_widths(layer: &Layer) -> Option<(&str, usize, usize)> {
+    match layer {
+        Layer::Linear(l) => {
+            let (out, inp) = l.dims();
+            Some((&l.name, inp, out))
+        }
+        Layer::LayerNorm(n) => Some((&n.name, n.dim(), n.dim())),
+        Layer::BatchNorm(n) => Some((&n.name, n.dim(), n.dim())),
+        Layer::PRelu(p) => Some((&p.name, p.slopes(), p.slopes())),
+        Layer::Activation(_) => None,
+    }
+}
+
+/// Every parameter-free GroupNorm's group count divides the width it normalizes: the output of
+/// the nearest module of weights before it, or before the first one, that module's input (a
+/// one-slope PReLU says nothing of the width). Otherwise the message naming the module and
+/// both counts.
+fn check_gap_group_norms(layers: &[Layer]) -> std::result::Result<(), String> {
+    let known = |l: &&Layer| !matches!(l, Layer::PRelu(p) if p.slopes() == 1);
+    for (at, layer) in layers.iter().enumerate() {
+        let Layer::Activation(a @ Activation::GroupNorm { groups, .. }) = layer else {
+            continue;
+        };
+        let after = layers[..at]
+            .iter()
+            .rev()
+            .filter(known)
+            .find_map(layer_widths)
+            .map(|(name, _, out)| (format!("after module `{name}`"), out));
+        let width = after.or_else(|| {
+            layers[at..]
+                .iter()
+                .filter(known)
+                .find_map(layer_widths)
+                .map(|(name, inp, _)| (format!("before module `{name}`"), inp))
+        });
+        if let Some((place, width)) = width.filter(|(_, w)| !w.is_multiple_of(*groups)) {
+            return Err(format!(
+                "the parameter-free `{a}` {place} normalizes {width} features: its {groups} groups must divide them"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The `Sequential` index and parameter name of a state-dict key: `3.weight` -> (3, "weight"),
@@ -387,16 +435,9 @@ impl Sequential {
                     )));
                 }
             };
-            let (inp, out) = match &layer {
-                Layer::Linear(l) => {
-                    let (o, i) = l.dims();
-                    (i, o)
-                }
-                Layer::LayerNorm(n) => (n.dim(), n.dim()),
-                Layer::BatchNorm(n) => (n.dim(), n.dim()),
-                // PReLUs are pushed above; activations come from gaps.
-                Layer::PRelu(p) => (p.slopes(), p.slopes()),
-                Layer::Activation(_) => unreachable!("only weights are read here"),
+            // Only layers of weights are read here (activations come from gaps).
+            let Some((_, inp, out)) = layer_widths(&layer) else {
+                return Err(structure(format!("index {index} holds no weights")));
             };
             if let Some((w, from)) = &width {
                 if *w != inp {
@@ -424,6 +465,7 @@ impl Sequential {
                 "an activation is given for index {index}, which starts no gap between layers (gaps at {gaps:?})"
             )));
         }
+        check_gap_group_norms(&layers).map_err(structure)?;
         Ok(Sequential { layers })
     }
 

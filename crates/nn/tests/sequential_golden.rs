@@ -885,6 +885,40 @@ fn group_norms_match_pytorch() {
     }
 }
 
+/// A GroupNorm without parameters (`nn.GroupNorm(3, 12, affine=False)`) leaves a gap; given
+/// as a gap layer (`group_norm:3`, then ReLU) with the model's epsilon (1e-3), the logits and
+/// the input's gradient are PyTorch's (`tests/data/seq_group_norm_plain.*`,
+/// `tools/golden/make_seq_group_norm.py`); as a LayerNorm they are not. A group count that does
+/// not divide the width is an error naming the module before it and both counts.
+#[test]
+fn group_norms_without_parameters_in_gaps_match_pytorch() {
+    let g = Checkpoint::open(data("seq_group_norm_plain.safetensors")).unwrap();
+    let (x, want_logits) = (tensor(&g, "x"), tensor(&g, "logits"));
+    let file = Checkpoint::open(data("seq_group_norm_plain.pth")).unwrap();
+    let with = |first: Activation| {
+        SequentialOptions::new()
+            .layer_norm_eps(1e-3)
+            .gap_layers_at(1, vec![first, Activation::Relu])
+    };
+    let model = Sequential::from_state_dict(&file, &with(Activation::group_norm(3, 1e-5))).unwrap();
+    assert_eq!(
+        layer_kinds(&model),
+        ["linear 0", "group_norm:3", "relu", "linear 3"]
+    );
+    let diff = max_diff(&model.infer(&x).unwrap(), &want_logits);
+    assert!(diff < 1e-5, "logits differ from PyTorch's by {diff}");
+    gradients_match(&g, &model, &[]);
+    let layer = Sequential::from_state_dict(&file, &with(Activation::layer_norm(1e-5))).unwrap();
+    assert!(max_diff(&layer.infer(&x).unwrap(), &want_logits) > 1e-3);
+    let e = Sequential::from_state_dict(&file, &with(Activation::group_norm(5, 1e-5)))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("`group_norm:5` after module `0` normalizes 12 features"),
+        "{e}"
+    );
+}
+
 /// A PEFT DoRA adapter on the Sequential (`tests/data/peft_variants/dora`,
 /// `tools/golden/make_peft_dora.py`): PEFT's logits, each adapted layer holding its magnitude
 /// and scale; saving it back is refused (PEFT's layout would need the magnitudes and nibble
