@@ -108,7 +108,10 @@ pub enum Command {
         /// erf form), gelu_tanh (nn.GELU(approximate="tanh")), tanh (nn.Tanh), sigmoid
         /// (nn.Sigmoid), silu (nn.SiLU), leaky_relu (nn.LeakyReLU; leaky_relu:0.2 for
         /// negative_slope=0.2), elu (nn.ELU; elu:0.5 for alpha=0.5), softplus (nn.Softplus),
-        /// mish (nn.Mish), hardswish (nn.Hardswish), relu6 (nn.ReLU6), identity (nn.Identity,
+        /// mish (nn.Mish), hardswish (nn.Hardswish), relu6 (nn.ReLU6), selu (nn.SELU), celu
+        /// (nn.CELU; celu:0.5 for alpha=0.5), hardtanh (nn.Hardtanh()), hardsigmoid
+        /// (nn.Hardsigmoid), softsign (nn.Softsign), logsigmoid (nn.LogSigmoid), tanhshrink
+        /// (nn.Tanhshrink), identity (nn.Identity,
         /// nn.Dropout, nn.Flatten), layer_norm (nn.LayerNorm(dim, elementwise_affine=False),
         /// epsilon --layer-norm-eps), group_norm:G (nn.GroupNorm(G, dim, affine=False), epsilon
         /// --layer-norm-eps) or rms_norm (nn.RMSNorm(dim, elementwise_affine=False), epsilon

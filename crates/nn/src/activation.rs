@@ -10,13 +10,16 @@ use std::str::FromStr;
 pub const LEAKY_RELU_SLOPE: f32 = 0.01;
 /// ELU's default alpha (PyTorch's `nn.ELU()`).
 pub const ELU_ALPHA: f32 = 1.0;
+/// CELU's default alpha (PyTorch's `nn.CELU()`).
+pub const CELU_ALPHA: f32 = 1.0;
 
 /// PyTorch's LayerNorm epsilon (`nn.LayerNorm(dim)`), that of [`Activation::LayerNorm`] unless
 /// set.
 pub const LAYER_NORM_EPS: f32 = 1e-5;
 
 /// A parameter-free layer: what a PyTorch `nn.Sequential` holds at an index without
-/// parameters. All but [`Activation::LayerNorm`] are elementwise.
+/// parameters. All but the norms ([`Activation::LayerNorm`], [`Activation::RmsNorm`],
+/// [`Activation::GroupNorm`]) are elementwise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Activation {
     /// `max(x, 0)` (`nn.ReLU`).
@@ -44,6 +47,21 @@ pub enum Activation {
     Hardswish,
     /// `min(max(x, 0), 6)` (`nn.ReLU6`).
     Relu6,
+    /// `scale · x` for `x > 0`, else `scale · alpha · (eˣ − 1)`, PyTorch's constants
+    /// (`nn.SELU`).
+    Selu,
+    /// `x` for `x > 0`, else `alpha · (e^{x/alpha} − 1)` (`nn.CELU(alpha)`; `celu`, `celu:0.5`).
+    Celu(Coef),
+    /// `min(max(x, −1), 1)` (`nn.Hardtanh()`).
+    Hardtanh,
+    /// `min(max(x + 3, 0), 6) / 6` (`nn.Hardsigmoid`).
+    Hardsigmoid,
+    /// `x / (1 + |x|)` (`nn.Softsign`).
+    Softsign,
+    /// `ln sigmoid(x)` (`nn.LogSigmoid`).
+    LogSigmoid,
+    /// `x − tanh(x)` (`nn.Tanhshrink`).
+    Tanhshrink,
     /// `y = x`: `nn.Identity`, `nn.Dropout` in eval mode, `nn.Flatten` of a 2-D input.
     Identity,
     /// Each row normalized, `(x − mean) / √(var + eps)` with the biased variance over the row:
@@ -72,7 +90,7 @@ pub enum Activation {
 impl Activation {
     /// Every activation (LeakyReLU and ELU with PyTorch's default coefficients), in the order
     /// of [`Activation::NAMES`].
-    pub const ALL: [Activation; 15] = [
+    pub const ALL: [Activation; 22] = [
         Activation::Relu,
         Activation::Gelu,
         Activation::GeluTanh,
@@ -85,14 +103,21 @@ impl Activation {
         Activation::Mish,
         Activation::Hardswish,
         Activation::Relu6,
+        Activation::Selu,
+        Activation::Celu(Coef::new(CELU_ALPHA)),
+        Activation::Hardtanh,
+        Activation::Hardsigmoid,
+        Activation::Softsign,
+        Activation::LogSigmoid,
+        Activation::Tanhshrink,
         Activation::Identity,
         Activation::LayerNorm(Coef::new(LAYER_NORM_EPS)),
         Activation::RmsNorm(Coef::new(f32::EPSILON)),
     ];
 
     /// The names [`Activation::from_str`](FromStr) accepts, one per activation
-    /// (`leaky_relu` and `elu` also take a coefficient: `leaky_relu:0.2`, `elu:0.5`).
-    pub const NAMES: [&'static str; 15] = [
+    /// (`leaky_relu`, `elu` and `celu` also take a coefficient: `leaky_relu:0.2`, `elu:0.5`).
+    pub const NAMES: [&'static str; 22] = [
         "relu",
         "gelu",
         "gelu_tanh",
@@ -105,6 +130,13 @@ impl Activation {
         "mish",
         "hardswish",
         "relu6",
+        "selu",
+        "celu",
+        "hardtanh",
+        "hardsigmoid",
+        "softsign",
+        "logsigmoid",
+        "tanhshrink",
         "identity",
         "layer_norm",
         "rms_norm",
@@ -120,7 +152,7 @@ impl Activation {
     pub fn names_list() -> String {
         let (last, rest) = Self::NAMES.split_last().expect("names");
         format!(
-            "{} or {last}; leaky_relu:<slope> and elu:<alpha> set the coefficient; \
+            "{} or {last}; leaky_relu:<slope>, elu:<alpha> and celu:<alpha> set the coefficient; \
              group_norm:<groups> is nn.GroupNorm(groups, dim, affine=False)",
             rest.join(", ")
         )
@@ -190,6 +222,13 @@ impl Activation {
             Activation::Mish => UnaryFn::Mish,
             Activation::Hardswish => UnaryFn::Hardswish,
             Activation::Relu6 => UnaryFn::Relu6,
+            Activation::Selu => UnaryFn::Selu,
+            Activation::Celu(alpha) => UnaryFn::Celu(alpha),
+            Activation::Hardtanh => UnaryFn::Hardtanh,
+            Activation::Hardsigmoid => UnaryFn::Hardsigmoid,
+            Activation::Softsign => UnaryFn::Softsign,
+            Activation::LogSigmoid => UnaryFn::LogSigmoid,
+            Activation::Tanhshrink => UnaryFn::Tanhshrink,
             Activation::Relu
             | Activation::Gelu
             | Activation::Identity
@@ -215,6 +254,13 @@ impl Activation {
             Activation::Mish => "mish",
             Activation::Hardswish => "hardswish",
             Activation::Relu6 => "relu6",
+            Activation::Selu => "selu",
+            Activation::Celu(_) => "celu",
+            Activation::Hardtanh => "hardtanh",
+            Activation::Hardsigmoid => "hardsigmoid",
+            Activation::Softsign => "softsign",
+            Activation::LogSigmoid => "logsigmoid",
+            Activation::Tanhshrink => "tanhshrink",
             Activation::Identity => "identity",
             Activation::LayerNorm(_) => "layer_norm",
             Activation::RmsNorm(_) => "rms_norm",
@@ -227,6 +273,7 @@ impl Activation {
         match self {
             Activation::LeakyRelu(c) => Some((c.get(), LEAKY_RELU_SLOPE)),
             Activation::Elu(c) => Some((c.get(), ELU_ALPHA)),
+            Activation::Celu(c) => Some((c.get(), CELU_ALPHA)),
             _ => None,
         }
     }
@@ -288,8 +335,13 @@ impl FromStr for Activation {
         match found {
             Activation::LeakyRelu(_) => Ok(Activation::LeakyRelu(Coef::new(value))),
             Activation::Elu(_) => Ok(Activation::Elu(Coef::new(value))),
+            // CELU divides by its alpha: PyTorch refuses 0.
+            Activation::Celu(_) if value == 0.0 => {
+                Err(format!("activation `{wanted}`: CELU's alpha cannot be 0"))
+            }
+            Activation::Celu(_) => Ok(Activation::Celu(Coef::new(value))),
             other => Err(format!(
-                "activation `{wanted}`: {} takes no coefficient (only leaky_relu and elu do)",
+                "activation `{wanted}`: {} takes no coefficient (only leaky_relu, elu and celu do)",
                 other.name()
             )),
         }
@@ -327,6 +379,10 @@ mod tests {
         assert_eq!(leaky.to_string().parse::<Activation>(), Ok(leaky));
         assert_eq!("elu:0.5".parse(), Ok(Activation::Elu(Coef::new(0.5))));
         assert_eq!("elu:1".parse::<Activation>().unwrap().to_string(), "elu");
+        assert_eq!("CELU:0.5".parse(), Ok(Activation::Celu(Coef::new(0.5))));
+        assert_eq!(Activation::Celu(Coef::new(0.5)).to_string(), "celu:0.5");
+        let e = "celu:0".parse::<Activation>().unwrap_err();
+        assert!(e.contains("cannot be 0"), "{e}");
         for bad in ["relu:0.1", "leaky_relu:x", "elu:nan", "leaky_relu:inf"] {
             let e = bad.parse::<Activation>().unwrap_err();
             assert!(e.contains(bad), "{bad}: {e}");

@@ -1,5 +1,6 @@
 //! Elementwise functions with one op for all of them: tanh, sigmoid, SiLU, the tanh form of
-//! GELU, LeakyReLU, ELU, Softplus, Mish, Hardswish and ReLU6. Each [`UnaryFn`] gives its value
+//! GELU, LeakyReLU, ELU, Softplus, Mish, Hardswish, ReLU6, SELU, CELU, Hardtanh, Hardsigmoid,
+//! Softsign, LogSigmoid and Tanhshrink. Each [`UnaryFn`] gives its value
 //! and its derivative per element, computed in f32 in the order PyTorch's CPU kernels use for
 //! f32 tensors (and, at a kink, the side PyTorch's backward takes); [`Tape::unary`] applies one
 //! and records a backward that saves the input.
@@ -15,6 +16,10 @@ const GELU_TANH_BETA: f32 = 0.797_884_6;
 const GELU_TANH_KAPPA: f32 = 0.044_715;
 /// Softplus returns `x` itself above this (PyTorch's default `threshold`).
 const SOFTPLUS_THRESHOLD: f32 = 20.0;
+/// SELU's alpha (PyTorch's `nn.SELU`, from the self-normalizing networks paper).
+const SELU_ALPHA: f32 = 1.673_263_2;
+/// SELU's scale.
+const SELU_SCALE: f32 = 1.050_701;
 
 /// A function's f32 coefficient (LeakyReLU's negative slope, ELU's alpha), held by its bits so
 /// that [`UnaryFn`] stays `Eq` and `Hash`.
@@ -67,6 +72,21 @@ pub enum UnaryFn {
     Hardswish,
     /// `min(max(x, 0), 6)` (`nn.ReLU6`).
     Relu6,
+    /// `scale · x` for `x > 0`, else `scale · alpha · (eˣ − 1)`, with PyTorch's constants
+    /// (`nn.SELU`).
+    Selu,
+    /// `x` for `x > 0`, else `alpha · (e^{x/alpha} − 1)` (`nn.CELU(alpha)`).
+    Celu(Coef),
+    /// `min(max(x, −1), 1)` (`nn.Hardtanh()`).
+    Hardtanh,
+    /// `min(max(x + 3, 0), 6) / 6` (`nn.Hardsigmoid`).
+    Hardsigmoid,
+    /// `x / (1 + |x|)` (`nn.Softsign`).
+    Softsign,
+    /// `ln sigmoid(x)`, as `min(x, 0) − ln(1 + e^{−|x|})` (`nn.LogSigmoid`).
+    LogSigmoid,
+    /// `x − tanh(x)` (`nn.Tanhshrink`).
+    Tanhshrink,
 }
 
 /// The logistic function without overflow: `e^{−x}` is only taken for `x ≥ 0`, `e^{x}`
@@ -82,7 +102,8 @@ fn sigmoid(x: f32) -> f32 {
 
 impl UnaryFn {
     /// The op's name on the tape (`tanh`, `sigmoid`, `silu`, `gelu_tanh`, `leaky_relu`, `elu`,
-    /// `softplus`, `mish`, `hardswish`, `relu6`).
+    /// `softplus`, `mish`, `hardswish`, `relu6`, `selu`, `celu`, `hardtanh`, `hardsigmoid`,
+    /// `softsign`, `logsigmoid`, `tanhshrink`).
     pub fn name(self) -> &'static str {
         match self {
             UnaryFn::Tanh => "tanh",
@@ -95,6 +116,13 @@ impl UnaryFn {
             UnaryFn::Mish => "mish",
             UnaryFn::Hardswish => "hardswish",
             UnaryFn::Relu6 => "relu6",
+            UnaryFn::Selu => "selu",
+            UnaryFn::Celu(_) => "celu",
+            UnaryFn::Hardtanh => "hardtanh",
+            UnaryFn::Hardsigmoid => "hardsigmoid",
+            UnaryFn::Softsign => "softsign",
+            UnaryFn::LogSigmoid => "logsigmoid",
+            UnaryFn::Tanhshrink => "tanhshrink",
         }
     }
 
@@ -138,12 +166,44 @@ impl UnaryFn {
                     x.clamp(0.0, 6.0)
                 }
             }
+            UnaryFn::Selu => {
+                if x > 0.0 {
+                    SELU_SCALE * x
+                } else {
+                    (SELU_ALPHA * SELU_SCALE) * (x.exp() - 1.0)
+                }
+            }
+            UnaryFn::Celu(alpha) => {
+                if x > 0.0 {
+                    x
+                } else {
+                    alpha.get() * ((x * (1.0 / alpha.get())).exp() - 1.0)
+                }
+            }
+            UnaryFn::Hardtanh => {
+                if x.is_nan() {
+                    x
+                } else {
+                    x.clamp(-1.0, 1.0)
+                }
+            }
+            UnaryFn::Hardsigmoid => {
+                if x.is_nan() {
+                    x
+                } else {
+                    (x + 3.0).clamp(0.0, 6.0) / 6.0
+                }
+            }
+            UnaryFn::Softsign => x / (1.0 + x.abs()),
+            UnaryFn::LogSigmoid => x.min(0.0) - (-x.abs()).exp().ln_1p(),
+            UnaryFn::Tanhshrink => x - x.tanh(),
         }
     }
 
     /// The derivative at `x`, exact for the formula of [`UnaryFn::value`] (NaN gives NaN); at a
-    /// kink, the value PyTorch's backward gives (LeakyReLU and ELU: the negative side at 0;
-    /// Hardswish: 0 at −3 and 1 at 3; ReLU6: 0 at 0 and 6).
+    /// kink, the value PyTorch's backward gives (LeakyReLU, ELU, SELU and CELU: the negative
+    /// side at 0; Hardswish: 0 at −3 and 1 at 3; ReLU6: 0 at 0 and 6; Hardtanh and Hardsigmoid:
+    /// 0 at their ends).
     pub fn derivative(self, x: f32) -> f32 {
         if x.is_nan() {
             return x;
@@ -225,6 +285,44 @@ impl UnaryFn {
                 } else {
                     1.0
                 }
+            }
+            UnaryFn::Selu => {
+                if x > 0.0 {
+                    SELU_SCALE
+                } else {
+                    (SELU_ALPHA * SELU_SCALE) * x.exp()
+                }
+            }
+            UnaryFn::Celu(alpha) => {
+                if x > 0.0 {
+                    1.0
+                } else {
+                    (x * (1.0 / alpha.get())).exp()
+                }
+            }
+            UnaryFn::Hardtanh => {
+                if x > -1.0 && x < 1.0 {
+                    1.0
+                } else {
+                    0.0
+                }
+            }
+            UnaryFn::Hardsigmoid => {
+                if x > -3.0 && x < 3.0 {
+                    1.0 / 6.0
+                } else {
+                    0.0
+                }
+            }
+            UnaryFn::Softsign => {
+                let d = 1.0 + x.abs();
+                1.0 / (d * d)
+            }
+            // 1 − sigmoid(x) = sigmoid(−x).
+            UnaryFn::LogSigmoid => sigmoid(-x),
+            UnaryFn::Tanhshrink => {
+                let t = x.tanh();
+                t * t
             }
         }
     }
@@ -804,6 +902,317 @@ mod tests {
 
     /// Nothing tracked, nothing recorded; a tracked input records one op under the function's
     /// name.
+    /// PyTorch 2.15 (f32, CPU): `F.selu`, `F.celu(x, alpha)`, `F.hardtanh`, `F.hardsigmoid`,
+    /// `F.softsign`, `F.logsigmoid`, `F.tanhshrink` and `x.grad` of `f(x).sum().backward()`,
+    /// within a few ulp (kinks and ends included: 0, ±1, ±3).
+    #[test]
+    fn selu_celu_hard_and_soft_families_match_pytorch() {
+        let xs = [
+            -25.0f32, -4.0, -3.0, -2.5, -1.3, -0.2, 0.0, 0.7, 2.0, 3.0, 3.5, 6.0, 7.0, 21.0,
+        ];
+        type Case = (UnaryFn, [f64; 14], [f64; 14]);
+        let cases: [Case; 8] = [
+            (
+                UnaryFn::Selu,
+                [
+                    -1.7580993175506592,
+                    -1.7258986234664917,
+                    -1.6705687046051025,
+                    -1.613785743713379,
+                    -1.2789613008499146,
+                    -0.31868934631347656,
+                    0.0,
+                    0.7354906797409058,
+                    2.1014020442962646,
+                    3.1521029472351074,
+                    3.6774535179138184,
+                    6.304205894470215,
+                    7.354907035827637,
+                    22.064722061157227,
+                ],
+                [
+                    2.441638384531597e-11,
+                    0.03220071271061897,
+                    0.08753060549497604,
+                    0.14431357383728027,
+                    0.47913798689842224,
+                    1.4394099712371826,
+                    1.7580993175506592,
+                    1.0507010221481323,
+                    1.0507010221481323,
+                    1.0507010221481323,
+                    1.0507010221481323,
+                    1.0507010221481323,
+                    1.0507010221481323,
+                    1.0507010221481323,
+                ],
+            ),
+            (
+                UnaryFn::Celu(Coef::new(1.0)),
+                [
+                    -1.0,
+                    -0.9816843867301941,
+                    -0.9502129554748535,
+                    -0.9179149866104126,
+                    -0.7274681925773621,
+                    -0.18126924335956573,
+                    0.0,
+                    0.699999988079071,
+                    2.0,
+                    3.0,
+                    3.5,
+                    6.0,
+                    7.0,
+                    21.0,
+                ],
+                [
+                    1.3887943746404563e-11,
+                    0.018315639346837997,
+                    0.049787066876888275,
+                    0.08208499848842621,
+                    0.27253180742263794,
+                    0.8187307715415955,
+                    1.0,
+                    1.0,
+                    1.0,
+                    1.0,
+                    1.0,
+                    1.0,
+                    1.0,
+                    1.0,
+                ],
+            ),
+            (
+                UnaryFn::Celu(Coef::new(0.5)),
+                [
+                    -0.5,
+                    -0.49983227252960205,
+                    -0.4987606108188629,
+                    -0.49663102626800537,
+                    -0.4628632068634033,
+                    -0.1648399829864502,
+                    0.0,
+                    0.699999988079071,
+                    2.0,
+                    3.0,
+                    3.5,
+                    6.0,
+                    7.0,
+                    21.0,
+                ],
+                [
+                    1.9287498933537385e-22,
+                    0.000335462624207139,
+                    0.0024787522852420807,
+                    0.0067379469983279705,
+                    0.07427358627319336,
+                    0.6703200340270996,
+                    1.0,
+                    1.0,
+                    1.0,
+                    1.0,
+                    1.0,
+                    1.0,
+                    1.0,
+                    1.0,
+                ],
+            ),
+            (
+                UnaryFn::Hardtanh,
+                [
+                    -1.0,
+                    -1.0,
+                    -1.0,
+                    -1.0,
+                    -1.0,
+                    -0.20000000298023224,
+                    0.0,
+                    0.699999988079071,
+                    1.0,
+                    1.0,
+                    1.0,
+                    1.0,
+                    1.0,
+                    1.0,
+                ],
+                [
+                    0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
+                ],
+            ),
+            (
+                UnaryFn::Hardsigmoid,
+                [
+                    0.0,
+                    0.0,
+                    0.0,
+                    0.0833333358168602,
+                    0.28333333134651184,
+                    0.46666666865348816,
+                    0.5,
+                    0.6166666746139526,
+                    0.8333333134651184,
+                    1.0,
+                    1.0,
+                    1.0,
+                    1.0,
+                    1.0,
+                ],
+                [
+                    0.0,
+                    0.0,
+                    0.0,
+                    0.1666666716337204,
+                    0.1666666716337204,
+                    0.1666666716337204,
+                    0.1666666716337204,
+                    0.1666666716337204,
+                    0.1666666716337204,
+                    0.0,
+                    0.0,
+                    0.0,
+                    0.0,
+                    0.0,
+                ],
+            ),
+            (
+                UnaryFn::Softsign,
+                [
+                    -0.9615384340286255,
+                    -0.800000011920929,
+                    -0.75,
+                    -0.7142857313156128,
+                    -0.5652173757553101,
+                    -0.1666666567325592,
+                    0.0,
+                    0.4117646813392639,
+                    0.6666666865348816,
+                    0.75,
+                    0.7777777910232544,
+                    0.8571428656578064,
+                    0.875,
+                    0.9545454382896423,
+                ],
+                [
+                    0.0014792941510677338,
+                    0.040000006556510925,
+                    0.0625,
+                    0.08163265883922577,
+                    0.18903593719005585,
+                    0.6944444179534912,
+                    1.0,
+                    0.34602075815200806,
+                    0.111111119389534,
+                    0.0625,
+                    0.04938271641731262,
+                    0.02040816843509674,
+                    0.015625,
+                    0.0020661167800426483,
+                ],
+            ),
+            (
+                UnaryFn::LogSigmoid,
+                [
+                    -25.0,
+                    -4.0181498527526855,
+                    -3.0485873222351074,
+                    -2.578889846801758,
+                    -1.541008472442627,
+                    -0.7981388568878174,
+                    -0.6931471824645996,
+                    -0.40318605303764343,
+                    -0.12692801654338837,
+                    -0.04858735203742981,
+                    -0.029750417917966843,
+                    -0.0024756852071732283,
+                    -0.000911466486286372,
+                    -7.582560135332983e-10,
+                ],
+                [
+                    1.0,
+                    0.9820137619972229,
+                    0.9525741338729858,
+                    0.9241418242454529,
+                    0.7858349680900574,
+                    0.5498340129852295,
+                    0.5,
+                    0.33181220293045044,
+                    0.11920291930437088,
+                    0.04742587357759476,
+                    0.02931223064661026,
+                    0.0024726232513785362,
+                    0.0009110512328334153,
+                    7.582560135332983e-10,
+                ],
+            ),
+            (
+                UnaryFn::Tanhshrink,
+                [
+                    -24.0,
+                    -3.0006706714630127,
+                    -2.0049452781677246,
+                    -1.5133857727050781,
+                    -0.43827682733535767,
+                    -0.0026246756315231323,
+                    0.0,
+                    0.09563219547271729,
+                    1.0359723567962646,
+                    2.0049452781677246,
+                    2.501821994781494,
+                    5.000012397766113,
+                    6.000001907348633,
+                    20.0,
+                ],
+                [
+                    1.0,
+                    0.9986591339111328,
+                    0.9901340007781982,
+                    0.9734077453613281,
+                    0.742566704750061,
+                    0.03895699977874756,
+                    0.0,
+                    0.36526042222976685,
+                    0.9293491840362549,
+                    0.9901340007781982,
+                    0.99635910987854,
+                    0.9999754428863525,
+                    0.9999966621398926,
+                    1.0,
+                ],
+            ),
+        ];
+        // A few ulp of the value, or of 1 for values below it, but relative in the tiny tails
+        // (CELU's 1.9e-22, LogSigmoid's 7.6e-10).
+        let near = |got: f32, want: f64| {
+            let got = got as f64;
+            let tiny = want != 0.0 && want.abs() < 1e-6;
+            if tiny {
+                ((got - want) / want).abs() < 1e-5
+            } else {
+                (got - want).abs() <= 4e-7 * want.abs().max(1.0)
+            }
+        };
+        for (f, values, grads) in cases {
+            for ((&x, &v), &g) in xs.iter().zip(&values).zip(&grads) {
+                assert!(
+                    near(f.value(x), v),
+                    "{}({x}) = {}, PyTorch {v}",
+                    f.name(),
+                    f.value(x)
+                );
+                let d = f.derivative(x);
+                assert!(near(d, g), "{}'({x}) = {d}, PyTorch {g}", f.name());
+            }
+            assert!(f.value(f32::NAN).is_nan() && f.derivative(f32::NAN).is_nan());
+        }
+        // Hardtanh's and Hardsigmoid's ends: PyTorch's gradient is 0 there.
+        for x in [-1.0f32, 1.0] {
+            assert_eq!(UnaryFn::Hardtanh.derivative(x), 0.0);
+        }
+        for x in [-3.0f32, 3.0] {
+            assert_eq!(UnaryFn::Hardsigmoid.derivative(x), 0.0);
+        }
+    }
+
     #[test]
     fn records_only_tracked_inputs() {
         let tape = Tape::new();
