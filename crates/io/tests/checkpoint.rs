@@ -1046,6 +1046,15 @@ fn hostile_pickles() {
         "global `os.system` is not allowed",
     );
     assert!(matches!(e, Error::Pickle { offset: 2, .. }), "{e}");
+    // A whole model (`torch.save(model)`): refused, and the error says what to save instead.
+    for class in [
+        &b"ctorch.nn.modules.container\nSequential\n"[..],
+        b"c__main__\nNet\n",
+    ] {
+        let pickle = [&b"\x80\x02"[..], class, b"q\x00."].concat();
+        let e = expect_err(run(&pickle), "pickles a whole model");
+        assert!(e.to_string().contains("model.state_dict()"), "{e}");
+    }
     // The inert classes (Lightning's hyperparameters) are never called: an instance is opaque,
     // and is not a state dict; NEWOBJ of anything else is refused.
     expect_err(

@@ -416,7 +416,15 @@ impl<'a> Vm<'a> {
                 None => {
                     let m: String = module.chars().take(64).collect();
                     let n: String = name.chars().take(64).collect();
-                    return self.err(format!("global `{m}.{n}` is not allowed"));
+                    // A whole module (`torch.save(model)`) rather than its state dict.
+                    let hint = if module.starts_with("torch.nn.") || module == "__main__" {
+                        ": the file pickles a whole model (`torch.save(model)`), which nibble \
+                         does not unpickle, as `torch.load(weights_only=True)` does not; save \
+                         `torch.save(model.state_dict(), path)` instead"
+                    } else {
+                        ""
+                    };
+                    return self.err(format!("global `{m}.{n}` is not allowed{hint}"));
                 }
             },
         };
