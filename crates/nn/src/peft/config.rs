@@ -1,0 +1,549 @@
+//! `adapter_config.json`: what loading needs from it, and the settings nibble refuses.
+
+use super::{adapter_error, CONFIG_FILE};
+use crate::error::{Error, Result};
+use serde_json::{json, Value};
+use std::path::Path;
+
+/// PEFT's `LoraConfig` defaults for the settings nibble reads, used where
+/// `adapter_config.json` leaves a setting out: `r = 8`, `lora_alpha = 8`, `use_rslora = false`
+/// (PEFT 0.21's `LoraConfig` field defaults; an absent `bias` is its default `"none"`: no
+/// base parameters beyond those the file holds).
+pub mod defaults {
+    /// `r` when absent.
+    pub const R: usize = 8;
+    /// `lora_alpha` when absent (so an adapter of rank `r` without it is scaled `8 / r`).
+    pub const LORA_ALPHA: f64 = 8.0;
+    /// `use_rslora` when absent.
+    pub const USE_RSLORA: bool = false;
+}
+
+/// PEFT's value of `target_modules` meaning "every Linear" (matched case-insensitively).
+pub const ALL_LINEAR: &str = "all-linear";
+/// PEFT's placeholder `target_modules` of an adapter that targets no module (matching none is
+/// then no error).
+pub const DUMMY_TARGET_MODULES: &str = "dummy-target-modules";
+
+/// Which modules `target_modules` or `exclude_modules` names, in PEFT's forms.
+#[derive(Debug, Clone)]
+pub enum ModuleSelector {
+    /// A list of names: a module matches an entry that is its whole name or, as PEFT matches,
+    /// the end of it after a dot (`"fc"` matches `model.fc`, `"0"` matches `model.0`).
+    Names(Vec<String>),
+    /// One regular expression (a string in the config) that the whole module name must match
+    /// (Python's `re.fullmatch`); the source as written, and it compiled as `^(?:…)$`.
+    Regex(String, regex::Regex),
+    /// `"all-linear"` (any case): every Linear layer. PEFT leaves out the output layer only
+    /// for a `transformers` `PreTrainedModel` (its output embeddings, or a sequence
+    /// classifier's `score` / `classifier` head); for a plain `nn.Sequential`, which is what
+    /// nibble loads, it adapts every Linear, the last one included, and so does nibble.
+    AllLinear,
+    /// [`DUMMY_TARGET_MODULES`]: no module.
+    Dummy,
+}
+
+impl ModuleSelector {
+    /// Whether module `name` is selected; `linears` are the model's Linear layers (for
+    /// [`ModuleSelector::AllLinear`], which PEFT turns into the list of their names).
+    pub fn matches(&self, name: &str, linears: &[&str]) -> bool {
+        self.matches_in(name, linears, None)
+    }
+
+    /// [`ModuleSelector::matches`] under PEFT's `layers_to_transform` (`layers`), which a list
+    /// of names applies to the modules it selects by a dotted suffix only.
+    pub fn matches_in(&self, name: &str, linears: &[&str], layers: Option<&LayerFilter>) -> bool {
+        let named = |entry: &str| {
+            name == entry
+                || name
+                    .strip_suffix(entry)
+                    .is_some_and(|head| head.ends_with('.'))
+        };
+        match self {
+            ModuleSelector::Names(list) if list.iter().any(|e| e == name) => true,
+            ModuleSelector::Names(list) => {
+                list.iter().any(|e| named(e)) && layers.is_none_or(|l| l.admits(name))
+            }
+            ModuleSelector::Regex(_, re) => re.is_match(name),
+            ModuleSelector::AllLinear => linears.iter().any(|e| named(e)),
+            ModuleSelector::Dummy => false,
+        }
+    }
+}
+
+impl std::fmt::Display for ModuleSelector {
+    /// As the config spells it: a JSON list or string.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ModuleSelector::Names(list) => write!(f, "{}", json!(list)),
+            ModuleSelector::Regex(source, _) => write!(f, "{}", json!(source)),
+            ModuleSelector::AllLinear => write!(f, "\"{ALL_LINEAR}\""),
+            ModuleSelector::Dummy => write!(f, "\"{DUMMY_TARGET_MODULES}\""),
+        }
+    }
+}
+
+/// What loading needs from `adapter_config.json`: the rank and scaling of each module's
+/// `B A x`, and which modules carry one.
+#[derive(Debug, Clone)]
+pub struct AdapterConfig {
+    /// `r`: the rank of every module that `rank_pattern` does not name ([`defaults::R`] when
+    /// absent).
+    pub r: usize,
+    /// `lora_alpha` ([`defaults::LORA_ALPHA`], PEFT's default 8, when absent).
+    pub alpha: f64,
+    /// `use_rslora`: the scaling is `alpha / √r` instead of `alpha / r`.
+    pub rslora: bool,
+    /// `use_dora`: each adapted layer is a DoRA ([`crate::linear::Dora`]), its
+    /// `lora_magnitude_vector` read from the file or, where the file has none, filled in as PEFT
+    /// fills it (see [`AdapterConfig::init_product_zero`]).
+    pub dora: bool,
+    /// Whether `init_lora_weights` starts the adapter's product `B·A` at exactly zero: `true`
+    /// (the default), `"gaussian"` and `"eva"` zero `B`, `"mica"` zeroes `A`; `false` and
+    /// `"orthogonal"` start both at random. PEFT computes each DoRA magnitude from that start,
+    /// `‖W + s·B₀A₀‖` per row, and keeps it where the file has none: with a zero start that is
+    /// the base weight's row norm, which nibble then uses too.
+    pub init_product_zero: bool,
+    /// `rank_pattern`: per-module ranks, keyed by PEFT's module patterns.
+    pub rank_pattern: Vec<(String, usize)>,
+    /// `alpha_pattern`: per-module alphas, keyed likewise.
+    pub alpha_pattern: Vec<(String, f64)>,
+    /// `target_modules`: the modules PEFT puts a LoRA layer on (required).
+    pub target_modules: ModuleSelector,
+    /// `exclude_modules`: modules taken out of `target_modules` (`None`: none).
+    pub exclude_modules: Option<ModuleSelector>,
+    /// `modules_to_save`: modules PEFT copies whole instead of adapting; as PEFT, a module
+    /// matching one (`(^|.*\.)<entry>($|\..*)`, the entry a regex) gets no LoRA layer, and
+    /// the file must hold the module's tensors.
+    pub modules_to_save: Vec<(String, regex::Regex)>,
+    /// `layers_to_transform` / `layers_pattern` (`None` where not set).
+    pub layers: Option<LayerFilter>,
+}
+
+/// PEFT's `layers_to_transform` with its `layers_pattern`: a module that a *list*
+/// `target_modules` selects by a dotted suffix of its name (not by its whole name) is adapted
+/// only if the layer index in its name is one of `indexes`. The index is the number after the
+/// first `<pattern>.` (`layers.3.` in `model.layers.3.mlp.fc`), or with no pattern after the
+/// first two dotted components (PEFT's `.*?\.[^.]*\.(\d+)\.`); a name without one is not
+/// adapted. Names selected whole (every Linear of an `nn.Sequential`: `0`, `3`) are not
+/// filtered, as in PEFT.
+#[derive(Debug, Clone)]
+pub struct LayerFilter {
+    /// The layer indexes to adapt.
+    pub indexes: Vec<i64>,
+    /// The regexes that find the index (PEFT's `re.match` of each in turn).
+    pub patterns: Vec<regex::Regex>,
+}
+
+impl LayerFilter {
+    /// Whether module `name`'s layer index is one of [`LayerFilter::indexes`].
+    pub fn admits(&self, name: &str) -> bool {
+        let index = self.patterns.iter().find_map(|re| {
+            re.captures(name)
+                .and_then(|c| c.name("idx"))
+                .and_then(|m| m.as_str().parse::<i64>().ok())
+        });
+        index.is_some_and(|i| self.indexes.contains(&i))
+    }
+}
+
+/// Whether PEFT's pattern `pattern` (a key of `rank_pattern` / `alpha_pattern`) names the module
+/// `module`: the whole name, or, as PEFT's `get_pattern_key` matches, a regex matching the
+/// name's last dotted components (`(.*\.)?(pattern)$`).
+fn pattern_names(pattern: &str, module: &str) -> bool {
+    pattern == module
+        || regex::Regex::new(&format!(r"^(?:.*\.)?(?:{pattern})$"))
+            .is_ok_and(|re| re.is_match(module))
+}
+
+/// The value of the first pattern naming `module`, exact names first.
+fn by_pattern<T: Copy>(patterns: &[(String, T)], module: &str) -> Option<T> {
+    patterns
+        .iter()
+        .find(|(p, _)| p == module)
+        .or_else(|| patterns.iter().find(|(p, _)| pattern_names(p, module)))
+        .map(|(_, v)| *v)
+}
+
+/// PEFT's `layers_to_transform` (an integer or a list of them; an empty list is no filter)
+/// and `layers_pattern` (a regex or a list of them; empty: the default rule), as
+/// [`LayerFilter`] reads them; a pattern without indexes is an error, as in PEFT.
+fn layer_filter(
+    path: &Path,
+    indexes: Option<&Value>,
+    patterns: Option<&Value>,
+) -> Result<Option<LayerFilter>> {
+    let bad = |name: &str, v: &Value, what: &str| {
+        adapter_error(path, format!("`{name}` must be {what}, found {v}"))
+    };
+    let patterns: Vec<String> = match patterns {
+        None => Vec::new(),
+        Some(Value::String(s)) if s.is_empty() => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(v @ Value::Array(list)) => list
+            .iter()
+            .map(|p| p.as_str().map(str::to_string))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| bad("layers_pattern", v, "a string or a list of strings"))?,
+        Some(v) => return Err(bad("layers_pattern", v, "a string or a list of strings")),
+    };
+    let indexes_absent = indexes.is_none();
+    let indexes: Vec<i64> = match indexes {
+        None => Vec::new(),
+        Some(v @ Value::Number(_)) => {
+            vec![v
+                .as_i64()
+                .ok_or_else(|| bad("layers_to_transform", v, "an integer"))?]
+        }
+        Some(v @ Value::Array(list)) => list
+            .iter()
+            .map(Value::as_i64)
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| bad("layers_to_transform", v, "an integer or a list of them"))?,
+        Some(v) => {
+            return Err(bad(
+                "layers_to_transform",
+                v,
+                "an integer or a list of them",
+            ))
+        }
+    };
+    if indexes_absent && !patterns.is_empty() {
+        return Err(adapter_error(
+            path,
+            "`layers_pattern` is set without `layers_to_transform` (PEFT: \"When \
+             `layers_pattern` is specified, `layers_to_transform` must also be specified\")",
+        ));
+    }
+    if indexes.is_empty() {
+        return Ok(None);
+    }
+    let sources: Vec<String> = if patterns.is_empty() {
+        vec![r"^.*?\.[^.]*\.(?P<idx>\d+)\.".to_string()]
+    } else {
+        patterns
+            .iter()
+            .map(|p| format!(r"^(?:^|.*?\.)(?:{p})\.(?P<idx>\d+)\."))
+            .collect()
+    };
+    let patterns = sources
+        .iter()
+        .map(|src| {
+            regex::Regex::new(src).map_err(|e| {
+                adapter_error(
+                    path,
+                    format!("`layers_pattern` gives a regex nibble does not read ({src}): {e}"),
+                )
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Some(LayerFilter { indexes, patterns }))
+}
+
+/// Parses setting `name` (`target_modules` or `exclude_modules`) as PEFT reads it: a list of
+/// names, or a string that is a regex (or, for targets, `"all-linear"` or
+/// [`DUMMY_TARGET_MODULES`]).
+fn selector(path: &Path, name: &str, v: &Value, target: bool) -> Result<ModuleSelector> {
+    match v {
+        Value::String(s) if target && s.to_lowercase() == ALL_LINEAR => {
+            Ok(ModuleSelector::AllLinear)
+        }
+        Value::String(s) if target && s == DUMMY_TARGET_MODULES => Ok(ModuleSelector::Dummy),
+        Value::String(s) => regex::Regex::new(&format!("^(?:{s})$"))
+            .map(|re| ModuleSelector::Regex(s.clone(), re))
+            .map_err(|e| {
+                adapter_error(
+                    path,
+                    format!("`{name}` = \"{s}\" is not a regex nibble reads: {e}"),
+                )
+            }),
+        Value::Array(list) => list
+            .iter()
+            .map(|e| e.as_str().map(str::to_string))
+            .collect::<Option<Vec<_>>>()
+            .map(ModuleSelector::Names)
+            .ok_or_else(|| {
+                adapter_error(
+                    path,
+                    format!("`{name}` must be a list of module names or a regex, found {v}"),
+                )
+            }),
+        _ => Err(adapter_error(
+            path,
+            format!("`{name}` must be a list of module names or a regex, found {v}"),
+        )),
+    }
+}
+
+impl AdapterConfig {
+    /// Reads `dir/adapter_config.json`. Settings that change what the adapter computes beyond
+    /// `B A x` (a bias on `lora_B`, `fan_in_fan_out`, layer replication, QA-LoRA, adapters
+    /// on parameters) are errors naming the field, but DoRA (`use_dora`, see
+    /// [`crate::linear::Dora`]); `bias` `"all"` / `"lora_only"` and
+    /// `modules_to_save` only add tensors to the file, which [`crate::Sequential::load_adapter`]
+    /// applies.
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join(CONFIG_FILE);
+        let text = std::fs::read(&path).map_err(|source| Error::Io {
+            path: path.clone(),
+            op: "read",
+            source,
+        })?;
+        if text.len() > 1 << 20 {
+            return Err(adapter_error(
+                &path,
+                "adapter_config.json is larger than 1 MiB",
+            ));
+        }
+        let config: Value = serde_json::from_slice(&text)
+            .map_err(|e| adapter_error(&path, format!("invalid JSON: {e}")))?;
+        let field = |name: &str| config.get(name).filter(|v| !v.is_null());
+        match field("peft_type").and_then(Value::as_str) {
+            Some("LORA") => {}
+            other => {
+                return Err(adapter_error(
+                    &path,
+                    format!("peft_type must be \"LORA\", found {other:?}"),
+                ))
+            }
+        }
+        for (name, what) in [
+            ("lora_bias", "a bias on lora_B (`lora_bias`)"),
+            (
+                "fan_in_fan_out",
+                "`fan_in_fan_out` (transposed base weights)",
+            ),
+            ("use_qalora", "QA-LoRA (`use_qalora`)"),
+        ] {
+            if field(name).and_then(Value::as_bool) == Some(true) {
+                return Err(adapter_error(&path, format!("{what} is not supported")));
+            }
+        }
+        // Initializations PEFT re-runs when it loads the adapter, subtracting them from the
+        // base weights (PiSSA, CorDA, OLoRA, LoftQ, LoRA-GA): the file's A and B then apply to
+        // a residual base that nibble does not compute.
+        if let Some(init) = field("init_lora_weights").and_then(Value::as_str) {
+            let lower = init.to_ascii_lowercase();
+            let mutates = ["pissa", "corda"].iter().any(|p| lower.starts_with(p))
+                || ["olora", "loftq", "lora_ga"].contains(&lower.as_str());
+            if mutates {
+                return Err(adapter_error(
+                    &path,
+                    format!(
+                        "`init_lora_weights` = {init:?}: PEFT redoes this initialization when it \
+                         loads the adapter and subtracts it from the base weights, which nibble \
+                         does not; save the adapter as plain LoRA with PEFT first \
+                         (`save_pretrained(dir, path_initial_model_for_weight_conversion=...)`)"
+                    ),
+                ));
+            }
+        }
+        // LoRA variants whose forward is not `B A x` (PEFT 0.21's aLoRA, Arrow, VeLoRA,
+        // MonteCLoRA, BD-LoRA, KaSA) and trainable tokens: set (not null, false or empty),
+        // PEFT computes what nibble does not.
+        for name in [
+            "alora_invocation_tokens",
+            "arrow_config",
+            "velora_config",
+            "monteclora_config",
+            "use_bdlora",
+            "kasa_config",
+            "trainable_token_indices",
+        ] {
+            let set = field(name).is_some_and(|v| match v {
+                Value::Bool(b) => *b,
+                Value::Array(a) => !a.is_empty(),
+                Value::Object(o) => !o.is_empty(),
+                _ => true,
+            });
+            if set {
+                return Err(adapter_error(
+                    &path,
+                    format!("`{name}` is set: a LoRA variant nibble does not compute"),
+                ));
+            }
+        }
+        for name in ["layer_replication", "target_parameters"] {
+            if field(name).is_some_and(|v| !v.as_array().is_some_and(|a| a.is_empty())) {
+                return Err(adapter_error(&path, format!("`{name}` is not supported")));
+            }
+        }
+        let rank = |v: &Value| {
+            v.as_u64()
+                .filter(|&r| r > 0 && r <= 1 << 16)
+                .map(|r| r as usize)
+        };
+        // Absent settings take PEFT's `LoraConfig` defaults; an explicit null is no value.
+        let r = match config.get("r") {
+            None => defaults::R,
+            Some(v) => rank(v).ok_or_else(|| {
+                adapter_error(&path, format!("`r` must be a positive integer, found {v}"))
+            })?,
+        };
+        let number = |v: &Value| v.as_f64().filter(|a| a.is_finite());
+        let alpha = match config.get("lora_alpha") {
+            None => defaults::LORA_ALPHA,
+            Some(v) => number(v).ok_or_else(|| {
+                adapter_error(&path, format!("`lora_alpha` must be a number, found {v}"))
+            })?,
+        };
+        match field("bias") {
+            None => {}
+            Some(Value::String(b)) if ["none", "all", "lora_only"].contains(&b.as_str()) => {}
+            Some(b) => {
+                return Err(adapter_error(
+                    &path,
+                    format!("`bias` = {b} is not one of \"none\", \"all\", \"lora_only\""),
+                ))
+            }
+        }
+        let patterns =
+            |name: &str, parse: &dyn Fn(&Value) -> Option<f64>| -> Result<Vec<(String, f64)>> {
+                let Some(map) = field(name) else {
+                    return Ok(Vec::new());
+                };
+                let map = map.as_object().ok_or_else(|| {
+                    adapter_error(&path, format!("`{name}` must be an object, found {map}"))
+                })?;
+                map.iter()
+                    .map(|(k, v)| {
+                        parse(v).map(|x| (k.clone(), x)).ok_or_else(|| {
+                            adapter_error(&path, format!("`{name}`: `{k}` has the bad value {v}"))
+                        })
+                    })
+                    .collect()
+            };
+        let rank_pattern = patterns("rank_pattern", &|v| rank(v).map(|r| r as f64))?
+            .into_iter()
+            .map(|(k, r)| (k, r as usize))
+            .collect();
+        let alpha_pattern = patterns("alpha_pattern", &number)?;
+        let flag = |name: &str, default: bool| match field(name) {
+            None => Ok(default),
+            Some(v) => v.as_bool().ok_or_else(|| {
+                adapter_error(&path, format!("`{name}` must be true or false, found {v}"))
+            }),
+        };
+        let rslora = flag("use_rslora", defaults::USE_RSLORA)?;
+        let dora = flag("use_dora", false)?;
+        let layers_to_transform = field("layers_to_transform");
+        let layers_pattern = field("layers_pattern");
+        let target_is_str = field("target_modules").is_some_and(Value::is_string);
+        for (name, v) in [
+            ("layers_to_transform", layers_to_transform),
+            ("layers_pattern", layers_pattern),
+        ] {
+            if let (true, Some(v)) = (target_is_str, v) {
+                // LoraConfig's own check.
+                return Err(adapter_error(
+                    &path,
+                    format!(
+                        "`{name}` = {v} cannot be used when `target_modules` is a string \
+                         (PEFT raises the same)"
+                    ),
+                ));
+            }
+        }
+        let layers = layer_filter(&path, layers_to_transform, layers_pattern)?;
+        let target_modules = match field("target_modules") {
+            None => {
+                return Err(adapter_error(
+                    &path,
+                    "`target_modules` is missing: PEFT needs it for a model it has no default \
+                     targets for (any nn.Sequential), and so does nibble",
+                ))
+            }
+            Some(v) => selector(&path, "target_modules", v, true)?,
+        };
+        let exclude_modules = match field("exclude_modules") {
+            // PEFT skips an empty list or string.
+            Some(v) if !(v.as_array().is_some_and(|a| a.is_empty()) || v.as_str() == Some("")) => {
+                Some(selector(&path, "exclude_modules", v, false)?)
+            }
+            _ => None,
+        };
+        let modules_to_save = match field("modules_to_save") {
+            None => Vec::new(),
+            Some(v) => {
+                let bad = || {
+                    adapter_error(
+                        &path,
+                        format!("`modules_to_save` must be a list of module names, found {v}"),
+                    )
+                };
+                let list = v.as_array().ok_or_else(bad)?;
+                list.iter()
+                    .map(|m| {
+                        let m = m.as_str().ok_or_else(bad)?;
+                        // PEFT: `re.match(rf"(^|.*\.){m}($|\..*)", key)`.
+                        let re = regex::Regex::new(&format!(r"^(?:(^|.*\.){m}($|\..*))"))
+                            .map_err(|e| {
+                                adapter_error(
+                                    &path,
+                                    format!("`modules_to_save` entry \"{m}\" is not a regex nibble reads: {e}"),
+                                )
+                            })?;
+                        Ok((m.to_string(), re))
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            }
+        };
+        let init_product_zero = match field("init_lora_weights") {
+            None | Some(Value::Null) | Some(Value::Bool(true)) => true,
+            Some(Value::String(init)) => {
+                ["gaussian", "eva", "mica"].contains(&init.to_ascii_lowercase().as_str())
+            }
+            Some(_) => false,
+        };
+        Ok(AdapterConfig {
+            r,
+            alpha,
+            rslora,
+            dora,
+            init_product_zero,
+            rank_pattern,
+            alpha_pattern,
+            target_modules,
+            exclude_modules,
+            modules_to_save,
+            layers,
+        })
+    }
+
+    /// Whether PEFT puts a LoRA layer on module `name` (a Linear): `target_modules` selects it
+    /// (under `layers_to_transform`) and neither `exclude_modules` nor `modules_to_save`
+    /// names it.
+    pub fn targets(&self, name: &str, linears: &[&str]) -> bool {
+        !self.excluded(name)
+            && self
+                .target_modules
+                .matches_in(name, linears, self.layers.as_ref())
+    }
+
+    /// Whether PEFT keeps module `name` out of LoRA: `exclude_modules` or `modules_to_save`
+    /// names it.
+    pub(super) fn excluded(&self, name: &str) -> bool {
+        self.exclude_modules
+            .as_ref()
+            .is_some_and(|e| e.matches(name, &[]))
+            || self.modules_to_save.iter().any(|(_, re)| re.is_match(name))
+    }
+
+    /// The rank of `module`'s adapter.
+    pub fn rank(&self, module: &str) -> usize {
+        by_pattern(&self.rank_pattern, module).unwrap_or(self.r)
+    }
+
+    /// PEFT's scaling of `module`'s `B A x`: `alpha / r` (or `alpha / √r` with `use_rslora`),
+    /// each from its pattern where one names the module.
+    pub fn scaling(&self, module: &str) -> f32 {
+        let (r, alpha) = (
+            self.rank(module) as f64,
+            by_pattern(&self.alpha_pattern, module).unwrap_or(self.alpha),
+        );
+        (if self.rslora {
+            alpha / r.sqrt()
+        } else {
+            alpha / r
+        }) as f32
+    }
+}

@@ -1,0 +1,94 @@
+//! Writing LoRA adapters in PEFT's layout.
+
+use super::{adapter_error, CONFIG_FILE, WEIGHTS_FILE};
+use crate::error::{Error, Result};
+use crate::linear::Linear;
+use nibble_io::{write_safetensors, DType};
+use nibble_tensor::Tensor;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Writes the adapters of `layers` (those that have one) to `dir` (created if missing). All
+/// adapters must share one rank; at least one layer must have an adapter.
+pub fn save_adapter<'a>(layers: impl IntoIterator<Item = &'a Linear>, dir: &Path) -> Result<()> {
+    let layers: Vec<_> = layers
+        .into_iter()
+        .filter_map(|l| l.lora.as_ref().map(|a| (l.name.clone(), a)))
+        .collect();
+    let Some((_, first)) = layers.first() else {
+        return Err(adapter_error(dir, "no layer has a LoRA adapter to save"));
+    };
+    if let Some((name, _)) = layers.iter().find(|(_, a)| a.dora.is_some()) {
+        return Err(adapter_error(
+            dir,
+            format!("layer {name} has a DoRA adapter (loaded from PEFT's): saving DoRA is not supported"),
+        ));
+    }
+    let rank = first.rank();
+    if let Some((name, a)) = layers.iter().find(|(_, a)| a.rank() != rank) {
+        return Err(adapter_error(
+            dir,
+            format!(
+                "layer {name} has rank {}, others rank {rank}: one adapter file holds one rank",
+                a.rank()
+            ),
+        ));
+    }
+    std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+        path: dir.to_path_buf(),
+        op: "create directory",
+        source,
+    })?;
+    let tensors: Vec<(String, Tensor)> = layers
+        .iter()
+        .flat_map(|(name, a)| {
+            [
+                (
+                    format!("base_model.model.{name}.lora_A.weight"),
+                    a.a.value().clone(),
+                ),
+                (
+                    format!("base_model.model.{name}.lora_B.weight"),
+                    a.b.value().clone(),
+                ),
+            ]
+        })
+        .collect();
+    let entries: Vec<(String, DType, Vec<usize>, &[u8])> = tensors
+        .iter()
+        .map(|(k, t)| {
+            (
+                k.clone(),
+                DType::F32,
+                t.shape().to_vec(),
+                bytemuck::cast_slice::<f32, u8>(t.data()),
+            )
+        })
+        .collect();
+    write_safetensors(&dir.join(WEIGHTS_FILE), &entries, &BTreeMap::new())?;
+    let config = json!({
+        "peft_type": "LORA",
+        "task_type": null,
+        "base_model_name_or_path": null,
+        "r": rank,
+        "lora_alpha": rank,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "use_rslora": false,
+        "modules_to_save": null,
+        "target_modules": layers.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(),
+    });
+    let text = serde_json::to_string_pretty(&config).expect("json value");
+    let path = dir.join(CONFIG_FILE);
+    let tmp = dir.join(format!(".{CONFIG_FILE}.tmp"));
+    std::fs::write(&tmp, text)
+        .and_then(|_| std::fs::rename(&tmp, &path))
+        .map_err(|source| Error::Io {
+            path,
+            op: "write",
+            source,
+        })
+}
