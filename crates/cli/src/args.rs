@@ -98,7 +98,8 @@ pub enum Command {
         /// RMSNorm, BatchNorm1d and parameter-free activation layers.
         #[arg(long, value_name = "M")]
         model: PathBuf,
-        /// A safetensors file with x_test (f32, N x F) and y_test (N labels: i64, i32 or u8).
+        /// A safetensors file with x_test (f32, N x F) and y_test (N labels: class indices of
+        /// any integer type, or whole numbers in a float type; shape N or N x 1).
         #[arg(long, value_name = "D")]
         data: PathBuf,
         /// The weight format of every Linear, or `all` for one row per format.

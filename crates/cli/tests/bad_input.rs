@@ -102,15 +102,77 @@ fn nan_and_infinite_features() {
     }
 }
 
+/// Labels are read from any integer type, bool, or a float type holding whole numbers (as
+/// binary targets are often kept), `[N]` or `[N, 1]`: the same evaluation as i64 labels. A
+/// fractional, negative or non-finite float label, and a shape of more than one label per row,
+/// are errors naming the key, the index and the value or shape.
+#[test]
+fn labels_of_any_integer_or_whole_float_type() {
+    let (x, y) = rows(4, 64);
+    let dir = tmpdir("ylabels");
+    let model = data("digits_mlp.pth");
+    let run = |name: &str, entry: Entry| {
+        let path = dir.join(name);
+        write(&path, &[f32s("x_test", &[4, 64], &x), entry]);
+        let out = nibble(&model_data_args("eval", &model, &path, &["--json"]));
+        assert!(out.ok, "{name}: {}", out.stderr);
+        serde_json::from_str::<serde_json::Value>(&out.stdout).unwrap()["rows"].clone()
+    };
+    let want = run("i64.safetensors", i64s("y_test", &y));
+    let as_f32: Vec<f32> = y.iter().map(|v| *v as f32).collect();
+    let le = |size: usize| -> Vec<u8> {
+        y.iter()
+            .flat_map(|v| v.to_le_bytes()[..size].to_vec())
+            .collect()
+    };
+    let f64_bytes: Vec<u8> = y.iter().flat_map(|&v| (v as f64).to_le_bytes()).collect();
+    for (name, entry) in [
+        ("f32.safetensors", f32s("y_test", &[4], &as_f32)),
+        ("col.safetensors", f32s("y_test", &[4, 1], &as_f32)),
+        (
+            "f64.safetensors",
+            ("y_test".into(), DType::F64, vec![4], f64_bytes),
+        ),
+        (
+            "i16.safetensors",
+            ("y_test".into(), DType::I16, vec![4], le(2)),
+        ),
+        (
+            "i8.safetensors",
+            ("y_test".into(), DType::I8, vec![4, 1], le(1)),
+        ),
+    ] {
+        assert_eq!(run(name, entry), want, "{name}");
+    }
+    for (name, value, shown) in [
+        ("half", 0.5f32, "0.5"),
+        ("neg", -1.0, "-1"),
+        ("nan", f32::NAN, "NaN"),
+    ] {
+        let mut bad = as_f32.clone();
+        bad[2] = value;
+        let (_, msg) = eval_on(
+            &format!("y{name}"),
+            &[f32s("x_test", &[4, 64], &x), f32s("y_test", &[4], &bad)],
+        );
+        assert_names(
+            &msg,
+            &["y_test", "index 2", "whole, non-negative label", shown],
+        );
+    }
+    let (_, msg) = eval_on(
+        "ywide",
+        &[
+            f32s("x_test", &[4, 64], &x),
+            f32s("y_test", &[2, 2], &as_f32),
+        ],
+    );
+    assert_names(&msg, &["y_test", "[4] or [4, 1]", "[2, 2]"]);
+}
+
 #[test]
 fn wrong_dtypes() {
     let (x, y) = rows(4, 64);
-    let as_f32: Vec<f32> = y.iter().map(|v| *v as f32).collect();
-    let (_, msg) = eval_on(
-        "yfloat",
-        &[f32s("x_test", &[4, 64], &x), f32s("y_test", &[4], &as_f32)],
-    );
-    assert_names(&msg, &["y_test", "i64, i32 or u8", "f32"]);
     let flags: Vec<u8> = x.iter().map(|v| u8::from(*v > 0.5)).collect();
     let (_, msg) = eval_on(
         "xbool",

@@ -1,7 +1,9 @@
 //! Classification data sets in a safetensors (or `.pth`) file: features `x_test` f32 `[N, F]`
 //! (f64, f16 and bf16 rounded to f32, integer types such as raw u8 pixels converted as
 //! `.float()` converts them; `[N, d1, d2, ...]`, such as images, flattened per row as
-//! `nn.Flatten` flattens them) and integer labels `y_test` `[N]` (i64, i32 or u8), and optionally a training split
+//! `nn.Flatten` flattens them) and labels `y_test` `[N]` or `[N, 1]` (class indices of any integer
+//! type or bool, or whole numbers in a float type, as binary targets are often kept), and
+//! optionally a training split
 //! `x_train` / `y_train` of the same form.
 //!
 //! Everything is checked on reading — dtypes, ranks, that x and y have the same N, that the
@@ -240,19 +242,13 @@ fn read_split(file: &Checkpoint, x_key: &str, y_key: &str) -> Result<Split> {
         path: path.clone(),
         key: y_key.into(),
     })?;
-    if !matches!(y_dtype, DType::I64 | DType::I32 | DType::U8) {
-        return Err(Error::DType {
-            path: path.clone(),
-            key: y_key.into(),
-            expected: "i64, i32 or u8".into(),
-            found: y_dtype,
-        });
-    }
-    if y_shape != [n] {
+    // One label per row: `[N]`, or `[N, 1]` as targets of `BCEWithLogitsLoss` on `[N, 1]`
+    // logits are often kept.
+    if y_shape != [n] && y_shape != [n, 1] {
         return Err(data_error(
             y_key,
             None,
-            format!("shape [{n}] (one label per row of {x_key})"),
+            format!("shape [{n}] or [{n}, 1] (one label per row of {x_key})"),
             format!("shape {y_shape:?}"),
         ));
     }
@@ -287,34 +283,7 @@ fn read_split(file: &Checkpoint, x_key: &str, y_key: &str) -> Result<Split> {
             format!("{} at row {}, column {}", x.data()[i], i / cols, i % cols),
         ));
     }
-    let bytes = file.bytes(y_key)?;
-    let size = y_dtype.size_of();
-    if bytes.len() != n.saturating_mul(size) {
-        return Err(Error::BadTensor {
-            path: path.clone(),
-            key: y_key.into(),
-            reason: format!("{} bytes of data for {n} labels of {y_dtype}", bytes.len()),
-        });
-    }
-    let y = bytes
-        .chunks_exact(size)
-        .enumerate()
-        .map(|(i, c)| {
-            let value: i64 = match y_dtype {
-                DType::U8 => i64::from(c[0]),
-                DType::I32 => i64::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-                _ => i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]),
-            };
-            usize::try_from(value).map_err(|_| {
-                data_error(
-                    y_key,
-                    Some(i),
-                    "a non-negative label".into(),
-                    value.to_string(),
-                )
-            })
-        })
-        .collect::<Result<Vec<usize>>>()?;
+    let y = labels(file, y_key, y_dtype, n)?;
     Ok(Split {
         x,
         y,
@@ -322,6 +291,61 @@ fn read_split(file: &Checkpoint, x_key: &str, y_key: &str) -> Result<Split> {
         y_key: y_key.into(),
         path,
     })
+}
+
+/// The `n` labels at `key` (of dtype `dtype`) as class indices: integers of any width and
+/// bools as they are, floats (f32, f16, bf16, f64: labels kept as float targets) where they
+/// are whole numbers. A negative, fractional or non-finite label is an error naming its index
+/// and value.
+fn labels(file: &Checkpoint, key: &str, dtype: DType, n: usize) -> Result<Vec<usize>> {
+    let bad = |i: usize, value: String| Error::Data {
+        path: file.path().to_path_buf(),
+        key: key.to_string(),
+        index: Some(i),
+        what: format!("expected a whole, non-negative label, found {value}"),
+    };
+    let bytes = file.bytes(key)?;
+    let size = dtype.size_of();
+    if bytes.len() != n.saturating_mul(size) {
+        return Err(Error::BadTensor {
+            path: file.path().to_path_buf(),
+            key: key.into(),
+            reason: format!("{} bytes of data for {n} labels of {dtype}", bytes.len()),
+        });
+    }
+    let whole = |i: usize, v: f64| {
+        if v.is_finite() && v >= 0.0 && v.fract() == 0.0 && v < usize::MAX as f64 {
+            Ok(v as usize)
+        } else {
+            Err(bad(i, v.to_string()))
+        }
+    };
+    match dtype {
+        DType::F32 | DType::F16 | DType::BF16 => {
+            let values = file.tensor_f32(key, None)?;
+            let values = values.data();
+            (0..n).map(|i| whole(i, f64::from(values[i]))).collect()
+        }
+        DType::F64 => bytes
+            .chunks_exact(8)
+            .enumerate()
+            .map(|(i, c)| whole(i, f64::from_le_bytes(c.try_into().expect("8 bytes"))))
+            .collect(),
+        _ => bytes
+            .chunks_exact(size)
+            .enumerate()
+            .map(|(i, c)| {
+                let value: i64 = match dtype {
+                    DType::U8 | DType::Bool => i64::from(c[0]),
+                    DType::I8 => i64::from(c[0] as i8),
+                    DType::I16 => i64::from(i16::from_le_bytes([c[0], c[1]])),
+                    DType::I32 => i64::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+                    _ => i64::from_le_bytes(c.try_into().expect("8 bytes")),
+                };
+                usize::try_from(value).map_err(|_| bad(i, value.to_string()))
+            })
+            .collect(),
+    }
 }
 
 /// Integer features `key` (`count` of them, little-endian `dtype`) as f32, each rounded to the
