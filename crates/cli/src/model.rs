@@ -8,9 +8,9 @@
 use crate::error::{Error, Result};
 use nibble_autograd::{Param, Tape, Var};
 use nibble_io::{Checkpoint, WeightFormat};
+use nibble_nn::layout::ModuleLayout;
 use nibble_nn::{cross_entropy, Activation, Layer, NormKind, Sequential, SequentialOptions};
 use nibble_tensor::Tensor;
-use std::collections::BTreeSet;
 use std::path::Path;
 use std::str::FromStr;
 
@@ -141,60 +141,6 @@ fn sequential_prefix(file: &Checkpoint) -> String {
     }
 }
 
-/// The first index of each gap between the layer indices of a Sequential state dict (keys
-/// `{prefix}{i}.…`; keys that do not start with an index are left to the model reader to
-/// refuse).
-fn gaps(file: &Checkpoint, prefix: &str) -> Vec<usize> {
-    let indices: BTreeSet<usize> = file
-        .keys()
-        .filter_map(|k| k.strip_prefix(prefix)?.split('.').next()?.parse().ok())
-        .collect();
-    indices
-        .iter()
-        .zip(indices.iter().skip(1))
-        .filter(|(p, i)| **i > **p + 1)
-        .map(|(p, _)| p + 1)
-        .collect()
-}
-
-/// The indices (under `prefix`) of the modules of a 1-D `weight` without BatchNorm statistics:
-/// the LayerNorms and RMSNorms.
-fn norm_indices(file: &Checkpoint, prefix: &str) -> Vec<usize> {
-    let index_of = |key: &str, name: &str| -> Option<usize> {
-        key.strip_prefix(prefix)?
-            .strip_suffix(name)?
-            .strip_suffix('.')?
-            .parse()
-            .ok()
-    };
-    let batch_norms: BTreeSet<usize> = file
-        .keys()
-        .filter_map(|k| index_of(k, "running_mean"))
-        .collect();
-    let norms: BTreeSet<usize> = file
-        .keys()
-        .filter(|k| file.info(k).is_some_and(|(_, shape)| shape.len() == 1))
-        .filter_map(|k| index_of(k, "weight"))
-        .filter(|i| !batch_norms.contains(i))
-        .collect();
-    norms.into_iter().collect()
-}
-
-/// Whether the Sequential's first layer index (under `prefix`) is above 0: parameter-free
-/// layers come before it.
-fn leading_gap(file: &Checkpoint, prefix: &str) -> bool {
-    file.keys()
-        .filter_map(|k| {
-            k.strip_prefix(prefix)?
-                .split('.')
-                .next()?
-                .parse::<usize>()
-                .ok()
-        })
-        .min()
-        .is_some_and(|first| first > 0)
-}
-
 /// A Sequential classifier with its input width and number of classes.
 #[derive(Debug, Clone)]
 pub struct Classifier {
@@ -209,14 +155,15 @@ impl Classifier {
     pub fn open(path: &Path, structure: &Structure, format: WeightFormat) -> Result<Self> {
         let file = Checkpoint::open(path)?;
         let prefix = sequential_prefix(&file);
-        let gaps = gaps(&file, &prefix);
+        let layout = ModuleLayout::read(&file, &prefix)?;
+        let gaps = layout.gaps();
         let mut options = SequentialOptions::new()
             .format(format)
             .prefix(prefix.clone())
             .layer_norm_eps(structure.layer_norm_eps)
             .batch_norm_eps(structure.batch_norm_eps)
             .rms_norm_eps(structure.rms_norm_eps);
-        let norms = norm_indices(&file, &prefix);
+        let norms = layout.norm_indices(&file, &prefix);
         match structure.norms.as_slice() {
             [one] => options = options.norm(*one),
             list if list.len() == norms.len() => {
@@ -228,11 +175,12 @@ impl Classifier {
                 return Err(Error::Usage {
                     arg: "--norm",
                     what: format!(
-                        "{} kinds given for the {} modules of a 1-D weight of {} (at indices \
-                         {norms:?}): give one for all or one per module",
+                        "{} kinds given for the {} modules of a 1-D weight of {} ({}): give one \
+                         for all or one per module",
                         list.len(),
                         norms.len(),
-                        path.display()
+                        path.display(),
+                        layout.describe(&norms, false)
                     ),
                 })
             }
@@ -240,7 +188,7 @@ impl Classifier {
         let activations = structure.gaps.as_slice();
         // A list one longer than the gaps between layers names, first, what comes before the
         // first layer (when the indices do not start at 0).
-        let leading = leading_gap(&file, &prefix);
+        let leading = layout.leading_gap();
         match activations {
             [one] => options = options.gap_layers(one.clone()),
             list if list.len() == gaps.len() => {
@@ -258,11 +206,12 @@ impl Classifier {
                 return Err(Error::Usage {
                     arg: "--activation",
                     what: format!(
-                        "{} activations given for the {} gaps of {} (at indices {gaps:?}): give \
-                         one for all gaps or one per gap{}",
+                        "{} activations given for the {} gaps of {} ({}): give one for all gaps \
+                         or one per gap{}",
                         list.len(),
                         gaps.len(),
                         path.display(),
+                        layout.describe(&gaps, true),
                         if leading {
                             ", with one more in front for what comes before the first layer"
                         } else {

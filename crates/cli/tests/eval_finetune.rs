@@ -883,6 +883,57 @@ fn group_norms_are_given_with_norm() {
     assert!(msg.contains("its 5 groups must divide"), "{msg}");
 }
 
+/// A classifier of its own class (named modules `fc1`, `bn1`, `fc2`, `norm`, `head`):
+/// `--activation identity,relu,identity,gelu` says what runs between each two modules, and
+/// the logits are PyTorch's (`tests/data/named_classifier.*`,
+/// `tools/golden/make_named_classifier.py`); fine-tuning trains it. A list of the wrong length
+/// names the modules the gaps follow; the same model in safetensors (whose keys are sorted by
+/// name) does not chain, and the error says why.
+#[test]
+fn a_classifier_of_named_modules_gives_pytorchs_logits() {
+    let dir = tmpdir("named");
+    let golden = data("named_classifier.safetensors");
+    let d = five_rows_of(&dir, &golden);
+    let model = data("named_classifier.pth");
+    let logits = dir.join("logits.safetensors");
+    let given = ["--activation", "identity,relu,identity,gelu"];
+    let diff = logits_off_golden(&model, &d, &given, &logits, &golden);
+    assert!(diff < 1e-5, "logits differ from PyTorch's by {diff}");
+    finetune_lowers_the_loss(&model, &d, "nf4", &given);
+    let msg = nibble_fails(&model_data_args(
+        "eval",
+        &model,
+        &d,
+        &["--activation", "relu,gelu"],
+    ));
+    assert!(
+        msg.contains("2 activations given for the 4 gaps")
+            && msg.contains("after modules fc1, bn1, fc2, norm"),
+        "{msg}"
+    );
+    // The same tensors in a safetensors file: sorted by name, bn1 comes first.
+    let file = nibble_io::Checkpoint::open(&model).unwrap();
+    let entries: Vec<Entry> = file
+        .keys()
+        .map(|k| {
+            let (dtype, shape) = file.info(k).unwrap();
+            (
+                k.to_string(),
+                dtype,
+                shape.to_vec(),
+                file.bytes(k).unwrap().to_vec(),
+            )
+        })
+        .collect();
+    let sorted = dir.join("named.safetensors");
+    write(&sorted, &entries);
+    let msg = nibble_fails(&model_data_args("eval", &sorted, &d, &given));
+    assert!(
+        msg.contains("do not chain") && msg.contains("sorts them by name"),
+        "{msg}"
+    );
+}
+
 /// A training checkpoint (PyTorch's tutorial format, Lightning's) evaluates as the model in it:
 /// the golden logits (`tests/data/ckpt_*`, `tools/golden/make_training_checkpoints.py`).
 #[test]

@@ -61,6 +61,7 @@ pub mod activation;
 pub mod batch_norm;
 pub mod error;
 pub mod layer_norm;
+pub mod layout;
 pub mod linear;
 pub mod loss;
 pub mod peft;

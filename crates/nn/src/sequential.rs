@@ -5,6 +5,7 @@ use crate::activation::Activation;
 use crate::batch_norm::BatchNorm;
 use crate::error::{Error, Result};
 use crate::layer_norm::{LayerNorm, NormKind};
+use crate::layout::ModuleLayout;
 use crate::linear::{Linear, LoraAdapter};
 use crate::prelu::PRelu;
 use crate::save::save_weights_with;
@@ -229,32 +230,6 @@ fn check_gap_group_norms(layers: &[Layer]) -> std::result::Result<(), String> {
     Ok(())
 }
 
-/// The `Sequential` index and parameter name of a state-dict key: `3.weight` -> (3, "weight"),
-/// `3.weight.q4.packed` -> (3, "weight") (a part of a quantized weight), a BatchNorm's
-/// `3.running_mean` / `running_var` / `num_batches_tracked` -> (3, "stats").
-fn parse_key(key: &str) -> Option<(usize, &'static str)> {
-    let (index, rest) = key.split_once('.')?;
-    let canonical = index == "0" || !index.starts_with('0'); // PyTorch writes `3`, never `03`
-    if index.is_empty() || !canonical || !index.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let index = index.parse().ok()?;
-    match rest {
-        "bias" => Some((index, "bias")),
-        "weight" => Some((index, "weight")),
-        r if r.starts_with("weight.") => Some((index, "weight")),
-        // Weight normalization's two parts (see [`VarBuilder::weight_norm`]).
-        "parametrizations.weight.original0"
-        | "parametrizations.weight.original1"
-        | "weight_g"
-        | "weight_v" => Some((index, "weight")),
-        // bitsandbytes' 8-bit layout: the row scales and the codes' layout beside the weight.
-        "SCB" | "weight_format" => Some((index, "weight")),
-        "running_mean" | "running_var" | "num_batches_tracked" => Some((index, "stats")),
-        _ => None,
-    }
-}
-
 impl Sequential {
     /// A model of these layers.
     pub fn new(layers: Vec<Layer>) -> Self {
@@ -269,7 +244,11 @@ impl Sequential {
     /// LayerNorm without parameters then a ReLU; a dropout or identity in the gap needs no
     /// entry; parameter-free layers before the first weight, such as `nn.Flatten`, are
     /// skipped unless [`SequentialOptions::gap_layers_at`] gives some for index 0). Weights stored quantized (by [`Sequential::save`]) are used as stored.
-    /// Non-`Sequential` keys, a bias without a weight and layers whose widths do not chain are errors
+    /// A state dict of named modules (`fc1.weight`, `bn1.running_mean`, ...: a model of its own
+    /// class) is read as the chain of its modules in the file's order, module `k` at index
+    /// `2k` with a gap after each ([`crate::layout::ModuleLayout`]), the layers keeping the
+    /// modules' names.
+    /// Keys of no layer, a bias without a weight and layers whose widths do not chain are errors
     /// naming the key and shapes. A NaN or infinite weight, bias, LayerNorm or BatchNorm
     /// parameter or running statistic (stored f32, f16 or bf16) is an [`Error::NonFinite`]
     /// naming the key, the element's (row, col) or index and its value; quantized weights
@@ -279,31 +258,7 @@ impl Sequential {
             file: file.path().to_path_buf(),
             what,
         };
-        // Per index: a weight, a bias, BatchNorm statistics.
-        let mut indices: BTreeMap<usize, (bool, bool, bool)> = BTreeMap::new();
-        for key in file.keys() {
-            let Some(local) = key.strip_prefix(options.prefix.as_str()) else {
-                continue;
-            };
-            let (index, name) = parse_key(local).ok_or_else(|| {
-                structure(format!(
-                    "`{key}` is not a parameter of an nn.Sequential of Linear and LayerNorm layers (expected `{p}<index>.weight` or `{p}<index>.bias`)",
-                    p = options.prefix
-                ))
-            })?;
-            let entry = indices.entry(index).or_default();
-            match name {
-                "weight" => entry.0 = true,
-                "stats" => entry.2 = true,
-                _ => entry.1 = true,
-            }
-        }
-        if indices.is_empty() {
-            return Err(structure(format!(
-                "no `{p}<index>.weight` tensors: not an nn.Sequential state dict",
-                p = options.prefix
-            )));
-        }
+        let layout = ModuleLayout::read(file, &options.prefix)?;
         let root = VarBuilder::new(file);
         let root = match options.prefix.strip_suffix('.') {
             Some(p) if !p.is_empty() => root.pp(p),
@@ -328,11 +283,13 @@ impl Sequential {
         let mut layers = Vec::new();
         let mut width: Option<(usize, String)> = None; // output width and the key that set it
         let mut previous: Option<usize> = None;
+        let mut previous_path = "";
         let mut gaps = Vec::new(); // first missing index of each gap
         let mut linear_indices = Vec::new();
         let mut norm_indices = Vec::new();
-        for (&index, &(has_weight, _, has_stats)) in &indices {
-            let key = |name: &str| format!("{}{index}.{name}", options.prefix);
+        for entry in &layout.modules {
+            let (index, has_weight, has_stats) = (entry.index, entry.weight, entry.stats);
+            let key = |name: &str| format!("{}{}.{name}", options.prefix, entry.path);
             if !has_weight && !has_stats {
                 return Err(structure(format!(
                     "`{}` has no `{}`",
@@ -357,8 +314,13 @@ impl Sequential {
                         .get(&gap)
                         .or(options.activation.as_ref())
                         .ok_or_else(|| {
+                            let between = if layout.named {
+                                format!("between modules `{}` and `{}` (named modules: what runs between any two is for the user to say)", previous_path, entry.path)
+                            } else {
+                                format!("indices {gap}..{index} hold no parameters")
+                            };
                             structure(format!(
-                                "indices {gap}..{index} hold no parameters: a parameter-free activation there must be given ({})",
+                                "{between}: a parameter-free activation there must be given ({})",
                                 Activation::names_list()
                             ))
                         })?;
@@ -367,7 +329,8 @@ impl Sequential {
                 }
             }
             previous = Some(index);
-            let vb = root.pp(index.to_string());
+            previous_path = entry.path.as_str();
+            let vb = root.pp(&entry.path);
             let plain_dims = file.info(&key("weight")).map(|(_, s)| s.len());
             let layer = match plain_dims {
                 _ if has_stats => {
@@ -441,8 +404,14 @@ impl Sequential {
             };
             if let Some((w, from)) = &width {
                 if *w != inp {
+                    let order = if layout.named {
+                        " (named modules run in the order the file keeps them: a .pth keeps the \
+                         model's, a safetensors file sorts them by name)"
+                    } else {
+                        ""
+                    };
                     return Err(structure(format!(
-                        "`{}` takes {inp} features but `{from}` gives {w}: the layers do not chain",
+                        "`{}` takes {inp} features but `{from}` gives {w}: the layers do not chain{order}",
                         key("weight")
                     )));
                 }

@@ -467,10 +467,10 @@ fn bad_state_dicts_are_errors_naming_key_and_shapes() {
             vec![
                 ("0.weight", vec![4, 3]),
                 ("0.bias", vec![4]),
-                ("head.weight", vec![2, 4]),
+                ("head.scale", vec![2, 4]),
             ],
             &relu,
-            &["`head.weight`", "nn.Sequential"],
+            &["`head.scale`", "is not a parameter"],
         ),
         (
             "bias alone",
@@ -576,7 +576,7 @@ fn bad_state_dicts_are_errors_naming_key_and_shapes() {
     let e = Sequential::from_state_dict(&file, &relu.clone().prefix("n."))
         .unwrap_err()
         .to_string();
-    assert!(e.contains("no `n.<index>.weight`"), "{e}");
+    assert!(e.contains("no `n.<module>.weight`"), "{e}");
     // Options that name layers the file does not have.
     let file = state_dict(
         &dir,
@@ -596,8 +596,10 @@ fn bad_state_dicts_are_errors_naming_key_and_shapes() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("index 3") && e.contains("gaps at [1]"), "{e}");
+    // `01` is no index PyTorch writes: a module of that name.
     let leading_zero = state_dict(&dir, "zero.safetensors", &[("01.weight", vec![4, 3])]);
-    assert!(Sequential::from_state_dict(&leading_zero, &relu).is_err());
+    let named = Sequential::from_state_dict(&leading_zero, &relu).unwrap();
+    assert_eq!(named.linears().next().unwrap().name, "01");
     // Inputs of the wrong width.
     let e = model
         .infer(&Tensor::zeros(&[2, 5]))
@@ -917,6 +919,44 @@ fn group_norms_without_parameters_in_gaps_match_pytorch() {
         e.contains("`group_norm:5` after module `0` normalizes 12 features"),
         "{e}"
     );
+}
+
+/// A classifier of its own class (named modules `fc1`, `bn1`, `fc2`, `norm`, `head`, not an
+/// `nn.Sequential`): its modules run in the order the `.pth` keeps them, with a gap between
+/// every two for what runs there (here nothing, ReLU, nothing, GELU); the logits and the
+/// input's gradient are PyTorch's (`tests/data/named_classifier.*`,
+/// `tools/golden/make_named_classifier.py`), and the layers keep the modules' names. A ReLU in
+/// every gap computes another model.
+#[test]
+fn a_classifier_of_named_modules_matches_pytorch() {
+    let g = Checkpoint::open(data("named_classifier.safetensors")).unwrap();
+    let (x, want_logits) = (tensor(&g, "x"), tensor(&g, "logits"));
+    let file = Checkpoint::open(data("named_classifier.pth")).unwrap();
+    let options = SequentialOptions::new()
+        .gap_layers_at(1, vec![Activation::Identity])
+        .gap_layers_at(3, vec![Activation::Relu])
+        .gap_layers_at(5, vec![])
+        .gap_layers_at(7, vec![Activation::Gelu]);
+    let model = Sequential::from_state_dict(&file, &options).unwrap();
+    assert_eq!(
+        layer_kinds(&model),
+        [
+            "linear fc1",
+            "identity",
+            "batchnorm bn1",
+            "relu",
+            "linear fc2",
+            "Layer norm 0.00001",
+            "gelu",
+            "linear head"
+        ]
+    );
+    let diff = max_diff(&model.infer(&x).unwrap(), &want_logits);
+    assert!(diff < 1e-5, "logits differ from PyTorch's by {diff}");
+    gradients_match(&g, &model, &[]);
+    let relu = SequentialOptions::new().activation(Activation::Relu);
+    let every_gap = Sequential::from_state_dict(&file, &relu).unwrap();
+    assert!(max_diff(&every_gap.infer(&x).unwrap(), &want_logits) > 1e-3);
 }
 
 /// A PEFT DoRA adapter on the Sequential (`tests/data/peft_variants/dora`,

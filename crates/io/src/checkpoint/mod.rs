@@ -229,6 +229,8 @@ pub struct Checkpoint {
     format: Format,
     backing: Backing,
     entries: BTreeMap<String, Entry>,
+    /// The keys in the order the file holds them (see [`Checkpoint::keys_in_file_order`]).
+    file_order: Vec<String>,
     metadata: BTreeMap<String, String>,
 }
 
@@ -319,12 +321,13 @@ impl Checkpoint {
                 reason: "the file is empty (0 bytes)".into(),
             });
         }
-        let (format, entries, metadata) = if buf.starts_with(ZIP_MAGIC) {
-            let entries = pth::read(&path, buf)?;
-            (Format::Pth, entries, BTreeMap::new())
+        let (format, entries, file_order, metadata) = if buf.starts_with(ZIP_MAGIC) {
+            let (entries, order) = pth::read(&path, buf)?;
+            (Format::Pth, entries, order, BTreeMap::new())
         } else if looks_like_safetensors(buf) {
             let (entries, metadata) = safetensors::read(&path, buf)?;
-            (Format::Safetensors, entries, metadata)
+            let order = entries.keys().cloned().collect();
+            (Format::Safetensors, entries, order, metadata)
         } else if buf.first() == Some(&0x80) {
             return Err(Error::UnknownFormat {
                 path,
@@ -347,6 +350,7 @@ impl Checkpoint {
             format,
             backing: bytes,
             entries,
+            file_order,
             metadata,
         })
     }
@@ -389,12 +393,28 @@ impl Checkpoint {
             .into_iter()
             .map(|(k, e)| (k[prefix.len()..].to_string(), e))
             .collect();
-        Ok(Checkpoint { entries, ..self })
+        let file_order = self
+            .file_order
+            .iter()
+            .map(|k| k[prefix.len()..].to_string())
+            .collect();
+        Ok(Checkpoint {
+            entries,
+            file_order,
+            ..self
+        })
     }
 
     /// Tensor names, sorted.
     pub fn keys(&self) -> impl Iterator<Item = &str> {
         self.entries.keys().map(String::as_str)
+    }
+
+    /// Tensor names in the order the file holds them: a `.pth` state dict's own order (the
+    /// order the model registered its parameters, which is how `nn.Module.state_dict()` lists
+    /// them); a safetensors file's, which its writers sort by name, sorted.
+    pub fn keys_in_file_order(&self) -> impl Iterator<Item = &str> {
+        self.file_order.iter().map(String::as_str)
     }
 
     /// Number of tensors.

@@ -12,7 +12,7 @@ use super::{checked_nbytes, zip, Data, Entry, Format};
 use crate::error::{Error, Result};
 
 /// Parses and validates a `.pth` archive held in `buf`.
-pub(crate) fn read(path: &Path, buf: &[u8]) -> Result<BTreeMap<String, Entry>> {
+pub(crate) fn read(path: &Path, buf: &[u8]) -> Result<(BTreeMap<String, Entry>, Vec<String>)> {
     let bad = |reason: String| Error::Malformed {
         path: path.to_path_buf(),
         format: Format::Pth,
@@ -66,6 +66,8 @@ pub(crate) fn read(path: &Path, buf: &[u8]) -> Result<BTreeMap<String, Entry>> {
     let dict = state_dict_in(&root).map_err(bad)?;
 
     let mut entries = BTreeMap::new();
+    // The keys in the state dict's order (the order the model registered its parameters).
+    let mut order = Vec::with_capacity(dict.items.len());
     for (k, v) in &dict.items {
         let Value::Str(key) = k else {
             return Err(bad(format!(
@@ -163,8 +165,9 @@ pub(crate) fn read(path: &Path, buf: &[u8]) -> Result<BTreeMap<String, Entry>> {
                 key: key.to_owned(),
             });
         }
+        order.push(key.to_owned());
     }
-    Ok(entries)
+    Ok((entries, order))
 }
 
 /// Names under which training checkpoints keep the model's state dict, in the order they are

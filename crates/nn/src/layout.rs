@@ -1,0 +1,224 @@
+//! The modules of a classifier's state dict, in the order the model runs them: an
+//! `nn.Sequential`'s indices (`0.weight`, `3.bias`, ...; a gap in them holds parameter-free
+//! layers), or the named modules of a model of its own class (`fc1.weight`, `bn1.running_mean`,
+//! `head.weight`, ...), taken in the file's order (the order the model registered them, which a
+//! `.pth` keeps; a safetensors file keeps them sorted by name) with a gap between every two of
+//! them, where the user says what runs.
+
+use crate::error::{Error, Result};
+use nibble_io::Checkpoint;
+use std::collections::HashMap;
+
+/// What a parameter key names within its module: `weight` (a weight, whole or in parts: the
+/// parts of a quantized or weight-normalized weight, bitsandbytes' row scales), `bias`, or
+/// `stats` (a BatchNorm's running statistics).
+fn parameter_kind(rest: &str) -> Option<&'static str> {
+    match rest {
+        "bias" => Some("bias"),
+        "weight" => Some("weight"),
+        r if r.starts_with("weight.") => Some("weight"),
+        // Weight normalization's two parts (see [`crate::VarBuilder::weight_norm`]).
+        "parametrizations.weight.original0"
+        | "parametrizations.weight.original1"
+        | "weight_g"
+        | "weight_v" => Some("weight"),
+        // bitsandbytes' 8-bit layout: the row scales and the codes' layout beside the weight.
+        "SCB" | "weight_format" => Some("weight"),
+        "running_mean" | "running_var" | "num_batches_tracked" => Some("stats"),
+        _ => None,
+    }
+}
+
+/// The module path and parameter kind of a state-dict key: `3.weight` -> (`3`, "weight"),
+/// `fc1.weight.q4.packed` -> (`fc1`, "weight"), `features.0.running_var` -> (`features.0`,
+/// "stats"). The path ends at the first dot after which a parameter name follows.
+pub fn split_key(key: &str) -> Option<(&str, &'static str)> {
+    let mut from = 0;
+    while let Some(dot) = key[from..].find('.') {
+        let at = from + dot;
+        if at > 0 {
+            if let Some(kind) = parameter_kind(&key[at + 1..]) {
+                return Some((&key[..at], kind));
+            }
+        }
+        from = at + 1;
+    }
+    None
+}
+
+/// A Sequential index as PyTorch writes one (`3`, never `03`).
+fn sequential_index(path: &str) -> Option<usize> {
+    let canonical = path == "0" || !path.starts_with('0');
+    (canonical && !path.is_empty() && path.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| path.parse().ok())
+        .flatten()
+}
+
+/// One module of the state dict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModuleEntry {
+    /// Its position: the Sequential index, or twice its place among named modules (so that a
+    /// gap lies between every two).
+    pub index: usize,
+    /// Its path under the prefix (`3`, `fc1`, `features.0`).
+    pub path: String,
+    /// It has a weight (whole or in parts).
+    pub weight: bool,
+    /// It has a bias.
+    pub bias: bool,
+    /// It has BatchNorm running statistics.
+    pub stats: bool,
+}
+
+/// The modules of a state dict under a prefix, in the order the model runs them.
+#[derive(Debug, Clone)]
+pub struct ModuleLayout {
+    /// The modules, by [`ModuleEntry::index`].
+    pub modules: Vec<ModuleEntry>,
+    /// Named modules (a model of its own class) rather than a Sequential's indices.
+    pub named: bool,
+}
+
+impl ModuleLayout {
+    /// The modules of the keys of `file` under `prefix` (keys outside it are left out). A key
+    /// that names no parameter a layer nibble reads has, or a file without such keys, is an
+    /// [`Error::Structure`] naming it.
+    pub fn read(file: &Checkpoint, prefix: &str) -> Result<Self> {
+        let structure = |what: String| Error::Structure {
+            file: file.path().to_path_buf(),
+            what,
+        };
+        let mut modules: Vec<ModuleEntry> = Vec::new();
+        let mut place: HashMap<String, usize> = HashMap::new();
+        for key in file.keys_in_file_order() {
+            let Some(local) = key.strip_prefix(prefix) else {
+                continue;
+            };
+            let (path, kind) = split_key(local).ok_or_else(|| {
+                structure(format!(
+                    "`{key}` is not a parameter of a Linear, LayerNorm, BatchNorm1d or other layer nibble reads (expected `{prefix}<module>.weight`, `.bias` or a BatchNorm's `.running_mean` / `.running_var`)"
+                ))
+            })?;
+            let at = *place.entry(path.to_string()).or_insert_with(|| {
+                modules.push(ModuleEntry {
+                    index: 0,
+                    path: path.to_string(),
+                    weight: false,
+                    bias: false,
+                    stats: false,
+                });
+                modules.len() - 1
+            });
+            let entry = &mut modules[at];
+            match kind {
+                "weight" => entry.weight = true,
+                "stats" => entry.stats = true,
+                _ => entry.bias = true,
+            }
+        }
+        if modules.is_empty() {
+            return Err(structure(format!(
+                "no `{prefix}<module>.weight` tensors: not a classifier's state dict"
+            )));
+        }
+        let indices: Option<Vec<usize>> =
+            modules.iter().map(|m| sequential_index(&m.path)).collect();
+        let named = indices.is_none();
+        match indices {
+            Some(indices) => {
+                for (m, i) in modules.iter_mut().zip(indices) {
+                    m.index = i;
+                }
+                modules.sort_by_key(|m| m.index);
+            }
+            None => {
+                for (place, m) in modules.iter_mut().enumerate() {
+                    m.index = 2 * place;
+                }
+            }
+        }
+        Ok(ModuleLayout { modules, named })
+    }
+
+    /// The first index of each gap between two modules (every boundary between named modules).
+    pub fn gaps(&self) -> Vec<usize> {
+        self.modules
+            .windows(2)
+            .filter(|w| w[1].index > w[0].index + 1)
+            .map(|w| w[0].index + 1)
+            .collect()
+    }
+
+    /// Whether parameter-free layers come before the first module: a Sequential whose indices
+    /// start above 0.
+    pub fn leading_gap(&self) -> bool {
+        !self.named && self.modules.first().is_some_and(|m| m.index > 0)
+    }
+
+    /// Where `indices` lie, for messages: `at indices [1, 4]` for a Sequential, `at modules
+    /// fc1, bn1` for named modules; with `after`, each index is the gap after a module (`after
+    /// modules fc1, bn1`).
+    pub fn describe(&self, indices: &[usize], after: bool) -> String {
+        if !self.named {
+            return format!("at indices {indices:?}");
+        }
+        let paths: Vec<&str> = indices
+            .iter()
+            .filter_map(|&i| {
+                let wanted = if after { i.checked_sub(1)? } else { i };
+                self.modules
+                    .iter()
+                    .find(|m| m.index == wanted)
+                    .map(|m| m.path.as_str())
+            })
+            .collect();
+        format!(
+            "{} modules {}",
+            if after { "after" } else { "at" },
+            paths.join(", ")
+        )
+    }
+
+    /// The indices of the modules of a 1-D weight without BatchNorm statistics (LayerNorms,
+    /// RMSNorms, GroupNorms, PReLUs), by the rank of `<prefix><path>.weight` in `file`.
+    pub fn norm_indices(&self, file: &Checkpoint, prefix: &str) -> Vec<usize> {
+        self.modules
+            .iter()
+            .filter(|m| !m.stats)
+            .filter(|m| {
+                file.info(&format!("{prefix}{}.weight", m.path))
+                    .is_some_and(|(_, shape)| shape.len() == 1)
+            })
+            .map(|m| m.index)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_split_at_their_parameter() {
+        for (key, want) in [
+            ("3.weight", Some(("3", "weight"))),
+            ("fc1.weight.q4.packed", Some(("fc1", "weight"))),
+            ("features.0.running_var", Some(("features.0", "stats"))),
+            (
+                "a.b.parametrizations.weight.original1",
+                Some(("a.b", "weight")),
+            ),
+            ("weight.weight", Some(("weight", "weight"))),
+            ("head.bias", Some(("head", "bias"))),
+            ("weight", None),
+            (".weight", None),
+            ("fc1.scale", None),
+        ] {
+            assert_eq!(split_key(key), want, "{key}");
+        }
+        assert_eq!(sequential_index("03"), None);
+        assert_eq!(sequential_index("0"), Some(0));
+        assert_eq!(sequential_index("12"), Some(12));
+        assert_eq!(sequential_index("fc1"), None);
+    }
+}
