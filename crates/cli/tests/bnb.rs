@@ -46,18 +46,7 @@ fn assert_cases_fail(
 
 /// Every tensor of a file as entries, to write altered copies.
 fn entries(path: &std::path::Path) -> Vec<Entry> {
-    let file = Checkpoint::open(path).unwrap();
-    file.keys()
-        .map(|k| {
-            let (dtype, shape) = file.info(k).unwrap();
-            (
-                k.to_string(),
-                dtype,
-                shape.to_vec(),
-                file.bytes(k).unwrap().to_vec(),
-            )
-        })
-        .collect()
+    entries_of(&Checkpoint::open(path).unwrap())
 }
 
 /// `nibble inspect --json` of `file` names each tensor's format as `want` does.

@@ -2,7 +2,7 @@
 //! writing small safetensors files.
 #![allow(dead_code)]
 
-use nibble_io::{write_safetensors, DType};
+use nibble_io::{write_safetensors, Checkpoint, DType};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -89,6 +89,21 @@ pub fn i64s(name: &str, values: &[i64]) -> Entry {
         vec![values.len()],
         values.iter().flat_map(|v| v.to_le_bytes()).collect(),
     )
+}
+
+/// Every tensor of `file` as an entry (sorted by name), to write altered copies.
+pub fn entries_of(file: &Checkpoint) -> Vec<Entry> {
+    file.keys()
+        .map(|k| {
+            let (dtype, shape) = file.info(k).unwrap();
+            (
+                k.to_string(),
+                dtype,
+                shape.to_vec(),
+                file.bytes(k).unwrap().to_vec(),
+            )
+        })
+        .collect()
 }
 
 /// Writes `entries` as a safetensors file.

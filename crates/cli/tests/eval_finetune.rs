@@ -95,18 +95,7 @@ fn eval_all_gives_one_row_per_format_in_the_issues_order() {
 fn a_safetensors_copy_of_the_model_evaluates_the_same() {
     let dir = tmpdir("eval_st");
     let pth = Checkpoint::open(data("digits_mlp.pth")).unwrap();
-    let entries: Vec<Entry> = pth
-        .keys()
-        .map(|k| {
-            let (dtype, shape) = pth.info(k).unwrap();
-            (
-                k.to_string(),
-                dtype,
-                shape.to_vec(),
-                pth.bytes(k).unwrap().to_vec(),
-            )
-        })
-        .collect();
+    let entries = entries_of(&pth);
     let st = dir.join("digits_mlp.safetensors");
     write(&st, &entries);
     let digits = data("digits.safetensors");
@@ -499,17 +488,9 @@ fn keys_under_one_module_path_read_as_the_sequential() {
     let dir = tmpdir("eval_prefix");
     let pth = Checkpoint::open(data("digits_mlp.pth")).unwrap();
     let copy_under = |prefix: &str| {
-        let entries: Vec<Entry> = pth
-            .keys()
-            .map(|k| {
-                let (dtype, shape) = pth.info(k).unwrap();
-                (
-                    format!("{prefix}{k}"),
-                    dtype,
-                    shape.to_vec(),
-                    pth.bytes(k).unwrap().to_vec(),
-                )
-            })
+        let entries: Vec<Entry> = entries_of(&pth)
+            .into_iter()
+            .map(|(k, dtype, shape, bytes)| (format!("{prefix}{k}"), dtype, shape, bytes))
             .collect();
         let path = dir.join(format!("{}safetensors", prefix.replace('.', "_")));
         write(&path, &entries);
@@ -913,18 +894,7 @@ fn a_classifier_of_named_modules_gives_pytorchs_logits() {
     );
     // The same tensors in a safetensors file: sorted by name, bn1 comes first.
     let file = nibble_io::Checkpoint::open(&model).unwrap();
-    let entries: Vec<Entry> = file
-        .keys()
-        .map(|k| {
-            let (dtype, shape) = file.info(k).unwrap();
-            (
-                k.to_string(),
-                dtype,
-                shape.to_vec(),
-                file.bytes(k).unwrap().to_vec(),
-            )
-        })
-        .collect();
+    let entries = entries_of(&file);
     let sorted = dir.join("named.safetensors");
     write(&sorted, &entries);
     let msg = nibble_fails(&model_data_args("eval", &sorted, &d, &given));
@@ -1002,18 +972,9 @@ fn weight_normalized_linears_give_pytorchs_logits() {
     }
     // Without `weight_v`, the middle layer is half a weight.
     let pth = nibble_io::Checkpoint::open(&model).unwrap();
-    let entries: Vec<Entry> = pth
-        .keys()
-        .filter(|k| *k != "2.weight_v")
-        .map(|k| {
-            let (dtype, shape) = pth.info(k).unwrap();
-            (
-                k.to_string(),
-                dtype,
-                shape.to_vec(),
-                pth.bytes(k).unwrap().to_vec(),
-            )
-        })
+    let entries: Vec<Entry> = entries_of(&pth)
+        .into_iter()
+        .filter(|e| e.0 != "2.weight_v")
         .collect();
     let half = dir.join("half.safetensors");
     write(&half, &entries);

@@ -143,18 +143,9 @@ fn a_dora_adapter_gives_pefts_logits() {
         |name: &str, keep: &dyn Fn(&str) -> bool, use_dora: bool, init: serde_json::Value| {
             let to = dir.join(name);
             std::fs::create_dir_all(&to).unwrap();
-            let entries: Vec<Entry> = weights
-                .keys()
-                .filter(|k| keep(k))
-                .map(|k| {
-                    let (dtype, shape) = weights.info(k).unwrap();
-                    (
-                        k.to_string(),
-                        dtype,
-                        shape.to_vec(),
-                        weights.bytes(k).unwrap().to_vec(),
-                    )
-                })
+            let entries: Vec<Entry> = entries_of(&weights)
+                .into_iter()
+                .filter(|e| keep(&e.0))
                 .collect();
             write(&to.join("adapter_model.safetensors"), &entries);
             let mut c = config.clone();
