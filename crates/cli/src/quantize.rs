@@ -25,6 +25,7 @@ use crate::inspect::name_column_width;
 use crate::paths::refuse_overwrite;
 use nibble_io::frozen::{shape_metadata_key, Part};
 use nibble_io::{write_safetensors, Checkpoint, DType, FrozenWeight, WeightFormat, FORMAT_KEY};
+use nibble_nn::layout::{ModuleLayout, MODULE_ORDER_KEY};
 use regex::Regex;
 use serde::Serialize;
 use std::borrow::Cow;
@@ -212,6 +213,18 @@ pub fn quantize(
             .map(|(k, d, s, b)| (k.clone(), *d, s.clone(), b.as_ref())),
     );
     metadata.insert(FORMAT_KEY.to_string(), format.name().to_string());
+    // Named modules (a model of its own class) keep their order, which the output's sorted
+    // keys lose.
+    metadata.remove(MODULE_ORDER_KEY);
+    if let Ok(layout) = ModuleLayout::read(&file, "") {
+        if layout.named {
+            let order: Vec<String> = layout.modules.into_iter().map(|m| m.path).collect();
+            metadata.insert(
+                MODULE_ORDER_KEY.to_string(),
+                serde_json::Value::from(order).to_string(),
+            );
+        }
+    }
     write_safetensors(output, &entries, &metadata)?;
     Ok(report)
 }

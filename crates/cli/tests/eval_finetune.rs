@@ -902,6 +902,23 @@ fn a_classifier_of_named_modules_gives_pytorchs_logits() {
         msg.contains("do not chain") && msg.contains("sorts them by name"),
         "{msg}"
     );
+    // `quantize` records the modules' order, so its safetensors output reads as the model.
+    let nf4 = dir.join("named_nf4.safetensors");
+    let out = nibble(&[
+        "quantize",
+        s(&model),
+        "--format",
+        "nf4",
+        "--output",
+        s(&nf4),
+    ]);
+    assert!(out.ok, "{}", out.stderr);
+    let stored = dir.join("stored.safetensors");
+    let fresh = dir.join("fresh.safetensors");
+    let flags = [&given[..], &["--format", "nf4"]].concat();
+    logits_off_golden(&nf4, &d, &flags, &stored, &golden);
+    logits_off_golden(&model, &d, &flags, &fresh, &golden);
+    assert_eq!(tensor(&stored, "logits"), tensor(&fresh, "logits"));
 }
 
 /// A training checkpoint (PyTorch's tutorial format, Lightning's) evaluates as the model in it:

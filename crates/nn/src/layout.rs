@@ -2,12 +2,18 @@
 //! `nn.Sequential`'s indices (`0.weight`, `3.bias`, ...; a gap in them holds parameter-free
 //! layers), or the named modules of a model of its own class (`fc1.weight`, `bn1.running_mean`,
 //! `head.weight`, ...), taken in the file's order (the order the model registered them, which a
-//! `.pth` keeps; a safetensors file keeps them sorted by name) with a gap between every two of
-//! them, where the user says what runs.
+//! `.pth` keeps; a safetensors file keeps them sorted by name, unless nibble wrote it and
+//! recorded the order: [`MODULE_ORDER_KEY`]) with a gap between every two of them, where the
+//! user says what runs.
 
 use crate::error::{Error, Result};
 use nibble_io::Checkpoint;
 use std::collections::HashMap;
+
+/// The safetensors metadata key under which nibble records the order of a model's named
+/// modules (a JSON list of their paths), which a safetensors file's sorted keys lose: written
+/// by [`crate::Sequential::save`] and `nibble quantize`, read by [`ModuleLayout::read`].
+pub const MODULE_ORDER_KEY: &str = "nibble.module_order";
 
 /// What a parameter key names within its module: `weight` (a weight, whole or in parts: the
 /// parts of a quantized or weight-normalized weight, bitsandbytes' row scales), `bias`, or
@@ -132,6 +138,25 @@ impl ModuleLayout {
                 modules.sort_by_key(|m| m.index);
             }
             None => {
+                // A recorded order of exactly these modules replaces the file's.
+                let recorded: Option<Vec<String>> = file
+                    .metadata()
+                    .get(MODULE_ORDER_KEY)
+                    .and_then(|text| serde_json::from_str(text).ok());
+                if let Some(order) = recorded.filter(|order| {
+                    order.len() == modules.len()
+                        && modules.iter().all(|m| {
+                            order
+                                .iter()
+                                .any(|p| p.strip_prefix(prefix) == Some(m.path.as_str()))
+                        })
+                }) {
+                    modules.sort_by_key(|m| {
+                        order
+                            .iter()
+                            .position(|p| p.strip_prefix(prefix) == Some(m.path.as_str()))
+                    });
+                }
                 for (place, m) in modules.iter_mut().enumerate() {
                     m.index = 2 * place;
                 }

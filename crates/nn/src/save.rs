@@ -31,10 +31,28 @@ pub fn save_weights_with<'a>(
     norms: impl IntoIterator<Item = &'a LayerNorm>,
     extra: impl IntoIterator<Item = (String, &'a Tensor)>,
 ) -> Result<()> {
+    save_weights_in_order(path, linears, norms, extra, None)
+}
+
+/// [`save_weights_with`], recording `module_order` (the model's module paths in the order
+/// they run) under [`crate::layout::MODULE_ORDER_KEY`] where given.
+pub(crate) fn save_weights_in_order<'a>(
+    path: &Path,
+    linears: impl IntoIterator<Item = &'a Linear>,
+    norms: impl IntoIterator<Item = &'a LayerNorm>,
+    extra: impl IntoIterator<Item = (String, &'a Tensor)>,
+    module_order: Option<Vec<String>>,
+) -> Result<()> {
     let linears: Vec<&Linear> = linears.into_iter().collect();
     let mut held: Vec<(String, Tensor)> = Vec::new(); // f32 copies, alive until written
     let mut parts: Vec<Part<'_>> = Vec::new();
     let mut metadata = BTreeMap::new();
+    if let Some(order) = module_order {
+        metadata.insert(
+            crate::layout::MODULE_ORDER_KEY.to_string(),
+            serde_json::Value::from(order).to_string(),
+        );
+    }
     for l in &linears {
         let wkey = format!("{}.weight", l.name);
         let bkey = format!("{}.bias", l.name);

@@ -8,7 +8,7 @@ use crate::layer_norm::{LayerNorm, NormKind};
 use crate::layout::ModuleLayout;
 use crate::linear::{Linear, LoraAdapter};
 use crate::prelu::PRelu;
-use crate::save::save_weights_with;
+use crate::save::save_weights_in_order;
 use crate::var_builder::VarBuilder;
 use nibble_autograd::{Param, Tape, Var};
 use nibble_io::{Checkpoint, WeightFormat};
@@ -683,7 +683,8 @@ impl Sequential {
     }
 
     /// Writes the model's weights (not its LoRA adapters: see [`crate::peft`]) to a safetensors
-    /// file at `path` with [`save_weights_with`] (BatchNorms' tensors included);
+    /// file at `path` as [`crate::save_weights_with`] writes them (BatchNorms' tensors
+    /// included), with the modules' order recorded ([`crate::layout::MODULE_ORDER_KEY`]);
     /// [`Sequential::from_state_dict`] reads it back (same prefix).
     pub fn save(&self, path: &Path) -> Result<()> {
         let norms = self.layers.iter().filter_map(|l| match l {
@@ -707,6 +708,13 @@ impl Sequential {
                 _ => Vec::new(),
             })
             .chain(slopes.iter().map(|(k, t)| (k.clone(), t)));
-        save_weights_with(path, self.linears(), norms, extra)
+        // The modules in the order they run: a reader of named modules needs it (safetensors
+        // sorts the keys), and an index-keyed Sequential's order is the same.
+        let order = self
+            .layers
+            .iter()
+            .filter_map(|l| layer_widths(l).map(|(name, ..)| name.to_string()))
+            .collect();
+        save_weights_in_order(path, self.linears(), norms, extra, Some(order))
     }
 }

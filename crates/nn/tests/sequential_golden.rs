@@ -957,6 +957,20 @@ fn a_classifier_of_named_modules_matches_pytorch() {
     let relu = SequentialOptions::new().activation(Activation::Relu);
     let every_gap = Sequential::from_state_dict(&file, &relu).unwrap();
     assert!(max_diff(&every_gap.infer(&x).unwrap(), &want_logits) > 1e-3);
+    // Saved as safetensors (whose keys are sorted by name: bn1 first), the module order
+    // recorded in the metadata brings the same model back.
+    let dir = tempdir("named");
+    let saved = dir.join("named.safetensors");
+    model.save(&saved).unwrap();
+    let back = Checkpoint::open(&saved).unwrap();
+    assert_eq!(back.keys().next(), Some("bn1.bias"));
+    let again = Sequential::from_state_dict(&back, &options).unwrap();
+    assert_eq!(layer_kinds(&again), layer_kinds(&model));
+    assert_eq!(
+        again.infer(&x).unwrap().data(),
+        model.infer(&x).unwrap().data()
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// A PEFT DoRA adapter on the Sequential (`tests/data/peft_variants/dora`,
