@@ -95,6 +95,9 @@ pub fn evaluate(args: &EvalArgs<'_>) -> Result<EvalReport> {
         Ok(m)
     };
     let reference = load(WeightFormat::F32)?;
+    if let Some(note) = reference.chain_note(args.model) {
+        eprintln!("note: {note}");
+    }
     data.check_fits(reference.features(), reference.label_count())?;
     let x = &data.test.x;
     let labels = &data.test.y;

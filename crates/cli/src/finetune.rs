@@ -157,6 +157,9 @@ fn train(args: &FinetuneArgs<'_>, history: LossHistory) -> Result<FinetuneReport
     )?;
     let data = Dataset::open(args.data)?;
     let mut model = Classifier::open(args.model, &structure, args.format)?;
+    if let Some(note) = model.chain_note(args.model) {
+        eprintln!("note: {note}");
+    }
     check_rank(args.rank, args.model, &model.linear_shapes())?;
     data.check_fits(model.features(), model.label_count())?;
     let train = data.train()?;

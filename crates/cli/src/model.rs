@@ -147,6 +147,8 @@ pub struct Classifier {
     model: Sequential,
     features: usize,
     classes: usize,
+    /// The layers as run, for a model of named modules (see [`Classifier::chain_note`]).
+    chain: Option<String>,
 }
 
 impl Classifier {
@@ -156,6 +158,25 @@ impl Classifier {
         let file = Checkpoint::open(path)?;
         let prefix = sequential_prefix(&file);
         let layout = ModuleLayout::read(&file, &prefix)?;
+        // BigNet's residual blocks (`model.0.model.0.weight`, ...) are no chain of layers.
+        let bignet = |p: &str| {
+            let full = format!("{prefix}{p}");
+            let parts: Vec<&str> = full.split('.').collect();
+            let number = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+            parts
+                .windows(4)
+                .any(|w| w[0] == "model" && number(w[1]) && w[2] == "model" && number(w[3]))
+        };
+        if layout.named && layout.modules.iter().any(|m| bignet(&m.path)) {
+            return Err(Error::Usage {
+                arg: "--model",
+                what: format!(
+                    "{} is a BigNet checkpoint (`model.0.model.0.weight`, ...: residual blocks, \
+                     not a chain of layers); run it with the `bignet` program",
+                    path.display()
+                ),
+            });
+        }
         let gaps = layout.gaps();
         let mut options = SequentialOptions::new()
             .format(format)
@@ -236,10 +257,39 @@ impl Classifier {
                 Layer::Activation(_) => None,
             })
             .unwrap_or(0);
+        let chain = layout.named.then(|| {
+            model
+                .layers()
+                .iter()
+                .filter_map(|l| match l {
+                    Layer::Activation(Activation::Identity) => None,
+                    Layer::Activation(a) => Some(a.to_string()),
+                    Layer::Linear(l) => Some(l.name.clone()),
+                    Layer::LayerNorm(n) => Some(n.name.clone()),
+                    Layer::BatchNorm(n) => Some(n.name.clone()),
+                    Layer::PRelu(p) => Some(p.name.clone()),
+                })
+                .collect::<Vec<_>>()
+                .join(" → ")
+        });
         Ok(Classifier {
             model,
             features,
             classes,
+            chain,
+        })
+    }
+
+    /// For a model of named modules (not an `nn.Sequential`), what `nibble` runs, to show the
+    /// user: the state dict cannot say what the model's `forward` does.
+    pub fn chain_note(&self, path: &Path) -> Option<String> {
+        self.chain.as_ref().map(|chain| {
+            format!(
+                "{} holds named modules, run as one chain in the order the file keeps them: \
+                 {chain} (a model whose forward differs, with residual connections, branches or \
+                 another order, computes something else)",
+                path.display()
+            )
         })
     }
 

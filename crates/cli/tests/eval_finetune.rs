@@ -867,7 +867,9 @@ fn group_norms_are_given_with_norm() {
 /// A classifier of its own class (named modules `fc1`, `bn1`, `fc2`, `norm`, `head`):
 /// `--activation identity,relu,identity,gelu` says what runs between each two modules, and
 /// the logits are PyTorch's (`tests/data/named_classifier.*`,
-/// `tools/golden/make_named_classifier.py`); fine-tuning trains it. A list of the wrong length
+/// `tools/golden/make_named_classifier.py`), and a note shows the chain run; fine-tuning trains
+/// it. A BigNet checkpoint (residual blocks) is refused, naming the `bignet` program. A list of
+/// the wrong length
 /// names the modules the gaps follow; the same model in safetensors (whose keys are sorted by
 /// name) does not chain, and the error says why.
 #[test]
@@ -880,6 +882,16 @@ fn a_classifier_of_named_modules_gives_pytorchs_logits() {
     let given = ["--activation", "identity,relu,identity,gelu"];
     let diff = logits_off_golden(&model, &d, &given, &logits, &golden);
     assert!(diff < 1e-5, "logits differ from PyTorch's by {diff}");
+    // What runs is shown: the state dict cannot say what the model's forward does.
+    let out = nibble(&model_data_args("eval", &model, &d, &given));
+    assert!(
+        out.ok
+            && out
+                .stderr
+                .contains("fc1 → bn1 → relu → fc2 → norm → gelu → head"),
+        "{}",
+        out.stderr
+    );
     finetune_lowers_the_loss(&model, &d, "nf4", &given);
     let msg = nibble_fails(&model_data_args(
         "eval",
@@ -900,6 +912,11 @@ fn a_classifier_of_named_modules_gives_pytorchs_logits() {
     let msg = nibble_fails(&model_data_args("eval", &sorted, &d, &given));
     assert!(
         msg.contains("do not chain") && msg.contains("sorts them by name"),
+        "{msg}"
+    );
+    let msg = nibble_fails(&model_data_args("eval", &data("bignet_d128.pth"), &d, &[]));
+    assert!(
+        msg.contains("BigNet checkpoint") && msg.contains("`bignet` program"),
         "{msg}"
     );
     // `quantize` records the modules' order, so its safetensors output reads as the model.
