@@ -95,7 +95,7 @@ pub fn evaluate(args: &EvalArgs<'_>) -> Result<EvalReport> {
         Ok(m)
     };
     let reference = load(WeightFormat::F32)?;
-    if let Some(note) = reference.chain_note(args.model) {
+    for note in reference.notes(args.model) {
         eprintln!("note: {note}");
     }
     data.check_fits(reference.features(), reference.label_count())?;

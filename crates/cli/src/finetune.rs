@@ -157,7 +157,7 @@ fn train(args: &FinetuneArgs<'_>, history: LossHistory) -> Result<FinetuneReport
     )?;
     let data = Dataset::open(args.data)?;
     let mut model = Classifier::open(args.model, &structure, args.format)?;
-    if let Some(note) = model.chain_note(args.model) {
+    for note in model.notes(args.model) {
         eprintln!("note: {note}");
     }
     check_rank(args.rank, args.model, &model.linear_shapes())?;

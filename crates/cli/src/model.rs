@@ -147,8 +147,10 @@ pub struct Classifier {
     model: Sequential,
     features: usize,
     classes: usize,
-    /// The layers as run, for a model of named modules (see [`Classifier::chain_note`]).
+    /// The layers as run, for a model of named modules (see [`Classifier::notes`]).
     chain: Option<String>,
+    /// The first two Linears at consecutive indices, if any (see [`Classifier::notes`]).
+    adjacent: Option<(String, String)>,
 }
 
 impl Classifier {
@@ -272,25 +274,47 @@ impl Classifier {
                 .collect::<Vec<_>>()
                 .join(" → ")
         });
+        // Two Linears at consecutive indices: an nn.Sequential runs nothing between them, but
+        // an nn.ModuleList run in a loop (`layers.0`, `layers.1`, ...) may apply an activation
+        // there that its state dict cannot show.
+        let adjacent = if layout.named {
+            None
+        } else {
+            model.layers().windows(2).find_map(|w| match w {
+                [Layer::Linear(a), Layer::Linear(b)] => Some((a.name.clone(), b.name.clone())),
+                _ => None,
+            })
+        };
         Ok(Classifier {
             model,
             features,
             classes,
             chain,
+            adjacent,
         })
     }
 
-    /// For a model of named modules (not an `nn.Sequential`), what `nibble` runs, to show the
-    /// user: the state dict cannot say what the model's `forward` does.
-    pub fn chain_note(&self, path: &Path) -> Option<String> {
-        self.chain.as_ref().map(|chain| {
+    /// What the state dict cannot say and `nibble` assumed, to show the user: for a model of
+    /// named modules (not an `nn.Sequential`), the chain it runs; for Linears at consecutive
+    /// indices, that nothing runs between them.
+    pub fn notes(&self, path: &Path) -> Vec<String> {
+        let chain = self.chain.as_ref().map(|chain| {
             format!(
                 "{} holds named modules, run as one chain in the order the file keeps them: \
                  {chain} (a model whose forward differs, with residual connections, branches or \
                  another order, computes something else)",
                 path.display()
             )
-        })
+        });
+        let adjacent = self.adjacent.as_ref().map(|(a, b)| {
+            format!(
+                "in {}, the Linears `{a}` and `{b}` are at consecutive indices, so nothing runs \
+                 between them (as in an nn.Sequential); a model that applies an activation there \
+                 (an nn.ModuleList run in a loop) computes something else",
+                path.display()
+            )
+        });
+        chain.into_iter().chain(adjacent).collect()
     }
 
     /// Input width.

@@ -938,6 +938,44 @@ fn a_classifier_of_named_modules_gives_pytorchs_logits() {
     assert_eq!(tensor(&stored, "logits"), tensor(&fresh, "logits"));
 }
 
+/// Linears at consecutive indices (`layers.0`, `layers.1`: an nn.ModuleList's keys look so)
+/// run with nothing between them, as in an nn.Sequential, and `eval` says so, since a model
+/// that loops over a ModuleList may apply an activation there; a model with gaps gets no note.
+#[test]
+fn consecutive_linears_are_noted() {
+    let dir = tmpdir("adjacent");
+    let d = dir.join("d.safetensors");
+    let x: Vec<f32> = (0..4 * 8).map(|i| (i % 5) as f32 * 0.25).collect();
+    write(
+        &d,
+        &[f32s("x_test", &[4, 8], &x), i64s("y_test", &[0, 1, 2, 0])],
+    );
+    let model = dir.join("list.safetensors");
+    write(
+        &model,
+        &[
+            f32s("layers.0.weight", &[4, 8], &[0.1; 32]),
+            f32s("layers.1.weight", &[3, 4], &[0.2; 12]),
+        ],
+    );
+    let out = nibble(&model_data_args("eval", &model, &d, &[]));
+    assert!(
+        out.ok
+            && out
+                .stderr
+                .contains("the Linears `layers.0` and `layers.1` are at consecutive indices"),
+        "{}",
+        out.stderr
+    );
+    let out = nibble(&model_data_args(
+        "eval",
+        &data("digits_mlp.pth"),
+        &data("digits.safetensors"),
+        &[],
+    ));
+    assert!(out.ok && !out.stderr.contains("note:"), "{}", out.stderr);
+}
+
 /// A training checkpoint (PyTorch's tutorial format, Lightning's) evaluates as the model in it:
 /// the golden logits (`tests/data/ckpt_*`, `tools/golden/make_training_checkpoints.py`).
 #[test]
