@@ -176,9 +176,9 @@ fn seq_d30_golden_logits_and_loss_with_one_activation_per_gap() {
         "eval",
         &seq_d30(),
         &d,
-        &["--activation", "swish"],
+        &["--activation", "softmin"],
     ));
-    assert!(msg.contains("swish"), "{msg}");
+    assert!(msg.contains("softmin"), "{msg}");
 }
 
 /// A Sequential `Linear(3, 5), <gap>, Linear(5, 2)` evaluated with each activation other than
@@ -752,8 +752,8 @@ fn layer_norms_without_parameters_are_given_as_gap_layers() {
     for (bad, named) in [
         ("layer_norm+,layer_norm", "``"),
         (
-            "layer_norm+swish,relu",
-            "in `layer_norm+swish`: unknown activation `swish`",
+            "layer_norm+softmin,relu",
+            "in `layer_norm+softmin`: unknown activation `softmin`",
         ),
         (
             "layer_norm:0.1+relu,relu",

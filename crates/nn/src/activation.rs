@@ -153,7 +153,8 @@ impl Activation {
         let (last, rest) = Self::NAMES.split_last().expect("names");
         format!(
             "{} or {last}; leaky_relu:<slope>, elu:<alpha> and celu:<alpha> set the coefficient; \
-             group_norm:<groups> is nn.GroupNorm(groups, dim, affine=False)",
+             group_norm:<groups> is nn.GroupNorm(groups, dim, affine=False); PyTorch's class \
+             names (dropout, flatten, leakyrelu, layernorm, ...) also do",
             rest.join(", ")
         )
     }
@@ -291,6 +292,21 @@ impl fmt::Display for Activation {
     }
 }
 
+/// Other names [`Activation::from_str`](FromStr) accepts: PyTorch's class names where they
+/// differ from [`Activation::NAMES`] (`nn.Dropout` and `nn.Flatten` are the identity in eval
+/// mode on 2-D input).
+pub const ALIASES: [(&str, &str); 9] = [
+    ("dropout", "identity"),
+    ("alphadropout", "identity"),
+    ("flatten", "identity"),
+    ("leakyrelu", "leaky_relu"),
+    ("swish", "silu"),
+    ("layernorm", "layer_norm"),
+    ("rmsnorm", "rms_norm"),
+    ("groupnorm", "group_norm"),
+    ("gelu_approximate_tanh", "gelu_tanh"),
+];
+
 impl FromStr for Activation {
     type Err = String;
     /// One of [`Activation::NAMES`], in any case, with surrounding spaces ignored;
@@ -301,6 +317,11 @@ impl FromStr for Activation {
             Some((n, c)) => (n.trim(), Some(c.trim())),
             None => (wanted, None),
         };
+        // PyTorch's class names, lowercased, for the layers whose name here differs.
+        let name = ALIASES
+            .iter()
+            .find(|(alias, _)| alias.eq_ignore_ascii_case(name))
+            .map_or(name, |&(_, canonical)| canonical);
         let unknown = || {
             format!(
                 "unknown activation `{wanted}` (expected {})",
@@ -365,8 +386,8 @@ mod tests {
             " GeLU_Tanh ".parse::<Activation>(),
             Ok(Activation::GeluTanh)
         );
-        let e = "swish".parse::<Activation>().unwrap_err();
-        assert!(e.contains("`swish`"), "{e}");
+        let e = "softmin".parse::<Activation>().unwrap_err();
+        assert!(e.contains("`softmin`"), "{e}");
         for name in Activation::NAMES {
             assert!(e.contains(name), "{e}");
         }
@@ -408,6 +429,23 @@ mod tests {
             assert!(e.contains(bad) && e.contains(why), "{bad}: {e}");
         }
         assert!(Activation::names_list().contains("group_norm:<groups>"));
+        // PyTorch's class names where they differ.
+        for (alias, want) in [
+            ("Dropout", Activation::Identity),
+            ("Flatten", Activation::Identity),
+            ("LeakyReLU:0.2", Activation::LeakyRelu(Coef::new(0.2))),
+            ("Swish", Activation::Silu),
+            ("LayerNorm", Activation::layer_norm(1e-5)),
+            ("RMSNorm", Activation::rms_norm(f32::EPSILON)),
+            ("GroupNorm:4", Activation::group_norm(4, 1e-5)),
+        ] {
+            assert_eq!(alias.parse::<Activation>(), Ok(want), "{alias}");
+        }
+        for (alias, canonical) in ALIASES {
+            let target = canonical.parse::<Activation>().map(|a| a.name());
+            let known = Activation::NAMES.contains(&canonical) || canonical == "group_norm";
+            assert!(known && target.map_or(true, |n| n == canonical), "{alias}");
+        }
     }
 
     /// A parameter-free GroupNorm normalizes each group of each row on its own: 2 groups of 3
