@@ -44,6 +44,7 @@ fn main() -> Result<(), nibble_cli::Error> {
         batch_norm_eps: 1e-5,
         norm: "layer",
         rms_norm_eps: f32::EPSILON,
+        order: None,
         adapter: None,
         logits: None,
     })?;
@@ -82,6 +83,7 @@ fn main() -> Result<(), nibble_cli::Error> {
             batch_norm_eps: 1e-5,
             norm: "layer",
             rms_norm_eps: f32::EPSILON,
+            order: None,
             save_adapter: None,
             seed: 0,
         })?;

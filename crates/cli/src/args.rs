@@ -138,6 +138,11 @@ pub enum Command {
         /// is 1.1920929e-7, f32's machine epsilon).
         #[arg(long, value_name = "EPS", default_value_t = f32::EPSILON)]
         rms_norm_eps: f32,
+        /// For a model of named modules (fc1, bn1, head, ...): the order its forward runs them,
+        /// comma-separated (fc1,bn1,fc2,head), where the file keeps another (a safetensors file
+        /// sorts them by name).
+        #[arg(long, value_name = "MODULES")]
+        order: Option<String>,
         /// A LoRA adapter directory (PEFT layout, e.g. from `finetune --save-adapter`) to put on
         /// the model.
         #[arg(long, value_name = "DIR")]
@@ -189,6 +194,9 @@ pub enum Command {
         /// The epsilon of every RMSNorm (see `eval`).
         #[arg(long, value_name = "EPS", default_value_t = f32::EPSILON)]
         rms_norm_eps: f32,
+        /// The order a model of named modules runs them (see `eval`).
+        #[arg(long, value_name = "MODULES")]
+        order: Option<String>,
         /// Save the trained adapters here (PEFT layout: adapter_model.safetensors and
         /// adapter_config.json, target modules named by layer index).
         #[arg(long, value_name = "DIR")]

@@ -59,6 +59,9 @@ pub struct EvalArgs<'a> {
     pub norm: &'a str,
     /// The epsilon of every RMSNorm (PyTorch's default for f32: [`f32::EPSILON`]).
     pub rms_norm_eps: f32,
+    /// For a model of named modules, the order its forward runs them (comma-separated
+    /// paths), where the file keeps another; `None`: the file's order.
+    pub order: Option<&'a str>,
     /// A PEFT adapter directory to put on the model (in every format).
     pub adapter: Option<&'a Path>,
     /// Where to write the first format's logits, if anywhere.
@@ -85,6 +88,7 @@ pub fn evaluate(args: &EvalArgs<'_>) -> Result<EvalReport> {
         args.layer_norm_eps,
         args.batch_norm_eps,
         args.rms_norm_eps,
+        args.order,
     )?;
     let data = Dataset::open(args.data)?;
     let load = |format| -> Result<Classifier> {

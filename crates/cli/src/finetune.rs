@@ -42,6 +42,9 @@ pub struct FinetuneArgs<'a> {
     pub norm: &'a str,
     /// The epsilon of every RMSNorm (PyTorch's default for f32: [`f32::EPSILON`]).
     pub rms_norm_eps: f32,
+    /// For a model of named modules, the order its forward runs them (comma-separated
+    /// paths), where the file keeps another; `None`: the file's order.
+    pub order: Option<&'a str>,
     /// Where to save the adapters, if anywhere.
     pub save_adapter: Option<&'a Path>,
     /// Seed of the adapters' init and the mini-batch order.
@@ -154,6 +157,7 @@ fn train(args: &FinetuneArgs<'_>, history: LossHistory) -> Result<FinetuneReport
         args.layer_norm_eps,
         args.batch_norm_eps,
         args.rms_norm_eps,
+        args.order,
     )?;
     let data = Dataset::open(args.data)?;
     let mut model = Classifier::open(args.model, &structure, args.format)?;

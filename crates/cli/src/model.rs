@@ -97,24 +97,29 @@ pub struct Structure {
     pub batch_norm_eps: f32,
     /// `--rms-norm-eps`.
     pub rms_norm_eps: f32,
+    /// `--order`: the named modules' paths in the order they run.
+    pub order: Option<Vec<String>>,
 }
 
 impl Structure {
     /// Parses `--activation` ([`parse_activations`]) and `--norm` ([`parse_norms`]) beside the
-    /// epsilons.
+    /// epsilons, and `--order` (comma-separated module paths).
     pub fn parse(
         activation: &str,
         norm: &str,
         layer_norm_eps: f32,
         batch_norm_eps: f32,
         rms_norm_eps: f32,
+        order: Option<&str>,
     ) -> Result<Self> {
+        let order = order.map(|o| o.split(',').map(|p| p.trim().to_string()).collect());
         Ok(Structure {
             gaps: parse_activations(activation)?,
             norms: parse_norms(norm)?,
             layer_norm_eps,
             batch_norm_eps,
             rms_norm_eps,
+            order,
         })
     }
 }
@@ -159,7 +164,7 @@ impl Classifier {
     pub fn open(path: &Path, structure: &Structure, format: WeightFormat) -> Result<Self> {
         let file = Checkpoint::open(path)?;
         let prefix = sequential_prefix(&file);
-        let layout = ModuleLayout::read(&file, &prefix)?;
+        let layout = ModuleLayout::read_in_order(&file, &prefix, structure.order.as_deref())?;
         // BigNet's residual blocks (`model.0.model.0.weight`, ...) are no chain of layers.
         let bignet = |p: &str| {
             let full = format!("{prefix}{p}");
@@ -186,6 +191,9 @@ impl Classifier {
             .layer_norm_eps(structure.layer_norm_eps)
             .batch_norm_eps(structure.batch_norm_eps)
             .rms_norm_eps(structure.rms_norm_eps);
+        if let Some(order) = &structure.order {
+            options = options.module_order(order.clone());
+        }
         let norms = layout.norm_indices(&file, &prefix);
         match structure.norms.as_slice() {
             [one] => options = options.norm(*one),

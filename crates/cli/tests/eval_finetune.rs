@@ -871,7 +871,8 @@ fn group_norms_are_given_with_norm() {
 /// it. A BigNet checkpoint (residual blocks) is refused, naming the `bignet` program. A list of
 /// the wrong length
 /// names the modules the gaps follow; the same model in safetensors (whose keys are sorted by
-/// name) does not chain, and the error says why.
+/// name) does not chain, and the error says why, unless `--order` gives the modules' order
+/// (an order that leaves out, adds or repeats a module is an error naming it).
 #[test]
 fn a_classifier_of_named_modules_gives_pytorchs_logits() {
     let dir = tmpdir("named");
@@ -914,6 +915,32 @@ fn a_classifier_of_named_modules_gives_pytorchs_logits() {
         msg.contains("do not chain") && msg.contains("sorts them by name"),
         "{msg}"
     );
+    // `--order` gives the order the model runs them.
+    let ordered = [&given[..], &["--order", "fc1, bn1, fc2, norm, head"]].concat();
+    let diff = logits_off_golden(&sorted, &d, &ordered, &logits, &golden);
+    assert!(
+        diff < 1e-5,
+        "--order: logits differ from PyTorch's by {diff}"
+    );
+    for (order, named) in [
+        ("fc1,bn1,fc2,norm", "leaves out `head`"),
+        (
+            "fc1,bn1,fc2,norm,head,fc3",
+            "names `fc3`, which is no module",
+        ),
+        ("fc1,bn1,fc2,norm,head,fc1", "names a module twice"),
+    ] {
+        let flags = [&given[..], &["--order", order]].concat();
+        let msg = nibble_fails(&model_data_args("eval", &sorted, &d, &flags));
+        assert!(msg.contains(named), "{order}: {msg}");
+    }
+    let msg = nibble_fails(&model_data_args(
+        "eval",
+        &data("digits_mlp.pth"),
+        &data("digits.safetensors"),
+        &["--order", "0,2"],
+    ));
+    assert!(msg.contains("an nn.Sequential's indices"), "{msg}");
     let msg = nibble_fails(&model_data_args("eval", &data("bignet_d128.pth"), &d, &[]));
     assert!(
         msg.contains("BigNet checkpoint") && msg.contains("`bignet` program"),

@@ -90,6 +90,18 @@ impl ModuleLayout {
     /// that names no parameter a layer nibble reads has, or a file without such keys, is an
     /// [`Error::Structure`] naming it.
     pub fn read(file: &Checkpoint, prefix: &str) -> Result<Self> {
+        Self::read_in_order(file, prefix, None)
+    }
+
+    /// [`ModuleLayout::read`], the modules run in `order` where given (their paths under
+    /// `prefix`, each once: the order the model's `forward` runs them, which the file may not
+    /// keep). An order over a Sequential's indices, or one that leaves out a module of the file
+    /// or names one it does not have, is an [`Error::Structure`] naming them.
+    pub fn read_in_order(
+        file: &Checkpoint,
+        prefix: &str,
+        order: Option<&[String]>,
+    ) -> Result<Self> {
         let structure = |what: String| Error::Structure {
             file: file.path().to_path_buf(),
             what,
@@ -130,6 +142,51 @@ impl ModuleLayout {
         let indices: Option<Vec<usize>> =
             modules.iter().map(|m| sequential_index(&m.path)).collect();
         let named = indices.is_none();
+        if let Some(order) = order {
+            let paths = || {
+                modules
+                    .iter()
+                    .map(|m| m.path.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            if !named {
+                return Err(structure(format!(
+                    "a module order is given, but the modules are an nn.Sequential's indices ({}), which say their order",
+                    paths()
+                )));
+            }
+            let position = |m: &ModuleEntry| order.iter().position(|p| *p == m.path);
+            if let Some(unknown) = order
+                .iter()
+                .find(|p| !modules.iter().any(|m| m.path == **p))
+            {
+                return Err(structure(format!(
+                    "the module order names `{unknown}`, which is no module of the file (its modules: {})",
+                    paths()
+                )));
+            }
+            if let Some(missing) = modules.iter().find(|m| position(m).is_none()) {
+                return Err(structure(format!(
+                    "the module order leaves out `{}` (the file's modules: {})",
+                    missing.path,
+                    paths()
+                )));
+            }
+            if order.len() != modules.len() {
+                return Err(structure(format!(
+                    "the module order names a module twice ({} entries for the {} modules {})",
+                    order.len(),
+                    modules.len(),
+                    paths()
+                )));
+            }
+            modules.sort_by_key(|m| position(m));
+            for (place, m) in modules.iter_mut().enumerate() {
+                m.index = 2 * place;
+            }
+            return Ok(ModuleLayout { modules, named });
+        }
         match indices {
             Some(indices) => {
                 for (m, i) in modules.iter_mut().zip(indices) {

@@ -62,6 +62,9 @@ pub struct SequentialOptions {
     /// [`Activation::RmsNorm`] in gaps (PyTorch's `nn.RMSNorm(dim)` takes [`f32::EPSILON`]
     /// on f32, the default here).
     pub rms_norm_eps: f32,
+    /// The order the named modules run in (their paths under the prefix), where the file's
+    /// order is not the model's (see [`crate::layout::ModuleLayout::read_in_order`]).
+    pub module_order: Option<Vec<String>>,
 }
 
 impl Default for SequentialOptions {
@@ -77,6 +80,7 @@ impl Default for SequentialOptions {
             norm: NormKind::Layer,
             norms: BTreeMap::new(),
             rms_norm_eps: f32::EPSILON,
+            module_order: None,
         }
     }
 }
@@ -90,6 +94,12 @@ impl SequentialOptions {
     /// Reads only keys under `prefix` (e.g. `"model."`).
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
+        self
+    }
+
+    /// The named modules run in `order` (their paths under the prefix), not in the file's.
+    pub fn module_order(mut self, order: Vec<String>) -> Self {
+        self.module_order = Some(order);
         self
     }
 
@@ -258,7 +268,8 @@ impl Sequential {
             file: file.path().to_path_buf(),
             what,
         };
-        let layout = ModuleLayout::read(file, &options.prefix)?;
+        let layout =
+            ModuleLayout::read_in_order(file, &options.prefix, options.module_order.as_deref())?;
         let root = VarBuilder::new(file);
         let root = match options.prefix.strip_suffix('.') {
             Some(p) if !p.is_empty() => root.pp(p),
