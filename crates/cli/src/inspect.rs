@@ -3,6 +3,7 @@
 
 use crate::error::Result;
 use nibble_io::Checkpoint;
+use nibble_nn::layout::ModuleLayout;
 use serde::Serialize;
 use std::path::Path;
 
@@ -132,5 +133,38 @@ pub fn run(path: &Path, json: bool) -> Result<()> {
         report.bytes,
         report.file
     );
+    if let Some(line) = module_order(path) {
+        println!("{line}");
+    }
     Ok(())
+}
+
+/// For a classifier's state dict, its modules in the order `eval` and `finetune` run them and
+/// the gaps `--activation` fills: what a user needs to write that list. `None` for a file
+/// that is no such state dict.
+fn module_order(path: &Path) -> Option<String> {
+    let file = Checkpoint::open(path).ok()?;
+    let prefix = crate::model::sequential_prefix(&file);
+    let layout = ModuleLayout::read(&file, &prefix)
+        .ok()
+        .filter(|layout| !crate::model::is_bignet(layout, &prefix))?;
+    let paths: Vec<String> = layout
+        .modules
+        .iter()
+        .map(|m| format!("{prefix}{}", m.path))
+        .collect();
+    let gaps = layout.gaps().len();
+    Some(if layout.named {
+        format!(
+            "named modules, run in this order (--order changes it): {}; --activation takes one \
+             entry for all {gaps} gaps between them or one per gap",
+            paths.join(" → ")
+        )
+    } else {
+        format!(
+            "an nn.Sequential of modules {}; {gaps} gaps between them (parameter-free layers), \
+             which --activation fills",
+            paths.join(", ")
+        )
+    })
 }

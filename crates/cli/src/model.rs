@@ -127,7 +127,7 @@ impl Structure {
 /// The module path in front of the Sequential's indices when every key has the same one (`net.`
 /// for `net.0.weight`, `net.2.bias`, ...: a model that holds its `nn.Sequential` as an
 /// attribute; `module.` for one saved from `nn.DataParallel`), else empty.
-fn sequential_prefix(file: &Checkpoint) -> String {
+pub(crate) fn sequential_prefix(file: &Checkpoint) -> String {
     let prefix_of = |key: &str| -> Option<String> {
         let parts: Vec<&str> = key.split('.').collect();
         let at = parts
@@ -144,6 +144,20 @@ fn sequential_prefix(file: &Checkpoint) -> String {
     } else {
         String::new()
     }
+}
+
+/// Whether `layout` (under `prefix`) is a BigNet's: modules `model.<i>.model.<j>`, its residual
+/// blocks, which are no chain of layers.
+pub(crate) fn is_bignet(layout: &ModuleLayout, prefix: &str) -> bool {
+    let number = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    layout.named
+        && layout.modules.iter().any(|m| {
+            let full = format!("{prefix}{}", m.path);
+            let parts: Vec<&str> = full.split('.').collect();
+            parts
+                .windows(4)
+                .any(|w| w[0] == "model" && number(w[1]) && w[2] == "model" && number(w[3]))
+        })
 }
 
 /// A Sequential classifier with its input width and number of classes.
@@ -165,16 +179,7 @@ impl Classifier {
         let file = Checkpoint::open(path)?;
         let prefix = sequential_prefix(&file);
         let layout = ModuleLayout::read_in_order(&file, &prefix, structure.order.as_deref())?;
-        // BigNet's residual blocks (`model.0.model.0.weight`, ...) are no chain of layers.
-        let bignet = |p: &str| {
-            let full = format!("{prefix}{p}");
-            let parts: Vec<&str> = full.split('.').collect();
-            let number = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-            parts
-                .windows(4)
-                .any(|w| w[0] == "model" && number(w[1]) && w[2] == "model" && number(w[3]))
-        };
-        if layout.named && layout.modules.iter().any(|m| bignet(&m.path)) {
+        if is_bignet(&layout, &prefix) {
             return Err(Error::Usage {
                 arg: "--model",
                 what: format!(

@@ -41,6 +41,29 @@ fn inspect_lists_every_tensor_of_a_pth_with_the_issue_keys() {
     assert_eq!(total, 4 * 2840);
     let table = nibble(&["inspect", model.to_str().unwrap()]);
     assert!(table.ok && table.stdout.contains("0.weight") && table.stdout.contains("11360"));
+    // The table ends with the modules as `eval` runs them and the gaps `--activation` fills.
+    assert!(
+        table
+            .stdout
+            .contains("an nn.Sequential of modules 0, 2, 3, 5; 2 gaps between them"),
+        "{}",
+        table.stdout
+    );
+    let named = nibble(&["inspect", s(&data("named_classifier.pth"))]);
+    assert!(
+        named.ok
+            && named.stdout.contains(
+                "named modules, run in this order (--order changes it): fc1 → bn1 → fc2 → norm → head; --activation takes one entry for all 4 gaps"
+            ),
+        "{}",
+        named.stdout
+    );
+    let bignet = nibble(&["inspect", s(&data("bignet_d128.pth"))]);
+    assert!(
+        bignet.ok && !bignet.stdout.contains("modules"),
+        "{}",
+        bignet.stdout
+    );
 }
 
 #[test]
