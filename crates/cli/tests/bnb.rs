@@ -2,7 +2,8 @@
 //! double-quantized, `tests/data/bnb_seq*`, made by `tools/golden/make_bnb.py`; FP4, other
 //! block sizes and `Linear8bitLt`, `tests/data/bnb_{fp4,int8}_seq*`, by
 //! `tools/golden/make_bnb_more.py`): bitsandbytes' own logits, and hostile variants of the
-//! layouts that must be errors naming the key.
+//! layouts that must be errors naming the key; rows that are not whole blocks
+//! (`tests/data/bnb_rows_*`, `tools/golden/make_bnb_partial_rows.py`) decoded flat.
 
 mod common;
 use common::*;
@@ -374,4 +375,24 @@ fn bitsandbytes_quant_storage_codes_give_bitsandbytes_logits() {
         "logits_qs",
     );
     assert_eq!(v["rows"][0]["format"], "nf4_dq", "{v}");
+}
+
+/// NF4 weights whose rows are not whole blocks of 64 (`in` 48 and 32; `tests/data/bnb_rows_*`,
+/// `tools/golden/make_bnb_partial_rows.py`) are decoded block by block over the flattened
+/// weight, as bitsandbytes quantized them: the golden logits of that decode. (bitsandbytes'
+/// own AVX-512 CPU kernel takes other blocks' absmaxes for such rows: its forward on the
+/// machine that made the file is `logits_bnb_here`, 0.019 off.)
+#[test]
+fn bitsandbytes_rows_that_are_not_whole_blocks_decode_flat() {
+    let dir = tmpdir("bnb_rows");
+    let io = data("bnb_rows_io.safetensors");
+    let d = dir.join("rows.safetensors");
+    write(
+        &d,
+        &[
+            f32s("x_test", &[6, 48], &tensor(&io, "x")),
+            i64s("y_test", &i64_values(&io, "labels")),
+        ],
+    );
+    eval_matches(&dir, &data("bnb_rows_seq.pth"), &d, &[], &io, "logits");
 }
