@@ -70,7 +70,11 @@ pub fn part_format(file: &Checkpoint, key: &str) -> Option<&'static str> {
 
 /// Describes every tensor of `path`.
 pub fn inspect(path: &Path) -> Result<Inspection> {
-    let file = Checkpoint::open(path)?;
+    Ok(describe(path, &Checkpoint::open(path)?))
+}
+
+/// Every tensor of `file`, opened from `path`.
+fn describe(path: &Path, file: &Checkpoint) -> Inspection {
     let tensors: Vec<TensorInfo> = file
         .keys()
         .filter_map(|key| {
@@ -83,20 +87,20 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
                 name: key.to_string(),
                 dtype: dtype.name().to_string(),
                 shape: shape.to_vec(),
-                format: part_format(&file, key)
+                format: part_format(file, key)
                     .map(str::to_string)
                     .unwrap_or_else(|| dtype.name().to_string()),
                 bytes,
             })
         })
         .collect();
-    Ok(Inspection {
+    Inspection {
         file: path.display().to_string(),
         bytes: tensors
             .iter()
             .fold(0usize, |acc, t| acc.saturating_add(t.bytes)),
         tensors,
-    })
+    }
 }
 
 /// The width of a table's name column: the longest of `names`, and at least that of the
@@ -107,7 +111,8 @@ pub(crate) fn name_column_width<'a>(names: impl Iterator<Item = &'a str>) -> usi
 
 /// Runs `inspect`, printing a table or (with `json`) one JSON object.
 pub fn run(path: &Path, json: bool) -> Result<()> {
-    let report = inspect(path)?;
+    let file = Checkpoint::open(path)?;
+    let report = describe(path, &file);
     if json {
         println!("{}", serde_json::to_string(&report).expect("serializable"));
         return Ok(());
@@ -133,7 +138,7 @@ pub fn run(path: &Path, json: bool) -> Result<()> {
         report.bytes,
         report.file
     );
-    if let Some(line) = module_order(path) {
+    if let Some(line) = module_order(&file) {
         println!("{line}");
     }
     Ok(())
@@ -141,11 +146,10 @@ pub fn run(path: &Path, json: bool) -> Result<()> {
 
 /// For a classifier's state dict, its modules in the order `eval` and `finetune` run them and
 /// the gaps `--activation` fills: what a user needs to write that list. `None` for a file
-/// that is no such state dict.
-fn module_order(path: &Path) -> Option<String> {
-    let file = Checkpoint::open(path).ok()?;
-    let prefix = crate::model::sequential_prefix(&file);
-    let layout = ModuleLayout::read(&file, &prefix)
+/// that is no such state dict (or a BigNet's).
+fn module_order(file: &Checkpoint) -> Option<String> {
+    let prefix = crate::model::sequential_prefix(file);
+    let layout = ModuleLayout::read(file, &prefix)
         .ok()
         .filter(|layout| !crate::model::is_bignet(layout, &prefix))?;
     let paths: Vec<String> = layout

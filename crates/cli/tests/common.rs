@@ -91,6 +91,16 @@ pub fn i64s(name: &str, values: &[i64]) -> Entry {
     )
 }
 
+/// The `name` of every entry of a `--json` report's `tensors` (inspect's, quantize's).
+pub fn report_names(report: &serde_json::Value) -> Vec<&str> {
+    report["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect()
+}
+
 /// Every tensor of `file` as an entry (sorted by name), to write altered copies.
 pub fn entries_of(file: &Checkpoint) -> Vec<Entry> {
     file.keys()

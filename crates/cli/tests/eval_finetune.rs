@@ -391,12 +391,7 @@ fn finetune_trains_lora_on_a_frozen_quantized_base_and_its_adapter_round_trips()
         s(&adapter.join("adapter_model.safetensors")),
         "--json",
     ]);
-    let names: Vec<&str> = keys_seen["tensors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["name"].as_str().unwrap())
-        .collect();
+    let names = report_names(&keys_seen);
     assert!(
         names.contains(&"base_model.model.3.lora_A.weight"),
         "{names:?}"
@@ -556,6 +551,64 @@ fn keys_under_one_module_path_read_as_the_sequential() {
     assert!(msg.contains("head.") || msg.contains("net."), "{msg}");
 }
 
+/// A golden model, `tests/data/<name>.pth` with its `<name>.safetensors` (`x`, `logits`, ...),
+/// and what a test of it needs: a directory of its own, the data file of the golden `x`
+/// ([`five_rows_of`]) and a path for nibble's logits.
+struct Golden {
+    dir: std::path::PathBuf,
+    golden: std::path::PathBuf,
+    d: std::path::PathBuf,
+    model: std::path::PathBuf,
+    logits: std::path::PathBuf,
+}
+
+impl Golden {
+    fn new(name: &str) -> Self {
+        let dir = tmpdir(name);
+        let golden = data(&format!("{name}.safetensors"));
+        let d = five_rows_of(&dir, &golden);
+        Golden {
+            model: data(&format!("{name}.pth")),
+            logits: dir.join("logits.safetensors"),
+            dir,
+            golden,
+            d,
+        }
+    }
+
+    /// How far nibble's logits with `flags` are from the golden ones ([`logits_off_golden`]).
+    fn off(&self, flags: &[&str]) -> f32 {
+        logits_off_golden(&self.model, &self.d, flags, &self.logits, &self.golden)
+    }
+
+    /// `nibble quantize`s the model to `format` and checks that the file it writes, evaluated
+    /// with `flags` and `--format format`, gives the logits of the model quantized on load;
+    /// returns the quantize report (`--json`).
+    fn quantized_reads_as_on_load(&self, format: &str, flags: &[&str]) -> serde_json::Value {
+        let file = self.dir.join(format!("quantized_{format}.safetensors"));
+        let report = nibble_json(&[
+            "quantize",
+            s(&self.model),
+            "--format",
+            format,
+            "--output",
+            s(&file),
+            "--json",
+        ]);
+        let flags = [flags, &["--format", format]].concat();
+        let stored = self.dir.join(format!("stored_{format}.safetensors"));
+        let fresh = self.dir.join(format!("fresh_{format}.safetensors"));
+        logits_off_golden(&file, &self.d, &flags, &stored, &self.golden);
+        logits_off_golden(&self.model, &self.d, &flags, &fresh, &self.golden);
+        assert_eq!(
+            tensor(&stored, "logits"),
+            tensor(&fresh, "logits"),
+            "{format}"
+        );
+        report
+    }
+}
+
 /// The golden file's `x` [5, 6] with labels 0, 1, 2, 0, 1 as a data file in `dir`, as both the
 /// test and the training split.
 fn five_rows_of(dir: &std::path::Path, golden: &std::path::Path) -> std::path::PathBuf {
@@ -579,21 +632,16 @@ fn five_rows_of(dir: &std::path::Path, golden: &std::path::Path) -> std::path::P
 /// then gives other logits, and an epsilon that is not a positive number is an error.
 #[test]
 fn layer_norm_eps_is_given_on_the_command_line() {
-    let dir = tmpdir("ln_eps");
-    let golden = data("seq_ln_eps.safetensors");
-    let d = five_rows_of(&dir, &golden);
-    let model = data("seq_ln_eps.pth");
-    let logits = dir.join("logits.safetensors");
-    let run =
-        |eps: &str| logits_off_golden(&model, &d, &["--layer-norm-eps", eps], &logits, &golden);
+    let g = Golden::new("seq_ln_eps");
+    let run = |eps: &str| g.off(&["--layer-norm-eps", eps]);
     let diff = run("0.05");
     assert!(diff < 1e-5, "logits differ from PyTorch's by {diff}");
     assert!(run("1e-5") > 1e-3);
     for bad in ["0", "inf", "nan"] {
         let msg = nibble_fails(&model_data_args(
             "eval",
-            &model,
-            &d,
+            &g.model,
+            &g.d,
             &["--layer-norm-eps", bad],
         ));
         assert!(msg.contains("epsilon"), "{bad}: {msg}");
@@ -673,21 +721,16 @@ fn a_leading_gap_is_identity_unless_the_list_names_it() {
 /// Fine-tuning trains the adapters through it.
 #[test]
 fn batch_norm_layers_give_pytorchs_logits_and_train() {
-    let dir = tmpdir("batch_norm");
-    let golden = data("seq_batch_norm.safetensors");
-    let d = five_rows_of(&dir, &golden);
-    let model = data("seq_batch_norm.pth");
-    let logits = dir.join("logits.safetensors");
-    let run =
-        |eps: &str| logits_off_golden(&model, &d, &["--batch-norm-eps", eps], &logits, &golden);
+    let g = Golden::new("seq_batch_norm");
+    let run = |eps: &str| g.off(&["--batch-norm-eps", eps]);
     let diff = run("1e-3");
     assert!(diff < 1e-5, "logits differ from PyTorch's by {diff}");
     assert!(run("1e-5") > 1e-4);
-    finetune_lowers_the_loss(&model, &d, "f16", &[]);
+    finetune_lowers_the_loss(&g.model, &g.d, "f16", &[]);
     let msg = nibble_fails(&model_data_args(
         "eval",
-        &model,
-        &d,
+        &g.model,
+        &g.d,
         &["--batch-norm-eps", "0"],
     ));
     assert!(msg.contains("epsilon"), "{msg}");
@@ -732,12 +775,8 @@ fn logits_off_golden(
 /// in a `+` chain is an error naming it.
 #[test]
 fn layer_norms_without_parameters_are_given_as_gap_layers() {
-    let dir = tmpdir("plain_norm");
-    let golden = data("seq_plain_norm.safetensors");
-    let d = five_rows_of(&dir, &golden);
-    let model = data("seq_plain_norm.pth");
-    let logits = dir.join("logits.safetensors");
-    let run = |flags: &[&str]| logits_off_golden(&model, &d, flags, &logits, &golden);
+    let g = Golden::new("seq_plain_norm");
+    let run = |flags: &[&str]| g.off(flags);
     let eps = ["--layer-norm-eps", "0.05"];
     let given = [
         &eps[..],
@@ -748,7 +787,7 @@ fn layer_norms_without_parameters_are_given_as_gap_layers() {
     assert!(diff < 1e-5, "logits differ from PyTorch's by {diff}");
     assert!(run(&[&eps[..], &["--activation", "relu"]].concat()) > 1e-2);
     assert!(run(&["--activation", "layer_norm+relu,layer_norm"]) > 1e-4); // eps 1e-5
-    finetune_lowers_the_loss(&model, &d, "q4", &given);
+    finetune_lowers_the_loss(&g.model, &g.d, "q4", &given);
     for (bad, named) in [
         ("layer_norm+,layer_norm", "``"),
         (
@@ -760,7 +799,12 @@ fn layer_norms_without_parameters_are_given_as_gap_layers() {
             "layer_norm takes no coefficient",
         ),
     ] {
-        let msg = nibble_fails(&model_data_args("eval", &model, &d, &["--activation", bad]));
+        let msg = nibble_fails(&model_data_args(
+            "eval",
+            &g.model,
+            &g.d,
+            &["--activation", bad],
+        ));
         assert!(
             msg.contains(named) && msg.contains("layer_norm"),
             "{bad}: {msg}"
@@ -776,12 +820,8 @@ fn layer_norms_without_parameters_are_given_as_gap_layers() {
 /// kind are errors naming them.
 #[test]
 fn rms_norms_are_given_with_norm() {
-    let dir = tmpdir("rms_norm");
-    let golden = data("seq_rms_norm.safetensors");
-    let d = five_rows_of(&dir, &golden);
-    let model = data("seq_rms_norm.pth");
-    let logits = dir.join("logits.safetensors");
-    let run = |flags: &[&str]| logits_off_golden(&model, &d, flags, &logits, &golden);
+    let g = Golden::new("seq_rms_norm");
+    let run = |flags: &[&str]| g.off(flags);
     let given = [
         "--norm",
         "RMS, layer",
@@ -794,14 +834,14 @@ fn rms_norms_are_given_with_norm() {
     assert!(diff < 1e-5, "logits differ from PyTorch's by {diff}");
     assert!(run(&given[2..]) > 1e-3); // every 1-D weight a LayerNorm
     assert!(run(&[&given[..2], &given[4..]].concat()) > 1e-4); // PyTorch's default epsilon
-    finetune_lowers_the_loss(&model, &d, "nf4", &given);
+    finetune_lowers_the_loss(&g.model, &g.d, "nf4", &given);
     for (norm, named) in [
         ("rms", "`6.bias` exists"),
         ("rms,layer,rms", "3 kinds given for the 2 modules"),
         ("batch", "`batch`: expected layer (nn.LayerNorm), rms"),
     ] {
         let flags = [&["--norm", norm][..], &given[2..]].concat();
-        let msg = nibble_fails(&model_data_args("eval", &model, &d, &flags));
+        let msg = nibble_fails(&model_data_args("eval", &g.model, &g.d, &flags));
         assert!(msg.contains(named), "{norm}: {msg}");
     }
 }
@@ -815,12 +855,8 @@ fn rms_norms_are_given_with_norm() {
 /// naming it.
 #[test]
 fn group_norms_are_given_with_norm() {
-    let dir = tmpdir("group_norm");
-    let golden = data("seq_group_norm.safetensors");
-    let d = five_rows_of(&dir, &golden);
-    let model = data("seq_group_norm.pth");
-    let logits = dir.join("logits.safetensors");
-    let run = |flags: &[&str]| logits_off_golden(&model, &d, flags, &logits, &golden);
+    let g = Golden::new("seq_group_norm");
+    let run = |flags: &[&str]| g.off(flags);
     let given = [
         "--norm",
         "group:4, layer, GROUP_NORM:2",
@@ -832,7 +868,7 @@ fn group_norms_are_given_with_norm() {
     let diff = run(&given);
     assert!(diff < 1e-5, "logits differ from PyTorch's by {diff}");
     assert!(run(&given[2..]) > 1e-3); // every 1-D weight a LayerNorm
-    finetune_lowers_the_loss(&model, &d, "q4", &given);
+    finetune_lowers_the_loss(&g.model, &g.d, "q4", &given);
     for (norm, named) in [
         (
             "group:5,layer,group:2",
@@ -843,24 +879,21 @@ fn group_norms_are_given_with_norm() {
         ("group:x,layer,group:2", "`group:x`: the group count"),
     ] {
         let flags = [&["--norm", norm][..], &given[2..]].concat();
-        let msg = nibble_fails(&model_data_args("eval", &model, &d, &flags));
+        let msg = nibble_fails(&model_data_args("eval", &g.model, &g.d, &flags));
         assert!(msg.contains(named), "{norm}: {msg}");
     }
     // A GroupNorm without parameters, in a gap (`tests/data/seq_group_norm_plain.*`).
-    let plain_dir = tmpdir("group_norm_plain");
-    let golden = data("seq_group_norm_plain.safetensors");
-    let plain = data("seq_group_norm_plain.pth");
-    let d = five_rows_of(&plain_dir, &golden);
+    let plain = Golden::new("seq_group_norm_plain");
     let given = [
         "--activation",
         "group_norm:3+relu",
         "--layer-norm-eps",
         "1e-3",
     ];
-    let diff = logits_off_golden(&plain, &d, &given, &logits, &golden);
+    let diff = logits_off_golden(&plain.model, &plain.d, &given, &g.logits, &plain.golden);
     assert!(diff < 1e-5, "plain: logits differ from PyTorch's by {diff}");
     let flags = ["--activation", "group_norm:5+relu"];
-    let msg = nibble_fails(&model_data_args("eval", &plain, &d, &flags));
+    let msg = nibble_fails(&model_data_args("eval", &plain.model, &plain.d, &flags));
     assert!(msg.contains("its 5 groups must divide"), "{msg}");
 }
 
@@ -875,16 +908,12 @@ fn group_norms_are_given_with_norm() {
 /// (an order that leaves out, adds or repeats a module is an error naming it).
 #[test]
 fn a_classifier_of_named_modules_gives_pytorchs_logits() {
-    let dir = tmpdir("named");
-    let golden = data("named_classifier.safetensors");
-    let d = five_rows_of(&dir, &golden);
-    let model = data("named_classifier.pth");
-    let logits = dir.join("logits.safetensors");
+    let g = Golden::new("named_classifier");
     let given = ["--activation", "identity,relu,identity,gelu"];
-    let diff = logits_off_golden(&model, &d, &given, &logits, &golden);
+    let diff = g.off(&given);
     assert!(diff < 1e-5, "logits differ from PyTorch's by {diff}");
-    // What runs is shown: the state dict cannot say what the model's forward does.
-    let out = nibble(&model_data_args("eval", &model, &d, &given));
+    // What runs is shown: the state dict cannot say what the g.model's forward does.
+    let out = nibble(&model_data_args("eval", &g.model, &g.d, &given));
     assert!(
         out.ok
             && out
@@ -893,11 +922,11 @@ fn a_classifier_of_named_modules_gives_pytorchs_logits() {
         "{}",
         out.stderr
     );
-    finetune_lowers_the_loss(&model, &d, "nf4", &given);
+    finetune_lowers_the_loss(&g.model, &g.d, "nf4", &given);
     let msg = nibble_fails(&model_data_args(
         "eval",
-        &model,
-        &d,
+        &g.model,
+        &g.d,
         &["--activation", "relu,gelu"],
     ));
     assert!(
@@ -906,18 +935,18 @@ fn a_classifier_of_named_modules_gives_pytorchs_logits() {
         "{msg}"
     );
     // The same tensors in a safetensors file: sorted by name, bn1 comes first.
-    let file = nibble_io::Checkpoint::open(&model).unwrap();
+    let file = nibble_io::Checkpoint::open(&g.model).unwrap();
     let entries = entries_of(&file);
-    let sorted = dir.join("named.safetensors");
+    let sorted = g.dir.join("named.safetensors");
     write(&sorted, &entries);
-    let msg = nibble_fails(&model_data_args("eval", &sorted, &d, &given));
+    let msg = nibble_fails(&model_data_args("eval", &sorted, &g.d, &given));
     assert!(
         msg.contains("do not chain") && msg.contains("sorts them by name"),
         "{msg}"
     );
-    // `--order` gives the order the model runs them.
+    // `--order` gives the order the g.model runs them.
     let ordered = [&given[..], &["--order", "fc1, bn1, fc2, norm, head"]].concat();
-    let diff = logits_off_golden(&sorted, &d, &ordered, &logits, &golden);
+    let diff = logits_off_golden(&sorted, &g.d, &ordered, &g.logits, &g.golden);
     assert!(
         diff < 1e-5,
         "--order: logits differ from PyTorch's by {diff}"
@@ -931,7 +960,7 @@ fn a_classifier_of_named_modules_gives_pytorchs_logits() {
         ("fc1,bn1,fc2,norm,head,fc1", "names a module twice"),
     ] {
         let flags = [&given[..], &["--order", order]].concat();
-        let msg = nibble_fails(&model_data_args("eval", &sorted, &d, &flags));
+        let msg = nibble_fails(&model_data_args("eval", &sorted, &g.d, &flags));
         assert!(msg.contains(named), "{order}: {msg}");
     }
     let msg = nibble_fails(&model_data_args(
@@ -941,28 +970,18 @@ fn a_classifier_of_named_modules_gives_pytorchs_logits() {
         &["--order", "0,2"],
     ));
     assert!(msg.contains("an nn.Sequential's indices"), "{msg}");
-    let msg = nibble_fails(&model_data_args("eval", &data("bignet_d128.pth"), &d, &[]));
+    let msg = nibble_fails(&model_data_args(
+        "eval",
+        &data("bignet_d128.pth"),
+        &g.d,
+        &[],
+    ));
     assert!(
         msg.contains("BigNet checkpoint") && msg.contains("`bignet` program"),
         "{msg}"
     );
-    // `quantize` records the modules' order, so its safetensors output reads as the model.
-    let nf4 = dir.join("named_nf4.safetensors");
-    let out = nibble(&[
-        "quantize",
-        s(&model),
-        "--format",
-        "nf4",
-        "--output",
-        s(&nf4),
-    ]);
-    assert!(out.ok, "{}", out.stderr);
-    let stored = dir.join("stored.safetensors");
-    let fresh = dir.join("fresh.safetensors");
-    let flags = [&given[..], &["--format", "nf4"]].concat();
-    logits_off_golden(&nf4, &d, &flags, &stored, &golden);
-    logits_off_golden(&model, &d, &flags, &fresh, &golden);
-    assert_eq!(tensor(&stored, "logits"), tensor(&fresh, "logits"));
+    // `quantize` records the modules' order, so its safetensors output reads as the g.model.
+    g.quantized_reads_as_on_load("nf4", &given);
 }
 
 /// Linears at consecutive indices (`layers.0`, `layers.1`: an nn.ModuleList's keys look so)
@@ -1029,55 +1048,28 @@ fn training_checkpoints_evaluate_as_their_model() {
 /// and fine-tuning trains on them. A lone part is an error naming both keys.
 #[test]
 fn weight_normalized_linears_give_pytorchs_logits() {
-    let dir = tmpdir("weight_norm");
-    let golden = data("seq_weight_norm.safetensors");
-    let d = five_rows_of(&dir, &golden);
-    let model = data("seq_weight_norm.pth");
-    let logits = dir.join("logits.safetensors");
-    let diff = logits_off_golden(&model, &d, &[], &logits, &golden);
+    let g = Golden::new("seq_weight_norm");
+    let diff = g.off(&[]);
     assert!(diff < 1e-5, "logits differ from PyTorch's by {diff}");
-    let q4 = logits_off_golden(&model, &d, &["--format", "q4"], &logits, &golden);
+    let q4 = g.off(&["--format", "q4"]);
     assert!(q4 < 0.1, "q4 logits differ by {q4}");
-    finetune_lowers_the_loss(&model, &d, "nf4", &[]);
-    // `quantize` stores each as one `<module>.weight`: the file evaluates as the model does
-    // in that format, bit for bit (f32: PyTorch's logits).
+    finetune_lowers_the_loss(&g.model, &g.d, "nf4", &[]);
+    // `quantize` stores each as one `<module>.weight`: the file evaluates as the g.model does
+    // in that format, bit for bit (f32: PyTorch's g.logits).
     for format in ["f32", "q4"] {
-        let file = dir.join(format!("wn_{format}.safetensors"));
-        let v = nibble_json(&[
-            "quantize",
-            s(&model),
-            "--format",
-            format,
-            "--output",
-            s(&file),
-            "--json",
-        ]);
-        let names: Vec<&str> = v["tensors"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|t| t["name"].as_str().unwrap())
-            .collect();
+        let report = g.quantized_reads_as_on_load(format, &[]);
+        let names = report_names(&report);
         assert_eq!(names, ["0.weight", "2.weight", "4.weight"], "{format}");
-        let stored = dir.join(format!("stored_{format}.safetensors"));
-        let fresh = dir.join(format!("fresh_{format}.safetensors"));
-        logits_off_golden(&file, &d, &[], &stored, &golden);
-        logits_off_golden(&model, &d, &["--format", format], &fresh, &golden);
-        assert_eq!(
-            tensor(&stored, "logits"),
-            tensor(&fresh, "logits"),
-            "{format}"
-        );
     }
     // Without `weight_v`, the middle layer is half a weight.
-    let pth = nibble_io::Checkpoint::open(&model).unwrap();
+    let pth = nibble_io::Checkpoint::open(&g.model).unwrap();
     let entries: Vec<Entry> = entries_of(&pth)
         .into_iter()
         .filter(|e| e.0 != "2.weight_v")
         .collect();
-    let half = dir.join("half.safetensors");
+    let half = g.dir.join("half.safetensors");
     write(&half, &entries);
-    let msg = nibble_fails(&model_data_args("eval", &half, &d, &[]));
+    let msg = nibble_fails(&model_data_args("eval", &half, &g.d, &[]));
     assert!(
         msg.contains("`2.weight_g`") && msg.contains("`2.weight_v`"),
         "{msg}"
@@ -1166,13 +1158,9 @@ fn a_one_logit_model_is_a_binary_classifier() {
 /// PyTorch's logits, and fine-tuning trains through them.
 #[test]
 fn prelus_are_given_with_norm() {
-    let dir = tmpdir("prelu");
-    let golden = data("seq_prelu.safetensors");
-    let d = five_rows_of(&dir, &golden);
-    let model = data("seq_prelu.pth");
-    let logits = dir.join("logits.safetensors");
+    let g = Golden::new("seq_prelu");
     let given = ["--norm", "PReLU, layer, prelu"];
-    let diff = logits_off_golden(&model, &d, &given, &logits, &golden);
+    let diff = g.off(&given);
     assert!(diff < 1e-5, "logits differ from PyTorch's by {diff}");
-    finetune_lowers_the_loss(&model, &d, "q4", &given);
+    finetune_lowers_the_loss(&g.model, &g.d, "q4", &given);
 }

@@ -10,10 +10,7 @@ fn inspect_lists_every_tensor_of_a_pth_with_the_issue_keys() {
     let v = nibble_json(&["inspect", model.to_str().unwrap(), "--json"]);
     assert_eq!(keys(&v), sorted(&["file", "bytes", "tensors"]));
     let tensors = v["tensors"].as_array().unwrap();
-    let names: Vec<&str> = tensors
-        .iter()
-        .map(|t| t["name"].as_str().unwrap())
-        .collect();
+    let names = report_names(&v);
     assert_eq!(
         names,
         ["0.bias", "0.weight", "2.bias", "2.weight", "3.bias", "3.weight", "5.bias", "5.weight"]
@@ -88,10 +85,7 @@ fn quantize_reports_every_weight_and_inspect_sees_its_parts() {
         );
         assert_eq!(v["format"], format);
         let tensors = v["tensors"].as_array().unwrap();
-        let names: Vec<&str> = tensors
-            .iter()
-            .map(|t| t["name"].as_str().unwrap())
-            .collect();
+        let names = report_names(&v);
         assert_eq!(names, ["0.weight", "3.weight", "5.weight"], "{format}");
         for t in tensors {
             assert_eq!(
@@ -163,12 +157,7 @@ fn quantize_include_selects_weights_by_regex() {
         r"^[05]\.weight$",
         "--json",
     ]);
-    let names: Vec<&str> = v["tensors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["name"].as_str().unwrap())
-        .collect();
+    let names = report_names(&v);
     assert_eq!(names, ["0.weight", "5.weight"]);
     let seen = nibble_json(&["inspect", out.to_str().unwrap(), "--json"]);
     let kept = seen["tensors"]

@@ -170,9 +170,9 @@ fn a_dora_adapter_gives_pefts_logits() {
             diff < 1e-5,
             "init {init}: logits differ from PEFT's by {diff}"
         );
-        // The magnitudes matter: the file's own give other logits.
-        assert!(max_diff(&want_filled, &want) > 1e-2);
     }
+    // The magnitudes matter: the file's own give other logits.
+    assert!(max_diff(&want_filled, &want) > 1e-2);
     for init in [serde_json::json!(false), serde_json::json!("orthogonal")] {
         let adapter = no_magnitude("no_magnitude_random", init.clone());
         let msg = nibble_fails(&strs(&args("f32", &adapter, &dir.join("x.safetensors"))));

@@ -47,20 +47,19 @@ pub enum Activation {
     Hardswish,
     /// `min(max(x, 0), 6)` (`nn.ReLU6`).
     Relu6,
-    /// `scale · x` for `x > 0`, else `scale · alpha · (eˣ − 1)`, PyTorch's constants
-    /// (`nn.SELU`).
+    /// `nn.SELU` ([`UnaryFn::Selu`]).
     Selu,
-    /// `x` for `x > 0`, else `alpha · (e^{x/alpha} − 1)` (`nn.CELU(alpha)`; `celu`, `celu:0.5`).
+    /// `nn.CELU(alpha)` ([`UnaryFn::Celu`]; `celu`, `celu:0.5`).
     Celu(Coef),
-    /// `min(max(x, −1), 1)` (`nn.Hardtanh()`).
+    /// `nn.Hardtanh()`, −1 to 1 ([`UnaryFn::Hardtanh`]).
     Hardtanh,
-    /// `min(max(x + 3, 0), 6) / 6` (`nn.Hardsigmoid`).
+    /// `nn.Hardsigmoid` ([`UnaryFn::Hardsigmoid`]).
     Hardsigmoid,
-    /// `x / (1 + |x|)` (`nn.Softsign`).
+    /// `nn.Softsign` ([`UnaryFn::Softsign`]).
     Softsign,
-    /// `ln sigmoid(x)` (`nn.LogSigmoid`).
+    /// `nn.LogSigmoid` ([`UnaryFn::LogSigmoid`]).
     LogSigmoid,
-    /// `x − tanh(x)` (`nn.Tanhshrink`).
+    /// `nn.Tanhshrink` ([`UnaryFn::Tanhshrink`]).
     Tanhshrink,
     /// `y = x`: `nn.Identity`, `nn.Dropout` in eval mode, `nn.Flatten` of a 2-D input.
     Identity,

@@ -881,7 +881,7 @@ fn group_norms_match_pytorch() {
             .to_string();
         assert!(
             e.contains(&format!("a GroupNorm of {groups} groups over 12 channels"))
-                && e.contains('1'),
+                && e.contains("layer `1`"),
             "{e}"
         );
     }

@@ -22,14 +22,7 @@ fn check(
     weight: &[f32],
     bias: &[f32],
 ) -> Result<(usize, usize, usize)> {
-    let (m, c) = x.dims2(op)?;
-    if weight.len() != c || bias.len() != c {
-        return Err(TensorError::ShapeMismatch {
-            op,
-            lhs: x.shape().to_vec(),
-            rhs: vec![weight.len(), bias.len()],
-        });
-    }
+    let (m, c) = crate::layernorm::check(op, x, weight, bias)?;
     if groups == 0 || !c.is_multiple_of(groups) {
         return Err(TensorError::Invalid {
             op,

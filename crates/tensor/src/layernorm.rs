@@ -21,7 +21,14 @@ pub struct LayerNormStats {
     pub rstd: Vec<f32>,
 }
 
-fn check(op: &'static str, x: &Tensor, weight: &[f32], bias: &[f32]) -> Result<(usize, usize)> {
+/// `x` `[m, c]` with `weight` and `bias` of `c` values, or the error naming `op` and the
+/// shapes: `(m, c)`.
+pub(crate) fn check(
+    op: &'static str,
+    x: &Tensor,
+    weight: &[f32],
+    bias: &[f32],
+) -> Result<(usize, usize)> {
     let (m, c) = x.dims2(op)?;
     if weight.len() != c || bias.len() != c {
         return Err(TensorError::ShapeMismatch {

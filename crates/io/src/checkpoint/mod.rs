@@ -229,8 +229,9 @@ pub struct Checkpoint {
     format: Format,
     backing: Backing,
     entries: BTreeMap<String, Entry>,
-    /// The keys in the order the file holds them (see [`Checkpoint::keys_in_file_order`]).
-    file_order: Vec<String>,
+    /// A `.pth` state dict's keys in its own order (see [`Checkpoint::keys_in_file_order`]);
+    /// `None` where that order is the sorted one (safetensors).
+    file_order: Option<Vec<String>>,
     metadata: BTreeMap<String, String>,
 }
 
@@ -323,11 +324,10 @@ impl Checkpoint {
         }
         let (format, entries, file_order, metadata) = if buf.starts_with(ZIP_MAGIC) {
             let (entries, order) = pth::read(&path, buf)?;
-            (Format::Pth, entries, order, BTreeMap::new())
+            (Format::Pth, entries, Some(order), BTreeMap::new())
         } else if looks_like_safetensors(buf) {
             let (entries, metadata) = safetensors::read(&path, buf)?;
-            let order = entries.keys().cloned().collect();
-            (Format::Safetensors, entries, order, metadata)
+            (Format::Safetensors, entries, None, metadata)
         } else if buf.first() == Some(&0x80) {
             return Err(Error::UnknownFormat {
                 path,
@@ -393,11 +393,12 @@ impl Checkpoint {
             .into_iter()
             .map(|(k, e)| (k[prefix.len()..].to_string(), e))
             .collect();
-        let file_order = self
-            .file_order
-            .iter()
-            .map(|k| k[prefix.len()..].to_string())
-            .collect();
+        let file_order = self.file_order.as_ref().map(|order| {
+            order
+                .iter()
+                .map(|k| k[prefix.len()..].to_string())
+                .collect()
+        });
         Ok(Checkpoint {
             entries,
             file_order,
@@ -414,7 +415,13 @@ impl Checkpoint {
     /// order the model registered its parameters, which is how `nn.Module.state_dict()` lists
     /// them); a safetensors file's, which its writers sort by name, sorted.
     pub fn keys_in_file_order(&self) -> impl Iterator<Item = &str> {
-        self.file_order.iter().map(String::as_str)
+        let (own, sorted) = match &self.file_order {
+            Some(order) => (Some(order.iter().map(String::as_str)), None),
+            None => (None, Some(self.keys())),
+        };
+        own.into_iter()
+            .flatten()
+            .chain(sorted.into_iter().flatten())
     }
 
     /// Number of tensors.
