@@ -860,7 +860,7 @@ fn private_grid(pm: usize, groups: usize, m: usize, n: usize, threads: usize) ->
         return (mb.min(pm).max(1), nb.min(groups).max(1));
     }
     (1..=threads)
-        .filter(|d| threads % d == 0)
+        .filter(|&d| threads.is_multiple_of(d))
         .map(|mb| (mb, threads / mb))
         .filter(|&(mb, nb)| mb <= pm && nb <= groups)
         .min_by_key(|&(mb, nb)| (mb * n + nb * m, mb))
