@@ -262,9 +262,6 @@ impl Scratch {
 thread_local! {
     static A_BUF: Cell<Vec<Line>> = const { Cell::new(Vec::new()) };
     static B_BUF: Cell<Vec<Line>> = const { Cell::new(Vec::new()) };
-    /// A task's own packed B column group, where each task packs the B it reads
-    /// ([`private_b_grid`]).
-    static PRIVATE_B_BUF: Cell<Vec<Line>> = const { Cell::new(Vec::new()) };
     /// The small-batch GEMV's copy of x on whole cache lines ([`gemv`]).
     static X_BUF: Cell<Vec<Line>> = const { Cell::new(Vec::new()) };
     /// The one-tile GEMV's outputs of short rows in the transposing kernel's layout
@@ -832,41 +829,6 @@ fn column_slices() -> bool {
     *V.get_or_init(|| std::env::var("NIBBLE_GEMM_SLICES").is_ok_and(|v| v.trim() == "1"))
 }
 
-/// The task grid of a large parallel GEMM whose B is packed per call where every task packs
-/// the B panels it reads itself, into a buffer of its own (`NIBBLE_GEMM_PRIVATE_B`, an
-/// experiment's switch, read once: `1` for the grid [`private_grid`] picks, `MBxNB` for one of
-/// `MB` row blocks by `NB` column blocks). No packed panel then crosses cores, at the price of
-/// packing each B panel once per row block and each A panel once per column block. `None`:
-/// off (the shared stages of [`StageB`]).
-fn private_b_grid() -> Option<(usize, usize)> {
-    static V: std::sync::OnceLock<Option<(usize, usize)>> = std::sync::OnceLock::new();
-    *V.get_or_init(|| {
-        let v = std::env::var("NIBBLE_GEMM_PRIVATE_B").ok()?;
-        let v = v.trim();
-        if v == "1" {
-            return Some((0, 0));
-        }
-        let (a, b) = v.split_once('x')?;
-        let (a, b) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
-        (a > 0 && b > 0).then_some((a, b))
-    })
-}
-
-/// The grid of a GEMM whose tasks pack their own B ([`private_b_grid`]): one task per thread,
-/// `mb x nb = threads`, the factor pair that packs least (`mb` packings of each of B's
-/// `k x n` and `nb` of A's `m x k`), clamped to the panels there are.
-fn private_grid(pm: usize, groups: usize, m: usize, n: usize, threads: usize) -> (usize, usize) {
-    if let Some((mb, nb)) = private_b_grid().filter(|&(mb, _)| mb > 0) {
-        return (mb.min(pm).max(1), nb.min(groups).max(1));
-    }
-    (1..=threads)
-        .filter(|&d| threads.is_multiple_of(d))
-        .map(|mb| (mb, threads / mb))
-        .filter(|&(mb, nb)| mb <= pm && nb <= groups)
-        .min_by_key(|&(mb, nb)| (mb * n + nb * m, mb))
-        .unwrap_or((1, groups.clamp(1, threads)))
-}
-
 /// Deepest K block that a stage takes beside its [`STAGE_FLOATS`] (up to this many rows of K
 /// of such blocks in all): a LoRA adapter's `h · Bᵀ` (rank 32 or less here; its packed B is
 /// 128 KiB at n = 1024) runs in the stage of the base product's last block instead of a stage
@@ -950,7 +912,11 @@ impl StageB<'_> {
                 // buf[off..off + len] until the READY store below; the range lies inside the
                 // stage's buffer (sized for every block of the stage).
                 let dst = unsafe { std::slice::from_raw_parts_mut(self.buf.0.add(off), len) };
-                pack_group(segs[blk.seg].b, blk.k0, kc, self.n0, q, self.ncb, dst);
+                let b = segs[blk.seg].b;
+                for (u, panel) in dst.chunks_mut(kc * NR).enumerate() {
+                    let j0 = (q + u) * NR;
+                    b.pack_panel(blk.k0, kc, self.n0 + j0, NR.min(self.ncb - j0), panel);
+                }
                 state.store(READY, Release);
             } else {
                 while state.load(Acquire) != READY {
@@ -961,23 +927,6 @@ impl StageB<'_> {
         // SAFETY: the group is READY (Acquire above): its floats were written once and are
         // only read from now on; the range lies inside the stage's buffer.
         unsafe { std::slice::from_raw_parts(self.buf.0.add(off), len) }
-    }
-}
-
-/// Packs the panels of one column group into `dst` (whole `kc * NR` panels): B's rows
-/// `k0..k0 + kc`, panels `q..` of the column block at `n0` (`ncb` columns wide).
-fn pack_group(
-    b: &dyn PackB,
-    k0: usize,
-    kc: usize,
-    n0: usize,
-    q: usize,
-    ncb: usize,
-    dst: &mut [f32],
-) {
-    for (u, panel) in dst.chunks_mut(kc * NR).enumerate() {
-        let j0 = (q + u) * NR;
-        b.pack_panel(k0, kc, n0 + j0, NR.min(ncb - j0), panel);
     }
 }
 
@@ -1232,18 +1181,6 @@ fn gemm_staged(
     let threads = rayon::current_num_threads().max(1);
     let work = m.saturating_mul(n).saturating_mul(k_total);
     let parallel = threads > 1 && work >= 1 << 18;
-    // Every task packs its own B (an experiment's switch): no stage buffer, all of K in one
-    // pass over each task's tile.
-    let private = parallel
-        && m.div_ceil(mr) * mr >= SMALL_M_ROWS
-        && private_b_grid().is_some()
-        && segs.iter().all(|sg| sg.b.prepacked_block(0).is_none())
-        && direct_b.iter().all(|d| d.is_none());
-    let stage_floats_max = if private {
-        usize::MAX
-    } else {
-        stage_floats_max
-    };
 
     let ncb_max = NC.min(n);
     let panel_cols = ncb_max.div_ceil(NR) * NR;
@@ -1263,11 +1200,7 @@ fn gemm_staged(
             let held =
                 sg.b.prepacked_block(k0)
                     .filter(|blk| blk.len() >= npan_all * kc * NR);
-            let floats = if held.is_some() || private {
-                0
-            } else {
-                kc * panel_cols
-            };
+            let floats = if held.is_some() { 0 } else { kc * panel_cols };
             let short = kc <= STAGE_TAIL_K;
             let fits = if short {
                 short_used + floats <= short_room
@@ -1313,11 +1246,7 @@ fn gemm_staged(
             let groups = npan.div_ceil(np);
             let held = stage_blocks.iter().any(|b| b.held.is_some());
             let sliced = !held && parallel && pm * mr >= SMALL_M_ROWS && column_slices();
-            let (mb, nb) = if private {
-                private_grid(pm, groups, m, ncb, threads)
-            } else {
-                task_grid(m, mr, groups, threads, parallel, held || sliced)
-            };
+            let (mb, nb) = task_grid(m, mr, groups, threads, parallel, held || sliced);
             // Offsets were laid out for `panel_cols` columns; a narrower last column block
             // uses a prefix of each block's room.
             let blocks: &[KBlock] = stage_blocks;
@@ -1355,8 +1284,6 @@ fn gemm_staged(
                 let a_floats = if unpacked_a { 0 } else { (p1 - p0) * KC * mr };
                 let mut abuf = Scratch::take(&A_BUF, a_floats);
                 let ap = abuf.as_mut();
-                let mut pbuf =
-                    Scratch::take(&PRIVATE_B_BUF, if private { np * KC * NR } else { 0 });
                 for (bi, blk) in blocks.iter().enumerate() {
                     let kc = blk.kc;
                     let overwrite = overwrite_first && bi == 0;
@@ -1383,11 +1310,6 @@ fn gemm_staged(
                             ),
                             (None, Some((data, ld))) if cols == panels * NR => {
                                 (data.as_ptr().wrapping_add(blk.k0 * ld + n0 + j), ld, true)
-                            }
-                            _ if private => {
-                                let dst = &mut pbuf.as_mut()[..panels * kc * NR];
-                                pack_group(segs[blk.seg].b, blk.k0, kc, n0, q, ncb, dst);
-                                (dst.as_ptr(), kc * NR, false)
                             }
                             _ => (stage.group(segs, bi, g).as_ptr(), kc * NR, false),
                         };
@@ -1449,7 +1371,6 @@ fn gemm_staged(
                     }
                 }
                 abuf.put_back(&A_BUF);
-                pbuf.put_back(&PRIVATE_B_BUF);
             };
             if parallel && mb * nb > 1 {
                 (0..mb * nb).into_par_iter().for_each(run);

@@ -1,9 +1,6 @@
 //! Helpers the integration tests of this directory share, and the workspace's root `tests/`
 //! (through `#[path]`).
 
-#[allow(dead_code)] // only the files that set the GEMM's experiment switches use it
-pub mod switches;
-
 /// Runs `f` on a rayon pool of its own with `threads` threads.
 pub fn in_pool<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
     rayon::ThreadPoolBuilder::new()
