@@ -400,7 +400,7 @@ fn tiny_and_unknown_files() {
     );
     expect_err(
         load("legacy", b"\x80\x02\x8a\x0alZ\xfc\x9ch".to_vec()),
-        "legacy",
+        "magic number",
     );
     let dir = tempdir("tiny");
     let p = dir.join("empty.pth");
@@ -1326,4 +1326,104 @@ fn training_checkpoints_give_their_state_dict() {
         let e = Checkpoint::open(golden(name)).unwrap_err().to_string();
         assert!(e.contains(needle) && e.contains(name), "{e}");
     }
+}
+
+// ---------------------------------------------------------------- the legacy format
+
+/// The names, dtypes, shapes and bytes of a checkpoint's tensors, in the file's order.
+fn tensors_in_order(ck: &Checkpoint) -> Vec<(String, DType, Vec<usize>, Vec<u8>)> {
+    ck.keys_in_file_order()
+        .map(|k| {
+            let (dtype, shape) = ck.info(k).unwrap();
+            (
+                k.to_owned(),
+                dtype,
+                shape.to_vec(),
+                ck.bytes(k).unwrap().to_vec(),
+            )
+        })
+        .collect()
+}
+
+/// Checkpoints in PyTorch's legacy format (before 1.6, or `_use_new_zipfile_serialization=False`;
+/// `tools/golden/make_legacy_pth.py`) read as the same state dicts saved in the zip format: every
+/// tensor's name (in the dict's order), dtype, shape and bytes. They hold f32, f16, i64 and bool
+/// tensors, a transposed one, two sharing a storage, an empty one, pickle protocols 2 and 4,
+/// and a training checkpoint whose state dict sits beside an optimizer's state.
+#[test]
+fn legacy_checkpoints_read_as_their_zip_twins() {
+    for (legacy, zip) in [
+        ("legacy_mixed.pth", "legacy_mixed_zip.pth"),
+        ("legacy_mixed_p4.pth", "legacy_mixed_zip.pth"),
+        ("legacy_tutorial.pth", "legacy_tutorial_zip.pth"),
+    ] {
+        let got = Checkpoint::open(golden(legacy)).unwrap();
+        let want = Checkpoint::open(golden(zip)).unwrap();
+        assert_eq!(got.format(), Format::Pth, "{legacy}");
+        let (got, want) = (tensors_in_order(&got), tensors_in_order(&want));
+        assert!(!want.is_empty());
+        assert_eq!(got, want, "{legacy} against {zip}");
+    }
+    let mixed = Checkpoint::open(golden("legacy_mixed.pth")).unwrap();
+    let order: Vec<&str> = mixed.keys_in_file_order().collect();
+    assert_eq!(
+        order,
+        [
+            "fc.weight",
+            "fc.weight_t",
+            "fc.row",
+            "half",
+            "steps",
+            "mask",
+            "empty"
+        ]
+    );
+}
+
+/// A legacy checkpoint cut short anywhere, with bytes added after its last storage, written on
+/// a big-endian machine, or of another protocol version: an error naming the file, never a
+/// panic or a tensor read from the wrong bytes.
+#[test]
+fn broken_legacy_checkpoints_are_errors() {
+    let full = std::fs::read(golden("legacy_mixed.pth")).unwrap();
+    let n = full.len();
+    assert_prefixes_fail("legacy.pth", full.clone(), (0..n).collect());
+
+    let mut longer = full.clone();
+    longer.push(0);
+    expect_err(load("legacy.pth", longer), "1 bytes after the last storage");
+
+    let find = |needle: &[u8]| {
+        full.windows(needle.len())
+            .position(|w| w == needle)
+            .unwrap()
+    };
+    // `little_endian`: NEWTRUE (0x88) -> NEWFALSE (0x89).
+    let at = find(b"little_endian") + b"little_endian".len();
+    let flag = (at..at + 4).find(|&i| full[i] == 0x88).unwrap();
+    let mut big = full.clone();
+    big[flag] = 0x89;
+    expect_err(load("legacy.pth", big), "big-endian");
+
+    // The protocol version pickle: BININT2 1001 (0x03e9) -> 1002.
+    let at = find(&[b'M', 0xe9, 0x03]);
+    let mut other = full.clone();
+    other[at + 1] = 0xea;
+    expect_err(load("legacy.pth", other), "legacy protocol version 1002");
+
+    // A storage's element count beyond the file. The storages follow the keys: six element
+    // counts and 96 + 60 + 14 + 24 + 3 + 0 bytes (the weight and its row share one).
+    let mut huge = full.clone();
+    let storages = n - (6 * 8 + 96 + 60 + 14 + 24 + 3);
+    huge[storages..storages + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+    expect_err(load("legacy.pth", huge), "past the end of the file");
+
+    // A plain pickle of tensors, not torch.save's: named as such.
+    expect_err(
+        load(
+            "p.pth",
+            b"\x80\x02}q\x00X\x01\x00\x00\x00aq\x01K\x01s.".to_vec(),
+        ),
+        "not with torch.save's magic number",
+    );
 }

@@ -1,4 +1,5 @@
-//! Checkpoint files: safetensors and PyTorch `.pth` (the zip archives `torch.save` writes).
+//! Checkpoint files: safetensors and PyTorch `.pth` (the zip archives `torch.save` writes, and
+//! its legacy format of PyTorch before 1.6).
 //!
 //! [`Checkpoint::open`] memory-maps a file, detects its format from its content and validates
 //! every offset, length and name before handing out a byte, so a hostile file yields an
@@ -17,6 +18,7 @@
 //! # Ok::<(), nibble_io::Error>(())
 //! ```
 
+mod legacy;
 mod pickle;
 mod pth;
 mod safetensors;
@@ -139,7 +141,8 @@ impl fmt::Display for DType {
 pub enum Format {
     /// Hugging Face safetensors: a JSON header and raw little-endian data.
     Safetensors,
-    /// PyTorch's `torch.save` zip archive: a pickled state dict plus one raw storage per tensor.
+    /// PyTorch's `torch.save` zip archive (a pickled state dict plus one raw storage per tensor),
+    /// or its legacy format (pickles back to back, then the storages).
     Pth,
 }
 
@@ -328,11 +331,14 @@ impl Checkpoint {
         } else if looks_like_safetensors(buf) {
             let (entries, metadata) = safetensors::read(&path, buf)?;
             (Format::Safetensors, entries, None, metadata)
+        } else if legacy::is_legacy(buf) {
+            let (entries, order) = legacy::read(&path, buf)?;
+            (Format::Pth, entries, Some(order), BTreeMap::new())
         } else if buf.first() == Some(&0x80) {
             return Err(Error::UnknownFormat {
                 path,
-                reason: "starts with a pickle; the legacy (pre-1.6, non-zip) torch.save format \
-                         is not supported, re-save with a current PyTorch"
+                reason: "starts with a pickle but not with torch.save's magic number (a \
+                         `pickle.dump` of tensors?): save the state dict with torch.save"
                     .into(),
             });
         } else {

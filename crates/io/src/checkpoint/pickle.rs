@@ -55,7 +55,8 @@ const INERT_CLASSES: [&str; 4] = [
     "pytorch_lightning.utilities.parsing.AttributeDict",
 ];
 
-/// A persistent storage reference: `('storage', StorageType, key, location, numel)`.
+/// A persistent storage reference: `('storage', StorageType, key, location, numel)`, or in the
+/// legacy format the same with a sixth item, the view metadata, `None`.
 #[derive(Debug, PartialEq)]
 pub(crate) struct StorageRef {
     pub(crate) dtype: DType,
@@ -540,6 +541,7 @@ impl<'a> Vm<'a> {
         };
         match t.items.as_slice() {
             [Value::Str(tag), Value::Global(Global::Storage(dtype)), Value::Str(key), Value::Str(_location), numel]
+            | [Value::Str(tag), Value::Global(Global::Storage(dtype)), Value::Str(key), Value::Str(_location), numel, Value::None]
                 if &**tag == "storage" =>
             {
                 let numel = self.int_arg(numel, "storage numel")?;
@@ -548,6 +550,15 @@ impl<'a> Vm<'a> {
                     key: key.to_string(),
                     numel,
                 })))
+            }
+            [Value::Str(tag), Value::Global(Global::Storage(_)), Value::Str(_), Value::Str(_), _, view]
+                if &**tag == "storage" =>
+            {
+                self.err(format!(
+                    "a storage view ({} as view metadata: a pre-1.6 checkpoint of a tensor \
+                     viewing part of another's storage) is not supported",
+                    view.kind()
+                ))
             }
             _ => self.err("persistent id is not ('storage', <Storage type>, key, location, numel)"),
         }
@@ -770,6 +781,12 @@ impl<'a> Vm<'a> {
 
 /// Runs the pickle program `code` and returns the object it builds.
 pub(crate) fn load(code: &[u8]) -> std::result::Result<Value, PickleError> {
+    load_prefix(code).map(|(value, _)| value)
+}
+
+/// Runs the pickle program at the start of `code` (bytes after its STOP are left unread) and
+/// returns the object it builds and the length of the program, STOP included.
+pub(crate) fn load_prefix(code: &[u8]) -> std::result::Result<(Value, usize), PickleError> {
     let mut vm = Vm {
         code,
         pos: 0,
@@ -779,5 +796,6 @@ pub(crate) fn load(code: &[u8]) -> std::result::Result<Value, PickleError> {
         memo: HashMap::new(),
         copy_budget: code.len().saturating_mul(16).saturating_add(1 << 20),
     };
-    vm.run()
+    let value = vm.run()?;
+    Ok((value, vm.pos))
 }

@@ -57,13 +57,36 @@ pub(crate) fn read(path: &Path, buf: &[u8]) -> Result<(BTreeMap<String, Entry>, 
         offset: e.offset,
         reason: e.reason,
     })?;
+    entries_of(path, &root, |key| {
+        let name = format!("{prefix}data/{key}");
+        match files.get(&name) {
+            Some(range) => Ok((name, range.clone())),
+            None => Err(format!("its storage `{name}` is missing from the archive")),
+        }
+    })
+}
+
+/// The tensors of the state dict in a `.pth` pickle's `root` (see [`state_dict_in`]), in the
+/// dict's order, each checked against its storage: `storage(key)` gives a storage key's name
+/// (for messages) and its bytes' range in the file, or why it has none. Shared by the zip
+/// format and the legacy one ([`super::legacy`]).
+pub(crate) fn entries_of(
+    path: &Path,
+    root: &Value,
+    storage: impl Fn(&str) -> std::result::Result<(String, Range<usize>), String>,
+) -> Result<(BTreeMap<String, Entry>, Vec<String>)> {
+    let bad = |reason: String| Error::Malformed {
+        path: path.to_path_buf(),
+        format: Format::Pth,
+        reason,
+    };
     let Value::Dict(root) = root else {
         return Err(bad(format!(
             "the pickle holds a {}, not a state dict (a dict of str → tensor)",
             root.kind()
         )));
     };
-    let dict = state_dict_in(&root).map_err(bad)?;
+    let dict = state_dict_in(root).map_err(bad)?;
 
     let mut entries = BTreeMap::new();
     // The keys in the state dict's order (the order the model registered its parameters).
@@ -84,12 +107,7 @@ pub(crate) fn read(path: &Path, buf: &[u8]) -> Result<(BTreeMap<String, Entry>, 
         let Value::Tensor(t) = v else {
             return Err(bad_tensor(format!("value is a {}, not a tensor", v.kind())));
         };
-        let storage_name = format!("{prefix}data/{}", t.storage.key);
-        let storage_range = files.get(&storage_name).ok_or_else(|| {
-            bad_tensor(format!(
-                "its storage `{storage_name}` is missing from the archive"
-            ))
-        })?;
+        let (storage_name, storage_range) = storage(&t.storage.key).map_err(bad_tensor)?;
         let dtype = t.storage.dtype;
         let esize = dtype.size_of();
         let to_usize = |x: u64, what: &str| {

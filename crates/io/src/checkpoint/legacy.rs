@@ -1,0 +1,174 @@
+//! PyTorch's legacy `.pth` format: what `torch.save` wrote before PyTorch 1.6, and still
+//! writes with `_use_new_zipfile_serialization=False`. Five pickles back to back, then the
+//! storages:
+//! 1. the magic number `0x1950a86a20f9469cfc6c`;
+//! 2. the protocol version, 1001;
+//! 3. the system's description: `{"protocol_version": 1001, "little_endian": True,
+//!    "type_sizes": {...}}`;
+//! 4. the object (the state dict), whose storages are persistent ids `('storage', type, key,
+//!    location, numel, None)`;
+//! 5. the list of storage keys, in the order their data follows;
+//!
+//! then, per key, its element count (8 bytes, little-endian) and its elements' bytes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
+use std::path::Path;
+
+use super::pickle::{self, Value};
+use super::{pth, Entry, Format};
+use crate::error::{Error, Result};
+
+/// `torch.serialization.MAGIC_NUMBER`, as the 10 little-endian bytes of the LONG1 that pickles
+/// it.
+const MAGIC_LE: [u8; 10] = [0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19];
+
+/// `torch.serialization.PROTOCOL_VERSION`.
+const PROTOCOL_VERSION: i64 = 1001;
+
+/// Whether `buf` starts with the legacy format's first pickle, the magic number.
+pub(crate) fn is_legacy(buf: &[u8]) -> bool {
+    magic_len(buf).is_some()
+}
+
+/// The length of the magic-number pickle at the start of `buf`: PROTO, an optional protocol-4
+/// FRAME, LONG1 of the 10 magic bytes, STOP.
+fn magic_len(buf: &[u8]) -> Option<usize> {
+    let mut pos = match buf {
+        [0x80, _, ..] => 2,
+        _ => return None,
+    };
+    if buf.get(pos) == Some(&0x95) {
+        pos += 9;
+    }
+    let rest = buf.get(pos..)?;
+    let long1 = [&[0x8a, 10][..], &MAGIC_LE[..], &[b'.'][..]].concat();
+    rest.starts_with(&long1).then_some(pos + long1.len())
+}
+
+/// Parses and validates a legacy `.pth` file held in `buf`: its state dict's tensors (in the
+/// dict's order) and that order.
+pub(crate) fn read(path: &Path, buf: &[u8]) -> Result<(BTreeMap<String, Entry>, Vec<String>)> {
+    let bad = |reason: String| Error::Malformed {
+        path: path.to_path_buf(),
+        format: Format::Pth,
+        reason,
+    };
+    let mut pos = magic_len(buf)
+        .ok_or_else(|| bad("not a legacy torch.save file: no magic number at its start".into()))?;
+    // The four pickles after the magic number, each read where the one before ended.
+    let mut next = |what: &str| -> Result<Value> {
+        let rest = buf.get(pos..).unwrap_or(&[]);
+        let (value, len) = pickle::load_prefix(rest).map_err(|e| Error::Pickle {
+            path: path.to_path_buf(),
+            entry: format!("{what} (the legacy format's pickle at byte {pos})"),
+            offset: pos + e.offset,
+            reason: e.reason,
+        })?;
+        pos += len;
+        Ok(value)
+    };
+    match next("protocol version")? {
+        Value::Int(PROTOCOL_VERSION) => {}
+        other => {
+            return Err(bad(format!(
+                "legacy protocol version {}, expected {PROTOCOL_VERSION}",
+                describe(&other)
+            )))
+        }
+    }
+    let Value::Dict(info) = next("system info")? else {
+        return Err(bad("the legacy format's system info is not a dict".into()));
+    };
+    let little_endian = info.items.iter().find_map(|(k, v)| match (k, v) {
+        (Value::Str(k), Value::Bool(b)) if &**k == "little_endian" => Some(*b),
+        _ => None,
+    });
+    if little_endian != Some(true) {
+        return Err(bad(
+            "written on a big-endian machine (system info `little_endian` is not True); only \
+             little-endian checkpoints are supported"
+                .into(),
+        ));
+    }
+    let root = next("object")?;
+    let Value::List(keys) = next("storage keys")? else {
+        return Err(bad("the legacy format's storage keys are not a list".into()));
+    };
+
+    // The storages, in the keys' order: an element count, then the bytes.
+    let element_sizes = storage_element_sizes(&root);
+    let mut storages: HashMap<String, Range<usize>> = HashMap::new();
+    for key in &keys.items {
+        let Value::Str(key) = key else {
+            return Err(bad(format!(
+                "a storage key is a {}, not a string",
+                key.kind()
+            )));
+        };
+        let key: &str = key;
+        let count_bytes = buf
+            .get(pos..pos + 8)
+            .ok_or_else(|| bad(format!("the file ends before storage `{key}` (byte {pos})")))?;
+        let count = u64::from_le_bytes(count_bytes.try_into().expect("8 bytes"));
+        pos += 8;
+        let esize = *element_sizes.get(key).ok_or_else(|| {
+            bad(format!(
+                "storage `{key}` is listed but no tensor of the state dict uses it"
+            ))
+        })?;
+        let len = usize::try_from(count)
+            .ok()
+            .and_then(|c| c.checked_mul(esize))
+            .filter(|&len| len <= buf.len() - pos)
+            .ok_or_else(|| {
+                bad(format!(
+                    "storage `{key}` claims {count} elements of {esize} bytes at byte {pos}, \
+                     past the end of the file ({} bytes)",
+                    buf.len()
+                ))
+            })?;
+        if storages.insert(key.to_owned(), pos..pos + len).is_some() {
+            return Err(bad(format!("storage `{key}` is listed twice")));
+        }
+        pos += len;
+    }
+    if pos != buf.len() {
+        return Err(bad(format!(
+            "{} bytes after the last storage (byte {pos} of {})",
+            buf.len() - pos,
+            buf.len()
+        )));
+    }
+    pth::entries_of(path, &root, |key| match storages.get(key) {
+        Some(range) => Ok((key.to_owned(), range.clone())),
+        None => Err(format!(
+            "its storage `{key}` is not among the file's storages"
+        )),
+    })
+}
+
+/// The element size of each storage key the state dict's tensors use.
+fn storage_element_sizes(root: &Value) -> HashMap<String, usize> {
+    let mut sizes = HashMap::new();
+    let mut stack = vec![root];
+    while let Some(v) = stack.pop() {
+        match v {
+            Value::Tensor(t) => {
+                sizes.insert(t.storage.key.clone(), t.storage.dtype.size_of());
+            }
+            Value::Dict(d) => stack.extend(d.items.iter().map(|(_, v)| v)),
+            Value::List(l) | Value::Tuple(l) => stack.extend(l.items.iter()),
+            _ => {}
+        }
+    }
+    sizes
+}
+
+/// A short description of a pickled value for messages: an integer's value, else its kind.
+fn describe(v: &Value) -> String {
+    match v {
+        Value::Int(i) => i.to_string(),
+        other => other.kind(),
+    }
+}
