@@ -5,7 +5,8 @@ dicts in the zip format, for the `.pth` reader: tests/data/legacy_*.pth and lega
   sharing one storage (a weight and a slice of it), and an empty one;
 - legacy_mixed_p4: the same saved with pickle_protocol=4;
 - legacy_tutorial: {"epoch": 3, "model_state_dict": sd, "optimizer_state_dict": opt} of
-  nn.Sequential(Linear(4,3), ReLU(), Linear(3,2)) after one Adam step.
+  nn.Sequential(Linear(4,3), ReLU(), Linear(3,2)) after one Adam step;
+- legacy_protocol1 and zip_protocol1: a one-tensor state dict in pickle protocol 1 (refused).
 
     python3 tools/golden/make_legacy_pth.py tests/data
 """
@@ -38,3 +39,9 @@ opt.step()
 ckpt = {"epoch": 3, "model_state_dict": m.state_dict(), "optimizer_state_dict": opt.state_dict()}
 torch.save(ckpt, f"{out}/legacy_tutorial.pth", _use_new_zipfile_serialization=False)
 torch.save(ckpt, f"{out}/legacy_tutorial_zip.pth")
+
+# Pickle protocol 1 (no PROTO opcode), in both formats: refused, as torch.load(weights_only=True)
+# refuses it.
+small = OrderedDict([("w", torch.ones(2, 2))])
+torch.save(small, f"{out}/legacy_protocol1.pth", pickle_protocol=1, _use_new_zipfile_serialization=False)
+torch.save(small, f"{out}/zip_protocol1.pth", pickle_protocol=1)

@@ -1418,6 +1418,15 @@ fn broken_legacy_checkpoints_are_errors() {
     huge[storages..storages + 8].copy_from_slice(&u64::MAX.to_le_bytes());
     expect_err(load("legacy.pth", huge), "past the end of the file");
 
+    // Pickle protocol 1 (text opcodes, no PROTO), in either format: refused as such.
+    for name in ["legacy_protocol1.pth", "zip_protocol1.pth"] {
+        let e = Checkpoint::open(golden(name)).unwrap_err().to_string();
+        assert!(
+            e.contains("pickle protocol 0 or 1") && e.contains(name),
+            "{e}"
+        );
+    }
+
     // A plain pickle of tensors, not torch.save's: named as such.
     expect_err(
         load(

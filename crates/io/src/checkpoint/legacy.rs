@@ -31,6 +31,12 @@ pub(crate) fn is_legacy(buf: &[u8]) -> bool {
     magic_len(buf).is_some()
 }
 
+/// Whether `buf` starts with the magic number pickled in protocol 0 or 1 (a text `LONG`): a
+/// legacy file of a protocol nibble does not read, nor does `torch.load(weights_only=True)`.
+pub(crate) fn is_legacy_text_protocol(buf: &[u8]) -> bool {
+    buf.starts_with(b"L119547037146038801333356L\n")
+}
+
 /// The length of the magic-number pickle at the start of `buf`: PROTO, an optional protocol-4
 /// FRAME, LONG1 of the 10 magic bytes, STOP.
 fn magic_len(buf: &[u8]) -> Option<usize> {

@@ -334,6 +334,14 @@ impl Checkpoint {
         } else if legacy::is_legacy(buf) {
             let (entries, order) = legacy::read(&path, buf)?;
             (Format::Pth, entries, Some(order), BTreeMap::new())
+        } else if legacy::is_legacy_text_protocol(buf) {
+            return Err(Error::UnknownFormat {
+                path,
+                reason: "the legacy torch.save format in pickle protocol 0 or 1, which \
+                         torch.load(weights_only=True) refuses as well; re-save with torch.save's \
+                         default protocol"
+                    .into(),
+            });
         } else if buf.first() == Some(&0x80) {
             return Err(Error::UnknownFormat {
                 path,

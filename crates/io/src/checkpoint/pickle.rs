@@ -787,6 +787,17 @@ pub(crate) fn load(code: &[u8]) -> std::result::Result<Value, PickleError> {
 /// Runs the pickle program at the start of `code` (bytes after its STOP are left unread) and
 /// returns the object it builds and the length of the program, STOP included.
 pub(crate) fn load_prefix(code: &[u8]) -> std::result::Result<(Value, usize), PickleError> {
+    if !code.is_empty() && code[0] != 0x80 {
+        return Err(PickleError {
+            offset: 0,
+            reason: format!(
+                "no PROTO opcode at its start (first byte 0x{:02x}): pickle protocol 0 or 1, which \
+                 torch.load(weights_only=True) refuses as well; re-save with torch.save's \
+                 default protocol",
+                code[0]
+            ),
+        });
+    }
     let mut vm = Vm {
         code,
         pos: 0,
