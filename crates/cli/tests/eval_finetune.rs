@@ -984,6 +984,35 @@ fn a_classifier_of_named_modules_gives_pytorchs_logits() {
     g.quantized_reads_as_on_load("nf4", &given);
 }
 
+/// A model looping over an `nn.ModuleList` of twelve layers (`tests/data/module_list12.*`,
+/// `tools/golden/make_module_list.py`) gives PyTorch's logits from its `.pth` and from the
+/// same tensors in a safetensors file, whose writers sort `layers.10` before `layers.2`: its
+/// modules are read in natural order (before, twelve chained 8 → 8 layers ran 0, 1, 10, 11, 2,
+/// ... and the logits were silently wrong).
+#[test]
+fn a_module_list_in_safetensors_runs_in_its_order() {
+    let g = Golden::new("module_list12");
+    let diff = g.off(&[]);
+    assert!(diff < 1e-5, ".pth: logits differ from PyTorch's by {diff}");
+    let file = nibble_io::Checkpoint::open(&g.model).unwrap();
+    let sorted = g.dir.join("module_list12.safetensors");
+    write(&sorted, &entries_of(&file));
+    let diff = logits_off_golden(&sorted, &g.d, &[], &g.logits, &g.golden);
+    assert!(
+        diff < 1e-5,
+        "safetensors: logits differ from PyTorch's by {diff}"
+    );
+    let out = nibble(&model_data_args("eval", &sorted, &g.d, &[]));
+    assert!(
+        out.ok
+            && out
+                .stderr
+                .contains("layers.9 → relu → layers.10 → relu → layers.11"),
+        "{}",
+        out.stderr
+    );
+}
+
 /// Linears at consecutive indices (`layers.0`, `layers.1`: an nn.ModuleList's keys look so)
 /// run with nothing between them, as in an nn.Sequential, and `eval` says so, since a model
 /// that loops over a ModuleList may apply an activation there; a model with gaps gets no note.

@@ -2,9 +2,9 @@
 //! `nn.Sequential`'s indices (`0.weight`, `3.bias`, ...; a gap in them holds parameter-free
 //! layers), or the named modules of a model of its own class (`fc1.weight`, `bn1.running_mean`,
 //! `head.weight`, ...), taken in the file's order (the order the model registered them, which a
-//! `.pth` keeps; a safetensors file keeps them sorted by name, unless nibble wrote it and
-//! recorded the order: [`MODULE_ORDER_KEY`]) with a gap between every two of them, where the
-//! user says what runs.
+//! `.pth` keeps; a safetensors file keeps them sorted by name, read in natural order, `layers.2`
+//! before `layers.10`, unless nibble wrote it and recorded the order: [`MODULE_ORDER_KEY`]) with
+//! a gap between every two of them, where the user says what runs.
 
 use crate::error::{Error, Result};
 use nibble_io::Checkpoint;

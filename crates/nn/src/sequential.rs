@@ -417,7 +417,7 @@ impl Sequential {
                 if *w != inp {
                     let order = if layout.named {
                         " (named modules run in the order the file keeps them: a .pth keeps the \
-                         model's, a safetensors file sorts them by name)"
+                         model's, a safetensors file sorts them by name, numbers as numbers)"
                     } else {
                         ""
                     };

@@ -427,15 +427,22 @@ impl Checkpoint {
 
     /// Tensor names in the order the file holds them: a `.pth` state dict's own order (the
     /// order the model registered its parameters, which is how `nn.Module.state_dict()` lists
-    /// them); a safetensors file's, which its writers sort by name, sorted.
+    /// them). A safetensors file's writers sort its names as strings, which puts `layers.10`
+    /// before `layers.2`; its names come in natural order instead ([`natural_cmp`]: numeric
+    /// path segments compared as numbers), the order an `nn.Sequential` or `nn.ModuleList`
+    /// registered them.
     pub fn keys_in_file_order(&self) -> impl Iterator<Item = &str> {
-        let (own, sorted) = match &self.file_order {
+        let (own, natural) = match &self.file_order {
             Some(order) => (Some(order.iter().map(String::as_str)), None),
-            None => (None, Some(self.keys())),
+            None => {
+                let mut keys: Vec<&str> = self.keys().collect();
+                keys.sort_by(|a, b| natural_cmp(a, b));
+                (None, Some(keys.into_iter()))
+            }
         };
         own.into_iter()
             .flatten()
-            .chain(sorted.into_iter().flatten())
+            .chain(natural.into_iter().flatten())
     }
 
     /// Number of tensors.
@@ -698,6 +705,38 @@ impl Checkpoint {
             }
         }
         Ok(t)
+    }
+}
+
+/// Compares two tensor names segment by segment (split at `.`), segments of digits alone by
+/// their numbers and any other segment as a string: `layers.2.weight` before
+/// `layers.10.weight`, `fc1.weight` before `fc2.weight` before `head.weight`.
+///
+/// ```
+/// use nibble_io::checkpoint::natural_cmp;
+/// let mut keys = ["layers.10.weight", "layers.2.weight", "head.bias", "layers.2.bias"];
+/// keys.sort_by(|a, b| natural_cmp(a, b));
+/// assert_eq!(keys, ["head.bias", "layers.2.bias", "layers.2.weight", "layers.10.weight"]);
+/// ```
+pub fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    let number = |s: &str| !s.is_empty() && s.bytes().all(|c| c.is_ascii_digit());
+    let mut left = a.split('.');
+    let mut right = b.split('.');
+    loop {
+        let order = match (left.next(), right.next()) {
+            (None, None) => return std::cmp::Ordering::Equal,
+            (None, Some(_)) => return std::cmp::Ordering::Less,
+            (Some(_), None) => return std::cmp::Ordering::Greater,
+            (Some(x), Some(y)) if number(x) && number(y) => {
+                // By value (any length: no parse), then as written (`01` before `1`).
+                let (tx, ty) = (x.trim_start_matches('0'), y.trim_start_matches('0'));
+                tx.len().cmp(&ty.len()).then(tx.cmp(ty)).then(x.cmp(y))
+            }
+            (Some(x), Some(y)) => x.cmp(y),
+        };
+        if order.is_ne() {
+            return order;
+        }
     }
 }
 
