@@ -131,9 +131,9 @@ pub enum Command {
         /// What each module of a 1-D weight (not a BatchNorm1d) is: layer (nn.LayerNorm), rms
         /// (nn.RMSNorm, no bias), group:G (nn.GroupNorm(G, dim)) or prelu (nn.PReLU), or a
         /// comma-separated list with one per such module in index order (a state dict cannot
-        /// tell them apart).
-        #[arg(long, value_name = "KIND", default_value = "layer")]
-        norm: String,
+        /// tell them apart). Default: layer, with a note naming the modules so read.
+        #[arg(long, value_name = "KIND")]
+        norm: Option<String>,
         /// The epsilon of every RMSNorm (`nn.RMSNorm(dim, eps=...)`; PyTorch's default for f32
         /// is 1.1920929e-7, f32's machine epsilon).
         #[arg(long, value_name = "EPS", default_value_t = f32::EPSILON)]
@@ -189,8 +189,9 @@ pub enum Command {
         #[arg(long, value_name = "EPS", default_value_t = 1e-5)]
         batch_norm_eps: f32,
         /// What each module of a 1-D weight is: layer, rms, group:G or prelu (see `eval`).
-        #[arg(long, value_name = "KIND", default_value = "layer")]
-        norm: String,
+        /// Default: layer, with a note naming the modules so read.
+        #[arg(long, value_name = "KIND")]
+        norm: Option<String>,
         /// The epsilon of every RMSNorm (see `eval`).
         #[arg(long, value_name = "EPS", default_value_t = f32::EPSILON)]
         rms_norm_eps: f32,

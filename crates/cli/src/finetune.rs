@@ -38,8 +38,9 @@ pub struct FinetuneArgs<'a> {
     /// The epsilon of every BatchNorm1d (PyTorch's default: 1e-5).
     pub batch_norm_eps: f32,
     /// What each module of a 1-D weight is: `layer` (LayerNorm), `rms` (RMSNorm), or one per
-    /// such module, comma-separated.
-    pub norm: &'a str,
+    /// such module, comma-separated; `None`: LayerNorms, with a note naming them
+    /// ([`crate::model::Classifier::notes`]).
+    pub norm: Option<&'a str>,
     /// The epsilon of every RMSNorm (PyTorch's default for f32: [`f32::EPSILON`]).
     pub rms_norm_eps: f32,
     /// For a model of named modules, the order its forward runs them (comma-separated

@@ -99,6 +99,9 @@ pub struct Structure {
     pub rms_norm_eps: f32,
     /// `--order`: the named modules' paths in the order they run.
     pub order: Option<Vec<String>>,
+    /// Whether `--norm` was given (else every module of a 1-D weight is read as a LayerNorm,
+    /// and [`Classifier::notes`] says which).
+    pub norm_given: bool,
 }
 
 impl Structure {
@@ -106,7 +109,7 @@ impl Structure {
     /// epsilons, and `--order` (comma-separated module paths).
     pub fn parse(
         activation: &str,
-        norm: &str,
+        norm: Option<&str>,
         layer_norm_eps: f32,
         batch_norm_eps: f32,
         rms_norm_eps: f32,
@@ -115,11 +118,12 @@ impl Structure {
         let order = order.map(|o| o.split(',').map(|p| p.trim().to_string()).collect());
         Ok(Structure {
             gaps: parse_activations(activation)?,
-            norms: parse_norms(norm)?,
+            norms: parse_norms(norm.unwrap_or("layer"))?,
             layer_norm_eps,
             batch_norm_eps,
             rms_norm_eps,
             order,
+            norm_given: norm.is_some(),
         })
     }
 }
@@ -170,6 +174,9 @@ pub struct Classifier {
     chain: Option<String>,
     /// The first two Linears at consecutive indices, if any (see [`Classifier::notes`]).
     adjacent: Option<(String, String)>,
+    /// The modules of a 1-D weight read as LayerNorms because `--norm` was not given, as
+    /// [`ModuleLayout::describe`] names them (see [`Classifier::notes`]).
+    default_norms: Option<String>,
 }
 
 impl Classifier {
@@ -200,6 +207,8 @@ impl Classifier {
             options = options.module_order(order.clone());
         }
         let norms = layout.norm_indices(&file, &prefix);
+        let default_norms =
+            (!structure.norm_given && !norms.is_empty()).then(|| layout.describe(&norms, false));
         match structure.norms.as_slice() {
             [one] => options = options.norm(*one),
             list if list.len() == norms.len() => {
@@ -304,12 +313,14 @@ impl Classifier {
             classes,
             chain,
             adjacent,
+            default_norms,
         })
     }
 
     /// What the state dict cannot say and `nibble` assumed, to show the user: for a model of
     /// named modules (not an `nn.Sequential`), the chain it runs; for Linears at consecutive
-    /// indices, that nothing runs between them.
+    /// indices, that nothing runs between them; without `--norm`, which modules of a 1-D
+    /// weight were read as LayerNorms.
     pub fn notes(&self, path: &Path) -> Vec<String> {
         let chain = self.chain.as_ref().map(|chain| {
             format!(
@@ -327,7 +338,16 @@ impl Classifier {
                 path.display()
             )
         });
-        chain.into_iter().chain(adjacent).collect()
+        let norms = self.default_norms.as_ref().map(|modules| {
+            format!(
+                "in {}, the modules of a 1-D weight {modules} are read as LayerNorms (--norm's \
+                 default): a state dict cannot tell a LayerNorm from a GroupNorm, an RMSNorm, \
+                 a PReLU or a BatchNorm1d(track_running_stats=False) (which nibble does not \
+                 read); --norm says what they are",
+                path.display()
+            )
+        });
+        chain.into_iter().chain(adjacent).chain(norms).collect()
     }
 
     /// Input width.

@@ -629,7 +629,8 @@ fn five_rows_of(dir: &std::path::Path, golden: &std::path::Path) -> std::path::P
 
 /// A LayerNorm's epsilon is not in the state dict: `--layer-norm-eps` gives it
 /// (`tests/data/seq_ln_eps.*`, eps 0.05, `tools/golden/make_seq_ln_eps.py`); PyTorch's default
-/// then gives other logits, and an epsilon that is not a positive number is an error.
+/// then gives other logits, and an epsilon that is not a positive number is an error. Without
+/// `--norm`, a note says which modules were read as LayerNorms.
 #[test]
 fn layer_norm_eps_is_given_on_the_command_line() {
     let g = Golden::new("seq_ln_eps");
@@ -637,6 +638,26 @@ fn layer_norm_eps_is_given_on_the_command_line() {
     let diff = run("0.05");
     assert!(diff < 1e-5, "logits differ from PyTorch's by {diff}");
     assert!(run("1e-5") > 1e-3);
+    // Without --norm its LayerNorms are read as such, and a note names them (a state dict
+    // cannot tell them from a GroupNorm, an RMSNorm, a PReLU or a BatchNorm1d without running
+    // statistics); --norm silences it.
+    let eps = ["--layer-norm-eps", "0.05"];
+    let out = nibble(&model_data_args("eval", &g.model, &g.d, &eps));
+    assert!(
+        out.ok
+            && out
+                .stderr
+                .contains("are read as LayerNorms (--norm's default)"),
+        "{}",
+        out.stderr
+    );
+    let given = [&eps[..], &["--norm", "layer"]].concat();
+    let out = nibble(&model_data_args("eval", &g.model, &g.d, &given));
+    assert!(
+        out.ok && !out.stderr.contains("--norm's default"),
+        "{}",
+        out.stderr
+    );
     for bad in ["0", "inf", "nan"] {
         let msg = nibble_fails(&model_data_args(
             "eval",
@@ -1046,7 +1067,7 @@ fn consecutive_linears_are_noted() {
         "eval",
         &data("digits_mlp.pth"),
         &data("digits.safetensors"),
-        &[],
+        &["--norm", "layer"],
     ));
     assert!(out.ok && !out.stderr.contains("note:"), "{}", out.stderr);
 }
