@@ -1467,3 +1467,38 @@ fn safetensors_names_come_in_natural_order() {
     }
     assert_eq!(order, want);
 }
+
+/// [`natural_cmp`] is a total order whatever the names (a sort may panic on one that is not):
+/// checked over every triple of names mixing numbers, leading zeros and strings, and on the
+/// file the fuzzer found (`tests/data/fuzz/natural_order_cycle.safetensors`: names whose
+/// segments `2` < `10` by value, `10` < `1a` and `1a` < `2` as strings made the sort panic).
+#[test]
+fn natural_order_is_total() {
+    use nibble_io::checkpoint::natural_cmp;
+    use std::cmp::Ordering::*;
+    let names = [
+        "", "a", "1", "2", "10", "02", "1a", "a.1", "a.2", "a.10", "a.1a", "a.b", "a.", ".a",
+        "a..1", "9", "09", "9a", "10.x", "b",
+    ];
+    for x in names {
+        assert_eq!(natural_cmp(x, x), Equal, "{x:?}");
+        for y in names {
+            assert_eq!(
+                natural_cmp(x, y),
+                natural_cmp(y, x).reverse(),
+                "{x:?} {y:?}"
+            );
+            for z in names {
+                if natural_cmp(x, y) != Greater && natural_cmp(y, z) != Greater {
+                    assert_ne!(natural_cmp(x, z), Greater, "{x:?} <= {y:?} <= {z:?}");
+                }
+            }
+        }
+    }
+    let path = golden("fuzz/natural_order_cycle.safetensors");
+    let ck = Checkpoint::open(&path).unwrap();
+    let order: Vec<&str> = ck.keys_in_file_order().collect();
+    assert!(order
+        .windows(2)
+        .all(|w| natural_cmp(w[0], w[1]) != std::cmp::Ordering::Greater));
+}

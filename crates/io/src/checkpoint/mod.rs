@@ -709,8 +709,9 @@ impl Checkpoint {
 }
 
 /// Compares two tensor names segment by segment (split at `.`), segments of digits alone by
-/// their numbers and any other segment as a string: `layers.2.weight` before
-/// `layers.10.weight`, `fc1.weight` before `fc2.weight` before `head.weight`.
+/// their numbers and any other segment as a string, a number before any other segment:
+/// `layers.2.weight` before `layers.10.weight`, `fc1.weight` before `fc2.weight` before
+/// `head.weight`. A total order, whatever the names (a sort may rely on it).
 ///
 /// ```
 /// use nibble_io::checkpoint::natural_cmp;
@@ -727,12 +728,18 @@ pub fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
             (None, None) => return std::cmp::Ordering::Equal,
             (None, Some(_)) => return std::cmp::Ordering::Less,
             (Some(_), None) => return std::cmp::Ordering::Greater,
-            (Some(x), Some(y)) if number(x) && number(y) => {
-                // By value (any length: no parse), then as written (`01` before `1`).
-                let (tx, ty) = (x.trim_start_matches('0'), y.trim_start_matches('0'));
-                tx.len().cmp(&ty.len()).then(tx.cmp(ty)).then(x.cmp(y))
-            }
-            (Some(x), Some(y)) => x.cmp(y),
+            (Some(x), Some(y)) => match (number(x), number(y)) {
+                (true, true) => {
+                    // By value (any length: no parse), then as written (`01` before `1`).
+                    let (tx, ty) = (x.trim_start_matches('0'), y.trim_start_matches('0'));
+                    tx.len().cmp(&ty.len()).then(tx.cmp(ty)).then(x.cmp(y))
+                }
+                // Numbers first: comparing a number with a string as strings would make the
+                // order cyclic (`2` < `10` by value, `10` < `1a` and `1a` < `2` as strings).
+                (true, false) => std::cmp::Ordering::Less,
+                (false, true) => std::cmp::Ordering::Greater,
+                (false, false) => x.cmp(y),
+            },
         };
         if order.is_ne() {
             return order;
