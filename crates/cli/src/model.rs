@@ -89,8 +89,9 @@ pub struct Structure {
     /// One list for every gap, or one per gap (with one more in front for what comes before
     /// the first layer).
     pub gaps: Vec<Vec<Activation>>,
-    /// One kind for every module of a 1-D weight, or one per such module.
-    pub norms: Vec<NormKind>,
+    /// One kind for every module of a 1-D weight, or one per such module; `None` (no `--norm`):
+    /// LayerNorms, and [`Classifier::notes`] names the modules so read.
+    pub norms: Option<Vec<NormKind>>,
     /// `--layer-norm-eps`.
     pub layer_norm_eps: f32,
     /// `--batch-norm-eps`.
@@ -99,9 +100,6 @@ pub struct Structure {
     pub rms_norm_eps: f32,
     /// `--order`: the named modules' paths in the order they run.
     pub order: Option<Vec<String>>,
-    /// Whether `--norm` was given (else every module of a 1-D weight is read as a LayerNorm,
-    /// and [`Classifier::notes`] says which).
-    pub norm_given: bool,
 }
 
 impl Structure {
@@ -118,12 +116,11 @@ impl Structure {
         let order = order.map(|o| o.split(',').map(|p| p.trim().to_string()).collect());
         Ok(Structure {
             gaps: parse_activations(activation)?,
-            norms: parse_norms(norm.unwrap_or("layer"))?,
+            norms: norm.map(parse_norms).transpose()?,
             layer_norm_eps,
             batch_norm_eps,
             rms_norm_eps,
             order,
-            norm_given: norm.is_some(),
         })
     }
 }
@@ -207,9 +204,9 @@ impl Classifier {
             options = options.module_order(order.clone());
         }
         let norms = layout.norm_indices(&file, &prefix);
-        let default_norms =
-            (!structure.norm_given && !norms.is_empty()).then(|| layout.describe(&norms, false));
-        match structure.norms.as_slice() {
+        let default_norms = (structure.norms.is_none() && !norms.is_empty())
+            .then(|| layout.describe(&norms, false));
+        match structure.norms.as_deref().unwrap_or(&[NormKind::Layer]) {
             [one] => options = options.norm(*one),
             list if list.len() == norms.len() => {
                 for (index, kind) in norms.iter().zip(list) {

@@ -16,12 +16,15 @@ use std::ops::Range;
 use std::path::Path;
 
 use super::pickle::{self, Value};
-use super::{pth, Entry, Format};
+use super::pth::{self, malformed};
+use super::Entry;
 use crate::error::{Error, Result};
 
-/// `torch.serialization.MAGIC_NUMBER`, as the 10 little-endian bytes of the LONG1 that pickles
-/// it.
-const MAGIC_LE: [u8; 10] = [0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19];
+/// `torch.serialization.MAGIC_NUMBER` as pickled after PROTO (and a FRAME, in protocol 4):
+/// LONG1 of its 10 little-endian bytes, then STOP.
+const MAGIC_LONG1: [u8; 13] = [
+    0x8a, 10, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19, b'.',
+];
 
 /// `torch.serialization.PROTOCOL_VERSION`.
 const PROTOCOL_VERSION: i64 = 1001;
@@ -47,19 +50,15 @@ fn magic_len(buf: &[u8]) -> Option<usize> {
     if buf.get(pos) == Some(&0x95) {
         pos += 9;
     }
-    let rest = buf.get(pos..)?;
-    let long1 = [&[0x8a, 10][..], &MAGIC_LE[..], &[b'.'][..]].concat();
-    rest.starts_with(&long1).then_some(pos + long1.len())
+    buf.get(pos..)?
+        .starts_with(&MAGIC_LONG1)
+        .then_some(pos + MAGIC_LONG1.len())
 }
 
 /// Parses and validates a legacy `.pth` file held in `buf`: its state dict's tensors (in the
 /// dict's order) and that order.
 pub(crate) fn read(path: &Path, buf: &[u8]) -> Result<(BTreeMap<String, Entry>, Vec<String>)> {
-    let bad = |reason: String| Error::Malformed {
-        path: path.to_path_buf(),
-        format: Format::Pth,
-        reason,
-    };
+    let bad = |reason: String| malformed(path, reason);
     let mut pos = magic_len(buf)
         .ok_or_else(|| bad("not a legacy torch.save file: no magic number at its start".into()))?;
     // The four pickles after the magic number, each read where the one before ended.

@@ -232,9 +232,8 @@ pub struct Checkpoint {
     format: Format,
     backing: Backing,
     entries: BTreeMap<String, Entry>,
-    /// A `.pth` state dict's keys in its own order (see [`Checkpoint::keys_in_file_order`]);
-    /// `None` where that order is the sorted one (safetensors).
-    file_order: Option<Vec<String>>,
+    /// The keys in the file's order (see [`Checkpoint::keys_in_file_order`]).
+    file_order: Vec<String>,
     metadata: BTreeMap<String, String>,
 }
 
@@ -327,13 +326,15 @@ impl Checkpoint {
         }
         let (format, entries, file_order, metadata) = if buf.starts_with(ZIP_MAGIC) {
             let (entries, order) = pth::read(&path, buf)?;
-            (Format::Pth, entries, Some(order), BTreeMap::new())
+            (Format::Pth, entries, order, BTreeMap::new())
         } else if looks_like_safetensors(buf) {
             let (entries, metadata) = safetensors::read(&path, buf)?;
-            (Format::Safetensors, entries, None, metadata)
+            let mut order: Vec<String> = entries.keys().cloned().collect();
+            order.sort_by(|a, b| natural_cmp(a, b));
+            (Format::Safetensors, entries, order, metadata)
         } else if legacy::is_legacy(buf) {
             let (entries, order) = legacy::read(&path, buf)?;
-            (Format::Pth, entries, Some(order), BTreeMap::new())
+            (Format::Pth, entries, order, BTreeMap::new())
         } else if legacy::is_legacy_text_protocol(buf) {
             return Err(Error::UnknownFormat {
                 path,
@@ -407,12 +408,11 @@ impl Checkpoint {
             .into_iter()
             .map(|(k, e)| (k[prefix.len()..].to_string(), e))
             .collect();
-        let file_order = self.file_order.as_ref().map(|order| {
-            order
-                .iter()
-                .map(|k| k[prefix.len()..].to_string())
-                .collect()
-        });
+        let file_order = self
+            .file_order
+            .iter()
+            .map(|k| k[prefix.len()..].to_string())
+            .collect();
         Ok(Checkpoint {
             entries,
             file_order,
@@ -432,17 +432,7 @@ impl Checkpoint {
     /// path segments compared as numbers), the order an `nn.Sequential` or `nn.ModuleList`
     /// registered them.
     pub fn keys_in_file_order(&self) -> impl Iterator<Item = &str> {
-        let (own, natural) = match &self.file_order {
-            Some(order) => (Some(order.iter().map(String::as_str)), None),
-            None => {
-                let mut keys: Vec<&str> = self.keys().collect();
-                keys.sort_by(|a, b| natural_cmp(a, b));
-                (None, Some(keys.into_iter()))
-            }
-        };
-        own.into_iter()
-            .flatten()
-            .chain(natural.into_iter().flatten())
+        self.file_order.iter().map(String::as_str)
     }
 
     /// Number of tensors.

@@ -11,13 +11,18 @@ use super::pickle::{self, Seq, Value};
 use super::{checked_nbytes, zip, Data, Entry, Format};
 use crate::error::{Error, Result};
 
-/// Parses and validates a `.pth` archive held in `buf`.
-pub(crate) fn read(path: &Path, buf: &[u8]) -> Result<(BTreeMap<String, Entry>, Vec<String>)> {
-    let bad = |reason: String| Error::Malformed {
+/// A `.pth` file (zip or legacy) that breaks its format: `reason` says how.
+pub(crate) fn malformed(path: &Path, reason: String) -> Error {
+    Error::Malformed {
         path: path.to_path_buf(),
         format: Format::Pth,
         reason,
-    };
+    }
+}
+
+/// Parses and validates a `.pth` archive held in `buf`.
+pub(crate) fn read(path: &Path, buf: &[u8]) -> Result<(BTreeMap<String, Entry>, Vec<String>)> {
+    let bad = |reason: String| malformed(path, reason);
     let files = zip::read(path, buf)?;
 
     // <archive>/data.pkl, with <archive> a single top-level directory
@@ -75,11 +80,7 @@ pub(crate) fn entries_of(
     root: &Value,
     storage: impl Fn(&str) -> std::result::Result<(String, Range<usize>), String>,
 ) -> Result<(BTreeMap<String, Entry>, Vec<String>)> {
-    let bad = |reason: String| Error::Malformed {
-        path: path.to_path_buf(),
-        format: Format::Pth,
-        reason,
-    };
+    let bad = |reason: String| malformed(path, reason);
     let Value::Dict(root) = root else {
         return Err(bad(format!(
             "the pickle holds a {}, not a state dict (a dict of str → tensor)",
