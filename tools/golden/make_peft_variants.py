@@ -29,6 +29,10 @@ variants = {
     "modules_to_save": dict(r=4, lora_alpha=4, target_modules=["0", "3"], modules_to_save=["5", "2"]),
     "bias_all": dict(r=4, lora_alpha=4, target_modules=["0", "5"], bias="all"),
     "bias_lora_only": dict(r=2, lora_alpha=5, target_modules=["3"], bias="lora_only"),
+    # bias = "all" with modules_to_save: PEFT also saves the biases inside each wrapper
+    # (`5.modules_to_save.bias`, `5.original_module.bias`), which its loader does not read.
+    "bias_all_modules_to_save": dict(r=4, lora_alpha=4, target_modules=["0"],
+                                     modules_to_save=["5", "2"], bias="all"),
 }
 logits = {"x": x}
 os.makedirs(f"{out}/peft_variants", exist_ok=True)

@@ -1,7 +1,8 @@
 //! PEFT adapters beyond plain LoRA (`tests/data/peft_variants`, made by PEFT 0.21.2 with
 //! `tools/golden/make_peft_variants.py` on the seq_d30 model): per-module ranks and alphas with
 //! rsLoRA scaling, `modules_to_save` (a Linear and a LayerNorm replaced), and `bias = "all"` /
-//! `"lora_only"` (biases of LoRA targets and of other modules replaced). nibble's logits with
+//! `"lora_only"` (biases of LoRA targets and of other modules replaced), and both at once.
+//! nibble's logits with
 //! each loaded must be PEFT's, in f32, and on an f16 base within f16's rounding.
 
 mod common;
@@ -55,6 +56,9 @@ fn peft_variants_give_pefts_logits() {
         ("modules_to_save", "modules_to_save"),
         ("bias_all", "bias_all"),
         ("bias_lora_only", "bias_lora_only"),
+        // `bias = "all"` with `modules_to_save`: the file also holds the wrappers' inner
+        // biases (`5.modules_to_save.bias`, `5.original_module.bias`), which PEFT does not read.
+        ("bias_all_modules_to_save", "bias_all_modules_to_save"),
     ] {
         let adapter = data(&format!("peft_variants/{dir_name}"));
         let ours = run(

@@ -43,6 +43,27 @@ fn replacement_target(key: &str) -> Option<(&str, &str)> {
     .then_some((m, param))
 }
 
+/// The module whose `ModulesToSaveWrapper` holds the tensor a key names, for the keys PEFT
+/// writes from inside the wrapper (`base_model.model.<m>.modules_to_save.bias`,
+/// `base_model.model.<m>.original_module.weight`, ...), if the key is one.
+fn wrapper_copy_of(key: &str) -> Option<&str> {
+    let rest = key.strip_prefix("base_model.model.")?;
+    let (inner, param) = rest.rsplit_once('.')?;
+    let known = [
+        "weight",
+        "bias",
+        "running_mean",
+        "running_var",
+        "num_batches_tracked",
+    ];
+    if !known.contains(&param) {
+        return None;
+    }
+    inner
+        .strip_suffix(".modules_to_save")
+        .or_else(|| inner.strip_suffix(".original_module"))
+}
+
 /// A BatchNorm of the model, whose tensors an adapter file may replace (PEFT's
 /// `modules_to_save`, or its bias under `bias = "all"`): the caller rebuilds it from the
 /// values [`load_adapter_into`] returns.
@@ -314,6 +335,24 @@ pub fn load_adapter_into<'a>(
         .map(|l| l.name.clone())
         .chain(others.iter().map(|n| n.name.clone()))
         .collect();
+    // Under `bias = "all"` PEFT also saves the biases inside the wrapper of a module of
+    // `modules_to_save` (`<m>.modules_to_save.bias`, `<m>.original_module.bias`) beside the
+    // copy's own `<m>.bias`; its loader reads none of them (changing them changes nothing).
+    let wrapped: Vec<String> = file
+        .keys()
+        .filter(|k| !seen.contains(*k))
+        .filter(|k| {
+            wrapper_copy_of(k).is_some_and(|m| {
+                (names.iter().any(|n| n == m) || batch_norms.iter().any(|b| b.name == m))
+                    && config
+                        .modules_to_save
+                        .iter()
+                        .any(|(s, _)| m.ends_with(s.as_str()))
+            })
+        })
+        .map(str::to_string)
+        .collect();
+    seen.extend(wrapped);
     let mut replacements: Vec<Replacement> = Vec::new();
     let mut stats: Vec<BatchNormUpdate> = Vec::new();
     for key in file.keys().filter(|k| !seen.contains(*k)) {
