@@ -117,9 +117,12 @@ pub enum Command {
         /// epsilon --layer-norm-eps), group_norm:G (nn.GroupNorm(G, dim, affine=False), epsilon
         /// --layer-norm-eps) or rms_norm (nn.RMSNorm(dim, elementwise_affine=False), epsilon
         /// --rms-norm-eps); several in one gap joined by `+` (layer_norm+relu); a
-        /// comma-separated list with one per gap.
-        #[arg(long, default_value = "relu")]
-        activation: String,
+        /// comma-separated list with one per gap (default relu). Given, with one entry more
+        /// than there are gaps between layers, the first runs before the first layer; for a
+        /// model with no gap between its layers but parameter-free ones in front (indices
+        /// starting at 1), one entry runs there.
+        #[arg(long)]
+        activation: Option<String>,
         /// The epsilon of every LayerNorm and GroupNorm (`nn.LayerNorm(dim, eps=...)`,
         /// `nn.GroupNorm(groups, dim, eps=...)`; a state dict does not hold it).
         #[arg(long, value_name = "EPS", default_value_t = 1e-5)]
@@ -179,9 +182,9 @@ pub enum Command {
         /// Rows per mini-batch (sampled from the training split).
         #[arg(long, default_value_t = 64)]
         batch: usize,
-        /// The activation in each gap of the layer indices (see `eval`).
-        #[arg(long, default_value = "relu")]
-        activation: String,
+        /// The activation in each gap of the layer indices (see `eval`; default relu).
+        #[arg(long)]
+        activation: Option<String>,
         /// The epsilon of every LayerNorm and GroupNorm (see `eval`).
         #[arg(long, value_name = "EPS", default_value_t = 1e-5)]
         layer_norm_eps: f32,

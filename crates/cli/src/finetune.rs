@@ -31,8 +31,9 @@ pub struct FinetuneArgs<'a> {
     /// Rows per mini-batch.
     pub batch: usize,
     /// An activation name (one of [`nibble_nn::Activation::NAMES`]: `relu`, `gelu`, `tanh`,
-    /// `layer_norm`, ...; several in one gap joined by `+`), or one per gap, comma-separated.
-    pub activation: &'a str,
+    /// `layer_norm`, ...; several in one gap joined by `+`), or one per gap, comma-separated;
+    /// `None`: `relu` in every gap, nothing before the first layer.
+    pub activation: Option<&'a str>,
     /// The epsilon of every LayerNorm (PyTorch's default: 1e-5).
     pub layer_norm_eps: f32,
     /// The epsilon of every BatchNorm1d (PyTorch's default: 1e-5).

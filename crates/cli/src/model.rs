@@ -89,6 +89,9 @@ pub struct Structure {
     /// One list for every gap, or one per gap (with one more in front for what comes before
     /// the first layer).
     pub gaps: Vec<Vec<Activation>>,
+    /// Whether `--activation` was given (else `gaps` is its default, relu). Only a given one
+    /// runs before the first layer of a model with no gap between its layers.
+    pub gaps_given: bool,
     /// One kind for every module of a 1-D weight, or one per such module; `None` (no `--norm`):
     /// LayerNorms, and [`Classifier::notes`] names the modules so read.
     pub norms: Option<Vec<NormKind>>,
@@ -103,10 +106,10 @@ pub struct Structure {
 }
 
 impl Structure {
-    /// Parses `--activation` ([`parse_activations`]) and `--norm` ([`parse_norms`]) beside the
-    /// epsilons, and `--order` (comma-separated module paths).
+    /// Parses `--activation` ([`parse_activations`]; `None`: relu) and `--norm`
+    /// ([`parse_norms`]) beside the epsilons, and `--order` (comma-separated module paths).
     pub fn parse(
-        activation: &str,
+        activation: Option<&str>,
         norm: Option<&str>,
         layer_norm_eps: f32,
         batch_norm_eps: f32,
@@ -115,7 +118,8 @@ impl Structure {
     ) -> Result<Self> {
         let order = order.map(|o| o.split(',').map(|p| p.trim().to_string()).collect());
         Ok(Structure {
-            gaps: parse_activations(activation)?,
+            gaps: parse_activations(activation.unwrap_or("relu"))?,
+            gaps_given: activation.is_some(),
             norms: norm.map(parse_norms).transpose()?,
             layer_norm_eps,
             batch_norm_eps,
@@ -174,6 +178,9 @@ pub struct Classifier {
     /// The modules of a 1-D weight read as LayerNorms because `--norm` was not given, as
     /// [`ModuleLayout::describe`] names them (see [`Classifier::notes`]).
     default_norms: Option<String>,
+    /// What runs before the first layer of a model with no gap between its layers, where
+    /// `--activation`'s one entry went (see [`Classifier::notes`]).
+    before_first: Option<String>,
 }
 
 impl Classifier {
@@ -231,7 +238,19 @@ impl Classifier {
         // A list one longer than the gaps between layers names, first, what comes before the
         // first layer (when the indices do not start at 0).
         let leading = layout.leading_gap();
+        let mut before_first = None;
         match activations {
+            // No gap between the layers: a given entry is the one more the rule asks for, what
+            // runs before the first layer (`nn.Sequential(nn.ReLU(), nn.Linear(..))`).
+            [one] if gaps.is_empty() && leading && structure.gaps_given => {
+                options = options.gap_layers_at(0, one.clone());
+                before_first = Some(
+                    one.iter()
+                        .map(|a| a.to_string())
+                        .collect::<Vec<_>>()
+                        .join("+"),
+                );
+            }
             [one] => options = options.gap_layers(one.clone()),
             list if list.len() == gaps.len() => {
                 for (gap, a) in gaps.iter().zip(list) {
@@ -311,13 +330,15 @@ impl Classifier {
             chain,
             adjacent,
             default_norms,
+            before_first,
         })
     }
 
     /// What the state dict cannot say and `nibble` assumed, to show the user: for a model of
     /// named modules (not an `nn.Sequential`), the chain it runs; for Linears at consecutive
     /// indices, that nothing runs between them; without `--norm`, which modules of a 1-D
-    /// weight were read as LayerNorms.
+    /// weight were read as LayerNorms; where `--activation`'s one entry runs before the first
+    /// layer.
     pub fn notes(&self, path: &Path) -> Vec<String> {
         let chain = self.chain.as_ref().map(|chain| {
             format!(
@@ -344,7 +365,19 @@ impl Classifier {
                 path.display()
             )
         });
-        chain.into_iter().chain(adjacent).chain(norms).collect()
+        let before_first = self.before_first.as_ref().map(|a| {
+            format!(
+                "{} has no gap between its layers but parameter-free ones in front of the \
+                 first (its indices start above 0): --activation's {a} runs there, on the input",
+                path.display()
+            )
+        });
+        chain
+            .into_iter()
+            .chain(adjacent)
+            .chain(norms)
+            .chain(before_first)
+            .collect()
     }
 
     /// Input width.

@@ -734,6 +734,58 @@ fn a_leading_gap_is_identity_unless_the_list_names_it() {
         &["--activation", "relu,relu,relu"],
     ));
     assert!(msg.contains("before the first layer"), "{msg}");
+
+    // No gap between the layers (1: Linear(3 -> 2), 2: Linear(2 -> 2), as in
+    // `nn.Sequential(nn.ReLU(), nn.Linear(3, 2), nn.Linear(2, 2))`): a given entry is the one
+    // more than the gaps, and runs before the first layer, with a note; without
+    // `--activation` nothing runs there.
+    let adjacent = dir.join("adjacent.safetensors");
+    write(
+        &adjacent,
+        &[
+            f32s("1.weight", &[2, 3], &w1),
+            f32s("1.bias", &[2], &b1),
+            f32s("2.weight", &[2, 2], &w3),
+            f32s("2.bias", &[2], &b3),
+        ],
+    );
+    let no_gap = |relu_first: bool| -> Vec<f32> {
+        let mut out = Vec::new();
+        for row in x.chunks(3) {
+            let row: Vec<f32> = row
+                .iter()
+                .map(|&v| if relu_first { v.max(0.0) } else { v })
+                .collect();
+            let h: Vec<f32> = (0..2)
+                .map(|o| b1[o] + (0..3).map(|i| w1[o * 3 + i] * row[i]).sum::<f32>())
+                .collect();
+            out.extend((0..2).map(|o| b3[o] + (0..2).map(|i| w3[o * 2 + i] * h[i]).sum::<f32>()));
+        }
+        out
+    };
+    assert!(max_diff(&no_gap(true), &no_gap(false)) > 0.1);
+    for (flags, relu_first) in [
+        (&["--activation", "relu"][..], true),
+        (&["--activation", "identity"][..], false),
+        (&[][..], false),
+    ] {
+        let mut args = model_data_args("eval", &adjacent, &d, flags);
+        args.extend(["--logits", s(&logits)]);
+        let out = nibble(&args);
+        assert!(out.ok, "{flags:?}: {}", out.stderr);
+        let got = tensor(&logits, "logits");
+        let want = no_gap(relu_first);
+        assert!(
+            max_diff(&got, &want) < 1e-6,
+            "{flags:?}: {got:?} vs {want:?}"
+        );
+        assert_eq!(
+            out.stderr.contains("runs there, on the input"),
+            !flags.is_empty(),
+            "{flags:?}: {}",
+            out.stderr
+        );
+    }
 }
 
 /// `nn.BatchNorm1d` in eval mode (`tests/data/seq_batch_norm.*`, every epsilon 1e-3,
