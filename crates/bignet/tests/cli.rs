@@ -284,6 +284,24 @@ fn verbs_take_the_variant_the_weights_file_implies() {
         "--output",
         q4s,
     ]);
+    // With an adapter, quantize would write the base without its LoRA products: refused,
+    // pointing at merge, and nothing written.
+    let adapted = dir.join("adapted_q4.safetensors");
+    fails_with(
+        &[
+            "quantize",
+            "--weights",
+            pth.to_str().unwrap(),
+            "--adapter",
+            golden("peft_variants/bignet_d128").to_str().unwrap(),
+            "--format",
+            "q4",
+            "--output",
+            adapted.to_str().unwrap(),
+        ],
+        "bignet merge --into q4",
+    );
+    assert!(!adapted.exists());
     let implied = dir.join("y-implied.safetensors");
     let explicit = dir.join("y-explicit.safetensors");
     run_ok(&[

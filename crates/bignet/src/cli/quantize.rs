@@ -7,12 +7,27 @@ use crate::variant::{Variant, WeightFormat};
 use std::path::Path;
 use std::time::Instant;
 
-/// Quantizes the model in `common.weights` (or the seeded init) to `format` and writes `output`.
+/// Quantizes the model in `common.weights` (or the seeded init) to `format` and writes `output`;
+/// an adapter (`--adapter`) is refused: the file would hold the base without its LoRA products.
 pub fn run(format: WeightFormat, output: &Path, common: &Common) -> Result<()> {
     if format == WeightFormat::F32 {
         return Err(Error::Input {
             what: "--format f32 is not a quantization (use q4, nf4, nf4_dq, int8, lower or f16)"
                 .into(),
+        });
+    }
+    if let Some(adapter) = &common.adapter {
+        // The checkpoint holds base weights only: the adapter's LoRA products would be lost
+        // (and the biases it replaces kept), a model that is neither the base nor the adapted one.
+        return Err(Error::Input {
+            what: format!(
+                "--adapter {}: quantize writes base weights only, so the adapter's LoRA products \
+                 would be lost; fold them in with `bignet merge --into {} --output ...` (same \
+                 --weights and --adapter), or quantize the base alone and give the adapter to \
+                 the verbs that run it",
+                adapter.display(),
+                format.name()
+            ),
         });
     }
     let start = Instant::now();
