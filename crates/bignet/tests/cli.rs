@@ -659,6 +659,30 @@ fn a_qlora_state_dict_loads_on_the_f16_variants() {
                 .unwrap(),
         ]);
     }
+    // Without --variant the file (no layer weights: the qlora model's) implies qlora.
+    let ys: Vec<Vec<f32>> = [&["--variant", "qlora"][..], &[][..]]
+        .iter()
+        .enumerate()
+        .map(|(i, variant)| {
+            let y = dir.join(format!("y_qlora_{i}.safetensors"));
+            let mut args = vec![
+                "forward",
+                "--weights",
+                weights.to_str().unwrap(),
+                "--adapter",
+                sd.to_str().unwrap(),
+                "--input",
+                x.to_str().unwrap(),
+                "--output",
+                y.to_str().unwrap(),
+            ];
+            args.extend_from_slice(variant);
+            run_ok(&args);
+            let t = Checkpoint::open(&y).unwrap().tensor_f32("y", None).unwrap();
+            t.data().to_vec()
+        })
+        .collect();
+    assert_eq!(ys[0], ys[1], "the implied variant is qlora");
     // The same file with its biases and LayerNorms stored in f16 (as a lora model's state
     // dict holds its f16 base): compared with the qlora model's f32 values rounded to f16.
     {

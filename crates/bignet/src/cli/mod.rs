@@ -87,7 +87,9 @@ impl Common {
     /// checkpoint names its format in `__metadata__["nibble.format"]`, bitsandbytes' 4-bit
     /// layout is nf4 or nf4_dq; nibble's f16 files
     /// imply `half_precision`; a state dict with the reference's LoRA keys (`….lora_a.weight`)
-    /// `lora`; any other state dict, or none, `bignet`). An asked variant
+    /// `lora`; an f32 state dict with such a file as `--adapter`, `qlora` where that file holds
+    /// no layer weights (the reference's qlora model saved whole), else `lora`; any other state
+    /// dict, or none, `bignet`). An asked variant
     /// that cannot run on a quantized file (only that format's variant, or `qlora` over Q4)
     /// is an error naming both.
     pub fn variant(&self, asked: Option<Variant>) -> Result<Variant> {
@@ -104,6 +106,21 @@ impl Common {
         if quantized.is_none() && crate::loader::state_dict_lora_key(&file).is_some() {
             // The reference's LoRA model saved whole: its adapters need the lora variant.
             implied = Variant::Lora;
+        } else if declared.is_none() {
+            if let Some(adapters) = self.adapter.as_deref().filter(|a| a.is_file()) {
+                // The reference's lora or qlora model saved whole, given as --adapter over the
+                // f32 state dict: a qlora model's file holds no layer weights (PyTorch does not
+                // save its 4-bit buffers), a lora model's its f16 ones.
+                let adapters = crate::loader::open_checkpoint(adapters)?;
+                if let Some(key) = crate::loader::state_dict_lora_key(&adapters) {
+                    let layer = key.rsplit_once(".lora_").map_or(key, |(l, _)| l);
+                    implied = if adapters.info(&format!("{layer}.weight")).is_some() {
+                        Variant::Lora
+                    } else {
+                        Variant::Qlora
+                    };
+                }
+            }
         }
         let Some(asked) = asked else {
             return Ok(implied);
