@@ -20,7 +20,7 @@
 use crate::checkpoint::{Checkpoint, DType};
 use crate::error::{Error, Result};
 use crate::format::WeightFormat;
-use nibble_quant::{Bytes, Int8Matrix, LowerMatrix, Nf4Matrix, Q4Matrix, QuantError};
+use nibble_quant::{Bytes, Int8Matrix, LowerMatrix, Nf4Matrix, Q4FlatMatrix, Q4Matrix, QuantError};
 use nibble_tensor::{f16, HalfTensor, PackedWeight, Tensor, WeightMatrix};
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -36,12 +36,23 @@ pub enum FrozenWeight {
     F16(Arc<HalfTensor>),
     /// The reference's 4-bit format (`low_precision`, `qlora`).
     Q4(Arc<Q4Matrix>),
+    /// The reference's 4-bit format where its blocks of 16 over the flattened weight cross
+    /// rows (`in` not a multiple of 16, `out·in` one): format `q4` as well.
+    Q4Flat(Arc<Q4FlatMatrix>),
     /// NF4, plain or double-quantized.
     Nf4(Arc<Nf4Matrix>),
     /// Int8 affine per row.
     Int8(Arc<Int8Matrix>),
     /// Mixed 3/4-bit rows (`lower_precision`).
     Lower(Arc<LowerMatrix>),
+}
+
+/// Whether Q4 of an `[out, in]` weight takes the reference's blocks over the flattened weight
+/// ([`Q4FlatMatrix`]): where they cross rows (`in` not a multiple of 16) and the reference can
+/// quantize it at all (`out·in` a multiple of 16). Elsewhere [`Q4Matrix`]'s blocks within rows
+/// are the same blocks, or (`out·in` not a multiple of 16) the reference has none.
+pub fn needs_flat_q4(shape: &[usize]) -> bool {
+    matches!(shape, [o, i] if i % 16 != 0 && (o * i) % 16 == 0)
 }
 
 /// One part of a weight as written to a file: name, dtype, shape, bytes.
@@ -135,6 +146,9 @@ impl FrozenWeight {
         let e = quant_err(key);
         Ok(match format {
             WeightFormat::F16 => FrozenWeight::F16(Arc::new(to_f16(w).map_err(e)?)),
+            WeightFormat::Q4 if needs_flat_q4(w.shape()) => {
+                FrozenWeight::Q4Flat(Arc::new(Q4FlatMatrix::quantize(w).map_err(e)?))
+            }
             WeightFormat::Q4 => FrozenWeight::Q4(Arc::new(Q4Matrix::quantize(w).map_err(e)?)),
             WeightFormat::Nf4 => FrozenWeight::Nf4(Arc::new(Nf4Matrix::quantize(w).map_err(e)?)),
             WeightFormat::Nf4Dq => {
@@ -159,6 +173,7 @@ impl FrozenWeight {
             FrozenWeight::F32(w) => w.clone(),
             FrozenWeight::F16(w) => w.clone(),
             FrozenWeight::Q4(w) => w.clone(),
+            FrozenWeight::Q4Flat(w) => w.clone(),
             FrozenWeight::Nf4(w) => w.clone(),
             FrozenWeight::Int8(w) => w.clone(),
             FrozenWeight::Lower(w) => w.clone(),
@@ -170,7 +185,7 @@ impl FrozenWeight {
         match self {
             FrozenWeight::F32(_) => WeightFormat::F32,
             FrozenWeight::F16(_) => WeightFormat::F16,
-            FrozenWeight::Q4(_) => WeightFormat::Q4,
+            FrozenWeight::Q4(_) | FrozenWeight::Q4Flat(_) => WeightFormat::Q4,
             FrozenWeight::Nf4(w) if w.is_double_quantized() => WeightFormat::Nf4Dq,
             FrozenWeight::Nf4(_) => WeightFormat::Nf4,
             FrozenWeight::Int8(_) => WeightFormat::Int8,
@@ -185,7 +200,7 @@ impl FrozenWeight {
         let m = self.matrix();
         let n = m.out_features() * m.in_features();
         match self {
-            FrozenWeight::Q4(_) => n / 2 + n / 16,
+            FrozenWeight::Q4(_) | FrozenWeight::Q4Flat(_) => n / 2 + n / 16,
             _ => n,
         }
     }
@@ -222,6 +237,12 @@ impl FrozenWeight {
                     vec![o, i.div_ceil(16)],
                     w.norm_bytes(),
                 ),
+            ],
+            // The reference's own flattened buffers: 1-D parts tell this layout from the
+            // per-row one.
+            FrozenWeight::Q4Flat(w) => vec![
+                part(key, "q4.packed", DType::U8, vec![o * i / 2], w.packed_bytes()),
+                part(key, "q4.norm", DType::F16, vec![o * i / 16], w.norm_bytes()),
             ],
             // bitsandbytes' own layout, which it and transformers load (see `crate::bnb`).
             FrozenWeight::Nf4(w) => crate::bnb::parts(key, w),
@@ -312,6 +333,22 @@ impl FrozenWeight {
             WeightFormat::F16 => {
                 let t = file.half(key, Some(&[out, inn]))?;
                 FrozenWeight::F16(Arc::new(t))
+            }
+            WeightFormat::Q4
+                if needs_flat_q4(&[out, inn])
+                    && file
+                        .info(&format!("{key}.q4.packed"))
+                        .is_some_and(|(_, shape)| shape.len() == 1) =>
+            {
+                FrozenWeight::Q4Flat(Arc::new(
+                    Q4FlatMatrix::from_parts(
+                        out,
+                        inn,
+                        get("q4.packed", DType::U8, &[n / 2])?,
+                        get("q4.norm", DType::F16, &[n / 16])?,
+                    )
+                    .map_err(e)?,
+                ))
             }
             WeightFormat::Q4 => FrozenWeight::Q4(Arc::new(
                 Q4Matrix::from_parts(

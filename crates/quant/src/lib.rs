@@ -6,6 +6,7 @@
 //! | type | format | bits / weight |
 //! | --- | --- | --- |
 //! | [`Q4Matrix`] | the reference's 4-bit absmax blocks of 16 (f16 norm) | 5.0 |
+//! | [`Q4FlatMatrix`] | the same blocks over the flattened weight (widths not a multiple of 16) | 5.0 |
 //! | [`Nf4Matrix`] | bitsandbytes' NF4, blocks of 64 (f32 absmax) | 4.5 |
 //! | [`Nf4Matrix`] (double-quantized) | NF4 + 8-bit dynamic-map absmax codes | ≈ 4.127 |
 //! | [`Int8Matrix`] | per-row affine int8 (f32 scale and zero point) | 8 + 64/in |
@@ -40,6 +41,7 @@ mod kernels;
 pub mod lower;
 pub mod nf4;
 pub mod q4;
+pub mod q4_flat;
 
 pub use bytes::Bytes;
 pub use cpu::KernelPath;
@@ -50,3 +52,4 @@ pub use nf4::Nf4Matrix;
 pub use error::{QuantError, Result};
 
 pub use q4::Q4Matrix;
+pub use q4_flat::Q4FlatMatrix;

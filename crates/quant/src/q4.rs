@@ -105,7 +105,7 @@ pub fn quantize_row_ref(row: usize, x: &[f32], packed: &mut [u8], norm: &mut [f1
 /// The reference rule over the blocks of `x` (the last may be partial); `false` (for the
 /// caller's error path) on a non-finite weight or an overflowing norm. Lengths as
 /// [`quantize_row_ref`] checks them.
-fn quantize_blocks_ref(x: &[f32], packed: &mut [u8], norm: &mut [f16]) -> bool {
+pub(crate) fn quantize_blocks_ref(x: &[f32], packed: &mut [u8], norm: &mut [f16]) -> bool {
     for (b, blk) in x.chunks(Q4_BLOCK).enumerate() {
         let mut n = 0.0f32;
         for &v in blk {
