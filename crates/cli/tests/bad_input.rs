@@ -505,3 +505,69 @@ fn a_closed_stdout_pipe_is_no_panic() {
         );
     }
 }
+
+/// An output path that exists as a symbolic link (here to another file) or a FIFO is refused
+/// with a message naming it, and left exactly as it was: the write-then-rename would otherwise
+/// have replaced it with a regular file (as it did `/dev/null`, run as root).
+#[cfg(unix)]
+#[test]
+fn an_output_that_is_a_symlink_or_a_fifo_is_refused_and_left_intact() {
+    use std::os::unix::fs::FileTypeExt;
+    let dir = tmpdir("output-symlink");
+    let target = dir.join("precious.bin");
+    std::fs::write(&target, b"precious").unwrap();
+    let link = dir.join("out.safetensors");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let model = data("seq_d30.pth");
+    let msg = nibble_fails(&[
+        "quantize",
+        s(&model),
+        "--format",
+        "q4",
+        "--output",
+        s(&link),
+    ]);
+    assert_names(
+        &msg,
+        &[
+            &link.display().to_string(),
+            "symbolic link",
+            "refusing to replace it",
+        ],
+    );
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(std::fs::read_link(&link).unwrap(), target);
+    assert_eq!(std::fs::read(&target).unwrap(), b"precious");
+
+    let fifo = dir.join("fifo.safetensors");
+    match std::process::Command::new("mkfifo").arg(&fifo).status() {
+        Ok(st) if st.success() => {
+            let msg = nibble_fails(&[
+                "quantize",
+                s(&model),
+                "--format",
+                "q4",
+                "--output",
+                s(&fifo),
+            ]);
+            assert_names(&msg, &[&fifo.display().to_string(), "FIFO"]);
+            assert!(std::fs::symlink_metadata(&fifo)
+                .unwrap()
+                .file_type()
+                .is_fifo());
+        }
+        other => println!("skipping the FIFO case: mkfifo unavailable ({other:?})"),
+    }
+    // Nothing else (no temporary file) was left behind.
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.retain(|n| n != "fifo.safetensors");
+    names.sort();
+    assert_eq!(names, ["out.safetensors", "precious.bin"]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -35,7 +35,7 @@ use nibble_tensor::{HalfTensor, Tensor};
 
 use crate::error::{Error, Result};
 
-pub use self::safetensors::write_safetensors;
+pub use self::safetensors::{refuse_non_regular, replace_file, write_safetensors};
 
 /// The shared, immutable bytes a [`Checkpoint`] reads from: a memory map, or any buffer.
 pub type Backing = Arc<dyn AsRef<[u8]> + Send + Sync>;

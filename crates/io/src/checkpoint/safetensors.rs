@@ -256,6 +256,11 @@ pub(crate) fn read(path: &Path, buf: &[u8]) -> Result<Parsed> {
 /// header is padded with spaces) — and f16/f32/f64 arrays can be viewed in place. The file is
 /// written to a temporary file in the same directory, synced, then renamed over `path`, so a
 /// failure never leaves a partial file behind.
+///
+/// `path` must be missing or a regular file (which is replaced atomically): if it exists as
+/// anything else — a symbolic link (even to a regular file), a directory, a device such as
+/// `/dev/null`, a FIFO or a socket — this fails with [`Error::Io`] naming it and what it is,
+/// and leaves it untouched, rather than replace it with a regular file.
 pub fn write_safetensors(
     path: &Path,
     tensors: &[(String, DType, Vec<usize>, &[u8])],
@@ -339,36 +344,126 @@ pub fn write_safetensors(
         header.push(' ');
     }
 
-    let io = |op: &'static str, p: &Path| {
-        let p = p.to_path_buf();
+    replace_file(path, |w| {
+        w.write_all(&(header.len() as u64).to_le_bytes())?;
+        w.write_all(header.as_bytes())?;
+        for &i in &order {
+            w.write_all(tensors[i].3)?;
+        }
+        Ok(())
+    })
+}
+
+/// Writes `path` through `write` without ever leaving a partial file: into a new temporary
+/// file beside it (never opening an existing one, which could be a link to elsewhere), synced,
+/// then renamed over `path`; on any failure the temporary file is removed. `path` must be
+/// missing or a regular file ([`refuse_non_regular`]), which is then replaced atomically.
+pub fn replace_file(
+    path: &Path,
+    write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>,
+) -> Result<()> {
+    let io = |op: &'static str| {
+        let p = path.to_path_buf();
         move |source| Error::Io {
             path: p,
             op,
             source,
         }
     };
-    let tmp = temp_path(path);
+    refuse_non_regular(path)?;
+    let (tmp, file) = create_temp(path).map_err(io("create (temporary file beside it)"))?;
     let result = (|| {
-        let file =
-            std::fs::File::create(&tmp).map_err(io("create (temporary file beside it)", path))?;
         let mut w = std::io::BufWriter::new(file);
-        w.write_all(&(header.len() as u64).to_le_bytes())
-            .and_then(|()| w.write_all(header.as_bytes()))
-            .map_err(io("write", path))?;
-        for &i in &order {
-            w.write_all(tensors[i].3).map_err(io("write", path))?;
-        }
+        write(&mut w).map_err(io("write"))?;
         let file = w
             .into_inner()
             .map_err(|e| e.into_error())
-            .map_err(io("write", path))?;
-        file.sync_all().map_err(io("sync", path))?;
-        std::fs::rename(&tmp, path).map_err(io("rename", path))
+            .map_err(io("write"))?;
+        file.sync_all().map_err(io("sync"))?;
+        std::fs::rename(&tmp, path).map_err(io("rename"))
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// An error (naming `path` and what it is) if `path` exists and is not a regular file — a
+/// symbolic link of any kind (even to a regular file), a directory, a device, a FIFO or a
+/// socket: the rename that ends [`write_safetensors`] would silently replace it (turning
+/// `/dev/null` or a link into a regular file). A missing path or a regular file is fine.
+pub fn refuse_non_regular(path: &Path) -> Result<()> {
+    // Missing (or not inspectable, e.g. under a regular file or an unreadable directory: the
+    // write itself then fails with the operating system's reason): nothing to replace.
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    let file_type = meta.file_type();
+    if file_type.is_file() {
+        return Ok(());
+    }
+    let what = if file_type.is_symlink() {
+        match std::fs::read_link(path) {
+            Ok(target) => format!("a symbolic link (to {})", target.display()),
+            Err(_) => "a symbolic link".to_owned(),
+        }
+    } else {
+        non_regular_kind(&file_type).to_owned()
+    };
+    Err(Error::Io {
+        path: path.to_path_buf(),
+        op: "write",
+        source: std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            format!(
+                "it exists and is {what}, not a regular file: refusing to replace it; \
+                 give a new path or a regular file"
+            ),
+        ),
+    })
+}
+
+/// What a file that is neither a regular file nor a symbolic link is, in words.
+fn non_regular_kind(file_type: &std::fs::FileType) -> &'static str {
+    if file_type.is_dir() {
+        return "a directory";
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if file_type.is_char_device() {
+            return "a character device";
+        }
+        if file_type.is_block_device() {
+            return "a block device";
+        }
+        if file_type.is_fifo() {
+            return "a FIFO (named pipe)";
+        }
+        if file_type.is_socket() {
+            return "a socket";
+        }
+    }
+    "a special file"
+}
+
+/// Creates a new temporary file next to `path` (never opening an existing one, which could be
+/// a link to elsewhere) and returns its name and handle.
+fn create_temp(path: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
+    let mut last = std::io::Error::from(std::io::ErrorKind::AlreadyExists);
+    for _ in 0..16 {
+        let tmp = temp_path(path);
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+        {
+            Ok(file) => return Ok((tmp, file)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = e,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last)
 }
 
 /// A fresh temporary name next to `path`: `.<name>.tmp.<pid>.<n>`.

@@ -3,14 +3,20 @@
 use super::{adapter_error, CONFIG_FILE, WEIGHTS_FILE};
 use crate::error::{Error, Result};
 use crate::linear::Linear;
-use nibble_io::{write_safetensors, DType};
+use nibble_io::{refuse_non_regular, replace_file, write_safetensors, DType};
 use nibble_tensor::Tensor;
 use serde_json::json;
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::Path;
 
 /// Writes the adapters of `layers` (those that have one) to `dir` (created if missing). All
 /// adapters must share one rank; at least one layer must have an adapter.
+///
+/// Each file ([`WEIGHTS_FILE`], [`CONFIG_FILE`]) is written to a temporary file and renamed
+/// over its name, so an existing regular file is replaced atomically. If either name exists in
+/// `dir` as anything else — a symbolic link (even to a regular file), a directory, a device, a
+/// FIFO or a socket — nothing is written and the error names it and what it is.
 pub fn save_adapter<'a>(layers: impl IntoIterator<Item = &'a Linear>, dir: &Path) -> Result<()> {
     let layers: Vec<_> = layers
         .into_iter()
@@ -35,6 +41,11 @@ pub fn save_adapter<'a>(layers: impl IntoIterator<Item = &'a Linear>, dir: &Path
             ),
         ));
     }
+    let weights = dir.join(WEIGHTS_FILE);
+    let config_path = dir.join(CONFIG_FILE);
+    // Both files are checked before either is written, so a refusal leaves nothing half-saved.
+    refuse_non_regular(&weights)?;
+    refuse_non_regular(&config_path)?;
     std::fs::create_dir_all(dir).map_err(|source| Error::Io {
         path: dir.to_path_buf(),
         op: "create directory",
@@ -66,7 +77,7 @@ pub fn save_adapter<'a>(layers: impl IntoIterator<Item = &'a Linear>, dir: &Path
             )
         })
         .collect();
-    write_safetensors(&dir.join(WEIGHTS_FILE), &entries, &BTreeMap::new())?;
+    write_safetensors(&weights, &entries, &BTreeMap::new())?;
     let config = json!({
         "peft_type": "LORA",
         "task_type": null,
@@ -82,13 +93,7 @@ pub fn save_adapter<'a>(layers: impl IntoIterator<Item = &'a Linear>, dir: &Path
         "target_modules": layers.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(),
     });
     let text = serde_json::to_string_pretty(&config).expect("json value");
-    let path = dir.join(CONFIG_FILE);
-    let tmp = dir.join(format!(".{CONFIG_FILE}.tmp"));
-    std::fs::write(&tmp, text)
-        .and_then(|_| std::fs::rename(&tmp, &path))
-        .map_err(|source| Error::Io {
-            path,
-            op: "write",
-            source,
-        })
+    Ok(replace_file(&config_path, |w| {
+        w.write_all(text.as_bytes())
+    })?)
 }
