@@ -129,6 +129,31 @@ impl Structure {
     }
 }
 
+/// `file` read as the model inside the wrappers it was saved from: DataParallel's `module.`
+/// and `torch.compile`'s `_orig_mod.` (in any nesting) taken off every key where every key
+/// starts with one and keeps a module path after it. Its layers are then named as PEFT names
+/// them on the unwrapped model (`0`, `fc1`), so adapters fit in both directions.
+pub(crate) fn without_wrappers(mut file: Checkpoint) -> Checkpoint {
+    'strip: loop {
+        for wrapper in ["module.", "_orig_mod."] {
+            let nested = file.keys().all(|k| {
+                k.strip_prefix(wrapper)
+                    .is_some_and(|rest| rest.contains('.'))
+            });
+            if nested {
+                match file.without_prefix(wrapper) {
+                    Ok(inner) => {
+                        file = inner;
+                        continue 'strip;
+                    }
+                    Err(unchanged) => file = unchanged,
+                }
+            }
+        }
+        return file;
+    }
+}
+
 /// The module path in front of the Sequential's indices when every key has the same one (`net.`
 /// for `net.0.weight`, `net.2.bias`, ...: a model that holds its `nn.Sequential` as an
 /// attribute; `module.` for one saved from `nn.DataParallel`), else empty.
@@ -187,7 +212,7 @@ impl Classifier {
     /// Reads the Sequential in `path` with every Linear in `format` and what `structure`
     /// says of its gaps, its modules of a 1-D weight and its norms' epsilons.
     pub fn open(path: &Path, structure: &Structure, format: WeightFormat) -> Result<Self> {
-        let file = Checkpoint::open(path)?;
+        let file = without_wrappers(Checkpoint::open(path)?);
         let prefix = sequential_prefix(&file);
         let layout = ModuleLayout::read_in_order(&file, &prefix, structure.order.as_deref())?;
         if is_bignet(&layout, &prefix) {

@@ -477,7 +477,7 @@ fn a_quantized_checkpoint_evaluates_as_the_format_it_holds() {
 
 /// A model that holds its `nn.Sequential` as an attribute (`net.0.weight`, ...), or was saved
 /// from `nn.DataParallel` (`module.`), reads as the bare Sequential; its adapter names the
-/// modules with the path, as PEFT does on that model.
+/// modules with the attribute's path, as PEFT does on that model, and without the wrapper's.
 #[test]
 fn keys_under_one_module_path_read_as_the_sequential() {
     let dir = tmpdir("eval_prefix");
@@ -508,31 +508,48 @@ fn keys_under_one_module_path_read_as_the_sequential() {
         ));
         assert_eq!(got["rows"], want["rows"], "{prefix}");
     }
-    let adapter = dir.join("adapter");
-    let path = copy_under("net.");
-    nibble_json(&model_data_args(
-        "finetune",
-        &path,
-        &digits,
-        &[
-            "--format",
-            "q4",
-            "--rank",
-            "2",
-            "--steps",
-            "3",
-            "--save-adapter",
-            s(&adapter),
-            "--json",
-        ],
-    ));
-    let config: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(adapter.join("adapter_config.json")).unwrap())
-            .unwrap();
-    assert_eq!(
-        config["target_modules"],
-        serde_json::json!(["net.0", "net.3", "net.5"])
-    );
+    // The adapter names the modules as PEFT does on the model inside the wrappers a state dict
+    // was saved from (DataParallel's `module.`, torch.compile's `_orig_mod.`), and so reads
+    // back onto the same file.
+    for (prefix, targets) in [
+        ("net.", ["net.0", "net.3", "net.5"]),
+        ("module.", ["0", "3", "5"]),
+        ("_orig_mod.", ["0", "3", "5"]),
+        ("module.net.", ["net.0", "net.3", "net.5"]),
+    ] {
+        let adapter = dir.join(format!("adapter_{}", prefix.replace('.', "_")));
+        let path = copy_under(prefix);
+        nibble_json(&model_data_args(
+            "finetune",
+            &path,
+            &digits,
+            &[
+                "--format",
+                "q4",
+                "--rank",
+                "2",
+                "--steps",
+                "3",
+                "--save-adapter",
+                s(&adapter),
+                "--json",
+            ],
+        ));
+        let config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(adapter.join("adapter_config.json")).unwrap())
+                .unwrap();
+        assert_eq!(
+            config["target_modules"],
+            serde_json::json!(targets),
+            "{prefix}"
+        );
+        nibble_json(&model_data_args(
+            "eval",
+            &path,
+            &digits,
+            &["--format", "q4", "--adapter", s(&adapter), "--json"],
+        ));
+    }
     // Keys under two different paths are not one Sequential.
     let mut entries: Vec<Entry> = Vec::new();
     for (i, k) in pth.keys().enumerate() {
