@@ -64,6 +64,9 @@ fn q4_at_width_20_takes_the_reference_s_blocks_across_rows() {
     let (_, shape) = stored.info("model.0.model.0.weight.q4.norm").unwrap();
     assert_eq!(shape, &[25], "20 x 20 weights in 25 blocks of 16");
     let back = build(Variant::LowPrecision, file, None);
-    assert_eq!(back.infer(&x).unwrap().data(), low.infer(&x).unwrap().data());
+    assert_eq!(
+        back.infer(&x).unwrap().data(),
+        low.infer(&x).unwrap().data()
+    );
     std::fs::remove_dir_all(&dir).ok();
 }

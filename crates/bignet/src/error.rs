@@ -25,6 +25,22 @@ pub enum Error {
         /// What is wrong.
         what: String,
     },
+    /// Training diverged: a step's loss was NaN or infinite (the learning rate is too high for
+    /// the model, most often). Every later step, and any adapter saved, would be NaN too.
+    #[error(
+        "fit: training diverged: the loss is {loss} at step {step} of {steps} (--lr {lr:?}); \
+         nothing was saved; try a lower --lr"
+    )]
+    Diverged {
+        /// The step (from 1) whose loss was not finite.
+        step: usize,
+        /// The steps asked for.
+        steps: usize,
+        /// The loss (NaN, inf or -inf).
+        loss: f32,
+        /// The learning rate.
+        lr: f32,
+    },
     /// Reading or writing a state dict failed (the inner error names file, key, shape, dtype).
     #[error(transparent)]
     State(#[from] nibble_io::Error),

@@ -119,9 +119,13 @@ impl WeightSource for CheckpointSource {
                     ),
                 });
             }
-            return Ok(t);
+            return check_finite(self.checkpoint.path(), key, t);
         }
-        Ok(self.checkpoint.tensor_f32(key, Some(shape))?)
+        check_finite(
+            self.checkpoint.path(),
+            key,
+            self.checkpoint.tensor_f32(key, Some(shape))?,
+        )
     }
     fn describe(&self) -> String {
         self.checkpoint.path().display().to_string()
@@ -169,7 +173,11 @@ impl ModelSpec {
             Some(path) => {
                 let file = open_checkpoint(path)?;
                 match quantized_format(&file)? {
-                    Some(format) => load_quantized(&file, format, self.variant, self.seed),
+                    Some(format) => {
+                        let model = load_quantized(&file, format, self.variant, self.seed)?;
+                        check_stored_floats_finite(&file)?;
+                        Ok(model)
+                    }
                     None => {
                         let source = CheckpointSource::new(file)?;
                         check_no_extra_keys(&source)?;
@@ -185,6 +193,39 @@ impl ModelSpec {
         }
         Ok(model)
     }
+}
+
+/// `t`, read as `key` from `file`, if every value is finite; else an error naming the file,
+/// the key, the first NaN or infinite element (`(row r, col c)` for a matrix, `index i`
+/// otherwise) and its value, as `nibble` reports its models' ([`nibble_nn::Error::NonFinite`]):
+/// one such value turns every output it touches into NaN. One pass over the values as they
+/// are read, before the model holds them.
+pub(crate) fn check_finite(file: &std::path::Path, key: &str, t: Tensor) -> Result<Tensor> {
+    let Some(i) = t.data().iter().position(|v| !v.is_finite()) else {
+        return Ok(t);
+    };
+    let at = match t.shape() {
+        &[_, cols] if cols > 0 => format!("(row {}, col {})", i / cols, i % cols),
+        _ => format!("index {i}"),
+    };
+    Err(Error::Layers(nibble_nn::Error::NonFinite {
+        file: file.to_path_buf(),
+        key: key.to_string(),
+        at,
+        value: t.data()[i],
+    }))
+}
+
+/// Every floating-point tensor a quantized checkpoint stores (biases, LayerNorms, the weights'
+/// scales and code maps) must be finite ([`check_finite`]); its integer codes are always
+/// values of the format.
+fn check_stored_floats_finite(file: &Checkpoint) -> Result<()> {
+    for key in file.keys_in_file_order() {
+        if let Some((DType::F32 | DType::F16 | DType::BF16 | DType::F64, _)) = file.info(key) {
+            check_finite(file.path(), key, file.tensor_f32(key, None)?)?;
+        }
+    }
+    Ok(())
 }
 
 /// Whether `file` holds LoRA adapters the way the reference's `LoRALinear` saves them in its

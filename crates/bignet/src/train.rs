@@ -180,7 +180,8 @@ fn correct_count(logits: &Tensor, labels: &Tensor) -> usize {
 }
 
 /// The grader's fit: `steps` AdamW steps (lr `lr`) over the model's trainable parameters.
-/// `on_step(step, loss, accuracy)` is called after each step.
+/// `on_step(step, loss, accuracy)` is called after each step. A step whose loss is NaN or
+/// infinite ends the fit with an [`Error::Diverged`] naming the step, the loss and `lr`.
 pub fn fit(
     model: &BigNet,
     task: &FitTask,
@@ -237,6 +238,15 @@ fn fit_here(
     };
     for step in 0..steps {
         let (loss, acc) = train_step_with(model, task, &tape, &mut opt, options)?;
+        if !loss.is_finite() {
+            // Every later step would be NaN too, and so would the adapters.
+            return Err(Error::Diverged {
+                step: step + 1,
+                steps,
+                loss,
+                lr,
+            });
+        }
         report.loss.push(loss);
         report.accuracy.push(acc);
         report.best_accuracy = report.best_accuracy.max(acc);

@@ -784,3 +784,260 @@ fn a_dora_adapter_is_refused_on_bignet() {
         "DoRA (`use_dora`) is not supported on BigNet",
     );
 }
+
+/// `src` rewritten as safetensors to `path` (its metadata kept) with `poison(key, values)`
+/// applied to each f32 or f16 tensor, in the file's order: a quantized file's parts too.
+fn rewrite_with(src: &std::path::Path, path: &std::path::Path, poison: impl Fn(&str, &mut [f32])) {
+    use nibble_bignet::checkpoint::{write_safetensors, Checkpoint, DType};
+    let file = Checkpoint::open(src).unwrap();
+    let tensors: Vec<(String, DType, Vec<usize>, Vec<u8>)> = file
+        .keys_in_file_order()
+        .map(|k| {
+            let (dtype, shape) = file.info(k).unwrap();
+            let floats = || {
+                let mut v = file.tensor_f32(k, None).unwrap().into_vec();
+                poison(k, &mut v);
+                v
+            };
+            // Each float tensor kept in its own dtype (a q4 file's scales are f16).
+            let bytes = match dtype {
+                DType::F32 => bytemuck::cast_slice(&floats()).to_vec(),
+                DType::F16 => floats()
+                    .iter()
+                    .flat_map(|&f| half::f16::from_f32(f).to_le_bytes())
+                    .collect(),
+                _ => file.bytes(k).unwrap().to_vec(),
+            };
+            (k.to_string(), dtype, shape.to_vec(), bytes)
+        })
+        .collect();
+    let refs: Vec<(String, DType, Vec<usize>, &[u8])> = tensors
+        .iter()
+        .map(|(k, d, s, b)| (k.clone(), *d, s.clone(), b.as_slice()))
+        .collect();
+    write_safetensors(path, &refs, file.metadata()).unwrap();
+}
+
+/// A NaN or infinite base weight is refused when the state dict is read, by every verb and
+/// variant, naming the file, the key, the element and the value (it would turn every output
+/// into NaN; `merge` and `quantize` would write it on). A quantized checkpoint's stored floats
+/// (biases, LayerNorms, scales) are checked too.
+#[test]
+fn non_finite_base_weights_are_refused_by_every_verb() {
+    use nibble_bignet::checkpoint::{write_safetensors, DType};
+    let dir = tempdir("non_finite_base");
+    let nan_w = dir.join("nan_w.safetensors");
+    rewrite_with(&golden("bignet_d128.pth"), &nan_w, |k, v| {
+        if k == "model.4.model.2.weight" {
+            v[5 * 128 + 7] = f32::NAN;
+        }
+    });
+    let inf_ln = dir.join("inf_ln.safetensors");
+    rewrite_with(&golden("bignet_d128.pth"), &inf_ln, |k, v| {
+        if k == "model.1.weight" {
+            v[3] = f32::INFINITY;
+        }
+    });
+    let x = dir.join("x.safetensors");
+    let xs: Vec<f32> = (0..2 * 128).map(|i| (i as f32 * 0.37).sin()).collect();
+    write_safetensors(
+        &x,
+        &[(
+            "x".to_string(),
+            DType::F32,
+            vec![2, 128],
+            bytemuck::cast_slice(&xs),
+        )],
+        &Default::default(),
+    )
+    .unwrap();
+    let out = dir.join("out.safetensors");
+    let adapter = golden("peft_variants/bignet_d128");
+    let (x, out, adapter) = (
+        x.to_str().unwrap(),
+        out.to_str().unwrap(),
+        adapter.to_str().unwrap(),
+    );
+    for (file, needle) in [
+        (
+            &nan_w,
+            "`model.4.model.2.weight` holds NaN at (row 5, col 7)",
+        ),
+        (&inf_ln, "`model.1.weight` holds inf at index 3"),
+    ] {
+        let w = file.to_str().unwrap();
+        let verbs: Vec<Vec<&str>> = vec![
+            vec!["forward", "--input", x, "--output", out],
+            vec![
+                "forward",
+                "--variant",
+                "qlora",
+                "--input",
+                x,
+                "--output",
+                out,
+            ],
+            vec![
+                "forward",
+                "--variant",
+                "half_precision",
+                "--input",
+                x,
+                "--output",
+                out,
+            ],
+            vec![
+                "merge",
+                "--adapter",
+                adapter,
+                "--into",
+                "f32",
+                "--output",
+                out,
+            ],
+            vec!["quantize", "--format", "nf4", "--output", out],
+            vec!["quantize", "--format", "q4", "--output", out],
+            vec!["fit", "lora", "--steps", "1"],
+            vec!["compare", "bignet", "low_precision"],
+            vec!["stats", "lora"],
+            vec!["bench", "bignet", "--batch", "1", "--runs", "1"],
+        ];
+        for mut args in verbs {
+            args.extend(["--weights", w]);
+            fails_with(&args, needle);
+            fails_with(&args, file.file_name().unwrap().to_str().unwrap());
+            assert!(!std::path::Path::new(out).exists(), "{args:?} wrote {out}");
+        }
+    }
+    // A quantized checkpoint with an infinite bias, and with a NaN scale (refused when its
+    // weight is read).
+    let q = dir.join("q.safetensors");
+    run_ok(&[
+        "quantize",
+        "--weights",
+        golden("bignet_d128.pth").to_str().unwrap(),
+        "--format",
+        "q4",
+        "--output",
+        q.to_str().unwrap(),
+    ]);
+    let q_inf = dir.join("q_inf.safetensors");
+    rewrite_with(&q, &q_inf, |k, v| {
+        if k == "model.3.bias" {
+            v[2] = f32::INFINITY;
+        }
+    });
+    fails_with(
+        &[
+            "forward",
+            "--weights",
+            q_inf.to_str().unwrap(),
+            "--input",
+            x,
+            "--output",
+            out,
+        ],
+        "q_inf.safetensors: `model.3.bias` holds inf at index 2",
+    );
+    let q_nan = dir.join("q_nan.safetensors");
+    let poisoned = std::cell::RefCell::new(None);
+    rewrite_with(&q, &q_nan, |k, v| {
+        if k.starts_with("model.2.model.2.weight") && poisoned.borrow().is_none() {
+            v[1] = f32::NAN;
+            *poisoned.borrow_mut() = Some(k.to_string());
+        }
+    });
+    let key = poisoned.take().expect("a float part of a q4 weight");
+    fails_with(
+        &["stats", "--weights", q_nan.to_str().unwrap()],
+        &format!("`{key}`"),
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A fit that diverges (a learning rate far too high) is an error naming the step, the loss
+/// and `--lr`, and saves no adapter: the loss turned NaN mid-run, or (one step) the last
+/// update made the adapters NaN after a finite loss. `--json` prints no report.
+#[test]
+fn a_fit_that_diverges_fails_and_saves_no_adapter() {
+    let dir = tempdir("fit_diverges");
+    let ad = dir.join("ad");
+    let ad = ad.to_str().unwrap();
+    let weights = golden("bignet_d128.pth");
+    let fit = |rest: &[&str]| {
+        let mut args = vec!["fit", "lora", "--weights", weights.to_str().unwrap()];
+        args.extend_from_slice(rest);
+        args.extend(["--save-adapter", ad]);
+        bignet(&args)
+    };
+    for json in [false, true] {
+        let mut rest = vec!["--steps", "3", "--lr", "1e30"];
+        if json {
+            rest.push("--json");
+        }
+        let out = fit(&rest);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "diverged but succeeded: {err}");
+        for needle in [
+            "training diverged: the loss is NaN at step",
+            "of 3",
+            "--lr 1e30",
+            "try a lower --lr",
+        ] {
+            assert!(err.contains(needle), "{needle:?} missing from: {err}");
+        }
+        if json {
+            assert!(
+                out.stdout.is_empty(),
+                "{}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        assert!(!std::path::Path::new(ad).exists(), "an adapter was saved");
+    }
+    // One step: its loss is finite, its update is not.
+    let out = fit(&["--steps", "1", "--lr", "3e38"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "diverged but succeeded: {err}");
+    for needle in [
+        "--save-adapter",
+        "lora_a.weight` holds NaN at (row ",
+        "nothing was saved",
+    ] {
+        assert!(err.contains(needle), "{needle:?} missing from: {err}");
+    }
+    assert!(!std::path::Path::new(ad).exists(), "an adapter was saved");
+    // A sane rate still fits and saves.
+    assert!(fit(&["--steps", "2", "--lr", "0.001"]).status.success());
+    assert!(dir.join("ad/adapter_model.safetensors").is_file());
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `bench --runs` beyond what the timings can be kept in is an error naming the flag before
+/// anything runs, not a capacity-overflow panic or an allocation abort.
+#[test]
+fn bench_runs_beyond_memory_fail_before_they_start() {
+    if std::fs::read_to_string("/proc/meminfo").is_err() {
+        println!("bench_runs_beyond_memory_fail_before_they_start: no /proc/meminfo, skipped");
+        return;
+    }
+    for runs in ["18446744073709551615", "100000000000"] {
+        for train in [false, true] {
+            let mut args = vec![
+                "bench", "bignet", "--dim", "32", "--batch", "1", "--runs", runs,
+            ];
+            if train {
+                args.push("--train");
+            }
+            let out = bignet(&args);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+            assert!(
+                err.contains(&format!("--runs {runs}: keeping {runs} timings"))
+                    && err.contains("this machine has"),
+                "{args:?}: {err}"
+            );
+            assert!(out.stdout.is_empty(), "{args:?} ran");
+        }
+    }
+}

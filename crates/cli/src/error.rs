@@ -66,6 +66,22 @@ pub enum Error {
         /// The value and what is wrong with it.
         what: String,
     },
+    /// Training diverged: a step's loss was NaN or infinite (the learning rate is too high
+    /// for the model, most often). Every later step, and the adapter, would be NaN too.
+    #[error(
+        "--lr: {lr:?}: training diverged: the loss is {loss} at step {step} of {steps}; \
+         nothing was saved; try a lower --lr"
+    )]
+    Diverged {
+        /// The step (from 1) whose loss was not finite.
+        step: usize,
+        /// The steps asked for.
+        steps: usize,
+        /// The loss (NaN, inf or -inf).
+        loss: f32,
+        /// The learning rate.
+        lr: f32,
+    },
     /// The operating system refused a file operation of the program itself.
     #[error("{}: {op}: {source}", path.display())]
     File {

@@ -191,6 +191,15 @@ fn train(args: &FinetuneArgs<'_>, history: LossHistory) -> Result<FinetuneReport
         let (x, y) = train.rows(&batches.take(batch))?;
         opt.zero_grad();
         let value = model.train_loss(&tape, x, &y)?;
+        if !value.is_finite() {
+            // Every later step would be NaN too, and so would the adapter.
+            return Err(Error::Diverged {
+                step: step + 1,
+                steps: args.steps,
+                loss: value,
+                lr: args.lr,
+            });
+        }
         opt.step()?;
         match history {
             LossHistory::FirstAndLast if loss.len() == 2 => loss[1] = value,
@@ -207,6 +216,8 @@ fn train(args: &FinetuneArgs<'_>, history: LossHistory) -> Result<FinetuneReport
             }
         }
     }
+    // The last step's update can make the adapter non-finite after a finite loss.
+    check_adapter_finite(&model, args.lr)?;
     let accuracy_after = test_accuracy(&model)?;
     if let Some(dir) = args.save_adapter {
         model.save_adapter(dir)?;
@@ -219,6 +230,31 @@ fn train(args: &FinetuneArgs<'_>, history: LossHistory) -> Result<FinetuneReport
         accuracy_after,
         loss,
     })
+}
+
+/// An error naming `--lr`, the adapter tensor, its first NaN or infinite element (row and
+/// column) and value, unless every trainable parameter of `model` (its LoRA adapter) is
+/// finite: such an adapter turns every output into NaN, and is refused when loaded.
+fn check_adapter_finite(model: &Classifier, lr: f32) -> Result<()> {
+    for p in model.trainable_params() {
+        let t = p.value();
+        if let Some(i) = t.data().iter().position(|v| !v.is_finite()) {
+            let at = match t.shape() {
+                &[_, cols] if cols > 0 => format!("(row {}, col {})", i / cols, i % cols),
+                _ => format!("index {i}"),
+            };
+            return Err(Error::Usage {
+                arg: "--lr",
+                what: format!(
+                    "{lr:?}: training diverged: the trained `{}` holds {} at {at}; nothing was \
+                     saved; try a lower --lr",
+                    p.name(),
+                    t.data()[i],
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// An error naming `--rank` and its value unless `model` has a Linear (`linears`: names and

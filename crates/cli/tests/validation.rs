@@ -445,3 +445,59 @@ fn eval_all_on_a_model_without_linear_layers_gives_one_row() {
     let msg = nibble_fails(&model_data_args("finetune", &model, &data, &FINETUNE));
     assert_names(&msg, &["--rank", "no Linear layer"]);
 }
+
+/// Training that diverges (a learning rate far too high) is an error naming `--lr`, the step
+/// and the loss, exit status non-zero, and saves no adapter: the loss turned NaN mid-run, or
+/// (one step) the last update made the adapter NaN after a finite loss. `--json` prints no
+/// report.
+#[test]
+fn finetune_that_diverges_fails_and_saves_no_adapter() {
+    let dir = tmpdir("diverges");
+    let model = tiny_model(&dir);
+    let data = tiny_data(&dir, "data.safetensors", &[("test", 6), ("train", 8)]);
+    let ad = dir.join("ad");
+    let run = |rest: &[&str]| {
+        let mut args = model_data_args("finetune", &model, &data, &["--format", "q4"]);
+        args.extend_from_slice(rest);
+        args.extend(["--save-adapter", s(&ad)]);
+        nibble(&args)
+    };
+    for json in [false, true] {
+        let mut rest = vec!["--rank", "2", "--steps", "5", "--lr", "1e30"];
+        if json {
+            rest.push("--json");
+        }
+        let r = run(&rest);
+        assert!(!r.ok, "diverged but succeeded: {}", r.stdout);
+        assert_names(
+            &r.stderr,
+            &[
+                "--lr: 1e30",
+                "training diverged",
+                "the loss is",
+                "at step",
+                "of 5",
+            ],
+        );
+        assert!(r.stdout.trim().is_empty(), "{}", r.stdout);
+        assert!(!ad.exists(), "an adapter was saved");
+    }
+    // One step: its loss is finite, its update is not.
+    let r = run(&["--rank", "2", "--steps", "1", "--lr", "3e38"]);
+    assert!(!r.ok, "diverged but succeeded: {}", r.stdout);
+    assert_names(
+        &r.stderr,
+        &[
+            "--lr: 3e38",
+            "training diverged",
+            "lora_",
+            "(row ",
+            "nothing was saved",
+        ],
+    );
+    assert!(!ad.exists(), "an adapter was saved");
+    // A sane rate still trains and saves.
+    assert!(run(&["--rank", "2", "--steps", "3", "--lr", "0.01"]).ok);
+    assert!(ad.join("adapter_model.safetensors").is_file());
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -241,7 +241,13 @@ impl FrozenWeight {
             // The reference's own flattened buffers: 1-D parts tell this layout from the
             // per-row one.
             FrozenWeight::Q4Flat(w) => vec![
-                part(key, "q4.packed", DType::U8, vec![o * i / 2], w.packed_bytes()),
+                part(
+                    key,
+                    "q4.packed",
+                    DType::U8,
+                    vec![o * i / 2],
+                    w.packed_bytes(),
+                ),
                 part(key, "q4.norm", DType::F16, vec![o * i / 16], w.norm_bytes()),
             ],
             // bitsandbytes' own layout, which it and transformers load (see `crate::bnb`).

@@ -200,7 +200,15 @@ mod tests {
     #[test]
     fn flat_blocks_cross_rows_as_the_reference_s_do() {
         let mut rng = Rng::new(7);
-        for (out, inn) in [(20, 20), (4, 4), (1, 16), (16, 1), (3, 48), (100, 100), (8, 30)] {
+        for (out, inn) in [
+            (20, 20),
+            (4, 4),
+            (1, 16),
+            (16, 1),
+            (3, 48),
+            (100, 100),
+            (8, 30),
+        ] {
             let mut w = Tensor::randn(&[out, inn], &mut rng);
             // A zero block and a large value, for the special cases.
             w.data_mut()[..16].fill(0.0);
@@ -224,7 +232,10 @@ mod tests {
                 let d = Tensor::from_vec(&[out, inn], want.clone()).unwrap();
                 let mut y_ref = vec![f32::NAN; m * out];
                 d.matmul_t(x.data(), m, &mut y_ref, false).unwrap();
-                let off = y.iter().zip(&y_ref).fold(0.0f32, |a, (p, q)| a.max((p - q).abs()));
+                let off = y
+                    .iter()
+                    .zip(&y_ref)
+                    .fold(0.0f32, |a, (p, q)| a.max((p - q).abs()));
                 assert!(off < 1e-3, "{out}x{inn} m={m}: {off}");
             }
             // Parts round-trip.
@@ -255,6 +266,12 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(Q4FlatMatrix::quantize(&Tensor::zeros(&[3, 5])).is_err());
-        assert!(Q4FlatMatrix::from_parts(4, 20, Bytes::from_vec(vec![0; 39]), Bytes::from_vec(vec![0; 10])).is_err());
+        assert!(Q4FlatMatrix::from_parts(
+            4,
+            20,
+            Bytes::from_vec(vec![0; 39]),
+            Bytes::from_vec(vec![0; 10])
+        )
+        .is_err());
     }
 }

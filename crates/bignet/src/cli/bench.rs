@@ -1,7 +1,7 @@
 //! `bignet bench`: median milliseconds per forward and per training step.
 
 use super::{normal_batch, Common};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::infer::pack_weights_enabled;
 use crate::train::{train_step_with, FitTask, TrainOptions};
 use crate::variant::Variant;
@@ -46,9 +46,16 @@ fn time_interleaved(
         }
         rounds += 1;
     }
-    let mut times = vec![Vec::with_capacity(runs.max(1)); configs];
-    for _ in 0..runs.max(1) {
+    // Grown as the runs go, never reserved by the run count (a user's number): a count past
+    // what memory holds is an error, not an abort.
+    let mut times: Vec<Vec<f64>> = (0..configs).map(|_| Vec::new()).collect();
+    for run in 0..runs.max(1) {
         for (c, t) in times.iter_mut().enumerate() {
+            t.try_reserve(1).map_err(|_| Error::Input {
+                what: format!(
+                    "--runs {runs}: the timings no longer fit in memory after {run} runs"
+                ),
+            })?;
             let start = Instant::now();
             f(c)?;
             t.push(start.elapsed().as_secs_f64() * 1e3);

@@ -76,6 +76,9 @@ pub fn run(
     // Model, adapters, gradients, AdamW state, the batch and the activations.
     let peak_mb = mb(memory::peak().saturating_sub(held_before));
     if let Some(dir) = save_adapter {
+        // The last step's update can make the adapters non-finite after a finite loss: such
+        // an adapter would only turn every output into NaN (and loading it is refused).
+        check_adapters_finite(&model, dir, lr)?;
         crate::adapter::save_adapter(&model, dir)?;
         if !as_json {
             println!("adapters saved to {} (PEFT layout)", dir.display());
@@ -97,6 +100,32 @@ pub fn run(
         println!("best accuracy {:.3}", report.best_accuracy);
         if memory::is_installed() {
             println!("peak memory {peak_mb:.1} MB (model, adapters, gradients, optimizer state, batch, activations)");
+        }
+    }
+    Ok(())
+}
+
+/// An error naming `--save-adapter dir`, the adapter tensor, its first NaN or infinite element
+/// (row and column) and value, unless every LoRA adapter of `model` is finite.
+fn check_adapters_finite(model: &crate::model::BigNet, dir: &Path, lr: f32) -> Result<()> {
+    for lora in model.linears().filter_map(|l| l.lora.as_ref()) {
+        for p in [&lora.a, &lora.b] {
+            let t = p.value();
+            if let Some(i) = t.data().iter().position(|v| !v.is_finite()) {
+                let at = match t.shape() {
+                    &[_, cols] if cols > 0 => format!("(row {}, col {})", i / cols, i % cols),
+                    _ => format!("index {i}"),
+                };
+                return Err(Error::Input {
+                    what: format!(
+                        "--save-adapter {}: the trained `{}` holds {} at {at}: training \
+                         diverged (--lr {lr:?}); nothing was saved; try a lower --lr",
+                        dir.display(),
+                        p.name(),
+                        t.data()[i],
+                    ),
+                });
+            }
         }
     }
     Ok(())

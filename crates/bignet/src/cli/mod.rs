@@ -473,7 +473,7 @@ pub fn run(cli: Cli) -> Result<()> {
 
 impl Command {
     /// The counts a verb takes (steps, runs, batch sizes) checked before anything runs: each
-    /// at least 1.
+    /// at least 1, and `--runs` no more than the machine can keep the timings of.
     fn check_counts(&self) -> Result<()> {
         let bad = |flag: &str, v: usize| Error::Input {
             what: format!("{flag} {v}: expected at least 1"),
@@ -481,10 +481,23 @@ impl Command {
         match self {
             Command::Fit { steps: 0, .. } => Err(bad("--steps", 0)),
             Command::Bench { runs: 0, .. } => Err(bad("--runs", 0)),
-            Command::Bench { batch, .. } => match batch.iter().find(|&&b| b == 0) {
-                Some(&b) => Err(bad("--batch", b)),
-                None => Ok(()),
-            },
+            Command::Bench {
+                batch, runs, train, ..
+            } => {
+                if let Some(&b) = batch.iter().find(|&&b| b == 0) {
+                    return Err(bad("--batch", b));
+                }
+                // Every figure keeps its runs' timings (an f64 each) for their median; a
+                // training step times up to three configurations in turns.
+                let (configs, what) = if *train {
+                    let what = format!("keeping {runs} timings (8 bytes each) of each of 3 steps");
+                    (3, what)
+                } else {
+                    (1, format!("keeping {runs} timings (8 bytes each)"))
+                };
+                let bytes = 8 * configs * *runs as u128;
+                check_fits(&format!("--runs {runs}"), &what, bytes)
+            }
             _ => Ok(()),
         }
     }
