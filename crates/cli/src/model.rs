@@ -136,10 +136,12 @@ impl Structure {
 pub(crate) fn without_wrappers(mut file: Checkpoint) -> Checkpoint {
     'strip: loop {
         for wrapper in ["module.", "_orig_mod."] {
-            let nested = file.keys().all(|k| {
-                k.strip_prefix(wrapper)
-                    .is_some_and(|rest| rest.contains('.'))
-            });
+            // (An empty file has no wrapper: `all` of no keys would strip forever.)
+            let nested = file.keys().next().is_some()
+                && file.keys().all(|k| {
+                    k.strip_prefix(wrapper)
+                        .is_some_and(|rest| rest.contains('.'))
+                });
             if nested {
                 match file.without_prefix(wrapper) {
                     Ok(inner) => {

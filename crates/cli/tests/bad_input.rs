@@ -141,6 +141,19 @@ fn labels_of_any_integer_or_whole_float_type() {
             "i8.safetensors",
             ("y_test".into(), DType::I8, vec![4, 1], le(1)),
         ),
+        // NumPy's unsigned types, as `safetensors.numpy` writes them.
+        (
+            "u16.safetensors",
+            ("y_test".into(), DType::U16, vec![4], le(2)),
+        ),
+        (
+            "u32.safetensors",
+            ("y_test".into(), DType::U32, vec![4], le(4)),
+        ),
+        (
+            "u64.safetensors",
+            ("y_test".into(), DType::U64, vec![4, 1], le(8)),
+        ),
     ] {
         assert_eq!(run(name, entry), want, "{name}");
     }
@@ -187,7 +200,7 @@ fn wrong_dtypes() {
     );
 }
 
-/// Integer features (raw u8 pixels, i8, i16, i32, i64; here as `[N, 8, 8]` images) are
+/// Integer features (raw u8 pixels, i8, i16, i32, i64, u16, u32, u64; here as `[N, 8, 8]` images) are
 /// converted to f32 as PyTorch's `.float()` converts them: the same evaluation as their f32
 /// copy.
 #[test]
@@ -217,6 +230,9 @@ fn integer_features_read_as_f32() {
         ("i16", DType::I16, 2),
         ("i32", DType::I32, 4),
         ("i64", DType::I64, 8),
+        ("u16", DType::U16, 2),
+        ("u32", DType::U32, 4),
+        ("u64", DType::U64, 8),
     ] {
         let got = run(
             &format!("{name}.safetensors"),

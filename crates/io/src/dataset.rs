@@ -211,7 +211,14 @@ fn read_split(file: &Checkpoint, x_key: &str, y_key: &str) -> Result<Split> {
     // pixels as u8, ...) converted, as `torch.from_numpy(x).float()` would.
     let integer = matches!(
         x_dtype,
-        DType::U8 | DType::I8 | DType::I16 | DType::I32 | DType::I64
+        DType::U8
+            | DType::U16
+            | DType::U32
+            | DType::U64
+            | DType::I8
+            | DType::I16
+            | DType::I32
+            | DType::I64
     );
     if !integer && !matches!(x_dtype, DType::F32 | DType::F16 | DType::BF16 | DType::F64) {
         return Err(Error::DType {
@@ -335,12 +342,15 @@ fn labels(file: &Checkpoint, key: &str, dtype: DType, n: usize) -> Result<Vec<us
             .chunks_exact(size)
             .enumerate()
             .map(|(i, c)| {
-                let value: i64 = match dtype {
-                    DType::U8 | DType::Bool => i64::from(c[0]),
-                    DType::I8 => i64::from(c[0] as i8),
-                    DType::I16 => i64::from(i16::from_le_bytes([c[0], c[1]])),
-                    DType::I32 => i64::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-                    _ => i64::from_le_bytes(c.try_into().expect("8 bytes")),
+                let value: i128 = match dtype {
+                    DType::U8 | DType::Bool => i128::from(c[0]),
+                    DType::U16 => i128::from(u16::from_le_bytes([c[0], c[1]])),
+                    DType::U32 => i128::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+                    DType::U64 => i128::from(u64::from_le_bytes(c.try_into().expect("8 bytes"))),
+                    DType::I8 => i128::from(c[0] as i8),
+                    DType::I16 => i128::from(i16::from_le_bytes([c[0], c[1]])),
+                    DType::I32 => i128::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+                    _ => i128::from(i64::from_le_bytes(c.try_into().expect("8 bytes"))),
                 };
                 usize::try_from(value).map_err(|_| bad(i, value.to_string()))
             })
@@ -364,6 +374,11 @@ fn integer_features(file: &Checkpoint, key: &str, dtype: DType, count: usize) ->
         .chunks_exact(size)
         .map(|c| match dtype {
             DType::U8 => f32::from(c[0]),
+            DType::U16 => f32::from(u16::from_le_bytes([c[0], c[1]])),
+            DType::U32 => u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32,
+            DType::U64 => {
+                u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32
+            }
             DType::I8 => f32::from(c[0] as i8),
             DType::I16 => f32::from(i16::from_le_bytes([c[0], c[1]])),
             DType::I32 => i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32,

@@ -61,13 +61,19 @@ pub enum DType {
     I8,
     /// Unsigned 8-bit integer.
     U8,
+    /// Unsigned 16-bit integer (NumPy's `uint16`).
+    U16,
+    /// Unsigned 32-bit integer.
+    U32,
+    /// Unsigned 64-bit integer.
+    U64,
     /// Boolean, one byte per element.
     Bool,
 }
 
 impl DType {
     /// Every dtype, in declaration order.
-    pub const ALL: [DType; 10] = [
+    pub const ALL: [DType; 13] = [
         DType::F32,
         DType::F16,
         DType::BF16,
@@ -77,15 +83,18 @@ impl DType {
         DType::I16,
         DType::I8,
         DType::U8,
+        DType::U16,
+        DType::U32,
+        DType::U64,
         DType::Bool,
     ];
 
     /// Bytes per element.
     pub fn size_of(self) -> usize {
         match self {
-            DType::F64 | DType::I64 => 8,
-            DType::F32 | DType::I32 => 4,
-            DType::F16 | DType::BF16 | DType::I16 => 2,
+            DType::F64 | DType::I64 | DType::U64 => 8,
+            DType::F32 | DType::I32 | DType::U32 => 4,
+            DType::F16 | DType::BF16 | DType::I16 | DType::U16 => 2,
             DType::I8 | DType::U8 | DType::Bool => 1,
         }
     }
@@ -102,6 +111,9 @@ impl DType {
             DType::I16 => "i16",
             DType::I8 => "i8",
             DType::U8 => "u8",
+            DType::U16 => "u16",
+            DType::U32 => "u32",
+            DType::U64 => "u64",
             DType::Bool => "bool",
         }
     }
@@ -118,6 +130,9 @@ impl DType {
             DType::I16 => "I16",
             DType::I8 => "I8",
             DType::U8 => "U8",
+            DType::U16 => "U16",
+            DType::U32 => "U32",
+            DType::U64 => "U64",
             DType::Bool => "BOOL",
         }
     }
