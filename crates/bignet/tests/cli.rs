@@ -559,6 +559,30 @@ fn impossible_requests_fail_before_they_start() {
         &["bench", "bignet", "--dim", "32", "--batch", "1,0"],
         "--batch 0",
     );
+    // Before the forwards are timed, not after.
+    let out = bignet(&[
+        "bench",
+        "lora",
+        "--dim",
+        "32",
+        "--train",
+        "--micro-batch",
+        "0",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--micro-batch 0"),
+        "{err}"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    fails_with(
+        &["fit", "lora", "--dim", "32", "--micro-batch", "0"],
+        "--micro-batch 0",
+    );
     fails_with(
         &["stats", "bignet", "--threads", "100000"],
         "--threads 100000",

@@ -202,6 +202,29 @@ pub fn quantize(
             bytes_after: after,
         });
     }
+    if let (Some(re), true) = (&include, report.tensors.is_empty()) {
+        // A file of nothing quantized is not what was asked for (a mistyped pattern).
+        let weights: Vec<&str> = file
+            .keys()
+            .filter(|k| {
+                file.info(k)
+                    .is_some_and(|(d, s)| s.len() == 2 && is_float(d))
+            })
+            .take(6)
+            .collect();
+        return Err(Error::Usage {
+            arg: "--include",
+            what: format!(
+                "`{re}` matches none of the weights of {} ({}); nothing written",
+                input.display(),
+                if weights.is_empty() {
+                    "it has no 2-D floating-point tensor".to_string()
+                } else {
+                    format!("such as {}", weights.join(", "))
+                }
+            ),
+        });
+    }
     let mut entries: Vec<(String, DType, Vec<usize>, &[u8])> = owned
         .iter()
         .map(|(k, d, s, b)| (k.clone(), *d, s.clone(), b.as_ref()))

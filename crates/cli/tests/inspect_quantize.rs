@@ -178,6 +178,23 @@ fn quantize_include_selects_weights_by_regex() {
         "([unclosed",
     ]);
     assert!(msg.contains("--include"), "{msg}");
+    // A pattern that selects no weight is an error, and nothing is written.
+    let none = dir.join("none.safetensors");
+    let msg = nibble_fails(&[
+        "quantize",
+        model.to_str().unwrap(),
+        "--format",
+        "q4",
+        "--output",
+        none.to_str().unwrap(),
+        "--include",
+        r"^fc\d\.weight$",
+    ]);
+    assert!(
+        msg.contains("matches none of the weights") && msg.contains("0.weight"),
+        "{msg}"
+    );
+    assert!(!none.exists());
 }
 
 #[test]

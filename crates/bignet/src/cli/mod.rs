@@ -478,6 +478,18 @@ impl Command {
         let bad = |flag: &str, v: usize| Error::Input {
             what: format!("{flag} {v}: expected at least 1"),
         };
+        let train = match self {
+            Command::Fit { train, .. } => Some(train),
+            Command::Bench { train_args, .. } => Some(train_args),
+            _ => None,
+        };
+        if let Some(TrainArgs {
+            micro_batch: Some(0),
+            ..
+        }) = train
+        {
+            return Err(bad("--micro-batch", 0));
+        }
         match self {
             Command::Fit { steps: 0, .. } => Err(bad("--steps", 0)),
             Command::Bench { runs: 0, .. } => Err(bad("--runs", 0)),
