@@ -201,19 +201,8 @@ impl ModelSpec {
 /// one such value turns every output it touches into NaN. One pass over the values as they
 /// are read, before the model holds them.
 pub(crate) fn check_finite(file: &std::path::Path, key: &str, t: Tensor) -> Result<Tensor> {
-    let Some(i) = t.data().iter().position(|v| !v.is_finite()) else {
-        return Ok(t);
-    };
-    let at = match t.shape() {
-        &[_, cols] if cols > 0 => format!("(row {}, col {})", i / cols, i % cols),
-        _ => format!("index {i}"),
-    };
-    Err(Error::Layers(nibble_nn::Error::NonFinite {
-        file: file.to_path_buf(),
-        key: key.to_string(),
-        at,
-        value: t.data()[i],
-    }))
+    nibble_nn::error::check_finite(file, key, &t)?;
+    Ok(t)
 }
 
 /// Every floating-point tensor a quantized checkpoint stores (biases, LayerNorms, the weights'

@@ -237,19 +237,13 @@ fn train(args: &FinetuneArgs<'_>, history: LossHistory) -> Result<FinetuneReport
 /// finite: such an adapter turns every output into NaN, and is refused when loaded.
 fn check_adapter_finite(model: &Classifier, lr: f32) -> Result<()> {
     for p in model.trainable_params() {
-        let t = p.value();
-        if let Some(i) = t.data().iter().position(|v| !v.is_finite()) {
-            let at = match t.shape() {
-                &[_, cols] if cols > 0 => format!("(row {}, col {})", i / cols, i % cols),
-                _ => format!("index {i}"),
-            };
+        if let Some((at, value)) = p.value().first_non_finite() {
             return Err(Error::Usage {
                 arg: "--lr",
                 what: format!(
-                    "{lr:?}: training diverged: the trained `{}` holds {} at {at}; nothing was \
-                     saved; try a lower --lr",
+                    "{lr:?}: training diverged: the trained `{}` holds {value} at {at}; nothing \
+                     was saved; try a lower --lr",
                     p.name(),
-                    t.data()[i],
                 ),
             });
         }

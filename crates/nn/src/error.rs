@@ -82,22 +82,14 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 /// An [`Error::NonFinite`] naming `file`, `key` and the first NaN or infinite element of `t`
 /// (by row and column for a matrix), or `Ok` if every element is finite.
-pub(crate) fn check_finite(
-    file: &std::path::Path,
-    key: &str,
-    t: &nibble_tensor::Tensor,
-) -> Result<()> {
-    let Some(i) = t.data().iter().position(|v| !v.is_finite()) else {
-        return Ok(());
-    };
-    let at = match t.shape() {
-        &[_, cols] if cols > 0 => format!("(row {}, col {})", i / cols, i % cols),
-        _ => format!("index {i}"),
-    };
-    Err(Error::NonFinite {
-        file: file.to_path_buf(),
-        key: key.to_string(),
-        at,
-        value: t.data()[i],
-    })
+pub fn check_finite(file: &std::path::Path, key: &str, t: &nibble_tensor::Tensor) -> Result<()> {
+    match t.first_non_finite() {
+        None => Ok(()),
+        Some((at, value)) => Err(Error::NonFinite {
+            file: file.to_path_buf(),
+            key: key.to_string(),
+            at,
+            value,
+        }),
+    }
 }

@@ -474,6 +474,25 @@ impl Tensor {
         (self.data().iter().map(|&v| v as f64).sum::<f64>() / self.numel() as f64) as f32
     }
 
+    /// The first NaN or infinite element, for messages: where it is (`(row r, col c)` for a
+    /// matrix, `index i` otherwise) and its value; `None` if every element is finite.
+    ///
+    /// ```
+    /// # use nibble_tensor::Tensor;
+    /// let t = Tensor::from_vec(&[2, 3], vec![0.0, 1.0, 2.0, 3.0, f32::NAN, 5.0]).unwrap();
+    /// let (at, value) = t.first_non_finite().unwrap();
+    /// assert_eq!(at, "(row 1, col 1)");
+    /// assert!(value.is_nan());
+    /// ```
+    pub fn first_non_finite(&self) -> Option<(String, f32)> {
+        let i = self.data().iter().position(|v| !v.is_finite())?;
+        let at = match self.shape() {
+            &[_, cols] if cols > 0 => format!("(row {}, col {})", i / cols, i % cols),
+            _ => format!("index {i}"),
+        };
+        Some((at, self.data()[i]))
+    }
+
     /// Largest absolute value (0 for an empty tensor; NaN if any element is NaN).
     pub fn max_abs(&self) -> f32 {
         self.data().iter().fold(0.0f32, |m, &v| {

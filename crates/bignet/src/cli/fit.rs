@@ -110,19 +110,13 @@ pub fn run(
 fn check_adapters_finite(model: &crate::model::BigNet, dir: &Path, lr: f32) -> Result<()> {
     for lora in model.linears().filter_map(|l| l.lora.as_ref()) {
         for p in [&lora.a, &lora.b] {
-            let t = p.value();
-            if let Some(i) = t.data().iter().position(|v| !v.is_finite()) {
-                let at = match t.shape() {
-                    &[_, cols] if cols > 0 => format!("(row {}, col {})", i / cols, i % cols),
-                    _ => format!("index {i}"),
-                };
+            if let Some((at, value)) = p.value().first_non_finite() {
                 return Err(Error::Input {
                     what: format!(
-                        "--save-adapter {}: the trained `{}` holds {} at {at}: training \
+                        "--save-adapter {}: the trained `{}` holds {value} at {at}: training \
                          diverged (--lr {lr:?}); nothing was saved; try a lower --lr",
                         dir.display(),
                         p.name(),
-                        t.data()[i],
                     ),
                 });
             }
