@@ -10,8 +10,9 @@
 //! [`crate::q4`] docs: `code = round_half_even((v + n) / (2n) · 15)`, `v' = ((code / 15) · 2) · n − n`).
 //!
 //! Storage: `packed` u8 `[out·in/2]` (element `2i` of the flattened weight in the low nibble of
-//! byte `i`, as the reference packs it) and `norm` f16 `[out·in/16]`. The kernels are the
-//! generic ones over scalar row segments: these widths are the exception, not the speed path.
+//! byte `i`, as the reference packs it) and `norm` f16 `[out·in/16]`. The products are the
+//! generic ones over dequantized row segments, whose whole blocks go through Q4's kernels:
+//! these widths are the exception, not the speed path.
 
 use half::f16;
 use nibble_tensor::Tensor;
@@ -164,17 +165,30 @@ impl QuantRows for Q4FlatMatrix {
     fn seg_align(&self) -> usize {
         1
     }
-    /// Scalar: each weight's code and its block's norm by its flat index, the reference's
-    /// arithmetic (the same on every path).
-    fn dequant_segment(&self, _path: KernelPath, r: usize, c0: usize, len: usize, dst: &mut [f32]) {
+    /// The whole blocks inside the segment (contiguous in the flattened weight) on the path's
+    /// Q4 kernel ([`crate::q4::dequantize`], bit-identical to the reference); the partial
+    /// blocks at its two ends, which a row boundary cuts, by the scalar rule.
+    fn dequant_segment(&self, path: KernelPath, r: usize, c0: usize, len: usize, dst: &mut [f32]) {
         let (packed, norm) = (self.packed.as_slice(), self.norm.f16s());
         let start = r * self.inn + c0;
-        for (e, w) in dst[..len].iter_mut().enumerate() {
-            let f = start + e;
-            let c = ((packed[f / 2] >> (4 * (f % 2))) & 15) as f32;
-            let n = norm[f / Q4_BLOCK].to_f32();
-            *w = ((c / 15.0) * 2.0) * n - n;
+        let end = start + len;
+        let whole_from = start.next_multiple_of(Q4_BLOCK).min(end);
+        let whole_to = (end / Q4_BLOCK * Q4_BLOCK).max(whole_from);
+        let scalar = |from: usize, to: usize, out: &mut [f32]| {
+            for (f, w) in (from..to).zip(out.iter_mut()) {
+                let c = ((packed[f / 2] >> (4 * (f % 2))) & 15) as f32;
+                let n = norm[f / Q4_BLOCK].to_f32();
+                *w = ((c / 15.0) * 2.0) * n - n;
+            }
+        };
+        let (head, rest) = dst[..len].split_at_mut(whole_from - start);
+        let (body, tail) = rest.split_at_mut(whole_to - whole_from);
+        scalar(start, whole_from, head);
+        if !body.is_empty() {
+            let (b0, b1) = (whole_from / Q4_BLOCK, whole_to / Q4_BLOCK);
+            crate::q4::dequantize(path, &packed[b0 * 8..b1 * 8], &norm[b0..b1], body);
         }
+        scalar(whole_to, end, tail);
     }
 }
 
@@ -216,12 +230,22 @@ mod tests {
             let q = Q4FlatMatrix::quantize(&w).unwrap();
             let want = reference(&w);
             assert_eq!(q.to_f32().data(), &want[..], "{out}x{inn}");
-            // Every row segment, ragged starts and lengths included, with NaN-filled outputs.
-            for r in 0..out {
-                for (c0, len) in [(0, inn), (inn / 3, inn - inn / 3), (inn - 1, 1)] {
-                    let mut dst = vec![f32::NAN; len];
-                    q.dequant_segment(KernelPath::Scalar, r, c0, len, &mut dst);
-                    assert_eq!(dst, want[r * inn + c0..r * inn + c0 + len], "{r} {c0}");
+            // Every row segment, ragged starts and lengths included, with NaN-filled outputs,
+            // on every path this CPU has (whole blocks take the path's Q4 kernel).
+            let paths = crate::cpu::available_paths();
+            for p in [KernelPath::Avx2Fma, KernelPath::Avx512] {
+                if !paths.contains(&p) {
+                    println!("q4_flat: this CPU lacks the {p:?} tier; its segments not tested");
+                }
+            }
+            for &path in &paths {
+                for r in 0..out {
+                    for (c0, len) in [(0, inn), (inn / 3, inn - inn / 3), (inn - 1, 1), (0, 0)] {
+                        let mut dst = vec![f32::NAN; len];
+                        q.dequant_segment(path, r, c0, len, &mut dst);
+                        let want = &want[r * inn + c0..r * inn + c0 + len];
+                        assert_eq!(dst, want, "{path:?} {out}x{inn} row {r} from {c0}");
+                    }
                 }
             }
             // The products use those weights: x · Wᵀ against the dequantized f32 weight.
