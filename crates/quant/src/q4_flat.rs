@@ -174,10 +174,14 @@ impl QuantRows for Q4FlatMatrix {
         let end = start + len;
         let whole_from = start.next_multiple_of(Q4_BLOCK).min(end);
         let whole_to = (end / Q4_BLOCK * Q4_BLOCK).max(whole_from);
+        // Within one block (the head and the tail each lie in one): its norm converted once.
         let scalar = |from: usize, to: usize, out: &mut [f32]| {
+            if from == to {
+                return;
+            }
+            let n = norm[from / Q4_BLOCK].to_f32();
             for (f, w) in (from..to).zip(out.iter_mut()) {
                 let c = ((packed[f / 2] >> (4 * (f % 2))) & 15) as f32;
-                let n = norm[f / Q4_BLOCK].to_f32();
                 *w = ((c / 15.0) * 2.0) * n - n;
             }
         };
