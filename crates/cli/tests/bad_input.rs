@@ -458,6 +458,42 @@ fn adapters_whose_names_or_shapes_do_not_match_the_model() {
         &["--adapter", s(&dir)],
     ));
     assert_names(&msg, &["adapter_config.json"]);
+    // The adapter's weights file given for its directory.
+    let file = dir.join("adapter_model.safetensors");
+    let msg = nibble_fails(&model_data_args(
+        "eval",
+        &model,
+        &digits,
+        &["--adapter", s(&file)],
+    ));
+    assert_names(
+        &msg,
+        &["adapter_model.safetensors", "is a file", "directory"],
+    );
+    // Finite tensors that the config's scale takes past f32's range: the scale is named.
+    let huge = r#"{"peft_type": "LORA", "r": 2, "lora_alpha": 1e308, "target_modules": ["0"]}"#;
+    let dir = adapter(
+        &dir.join("huge_alpha"),
+        huge,
+        &[
+            a("base_model.model.0.lora_A.weight", &[2, 64]),
+            a("base_model.model.0.lora_B.weight", &[30, 2]),
+        ],
+    );
+    let msg = nibble_fails(&model_data_args(
+        "eval",
+        &model,
+        &digits,
+        &["--adapter", s(&dir)],
+    ));
+    assert_names(
+        &msg,
+        &[
+            "lora_alpha / r",
+            "adapter_config.json",
+            "beyond f32's range",
+        ],
+    );
 }
 
 #[test]

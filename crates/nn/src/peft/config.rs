@@ -282,6 +282,15 @@ impl AdapterConfig {
     /// `modules_to_save` only add tensors to the file, which [`crate::Sequential::load_adapter`]
     /// applies.
     pub fn read(dir: &Path) -> Result<Self> {
+        if dir.is_file() {
+            return Err(adapter_error(
+                dir,
+                format!(
+                    "is a file; an adapter is a directory holding {CONFIG_FILE} and its weights \
+                     (as PEFT's save_pretrained writes it)"
+                ),
+            ));
+        }
         let path = dir.join(CONFIG_FILE);
         let text = std::fs::read(&path).map_err(|source| Error::Io {
             path: path.clone(),

@@ -288,8 +288,17 @@ pub fn load_adapter_into<'a>(
             if scale != 1.0 {
                 t.scale_assign(scale);
             }
-            // A finite value that the scaling takes past f32's range.
-            finite(&key, &t)?;
+            // A finite value that the scaling takes past f32's range: the config's scale is to
+            // blame, not the file.
+            if let Some((at, value)) = t.first_non_finite() {
+                return Err(adapter_error(
+                    dir,
+                    format!(
+                        "`{key}` at {at}, scaled by lora_alpha / r = {scale:e} (from \
+                         {CONFIG_FILE}), is {value}: beyond f32's range"
+                    ),
+                ));
+            }
             seen.insert(key);
             found.push(t);
         }
