@@ -8,7 +8,7 @@
 use crate::error::{Error, Result};
 use nibble_autograd::{Param, Tape, Var};
 use nibble_io::{Checkpoint, WeightFormat};
-use nibble_nn::layout::ModuleLayout;
+use nibble_nn::layout::{ModuleLayout, MODULE_ORDER_KEY};
 use nibble_nn::{cross_entropy, Activation, Layer, NormKind, Sequential, SequentialOptions};
 use nibble_tensor::Tensor;
 use std::path::Path;
@@ -145,7 +145,20 @@ pub(crate) fn without_wrappers(mut file: Checkpoint) -> Checkpoint {
             if nested {
                 match file.without_prefix(wrapper) {
                     Ok(inner) => {
-                        file = inner;
+                        // The module order nibble recorded names the wrapped paths too.
+                        let order = inner.metadata().get(MODULE_ORDER_KEY).map(|text| {
+                            match serde_json::from_str::<Vec<String>>(text) {
+                                Ok(paths) => serde_json::Value::from(
+                                    paths
+                                        .iter()
+                                        .map(|p| p.strip_prefix(wrapper).unwrap_or(p))
+                                        .collect::<Vec<_>>(),
+                                )
+                                .to_string(),
+                                Err(_) => text.clone(),
+                            }
+                        });
+                        file = inner.with_metadata(MODULE_ORDER_KEY, order);
                         continue 'strip;
                     }
                     Err(unchanged) => file = unchanged,

@@ -1072,6 +1072,38 @@ fn a_classifier_of_named_modules_gives_pytorchs_logits() {
     );
     // `quantize` records the modules' order, so its safetensors output reads as the g.model.
     g.quantized_reads_as_on_load("nf4", &given);
+    // Saved from DataParallel, then quantized: the recorded order names the wrapped paths
+    // (`module.fc1`, ...), and the model read without the wrapper still runs in it (it ran
+    // the sorted order, with no word). A recorded order of other modules is an error.
+    let with_order = |name: &str, prefix: &str, order: &str| {
+        let path = g.dir.join(name);
+        let refs: Vec<(String, nibble_io::DType, Vec<usize>, &[u8])> = entries
+            .iter()
+            .map(|(k, d, s, b)| (format!("{prefix}{k}"), *d, s.clone(), b.as_slice()))
+            .collect();
+        let metadata = std::collections::BTreeMap::from([(
+            "nibble.module_order".to_string(),
+            order.to_string(),
+        )]);
+        nibble_io::write_safetensors(&path, &refs, &metadata).unwrap();
+        path
+    };
+    let wrapped = with_order(
+        "wrapped.safetensors",
+        "module.",
+        r#"["module.fc1","module.bn1","module.fc2","module.norm","module.head"]"#,
+    );
+    let diff = logits_off_golden(&wrapped, &g.d, &given, &g.logits, &g.golden);
+    assert!(
+        diff < 1e-5,
+        "wrapped: logits differ from PyTorch's by {diff}"
+    );
+    let other = with_order("other.safetensors", "", r#"["fc1","bn1","fc2"]"#);
+    let msg = nibble_fails(&model_data_args("eval", &other, &g.d, &given));
+    assert!(
+        msg.contains("nibble.module_order") && msg.contains("--order"),
+        "{msg}"
+    );
 }
 
 /// A model looping over an `nn.ModuleList` of twelve layers (`tests/data/module_list12.*`,

@@ -195,19 +195,35 @@ impl ModuleLayout {
                 modules.sort_by_key(|m| m.index);
             }
             None => {
-                // A recorded order of exactly these modules replaces the file's.
-                let recorded: Option<Vec<String>> = file
-                    .metadata()
-                    .get(MODULE_ORDER_KEY)
-                    .and_then(|text| serde_json::from_str(text).ok());
-                if let Some(order) = recorded.filter(|order| {
-                    order.len() == modules.len()
+                // A recorded order of exactly these modules replaces the file's; one that names
+                // other modules is an error, not a silent fall back to the file's order.
+                let recorded: Option<Vec<String>> = match file.metadata().get(MODULE_ORDER_KEY) {
+                    None => None,
+                    Some(text) => Some(serde_json::from_str(text).map_err(|e| {
+                        structure(format!(
+                            "its metadata `{MODULE_ORDER_KEY}` is not a list of module paths \
+                             ({e})"
+                        ))
+                    })?),
+                };
+                if let Some(order) = &recorded {
+                    let fits = order.len() == modules.len()
                         && modules.iter().all(|m| {
                             order
                                 .iter()
                                 .any(|p| p.strip_prefix(prefix) == Some(m.path.as_str()))
-                        })
-                }) {
+                        });
+                    if !fits {
+                        let paths: Vec<&str> = modules.iter().map(|m| m.path.as_str()).collect();
+                        return Err(structure(format!(
+                            "its metadata `{MODULE_ORDER_KEY}` records the module order {order:?}, \
+                             which is not an order of its modules under `{prefix}` ({}); \
+                             `--order` gives one",
+                            paths.join(", ")
+                        )));
+                    }
+                }
+                if let Some(order) = recorded {
                     modules.sort_by_key(|m| {
                         order
                             .iter()

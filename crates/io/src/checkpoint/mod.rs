@@ -475,6 +475,16 @@ impl Checkpoint {
         &self.metadata
     }
 
+    /// This checkpoint with metadata entry `key` set to `value` (or removed, for `None`), for a
+    /// reader that rewrites what the file records (e.g. paths under a wrapper it took off).
+    pub fn with_metadata(mut self, key: &str, value: Option<String>) -> Self {
+        match value {
+            Some(v) => self.metadata.insert(key.to_string(), v),
+            None => self.metadata.remove(key),
+        };
+        self
+    }
+
     fn entry(&self, key: &str) -> Result<&Entry> {
         self.entries.get(key).ok_or_else(|| Error::MissingKey {
             path: self.path.clone(),
