@@ -624,6 +624,31 @@ fn impossible_requests_fail_before_they_start() {
         "exists and is not a directory",
     );
     assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+    // A link where one of the adapter's files goes, refused before the fit, left alone.
+    let linked = dir.join("linked");
+    std::fs::create_dir_all(&linked).unwrap();
+    std::os::unix::fs::symlink(&file, linked.join("adapter_model.safetensors")).unwrap();
+    let out = bignet(&[
+        "fit",
+        "lora",
+        "--dim",
+        "32",
+        "--steps",
+        "1",
+        "--save-adapter",
+        linked.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("symbolic link"),
+        "{err}"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "the fit ran: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
     let adapter = dir.join("adapter");
     fails_with(
         &[

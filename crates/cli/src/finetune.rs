@@ -152,6 +152,8 @@ fn train(args: &FinetuneArgs<'_>, history: LossHistory) -> Result<FinetuneReport
         for name in [nibble_nn::peft::WEIGHTS_FILE, nibble_nn::peft::CONFIG_FILE] {
             refuse_overwrite(&dir.join(name), &inputs)?;
         }
+        // Before training, not after it.
+        nibble_nn::peft::check_destination(dir)?;
     }
     let structure = Structure::parse(
         args.activation,

@@ -501,3 +501,37 @@ fn finetune_that_diverges_fails_and_saves_no_adapter() {
     assert!(ad.join("adapter_model.safetensors").is_file());
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A `--save-adapter` destination that cannot take the adapter (an existing file, or a link
+/// where one of its files goes) is refused before training, not after it, and left alone.
+#[test]
+fn a_bad_adapter_destination_is_refused_before_training() {
+    let dir = tmpdir("adapter_destination");
+    let model = tiny_model(&dir);
+    let data = tiny_data(&dir, "data.safetensors", &[("test", 6), ("train", 8)]);
+    let file = dir.join("a_file");
+    std::fs::write(&file, b"keep").unwrap();
+    let linked = dir.join("linked");
+    std::fs::create_dir_all(&linked).unwrap();
+    let target = dir.join("elsewhere.json");
+    std::fs::write(&target, b"keep").unwrap();
+    std::os::unix::fs::symlink(&target, linked.join("adapter_config.json")).unwrap();
+    for (dest, what) in [(&file, "not a directory"), (&linked, "symbolic link")] {
+        let mut args = model_data_args("finetune", &model, &data, &FINETUNE);
+        args.extend(["--save-adapter", s(dest)]);
+        let started = std::time::Instant::now();
+        let out = nibble(&args);
+        assert!(!out.ok && out.stderr.contains(what), "{}", out.stderr);
+        // Refused up front: no training report on stdout.
+        assert!(out.stdout.is_empty(), "{}", out.stdout);
+        assert!(started.elapsed().as_secs() < 30);
+    }
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep");
+    assert_eq!(std::fs::read(&target).unwrap(), b"keep");
+    assert!(
+        std::fs::symlink_metadata(linked.join("adapter_config.json"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+}

@@ -137,3 +137,21 @@ fn a_missing_path_or_a_regular_file_is_still_written() {
     no_leftovers(&dir, &["out.safetensors"]);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A regular file replaced keeps its permissions, and a name near the file system's 255-byte
+/// limit still gets its temporary file beside it.
+#[test]
+fn a_replaced_file_keeps_its_mode_and_long_names_are_written() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tmpdir("mode");
+    let private = dir.join("private.safetensors");
+    std::fs::write(&private, b"old").unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o600)).unwrap();
+    write(&private).unwrap();
+    let mode = std::fs::metadata(&private).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let long = format!("{}.safetensors", "n".repeat(240));
+    write(&dir.join(&long)).unwrap();
+    no_leftovers(&dir, &["private.safetensors", &long]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

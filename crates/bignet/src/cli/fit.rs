@@ -22,15 +22,9 @@ pub fn run(
 ) -> Result<()> {
     if let Some(dir) = save_adapter {
         // Checked before training, not after it: a fit's minutes are not lost to a bad path.
-        if dir.exists() && !dir.is_dir() {
-            return Err(Error::Input {
-                what: format!(
-                    "--save-adapter {}: exists and is not a directory (an adapter is saved as a \
-                     directory in PEFT's layout)",
-                    dir.display()
-                ),
-            });
-        }
+        nibble_nn::peft::check_destination(dir).map_err(|e| Error::Input {
+            what: format!("--save-adapter {}: {e}", dir.display()),
+        })?;
     }
     let held_before = memory::current();
     let model = common.spec(variant).build()?;

@@ -380,6 +380,10 @@ pub fn replace_file(
             .map_err(|e| e.into_error())
             .map_err(io("write"))?;
         file.sync_all().map_err(io("sync"))?;
+        // A file replaced keeps its permissions (a 0600 output stays 0600).
+        if let Ok(meta) = std::fs::metadata(path) {
+            std::fs::set_permissions(&tmp, meta.permissions()).map_err(io("set permissions"))?;
+        }
         std::fs::rename(&tmp, path).map_err(io("rename"))
     })();
     if result.is_err() {
@@ -466,13 +470,11 @@ fn create_temp(path: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
     Err(last)
 }
 
-/// A fresh temporary name next to `path`: `.<name>.tmp.<pid>.<n>`.
+/// A fresh temporary name next to `path`: `.nibble-<pid>-<n>.tmp`.
 fn temp_path(path: &Path) -> PathBuf {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let name = path
-        .file_name()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "checkpoint".into());
-    path.with_file_name(format!(".{name}.tmp.{}.{n}", std::process::id()))
+    // Short, whatever the target's name: a name near the file system's 255-byte limit must
+    // still get a temporary file beside it.
+    path.with_file_name(format!(".nibble-{}-{n}.tmp", std::process::id()))
 }

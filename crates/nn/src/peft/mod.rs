@@ -27,7 +27,7 @@ pub use load::{
     load_adapter, load_adapter_into, load_adapter_with_others, BatchNormUpdate, BatchNormView,
     OtherModule,
 };
-pub use save::save_adapter;
+pub use save::{check_destination, save_adapter};
 
 /// File name of the adapter weights inside an adapter directory.
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";

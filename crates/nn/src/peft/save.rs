@@ -10,6 +10,22 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 
+/// Whether [`save_adapter`] could write to `dir`, checked before the work that makes the
+/// adapter (a fit's minutes are not lost to a bad path): `dir` missing or a directory, and
+/// neither [`WEIGHTS_FILE`] nor [`CONFIG_FILE`] in it anything but a regular file (a link, a
+/// FIFO, a directory), which the write would replace; the error names the path.
+pub fn check_destination(dir: &Path) -> Result<()> {
+    if std::fs::symlink_metadata(dir).is_ok_and(|m| !m.is_dir()) && !dir.is_dir() {
+        return Err(adapter_error(
+            dir,
+            "exists and is not a directory (an adapter is saved as a directory in PEFT's layout)",
+        ));
+    }
+    refuse_non_regular(&dir.join(WEIGHTS_FILE))?;
+    refuse_non_regular(&dir.join(CONFIG_FILE))?;
+    Ok(())
+}
+
 /// Writes the adapters of `layers` (those that have one) to `dir` (created if missing). All
 /// adapters must share one rank; at least one layer must have an adapter.
 ///
@@ -41,11 +57,10 @@ pub fn save_adapter<'a>(layers: impl IntoIterator<Item = &'a Linear>, dir: &Path
             ),
         ));
     }
+    // Both files are checked before either is written, so a refusal leaves nothing half-saved.
+    check_destination(dir)?;
     let weights = dir.join(WEIGHTS_FILE);
     let config_path = dir.join(CONFIG_FILE);
-    // Both files are checked before either is written, so a refusal leaves nothing half-saved.
-    refuse_non_regular(&weights)?;
-    refuse_non_regular(&config_path)?;
     std::fs::create_dir_all(dir).map_err(|source| Error::Io {
         path: dir.to_path_buf(),
         op: "create directory",
