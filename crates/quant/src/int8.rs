@@ -158,6 +158,21 @@ impl Int8Matrix {
         };
         check_values(OP, "scales", m.scales.f32s().iter().copied(), false)?;
         check_values(OP, "zeros", m.zeros.f32s().iter().copied(), false)?;
+        // Finite parts whose weights are not: the largest code must still give an f32.
+        let rows = m.scales.f32s().iter().zip(m.zeros.f32s()).enumerate();
+        for (index, (&scale, &min)) in rows {
+            let top = min + scale * 255.0;
+            if !top.is_finite() {
+                return Err(QuantError::PartValue {
+                    op: OP,
+                    part: "scales",
+                    index,
+                    what: format!(
+                        "{scale} with minimum {min} takes code 255 to {top}: beyond f32's range"
+                    ),
+                });
+            }
+        }
         Ok(m)
     }
 

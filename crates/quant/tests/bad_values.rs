@@ -119,6 +119,9 @@ fn from_parts_refuses_non_finite_or_negative_scales() {
         ([0.1, f32::NAN], [0.0, 0.0], "scales", 1),
         ([f32::NEG_INFINITY, 0.1], [0.0, 0.0], "scales", 0),
         ([0.1, 0.1], [0.0, f32::INFINITY], "zeros", 1),
+        // Finite, but code 255 of row 1 would be 255 · 1e38: an infinite weight.
+        ([0.1, 1e38], [0.0, 0.0], "scales", 1),
+        ([0.1, 1e37], [0.0, 3.3e38], "scales", 1),
     ] {
         part_value(
             Int8Matrix::from_parts(2, 16, codes(), f32_bytes(&scales), f32_bytes(&zeros)),
