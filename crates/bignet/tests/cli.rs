@@ -584,6 +584,10 @@ fn impossible_requests_fail_before_they_start() {
         "--micro-batch 0",
     );
     fails_with(
+        &["bench", "lora", "--dim", "32", "--micro-batch", "4"],
+        "give --train",
+    );
+    fails_with(
         &["stats", "bignet", "--threads", "100000"],
         "--threads 100000",
     );

@@ -494,10 +494,22 @@ impl Command {
             Command::Fit { steps: 0, .. } => Err(bad("--steps", 0)),
             Command::Bench { runs: 0, .. } => Err(bad("--runs", 0)),
             Command::Bench {
-                batch, runs, train, ..
+                batch,
+                runs,
+                train,
+                train_args,
+                ..
             } => {
                 if let Some(&b) = batch.iter().find(|&&b| b == 0) {
                     return Err(bad("--batch", b));
+                }
+                if !*train && (train_args.checkpoint || train_args.micro_batch.is_some()) {
+                    // They shape the timed training step: without one, a silent no-op.
+                    return Err(Error::Input {
+                        what: "--checkpoint and --micro-batch shape the timed training step: \
+                               give --train with them"
+                            .into(),
+                    });
                 }
                 // Every figure keeps its runs' timings (an f64 each) for their median; a
                 // training step times up to three configurations in turns.
