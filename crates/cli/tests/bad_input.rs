@@ -438,6 +438,20 @@ fn adapters_whose_names_or_shapes_do_not_match_the_model() {
             vec![a("base_model.model.0.lora_A.weight", &[2, 64])],
             &["0"],
         ),
+        (
+            "bias_twice",
+            vec![
+                a("base_model.model.0.lora_A.weight", &[2, 64]),
+                a("base_model.model.0.lora_B.weight", &[30, 2]),
+                a("base_model.model.3.bias", &[20]),
+                a("base_model.model.3.modules_to_save.default.bias", &[20]),
+            ],
+            &[
+                "base_model.model.3.bias",
+                "base_model.model.3.modules_to_save.default.bias",
+                "both give the bias of module 3",
+            ],
+        ),
     ];
     for (name, entries, parts) in cases {
         let dir = adapter(&dir.join(name), config, &entries);

@@ -21,6 +21,8 @@ struct Replacement {
     /// The bias (else the weight).
     bias: bool,
     value: Tensor,
+    /// The file's key, for messages.
+    key: String,
 }
 
 /// The module name and state-dict name (`weight`, `bias`, or a BatchNorm's `running_mean`,
@@ -439,10 +441,27 @@ pub fn load_adapter_into<'a>(
                 format!("`{key}` replaces the weight of a module that also has a LoRA adapter"),
             ));
         }
+        // Two keys for one parameter (`<m>.bias` and `<m>.modules_to_save.default.bias`, which
+        // PEFT never writes together): which one PEFT would take is not clear, so neither.
+        if let Some(other) = replacements
+            .iter()
+            .find(|r| r.module == module && r.bias == bias)
+        {
+            return Err(adapter_error(
+                dir,
+                format!(
+                    "`{}` and `{key}` both give the {} of module {}",
+                    other.key,
+                    if bias { "bias" } else { "weight" },
+                    names[module]
+                ),
+            ));
+        }
         replacements.push(Replacement {
             module,
             bias,
             value,
+            key: key.to_string(),
         });
     }
     check_modules_to_save(
