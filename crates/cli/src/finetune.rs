@@ -144,7 +144,13 @@ fn train(args: &FinetuneArgs<'_>, history: LossHistory) -> Result<FinetuneReport
         return Err(usage("--batch", "must be at least 1"));
     }
     if !(args.lr.is_finite() && args.lr > 0.0) {
-        return Err(usage("--lr", "must be a positive number"));
+        return Err(usage(
+            "--lr",
+            &format!(
+                "must be a positive number within f32's range, found {}",
+                args.lr
+            ),
+        ));
     }
     if let Some(dir) = args.save_adapter {
         let inputs = [(args.model, "--model"), (args.data, "--data")];

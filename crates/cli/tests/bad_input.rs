@@ -513,7 +513,13 @@ fn adapters_whose_names_or_shapes_do_not_match_the_model() {
 #[test]
 fn finetune_arguments_are_checked() {
     let (model, digits) = (data("digits_mlp.pth"), data("digits.safetensors"));
-    for (flag, value) in [("--rank", "0"), ("--batch", "0"), ("--lr", "0")] {
+    // 1e39 parses as an infinite f32.
+    for (flag, value) in [
+        ("--rank", "0"),
+        ("--batch", "0"),
+        ("--lr", "0"),
+        ("--lr", "1e39"),
+    ] {
         let mut args = model_data_args(
             "finetune",
             &model,

@@ -155,3 +155,15 @@ fn a_replaced_file_keeps_its_mode_and_long_names_are_written() {
     no_leftovers(&dir, &["private.safetensors", &long]);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A path ending in `/` names a directory, not a file to write: refused before anything is
+/// created (it failed at the rename, after writing the temporary file).
+#[test]
+fn a_path_ending_in_a_slash_is_refused() {
+    let dir = tmpdir("slash");
+    let out = PathBuf::from(format!("{}/out/", dir.display()));
+    let e = write(&out).unwrap_err().to_string();
+    assert!(e.contains("ends with `/`"), "{e}");
+    no_leftovers(&dir, &[]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -397,6 +397,16 @@ pub fn replace_file(
 /// socket: the rename that ends [`write_safetensors`] would silently replace it (turning
 /// `/dev/null` or a link into a regular file). A missing path or a regular file is fine.
 pub fn refuse_non_regular(path: &Path) -> Result<()> {
+    if path.as_os_str().to_string_lossy().ends_with('/') {
+        return Err(Error::Io {
+            path: path.to_path_buf(),
+            op: "write",
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "ends with `/`, which names a directory: give a file's name",
+            ),
+        });
+    }
     // Missing (or not inspectable, e.g. under a regular file or an unreadable directory: the
     // write itself then fails with the operating system's reason): nothing to replace.
     let Ok(meta) = std::fs::symlink_metadata(path) else {
