@@ -205,11 +205,21 @@ pub(crate) fn check_finite(file: &std::path::Path, key: &str, t: Tensor) -> Resu
     Ok(t)
 }
 
-/// Every floating-point tensor a quantized checkpoint stores (biases, LayerNorms, the weights'
-/// scales and code maps) must be finite ([`check_finite`]); its integer codes are always
-/// values of the format.
+/// Every floating-point tensor a quantized checkpoint stores (biases, LayerNorms, bitsandbytes'
+/// absmaxes and code maps) must be finite ([`check_finite`]); its integer codes are always
+/// values of the format. The parts of nibble's own layouts (`K.q4.norm`, `K.int8.scale`, ...)
+/// are not read again: `FrozenWeight::from_checkpoint` checked them as it read them.
 fn check_stored_floats_finite(file: &Checkpoint) -> Result<()> {
+    const CHECKED_PARTS: [&str; 4] = [
+        ".weight.q4.",
+        ".weight.nf4.",
+        ".weight.int8.",
+        ".weight.lower.",
+    ];
     for key in file.keys_in_file_order() {
+        if CHECKED_PARTS.iter().any(|p| key.contains(p)) {
+            continue;
+        }
         if let Some((DType::F32 | DType::F16 | DType::BF16 | DType::F64, _)) = file.info(key) {
             check_finite(file.path(), key, file.tensor_f32(key, None)?)?;
         }
