@@ -501,6 +501,88 @@ fn no_verb_overwrites_its_inputs() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// An adapter directory holding `adapter_model.bin` (PEFT's `safe_serialization=False`), which
+/// the loader reads where `adapter_model.safetensors` is absent, is an input too: `merge` and
+/// `forward` refuse to write their output over it (they replaced it before).
+#[test]
+fn no_verb_overwrites_an_adapters_bin_file() {
+    let dir = tempdir("overwrite_bin");
+    let weights = dir.join("w.safetensors");
+    std::fs::copy(golden("bignet_d128.safetensors"), &weights).unwrap();
+    let ws = weights.to_str().unwrap();
+    let saved = dir.join("saved");
+    run_ok(&[
+        "fit",
+        "lora",
+        "--weights",
+        ws,
+        "--steps",
+        "1",
+        "--save-adapter",
+        saved.to_str().unwrap(),
+    ]);
+    // The same adapter with its weights as `adapter_model.bin` alone (read by content).
+    let adapter = dir.join("adapter");
+    std::fs::create_dir_all(&adapter).unwrap();
+    std::fs::copy(
+        saved.join("adapter_config.json"),
+        adapter.join("adapter_config.json"),
+    )
+    .unwrap();
+    let bin = adapter.join("adapter_model.bin");
+    std::fs::copy(saved.join("adapter_model.safetensors"), &bin).unwrap();
+    let bin_bytes = std::fs::read(&bin).unwrap();
+    let (a, b) = (adapter.to_str().unwrap(), bin.to_str().unwrap());
+    fails_with(
+        &[
+            "merge",
+            "lora",
+            "--weights",
+            ws,
+            "--adapter",
+            a,
+            "--into",
+            "f32",
+            "--output",
+            b,
+        ],
+        "refusing to write over an input",
+    );
+    let x = dir.join("x.safetensors");
+    std::fs::copy(golden("io_d128.safetensors"), &x).unwrap();
+    fails_with(
+        &[
+            "forward",
+            "--variant",
+            "lora",
+            "--weights",
+            ws,
+            "--adapter",
+            a,
+            "--input",
+            x.to_str().unwrap(),
+            "--output",
+            b,
+        ],
+        "refusing to write over an input",
+    );
+    assert_eq!(std::fs::read(&bin).unwrap(), bin_bytes);
+    // Read as the adapter it is: a merge to another file works.
+    run_ok(&[
+        "merge",
+        "lora",
+        "--weights",
+        ws,
+        "--adapter",
+        a,
+        "--into",
+        "f32",
+        "--output",
+        dir.join("merged.safetensors").to_str().unwrap(),
+    ]);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// `--activations f32|int8` (and its old name `--q4-activations`) reaches bench, whose JSON
 /// reports the mode.
 #[test]

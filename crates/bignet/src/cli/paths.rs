@@ -4,6 +4,7 @@
 
 use crate::adapter::{CONFIG_FILE, WEIGHTS_FILE};
 use crate::error::{Error, Result};
+use nibble_nn::peft::WEIGHTS_FILE_PTH;
 use std::path::{Path, PathBuf};
 
 /// A file a verb reads or writes, with the option that named it (for the message).
@@ -25,13 +26,15 @@ impl NamedPath {
     }
 
     /// The files of a PEFT adapter directory named by `option` (or the file itself where
-    /// `dir` is a state-dict file of adapters).
+    /// `dir` is a state-dict file of adapters): `adapter_model.safetensors`,
+    /// `adapter_config.json`, and `adapter_model.bin`, which the loader reads where the
+    /// safetensors file is absent.
     pub fn adapter_files(option: &'static str, dir: &Path) -> Vec<Self> {
         if dir.is_file() {
             // A state dict holding the adapters (`--adapter qlora.pth`).
             return vec![NamedPath::new(option, dir)];
         }
-        [WEIGHTS_FILE, CONFIG_FILE]
+        [WEIGHTS_FILE, CONFIG_FILE, WEIGHTS_FILE_PTH]
             .iter()
             .map(|f| NamedPath::new(option, &dir.join(f)))
             .collect()
