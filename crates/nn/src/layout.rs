@@ -156,11 +156,16 @@ impl ModuleLayout {
                     paths()
                 )));
             }
-            let position = |m: &ModuleEntry| order.iter().position(|p| *p == m.path);
-            if let Some(unknown) = order
-                .iter()
-                .find(|p| !modules.iter().any(|m| m.path == **p))
-            {
+            // Each path's first place in the order, looked up once per module: the sort below
+            // asks for it O(n log n) times, which a scan of the order made quadratic and worse.
+            let mut places: HashMap<&str, usize> = HashMap::with_capacity(order.len());
+            for (i, p) in order.iter().enumerate() {
+                places.entry(p.as_str()).or_insert(i);
+            }
+            let position = |m: &ModuleEntry| places.get(m.path.as_str()).copied();
+            let paths_of_file: std::collections::HashSet<&str> =
+                modules.iter().map(|m| m.path.as_str()).collect();
+            if let Some(unknown) = order.iter().find(|p| !paths_of_file.contains(p.as_str())) {
                 return Err(structure(format!(
                     "the module order names `{unknown}`, which is no module of the file (its modules: {})",
                     paths()
@@ -206,13 +211,21 @@ impl ModuleLayout {
                         ))
                     })?),
                 };
-                if let Some(order) = &recorded {
+                // Each module path's first place in the recorded order (paths under `prefix`),
+                // built once: a scan of the order per module, and per comparison of the sort,
+                // took minutes on a file of 10,000 modules.
+                let places: Option<HashMap<&str, usize>> = recorded.as_ref().map(|order| {
+                    let mut places = HashMap::with_capacity(order.len());
+                    for (i, p) in order.iter().enumerate() {
+                        if let Some(path) = p.strip_prefix(prefix) {
+                            places.entry(path).or_insert(i);
+                        }
+                    }
+                    places
+                });
+                if let (Some(order), Some(places)) = (&recorded, &places) {
                     let fits = order.len() == modules.len()
-                        && modules.iter().all(|m| {
-                            order
-                                .iter()
-                                .any(|p| p.strip_prefix(prefix) == Some(m.path.as_str()))
-                        });
+                        && modules.iter().all(|m| places.contains_key(m.path.as_str()));
                     if !fits {
                         let paths: Vec<&str> = modules.iter().map(|m| m.path.as_str()).collect();
                         return Err(structure(format!(
@@ -223,12 +236,8 @@ impl ModuleLayout {
                         )));
                     }
                 }
-                if let Some(order) = recorded {
-                    modules.sort_by_key(|m| {
-                        order
-                            .iter()
-                            .position(|p| p.strip_prefix(prefix) == Some(m.path.as_str()))
-                    });
+                if let Some(places) = &places {
+                    modules.sort_by_key(|m| places.get(m.path.as_str()).copied());
                 }
                 for (place, m) in modules.iter_mut().enumerate() {
                     m.index = 2 * place;
@@ -318,5 +327,43 @@ mod tests {
         assert_eq!(sequential_index("0"), Some(0));
         assert_eq!(sequential_index("12"), Some(12));
         assert_eq!(sequential_index("fc1"), None);
+    }
+
+    /// A file of many named modules with a recorded order (or an `--order`) is laid out in
+    /// time linear in its modules, up to the sort: the order was scanned once per module and
+    /// once per comparison of the sort, and 10,000 modules in reverse order took minutes.
+    #[test]
+    fn a_long_module_order_is_read_quickly() {
+        use std::sync::Arc;
+        let n = 20_000;
+        let mut header = String::from("{");
+        let order: Vec<String> = (0..n).rev().map(|i| format!("m{i}")).collect();
+        let meta = serde_json::to_string(&serde_json::to_string(&order).unwrap()).unwrap();
+        header.push_str(&format!(
+            "\"__metadata__\":{{\"{MODULE_ORDER_KEY}\":{meta}}}"
+        ));
+        for i in 0..n {
+            header.push_str(&format!(
+                ",\"m{i}.weight\":{{\"dtype\":\"F32\",\"shape\":[0,0],\"data_offsets\":[0,0]}}"
+            ));
+        }
+        header.push('}');
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        let file = Checkpoint::from_bytes("many.safetensors", Arc::new(bytes)).unwrap();
+        let start = std::time::Instant::now();
+        let layout = ModuleLayout::read(&file, "").unwrap();
+        let paths: Vec<&str> = layout.modules.iter().map(|m| m.path.as_str()).collect();
+        assert_eq!(paths.len(), n);
+        assert_eq!((paths[0], paths[n - 1]), ("m19999", "m0"));
+        let given: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
+        let layout = ModuleLayout::read_in_order(&file, "", Some(&given)).unwrap();
+        assert_eq!(layout.modules[0].path, "m0");
+        assert_eq!(layout.modules[n - 1].path, format!("m{}", n - 1));
+        let took = start.elapsed();
+        assert!(
+            took < std::time::Duration::from_secs(20),
+            "laying out {n} modules took {took:?}"
+        );
     }
 }
