@@ -742,3 +742,50 @@ fn lora_variants_nibble_does_not_compute_are_refused() {
         );
     }
 }
+
+/// `rank_pattern` / `alpha_pattern` keys are compiled once, as one bounded set: a config of
+/// many costly regexes (63 KB: 2,000 keys such as `\w{1000}`) is an error naming the setting
+/// in well under a second (each key was compiled again at every look-up, under the regex
+/// crate's 10 MiB limit a regex: minutes), many plain keys still load, and the first key in
+/// the file's order that names a module still wins, exact names first.
+#[test]
+fn many_or_costly_rank_patterns_are_read_in_bounded_time() {
+    use nibble_nn::peft::AdapterConfig;
+    let dir = tempdir("patterns");
+    let read = |name: &str, extra: Value| {
+        let d = adapter(&dir, name, &with(&base_config(), extra), &lora(2, &ALL));
+        let start = std::time::Instant::now();
+        let c = AdapterConfig::read(&d);
+        (c, start.elapsed())
+    };
+    let costly: serde_json::Map<String, Value> = (0..2000)
+        .map(|i| (format!("\\w{{{}}}", 200 + i), json!(4)))
+        .collect();
+    let (c, took) = read("costly", json!({ "rank_pattern": costly }));
+    let e = c.unwrap_err().to_string();
+    assert!(e.contains("rank_pattern") && e.contains("limit"), "{e}");
+    assert!(took < std::time::Duration::from_secs(20), "took {took:?}");
+    let many: serde_json::Map<String, Value> =
+        (0..3000).map(|i| (format!("x{i}"), json!(4))).collect();
+    let (c, took) = read(
+        "many",
+        json!({ "rank_pattern": many.clone(), "alpha_pattern": {"x1": 2} }),
+    );
+    let c = c.unwrap();
+    assert_eq!((c.rank("0"), c.rank("a.x17"), c.rank("x17b")), (2, 4, 2));
+    assert!(took < std::time::Duration::from_secs(20), "took {took:?}");
+    // Order: the first matching key, exact names before regexes; a key that is no regex
+    // names a module by its whole name only.
+    let (c, _) = read(
+        "order",
+        json!({ "rank_pattern": {"(": 7, "fc1": 5, "fc\\d": 3},
+                "alpha_pattern": {"(": 14} }),
+    );
+    let c = c.unwrap();
+    assert_eq!(
+        (c.rank("fc1"), c.rank("m.fc2"), c.rank("other"), c.rank("(")),
+        (5, 3, 2, 7)
+    );
+    assert_eq!(c.scaling("("), 2.0);
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -4,6 +4,7 @@ use super::{adapter_error, CONFIG_FILE};
 use crate::error::{Error, Result};
 use serde_json::{json, Value};
 use std::path::Path;
+use std::sync::Arc;
 
 /// PEFT's `LoraConfig` defaults for the settings nibble reads, used where
 /// `adapter_config.json` leaves a setting out: `r = 8`, `lora_alpha = 8`, `use_rslora = false`
@@ -107,6 +108,10 @@ pub struct AdapterConfig {
     pub rank_pattern: Vec<(String, usize)>,
     /// `alpha_pattern`: per-module alphas, keyed likewise.
     pub alpha_pattern: Vec<(String, f64)>,
+    /// The regexes of the keys of `rank_pattern`, compiled once by [`AdapterConfig::read`].
+    rank_regexes: Arc<PatternSet>,
+    /// The regexes of the keys of `alpha_pattern`, likewise.
+    alpha_regexes: Arc<PatternSet>,
     /// `target_modules`: the modules PEFT puts a LoRA layer on (required).
     pub target_modules: ModuleSelector,
     /// `exclude_modules`: modules taken out of `target_modules` (`None`: none).
@@ -146,21 +151,80 @@ impl LayerFilter {
     }
 }
 
-/// Whether PEFT's pattern `pattern` (a key of `rank_pattern` / `alpha_pattern`) names the module
-/// `module`: the whole name, or, as PEFT's `get_pattern_key` matches, a regex matching the
-/// name's last dotted components (`(.*\.)?(pattern)$`).
-fn pattern_names(pattern: &str, module: &str) -> bool {
-    pattern == module
-        || regex::Regex::new(&format!(r"^(?:.*\.)?(?:{pattern})$"))
-            .is_ok_and(|re| re.is_match(module))
+/// The most bytes the regexes of one of `rank_pattern` / `alpha_pattern` may take compiled, all
+/// of its keys together (PEFT's keys are module names or short regexes over them). Compiling
+/// each key again at every look-up, under the regex crate's default limit of 10 MiB a regex,
+/// let a 63 KB config of 2,000 keys such as `\w{1000}` run for minutes.
+const PATTERN_SET_LIMIT: usize = 64 << 20;
+
+/// PEFT's `get_pattern_key` regex for pattern `pattern`: the module name's last dotted
+/// components (`(.*\.)?(pattern)$`).
+fn pattern_source(pattern: &str) -> String {
+    format!(r"^(?:.*\.)?(?:{pattern})$")
 }
 
-/// The value of the first pattern naming `module`, exact names first.
-fn by_pattern<T: Copy>(patterns: &[(String, T)], module: &str) -> Option<T> {
+/// The keys of a `rank_pattern` / `alpha_pattern` map as one set of regexes, compiled once by
+/// [`AdapterConfig::read`]. A key that is no regex nibble reads names a module only by its
+/// whole name.
+#[derive(Debug, Clone, Default)]
+struct PatternSet {
+    /// The regexes of the keys that parse, in the keys' order.
+    set: Option<regex::RegexSet>,
+    /// The position among the keys of each regex of `set`.
+    keys: Vec<usize>,
+}
+
+impl PatternSet {
+    /// The set of `keys`, setting `name` of the config at `path` (for the error where their
+    /// regexes together take more than [`PATTERN_SET_LIMIT`] bytes).
+    fn compile(path: &Path, name: &str, keys: &[&str]) -> Result<Self> {
+        // The syntax alone: a size limit of 0 ends the build once the pattern is parsed.
+        let parses = |k: &str| {
+            !matches!(
+                regex::RegexBuilder::new(&pattern_source(k))
+                    .size_limit(0)
+                    .build(),
+                Err(regex::Error::Syntax(_))
+            )
+        };
+        let at: Vec<usize> = (0..keys.len()).filter(|&i| parses(keys[i])).collect();
+        if at.is_empty() {
+            return Ok(PatternSet::default());
+        }
+        let set = regex::RegexSetBuilder::new(at.iter().map(|&i| pattern_source(keys[i])))
+            .size_limit(PATTERN_SET_LIMIT)
+            .build()
+            .map_err(|e| {
+                adapter_error(
+                    path,
+                    format!(
+                        "`{name}`: its {} patterns take more than nibble's limit of {} MiB \
+                         compiled ({e})",
+                        at.len(),
+                        PATTERN_SET_LIMIT >> 20
+                    ),
+                )
+            })?;
+        Ok(PatternSet {
+            set: Some(set),
+            keys: at,
+        })
+    }
+
+    /// The position among the keys of the first one whose regex matches `module`.
+    fn first_match(&self, module: &str) -> Option<usize> {
+        let set = self.set.as_ref()?;
+        set.matches(module).iter().next().map(|i| self.keys[i])
+    }
+}
+
+/// The value of the first pattern naming `module` (the whole name, or its regex: see
+/// [`pattern_source`]), exact names first.
+fn by_pattern<T: Copy>(patterns: &[(String, T)], set: &PatternSet, module: &str) -> Option<T> {
     patterns
         .iter()
         .find(|(p, _)| p == module)
-        .or_else(|| patterns.iter().find(|(p, _)| pattern_names(p, module)))
+        .or_else(|| set.first_match(module).and_then(|i| patterns.get(i)))
         .map(|(_, v)| *v)
 }
 
@@ -421,11 +485,28 @@ impl AdapterConfig {
                     })
                     .collect()
             };
-        let rank_pattern = patterns("rank_pattern", &|v| rank(v).map(|r| r as f64))?
-            .into_iter()
-            .map(|(k, r)| (k, r as usize))
-            .collect();
+        let rank_pattern: Vec<(String, usize)> =
+            patterns("rank_pattern", &|v| rank(v).map(|r| r as f64))?
+                .into_iter()
+                .map(|(k, r)| (k, r as usize))
+                .collect();
         let alpha_pattern = patterns("alpha_pattern", &number)?;
+        let rank_regexes = Arc::new(PatternSet::compile(
+            &path,
+            "rank_pattern",
+            &rank_pattern
+                .iter()
+                .map(|(k, _)| k.as_str())
+                .collect::<Vec<_>>(),
+        )?);
+        let alpha_regexes = Arc::new(PatternSet::compile(
+            &path,
+            "alpha_pattern",
+            &alpha_pattern
+                .iter()
+                .map(|(k, _)| k.as_str())
+                .collect::<Vec<_>>(),
+        )?);
         let flag = |name: &str, default: bool| match field(name) {
             None => Ok(default),
             Some(v) => v.as_bool().ok_or_else(|| {
@@ -511,6 +592,8 @@ impl AdapterConfig {
             init_product_zero,
             rank_pattern,
             alpha_pattern,
+            rank_regexes,
+            alpha_regexes,
             target_modules,
             exclude_modules,
             modules_to_save,
@@ -539,7 +622,7 @@ impl AdapterConfig {
 
     /// The rank of `module`'s adapter.
     pub fn rank(&self, module: &str) -> usize {
-        by_pattern(&self.rank_pattern, module).unwrap_or(self.r)
+        by_pattern(&self.rank_pattern, &self.rank_regexes, module).unwrap_or(self.r)
     }
 
     /// PEFT's scaling of `module`'s `B A x`: `alpha / r` (or `alpha / √r` with `use_rslora`),
@@ -547,7 +630,7 @@ impl AdapterConfig {
     pub fn scaling(&self, module: &str) -> f32 {
         let (r, alpha) = (
             self.rank(module) as f64,
-            by_pattern(&self.alpha_pattern, module).unwrap_or(self.alpha),
+            by_pattern(&self.alpha_pattern, &self.alpha_regexes, module).unwrap_or(self.alpha),
         );
         (if self.rslora {
             alpha / r.sqrt()
