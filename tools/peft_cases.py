@@ -281,6 +281,12 @@ def cases():
                                                                                            rank_pattern={"3": 2}, alpha_pattern={"0": 3}, bias="all"))))
     C.append(("d3_dora_bn_modules_to_save", "bn", lambda: make_adapter("d3", "bn", dict(L, target_modules=["0", "3"], use_dora=True, modules_to_save=["1"]))))
     C.append(("d4_dora_all_linear", "ln", lambda: make_adapter("d4", "ln", dict(L, target_modules="all-linear", use_dora=True))))
+    # rank_pattern / alpha_pattern: PEFT takes the first key in the file's order that matches,
+    # a whole name getting no precedence (nibble preferred it, and sorted the keys)
+    C.append(("c13_alpha_exact_after_regex", "ln", lambda: make_adapter("c13a", "ln", dict(L, target_modules=["0", "3", "5"],
+                                                                                          alpha_pattern={".*": 2, "3": 16}))))
+    C.append(("c13_alpha_unsorted_handedit", "ln", lambda: make_adapter("c13b", "ln", dict(L, target_modules=["0", "3", "5"]),
+                                                                          cfg_edit=setkv(alpha_pattern={"[35]": 4, "[0-9]": 32}))))
     return C
 
 

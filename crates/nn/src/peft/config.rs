@@ -163,35 +163,37 @@ fn pattern_source(pattern: &str) -> String {
     format!(r"^(?:.*\.)?(?:{pattern})$")
 }
 
-/// The keys of a `rank_pattern` / `alpha_pattern` map as one set of regexes, compiled once by
-/// [`AdapterConfig::read`]. A key that is no regex nibble reads names a module only by its
-/// whole name.
+/// The keys of a `rank_pattern` / `alpha_pattern` map as one set of regexes, in the keys'
+/// order, compiled once by [`AdapterConfig::read`].
 #[derive(Debug, Clone, Default)]
-struct PatternSet {
-    /// The regexes of the keys that parse, in the keys' order.
-    set: Option<regex::RegexSet>,
-    /// The position among the keys of each regex of `set`.
-    keys: Vec<usize>,
-}
+struct PatternSet(Option<regex::RegexSet>);
 
 impl PatternSet {
-    /// The set of `keys`, setting `name` of the config at `path` (for the error where their
-    /// regexes together take more than [`PATTERN_SET_LIMIT`] bytes).
+    /// The set of `keys`, setting `name` of the config at `path` (for the errors: a key that is
+    /// no regex nibble reads, regexes that together take more than [`PATTERN_SET_LIMIT`]
+    /// bytes).
     fn compile(path: &Path, name: &str, keys: &[&str]) -> Result<Self> {
-        // The syntax alone: a size limit of 0 ends the build once the pattern is parsed.
-        let parses = |k: &str| {
-            !matches!(
-                regex::RegexBuilder::new(&pattern_source(k))
-                    .size_limit(0)
-                    .build(),
-                Err(regex::Error::Syntax(_))
-            )
-        };
-        let at: Vec<usize> = (0..keys.len()).filter(|&i| parses(keys[i])).collect();
-        if at.is_empty() {
-            return Ok(PatternSet::default());
+        // The syntax alone: a size limit of 0 ends the build once the pattern is parsed. A key
+        // nibble cannot read as a regex (Python-only syntax such as a lookbehind, which PEFT
+        // matches) is an error: taken as a plain name it would silently match nothing.
+        for k in keys {
+            if let Err(regex::Error::Syntax(e)) = regex::RegexBuilder::new(&pattern_source(k))
+                .size_limit(0)
+                .build()
+            {
+                return Err(adapter_error(
+                    path,
+                    format!(
+                        "`{name}`: the key `{k}` is not a regex nibble reads (PEFT matches each \
+                         key as a Python regex against the module names): {e}"
+                    ),
+                ));
+            }
         }
-        let set = regex::RegexSetBuilder::new(at.iter().map(|&i| pattern_source(keys[i])))
+        if keys.is_empty() {
+            return Ok(PatternSet(None));
+        }
+        let set = regex::RegexSetBuilder::new(keys.iter().map(|k| pattern_source(k)))
             .size_limit(PATTERN_SET_LIMIT)
             .build()
             .map_err(|e| {
@@ -200,32 +202,83 @@ impl PatternSet {
                     format!(
                         "`{name}`: its {} patterns take more than nibble's limit of {} MiB \
                          compiled ({e})",
-                        at.len(),
+                        keys.len(),
                         PATTERN_SET_LIMIT >> 20
                     ),
                 )
             })?;
-        Ok(PatternSet {
-            set: Some(set),
-            keys: at,
-        })
+        Ok(PatternSet(Some(set)))
     }
 
-    /// The position among the keys of the first one whose regex matches `module`.
+    /// The position of the first key whose regex matches `module`.
     fn first_match(&self, module: &str) -> Option<usize> {
-        let set = self.set.as_ref()?;
-        set.matches(module).iter().next().map(|i| self.keys[i])
+        self.0.as_ref()?.matches(module).iter().next()
     }
 }
 
-/// The value of the first pattern naming `module` (the whole name, or its regex: see
-/// [`pattern_source`]), exact names first.
+/// The value of the first pattern, in the file's order, that names `module`, as PEFT's
+/// `get_pattern_key` picks it: the first key whose regex ([`pattern_source`]) matches the name
+/// (a plain module name matches itself; a whole name gets no precedence).
 fn by_pattern<T: Copy>(patterns: &[(String, T)], set: &PatternSet, module: &str) -> Option<T> {
-    patterns
-        .iter()
-        .find(|(p, _)| p == module)
-        .or_else(|| set.first_match(module).and_then(|i| patterns.get(i)))
+    set.first_match(module)
+        .and_then(|i| patterns.get(i))
         .map(|(_, v)| *v)
+}
+
+/// The keys of `rank_pattern` and `alpha_pattern` in the order `adapter_config.json` gives
+/// them (PEFT tries a module's patterns in that order; a [`Value`]'s maps are sorted). Read
+/// apart from the config's [`Value`], where the file allows: a file it cannot be read from
+/// keeps the sorted order, and the config's own reading reports what is wrong with it.
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct PatternOrder {
+    rank_pattern: KeyOrder,
+    alpha_pattern: KeyOrder,
+}
+
+/// The keys of a JSON object in the file's order, each once (where it first stands, as a
+/// Python `dict` keeps them); anything else than an object gives no keys.
+#[derive(Default)]
+struct KeyOrder(Vec<String>);
+
+impl<'de> serde::Deserialize<'de> for KeyOrder {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Keys;
+        impl<'de> serde::de::Visitor<'de> for Keys {
+            type Value = KeyOrder;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<KeyOrder, A::Error> {
+                let mut keys: Vec<String> = Vec::new();
+                let mut seen = std::collections::HashSet::new();
+                while let Some((k, serde::de::IgnoredAny)) = map.next_entry::<String, _>()? {
+                    if seen.insert(k.clone()) {
+                        keys.push(k);
+                    }
+                }
+                Ok(KeyOrder(keys))
+            }
+        }
+        d.deserialize_map(Keys)
+    }
+}
+
+impl KeyOrder {
+    /// `patterns` (sorted by key) in this order; keys it does not hold keep their place after
+    /// those it does.
+    fn arrange<T>(&self, patterns: &mut [(String, T)]) {
+        let place: std::collections::HashMap<&str, usize> = self
+            .0
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (k.as_str(), i))
+            .collect();
+        patterns.sort_by_key(|(k, _)| place.get(k.as_str()).copied().unwrap_or(usize::MAX));
+    }
 }
 
 /// PEFT's `layers_to_transform` (an integer or a list of them; an empty list is no filter)
@@ -485,12 +538,15 @@ impl AdapterConfig {
                     })
                     .collect()
             };
-        let rank_pattern: Vec<(String, usize)> =
+        let mut rank_pattern: Vec<(String, usize)> =
             patterns("rank_pattern", &|v| rank(v).map(|r| r as f64))?
                 .into_iter()
                 .map(|(k, r)| (k, r as usize))
                 .collect();
-        let alpha_pattern = patterns("alpha_pattern", &number)?;
+        let mut alpha_pattern = patterns("alpha_pattern", &number)?;
+        let order: PatternOrder = serde_json::from_slice(&text).unwrap_or_default();
+        order.rank_pattern.arrange(&mut rank_pattern);
+        order.alpha_pattern.arrange(&mut alpha_pattern);
         let rank_regexes = Arc::new(PatternSet::compile(
             &path,
             "rank_pattern",

@@ -105,10 +105,28 @@ pub fn save_adapter<'a>(layers: impl IntoIterator<Item = &'a Linear>, dir: &Path
         "inference_mode": true,
         "use_rslora": false,
         "modules_to_save": null,
-        "target_modules": layers.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(),
+        "target_modules": target_modules(&layers.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>()),
     });
     let text = serde_json::to_string_pretty(&config).expect("json value");
     Ok(replace_file(&config_path, |w| {
         w.write_all(text.as_bytes())
     })?)
+}
+
+/// `target_modules` that makes PEFT adapt exactly the modules `names`. PEFT selects a module by
+/// a list entry that is its whole name *or the end of it after a dot*, so where the Linears sit
+/// at different depths (`nn.Sequential(block(64, 32), block(32, 16), nn.Linear(16, 10))`, each
+/// block a `Sequential(Linear, BatchNorm1d, ReLU)`: Linears `0.0`, `1.0`, `2`) the entry `2`
+/// also names the blocks' ReLUs `0.2` and `1.2`, which a state dict does not show, and
+/// `PeftModel.from_pretrained` refused the adapter ("Target module ReLU() is not supported").
+/// There the names are written as one regex of the whole names (`^(0\.0|1\.0|2)$`), which
+/// PEFT matches with `re.fullmatch`; Linears all at one depth (an `nn.Sequential`'s `0`, `3`,
+/// `5`, a wrapped `net.0`, BigNet's `model.0.model.0`) keep the plain list.
+fn target_modules(names: &[&str]) -> serde_json::Value {
+    let depth = |n: &&str| n.matches('.').count();
+    if names.iter().map(depth).min() == names.iter().map(depth).max() {
+        return json!(names);
+    }
+    let alternatives: Vec<String> = names.iter().map(|n| regex::escape(n)).collect();
+    json!(format!("^({})$", alternatives.join("|")))
 }
