@@ -105,6 +105,7 @@ pub fn evaluate(args: &EvalArgs<'_>) -> Result<EvalReport> {
         eprintln!("note: {note}");
     }
     data.check_fits(reference.features(), reference.label_count())?;
+    reference.check_rows_fit("--data", data.test.len(), false)?;
     let x = &data.test.x;
     let labels = &data.test.y;
     let classes = reference.classes();

@@ -176,7 +176,9 @@ fn train(args: &FinetuneArgs<'_>, history: LossHistory) -> Result<FinetuneReport
     }
     check_rank(args.rank, args.model, &model.linear_shapes())?;
     data.check_fits(model.features(), model.label_count())?;
+    model.check_rows_fit("--data", data.test.len(), false)?;
     let train = data.train()?;
+    model.check_rows_fit("--batch", args.batch.min(train.len()), true)?;
     let classes = model.classes();
     let test_accuracy = |m: &Classifier| -> Result<f64> {
         Ok(accuracy(&m.logits(&data.test.x)?, classes, &data.test.y))

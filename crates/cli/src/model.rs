@@ -430,6 +430,44 @@ impl Classifier {
         self.classes
     }
 
+    /// An error naming `arg` where `rows` rows through the model cannot fit in this machine's
+    /// memory: an inference holds the input and about three buffers of the widest layer, a
+    /// training pass (`training`) every layer's input and output with their gradients. A file
+    /// whose layers are wide but empty (`[2^40, 0]`, no bytes on disk) fails here, not in an
+    /// allocation that aborts the process.
+    pub fn check_rows_fit(&self, arg: &'static str, rows: usize, training: bool) -> Result<()> {
+        let shapes: Vec<(usize, usize)> = self.model.linears().map(|l| l.dims()).collect();
+        let widest = shapes
+            .iter()
+            .flat_map(|&(o, i)| [o, i])
+            .chain([self.features, self.classes])
+            .max()
+            .unwrap_or(0) as u128;
+        let per_row = if training {
+            3 * shapes
+                .iter()
+                .map(|&(o, i)| o as u128 + i as u128)
+                .sum::<u128>()
+                + 4 * widest
+        } else {
+            self.features as u128 + 3 * widest
+        };
+        let bytes = 4 * rows as u128 * per_row;
+        nibble_tensor::machine::fits(bytes).map_err(|(need, total)| Error::Usage {
+            arg,
+            what: format!(
+                "{} {rows} row{} through layers up to {widest} wide needs {need:.1} GiB; this \
+                 machine has {total:.1} GiB",
+                if training {
+                    "training on"
+                } else {
+                    "a forward of"
+                },
+                if rows == 1 { "" } else { "s" }
+            ),
+        })
+    }
+
     /// Whether the model has a Linear layer (the only layers the weight formats store).
     pub fn has_linear(&self) -> bool {
         self.model.linears().next().is_some()

@@ -162,6 +162,20 @@ pub fn quantize(
                 ),
             ));
         }
+        // The weight as f32 and its quantized parts (per-row scales and offsets at most 16
+        // bytes a row): a weight wide but empty (`[2^40, 0]`, no bytes in the file) would make
+        // the format's per-row parts abort the process.
+        let (rows, numel) = (shape[0] as u128, original.numel() as u128);
+        nibble_tensor::machine::fits(8 * numel + 16 * rows).map_err(|(need, total)| {
+            Error::Usage {
+                arg: "IN",
+                what: format!(
+                    "{}: quantizing `{key}` {shape:?} needs {need:.1} GiB; this machine has \
+                     {total:.1} GiB",
+                    input.display()
+                ),
+            }
+        })?;
         let (stored, after): (Vec<f32>, usize) = if format == WeightFormat::F32 {
             let data = original.data().to_vec();
             let n = data.len() * 4;

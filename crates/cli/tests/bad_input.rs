@@ -643,3 +643,52 @@ fn an_output_that_is_a_symlink_or_a_fifo_is_refused_and_left_intact() {
     assert_eq!(names, ["out.safetensors", "precious.bin"]);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Layers wide but empty (`[2^40, 0]`, `[0, 2^40]`: no bytes in a 300-byte file) are refused
+/// before any allocation, naming what they need and what the machine has: eval, finetune and
+/// quantize into int8 or lower (per-row scales of 2^40 rows) aborted the process
+/// ("memory allocation of 4398046511104 bytes failed").
+#[test]
+fn layers_wider_than_the_machine_are_refused_not_aborted() {
+    let dir = tmpdir("wide_empty_layers");
+    let wide = 1usize << 40;
+    let model = dir.join("wide.safetensors");
+    write(
+        &model,
+        &[
+            f32s("0.weight", &[wide, 0], &[]),
+            f32s("2.weight", &[0, wide], &[]),
+            f32s("4.weight", &[2, 0], &[]),
+            f32s("4.bias", &[2], &[0.5, -0.5]),
+        ],
+    );
+    let data = dir.join("data.safetensors");
+    write(
+        &data,
+        &[
+            f32s("x_train", &[1, 0], &[]),
+            i64s("y_train", &[1]),
+            f32s("x_test", &[1, 0], &[]),
+            i64s("y_test", &[0]),
+        ],
+    );
+    let (m, d) = (s(&model), s(&data));
+    for format in ["f32", "int8", "q4"] {
+        let msg = nibble_fails(&["eval", "--model", m, "--data", d, "--format", format]);
+        assert_names(
+            &msg,
+            &["--data", "1099511627776 wide", "GiB", "this machine has"],
+        );
+    }
+    let msg = nibble_fails(&[
+        "finetune", "--model", m, "--data", d, "--format", "f32", "--rank", "1", "--steps", "1",
+    ]);
+    assert_names(&msg, &["1099511627776 wide", "GiB"]);
+    for format in ["int8", "lower"] {
+        let out = dir.join(format!("{format}.safetensors"));
+        let msg = nibble_fails(&["quantize", m, "--format", format, "--output", s(&out)]);
+        assert_names(&msg, &["wide.safetensors", "`0.weight`", "GiB"]);
+        assert!(!out.exists());
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

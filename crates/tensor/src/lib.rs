@@ -15,6 +15,7 @@ pub mod heap;
 pub mod hot_team;
 pub mod layernorm;
 pub mod lowrank;
+pub mod machine;
 pub mod ops;
 pub mod packed;
 pub mod parallel;

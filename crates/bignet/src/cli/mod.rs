@@ -539,27 +539,12 @@ fn max_threads() -> usize {
     (8 * cores()).max(256)
 }
 
-/// Bytes of memory this machine has (`MemTotal` of `/proc/meminfo`), where it can be told.
-fn machine_memory() -> Option<u128> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let kib: u128 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
 /// An error naming `flag` where `what` needs more than `bytes` this machine has in all: a
 /// request that could never run fails here, before an allocation aborts the process.
 fn check_fits(flag: &str, what: &str, bytes: u128) -> Result<()> {
-    match machine_memory() {
-        Some(total) if bytes > total => Err(Error::Input {
-            what: format!(
-                "{flag}: {what} needs {:.1} GiB; this machine has {:.1} GiB",
-                bytes as f64 / (1u64 << 30) as f64,
-                total as f64 / (1u64 << 30) as f64
-            ),
-        }),
-        _ => Ok(()),
-    }
+    nibble_tensor::machine::fits(bytes).map_err(|(need, total)| Error::Input {
+        what: format!("{flag}: {what} needs {need:.1} GiB; this machine has {total:.1} GiB"),
+    })
 }
 
 /// An error naming `flag` where a `[rows, dim]` f32 batch and the buffers a forward over it
