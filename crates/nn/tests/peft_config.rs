@@ -956,3 +956,29 @@ fn regex_lite_fullmatch(pattern: &str) -> impl Fn(&str) -> bool {
     let re = regex::Regex::new(&format!("^(?:{pattern})$")).unwrap();
     move |name| re.is_match(name)
 }
+
+/// PEFT saves an adapter named other than "default" in a subfolder of that name
+/// (`save_pretrained(DIR)` writes `DIR/myad/...`): given `DIR`, the error names the subfolder
+/// to give instead (it said only that `DIR/adapter_config.json` could not be read), and the
+/// subfolder loads.
+#[test]
+fn a_named_adapters_parent_folder_points_at_the_subfolder() {
+    let dir = tempdir("named_adapter");
+    let parent = dir.join("saved");
+    let sub = adapter(&parent, "myad", &base_config(), &lora(2, &ALL));
+    let mut m = model(&dir);
+    let e = m.load_adapter(&parent).unwrap_err().to_string();
+    assert!(
+        e.contains("myad") && e.contains("subfolder") && e.contains("saved"),
+        "{e}"
+    );
+    assert!(adapted(&m).is_empty());
+    m.load_adapter(&sub).unwrap();
+    assert_eq!(adapted(&m).len(), 3);
+    // An empty folder still says what is missing.
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let e = model(&dir).load_adapter(&empty).unwrap_err().to_string();
+    assert!(e.contains("adapter_config.json"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}

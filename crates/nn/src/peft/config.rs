@@ -151,6 +151,21 @@ impl LayerFilter {
     }
 }
 
+/// The subfolders of `dir` that hold an adapter config (PEFT's named adapters), sorted; at
+/// most the first 8.
+fn named_adapters(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().join(CONFIG_FILE).is_file())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names.truncate(8);
+    names
+}
+
 /// The most bytes the regexes of one of `rank_pattern` / `alpha_pattern` may take compiled, all
 /// of its keys together (PEFT's keys are module names or short regexes over them). Compiling
 /// each key again at every look-up, under the regex crate's default limit of 10 MiB a regex,
@@ -409,6 +424,22 @@ impl AdapterConfig {
             ));
         }
         let path = dir.join(CONFIG_FILE);
+        if dir.is_dir() && !path.exists() {
+            // PEFT saves an adapter named other than "default" in a folder of that name.
+            let named = named_adapters(dir);
+            if !named.is_empty() {
+                return Err(adapter_error(
+                    dir,
+                    format!(
+                        "holds no {CONFIG_FILE}, but its subfolders {} do: PEFT saves an adapter \
+                         named other than \"default\" in a folder of that name; give that folder \
+                         (`{}`)",
+                        named.join(", "),
+                        dir.join(&named[0]).display()
+                    ),
+                ));
+            }
+        }
         let text = std::fs::read(&path).map_err(|source| Error::Io {
             path: path.clone(),
             op: "read",
