@@ -1176,3 +1176,127 @@ fn bench_runs_beyond_memory_fail_before_they_start() {
         }
     }
 }
+
+/// `fit` over a PEFT adapter trains it as PEFT does, or refuses before training: an adapter
+/// that leaves layers out (fit trained fresh rank-32 adapters on them, which PEFT's model has
+/// not got) and one that carries base parameters (`bias = "all"`, `modules_to_save`: PEFT
+/// trains them; fit trained none of them and `--save-adapter` dropped them, so the saved
+/// adapter ran 0.4 off the model it was trained as) are errors naming the layers or keys, and
+/// nothing is saved. Forward still runs both.
+#[test]
+fn fit_refuses_peft_adapters_it_cannot_train_as_peft_does() {
+    let dir = tempdir("fit_peft");
+    let path = |name: &str| dir.join(name).to_str().unwrap().to_string();
+    let full = path("full");
+    run_ok(&[
+        "fit",
+        "lora",
+        "--dim",
+        "64",
+        "--steps",
+        "1",
+        "--save-adapter",
+        &full,
+    ]);
+    // The same adapter with one target: PEFT adapts model.0.model.0 only (and ignores the
+    // file's other LoRA tensors).
+    let subset = path("subset");
+    std::fs::create_dir_all(&subset).unwrap();
+    std::fs::copy(
+        dir.join("full/adapter_model.safetensors"),
+        dir.join("subset/adapter_model.safetensors"),
+    )
+    .unwrap();
+    let mut config: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("full/adapter_config.json")).unwrap())
+            .unwrap();
+    config["target_modules"] = serde_json::json!(["model.0.model.0"]);
+    std::fs::write(
+        dir.join("subset/adapter_config.json"),
+        serde_json::to_vec(&config).unwrap(),
+    )
+    .unwrap();
+    let saved = path("saved");
+    for save in [false, true] {
+        let mut args = vec![
+            "fit",
+            "lora",
+            "--dim",
+            "64",
+            "--steps",
+            "1",
+            "--adapter",
+            &subset,
+        ];
+        if save {
+            args.extend(["--save-adapter", &saved]);
+        }
+        fails_with(&args, "this one adapts 1 of them: model.0.model.2");
+        assert!(!dir.join("saved").exists(), "an adapter was saved");
+    }
+    // The reference's BigNet at width 128 with a PEFT adapter of bias = "all".
+    let weights = golden("bignet_d128.pth");
+    let weights = weights.to_str().unwrap();
+    let bias_all = golden("peft_variants/bignet_d128");
+    let bias_all = bias_all.to_str().unwrap();
+    for save in [false, true] {
+        let mut args = vec![
+            "fit",
+            "--weights",
+            weights,
+            "--adapter",
+            bias_all,
+            "--steps",
+            "1",
+        ];
+        if save {
+            args.extend(["--save-adapter", &saved]);
+        }
+        fails_with(
+            &args,
+            "the adapter carries base parameters (base_model.model.",
+        );
+        assert!(!dir.join("saved").exists(), "an adapter was saved");
+    }
+    // Both still run as they are.
+    let x = path("x.safetensors");
+    let y = path("y.safetensors");
+    let xs: Vec<f32> = (0..2 * 128).map(|i| (i as f32 * 0.37).sin()).collect();
+    nibble_bignet::checkpoint::write_safetensors(
+        std::path::Path::new(&x),
+        &[(
+            "x".to_string(),
+            nibble_bignet::checkpoint::DType::F32,
+            vec![2, 128],
+            bytemuck::cast_slice(&xs),
+        )],
+        &Default::default(),
+    )
+    .unwrap();
+    run_ok(&[
+        "forward",
+        "--weights",
+        weights,
+        "--adapter",
+        bias_all,
+        "--input",
+        &x,
+        "--output",
+        &y,
+    ]);
+    // A full adapter of scale 1 still fits and saves.
+    run_ok(&[
+        "fit",
+        "lora",
+        "--dim",
+        "64",
+        "--steps",
+        "1",
+        "--adapter",
+        &full,
+        "--save-adapter",
+        &saved,
+    ]);
+    assert!(dir.join("saved/adapter_model.safetensors").is_file());
+    std::fs::remove_dir_all(&dir).ok();
+}

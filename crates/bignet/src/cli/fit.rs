@@ -26,6 +26,12 @@ pub fn run(
             what: format!("--save-adapter {}: {e}", dir.display()),
         })?;
     }
+    if let Some(dir) = common.adapter.as_deref().filter(|a| a.is_dir()) {
+        // Checked before training: an adapter whose training here would not be PEFT's.
+        if let Some(warning) = check_peft_adapter_trainable(dir, save_adapter.is_some())? {
+            eprintln!("warning: {warning}");
+        }
+    }
     let held_before = memory::current();
     let model = common.spec(variant).build()?;
     if let Some(dir) = save_adapter {
@@ -117,4 +123,127 @@ fn check_adapters_finite(model: &crate::model::BigNet, dir: &Path, lr: f32) -> R
         }
     }
     Ok(())
+}
+
+/// Whether `fit` can train the PEFT adapter in directory `dir` as PEFT trains it. An error
+/// (before any training) where it cannot:
+/// - a linear layer of BigNet that the adapter does not adapt (not in its `target_modules`, or
+///   no `lora_A` / `lora_B` of it in the file): `fit` trains an adapter on every layer, so such
+///   a layer would get a fresh seeded rank-32 adapter and train it, which PEFT's model has not
+///   got (and `--save-adapter` then failed after training: one file holds one rank);
+/// - base parameters in the file (PEFT's `bias = "all"` / `"lora_only"`, `modules_to_save`):
+///   PEFT trains them with the adapter; `fit` trains only the LoRA matrices, and
+///   `--save-adapter` wrote only those, so the saved adapter lost the loaded values (outputs
+///   0.4 off on a width-40 BigNet, with no training at all).
+///
+/// - with `saving` (`--save-adapter`), layers of different ranks (`rank_pattern`): the saved
+///   adapter holds one rank, and saving failed after the training.
+///
+/// `Some(warning)` where the training runs but AdamW's steps differ from PEFT's: a scaling
+/// (`lora_alpha / r`, `use_rslora`, `alpha_pattern`, `rank_pattern`) other than 1, which
+/// nibble folds into B, so that AdamW's steps move `s·B` by what PEFT's move B.
+fn check_peft_adapter_trainable(dir: &Path, saving: bool) -> Result<Option<String>> {
+    use crate::source::{linear_key, BLOCKS, LAYERS_PER_BLOCK};
+    let config = nibble_nn::peft::AdapterConfig::read(dir)?;
+    if config.dora {
+        // Refused on BigNet by the loader, with its own message.
+        return Ok(None);
+    }
+    let weights = nibble_nn::peft::weights_path(dir);
+    let file = crate::checkpoint::Checkpoint::open(&weights)?;
+    let names: Vec<String> = (0..BLOCKS)
+        .flat_map(|b| (0..LAYERS_PER_BLOCK).map(move |l| linear_key(b, l)))
+        .collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let has = |name: &str, part: &str| {
+        [
+            format!("base_model.model.{name}.{part}.weight"),
+            format!("base_model.model.{name}.{part}.default.weight"),
+        ]
+        .iter()
+        .any(|k| file.info(k).is_some())
+    };
+    let unadapted: Vec<&str> = refs
+        .iter()
+        .copied()
+        .filter(|n| !config.targets(n, &refs) || !(has(n, "lora_A") && has(n, "lora_B")))
+        .collect();
+    if !unadapted.is_empty() {
+        return Err(Error::Input {
+            what: format!(
+                "--adapter {}: fit trains an adapter on each of BigNet's {} linear layers, and \
+                 this one adapts {} of them: {} would get fresh rank-{} adapters and train \
+                 them, which PEFT's training of this adapter does not (give an adapter of \
+                 every layer; forward, compare, bench and merge run this one as it is)",
+                dir.display(),
+                refs.len(),
+                refs.len() - unadapted.len(),
+                list(&unadapted),
+                crate::model::LORA_RANK,
+            ),
+        });
+    }
+    let base: Vec<&str> = file.keys().filter(|k| !k.contains(".lora_")).collect();
+    if !base.is_empty() {
+        return Err(Error::Input {
+            what: format!(
+                "--adapter {}: the adapter carries base parameters ({}: PEFT's bias = \"all\" \
+                 or \"lora_only\", or modules_to_save), which PEFT trains with it; fit trains \
+                 only the LoRA matrices and --save-adapter writes only those, so they would \
+                 neither train nor be saved (forward, compare, bench and merge run this \
+                 adapter as it is)",
+                dir.display(),
+                list(&base),
+            ),
+        });
+    }
+    let ranks: std::collections::BTreeSet<usize> = refs.iter().map(|n| config.rank(n)).collect();
+    if saving && ranks.len() > 1 {
+        return Err(Error::Input {
+            what: format!(
+                "--adapter {}: its layers have ranks {} (rank_pattern), and --save-adapter \
+                 writes one rank for every layer: the trained adapters could not be saved",
+                dir.display(),
+                ranks
+                    .iter()
+                    .map(|r| r.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ),
+        });
+    }
+    let scaled: Vec<(&str, f32)> = refs
+        .iter()
+        .map(|&n| (n, config.scaling(n)))
+        .filter(|&(_, s)| s != 1.0)
+        .collect();
+    Ok((!scaled.is_empty()).then(|| {
+        let (first, s) = scaled[0];
+        format!(
+            "--adapter {}: PEFT scales B·A by {s} (lora_alpha / r{}) on {} of the {} layers \
+             ({first}, ...); nibble folds the scaling into B, so AdamW's steps differ from \
+             PEFT's (B's effective learning rate is 1/scaling of PEFT's) and the losses from \
+             the first update on will not be PEFT's; --save-adapter writes the scaled B with \
+             lora_alpha = r",
+            dir.display(),
+            if config.rslora { ", use_rslora" } else { "" },
+            scaled.len(),
+            refs.len(),
+        )
+    }))
+}
+
+/// The first few of `names`, comma-separated, and how many more.
+fn list(names: &[&str]) -> String {
+    const SHOWN: usize = 4;
+    let mut s = names
+        .iter()
+        .take(SHOWN)
+        .copied()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > SHOWN {
+        s.push_str(&format!(" and {} more", names.len() - SHOWN));
+    }
+    s
 }
