@@ -19,7 +19,7 @@ pub enum QuantError {
         /// The offending value.
         value: f32,
     },
-    /// A block scale too large for its storage type (e.g. a Q4 norm above f16's 65504).
+    /// A block scale too large for its storage type (e.g. a Q4 norm that f16 rounds to infinity, 65520 or more).
     #[error("{op}: block scale {value} of the block starting at (row {row}, col {col}) overflows {storage}")]
     ScaleOverflow {
         /// The operation that was attempted.

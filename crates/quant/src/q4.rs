@@ -16,7 +16,8 @@
 //!
 //! Special cases: an all-zero block stores `n = 0` and codes 0 (so `v' = 0`; the reference
 //! would compute 0/0); a NaN/Inf weight is an error naming its (row, col); a block whose
-//! `n` exceeds f16's largest finite value 65504 is an error
+//! `n` f16 rounds to infinity (65520 or more; below that it is stored as at most 65504, as
+//! the reference stores it) is an error
 //! ([`QuantError::ScaleOverflow`]) rather than a clamp, because a clamped `n` would silently
 //! move every weight of the block. A tiny `n` that rounds to 0 (or a subnormal) in f16 simply
 //! dequantizes to that stored value.
@@ -53,7 +54,10 @@ pub struct BlockQ4 {
 }
 const _: () = assert!(std::mem::size_of::<BlockQ4>() == 8);
 
-pub(crate) const F16_MAX: f32 = 65504.0;
+/// The least f32 that f16 rounds to infinity (halfway between f16's largest finite value,
+/// 65504, and 65536; the tie rounds to the even 65536): a block norm below it is stored as a
+/// finite f16 (65504 from 65504 up), as the reference's `.to(torch.float16)` stores it.
+pub(crate) const F16_ROUNDS_TO_INF: f32 = 65520.0;
 
 /// `(c / 15) · 2` for each code, exactly as the reference computes it.
 pub(crate) fn lut() -> [f32; 16] {
@@ -73,7 +77,7 @@ fn fault(op: &'static str, row: usize, x: &[f32]) -> QuantError {
     }
     for (b, blk) in x.chunks(Q4_BLOCK).enumerate() {
         let n = blk.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-        if n > F16_MAX {
+        if n >= F16_ROUNDS_TO_INF {
             return QuantError::ScaleOverflow {
                 op,
                 row,
@@ -114,7 +118,7 @@ pub(crate) fn quantize_blocks_ref(x: &[f32], packed: &mut [u8], norm: &mut [f16]
             }
             n = n.max(v.abs());
         }
-        if n > F16_MAX {
+        if n >= F16_ROUNDS_TO_INF {
             return false;
         }
         norm[b] = f16::from_f32(n);

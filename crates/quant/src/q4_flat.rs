@@ -22,7 +22,7 @@ use crate::bytes::{check_part, check_values, Bytes};
 use crate::cpu::KernelPath;
 use crate::error::{QuantError, Result};
 use crate::kernels::{self, QuantRows};
-use crate::q4::{quantize_blocks_ref, F16_MAX, Q4_BLOCK};
+use crate::q4::{quantize_blocks_ref, F16_ROUNDS_TO_INF, Q4_BLOCK};
 
 /// Blocks quantized per parallel task.
 const BLOCKS_PER_TASK: usize = 256;
@@ -40,7 +40,7 @@ pub struct Q4FlatMatrix {
 impl Q4FlatMatrix {
     /// Quantizes an `out x in` f32 matrix whose `out·in` is a multiple of 16, as the
     /// reference's `q4_quantize(w.flatten())` does. A NaN or infinite weight is a
-    /// [`QuantError::NonFinite`] and a block norm beyond f16's 65504 a
+    /// [`QuantError::NonFinite`] and a block norm that f16 rounds to infinity (65520 or more) a
     /// [`QuantError::ScaleOverflow`], each naming the (row, col) of the weight or block start.
     pub fn quantize(w: &Tensor) -> Result<Self> {
         let (out, inn) = w.dims2("q4_flat_quantize")?;
@@ -140,7 +140,7 @@ fn fault(x: &[f32], inn: usize, start: usize) -> QuantError {
     }
     for (b, blk) in task.chunks(Q4_BLOCK).enumerate() {
         let n = blk.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-        if n > F16_MAX {
+        if n >= F16_ROUNDS_TO_INF {
             let (row, col) = at(start + b * Q4_BLOCK);
             return QuantError::ScaleOverflow {
                 op: "q4_quantize",

@@ -565,10 +565,19 @@ fn q4_quantize_adversarial_blocks_match_reference() {
         (130, f32::INFINITY),
         (131, f32::NEG_INFINITY),
         (200, 70000.0),
+        (200, 65520.0),
+        (201, -65520.0),
     ] {
         let mut y = x.clone();
         y[at] = bad;
         assert!(check(&y).is_err(), "{bad} at {at} must be an error");
+    }
+    // Below f16's rounding to infinity (65520) a norm is stored, as the reference's
+    // `.to(torch.float16)` stores it: 65519 as 65504 (it was refused above 65504).
+    for v in [65505.0f32, 65519.0, -65519.996] {
+        let mut y = x.clone();
+        y[200] = v;
+        assert!(check(&y).is_ok(), "{v} must be stored");
     }
 }
 

@@ -43,7 +43,7 @@ pub(crate) mod q4 {
                 .to_array()
                 .iter()
                 .fold(0.0f32, |a, &v| a.max(v));
-            if n > F16_MAX {
+            if n >= F16_ROUNDS_TO_INF {
                 return false;
             }
             norm[b] = f16::from_f32(n);

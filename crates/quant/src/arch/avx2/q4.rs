@@ -91,7 +91,7 @@ unsafe fn quantize_8_blocks(x: *const f32, packed: *mut u8, norm: *mut f16) -> b
     }
     let n = hmax8(m);
     let finite = _mm256_cmp_ps::<_CMP_LE_OQ>(_mm256_and_ps(sum, absm), _mm256_set1_ps(f32::MAX));
-    let fits = _mm256_cmp_ps::<_CMP_LE_OQ>(n, _mm256_set1_ps(F16_MAX));
+    let fits = _mm256_cmp_ps::<_CMP_LT_OQ>(n, _mm256_set1_ps(F16_ROUNDS_TO_INF));
     if _mm256_movemask_ps(_mm256_and_ps(finite, fits)) != 0xff {
         return false;
     }
@@ -149,7 +149,7 @@ unsafe fn quantize_row_body(x: &[f32], packed: &mut [u8], norm: &mut [f16]) -> b
             return false;
         }
         let n = hmax(_mm256_max_ps(a0, a1));
-        if n > F16_MAX {
+        if n >= F16_ROUNDS_TO_INF {
             return false;
         }
         norm[b] = f16::from_bits(_mm_extract_epi16(_mm_cvtps_ph(_mm_set_ss(n), 0), 0) as u16);
