@@ -780,7 +780,7 @@ fn many_or_costly_rank_patterns_are_refused_or_read() {
 #[test]
 fn rank_and_alpha_patterns_are_tried_in_the_files_order() {
     use nibble_nn::peft::AdapterConfig;
-    let dir = tempdir("pattern_order");
+    let dir = tempdir("pattern_file_order");
     // Written by hand: the keys' order in the text is the point (a `json!` map is sorted).
     let write = |name: &str, patterns: &str| {
         let d = adapter(&dir, name, &base_config(), &lora(2, &ALL));
