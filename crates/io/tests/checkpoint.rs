@@ -1046,6 +1046,18 @@ fn hostile_pickles() {
         "global `os.system` is not allowed",
     );
     assert!(matches!(e, Error::Pickle { offset: 2, .. }), "{e}");
+    // Tensors of dtypes nibble does not read: the error names the dtype family and what to
+    // save instead (it said only that the global is not allowed).
+    let e = expect_err(
+        run(b"\x80\x02ctorch\nComplexFloatStorage\nq\x00."),
+        "torch.ComplexFloatStorage`: tensors of this storage type (complex",
+    );
+    assert!(e.to_string().contains(".float()"), "{e}");
+    let e = expect_err(
+        run(b"\x80\x02ctorch._utils\n_rebuild_tensor_v3\nq\x00."),
+        "float8, uint16, uint32, uint64",
+    );
+    assert!(e.to_string().contains("safetensors"), "{e}");
     // A whole model (`torch.save(model)`): refused, and the error says what to save instead.
     for class in [
         &b"ctorch.nn.modules.container\nSequential\n"[..],

@@ -407,8 +407,24 @@ impl<'a> Vm<'a> {
                 "CharStorage" => Global::Storage(DType::I8),
                 "ByteStorage" => Global::Storage(DType::U8),
                 "BoolStorage" => Global::Storage(DType::Bool),
+                other if other.ends_with("Storage") => {
+                    let other: String = other.chars().take(64).collect();
+                    return self.err(format!(
+                        "global `torch.{other}`: tensors of this storage type (complex, \
+                         quantized or another dtype nibble does not read) are not supported; \
+                         save them as float32 (`.float()`) or an integer type nibble reads"
+                    ));
+                }
                 _ => return self.err(format!("global `torch.{storage}` is not allowed")),
             },
+            ("torch._utils", "_rebuild_tensor_v3") => {
+                return self.err(
+                    "global `torch._utils._rebuild_tensor_v3`: PyTorch saves tensors of the \
+                     newer dtypes this way (float8, uint16, uint32, uint64, ...), which nibble \
+                     does not read from .pth files; save them as float32 (`.float()`) or int64 \
+                     (`.long()`), or as safetensors, whose U16, U32 and U64 nibble reads as features and labels",
+                )
+            }
             _ => match INERT_CLASSES
                 .iter()
                 .find(|c| c.strip_suffix(name).and_then(|m| m.strip_suffix('.')) == Some(module))
