@@ -14,7 +14,8 @@ use std::path::Path;
 /// One format's figures.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct EvalRow {
-    /// The weight format of every Linear.
+    /// The weight format of every Linear (where they differ, each format in the order of the
+    /// first Linear holding it, joined by `+`: `f32+nf4`).
     pub format: String,
     /// Fraction of test rows classified right.
     pub accuracy: f64,
@@ -113,10 +114,20 @@ pub fn evaluate(args: &EvalArgs<'_>) -> Result<EvalReport> {
     let mut rows = Vec::new();
     // Without a Linear layer the weight formats do not apply: every one is the f32 model, so
     // `--format all` gives the one row.
-    let formats = if reference.has_linear() {
-        args.format.formats()
-    } else {
+    // A quantized file holds its one format: `--format all` gives its row (the other formats
+    // would re-quantize its weights, which is refused).
+    let stored = reference.format_label();
+    let formats = if !reference.has_linear() {
         vec![WeightFormat::F32]
+    } else if matches!(args.format, FormatChoice::All) && stored != WeightFormat::F32.name() {
+        eprintln!(
+            "note: --format all: {} is already quantized ({stored}); its one row is the format it \
+             holds",
+            args.model.display()
+        );
+        vec![WeightFormat::F32]
+    } else {
+        args.format.formats()
     };
     for (i, format) in formats.into_iter().enumerate() {
         let model;
@@ -143,7 +154,7 @@ pub fn evaluate(args: &EvalArgs<'_>) -> Result<EvalReport> {
         }
         rows.push(EvalRow {
             // The format the weights are in: the one asked for, or a quantized file's own.
-            format: m.format().name().to_string(),
+            format: m.format_label(),
             accuracy: accuracy(&logits, classes, labels),
             loss: mean_cross_entropy(&logits, classes, labels),
             cosine: mean_row_cosine(&logits, &reference_logits, classes),

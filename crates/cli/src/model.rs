@@ -489,6 +489,24 @@ impl Classifier {
             .map_or(WeightFormat::F32, |l| l.format())
     }
 
+    /// The storage formats of the Linear weights, as a label: the one format, or where the
+    /// Linears differ (a file that `quantize --include` quantized in part) each format in the
+    /// order of the first Linear holding it, joined by `+` (`f32+nf4`).
+    pub fn format_label(&self) -> String {
+        let mut names: Vec<&'static str> = Vec::new();
+        for l in self.model.linears() {
+            let name = l.format().name();
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+        if names.is_empty() {
+            WeightFormat::F32.name().to_string()
+        } else {
+            names.join("+")
+        }
+    }
+
     /// Bytes of the model as stored (weights in their format, LoRA adapters included).
     pub fn bytes(&self) -> usize {
         self.model.model_bytes()

@@ -1315,3 +1315,60 @@ fn prelus_are_given_with_norm() {
     assert!(diff < 1e-5, "logits differ from PyTorch's by {diff}");
     finetune_lowers_the_loss(&g.model, &g.d, "q4", &given);
 }
+
+/// A file that `quantize --include` quantized in part is labelled with each format it holds
+/// (`f32+nf4`; the row said `f32`, the first Linear's format), and `--format all` on a
+/// quantized file gives its one row with a note (it failed naming f16, the second format).
+#[test]
+fn partly_and_wholly_quantized_files_are_labelled_by_what_they_hold() {
+    let dir = tmpdir("partly_quantized");
+    let model = data("digits_mlp.pth");
+    let digits = data("digits.safetensors");
+    let part = dir.join("part.safetensors");
+    let run = nibble(&[
+        "quantize",
+        s(&model),
+        "--format",
+        "nf4",
+        "--include",
+        r"^5\.",
+        "--output",
+        s(&part),
+    ]);
+    assert!(run.ok, "{}", run.stderr);
+    let report = nibble_json(&["eval", "--model", s(&part), "--data", s(&digits), "--json"]);
+    assert_eq!(report["rows"][0]["format"], "f32+nf4", "{report}");
+    let whole = dir.join("whole.safetensors");
+    let run = nibble(&[
+        "quantize",
+        s(&model),
+        "--format",
+        "q4",
+        "--output",
+        s(&whole),
+    ]);
+    assert!(run.ok, "{}", run.stderr);
+    let args = [
+        "eval",
+        "--model",
+        s(&whole),
+        "--data",
+        s(&digits),
+        "--format",
+        "all",
+    ];
+    let run = nibble(&args);
+    assert!(run.ok, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("already quantized (q4)"),
+        "{}",
+        run.stderr
+    );
+    let mut json = args.to_vec();
+    json.push("--json");
+    let report = nibble_json(&json);
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{report}");
+    assert_eq!(rows[0]["format"], "q4");
+    std::fs::remove_dir_all(&dir).ok();
+}
