@@ -166,7 +166,7 @@ fn check_peft_adapter_trainable(dir: &Path, saving: bool) -> Result<Option<Strin
     let unadapted: Vec<&str> = refs
         .iter()
         .copied()
-        .filter(|n| !config.targets(n, &refs) || !(has(n, "lora_A") && has(n, "lora_B")))
+        .filter(|n| !(config.targets(n, &refs) && has(n, "lora_A") && has(n, "lora_B")))
         .collect();
     if !unadapted.is_empty() {
         return Err(Error::Input {
