@@ -578,22 +578,16 @@ impl AdapterConfig {
         let order: PatternOrder = serde_json::from_slice(&text).unwrap_or_default();
         order.rank_pattern.arrange(&mut rank_pattern);
         order.alpha_pattern.arrange(&mut alpha_pattern);
-        let rank_regexes = Arc::new(PatternSet::compile(
-            &path,
+        let compile =
+            |name: &str, keys: Vec<&str>| PatternSet::compile(&path, name, &keys).map(Arc::new);
+        let rank_regexes = compile(
             "rank_pattern",
-            &rank_pattern
-                .iter()
-                .map(|(k, _)| k.as_str())
-                .collect::<Vec<_>>(),
-        )?);
-        let alpha_regexes = Arc::new(PatternSet::compile(
-            &path,
+            rank_pattern.iter().map(|(k, _)| k.as_str()).collect(),
+        )?;
+        let alpha_regexes = compile(
             "alpha_pattern",
-            &alpha_pattern
-                .iter()
-                .map(|(k, _)| k.as_str())
-                .collect::<Vec<_>>(),
-        )?);
+            alpha_pattern.iter().map(|(k, _)| k.as_str()).collect(),
+        )?;
         let flag = |name: &str, default: bool| match field(name) {
             None => Ok(default),
             Some(v) => v.as_bool().ok_or_else(|| {
