@@ -229,6 +229,12 @@ fn fit_here(
             ..AdamWConfig::default()
         },
     )?;
+    // A PEFT adapter loaded with its scaling folded into B trains as PEFT trains its B.
+    for lora in model.linears().filter_map(|l| l.lora.as_ref()) {
+        if lora.b_scale != 1.0 && lora.b.requires_grad() {
+            opt.set_storage_scale(&lora.b, lora.b_scale)?;
+        }
+    }
     let tape = Tape::new();
     let mut report = FitReport {
         // (Grown step by step: the step count may be large, and nothing is known of it.)

@@ -1300,3 +1300,52 @@ fn fit_refuses_peft_adapters_it_cannot_train_as_peft_does() {
     assert!(dir.join("saved/adapter_model.safetensors").is_file());
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `fit --adapter` over PEFT adapters whose scaling is not 1 (`lora_alpha` = 2r; rsLoRA with an
+/// `alpha_pattern` entry) takes PEFT's AdamW steps on B: the scaling is folded into B and
+/// AdamW is told (`AdamW::set_storage_scale`), so the losses are PEFT's, trained with PyTorch's
+/// AdamW on the same task (`tools/golden/make_peft_fit_scaled.py`). With the scaling only
+/// folded in, AdamW stepped on s·B: the losses drifted 3e-3 (2r) to 2e-2 (8r) from PEFT's
+/// within 8 steps at width 40.
+#[test]
+fn fit_trains_scaled_peft_adapters_as_peft_does() {
+    let dir = golden("peft_fit_scaled");
+    let golden_losses: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("losses.json")).unwrap()).unwrap();
+    let weights = golden("bignet_d20.pth");
+    for name in ["alpha_2r", "rslora_pattern"] {
+        let adapter = dir.join(name);
+        let v = json(&[
+            "fit",
+            "bignet",
+            "--weights",
+            weights.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--steps",
+            "8",
+            "--seed",
+            "3",
+            "--json",
+        ]);
+        let ours: Vec<f64> = v["loss"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l.as_f64().unwrap())
+            .collect();
+        let peft: Vec<f64> = golden_losses["losses"][name]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l.as_f64().unwrap())
+            .collect();
+        assert_eq!(ours.len(), peft.len(), "{name}");
+        for (step, (a, b)) in ours.iter().zip(&peft).enumerate() {
+            assert!(
+                (a - b).abs() < 2e-6,
+                "{name} step {step}: nibble {a}, PEFT {b} (all: {ours:?} against {peft:?})"
+            );
+        }
+    }
+}

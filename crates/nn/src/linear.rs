@@ -64,6 +64,11 @@ pub struct LoraAdapter {
     pub b: Param,
     /// DoRA's magnitude and the per-output scale it gives (PEFT's `use_dora`), or `None`.
     pub dora: Option<Dora>,
+    /// The scaling `s` that `b` holds folded in: `b = s · B` for the `B` PEFT trains, where a
+    /// PEFT adapter with `lora_alpha / r` (or its rsLoRA or pattern scaling) other than 1 was
+    /// loaded (see [`crate::peft`]); 1 for nibble's own adapters. An optimizer that is told it
+    /// ([`nibble_autograd::AdamW::set_storage_scale`]) then takes PEFT's steps on `B`.
+    pub b_scale: f32,
 }
 
 /// DoRA (weight-decomposed LoRA, PEFT's `use_dora`): the layer's output without its bias,
@@ -171,6 +176,7 @@ impl LoraAdapter {
                 true,
             ),
             dora: None,
+            b_scale: 1.0,
         })
     }
 

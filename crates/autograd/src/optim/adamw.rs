@@ -55,6 +55,8 @@ pub struct AdamW {
     step: u64,
     exp_avg: Vec<Tensor>,
     exp_avg_sq: Vec<Tensor>,
+    /// Each parameter's storage scale (see [`AdamW::set_storage_scale`]); 1 for most.
+    scales: Vec<f32>,
 }
 
 impl AdamW {
@@ -88,6 +90,7 @@ impl AdamW {
         Ok(AdamW {
             exp_avg: zeros_like(&params),
             exp_avg_sq: zeros_like(&params),
+            scales: vec![1.0; params.len()],
             params,
             config,
             step: 0,
@@ -102,6 +105,61 @@ impl AdamW {
     /// Steps taken so far.
     pub fn steps(&self) -> u64 {
         self.step
+    }
+
+    /// Declares that `param` stores `s · θ` for the `θ` whose AdamW steps are wanted (a LoRA
+    /// `B` with PEFT's scaling `s` folded in, nibble-nn's `LoraAdapter::b_scale`): each step then moves
+    /// `param` by `s` times AdamW's step on `θ`, whose gradient is `s` times `param`'s. With
+    /// `m` and `v` the moments of `param`'s own gradient, that is the usual update with the step
+    /// size times `s` and `eps / s` (the decay `1 − lr·wd` is the same): PEFT's training of `B`,
+    /// up to rounding. An error if `param` is not one this optimizer updates or `s` is not
+    /// finite and positive.
+    ///
+    /// ```
+    /// use nibble_autograd::{AdamW, AdamWConfig, Optimizer, Param};
+    /// use nibble_tensor::Tensor;
+    /// // θ = 0.5 stored as w = 4 θ = 2.0; θ's gradient 0.5 is 4 times w's.
+    /// let (theta, w) = (
+    ///     Param::new("theta", Tensor::from_vec(&[1], vec![0.5]).unwrap(), true),
+    ///     Param::new("w", Tensor::from_vec(&[1], vec![2.0]).unwrap(), true),
+    /// );
+    /// let mut plain = AdamW::new(vec![theta.clone()], AdamWConfig::default()).unwrap();
+    /// let mut scaled = AdamW::new(vec![w.clone()], AdamWConfig::default()).unwrap();
+    /// scaled.set_storage_scale(&w, 4.0).unwrap();
+    /// for _ in 0..3 {
+    ///     theta.accumulate_grad(Tensor::from_vec(&[1], vec![0.5]).unwrap()).unwrap();
+    ///     w.accumulate_grad(Tensor::from_vec(&[1], vec![0.125]).unwrap()).unwrap();
+    ///     plain.step().unwrap();
+    ///     scaled.step().unwrap();
+    ///     plain.zero_grad();
+    ///     scaled.zero_grad();
+    /// }
+    /// let (t, s) = (theta.value().data()[0], w.value().data()[0]);
+    /// assert!((s - 4.0 * t).abs() <= 1e-6 * s.abs(), "{s} against 4 · {t}");
+    /// ```
+    pub fn set_storage_scale(&mut self, param: &Param, scale: f32) -> Result<()> {
+        if !(scale.is_finite() && scale > 0.0) {
+            return Err(AutogradError::InvalidInput {
+                op: "AdamW::set_storage_scale",
+                what: format!(
+                    "parameter {}: the scale must be finite and positive, found {scale}",
+                    param.name()
+                ),
+            });
+        }
+        let i = self
+            .params
+            .iter()
+            .position(|p| p.name() == param.name())
+            .ok_or_else(|| AutogradError::InvalidInput {
+                op: "AdamW::set_storage_scale",
+                what: format!(
+                    "parameter {} is not one this optimizer updates",
+                    param.name()
+                ),
+            })?;
+        self.scales[i] = scale;
+        Ok(())
     }
 }
 
@@ -141,7 +199,8 @@ impl Optimizer for AdamW {
             .par_iter()
             .zip(self.exp_avg.par_iter_mut())
             .zip(self.exp_avg_sq.par_iter_mut())
-            .try_for_each(|((p, m), v)| {
+            .zip(self.scales.par_iter())
+            .try_for_each(|(((p, m), v), &scale)| {
                 let grad = p.grad();
                 let Some(g) = grad.as_ref() else {
                     return Ok(());
@@ -163,6 +222,12 @@ impl Optimizer for AdamW {
                         ),
                     });
                 }
+                // A parameter stored scaled (`set_storage_scale`): AdamW's step on θ, times s.
+                let (step_size, eps) = if scale == 1.0 {
+                    (step_size, c.eps)
+                } else {
+                    (step_size * scale, c.eps / scale)
+                };
                 for (((w, &g), m), v) in value
                     .data_mut()
                     .iter_mut()
@@ -173,7 +238,7 @@ impl Optimizer for AdamW {
                     *w *= decay;
                     *m += (1.0 - c.beta1) * (g - *m); // lerp
                     *v = *v * c.beta2 + (1.0 - c.beta2) * g * g;
-                    let denom = v.sqrt() / bias_correction2_sqrt + c.eps;
+                    let denom = v.sqrt() / bias_correction2_sqrt + eps;
                     *w += -step_size * (*m / denom);
                 }
                 Ok(())

@@ -28,9 +28,7 @@ pub fn run(
     }
     if let Some(dir) = common.adapter.as_deref().filter(|a| a.is_dir()) {
         // Checked before training: an adapter whose training here would not be PEFT's.
-        if let Some(warning) = check_peft_adapter_trainable(dir, save_adapter.is_some())? {
-            eprintln!("warning: {warning}");
-        }
+        check_peft_adapter_trainable(dir, save_adapter.is_some())?;
     }
     let held_before = memory::current();
     let model = common.spec(variant).build()?;
@@ -139,15 +137,15 @@ fn check_adapters_finite(model: &crate::model::BigNet, dir: &Path, lr: f32) -> R
 /// - with `saving` (`--save-adapter`), layers of different ranks (`rank_pattern`): the saved
 ///   adapter holds one rank, and saving failed after the training.
 ///
-/// `Some(warning)` where the training runs but AdamW's steps differ from PEFT's: a scaling
-/// (`lora_alpha / r`, `use_rslora`, `alpha_pattern`, `rank_pattern`) other than 1, which
-/// nibble folds into B, so that AdamW's steps move `s·B` by what PEFT's move B.
-fn check_peft_adapter_trainable(dir: &Path, saving: bool) -> Result<Option<String>> {
+/// A scaling (`lora_alpha / r`, `use_rslora`, `alpha_pattern`) other than 1 trains as PEFT
+/// trains it: nibble folds it into B ([`nibble_nn::LoraAdapter::b_scale`]) and AdamW steps
+/// on the B PEFT holds ([`nibble_autograd::AdamW::set_storage_scale`]).
+fn check_peft_adapter_trainable(dir: &Path, saving: bool) -> Result<()> {
     use crate::source::{linear_key, BLOCKS, LAYERS_PER_BLOCK};
     let config = nibble_nn::peft::AdapterConfig::read(dir)?;
     if config.dora {
         // Refused on BigNet by the loader, with its own message.
-        return Ok(None);
+        return Ok(());
     }
     let weights = nibble_nn::peft::weights_path(dir);
     let file = crate::checkpoint::Checkpoint::open(&weights)?;
@@ -212,25 +210,7 @@ fn check_peft_adapter_trainable(dir: &Path, saving: bool) -> Result<Option<Strin
             ),
         });
     }
-    let scaled: Vec<(&str, f32)> = refs
-        .iter()
-        .map(|&n| (n, config.scaling(n)))
-        .filter(|&(_, s)| s != 1.0)
-        .collect();
-    Ok((!scaled.is_empty()).then(|| {
-        let (first, s) = scaled[0];
-        format!(
-            "--adapter {}: PEFT scales B·A by {s} (lora_alpha / r{}) on {} of the {} layers \
-             ({first}, ...); nibble folds the scaling into B, so AdamW's steps differ from \
-             PEFT's (B's effective learning rate is 1/scaling of PEFT's) and the losses from \
-             the first update on will not be PEFT's; --save-adapter writes the scaled B with \
-             lora_alpha = r",
-            dir.display(),
-            if config.rslora { ", use_rslora" } else { "" },
-            scaled.len(),
-            refs.len(),
-        )
-    }))
+    Ok(())
 }
 
 /// The first few of `names`, comma-separated, and how many more.

@@ -311,7 +311,7 @@ pub fn load_adapter_into<'a>(
                 } else {
                     None
                 };
-                loaded.push((index, a, b, dora))
+                loaded.push((index, a, b, dora, scaling))
             }
             Err(found) if found.is_empty() => {}
             Err(_) => {
@@ -493,13 +493,14 @@ pub fn load_adapter_into<'a>(
         }
         return Err(adapter_error(dir, what));
     }
-    for (index, a, b, dora) in loaded {
+    for (index, a, b, dora, b_scale) in loaded {
         let layer = &mut layers[index];
         match &mut layer.lora {
             Some(lora) => {
                 *lora.a.value_mut() = a;
                 *lora.b.value_mut() = b;
                 lora.dora = dora;
+                lora.b_scale = b_scale;
             }
             None => {
                 // As PEFT does: with an adapter on it, the base stops training.
@@ -511,6 +512,7 @@ pub fn load_adapter_into<'a>(
                     a: Param::new(format!("{module}.lora_a.weight"), a, true),
                     b: Param::new(format!("{module}.lora_b.weight"), b, true),
                     dora,
+                    b_scale,
                 });
             }
         }
