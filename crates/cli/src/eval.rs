@@ -3,7 +3,7 @@
 
 use crate::args::FormatChoice;
 use crate::compare::{accuracy, mean_cross_entropy, mean_row_cosine};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::{Classifier, Structure};
 use crate::paths::{adapter_inputs, refuse_overwrite_owned};
 use nibble_io::{write_safetensors, DType, Dataset, WeightFormat, FORMAT_KEY};
@@ -111,6 +111,13 @@ pub fn evaluate(args: &EvalArgs<'_>) -> Result<EvalReport> {
     let labels = &data.test.y;
     let classes = reference.classes();
     let reference_logits = reference.logits(x)?;
+    // Every row's cosine is taken to these logits.
+    check_logits_finite(
+        args.model,
+        &reference.format_label(),
+        &reference_logits,
+        classes,
+    )?;
     let mut rows = Vec::new();
     // Without a Linear layer the weight formats do not apply: every one is the f32 model, so
     // `--format all` gives the one row.
@@ -118,6 +125,12 @@ pub fn evaluate(args: &EvalArgs<'_>) -> Result<EvalReport> {
     // would re-quantize its weights, which is refused).
     let stored = reference.format_label();
     let formats = if !reference.has_linear() {
+        if args.format.formats() != [WeightFormat::F32] {
+            eprintln!(
+                "note: {} has no Linear layer, so the weight formats do not apply: one f32 row",
+                args.model.display()
+            );
+        }
         vec![WeightFormat::F32]
     } else if matches!(args.format, FormatChoice::All) && stored != WeightFormat::F32.name() {
         eprintln!(
@@ -138,6 +151,7 @@ pub fn evaluate(args: &EvalArgs<'_>) -> Result<EvalReport> {
             let logits = model.logits(x)?;
             (&model, logits)
         };
+        check_logits_finite(args.model, &m.format_label(), &logits, classes)?;
         if i == 0 {
             if let Some(out) = args.logits {
                 let bytes: Vec<u8> = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -168,6 +182,27 @@ pub fn evaluate(args: &EvalArgs<'_>) -> Result<EvalReport> {
     })
 }
 
+/// An error naming `--model`, the format, the test row, the class and the value, unless every
+/// logit of `logits` (`[rows, classes]`) is finite. A model whose weights are finite can still
+/// overflow f32 on the data (a weight near 1e37, say): its loss and cosine would be NaN, which
+/// the table would print as `NaN` and `--json` as `null`, not the numbers it promises.
+fn check_logits_finite(model: &Path, format: &str, logits: &[f32], classes: usize) -> Result<()> {
+    match logits.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(at) => Err(Error::Usage {
+            arg: "--model",
+            what: format!(
+                "{}: the {format} model's logit of test row {}, class {} is {}: the model \
+                 overflows f32 on the data, so its loss and cosine are not numbers",
+                model.display(),
+                at / classes.max(1),
+                at % classes.max(1),
+                logits[at]
+            ),
+        }),
+    }
+}
+
 /// Runs `eval`, printing a table or one JSON object.
 pub fn run(args: &EvalArgs<'_>, json: bool) -> Result<()> {
     let report = evaluate(args)?;
@@ -176,12 +211,6 @@ pub fn run(args: &EvalArgs<'_>, json: bool) -> Result<()> {
         return Ok(());
     }
     println!("{} on {}:", report.model, report.data);
-    if args.format == FormatChoice::All && report.rows.len() == 1 {
-        eprintln!(
-            "note: {} has no Linear layer, so the weight formats do not apply: one f32 row",
-            report.model
-        );
-    }
     print_table(&report.rows);
     Ok(())
 }

@@ -171,6 +171,8 @@ fn train(args: &FinetuneArgs<'_>, history: LossHistory) -> Result<FinetuneReport
     )?;
     let data = Dataset::open(args.data)?;
     let mut model = Classifier::open(args.model, &structure, args.format)?;
+    // The formats the base holds: `--format`, or a quantized file's own (`q4`, `f32+nf4`).
+    let format = model.format_label();
     for note in model.notes(args.model) {
         eprintln!("note: {note}");
     }
@@ -233,7 +235,7 @@ fn train(args: &FinetuneArgs<'_>, history: LossHistory) -> Result<FinetuneReport
         model.save_adapter(dir)?;
     }
     Ok(FinetuneReport {
-        format: args.format.name().to_string(),
+        format,
         rank: args.rank,
         steps: args.steps,
         accuracy_before,

@@ -1364,11 +1364,114 @@ fn partly_and_wholly_quantized_files_are_labelled_by_what_they_hold() {
         "{}",
         run.stderr
     );
+    // Its one row is q4's, not a model without Linears (the note said so, in the table only).
+    assert!(!run.stderr.contains("no Linear layer"), "{}", run.stderr);
     let mut json = args.to_vec();
     json.push("--json");
     let report = nibble_json(&json);
     let rows = report["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 1, "{report}");
     assert_eq!(rows[0]["format"], "q4");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `finetune` names the format its base holds, as `eval` labels it: a file quantized to q4
+/// and trained with `--format f32` (the default of eval) trains over q4 weights, and a file
+/// quantized in part over `f32+nf4` ones (the report said `f32`, the `--format` given, while
+/// `accuracy_before` was the quantized model's).
+#[test]
+fn finetune_names_the_format_a_quantized_file_holds() {
+    let dir = tmpdir("finetune_quantized_label");
+    let model = data("digits_mlp.pth");
+    let digits = data("digits.safetensors");
+    for (format, include, want) in [("q4", None, "q4"), ("nf4", Some(r"^5\."), "f32+nf4")] {
+        let out = dir.join(format!("{format}.safetensors"));
+        let mut args = vec![
+            "quantize",
+            s(&model),
+            "--format",
+            format,
+            "--output",
+            s(&out),
+        ];
+        if let Some(re) = include {
+            args.extend(["--include", re]);
+        }
+        let run = nibble(&args);
+        assert!(run.ok, "{}", run.stderr);
+        let eval = nibble_json(&["eval", "--model", s(&out), "--data", s(&digits), "--json"]);
+        assert_eq!(eval["rows"][0]["format"], want, "{eval}");
+        let common = [
+            "--model",
+            s(&out),
+            "--data",
+            s(&digits),
+            "--format",
+            "f32",
+            "--rank",
+            "2",
+            "--steps",
+            "2",
+        ];
+        let mut json = vec!["finetune"];
+        json.extend(common);
+        json.push("--json");
+        let report = nibble_json(&json);
+        assert_eq!(report["format"], want, "{report}");
+        assert_eq!(
+            report["accuracy_before"], eval["rows"][0]["accuracy"],
+            "{report} {eval}"
+        );
+        let mut text = vec!["finetune"];
+        text.extend(common);
+        let run = nibble(&text);
+        assert!(
+            run.ok && run.stdout.starts_with(&format!("{want} base,")),
+            "{}{}",
+            run.stdout,
+            run.stderr
+        );
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Finite weights whose logits overflow f32 on the data are an error naming the format, the
+/// row and the value: their loss and cosine are NaN, which `--json` printed as `null` (and the
+/// table as `NaN`, exit status 0).
+#[test]
+fn logits_that_overflow_are_an_error_not_null_figures() {
+    let dir = tmpdir("overflowing_logits");
+    let model = dir.join("huge.safetensors");
+    let (w0, w1): (Vec<f32>, Vec<f32>) = ((0..6).map(|i| i as f32 - 2.5).collect(), vec![3e37; 6]);
+    write(
+        &model,
+        &[
+            f32s("0.weight", &[3, 2], &w0),
+            f32s("0.bias", &[3], &[0.0; 3]),
+            f32s("2.weight", &[2, 3], &w1),
+            f32s("2.bias", &[2], &[0.0; 2]),
+        ],
+    );
+    let digits = dir.join("data.safetensors");
+    write(
+        &digits,
+        &[
+            f32s("x_test", &[2, 2], &[100.0, -100.0, -100.0, 100.0]),
+            i64s("y_test", &[0, 1]),
+        ],
+    );
+    for format in ["f32", "int8"] {
+        for json in [true, false] {
+            let mut args = model_data_args("eval", &model, &digits, &["--format", format]);
+            if json {
+                args.push("--json");
+            }
+            let msg = nibble_fails(&args);
+            assert!(
+                msg.contains("overflows f32") && msg.contains("test row 1") && msg.contains("inf"),
+                "{msg}"
+            );
+        }
+    }
     std::fs::remove_dir_all(&dir).ok();
 }
