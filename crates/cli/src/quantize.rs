@@ -117,11 +117,14 @@ pub fn quantize(
         report.bytes_before += bytes.len();
         // A weight-normalized Linear: its v part stands for the weight, its g part is folded in.
         let folded = norms.iter().find(|n| n.g == key || n.v == key);
+        // The input bytes the weight took: a weight-normalized one's g and v parts.
+        let mut bytes_before = bytes.len();
         let (key, original) = match folded {
             Some(n) if selects(&n.weight) && is_float(dtype) => {
                 if n.g == key {
                     continue;
                 }
+                bytes_before += file.bytes(&n.g)?.len();
                 let vb = nibble_nn::VarBuilder::new(&file).pp(&n.module);
                 // `weight_norms` found both parts, so the weight is there (or an error).
                 let w = vb.weight_norm()?.ok_or_else(|| Error::Usage {
@@ -212,7 +215,7 @@ pub fn quantize(
             max_diff,
             mean_diff,
             cosine: cosine(&stored, original.data()),
-            bytes_before: bytes.len(),
+            bytes_before,
             bytes_after: after,
         });
     }

@@ -1211,6 +1211,35 @@ fn weight_normalized_linears_give_pytorchs_logits() {
         let report = g.quantized_reads_as_on_load(format, &[]);
         let names = report_names(&report);
         assert_eq!(names, ["0.weight", "2.weight", "4.weight"], "{format}");
+        // Each weight took its g and v parts in the input (the report counted v alone, so
+        // the tensors and the untouched biases did not add up to `bytes_before`).
+        let input = nibble_io::Checkpoint::open(&g.model).unwrap();
+        let part_bytes = |key: &str| input.bytes(key).unwrap().len() as u64;
+        let (new, old) = (".parametrizations.weight.original", ".weight_");
+        let parts = [
+            [format!("0{new}0"), format!("0{new}1")],
+            [format!("2{old}g"), format!("2{old}v")],
+            [format!("4{new}0"), format!("4{new}1")],
+        ];
+        for (t, [gk, vk]) in report["tensors"].as_array().unwrap().iter().zip(&parts) {
+            let want = part_bytes(gk) + part_bytes(vk);
+            assert_eq!(t["bytes_before"].as_u64(), Some(want), "{format}: {t}");
+        }
+        let biases: u64 = ["0.bias", "2.bias", "4.bias"]
+            .iter()
+            .map(|k| part_bytes(k))
+            .sum();
+        let tensors: u64 = report["tensors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["bytes_before"].as_u64().unwrap())
+            .sum();
+        assert_eq!(
+            report["bytes_before"].as_u64(),
+            Some(tensors + biases),
+            "{report}"
+        );
     }
     // Without `weight_v`, the middle layer is half a weight.
     let pth = nibble_io::Checkpoint::open(&g.model).unwrap();
