@@ -51,6 +51,19 @@ fn stats_json_has_every_key_and_counts_parameters() {
         18 * (64 * 64 + 64) + 5 * 128
     );
     assert_eq!(v["qlora"]["trainable_params"], 18 * 2 * 32 * 64);
+    // The total is a count, as its parts are (it was in millions, the table's unit: 0.07...).
+    for variant in ["bignet", "qlora"] {
+        let count = |key: &str| {
+            v[variant][key]
+                .as_u64()
+                .unwrap_or_else(|| panic!("{key}: {v}"))
+        };
+        assert_eq!(
+            count("total_params"),
+            count("trainable_params") + count("non_trainable_params"),
+            "{v}"
+        );
+    }
     assert!(v["bignet"]["actual_mb"].as_f64().unwrap() > 0.0);
     assert!(v["bignet"]["backward_mb"].as_f64().unwrap() > 0.0);
 }
@@ -1348,4 +1361,47 @@ fn fit_trains_scaled_peft_adapters_as_peft_does() {
             );
         }
     }
+}
+
+/// Finite weights whose outputs overflow f32 (the golden width-128 weights times 1e36) make
+/// `compare` an error naming the variant and the element, not `"max_diff": null` (NaN, which
+/// serde_json writes as null; the text said NaN, exit status 0).
+#[test]
+fn compare_of_outputs_that_overflow_is_an_error_not_null() {
+    use nibble_bignet::checkpoint::{write_safetensors, Checkpoint};
+    let dir = std::env::temp_dir().join(format!("nibble-cli-overflow-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sd = Checkpoint::open(golden("bignet_d128.safetensors")).unwrap();
+    let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = sd
+        .keys()
+        .map(|k| {
+            let t = sd.tensor_f32(k, None).unwrap();
+            let scale = if t.shape().len() == 2 { 1e36 } else { 1.0 };
+            let data = t.data().iter().map(|v| v * scale).collect();
+            (k.to_string(), t.shape().to_vec(), data)
+        })
+        .collect();
+    let entries: Vec<_> = tensors
+        .iter()
+        .map(|(k, shape, data)| {
+            (
+                k.clone(),
+                nibble_bignet::checkpoint::DType::F32,
+                shape.clone(),
+                bytemuck::cast_slice::<f32, u8>(data),
+            )
+        })
+        .collect();
+    let huge = dir.join("huge.safetensors");
+    write_safetensors(&huge, &entries, &Default::default()).unwrap();
+    let huge = huge.to_str().unwrap();
+    for json in [true, false] {
+        let mut args = vec!["compare", "bignet", "int8", "--weights", huge];
+        if json {
+            args.push("--json");
+        }
+        fails_with(&args, "overflow f32");
+        fails_with(&args, "bignet's output");
+    }
+    std::fs::remove_dir_all(&dir).ok();
 }

@@ -24,10 +24,11 @@ pub fn run(
     }
     let model = common.spec(variant).build()?;
     let x = normal_batch(1024, model.dim(), common.seed);
-    let unmerged = model.infer(&x)?;
+    let unmerged = super::compare::check_output_finite(variant, model.infer(&x)?)?;
     let (merged, report) = merge_adapters(&model, into)?;
     drop(model);
-    let (max, mean) = merged.infer(&x)?.abs_diff_stats(&unmerged)?;
+    let y = super::compare::check_output_finite(merged.variant(), merged.infer(&x)?)?;
+    let (max, mean) = y.abs_diff_stats(&unmerged)?;
     save_model(&merged, output)?;
     if as_json {
         println!(

@@ -94,7 +94,8 @@ pub fn run(variants: &[Variant], as_json: bool, common: &Common) -> Result<()> {
             let mut entry = json!({
                 "trainable_params": c.trainable,
                 "non_trainable_params": c.non_trainable,
-                "total_params": (c.trainable + c.non_trainable) as f64 / 1e6,
+                // A count, as its two parts are (the table prints it in millions).
+                "total_params": c.trainable + c.non_trainable,
                 "theoretical_mb": mb(c.theoretical),
                 "actual_mb": mb(c.actual),
                 "forward_mb": mb(c.forward),
