@@ -1403,5 +1403,10 @@ fn compare_of_outputs_that_overflow_is_an_error_not_null() {
         fails_with(&args, "overflow f32");
         fails_with(&args, "bignet's output");
     }
+    // fit's first loss, before any update, blames the model, not --lr (it said "training
+    // diverged ... try a lower --lr").
+    let args = ["fit", "bignet", "--weights", huge, "--steps", "2"];
+    fails_with(&args, "before any update");
+    fails_with(&args, "not --lr");
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -535,3 +535,36 @@ fn a_bad_adapter_destination_is_refused_before_training() {
             .is_symlink()
     );
 }
+
+/// A model whose logits overflow f32 on the training data before any update (finite weights
+/// near 3e38) is an error naming the model, not --lr: it said "training diverged ... try a
+/// lower --lr", though no step had been taken.
+#[test]
+fn a_model_that_overflows_before_training_is_blamed_not_the_lr() {
+    let dir = tmpdir("overflows_before_training");
+    let model = dir.join("huge.safetensors");
+    write(
+        &model,
+        &[
+            f32s("0.weight", &[3, 4], &[3e38; 12]),
+            f32s("0.bias", &[3], &[0.0; 3]),
+            f32s("2.weight", &[2, 3], &[1.0, -1.0, 1.0, -1.0, 1.0, -1.0]),
+            f32s("2.bias", &[2], &[0.0; 2]),
+        ],
+    );
+    let data = tiny_data(&dir, "data.safetensors", &[("test", 4), ("train", 8)]);
+    let mut args = model_data_args("finetune", &model, &data, &["--format", "f32"]);
+    args.extend(["--rank", "1", "--steps", "2", "--lr", "0.001"]);
+    let msg = nibble_fails(&args);
+    assert_names(
+        &msg,
+        &[
+            "--model",
+            "huge.safetensors",
+            "before any update",
+            "not --lr",
+        ],
+    );
+    assert!(!msg.contains("try a lower --lr"), "{msg}");
+    std::fs::remove_dir_all(&dir).ok();
+}
