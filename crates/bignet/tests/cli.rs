@@ -1410,3 +1410,29 @@ fn compare_of_outputs_that_overflow_is_an_error_not_null() {
     fails_with(&args, "not --lr");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `bench --train` says so where a variant has nothing to train (it skipped it silently).
+#[test]
+fn bench_train_notes_a_variant_without_trainable_parameters() {
+    let out = bignet(&[
+        "bench",
+        "low_precision",
+        "--dim",
+        "32",
+        "--batch",
+        "1",
+        "--runs",
+        "1",
+        "--train",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("low_precision has no trainable parameters"),
+        "{err}"
+    );
+}

@@ -114,6 +114,10 @@ pub fn run(
         }
         let Some(options) = train else { continue };
         if model.trainable_params().is_empty() {
+            eprintln!(
+                "note: --train: {variant} has no trainable parameters, so no training step is \
+                 timed for it"
+            );
             continue;
         }
         // The plain step, the checkpointed one (with --checkpoint) and the step under all the
