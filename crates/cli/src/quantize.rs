@@ -113,18 +113,20 @@ pub fn quantize(
         let Some((dtype, shape)) = file.info(key) else {
             continue;
         };
-        let bytes = file.bytes(key)?;
-        report.bytes_before += bytes.len();
+        // Counted without copying a strided `.pth` tensor (`bytes` keeps its copy while the
+        // file is open; the weights are read through `tensor_f32`, which does not).
+        let len = file.byte_len(key)?;
+        report.bytes_before += len;
         // A weight-normalized Linear: its v part stands for the weight, its g part is folded in.
         let folded = norms.iter().find(|n| n.g == key || n.v == key);
         // The input bytes the weight took: a weight-normalized one's g and v parts.
-        let mut bytes_before = bytes.len();
+        let mut bytes_before = len;
         let (key, original) = match folded {
             Some(n) if selects(&n.weight) && is_float(dtype) => {
                 if n.g == key {
                     continue;
                 }
-                bytes_before += file.bytes(&n.g)?.len();
+                bytes_before += file.byte_len(&n.g)?;
                 let vb = nibble_nn::VarBuilder::new(&file).pp(&n.module);
                 // `weight_norms` found both parts, so the weight is there (or an error).
                 let w = vb.weight_norm()?.ok_or_else(|| Error::Usage {
@@ -142,6 +144,7 @@ pub fn quantize(
                 (key, file.tensor_f32(key, None)?)
             }
             _ => {
+                let bytes = file.bytes(key)?;
                 report.bytes_after += bytes.len();
                 owned.push((key.to_string(), dtype, shape.to_vec(), Cow::Borrowed(bytes)));
                 continue;

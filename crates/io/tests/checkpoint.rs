@@ -892,7 +892,18 @@ fn crafted_pth_loads() {
         ck.tensor_f32("wt", Some(&[2, 2])).unwrap().data(),
         &[1., 3., 2., 4.]
     );
+    // Read again through the copy `bytes` keeps (`tensor_f32` above made one for its call
+    // alone, so that a file of many strided views is not held copied while it is open).
+    assert_eq!(ck.byte_len("wt").unwrap(), 16);
     assert_eq!(ck.bytes("wt").unwrap(), &f32s(&[1., 3., 2., 4.])[..]);
+    assert_eq!(
+        ck.tensor_f32("wt", Some(&[2, 2])).unwrap().data(),
+        &[1., 3., 2., 4.]
+    );
+    assert_eq!(
+        ck.half("wt", Some(&[2, 2])).unwrap().to_f32().data(),
+        &[1., 3., 2., 4.]
+    );
     assert_eq!(
         ck.shared_bytes("wt").unwrap().as_ref(),
         &f32s(&[1., 3., 2., 4.])[..]

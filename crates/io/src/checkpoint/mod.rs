@@ -520,6 +520,47 @@ impl Checkpoint {
         }
     }
 
+    /// The number of bytes [`bytes`](Checkpoint::bytes) gives for `key` (its elements times
+    /// their size), without copying a strided `.pth` tensor. An error for a missing key or a
+    /// size that overflows.
+    pub fn byte_len(&self, key: &str) -> Result<usize> {
+        let entry = self.entry(key)?;
+        checked_nbytes(&entry.shape, entry.dtype.size_of()).ok_or_else(|| Error::BadTensor {
+            path: self.path.clone(),
+            key: key.to_owned(),
+            reason: format!("the byte size of shape {:?} overflows", entry.shape),
+        })
+    }
+
+    /// A tensor's raw bytes as [`bytes`](Checkpoint::bytes) gives them, but a strided `.pth`
+    /// tensor's contiguous copy is made for this call alone unless one is already kept: the
+    /// readers that convert the bytes into a tensor of their own ([`tensor_f32`](Checkpoint::tensor_f32),
+    /// [`half`](Checkpoint::half)) would otherwise keep a copy of every strided tensor they read
+    /// for as long as the checkpoint is open (a file of 1,000 transposed views of one 4 MB
+    /// storage held 4 GB).
+    fn transient_bytes(&self, key: &str) -> Result<std::borrow::Cow<'_, [u8]>> {
+        let entry = self.entry(key)?;
+        if let Data::Strided {
+            storage,
+            offset,
+            stride,
+            copy,
+        } = &entry.data
+        {
+            if copy.get().is_none() {
+                let src = (*self.backing).as_ref().get(storage.clone()).unwrap_or(&[]);
+                return Ok(std::borrow::Cow::Owned(pth::gather(
+                    src,
+                    entry.dtype.size_of(),
+                    *offset,
+                    &entry.shape,
+                    stride,
+                )));
+            }
+        }
+        self.bytes(key).map(std::borrow::Cow::Borrowed)
+    }
+
     /// A tensor's raw little-endian bytes, row-major and contiguous. Borrowed from the map
     /// except for strided `.pth` tensors, which are copied once, on first access.
     pub fn bytes(&self, key: &str) -> Result<&[u8]> {
@@ -594,7 +635,8 @@ impl Checkpoint {
                 })
             }
         };
-        let b = self.bytes(key)?;
+        let b = self.transient_bytes(key)?;
+        let b: &[u8] = &b;
         self.check_data_len(key, entry, elem, b.len())?;
         // Widened straight into the tensor's own (huge-page) buffer: no intermediate Vec.
         let t = match entry.dtype {
@@ -679,7 +721,8 @@ impl Checkpoint {
                 })
             }
         };
-        let b = self.bytes(key)?;
+        let b = self.transient_bytes(key)?;
+        let b: &[u8] = &b;
         self.check_data_len(key, entry, elem, b.len())?;
         let t = if elem == 2 {
             HalfTensor::from_fn(&entry.shape, |i| {
