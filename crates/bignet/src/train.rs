@@ -244,22 +244,24 @@ fn fit_here(
     };
     for step in 0..steps {
         let (loss, acc) = train_step_with(model, task, &tape, &mut opt, options)?;
-        if !loss.is_finite() && step == 0 {
-            // Before any update: the model itself overflows on the task, whatever the lr.
-            return Err(Error::Input {
-                what: format!(
-                    "fit: the loss of the first step, before any update, is {loss}: the model \
-                     overflows f32 on fit's task (its weights, not --lr); nothing was saved"
-                ),
-            });
-        }
         if !loss.is_finite() {
-            // Every later step would be NaN too, and so would the adapters.
-            return Err(Error::Diverged {
-                step: step + 1,
-                steps,
-                loss,
-                lr,
+            // Every later step would be NaN too, and so would the adapters. The first step's
+            // loss comes before any update: then the model itself overflows, whatever the lr.
+            return Err(if step == 0 {
+                Error::Input {
+                    what: format!(
+                        "fit: the loss of the first step, before any update, is {loss}: the \
+                         model overflows f32 on fit's task (its weights, not --lr); nothing was \
+                         saved"
+                    ),
+                }
+            } else {
+                Error::Diverged {
+                    step: step + 1,
+                    steps,
+                    loss,
+                    lr,
+                }
             });
         }
         report.loss.push(loss);

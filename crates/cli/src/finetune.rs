@@ -203,25 +203,26 @@ fn train(args: &FinetuneArgs<'_>, history: LossHistory) -> Result<FinetuneReport
         let (x, y) = train.rows(&batches.take(batch))?;
         opt.zero_grad();
         let value = model.train_loss(&tape, x, &y)?;
-        if !value.is_finite() && step == 0 {
-            // Before any update: the model itself overflows on the data, whatever --lr.
-            return Err(Error::Usage {
-                arg: "--model",
-                what: format!(
-                    "{}: the loss of the first training step, before any update, is {value}: \
-                     the model overflows f32 on the training data (its weights or the data, not \
-                     --lr); nothing was saved",
-                    args.model.display()
-                ),
-            });
-        }
         if !value.is_finite() {
-            // Every later step would be NaN too, and so would the adapter.
-            return Err(Error::Diverged {
-                step: step + 1,
-                steps: args.steps,
-                loss: value,
-                lr: args.lr,
+            // Every later step would be NaN too, and so would the adapter. The first step's
+            // loss comes before any update: then the model itself overflows, whatever --lr.
+            return Err(if step == 0 {
+                Error::Usage {
+                    arg: "--model",
+                    what: format!(
+                        "{}: the loss of the first training step, before any update, is \
+                         {value}: the model overflows f32 on the training data (its weights or \
+                         the data, not --lr); nothing was saved",
+                        args.model.display()
+                    ),
+                }
+            } else {
+                Error::Diverged {
+                    step: step + 1,
+                    steps: args.steps,
+                    loss: value,
+                    lr: args.lr,
+                }
             });
         }
         opt.step()?;

@@ -333,7 +333,7 @@ mod tests {
     /// the order says (the order is looked up in a map: it was scanned once per module and once
     /// per comparison of the sort, and 10,000 modules in reverse order took minutes).
     #[test]
-    fn a_long_module_order_is_read_quickly() {
+    fn a_long_module_order_is_laid_out_in_its_order() {
         use std::sync::Arc;
         let n = 20_000;
         let mut header = String::from("{");

@@ -153,14 +153,8 @@ fn check_peft_adapter_trainable(dir: &Path, saving: bool) -> Result<()> {
         .flat_map(|b| (0..LAYERS_PER_BLOCK).map(move |l| linear_key(b, l)))
         .collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let has = |name: &str, part: &str| {
-        [
-            format!("base_model.model.{name}.{part}.weight"),
-            format!("base_model.model.{name}.{part}.default.weight"),
-        ]
-        .iter()
-        .any(|k| file.info(k).is_some())
-    };
+    let has =
+        |name: &str, part: &str| nibble_nn::peft::lora_weight_key(&file, name, part).is_some();
     let unadapted: Vec<&str> = refs
         .iter()
         .copied()

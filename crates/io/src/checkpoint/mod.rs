@@ -498,26 +498,28 @@ impl Checkpoint {
         let entry = self.entry(key)?;
         match &entry.data {
             Data::Mapped(range) => Ok((&self.backing, range.clone())),
-            Data::Strided {
-                storage,
-                offset,
-                stride,
-                copy,
-            } => {
-                let buf = copy.get_or_init(|| {
-                    let src = (*self.backing).as_ref().get(storage.clone()).unwrap_or(&[]);
-                    Arc::new(pth::gather(
-                        src,
-                        entry.dtype.size_of(),
-                        *offset,
-                        &entry.shape,
-                        stride,
-                    ))
-                });
+            Data::Strided { copy, .. } => {
+                let buf = copy.get_or_init(|| Arc::new(self.gather(entry)));
                 let len = (**buf).as_ref().len();
                 Ok((buf, 0..len))
             }
         }
+    }
+
+    /// The contiguous row-major copy of a strided `.pth` entry's view (empty for a mapped
+    /// entry, which is never gathered).
+    fn gather(&self, entry: &Entry) -> Vec<u8> {
+        let Data::Strided {
+            storage,
+            offset,
+            stride,
+            ..
+        } = &entry.data
+        else {
+            return Vec::new();
+        };
+        let src = (*self.backing).as_ref().get(storage.clone()).unwrap_or(&[]);
+        pth::gather(src, entry.dtype.size_of(), *offset, &entry.shape, stride)
     }
 
     /// The number of bytes [`bytes`](Checkpoint::bytes) gives for `key` (its elements times
@@ -540,22 +542,9 @@ impl Checkpoint {
     /// storage held 4 GB).
     fn transient_bytes(&self, key: &str) -> Result<std::borrow::Cow<'_, [u8]>> {
         let entry = self.entry(key)?;
-        if let Data::Strided {
-            storage,
-            offset,
-            stride,
-            copy,
-        } = &entry.data
-        {
+        if let Data::Strided { copy, .. } = &entry.data {
             if copy.get().is_none() {
-                let src = (*self.backing).as_ref().get(storage.clone()).unwrap_or(&[]);
-                return Ok(std::borrow::Cow::Owned(pth::gather(
-                    src,
-                    entry.dtype.size_of(),
-                    *offset,
-                    &entry.shape,
-                    stride,
-                )));
+                return Ok(std::borrow::Cow::Owned(self.gather(entry)));
             }
         }
         self.bytes(key).map(std::borrow::Cow::Borrowed)

@@ -176,6 +176,18 @@ fn lora_module(key: &str) -> Option<&str> {
         .map(|(m, _)| m)
 }
 
+/// The key of module `module`'s LoRA matrix `part` (`lora_A` or `lora_B`) in PEFT's adapter
+/// `file`, as PEFT writes it (`base_model.model.<module>.<part>.weight`, or with the adapter's
+/// name `default` before `.weight`), if the file holds it.
+pub fn lora_weight_key(file: &Checkpoint, module: &str, part: &str) -> Option<String> {
+    [
+        format!("base_model.model.{module}.{part}.weight"),
+        format!("base_model.model.{module}.{part}.default.weight"),
+    ]
+    .into_iter()
+    .find(|k| file.info(k).is_some())
+}
+
 /// Loads the adapters saved in `dir` onto `layers`, as `PeftModel.from_pretrained` loads them
 /// onto the PyTorch model.
 ///
@@ -278,13 +290,9 @@ pub fn load_adapter_into<'a>(
             ("lora_A", [rank, inp], 1.0f32),
             ("lora_B", [out, rank], scaling),
         ] {
-            let key = [
-                format!("base_model.model.{}.{suffix}.weight", layer.name),
-                format!("base_model.model.{}.{suffix}.default.weight", layer.name),
-            ]
-            .into_iter()
-            .find(|k| file.info(k).is_some());
-            let Some(key) = key else { continue };
+            let Some(key) = lora_weight_key(&file, &layer.name, suffix) else {
+                continue;
+            };
             let mut t = file.tensor_f32(&key, Some(&shape))?;
             finite(&key, &t)?;
             if scale != 1.0 {

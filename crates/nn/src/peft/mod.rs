@@ -24,8 +24,8 @@ pub use config::{
     defaults, AdapterConfig, LayerFilter, ModuleSelector, ALL_LINEAR, DUMMY_TARGET_MODULES,
 };
 pub use load::{
-    load_adapter, load_adapter_into, load_adapter_with_others, BatchNormUpdate, BatchNormView,
-    OtherModule,
+    load_adapter, load_adapter_into, load_adapter_with_others, lora_weight_key, BatchNormUpdate,
+    BatchNormView, OtherModule,
 };
 pub use save::{check_destination, save_adapter};
 
