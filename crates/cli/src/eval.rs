@@ -7,6 +7,10 @@ use crate::error::{Error, Result};
 use crate::model::{Classifier, Structure};
 use crate::paths::{adapter_inputs, refuse_overwrite_owned};
 use nibble_io::{write_safetensors, DType, Dataset, WeightFormat, FORMAT_KEY};
+
+/// Metadata key of an `eval --logits` file naming every weight format the model's Linears hold
+/// (`f32+nf4`), where they hold more than one.
+pub const FORMATS_KEY: &str = "nibble.formats";
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -161,8 +165,14 @@ pub fn evaluate(args: &EvalArgs<'_>) -> Result<EvalReport> {
                     vec![labels.len(), classes],
                     bytes.as_slice(),
                 );
+                // The format as a quantized file declares it, and where the Linears hold
+                // several (a file quantized in part), each of them, as the report's row.
                 let mut meta = BTreeMap::new();
                 meta.insert(FORMAT_KEY.to_string(), m.format().name().to_string());
+                let label = m.format_label();
+                if label != m.format().name() {
+                    meta.insert(FORMATS_KEY.to_string(), label);
+                }
                 write_safetensors(out, &[entry], &meta)?;
             }
         }

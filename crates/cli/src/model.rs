@@ -481,12 +481,15 @@ impl Classifier {
             .collect()
     }
 
-    /// The storage format of the Linear weights (of the first Linear).
+    /// The storage format of the Linear weights as a file declares it (`nibble.format`): the
+    /// first Linear's format other than f32, as `quantize --include` declares a file it
+    /// quantized in part, or f32 where every Linear is f32 (or there is none).
     pub fn format(&self) -> WeightFormat {
         self.model
             .linears()
-            .next()
-            .map_or(WeightFormat::F32, |l| l.format())
+            .map(|l| l.format())
+            .find(|&f| f != WeightFormat::F32)
+            .unwrap_or(WeightFormat::F32)
     }
 
     /// The storage formats of the Linear weights, as a label: the one format, or where the

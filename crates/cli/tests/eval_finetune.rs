@@ -1365,8 +1365,32 @@ fn partly_and_wholly_quantized_files_are_labelled_by_what_they_hold() {
         s(&part),
     ]);
     assert!(run.ok, "{}", run.stderr);
-    let report = nibble_json(&["eval", "--model", s(&part), "--data", s(&digits), "--json"]);
+    let logits = dir.join("part_logits.safetensors");
+    let report = nibble_json(&[
+        "eval",
+        "--model",
+        s(&part),
+        "--data",
+        s(&digits),
+        "--logits",
+        s(&logits),
+        "--json",
+    ]);
     assert_eq!(report["rows"][0]["format"], "f32+nf4", "{report}");
+    // The logits file declares the quantized format, as the quantized file does (it said
+    // f32, the first Linear's), and names both.
+    let written = nibble_io::Checkpoint::open(&logits).unwrap();
+    assert_eq!(
+        written
+            .metadata()
+            .get(nibble_io::FORMAT_KEY)
+            .map(String::as_str),
+        Some("nf4")
+    );
+    assert_eq!(
+        written.metadata().get("nibble.formats").map(String::as_str),
+        Some("f32+nf4")
+    );
     let whole = dir.join("whole.safetensors");
     let run = nibble(&[
         "quantize",

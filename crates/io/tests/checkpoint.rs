@@ -1240,14 +1240,6 @@ fn hostile_tensor_descriptions() {
         }),
         "overflows",
     );
-    expect_err(
-        run(T {
-            size: &[1000, 1000],
-            stride: &[0, 0],
-            ..simple_tensor("w", "0")
-        }),
-        "broadcast",
-    );
     let e = expect_err(
         run(T {
             storage_type: "QInt8Storage",
@@ -1266,6 +1258,56 @@ fn hostile_tensor_descriptions() {
     })
     .unwrap();
     assert_eq!(ck.tensor_f32("w", None).unwrap().data(), &[1., 2., 1., 2.]);
+}
+
+#[test]
+fn broadcast_views_larger_than_their_storage_read_as_torch_reads_them() {
+    // `torch.save(torch.tensor([1., 2., 3., 4.])[:2].expand(1000, 2))`-like views: stride 0,
+    // a million elements' worth of view over a storage of four floats.
+    let data = f32s(&[1., 2., 3., 4.]);
+    let open = |t: T| load("expand.pth", pth(&state_dict_pickle(&[t]), &[("0", &data)])).unwrap();
+    let ck = open(T {
+        size: &[1000, 2],
+        stride: &[0, 1],
+        offset: 1,
+        ..simple_tensor("w", "0")
+    });
+    let t = ck.tensor_f32("w", Some(&[1000, 2])).unwrap();
+    assert_eq!(t.shape(), &[1000, 2]);
+    assert!(t.data().chunks(2).all(|r| r == [2.0, 3.0]));
+    let h = ck.half("w", None).unwrap();
+    assert_eq!(h.to_f32().data(), t.data());
+    assert_eq!(ck.byte_len("w").unwrap(), 8000);
+    assert_eq!(ck.bytes("w").unwrap().len(), 8000);
+    // a scalar expanded to a bias
+    let ck = open(T {
+        size: &[1024],
+        stride: &[0],
+        ..simple_tensor("b", "0")
+    });
+    assert!(ck
+        .tensor_f32("b", None)
+        .unwrap()
+        .data()
+        .iter()
+        .all(|&v| v == 1.0));
+    // a view too large for any machine: an error naming the key and the memory, not an abort
+    let ck = open(T {
+        size: &[1 << 30, 1 << 30],
+        stride: &[0, 0],
+        ..simple_tensor("huge", "0")
+    });
+    for e in [
+        ck.tensor_f32("huge", None).unwrap_err(),
+        ck.bytes("huge").unwrap_err(),
+    ] {
+        let msg = e.to_string();
+        assert!(
+            msg.contains("huge") && msg.contains("broadcast") && msg.contains("GiB"),
+            "{msg}"
+        );
+    }
+    assert_eq!(ck.byte_len("huge").unwrap(), 1 << 62);
 }
 
 // ---------------------------------------------------------------- fuzz regressions

@@ -499,7 +499,13 @@ impl Checkpoint {
         match &entry.data {
             Data::Mapped(range) => Ok((&self.backing, range.clone())),
             Data::Strided { copy, .. } => {
-                let buf = copy.get_or_init(|| Arc::new(self.gather(entry)));
+                let buf = match copy.get() {
+                    Some(buf) => buf,
+                    None => {
+                        let bytes = self.gather(key, entry)?;
+                        copy.get_or_init(|| Arc::new(bytes))
+                    }
+                };
                 let len = (**buf).as_ref().len();
                 Ok((buf, 0..len))
             }
@@ -507,8 +513,12 @@ impl Checkpoint {
     }
 
     /// The contiguous row-major copy of a strided `.pth` entry's view (empty for a mapped
-    /// entry, which is never gathered).
-    fn gather(&self, entry: &Entry) -> Vec<u8> {
+    /// entry, which is never gathered). A broadcast view (a stride of 0, as `torch.save` writes
+    /// an `expand`ed tensor) can hold far more elements than its storage: where its copy is
+    /// larger than the storage, it must fit in this machine's memory
+    /// ([`nibble_tensor::machine::fits`]) and be allocated, else an [`Error::BadTensor`]
+    /// naming the key, the view and the memory it needs (never an abort).
+    fn gather(&self, key: &str, entry: &Entry) -> Result<Vec<u8>> {
         let Data::Strided {
             storage,
             offset,
@@ -516,10 +526,48 @@ impl Checkpoint {
             ..
         } = &entry.data
         else {
-            return Vec::new();
+            return Ok(Vec::new());
         };
+        let esize = entry.dtype.size_of();
+        let bad = |reason: String| Error::BadTensor {
+            path: self.path.clone(),
+            key: key.to_owned(),
+            reason,
+        };
+        let nbytes = checked_nbytes(&entry.shape, esize).ok_or_else(|| {
+            bad(format!(
+                "the byte size of shape {:?} overflows",
+                entry.shape
+            ))
+        })?;
+        let kind = if nbytes > storage.len() {
+            "a broadcast"
+        } else {
+            "a strided"
+        };
+        let view = || {
+            format!(
+                "{kind} view of shape {:?} (strides {stride:?}) over a storage of {} bytes",
+                entry.shape,
+                storage.len()
+            )
+        };
+        if nbytes > storage.len() {
+            if let Err((needed, total)) = nibble_tensor::machine::fits(nbytes as u128) {
+                return Err(bad(format!(
+                    "{} needs {needed:.1} GiB as a contiguous tensor, more than this machine's \
+                     {total:.1} GiB",
+                    view()
+                )));
+            }
+        }
         let src = (*self.backing).as_ref().get(storage.clone()).unwrap_or(&[]);
-        pth::gather(src, entry.dtype.size_of(), *offset, &entry.shape, stride)
+        pth::gather(src, esize, *offset, &entry.shape, stride).ok_or_else(|| {
+            bad(format!(
+                "{}: its contiguous copy of {nbytes} bytes could not be allocated",
+                view()
+            ))
+        })
     }
 
     /// The number of bytes [`bytes`](Checkpoint::bytes) gives for `key` (its elements times
@@ -544,7 +592,7 @@ impl Checkpoint {
         let entry = self.entry(key)?;
         if let Data::Strided { copy, .. } = &entry.data {
             if copy.get().is_none() {
-                return Ok(std::borrow::Cow::Owned(self.gather(entry)));
+                return Ok(std::borrow::Cow::Owned(self.gather(key, entry)?));
             }
         }
         self.bytes(key).map(std::borrow::Cow::Borrowed)

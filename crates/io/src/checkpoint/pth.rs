@@ -159,13 +159,6 @@ pub(crate) fn entries_of(
             if is_contiguous(&shape, &stride) {
                 let start = storage_range.start + offset * esize;
                 Data::Mapped(start..start + nbytes)
-            } else if count > numel {
-                // a broadcast view (stride 0): copying it could take far more memory than
-                // the file holds
-                return Err(bad_tensor(format!(
-                    "strided view of {count} elements over a storage of {numel} (broadcast \
-                     strides {stride:?}) is not supported"
-                )));
             } else {
                 Data::Strided {
                     storage: storage_range.clone(),
@@ -265,15 +258,19 @@ fn is_contiguous(shape: &[usize], stride: &[usize]) -> bool {
 /// Copies the strided view (`offset`, `shape`, `stride`, in elements of `esize` bytes) of
 /// `storage` into a new contiguous buffer. The view was validated at open (every element inside
 /// the storage); out-of-range elements, should there be any, are left zero rather than panic.
+/// `None` where the buffer cannot be allocated (a broadcast view, stride 0, can be far larger
+/// than its storage).
 pub(crate) fn gather(
     storage: &[u8],
     esize: usize,
     offset: usize,
     shape: &[usize],
     stride: &[usize],
-) -> Vec<u8> {
+) -> Option<Vec<u8>> {
     let count: usize = shape.iter().product();
-    let mut out = vec![0u8; count * esize];
+    let mut out = Vec::new();
+    out.try_reserve_exact(count.checked_mul(esize)?).ok()?;
+    out.resize(count * esize, 0u8);
     let mut index = vec![0usize; shape.len()];
     let mut src = offset;
     for chunk in out.chunks_exact_mut(esize) {
@@ -291,5 +288,5 @@ pub(crate) fn gather(
             index[dim] = 0;
         }
     }
-    out
+    Some(out)
 }
