@@ -484,3 +484,33 @@ fn a_peft_adapter_with_patterns_and_trained_biases_gives_pefts_output() {
     let plain = load(Variant::Bignet, "bignet_d128.pth");
     assert!(rel_err(&plain.infer(&x).unwrap(), &want) > 1e-2);
 }
+
+/// PEFT's `lora_bias` on the reference's BigNet (`tests/data/peft_variants/lora_bias_bignet`,
+/// PEFT 0.21.2, `tools/golden/make_peft_lora_bias.py`; it was refused): PEFT's output with
+/// the adapter on the f32 bignet, and merged into f32 the output of PEFT's
+/// `merge_and_unload()` (each lora_B bias, scaled, added to its layer's bias).
+#[test]
+fn a_peft_adapter_with_lora_bias_gives_pefts_output_and_merges_as_peft_merges() {
+    let io = Checkpoint::open(data("peft_variants/lora_bias_logits.safetensors")).unwrap();
+    let x = golden(&io, "bignet_x");
+    let (want, want_merged) = (golden(&io, "bignet_y"), golden(&io, "bignet_merged"));
+    let model = ModelSpec {
+        weights: Some(data("bignet_d128.pth")),
+        adapter: Some(data("peft_variants/lora_bias_bignet")),
+        ..ModelSpec::seeded(Variant::Bignet, 0)
+    }
+    .build()
+    .unwrap();
+    let err = rel_err(&model.infer(&x).unwrap(), &want);
+    assert!(err < 1e-5, "relative error {err} against PEFT");
+    let (merged, _) =
+        nibble::bignet::merge::merge_adapters(&model, nibble::bignet::variant::WeightFormat::F32)
+            .unwrap();
+    let err = rel_err(&merged.infer(&x).unwrap(), &want_merged);
+    assert!(
+        err < 1e-5,
+        "merged: relative error {err} against PEFT's merge"
+    );
+    let plain = load(Variant::Bignet, "bignet_d128.pth");
+    assert!(rel_err(&plain.infer(&x).unwrap(), &want) > 1e-2);
+}

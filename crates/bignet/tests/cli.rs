@@ -1271,6 +1271,20 @@ fn fit_refuses_peft_adapters_it_cannot_train_as_peft_does() {
         );
         assert!(!dir.join("saved").exists(), "an adapter was saved");
     }
+    // A PEFT adapter of `lora_bias`: PEFT trains the lora_B biases, fit would not.
+    let lora_bias = golden("peft_variants/lora_bias_bignet");
+    fails_with(
+        &[
+            "fit",
+            "--weights",
+            weights,
+            "--adapter",
+            lora_bias.to_str().unwrap(),
+            "--steps",
+            "1",
+        ],
+        "a bias on each lora_B (`lora_bias`)",
+    );
     // Both still run as they are.
     let x = path("x.safetensors");
     let y = path("y.safetensors");

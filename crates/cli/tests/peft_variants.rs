@@ -192,3 +192,107 @@ fn a_dora_adapter_gives_pefts_logits() {
         "{msg}"
     );
 }
+
+/// PEFT's `lora_bias` (`tests/data/peft_variants/lora_bias*`, made by PEFT 0.21.2 with
+/// `tools/golden/make_peft_lora_bias.py`): a bias on each lora_B, added with the product and
+/// scaled as it is, gives PEFT's logits on a model whose Linears have biases (with rank and
+/// alpha patterns) and on one whose Linears 0 and 5 have none (rsLoRA); such adapters were
+/// refused. The biases matter (the file without them gives other logits); lora_B biases in a
+/// file whose config does not set `lora_bias`, and `lora_bias` with `use_dora`, are errors.
+#[test]
+fn lora_bias_adapters_give_pefts_logits() {
+    let dir = tmpdir("peft_lora_bias");
+    let golden = data("peft_variants/lora_bias_logits.safetensors");
+    let d30 = dir.join("d30.safetensors");
+    write(
+        &d30,
+        &[
+            f32s("x_test", &[8, 30], &tensor(&golden, "x_d30")),
+            i64s("y_test", &[0, 1, 2, 3, 4, 0, 1, 2]),
+        ],
+    );
+    let free = dir.join("free.safetensors");
+    write(
+        &free,
+        &[
+            f32s("x_test", &[8, 13], &tensor(&golden, "x_free")),
+            i64s("y_test", &[0, 1, 2, 3, 3, 2, 1, 0]),
+        ],
+    );
+    // A copy of adapter `name` with the tensors `keep` keeps and the config edited by `edit`.
+    let copy = |name: &str, keep: &dyn Fn(&str) -> bool, edit: &dyn Fn(&mut serde_json::Value)| {
+        let from = data(&format!("peft_variants/{name}"));
+        let to = dir.join(format!("{name}_edited"));
+        std::fs::create_dir_all(&to).unwrap();
+        let file = nibble_io::Checkpoint::open(from.join("adapter_model.safetensors")).unwrap();
+        let entries: Vec<_> = entries_of(&file)
+            .into_iter()
+            .filter(|e| keep(&e.0))
+            .collect();
+        write(&to.join("adapter_model.safetensors"), &entries);
+        let mut config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(from.join("adapter_config.json")).unwrap())
+                .unwrap();
+        edit(&mut config);
+        std::fs::write(to.join("adapter_config.json"), config.to_string()).unwrap();
+        to
+    };
+    for (model, d, activations, name) in [
+        ("seq_d30.pth", &d30, "gelu,relu", "lora_bias"),
+        ("seq_bias_free.pth", &free, "relu,relu", "lora_bias_free"),
+    ] {
+        let model = data(model);
+        let logits = |adapter: &std::path::Path, out: &str| {
+            let out = dir.join(out);
+            nibble_json(&model_data_args(
+                "eval",
+                &model,
+                d,
+                &[
+                    "--activation",
+                    activations,
+                    "--adapter",
+                    s(adapter),
+                    "--logits",
+                    s(&out),
+                    "--json",
+                ],
+            ));
+            tensor(&out, "logits")
+        };
+        let want = tensor(&golden, name);
+        let ours = logits(&data(&format!("peft_variants/{name}")), "ours.safetensors");
+        let diff = max_diff(&ours, &want);
+        assert!(diff < 1e-5, "{name}: logits differ from PEFT's by {diff}");
+        let without = copy(name, &|k| !k.ends_with("lora_B.bias"), &|_| {});
+        let other = logits(&without, "without.safetensors");
+        assert!(
+            max_diff(&other, &want) > 1e-2,
+            "{name}: the biases change nothing"
+        );
+        let unset = copy(name, &|_| true, &|c| {
+            c["lora_bias"] = serde_json::json!(false)
+        });
+        let msg = nibble_fails(&model_data_args(
+            "eval",
+            &model,
+            d,
+            &["--activation", activations, "--adapter", s(&unset)],
+        ));
+        assert!(
+            msg.contains("lora_B.bias") && msg.contains("`lora_bias` is not set"),
+            "{msg}"
+        );
+        let dora = copy(name, &|_| true, &|c| {
+            c["use_dora"] = serde_json::json!(true)
+        });
+        let msg = nibble_fails(&model_data_args(
+            "eval",
+            &model,
+            d,
+            &["--activation", activations, "--adapter", s(&dora)],
+        ));
+        assert!(msg.contains("lora_bias") && msg.contains("DoRA"), "{msg}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -134,6 +134,7 @@ fn check_adapters_finite(model: &crate::model::BigNet, dir: &Path, lr: f32) -> R
 ///   `--save-adapter` wrote only those, so the saved adapter lost the loaded values (outputs
 ///   0.4 off on a width-40 BigNet, with no training at all).
 ///
+/// - a bias on each lora_B (PEFT's `lora_bias`): PEFT trains it, `fit` would not, as above;
 /// - with `saving` (`--save-adapter`), layers of different ranks (`rank_pattern`): the saved
 ///   adapter holds one rank, and saving failed after the training.
 ///
@@ -172,6 +173,17 @@ fn check_peft_adapter_trainable(dir: &Path, saving: bool) -> Result<()> {
                 refs.len() - unadapted.len(),
                 list(&unadapted),
                 crate::model::LORA_RANK,
+            ),
+        });
+    }
+    if config.lora_bias {
+        return Err(Error::Input {
+            what: format!(
+                "--adapter {}: the adapter has a bias on each lora_B (`lora_bias`), which PEFT \
+                 trains with it; fit trains only the LoRA matrices and --save-adapter writes \
+                 only those, so the biases would neither train nor be saved (forward, compare, \
+                 bench and merge run this adapter as it is)",
+                dir.display(),
             ),
         });
     }

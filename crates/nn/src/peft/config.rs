@@ -98,6 +98,10 @@ pub struct AdapterConfig {
     /// `lora_magnitude_vector` read from the file or, where the file has none, filled in as PEFT
     /// fills it (see [`AdapterConfig::init_product_zero`]).
     pub dora: bool,
+    /// `lora_bias`: each adapted layer's `lora_B` has a bias (`[out]`, in the file as
+    /// `<module>.lora_B.bias`), added with the product and scaled as it is:
+    /// `y = W x + b + s · (B A x + b_B)`.
+    pub lora_bias: bool,
     /// Whether `init_lora_weights` starts the adapter's product `B·A` at exactly zero: `true`
     /// (the default), `"gaussian"` and `"eva"` zero `B`, `"mica"` zeroes `A`; `false` and
     /// `"orthogonal"` start both at random. PEFT computes each DoRA magnitude from that start,
@@ -464,7 +468,6 @@ impl AdapterConfig {
             }
         }
         for (name, what) in [
-            ("lora_bias", "a bias on lora_B (`lora_bias`)"),
             (
                 "fan_in_fan_out",
                 "`fan_in_fan_out` (transposed base weights)",
@@ -596,6 +599,15 @@ impl AdapterConfig {
         };
         let rslora = flag("use_rslora", defaults::USE_RSLORA)?;
         let dora = flag("use_dora", false)?;
+        let lora_bias = flag("lora_bias", false)?;
+        if dora && lora_bias {
+            // LoraConfig's own check.
+            return Err(adapter_error(
+                &path,
+                "`lora_bias` = true with `use_dora` = true: PEFT does not support a bias on \
+                 lora_B for DoRA (it raises the same)",
+            ));
+        }
         let layers_to_transform = field("layers_to_transform");
         let layers_pattern = field("layers_pattern");
         let target_is_str = field("target_modules").is_some_and(Value::is_string);
@@ -670,6 +682,7 @@ impl AdapterConfig {
             alpha,
             rslora,
             dora,
+            lora_bias,
             init_product_zero,
             rank_pattern,
             alpha_pattern,

@@ -208,7 +208,10 @@ pub fn lora_weight_key(file: &Checkpoint, module: &str, part: &str) -> Option<St
 /// (`….lora_*`) of a module of the model that is not targeted are ignored, as PEFT ignores
 /// them (unexpected keys when it loads the file); if nothing is loaded at all, the error
 /// names them. Shapes are checked against the layer (`A` `[r, in]`, `B` `[out, r]`, `r` the
-/// module's rank in the config). Base parameters the file holds (PEFT's `modules_to_save`
+/// module's rank in the config). Under `lora_bias` each loaded layer's lora_B bias
+/// (`<module>.lora_B.bias`, `[out]`; none in the file is PEFT's zero), scaled as B is, is added
+/// to the layer's bias (after any replacement below; a layer without a bias gets one): PEFT's
+/// `W x + b + s·(B A x + b_B)` but for rounding, as its merge folds it. Base parameters the file holds (PEFT's `modules_to_save`
 /// and `bias = "all"` / `"lora_only"`) replace those of `layers` and `others`: a Linear whose
 /// weight is replaced becomes an f32 layer without an adapter, as PEFT's copy of the module
 /// is, and its replaced values are frozen; another module's parameters get the file's values
@@ -279,6 +282,8 @@ pub fn load_adapter_into<'a>(
     // model as it was.
     let mut seen = HashSet::new();
     let mut loaded = Vec::new();
+    // `lora_bias`: each loaded layer's scaled lora_B bias, `s · b_B`.
+    let mut lora_biases: Vec<(usize, Tensor)> = Vec::new();
     for (index, layer) in layers.iter().enumerate() {
         if !targeted[index] {
             continue;
@@ -293,27 +298,18 @@ pub fn load_adapter_into<'a>(
             let Some(key) = lora_weight_key(&file, &layer.name, suffix) else {
                 continue;
             };
-            let mut t = file.tensor_f32(&key, Some(&shape))?;
-            finite(&key, &t)?;
-            if scale != 1.0 {
-                t.scale_assign(scale);
-            }
-            // A finite value that the scaling takes past f32's range: the config's scale is to
-            // blame, not the file.
-            if let Some((at, value)) = t.first_non_finite() {
-                return Err(adapter_error(
-                    dir,
-                    format!(
-                        "`{key}` at {at}, scaled by lora_alpha / r = {scale:e} (from \
-                         {CONFIG_FILE}), is {value}: beyond f32's range"
-                    ),
-                ));
-            }
+            let t = read_scaled(dir, &file, &key, &shape, scale)?;
             seen.insert(key);
             found.push(t);
         }
         match <[Tensor; 2]>::try_from(found) {
             Ok([a, b]) => {
+                if config.lora_bias {
+                    if let Some(bias) = read_lora_bias(dir, &file, &layer.name, out, scaling)? {
+                        seen.insert(bias.0);
+                        lora_biases.push((index, bias.1));
+                    }
+                }
                 let dora = if config.dora {
                     Some(read_dora(dir, &file, &config, layer, &a, &b, &mut seen)?)
                 } else {
@@ -408,7 +404,11 @@ pub fn load_adapter_into<'a>(
                     " (a DoRA magnitude, but `use_dora` is not set)"
                 }
             } else if key.contains("lora_B.bias") || key.contains("lora_B.default.bias") {
-                " (a bias on lora_B)"
+                if config.lora_bias {
+                    " (a bias on lora_B)"
+                } else {
+                    " (a bias on lora_B, but `lora_bias` is not set)"
+                }
             } else {
                 ""
             };
@@ -501,6 +501,45 @@ pub fn load_adapter_into<'a>(
         }
         return Err(adapter_error(dir, what));
     }
+    // `lora_bias`: PEFT adds `s · b_B` to the layer's output beside `s · B A x`; nibble adds
+    // it to the base's bias (the bias the file replaces it with, if it does), which is the same
+    // sum but for rounding, and what PEFT's merge does. Computed before any layer changes.
+    for (index, scaled) in lora_biases {
+        let layer = &layers[index];
+        let key = format!("base_model.model.{}.lora_B.bias", layer.name);
+        let at = replacements
+            .iter()
+            .position(|r| r.module == index && r.bias);
+        let mut bias = match at {
+            Some(i) => replacements[i].value.data().to_vec(),
+            None => layer
+                .bias_values()
+                .unwrap_or_else(|| vec![0.0; scaled.numel()]),
+        };
+        for (b, &add) in bias.iter_mut().zip(scaled.data()) {
+            *b += add;
+        }
+        if let Some(i) = bias.iter().position(|v| !v.is_finite()) {
+            return Err(adapter_error(
+                dir,
+                format!(
+                    "`{key}` at {i}, scaled and added to the layer's bias, is {}: beyond f32's \
+                     range",
+                    bias[i]
+                ),
+            ));
+        }
+        let value = Tensor::from_vec(&[bias.len()], bias)?;
+        match at {
+            Some(i) => replacements[i].value = value,
+            None => replacements.push(Replacement {
+                module: index,
+                bias: true,
+                value,
+                key,
+            }),
+        }
+    }
     for (index, a, b, dora, b_scale) in loaded {
         let layer = &mut layers[index];
         match &mut layer.lora {
@@ -542,6 +581,56 @@ pub fn load_adapter_into<'a>(
         }
     }
     Ok(stats)
+}
+
+/// Module `module`'s lora_B bias under `lora_bias` (`base_model.model.<module>.lora_B.bias`,
+/// or with the adapter's name `default` before `.bias`), `[out]`, finite, times the module's
+/// `scaling`, with its key; `None` where the file has none (PEFT starts it at zero and
+/// leaves it there, warning of the missing key).
+fn read_lora_bias(
+    dir: &Path,
+    file: &Checkpoint,
+    module: &str,
+    out: usize,
+    scaling: f32,
+) -> Result<Option<(String, Tensor)>> {
+    let Some(key) = [
+        format!("base_model.model.{module}.lora_B.bias"),
+        format!("base_model.model.{module}.lora_B.default.bias"),
+    ]
+    .into_iter()
+    .find(|k| file.info(k).is_some()) else {
+        return Ok(None);
+    };
+    let t = read_scaled(dir, file, &key, &[out], scaling)?;
+    Ok(Some((key, t)))
+}
+
+/// Tensor `key` of the adapter file, of `shape`, finite, times `scale` (the module's
+/// `lora_alpha / r`); a finite value that the scaling takes past f32's range is an error
+/// blaming the config's scale, not the file.
+fn read_scaled(
+    dir: &Path,
+    file: &Checkpoint,
+    key: &str,
+    shape: &[usize],
+    scale: f32,
+) -> Result<Tensor> {
+    let mut t = file.tensor_f32(key, Some(shape))?;
+    crate::error::check_finite(&weights_path(dir), key, &t)?;
+    if scale != 1.0 {
+        t.scale_assign(scale);
+    }
+    if let Some((at, value)) = t.first_non_finite() {
+        return Err(adapter_error(
+            dir,
+            format!(
+                "`{key}` at {at}, scaled by lora_alpha / r = {scale:e} (from {CONFIG_FILE}), \
+                 is {value}: beyond f32's range"
+            ),
+        ));
+    }
+    Ok(t)
 }
 
 /// The DoRA of `layer` from the adapter file: its `lora_magnitude_vector` `[out]` (finite) and
