@@ -1,4 +1,4 @@
-"""nibble against PEFT on adapter configurations: targets (names, regexes, all-linear),
+"""nibble against PEFT on adapter configurations: targets (names, regexes, all-linear), lora_bias,
 exclude_modules, modules_to_save, bias, rank/alpha patterns, rsLoRA, layers_to_transform,
 absent settings, BatchNorm models, and nibble's own saved adapters loaded by PEFT.
 
@@ -287,6 +287,15 @@ def cases():
                                                                                           alpha_pattern={".*": 2, "3": 16}))))
     C.append(("c13_alpha_unsorted_handedit", "ln", lambda: make_adapter("c13b", "ln", dict(L, target_modules=["0", "3", "5"]),
                                                                           cfg_edit=setkv(alpha_pattern={"[35]": 4, "[0-9]": 32}))))
+    # lora_bias: a bias on each lora_B, trained and scaled with the product
+    C.append(("e1_lora_bias", "ln", lambda: make_adapter("e1", "ln", dict(L, target_modules=["0", "3", "5"], lora_bias=True))))
+    C.append(("e2_lora_bias_bias_all_patterns", "ln", lambda: make_adapter("e2", "ln", dict(L, target_modules=["0", "5"], lora_bias=True, bias="all",
+                                                                                         use_rslora=True, alpha_pattern={"5": 2}))))
+    C.append(("e3_lora_bias_bn_modules_to_save", "bn", lambda: make_adapter("e3", "bn", dict(L, target_modules=["0", "3"], lora_bias=True, modules_to_save=["1", "5"]))))
+    C.append(("e4_lora_bias_missing_a_bias", "ln", lambda: make_adapter("e4", "ln", dict(L, target_modules=["0", "3"], lora_bias=True),
+                                                                          tensor_edit=lambda t: {k: v for k, v in t.items() if k != "base_model.model.3.lora_B.bias"})))
+    C.append(("e5_lora_bias_with_dora", "ln", lambda: make_adapter("e5", "ln", dict(L, target_modules=["0", "3"], lora_bias=True),
+                                                                     cfg_edit=setkv(use_dora=True))))
     return C
 
 
