@@ -514,3 +514,55 @@ fn a_peft_adapter_with_lora_bias_gives_pefts_output_and_merges_as_peft_merges() 
     let plain = load(Variant::Bignet, "bignet_d128.pth");
     assert!(rel_err(&plain.infer(&x).unwrap(), &want) > 1e-2);
 }
+
+/// A PEFT DoRA adapter on the reference's BigNet (`tests/data/peft_variants/dora_bignet`,
+/// PEFT 0.21.2, `tools/golden/make_peft_dora_bignet.py`; BigNet refused DoRA): PEFT's output on
+/// the f32 bignet, at batch 4 and 1, the same bits as the training forward (the tape's DoRA
+/// path), and merged into f32 the output of PEFT's `merge_and_unload()` (each row of `W + s·B·A`
+/// times its scale).
+#[test]
+fn a_peft_dora_adapter_gives_pefts_output_and_merges_as_peft_merges() {
+    let io = Checkpoint::open(data("peft_variants/dora_bignet_io.safetensors")).unwrap();
+    let (x, want, want_merged) = (golden(&io, "x"), golden(&io, "y"), golden(&io, "merged"));
+    let model = ModelSpec {
+        weights: Some(data("bignet_d128.pth")),
+        adapter: Some(data("peft_variants/dora_bignet")),
+        ..ModelSpec::seeded(Variant::Bignet, 0)
+    }
+    .build()
+    .unwrap();
+    assert!(model
+        .linears()
+        .all(|l| l.lora.as_ref().is_some_and(|a| a.dora.is_some())));
+    let y = model.infer(&x).unwrap();
+    let err = rel_err(&y, &want);
+    assert!(err < 1e-5, "relative error {err} against PEFT");
+    let tape = Tape::new();
+    let taped = tape
+        .no_grad(|| model.forward(&tape, &nibble::autograd::Var::constant(x.clone())))
+        .unwrap();
+    assert_eq!(
+        taped.value().data(),
+        y.data(),
+        "infer and the tape's forward differ"
+    );
+    // One row: the batch-1 path (the team's row kernels have no DoRA; the ordinary path runs).
+    let x1 = Tensor::from_vec(&[1, 128], x.data()[..128].to_vec()).unwrap();
+    let want1 = Tensor::from_vec(&[1, 128], want.data()[..128].to_vec()).unwrap();
+    let err = rel_err(&model.infer(&x1).unwrap(), &want1);
+    assert!(err < 1e-5, "batch 1: relative error {err} against PEFT");
+    let (merged, _) =
+        nibble::bignet::merge::merge_adapters(&model, nibble::bignet::variant::WeightFormat::F32)
+            .unwrap();
+    let err = rel_err(&merged.infer(&x).unwrap(), &want_merged);
+    assert!(
+        err < 1e-5,
+        "merged: relative error {err} against PEFT's merge"
+    );
+    // The magnitudes matter: plain LoRA with the same A and B gives another output.
+    let mut plain = model.clone();
+    for l in plain.linears_mut() {
+        l.lora.as_mut().unwrap().dora = None;
+    }
+    assert!(rel_err(&plain.infer(&x).unwrap(), &want) > 1e-3);
+}

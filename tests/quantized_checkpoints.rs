@@ -258,7 +258,7 @@ fn adapters_round_trip_in_peft_layout() {
             "bias",
         ),
         (
-            serde_json::json!({"peft_type": "LORA", "r": 32, "target_modules": ["model.0.model.0"], "use_dora": true}),
+            serde_json::json!({"peft_type": "LORA", "r": 32, "target_modules": ["model.0.model.0"], "use_dora": true, "lora_bias": true}),
             "DoRA",
         ),
         (

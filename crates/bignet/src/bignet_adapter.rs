@@ -41,15 +41,6 @@ pub fn load_adapter(model: &mut BigNet, dir: &Path) -> Result<()> {
         *model = with_adapters;
         return Ok(());
     }
-    if nibble_nn::peft::AdapterConfig::read(dir)?.dora {
-        return Err(nibble_nn::Error::Adapter {
-            path: dir.join(CONFIG_FILE),
-            what: "DoRA (`use_dora`) is not supported on BigNet (the `nibble` program reads \
-                   DoRA adapters of Sequential models)"
-                .into(),
-        }
-        .into());
-    }
     if model.linears().any(|l| l.lora.is_none()) {
         model.attach_lora(0)?;
     }

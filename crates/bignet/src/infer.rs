@@ -240,6 +240,25 @@ fn linear_into(
         return Ok(());
     };
     let (a, b) = (adapter.a.value(), adapter.b.value());
+    if let Some(dora) = &adapter.dora {
+        // DoRA: `post(bias + scale ⊙ (x·Wᵀ + (x·Aᵀ)·Bᵀ))`, the ops of `Linear::forward`'s
+        // DoRA path (the product without its bias, then `tape.scale_shift`), on the same values.
+        let r = adapter.rank();
+        let h = &mut scratch.lora[..m * r];
+        a.matmul_t(x, m, h, false)?;
+        linear_low_rank_into(weight, x, m, y, None, (h, &*b), PostOp::Identity)?;
+        let out = dora.scale.len();
+        if bias.len() != out {
+            return Err(missing_bias(layer));
+        }
+        for row in y.chunks_exact_mut(out.max(1)) {
+            for ((v, s), c) in row.iter_mut().zip(&dora.scale).zip(bias) {
+                *v = *v * s + c;
+            }
+        }
+        post.apply_in_place(y);
+        return Ok(());
+    }
     if m == 1 {
         fill_rows(y, bias)?;
         weight.matvec_t_low_rank(x, y, true, &LowRank::new(&a, &b)?)?;
@@ -387,6 +406,10 @@ pub(crate) fn forward_batch1_team(
                     HeldBase::Frozen(weight.matrix(), bias.as_ref()?)
                 }
             };
+            // A DoRA adapter takes the ordinary path (no batch-1 row kernel scales the rows).
+            if layer.lora.as_ref().is_some_and(|a| a.dora.is_some()) {
+                return None;
+            }
             let adapter = layer.lora.as_ref().map(|a| (a.a.value(), a.b.value()));
             Some((base, adapter))
         })

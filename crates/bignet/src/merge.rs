@@ -32,6 +32,14 @@ pub fn merge_adapters(model: &BigNet, into: WeightFormat) -> Result<(BigNet, Mer
         let (mut w, bias) = layer.dense_weight_and_bias();
         if let Some(lora) = layer.lora.take() {
             w.add_assign(&lora.delta()?)?;
+            if let Some(dora) = &lora.dora {
+                // DoRA, as PEFT merges it: each row of `W + s·B·A` times its scale
+                // (`magnitude / ‖W + s·B·A‖`); the bias stays.
+                let inp = w.shape()[1];
+                for (row, &s) in w.data_mut().chunks_exact_mut(inp.max(1)).zip(&dora.scale) {
+                    row.iter_mut().for_each(|v| *v *= s);
+                }
+            }
         }
         let key = format!("{}.weight", layer.name);
         layer.base = match into {

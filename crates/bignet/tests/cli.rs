@@ -911,26 +911,41 @@ fn a_qlora_state_dict_loads_on_the_f16_variants() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// A PEFT DoRA adapter is refused on BigNet, naming `use_dora` (the `nibble` program reads
-/// DoRA adapters of Sequential models; BigNet's layers have no DoRA path).
+/// A PEFT DoRA adapter runs on BigNet (it was refused), and `fit` refuses to train it: PEFT
+/// trains the magnitudes and recomputes the norms, which fit does not.
 #[test]
-fn a_dora_adapter_is_refused_on_bignet() {
-    let dora = golden("peft_variants/dora");
+fn a_dora_adapter_runs_on_bignet_and_fit_refuses_it() {
+    let dir = tempdir("dora_bignet");
+    let dora = golden("peft_variants/dora_bignet");
+    let weights = golden("bignet_d128.pth");
+    run_ok(&[
+        "bench",
+        "lora",
+        "--weights",
+        weights.to_str().unwrap(),
+        "--adapter",
+        dora.to_str().unwrap(),
+        "--batch",
+        "1",
+        "--runs",
+        "1",
+    ]);
     fails_with(
         &[
-            "bench",
-            "lora",
+            "fit",
             "--weights",
-            golden("bignet_d128.pth").to_str().unwrap(),
+            weights.to_str().unwrap(),
             "--adapter",
             dora.to_str().unwrap(),
-            "--batch",
+            "--steps",
             "1",
-            "--runs",
-            "1",
+            "--save-adapter",
+            dir.join("saved").to_str().unwrap(),
         ],
-        "DoRA (`use_dora`) is not supported on BigNet",
+        "a DoRA adapter (`use_dora`)",
     );
+    assert!(!dir.join("saved").exists(), "an adapter was saved");
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// `src` rewritten as safetensors to `path` (its metadata kept) with `poison(key, values)`

@@ -135,6 +135,7 @@ fn check_adapters_finite(model: &crate::model::BigNet, dir: &Path, lr: f32) -> R
 ///   0.4 off on a width-40 BigNet, with no training at all).
 ///
 /// - a bias on each lora_B (PEFT's `lora_bias`): PEFT trains it, `fit` would not, as above;
+/// - DoRA (`use_dora`): PEFT trains the magnitudes and recomputes the weight norms each step;
 /// - with `saving` (`--save-adapter`), layers of different ranks (`rank_pattern`): the saved
 ///   adapter holds one rank, and saving failed after the training.
 ///
@@ -145,8 +146,14 @@ fn check_peft_adapter_trainable(dir: &Path, saving: bool) -> Result<()> {
     use crate::source::{linear_key, BLOCKS, LAYERS_PER_BLOCK};
     let config = nibble_nn::peft::AdapterConfig::read(dir)?;
     if config.dora {
-        // Refused on BigNet by the loader, with its own message.
-        return Ok(());
+        return Err(Error::Input {
+            what: format!(
+                "--adapter {}: a DoRA adapter (`use_dora`): PEFT trains its magnitudes and \
+                 recomputes the weight norms at every step; fit trains only the LoRA matrices \
+                 of plain LoRA (forward, compare, bench and merge run this adapter as it is)",
+                dir.display(),
+            ),
+        });
     }
     let weights = nibble_nn::peft::weights_path(dir);
     let file = crate::checkpoint::Checkpoint::open(&weights)?;
