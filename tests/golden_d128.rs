@@ -485,6 +485,29 @@ fn a_peft_adapter_with_patterns_and_trained_biases_gives_pefts_output() {
     assert!(rel_err(&plain.infer(&x).unwrap(), &want) > 1e-2);
 }
 
+/// The f32 bignet of `bignet_d128.pth` with the PEFT adapter `peft_variants/<adapter>`.
+fn with_peft_adapter(adapter: &str) -> BigNet {
+    ModelSpec {
+        weights: Some(data("bignet_d128.pth")),
+        adapter: Some(data(&format!("peft_variants/{adapter}"))),
+        ..ModelSpec::seeded(Variant::Bignet, 0)
+    }
+    .build()
+    .unwrap()
+}
+
+/// Asserts that `model` merged into f32 gives `want` on `x` within 1e-5 (relative).
+fn assert_merged_gives(model: &BigNet, x: &Tensor, want: &Tensor) {
+    let (merged, _) =
+        nibble::bignet::merge::merge_adapters(model, nibble::bignet::variant::WeightFormat::F32)
+            .unwrap();
+    let err = rel_err(&merged.infer(x).unwrap(), want);
+    assert!(
+        err < 1e-5,
+        "merged: relative error {err} against PEFT's merge"
+    );
+}
+
 /// PEFT's `lora_bias` on the reference's BigNet (`tests/data/peft_variants/lora_bias_bignet`,
 /// PEFT 0.21.2, `tools/golden/make_peft_lora_bias.py`; it was refused): PEFT's output with
 /// the adapter on the f32 bignet, and merged into f32 the output of PEFT's
@@ -494,23 +517,10 @@ fn a_peft_adapter_with_lora_bias_gives_pefts_output_and_merges_as_peft_merges() 
     let io = Checkpoint::open(data("peft_variants/lora_bias_logits.safetensors")).unwrap();
     let x = golden(&io, "bignet_x");
     let (want, want_merged) = (golden(&io, "bignet_y"), golden(&io, "bignet_merged"));
-    let model = ModelSpec {
-        weights: Some(data("bignet_d128.pth")),
-        adapter: Some(data("peft_variants/lora_bias_bignet")),
-        ..ModelSpec::seeded(Variant::Bignet, 0)
-    }
-    .build()
-    .unwrap();
+    let model = with_peft_adapter("lora_bias_bignet");
     let err = rel_err(&model.infer(&x).unwrap(), &want);
     assert!(err < 1e-5, "relative error {err} against PEFT");
-    let (merged, _) =
-        nibble::bignet::merge::merge_adapters(&model, nibble::bignet::variant::WeightFormat::F32)
-            .unwrap();
-    let err = rel_err(&merged.infer(&x).unwrap(), &want_merged);
-    assert!(
-        err < 1e-5,
-        "merged: relative error {err} against PEFT's merge"
-    );
+    assert_merged_gives(&model, &x, &want_merged);
     let plain = load(Variant::Bignet, "bignet_d128.pth");
     assert!(rel_err(&plain.infer(&x).unwrap(), &want) > 1e-2);
 }
@@ -524,13 +534,7 @@ fn a_peft_adapter_with_lora_bias_gives_pefts_output_and_merges_as_peft_merges() 
 fn a_peft_dora_adapter_gives_pefts_output_and_merges_as_peft_merges() {
     let io = Checkpoint::open(data("peft_variants/dora_bignet_io.safetensors")).unwrap();
     let (x, want, want_merged) = (golden(&io, "x"), golden(&io, "y"), golden(&io, "merged"));
-    let model = ModelSpec {
-        weights: Some(data("bignet_d128.pth")),
-        adapter: Some(data("peft_variants/dora_bignet")),
-        ..ModelSpec::seeded(Variant::Bignet, 0)
-    }
-    .build()
-    .unwrap();
+    let model = with_peft_adapter("dora_bignet");
     assert!(model
         .linears()
         .all(|l| l.lora.as_ref().is_some_and(|a| a.dora.is_some())));
@@ -551,14 +555,7 @@ fn a_peft_dora_adapter_gives_pefts_output_and_merges_as_peft_merges() {
     let want1 = Tensor::from_vec(&[1, 128], want.data()[..128].to_vec()).unwrap();
     let err = rel_err(&model.infer(&x1).unwrap(), &want1);
     assert!(err < 1e-5, "batch 1: relative error {err} against PEFT");
-    let (merged, _) =
-        nibble::bignet::merge::merge_adapters(&model, nibble::bignet::variant::WeightFormat::F32)
-            .unwrap();
-    let err = rel_err(&merged.infer(&x).unwrap(), &want_merged);
-    assert!(
-        err < 1e-5,
-        "merged: relative error {err} against PEFT's merge"
-    );
+    assert_merged_gives(&model, &x, &want_merged);
     // The magnitudes matter: plain LoRA with the same A and B gives another output.
     let mut plain = model.clone();
     for l in plain.linears_mut() {
