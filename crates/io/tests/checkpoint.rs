@@ -1069,15 +1069,34 @@ fn hostile_pickles() {
         "float8, uint16, uint32, uint64",
     );
     assert!(e.to_string().contains("safetensors"), "{e}");
-    // A whole model (`torch.save(model)`): refused, and the error says what to save instead.
+    // Other globals are classes that nothing calls: a bare one is no state dict, a call of one
+    // (REDUCE) stays a call never made, and an instance that is no nn.Module is refused.
     for class in [
         &b"ctorch.nn.modules.container\nSequential\n"[..],
         b"c__main__\nNet\n",
     ] {
         let pickle = [&b"\x80\x02"[..], class, b"q\x00."].concat();
-        let e = expect_err(run(&pickle), "pickles a whole model");
-        assert!(e.to_string().contains("model.state_dict()"), "{e}");
+        expect_err(run(&pickle), "not a state dict");
+        let called = [&b"\x80\x02"[..], class, b")R."].concat();
+        expect_err(run(&called), "which nibble never makes");
+        let built = [&b"\x80\x02"[..], class, b")\x81}b."].concat();
+        expect_err(run(&built), "that is not an nn.Module");
     }
+    // Builtins and modules that reach the system are refused at once, even uncalled.
+    for global in [
+        &b"cbuiltins\neval\n"[..],
+        b"c__builtin__\n__import__\n",
+        b"csubprocess\nPopen\n",
+        b"cposix\nsystem\n",
+    ] {
+        let pickle = [&b"\x80\x02"[..], global, b"q\x00."].concat();
+        expect_err(run(&pickle), "is not allowed");
+    }
+    // A module whose parameter is the result of a call: an error naming it, nothing called.
+    expect_err(
+        run(b"\x80\x02c__main__\nNet\n)\x81}(X\x0b\x00\x00\x00_parametersccollections\nOrderedDict\n)R(X\x01\x00\x00\x00wcposixpath\njoin\n)RuX\x08\x00\x00\x00_modulesccollections\nOrderedDict\n)Rub."),
+        "posixpath.join",
+    );
     // The inert classes (Lightning's hyperparameters) are never called: an instance is opaque,
     // and is not a state dict; NEWOBJ of anything else is refused.
     expect_err(
@@ -1088,7 +1107,10 @@ fn hostile_pickles() {
         run(b"\x80\x02ccollections\nOrderedDict\n)\x81."),
         "NEWOBJ of global OrderedDict",
     );
-    expect_err(run(b"\x80\x02cargparse\nArgumentParser\n."), "not allowed");
+    expect_err(
+        run(b"\x80\x02cargparse\nArgumentParser\n."),
+        "argparse.ArgumentParser",
+    );
     let e = expect_err(run(b"\x80\x02(i__builtin__\nobject\n."), "INST");
     assert!(matches!(e, Error::Pickle { offset: 3, .. }), "{e}");
     expect_err(run(b"\x80\x02}N0."), "POP");
@@ -1565,4 +1587,35 @@ fn natural_order_is_total() {
     assert!(order
         .windows(2)
         .all(|w| natural_cmp(w[0], w[1]) != std::cmp::Ordering::Greater));
+}
+
+/// Whole pickled models (`torch.save(model)`, not a state dict; made by
+/// `tools/golden/make_whole_models.py`), which were refused: read as the state dict
+/// `model.state_dict()` gives (its keys in its order, the same bytes), nothing in them called.
+/// An `nn.Sequential` with a module of the script's own class (a parameter, a persistent and a
+/// non-persistent buffer, dtype and device attributes, a load-state-dict hook) and a
+/// BatchNorm1d, and the reference's low_precision BigNet (non-persistent 4-bit buffers, hooks).
+#[test]
+fn whole_pickled_models_read_as_their_state_dicts() {
+    let want = Checkpoint::open(golden("whole_models_sd.safetensors")).unwrap();
+    for (file, name) in [
+        ("whole_seq.pth", "seq"),
+        ("whole_bignet_low_d20.pth", "low"),
+    ] {
+        let ck = Checkpoint::open(golden(file)).unwrap();
+        let keys: Vec<&str> = ck.keys_in_file_order().collect();
+        let expected: Vec<&str> = want.metadata()[&format!("{name}_keys")]
+            .split(',')
+            .collect();
+        assert_eq!(keys, expected, "{file}");
+        for k in keys {
+            let theirs = format!("{name}.{k}");
+            assert_eq!(ck.info(k), want.info(&theirs), "{file}: {k}");
+            assert_eq!(
+                ck.bytes(k).unwrap(),
+                want.bytes(&theirs).unwrap(),
+                "{file}: {k}"
+            );
+        }
+    }
 }

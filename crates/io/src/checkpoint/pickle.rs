@@ -1,6 +1,8 @@
-//! A small pickle virtual machine for the subset of pickle that `torch.save(state_dict)` emits
-//! (protocol 2, plus the cheap parts of protocol 4). It never executes arbitrary globals: only
-//! an allow-list of constructors is recognised, and they are interpreted, not called.
+//! A small pickle virtual machine for the subset of pickle that `torch.save(state_dict)` and
+//! `torch.save(model)` emit (protocol 2, plus the cheap parts of protocol 4). It never executes
+//! anything: an allow-list of constructors is interpreted, not called, and any other global is
+//! taken as a class whose instances `NEWOBJ` makes and `BUILD` fills with their `__dict__`
+//! (`nn.Module`s), or refused where the pickle would call it.
 //!
 //! Defences: every length is checked against the remaining input before allocating; the value
 //! stack, the mark stack, the memo and the nesting depth of values are bounded; containers are
@@ -33,15 +35,36 @@ pub(crate) struct PickleError {
 }
 
 /// The allow-listed globals.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub(crate) enum Global {
     OrderedDict,
     RebuildTensorV2,
     RebuildParameter,
+    /// `torch._utils._rebuild_parameter_with_state`: a parameter with attributes of its own.
+    RebuildParameterWithState,
+    /// `builtins.set` (`__builtin__.set` in protocol 2): an `nn.Module`'s
+    /// `_non_persistent_buffers_set`, read as the list of its items.
+    Set,
     Storage(DType),
     /// A class of [`INERT_CLASSES`]: never called; an instance is an opaque
     /// [`Value::Object`].
     Inert(&'static str),
+    /// Any other global (`module.Name`), taken as a class whose instances `torch.save(model)`
+    /// pickles: only `NEWOBJ` may use it, making a [`Value::Module`] (nothing is ever called;
+    /// calling it through `REDUCE`, or any other use, is an error naming it).
+    Class(Rc<str>),
+}
+
+/// An instance that `NEWOBJ` made of a [`Global::Class`] (an `nn.Module` of a whole pickled
+/// model), with the dict its `BUILD` gave it (`_parameters`, `_buffers`, `_modules`, ...).
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct ModuleObj {
+    /// Which `NEWOBJ` made it (the memo's copies of the instance are updated by its `BUILD`).
+    pub(crate) id: u32,
+    /// `module.Name` of its class.
+    pub(crate) class: Rc<str>,
+    /// Its `__dict__`, once built.
+    pub(crate) state: Option<Rc<Seq<(Value, Value)>>>,
 }
 
 /// Classes that training checkpoints pickle beside the state dict, for their hyperparameters
@@ -54,6 +77,50 @@ const INERT_CLASSES: [&str; 4] = [
     "lightning_fabric.utilities.data.AttributeDict",
     "pytorch_lightning.utilities.parsing.AttributeDict",
 ];
+
+/// Modules whose globals are refused outright (what a malicious pickle names to run code or
+/// reach the system), though nibble never calls a global: the error comes at once, at the
+/// GLOBAL.
+const DENIED_MODULES: [&str; 34] = [
+    "os",
+    "posix",
+    "nt",
+    "subprocess",
+    "sys",
+    "shutil",
+    "socket",
+    "importlib",
+    "runpy",
+    "pickle",
+    "_pickle",
+    "marshal",
+    "code",
+    "codeop",
+    "pty",
+    "ctypes",
+    "webbrowser",
+    "multiprocessing",
+    "signal",
+    "tempfile",
+    "io",
+    "pathlib",
+    "glob",
+    "http",
+    "urllib",
+    "asyncio",
+    "threading",
+    "_thread",
+    "operator",
+    "functools",
+    "types",
+    "inspect",
+    "pdb",
+    "platform",
+];
+
+/// The builtins a whole pickled model names: `set` (a module's non-persistent buffers) and
+/// `getattr` (a bound method among its hooks, never called); every other builtin is refused.
+const BUILTINS_READ: [&str; 3] = ["set", "frozenset", "getattr"];
 
 /// A persistent storage reference: `('storage', StorageType, key, location, numel)`, or in the
 /// legacy format the same with a sixth item, the view metadata, `None`.
@@ -96,6 +163,12 @@ pub(crate) enum Value {
     Tensor(Rc<TensorRef>),
     /// An instance of an [`INERT_CLASSES`] class, its contents dropped.
     Object(&'static str),
+    /// An instance of another class (see [`ModuleObj`]).
+    Module(Rc<ModuleObj>),
+    /// What a `REDUCE` of a [`Global::Class`] stands for (`getattr(module, "_hook")` of a
+    /// module's hooks, `torch.device("cpu")`): never called, opaque; an error wherever a
+    /// state dict needs a value.
+    Call(Rc<str>),
 }
 
 impl Value {
@@ -103,6 +176,7 @@ impl Value {
         match self {
             Value::Tuple(s) | Value::List(s) => s.depth,
             Value::Dict(s) => s.depth,
+            Value::Module(m) => m.state.as_ref().map_or(0, |s| s.depth + 1),
             _ => 0,
         }
     }
@@ -121,10 +195,15 @@ impl Value {
             Value::Tuple(s) => format!("tuple of {}", s.items.len()),
             Value::List(s) => format!("list of {}", s.items.len()),
             Value::Dict(s) => format!("dict of {}", s.items.len()),
+            Value::Global(Global::Class(name)) => format!("global `{name}`"),
             Value::Global(g) => format!("global {g:?}"),
             Value::Storage(s) => format!("{} storage `{}`", s.dtype, s.key),
             Value::Tensor(_) => "tensor".into(),
             Value::Object(class) => format!("{class} object"),
+            Value::Module(m) => format!("`{}` object", m.class),
+            Value::Call(name) => format!(
+                "call of global `{name}` (which nibble never makes: the call is not allowed)"
+            ),
         }
     }
 }
@@ -213,6 +292,11 @@ struct Vm<'a> {
     memo: HashMap<u32, Value>,
     /// Elements that copy-on-write may still copy.
     copy_budget: usize,
+    /// [`Value::Module`]s made so far (the next one's id).
+    modules: u32,
+    /// The memo indices holding each [`Value::Module`] (by id), so that its `BUILD` updates
+    /// them: `torch.save` memoizes an instance before building it.
+    module_memos: HashMap<u32, Vec<u32>>,
 }
 
 type R<T> = std::result::Result<T, PickleError>;
@@ -326,6 +410,12 @@ impl<'a> Vm<'a> {
         if self.memo.len() >= MAX_MEMO && !self.memo.contains_key(&idx) {
             return self.err(format!("memo exceeds {MAX_MEMO} entries"));
         }
+        if let Value::Module(m) = &v {
+            let slots = self.module_memos.entry(m.id).or_default();
+            if slots.len() < MAX_MEMO {
+                slots.push(idx);
+            }
+        }
         self.memo.insert(idx, v);
         Ok(())
     }
@@ -396,6 +486,8 @@ impl<'a> Vm<'a> {
             ("collections", "OrderedDict") => Global::OrderedDict,
             ("torch._utils", "_rebuild_tensor_v2") => Global::RebuildTensorV2,
             ("torch._utils", "_rebuild_parameter") => Global::RebuildParameter,
+            ("torch._utils", "_rebuild_parameter_with_state") => Global::RebuildParameterWithState,
+            ("builtins" | "__builtin__", "set") => Global::Set,
             ("torch", storage) => match storage {
                 "FloatStorage" => Global::Storage(DType::F32),
                 "HalfStorage" => Global::Storage(DType::F16),
@@ -415,7 +507,12 @@ impl<'a> Vm<'a> {
                          save them as float32 (`.float()`) or an integer type nibble reads"
                     ));
                 }
-                _ => return self.err(format!("global `torch.{storage}` is not allowed")),
+                // A dtype or another torch global a module keeps as an attribute
+                // (`torch.float16`): opaque, never called.
+                other => Global::Class(Rc::from(format!(
+                    "torch.{}",
+                    other.chars().take(64).collect::<String>()
+                ))),
             },
             ("torch._utils", "_rebuild_tensor_v3") => {
                 return self.err(
@@ -433,15 +530,13 @@ impl<'a> Vm<'a> {
                 None => {
                     let m: String = module.chars().take(64).collect();
                     let n: String = name.chars().take(64).collect();
-                    // A whole module (`torch.save(model)`) rather than its state dict.
-                    let hint = if module.starts_with("torch.nn.") || module == "__main__" {
-                        ": the file pickles a whole model (`torch.save(model)`), which nibble \
-                         does not unpickle, as `torch.load(weights_only=True)` does not; save \
-                         `torch.save(model.state_dict(), path)` instead"
-                    } else {
-                        ""
-                    };
-                    return self.err(format!("global `{m}.{n}` is not allowed{hint}"));
+                    let root = module.split('.').next().unwrap_or(module);
+                    let builtin = matches!(module, "builtins" | "__builtin__");
+                    if DENIED_MODULES.contains(&root) || (builtin && !BUILTINS_READ.contains(&name))
+                    {
+                        return self.err(format!("global `{m}.{n}` is not allowed"));
+                    }
+                    Global::Class(Rc::from(format!("{m}.{n}")))
                 }
             },
         };
@@ -482,6 +577,55 @@ impl<'a> Vm<'a> {
             return self.err(format!("{what} has more than {MAX_DIMS} dimensions"));
         }
         t.items.iter().map(|x| self.int_arg(x, what)).collect()
+    }
+
+    /// An error at the current opcode (see [`Vm::err`]).
+    fn error(&self, reason: impl Into<String>) -> PickleError {
+        PickleError {
+            offset: self.op_at,
+            reason: reason.into(),
+        }
+    }
+
+    /// `BUILD` of the [`Value::Module`] on top of the stack with `state`: its `__dict__` (a
+    /// dict, or the dict of a `(dict, slots)` pair). The instance is replaced, on the stack
+    /// and in every memo entry holding it, by one with that state (copy on write: no value
+    /// ever holds itself).
+    fn build_module(&mut self, state: Value) -> R<()> {
+        let dict = match state {
+            Value::Dict(d) => d,
+            Value::Tuple(t) => match t.items.first() {
+                Some(Value::Dict(d)) => Rc::clone(d),
+                _ => return self.err("BUILD of an object with a tuple state but no dict"),
+            },
+            other => {
+                return self.err(format!(
+                    "BUILD of an object with a {} state, not a dict",
+                    other.kind()
+                ))
+            }
+        };
+        self.depth_ok(dict.depth + 1)?;
+        let Some(Value::Module(m)) = self.stack.last() else {
+            return self.err("stack underflow");
+        };
+        if m.state.is_some() {
+            return self.err(format!("BUILD of a `{}` object built before", m.class));
+        }
+        let built = Value::Module(Rc::new(ModuleObj {
+            id: m.id,
+            class: Rc::clone(&m.class),
+            state: Some(dict),
+        }));
+        if let Some(slots) = self.module_memos.get(&m.id) {
+            for idx in slots {
+                self.memo.insert(*idx, built.clone());
+            }
+        }
+        if let Some(top) = self.stack.last_mut() {
+            *top = built;
+        }
+        Ok(())
     }
 
     fn reduce(&self, callable: Value, args: Value) -> R<Value> {
@@ -542,6 +686,25 @@ impl<'a> Vm<'a> {
                 Some(t @ Value::Tensor(_)) if args.len() == 3 => Ok(t.clone()),
                 _ => self.err("_rebuild_parameter needs (tensor, requires_grad, hooks)"),
             },
+            Value::Global(Global::RebuildParameterWithState) => match args.first() {
+                Some(t @ Value::Tensor(_)) if args.len() == 4 => Ok(t.clone()),
+                _ => self.err(
+                    "_rebuild_parameter_with_state needs (tensor, requires_grad, hooks, state)",
+                ),
+            },
+            Value::Global(Global::Set) => match args.as_slice() {
+                [] => Ok(Value::List(Rc::new(Seq {
+                    depth: 1,
+                    items: Vec::new(),
+                }))),
+                [items @ (Value::List(_) | Value::Tuple(_))] => match items {
+                    Value::Tuple(t) => Ok(Value::List(Rc::clone(t))),
+                    other => Ok(other.clone()),
+                },
+                _ => self.err("set called with arguments other than one list"),
+            },
+            // Never called: where a state dict needs the result, that is an error then.
+            Value::Global(Global::Class(name)) => Ok(Value::Call(name)),
             // Never called: the instance is opaque.
             Value::Global(Global::Inert(class)) => Ok(Value::Object(class)),
             other => self.err(format!("cannot call {}", other.kind())),
@@ -715,20 +878,38 @@ impl<'a> Vm<'a> {
                     self.push(v)?;
                 }
                 0x81 => {
-                    // NEWOBJ: `cls.__new__(cls, *args)`, for an inert class only.
+                    // NEWOBJ: `cls.__new__(cls, *args)`: an inert class's opaque instance, or
+                    // any other class's instance to be built (never calling anything).
                     let _args = self.pop()?;
                     let cls = self.pop()?;
-                    let Value::Global(Global::Inert(class)) = cls else {
-                        return self.err(format!("NEWOBJ of {}", cls.kind()));
+                    let v = match cls {
+                        Value::Global(Global::Inert(class)) => Value::Object(class),
+                        Value::Global(Global::Class(class)) => {
+                            let id = self.modules;
+                            self.modules = id
+                                .checked_add(1)
+                                .ok_or_else(|| self.error("too many objects"))?;
+                            Value::Module(Rc::new(ModuleObj {
+                                id,
+                                class,
+                                state: None,
+                            }))
+                        }
+                        other => return self.err(format!("NEWOBJ of {}", other.kind())),
                     };
-                    self.push(Value::Object(class))?;
+                    self.push(v)?;
                 }
                 b'b' => {
-                    let _state = self.pop()?;
+                    let state = self.pop()?;
                     let top = self.top_mut()?;
-                    if !matches!(top, Value::Dict(_) | Value::Object(_)) {
-                        let kind = top.kind();
-                        return self.err(format!("BUILD on a {kind}; only dicts are supported"));
+                    match top {
+                        Value::Dict(_) | Value::Object(_) | Value::Call(_) => {}
+                        Value::Module(_) => self.build_module(state)?,
+                        other => {
+                            let kind = other.kind();
+                            return self
+                                .err(format!("BUILD on a {kind}; only dicts are supported"));
+                        }
                     }
                 }
                 b's' => {
@@ -822,6 +1003,8 @@ pub(crate) fn load_prefix(code: &[u8]) -> std::result::Result<(Value, usize), Pi
         marks: Vec::new(),
         memo: HashMap::new(),
         copy_budget: code.len().saturating_mul(16).saturating_add(1 << 20),
+        modules: 0,
+        module_memos: HashMap::new(),
     };
     let value = vm.run()?;
     Ok((value, vm.pos))

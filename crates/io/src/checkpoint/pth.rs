@@ -7,7 +7,7 @@ use std::ops::Range;
 use std::path::Path;
 use std::sync::OnceLock;
 
-use super::pickle::{self, Seq, Value};
+use super::pickle::{self, ModuleObj, Seq, Value};
 use super::{checked_nbytes, zip, Data, Entry, Format};
 use crate::error::{Error, Result};
 
@@ -81,13 +81,21 @@ pub(crate) fn entries_of(
     storage: impl Fn(&str) -> std::result::Result<(String, Range<usize>), String>,
 ) -> Result<(BTreeMap<String, Entry>, Vec<String>)> {
     let bad = |reason: String| malformed(path, reason);
-    let Value::Dict(root) = root else {
-        return Err(bad(format!(
-            "the pickle holds a {}, not a state dict (a dict of str → tensor)",
-            root.kind()
-        )));
+    let flattened;
+    let dict = match root {
+        Value::Dict(root) => state_dict_in(root).map_err(bad)?,
+        // A whole model (`torch.save(model)`): its state dict, as `model.state_dict()` gives it.
+        Value::Module(m) => {
+            flattened = module_state_dict(m).map_err(bad)?;
+            &flattened
+        }
+        other => {
+            return Err(bad(format!(
+                "the pickle holds a {}, not a state dict (a dict of str → tensor) or a model",
+                other.kind()
+            )))
+        }
     };
-    let dict = state_dict_in(root).map_err(bad)?;
 
     let mut entries = BTreeMap::new();
     // The keys in the state dict's order (the order the model registered its parameters).
@@ -180,6 +188,106 @@ pub(crate) fn entries_of(
         order.push(key.to_owned());
     }
     Ok((entries, order))
+}
+
+/// The state dict of a whole pickled model (`torch.save(model)`), as `model.state_dict()`
+/// gives it: each module's parameters, then its persistent buffers (those not in its
+/// `_non_persistent_buffers_set`), then its submodules' under `<name>.`, in the order the
+/// module registered them; `None` entries (an `nn.Linear(bias=False)`'s bias) are skipped.
+/// An error where an object on the way is not a module (no `_parameters` / `_modules` dict),
+/// or where modules nest deeper than [`pickle::MAX_DEPTH`].
+fn module_state_dict(root: &ModuleObj) -> std::result::Result<Seq<(Value, Value)>, String> {
+    fn walk(
+        m: &ModuleObj,
+        prefix: &str,
+        depth: usize,
+        out: &mut Vec<(Value, Value)>,
+    ) -> std::result::Result<(), String> {
+        if depth > pickle::MAX_DEPTH {
+            return Err(format!(
+                "the pickled model's modules nest deeper than {}",
+                pickle::MAX_DEPTH
+            ));
+        }
+        let not_module = || {
+            format!(
+                "the pickle holds a `{}` object{} that is not an nn.Module (no `_parameters` \
+                 and `_modules` dicts): nibble reads state dicts and whole models of nn.Modules",
+                m.class,
+                if prefix.is_empty() {
+                    String::new()
+                } else {
+                    format!(" at `{}`", prefix.trim_end_matches('.'))
+                }
+            )
+        };
+        let state = m.state.as_deref().ok_or_else(not_module)?;
+        let field = |name: &str| {
+            state.items.iter().find_map(|(k, v)| match k {
+                Value::Str(k) if &**k == name => Some(v),
+                _ => None,
+            })
+        };
+        let dict = |name: &str| match field(name) {
+            Some(Value::Dict(d)) => Some(d),
+            _ => None,
+        };
+        let (Some(params), Some(modules)) = (dict("_parameters"), dict("_modules")) else {
+            return Err(not_module());
+        };
+        let skipped: Vec<&str> = match field("_non_persistent_buffers_set") {
+            Some(Value::List(l)) => l
+                .items
+                .iter()
+                .filter_map(|v| match v {
+                    Value::Str(s) => Some(&**s),
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        let buffers = dict("_buffers");
+        let named = params.items.iter().chain(
+            buffers
+                .iter()
+                .flat_map(|b| b.items.iter())
+                .filter(|(k, _)| !matches!(k, Value::Str(k) if skipped.contains(&&**k))),
+        );
+        for (k, v) in named {
+            let Value::Str(name) = k else {
+                return Err(format!(
+                    "a parameter or buffer name of the pickled model is a {}",
+                    k.kind()
+                ));
+            };
+            if matches!(v, Value::None) {
+                continue;
+            }
+            out.push((Value::Str(format!("{prefix}{name}").into()), v.clone()));
+        }
+        for (k, v) in &modules.items {
+            let Value::Str(name) = k else {
+                return Err(format!(
+                    "a submodule name of the pickled model is a {}",
+                    k.kind()
+                ));
+            };
+            match v {
+                Value::None => {}
+                Value::Module(child) => walk(child, &format!("{prefix}{name}."), depth + 1, out)?,
+                other => {
+                    return Err(format!(
+                        "submodule `{prefix}{name}` of the pickled model is a {}, not a module",
+                        other.kind()
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+    let mut items = Vec::new();
+    walk(root, "", 0, &mut items)?;
+    Ok(Seq { depth: 2, items })
 }
 
 /// Names under which training checkpoints keep the model's state dict, in the order they are

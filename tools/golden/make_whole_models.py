@@ -1,0 +1,56 @@
+"""Whole pickled models (`torch.save(model)`, not a state dict) and the state dicts PyTorch
+gives for them: tests/data/whole_seq.pth (an nn.Sequential of Linear(bias=False), GELU,
+LayerNorm, a module of this script's own class (`__main__.Scaled`: a parameter, a persistent and
+a non-persistent buffer, a dtype and a device attribute, a load-state-dict hook), Linear and
+BatchNorm1d), tests/data/whole_bignet_low_d20.pth (the reference's low_precision Net at width 20,
+`bignet_ref.Net`, whose 4-bit buffers are not persistent and whose modules carry hooks), and
+tests/data/whole_models_sd.safetensors: `seq.<key>` and `low.<key>` for each key of the two
+models' `state_dict()` (integer buffers as int64), in order under `__metadata__` `seq_keys` /
+`low_keys` (comma-separated).
+
+    python3 tools/golden/make_whole_models.py tests/data ../shared/ref
+"""
+import sys
+import torch
+from safetensors.torch import save_file
+
+out = sys.argv[1]
+sys.path.insert(0, sys.argv[2] if len(sys.argv) > 2 else "../shared/ref")
+import bignet_ref as R  # noqa: E402
+
+
+class Scaled(torch.nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.linspace(0.5, 1.5, d))
+        self.register_buffer("offset", torch.linspace(-1, 1, d))
+        self.register_buffer("scratch", torch.zeros(d), persistent=False)
+        self.dtype = torch.float16
+        self.device = torch.device("cpu")
+        self._register_load_state_dict_pre_hook(Scaled._hook, with_module=True)
+
+    def _hook(self, sd, prefix, *args):
+        pass
+
+    def forward(self, x):
+        return x * self.gain + self.offset
+
+
+torch.manual_seed(11)
+seq = torch.nn.Sequential(torch.nn.Linear(7, 9, bias=False), torch.nn.GELU(), torch.nn.LayerNorm(9),
+                          Scaled(9), torch.nn.Linear(9, 4), torch.nn.BatchNorm1d(4))
+with torch.no_grad():
+    seq[5].running_mean.normal_()
+    seq[5].running_var.uniform_(0.5, 2.0)
+seq[5].num_batches_tracked += 3
+torch.save(seq, f"{out}/whole_seq.pth")
+low = R.Net("low_precision", 20)
+torch.save(low, f"{out}/whole_bignet_low_d20.pth")
+tensors, meta = {}, {}
+for name, model in (("seq", seq), ("low", low)):
+    sd = model.state_dict()
+    meta[f"{name}_keys"] = ",".join(sd.keys())
+    for k, v in sd.items():
+        tensors[f"{name}.{k}"] = v.detach().clone().contiguous()
+save_file(tensors, f"{out}/whole_models_sd.safetensors", metadata=meta)
+print("ok", meta)
