@@ -1600,6 +1600,8 @@ fn whole_pickled_models_read_as_their_state_dicts() {
     let want = Checkpoint::open(golden("whole_models_sd.safetensors")).unwrap();
     for (file, name) in [
         ("whole_seq.pth", "seq"),
+        // `{"epoch": 3, "model": model, "note": ...}`: the model under its key.
+        ("whole_seq_in_dict.pth", "seq"),
         ("whole_bignet_low_d20.pth", "low"),
     ] {
         let ck = Checkpoint::open(golden(file)).unwrap();

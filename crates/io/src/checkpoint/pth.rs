@@ -10,6 +10,7 @@ use std::sync::OnceLock;
 use super::pickle::{self, ModuleObj, Seq, Value};
 use super::{checked_nbytes, zip, Data, Entry, Format};
 use crate::error::{Error, Result};
+use std::borrow::Cow;
 
 /// A `.pth` file (zip or legacy) that breaks its format: `reason` says how.
 pub(crate) fn malformed(path: &Path, reason: String) -> Error {
@@ -81,14 +82,10 @@ pub(crate) fn entries_of(
     storage: impl Fn(&str) -> std::result::Result<(String, Range<usize>), String>,
 ) -> Result<(BTreeMap<String, Entry>, Vec<String>)> {
     let bad = |reason: String| malformed(path, reason);
-    let flattened;
     let dict = match root {
         Value::Dict(root) => state_dict_in(root).map_err(bad)?,
         // A whole model (`torch.save(model)`): its state dict, as `model.state_dict()` gives it.
-        Value::Module(m) => {
-            flattened = module_state_dict(m).map_err(bad)?;
-            &flattened
-        }
+        Value::Module(m) => Cow::Owned(module_state_dict(m).map_err(bad)?),
         other => {
             return Err(bad(format!(
                 "the pickle holds a {}, not a state dict (a dict of str → tensor) or a model",
@@ -290,6 +287,9 @@ fn module_state_dict(root: &ModuleObj) -> std::result::Result<Seq<(Value, Value)
     Ok(Seq { depth: 2, items })
 }
 
+/// A state dict as the pickle holds it: pairs of key and value.
+type StateDict = Seq<(Value, Value)>;
+
 /// Names under which training checkpoints keep the model's state dict, in the order they are
 /// preferred where a checkpoint holds several dicts of tensors.
 const STATE_DICT_KEYS: [&str; 3] = ["state_dict", "model_state_dict", "model"];
@@ -298,11 +298,15 @@ const STATE_DICT_KEYS: [&str; 3] = ["state_dict", "model_state_dict", "model"];
 /// (a state dict's values are tensors). A training checkpoint keeps the state dict under a key
 /// beside other things (`torch.save({"epoch": 3, "model_state_dict": ..., "optimizer_state_dict":
 /// ...})`, PyTorch's tutorial; Lightning's `{"state_dict": ..., "epoch": ...}`): then the one
-/// value that is a non-empty dict of str → tensor, or where several are, the one named first
+/// value that is a non-empty dict of str → tensor or a whole model (its state dict), or where several are, the one named first
 /// in [`STATE_DICT_KEYS`]; an error naming the candidates if none of them is, or none at all.
-fn state_dict_in(root: &Seq<(Value, Value)>) -> std::result::Result<&Seq<(Value, Value)>, String> {
-    if !root.items.iter().any(|(_, v)| matches!(v, Value::Dict(_))) {
-        return Ok(root);
+fn state_dict_in(root: &StateDict) -> std::result::Result<Cow<'_, StateDict>, String> {
+    if !root
+        .items
+        .iter()
+        .any(|(_, v)| matches!(v, Value::Dict(_) | Value::Module(_)))
+    {
+        return Ok(Cow::Borrowed(root));
     }
     let is_state_dict = |d: &Seq<(Value, Value)>| {
         !d.items.is_empty()
@@ -310,14 +314,22 @@ fn state_dict_in(root: &Seq<(Value, Value)>) -> std::result::Result<&Seq<(Value,
                 .iter()
                 .all(|(k, v)| matches!((k, v), (Value::Str(_), Value::Tensor(_))))
     };
-    let candidates: Vec<(&str, &Seq<(Value, Value)>)> = root
-        .items
-        .iter()
-        .filter_map(|(k, v)| match (k, v) {
-            (Value::Str(k), Value::Dict(d)) if is_state_dict(d) => Some((&**k, &**d)),
-            _ => None,
-        })
-        .collect();
+    // Dicts of tensors, and whole models (`{"model": model, "epoch": 3}`) as their state dicts.
+    let mut candidates: Vec<(&str, Cow<'_, StateDict>)> = Vec::new();
+    for (k, v) in &root.items {
+        match (k, v) {
+            (Value::Str(k), Value::Dict(d)) if is_state_dict(d) => {
+                candidates.push((k, Cow::Borrowed(&**d)))
+            }
+            (Value::Str(k), Value::Module(m)) => {
+                let d = module_state_dict(m).map_err(|e| format!("under `{k}`: {e}"))?;
+                if !d.items.is_empty() {
+                    candidates.push((k, Cow::Owned(d)));
+                }
+            }
+            _ => {}
+        }
+    }
     let names = || {
         root.items
             .iter()
@@ -328,25 +340,27 @@ fn state_dict_in(root: &Seq<(Value, Value)>) -> std::result::Result<&Seq<(Value,
             .collect::<Vec<_>>()
             .join(", ")
     };
-    match candidates.as_slice() {
-        [] => Err(format!(
+    if candidates.len() > 1 {
+        let Some(at) = STATE_DICT_KEYS
+            .iter()
+            .find_map(|want| candidates.iter().position(|(k, _)| k == want))
+        else {
+            let keys: Vec<String> = candidates.iter().map(|(k, _)| format!("`{k}`")).collect();
+            return Err(format!(
+                "the pickle's dict holds several state dicts ({}): save the one to read \
+                 with torch.save(checkpoint[key], path)",
+                keys.join(", ")
+            ));
+        };
+        return Ok(candidates.swap_remove(at).1);
+    }
+    match candidates.pop() {
+        Some((_, d)) => Ok(d),
+        None => Err(format!(
             "the pickle's dict holds no state dict (a dict of str → tensor) at its top level or \
              under one key: {}",
             names()
         )),
-        [(_, d)] => Ok(d),
-        several => STATE_DICT_KEYS
-            .iter()
-            .find_map(|want| several.iter().find(|(k, _)| k == want))
-            .map(|(_, d)| *d)
-            .ok_or_else(|| {
-                let keys: Vec<String> = several.iter().map(|(k, _)| format!("`{k}`")).collect();
-                format!(
-                    "the pickle's dict holds several state dicts ({}): save the one to read \
-                     with torch.save(checkpoint[key], path)",
-                    keys.join(", ")
-                )
-            }),
     }
 }
 
