@@ -7,7 +7,10 @@ note), tests/data/whole_bignet_low_d20.pth (the reference's low_precision Net at
 `bignet_ref.Net`, whose 4-bit buffers are not persistent and whose modules carry hooks), and
 tests/data/whole_models_sd.safetensors: `seq.<key>` and `low.<key>` for each key of the two
 models' `state_dict()` (integer buffers as int64), in order under `__metadata__` `seq_keys` /
-`low_keys` (comma-separated).
+`low_keys` (comma-separated). For the `nibble` program: tests/data/whole_mix.pth (inside
+DataParallel, an nn.Sequential whose activations, norms and epsilons a state dict cannot tell)
+with `x` [5,6] and PyTorch's `logits` in tests/data/whole_mix_io.safetensors, and
+tests/data/whole_softmax_end.pth (a Linear then a Softmax).
 
     python3 tools/golden/make_whole_models.py tests/data ../shared/ref
 """
@@ -56,4 +59,22 @@ for name, model in (("seq", seq), ("low", low)):
     for k, v in sd.items():
         tensors[f"{name}.{k}"] = v.detach().clone().contiguous()
 save_file(tensors, f"{out}/whole_models_sd.safetensors", metadata=meta)
+
+# For the `nibble` program: a whole model whose layers a state dict could not tell (dropout in
+# front, LeakyReLU(0.2), LayerNorm(eps=1e-3), GELU(tanh), a LayerNorm without affine, SiLU,
+# RMSNorm(eps=1e-4)) inside DataParallel, its logits on x; and one ending with a Softmax.
+torch.manual_seed(12)
+N = torch.nn
+mix = N.DataParallel(N.Sequential(
+    N.Dropout(0.1), N.Linear(6, 10), N.LeakyReLU(0.2), N.LayerNorm(10, eps=1e-3),
+    N.GELU(approximate="tanh"), N.Linear(10, 8), N.LayerNorm(8, elementwise_affine=False, eps=1e-3),
+    N.SiLU(), N.RMSNorm(8, eps=1e-4), N.Linear(8, 3)))
+mix.eval()
+with torch.no_grad():
+    for p in mix.parameters():
+        p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(5, 6)
+    save_file({"x": x, "logits": mix(x)}, f"{out}/whole_mix_io.safetensors")
+torch.save(mix, f"{out}/whole_mix.pth")
+torch.save(N.Sequential(N.Linear(6, 3), N.Softmax(dim=1)), f"{out}/whole_softmax_end.pth")
 print("ok", meta)

@@ -58,6 +58,7 @@ pub mod finetune;
 pub mod inspect;
 pub mod model;
 pub mod paths;
+mod pickled;
 pub mod quantize;
 
 pub use error::{Error, Result};

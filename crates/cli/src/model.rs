@@ -229,6 +229,9 @@ impl Classifier {
     pub fn open(path: &Path, structure: &Structure, format: WeightFormat) -> Result<Self> {
         let file = without_wrappers(Checkpoint::open(path)?);
         let prefix = sequential_prefix(&file);
+        // A whole pickled model says what its layers are (unless the flags say it).
+        let pickled = crate::pickled::pickled_structure(&file, &prefix, structure, path)?;
+        let structure = pickled.as_ref().unwrap_or(structure);
         let layout = ModuleLayout::read_in_order(&file, &prefix, structure.order.as_deref())?;
         if is_bignet(&layout, &prefix) {
             return Err(Error::Usage {

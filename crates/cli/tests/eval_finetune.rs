@@ -1528,3 +1528,57 @@ fn logits_that_overflow_are_an_error_not_null_figures() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A whole pickled model (`torch.save(model)`; `tests/data/whole_mix.pth`, an nn.Sequential
+/// inside DataParallel with a Dropout in front, LeakyReLU(0.2), LayerNorms of eps 1e-3, one
+/// without affine, GELU(tanh), SiLU and an RMSNorm(eps=1e-4)) runs with the layers its modules
+/// name, no flag given: PyTorch's logits (such a file was refused; as a state dict it needs
+/// `--activation`, `--norm` and the epsilons). Flags given win over the file. A module nibble
+/// does not compute (a Softmax after the last Linear) is an error naming it.
+#[test]
+fn whole_pickled_models_run_with_the_layers_their_modules_name() {
+    let dir = tmpdir("whole_models");
+    let io = data("whole_mix_io.safetensors");
+    let d = dir.join("d.safetensors");
+    write(
+        &d,
+        &[
+            f32s("x_test", &[5, 6], &tensor(&io, "x")),
+            i64s("y_test", &[0, 1, 2, 0, 1]),
+            f32s("x_train", &[5, 6], &tensor(&io, "x")),
+            i64s("y_train", &[0, 1, 2, 0, 1]),
+        ],
+    );
+    let model = data("whole_mix.pth");
+    let logits = |flags: &[&str], name: &str| {
+        let out = dir.join(name);
+        let mut args = vec!["--logits", s(&out), "--json"];
+        args.extend_from_slice(flags);
+        nibble_json(&model_data_args("eval", &model, &d, &args));
+        tensor(&out, "logits")
+    };
+    let want = tensor(&io, "logits");
+    let diff = max_diff(&logits(&[], "pickled.safetensors"), &want);
+    assert!(diff < 1e-5, "logits differ from PyTorch's by {diff}");
+    let flagged = logits(&["--activation", "relu"], "flagged.safetensors");
+    assert!(
+        max_diff(&flagged, &want) > 1e-3,
+        "the flags changed nothing"
+    );
+    // Training reads the same layers.
+    let run = nibble(&model_data_args(
+        "finetune",
+        &model,
+        &d,
+        &["--format", "q4", "--steps", "2", "--rank", "2", "--json"],
+    ));
+    assert!(run.ok, "{}", run.stderr);
+    let msg = nibble_fails(&model_data_args(
+        "eval",
+        &data("whole_softmax_end.pth"),
+        &d,
+        &[],
+    ));
+    assert!(msg.contains("Softmax") && msg.contains("`1`"), "{msg}");
+    std::fs::remove_dir_all(&dir).ok();
+}

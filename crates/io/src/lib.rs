@@ -17,7 +17,9 @@ pub mod error;
 pub mod format;
 pub mod frozen;
 
-pub use checkpoint::{refuse_non_regular, replace_file, write_safetensors, Checkpoint, DType};
+pub use checkpoint::{
+    refuse_non_regular, replace_file, write_safetensors, Checkpoint, DType, PICKLED_MODULES_KEY,
+};
 pub use dataset::{Dataset, Split};
 pub use error::{Error, Result};
 pub use format::{WeightFormat, FORMAT_KEY};

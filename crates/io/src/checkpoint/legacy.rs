@@ -11,13 +11,12 @@
 //!
 //! then, per key, its element count (8 bytes, little-endian) and its elements' bytes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::ops::Range;
 use std::path::Path;
 
 use super::pickle::{self, Value};
 use super::pth::{self, malformed};
-use super::Entry;
 use crate::error::{Error, Result};
 
 /// `torch.serialization.MAGIC_NUMBER` as pickled after PROTO (and a FRAME, in protocol 4):
@@ -57,7 +56,7 @@ fn magic_len(buf: &[u8]) -> Option<usize> {
 
 /// Parses and validates a legacy `.pth` file held in `buf`: its state dict's tensors (in the
 /// dict's order) and that order.
-pub(crate) fn read(path: &Path, buf: &[u8]) -> Result<(BTreeMap<String, Entry>, Vec<String>)> {
+pub(crate) fn read(path: &Path, buf: &[u8]) -> Result<pth::PthRead> {
     let bad = |reason: String| malformed(path, reason);
     let mut pos = magic_len(buf)
         .ok_or_else(|| bad("not a legacy torch.save file: no magic number at its start".into()))?;

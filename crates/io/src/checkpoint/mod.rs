@@ -35,6 +35,7 @@ use nibble_tensor::{HalfTensor, Tensor};
 
 use crate::error::{Error, Result};
 
+pub use self::pth::PICKLED_MODULES_KEY;
 pub use self::safetensors::{refuse_non_regular, replace_file, write_safetensors};
 
 /// The shared, immutable bytes a [`Checkpoint`] reads from: a memory map, or any buffer.
@@ -340,16 +341,16 @@ impl Checkpoint {
             });
         }
         let (format, entries, file_order, metadata) = if buf.starts_with(ZIP_MAGIC) {
-            let (entries, order) = pth::read(&path, buf)?;
-            (Format::Pth, entries, order, BTreeMap::new())
+            let (entries, order, metadata) = pth::read(&path, buf)?;
+            (Format::Pth, entries, order, metadata)
         } else if looks_like_safetensors(buf) {
             let (entries, metadata) = safetensors::read(&path, buf)?;
             let mut order: Vec<String> = entries.keys().cloned().collect();
             order.sort_by(|a, b| natural_cmp(a, b));
             (Format::Safetensors, entries, order, metadata)
         } else if legacy::is_legacy(buf) {
-            let (entries, order) = legacy::read(&path, buf)?;
-            (Format::Pth, entries, order, BTreeMap::new())
+            let (entries, order, metadata) = legacy::read(&path, buf)?;
+            (Format::Pth, entries, order, metadata)
         } else if legacy::is_legacy_text_protocol(buf) {
             return Err(Error::UnknownFormat {
                 path,

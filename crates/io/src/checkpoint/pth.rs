@@ -12,6 +12,21 @@ use super::{checked_nbytes, zip, Data, Entry, Format};
 use crate::error::{Error, Result};
 use std::borrow::Cow;
 
+/// What reading a `.pth` file gives: its tensors, their keys in the file's order, and its
+/// metadata (for a whole pickled model, [`PICKLED_MODULES_KEY`]).
+pub(crate) type PthRead = (
+    BTreeMap<String, Entry>,
+    Vec<String>,
+    BTreeMap<String, String>,
+);
+
+/// Metadata key of a `.pth` file that pickles a whole model (`torch.save(model)`): a JSON
+/// array of its modules in registration order, each `{"path": "0", "class":
+/// "torch.nn.modules.linear.Linear", "attrs": {"in_features": 30, ...}}` (the plain values of
+/// its `__dict__`: numbers, strings, booleans, `None` and lists of them), so that a reader
+/// can tell which layers it holds (a state dict cannot: an activation has no tensors).
+pub const PICKLED_MODULES_KEY: &str = "nibble.pickled_modules";
+
 /// A `.pth` file (zip or legacy) that breaks its format: `reason` says how.
 pub(crate) fn malformed(path: &Path, reason: String) -> Error {
     Error::Malformed {
@@ -22,7 +37,7 @@ pub(crate) fn malformed(path: &Path, reason: String) -> Error {
 }
 
 /// Parses and validates a `.pth` archive held in `buf`.
-pub(crate) fn read(path: &Path, buf: &[u8]) -> Result<(BTreeMap<String, Entry>, Vec<String>)> {
+pub(crate) fn read(path: &Path, buf: &[u8]) -> Result<PthRead> {
     let bad = |reason: String| malformed(path, reason);
     let files = zip::read(path, buf)?;
 
@@ -80,12 +95,13 @@ pub(crate) fn entries_of(
     path: &Path,
     root: &Value,
     storage: impl Fn(&str) -> std::result::Result<(String, Range<usize>), String>,
-) -> Result<(BTreeMap<String, Entry>, Vec<String>)> {
+) -> Result<PthRead> {
     let bad = |reason: String| malformed(path, reason);
+    let mut modules = Vec::new();
     let dict = match root {
-        Value::Dict(root) => state_dict_in(root).map_err(bad)?,
+        Value::Dict(root) => state_dict_in(root, &mut modules).map_err(bad)?,
         // A whole model (`torch.save(model)`): its state dict, as `model.state_dict()` gives it.
-        Value::Module(m) => Cow::Owned(module_state_dict(m).map_err(bad)?),
+        Value::Module(m) => Cow::Owned(module_state_dict(m, &mut modules).map_err(bad)?),
         other => {
             return Err(bad(format!(
                 "the pickle holds a {}, not a state dict (a dict of str → tensor) or a model",
@@ -184,7 +200,14 @@ pub(crate) fn entries_of(
         }
         order.push(key.to_owned());
     }
-    Ok((entries, order))
+    let mut metadata = BTreeMap::new();
+    if !modules.is_empty() {
+        metadata.insert(
+            PICKLED_MODULES_KEY.to_string(),
+            serde_json::Value::Array(modules).to_string(),
+        );
+    }
+    Ok((entries, order, metadata))
 }
 
 /// The state dict of a whole pickled model (`torch.save(model)`), as `model.state_dict()`
@@ -193,12 +216,16 @@ pub(crate) fn entries_of(
 /// module registered them; `None` entries (an `nn.Linear(bias=False)`'s bias) are skipped.
 /// An error where an object on the way is not a module (no `_parameters` / `_modules` dict),
 /// or where modules nest deeper than [`pickle::MAX_DEPTH`].
-fn module_state_dict(root: &ModuleObj) -> std::result::Result<Seq<(Value, Value)>, String> {
+fn module_state_dict(
+    root: &ModuleObj,
+    modules: &mut Vec<serde_json::Value>,
+) -> std::result::Result<Seq<(Value, Value)>, String> {
     fn walk(
         m: &ModuleObj,
         prefix: &str,
         depth: usize,
         out: &mut Vec<(Value, Value)>,
+        infos: &mut Vec<serde_json::Value>,
     ) -> std::result::Result<(), String> {
         if depth > pickle::MAX_DEPTH {
             return Err(format!(
@@ -243,6 +270,11 @@ fn module_state_dict(root: &ModuleObj) -> std::result::Result<Seq<(Value, Value)
                 .collect(),
             _ => Vec::new(),
         };
+        infos.push(serde_json::json!({
+            "path": prefix.trim_end_matches('.'),
+            "class": &*m.class,
+            "attrs": plain_attributes(state),
+        }));
         let buffers = dict("_buffers");
         let named = params.items.iter().chain(
             buffers
@@ -271,7 +303,9 @@ fn module_state_dict(root: &ModuleObj) -> std::result::Result<Seq<(Value, Value)
             };
             match v {
                 Value::None => {}
-                Value::Module(child) => walk(child, &format!("{prefix}{name}."), depth + 1, out)?,
+                Value::Module(child) => {
+                    walk(child, &format!("{prefix}{name}."), depth + 1, out, infos)?
+                }
                 other => {
                     return Err(format!(
                         "submodule `{prefix}{name}` of the pickled model is a {}, not a module",
@@ -283,8 +317,40 @@ fn module_state_dict(root: &ModuleObj) -> std::result::Result<Seq<(Value, Value)
         Ok(())
     }
     let mut items = Vec::new();
-    walk(root, "", 0, &mut items)?;
+    walk(root, "", 0, &mut items, modules)?;
     Ok(Seq { depth: 2, items })
+}
+
+/// A module's plain attributes (see [`PICKLED_MODULES_KEY`]): the entries of its `__dict__`
+/// whose names do not start with `_` (PyTorch's bookkeeping) and whose values are numbers,
+/// strings, booleans, `None`, or tuples and lists of those, one level deep (`normalized_shape`).
+fn plain_attributes(state: &Seq<(Value, Value)>) -> serde_json::Map<String, serde_json::Value> {
+    fn plain(v: &Value, nested: bool) -> Option<serde_json::Value> {
+        Some(match v {
+            Value::None => serde_json::Value::Null,
+            Value::Bool(b) => (*b).into(),
+            Value::Int(i) => (*i).into(),
+            Value::Float(f) => serde_json::Number::from_f64(*f)?.into(),
+            Value::Str(s) => s.to_string().into(),
+            Value::Tuple(t) | Value::List(t) if !nested => serde_json::Value::Array(
+                t.items
+                    .iter()
+                    .map(|x| plain(x, true))
+                    .collect::<Option<_>>()?,
+            ),
+            _ => return None,
+        })
+    }
+    state
+        .items
+        .iter()
+        .filter_map(|(k, v)| match k {
+            Value::Str(k) if !k.starts_with('_') && &**k != "training" => {
+                Some((k.to_string(), plain(v, false)?))
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 /// A state dict as the pickle holds it: pairs of key and value.
@@ -300,7 +366,10 @@ const STATE_DICT_KEYS: [&str; 3] = ["state_dict", "model_state_dict", "model"];
 /// ...})`, PyTorch's tutorial; Lightning's `{"state_dict": ..., "epoch": ...}`): then the one
 /// value that is a non-empty dict of str → tensor or a whole model (its state dict), or where several are, the one named first
 /// in [`STATE_DICT_KEYS`]; an error naming the candidates if none of them is, or none at all.
-fn state_dict_in(root: &StateDict) -> std::result::Result<Cow<'_, StateDict>, String> {
+fn state_dict_in<'r>(
+    root: &'r StateDict,
+    modules: &mut Vec<serde_json::Value>,
+) -> std::result::Result<Cow<'r, StateDict>, String> {
     if !root
         .items
         .iter()
@@ -322,7 +391,7 @@ fn state_dict_in(root: &StateDict) -> std::result::Result<Cow<'_, StateDict>, St
                 candidates.push((k, Cow::Borrowed(&**d)))
             }
             (Value::Str(k), Value::Module(m)) => {
-                let d = module_state_dict(m).map_err(|e| format!("under `{k}`: {e}"))?;
+                let d = module_state_dict(m, modules).map_err(|e| format!("under `{k}`: {e}"))?;
                 if !d.items.is_empty() {
                     candidates.push((k, Cow::Owned(d)));
                 }

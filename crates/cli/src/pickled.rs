@@ -1,0 +1,302 @@
+//! What a whole pickled model (`torch.save(model)`) says of its layers that a state dict cannot:
+//! the class of each module of its `nn.Sequential` (an activation has no tensors) and the
+//! settings they were made with (epsilons, slopes, group counts). Read from the metadata the
+//! checkpoint reader keeps for such a file ([`nibble_io::PICKLED_MODULES_KEY`]) and turned into
+//! the [`Structure`] that `--activation`, `--norm` and the epsilons would give.
+
+use crate::error::{Error, Result};
+use crate::model::{parse_activations, parse_norms, Structure};
+use nibble_io::{Checkpoint, PICKLED_MODULES_KEY};
+use serde_json::Value;
+use std::path::Path;
+
+/// One module of the pickled model, as the reader lists it.
+struct Module<'a> {
+    /// Its path without the wrappers `without_wrappers` takes off (`module.`, `_orig_mod.`).
+    path: String,
+    /// `torch.nn.modules.linear.Linear`, or a class of the model's own code.
+    class: &'a str,
+    attrs: &'a serde_json::Map<String, Value>,
+}
+
+impl Module<'_> {
+    /// The class name when it is one of PyTorch's (`Linear`), else `None`.
+    fn torch_class(&self) -> Option<&str> {
+        self.class
+            .strip_prefix("torch.nn.modules.")
+            .and_then(|rest| rest.rsplit('.').next())
+    }
+
+    fn float(&self, name: &str) -> Option<f64> {
+        self.attrs.get(name).and_then(Value::as_f64)
+    }
+
+    fn bool(&self, name: &str) -> Option<bool> {
+        self.attrs.get(name).and_then(Value::as_bool)
+    }
+}
+
+/// The epsilons the Sequential's norms were made with, one value per kind.
+#[derive(Default)]
+struct Epsilons {
+    layer: Option<f64>,
+    batch: Option<f64>,
+    rms: Option<f64>,
+}
+
+impl Epsilons {
+    /// Takes `eps` for `kind` (`LayerNorm`, ...), an error where another module of that kind
+    /// has another one (one `--layer-norm-eps` serves them all).
+    fn take(slot: &mut Option<f64>, eps: f64, m: &Module<'_>, path: &Path) -> Result<()> {
+        match *slot {
+            Some(prior) if prior != eps => Err(Error::Usage {
+                arg: "--model",
+                what: format!(
+                    "{}: module `{}` ({}) has eps {eps}, another of its kind {prior}; nibble \
+                     takes one epsilon for all of them",
+                    path.display(),
+                    m.path,
+                    m.class
+                ),
+            }),
+            _ => {
+                *slot = Some(eps);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The [`Structure`] a whole pickled model's `nn.Sequential` gives, where `file` (already
+/// without its wrappers) is one and its Sequential sits at `prefix` (`net.`, or the root), and
+/// neither `--activation` nor `--norm` was given (what is given wins): the activations of each
+/// gap between the layers (and before the first one), the kind of each module of a 1-D weight,
+/// and the norms' epsilons. `Ok(None)` for a state dict, or a model whose layers are not
+/// an `nn.Sequential` at `prefix` (named modules: their order is in the model's code, which a
+/// pickle does not hold). A module nibble does not compute (a class of the model's own code,
+/// an `nn.Softmax`), or an activation after the last layer that changes the logits, is an error
+/// naming its path and class.
+pub(crate) fn pickled_structure(
+    file: &Checkpoint,
+    prefix: &str,
+    given: &Structure,
+    path: &Path,
+) -> Result<Option<Structure>> {
+    if given.gaps_given || given.norms.is_some() {
+        return Ok(None);
+    }
+    let Some(text) = file.metadata().get(PICKLED_MODULES_KEY) else {
+        return Ok(None);
+    };
+    let bad = |what: String| Error::Usage {
+        arg: "--model",
+        what: format!("{}: {what}", path.display()),
+    };
+    let list: Vec<Value> = serde_json::from_str(text).map_err(|e| {
+        bad(format!(
+            "the pickled model's module list is unreadable: {e}"
+        ))
+    })?;
+    let modules: Vec<Module<'_>> = list
+        .iter()
+        .filter_map(|m| {
+            let path = m.get("path")?.as_str()?;
+            Some(Module {
+                path: unwrapped(path),
+                class: m.get("class")?.as_str()?,
+                attrs: m.get("attrs")?.as_object()?,
+            })
+        })
+        .collect();
+    let container = prefix.trim_end_matches('.');
+    if !modules
+        .iter()
+        .any(|m| m.path == container && m.torch_class() == Some("Sequential"))
+    {
+        return Ok(None);
+    }
+    let child_of = |m: &Module<'_>| -> Option<usize> {
+        let rest = if container.is_empty() {
+            m.path.as_str()
+        } else {
+            m.path.strip_prefix(container)?.strip_prefix('.')?
+        };
+        (!rest.contains('.')).then(|| rest.parse().ok()).flatten()
+    };
+    let mut children: Vec<(usize, &Module<'_>)> = modules
+        .iter()
+        .filter_map(|m| Some((child_of(m)?, m)))
+        .collect();
+    children.sort_by_key(|(i, _)| *i);
+
+    let mut eps = Epsilons::default();
+    // What each gap holds, in order (the first entry what comes before the first layer), and
+    // each module of a 1-D weight's kind.
+    let mut gaps: Vec<Vec<String>> = vec![Vec::new()];
+    let mut norms: Vec<String> = Vec::new();
+    let mut layers = 0usize;
+    for (_, m) in &children {
+        let class = m.torch_class().unwrap_or("");
+        let affine = m.bool("elementwise_affine").or(m.bool("affine"));
+        let step: Option<String> = match class {
+            "Linear" => None,
+            "BatchNorm1d" => {
+                if let Some(e) = m.float("eps") {
+                    Epsilons::take(&mut eps.batch, e, m, path)?;
+                }
+                None
+            }
+            "LayerNorm" => {
+                if let Some(e) = m.float("eps") {
+                    Epsilons::take(&mut eps.layer, e, m, path)?;
+                }
+                match affine {
+                    Some(false) => Some("layer_norm".into()),
+                    _ => {
+                        norms.push("layer".into());
+                        None
+                    }
+                }
+            }
+            "RMSNorm" => {
+                if let Some(e) = m.float("eps") {
+                    Epsilons::take(&mut eps.rms, e, m, path)?;
+                }
+                match affine {
+                    Some(false) => Some("rms_norm".into()),
+                    _ => {
+                        norms.push("rms".into());
+                        None
+                    }
+                }
+            }
+            "GroupNorm" => {
+                if let Some(e) = m.float("eps") {
+                    Epsilons::take(&mut eps.layer, e, m, path)?;
+                }
+                let groups = m
+                    .attrs
+                    .get("num_groups")
+                    .and_then(Value::as_u64)
+                    .ok_or_else(|| bad(format!("GroupNorm `{}` has no num_groups", m.path)))?;
+                match affine {
+                    Some(false) => Some(format!("group_norm:{groups}")),
+                    _ => {
+                        norms.push(format!("group:{groups}"));
+                        None
+                    }
+                }
+            }
+            "PReLU" => {
+                norms.push("prelu".into());
+                None
+            }
+            _ => Some(activation_of(m).ok_or_else(|| {
+                bad(format!(
+                    "module `{}` is a {} (of the pickled model's nn.Sequential), which nibble \
+                     does not compute",
+                    m.path, m.class
+                ))
+            })?),
+        };
+        match step {
+            Some(a) => gaps.last_mut().expect("one gap at least").push(a),
+            None => {
+                layers += 1;
+                gaps.push(Vec::new());
+            }
+        }
+    }
+    if layers == 0 {
+        return Ok(None);
+    }
+    // After the last layer: nothing nibble could run there may change the logits.
+    let trailing = gaps.pop().unwrap_or_default();
+    if let Some(a) = trailing.iter().find(|a| *a != "identity") {
+        return Err(bad(format!(
+            "the pickled model's nn.Sequential ends with `{a}` after its last layer, which \
+             nibble does not run (its logits are the last layer's output)"
+        )));
+    }
+    // The gaps between layers (empty ones are no gap), after what comes before the first.
+    let leading = gaps.remove(0);
+    let between: Vec<String> = gaps
+        .into_iter()
+        .filter(|g| !g.is_empty())
+        .map(|g| g.join("+"))
+        .collect();
+    let mut entries = Vec::new();
+    if !leading.is_empty() {
+        entries.push(leading.join("+"));
+    }
+    entries.extend(between);
+    let mut structure = given.clone();
+    if !entries.is_empty() {
+        structure.gaps = parse_activations(&entries.join(","))?;
+        structure.gaps_given = true;
+    }
+    if !norms.is_empty() {
+        structure.norms = Some(parse_norms(&norms.join(","))?);
+    }
+    if let Some(e) = eps.layer {
+        structure.layer_norm_eps = e as f32;
+    }
+    if let Some(e) = eps.batch {
+        structure.batch_norm_eps = e as f32;
+    }
+    if let Some(e) = eps.rms {
+        structure.rms_norm_eps = e as f32;
+    }
+    Ok(Some(structure))
+}
+
+/// `path` without the wrappers nibble takes off a state dict's keys (`module.` of
+/// DataParallel, `_orig_mod.` of `torch.compile`), in front.
+fn unwrapped(path: &str) -> String {
+    let mut rest = path;
+    loop {
+        match ["module", "_orig_mod"].iter().find_map(|w| {
+            rest.strip_prefix(w)
+                .and_then(|r| r.strip_prefix('.').or((r.is_empty()).then_some(r)))
+        }) {
+            Some(r) => rest = r,
+            None => return rest.to_string(),
+        }
+    }
+}
+
+/// The `--activation` entry of a parameter-free PyTorch module with the settings it was made
+/// with, or `None` where nibble has no such activation (or not with those settings).
+fn activation_of(m: &Module<'_>) -> Option<String> {
+    let coef = |name: &str, default: f64| m.float(name).unwrap_or(default);
+    Some(match m.torch_class()? {
+        "ReLU" => "relu".into(),
+        "GELU" => match m.attrs.get("approximate").and_then(Value::as_str) {
+            None | Some("none") => "gelu".into(),
+            Some("tanh") => "gelu_tanh".into(),
+            Some(_) => return None,
+        },
+        "Tanh" => "tanh".into(),
+        "Sigmoid" => "sigmoid".into(),
+        "SiLU" => "silu".into(),
+        "LeakyReLU" => format!("leaky_relu:{}", coef("negative_slope", 0.01)),
+        "ELU" => format!("elu:{}", coef("alpha", 1.0)),
+        "CELU" => format!("celu:{}", coef("alpha", 1.0)),
+        "Softplus" if coef("beta", 1.0) == 1.0 && coef("threshold", 20.0) == 20.0 => {
+            "softplus".into()
+        }
+        "Mish" => "mish".into(),
+        "Hardswish" => "hardswish".into(),
+        "ReLU6" => "relu6".into(),
+        "SELU" => "selu".into(),
+        "Hardtanh" if coef("min_val", -1.0) == -1.0 && coef("max_val", 1.0) == 1.0 => {
+            "hardtanh".into()
+        }
+        "Hardsigmoid" => "hardsigmoid".into(),
+        "Softsign" => "softsign".into(),
+        "LogSigmoid" => "logsigmoid".into(),
+        "Tanhshrink" => "tanhshrink".into(),
+        "Identity" | "Dropout" | "AlphaDropout" | "Flatten" => "identity".into(),
+        _ => return None,
+    })
+}
