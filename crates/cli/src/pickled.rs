@@ -137,7 +137,6 @@ pub(crate) fn pickled_structure(
     let mut layers = 0usize;
     for (_, m) in &children {
         let class = m.torch_class().unwrap_or("");
-        let affine = m.bool("elementwise_affine").or(m.bool("affine"));
         let step: Option<String> = match class {
             "Linear" => None,
             "BatchNorm1d" => {
@@ -146,46 +145,16 @@ pub(crate) fn pickled_structure(
                 }
                 None
             }
-            "LayerNorm" => {
-                if let Some(e) = m.float("eps") {
-                    Epsilons::take(&mut eps.layer, e, m, path)?;
-                }
-                match affine {
-                    Some(false) => Some("layer_norm".into()),
-                    _ => {
-                        norms.push("layer".into());
-                        None
-                    }
-                }
-            }
-            "RMSNorm" => {
-                if let Some(e) = m.float("eps") {
-                    Epsilons::take(&mut eps.rms, e, m, path)?;
-                }
-                match affine {
-                    Some(false) => Some("rms_norm".into()),
-                    _ => {
-                        norms.push("rms".into());
-                        None
-                    }
-                }
-            }
+            "LayerNorm" => norm_step(m, &mut eps.layer, "layer", "layer_norm", &mut norms, path)?,
+            "RMSNorm" => norm_step(m, &mut eps.rms, "rms", "rms_norm", &mut norms, path)?,
             "GroupNorm" => {
-                if let Some(e) = m.float("eps") {
-                    Epsilons::take(&mut eps.layer, e, m, path)?;
-                }
                 let groups = m
                     .attrs
                     .get("num_groups")
                     .and_then(Value::as_u64)
                     .ok_or_else(|| bad(format!("GroupNorm `{}` has no num_groups", m.path)))?;
-                match affine {
-                    Some(false) => Some(format!("group_norm:{groups}")),
-                    _ => {
-                        norms.push(format!("group:{groups}"));
-                        None
-                    }
-                }
+                let (with, without) = (format!("group:{groups}"), format!("group_norm:{groups}"));
+                norm_step(m, &mut eps.layer, &with, &without, &mut norms, path)?
             }
             "PReLU" => {
                 norms.push("prelu".into());
@@ -248,6 +217,28 @@ pub(crate) fn pickled_structure(
         structure.rms_norm_eps = e as f32;
     }
     Ok(Some(structure))
+}
+
+/// A norm module `m`: its eps into `slot`; with parameters (affine, the default) a module of a
+/// 1-D weight of kind `with` (pushed on `norms`, `None` returned), else the gap step `without`.
+fn norm_step(
+    m: &Module<'_>,
+    slot: &mut Option<f64>,
+    with: &str,
+    without: &str,
+    norms: &mut Vec<String>,
+    path: &Path,
+) -> Result<Option<String>> {
+    if let Some(e) = m.float("eps") {
+        Epsilons::take(slot, e, m, path)?;
+    }
+    match m.bool("elementwise_affine").or(m.bool("affine")) {
+        Some(false) => Ok(Some(without.to_string())),
+        _ => {
+            norms.push(with.to_string());
+            Ok(None)
+        }
+    }
 }
 
 /// `path` without the wrappers nibble takes off a state dict's keys (`module.` of
