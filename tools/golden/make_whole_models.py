@@ -3,7 +3,7 @@ gives for them: tests/data/whole_seq.pth (an nn.Sequential of Linear(bias=False)
 LayerNorm, a module of this script's own class (`__main__.Scaled`: a parameter, a persistent and
 a non-persistent buffer, a dtype and a device attribute, a load-state-dict hook), Linear and
 BatchNorm1d; tests/data/whole_seq_in_dict.pth keeps it under "model" beside an epoch and a
-note), tests/data/whole_bignet_low_d20.pth (the reference's low_precision Net at width 20,
+note; tests/data/whole_seq_legacy.pth in the legacy format), tests/data/whole_bignet_low_d20.pth (the reference's low_precision Net at width 20,
 `bignet_ref.Net`, whose 4-bit buffers are not persistent and whose modules carry hooks), and
 tests/data/whole_models_sd.safetensors: `seq.<key>` and `low.<key>` for each key of the two
 models' `state_dict()` (integer buffers as int64), in order under `__metadata__` `seq_keys` /
@@ -48,6 +48,8 @@ with torch.no_grad():
     seq[5].running_var.uniform_(0.5, 2.0)
 seq[5].num_batches_tracked += 3
 torch.save(seq, f"{out}/whole_seq.pth")
+# The legacy format (module classes as persistent ids with their source).
+torch.save(seq, f"{out}/whole_seq_legacy.pth", _use_new_zipfile_serialization=False)
 # A training checkpoint that keeps the whole model beside other things.
 torch.save({"epoch": 3, "model": seq, "note": "whole"}, f"{out}/whole_seq_in_dict.pth")
 low = R.Net("low_precision", 20)

@@ -1082,6 +1082,33 @@ fn hostile_pickles() {
         let built = [&b"\x80\x02"[..], class, b")\x81}b."].concat();
         expect_err(run(&built), "that is not an nn.Module");
     }
+    // Modules shared level after level (each level's `_modules` names the one below twice):
+    // an error at once, not 2^20 modules walked.
+    let text = |t: &str| {
+        let mut v = vec![b'X'];
+        v.extend((t.len() as u32).to_le_bytes());
+        v.extend(t.as_bytes());
+        v
+    };
+    let mut diamond = b"\x80\x02".to_vec();
+    for level in 0u8..21 {
+        diamond.extend(b"c__main__\nM\n)\x81}(");
+        diamond.extend(text("_parameters"));
+        diamond.extend(b"ccollections\nOrderedDict\n)R");
+        diamond.extend(text("_modules"));
+        diamond.extend(b"ccollections\nOrderedDict\n)R");
+        if level > 0 {
+            diamond.push(b'(');
+            for name in ["a", "b"] {
+                diamond.extend(text(name));
+                diamond.extend([b'h', level - 1]);
+            }
+            diamond.push(b'u');
+        }
+        diamond.extend([b'u', b'b', b'q', level]);
+    }
+    diamond.push(b'.');
+    expect_err(run(&diamond), "more than 65536 modules");
     // Builtins and modules that reach the system are refused at once, even uncalled.
     for global in [
         &b"cbuiltins\neval\n"[..],
@@ -1602,6 +1629,8 @@ fn whole_pickled_models_read_as_their_state_dicts() {
         ("whole_seq.pth", "seq"),
         // `{"epoch": 3, "model": model, "note": ...}`: the model under its key.
         ("whole_seq_in_dict.pth", "seq"),
+        // The legacy format: module classes as persistent ids `('module', cls, file, source)`.
+        ("whole_seq_legacy.pth", "seq"),
         ("whole_bignet_low_d20.pth", "low"),
     ] {
         let ck = Checkpoint::open(golden(file)).unwrap();

@@ -156,13 +156,27 @@ pub(crate) fn read(path: &Path, buf: &[u8]) -> Result<pth::PthRead> {
 fn storage_element_sizes(root: &Value) -> HashMap<String, usize> {
     let mut sizes = HashMap::new();
     let mut stack = vec![root];
+    // Each container once (the memo can put one in many places: walking every path could
+    // take exponential time).
+    let mut seen: std::collections::HashSet<*const ()> = std::collections::HashSet::new();
+    let mut first_visit = |p: *const ()| seen.insert(p);
     while let Some(v) = stack.pop() {
         match v {
             Value::Tensor(t) => {
                 sizes.insert(t.storage.key.clone(), t.storage.dtype.size_of());
             }
-            Value::Dict(d) => stack.extend(d.items.iter().map(|(_, v)| v)),
-            Value::List(l) | Value::Tuple(l) => stack.extend(l.items.iter()),
+            Value::Dict(d) if first_visit(std::rc::Rc::as_ptr(d).cast()) => {
+                stack.extend(d.items.iter().map(|(_, v)| v))
+            }
+            Value::List(l) | Value::Tuple(l) if first_visit(std::rc::Rc::as_ptr(l).cast()) => {
+                stack.extend(l.items.iter())
+            }
+            // A whole model's modules (`torch.save(model)`).
+            Value::Module(m) if first_visit(std::rc::Rc::as_ptr(m).cast()) => {
+                if let Some(state) = &m.state {
+                    stack.extend(state.items.iter().map(|(_, v)| v));
+                }
+            }
             _ => {}
         }
     }

@@ -739,6 +739,13 @@ impl<'a> Vm<'a> {
                     view.kind()
                 ))
             }
+            // The legacy format's module classes: `('module', cls, source_file, source)`
+            // (the class, never called; its source is not read).
+            [Value::Str(tag), cls @ Value::Global(Global::Class(_)), _, _]
+                if &**tag == "module" =>
+            {
+                Ok(cls.clone())
+            }
             _ => self.err("persistent id is not ('storage', <Storage type>, key, location, numel)"),
         }
     }

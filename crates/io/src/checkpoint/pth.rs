@@ -227,6 +227,14 @@ fn module_state_dict(
         out: &mut Vec<(Value, Value)>,
         infos: &mut Vec<serde_json::Value>,
     ) -> std::result::Result<(), String> {
+        // A module shared under several names is walked under each (as `state_dict` lists
+        // it under each): a pickle sharing modules level after level would multiply them.
+        if infos.len() >= MAX_PICKLED_MODULES {
+            return Err(format!(
+                "the pickled model has more than {MAX_PICKLED_MODULES} modules (counting a \
+                 shared module under each of its names)"
+            ));
+        }
         if depth > pickle::MAX_DEPTH {
             return Err(format!(
                 "the pickled model's modules nest deeper than {}",
@@ -320,6 +328,9 @@ fn module_state_dict(
     walk(root, "", 0, &mut items, modules)?;
     Ok(Seq { depth: 2, items })
 }
+
+/// Most modules a whole pickled model may have, a shared module counted under each name.
+const MAX_PICKLED_MODULES: usize = 1 << 16;
 
 /// A module's plain attributes (see [`PICKLED_MODULES_KEY`]): the entries of its `__dict__`
 /// whose names do not start with `_` (PyTorch's bookkeeping) and whose values are numbers,
