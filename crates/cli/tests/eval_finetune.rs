@@ -1565,6 +1565,21 @@ fn whole_pickled_models_run_with_the_layers_their_modules_name() {
         max_diff(&flagged, &want) > 1e-3,
         "the flags changed nothing"
     );
+    // Quantized, the file keeps the layers (the module list travels in its metadata) and,
+    // though its keys lose DataParallel's `module.`, its weights' shapes: a 10-wide Q4 layer
+    // stored flat needs its `nibble.shape.module.5.weight`, which eval looked up as `5.weight`.
+    let q4 = dir.join("q4.safetensors");
+    let run = nibble(&["quantize", s(&model), "--format", "q4", "--output", s(&q4)]);
+    assert!(run.ok, "{}", run.stderr);
+    let on_load = logits(&["--format", "q4"], "on_load.safetensors");
+    let out = dir.join("stored.safetensors");
+    nibble_json(&model_data_args(
+        "eval",
+        &q4,
+        &d,
+        &["--logits", s(&out), "--json"],
+    ));
+    assert_eq!(tensor(&out, "logits"), on_load);
     // Training reads the same layers.
     let run = nibble(&model_data_args(
         "finetune",

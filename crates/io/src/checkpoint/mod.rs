@@ -429,9 +429,26 @@ impl Checkpoint {
             .iter()
             .map(|k| k[prefix.len()..].to_string())
             .collect();
+        // The metadata that names tensors by key (a quantized weight's `[out, in]`) follows
+        // its tensor.
+        let shape_of = crate::frozen::shape_metadata_key("");
+        let metadata = self
+            .metadata
+            .into_iter()
+            .map(|(k, v)| {
+                match k
+                    .strip_prefix(shape_of.as_str())
+                    .and_then(|t| t.strip_prefix(prefix))
+                {
+                    Some(tensor) => (crate::frozen::shape_metadata_key(tensor), v),
+                    None => (k, v),
+                }
+            })
+            .collect();
         Ok(Checkpoint {
             entries,
             file_order,
+            metadata,
             ..self
         })
     }
