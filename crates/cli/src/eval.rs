@@ -136,6 +136,14 @@ pub fn evaluate(args: &EvalArgs<'_>) -> Result<EvalReport> {
             );
         }
         vec![WeightFormat::F32]
+    } else if matches!(args.format, FormatChoice::All) && stored == WeightFormat::F16.name() {
+        // An f16 file (nibble's f16 output) runs as f16 where f32 is asked: its first row is
+        // the f16 one, and the others quantize its weights (as from an f16 checkpoint).
+        args.format
+            .formats()
+            .into_iter()
+            .filter(|&f| f != WeightFormat::F16)
+            .collect()
     } else if matches!(args.format, FormatChoice::All) && stored != WeightFormat::F32.name() {
         eprintln!(
             "note: --format all: {} is already quantized ({stored}); its one row is the format it \

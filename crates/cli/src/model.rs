@@ -7,7 +7,7 @@
 
 use crate::error::{Error, Result};
 use nibble_autograd::{Param, Tape, Var};
-use nibble_io::{Checkpoint, WeightFormat};
+use nibble_io::{Checkpoint, DType, WeightFormat};
 use nibble_nn::layout::{ModuleLayout, MODULE_ORDER_KEY};
 use nibble_nn::{cross_entropy, Activation, Layer, NormKind, Sequential, SequentialOptions};
 use nibble_tensor::Tensor;
@@ -252,6 +252,19 @@ impl Classifier {
             .rms_norm_eps(structure.rms_norm_eps);
         if let Some(order) = &structure.order {
             options = options.module_order(order.clone());
+        }
+        // nibble's f16 files (`quantize --format f16`, `nibble.format` f16) run as `--format
+        // f16` runs them where no other format is asked: their f16 weights stay f16 (read as
+        // f32 they were reported as f32 models of twice the bytes, on the f32 kernels).
+        if format == WeightFormat::F32
+            && WeightFormat::declared_by(&file)? == Some(WeightFormat::F16)
+        {
+            for m in &layout.modules {
+                let key = format!("{prefix}{}.weight", m.path);
+                if matches!(file.info(&key), Some((DType::F16, shape)) if shape.len() == 2) {
+                    options = options.format_at(m.index, WeightFormat::F16);
+                }
+            }
         }
         let norms = layout.norm_indices(&file, &prefix);
         let default_norms = (structure.norms.is_none() && !norms.is_empty())

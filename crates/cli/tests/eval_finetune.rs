@@ -1425,6 +1425,69 @@ fn partly_and_wholly_quantized_files_are_labelled_by_what_they_hold() {
     let rows = report["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 1, "{report}");
     assert_eq!(rows[0]["format"], "q4");
+    // nibble's f16 file runs as f16, as `--format f16` runs the f32 file: the same logits and
+    // bytes (it was read as an f32 model of twice the bytes, on the f32 kernels); with
+    // `--format all` its first row is f16 and the others quantize it, f16 not twice.
+    let half = dir.join("half.safetensors");
+    let run = nibble(&[
+        "quantize",
+        s(&model),
+        "--format",
+        "f16",
+        "--output",
+        s(&half),
+    ]);
+    assert!(run.ok, "{}", run.stderr);
+    let (stored, on_load) = (
+        dir.join("stored.safetensors"),
+        dir.join("on_load.safetensors"),
+    );
+    let a = nibble_json(&[
+        "eval",
+        "--model",
+        s(&half),
+        "--data",
+        s(&digits),
+        "--logits",
+        s(&stored),
+        "--json",
+    ]);
+    let b = nibble_json(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--data",
+        s(&digits),
+        "--format",
+        "f16",
+        "--logits",
+        s(&on_load),
+        "--json",
+    ]);
+    assert_eq!(a["rows"][0]["format"], "f16", "{a}");
+    assert_eq!(a["rows"][0]["bytes"], b["rows"][0]["bytes"], "{a} {b}");
+    assert_eq!(tensor(&stored, "logits"), tensor(&on_load, "logits"));
+    let all = nibble_json(&[
+        "eval",
+        "--model",
+        s(&half),
+        "--data",
+        s(&digits),
+        "--format",
+        "all",
+        "--json",
+    ]);
+    let names: Vec<&str> = all["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["format"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["f16", "int8", "q4", "nf4", "nf4_dq", "lower"],
+        "{all}"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }
 
