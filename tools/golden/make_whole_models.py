@@ -10,7 +10,9 @@ models' `state_dict()` (integer buffers as int64), in order under `__metadata__`
 `low_keys` (comma-separated). For the `nibble` program: tests/data/whole_mix.pth (inside
 DataParallel, an nn.Sequential whose activations, norms and epsilons a state dict cannot tell)
 with `x` [5,6] and PyTorch's `logits` in tests/data/whole_mix_io.safetensors, and
-tests/data/whole_softmax_end.pth (a Linear then a Softmax).
+tests/data/whole_softmax_end.pth (a Linear then a Softmax), and tests/data/whole_subclass.pth
+(`__main__.MyLinear`, a subclass of nn.Linear, Tanh, Linear) with its `logits` on the same `x`
+in tests/data/whole_subclass_io.safetensors.
 
     python3 tools/golden/make_whole_models.py tests/data ../shared/ref
 """
@@ -79,4 +81,16 @@ with torch.no_grad():
     save_file({"x": x, "logits": mix(x)}, f"{out}/whole_mix_io.safetensors")
 torch.save(mix, f"{out}/whole_mix.pth")
 torch.save(N.Sequential(N.Linear(6, 3), N.Softmax(dim=1)), f"{out}/whole_softmax_end.pth")
+
+
+class MyLinear(N.Linear):
+    """A subclass of nn.Linear: a Linear to a reader of its tensors."""
+
+
+torch.manual_seed(13)
+sub = N.Sequential(MyLinear(6, 8), N.Tanh(), N.Linear(8, 3))
+sub.eval()
+with torch.no_grad():
+    save_file({"x": x, "logits": sub(x)}, f"{out}/whole_subclass_io.safetensors")
+torch.save(sub, f"{out}/whole_subclass.pth")
 print("ok", meta)

@@ -135,8 +135,11 @@ pub(crate) fn pickled_structure(
     let mut gaps: Vec<Vec<String>> = vec![Vec::new()];
     let mut norms: Vec<String> = Vec::new();
     let mut layers = 0usize;
-    for (_, m) in &children {
+    for (index, m) in &children {
         let class = m.torch_class().unwrap_or("");
+        let weight_dims = file
+            .info(&format!("{prefix}{index}.weight"))
+            .map(|(_, shape)| shape.len());
         let step: Option<String> = match class {
             "Linear" => None,
             "BatchNorm1d" => {
@@ -160,6 +163,9 @@ pub(crate) fn pickled_structure(
                 norms.push("prelu".into());
                 None
             }
+            // A module of the model's own class with a 2-D weight (a subclass of nn.Linear):
+            // a Linear, as a state dict reads it.
+            _ if weight_dims == Some(2) => None,
             _ => Some(activation_of(m).ok_or_else(|| {
                 bad(format!(
                     "module `{}` is a {} (of the pickled model's nn.Sequential), which nibble \

@@ -1651,6 +1651,21 @@ fn whole_pickled_models_run_with_the_layers_their_modules_name() {
         &["--format", "q4", "--steps", "2", "--rank", "2", "--json"],
     ));
     assert!(run.ok, "{}", run.stderr);
+    // A module of the model's own class with a 2-D weight (a subclass of nn.Linear) is a
+    // Linear, as in a state dict.
+    let sub = data("whole_subclass_io.safetensors");
+    let out = dir.join("subclass.safetensors");
+    nibble_json(&model_data_args(
+        "eval",
+        &data("whole_subclass.pth"),
+        &d,
+        &["--logits", s(&out), "--json"],
+    ));
+    let diff = max_diff(&tensor(&out, "logits"), &tensor(&sub, "logits"));
+    assert!(
+        diff < 1e-5,
+        "subclass: logits differ from PyTorch's by {diff}"
+    );
     let msg = nibble_fails(&model_data_args(
         "eval",
         &data("whole_softmax_end.pth"),
