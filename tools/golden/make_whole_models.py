@@ -12,7 +12,8 @@ DataParallel, an nn.Sequential whose activations, norms and epsilons a state dic
 with `x` [5,6] and PyTorch's `logits` in tests/data/whole_mix_io.safetensors, and
 tests/data/whole_softmax_end.pth (a Linear then a Softmax), and tests/data/whole_subclass.pth
 (`__main__.MyLinear`, a subclass of nn.Linear, Tanh, Linear) with its `logits` on the same `x`
-in tests/data/whole_subclass_io.safetensors.
+in tests/data/whole_subclass_io.safetensors; tests/data/whole_bn_batch_stats.pth holds a
+BatchNorm1d(track_running_stats=False).
 
     python3 tools/golden/make_whole_models.py tests/data ../shared/ref
 """
@@ -93,4 +94,7 @@ sub.eval()
 with torch.no_grad():
     save_file({"x": x, "logits": sub(x)}, f"{out}/whole_subclass_io.safetensors")
 torch.save(sub, f"{out}/whole_subclass.pth")
+# A BatchNorm1d without running statistics (it normalizes each batch by its own).
+torch.save(N.Sequential(N.Linear(6, 8), N.BatchNorm1d(8, track_running_stats=False), N.ReLU(),
+                        N.Linear(8, 3)), f"{out}/whole_bn_batch_stats.pth")
 print("ok", meta)

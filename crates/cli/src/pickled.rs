@@ -143,6 +143,13 @@ pub(crate) fn pickled_structure(
         let step: Option<String> = match class {
             "Linear" => None,
             "BatchNorm1d" => {
+                if m.bool("track_running_stats") == Some(false) {
+                    return Err(bad(format!(
+                        "module `{}` is a BatchNorm1d(track_running_stats=False), which \
+                         normalizes each batch by its own statistics: nibble does not compute it",
+                        m.path
+                    )));
+                }
                 if let Some(e) = m.float("eps") {
                     Epsilons::take(&mut eps.batch, e, m, path)?;
                 }

@@ -1666,6 +1666,17 @@ fn whole_pickled_models_run_with_the_layers_their_modules_name() {
         diff < 1e-5,
         "subclass: logits differ from PyTorch's by {diff}"
     );
+    // A BatchNorm1d without running statistics: refused (it ran as a LayerNorm).
+    let msg = nibble_fails(&model_data_args(
+        "eval",
+        &data("whole_bn_batch_stats.pth"),
+        &d,
+        &[],
+    ));
+    assert!(
+        msg.contains("track_running_stats=False") && msg.contains("`1`"),
+        "{msg}"
+    );
     let msg = nibble_fails(&model_data_args(
         "eval",
         &data("whole_softmax_end.pth"),
