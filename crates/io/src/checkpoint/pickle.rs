@@ -50,8 +50,9 @@ pub(crate) enum Global {
     /// [`Value::Object`].
     Inert(&'static str),
     /// Any other global (`module.Name`), taken as a class whose instances `torch.save(model)`
-    /// pickles: only `NEWOBJ` may use it, making a [`Value::Module`] (nothing is ever called;
-    /// calling it through `REDUCE`, or any other use, is an error naming it).
+    /// pickles: `NEWOBJ` makes a [`Value::Module`] of it, and `REDUCE` an opaque
+    /// [`Value::Call`] (nothing is ever called; where a state dict needs the result, that is
+    /// an error naming it).
     Class(Rc<str>),
 }
 
@@ -118,8 +119,9 @@ const DENIED_MODULES: [&str; 34] = [
     "platform",
 ];
 
-/// The builtins a whole pickled model names: `set` (a module's non-persistent buffers) and
-/// `getattr` (a bound method among its hooks, never called); every other builtin is refused.
+/// The builtins a whole pickled model names: `set` and `frozenset` (a module's non-persistent
+/// buffers) and `getattr` (a bound method among its hooks, never called); every other builtin
+/// is refused.
 const BUILTINS_READ: [&str; 3] = ["set", "frozenset", "getattr"];
 
 /// A persistent storage reference: `('storage', StorageType, key, location, numel)`, or in the
