@@ -141,7 +141,59 @@ pub fn run(path: &Path, json: bool) -> Result<()> {
     if let Some(line) = module_order(&file) {
         println!("{line}");
     }
+    if let Some(line) = pickled_layers(path, file) {
+        println!("{line}");
+    }
     Ok(())
+}
+
+/// For a whole pickled model (`torch.save(model)`), what `eval` and `finetune` read from it
+/// in place of `--activation` and `--norm` (see [`crate::pickled`]), or why they cannot run
+/// it; `None` for any other file.
+fn pickled_layers(path: &Path, file: Checkpoint) -> Option<String> {
+    let file = crate::model::without_wrappers(file);
+    let prefix = crate::model::sequential_prefix(&file);
+    let defaults =
+        crate::model::Structure::parse(None, None, 1e-5, 1e-5, f32::EPSILON, None).ok()?;
+    match crate::pickled::pickled_structure(&file, &prefix, &defaults, path) {
+        Ok(Some(s)) => {
+            let gaps: Vec<String> = s
+                .gaps
+                .iter()
+                .map(|g| {
+                    g.iter()
+                        .map(|a| a.to_string())
+                        .collect::<Vec<_>>()
+                        .join("+")
+                })
+                .collect();
+            let norms = s.norms.map(|n| {
+                n.iter()
+                    .map(|k| match k {
+                        nibble_nn::NormKind::Layer => "layer".to_string(),
+                        nibble_nn::NormKind::Rms => "rms".to_string(),
+                        nibble_nn::NormKind::Group(g) => format!("group:{g}"),
+                        nibble_nn::NormKind::PRelu => "prelu".to_string(),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(",")
+            });
+            Some(format!(
+                "a whole pickled model: eval and finetune read its layers from it (--activation \
+                 {}{})",
+                if s.gaps_given {
+                    gaps.join(",")
+                } else {
+                    "none".into()
+                },
+                norms.map(|n| format!(", --norm {n}")).unwrap_or_default()
+            ))
+        }
+        Ok(None) => None,
+        Err(e) => Some(format!(
+            "a whole pickled model that eval and finetune cannot run: {e}"
+        )),
+    }
 }
 
 /// For a classifier's state dict, its modules in the order `eval` and `finetune` run them and

@@ -1666,6 +1666,16 @@ fn whole_pickled_models_run_with_the_layers_their_modules_name() {
         diff < 1e-5,
         "subclass: logits differ from PyTorch's by {diff}"
     );
+    // `inspect` says what eval and finetune read from the file.
+    let run = nibble(&["inspect", s(&model)]);
+    assert!(run.ok, "{}", run.stderr);
+    assert!(
+        run.stdout.contains(
+            "--activation identity,leaky_relu:0.2,gelu_tanh,layer_norm+silu, --norm layer,rms"
+        ),
+        "{}",
+        run.stdout
+    );
     // A BatchNorm1d without running statistics: refused (it ran as a LayerNorm).
     let msg = nibble_fails(&model_data_args(
         "eval",
