@@ -13,7 +13,9 @@ with `x` [5,6] and PyTorch's `logits` in tests/data/whole_mix_io.safetensors, an
 tests/data/whole_softmax_end.pth (a Linear then a Softmax), and tests/data/whole_subclass.pth
 (`__main__.MyLinear`, a subclass of nn.Linear, Tanh, Linear) with its `logits` on the same `x`
 in tests/data/whole_subclass_io.safetensors; tests/data/whole_bn_batch_stats.pth holds a
-BatchNorm1d(track_running_stats=False).
+BatchNorm1d(track_running_stats=False); tests/data/whole_nested.pth nests Sequentials (Linear,
+Sequential(LeakyReLU(0.3), Sequential(Linear, Tanh)), Linear), its `logits` in
+tests/data/whole_nested_io.safetensors.
 
     python3 tools/golden/make_whole_models.py tests/data ../shared/ref
 """
@@ -94,6 +96,14 @@ sub.eval()
 with torch.no_grad():
     save_file({"x": x, "logits": sub(x)}, f"{out}/whole_subclass_io.safetensors")
 torch.save(sub, f"{out}/whole_subclass.pth")
+# Sequentials nested in a Sequential (keys `0.weight`, `1.1.0.weight`, ...: run as one chain).
+torch.manual_seed(14)
+nested = N.Sequential(N.Linear(6, 8), N.Sequential(N.LeakyReLU(0.3), N.Sequential(N.Linear(8, 8), N.Tanh())),
+                      N.Linear(8, 3))
+nested.eval()
+with torch.no_grad():
+    save_file({"x": x, "logits": nested(x)}, f"{out}/whole_nested_io.safetensors")
+torch.save(nested, f"{out}/whole_nested.pth")
 # A BatchNorm1d without running statistics (it normalizes each batch by its own).
 torch.save(N.Sequential(N.Linear(6, 8), N.BatchNorm1d(8, track_running_stats=False), N.ReLU(),
                         N.Linear(8, 3)), f"{out}/whole_bn_batch_stats.pth")

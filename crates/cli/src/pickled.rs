@@ -115,19 +115,10 @@ pub(crate) fn pickled_structure(
     {
         return Ok(None);
     }
-    let child_of = |m: &Module<'_>| -> Option<usize> {
-        let rest = if container.is_empty() {
-            m.path.as_str()
-        } else {
-            m.path.strip_prefix(container)?.strip_prefix('.')?
-        };
-        (!rest.contains('.')).then(|| rest.parse().ok()).flatten()
-    };
-    let mut children: Vec<(usize, &Module<'_>)> = modules
-        .iter()
-        .filter_map(|m| Some((child_of(m)?, m)))
-        .collect();
-    children.sort_by_key(|(i, _)| *i);
+    // The layers in the order the Sequential runs them: its children, a nested nn.Sequential's
+    // own in its place (as a state dict's keys `0.0.weight`, `1.weight` chain them).
+    let mut leaves = Vec::new();
+    sequential_leaves(&modules, container, "", 0, &mut leaves);
 
     let mut eps = Epsilons::default();
     // What each gap holds, in order (the first entry what comes before the first layer), and
@@ -135,10 +126,10 @@ pub(crate) fn pickled_structure(
     let mut gaps: Vec<Vec<String>> = vec![Vec::new()];
     let mut norms: Vec<String> = Vec::new();
     let mut layers = 0usize;
-    for (index, m) in &children {
+    for (relative, m) in &leaves {
         let class = m.torch_class().unwrap_or("");
         let weight_dims = file
-            .info(&format!("{prefix}{index}.weight"))
+            .info(&format!("{prefix}{relative}.weight"))
             .map(|(_, shape)| shape.len());
         let step: Option<String> = match class {
             "Linear" => None,
@@ -230,6 +221,41 @@ pub(crate) fn pickled_structure(
         structure.rms_norm_eps = e as f32;
     }
     Ok(Some(structure))
+}
+
+/// Deepest nesting of nn.Sequential containers [`sequential_leaves`] expands.
+const MAX_NESTING: usize = 16;
+
+/// The modules that run, in order, in the nn.Sequential at `path` (registration order, which
+/// `modules` keeps): each child, or a child nn.Sequential's own, in its place, with its path
+/// relative to the outermost container (`relative` is `path`'s).
+fn sequential_leaves<'m>(
+    modules: &'m [Module<'m>],
+    path: &str,
+    relative: &str,
+    depth: usize,
+    out: &mut Vec<(String, &'m Module<'m>)>,
+) {
+    for m in modules {
+        let name = if path.is_empty() {
+            Some(m.path.as_str()).filter(|p| !p.is_empty())
+        } else {
+            m.path.strip_prefix(path).and_then(|r| r.strip_prefix('.'))
+        };
+        let Some(name) = name.filter(|n| !n.contains('.')) else {
+            continue;
+        };
+        let rel = if relative.is_empty() {
+            name.to_string()
+        } else {
+            format!("{relative}.{name}")
+        };
+        if m.torch_class() == Some("Sequential") && depth < MAX_NESTING {
+            sequential_leaves(modules, &m.path, &rel, depth + 1, out);
+        } else {
+            out.push((rel, m));
+        }
+    }
 }
 
 /// A norm module `m`: its eps into `slot`; with parameters (affine, the default) a module of a

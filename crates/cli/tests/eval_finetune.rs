@@ -1651,21 +1651,25 @@ fn whole_pickled_models_run_with_the_layers_their_modules_name() {
         &["--format", "q4", "--steps", "2", "--rank", "2", "--json"],
     ));
     assert!(run.ok, "{}", run.stderr);
+    // Golden model `name`'s logits on x with no flag: PyTorch's (`<name>_io.safetensors`).
+    let gives_pytorchs_logits = |name: &str| {
+        let out = dir.join(format!("{name}.safetensors"));
+        nibble_json(&model_data_args(
+            "eval",
+            &data(&format!("{name}.pth")),
+            &d,
+            &["--logits", s(&out), "--json"],
+        ));
+        let want = tensor(&data(&format!("{name}_io.safetensors")), "logits");
+        let diff = max_diff(&tensor(&out, "logits"), &want);
+        assert!(
+            diff < 1e-5,
+            "{name}: logits differ from PyTorch's by {diff}"
+        );
+    };
     // A module of the model's own class with a 2-D weight (a subclass of nn.Linear) is a
     // Linear, as in a state dict.
-    let sub = data("whole_subclass_io.safetensors");
-    let out = dir.join("subclass.safetensors");
-    nibble_json(&model_data_args(
-        "eval",
-        &data("whole_subclass.pth"),
-        &d,
-        &["--logits", s(&out), "--json"],
-    ));
-    let diff = max_diff(&tensor(&out, "logits"), &tensor(&sub, "logits"));
-    assert!(
-        diff < 1e-5,
-        "subclass: logits differ from PyTorch's by {diff}"
-    );
+    gives_pytorchs_logits("whole_subclass");
     // `inspect` says what eval and finetune read from the file.
     let run = nibble(&["inspect", s(&model)]);
     assert!(run.ok, "{}", run.stderr);
@@ -1676,6 +1680,8 @@ fn whole_pickled_models_run_with_the_layers_their_modules_name() {
         "{}",
         run.stdout
     );
+    // Sequentials nested in the Sequential run as one chain, their activations read too.
+    gives_pytorchs_logits("whole_nested");
     // A BatchNorm1d without running statistics: refused (it ran as a LayerNorm).
     let msg = nibble_fails(&model_data_args(
         "eval",
