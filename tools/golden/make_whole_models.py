@@ -3,7 +3,8 @@ gives for them: tests/data/whole_seq.pth (an nn.Sequential of Linear(bias=False)
 LayerNorm, a module of this script's own class (`__main__.Scaled`: a parameter, a persistent and
 a non-persistent buffer, a dtype and a device attribute, a load-state-dict hook), Linear and
 BatchNorm1d; tests/data/whole_seq_in_dict.pth keeps it under "model" beside an epoch and a
-note; tests/data/whole_seq_legacy.pth in the legacy format), tests/data/whole_bignet_low_d20.pth (the reference's low_precision Net at width 20,
+note; tests/data/whole_seq_legacy.pth in the legacy format;
+tests/data/whole_beside_state_dict.pth its state dict under "state_dict" beside another model), tests/data/whole_bignet_low_d20.pth (the reference's low_precision Net at width 20,
 `bignet_ref.Net`, whose 4-bit buffers are not persistent and whose modules carry hooks), and
 tests/data/whole_models_sd.safetensors: `seq.<key>` and `low.<key>` for each key of the two
 models' `state_dict()` (integer buffers as int64), in order under `__metadata__` `seq_keys` /
@@ -57,6 +58,10 @@ torch.save(seq, f"{out}/whole_seq.pth")
 torch.save(seq, f"{out}/whole_seq_legacy.pth", _use_new_zipfile_serialization=False)
 # A training checkpoint that keeps the whole model beside other things.
 torch.save({"epoch": 3, "model": seq, "note": "whole"}, f"{out}/whole_seq_in_dict.pth")
+# A state dict beside a whole model of other layers: the state dict is read ("state_dict" comes
+# first among the names of a state dict), and nothing of the other model goes with it.
+torch.save({"state_dict": seq.state_dict(), "model": torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Tanh())},
+           f"{out}/whole_beside_state_dict.pth")
 low = R.Net("low_precision", 20)
 torch.save(low, f"{out}/whole_bignet_low_d20.pth")
 tensors, meta = {}, {}

@@ -247,15 +247,7 @@ fn linear_into(
         let h = &mut scratch.lora[..m * r];
         a.matmul_t(x, m, h, false)?;
         linear_low_rank_into(weight, x, m, y, None, (h, &*b), PostOp::Identity)?;
-        let out = dora.scale.len();
-        if bias.len() != out {
-            return Err(missing_bias(layer));
-        }
-        for row in y.chunks_exact_mut(out.max(1)) {
-            for ((v, s), c) in row.iter_mut().zip(&dora.scale).zip(bias) {
-                *v = *v * s + c;
-            }
-        }
+        nibble_tensor::ops::scale_shift_rows(y, &dora.scale, bias)?;
         post.apply_in_place(y);
         return Ok(());
     }

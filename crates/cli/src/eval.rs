@@ -7,13 +7,13 @@ use crate::error::{Error, Result};
 use crate::model::{Classifier, Structure};
 use crate::paths::{adapter_inputs, refuse_overwrite_owned};
 use nibble_io::{write_safetensors, DType, Dataset, WeightFormat, FORMAT_KEY};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::Path;
 
 /// Metadata key of an `eval --logits` file naming every weight format the model's Linears hold
 /// (`f32+nf4`), where they hold more than one.
 pub const FORMATS_KEY: &str = "nibble.formats";
-use serde::Serialize;
-use std::collections::BTreeMap;
-use std::path::Path;
 
 /// One format's figures.
 #[derive(Debug, Clone, Serialize, PartialEq)]

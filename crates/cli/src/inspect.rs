@@ -153,42 +153,16 @@ pub fn run(path: &Path, json: bool) -> Result<()> {
 fn pickled_layers(path: &Path, file: Checkpoint) -> Option<String> {
     let file = crate::model::without_wrappers(file);
     let prefix = crate::model::sequential_prefix(&file);
-    let defaults =
-        crate::model::Structure::parse(None, None, 1e-5, 1e-5, f32::EPSILON, None).ok()?;
-    match crate::pickled::pickled_structure(&file, &prefix, &defaults, path) {
-        Ok(Some(s)) => {
-            let gaps: Vec<String> = s
-                .gaps
-                .iter()
-                .map(|g| {
-                    g.iter()
-                        .map(|a| a.to_string())
-                        .collect::<Vec<_>>()
-                        .join("+")
-                })
-                .collect();
-            let norms = s.norms.map(|n| {
-                n.iter()
-                    .map(|k| match k {
-                        nibble_nn::NormKind::Layer => "layer".to_string(),
-                        nibble_nn::NormKind::Rms => "rms".to_string(),
-                        nibble_nn::NormKind::Group(g) => format!("group:{g}"),
-                        nibble_nn::NormKind::PRelu => "prelu".to_string(),
-                    })
-                    .collect::<Vec<_>>()
-                    .join(",")
-            });
-            Some(format!(
-                "a whole pickled model: eval and finetune read its layers from it (--activation \
-                 {}{})",
-                if s.gaps_given {
-                    gaps.join(",")
-                } else {
-                    "none".into()
-                },
-                norms.map(|n| format!(", --norm {n}")).unwrap_or_default()
-            ))
-        }
+    match crate::pickled::pickled_flags(&file, &prefix, path) {
+        Ok(Some(flags)) => Some(format!(
+            "a whole pickled model: eval and finetune read its layers from it (--activation \
+             {}{})",
+            flags.activation.as_deref().unwrap_or("none"),
+            flags
+                .norm
+                .map(|n| format!(", --norm {n}"))
+                .unwrap_or_default()
+        )),
         Ok(None) => None,
         Err(e) => Some(format!(
             "a whole pickled model that eval and finetune cannot run: {e}"

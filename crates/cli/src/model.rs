@@ -7,7 +7,7 @@
 
 use crate::error::{Error, Result};
 use nibble_autograd::{Param, Tape, Var};
-use nibble_io::{Checkpoint, DType, WeightFormat};
+use nibble_io::{Checkpoint, DType, WeightFormat, PICKLED_MODULES_KEY};
 use nibble_nn::layout::{ModuleLayout, MODULE_ORDER_KEY};
 use nibble_nn::{cross_entropy, Activation, Layer, NormKind, Sequential, SequentialOptions};
 use nibble_tensor::Tensor;
@@ -158,7 +158,13 @@ pub(crate) fn without_wrappers(mut file: Checkpoint) -> Checkpoint {
                                 Err(_) => text.clone(),
                             }
                         });
-                        file = inner.with_metadata(MODULE_ORDER_KEY, order);
+                        let modules = inner
+                            .metadata()
+                            .get(PICKLED_MODULES_KEY)
+                            .map(|text| pickled_modules_inside(text, wrapper));
+                        file = inner
+                            .with_metadata(MODULE_ORDER_KEY, order)
+                            .with_metadata(PICKLED_MODULES_KEY, modules);
                         continue 'strip;
                     }
                     Err(unchanged) => file = unchanged,
@@ -167,6 +173,31 @@ pub(crate) fn without_wrappers(mut file: Checkpoint) -> Checkpoint {
         }
         return file;
     }
+}
+
+/// A whole pickled model's module list ([`PICKLED_MODULES_KEY`], JSON) as seen inside
+/// `wrapper` (`module.`): the modules under it, their paths without it (the wrapped module's
+/// own path becomes the root, ``), the wrapper's own entry and any other gone. Text that is
+/// no such list is kept as it is (the reader reports it).
+fn pickled_modules_inside(text: &str, wrapper: &str) -> String {
+    let Ok(serde_json::Value::Array(list)) = serde_json::from_str::<serde_json::Value>(text) else {
+        return text.to_string();
+    };
+    let inner = wrapper.trim_end_matches('.');
+    let kept: Vec<serde_json::Value> = list
+        .into_iter()
+        .filter_map(|mut m| {
+            let path = m.get("path")?.as_str()?;
+            let path = if path == inner {
+                String::new()
+            } else {
+                path.strip_prefix(wrapper)?.to_string()
+            };
+            m["path"] = path.into();
+            Some(m)
+        })
+        .collect();
+    serde_json::Value::Array(kept).to_string()
 }
 
 /// The module path in front of the Sequential's indices when every key has the same one (`net.`

@@ -12,8 +12,8 @@ use std::path::Path;
 
 /// One module of the pickled model, as the reader lists it.
 struct Module<'a> {
-    /// Its path without the wrappers `without_wrappers` takes off (`module.`, `_orig_mod.`).
-    path: String,
+    /// Its path (in the file `without_wrappers` gives: inside DataParallel's `module.`).
+    path: &'a str,
     /// `torch.nn.modules.linear.Linear`, or a class of the model's own code.
     class: &'a str,
     attrs: &'a serde_json::Map<String, Value>,
@@ -36,46 +36,43 @@ impl Module<'_> {
     }
 }
 
-/// The epsilons the Sequential's norms were made with, one value per kind.
-#[derive(Default)]
-struct Epsilons {
-    layer: Option<f64>,
-    batch: Option<f64>,
-    rms: Option<f64>,
-}
-
-impl Epsilons {
-    /// Takes `eps` for `kind` (`LayerNorm`, ...), an error where another module of that kind
-    /// has another one (one `--layer-norm-eps` serves them all).
-    fn take(slot: &mut Option<f64>, eps: f64, m: &Module<'_>, path: &Path) -> Result<()> {
-        match *slot {
-            Some(prior) if prior != eps => Err(Error::Usage {
-                arg: "--model",
-                what: format!(
-                    "{}: module `{}` ({}) has eps {eps}, another of its kind {prior}; nibble \
-                     takes one epsilon for all of them",
-                    path.display(),
-                    m.path,
-                    m.class
-                ),
-            }),
-            _ => {
-                *slot = Some(eps);
-                Ok(())
-            }
+/// Takes `eps` into `slot` (a norm kind's epsilon), an error where another module of that kind
+/// has another one (one `--layer-norm-eps` serves them all).
+fn take_eps(slot: &mut Option<f64>, eps: f64, m: &Module<'_>, path: &Path) -> Result<()> {
+    match *slot {
+        Some(prior) if prior != eps => Err(Error::Usage {
+            arg: "--model",
+            what: format!(
+                "{}: module `{}` ({}) has eps {eps}, another of its kind {prior}; nibble \
+                 takes one epsilon for all of them",
+                path.display(),
+                m.path,
+                m.class
+            ),
+        }),
+        _ => {
+            *slot = Some(eps);
+            Ok(())
         }
     }
 }
 
-/// The [`Structure`] a whole pickled model's `nn.Sequential` gives, where `file` (already
-/// without its wrappers) is one and its Sequential sits at `prefix` (`net.`, or the root), and
-/// neither `--activation` nor `--norm` was given (what is given wins): the activations of each
-/// gap between the layers (and before the first one), the kind of each module of a 1-D weight,
-/// and the norms' epsilons. `Ok(None)` for a state dict, or a model whose layers are not
-/// an `nn.Sequential` at `prefix` (named modules: their order is in the model's code, which a
-/// pickle does not hold). A module nibble does not compute (a class of the model's own code,
-/// an `nn.Softmax`), or an activation after the last layer that changes the logits, is an error
-/// naming its path and class.
+/// What a whole pickled model's `nn.Sequential` says of its layers, as the flags would say it:
+/// `--activation` (one entry per gap between the layers, and one in front for what comes
+/// before the first; `None` where there is no gap), `--norm` (one kind per module of a 1-D
+/// weight; `None` where there is none) and the norms' epsilons where it has such norms.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct PickledFlags {
+    pub(crate) activation: Option<String>,
+    pub(crate) norm: Option<String>,
+    pub(crate) layer_norm_eps: Option<f64>,
+    pub(crate) batch_norm_eps: Option<f64>,
+    pub(crate) rms_norm_eps: Option<f64>,
+}
+
+/// The [`Structure`] a whole pickled model gives ([`pickled_flags`]), where neither
+/// `--activation` nor `--norm` was given (what is given wins): `given` with the file's gaps,
+/// norm kinds and epsilons. `Ok(None)` where the flags were given or the file says nothing.
 pub(crate) fn pickled_structure(
     file: &Checkpoint,
     prefix: &str,
@@ -85,6 +82,42 @@ pub(crate) fn pickled_structure(
     if given.gaps_given || given.norms.is_some() {
         return Ok(None);
     }
+    let Some(flags) = pickled_flags(file, prefix, path)? else {
+        return Ok(None);
+    };
+    let mut structure = given.clone();
+    if let Some(a) = &flags.activation {
+        structure.gaps = parse_activations(a)?;
+        structure.gaps_given = true;
+    }
+    if let Some(n) = &flags.norm {
+        structure.norms = Some(parse_norms(n)?);
+    }
+    for (eps, slot) in [
+        (flags.layer_norm_eps, &mut structure.layer_norm_eps),
+        (flags.batch_norm_eps, &mut structure.batch_norm_eps),
+        (flags.rms_norm_eps, &mut structure.rms_norm_eps),
+    ] {
+        if let Some(e) = eps {
+            *slot = e as f32;
+        }
+    }
+    Ok(Some(structure))
+}
+
+/// The [`PickledFlags`] of a whole pickled model's `nn.Sequential`, where `file` (already
+/// without its wrappers) is one and its Sequential sits at `prefix` (`net.`, or the root).
+/// `Ok(None)` for a state dict, or a model whose layers are not an `nn.Sequential` at `prefix`
+/// (named modules: their order is in the model's code, which a pickle does not hold), or one
+/// without a layer. A module nibble does not compute (a class of the model's own code without
+/// a 2-D weight, an `nn.Softmax`, a `BatchNorm1d(track_running_stats=False)`), or an
+/// activation after the last layer that changes the logits, is an error naming its path and
+/// class.
+pub(crate) fn pickled_flags(
+    file: &Checkpoint,
+    prefix: &str,
+    path: &Path,
+) -> Result<Option<PickledFlags>> {
     let Some(text) = file.metadata().get(PICKLED_MODULES_KEY) else {
         return Ok(None);
     };
@@ -100,9 +133,8 @@ pub(crate) fn pickled_structure(
     let modules: Vec<Module<'_>> = list
         .iter()
         .filter_map(|m| {
-            let path = m.get("path")?.as_str()?;
             Some(Module {
-                path: unwrapped(path),
+                path: m.get("path")?.as_str()?,
                 class: m.get("class")?.as_str()?,
                 attrs: m.get("attrs")?.as_object()?,
             })
@@ -120,7 +152,8 @@ pub(crate) fn pickled_structure(
     let mut leaves = Vec::new();
     sequential_leaves(&modules, container, "", 0, &mut leaves);
 
-    let mut eps = Epsilons::default();
+    // The norms' epsilons as they are found (the flags' other fields are made at the end).
+    let mut eps = PickledFlags::default();
     // What each gap holds, in order (the first entry what comes before the first layer), and
     // each module of a 1-D weight's kind.
     let mut gaps: Vec<Vec<String>> = vec![Vec::new()];
@@ -142,12 +175,26 @@ pub(crate) fn pickled_structure(
                     )));
                 }
                 if let Some(e) = m.float("eps") {
-                    Epsilons::take(&mut eps.batch, e, m, path)?;
+                    take_eps(&mut eps.batch_norm_eps, e, m, path)?;
                 }
                 None
             }
-            "LayerNorm" => norm_step(m, &mut eps.layer, "layer", "layer_norm", &mut norms, path)?,
-            "RMSNorm" => norm_step(m, &mut eps.rms, "rms", "rms_norm", &mut norms, path)?,
+            "LayerNorm" => norm_step(
+                m,
+                &mut eps.layer_norm_eps,
+                "layer",
+                "layer_norm",
+                &mut norms,
+                path,
+            )?,
+            "RMSNorm" => norm_step(
+                m,
+                &mut eps.rms_norm_eps,
+                "rms",
+                "rms_norm",
+                &mut norms,
+                path,
+            )?,
             "GroupNorm" => {
                 let groups = m
                     .attrs
@@ -155,7 +202,14 @@ pub(crate) fn pickled_structure(
                     .and_then(Value::as_u64)
                     .ok_or_else(|| bad(format!("GroupNorm `{}` has no num_groups", m.path)))?;
                 let (with, without) = (format!("group:{groups}"), format!("group_norm:{groups}"));
-                norm_step(m, &mut eps.layer, &with, &without, &mut norms, path)?
+                norm_step(
+                    m,
+                    &mut eps.layer_norm_eps,
+                    &with,
+                    &without,
+                    &mut norms,
+                    path,
+                )?
             }
             "PReLU" => {
                 norms.push("prelu".into());
@@ -203,24 +257,11 @@ pub(crate) fn pickled_structure(
         entries.push(leading.join("+"));
     }
     entries.extend(between);
-    let mut structure = given.clone();
-    if !entries.is_empty() {
-        structure.gaps = parse_activations(&entries.join(","))?;
-        structure.gaps_given = true;
-    }
-    if !norms.is_empty() {
-        structure.norms = Some(parse_norms(&norms.join(","))?);
-    }
-    if let Some(e) = eps.layer {
-        structure.layer_norm_eps = e as f32;
-    }
-    if let Some(e) = eps.batch {
-        structure.batch_norm_eps = e as f32;
-    }
-    if let Some(e) = eps.rms {
-        structure.rms_norm_eps = e as f32;
-    }
-    Ok(Some(structure))
+    Ok(Some(PickledFlags {
+        activation: (!entries.is_empty()).then(|| entries.join(",")),
+        norm: (!norms.is_empty()).then(|| norms.join(",")),
+        ..eps
+    }))
 }
 
 /// Deepest nesting of nn.Sequential containers [`sequential_leaves`] expands.
@@ -238,7 +279,7 @@ fn sequential_leaves<'m>(
 ) {
     for m in modules {
         let name = if path.is_empty() {
-            Some(m.path.as_str()).filter(|p| !p.is_empty())
+            Some(m.path).filter(|p| !p.is_empty())
         } else {
             m.path.strip_prefix(path).and_then(|r| r.strip_prefix('.'))
         };
@@ -251,7 +292,7 @@ fn sequential_leaves<'m>(
             format!("{relative}.{name}")
         };
         if m.torch_class() == Some("Sequential") && depth < MAX_NESTING {
-            sequential_leaves(modules, &m.path, &rel, depth + 1, out);
+            sequential_leaves(modules, m.path, &rel, depth + 1, out);
         } else {
             out.push((rel, m));
         }
@@ -269,28 +310,13 @@ fn norm_step(
     path: &Path,
 ) -> Result<Option<String>> {
     if let Some(e) = m.float("eps") {
-        Epsilons::take(slot, e, m, path)?;
+        take_eps(slot, e, m, path)?;
     }
     match m.bool("elementwise_affine").or(m.bool("affine")) {
         Some(false) => Ok(Some(without.to_string())),
         _ => {
             norms.push(with.to_string());
             Ok(None)
-        }
-    }
-}
-
-/// `path` without the wrappers nibble takes off a state dict's keys (`module.` of
-/// DataParallel, `_orig_mod.` of `torch.compile`), in front.
-fn unwrapped(path: &str) -> String {
-    let mut rest = path;
-    loop {
-        match ["module", "_orig_mod"].iter().find_map(|w| {
-            rest.strip_prefix(w)
-                .and_then(|r| r.strip_prefix('.').or((r.is_empty()).then_some(r)))
-        }) {
-            Some(r) => rest = r,
-            None => return rest.to_string(),
         }
     }
 }

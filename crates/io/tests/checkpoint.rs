@@ -1632,8 +1632,13 @@ fn whole_pickled_models_read_as_their_state_dicts() {
         // The legacy format: module classes as persistent ids `('module', cls, file, source)`.
         ("whole_seq_legacy.pth", "seq"),
         ("whole_bignet_low_d20.pth", "low"),
+        // `{"state_dict": seq.state_dict(), "model": <another model>}`: the state dict.
+        ("whole_beside_state_dict.pth", "seq"),
     ] {
         let ck = Checkpoint::open(golden(file)).unwrap();
+        // The module list goes with the whole model read, never with another one.
+        let listed = ck.metadata().contains_key(nibble_io::PICKLED_MODULES_KEY);
+        assert_eq!(listed, file != "whole_beside_state_dict.pth", "{file}");
         let keys: Vec<&str> = ck.keys_in_file_order().collect();
         let expected: Vec<&str> = want.metadata()[&format!("{name}_keys")]
             .split(',')

@@ -271,6 +271,33 @@ pub fn fill_rows(dst: &mut [f32], row: &[f32]) -> Result<()> {
     Ok(())
 }
 
+/// `y[r, c] = y[r, c] · scale[c] + shift[c]` in place over the rows of `ys` (`scale` and
+/// `shift` one row long, `ys` whole rows, else an error): a per-output scale and offset, as
+/// DoRA's `scale ⊙ z + bias` (a multiply, then an add, not a fused multiply-add).
+///
+/// ```
+/// let mut y = vec![1.0f32, 2.0, 3.0, 4.0];
+/// nibble_tensor::ops::scale_shift_rows(&mut y, &[2.0, -1.0], &[0.5, 0.0]).unwrap();
+/// assert_eq!(y, [2.5, -2.0, 6.5, -4.0]);
+/// assert!(nibble_tensor::ops::scale_shift_rows(&mut y, &[1.0; 3], &[0.0; 3]).is_err());
+/// ```
+pub fn scale_shift_rows(ys: &mut [f32], scale: &[f32], shift: &[f32]) -> Result<()> {
+    let d = scale.len();
+    if shift.len() != d || (d == 0 && !ys.is_empty()) || ys.len().checked_rem(d).unwrap_or(0) != 0 {
+        return Err(TensorError::ShapeMismatch {
+            op: "scale_shift_rows",
+            lhs: vec![ys.len()],
+            rhs: vec![scale.len(), shift.len()],
+        });
+    }
+    for row in ys.chunks_exact_mut(d.max(1)) {
+        for ((v, s), b) in row.iter_mut().zip(scale).zip(shift) {
+            *v = *v * s + b;
+        }
+    }
+    Ok(())
+}
+
 fn same_shape(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
     if a.shape() != b.shape() {
         return Err(TensorError::ShapeMismatch {

@@ -66,11 +66,7 @@ impl Tape {
             });
         }
         let mut y = x.value().clone();
-        for row in y.data_mut().chunks_exact_mut(d.max(1)) {
-            for ((v, s), b) in row.iter_mut().zip(scale).zip(shift) {
-                *v = *v * s + b;
-            }
-        }
+        nibble_tensor::ops::scale_shift_rows(y.data_mut(), scale, shift)?;
         let scale: Arc<[f32]> = scale.into();
         self.record("scale_shift", &[x], y, false, || {
             Box::new(ScaleShiftOp { scale })

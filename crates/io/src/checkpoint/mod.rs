@@ -558,7 +558,9 @@ impl Checkpoint {
                 entry.shape
             ))
         })?;
-        let kind = if nbytes > storage.len() {
+        // A broadcast view (stride 0) holds more elements than its storage.
+        let broadcast = nbytes > storage.len();
+        let kind = if broadcast {
             "a broadcast"
         } else {
             "a strided"
@@ -570,7 +572,7 @@ impl Checkpoint {
                 storage.len()
             )
         };
-        if nbytes > storage.len() {
+        if broadcast {
             if let Err((needed, total)) = nibble_tensor::machine::fits(nbytes as u128) {
                 return Err(bad(format!(
                     "{} needs {needed:.1} GiB as a contiguous tensor, more than this machine's \

@@ -97,11 +97,14 @@ pub(crate) fn entries_of(
     storage: impl Fn(&str) -> std::result::Result<(String, Range<usize>), String>,
 ) -> Result<PthRead> {
     let bad = |reason: String| malformed(path, reason);
-    let mut modules = Vec::new();
-    let dict = match root {
-        Value::Dict(root) => state_dict_in(root, &mut modules).map_err(bad)?,
+    // The state dict, and the modules of the whole model it comes from, if it does.
+    let (dict, modules) = match root {
+        Value::Dict(root) => state_dict_in(root).map_err(bad)?,
         // A whole model (`torch.save(model)`): its state dict, as `model.state_dict()` gives it.
-        Value::Module(m) => Cow::Owned(module_state_dict(m, &mut modules).map_err(bad)?),
+        Value::Module(m) => {
+            let (dict, modules) = module_state_dict(m).map_err(bad)?;
+            (Cow::Owned(dict), modules)
+        }
         other => {
             return Err(bad(format!(
                 "the pickle holds a {}, not a state dict (a dict of str → tensor) or a model",
@@ -216,10 +219,10 @@ pub(crate) fn entries_of(
 /// module registered them; `None` entries (an `nn.Linear(bias=False)`'s bias) are skipped.
 /// An error where an object on the way is not a module (no `_parameters` / `_modules` dict),
 /// or where modules nest deeper than [`pickle::MAX_DEPTH`].
+/// The modules, in registration order, go with it (see [`PICKLED_MODULES_KEY`]).
 fn module_state_dict(
     root: &ModuleObj,
-    modules: &mut Vec<serde_json::Value>,
-) -> std::result::Result<Seq<(Value, Value)>, String> {
+) -> std::result::Result<(StateDict, Vec<serde_json::Value>), String> {
     fn walk(
         m: &ModuleObj,
         prefix: &str,
@@ -324,9 +327,9 @@ fn module_state_dict(
         }
         Ok(())
     }
-    let mut items = Vec::new();
-    walk(root, "", 0, &mut items, modules)?;
-    Ok(Seq { depth: 2, items })
+    let (mut items, mut modules) = (Vec::new(), Vec::new());
+    walk(root, "", 0, &mut items, &mut modules)?;
+    Ok((Seq { depth: 2, items }, modules))
 }
 
 /// Most modules a whole pickled model may have, a shared module counted under each name.
@@ -335,7 +338,7 @@ const MAX_PICKLED_MODULES: usize = 1 << 16;
 /// A module's plain attributes (see [`PICKLED_MODULES_KEY`]): the entries of its `__dict__`
 /// whose names do not start with `_` (PyTorch's bookkeeping) and whose values are numbers,
 /// strings, booleans, `None`, or tuples and lists of those, one level deep (`normalized_shape`).
-fn plain_attributes(state: &Seq<(Value, Value)>) -> serde_json::Map<String, serde_json::Value> {
+fn plain_attributes(state: &StateDict) -> serde_json::Map<String, serde_json::Value> {
     fn plain(v: &Value, nested: bool) -> Option<serde_json::Value> {
         Some(match v {
             Value::None => serde_json::Value::Null,
@@ -367,6 +370,10 @@ fn plain_attributes(state: &Seq<(Value, Value)>) -> serde_json::Map<String, serd
 /// A state dict as the pickle holds it: pairs of key and value.
 type StateDict = Seq<(Value, Value)>;
 
+/// A state dict found in a pickle, with the modules of the whole model it comes from (none
+/// for a dict of tensors).
+type StateDictOf<'r> = (Cow<'r, StateDict>, Vec<serde_json::Value>);
+
 /// Names under which training checkpoints keep the model's state dict, in the order they are
 /// preferred where a checkpoint holds several dicts of tensors.
 const STATE_DICT_KEYS: [&str; 3] = ["state_dict", "model_state_dict", "model"];
@@ -377,16 +384,15 @@ const STATE_DICT_KEYS: [&str; 3] = ["state_dict", "model_state_dict", "model"];
 /// ...})`, PyTorch's tutorial; Lightning's `{"state_dict": ..., "epoch": ...}`): then the one
 /// value that is a non-empty dict of str → tensor or a whole model (its state dict), or where several are, the one named first
 /// in [`STATE_DICT_KEYS`]; an error naming the candidates if none of them is, or none at all.
-fn state_dict_in<'r>(
-    root: &'r StateDict,
-    modules: &mut Vec<serde_json::Value>,
-) -> std::result::Result<Cow<'r, StateDict>, String> {
+/// A whole model's state dict comes with its modules (see [`module_state_dict`]); an object
+/// beside a state dict that is no nn.Module is passed over, as a value that is no dict is.
+fn state_dict_in(root: &StateDict) -> std::result::Result<StateDictOf<'_>, String> {
     if !root
         .items
         .iter()
         .any(|(_, v)| matches!(v, Value::Dict(_) | Value::Module(_)))
     {
-        return Ok(Cow::Borrowed(root));
+        return Ok((Cow::Borrowed(root), Vec::new()));
     }
     let is_state_dict = |d: &Seq<(Value, Value)>| {
         !d.items.is_empty()
@@ -395,18 +401,21 @@ fn state_dict_in<'r>(
                 .all(|(k, v)| matches!((k, v), (Value::Str(_), Value::Tensor(_))))
     };
     // Dicts of tensors, and whole models (`{"model": model, "epoch": 3}`) as their state dicts.
-    let mut candidates: Vec<(&str, Cow<'_, StateDict>)> = Vec::new();
+    let mut candidates: Vec<(&str, StateDictOf<'_>)> = Vec::new();
+    // Why an object under a key is no model, should nothing else be a state dict.
+    let mut not_models = Vec::new();
     for (k, v) in &root.items {
         match (k, v) {
             (Value::Str(k), Value::Dict(d)) if is_state_dict(d) => {
-                candidates.push((k, Cow::Borrowed(&**d)))
+                candidates.push((k, (Cow::Borrowed(&**d), Vec::new())))
             }
-            (Value::Str(k), Value::Module(m)) => {
-                let d = module_state_dict(m, modules).map_err(|e| format!("under `{k}`: {e}"))?;
-                if !d.items.is_empty() {
-                    candidates.push((k, Cow::Owned(d)));
+            (Value::Str(k), Value::Module(m)) => match module_state_dict(m) {
+                Ok((d, modules)) if !d.items.is_empty() => {
+                    candidates.push((k, (Cow::Owned(d), modules)))
                 }
-            }
+                Ok(_) => {}
+                Err(e) => not_models.push(format!("under `{k}`: {e}")),
+            },
             _ => {}
         }
     }
@@ -434,9 +443,10 @@ fn state_dict_in<'r>(
         };
         return Ok(candidates.swap_remove(at).1);
     }
-    match candidates.pop() {
-        Some((_, d)) => Ok(d),
-        None => Err(format!(
+    match (candidates.pop(), not_models.first()) {
+        (Some((_, d)), _) => Ok(d),
+        (None, Some(why)) => Err(why.clone()),
+        (None, None) => Err(format!(
             "the pickle's dict holds no state dict (a dict of str → tensor) at its top level or \
              under one key: {}",
             names()

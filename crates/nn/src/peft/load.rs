@@ -180,9 +180,16 @@ fn lora_module(key: &str) -> Option<&str> {
 /// `file`, as PEFT writes it (`base_model.model.<module>.<part>.weight`, or with the adapter's
 /// name `default` before `.weight`), if the file holds it.
 pub fn lora_weight_key(file: &Checkpoint, module: &str, part: &str) -> Option<String> {
+    lora_key(file, module, part, "weight")
+}
+
+/// The key of tensor `param` (`weight`, or `bias` under `lora_bias`) of module `module`'s LoRA
+/// matrix `part` in PEFT's adapter `file` (`base_model.model.<module>.<part>.<param>`, or with
+/// the adapter's name `default` before `.<param>`), if the file holds it.
+fn lora_key(file: &Checkpoint, module: &str, part: &str, param: &str) -> Option<String> {
     [
-        format!("base_model.model.{module}.{part}.weight"),
-        format!("base_model.model.{module}.{part}.default.weight"),
+        format!("base_model.model.{module}.{part}.{param}"),
+        format!("base_model.model.{module}.{part}.default.{param}"),
     ]
     .into_iter()
     .find(|k| file.info(k).is_some())
@@ -282,8 +289,8 @@ pub fn load_adapter_into<'a>(
     // model as it was.
     let mut seen = HashSet::new();
     let mut loaded = Vec::new();
-    // `lora_bias`: each loaded layer's scaled lora_B bias, `s · b_B`.
-    let mut lora_biases: Vec<(usize, Tensor)> = Vec::new();
+    // `lora_bias`: each loaded layer's scaled lora_B bias, `s · b_B`, with its key.
+    let mut lora_biases: Vec<(usize, String, Tensor)> = Vec::new();
     for (index, layer) in layers.iter().enumerate() {
         if !targeted[index] {
             continue;
@@ -305,9 +312,11 @@ pub fn load_adapter_into<'a>(
         match <[Tensor; 2]>::try_from(found) {
             Ok([a, b]) => {
                 if config.lora_bias {
-                    if let Some(bias) = read_lora_bias(dir, &file, &layer.name, out, scaling)? {
-                        seen.insert(bias.0);
-                        lora_biases.push((index, bias.1));
+                    if let Some((key, bias)) =
+                        read_lora_bias(dir, &file, &layer.name, out, scaling)?
+                    {
+                        seen.insert(key.clone());
+                        lora_biases.push((index, key, bias));
                     }
                 }
                 let dora = if config.dora {
@@ -504,9 +513,8 @@ pub fn load_adapter_into<'a>(
     // `lora_bias`: PEFT adds `s · b_B` to the layer's output beside `s · B A x`; nibble adds
     // it to the base's bias (the bias the file replaces it with, if it does), which is the same
     // sum but for rounding, and what PEFT's merge does. Computed before any layer changes.
-    for (index, scaled) in lora_biases {
+    for (index, key, scaled) in lora_biases {
         let layer = &layers[index];
-        let key = format!("base_model.model.{}.lora_B.bias", layer.name);
         let at = replacements
             .iter()
             .position(|r| r.module == index && r.bias);
@@ -516,9 +524,7 @@ pub fn load_adapter_into<'a>(
                 .bias_values()
                 .unwrap_or_else(|| vec![0.0; scaled.numel()]),
         };
-        for (b, &add) in bias.iter_mut().zip(scaled.data()) {
-            *b += add;
-        }
+        nibble_tensor::ops::add_in_place(&mut bias, scaled.data())?;
         if let Some(i) = bias.iter().position(|v| !v.is_finite()) {
             return Err(adapter_error(
                 dir,
@@ -594,12 +600,7 @@ fn read_lora_bias(
     out: usize,
     scaling: f32,
 ) -> Result<Option<(String, Tensor)>> {
-    let Some(key) = [
-        format!("base_model.model.{module}.lora_B.bias"),
-        format!("base_model.model.{module}.lora_B.default.bias"),
-    ]
-    .into_iter()
-    .find(|k| file.info(k).is_some()) else {
+    let Some(key) = lora_key(file, module, "lora_B", "bias") else {
         return Ok(None);
     };
     let t = read_scaled(dir, file, &key, &[out], scaling)?;
