@@ -2,6 +2,7 @@
 //! optimizer (which updates them), with a gradient slot filled by `backward`.
 
 use nibble_tensor::Tensor;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 #[derive(Debug)]
@@ -10,6 +11,8 @@ struct ParamInner {
     value: RwLock<Tensor>,
     grad: RwLock<Option<Tensor>>,
     requires_grad: RwLock<bool>,
+    /// Bumped by every [`Param::value_mut`]: see [`Param::version`].
+    version: AtomicU64,
 }
 
 /// A named, shareable parameter tensor. Cloning a `Param` clones the handle, not the tensor.
@@ -38,6 +41,7 @@ impl Param {
             value: RwLock::new(value),
             grad: RwLock::new(None),
             requires_grad: RwLock::new(requires_grad),
+            version: AtomicU64::new(0),
         }))
     }
 
@@ -51,9 +55,28 @@ impl Param {
         unpoison(self.0.value.read())
     }
 
-    /// Writes the value.
+    /// Writes the value (and bumps [`Param::version`], whether or not the guard is written
+    /// through).
     pub fn value_mut(&self) -> RwLockWriteGuard<'_, Tensor> {
-        unpoison(self.0.value.write())
+        let guard = unpoison(self.0.value.write());
+        self.0.version.fetch_add(1, Ordering::Release);
+        guard
+    }
+
+    /// How many times [`Param::value_mut`] has been called: a value derived from the parameter
+    /// and stored with the version it was derived at is current while the version is the same
+    /// (what a cache of it checks; an optimizer's step changes it).
+    ///
+    /// ```
+    /// use nibble_autograd::Param;
+    /// use nibble_tensor::Tensor;
+    /// let p = Param::new("w", Tensor::zeros(&[2]), true);
+    /// let before = p.version();
+    /// p.value_mut().data_mut()[0] = 1.0;
+    /// assert_ne!(p.version(), before);
+    /// ```
+    pub fn version(&self) -> u64 {
+        self.0.version.load(Ordering::Acquire)
     }
 
     /// Reads the accumulated gradient (None before the first backward or after `zero_grad`).

@@ -192,6 +192,28 @@ fn prelu_gradients_match_finite_differences() {
     assert!(e.contains("prelu") && e.contains("3 slopes"), "{e}");
 }
 
+/// DoRA's output scale: `y = x · (m / norm) + shift`, gradients to `x` and the magnitude `m`
+/// (the norm a constant); shapes that do not fit are an error naming the op.
+#[test]
+fn scale_by_magnitude_gradients_match_finite_differences() {
+    let x = rand(&[4, 6], 21);
+    let m = Param::new("dora.m", rand(&[6], 22), true);
+    let norm: Vec<f32> = (0..6).map(|i| 0.5 + 0.25 * i as f32).collect();
+    let shift: Vec<f32> = (0..6).map(|i| i as f32 - 2.0).collect();
+    let f = |t: &Tape, x: &Var| t.scale_by_magnitude(x, &m, &norm, &shift).unwrap();
+    check_input_grad("scale_by_magnitude dx", &x, &f);
+    check_param_grad("scale_by_magnitude dm", &m, &x, &f);
+    let tape = Tape::new();
+    let e = tape
+        .scale_by_magnitude(&Var::constant(x), &m, &norm[..5], &shift[..5])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("scale_by_magnitude") && e.contains("[4, 6]"),
+        "{e}"
+    );
+}
+
 #[test]
 fn rms_norm_gradients_match_finite_differences() {
     let x = rand(&[5, 9], 12);

@@ -239,15 +239,18 @@ fn linear_into(
         weight.matmul_t_fused(x, m, y, Some(&bias_row), None, post)?;
         return Ok(());
     };
+    // Before A and B are read: the norms it may compute again read them too.
+    let dora_scale = layer.dora_scale()?;
     let (a, b) = (adapter.a.value(), adapter.b.value());
-    if let Some(dora) = &adapter.dora {
+    if let Some(scale) = dora_scale {
         // DoRA: `post(bias + scale ⊙ (x·Wᵀ + (x·Aᵀ)·Bᵀ))`, the ops of `Linear::forward`'s
-        // DoRA path (the product without its bias, then `tape.scale_shift`), on the same values.
+        // DoRA path (the product without its bias, then `tape.scale_by_magnitude`), on the
+        // same values.
         let r = adapter.rank();
         let h = &mut scratch.lora[..m * r];
         a.matmul_t(x, m, h, false)?;
         linear_low_rank_into(weight, x, m, y, None, (h, &*b), PostOp::Identity)?;
-        nibble_tensor::ops::scale_shift_rows(y, &dora.scale, bias)?;
+        nibble_tensor::ops::scale_shift_rows(y, &scale, bias)?;
         post.apply_in_place(y);
         return Ok(());
     }

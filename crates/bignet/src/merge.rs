@@ -30,13 +30,14 @@ pub fn merge_adapters(model: &BigNet, into: WeightFormat) -> Result<(BigNet, Mer
     let (mut max_err, mut sum_err, mut count) = (0.0f32, 0.0f64, 0usize);
     for layer in merged.linears_mut() {
         let (mut w, bias) = layer.dense_weight_and_bias();
+        let dora_scale = layer.dora_scale()?;
         if let Some(lora) = layer.lora.take() {
             w.add_assign(&lora.delta()?)?;
-            if let Some(dora) = &lora.dora {
+            if let Some(scale) = &dora_scale {
                 // DoRA, as PEFT merges it: each row of `W + s·B·A` times its scale
                 // (`magnitude / ‖W + s·B·A‖`); the bias stays.
                 let inp = w.shape()[1];
-                for (row, &s) in w.data_mut().chunks_exact_mut(inp.max(1)).zip(&dora.scale) {
+                for (row, &s) in w.data_mut().chunks_exact_mut(inp.max(1)).zip(scale) {
                     row.iter_mut().for_each(|v| *v *= s);
                 }
             }

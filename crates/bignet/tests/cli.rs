@@ -911,40 +911,130 @@ fn a_qlora_state_dict_loads_on_the_f16_variants() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// A PEFT DoRA adapter runs on BigNet (it was refused), and `fit` refuses to train it: PEFT
-/// trains the magnitudes and recomputes the norms, which fit does not.
+/// A PEFT DoRA adapter runs on BigNet (it was refused); `fit` trains it (it refused to) and
+/// saves it as a DoRA adapter that runs again.
 #[test]
-fn a_dora_adapter_runs_on_bignet_and_fit_refuses_it() {
+fn a_dora_adapter_runs_on_bignet_and_fit_trains_it() {
     let dir = tempdir("dora_bignet");
     let dora = golden("peft_variants/dora_bignet");
     let weights = golden("bignet_d128.pth");
-    run_ok(&[
-        "bench",
-        "lora",
-        "--weights",
-        weights.to_str().unwrap(),
-        "--adapter",
-        dora.to_str().unwrap(),
-        "--batch",
-        "1",
-        "--runs",
-        "1",
-    ]);
-    fails_with(
-        &[
-            "fit",
+    let saved = dir.join("saved");
+    for adapter in [&dora, &saved] {
+        if adapter == &saved {
+            run_ok(&[
+                "fit",
+                "--weights",
+                weights.to_str().unwrap(),
+                "--adapter",
+                dora.to_str().unwrap(),
+                "--steps",
+                "2",
+                "--save-adapter",
+                saved.to_str().unwrap(),
+            ]);
+            let config = std::fs::read_to_string(saved.join("adapter_config.json")).unwrap();
+            assert!(config.contains("\"use_dora\": true"), "{config}");
+            // The golden adapter's `model.2.model.2` has rank 2, the others 4.
+            assert!(
+                config.contains("\"model\\\\.2\\\\.model\\\\.2\": 2"),
+                "{config}"
+            );
+        }
+        run_ok(&[
+            "bench",
+            "lora",
             "--weights",
             weights.to_str().unwrap(),
             "--adapter",
-            dora.to_str().unwrap(),
-            "--steps",
+            adapter.to_str().unwrap(),
+            "--batch",
             "1",
-            "--save-adapter",
-            dir.join("saved").to_str().unwrap(),
-        ],
-        "a DoRA adapter (`use_dora`)",
-    );
-    assert!(!dir.join("saved").exists(), "an adapter was saved");
+            "--runs",
+            "1",
+        ]);
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The losses of `bignet fit bignet` over the width-20 golden weights with `--adapter
+/// adapter`, 8 steps, seed 3, and `extra` arguments, checked against PEFT's `peft` (within
+/// 2e-6 each: the golden files of `tools/golden/make_peft_fit_*.py`); `what` names the case.
+fn assert_fit_losses_match(what: &str, adapter: &std::path::Path, extra: &[&str], peft: &Value) {
+    let weights = golden("bignet_d20.pth");
+    let mut args = vec![
+        "fit",
+        "bignet",
+        "--weights",
+        weights.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--steps",
+        "8",
+        "--seed",
+        "3",
+        "--json",
+    ];
+    args.extend(extra);
+    let losses = |v: &Value| -> Vec<f64> {
+        let all = v.as_array().unwrap();
+        all.iter().map(|l| l.as_f64().unwrap()).collect()
+    };
+    let (ours, peft) = (losses(&json(&args)["loss"]), losses(peft));
+    assert_eq!(ours.len(), peft.len(), "{what}");
+    for (step, (a, b)) in ours.iter().zip(&peft).enumerate() {
+        assert!(
+            (a - b).abs() < 2e-6,
+            "{what} step {step}: nibble {a}, PEFT {b} (all: {ours:?} against {peft:?})"
+        );
+    }
+}
+
+/// `fit --adapter` over a PEFT DoRA adapter trains it as PEFT does: its magnitudes with A and
+/// B, each layer's weight norm computed again from A and B at every step and held constant
+/// in the backward. The losses are PEFT's, trained with PyTorch's AdamW on the same task
+/// (`tools/golden/make_peft_fit_dora.py`), with and without `--checkpoint`, and the saved
+/// adapter holds PEFT's trained tensors (B with the scaling folded in: saved with
+/// `lora_alpha = r`). Without the magnitudes' gradients the losses part from PEFT's at the
+/// second step, and so do they with the norms of the first step kept.
+#[test]
+fn fit_trains_peft_dora_adapters_as_peft_does() {
+    use nibble_bignet::checkpoint::Checkpoint;
+    let data = golden("peft_fit_dora");
+    let golden_losses: Value =
+        serde_json::from_slice(&std::fs::read(data.join("losses.json")).unwrap()).unwrap();
+    let dir = tempdir("fit_dora");
+    for checkpoint in [false, true] {
+        let saved = dir.join(format!("saved_{checkpoint}"));
+        let mut extra = vec!["--save-adapter", saved.to_str().unwrap()];
+        extra.extend(checkpoint.then_some("--checkpoint"));
+        assert_fit_losses_match(
+            &format!("--checkpoint {checkpoint}"),
+            &data.join("start"),
+            &extra,
+            &golden_losses["losses"],
+        );
+        let ours = Checkpoint::open(saved.join("adapter_model.safetensors")).unwrap();
+        let theirs = Checkpoint::open(data.join("trained/adapter_model.safetensors")).unwrap();
+        let mut keys: Vec<&str> = theirs.keys().collect();
+        keys.sort();
+        let mut ours_keys: Vec<&str> = ours.keys().collect();
+        ours_keys.sort();
+        assert_eq!(keys, ours_keys);
+        assert_eq!(keys.len(), 18 * 3);
+        for key in keys {
+            let a = ours.tensor_f32(key, None).unwrap();
+            let b = theirs.tensor_f32(key, None).unwrap();
+            // PEFT's lora_alpha 8 at r = 4: nibble's saved B is 2·B.
+            let scale = if key.contains("lora_B") { 2.0 } else { 1.0 };
+            let worst = a
+                .data()
+                .iter()
+                .zip(b.data())
+                .map(|(x, y)| (x - scale * y).abs())
+                .fold(0.0f32, f32::max);
+            assert!(worst < 2e-6, "{key}: {worst} from PEFT's trained value");
+        }
+    }
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -1354,41 +1444,8 @@ fn fit_trains_scaled_peft_adapters_as_peft_does() {
     let dir = golden("peft_fit_scaled");
     let golden_losses: Value =
         serde_json::from_slice(&std::fs::read(dir.join("losses.json")).unwrap()).unwrap();
-    let weights = golden("bignet_d20.pth");
     for name in ["alpha_2r", "rslora_pattern"] {
-        let adapter = dir.join(name);
-        let v = json(&[
-            "fit",
-            "bignet",
-            "--weights",
-            weights.to_str().unwrap(),
-            "--adapter",
-            adapter.to_str().unwrap(),
-            "--steps",
-            "8",
-            "--seed",
-            "3",
-            "--json",
-        ]);
-        let ours: Vec<f64> = v["loss"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|l| l.as_f64().unwrap())
-            .collect();
-        let peft: Vec<f64> = golden_losses["losses"][name]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|l| l.as_f64().unwrap())
-            .collect();
-        assert_eq!(ours.len(), peft.len(), "{name}");
-        for (step, (a, b)) in ours.iter().zip(&peft).enumerate() {
-            assert!(
-                (a - b).abs() < 2e-6,
-                "{name} step {step}: nibble {a}, PEFT {b} (all: {ours:?} against {peft:?})"
-            );
-        }
+        assert_fit_losses_match(name, &dir.join(name), &[], &golden_losses["losses"][name]);
     }
 }
 

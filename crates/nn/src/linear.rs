@@ -6,6 +6,7 @@ use nibble_autograd::{Bias, Param, Pending, Tape, Var};
 use nibble_io::{FrozenWeight, WeightFormat};
 use nibble_tensor::gemm::{gemm, MatRef};
 use nibble_tensor::{f16, PackedWeight, Rng, Tensor, WeightMatrix};
+use std::sync::{Arc, Mutex, Weak};
 
 /// A frozen bias, in the precision the variant stores it.
 #[derive(Debug, Clone)]
@@ -74,57 +75,123 @@ pub struct LoraAdapter {
 /// DoRA (weight-decomposed LoRA, PEFT's `use_dora`): the layer's output without its bias,
 /// `x·Wᵀ + B (A x)`, is scaled per output by `magnitude / ‖W + B·A‖` (the norm of each row of
 /// the adapted weight, W dequantized as the kernels use it), then the bias is added: PEFT's
-/// `DoraLinearLayer` in eval mode, whose weight norm is a constant (detached). The scale is
-/// computed once, from the adapter as loaded; the magnitude and the scale do not train here.
+/// `DoraLinearLayer`, whose weight norm is a constant in the backward (detached). The
+/// magnitude trains with the adapter ([`Linear::params`]); the norms follow `A` and `B` as
+/// they train: [`Linear::dora_norm`] recomputes them when either (or a trainable base weight)
+/// has changed since they were last computed, as PEFT recomputes them at every forward.
 #[derive(Debug, Clone)]
 pub struct Dora {
     /// `lora_magnitude_vector`, `[out]`.
-    pub magnitude: Tensor,
-    /// `magnitude / ‖W + B·A‖` per output, `[out]`.
-    pub scale: Vec<f32>,
+    pub magnitude: Param,
+    /// The row norms last computed and what they were computed from (shared by clones, which
+    /// share the parameters too).
+    norms: Arc<Mutex<Option<CachedNorms>>>,
+}
+
+/// Row norms and what they were computed from.
+type CachedNorms = (NormSource, Arc<[f32]>);
+
+/// What a DoRA layer's row norms were computed from: the base weight (a parameter at a
+/// version, or a frozen matrix, which never changes) and `A` and `B` at their versions.
+#[derive(Debug)]
+struct NormSource {
+    weight: WeightSource,
+    a: (Param, u64),
+    b: (Param, u64),
+}
+
+/// The base weight a [`NormSource`] read.
+#[derive(Debug)]
+enum WeightSource {
+    Param(Param, u64),
+    Frozen(Weak<dyn WeightMatrix>),
+}
+
+impl NormSource {
+    /// The source of `layer`'s norms now (`lora`: its adapter).
+    fn of(layer: &Linear, lora: &LoraAdapter) -> Self {
+        let at = |p: &Param| (p.clone(), p.version());
+        NormSource {
+            weight: match &layer.base {
+                LinearBase::Trainable { weight, .. } => {
+                    WeightSource::Param(weight.clone(), weight.version())
+                }
+                LinearBase::Frozen { weight, .. } => {
+                    WeightSource::Frozen(Arc::downgrade(&weight.matrix()))
+                }
+            },
+            a: at(&lora.a),
+            b: at(&lora.b),
+        }
+    }
+
+    /// Whether both name the same parameters at the same versions and the same frozen matrix.
+    fn same(&self, other: &NormSource) -> bool {
+        let same_param = |(p, v): &(Param, u64), (q, w): &(Param, u64)| p.same_as(q) && v == w;
+        let weight = match (&self.weight, &other.weight) {
+            (WeightSource::Param(p, v), WeightSource::Param(q, w)) => p.same_as(q) && v == w,
+            (WeightSource::Frozen(p), WeightSource::Frozen(q)) => Weak::ptr_eq(p, q),
+            _ => false,
+        };
+        weight && same_param(&self.a, &other.a) && same_param(&self.b, &other.b)
+    }
 }
 
 impl Dora {
-    /// DoRA of layer `name` whose weight is `weight` (`[out, in]`, f32) and adapter product
-    /// `delta` = `B·A` (`[out, in]`, B scaled): the row norms in f64. A magnitude that is not
-    /// `[out]`, or a row of `W + B·A` whose norm is 0 or not finite (the scale would be
-    /// infinite or NaN), is an [`Error::Layer`] naming the layer and the row.
-    pub fn new(name: &str, weight: &Tensor, delta: &Tensor, magnitude: Tensor) -> Result<Self> {
-        let bad = |what: String| Error::Layer {
-            layer: name.to_string(),
-            what,
-        };
-        let (out, inp) = weight.dims2("dora")?;
-        if delta.shape() != weight.shape() || magnitude.shape() != [out] {
-            return Err(bad(format!(
-                "DoRA magnitude {:?} and adapter product {:?} for a weight of {:?}",
-                magnitude.shape(),
-                delta.shape(),
-                weight.shape()
-            )));
+    /// A DoRA whose magnitude is `magnitude` (`[out]`, checked against the layer where it is
+    /// used: [`Linear::dora_norm`]).
+    pub fn new(magnitude: Param) -> Self {
+        Dora {
+            magnitude,
+            norms: Arc::default(),
         }
-        let mut scale = Vec::with_capacity(out);
-        for (i, m) in magnitude.data().iter().enumerate() {
-            let row = (i * inp)..((i + 1) * inp);
-            let sq: f64 = weight.data()[row.clone()]
+    }
+
+    /// The row norms `‖W + B·A‖` (`[out]`, summed in f64, rounded to f32) of layer `name`'s
+    /// weight `weight` (`[out, in]`, f32) and adapter product `delta` = `B·A` (`[out, in]`, B
+    /// scaled). Shapes that differ, or a row whose norm is 0 or not finite (its scale would be
+    /// infinite or NaN), are an [`Error::Layer`] naming the layer and the row.
+    pub fn row_norms(name: &str, weight: &Tensor, delta: &Tensor) -> Result<Vec<f32>> {
+        let (out, inp) = weight.dims2("dora")?;
+        if delta.shape() != weight.shape() {
+            return Err(Error::Layer {
+                layer: name.to_string(),
+                what: format!(
+                    "DoRA adapter product {:?} for a weight of {:?}",
+                    delta.shape(),
+                    weight.shape()
+                ),
+            });
+        }
+        let mut norms = Vec::with_capacity(out);
+        for (i, (w, d)) in weight
+            .data()
+            .chunks_exact(inp.max(1))
+            .zip(delta.data().chunks_exact(inp.max(1)))
+            .take(out)
+            .enumerate()
+        {
+            let sq: f64 = w
                 .iter()
-                .zip(&delta.data()[row])
+                .zip(d)
                 .map(|(&w, &d)| {
                     let v = w as f64 + d as f64;
                     v * v
                 })
                 .sum();
-            let norm = sq.sqrt();
-            let s = (*m as f64 / norm) as f32;
-            if norm == 0.0 || !s.is_finite() {
-                return Err(bad(format!(
-                    "DoRA: row {i} of the adapted weight has norm {norm}, so its scale \
-                     (magnitude {m} / norm) is not finite"
-                )));
+            let norm = sq.sqrt() as f32;
+            if norm == 0.0 || !norm.is_finite() {
+                return Err(Error::Layer {
+                    layer: name.to_string(),
+                    what: format!(
+                        "DoRA: row {i} of the adapted weight has norm {norm}, so its scale \
+                         (magnitude / norm) is not finite"
+                    ),
+                });
             }
-            scale.push(s);
+            norms.push(norm);
         }
-        Ok(Dora { magnitude, scale })
+        Ok(norms)
     }
 }
 
@@ -188,6 +255,13 @@ impl LoraAdapter {
     /// and the PEFT reader make `A` `[r, in]`).
     pub fn rank(&self) -> usize {
         self.a.value().shape()[0]
+    }
+
+    /// The adapter's parameters: `A`, `B` and a DoRA's magnitude.
+    pub fn params(&self) -> Vec<Param> {
+        let mut params = vec![self.a.clone(), self.b.clone()];
+        params.extend(self.dora.as_ref().map(|d| d.magnitude.clone()));
+        params
     }
 
     /// `B·A`, `[out, in]`: what merging adds to the base weight.
@@ -282,43 +356,54 @@ impl Linear {
         }
     }
 
-    /// [`Linear::forward`] of a layer with a DoRA adapter: `scale ⊙ (x·Wᵀ + B (A x)) + bias`,
-    /// the bias a constant (an error if it trains).
+    /// [`Linear::forward`] of a layer with a DoRA adapter: `scale ⊙ (x·Wᵀ + B (A x)) + bias`
+    /// with `scale = magnitude / ‖W + B·A‖` ([`Tape::scale_by_magnitude`], the norm a constant
+    /// as PEFT detaches it), the bias a constant (an error if it trains).
     fn forward_dora(&self, tape: &Tape, x: &Var, lora: &LoraAdapter, dora: &Dora) -> Result<Var> {
+        if let Some(bias) = self.trainable_bias() {
+            return Err(Error::Layer {
+                layer: self.name.clone(),
+                what: format!(
+                    "the bias `{}` of a layer with a DoRA adapter does not train here",
+                    bias.name()
+                ),
+            });
+        }
+        let norm = self.dora_norm()?.unwrap_or_default();
         let z = match &self.base {
             LinearBase::Frozen { weight, .. } => {
                 tape.frozen_linear_lora(x, &weight.matrix(), None, &lora.a, &lora.b)?
             }
-            LinearBase::Trainable { weight, bias } => {
-                if bias.as_ref().is_some_and(Param::requires_grad) {
-                    return Err(Error::Layer {
-                        layer: self.name.clone(),
-                        what: "the bias of a layer with a DoRA adapter does not train here".into(),
-                    });
-                }
+            LinearBase::Trainable { weight, .. } => {
                 let y = tape.linear(x, weight, None)?;
                 let h = tape.linear(x, &lora.a, None)?;
                 tape.linear_add(y, &h, &lora.b)?
             }
         };
-        let out = dora.scale.len();
+        let out = norm.len();
         let bias = self.bias_values().unwrap_or_else(|| vec![0.0; out]);
         self.check_bias(bias.len(), out)?;
-        Ok(tape.scale_shift(&z, &dora.scale, &bias)?)
+        Ok(tape.scale_by_magnitude(&z, &dora.magnitude, &norm, &bias)?)
+    }
+
+    /// The bias where it is a parameter that trains.
+    fn trainable_bias(&self) -> Option<&Param> {
+        match &self.base {
+            LinearBase::Trainable { bias, .. } => bias.as_ref().filter(|b| b.requires_grad()),
+            LinearBase::Frozen { .. } => None,
+        }
     }
 
     /// [`Linear::forward`] recorded without computing `y` (see [`Pending`]): the same records
     /// in the same order (the adapter's `A x`, which its backward reads, is computed), for a
     /// checkpointed segment's recomputation whose backward never reads `y`
-    /// ([`Tape::checkpoint_with`]). Skips the layer's product.
+    /// ([`Tape::checkpoint_with`]). Skips the layer's product, but for a DoRA layer, whose
+    /// magnitude's gradient reads it.
     pub fn forward_pending(&self, tape: &Tape, x: &Var) -> Result<Pending> {
         if self.lora.as_ref().is_some_and(|l| l.dora.is_some()) {
-            return Err(Error::Layer {
-                layer: self.name.clone(),
-                what: "a layer with a DoRA adapter cannot be recomputed without its output \
-                       (checkpointing)"
-                    .into(),
-            });
+            // DoRA's magnitude gradient reads the product it scales: computed, as a forward
+            // computes it (its records are the forward's).
+            return Ok(self.forward(tape, x)?.into());
         }
         let y = match &self.base {
             LinearBase::Trainable { weight, bias } => {
@@ -416,18 +501,62 @@ impl Linear {
         }
     }
 
-    /// Every parameter (trainable or not): the f32 weight and bias, the adapters.
+    /// Every parameter (trainable or not): the f32 weight and bias, the adapter's (A, B, a DoRA's
+    /// magnitude).
     pub fn params(&self) -> Vec<Param> {
         let mut out = Vec::new();
         if let LinearBase::Trainable { weight, bias } = &self.base {
             out.push(weight.clone());
             out.extend(bias.clone());
         }
-        if let Some(l) = &self.lora {
-            out.push(l.a.clone());
-            out.push(l.b.clone());
-        }
+        out.extend(self.lora.iter().flat_map(LoraAdapter::params));
         out
+    }
+
+    /// The row norms `‖W + B·A‖` of a layer with a DoRA adapter (`None` without one), as the
+    /// weight, `A` and `B` are now: computed again only where one of them has changed since
+    /// the last call ([`Param::version`]; a frozen weight never changes). A magnitude that is
+    /// not `[out]`, or a row whose norm is 0 or not finite, is an [`Error::Layer`] naming the
+    /// layer (see [`Dora::row_norms`]).
+    pub fn dora_norm(&self) -> Result<Option<Arc<[f32]>>> {
+        let Some((lora, dora)) = self.lora.as_ref().and_then(|l| Some((l, l.dora.as_ref()?)))
+        else {
+            return Ok(None);
+        };
+        let (out, _) = self.dims();
+        let magnitude = dora.magnitude.value().shape().to_vec();
+        if magnitude != [out] {
+            return Err(Error::Layer {
+                layer: self.name.clone(),
+                what: format!("DoRA magnitude of shape {magnitude:?} for {out} outputs"),
+            });
+        }
+        let source = NormSource::of(self, lora);
+        let mut cached = dora.norms.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((from, norm)) = cached.as_ref() {
+            if from.same(&source) {
+                return Ok(Some(norm.clone()));
+            }
+        }
+        let (weight, _) = self.dense_weight_and_bias();
+        let norm: Arc<[f32]> = Dora::row_norms(&self.name, &weight, &lora.delta()?)?.into();
+        *cached = Some((source, norm.clone()));
+        Ok(Some(norm))
+    }
+
+    /// The per-output scale `magnitude / ‖W + B·A‖` of a layer with a DoRA adapter (`None`
+    /// without one), with the bits [`Tape::scale_by_magnitude`] multiplies by: what an
+    /// inference path outside the tape scales the product by. Errors as [`Linear::dora_norm`]'s.
+    pub fn dora_scale(&self) -> Result<Option<Vec<f32>>> {
+        let Some(norm) = self.dora_norm()? else {
+            return Ok(None);
+        };
+        let magnitude = self.lora.as_ref().and_then(|l| l.dora.as_ref());
+        let magnitude = magnitude.map(|d| d.magnitude.value().data().to_vec());
+        Ok(Some(nibble_autograd::ops::scale_shift::magnitude_scale(
+            &magnitude.unwrap_or_default(),
+            &norm,
+        )))
     }
 
     /// Elements and bytes of the frozen storage (weight and bias) outside [`Linear::params`]:

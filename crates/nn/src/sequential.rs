@@ -645,9 +645,8 @@ impl Sequential {
             p.set_requires_grad(false);
         }
         for l in self.linears() {
-            if let Some(lora) = &l.lora {
-                lora.a.set_requires_grad(true);
-                lora.b.set_requires_grad(true);
+            for p in l.lora.iter().flat_map(crate::LoraAdapter::params) {
+                p.set_requires_grad(true);
             }
         }
         Ok(())

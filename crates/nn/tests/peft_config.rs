@@ -951,6 +951,62 @@ fn saved_targets_name_only_the_linears_where_they_sit_at_different_depths() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// Layers of several ranks are saved with a `rank_pattern` (and an `alpha_pattern` of the same
+/// ranks: B holds the scaling) naming the layers off the most common rank, and read back with
+/// the same ranks and values; saving them failed before. Where the Linears sit at different
+/// depths a key could name another layer too (`0` names `1.0`), and saving is an error that
+/// writes nothing.
+#[test]
+fn layers_of_several_ranks_save_with_a_rank_pattern() {
+    let dir = tempdir("save_ranks");
+    let mut flat = model(&dir);
+    flat.add_lora(4, 3).unwrap();
+    let mut rng = nibble_tensor::Rng::new(9);
+    flat.linears_mut()
+        .nth(1)
+        .unwrap()
+        .add_lora(2, &mut rng)
+        .unwrap();
+    let saved = dir.join("adapter_ranks");
+    flat.save_adapter(&saved).unwrap();
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(saved.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(config["r"], json!(4));
+    assert_eq!(config["rank_pattern"], json!({"3": 2}));
+    assert_eq!(config["alpha_pattern"], json!({"3": 2}));
+    let mut back = model(&dir);
+    back.load_adapter(&saved).unwrap();
+    for (a, b) in flat.linears().zip(back.linears()) {
+        let (la, lb) = (a.lora.as_ref().unwrap(), b.lora.as_ref().unwrap());
+        assert_eq!(la.rank(), lb.rank(), "{}", a.name);
+        assert_eq!(la.a.value().data(), lb.a.value().data());
+        assert_eq!(la.b.value().data(), lb.b.value().data());
+        assert_eq!(lb.b_scale, 1.0);
+    }
+    let path = dir.join("blocks.safetensors");
+    write_f32(
+        &path,
+        &[
+            ("0.weight", vec![4, 3], values(12, 1)),
+            ("1.0.weight", vec![2, 4], values(8, 5)),
+        ],
+    );
+    let file = Checkpoint::open(&path).unwrap();
+    let options = SequentialOptions::new().activation(Activation::Relu);
+    let mut m = Sequential::from_state_dict(&file, &options).unwrap();
+    m.add_lora(2, 3).unwrap();
+    m.linears_mut()
+        .next()
+        .unwrap()
+        .add_lora(3, &mut rng)
+        .unwrap();
+    let saved = dir.join("adapter_depths");
+    let e = m.save_adapter(&saved).unwrap_err().to_string();
+    assert!(e.contains("rank") && e.contains("depths"), "{e}");
+    assert!(!saved.join("adapter_config.json").exists());
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// Whether `name` matches the whole of `pattern` (Python's `re.fullmatch`).
 fn regex_lite_fullmatch(pattern: &str) -> impl Fn(&str) -> bool {
     let re = regex::Regex::new(&format!("^(?:{pattern})$")).unwrap();

@@ -1,8 +1,13 @@
-//! A frozen per-feature affine map, `y = x · scale + shift` on `[batch, d]` (what an
-//! `nn.BatchNorm1d` in eval mode computes, with its running statistics folded into `scale`
-//! and `shift`). Only `x` gets a gradient.
+//! Per-feature affine maps on `[batch, d]`:
+//! - [`Tape::scale_shift`], `y = x · scale + shift` with constant `scale` and `shift` (what an
+//!   `nn.BatchNorm1d` in eval mode computes, with its running statistics folded into `scale`
+//!   and `shift`); only `x` gets a gradient;
+//! - [`Tape::scale_by_magnitude`], `y = x · (magnitude / norm) + shift` with a parameter
+//!   `magnitude` and constant `norm` and `shift` (DoRA's output scale, whose weight norm is
+//!   detached); `x` and `magnitude` get gradients.
 
 use crate::error::{AutogradError, Result};
+use crate::param::Param;
 use crate::tape::{Op, Tape, Var};
 use nibble_tensor::Tensor;
 use std::sync::Arc;
@@ -17,27 +22,151 @@ impl Op for ScaleShiftOp {
         "scale_shift"
     }
     fn backward(self: Box<Self>, d_y: Tensor) -> Result<Vec<Option<Tensor>>> {
-        let d = self.scale.len();
-        if d == 0 || !d_y.numel().is_multiple_of(d) {
-            return Err(AutogradError::BadGradient {
-                op: "scale_shift",
-                what: format!(
-                    "an output gradient of {} elements for rows of {d}",
-                    d_y.numel()
-                ),
-            });
-        }
-        let mut d_x = d_y;
-        for row in d_x.data_mut().chunks_exact_mut(d) {
-            row.iter_mut()
-                .zip(self.scale.iter())
-                .for_each(|(g, s)| *g *= s);
-        }
-        Ok(vec![Some(d_x)])
+        Ok(vec![Some(scale_columns("scale_shift", d_y, &self.scale)?)])
     }
 }
 
+/// `dX = dY · scale` per column of rows of `d = scale.len()` (an output gradient of another
+/// size is an error naming `op`).
+fn scale_columns(op: &'static str, d_y: Tensor, scale: &[f32]) -> Result<Tensor> {
+    let d = scale.len();
+    if d == 0 || !d_y.numel().is_multiple_of(d) {
+        return Err(AutogradError::BadGradient {
+            op,
+            what: format!(
+                "an output gradient of {} elements for rows of {d}",
+                d_y.numel()
+            ),
+        });
+    }
+    let mut d_x = d_y;
+    for row in d_x.data_mut().chunks_exact_mut(d) {
+        row.iter_mut().zip(scale).for_each(|(g, s)| *g *= s);
+    }
+    Ok(d_x)
+}
+
+/// Backward of [`Tape::scale_by_magnitude`] (`x`, `dY`: `[batch, d]`; `magnitude`, `norm`:
+/// `[d]`): `dX = dY · scale` per column, and, if the magnitude trains,
+/// `dmagnitude_c = Σ_r dY[r, c] · x[r, c] / norm[c]` (the sum over rows in row order).
+struct MagnitudeScaleOp {
+    x: Arc<Tensor>,
+    magnitude: Param,
+    norm: Arc<[f32]>,
+    scale: Arc<[f32]>,
+    x_tracked: bool,
+}
+
+impl Op for MagnitudeScaleOp {
+    fn name(&self) -> &'static str {
+        "scale_by_magnitude"
+    }
+    fn backward(self: Box<Self>, d_y: Tensor) -> Result<Vec<Option<Tensor>>> {
+        if d_y.shape() != self.x.shape() {
+            return Err(AutogradError::BadGradient {
+                op: "scale_by_magnitude",
+                what: format!(
+                    "an output gradient of shape {:?} for an input of shape {:?}",
+                    d_y.shape(),
+                    self.x.shape()
+                ),
+            });
+        }
+        let d = self.norm.len();
+        if self.magnitude.requires_grad() {
+            let mut d_m = vec![0.0f32; d];
+            for (xr, gr) in self
+                .x
+                .data()
+                .chunks_exact(d.max(1))
+                .zip(d_y.data().chunks_exact(d.max(1)))
+            {
+                for ((acc, &x), &g) in d_m.iter_mut().zip(xr).zip(gr) {
+                    *acc += g * x;
+                }
+            }
+            d_m.iter_mut()
+                .zip(self.norm.iter())
+                .for_each(|(g, n)| *g /= n);
+            self.magnitude.accumulate_vec_grad(d_m)?;
+        }
+        if !self.x_tracked {
+            return Ok(vec![None]);
+        }
+        Ok(vec![Some(scale_columns(
+            "scale_by_magnitude",
+            d_y,
+            &self.scale,
+        )?)])
+    }
+}
+
+/// `magnitude[c] / norm[c]` for each column `c`: the scale [`Tape::scale_by_magnitude`]
+/// multiplies by (in f32), for code that applies it outside the tape and wants its bits.
+pub fn magnitude_scale(magnitude: &[f32], norm: &[f32]) -> Vec<f32> {
+    magnitude.iter().zip(norm).map(|(m, n)| m / n).collect()
+}
+
 impl Tape {
+    /// `y[r, c] = x[r, c] · scale[c] + shift[c]` with `scale[c] = magnitude[c] / norm[c]`
+    /// ([`magnitude_scale`]), for `x` `[batch, d]`, `magnitude` (a parameter), `norm` and
+    /// `shift` `[d]` (constants): PEFT's DoRA output scale, its weight norm detached. `x` and,
+    /// if it trains, `magnitude` get gradients. Shapes that do not fit are an error.
+    ///
+    /// ```
+    /// use nibble_autograd::{Param, Tape};
+    /// use nibble_tensor::Tensor;
+    /// let tape = Tape::new();
+    /// let x = tape.leaf(Tensor::from_vec(&[2, 2], vec![1.0, 2.0, 3.0, 4.0])?);
+    /// let m = Param::new("m", Tensor::from_vec(&[2], vec![4.0, 1.0])?, true);
+    /// let y = tape.scale_by_magnitude(&x, &m, &[2.0, 1.0], &[0.5, 0.0])?;
+    /// assert_eq!(y.value().data(), &[2.5, 2.0, 6.5, 4.0]);
+    /// tape.backward(&tape.sum(&y)?)?;
+    /// // dm = Σ_r x[r, c] / norm[c]
+    /// assert_eq!(m.grad().as_ref().unwrap().data(), &[2.0, 6.0]);
+    /// # Ok::<(), nibble_autograd::AutogradError>(())
+    /// ```
+    pub fn scale_by_magnitude(
+        &self,
+        x: &Var,
+        magnitude: &Param,
+        norm: &[f32],
+        shift: &[f32],
+    ) -> Result<Var> {
+        let d = norm.len();
+        let m = magnitude.value().data().to_vec();
+        let fits = matches!(x.shape(), &[_, c] if c == d) && shift.len() == d && m.len() == d;
+        if !fits {
+            return Err(AutogradError::InvalidInput {
+                op: "scale_by_magnitude",
+                what: format!(
+                    "x {:?} with a magnitude of {:?}, a norm of {d} and a shift of {} values",
+                    x.shape(),
+                    magnitude.value().shape(),
+                    shift.len()
+                ),
+            });
+        }
+        let scale: Arc<[f32]> = magnitude_scale(&m, norm).into();
+        let mut y = x.value().clone();
+        nibble_tensor::ops::scale_shift_rows(y.data_mut(), &scale, shift)?;
+        self.record(
+            "scale_by_magnitude",
+            &[x],
+            y,
+            magnitude.requires_grad(),
+            || {
+                Box::new(MagnitudeScaleOp {
+                    x: x.shared(),
+                    magnitude: magnitude.clone(),
+                    norm: norm.into(),
+                    scale,
+                    x_tracked: x.is_tracked(),
+                })
+            },
+        )
+    }
+
     /// `y[r, c] = x[r, c] · scale[c] + shift[c]` for `x` `[batch, d]`, `scale` and `shift`
     /// `[d]` (constants: only `x` gets a gradient). Shapes that do not fit are an error.
     ///

@@ -28,7 +28,7 @@ pub fn run(
     }
     if let Some(dir) = common.adapter.as_deref().filter(|a| a.is_dir()) {
         // Checked before training: an adapter whose training here would not be PEFT's.
-        check_peft_adapter_trainable(dir, save_adapter.is_some())?;
+        check_peft_adapter_trainable(dir)?;
     }
     let held_before = memory::current();
     let model = common.spec(variant).build()?;
@@ -107,7 +107,7 @@ pub fn run(
 /// (row and column) and value, unless every LoRA adapter of `model` is finite.
 fn check_adapters_finite(model: &crate::model::BigNet, dir: &Path, lr: f32) -> Result<()> {
     for lora in model.linears().filter_map(|l| l.lora.as_ref()) {
-        for p in [&lora.a, &lora.b] {
+        for p in &lora.params() {
             if let Some((at, value)) = p.value().first_non_finite() {
                 return Err(Error::Input {
                     what: format!(
@@ -128,33 +128,21 @@ fn check_adapters_finite(model: &crate::model::BigNet, dir: &Path, lr: f32) -> R
 /// - a linear layer of BigNet that the adapter does not adapt (not in its `target_modules`, or
 ///   no `lora_A` / `lora_B` of it in the file): `fit` trains an adapter on every layer, so such
 ///   a layer would get a fresh seeded rank-32 adapter and train it, which PEFT's model has not
-///   got (and `--save-adapter` then failed after training: one file holds one rank);
+///   got;
 /// - base parameters in the file (PEFT's `bias = "all"` / `"lora_only"`, `modules_to_save`):
 ///   PEFT trains them with the adapter; `fit` trains only the LoRA matrices, and
 ///   `--save-adapter` wrote only those, so the saved adapter lost the loaded values (outputs
-///   0.4 off on a width-40 BigNet, with no training at all).
-///
-/// - a bias on each lora_B (PEFT's `lora_bias`): PEFT trains it, `fit` would not, as above;
-/// - DoRA (`use_dora`): PEFT trains the magnitudes and recomputes the weight norms each step;
-/// - with `saving` (`--save-adapter`), layers of different ranks (`rank_pattern`): the saved
-///   adapter holds one rank, and saving failed after the training.
+///   0.4 off on a width-40 BigNet, with no training at all);
+/// - a bias on each lora_B (PEFT's `lora_bias`): PEFT trains it, `fit` would not, as above.
 ///
 /// A scaling (`lora_alpha / r`, `use_rslora`, `alpha_pattern`) other than 1 trains as PEFT
 /// trains it: nibble folds it into B ([`nibble_nn::LoraAdapter::b_scale`]) and AdamW steps
-/// on the B PEFT holds ([`nibble_autograd::AdamW::set_storage_scale`]).
-fn check_peft_adapter_trainable(dir: &Path, saving: bool) -> Result<()> {
+/// on the B PEFT holds ([`nibble_autograd::AdamW::set_storage_scale`]). DoRA (`use_dora`)
+/// trains as PEFT trains it: the magnitudes with A and B, the weight norms computed again from
+/// A and B at each step and held constant in the backward ([`nibble_nn::Dora`]).
+fn check_peft_adapter_trainable(dir: &Path) -> Result<()> {
     use crate::source::{linear_key, BLOCKS, LAYERS_PER_BLOCK};
     let config = nibble_nn::peft::AdapterConfig::read(dir)?;
-    if config.dora {
-        return Err(Error::Input {
-            what: format!(
-                "--adapter {}: a DoRA adapter (`use_dora`): PEFT trains its magnitudes and \
-                 recomputes the weight norms at every step; fit trains only the LoRA matrices \
-                 of plain LoRA (forward, compare, bench and merge run this adapter as it is)",
-                dir.display(),
-            ),
-        });
-    }
     let weights = nibble_nn::peft::weights_path(dir);
     let file = crate::checkpoint::Checkpoint::open(&weights)?;
     let names: Vec<String> = (0..BLOCKS)
@@ -205,21 +193,6 @@ fn check_peft_adapter_trainable(dir: &Path, saving: bool) -> Result<()> {
                  adapter as it is)",
                 dir.display(),
                 list(&base),
-            ),
-        });
-    }
-    let ranks: std::collections::BTreeSet<usize> = refs.iter().map(|n| config.rank(n)).collect();
-    if saving && ranks.len() > 1 {
-        return Err(Error::Input {
-            what: format!(
-                "--adapter {}: its layers have ranks {} (rank_pattern), and --save-adapter \
-                 writes one rank for every layer: the trained adapters could not be saved",
-                dir.display(),
-                ranks
-                    .iter()
-                    .map(|r| r.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", "),
             ),
         });
     }

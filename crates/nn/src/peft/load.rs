@@ -546,13 +546,20 @@ pub fn load_adapter_into<'a>(
             }),
         }
     }
-    for (index, a, b, dora, b_scale) in loaded {
+    for (index, a, b, magnitude, b_scale) in loaded {
         let layer = &mut layers[index];
+        // Trains where the adapter trains, as PEFT's does.
+        let dora = |magnitude: Option<Tensor>, trains: bool| {
+            magnitude.map(|m| {
+                let name = format!("{}.lora_magnitude_vector", layer.name);
+                Dora::new(Param::new(name, m, trains))
+            })
+        };
         match &mut layer.lora {
             Some(lora) => {
                 *lora.a.value_mut() = a;
                 *lora.b.value_mut() = b;
-                lora.dora = dora;
+                lora.dora = dora(magnitude, lora.a.requires_grad());
                 lora.b_scale = b_scale;
             }
             None => {
@@ -560,6 +567,7 @@ pub fn load_adapter_into<'a>(
                 for p in layer.params() {
                     p.set_requires_grad(false);
                 }
+                let dora = dora(magnitude, true);
                 let module = &layer.name;
                 layer.lora = Some(LoraAdapter {
                     a: Param::new(format!("{module}.lora_a.weight"), a, true),
@@ -634,9 +642,9 @@ fn read_scaled(
     Ok(t)
 }
 
-/// The DoRA of `layer` from the adapter file: its `lora_magnitude_vector` `[out]` (finite) and
-/// the scale it gives with the layer's weight as the kernels use it and the adapter's `a` and
-/// (scaled) `b` ([`Dora::new`]). The key goes into `seen`. A file without the layer's magnitude
+/// The DoRA magnitude of `layer` from the adapter file: its `lora_magnitude_vector` `[out]`
+/// (finite), checked to give a finite scale with the layer's weight as the kernels use it and
+/// the adapter's `a` and (scaled) `b` ([`Dora::row_norms`]). The key goes into `seen`. A file without the layer's magnitude
 /// gets what PEFT fills in: the row norms of the weight, `‖W‖`, where `init_lora_weights` starts
 /// `B·A` at zero ([`AdapterConfig::init_product_zero`]); otherwise PEFT's magnitudes come from a
 /// random start, and the missing key is an error.
@@ -648,7 +656,7 @@ fn read_dora(
     a: &Tensor,
     b: &Tensor,
     seen: &mut HashSet<String>,
-) -> Result<Dora> {
+) -> Result<Tensor> {
     let (out, inp) = layer.dims();
     let (weight, _) = layer.dense_weight_and_bias();
     let key = ["", ".weight", ".default.weight"]
@@ -689,7 +697,8 @@ fn read_dora(
             ))
         }
     };
-    Dora::new(&layer.name, &weight, &lora_product(a, b)?, magnitude)
+    Dora::row_norms(&layer.name, &weight, &lora_product(a, b)?)?;
+    Ok(magnitude)
 }
 
 /// The value of BatchNorm `view`'s tensor `param` (`weight`, `bias`, `running_mean`,

@@ -26,8 +26,14 @@ pub fn check_destination(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Writes the adapters of `layers` (those that have one) to `dir` (created if missing). All
-/// adapters must share one rank; at least one layer must have an adapter.
+/// Writes the adapters of `layers` (those that have one) to `dir` (created if missing); at
+/// least one layer must have an adapter. Layers of other ranks than the most common one go
+/// into `rank_pattern` (and `alpha_pattern`, each its rank: B holds the scaling), keyed by
+/// their whole names with the dots escaped; where the layers sit at different depths such a
+/// key could also name another layer (PEFT matches keys against the ends of names), and
+/// several ranks are an error. DoRA adapters are written as PEFT writes them (each layer's `lora_magnitude_vector` beside its `lora_A` and
+/// `lora_B`, `use_dora` in the config); a file holds DoRA on every layer or on none, as
+/// PEFT's one `use_dora` flag does.
 ///
 /// Each file ([`WEIGHTS_FILE`], [`CONFIG_FILE`]) is written to a temporary file and renamed
 /// over its name, so an existing regular file is replaced atomically. If either name exists in
@@ -41,22 +47,24 @@ pub fn save_adapter<'a>(layers: impl IntoIterator<Item = &'a Linear>, dir: &Path
     let Some((_, first)) = layers.first() else {
         return Err(adapter_error(dir, "no layer has a LoRA adapter to save"));
     };
-    if let Some((name, _)) = layers.iter().find(|(_, a)| a.dora.is_some()) {
-        return Err(adapter_error(
-            dir,
-            format!("layer {name} has a DoRA adapter (loaded from PEFT's): saving DoRA is not supported"),
-        ));
-    }
-    let rank = first.rank();
-    if let Some((name, a)) = layers.iter().find(|(_, a)| a.rank() != rank) {
+    let dora = first.dora.is_some();
+    if let Some((name, _)) = layers.iter().find(|(_, a)| a.dora.is_some() != dora) {
+        let (with, without) = if dora {
+            (&layers[0].0, name)
+        } else {
+            (name, &layers[0].0)
+        };
         return Err(adapter_error(
             dir,
             format!(
-                "layer {name} has rank {}, others rank {rank}: one adapter file holds one rank",
-                a.rank()
+                "layer {with} has a DoRA adapter and layer {without} a plain LoRA one: PEFT's \
+                 `use_dora` holds for every layer of a file"
             ),
         ));
     }
+    let names: Vec<&str> = layers.iter().map(|(n, _)| n.as_str()).collect();
+    let ranks: Vec<usize> = layers.iter().map(|(_, a)| a.rank()).collect();
+    let (rank, rank_pattern) = rank_pattern(dir, &names, &ranks)?;
     // Both files are checked before either is written, so a refusal leaves nothing half-saved.
     check_destination(dir)?;
     let weights = dir.join(WEIGHTS_FILE);
@@ -79,6 +87,13 @@ pub fn save_adapter<'a>(layers: impl IntoIterator<Item = &'a Linear>, dir: &Path
                     a.b.value().clone(),
                 ),
             ]
+            .into_iter()
+            .chain(a.dora.as_ref().map(|d| {
+                (
+                    format!("base_model.model.{name}.lora_magnitude_vector"),
+                    d.magnitude.value().clone(),
+                )
+            }))
         })
         .collect();
     let entries: Vec<(String, DType, Vec<usize>, &[u8])> = tensors
@@ -93,7 +108,7 @@ pub fn save_adapter<'a>(layers: impl IntoIterator<Item = &'a Linear>, dir: &Path
         })
         .collect();
     write_safetensors(&weights, &entries, &BTreeMap::new())?;
-    let config = json!({
+    let mut config = json!({
         "peft_type": "LORA",
         "task_type": null,
         "base_model_name_or_path": null,
@@ -105,12 +120,74 @@ pub fn save_adapter<'a>(layers: impl IntoIterator<Item = &'a Linear>, dir: &Path
         "inference_mode": true,
         "use_rslora": false,
         "modules_to_save": null,
-        "target_modules": target_modules(&layers.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>()),
+        "target_modules": target_modules(&names),
     });
+    if !rank_pattern.is_empty() {
+        // B holds each layer's scaling folded in: every layer's alpha is its rank.
+        let alphas: serde_json::Map<_, _> = rank_pattern
+            .iter()
+            .map(|(k, r)| (k.clone(), json!(r)))
+            .collect();
+        config["rank_pattern"] = json!(alphas);
+        config["alpha_pattern"] = json!(alphas);
+    }
+    if dora {
+        // Only where it is set: PEFT before 0.9 knows no `use_dora` and refuses the key.
+        config["use_dora"] = json!(true);
+    }
     let text = serde_json::to_string_pretty(&config).expect("json value");
     Ok(replace_file(&config_path, |w| {
         w.write_all(text.as_bytes())
     })?)
+}
+
+/// The rank written as `r` (the most common of `ranks`; of those as common, the first layer's)
+/// and the `rank_pattern` entries of the other layers of `names` (`ranks[i]` is `names[i]`'s):
+/// each the layer's whole name as a regex (dots escaped), which PEFT's `get_pattern_key`
+/// matches against the end of a module's name after a dot (`(.*\.)?(key)$`). Where the layers
+/// sit at one depth no name is another's dotted tail, so each key names its layer alone;
+/// layers of different ranks at different depths are an error naming `dir` (the key `0` would
+/// also name `1.0`).
+fn rank_pattern(
+    dir: &Path,
+    names: &[&str],
+    ranks: &[usize],
+) -> Result<(usize, Vec<(String, usize)>)> {
+    let count = |r: usize| ranks.iter().filter(|&&q| q == r).count();
+    let rank = ranks
+        .iter()
+        .copied()
+        .fold(None, |best: Option<usize>, r| match best {
+            Some(b) if count(b) >= count(r) => Some(b),
+            _ => Some(r),
+        })
+        .unwrap_or(0);
+    let pattern: Vec<(String, usize)> = names
+        .iter()
+        .zip(ranks)
+        .filter(|(_, &r)| r != rank)
+        .map(|(n, &r)| (regex::escape(n), r))
+        .collect();
+    let depth = |n: &&str| n.matches('.').count();
+    if !pattern.is_empty() && names.iter().map(depth).min() != names.iter().map(depth).max() {
+        return Err(adapter_error(
+            dir,
+            format!(
+                "the layers have ranks {} and sit at different depths ({}): PEFT's \
+                 `rank_pattern` keys match the ends of module names, so one layer's key could \
+                 also name another; nothing was written",
+                ranks
+                    .iter()
+                    .map(|r| r.to_string())
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                names.join(", ")
+            ),
+        ));
+    }
+    Ok((rank, pattern))
 }
 
 /// `target_modules` that makes PEFT adapt exactly the modules `names`. PEFT selects a module by
