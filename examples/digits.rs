@@ -71,6 +71,7 @@ fn main() -> Result<(), nibble_cli::Error> {
     for row in lost {
         let format = WeightFormat::from_name(&row.format).expect("a format eval printed");
         let r = finetune(&FinetuneArgs {
+            dora: false,
             model: &model,
             data: &data,
             format,

@@ -29,6 +29,10 @@ struct Args {
     /// Use a 4-bit (Q4) base instead of f16 (QLoRA).
     #[arg(long)]
     qlora: bool,
+    /// DoRA adapters (PEFT's use_dora): each layer's output scaled per output by a trained
+    /// magnitude over the norm of its adapted weight's row.
+    #[arg(long)]
+    dora: bool,
     /// A BigNet checkpoint (.pth or .safetensors); default: PyTorch's init from --seed.
     #[arg(long)]
     weights: Option<PathBuf>,
@@ -74,7 +78,10 @@ fn run(args: Args) -> nibble::bignet::Result<()> {
         ..ModelSpec::seeded(variant, args.seed)
     };
     let held_before = memory::current();
-    let model = spec.build()?;
+    let mut model = spec.build()?;
+    if args.dora {
+        model.enable_dora()?;
+    }
     let model_bytes = memory::current() - held_before;
     let counts = model.counts();
     println!(

@@ -383,6 +383,14 @@ impl BigNet {
             .flat_map(|b| Arc::make_mut(b).iter_mut())
     }
 
+    /// Makes every LoRA adapter a DoRA one (PEFT's `use_dora`; see
+    /// [`nibble_nn::Linear::enable_dora`]): outputs unchanged, each layer's magnitude training
+    /// with its adapter. A model without adapters is an error; an error leaves the model as it
+    /// was.
+    pub fn enable_dora(&mut self) -> Result<()> {
+        Ok(nibble_nn::linear::enable_dora(self.linears_mut())?)
+    }
+
     /// Packs every trainable f32 linear layer for inference ([`Linear::pack_for_inference`]):
     /// its weight becomes a [`nibble_tensor::PackedWeight`], which the GEMM reads in place
     /// instead of packing (transposing) it on every call, in the same memory (BigNet's 1024 outputs need no zero lanes). The layers stop

@@ -173,6 +173,10 @@ pub enum Command {
         /// LoRA rank: 1 up to 65536 (PEFT's cap; above a layer's min(out, in) allowed, as in PEFT).
         #[arg(long, value_name = "R")]
         rank: usize,
+        /// DoRA adapters (PEFT's use_dora): each Linear's output scaled per output by a trained
+        /// magnitude over the norm of its adapted weight's row.
+        #[arg(long)]
+        dora: bool,
         /// Training steps (one mini-batch each), at least 1.
         #[arg(long, value_name = "N")]
         steps: usize,
@@ -208,8 +212,8 @@ pub enum Command {
         /// Seed of the adapters' init and of the mini-batches.
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Print one JSON object (keys: format, rank, steps, accuracy_before, accuracy_after,
-        /// loss: one per step).
+        /// Print one JSON object (keys: format, rank, dora, steps, accuracy_before,
+        /// accuracy_after, loss: one per step).
         #[arg(long)]
         json: bool,
     },

@@ -24,6 +24,8 @@ pub struct FinetuneArgs<'a> {
     pub format: WeightFormat,
     /// LoRA rank.
     pub rank: usize,
+    /// DoRA adapters (PEFT's `use_dora`; see [`nibble_nn::Dora`]) instead of plain LoRA.
+    pub dora: bool,
     /// Training steps.
     pub steps: usize,
     /// AdamW learning rate.
@@ -60,6 +62,8 @@ pub struct FinetuneReport {
     pub format: String,
     /// LoRA rank.
     pub rank: usize,
+    /// Whether the adapters are DoRA ones.
+    pub dora: bool,
     /// Steps taken.
     pub steps: usize,
     /// Test accuracy of the quantized base (adapters at zero).
@@ -187,6 +191,9 @@ fn train(args: &FinetuneArgs<'_>, history: LossHistory) -> Result<FinetuneReport
     };
     let accuracy_before = test_accuracy(&model)?;
     model.add_lora(args.rank, args.seed)?;
+    if args.dora {
+        model.enable_dora()?;
+    }
     let mut opt = AdamW::new(
         model.trainable_params(),
         AdamWConfig {
@@ -250,6 +257,7 @@ fn train(args: &FinetuneArgs<'_>, history: LossHistory) -> Result<FinetuneReport
     Ok(FinetuneReport {
         format,
         rank: args.rank,
+        dora: args.dora,
         steps: args.steps,
         accuracy_before,
         accuracy_after,
@@ -319,8 +327,9 @@ pub fn run(args: &FinetuneArgs<'_>, json: bool) -> Result<()> {
     let first = r.loss.first().copied().unwrap_or(f32::NAN);
     let last = r.loss.last().copied().unwrap_or(f32::NAN);
     println!(
-        "{} base, LoRA rank {}, {} steps: loss {first:.4} -> {last:.4}; test accuracy {:.2}% -> {:.2}%",
+        "{} base, {} rank {}, {} steps: loss {first:.4} -> {last:.4}; test accuracy {:.2}% -> {:.2}%",
         r.format,
+        if r.dora { "DoRA" } else { "LoRA" },
         r.rank,
         r.steps,
         100.0 * r.accuracy_before,

@@ -573,6 +573,11 @@ impl Classifier {
         Ok(self.model.add_lora(rank, seed)?)
     }
 
+    /// Makes the adapters DoRA ones ([`Sequential::enable_dora`]).
+    pub fn enable_dora(&mut self) -> Result<()> {
+        Ok(self.model.enable_dora()?)
+    }
+
     /// The parameters that train.
     pub fn trainable_params(&self) -> Vec<Param> {
         self.model.trainable_params()

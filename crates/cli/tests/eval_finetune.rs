@@ -345,6 +345,7 @@ fn finetune_trains_lora_on_a_frozen_quantized_base_and_its_adapter_round_trips()
         sorted(&[
             "format",
             "rank",
+            "dora",
             "steps",
             "accuracy_before",
             "accuracy_after",
@@ -400,6 +401,55 @@ fn finetune_trains_lora_on_a_frozen_quantized_base_and_its_adapter_round_trips()
         names.contains(&"base_model.model.5.lora_B.weight"),
         "{names:?}"
     );
+}
+
+/// `finetune --dora` trains DoRA adapters (PEFT's `use_dora`: the magnitudes with A and B):
+/// the loss falls, and falls otherwise than plain LoRA's from the same seed; the saved adapter
+/// holds each layer's `lora_magnitude_vector` and `use_dora`, and loaded back on the same base
+/// scores what training ended with (`tools/peft_check.py` gives PEFT's logits for it within
+/// 4.8e-6 on this model).
+#[test]
+fn finetune_trains_dora_adapters_and_saves_them_as_peft_does() {
+    let dir = tmpdir("finetune_dora");
+    let adapter = dir.join("adapter");
+    let (model, digits) = (data("digits_mlp.pth"), data("digits.safetensors"));
+    let run = |dora: bool| {
+        let mut extra = vec!["--format", "nf4", "--rank", "4", "--steps", "30", "--json"];
+        if dora {
+            extra.extend(["--dora", "--save-adapter", s(&adapter)]);
+        }
+        nibble_json(&model_data_args("finetune", &model, &digits, &extra))
+    };
+    let (dora, lora) = (run(true), run(false));
+    assert_eq!(
+        (dora["dora"].as_bool(), lora["dora"].as_bool()),
+        (Some(true), Some(false))
+    );
+    let (dl, ll) = (loss_curve(&dora), loss_curve(&lora));
+    assert_eq!(dl[0], ll[0], "the first step's loss is the base's");
+    assert_ne!(dl, ll);
+    let first: f64 = dl[..10].iter().sum();
+    let last: f64 = dl[20..].iter().sum();
+    assert!(last < first, "training loss did not fall: {dl:?}");
+    let config = std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap();
+    assert!(config.contains("\"use_dora\": true"), "{config}");
+    let report = nibble_json(&[
+        "inspect",
+        s(&adapter.join("adapter_model.safetensors")),
+        "--json",
+    ]);
+    let names = report_names(&report);
+    for layer in ["0", "3", "5"] {
+        let key = format!("base_model.model.{layer}.lora_magnitude_vector");
+        assert!(names.contains(&key.as_str()), "{names:?}");
+    }
+    let back = nibble_json(&model_data_args(
+        "eval",
+        &model,
+        &digits,
+        &["--format", "nf4", "--adapter", s(&adapter), "--json"],
+    ));
+    assert_eq!(back["rows"][0]["accuracy"], dora["accuracy_after"]);
 }
 
 #[test]

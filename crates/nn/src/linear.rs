@@ -149,11 +149,12 @@ impl Dora {
 
     /// The row norms `‖W + B·A‖` (`[out]`, summed in f64, rounded to f32) of layer `name`'s
     /// weight `weight` (`[out, in]`, f32) and adapter product `delta` = `B·A` (`[out, in]`, B
-    /// scaled). Shapes that differ, or a row whose norm is 0 or not finite (its scale would be
-    /// infinite or NaN), are an [`Error::Layer`] naming the layer and the row.
-    pub fn row_norms(name: &str, weight: &Tensor, delta: &Tensor) -> Result<Vec<f32>> {
+    /// scaled; `None`: `‖W‖`, B·A at zero). Shapes that differ, or a row whose norm is 0 or
+    /// not finite (its scale would be infinite or NaN), are an [`Error::Layer`] naming the
+    /// layer and the row.
+    pub fn row_norms(name: &str, weight: &Tensor, delta: Option<&Tensor>) -> Result<Vec<f32>> {
         let (out, inp) = weight.dims2("dora")?;
-        if delta.shape() != weight.shape() {
+        if let Some(delta) = delta.filter(|d| d.shape() != weight.shape()) {
             return Err(Error::Layer {
                 layer: name.to_string(),
                 what: format!(
@@ -164,18 +165,13 @@ impl Dora {
             });
         }
         let mut norms = Vec::with_capacity(out);
-        for (i, (w, d)) in weight
-            .data()
-            .chunks_exact(inp.max(1))
-            .zip(delta.data().chunks_exact(inp.max(1)))
-            .take(out)
-            .enumerate()
-        {
-            let sq: f64 = w
-                .iter()
-                .zip(d)
-                .map(|(&w, &d)| {
-                    let v = w as f64 + d as f64;
+        for i in 0..out {
+            let row = i * inp..(i + 1) * inp;
+            let w = &weight.data()[row.clone()];
+            let d = delta.map(|d| &d.data()[row]);
+            let sq: f64 = (0..inp)
+                .map(|j| {
+                    let v = w[j] as f64 + d.map_or(0.0, |d| d[j] as f64);
                     v * v
                 })
                 .sum();
@@ -193,6 +189,34 @@ impl Dora {
         }
         Ok(norms)
     }
+}
+
+/// [`Linear::enable_dora`] on every layer of `layers` that has a LoRA adapter: all of them or,
+/// on an error (naming the layer), none. No layer with an adapter is an [`Error::Layer`].
+pub fn enable_dora<'a>(layers: impl IntoIterator<Item = &'a mut Linear>) -> Result<()> {
+    let mut adapted: Vec<&mut Linear> = layers.into_iter().filter(|l| l.lora.is_some()).collect();
+    if adapted.is_empty() {
+        return Err(Error::Layer {
+            layer: "(every layer)".into(),
+            what: "DoRA needs LoRA adapters, and no layer has one (add_lora first)".into(),
+        });
+    }
+    let mut changed: Vec<usize> = Vec::new();
+    for i in 0..adapted.len() {
+        let had = adapted[i].lora.as_ref().is_some_and(|l| l.dora.is_some());
+        if let Err(e) = adapted[i].enable_dora() {
+            for &j in &changed {
+                if let Some(lora) = adapted[j].lora.as_mut() {
+                    lora.dora = None;
+                }
+            }
+            return Err(e);
+        }
+        if !had {
+            changed.push(i);
+        }
+    }
+    Ok(())
 }
 
 /// The largest LoRA rank accepted: the cap the PEFT config reader puts on `r` (2^16).
@@ -539,9 +563,36 @@ impl Linear {
             }
         }
         let (weight, _) = self.dense_weight_and_bias();
-        let norm: Arc<[f32]> = Dora::row_norms(&self.name, &weight, &lora.delta()?)?.into();
+        let norm: Arc<[f32]> = Dora::row_norms(&self.name, &weight, Some(&lora.delta()?))?.into();
         *cached = Some((source, norm.clone()));
         Ok(Some(norm))
+    }
+
+    /// Makes the layer's LoRA adapter a DoRA one, as PEFT's `use_dora` creates it: the
+    /// magnitude starts at the row norms of the adapted weight, `‖W + B·A‖` (`‖W‖` for a
+    /// fresh adapter, whose B is zero), so the layer's output is unchanged, and trains where
+    /// A trains. A layer without an adapter, or a row whose norm is 0 (see
+    /// [`Dora::row_norms`]), is an [`Error::Layer`] naming the layer, and the layer is left as
+    /// it was; a DoRA adapter stays as it is.
+    pub fn enable_dora(&mut self) -> Result<()> {
+        let Some(lora) = &self.lora else {
+            return Err(Error::Layer {
+                layer: self.name.clone(),
+                what: "DoRA needs a LoRA adapter on the layer (add_lora first)".into(),
+            });
+        };
+        if lora.dora.is_some() {
+            return Ok(());
+        }
+        let (weight, _) = self.dense_weight_and_bias();
+        let norms = Dora::row_norms(&self.name, &weight, Some(&lora.delta()?))?;
+        let magnitude = Tensor::from_vec(&[norms.len()], norms)?;
+        let name = format!("{}.lora_magnitude_vector", self.name);
+        let trains = lora.a.requires_grad();
+        if let Some(lora) = &mut self.lora {
+            lora.dora = Some(Dora::new(Param::new(name, magnitude, trains)));
+        }
+        Ok(())
     }
 
     /// The per-output scale `magnitude / ‖W + B·A‖` of a layer with a DoRA adapter (`None`

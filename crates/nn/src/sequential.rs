@@ -559,6 +559,14 @@ impl Sequential {
         Ok(())
     }
 
+    /// Makes the Linears' LoRA adapters DoRA ones (PEFT's `use_dora`; see
+    /// [`Linear::enable_dora`]): outputs unchanged, the magnitudes training with the adapters.
+    /// A model without adapters is an error, and so is a Linear whose weight has a zero row;
+    /// an error leaves the model as it was.
+    pub fn enable_dora(&mut self) -> Result<()> {
+        crate::linear::enable_dora(self.linears_mut())
+    }
+
     /// Saves the Linears' LoRA adapters to `dir` in PEFT's layout (target modules: the
     /// Linears' names, `0`, `3`, ... for an unprefixed state dict); see [`crate::peft`].
     pub fn save_adapter(&self, dir: &Path) -> Result<()> {

@@ -1007,6 +1007,50 @@ fn layers_of_several_ranks_save_with_a_rank_pattern() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// `enable_dora` makes fresh adapters DoRA ones as PEFT's `use_dora` creates them: each
+/// magnitude the row norms of its weight (so the outputs stay the base's) and trainable. A
+/// model without adapters, and a weight with a zero row (whose scale would be 0/0), are
+/// errors naming what is wrong, and the second leaves every layer as it was.
+#[test]
+fn enable_dora_starts_at_the_base_and_refuses_a_zero_row() {
+    let dir = tempdir("enable_dora");
+    let mut m = model(&dir);
+    let e = m.enable_dora().unwrap_err().to_string();
+    assert!(e.contains("no layer has one"), "{e}");
+    let x = nibble_tensor::Tensor::from_vec(&[2, 3], values(6, 2)).unwrap();
+    let base = m.infer(&x).unwrap();
+    m.add_lora(2, 3).unwrap();
+    let trainable = m.trainable_params().len();
+    m.enable_dora().unwrap();
+    assert_eq!(m.trainable_params().len(), trainable + 3);
+    for l in m.linears() {
+        let dora = l.lora.as_ref().unwrap().dora.as_ref().unwrap();
+        assert!(dora.magnitude.requires_grad(), "{}", l.name);
+        assert!(l.dora_scale().unwrap().unwrap().iter().all(|&s| s == 1.0));
+    }
+    let dora = m.infer(&x).unwrap();
+    let worst = (base.data().iter().zip(dora.data())).fold(0f32, |w, (a, b)| w.max((a - b).abs()));
+    assert!(worst < 1e-6, "{worst}");
+    let path = dir.join("zero_row.safetensors");
+    let mut w = values(16, 4);
+    w[8..12].fill(0.0);
+    write_f32(
+        &path,
+        &[
+            ("0.weight", vec![4, 3], values(12, 1)),
+            ("1.weight", vec![4, 4], w),
+        ],
+    );
+    let options = SequentialOptions::new().activation(Activation::Relu);
+    let mut z = Sequential::from_state_dict(&Checkpoint::open(&path).unwrap(), &options).unwrap();
+    z.add_lora(2, 3).unwrap();
+    let e = z.enable_dora().unwrap_err().to_string();
+    assert!(e.contains("layer `1`"), "{e}");
+    assert!(e.contains("row 2"), "{e}");
+    assert!(z.linears().all(|l| l.lora.as_ref().unwrap().dora.is_none()));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// Whether `name` matches the whole of `pattern` (Python's `re.fullmatch`).
 fn regex_lite_fullmatch(pattern: &str) -> impl Fn(&str) -> bool {
     let re = regex::Regex::new(&format!("^(?:{pattern})$")).unwrap();

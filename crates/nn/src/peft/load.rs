@@ -657,7 +657,7 @@ fn read_dora(
     b: &Tensor,
     seen: &mut HashSet<String>,
 ) -> Result<Tensor> {
-    let (out, inp) = layer.dims();
+    let (out, _) = layer.dims();
     let (weight, _) = layer.dense_weight_and_bias();
     let key = ["", ".weight", ".default.weight"]
         .iter()
@@ -677,12 +677,7 @@ fn read_dora(
         }
         None if config.init_product_zero => {
             // PEFT's `DoraLinearLayer.update_layer` at creation: ‖W + s·B₀A₀‖ with B₀A₀ = 0.
-            let norms = weight
-                .data()
-                .chunks(inp.max(1))
-                .take(out)
-                .map(|row| row.iter().map(|&w| w as f64 * w as f64).sum::<f64>().sqrt() as f32)
-                .collect::<Vec<f32>>();
+            let norms = Dora::row_norms(&layer.name, &weight, None)?;
             Tensor::from_vec(&[out], norms)?
         }
         None => {
@@ -697,7 +692,7 @@ fn read_dora(
             ))
         }
     };
-    Dora::row_norms(&layer.name, &weight, &lora_product(a, b)?)?;
+    Dora::row_norms(&layer.name, &weight, Some(&lora_product(a, b)?))?;
     Ok(magnitude)
 }
 
