@@ -956,6 +956,45 @@ fn a_dora_adapter_runs_on_bignet_and_fit_trains_it() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// `fit --adapter` over an adapter whose config sets `lora_dropout` trains without dropout
+/// and says so on stderr (PEFT's training drops inputs of lora_A at random).
+#[test]
+fn fit_notes_a_lora_dropout_it_does_not_apply() {
+    let dir = tempdir("fit_dropout");
+    let adapter = dir.join("adapter");
+    std::fs::create_dir_all(&adapter).unwrap();
+    let start = golden("peft_fit_dora/start");
+    std::fs::copy(
+        start.join("adapter_model.safetensors"),
+        adapter.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    let config = std::fs::read_to_string(start.join("adapter_config.json")).unwrap();
+    assert!(config.contains("\"lora_dropout\": 0.0"), "{config}");
+    let config = config.replace("\"lora_dropout\": 0.0", "\"lora_dropout\": 0.1");
+    std::fs::write(adapter.join("adapter_config.json"), config).unwrap();
+    let weights = golden("bignet_d20.pth");
+    for (dir, noted) in [(&start, false), (&adapter, true)] {
+        let out = bignet(&[
+            "fit",
+            "--weights",
+            weights.to_str().unwrap(),
+            "--adapter",
+            dir.to_str().unwrap(),
+            "--steps",
+            "1",
+        ]);
+        assert!(out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            err.contains("lora_dropout 0.1 is not applied"),
+            noted,
+            "{err}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// The losses of `bignet fit bignet` over the width-20 golden weights with `--adapter
 /// adapter`, 8 steps, seed 3, and `extra` arguments, checked against PEFT's `peft` (within
 /// 2e-6 each: the golden files of `tools/golden/make_peft_fit_*.py`); `what` names the case.

@@ -6,6 +6,7 @@ use nibble_autograd::{Bias, Param, Pending, Tape, Var};
 use nibble_io::{FrozenWeight, WeightFormat};
 use nibble_tensor::gemm::{gemm, MatRef};
 use nibble_tensor::{f16, PackedWeight, Rng, Tensor, WeightMatrix};
+use rayon::prelude::*;
 use std::sync::{Arc, Mutex, Weak};
 
 /// A frozen bias, in the precision the variant stores it.
@@ -164,28 +165,34 @@ impl Dora {
                 ),
             });
         }
-        let mut norms = Vec::with_capacity(out);
-        for i in 0..out {
-            let row = i * inp..(i + 1) * inp;
-            let w = &weight.data()[row.clone()];
-            let d = delta.map(|d| &d.data()[row]);
-            let sq: f64 = (0..inp)
-                .map(|j| {
-                    let v = w[j] as f64 + d.map_or(0.0, |d| d[j] as f64);
-                    v * v
-                })
-                .sum();
-            let norm = sq.sqrt() as f32;
-            if norm == 0.0 || !norm.is_finite() {
-                return Err(Error::Layer {
-                    layer: name.to_string(),
-                    what: format!(
-                        "DoRA: row {i} of the adapted weight has norm {norm}, so its scale \
-                         (magnitude / norm) is not finite"
-                    ),
-                });
-            }
-            norms.push(norm);
+        // One row a task (each row's sum in its own order: the same bits for any thread count).
+        let norms: Vec<f32> = (0..out)
+            .into_par_iter()
+            .map(|i| {
+                let row = i * inp..(i + 1) * inp;
+                let w = &weight.data()[row.clone()];
+                let d = delta.map(|d| &d.data()[row]);
+                let sq: f64 = (0..inp)
+                    .map(|j| {
+                        let v = w[j] as f64 + d.map_or(0.0, |d| d[j] as f64);
+                        v * v
+                    })
+                    .sum();
+                sq.sqrt() as f32
+            })
+            .collect();
+        if let Some((i, norm)) = norms
+            .iter()
+            .enumerate()
+            .find(|(_, n)| **n == 0.0 || !n.is_finite())
+        {
+            return Err(Error::Layer {
+                layer: name.to_string(),
+                what: format!(
+                    "DoRA: row {i} of the adapted weight has norm {norm}, so its scale \
+                     (magnitude / norm) is not finite"
+                ),
+            });
         }
         Ok(norms)
     }

@@ -743,6 +743,32 @@ fn lora_variants_nibble_does_not_compute_are_refused() {
     }
 }
 
+/// `lora_dropout` is read (absent or null: 0) so that training can say it does not apply it;
+/// a value that is no probability is an error naming the setting, as `nn.Dropout` refuses it.
+#[test]
+fn lora_dropout_is_read_and_checked() {
+    use nibble_nn::peft::AdapterConfig;
+    let dir = tempdir("dropout");
+    let read = |name: &str, extra: Value| {
+        let d = adapter(&dir, name, &with(&base_config(), extra), &lora(2, &ALL));
+        AdapterConfig::read(&d)
+    };
+    let dropout = |v: Value| read("ok", json!({ "lora_dropout": v })).unwrap().dropout;
+    assert_eq!(dropout(json!(0.1)), 0.1);
+    assert_eq!(dropout(json!(0)), 0.0);
+    assert_eq!(dropout(Value::Null), 0.0);
+    for bad in [json!(1.5), json!(-0.1), json!("0.1")] {
+        let e = read("bad", json!({ "lora_dropout": bad }))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("lora_dropout") && e.contains("probability"),
+            "{e}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// `rank_pattern` / `alpha_pattern` keys are compiled once, as one bounded set: a config of
 /// many costly regexes (63 KB: 2,000 keys such as `\w{1000}`) is an error naming the setting
 /// (each key was compiled again at every look-up, under the regex crate's 10 MiB limit a

@@ -143,6 +143,14 @@ fn check_adapters_finite(model: &crate::model::BigNet, dir: &Path, lr: f32) -> R
 fn check_peft_adapter_trainable(dir: &Path) -> Result<()> {
     use crate::source::{linear_key, BLOCKS, LAYERS_PER_BLOCK};
     let config = nibble_nn::peft::AdapterConfig::read(dir)?;
+    if config.dropout > 0.0 {
+        eprintln!(
+            "note: --adapter {}: its lora_dropout {} is not applied: fit trains without dropout, \
+             where PEFT's training drops inputs of lora_A at random",
+            dir.display(),
+            config.dropout
+        );
+    }
     let weights = nibble_nn::peft::weights_path(dir);
     let file = crate::checkpoint::Checkpoint::open(&weights)?;
     let names: Vec<String> = (0..BLOCKS)

@@ -94,6 +94,10 @@ pub struct AdapterConfig {
     pub alpha: f64,
     /// `use_rslora`: the scaling is `alpha / √r` instead of `alpha / r`.
     pub rslora: bool,
+    /// `lora_dropout`: the probability PEFT's training drops each input of `lora_A` with (0
+    /// when absent or null; a number outside `[0, 1]` is an error, as `nn.Dropout` refuses
+    /// it). Inference never drops; nibble's training does not either.
+    pub dropout: f64,
     /// `use_dora`: each adapted layer is a DoRA ([`crate::linear::Dora`]), its
     /// `lora_magnitude_vector` read from the file or, where the file has none, filled in as PEFT
     /// fills it (see [`AdapterConfig::init_product_zero`]).
@@ -546,6 +550,17 @@ impl AdapterConfig {
                 adapter_error(&path, format!("`lora_alpha` must be a number, found {v}"))
             })?,
         };
+        let dropout = match config.get("lora_dropout") {
+            None | Some(Value::Null) => 0.0,
+            Some(v) => number(v)
+                .filter(|p| (0.0..=1.0).contains(p))
+                .ok_or_else(|| {
+                    adapter_error(
+                        &path,
+                        format!("`lora_dropout` must be a probability from 0 to 1, found {v}"),
+                    )
+                })?,
+        };
         match field("bias") {
             None => {}
             Some(Value::String(b)) if ["none", "all", "lora_only"].contains(&b.as_str()) => {}
@@ -681,6 +696,7 @@ impl AdapterConfig {
             r,
             alpha,
             rslora,
+            dropout,
             dora,
             lora_bias,
             init_product_zero,
