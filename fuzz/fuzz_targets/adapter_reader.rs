@@ -56,9 +56,10 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(a.a.value().shape(), &[r, inp]);
             assert_eq!(a.b.value().shape(), &[out, r]);
             if let Some(d) = &a.dora {
-                assert_eq!(d.magnitude.shape(), &[out]);
-                assert_eq!(d.scale.len(), out);
-                assert!(d.scale.iter().all(|s| s.is_finite()));
+                assert_eq!(d.magnitude.value().shape(), &[out]);
+                let scale = l.dora_scale().expect("a loaded DoRA has norms").expect("a DoRA");
+                assert_eq!(scale.len(), out);
+                assert!(scale.iter().all(|s| s.is_finite()));
             }
         }
     }

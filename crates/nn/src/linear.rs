@@ -196,6 +196,23 @@ impl Dora {
         }
         Ok(norms)
     }
+
+    /// `magnitude / norm` per row ([`nibble_autograd::ops::scale_shift::magnitude_scale`]),
+    /// or an [`Error::Layer`] naming layer `name` and the first row whose scale is not finite
+    /// (a magnitude near f32's largest over a small norm).
+    pub fn check_scale(name: &str, magnitude: &[f32], norm: &[f32]) -> Result<Vec<f32>> {
+        let scale = nibble_autograd::ops::scale_shift::magnitude_scale(magnitude, norm);
+        if let Some(i) = scale.iter().position(|s| !s.is_finite()) {
+            return Err(Error::Layer {
+                layer: name.to_string(),
+                what: format!(
+                    "DoRA: row {i}'s scale, magnitude {} / norm {}, is not finite",
+                    magnitude[i], norm[i]
+                ),
+            });
+        }
+        Ok(scale)
+    }
 }
 
 /// [`Linear::enable_dora`] on every layer of `layers` that has a LoRA adapter: all of them or,
@@ -604,17 +621,19 @@ impl Linear {
 
     /// The per-output scale `magnitude / ‖W + B·A‖` of a layer with a DoRA adapter (`None`
     /// without one), with the bits [`Tape::scale_by_magnitude`] multiplies by: what an
-    /// inference path outside the tape scales the product by. Errors as [`Linear::dora_norm`]'s.
+    /// inference path outside the tape scales the product by. Errors as [`Linear::dora_norm`]'s,
+    /// and a scale that is not finite is one too ([`Dora::check_scale`]).
     pub fn dora_scale(&self) -> Result<Option<Vec<f32>>> {
         let Some(norm) = self.dora_norm()? else {
             return Ok(None);
         };
         let magnitude = self.lora.as_ref().and_then(|l| l.dora.as_ref());
         let magnitude = magnitude.map(|d| d.magnitude.value().data().to_vec());
-        Ok(Some(nibble_autograd::ops::scale_shift::magnitude_scale(
+        Ok(Some(Dora::check_scale(
+            &self.name,
             &magnitude.unwrap_or_default(),
             &norm,
-        )))
+        )?))
     }
 
     /// Elements and bytes of the frozen storage (weight and bias) outside [`Linear::params`]:

@@ -743,6 +743,34 @@ fn lora_variants_nibble_does_not_compute_are_refused() {
     }
 }
 
+/// A DoRA magnitude whose scale over its row's norm overflows f32 (finite values: 3e38 over a
+/// norm below 1) is an error naming the layer and the row when the adapter loads; it ran as
+/// infinite outputs.
+#[test]
+fn a_dora_scale_that_overflows_is_refused() {
+    let dir = tempdir("dora_overflow");
+    let mut tensors = lora(2, &ALL);
+    for (m, out, _) in ALL {
+        let mut magnitude = vec![1.0f32; out];
+        if m == "3" {
+            magnitude[1] = 3e38;
+        }
+        tensors.push((
+            format!("base_model.model.{m}.lora_magnitude_vector"),
+            vec![out],
+            magnitude,
+        ));
+    }
+    fails(
+        &dir,
+        "overflow",
+        with(&base_config(), json!({"use_dora": true})),
+        &tensors,
+        &["layer `3`", "row 1", "not finite"],
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// `lora_dropout` is read (absent or null: 0) so that training can say it does not apply it;
 /// a value that is no probability is an error naming the setting, as `nn.Dropout` refuses it.
 #[test]

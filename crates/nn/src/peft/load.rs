@@ -692,7 +692,8 @@ fn read_dora(
             ))
         }
     };
-    Dora::row_norms(&layer.name, &weight, Some(&lora_product(a, b)?))?;
+    let norms = Dora::row_norms(&layer.name, &weight, Some(&lora_product(a, b)?))?;
+    Dora::check_scale(&layer.name, magnitude.data(), &norms)?;
     Ok(magnitude)
 }
 
