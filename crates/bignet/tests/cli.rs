@@ -956,6 +956,53 @@ fn a_dora_adapter_runs_on_bignet_and_fit_trains_it() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// `fit lora --dora` makes the seeded adapters DoRA ones before training: the first loss is the
+/// plain adapters' (the magnitudes start at the weights' row norms), the later ones differ
+/// (the magnitudes train), and the saved adapter is a DoRA one. A variant without adapters
+/// is an error naming `--dora`.
+#[test]
+fn fit_dora_trains_dora_adapters() {
+    let dir = tempdir("fit_dora_flag");
+    let weights = golden("bignet_d128.pth");
+    let saved = dir.join("saved");
+    let fit = |extra: &[&str]| {
+        let mut args = vec![
+            "fit",
+            "lora",
+            "--weights",
+            weights.to_str().unwrap(),
+            "--steps",
+            "3",
+            "--json",
+        ];
+        args.extend(extra);
+        json(&args)
+    };
+    let dora = fit(&["--dora", "--save-adapter", saved.to_str().unwrap()]);
+    let plain = fit(&[]);
+    assert_eq!(
+        (dora["dora"].as_bool(), plain["dora"].as_bool()),
+        (Some(true), Some(false))
+    );
+    let loss = |v: &Value, i: usize| v["loss"][i].as_f64().unwrap();
+    assert!((loss(&dora, 0) - loss(&plain, 0)).abs() < 1e-6);
+    assert_ne!(loss(&dora, 2), loss(&plain, 2));
+    let config = std::fs::read_to_string(saved.join("adapter_config.json")).unwrap();
+    assert!(config.contains("\"use_dora\": true"), "{config}");
+    fails_with(
+        &[
+            "fit",
+            "--weights",
+            weights.to_str().unwrap(),
+            "--dora",
+            "--steps",
+            "1",
+        ],
+        "--dora: variant bignet has no LoRA adapters",
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// `fit --adapter` over an adapter whose config sets `lora_dropout` trains without dropout
 /// and says so on stderr (PEFT's training drops inputs of lora_A at random).
 #[test]

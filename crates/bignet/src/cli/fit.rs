@@ -10,16 +10,33 @@ use serde_json::json;
 use std::io::IsTerminal;
 use std::path::Path;
 
+/// What `fit` is asked for besides the variant and the options every verb takes.
+#[derive(Debug, Clone, Copy)]
+pub struct FitRequest<'a> {
+    /// Training steps.
+    pub steps: usize,
+    /// AdamW's learning rate.
+    pub lr: f32,
+    /// One JSON object instead of lines.
+    pub as_json: bool,
+    /// Where to save the trained adapters, if anywhere.
+    pub save_adapter: Option<&'a Path>,
+    /// Make the adapters DoRA ones before training ([`crate::BigNet::enable_dora`]).
+    pub dora: bool,
+    /// Checkpointing and micro-batches.
+    pub options: TrainOptions,
+}
+
 /// Fits `variant` for `steps` steps and prints loss and accuracy per step and the best.
-pub fn run(
-    variant: Variant,
-    steps: usize,
-    lr: f32,
-    as_json: bool,
-    save_adapter: Option<&Path>,
-    options: TrainOptions,
-    common: &Common,
-) -> Result<()> {
+pub fn run(variant: Variant, request: FitRequest<'_>, common: &Common) -> Result<()> {
+    let FitRequest {
+        steps,
+        lr,
+        as_json,
+        save_adapter,
+        dora,
+        options,
+    } = request;
     if let Some(dir) = save_adapter {
         // Checked before training, not after it: a fit's minutes are not lost to a bad path.
         nibble_nn::peft::check_destination(dir).map_err(|e| Error::Input {
@@ -31,7 +48,18 @@ pub fn run(
         check_peft_adapter_trainable(dir)?;
     }
     let held_before = memory::current();
-    let model = common.spec(variant).build()?;
+    let mut model = common.spec(variant).build()?;
+    if dora {
+        if model.linears().all(|l| l.lora.is_none()) {
+            return Err(Error::Input {
+                what: format!(
+                    "--dora: variant {variant} has no LoRA adapters to make DoRA ones (lora and \
+                     qlora have, and a model given --adapter)"
+                ),
+            });
+        }
+        model.enable_dora()?;
+    }
     if let Some(dir) = save_adapter {
         if model.linears().all(|l| l.lora.is_none()) {
             return Err(Error::Input {
@@ -87,6 +115,7 @@ pub fn run(
             "{}",
             json!({
                 "variant": variant.name(),
+                "dora": model.linears().any(|l| l.lora.as_ref().is_some_and(|a| a.dora.is_some())),
                 "steps": steps,
                 "loss": report.loss,
                 "accuracy": report.accuracy,

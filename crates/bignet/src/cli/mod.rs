@@ -244,6 +244,10 @@ pub enum Command {
         /// Save the trained LoRA adapters here (PEFT layout).
         #[arg(long, value_name = "DIR")]
         save_adapter: Option<PathBuf>,
+        /// Make the LoRA adapters DoRA ones before training (PEFT's use_dora: each layer's
+        /// output scaled per output by a trained magnitude over its adapted weight's row norm).
+        #[arg(long)]
+        dora: bool,
         /// Checkpointing and micro-batches.
         #[command(flatten)]
         train: TrainArgs,
@@ -423,15 +427,19 @@ pub fn run(cli: Cli) -> Result<()> {
             lr,
             json,
             save_adapter,
+            dora,
             train,
             common,
         } => fit::run(
             common.variant(*variant)?,
-            *steps,
-            *lr,
-            *json,
-            save_adapter.as_deref(),
-            train.options(),
+            fit::FitRequest {
+                steps: *steps,
+                lr: *lr,
+                as_json: *json,
+                save_adapter: save_adapter.as_deref(),
+                dora: *dora,
+                options: train.options(),
+            },
             common,
         ),
         Command::Quantize {
