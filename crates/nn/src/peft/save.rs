@@ -31,9 +31,9 @@ pub fn check_destination(dir: &Path) -> Result<()> {
 /// into `rank_pattern` (and `alpha_pattern`, each its rank: B holds the scaling), keyed by
 /// their whole names with the dots escaped; where the layers sit at different depths such a
 /// key could also name another layer (PEFT matches keys against the ends of names), and
-/// several ranks are an error. DoRA adapters are written as PEFT writes them (each layer's `lora_magnitude_vector` beside its `lora_A` and
-/// `lora_B`, `use_dora` in the config); a file holds DoRA on every layer or on none, as
-/// PEFT's one `use_dora` flag does.
+/// several ranks are an error. DoRA adapters are written as PEFT writes them (each layer's
+/// `lora_magnitude_vector` beside its `lora_A` and `lora_B`, `use_dora` in the config); a file
+/// holds DoRA on every layer or on none, as PEFT's one `use_dora` flag does.
 ///
 /// Each file ([`WEIGHTS_FILE`], [`CONFIG_FILE`]) is written to a temporary file and renamed
 /// over its name, so an existing regular file is replaced atomically. If either name exists in
@@ -178,9 +178,9 @@ fn rank_pattern(
                  also name another; nothing was written",
                 ranks
                     .iter()
-                    .map(|r| r.to_string())
                     .collect::<std::collections::BTreeSet<_>>()
                     .into_iter()
+                    .map(|r| r.to_string())
                     .collect::<Vec<_>>()
                     .join(", "),
                 names.join(", ")
