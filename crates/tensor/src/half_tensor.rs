@@ -77,8 +77,15 @@ impl HalfTensor {
 
     /// Widens to an f32 tensor (exact: every f16 is an f32).
     pub fn to_f32(&self) -> Tensor {
-        Tensor::from_vec(&self.shape, self.data.iter().map(|v| v.to_f32()).collect())
-            .expect("same element count")
+        use half::slice::HalfFloatSliceExt;
+        use rayon::prelude::*;
+        // Rows of 16 Ki values a task: F16C converts 8 lanes at a time where the CPU has it.
+        const CHUNK: usize = 1 << 14;
+        let mut out = vec![0.0f32; self.data.len()];
+        out.par_chunks_mut(CHUNK)
+            .zip(self.data.par_chunks(CHUNK))
+            .for_each(|(o, h)| h.convert_to_f32_slice(o));
+        Tensor::from_vec(&self.shape, out).expect("same element count")
     }
 
     /// `(rows, cols)` of a rank-2 tensor.

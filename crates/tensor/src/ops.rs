@@ -282,20 +282,75 @@ pub fn fill_rows(dst: &mut [f32], row: &[f32]) -> Result<()> {
 /// assert!(nibble_tensor::ops::scale_shift_rows(&mut y, &[1.0; 3], &[0.0; 3]).is_err());
 /// ```
 pub fn scale_shift_rows(ys: &mut [f32], scale: &[f32], shift: &[f32]) -> Result<()> {
-    let d = scale.len();
-    if shift.len() != d || (d == 0 && !ys.is_empty()) || ys.len().checked_rem(d).unwrap_or(0) != 0 {
-        return Err(TensorError::ShapeMismatch {
-            op: "scale_shift_rows",
-            lhs: vec![ys.len()],
-            rhs: vec![scale.len(), shift.len()],
-        });
-    }
-    for row in ys.chunks_exact_mut(d.max(1)) {
+    check_row_op("scale_shift_rows", ys.len(), scale.len(), shift.len())?;
+    for_row_blocks(ys, scale.len(), |row| {
         for ((v, s), b) in row.iter_mut().zip(scale).zip(shift) {
             *v = *v * s + b;
         }
+    });
+    Ok(())
+}
+
+/// [`scale_shift_rows`] of `xs` into a new vector (written in parallel straight into fresh
+/// memory: no copy of `xs` first), the same bits.
+///
+/// ```
+/// let y = nibble_tensor::ops::scale_shift_rows_from(&[1.0, 2.0, 3.0, 4.0], &[2.0, -1.0], &[0.5, 0.0]).unwrap();
+/// assert_eq!(y, [2.5, -2.0, 6.5, -4.0]);
+/// ```
+pub fn scale_shift_rows_from(xs: &[f32], scale: &[f32], shift: &[f32]) -> Result<Vec<f32>> {
+    check_row_op("scale_shift_rows_from", xs.len(), scale.len(), shift.len())?;
+    let d = scale.len().max(1);
+    Ok(new_filled(xs.len(), |off, out| {
+        for (k, v) in out.iter_mut().enumerate() {
+            let c = (off + k) % d;
+            v.write(xs[off + k] * scale[c] + shift[c]);
+        }
+    }))
+}
+
+/// `y[r, c] = y[r, c] · scale[c]` in place over the rows of `ys` (`ys` whole rows of
+/// `scale.len()`, else an error), in parallel for large `ys`: a per-column scale (the
+/// gradient of [`scale_shift_rows`] with respect to its input).
+///
+/// ```
+/// let mut g = vec![1.0f32, 2.0, 3.0, 4.0];
+/// nibble_tensor::ops::scale_rows(&mut g, &[2.0, -1.0]).unwrap();
+/// assert_eq!(g, [2.0, -2.0, 6.0, -4.0]);
+/// ```
+pub fn scale_rows(ys: &mut [f32], scale: &[f32]) -> Result<()> {
+    check_row_op("scale_rows", ys.len(), scale.len(), scale.len())?;
+    for_row_blocks(ys, scale.len(), |row| {
+        row.iter_mut().zip(scale).for_each(|(v, s)| *v *= s);
+    });
+    Ok(())
+}
+
+/// An error naming `op` unless `len` elements are whole rows of `d` (`d` > 0 where `len` > 0)
+/// and the shift has `d` values (`shift == d`).
+fn check_row_op(op: &'static str, len: usize, d: usize, shift: usize) -> Result<()> {
+    if shift != d || (d == 0 && len != 0) || len.checked_rem(d).unwrap_or(0) != 0 {
+        return Err(TensorError::ShapeMismatch {
+            op,
+            lhs: vec![len],
+            rhs: vec![d, shift],
+        });
     }
     Ok(())
+}
+
+/// `f(row)` for each row of `d` elements of `ys`, whole rows per task (about [`PAR_CHUNK`]
+/// elements each) on the rayon pool where `ys` is large; each row's result does not depend on
+/// the split.
+fn for_row_blocks(ys: &mut [f32], d: usize, f: impl Fn(&mut [f32]) + Sync + Send) {
+    let d = d.max(1);
+    if ys.len() < 2 * PAR_CHUNK {
+        ys.chunks_exact_mut(d).for_each(f);
+    } else {
+        let rows_per_task = PAR_CHUNK.div_ceil(d).max(1);
+        ys.par_chunks_mut(rows_per_task * d)
+            .for_each(|block| block.chunks_exact_mut(d).for_each(&f));
+    }
 }
 
 fn same_shape(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {

@@ -10,6 +10,7 @@ use crate::error::{AutogradError, Result};
 use crate::param::Param;
 use crate::tape::{Op, Tape, Var};
 use nibble_tensor::Tensor;
+use rayon::prelude::*;
 use std::sync::Arc;
 
 /// Backward of [`Tape::scale_shift`]: `dX = dY · scale` per column.
@@ -40,10 +41,28 @@ fn scale_columns(op: &'static str, d_y: Tensor, scale: &[f32]) -> Result<Tensor>
         });
     }
     let mut d_x = d_y;
-    for row in d_x.data_mut().chunks_exact_mut(d) {
-        row.iter_mut().zip(scale).for_each(|(g, s)| *g *= s);
-    }
+    nibble_tensor::ops::scale_rows(d_x.data_mut(), scale)?;
     Ok(d_x)
+}
+
+/// `Σ_r dy[r, c] · x[r, c]` for each column `c` of rows of `d` (the rows of each column summed
+/// in row order: the same bits for any thread count), columns in blocks on the rayon pool.
+fn column_dots(x: &[f32], d_y: &[f32], d: usize) -> Vec<f32> {
+    const COLUMNS: usize = 64;
+    let d = d.max(1);
+    let mut sums = vec![0.0f32; d];
+    sums.par_chunks_mut(COLUMNS)
+        .enumerate()
+        .for_each(|(b, acc)| {
+            let c0 = b * COLUMNS;
+            for (xr, gr) in x.chunks_exact(d).zip(d_y.chunks_exact(d)) {
+                let (xr, gr) = (&xr[c0..c0 + acc.len()], &gr[c0..c0 + acc.len()]);
+                for ((a, &x), &g) in acc.iter_mut().zip(xr).zip(gr) {
+                    *a += g * x;
+                }
+            }
+        });
+    sums
 }
 
 /// Backward of [`Tape::scale_by_magnitude`] (`x`, `dY`: `[batch, d]`; `magnitude`, `norm`:
@@ -74,17 +93,7 @@ impl Op for MagnitudeScaleOp {
         }
         let d = self.norm.len();
         if self.magnitude.requires_grad() {
-            let mut d_m = vec![0.0f32; d];
-            for (xr, gr) in self
-                .x
-                .data()
-                .chunks_exact(d.max(1))
-                .zip(d_y.data().chunks_exact(d.max(1)))
-            {
-                for ((acc, &x), &g) in d_m.iter_mut().zip(xr).zip(gr) {
-                    *acc += g * x;
-                }
-            }
+            let mut d_m = column_dots(self.x.data(), d_y.data(), d);
             d_m.iter_mut()
                 .zip(self.norm.iter())
                 .for_each(|(g, n)| *g /= n);
@@ -148,8 +157,8 @@ impl Tape {
             });
         }
         let scale: Arc<[f32]> = magnitude_scale(&m, norm).into();
-        let mut y = x.value().clone();
-        nibble_tensor::ops::scale_shift_rows(y.data_mut(), &scale, shift)?;
+        let y = nibble_tensor::ops::scale_shift_rows_from(x.value().data(), &scale, shift)?;
+        let y = Tensor::from_vec(x.shape(), y)?;
         self.record(
             "scale_by_magnitude",
             &[x],
