@@ -2,6 +2,8 @@
 //! training case (loss, gradients, three AdamW steps). Data made by `bignet_ref.py`; see
 //! `tests/data/README.md`.
 
+#[path = "../crates/tensor/tests/common/mod.rs"]
+mod common;
 use nibble::autograd::{AdamW, AdamWConfig, Optimizer, Param, Tape};
 use nibble::bignet::checkpoint::Checkpoint;
 use nibble::bignet::loader::ModelSpec;
@@ -550,11 +552,46 @@ fn a_peft_dora_adapter_gives_pefts_output_and_merges_as_peft_merges() {
         y.data(),
         "infer and the tape's forward differ"
     );
-    // One row: the batch-1 path (the team's row kernels have no DoRA; the ordinary path runs).
+    // One row: the batch-1 team (its row kernels scale DoRA's rows; the ordinary path ran
+    // them before) gives the tape's bits on 2, 3 and 16 threads, and PEFT's output.
     let x1 = Tensor::from_vec(&[1, 128], x.data()[..128].to_vec()).unwrap();
     let want1 = Tensor::from_vec(&[1, 128], want.data()[..128].to_vec()).unwrap();
     let err = rel_err(&model.infer(&x1).unwrap(), &want1);
     assert!(err < 1e-5, "batch 1: relative error {err} against PEFT");
+    let taped1 = tape
+        .no_grad(|| model.forward(&tape, &nibble::autograd::Var::constant(x1.clone())))
+        .unwrap();
+    for threads in [2, 3, 16] {
+        let team = common::in_pool(threads, || model.infer_on_team(&x1))
+            .expect("the team runs DoRA layers")
+            .unwrap();
+        assert_eq!(
+            common::bits(team.data()),
+            common::bits(taped1.value().data()),
+            "{threads} threads"
+        );
+    }
+    // And on the quantized and half bases.
+    for variant in [Variant::Qlora, Variant::Lora] {
+        let model = ModelSpec {
+            weights: Some(data("bignet_d128.pth")),
+            adapter: Some(data("peft_variants/dora_bignet")),
+            ..ModelSpec::seeded(variant, 0)
+        }
+        .build()
+        .unwrap();
+        let taped = tape
+            .no_grad(|| model.forward(&tape, &nibble::autograd::Var::constant(x1.clone())))
+            .unwrap();
+        let team = common::in_pool(3, || model.infer_on_team(&x1))
+            .expect("the team runs DoRA layers")
+            .unwrap();
+        assert_eq!(
+            common::bits(team.data()),
+            common::bits(taped.value().data()),
+            "{variant}"
+        );
+    }
     assert_merged_gives(&model, &x, &want_merged);
     // The magnitudes matter: plain LoRA with the same A and B gives another output.
     let mut plain = model.clone();

@@ -38,7 +38,9 @@ use half::slice::HalfFloatSliceExt;
 use nibble_tensor::gemm::MatRef;
 use nibble_tensor::layernorm::{add_layer_norm_assign, layer_norm_assign};
 use nibble_tensor::lowrank::LowRank;
-use nibble_tensor::ops::{add_in_place, fill_rows, relu_in_place, zeros_vec, PostOp};
+use nibble_tensor::ops::{
+    add_in_place, fill_rows, relu_in_place, scale_shift_rows, zeros_vec, PostOp,
+};
 use nibble_tensor::team::{self, block_rows, Member, SharedRows};
 use nibble_tensor::weight::{dense_batch1_rows, Batch1Rows, BATCH1_ROW_ALIGN};
 use nibble_tensor::{f16, linear_low_rank_into, Tensor, TensorError, WeightMatrix};
@@ -250,7 +252,7 @@ fn linear_into(
         let h = &mut scratch.lora[..m * r];
         a.matmul_t(x, m, h, false)?;
         linear_low_rank_into(weight, x, m, y, None, (h, &*b), PostOp::Identity)?;
-        nibble_tensor::ops::scale_shift_rows(y, &scale, bias)?;
+        scale_shift_rows(y, &scale, bias)?;
         post.apply_in_place(y);
         return Ok(());
     }
@@ -315,6 +317,9 @@ struct LayerView<'a> {
     bias: BiasView<'a>,
     /// A LoRA adapter's `A` `[r, in]` and `B` `[out, r]`.
     adapter: Option<(&'a Tensor, &'a Tensor)>,
+    /// A DoRA adapter's scale and the bias in f32 (`[out]` each): the rows are
+    /// `post(scale ⊙ (x·Wᵀ + B (A x)) + bias)`, the bias added after the scale.
+    dora: Option<(&'a [f32], &'a [f32])>,
 }
 
 /// A layer's bias, in its stored precision.
@@ -389,6 +394,17 @@ pub(crate) fn forward_batch1_team(
     out: &mut [f32],
 ) -> Option<Result<()>> {
     let dim = x.len();
+    // A DoRA layer's scale and f32 bias, before any guard of A or B is held (its norms read
+    // them); a scale that is an error leaves the batch to the ordinary path, which reports it.
+    let doras: Vec<Option<(Vec<f32>, Vec<f32>)>> = blocks
+        .iter()
+        .flat_map(|b| b.iter())
+        .map(|layer| match layer.dora_scale() {
+            Ok(None) => Some(None),
+            Ok(Some(scale)) => Some(Some((scale, layer.bias_values()?))),
+            Err(_) => None,
+        })
+        .collect::<Option<_>>()?;
     let held: Vec<(HeldBase<'_>, Option<_>)> = blocks
         .iter()
         .flat_map(|b| b.iter())
@@ -401,10 +417,6 @@ pub(crate) fn forward_batch1_team(
                     HeldBase::Frozen(weight.matrix(), bias.as_ref()?)
                 }
             };
-            // A DoRA adapter takes the ordinary path (no batch-1 row kernel scales the rows).
-            if layer.lora.as_ref().is_some_and(|a| a.dora.is_some()) {
-                return None;
-            }
             let adapter = layer.lora.as_ref().map(|a| (a.a.value(), a.b.value()));
             Some((base, adapter))
         })
@@ -412,7 +424,8 @@ pub(crate) fn forward_batch1_team(
         .collect::<Option<_>>()?;
     let views: Vec<LayerView<'_>> = held
         .iter()
-        .map(|(base, adapter)| {
+        .zip(&doras)
+        .map(|((base, adapter), dora)| {
             let (weight, bias): (&dyn WeightMatrix, BiasView<'_>) = match base {
                 HeldBase::Trainable(w, b) => (&**w, BiasView::F32(b.data())),
                 HeldBase::Frozen(w, FrozenBias::F32(b)) => (&**w, BiasView::F32(b)),
@@ -422,6 +435,7 @@ pub(crate) fn forward_batch1_team(
                 weight,
                 bias,
                 adapter: adapter.as_ref().map(|(a, b)| (&**a, &**b)),
+                dora: dora.as_ref().map(|(s, b)| (&s[..], &b[..])),
             }
         })
         .collect();
@@ -432,6 +446,11 @@ pub(crate) fn forward_batch1_team(
     for v in &views {
         let (o, i) = (v.weight.out_features(), v.weight.in_features());
         if i != width || v.bias.len() != o {
+            return None;
+        }
+        if v.dora.is_some_and(|(s, b)| s.len() != o || b.len() != o)
+            || (v.dora.is_some() && v.adapter.is_none())
+        {
             return None;
         }
         if let Some((a, b)) = v.adapter {
@@ -581,7 +600,8 @@ impl Post<'_> {
     }
 }
 
-/// One member's rows of `y = bias + x · Wᵀ (+ B (A x))`, then `post`, as [`linear_into`] and
+/// One member's rows of `y = bias + x · Wᵀ (+ B (A x))` (with DoRA `scale ⊙ (x · Wᵀ + B (A x))
+/// + bias`), then `post`, as [`linear_into`] and
 /// [`run_block`] compute them: the bias, the product accumulated onto it, then (after a
 /// barrier, once every member's rows of `h = A x` are in) the adapter's `B h`. A member
 /// computes its rows of `h` first and arrives at that barrier before its base product, so the
@@ -628,8 +648,12 @@ fn team_linear(
         // (`claim_blocks` gives each to one member); y was last read before the barrier that
         // ended the layer before the previous one.
         let yr = unsafe { y.rows_mut(rows.clone()) };
-        layer.bias.write(rows.clone(), yr);
-        product.rows(rows.clone(), yr, true)?;
+        // A DoRA layer's bias comes after its scale.
+        let onto_bias = layer.dora.is_none();
+        if onto_bias {
+            layer.bias.write(rows.clone(), yr);
+        }
+        product.rows(rows.clone(), yr, onto_bias)?;
         if layer.adapter.is_none() {
             post.apply(rows, yr)?;
         } else {
@@ -650,6 +674,9 @@ fn team_linear(
         // SAFETY: the blocks of y this member computed above, its alone.
         let yr = unsafe { y.rows_mut(rows.clone()) };
         b_rows.rows(rows.clone(), yr, true)?;
+        if let Some((scale, bias)) = layer.dora {
+            scale_shift_rows(yr, &scale[rows.clone()], &bias[rows.clone()])?;
+        }
         post.apply(rows, yr)?;
     }
     COMPUTED_BLOCKS.set(computed);
