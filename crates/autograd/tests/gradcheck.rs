@@ -203,6 +203,13 @@ fn scale_by_magnitude_gradients_match_finite_differences() {
     let f = |t: &Tape, x: &Var| t.scale_by_magnitude(x, &m, &norm, &shift).unwrap();
     check_input_grad("scale_by_magnitude dx", &x, &f);
     check_param_grad("scale_by_magnitude dm", &m, &x, &f);
+    // Wider than one block of the magnitude's column sums (64 columns a task).
+    let wide = rand(&[3, 130], 23);
+    let m = Param::new("dora.m", rand(&[130], 24), true);
+    let norm: Vec<f32> = (0..130).map(|i| 0.5 + 0.01 * i as f32).collect();
+    let shift = vec![0.25f32; 130];
+    let f = |t: &Tape, x: &Var| t.scale_by_magnitude(x, &m, &norm, &shift).unwrap();
+    check_param_grad("scale_by_magnitude dm (130 columns)", &m, &wide, &f);
     let tape = Tape::new();
     let e = tape
         .scale_by_magnitude(&Var::constant(x), &m, &norm[..5], &shift[..5])

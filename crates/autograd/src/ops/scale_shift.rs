@@ -49,13 +49,13 @@ fn scale_columns(op: &'static str, d_y: Tensor, scale: &[f32]) -> Result<Tensor>
 /// in row order: the same bits for any thread count), columns in blocks on the rayon pool.
 fn column_dots(x: &[f32], d_y: &[f32], d: usize) -> Vec<f32> {
     const COLUMNS: usize = 64;
-    let d = d.max(1);
     let mut sums = vec![0.0f32; d];
+    let row = d.max(1);
     sums.par_chunks_mut(COLUMNS)
         .enumerate()
         .for_each(|(b, acc)| {
             let c0 = b * COLUMNS;
-            for (xr, gr) in x.chunks_exact(d).zip(d_y.chunks_exact(d)) {
+            for (xr, gr) in x.chunks_exact(row).zip(d_y.chunks_exact(row)) {
                 let (xr, gr) = (&xr[c0..c0 + acc.len()], &gr[c0..c0 + acc.len()]);
                 for ((a, &x), &g) in acc.iter_mut().zip(xr).zip(gr) {
                     *a += g * x;
