@@ -406,9 +406,10 @@ impl Linear {
 
     /// [`Linear::forward`] of a layer with a DoRA adapter: `scale ⊙ (x·Wᵀ + B (A x)) + bias`
     /// with `scale = magnitude / ‖W + B·A‖` ([`Tape::scale_by_magnitude`], the norm a constant
-    /// as PEFT detaches it), the bias a constant (an error if it trains).
+    /// as PEFT detaches it), the bias a constant (an error if it trains while the tape
+    /// records).
     fn forward_dora(&self, tape: &Tape, x: &Var, lora: &LoraAdapter, dora: &Dora) -> Result<Var> {
-        if let Some(bias) = self.trainable_bias() {
+        if let Some(bias) = self.trainable_bias().filter(|_| tape.is_recording()) {
             return Err(Error::Layer {
                 layer: self.name.clone(),
                 what: format!(

@@ -174,6 +174,10 @@ impl SequentialOptions {
 #[derive(Debug, Clone, Default)]
 pub struct Sequential {
     layers: Vec<Layer>,
+    /// The keys of base parameters that loaded adapters replaced (`bias = "all"` /
+    /// `"lora_only"`, `modules_to_save`) or changed (`lora_bias`, folded into the layers'
+    /// biases): [`Sequential::save_adapter`] cannot write them.
+    adapter_base: Vec<String>,
 }
 
 /// The layers of a gap: its activations in order, a parameter-free LayerNorm, GroupNorm or
@@ -243,7 +247,10 @@ fn check_gap_group_norms(layers: &[Layer]) -> std::result::Result<(), String> {
 impl Sequential {
     /// A model of these layers.
     pub fn new(layers: Vec<Layer>) -> Self {
-        Sequential { layers }
+        Sequential {
+            layers,
+            adapter_base: Vec::new(),
+        }
     }
 
     /// Builds the model a PyTorch `nn.Sequential` state dict describes: keys
@@ -446,7 +453,7 @@ impl Sequential {
             )));
         }
         check_gap_group_norms(&layers).map_err(structure)?;
-        Ok(Sequential { layers })
+        Ok(Sequential::new(layers))
     }
 
     /// The layers, in order.
@@ -569,7 +576,36 @@ impl Sequential {
 
     /// Saves the Linears' LoRA adapters to `dir` in PEFT's layout (target modules: the
     /// Linears' names, `0`, `3`, ... for an unprefixed state dict); see [`crate::peft`].
+    ///
+    /// A model that a loaded adapter gave base parameters (PEFT's `bias = "all"` /
+    /// `"lora_only"`, `modules_to_save`, or lora_B biases folded into the layers' biases) is an
+    /// error naming them, and nothing is written: the file holds the LoRA tensors only, so the
+    /// saved adapter on the original base would run without them.
     pub fn save_adapter(&self, dir: &Path) -> Result<()> {
+        if !self.adapter_base.is_empty() {
+            let shown: Vec<&str> = self
+                .adapter_base
+                .iter()
+                .take(4)
+                .map(String::as_str)
+                .collect();
+            let more = self.adapter_base.len().saturating_sub(shown.len());
+            return Err(crate::peft::adapter_error(
+                dir,
+                format!(
+                    "the model holds base parameters that a loaded adapter replaced ({}{}: \
+                     PEFT's bias = \"all\" / \"lora_only\", modules_to_save or lora_bias); an \
+                     adapter file holds the LoRA tensors only, so they would be lost; nothing \
+                     was written",
+                    shown.join(", "),
+                    if more > 0 {
+                        format!(" and {more} more")
+                    } else {
+                        String::new()
+                    }
+                ),
+            ));
+        }
         crate::peft::save_adapter(self.linears(), dir)
     }
 
@@ -649,6 +685,16 @@ impl Sequential {
         let updates =
             crate::peft::load_adapter_into(self.linears_mut(), &views, &batch_norms, dir)?;
         self.replace_batch_norm_tensors(updates)?;
+        // What the load put into the base (its file read without error just now): base
+        // parameters, and lora_B biases folded into the layers' biases.
+        let file = nibble_io::Checkpoint::open(crate::peft::weights_path(dir))?;
+        for key in file.keys() {
+            let lora_bias = key.contains(".lora_B") && key.ends_with(".bias");
+            if (!key.contains(".lora_") || lora_bias) && !self.adapter_base.iter().any(|k| k == key)
+            {
+                self.adapter_base.push(key.to_string());
+            }
+        }
         for p in self.params() {
             p.set_requires_grad(false);
         }

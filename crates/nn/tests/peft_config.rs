@@ -771,6 +771,43 @@ fn a_dora_scale_that_overflows_is_refused() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// A loaded adapter that put something into the base (a lora_B bias folded into the layer's
+/// bias here) makes saving the model's adapters an error naming the key, and nothing is
+/// written: the adapter file would hold the LoRA tensors only, and lose it.
+#[test]
+fn saving_after_an_adapter_changed_the_base_is_refused() {
+    let dir = tempdir("save_after_base");
+    let mut tensors = lora(2, &ALL);
+    for (m, out, _) in ALL {
+        tensors.push((
+            format!("base_model.model.{m}.lora_B.bias"),
+            vec![out],
+            values(out, 9),
+        ));
+    }
+    let d = adapter(
+        &dir,
+        "lora_bias",
+        &with(&base_config(), json!({"lora_bias": true})),
+        &tensors,
+    );
+    let mut m = model(&dir);
+    m.load_adapter(&d).unwrap();
+    let saved = dir.join("saved");
+    let e = m.save_adapter(&saved).unwrap_err().to_string();
+    assert!(
+        e.contains("base_model.model.0.lora_B.bias") && e.contains("nothing was written"),
+        "{e}"
+    );
+    assert!(!saved.join("adapter_config.json").exists());
+    // A plain adapter saves.
+    let d = adapter(&dir, "plain", &base_config(), &lora(2, &ALL));
+    let mut m = model(&dir);
+    m.load_adapter(&d).unwrap();
+    m.save_adapter(&saved).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// `lora_dropout` is read (absent or null: 0) so that training can say it does not apply it;
 /// a value that is no probability is an error naming the setting, as `nn.Dropout` refuses it.
 #[test]

@@ -976,9 +976,10 @@ fn a_classifier_of_named_modules_matches_pytorch() {
 /// A PEFT DoRA adapter on the Sequential (`tests/data/peft_variants/dora`,
 /// `tools/golden/make_peft_dora.py`): PEFT's logits, each adapted layer holding its magnitude
 /// (a parameter that trains with A and B) and a finite scale. Its weight norms follow A: a
-/// changed A gives other scales, and the old A the old bits. Saved, it reads back as the same
-/// DoRA adapter (the magnitudes and `use_dora` written as PEFT writes them; the file's
-/// `bias = "all"` biases, base parameters, are not the adapter's to save); the checkpointed
+/// changed A gives other scales, and the old A the old bits. Saving the model is refused (the
+/// file's `bias = "all"` biases are base parameters an adapter file would lose); its DoRA
+/// adapters on a fresh base save and read back as the same tensors (the magnitudes and
+/// `use_dora` written as PEFT writes them); the checkpointed
 /// recomputation of such a layer computes its output (its magnitude's gradient reads it).
 #[test]
 fn a_dora_adapter_matches_peft_and_saves_as_peft_does() {
@@ -1010,17 +1011,37 @@ fn a_dora_adapter_matches_peft_and_saves_as_peft_does() {
         *lora.a.value_mut() = a;
         assert_eq!(l.dora_scale().unwrap().unwrap(), scale, "{}", l.name);
     }
+    // The file's `bias = "all"` biases are base parameters an adapter file does not hold:
+    // saving them away is refused, and nothing is written.
     let dir = tempdir("dora_save");
-    model.save_adapter(&dir).unwrap();
+    let e = model.save_adapter(&dir).unwrap_err().to_string();
+    assert!(
+        e.contains("base parameters") && e.contains("0.base_layer.bias"),
+        "{e}"
+    );
+    assert!(!dir.join("adapter_config.json").exists());
+    // The DoRA adapters alone, on a fresh base: saved and read back, the same tensors.
+    let mut fresh = from_pth(&options()).unwrap();
+    for (to, from) in fresh.linears_mut().zip(model.linears()) {
+        to.lora = from.lora.clone();
+    }
+    fresh.save_adapter(&dir).unwrap();
     let config = std::fs::read_to_string(dir.join("adapter_config.json")).unwrap();
     assert!(config.contains("\"use_dora\": true"), "{config}");
-    // Over the loaded adapter's biases: the loaded model's logits.
-    let mut again = model.clone();
-    for l in again.linears_mut() {
-        l.lora = None;
-    }
+    let mut again = from_pth(&options()).unwrap();
     again.load_adapter(&dir).unwrap();
-    assert_eq!(again.infer(&x).unwrap().data(), logits.data());
+    for (a, b) in again.linears().zip(model.linears()) {
+        let (la, lb) = (a.lora.as_ref().unwrap(), b.lora.as_ref().unwrap());
+        assert_eq!(la.a.value().data(), lb.a.value().data());
+        assert_eq!(la.b.value().data(), lb.b.value().data());
+        let magnitude =
+            |l: &nibble_nn::LoraAdapter| l.dora.as_ref().unwrap().magnitude.value().clone();
+        assert_eq!(magnitude(la).data(), magnitude(lb).data());
+    }
+    assert_eq!(
+        again.infer(&x).unwrap().data(),
+        fresh.infer(&x).unwrap().data()
+    );
     std::fs::remove_dir_all(&dir).unwrap();
     let tape = Tape::new();
     let first = model.linears().next().unwrap();

@@ -49,7 +49,7 @@ pub fn weights_path(dir: &Path) -> std::path::PathBuf {
     }
 }
 
-fn adapter_error(dir: &Path, what: impl Into<String>) -> Error {
+pub(crate) fn adapter_error(dir: &Path, what: impl Into<String>) -> Error {
     Error::Adapter {
         path: dir.to_path_buf(),
         what: what.into(),
