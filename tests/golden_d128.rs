@@ -606,6 +606,14 @@ fn a_peft_dora_adapter_gives_pefts_output_and_merges_as_peft_merges() {
             common::bits(taped.value().data()),
             "{variant}"
         );
+        // A frozen weight's norms are computed once.
+        for l in model.linears() {
+            let norm = l.dora_norm().unwrap().unwrap();
+            assert!(
+                Arc::ptr_eq(&norm, &l.dora_norm().unwrap().unwrap()),
+                "{variant}"
+            );
+        }
         use nibble::quant::act8::{with_activations, ActivationMode::Int8};
         let ordinary = common::in_pool(1, || with_activations(Int8, || model.infer(&x1).unwrap()));
         let team = common::in_pool(3, || with_activations(Int8, || on_team(&model, &x1, 1)));

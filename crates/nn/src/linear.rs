@@ -131,7 +131,10 @@ impl NormSource {
         let same_param = |(p, v): &(Param, u64), (q, w): &(Param, u64)| p.same_as(q) && v == w;
         let weight = match (&self.weight, &other.weight) {
             (WeightSource::Param(p, v), WeightSource::Param(q, w)) => p.same_as(q) && v == w,
-            (WeightSource::Frozen(p), WeightSource::Frozen(q)) => Weak::ptr_eq(p, q),
+            // The allocations' addresses (a trait object's vtable may be duplicated).
+            (WeightSource::Frozen(p), WeightSource::Frozen(q)) => {
+                std::ptr::addr_eq(p.as_ptr(), q.as_ptr())
+            }
             _ => false,
         };
         weight && same_param(&self.a, &other.a) && same_param(&self.b, &other.b)

@@ -1118,6 +1118,20 @@ fn enable_dora_starts_at_the_base_and_refuses_a_zero_row() {
         let dora = l.lora.as_ref().unwrap().dora.as_ref().unwrap();
         assert!(dora.magnitude.requires_grad(), "{}", l.name);
         assert!(l.dora_scale().unwrap().unwrap().iter().all(|&s| s == 1.0));
+        // The norms are computed once while A, B and the weight stay as they are.
+        let norm = l.dora_norm().unwrap().unwrap();
+        assert!(
+            std::sync::Arc::ptr_eq(&norm, &l.dora_norm().unwrap().unwrap()),
+            "{}",
+            l.name
+        );
+        let a = l.lora.as_ref().unwrap().a.clone();
+        drop(a.value_mut());
+        assert!(
+            !std::sync::Arc::ptr_eq(&norm, &l.dora_norm().unwrap().unwrap()),
+            "{}",
+            l.name
+        );
     }
     let dora = m.infer(&x).unwrap();
     let worst = (base.data().iter().zip(dora.data())).fold(0f32, |w, (a, b)| w.max((a - b).abs()));
