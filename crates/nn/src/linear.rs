@@ -104,7 +104,7 @@ struct NormSource {
 /// The base weight a [`NormSource`] read.
 #[derive(Debug)]
 enum WeightSource {
-    Param(Param, u64),
+    Param((Param, u64)),
     Frozen(Weak<dyn WeightMatrix>),
 }
 
@@ -114,9 +114,7 @@ impl NormSource {
         let at = |p: &Param| (p.clone(), p.version());
         NormSource {
             weight: match &layer.base {
-                LinearBase::Trainable { weight, .. } => {
-                    WeightSource::Param(weight.clone(), weight.version())
-                }
+                LinearBase::Trainable { weight, .. } => WeightSource::Param(at(weight)),
                 LinearBase::Frozen { weight, .. } => {
                     WeightSource::Frozen(Arc::downgrade(&weight.matrix()))
                 }
@@ -130,7 +128,7 @@ impl NormSource {
     fn same(&self, other: &NormSource) -> bool {
         let same_param = |(p, v): &(Param, u64), (q, w): &(Param, u64)| p.same_as(q) && v == w;
         let weight = match (&self.weight, &other.weight) {
-            (WeightSource::Param(p, v), WeightSource::Param(q, w)) => p.same_as(q) && v == w,
+            (WeightSource::Param(p), WeightSource::Param(q)) => same_param(p, q),
             // The allocations' addresses (a trait object's vtable may be duplicated).
             (WeightSource::Frozen(p), WeightSource::Frozen(q)) => {
                 std::ptr::addr_eq(p.as_ptr(), q.as_ptr())
@@ -221,26 +219,21 @@ impl Dora {
 /// [`Linear::enable_dora`] on every layer of `layers` that has a LoRA adapter: all of them or,
 /// on an error (naming the layer), none. No layer with an adapter is an [`Error::Layer`].
 pub fn enable_dora<'a>(layers: impl IntoIterator<Item = &'a mut Linear>) -> Result<()> {
-    let mut adapted: Vec<&mut Linear> = layers.into_iter().filter(|l| l.lora.is_some()).collect();
+    let adapted: Vec<&mut Linear> = layers.into_iter().filter(|l| l.lora.is_some()).collect();
     if adapted.is_empty() {
         return Err(Error::Layer {
             layer: "(every layer)".into(),
             what: "DoRA needs LoRA adapters, and no layer has one (add_lora first)".into(),
         });
     }
-    let mut changed: Vec<usize> = Vec::new();
-    for i in 0..adapted.len() {
-        let had = adapted[i].lora.as_ref().is_some_and(|l| l.dora.is_some());
-        if let Err(e) = adapted[i].enable_dora() {
-            for &j in &changed {
-                if let Some(lora) = adapted[j].lora.as_mut() {
-                    lora.dora = None;
-                }
-            }
-            return Err(e);
-        }
-        if !had {
-            changed.push(i);
+    // Every start is computed before any layer changes.
+    let starts = adapted
+        .iter()
+        .map(|l| l.dora_start())
+        .collect::<Result<Vec<_>>>()?;
+    for (layer, start) in adapted.into_iter().zip(starts) {
+        if let (Some(lora), Some(dora)) = (layer.lora.as_mut(), start) {
+            lora.dora = Some(dora);
         }
     }
     Ok(())
@@ -590,8 +583,7 @@ impl Linear {
                 return Ok(Some(norm.clone()));
             }
         }
-        let (weight, _) = self.dense_weight_and_bias();
-        let norm: Arc<[f32]> = Dora::row_norms(&self.name, &weight, Some(&lora.delta()?))?.into();
+        let norm: Arc<[f32]> = self.adapted_row_norms(lora)?.into();
         *cached = Some((source, norm.clone()));
         Ok(Some(norm))
     }
@@ -603,6 +595,16 @@ impl Linear {
     /// [`Dora::row_norms`]), is an [`Error::Layer`] naming the layer, and the layer is left as
     /// it was; a DoRA adapter stays as it is.
     pub fn enable_dora(&mut self) -> Result<()> {
+        let start = self.dora_start()?;
+        if let (Some(lora), Some(dora)) = (self.lora.as_mut(), start) {
+            lora.dora = Some(dora);
+        }
+        Ok(())
+    }
+
+    /// The DoRA [`Linear::enable_dora`] attaches (`None` where the adapter is a DoRA one
+    /// already), its norms cached: the magnitude is the norms themselves.
+    fn dora_start(&self) -> Result<Option<Dora>> {
         let Some(lora) = &self.lora else {
             return Err(Error::Layer {
                 layer: self.name.clone(),
@@ -610,17 +612,29 @@ impl Linear {
             });
         };
         if lora.dora.is_some() {
-            return Ok(());
+            return Ok(None);
         }
-        let (weight, _) = self.dense_weight_and_bias();
-        let norms = Dora::row_norms(&self.name, &weight, Some(&lora.delta()?))?;
-        let magnitude = Tensor::from_vec(&[norms.len()], norms)?;
+        let norm: Arc<[f32]> = self.adapted_row_norms(lora)?.into();
+        let magnitude = Tensor::from_vec(&[norm.len()], norm.to_vec())?;
         let name = format!("{}.lora_magnitude_vector", self.name);
-        let trains = lora.a.requires_grad();
-        if let Some(lora) = &mut self.lora {
-            lora.dora = Some(Dora::new(Param::new(name, magnitude, trains)));
+        let dora = Dora::new(Param::new(name, magnitude, lora.a.requires_grad()));
+        *dora.norms.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((NormSource::of(self, lora), norm));
+        Ok(Some(dora))
+    }
+
+    /// `‖W + B·A‖` per row of this layer's weight (dequantized as the kernels use it; an f32
+    /// weight read in place) and `lora`'s product ([`Dora::row_norms`]).
+    fn adapted_row_norms(&self, lora: &LoraAdapter) -> Result<Vec<f32>> {
+        let delta = lora.delta()?;
+        match &self.base {
+            LinearBase::Trainable { weight, .. } => {
+                Dora::row_norms(&self.name, &weight.value(), Some(&delta))
+            }
+            LinearBase::Frozen { weight, .. } => {
+                Dora::row_norms(&self.name, &weight.matrix().to_f32(), Some(&delta))
+            }
         }
-        Ok(())
     }
 
     /// The per-output scale `magnitude / ‖W + B·A‖` of a layer with a DoRA adapter (`None`

@@ -302,9 +302,11 @@ pub fn scale_shift_rows_from(xs: &[f32], scale: &[f32], shift: &[f32]) -> Result
     check_row_op("scale_shift_rows_from", xs.len(), scale.len(), shift.len())?;
     let d = scale.len().max(1);
     Ok(new_filled(xs.len(), |off, out| {
-        for (k, v) in out.iter_mut().enumerate() {
-            let c = (off + k) % d;
-            v.write(xs[off + k] * scale[c] + shift[c]);
+        // The column of the chunk's first element, then one step a element.
+        let mut c = off % d;
+        for (v, &x) in out.iter_mut().zip(&xs[off..]) {
+            v.write(x * scale[c] + shift[c]);
+            c = if c + 1 == d { 0 } else { c + 1 };
         }
     }))
 }

@@ -30,18 +30,17 @@ impl Op for ScaleShiftOp {
 /// `dX = dY · scale` per column of rows of `d = scale.len()` (an output gradient of another
 /// size is an error naming `op`).
 fn scale_columns(op: &'static str, d_y: Tensor, scale: &[f32]) -> Result<Tensor> {
-    let d = scale.len();
-    if d == 0 || !d_y.numel().is_multiple_of(d) {
-        return Err(AutogradError::BadGradient {
+    let mut d_x = d_y;
+    let elements = d_x.numel();
+    nibble_tensor::ops::scale_rows(d_x.data_mut(), scale).map_err(|_| {
+        AutogradError::BadGradient {
             op,
             what: format!(
-                "an output gradient of {} elements for rows of {d}",
-                d_y.numel()
+                "an output gradient of {elements} elements for rows of {}",
+                scale.len()
             ),
-        });
-    }
-    let mut d_x = d_y;
-    nibble_tensor::ops::scale_rows(d_x.data_mut(), scale)?;
+        }
+    })?;
     Ok(d_x)
 }
 
