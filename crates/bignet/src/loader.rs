@@ -179,6 +179,21 @@ impl ModelSpec {
                         Ok(model)
                     }
                     None => {
+                        let other_adapter = self.adapter.as_ref().filter(|a| !same_file(a, path));
+                        if let (Some(dir), Some(key)) = (other_adapter, state_dict_lora_key(&file))
+                        {
+                            // Two sets of adapters for one model: loading the second would
+                            // drop the file's trained ones without a word.
+                            return Err(Error::Input {
+                                what: format!(
+                                    "--weights {} holds LoRA adapters (`{key}`) and --adapter {} \
+                                     gives others: a model takes one set (leave out --adapter to \
+                                     run the file's, or give --weights a state dict without them)",
+                                    path.display(),
+                                    dir.display()
+                                ),
+                            });
+                        }
                         let source = CheckpointSource::new(file)?;
                         check_no_extra_keys(&source)?;
                         let mut model = BigNet::build(self.variant, &source, self.seed)?;
@@ -192,6 +207,14 @@ impl ModelSpec {
             load_adapter(&mut model, dir)?;
         }
         Ok(model)
+    }
+}
+
+/// Whether `a` and `b` name one file (however spelled); paths that cannot be resolved are not.
+fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
     }
 }
 

@@ -413,6 +413,89 @@ fn a_lora_state_dict_implies_lora_and_keeps_its_adapters() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// A state dict that carries the reference's trained adapters: `merge` folds them in without
+/// `--adapter` (the merged model gives the golden output), the same file again as `--adapter`
+/// is the same set, and other adapters beside them are an error (they replaced the file's
+/// without a word).
+#[test]
+fn a_lora_state_dict_merges_its_own_adapters_and_refuses_a_second_set() {
+    use nibble_bignet::checkpoint::Checkpoint;
+    let dir = tempdir("lora_sd_merge");
+    let weights = golden("bignet_lora_sd_d64.pth");
+    let ws = weights.to_str().unwrap();
+    let io = golden("bignet_lora_sd_io_d64.safetensors");
+    let want = Checkpoint::open(&io)
+        .unwrap()
+        .tensor_f32("y", None)
+        .unwrap();
+    let forward = |model: &[&str], tag: &str| {
+        let out = dir.join(format!("y_{tag}.safetensors"));
+        let mut args = vec!["forward", "--input", io.to_str().unwrap()];
+        args.extend_from_slice(model);
+        args.extend_from_slice(&["--output", out.to_str().unwrap()]);
+        run_ok(&args);
+        let y = Checkpoint::open(&out)
+            .unwrap()
+            .tensor_f32("y", Some(&[5, 64]))
+            .unwrap();
+        let (max, _) = y.abs_diff_stats(&want).unwrap();
+        assert!(max < 1e-5, "{tag}: {max}");
+    };
+    let merged = dir.join("merged.safetensors");
+    run_ok(&[
+        "merge",
+        "lora",
+        "--weights",
+        ws,
+        "--into",
+        "f32",
+        "--output",
+        merged.to_str().unwrap(),
+    ]);
+    forward(&["--weights", merged.to_str().unwrap()], "merged");
+    // The same file named twice, however spelled, is one set of adapters.
+    let dotted = weights
+        .parent()
+        .unwrap()
+        .join(".")
+        .join("bignet_lora_sd_d64.pth");
+    forward(
+        &["--weights", ws, "--adapter", dotted.to_str().unwrap()],
+        "same",
+    );
+    let other = golden("bignet_qlora_sd_d64.pth");
+    for verb in [
+        &["forward", "--input", io.to_str().unwrap(), "--output"][..],
+        &["merge", "--into", "f32", "--output"][..],
+    ] {
+        let out = dir.join("never.safetensors");
+        let mut args = verb.to_vec();
+        args.extend_from_slice(&[
+            out.to_str().unwrap(),
+            "--weights",
+            ws,
+            "--adapter",
+            other.to_str().unwrap(),
+        ]);
+        fails_with(&args, "holds LoRA adapters");
+        assert!(!out.exists());
+    }
+    // Without adapters anywhere, merge says where they may come from.
+    fails_with(
+        &[
+            "merge",
+            "--weights",
+            golden("bignet_d128.safetensors").to_str().unwrap(),
+            "--into",
+            "f32",
+            "--output",
+            merged.to_str().unwrap(),
+        ],
+        "--adapter DIR, or --weights holding",
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// No verb writes over one of its inputs, whatever the spelling of the path.
 #[test]
 fn no_verb_overwrites_its_inputs() {

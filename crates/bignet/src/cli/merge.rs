@@ -8,7 +8,8 @@ use crate::variant::{Variant, WeightFormat};
 use serde_json::json;
 use std::path::Path;
 
-/// Merges the adapters of `--adapter` on `variant`'s base into `into` storage, writes `output`,
+/// Merges the adapters of `--adapter` (or those of a `--weights` state dict that holds the
+/// reference's trained adapters) on `variant`'s base into `into` storage, writes `output`,
 /// and reports how far the merged model's outputs are from the unmerged one's.
 pub fn run(
     variant: Variant,
@@ -17,9 +18,12 @@ pub fn run(
     as_json: bool,
     common: &Common,
 ) -> Result<()> {
-    if common.adapter.is_none() {
+    if common.adapter.is_none() && !weights_hold_adapters(common)? {
         return Err(Error::Input {
-            what: "merge needs --adapter DIR (the adapters to fold in)".into(),
+            what: "merge needs adapters to fold in: --adapter DIR, or --weights holding the \
+                   reference's trained lora / qlora state dict (its `….lora_a.weight` and \
+                   `….lora_b.weight`)"
+                .into(),
         });
     }
     let model = common.spec(variant).build()?;
@@ -53,4 +57,14 @@ pub fn run(
         );
     }
     Ok(())
+}
+
+/// Whether `--weights` is a state dict of the reference's trained LoRA model, whose adapters
+/// the model takes from the file itself ([`crate::loader::load_state_dict_lora`]).
+fn weights_hold_adapters(common: &Common) -> Result<bool> {
+    let Some(path) = &common.weights else {
+        return Ok(false);
+    };
+    let file = crate::loader::open_checkpoint(path)?;
+    Ok(crate::loader::state_dict_lora_key(&file).is_some())
 }

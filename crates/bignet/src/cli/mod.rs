@@ -267,7 +267,8 @@ pub enum Command {
         #[command(flatten)]
         common: Common,
     },
-    /// Folds LoRA adapters (--adapter) into the base weights and saves the merged model.
+    /// Folds LoRA adapters (--adapter, or those of a --weights state dict of the reference's
+    /// trained lora / qlora model) into the base weights and saves the merged model.
     Merge {
         /// The base the adapters sit on (bignet for an f32 base, half_precision, low_precision...;
         /// default: the one the --weights file implies).
