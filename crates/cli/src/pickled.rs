@@ -70,27 +70,26 @@ pub(crate) struct PickledFlags {
     pub(crate) rms_norm_eps: Option<f64>,
 }
 
-/// The [`Structure`] a whole pickled model gives ([`pickled_flags`]), where neither
-/// `--activation` nor `--norm` was given (what is given wins): `given` with the file's gaps,
-/// norm kinds and epsilons. `Ok(None)` where the flags were given or the file says nothing.
+/// The [`Structure`] a whole pickled model gives ([`pickled_flags`]): `given` with the file's
+/// gaps unless `--activation` was given, its norm kinds unless `--norm` was, and its norms'
+/// epsilons. Each flag replaces only what it says: `--activation relu` on a model whose
+/// BatchNorm has eps 1e-2 keeps that eps (it fell back to the default, 1e-5, and the
+/// logits moved by 0.6). `Ok(None)` where the file says nothing.
 pub(crate) fn pickled_structure(
     file: &Checkpoint,
     prefix: &str,
     given: &Structure,
     path: &Path,
 ) -> Result<Option<Structure>> {
-    if given.gaps_given || given.norms.is_some() {
-        return Ok(None);
-    }
     let Some(flags) = pickled_flags(file, prefix, path)? else {
         return Ok(None);
     };
     let mut structure = given.clone();
-    if let Some(a) = &flags.activation {
+    if let Some(a) = flags.activation.as_deref().filter(|_| !given.gaps_given) {
         structure.gaps = parse_activations(a)?;
         structure.gaps_given = true;
     }
-    if let Some(n) = &flags.norm {
+    if let Some(n) = flags.norm.as_deref().filter(|_| given.norms.is_none()) {
         structure.norms = Some(parse_norms(n)?);
     }
     for (eps, slot) in [

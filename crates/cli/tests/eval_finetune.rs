@@ -1646,7 +1646,8 @@ fn logits_that_overflow_are_an_error_not_null_figures() {
 /// inside DataParallel with a Dropout in front, LeakyReLU(0.2), LayerNorms of eps 1e-3, one
 /// without affine, GELU(tanh), SiLU and an RMSNorm(eps=1e-4)) runs with the layers its modules
 /// name, no flag given: PyTorch's logits (such a file was refused; as a state dict it needs
-/// `--activation`, `--norm` and the epsilons). Flags given win over the file. A module nibble
+/// `--activation`, `--norm` and the epsilons). Flags given win over the file, each over what
+/// it says alone. A module nibble
 /// does not compute (a Softmax after the last Linear) is an error naming it.
 #[test]
 fn whole_pickled_models_run_with_the_layers_their_modules_name() {
@@ -1678,6 +1679,25 @@ fn whole_pickled_models_run_with_the_layers_their_modules_name() {
         max_diff(&flagged, &want) > 1e-3,
         "the flags changed nothing"
     );
+    // Each flag replaces only what it says: the file's own gaps given as --activation keep its
+    // norm kinds and epsilons (the RMSNorm ran as a LayerNorm, every eps at 1e-5), and its
+    // own norm kinds given as --norm keep its gaps (which fell back to relu).
+    for (flags, name) in [
+        (
+            &[
+                "--activation",
+                "identity,leaky_relu:0.2,gelu_tanh,layer_norm+silu",
+            ][..],
+            "own_gaps.safetensors",
+        ),
+        (&["--norm", "layer,rms"][..], "own_norms.safetensors"),
+    ] {
+        let diff = max_diff(&logits(flags, name), &want);
+        assert!(
+            diff < 1e-5,
+            "{flags:?}: logits differ from PyTorch's by {diff}"
+        );
+    }
     // Quantized, the file keeps the layers (the module list travels in its metadata) and,
     // though its keys lose DataParallel's `module.`, its weights' shapes: a 10-wide Q4 layer
     // stored flat needs its `nibble.shape.module.5.weight`, which eval looked up as `5.weight`.
