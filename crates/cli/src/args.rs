@@ -125,11 +125,21 @@ pub enum Command {
         activation: Option<String>,
         /// The epsilon of every LayerNorm and GroupNorm (`nn.LayerNorm(dim, eps=...)`,
         /// `nn.GroupNorm(groups, dim, eps=...)`; a state dict does not hold it).
-        #[arg(long, value_name = "EPS", default_value_t = 1e-5)]
+        #[arg(
+            long,
+            allow_negative_numbers = true,
+            value_name = "EPS",
+            default_value_t = 1e-5
+        )]
         layer_norm_eps: f32,
         /// The epsilon of every BatchNorm1d (`nn.BatchNorm1d(dim, eps=...)`; a state dict does
         /// not hold it).
-        #[arg(long, value_name = "EPS", default_value_t = 1e-5)]
+        #[arg(
+            long,
+            allow_negative_numbers = true,
+            value_name = "EPS",
+            default_value_t = 1e-5
+        )]
         batch_norm_eps: f32,
         /// What each module of a 1-D weight (not a BatchNorm1d) is: layer (nn.LayerNorm), rms
         /// (nn.RMSNorm, no bias), group:G (nn.GroupNorm(G, dim)) or prelu (nn.PReLU), or a
@@ -139,7 +149,7 @@ pub enum Command {
         norm: Option<String>,
         /// The epsilon of every RMSNorm (`nn.RMSNorm(dim, eps=...)`; PyTorch's default for f32
         /// is 1.1920929e-7, f32's machine epsilon).
-        #[arg(long, value_name = "EPS", default_value_t = f32::EPSILON)]
+        #[arg(long, allow_negative_numbers = true, value_name = "EPS", default_value_t = f32::EPSILON)]
         rms_norm_eps: f32,
         /// For a model of named modules (fc1, bn1, head, ...): the order its forward runs them,
         /// comma-separated (fc1,bn1,fc2,head), where the file keeps another (a safetensors file
@@ -181,7 +191,7 @@ pub enum Command {
         #[arg(long, value_name = "N")]
         steps: usize,
         /// AdamW learning rate.
-        #[arg(long, default_value_t = 1e-2)]
+        #[arg(long, allow_negative_numbers = true, default_value_t = 1e-2)]
         lr: f32,
         /// Rows per mini-batch (sampled from the training split).
         #[arg(long, default_value_t = 64)]
@@ -190,17 +200,27 @@ pub enum Command {
         #[arg(long)]
         activation: Option<String>,
         /// The epsilon of every LayerNorm and GroupNorm (see `eval`).
-        #[arg(long, value_name = "EPS", default_value_t = 1e-5)]
+        #[arg(
+            long,
+            allow_negative_numbers = true,
+            value_name = "EPS",
+            default_value_t = 1e-5
+        )]
         layer_norm_eps: f32,
         /// The epsilon of every BatchNorm1d (see `eval`).
-        #[arg(long, value_name = "EPS", default_value_t = 1e-5)]
+        #[arg(
+            long,
+            allow_negative_numbers = true,
+            value_name = "EPS",
+            default_value_t = 1e-5
+        )]
         batch_norm_eps: f32,
         /// What each module of a 1-D weight is: layer, rms, group:G or prelu (see `eval`).
         /// Default: layer, with a note naming the modules so read.
         #[arg(long, value_name = "KIND")]
         norm: Option<String>,
         /// The epsilon of every RMSNorm (see `eval`).
-        #[arg(long, value_name = "EPS", default_value_t = f32::EPSILON)]
+        #[arg(long, allow_negative_numbers = true, value_name = "EPS", default_value_t = f32::EPSILON)]
         rms_norm_eps: f32,
         /// The order a model of named modules runs them (see `eval`).
         #[arg(long, value_name = "MODULES")]

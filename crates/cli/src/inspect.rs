@@ -153,11 +153,14 @@ pub fn run(path: &Path, json: bool) -> Result<()> {
 fn pickled_layers(path: &Path, file: Checkpoint) -> Option<String> {
     let file = crate::model::without_wrappers(file);
     let prefix = crate::model::sequential_prefix(&file);
-    match crate::pickled::pickled_flags(&file, &prefix, path) {
+    match crate::pickled::pickled_flags(&file, &prefix, path, None) {
         Ok(Some(flags)) => Some(format!(
             "a whole pickled model: eval and finetune read its layers from it (--activation \
              {}{})",
-            flags.activation.as_deref().unwrap_or("none"),
+            flags
+                .activation
+                .as_deref()
+                .unwrap_or("not read: relu, its default, in each gap"),
             flags
                 .norm
                 .map(|n| format!(", --norm {n}"))

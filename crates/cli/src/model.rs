@@ -242,7 +242,8 @@ pub struct Classifier {
     model: Sequential,
     features: usize,
     classes: usize,
-    /// The layers as run, for a model of named modules (see [`Classifier::notes`]).
+    /// The layers as run, for a model of named modules, after where their order comes from
+    /// (see [`Classifier::notes`]).
     chain: Option<String>,
     /// The first two Linears at consecutive indices, if any (see [`Classifier::notes`]).
     adjacent: Option<(String, String)>,
@@ -399,6 +400,12 @@ impl Classifier {
                 .collect::<Vec<_>>()
                 .join(" → ")
         });
+        let order_source = if structure.order.is_some() {
+            "--order gives"
+        } else {
+            "the file keeps them"
+        };
+        let chain = chain.map(|c| format!("in the order {order_source}: {c}"));
         // Two Linears at consecutive indices: an nn.Sequential runs nothing between them, but
         // an nn.ModuleList run in a loop (`layers.0`, `layers.1`, ...) may apply an activation
         // there that its state dict cannot show.
@@ -429,8 +436,7 @@ impl Classifier {
     pub fn notes(&self, path: &Path) -> Vec<String> {
         let chain = self.chain.as_ref().map(|chain| {
             format!(
-                "{} holds named modules, run as one chain in the order the file keeps them: \
-                 {chain} (a model whose forward differs, with residual connections, branches or \
+                "{} holds named modules, run as one chain {chain} (a model whose forward differs, with residual connections, branches or \
                  another order, computes something else)",
                 path.display()
             )

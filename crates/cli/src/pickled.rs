@@ -81,7 +81,7 @@ pub(crate) fn pickled_structure(
     given: &Structure,
     path: &Path,
 ) -> Result<Option<Structure>> {
-    let Some(flags) = pickled_flags(file, prefix, path)? else {
+    let Some(flags) = pickled_flags(file, prefix, path, given.order.as_deref())? else {
         return Ok(None);
     };
     let mut structure = given.clone();
@@ -104,30 +104,29 @@ pub(crate) fn pickled_structure(
     Ok(Some(structure))
 }
 
-/// The [`PickledFlags`] of a whole pickled model's `nn.Sequential`, where `file` (already
-/// without its wrappers) is one and its Sequential sits at `prefix` (`net.`, or the root).
-/// `Ok(None)` for a state dict, or a model whose layers are not an `nn.Sequential` at `prefix`
-/// (named modules: their order is in the model's code, which a pickle does not hold), or one
-/// without a layer. A module nibble does not compute (a class of the model's own code without
-/// a 2-D weight, an `nn.Softmax`, a `BatchNorm1d(track_running_stats=False)`), or an
-/// activation after the last layer that changes the logits, is an error naming its path and
-/// class.
+/// The [`PickledFlags`] of a whole pickled model, where `file` (already without its wrappers)
+/// is one and its layers sit at `prefix` (`net.`, or the root): an `nn.Sequential` there, or a
+/// model of its own class of named modules (unless `order`, `--order`, runs them in another
+/// order than the pickle registers them). `Ok(None)` for a state dict, a model of
+/// another container, or one without a layer. In a Sequential, a module nibble does not
+/// compute (a class of the model's own code without a 2-D weight, an `nn.Softmax`, a
+/// `BatchNorm1d(track_running_stats=False)`), or an activation after the last layer that
+/// changes the logits, is an error naming its path and class; see [`named_flags`] for a model
+/// of named modules.
 pub(crate) fn pickled_flags(
     file: &Checkpoint,
     prefix: &str,
     path: &Path,
+    order: Option<&[String]>,
 ) -> Result<Option<PickledFlags>> {
     let Some(text) = file.metadata().get(PICKLED_MODULES_KEY) else {
         return Ok(None);
     };
-    let bad = |what: String| Error::Usage {
-        arg: "--model",
-        what: format!("{}: {what}", path.display()),
-    };
     let list: Vec<Value> = serde_json::from_str(text).map_err(|e| {
-        bad(format!(
-            "the pickled model's module list is unreadable: {e}"
-        ))
+        bad_model(
+            path,
+            format!("the pickled model's module list is unreadable: {e}"),
+        )
     })?;
     let modules: Vec<Module<'_>> = list
         .iter()
@@ -140,96 +139,204 @@ pub(crate) fn pickled_flags(
         })
         .collect();
     let container = prefix.trim_end_matches('.');
-    if !modules
-        .iter()
-        .any(|m| m.path == container && m.torch_class() == Some("Sequential"))
-    {
+    let Some(root) = modules.iter().find(|m| m.path == container) else {
         return Ok(None);
+    };
+    let reader = Reader { file, prefix, path };
+    match root.torch_class() {
+        Some("Sequential") => sequential_flags(&reader, &modules, container),
+        None => named_flags(&reader, &modules, container, order),
+        _ => Ok(None),
     }
-    // The layers in the order the Sequential runs them: its children, a nested nn.Sequential's
-    // own in its place (as a state dict's keys `0.0.weight`, `1.weight` chain them).
-    let mut leaves = Vec::new();
-    sequential_leaves(&modules, container, "", 0, &mut leaves);
+}
 
-    // The norms' epsilons as they are found (the flags' other fields are made at the end).
-    let mut eps = PickledFlags::default();
-    // What each gap holds, in order (the first entry what comes before the first layer), and
-    // each module of a 1-D weight's kind.
-    let mut gaps: Vec<Vec<String>> = vec![Vec::new()];
-    let mut norms: Vec<String> = Vec::new();
-    let mut layers = 0usize;
-    for (relative, m) in &leaves {
-        let class = m.torch_class().unwrap_or("");
-        let weight_dims = file
-            .info(&format!("{prefix}{relative}.weight"))
+/// An error naming the model file.
+fn bad_model(path: &Path, what: String) -> Error {
+    Error::Usage {
+        arg: "--model",
+        what: format!("{}: {what}", path.display()),
+    }
+}
+
+/// What the flags need to classify the pickled modules: the file, its layers' prefix, its path.
+struct Reader<'a> {
+    file: &'a Checkpoint,
+    prefix: &'a str,
+    path: &'a Path,
+}
+
+/// What one module of the pickle is to the chain of layers.
+enum Step {
+    /// A layer with tensors in the file (a Linear, a norm with parameters, a BatchNorm1d, a
+    /// PReLU, a module of the model's own class with a 2-D weight).
+    Layer,
+    /// A parameter-free step, as `--activation` writes it.
+    Free(String),
+    /// A module nibble does not compute.
+    Unknown,
+}
+
+/// The norms' epsilons and each module of a 1-D weight's kind, gathered as the modules are
+/// classified.
+#[derive(Default)]
+struct Gathered {
+    eps: PickledFlags,
+    norms: Vec<String>,
+}
+
+impl Reader<'_> {
+    /// What module `m` (at `relative`, under the prefix) is; its epsilon and norm kind go
+    /// into `gathered`. A `BatchNorm1d(track_running_stats=False)` is an error naming it.
+    fn classify(&self, relative: &str, m: &Module<'_>, gathered: &mut Gathered) -> Result<Step> {
+        let path = self.path;
+        let weight_dims = self
+            .file
+            .info(&format!("{}{relative}.weight", self.prefix))
             .map(|(_, shape)| shape.len());
-        let step: Option<String> = match class {
-            "Linear" => None,
+        let eps = &mut gathered.eps;
+        let norms = &mut gathered.norms;
+        let free = |step: Option<String>| Ok(step.map_or(Step::Layer, Step::Free));
+        match m.torch_class().unwrap_or("") {
+            "Linear" => Ok(Step::Layer),
             "BatchNorm1d" => {
                 if m.bool("track_running_stats") == Some(false) {
-                    return Err(bad(format!(
-                        "module `{}` is a BatchNorm1d(track_running_stats=False), which \
-                         normalizes each batch by its own statistics: nibble does not compute it",
-                        m.path
-                    )));
+                    return Err(bad_model(
+                        path,
+                        format!(
+                            "module `{}` is a BatchNorm1d(track_running_stats=False), which \
+                             normalizes each batch by its own statistics: nibble does not \
+                             compute it",
+                            m.path
+                        ),
+                    ));
                 }
                 if let Some(e) = m.float("eps") {
                     take_eps(&mut eps.batch_norm_eps, e, m, path)?;
                 }
-                None
+                Ok(Step::Layer)
             }
-            "LayerNorm" => norm_step(
+            "LayerNorm" => free(norm_step(
                 m,
                 &mut eps.layer_norm_eps,
                 "layer",
                 "layer_norm",
-                &mut norms,
+                norms,
                 path,
-            )?,
-            "RMSNorm" => norm_step(
+            )?),
+            "RMSNorm" => free(norm_step(
                 m,
                 &mut eps.rms_norm_eps,
                 "rms",
                 "rms_norm",
-                &mut norms,
+                norms,
                 path,
-            )?,
+            )?),
             "GroupNorm" => {
                 let groups = m
                     .attrs
                     .get("num_groups")
                     .and_then(Value::as_u64)
-                    .ok_or_else(|| bad(format!("GroupNorm `{}` has no num_groups", m.path)))?;
+                    .ok_or_else(|| {
+                        bad_model(path, format!("GroupNorm `{}` has no num_groups", m.path))
+                    })?;
                 let (with, without) = (format!("group:{groups}"), format!("group_norm:{groups}"));
-                norm_step(
+                free(norm_step(
                     m,
                     &mut eps.layer_norm_eps,
                     &with,
                     &without,
-                    &mut norms,
+                    norms,
                     path,
-                )?
+                )?)
             }
             "PReLU" => {
                 norms.push("prelu".into());
-                None
+                Ok(Step::Layer)
             }
             // A module of the model's own class with a 2-D weight (a subclass of nn.Linear):
             // a Linear, as a state dict reads it.
-            _ if weight_dims == Some(2) => None,
-            _ => Some(activation_of(m).ok_or_else(|| {
-                bad(format!(
-                    "module `{}` is a {} (of the pickled model's nn.Sequential), which nibble \
-                     does not compute",
-                    m.path, m.class
-                ))
-            })?),
-        };
-        match step {
-            Some(a) => gaps.last_mut().expect("one gap at least").push(a),
-            None => {
+            _ if weight_dims == Some(2) => Ok(Step::Layer),
+            _ => Ok(activation_of(m).map_or(Step::Unknown, Step::Free)),
+        }
+    }
+}
+
+/// The module list's entry of a module nibble does not compute, for errors: its path and
+/// class, and the setting that differs from the one nibble computes where it names one.
+fn not_computed(m: &Module<'_>, place: &str) -> String {
+    match unsupported_setting(m) {
+        Some(setting) => format!(
+            "module `{}` is a {} with {setting} ({place}): nibble computes it only with \
+             PyTorch's default {}",
+            m.path,
+            m.class,
+            if setting.contains(", ") {
+                "settings"
+            } else {
+                "setting"
+            }
+        ),
+        None => format!(
+            "module `{}` is a {} ({place}), which nibble does not compute",
+            m.path, m.class
+        ),
+    }
+}
+
+/// The settings of an activation nibble computes only with PyTorch's defaults, where `m` has
+/// others (`Softplus(beta=2)`: `beta=2`); `None` for any other module.
+fn unsupported_setting(m: &Module<'_>) -> Option<String> {
+    let defaults: &[(&str, f64)] = match m.torch_class()? {
+        "Softplus" => &[("beta", 1.0), ("threshold", 20.0)],
+        "Hardtanh" => &[("min_val", -1.0), ("max_val", 1.0)],
+        "GELU" => {
+            return m
+                .attrs
+                .get("approximate")
+                .and_then(Value::as_str)
+                .filter(|a| !matches!(*a, "none" | "tanh"))
+                .map(|a| format!("approximate={a:?}"));
+        }
+        _ => return None,
+    };
+    let differ: Vec<String> = defaults
+        .iter()
+        .filter_map(|&(name, default)| {
+            m.float(name)
+                .filter(|v| *v != default)
+                .map(|v| format!("{name}={v}"))
+        })
+        .collect();
+    (!differ.is_empty()).then(|| differ.join(", "))
+}
+
+/// The flags of a whole pickled model's `nn.Sequential` at `container`.
+fn sequential_flags(
+    reader: &Reader<'_>,
+    modules: &[Module<'_>],
+    container: &str,
+) -> Result<Option<PickledFlags>> {
+    // The layers in the order the Sequential runs them: its children, a nested nn.Sequential's
+    // own in its place (as a state dict's keys `0.0.weight`, `1.weight` chain them).
+    let mut leaves = Vec::new();
+    sequential_leaves(modules, container, "", 0, &mut leaves);
+
+    let mut gathered = Gathered::default();
+    // What each gap holds, in order (the first entry what comes before the first layer).
+    let mut gaps: Vec<Vec<String>> = vec![Vec::new()];
+    let mut layers = 0usize;
+    for (relative, m) in &leaves {
+        match reader.classify(relative, m, &mut gathered)? {
+            Step::Free(a) => gaps.last_mut().expect("one gap at least").push(a),
+            Step::Layer => {
                 layers += 1;
                 gaps.push(Vec::new());
+            }
+            Step::Unknown => {
+                return Err(bad_model(
+                    reader.path,
+                    not_computed(m, "of the pickled model's nn.Sequential"),
+                ))
             }
         }
     }
@@ -239,10 +346,13 @@ pub(crate) fn pickled_flags(
     // After the last layer: nothing nibble could run there may change the logits.
     let trailing = gaps.pop().unwrap_or_default();
     if let Some(a) = trailing.iter().find(|a| *a != "identity") {
-        return Err(bad(format!(
-            "the pickled model's nn.Sequential ends with `{a}` after its last layer, which \
-             nibble does not run (its logits are the last layer's output)"
-        )));
+        return Err(bad_model(
+            reader.path,
+            format!(
+                "the pickled model's nn.Sequential ends with `{a}` after its last layer, which \
+                 nibble does not run (its logits are the last layer's output)"
+            ),
+        ));
     }
     // The gaps between layers (empty ones are no gap), after what comes before the first.
     let leading = gaps.remove(0);
@@ -258,9 +368,145 @@ pub(crate) fn pickled_flags(
     entries.extend(between);
     Ok(Some(PickledFlags {
         activation: (!entries.is_empty()).then(|| entries.join(",")),
-        norm: (!norms.is_empty()).then(|| norms.join(",")),
-        ..eps
+        norm: (!gathered.norms.is_empty()).then(|| gathered.norms.join(",")),
+        ..gathered.eps
     }))
+}
+
+/// The flags of a whole pickled model of its own class at `container`, whose `forward` (not in
+/// the pickle) runs its named modules. Its layers run in the order the pickle registers them,
+/// as the state dict keeps them (the chain `eval` runs without `--order`); every boundary
+/// between two is a gap. What the pickle says for certain is taken:
+/// - each module of a 1-D weight's kind and each norm's epsilon;
+/// - a gap's parameter-free modules registered between its two layers (`self.fc1`,
+///   `self.act = nn.Tanh()`, `self.fc2`; the GELU inside `self.features = nn.Sequential(...)`);
+/// - an empty gap between two layers of one nn.Sequential: nothing runs there.
+///
+/// Any other gap (a boundary the model's code crosses with nothing registered between, or
+/// only a Dropout or Identity, which may sit beside a functional activation) keeps `relu`,
+/// `--activation`'s default; where no gap is certain the flags say nothing of the gaps, as
+/// before. Parameter-free modules before the first layer or after the last may be applied
+/// anywhere (one `self.relu` called after each layer): they are not read. One that nibble does
+/// not compute between two layers is an error naming it.
+fn named_flags(
+    reader: &Reader<'_>,
+    modules: &[Module<'_>],
+    container: &str,
+    order: Option<&[String]>,
+) -> Result<Option<PickledFlags>> {
+    let mut leaves = Vec::new();
+    named_leaves(modules, container, "", None, 0, &mut leaves);
+    let mut gathered = Gathered::default();
+    let mut layers: Vec<RegisteredLayer<'_>> = Vec::new();
+    let mut layer_paths: Vec<&str> = Vec::new();
+    for leaf in &leaves {
+        match reader.classify(&leaf.relative, leaf.module, &mut gathered)? {
+            Step::Layer => {
+                layers.push((leaf.sequential, Vec::new()));
+                layer_paths.push(&leaf.relative);
+            }
+            step => {
+                if let Some((_, after)) = layers.last_mut() {
+                    after.push((step, leaf.module));
+                }
+            }
+        }
+    }
+    if layers.is_empty() || order.is_some_and(|o| o.iter().map(String::as_str).ne(layer_paths)) {
+        // Another order than the registration's: the registered neighbours say nothing.
+        return Ok(None);
+    }
+    let mut entries = Vec::new();
+    let mut certain = false;
+    for pair in layers.windows(2) {
+        let [(parent, between), (next_parent, _)] = pair else {
+            continue;
+        };
+        let mut steps = Vec::new();
+        for (step, m) in between {
+            match step {
+                Step::Free(a) if a != "identity" => steps.push(a.clone()),
+                Step::Free(_) | Step::Layer => {}
+                Step::Unknown => {
+                    return Err(bad_model(
+                        reader.path,
+                        not_computed(m, "registered between two layers of the pickled model"),
+                    ))
+                }
+            }
+        }
+        if !steps.is_empty() {
+            certain = true;
+            entries.push(steps.join("+"));
+        } else if parent.is_some() && parent == next_parent {
+            certain = true;
+            entries.push("identity".to_string());
+        } else {
+            entries.push("relu".to_string());
+        }
+    }
+    Ok(Some(PickledFlags {
+        activation: (certain && !entries.is_empty()).then(|| entries.join(",")),
+        norm: (!gathered.norms.is_empty()).then(|| gathered.norms.join(",")),
+        ..gathered.eps
+    }))
+}
+
+/// A layer of a model of named modules: the nn.Sequential it is a child of (if it is one's),
+/// and what was registered after it up to the next layer.
+type RegisteredLayer<'m> = (Option<&'m str>, Vec<(Step, &'m Module<'m>)>);
+
+/// A module that runs in a model of named modules, as [`named_leaves`] lists them.
+struct NamedLeaf<'m> {
+    /// Its path relative to the model's.
+    relative: String,
+    module: &'m Module<'m>,
+    /// The path of the nn.Sequential it is a child of, if it is one's.
+    sequential: Option<&'m str>,
+}
+
+/// The leaf modules under `path`, in registration order: each child, or the children of a
+/// child container (an nn.Sequential, a class of the model's own code, an nn.ModuleList) in
+/// its place; `sequential` is `path`'s own when it is an nn.Sequential.
+fn named_leaves<'m>(
+    modules: &'m [Module<'m>],
+    path: &'m str,
+    relative: &str,
+    sequential: Option<&'m str>,
+    depth: usize,
+    out: &mut Vec<NamedLeaf<'m>>,
+) {
+    for m in modules {
+        let Some(name) = child_name(m.path, path) else {
+            continue;
+        };
+        let rel = if relative.is_empty() {
+            name.to_string()
+        } else {
+            format!("{relative}.{name}")
+        };
+        let has_children = modules.iter().any(|c| child_name(c.path, m.path).is_some());
+        if has_children && depth < MAX_NESTING {
+            let own = (m.torch_class() == Some("Sequential")).then_some(m.path);
+            named_leaves(modules, m.path, &rel, own, depth + 1, out);
+        } else {
+            out.push(NamedLeaf {
+                relative: rel,
+                module: m,
+                sequential,
+            });
+        }
+    }
+}
+
+/// `path`'s name as a direct child of `parent` (`fc1` of `net.fc1` under `net`), if it is one.
+fn child_name<'p>(path: &'p str, parent: &str) -> Option<&'p str> {
+    let name = if parent.is_empty() {
+        Some(path).filter(|p| !p.is_empty())
+    } else {
+        path.strip_prefix(parent).and_then(|r| r.strip_prefix('.'))
+    };
+    name.filter(|n| !n.contains('.'))
 }
 
 /// Deepest nesting of nn.Sequential containers [`sequential_leaves`] expands.
@@ -277,12 +523,7 @@ fn sequential_leaves<'m>(
     out: &mut Vec<(String, &'m Module<'m>)>,
 ) {
     for m in modules {
-        let name = if path.is_empty() {
-            Some(m.path).filter(|p| !p.is_empty())
-        } else {
-            m.path.strip_prefix(path).and_then(|r| r.strip_prefix('.'))
-        };
-        let Some(name) = name.filter(|n| !n.contains('.')) else {
+        let Some(name) = child_name(m.path, path) else {
             continue;
         };
         let rel = if relative.is_empty() {

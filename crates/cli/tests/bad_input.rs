@@ -472,6 +472,16 @@ fn adapters_whose_names_or_shapes_do_not_match_the_model() {
         &["--adapter", s(&dir)],
     ));
     assert_names(&msg, &["adapter_config.json"]);
+    // Another PEFT method's adapter: its type said plainly (it read `Some("VERA")`).
+    let dir = adapter(&dir.join("vera"), r#"{"peft_type": "VERA", "r": 2}"#, &[]);
+    let msg = nibble_fails(&model_data_args(
+        "eval",
+        &model,
+        &digits,
+        &["--adapter", s(&dir)],
+    ));
+    assert_names(&msg, &["found \"VERA\" (nibble reads LoRA and DoRA"]);
+    assert!(!msg.contains("Some("), "{msg}");
     // The adapter's weights file given for its directory.
     let file = dir.join("adapter_model.safetensors");
     let msg = nibble_fails(&model_data_args(

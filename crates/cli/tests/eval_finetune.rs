@@ -1097,7 +1097,9 @@ fn a_classifier_of_named_modules_gives_pytorchs_logits() {
             "fc1,bn1,fc2,norm,head,fc3",
             "names `fc3`, which is no module",
         ),
-        ("fc1,bn1,fc2,norm,head,fc1", "names a module twice"),
+        ("fc1,bn1,fc2,norm,head,fc1", "names `fc1` twice"),
+        // A name given twice is said as such, not as the module it displaced.
+        ("fc1,fc1,fc2,norm,head", "names `fc1` twice"),
     ] {
         let flags = [&given[..], &["--order", order]].concat();
         let msg = nibble_fails(&model_data_args("eval", &sorted, &g.d, &flags));
@@ -1752,6 +1754,21 @@ fn whole_pickled_models_run_with_the_layers_their_modules_name() {
     );
     // Sequentials nested in the Sequential run as one chain, their activations read too.
     gives_pytorchs_logits("whole_nested");
+    // A model of its own class: the activations registered between its layers (inside its
+    // nn.Sequential, and a module of its own between a norm and the head) and its RMSNorm's
+    // kind and eps are read (relu ran in every gap, the RMSNorm as a LayerNorm); a Dropout
+    // alone between two layers leaves the default relu (the model applies F.relu there).
+    gives_pytorchs_logits("whole_named");
+    gives_pytorchs_logits("whole_named_dropout");
+    // An activation nibble computes only with PyTorch's default settings: the error names the
+    // setting.
+    let msg = nibble_fails(&model_data_args(
+        "eval",
+        &data("whole_softplus_beta.pth"),
+        &d,
+        &[],
+    ));
+    assert!(msg.contains("Softplus") && msg.contains("beta=2"), "{msg}");
     // A BatchNorm1d without running statistics: refused (it ran as a LayerNorm).
     let msg = nibble_fails(&model_data_args(
         "eval",

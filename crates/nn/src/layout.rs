@@ -171,6 +171,13 @@ impl ModuleLayout {
                     paths()
                 )));
             }
+            let mut seen = std::collections::HashSet::with_capacity(order.len());
+            if let Some(twice) = order.iter().find(|p| !seen.insert(p.as_str())) {
+                return Err(structure(format!(
+                    "the module order names `{twice}` twice (the file's modules: {})",
+                    paths()
+                )));
+            }
             if let Some(missing) = modules.iter().find(|m| position(m).is_none()) {
                 return Err(structure(format!(
                     "the module order leaves out `{}` (the file's modules: {})",
@@ -178,14 +185,7 @@ impl ModuleLayout {
                     paths()
                 )));
             }
-            if order.len() != modules.len() {
-                return Err(structure(format!(
-                    "the module order names a module twice ({} entries for the {} modules {})",
-                    order.len(),
-                    modules.len(),
-                    paths()
-                )));
-            }
+            // Each entry once, each a module of the file, none left out: a permutation.
             modules.sort_by_key(|m| position(m));
             for (place, m) in modules.iter_mut().enumerate() {
                 m.index = 2 * place;

@@ -236,7 +236,7 @@ pub enum Command {
         #[arg(long, default_value_t = 20)]
         steps: usize,
         /// AdamW learning rate.
-        #[arg(long, default_value_t = 1e-3)]
+        #[arg(long, allow_negative_numbers = true, default_value_t = 1e-3)]
         lr: f32,
         /// Print one JSON object.
         #[arg(long)]

@@ -465,10 +465,17 @@ impl AdapterConfig {
         match field("peft_type").and_then(Value::as_str) {
             Some("LORA") => {}
             other => {
+                let found = match (other, field("peft_type")) {
+                    (Some(kind), _) => {
+                        format!("\"{kind}\" (nibble reads LoRA and DoRA adapters only)")
+                    }
+                    (None, Some(v)) => format!("{v}, not a string"),
+                    (None, None) => "no peft_type".to_string(),
+                };
                 return Err(adapter_error(
                     &path,
-                    format!("peft_type must be \"LORA\", found {other:?}"),
-                ))
+                    format!("peft_type must be \"LORA\", found {found}"),
+                ));
             }
         }
         for (name, what) in [
