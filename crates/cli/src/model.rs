@@ -107,7 +107,8 @@ pub struct Structure {
 
 impl Structure {
     /// Parses `--activation` ([`parse_activations`]; `None`: relu) and `--norm`
-    /// ([`parse_norms`]) beside the epsilons, and `--order` (comma-separated module paths).
+    /// ([`parse_norms`]) beside the epsilons (each positive and finite, or an error naming its
+    /// flag), and `--order` (comma-separated module paths).
     pub fn parse(
         activation: Option<&str>,
         norm: Option<&str>,
@@ -116,6 +117,18 @@ impl Structure {
         rms_norm_eps: f32,
         order: Option<&str>,
     ) -> Result<Self> {
+        for (arg, eps) in [
+            ("--layer-norm-eps", layer_norm_eps),
+            ("--batch-norm-eps", batch_norm_eps),
+            ("--rms-norm-eps", rms_norm_eps),
+        ] {
+            if !(eps.is_finite() && eps > 0.0) {
+                return Err(Error::Usage {
+                    arg,
+                    what: format!("must be a positive number within f32's range, found {eps}"),
+                });
+            }
+        }
         let order = order.map(|o| o.split(',').map(|p| p.trim().to_string()).collect());
         Ok(Structure {
             gaps: parse_activations(activation.unwrap_or("relu"))?,

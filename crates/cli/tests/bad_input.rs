@@ -702,3 +702,23 @@ fn layers_wider_than_the_machine_are_refused_not_aborted() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A norm's epsilon that is not a positive finite number is an error naming its flag, for
+/// eval and finetune, negative values included (clap took `-1` for an unknown argument, and
+/// a NaN was reported as `layer `0`'s, with no flag or file).
+#[test]
+fn norm_epsilons_must_be_positive_and_finite() {
+    let (model, digits) = (data("digits_mlp.pth"), data("digits.safetensors"));
+    for flag in ["--layer-norm-eps", "--batch-norm-eps", "--rms-norm-eps"] {
+        for value in ["nan", "-1", "0", "inf"] {
+            for verb in ["eval", "finetune"] {
+                let mut extra = vec![flag, value];
+                if verb == "finetune" {
+                    extra.extend_from_slice(&["--format", "f32", "--rank", "2", "--steps", "1"]);
+                }
+                let msg = nibble_fails(&model_data_args(verb, &model, &digits, &extra));
+                assert_names(&msg, &[flag, "positive number"]);
+            }
+        }
+    }
+}

@@ -33,6 +33,16 @@ pub(crate) fn is_legacy(buf: &[u8]) -> bool {
     magic_len(buf).is_some()
 }
 
+/// Whether `buf` is all of it the start of a legacy file's magic-number pickle, cut short
+/// (PROTO, then a prefix of LONG1's magic bytes): a truncated legacy `.pth`.
+pub(crate) fn is_truncated_magic(buf: &[u8]) -> bool {
+    match buf {
+        [0x80, _, rest @ ..] => MAGIC_LONG1.starts_with(rest),
+        [0x80] => true,
+        _ => false,
+    }
+}
+
 /// Whether `buf` starts with the magic number pickled in protocol 0 or 1 (a text `LONG`): a
 /// legacy file of a protocol nibble does not read, nor does `torch.load(weights_only=True)`.
 pub(crate) fn is_legacy_text_protocol(buf: &[u8]) -> bool {

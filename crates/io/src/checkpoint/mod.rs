@@ -265,6 +265,11 @@ impl fmt::Debug for Checkpoint {
 
 const ZIP_MAGIC: &[u8] = b"PK\x03\x04";
 
+/// The fewest bytes a checkpoint can have: a safetensors file's 8-byte header length and its
+/// JSON header `{}` (a legacy torch.save file's magic number alone takes 14, a zip archive's
+/// end record 22).
+const SHORTEST_CHECKPOINT: usize = 10;
+
 /// What a file that is not a regular file is, for messages.
 fn describe_kind(kind: std::fs::FileType) -> &'static str {
     #[cfg(unix)]
@@ -340,6 +345,24 @@ impl Checkpoint {
                 reason: "the file is empty (0 bytes)".into(),
             });
         }
+        let short = buf.len() < SHORTEST_CHECKPOINT && !buf.starts_with(ZIP_MAGIC);
+        if short && buf[0] == 0x80 && !legacy::is_truncated_magic(buf) {
+            return Err(not_torch_save(path));
+        }
+        if short || legacy::is_truncated_magic(buf) {
+            // Shorter than any format's header, or a legacy file's magic number cut short: a
+            // truncated file (it was read as a safetensors header, whose "length" was then the
+            // first bytes of a .pth).
+            return Err(Error::UnknownFormat {
+                path,
+                reason: format!(
+                    "the file is {} bytes, too short for a zip archive, a legacy torch.save \
+                     file or a safetensors header (truncated?); its bytes {:02x?}",
+                    buf.len(),
+                    &buf[..buf.len().min(16)]
+                ),
+            });
+        }
         let (format, entries, file_order, metadata) = if buf.starts_with(ZIP_MAGIC) {
             let (entries, order, metadata) = pth::read(&path, buf)?;
             (Format::Pth, entries, order, metadata)
@@ -360,12 +383,7 @@ impl Checkpoint {
                     .into(),
             });
         } else if buf.first() == Some(&0x80) {
-            return Err(Error::UnknownFormat {
-                path,
-                reason: "starts with a pickle but not with torch.save's magic number (a \
-                         `pickle.dump` of tensors?): save the state dict with torch.save"
-                    .into(),
-            });
+            return Err(not_torch_save(path));
         } else {
             return Err(Error::UnknownFormat {
                 path,
@@ -859,6 +877,16 @@ pub fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
         if order.is_ne() {
             return order;
         }
+    }
+}
+
+/// The error for a file that starts with a pickle but not with torch.save's magic number.
+fn not_torch_save(path: PathBuf) -> Error {
+    Error::UnknownFormat {
+        path,
+        reason: "starts with a pickle but not with torch.save's magic number (a `pickle.dump` \
+                 of tensors?): save the state dict with torch.save"
+            .into(),
     }
 }
 
