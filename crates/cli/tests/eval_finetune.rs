@@ -732,7 +732,7 @@ fn layer_norm_eps_is_given_on_the_command_line() {
             &g.d,
             &["--layer-norm-eps", bad],
         ));
-        assert!(msg.contains("epsilon"), "{bad}: {msg}");
+        assert!(msg.contains("--layer-norm-eps"), "{bad}: {msg}");
     }
 }
 
@@ -873,7 +873,7 @@ fn batch_norm_layers_give_pytorchs_logits_and_train() {
         &g.d,
         &["--batch-norm-eps", "0"],
     ));
-    assert!(msg.contains("epsilon"), "{msg}");
+    assert!(msg.contains("--batch-norm-eps"), "{msg}");
 }
 
 /// `nibble finetune` of `model` on `data` (five rows) with the base in `format`, rank 2, 20
