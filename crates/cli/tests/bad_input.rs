@@ -173,6 +173,22 @@ fn labels_of_any_integer_or_whole_float_type() {
             &["y_test", "index 2", "whole, non-negative label", shown],
         );
     }
+    // Whole and non-negative but past any index: said as such (it was "not whole").
+    let mut huge = as_f32.clone();
+    huge[1] = 1e20;
+    let (_, msg) = eval_on(
+        "yhuge",
+        &[f32s("x_test", &[4, 64], &x), f32s("y_test", &[4], &huge)],
+    );
+    assert_names(
+        &msg,
+        &[
+            "y_test",
+            "index 1",
+            "beyond any index",
+            "1000000020040877",
+        ],
+    );
     let (_, msg) = eval_on(
         "ywide",
         &[

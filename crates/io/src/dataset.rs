@@ -323,6 +323,14 @@ fn labels(file: &Checkpoint, key: &str, dtype: DType, n: usize) -> Result<Vec<us
     let whole = |i: usize, v: f64| {
         if v.is_finite() && v >= 0.0 && v.fract() == 0.0 && v < usize::MAX as f64 {
             Ok(v as usize)
+        } else if v.is_finite() && v >= 0.0 && v.fract() == 0.0 {
+            // Whole and non-negative, yet past any class index (1e20 read as f32).
+            Err(Error::Data {
+                path: file.path().to_path_buf(),
+                key: key.to_string(),
+                index: Some(i),
+                what: format!("expected a class index, found {v}, beyond any index"),
+            })
         } else {
             Err(bad(i, v.to_string()))
         }
