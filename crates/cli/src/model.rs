@@ -398,6 +398,17 @@ impl Classifier {
                 Layer::Activation(_) => None,
             })
             .unwrap_or(0);
+        if classes == 0 {
+            // Said of the model, not of the data (its labels were then "not in 0..0"). A model
+            // of 0 input features is one (its logits are its biases), and the data says so.
+            return Err(Error::Usage {
+                arg: "--model",
+                what: format!(
+                    "{}: the model gives 0 outputs: a classifier has at least one logit",
+                    path.display()
+                ),
+            });
+        }
         let chain = layout.named.then(|| {
             model
                 .layers()

@@ -182,12 +182,7 @@ fn labels_of_any_integer_or_whole_float_type() {
     );
     assert_names(
         &msg,
-        &[
-            "y_test",
-            "index 1",
-            "beyond any index",
-            "1000000020040877",
-        ],
+        &["y_test", "index 1", "beyond any index", "1000000020040877"],
     );
     let (_, msg) = eval_on(
         "ywide",
@@ -400,6 +395,12 @@ fn models_that_are_not_a_sequential_of_linear_and_layernorm() {
             &["2.weight", "9"],
         ),
         ("empty", vec![], &["empty.safetensors"]),
+        // A model of no outputs: it is named, not the data (its labels were "not in 0..0").
+        (
+            "no_outputs",
+            vec![f32s("0.weight", &[0, 8], &[])],
+            &["--model", "0 outputs"],
+        ),
     ];
     for (name, entries, parts) in cases {
         let m = dir.join(format!("{name}.safetensors"));
