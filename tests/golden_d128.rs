@@ -311,8 +311,36 @@ fn a_qlora_state_dict_runs_as_the_adapter_of_its_base() {
         e.contains("--adapter") && e.contains("model.0.model.0.weight"),
         "{e}"
     );
-    // Over another base of the same width: its biases differ from the file's.
+    // Over a base that carries adapters of its own: two sets, refused (the file's were
+    // replaced without a word).
     let e = build_err(spec("bignet_lora_sd_d64.pth", Variant::Qlora));
+    assert!(e.contains("holds LoRA adapters"), "{e}");
+    // Over another base of the same width (that one less its adapters): its biases differ
+    // from the file's.
+    let other = Checkpoint::open(data("bignet_lora_sd_d64.pth")).unwrap();
+    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = other
+        .keys()
+        .filter(|k| !k.contains(".lora_"))
+        .map(|k| {
+            let t = other.tensor_f32(k, None).unwrap();
+            let b = t.data().iter().flat_map(|x| x.to_le_bytes()).collect();
+            (k.to_string(), t.shape().to_vec(), b)
+        })
+        .collect();
+    let refs: Vec<(String, nibble::io::DType, Vec<usize>, &[u8])> = tensors
+        .iter()
+        .map(|(k, s, b)| (k.clone(), nibble::io::DType::F32, s.clone(), b.as_slice()))
+        .collect();
+    let base = std::env::temp_dir().join(format!(
+        "nibble_other_base_{}.safetensors",
+        std::process::id()
+    ));
+    nibble::io::write_safetensors(&base, &refs, &Default::default()).unwrap();
+    let e = build_err(ModelSpec {
+        weights: Some(base.clone()),
+        ..spec("bignet_qlora_base_d64.pth", Variant::Qlora)
+    });
+    std::fs::remove_file(&base).ok();
     assert!(
         e.contains("model.0.model.0.bias") && e.contains("element 0"),
         "{e}"
