@@ -200,6 +200,66 @@ fn a_bitsandbytes_quantized_bignet_runs_as_nf4_dq() {
     assert!(e.contains("nf4_dq") && e.contains("nf4"), "{e}");
 }
 
+/// The same NF4 BigNet with its packed codes stored as bf16 or f32 elements (bitsandbytes'
+/// `quant_storage`, as FSDP-QLoRA saves them): the same bytes, so the same output bit for bit.
+/// Read as floats, some pairs of codes were NaN and the model was refused.
+#[test]
+fn bitsandbytes_codes_in_float_storage_are_read_as_their_bytes() {
+    let file = Checkpoint::open(data("bignet_bnb_dq_d64.safetensors")).unwrap();
+    let x = golden(
+        &Checkpoint::open(data("bignet_bnb_io_d64.safetensors")).unwrap(),
+        "x",
+    );
+    let want = load(Variant::Nf4Dq, "bignet_bnb_dq_d64.safetensors")
+        .infer(&x)
+        .unwrap();
+    for (storage, size) in [(nibble::io::DType::BF16, 2), (nibble::io::DType::F32, 4)] {
+        let mut nan_pattern = false;
+        let tensors: Vec<(String, nibble::io::DType, Vec<usize>, Vec<u8>)> = file
+            .keys()
+            .map(|k| {
+                let (dtype, shape) = file.info(k).unwrap();
+                let bytes = file.bytes(k).unwrap().to_vec();
+                let codes =
+                    dtype == nibble::io::DType::U8 && nibble::io::bnb::is_bnb_4bit(&file, k);
+                if codes {
+                    nan_pattern |= bytes.chunks_exact(size).any(|c| match size {
+                        2 => half::bf16::from_le_bytes([c[0], c[1]]).is_nan(),
+                        _ => f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_nan(),
+                    });
+                    (k.to_string(), storage, vec![bytes.len() / size, 1], bytes)
+                } else {
+                    (k.to_string(), dtype, shape.to_vec(), bytes)
+                }
+            })
+            .collect();
+        assert!(
+            nan_pattern,
+            "{storage:?}: no code bytes read as NaN; the test tests nothing"
+        );
+        let refs: Vec<(String, nibble::io::DType, Vec<usize>, &[u8])> = tensors
+            .iter()
+            .map(|(k, d, s, b)| (k.clone(), *d, s.clone(), b.as_slice()))
+            .collect();
+        let path = std::env::temp_dir().join(format!(
+            "nibble_bnb_storage_{storage:?}_{}.safetensors",
+            std::process::id()
+        ));
+        nibble::io::write_safetensors(&path, &refs, file.metadata()).unwrap();
+        let model = ModelSpec {
+            weights: Some(path.clone()),
+            ..ModelSpec::seeded(Variant::Nf4Dq, 0)
+        }
+        .build();
+        std::fs::remove_file(&path).ok();
+        let y = model
+            .unwrap_or_else(|e| panic!("{storage:?}: {e}"))
+            .infer(&x)
+            .unwrap();
+        assert_eq!(y.data(), want.data(), "{storage:?}");
+    }
+}
+
 /// A BigNet whose Linears are bitsandbytes 8-bit layers (`Linear8bitLt`, width 64,
 /// `tools/golden/make_bnb_more.py`) loads as the int8 variant from their codes and row scales
 /// and gives bitsandbytes' output.

@@ -240,7 +240,10 @@ fn check_stored_floats_finite(file: &Checkpoint) -> Result<()> {
         ".weight.lower.",
     ];
     for key in file.keys_in_file_order() {
-        if CHECKED_PARTS.iter().any(|p| key.contains(p)) {
+        // bitsandbytes' packed 4-bit codes, stored as bf16 / f16 / f32 elements where a
+        // `quant_storage` asked for it (FSDP-QLoRA): bytes of codes, not floats (read as
+        // floats, some pairs of codes were "NaN" and the model was refused).
+        if CHECKED_PARTS.iter().any(|p| key.contains(p)) || nibble_io::bnb::is_bnb_4bit(file, key) {
             continue;
         }
         if let Some((DType::F32 | DType::F16 | DType::BF16 | DType::F64, _)) = file.info(key) {

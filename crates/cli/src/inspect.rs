@@ -186,16 +186,19 @@ fn module_order(file: &Checkpoint) -> Option<String> {
         .iter()
         .map(|m| format!("{prefix}{}", m.path))
         .collect();
-    let gaps = layout.gaps().len();
+    let gaps = match layout.gaps().len() {
+        1 => "1 gap".to_string(),
+        n => format!("{n} gaps"),
+    };
     Some(if layout.named {
         format!(
             "named modules, run in this order (--order changes it): {}; --activation takes one \
-             entry for all {gaps} gaps between them or one per gap",
+             entry for the {gaps} between them, or one per gap",
             paths.join(" → ")
         )
     } else {
         format!(
-            "an nn.Sequential of modules {}; {gaps} gaps between them (parameter-free layers), \
+            "an nn.Sequential of modules {}; {gaps} between them (parameter-free layers), \
              which --activation fills",
             paths.join(", ")
         )
