@@ -50,7 +50,7 @@ fn inspect_lists_every_tensor_of_a_pth_with_the_issue_keys() {
     assert!(
         named.ok
             && named.stdout.contains(
-                "named modules, run in this order (--order changes it): fc1 → bn1 → fc2 → norm → head; --activation takes one entry for all 4 gaps"
+                "named modules, run in this order (--order changes it): fc1 → bn1 → fc2 → norm → head; --activation takes one entry for the 4 gaps between them, or one per gap"
             ),
         "{}",
         named.stdout
