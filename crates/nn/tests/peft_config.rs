@@ -969,6 +969,53 @@ fn rank_and_alpha_patterns_take_the_first_matching_key_in_file_order() {
         "{e}"
     );
     assert!(adapted(&m).is_empty());
+    // Keys that both regex engines accept but read differently: a POSIX class or a nested
+    // class, a set operation. Rust matched other modules than Python (logits up to 1.5 off
+    // PEFT's); now each is an error naming the setting and the key, in every setting PEFT reads
+    // as a regex.
+    for (setting, key) in [
+        ("alpha_pattern", "[[:digit:]]"),
+        ("rank_pattern", "[0-9--3]"),
+        ("alpha_pattern", "[0-9&&[35]]"),
+    ] {
+        let d = raw(
+            "python_differs",
+            &format!(r#"{{{head}, "{setting}": {{"{key}": 8}}}}"#),
+            &lora(2, &ALL),
+        );
+        let e = model(&dir).load_adapter(&d).unwrap_err().to_string();
+        assert!(
+            e.contains(setting) && e.contains(key) && e.contains("Python"),
+            "{setting} {key}: {e}"
+        );
+    }
+    for (setting, value) in [
+        ("target_modules", r#""[[:digit:]]""#),
+        ("exclude_modules", r#""[0-9--5]""#),
+        ("modules_to_save", r#"["[[:digit:]]"]"#),
+        ("layers_pattern", r#""[a-z&&[xy]]""#),
+    ] {
+        let config = if setting == "target_modules" {
+            format!(
+                r#"{{"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": {value}}}"#
+            )
+        } else {
+            format!(r#"{{{head}, "{setting}": {value}}}"#)
+        };
+        let d = raw("python_differs_select", &config, &lora(2, &ALL));
+        let e = model(&dir).load_adapter(&d).unwrap_err().to_string();
+        assert!(
+            e.contains(setting) && e.contains("Python"),
+            "{setting}: {e}"
+        );
+    }
+    // The constructs both read alike stay: a `]` first, a range, an escaped `[`, a `-` at the end.
+    let d = raw(
+        "python_alike",
+        &format!(r#"{{{head}, "alpha_pattern": {{"[]x]|[0-9]|\\[|[3-]": 4}}}}"#),
+        &lora(2, &ALL),
+    );
+    model(&dir).load_adapter(&d).unwrap();
     std::fs::remove_dir_all(&dir).ok();
 }
 

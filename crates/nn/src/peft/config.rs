@@ -182,6 +182,64 @@ const PATTERN_SET_LIMIT: usize = 64 << 20;
 
 /// PEFT's `get_pattern_key` regex for pattern `pattern`: the module name's last dotted
 /// components (`(.*\.)?(pattern)$`).
+/// Where `pattern` uses a construct that both Rust's `regex` and Python's `re` (PEFT's
+/// matcher) accept but read differently, a description of it: inside a character class, a
+/// `[` (a nested class or a POSIX class such as `[:digit:]` in Rust, a literal `[` in Python)
+/// or a set operation `--`, `&&`, `~~` (literal characters in Python). Such a key matched
+/// other modules than PEFT's, silently.
+fn python_reads_differently(pattern: &str) -> Option<&'static str> {
+    let mut chars = pattern.chars().peekable();
+    let mut in_class = false;
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                chars.next();
+            }
+            '[' if !in_class => {
+                in_class = true;
+                // A `^` and then a `]` first are literal in both.
+                if chars.peek() == Some(&'^') {
+                    chars.next();
+                }
+                if chars.peek() == Some(&']') {
+                    chars.next();
+                }
+            }
+            ']' if in_class => in_class = false,
+            '[' => {
+                return Some(
+                    "a `[` inside a character class (Rust reads a nested class or a POSIX class \
+                     such as [:digit:], Python a literal `[`)",
+                )
+            }
+            '-' | '&' | '~' if in_class && chars.peek() == Some(&c) => {
+                return Some(
+                    "a set operation inside a character class (`--`, `&&` or `~~`: Rust \
+                     subtracts, intersects or differences two classes, Python reads the \
+                     characters)",
+                )
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// An error naming setting `name` and its `key` where Python reads `key` differently from
+/// nibble ([`python_reads_differently`]).
+fn check_python_regex(path: &Path, name: &str, key: &str) -> Result<()> {
+    match python_reads_differently(key) {
+        Some(what) => Err(adapter_error(
+            path,
+            format!(
+                "`{name}`: `{key}` uses {what}; PEFT matches it as a Python regex, so nibble \
+                 would adapt other modules than PEFT's (write the class out)"
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
 fn pattern_source(pattern: &str) -> String {
     format!(r"^(?:.*\.)?(?:{pattern})$")
 }
@@ -200,6 +258,7 @@ impl PatternSet {
         // nibble cannot read as a regex (Python-only syntax such as a lookbehind, which PEFT
         // matches) is an error: taken as a plain name it would silently match nothing.
         for k in keys {
+            check_python_regex(path, name, k)?;
             if let Err(regex::Error::Syntax(e)) = regex::RegexBuilder::new(&pattern_source(k))
                 .size_limit(0)
                 .build()
@@ -326,6 +385,9 @@ fn layer_filter(
             .ok_or_else(|| bad("layers_pattern", v, "a string or a list of strings"))?,
         Some(v) => return Err(bad("layers_pattern", v, "a string or a list of strings")),
     };
+    for p in &patterns {
+        check_python_regex(path, "layers_pattern", p)?;
+    }
     let indexes_absent = indexes.is_none();
     let indexes: Vec<i64> = match indexes {
         None => Vec::new(),
@@ -388,14 +450,17 @@ fn selector(path: &Path, name: &str, v: &Value, target: bool) -> Result<ModuleSe
             Ok(ModuleSelector::AllLinear)
         }
         Value::String(s) if target && s == DUMMY_TARGET_MODULES => Ok(ModuleSelector::Dummy),
-        Value::String(s) => regex::Regex::new(&format!("^(?:{s})$"))
-            .map(|re| ModuleSelector::Regex(s.clone(), re))
-            .map_err(|e| {
-                adapter_error(
-                    path,
-                    format!("`{name}` = \"{s}\" is not a regex nibble reads: {e}"),
-                )
-            }),
+        Value::String(s) => {
+            check_python_regex(path, name, s)?;
+            regex::Regex::new(&format!("^(?:{s})$"))
+                .map(|re| ModuleSelector::Regex(s.clone(), re))
+                .map_err(|e| {
+                    adapter_error(
+                        path,
+                        format!("`{name}` = \"{s}\" is not a regex nibble reads: {e}"),
+                    )
+                })
+        }
         Value::Array(list) => list
             .iter()
             .map(|e| e.as_str().map(str::to_string))
@@ -680,6 +745,7 @@ impl AdapterConfig {
                     .map(|m| {
                         let m = m.as_str().ok_or_else(bad)?;
                         // PEFT: `re.match(rf"(^|.*\.){m}($|\..*)", key)`.
+                        check_python_regex(&path, "modules_to_save", m)?;
                         let re = regex::Regex::new(&format!(r"^(?:(^|.*\.){m}($|\..*))"))
                             .map_err(|e| {
                                 adapter_error(
