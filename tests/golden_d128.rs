@@ -260,6 +260,78 @@ fn bitsandbytes_codes_in_float_storage_are_read_as_their_bytes() {
     }
 }
 
+/// A bitsandbytes BigNet with one Linear left in f32 (`llm_int8_skip_modules`; here the
+/// NF4 and the 8-bit goldens with `model.0.model.2` replaced by its f32 values): read as f32
+/// weights, each quantized layer dequantized as bitsandbytes computes it, bitsandbytes'
+/// output. Such a model was refused (the error named `….weight.nf4.packed`, a key of nibble's
+/// own layout) because the first Linear alone chose the format.
+#[test]
+fn a_bitsandbytes_bignet_with_f32_layers_runs_as_f32_weights() {
+    for (file, io) in [
+        (
+            "bignet_bnb_dq_d64.safetensors",
+            "bignet_bnb_io_d64.safetensors",
+        ),
+        (
+            "bignet_bnb8_d64.safetensors",
+            "bignet_bnb8_io_d64.safetensors",
+        ),
+    ] {
+        let ck = Checkpoint::open(data(file)).unwrap();
+        let skipped = "model.0.model.2";
+        let weight = format!("{skipped}.weight");
+        let dense = if nibble::io::bnb::is_bnb_4bit(&ck, &weight) {
+            nibble::io::bnb::read_bnb_4bit_f32(&ck, &weight).unwrap()
+        } else {
+            nibble::io::bnb::read_bnb_8bit(&ck, &weight)
+                .unwrap()
+                .0
+                .matrix()
+                .to_f32()
+        };
+        let mut tensors: Vec<(String, nibble::io::DType, Vec<usize>, Vec<u8>)> = ck
+            .keys()
+            .filter(|k| !k.starts_with(&format!("{skipped}.")) || *k == format!("{skipped}.bias"))
+            .map(|k| {
+                let (dtype, shape) = ck.info(k).unwrap();
+                (
+                    k.to_string(),
+                    dtype,
+                    shape.to_vec(),
+                    ck.bytes(k).unwrap().to_vec(),
+                )
+            })
+            .collect();
+        let bytes = dense.data().iter().flat_map(|v| v.to_le_bytes()).collect();
+        tensors.push((
+            weight,
+            nibble::io::DType::F32,
+            dense.shape().to_vec(),
+            bytes,
+        ));
+        let refs: Vec<(String, nibble::io::DType, Vec<usize>, &[u8])> = tensors
+            .iter()
+            .map(|(k, d, s, b)| (k.clone(), *d, s.clone(), b.as_slice()))
+            .collect();
+        let path =
+            std::env::temp_dir().join(format!("nibble_bnb_skip_{}_{file}", std::process::id()));
+        nibble::io::write_safetensors(&path, &refs, ck.metadata()).unwrap();
+        let model = ModelSpec {
+            weights: Some(path.clone()),
+            ..ModelSpec::seeded(Variant::Bignet, 0)
+        }
+        .build();
+        std::fs::remove_file(&path).ok();
+        let model = model.unwrap_or_else(|e| panic!("{file}: {e}"));
+        let io = Checkpoint::open(data(io)).unwrap();
+        let err = rel_err(&model.infer(&golden(&io, "x")).unwrap(), &golden(&io, "y"));
+        assert!(
+            err < 1e-5,
+            "{file}: relative error {err} against bitsandbytes"
+        );
+    }
+}
+
 /// A BigNet whose Linears are bitsandbytes 8-bit layers (`Linear8bitLt`, width 64,
 /// `tools/golden/make_bnb_more.py`) loads as the int8 variant from their codes and row scales
 /// and gives bitsandbytes' output.

@@ -121,6 +121,21 @@ impl WeightSource for CheckpointSource {
             }
             return check_finite(self.checkpoint.path(), key, t);
         }
+        if nibble_io::bnb::is_bnb_8bit(&self.checkpoint, key) {
+            // One bitsandbytes 8-bit Linear among f32 ones (`llm_int8_skip_modules`): its
+            // codes times its row scales, `K · SCB / 127`, as f32.
+            let (weight, out, inn) = nibble_io::bnb::read_bnb_8bit(&self.checkpoint, key)?;
+            if [out, inn] != shape {
+                return Err(Error::Model {
+                    what: format!(
+                        "{}: `{key}` is [{out}, {inn}] in bitsandbytes' 8-bit layout, expected \
+                         {shape:?}",
+                        self.describe()
+                    ),
+                });
+            }
+            return check_finite(self.checkpoint.path(), key, weight.matrix().to_f32());
+        }
         check_finite(
             self.checkpoint.path(),
             key,
@@ -431,8 +446,14 @@ fn check_no_extra_keys(source: &CheckpointSource) -> Result<()> {
         .collect();
     for key in source.checkpoint.keys() {
         let adapter = key.ends_with(".lora_a.weight") || key.ends_with(".lora_b.weight");
-        // The parts of a weight in bitsandbytes' 4-bit layout (read through its `weight` key).
-        let bnb_part = nibble_io::bnb::part_info(&source.checkpoint, key).is_some();
+        // The parts of a weight in bitsandbytes' 4-bit layout (read through its `weight` key),
+        // and an 8-bit one's row scales and layout flag.
+        let bnb_part = nibble_io::bnb::part_info(&source.checkpoint, key).is_some()
+            || [".SCB", ".weight_format"].iter().any(|part| {
+                key.strip_suffix(part).is_some_and(|module| {
+                    nibble_io::bnb::is_bnb_8bit(&source.checkpoint, &format!("{module}.weight"))
+                })
+            });
         if !expected.contains(key) && !adapter && !bnb_part {
             return Err(Error::Model {
                 what: format!(

@@ -73,20 +73,7 @@ pub fn save_model(model: &BigNet, path: &Path) -> Result<()> {
 /// other block sizes: `None`, read as f32 weights), one in its 8-bit layout int8.
 pub fn quantized_format(file: &Checkpoint) -> Result<Option<WeightFormat>> {
     let Some(name) = file.metadata().get(FORMAT_KEY) else {
-        let first = format!("{}.weight", linear_key(0, 0));
-        if nibble_io::bnb::is_bnb_4bit(file, &first) {
-            // NF4 in blocks of 64 runs from its codes; FP4 and other block sizes are read as
-            // f32 weights, as a plain state dict (`loader::CheckpointSource`).
-            let info = nibble_io::bnb::bnb_4bit_info(file, &first)?;
-            if !info.is_native() {
-                return Ok(None);
-            }
-            return Ok(Some(nibble_io::bnb::read_bnb_4bit(file, &first)?.1));
-        }
-        if nibble_io::bnb::is_bnb_8bit(file, &first) {
-            return Ok(Some(WeightFormat::Int8));
-        }
-        return Ok(None);
+        return bnb_format(file);
     };
     match WeightFormat::from_name(name) {
         Some(WeightFormat::F32 | WeightFormat::F16) => Ok(None),
@@ -98,6 +85,38 @@ pub fn quantized_format(file: &Checkpoint) -> Result<Option<WeightFormat>> {
             ),
         }),
     }
+}
+
+/// The format a bitsandbytes BigNet runs from its codes: NF4 in blocks of 64 (`nf4`, or
+/// `nf4_dq` double-quantized) or 8-bit (`int8`), where every one of its 18 Linears is stored
+/// so. Any other file, FP4 or NF4 in other blocks, and a model whose Linears differ (some
+/// quantized and some f32, as `llm_int8_skip_modules` leaves them, or NF4 with and without
+/// double quantization) are read as f32 weights, as a plain state dict
+/// (`loader::CheckpointSource` dequantizes each layer): `None`. Such a model was refused,
+/// the error naming a key of nibble's own layout.
+fn bnb_format(file: &Checkpoint) -> Result<Option<WeightFormat>> {
+    let mut common: Option<WeightFormat> = None;
+    for block in 0..6 {
+        for layer in 0..3 {
+            let key = format!("{}.weight", linear_key(block, layer));
+            let format = if nibble_io::bnb::is_bnb_4bit(file, &key) {
+                let info = nibble_io::bnb::bnb_4bit_info(file, &key)?;
+                if !info.is_native() {
+                    return Ok(None);
+                }
+                nibble_io::bnb::read_bnb_4bit(file, &key)?.1
+            } else if nibble_io::bnb::is_bnb_8bit(file, &key) {
+                WeightFormat::Int8
+            } else {
+                return Ok(None);
+            };
+            if common.is_some_and(|c| c != format) {
+                return Ok(None);
+            }
+            common = Some(format);
+        }
+    }
+    Ok(common)
 }
 
 fn f32_param(file: &Checkpoint, key: &str, dim: usize, train: bool) -> Result<Param> {
