@@ -480,6 +480,21 @@ fn a_lora_state_dict_merges_its_own_adapters_and_refuses_a_second_set() {
         fails_with(&args, "holds LoRA adapters");
         assert!(!out.exists());
     }
+    // quantize would drop them, as it would an --adapter's: refused, pointing at merge.
+    let out = dir.join("q4.safetensors");
+    fails_with(
+        &[
+            "quantize",
+            "--weights",
+            ws,
+            "--format",
+            "q4",
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        "bignet merge --weights",
+    );
+    assert!(!out.exists());
     // Without adapters anywhere, merge says where they may come from.
     fails_with(
         &[

@@ -1016,6 +1016,17 @@ fn rank_and_alpha_patterns_take_the_first_matching_key_in_file_order() {
         &lora(2, &ALL),
     );
     model(&dir).load_adapter(&d).unwrap();
+    // An inline flag Python reads as PEFT's matcher does: `(?i)` (it was refused, naming a
+    // feature of the regex crate).
+    let d = raw(
+        "inline_flag",
+        &format!(r#"{{{head}, "alpha_pattern": {{"(?i)3": 4}}}}"#),
+        &lora(2, &ALL),
+    );
+    let mut m = model(&dir);
+    m.load_adapter(&d).unwrap();
+    assert_eq!(b_of(&m, 1), scaled(3, 8, 2.0));
+    assert_eq!(b_of(&m, 0), scaled(1, 8, 1.0));
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -149,7 +149,7 @@ impl Common {
         asked.iter().map(|&v| self.variant(Some(v))).collect()
     }
 
-    /// The files a verb reads: `--weights` and the adapter directory's files.
+    /// The files a verb reads: `--weights` and the adapter directory's files that exist.
     pub fn inputs(&self) -> Vec<NamedPath> {
         let mut inputs: Vec<NamedPath> = self
             .weights
@@ -157,7 +157,13 @@ impl Common {
             .map(|w| NamedPath::new("--weights", w))
             .collect();
         if let Some(dir) = &self.adapter {
-            inputs.extend(NamedPath::adapter_files("--adapter", dir));
+            // The files the directory has: a clash with one it lacks (`adapter_model.safetensors`
+            // beside a `.bin` adapter) named a file that does not exist.
+            inputs.extend(
+                NamedPath::adapter_files("--adapter", dir)
+                    .into_iter()
+                    .filter(|f| f.path.exists()),
+            );
         }
         inputs
     }

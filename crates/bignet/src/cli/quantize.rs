@@ -8,7 +8,8 @@ use std::path::Path;
 use std::time::Instant;
 
 /// Quantizes the model in `common.weights` (or the seeded init) to `format` and writes `output`;
-/// an adapter (`--adapter`) is refused: the file would hold the base without its LoRA products.
+/// an adapter (`--adapter`, or the reference's trained adapters inside `--weights`) is refused:
+/// the file would hold the base without its LoRA products.
 pub fn run(format: WeightFormat, output: &Path, common: &Common) -> Result<()> {
     if format == WeightFormat::F32 {
         return Err(Error::Input {
@@ -29,6 +30,24 @@ pub fn run(format: WeightFormat, output: &Path, common: &Common) -> Result<()> {
                 format.name()
             ),
         });
+    }
+    if let Some(weights) = &common.weights {
+        let file = crate::loader::open_checkpoint(weights)?;
+        if let Some(key) = crate::loader::state_dict_lora_key(&file) {
+            // The reference's trained lora / qlora model: as with --adapter, its LoRA products
+            // would be lost (the error said to load it as lora or qlora, which quantize takes
+            // no variant for).
+            return Err(Error::Input {
+                what: format!(
+                    "--weights {} holds the reference's trained LoRA adapters (`{key}`): \
+                     quantize writes base weights only, so their products would be lost; fold \
+                     them in with `bignet merge --weights {} --into {} --output ...`",
+                    weights.display(),
+                    weights.display(),
+                    format.name()
+                ),
+            });
+        }
     }
     let start = Instant::now();
     let model = common.spec(Variant::for_format(format)).build()?;
