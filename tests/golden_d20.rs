@@ -70,3 +70,23 @@ fn q4_at_width_20_takes_the_reference_s_blocks_across_rows() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// PEFT adapters that carry base parameters (`bias="all"`, `modules_to_save` of a Linear) on
+/// the half_precision base (`tools/golden/make_peft_half_base.py`): PEFT copies them into the
+/// HalfLinear's f16 parameters or an f16 copy of the module, so nibble rounds them to f16
+/// too. Kept in f32 they put the outputs 3–4e-4 off PEFT's.
+#[test]
+fn adapter_base_parameters_on_the_f16_base_are_rounded_to_f16_as_peft_stores_them() {
+    let io = Checkpoint::open(data("peft_half_base/io.safetensors")).unwrap();
+    let x = io.tensor_f32("x", Some(&[6, 20])).unwrap();
+    for name in ["bias_all", "mts_linear"] {
+        let want = io.tensor_f32(&format!("y_{name}"), Some(&[6, 20])).unwrap();
+        let model = build(
+            Variant::HalfPrecision,
+            data("bignet_d20.pth"),
+            Some(data(&format!("peft_half_base/{name}"))),
+        );
+        let diff = max_diff(&model.infer(&x).unwrap(), &want);
+        assert!(diff < 2e-6, "{name}: {diff} from PEFT's output");
+    }
+}

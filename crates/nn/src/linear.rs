@@ -727,6 +727,20 @@ impl Linear {
         Ok(())
     }
 
+    /// Whether the layer's parameters are all f16, as the reference's `half_precision` and
+    /// `lora` layers (`HalfLinear`) are: a frozen base with an f16 bias. A parameter that
+    /// replaces one of its own ([`Linear::replace_base_param`]) is stored in f16 in such a
+    /// module, as PEFT loads it.
+    pub fn is_all_f16(&self) -> bool {
+        matches!(
+            &self.base,
+            LinearBase::Frozen {
+                bias: Some(FrozenBias::F16(_)),
+                ..
+            }
+        )
+    }
+
     /// Whether the layer adds a bias.
     pub fn has_bias(&self) -> bool {
         match &self.base {

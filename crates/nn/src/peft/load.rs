@@ -6,7 +6,7 @@ use crate::error::Result;
 use crate::linear::{lora_product, Dora, Linear, LoraAdapter};
 use nibble_autograd::Param;
 use nibble_io::Checkpoint;
-use nibble_tensor::Tensor;
+use nibble_tensor::{f16, Tensor};
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
@@ -450,8 +450,18 @@ pub fn load_adapter_into<'a>(
                 vec![other.weight.value().numel()]
             }
         };
-        let value = file.tensor_f32(key, Some(&shape))?;
+        let mut value = file.tensor_f32(key, Some(&shape))?;
         finite(key, &value)?;
+        if layers.get(module).is_some_and(|l| l.is_all_f16()) {
+            // PEFT copies it into the module's f16 parameter (`bias = "all"`), or into an f16
+            // copy of the module (`modules_to_save`): its values rounded to f16, which kept in
+            // f32 put outputs 3e-4 off PEFT's on `half_precision`. Checked in f16, where a
+            // finite f32 value may overflow.
+            for v in value.data_mut() {
+                *v = f16::from_f32(*v).to_f32();
+            }
+            finite(key, &value)?;
+        }
         if !bias && loaded.iter().any(|(i, ..)| *i == module) {
             return Err(adapter_error(
                 dir,
