@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::model::{parse_activations, parse_norms, Structure};
 use nibble_io::{Checkpoint, PICKLED_MODULES_KEY};
 use serde_json::Value;
+use std::collections::HashMap;
 use std::path::Path;
 
 /// One module of the pickled model, as the reader lists it.
@@ -318,14 +319,18 @@ fn sequential_flags(
 ) -> Result<Option<PickledFlags>> {
     // The layers in the order the Sequential runs them: its children, a nested nn.Sequential's
     // own in its place (as a state dict's keys `0.0.weight`, `1.weight` chain them).
-    let mut leaves = Vec::new();
-    sequential_leaves(modules, container, "", 0, &mut leaves);
+    let leaves = leaves(modules, container, Expand::Sequentials);
 
     let mut gathered = Gathered::default();
     // What each gap holds, in order (the first entry what comes before the first layer).
     let mut gaps: Vec<Vec<String>> = vec![Vec::new()];
     let mut layers = 0usize;
-    for (relative, m) in &leaves {
+    for Leaf {
+        relative,
+        module: m,
+        ..
+    } in &leaves
+    {
         match reader.classify(relative, m, &mut gathered)? {
             Step::Free(a) => gaps.last_mut().expect("one gap at least").push(a),
             Step::Layer => {
@@ -394,8 +399,7 @@ fn named_flags(
     container: &str,
     order: Option<&[String]>,
 ) -> Result<Option<PickledFlags>> {
-    let mut leaves = Vec::new();
-    named_leaves(modules, container, "", None, 0, &mut leaves);
+    let leaves = leaves(modules, container, Expand::Containers);
     let mut gathered = Gathered::default();
     let mut layers: Vec<RegisteredLayer<'_>> = Vec::new();
     let mut layer_paths: Vec<&str> = Vec::new();
@@ -456,87 +460,89 @@ fn named_flags(
 /// and what was registered after it up to the next layer.
 type RegisteredLayer<'m> = (Option<&'m str>, Vec<(Step, &'m Module<'m>)>);
 
-/// A module that runs in a model of named modules, as [`named_leaves`] lists them.
-struct NamedLeaf<'m> {
-    /// Its path relative to the model's.
+/// A module that runs, as [`leaves`] lists them.
+struct Leaf<'m> {
+    /// Its path relative to the container's.
     relative: String,
     module: &'m Module<'m>,
     /// The path of the nn.Sequential it is a child of, if it is one's.
     sequential: Option<&'m str>,
 }
 
-/// The leaf modules under `path`, in registration order: each child, or the children of a
-/// child container (an nn.Sequential, a class of the model's own code, an nn.ModuleList) in
-/// its place; `sequential` is `path`'s own when it is an nn.Sequential.
-fn named_leaves<'m>(
-    modules: &'m [Module<'m>],
-    path: &'m str,
-    relative: &str,
-    sequential: Option<&'m str>,
-    depth: usize,
-    out: &mut Vec<NamedLeaf<'m>>,
-) {
-    for m in modules {
-        let Some(name) = child_name(m.path, path) else {
-            continue;
-        };
-        let rel = if relative.is_empty() {
-            name.to_string()
-        } else {
-            format!("{relative}.{name}")
-        };
-        let has_children = modules.iter().any(|c| child_name(c.path, m.path).is_some());
-        if has_children && depth < MAX_NESTING {
-            let own = (m.torch_class() == Some("Sequential")).then_some(m.path);
-            named_leaves(modules, m.path, &rel, own, depth + 1, out);
-        } else {
-            out.push(NamedLeaf {
-                relative: rel,
-                module: m,
-                sequential,
-            });
-        }
-    }
+/// Which child modules [`leaves`] lists in their place by their own children.
+#[derive(Clone, Copy, PartialEq)]
+enum Expand {
+    /// nn.Sequentials (the chain of a Sequential: a nested one runs in its place).
+    Sequentials,
+    /// Any module with children (a model of named modules: its own classes, Sequentials and
+    /// ModuleLists, in the order the pickle registers them).
+    Containers,
 }
 
-/// `path`'s name as a direct child of `parent` (`fc1` of `net.fc1` under `net`), if it is one.
-fn child_name<'p>(path: &'p str, parent: &str) -> Option<&'p str> {
-    let name = if parent.is_empty() {
-        Some(path).filter(|p| !p.is_empty())
-    } else {
-        path.strip_prefix(parent).and_then(|r| r.strip_prefix('.'))
-    };
-    name.filter(|n| !n.contains('.'))
-}
-
-/// Deepest nesting of nn.Sequential containers [`sequential_leaves`] expands.
+/// Deepest nesting of containers [`leaves`] expands.
 const MAX_NESTING: usize = 16;
 
-/// The modules that run, in order, in the nn.Sequential at `path` (registration order, which
-/// `modules` keeps): each child, or a child nn.Sequential's own, in its place, with its path
-/// relative to the outermost container (`relative` is `path`'s).
-fn sequential_leaves<'m>(
-    modules: &'m [Module<'m>],
-    path: &str,
-    relative: &str,
-    depth: usize,
-    out: &mut Vec<(String, &'m Module<'m>)>,
-) {
+/// The leaf modules under `container`, in registration order (which `modules` keeps): each
+/// child, or the children of a child that `expand` names in its place, with its path relative
+/// to `container`. One pass over the modules to index them by parent, then one visit each.
+fn leaves<'m>(modules: &'m [Module<'m>], container: &'m str, expand: Expand) -> Vec<Leaf<'m>> {
+    let mut children: HashMap<&str, Vec<&'m Module<'m>>> = HashMap::new();
     for m in modules {
-        let Some(name) = child_name(m.path, path) else {
-            continue;
-        };
-        let rel = if relative.is_empty() {
-            name.to_string()
-        } else {
-            format!("{relative}.{name}")
-        };
-        if m.torch_class() == Some("Sequential") && depth < MAX_NESTING {
-            sequential_leaves(modules, m.path, &rel, depth + 1, out);
-        } else {
-            out.push((rel, m));
+        if let Some(parent) = parent_of(m.path) {
+            children.entry(parent).or_default().push(m);
         }
     }
+    let mut out = Vec::new();
+    // (container's path, its relative path, its Sequential-ness, depth), depth first.
+    fn visit<'m>(
+        children: &HashMap<&str, Vec<&'m Module<'m>>>,
+        path: &'m str,
+        relative: &str,
+        sequential: Option<&'m str>,
+        depth: usize,
+        expand: Expand,
+        out: &mut Vec<Leaf<'m>>,
+    ) {
+        for &m in children.get(path).map(Vec::as_slice).unwrap_or_default() {
+            let name = m.path.rsplit('.').next().unwrap_or(m.path);
+            let rel = if relative.is_empty() {
+                name.to_string()
+            } else {
+                format!("{relative}.{name}")
+            };
+            let is_sequential = m.torch_class() == Some("Sequential");
+            let expands = match expand {
+                Expand::Sequentials => is_sequential,
+                Expand::Containers => children.contains_key(m.path),
+            };
+            if expands && depth < MAX_NESTING {
+                let own = is_sequential.then_some(m.path);
+                visit(children, m.path, &rel, own, depth + 1, expand, out);
+            } else {
+                out.push(Leaf {
+                    relative: rel,
+                    module: m,
+                    sequential,
+                });
+            }
+        }
+    }
+    let top = modules
+        .iter()
+        .find(|m| m.path == container)
+        .filter(|m| m.torch_class() == Some("Sequential"))
+        .map(|m| m.path);
+    visit(&children, container, "", top, 0, expand, &mut out);
+    out
+}
+
+/// The path of the module that holds `path` (`net` of `net.fc1`, the root `` of `fc1`); `None`
+/// for the root itself.
+fn parent_of(path: &str) -> Option<&str> {
+    if path.is_empty() {
+        return None;
+    }
+    Some(path.rsplit_once('.').map_or("", |(parent, _)| parent))
 }
 
 /// A norm module `m`: its eps into `slot`; with parameters (affine, the default) a module of a
