@@ -103,6 +103,12 @@ pub struct Structure {
     pub rms_norm_eps: f32,
     /// `--order`: the named modules' paths in the order they run.
     pub order: Option<Vec<String>>,
+    /// What a whole pickled model holds that nibble does not run, for [`Classifier::notes`]
+    /// (its modules' paths).
+    pub unread: Vec<String>,
+    /// Modules of a whole pickled model whose tensors are no layer's (a loss's class weights),
+    /// left out of the model (their paths under the prefix).
+    pub dropped: Vec<String>,
 }
 
 impl Structure {
@@ -138,6 +144,8 @@ impl Structure {
             batch_norm_eps,
             rms_norm_eps,
             order,
+            unread: Vec::new(),
+            dropped: Vec::new(),
         })
     }
 }
@@ -266,6 +274,9 @@ pub struct Classifier {
     /// What runs before the first layer of a model with no gap between its layers, where
     /// `--activation`'s one entry went (see [`Classifier::notes`]).
     before_first: Option<String>,
+    /// Parameter-free modules of a whole pickled model that are not run (see
+    /// [`Classifier::notes`]).
+    unread: Vec<String>,
 }
 
 impl Classifier {
@@ -277,6 +288,16 @@ impl Classifier {
         // A whole pickled model says what its layers are (unless the flags say it).
         let pickled = crate::pickled::pickled_structure(&file, &prefix, structure, path)?;
         let structure = pickled.as_ref().unwrap_or(structure);
+        let file = if structure.dropped.is_empty() {
+            file
+        } else {
+            let under: Vec<String> = structure
+                .dropped
+                .iter()
+                .map(|m| format!("{prefix}{m}."))
+                .collect();
+            file.without_keys(|k| under.iter().any(|u| k.starts_with(u.as_str())))
+        };
         let layout = ModuleLayout::read_in_order(&file, &prefix, structure.order.as_deref())?;
         if is_bignet(&layout, &prefix) {
             return Err(Error::Usage {
@@ -449,6 +470,7 @@ impl Classifier {
             adjacent,
             default_norms,
             before_first,
+            unread: structure.unread.clone(),
         })
     }
 
@@ -489,11 +511,26 @@ impl Classifier {
                 path.display()
             )
         });
+        let unread = (!self.unread.is_empty()).then(|| {
+            format!(
+                "{}: the pickled model's {} {} registered before its first layer or after its \
+                 last, and not run (its forward may apply {} anywhere: --activation says where)",
+                path.display(),
+                self.unread
+                    .iter()
+                    .map(|m| format!("`{m}`"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                if self.unread.len() == 1 { "is" } else { "are" },
+                if self.unread.len() == 1 { "it" } else { "them" }
+            )
+        });
         chain
             .into_iter()
             .chain(adjacent)
             .chain(norms)
             .chain(before_first)
+            .chain(unread)
             .collect()
     }
 

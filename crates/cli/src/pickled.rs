@@ -7,6 +7,7 @@
 use crate::error::{Error, Result};
 use crate::model::{parse_activations, parse_norms, Structure};
 use nibble_io::{Checkpoint, PICKLED_MODULES_KEY};
+use nibble_nn::layout::ModuleLayout;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::Path;
@@ -69,6 +70,18 @@ pub(crate) struct PickledFlags {
     pub(crate) layer_norm_eps: Option<f64>,
     pub(crate) batch_norm_eps: Option<f64>,
     pub(crate) rms_norm_eps: Option<f64>,
+    /// Parameter-free modules of a model of named modules registered before its first layer or
+    /// after its last, which may run anywhere and are not read (their paths).
+    pub(crate) unread: Vec<String>,
+    /// Loss modules of a model of named modules whose tensors (class weights) the state dict
+    /// holds: no layers, read without them (their paths under the prefix).
+    pub(crate) dropped: Vec<String>,
+}
+
+/// Whether `m` is one of PyTorch's losses (`torch.nn.modules.loss`), which a model may keep
+/// beside its layers but its forward does not run on the logits.
+fn is_loss(m: &Module<'_>) -> bool {
+    m.class.starts_with("torch.nn.modules.loss.")
 }
 
 /// The [`Structure`] a whole pickled model gives ([`pickled_flags`]): `given` with the file's
@@ -86,6 +99,8 @@ pub(crate) fn pickled_structure(
         return Ok(None);
     };
     let mut structure = given.clone();
+    structure.unread = flags.unread.clone();
+    structure.dropped = flags.dropped.clone();
     if let Some(a) = flags.activation.as_deref().filter(|_| !given.gaps_given) {
         structure.gaps = parse_activations(a)?;
         structure.gaps_given = true;
@@ -144,8 +159,19 @@ pub(crate) fn pickled_flags(
         return Ok(None);
     };
     let reader = Reader { file, prefix, path };
+    // A subclass of nn.Sequential (its children `0`, `1`, ...) runs as the Sequential its
+    // state dict's indices say.
+    let indexed = modules.iter().any(|m| parent_of(m.path) == Some(container))
+        && modules
+            .iter()
+            .filter(|m| parent_of(m.path) == Some(container))
+            .all(|m| {
+                let name = m.path.rsplit('.').next().unwrap_or(m.path);
+                !name.is_empty() && name.bytes().all(|b| b.is_ascii_digit())
+            });
     match root.torch_class() {
         Some("Sequential") => sequential_flags(&reader, &modules, container),
+        None if indexed => sequential_flags(&reader, &modules, container),
         None => named_flags(&reader, &modules, container, order),
         _ => Ok(None),
     }
@@ -387,12 +413,17 @@ fn sequential_flags(
 ///   `self.act = nn.Tanh()`, `self.fc2`; the GELU inside `self.features = nn.Sequential(...)`);
 /// - an empty gap between two layers of one nn.Sequential: nothing runs there.
 ///
-/// Any other gap (a boundary the model's code crosses with nothing registered between, or
-/// only a Dropout or Identity, which may sit beside a functional activation) keeps `relu`,
-/// `--activation`'s default; where no gap is certain the flags say nothing of the gaps, as
-/// before. Parameter-free modules before the first layer or after the last may be applied
-/// anywhere (one `self.relu` called after each layer): they are not read. One that nibble does
-/// not compute between two layers is an error naming it.
+/// A gap with nothing registered between its layers (or only a Dropout or Identity, which may
+/// sit beside a functional activation) is PyTorch's usual order guessed: nothing before a norm
+/// or a PReLU (`fc → bn → act`), after a PReLU, or after a norm in front of every Linear (an
+/// input norm); anywhere else the one activation module registered before the first layer or
+/// after the last (`self.act`, called after each hidden layer) where no gap has one of its
+/// own, else relu, `--activation`'s default. Other parameter-free modules before the first
+/// layer or after the last (a final Softmax) are not run, and [`PickledFlags::unread`] names
+/// them. One that nibble does
+/// not compute between two layers is an error naming it. Where the layers read here are not
+/// the state dict's modules (a loss module with a weight, an embedding), only the epsilons are
+/// taken.
 fn named_flags(
     reader: &Reader<'_>,
     modules: &[Module<'_>],
@@ -402,32 +433,107 @@ fn named_flags(
     let leaves = leaves(modules, container, Expand::Containers);
     let mut gathered = Gathered::default();
     let mut layers: Vec<RegisteredLayer<'_>> = Vec::new();
-    let mut layer_paths: Vec<&str> = Vec::new();
+    let mut unread = Vec::new();
+    let mut losses = Vec::new();
     for leaf in &leaves {
+        if is_loss(leaf.module) {
+            // A loss the model keeps (`self.criterion = nn.CrossEntropyLoss(weight=w)`): not a
+            // step of its forward; its tensors, if any, are no layer's (its class weights ran
+            // as a LayerNorm after the head).
+            losses.push(leaf.relative.clone());
+            continue;
+        }
         match reader.classify(&leaf.relative, leaf.module, &mut gathered)? {
-            Step::Layer => {
-                layers.push((leaf.sequential, Vec::new()));
-                layer_paths.push(&leaf.relative);
-            }
-            step => {
-                if let Some((_, after)) = layers.last_mut() {
-                    after.push((step, leaf.module));
-                }
-            }
+            Step::Layer => layers.push(RegisteredLayer {
+                path: &leaf.relative,
+                sequential: leaf.sequential,
+                kind: LayerKind::of(leaf.module),
+                after: Vec::new(),
+            }),
+            step => match layers.last_mut() {
+                Some(layer) => layer.after.push((step, leaf.module)),
+                None => unread.push((step, leaf.module)),
+            },
         }
     }
-    if layers.is_empty() || order.is_some_and(|o| o.iter().map(String::as_str).ne(layer_paths)) {
-        // Another order than the registration's: the registered neighbours say nothing.
+    // What was registered after the last layer is not read either.
+    if let Some(last) = layers.last_mut() {
+        unread.append(&mut last.after);
+    }
+    let file_modules: Option<Vec<String>> = ModuleLayout::read(reader.file, reader.prefix)
+        .ok()
+        .map(|l| {
+            l.modules
+                .into_iter()
+                .map(|m| m.path)
+                .filter(|p| !losses.contains(p))
+                .collect()
+        });
+    // The losses whose tensors the file holds: the model is read without them.
+    let dropped: Vec<String> = losses
+        .into_iter()
+        .filter(|l| {
+            let under = format!("{}{l}.", reader.prefix);
+            reader.file.keys().any(|k| k.starts_with(&under))
+        })
+        .collect();
+    let aligned = file_modules.is_some_and(|paths| {
+        paths
+            .iter()
+            .map(String::as_str)
+            .eq(layers.iter().map(|l| l.path))
+    });
+    let reordered = order.is_some_and(|o| {
+        o.iter()
+            .map(String::as_str)
+            .ne(layers.iter().map(|l| l.path))
+    });
+    if layers.is_empty() {
         return Ok(None);
     }
+    if !aligned || reordered {
+        // Another order than the registration's, or layers the state dict does not have as
+        // such: the registered neighbours say nothing of its gaps, nor the norms' kinds in
+        // their order.
+        return Ok(Some(PickledFlags {
+            activation: None,
+            norm: None,
+            unread: unread.iter().map(|(_, m)| m.path.to_string()).collect(),
+            dropped,
+            ..gathered.eps
+        }));
+    }
+    // One activation module registered outside the layers (`self.act = nn.GELU()` first or
+    // last, called after each hidden layer): where no gap has one of its own, it is the one
+    // the forward applies, in place of relu's guess.
+    let mut outside: Vec<&str> = unread
+        .iter()
+        .filter_map(|(step, _)| match step {
+            // (A sigmoid registered last is as often the output's, `sig(fc2(x))`.)
+            Step::Free(a) if !matches!(a.as_str(), "identity" | "sigmoid" | "logsigmoid") => {
+                Some(a.as_str())
+            }
+            _ => None,
+        })
+        .collect();
+    outside.sort_unstable();
+    outside.dedup();
+    let registered_in_gaps = layers.iter().any(|l| {
+        l.after
+            .iter()
+            .any(|(step, _)| matches!(step, Step::Free(a) if a != "identity"))
+    });
+    let shared = match outside.as_slice() {
+        [one] if !registered_in_gaps => Some(one.to_string()),
+        _ => None,
+    };
     let mut entries = Vec::new();
-    let mut certain = false;
-    for pair in layers.windows(2) {
-        let [(parent, between), (next_parent, _)] = pair else {
+    for (at, pair) in layers.windows(2).enumerate() {
+        let [layer, next] = pair else {
             continue;
         };
         let mut steps = Vec::new();
-        for (step, m) in between {
+        for (step, m) in &layer.after {
             match step {
                 Step::Free(a) if a != "identity" => steps.push(a.clone()),
                 Step::Free(_) | Step::Layer => {}
@@ -439,26 +545,62 @@ fn named_flags(
                 }
             }
         }
-        if !steps.is_empty() {
-            certain = true;
-            entries.push(steps.join("+"));
-        } else if parent.is_some() && parent == next_parent {
-            certain = true;
-            entries.push("identity".to_string());
+        let nothing = (layer.sequential.is_some() && layer.sequential == next.sequential)
+            || next.kind != LayerKind::Linear
+            || layer.kind == LayerKind::PRelu
+            || (at == 0 && layer.kind == LayerKind::Norm);
+        entries.push(if !steps.is_empty() {
+            steps.join("+")
+        } else if nothing {
+            "identity".to_string()
         } else {
-            entries.push("relu".to_string());
-        }
+            shared.clone().unwrap_or_else(|| "relu".to_string())
+        });
     }
+    let used = shared.is_some() && entries.iter().any(|e| Some(e) == shared.as_ref());
+    let unread = unread
+        .iter()
+        .filter(|(step, _)| !(used && matches!(step, Step::Free(a) if Some(a) == shared.as_ref())))
+        .map(|(_, m)| m.path.to_string())
+        .collect();
     Ok(Some(PickledFlags {
-        activation: (certain && !entries.is_empty()).then(|| entries.join(",")),
+        activation: (!entries.is_empty()).then(|| entries.join(",")),
         norm: (!gathered.norms.is_empty()).then(|| gathered.norms.join(",")),
+        unread,
+        dropped,
         ..gathered.eps
     }))
 }
 
-/// A layer of a model of named modules: the nn.Sequential it is a child of (if it is one's),
-/// and what was registered after it up to the next layer.
-type RegisteredLayer<'m> = (Option<&'m str>, Vec<(Step, &'m Module<'m>)>);
+/// What a layer of a model of named modules is, for guessing an empty gap beside it.
+#[derive(Clone, Copy, PartialEq)]
+enum LayerKind {
+    /// A Linear (or a module of the model's own class with a 2-D weight).
+    Linear,
+    /// A LayerNorm, RMSNorm, GroupNorm or BatchNorm1d.
+    Norm,
+    /// A PReLU (itself the activation).
+    PRelu,
+}
+
+impl LayerKind {
+    fn of(m: &Module<'_>) -> Self {
+        match m.torch_class() {
+            Some("LayerNorm" | "RMSNorm" | "GroupNorm" | "BatchNorm1d") => LayerKind::Norm,
+            Some("PReLU") => LayerKind::PRelu,
+            _ => LayerKind::Linear,
+        }
+    }
+}
+
+/// A layer of a model of named modules: its path, the nn.Sequential it is a child of (if it
+/// is one's), its kind, and what was registered after it up to the next layer.
+struct RegisteredLayer<'m> {
+    path: &'m str,
+    sequential: Option<&'m str>,
+    kind: LayerKind,
+    after: Vec<(Step, &'m Module<'m>)>,
+}
 
 /// A module that runs, as [`leaves`] lists them.
 struct Leaf<'m> {

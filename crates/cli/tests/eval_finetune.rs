@@ -1760,6 +1760,17 @@ fn whole_pickled_models_run_with_the_layers_their_modules_name() {
     // alone between two layers leaves the default relu (the model applies F.relu there).
     gives_pytorchs_logits("whole_named");
     gives_pytorchs_logits("whole_named_dropout");
+    // A subclass of nn.Sequential with a norm runs as the Sequential it is (it was refused:
+    // "2 activations given for the 1 gaps", no flag given).
+    gives_pytorchs_logits("whole_seq_subclass");
+    // Nothing before a norm, and nothing after an input norm (`fc → bn → relu`: relu ran
+    // before each BatchNorm too).
+    gives_pytorchs_logits("whole_named_norms");
+    // A loss with class weights registered in the model is no layer (its weights ran as a
+    // LayerNorm after the head).
+    gives_pytorchs_logits("whole_named_loss");
+    // One activation module registered last and called after each hidden layer.
+    gives_pytorchs_logits("whole_named_shared_act");
     // An activation nibble computes only with PyTorch's default settings: the error names the
     // setting.
     let msg = nibble_fails(&model_data_args(

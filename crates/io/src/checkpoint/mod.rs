@@ -471,6 +471,14 @@ impl Checkpoint {
         })
     }
 
+    /// This checkpoint without the tensors whose keys `drop` names (a module the model keeps
+    /// that is no layer, such as a loss's class weights); the rest read as before.
+    pub fn without_keys(mut self, drop: impl Fn(&str) -> bool) -> Checkpoint {
+        self.entries.retain(|k, _| !drop(k));
+        self.file_order.retain(|k| !drop(k));
+        self
+    }
+
     /// Tensor names, sorted.
     pub fn keys(&self) -> impl Iterator<Item = &str> {
         self.entries.keys().map(String::as_str)
