@@ -154,18 +154,40 @@ fn pickled_layers(path: &Path, file: Checkpoint) -> Option<String> {
     let file = crate::model::without_wrappers(file);
     let prefix = crate::model::sequential_prefix(&file);
     match crate::pickled::pickled_flags(&file, &prefix, path, None) {
-        Ok(Some(flags)) => Some(format!(
-            "a whole pickled model: eval and finetune read its layers from it (--activation \
-             {}{})",
-            flags
-                .activation
-                .as_deref()
-                .unwrap_or("not read: relu, its default, in each gap"),
-            flags
-                .norm
-                .map(|n| format!(", --norm {n}"))
-                .unwrap_or_default()
-        )),
+        Ok(Some(flags)) => {
+            let paths = |what: &[String]| {
+                what.iter()
+                    .map(|m| format!("`{m}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let mut line = format!(
+                "a whole pickled model: eval and finetune read its layers from it (--activation \
+                 {}{})",
+                flags
+                    .activation
+                    .as_deref()
+                    .unwrap_or("not read: relu, its default, in each gap"),
+                flags
+                    .norm
+                    .as_deref()
+                    .map(|n| format!(", --norm {n}"))
+                    .unwrap_or_default()
+            );
+            if !flags.dropped.is_empty() {
+                line.push_str(&format!(
+                    "; its loss {} is no layer and left out",
+                    paths(&flags.dropped)
+                ));
+            }
+            if !flags.unread.is_empty() {
+                line.push_str(&format!(
+                    "; {} registered outside its layers, not run",
+                    paths(&flags.unread)
+                ));
+            }
+            Some(line)
+        }
         Ok(None) => None,
         Err(e) => Some(format!(
             "a whole pickled model that eval and finetune cannot run: {e}"

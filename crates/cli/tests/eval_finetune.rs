@@ -1769,6 +1769,15 @@ fn whole_pickled_models_run_with_the_layers_their_modules_name() {
     // A loss with class weights registered in the model is no layer (its weights ran as a
     // LayerNorm after the head).
     gives_pytorchs_logits("whole_named_loss");
+    let run = nibble(&["inspect", s(&data("whole_named_loss.pth"))]);
+    assert!(
+        run.ok
+            && run
+                .stdout
+                .contains("its loss `criterion` is no layer and left out"),
+        "{}",
+        run.stdout
+    );
     // One activation module registered last and called after each hidden layer.
     gives_pytorchs_logits("whole_named_shared_act");
     // An activation nibble computes only with PyTorch's default settings: the error names the
