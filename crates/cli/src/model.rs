@@ -361,6 +361,26 @@ impl Classifier {
         // first layer (when the indices do not start at 0).
         let leading = layout.leading_gap();
         let mut before_first = None;
+        if structure.gaps_given && gaps.is_empty() && !leading && layout.modules.len() > 1 {
+            // It was ignored without a word: a model of Linears at consecutive indices (an
+            // nn.ModuleList run in a loop) ran them back to back whatever --activation said.
+            return Err(Error::Usage {
+                arg: "--activation",
+                what: format!(
+                    "{} has no gap between its layers ({}: consecutive indices, run back to back \
+                     as an nn.Sequential runs them), so --activation has nowhere to go; an \
+                     nn.ModuleList applied in a loop with an activation between its layers is \
+                     not a chain its state dict shows",
+                    path.display(),
+                    layout
+                        .modules
+                        .iter()
+                        .map(|m| format!("{prefix}{}", m.path))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            });
+        }
         match activations {
             // No gap between the layers: a given entry is the one more the rule asks for, what
             // runs before the first layer (`nn.Sequential(nn.ReLU(), nn.Linear(..))`).

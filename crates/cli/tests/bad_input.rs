@@ -739,3 +739,34 @@ fn norm_epsilons_must_be_positive_and_finite() {
         }
     }
 }
+
+/// `--activation` on a model of Linears at consecutive indices (an nn.ModuleList's state dict)
+/// is an error: there is no gap for it, and it was ignored without a word while the layers
+/// ran back to back.
+#[test]
+fn an_activation_for_a_model_without_gaps_is_an_error() {
+    let dir = tmpdir("no_gaps");
+    let (x, _) = rows(4, 6);
+    let d = dir.join("d.safetensors");
+    write(&d, &[f32s("x_test", &[4, 6], &x), i64s("y_test", &[0, 1, 2, 0])]);
+    let m = dir.join("layers.safetensors");
+    write(
+        &m,
+        &[
+            f32s("layers.0.weight", &[8, 6], &[0.1; 48]),
+            f32s("layers.1.weight", &[3, 8], &[0.1; 24]),
+        ],
+    );
+    let msg = nibble_fails(&model_data_args("eval", &m, &d, &["--activation", "relu"]));
+    assert_names(
+        &msg,
+        &["--activation", "no gap between its layers", "layers.0"],
+    );
+    // Without the flag it runs, and its note says the layers run back to back.
+    let out = nibble(&model_data_args("eval", &m, &d, &[]));
+    assert!(
+        out.ok && out.stderr.contains("consecutive indices"),
+        "{}",
+        out.stderr
+    );
+}
