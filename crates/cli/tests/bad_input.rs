@@ -748,7 +748,10 @@ fn an_activation_for_a_model_without_gaps_is_an_error() {
     let dir = tmpdir("no_gaps");
     let (x, _) = rows(4, 6);
     let d = dir.join("d.safetensors");
-    write(&d, &[f32s("x_test", &[4, 6], &x), i64s("y_test", &[0, 1, 2, 0])]);
+    write(
+        &d,
+        &[f32s("x_test", &[4, 6], &x), i64s("y_test", &[0, 1, 2, 0])],
+    );
     let m = dir.join("layers.safetensors");
     write(
         &m,
