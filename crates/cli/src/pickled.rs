@@ -1,6 +1,7 @@
 //! What a whole pickled model (`torch.save(model)`) says of its layers that a state dict cannot:
-//! the class of each module of its `nn.Sequential` (an activation has no tensors) and the
-//! settings they were made with (epsilons, slopes, group counts). Read from the metadata the
+//! the class of each module of its `nn.Sequential`, or of a model of its own class (an
+//! activation has no tensors; a loss kept beside the layers is no layer), and the settings
+//! they were made with (epsilons, slopes, group counts). Read from the metadata the
 //! checkpoint reader keeps for such a file ([`nibble_io::PICKLED_MODULES_KEY`]) and turned into
 //! the [`Structure`] that `--activation`, `--norm` and the epsilons would give.
 
@@ -121,9 +122,9 @@ pub(crate) fn pickled_structure(
 }
 
 /// The [`PickledFlags`] of a whole pickled model, where `file` (already without its wrappers)
-/// is one and its layers sit at `prefix` (`net.`, or the root): an `nn.Sequential` there, or a
-/// model of its own class of named modules (unless `order`, `--order`, runs them in another
-/// order than the pickle registers them). `Ok(None)` for a state dict, a model of
+/// is one and its layers sit at `prefix` (`net.`, or the root): an `nn.Sequential` there (or a
+/// subclass of one: a class of the model's own whose children are `0`, `1`, ...), or a model of
+/// its own class of named modules (see [`named_flags`]; `order` is `--order`). `Ok(None)` for a state dict, a model of
 /// another container, or one without a layer. In a Sequential, a module nibble does not
 /// compute (a class of the model's own code without a 2-D weight, an `nn.Softmax`, a
 /// `BatchNorm1d(track_running_stats=False)`), or an activation after the last layer that
