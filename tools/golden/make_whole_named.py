@@ -18,7 +18,8 @@
   GELU module → head: nothing before a norm), whole_named_loss.pth (fc1, SiLU, fc2 and a
   CrossEntropyLoss with class weights registered last: no layer), whole_named_shared_act.pth
   (fc1, fc2, fc3 and one GELU registered last, called after each hidden layer); each with its
-  `logits` in `<name>_io.safetensors`.
+  `logits` in `<name>_io.safetensors`; whole_seq_relu6_dropout1d.pth (Linear, Hardtanh(0, 6),
+  which is ReLU6, Dropout1d, Linear) likewise.
 
     python3 tools/golden/make_whole_named.py tests/data
 """
@@ -117,7 +118,9 @@ class SharedAct(N.Module):
 
 
 for name, model in (("whole_seq_subclass", SequentialSubclass()), ("whole_named_norms", NormsBetween()),
-                    ("whole_named_loss", WithLoss()), ("whole_named_shared_act", SharedAct())):
+                    ("whole_named_loss", WithLoss()), ("whole_named_shared_act", SharedAct()),
+                    ("whole_seq_relu6_dropout1d",
+                     N.Sequential(N.Linear(6, 8), N.Hardtanh(0.0, 6.0), N.Dropout1d(0.1), N.Linear(8, 3)))):
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, N.BatchNorm1d):

@@ -737,11 +737,21 @@ fn activation_of(m: &Module<'_>) -> Option<String> {
         "Hardtanh" if coef("min_val", -1.0) == -1.0 && coef("max_val", 1.0) == 1.0 => {
             "hardtanh".into()
         }
+        // ReLU6 is this Hardtanh (its subclass in PyTorch).
+        "Hardtanh" if coef("min_val", -1.0) == 0.0 && coef("max_val", 1.0) == 6.0 => "relu6".into(),
         "Hardsigmoid" => "hardsigmoid".into(),
         "Softsign" => "softsign".into(),
         "LogSigmoid" => "logsigmoid".into(),
         "Tanhshrink" => "tanhshrink".into(),
-        "Identity" | "Dropout" | "AlphaDropout" | "Flatten" => "identity".into(),
+        // Every dropout is the identity in eval mode.
+        "Identity"
+        | "Dropout"
+        | "Dropout1d"
+        | "Dropout2d"
+        | "Dropout3d"
+        | "AlphaDropout"
+        | "FeatureAlphaDropout"
+        | "Flatten" => "identity".into(),
         _ => return None,
     })
 }

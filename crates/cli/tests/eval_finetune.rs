@@ -1780,6 +1780,9 @@ fn whole_pickled_models_run_with_the_layers_their_modules_name() {
     );
     // One activation module registered last and called after each hidden layer.
     gives_pytorchs_logits("whole_named_shared_act");
+    // Hardtanh(0, 6) is ReLU6, and every dropout (Dropout1d) the identity in eval mode (both
+    // were refused).
+    gives_pytorchs_logits("whole_seq_relu6_dropout1d");
     // An activation nibble computes only with PyTorch's default settings: the error names the
     // setting.
     let msg = nibble_fails(&model_data_args(
