@@ -36,6 +36,35 @@ fn golden(file: &Checkpoint, key: &str) -> Tensor {
     file.tensor_f32(key, None).unwrap()
 }
 
+/// A tensor to write: its key, dtype, shape and bytes.
+type Tensors = (String, nibble::io::DType, Vec<usize>, Vec<u8>);
+
+/// `spec` built from `tensors` (with `metadata`) written to a safetensors file of its own in
+/// the temp folder (named after `tag`), which is removed after; the error as text.
+fn build_from_tensors(
+    tag: &str,
+    tensors: &[Tensors],
+    metadata: &std::collections::BTreeMap<String, String>,
+    spec: ModelSpec,
+) -> Result<BigNet, String> {
+    let refs: Vec<(String, nibble::io::DType, Vec<usize>, &[u8])> = tensors
+        .iter()
+        .map(|(k, d, s, b)| (k.clone(), *d, s.clone(), b.as_slice()))
+        .collect();
+    let path = std::env::temp_dir().join(format!(
+        "nibble_golden_{tag}_{}.safetensors",
+        std::process::id()
+    ));
+    nibble::io::write_safetensors(&path, &refs, metadata).unwrap();
+    let model = ModelSpec {
+        weights: Some(path.clone()),
+        ..spec
+    }
+    .build();
+    std::fs::remove_file(&path).ok();
+    model.map_err(|e| e.to_string())
+}
+
 /// max |a - b| / max |b|
 fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
     let (max, _) = a.abs_diff_stats(b).unwrap();
@@ -215,7 +244,7 @@ fn bitsandbytes_codes_in_float_storage_are_read_as_their_bytes() {
         .unwrap();
     for (storage, size) in [(nibble::io::DType::BF16, 2), (nibble::io::DType::F32, 4)] {
         let mut nan_pattern = false;
-        let tensors: Vec<(String, nibble::io::DType, Vec<usize>, Vec<u8>)> = file
+        let tensors: Vec<Tensors> = file
             .keys()
             .map(|k| {
                 let (dtype, shape) = file.info(k).unwrap();
@@ -237,21 +266,12 @@ fn bitsandbytes_codes_in_float_storage_are_read_as_their_bytes() {
             nan_pattern,
             "{storage:?}: no code bytes read as NaN; the test tests nothing"
         );
-        let refs: Vec<(String, nibble::io::DType, Vec<usize>, &[u8])> = tensors
-            .iter()
-            .map(|(k, d, s, b)| (k.clone(), *d, s.clone(), b.as_slice()))
-            .collect();
-        let path = std::env::temp_dir().join(format!(
-            "nibble_bnb_storage_{storage:?}_{}.safetensors",
-            std::process::id()
-        ));
-        nibble::io::write_safetensors(&path, &refs, file.metadata()).unwrap();
-        let model = ModelSpec {
-            weights: Some(path.clone()),
-            ..ModelSpec::seeded(Variant::Nf4Dq, 0)
-        }
-        .build();
-        std::fs::remove_file(&path).ok();
+        let model = build_from_tensors(
+            &format!("bnb_storage_{storage:?}"),
+            &tensors,
+            file.metadata(),
+            ModelSpec::seeded(Variant::Nf4Dq, 0),
+        );
         let y = model
             .unwrap_or_else(|e| panic!("{storage:?}: {e}"))
             .infer(&x)
@@ -289,7 +309,7 @@ fn a_bitsandbytes_bignet_with_f32_layers_runs_as_f32_weights() {
                 .matrix()
                 .to_f32()
         };
-        let mut tensors: Vec<(String, nibble::io::DType, Vec<usize>, Vec<u8>)> = ck
+        let mut tensors: Vec<Tensors> = ck
             .keys()
             .filter(|k| !k.starts_with(&format!("{skipped}.")) || *k == format!("{skipped}.bias"))
             .map(|k| {
@@ -309,20 +329,13 @@ fn a_bitsandbytes_bignet_with_f32_layers_runs_as_f32_weights() {
             dense.shape().to_vec(),
             bytes,
         ));
-        let refs: Vec<(String, nibble::io::DType, Vec<usize>, &[u8])> = tensors
-            .iter()
-            .map(|(k, d, s, b)| (k.clone(), *d, s.clone(), b.as_slice()))
-            .collect();
-        let path =
-            std::env::temp_dir().join(format!("nibble_bnb_skip_{}_{file}", std::process::id()));
-        nibble::io::write_safetensors(&path, &refs, ck.metadata()).unwrap();
-        let model = ModelSpec {
-            weights: Some(path.clone()),
-            ..ModelSpec::seeded(Variant::Bignet, 0)
-        }
-        .build();
-        std::fs::remove_file(&path).ok();
-        let model = model.unwrap_or_else(|e| panic!("{file}: {e}"));
+        let model = build_from_tensors(
+            &format!("bnb_skip_{file}"),
+            &tensors,
+            ck.metadata(),
+            ModelSpec::seeded(Variant::Bignet, 0),
+        )
+        .unwrap_or_else(|e| panic!("{file}: {e}"));
         let io = Checkpoint::open(data(io)).unwrap();
         let err = rel_err(&model.infer(&golden(&io, "x")).unwrap(), &golden(&io, "y"));
         assert!(
@@ -450,29 +463,23 @@ fn a_qlora_state_dict_runs_as_the_adapter_of_its_base() {
     // Over another base of the same width (that one less its adapters): its biases differ
     // from the file's.
     let other = Checkpoint::open(data("bignet_lora_sd_d64.pth")).unwrap();
-    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = other
+    let tensors: Vec<Tensors> = other
         .keys()
         .filter(|k| !k.contains(".lora_"))
         .map(|k| {
             let t = other.tensor_f32(k, None).unwrap();
             let b = t.data().iter().flat_map(|x| x.to_le_bytes()).collect();
-            (k.to_string(), t.shape().to_vec(), b)
+            (k.to_string(), nibble::io::DType::F32, t.shape().to_vec(), b)
         })
         .collect();
-    let refs: Vec<(String, nibble::io::DType, Vec<usize>, &[u8])> = tensors
-        .iter()
-        .map(|(k, s, b)| (k.clone(), nibble::io::DType::F32, s.clone(), b.as_slice()))
-        .collect();
-    let base = std::env::temp_dir().join(format!(
-        "nibble_other_base_{}.safetensors",
-        std::process::id()
-    ));
-    nibble::io::write_safetensors(&base, &refs, &Default::default()).unwrap();
-    let e = build_err(ModelSpec {
-        weights: Some(base.clone()),
-        ..spec("bignet_qlora_base_d64.pth", Variant::Qlora)
-    });
-    std::fs::remove_file(&base).ok();
+    let e = build_from_tensors(
+        "other_base",
+        &tensors,
+        &Default::default(),
+        spec("bignet_qlora_base_d64.pth", Variant::Qlora),
+    )
+    .map(|_| ())
+    .unwrap_err();
     assert!(
         e.contains("model.0.model.0.bias") && e.contains("element 0"),
         "{e}"

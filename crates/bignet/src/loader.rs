@@ -194,7 +194,10 @@ impl ModelSpec {
                         Ok(model)
                     }
                     None => {
-                        let other_adapter = self.adapter.as_ref().filter(|a| !same_file(a, path));
+                        let other_adapter = self
+                            .adapter
+                            .as_ref()
+                            .filter(|a| !crate::cli::paths::same_file(a, path));
                         if let (Some(dir), Some(key)) = (other_adapter, state_dict_lora_key(&file))
                         {
                             // Two sets of adapters for one model: loading the second would
@@ -222,14 +225,6 @@ impl ModelSpec {
             load_adapter(&mut model, dir)?;
         }
         Ok(model)
-    }
-}
-
-/// Whether `a` and `b` name one file (however spelled); paths that cannot be resolved are not.
-fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
     }
 }
 

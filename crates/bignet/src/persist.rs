@@ -99,12 +99,12 @@ fn bnb_format(file: &Checkpoint) -> Result<Option<WeightFormat>> {
     for block in 0..6 {
         for layer in 0..3 {
             let key = format!("{}.weight", linear_key(block, layer));
+            // The quant state alone says the format: the codes are read once, by the loader.
             let format = if nibble_io::bnb::is_bnb_4bit(file, &key) {
-                let info = nibble_io::bnb::bnb_4bit_info(file, &key)?;
-                if !info.is_native() {
-                    return Ok(None);
+                match nibble_io::bnb::bnb_4bit_info(file, &key)?.native_format() {
+                    Some(format) => format,
+                    None => return Ok(None),
                 }
-                nibble_io::bnb::read_bnb_4bit(file, &key)?.1
             } else if nibble_io::bnb::is_bnb_8bit(file, &key) {
                 WeightFormat::Int8
             } else {

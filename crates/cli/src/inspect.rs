@@ -155,12 +155,6 @@ fn pickled_layers(path: &Path, file: Checkpoint) -> Option<String> {
     let prefix = crate::model::sequential_prefix(&file);
     match crate::pickled::pickled_flags(&file, &prefix, path, None) {
         Ok(Some(flags)) => {
-            let paths = |what: &[String]| {
-                what.iter()
-                    .map(|m| format!("`{m}`"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            };
             let mut line = format!(
                 "a whole pickled model: eval and finetune read its layers from it (--activation \
                  {}{})",
@@ -177,13 +171,13 @@ fn pickled_layers(path: &Path, file: Checkpoint) -> Option<String> {
             if !flags.dropped.is_empty() {
                 line.push_str(&format!(
                     "; its loss {} is no layer and left out",
-                    paths(&flags.dropped)
+                    crate::model::backticked(&flags.dropped)
                 ));
             }
             if !flags.unread.is_empty() {
                 line.push_str(&format!(
                     "; {} registered outside its layers, not run",
-                    paths(&flags.unread)
+                    crate::model::backticked(&flags.unread)
                 ));
             }
             Some(line)

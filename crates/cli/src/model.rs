@@ -536,11 +536,7 @@ impl Classifier {
                 "{}: the pickled model's {} {} registered before its first layer or after its \
                  last, and not run (its forward may apply {} anywhere: --activation says where)",
                 path.display(),
-                self.unread
-                    .iter()
-                    .map(|m| format!("`{m}`"))
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                backticked(&self.unread),
                 if self.unread.len() == 1 { "is" } else { "are" },
                 if self.unread.len() == 1 { "it" } else { "them" }
             )
@@ -707,4 +703,13 @@ impl Classifier {
     pub fn save_adapter(&self, dir: &Path) -> Result<()> {
         Ok(self.model.save_adapter(dir)?)
     }
+}
+
+/// Module paths for messages: `` `a`, `b` ``.
+pub(crate) fn backticked(paths: &[String]) -> String {
+    paths
+        .iter()
+        .map(|m| format!("`{m}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -162,14 +162,15 @@ pub(crate) fn pickled_flags(
     let reader = Reader { file, prefix, path };
     // A subclass of nn.Sequential (its children `0`, `1`, ...) runs as the Sequential its
     // state dict's indices say.
-    let indexed = modules.iter().any(|m| parent_of(m.path) == Some(container))
-        && modules
-            .iter()
-            .filter(|m| parent_of(m.path) == Some(container))
-            .all(|m| {
-                let name = m.path.rsplit('.').next().unwrap_or(m.path);
-                !name.is_empty() && name.bytes().all(|b| b.is_ascii_digit())
-            });
+    let mut children = modules
+        .iter()
+        .filter(|m| parent_of(m.path) == Some(container))
+        .peekable();
+    let indexed = children.peek().is_some()
+        && children.all(|m| {
+            let name = m.path.rsplit('.').next().unwrap_or(m.path);
+            !name.is_empty() && name.bytes().all(|b| b.is_ascii_digit())
+        });
     match root.torch_class() {
         Some("Sequential") => sequential_flags(&reader, &modules, container),
         None if indexed => sequential_flags(&reader, &modules, container),

@@ -57,8 +57,9 @@ fn resolved(path: &Path) -> PathBuf {
     }
 }
 
-/// True when `a` and `b` name the same file.
-fn same_file(a: &Path, b: &Path) -> bool {
+/// True when `a` and `b` name the same file (the same canonical path, or on Unix the same
+/// device and inode: a symlink or a hard link to it).
+pub(crate) fn same_file(a: &Path, b: &Path) -> bool {
     if resolved(a) == resolved(b) {
         return true;
     }
