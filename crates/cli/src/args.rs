@@ -124,33 +124,26 @@ pub enum Command {
         #[arg(long)]
         activation: Option<String>,
         /// The epsilon of every LayerNorm and GroupNorm (`nn.LayerNorm(dim, eps=...)`,
-        /// `nn.GroupNorm(groups, dim, eps=...)`; a state dict does not hold it).
-        #[arg(
-            long,
-            allow_negative_numbers = true,
-            value_name = "EPS",
-            default_value_t = 1e-5
-        )]
-        layer_norm_eps: f32,
+        /// `nn.GroupNorm(groups, dim, eps=...)`; a state dict does not hold it). Default: a whole
+        /// pickled model's own, else PyTorch's, 1e-5; given, it replaces the pickle's.
+        #[arg(long, allow_negative_numbers = true, value_name = "EPS")]
+        layer_norm_eps: Option<f32>,
         /// The epsilon of every BatchNorm1d (`nn.BatchNorm1d(dim, eps=...)`; a state dict does
-        /// not hold it).
-        #[arg(
-            long,
-            allow_negative_numbers = true,
-            value_name = "EPS",
-            default_value_t = 1e-5
-        )]
-        batch_norm_eps: f32,
+        /// not hold it). Default: a whole pickled model's own, else PyTorch's, 1e-5; given, it
+        /// replaces the pickle's.
+        #[arg(long, allow_negative_numbers = true, value_name = "EPS")]
+        batch_norm_eps: Option<f32>,
         /// What each module of a 1-D weight (not a BatchNorm1d) is: layer (nn.LayerNorm), rms
         /// (nn.RMSNorm, no bias), group:G (nn.GroupNorm(G, dim)) or prelu (nn.PReLU), or a
         /// comma-separated list with one per such module in index order (a state dict cannot
         /// tell them apart). Default: layer, with a note naming the modules so read.
         #[arg(long, value_name = "KIND")]
         norm: Option<String>,
-        /// The epsilon of every RMSNorm (`nn.RMSNorm(dim, eps=...)`; PyTorch's default for f32
-        /// is 1.1920929e-7, f32's machine epsilon).
-        #[arg(long, allow_negative_numbers = true, value_name = "EPS", default_value_t = f32::EPSILON)]
-        rms_norm_eps: f32,
+        /// The epsilon of every RMSNorm (`nn.RMSNorm(dim, eps=...)`). Default: a whole pickled
+        /// model's own, else PyTorch's for f32, 1.1920929e-7 (f32's machine epsilon); given, it
+        /// replaces the pickle's.
+        #[arg(long, allow_negative_numbers = true, value_name = "EPS")]
+        rms_norm_eps: Option<f32>,
         /// For a model of named modules (fc1, bn1, head, ...): the order its forward runs them,
         /// comma-separated (fc1,bn1,fc2,head), where the file keeps another (a safetensors file
         /// sorts them by name).
@@ -200,28 +193,18 @@ pub enum Command {
         #[arg(long)]
         activation: Option<String>,
         /// The epsilon of every LayerNorm and GroupNorm (see `eval`).
-        #[arg(
-            long,
-            allow_negative_numbers = true,
-            value_name = "EPS",
-            default_value_t = 1e-5
-        )]
-        layer_norm_eps: f32,
+        #[arg(long, allow_negative_numbers = true, value_name = "EPS")]
+        layer_norm_eps: Option<f32>,
         /// The epsilon of every BatchNorm1d (see `eval`).
-        #[arg(
-            long,
-            allow_negative_numbers = true,
-            value_name = "EPS",
-            default_value_t = 1e-5
-        )]
-        batch_norm_eps: f32,
+        #[arg(long, allow_negative_numbers = true, value_name = "EPS")]
+        batch_norm_eps: Option<f32>,
         /// What each module of a 1-D weight is: layer, rms, group:G or prelu (see `eval`).
         /// Default: layer, with a note naming the modules so read.
         #[arg(long, value_name = "KIND")]
         norm: Option<String>,
         /// The epsilon of every RMSNorm (see `eval`).
-        #[arg(long, allow_negative_numbers = true, value_name = "EPS", default_value_t = f32::EPSILON)]
-        rms_norm_eps: f32,
+        #[arg(long, allow_negative_numbers = true, value_name = "EPS")]
+        rms_norm_eps: Option<f32>,
         /// The order a model of named modules runs them (see `eval`).
         #[arg(long, value_name = "MODULES")]
         order: Option<String>,

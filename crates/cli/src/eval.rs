@@ -56,16 +56,19 @@ pub struct EvalArgs<'a> {
     /// `layer_norm`, ...; several in one gap joined by `+`), or one per gap, comma-separated;
     /// `None`: `relu` in every gap, nothing before the first layer.
     pub activation: Option<&'a str>,
-    /// The epsilon of every LayerNorm (PyTorch's default: 1e-5).
-    pub layer_norm_eps: f32,
-    /// The epsilon of every BatchNorm1d (PyTorch's default: 1e-5).
-    pub batch_norm_eps: f32,
+    /// The epsilon of every LayerNorm and GroupNorm; `None`: a whole pickled model's own, else
+    /// PyTorch's default, 1e-5.
+    pub layer_norm_eps: Option<f32>,
+    /// The epsilon of every BatchNorm1d; `None`: a whole pickled model's own, else PyTorch's
+    /// default, 1e-5.
+    pub batch_norm_eps: Option<f32>,
     /// What each module of a 1-D weight is: `layer` (LayerNorm), `rms` (RMSNorm), or one per
     /// such module, comma-separated; `None`: LayerNorms, with a note naming them
     /// ([`crate::model::Classifier::notes`]).
     pub norm: Option<&'a str>,
-    /// The epsilon of every RMSNorm (PyTorch's default for f32: [`f32::EPSILON`]).
-    pub rms_norm_eps: f32,
+    /// The epsilon of every RMSNorm; `None`: a whole pickled model's own, else PyTorch's
+    /// default for f32, [`f32::EPSILON`].
+    pub rms_norm_eps: Option<f32>,
     /// For a model of named modules, the order its forward runs them (comma-separated
     /// paths), where the file keeps another; `None`: the file's order.
     pub order: Option<&'a str>,

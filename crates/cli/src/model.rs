@@ -95,12 +95,12 @@ pub struct Structure {
     /// One kind for every module of a 1-D weight, or one per such module; `None` (no `--norm`):
     /// LayerNorms, and [`Classifier::notes`] names the modules so read.
     pub norms: Option<Vec<NormKind>>,
-    /// `--layer-norm-eps`.
-    pub layer_norm_eps: f32,
-    /// `--batch-norm-eps`.
-    pub batch_norm_eps: f32,
-    /// `--rms-norm-eps`.
-    pub rms_norm_eps: f32,
+    /// `--layer-norm-eps`; `None`: a whole pickled model's own, else PyTorch's default.
+    pub layer_norm_eps: Option<f32>,
+    /// `--batch-norm-eps`; `None`: a whole pickled model's own, else PyTorch's default.
+    pub batch_norm_eps: Option<f32>,
+    /// `--rms-norm-eps`; `None`: a whole pickled model's own, else PyTorch's default.
+    pub rms_norm_eps: Option<f32>,
     /// `--order`: the named modules' paths in the order they run.
     pub order: Option<Vec<String>>,
     /// What a whole pickled model holds that nibble does not run, for [`Classifier::notes`]
@@ -109,6 +109,9 @@ pub struct Structure {
     /// Modules of a whole pickled model whose tensors are no layer's (a loss's class weights),
     /// left out of the model (their paths under the prefix).
     pub dropped: Vec<String>,
+    /// The epsilons given on the command line that replace a whole pickled model's own, for
+    /// [`Classifier::notes`] (`--layer-norm-eps 0.001 replaces the file's 1e-5`).
+    pub replaced_eps: Vec<String>,
 }
 
 impl Structure {
@@ -118,9 +121,9 @@ impl Structure {
     pub fn parse(
         activation: Option<&str>,
         norm: Option<&str>,
-        layer_norm_eps: f32,
-        batch_norm_eps: f32,
-        rms_norm_eps: f32,
+        layer_norm_eps: Option<f32>,
+        batch_norm_eps: Option<f32>,
+        rms_norm_eps: Option<f32>,
         order: Option<&str>,
     ) -> Result<Self> {
         for (arg, eps) in [
@@ -128,6 +131,7 @@ impl Structure {
             ("--batch-norm-eps", batch_norm_eps),
             ("--rms-norm-eps", rms_norm_eps),
         ] {
+            let Some(eps) = eps else { continue };
             if !(eps.is_finite() && eps > 0.0) {
                 return Err(Error::Usage {
                     arg,
@@ -146,6 +150,7 @@ impl Structure {
             order,
             unread: Vec::new(),
             dropped: Vec::new(),
+            replaced_eps: Vec::new(),
         })
     }
 }
@@ -277,6 +282,8 @@ pub struct Classifier {
     /// Parameter-free modules of a whole pickled model that are not run (see
     /// [`Classifier::notes`]).
     unread: Vec<String>,
+    /// The given epsilons that replace a whole pickled model's own (see [`Classifier::notes`]).
+    replaced_eps: Vec<String>,
 }
 
 impl Classifier {
@@ -312,10 +319,16 @@ impl Classifier {
         let gaps = layout.gaps();
         let mut options = SequentialOptions::new()
             .format(format)
-            .prefix(prefix.clone())
-            .layer_norm_eps(structure.layer_norm_eps)
-            .batch_norm_eps(structure.batch_norm_eps)
-            .rms_norm_eps(structure.rms_norm_eps);
+            .prefix(prefix.clone());
+        if let Some(eps) = structure.layer_norm_eps {
+            options = options.layer_norm_eps(eps);
+        }
+        if let Some(eps) = structure.batch_norm_eps {
+            options = options.batch_norm_eps(eps);
+        }
+        if let Some(eps) = structure.rms_norm_eps {
+            options = options.rms_norm_eps(eps);
+        }
         if let Some(order) = &structure.order {
             options = options.module_order(order.clone());
         }
@@ -491,6 +504,7 @@ impl Classifier {
             default_norms,
             before_first,
             unread: structure.unread.clone(),
+            replaced_eps: structure.replaced_eps.clone(),
         })
     }
 
@@ -541,12 +555,17 @@ impl Classifier {
                 if self.unread.len() == 1 { "it" } else { "them" }
             )
         });
+        let replaced = self
+            .replaced_eps
+            .iter()
+            .map(|r| format!("in {}, {r}", path.display()));
         chain
             .into_iter()
             .chain(adjacent)
             .chain(norms)
             .chain(before_first)
             .chain(unread)
+            .chain(replaced)
             .collect()
     }
 

@@ -87,9 +87,11 @@ fn is_loss(m: &Module<'_>) -> bool {
 
 /// The [`Structure`] a whole pickled model gives ([`pickled_flags`]): `given` with the file's
 /// gaps unless `--activation` was given, its norm kinds unless `--norm` was, and its norms'
-/// epsilons. Each flag replaces only what it says: `--activation relu` on a model whose
-/// BatchNorm has eps 1e-2 keeps that eps (it fell back to the default, 1e-5, and the
-/// logits moved by 0.6). `Ok(None)` where the file says nothing.
+/// epsilons unless the flag of their kind was (a given one that differs goes into
+/// [`Structure::replaced_eps`], for a note). Each flag replaces only what it says:
+/// `--activation relu` on a model whose BatchNorm has eps 1e-2 keeps that eps (it fell back
+/// to the default, 1e-5, and the logits moved by 0.6). `Ok(None)` where the file says
+/// nothing.
 pub(crate) fn pickled_structure(
     file: &Checkpoint,
     prefix: &str,
@@ -109,13 +111,29 @@ pub(crate) fn pickled_structure(
     if let Some(n) = flags.norm.as_deref().filter(|_| given.norms.is_none()) {
         structure.norms = Some(parse_norms(n)?);
     }
-    for (eps, slot) in [
-        (flags.layer_norm_eps, &mut structure.layer_norm_eps),
-        (flags.batch_norm_eps, &mut structure.batch_norm_eps),
-        (flags.rms_norm_eps, &mut structure.rms_norm_eps),
+    for (arg, own, slot) in [
+        (
+            "--layer-norm-eps",
+            flags.layer_norm_eps,
+            &mut structure.layer_norm_eps,
+        ),
+        (
+            "--batch-norm-eps",
+            flags.batch_norm_eps,
+            &mut structure.batch_norm_eps,
+        ),
+        (
+            "--rms-norm-eps",
+            flags.rms_norm_eps,
+            &mut structure.rms_norm_eps,
+        ),
     ] {
-        if let Some(e) = eps {
-            *slot = e as f32;
+        match (own, *slot) {
+            (Some(own), None) => *slot = Some(own as f32),
+            (Some(own), Some(given)) if given != own as f32 => structure.replaced_eps.push(
+                format!("{arg} {given} replaces the pickled model's own eps, {own}"),
+            ),
+            _ => {}
         }
     }
     Ok(Some(structure))

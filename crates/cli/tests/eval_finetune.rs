@@ -1693,12 +1693,30 @@ fn whole_pickled_models_run_with_the_layers_their_modules_name() {
             "own_gaps.safetensors",
         ),
         (&["--norm", "layer,rms"][..], "own_norms.safetensors"),
+        (&["--layer-norm-eps", "1e-3"][..], "own_eps.safetensors"),
     ] {
         let diff = max_diff(&logits(flags, name), &want);
         assert!(
             diff < 1e-5,
             "{flags:?}: logits differ from PyTorch's by {diff}"
         );
+    }
+    // An epsilon given replaces the file's own, with a note (it yielded to the file's without a
+    // word, so `--layer-norm-eps 0.5` changed nothing); the same value as the file's needs none.
+    for (eps, differs) in [("0.5", true), ("1e-3", false)] {
+        let out = dir.join("eps.safetensors");
+        let run = nibble(&model_data_args(
+            "eval",
+            &model,
+            &d,
+            &["--layer-norm-eps", eps, "--logits", s(&out)],
+        ));
+        assert!(run.ok, "{}", run.stderr);
+        let note = format!("--layer-norm-eps {eps} replaces the pickled model's own eps, 0.001");
+        let note = note.replace("1e-3 ", "0.001 ");
+        assert_eq!(run.stderr.contains(&note), differs, "{eps}: {}", run.stderr);
+        let diff = max_diff(&tensor(&out, "logits"), &want);
+        assert_eq!(diff > 1e-3, differs, "{eps}: logits differ by {diff}");
     }
     // Quantized, the file keeps the layers (the module list travels in its metadata) and,
     // though its keys lose DataParallel's `module.`, its weights' shapes: a 10-wide Q4 layer
