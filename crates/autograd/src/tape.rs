@@ -29,6 +29,9 @@ pub trait Op: Send {
     /// saving a gradient-sized buffer and a pass over it) and return `None` for it; whatever
     /// it returns is added by the tape as [`Op::backward`]'s results are. A gradient added in
     /// place must have `acc[i]`'s shape. The default runs [`Op::backward`].
+    ///
+    /// Every gradient an op gives (returned or left in `acc`) must have its input's shape;
+    /// [`Tape::backward`] checks it and returns [`AutogradError::BadGradient`] naming the op.
     fn backward_accumulate(
         self: Box<Self>,
         d_out: Tensor,
@@ -144,7 +147,14 @@ impl From<Var> for Pending {
     }
 }
 
-enum Record {
+/// One node of the tape: what it is, and the shape of its value (every gradient that reaches
+/// it must have that shape).
+struct Record {
+    kind: RecordKind,
+    shape: Vec<usize>,
+}
+
+enum RecordKind {
     /// A leaf that wants its gradient reported (see [`Tape::leaf`]).
     Leaf,
     /// An op and the nodes of its `Var` inputs (None: untracked input).
@@ -417,16 +427,16 @@ impl Tape {
         if !self.is_recording() {
             return Var { value, node: None };
         }
-        let node = self.push(Record::Leaf);
+        let node = self.push(RecordKind::Leaf, value.shape().to_vec());
         Var {
             value,
             node: Some(node),
         }
     }
 
-    fn push(&self, record: Record) -> NodeId {
+    fn push(&self, kind: RecordKind, shape: Vec<usize>) -> NodeId {
         let mut records = self.records();
-        records.push(record);
+        records.push(Record { kind, shape });
         NodeId {
             generation: self.generation(),
             index: records.len() - 1,
@@ -474,10 +484,13 @@ impl Tape {
         if !(self.is_recording() && (holds_trainable || tracked)) {
             return Ok(Pending { node: None, shape });
         }
-        let node = self.push(Record::Op {
-            op: make_op(),
-            inputs: nodes,
-        });
+        let node = self.push(
+            RecordKind::Op {
+                op: make_op(),
+                inputs: nodes,
+            },
+            shape.clone(),
+        );
         Ok(Pending {
             node: Some(node),
             shape,
@@ -519,10 +532,13 @@ impl Tape {
                 node: None,
             });
         }
-        let node = self.push(Record::Op {
-            op: make_op(),
-            inputs: nodes,
-        });
+        let node = self.push(
+            RecordKind::Op {
+                op: make_op(),
+                inputs: nodes,
+            },
+            output.shape().to_vec(),
+        );
         Ok(Var {
             value: output,
             node: Some(node),
@@ -600,11 +616,11 @@ impl Tape {
             let Some(d_out) = grads[index].take() else {
                 continue; // no gradient reached this record; dropping it frees what it saved
             };
-            match record {
-                Record::Leaf => {
+            match record.kind {
+                RecordKind::Leaf => {
                     out.by_node.insert(NodeId { generation, index }, d_out);
                 }
-                Record::Op { op, inputs } => {
+                RecordKind::Op { op, inputs } => {
                     let name = op.name();
                     let started = self.profiling().then(std::time::Instant::now);
                     // The gradients accumulated so far for the op's inputs, lent to it (the
@@ -618,12 +634,26 @@ impl Tape {
                         })
                         .collect();
                     let d_inputs = op.backward_accumulate(d_out, &mut acc);
+                    let mut reshaped = None;
                     for (node, a) in inputs.iter().zip(acc) {
                         if let (Some(n), Some(a)) = (node, a) {
+                            if a.shape() != records[n.index].shape.as_slice() {
+                                reshaped = Some((a.shape().to_vec(), n.index));
+                            }
                             grads[n.index] = Some(a);
                         }
                     }
                     let d_inputs = d_inputs?;
+                    if let Some((found, index)) = reshaped {
+                        return Err(AutogradError::BadGradient {
+                            op: name,
+                            what: format!(
+                                "a gradient accumulated in place of shape {found:?} for an \
+                                 input of shape {:?}",
+                                records[index].shape
+                            ),
+                        });
+                    }
                     if let Some(t) = started {
                         self.add_profile(name, t.elapsed().as_secs_f64());
                     }
@@ -641,6 +671,21 @@ impl Tape {
                         let (Some(node), Some(g)) = (node, g) else {
                             continue;
                         };
+                        // An input precedes its op, so its record is still held. A gradient
+                        // of another shape (an op of one's own, see [`Op`]) is an error here,
+                        // before any backward receives it (the first to arrive was kept as it
+                        // came, and a leaf reported a gradient of another shape).
+                        let want = &records[node.index].shape;
+                        if g.shape() != want.as_slice() {
+                            return Err(AutogradError::BadGradient {
+                                op: name,
+                                what: format!(
+                                    "a gradient of shape {:?} for an input of shape {:?}",
+                                    g.shape(),
+                                    want
+                                ),
+                            });
+                        }
                         match &mut grads[node.index] {
                             Some(acc) => {
                                 acc.add_assign(&g).map_err(|_| AutogradError::BadGradient {

@@ -85,6 +85,42 @@ impl<T: bytemuck::Pod> WeightBuf<T> {
         ptr
     }
 
+    /// [`allocate`](Self::allocate), or `None` where the layout overflows or the allocator
+    /// has no such block (instead of a panic or an abort).
+    fn try_allocate(len: usize) -> Option<NonNull<T>> {
+        if len.checked_mul(std::mem::size_of::<T>()) == Some(0) {
+            return Some(NonNull::dangling());
+        }
+        let layout = Self::layout(len)?;
+        // SAFETY: layout has a non-zero size.
+        let raw = unsafe { alloc::alloc(layout) };
+        let ptr = NonNull::new(raw as *mut T)?;
+        if layout.align() == HUGE_PAGE_BYTES {
+            advise_huge_pages(raw, layout.size());
+        }
+        Some(ptr)
+    }
+
+    /// `len` elements `f(0), f(1), ...` as [`from_fn`](Self::from_fn) gives them, or `None`
+    /// where `len` elements cannot be allocated (the byte count overflows, or the allocator
+    /// has no such block): for lengths from untrusted input.
+    pub fn try_from_fn(len: usize, f: impl FnMut(usize) -> T) -> Option<Self> {
+        let ptr = Self::try_allocate(len)?;
+        Some(Self::fill_from_fn(ptr, len, f))
+    }
+
+    /// Writes `f(0), f(1), ...` into the `len` slots at `ptr` (from [`allocate`](Self::allocate)
+    /// or [`try_allocate`](Self::try_allocate) for `len`).
+    fn fill_from_fn(ptr: NonNull<T>, len: usize, mut f: impl FnMut(usize) -> T) -> Self {
+        for i in 0..len {
+            // SAFETY: the caller's allocation gave room for `len` Ts and i < len; `write` does
+            // not read or drop the uninitialised slot.
+            unsafe { ptr.as_ptr().add(i).write(f(i)) };
+        }
+        // Every one of the `len` elements is initialised now.
+        WeightBuf { ptr, len }
+    }
+
     /// `len` zeros.
     pub fn zeroed(len: usize) -> Self {
         let ptr = Self::allocate(len);
@@ -114,15 +150,8 @@ impl<T: bytemuck::Pod> WeightBuf<T> {
     /// use nibble_tensor::buffer::WeightBuf;
     /// assert_eq!(&WeightBuf::from_fn(3, |i| i as u32 * 10)[..], &[0, 10, 20]);
     /// ```
-    pub fn from_fn(len: usize, mut f: impl FnMut(usize) -> T) -> Self {
-        let ptr = Self::allocate(len);
-        for i in 0..len {
-            // SAFETY: `allocate` gave room for `len` Ts and i < len; `write` does not read or
-            // drop the uninitialised slot.
-            unsafe { ptr.as_ptr().add(i).write(f(i)) };
-        }
-        // Every one of the `len` elements is initialised now.
-        WeightBuf { ptr, len }
+    pub fn from_fn(len: usize, f: impl FnMut(usize) -> T) -> Self {
+        Self::fill_from_fn(Self::allocate(len), len, f)
     }
 
     /// The elements as a `Vec`.

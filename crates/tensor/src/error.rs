@@ -46,6 +46,17 @@ pub enum TensorError {
         /// The offending shape.
         shape: Vec<usize>,
     },
+    /// A buffer the memory allocator cannot give (more bytes than the address space or the
+    /// machine holds).
+    #[error("{op}: cannot allocate {bytes} bytes for shape {shape:?}")]
+    Alloc {
+        /// The operation that was attempted.
+        op: &'static str,
+        /// The requested shape.
+        shape: Vec<usize>,
+        /// The bytes asked for (saturated at `usize::MAX`).
+        bytes: usize,
+    },
     /// An index or range outside the tensor.
     #[error("{op}: range {start}..{end} is outside 0..{len}")]
     OutOfRange {
@@ -84,6 +95,15 @@ pub fn check_len(op: &'static str, shape: &[usize], found: usize) -> Result<()> 
         });
     }
     Ok(())
+}
+
+/// [`TensorError::Alloc`] for `n` elements of `T` in `shape`.
+pub(crate) fn alloc_error<T>(op: &'static str, shape: &[usize], n: usize) -> TensorError {
+    TensorError::Alloc {
+        op,
+        shape: shape.to_vec(),
+        bytes: n.saturating_mul(std::mem::size_of::<T>()),
+    }
 }
 
 /// Product of `shape`, or [`TensorError::Overflow`] naming `op`.

@@ -15,13 +15,15 @@ const ROWS_PER_TASK: usize = 32;
 
 /// `x` `[m, c]`, `weight` and `bias` `[c]` and `groups` dividing `c`, or the error naming `op`,
 /// the shapes and the group count; returns `(m, c, c / groups)`.
+/// Returns `(m, c, c / groups, m · groups)`: the last, the statistics' length, checked for
+/// overflow (an empty `x` `[m, 0]` takes any count of groups).
 fn check(
     op: &'static str,
     x: &Tensor,
     groups: usize,
     weight: &[f32],
     bias: &[f32],
-) -> Result<(usize, usize, usize)> {
+) -> Result<(usize, usize, usize, usize)> {
     let (m, c) = crate::layernorm::check(op, x, weight, bias)?;
     if groups == 0 || !c.is_multiple_of(groups) {
         return Err(TensorError::Invalid {
@@ -29,7 +31,11 @@ fn check(
             what: format!("{groups} groups of {c} channels (the groups must divide the channels)"),
         });
     }
-    Ok((m, c, c / groups))
+    let stats_len = m.checked_mul(groups).ok_or(TensorError::Overflow {
+        op,
+        shape: vec![m, groups],
+    })?;
+    Ok((m, c, c / groups, stats_len))
 }
 
 /// The `[m·groups, c/groups]` view of `x` `[m, c]` (a copy of the same values).
@@ -61,11 +67,17 @@ pub fn group_norm(
     bias: &[f32],
     eps: f32,
 ) -> Result<(Tensor, LayerNormStats)> {
-    let (m, c, per_group) = check("group_norm", x, groups, weight, bias)?;
+    let op = "group_norm";
+    let (m, c, per_group, stats_len) = check(op, x, groups, weight, bias)?;
+    crate::layernorm::check_eps(op, eps)?;
     if c == 0 || m == 0 {
+        let zeros = || {
+            crate::ops::try_zeros_vec(stats_len)
+                .ok_or_else(|| crate::error::alloc_error::<f32>(op, &[m, groups], stats_len))
+        };
         let empty = LayerNormStats {
-            mean: vec![0.0; m * groups],
-            rstd: vec![0.0; m * groups],
+            mean: zeros()?,
+            rstd: zeros()?,
         };
         return Ok((Tensor::zeros(&[m, c]), empty));
     }
@@ -98,9 +110,8 @@ pub fn group_norm_backward(
     stats: &LayerNormStats,
 ) -> Result<(Tensor, Vec<f32>, Vec<f32>)> {
     let op = "group_norm_backward";
-    let (m, c, per_group) = check(op, x, groups, weight, weight)?;
-    if d_y.shape() != x.shape() || stats.mean.len() != m * groups || stats.rstd.len() != m * groups
-    {
+    let (m, c, per_group, stats_len) = check(op, x, groups, weight, weight)?;
+    if d_y.shape() != x.shape() || stats.mean.len() != stats_len || stats.rstd.len() != stats_len {
         return Err(TensorError::ShapeMismatch {
             op,
             lhs: d_y.shape().to_vec(),

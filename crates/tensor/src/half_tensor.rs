@@ -45,7 +45,7 @@ impl HalfTensor {
 
     /// A tensor whose row-major element `i` is `f(i)`, called once per index in increasing
     /// order, written straight into its [`WeightBuf`]; an error if the element count
-    /// overflows.
+    /// overflows or the memory cannot be allocated.
     ///
     /// ```
     /// use nibble_tensor::{f16, HalfTensor};
@@ -54,9 +54,11 @@ impl HalfTensor {
     /// ```
     pub fn from_fn(shape: &[usize], f: impl FnMut(usize) -> f16) -> Result<Self> {
         let n = checked_numel("HalfTensor::from_fn", shape)?;
+        let data = WeightBuf::try_from_fn(n, f)
+            .ok_or_else(|| crate::error::alloc_error::<f16>("HalfTensor::from_fn", shape, n))?;
         Ok(HalfTensor {
             shape: shape.to_vec(),
-            data: WeightBuf::from_fn(n, f),
+            data,
         })
     }
 

@@ -170,7 +170,7 @@ pub fn add_layer_norm_assign(
 /// Checks a LayerNorm's epsilon: finite and not negative (0 is allowed, as in PyTorch), else
 /// [`TensorError::Invalid`] naming `op` and the value. A negative, NaN or infinite epsilon
 /// made every row NaN (or zero) without an error.
-fn check_eps(op: &'static str, eps: f32) -> Result<()> {
+pub(crate) fn check_eps(op: &'static str, eps: f32) -> Result<()> {
     if eps.is_finite() && eps >= 0.0 {
         return Ok(());
     }

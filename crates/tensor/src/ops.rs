@@ -39,7 +39,26 @@ fn apply(dst: &mut [f32], f: impl Fn(&mut f32) + Sync + Send) {
 /// `2 * PAR_CHUNK`) by `fill(offset, chunk)`, straight into fresh memory: no zero-fill or copy
 /// pass before the op's own. Private: each caller's `fill` is a loop over its whole chunk.
 fn new_filled(n: usize, fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync + Send) -> Vec<f32> {
-    let mut v = Vec::with_capacity(n);
+    filled_into(Vec::with_capacity(n), n, fill)
+}
+
+/// [`new_filled`], or `None` where `n` floats cannot be allocated (the byte count overflows,
+/// or the allocator has no such block): for sizes from untrusted shapes.
+fn try_new_filled(
+    n: usize,
+    fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync + Send,
+) -> Option<Vec<f32>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).ok()?;
+    Some(filled_into(v, n, fill))
+}
+
+/// `v` (empty, with room for `n` floats) filled as [`new_filled`] says.
+fn filled_into(
+    mut v: Vec<f32>,
+    n: usize,
+    fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync + Send,
+) -> Vec<f32> {
     let spare = &mut v.spare_capacity_mut()[..n];
     if n < 2 * PAR_CHUNK {
         fill(0, spare);
@@ -124,11 +143,22 @@ pub fn zeros_vec(n: usize) -> Vec<f32> {
     if n < 2 * PAR_CHUNK {
         return vec![0.0; n];
     }
-    new_filled(n, |_, d| {
-        for o in d {
-            o.write(0.0);
-        }
-    })
+    new_filled(n, write_zeros)
+}
+
+/// [`zeros_vec`], or `None` where `n` floats cannot be allocated.
+pub(crate) fn try_zeros_vec(n: usize) -> Option<Vec<f32>> {
+    if n < 2 * PAR_CHUNK {
+        return Some(vec![0.0; n]);
+    }
+    try_new_filled(n, write_zeros)
+}
+
+/// Zeros into a chunk of fresh memory.
+fn write_zeros(_offset: usize, chunk: &mut [MaybeUninit<f32>]) {
+    for o in chunk {
+        o.write(0.0);
+    }
 }
 
 /// A copy of `src`, written in parallel chunks for large sizes (straight into fresh memory,
@@ -485,8 +515,9 @@ impl Tensor {
     /// assert_eq!(t.data(), &[1.0, 2.0, 1.0, 2.0, 1.0, 2.0]);
     /// ```
     pub fn repeat_row(row: &[f32], m: usize) -> Result<Tensor> {
-        let n = crate::error::checked_numel("repeat_row", &[m, row.len()])?;
-        let data = new_filled(n, |off, d| {
+        let shape = [m, row.len()];
+        let n = crate::error::checked_numel("repeat_row", &shape)?;
+        let data = try_new_filled(n, |off, d| {
             if row.is_empty() {
                 return;
             }
@@ -501,8 +532,9 @@ impl Tensor {
                 k += len;
                 col = 0;
             }
-        });
-        Tensor::from_vec(&[m, row.len()], data)
+        })
+        .ok_or_else(|| crate::error::alloc_error::<f32>("repeat_row", &shape, n))?;
+        Tensor::from_vec(&shape, data)
     }
 
     /// `self = max(self, 0)` in place. NaN stays NaN.

@@ -54,7 +54,17 @@ impl Rng {
         (self.next_u64() >> 40) as f32 * (1.0 / (1u64 << 24) as f32)
     }
 
-    /// A uniform f32 in `[low, high)`.
+    /// A uniform f32 in `[low, high)`, for finite `low < high`. Outside that it computes what
+    /// `low + (high - low) · u` gives, `u` uniform in `[0, 1)`: `low` for `low >= high`, NaN
+    /// or infinities for bounds that are (PyTorch's `uniform_` refuses them; check untrusted
+    /// bounds before drawing).
+    ///
+    /// ```
+    /// let mut rng = nibble_tensor::Rng::new(0);
+    /// let v = rng.uniform(-0.5, 0.5);
+    /// assert!((-0.5..0.5).contains(&v));
+    /// assert_eq!(rng.uniform(5.0, 1.0), 5.0);
+    /// ```
     pub fn uniform(&mut self, low: f32, high: f32) -> f32 {
         let v = low + (high - low) * self.next_f32();
         // Rounding can land exactly on `high`; keep the interval half-open.

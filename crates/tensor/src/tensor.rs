@@ -45,11 +45,12 @@ impl Clone for Elements {
 impl Elements {
     /// `len` elements `f(0), f(1), ...` (called in index order): a [`WeightBuf`] from
     /// [`HUGE_PAGE_BYTES`] on, a `Vec` below.
-    fn from_fn(len: usize, mut f: impl FnMut(usize) -> f32) -> Self {
+    /// `None` where `len` floats cannot be allocated.
+    fn try_from_fn(len: usize, mut f: impl FnMut(usize) -> f32) -> Option<Self> {
         if len.saturating_mul(4) >= HUGE_PAGE_BYTES {
-            Elements::Weights(WeightBuf::from_fn(len, f))
+            WeightBuf::try_from_fn(len, f).map(Elements::Weights)
         } else {
-            Elements::Vec((0..len).map(&mut f).collect())
+            Some(Elements::Vec((0..len).map(&mut f).collect()))
         }
     }
 }
@@ -100,13 +101,17 @@ impl Tensor {
         Self::try_zeros(shape).expect("Tensor::zeros: shape overflows")
     }
 
-    /// A tensor of zeros, or an error if the element count overflows. Large tensors are
-    /// cleared in parallel (calloc clears reused memory with one serial memset).
+    /// A tensor of zeros, or an error if the element count overflows or the memory cannot be
+    /// allocated ([`crate::TensorError::Alloc`]: a shape beyond the
+    /// address space). Large tensors are cleared in parallel (calloc clears reused memory with
+    /// one serial memset).
     pub fn try_zeros(shape: &[usize]) -> Result<Self> {
         let n = checked_numel("zeros", shape)?;
+        let data = crate::ops::try_zeros_vec(n)
+            .ok_or_else(|| crate::error::alloc_error::<f32>("zeros", shape, n))?;
         Ok(Tensor {
             shape: shape.to_vec(),
-            data: Elements::Vec(crate::ops::zeros_vec(n)),
+            data: Elements::Vec(data),
         })
     }
 
@@ -178,7 +183,8 @@ impl Tensor {
     }
 
     /// A tensor whose row-major element `i` is `f(i)`, called once per index in increasing
-    /// order; an error if the element count overflows. Written once, straight into its final
+    /// order; an error if the element count overflows or the memory cannot be allocated.
+    /// Written once, straight into its final
     /// place: from 2 MiB on that is a [`WeightBuf`] on huge pages, so this is the constructor
     /// for parameters (random init, checkpoint loading).
     ///
@@ -190,9 +196,11 @@ impl Tensor {
     /// ```
     pub fn from_fn(shape: &[usize], f: impl FnMut(usize) -> f32) -> Result<Self> {
         let n = checked_numel("from_fn", shape)?;
+        let data = Elements::try_from_fn(n, f)
+            .ok_or_else(|| crate::error::alloc_error::<f32>("from_fn", shape, n))?;
         Ok(Tensor {
             shape: shape.to_vec(),
-            data: Elements::from_fn(n, f),
+            data,
         })
     }
 

@@ -72,10 +72,25 @@ pub fn check_batch1_rows(out: usize, rows: &Range<usize>, y: &[f32]) -> Result<(
 
 /// A frozen `out x in` weight matrix `W` (PyTorch's `nn.Linear.weight` layout).
 pub trait WeightMatrix: Send + Sync + std::fmt::Debug {
-    /// Rows of W (output features).
+    /// Rows of W (output features); 0 for a weight that is no matrix (a [`Tensor`] of another
+    /// rank: [`dims`](Self::dims) says why).
     fn out_features(&self) -> usize;
-    /// Columns of W (input features).
+    /// Columns of W (input features); 0 for a weight that is no matrix.
     fn in_features(&self) -> usize;
+    /// `(out_features, in_features)`, or an error naming `op` where the weight is no matrix (a
+    /// [`Tensor`] or [`HalfTensor`] of a rank other than 2). Every product checks it first.
+    ///
+    /// ```
+    /// use nibble_tensor::{linear, Tensor, WeightMatrix};
+    /// let x = Tensor::from_vec(&[1, 3], vec![1.0, 2.0, 3.0]).unwrap();
+    /// let w = Tensor::zeros(&[3]);
+    /// assert!(w.dims("linear").is_err());
+    /// assert!(linear(&x, &w, None).is_err());
+    /// ```
+    fn dims(&self, op: &'static str) -> Result<(usize, usize)> {
+        let _ = op;
+        Ok((self.out_features(), self.in_features()))
+    }
     /// Forward: `y[m, out] = x[m, in] · Wᵀ` (`y += ...` with `accumulate`).
     fn matmul_t(&self, x: &[f32], m: usize, y: &mut [f32], accumulate: bool) -> Result<()>;
     /// Batch 1 with a low-rank adapter: `y[out] = x[in] · Wᵀ + B (A x)` (`y += ...` with
@@ -91,7 +106,8 @@ pub trait WeightMatrix: Send + Sync + std::fmt::Debug {
         accumulate: bool,
         adapter: &LowRank<'_>,
     ) -> Result<()> {
-        adapter.check(self.out_features(), self.in_features(), x, y)?;
+        let (o, i) = self.dims("linear")?;
+        adapter.check(o, i, x, y)?;
         self.matmul_t(x, 1, y, accumulate)?;
         adapter.apply_unfused(x, y)
     }
@@ -197,7 +213,7 @@ pub trait WeightMatrix: Send + Sync + std::fmt::Debug {
         extra: Option<Segment<'_>>,
         post: PostOp,
     ) -> Result<()> {
-        let (o, i) = (self.out_features(), self.in_features());
+        let (o, i) = self.dims("linear")?;
         check_matmul_operands("linear", m, x.len(), i, y.len(), o)?;
         let values = bias.map(|b| bias_values(b, o)).transpose()?;
         if let Some(rhs) = self.gemm_rhs(m) {
@@ -278,7 +294,7 @@ pub trait WeightMatrix: Send + Sync + std::fmt::Debug {
         accumulate: bool,
         first: Option<Segment<'_>>,
     ) -> Result<()> {
-        let (o, i) = (self.out_features(), self.in_features());
+        let (o, i) = self.dims("linear_backward_input")?;
         check_matmul_operands("linear_backward_input", m, dy.len(), o, dx.len(), i)?;
         let Some(first) = first else {
             return self.matmul(dy, m, dx, accumulate);
@@ -361,10 +377,13 @@ macro_rules! dense_weight_matrix {
     ($ty:ty, $gemv:ident, $fits:ident, $bytes:expr, $name:expr, $to_f32:expr) => {
         impl WeightMatrix for $ty {
             fn out_features(&self) -> usize {
-                self.shape()[0]
+                self.dims2("out_features").map_or(0, |(o, _)| o)
             }
             fn in_features(&self) -> usize {
-                self.shape()[1]
+                self.dims2("in_features").map_or(0, |(_, i)| i)
+            }
+            fn dims(&self, op: &'static str) -> Result<(usize, usize)> {
+                self.dims2(op)
             }
             fn matmul_t(&self, x: &[f32], m: usize, y: &mut [f32], accumulate: bool) -> Result<()> {
                 let (o, i) = self.dims2("linear")?;
@@ -453,12 +472,12 @@ dense_weight_matrix!(
 /// ```
 pub fn linear(x: &Tensor, w: &dyn WeightMatrix, bias: Option<&[f32]>) -> Result<Tensor> {
     let (m, i) = x.dims2("linear")?;
-    let o = w.out_features();
-    if i != w.in_features() {
+    let (o, wi) = w.dims("linear")?;
+    if i != wi {
         return Err(TensorError::ShapeMismatch {
             op: "linear",
             lhs: x.shape().to_vec(),
-            rhs: vec![o, w.in_features()],
+            rhs: vec![o, wi],
         });
     }
     if let Some(b) = bias {
@@ -510,11 +529,12 @@ pub fn linear_low_rank_into(
     (h, b): (&[f32], &dyn WeightMatrix),
     post: PostOp,
 ) -> Result<()> {
-    if b.out_features() != w.out_features() {
+    let (b_dims, w_dims) = (b.dims("linear (LoRA B)")?, w.dims("linear")?);
+    if b_dims.0 != w_dims.0 {
         return Err(TensorError::ShapeMismatch {
             op: "linear (LoRA B)",
-            lhs: vec![b.out_features(), b.in_features()],
-            rhs: vec![w.out_features(), w.in_features()],
+            lhs: vec![b_dims.0, b_dims.1],
+            rhs: vec![w_dims.0, w_dims.1],
         });
     }
     let bias_row = bias.map(|b| MatRef::row_major(b, 1, b.len())).transpose()?;
@@ -522,7 +542,7 @@ pub fn linear_low_rank_into(
     match b.gemm_rhs(m) {
         Some(b_t) => {
             let adapter = Segment {
-                a: MatRef::row_major(h, m, b.in_features())?,
+                a: MatRef::row_major(h, m, b_dims.1)?,
                 b: &*b_t,
             };
             w.matmul_t_fused(x, m, y, bias_rhs, Some(adapter), post)
@@ -539,14 +559,15 @@ pub fn linear_low_rank_into(
 /// The linear layer's input gradient: `dx[m, in] = dy[m, out] · W`.
 pub fn linear_backward_input(dy: &Tensor, w: &dyn WeightMatrix) -> Result<Tensor> {
     let (m, o) = dy.dims2("linear_backward_input")?;
-    if o != w.out_features() {
+    let (wo, wi) = w.dims("linear_backward_input")?;
+    if o != wo {
         return Err(TensorError::ShapeMismatch {
             op: "linear_backward_input",
             lhs: dy.shape().to_vec(),
-            rhs: vec![w.out_features(), w.in_features()],
+            rhs: vec![wo, wi],
         });
     }
-    let mut dx = Tensor::try_zeros(&[m, w.in_features()])?;
+    let mut dx = Tensor::try_zeros(&[m, wi])?;
     w.matmul(dy.data(), m, dx.data_mut(), false)?;
     Ok(dx)
 }

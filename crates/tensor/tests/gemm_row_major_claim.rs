@@ -194,3 +194,60 @@ fn gemm_segments_ignores_a_short_claim() {
         assert_eq!(bits(&got), bits(&want), "{threads} threads");
     }
 }
+
+/// A B whose `k()` answers the true K to the shape check and 1 afterwards, claiming one row of
+/// `n` floats in place: the claim is checked against the K the kernels read (A's columns), so
+/// B is packed (the check asked `k()` a second time, took 1, and the kernels read 64 rows past
+/// the 16 floats: a segfault from safe code).
+#[test]
+fn a_k_that_changes_between_calls_cannot_widen_the_in_place_read() {
+    struct Shifty {
+        calls: std::sync::atomic::AtomicUsize,
+        k: usize,
+        row: Vec<f32>,
+    }
+    impl PackB for Shifty {
+        fn k(&self) -> usize {
+            let first = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
+            if first {
+                self.k
+            } else {
+                1
+            }
+        }
+        fn n(&self) -> usize {
+            self.row.len()
+        }
+        fn pack_panel(&self, k0: usize, kc: usize, n0: usize, nc: usize, dst: &mut [f32]) {
+            Liar {
+                k: self.k,
+                n: self.row.len(),
+                claim: None,
+            }
+            .pack_panel(k0, kc, n0, nc, dst)
+        }
+        fn as_row_major(&self) -> Option<(&[f32], usize)> {
+            Some((&self.row, 1 << 20))
+        }
+    }
+    let (k, n) = (64, 16);
+    for path in available_paths() {
+        for packing in [Packing::Auto, Packing::UnpackedB, Packing::Unpacked] {
+            for m in [1, 5] {
+                let a = a_values(m, k);
+                let a = MatRef::row_major(&a, m, k).unwrap();
+                let shifty = Shifty {
+                    calls: Default::default(),
+                    k,
+                    row: vec![1.0; n],
+                };
+                let mut got = vec![f32::NAN; m * n];
+                gemm_with_packing(path, a, &shifty, &mut got, false, packing).unwrap();
+                let honest = Liar { k, n, claim: None };
+                let mut want = vec![f32::NAN; m * n];
+                gemm_with_packing(path, a, &honest, &mut want, false, packing).unwrap();
+                assert_eq!(bits(&got), bits(&want), "{path:?} {packing:?} m={m}");
+            }
+        }
+    }
+}

@@ -1032,13 +1032,13 @@ impl Sweep<'_> {
     }
 }
 
-/// `b`'s [`PackB::as_row_major`] where the claim holds up: with `b` `k x n`, a row stride of at
+/// `b`'s [`PackB::as_row_major`] where the claim holds up: with `b` read as `k x n` (the K and
+/// N the kernels use, whatever `b.k()` says on another call), a row stride of at
 /// least `n` (where `k > 1`) and at least `(k - 1) * row_stride + n` floats, so that every
 /// element `(p, j)` the kernels read in place lies inside the slice. `None` otherwise (and for
 /// an empty B, never read in place), so that B is packed through [`PackB::pack_panel`], as a
 /// [`PackB::prepacked_block`] too short for its block is: the same bits, only slower.
-fn row_major_checked(b: &dyn PackB) -> Option<(&[f32], usize)> {
-    let (k, n) = (b.k(), b.n());
+fn row_major_checked(b: &dyn PackB, k: usize, n: usize) -> Option<(&[f32], usize)> {
     let (data, ld) = b.as_row_major()?;
     if k == 0 || n == 0 || (k > 1 && ld < n) {
         return None;
@@ -1172,7 +1172,9 @@ fn gemm_staged(
         .iter()
         .map(|s| {
             if packing.unpacked_b(m, micro) {
-                row_major_checked(s.b)
+                // The K the kernels read (A's columns), not a second answer of `b.k()`: a
+                // `PackB` whose `k()` changed between calls read past its slice.
+                row_major_checked(s.b, s.a.cols(), n)
             } else {
                 None
             }
