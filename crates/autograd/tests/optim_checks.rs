@@ -186,33 +186,48 @@ fn tape_layer_norm_refuses_a_bad_eps() {
     assert!(y.value().data().iter().all(|v| v.is_finite()));
 }
 
-/// A storage scale needs a parameter the optimizer updates and a finite positive scale; a
-/// scale of 1 is the plain update, bit for bit, and another scale moves the stored value by
-/// the scale times AdamW's step on the unscaled parameter.
+/// A storage scale needs a parameter the optimizer updates and a finite nonzero scale; a
+/// scale of 1 is the plain update, bit for bit, and another scale, negative too (PEFT's
+/// `lora_alpha < 0`, which it trains; it was refused), moves the stored value by the scale
+/// times AdamW's step on the unscaled parameter.
 #[test]
 fn adamw_storage_scales_are_checked_and_scale_the_step() {
-    let p =
-        |name: &str, v: f32| Param::new(name, Tensor::from_vec(&[2], vec![v, -v]).unwrap(), true);
-    let (theta, w, one, other) = (p("theta", 0.3), p("w", 0.9), p("one", 0.3), p("other", 1.0));
-    let mut opt = AdamW::new(
-        vec![theta.clone(), w.clone(), one.clone()],
-        AdamWConfig::default(),
-    )
-    .unwrap();
-    for bad in [0.0, -2.0, f32::NAN, f32::INFINITY] {
-        let e = opt.set_storage_scale(&w, bad).unwrap_err().to_string();
-        assert!(e.contains("finite and positive") && e.contains('w'), "{e}");
+    for scale in [3.0f32, -3.0] {
+        let p = |name: &str, v: f32| {
+            Param::new(name, Tensor::from_vec(&[2], vec![v, -v]).unwrap(), true)
+        };
+        let (theta, w, one, other) = (
+            p("theta", 0.3),
+            p("w", 0.3 * scale),
+            p("one", 0.3),
+            p("other", 1.0),
+        );
+        let mut opt = AdamW::new(
+            vec![theta.clone(), w.clone(), one.clone()],
+            AdamWConfig::default(),
+        )
+        .unwrap();
+        for bad in [0.0, -0.0, f32::NAN, f32::INFINITY] {
+            let e = opt.set_storage_scale(&w, bad).unwrap_err().to_string();
+            assert!(e.contains("finite and nonzero") && e.contains('w'), "{e}");
+        }
+        let e = opt.set_storage_scale(&other, 2.0).unwrap_err().to_string();
+        assert!(e.contains("other") && e.contains("not one"), "{e}");
+        opt.set_storage_scale(&w, scale).unwrap();
+        opt.set_storage_scale(&one, 1.0).unwrap();
+        steps_of_scaled_storage(&theta, &w, &one, &mut opt, scale);
     }
-    let e = opt.set_storage_scale(&other, 2.0).unwrap_err().to_string();
-    assert!(e.contains("other") && e.contains("not one"), "{e}");
-    opt.set_storage_scale(&w, 3.0).unwrap();
-    opt.set_storage_scale(&one, 1.0).unwrap();
+}
+
+/// Five steps on `theta`, on `w` (stored as `scale · theta`, its gradient `1 / scale` of
+/// theta's) and on `one` (theta's twin at scale 1), then the checks.
+fn steps_of_scaled_storage(theta: &Param, w: &Param, one: &Param, opt: &mut AdamW, scale: f32) {
     for step in 0..5 {
         let g = 0.1 + step as f32 * 0.05;
         theta
             .accumulate_grad(Tensor::from_vec(&[2], vec![g, -2.0 * g]).unwrap())
             .unwrap();
-        w.accumulate_grad(Tensor::from_vec(&[2], vec![g / 3.0, -2.0 * g / 3.0]).unwrap())
+        w.accumulate_grad(Tensor::from_vec(&[2], vec![g / scale, -2.0 * g / scale]).unwrap())
             .unwrap();
         one.accumulate_grad(Tensor::from_vec(&[2], vec![g, -2.0 * g]).unwrap())
             .unwrap();
@@ -222,6 +237,9 @@ fn adamw_storage_scales_are_checked_and_scale_the_step() {
     let (t, s, o) = (theta.value(), w.value(), one.value());
     assert_eq!(t.data(), o.data(), "a scale of 1 is the plain update");
     for (a, b) in s.data().iter().zip(t.data()) {
-        assert!((a - 3.0 * b).abs() <= 1e-6 * a.abs(), "{a} against 3 · {b}");
+        assert!(
+            (a - scale * b).abs() <= 1e-6 * a.abs(),
+            "{a} against {scale} · {b}"
+        );
     }
 }

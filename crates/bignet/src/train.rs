@@ -230,8 +230,20 @@ fn fit_here(
         },
     )?;
     // A PEFT adapter loaded with its scaling folded into B trains as PEFT trains its B.
-    for lora in model.linears().filter_map(|l| l.lora.as_ref()) {
+    for (name, lora) in model
+        .linears()
+        .filter_map(|l| l.lora.as_ref().map(|a| (&l.name, a)))
+    {
         if lora.b_scale != 1.0 && lora.b.requires_grad() {
+            if lora.b_scale == 0.0 {
+                return Err(Error::Model {
+                    what: format!(
+                        "layer {name}'s adapter has the scaling 0 (`lora_alpha` 0): it adds \
+                         nothing to the layer, and its B, held with the scaling folded in, is \
+                         lost, so it cannot train; give the adapter a nonzero lora_alpha"
+                    ),
+                });
+            }
             opt.set_storage_scale(&lora.b, lora.b_scale)?;
         }
     }

@@ -1177,8 +1177,8 @@ fn assert_fit_losses_match(what: &str, adapter: &std::path::Path, extra: &[&str]
 /// B, each layer's weight norm computed again from A and B at every step and held constant
 /// in the backward. The losses are PEFT's, trained with PyTorch's AdamW on the same task
 /// (`tools/golden/make_peft_fit_dora.py`), with and without `--checkpoint`, and the saved
-/// adapter holds PEFT's trained tensors (B with the scaling folded in: saved with
-/// `lora_alpha = r`). Without the magnitudes' gradients the losses part from PEFT's at the
+/// adapter holds PEFT's trained tensors as PEFT holds them (B without the scaling, and PEFT's
+/// `lora_alpha` 8: B was saved with the scaling folded in and `lora_alpha = r`). Without the magnitudes' gradients the losses part from PEFT's at the
 /// second step, and so do they with the norms of the first step kept.
 #[test]
 fn fit_trains_peft_dora_adapters_as_peft_does() {
@@ -1208,16 +1208,21 @@ fn fit_trains_peft_dora_adapters_as_peft_does() {
         for key in keys {
             let a = ours.tensor_f32(key, None).unwrap();
             let b = theirs.tensor_f32(key, None).unwrap();
-            // PEFT's lora_alpha 8 at r = 4: nibble's saved B is 2·B.
-            let scale = if key.contains("lora_B") { 2.0 } else { 1.0 };
             let worst = a
                 .data()
                 .iter()
                 .zip(b.data())
-                .map(|(x, y)| (x - scale * y).abs())
+                .map(|(x, y)| (x - y).abs())
                 .fold(0.0f32, f32::max);
             assert!(worst < 2e-6, "{key}: {worst} from PEFT's trained value");
         }
+        let config: Value =
+            serde_json::from_slice(&std::fs::read(saved.join("adapter_config.json")).unwrap())
+                .unwrap();
+        assert_eq!(
+            (&config["r"], &config["lora_alpha"]),
+            (&serde_json::json!(4), &serde_json::json!(8))
+        );
     }
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -1536,6 +1541,42 @@ fn fit_refuses_peft_adapters_it_cannot_train_as_peft_does() {
         fails_with(&args, "this one adapts 1 of them: model.0.model.2");
         assert!(!dir.join("saved").exists(), "an adapter was saved");
     }
+    // `lora_alpha` 0 (a scaling of 0, its B lost when folded in) is an error naming it (it was
+    // an optimizer's "set_storage_scale" error); a negative one trains, as PEFT trains it
+    // (refused the same way).
+    let scaled = path("scaled");
+    std::fs::create_dir_all(&scaled).unwrap();
+    std::fs::copy(
+        dir.join("full/adapter_model.safetensors"),
+        dir.join("scaled/adapter_model.safetensors"),
+    )
+    .unwrap();
+    for alpha in [0, -64] {
+        let mut config: Value =
+            serde_json::from_slice(&std::fs::read(dir.join("full/adapter_config.json")).unwrap())
+                .unwrap();
+        config["lora_alpha"] = serde_json::json!(alpha);
+        std::fs::write(
+            dir.join("scaled/adapter_config.json"),
+            serde_json::to_vec(&config).unwrap(),
+        )
+        .unwrap();
+        let args = [
+            "fit",
+            "lora",
+            "--dim",
+            "64",
+            "--steps",
+            "1",
+            "--adapter",
+            &scaled,
+        ];
+        if alpha == 0 {
+            fails_with(&args, "`lora_alpha` 0");
+        } else {
+            run_ok(&args);
+        }
+    }
     // The reference's BigNet at width 128 with a PEFT adapter of bias = "all".
     let weights = golden("bignet_d128.pth");
     let weights = weights.to_str().unwrap();
@@ -1678,6 +1719,41 @@ fn compare_of_outputs_that_overflow_is_an_error_not_null() {
     let args = ["fit", "bignet", "--weights", huge, "--steps", "2"];
     fails_with(&args, "before any update");
     fails_with(&args, "not --lr");
+    // forward names the element and writes nothing (it wrote `y` full of NaN, exit status 0);
+    // a NaN in `x` is named too.
+    let x = dir.join("x.safetensors");
+    let y = dir.join("y.safetensors");
+    for (name, first) in [("finite", 0.5f32), ("nan", f32::NAN)] {
+        let data: Vec<f32> = (0..2 * 128)
+            .map(|i| if i == 0 { first } else { 0.01 * i as f32 })
+            .collect();
+        write_safetensors(
+            &x,
+            &[(
+                "x".to_string(),
+                nibble_bignet::checkpoint::DType::F32,
+                vec![2, 128],
+                bytemuck::cast_slice::<f32, u8>(&data),
+            )],
+            &Default::default(),
+        )
+        .unwrap();
+        let args = [
+            "forward",
+            "--weights",
+            huge,
+            "--input",
+            x.to_str().unwrap(),
+            "--output",
+            y.to_str().unwrap(),
+        ];
+        if name == "nan" {
+            fails_with(&args, "`x` is NaN at (row 0, col 0)");
+        } else {
+            fails_with(&args, "overflows f32 on this input");
+        }
+        assert!(!y.exists(), "{name}: forward wrote an output");
+    }
     std::fs::remove_dir_all(&dir).ok();
 }
 

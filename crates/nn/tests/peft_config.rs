@@ -1156,6 +1156,84 @@ fn layers_of_several_ranks_save_with_a_rank_pattern() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// A PEFT adapter whose scaling is not 1 (`lora_alpha / r`, rsLoRA's `alpha / √r`, an
+/// `alpha_pattern`, a negative alpha) is saved as PEFT holds it: B without the scaling folded
+/// in at load, and each layer's alpha `s · r`, so that PEFT's scaling is the same `s`. The
+/// file loads back to the same scaling and the same folded B; PEFT training on from it steps
+/// as it would on the original. Before, B was saved with `s` in it and alpha `r`: the same
+/// outputs, but Adam's steps on that B were `1 / s` of PEFT's (a resumed run's loss 0.74
+/// against 0.95 after one step).
+#[test]
+fn scaled_adapters_save_their_scaling_as_alpha_and_b_without_it() {
+    let dir = tempdir("save_scaled");
+    let cases = [
+        ("alpha", json!({"lora_alpha": 8}), json!(8), None),
+        (
+            "rslora",
+            json!({"lora_alpha": 4, "use_rslora": true}),
+            json!(4.0 * 2f64.sqrt() as f32 as f64),
+            None,
+        ),
+        (
+            "pattern",
+            json!({"lora_alpha": 6, "alpha_pattern": {"3": 1}}),
+            json!(6),
+            Some(json!({"3": 1})),
+        ),
+        ("negative", json!({"lora_alpha": -3}), json!(-3), None),
+    ];
+    for (name, edits, alpha, alpha_pattern) in cases {
+        let tensors = lora(2, &ALL);
+        let d = adapter(&dir, name, &with(&base_config(), edits), &tensors);
+        let mut m = model(&dir);
+        m.load_adapter(&d).unwrap();
+        let saved = dir.join(format!("{name}_saved"));
+        m.save_adapter(&saved).unwrap();
+        let config: Value =
+            serde_json::from_slice(&std::fs::read(saved.join("adapter_config.json")).unwrap())
+                .unwrap();
+        let got = config["lora_alpha"].as_f64().unwrap();
+        assert!(
+            (got - alpha.as_f64().unwrap()).abs() < 1e-6,
+            "{name}: lora_alpha {got}, want {alpha}"
+        );
+        assert_eq!(config["r"], json!(2), "{name}");
+        assert_eq!(config.get("rank_pattern"), None, "{name}");
+        assert_eq!(
+            config.get("alpha_pattern"),
+            alpha_pattern.as_ref(),
+            "{name}"
+        );
+        // B as the original file holds it (up to the rounding of folding and unfolding).
+        let file = Checkpoint::open(saved.join("adapter_model.safetensors")).unwrap();
+        for (key, _, want) in &tensors {
+            let got = file.tensor_f32(key, None).unwrap();
+            for (g, w) in got.data().iter().zip(want) {
+                assert!(
+                    (g - w).abs() <= 1e-6 * w.abs().max(1.0),
+                    "{name} {key}: {g} against {w}"
+                );
+            }
+        }
+        let mut back = model(&dir);
+        back.load_adapter(&saved).unwrap();
+        for (a, b) in m.linears().zip(back.linears()) {
+            let (la, lb) = (a.lora.as_ref().unwrap(), b.lora.as_ref().unwrap());
+            assert!(
+                (la.b_scale - lb.b_scale).abs() <= 1e-6 * la.b_scale.abs(),
+                "{name}"
+            );
+            for (x, y) in la.b.value().data().iter().zip(lb.b.value().data()) {
+                assert!(
+                    (x - y).abs() <= 1e-6 * x.abs().max(1.0),
+                    "{name}: {x} against {y}"
+                );
+            }
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// `enable_dora` makes fresh adapters DoRA ones as PEFT's `use_dora` creates them: each
 /// magnitude the row norms of its weight (so the outputs stay the base's) and trainable. A
 /// model without adapters, and a weight with a zero row (whose scale would be 0/0), are

@@ -111,9 +111,10 @@ impl AdamW {
     /// `B` with PEFT's scaling `s` folded in, nibble-nn's `LoraAdapter::b_scale`): each step then moves
     /// `param` by `s` times AdamW's step on `θ`, whose gradient is `s` times `param`'s. With
     /// `m` and `v` the moments of `param`'s own gradient, that is the usual update with the step
-    /// size times `s` and `eps / s` (the decay `1 − lr·wd` is the same): PEFT's training of `B`,
-    /// up to rounding. An error if `param` is not one this optimizer updates or `s` is not
-    /// finite and positive.
+    /// size times `|s|` and `eps / |s|` (the decay `1 − lr·wd` is the same): PEFT's training of
+    /// `B`, up to rounding, for a negative scaling (`lora_alpha < 0`) too. An error if `param`
+    /// is not one this optimizer updates or `s` is not finite and nonzero (`param` would hold
+    /// nothing of `θ`).
     ///
     /// ```
     /// use nibble_autograd::{AdamW, AdamWConfig, Optimizer, Param};
@@ -138,11 +139,11 @@ impl AdamW {
     /// assert!((s - 4.0 * t).abs() <= 1e-6 * s.abs(), "{s} against 4 · {t}");
     /// ```
     pub fn set_storage_scale(&mut self, param: &Param, scale: f32) -> Result<()> {
-        if !(scale.is_finite() && scale > 0.0) {
+        if !(scale.is_finite() && scale != 0.0) {
             return Err(AutogradError::InvalidInput {
                 op: "AdamW::set_storage_scale",
                 what: format!(
-                    "parameter {}: the scale must be finite and positive, found {scale}",
+                    "parameter {}: the scale must be finite and nonzero, found {scale}",
                     param.name()
                 ),
             });
@@ -222,11 +223,12 @@ impl Optimizer for AdamW {
                         ),
                     });
                 }
-                // A parameter stored scaled (`set_storage_scale`): AdamW's step on θ, times s.
+                // A parameter stored scaled (`set_storage_scale`): AdamW's step on θ, times s
+                // (s² m / (|s| √v + eps) = |s| m / (√v + eps / |s|)).
                 let (step_size, eps) = if scale == 1.0 {
                     (step_size, c.eps)
                 } else {
-                    (step_size * scale, c.eps / scale)
+                    (step_size * scale.abs(), c.eps / scale.abs())
                 };
                 for (((w, &g), m), v) in value
                     .data_mut()

@@ -27,11 +27,16 @@ pub fn check_destination(dir: &Path) -> Result<()> {
 }
 
 /// Writes the adapters of `layers` (those that have one) to `dir` (created if missing); at
-/// least one layer must have an adapter. Layers of other ranks than the most common one go
-/// into `rank_pattern` (and `alpha_pattern`, each its rank: B holds the scaling), keyed by
-/// their whole names with the dots escaped; where the layers sit at different depths such a
-/// key could also name another layer (PEFT matches keys against the ends of names), and
-/// several ranks are an error. DoRA adapters are written as PEFT writes them (each layer's
+/// least one layer must have an adapter. Each layer's B is written as PEFT holds it, without
+/// the scaling a loaded PEFT adapter has folded in ([`crate::LoraAdapter::b_scale`] `s`: B
+/// divided by it), and its `lora_alpha` is `s · r`, so that PEFT's scaling `alpha / r` is `s`:
+/// the same outputs, and PEFT training on from the file takes the steps it would have taken
+/// on the adapter it came from (a B saved with `s` in it and alpha `r` gave the same outputs,
+/// but Adam's steps on it were `1 / s` of PEFT's). nibble's own adapters have `s = 1`: alpha
+/// `r`. Layers of other ranks or alphas than the most common ones go into `rank_pattern` /
+/// `alpha_pattern`, keyed by their whole names with the dots escaped; where the layers sit at
+/// different depths such a key could also name another layer (PEFT matches keys against the
+/// ends of names), and a pattern is an error. DoRA adapters are written as PEFT writes them (each layer's
 /// `lora_magnitude_vector` beside its `lora_A` and `lora_B`, `use_dora` in the config); a file
 /// holds DoRA on every layer or on none, as PEFT's one `use_dora` flag does.
 ///
@@ -64,7 +69,20 @@ pub fn save_adapter<'a>(layers: impl IntoIterator<Item = &'a Linear>, dir: &Path
     }
     let names: Vec<&str> = layers.iter().map(|(n, _)| n.as_str()).collect();
     let ranks: Vec<usize> = layers.iter().map(|(_, a)| a.rank()).collect();
-    let (rank, rank_pattern) = rank_pattern(dir, &names, &ranks)?;
+    if let Some((name, a)) = layers.iter().find(|(_, a)| !scale_unfolds(a.b_scale)) {
+        return Err(adapter_error(
+            dir,
+            format!(
+                "layer {name}'s adapter holds the scaling {} folded into its B, which cannot be                  taken out again: PEFT's alpha / r must be finite and nonzero",
+                a.b_scale
+            ),
+        ));
+    }
+    let alphas: Vec<f64> = layers
+        .iter()
+        .map(|(_, a)| f64::from(a.b_scale) * a.rank() as f64)
+        .collect();
+    let (rank, alpha, patterned) = patterns(dir, &names, &ranks, &alphas)?;
     // Both files are checked before either is written, so a refusal leaves nothing half-saved.
     check_destination(dir)?;
     let weights = dir.join(WEIGHTS_FILE);
@@ -84,7 +102,7 @@ pub fn save_adapter<'a>(layers: impl IntoIterator<Item = &'a Linear>, dir: &Path
                 ),
                 (
                     format!("base_model.model.{name}.lora_B.weight"),
-                    a.b.value().clone(),
+                    unscaled(&a.b.value(), a.b_scale),
                 ),
             ]
             .into_iter()
@@ -113,7 +131,7 @@ pub fn save_adapter<'a>(layers: impl IntoIterator<Item = &'a Linear>, dir: &Path
         "task_type": null,
         "base_model_name_or_path": null,
         "r": rank,
-        "lora_alpha": rank,
+        "lora_alpha": alpha_json(alpha),
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": false,
@@ -122,14 +140,21 @@ pub fn save_adapter<'a>(layers: impl IntoIterator<Item = &'a Linear>, dir: &Path
         "modules_to_save": null,
         "target_modules": target_modules(&names),
     });
-    if !rank_pattern.is_empty() {
-        // B holds each layer's scaling folded in: every layer's alpha is its rank.
-        let alphas: serde_json::Map<_, _> = rank_pattern
-            .iter()
-            .map(|(k, r)| (k.clone(), json!(r)))
-            .collect();
-        config["rank_pattern"] = json!(alphas);
-        config["alpha_pattern"] = json!(alphas);
+    let ranks_of: serde_json::Map<_, _> = patterned
+        .iter()
+        .filter(|&&i| ranks[i] != rank)
+        .map(|&i| (regex::escape(names[i]), json!(ranks[i])))
+        .collect();
+    let alphas_of: serde_json::Map<_, _> = patterned
+        .iter()
+        .filter(|&&i| alphas[i] != alpha)
+        .map(|&i| (regex::escape(names[i]), alpha_json(alphas[i])))
+        .collect();
+    if !ranks_of.is_empty() {
+        config["rank_pattern"] = json!(ranks_of);
+    }
+    if !alphas_of.is_empty() {
+        config["alpha_pattern"] = json!(alphas_of);
     }
     if dora {
         // Only where it is set: PEFT before 0.9 knows no `use_dora` and refuses the key.
@@ -141,53 +166,79 @@ pub fn save_adapter<'a>(layers: impl IntoIterator<Item = &'a Linear>, dir: &Path
     })?)
 }
 
-/// The rank written as `r` (the most common of `ranks`; of those as common, the first layer's)
-/// and the `rank_pattern` entries of the other layers of `names` (`ranks[i]` is `names[i]`'s):
-/// each the layer's whole name as a regex (dots escaped), which PEFT's `get_pattern_key`
-/// matches against the end of a module's name after a dot (`(.*\.)?(key)$`). Where the layers
-/// sit at one depth no name is another's dotted tail, so each key names its layer alone;
-/// layers of different ranks at different depths are an error naming `dir` (the key `0` would
-/// also name `1.0`).
-fn rank_pattern(
+/// Whether B's folded scaling `s` can be divided out of it again: finite and nonzero.
+fn scale_unfolds(s: f32) -> bool {
+    s.is_finite() && s != 0.0
+}
+
+/// `b / s` (the B PEFT holds, where `b` holds its scaling `s` folded in); `b` itself for `s = 1`.
+fn unscaled(b: &Tensor, s: f32) -> Tensor {
+    if s == 1.0 {
+        return b.clone();
+    }
+    let data: Vec<f32> = b.data().iter().map(|v| v / s).collect();
+    Tensor::from_vec(b.shape(), data).expect("the shape of b")
+}
+
+/// An alpha as JSON: a whole number as an integer (`32`, as PEFT writes its default), any
+/// other as a float.
+fn alpha_json(alpha: f64) -> serde_json::Value {
+    if alpha.fract() == 0.0 && alpha.abs() < 2f64.powi(53) {
+        json!(alpha as i64)
+    } else {
+        json!(alpha)
+    }
+}
+
+/// The most common of `values` (of those as common, the first layer's).
+fn most_common<T: PartialEq + Copy>(values: &[T]) -> Option<T> {
+    let count = |v: T| values.iter().filter(|&&q| q == v).count();
+    values.iter().copied().fold(None, |best, v| match best {
+        Some(b) if count(b) >= count(v) => Some(b),
+        _ => Some(v),
+    })
+}
+
+/// The rank and alpha written as `r` and `lora_alpha` (the most common of `ranks` and of
+/// `alphas`, `ranks[i]` and `alphas[i]` being `names[i]`'s) and the indices of the layers that
+/// differ in either, for `rank_pattern` / `alpha_pattern`: each keyed by the layer's whole
+/// name as a regex (dots escaped), which PEFT's `get_pattern_key` matches against the end of a
+/// module's name after a dot (`(.*\.)?(key)$`). Where the layers sit at one depth no name is
+/// another's dotted tail, so each key names its layer alone; patterned layers at different
+/// depths are an error naming `dir` (the key `0` would also name `1.0`).
+fn patterns(
     dir: &Path,
     names: &[&str],
     ranks: &[usize],
-) -> Result<(usize, Vec<(String, usize)>)> {
-    let count = |r: usize| ranks.iter().filter(|&&q| q == r).count();
-    let rank = ranks
-        .iter()
-        .copied()
-        .fold(None, |best: Option<usize>, r| match best {
-            Some(b) if count(b) >= count(r) => Some(b),
-            _ => Some(r),
-        })
-        .unwrap_or(0);
-    let pattern: Vec<(String, usize)> = names
-        .iter()
-        .zip(ranks)
-        .filter(|(_, &r)| r != rank)
-        .map(|(n, &r)| (regex::escape(n), r))
+    alphas: &[f64],
+) -> Result<(usize, f64, Vec<usize>)> {
+    let rank = most_common(ranks).unwrap_or(0);
+    let alpha = most_common(alphas).unwrap_or(0.0);
+    let patterned: Vec<usize> = (0..names.len())
+        .filter(|&i| ranks[i] != rank || alphas[i] != alpha)
         .collect();
     let depth = |n: &&str| n.matches('.').count();
-    if !pattern.is_empty() && names.iter().map(depth).min() != names.iter().map(depth).max() {
+    if !patterned.is_empty() && names.iter().map(depth).min() != names.iter().map(depth).max() {
+        let list = |v: Vec<String>| {
+            v.into_iter()
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         return Err(adapter_error(
             dir,
             format!(
-                "the layers have ranks {} and sit at different depths ({}): PEFT's \
-                 `rank_pattern` keys match the ends of module names, so one layer's key could \
-                 also name another; nothing was written",
-                ranks
-                    .iter()
-                    .collect::<std::collections::BTreeSet<_>>()
-                    .into_iter()
-                    .map(|r| r.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                "the layers have ranks {} and alphas {} and sit at different depths ({}): \
+                 PEFT's `rank_pattern` / `alpha_pattern` keys match the ends of module names, \
+                 so one layer's key could also name another; nothing was written",
+                list(ranks.iter().map(|r| r.to_string()).collect()),
+                list(alphas.iter().map(|a| a.to_string()).collect()),
                 names.join(", ")
             ),
         ));
     }
-    Ok((rank, pattern))
+    Ok((rank, alpha, patterned))
 }
 
 /// `target_modules` that makes PEFT adapt exactly the modules `names`. PEFT selects a module by
