@@ -42,6 +42,15 @@ pub trait Op: Send {
     }
 }
 
+/// [`AutogradError::BadGradient`]: `op` gave a gradient (`how`: "" or "accumulated in place ")
+/// of shape `found` for an input of shape `want`.
+fn wrong_shape(op: &'static str, how: &str, found: &[usize], want: &[usize]) -> AutogradError {
+    AutogradError::BadGradient {
+        op,
+        what: format!("a gradient {how}of shape {found:?} for an input of shape {want:?}"),
+    }
+}
+
 /// A number no tape has used: each tape and each use of it (after `backward` or `clear`) gets
 /// its own, so that a [`Var`] of one tape (or of an earlier use) is never mistaken for a record
 /// of another (e.g. of the inner tape a checkpointed segment recomputes on).
@@ -645,14 +654,8 @@ impl Tape {
                     }
                     let d_inputs = d_inputs?;
                     if let Some((found, index)) = reshaped {
-                        return Err(AutogradError::BadGradient {
-                            op: name,
-                            what: format!(
-                                "a gradient accumulated in place of shape {found:?} for an \
-                                 input of shape {:?}",
-                                records[index].shape
-                            ),
-                        });
+                        let want = &records[index].shape;
+                        return Err(wrong_shape(name, "accumulated in place ", &found, want));
                     }
                     if let Some(t) = started {
                         self.add_profile(name, t.elapsed().as_secs_f64());
@@ -677,26 +680,12 @@ impl Tape {
                         // came, and a leaf reported a gradient of another shape).
                         let want = &records[node.index].shape;
                         if g.shape() != want.as_slice() {
-                            return Err(AutogradError::BadGradient {
-                                op: name,
-                                what: format!(
-                                    "a gradient of shape {:?} for an input of shape {:?}",
-                                    g.shape(),
-                                    want
-                                ),
-                            });
+                            return Err(wrong_shape(name, "", g.shape(), want));
                         }
                         match &mut grads[node.index] {
-                            Some(acc) => {
-                                acc.add_assign(&g).map_err(|_| AutogradError::BadGradient {
-                                    op: name,
-                                    what: format!(
-                                        "a gradient of shape {:?} for an input of shape {:?}",
-                                        g.shape(),
-                                        acc.shape()
-                                    ),
-                                })?
-                            }
+                            Some(acc) => acc
+                                .add_assign(&g)
+                                .map_err(|_| wrong_shape(name, "", g.shape(), acc.shape()))?,
                             slot @ None => *slot = Some(g),
                         }
                     }

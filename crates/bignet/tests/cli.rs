@@ -1507,22 +1507,31 @@ fn fit_refuses_peft_adapters_it_cannot_train_as_peft_does() {
     ]);
     // The same adapter with one target: PEFT adapts model.0.model.0 only (and ignores the
     // file's other LoRA tensors).
-    let subset = path("subset");
-    std::fs::create_dir_all(&subset).unwrap();
-    std::fs::copy(
-        dir.join("full/adapter_model.safetensors"),
-        dir.join("subset/adapter_model.safetensors"),
-    )
-    .unwrap();
-    let mut config: Value =
-        serde_json::from_slice(&std::fs::read(dir.join("full/adapter_config.json")).unwrap())
-            .unwrap();
-    config["target_modules"] = serde_json::json!(["model.0.model.0"]);
-    std::fs::write(
-        dir.join("subset/adapter_config.json"),
-        serde_json::to_vec(&config).unwrap(),
-    )
-    .unwrap();
+    // The adapter `full` copied to `name` with one setting of its config replaced.
+    let edited = |name: &str, key: &str, value: Value| {
+        let to = dir.join(name);
+        std::fs::create_dir_all(&to).unwrap();
+        std::fs::copy(
+            dir.join("full/adapter_model.safetensors"),
+            to.join("adapter_model.safetensors"),
+        )
+        .unwrap();
+        let mut config: Value =
+            serde_json::from_slice(&std::fs::read(dir.join("full/adapter_config.json")).unwrap())
+                .unwrap();
+        config[key] = value;
+        std::fs::write(
+            to.join("adapter_config.json"),
+            serde_json::to_vec(&config).unwrap(),
+        )
+        .unwrap();
+        to.to_str().unwrap().to_string()
+    };
+    let subset = edited(
+        "subset",
+        "target_modules",
+        serde_json::json!(["model.0.model.0"]),
+    );
     let saved = path("saved");
     for save in [false, true] {
         let mut args = vec![
@@ -1544,23 +1553,8 @@ fn fit_refuses_peft_adapters_it_cannot_train_as_peft_does() {
     // `lora_alpha` 0 (a scaling of 0, its B lost when folded in) is an error naming it (it was
     // an optimizer's "set_storage_scale" error); a negative one trains, as PEFT trains it
     // (refused the same way).
-    let scaled = path("scaled");
-    std::fs::create_dir_all(&scaled).unwrap();
-    std::fs::copy(
-        dir.join("full/adapter_model.safetensors"),
-        dir.join("scaled/adapter_model.safetensors"),
-    )
-    .unwrap();
     for alpha in [0, -64] {
-        let mut config: Value =
-            serde_json::from_slice(&std::fs::read(dir.join("full/adapter_config.json")).unwrap())
-                .unwrap();
-        config["lora_alpha"] = serde_json::json!(alpha);
-        std::fs::write(
-            dir.join("scaled/adapter_config.json"),
-            serde_json::to_vec(&config).unwrap(),
-        )
-        .unwrap();
+        let scaled = edited("scaled", "lora_alpha", serde_json::json!(alpha));
         let args = [
             "fit",
             "lora",
