@@ -987,6 +987,18 @@ fn hostile_zip() {
         );
         assert!(matches!(e, Error::ZipEntry { .. }), "{e}");
     }
+    // `torch.save` to `..pth` / `...pth` names the archive `.` / `..` (the file name without
+    // its extension): read, as torch.load reads it (refused as path traversal).
+    for top in [".", ".."] {
+        let ok = load(
+            "dots",
+            zip(&[
+                entry(&format!("{top}/data.pkl"), &p),
+                entry(&format!("{top}/data/0"), &data),
+            ]),
+        );
+        assert!(ok.is_ok(), "{top}: {:?}", ok.err());
+    }
     // non-UTF-8 name
     let raw = ZipEntry {
         name: b"arch/\xff",
@@ -1147,7 +1159,11 @@ fn hostile_pickles() {
     let e = expect_err(run(b"\x80\x02(i__builtin__\nobject\n."), "INST");
     assert!(matches!(e, Error::Pickle { offset: 3, .. }), "{e}");
     expect_err(run(b"\x80\x02}N0."), "POP");
-    expect_err(run(b"\x80\x02\x8f."), "EMPTY_SET");
+    expect_err(run(b"\x80\x04\x92."), "0x92");
+    // Sets are read (protocol 4 pickles a module's non-persistent buffers so), as lists: an
+    // ADDITEMS onto a dict is an error.
+    expect_err(run(b"\x80\x04\x8f."), "list of 0");
+    expect_err(run(b"\x80\x04}(K\x01\x90."), "not a list");
     expect_err(run(b"\x80\x02\xff."), "0xff");
     expect_err(run(b"\x80\x09}."), "protocol 9");
     expect_err(
@@ -1184,7 +1200,13 @@ fn hostile_pickles() {
         run(b"\x80\x02\x95\xff\xff\xff\xff\xff\xff\xff\xff."),
         "FRAME",
     );
-    expect_err(run(b"\x80\x02\x8a\xff."), "LONG1");
+    expect_err(run(b"\x80\x02\x8a\xff."), "needs 255 bytes");
+    // An int beyond 64 bits (2**64 as LONG1 of 9 bytes) is a value of its own: beside a
+    // state dict it is read past (it was an error), as a tensor's number an error.
+    expect_err(
+        run(b"\x80\x02\x8a\x09\x00\x00\x00\x00\x00\x00\x00\x00\x01."),
+        "int beyond 64 bits",
+    );
     expect_err(run(b"\x80\x02X\x02\x00\x00\x00\xff\xfe."), "UTF-8");
     // recursion / stack bombs
     let mut bomb = b"\x80\x02".to_vec();
@@ -1660,4 +1682,50 @@ fn whole_pickled_models_read_as_their_state_dicts() {
             );
         }
     }
+}
+
+/// Pickles that use what a plain state dict does not (`tools/golden/make_pickle_semantics.py`)
+/// read as `torch.load` reads them, keys in order and the same bytes: tensors with the lazy
+/// negation bit (read with the opposite sign), a state dict referenced a second time after it
+/// was filled (read empty: the file's `model` fell back to the zeros of `model_ema` without a
+/// word), whole models saved with pickle protocols 4 and 5 (EMPTY_SET / ADDITEMS were
+/// refused), an `nn.Buffer` and a tensor with an attribute of its own
+/// (`_rebuild_from_type_v2`, refused).
+#[test]
+fn pickles_read_as_torch_load_reads_them() {
+    let want = Checkpoint::open(golden("pickle_semantics_io.safetensors")).unwrap();
+    for stem in [
+        "pickle_neg",
+        "pickle_memo_twice",
+        "whole_p4",
+        "whole_p5",
+        "whole_nn_buffer",
+        "pickle_tensor_attr",
+    ] {
+        let ck = Checkpoint::open(golden(&format!("{stem}.pth"))).unwrap();
+        let keys: Vec<&str> = ck.keys_in_file_order().collect();
+        let expected: Vec<&str> = want.metadata()[&format!("{stem}_keys")]
+            .split(',')
+            .collect();
+        assert_eq!(keys, expected, "{stem}");
+        for k in keys {
+            let theirs = format!("{stem}.{k}");
+            assert_eq!(ck.info(k), want.info(&theirs), "{stem}: {k}");
+            assert_eq!(
+                ck.bytes(k).unwrap(),
+                want.bytes(&theirs).unwrap(),
+                "{stem}: {k}"
+            );
+        }
+    }
+    // A state-dict hook (here renaming `fc.` to `renamed.`) would change the keys PyTorch
+    // gives, and nibble never runs it: an error naming the module (nibble read `fc.*`).
+    let e = match Checkpoint::open(golden("whole_state_dict_hook.pth")) {
+        Ok(_) => panic!("a model with a state-dict hook was read"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        e.contains("state-dict hooks") && e.contains("Hooked"),
+        "{e}"
+    );
 }

@@ -72,6 +72,57 @@ fn lower_group_whose_min_or_scale_overflows_f16_is_an_error() {
     }
 }
 
+/// Double-quantized NF4 of weights near f32's limit beside ordinary ones: the absmaxes'
+/// offset and group scales must decode to finite values for every block, else an error naming
+/// the block (an infinite decoded absmax reached the file); every decoded absmax of what is
+/// accepted is finite.
+#[test]
+fn nf4_double_quantization_never_stores_an_infinite_absmax() {
+    for (rows, big) in [
+        (1usize, 3.4e38f32),
+        (4, 3.4e38),
+        (4, 1e38),
+        (64, 3.4e38),
+        (4, -3.4e38),
+        (2, f32::MAX),
+        (4, -f32::MAX),
+        (64, f32::MAX),
+    ] {
+        let w = weight(rows, 0, &[big]);
+        match Nf4Matrix::quantize_double(&w) {
+            Ok(m) => {
+                let d = m.dequantize_with(nibble_quant::KernelPath::Scalar);
+                assert!(
+                    d.data().iter().all(|v| v.is_finite()),
+                    "{rows} rows, {big}: a non-finite weight decoded"
+                );
+            }
+            Err(QuantError::Overflow { row, col, what, .. }) => {
+                assert!(what.contains("double quantization"), "{what}");
+                assert!(row < rows && col < 256, "({row}, {col})");
+            }
+            Err(other) => panic!("{rows} rows, {big}: {other}"),
+        }
+    }
+    // Three of eight blocks at f32's largest value: the offset and group scale are finite,
+    // but the three blocks' absmax decodes as `1.0 · scale + offset` = inf (it reached the
+    // file, and every weight of those blocks decoded as inf or NaN).
+    let mut v = vec![0.5f32; 512];
+    for b in [0, 3, 6] {
+        v[b * 64] = f32::MAX;
+    }
+    let w = Tensor::from_vec(&[2, 256], v).unwrap();
+    match Nf4Matrix::quantize_double(&w) {
+        Err(QuantError::Overflow { row, col, what, .. }) => {
+            assert_eq!((row, col), (0, 0));
+            assert!(what.contains("decodes as inf"), "{what}");
+        }
+        Err(other) => panic!("{other}"),
+        Ok(_) => panic!("three blocks at f32::MAX quantized, their absmax decoding as inf"),
+    }
+    assert!(Nf4Matrix::quantize(&w).is_ok(), "plain nf4 holds it");
+}
+
 #[test]
 fn lower_budget_must_be_at_least_three_bits() {
     let w = weight(2, 0, &[]);

@@ -229,6 +229,9 @@ pub(crate) enum Data {
         offset: usize,
         /// Strides in elements, one per dimension of the tensor's shape.
         stride: Vec<usize>,
+        /// Whether the copy's values are the storage's negated (PyTorch's negation bit; such a
+        /// tensor is copied even where it is contiguous).
+        negated: bool,
         /// The contiguous copy, once made.
         copy: OnceLock<Backing>,
     },
@@ -567,6 +570,7 @@ impl Checkpoint {
             storage,
             offset,
             stride,
+            negated,
             ..
         } = &entry.data
         else {
@@ -608,12 +612,16 @@ impl Checkpoint {
             }
         }
         let src = (*self.backing).as_ref().get(storage.clone()).unwrap_or(&[]);
-        pth::gather(src, esize, *offset, &entry.shape, stride).ok_or_else(|| {
+        let mut copy = pth::gather(src, esize, *offset, &entry.shape, stride).ok_or_else(|| {
             bad(format!(
                 "{}: its contiguous copy of {nbytes} bytes could not be allocated",
                 view()
             ))
-        })
+        })?;
+        if *negated {
+            pth::negate(&mut copy, entry.dtype).map_err(bad)?;
+        }
+        Ok(copy)
     }
 
     /// The number of bytes [`bytes`](Checkpoint::bytes) gives for `key` (its elements times

@@ -42,6 +42,10 @@ pub(crate) enum Global {
     RebuildParameter,
     /// `torch._utils._rebuild_parameter_with_state`: a parameter with attributes of its own.
     RebuildParameterWithState,
+    /// `torch._tensor._rebuild_from_type_v2(func, new_type, args, state)`: a tensor of a
+    /// subclass or with attributes of its own (an `nn.Buffer`, `t.note = "x"`): `func(*args)`,
+    /// its type and attributes dropped.
+    RebuildFromTypeV2,
     /// `builtins.set` (`__builtin__.set` in protocol 2): an `nn.Module`'s
     /// `_non_persistent_buffers_set`, read as the list of its items.
     Set,
@@ -119,10 +123,11 @@ const DENIED_MODULES: [&str; 34] = [
     "platform",
 ];
 
-/// The builtins a whole pickled model names: `set` and `frozenset` (a module's non-persistent
-/// buffers) and `getattr` (a bound method among its hooks, never called); every other builtin
-/// is refused.
-const BUILTINS_READ: [&str; 3] = ["set", "frozenset", "getattr"];
+/// The builtins a pickle may name: `set` and `frozenset` (a module's non-persistent buffers),
+/// `getattr` (a bound method among its hooks, never called), and `complex` and `bytearray`
+/// (values a training checkpoint keeps beside its state dict, which
+/// `torch.load(weights_only=True)` reads; opaque here); every other builtin is refused.
+const BUILTINS_READ: [&str; 5] = ["set", "frozenset", "getattr", "complex", "bytearray"];
 
 /// A persistent storage reference: `('storage', StorageType, key, location, numel)`, or in the
 /// legacy format the same with a sixth item, the view metadata, `None`.
@@ -140,6 +145,9 @@ pub(crate) struct TensorRef {
     pub(crate) offset: u64,
     pub(crate) size: Vec<u64>,
     pub(crate) stride: Vec<u64>,
+    /// PyTorch's lazy negation bit (`metadata = {'neg': True}`: a `z.conj().imag` or a
+    /// `_neg_view()` saved as it is): the tensor's values are its storage's negated.
+    pub(crate) negated: bool,
 }
 
 /// A container value with its nesting depth (1 + the deepest child).
@@ -155,6 +163,9 @@ pub(crate) enum Value {
     None,
     Bool(bool),
     Int(i64),
+    /// An int beyond 64 bits (a 128-bit seed beside a state dict): opaque, an error wherever
+    /// a tensor needs a number.
+    BigInt,
     Float(f64),
     Str(Rc<str>),
     Tuple(Rc<Seq<Value>>),
@@ -189,6 +200,7 @@ impl Value {
             Value::None => "None".into(),
             Value::Bool(b) => format!("bool {b}"),
             Value::Int(i) => format!("int {i}"),
+            Value::BigInt => "int beyond 64 bits".into(),
             Value::Float(f) => format!("float {f}"),
             Value::Str(s) => {
                 let short: String = s.chars().take(40).collect();
@@ -207,6 +219,16 @@ impl Value {
                 "call of global `{name}` (which nibble never makes: the call is not allowed)"
             ),
         }
+    }
+}
+
+/// The address of a dict's or list's shared items (what copy-on-write keeps while nothing else
+/// holds them), for [`Vm::container_memos`]; `None` for other values.
+fn container_address(v: &Value) -> Option<usize> {
+    match v {
+        Value::Dict(d) => Some(Rc::as_ptr(d) as *const u8 as usize),
+        Value::List(l) => Some(Rc::as_ptr(l) as *const u8 as usize),
+        _ => None,
     }
 }
 
@@ -299,6 +321,12 @@ struct Vm<'a> {
     /// The memo indices holding each [`Value::Module`] (by id), so that its `BUILD` updates
     /// them: `torch.save` memoizes an instance before building it.
     module_memos: HashMap<u32, Vec<u32>>,
+    /// The memo indices holding each dict or list (by the address of its shared items), so
+    /// that filling it (`SETITEMS`, `APPENDS`, `ADDITEMS`) fills them too: pickle memoizes a
+    /// container when it is still empty, and a later reference to it (`BINGET`: a state dict
+    /// saved under two names) read it empty. An index is only updated while it still holds
+    /// that very container (an address may be reused).
+    container_memos: HashMap<usize, Vec<u32>>,
 }
 
 type R<T> = std::result::Result<T, PickleError>;
@@ -418,8 +446,63 @@ impl<'a> Vm<'a> {
                 slots.push(idx);
             }
         }
+        if let Some(at) = container_address(&v) {
+            let slots = self.container_memos.entry(at).or_default();
+            if slots.len() < MAX_MEMO {
+                slots.push(idx);
+            }
+        }
         self.memo.insert(idx, v);
         Ok(())
+    }
+
+    /// Takes out of the memo the entries that hold the container on top of the stack (so that
+    /// filling it does not copy it for them), for [`Vm::restore_memos`] to put back filled.
+    fn lend_memos(&mut self) -> Vec<u32> {
+        let Some(top) = self.stack.last() else {
+            return Vec::new();
+        };
+        let Some(at) = container_address(top) else {
+            return Vec::new();
+        };
+        let Some(slots) = self.container_memos.get(&at) else {
+            return Vec::new();
+        };
+        let held: Vec<u32> = slots
+            .iter()
+            .copied()
+            .filter(|i| {
+                self.memo
+                    .get(i)
+                    .is_some_and(|v| container_address(v) == Some(at))
+            })
+            .collect();
+        for i in &held {
+            self.memo.remove(i);
+        }
+        held
+    }
+
+    /// Puts the container on top of the stack, filled, back into the memo entries
+    /// [`Vm::lend_memos`] took out.
+    fn restore_memos(&mut self, held: Vec<u32>) {
+        let Some(top) = self.stack.last().cloned() else {
+            return;
+        };
+        let Some(at) = container_address(&top) else {
+            return;
+        };
+        for i in &held {
+            self.memo.insert(*i, top.clone());
+        }
+        if !held.is_empty() {
+            let slots = self.container_memos.entry(at).or_default();
+            for i in held {
+                if !slots.contains(&i) && slots.len() < MAX_MEMO {
+                    slots.push(i);
+                }
+            }
+        }
     }
 
     fn memo_get(&mut self, idx: u32) -> R<()> {
@@ -429,8 +512,15 @@ impl<'a> Vm<'a> {
         }
     }
 
-    /// Appends `items` to the list on top of the stack.
+    /// Appends `items` to the list on top of the stack (and to the memo entries holding it).
     fn extend_list(&mut self, items: Vec<Value>) -> R<()> {
+        let held = self.lend_memos();
+        let done = self.extend_list_here(items);
+        self.restore_memos(held);
+        done
+    }
+
+    fn extend_list_here(&mut self, items: Vec<Value>) -> R<()> {
         let depth = items.iter().map(Value::depth).max().unwrap_or(0) + 1;
         self.depth_ok(depth)?;
         let Value::List(list) = self.top_mut()? else {
@@ -452,11 +542,19 @@ impl<'a> Vm<'a> {
         Ok(())
     }
 
-    /// Adds `pairs` to the dict on top of the stack (an inert object drops them).
+    /// Adds `pairs` to the dict on top of the stack (and to the memo entries holding it; an
+    /// inert object drops them).
     fn extend_dict(&mut self, pairs: Vec<(Value, Value)>) -> R<()> {
         if matches!(self.stack.last(), Some(Value::Object(_))) {
             return Ok(());
         }
+        let held = self.lend_memos();
+        let done = self.extend_dict_here(pairs);
+        self.restore_memos(held);
+        done
+    }
+
+    fn extend_dict_here(&mut self, pairs: Vec<(Value, Value)>) -> R<()> {
         let depth = pairs
             .iter()
             .map(|(k, v)| k.depth().max(v.depth()))
@@ -489,6 +587,7 @@ impl<'a> Vm<'a> {
             ("torch._utils", "_rebuild_tensor_v2") => Global::RebuildTensorV2,
             ("torch._utils", "_rebuild_parameter") => Global::RebuildParameter,
             ("torch._utils", "_rebuild_parameter_with_state") => Global::RebuildParameterWithState,
+            ("torch._tensor", "_rebuild_from_type_v2") => Global::RebuildFromTypeV2,
             ("builtins" | "__builtin__", "set") => Global::Set,
             ("torch", storage) => match storage {
                 "FloatStorage" => Global::Storage(DType::F32),
@@ -630,6 +729,40 @@ impl<'a> Vm<'a> {
         Ok(())
     }
 
+    /// `_rebuild_tensor_v2`'s metadata (`torch._utils.get_tensor_metadata`): whether the
+    /// tensor's negation bit is set (`'neg': True`). Any other setting (`'conj': True`, which a
+    /// real tensor never has, or a key of a later PyTorch) is an error naming it, never
+    /// dropped: each changes the tensor's values.
+    fn tensor_metadata(&self, metadata: &Value) -> R<bool> {
+        let items: &[(Value, Value)] = match metadata {
+            Value::None => &[],
+            Value::Dict(d) => &d.items,
+            other => {
+                return self.err(format!(
+                    "_rebuild_tensor_v2's metadata must be a dict, found {}",
+                    other.kind()
+                ))
+            }
+        };
+        let mut negated = false;
+        for (k, v) in items {
+            match (k, v) {
+                (Value::Str(k), Value::Bool(b)) if &**k == "neg" => negated = *b,
+                (Value::Str(k), Value::Bool(false)) if &**k == "conj" => {}
+                (k, v) => {
+                    return self.err(format!(
+                        "tensor metadata {} = {} is a setting nibble does not read (it would \
+                         change the tensor's values); save the tensor with `.clone()` or \
+                         `.resolve_neg()` / `.resolve_conj()`",
+                        k.kind(),
+                        v.kind()
+                    ))
+                }
+            }
+        }
+        Ok(negated)
+    }
+
     fn reduce(&self, callable: Value, args: Value) -> R<Value> {
         let Value::Tuple(args) = args else {
             return self.err(format!(
@@ -677,11 +810,16 @@ impl<'a> Vm<'a> {
                         args[4].kind()
                     ));
                 }
+                let negated = match args.get(6) {
+                    Some(metadata) => self.tensor_metadata(metadata)?,
+                    None => false,
+                };
                 Ok(Value::Tensor(Rc::new(TensorRef {
                     storage: Rc::clone(storage),
                     offset,
                     size,
                     stride,
+                    negated,
                 })))
             }
             Value::Global(Global::RebuildParameter) => match args.first() {
@@ -692,6 +830,19 @@ impl<'a> Vm<'a> {
                 Some(t @ Value::Tensor(_)) if args.len() == 4 => Ok(t.clone()),
                 _ => self.err(
                     "_rebuild_parameter_with_state needs (tensor, requires_grad, hooks, state)",
+                ),
+            },
+            Value::Global(Global::RebuildFromTypeV2) => match args.as_slice() {
+                [func @ Value::Global(
+                    Global::RebuildTensorV2
+                    | Global::RebuildParameter
+                    | Global::RebuildParameterWithState,
+                ), _new_type, inner @ Value::Tuple(_), _state] => {
+                    self.reduce(func.clone(), inner.clone())
+                }
+                _ => self.err(
+                    "_rebuild_from_type_v2 needs (a tensor's rebuild function, type, its \
+                     arguments, state)",
                 ),
             },
             Value::Global(Global::Set) => match args.as_slice() {
@@ -827,10 +978,12 @@ impl<'a> Vm<'a> {
                 0x8a => {
                     let [n] = self.take_arr::<1>()?;
                     let n = n as usize;
-                    if n > 8 {
-                        return self.err(format!("LONG1 of {n} bytes does not fit 64 bits"));
-                    }
                     let bytes = self.take(n)?;
+                    if n > 8 {
+                        // (A long that needs them all: 2**63 takes 9 bytes, its sign byte 0.)
+                        self.push(Value::BigInt)?;
+                        continue;
+                    }
                     let mut buf = [0u8; 8];
                     buf[..n].copy_from_slice(bytes);
                     if n > 0 && n < 8 && bytes[n - 1] & 0x80 != 0 {
@@ -946,6 +1099,24 @@ impl<'a> Vm<'a> {
                     let items = self.pop_mark()?;
                     self.extend_list(items)?;
                 }
+                // Sets (protocol 4: a module's `_non_persistent_buffers_set`), read as lists
+                // of their items, as `builtins.set(list)` is.
+                0x8f => self.push(Value::List(Rc::new(Seq {
+                    depth: 1,
+                    items: Vec::new(),
+                })))?,
+                0x90 => {
+                    // ADDITEMS
+                    let items = self.pop_mark()?;
+                    self.extend_list(items)?;
+                }
+                0x91 => {
+                    // FROZENSET
+                    let items = self.pop_mark()?;
+                    let depth =
+                        self.depth_ok(1 + items.iter().map(Value::depth).max().unwrap_or(0))?;
+                    self.push(Value::List(Rc::new(Seq { depth, items })))?;
+                }
                 b'q' => {
                     let [i] = self.take_arr::<1>()?;
                     self.memo_put(i.into())?;
@@ -1014,6 +1185,7 @@ pub(crate) fn load_prefix(code: &[u8]) -> std::result::Result<(Value, usize), Pi
         copy_budget: code.len().saturating_mul(16).saturating_add(1 << 20),
         modules: 0,
         module_memos: HashMap::new(),
+        container_memos: HashMap::new(),
     };
     let value = vm.run()?;
     Ok((value, vm.pos))

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use super::pickle::{self, ModuleObj, Seq, Value};
-use super::{checked_nbytes, zip, Data, Entry, Format};
+use super::{checked_nbytes, zip, DType, Data, Entry, Format};
 use crate::error::{Error, Result};
 use std::borrow::Cow;
 
@@ -180,7 +180,7 @@ pub(crate) fn entries_of(
                          past its storage of {numel} elements"
                     ))
                 })?;
-            if is_contiguous(&shape, &stride) {
+            if is_contiguous(&shape, &stride) && !t.negated {
                 let start = storage_range.start + offset * esize;
                 Data::Mapped(start..start + nbytes)
             } else {
@@ -188,6 +188,7 @@ pub(crate) fn entries_of(
                     storage: storage_range.clone(),
                     offset,
                     stride,
+                    negated: t.negated,
                     copy: OnceLock::new(),
                 }
             }
@@ -270,6 +271,22 @@ fn module_state_dict(
         let (Some(params), Some(modules)) = (dict("_parameters"), dict("_modules")) else {
             return Err(not_module());
         };
+        // A state-dict hook (`_register_state_dict_hook`) may rename, add or drop what
+        // `model.state_dict()` gives, and nibble calls nothing: the keys read would differ
+        // from PyTorch's without a word.
+        if dict("_state_dict_hooks").is_some_and(|h| !h.items.is_empty()) {
+            return Err(format!(
+                "module `{}` ({}) of the pickled model has state-dict hooks, which may change \
+                 the keys and tensors `model.state_dict()` gives; nibble never runs the \
+                 pickle's code: save `model.state_dict()` instead",
+                if prefix.is_empty() {
+                    "(the model)"
+                } else {
+                    prefix.trim_end_matches('.')
+                },
+                m.class
+            ));
+        }
         let skipped: Vec<&str> = match field("_non_persistent_buffers_set") {
             Some(Value::List(l)) => l
                 .items
@@ -472,6 +489,31 @@ fn is_contiguous(shape: &[usize], stride: &[usize]) -> bool {
 /// the storage); out-of-range elements, should there be any, are left zero rather than panic.
 /// `None` where the buffer cannot be allocated (a broadcast view, stride 0, can be far larger
 /// than its storage).
+/// Negates every element of `bytes` (little-endian elements of `dtype`) in place, as PyTorch
+/// resolves a tensor's negation bit: floats by their sign bit, integers wrapping (an
+/// error for bool, which PyTorch never negates).
+pub(crate) fn negate(bytes: &mut [u8], dtype: DType) -> std::result::Result<(), String> {
+    let esize = dtype.size_of();
+    match dtype {
+        DType::F32 | DType::F16 | DType::BF16 | DType::F64 => {
+            // The sign bit is the top bit of the last (most significant) byte.
+            for e in bytes.chunks_exact_mut(esize) {
+                e[esize - 1] ^= 0x80;
+            }
+        }
+        DType::Bool => return Err("a bool tensor with the negation bit set".into()),
+        _ => {
+            for e in bytes.chunks_exact_mut(esize) {
+                let mut wide = [0u8; 8];
+                wide[..esize].copy_from_slice(e);
+                let v = u64::from_le_bytes(wide).wrapping_neg();
+                e.copy_from_slice(&v.to_le_bytes()[..esize]);
+            }
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn gather(
     storage: &[u8],
     esize: usize,

@@ -274,7 +274,10 @@ pub(crate) fn read(path: &Path, buf: &[u8]) -> Result<Entries> {
     Ok(entries)
 }
 
-/// Rejects names that could escape a directory if extracted, or are otherwise odd.
+/// Rejects names that could escape a directory if extracted, or are otherwise odd. The first
+/// component may be `.` or `..`: `torch.save` names the archive's top folder after the file
+/// name without its extension, so `..pth` and `...pth` hold `./data.pkl` and `../data.pkl`
+/// (which `torch.load` reads; nibble extracts nothing).
 fn check_name(name: &str) -> std::result::Result<(), String> {
     if name.is_empty() {
         return Err("empty name".into());
@@ -288,7 +291,7 @@ fn check_name(name: &str) -> std::result::Result<(), String> {
     if name.as_bytes().get(1) == Some(&b':') {
         return Err("drive letter in the name".into());
     }
-    if name.split('/').any(|c| c == ".." || c == ".") {
+    if name.split('/').skip(1).any(|c| c == ".." || c == ".") {
         return Err("path traversal (`.` or `..` component)".into());
     }
     Ok(())

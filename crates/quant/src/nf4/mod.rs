@@ -462,6 +462,29 @@ impl Nf4Matrix {
         }
         let stats = if double {
             let (codes, offset, scale) = double_quantize(&absmax);
+            // Weights near f32's limit give absmaxes whose offset and group scales decode to
+            // inf or NaN (3.4e38 beside ordinary blocks): an error naming the block, never an
+            // infinite scale in the file.
+            let map = dynamic_map();
+            let decoded = |b: usize| decode_absmax(&map, codes[b], scale[b / DQ_BLOCK], offset);
+            if let Some(b) = (0..absmax.len()).find(|&b| !decoded(b).is_finite()) {
+                let first = b * NF4_BLOCK;
+                return Err(QuantError::Overflow {
+                    op: OP,
+                    row: first / i.max(1),
+                    col: first % i.max(1),
+                    value: absmax[b],
+                    storage: "f32",
+                    what: format!(
+                        "the block of {NF4_BLOCK} starting here has absmax {}, which the \
+                         double quantization of the absmaxes (offset {offset}, group scale {}) \
+                         decodes as {}; quantize without double quantization (nf4)",
+                        absmax[b],
+                        scale[b / DQ_BLOCK],
+                        decoded(b)
+                    ),
+                });
+            }
             Stats::Double {
                 codes: Bytes::from_vec(codes),
                 offset,
