@@ -43,7 +43,8 @@ pub fn run(variant: Variant, input: &Path, output: &Path, common: &Common) -> Re
         return Err(Error::Model {
             what: format!(
                 "{variant}'s output on `x` of {} is {value} at {at}: the model overflows f32 on \
-                 this input (its weights or adapters are too large), so no output was written",
+                 this input (weights, adapters or inputs too large for f32's range, or for the \
+                 quantized kernels' factored sums: see the README), so no output was written",
                 input.display()
             ),
         });
