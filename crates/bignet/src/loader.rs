@@ -284,7 +284,9 @@ pub fn load_state_dict_lora(model: &mut BigNet, file: &Checkpoint) -> Result<()>
     let bad = |what: String| Error::Model {
         what: format!("{}: {what}", file.path().display()),
     };
-    if !model.variant().has_lora() {
+    // A model given adapters (`--adapter` attaches them on any variant, as for a PEFT
+    // directory) takes them; a variant without any has no place for them.
+    if !model.variant().has_lora() && model.linears().any(|l| l.lora.is_none()) {
         return Err(bad(format!(
             "the state dict holds LoRA adapters (`{first}`) that variant {} has no place for; load it as lora or qlora",
             model.variant()
@@ -367,16 +369,20 @@ pub fn load_state_dict_adapters(model: &mut BigNet, file: &Checkpoint) -> Result
     // The model's value of a state-dict key, computed only for the keys the file holds (a
     // weight is dequantized for the comparison only where the file repeats it), and whether
     // the model holds it in f16 (the f16 base of half_precision and lora: weights and biases).
-    let value_of = |key: &str| -> Result<Option<(Tensor, bool)>> {
+    // Also the format of a quantized weight (its value dequantized, not what --weights holds).
+    let value_of = |key: &str| -> Result<Option<(Tensor, bool, Option<WeightFormat>)>> {
         let Some((module, name)) = key.rsplit_once('.') else {
             return Ok(None);
         };
         if let Some(layer) = model.linears().find(|l| l.name == module) {
-            let f16 = layer.format() == WeightFormat::F16;
+            let format = layer.format();
+            let f16 = format == WeightFormat::F16;
+            let quantized =
+                (!matches!(format, WeightFormat::F32 | WeightFormat::F16)).then_some(format);
             return Ok(match name {
-                "weight" => Some((layer.dense_weight_and_bias().0, f16)),
+                "weight" => Some((layer.dense_weight_and_bias().0, f16, quantized)),
                 "bias" => match layer.bias_values() {
-                    Some(b) => Some((Tensor::from_vec(&[b.len()], b)?, f16)),
+                    Some(b) => Some((Tensor::from_vec(&[b.len()], b)?, f16, None)),
                     None => None,
                 },
                 _ => None,
@@ -384,13 +390,13 @@ pub fn load_state_dict_adapters(model: &mut BigNet, file: &Checkpoint) -> Result
         }
         let norm = (0..model.norms().len()).find(|&i| crate::source::norm_key(i) == module);
         Ok(norm.and_then(|i| match name {
-            "weight" => Some((model.norms()[i].weight.value().clone(), false)),
-            "bias" => Some((model.norms()[i].bias.value().clone(), false)),
+            "weight" => Some((model.norms()[i].weight.value().clone(), false, None)),
+            "bias" => Some((model.norms()[i].bias.value().clone(), false, None)),
             _ => None,
         }))
     };
     for key in file.keys().filter(|k| !is_adapter(k)) {
-        let Some((mine, in_f16)) = value_of(key)? else {
+        let Some((mine, in_f16, quantized)) = value_of(key)? else {
             return Err(bad(format!(
                 "`{key}` is not a parameter of a BigNet of width {}",
                 model.dim()
@@ -422,10 +428,18 @@ pub fn load_state_dict_adapters(model: &mut BigNet, file: &Checkpoint) -> Result
             } else {
                 ""
             };
+            let model_has = match quantized {
+                Some(format) => format!(
+                    "the model computes with {} (its {format} weight dequantized: a file that \
+                     repeats a float base can never match a quantized one; load it as \
+                     --weights of a quantized variant instead)",
+                    mine.data()[i]
+                ),
+                None => format!("the model (--weights) has {}", mine.data()[i]),
+            };
             return Err(bad(format!(
-                "`{key}` element {i} is {}{how} where the model (--weights) has {}: an adapter file may only add LoRA adapters",
-                theirs.data()[i],
-                mine.data()[i]
+                "`{key}` element {i} is {}{how} where {model_has}: an adapter file may only add LoRA adapters",
+                theirs.data()[i]
             )));
         }
     }

@@ -866,7 +866,8 @@ fn impossible_requests_fail_before_they_start() {
 
 /// The reference's trained qlora state dict as `--adapter` of the f16-based variants: the f32
 /// biases it repeats are those of `--weights`, which lora and half_precision hold in f16, so
-/// they are compared after that rounding; a bias that differs beyond it is still an error.
+/// they are compared after that rounding; a bias that differs beyond it is still an error. As a
+/// PEFT directory, it goes onto any variant (bignet and int8 refused it: "no place for").
 #[test]
 fn a_qlora_state_dict_loads_on_the_f16_variants() {
     use nibble_bignet::checkpoint::{write_safetensors, Checkpoint, DType};
@@ -888,7 +889,7 @@ fn a_qlora_state_dict_loads_on_the_f16_variants() {
         &Default::default(),
     )
     .unwrap();
-    for variant in ["lora", "half_precision"] {
+    for variant in ["lora", "half_precision", "bignet", "int8"] {
         run_ok(&[
             "forward",
             "--variant",
