@@ -75,11 +75,12 @@ impl WeightSource for SeededInit {
         let is_norm = (0..BLOCKS - 1).any(|b| key.starts_with(&format!("{}.", norm_key(b))));
         if is_norm {
             let v = if key.ends_with(".weight") { 1.0 } else { 0.0 };
-            return Ok(Tensor::full(shape, v));
+            return Ok(Tensor::from_fn(shape, |_| v)?);
         }
         let bound = 1.0 / (self.dim as f32).sqrt();
         let mut rng = Rng::fork(self.seed, stream as u64);
-        Ok(Tensor::uniform(shape, -bound, bound, &mut rng))
+        // (`Tensor::uniform`'s values; a width beyond memory is an error, not a panic.)
+        Ok(Tensor::from_fn(shape, |_| rng.uniform(-bound, bound))?)
     }
 
     fn describe(&self) -> String {

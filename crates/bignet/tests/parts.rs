@@ -97,3 +97,19 @@ fn accuracy_needs_one_logit_per_label() {
         "{msg}"
     );
 }
+
+/// A seeded width whose weights overflow or exceed any memory is an error from
+/// `BigNet::seeded`, never a panic (it panicked in `Tensor::uniform`'s documented `expect`).
+#[test]
+fn seeded_widths_beyond_memory_are_errors() {
+    for dim in [1usize << 20, 1 << 33] {
+        let r = std::panic::catch_unwind(|| {
+            nibble_bignet::BigNet::seeded(nibble_bignet::Variant::Bignet, dim, 0).map(|_| ())
+        });
+        assert!(
+            matches!(r, Ok(Err(_))),
+            "dim {dim}: {:?}",
+            r.map(|r| r.is_ok())
+        );
+    }
+}

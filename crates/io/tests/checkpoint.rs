@@ -285,6 +285,11 @@ fn write_round_trip() {
     assert!(write_safetensors(&p, &dup, &meta).is_err());
     let reserved = vec![("__metadata__".to_string(), DType::U8, vec![5], &c[..])];
     assert!(write_safetensors(&p, &reserved, &meta).is_err());
+    // a header beyond the readers' 100 MB limit (it was written, and refused when read)
+    let mut huge = BTreeMap::new();
+    huge.insert("notes".to_string(), "x".repeat(100_000_001));
+    let e = write_safetensors(&p, &tensors, &huge).unwrap_err();
+    assert!(e.to_string().contains("byte limit"), "{e}");
     assert_eq!(first, std::fs::read(&p).unwrap());
     // an unwritable location is an I/O error naming the path
     let e = write_safetensors(&dir.join("no/such/dir/x.safetensors"), &tensors, &meta).unwrap_err();

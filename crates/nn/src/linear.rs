@@ -275,15 +275,13 @@ impl LoraAdapter {
     pub fn init(module: &str, out: usize, inp: usize, rank: usize, rng: &mut Rng) -> Result<Self> {
         check_lora_rank(module, out, inp, rank)?;
         let bound = 1.0 / (inp as f32).sqrt();
+        // (`Tensor::uniform`'s values; sizes beyond memory are an error, not a panic.)
+        let a = Tensor::from_fn(&[rank, inp], |_| rng.uniform(-bound, bound))?;
         Ok(LoraAdapter {
-            a: Param::new(
-                format!("{module}.lora_a.weight"),
-                Tensor::uniform(&[rank, inp], -bound, bound, rng),
-                true,
-            ),
+            a: Param::new(format!("{module}.lora_a.weight"), a, true),
             b: Param::new(
                 format!("{module}.lora_b.weight"),
-                Tensor::zeros(&[out, rank]),
+                Tensor::try_zeros(&[out, rank])?,
                 true,
             ),
             dora: None,

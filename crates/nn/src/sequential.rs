@@ -391,6 +391,11 @@ impl Sequential {
                                     key("weight")
                                 )));
                             }
+                            // A PReLU of one slope per feature in front sets the width the next
+                            // layer must take (it was never checked: a model that could not run).
+                            if width.is_none() && slopes != 1 {
+                                width = Some((slopes, key("weight")));
+                            }
                             let weight = norm.weight.clone();
                             layers.push(Layer::PRelu(PRelu { name: norm.name, weight }));
                             continue;

@@ -1147,4 +1147,33 @@ fn prelus_match_pytorch() {
             .to_string();
         assert!(e.contains(needle), "{name}: {e}");
     }
+    // A PReLU of 5 slopes in front of a Linear taking 3 features: the widths do not chain
+    // (the model was built, and could take no input).
+    let (slopes, w1) = (f32s(&[0.25; 5]), f32s(&[0.5; 6]));
+    let path = dir.join("prelu_first.safetensors");
+    nibble_io::write_safetensors(
+        &path,
+        &[
+            (
+                "0.weight".into(),
+                nibble_io::DType::F32,
+                vec![5],
+                slopes.as_slice(),
+            ),
+            (
+                "1.weight".into(),
+                nibble_io::DType::F32,
+                vec![2, 3],
+                w1.as_slice(),
+            ),
+        ],
+        &Default::default(),
+    )
+    .unwrap();
+    let file = Checkpoint::open(&path).unwrap();
+    let e =
+        Sequential::from_state_dict(&file, &SequentialOptions::new().norm_at(0, NormKind::PRelu))
+            .unwrap_err()
+            .to_string();
+    assert!(e.contains("takes 3 features but `0.weight` gives 5"), "{e}");
 }

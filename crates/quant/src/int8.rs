@@ -70,6 +70,9 @@ impl Int8Matrix {
                 value: w.data()[k],
             });
         }
+        // Codes and two f32 statistics per row (an `[o, 0]` weight holds no element but `o`
+        // rows).
+        kernels::check_rows_fit(OP, [o, i], i.saturating_add(8))?;
         let mut codes = WeightBuf::<u8>::zeroed(o * i);
         let mut scales = vec![0.0f32; o];
         let mut zeros = vec![0.0f32; o];

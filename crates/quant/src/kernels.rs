@@ -1244,6 +1244,27 @@ pub(crate) use impl_weight_matrix;
 
 /// Runs `f(row, row_input, row_outputs...)` over rows in parallel and returns the error of the
 /// lowest failing row, if any (deterministic whatever the thread count).
+/// An error naming `op` where `rows` rows of `bytes_per_row` bytes each (a quantizer's per-row
+/// statistics and codes) need more memory than this machine has: a weight of `[2^40, 0]` holds
+/// no element, so it is read, and sizing its rows' statistics aborted the process.
+pub(crate) fn check_rows_fit(
+    op: &'static str,
+    shape: [usize; 2],
+    bytes_per_row: usize,
+) -> Result<(), crate::QuantError> {
+    match nibble_tensor::machine::fits(shape[0] as u128 * bytes_per_row as u128) {
+        Ok(()) => Ok(()),
+        Err((needed, total)) => Err(crate::QuantError::Shape {
+            op,
+            shape: shape.to_vec(),
+            what: format!(
+                "its {} rows need {needed:.1} GiB, more than this machine's {total:.1} GiB",
+                shape[0]
+            ),
+        }),
+    }
+}
+
 pub(crate) fn first_error<E: Send>(results: Vec<Result<(), E>>) -> Result<(), E> {
     results.into_iter().collect()
 }

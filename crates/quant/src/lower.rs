@@ -444,7 +444,10 @@ impl LowerMatrix {
                 value: w.data()[k],
             });
         }
-        // One slice per row, empty ones too (an `out x 0` matrix still has `out` rows).
+        // One slice per row, empty ones too (an `out x 0` matrix still has `out` rows), and
+        // each row's two fits and statistics.
+        let per_row = 2 * std::mem::size_of::<&[f32]>() + 2 * std::mem::size_of::<RowQ>() + 8;
+        kernels::check_rows_fit(OP, [o, i], i.saturating_add(per_row))?;
         let rows: Vec<&[f32]> = if i > 0 {
             w.data().chunks(i).collect()
         } else {

@@ -740,3 +740,19 @@ fn assert_batch_gives(f: &dyn WeightMatrix, x: &[f32], m: usize, want: &[f32], w
         );
     }
 }
+
+/// A batch size whose products with the widths wrap (`m = 2^63 + 3`: `m · 256` and `m · 2`
+/// equal the lengths given) is a shape that does not fit, on every tier: `forward` returns
+/// `false` with `y` untouched (the wrapping check passed, and the kernels panicked reading
+/// past x, or panicked across 2^60 tiles for minutes).
+#[test]
+fn a_batch_whose_products_wrap_is_refused() {
+    let w = Q4Matrix::quantize(&Tensor::randn(&[2, 256], &mut Rng::new(0))).unwrap();
+    let m = (1usize << 63) + 3;
+    let x = vec![0.5f32; m.wrapping_mul(256)];
+    for tier in IntTier::available() {
+        let mut y = vec![f32::NAN; m.wrapping_mul(2)];
+        assert!(!forward(tier, &w, &x, m, &mut y, false), "{tier:?}");
+        assert!(y.iter().all(|v| v.is_nan()), "{tier:?} wrote y");
+    }
+}

@@ -231,6 +231,20 @@ fn from_parts_refuses_non_finite_or_negative_scales() {
         "absmax_scale",
         0,
     );
+    // Finite offset and scale near f32's limit: block 1 (code 255, the map's 1.0) decodes as
+    // inf (accepted, and every weight of it was NaN); block 0 (code 0, near -1) stays finite.
+    part_value(
+        Nf4Matrix::from_parts_double(
+            2,
+            64,
+            packed(),
+            Bytes::from_vec(vec![0u8, 255]),
+            f32_bytes(&[f32::MAX]),
+            f32_bytes(&[f32::MAX]),
+        ),
+        "absmax_codes",
+        1,
+    );
 
     let bits = || Bytes::from_vec(vec![4u8, 3]);
     let codes = || Bytes::from_vec(vec![0u8; 8 + 6]);
@@ -287,4 +301,27 @@ fn quantize_x_refuses_a_bad_unit_length_or_value() {
         Err(QuantError::NonFinite { row: 1, col: 1, .. }) => {}
         other => panic!("{other:?}"),
     }
+}
+
+/// A weight of `[2^40, 0]` holds no element (a file's header may say so in 88 bytes), but its
+/// rows' statistics need terabytes: an error naming the shape, never an abort on the failed
+/// allocation (int8 and lower sized them unchecked).
+#[test]
+fn rows_beyond_memory_are_an_error() {
+    let w = Tensor::zeros(&[1 << 40, 0]);
+    for (name, e) in [
+        ("int8", Int8Matrix::quantize(&w).err()),
+        ("lower", LowerMatrix::quantize(&w).err()),
+    ] {
+        match e {
+            Some(QuantError::Shape { shape, what, .. }) => {
+                assert_eq!(shape, vec![1 << 40, 0], "{name}");
+                assert!(what.contains("GiB"), "{name}: {what}");
+            }
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+    // An ordinary empty weight is fine.
+    assert!(Int8Matrix::quantize(&Tensor::zeros(&[3, 0])).is_ok());
+    assert!(LowerMatrix::quantize(&Tensor::zeros(&[3, 0])).is_ok());
 }

@@ -343,6 +343,17 @@ pub fn write_safetensors(
     while (8 + header.len()) % 8 != 0 {
         header.push(' ');
     }
+    // A file nibble's reader (and the safetensors library's) would refuse is not written.
+    if header.len() as u64 > MAX_HEADER {
+        return Err(invalid(
+            METADATA_KEY,
+            format!(
+                "the header would be {} bytes, beyond the {MAX_HEADER}-byte limit readers \
+                 enforce (too many tensors or too much metadata for one file)",
+                header.len()
+            ),
+        ));
+    }
 
     replace_file(path, |w| {
         w.write_all(&(header.len() as u64).to_le_bytes())?;

@@ -28,7 +28,7 @@
 
 use rayon::prelude::*;
 
-use super::{CodeKind, IntCodes, IntLayout, IntTier, GROUP};
+use super::{holds, CodeKind, IntCodes, IntLayout, IntTier, GROUP};
 use crate::cpu::{usable, KernelPath};
 use crate::kernels::{ColBlock, QuantRows};
 
@@ -236,7 +236,7 @@ pub(crate) fn input_grad<F: QuantRows + ?Sized>(
     accumulate: bool,
 ) -> bool {
     let (o, i) = f.dims();
-    if o == 0 || dy.len() != m * o || dx.len() != m * i {
+    if o == 0 || !holds(dy.len(), m, o) || !holds(dx.len(), m, i) {
         return false;
     }
     let path = usable(path);

@@ -52,7 +52,7 @@
 
 use rayon::prelude::*;
 
-use super::{CodeKind, IntCodes, IntLayout, IntTier, QuantizedX, YPtr, GROUP};
+use super::{holds, CodeKind, IntCodes, IntLayout, IntTier, QuantizedX, YPtr, GROUP};
 use nibble_tensor::ops::PostOp;
 
 /// `$f::<$g.., NB, U>($args)` with the batch `NB = $nb` (1..=8, at most `$mr`) and the unit
@@ -1188,7 +1188,7 @@ pub fn phases(
     let (o, i) = w.int_dims();
     let layout = w.int_layout()?;
     let unit_ok = matches!(layout.unit, 16 | 64 | 128);
-    if !unit_ok || m < GEMM_MIN_M || i == 0 || x.len() != m * i || y.len() != m * o {
+    if !unit_ok || m < GEMM_MIN_M || i == 0 || !holds(x.len(), m, i) || !holds(y.len(), m, o) {
         return None;
     }
     let kernel = Kernel::for_tier(super::gemm_tier(tier, layout.unit), layout);
@@ -1244,7 +1244,11 @@ pub fn gemm_ref(w: &dyn IntCodes, x: &[f32], m: usize, y: &mut [f32]) -> bool {
     let Some(layout) = w.int_layout() else {
         return false;
     };
-    if i == 0 || x.len() != m * i || y.len() != m * o || !nibble_tensor::ops::all_finite(x) {
+    if i == 0
+        || !holds(x.len(), m, i)
+        || !holds(y.len(), m, o)
+        || !nibble_tensor::ops::all_finite(x)
+    {
         return false;
     }
     let unit = layout.unit;

@@ -1024,8 +1024,9 @@ fn round_to_i8(v: f32) -> i8 {
 }
 
 /// Quantizes `m` vectors of `inn` elements (`x` `[m, inn]`, every element finite) for a
-/// layout of `unit` columns per unit (vectors in parallel). `unit` must divide [`GROUP`]
-/// (1, 2, 4, ..., 128): another unit, or an `x` of other than `m · inn` elements, is a
+/// layout of `unit` columns per unit (vectors in parallel). `unit` must be 16, 64 or 128 (the
+/// layouts the integer kernels read): another unit (1, 2, 4, 8 and 32 panicked in the
+/// quantizer), or an `x` of other than `m · inn` elements, is a
 /// [`QuantError::Shape`](crate::QuantError::Shape); a NaN or infinite element a [`QuantError::NonFinite`](crate::QuantError::NonFinite) naming its
 /// vector (row) and column.
 ///
@@ -1035,6 +1036,7 @@ fn round_to_i8(v: f32) -> i8 {
 /// assert_eq!((q.kpad, &q.xq[..4]), (128, &[64, -127, 32, 0][..]));
 /// assert_eq!((q.sx[0], q.qsum[0]), (1.0 / 127.0, 64 - 127 + 32));
 /// assert!(quantize_x(&[0.5, -1.0, 0.25], 1, 3, 3).is_err());
+/// assert!(quantize_x(&[0.5, -1.0, 0.25], 1, 3, 32).is_err());
 /// ```
 pub fn quantize_x(x: &[f32], m: usize, inn: usize, unit: usize) -> crate::Result<QuantizedX> {
     const OP: &str = "act8::quantize_x";
@@ -1043,9 +1045,9 @@ pub fn quantize_x(x: &[f32], m: usize, inn: usize, unit: usize) -> crate::Result
         shape: vec![m, inn],
         what,
     };
-    if unit == 0 || GROUP % unit != 0 {
+    if !matches!(unit, 16 | 64 | 128) {
         return Err(shape_err(format!(
-            "unit {unit} must divide the group of {GROUP} columns"
+            "unit {unit} is not one of the integer kernels' 16, 64 or 128 columns"
         )));
     }
     if m.checked_mul(inn) != Some(x.len()) {
@@ -1780,8 +1782,8 @@ pub(crate) fn gemm_layer(
     (m >= gemm::GEMM_MIN_M
         && i > 0
         && o > 0
-        && x.len() == m * i
-        && y.len() == m * o
+        && holds(x.len(), m, i)
+        && holds(y.len(), m, o)
         && bias.is_none_or(|b| b.len() == o)
         && matches!(layout.unit, 16 | 64 | 128))
     .then_some((o, i, layout))
@@ -2138,7 +2140,11 @@ fn forward_into(
     let Some(layout) = w.int_layout() else {
         return false;
     };
-    if i == 0 || x.len() != m * i || y.len() != m * o || !matches!(layout.unit, 16 | 64 | 128) {
+    if i == 0
+        || !holds(x.len(), m, i)
+        || !holds(y.len(), m, o)
+        || !matches!(layout.unit, 16 | 64 | 128)
+    {
         return false;
     }
     if m == 0 || o == 0 {
@@ -2539,6 +2545,10 @@ pub const NF4_LEVELS_I8: [i8; 16] = {
 /// `packed` (element `2k` in the HIGH nibble of byte `k`) into `dst`: 16 bytes at a time with
 /// AVX2 (`vpshufb` as the 16-entry table) where the CPU has it and `first` is even, else
 /// [`unpack_nf4_levels_i8_ref`] (the same bytes).
+///
+/// # Panics
+/// If `packed` holds fewer bytes than the codes asked for need (a caller's slicing error; the
+/// codes come from a matrix whose parts were checked when it was built).
 pub fn unpack_nf4_levels_i8(packed: &[u8], first: usize, dst: &mut [u8]) {
     #[cfg(target_arch = "x86_64")]
     if crate::cpu::has_avx2_fma_f16c() && first % 2 == 0 && dst.len() >= 32 {
@@ -2564,6 +2574,11 @@ pub fn unpack_nf4_levels_i8_ref(packed: &[u8], first: usize, dst: &mut [u8]) {
 /// byte; `dst.len()` codes, `packed` at least `ceil(dst.len() / 2)` bytes): 32 codes at a time
 /// with AVX2 where the CPU has it, the rest by [`unpack_nibbles_low_first_ref`] (the same
 /// bytes).
+///
+/// # Panics
+/// If `packed` holds fewer bytes than the codes asked for need, where the SIMD loop runs (its scalar twin then leaves the
+/// codes it has no bytes for as they were; a caller's slicing error; the
+/// codes come from a matrix whose parts were checked when it was built).
 pub fn unpack_nibbles_low_first(packed: &[u8], dst: &mut [u8]) {
     #[cfg(target_arch = "x86_64")]
     if crate::cpu::has_avx2_fma_f16c() && dst.len() >= 32 {
@@ -2590,7 +2605,11 @@ pub fn unpack_nibbles_low_first_ref(packed: &[u8], dst: &mut [u8]) {
 }
 
 /// Unpacks 4-bit codes, element `2k` in the HIGH nibble of byte `k`, starting at element
-/// `first` (`dst.len()` codes).
+/// `first` (`dst.len()` codes; `packed` at least `ceil((first + dst.len()) / 2)` bytes).
+///
+/// # Panics
+/// If `packed` holds fewer bytes than the codes asked for need (a caller's slicing error; the
+/// codes come from a matrix whose parts were checked when it was built).
 pub fn unpack_nibbles_high_first(packed: &[u8], first: usize, dst: &mut [u8]) {
     if first % 2 == 0 && dst.len() % 2 == 0 {
         let bytes = &packed[first / 2..first / 2 + dst.len() / 2];
@@ -2608,7 +2627,12 @@ pub fn unpack_nibbles_high_first(packed: &[u8], first: usize, dst: &mut [u8]) {
 }
 
 /// Unpacks 3-bit codes, 8 codes little-endian in each 3 bytes (code `j` at bits `3j..3j+3`),
-/// into `dst` (`packed` at least `ceil(3 · dst.len() / 8)` bytes).
+/// into `dst` (`packed` at least `ceil(3 · dst.len() / 8)` bytes; with fewer, the codes it has
+/// no bytes for are left as they were, or it panics where a tail's bytes are missing).
+///
+/// # Panics
+/// If `packed` holds fewer bytes than the codes asked for need (a caller's slicing error; the
+/// codes come from a matrix whose parts were checked when it was built).
 pub fn unpack_3bit(packed: &[u8], dst: &mut [u8]) {
     let n = dst.len();
     let mut runs = dst.chunks_exact_mut(8);
@@ -2629,4 +2653,10 @@ pub fn unpack_3bit(packed: &[u8], dst: &mut [u8]) {
             *dj = ((v >> (3 * j)) & 7) as u8;
         }
     }
+}
+
+/// Whether a buffer of `len` elements holds exactly `m` rows of `n` (a product that overflows
+/// never does: compared wrapping, `m = 2^63 + 3` passed the check and the kernels read past x).
+pub(crate) fn holds(len: usize, m: usize, n: usize) -> bool {
+    m.checked_mul(n) == Some(len)
 }

@@ -536,8 +536,10 @@ impl Nf4Matrix {
     /// Builds a double-quantized matrix from raw parts: `packed` u8 `[ceil(out·in/2)]`,
     /// `absmax_codes` u8 `[ceil(out·in/64)]`, `absmax_offset` f32 `[1]`, `absmax_scale` f32
     /// `[ceil(ceil(out·in/64)/256)]`. A part of the wrong length is a
-    /// [`QuantError::PartLength`]; a NaN or infinite offset, or a NaN, infinite or negative
-    /// scale, a [`QuantError::PartValue`] naming the part and index.
+    /// [`QuantError::PartLength`]; a NaN or infinite offset, a NaN, infinite or negative
+    /// scale, or parts whose absmax of a block decodes to inf or NaN (an offset and a scale
+    /// near f32's limit: every weight of the block would be NaN), a [`QuantError::PartValue`]
+    /// naming the part and index.
     pub fn from_parts_double(
         out: usize,
         inn: usize,
@@ -565,6 +567,24 @@ impl Nf4Matrix {
         check_values(OP, "absmax_offset", [offset], false)?;
         let scale = absmax_scale.aligned(4);
         check_values(OP, "absmax_scale", scale.f32s().iter().copied(), true)?;
+        let map = dynamic_map();
+        let codes = absmax_codes.as_slice();
+        let scales = scale.f32s();
+        if let Some(b) = (0..nb)
+            .find(|&b| !decode_absmax(&map, codes[b], scales[b / DQ_BLOCK], offset).is_finite())
+        {
+            return Err(QuantError::PartValue {
+                op: OP,
+                part: "absmax_codes",
+                index: b,
+                what: format!(
+                    "code {} with scale {} and offset {offset} decodes block {b}'s absmax as {}",
+                    codes[b],
+                    scales[b / DQ_BLOCK],
+                    decode_absmax(&map, codes[b], scales[b / DQ_BLOCK], offset)
+                ),
+            });
+        }
         Ok(Nf4Matrix {
             out,
             inn,
