@@ -1533,9 +1533,9 @@ fn fit_refuses_peft_adapters_it_cannot_train_as_peft_does() {
         "target_modules",
         serde_json::json!(["model.0.model.0"]),
     );
-    let saved = path("saved");
-    for save in [false, true] {
-        let mut args = vec![
+    // One step of fit lora at width 64 over `adapter`.
+    let fit_over = |adapter: &str| -> Vec<String> {
+        [
             "fit",
             "lora",
             "--dim",
@@ -1543,8 +1543,15 @@ fn fit_refuses_peft_adapters_it_cannot_train_as_peft_does() {
             "--steps",
             "1",
             "--adapter",
-            &subset,
-        ];
+            adapter,
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let saved = path("saved");
+    for save in [false, true] {
+        let owned = fit_over(&subset);
+        let mut args: Vec<&str> = owned.iter().map(String::as_str).collect();
         if save {
             args.extend(["--save-adapter", &saved]);
         }
@@ -1556,16 +1563,8 @@ fn fit_refuses_peft_adapters_it_cannot_train_as_peft_does() {
     // (refused the same way).
     for alpha in [0, -64] {
         let scaled = edited("scaled", "lora_alpha", serde_json::json!(alpha));
-        let args = [
-            "fit",
-            "lora",
-            "--dim",
-            "64",
-            "--steps",
-            "1",
-            "--adapter",
-            &scaled,
-        ];
+        let owned = fit_over(&scaled);
+        let args: Vec<&str> = owned.iter().map(String::as_str).collect();
         if alpha == 0 {
             fails_with(&args, "`lora_alpha` 0");
         } else {

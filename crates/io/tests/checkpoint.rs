@@ -1672,20 +1672,26 @@ fn whole_pickled_models_read_as_their_state_dicts() {
         // The module list goes with the whole model read, never with another one.
         let listed = ck.metadata().contains_key(nibble_io::PICKLED_MODULES_KEY);
         assert_eq!(listed, file != "whole_beside_state_dict.pth", "{file}");
-        let keys: Vec<&str> = ck.keys_in_file_order().collect();
-        let expected: Vec<&str> = want.metadata()[&format!("{name}_keys")]
-            .split(',')
-            .collect();
-        assert_eq!(keys, expected, "{file}");
-        for k in keys {
-            let theirs = format!("{name}.{k}");
-            assert_eq!(ck.info(k), want.info(&theirs), "{file}: {k}");
-            assert_eq!(
-                ck.bytes(k).unwrap(),
-                want.bytes(&theirs).unwrap(),
-                "{file}: {k}"
-            );
-        }
+        assert_reads_as(&ck, &want, name, file);
+    }
+}
+
+/// `ck` holds the keys `want`'s metadata lists under `<name>_keys`, in that order, each with
+/// the dtype, shape and bytes of `want`'s `<name>.<key>` (`what` names the case).
+fn assert_reads_as(ck: &Checkpoint, want: &Checkpoint, name: &str, what: &str) {
+    let keys: Vec<&str> = ck.keys_in_file_order().collect();
+    let expected: Vec<&str> = want.metadata()[&format!("{name}_keys")]
+        .split(',')
+        .collect();
+    assert_eq!(keys, expected, "{what}");
+    for k in keys {
+        let theirs = format!("{name}.{k}");
+        assert_eq!(ck.info(k), want.info(&theirs), "{what}: {k}");
+        assert_eq!(
+            ck.bytes(k).unwrap(),
+            want.bytes(&theirs).unwrap(),
+            "{what}: {k}"
+        );
     }
 }
 
@@ -1708,20 +1714,7 @@ fn pickles_read_as_torch_load_reads_them() {
         "pickle_tensor_attr",
     ] {
         let ck = Checkpoint::open(golden(&format!("{stem}.pth"))).unwrap();
-        let keys: Vec<&str> = ck.keys_in_file_order().collect();
-        let expected: Vec<&str> = want.metadata()[&format!("{stem}_keys")]
-            .split(',')
-            .collect();
-        assert_eq!(keys, expected, "{stem}");
-        for k in keys {
-            let theirs = format!("{stem}.{k}");
-            assert_eq!(ck.info(k), want.info(&theirs), "{stem}: {k}");
-            assert_eq!(
-                ck.bytes(k).unwrap(),
-                want.bytes(&theirs).unwrap(),
-                "{stem}: {k}"
-            );
-        }
+        assert_reads_as(&ck, &want, stem, stem);
     }
     // A state-dict hook (here renaming `fc.` to `renamed.`) would change the keys PyTorch
     // gives, and nibble never runs it: an error naming the module (nibble read `fc.*`).
