@@ -139,8 +139,20 @@ impl BigNet {
         })
     }
 
-    /// `variant` at width `dim` with PyTorch's default init drawn from `seed`.
+    /// `variant` at width `dim` with PyTorch's default init drawn from `seed`; an error where
+    /// one f32 layer of that width (`4 · dim²` bytes) is more than this machine's memory.
     pub fn seeded(variant: Variant, dim: usize, seed: u64) -> Result<Self> {
+        // One f32 layer (what the init draws before any quantization) must fit this machine:
+        // an allocator that overcommits gives a 4 TiB layer, and filling it killed the process.
+        let layer = 4 * dim as u128 * dim as u128;
+        if let Err((need, total)) = nibble_tensor::machine::fits(layer) {
+            return Err(Error::Model {
+                what: format!(
+                    "a seeded BigNet of width {dim} draws f32 layers of {need:.1} GiB; this \
+                     machine has {total:.1} GiB"
+                ),
+            });
+        }
         Self::build(variant, &SeededInit { dim, seed }, seed)
     }
 

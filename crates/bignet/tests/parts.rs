@@ -98,8 +98,9 @@ fn accuracy_needs_one_logit_per_label() {
     );
 }
 
-/// A seeded width whose weights overflow or exceed any memory is an error from
-/// `BigNet::seeded`, never a panic (it panicked in `Tensor::uniform`'s documented `expect`).
+/// A seeded width whose weights overflow or exceed this machine's memory is an error from
+/// `BigNet::seeded`, never a panic (it panicked in `Tensor::uniform`'s documented `expect`)
+/// nor a process killed filling a layer an overcommitting allocator gave (the 16-core Xeon).
 #[test]
 fn seeded_widths_beyond_memory_are_errors() {
     for dim in [1usize << 20, 1 << 33] {
