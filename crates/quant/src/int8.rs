@@ -19,7 +19,7 @@ use crate::arch::avx512::int8 as avx512;
 use crate::bytes::{check_part, check_values, Bytes};
 use crate::cpu::{is_x86_simd, usable, KernelPath};
 use crate::error::{number, QuantError, Result};
-use crate::kernels::{self, QuantRows};
+use crate::kernels::{self, ColBlock, QuantRows};
 
 /// Scalar ground truth: `out[k] = zero + scale · codes[k]` for `k < min(len)`.
 pub fn dequantize_ref(codes: &[u8], scale: f32, zero: f32, out: &mut [f32]) {
@@ -241,17 +241,29 @@ impl QuantRows for Int8Matrix {
         let c = &self.codes.as_slice()[r * self.inn + c0..r * self.inn + c0 + len];
         dequantize(path, c, s, z, dst);
     }
-    /// AVX2 and AVX-512 paths: appends `Σ x`.
-    ///
+    /// Where the panel holds whole runs of 16 columns (`len % 16 == 0`, any `c0`).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn pack_fwd_panel_simd(&self, path: KernelPath, b: ColBlock, dst: &mut [f32]) -> bool {
+        if b.len % 16 != 0 {
+            return false;
+        }
+        // SAFETY: the trait's contract (the CPU has `path`'s tier; the panel lies inside W and
+        // dst), with whole runs of 16 just checked.
+        unsafe {
+            match path {
+                KernelPath::Avx512 => avx512::pack_fwd_panel(self, b, dst),
+                _ => avx2::pack_fwd_panel(self, b, dst),
+            }
+        };
+        true
+    }
     /// With int8 activations where their route is the format's fused GEMV
-    /// ([`crate::act8::Int8Route::FusedInt8`]): x quantized for it ([`act8::prepare`]) unless
-    /// x holds a NaN or infinity.
+    /// ([`crate::act8::Int8Route::FusedInt8`]), on the AVX2 and AVX-512 paths: x quantized
+    /// for it ([`act8::prepare`]) unless x holds a NaN or infinity. Nothing otherwise (the
+    /// f32 GEMVs read x itself).
     fn gemv_prepare(&self, path: KernelPath, m: usize, x: &[f32], prep: &mut Vec<f32>) {
         if is_x86_simd(usable(path)) {
-            if act8::FUSED.prepare(self.inn, m, x, prep) {
-                return;
-            }
-            prep.push(x.iter().sum());
+            act8::FUSED.prepare(self.inn, m, x, prep);
         }
     }
     #[cfg(target_arch = "x86_64")]
@@ -269,14 +281,14 @@ impl QuantRows for Int8Matrix {
         if unsafe { act8::FUSED.run(path, self, self.inn, prep, rows.clone(), y, acc) } {
             return true;
         }
-        let [sum_x] = prep else {
+        if !prep.is_empty() {
             return false;
-        };
+        }
         // SAFETY: the trait's contract (the CPU has `path`'s tier; x, rows and y checked).
         unsafe {
             match path {
-                KernelPath::Avx512 => avx512::gemv(self, x, *sum_x, rows, y, acc),
-                _ => avx2::gemv(self, x, *sum_x, rows, y, acc),
+                KernelPath::Avx512 => avx512::gemv(self, x, rows, y, acc),
+                _ => avx2::gemv(self, x, rows, y, acc),
             }
         };
         true

@@ -72,6 +72,24 @@ impl ColBlock {
             && self.len <= self.stride
             && (self.rows == 0 || dst_len >= (self.rows - 1) * self.stride + self.len)
     }
+
+    /// Whether a SIMD panel kernel working in whole runs of `align` columns may write this
+    /// block of an `out x inn` matrix transposed, as one forward GEMM panel of `NR` lanes
+    /// (`dst[p · NR + j] = W[r0 + j, c0 + p]`), into a `dst_len`-element destination
+    /// (`stride` unused).
+    pub(crate) fn fits_panel(
+        &self,
+        (out, inn): (usize, usize),
+        align: usize,
+        dst_len: usize,
+    ) -> bool {
+        self.r0 + self.rows <= out
+            && self.rows <= NR
+            && self.c0 % align == 0
+            && self.len % align == 0
+            && self.c0 + self.len <= inn
+            && dst_len / NR >= self.len
+    }
 }
 
 /// Appends `x` with each run of 16 reordered as its 8 even then 8 odd elements (the low and
@@ -176,6 +194,22 @@ pub(crate) trait QuantRows: Sync + Send {
     /// and `b.fits(self.dims(), self.seg_align(), dst.len())` holds.
     #[cfg(target_arch = "x86_64")]
     unsafe fn dequant_cols_simd(&self, _path: KernelPath, _b: ColBlock, _dst: &mut [f32]) -> bool {
+        false
+    }
+    /// The format's kernel of the x86 tier `path` that writes a block of W transposed as one
+    /// forward GEMM panel ([`ColBlock::fits_panel`], the layout [`FwdPack`] packs): `false`
+    /// (nothing written) if it has none.
+    ///
+    /// # Safety
+    /// `path` is [`KernelPath::Avx2Fma`] or [`KernelPath::Avx512`] and the CPU supports it,
+    /// and `b.fits_panel(self.dims(), self.seg_align(), dst.len())` holds.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn pack_fwd_panel_simd(
+        &self,
+        _path: KernelPath,
+        _b: ColBlock,
+        _dst: &mut [f32],
+    ) -> bool {
         false
     }
     /// Appends the per-input precomputation for [`QuantRows::gemv`] (e.g. block sums of `x`)
@@ -1042,6 +1076,24 @@ impl<F: QuantRows> PackB for FwdPack<'_, F> {
     /// row segment is dequantized contiguously into the thread's 16 x 256 tile, which is then
     /// transposed into `dst` (8x8 transposes on the AVX2 path, 16x16 on AVX-512).
     fn pack_panel(&self, k0: usize, kc: usize, n0: usize, nc: usize, dst: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let b = ColBlock {
+                r0: n0,
+                rows: nc.min(NR),
+                c0: k0,
+                len: kc,
+                stride: kc,
+            };
+            if is_x86_simd(self.path)
+                && b.fits_panel(self.f.dims(), self.f.seg_align(), dst.len())
+                // SAFETY: the path went through `usable` (the CPU has its tier) and
+                // `fits_panel` checked the rows, columns and destination length.
+                && unsafe { self.f.pack_fwd_panel_simd(self.path, b, dst) }
+            {
+                return;
+            }
+        }
         // The thread's tile, not a fresh zeroed one per panel (16 KiB of memset, 5-10 % of the
         // packing): every element the transpose reads is written first.
         let mut tile = take_scratch(&FWD_TILE);

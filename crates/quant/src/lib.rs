@@ -40,6 +40,8 @@ pub mod int8;
 mod kernels;
 pub mod lower;
 pub mod nf4;
+#[cfg(test)]
+mod panel_tests;
 pub mod q4;
 pub mod q4_flat;
 

@@ -116,13 +116,9 @@ pub fn dequantize_row(
     }
 }
 
-/// `2^−s` for code `k` of a run of `bits`-bit codes, `s = (bits·k) mod 8` its bit offset in
-/// its first byte: the factor that cancels the AVX2 gather's in-place `code · 2^s`.
-fn unshift_of(bits: u8, k: usize) -> f32 {
-    f32::from_bits(unshift_bits(bits, k))
-}
-
-/// The f32 bit pattern of [`unshift_of`]: the exponent field of `2^−s` (`s <= 7`).
+/// The f32 bit pattern of `2^−s` for code `k` of a run of `bits`-bit codes (the exponent
+/// field; `s = (bits·k) mod 8 <= 7` its bit offset in its first byte): the factor that
+/// cancels the AVX2 gather's in-place `code · 2^s`.
 const fn unshift_bits(bits: u8, k: usize) -> u32 {
     let s = ((bits as usize) * k % 8) as u32;
     (127 - s) << 23
@@ -130,7 +126,7 @@ const fn unshift_bits(bits: u8, k: usize) -> u32 {
 
 /// The AVX2 gather's per-lane tables for 16 codes of `bits` bits, as plain arrays (two
 /// registers each): the `vpshufb` control taking the two bytes that hold lane `i`'s code, the
-/// mask leaving the code where it lies, and [`unshift_of`] as f32 bits.
+/// mask leaving the code where it lies, and `2^−s` as f32 bits ([`unshift_bits`]).
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) struct GatherTables {
     pub(crate) ctrl: [[u8; 32]; 2],
@@ -169,22 +165,6 @@ impl GatherTables {
 pub(crate) const GATHER3: GatherTables = GatherTables::new(3);
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) const GATHER4: GatherTables = GatherTables::new(4);
-
-/// Length of the AVX2 GEMV's prepared x for `in` columns (see [`prepare_x`]).
-pub(crate) fn prep_len(inn: usize) -> usize {
-    2 * inn + inn.div_ceil(LOWER_GROUP)
-}
-
-/// Appends the AVX2 GEMV's prepared x: `x_k · 2^−(3k mod 8)` and `x_k · 2^−(4k mod 8)` (the
-/// inverse of where a 3-bit or 4-bit code sits in the bytes the GEMV gathers, so that the
-/// products are those of the codes themselves: scaling by a power of two is exact), then the
-/// `ceil(in/128)` group sums of x (the last group possibly partial).
-fn prepare_x(x: &[f32], prep: &mut Vec<f32>) {
-    for bits in [3, 4] {
-        prep.extend(x.iter().enumerate().map(|(k, &v)| v * unshift_of(bits, k)));
-    }
-    prep.extend(x.chunks(LOWER_GROUP).map(|c| c.iter().sum::<f32>()));
-}
 
 /// Weights per scale/min group.
 pub const LOWER_GROUP: usize = 128;
@@ -662,18 +642,13 @@ impl QuantRows for LowerMatrix {
         let bits = self.bits.as_slice()[r];
         dequantize_row(path, bits, row, sc, mn, c0, &mut dst[..len]);
     }
-    /// AVX2 and AVX-512 paths: appends x scaled for each code width, and the `ceil(in/128)` group sums of x
-    /// ([`prepare_x`]).
-    ///
     /// With int8 activations where their route is lower's fused GEMV
-    /// ([`crate::act8::Int8Route::FusedLower`]): x quantized for it ([`act8::prepare`]) unless
-    /// x holds a NaN or infinity.
+    /// ([`crate::act8::Int8Route::FusedLower`]), on the AVX2 and AVX-512 paths: x quantized
+    /// for it ([`act8::prepare`]) unless x holds a NaN or infinity. Nothing otherwise (the f32
+    /// GEMV reads x itself).
     fn gemv_prepare(&self, path: KernelPath, m: usize, x: &[f32], prep: &mut Vec<f32>) {
         if is_x86_simd(usable(path)) {
-            if act8::FUSED.prepare(self.inn, m, x, prep) {
-                return;
-            }
-            prepare_x(x, prep);
+            act8::FUSED.prepare(self.inn, m, x, prep);
         }
     }
     #[cfg(target_arch = "x86_64")]
@@ -686,18 +661,18 @@ impl QuantRows for LowerMatrix {
         y: &mut [f32],
         acc: bool,
     ) -> bool {
-        // (The two preparations differ in length for `in > 0`: `34 · ceil(in/128)` floats
-        // against `2 · in + ceil(in/128)`.)
+        // (The int8 preparation holds `34 · ceil(in/128)` floats for `in > 0`; the f32 GEMV's
+        // is empty.)
         // SAFETY: the trait's contract: the CPU supports `path`; rows and y checked.
         if unsafe { act8::FUSED.run(path, self, self.inn, prep, rows.clone(), y, acc) } {
             return true;
         }
-        if prep.len() != prep_len(self.inn) {
+        if !prep.is_empty() {
             return false;
         }
         // SAFETY: the trait's contract (the CPU has `path`'s tier, AVX2 at least; x, rows and
-        // y checked) and this prep. Both tiers run the AVX2 GEMV (see `arch::avx512::lower`).
-        unsafe { avx2::gemv(self, x, prep, rows, y, acc) };
+        // y checked). Both tiers run the AVX2 GEMV (see `arch::avx512::lower`).
+        unsafe { avx2::gemv(self, x, rows, y, acc) };
         true
     }
 }

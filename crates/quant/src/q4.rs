@@ -481,6 +481,18 @@ impl QuantRows for Q4Matrix {
         };
         true
     }
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn pack_fwd_panel_simd(&self, path: KernelPath, b: ColBlock, dst: &mut [f32]) -> bool {
+        // SAFETY: the trait's contract (the CPU has `path`'s tier; the panel fits in whole
+        // blocks).
+        unsafe {
+            match path {
+                KernelPath::Avx512 => avx512::pack_fwd_panel(self, b, dst),
+                _ => avx2::pack_fwd_panel(self, b, dst),
+            }
+        };
+        true
+    }
     /// AVX2 and AVX-512 paths: appends x with each block of 16 reordered as its 8 even then 8 odd
     /// elements (the low / high nibbles of the block's bytes), then the `in/16` block sums.
     ///

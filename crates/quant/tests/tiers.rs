@@ -13,9 +13,12 @@
 
 mod common;
 
-use common::{bits_eq, formats, products_checked_on_threads, run_on_every_kernel_path, ALL_TIERS};
+use common::{
+    bits_eq, formats, naive_t, products_checked_on_threads, run_on_every_kernel_path, ALL_TIERS,
+};
 use nibble_quant::cpu::available_paths;
 use nibble_quant::{Int8Matrix, KernelPath, LowerMatrix, Nf4Matrix, Q4Matrix};
+use nibble_tensor::WeightMatrix;
 use nibble_tensor::{Rng, Tensor};
 
 /// `in` sizes: the awkward ones, then whole Q4 / NF4 blocks in counts that leave partial
@@ -169,5 +172,72 @@ fn products_on_every_tier() {
         "products_on_this_tier",
         "NIBBLE_TIERS_CHILD",
         "products_on_every_tier",
+    );
+}
+
+/// How far from the f64 product an outlier activation may take a product, as a fraction of
+/// `Σ |w| |x|`: an f32 sum whose largest term is nearly all of it rounds each later addition
+/// at that term's scale, about `√n · ε` over n terms (the scalar path's one running sum
+/// reached 1.2e-6 at n = 1023).
+const OUTLIER_TOL: f64 = 5e-6;
+
+/// Runs on the process's tier (`NIBBLE_KERNEL`): batches 1, 3 and 9 of an x whose every
+/// vector holds one element of 1e6 among N(0, 1) ones (an outlier activation, as large
+/// language models have), through the formats with a zero point (int8, lower), whose GEMVs
+/// dequantize in registers, against the f64 product with the dequantized weights: within
+/// [`OUTLIER_TOL`] of `Σ |w| |x|`, on rows centred on 0 and rows offset by 3. Their GEMVs
+/// summed `zero · Σx + scale · Σ code · x`, two large terms that cancel: up to 3.6e-3
+/// (int8) and 5.2e-4 (lower) of `Σ |w| |x|` at batch 1 on offset rows.
+#[test]
+fn outlier_activation_on_this_tier() {
+    if std::env::var_os("NIBBLE_OUTLIER_CHILD").is_none() {
+        return;
+    }
+    let path = nibble_quant::cpu::kernel_path();
+    println!("outlier_activation_on_this_tier: {}", path.name());
+    for (o, i) in [(7, 1), (17, 31), (17, 1023), (33, 1024), (260, 1008)] {
+        // Every other row offset by 3: its zero point then lies far from its weights.
+        let mut w = weights(o, i, (o * 5 + i) as u64);
+        for row in w.data_mut().chunks_mut(i.max(1)).step_by(2) {
+            row.iter_mut().for_each(|v| *v += 3.0);
+        }
+        let formats: [Box<dyn WeightMatrix>; 2] = [
+            Box::new(Int8Matrix::quantize(&w).unwrap()),
+            Box::new(LowerMatrix::quantize(&w).unwrap()),
+        ];
+        for wm in &formats {
+            for m in [1, 3, 9] {
+                let mut x = Tensor::randn(&[m, i], &mut Rng::new((m * 3 + i) as u64));
+                for b in 0..m {
+                    x.data_mut()[b * i + (i / 3 + b) % i] = 1e6;
+                }
+                let mut y = vec![f32::NAN; m * o];
+                wm.matmul_t(x.data(), m, &mut y, false).unwrap();
+                let (want, mag) = naive_t(x.data(), m, wm.to_f32().data(), o, i);
+                for (k, ((g, r), s)) in y.iter().zip(&want).zip(&mag).enumerate() {
+                    let err = (f64::from(*g) - f64::from(*r)).abs() / f64::from(*s);
+                    assert!(
+                        err <= OUTLIER_TOL,
+                        "{} on {}: {o}x{i} m={m} [{k}]: {g} against {r}, {err:.2e} of Σ|w||x|",
+                        wm.format_name(),
+                        path.name()
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Runs [`outlier_activation_on_this_tier`] in a child process for each tier this CPU has,
+/// and says which it skips.
+#[test]
+fn outlier_activation_on_every_tier() {
+    if std::env::var_os("NIBBLE_OUTLIER_CHILD").is_some() {
+        return;
+    }
+    run_on_every_kernel_path(
+        "outlier_activation_on_this_tier",
+        "NIBBLE_OUTLIER_CHILD",
+        "outlier_activation_on_every_tier",
     );
 }

@@ -44,7 +44,7 @@ pub fn run(variant: Variant, input: &Path, output: &Path, common: &Common) -> Re
             what: format!(
                 "{variant}'s output on `x` of {} is {value} at {at}: the model overflows f32 on \
                  this input (weights, adapters or inputs too large for f32's range, or for the \
-                 quantized kernels' factored sums: see the README), so no output was written",
+                 Q4 kernel's factored sum: see the README), so no output was written",
                 input.display()
             ),
         });

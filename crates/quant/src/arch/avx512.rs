@@ -403,6 +403,28 @@ pub(crate) unsafe fn transpose_panel(src: &[f32], stride: usize, len: usize, dst
     }
 }
 
+/// One forward GEMM panel's run of 16 columns from 16 rows of codes: `codes[j]` holds row `j`'s
+/// 16 values (any lanes past `rows` ignored); transposed, lane `j` of column `q` goes through
+/// `value(column, q)` (the format's lookup and scale, per lane, so the per-row scales of the
+/// run apply as one vector) and is stored, zeros past `rows`, at `dst + q · 16`. Shapes: the
+/// caller's `ColBlock::fits_panel`.
+#[inline(always)]
+unsafe fn store_panel_run(
+    codes: &[__m512; 16],
+    rows: usize,
+    dst: *mut f32,
+    value: impl Fn(__m512) -> __m512,
+) {
+    // SAFETY: register shuffles, then 16 stores of 16 floats at dst + q · 16 (the caller's
+    // 256 floats).
+    unsafe {
+        let keep = first_lanes(rows);
+        for (q, c) in transpose16(codes).iter().enumerate() {
+            _mm512_storeu_ps(dst.add(q * 16), _mm512_maskz_mov_ps(keep, value(*c)));
+        }
+    }
+}
+
 /// Q4's 512-bit kernels (see [`crate::q4`] for the format).
 pub(crate) mod q4 {
     use super::*;
@@ -467,6 +489,53 @@ pub(crate) mod q4 {
                         let v = block(packed.add(sb + k * 8), _mm512_set1_ps(nf[t]), table, shifts);
                         _mm512_storeu_ps(d.add(p * b.stride + k * 16), v);
                     }
+                }
+            }
+        }
+    }
+
+    /// One forward GEMM panel (`FwdPack`): `dst[p · 16 + j] = W[r0 + j, c0 + p]` for
+    /// `p < len`, `j < rows`, and 0 for `rows <= j < 16`. Shapes: `rows <= 16`, `c0` and
+    /// `len` multiples of 16, all inside W, `dst.len() >= len · 16` (checked by the caller:
+    /// `ColBlock::fits_panel`). Per block of 16 columns, the 16 rows' codes are transposed as
+    /// i32 lanes, so a zmm holds one column's codes of the 16 rows and the block's 16 norms
+    /// apply as one vector: the reference's `table[code] · n − n` per lane, bit for bit, with
+    /// no f32 tile written and read back.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    pub(crate) unsafe fn pack_fwd_panel(m: &Q4Matrix, b: ColBlock, dst: &mut [f32]) {
+        let table = q4_lut();
+        let packed = m.packed.as_slice().as_ptr();
+        let norms = m.norm.f16s().as_ptr();
+        let d = dst.as_mut_ptr();
+        let (row_bytes, row_blocks) = (m.row_bytes(), m.row_blocks());
+        let nk = b.len / Q4_BLOCK;
+        // SAFETY: rows r0 + j < out (j < rows <= 16) and whole blocks c0/16 + k < c0/16 + nk
+        // lie inside W (the caller's `fits_panel`); dst[(16k + q) · 16..+16] lies inside
+        // len · 16 floats. Rows past `rows` are not read.
+        unsafe {
+            let table = _mm512_loadu_ps(table.as_ptr());
+            let shifts = load_i32x16(&SHIFTS_LOW_FIRST);
+            for g in (0..nk).step_by(16) {
+                let cnt = (nk - g).min(16);
+                // Norm rows: lane t of `nrm_rows[j]` = norm of row j's block g + t; after the
+                // transpose, `nrm[t]` holds block g + t's norms of the 16 rows.
+                let mut nrm_rows = [_mm512_setzero_ps(); 16];
+                for (j, v) in nrm_rows.iter_mut().enumerate().take(b.rows) {
+                    let s = (b.r0 + j) * row_blocks + b.c0 / Q4_BLOCK + g;
+                    *v = halves16(norms.add(s), cnt);
+                }
+                let nrm = transpose16(&nrm_rows);
+                for (t, &n) in nrm.iter().enumerate().take(cnt) {
+                    let k = g + t;
+                    let mut codes = [_mm512_setzero_ps(); 16];
+                    for (j, c) in codes.iter_mut().enumerate().take(b.rows) {
+                        let sb = (b.r0 + j) * row_bytes + b.c0 / 2 + k * 8;
+                        *c = _mm512_castsi512_ps(nibbles_in_order(packed.add(sb), shifts));
+                    }
+                    store_panel_run(&codes, b.rows, d.add(k * 256), |c| {
+                        let v = _mm512_permutexvar_ps(_mm512_castps_si512(c), table);
+                        _mm512_sub_ps(_mm512_mul_ps(v, n), n)
+                    });
                 }
             }
         }
@@ -693,6 +762,42 @@ pub(crate) mod nf4 {
         }
     }
 
+    /// One forward GEMM panel (`FwdPack`), as [`super::q4::pack_fwd_panel`] writes Q4's:
+    /// `dst[p · 16 + j] = W[r0 + j, c0 + p]`, zeros past `rows`. Shapes: `in % 16 == 0` (each
+    /// run of 16 then lies in one block), `rows <= 16`, `c0` and `len` multiples of 16, all
+    /// inside W, `dst.len() >= len · 16` (checked by the caller). Each run's 16 absmaxes (one
+    /// per row) are one vector: `level[code] · absmax` per lane, the reference's bits.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    pub(crate) unsafe fn pack_fwd_panel(m: &Nf4Matrix, b: ColBlock, dst: &mut [f32]) {
+        let packed = m.packed.as_slice().as_ptr();
+        let d = dst.as_mut_ptr();
+        // SAFETY: runs e..e+16 (e = (r0 + j) · in + c0 + 16k) lie in rows r0 + j < out of W
+        // (the caller's checks), and dst[(16k + q) · 16..+16] inside len · 16 floats. Rows
+        // past `rows` are not read.
+        unsafe {
+            let levels = _mm512_loadu_ps(NF4_LEVELS.as_ptr());
+            let shifts = load_i32x16(&SHIFTS_HIGH_FIRST);
+            let mut scale = [0.0f32; 16];
+            let mut cur = [usize::MAX; 16];
+            for k in 0..b.len / 16 {
+                let mut codes = [_mm512_setzero_ps(); 16];
+                for j in 0..b.rows {
+                    let e = (b.r0 + j) * m.inn + b.c0 + k * 16;
+                    if e / NF4_BLOCK != cur[j] {
+                        cur[j] = e / NF4_BLOCK;
+                        scale[j] = m.block_absmax(cur[j]);
+                    }
+                    let c = nibbles_in_order(packed.add(e / 2), shifts);
+                    codes[j] = _mm512_castsi512_ps(c);
+                }
+                let sv = _mm512_loadu_ps(scale.as_ptr());
+                store_panel_run(&codes, b.rows, d.add(k * 256), |c| {
+                    _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_castps_si512(c), levels), sv)
+                });
+            }
+        }
+    }
+
     /// Fused GEMV: `y[j] (+)= W[rows.start + j, :] · x`, 4 rows at a time sharing the loads
     /// of `x`. Shapes: `in % 64 == 0`; `xp` is the `[in]` x with each run of 16 reordered as
     /// its 8 even then 8 odd elements (as on the AVX2 path); `y.len() >= rows.len()`;
@@ -863,14 +968,50 @@ pub(crate) mod int8 {
         int8_dequantize_ref(&codes[k..n], scale, zero, &mut out[k..n]);
     }
 
-    /// Fused GEMV, 4 rows at a time sharing the loads of x. Shapes: `x` `[in]`, `sx = Σ x`,
+    /// One forward GEMM panel (`FwdPack`), as [`super::q4::pack_fwd_panel`] writes Q4's:
+    /// `dst[p · 16 + j] = W[r0 + j, c0 + p]`, zeros past `rows`. Shapes: `rows <= 16`, `len`
+    /// a multiple of 16 (any `c0`), all inside W, `dst.len() >= len · 16` (checked by the
+    /// caller). The rows' scales and zeros are one vector each for the whole panel:
+    /// `zero + scale · code` per lane, the reference's bits.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    pub(crate) unsafe fn pack_fwd_panel(m: &Int8Matrix, b: ColBlock, dst: &mut [f32]) {
+        let i = m.inn;
+        let codes_p = m.codes.as_slice().as_ptr();
+        let (sc, zr) = (m.scales.f32s(), m.zeros.f32s());
+        let d = dst.as_mut_ptr();
+        let keep = first_lanes(b.rows);
+        // SAFETY: rows r0 + j < out (j < rows <= 16) and columns c0 + 16k..+16 < in lie inside
+        // W (the caller's checks), so do their scales and zeros (masked loads, rows past
+        // `rows` not read); dst[(16k + q) · 16..+16] lies inside len · 16 floats.
+        unsafe {
+            let s = _mm512_maskz_loadu_ps(keep, sc.as_ptr().add(b.r0));
+            let z = _mm512_maskz_loadu_ps(keep, zr.as_ptr().add(b.r0));
+            for k in 0..b.len / 16 {
+                let mut codes = [_mm512_setzero_ps(); 16];
+                for (j, c) in codes.iter_mut().enumerate().take(b.rows) {
+                    let p = codes_p.add((b.r0 + j) * i + b.c0 + k * 16);
+                    let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
+                    *c = _mm512_castsi512_ps(v);
+                }
+                store_panel_run(&codes, b.rows, d.add(k * 256), |c| {
+                    _mm512_add_ps(
+                        z,
+                        _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_castps_si512(c))),
+                    )
+                });
+            }
+        }
+    }
+
+    /// Fused GEMV, 4 rows at a time sharing the loads of x. Shapes: `x` `[in]`,
     /// `y.len() >= rows.len()`, `rows.end <= out` (else nothing is written). Per row:
-    /// `zero · Σx + scale · Σ_k code_k x_k`.
+    /// `Σ_k (zero + scale · code_k) · x_k`, each weight dequantized in registers as the
+    /// reference dequantizes it (a multiply, then an add), so the sum rounds as an f32
+    /// product with the dequantized row does, with no `zero · Σx` to cancel against.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
     pub(crate) unsafe fn gemv(
         m: &Int8Matrix,
         x: &[f32],
-        sx: f32,
         rows: std::ops::Range<usize>,
         y: &mut [f32],
         acc: bool,
@@ -878,26 +1019,26 @@ pub(crate) mod int8 {
         if x.len() != m.inn || rows.end > m.out || y.len() < rows.len() {
             return;
         }
-        let (sc, zr) = (m.scales.f32s(), m.zeros.f32s());
         // SAFETY: rows < out and x checked above.
         unsafe {
             for_row_quads!(
                 rows,
                 |r| dot_rows::<4>(m, r, x),
                 dot_rows::<1>(m, r, x)[0],
-                |j: usize, row: usize, d: f32| {
-                    let v = zr[row] * sx + sc[row] * d;
-                    y[j] = if acc { y[j] + v } else { v };
-                }
+                crate::kernels::store_row(y, acc)
             );
         }
     }
 
-    /// `Σ_k code_k x_k` for rows `r0..r0+R` (`< out`): runs of 16, the last one masked.
+    /// `Σ_k (zero + scale · code_k) · x_k` for rows `r0..r0+R` (`< out`): runs of 16, the
+    /// last one masked (its masked-off lanes dequantize to `zero` but meet `x = 0`).
     #[inline(always)]
     unsafe fn dot_rows<const R: usize>(m: &Int8Matrix, r0: usize, x: &[f32]) -> [f32; R] {
         let i = m.inn;
         let codes = m.codes.as_slice().as_ptr();
+        let (sc, zr) = (m.scales.f32s(), m.zeros.f32s());
+        let s: [__m512; R] = std::array::from_fn(|r| _mm512_set1_ps(sc[r0 + r]));
+        let z: [__m512; R] = std::array::from_fn(|r| _mm512_set1_ps(zr[r0 + r]));
         let mut acc = [_mm512_setzero_ps(); R];
         let mut k = 0;
         // SAFETY: lanes k.. < in of x and of each row r0 + r < out (masked at the end).
@@ -911,7 +1052,8 @@ pub(crate) mod int8 {
                         mk,
                         p as *const i8,
                     )));
-                    acc[r] = _mm512_fmadd_ps(c, xv, acc[r]);
+                    let w = _mm512_add_ps(z[r], _mm512_mul_ps(s[r], c));
+                    acc[r] = _mm512_fmadd_ps(w, xv, acc[r]);
                 }
                 k += 16;
             }

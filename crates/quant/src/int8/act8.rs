@@ -52,7 +52,7 @@ pub(crate) const FUSED: crate::act8::FusedGemv<Int8Matrix> = crate::act8::FusedG
 };
 
 /// f32 slots of the prepared x of an `inn`-element input: 32 per group of bytes, a scale per
-/// group and `X` (`33 · groups + 1`, never the f32 GEMV's single `Σ x`).
+/// group and `X` (`33 · groups + 1`, never empty as the f32 GEMV's is).
 pub(crate) fn prep_len(inn: usize) -> usize {
     groups(inn) * 33 + 1
 }

@@ -901,6 +901,22 @@ impl QuantRows for Nf4Matrix {
         };
         true
     }
+    /// Only when `in % 16 == 0`, as [`QuantRows::dequant_cols_simd`].
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn pack_fwd_panel_simd(&self, path: KernelPath, b: ColBlock, dst: &mut [f32]) -> bool {
+        if self.inn % 16 != 0 {
+            return false;
+        }
+        // SAFETY: the trait's contract (the CPU has `path`'s tier; the panel fits in runs of
+        // 16).
+        unsafe {
+            match path {
+                KernelPath::Avx512 => avx512::pack_fwd_panel(self, b, dst),
+                _ => avx2::pack_fwd_panel(self, b, dst),
+            }
+        };
+        true
+    }
     /// AVX2 and AVX-512 paths when rows hold whole blocks (`in % 64 == 0`): appends x with
     /// each run of 16 reordered as its 8 even then 8 odd elements. (Other shapes take the
     /// generic GEMV.)

@@ -299,6 +299,44 @@ pub(crate) unsafe fn lut16_sel(lo: __m256, hi: __m256, perm: __m256i, sel: __m25
     _mm256_blendv_ps(a, b, _mm256_castsi256_ps(sel))
 }
 
+/// One forward GEMM panel's run of 16 columns from up to 16 rows of codes, the AVX2 twin of
+/// the AVX-512 tier's `store_panel_run`: `codes(j)` is row `j`'s 16 codes as two 8-lane
+/// halves (asked only for `j < rows`); transposed by 8x8 blocks, column `q`'s codes of the
+/// rows `8h..8h + 8` go through `value(codes, h)` (the format's lookup and scale per lane,
+/// so each half's per-row scales apply as one vector) and are stored, zeros past `rows`, at
+/// `dst + q · 16 + 8h`. Shapes: `rows <= 16` and 256 writable floats at `dst` (the caller's
+/// `ColBlock::fits_panel`).
+#[inline(always)]
+pub(crate) unsafe fn store_panel_run(
+    rows: usize,
+    dst: *mut f32,
+    codes: impl Fn(usize) -> [__m256i; 2],
+    value: impl Fn(__m256i, usize) -> __m256,
+) {
+    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for h in 0..2 {
+        let n = rows.saturating_sub(8 * h).min(8);
+        let keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lane));
+        let mut halves = [[_mm256_setzero_ps(); 8]; 2];
+        for j in 0..n {
+            let c = codes(8 * h + j);
+            halves[0][j] = _mm256_castsi256_ps(c[0]);
+            halves[1][j] = _mm256_castsi256_ps(c[1]);
+        }
+        for (cc, rows8) in halves.iter().enumerate() {
+            for (q, c) in transpose8(*rows8).iter().enumerate() {
+                let v = if n == 0 {
+                    _mm256_setzero_ps()
+                } else {
+                    _mm256_and_ps(value(_mm256_castps_si256(*c), h), keep)
+                };
+                // SAFETY: (caller) 256 writable floats at dst.
+                _mm256_storeu_ps(dst.add((cc * 8 + q) * 16 + 8 * h), v);
+            }
+        }
+    }
+}
+
 /// Shapes: `src` is `NR` rows of `stride` floats (row `j` = panel column `j`), `dst` is
 /// `len x NR`: `dst[p * NR + j] = src[j * stride + p]` for `p < len`.
 #[target_feature(enable = "avx2,fma")]

@@ -1,6 +1,6 @@
 //! The AVX2 + FMA + F16C kernels of [`crate::nf4`].
 
-use super::{hsum, lut16, lut16_sel};
+use super::{hsum, lut16, lut16_sel, store_panel_run};
 use crate::kernels::for_row_quads;
 use crate::nf4::*;
 use std::arch::x86_64::*;
@@ -215,6 +215,48 @@ pub(crate) unsafe fn dequant_cols(m: &Nf4Matrix, b: ColBlock, dst: &mut [f32]) {
                 _mm256_mul_ps(lut16(lo, hi, c1v), sv),
             );
         }
+    }
+}
+
+/// One forward GEMM panel (`FwdPack`), as the AVX-512 tier's `nf4::pack_fwd_panel` writes
+/// it: `dst[p · 16 + j] = W[r0 + j, c0 + p]`, zeros past `rows`. Shapes: `in % 16 == 0`,
+/// `rows <= 16`, `c0` and `len` multiples of 16, all inside W, `dst.len() >= len · 16`
+/// (checked by the caller). `level[code] · absmax` per lane, the reference's bits.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn pack_fwd_panel(m: &Nf4Matrix, b: ColBlock, dst: &mut [f32]) {
+    let lo = _mm256_loadu_ps(NF4_LEVELS.as_ptr());
+    let hi = _mm256_loadu_ps(NF4_LEVELS.as_ptr().add(8));
+    let packed = m.packed.as_slice().as_ptr();
+    let d = dst.as_mut_ptr();
+    let mut scale = [0.0f32; 16];
+    let mut cur = [usize::MAX; 16];
+    for k in 0..b.len / 16 {
+        let first = |j: usize| (b.r0 + j) * m.inn + b.c0 + k * 16;
+        for j in 0..b.rows {
+            let blk = first(j) / NF4_BLOCK;
+            if blk != cur[j] {
+                cur[j] = blk;
+                scale[j] = m.block_absmax(blk);
+            }
+        }
+        let sv = [
+            _mm256_loadu_ps(scale.as_ptr()),
+            _mm256_loadu_ps(scale.as_ptr().add(8)),
+        ];
+        // SAFETY: runs first(j)..+16 lie in rows r0 + j < out of W (the caller's checks), so
+        // 8 bytes of codes each; 256 floats of dst at 256k (len · 16 floats).
+        store_panel_run(
+            b.rows,
+            d.add(k * 256),
+            |j| {
+                let c = unpack16(packed.add(first(j) / 2));
+                [
+                    _mm256_cvtepu8_epi32(c),
+                    _mm256_cvtepu8_epi32(_mm_srli_si128::<8>(c)),
+                ]
+            },
+            |c, h| _mm256_mul_ps(lut16(lo, hi, c), sv[h]),
+        );
     }
 }
 

@@ -1,6 +1,6 @@
 //! The AVX2 + FMA + F16C kernels of [`crate::q4`].
 
-use super::{f16_to_f32, hmax, hsum, lut16};
+use super::{f16_to_f32, hmax, hsum, lut16, store_panel_run};
 use crate::cpu::{prefetch_weights, quant_prefetch, PREFETCH_ROWS};
 use crate::kernels::for_row_quads;
 use crate::q4::*;
@@ -340,5 +340,48 @@ pub(crate) unsafe fn dequant_cols(m: &Q4Matrix, b: ColBlock, dst: &mut [f32]) {
             _mm256_storeu_ps(d.add(p * b.stride + k * 16), r0v);
             _mm256_storeu_ps(d.add(p * b.stride + k * 16 + 8), r1v);
         }
+    }
+}
+
+/// One forward GEMM panel (`FwdPack`), as the AVX-512 tier's `q4::pack_fwd_panel` writes it:
+/// `dst[p · 16 + j] = W[r0 + j, c0 + p]`, zeros past `rows`. Shapes: `rows <= 16`, `c0` and
+/// `len` multiples of 16, all inside W, `dst.len() >= len · 16` (checked by the caller:
+/// `ColBlock::fits_panel`). Per block, each half of the rows' norms is one vector:
+/// `table[code] · n − n` per lane, the reference's bits.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn pack_fwd_panel(m: &Q4Matrix, b: ColBlock, dst: &mut [f32]) {
+    let l = lut();
+    let lo = _mm256_loadu_ps(l.as_ptr());
+    let hi = _mm256_loadu_ps(l.as_ptr().add(8));
+    let packed = m.packed.as_slice().as_ptr();
+    let norms = m.norm.f16s();
+    let d = dst.as_mut_ptr();
+    let (row_bytes, row_blocks) = (m.row_bytes(), m.row_blocks());
+    for k in 0..b.len / Q4_BLOCK {
+        let blk = b.c0 / Q4_BLOCK + k;
+        let mut bits = [0u16; 16];
+        for (j, v) in bits.iter_mut().enumerate().take(b.rows) {
+            *v = norms[(b.r0 + j) * row_blocks + blk].to_bits();
+        }
+        // SAFETY: 16 halves in `bits`.
+        let nb = _mm256_loadu_si256(bits.as_ptr() as *const __m256i);
+        let nv = [
+            _mm256_cvtph_ps(_mm256_castsi256_si128(nb)),
+            _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(nb)),
+        ];
+        // SAFETY: rows r0 + j < out and block `blk` lie inside W (the caller's checks), so
+        // 8 bytes of codes at each row's block; 256 floats of dst at 256k (len · 16 floats).
+        store_panel_run(
+            b.rows,
+            d.add(k * 256),
+            |j| {
+                let c = unpack16(packed.add((b.r0 + j) * row_bytes + blk * 8));
+                [
+                    _mm256_cvtepu8_epi32(c),
+                    _mm256_cvtepu8_epi32(_mm_srli_si128::<8>(c)),
+                ]
+            },
+            |c, h| _mm256_sub_ps(_mm256_mul_ps(lut16(lo, hi, c), nv[h]), nv[h]),
+        );
     }
 }
