@@ -33,7 +33,7 @@ use crate::arch::avx512::lower as avx512;
 use crate::bytes::{check_part, check_values, Bytes};
 use crate::cpu::{is_x86_simd, usable, KernelPath};
 use crate::error::{number, QuantError, Result};
-use crate::kernels::{self, QuantRows};
+use crate::kernels::{self, ColBlock, QuantRows};
 
 /// The code of element `j` of a row packed at `bits` (3 or 4) bits: bits `bits·j..bits·j+bits`
 /// of the row's little-endian bit stream (a 3-bit row's groups of 8 codes in 3 bytes are exactly
@@ -641,6 +641,23 @@ impl QuantRows for LowerMatrix {
         let mn = &self.mins.f16s()[r * ng..(r + 1) * ng];
         let bits = self.bits.as_slice()[r];
         dequantize_row(path, bits, row, sc, mn, c0, &mut dst[..len]);
+    }
+    /// Where the panel holds whole runs of 16 columns from a multiple of 16 (so a run never
+    /// crosses a group of 128).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn pack_fwd_panel_simd(&self, path: KernelPath, b: ColBlock, dst: &mut [f32]) -> bool {
+        if b.c0 % 16 != 0 || b.len % 16 != 0 {
+            return false;
+        }
+        // SAFETY: the trait's contract (the CPU has `path`'s tier; the panel lies inside W and
+        // dst), with whole runs of 16 just checked.
+        unsafe {
+            match path {
+                KernelPath::Avx512 => avx512::pack_fwd_panel(self, b, dst),
+                _ => avx2::pack_fwd_panel(self, b, dst),
+            }
+        };
+        true
     }
     /// With int8 activations where their route is lower's fused GEMV
     /// ([`crate::act8::Int8Route::FusedLower`]), on the AVX2 and AVX-512 paths: x quantized

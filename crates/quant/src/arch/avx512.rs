@@ -1070,7 +1070,9 @@ pub(crate) mod int8 {
 /// 37.7 against 25.5 µs on 16), so the AVX-512 tier runs the AVX2 GEMV.
 pub(crate) mod lower {
     use super::*;
-    use crate::lower::{dequantize_row_ref, GatherTables, GATHER3, GATHER4, LOWER_GROUP};
+    use crate::lower::{
+        dequantize_row_ref, GatherTables, LowerMatrix, GATHER3, GATHER4, LOWER_GROUP,
+    };
 
     /// The constants that turn a 16-byte window into 16 codes `code · 2^s`.
     struct Gather {
@@ -1150,6 +1152,50 @@ pub(crate) mod lower {
             if t < gend {
                 dequantize_row_ref(bits, codes, scales, mins, c0 + t, &mut out[t..gend]);
                 t = gend;
+            }
+        }
+    }
+
+    /// One forward GEMM panel (`FwdPack`), as [`super::q4::pack_fwd_panel`] writes Q4's:
+    /// `dst[p · 16 + j] = W[r0 + j, c0 + p]`, zeros past `rows`. Shapes: `rows <= 16`, `c0`
+    /// and `len` multiples of 16 (a run never crosses a group), all inside W,
+    /// `dst.len() >= len · 16` (checked by the caller). Each row's run is gathered at its own
+    /// width and turned back into codes (`· 2^−s`, exact); transposed, the rows' group scales
+    /// and mins apply as one vector each: `min + scale · code` per lane, the reference's bits.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    pub(crate) unsafe fn pack_fwd_panel(m: &LowerMatrix, b: ColBlock, dst: &mut [f32]) {
+        let ng = m.inn.div_ceil(LOWER_GROUP);
+        let (all, bits) = (m.codes.as_slice(), m.bits.as_slice());
+        let (scales, mins) = (m.scales.f16s(), m.mins.f16s());
+        let d = dst.as_mut_ptr();
+        // SAFETY: this function's target features.
+        let gather = unsafe { [Gather::new(3), Gather::new(4)] };
+        let (mut s, mut z) = ([0.0f32; 16], [0.0f32; 16]);
+        let mut group = usize::MAX;
+        for k in 0..b.len / 16 {
+            let col = b.c0 + 16 * k;
+            if col / LOWER_GROUP != group {
+                group = col / LOWER_GROUP;
+                for j in 0..b.rows {
+                    s[j] = scales[(b.r0 + j) * ng + group].to_f32();
+                    z[j] = mins[(b.r0 + j) * ng + group].to_f32();
+                }
+            }
+            // SAFETY: the gathers read inside `all` (masked at its end); rows r0 + j < out
+            // (the caller's checks); 256 floats of dst at 256k (len · 16 floats).
+            unsafe {
+                let (sv, zv) = (_mm512_loadu_ps(s.as_ptr()), _mm512_loadu_ps(z.as_ptr()));
+                let mut codes = [_mm512_setzero_ps(); 16];
+                for (j, c) in codes.iter_mut().enumerate().take(b.rows) {
+                    let r = b.r0 + j;
+                    let w = usize::from(bits[r]);
+                    let u = &gather[usize::from(w == 4)];
+                    let p = m.offsets[r] as usize + col * w / 8;
+                    *c = _mm512_mul_ps(u.codes(all, p), u.unshift);
+                }
+                store_panel_run(&codes, b.rows, d.add(k * 256), |c| {
+                    _mm512_add_ps(zv, _mm512_mul_ps(sv, c))
+                });
             }
         }
     }

@@ -1,6 +1,7 @@
 //! The AVX2 + FMA + F16C kernels of [`crate::lower`].
 
-use super::hsum;
+use super::{hsum, store_panel_run};
+use crate::kernels::ColBlock;
 use crate::lower::*;
 use half::f16;
 use std::arch::x86_64::*;
@@ -298,5 +299,55 @@ pub(crate) unsafe fn gemv(
                 .sum::<f32>();
         }
         y[j] = if acc { y[j] + v } else { v };
+    }
+}
+
+/// One forward GEMM panel (`FwdPack`), as the AVX-512 tier's `lower::pack_fwd_panel` writes
+/// it: `dst[p · 16 + j] = W[r0 + j, c0 + p]`, zeros past `rows`. Shapes: `rows <= 16`, `c0`
+/// and `len` multiples of 16, all inside W, `dst.len() >= len · 16` (checked by the caller).
+/// `min + scale · code` per lane, the reference's bits.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn pack_fwd_panel(m: &LowerMatrix, b: ColBlock, dst: &mut [f32]) {
+    let ng = m.inn.div_ceil(LOWER_GROUP);
+    let (all, bits) = (m.codes.as_slice(), m.bits.as_slice());
+    let (scales, mins) = (m.scales.f16s(), m.mins.f16s());
+    let d = dst.as_mut_ptr();
+    let gather = [Gather16::new(3), Gather16::new(4)];
+    let (mut s, mut z) = ([0.0f32; 16], [0.0f32; 16]);
+    let mut group = usize::MAX;
+    for k in 0..b.len / 16 {
+        let col = b.c0 + 16 * k;
+        if col / LOWER_GROUP != group {
+            group = col / LOWER_GROUP;
+            for j in 0..b.rows {
+                s[j] = scales[(b.r0 + j) * ng + group].to_f32();
+                z[j] = mins[(b.r0 + j) * ng + group].to_f32();
+            }
+        }
+        let sv = [
+            _mm256_loadu_ps(s.as_ptr()),
+            _mm256_loadu_ps(s.as_ptr().add(8)),
+        ];
+        let zv = [
+            _mm256_loadu_ps(z.as_ptr()),
+            _mm256_loadu_ps(z.as_ptr().add(8)),
+        ];
+        // SAFETY: the gathers read inside `codes` (copied at its end); rows r0 + j < out (the
+        // caller's checks); 256 floats of dst at 256k (len · 16 floats).
+        store_panel_run(
+            b.rows,
+            d.add(k * 256),
+            |j| {
+                let r = b.r0 + j;
+                let w = usize::from(bits[r]);
+                let u = &gather[usize::from(w == 4)];
+                let c = u.codes(&all[m.offsets[r] as usize..], col * w / 8);
+                [
+                    _mm256_castps_si256(_mm256_mul_ps(c[0], u.unshift[0])),
+                    _mm256_castps_si256(_mm256_mul_ps(c[1], u.unshift[1])),
+                ]
+            },
+            |c, h| _mm256_add_ps(zv[h], _mm256_mul_ps(sv[h], _mm256_castsi256_ps(c))),
+        );
     }
 }
