@@ -1021,17 +1021,25 @@ pub(crate) mod int8 {
         }
         // SAFETY: rows < out and x checked above.
         unsafe {
+            let mut put = crate::kernels::store_row(y, acc);
+            let mut r = rows.start;
+            while r + 8 <= rows.end {
+                for (t, v) in dot_rows::<8>(m, r, x).into_iter().enumerate() {
+                    put(r - rows.start + t, r + t, v);
+                }
+                r += 8;
+            }
             for_row_quads!(
-                rows,
-                |r| dot_rows::<4>(m, r, x),
-                dot_rows::<1>(m, r, x)[0],
-                crate::kernels::store_row(y, acc)
+                r..rows.end,
+                |q| dot_rows::<4>(m, q, x),
+                dot_rows::<1>(m, q, x)[0],
+                |j: usize, row: usize, v: f32| put(r - rows.start + j, row, v)
             );
         }
     }
 
     /// `Σ_k (zero + scale · code_k) · x_k` for rows `r0..r0+R` (`< out`): runs of 16, the
-    /// last one masked (its masked-off lanes dequantize to `zero` but meet `x = 0`).
+    /// last one masked (its masked-off weights and x lanes are 0).
     #[inline(always)]
     unsafe fn dot_rows<const R: usize>(m: &Int8Matrix, r0: usize, x: &[f32]) -> [f32; R] {
         let i = m.inn;
@@ -1052,7 +1060,7 @@ pub(crate) mod int8 {
                         mk,
                         p as *const i8,
                     )));
-                    let w = _mm512_add_ps(z[r], _mm512_mul_ps(s[r], c));
+                    let w = _mm512_maskz_add_ps(mk, z[r], _mm512_mul_ps(s[r], c));
                     acc[r] = _mm512_fmadd_ps(w, xv, acc[r]);
                 }
                 k += 16;

@@ -80,11 +80,19 @@ pub(crate) unsafe fn gemv(
     if x.len() != m.inn || rows.end > m.out || y.len() < rows.len() {
         return;
     }
+    let mut put = crate::kernels::store_row(y, acc);
+    let mut r = rows.start;
+    while r + 8 <= rows.end {
+        for (t, v) in dot_rows::<8>(m, r, x).into_iter().enumerate() {
+            put(r - rows.start + t, r + t, v);
+        }
+        r += 8;
+    }
     for_row_quads!(
-        rows,
-        |r| dot_rows::<4>(m, r, x),
-        dot_rows::<1>(m, r, x)[0],
-        crate::kernels::store_row(y, acc)
+        r..rows.end,
+        |q| dot_rows::<4>(m, q, x),
+        dot_rows::<1>(m, q, x)[0],
+        |j: usize, row: usize, v: f32| put(r - rows.start + j, row, v)
     );
 }
 
@@ -94,8 +102,6 @@ unsafe fn dot_rows<const R: usize>(m: &Int8Matrix, r0: usize, x: &[f32]) -> [f32
     let i = m.inn;
     let codes = m.codes.as_slice();
     let (sc, zr) = (m.scales.f32s(), m.zeros.f32s());
-    let s: [__m256; R] = std::array::from_fn(|r| _mm256_set1_ps(sc[r0 + r]));
-    let z: [__m256; R] = std::array::from_fn(|r| _mm256_set1_ps(zr[r0 + r]));
     let mut acc = [_mm256_setzero_ps(); R];
     let mut k = 0;
     while k + 8 <= i {
@@ -104,7 +110,12 @@ unsafe fn dot_rows<const R: usize>(m: &Int8Matrix, r0: usize, x: &[f32]) -> [f32
         for r in 0..R {
             let p = codes.as_ptr().add((r0 + r) * i + k);
             let c = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i)));
-            let w = _mm256_add_ps(z[r], _mm256_mul_ps(s[r], c));
+            // (Broadcast from memory each step: loads, not registers, for 8 rows.)
+            let (s, z) = (
+                _mm256_broadcast_ss(&sc[r0 + r]),
+                _mm256_broadcast_ss(&zr[r0 + r]),
+            );
+            let w = _mm256_add_ps(z, _mm256_mul_ps(s, c));
             acc[r] = _mm256_fmadd_ps(w, xv, acc[r]);
         }
         k += 8;
