@@ -16,7 +16,7 @@ for l in sys.stdin:
 while read -r e d; do cp "$e" .devrun/pkg/tests/; done < .devrun/pkg/tests.txt
 cp target/release/bignet target/release/nibble .devrun/pkg/bin/
 cp tools/devrun/*.sh .devrun/
-for e in forward_profile gemm_probe lora_products team_anatomy train_lora; do cp target/release/examples/$e .devrun/pkg/bin/; done
+for e in format_layers forward_profile gemm_probe lora_products team_anatomy train_lora; do cp target/release/examples/$e .devrun/pkg/bin/; done
 cp ../shared/ref/*.py .devrun/pkg/ref/
 cp ../shared/tools/peak_flops.c .devrun/pkg/
 cp ../shared/tools/peers/bench_mm ../shared/tools/peers/bench_mm_noamx ../shared/tools/peers/candle_bench ../shared/tools/peers/run.sh .devrun/pkg/peers/

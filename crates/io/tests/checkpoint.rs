@@ -773,6 +773,18 @@ fn pint(i: i32) -> Vec<u8> {
     v
 }
 
+/// An integer as `pickle` writes it: BININT where it fits in 32 bits, else LONG1 (8 bytes).
+fn pint64(i: i64) -> Vec<u8> {
+    match i32::try_from(i) {
+        Ok(i) => pint(i),
+        Err(_) => {
+            let mut v = vec![0x8a, 8];
+            v.extend_from_slice(&i.to_le_bytes());
+            v
+        }
+    }
+}
+
 fn ptuple(items: &[Vec<u8>]) -> Vec<u8> {
     let mut v = vec![b'('];
     for i in items {
@@ -789,8 +801,8 @@ struct T<'a> {
     storage: &'a str,
     numel: i32,
     offset: i32,
-    size: &'a [i32],
-    stride: &'a [i32],
+    size: &'a [i64],
+    stride: &'a [i64],
 }
 
 /// What `torch.save(state_dict)` pickles, protocol 2.
@@ -808,8 +820,8 @@ fn state_dict_pickle(tensors: &[T]) -> Vec<u8> {
         ]);
         let mut storage = pid;
         storage.push(b'Q');
-        let size: Vec<Vec<u8>> = t.size.iter().map(|&d| pint(d)).collect();
-        let stride: Vec<Vec<u8>> = t.stride.iter().map(|&d| pint(d)).collect();
+        let size: Vec<Vec<u8>> = t.size.iter().map(|&d| pint64(d)).collect();
+        let stride: Vec<Vec<u8>> = t.stride.iter().map(|&d| pint64(d)).collect();
         v.extend(ptuple(&[
             storage,
             pint(t.offset),
@@ -1392,6 +1404,109 @@ fn broadcast_views_larger_than_their_storage_read_as_torch_reads_them() {
     assert_eq!(ck.byte_len("huge").unwrap(), 1 << 62);
 }
 
+/// A tensor with a dimension of 0 holds no elements and no bytes, however large its other
+/// dimensions: PyTorch saves and loads `torch.empty(2**62, 0, 3)`. Such a shape was refused as
+/// an overflow (its dimensions multiplied left to right overflowed before the 0); a shape whose
+/// element count overflows is still an error naming the key and the shape.
+#[test]
+fn empty_tensors_with_huge_dimensions_load_as_torch_loads_them() {
+    const BIG: usize = 1 << 62;
+    let check_empty = |ck: &Checkpoint, key: &str, dtype: DType, shape: &[usize]| {
+        assert_eq!(ck.info(key).unwrap(), (dtype, shape), "{key}");
+        assert!(ck.bytes(key).unwrap().is_empty(), "{key}");
+        assert!(ck.shared_bytes(key).unwrap().is_empty(), "{key}");
+        assert_eq!(ck.byte_len(key).unwrap(), 0, "{key}");
+        if matches!(dtype, DType::F32 | DType::F16) {
+            let t = ck.tensor_f32(key, Some(shape)).unwrap();
+            assert_eq!((t.shape(), t.data().len()), (shape, 0), "{key}");
+            let h = ck.half(key, Some(shape)).unwrap();
+            assert_eq!((h.shape(), h.data().len()), (shape, 0), "{key}");
+        }
+    };
+
+    // safetensors: [2^62, 0, 3] of f32, and the largest such shape JSON can give, beside a
+    // tensor with data.
+    let header = format!(r#"{{"e":{{"dtype":"F32","shape":[{BIG},0,3],"data_offsets":[0,0]}},"#)
+        + &format!(r#""z":{{"dtype":"F32","shape":[{BIG},4,0],"data_offsets":[0,0]}},"#)
+        + &format!(
+            r#""m":{{"dtype":"F64","shape":[{m},{m},0,{m}],"data_offsets":[8,8]}},"#,
+            m = usize::MAX
+        )
+        + r#""a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
+    let ck = load("empty.safetensors", st(&header, &f32s(&[1., 2.]))).unwrap();
+    check_empty(&ck, "e", DType::F32, &[BIG, 0, 3]);
+    // The zero last: the tensor's own element count (`checked_numel`) multiplied left to
+    // right and overflowed before reaching it.
+    check_empty(&ck, "z", DType::F32, &[BIG, 4, 0]);
+    check_empty(
+        &ck,
+        "m",
+        DType::F64,
+        &[usize::MAX, usize::MAX, 0, usize::MAX],
+    );
+    assert_eq!(ck.tensor_f32("a", None).unwrap().data(), &[1., 2.]);
+    // ... and such a tensor given data is refused, as any tensor whose bytes are not its size.
+    let header = format!(r#"{{"e":{{"dtype":"F32","shape":[{BIG},0,3],"data_offsets":[0,4]}}}}"#);
+    expect_err(load("e.safetensors", st(&header, &[0; 4])), "needs 0");
+
+    // Written and read back.
+    let dir = tempdir("empty-huge");
+    let p = dir.join("e.safetensors");
+    let tensors = vec![("e".to_string(), DType::F32, vec![BIG, 0, 3], &[][..])];
+    write_safetensors(&p, &tensors, &BTreeMap::new()).unwrap();
+    check_empty(
+        &Checkpoint::open(&p).unwrap(),
+        "e",
+        DType::F32,
+        &[BIG, 0, 3],
+    );
+
+    // .pth: what torch.save writes for `torch.empty(2**62, 0, 3)` (strides 3, 3, 1).
+    let data = f32s(&[1., 2., 3., 4.]);
+    let p = state_dict_pickle(&[T {
+        size: &[1 << 62, 0, 3],
+        stride: &[3, 3, 1],
+        ..simple_tensor("e", "0")
+    }]);
+    let ck = load("empty.pth", pth(&p, &[("0", &data)])).unwrap();
+    check_empty(&ck, "e", DType::F32, &[BIG, 0, 3]);
+
+    // An element count (or byte size) that overflows is still an error naming the file, the
+    // key and the shape.
+    for (shape, dtype) in [
+        (format!("[{BIG},4,3]"), "F32"),
+        (format!("[{BIG},1]"), "F32"),
+        (format!("[{m},{m}]", m = usize::MAX), "U8"),
+    ] {
+        let header =
+            format!(r#"{{"o":{{"dtype":"{dtype}","shape":{shape},"data_offsets":[0,0]}}}}"#);
+        let e = expect_err(load("o.safetensors", st(&header, &[])), "overflows");
+        let (msg, shape) = (e.to_string(), shape.replace(',', ", "));
+        assert!(
+            msg.contains("o.safetensors") && msg.contains("`o`") && msg.contains(&shape),
+            "{msg}"
+        );
+        assert!(matches!(e, Error::BadTensor { .. }), "{e}");
+    }
+    let p = state_dict_pickle(&[T {
+        size: &[1 << 62, 4, 3],
+        stride: &[12, 3, 1],
+        ..simple_tensor("o", "0")
+    }]);
+    let e = expect_err(load("o.pth", pth(&p, &[("0", &data)])), "overflows");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("o.pth") && msg.contains("`o`") && msg.contains(&format!("[{BIG}, 4, 3]")),
+        "{msg}"
+    );
+    let tensors = vec![("o".to_string(), DType::F32, vec![BIG, 4, 3], &[][..])];
+    let e = write_safetensors(&dir.join("o.safetensors"), &tensors, &BTreeMap::new())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`o`") && e.contains("overflows"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 // ---------------------------------------------------------------- fuzz regressions
 
 #[test]
@@ -1526,18 +1641,15 @@ fn legacy_checkpoints_read_as_their_zip_twins() {
     );
 }
 
-/// A legacy checkpoint cut short anywhere, with bytes added after its last storage, written on
-/// a big-endian machine, or of another protocol version: an error naming the file, never a
-/// panic or a tensor read from the wrong bytes.
+/// A legacy checkpoint cut short anywhere, written on a big-endian machine, or of another
+/// protocol version: an error naming the file, never a panic or a tensor read from the wrong
+/// bytes. (Bytes after its last storage are ignored, as `torch.load` ignores them: see
+/// `legacy_file_saved_twice_reads_its_first_record`.)
 #[test]
 fn broken_legacy_checkpoints_are_errors() {
     let full = std::fs::read(golden("legacy_mixed.pth")).unwrap();
     let n = full.len();
     assert_prefixes_fail("legacy.pth", full.clone(), (0..n).collect());
-
-    let mut longer = full.clone();
-    longer.push(0);
-    expect_err(load("legacy.pth", longer), "1 bytes after the last storage");
 
     let find = |needle: &[u8]| {
         full.windows(needle.len())
@@ -1581,6 +1693,95 @@ fn broken_legacy_checkpoints_are_errors() {
         ),
         "not with torch.save's magic number",
     );
+}
+
+/// A legacy file written by calling `torch.save` twice on one open file
+/// (`tools/golden/make_legacy_twice.py`: two records back to back) reads as `torch.load` reads
+/// it: its first record, the rest ignored. So does a legacy file followed by anything else. Only
+/// bytes after a complete first record are ignored: the first record cut short anywhere, or a
+/// storage whose element count in the file is not the one its tensors give (which would move
+/// where the record ends), is still an error.
+#[test]
+fn legacy_file_saved_twice_reads_its_first_record() {
+    let ck = Checkpoint::open(golden("legacy_twice.pth")).unwrap();
+    assert_eq!(ck.format(), Format::Pth);
+    assert_eq!(ck.keys_in_file_order().collect::<Vec<_>>(), ["w"]);
+    assert_eq!(
+        ck.tensor_f32("w", Some(&[2, 3])).unwrap().data(),
+        &[0., 1., 2., 3., 4., 5.]
+    );
+    let want = tensors_in_order(&ck);
+
+    // The first record ends where the second's magic-number pickle starts.
+    let full = std::fs::read(golden("legacy_twice.pth")).unwrap();
+    let magic = &full[..15];
+    let end = (1..full.len() - magic.len())
+        .find(|&i| full[i..].starts_with(magic))
+        .expect("a second record");
+    assert!(end < full.len());
+    // The first record cut short anywhere is an error; whole, it loads.
+    assert_prefixes_fail("twice.pth", full[..end].to_vec(), (0..end).collect());
+    // Whole, with any part of the second record after it: the first record's tensors.
+    let full = Arc::new(full);
+    for len in end..=full.len() {
+        let ck = Checkpoint::from_bytes("twice.pth", Arc::new(Prefix(Arc::clone(&full), len)))
+            .unwrap_or_else(|e| panic!("{len} bytes: {e}"));
+        assert_eq!(tensors_in_order(&ck), want, "{len} bytes");
+    }
+
+    // Any legacy file followed by junk, by itself, or by another: read as its first record.
+    let zip = tensors_in_order(&Checkpoint::open(golden("legacy_mixed_zip.pth")).unwrap());
+    let mixed = std::fs::read(golden("legacy_mixed.pth")).unwrap();
+    let mixed_p4 = std::fs::read(golden("legacy_mixed_p4.pth")).unwrap();
+    let tutorial = std::fs::read(golden("legacy_tutorial.pth")).unwrap();
+    for (first, rest) in [
+        (&mixed, &b"\0"[..]),
+        (&mixed, b"junk after the record"),
+        (&mixed, &mixed[..]),
+        (&mixed, &mixed[..20]),
+        (&mixed, &tutorial[..]),
+        (&mixed_p4, &mixed[..]),
+        (&mixed, &mixed_p4[..]),
+    ] {
+        let bytes = [&first[..], rest].concat();
+        let ck = load("twice.pth", bytes).unwrap();
+        assert_eq!(tensors_in_order(&ck), zip);
+    }
+
+    // A legacy file of 218 MiB or more (here its bytes after the record, a sparse file):
+    // a protocol-4 file's first 8 bytes then read as a safetensors header length that fits
+    // the file, and it was refused as a malformed safetensors file.
+    let big = std::env::temp_dir().join(format!("nibble_big_legacy_{}.pth", std::process::id()));
+    std::fs::write(&big, &mixed_p4).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&big)
+        .unwrap()
+        .set_len(230_000_000)
+        .unwrap();
+    let opened = Checkpoint::open(&big);
+    std::fs::remove_file(&big).unwrap();
+    assert_eq!(tensors_in_order(&opened.unwrap()), zip);
+
+    // A storage's element count lowered in the file: the record would end early and leave
+    // bytes that are ignored; the count is checked against the tensors' own description (as
+    // torch.load checks it: "storage has wrong byte size"). The last storage of the tutorial
+    // checkpoint is an optimizer state's (`exp_avg_sq` of the last bias, 2 f32), which the
+    // state dict read does not use.
+    let n = tutorial.len();
+    let count = n - 8 - 8;
+    assert_eq!(tutorial[count..count + 8], 2u64.to_le_bytes());
+    for tail in [&b""[..], &tutorial[..]] {
+        let mut bad = [&tutorial[..], tail].concat();
+        bad[count..count + 8].copy_from_slice(&1u64.to_le_bytes());
+        let e = expect_err(load("short_count.pth", bad), "holds 1 elements");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("short_count.pth") && msg.contains("says 2"),
+            "{msg}"
+        );
+        assert!(matches!(e, Error::Malformed { .. }), "{e}");
+    }
 }
 
 /// A safetensors file's names come in natural order (`layers.2` before `layers.10`): its

@@ -106,8 +106,18 @@ pub(crate) fn alloc_error<T>(op: &'static str, shape: &[usize], n: usize) -> Ten
     }
 }
 
-/// Product of `shape`, or [`TensorError::Overflow`] naming `op`.
+/// Product of `shape`, or [`TensorError::Overflow`] naming `op`. A shape with a dimension of
+/// 0 holds 0 elements whatever its other dimensions (`[2^62, 4, 0]`, as PyTorch takes it).
+///
+/// ```
+/// use nibble_tensor::error::checked_numel;
+/// assert_eq!(checked_numel("t", &[1 << 62, 4, 0]).unwrap(), 0);
+/// assert!(checked_numel("t", &[1 << 62, 4, 1]).is_err());
+/// ```
 pub fn checked_numel(op: &'static str, shape: &[usize]) -> Result<usize> {
+    if shape.contains(&0) {
+        return Ok(0);
+    }
     shape
         .iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))

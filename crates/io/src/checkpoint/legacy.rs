@@ -10,6 +10,13 @@
 //! 5. the list of storage keys, in the order their data follows;
 //!
 //! then, per key, its element count (8 bytes, little-endian) and its elements' bytes.
+//!
+//! Bytes after the last storage are ignored, as `torch.load` ignores them: calling
+//! `torch.save` twice on one open file writes two such records back to back, and `torch.load`
+//! reads the first. Only a complete first record is read so: its five pickles whole, every
+//! storage it lists present, each with the element count its tensors' persistent ids give
+//! (`torch.load` checks the same: "storage has wrong byte size"), so that where the record ends
+//! is known and a file cut short or a count gone wrong is still an error.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -65,7 +72,8 @@ fn magic_len(buf: &[u8]) -> Option<usize> {
 }
 
 /// Parses and validates a legacy `.pth` file held in `buf`: its state dict's tensors (in the
-/// dict's order) and that order.
+/// dict's order) and that order. Only the first record is read; bytes after its last storage
+/// are ignored, as `torch.load` ignores them (see the module's documentation).
 pub(crate) fn read(path: &Path, buf: &[u8]) -> Result<pth::PthRead> {
     let bad = |reason: String| malformed(path, reason);
     let mut pos = magic_len(buf)
@@ -111,7 +119,7 @@ pub(crate) fn read(path: &Path, buf: &[u8]) -> Result<pth::PthRead> {
     };
 
     // The storages, in the keys' order: an element count, then the bytes.
-    let element_sizes = storage_element_sizes(&root);
+    let described = described_storages(&root);
     let mut storages: HashMap<String, Range<usize>> = HashMap::new();
     for key in &keys.items {
         let Value::Str(key) = key else {
@@ -126,7 +134,7 @@ pub(crate) fn read(path: &Path, buf: &[u8]) -> Result<pth::PthRead> {
             .ok_or_else(|| bad(format!("the file ends before storage `{key}` (byte {pos})")))?;
         let count = u64::from_le_bytes(count_bytes.try_into().expect("8 bytes"));
         pos += 8;
-        let esize = *element_sizes.get(key).ok_or_else(|| {
+        let &(esize, numel) = described.get(key).ok_or_else(|| {
             bad(format!(
                 "storage `{key}` is listed but no tensor of the state dict uses it"
             ))
@@ -142,18 +150,23 @@ pub(crate) fn read(path: &Path, buf: &[u8]) -> Result<pth::PthRead> {
                     buf.len()
                 ))
             })?;
+        // The count read must be the one its tensors give: a count gone wrong would put the
+        // storages after it, and the end of the record, at the wrong bytes.
+        if count != numel {
+            return Err(bad(format!(
+                "storage `{key}` holds {count} elements at byte {}, its tensors' description \
+                 says {numel} (a corrupt file?)",
+                pos - 8
+            )));
+        }
         if storages.insert(key.to_owned(), pos..pos + len).is_some() {
             return Err(bad(format!("storage `{key}` is listed twice")));
         }
         pos += len;
     }
-    if pos != buf.len() {
-        return Err(bad(format!(
-            "{} bytes after the last storage (byte {pos} of {})",
-            buf.len() - pos,
-            buf.len()
-        )));
-    }
+    // The record ends at `pos`. What follows (a second `torch.save` into the same file, or
+    // anything else) is ignored, as `torch.load` ignores it; this reader has no channel for
+    // notes, so it is passed over without a word.
     pth::entries_of(path, &root, |key| match storages.get(key) {
         Some(range) => Ok((key.to_owned(), range.clone())),
         None => Err(format!(
@@ -162,8 +175,9 @@ pub(crate) fn read(path: &Path, buf: &[u8]) -> Result<pth::PthRead> {
     })
 }
 
-/// The element size of each storage key the state dict's tensors use.
-fn storage_element_sizes(root: &Value) -> HashMap<String, usize> {
+/// The element size and element count of each storage key the pickled object's tensors use,
+/// as their persistent ids describe the storage.
+fn described_storages(root: &Value) -> HashMap<String, (usize, u64)> {
     let mut sizes = HashMap::new();
     let mut stack = vec![root];
     // Each container once (the memo can put one in many places: walking every path could
@@ -173,7 +187,10 @@ fn storage_element_sizes(root: &Value) -> HashMap<String, usize> {
     while let Some(v) = stack.pop() {
         match v {
             Value::Tensor(t) => {
-                sizes.insert(t.storage.key.clone(), t.storage.dtype.size_of());
+                sizes.insert(
+                    t.storage.key.clone(),
+                    (t.storage.dtype.size_of(), t.storage.numel),
+                );
             }
             Value::Dict(d) if first_visit(std::rc::Rc::as_ptr(d).cast()) => {
                 stack.extend(d.items.iter().map(|(_, v)| v))

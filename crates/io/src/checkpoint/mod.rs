@@ -366,17 +366,21 @@ impl Checkpoint {
                 ),
             });
         }
+        // A legacy file is told by its magic number before a safetensors header is
+        // considered: a protocol-4 legacy file's first 8 bytes read as a header length of
+        // 227,869,824, which fits a legacy file of 218 MiB or more. (No safetensors file
+        // starts so: a length with those bytes exceeds the format's 100 MB header limit.)
         let (format, entries, file_order, metadata) = if buf.starts_with(ZIP_MAGIC) {
             let (entries, order, metadata) = pth::read(&path, buf)?;
+            (Format::Pth, entries, order, metadata)
+        } else if legacy::is_legacy(buf) {
+            let (entries, order, metadata) = legacy::read(&path, buf)?;
             (Format::Pth, entries, order, metadata)
         } else if looks_like_safetensors(buf) {
             let (entries, metadata) = safetensors::read(&path, buf)?;
             let mut order: Vec<String> = entries.keys().cloned().collect();
             order.sort_by(|a, b| natural_cmp(a, b));
             (Format::Safetensors, entries, order, metadata)
-        } else if legacy::is_legacy(buf) {
-            let (entries, order, metadata) = legacy::read(&path, buf)?;
-            (Format::Pth, entries, order, metadata)
         } else if legacy::is_legacy_text_protocol(buf) {
             return Err(Error::UnknownFormat {
                 path,
@@ -916,8 +920,14 @@ fn looks_like_safetensors(buf: &[u8]) -> bool {
     }
 }
 
-/// Product of `shape` times `elem` bytes, or `None` on overflow.
+/// Product of `shape` times `elem` bytes, or `None` on overflow. A shape with a dimension of 0
+/// holds no elements and takes 0 bytes whatever its other dimensions (PyTorch saves and loads
+/// `torch.empty(2**62, 0, 3)`): multiplying left to right would call `[2^62, 0, 3]` an overflow
+/// before it reached the 0.
 pub(crate) fn checked_nbytes(shape: &[usize], elem: usize) -> Option<usize> {
+    if shape.contains(&0) {
+        return Some(0);
+    }
     shape.iter().try_fold(elem, |acc, &d| acc.checked_mul(d))
 }
 
@@ -941,4 +951,23 @@ pub(crate) fn first_overlap(ranges: &mut [(Range<usize>, usize)]) -> Option<(usi
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::checked_nbytes;
+
+    #[test]
+    fn checked_nbytes_of_empty_and_overflowing_shapes() {
+        assert_eq!(checked_nbytes(&[2, 3], 4), Some(24));
+        assert_eq!(checked_nbytes(&[], 4), Some(4));
+        // A 0 anywhere: no elements, however large the dimensions before it.
+        assert_eq!(checked_nbytes(&[1 << 62, 0, 3], 4), Some(0));
+        assert_eq!(checked_nbytes(&[usize::MAX, usize::MAX, 0], 8), Some(0));
+        assert_eq!(checked_nbytes(&[0, usize::MAX], 1), Some(0));
+        // A count that overflows, in the elements or only in the bytes, stays an overflow.
+        assert_eq!(checked_nbytes(&[1 << 62, 4, 3], 1), None);
+        assert_eq!(checked_nbytes(&[1 << 62, 1], 4), None);
+        assert_eq!(checked_nbytes(&[1 << 62, 1], 2), Some(1 << 63));
+    }
 }
