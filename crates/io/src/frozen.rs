@@ -487,8 +487,10 @@ impl FrozenWeight {
         }
         let part = |suffix: &str| file.info(&format!("{key}.{suffix}")).map(|(_, s)| s);
         let shape = match (format, out) {
+            // (Checked products: a part of 0 rows may have any width, and a width of 2^63
+            // doubled would wrap to a shape the parts do not hold.)
             (WeightFormat::Q4, _) => match part("q4.packed") {
-                Some(&[o, half]) => Some((o, 2 * half)),
+                Some(&[o, half]) => half.checked_mul(2).map(|i| (o, i)),
                 _ => None,
             },
             (WeightFormat::Int8, _) => match part("int8.codes") {
@@ -496,12 +498,15 @@ impl FrozenWeight {
                 _ => None,
             },
             (WeightFormat::Lower, _) => match part("lower.scale") {
-                Some(&[o, groups]) => Some((o, 128 * groups)),
+                Some(&[o, groups]) => groups.checked_mul(128).map(|i| (o, i)),
                 _ => None,
             },
             (WeightFormat::Nf4 | WeightFormat::Nf4Dq, Some(o)) if o > 0 => match part("nf4.packed")
             {
-                Some(&[half]) if (2 * half) % o == 0 => Some((o, 2 * half / o)),
+                Some(&[half]) => half
+                    .checked_mul(2)
+                    .filter(|n| n % o == 0)
+                    .map(|n| (o, n / o)),
                 _ => None,
             },
             _ => None,

@@ -103,3 +103,38 @@ fn bad_shape_metadata_and_unknown_formats_are_errors() {
     assert!(e.contains("w.int8.codes") && e.contains("[16, 32]"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Parts of 0 rows whose width doubled (Q4's packed bytes) or times 128 (lower's groups)
+/// overflows: the shape cannot be told, an error naming the file and key, never a wrapped
+/// width (or, with overflow checks, a panic).
+#[test]
+fn parts_whose_width_overflows_are_errors() {
+    let dir = tempdir("overflow");
+    let path = dir.join("huge.safetensors");
+    for (format, part, dtype, shape) in [
+        (
+            WeightFormat::Q4,
+            "w.q4.packed",
+            DType::U8,
+            vec![0, 1usize << 63],
+        ),
+        (
+            WeightFormat::Lower,
+            "w.lower.scale",
+            DType::F16,
+            vec![0, usize::MAX / 64],
+        ),
+    ] {
+        let tensors = vec![(part.to_string(), dtype, shape, &[][..])];
+        write_safetensors(&path, &tensors, &BTreeMap::new()).unwrap();
+        let file = Checkpoint::open(&path).unwrap();
+        let e = FrozenWeight::stored_shape(&file, format, "w", Some(2))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("huge.safetensors") && e.contains("`w`") && e.contains("shape"),
+            "{part}: {e}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
