@@ -38,6 +38,28 @@ macro_rules! for_row_quads {
 }
 pub(crate) use for_row_quads;
 
+/// [`for_row_quads!`] with an 8-row kernel first: 8 rows at a time, then 4, then 1. Usage:
+/// `for_row_octets!(rows, |r| eight_rows_at(r), four_rows_at(r), one_row_at(r), put)`.
+macro_rules! for_row_octets {
+    ($rows:expr, |$r:ident| $eight:expr, $four:expr, $one:expr, $put:expr) => {{
+        let rows: std::ops::Range<usize> = $rows;
+        let mut put = $put;
+        let mut $r = rows.start;
+        while $r + 8 <= rows.end {
+            let v: [f32; 8] = $eight;
+            for (t, &vt) in v.iter().enumerate() {
+                put($r - rows.start + t, $r + t, vt);
+            }
+            $r += 8;
+        }
+        let start = rows.start;
+        $crate::kernels::for_row_quads!($r..rows.end, |$r| $four, $one, |_, row: usize, v: f32| {
+            put(row - start, row, v)
+        });
+    }};
+}
+pub(crate) use for_row_octets;
+
 /// The `put` of a GEMV over a range of rows ([`for_row_quads!`]): writes `v` at `y[j]`, or adds
 /// it there with `acc`.
 #[inline(always)]

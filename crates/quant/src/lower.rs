@@ -601,6 +601,42 @@ impl LowerMatrix {
     }
 }
 
+/// The group scales and mins of a forward GEMM panel's run of 16 columns, one per row
+/// (lane), as the panel kernels of every tier apply them: read again only when the run enters
+/// another group of [`LOWER_GROUP`] (a run from a multiple of 16 never crosses one).
+pub(crate) struct PanelGroup {
+    group: usize,
+    /// Lane `j`: row `r0 + j`'s scale at the run (0 past the panel's rows).
+    pub(crate) scale: [f32; 16],
+    /// Lane `j`: row `r0 + j`'s min at the run (0 past the panel's rows).
+    pub(crate) min: [f32; 16],
+}
+
+impl PanelGroup {
+    pub(crate) fn new() -> Self {
+        PanelGroup {
+            group: usize::MAX,
+            scale: [0.0; 16],
+            min: [0.0; 16],
+        }
+    }
+
+    /// Moves to the run at column `col` of rows `r0..r0 + rows` (`rows <= 16`, inside W).
+    #[inline(always)]
+    pub(crate) fn at(&mut self, m: &LowerMatrix, r0: usize, rows: usize, col: usize) {
+        if col / LOWER_GROUP == self.group {
+            return;
+        }
+        self.group = col / LOWER_GROUP;
+        let ng = m.inn.div_ceil(LOWER_GROUP);
+        let (scales, mins) = (m.scales.f16s(), m.mins.f16s());
+        for j in 0..rows {
+            self.scale[j] = scales[(r0 + j) * ng + self.group].to_f32();
+            self.min[j] = mins[(r0 + j) * ng + self.group].to_f32();
+        }
+    }
+}
+
 impl QuantRows for LowerMatrix {
     fn dims(&self) -> (usize, usize) {
         (self.out, self.inn)

@@ -777,20 +777,16 @@ pub(crate) mod nf4 {
         unsafe {
             let levels = _mm512_loadu_ps(NF4_LEVELS.as_ptr());
             let shifts = load_i32x16(&SHIFTS_HIGH_FIRST);
-            let mut scale = [0.0f32; 16];
-            let mut cur = [usize::MAX; 16];
+            let mut absmax = crate::nf4::PanelAbsmax::new();
             for k in 0..b.len / 16 {
+                let first = |j: usize| (b.r0 + j) * m.inn + b.c0 + k * 16;
+                absmax.at(m, b.rows, first);
                 let mut codes = [_mm512_setzero_ps(); 16];
-                for j in 0..b.rows {
-                    let e = (b.r0 + j) * m.inn + b.c0 + k * 16;
-                    if e / NF4_BLOCK != cur[j] {
-                        cur[j] = e / NF4_BLOCK;
-                        scale[j] = m.block_absmax(cur[j]);
-                    }
-                    let c = nibbles_in_order(packed.add(e / 2), shifts);
-                    codes[j] = _mm512_castsi512_ps(c);
+                for (j, c) in codes.iter_mut().enumerate().take(b.rows) {
+                    let v = nibbles_in_order(packed.add(first(j) / 2), shifts);
+                    *c = _mm512_castsi512_ps(v);
                 }
-                let sv = _mm512_loadu_ps(scale.as_ptr());
+                let sv = _mm512_loadu_ps(absmax.scale.as_ptr());
                 store_panel_run(&codes, b.rows, d.add(k * 256), |c| {
                     _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_castps_si512(c), levels), sv)
                 });
@@ -1021,19 +1017,12 @@ pub(crate) mod int8 {
         }
         // SAFETY: rows < out and x checked above.
         unsafe {
-            let mut put = crate::kernels::store_row(y, acc);
-            let mut r = rows.start;
-            while r + 8 <= rows.end {
-                for (t, v) in dot_rows::<8>(m, r, x).into_iter().enumerate() {
-                    put(r - rows.start + t, r + t, v);
-                }
-                r += 8;
-            }
-            for_row_quads!(
-                r..rows.end,
-                |q| dot_rows::<4>(m, q, x),
-                dot_rows::<1>(m, q, x)[0],
-                |j: usize, row: usize, v: f32| put(r - rows.start + j, row, v)
+            crate::kernels::for_row_octets!(
+                rows,
+                |r| dot_rows::<8>(m, r, x),
+                dot_rows::<4>(m, r, x),
+                dot_rows::<1>(m, r, x)[0],
+                crate::kernels::store_row(y, acc)
             );
         }
     }
@@ -1172,27 +1161,19 @@ pub(crate) mod lower {
     /// and mins apply as one vector each: `min + scale · code` per lane, the reference's bits.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
     pub(crate) unsafe fn pack_fwd_panel(m: &LowerMatrix, b: ColBlock, dst: &mut [f32]) {
-        let ng = m.inn.div_ceil(LOWER_GROUP);
         let (all, bits) = (m.codes.as_slice(), m.bits.as_slice());
-        let (scales, mins) = (m.scales.f16s(), m.mins.f16s());
         let d = dst.as_mut_ptr();
         // SAFETY: this function's target features.
         let gather = unsafe { [Gather::new(3), Gather::new(4)] };
-        let (mut s, mut z) = ([0.0f32; 16], [0.0f32; 16]);
-        let mut group = usize::MAX;
+        let mut params = crate::lower::PanelGroup::new();
         for k in 0..b.len / 16 {
             let col = b.c0 + 16 * k;
-            if col / LOWER_GROUP != group {
-                group = col / LOWER_GROUP;
-                for j in 0..b.rows {
-                    s[j] = scales[(b.r0 + j) * ng + group].to_f32();
-                    z[j] = mins[(b.r0 + j) * ng + group].to_f32();
-                }
-            }
+            params.at(m, b.r0, b.rows, col);
             // SAFETY: the gathers read inside `all` (masked at its end); rows r0 + j < out
             // (the caller's checks); 256 floats of dst at 256k (len · 16 floats).
             unsafe {
-                let (sv, zv) = (_mm512_loadu_ps(s.as_ptr()), _mm512_loadu_ps(z.as_ptr()));
+                let sv = _mm512_loadu_ps(params.scale.as_ptr());
+                let zv = _mm512_loadu_ps(params.min.as_ptr());
                 let mut codes = [_mm512_setzero_ps(); 16];
                 for (j, c) in codes.iter_mut().enumerate().take(b.rows) {
                     let r = b.r0 + j;

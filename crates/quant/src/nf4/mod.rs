@@ -785,6 +785,37 @@ pub fn double_quantize(absmax: &[f32]) -> (Vec<u8>, f32, Vec<f32>) {
     (codes, offset, scales)
 }
 
+/// The absmaxes of a forward GEMM panel's run of 16 columns, one per row (lane), as the
+/// panel kernels of every tier apply them: a row's absmax is read again only when the run
+/// enters another block of 64.
+pub(crate) struct PanelAbsmax {
+    block: [usize; 16],
+    /// Lane `j`: the absmax of row `r0 + j`'s block at the run (0 past the panel's rows).
+    pub(crate) scale: [f32; 16],
+}
+
+impl PanelAbsmax {
+    pub(crate) fn new() -> Self {
+        PanelAbsmax {
+            block: [usize::MAX; 16],
+            scale: [0.0; 16],
+        }
+    }
+
+    /// Moves to the run whose first weight of row `r0 + j` is flat element `first(j)`, for
+    /// `j < rows <= 16` (each inside W).
+    #[inline(always)]
+    pub(crate) fn at(&mut self, m: &Nf4Matrix, rows: usize, first: impl Fn(usize) -> usize) {
+        for j in 0..rows {
+            let blk = first(j) / NF4_BLOCK;
+            if blk != self.block[j] {
+                self.block[j] = blk;
+                self.scale[j] = m.block_absmax(blk);
+            }
+        }
+    }
+}
+
 impl QuantRows for Nf4Matrix {
     fn dims(&self) -> (usize, usize) {
         (self.out, self.inn)

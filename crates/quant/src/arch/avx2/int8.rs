@@ -1,8 +1,8 @@
 //! The AVX2 + FMA + F16C kernels of [`crate::int8`].
 
-use super::{hsum, store_panel_run};
+use super::{hsum, load16, store_panel_run};
 use crate::int8::*;
-use crate::kernels::for_row_quads;
+use crate::kernels::for_row_octets;
 use crate::kernels::ColBlock;
 use std::arch::x86_64::*;
 
@@ -37,14 +37,7 @@ pub(crate) unsafe fn pack_fwd_panel(m: &Int8Matrix, b: ColBlock, dst: &mut [f32]
     let (mut s, mut z) = ([0.0f32; 16], [0.0f32; 16]);
     s[..b.rows].copy_from_slice(&sc[b.r0..b.r0 + b.rows]);
     z[..b.rows].copy_from_slice(&zr[b.r0..b.r0 + b.rows]);
-    let sv = [
-        _mm256_loadu_ps(s.as_ptr()),
-        _mm256_loadu_ps(s.as_ptr().add(8)),
-    ];
-    let zv = [
-        _mm256_loadu_ps(z.as_ptr()),
-        _mm256_loadu_ps(z.as_ptr().add(8)),
-    ];
+    let (sv, zv) = (load16(&s), load16(&z));
     let codes = m.codes.as_slice().as_ptr();
     let d = dst.as_mut_ptr();
     for k in 0..b.len / 16 {
@@ -80,19 +73,12 @@ pub(crate) unsafe fn gemv(
     if x.len() != m.inn || rows.end > m.out || y.len() < rows.len() {
         return;
     }
-    let mut put = crate::kernels::store_row(y, acc);
-    let mut r = rows.start;
-    while r + 8 <= rows.end {
-        for (t, v) in dot_rows::<8>(m, r, x).into_iter().enumerate() {
-            put(r - rows.start + t, r + t, v);
-        }
-        r += 8;
-    }
-    for_row_quads!(
-        r..rows.end,
-        |q| dot_rows::<4>(m, q, x),
-        dot_rows::<1>(m, q, x)[0],
-        |j: usize, row: usize, v: f32| put(r - rows.start + j, row, v)
+    for_row_octets!(
+        rows,
+        |r| dot_rows::<8>(m, r, x),
+        dot_rows::<4>(m, r, x),
+        dot_rows::<1>(m, r, x)[0],
+        crate::kernels::store_row(y, acc)
     );
 }
 

@@ -1,6 +1,6 @@
 //! The AVX2 + FMA + F16C kernels of [`crate::lower`].
 
-use super::{hsum, store_panel_run};
+use super::{hsum, load16, store_panel_run};
 use crate::kernels::ColBlock;
 use crate::lower::*;
 use half::f16;
@@ -310,30 +310,14 @@ pub(crate) unsafe fn gemv(
 /// `min + scale · code` per lane, the reference's bits.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn pack_fwd_panel(m: &LowerMatrix, b: ColBlock, dst: &mut [f32]) {
-    let ng = m.inn.div_ceil(LOWER_GROUP);
     let (all, bits) = (m.codes.as_slice(), m.bits.as_slice());
-    let (scales, mins) = (m.scales.f16s(), m.mins.f16s());
     let d = dst.as_mut_ptr();
     let gather = [Gather16::new(3), Gather16::new(4)];
-    let (mut s, mut z) = ([0.0f32; 16], [0.0f32; 16]);
-    let mut group = usize::MAX;
+    let mut params = PanelGroup::new();
     for k in 0..b.len / 16 {
         let col = b.c0 + 16 * k;
-        if col / LOWER_GROUP != group {
-            group = col / LOWER_GROUP;
-            for j in 0..b.rows {
-                s[j] = scales[(b.r0 + j) * ng + group].to_f32();
-                z[j] = mins[(b.r0 + j) * ng + group].to_f32();
-            }
-        }
-        let sv = [
-            _mm256_loadu_ps(s.as_ptr()),
-            _mm256_loadu_ps(s.as_ptr().add(8)),
-        ];
-        let zv = [
-            _mm256_loadu_ps(z.as_ptr()),
-            _mm256_loadu_ps(z.as_ptr().add(8)),
-        ];
+        params.at(m, b.r0, b.rows, col);
+        let (sv, zv) = (load16(&params.scale), load16(&params.min));
         // SAFETY: the gathers read inside `codes` (copied at its end); rows r0 + j < out (the
         // caller's checks); 256 floats of dst at 256k (len · 16 floats).
         store_panel_run(

@@ -299,6 +299,16 @@ pub(crate) unsafe fn lut16_sel(lo: __m256, hi: __m256, perm: __m256i, sel: __m25
     _mm256_blendv_ps(a, b, _mm256_castsi256_ps(sel))
 }
 
+/// 16 floats (one per panel row) as the two 8-lane halves [`store_panel_run`]'s `value` takes.
+#[inline(always)]
+pub(crate) unsafe fn load16(v: &[f32; 16]) -> [__m256; 2] {
+    // SAFETY: 16 readable floats.
+    [
+        _mm256_loadu_ps(v.as_ptr()),
+        _mm256_loadu_ps(v.as_ptr().add(8)),
+    ]
+}
+
 /// One forward GEMM panel's run of 16 columns from up to 16 rows of codes, the AVX2 twin of
 /// the AVX-512 tier's `store_panel_run`: `codes(j)` is row `j`'s 16 codes as two 8-lane
 /// halves (asked only for `j < rows`); transposed by 8x8 blocks, column `q`'s codes of the

@@ -1,6 +1,6 @@
 //! The AVX2 + FMA + F16C kernels of [`crate::nf4`].
 
-use super::{hsum, lut16, lut16_sel, store_panel_run};
+use super::{hsum, load16, lut16, lut16_sel, store_panel_run};
 use crate::kernels::for_row_quads;
 use crate::nf4::*;
 use std::arch::x86_64::*;
@@ -228,21 +228,11 @@ pub(crate) unsafe fn pack_fwd_panel(m: &Nf4Matrix, b: ColBlock, dst: &mut [f32])
     let hi = _mm256_loadu_ps(NF4_LEVELS.as_ptr().add(8));
     let packed = m.packed.as_slice().as_ptr();
     let d = dst.as_mut_ptr();
-    let mut scale = [0.0f32; 16];
-    let mut cur = [usize::MAX; 16];
+    let mut absmax = PanelAbsmax::new();
     for k in 0..b.len / 16 {
         let first = |j: usize| (b.r0 + j) * m.inn + b.c0 + k * 16;
-        for j in 0..b.rows {
-            let blk = first(j) / NF4_BLOCK;
-            if blk != cur[j] {
-                cur[j] = blk;
-                scale[j] = m.block_absmax(blk);
-            }
-        }
-        let sv = [
-            _mm256_loadu_ps(scale.as_ptr()),
-            _mm256_loadu_ps(scale.as_ptr().add(8)),
-        ];
+        absmax.at(m, b.rows, first);
+        let sv = load16(&absmax.scale);
         // SAFETY: runs first(j)..+16 lie in rows r0 + j < out of W (the caller's checks), so
         // 8 bytes of codes each; 256 floats of dst at 256k (len · 16 floats).
         store_panel_run(
